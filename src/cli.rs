@@ -1,0 +1,165 @@
+//! The command line: clap types, one file per command, and the mapping from errors to
+//! documented exit codes. Flags become plain values here; nothing below `cli` sees clap
+//! or indicatif.
+
+mod progress;
+mod push;
+mod verify;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::ErrorKind;
+
+/// Exit codes, documented in `docs/exit-codes.md`.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// An unexpected failure (a bug, or an error of no known class).
+    pub const FAILURE: u8 = 1;
+    /// Wrong usage: unknown flag, bad argument.
+    pub const USAGE: u8 = 2;
+    /// A local file: missing, unreadable, unwritable, locked, or not an SQLite database.
+    pub const LOCAL: u8 = 3;
+    /// The peer broke the protocol or the connection was lost.
+    pub const NETWORK: u8 = 4;
+    /// A check failed: digest mismatch or `PRAGMA integrity_check` not ok.
+    pub const VERIFY: u8 = 7;
+}
+
+/// sqlferry pushes and pulls live SQLite databases page by page, checked end to end.
+///
+/// Only the pages that changed are sent, the source is read in one read transaction
+/// (an application writing it is never blocked in WAL mode), and the copy changes in
+/// one transaction, after its digest has been checked: readers see the old database
+/// or the new one, never a mix.
+#[derive(Debug, Parser)]
+#[command(name = "sqlferry", version, max_term_width = 100)]
+pub struct Cli {
+    /// Global options.
+    #[command(flatten)]
+    pub global: Global,
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, clap::Args)]
+pub struct Global {
+    /// Print nothing but errors (and --json output); no progress bar.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Log what happens on stderr (-vv for more detail).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Copy a database into another, sending only the pages that differ.
+    Push(push::PushArgs),
+    /// Print a database's digest, page size, page count and integrity check.
+    Verify(verify::VerifyArgs),
+}
+
+impl Cli {
+    /// Runs the command; the error, if any, carries its exit code via [`exit_code`].
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Push(args) => args.run(&self.global),
+            Command::Verify(args) => args.run(&self.global),
+        }
+    }
+}
+
+/// Sets up logging on stderr: warnings by default, more with `-v`, `RUST_LOG` wins.
+pub fn init_tracing(global: &Global) {
+    let default = match (global.quiet, global.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// The exit code for an error: the first [`crate::Error`] in its chain decides.
+pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+    let kind = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<crate::Error>())
+        .map(|e| e.kind());
+    let code = match kind {
+        Some(ErrorKind::Usage) => exit::USAGE,
+        Some(ErrorKind::LocalIo | ErrorKind::NotADatabase | ErrorKind::Busy) => exit::LOCAL,
+        Some(ErrorKind::Protocol | ErrorKind::Disconnected | ErrorKind::Remote) => exit::NETWORK,
+        Some(ErrorKind::Verification) => exit::VERIFY,
+        None => exit::FAILURE,
+    };
+    ExitCode::from(code)
+}
+
+/// One line for a person: the error and its causes, joined.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
+/// Expands a leading `~/` to the home directory.
+fn expand_tilde(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => Path::new(&home).join(rest),
+        _ => PathBuf::from(path),
+    }
+}
+
+/// Whether a DEST argument names a local file: it starts with `/`, `./`, `../` or
+/// `~/`, or a file of that name exists.
+fn is_local_path(arg: &str) -> bool {
+    ["/", "./", "../", "~/"].iter().any(|p| arg.starts_with(p)) || Path::new(arg).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_paths_are_recognised_by_their_prefix() {
+        for p in ["/tmp/x.db", "./x.db", "../x.db", "~/x.db"] {
+            assert!(is_local_path(p), "{p}");
+        }
+        assert!(!is_local_path("acme/app.db"));
+        assert!(is_local_path("Cargo.toml"), "an existing file is local");
+    }
+
+    #[test]
+    fn tilde_expands_to_home() {
+        if let Some(home) = std::env::var_os("HOME") {
+            assert_eq!(expand_tilde("~/a.db"), Path::new(&home).join("a.db"));
+        }
+        assert_eq!(expand_tilde("a/~/b"), PathBuf::from("a/~/b"));
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,84 @@
+//! `sqlferry verify FILE`: the digest, page size, page count and integrity of a database.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use super::{Global, exit, expand_tilde};
+use crate::engine::PageSource;
+use crate::page::{JournalMode, Snapshot, hex};
+use crate::protocol::Hash;
+
+/// Arguments of `sqlferry verify`.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Exit status is 0 when the integrity check says ok, 7 when it does not, \
+3 when FILE cannot be read as an SQLite database.\n\n\
+Two databases with the same digest hold the same pages, byte for byte, whatever their \
+journal mode. The digest is the one `push --json` prints and a replica is checked against."
+)]
+pub struct VerifyArgs {
+    /// The database file (read-only; a live database is fine).
+    pub file: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `verify` reports.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    file: PathBuf,
+    digest: String,
+    page_size: u32,
+    page_count: u32,
+    journal_mode: JournalMode,
+    integrity: Vec<String>,
+}
+
+impl VerifyArgs {
+    /// Runs the command.
+    pub fn run(self, global: &Global) -> anyhow::Result<ExitCode> {
+        let path = expand_tilde(&self.file);
+        let mut snap = Snapshot::open(&path).context("cannot verify")?;
+        let (page_size, page_count) = (snap.page_size(), snap.page_count());
+        let mut digest = crate::page::Digest::new(page_size, page_count);
+        snap.hashes(&mut |_, h: Hash| {
+            digest.push(&h);
+            Ok(())
+        })?;
+        let digest = digest
+            .finish()
+            .context("the page count changed while reading")?;
+        let integrity = snap.integrity_check()?;
+        let ok = integrity == ["ok"];
+        let report = Report {
+            file: path,
+            digest: hex(&digest),
+            page_size,
+            page_count,
+            journal_mode: snap.journal_mode(),
+            integrity,
+        };
+        if self.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else if !global.quiet || !ok {
+            println!("file:         {}", report.file.display());
+            println!("digest:       {}", report.digest);
+            println!("page size:    {}", report.page_size);
+            println!("page count:   {}", report.page_count);
+            println!(
+                "journal mode: {}",
+                serde_json::to_value(report.journal_mode)?
+                    .as_str()
+                    .unwrap_or("?")
+            );
+            println!(
+                "integrity:    {}",
+                report.integrity.join("\n              ")
+            );
+        }
+        Ok(ExitCode::from(if ok { exit::OK } else { exit::VERIFY }))
+    }
+}

@@ -1,0 +1,142 @@
+//! The sync algorithm, free of any transport: an origin role and a replica role that
+//! exchange [`Frame`]s over a [`Link`].
+//!
+//! The origin holds the database to copy ([`PageSource`]); the replica holds the copy to
+//! bring up to date ([`PageTarget`]). Both hash their pages and build a hash tree
+//! ([`FANOUT`] children per node). The origin asks for the replica's node hashes
+//! top-down, only below nodes that differ, and sends the pages whose hashes differ, so
+//! the hashes exchanged grow with the number of changed regions, not with the page
+//! count. Requests are pipelined: the origin keeps up to a window of node hashes in
+//! flight instead of waiting for each level. The replica commits only when its result
+//! has the origin's digest.
+//!
+//! Local-to-local sync ([`sync_local`]) runs both roles on two threads joined by an
+//! in-memory [`Link`]; a server bridges the same roles to a WebSocket. There is one
+//! engine; transports only move frames.
+
+mod link;
+mod origin;
+mod replica;
+mod tree;
+
+pub use link::{Link, MemLink, mem_pair};
+pub use origin::run as run_origin;
+pub use replica::run as run_replica;
+
+use std::time::Duration;
+
+use crate::protocol::Hash;
+use crate::{ErrorKind, Result};
+
+/// Children per hash-tree node. 16 keeps the hashes exchanged for one changed region
+/// small (16 × 32 bytes per level) and the tree shallow (4 levels for 1 GiB of 4 KiB
+/// pages).
+pub const FANOUT: u32 = 16;
+
+/// What a sync reads from: the origin database.
+pub trait PageSource {
+    /// Page size in bytes.
+    fn page_size(&self) -> u32;
+    /// Number of pages.
+    fn page_count(&self) -> u32;
+    /// Calls `f` with every page's number and hash ([`crate::page::page_hash`]), in
+    /// page order.
+    fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>;
+    /// Reads page `pgno` into `buf` (replacing its contents).
+    fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()>;
+}
+
+/// What a sync writes to: the replica. Nothing it does is visible until `commit`; if
+/// it is dropped before, every change is rolled back.
+pub trait PageTarget {
+    /// Prepares to hold a database of `page_size`-byte pages and returns how many pages
+    /// it already holds at that size (0 when empty or new).
+    fn begin(&mut self, page_size: u32) -> Result<u32>;
+    /// Calls `f` with the number and hash of every page it holds, in page order.
+    fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>;
+    /// Writes one page (not yet visible); `hash` is its [`crate::page::page_hash`].
+    fn write_page(&mut self, pgno: u32, data: &[u8], hash: &Hash) -> Result<()>;
+    /// Truncates to `page_count` pages and makes every change visible at once.
+    fn commit(&mut self, page_count: u32) -> Result<()>;
+}
+
+/// Which part of a sync is running, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading and hashing the origin's pages.
+    Hashing,
+    /// Comparing hashes and sending pages that differ.
+    Sending,
+}
+
+/// Receives progress from a running sync. Every method has an empty default.
+pub trait Progress: Sync {
+    /// A phase starts; `total` pages are to be done.
+    fn start(&self, _phase: Phase, _total: u64) {}
+    /// `n` more pages of the current phase are done.
+    fn advance(&self, _n: u64) {}
+    /// The sync is over (successfully or not).
+    fn finish(&self) {}
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// What a finished sync did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStats {
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// Pages in the origin (and now the replica).
+    pub pages_total: u32,
+    /// Pages sent because they differed.
+    pub pages_sent: u32,
+    /// Bytes the origin sent, frame headers included.
+    pub bytes_sent: u64,
+    /// Bytes the origin received (node hashes and acknowledgements).
+    pub bytes_received: u64,
+    /// Bytes of hash-tree traffic, both directions (WANT and NODES frames).
+    pub hash_bytes: u64,
+    /// Wall time of the sync.
+    #[serde(rename = "duration_ms", serialize_with = "as_millis")]
+    pub duration: Duration,
+    /// The digest both sides agreed on, lower-case hex.
+    pub digest: String,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+/// Syncs `target` to equal `source`, both in this process: the replica role runs on a
+/// second thread and the roles talk over an in-memory link, exactly as they would over
+/// a network.
+pub fn sync_local(
+    source: &mut dyn PageSource,
+    target: &mut (dyn PageTarget + Send),
+    progress: &dyn Progress,
+) -> Result<SyncStats> {
+    let (mut origin_link, mut replica_link) = mem_pair();
+    let (origin, replica) = std::thread::scope(|s| {
+        let replica = s.spawn(move || run_replica(target, &mut replica_link));
+        let origin = run_origin(source, &mut origin_link, progress);
+        // Dropping the origin's link ends the replica's session if the origin failed
+        // before saying so.
+        drop(origin_link);
+        (origin, replica.join())
+    });
+    let replica = replica
+        .unwrap_or_else(|_| Err(crate::Error::Protocol("the replica thread panicked".into())));
+    match (origin, replica) {
+        (Ok(stats), Ok(())) => Ok(stats),
+        // The replica's own error names its file; the origin only saw the ERROR frame.
+        (Err(o), Err(r))
+            if matches!(o, crate::Error::Remote { .. }) || o.kind() == ErrorKind::Disconnected =>
+        {
+            Err(r)
+        }
+        (Err(o), _) => Err(o),
+        (Ok(_), Err(r)) => Err(r),
+    }
+}

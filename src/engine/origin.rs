@@ -1,0 +1,312 @@
+//! The origin role: hashes its pages, descends the replica's hash tree where it differs,
+//! sends the pages that differ, and asks the replica to commit against its digest.
+//!
+//! Invariants: the source is only read; at most [`WINDOW_NODES`] node hashes are
+//! requested and unanswered at any time (bounding the replica → origin queue); pages
+//! beyond the replica's end are sent without any hash exchange; the lock-byte page is
+//! never sent.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::tree::Tree;
+use super::{FANOUT, Link, PageSource, Phase, Progress, SyncStats};
+use crate::page::{hex, lock_byte_page};
+use crate::protocol::{ErrorCode, Frame, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, Run};
+use crate::{Error, Result};
+
+/// Node hashes the origin may have requested and not yet received (256 KiB of hashes).
+const WINDOW_NODES: u32 = 8192;
+
+/// The descent starts at the lowest level that has at most this many nodes.
+const TOP_NODES: u64 = 256;
+
+/// Runs the origin side of one sync over `link`.
+pub fn run(
+    source: &mut dyn PageSource,
+    link: &mut dyn Link,
+    progress: &dyn Progress,
+) -> Result<SyncStats> {
+    let started = Instant::now();
+    let result = session(source, link, progress, started);
+    if let Err(e) = &result {
+        // Tell the replica why, unless it is the one that ended the session.
+        if !matches!(e, Error::Remote { .. } | Error::Disconnected(_)) {
+            let _ = link.send(&Frame::Error {
+                code: ErrorCode::for_kind(e.kind()) as u16,
+                message: e.to_string(),
+            });
+        }
+    }
+    progress.finish();
+    result
+}
+
+/// Pages in node `idx` of `level`, clipped to the first `limit` pages.
+fn pages_under(level: u8, idx: u32, limit: u32) -> u64 {
+    let span = u64::from(FANOUT).pow(u32::from(level));
+    let first = u64::from(idx) * span;
+    (first + span).min(u64::from(limit)).saturating_sub(first)
+}
+
+/// Nodes of `level` needed to cover the first `pages` pages.
+fn nodes_covering(pages: u32, level: u8) -> u32 {
+    let span = u64::from(FANOUT).pow(u32::from(level));
+    u64::from(pages).div_ceil(span) as u32
+}
+
+/// The level the descent starts at for `pages` common pages.
+fn top_level(pages: u32) -> u8 {
+    let mut level = 0;
+    while u64::from(nodes_covering(pages, level)) > TOP_NODES {
+        level += 1;
+    }
+    level
+}
+
+/// Receives the next frame, turning the peer's ERROR into an error and skipping notes.
+pub(super) fn recv(link: &mut dyn Link) -> Result<Frame> {
+    loop {
+        match link.recv()? {
+            Frame::Message { text, .. } => tracing::info!(peer = %text, "peer says"),
+            Frame::Error { code, message } => return Err(Error::Remote { code, message }),
+            frame => return Ok(frame),
+        }
+    }
+}
+
+struct Sender<'a> {
+    source: &'a mut dyn PageSource,
+    link: &'a mut dyn Link,
+    progress: &'a dyn Progress,
+    lock_page: u32,
+    buf: Vec<u8>,
+    pages_sent: u32,
+}
+
+impl Sender<'_> {
+    fn page(&mut self, pgno: u32) -> Result<()> {
+        if pgno != self.lock_page {
+            self.source.read_page(pgno, &mut self.buf)?;
+            let frame = Frame::Page {
+                pgno,
+                data: std::mem::take(&mut self.buf),
+            };
+            self.link.send(&frame)?;
+            if let Frame::Page { data, .. } = frame {
+                self.buf = data;
+            }
+            self.pages_sent += 1;
+        }
+        self.progress.advance(1);
+        Ok(())
+    }
+}
+
+fn session(
+    source: &mut dyn PageSource,
+    link: &mut dyn Link,
+    progress: &dyn Progress,
+    started: Instant,
+) -> Result<SyncStats> {
+    let page_size = source.page_size();
+    let page_count = source.page_count();
+    link.send(&Frame::Begin {
+        version: PROTOCOL_VERSION,
+        page_size,
+        page_count,
+        base_version: 0,
+        flags: 0,
+    })?;
+
+    progress.start(Phase::Hashing, u64::from(page_count));
+    let (tree, digest) = Tree::build(
+        page_size,
+        page_count,
+        |f| source.hashes(f),
+        || progress.advance(1),
+    )?;
+    let digest = digest
+        .ok_or_else(|| Error::Protocol("the origin's page count changed while hashing".into()))?;
+
+    let replica_count = match recv(link)? {
+        Frame::Ready { page_count } => page_count,
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected READY, got {}",
+                other.name()
+            )));
+        }
+    };
+    let common = page_count.min(replica_count);
+    let mut hash_bytes = 0u64;
+
+    progress.start(Phase::Sending, u64::from(page_count));
+    let mut tx = Sender {
+        source,
+        link,
+        progress,
+        lock_page: lock_byte_page(page_size),
+        buf: Vec::with_capacity(page_size as usize),
+        pages_sent: 0,
+    };
+
+    // Descent: a queue of node runs to ask for, answered in order, pipelined up to the
+    // window. Adjacent runs of one level merge, so a region of many changes costs one
+    // run, not one request per node.
+    let mut pending: VecDeque<(u8, Run)> = VecDeque::new();
+    if common > 0 {
+        let top = top_level(common);
+        pending.push_back((
+            top,
+            Run {
+                start: 0,
+                count: nodes_covering(common, top),
+            },
+        ));
+    }
+    let mut outstanding = 0u32;
+    let mut mine = Vec::new();
+    loop {
+        while outstanding < WINDOW_NODES {
+            let Some(&(level, _)) = pending.front() else {
+                break;
+            };
+            let mut runs = Vec::new();
+            while runs.len() < MAX_RUNS_PER_FRAME && outstanding < WINDOW_NODES {
+                match pending.front_mut() {
+                    Some((l, run)) if *l == level => {
+                        let take = run.count.min(WINDOW_NODES - outstanding);
+                        runs.push(Run {
+                            start: run.start,
+                            count: take,
+                        });
+                        outstanding += take;
+                        if take == run.count {
+                            pending.pop_front();
+                        } else {
+                            run.start += take;
+                            run.count -= take;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            let frame = Frame::Want { level, runs };
+            hash_bytes += frame.to_bytes().len() as u64;
+            tx.link.send(&frame)?;
+        }
+        if outstanding == 0 {
+            break;
+        }
+        let frame = recv(tx.link)?;
+        let Frame::Nodes {
+            level,
+            start,
+            hashes,
+        } = frame
+        else {
+            return Err(Error::Protocol(format!(
+                "expected NODES, got {}",
+                frame.name()
+            )));
+        };
+        let n = hashes.len() as u32;
+        if n > outstanding || start.checked_add(n).is_none_or(|end| end > tree.len(level)) {
+            return Err(Error::Protocol(format!(
+                "NODES for level {level} from {start} were not asked for"
+            )));
+        }
+        hash_bytes += 8 + u64::from(n) * 32;
+        outstanding -= n;
+        mine.clear();
+        tree.nodes(level, start, n, &mut mine)?;
+        for (j, (a, b)) in mine.iter().zip(&hashes).enumerate() {
+            let idx = start + j as u32;
+            if level == 0 {
+                if a != b {
+                    tx.page(idx + 1)?;
+                } else {
+                    progress.advance(1);
+                }
+            } else if a == b {
+                progress.advance(pages_under(level, idx, common));
+            } else {
+                let child = level - 1;
+                let first = idx * FANOUT;
+                let count = FANOUT.min(nodes_covering(common, child) - first);
+                match pending.back_mut() {
+                    Some((l, run)) if *l == child && run.start + run.count == first => {
+                        run.count += count
+                    }
+                    _ => pending.push_back((
+                        child,
+                        Run {
+                            start: first,
+                            count,
+                        },
+                    )),
+                }
+            }
+        }
+    }
+
+    // Pages the replica does not have at all.
+    for pgno in common + 1..=page_count {
+        tx.page(pgno)?;
+    }
+    let pages_sent = tx.pages_sent;
+    link.send(&Frame::Commit { page_count, digest })?;
+    match recv(link)? {
+        Frame::Done { digest: theirs, .. } if theirs == digest => {}
+        Frame::Done { digest: theirs, .. } => {
+            return Err(Error::Verification(format!(
+                "replica committed digest {} but the origin's is {}",
+                hex(&theirs),
+                hex(&digest)
+            )));
+        }
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected DONE, got {}",
+                other.name()
+            )));
+        }
+    }
+    Ok(SyncStats {
+        page_size,
+        pages_total: page_count,
+        pages_sent,
+        bytes_sent: link.bytes_sent(),
+        bytes_received: link.bytes_received(),
+        hash_bytes,
+        duration: started.elapsed(),
+        digest: hex(&digest),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descent_starts_low_enough_to_be_small() {
+        assert_eq!(top_level(1), 0);
+        assert_eq!(top_level(256), 0);
+        assert_eq!(top_level(257), 1);
+        assert_eq!(top_level(4096), 1);
+        assert_eq!(top_level(4097), 2);
+        assert_eq!(top_level(u32::MAX), 6);
+    }
+
+    #[test]
+    fn coverage_is_clipped() {
+        assert_eq!(pages_under(0, 4, 10), 1);
+        assert_eq!(pages_under(1, 0, 10), 10);
+        assert_eq!(pages_under(1, 1, 40), 16);
+        assert_eq!(pages_under(1, 2, 40), 8);
+        assert_eq!(pages_under(2, 3, 40), 0);
+        assert_eq!(nodes_covering(17, 1), 2);
+        assert_eq!(nodes_covering(0, 1), 0);
+    }
+}

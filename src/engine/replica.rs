@@ -1,0 +1,169 @@
+//! The replica role: reports what it holds, answers the origin's hash requests, writes
+//! the pages it is sent, and commits only when the result has the origin's digest.
+//!
+//! Invariants: every frame is checked against the session (page numbers in range, pages
+//! of the session's size, hashes only for nodes that exist); any violation ends the
+//! session with nothing committed. Every page is hashed as it is written; before COMMIT
+//! every page past the replica's old end must have arrived, and the digest over all
+//! page hashes, old and new, must equal the origin's.
+
+use super::origin::recv;
+use super::tree::Tree;
+use super::{Link, PageTarget};
+use crate::page::{hex, lock_byte_page, page_hash, zero_page_hash};
+use crate::protocol::{ErrorCode, Frame, MAX_NODES_PER_FRAME, PROTOCOL_VERSION};
+use crate::{Error, Result};
+
+/// Runs the replica side of one sync over `link`.
+pub fn run(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<()> {
+    let result = session(target, link);
+    if let Err(e) = &result {
+        if !matches!(e, Error::Remote { .. } | Error::Disconnected(_)) {
+            let _ = link.send(&Frame::Error {
+                code: ErrorCode::for_kind(e.kind()) as u16,
+                message: e.to_string(),
+            });
+        }
+    }
+    result
+}
+
+/// One bit per page: which pages this session wrote.
+struct Written(Vec<u64>);
+
+impl Written {
+    fn new(pages: u32) -> Self {
+        Written(vec![0; (pages as usize).div_ceil(64)])
+    }
+    fn set(&mut self, pgno: u32) {
+        let i = (pgno - 1) as usize;
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn get(&self, pgno: u32) -> bool {
+        let i = (pgno - 1) as usize;
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+}
+
+fn session(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<()> {
+    let (page_size, page_count) = match recv(link)? {
+        Frame::Begin {
+            version,
+            page_size,
+            page_count,
+            ..
+        } => {
+            if version != PROTOCOL_VERSION {
+                return Err(Error::Protocol(format!(
+                    "the origin speaks protocol version {version}; this side speaks {PROTOCOL_VERSION}"
+                )));
+            }
+            (page_size, page_count)
+        }
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected BEGIN, got {}",
+                other.name()
+            )));
+        }
+    };
+    if page_count == 0 {
+        return Err(Error::Protocol("BEGIN with zero pages".into()));
+    }
+    let held = target.begin(page_size)?;
+    let (mut tree, _) = Tree::build(page_size, held, |f| target.hashes(f), || {})?;
+    link.send(&Frame::Ready { page_count: held })?;
+
+    let lock_page = lock_byte_page(page_size);
+    let mut written = Written::new(page_count);
+    let mut pages_written = 0u32;
+    let mut hashes = Vec::new();
+    loop {
+        match recv(link)? {
+            Frame::Want { level, runs } => {
+                for run in runs {
+                    let end = run.start + run.count; // no overflow: the codec checked it
+                    if end > tree.len(level) {
+                        return Err(Error::Protocol(format!(
+                            "WANT for nodes {}..{end} of level {level}, which has {}",
+                            run.start,
+                            tree.len(level)
+                        )));
+                    }
+                    let mut start = run.start;
+                    while start < end {
+                        let n = (end - start).min(MAX_NODES_PER_FRAME as u32);
+                        hashes.clear();
+                        tree.nodes(level, start, n, &mut hashes)?;
+                        link.send(&Frame::Nodes {
+                            level,
+                            start,
+                            hashes: std::mem::take(&mut hashes),
+                        })?;
+                        start += n;
+                    }
+                }
+            }
+            Frame::Page { pgno, data } => {
+                if data.len() != page_size as usize {
+                    return Err(Error::Protocol(format!(
+                        "page {pgno} has {} bytes; this session's pages have {page_size}",
+                        data.len()
+                    )));
+                }
+                if pgno > page_count || pgno == lock_page {
+                    return Err(Error::Protocol(format!(
+                        "page {pgno} is outside the database"
+                    )));
+                }
+                // The hash of the bytes handed to the target is what the digest checks.
+                let hash = page_hash(pgno, &data);
+                target.write_page(pgno, &data, &hash)?;
+                tree.set_leaf(pgno, &hash)?;
+                if !written.get(pgno) {
+                    written.set(pgno);
+                    pages_written += 1;
+                }
+            }
+            Frame::Commit {
+                page_count: final_count,
+                digest,
+            } => {
+                if final_count != page_count {
+                    return Err(Error::Protocol(format!(
+                        "COMMIT for {final_count} pages after BEGIN for {page_count}"
+                    )));
+                }
+                for pgno in held + 1..=page_count {
+                    if written.get(pgno) {
+                        continue;
+                    } else if pgno == lock_page {
+                        tree.set_leaf(pgno, &zero_page_hash(page_size))?;
+                    } else {
+                        return Err(Error::Protocol(format!("page {pgno} was never sent")));
+                    }
+                }
+                let ours = tree.digest(page_size, page_count)?;
+                if ours != digest {
+                    return Err(Error::Verification(format!(
+                        "the replica's result has digest {} but the origin's is {}; nothing was committed",
+                        hex(&ours),
+                        hex(&digest)
+                    )));
+                }
+                target.commit(page_count)?;
+                link.send(&Frame::Done {
+                    pages_written,
+                    digest: ours,
+                })?;
+                return Ok(());
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {} frame",
+                    other.name()
+                )));
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The hash tree one side builds over its pages.
+//!
+//! Level 0 is the page hashes; node `i` of level `k` is the SHA-256 of the hashes of
+//! nodes `i·F .. i·F+F` of level `k-1` that exist (F = [`FANOUT`]). Both sides compute
+//! the same function, so equal subtrees have equal node hashes.
+//!
+//! Memory stays flat: the page hashes (32 bytes a page) go to an unlinked temporary
+//! file; only levels 1 and up, 2 bytes a page together, stay in memory.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+
+use sha2::{Digest as _, Sha256};
+
+use super::FANOUT;
+use crate::page::Digest;
+use crate::protocol::{HASH_BYTES, Hash};
+use crate::{Error, Result};
+
+/// The hash tree of one side.
+pub(crate) struct Tree {
+    leaves: File,
+    /// Pages hashed when the tree was built.
+    leaf_count: u32,
+    /// `levels[k - 1]` holds level `k`.
+    levels: Vec<Vec<Hash>>,
+}
+
+fn temp_error(e: std::io::Error) -> Error {
+    Error::io(&std::env::temp_dir(), e)
+}
+
+/// The node hash over a group of child hashes.
+fn node_hash(children: &[Hash]) -> Hash {
+    let mut h = Sha256::new();
+    for c in children {
+        h.update(c);
+    }
+    h.finalize().into()
+}
+
+impl Tree {
+    /// Builds the tree of `page_count` pages whose hashes `scan` produces in order, and
+    /// the database digest along the way.
+    pub(crate) fn build(
+        page_size: u32,
+        page_count: u32,
+        scan: impl FnOnce(&mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>,
+        mut on_page: impl FnMut(),
+    ) -> Result<(Tree, Option<Hash>)> {
+        let file = tempfile::tempfile().map_err(temp_error)?;
+        let mut out = BufWriter::with_capacity(64 * 1024, file);
+        let mut digest = Digest::new(page_size, page_count);
+        let mut level1 = Vec::with_capacity(page_count.div_ceil(FANOUT) as usize);
+        let mut group = Sha256::new();
+        let mut in_group = 0u32;
+        let mut next = 1u32;
+        let mut io_error = None;
+        scan(&mut |pgno, hash| {
+            if pgno != next {
+                return Err(Error::Protocol(format!(
+                    "page {pgno} came out of order (expected {next})"
+                )));
+            }
+            next += 1;
+            if let Err(e) = out.write_all(&hash) {
+                io_error = Some(e);
+                return Err(Error::Disconnected(String::new()));
+            }
+            digest.push(&hash);
+            group.update(hash);
+            in_group += 1;
+            if in_group == FANOUT {
+                level1.push(std::mem::take(&mut group).finalize().into());
+                in_group = 0;
+            }
+            on_page();
+            Ok(())
+        })
+        .map_err(|e| io_error.take().map(temp_error).unwrap_or(e))?;
+        if in_group > 0 {
+            level1.push(group.finalize().into());
+        }
+        let leaves = out.into_inner().map_err(|e| temp_error(e.into_error()))?;
+        let leaf_count = next - 1;
+        let mut levels = Vec::new();
+        if leaf_count > 0 {
+            levels.push(level1);
+            while levels.last().is_some_and(|l| l.len() > 1) {
+                let below = levels.last().expect("checked above");
+                let up = below.chunks(FANOUT as usize).map(node_hash).collect();
+                levels.push(up);
+            }
+        }
+        Ok((
+            Tree {
+                leaves,
+                leaf_count,
+                levels,
+            },
+            digest.finish(),
+        ))
+    }
+
+    /// Number of nodes at `level` (level 0: pages hashed at build time).
+    pub(crate) fn len(&self, level: u8) -> u32 {
+        match level {
+            0 => self.leaf_count,
+            k => self
+                .levels
+                .get(usize::from(k) - 1)
+                .map_or(0, |l| l.len() as u32),
+        }
+    }
+
+    /// Appends the hashes of nodes `start .. start + count` of `level` to `out`.
+    /// The caller checks the range against [`Tree::len`].
+    pub(crate) fn nodes(
+        &self,
+        level: u8,
+        start: u32,
+        count: u32,
+        out: &mut Vec<Hash>,
+    ) -> Result<()> {
+        if level == 0 {
+            let mut buf = vec![0u8; count as usize * HASH_BYTES];
+            self.leaves
+                .read_exact_at(&mut buf, u64::from(start) * HASH_BYTES as u64)
+                .map_err(temp_error)?;
+            out.extend(buf.chunks_exact(HASH_BYTES).map(|c| {
+                let mut h = [0u8; HASH_BYTES];
+                h.copy_from_slice(c);
+                h
+            }));
+        } else {
+            let l = &self.levels[usize::from(level) - 1];
+            out.extend_from_slice(&l[start as usize..(start + count) as usize]);
+        }
+        Ok(())
+    }
+
+    /// Replaces the hash of page `pgno` (1-based), for pages written after the build.
+    /// Upper levels are not updated: they describe the state the tree was built from.
+    pub(crate) fn set_leaf(&mut self, pgno: u32, hash: &Hash) -> Result<()> {
+        self.leaves
+            .write_all_at(hash, u64::from(pgno - 1) * HASH_BYTES as u64)
+            .map_err(temp_error)
+    }
+
+    /// The digest of the first `page_count` page hashes as they now stand.
+    pub(crate) fn digest(&self, page_size: u32, page_count: u32) -> Result<Hash> {
+        let mut digest = Digest::new(page_size, page_count);
+        let mut reader = BufReader::with_capacity(64 * 1024, &self.leaves);
+        std::io::Seek::rewind(&mut reader).map_err(temp_error)?;
+        let mut reader = reader.take(u64::from(page_count) * HASH_BYTES as u64);
+        let mut h = [0u8; HASH_BYTES];
+        for _ in 0..page_count {
+            reader.read_exact(&mut h).map_err(temp_error)?;
+            digest.push(&h);
+        }
+        Ok(digest
+            .finish()
+            .expect("exactly page_count hashes were pushed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(i: u32) -> Hash {
+        Sha256::digest(i.to_be_bytes()).into()
+    }
+
+    fn build(n: u32) -> (Tree, Hash) {
+        let (tree, digest) =
+            Tree::build(4096, n, |f| (1..=n).try_for_each(|i| f(i, leaf(i))), || {})
+                .expect("builds");
+        (tree, digest.expect("all pages hashed"))
+    }
+
+    #[test]
+    fn levels_shrink_by_fanout_to_one_root() {
+        for (n, lens) in [
+            (1, vec![1, 1]),
+            (16, vec![16, 1]),
+            (17, vec![17, 2, 1]),
+            (256, vec![256, 16, 1]),
+            (257, vec![257, 17, 2, 1]),
+        ] {
+            let (tree, _) = build(n);
+            let got: Vec<u32> = (0..lens.len() as u8).map(|l| tree.len(l)).collect();
+            assert_eq!(got, lens, "{n} pages");
+            assert_eq!(tree.len(lens.len() as u8), 0);
+        }
+    }
+
+    #[test]
+    fn nodes_are_hashes_of_their_children() {
+        let (tree, _) = build(40);
+        let mut leaves = Vec::new();
+        tree.nodes(0, 32, 8, &mut leaves).expect("reads");
+        assert_eq!(leaves[0], leaf(33));
+        let mut ones = Vec::new();
+        tree.nodes(1, 2, 1, &mut ones).expect("reads");
+        assert_eq!(ones[0], node_hash(&leaves));
+    }
+
+    #[test]
+    fn digest_follows_leaf_updates() {
+        let (mut tree, built) = build(20);
+        assert_eq!(tree.digest(4096, 20).expect("digest"), built);
+        tree.set_leaf(21, &leaf(21)).expect("extends");
+        assert_eq!(tree.digest(4096, 21).expect("digest"), build(21).1);
+        assert_eq!(tree.digest(4096, 3).expect("digest"), build(3).1);
+    }
+
+    #[test]
+    fn out_of_order_pages_are_refused() {
+        let r = Tree::build(4096, 2, |f| f(2, leaf(2)), || {});
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! The library's typed error: every failure says what went wrong and which kind of
+//! failure it is, so callers branch on [`ErrorKind`] (exit codes, retries) instead of
+//! matching on message text.
+
+use std::path::{Path, PathBuf};
+
+/// The broad class of a failure: what a caller needs to decide what to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The command was used wrongly (bad argument, bad path syntax).
+    Usage,
+    /// A local file could not be read or written, or is not what it should be.
+    LocalIo,
+    /// A file is not an SQLite database, or its header is unusable.
+    NotADatabase,
+    /// The peer broke the protocol: malformed, oversized or out-of-order frame.
+    Protocol,
+    /// The connection to the peer was lost.
+    Disconnected,
+    /// A checksum did not match: the data is not what the origin had.
+    Verification,
+    /// The database is locked by another connection for longer than we wait.
+    Busy,
+    /// The peer reported a failure of its own.
+    Remote,
+}
+
+/// An error from sqlferry's library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error on a named local file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An SQLite error on a named local database.
+    #[error("{}: {source}", path.display())]
+    Sqlite {
+        /// The database involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file is not an SQLite database (or not one we can sync).
+    #[error("{}: {reason}", path.display())]
+    NotADatabase {
+        /// The file involved.
+        path: PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A usage error found by the library (for example an unusable path).
+    #[error("{0}")]
+    Usage(String),
+    /// The peer sent something the protocol does not allow.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The peer went away before the sync finished.
+    #[error("connection lost: {0}")]
+    Disconnected(String),
+    /// A digest did not match.
+    #[error("verification failed: {0}")]
+    Verification(String),
+    /// The peer ended the session with an error of its own.
+    #[error("{message}")]
+    Remote {
+        /// The protocol's error code (see `docs/protocol.md`).
+        code: u16,
+        /// The peer's explanation.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::LocalIo,
+            Error::Sqlite { source, .. } => match source.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                    ErrorKind::Busy
+                }
+                Some(rusqlite::ErrorCode::NotADatabase) => ErrorKind::NotADatabase,
+                _ => ErrorKind::LocalIo,
+            },
+            Error::NotADatabase { .. } => ErrorKind::NotADatabase,
+            Error::Usage(_) => ErrorKind::Usage,
+            Error::Protocol(_) => ErrorKind::Protocol,
+            Error::Disconnected(_) => ErrorKind::Disconnected,
+            Error::Verification(_) => ErrorKind::Verification,
+            Error::Remote { code, .. } => crate::protocol::ErrorCode::from_u16(*code)
+                .map(|c| c.kind())
+                .unwrap_or(ErrorKind::Remote),
+        }
+    }
+
+    /// Whether trying the same operation again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.kind(), ErrorKind::Disconnected | ErrorKind::Busy)
+    }
+
+    /// Wraps an I/O error with the file it happened on.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// Wraps an SQLite error with the database it happened on.
+    pub fn sqlite(path: &Path, source: rusqlite::Error) -> Self {
+        Error::Sqlite {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

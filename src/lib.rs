@@ -1,0 +1,16 @@
+//! sqlferry pushes and pulls live SQLite databases page by page, checked end to end.
+//!
+//! The library holds everything; the `sqlferry` binary only parses its arguments, calls
+//! [`cli::run`] and maps the error to an exit code. See `docs/` for the design, the
+//! protocol and the exit codes.
+//!
+//! Modules: [`page`] reads and writes SQLite pages, [`protocol`] is the frame codec,
+//! [`engine`] is the sync algorithm over any transport, [`cli`] is the command line.
+
+pub mod cli;
+pub mod engine;
+mod error;
+pub mod page;
+pub mod protocol;
+
+pub use error::{Error, ErrorKind, Result};

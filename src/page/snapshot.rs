@@ -1,0 +1,183 @@
+//! A consistent, read-only view of a live database: the origin side of a sync.
+//!
+//! Invariants: the database is opened read-only and never written; everything is read
+//! inside one read transaction, so every page belongs to the same committed state, WAL
+//! pages included (`sqlite_dbpage` reads through the pager). In WAL mode a reader never
+//! blocks a writer; in rollback mode the shared lock is held only while the snapshot
+//! lives, which is one sync.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::{Header, JournalMode, page_hash};
+use crate::engine::PageSource;
+use crate::protocol::Hash;
+use crate::{Error, Result};
+
+/// How long a snapshot waits for a writer holding an exclusive lock (rollback mode).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pages read per `sqlite_dbpage` point query batch are cached by SQLite itself; keep its
+/// page cache small so memory does not grow with the database.
+const CACHE_KIB: i64 = 2048;
+
+/// One read transaction over a database file.
+pub struct Snapshot {
+    conn: Connection,
+    path: PathBuf,
+    page_size: u32,
+    page_count: u32,
+    journal_mode: JournalMode,
+}
+
+impl Snapshot {
+    /// Opens `path` read-only and starts the read transaction that pins its state.
+    pub fn open(path: &Path) -> Result<Snapshot> {
+        let header = Header::read(path)?.ok_or_else(|| Error::NotADatabase {
+            path: path.to_owned(),
+            reason: "empty database: nothing to sync".into(),
+        })?;
+        let sql = |e| Error::sqlite(path, e);
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)
+            .map_err(sql)?;
+        conn.execute_batch("BEGIN DEFERRED").map_err(sql)?;
+        // The first read starts the read transaction; from here on the state is pinned.
+        let page_count: u32 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(sql)?;
+        let page_size: u32 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(sql)?;
+        if page_count == 0 {
+            return Err(Error::NotADatabase {
+                path: path.to_owned(),
+                reason: "empty database: nothing to sync".into(),
+            });
+        }
+        Ok(Snapshot {
+            conn,
+            path: path.to_owned(),
+            page_size,
+            page_count,
+            journal_mode: header.journal_mode,
+        })
+    }
+
+    /// The file this snapshot reads.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The journal mode the database's header records.
+    pub fn journal_mode(&self) -> JournalMode {
+        self.journal_mode
+    }
+
+    /// Runs `PRAGMA integrity_check` inside the snapshot: `["ok"]` or the problems.
+    pub fn integrity_check(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA integrity_check")
+            .map_err(|e| Error::sqlite(&self.path, e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| Error::sqlite(&self.path, e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| Error::sqlite(&self.path, e))
+    }
+
+    /// Calls `f` with each page number and its bytes, in page order.
+    pub fn for_each_page(&mut self, f: &mut dyn FnMut(u32, &[u8]) -> Result<()>) -> Result<()> {
+        let path = &self.path;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pgno, data FROM sqlite_dbpage")
+            .map_err(|e| Error::sqlite(path, e))?;
+        let mut rows = stmt.query([]).map_err(|e| Error::sqlite(path, e))?;
+        let mut expected = 1u32;
+        while let Some(row) = rows.next().map_err(|e| Error::sqlite(path, e))? {
+            let pgno: u32 = row.get(0).map_err(|e| Error::sqlite(path, e))?;
+            let data = row
+                .get_ref(1)
+                .and_then(|v| v.as_blob().map_err(Into::into))
+                .map_err(|e| Error::sqlite(path, e))?;
+            if pgno != expected || data.len() != self.page_size as usize {
+                return Err(Error::NotADatabase {
+                    path: path.clone(),
+                    reason: format!(
+                        "page {pgno} could not be read as a {}-byte page",
+                        self.page_size
+                    ),
+                });
+            }
+            f(pgno, data)?;
+            expected += 1;
+        }
+        if expected != self.page_count + 1 {
+            return Err(Error::NotADatabase {
+                path: path.clone(),
+                reason: format!("read {} pages, expected {}", expected - 1, self.page_count),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl PageSource for Snapshot {
+    fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    fn page_count(&self) -> u32 {
+        self.page_count
+    }
+
+    fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
+        self.for_each_page(&mut |pgno, data| f(pgno, page_hash(pgno, data)))
+    }
+
+    fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
+        read_page(&self.conn, &self.path, pgno, self.page_size, buf)
+    }
+}
+
+/// Reads one page through `sqlite_dbpage` into `buf`.
+pub(super) fn read_page(
+    conn: &Connection,
+    path: &Path,
+    pgno: u32,
+    page_size: u32,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    let mut stmt = conn
+        .prepare_cached("SELECT data FROM sqlite_dbpage WHERE pgno = ?1")
+        .map_err(|e| Error::sqlite(path, e))?;
+    let mut rows = stmt.query([pgno]).map_err(|e| Error::sqlite(path, e))?;
+    let row = rows.next().map_err(|e| Error::sqlite(path, e))?;
+    let data = match row {
+        Some(row) => row
+            .get_ref(0)
+            .and_then(|v| v.as_blob().map_err(Into::into))
+            .ok(),
+        None => None,
+    };
+    match data {
+        Some(data) if data.len() == page_size as usize => {
+            buf.clear();
+            buf.extend_from_slice(data);
+            Ok(())
+        }
+        _ => Err(Error::NotADatabase {
+            path: path.to_owned(),
+            reason: format!("page {pgno} could not be read"),
+        }),
+    }
+}

@@ -1,0 +1,319 @@
+//! The replica side of a sync on an SQLite file: every change in one `BEGIN IMMEDIATE`
+//! transaction through `sqlite_dbpage`, committed only after the engine has checked the
+//! result against the origin's digest.
+//!
+//! Invariants:
+//! - Readers in other processes see the old database or the new one, never a mix: all
+//!   writes, and the truncation when the origin shrank, happen in one SQLite transaction.
+//! - Until [`PageTarget::commit`], nothing is visible; dropping a `Writer` rolls back,
+//!   and a file this writer created is removed again.
+//! - A replica keeps its own journal mode (a WAL replica stays WAL); an empty or new one
+//!   takes the origin's page size and journal mode.
+//! - A replica with another page size is first rebuilt at the origin's page size with
+//!   `VACUUM` (see `docs/engine.md`), then synced like any other.
+
+use std::ffi::{c_char, c_uint, c_void};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, config::DbConfig};
+
+use super::{Header, JournalMode, page_hash};
+use crate::engine::PageTarget;
+use crate::protocol::Hash;
+use crate::{Error, Result};
+
+/// How long the writer waits for other connections' locks (readers finishing, in
+/// rollback mode, before the commit can take its exclusive lock).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// SQLite page cache for the writer, in KiB. Dirty pages beyond it spill to the journal
+/// or WAL, so memory stays flat however many pages change.
+const CACHE_KIB: i64 = 8192;
+
+/// A replica database being brought up to date.
+pub struct Writer {
+    conn: Option<Connection>,
+    path: PathBuf,
+    /// The journal mode the replica had before this sync, when it held pages.
+    journal_mode: Option<JournalMode>,
+    page_size: u32,
+    page_count: u32,
+    /// Whether this writer created the file (it is removed again on failure).
+    created: bool,
+    committed: bool,
+}
+
+impl Writer {
+    /// Opens (or creates) the replica at `path` for writing. Nothing is changed yet: a
+    /// file that is not an SQLite database, a read-only file, or a missing directory is
+    /// refused here.
+    pub fn open(path: &Path) -> Result<Writer> {
+        let existed = match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => {
+                return Err(Error::io(
+                    path,
+                    std::io::Error::other("is a directory, not a database file"),
+                ));
+            }
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        if existed {
+            // Opening for writing changes nothing but proves we may write.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| Error::io(path, e))?;
+        } else {
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            match std::fs::metadata(parent) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::io(
+                        parent,
+                        std::io::Error::other("is not a directory"),
+                    ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(
+                        parent,
+                        std::io::Error::other("directory does not exist"),
+                    ));
+                }
+                Err(e) => return Err(Error::io(parent, e)),
+            }
+        }
+        let header = if existed { Header::read(path)? } else { None };
+        let sql = |e| Error::sqlite(path, e);
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| Error::sqlite(path, e))?;
+        let mut writer = Writer {
+            conn: None,
+            path: path.to_owned(),
+            journal_mode: header.map(|h| h.journal_mode),
+            page_size: header.map_or(0, |h| h.page_size),
+            page_count: 0,
+            created: !existed,
+            committed: false,
+        };
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)
+            .map_err(sql)?;
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, false)
+            .map_err(sql)?;
+        disable_autovacuum_on_commit(&conn);
+        writer.conn = Some(conn);
+        Ok(writer)
+    }
+
+    fn conn(&self) -> &Connection {
+        self.conn
+            .as_ref()
+            .expect("the connection lives until the writer is dropped")
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
+        |e| Error::sqlite(&self.path, e)
+    }
+
+    /// Rebuilds a replica that holds pages of another size at `page_size`, in place, so
+    /// that `sqlite_dbpage` can then write origin pages into it.
+    fn change_page_size(&mut self, page_size: u32) -> Result<()> {
+        let wal = self.journal_mode == Some(JournalMode::Wal);
+        tracing::info!(
+            path = %self.path.display(),
+            from = self.page_size,
+            to = page_size,
+            "replica has another page size; rebuilding it with VACUUM first"
+        );
+        let conn = self.conn();
+        if wal {
+            // The page size of a WAL database cannot change; leave WAL for the rebuild.
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))
+                .map_err(self.sql())?;
+            if !mode.eq_ignore_ascii_case("delete") {
+                return Err(Error::sqlite(
+                    &self.path,
+                    rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                        Some("replica has another page size and is open elsewhere in WAL mode; close other connections and retry".into()),
+                    ),
+                ));
+            }
+        }
+        conn.pragma_update(None, "page_size", page_size)
+            .map_err(self.sql())?;
+        conn.execute_batch("VACUUM").map_err(self.sql())?;
+        if wal {
+            conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
+                .map_err(self.sql())?;
+        }
+        let now: u32 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(self.sql())?;
+        if now != page_size {
+            return Err(Error::NotADatabase {
+                path: self.path.clone(),
+                reason: format!(
+                    "could not change its page size from {} to {page_size}",
+                    self.page_size
+                ),
+            });
+        }
+        self.page_size = page_size;
+        Ok(())
+    }
+}
+
+/// Keeps SQLite's auto-vacuum from moving pages at COMMIT: the writer's pages are the
+/// origin's exactly, and auto-vacuum would reorganise them after the digest check.
+fn disable_autovacuum_on_commit(conn: &Connection) {
+    unsafe extern "C" fn no_pages(
+        _: *mut c_void,
+        _: *const c_char,
+        _: c_uint,
+        _: c_uint,
+        _: c_uint,
+    ) -> c_uint {
+        0
+    }
+    // SAFETY: the handle is valid for the connection's lifetime; the callback has the
+    // signature SQLite documents and no state to free.
+    unsafe {
+        rusqlite::ffi::sqlite3_autovacuum_pages(
+            conn.handle(),
+            Some(no_pages),
+            std::ptr::null_mut(),
+            None,
+        );
+    }
+}
+
+impl PageTarget for Writer {
+    fn begin(&mut self, page_size: u32) -> Result<u32> {
+        match self.journal_mode {
+            None => {
+                // Empty or new: takes the origin's page size.
+                self.conn()
+                    .pragma_update(None, "page_size", page_size)
+                    .map_err(self.sql())?;
+                self.page_size = page_size;
+            }
+            Some(_) if self.page_size != page_size => self.change_page_size(page_size)?,
+            Some(_) => {}
+        }
+        self.conn()
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(self.sql())?;
+        let count: u32 = self
+            .conn()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(self.sql())?;
+        let size: u32 = self
+            .conn()
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(self.sql())?;
+        if size != page_size {
+            return Err(Error::NotADatabase {
+                path: self.path.clone(),
+                reason: format!("page size is {size}, expected {page_size}"),
+            });
+        }
+        // A brand-new database gets page 1 initialised by BEGIN IMMEDIATE; it is not
+        // content the origin sent, so it counts as empty.
+        self.page_count = if self.journal_mode.is_none() {
+            0
+        } else {
+            count
+        };
+        Ok(self.page_count)
+    }
+
+    fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
+        if self.page_count == 0 {
+            return Ok(());
+        }
+        let path = &self.path;
+        let conn = self
+            .conn
+            .as_ref()
+            .expect("the connection lives until the writer is dropped");
+        let mut stmt = conn
+            .prepare("SELECT pgno, data FROM sqlite_dbpage")
+            .map_err(|e| Error::sqlite(path, e))?;
+        let mut rows = stmt.query([]).map_err(|e| Error::sqlite(path, e))?;
+        while let Some(row) = rows.next().map_err(|e| Error::sqlite(path, e))? {
+            let pgno: u32 = row.get(0).map_err(|e| Error::sqlite(path, e))?;
+            let data = row
+                .get_ref(1)
+                .and_then(|v| v.as_blob().map_err(Into::into))
+                .map_err(|e| Error::sqlite(path, e))?;
+            f(pgno, page_hash(pgno, data))?;
+        }
+        Ok(())
+    }
+
+    fn write_page(&mut self, pgno: u32, data: &[u8], _hash: &Hash) -> Result<()> {
+        let mut page1;
+        let data = match (pgno, self.journal_mode) {
+            (1, Some(mode)) => {
+                // Keep the replica's own journal mode (file format versions).
+                page1 = data.to_vec();
+                let v = if mode == JournalMode::Wal { 2 } else { 1 };
+                page1[18] = v;
+                page1[19] = v;
+                &page1[..]
+            }
+            _ => data,
+        };
+        let mut stmt = self
+            .conn()
+            .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")
+            .map_err(self.sql())?;
+        stmt.execute(rusqlite::params![pgno, data])
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    fn commit(&mut self, page_count: u32) -> Result<()> {
+        // `self.page_count` is what the replica held; pages written past it only grow it.
+        if page_count < self.page_count {
+            // sqlite_dbpage's documented truncation: page `page_count + 1` and all
+            // after it go at COMMIT. It must be the last write of the transaction.
+            self.conn()
+                .execute(
+                    "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
+                    [page_count + 1],
+                )
+                .map_err(self.sql())?;
+        }
+        self.conn().execute_batch("COMMIT").map_err(self.sql())?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the connection rolls back any open transaction.
+        drop(self.conn.take());
+        if self.created && !self.committed {
+            for suffix in ["", "-journal", "-wal", "-shm"] {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}

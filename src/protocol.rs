@@ -1,0 +1,721 @@
+//! Frames and their codec: the bytes the engine's two roles exchange. Pure: no I/O.
+//!
+//! One frame is one message of the transport (one WebSocket binary message, one item of
+//! an in-memory channel). Its first byte is the frame type; integers are big-endian.
+//! `docs/protocol.md` defines every frame byte by byte; this module is that definition
+//! in code, and its tests keep the two in step.
+//!
+//! Invariant: [`Frame::decode`] never panics. Every malformed, truncated, oversized or
+//! unknown frame is a [`DecodeError`] that says what was wrong.
+
+use crate::ErrorKind;
+
+/// The version of the page-sync protocol this build speaks. Sent in [`Frame::Begin`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The largest frame either side accepts, in bytes: one 64 KiB page plus headroom, and
+/// the largest [`Frame::Nodes`] batch.
+pub const MAX_FRAME_BYTES: usize = 80 * 1024;
+
+/// The most hashes one [`Frame::Nodes`] frame carries (64 KiB of hashes).
+pub const MAX_NODES_PER_FRAME: usize = 2048;
+
+/// The most runs one [`Frame::Want`] frame carries.
+pub const MAX_RUNS_PER_FRAME: usize = 4096;
+
+/// The longest text in an [`Frame::Error`] or [`Frame::Message`] frame, in bytes.
+pub const MAX_TEXT_BYTES: usize = 4096;
+
+/// The length of a SHA-256 hash, and so of every page hash, node hash and digest.
+pub const HASH_BYTES: usize = 32;
+
+/// A SHA-256 value: a page hash, a tree node hash or a database digest.
+pub type Hash = [u8; HASH_BYTES];
+
+/// Frame type codes. The control codes (0x51..) are reserved for the server protocol
+/// and are defined in `docs/protocol.md`.
+pub mod code {
+    /// Origin → replica: start of a sync.
+    pub const BEGIN: u8 = 0x01;
+    /// Replica → origin: what the replica holds.
+    pub const READY: u8 = 0x02;
+    /// Origin → replica: which tree nodes' hashes to send.
+    pub const WANT: u8 = 0x03;
+    /// Replica → origin: a run of tree node hashes.
+    pub const NODES: u8 = 0x04;
+    /// Origin → replica: one page.
+    pub const PAGE: u8 = 0x05;
+    /// Origin → replica: final page count and digest; commit if they match.
+    pub const COMMIT: u8 = 0x06;
+    /// Replica → origin: committed.
+    pub const DONE: u8 = 0x07;
+    /// Either way: the session ends with an error.
+    pub const ERROR: u8 = 0x08;
+    /// Either way: a human-readable note for the peer's log.
+    pub const MESSAGE: u8 = 0x09;
+    /// Reserved: CONFIG (server protocol).
+    pub const CONFIG: u8 = 0x51;
+    /// Reserved: NEWREPLICAVERSION (server protocol).
+    pub const NEW_REPLICA_VERSION: u8 = 0x52;
+    /// Reserved: KEYREQUEST (server protocol).
+    pub const KEY_REQUEST: u8 = 0x53;
+    /// Reserved: COMMITMESSAGE (server protocol).
+    pub const COMMIT_MESSAGE: u8 = 0x54;
+    /// Reserved: CHANGED (server protocol).
+    pub const CHANGED: u8 = 0x57;
+}
+
+/// Error codes carried by [`Frame::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The peer broke the protocol.
+    Protocol = 1,
+    /// The peer speaks a protocol version this side does not.
+    UnsupportedVersion = 2,
+    /// A file is not an SQLite database.
+    NotADatabase = 3,
+    /// A local file could not be read or written.
+    LocalIo = 4,
+    /// The result did not match the origin's digest; nothing was committed.
+    Verification = 5,
+    /// The database stayed locked by another connection.
+    Busy = 6,
+    /// The sender gave up (interrupted, or failed on its side).
+    Aborted = 7,
+}
+
+impl ErrorCode {
+    /// The code for a number read off the wire, if it is one we know.
+    pub fn from_u16(n: u16) -> Option<Self> {
+        Some(match n {
+            1 => Self::Protocol,
+            2 => Self::UnsupportedVersion,
+            3 => Self::NotADatabase,
+            4 => Self::LocalIo,
+            5 => Self::Verification,
+            6 => Self::Busy,
+            7 => Self::Aborted,
+            _ => return None,
+        })
+    }
+
+    /// The error class a caller sees for this code.
+    pub fn kind(self) -> ErrorKind {
+        match self {
+            Self::Protocol | Self::UnsupportedVersion => ErrorKind::Protocol,
+            Self::NotADatabase => ErrorKind::NotADatabase,
+            Self::LocalIo => ErrorKind::LocalIo,
+            Self::Verification => ErrorKind::Verification,
+            Self::Busy => ErrorKind::Busy,
+            Self::Aborted => ErrorKind::Remote,
+        }
+    }
+
+    /// The code that reports a local error of this kind to the peer.
+    pub fn for_kind(kind: ErrorKind) -> Self {
+        match kind {
+            ErrorKind::Protocol => Self::Protocol,
+            ErrorKind::NotADatabase => Self::NotADatabase,
+            ErrorKind::LocalIo | ErrorKind::Usage => Self::LocalIo,
+            ErrorKind::Verification => Self::Verification,
+            ErrorKind::Busy => Self::Busy,
+            ErrorKind::Disconnected | ErrorKind::Remote => Self::Aborted,
+        }
+    }
+}
+
+/// A contiguous run of tree nodes at one level: `count` nodes from index `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// Index of the first node at its level (0-based).
+    pub start: u32,
+    /// Number of nodes.
+    pub count: u32,
+}
+
+/// One protocol frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Origin → replica, first frame: what the origin holds.
+    Begin {
+        /// The protocol version the origin speaks.
+        version: u16,
+        /// The origin's page size in bytes.
+        page_size: u32,
+        /// The origin's page count.
+        page_count: u32,
+        /// The version the origin's copy was last synced from (0: unknown).
+        base_version: u64,
+        /// Reserved flags; 0 in this version.
+        flags: u8,
+    },
+    /// Replica → origin, answer to `Begin`: what the replica holds.
+    Ready {
+        /// The replica's page count (0 when it is empty or new).
+        page_count: u32,
+    },
+    /// Origin → replica: send the hashes of these nodes of level `level`.
+    Want {
+        /// Tree level: 0 is pages, each level up groups [`crate::engine::FANOUT`] nodes.
+        level: u8,
+        /// The runs of node indices wanted.
+        runs: Vec<Run>,
+    },
+    /// Replica → origin: hashes of consecutive nodes of one level.
+    Nodes {
+        /// Tree level of the nodes.
+        level: u8,
+        /// Index of the first node.
+        start: u32,
+        /// One hash per node, in order.
+        hashes: Vec<Hash>,
+    },
+    /// Origin → replica: the content of one page.
+    Page {
+        /// Page number, 1-based.
+        pgno: u32,
+        /// Exactly one page of bytes.
+        data: Vec<u8>,
+    },
+    /// Origin → replica: all pages sent; commit if the result has this digest.
+    Commit {
+        /// The origin's page count (the replica truncates to it).
+        page_count: u32,
+        /// The origin's digest.
+        digest: Hash,
+    },
+    /// Replica → origin: committed.
+    Done {
+        /// Pages the replica wrote.
+        pages_written: u32,
+        /// The digest the replica verified before committing.
+        digest: Hash,
+    },
+    /// Either way: the session ends with this error.
+    Error {
+        /// A numeric [`ErrorCode`] (unknown codes are kept as they are).
+        code: u16,
+        /// What went wrong, for a person.
+        message: String,
+    },
+    /// Either way: a note for the peer's log; changes nothing.
+    Message {
+        /// 0 info, 1 warning.
+        level: u8,
+        /// The note.
+        text: String,
+    },
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// No bytes at all.
+    #[error("empty frame")]
+    Empty,
+    /// More bytes than [`MAX_FRAME_BYTES`].
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
+    TooLarge(usize),
+    /// The type byte is not one we know.
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    /// A control frame of the server protocol arrived in a page-sync session.
+    #[error("control frame 0x{0:02x} is not valid inside a page sync")]
+    Control(u8),
+    /// The frame ended early.
+    #[error("{0} frame is truncated")]
+    Truncated(&'static str),
+    /// The frame has bytes after its last field.
+    #[error("{0} frame has {1} trailing bytes")]
+    Trailing(&'static str, usize),
+    /// A field holds a value the protocol does not allow.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Frame {
+    /// A short name of the frame's type, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Begin { .. } => "BEGIN",
+            Frame::Ready { .. } => "READY",
+            Frame::Want { .. } => "WANT",
+            Frame::Nodes { .. } => "NODES",
+            Frame::Page { .. } => "PAGE",
+            Frame::Commit { .. } => "COMMIT",
+            Frame::Done { .. } => "DONE",
+            Frame::Error { .. } => "ERROR",
+            Frame::Message { .. } => "MESSAGE",
+        }
+    }
+
+    /// Appends the frame's bytes to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Frame::Begin {
+                version,
+                page_size,
+                page_count,
+                base_version,
+                flags,
+            } => {
+                out.push(code::BEGIN);
+                out.extend_from_slice(&version.to_be_bytes());
+                out.extend_from_slice(&page_size.to_be_bytes());
+                out.extend_from_slice(&page_count.to_be_bytes());
+                out.extend_from_slice(&base_version.to_be_bytes());
+                out.push(*flags);
+            }
+            Frame::Ready { page_count } => {
+                out.push(code::READY);
+                out.extend_from_slice(&page_count.to_be_bytes());
+            }
+            Frame::Want { level, runs } => {
+                out.push(code::WANT);
+                out.push(*level);
+                out.extend_from_slice(&(runs.len() as u16).to_be_bytes());
+                for run in runs {
+                    out.extend_from_slice(&run.start.to_be_bytes());
+                    out.extend_from_slice(&run.count.to_be_bytes());
+                }
+            }
+            Frame::Nodes {
+                level,
+                start,
+                hashes,
+            } => {
+                out.push(code::NODES);
+                out.push(*level);
+                out.extend_from_slice(&start.to_be_bytes());
+                out.extend_from_slice(&(hashes.len() as u16).to_be_bytes());
+                for h in hashes {
+                    out.extend_from_slice(h);
+                }
+            }
+            Frame::Page { pgno, data } => {
+                out.push(code::PAGE);
+                out.extend_from_slice(&pgno.to_be_bytes());
+                out.extend_from_slice(data);
+            }
+            Frame::Commit { page_count, digest } => {
+                out.push(code::COMMIT);
+                out.extend_from_slice(&page_count.to_be_bytes());
+                out.extend_from_slice(digest);
+            }
+            Frame::Done {
+                pages_written,
+                digest,
+            } => {
+                out.push(code::DONE);
+                out.extend_from_slice(&pages_written.to_be_bytes());
+                out.extend_from_slice(digest);
+            }
+            Frame::Error { code: c, message } => {
+                out.push(code::ERROR);
+                out.extend_from_slice(&c.to_be_bytes());
+                out.extend_from_slice(truncate_utf8(message, MAX_TEXT_BYTES).as_bytes());
+            }
+            Frame::Message { level, text } => {
+                out.push(code::MESSAGE);
+                out.push(*level);
+                out.extend_from_slice(truncate_utf8(text, MAX_TEXT_BYTES).as_bytes());
+            }
+        }
+    }
+
+    /// The frame's bytes in a new buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(match self {
+            Frame::Page { data, .. } => data.len() + 5,
+            Frame::Nodes { hashes, .. } => hashes.len() * HASH_BYTES + 8,
+            _ => 64,
+        });
+        self.encode(&mut out);
+        out
+    }
+
+    /// Decodes one frame. Never panics: anything malformed is an error.
+    pub fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
+        if bytes.len() > MAX_FRAME_BYTES {
+            return Err(DecodeError::TooLarge(bytes.len()));
+        }
+        let (&ty, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
+        let mut r = Reader {
+            buf: rest,
+            what: "",
+        };
+        let frame = match ty {
+            code::BEGIN => {
+                r.what = "BEGIN";
+                let version = r.u16()?;
+                let page_size = r.u32()?;
+                let page_count = r.u32()?;
+                let base_version = r.u64()?;
+                let flags = r.u8()?;
+                if version == PROTOCOL_VERSION {
+                    check_page_size(page_size)?;
+                }
+                Frame::Begin {
+                    version,
+                    page_size,
+                    page_count,
+                    base_version,
+                    flags,
+                }
+            }
+            code::READY => {
+                r.what = "READY";
+                Frame::Ready {
+                    page_count: r.u32()?,
+                }
+            }
+            code::WANT => {
+                r.what = "WANT";
+                let level = r.u8()?;
+                let n = usize::from(r.u16()?);
+                if n == 0 || n > MAX_RUNS_PER_FRAME {
+                    return Err(DecodeError::Invalid(format!("WANT frame with {n} runs")));
+                }
+                let mut runs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let run = Run {
+                        start: r.u32()?,
+                        count: r.u32()?,
+                    };
+                    if run.count == 0 || run.start.checked_add(run.count).is_none() {
+                        return Err(DecodeError::Invalid(format!(
+                            "WANT run of {} nodes from {} is not valid",
+                            run.count, run.start
+                        )));
+                    }
+                    runs.push(run);
+                }
+                Frame::Want { level, runs }
+            }
+            code::NODES => {
+                r.what = "NODES";
+                let level = r.u8()?;
+                let start = r.u32()?;
+                let n = usize::from(r.u16()?);
+                if n == 0 || n > MAX_NODES_PER_FRAME {
+                    return Err(DecodeError::Invalid(format!("NODES frame with {n} hashes")));
+                }
+                let mut hashes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    hashes.push(r.hash()?);
+                }
+                Frame::Nodes {
+                    level,
+                    start,
+                    hashes,
+                }
+            }
+            code::PAGE => {
+                r.what = "PAGE";
+                let pgno = r.u32()?;
+                if pgno == 0 {
+                    return Err(DecodeError::Invalid("PAGE frame for page 0".into()));
+                }
+                let data = r.rest().to_vec();
+                check_page_size(data.len() as u32).map_err(|_| {
+                    DecodeError::Invalid(format!(
+                        "PAGE frame of {} bytes is not a page",
+                        data.len()
+                    ))
+                })?;
+                Frame::Page { pgno, data }
+            }
+            code::COMMIT => {
+                r.what = "COMMIT";
+                Frame::Commit {
+                    page_count: r.u32()?,
+                    digest: r.hash()?,
+                }
+            }
+            code::DONE => {
+                r.what = "DONE";
+                Frame::Done {
+                    pages_written: r.u32()?,
+                    digest: r.hash()?,
+                }
+            }
+            code::ERROR => {
+                r.what = "ERROR";
+                let code = r.u16()?;
+                Frame::Error {
+                    code,
+                    message: r.text()?,
+                }
+            }
+            code::MESSAGE => {
+                r.what = "MESSAGE";
+                let level = r.u8()?;
+                Frame::Message {
+                    level,
+                    text: r.text()?,
+                }
+            }
+            code::CONFIG
+            | code::NEW_REPLICA_VERSION
+            | code::KEY_REQUEST
+            | code::COMMIT_MESSAGE
+            | code::CHANGED => return Err(DecodeError::Control(ty)),
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        if !r.buf.is_empty() {
+            return Err(DecodeError::Trailing(r.what, r.buf.len()));
+        }
+        Ok(frame)
+    }
+}
+
+/// Checks that `n` is a page size SQLite allows: a power of two from 512 to 65536.
+pub fn check_page_size(n: u32) -> Result<(), DecodeError> {
+    if (512..=65536).contains(&n) && n.is_power_of_two() {
+        Ok(())
+    } else {
+        Err(DecodeError::Invalid(format!(
+            "{n} is not a valid page size"
+        )))
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A bounds-checked reader over a frame's payload.
+struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated(self.what));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn hash(&mut self) -> Result<Hash, DecodeError> {
+        self.array()
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+
+    fn text(&mut self) -> Result<String, DecodeError> {
+        let what = self.what;
+        let bytes = self.rest();
+        if bytes.len() > MAX_TEXT_BYTES {
+            return Err(DecodeError::Invalid(format!(
+                "{what} text longer than {MAX_TEXT_BYTES} bytes"
+            )));
+        }
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| DecodeError::Invalid(format!("{what} text is not UTF-8")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_hash() -> impl Strategy<Value = Hash> {
+        any::<[u8; 32]>()
+    }
+
+    fn arb_frame() -> impl Strategy<Value = Frame> {
+        let page = (9u32..=16).prop_flat_map(|shift| {
+            (
+                1u32..,
+                proptest::collection::vec(any::<u8>(), 1usize << shift),
+            )
+                .prop_map(|(pgno, data)| Frame::Page { pgno, data })
+        });
+        prop_oneof![
+            (any::<u32>(), any::<u64>(), any::<u8>(), 9u32..=16).prop_map(
+                |(page_count, base_version, flags, shift)| Frame::Begin {
+                    version: PROTOCOL_VERSION,
+                    page_size: 1 << shift,
+                    page_count,
+                    base_version,
+                    flags
+                }
+            ),
+            any::<u32>().prop_map(|page_count| Frame::Ready { page_count }),
+            (
+                any::<u8>(),
+                proptest::collection::vec((0u32..1 << 30, 1u32..1 << 20), 1..50)
+            )
+                .prop_map(|(level, runs)| Frame::Want {
+                    level,
+                    runs: runs
+                        .into_iter()
+                        .map(|(start, count)| Run { start, count })
+                        .collect()
+                }),
+            (
+                any::<u8>(),
+                any::<u32>(),
+                proptest::collection::vec(arb_hash(), 1..100)
+            )
+                .prop_map(|(level, start, hashes)| Frame::Nodes {
+                    level,
+                    start,
+                    hashes
+                }),
+            page,
+            (any::<u32>(), arb_hash())
+                .prop_map(|(page_count, digest)| Frame::Commit { page_count, digest }),
+            (any::<u32>(), arb_hash()).prop_map(|(pages_written, digest)| Frame::Done {
+                pages_written,
+                digest
+            }),
+            (any::<u16>(), ".{0,200}").prop_map(|(code, message)| Frame::Error { code, message }),
+            (any::<u8>(), ".{0,200}").prop_map(|(level, text)| Frame::Message { level, text }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_frame_round_trips(frame in arb_frame()) {
+            let bytes = frame.to_bytes();
+            prop_assert!(bytes.len() <= MAX_FRAME_BYTES);
+            prop_assert_eq!(Frame::decode(&bytes), Ok(frame));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Frame::decode(&bytes);
+        }
+
+        #[test]
+        fn every_truncation_is_an_error(frame in arb_frame(), cut in any::<prop::sample::Index>()) {
+            let bytes = frame.to_bytes();
+            let cut = cut.index(bytes.len());
+            // Cutting a PAGE or text frame can leave another valid frame; every other
+            // frame has a fixed layout, so any cut must fail.
+            if !matches!(frame, Frame::Page { .. } | Frame::Error { .. } | Frame::Message { .. }) {
+                prop_assert!(Frame::decode(&bytes[..cut]).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn begin_is_byte_exact() {
+        let f = Frame::Begin {
+            version: 1,
+            page_size: 4096,
+            page_count: 3,
+            base_version: 7,
+            flags: 0,
+        };
+        assert_eq!(
+            f.to_bytes(),
+            [
+                1, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 7, 0
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_what_the_protocol_forbids() {
+        assert_eq!(Frame::decode(&[]), Err(DecodeError::Empty));
+        assert_eq!(Frame::decode(&[0xee]), Err(DecodeError::UnknownType(0xee)));
+        assert_eq!(
+            Frame::decode(&[code::CONFIG, b'{']),
+            Err(DecodeError::Control(0x51))
+        );
+        assert_eq!(
+            Frame::decode(&vec![code::PAGE; MAX_FRAME_BYTES + 1]),
+            Err(DecodeError::TooLarge(MAX_FRAME_BYTES + 1))
+        );
+        // A page of 1000 bytes is not a page.
+        let mut page = vec![code::PAGE, 0, 0, 0, 1];
+        page.extend(std::iter::repeat_n(0u8, 1000));
+        assert!(matches!(Frame::decode(&page), Err(DecodeError::Invalid(_))));
+        // Page 0 does not exist.
+        let mut page0 = vec![code::PAGE, 0, 0, 0, 0];
+        page0.extend(std::iter::repeat_n(0u8, 512));
+        assert!(matches!(
+            Frame::decode(&page0),
+            Err(DecodeError::Invalid(_))
+        ));
+        // A BEGIN with page size 3000.
+        let mut begin = Frame::Begin {
+            version: 1,
+            page_size: 4096,
+            page_count: 1,
+            base_version: 0,
+            flags: 0,
+        }
+        .to_bytes();
+        begin[3..7].copy_from_slice(&3000u32.to_be_bytes());
+        assert!(matches!(
+            Frame::decode(&begin),
+            Err(DecodeError::Invalid(_))
+        ));
+        // A READY with a trailing byte.
+        assert_eq!(
+            Frame::decode(&[code::READY, 0, 0, 0, 1, 9]),
+            Err(DecodeError::Trailing("READY", 1))
+        );
+        // Invalid UTF-8 in an ERROR.
+        assert!(matches!(
+            Frame::decode(&[code::ERROR, 0, 1, 0xff]),
+            Err(DecodeError::Invalid(_))
+        ));
+        // A WANT run that overflows.
+        let want = [code::WANT, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 2];
+        assert!(matches!(Frame::decode(&want), Err(DecodeError::Invalid(_))));
+    }
+
+    #[test]
+    fn long_text_is_cut_on_a_character_boundary() {
+        let f = Frame::Error {
+            code: 1,
+            message: "é".repeat(3000),
+        };
+        match Frame::decode(&f.to_bytes()) {
+            Ok(Frame::Error { message, .. }) => assert_eq!(message.len(), 4096),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
