@@ -40,8 +40,13 @@ pub trait PageSource {
     /// Number of pages.
     fn page_count(&self) -> u32;
     /// Calls `f` with every page's number and hash ([`crate::page::page_hash`]), in
-    /// page order.
-    fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>;
+    /// page order, and with the page's bytes too for pages after `with_data_after`
+    /// (the pages the replica does not have, sent during the same pass).
+    fn scan(
+        &mut self,
+        with_data_after: u32,
+        f: &mut dyn FnMut(u32, Hash, Option<&[u8]>) -> Result<()>,
+    ) -> Result<()>;
     /// Reads page `pgno` into `buf` (replacing its contents).
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()>;
 }

@@ -44,7 +44,7 @@ impl VerifyArgs {
         let mut snap = Snapshot::open(&path).context("cannot verify")?;
         let (page_size, page_count) = (snap.page_size(), snap.page_count());
         let mut digest = crate::page::Digest::new(page_size, page_count);
-        snap.hashes(&mut |_, h: Hash| {
+        snap.scan(u32::MAX, &mut |_, h: Hash, _| {
             digest.push(&h);
             Ok(())
         })?;

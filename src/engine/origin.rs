@@ -119,16 +119,6 @@ fn session(
         flags: 0,
     })?;
 
-    progress.start(Phase::Hashing, u64::from(page_count));
-    let (tree, digest) = Tree::build(
-        page_size,
-        page_count,
-        |f| source.hashes(f),
-        || progress.advance(1),
-    )?;
-    let digest = digest
-        .ok_or_else(|| Error::Protocol("the origin's page count changed while hashing".into()))?;
-
     let replica_count = match recv(link)? {
         Frame::Ready { page_count } => page_count,
         other => {
@@ -139,16 +129,43 @@ fn session(
         }
     };
     let common = page_count.min(replica_count);
+    let lock_page = lock_byte_page(page_size);
+
+    // One pass over the source: hash every page, and send the pages the replica does
+    // not have at all as they go by.
+    progress.start(Phase::Hashing, u64::from(page_count));
+    let mut pages_sent = 0u32;
+    let (tree, digest) = Tree::build(
+        page_size,
+        page_count,
+        |f| {
+            source.scan(common, &mut |pgno, hash, data| {
+                if let Some(data) = data {
+                    if pgno != lock_page {
+                        link.send(&Frame::Page {
+                            pgno,
+                            data: data.to_vec(),
+                        })?;
+                        pages_sent += 1;
+                    }
+                }
+                f(pgno, hash)
+            })
+        },
+        || progress.advance(1),
+    )?;
+    let digest = digest
+        .ok_or_else(|| Error::Protocol("the origin's page count changed while hashing".into()))?;
     let mut hash_bytes = 0u64;
 
-    progress.start(Phase::Sending, u64::from(page_count));
+    progress.start(Phase::Sending, u64::from(common));
     let mut tx = Sender {
         source,
         link,
         progress,
-        lock_page: lock_byte_page(page_size),
+        lock_page,
         buf: Vec::with_capacity(page_size as usize),
-        pages_sent: 0,
+        pages_sent,
     };
 
     // Descent: a queue of node runs to ask for, answered in order, pipelined up to the
@@ -251,10 +268,6 @@ fn session(
         }
     }
 
-    // Pages the replica does not have at all.
-    for pgno in common + 1..=page_count {
-        tx.page(pgno)?;
-    }
     let pages_sent = tx.pages_sent;
     link.send(&Frame::Commit { page_count, digest })?;
     match recv(link)? {

@@ -71,8 +71,10 @@ fn session(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<()> {
         return Err(Error::Protocol("BEGIN with zero pages".into()));
     }
     let held = target.begin(page_size)?;
-    let (mut tree, _) = Tree::build(page_size, held, |f| target.hashes(f), || {})?;
+    // READY goes before hashing: the origin can then hash its own pages at the same
+    // time and send the pages past `held` as it reads them.
     link.send(&Frame::Ready { page_count: held })?;
+    let (mut tree, _) = Tree::build(page_size, held, |f| target.hashes(f), || {})?;
 
     let lock_page = lock_byte_page(page_size);
     let mut written = Written::new(page_count);

@@ -21,11 +21,17 @@ use crate::{Error, Result};
 /// The hash tree of one side.
 pub(crate) struct Tree {
     leaves: File,
+    /// Leaf updates not yet written: consecutive hashes from page `.0`, flushed as one
+    /// write (a sync writes runs of pages; a write per page would cost a syscall each).
+    dirty: (u32, Vec<u8>),
     /// Pages hashed when the tree was built.
     leaf_count: u32,
     /// `levels[k - 1]` holds level `k`.
     levels: Vec<Vec<Hash>>,
 }
+
+/// The most leaf updates buffered before they are written out.
+const DIRTY_BYTES: usize = 64 * 1024;
 
 fn temp_error(e: std::io::Error) -> Error {
     Error::io(&std::env::temp_dir(), e)
@@ -96,6 +102,7 @@ impl Tree {
         Ok((
             Tree {
                 leaves,
+                dirty: (0, Vec::new()),
                 leaf_count,
                 levels,
             },
@@ -143,13 +150,30 @@ impl Tree {
     /// Replaces the hash of page `pgno` (1-based), for pages written after the build.
     /// Upper levels are not updated: they describe the state the tree was built from.
     pub(crate) fn set_leaf(&mut self, pgno: u32, hash: &Hash) -> Result<()> {
-        self.leaves
-            .write_all_at(hash, u64::from(pgno - 1) * HASH_BYTES as u64)
-            .map_err(temp_error)
+        let (first, buf) = &self.dirty;
+        let next = *first + (buf.len() / HASH_BYTES) as u32;
+        if buf.is_empty() || pgno != next || buf.len() >= DIRTY_BYTES {
+            self.flush()?;
+            self.dirty.0 = pgno;
+        }
+        self.dirty.1.extend_from_slice(hash);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let (first, buf) = &mut self.dirty;
+        if !buf.is_empty() {
+            self.leaves
+                .write_all_at(buf, u64::from(*first - 1) * HASH_BYTES as u64)
+                .map_err(temp_error)?;
+            buf.clear();
+        }
+        Ok(())
     }
 
     /// The digest of the first `page_count` page hashes as they now stand.
-    pub(crate) fn digest(&self, page_size: u32, page_count: u32) -> Result<Hash> {
+    pub(crate) fn digest(&mut self, page_size: u32, page_count: u32) -> Result<Hash> {
+        self.flush()?;
         let mut digest = Digest::new(page_size, page_count);
         let mut reader = BufReader::with_capacity(64 * 1024, &self.leaves);
         std::io::Seek::rewind(&mut reader).map_err(temp_error)?;
@@ -198,7 +222,7 @@ mod tests {
 
     #[test]
     fn nodes_are_hashes_of_their_children() {
-        let (tree, _) = build(40);
+        let (mut tree, _) = build(40);
         let mut leaves = Vec::new();
         tree.nodes(0, 32, 8, &mut leaves).expect("reads");
         assert_eq!(leaves[0], leaf(33));

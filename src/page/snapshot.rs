@@ -140,8 +140,18 @@ impl PageSource for Snapshot {
         self.page_count
     }
 
-    fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
-        self.for_each_page(&mut |pgno, data| f(pgno, page_hash(pgno, data)))
+    fn scan(
+        &mut self,
+        with_data_after: u32,
+        f: &mut dyn FnMut(u32, Hash, Option<&[u8]>) -> Result<()>,
+    ) -> Result<()> {
+        self.for_each_page(&mut |pgno, data| {
+            f(
+                pgno,
+                page_hash(pgno, data),
+                (pgno > with_data_after).then_some(data),
+            )
+        })
     }
 
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
