@@ -122,6 +122,16 @@ pub fn error_line(err: &anyhow::Error) -> String {
     line
 }
 
+/// Writes one line of results to stdout. A closed pipe (`sqlferry verify x | head -1`)
+/// is not an error: the reader has what it wanted.
+fn out(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// Expands a leading `~/` to the home directory.
 fn expand_tilde(path: &str) -> PathBuf {
     match (path.strip_prefix("~/"), std::env::var_os("HOME")) {

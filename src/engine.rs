@@ -33,6 +33,10 @@ use crate::{ErrorKind, Result};
 /// pages).
 pub const FANOUT: u32 = 16;
 
+/// The callback of [`PageSource::scan`]: page number, page hash, and the page's bytes
+/// when they were asked for.
+pub type ScanFn<'a> = dyn FnMut(u32, Hash, Option<&[u8]>) -> Result<()> + 'a;
+
 /// What a sync reads from: the origin database.
 pub trait PageSource {
     /// Page size in bytes.
@@ -42,11 +46,7 @@ pub trait PageSource {
     /// Calls `f` with every page's number and hash ([`crate::page::page_hash`]), in
     /// page order, and with the page's bytes too for pages after `with_data_after`
     /// (the pages the replica does not have, sent during the same pass).
-    fn scan(
-        &mut self,
-        with_data_after: u32,
-        f: &mut dyn FnMut(u32, Hash, Option<&[u8]>) -> Result<()>,
-    ) -> Result<()>;
+    fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()>;
     /// Reads page `pgno` into `buf` (replacing its contents).
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()>;
 }

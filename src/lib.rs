@@ -8,6 +8,7 @@
 //! [`engine`] is the sync algorithm over any transport, [`cli`] is the command line.
 
 pub mod cli;
+pub mod config;
 pub mod engine;
 mod error;
 pub mod page;

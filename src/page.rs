@@ -13,7 +13,9 @@
 //! the lock-byte page of a database over 1 GiB is never used by SQLite and hashes as
 //! zeros. `docs/engine.md` explains both.
 
+mod hashcache;
 mod header;
+mod scan;
 mod snapshot;
 mod writer;
 

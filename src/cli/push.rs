@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::progress::Bar;
-use super::{Global, exit, expand_tilde, is_local_path};
+use super::{Global, exit, expand_tilde, is_local_path, out};
 use crate::engine::sync_local;
 use crate::page::{Snapshot, Writer};
 
@@ -58,9 +58,9 @@ impl PushArgs {
         drop(source);
         drop(target);
         if self.json {
-            println!("{}", serde_json::to_string(&stats)?);
+            out(format_args!("{}", serde_json::to_string(&stats)?))?;
         } else if !global.quiet {
-            println!(
+            out(format_args!(
                 "{} -> {}: {} of {} pages sent ({} bytes sent, {} received) in {:.2?}, digest {}",
                 src.display(),
                 dest.display(),
@@ -70,7 +70,7 @@ impl PushArgs {
                 stats.bytes_received,
                 stats.duration,
                 stats.digest
-            );
+            ))?;
         }
         Ok(ExitCode::from(exit::OK))
     }

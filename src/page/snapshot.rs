@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::{Header, JournalMode, page_hash};
-use crate::engine::PageSource;
-use crate::protocol::Hash;
+use super::hashcache::HashCache;
+use super::{Header, JournalMode};
+use crate::engine::{PageSource, ScanFn};
 use crate::{Error, Result};
 
 /// How long a snapshot waits for a writer holding an exclusive lock (rollback mode).
@@ -48,8 +48,9 @@ impl Snapshot {
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
         conn.pragma_update(None, "cache_size", -CACHE_KIB)
             .map_err(sql)?;
-        conn.execute_batch("BEGIN DEFERRED").map_err(sql)?;
         // The first read starts the read transaction; from here on the state is pinned.
+        conn.execute_batch("BEGIN DEFERRED; SELECT 1 FROM sqlite_schema LIMIT 1")
+            .map_err(sql)?;
         let page_count: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(sql)?;
@@ -94,40 +95,10 @@ impl Snapshot {
             .map_err(|e| Error::sqlite(&self.path, e))
     }
 
-    /// Calls `f` with each page number and its bytes, in page order.
+    /// Calls `f` with each page number and its bytes, in page order, all from this
+    /// snapshot's transaction.
     pub fn for_each_page(&mut self, f: &mut dyn FnMut(u32, &[u8]) -> Result<()>) -> Result<()> {
-        let path = &self.path;
-        let mut stmt = self
-            .conn
-            .prepare("SELECT pgno, data FROM sqlite_dbpage")
-            .map_err(|e| Error::sqlite(path, e))?;
-        let mut rows = stmt.query([]).map_err(|e| Error::sqlite(path, e))?;
-        let mut expected = 1u32;
-        while let Some(row) = rows.next().map_err(|e| Error::sqlite(path, e))? {
-            let pgno: u32 = row.get(0).map_err(|e| Error::sqlite(path, e))?;
-            let data = row
-                .get_ref(1)
-                .and_then(|v| v.as_blob().map_err(Into::into))
-                .map_err(|e| Error::sqlite(path, e))?;
-            if pgno != expected || data.len() != self.page_size as usize {
-                return Err(Error::NotADatabase {
-                    path: path.clone(),
-                    reason: format!(
-                        "page {pgno} could not be read as a {}-byte page",
-                        self.page_size
-                    ),
-                });
-            }
-            f(pgno, data)?;
-            expected += 1;
-        }
-        if expected != self.page_count + 1 {
-            return Err(Error::NotADatabase {
-                path: path.clone(),
-                reason: format!("read {} pages, expected {}", expected - 1, self.page_count),
-            });
-        }
-        Ok(())
+        super::scan::for_each_page(&self.conn, &self.path, self.page_size, self.page_count, f)
     }
 }
 
@@ -140,18 +111,23 @@ impl PageSource for Snapshot {
         self.page_count
     }
 
-    fn scan(
-        &mut self,
-        with_data_after: u32,
-        f: &mut dyn FnMut(u32, Hash, Option<&[u8]>) -> Result<()>,
-    ) -> Result<()> {
+    fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()> {
+        let mut cache = HashCache::open(&self.path, self.page_size, self.page_count);
         self.for_each_page(&mut |pgno, data| {
             f(
                 pgno,
-                page_hash(pgno, data),
+                cache.hash(pgno, data),
                 (pgno > with_data_after).then_some(data),
             )
-        })
+        })?;
+        tracing::debug!(
+            path = %self.path.display(),
+            pages = self.page_count,
+            cached = cache.hits,
+            "origin hashed"
+        );
+        cache.finish();
+        Ok(())
     }
 
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, config::DbConfig};
 
-use super::{Header, JournalMode, page_hash};
+use super::hashcache::HashCache;
+use super::{Header, JournalMode};
 use crate::engine::PageTarget;
 use crate::protocol::Hash;
 use crate::{Error, Result};
@@ -244,23 +245,15 @@ impl PageTarget for Writer {
         if self.page_count == 0 {
             return Ok(());
         }
-        let path = &self.path;
-        let conn = self
-            .conn
-            .as_ref()
-            .expect("the connection lives until the writer is dropped");
-        let mut stmt = conn
-            .prepare("SELECT pgno, data FROM sqlite_dbpage")
-            .map_err(|e| Error::sqlite(path, e))?;
-        let mut rows = stmt.query([]).map_err(|e| Error::sqlite(path, e))?;
-        while let Some(row) = rows.next().map_err(|e| Error::sqlite(path, e))? {
-            let pgno: u32 = row.get(0).map_err(|e| Error::sqlite(path, e))?;
-            let data = row
-                .get_ref(1)
-                .and_then(|v| v.as_blob().map_err(Into::into))
-                .map_err(|e| Error::sqlite(path, e))?;
-            f(pgno, page_hash(pgno, data))?;
-        }
+        let mut cache = HashCache::open(&self.path, self.page_size, self.page_count);
+        super::scan::for_each_page(
+            self.conn(),
+            &self.path,
+            self.page_size,
+            self.page_count,
+            &mut |pgno, data| f(pgno, cache.hash(pgno, data)),
+        )?;
+        cache.finish();
         Ok(())
     }
 

@@ -1,0 +1,142 @@
+//! A cache of page hashes per database file, so an unchanged page is not hashed again.
+//!
+//! SHA-256 is the identity of a page, and computing it for every page of a large,
+//! mostly unchanged database costs more than reading it. The cache keeps, for each page
+//! position, a 128-bit XXH3 fingerprint of the bytes and their SHA-256. When a page's
+//! fingerprint at the same position is unchanged, its SHA-256 is taken from the cache;
+//! otherwise it is computed. The fingerprint is a change detector, not an identity:
+//! what travels, what is compared and what the digest covers is always SHA-256.
+//!
+//! The cache is advisory: it is read and written sequentially (memory stays flat), a
+//! missing, stale or damaged cache only costs hashing, and a failure to write one never
+//! fails a sync. Caches live in `$XDG_CACHE_HOME/sqlferry/hashes/`, one file per
+//! database path; deleting them is always safe.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use super::page_hash;
+use crate::protocol::Hash;
+
+const MAGIC: &[u8; 16] = b"sqlferry-hashes\0";
+const FORMAT: u32 = 1;
+const HEADER_BYTES: usize = 32;
+const ENTRY_BYTES: usize = 16 + 32;
+
+/// The hash cache of one database file, being read and rewritten during one scan.
+pub(super) struct HashCache {
+    old: Option<BufReader<File>>,
+    old_count: u32,
+    new: Option<(BufWriter<tempfile::NamedTempFile>, PathBuf)>,
+    /// Pages whose hash came from the cache, for logs and tests.
+    pub(super) hits: u32,
+}
+
+/// Where the cache of the database at `db` lives.
+fn cache_path(db: &Path) -> Option<PathBuf> {
+    let abs = std::fs::canonicalize(db).ok()?;
+    let key = Sha256::digest(abs.as_os_str().as_encoded_bytes());
+    let name = super::hex(&key.into())[..32].to_owned();
+    Some(crate::config::cache_dir()?.join("hashes").join(name))
+}
+
+impl HashCache {
+    /// Opens the cache for `db` holding `page_count` pages of `page_size` bytes. Never
+    /// fails: without a usable cache directory it simply hashes everything.
+    pub(super) fn open(db: &Path, page_size: u32, page_count: u32) -> HashCache {
+        let mut cache = HashCache {
+            old: None,
+            old_count: 0,
+            new: None,
+            hits: 0,
+        };
+        let Some(path) = cache_path(db) else {
+            return cache;
+        };
+        if let Ok(file) = File::open(&path) {
+            let mut r = BufReader::with_capacity(64 * 1024, file);
+            let mut h = [0u8; HEADER_BYTES];
+            if r.read_exact(&mut h).is_ok()
+                && &h[..16] == MAGIC
+                && h[16..20] == FORMAT.to_be_bytes()
+                && h[20..24] == page_size.to_be_bytes()
+            {
+                cache.old_count = u32::from_be_bytes([h[24], h[25], h[26], h[27]]);
+                cache.old = Some(r);
+            }
+        }
+        let dir = path.parent().expect("the cache path has a directory");
+        let new = std::fs::create_dir_all(dir)
+            .and_then(|()| tempfile::NamedTempFile::new_in(dir))
+            .and_then(|tmp| {
+                let mut w = BufWriter::with_capacity(64 * 1024, tmp);
+                let mut h = [0u8; HEADER_BYTES];
+                h[..16].copy_from_slice(MAGIC);
+                h[16..20].copy_from_slice(&FORMAT.to_be_bytes());
+                h[20..24].copy_from_slice(&page_size.to_be_bytes());
+                h[24..28].copy_from_slice(&page_count.to_be_bytes());
+                w.write_all(&h)?;
+                Ok(w)
+            });
+        match new {
+            Ok(w) => cache.new = Some((w, path)),
+            Err(e) => {
+                tracing::debug!(error = %e, "page-hash cache not writable; hashing every page")
+            }
+        }
+        cache
+    }
+
+    /// The hash of page `pgno` with content `data`. Pages must come in order from 1.
+    pub(super) fn hash(&mut self, pgno: u32, data: &[u8]) -> Hash {
+        let fingerprint = xxhash_rust::xxh3::xxh3_128(data).to_be_bytes();
+        let mut cached = None;
+        if pgno <= self.old_count {
+            if let Some(r) = &mut self.old {
+                let mut e = [0u8; ENTRY_BYTES];
+                match r.read_exact(&mut e) {
+                    Ok(()) if e[..16] == fingerprint => {
+                        let mut h = [0u8; 32];
+                        h.copy_from_slice(&e[16..]);
+                        cached = Some(h);
+                    }
+                    Ok(()) => {}
+                    Err(_) => self.old = None,
+                }
+            }
+        }
+        let hash = match cached {
+            Some(h) => {
+                self.hits += 1;
+                h
+            }
+            None => page_hash(pgno, data),
+        };
+        if let Some((w, _)) = &mut self.new {
+            if w.write_all(&fingerprint)
+                .and_then(|()| w.write_all(&hash))
+                .is_err()
+            {
+                self.new = None;
+            }
+        }
+        hash
+    }
+
+    /// Replaces the stored cache with the one written during this scan. Call only after
+    /// every page was hashed.
+    pub(super) fn finish(self) {
+        if let Some((w, path)) = self.new {
+            let result = w
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|tmp| tmp.persist(&path).map(drop).map_err(|e| e.error));
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "could not store the page-hash cache");
+            }
+        }
+    }
+}

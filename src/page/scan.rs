@@ -1,0 +1,120 @@
+//! Reading every page of a database quickly, exactly as an open transaction sees it.
+//!
+//! `sqlite_dbpage` costs a syscall, a virtual-table row and a copy per page. Most pages,
+//! though, are simply in the database file: every page that no WAL frame mentions is,
+//! for the transaction the caller holds open, exactly the bytes in the main file. Those
+//! are read straight from the file in large blocks; the pages that any frame of the
+//! `-wal` file mentions (a superset of the ones whose current version lives in the WAL)
+//! are read through `sqlite_dbpage`, which resolves them.
+//!
+//! Why the file cannot change under us: in rollback mode the caller's shared (or
+//! reserved) lock keeps every writer out of the file; in WAL mode only a checkpoint
+//! writes the file, and it never copies frames past the read mark of an open reader, so
+//! it only writes pages to the versions this transaction already sees, and those pages
+//! are in the WAL set, read through SQLite.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::lock_byte_page;
+use crate::{Error, Result};
+
+/// Bytes read from the database file per block.
+const BLOCK_BYTES: usize = 1024 * 1024;
+
+const WAL_HEADER_BYTES: u64 = 32;
+const WAL_FRAME_HEADER_BYTES: u64 = 24;
+const WAL_MAGIC: [u32; 2] = [0x377f_0682, 0x377f_0683];
+
+/// Page numbers (up to `page_count`) that any frame of the current WAL generation of
+/// `db` names. An absent or empty `-wal` gives an empty set.
+fn wal_pages(db: &Path, page_size: u32, page_count: u32) -> Result<Vec<u64>> {
+    let mut set = vec![0u64; (page_count as usize).div_ceil(64)];
+    let mut wal_path = db.as_os_str().to_owned();
+    wal_path.push("-wal");
+    let wal_path = std::path::PathBuf::from(wal_path);
+    let wal = match File::open(&wal_path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(set),
+        Err(e) => return Err(Error::io(&wal_path, e)),
+    };
+    let len = wal.metadata().map_err(|e| Error::io(&wal_path, e))?.len();
+    let mut header = [0u8; WAL_HEADER_BYTES as usize];
+    if len < WAL_HEADER_BYTES || wal.read_exact_at(&mut header, 0).is_err() {
+        return Ok(set);
+    }
+    let word = |b: &[u8], i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    if !WAL_MAGIC.contains(&word(&header, 0)) || word(&header, 8) != page_size {
+        // Not a WAL of this database at this page size: SQLite ignores it, but stay safe
+        // and read every page through SQLite.
+        set.iter_mut().for_each(|w| *w = u64::MAX);
+        return Ok(set);
+    }
+    let salts = &header[16..24];
+    let stride = WAL_FRAME_HEADER_BYTES + u64::from(page_size);
+    let mut frame = [0u8; WAL_FRAME_HEADER_BYTES as usize];
+    let mut at = WAL_HEADER_BYTES;
+    while at + stride <= len {
+        if wal.read_exact_at(&mut frame, at).is_err() {
+            break;
+        }
+        if &frame[8..16] == salts {
+            let pgno = word(&frame, 0);
+            if (1..=page_count).contains(&pgno) {
+                let i = (pgno - 1) as usize;
+                set[i / 64] |= 1 << (i % 64);
+            }
+        }
+        at += stride;
+    }
+    Ok(set)
+}
+
+/// Calls `f` with every page of the database at `path`, as the transaction open on
+/// `conn` sees it, in page order. The lock-byte page is passed as zeros.
+pub(super) fn for_each_page(
+    conn: &Connection,
+    path: &Path,
+    page_size: u32,
+    page_count: u32,
+    f: &mut dyn FnMut(u32, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let in_wal = wal_pages(path, page_size, page_count)?;
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let ps = page_size as usize;
+    let lock_page = lock_byte_page(page_size);
+    let pages_per_block = (BLOCK_BYTES / ps).max(1) as u32;
+    let mut block = vec![0u8; pages_per_block as usize * ps];
+    let mut single = Vec::with_capacity(ps);
+    let mut first = 1u32;
+    while first <= page_count {
+        let n = pages_per_block.min(page_count - first + 1);
+        let offset = u64::from(first - 1) * u64::from(page_size);
+        // Bytes of this block the main file holds; pages past its end live in the WAL.
+        let in_file = (file_len.saturating_sub(offset)).min(u64::from(n) * ps as u64) as usize;
+        let in_file = in_file - in_file % ps;
+        file.read_exact_at(&mut block[..in_file], offset)
+            .map_err(|e| Error::io(path, e))?;
+        for k in 0..n {
+            let pgno = first + k;
+            let i = (pgno - 1) as usize;
+            let start = k as usize * ps;
+            if pgno == lock_page {
+                single.clear();
+                single.resize(ps, 0);
+                f(pgno, &single)?;
+            } else if in_wal[i / 64] & (1 << (i % 64)) != 0 || start + ps > in_file {
+                super::snapshot::read_page(conn, path, pgno, page_size, &mut single)?;
+                f(pgno, &single)?;
+            } else {
+                f(pgno, &block[start..start + ps])?;
+            }
+        }
+        first += n;
+    }
+    Ok(())
+}
