@@ -124,13 +124,14 @@ impl Tree {
     /// Appends the hashes of nodes `start .. start + count` of `level` to `out`.
     /// The caller checks the range against [`Tree::len`].
     pub(crate) fn nodes(
-        &self,
+        &mut self,
         level: u8,
         start: u32,
         count: u32,
         out: &mut Vec<Hash>,
     ) -> Result<()> {
         if level == 0 {
+            self.flush()?;
             let mut buf = vec![0u8; count as usize * HASH_BYTES];
             self.leaves
                 .read_exact_at(&mut buf, u64::from(start) * HASH_BYTES as u64)
