@@ -135,7 +135,7 @@ fn session(
     // not have at all as they go by.
     progress.start(Phase::Hashing, u64::from(page_count));
     let mut pages_sent = 0u32;
-    let (tree, digest) = Tree::build(
+    let (mut tree, digest) = Tree::build(
         page_size,
         page_count,
         |f| {
