@@ -6,13 +6,13 @@
 //! `target/quickstart`). It leaves `app.db` and `backup.db` in DIR for you to try the
 //! `sqlferry` command on.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 use sqlferry::engine::{NoProgress, SyncStats, sync_local};
 use sqlferry::page::{Snapshot, Writer};
 
-fn push(app: &PathBuf, backup: &PathBuf) -> anyhow::Result<SyncStats> {
+fn push(app: &Path, backup: &Path) -> anyhow::Result<SyncStats> {
     let mut source = Snapshot::open(app)?;
     let mut target = Writer::open(backup)?;
     Ok(sync_local(&mut source, &mut target, &NoProgress)?)

@@ -1,5 +1,5 @@
 //! The sync algorithm, free of any transport: an origin role and a replica role that
-//! exchange [`Frame`]s over a [`Link`].
+//! exchange [`Frame`](crate::protocol::Frame)s over a [`Link`].
 //!
 //! The origin holds the database to copy ([`PageSource`]); the replica holds the copy to
 //! bring up to date ([`PageTarget`]). Both hash their pages and build a hash tree

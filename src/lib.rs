@@ -1,7 +1,7 @@
 //! sqlferry pushes and pulls live SQLite databases page by page, checked end to end.
 //!
 //! The library holds everything; the `sqlferry` binary only parses its arguments, calls
-//! [`cli::run`] and maps the error to an exit code. See `docs/` for the design, the
+//! [`cli::Cli::run`] and maps the error to an exit code. See `docs/` for the design, the
 //! protocol and the exit codes.
 //!
 //! Modules: [`page`] reads and writes SQLite pages, [`protocol`] is the frame codec,

@@ -30,7 +30,7 @@ use crate::protocol::Hash;
 /// The byte offset SQLite reserves for file locks: the page holding it is never used.
 const PENDING_BYTE: u64 = 0x4000_0000;
 
-/// The page that holds [`PENDING_BYTE`] for a given page size. SQLite never stores
+/// The page that holds byte offset 2³⁰ (SQLite's pending byte) for a given page size. SQLite never stores
 /// anything in it; only databases larger than 1 GiB reach it.
 pub fn lock_byte_page(page_size: u32) -> u32 {
     (PENDING_BYTE / u64::from(page_size)) as u32 + 1
@@ -44,7 +44,7 @@ const PAGE1_VOLATILE: [std::ops::Range<usize>; 3] = [18..20, 24..28, 92..100];
 
 /// The SHA-256 identity of page `pgno` with content `data`.
 ///
-/// Page 1 is hashed with [`PAGE1_VOLATILE`] zeroed; the lock-byte page always hashes as
+/// Page 1 is hashed with bytes 18–19, 24–27 and 92–99 zeroed; the lock-byte page always hashes as
 /// a page of zeros.
 pub fn page_hash(pgno: u32, data: &[u8]) -> Hash {
     let page_size = data.len() as u32;
