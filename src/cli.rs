@@ -3,8 +3,10 @@
 //! or indicatif.
 
 mod progress;
+mod pull;
 mod push;
 mod verify;
+mod versions;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,8 +27,12 @@ pub mod exit {
     pub const LOCAL: u8 = 3;
     /// The peer broke the protocol or the connection was lost.
     pub const NETWORK: u8 = 4;
+    /// The replica moved past the push's base version (VERSION_CONFLICT).
+    pub const CONFLICT: u8 = 6;
     /// A check failed: digest mismatch or `PRAGMA integrity_check` not ok.
     pub const VERIFY: u8 = 7;
+    /// The replica or version does not exist.
+    pub const NOT_FOUND: u8 = 8;
 }
 
 /// sqlferry pushes and pulls live SQLite databases page by page, checked end to end.
@@ -60,10 +66,54 @@ pub struct Global {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Copy a database into another, sending only the pages that differ.
+    /// Send a database's changed pages: a new version of a replica, or a local copy.
     Push(push::PushArgs),
+    /// Bring any version of a replica back into a local database, atomically.
+    Pull(pull::PullArgs),
+    /// List a replica's versions.
+    Versions(versions::VersionsArgs),
     /// Print a database's digest, page size, page count and integrity check.
     Verify(verify::VerifyArgs),
+}
+
+/// The `--server` option of the commands that talk to a store.
+#[derive(Debug, clap::Args)]
+pub struct ServerArg {
+    /// The store: file:///path for a store directory on this machine [default: the
+    /// embedded store in $XDG_DATA_HOME/sqlferry, usually ~/.local/share/sqlferry].
+    #[arg(long, env = "SQLFERRY_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+}
+
+impl ServerArg {
+    fn resolve(&self) -> crate::Result<crate::remote::Server> {
+        crate::remote::Server::parse(self.server.as_deref())
+    }
+}
+
+/// Who is pushing, as recorded with each version: `user@host`.
+fn client_id() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// Bytes for a person: `216.1 MB`, `4.0 KB`, `69 B` (powers of 1000).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 impl Cli {
@@ -71,6 +121,8 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Push(args) => args.run(&self.global),
+            Command::Pull(args) => args.run(&self.global),
+            Command::Versions(args) => args.run(&self.global),
             Command::Verify(args) => args.run(&self.global),
         }
     }
@@ -104,6 +156,8 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         Some(ErrorKind::LocalIo | ErrorKind::NotADatabase | ErrorKind::Busy) => exit::LOCAL,
         Some(ErrorKind::Protocol | ErrorKind::Disconnected | ErrorKind::Remote) => exit::NETWORK,
         Some(ErrorKind::Verification) => exit::VERIFY,
+        Some(ErrorKind::Conflict) => exit::CONFLICT,
+        Some(ErrorKind::NotFound) => exit::NOT_FOUND,
         None => exit::FAILURE,
     };
     ExitCode::from(code)
@@ -165,6 +219,13 @@ mod tests {
             assert_eq!(expand_tilde("~/a.db"), Path::new(&home).join("a.db"));
         }
         assert_eq!(expand_tilde("a/~/b"), PathBuf::from("a/~/b"));
+    }
+
+    #[test]
+    fn bytes_read_well() {
+        assert_eq!(human_bytes(69), "69 B");
+        assert_eq!(human_bytes(4096), "4.1 KB");
+        assert_eq!(human_bytes(216_076_288), "216.1 MB");
     }
 
     #[test]

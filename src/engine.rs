@@ -61,8 +61,16 @@ pub trait PageTarget {
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>;
     /// Writes one page (not yet visible); `hash` is its [`crate::page::page_hash`].
     fn write_page(&mut self, pgno: u32, data: &[u8], hash: &Hash) -> Result<()>;
-    /// Truncates to `page_count` pages and makes every change visible at once.
-    fn commit(&mut self, page_count: u32) -> Result<()>;
+    /// Truncates to `page_count` pages and makes every change visible at once. Called
+    /// only after the engine has checked that the result has the origin's `digest`;
+    /// `hashes` yields the final page hashes in order (a store keeps them as the new
+    /// version's manifest; a file has no use for them).
+    fn commit(
+        &mut self,
+        page_count: u32,
+        digest: &Hash,
+        hashes: &mut dyn Iterator<Item = Result<Hash>>,
+    ) -> Result<()>;
 }
 
 /// Which part of a sync is running, for progress displays.

@@ -23,6 +23,10 @@ pub enum ErrorKind {
     Busy,
     /// The peer reported a failure of its own.
     Remote,
+    /// A replica or version that does not exist.
+    NotFound,
+    /// The replica moved past the version a push was based on.
+    Conflict,
 }
 
 /// An error from sqlferry's library.
@@ -66,6 +70,19 @@ pub enum Error {
     /// A digest did not match.
     #[error("verification failed: {0}")]
     Verification(String),
+    /// A replica or version does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The replica's latest version is not the one the push was based on.
+    #[error("VERSION_CONFLICT: {replica} is at version {latest}, this push is based on {}; pull first, or push with --force to replace it", based_on.map_or("no version".to_owned(), |v| format!("version {v}")))]
+    Conflict {
+        /// The replica.
+        replica: String,
+        /// The replica's latest version.
+        latest: u64,
+        /// The version the push was based on, if any.
+        based_on: Option<u64>,
+    },
     /// The peer ended the session with an error of its own.
     #[error("{message}")]
     Remote {
@@ -93,6 +110,8 @@ impl Error {
             Error::Protocol(_) => ErrorKind::Protocol,
             Error::Disconnected(_) => ErrorKind::Disconnected,
             Error::Verification(_) => ErrorKind::Verification,
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::Conflict { .. } => ErrorKind::Conflict,
             Error::Remote { code, .. } => crate::protocol::ErrorCode::from_u16(*code)
                 .map(|c| c.kind())
                 .unwrap_or(ErrorKind::Remote),

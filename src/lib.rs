@@ -11,7 +11,10 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 mod error;
+pub mod history;
 pub mod page;
 pub mod protocol;
+pub mod remote;
+pub mod store;
 
 pub use error::{Error, ErrorKind, Result};

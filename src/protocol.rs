@@ -83,6 +83,10 @@ pub enum ErrorCode {
     Busy = 6,
     /// The sender gave up (interrupted, or failed on its side).
     Aborted = 7,
+    /// The replica or version does not exist.
+    NotFound = 8,
+    /// VERSION_CONFLICT: the replica moved past the push's base version.
+    VersionConflict = 9,
 }
 
 impl ErrorCode {
@@ -96,6 +100,8 @@ impl ErrorCode {
             5 => Self::Verification,
             6 => Self::Busy,
             7 => Self::Aborted,
+            8 => Self::NotFound,
+            9 => Self::VersionConflict,
             _ => return None,
         })
     }
@@ -109,6 +115,8 @@ impl ErrorCode {
             Self::Verification => ErrorKind::Verification,
             Self::Busy => ErrorKind::Busy,
             Self::Aborted => ErrorKind::Remote,
+            Self::NotFound => ErrorKind::NotFound,
+            Self::VersionConflict => ErrorKind::Conflict,
         }
     }
 
@@ -121,6 +129,8 @@ impl ErrorCode {
             ErrorKind::Verification => Self::Verification,
             ErrorKind::Busy => Self::Busy,
             ErrorKind::Disconnected | ErrorKind::Remote => Self::Aborted,
+            ErrorKind::NotFound => Self::NotFound,
+            ErrorKind::Conflict => Self::VersionConflict,
         }
     }
 }

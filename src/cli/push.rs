@@ -1,57 +1,181 @@
-//! `sqlferry push SRC DEST`: bring DEST up to date with SRC, sending only what differs.
+//! `sqlferry push LOCAL [REMOTE]`: send what changed, to a local copy or as a new
+//! version of a replica.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
 
 use super::progress::Bar;
-use super::{Global, exit, expand_tilde, is_local_path, out};
-use crate::engine::sync_local;
+use super::{Global, ServerArg, exit, expand_tilde, human_bytes, is_local_path, out};
+use crate::engine::{PageSource, sync_local};
+use crate::history::{self, LastSync};
 use crate::page::{Snapshot, Writer};
+use crate::protocol::MAX_TEXT_BYTES;
+use crate::store::{PushOptions, ReplicaPath};
 
 /// Arguments of `sqlferry push`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
-sqlferry push app.db /backup/app.db        copy app.db, then only what changed\n  \
-sqlferry push app.db ./copy.db --json      print figures as one JSON object\n\n\
-DEST is a local file when it starts with /, ./, ../ or ~/, or already exists. A new DEST \
-takes SRC's page size and journal mode; an existing DEST keeps its journal mode. SRC is \
-only read, in one read transaction: an application writing it in WAL mode never waits. \
-DEST changes in one transaction, after its digest has been checked against SRC's: \
-readers of DEST see the old database or the new one, never a mix.")]
+sqlferry push app.db acme/app.db -m \"before migration\"   a new version of replica acme/app.db\n  \
+sqlferry push app.db /backup/app.db                      keep a local copy up to date\n  \
+sqlferry push app.db ./copy.db --json                    print figures as one JSON object\n\n\
+REMOTE is a local file when it starts with /, ./, ../ or ~/, or already exists; otherwise \
+it is a replica path, namespace/name, in the store (--server, SQLFERRY_SERVER, or the \
+embedded store in ~/.local/share/sqlferry).\n\n\
+LOCAL is only read, in one read transaction: an application writing it in WAL mode never \
+waits. Only the pages that differ are sent. A local copy changes in one transaction after \
+its digest has been checked; a replica gets a new version only when complete and verified, \
+and only if something changed.\n\n\
+A push is based on the version LOCAL was last pushed or pulled as. If the replica has moved \
+past it, the push is refused with VERSION_CONFLICT (exit 6): pull first, or use --force.")]
 pub struct PushArgs {
-    /// The database to copy (read-only; a live database is fine).
-    pub src: String,
-    /// Where the copy lives: a local path.
-    pub dest: String,
+    /// The database to push (read-only; a live database is fine).
+    pub local: String,
+    /// Where to: a replica path (namespace/name) or a local file path.
+    pub remote: String,
+    /// The version's commit message (at most 4096 bytes).
+    #[arg(short, long, value_name = "MSG", default_value = "")]
+    pub message: String,
+    /// Push even if the replica moved past the version LOCAL is based on.
+    #[arg(long)]
+    pub force: bool,
+    /// Say what would happen, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print one JSON object with the figures on stdout.
     #[arg(long)]
     pub json: bool,
+    /// The server.
+    #[command(flatten)]
+    pub server: ServerArg,
 }
 
 impl PushArgs {
     /// Runs the command.
     pub fn run(self, global: &Global) -> anyhow::Result<ExitCode> {
-        if !is_local_path(&self.dest) {
+        let local = expand_tilde(&self.local);
+        if is_local_path(&self.remote) {
+            return self.push_file(&local, global);
+        }
+        let replica = ReplicaPath::parse(&self.remote)?;
+        if self.message.len() > MAX_TEXT_BYTES {
             return Err(crate::Error::Usage(format!(
-                "DEST '{}' is not a local path; write ./{} for a file in this directory",
-                self.dest, self.dest
+                "the commit message has {} bytes; at most {MAX_TEXT_BYTES} are allowed",
+                self.message.len()
             ))
             .into());
         }
-        let src = expand_tilde(&self.src);
-        let dest = expand_tilde(&self.dest);
+        let server = self.server.resolve()?;
+        let last = history::last(&local)
+            .filter(|l| l.server == server.url() && l.replica == replica.as_str());
+        let options = PushOptions {
+            base: last.as_ref().map(|l| l.version),
+            force: self.force,
+            message: self.message.clone(),
+            client_id: super::client_id(),
+            key_id: String::new(),
+        };
+        if self.dry_run {
+            let snap = Snapshot::open(&local).context("cannot read LOCAL")?;
+            let latest = match server.versions(&replica) {
+                Ok(v) => v.last().map(|v| v.number),
+                Err(e) if e.kind() == crate::ErrorKind::NotFound => None,
+                Err(e) => return Err(e.into()),
+            };
+            let size = u64::from(snap.page_count()) * u64::from(snap.page_size());
+            let conflict = !self.force && latest.is_some() && latest != options.base;
+            out(format_args!(
+                "would push {} ({}, {} pages) to {} on {}: {}",
+                local.display(),
+                human_bytes(size),
+                snap.page_count(),
+                replica,
+                server.url(),
+                match (latest, conflict) {
+                    (_, true) => format!(
+                        "refused, VERSION_CONFLICT: the replica is at version {}, LOCAL is based on {}",
+                        latest.unwrap_or(0),
+                        options
+                            .base
+                            .map_or("no version".into(), |b| format!("version {b}"))
+                    ),
+                    (None, _) => "creating the replica as version 1".into(),
+                    (Some(n), _) =>
+                        format!("version {} if anything changed since version {n}", n + 1),
+                }
+            ))?;
+            return Ok(ExitCode::from(if conflict {
+                exit::CONFLICT
+            } else {
+                exit::OK
+            }));
+        }
+        let bar = Bar::new(!global.quiet && !self.json);
+        let outcome = server
+            .push(&local, &replica, options, &bar)
+            .with_context(|| format!("push {} to {replica} failed", local.display()))?;
+        history::record(&LastSync {
+            database: std::path::absolute(&local).unwrap_or(local.clone()),
+            server: server.url(),
+            replica: replica.to_string(),
+            version: outcome.version.number,
+            digest: outcome.version.digest.clone(),
+            at: history::now(),
+        });
+        if self.json {
+            let mut v = serde_json::to_value(&outcome.stats)?;
+            v["replica"] = replica.as_str().into();
+            v["version"] = outcome.version.number.into();
+            v["created"] = outcome.created.into();
+            out(format_args!("{v}"))?;
+        } else if !global.quiet {
+            let s = &outcome.stats;
+            if outcome.created {
+                out(format_args!(
+                    "pushed {} to {replica}: version {} ({} of {} pages sent, {} sent) in {:.2?}",
+                    local.display(),
+                    outcome.version.number,
+                    s.pages_sent,
+                    s.pages_total,
+                    human_bytes(s.bytes_sent),
+                    s.duration
+                ))?;
+            } else {
+                out(format_args!(
+                    "no change: {replica} is still at version {} ({})",
+                    outcome.version.number,
+                    local.display()
+                ))?;
+            }
+        }
+        Ok(ExitCode::from(exit::OK))
+    }
+
+    /// `push SRC DEST` between two local files.
+    fn push_file(&self, src: &Path, global: &Global) -> anyhow::Result<ExitCode> {
+        let dest = expand_tilde(&self.remote);
         if let (Ok(a), Ok(b)) = (src.canonicalize(), dest.canonicalize()) {
             if a == b {
                 return Err(crate::Error::Usage(format!(
-                    "SRC and DEST are the same file ({})",
+                    "LOCAL and REMOTE are the same file ({})",
                     a.display()
                 ))
                 .into());
             }
         }
-        let mut source = Snapshot::open(&src).context("cannot read SRC")?;
-        let mut target = Writer::open(&dest).context("cannot write DEST")?;
+        if self.dry_run {
+            let snap = Snapshot::open(src).context("cannot read LOCAL")?;
+            out(format_args!(
+                "would sync {} ({} pages) into {}",
+                src.display(),
+                snap.page_count(),
+                dest.display()
+            ))?;
+            return Ok(ExitCode::from(exit::OK));
+        }
+        let mut source = Snapshot::open(src).context("cannot read LOCAL")?;
+        let mut target = Writer::open(&dest).context("cannot write REMOTE")?;
         let bar = Bar::new(!global.quiet && !self.json);
         let stats = sync_local(&mut source, &mut target, &bar)
             .with_context(|| format!("push {} to {} failed", src.display(), dest.display()))?;
@@ -61,13 +185,13 @@ impl PushArgs {
             out(format_args!("{}", serde_json::to_string(&stats)?))?;
         } else if !global.quiet {
             out(format_args!(
-                "{} -> {}: {} of {} pages sent ({} bytes sent, {} received) in {:.2?}, digest {}",
+                "{} -> {}: {} of {} pages sent ({} sent, {} received) in {:.2?}, digest {}",
                 src.display(),
                 dest.display(),
                 stats.pages_sent,
                 stats.pages_total,
-                stats.bytes_sent,
-                stats.bytes_received,
+                human_bytes(stats.bytes_sent),
+                human_bytes(stats.bytes_received),
                 stats.duration,
                 stats.digest
             ))?;

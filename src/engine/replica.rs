@@ -153,7 +153,7 @@ fn session(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<()> {
                         hex(&digest)
                     )));
                 }
-                target.commit(page_count)?;
+                target.commit(page_count, &ours, &mut tree.leaves(page_count)?)?;
                 link.send(&Frame::Done {
                     pages_written,
                     digest: ours,

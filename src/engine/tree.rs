@@ -172,21 +172,50 @@ impl Tree {
         Ok(())
     }
 
-    /// The digest of the first `page_count` page hashes as they now stand.
-    pub(crate) fn digest(&mut self, page_size: u32, page_count: u32) -> Result<Hash> {
+    /// The first `page_count` page hashes as they now stand, in page order.
+    pub(crate) fn leaves(&mut self, page_count: u32) -> Result<Leaves<'_>> {
         self.flush()?;
-        let mut digest = Digest::new(page_size, page_count);
         let mut reader = BufReader::with_capacity(64 * 1024, &self.leaves);
         std::io::Seek::rewind(&mut reader).map_err(temp_error)?;
-        let mut reader = reader.take(u64::from(page_count) * HASH_BYTES as u64);
-        let mut h = [0u8; HASH_BYTES];
-        for _ in 0..page_count {
-            reader.read_exact(&mut h).map_err(temp_error)?;
-            digest.push(&h);
+        Ok(Leaves {
+            reader,
+            left: page_count,
+        })
+    }
+
+    /// The digest of the first `page_count` page hashes as they now stand.
+    pub(crate) fn digest(&mut self, page_size: u32, page_count: u32) -> Result<Hash> {
+        let mut digest = Digest::new(page_size, page_count);
+        for h in self.leaves(page_count)? {
+            digest.push(&h?);
         }
         Ok(digest
             .finish()
             .expect("exactly page_count hashes were pushed"))
+    }
+}
+
+/// Page hashes read back in order from a [`Tree`]'s leaf file.
+pub(crate) struct Leaves<'a> {
+    reader: BufReader<&'a File>,
+    left: u32,
+}
+
+impl Iterator for Leaves<'_> {
+    type Item = Result<Hash>;
+
+    fn next(&mut self) -> Option<Result<Hash>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let mut h = [0u8; HASH_BYTES];
+        Some(
+            self.reader
+                .read_exact(&mut h)
+                .map(|()| h)
+                .map_err(temp_error),
+        )
     }
 }
 

@@ -279,7 +279,12 @@ impl PageTarget for Writer {
         Ok(())
     }
 
-    fn commit(&mut self, page_count: u32) -> Result<()> {
+    fn commit(
+        &mut self,
+        page_count: u32,
+        _digest: &Hash,
+        _hashes: &mut dyn Iterator<Item = Result<Hash>>,
+    ) -> Result<()> {
         // `self.page_count` is what the replica held; pages written past it only grow it.
         if page_count < self.page_count {
             // sqlite_dbpage's documented truncation: page `page_count + 1` and all

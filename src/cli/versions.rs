@@ -1,0 +1,48 @@
+//! `sqlferry versions REMOTE`: every version of a replica.
+
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::{Global, ServerArg, exit, human_bytes, out};
+use crate::store::ReplicaPath;
+
+/// Arguments of `sqlferry versions`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Pull any of them with `sqlferry pull REMOTE@N`.")]
+pub struct VersionsArgs {
+    /// The replica: namespace/name.
+    pub remote: String,
+    /// Print one JSON array of versions instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The server.
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+impl VersionsArgs {
+    /// Runs the command.
+    pub fn run(self, _global: &Global) -> anyhow::Result<ExitCode> {
+        let replica = ReplicaPath::parse(&self.remote)?;
+        let versions = self.server.resolve()?.versions(&replica)?;
+        if self.json {
+            out(format_args!("{}", serde_json::to_string(&versions)?))?;
+            return Ok(ExitCode::from(exit::OK));
+        }
+        out(format_args!(
+            "{:>7}  {:<20}  {:>10}  message",
+            "version", "time (UTC)", "size"
+        ))?;
+        for v in &versions {
+            let at = UNIX_EPOCH + Duration::from_secs(v.created_at.max(0) as u64);
+            out(format_args!(
+                "{:>7}  {:<20}  {:>10}  {}",
+                v.number,
+                humantime::format_rfc3339_seconds(at).to_string(),
+                human_bytes(v.size),
+                v.message
+            ))?;
+        }
+        Ok(ExitCode::from(exit::OK))
+    }
+}

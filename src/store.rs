@@ -1,0 +1,285 @@
+//! Replicas and their immutable, numbered versions, with pages stored once by SHA-256.
+//!
+//! A store is a directory. Each replica (`namespace/name`, see [`ReplicaPath`]) is one
+//! SQLite file in it, `replicas/<namespace>/<name>.sqlferry`, holding:
+//! - `pages`: page bytes keyed by their SHA-256, each stored once per replica;
+//! - `chunks`: runs of up to [`CHUNK_PAGES`] page hashes, keyed by their own SHA-256,
+//!   so versions that share most pages share most of their manifest too;
+//! - `manifest`: for each version, its chunks in order;
+//! - `versions`: number, page size, page count, digest, message, time, client and key.
+//!
+//! Invariants:
+//! - A version is visible only once complete and verified: a push writes its pages, its
+//!   manifest and its version row in one SQLite transaction, committed only after the
+//!   engine has checked the origin's digest. A crash or a dropped connection at any byte
+//!   rolls all of it back, so no partial version and no unreferenced page ever remains.
+//! - Versions are immutable: nothing updates or deletes a version row or what it
+//!   references.
+//! - Memory is flat: manifests are read and written one chunk at a time.
+//! - One push at a time per replica: the push holds the replica's write lock from its
+//!   start; a second push waits, then finds the replica moved and gets VERSION_CONFLICT.
+
+mod replica;
+
+pub use replica::{VersionReader, VersionWriter};
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// Page hashes per manifest chunk (32 KiB of hashes).
+pub const CHUNK_PAGES: usize = 1024;
+
+/// The longest replica path accepted, in bytes.
+const MAX_PATH_BYTES: usize = 255;
+
+/// A validated replica path: `namespace/name`, nested segments allowed.
+///
+/// Rules: at least two segments separated by `/`; each segment is non-empty, made of
+/// ASCII letters, digits, `.`, `_` and `-`, and is neither `.` nor `..`; at most 255
+/// bytes in all. Anything else is refused with a message saying which rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReplicaPath(String);
+
+impl ReplicaPath {
+    /// Checks `s` against the rules above.
+    pub fn parse(s: &str) -> Result<ReplicaPath> {
+        let bad = |why: &str| Err(Error::Usage(format!("invalid replica path '{s}': {why}")));
+        if s.len() > MAX_PATH_BYTES {
+            return bad("longer than 255 bytes");
+        }
+        if s.starts_with('/') {
+            return bad("it must be relative, like namespace/name");
+        }
+        let segments: Vec<&str> = s.split('/').collect();
+        if segments.len() < 2 {
+            return bad("it needs a namespace and a name, like acme/app.db");
+        }
+        for seg in &segments {
+            if seg.is_empty() {
+                return bad("empty segment");
+            }
+            if *seg == "." || *seg == ".." {
+                return bad("'.' and '..' are not allowed");
+            }
+            if let Some(c) = seg
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            {
+                return bad(&format!(
+                    "character {c:?} is not allowed (letters, digits, '.', '_', '-')"
+                ));
+            }
+        }
+        Ok(ReplicaPath(s.to_owned()))
+    }
+
+    /// The path as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The last segment: the default local file name of a pull.
+    pub fn name(&self) -> &str {
+        self.0
+            .rsplit('/')
+            .next()
+            .expect("a replica path has segments")
+    }
+}
+
+impl std::fmt::Display for ReplicaPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which version of a replica: `@N`, `@latest` or `@latest-N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selector {
+    /// The newest version.
+    Latest,
+    /// The version `N` before the newest (`@latest-1` is the one before the newest).
+    LatestMinus(u64),
+    /// Version number `N`.
+    Number(u64),
+}
+
+impl Selector {
+    /// Splits `acme/app.db@latest-2` into the path and the selector (default latest).
+    pub fn split(spec: &str) -> Result<(ReplicaPath, Selector)> {
+        let (path, sel) = match spec.rsplit_once('@') {
+            Some((p, s)) => (p, Some(s)),
+            None => (spec, None),
+        };
+        let sel = match sel {
+            None | Some("latest") => Selector::Latest,
+            Some(s) => {
+                let parse = |n: &str| {
+                    n.parse::<u64>().map_err(|_| {
+                        Error::Usage(format!(
+                            "invalid version '@{s}': use @N, @latest or @latest-N"
+                        ))
+                    })
+                };
+                match s.strip_prefix("latest-") {
+                    Some(n) => Selector::LatestMinus(parse(n)?),
+                    None => match parse(s)? {
+                        0 => return Err(Error::Usage("versions are numbered from 1".into())),
+                        n => Selector::Number(n),
+                    },
+                }
+            }
+        };
+        Ok((ReplicaPath::parse(path)?, sel))
+    }
+}
+
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selector::Latest => f.write_str("latest"),
+            Selector::LatestMinus(n) => write!(f, "latest-{n}"),
+            Selector::Number(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// What is known about one version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VersionInfo {
+    /// The version number, from 1.
+    pub number: u64,
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// Number of pages.
+    pub page_count: u32,
+    /// Database size in bytes (page size × page count).
+    pub size: u64,
+    /// The database digest, lower-case hex.
+    pub digest: String,
+    /// The commit message (`push -m`), possibly empty.
+    pub message: String,
+    /// When it was committed, seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Which client pushed it.
+    pub client_id: String,
+    /// Which key pushed it (empty for the embedded store).
+    pub key_id: String,
+    /// The version this one was pushed on top of (0: none).
+    pub base: u64,
+}
+
+/// How a push into the store behaves.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// The version the pushing client's copy came from; `None` if it has none.
+    pub base: Option<u64>,
+    /// Push even if the replica moved past `base`.
+    pub force: bool,
+    /// The commit message.
+    pub message: String,
+    /// Who is pushing.
+    pub client_id: String,
+    /// With which key.
+    pub key_id: String,
+}
+
+/// A store: a directory of replica files.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// A store rooted at `root` (created on first push).
+    pub fn new(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The file that holds `replica`.
+    pub fn replica_file(&self, replica: &ReplicaPath) -> PathBuf {
+        let mut p = self.root.join("replicas");
+        for seg in replica.as_str().split('/') {
+            p.push(seg);
+        }
+        p.set_extension(match p.extension() {
+            Some(ext) => format!("{}.sqlferry", ext.to_string_lossy()),
+            None => "sqlferry".into(),
+        });
+        p
+    }
+
+    /// Every version of `replica`, oldest first.
+    pub fn versions(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
+        replica::versions(&self.replica_file(replica), replica)
+    }
+
+    /// Starts a push into `replica`; the replica is created if it does not exist.
+    pub fn push(&self, replica: &ReplicaPath, options: PushOptions) -> Result<VersionWriter> {
+        VersionWriter::open(&self.replica_file(replica), replica, options)
+    }
+
+    /// Opens one version of `replica` for reading.
+    pub fn read(&self, replica: &ReplicaPath, selector: Selector) -> Result<VersionReader> {
+        VersionReader::open(&self.replica_file(replica), replica, selector)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_paths_follow_the_rules() {
+        for ok in ["acme/app.db", "a/b/c", "n-1/x_y.z", "A/B"] {
+            assert_eq!(ReplicaPath::parse(ok).expect(ok).as_str(), ok);
+        }
+        for (bad, why) in [
+            ("app.db", "namespace"),
+            ("/acme/app.db", "relative"),
+            ("acme//app.db", "empty"),
+            ("acme/", "empty"),
+            ("acme/../etc", "'..'"),
+            ("acme/./x", "'.'"),
+            ("acme/a b", "' '"),
+            ("acme/é", "'é'"),
+        ] {
+            let err = ReplicaPath::parse(bad).expect_err(bad).to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        assert!(ReplicaPath::parse(&format!("a/{}", "x".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn selectors_parse() {
+        let (p, s) = Selector::split("acme/app.db@latest-2").expect("valid");
+        assert_eq!((p.as_str(), s), ("acme/app.db", Selector::LatestMinus(2)));
+        assert_eq!(Selector::split("a/b").expect("valid").1, Selector::Latest);
+        assert_eq!(
+            Selector::split("a/b@latest").expect("valid").1,
+            Selector::Latest
+        );
+        assert_eq!(
+            Selector::split("a/b@7").expect("valid").1,
+            Selector::Number(7)
+        );
+        for bad in ["a/b@0", "a/b@x", "a/b@latest-", "a/b@-1", "a/b@latest-x"] {
+            assert!(Selector::split(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replica_files_nest_under_the_root() {
+        let store = Store::new("/s");
+        let f = store.replica_file(&ReplicaPath::parse("acme/team/app.db").expect("valid"));
+        assert_eq!(f, PathBuf::from("/s/replicas/acme/team/app.db.sqlferry"));
+        let g = store.replica_file(&ReplicaPath::parse("acme/app").expect("valid"));
+        assert_eq!(g, PathBuf::from("/s/replicas/acme/app.sqlferry"));
+    }
+}
