@@ -1,4 +1,13 @@
 //! sqlferry's integration tests: one binary, one module per area (see STYLE.md: every
 //! extra test binary relinks tokio and rusqlite).
+//!
+//! - `engine`: what a sync makes of new, existing, differently sized and large replicas,
+//!   and what it sends.
+//! - `cli`: exit codes, error lines and untouched files for bad input; help texts.
+//! - `live`: real second processes writing the origin, reading the replica, or killing a
+//!   push half-way.
+//! - `sync_props`: random edit sequences, synced after every step.
 
+mod cli;
+mod engine;
 mod util;

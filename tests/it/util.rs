@@ -1,1 +1,319 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: making databases of a given shape, reading
+//! back what a user would check (rows, integrity check, digest, journal mode), running
+//! the `sqlferry` binary, and waiting on observable events instead of sleeping.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use rusqlite::types::Value;
+use sqlferry::engine::{NoProgress, SyncStats, sync_local};
+use sqlferry::page::{Digest, Snapshot, Writer, hex, page_hash};
+
+/// How long helpers wait for a database another connection holds.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The journal mode a test database is created in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Write-ahead log.
+    Wal,
+    /// Rollback journal (DELETE).
+    Rollback,
+}
+
+impl Mode {
+    /// What `PRAGMA journal_mode` answers for a database in this mode.
+    pub fn pragma(self) -> &'static str {
+        match self {
+            Mode::Wal => "wal",
+            Mode::Rollback => "delete",
+        }
+    }
+
+    /// What `verify --json` reports as `journal_mode`.
+    pub fn verify_name(self) -> &'static str {
+        match self {
+            Mode::Wal => "wal",
+            Mode::Rollback => "rollback",
+        }
+    }
+}
+
+/// Opens a database read-write with a generous busy timeout.
+pub fn open(path: &Path) -> Connection {
+    let conn = Connection::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    conn.busy_timeout(BUSY_TIMEOUT).expect("busy timeout");
+    conn
+}
+
+/// Creates a new database with `page_size` and `mode` and returns a connection to it.
+/// Writes are not synced to disk: tests do not survive power cuts, and it is faster.
+pub fn create(path: &Path, page_size: u32, mode: Mode) -> Connection {
+    assert!(!path.exists(), "{} already exists", path.display());
+    let conn = open(path);
+    conn.pragma_update(None, "page_size", page_size)
+        .expect("page_size");
+    let got: String = conn
+        .query_row(
+            &format!("PRAGMA journal_mode = {}", mode.pragma()),
+            [],
+            |r| r.get(0),
+        )
+        .expect("journal_mode");
+    assert_eq!(got, mode.pragma());
+    conn.pragma_update(None, "synchronous", "OFF")
+        .expect("synchronous");
+    conn.execute_batch(
+        "CREATE TABLE t(id INTEGER PRIMARY KEY, k TEXT NOT NULL, v BLOB);
+         CREATE INDEX t_k ON t(k);",
+    )
+    .expect("schema");
+    assert_eq!(self::page_size(path), page_size, "page size took");
+    conn
+}
+
+/// Inserts `rows` rows into `t` whose blobs are `blob_bytes` of random data.
+pub fn insert_rows(conn: &Connection, rows: u64, blob_bytes: u64) {
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+         INSERT INTO t(k, v) SELECT hex(randomblob(8)), randomblob(?2) FROM n",
+        rusqlite::params![rows as i64, blob_bytes as i64],
+    )
+    .expect("insert rows");
+}
+
+/// Makes a database of roughly `bytes` bytes in `t`, in rows of `blob_bytes` blobs.
+pub fn fill(conn: &Connection, bytes: u64, blob_bytes: u64) {
+    insert_rows(conn, bytes.div_ceil(blob_bytes), blob_bytes);
+}
+
+/// `PRAGMA page_size` of the database at `path`.
+pub fn page_size(path: &Path) -> u32 {
+    pragma_u32(path, "page_size")
+}
+
+/// `PRAGMA page_count` of the database at `path`.
+pub fn page_count(path: &Path) -> u32 {
+    pragma_u32(path, "page_count")
+}
+
+fn pragma_u32(path: &Path, name: &str) -> u32 {
+    open(path)
+        .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+        .unwrap_or_else(|e| panic!("PRAGMA {name} on {}: {e}", path.display()))
+}
+
+/// `PRAGMA journal_mode` of the database at `path`, as a fresh connection sees it.
+pub fn journal_mode(path: &Path) -> String {
+    open(path)
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .expect("journal_mode")
+}
+
+/// `PRAGMA integrity_check` of the database at `path`, lines joined.
+pub fn integrity(path: &Path) -> String {
+    let conn = open(path);
+    let mut stmt = conn.prepare("PRAGMA integrity_check").expect("prepare");
+    let lines: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .expect("integrity_check")
+        .collect::<Result<_, _>>()
+        .expect("integrity rows");
+    lines.join("\n")
+}
+
+/// Every row of every table (the schema included), in a stable order: what a user
+/// compares to say two databases hold the same data.
+pub fn dump(path: &Path) -> Vec<(String, Vec<Vec<Value>>)> {
+    let conn = open(path);
+    let mut tables: Vec<(String, bool)> = conn
+        .prepare(
+            "SELECT name, sql LIKE '%WITHOUT ROWID%' FROM sqlite_schema
+             WHERE type = 'table' ORDER BY name",
+        )
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("tables")
+        .collect::<Result<_, _>>()
+        .expect("table rows");
+    tables.insert(0, ("sqlite_schema".into(), false));
+    tables
+        .into_iter()
+        .map(|(name, without_rowid)| {
+            let order = if without_rowid { "1" } else { "rowid" };
+            let sql = format!("SELECT * FROM \"{name}\" ORDER BY {order}");
+            let mut stmt = conn.prepare(&sql).expect("prepare dump");
+            let n = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| (0..n).map(|i| r.get::<_, Value>(i)).collect())
+                .expect("dump")
+                .collect::<Result<_, _>>()
+                .expect("dump rows");
+            (name, rows)
+        })
+        .collect()
+}
+
+/// The hash of every page, in page order, as the library defines page identity
+/// ([`page_hash`]), read through `sqlite_dbpage` in one read transaction.
+pub fn page_hashes(path: &Path) -> Vec<[u8; 32]> {
+    let conn = open(path);
+    conn.execute_batch("BEGIN").expect("begin");
+    let mut stmt = conn
+        .prepare("SELECT pgno, data FROM sqlite_dbpage")
+        .expect("sqlite_dbpage");
+    let mut rows = stmt.query([]).expect("pages");
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().expect("page") {
+        let pgno: u32 = row.get(0).expect("pgno");
+        let data = row.get_ref(1).expect("data").as_blob().expect("a blob");
+        assert_eq!(pgno as usize, out.len() + 1, "pages come in order");
+        out.push(page_hash(pgno, data));
+    }
+    out
+}
+
+/// The database's digest (what `verify` prints and `push` checks against): SHA-256
+/// over page size, page count and the ordered page hashes.
+pub fn digest(path: &Path) -> String {
+    let hashes = page_hashes(path);
+    let mut d = Digest::new(page_size(path), hashes.len() as u32);
+    for h in &hashes {
+        d.push(h);
+    }
+    hex(&d.finish().expect("every page hashed"))
+}
+
+/// Syncs `dest` to equal `src` in this process, through the library.
+pub fn sync(src: &Path, dest: &Path) -> SyncStats {
+    let mut source =
+        Snapshot::open(src).unwrap_or_else(|e| panic!("snapshot {}: {e}", src.display()));
+    let mut target =
+        Writer::open(dest).unwrap_or_else(|e| panic!("writer {}: {e}", dest.display()));
+    sync_local(&mut source, &mut target, &NoProgress)
+        .unwrap_or_else(|e| panic!("sync {} -> {}: {e}", src.display(), dest.display()))
+}
+
+/// Asserts that `replica` is a copy of `origin` the way a user would check it: same
+/// rows, an integrity check that says ok, the same digest and page size.
+pub fn assert_same(origin: &Path, replica: &Path) {
+    assert_eq!(integrity(replica), "ok", "replica integrity");
+    assert_eq!(page_size(replica), page_size(origin), "page size");
+    assert_eq!(page_count(replica), page_count(origin), "page count");
+    assert!(
+        dump(replica) == dump(origin),
+        "replica rows differ from origin"
+    );
+    assert_eq!(digest(replica), digest(origin), "digest");
+}
+
+/// The `sqlferry` binary under test, with its home, cache, data and state directories
+/// inside `dir` (a test's TempDir), so it leaves nothing behind in the real home.
+pub fn sqlferry(dir: &Path) -> Command {
+    let home = dir.join(".home");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sqlferry"));
+    cmd.env_remove("RUST_LOG")
+        .env("HOME", &home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env_remove("SQLFERRY_SERVER");
+    cmd
+}
+
+/// Runs `sqlferry` (isolated in `dir`) with `args` and waits for it.
+pub fn run(dir: &Path, args: &[&std::ffi::OsStr]) -> Output {
+    sqlferry(dir).args(args).output().expect("run sqlferry")
+}
+
+/// The exit code of a finished command (panics if it was killed by a signal).
+pub fn code(out: &Output) -> i32 {
+    out.status
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal: {out:?}"))
+}
+
+/// stdout of a finished command as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// stderr of a finished command as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The directory a test file lives in: where its `sqlferry` runs keep their state.
+fn dir_of(path: &Path) -> &Path {
+    path.parent().expect("test files live in a TempDir")
+}
+
+/// `sqlferry push SRC DEST --json`, asserted to succeed; its JSON report.
+pub fn push_json(src: &Path, dest: &Path) -> serde_json::Value {
+    let out = sqlferry(dir_of(dest))
+        .arg("push")
+        .arg(src)
+        .arg(dest)
+        .arg("--json")
+        .output()
+        .expect("run push");
+    assert_eq!(code(&out), 0, "push failed: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("push --json prints JSON")
+}
+
+/// `sqlferry verify FILE --json`: exit code, its JSON report (if any) and stderr.
+pub fn verify_json(path: &Path) -> (i32, Option<serde_json::Value>, String) {
+    let out = sqlferry(dir_of(path))
+        .arg("verify")
+        .arg(path)
+        .arg("--json")
+        .output()
+        .expect("run verify");
+    (
+        code(&out),
+        serde_json::from_slice(&out.stdout).ok(),
+        stderr(&out),
+    )
+}
+
+/// Polls `cond` every `every` until it holds or `timeout` passes; whether it held.
+pub fn wait_until(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// `path` with `suffix` appended (`-wal`, `-journal`, `-shm`).
+pub fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// The size of a file, 0 when it does not exist.
+pub fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Runs `PRAGMA wal_checkpoint(TRUNCATE)` and closes, so a WAL database's content is
+/// all in its main file.
+pub fn checkpoint(path: &Path) {
+    let conn = open(path);
+    let (busy, _, _): (i64, i64, i64) = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .expect("checkpoint");
+    assert_eq!(busy, 0, "checkpoint of {} was blocked", path.display());
+}
