@@ -10,4 +10,5 @@
 
 mod cli;
 mod engine;
+mod live;
 mod util;
