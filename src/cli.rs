@@ -5,6 +5,7 @@
 mod progress;
 mod pull;
 mod push;
+mod serve;
 mod verify;
 mod versions;
 
@@ -27,6 +28,8 @@ pub mod exit {
     pub const LOCAL: u8 = 3;
     /// The peer broke the protocol or the connection was lost.
     pub const NETWORK: u8 = 4;
+    /// A key is missing, wrong, or not allowed to do this.
+    pub const AUTH: u8 = 5;
     /// The replica moved past the push's base version (VERSION_CONFLICT).
     pub const CONFLICT: u8 = 6;
     /// A check failed: digest mismatch or `PRAGMA integrity_check` not ok.
@@ -72,6 +75,8 @@ pub enum Command {
     Pull(pull::PullArgs),
     /// List a replica's versions.
     Versions(versions::VersionsArgs),
+    /// Run the sqlferry server: replicas, versions and keys, over WebSocket and HTTP.
+    Serve(serve::ServeArgs),
     /// Print a database's digest, page size, page count and integrity check.
     Verify(verify::VerifyArgs),
 }
@@ -79,25 +84,26 @@ pub enum Command {
 /// The `--server` option of the commands that talk to a store.
 #[derive(Debug, clap::Args)]
 pub struct ServerArg {
-    /// The store: file:///path for a store directory on this machine [default: the
-    /// embedded store in $XDG_DATA_HOME/sqlferry, usually ~/.local/share/sqlferry].
+    /// The store: ws://host:port or wss://host:port for a sqlferry server, file:///path
+    /// for a store directory on this machine [default: the embedded store in
+    /// $XDG_DATA_HOME/sqlferry, usually ~/.local/share/sqlferry].
     #[arg(long, env = "SQLFERRY_SERVER", value_name = "URL")]
     pub server: Option<String>,
+}
+
+/// The `--key` option of the commands that talk to a server.
+#[derive(Debug, clap::Args)]
+pub struct KeyArg {
+    /// The key for the server (never printed; prefer SQLFERRY_KEY or the saved key, which
+    /// stay out of the process list).
+    #[arg(long, env = "SQLFERRY_KEY", value_name = "KEY", hide_env_values = true)]
+    pub key: Option<String>,
 }
 
 impl ServerArg {
     fn resolve(&self) -> crate::Result<crate::remote::Server> {
         crate::remote::Server::parse(self.server.as_deref())
     }
-}
-
-/// Who is pushing, as recorded with each version: `user@host`.
-fn client_id() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    format!("{user}@{host}")
 }
 
 /// Bytes for a person: `216.1 MB`, `4.0 KB`, `69 B` (powers of 1000).
@@ -123,6 +129,7 @@ impl Cli {
             Command::Push(args) => args.run(&self.global),
             Command::Pull(args) => args.run(&self.global),
             Command::Versions(args) => args.run(&self.global),
+            Command::Serve(args) => args.run(&self.global),
             Command::Verify(args) => args.run(&self.global),
         }
     }
@@ -157,6 +164,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         Some(ErrorKind::Protocol | ErrorKind::Disconnected | ErrorKind::Remote) => exit::NETWORK,
         Some(ErrorKind::Verification) => exit::VERIFY,
         Some(ErrorKind::Conflict) => exit::CONFLICT,
+        Some(ErrorKind::Auth) => exit::AUTH,
         Some(ErrorKind::NotFound) => exit::NOT_FOUND,
         None => exit::FAILURE,
     };

@@ -29,3 +29,231 @@ fn xdg_dir(var: &str, fallback: &str) -> Option<PathBuf> {
     };
     Some(base.join("sqlferry"))
 }
+
+/// `$XDG_CONFIG_HOME/sqlferry`, else `~/.config/sqlferry`: the secrets file.
+pub fn config_dir() -> Option<PathBuf> {
+    xdg_dir("XDG_CONFIG_HOME", ".config")
+}
+
+/// One database's entry in the secrets file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Secret {
+    /// The server URL.
+    pub server: String,
+    /// The replica path.
+    pub replica: String,
+    /// The PUSH key for that replica.
+    pub key: String,
+}
+
+/// The secrets file: PUSH keys by database absolute path, so a push from cron needs no
+/// flag. JSON, mode 0600, replaced atomically on every change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Secrets {
+    /// Keys by absolute database path.
+    #[serde(default)]
+    pub databases: std::collections::BTreeMap<String, Secret>,
+}
+
+impl Secrets {
+    /// Where the secrets file lives.
+    pub fn path() -> Option<PathBuf> {
+        Some(config_dir()?.join("secrets.json"))
+    }
+
+    /// Reads the secrets file; an absent file is empty.
+    pub fn load() -> crate::Result<Secrets> {
+        let Some(path) = Self::path() else {
+            return Ok(Secrets::default());
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| crate::Error::NotADatabase {
+                path: path.clone(),
+                reason: format!("not a valid secrets file: {e}"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Secrets::default()),
+            Err(e) => Err(crate::Error::io(&path, e)),
+        }
+    }
+
+    /// Writes the secrets file: a new file with mode 0600, renamed over the old one, so
+    /// no reader ever sees it half-written or readable by others.
+    pub fn save(&self) -> crate::Result<PathBuf> {
+        let path = Self::path().ok_or_else(|| {
+            crate::Error::Usage("no config directory: set HOME or XDG_CONFIG_HOME".into())
+        })?;
+        let dir = path.parent().expect("the secrets path has a directory");
+        write_private(
+            dir,
+            &path,
+            serde_json::to_string_pretty(self)
+                .expect("secrets serialise")
+                .as_bytes(),
+            0o600,
+        )?;
+        Ok(path)
+    }
+
+    /// The entry for `database` (absolute), if any.
+    pub fn for_database(&self, database: &std::path::Path) -> Option<&Secret> {
+        self.databases.get(&database.to_string_lossy().into_owned())
+    }
+}
+
+/// Writes `bytes` to `path` atomically with `mode`: a temporary file in `dir` (created
+/// 0600 by tempfile), its mode set, then renamed over `path`.
+pub fn write_private(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    bytes: &[u8],
+    mode: u32,
+) -> crate::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| crate::Error::io(dir, e))?;
+    tmp.write_all(bytes)
+        .map_err(|e| crate::Error::io(path, e))?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| crate::Error::io(path, e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| crate::Error::io(path, e))?;
+    tmp.persist(path)
+        .map_err(|e| crate::Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// The sidecar file beside a database, `<db>-sqlferry`: the server, the replica and a
+/// PULL key. It is an executable script (`#!/usr/bin/env -S sqlferry pull --from`) whose
+/// other lines are `name = "value"`; running it pulls the replica next to it. The
+/// format is in `docs/sidecar.md`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sidecar {
+    /// The server URL.
+    pub server: String,
+    /// The replica path.
+    pub replica: String,
+    /// The PULL key.
+    pub key: String,
+}
+
+/// The suffix that makes a database path into its sidecar's path.
+pub const SIDECAR_SUFFIX: &str = "-sqlferry";
+
+impl Sidecar {
+    /// The sidecar path of `database`.
+    pub fn path_for(database: &std::path::Path) -> PathBuf {
+        let mut p = database.as_os_str().to_owned();
+        p.push(SIDECAR_SUFFIX);
+        PathBuf::from(p)
+    }
+
+    /// The database a sidecar belongs to: its path without the suffix.
+    pub fn database_for(sidecar: &std::path::Path) -> Option<PathBuf> {
+        let s = sidecar.to_str()?;
+        s.strip_suffix(SIDECAR_SUFFIX)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+    }
+
+    /// The file's text.
+    pub fn render(&self) -> String {
+        let q = |s: &str| serde_json::to_string(s).expect("strings serialise");
+        format!(
+            "#!/usr/bin/env -S sqlferry pull --from\n\
+             # sqlferry sidecar: run this file to pull the replica into the database beside it,\n\
+             # or run it with --subscribe to follow every new version. It holds a PULL key only.\n\
+             server = {}\nreplica = {}\nkey = {}\n",
+            q(&self.server),
+            q(&self.replica),
+            q(&self.key)
+        )
+    }
+
+    /// Parses a sidecar's text.
+    pub fn parse(text: &str) -> std::result::Result<Sidecar, String> {
+        let (mut server, mut replica, mut key) = (None, None, None);
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name, value) = line
+                .split_once('=')
+                .ok_or_else(|| format!("line {}: expected name = \"value\"", n + 1))?;
+            let value: String = serde_json::from_str(value.trim())
+                .map_err(|_| format!("line {}: the value must be a quoted string", n + 1))?;
+            let slot = match name.trim() {
+                "server" => &mut server,
+                "replica" => &mut replica,
+                "key" => &mut key,
+                other => return Err(format!("line {}: unknown setting '{other}'", n + 1)),
+            };
+            *slot = Some(value);
+        }
+        Ok(Sidecar {
+            server: server.ok_or("no server")?,
+            replica: replica.ok_or("no replica")?,
+            key: key.ok_or("no key")?,
+        })
+    }
+
+    /// Reads the sidecar at `path`.
+    pub fn load(path: &std::path::Path) -> crate::Result<Sidecar> {
+        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+        Sidecar::parse(&text).map_err(|reason| crate::Error::NotADatabase {
+            path: path.to_owned(),
+            reason: format!("not a sqlferry sidecar: {reason}"),
+        })
+    }
+
+    /// Writes the sidecar beside `database`: executable by its owner only (it holds a
+    /// key), replaced atomically.
+    pub fn save(&self, database: &std::path::Path) -> crate::Result<PathBuf> {
+        let path = Self::path_for(database);
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        write_private(&dir, &path, self.render().as_bytes(), 0o700)?;
+        Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_round_trips_and_refuses_junk() {
+        let s = Sidecar {
+            server: "ws://127.0.0.1:7878".into(),
+            replica: "acme/app.db".into(),
+            key: "sfk_x\"y".into(),
+        };
+        assert_eq!(Sidecar::parse(&s.render()), Ok(s.clone()));
+        assert!(
+            s.render()
+                .starts_with("#!/usr/bin/env -S sqlferry pull --from\n")
+        );
+        assert!(
+            Sidecar::parse("server = \"a\"\nreplica = \"b\"").is_err(),
+            "no key"
+        );
+        assert!(Sidecar::parse("color = \"red\"").is_err());
+        assert!(Sidecar::parse("server = a").is_err());
+        assert_eq!(
+            Sidecar::path_for(std::path::Path::new("/x/app.db")),
+            PathBuf::from("/x/app.db-sqlferry")
+        );
+        assert_eq!(
+            Sidecar::database_for(std::path::Path::new("app.db-sqlferry")),
+            Some(PathBuf::from("app.db"))
+        );
+        assert_eq!(Sidecar::database_for(std::path::Path::new("app.db")), None);
+    }
+}

@@ -19,9 +19,12 @@ mod origin;
 mod replica;
 mod tree;
 
-pub use link::{Link, MemLink, mem_pair};
+pub use link::{
+    ChannelLink, FromEngine, Leftovers, Link, MemLink, PumpEnd, Role, ToEngine, channel_link,
+    mem_pair,
+};
 pub use origin::run as run_origin;
-pub use replica::run as run_replica;
+pub use replica::{ReplicaDone, run as run_replica};
 
 use std::time::Duration;
 
@@ -83,7 +86,7 @@ pub enum Phase {
 }
 
 /// Receives progress from a running sync. Every method has an empty default.
-pub trait Progress: Sync {
+pub trait Progress: Send + Sync {
     /// A phase starts; `total` pages are to be done.
     fn start(&self, _phase: Phase, _total: u64) {}
     /// `n` more pages of the current phase are done.
@@ -142,7 +145,7 @@ pub fn sync_local(
     let replica = replica
         .unwrap_or_else(|_| Err(crate::Error::Protocol("the replica thread panicked".into())));
     match (origin, replica) {
-        (Ok(stats), Ok(())) => Ok(stats),
+        (Ok(stats), Ok(_)) => Ok(stats),
         // The replica's own error names its file; the origin only saw the ERROR frame.
         (Err(o), Err(r))
             if matches!(o, crate::Error::Remote { .. }) || o.kind() == ErrorKind::Disconnected =>

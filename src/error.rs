@@ -27,6 +27,8 @@ pub enum ErrorKind {
     NotFound,
     /// The replica moved past the version a push was based on.
     Conflict,
+    /// A key is missing, wrong, or not allowed to do this.
+    Auth,
 }
 
 /// An error from sqlferry's library.
@@ -73,6 +75,9 @@ pub enum Error {
     /// A replica or version does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// A key is missing, wrong, or may not do what was asked.
+    #[error("{0}")]
+    Auth(String),
     /// The replica's latest version is not the one the push was based on.
     #[error("VERSION_CONFLICT: {replica} is at version {latest}, this push is based on {}; pull first, or push with --force to replace it", based_on.map_or("no version".to_owned(), |v| format!("version {v}")))]
     Conflict {
@@ -111,6 +116,7 @@ impl Error {
             Error::Disconnected(_) => ErrorKind::Disconnected,
             Error::Verification(_) => ErrorKind::Verification,
             Error::NotFound(_) => ErrorKind::NotFound,
+            Error::Auth(_) => ErrorKind::Auth,
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::Remote { code, .. } => crate::protocol::ErrorCode::from_u16(*code)
                 .map(|c| c.kind())

@@ -15,6 +15,7 @@ pub mod history;
 pub mod page;
 pub mod protocol;
 pub mod remote;
+pub mod server;
 pub mod store;
 
 pub use error::{Error, ErrorKind, Result};

@@ -8,6 +8,8 @@
 //! Invariant: [`Frame::decode`] never panics. Every malformed, truncated, oversized or
 //! unknown frame is a [`DecodeError`] that says what was wrong.
 
+pub mod control;
+
 use crate::ErrorKind;
 
 /// The version of the page-sync protocol this build speaks. Sent in [`Frame::Begin`].
@@ -87,6 +89,10 @@ pub enum ErrorCode {
     NotFound = 8,
     /// VERSION_CONFLICT: the replica moved past the push's base version.
     VersionConflict = 9,
+    /// The key may not do this (a PULL key pushing, a key of another replica).
+    Unauthorized = 10,
+    /// The request was not valid (bad replica path, bad version selector).
+    BadRequest = 11,
 }
 
 impl ErrorCode {
@@ -102,6 +108,8 @@ impl ErrorCode {
             7 => Self::Aborted,
             8 => Self::NotFound,
             9 => Self::VersionConflict,
+            10 => Self::Unauthorized,
+            11 => Self::BadRequest,
             _ => return None,
         })
     }
@@ -117,6 +125,8 @@ impl ErrorCode {
             Self::Aborted => ErrorKind::Remote,
             Self::NotFound => ErrorKind::NotFound,
             Self::VersionConflict => ErrorKind::Conflict,
+            Self::Unauthorized => ErrorKind::Auth,
+            Self::BadRequest => ErrorKind::Usage,
         }
     }
 
@@ -125,7 +135,9 @@ impl ErrorCode {
         match kind {
             ErrorKind::Protocol => Self::Protocol,
             ErrorKind::NotADatabase => Self::NotADatabase,
-            ErrorKind::LocalIo | ErrorKind::Usage => Self::LocalIo,
+            ErrorKind::LocalIo => Self::LocalIo,
+            ErrorKind::Usage => Self::BadRequest,
+            ErrorKind::Auth => Self::Unauthorized,
             ErrorKind::Verification => Self::Verification,
             ErrorKind::Busy => Self::Busy,
             ErrorKind::Disconnected | ErrorKind::Remote => Self::Aborted,

@@ -1,13 +1,24 @@
 //! Where a replica lives, behind one interface for push, pull and versions.
 //!
-//! Today that is the embedded store: a directory on this machine (the XDG data dir by
-//! default, or `file:///path`), used in-process over the same engine and in-memory link
-//! a local push uses. A `sqlferry serve` server over WebSocket plugs in here next.
+//! - The embedded store: a directory on this machine (the XDG data dir by default, or
+//!   `file:///path`), used in-process over the same engine and in-memory link a local
+//!   push uses. No key is needed: the file system's permissions are the access control.
+//! - A `sqlferry serve` server: `ws://host:port` or `wss://host:port` (rustls, no
+//!   OpenSSL). The key travels only in the `Authorization: Bearer` header of the
+//!   WebSocket upgrade; the engine runs on a blocking thread and [`ws`] carries its
+//!   frames.
+
+pub(crate) mod ws;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::engine::{Progress, SyncStats, sync_local};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::engine::{NoProgress, Progress, Role, SyncStats, run_origin, run_replica, sync_local};
 use crate::page::{Snapshot, Writer};
+use crate::protocol::control::{Config, Control, NewKeys, Op, Open};
+use crate::protocol::{Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector, Store, VersionInfo};
 use crate::{Error, Result};
 
@@ -16,73 +27,103 @@ use crate::{Error, Result};
 pub enum Server {
     /// The embedded store in a local directory.
     Embedded(Store),
+    /// A `sqlferry serve` server.
+    Ws {
+        /// `ws://host:port` or `wss://host:port`, without a path.
+        url: String,
+    },
 }
 
 /// What a push did.
 #[derive(Debug, Clone)]
 pub struct PushOutcome {
-    /// The engine's figures.
+    /// The engine's figures (the pushing side's view).
     pub stats: SyncStats,
     /// The replica's latest version after the push.
-    pub version: VersionInfo,
+    pub version: u64,
     /// Whether this push made that version (`false`: nothing had changed).
     pub created: bool,
+    /// Keys minted for a new replica (after a key request), shown once.
+    pub keys: Option<NewKeys>,
 }
 
 /// What a pull did.
 #[derive(Debug, Clone)]
 pub struct PullOutcome {
-    /// The engine's figures.
+    /// The engine's figures, from the pulling side: `bytes_received` is what came in.
     pub stats: SyncStats,
     /// The version the local file now holds.
-    pub version: VersionInfo,
+    pub version: u64,
+}
+
+/// How a push presents itself.
+#[derive(Debug, Clone, Default)]
+pub struct PushRequest {
+    /// The store's options (base, force, message, client id).
+    pub options: PushOptions,
+    /// The key, for a server.
+    pub key: Option<String>,
+    /// Ask a server to mint PUSH and PULL keys (first push of a replica).
+    pub key_request: bool,
 }
 
 impl Server {
-    /// The server named by `url` (`file:///path`), or the embedded store in the XDG
-    /// data directory when `url` is `None`.
+    /// The server named by `url`, or the embedded store in the XDG data directory when
+    /// `url` is `None`.
     pub fn parse(url: Option<&str>) -> Result<Server> {
-        match url {
-            None => {
-                let dir = crate::config::data_dir().ok_or_else(|| {
-                    Error::Usage(
-                        "no store: set HOME, XDG_DATA_HOME or --server file:///path".into(),
-                    )
-                })?;
-                Ok(Server::Embedded(Store::new(dir)))
+        let Some(url) = url else {
+            let dir = crate::config::data_dir().ok_or_else(|| {
+                Error::Usage("no store: set HOME, XDG_DATA_HOME or --server file:///path".into())
+            })?;
+            return Ok(Server::Embedded(Store::new(dir)));
+        };
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(Error::Usage(format!(
+                    "--server {url}: a file:// server needs an absolute path, like file:///var/lib/sqlferry"
+                )));
             }
-            Some(url) => {
-                if let Some(path) = url.strip_prefix("file://") {
-                    if !path.starts_with('/') {
-                        return Err(Error::Usage(format!(
-                            "--server {url}: a file:// server needs an absolute path, like file:///var/lib/sqlferry"
-                        )));
-                    }
-                    Ok(Server::Embedded(Store::new(PathBuf::from(path))))
-                } else if url.starts_with("ws://") || url.starts_with("wss://") {
-                    Err(Error::Usage(format!(
-                        "--server {url}: sqlferry servers are not supported by this build yet; use file:///path"
-                    )))
-                } else {
-                    Err(Error::Usage(format!(
-                        "--server {url}: expected file:///path, ws://host:port or wss://host:port"
-                    )))
-                }
-            }
+            return Ok(Server::Embedded(Store::new(PathBuf::from(path))));
         }
+        if url.starts_with("ws://") || url.starts_with("wss://") {
+            let url = url.trim_end_matches('/');
+            let host = url.split_once("://").map_or("", |(_, h)| h);
+            if host.is_empty() || host.contains('/') {
+                return Err(Error::Usage(format!(
+                    "--server {url}: expected ws://host:port, with no path"
+                )));
+            }
+            return Ok(Server::Ws {
+                url: url.to_owned(),
+            });
+        }
+        Err(Error::Usage(format!(
+            "--server {url}: expected file:///path, ws://host:port or wss://host:port"
+        )))
     }
 
     /// The server as a URL, for messages and records.
     pub fn url(&self) -> String {
         match self {
             Server::Embedded(store) => format!("file://{}", store.root().display()),
+            Server::Ws { url } => url.clone(),
         }
     }
 
+    /// Whether this server checks keys.
+    pub fn needs_key(&self) -> bool {
+        matches!(self, Server::Ws { .. })
+    }
+
     /// Every version of `replica`, oldest first.
-    pub fn versions(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
+    pub fn versions(&self, replica: &ReplicaPath, key: Option<&str>) -> Result<Vec<VersionInfo>> {
         match self {
             Server::Embedded(store) => store.versions(replica),
+            Server::Ws { url } => runtime()?.block_on(async {
+                let mut ws = connect(url, key).await?;
+                let config = open(&mut ws, Op::Versions, replica, None, None, false).await?;
+                Ok(config.versions.unwrap_or_default())
+            }),
         }
     }
 
@@ -91,24 +132,52 @@ impl Server {
         &self,
         local: &Path,
         replica: &ReplicaPath,
-        options: PushOptions,
-        progress: &dyn Progress,
+        request: PushRequest,
+        progress: Arc<dyn Progress>,
     ) -> Result<PushOutcome> {
+        let mut source = Snapshot::open(local)?;
         match self {
             Server::Embedded(store) => {
-                let mut source = Snapshot::open(local)?;
-                let mut target = store.push(replica, options)?;
-                let stats = sync_local(&mut source, &mut target, progress)?;
+                let mut target = store.push(replica, request.options)?;
+                let stats = sync_local(&mut source, &mut target, &*progress)?;
                 let (version, created) = target
                     .outcome()
-                    .map(|(v, made)| (v.clone(), made))
                     .expect("a successful sync leaves an outcome");
                 Ok(PushOutcome {
                     stats,
-                    version,
+                    version: version.number,
                     created,
+                    keys: None,
                 })
             }
+            Server::Ws { url } => runtime()?.block_on(async {
+                let mut ws = connect(url, request.key.as_deref()).await?;
+                let o = &request.options;
+                open(&mut ws, Op::Push, replica, None, o.base, o.force).await?;
+                if request.key_request {
+                    ws::send_binary(&mut ws, Control::KeyRequest.to_bytes()).await?;
+                }
+                if !o.message.is_empty() {
+                    ws::send_binary(
+                        &mut ws,
+                        Control::CommitMessage(o.message.clone()).to_bytes(),
+                    )
+                    .await?;
+                }
+                let (stats, rest) =
+                    ws::run_engine(&mut ws, Role::Origin, Vec::new(), move |link| {
+                        run_origin(&mut source, link, &*progress)
+                    })
+                    .await;
+                let stats = stats?;
+                let config = next_config(&mut ws, rest).await?;
+                Ok(PushOutcome {
+                    stats,
+                    version: config.version,
+                    created: config.created.unwrap_or(true),
+                    keys: config.keys,
+                })
+            }),
         }
     }
 
@@ -118,16 +187,177 @@ impl Server {
         replica: &ReplicaPath,
         selector: Selector,
         local: &Path,
-        progress: &dyn Progress,
+        key: Option<&str>,
+        progress: Arc<dyn Progress>,
     ) -> Result<PullOutcome> {
         match self {
             Server::Embedded(store) => {
                 let mut source = store.read(replica, selector)?;
-                let version = source.info().clone();
+                let version = source.info().number;
                 let mut target = Writer::open(local)?;
-                let stats = sync_local(&mut source, &mut target, progress)?;
+                let mut stats = sync_local(&mut source, &mut target, &*progress)?;
+                // The origin's figures: what it sent is what this side received.
+                std::mem::swap(&mut stats.bytes_sent, &mut stats.bytes_received);
                 Ok(PullOutcome { stats, version })
+            }
+            Server::Ws { url } => {
+                let local = local.to_owned();
+                runtime()?.block_on(async {
+                    let mut ws = connect(url, key).await?;
+                    let config =
+                        open(&mut ws, Op::Pull, replica, Some(selector), None, false).await?;
+                    let (stats, _) =
+                        ws::run_engine(&mut ws, Role::Replica, Vec::new(), move |link| {
+                            let mut target = Writer::open(&local)?;
+                            let started = std::time::Instant::now();
+                            let done = run_replica(&mut target, link)?;
+                            progress.finish();
+                            Ok(SyncStats {
+                                page_size: done.page_size,
+                                pages_total: done.page_count,
+                                pages_sent: done.pages_written,
+                                bytes_sent: link_sent(link),
+                                bytes_received: link_received(link),
+                                hash_bytes: 0,
+                                duration: started.elapsed(),
+                                digest: crate::page::hex(&done.digest),
+                            })
+                        })
+                        .await;
+                    Ok(PullOutcome {
+                        stats: stats?,
+                        version: config.version,
+                    })
+                })
             }
         }
     }
+}
+
+fn link_sent(link: &crate::engine::ChannelLink) -> u64 {
+    use crate::engine::Link;
+    link.bytes_sent()
+}
+
+fn link_received(link: &crate::engine::ChannelLink) -> u64 {
+    use crate::engine::Link;
+    link.bytes_received()
+}
+
+/// A single-threaded runtime for one client operation.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io(Path::new("tokio runtime"), e))
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a session: the upgrade carries the key in `Authorization: Bearer`.
+async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
+    // rustls needs a crypto provider; ring builds with a C compiler alone.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let endpoint = format!("{url}/v1/sync");
+    let mut request = endpoint
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Error::Usage(format!("--server {url}: {e}")))?;
+    if let Some(key) = key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| Error::Usage("the key has characters a header cannot carry".into()))?;
+        request.headers_mut().insert("authorization", value);
+    }
+    match tokio_tungstenite::connect_async_with_config(request, Some(ws::ws_config()), false).await
+    {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status();
+            let body = response
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| status.to_string());
+            if status.as_u16() == 401 {
+                Err(Error::Auth(format!("{url} refused the key: {body}")))
+            } else {
+                Err(Error::Protocol(format!("{url} answered {status}: {body}")))
+            }
+        }
+        Err(e) => Err(Error::Disconnected(format!("cannot reach {url}: {e}"))),
+    }
+}
+
+/// Sends OPEN and waits for the server's CONFIG (or its refusal).
+async fn open(
+    ws: &mut Socket,
+    op: Op,
+    replica: &ReplicaPath,
+    selector: Option<Selector>,
+    base: Option<u64>,
+    force: bool,
+) -> Result<Config> {
+    let open = Open {
+        protocol: PROTOCOL_VERSION,
+        op,
+        replica: replica.to_string(),
+        version: selector.map(|s| s.to_string()),
+        base,
+        force,
+        client_id: client_id(),
+    };
+    ws::send_binary(ws, Control::Open(open).to_bytes()).await?;
+    next_config(ws, Vec::new()).await
+}
+
+/// The next CONFIG from the server: from `pending` frames first, then the socket. An
+/// ERROR frame becomes the error it reports.
+async fn next_config(ws: &mut Socket, pending: Vec<Vec<u8>>) -> Result<Config> {
+    let mut pending = pending.into_iter();
+    loop {
+        let bytes = match pending.next() {
+            Some(b) => b,
+            None => ws::recv_binary(ws)
+                .await?
+                .ok_or_else(|| Error::Disconnected("the server closed the session".into()))?,
+        };
+        if bytes.first().is_some_and(|&b| Control::is_control(b)) {
+            match Control::decode(&bytes).map_err(|e| Error::Protocol(e.to_string()))? {
+                Control::Config(c) => return Ok(c),
+                Control::NewReplicaVersion(_) | Control::Changed(_) => continue,
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected {other:?} from the server"
+                    )));
+                }
+            }
+        }
+        match Frame::decode(&bytes).map_err(|e| Error::Protocol(e.to_string()))? {
+            Frame::Error { code, message } => return Err(Error::Remote { code, message }),
+            Frame::Message { text, .. } => tracing::info!(server = %text, "server says"),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "expected CONFIG, got {}",
+                    other.name()
+                )));
+            }
+        }
+    }
+}
+
+/// Who is asking, as recorded with each version: `user@host`.
+pub fn client_id() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// A [`Progress`] that shows nothing, shareable across threads.
+pub fn no_progress() -> Arc<dyn Progress> {
+    Arc::new(NoProgress)
 }

@@ -146,7 +146,7 @@ impl std::fmt::Display for Selector {
 }
 
 /// What is known about one version.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VersionInfo {
     /// The version number, from 1.
     pub number: u64,

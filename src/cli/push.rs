@@ -7,11 +7,15 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::progress::Bar;
-use super::{Global, ServerArg, exit, expand_tilde, human_bytes, is_local_path, out};
-use crate::engine::{PageSource, sync_local};
+use std::sync::Arc;
+
+use super::{Global, KeyArg, ServerArg, exit, expand_tilde, human_bytes, is_local_path, out};
+use crate::config::{Secret, Sidecar};
+use crate::engine::{PageSource, Progress, sync_local};
 use crate::history::{self, LastSync};
 use crate::page::{Snapshot, Writer};
 use crate::protocol::MAX_TEXT_BYTES;
+use crate::remote::{PushRequest, Server};
 use crate::store::{PushOptions, ReplicaPath};
 
 /// Arguments of `sqlferry push`.
@@ -23,6 +27,10 @@ sqlferry push app.db ./copy.db --json                    print figures as one JS
 REMOTE is a local file when it starts with /, ./, ../ or ~/, or already exists; otherwise \
 it is a replica path, namespace/name, in the store (--server, SQLFERRY_SERVER, or the \
 embedded store in ~/.local/share/sqlferry).\n\n\
+Keys (servers only): --key, SQLFERRY_KEY, or the PUSH key saved by the first push. The \
+first push of a replica, with the admin key, saves a PUSH key for LOCAL in the secrets \
+file (~/.config/sqlferry/secrets.json, mode 0600) and writes LOCAL-sqlferry, a sidecar \
+with the server, the replica and a PULL key.\n\n\
 LOCAL is only read, in one read transaction: an application writing it in WAL mode never \
 waits. Only the pages that differ are sent. A local copy changes in one transaction after \
 its digest has been checked; a replica gets a new version only when complete and verified, \
@@ -49,6 +57,9 @@ pub struct PushArgs {
     /// The server.
     #[command(flatten)]
     pub server: ServerArg,
+    /// The key.
+    #[command(flatten)]
+    pub key: KeyArg,
 }
 
 impl PushArgs {
@@ -67,66 +78,83 @@ impl PushArgs {
             .into());
         }
         let server = self.server.resolve()?;
+        let database = std::path::absolute(&local).unwrap_or(local.clone());
+        let mut secrets = crate::config::Secrets::load()?;
+        let stored = secrets
+            .for_database(&database)
+            .filter(|s| s.server == server.url() && s.replica == replica.as_str())
+            .cloned();
+        let key = self
+            .key
+            .key
+            .clone()
+            .or_else(|| stored.as_ref().map(|s| s.key.clone()));
+        if server.needs_key() && key.is_none() {
+            return Err(crate::Error::Auth(format!(
+                "no key for {replica} on {}: pass --key (the admin key for a first push) or set SQLFERRY_KEY",
+                server.url()
+            ))
+            .into());
+        }
         let last = history::last(&local)
             .filter(|l| l.server == server.url() && l.replica == replica.as_str());
-        let options = PushOptions {
-            base: last.as_ref().map(|l| l.version),
-            force: self.force,
-            message: self.message.clone(),
-            client_id: super::client_id(),
-            key_id: String::new(),
+        let request = PushRequest {
+            options: PushOptions {
+                base: last.as_ref().map(|l| l.version),
+                force: self.force,
+                message: self.message.clone(),
+                client_id: crate::remote::client_id(),
+                key_id: String::new(),
+            },
+            key,
+            // Without a stored PUSH key, ask for keys: an admin key's first push of a
+            // replica then leaves a PUSH key here and a PULL key in the sidecar.
+            key_request: server.needs_key() && stored.is_none(),
         };
         if self.dry_run {
-            let snap = Snapshot::open(&local).context("cannot read LOCAL")?;
-            let latest = match server.versions(&replica) {
-                Ok(v) => v.last().map(|v| v.number),
-                Err(e) if e.kind() == crate::ErrorKind::NotFound => None,
-                Err(e) => return Err(e.into()),
-            };
-            let size = u64::from(snap.page_count()) * u64::from(snap.page_size());
-            let conflict = !self.force && latest.is_some() && latest != options.base;
-            out(format_args!(
-                "would push {} ({}, {} pages) to {} on {}: {}",
-                local.display(),
-                human_bytes(size),
-                snap.page_count(),
-                replica,
-                server.url(),
-                match (latest, conflict) {
-                    (_, true) => format!(
-                        "refused, VERSION_CONFLICT: the replica is at version {}, LOCAL is based on {}",
-                        latest.unwrap_or(0),
-                        options
-                            .base
-                            .map_or("no version".into(), |b| format!("version {b}"))
-                    ),
-                    (None, _) => "creating the replica as version 1".into(),
-                    (Some(n), _) =>
-                        format!("version {} if anything changed since version {n}", n + 1),
-                }
-            ))?;
-            return Ok(ExitCode::from(if conflict {
-                exit::CONFLICT
-            } else {
-                exit::OK
-            }));
+            return self.dry_run(&local, &replica, &server, &request);
         }
-        let bar = Bar::new(!global.quiet && !self.json);
+        let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
         let outcome = server
-            .push(&local, &replica, options, &bar)
+            .push(&local, &replica, request, bar)
             .with_context(|| format!("push {} to {replica} failed", local.display()))?;
         history::record(&LastSync {
-            database: std::path::absolute(&local).unwrap_or(local.clone()),
+            database: database.clone(),
             server: server.url(),
             replica: replica.to_string(),
-            version: outcome.version.number,
-            digest: outcome.version.digest.clone(),
+            version: outcome.version,
+            digest: outcome.stats.digest.clone(),
             at: history::now(),
         });
+        let mut notes = Vec::new();
+        if let Some(keys) = &outcome.keys {
+            secrets.databases.insert(
+                database.to_string_lossy().into_owned(),
+                Secret {
+                    server: server.url(),
+                    replica: replica.to_string(),
+                    key: keys.push.clone(),
+                },
+            );
+            let secrets_path = secrets.save()?;
+            let sidecar = Sidecar {
+                server: server.url(),
+                replica: replica.to_string(),
+                key: keys.pull.clone(),
+            }
+            .save(&local)?;
+            notes.push(format!(
+                "new keys for {replica}: the PUSH key is saved in {} (next pushes of {} need no key); \
+                 {} holds the PULL key: copy it beside a database elsewhere and run it to pull",
+                secrets_path.display(),
+                local.display(),
+                sidecar.display()
+            ));
+        }
         if self.json {
             let mut v = serde_json::to_value(&outcome.stats)?;
             v["replica"] = replica.as_str().into();
-            v["version"] = outcome.version.number.into();
+            v["version"] = outcome.version.into();
             v["created"] = outcome.created.into();
             out(format_args!("{v}"))?;
         } else if !global.quiet {
@@ -135,7 +163,7 @@ impl PushArgs {
                 out(format_args!(
                     "pushed {} to {replica}: version {} ({} of {} pages sent, {} sent) in {:.2?}",
                     local.display(),
-                    outcome.version.number,
+                    outcome.version,
                     s.pages_sent,
                     s.pages_total,
                     human_bytes(s.bytes_sent),
@@ -144,12 +172,58 @@ impl PushArgs {
             } else {
                 out(format_args!(
                     "no change: {replica} is still at version {} ({})",
-                    outcome.version.number,
+                    outcome.version,
                     local.display()
                 ))?;
             }
         }
+        for note in notes {
+            eprintln!("{note}");
+        }
         Ok(ExitCode::from(exit::OK))
+    }
+
+    /// `--dry-run`: what a push would do, keys masked, nothing changed.
+    fn dry_run(
+        &self,
+        local: &Path,
+        replica: &ReplicaPath,
+        server: &Server,
+        request: &PushRequest,
+    ) -> anyhow::Result<ExitCode> {
+        let snap = Snapshot::open(local).context("cannot read LOCAL")?;
+        let latest = match server.versions(replica, request.key.as_deref()) {
+            Ok(v) => v.last().map(|v| v.number),
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        let base = request.options.base;
+        let size = u64::from(snap.page_count()) * u64::from(snap.page_size());
+        let conflict = !self.force && latest.is_some() && latest != base;
+        let key = request.key.as_deref().map_or("no key".to_owned(), |k| {
+            format!("key {}", crate::server::mask(k))
+        });
+        out(format_args!(
+            "would push {} ({}, {} pages) to {replica} on {} with {key}: {}",
+            local.display(),
+            human_bytes(size),
+            snap.page_count(),
+            server.url(),
+            match (latest, conflict) {
+                (_, true) => format!(
+                    "refused, VERSION_CONFLICT: the replica is at version {}, LOCAL is based on {}",
+                    latest.unwrap_or(0),
+                    base.map_or("no version".into(), |b| format!("version {b}"))
+                ),
+                (None, _) => "creating the replica as version 1".into(),
+                (Some(n), _) => format!("version {} if anything changed since version {n}", n + 1),
+            }
+        ))?;
+        Ok(ExitCode::from(if conflict {
+            exit::CONFLICT
+        } else {
+            exit::OK
+        }))
     }
 
     /// `push SRC DEST` between two local files.

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::{Global, ServerArg, exit, human_bytes, out};
+use super::{Global, KeyArg, ServerArg, exit, human_bytes, out};
 use crate::store::ReplicaPath;
 
 /// Arguments of `sqlferry versions`.
@@ -18,13 +18,19 @@ pub struct VersionsArgs {
     /// The server.
     #[command(flatten)]
     pub server: ServerArg,
+    /// The key.
+    #[command(flatten)]
+    pub key: KeyArg,
 }
 
 impl VersionsArgs {
     /// Runs the command.
     pub fn run(self, _global: &Global) -> anyhow::Result<ExitCode> {
         let replica = ReplicaPath::parse(&self.remote)?;
-        let versions = self.server.resolve()?.versions(&replica)?;
+        let versions = self
+            .server
+            .resolve()?
+            .versions(&replica, self.key.key.as_deref())?;
         if self.json {
             out(format_args!("{}", serde_json::to_string(&versions)?))?;
             return Ok(ExitCode::from(exit::OK));

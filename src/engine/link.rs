@@ -163,3 +163,217 @@ impl Drop for MemLink {
         let _ = self.flush();
     }
 }
+
+/// Which role a [`ChannelLink`] carries. It decides which direction is bounded: the
+/// frames a role *receives* in bulk (pages, for a replica) wait in a bounded queue; the
+/// frames it receives only as answers to its own requests (node hashes, for an origin)
+/// are bounded by its request window instead, so that side can never stall the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends pages, receives hashes.
+    Origin,
+    /// Receives pages, sends hashes.
+    Replica,
+}
+
+/// Frames that may wait between a WebSocket and the engine, in bounded directions.
+const CHANNEL_FRAMES: usize = 64;
+
+enum AsyncTx {
+    Bounded(tokio::sync::mpsc::Sender<Vec<u8>>),
+    Unbounded(tokio::sync::mpsc::UnboundedSender<Vec<u8>>),
+}
+
+enum AsyncRx {
+    Bounded(tokio::sync::mpsc::Receiver<Vec<u8>>),
+    Unbounded(tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>),
+}
+
+impl AsyncRx {
+    fn blocking_recv(&mut self) -> Option<Vec<u8>> {
+        match self {
+            AsyncRx::Bounded(rx) => rx.blocking_recv(),
+            AsyncRx::Unbounded(rx) => rx.blocking_recv(),
+        }
+    }
+
+    fn try_recv(&mut self) -> std::result::Result<Vec<u8>, tokio::sync::mpsc::error::TryRecvError> {
+        match self {
+            AsyncRx::Bounded(rx) => rx.try_recv(),
+            AsyncRx::Unbounded(rx) => rx.try_recv(),
+        }
+    }
+
+    async fn recv(&mut self) -> Option<Vec<u8>> {
+        match self {
+            AsyncRx::Bounded(rx) => rx.recv().await,
+            AsyncRx::Unbounded(rx) => rx.recv().await,
+        }
+    }
+}
+
+impl AsyncTx {
+    fn blocking_send(&self, bytes: Vec<u8>) -> bool {
+        match self {
+            AsyncTx::Bounded(tx) => tx.blocking_send(bytes).is_ok(),
+            AsyncTx::Unbounded(tx) => tx.send(bytes).is_ok(),
+        }
+    }
+
+    async fn send(&self, bytes: Vec<u8>) -> std::result::Result<(), Vec<u8>> {
+        match self {
+            AsyncTx::Bounded(tx) => tx.send(bytes).await.map_err(|e| e.0),
+            AsyncTx::Unbounded(tx) => tx.send(bytes).map_err(|e| e.0),
+        }
+    }
+}
+
+/// The engine's end of a link whose other end is async code (a WebSocket pump). Its
+/// methods block: use it on a blocking thread (`spawn_blocking`), never in async code.
+pub struct ChannelLink {
+    tx: AsyncTx,
+    rx: AsyncRx,
+    sent: u64,
+    received: u64,
+}
+
+/// The async end of a [`ChannelLink`]: one half per direction, so a pump can read the
+/// network and write it at the same time.
+pub struct PumpEnd {
+    /// Frames from the network to the engine.
+    pub to_engine: ToEngine,
+    /// Frames from the engine to the network.
+    pub from_engine: FromEngine,
+}
+
+/// The pump's sending half towards the engine.
+pub struct ToEngine(AsyncTx);
+
+/// The pump's receiving half from the engine.
+pub struct FromEngine(AsyncRx);
+
+/// What is left of a [`ChannelLink`] once the engine is done: frames that reached it
+/// but that it did not read (the peer's next control frame, for example).
+pub struct Leftovers(AsyncRx);
+
+impl Leftovers {
+    /// The frames not read, in order.
+    pub fn drain(mut self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Ok(b) = self.0.try_recv() {
+            out.push(b);
+        }
+        out
+    }
+}
+
+/// A link for `role` between a blocking engine and an async pump.
+pub fn channel_link(role: Role) -> (ChannelLink, PumpEnd) {
+    use tokio::sync::mpsc::{channel, unbounded_channel};
+    let (in_tx, in_rx, out_tx, out_rx) = match role {
+        Role::Replica => {
+            let (a, b) = channel(CHANNEL_FRAMES);
+            let (c, d) = unbounded_channel();
+            (
+                AsyncTx::Bounded(a),
+                AsyncRx::Bounded(b),
+                AsyncTx::Unbounded(c),
+                AsyncRx::Unbounded(d),
+            )
+        }
+        Role::Origin => {
+            let (a, b) = unbounded_channel();
+            let (c, d) = channel(CHANNEL_FRAMES);
+            (
+                AsyncTx::Unbounded(a),
+                AsyncRx::Unbounded(b),
+                AsyncTx::Bounded(c),
+                AsyncRx::Bounded(d),
+            )
+        }
+    };
+    (
+        ChannelLink {
+            tx: out_tx,
+            rx: in_rx,
+            sent: 0,
+            received: 0,
+        },
+        PumpEnd {
+            to_engine: ToEngine(in_tx),
+            from_engine: FromEngine(out_rx),
+        },
+    )
+}
+
+impl ChannelLink {
+    /// Ends the engine's use of the link: closes its sending half (the pump then knows
+    /// the engine is done) and keeps what it did not read.
+    pub fn finish(self) -> Leftovers {
+        Leftovers(self.rx)
+    }
+
+    fn decode(&mut self, bytes: Vec<u8>) -> Result<Frame> {
+        self.received += bytes.len() as u64;
+        Frame::decode(&bytes).map_err(|e| Error::Protocol(e.to_string()))
+    }
+}
+
+impl Link for ChannelLink {
+    fn send(&mut self, frame: &Frame) -> Result<()> {
+        let bytes = frame.to_bytes();
+        self.sent += bytes.len() as u64;
+        if self.tx.blocking_send(bytes) {
+            Ok(())
+        } else {
+            Err(Error::Disconnected("the connection closed".into()))
+        }
+    }
+
+    fn recv(&mut self) -> Result<Frame> {
+        let bytes = self
+            .rx
+            .blocking_recv()
+            .ok_or_else(|| Error::Disconnected("the connection closed".into()))?;
+        self.decode(bytes)
+    }
+
+    fn try_recv(&mut self) -> Result<Option<Frame>> {
+        use tokio::sync::mpsc::error::TryRecvError;
+        match self.rx.try_recv() {
+            Ok(bytes) => self.decode(bytes).map(Some),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => {
+                Err(Error::Disconnected("the connection closed".into()))
+            }
+        }
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.sent
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.received
+    }
+}
+
+impl ToEngine {
+    /// Hands a frame from the network to the engine; gives it back if the engine is
+    /// gone.
+    pub async fn send(&self, bytes: Vec<u8>) -> std::result::Result<(), Vec<u8>> {
+        self.0.send(bytes).await
+    }
+}
+
+impl FromEngine {
+    /// The engine's next frame for the network; `None` once the engine is done.
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.0.recv().await
+    }
+
+    /// The engine's next frame if one is already waiting.
+    pub fn try_recv(&mut self) -> Option<Vec<u8>> {
+        self.0.try_recv().ok()
+    }
+}

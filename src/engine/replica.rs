@@ -14,8 +14,21 @@ use crate::page::{hex, lock_byte_page, page_hash, zero_page_hash};
 use crate::protocol::{ErrorCode, Frame, MAX_NODES_PER_FRAME, PROTOCOL_VERSION};
 use crate::{Error, Result};
 
+/// What the replica side of a finished sync did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaDone {
+    /// Page size of the result.
+    pub page_size: u32,
+    /// Page count of the result.
+    pub page_count: u32,
+    /// Pages written.
+    pub pages_written: u32,
+    /// The digest verified before commit.
+    pub digest: crate::protocol::Hash,
+}
+
 /// Runs the replica side of one sync over `link`.
-pub fn run(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<()> {
+pub fn run(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<ReplicaDone> {
     let result = session(target, link);
     if let Err(e) = &result {
         if !matches!(e, Error::Remote { .. } | Error::Disconnected(_)) {
@@ -45,7 +58,7 @@ impl Written {
     }
 }
 
-fn session(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<()> {
+fn session(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<ReplicaDone> {
     let (page_size, page_count) = match recv(link)? {
         Frame::Begin {
             version,
@@ -158,7 +171,12 @@ fn session(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<()> {
                     pages_written,
                     digest: ours,
                 })?;
-                return Ok(());
+                return Ok(ReplicaDone {
+                    page_size,
+                    page_count,
+                    pages_written,
+                    digest: ours,
+                });
             }
             other => {
                 return Err(Error::Protocol(format!(

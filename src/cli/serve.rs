@@ -1,0 +1,75 @@
+//! `sqlferry serve`: the shared server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use super::{Global, exit};
+use crate::server::{State, serve};
+
+/// Arguments of `sqlferry serve`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example:\n  \
+sqlferry serve --data /var/lib/sqlferry --listen 127.0.0.1:7878\n\n\
+On first start it creates the admin key and prints it once, on stdout; only its hash is \
+stored. Push a new replica with the admin key (sqlferry push app.db acme/app.db --server \
+ws://HOST:PORT --key KEY): the server mints a PUSH and a PULL key for it. SIGINT or SIGTERM \
+stops it cleanly: sessions in flight get 10 s to finish, then are aborted (an unfinished \
+push leaves no trace).")]
+pub struct ServeArgs {
+    /// Where replicas and keys are kept [default: $XDG_DATA_HOME/sqlferry].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Address and port to listen on (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878")]
+    pub listen: String,
+}
+
+impl ServeArgs {
+    /// Runs the command.
+    pub fn run(self, _global: &Global) -> anyhow::Result<ExitCode> {
+        let data = match self.data {
+            Some(d) => d,
+            None => crate::config::data_dir().context("no data directory: pass --data DIR")?,
+        };
+        let state = State::open(&data).context("cannot open the data directory")?;
+        if let Some(key) = state.auth.ensure_admin()? {
+            super::out(format_args!(
+                "admin key (shown only this once; keep it secret): {key}"
+            ))?;
+        }
+        let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind(&self.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", self.listen))?;
+            let addr = listener.local_addr()?;
+            super::out(format_args!(
+                "listening on ws://{addr} (data in {})",
+                data.display()
+            ))?;
+            serve(listener, state, shutdown_signal()).await?;
+            anyhow::Ok(())
+        })?;
+        Ok(ExitCode::from(exit::OK))
+    }
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the server still runs; it just cannot stop cleanly.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received; shutting down");
+}

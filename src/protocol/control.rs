@@ -1,0 +1,273 @@
+//! Control frames: the server protocol around a page sync (who is asking, for what,
+//! with which result). Same framing as page-sync frames: type byte first, integers
+//! big-endian. JSON payloads are UTF-8 objects; unknown fields are ignored so either
+//! side may add fields. Pure: no I/O; [`Control::decode`] never panics.
+
+use serde::{Deserialize, Serialize};
+
+use super::{DecodeError, MAX_FRAME_BYTES, MAX_TEXT_BYTES, code};
+
+/// Client → server, first frame: what the session is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Open {
+    /// The page-sync protocol version the client speaks.
+    pub protocol: u16,
+    /// `push`, `pull` or `versions`.
+    pub op: Op,
+    /// The replica path, `namespace/name`.
+    pub replica: String,
+    /// For `pull`: `latest`, `N` or `latest-N`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// For `push`: the version the client's copy is based on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<u64>,
+    /// For `push`: replace even if the replica moved past `base`.
+    #[serde(default)]
+    pub force: bool,
+    /// Who is asking (`user@host`), recorded with a pushed version.
+    #[serde(default)]
+    pub client_id: String,
+}
+
+/// What a session does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Op {
+    /// Send a database as a new version.
+    Push,
+    /// Fetch a version.
+    Pull,
+    /// List versions.
+    Versions,
+}
+
+/// Server → client: the replica and the session's facts. Sent after OPEN is accepted,
+/// and again after a push commits (with the new version and any new keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// The replica's id (random, assigned at creation).
+    pub replica_id: String,
+    /// The replica path.
+    pub path: String,
+    /// The version concerned: the latest (after OPEN), the pulled one, or the one a
+    /// push made (after DONE). 0 when the replica has no version yet.
+    pub version: u64,
+    /// The kind of key the session authenticated with: `admin`, `push` or `pull`.
+    pub key_type: String,
+    /// Keys minted for a new replica after KEYREQUEST (shown once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<NewKeys>,
+    /// For `versions`: every version, oldest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<Vec<crate::store::VersionInfo>>,
+    /// After a push: whether it made a new version (false: nothing had changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<bool>,
+}
+
+/// The keys of a new replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewKeys {
+    /// Push and pull this replica.
+    pub push: String,
+    /// Pull this replica only.
+    pub pull: String,
+}
+
+/// A new version landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewVersion {
+    /// The replica path.
+    pub replica: String,
+    /// The new version number.
+    pub version: u64,
+    /// Its digest, hex.
+    pub digest: String,
+}
+
+/// One control frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// `0x50` OPEN: JSON [`Open`].
+    Open(Open),
+    /// `0x51` CONFIG: JSON [`Config`].
+    Config(Config),
+    /// `0x52` NEWREPLICAVERSION: JSON [`NewVersion`].
+    NewReplicaVersion(NewVersion),
+    /// `0x53` KEYREQUEST: no payload.
+    KeyRequest,
+    /// `0x54` COMMITMESSAGE: `u16` length, then that many bytes of UTF-8 (≤ 4096).
+    CommitMessage(String),
+    /// `0x57` CHANGED: `u32` seconds until the planned push.
+    Changed(u32),
+}
+
+/// Frame code of OPEN.
+pub const OPEN: u8 = 0x50;
+
+impl Control {
+    /// Whether `byte` is the type of a control frame.
+    pub fn is_control(byte: u8) -> bool {
+        matches!(
+            byte,
+            OPEN | code::CONFIG
+                | code::NEW_REPLICA_VERSION
+                | code::KEY_REQUEST
+                | code::COMMIT_MESSAGE
+                | code::CHANGED
+        )
+    }
+
+    /// The frame's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        fn json(ty: u8, v: &impl Serialize) -> Vec<u8> {
+            let mut out = vec![ty];
+            serde_json::to_writer(&mut out, v).expect("serialising to a Vec cannot fail");
+            out
+        }
+        match self {
+            Control::Open(o) => json(OPEN, o),
+            Control::Config(c) => json(code::CONFIG, c),
+            Control::NewReplicaVersion(n) => json(code::NEW_REPLICA_VERSION, n),
+            Control::KeyRequest => vec![code::KEY_REQUEST],
+            Control::CommitMessage(m) => {
+                let mut end = m.len().min(MAX_TEXT_BYTES);
+                while !m.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let mut out = vec![code::COMMIT_MESSAGE];
+                out.extend_from_slice(&(end as u16).to_be_bytes());
+                out.extend_from_slice(&m.as_bytes()[..end]);
+                out
+            }
+            Control::Changed(s) => {
+                let mut out = vec![code::CHANGED];
+                out.extend_from_slice(&s.to_be_bytes());
+                out
+            }
+        }
+    }
+
+    /// Decodes one control frame. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Control, DecodeError> {
+        if bytes.len() > MAX_FRAME_BYTES {
+            return Err(DecodeError::TooLarge(bytes.len()));
+        }
+        let (&ty, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
+        fn json<T: for<'de> Deserialize<'de>>(
+            what: &'static str,
+            b: &[u8],
+        ) -> Result<T, DecodeError> {
+            serde_json::from_slice(b)
+                .map_err(|e| DecodeError::Invalid(format!("{what} frame: {e}")))
+        }
+        Ok(match ty {
+            OPEN => Control::Open(json("OPEN", rest)?),
+            code::CONFIG => Control::Config(json("CONFIG", rest)?),
+            code::NEW_REPLICA_VERSION => {
+                Control::NewReplicaVersion(json("NEWREPLICAVERSION", rest)?)
+            }
+            code::KEY_REQUEST if rest.is_empty() => Control::KeyRequest,
+            code::KEY_REQUEST => return Err(DecodeError::Trailing("KEYREQUEST", rest.len())),
+            code::COMMIT_MESSAGE => {
+                let (len, text) = match rest {
+                    [a, b, text @ ..] => (usize::from(u16::from_be_bytes([*a, *b])), text),
+                    _ => return Err(DecodeError::Truncated("COMMITMESSAGE")),
+                };
+                if len > MAX_TEXT_BYTES {
+                    return Err(DecodeError::Invalid(format!(
+                        "COMMITMESSAGE of {len} bytes; at most {MAX_TEXT_BYTES} are allowed"
+                    )));
+                }
+                if text.len() < len {
+                    return Err(DecodeError::Truncated("COMMITMESSAGE"));
+                }
+                if text.len() > len {
+                    return Err(DecodeError::Trailing("COMMITMESSAGE", text.len() - len));
+                }
+                let text = String::from_utf8(text.to_vec())
+                    .map_err(|_| DecodeError::Invalid("COMMITMESSAGE is not UTF-8".into()))?;
+                Control::CommitMessage(text)
+            }
+            code::CHANGED => match rest {
+                [a, b, c, d] => Control::Changed(u32::from_be_bytes([*a, *b, *c, *d])),
+                [_, _, _, _, more @ ..] => {
+                    return Err(DecodeError::Trailing("CHANGED", more.len()));
+                }
+                _ => return Err(DecodeError::Truncated("CHANGED")),
+            },
+            other => return Err(DecodeError::UnknownType(other)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_frames_round_trip() {
+        let frames = [
+            Control::Open(Open {
+                protocol: 1,
+                op: Op::Push,
+                replica: "acme/app.db".into(),
+                version: None,
+                base: Some(3),
+                force: false,
+                client_id: "me@host".into(),
+            }),
+            Control::Config(Config {
+                replica_id: "r1".into(),
+                path: "acme/app.db".into(),
+                version: 4,
+                key_type: "push".into(),
+                ..Default::default()
+            }),
+            Control::NewReplicaVersion(NewVersion {
+                replica: "a/b".into(),
+                version: 9,
+                digest: "ab".into(),
+            }),
+            Control::KeyRequest,
+            Control::CommitMessage("before migration ✓".into()),
+            Control::Changed(600),
+        ];
+        for f in frames {
+            assert_eq!(Control::decode(&f.to_bytes()), Ok(f));
+        }
+    }
+
+    #[test]
+    fn commit_message_is_byte_exact_and_bounded() {
+        assert_eq!(
+            Control::CommitMessage("hi".into()).to_bytes(),
+            [0x54, 0, 2, b'h', b'i']
+        );
+        assert_eq!(Control::Changed(600).to_bytes(), [0x57, 0, 0, 2, 0x58]);
+        let mut big = vec![0x54];
+        big.extend_from_slice(&4097u16.to_be_bytes());
+        big.extend(std::iter::repeat_n(b'a', 4097));
+        assert!(matches!(
+            Control::decode(&big),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            Control::decode(&[0x54, 0, 5, b'a']),
+            Err(DecodeError::Truncated(_))
+        ));
+        assert!(matches!(
+            Control::decode(&[0x50, b'{']),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            Control::decode(&[0x01]),
+            Err(DecodeError::UnknownType(1))
+        ));
+        assert!(matches!(
+            Control::decode(&[0x53, 0]),
+            Err(DecodeError::Trailing(..))
+        ));
+    }
+}

@@ -1,0 +1,172 @@
+//! Running an engine role over a WebSocket: the pump between the network and the
+//! blocking engine thread. Used by the client and by the server alike.
+//!
+//! The pump reads and writes at the same time (two futures over the split socket), so
+//! a peer that is busy sending never stops reading: with the engine's own bounds (see
+//! [`crate::engine::Role`]) neither side can stall the other. One protocol frame is one
+//! binary message; text messages are a protocol error; pings are answered by
+//! tungstenite.
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::engine::{ChannelLink, PumpEnd, Role, channel_link};
+use crate::protocol::MAX_FRAME_BYTES;
+use crate::{Error, Result};
+
+/// Frames the writer sends before it flushes the socket.
+const FLUSH_EVERY_FRAMES: usize = 64;
+
+/// The WebSocket limits both sides use: no message larger than a protocol frame.
+pub(crate) fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+}
+
+/// Why the reader half stopped.
+enum ReaderEnd {
+    /// The engine finished while this message was on its way to it.
+    EngineGone(Vec<u8>),
+    /// The peer closed the connection.
+    Closed,
+    /// The connection failed or broke the protocol.
+    Failed(String),
+}
+
+/// Receives the next binary message, skipping pings and pongs. `Ok(None)`: closed.
+pub(crate) async fn recv_binary<S>(ws: &mut WebSocketStream<S>) -> Result<Option<Vec<u8>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => return Ok(Some(b.into())),
+            Some(Ok(Message::Close(_))) | None => return Ok(None),
+            Some(Ok(Message::Text(_))) => {
+                return Err(Error::Protocol(
+                    "text messages are not part of the protocol".into(),
+                ));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(Error::Disconnected(e.to_string())),
+        }
+    }
+}
+
+/// Sends one binary message.
+pub(crate) async fn send_binary<S>(ws: &mut WebSocketStream<S>, bytes: Vec<u8>) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ws.send(Message::Binary(bytes.into()))
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))
+}
+
+/// Runs `engine` on a blocking thread as `role`, its frames carried over `ws`. `first`
+/// are frames already read from the network that belong to the engine. Returns the
+/// engine's result and the frames that arrived for after it (in order).
+pub(crate) async fn run_engine<S, T, F>(
+    ws: &mut WebSocketStream<S>,
+    role: Role,
+    first: Vec<Vec<u8>>,
+    engine: F,
+) -> (Result<T>, Vec<Vec<u8>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: Send + 'static,
+    F: FnOnce(&mut ChannelLink) -> Result<T> + Send + 'static,
+{
+    let (
+        mut link,
+        PumpEnd {
+            to_engine,
+            mut from_engine,
+        },
+    ) = channel_link(role);
+    for frame in first {
+        // The engine is not running yet; the queue holds these few frames.
+        let _ = to_engine.send(frame).await;
+    }
+    let handle = tokio::task::spawn_blocking(move || {
+        let result = engine(&mut link);
+        (result, link.finish())
+    });
+    let (mut sink, mut stream) = ws.split();
+    let mut extra = Vec::new();
+    {
+        let reader = async move {
+            loop {
+                match stream.next().await {
+                    Some(Ok(Message::Binary(b))) => {
+                        if let Err(b) = to_engine.send(b.into()).await {
+                            return ReaderEnd::EngineGone(b);
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None => return ReaderEnd::Closed,
+                    Some(Ok(Message::Text(_))) => {
+                        return ReaderEnd::Failed(
+                            "text messages are not part of the protocol".into(),
+                        );
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return ReaderEnd::Failed(e.to_string()),
+                }
+            }
+        };
+        let writer = async move {
+            while let Some(frame) = from_engine.recv().await {
+                sink.feed(Message::Binary(frame.into())).await?;
+                let mut n = 1;
+                while n < FLUSH_EVERY_FRAMES {
+                    match from_engine.try_recv() {
+                        Some(frame) => sink.feed(Message::Binary(frame.into())).await?,
+                        None => break,
+                    }
+                    n += 1;
+                }
+                sink.flush().await?;
+            }
+            Ok::<_, tokio_tungstenite::tungstenite::Error>(())
+        };
+        tokio::pin!(reader, writer);
+        let mut reader_end = None;
+        let written = loop {
+            tokio::select! {
+                w = &mut writer => break w,
+                r = &mut reader, if reader_end.is_none() => {
+                    if let ReaderEnd::Failed(why) = &r {
+                        tracing::debug!(%why, "connection failed");
+                    }
+                    reader_end = Some(r);
+                }
+            }
+        };
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "could not write to the connection");
+        }
+        let reader_end = match reader_end {
+            Some(end) => Some(end),
+            // The engine is done; a message on its way to it is handed back at once.
+            None => (&mut reader).now_or_never(),
+        };
+        if let Some(ReaderEnd::EngineGone(b)) = reader_end {
+            extra.push(b);
+        }
+    }
+    match handle.await {
+        Ok((result, leftovers)) => {
+            let mut frames = leftovers.drain();
+            frames.extend(extra);
+            (result, frames)
+        }
+        Err(e) => (
+            Err(Error::Protocol(format!("the sync engine failed: {e}"))),
+            Vec::new(),
+        ),
+    }
+}

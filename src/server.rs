@@ -1,0 +1,284 @@
+//! `sqlferry serve`: HTTP and WebSocket on one port.
+//!
+//! Every connection starts as an HTTP request. A WebSocket upgrade on `/v1/sync` is
+//! authenticated from its `Authorization: Bearer` header before the upgrade is
+//! accepted (a missing or wrong key gets `401` with a message saying which), then runs
+//! one session ([`session`]): OPEN, then a push, a pull or a version list. Other
+//! requests go to the small JSON API ([`http`]).
+//!
+//! Invariants:
+//! - A session that fails for any reason (malformed or oversized frame, wrong key,
+//!   dropped connection, client killed) ends alone: the server keeps serving everyone
+//!   else, and a push that did not finish leaves no trace (the store's transaction is
+//!   rolled back).
+//! - Keys are never logged; only key ids are.
+//! - [`serve`] takes its listener and a shutdown future: on shutdown it stops accepting,
+//!   lets sessions in flight finish for up to [`SHUTDOWN_GRACE`], then aborts the rest
+//!   (an aborted push rolls back).
+
+mod auth;
+mod http;
+mod session;
+
+pub use auth::{Auth, KeyKind, Principal, mask};
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use crate::store::Store;
+use crate::{Error, Result};
+
+/// How long sessions in flight may take to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a client may take to send its HTTP request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest HTTP request head accepted.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// What every connection of a server shares.
+#[derive(Debug, Clone)]
+pub struct State {
+    /// The replicas.
+    pub store: Store,
+    /// The keys.
+    pub auth: Auth,
+}
+
+impl State {
+    /// The server state for data directory `data`: the store and `server.db` live there.
+    pub fn open(data: &std::path::Path) -> Result<State> {
+        Ok(State {
+            store: Store::new(data),
+            auth: Auth::open(data)?,
+        })
+    }
+}
+
+/// Serves connections from `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: State,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let state = Arc::new(state);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let state = state.clone();
+                    connections.spawn(async move {
+                        if let Err(e) = connection(stream, state).await {
+                            tracing::info!(%peer, error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving the others.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!(sessions = connections.len(), "shutting down");
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            sessions = connections.len(),
+            "aborting sessions still running"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+    }
+    Ok(())
+}
+
+/// A parsed HTTP request head.
+pub(crate) struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The bearer key, if the request carries one.
+    fn bearer(&self) -> Option<&str> {
+        let v = self.header("authorization")?;
+        let (scheme, key) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+    }
+}
+
+/// Reads the request head; returns it and any bytes read past it.
+async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Error::Disconnected(e.to_string()))?;
+        if n == 0 {
+            return Err(Error::Disconnected(
+                "closed before sending a request".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let request = Request {
+                    method: req.method.unwrap_or("").to_owned(),
+                    path: req.path.unwrap_or("").to_owned(),
+                    headers: req
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_owned(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect(),
+                };
+                return Ok((request, buf[len..].to_vec()));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => continue,
+            Ok(httparse::Status::Partial) => {
+                return Err(Error::Protocol("request head too large".into()));
+            }
+            Err(e) => return Err(Error::Protocol(format!("bad HTTP request: {e}"))),
+        }
+    }
+}
+
+/// Writes a complete HTTP response with a JSON body and closes.
+pub(crate) async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    body: &serde_json::Value,
+) -> Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Error",
+    };
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// Authenticates the key a request carries. `Err` is the refusal to send (401).
+pub(crate) async fn authenticate(state: &State, request: &Request) -> Result<Principal> {
+    let Some(key) = request.bearer().map(str::to_owned) else {
+        return Err(Error::Auth(
+            "missing key: send it as Authorization: Bearer <key>".into(),
+        ));
+    };
+    let auth = state.auth.clone();
+    let principal = tokio::task::spawn_blocking(move || auth.check(&key))
+        .await
+        .map_err(|e| Error::Protocol(e.to_string()))??;
+    principal.ok_or_else(|| Error::Auth("wrong key: this server does not know it".into()))
+}
+
+async fn connection(mut stream: TcpStream, state: Arc<State>) -> Result<()> {
+    let (request, rest) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
+        .await
+        .map_err(|_| Error::Disconnected("no request within 10 s".into()))??;
+    let upgrade = request
+        .header("upgrade")
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return http::route(&mut stream, &request, &state).await;
+    }
+    if request.path != "/v1/sync" {
+        return respond(
+            &mut stream,
+            404,
+            &serde_json::json!({"error": "WebSocket sessions live at /v1/sync"}),
+        )
+        .await;
+    }
+    let Some(ws_key) = request.header("sec-websocket-key").map(str::to_owned) else {
+        return respond(
+            &mut stream,
+            400,
+            &serde_json::json!({"error": "missing Sec-WebSocket-Key"}),
+        )
+        .await;
+    };
+    if !rest.is_empty() {
+        return respond(
+            &mut stream,
+            400,
+            &serde_json::json!({"error": "data sent before the upgrade"}),
+        )
+        .await;
+    }
+    let principal = match authenticate(&state, &request).await {
+        Ok(p) => p,
+        Err(e) => {
+            return respond(
+                &mut stream,
+                401,
+                &serde_json::json!({"error": e.to_string()}),
+            )
+            .await;
+        }
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+    );
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        stream,
+        tokio_tungstenite::tungstenite::protocol::Role::Server,
+        Some(crate::remote::ws::ws_config()),
+    )
+    .await;
+    tracing::info!(key = %principal.key_id, kind = principal.kind.as_str(), "session opened");
+    session::run(ws, &state, &principal).await;
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! One WebSocket session: OPEN, authorization, then a push, a pull or a version list.
+//!
+//! Push: `OPEN` → `CONFIG` (the replica's latest version) → optional `KEYREQUEST` and
+//! `COMMITMESSAGE` → the page sync with the store as replica → `CONFIG` (the version the
+//! push made, and new keys if asked for). Pull: `OPEN` → `CONFIG` (the version to be
+//! sent) → the page sync with the store as origin. Versions: `OPEN` → `CONFIG` with the
+//! list. Any failure is answered with one `ERROR` frame, then the connection closes.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
+
+use super::{KeyKind, Principal, State};
+use crate::engine::{NoProgress, Role, run_origin, run_replica};
+use crate::protocol::control::{Config, Control, Op, Open};
+use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
+use crate::remote::ws::{recv_binary, run_engine, send_binary};
+use crate::store::{PushOptions, ReplicaPath, Selector};
+use crate::{Error, ErrorKind, Result};
+
+/// How long a client may take to send OPEN after the upgrade.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a session to its end; failures are reported to the client, then logged.
+pub(super) async fn run<S>(mut ws: WebSocketStream<S>, state: &State, principal: &Principal)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Err(e) = session(&mut ws, state, principal).await {
+        tracing::info!(key = %principal.key_id, error = %e, "session failed");
+        // The peer may have gone already (that may be the failure); try anyway.
+        if !matches!(e, Error::Disconnected(_) | Error::Remote { .. }) {
+            let frame = Frame::Error {
+                code: ErrorCode::for_kind(e.kind()) as u16,
+                message: e.to_string(),
+            };
+            let _ = send_binary(&mut ws, frame.to_bytes()).await;
+        }
+    }
+    let _ = ws.close(None).await;
+}
+
+async fn send_control<S>(ws: &mut WebSocketStream<S>, c: Control) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    send_binary(ws, c.to_bytes()).await
+}
+
+fn decode_control(bytes: &[u8]) -> Result<Control> {
+    Control::decode(bytes).map_err(|e| Error::Protocol(e.to_string()))
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Protocol(format!("the store failed: {e}")))?
+}
+
+async fn session<S>(ws: &mut WebSocketStream<S>, state: &State, principal: &Principal) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let first = tokio::time::timeout(OPEN_TIMEOUT, recv_binary(ws))
+        .await
+        .map_err(|_| Error::Protocol("no OPEN frame within 10 s".into()))??
+        .ok_or_else(|| Error::Disconnected("closed before OPEN".into()))?;
+    let open = match decode_control(&first)? {
+        Control::Open(open) => open,
+        _ => return Err(Error::Protocol("the first frame must be OPEN".into())),
+    };
+    if open.protocol != PROTOCOL_VERSION {
+        return Err(Error::Protocol(format!(
+            "the client speaks protocol version {}; this server speaks {PROTOCOL_VERSION}",
+            open.protocol
+        )));
+    }
+    let replica = ReplicaPath::parse(&open.replica)?;
+    principal.authorize(open.op, &replica)?;
+    match open.op {
+        Op::Versions => versions(ws, state, principal, &replica).await,
+        Op::Pull => pull(ws, state, principal, &replica, &open).await,
+        Op::Push => push(ws, state, principal, replica, open).await,
+    }
+}
+
+fn config(
+    principal: &Principal,
+    replica: &ReplicaPath,
+    replica_id: String,
+    version: u64,
+) -> Config {
+    Config {
+        replica_id,
+        path: replica.to_string(),
+        version,
+        key_type: principal.kind.as_str().into(),
+        ..Config::default()
+    }
+}
+
+async fn versions<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+    replica: &ReplicaPath,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
+    let (id, list) =
+        blocking(move || Ok((auth.replica_id(&r, false)?, store.versions(&r)?))).await?;
+    let mut c = config(
+        principal,
+        replica,
+        id.unwrap_or_default(),
+        list.last().map_or(0, |v| v.number),
+    );
+    c.versions = Some(list);
+    send_control(ws, Control::Config(c)).await
+}
+
+async fn pull<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+    replica: &ReplicaPath,
+    open: &Open,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let spec = format!("{replica}@{}", open.version.as_deref().unwrap_or("latest"));
+    let (_, selector) = Selector::split(&spec)?;
+    let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
+    let (id, mut reader) =
+        blocking(move || Ok((auth.replica_id(&r, false)?, store.read(&r, selector)?))).await?;
+    let number = reader.info().number;
+    send_control(
+        ws,
+        Control::Config(config(principal, replica, id.unwrap_or_default(), number)),
+    )
+    .await?;
+    let (result, _) = run_engine(ws, Role::Origin, Vec::new(), move |link| {
+        run_origin(&mut reader, link, &NoProgress).map(drop)
+    })
+    .await;
+    result
+}
+
+async fn push<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+    replica: ReplicaPath,
+    open: Open,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
+    let admin = principal.kind == KeyKind::Admin;
+    let (id, latest) = blocking(move || {
+        // Only an admin key creates replicas; a push key's replica exists already.
+        let id = auth.replica_id(&r, admin)?;
+        let latest = match store.versions(&r) {
+            Ok(v) => v.last().map_or(0, |v| v.number),
+            Err(e) if e.kind() == ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        Ok((id, latest))
+    })
+    .await?;
+    let Some(id) = id else {
+        return Err(Error::NotFound(format!(
+            "replica {replica} does not exist; an admin key creates it"
+        )));
+    };
+    send_control(
+        ws,
+        Control::Config(config(principal, &replica, id.clone(), latest)),
+    )
+    .await?;
+
+    // Control frames until the first page-sync frame, which belongs to the engine.
+    let mut message = String::new();
+    let mut key_request = false;
+    let first_sync = loop {
+        let bytes = recv_binary(ws)
+            .await?
+            .ok_or_else(|| Error::Disconnected("closed before the push began".into()))?;
+        match bytes.first() {
+            Some(&b) if Control::is_control(b) => match decode_control(&bytes)? {
+                Control::KeyRequest => key_request = true,
+                Control::CommitMessage(m) => message = m,
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected control frame {other:?}"
+                    )));
+                }
+            },
+            _ => break bytes,
+        }
+    };
+    if key_request && !admin {
+        tracing::info!(key = %principal.key_id, "KEYREQUEST from a non-admin key ignored");
+        key_request = false;
+    }
+    let options = PushOptions {
+        base: open.base,
+        force: open.force,
+        message,
+        client_id: open.client_id.clone(),
+        key_id: principal.key_id.clone(),
+    };
+    let (store, r) = (state.store.clone(), replica.clone());
+    let (result, _) = run_engine(ws, Role::Replica, vec![first_sync], move |link| {
+        let mut writer = store.push(&r, options)?;
+        run_replica(&mut writer, link)?;
+        let (version, created) = writer.outcome().expect("a committed push has an outcome");
+        Ok((version.clone(), created))
+    })
+    .await;
+    let (version, created) = result?;
+    tracing::info!(%replica, version = version.number, created, key = %principal.key_id, "push committed");
+    let keys = if key_request {
+        let (auth, r) = (state.auth.clone(), replica.clone());
+        Some(blocking(move || auth.mint_replica_keys(&r)).await?)
+    } else {
+        None
+    };
+    let mut c = config(principal, &replica, id, version.number);
+    c.created = Some(created);
+    c.keys = keys;
+    send_control(ws, Control::Config(c)).await?;
+    ws.flush()
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))
+}
