@@ -1,0 +1,512 @@
+"""Benchmark of sqlferry's page-sync engine against `sqlite3 .backup`, on local files.
+
+    python3 bench/engine.py [--size-mb 200] [--workdir DIR] [--skip-memory]
+
+Builds the release binary (`cargo build --release`), makes a WAL database of about
+--size-mb with bench/mkdb.py, and in the same run times `sqlferry push` and Debian's
+`sqlite3 SRC ".backup DEST"` doing the same job:
+
+  full copy     onto a new file
+  no change     onto an up-to-date replica
+  scatter       after 1% of the rows were rewritten at random
+  cluster       after 1% of the rows in one contiguous id range were rewritten
+  append        after 1% new rows were appended
+
+For the incremental cases `.backup` writes onto an identical copy of the replica as it
+was before the sqlferry run. Each timing is the median of 3 runs, wall clock around the
+whole command; before every run the replica and sqlferry's page-hash cache are put back
+to the same state, so each run does the same work. The cache lives in DIR/cache
+(XDG_CACHE_HOME), so runs are self-contained. One warm-up sync precedes the timings
+("warm": the cache knows the pages as of the last sync, which is the steady state of a
+replica kept fresh); the "cold" rows empty the cache before every run. After every
+sqlferry run the replica's digest (`sqlferry verify --json`) must equal the origin's.
+
+Then (unless --skip-memory) the peak RSS of `sqlferry push` syncing a 1 GiB database
+against a 10 MiB one, both with 4096-byte pages: a full copy onto a new file, then a
+sync with no change. Peak RSS is the child's ru_maxrss from os.wait4.
+
+It prints a table of figures and one of targets with PASS/MISS, and writes everything
+to DIR/results.json. Needs Python 3 (standard library), cargo, and /usr/bin/sqlite3
+(Debian: apt-get install sqlite3). DIR defaults to a directory under /tmp; it takes
+about 3x the database size on disk (3 GiB more for the memory runs).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mkdb
+
+REPO = Path(__file__).resolve().parent.parent
+SQLFERRY = REPO / "target" / "release" / "sqlferry"
+SQLITE3 = "/usr/bin/sqlite3"
+REPEATS = 3
+MIB = 1024 * 1024
+PAGE_SIZE = 4096
+
+# Targets (issue 2).
+BYTES_SLACK = 1.01  # bytes sent <= changed pages' bytes x this + hash bytes
+HASH_SHARE_MAX = 0.001  # hash bytes < 0.1% of the database (no change, cluster)
+WALL_RATIO_MAX = {"full copy": 1.5, "no change": 0.3, "cluster": 0.3, "scatter": 0.6}
+MEMORY_GROWTH_MAX_KIB = 64 * 1024
+
+
+def fail(message):
+    sys.exit(f"bench/engine.py: {message}")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+class Lab:
+    """The work directory: the origin, the replica, the `.backup` target, the page-hash
+    cache, and saved states of the replica and cache to restore before each run."""
+
+    def __init__(self, workdir):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.origin = str(self.dir / "origin.db")
+        self.replica = str(self.dir / "replica.db")
+        self.backup_target = str(self.dir / "backup.db")
+        self.cache = self.dir / "cache"
+        self.env = dict(os.environ, XDG_CACHE_HOME=str(self.cache))
+
+    def run(self, cmd):
+        """Runs `cmd`; returns (wall seconds, stdout). Fails loudly on a non-zero exit."""
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            fail(f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stderr}")
+        return wall, proc.stdout
+
+    def push(self, src, dest):
+        """`sqlferry push SRC DEST --json`: returns (wall seconds, its JSON figures)."""
+        wall, out = self.run([str(SQLFERRY), "push", src, dest, "--json"])
+        return wall, json.loads(out)
+
+    def backup(self, src, dest):
+        """`sqlite3 SRC ".backup DEST"`: returns wall seconds."""
+        wall, _ = self.run([SQLITE3, src, f".backup '{dest}'"])
+        return wall
+
+    def digest(self, path):
+        """The digest `sqlferry verify --json` computes; fails unless integrity is ok."""
+        _, out = self.run([str(SQLFERRY), "verify", path, "--json"])
+        report = json.loads(out)
+        if report.get("integrity") != ["ok"]:
+            fail(f"{path}: integrity check says {report.get('integrity')}")
+        return report["digest"]
+
+    def check_same(self, path, expected, what):
+        got = self.digest(path)
+        if got != expected:
+            fail(f"{what}: {path} has digest {got}, the origin has {expected}")
+
+    def clear_cache(self):
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+    def save_state(self, name):
+        """Saves the replica file and the page-hash cache under `name`."""
+        state = self.dir / "state" / name
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(parents=True)
+        copy_db(self.replica, str(state / "replica.db"))
+        if self.cache.exists():
+            shutil.copytree(self.cache, state / "cache")
+        return state
+
+    def restore_state(self, state):
+        """Puts the replica and the cache back as `save_state` saw them."""
+        copy_db(str(state / "replica.db"), self.replica)
+        self.clear_cache()
+        if (state / "cache").exists():
+            shutil.copytree(state / "cache", self.cache)
+
+
+# Header fields of page 1 the backup API updates on the copy: the file change counter,
+# the schema cookie and the version-valid-for number.
+BACKUP_BUMPED = ((24, 28), (40, 44), (92, 96))
+
+
+def page_one(path, masked):
+    with open(path, "rb") as f:
+        page = bytearray(f.read(PAGE_SIZE))
+    if masked:
+        for start, end in BACKUP_BUMPED:
+            page[start:end] = bytes(end - start)
+    return bytes(page)
+
+
+def check_backup(path, origin, what):
+    """Fails unless the `.backup` result holds the origin's pages. Its page 1 may
+    differ in the counters the backup API bumps, so digests are not comparable."""
+    _, differing = mkdb.pagediff(origin, path, PAGE_SIZE)
+    page1_differs = page_one(origin, False) != page_one(path, False)
+    if differing - page1_differs or page_one(origin, True) != page_one(path, True):
+        fail(f"{what}: {path} differs from the origin in {differing} pages")
+
+
+def checkpoint(path):
+    """Moves any WAL content into the main file, so the file alone is the database."""
+    if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") > 0:
+        import sqlite3
+
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+
+
+def copy_db(src, dest):
+    """Copies a database file (checkpointed first) over `dest`, dropping dest's -wal
+    and -shm."""
+    checkpoint(src)
+    mkdb.remove_db(dest)
+    shutil.copyfile(src, dest)
+
+
+def db_bytes(path):
+    return os.path.getsize(path)
+
+
+# ---------------------------------------------------------------------------- cases
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def summarize(name, runs, changed_pages, db_size):
+    """One case's figures from its runs: medians of the walls, the engine's figures
+    from the first run (they are the same in every run)."""
+    stats = runs[0]["stats"]
+    for run in runs[1:]:
+        if run["stats"]["bytes_sent"] != stats["bytes_sent"]:
+            print(f"  note: {name}: bytes sent differ between runs "
+                  f"({[r['stats']['bytes_sent'] for r in runs]})")
+    return {
+        "case": name,
+        "sqlferry_s": median([r["sqlferry_s"] for r in runs]),
+        "backup_s": median([r["backup_s"] for r in runs]),
+        "sqlferry_runs_s": [r["sqlferry_s"] for r in runs],
+        "backup_runs_s": [r["backup_s"] for r in runs],
+        "bytes_sent": stats["bytes_sent"],
+        "bytes_received": stats["bytes_received"],
+        "pages_sent": stats["pages_sent"],
+        "pages_total": stats["pages_total"],
+        "page_size": stats["page_size"],
+        "hash_bytes": stats["hash_bytes"],
+        "engine_ms": median([r["stats"]["duration_ms"] for r in runs]),
+        "changed_pages": changed_pages,
+        "db_bytes": db_size,
+        "load": load(),
+    }
+
+
+def full_copy(lab, origin_digest, cold):
+    """sqlferry onto a new file vs `.backup` onto a new file."""
+    runs = []
+    for _ in range(REPEATS):
+        mkdb.remove_db(lab.replica)
+        mkdb.remove_db(lab.backup_target)
+        if cold:
+            lab.clear_cache()
+        wall, stats = lab.push(lab.origin, lab.replica)
+        lab.check_same(lab.replica, origin_digest, "full copy")
+        backup_wall = lab.backup(lab.origin, lab.backup_target)
+        runs.append({"sqlferry_s": wall, "backup_s": backup_wall, "stats": stats})
+    check_backup(lab.backup_target, lab.origin, ".backup full copy")
+    _, changed = mkdb.pagediff(os.devnull, lab.replica, PAGE_SIZE)
+    name = "full copy (cold cache)" if cold else "full copy"
+    return summarize(name, runs, changed, db_bytes(lab.origin))
+
+
+def incremental(lab, name, state, origin_digest, cold=False):
+    """sqlferry onto the replica in `state` vs `.backup` onto a copy of that replica."""
+    runs = []
+    for _ in range(REPEATS):
+        lab.restore_state(state)
+        if cold:
+            lab.clear_cache()
+        copy_db(lab.replica, lab.backup_target)
+        wall, stats = lab.push(lab.origin, lab.replica)
+        lab.check_same(lab.replica, origin_digest, name)
+        backup_wall = lab.backup(lab.origin, lab.backup_target)
+        runs.append({"sqlferry_s": wall, "backup_s": backup_wall, "stats": stats})
+    check_backup(lab.backup_target, lab.origin, f".backup {name}")
+    checkpoint(lab.replica)
+    _, changed = mkdb.pagediff(str(state / "replica.db"), lab.replica, PAGE_SIZE)
+    return summarize(name, runs, changed, db_bytes(lab.origin))
+
+
+def steady_state(lab, name):
+    """One untimed sync with the replica already up to date, so the cache describes
+    the origin and replica as of the last sync; saves that as the state to restore."""
+    lab.push(lab.origin, lab.replica)
+    return lab.save_state(name)
+
+
+def run_cases(lab):
+    results = []
+    digest = lab.digest(lab.origin)
+    print("  warm-up: one full copy", flush=True)
+    lab.push(lab.origin, lab.replica)
+    print("  full copy", flush=True)
+    results.append(full_copy(lab, digest, cold=False))
+    print("  full copy, cold cache", flush=True)
+    results.append(full_copy(lab, digest, cold=True))
+
+    state = steady_state(lab, "synced")
+    print("  no change", flush=True)
+    results.append(incremental(lab, "no change", state, digest))
+    print("  no change, cold cache", flush=True)
+    results.append(incremental(lab, "no change (cold cache)", state, digest, cold=True))
+
+    for mode in ("scatter", "cluster", "append"):
+        state = steady_state(lab, f"before-{mode}")
+        rows = mkdb.change(lab.origin, mode)
+        print(f"  {mode}: {rows} rows changed", flush=True)
+        digest = lab.digest(lab.origin)
+        results.append(incremental(lab, mode, state, digest))
+    return results
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def peak_rss_kib(lab, cmd):
+    """Runs `cmd` and returns its peak RSS in KiB (ru_maxrss of the child, Linux)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(cmd, env=lab.env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            err.seek(0)
+            fail(f"{' '.join(cmd)} exited with {child.returncode}:\n{err.read().decode()}")
+    return usage.ru_maxrss
+
+
+def memory_runs(lab):
+    """Peak RSS of full-copy and no-change pushes of a 10 MiB and a 1 GiB database."""
+    results = []
+    for label, size in (("10 MiB", 10 * MIB), ("1 GiB", 1024 * MIB)):
+        src = str(lab.dir / f"mem-{size // MIB}m.db")
+        dest = str(lab.dir / f"mem-{size // MIB}m-replica.db")
+        print(f"  making the {label} database", flush=True)
+        _, pages, page_size = mkdb.make_blob(src, size, PAGE_SIZE)
+        digest = lab.digest(src)
+        mkdb.remove_db(dest)
+        push = [str(SQLFERRY), "push", src, dest, "--json"]
+        full = peak_rss_kib(lab, push)
+        lab.check_same(dest, digest, f"memory run {label}")
+        unchanged = peak_rss_kib(lab, push)
+        results.append({"db": label, "db_bytes": db_bytes(src), "pages": pages,
+                        "page_size": page_size, "full_copy_kib": full,
+                        "no_change_kib": unchanged})
+        mkdb.remove_db(dest)
+        mkdb.remove_db(src)
+    return results
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def percent(part, whole):
+    return 100.0 * part / whole if whole else float("nan")
+
+
+def table(headers, rows):
+    """Formats rows as a Markdown table, columns padded to line up."""
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    def line(r):
+        padded = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        return "| " + " | ".join(padded) + " |"
+
+    # The first column (names) aligns left, the figures right.
+    rule = "|:" + "-" * (widths[0] + 1) + "|"
+    rule += "|".join("-" * (w + 1) + ":" for w in widths[1:]) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+
+def over_changed(r):
+    """Bytes sent beyond the changed pages' bytes, in % of those bytes."""
+    changed_bytes = r["changed_pages"] * r["page_size"]
+    if not changed_bytes:
+        return f"+{r['bytes_sent']} B"
+    return "%+.2f%%" % percent(r["bytes_sent"] - changed_bytes, changed_bytes)
+
+
+def figures_table(results):
+    """The figures of every case. "engine s" is the sync as sqlferry times itself
+    (duration_ms); the rest of the wall time is process start, opening and closing the
+    files (the replica's WAL checkpoint happens at close). "vs new-file" is the ratio
+    to `.backup` onto a new file, the cheapest thing `.backup` can do."""
+    backup_new = next(r["backup_s"] for r in results if r["case"] == "full copy")
+    headers = ["case", "sqlferry s", "engine s", ".backup s", "ratio", "vs new-file",
+               "bytes sent", "pages sent", "changed pages", "hash bytes", "hash % of db",
+               "sent vs changed"]
+    rows = []
+    for r in results:
+        rows.append([
+            r["case"], "%.3f" % r["sqlferry_s"], "%.3f" % (r["engine_ms"] / 1000),
+            "%.3f" % r["backup_s"], "%.2f" % (r["sqlferry_s"] / r["backup_s"]),
+            "%.2f" % (r["sqlferry_s"] / backup_new), r["bytes_sent"], r["pages_sent"],
+            r["changed_pages"], r["hash_bytes"],
+            "%.4f%%" % percent(r["hash_bytes"], r["db_bytes"]), over_changed(r),
+        ])
+    return table(headers, rows)
+
+
+def targets(results, memory):
+    """(target, measured, limit, PASS/MISS) for every target that applies."""
+    by_case = {r["case"]: r for r in results}
+    out = []
+
+    def check(what, measured, limit, ok):
+        out.append([what, measured, limit, "PASS" if ok else "MISS"])
+
+    for name in ("no change", "scatter", "cluster", "append"):
+        r = by_case[name]
+        limit = r["changed_pages"] * r["page_size"] * BYTES_SLACK + r["hash_bytes"]
+        check(f"{name}: bytes sent", r["bytes_sent"], "<= %d" % limit,
+              r["bytes_sent"] <= limit)
+    for name in ("no change", "cluster"):
+        r = by_case[name]
+        share = r["hash_bytes"] / r["db_bytes"]
+        check(f"{name}: hash bytes / db", "%.4f%%" % (100 * share),
+              "< %.1f%%" % (100 * HASH_SHARE_MAX), share < HASH_SHARE_MAX)
+    for name, max_ratio in WALL_RATIO_MAX.items():
+        r = by_case[name]
+        ratio = r["sqlferry_s"] / r["backup_s"]
+        check(f"{name}: wall / .backup", "%.2f" % ratio, "<= %.1f" % max_ratio,
+              ratio <= max_ratio)
+    if memory:
+        small, big = memory
+        for key, label in (("full_copy_kib", "full copy"), ("no_change_kib", "no change")):
+            growth = big[key] - small[key]
+            check(f"peak RSS 1 GiB - 10 MiB, {label}", "%.1f MiB" % (growth / 1024),
+                  "<= 64 MiB", growth <= MEMORY_GROWTH_MAX_KIB)
+    return out
+
+
+def memory_table(memory):
+    rows = [[m["db"], m["pages"], "%.1f" % (m["full_copy_kib"] / 1024),
+             "%.1f" % (m["no_change_kib"] / 1024)] for m in memory]
+    return table(["database", "pages", "full copy peak RSS MiB",
+                  "no change peak RSS MiB"], rows)
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def machine():
+    """What the figures were measured on."""
+    cpu = ""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines()
+                    if l.startswith("Model name")), "")
+    except OSError:
+        pass
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for l in f:
+            if l.startswith("MemTotal:"):
+                mem_kib = int(l.split()[1])
+    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True,
+                                    text=True).stdout.strip()
+    return {
+        "nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem_kib / MIB, 1),
+        "sqlite3": subprocess.run([SQLITE3, "--version"], capture_output=True,
+                                  text=True).stdout.split()[0],
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "src_dirty": bool(git("status", "--porcelain", "--", "src", "Cargo.toml",
+                              "Cargo.lock")),
+    }
+
+
+def load():
+    return "%.2f %.2f %.2f" % os.getloadavg()
+
+
+def build():
+    print("building: cargo build --release", flush=True)
+    proc = subprocess.run(["cargo", "build", "--release"], cwd=REPO)
+    if proc.returncode != 0 or not SQLFERRY.exists():
+        fail("cargo build --release failed")
+
+
+def check_tools():
+    if not os.access(SQLITE3, os.X_OK):
+        fail(f"{SQLITE3} not found: the comparison needs the sqlite3 command-line shell "
+             "(Debian/Ubuntu: sudo apt-get install sqlite3)")
+
+
+def make_origin(lab, size_mb):
+    print(f"making a {size_mb} MiB WAL database with bench/mkdb.py", flush=True)
+    rows, pages, page_size = mkdb.make(lab.origin, size_mb * MIB)
+    print(f"  {rows} rows, {pages} pages of {page_size} bytes", flush=True)
+    mkdb.remove_db(lab.replica)
+    mkdb.remove_db(lab.backup_target)
+    shutil.rmtree(lab.dir / "state", ignore_errors=True)
+    lab.clear_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description="Benchmark sqlferry push against sqlite3 .backup (see the docstring).")
+    parser.add_argument("--size-mb", type=int, default=200,
+                        help="size of the benchmark database in MiB (default 200)")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
+                                                          "sqlferry-bench"),
+                        help="where databases and the cache go (default /tmp/sqlferry-bench)")
+    parser.add_argument("--skip-memory", action="store_true",
+                        help="skip the 1 GiB peak-RSS runs")
+    args = parser.parse_args()
+
+    check_tools()
+    build()
+    lab = Lab(args.workdir)
+    make_origin(lab, args.size_mb)
+    info = machine()
+    info["load_start"] = load()
+    print(f"timing (load average {info['load_start']})", flush=True)
+    results = run_cases(lab)
+    memory = []
+    if not args.skip_memory:
+        print("memory", flush=True)
+        lab.clear_cache()
+        memory = memory_runs(lab)
+    info["load_end"] = load()
+
+    checks = targets(results, memory)
+    print()
+    print(f"sqlferry {info['commit']}{' (src/ modified)' if info['src_dirty'] else ''}, "
+          f"sqlite3 {info['sqlite3']}, {info['nproc']} CPUs ({info['cpu']}), "
+          f"{info['mem_gib']} GiB, load {info['load_start']} -> {info['load_end']}")
+    print(f"medians of {REPEATS} runs; wall time of the whole command\n")
+    print(figures_table(results))
+    if memory:
+        print()
+        print(memory_table(memory))
+    print()
+    print(table(["target", "measured", "limit", "result"], checks))
+    report = {"machine": info, "size_mb": args.size_mb, "cases": results,
+              "memory": memory, "targets": checks}
+    out = lab.dir / "results.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nall figures: {out}")
+    missed = sum(1 for c in checks if c[3] == "MISS")
+    print(f"{len(checks) - missed} of {len(checks)} targets met")
+
+
+if __name__ == "__main__":
+    main()
