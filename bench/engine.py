@@ -42,7 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import mkdb
+sys.dont_write_bytecode = True  # no __pycache__ in the repository's bench/
+import mkdb  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SQLFERRY = REPO / "target" / "release" / "sqlferry"
