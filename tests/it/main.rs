@@ -11,4 +11,5 @@
 mod cli;
 mod engine;
 mod live;
+mod sync_props;
 mod util;
