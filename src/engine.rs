@@ -23,7 +23,10 @@ pub use link::{
     ChannelLink, FromEngine, Leftovers, Link, MemLink, PumpEnd, Role, ToEngine, channel_link,
     mem_pair,
 };
-pub use origin::run as run_origin;
+pub use origin::{
+    FLAG_KNOWN_BASE, KnownBase, ManifestSink, OriginOptions, run as run_origin,
+    run_with as run_origin_with,
+};
 pub use replica::{ReplicaDone, run as run_replica};
 
 use std::time::Duration;
@@ -133,10 +136,20 @@ pub fn sync_local(
     target: &mut (dyn PageTarget + Send),
     progress: &dyn Progress,
 ) -> Result<SyncStats> {
+    sync_local_with(source, target, progress, OriginOptions::default())
+}
+
+/// [`sync_local`] with origin options (a known base, a manifest sink).
+pub fn sync_local_with(
+    source: &mut dyn PageSource,
+    target: &mut (dyn PageTarget + Send),
+    progress: &dyn Progress,
+    options: OriginOptions<'_>,
+) -> Result<SyncStats> {
     let (mut origin_link, mut replica_link) = mem_pair();
     let (origin, replica) = std::thread::scope(|s| {
         let replica = s.spawn(move || run_replica(target, &mut replica_link));
-        let origin = run_origin(source, &mut origin_link, progress);
+        let origin = run_origin_with(source, &mut origin_link, progress, options);
         // Dropping the origin's link ends the replica's session if the origin failed
         // before saying so.
         drop(origin_link);

@@ -69,3 +69,105 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
+
+/// The manifest of the version a local database was last pushed as: its page hashes,
+/// kept so that the next push compares pages locally and sends no hash at all.
+/// `$XDG_CACHE_HOME/sqlferry/manifests/`, one file per database: a JSON header line, then
+/// 32 bytes per page. Advisory: a missing or stale file only means hashes travel.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ManifestHeader {
+    /// The server URL.
+    pub server: String,
+    /// The replica path.
+    pub replica: String,
+    /// The version these hashes describe.
+    pub version: u64,
+    /// Page size.
+    pub page_size: u32,
+    /// Page count.
+    pub page_count: u32,
+}
+
+fn manifest_path(database: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(database).ok()?;
+    let key = Sha256::digest(abs.as_os_str().as_encoded_bytes());
+    let name = crate::page::hex(&key.into())[..32].to_owned();
+    Some(crate::config::cache_dir()?.join("manifests").join(name))
+}
+
+/// Keeps `hashes` as the manifest `header` describes, for `database`. Failures are
+/// logged, not fatal.
+pub fn save_manifest(
+    database: &Path,
+    header: &ManifestHeader,
+    hashes: &mut dyn Iterator<Item = crate::Result<crate::protocol::Hash>>,
+) {
+    use std::io::Write;
+    let Some(path) = manifest_path(database) else {
+        return;
+    };
+    let result = (|| -> crate::Result<()> {
+        let dir = path.parent().expect("the manifest path has a directory");
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| crate::Error::io(dir, e))?;
+        let mut w = std::io::BufWriter::new(tmp);
+        let io = |e| crate::Error::io(&path, e);
+        serde_json::to_writer(&mut w, header).map_err(|e| io(e.into()))?;
+        w.write_all(b"\n").map_err(io)?;
+        for h in hashes {
+            w.write_all(&h?).map_err(io)?;
+        }
+        let tmp = w.into_inner().map_err(|e| io(e.into_error()))?;
+        tmp.persist(&path).map_err(|e| io(e.error))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "could not keep the pushed manifest");
+    }
+}
+
+/// The kept manifest of `database`, if it describes exactly `server`, `replica` and
+/// `version`: its header and a reader of its hashes.
+pub fn load_manifest(
+    database: &Path,
+    server: &str,
+    replica: &str,
+    version: u64,
+) -> Option<(ManifestHeader, ManifestHashes)> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(manifest_path(database)?).ok()?;
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let header: ManifestHeader = serde_json::from_str(line.trim_end()).ok()?;
+    (header.server == server && header.replica == replica && header.version == version)
+        .then_some(())?;
+    let left = header.page_count;
+    Some((header, ManifestHashes { reader, left }))
+}
+
+/// The hashes of a kept manifest, in page order.
+pub struct ManifestHashes {
+    reader: std::io::BufReader<std::fs::File>,
+    left: u32,
+}
+
+impl Iterator for ManifestHashes {
+    type Item = crate::Result<crate::protocol::Hash>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::io::Read;
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let mut h = [0u8; 32];
+        Some(
+            self.reader
+                .read_exact(&mut h)
+                .map(|()| h)
+                .map_err(|e| crate::Error::io(Path::new("kept manifest"), e)),
+        )
+    }
+}

@@ -15,7 +15,11 @@ use std::sync::Arc;
 
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::engine::{NoProgress, Progress, Role, SyncStats, run_origin, run_replica, sync_local};
+use crate::engine::{
+    KnownBase, NoProgress, OriginOptions, Progress, Role, SyncStats, run_origin_with, run_replica,
+    sync_local, sync_local_with,
+};
+use crate::history;
 use crate::page::{Snapshot, Writer};
 use crate::protocol::control::{Config, Control, NewKeys, Op, Open};
 use crate::protocol::{Frame, PROTOCOL_VERSION};
@@ -59,6 +63,9 @@ pub struct PullOutcome {
 /// How a push presents itself.
 #[derive(Debug, Clone, Default)]
 pub struct PushRequest {
+    /// The local database's absolute path, for its kept manifest: with the manifest of
+    /// the base version at hand, no hash travels.
+    pub database: Option<PathBuf>,
     /// The store's options (base, force, message, client id).
     pub options: PushOptions,
     /// The key, for a server.
@@ -136,19 +143,36 @@ impl Server {
         progress: Arc<dyn Progress>,
     ) -> Result<PushOutcome> {
         let mut source = Snapshot::open(local)?;
-        match self {
+        let url = self.url();
+        // The manifest of the base version, if this client pushed it: no hash travels.
+        let kept = match (
+            &request.database,
+            request.options.base,
+            request.options.force,
+        ) {
+            (Some(db), Some(base), false) => {
+                history::load_manifest(db, &url, replica.as_str(), base)
+            }
+            _ => None,
+        };
+        let (outcome, pushed) = match self {
             Server::Embedded(store) => {
                 let mut target = store.push(replica, request.options)?;
-                let stats = sync_local(&mut source, &mut target, &*progress)?;
+                let (stats, pushed) = push_origin(&mut source, kept, |source, options| {
+                    sync_local_with(source, &mut target, &*progress, options)
+                })?;
                 let (version, created) = target
                     .outcome()
                     .expect("a successful sync leaves an outcome");
-                Ok(PushOutcome {
-                    stats,
-                    version: version.number,
-                    created,
-                    keys: None,
-                })
+                (
+                    PushOutcome {
+                        stats,
+                        version: version.number,
+                        created,
+                        keys: None,
+                    },
+                    pushed,
+                )
             }
             Server::Ws { url } => runtime()?.block_on(async {
                 let mut ws = connect(url, request.key.as_deref()).await?;
@@ -164,21 +188,35 @@ impl Server {
                     )
                     .await?;
                 }
-                let (stats, rest) =
+                let (result, rest) =
                     ws::run_engine(&mut ws, Role::Origin, Vec::new(), move |link| {
-                        run_origin(&mut source, link, &*progress)
+                        push_origin(&mut source, kept, |source, options| {
+                            run_origin_with(source, link, &*progress, options)
+                        })
                     })
                     .await;
-                let stats = stats?;
+                let (stats, pushed) = result?;
                 let config = next_config(&mut ws, rest).await?;
-                Ok(PushOutcome {
+                let outcome = PushOutcome {
                     stats,
                     version: config.version,
                     created: config.created.unwrap_or(true),
                     keys: config.keys,
-                })
-            }),
+                };
+                Ok::<_, Error>((outcome, pushed))
+            })?,
+        };
+        if let (Some(db), Some(pushed)) = (&request.database, pushed) {
+            let header = history::ManifestHeader {
+                server: url,
+                replica: replica.to_string(),
+                version: outcome.version,
+                page_size: pushed.page_size,
+                page_count: pushed.page_count,
+            };
+            history::save_manifest(db, &header, &mut pushed.hashes());
         }
+        Ok(outcome)
     }
 
     /// Pulls one version of `replica` into the database at `local`, atomically.
@@ -232,6 +270,74 @@ impl Server {
             }
         }
     }
+}
+
+/// The page hashes a push sent, in an unlinked temporary file, until the version they
+/// became is known.
+struct PushedManifest {
+    page_size: u32,
+    page_count: u32,
+    file: std::fs::File,
+}
+
+impl PushedManifest {
+    fn hashes(&self) -> impl Iterator<Item = Result<crate::protocol::Hash>> + '_ {
+        use std::io::Read;
+        let mut reader = std::io::BufReader::new(&self.file);
+        (0..self.page_count).map(move |_| {
+            let mut h = [0u8; 32];
+            reader
+                .read_exact(&mut h)
+                .map(|()| h)
+                .map_err(|e| Error::io(Path::new("pushed manifest"), e))
+        })
+    }
+}
+
+/// Runs the origin side of a push through `sync`, with the kept manifest (if any) as
+/// the known base, and collects the pushed page hashes.
+fn push_origin(
+    source: &mut Snapshot,
+    kept: Option<(history::ManifestHeader, history::ManifestHashes)>,
+    sync: impl FnOnce(&mut Snapshot, OriginOptions<'_>) -> Result<SyncStats>,
+) -> Result<(SyncStats, Option<PushedManifest>)> {
+    use std::io::{Seek, Write};
+    let mut kept = kept;
+    let base = kept.as_mut().map(|(h, hashes)| KnownBase {
+        version: h.version,
+        page_size: h.page_size,
+        page_count: h.page_count,
+        hashes,
+    });
+    let mut pushed = None;
+    let mut sink = |page_size: u32,
+                    hashes: &mut dyn Iterator<Item = Result<crate::protocol::Hash>>|
+     -> Result<()> {
+        let io = |e| Error::io(&std::env::temp_dir(), e);
+        let file = tempfile::tempfile().map_err(io)?;
+        let mut w = std::io::BufWriter::new(file);
+        let mut page_count = 0u32;
+        for h in hashes {
+            w.write_all(&h?).map_err(io)?;
+            page_count += 1;
+        }
+        let mut file = w.into_inner().map_err(|e| io(e.into_error()))?;
+        file.rewind().map_err(io)?;
+        pushed = Some(PushedManifest {
+            page_size,
+            page_count,
+            file,
+        });
+        Ok(())
+    };
+    let stats = sync(
+        source,
+        OriginOptions {
+            base,
+            manifest: Some(&mut sink),
+        },
+    )?;
+    Ok((stats, pushed))
 }
 
 fn link_sent(link: &crate::engine::ChannelLink) -> u64 {

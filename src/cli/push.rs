@@ -99,6 +99,7 @@ impl PushArgs {
         let last = history::last(&local)
             .filter(|l| l.server == server.url() && l.replica == replica.as_str());
         let request = PushRequest {
+            database: Some(database.clone()),
             options: PushOptions {
                 base: last.as_ref().map(|l| l.version),
                 force: self.force,

@@ -12,8 +12,12 @@ use std::time::Instant;
 use super::tree::Tree;
 use super::{FANOUT, Link, PageSource, Phase, Progress, SyncStats};
 use crate::page::{hex, lock_byte_page};
-use crate::protocol::{ErrorCode, Frame, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, Run};
+use crate::protocol::{ErrorCode, Frame, Hash, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, Run};
 use crate::{Error, Result};
+
+/// BEGIN flag: the origin knows the replica's manifest of `base_version`; it sends the
+/// pages that differ from it and asks for no hashes.
+pub const FLAG_KNOWN_BASE: u8 = 0x01;
 
 /// Node hashes the origin may have requested and not yet received (256 KiB of hashes).
 const WINDOW_NODES: u32 = 8192;
@@ -21,14 +25,52 @@ const WINDOW_NODES: u32 = 8192;
 /// The descent starts at the lowest level that has at most this many nodes.
 const TOP_NODES: u64 = 256;
 
+/// The version the replica holds, as the origin already knows it: its page hashes, in
+/// order. With it the origin compares pages itself and no hash travels at all.
+pub struct KnownBase<'a> {
+    /// The version number (sent in BEGIN).
+    pub version: u64,
+    /// Its page size.
+    pub page_size: u32,
+    /// Its page count.
+    pub page_count: u32,
+    /// Its page hashes, in page order.
+    pub hashes: &'a mut dyn Iterator<Item = Result<Hash>>,
+}
+
+/// Receives the origin's page hashes, in order, after a successful sync.
+pub type ManifestSink<'a> =
+    dyn FnMut(u32, &mut dyn Iterator<Item = Result<Hash>>) -> Result<()> + 'a;
+
+/// Optional behaviour of the origin.
+#[derive(Default)]
+pub struct OriginOptions<'a> {
+    /// The replica's version, if the origin knows its manifest. Used only when the
+    /// replica's READY agrees (same page count); otherwise the hash-tree exchange runs.
+    pub base: Option<KnownBase<'a>>,
+    /// Called with the page size and the synced page hashes once the replica committed
+    /// (the client keeps them as the next push's known base).
+    pub manifest: Option<&'a mut ManifestSink<'a>>,
+}
+
 /// Runs the origin side of one sync over `link`.
 pub fn run(
     source: &mut dyn PageSource,
     link: &mut dyn Link,
     progress: &dyn Progress,
 ) -> Result<SyncStats> {
+    run_with(source, link, progress, OriginOptions::default())
+}
+
+/// Runs the origin side of one sync over `link`, with options.
+pub fn run_with(
+    source: &mut dyn PageSource,
+    link: &mut dyn Link,
+    progress: &dyn Progress,
+    options: OriginOptions<'_>,
+) -> Result<SyncStats> {
     let started = Instant::now();
-    let result = session(source, link, progress, started);
+    let result = session(source, link, progress, started, options);
     if let Err(e) = &result {
         // Tell the replica why, unless it is the one that ended the session.
         if !matches!(e, Error::Remote { .. } | Error::Disconnected(_)) {
@@ -108,15 +150,17 @@ fn session(
     link: &mut dyn Link,
     progress: &dyn Progress,
     started: Instant,
+    options: OriginOptions<'_>,
 ) -> Result<SyncStats> {
     let page_size = source.page_size();
     let page_count = source.page_count();
+    let OriginOptions { base, manifest } = options;
     link.send(&Frame::Begin {
         version: PROTOCOL_VERSION,
         page_size,
         page_count,
-        base_version: 0,
-        flags: 0,
+        base_version: base.as_ref().map_or(0, |b| b.version),
+        flags: if base.is_some() { FLAG_KNOWN_BASE } else { 0 },
     })?;
 
     let replica_count = match recv(link)? {
@@ -128,11 +172,23 @@ fn session(
             )));
         }
     };
-    let common = page_count.min(replica_count);
     let lock_page = lock_byte_page(page_size);
+    // A known base is only as good as the replica's agreement with it.
+    let mut base = base.filter(|b| b.page_size == page_size && b.page_count == replica_count);
+    if base.is_some() {
+        tracing::debug!("base manifest known: no hash exchange");
+    }
+    // With a known base every page is compared during the pass; without, the pages the
+    // replica lacks are sent during the pass and the rest is found by the descent.
+    let common = if base.is_some() {
+        0
+    } else {
+        page_count.min(replica_count)
+    };
+    let mut base_hashes = base.as_mut().map(|b| (b.page_count, &mut *b.hashes));
 
     // One pass over the source: hash every page, and send the pages the replica does
-    // not have at all as they go by.
+    // not have, or that differ from the known base, as they go by.
     progress.start(Phase::Hashing, u64::from(page_count));
     let mut pages_sent = 0u32;
     let (mut tree, digest) = Tree::build(
@@ -140,7 +196,16 @@ fn session(
         page_count,
         |f| {
             source.scan(common, &mut |pgno, hash, data| {
-                if let Some(data) = data {
+                let differs = match &mut base_hashes {
+                    Some((count, hashes)) if pgno <= *count => match hashes.next() {
+                        Some(theirs) => theirs? != hash,
+                        None => {
+                            return Err(Error::Protocol("the base manifest ended early".into()));
+                        }
+                    },
+                    _ => true,
+                };
+                if let (Some(data), true) = (data, differs) {
                     if pgno != lock_page {
                         link.send(&Frame::Page {
                             pgno,
@@ -285,6 +350,9 @@ fn session(
                 other.name()
             )));
         }
+    }
+    if let Some(keep) = manifest {
+        keep(page_size, &mut tree.leaves(page_count)?)?;
     }
     Ok(SyncStats {
         page_size,
