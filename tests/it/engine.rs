@@ -305,8 +305,9 @@ fn database_over_one_gib_syncs_across_the_lock_byte_page() {
     .expect("update around the lock-byte page");
     util::insert_rows(&conn, 20, 60_000);
     let second = util::sync(&src, &dest);
+    // 4 rewritten and 20 new row pages, plus the interior and index pages they touch.
     assert!(
-        (24..40).contains(&second.pages_sent),
+        (24..=60).contains(&second.pages_sent),
         "changed and new pages only: {}",
         second.pages_sent
     );
