@@ -108,6 +108,8 @@ impl Error {
                     ErrorKind::Busy
                 }
                 Some(rusqlite::ErrorCode::NotADatabase) => ErrorKind::NotADatabase,
+                // SQLite found the file damaged: a check failed.
+                Some(rusqlite::ErrorCode::DatabaseCorrupt) => ErrorKind::Verification,
                 _ => ErrorKind::LocalIo,
             },
             Error::NotADatabase { .. } => ErrorKind::NotADatabase,

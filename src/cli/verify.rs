@@ -11,12 +11,14 @@ use crate::page::{JournalMode, Snapshot, hex, page_hash};
 
 /// Arguments of `sqlferry verify`.
 #[derive(Debug, clap::Args)]
-#[command(
-    after_help = "Exit status is 0 when the integrity check says ok, 7 when it does not, \
-3 when FILE cannot be read as an SQLite database.\n\n\
+#[command(after_help = "Examples:\n  \
+sqlferry verify backup.db                   digest, page size, page count, integrity\n  \
+sqlferry verify backup.db --json            the same as one JSON object\n  \
+sqlferry verify -q backup.db && echo ok     only the exit status\n\n\
+Exit status is 0 when the integrity check says ok, 7 when it does not (or SQLite finds the \
+file damaged), 3 when FILE cannot be read as an SQLite database.\n\n\
 Two databases with the same digest hold the same pages, byte for byte, whatever their \
-journal mode. The digest is the one `push --json` prints and a replica is checked against."
-)]
+journal mode. The digest is the one `push --json` prints and a replica is checked against.")]
 pub struct VerifyArgs {
     /// The database file (read-only; a live database is fine).
     pub file: String,

@@ -40,17 +40,24 @@ impl Snapshot {
             reason: "empty database: nothing to sync".into(),
         })?;
         let sql = |e| Error::sqlite(path, e);
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
-        conn.pragma_update(None, "cache_size", -CACHE_KIB)
-            .map_err(sql)?;
-        // The first read starts the read transaction; from here on the state is pinned.
-        conn.execute_batch("BEGIN DEFERRED; SELECT 1 FROM sqlite_schema LIMIT 1")
-            .map_err(sql)?;
+        let conn = match Self::begin(path) {
+            // A writer crashed and left a hot journal: a read-only connection may not
+            // roll it back. Let SQLite recover it the way any connection would, then read.
+            Err(e)
+                if e.sqlite_extended_error_code()
+                    == Some(rusqlite::ffi::SQLITE_READONLY_ROLLBACK) =>
+            {
+                tracing::info!(path = %path.display(), "rolling back the hot journal a crashed writer left");
+                let rw = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+                    .map_err(sql)?;
+                rw.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+                rw.execute_batch("SELECT 1 FROM sqlite_schema LIMIT 1")
+                    .map_err(sql)?;
+                drop(rw);
+                Self::begin(path).map_err(sql)?
+            }
+            other => other.map_err(sql)?,
+        };
         let page_count: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(sql)?;
@@ -70,6 +77,19 @@ impl Snapshot {
             page_count,
             journal_mode: header.journal_mode,
         })
+    }
+
+    /// Opens `path` read-only and starts the read transaction.
+    fn begin(path: &Path) -> rusqlite::Result<Connection> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+        // The first read starts the read transaction; from here on the state is pinned.
+        conn.execute_batch("BEGIN DEFERRED; SELECT 1 FROM sqlite_schema LIMIT 1")?;
+        Ok(conn)
     }
 
     /// The file this snapshot reads.

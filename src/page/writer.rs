@@ -40,6 +40,8 @@ pub struct Writer {
     journal_mode: Option<JournalMode>,
     page_size: u32,
     page_count: u32,
+    /// Page 1 as received, written last (see `write_page`).
+    page1: Option<Vec<u8>>,
     /// Whether this writer created the file (it is removed again on failure).
     created: bool,
     committed: bool,
@@ -104,6 +106,7 @@ impl Writer {
             journal_mode: header.map(|h| h.journal_mode),
             page_size: header.map_or(0, |h| h.page_size),
             page_count: 0,
+            page1: None,
             created: !existed,
             committed: false,
         };
@@ -113,6 +116,9 @@ impl Writer {
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, false)
             .map_err(sql)?;
         disable_autovacuum_on_commit(&conn);
+        // A second sqlite_dbpage instance, for page 1 (see `commit`).
+        conn.execute_batch("CREATE VIRTUAL TABLE temp.sqlferry_dbpage USING sqlite_dbpage")
+            .map_err(sql)?;
         writer.conn = Some(conn);
         Ok(writer)
     }
@@ -258,25 +264,21 @@ impl PageTarget for Writer {
     }
 
     fn write_page(&mut self, pgno: u32, data: &[u8], _hash: &Hash) -> Result<()> {
-        let mut page1;
-        let data = match (pgno, self.journal_mode) {
-            (1, Some(mode)) => {
+        if pgno == 1 {
+            // Page 1 holds the schema cookie. Written now, the next statement would see
+            // the cookie change and reload the schema from a half-written database
+            // ("malformed"), so page 1 waits and is written last, in `commit`.
+            let mut page1 = data.to_vec();
+            if let Some(mode) = self.journal_mode {
                 // Keep the replica's own journal mode (file format versions).
-                page1 = data.to_vec();
                 let v = if mode == JournalMode::Wal { 2 } else { 1 };
                 page1[18] = v;
                 page1[19] = v;
-                &page1[..]
             }
-            _ => data,
-        };
-        let mut stmt = self
-            .conn()
-            .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")
-            .map_err(self.sql())?;
-        stmt.execute(rusqlite::params![pgno, data])
-            .map_err(self.sql())?;
-        Ok(())
+            self.page1 = Some(page1);
+            return Ok(());
+        }
+        self.insert_page(pgno, data)
     }
 
     fn commit(
@@ -285,10 +287,11 @@ impl PageTarget for Writer {
         _digest: &Hash,
         _hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
+        let page1 = self.page1.take();
         // `self.page_count` is what the replica held; pages written past it only grow it.
         if page_count < self.page_count {
             // sqlite_dbpage's documented truncation: page `page_count + 1` and all
-            // after it go at COMMIT. It must be the last write of the transaction.
+            // after it go at COMMIT, unless this instance writes another page first.
             self.conn()
                 .execute(
                     "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
@@ -296,8 +299,33 @@ impl PageTarget for Writer {
                 )
                 .map_err(self.sql())?;
         }
+        // Page 1 last, and nothing after it but COMMIT: its new schema cookie would make
+        // any later statement reload the schema and check its root pages against the
+        // page count the btree layer read at BEGIN, which no longer holds here. It goes
+        // through a second sqlite_dbpage instance, because a write through the first
+        // would cancel the truncation pending there.
+        if let Some(page1) = page1 {
+            self.conn()
+                .execute(
+                    "INSERT INTO temp.sqlferry_dbpage(pgno, data) VALUES (1, ?1)",
+                    [&page1],
+                )
+                .map_err(self.sql())?;
+        }
         self.conn().execute_batch("COMMIT").map_err(self.sql())?;
         self.committed = true;
+        Ok(())
+    }
+}
+
+impl Writer {
+    fn insert_page(&self, pgno: u32, data: &[u8]) -> Result<()> {
+        let mut stmt = self
+            .conn()
+            .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")
+            .map_err(self.sql())?;
+        stmt.execute(rusqlite::params![pgno, data])
+            .map_err(self.sql())?;
         Ok(())
     }
 }
