@@ -330,3 +330,66 @@ fn killed_push_leaves_rollback_replica_as_it_was() {
 fn killed_push_leaves_wal_replica_as_it_was() {
     killed_push_leaves_replica_as_it_was(Mode::Wal, "-wal");
 }
+
+#[test]
+fn killed_push_into_new_dest_leaves_nothing_half_written() {
+    let dir = TempDir::new().expect("tempdir");
+    let src = dir.path().join("origin.db");
+    util::fill(&util::create(&src, 4096, Mode::Wal), 64 << 20, 2000);
+    let dest = dir.path().join("new.db");
+    let mut push = util::sqlferry(dir.path())
+        .arg("push")
+        .arg(&src)
+        .arg(&dest)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start push");
+    // In the middle: pages have spilled into the new file.
+    let mut finished = false;
+    let reached = util::wait_until(Duration::from_secs(120), Duration::from_millis(1), || {
+        finished = push.try_wait().expect("try_wait").is_some();
+        finished || util::file_len(&dest) >= 12 << 20
+    });
+    assert!(reached, "the new DEST never grew");
+    assert!(!finished, "the push finished before it could be killed");
+    push.kill().expect("SIGKILL the push");
+    push.wait().expect("wait push");
+
+    // What an application opening DEST now sees, on a copy (opening it recovers it):
+    // no half-written database.
+    let seen = dir.path().join("seen.db");
+    for suffix in ["", "-journal"] {
+        if util::sidecar(&dest, suffix).exists() {
+            std::fs::copy(util::sidecar(&dest, suffix), util::sidecar(&seen, suffix))
+                .expect("copy what the kill left");
+        }
+    }
+    if seen.exists() {
+        assert_eq!(util::page_count(&seen), 0, "a half-written DEST is visible");
+    }
+
+    // What the user does next: push again. It must complete the job.
+    let out = util::run(
+        dir.path(),
+        &[
+            "push".as_ref(),
+            src.as_os_str(),
+            dest.as_os_str(),
+            "--json".as_ref(),
+        ],
+    );
+    assert_eq!(
+        util::code(&out),
+        0,
+        "push after the killed one: {}",
+        util::stderr(&out)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        util::digest(&dest),
+        report["digest"].as_str().expect("digest")
+    );
+    assert_eq!(util::integrity(&dest), "ok");
+    assert_eq!(summary(&dest), summary(&src));
+}
