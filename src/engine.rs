@@ -27,7 +27,7 @@ pub use origin::{
     FLAG_KNOWN_BASE, KnownBase, ManifestSink, OriginOptions, run as run_origin,
     run_with as run_origin_with,
 };
-pub use replica::{ReplicaDone, run as run_replica};
+pub use replica::{ReplicaDone, run as run_replica, run_with as run_replica_with};
 
 use std::time::Duration;
 
@@ -86,12 +86,14 @@ pub enum Phase {
     Hashing,
     /// Comparing hashes and sending pages that differ.
     Sending,
+    /// Receiving and writing pages (the replica side; the total is not known).
+    Receiving,
 }
 
 /// Receives progress from a running sync. Every method has an empty default.
 pub trait Progress: Send + Sync {
-    /// A phase starts; `total` pages are to be done.
-    fn start(&self, _phase: Phase, _total: u64) {}
+    /// A phase starts; `total` pages of `page_size` bytes are to be done (0: unknown).
+    fn start(&self, _phase: Phase, _total: u64, _page_size: u32) {}
     /// `n` more pages of the current phase are done.
     fn advance(&self, _n: u64) {}
     /// The sync is over (successfully or not).

@@ -11,6 +11,15 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::engine::{Phase, Progress};
 
+/// A phase with a known total: a bar with pages, bytes, rate and time left.
+const BAR: &str = "{prefix:>9} [{bar:30}] {pos}/{len} pages ({msg}) {percent}% eta {eta}";
+
+/// A phase without a known total: pages and bytes so far.
+const SPINNER: &str = "{prefix:>9} {spinner} {pos} pages ({msg}) {per_sec}";
+
+/// The byte count in the message is refreshed every this many pages.
+const MESSAGE_EVERY_PAGES: u64 = 64;
+
 /// Work that finishes sooner than this shows no bar at all.
 const SHOW_AFTER: Duration = Duration::from_millis(400);
 
@@ -24,6 +33,7 @@ pub struct Bar {
 struct State {
     started: Instant,
     shown: bool,
+    page_size: u64,
 }
 
 impl Bar {
@@ -36,26 +46,31 @@ impl Bar {
             state: Mutex::new(State {
                 started: Instant::now(),
                 shown: false,
+                page_size: 0,
             }),
         }
     }
 }
 
 impl Progress for Bar {
-    fn start(&self, phase: Phase, total: u64) {
-        let label = match phase {
-            Phase::Hashing => "hashing",
-            Phase::Sending => "syncing",
+    fn start(&self, phase: Phase, total: u64, page_size: u32) {
+        let (label, template) = match phase {
+            Phase::Hashing => ("reading", BAR),
+            Phase::Sending => ("syncing", BAR),
+            Phase::Receiving => ("receiving", SPINNER),
         };
-        let style = ProgressStyle::with_template(
-            "{prefix:>8} [{bar:30}] {pos}/{len} pages ({percent}%) {per_sec} eta {eta}",
-        )
-        .expect("the template is valid")
-        .progress_chars("=> ");
+        let style = ProgressStyle::with_template(template)
+            .expect("the template is valid")
+            .progress_chars("=> ");
         self.bar.set_style(style);
         self.bar.set_prefix(label);
         self.bar.set_length(total);
         self.bar.set_position(0);
+        self.bar.set_message(String::new());
+        self.state
+            .lock()
+            .expect("no panics while holding the bar state")
+            .page_size = u64::from(page_size);
     }
 
     fn advance(&self, n: u64) {
@@ -68,6 +83,11 @@ impl Progress for Bar {
             if !state.shown && state.started.elapsed() >= SHOW_AFTER {
                 state.shown = true;
                 self.bar.set_draw_target(ProgressDrawTarget::stderr());
+            }
+            let pos = self.bar.position();
+            if state.shown && pos % MESSAGE_EVERY_PAGES == 0 {
+                self.bar
+                    .set_message(crate::cli::human_bytes(pos * state.page_size));
             }
         }
     }

@@ -189,7 +189,7 @@ fn session(
 
     // One pass over the source: hash every page, and send the pages the replica does
     // not have, or that differ from the known base, as they go by.
-    progress.start(Phase::Hashing, u64::from(page_count));
+    progress.start(Phase::Hashing, u64::from(page_count), page_size);
     let mut pages_sent = 0u32;
     let (mut tree, digest) = Tree::build(
         page_size,
@@ -223,7 +223,7 @@ fn session(
         .ok_or_else(|| Error::Protocol("the origin's page count changed while hashing".into()))?;
     let mut hash_bytes = 0u64;
 
-    progress.start(Phase::Sending, u64::from(common));
+    progress.start(Phase::Sending, u64::from(common), page_size);
     let mut tx = Sender {
         source,
         link,

@@ -9,7 +9,7 @@
 
 use super::origin::recv;
 use super::tree::Tree;
-use super::{Link, PageTarget};
+use super::{Link, PageTarget, Phase, Progress};
 use crate::page::{hex, lock_byte_page, page_hash, zero_page_hash};
 use crate::protocol::{ErrorCode, Frame, MAX_NODES_PER_FRAME, PROTOCOL_VERSION};
 use crate::{Error, Result};
@@ -29,7 +29,17 @@ pub struct ReplicaDone {
 
 /// Runs the replica side of one sync over `link`.
 pub fn run(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<ReplicaDone> {
-    let result = session(target, link);
+    run_with(target, link, &super::NoProgress)
+}
+
+/// Runs the replica side of one sync over `link`, reporting pages as they are written.
+pub fn run_with(
+    target: &mut dyn PageTarget,
+    link: &mut dyn Link,
+    progress: &dyn Progress,
+) -> Result<ReplicaDone> {
+    let result = session(target, link, progress);
+    progress.finish();
     if let Err(e) = &result {
         if !matches!(e, Error::Remote { .. } | Error::Disconnected(_)) {
             let _ = link.send(&Frame::Error {
@@ -58,7 +68,11 @@ impl Written {
     }
 }
 
-fn session(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<ReplicaDone> {
+fn session(
+    target: &mut dyn PageTarget,
+    link: &mut dyn Link,
+    progress: &dyn Progress,
+) -> Result<ReplicaDone> {
     let (page_size, page_count) = match recv(link)? {
         Frame::Begin {
             version,
@@ -84,6 +98,7 @@ fn session(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<ReplicaDo
         return Err(Error::Protocol("BEGIN with zero pages".into()));
     }
     let held = target.begin(page_size)?;
+    progress.start(Phase::Receiving, 0, page_size);
     // READY goes before hashing: the origin can then hash its own pages at the same
     // time and send the pages past `held` as it reads them.
     link.send(&Frame::Ready { page_count: held })?;
@@ -138,6 +153,7 @@ fn session(target: &mut dyn PageTarget, link: &mut dyn Link) -> Result<ReplicaDo
                 if !written.get(pgno) {
                     written.set(pgno);
                     pages_written += 1;
+                    progress.advance(1);
                 }
             }
             Frame::Commit {
