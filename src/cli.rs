@@ -85,8 +85,8 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct ServerArg {
     /// The store: ws://host:port or wss://host:port for a sqlferry server, file:///path
-    /// for a store directory on this machine [default: the embedded store in
-    /// $XDG_DATA_HOME/sqlferry, usually ~/.local/share/sqlferry].
+    /// for a store directory on this machine [default: `server` in
+    /// ~/.config/sqlferry/config.toml, else the embedded store in ~/.local/share/sqlferry].
     #[arg(long, env = "SQLFERRY_SERVER", value_name = "URL")]
     pub server: Option<String>,
 }
@@ -101,8 +101,15 @@ pub struct KeyArg {
 }
 
 impl ServerArg {
+    /// The server: `--server`, else `SQLFERRY_SERVER` (clap reads both), else the
+    /// settings file, else the embedded store.
     fn resolve(&self) -> crate::Result<crate::remote::Server> {
-        crate::remote::Server::parse(self.server.as_deref())
+        match &self.server {
+            Some(url) => crate::remote::Server::parse(Some(url)),
+            None => {
+                crate::remote::Server::parse(crate::config::Settings::load()?.server.as_deref())
+            }
+        }
     }
 }
 

@@ -35,6 +35,40 @@ pub fn config_dir() -> Option<PathBuf> {
     xdg_dir("XDG_CONFIG_HOME", ".config")
 }
 
+/// The settings file, `$XDG_CONFIG_HOME/sqlferry/config.toml`. Precedence, lowest
+/// first: built-in defaults, this file, `SQLFERRY_*` environment variables, flags.
+///
+/// ```toml
+/// server = "ws://backup.example.com:7878"   # the default --server
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// The default server URL (`ws://…`, `wss://…` or `file:///…`).
+    pub server: Option<String>,
+}
+
+impl Settings {
+    /// Where the settings file lives.
+    pub fn path() -> Option<PathBuf> {
+        Some(config_dir()?.join("config.toml"))
+    }
+
+    /// Reads the settings file; an absent file gives the defaults. A file that does not
+    /// parse, or has a setting sqlferry does not know, is an error naming the file.
+    pub fn load() -> crate::Result<Settings> {
+        let Some(path) = Self::path() else {
+            return Ok(Settings::default());
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| crate::Error::Usage(format!("{}: {}", path.display(), e.message()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
+            Err(e) => Err(crate::Error::io(&path, e)),
+        }
+    }
+}
+
 /// One database's entry in the secrets file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -227,6 +261,20 @@ impl Sidecar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_parse_strictly() {
+        let s: Settings = toml::from_str("server = \"ws://h:1\"").expect("valid");
+        assert_eq!(s.server.as_deref(), Some("ws://h:1"));
+        assert_eq!(
+            toml::from_str::<Settings>("").expect("empty is fine"),
+            Settings::default()
+        );
+        assert!(
+            toml::from_str::<Settings>("sever = \"x\"").is_err(),
+            "typos are refused"
+        );
+    }
 
     #[test]
     fn sidecar_round_trips_and_refuses_junk() {
