@@ -5,7 +5,7 @@
 //!   push uses. No key is needed: the file system's permissions are the access control.
 //! - A `sqlferry serve` server: `ws://host:port` or `wss://host:port` (rustls, no
 //!   OpenSSL). The key travels only in the `Authorization: Bearer` header of the
-//!   WebSocket upgrade; the engine runs on a blocking thread and [`ws`] carries its
+//!   WebSocket upgrade; the engine runs on a blocking thread and the `ws` module carries its
 //!   frames.
 
 pub(crate) mod ws;

@@ -3,8 +3,8 @@
 //! Every connection starts as an HTTP request. A WebSocket upgrade on `/v1/sync` is
 //! authenticated from its `Authorization: Bearer` header before the upgrade is
 //! accepted (a missing or wrong key gets `401` with a message saying which), then runs
-//! one session ([`session`]): OPEN, then a push, a pull or a version list. Other
-//! requests go to the small JSON API ([`http`]).
+//! one session (the `session` module): OPEN, then a push, a pull or a version list. Other
+//! requests go to the small JSON API (the `http` module).
 //!
 //! Invariants:
 //! - A session that fails for any reason (malformed or oversized frame, wrong key,
