@@ -11,5 +11,6 @@
 mod cli;
 mod engine;
 mod live;
+mod server;
 mod sync_props;
 mod util;

@@ -1,0 +1,232 @@
+//! Versions go up to a server and come back: every version selector, on a second
+//! machine, checked the way a user checks (rows, integrity check, digest); `versions`
+//! lists them with their messages; a pull into a database that differs a little sends
+//! only the pages that differ.
+
+use tempfile::TempDir;
+
+use super::{
+    DbState, EXIT_NOT_FOUND, EXIT_USAGE, Machine, TestServer, assert_fails, exec, key_id,
+    saved_push_key, sidecar_field, small_db,
+};
+use crate::util;
+
+const PAGE: u64 = 4096;
+
+#[test]
+fn every_version_selector_round_trips_and_a_pull_sends_only_what_differs() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    let src = a.path("app.db");
+    small_db(&src, 2 << 20);
+
+    // Version 1: the first push, with the admin key.
+    let s1 = DbState::of(&src);
+    let r1 = a.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["-m", "first version", "--key", &server.admin_key],
+    );
+    assert_eq!((r1.u64("version"), &r1.0["created"]), (1, &true.into()));
+    assert_eq!(r1.digest(), s1.digest);
+    assert_eq!(r1.u64("pages_sent"), s1.hashes.len() as u64);
+
+    // Version 2: three rows change in place. The saved PUSH key and the kept manifest
+    // of version 1 are used: only the changed pages travel, and no hash at all.
+    exec(
+        &src,
+        "UPDATE t SET v = randomblob(300) WHERE id IN (10, 3000, 6000)",
+    );
+    let s2 = DbState::of(&src);
+    let r2 = a.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["-m", "naïve ✓ three rows"],
+    );
+    assert_eq!(r2.u64("version"), 2);
+    assert_eq!(r2.digest(), s2.digest);
+    let changed_1_2 = s1.pages_differing(&s2);
+    assert!(
+        (1..=6).contains(&changed_1_2),
+        "{changed_1_2} pages changed"
+    );
+    assert_eq!(r2.u64("pages_sent"), changed_1_2, "push sends what changed");
+    assert_eq!(r2.u64("hash_bytes"), 0, "known base: no hash travels");
+
+    // A commit message over 4096 bytes is refused before anything is sent.
+    let out = a.run_on(
+        &server,
+        ["push", "app.db", "acme/app.db", "-m", &"m".repeat(4097)],
+    );
+    assert_fails(&out, EXIT_USAGE, "at most 4096");
+
+    // Version 3: rows deleted and added; a message of exactly 4096 bytes (2 each).
+    exec(
+        &src,
+        "DELETE FROM t WHERE id % 5 = 0;
+         INSERT INTO t(k, v) SELECT hex(randomblob(8)), randomblob(300) FROM t LIMIT 500;",
+    );
+    let s3 = DbState::of(&src);
+    let long_message = "é".repeat(2048);
+    let r3 = a.push(&server, "app.db", "acme/app.db", &["-m", &long_message]);
+    assert_eq!(r3.u64("version"), 3);
+    assert_eq!(r3.digest(), s3.digest);
+
+    // A push of an unchanged database makes no version.
+    let r = a.push(&server, "app.db", "acme/app.db", &["-m", "nothing new"]);
+    assert_eq!((r.u64("version"), &r.0["created"]), (3, &false.into()));
+    assert_eq!(r.u64("pages_sent"), 0);
+
+    // Machine B has only the PULL key from the sidecar, in SQLFERRY_KEY.
+    let mut b = Machine::new(dir.path(), "b");
+    let pull_key = sidecar_field(&a.path("app.db-sqlferry"), "key");
+    b.set_env("SQLFERRY_KEY", &pull_key);
+    let states = [&s1, &s2, &s3];
+    for (spec, local, want) in [
+        ("acme/app.db@1", "v1.db", 1),
+        ("acme/app.db@2", "v2.db", 2),
+        ("acme/app.db@3", "v3.db", 3),
+        ("acme/app.db@latest", "latest.db", 3),
+        ("acme/app.db@latest-0", "latest0.db", 3),
+        ("acme/app.db@latest-1", "prev.db", 2),
+        ("acme/app.db@latest-2", "prevprev.db", 1),
+    ] {
+        let r = b.pull(&server, spec, Some(local), &[]);
+        assert_eq!(r.u64("version"), want, "{spec}");
+        let state = states[want as usize - 1];
+        assert_eq!(r.digest(), state.digest, "{spec}: reported digest");
+        state.assert_held_by(&b.path(local), spec);
+    }
+    // No LOCAL: the replica's last segment, in the current directory.
+    let r = b.pull(&server, "acme/app.db", None, &[]);
+    assert_eq!(r.u64("version"), 3);
+    s3.assert_held_by(&b.path("app.db"), "pull with no LOCAL");
+
+    // Versions that do not exist, and one that cannot.
+    for (spec, code, phrase) in [
+        (
+            "acme/app.db@latest-3",
+            EXIT_NOT_FOUND,
+            "the latest version is 3",
+        ),
+        ("acme/app.db@4", EXIT_NOT_FOUND, "versions are 1 to 3"),
+        ("acme/app.db@0", EXIT_USAGE, "numbered from 1"),
+        (
+            "acme/app.db@latest-x",
+            EXIT_USAGE,
+            "@N, @latest or @latest-N",
+        ),
+    ] {
+        let out = b.run_on(&server, ["pull", spec, "missing.db"]);
+        assert_fails(&out, code, phrase);
+        assert!(!b.path("missing.db").exists(), "{spec}: no LOCAL created");
+    }
+    // (Only the admin key may ask about a replica that does not exist.)
+    for (spec, code, phrase) in [
+        (
+            "acme/nope.db",
+            EXIT_NOT_FOUND,
+            "acme/nope.db does not exist",
+        ),
+        (
+            "acme/nope.db@2",
+            EXIT_NOT_FOUND,
+            "acme/nope.db does not exist",
+        ),
+    ] {
+        let key = ["--key", &server.admin_key];
+        let out = b.run_on(&server, ["pull", spec, "missing.db"].iter().chain(&key));
+        assert_fails(&out, code, phrase);
+        assert!(!b.path("missing.db").exists(), "{spec}: no LOCAL created");
+    }
+
+    // Pull into a database that differs a little: only the differing pages come, and
+    // the bytes on the wire are those pages plus a small hash exchange.
+    let v1 = b.path("v1.db");
+    let r = b.pull(&server, "acme/app.db@2", Some("v1.db"), &[]);
+    s2.assert_held_by(&v1, "v1.db pulled to version 2");
+    let sent = r.u64("pages_sent");
+    assert_eq!(sent, changed_1_2, "pull writes exactly the changed pages");
+    let received = r.u64("bytes_received");
+    assert!(
+        received >= sent * PAGE && received <= sent * (PAGE + 5) + 16 * 1024,
+        "{received} bytes received for {sent} pages"
+    );
+    assert!(
+        r.u64("bytes_sent") < 64 * 1024,
+        "the pulling side sends hashes only: {}",
+        r.0
+    );
+    // Further: from version 2 to 3 (rows deleted and added).
+    let r = b.pull(&server, "acme/app.db", Some("v1.db"), &[]);
+    s3.assert_held_by(&v1, "v1.db pulled to version 3");
+    assert_eq!(r.u64("pages_sent"), s2.pages_differing(&s3));
+    // And the same version again: nothing to write.
+    let r = b.pull(&server, "acme/app.db@3", Some("v1.db"), &[]);
+    assert_eq!(r.u64("pages_sent"), 0, "{}", r.0);
+    s3.assert_held_by(&v1, "v1.db pulled to version 3 again");
+
+    // `versions --json` (with the PULL key) lists all three, messages included.
+    let out = b.run_on(&server, ["versions", "acme/app.db", "--json"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let list: Vec<sqlferry::store::VersionInfo> =
+        serde_json::from_slice(&out.stdout).expect("JSON");
+    let push_key = saved_push_key(&a, &src);
+    let summary: Vec<_> = list
+        .iter()
+        .map(|v| {
+            (
+                v.number,
+                v.message.as_str(),
+                v.digest.as_str(),
+                v.base,
+                v.key_id.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                1,
+                "first version",
+                s1.digest.as_str(),
+                0,
+                key_id(&server.admin_key)
+            ),
+            (
+                2,
+                "naïve ✓ three rows",
+                s2.digest.as_str(),
+                1,
+                key_id(&push_key)
+            ),
+            (
+                3,
+                long_message.as_str(),
+                s3.digest.as_str(),
+                2,
+                key_id(&push_key)
+            ),
+        ]
+    );
+    for (v, s) in list.iter().zip(states) {
+        assert_eq!(v.page_size, 4096);
+        assert_eq!(v.page_count as usize, s.hashes.len());
+        assert_eq!(v.size, u64::from(v.page_count) * PAGE);
+        assert!(!v.client_id.is_empty());
+    }
+    // The table a person reads names each version and its message.
+    let out = b.run_on(&server, ["versions", "acme/app.db"]);
+    let table = util::stdout(&out);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(table.contains("first version") && table.contains("naïve ✓ three rows"));
+    assert_eq!(
+        table.lines().count(),
+        4,
+        "a header and three versions:\n{table}"
+    );
+}
