@@ -6,6 +6,8 @@
 //! - `roundtrip`: push and pull of every version selector, `versions`, and a pull into
 //!   an existing database that sends only what differs.
 //! - `auth`: the key matrix, the secrets file and the sidecar, `--dry-run` masking.
+//! - `paths`: replica path rules, on the client and on the server.
+//! - `raw`: a raw WebSocket client sending malformed, oversized and out-of-order frames.
 //! - `kill`: SIGKILL of a client or of the server half-way through a large push.
 //! - `shutdown`: SIGTERM stops an idle server at once, and lets a push in flight end
 //!   cleanly.
@@ -15,6 +17,8 @@
 
 mod auth;
 mod kill;
+mod paths;
+mod raw;
 mod roundtrip;
 mod shutdown;
 
