@@ -111,6 +111,29 @@ impl Digest {
     }
 }
 
+/// Lets SQLite roll back a hot journal that a crashed or killed writer left beside the
+/// database at `path`, exactly as the next connection to open it would. Until then the
+/// file's header may be half-written (a new database killed mid-creation has a zeroed
+/// page 1), and a read-only connection may not roll back. Best effort: if recovery fails,
+/// the caller's own open reports the problem.
+pub fn recover_hot_journal(path: &std::path::Path) {
+    let mut journal = path.as_os_str().to_owned();
+    journal.push("-journal");
+    let hot = std::fs::metadata(&journal).is_ok_and(|m| m.len() > 0);
+    if !hot {
+        return;
+    }
+    tracing::info!(path = %path.display(), "letting SQLite roll back the journal a crashed writer left");
+    if let Ok(conn) =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+    {
+        let _ = conn.busy_timeout(std::time::Duration::from_secs(10));
+        // Taking the shared lock is what makes SQLite check for, and play back, a hot
+        // journal; a live writer's journal is not hot and is left alone.
+        let _ = conn.query_row("SELECT 1 FROM sqlite_schema LIMIT 1", [], |_| Ok(()));
+    }
+}
+
 /// Lower-case hex of a hash, as printed and stored.
 pub fn hex(hash: &Hash) -> String {
     use std::fmt::Write;

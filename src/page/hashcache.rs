@@ -9,8 +9,9 @@
 //!
 //! The cache is advisory: it is read and written sequentially (memory stays flat), a
 //! missing, stale or damaged cache only costs hashing, and a failure to write one never
-//! fails a sync. Caches live in `$XDG_CACHE_HOME/sqlferry/hashes/`, one file per
-//! database path; deleting them is always safe.
+//! fails a sync. Caches live in `$XDG_CACHE_HOME/sqlferry/hashes/` (or a directory the
+//! caller names), one file per database path, at most 256 of them; deleting them is
+//! always safe.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -35,25 +36,62 @@ pub(super) struct HashCache {
     pub(super) hits: u32,
 }
 
-/// Where the cache of the database at `db` lives.
-fn cache_path(db: &Path) -> Option<PathBuf> {
+/// The most cache files kept in one directory; the least recently written go first.
+const MAX_CACHE_FILES: usize = 256;
+
+/// Where page-hash caches live by default: `$XDG_CACHE_HOME/sqlferry/hashes`.
+pub fn default_dir() -> Option<PathBuf> {
+    Some(crate::config::cache_dir()?.join("hashes"))
+}
+
+/// Where the cache of the database at `db` lives, in `dir`.
+fn cache_path(dir: &Path, db: &Path) -> Option<PathBuf> {
     let abs = std::fs::canonicalize(db).ok()?;
     let key = Sha256::digest(abs.as_os_str().as_encoded_bytes());
     let name = super::hex(&key.into())[..32].to_owned();
-    Some(crate::config::cache_dir()?.join("hashes").join(name))
+    Some(dir.join(name))
+}
+
+/// Keeps at most [`MAX_CACHE_FILES`] caches in `dir`, so caches of databases long gone
+/// do not pile up.
+fn prune(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let meta = e.metadata().ok()?;
+            let modified = meta.modified().ok()?;
+            (meta.is_file() && e.file_name().len() == 32).then(|| (modified, e.path()))
+        })
+        .collect();
+    if files.len() <= MAX_CACHE_FILES {
+        return;
+    }
+    files.sort();
+    for (_, path) in &files[..files.len() - MAX_CACHE_FILES] {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 impl HashCache {
-    /// Opens the cache for `db` holding `page_count` pages of `page_size` bytes. Never
-    /// fails: without a usable cache directory it simply hashes everything.
-    pub(super) fn open(db: &Path, page_size: u32, page_count: u32) -> HashCache {
+    /// Opens the cache in `dir` for `db` holding `page_count` pages of `page_size`
+    /// bytes. Never fails: with no directory, or an unusable one, it simply hashes
+    /// everything.
+    pub(super) fn open(
+        dir: Option<&Path>,
+        db: &Path,
+        page_size: u32,
+        page_count: u32,
+    ) -> HashCache {
         let mut cache = HashCache {
             old: None,
             old_count: 0,
             new: None,
             hits: 0,
         };
-        let Some(path) = cache_path(db) else {
+        let Some(path) = dir.and_then(|dir| cache_path(dir, db)) else {
             return cache;
         };
         if let Ok(file) = File::open(&path) {
@@ -134,8 +172,9 @@ impl HashCache {
                 .into_inner()
                 .map_err(|e| e.into_error())
                 .and_then(|tmp| tmp.persist(&path).map(drop).map_err(|e| e.error));
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "could not store the page-hash cache");
+            match result {
+                Ok(()) => prune(path.parent().expect("the cache path has a directory")),
+                Err(e) => tracing::debug!(error = %e, "could not store the page-hash cache"),
             }
         }
     }

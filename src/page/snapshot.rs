@@ -30,34 +30,20 @@ pub struct Snapshot {
     page_size: u32,
     page_count: u32,
     journal_mode: JournalMode,
+    /// Where the page-hash cache lives (`None`: no cache).
+    hash_cache: Option<std::path::PathBuf>,
 }
 
 impl Snapshot {
     /// Opens `path` read-only and starts the read transaction that pins its state.
     pub fn open(path: &Path) -> Result<Snapshot> {
+        super::recover_hot_journal(path);
         let header = Header::read(path)?.ok_or_else(|| Error::NotADatabase {
             path: path.to_owned(),
             reason: "empty database: nothing to sync".into(),
         })?;
         let sql = |e| Error::sqlite(path, e);
-        let conn = match Self::begin(path) {
-            // A writer crashed and left a hot journal: a read-only connection may not
-            // roll it back. Let SQLite recover it the way any connection would, then read.
-            Err(e)
-                if e.sqlite_extended_error_code()
-                    == Some(rusqlite::ffi::SQLITE_READONLY_ROLLBACK) =>
-            {
-                tracing::info!(path = %path.display(), "rolling back the hot journal a crashed writer left");
-                let rw = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
-                    .map_err(sql)?;
-                rw.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
-                rw.execute_batch("SELECT 1 FROM sqlite_schema LIMIT 1")
-                    .map_err(sql)?;
-                drop(rw);
-                Self::begin(path).map_err(sql)?
-            }
-            other => other.map_err(sql)?,
-        };
+        let conn = Self::begin(path).map_err(sql)?;
         let page_count: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(sql)?;
@@ -76,6 +62,7 @@ impl Snapshot {
             page_size,
             page_count,
             journal_mode: header.journal_mode,
+            hash_cache: super::hashcache::default_dir(),
         })
     }
 
@@ -90,6 +77,13 @@ impl Snapshot {
         // The first read starts the read transaction; from here on the state is pinned.
         conn.execute_batch("BEGIN DEFERRED; SELECT 1 FROM sqlite_schema LIMIT 1")?;
         Ok(conn)
+    }
+
+    /// Keeps this snapshot's page-hash cache in `dir` instead of the XDG cache
+    /// directory; `None` hashes every page.
+    pub fn with_hash_cache(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.hash_cache = dir;
+        self
     }
 
     /// The file this snapshot reads.
@@ -132,7 +126,12 @@ impl PageSource for Snapshot {
     }
 
     fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()> {
-        let mut cache = HashCache::open(&self.path, self.page_size, self.page_count);
+        let mut cache = HashCache::open(
+            self.hash_cache.as_deref(),
+            &self.path,
+            self.page_size,
+            self.page_count,
+        );
         self.for_each_page(&mut |pgno, data| {
             f(
                 pgno,

@@ -40,6 +40,8 @@ pub struct Writer {
     journal_mode: Option<JournalMode>,
     page_size: u32,
     page_count: u32,
+    /// Where the page-hash cache lives (`None`: no cache).
+    hash_cache: Option<PathBuf>,
     /// Page 1 as received, written last (see `write_page`).
     page1: Option<Vec<u8>>,
     /// Whether this writer created the file (it is removed again on failure).
@@ -91,7 +93,12 @@ impl Writer {
                 Err(e) => return Err(Error::io(parent, e)),
             }
         }
-        let header = if existed { Header::read(path)? } else { None };
+        let header = if existed {
+            super::recover_hot_journal(path);
+            Header::read(path)?
+        } else {
+            None
+        };
         let sql = |e| Error::sqlite(path, e);
         let conn = Connection::open_with_flags(
             path,
@@ -106,6 +113,7 @@ impl Writer {
             journal_mode: header.map(|h| h.journal_mode),
             page_size: header.map_or(0, |h| h.page_size),
             page_count: 0,
+            hash_cache: super::hashcache::default_dir(),
             page1: None,
             created: !existed,
             committed: false,
@@ -121,6 +129,13 @@ impl Writer {
             .map_err(sql)?;
         writer.conn = Some(conn);
         Ok(writer)
+    }
+
+    /// Keeps this replica's page-hash cache in `dir` instead of the XDG cache
+    /// directory; `None` hashes every page.
+    pub fn with_hash_cache(mut self, dir: Option<PathBuf>) -> Self {
+        self.hash_cache = dir;
+        self
     }
 
     fn conn(&self) -> &Connection {
@@ -251,7 +266,12 @@ impl PageTarget for Writer {
         if self.page_count == 0 {
             return Ok(());
         }
-        let mut cache = HashCache::open(&self.path, self.page_size, self.page_count);
+        let mut cache = HashCache::open(
+            self.hash_cache.as_deref(),
+            &self.path,
+            self.page_size,
+            self.page_count,
+        );
         super::scan::for_each_page(
             self.conn(),
             &self.path,
@@ -334,7 +354,10 @@ impl Drop for Writer {
     fn drop(&mut self) {
         // Closing the connection rolls back any open transaction.
         drop(self.conn.take());
-        if self.created && !self.committed {
+        // Only a file that is still empty: if another push created and committed the
+        // same path meanwhile, it is theirs, not ours to remove.
+        let still_empty = std::fs::metadata(&self.path).is_ok_and(|m| m.len() == 0);
+        if self.created && !self.committed && still_empty {
             for suffix in ["", "-journal", "-wal", "-shm"] {
                 let mut p = self.path.clone().into_os_string();
                 p.push(suffix);

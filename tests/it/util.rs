@@ -190,10 +190,14 @@ pub fn digest(path: &Path) -> String {
 
 /// Syncs `dest` to equal `src` in this process, through the library.
 pub fn sync(src: &Path, dest: &Path) -> SyncStats {
-    let mut source =
-        Snapshot::open(src).unwrap_or_else(|e| panic!("snapshot {}: {e}", src.display()));
-    let mut target =
-        Writer::open(dest).unwrap_or_else(|e| panic!("writer {}: {e}", dest.display()));
+    // The page-hash caches stay in the test's own directory, not in the user's home.
+    let cache = src.parent().map(|d| d.join(".hash-cache"));
+    let mut source = Snapshot::open(src)
+        .unwrap_or_else(|e| panic!("snapshot {}: {e}", src.display()))
+        .with_hash_cache(cache.clone());
+    let mut target = Writer::open(dest)
+        .unwrap_or_else(|e| panic!("writer {}: {e}", dest.display()))
+        .with_hash_cache(cache);
     sync_local(&mut source, &mut target, &NoProgress)
         .unwrap_or_else(|e| panic!("sync {} -> {}: {e}", src.display(), dest.display()))
 }
