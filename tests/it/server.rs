@@ -9,6 +9,7 @@
 //! - `paths`: replica path rules, on the client and on the server.
 //! - `raw`: a raw WebSocket client sending malformed, oversized and out-of-order frames.
 //! - `kill`: SIGKILL of a client or of the server half-way through a large push.
+//! - `concurrent`: two pushers racing for one replica, twenty pullers of one version.
 //! - `shutdown`: SIGTERM stops an idle server at once, and lets a push in flight end
 //!   cleanly.
 //!
@@ -16,6 +17,7 @@
 //! growing), polled with a deadline, never a fixed sleep.
 
 mod auth;
+mod concurrent;
 mod kill;
 mod paths;
 mod raw;
@@ -40,6 +42,8 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_NETWORK: i32 = 4;
 /// Exit code: authentication.
 pub const EXIT_AUTH: i32 = 5;
+/// Exit code: VERSION_CONFLICT.
+pub const EXIT_CONFLICT: i32 = 6;
 /// Exit code: the replica or version does not exist.
 pub const EXIT_NOT_FOUND: i32 = 8;
 
