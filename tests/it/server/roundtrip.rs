@@ -230,3 +230,33 @@ fn every_version_selector_round_trips_and_a_pull_sends_only_what_differs() {
         "a header and three versions:\n{table}"
     );
 }
+
+/// `pull --json` counts the hash exchange a pull into an existing database needs, as
+/// `push --json` does: `hash_bytes` is the WANT and NODES traffic.
+#[test]
+fn pull_reports_its_hash_exchange() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    let src = a.path("app.db");
+    small_db(&src, 1 << 20);
+    let key = ["--key", server.admin_key.as_str()];
+    a.push(&server, "app.db", "acme/app.db", &key);
+    a.pull(&server, "acme/app.db", Some("copy.db"), &key);
+    exec(
+        &src,
+        "UPDATE t SET v = randomblob(300) WHERE id IN (5, 2500)",
+    );
+    a.push(&server, "app.db", "acme/app.db", &[]);
+
+    let r = a.pull(&server, "acme/app.db", Some("copy.db"), &key);
+    assert!((1..=2).contains(&r.u64("pages_sent")), "{}", r.0);
+    // The pulling side answered the server's WANTs with NODES: hashes travelled.
+    assert!(r.u64("bytes_sent") > 1024, "{}", r.0);
+    let hash_bytes = r.u64("hash_bytes");
+    assert!(
+        hash_bytes > 0 && hash_bytes <= r.u64("bytes_sent") + r.u64("bytes_received"),
+        "hash_bytes counts the hash exchange: {}",
+        r.0
+    );
+}
