@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -158,8 +159,6 @@ def check_backup(path, origin, what):
 def checkpoint(path):
     """Moves any WAL content into the main file, so the file alone is the database."""
     if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") > 0:
-        import sqlite3
-
         db = sqlite3.connect(path)
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         db.close()
