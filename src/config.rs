@@ -130,6 +130,22 @@ impl Secrets {
         Ok(path)
     }
 
+    /// The saved key for `replica` on `server`: the one saved for `database` if given
+    /// and matching, else any saved for that replica (a PUSH key also pulls).
+    pub fn key_for(
+        &self,
+        server: &str,
+        replica: &str,
+        database: Option<&std::path::Path>,
+    ) -> Option<String> {
+        let matches = |s: &&Secret| s.server == server && s.replica == replica;
+        database
+            .and_then(|db| self.for_database(db))
+            .filter(matches)
+            .or_else(|| self.databases.values().find(matches))
+            .map(|s| s.key.clone())
+    }
+
     /// The entry for `database` (absolute), if any.
     pub fn for_database(&self, database: &std::path::Path) -> Option<&Secret> {
         self.databases.get(&database.to_string_lossy().into_owned())

@@ -78,6 +78,9 @@ pub enum Error {
     /// A key is missing, wrong, or may not do what was asked.
     #[error("{0}")]
     Auth(String),
+    /// Something another session holds (a replica being pushed) stayed locked.
+    #[error("{0}")]
+    InUse(String),
     /// The replica's latest version is not the one the push was based on.
     #[error("VERSION_CONFLICT: {replica} is at version {latest}, this push is based on {}; pull first, or push with --force to replace it", based_on.map_or("no version".to_owned(), |v| format!("version {v}")))]
     Conflict {
@@ -119,6 +122,7 @@ impl Error {
             Error::Verification(_) => ErrorKind::Verification,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Auth(_) => ErrorKind::Auth,
+            Error::InUse(_) => ErrorKind::Busy,
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::Remote { code, .. } => crate::protocol::ErrorCode::from_u16(*code)
                 .map(|c| c.kind())

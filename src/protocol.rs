@@ -121,7 +121,9 @@ impl ErrorCode {
             Self::NotADatabase => ErrorKind::NotADatabase,
             Self::LocalIo => ErrorKind::LocalIo,
             Self::Verification => ErrorKind::Verification,
-            Self::Busy => ErrorKind::Busy,
+            // The peer's replica is locked by another session: for this client, a
+            // conflict with that session, not a problem with its own files.
+            Self::Busy => ErrorKind::Conflict,
             Self::Aborted => ErrorKind::Remote,
             Self::NotFound => ErrorKind::NotFound,
             Self::VersionConflict => ErrorKind::Conflict,

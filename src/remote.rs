@@ -189,7 +189,7 @@ impl Server {
                     .await?;
                 }
                 let (result, rest) =
-                    ws::run_engine(&mut ws, Role::Origin, Vec::new(), move |link| {
+                    ws::run_engine(&mut ws, Role::Origin, Vec::new(), None, move |link| {
                         push_origin(&mut source, kept, |source, options| {
                             run_origin_with(source, link, &*progress, options)
                         })
@@ -245,7 +245,7 @@ impl Server {
                     let config =
                         open(&mut ws, Op::Pull, replica, Some(selector), None, false).await?;
                     let (stats, _) =
-                        ws::run_engine(&mut ws, Role::Replica, Vec::new(), move |link| {
+                        ws::run_engine(&mut ws, Role::Replica, Vec::new(), None, move |link| {
                             let mut target = Writer::open(&local)?;
                             let started = std::time::Instant::now();
                             let done = run_replica(&mut target, link)?;
@@ -256,7 +256,7 @@ impl Server {
                                 pages_sent: done.pages_written,
                                 bytes_sent: link_sent(link),
                                 bytes_received: link_received(link),
-                                hash_bytes: 0,
+                                hash_bytes: done.hash_bytes,
                                 duration: started.elapsed(),
                                 digest: crate::page::hex(&done.digest),
                             })

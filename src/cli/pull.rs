@@ -92,9 +92,11 @@ impl PullArgs {
             .clone()
             .or_else(|| sidecar.as_ref().map(|(s, _)| s.key.clone()))
             .or_else(|| {
-                let secrets = crate::config::Secrets::load().ok()?;
-                let s = secrets.for_database(&database)?;
-                (s.server == server.url() && s.replica == replica.as_str()).then(|| s.key.clone())
+                crate::config::Secrets::load().ok()?.key_for(
+                    &server.url(),
+                    replica.as_str(),
+                    Some(&database),
+                )
             });
         let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
         let outcome = server

@@ -27,10 +27,14 @@ impl VersionsArgs {
     /// Runs the command.
     pub fn run(self, _global: &Global) -> anyhow::Result<ExitCode> {
         let replica = ReplicaPath::parse(&self.remote)?;
-        let versions = self
-            .server
-            .resolve()?
-            .versions(&replica, self.key.key.as_deref())?;
+        let server = self.server.resolve()?;
+        // Any key saved for this replica will do: listing versions needs only pull rights.
+        let key = self.key.key.clone().or_else(|| {
+            crate::config::Secrets::load()
+                .ok()?
+                .key_for(&server.url(), replica.as_str(), None)
+        });
+        let versions = server.versions(&replica, key.as_deref())?;
         if self.json {
             out(format_args!("{}", serde_json::to_string(&versions)?))?;
             return Ok(ExitCode::from(exit::OK));

@@ -23,6 +23,8 @@ pub struct ReplicaDone {
     pub page_count: u32,
     /// Pages written.
     pub pages_written: u32,
+    /// Bytes of hash-tree traffic, both directions (WANT and NODES frames).
+    pub hash_bytes: u64,
     /// The digest verified before commit.
     pub digest: crate::protocol::Hash,
 }
@@ -107,10 +109,12 @@ fn session(
     let lock_page = lock_byte_page(page_size);
     let mut written = Written::new(page_count);
     let mut pages_written = 0u32;
+    let mut hash_bytes = 0u64;
     let mut hashes = Vec::new();
     loop {
         match recv(link)? {
             Frame::Want { level, runs } => {
+                hash_bytes += 4 + 8 * runs.len() as u64;
                 for run in runs {
                     let end = run.start + run.count; // no overflow: the codec checked it
                     if end > tree.len(level) {
@@ -125,6 +129,7 @@ fn session(
                         let n = (end - start).min(MAX_NODES_PER_FRAME as u32);
                         hashes.clear();
                         tree.nodes(level, start, n, &mut hashes)?;
+                        hash_bytes += 8 + u64::from(n) * 32;
                         link.send(&Frame::Nodes {
                             level,
                             start,
@@ -191,6 +196,7 @@ fn session(
                     page_size,
                     page_count,
                     pages_written,
+                    hash_bytes,
                     digest: ours,
                 });
             }

@@ -33,8 +33,26 @@ enum ReaderEnd {
     EngineGone(Vec<u8>),
     /// The peer closed the connection.
     Closed,
-    /// The connection failed or broke the protocol.
+    /// The connection failed.
     Failed(String),
+    /// The peer broke the protocol (oversized or text message) or fell silent: this
+    /// side says so with one ERROR frame.
+    Refused(String),
+}
+
+/// What a read error means: `Some(why)` when the peer broke the protocol (the session
+/// ends with an ERROR saying so), `None` when the connection itself failed.
+fn broken_protocol(e: &tokio_tungstenite::tungstenite::Error) -> Option<String> {
+    use tokio_tungstenite::tungstenite::Error as E;
+    use tokio_tungstenite::tungstenite::error::CapacityError;
+    match e {
+        E::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some(format!(
+            "a message of {size} bytes exceeds the limit of {max_size} bytes"
+        )),
+        E::Capacity(c) => Some(c.to_string()),
+        E::Protocol(p) => Some(format!("WebSocket protocol error: {p}")),
+        _ => None,
+    }
 }
 
 /// Receives the next binary message, skipping pings and pongs. `Ok(None)`: closed.
@@ -52,7 +70,12 @@ where
                 ));
             }
             Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(Error::Disconnected(e.to_string())),
+            Some(Err(e)) => {
+                return Err(match broken_protocol(&e) {
+                    Some(why) => Error::Protocol(why),
+                    None => Error::Disconnected(e.to_string()),
+                });
+            }
         }
     }
 }
@@ -68,12 +91,18 @@ where
 }
 
 /// Runs `engine` on a blocking thread as `role`, its frames carried over `ws`. `first`
-/// are frames already read from the network that belong to the engine. Returns the
-/// engine's result and the frames that arrived for after it (in order).
+/// are frames already read from the network that belong to the engine. With `idle`,
+/// a peer silent for that long ends the session. Returns the engine's result and the
+/// frames that arrived for after it (in order).
+///
+/// Every failure is reported to the peer once: the engine sends ERROR for its own, and
+/// this pump for the peer's protocol breaches it catches (an oversized or text message,
+/// silence), which it returns as [`Error::Protocol`].
 pub(crate) async fn run_engine<S, T, F>(
     ws: &mut WebSocketStream<S>,
     role: Role,
     first: Vec<Vec<u8>>,
+    idle: Option<std::time::Duration>,
     engine: F,
 ) -> (Result<T>, Vec<Vec<u8>>)
 where
@@ -98,10 +127,23 @@ where
     });
     let (mut sink, mut stream) = ws.split();
     let mut extra = Vec::new();
+    let mut refused = None;
     {
         let reader = async move {
             loop {
-                match stream.next().await {
+                let next = match idle {
+                    Some(limit) => match tokio::time::timeout(limit, stream.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            return ReaderEnd::Refused(format!(
+                                "no frame for {} s; the session is closed",
+                                limit.as_secs()
+                            ));
+                        }
+                    },
+                    None => stream.next().await,
+                };
+                match next {
                     Some(Ok(Message::Binary(b))) => {
                         if let Err(b) = to_engine.send(b.into()).await {
                             return ReaderEnd::EngineGone(b);
@@ -109,12 +151,17 @@ where
                     }
                     Some(Ok(Message::Close(_))) | None => return ReaderEnd::Closed,
                     Some(Ok(Message::Text(_))) => {
-                        return ReaderEnd::Failed(
+                        return ReaderEnd::Refused(
                             "text messages are not part of the protocol".into(),
                         );
                     }
                     Some(Ok(_)) => continue,
-                    Some(Err(e)) => return ReaderEnd::Failed(e.to_string()),
+                    Some(Err(e)) => {
+                        return match broken_protocol(&e) {
+                            Some(why) => ReaderEnd::Refused(why),
+                            None => ReaderEnd::Failed(e.to_string()),
+                        };
+                    }
                 }
             }
         };
@@ -139,8 +186,8 @@ where
             tokio::select! {
                 w = &mut writer => break w,
                 r = &mut reader, if reader_end.is_none() => {
-                    if let ReaderEnd::Failed(why) = &r {
-                        tracing::debug!(%why, "connection failed");
+                    if let ReaderEnd::Failed(why) | ReaderEnd::Refused(why) = &r {
+                        tracing::debug!(%why, "reading the connection ended");
                     }
                     reader_end = Some(r);
                 }
@@ -154,14 +201,27 @@ where
             // The engine is done; a message on its way to it is handed back at once.
             None => (&mut reader).now_or_never(),
         };
-        if let Some(ReaderEnd::EngineGone(b)) = reader_end {
-            extra.push(b);
+        match reader_end {
+            Some(ReaderEnd::EngineGone(b)) => extra.push(b),
+            Some(ReaderEnd::Refused(why)) => refused = Some(why),
+            _ => {}
         }
+    }
+    if let Some(why) = &refused {
+        let frame = crate::protocol::Frame::Error {
+            code: crate::protocol::ErrorCode::Protocol as u16,
+            message: why.clone(),
+        };
+        let _ = send_binary(ws, frame.to_bytes()).await;
     }
     match handle.await {
         Ok((result, leftovers)) => {
             let mut frames = leftovers.drain();
             frames.extend(extra);
+            let result = match (result, refused) {
+                (Err(_), Some(why)) => Err(Error::Protocol(why)),
+                (result, _) => result,
+            };
             (result, frames)
         }
         Err(e) => (

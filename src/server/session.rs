@@ -20,15 +20,38 @@ use crate::remote::ws::{recv_binary, run_engine, send_binary};
 use crate::store::{PushOptions, ReplicaPath, Selector};
 use crate::{Error, ErrorKind, Result};
 
+/// How long a client may stay silent during a sync before the session is closed: long
+/// enough for a client to hash a very large database, short enough that a stalled
+/// client does not hold a replica's write lock for good.
+const SYNC_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// How long a client may take to send OPEN after the upgrade.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs a session to its end; failures are reported to the client, then logged.
+/// Why a session ended early.
+enum Failure {
+    /// Not yet told to the client: one ERROR frame goes out.
+    Report(Error),
+    /// The sync engine already sent its ERROR frame (or the peer is gone).
+    Reported(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Report(e)
+    }
+}
+
+/// Runs a session to its end; a failure is reported to the client once, then logged.
 pub(super) async fn run<S>(mut ws: WebSocketStream<S>, state: &State, principal: &Principal)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if let Err(e) = session(&mut ws, state, principal).await {
+    let failure = session(&mut ws, state, principal).await.err();
+    if let Some(Failure::Reported(e)) = &failure {
+        tracing::info!(key = %principal.key_id, error = %e, "session failed");
+    }
+    if let Some(Failure::Report(e)) = failure {
         tracing::info!(key = %principal.key_id, error = %e, "session failed");
         // The peer may have gone already (that may be the failure); try anyway.
         if !matches!(e, Error::Disconnected(_) | Error::Remote { .. }) {
@@ -60,7 +83,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::Protocol(format!("the store failed: {e}")))?
 }
 
-async fn session<S>(ws: &mut WebSocketStream<S>, state: &State, principal: &Principal) -> Result<()>
+async fn session<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+) -> Result<(), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -70,18 +97,19 @@ where
         .ok_or_else(|| Error::Disconnected("closed before OPEN".into()))?;
     let open = match decode_control(&first)? {
         Control::Open(open) => open,
-        _ => return Err(Error::Protocol("the first frame must be OPEN".into())),
+        _ => return Err(Error::Protocol("the first frame must be OPEN".into()).into()),
     };
     if open.protocol != PROTOCOL_VERSION {
         return Err(Error::Protocol(format!(
             "the client speaks protocol version {}; this server speaks {PROTOCOL_VERSION}",
             open.protocol
-        )));
+        ))
+        .into());
     }
     let replica = ReplicaPath::parse(&open.replica)?;
     principal.authorize(open.op, &replica)?;
     match open.op {
-        Op::Versions => versions(ws, state, principal, &replica).await,
+        Op::Versions => Ok(versions(ws, state, principal, &replica).await?),
         Op::Pull => pull(ws, state, principal, &replica, &open).await,
         Op::Push => push(ws, state, principal, replica, open).await,
     }
@@ -130,7 +158,7 @@ async fn pull<S>(
     principal: &Principal,
     replica: &ReplicaPath,
     open: &Open,
-) -> Result<()>
+) -> Result<(), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -145,11 +173,16 @@ where
         Control::Config(config(principal, replica, id.unwrap_or_default(), number)),
     )
     .await?;
-    let (result, _) = run_engine(ws, Role::Origin, Vec::new(), move |link| {
-        run_origin(&mut reader, link, &NoProgress).map(drop)
-    })
+    let (result, _) = run_engine(
+        ws,
+        Role::Origin,
+        Vec::new(),
+        Some(SYNC_IDLE_TIMEOUT),
+        move |link| run_origin(&mut reader, link, &NoProgress).map(drop),
+    )
     .await;
-    result
+    // The engine reported its own failure to the client already.
+    result.map_err(Failure::Reported)
 }
 
 async fn push<S>(
@@ -158,15 +191,16 @@ async fn push<S>(
     principal: &Principal,
     replica: ReplicaPath,
     open: Open,
-) -> Result<()>
+) -> Result<(), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
     let admin = principal.kind == KeyKind::Admin;
     let (id, latest) = blocking(move || {
-        // Only an admin key creates replicas; a push key's replica exists already.
-        let id = auth.replica_id(&r, admin)?;
+        // Registered only once its first version commits (below): a failed first push
+        // leaves no replica behind.
+        let id = auth.replica_id(&r, false)?;
         let latest = match store.versions(&r) {
             Ok(v) => v.last().map_or(0, |v| v.number),
             Err(e) if e.kind() == ErrorKind::NotFound => 0,
@@ -175,14 +209,21 @@ where
         Ok((id, latest))
     })
     .await?;
-    let Some(id) = id else {
+    // Only an admin key creates replicas; a push key's replica exists already.
+    if id.is_none() && !admin {
         return Err(Error::NotFound(format!(
             "replica {replica} does not exist; an admin key creates it"
-        )));
-    };
+        ))
+        .into());
+    }
     send_control(
         ws,
-        Control::Config(config(principal, &replica, id.clone(), latest)),
+        Control::Config(config(
+            principal,
+            &replica,
+            id.clone().unwrap_or_default(),
+            latest,
+        )),
     )
     .await?;
 
@@ -198,9 +239,9 @@ where
                 Control::KeyRequest => key_request = true,
                 Control::CommitMessage(m) => message = m,
                 other => {
-                    return Err(Error::Protocol(format!(
-                        "unexpected control frame {other:?}"
-                    )));
+                    return Err(
+                        Error::Protocol(format!("unexpected control frame {other:?}")).into(),
+                    );
                 }
             },
             _ => break bytes,
@@ -218,14 +259,30 @@ where
         key_id: principal.key_id.clone(),
     };
     let (store, r) = (state.store.clone(), replica.clone());
-    let (result, _) = run_engine(ws, Role::Replica, vec![first_sync], move |link| {
-        let mut writer = store.push(&r, options)?;
-        run_replica(&mut writer, link)?;
-        let (version, created) = writer.outcome().expect("a committed push has an outcome");
-        Ok((version.clone(), created))
-    })
+    let (result, _) = run_engine(
+        ws,
+        Role::Replica,
+        vec![first_sync],
+        Some(SYNC_IDLE_TIMEOUT),
+        move |link| {
+            let mut writer = store.push(&r, options)?;
+            run_replica(&mut writer, link)?;
+            let (version, created) = writer.outcome().expect("a committed push has an outcome");
+            Ok((version.clone(), created))
+        },
+    )
     .await;
-    let (version, created) = result?;
+    // The engine reported its own failure to the client already.
+    let (version, created) = result.map_err(Failure::Reported)?;
+    let id = match id {
+        Some(id) => id,
+        None => {
+            let (auth, r) = (state.auth.clone(), replica.clone());
+            blocking(move || auth.replica_id(&r, true))
+                .await?
+                .expect("replica_id registers when asked to")
+        }
+    };
     tracing::info!(%replica, version = version.number, created, key = %principal.key_id, "push committed");
     let keys = if key_request {
         let (auth, r) = (state.auth.clone(), replica.clone());
@@ -239,5 +296,6 @@ where
     send_control(ws, Control::Config(c)).await?;
     ws.flush()
         .await
-        .map_err(|e| Error::Disconnected(e.to_string()))
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    Ok(())
 }

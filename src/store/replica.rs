@@ -99,7 +99,12 @@ pub(super) fn versions(file: &Path, replica: &ReplicaPath) -> Result<Vec<Version
         ))
         .map_err(sql(file))?;
     let rows = stmt.query_map([], version_row).map_err(sql(file))?;
-    rows.collect::<rusqlite::Result<_>>().map_err(sql(file))
+    let versions: Vec<VersionInfo> = rows.collect::<rusqlite::Result<_>>().map_err(sql(file))?;
+    // A file whose first push never committed holds no version: no replica yet.
+    if versions.is_empty() {
+        return Err(not_found(replica));
+    }
+    Ok(versions)
 }
 
 fn latest(conn: &Connection, file: &Path) -> Result<Option<VersionInfo>> {
@@ -151,7 +156,12 @@ fn for_each_hash(
 /// to [`PageTarget::commit`]; dropping it without committing rolls everything back.
 pub struct VersionWriter {
     conn: Connection,
+    /// The file being written: the replica's, or a private one while creating it.
     file: PathBuf,
+    /// The replica's file.
+    final_file: PathBuf,
+    /// The private file a new replica is built in (removed on drop unless linked).
+    creating: Option<tempfile::TempPath>,
     replica: ReplicaPath,
     options: PushOptions,
     base: Option<VersionInfo>,
@@ -163,10 +173,31 @@ pub struct VersionWriter {
 
 impl VersionWriter {
     /// Opens (creating if needed) the replica file for a push.
-    pub(super) fn open(file: &Path, replica: &ReplicaPath, options: PushOptions) -> Result<Self> {
-        if let Some(dir) = file.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
+    pub(super) fn open(
+        final_file: &Path,
+        replica: &ReplicaPath,
+        options: PushOptions,
+    ) -> Result<Self> {
+        let dir = final_file.parent().expect("a replica file has a directory");
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // A replica that does not exist yet is built in a private file and linked into
+        // place only once its first version commits: a failed first push leaves nothing.
+        let creating = if final_file.exists() {
+            None
+        } else {
+            let name = final_file
+                .file_name()
+                .expect("a replica file has a name")
+                .to_string_lossy();
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!(".{name}."))
+                .suffix(".new")
+                .tempfile_in(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .into_temp_path();
+            Some(tmp)
+        };
+        let file = creating.as_deref().unwrap_or(final_file);
         let conn = Connection::open(file).map_err(sql(file))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -177,6 +208,8 @@ impl VersionWriter {
         Ok(VersionWriter {
             conn,
             file: file.to_owned(),
+            final_file: final_file.to_owned(),
+            creating,
             replica: replica.clone(),
             options,
             base: None,
@@ -312,8 +345,53 @@ impl PageTarget for VersionWriter {
                 version_row,
             )
             .map_err(sql(&file))?;
+        if self.creating.is_some() {
+            self.publish()?;
+        }
         self.result = Some((info, true));
         Ok(())
+    }
+}
+
+impl VersionWriter {
+    /// Links a new replica's private file into place, now that its first version is
+    /// committed. `link` never replaces: if another push created the replica meanwhile,
+    /// that one stands and this push is refused.
+    fn publish(&mut self) -> Result<()> {
+        // Everything into the main file, and the file closed, before it is shared.
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .map_err(sql(&self.file))?;
+        let closed = std::mem::replace(
+            &mut self.conn,
+            Connection::open_in_memory().map_err(sql(&self.file))?,
+        );
+        closed.close().map_err(|(_, e)| sql(&self.file)(e))?;
+        match std::fs::hard_link(&self.file, &self.final_file) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::InUse(format!(
+                "{} was created by another push at the same time; pull it, or push again with --force",
+                self.replica
+            ))),
+            Err(e) => Err(Error::io(&self.final_file, e)),
+        }
+    }
+}
+
+impl Drop for VersionWriter {
+    fn drop(&mut self) {
+        // The private file of a new replica goes (its TempPath removes it); so do its
+        // WAL and shared-memory files, once the connection is closed (rolling back).
+        if let Some(tmp) = &self.creating {
+            if let Ok(memory) = Connection::open_in_memory() {
+                drop(std::mem::replace(&mut self.conn, memory));
+            }
+            for suffix in ["-wal", "-shm"] {
+                let mut p = tmp.as_os_str().to_owned();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
     }
 }
 

@@ -225,7 +225,9 @@ pub fn sqlferry(dir: &Path) -> Command {
         .env("XDG_CACHE_HOME", home.join("cache"))
         .env("XDG_DATA_HOME", home.join("data"))
         .env("XDG_STATE_HOME", home.join("state"))
-        .env_remove("SQLFERRY_SERVER");
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env_remove("SQLFERRY_SERVER")
+        .env_remove("SQLFERRY_KEY");
     cmd
 }
 
