@@ -32,6 +32,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// or WAL, so memory stays flat however many pages change.
 const CACHE_KIB: i64 = 8192;
 
+/// Pages written by one INSERT statement.
+const BATCH_PAGES: usize = 32;
+
 /// A replica database being brought up to date.
 pub struct Writer {
     conn: Option<Connection>,
@@ -42,6 +45,8 @@ pub struct Writer {
     page_count: u32,
     /// Where the page-hash cache lives (`None`: no cache).
     hash_cache: Option<PathBuf>,
+    /// Pages waiting to be written in one statement.
+    batch: Vec<(u32, Vec<u8>)>,
     /// Page 1 as received, written last (see `write_page`).
     page1: Option<Vec<u8>>,
     /// Whether this writer created the file (it is removed again on failure).
@@ -114,6 +119,7 @@ impl Writer {
             page_size: header.map_or(0, |h| h.page_size),
             page_count: 0,
             hash_cache: super::hashcache::default_dir(),
+            batch: Vec::with_capacity(BATCH_PAGES),
             page1: None,
             created: !existed,
             committed: false,
@@ -307,6 +313,7 @@ impl PageTarget for Writer {
         _digest: &Hash,
         _hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
+        self.flush()?;
         let page1 = self.page1.take();
         // `self.page_count` is what the replica held; pages written past it only grow it.
         if page_count < self.page_count {
@@ -339,13 +346,34 @@ impl PageTarget for Writer {
 }
 
 impl Writer {
-    fn insert_page(&self, pgno: u32, data: &[u8]) -> Result<()> {
-        let mut stmt = self
-            .conn()
-            .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")
+    /// Queues a page; full batches go to SQLite in one statement.
+    fn insert_page(&mut self, pgno: u32, data: &[u8]) -> Result<()> {
+        self.batch.push((pgno, data.to_vec()));
+        if self.batch.len() == BATCH_PAGES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the queued pages with one multi-row INSERT: a statement per page costs
+    /// more than the page copy itself.
+    fn flush(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let rows = vec!["(?, ?)"; self.batch.len()].join(", ");
+        let sql = format!("INSERT INTO sqlite_dbpage(pgno, data) VALUES {rows}");
+        let batch = std::mem::take(&mut self.batch);
+        let params: Vec<&dyn rusqlite::ToSql> = batch
+            .iter()
+            .flat_map(|(pgno, data)| [pgno as &dyn rusqlite::ToSql, data as &dyn rusqlite::ToSql])
+            .collect();
+        self.conn()
+            .prepare_cached(&sql)
+            .and_then(|mut stmt| stmt.execute(params.as_slice()))
             .map_err(self.sql())?;
-        stmt.execute(rusqlite::params![pgno, data])
-            .map_err(self.sql())?;
+        self.batch = batch;
+        self.batch.clear();
         Ok(())
     }
 }
