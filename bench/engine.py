@@ -1,6 +1,6 @@
 """Benchmark of sqlferry's page-sync engine against `sqlite3 .backup`, on local files.
 
-    python3 bench/engine.py [--size-mb 200] [--workdir DIR] [--skip-memory]
+    python3 bench/engine.py [--size-mb 200] [--workdir DIR] [--skip-memory] [--skip-server]
 
 Builds the release binary (`cargo build --release`), makes a WAL database of about
 --size-mb with bench/mkdb.py, and in the same run times `sqlferry push` and Debian's
@@ -21,14 +21,20 @@ to the same state, so each run does the same work. The cache lives in DIR/cache
 replica kept fresh); the "cold" rows empty the cache before every run. After every
 sqlferry run the replica's digest (`sqlferry verify --json`) must equal the origin's.
 
+In the same run (unless --skip-server), bench/server.py pushes and pulls the same
+database, with the same changes, through a real `sqlferry serve` on 127.0.0.1:0: full,
+no change and the three 1% changes each way (its docstring says how).
+
 Then (unless --skip-memory) the peak RSS of `sqlferry push` syncing a 1 GiB database
 against a 10 MiB one, both with 4096-byte pages: a full copy onto a new file, then a
-sync with no change. Peak RSS is the child's ru_maxrss from os.wait4.
+sync with no change. Peak RSS is the child's ru_maxrss from os.wait4. With the server
+part, also the server's peak RSS (VmHWM) while it receives a full push of 1 GiB.
 
 It prints a table of figures and one of targets with PASS/MISS, and writes everything
 to DIR/results.json. Needs Python 3 (standard library), cargo, and /usr/bin/sqlite3
 (Debian: apt-get install sqlite3). DIR defaults to a directory under /tmp; it takes
-about 3x the database size on disk (3 GiB more for the memory runs).
+about 3x the database size on disk (3 GiB more for the memory runs), and the server
+part about 8x more while it runs.
 """
 
 import argparse
@@ -45,6 +51,8 @@ from pathlib import Path
 
 sys.dont_write_bytecode = True  # no __pycache__ in the repository's bench/
 import mkdb  # noqa: E402
+import rss  # noqa: E402
+import server  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SQLFERRY = REPO / "target" / "release" / "sqlferry"
@@ -78,7 +86,12 @@ class Lab:
         self.replica = str(self.dir / "replica.db")
         self.backup_target = str(self.dir / "backup.db")
         self.cache = self.dir / "cache"
-        self.env = dict(os.environ, XDG_CACHE_HOME=str(self.cache))
+        # Every XDG directory inside the work dir: nothing of the user's is read or
+        # written. Only the cache matters to local pushes.
+        self.env = dict(os.environ, XDG_CACHE_HOME=str(self.cache),
+                        XDG_CONFIG_HOME=str(self.dir / "config"),
+                        XDG_DATA_HOME=str(self.dir / "data"),
+                        XDG_STATE_HOME=str(self.dir / "state-xdg"))
 
     def run(self, cmd):
         """Runs `cmd`; returns (wall seconds, stdout). Fails loudly on a non-zero exit."""
@@ -282,15 +295,12 @@ def run_cases(lab):
 
 
 def peak_rss_kib(lab, cmd):
-    """Runs `cmd` and returns its peak RSS in KiB (ru_maxrss of the child, Linux)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        child = subprocess.Popen(cmd, env=lab.env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode != 0:
-            err.seek(0)
-            fail(f"{' '.join(cmd)} exited with {child.returncode}:\n{err.read().decode()}")
-    return usage.ru_maxrss
+    """Runs `cmd` and returns its peak RSS in KiB: VmHWM sampled while it runs
+    (bench/rss.py says why not ru_maxrss)."""
+    run = rss.run(cmd, lab.env)
+    if run.returncode != 0:
+        fail(f"{' '.join(cmd)} exited with {run.returncode}:\n{run.stderr.decode()}")
+    return run.peak_kib
 
 
 def memory_runs(lab):
@@ -470,37 +480,60 @@ def main():
                         help="where databases and the cache go (default /tmp/sqlferry-bench)")
     parser.add_argument("--skip-memory", action="store_true",
                         help="skip the 1 GiB peak-RSS runs")
+    parser.add_argument("--skip-server", action="store_true",
+                        help="skip push and pull through sqlferry serve (bench/server.py)")
     args = parser.parse_args()
 
     check_tools()
     build()
     lab = Lab(args.workdir)
     make_origin(lab, args.size_mb)
+    server_dir = lab.dir / "server"
+    if not args.skip_server:
+        server.prepare(server_dir, lab.origin)
     info = machine()
     info["load_start"] = load()
     print(f"timing (load average {info['load_start']})", flush=True)
     results = run_cases(lab)
+    info["load_local_end"] = load()
+    served = []
+    if not args.skip_server:
+        print(f"through sqlferry serve (load average {load()})", flush=True)
+        served = server.run_cases(server_dir)
     memory = []
+    served_memory = None
     if not args.skip_memory:
         print("memory", flush=True)
         lab.clear_cache()
         memory = memory_runs(lab)
+        if not args.skip_server:
+            served_memory = server.memory_run(server_dir)
     info["load_end"] = load()
 
     checks = targets(results, memory)
+    if not args.skip_server:
+        checks += server.targets(served, served_memory)
     print()
     print(f"sqlferry {info['commit']}{' (src/ modified)' if info['src_dirty'] else ''}, "
           f"sqlite3 {info['sqlite3']}, {info['nproc']} CPUs ({info['cpu']}), "
           f"{info['mem_gib']} GiB, load {info['load_start']} -> {info['load_end']}")
     print(f"medians of {REPEATS} runs; wall time of the whole command\n")
     print(figures_table(results))
+    if served:
+        print("\nthrough sqlferry serve over loopback; \"vs local\" is wall over the local "
+              "push of the same case\n")
+        print(table(*server.figures(served, results)))
     if memory:
         print()
         print(memory_table(memory))
+    if served_memory:
+        print()
+        print(table(*server.memory_figures(served_memory)))
     print()
     print(table(["target", "measured", "limit", "result"], checks))
     report = {"machine": info, "size_mb": args.size_mb, "cases": results,
-              "memory": memory, "targets": checks}
+              "memory": memory, "server": served, "server_memory": served_memory,
+              "targets": checks}
     out = lab.dir / "results.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"\nall figures: {out}")
