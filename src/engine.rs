@@ -66,7 +66,8 @@ pub trait PageTarget {
     /// Calls `f` with the number and hash of every page it holds, in page order.
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>;
     /// Writes one page (not yet visible); `hash` is its [`crate::page::page_hash`].
-    fn write_page(&mut self, pgno: u32, data: &[u8], hash: &Hash) -> Result<()>;
+    /// The page is handed over, so a target that keeps it (a write batch) needs no copy.
+    fn write_page(&mut self, pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()>;
     /// Truncates to `page_count` pages and makes every change visible at once. Called
     /// only after the engine has checked that the result has the origin's `digest`;
     /// `hashes` yields the final page hashes in order (a store keeps them as the new

@@ -27,6 +27,8 @@ const BATCH_BYTES: usize = 256 * 1024;
 pub trait Link {
     /// Sends one frame.
     fn send(&mut self, frame: &Frame) -> Result<()>;
+    /// Sends a PAGE frame for a borrowed page without building a [`Frame`] first.
+    fn send_page(&mut self, pgno: u32, data: &[u8]) -> Result<()>;
     /// Waits for the next frame.
     fn recv(&mut self) -> Result<Frame>;
     /// The next frame if one has already arrived.
@@ -100,19 +102,28 @@ impl MemLink {
         self.received += bytes.len() as u64;
         Frame::decode(&bytes).map_err(|e| Error::Protocol(e.to_string()))
     }
-}
 
-impl Link for MemLink {
-    fn send(&mut self, frame: &Frame) -> Result<()> {
-        let bytes = frame.to_bytes();
+    /// Adds encoded bytes to the batch; a frame the peer may be waiting for (`!bulk`)
+    /// or a full batch goes out at once.
+    fn queue(&mut self, bytes: Vec<u8>, bulk: bool) -> Result<()> {
         self.sent += bytes.len() as u64;
         self.batch_bytes += bytes.len();
         self.batch.push(bytes);
-        let bulk = matches!(frame, Frame::Page { .. } | Frame::Nodes { .. });
         if !bulk || self.batch_bytes >= BATCH_BYTES {
             self.flush()?;
         }
         Ok(())
+    }
+}
+
+impl Link for MemLink {
+    fn send(&mut self, frame: &Frame) -> Result<()> {
+        let bulk = matches!(frame, Frame::Page { .. } | Frame::Nodes { .. });
+        self.queue(frame.to_bytes(), bulk)
+    }
+
+    fn send_page(&mut self, pgno: u32, data: &[u8]) -> Result<()> {
+        self.queue(Frame::page_bytes(pgno, data), true)
     }
 
     fn recv(&mut self) -> Result<Frame> {
@@ -307,6 +318,15 @@ pub fn channel_link(role: Role) -> (ChannelLink, PumpEnd) {
 }
 
 impl ChannelLink {
+    fn send_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
+        self.sent += bytes.len() as u64;
+        if self.tx.blocking_send(bytes) {
+            Ok(())
+        } else {
+            Err(Error::Disconnected("the connection closed".into()))
+        }
+    }
+
     /// Ends the engine's use of the link: closes its sending half (the pump then knows
     /// the engine is done) and keeps what it did not read.
     pub fn finish(self) -> Leftovers {
@@ -321,13 +341,11 @@ impl ChannelLink {
 
 impl Link for ChannelLink {
     fn send(&mut self, frame: &Frame) -> Result<()> {
-        let bytes = frame.to_bytes();
-        self.sent += bytes.len() as u64;
-        if self.tx.blocking_send(bytes) {
-            Ok(())
-        } else {
-            Err(Error::Disconnected("the connection closed".into()))
-        }
+        self.send_bytes(frame.to_bytes())
+    }
+
+    fn send_page(&mut self, pgno: u32, data: &[u8]) -> Result<()> {
+        self.send_bytes(Frame::page_bytes(pgno, data))
     }
 
     fn recv(&mut self) -> Result<Frame> {

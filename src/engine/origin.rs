@@ -130,14 +130,7 @@ impl Sender<'_> {
     fn page(&mut self, pgno: u32) -> Result<()> {
         if pgno != self.lock_page {
             self.source.read_page(pgno, &mut self.buf)?;
-            let frame = Frame::Page {
-                pgno,
-                data: std::mem::take(&mut self.buf),
-            };
-            self.link.send(&frame)?;
-            if let Frame::Page { data, .. } = frame {
-                self.buf = data;
-            }
+            self.link.send_page(pgno, &self.buf)?;
             self.pages_sent += 1;
         }
         self.progress.advance(1);
@@ -207,10 +200,7 @@ fn session(
                 };
                 if let (Some(data), true) = (data, differs) {
                     if pgno != lock_page {
-                        link.send(&Frame::Page {
-                            pgno,
-                            data: data.to_vec(),
-                        })?;
+                        link.send_page(pgno, data)?;
                         pages_sent += 1;
                     }
                 }

@@ -184,7 +184,7 @@ fn session(
     macro_rules! write {
         ($page:expr) => {{
             let (pgno, data, hash): Hashed = $page;
-            target.write_page(pgno, &data, &hash)?;
+            target.write_page(pgno, data, &hash)?;
             tree.set_leaf(pgno, &hash)?;
             if !written.get(pgno) {
                 written.set(pgno);

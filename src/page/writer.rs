@@ -289,12 +289,12 @@ impl PageTarget for Writer {
         Ok(())
     }
 
-    fn write_page(&mut self, pgno: u32, data: &[u8], _hash: &Hash) -> Result<()> {
+    fn write_page(&mut self, pgno: u32, data: Vec<u8>, _hash: &Hash) -> Result<()> {
         if pgno == 1 {
             // Page 1 holds the schema cookie. Written now, the next statement would see
             // the cookie change and reload the schema from a half-written database
             // ("malformed"), so page 1 waits and is written last, in `commit`.
-            let mut page1 = data.to_vec();
+            let mut page1 = data;
             if let Some(mode) = self.journal_mode {
                 // Keep the replica's own journal mode (file format versions).
                 let v = if mode == JournalMode::Wal { 2 } else { 1 };
@@ -347,8 +347,8 @@ impl PageTarget for Writer {
 
 impl Writer {
     /// Queues a page; full batches go to SQLite in one statement.
-    fn insert_page(&mut self, pgno: u32, data: &[u8]) -> Result<()> {
-        self.batch.push((pgno, data.to_vec()));
+    fn insert_page(&mut self, pgno: u32, data: Vec<u8>) -> Result<()> {
+        self.batch.push((pgno, data));
         if self.batch.len() == BATCH_PAGES {
             self.flush()?;
         }

@@ -257,7 +257,7 @@ impl PageTarget for VersionWriter {
         }
     }
 
-    fn write_page(&mut self, _pgno: u32, data: &[u8], hash: &Hash) -> Result<()> {
+    fn write_page(&mut self, _pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
         let mut stmt = self
             .conn
             .prepare_cached("INSERT OR IGNORE INTO pages(hash, data) VALUES (?1, ?2)")
