@@ -81,26 +81,22 @@ pub enum Command {
     Verify(verify::VerifyArgs),
 }
 
-/// The `--server` option of the commands that talk to a store.
+/// Where a replica lives and the key to reach it: `--server` and `--key`, shared by
+/// every command that talks to a store.
 #[derive(Debug, clap::Args)]
-pub struct ServerArg {
+pub struct RemoteArgs {
     /// The store: ws://host:port or wss://host:port for a sqlferry server, file:///path
     /// for a store directory on this machine [default: `server` in
     /// ~/.config/sqlferry/config.toml, else the embedded store in ~/.local/share/sqlferry].
     #[arg(long, env = "SQLFERRY_SERVER", value_name = "URL")]
     pub server: Option<String>,
-}
-
-/// The `--key` option of the commands that talk to a server.
-#[derive(Debug, clap::Args)]
-pub struct KeyArg {
     /// The key for the server (never printed; prefer SQLFERRY_KEY or the saved key, which
     /// stay out of the process list).
     #[arg(long, env = "SQLFERRY_KEY", value_name = "KEY", hide_env_values = true)]
     pub key: Option<String>,
 }
 
-impl ServerArg {
+impl RemoteArgs {
     /// The server: `--server`, else `SQLFERRY_SERVER` (clap reads both), else the
     /// settings file, else the embedded store.
     fn resolve(&self) -> crate::Result<crate::remote::Server> {
@@ -110,6 +106,21 @@ impl ServerArg {
                 crate::remote::Server::parse(crate::config::Settings::load()?.server.as_deref())
             }
         }
+    }
+
+    /// The key: `--key` or `SQLFERRY_KEY`, else one saved for `replica` on `server`
+    /// (the one saved for `database` first; a PUSH key also pulls and lists).
+    fn key_for(
+        &self,
+        server: &crate::remote::Server,
+        replica: &crate::store::ReplicaPath,
+        database: Option<&Path>,
+    ) -> Option<String> {
+        self.key.clone().or_else(|| {
+            crate::config::Secrets::load()
+                .ok()?
+                .key_for(&server.url(), replica.as_str(), database)
+        })
     }
 }
 

@@ -27,14 +27,19 @@ pub struct LastSync {
     pub at: i64,
 }
 
-fn record_path(database: &Path) -> Option<PathBuf> {
+/// `dir/<name>`, where name is 32 hex digits of the SHA-256 of `database`'s absolute
+/// path, then `suffix`: one file per local database.
+fn keyed_path(dir: PathBuf, database: &Path, suffix: &str) -> Option<PathBuf> {
     let abs = std::path::absolute(database).ok()?;
     let key = Sha256::digest(abs.as_os_str().as_encoded_bytes());
-    let name = crate::page::hex(&key.into())[..32].to_owned();
-    Some(
-        crate::config::state_dir()?
-            .join("history")
-            .join(format!("{name}.json")),
+    Some(dir.join(format!("{}{suffix}", &crate::page::hex(&key.into())[..32])))
+}
+
+fn record_path(database: &Path) -> Option<PathBuf> {
+    keyed_path(
+        crate::config::state_dir()?.join("history"),
+        database,
+        ".json",
     )
 }
 
@@ -90,10 +95,7 @@ pub struct ManifestHeader {
 }
 
 fn manifest_path(database: &Path) -> Option<PathBuf> {
-    let abs = std::path::absolute(database).ok()?;
-    let key = Sha256::digest(abs.as_os_str().as_encoded_bytes());
-    let name = crate::page::hex(&key.into())[..32].to_owned();
-    Some(crate::config::cache_dir()?.join("manifests").join(name))
+    keyed_path(crate::config::cache_dir()?.join("manifests"), database, "")
 }
 
 /// Keeps `hashes` as the manifest `header` describes, for `database`. Failures are

@@ -7,7 +7,7 @@ use anyhow::Context;
 use super::progress::Bar;
 use std::sync::Arc;
 
-use super::{Global, KeyArg, ServerArg, exit, expand_tilde, human_bytes, out};
+use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, out};
 use crate::config::Sidecar;
 use crate::engine::Progress;
 use crate::history::{self, LastSync};
@@ -38,12 +38,9 @@ pub struct PullArgs {
     /// Print one JSON object with the figures on stdout.
     #[arg(long)]
     pub json: bool,
-    /// The server.
+    /// The server and the key.
     #[command(flatten)]
-    pub server: ServerArg,
-    /// The key.
-    #[command(flatten)]
-    pub key: KeyArg,
+    pub connection: RemoteArgs,
 }
 
 impl PullArgs {
@@ -83,21 +80,14 @@ impl PullArgs {
         };
         let server = match &sidecar {
             Some((s, _)) => crate::remote::Server::parse(Some(&s.server))?,
-            None => self.server.resolve()?,
+            None => self.connection.resolve()?,
         };
         let database = std::path::absolute(&local).unwrap_or(local.clone());
-        let key = self
-            .key
-            .key
-            .clone()
-            .or_else(|| sidecar.as_ref().map(|(s, _)| s.key.clone()))
-            .or_else(|| {
-                crate::config::Secrets::load().ok()?.key_for(
-                    &server.url(),
-                    replica.as_str(),
-                    Some(&database),
-                )
-            });
+        // --key or SQLFERRY_KEY, else the sidecar's PULL key, else a saved key.
+        let key = match (&self.connection.key, &sidecar) {
+            (None, Some((s, _))) => Some(s.key.clone()),
+            _ => self.connection.key_for(&server, &replica, Some(&database)),
+        };
         let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
         let outcome = server
             .pull(&replica, selector, &local, key.as_deref(), bar)

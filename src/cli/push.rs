@@ -9,7 +9,7 @@ use anyhow::Context;
 use super::progress::Bar;
 use std::sync::Arc;
 
-use super::{Global, KeyArg, ServerArg, exit, expand_tilde, human_bytes, is_local_path, out};
+use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, is_local_path, out};
 use crate::config::{Secret, Sidecar};
 use crate::engine::{PageSource, Progress, sync_local};
 use crate::history::{self, LastSync};
@@ -54,12 +54,9 @@ pub struct PushArgs {
     /// Print one JSON object with the figures on stdout.
     #[arg(long)]
     pub json: bool,
-    /// The server.
+    /// The server and the key.
     #[command(flatten)]
-    pub server: ServerArg,
-    /// The key.
-    #[command(flatten)]
-    pub key: KeyArg,
+    pub connection: RemoteArgs,
 }
 
 impl PushArgs {
@@ -77,7 +74,7 @@ impl PushArgs {
             ))
             .into());
         }
-        let server = self.server.resolve()?;
+        let server = self.connection.resolve()?;
         let database = std::path::absolute(&local).unwrap_or(local.clone());
         let mut secrets = crate::config::Secrets::load()?;
         let stored = secrets
@@ -85,7 +82,7 @@ impl PushArgs {
             .filter(|s| s.server == server.url() && s.replica == replica.as_str())
             .cloned();
         let key = self
-            .key
+            .connection
             .key
             .clone()
             .or_else(|| stored.as_ref().map(|s| s.key.clone()));

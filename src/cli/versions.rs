@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::{Global, KeyArg, ServerArg, exit, human_bytes, out};
+use super::{Global, RemoteArgs, exit, human_bytes, out};
 use crate::store::ReplicaPath;
 
 /// Arguments of `sqlferry versions`.
@@ -15,25 +15,18 @@ pub struct VersionsArgs {
     /// Print one JSON array of versions instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// The server.
+    /// The server and the key.
     #[command(flatten)]
-    pub server: ServerArg,
-    /// The key.
-    #[command(flatten)]
-    pub key: KeyArg,
+    pub connection: RemoteArgs,
 }
 
 impl VersionsArgs {
     /// Runs the command.
     pub fn run(self, _global: &Global) -> anyhow::Result<ExitCode> {
         let replica = ReplicaPath::parse(&self.remote)?;
-        let server = self.server.resolve()?;
+        let server = self.connection.resolve()?;
         // Any key saved for this replica will do: listing versions needs only pull rights.
-        let key = self.key.key.clone().or_else(|| {
-            crate::config::Secrets::load()
-                .ok()?
-                .key_for(&server.url(), replica.as_str(), None)
-        });
+        let key = self.connection.key_for(&server, &replica, None);
         let versions = server.versions(&replica, key.as_deref())?;
         if self.json {
             out(format_args!("{}", serde_json::to_string(&versions)?))?;
