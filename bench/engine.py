@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -133,14 +132,14 @@ class Lab:
         state = self.dir / "state" / name
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir(parents=True)
-        copy_db(self.replica, str(state / "replica.db"))
+        mkdb.copy_db(self.replica, str(state / "replica.db"))
         if self.cache.exists():
             shutil.copytree(self.cache, state / "cache")
         return state
 
     def restore_state(self, state):
         """Puts the replica and the cache back as `save_state` saw them."""
-        copy_db(str(state / "replica.db"), self.replica)
+        mkdb.copy_db(str(state / "replica.db"), self.replica)
         self.clear_cache()
         if (state / "cache").exists():
             shutil.copytree(state / "cache", self.cache)
@@ -167,22 +166,6 @@ def check_backup(path, origin, what):
     page1_differs = page_one(origin, False) != page_one(path, False)
     if differing - page1_differs or page_one(origin, True) != page_one(path, True):
         fail(f"{what}: {path} differs from the origin in {differing} pages")
-
-
-def checkpoint(path):
-    """Moves any WAL content into the main file, so the file alone is the database."""
-    if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") > 0:
-        db = sqlite3.connect(path)
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.close()
-
-
-def copy_db(src, dest):
-    """Copies a database file (checkpointed first) over `dest`, dropping dest's -wal
-    and -shm."""
-    checkpoint(src)
-    mkdb.remove_db(dest)
-    shutil.copyfile(src, dest)
 
 
 def db_bytes(path):
@@ -248,13 +231,13 @@ def incremental(lab, name, state, origin_digest, cold=False):
         lab.restore_state(state)
         if cold:
             lab.clear_cache()
-        copy_db(lab.replica, lab.backup_target)
+        mkdb.copy_db(lab.replica, lab.backup_target)
         wall, stats = lab.push(lab.origin, lab.replica)
         lab.check_same(lab.replica, origin_digest, name)
         backup_wall = lab.backup(lab.origin, lab.backup_target)
         runs.append({"sqlferry_s": wall, "backup_s": backup_wall, "stats": stats})
     check_backup(lab.backup_target, lab.origin, f".backup {name}")
-    checkpoint(lab.replica)
+    mkdb.checkpoint(lab.replica)
     _, changed = mkdb.pagediff(str(state / "replica.db"), lab.replica, PAGE_SIZE)
     return summarize(name, runs, changed, db_bytes(lab.origin))
 

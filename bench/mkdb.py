@@ -18,6 +18,7 @@ that need a gigabyte quickly.
 """
 
 import os
+import shutil
 import random
 import sqlite3
 import sys
@@ -32,6 +33,22 @@ def remove_db(path):
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.remove(path + suffix)
+
+
+def checkpoint(path):
+    """Moves any WAL content into the main file, so the file alone is the database."""
+    if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") > 0:
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+
+
+def copy_db(src, dest):
+    """Copies a database file (checkpointed first) over `dest`, dropping dest's -wal
+    and -shm."""
+    checkpoint(src)
+    remove_db(dest)
+    shutil.copyfile(src, dest)
 
 
 def _new_wal_db(path, page_size=4096):

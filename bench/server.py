@@ -43,7 +43,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -83,21 +82,6 @@ def xdg_env(root):
                      ("XDG_STATE_HOME", "state"), ("XDG_CACHE_HOME", "cache")):
         env[var] = str(Path(root) / sub)
     return env
-
-
-def checkpoint(path):
-    if os.path.exists(path + "-wal") and os.path.getsize(path + "-wal") > 0:
-        db = sqlite3.connect(path)
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.close()
-
-
-def copy_db(src, dest):
-    """Copies a database file (checkpointed first) over `dest`, dropping dest's -wal
-    and -shm."""
-    checkpoint(src)
-    mkdb.remove_db(dest)
-    shutil.copyfile(src, dest)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -216,14 +200,14 @@ class Client:
         state = self.root / "saved" / name
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir(parents=True)
-        copy_db(str(db), str(state / "db"))
+        mkdb.copy_db(str(db), str(state / "db"))
         for sub in ("cache", "state"):
             if (self.root / sub).exists():
                 shutil.copytree(self.root / sub, state / sub)
         return state
 
     def restore_state(self, state, db):
-        copy_db(str(state / "db"), str(db))
+        mkdb.copy_db(str(state / "db"), str(db))
         for sub in ("cache", "state"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
             if (state / sub).exists():
@@ -239,7 +223,7 @@ def prepare(workdir, origin):
     root = Path(workdir)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    copy_db(origin, str(root / "state-0.db"))
+    mkdb.copy_db(origin, str(root / "state-0.db"))
 
 
 def make_states(root, client):
@@ -248,7 +232,7 @@ def make_states(root, client):
     states = [str(root / "state-0.db")]
     for i, mode in enumerate(MODES, 1):
         path = str(root / f"state-{i}.db")
-        copy_db(states[-1], path)
+        mkdb.copy_db(states[-1], path)
         rows = mkdb.change(path, mode)
         print(f"  state {i}: {mode}, {rows} rows changed", flush=True)
         states.append(path)
@@ -300,7 +284,7 @@ def push_cases(root, pusher, states, digests, changed):
     results = []
     size = os.path.getsize(states[0])
     local = root / "full.db"
-    copy_db(states[0], str(local))
+    mkdb.copy_db(states[0], str(local))
     print("  push: warm-up, one full push", flush=True)
     pusher.push(local, "bench/full-0", admin=True)
     print("  push: full", flush=True)
@@ -314,7 +298,7 @@ def push_cases(root, pusher, states, digests, changed):
     # acme/app.db gets version 1 from state 0 and a version per change: the versions
     # the pulls bring back. Its first push is also where "no change" starts.
     app = root / "app.db"
-    copy_db(states[0], str(app))
+    mkdb.copy_db(states[0], str(app))
     _, stats = pusher.push(app, REPLICA, admin=True)
     check_push(pusher, app, stats, 1, f"push {REPLICA}@1")
     print("  push: no change", flush=True)
@@ -331,15 +315,15 @@ def push_cases(root, pusher, states, digests, changed):
         runs = []
         for r in range(1, REPEATS + 1):
             replica = f"bench/{mode}-{r}"
-            copy_db(states[i], str(rep))
+            mkdb.copy_db(states[i], str(rep))
             pusher.push(rep, replica, admin=True)  # version 1: the known base
-            copy_db(states[i + 1], str(rep))
+            mkdb.copy_db(states[i + 1], str(rep))
             wall, stats = pusher.push(rep, replica)
             check_push(pusher, rep, stats, 2, f"push {mode}")
             runs.append((wall, stats))
         results.append(summarize("push", mode, runs, changed[i + 1],
                                  os.path.getsize(states[i + 1])))
-        copy_db(states[i + 1], str(app))
+        mkdb.copy_db(states[i + 1], str(app))
         _, stats = pusher.push(app, REPLICA)
         check_push(pusher, app, stats, i + 2, f"push {REPLICA}@{i + 2}")
         if stats["digest"] != digests[i + 1]:
