@@ -110,23 +110,10 @@ impl TestServer {
     /// what a failed request must not add to. (SQLite's `-wal` and `-shm` files beside
     /// them come and go with connections.)
     pub fn replica_files(&self) -> Vec<PathBuf> {
-        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for e in entries {
-                let p = e.expect("dir entry").path();
-                if p.is_dir() {
-                    walk(&p, out);
-                } else if p.extension().is_some_and(|e| e == "sqlferry") {
-                    out.push(p);
-                }
-            }
-        }
-        let mut out = Vec::new();
-        walk(&self.data.join("replicas"), &mut out);
-        out.sort();
-        out
+        files_under(&self.data.join("replicas"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "sqlferry"))
+            .collect()
     }
 
     /// `sqlferry versions REPLICA --json` with the admin key: `None` when the replica
@@ -355,24 +342,13 @@ impl Machine {
     /// Every file under the machine's XDG directories, with its bytes: what a command
     /// that changes nothing must leave as it was.
     pub fn state(&self) -> Vec<(PathBuf, Vec<u8>)> {
-        fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for e in entries {
-                let p = e.expect("dir entry").path();
-                if p.is_dir() {
-                    walk(&p, out);
-                } else {
-                    let bytes = std::fs::read(&p).unwrap_or_default();
-                    out.push((p, bytes));
-                }
-            }
-        }
-        let mut out = Vec::new();
-        walk(&self.home, &mut out);
-        out.sort();
-        out
+        files_under(&self.home)
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap_or_default();
+                (p, bytes)
+            })
+            .collect()
     }
 
     /// `sqlferry` on this machine, not yet run.
@@ -586,4 +562,25 @@ pub fn saved_push_key(machine: &Machine, db: &Path) -> String {
 /// The id part of a key (`sfk_` + 16 hex): what versions record as `key_id`.
 pub fn key_id(key: &str) -> &str {
     &key[4..20]
+}
+
+/// Every file under `dir`, recursively, sorted (none if `dir` does not exist).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries {
+            let p = e.expect("dir entry").path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out.sort();
+    out
 }
