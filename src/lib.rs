@@ -5,7 +5,8 @@
 //! protocol and the exit codes.
 //!
 //! Modules: [`page`] reads and writes SQLite pages, [`protocol`] is the frame codec,
-//! [`engine`] is the sync algorithm over any transport, [`cli`] is the command line.
+//! [`engine`] is the sync algorithm over any transport, [`subscribe`] holds the pieces
+//! that keep a replica fresh on its own, [`cli`] is the command line.
 
 pub mod cli;
 pub mod config;
@@ -17,5 +18,6 @@ pub mod protocol;
 pub mod remote;
 pub mod server;
 pub mod store;
+pub mod subscribe;
 
 pub use error::{Error, ErrorKind, Result};
