@@ -2,6 +2,10 @@
 //! made of.
 //!
 //! - [`duration`] parses and prints the flag values (`10m`, `1h30m`, `2w`).
+//! - [`timer`] is the push subscriber's timing, a pure state machine: it is told what
+//!   happened (a change, a push that started, succeeded or failed, a sync-now request,
+//!   shutdown) and the current time, and answers whether a push is due, when to wake up
+//!   next and which CHANGED notice to send.
 //! - [`backoff`] holds the pure delay sequences: push retries and pull reconnects.
 //!
 //! Everything here is pure: time is a [`Time`] since the subscriber started,
@@ -10,6 +14,9 @@
 
 pub mod backoff;
 pub mod duration;
+pub mod timer;
+
+pub use timer::{Schedule, Timing, Trigger};
 
 /// A point in a subscriber's life: the time elapsed since it started.
 pub type Time = std::time::Duration;
