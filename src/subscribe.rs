@@ -7,16 +7,21 @@
 //!   shutdown) and the current time, and answers whether a push is due, when to wake up
 //!   next and which CHANGED notice to send.
 //! - [`backoff`] holds the pure delay sequences: push retries and pull reconnects.
+//! - [`watch`] notices commits to a local database by any other connection: file events
+//!   in its directory, confirmed by `PRAGMA data_version`, with a slow poll as a safety
+//!   net.
 //!
-//! Everything here is pure: time is a [`Time`] since the subscriber started,
+//! Everything but the watcher is pure: time is a [`Time`] since the subscriber started,
 //! given by the caller, so the rules are tested with injected instants and never sleep.
 //! The loop that carries out their answers owns the clock, the sockets and the tasks.
 
 pub mod backoff;
 pub mod duration;
 pub mod timer;
+pub mod watch;
 
 pub use timer::{Schedule, Timing, Trigger};
+pub use watch::{Seen, Watcher};
 
 /// A point in a subscriber's life: the time elapsed since it started.
 pub type Time = std::time::Duration;

@@ -7,6 +7,8 @@
 //! - `live`: real second processes writing the origin, reading the replica, or killing a
 //!   push half-way.
 //! - `sync_props`: random edit sequences, synced after every step.
+//! - `watch`: the push subscriber's watcher on real databases, written by other
+//!   connections and processes.
 
 mod cli;
 mod engine;
@@ -14,3 +16,4 @@ mod live;
 mod server;
 mod sync_props;
 mod util;
+mod watch;

@@ -1,0 +1,339 @@
+//! Noticing commits to a local database made by any other connection or process.
+//!
+//! File events say *something* happened near the database; `PRAGMA data_version` says
+//! whether it was a commit. The watcher watches the database's directory (not the file:
+//! SQLite deletes and recreates `-wal` and `-journal`), and each event on the database,
+//! its `-wal` or its `-journal` nudges a checker thread. `-shm` is ignored: SQLite
+//! changes it through a memory map, which makes no event anyway. The checker owns one
+//! read-only connection, lets a burst of events settle, then compares the connection's
+//! `data_version` with the last one it saw; only a change is reported. So the events
+//! that are not commits (readers opening or deleting `-wal`, checkpoints, a rolled-back
+//! transaction, a push reading the database) report nothing. One exception: a
+//! `TRUNCATE` checkpoint resets the WAL and reads as a change; the push that follows
+//! finds nothing new.
+//!
+//! File events can be missed (a queue overflow, a writer reaching the file through
+//! another path), so the checker also checks every `poll` on its own; a change found
+//! that way is logged, since it means an event was missed.
+//!
+//! Invariants: the connection holds no transaction and no lock between checks, each
+//! check is one short read (so in rollback mode a writer waits for it at most a moment,
+//! and the settling keeps checks out of the middle of a commit), and an idle watcher
+//! sleeps: the checker wakes only on an event or once per `poll`. The watcher never
+//! writes the database. Like any open connection in WAL mode, the watcher's keeps
+//! `-wal` in place when the application's last connection closes (SQLite checkpoints
+//! and deletes it only when no connection is left); auto-checkpoints go on as usual.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration, Instant};
+
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use crate::{Error, Result};
+
+/// The poll a subscriber uses when nothing else is asked for: slow, since file events
+/// do the real work.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(5);
+
+/// The shortest poll: a zero poll would keep the checker spinning.
+pub const MIN_POLL: Duration = Duration::from_millis(10);
+
+/// After a file event, how long the directory must stay quiet before the check: one
+/// commit makes a burst of events, and a check in the middle of a rollback-mode commit
+/// would make the writer wait for it.
+pub const SETTLE: Duration = Duration::from_millis(50);
+
+/// The longest a check is put off by events that keep coming.
+pub const MAX_SETTLE: Duration = Duration::from_millis(500);
+
+/// How long a check waits for a writer's lock (rollback mode) before giving up.
+const CHECK_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// When a check found the database locked, the next one is this soon.
+const RECHECK_AFTER_BUSY: Duration = Duration::from_millis(200);
+
+/// What the watcher saw: commits by other connections since its last report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// How many changes of `PRAGMA data_version` were observed (1 per report: several
+    /// commits between two checks show as one).
+    pub commits: u32,
+    /// Found by the periodic poll rather than after a file event: an event was missed.
+    pub by_poll: bool,
+}
+
+/// What the watcher and its checker thread share.
+#[derive(Debug, Default)]
+struct Shared {
+    stop: AtomicBool,
+    checks: AtomicU64,
+}
+
+/// Watches one database for commits; dropping it stops the file watch and the checker
+/// thread (which ends at once unless a check is running, then after it).
+pub struct Watcher {
+    shared: Arc<Shared>,
+    nudge: SyncSender<()>,
+    /// The file watch, stopped when dropped.
+    _file_watch: notify::RecommendedWatcher,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("checks", &self.checks())
+            .finish()
+    }
+}
+
+impl Watcher {
+    /// Watches `db`'s directory (notify crate, non-recursive) for the database file,
+    /// `db-wal` and `db-journal` (created, modified, removed, renamed; `-shm` and other
+    /// files ignored), and polls `PRAGMA data_version` every `poll` on its own idle
+    /// connection as a safety net. A commit by any other connection is reported on the
+    /// returned channel; events that do not change `PRAGMA data_version` (our own reads
+    /// creating or deleting -wal, checkpoints...) are not reported.
+    ///
+    /// Fails if `db` cannot be opened as an SQLite database or its directory cannot be
+    /// watched. The channel closes when the watcher is dropped. A `poll` shorter than
+    /// [`MIN_POLL`] counts as [`MIN_POLL`].
+    pub fn start(db: &Path, poll: Duration) -> Result<(Watcher, UnboundedReceiver<Seen>)> {
+        // SQLite puts -wal and -journal beside the real file, so watch where a symbolic
+        // link leads.
+        let db = std::fs::canonicalize(db).map_err(|e| Error::io(db, e))?;
+        let (dir, name) = match (db.parent(), db.file_name()) {
+            (Some(dir), Some(name)) => (dir.to_owned(), name.to_owned()),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "{}: not a database file to watch",
+                    db.display()
+                )));
+            }
+        };
+        // One slot: a nudge already waiting covers any that come after it.
+        let (nudge, nudges) = std::sync::mpsc::sync_channel(1);
+        let file_watch = watch_dir(&dir, &name, nudge.clone())?;
+        // The baseline is read after the watch has started, so no commit falls between.
+        let conn = open(&db)?;
+        let version = data_version(&conn).map_err(|e| Error::sqlite(&db, e))?;
+        let shared = Arc::new(Shared::default());
+        let (seen, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        let checker = Checker {
+            db: db.clone(),
+            conn,
+            version,
+            poll: poll.max(MIN_POLL),
+            nudges,
+            seen,
+            shared: Arc::clone(&shared),
+        };
+        std::thread::Builder::new()
+            .name("sqlferry-watch".to_owned())
+            .spawn(move || checker.run())
+            .map_err(|e| Error::io(&db, e))?;
+        let watcher = Watcher {
+            shared,
+            nudge,
+            _file_watch: file_watch,
+        };
+        Ok((watcher, seen_rx))
+    }
+
+    /// How many times the checker has read `PRAGMA data_version` since the start, for
+    /// diagnostics and tests: it grows with file events and polls, not with commits.
+    pub fn checks(&self) -> u64 {
+        self.shared.checks.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        // Wakes the checker; a full slot means it is being woken already.
+        let _ = self.nudge.try_send(());
+    }
+}
+
+/// Starts the file watch on `dir`: events on `name`, `name-wal` and `name-journal` send a
+/// nudge. notify's callback does nothing else.
+fn watch_dir(
+    dir: &Path,
+    name: &std::ffi::OsStr,
+    nudge: SyncSender<()>,
+) -> Result<notify::RecommendedWatcher> {
+    let names: Vec<OsString> = ["", "-wal", "-journal"]
+        .iter()
+        .map(|suffix| {
+            let mut n = name.to_owned();
+            n.push(suffix);
+            n
+        })
+        .collect();
+    let dir_for_log = dir.to_owned();
+    let handler = move |event: notify::Result<notify::Event>| {
+        let relevant = match event {
+            Ok(event) => {
+                event.need_rescan()
+                    || (matches!(
+                        event.kind,
+                        EventKind::Any
+                            | EventKind::Create(_)
+                            | EventKind::Modify(_)
+                            | EventKind::Remove(_)
+                    ) && event
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().is_some_and(|f| names.iter().any(|n| n == f))))
+            }
+            Err(e) => {
+                // Events may have been lost: check rather than wait for the poll.
+                tracing::debug!("watching {}: {e}", dir_for_log.display());
+                true
+            }
+        };
+        if relevant {
+            // A full slot already holds a nudge, and a closed one means the checker has
+            // ended: either way there is nothing more to do.
+            let _ = nudge.try_send(());
+        }
+    };
+    let watch_err = |e: notify::Error| {
+        Error::io(
+            dir,
+            std::io::Error::other(format!("watching for changes: {e}")),
+        )
+    };
+    let mut watcher = notify::recommended_watcher(handler).map_err(watch_err)?;
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .map_err(watch_err)?;
+    Ok(watcher)
+}
+
+/// Opens the checker's connection: read-only, and waiting a little for a writer's lock.
+fn open(db: &Path) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(db, flags).map_err(|e| Error::sqlite(db, e))?;
+    conn.busy_timeout(CHECK_BUSY_TIMEOUT)
+        .map_err(|e| Error::sqlite(db, e))?;
+    Ok(conn)
+}
+
+/// The connection's `PRAGMA data_version`: a short read transaction, ended on return.
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA data_version")?
+        .query_row([], |row| row.get(0))
+}
+
+/// The checker thread's state: it owns the connection.
+struct Checker {
+    db: PathBuf,
+    conn: Connection,
+    /// The last `data_version` read.
+    version: i64,
+    poll: Duration,
+    nudges: Receiver<()>,
+    seen: UnboundedSender<Seen>,
+    shared: Arc<Shared>,
+}
+
+impl Checker {
+    /// Checks on every settled burst of nudges and every `poll`, until the watcher is
+    /// dropped or nobody listens.
+    fn run(mut self) {
+        let mut wait = self.poll;
+        let mut failing = false;
+        loop {
+            let by_poll = match self.nudges.recv_timeout(wait) {
+                Ok(()) => {
+                    if !self.settle() {
+                        break;
+                    }
+                    false
+                }
+                Err(RecvTimeoutError::Timeout) => true,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            if self.stopped() {
+                break;
+            }
+            wait = self.poll;
+            self.shared.checks.fetch_add(1, Ordering::Relaxed);
+            match data_version(&self.conn) {
+                Ok(version) => {
+                    failing = false;
+                    if version == self.version {
+                        continue;
+                    }
+                    self.version = version;
+                    if by_poll {
+                        tracing::debug!(
+                            "{}: the poll found a commit the file events missed",
+                            self.db.display()
+                        );
+                    }
+                    if self
+                        .seen
+                        .send(Seen {
+                            commits: 1,
+                            by_poll,
+                        })
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.sqlite_error_code(),
+                        Some(
+                            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                        )
+                    ) =>
+                {
+                    // A writer holds the database: look again once it is likely done.
+                    wait = RECHECK_AFTER_BUSY;
+                }
+                Err(e) => {
+                    // Keep polling: the database may come back (a file being replaced).
+                    // Say so once per run of failures, not every poll.
+                    if !failing {
+                        tracing::warn!("{}: checking for changes: {e}", self.db.display());
+                    }
+                    failing = true;
+                }
+            }
+        }
+        tracing::debug!("{}: watcher stopped", self.db.display());
+    }
+
+    /// Waits until no nudge came for [`SETTLE`], or [`MAX_SETTLE`] has passed; false if
+    /// the watcher is gone.
+    fn settle(&self) -> bool {
+        let deadline = Instant::now() + MAX_SETTLE;
+        loop {
+            if self.stopped() {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            match self.nudges.recv_timeout(SETTLE.min(left)) {
+                Ok(()) => {}
+                Err(RecvTimeoutError::Timeout) => return true,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.shared.stop.load(Ordering::Relaxed) || self.seen.is_closed()
+    }
+}
