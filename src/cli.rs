@@ -6,6 +6,7 @@ mod progress;
 mod pull;
 mod push;
 mod serve;
+mod subscribe;
 mod verify;
 mod versions;
 
@@ -36,6 +37,8 @@ pub mod exit {
     pub const VERIFY: u8 = 7;
     /// The replica or version does not exist.
     pub const NOT_FOUND: u8 = 8;
+    /// A subscriber stopped by a second SIGINT or SIGTERM, without waiting for its sync.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 /// sqlferry pushes and pulls live SQLite databases page by page, checked end to end.
@@ -79,6 +82,11 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Print a database's digest, page size, page count and integrity check.
     Verify(verify::VerifyArgs),
+    /// Keep a database in sync: push it after changes, or follow its replica.
+    Subscribe(subscribe::SubscribeArgs),
+    /// Ask every running subscriber of a replica to sync now.
+    #[command(name = "sync-now")]
+    SyncNow(subscribe::SyncNowArgs),
 }
 
 /// Where a replica lives and the key to reach it: `--server` and `--key`, shared by
@@ -149,6 +157,8 @@ impl Cli {
             Command::Versions(args) => args.run(&self.global),
             Command::Serve(args) => args.run(&self.global),
             Command::Verify(args) => args.run(&self.global),
+            Command::Subscribe(args) => args.run(&self.global),
+            Command::SyncNow(args) => args.run(&self.global),
         }
     }
 }

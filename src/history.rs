@@ -25,6 +25,9 @@ pub struct LastSync {
     pub digest: String,
     /// When, seconds since the Unix epoch.
     pub at: i64,
+    /// `push` or `pull` (empty in records written before it was kept).
+    #[serde(default)]
+    pub op: String,
 }
 
 /// `dir/<name>`, where name is 32 hex digits of the SHA-256 of `database`'s absolute

@@ -63,6 +63,10 @@ pub mod code {
     pub const KEY_REQUEST: u8 = 0x53;
     /// Reserved: COMMITMESSAGE (server protocol).
     pub const COMMIT_MESSAGE: u8 = 0x54;
+    /// Reserved: SYNCNOW (server protocol).
+    pub const SYNC_NOW: u8 = 0x55;
+    /// Reserved: REPORT (server protocol).
+    pub const REPORT: u8 = 0x56;
     /// Reserved: CHANGED (server protocol).
     pub const CHANGED: u8 = 0x57;
 }

@@ -8,7 +8,11 @@
 //!   WebSocket upgrade; the engine runs on a blocking thread and the `ws` module carries its
 //!   frames.
 
+pub mod local;
+mod subscription;
 pub(crate) mod ws;
+
+pub use subscription::{Notice, Outgoing, Subscription};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +25,7 @@ use crate::engine::{
 };
 use crate::history;
 use crate::page::{Snapshot, Writer};
-use crate::protocol::control::{Config, Control, NewKeys, Op, Open};
+use crate::protocol::control::{Config, Control, NewKeys, Op, Open, SubscriberRole};
 use crate::protocol::{Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector, Store, VersionInfo};
 use crate::{Error, Result};
@@ -128,7 +132,7 @@ impl Server {
             Server::Embedded(store) => store.versions(replica),
             Server::Ws { url } => runtime()?.block_on(async {
                 let mut ws = connect(url, key).await?;
-                let config = open(&mut ws, Op::Versions, replica, None, None, false).await?;
+                let config = open(&mut ws, Op::Versions, replica, None, None, false, None).await?;
                 Ok(config.versions.unwrap_or_default())
             }),
         }
@@ -164,6 +168,14 @@ impl Server {
                 let (version, created) = target
                     .outcome()
                     .expect("a successful sync leaves an outcome");
+                if created {
+                    // Subscribers of this replica on this machine learn of it at once.
+                    local::notify(
+                        store.root(),
+                        replica.as_str(),
+                        local::Message::Version(version.number),
+                    );
+                }
                 (
                     PushOutcome {
                         stats,
@@ -177,7 +189,7 @@ impl Server {
             Server::Ws { url } => runtime()?.block_on(async {
                 let mut ws = connect(url, request.key.as_deref()).await?;
                 let o = &request.options;
-                open(&mut ws, Op::Push, replica, None, o.base, o.force).await?;
+                open(&mut ws, Op::Push, replica, None, o.base, o.force, None).await?;
                 if request.key_request {
                     ws::send_binary(&mut ws, Control::KeyRequest.to_bytes()).await?;
                 }
@@ -242,8 +254,16 @@ impl Server {
                 let local = local.to_owned();
                 runtime()?.block_on(async {
                     let mut ws = connect(url, key).await?;
-                    let config =
-                        open(&mut ws, Op::Pull, replica, Some(selector), None, false).await?;
+                    let config = open(
+                        &mut ws,
+                        Op::Pull,
+                        replica,
+                        Some(selector),
+                        None,
+                        false,
+                        None,
+                    )
+                    .await?;
                     let (stats, _) =
                         ws::run_engine(&mut ws, Role::Replica, Vec::new(), None, move |link| {
                             let mut target = Writer::open(&local)?;
@@ -405,6 +425,7 @@ async fn open(
     selector: Option<Selector>,
     base: Option<u64>,
     force: bool,
+    role: Option<SubscriberRole>,
 ) -> Result<Config> {
     let open = Open {
         protocol: PROTOCOL_VERSION,
@@ -413,6 +434,7 @@ async fn open(
         version: selector.map(|s| s.to_string()),
         base,
         force,
+        role,
         client_id: client_id(),
     };
     ws::send_binary(ws, Control::Open(open).to_bytes()).await?;

@@ -18,9 +18,11 @@
 
 mod auth;
 mod http;
+mod hub;
 mod session;
 
 pub use auth::{Auth, KeyKind, Principal, mask};
+pub use hub::{Event, FailureStatus, Hub, Status};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -49,6 +51,8 @@ pub struct State {
     pub store: Store,
     /// The keys.
     pub auth: Auth,
+    /// Subscribers and what they told the server.
+    pub hub: Arc<Hub>,
 }
 
 impl State {
@@ -57,6 +61,7 @@ impl State {
         Ok(State {
             store: Store::new(data),
             auth: Auth::open(data)?,
+            hub: Arc::new(Hub::default()),
         })
     }
 }
@@ -92,6 +97,8 @@ pub async fn serve(
         }
     }
     drop(listener);
+    // Subscribe sessions never end on their own: tell them to close now.
+    state.hub.close();
     tracing::info!(sessions = connections.len(), "shutting down");
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while connections.join_next().await.is_some() {}

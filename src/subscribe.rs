@@ -11,15 +11,23 @@
 //!   in its directory, confirmed by `PRAGMA data_version`, with a slow poll as a safety
 //!   net.
 //!
-//! Everything but the watcher is pure: time is a [`Time`] since the subscriber started,
+//! - [`push`] and [`pull`] are the two subscriber loops that carry the answers out:
+//!   they own the clock, the tasks and the [`Subscription`](crate::remote::Subscription)
+//!   to the replica; [`support`] has what both need (output lines, signals, jitter).
+//!
+//! Everything but the watcher and the loops is pure: time is a [`Time`] since the subscriber started,
 //! given by the caller, so the rules are tested with injected instants and never sleep.
 //! The loop that carries out their answers owns the clock, the sockets and the tasks.
 
 pub mod backoff;
 pub mod duration;
+pub mod pull;
+pub mod push;
+mod support;
 pub mod timer;
 pub mod watch;
 
+pub use support::{Line, Signals, is_auth_failure, jitter};
 pub use timer::{Schedule, Timing, Trigger};
 pub use watch::{Seen, Watcher};
 

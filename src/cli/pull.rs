@@ -38,6 +38,9 @@ pub struct PullArgs {
     /// Print one JSON object with the figures on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Keep going: pull each new version as it lands (until SIGINT or SIGTERM).
+    #[arg(long, conflicts_with = "json")]
+    pub subscribe: bool,
     /// The server and the key.
     #[command(flatten)]
     pub connection: RemoteArgs,
@@ -88,20 +91,25 @@ impl PullArgs {
             (None, Some((s, _))) => Some(s.key.clone()),
             _ => self.connection.key_for(&server, &replica, Some(&database)),
         };
-        let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
-        let outcome = server
-            .pull(&replica, selector, &local, key.as_deref(), bar)
-            .with_context(|| {
-                format!("pull {replica}@{selector} into {} failed", local.display())
-            })?;
-        history::record(&LastSync {
+        let puller = Puller {
+            server,
+            replica,
+            local,
             database,
-            server: server.url(),
-            replica: replica.to_string(),
-            version: outcome.version,
-            digest: outcome.stats.digest.clone(),
-            at: history::now(),
-        });
+            key,
+        };
+        if self.subscribe {
+            if !matches!(selector, Selector::Latest) {
+                return Err(crate::Error::Usage(format!(
+                    "--subscribe follows the latest version; drop @{selector}"
+                ))
+                .into());
+            }
+            return super::subscribe::run_pull(puller, global);
+        }
+        let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
+        let outcome = puller.pull(selector, bar)?;
+        let (replica, local) = (&puller.replica, &puller.local);
         if self.json {
             let mut v = serde_json::to_value(&outcome.stats)?;
             v["replica"] = replica.as_str().into();
@@ -120,5 +128,47 @@ impl PullArgs {
             ))?;
         }
         Ok(ExitCode::from(exit::OK))
+    }
+}
+
+/// One replica pulled into one database: `pull` and the pull subscriber share it.
+#[derive(Debug, Clone)]
+pub struct Puller {
+    /// Where the replica lives.
+    pub server: crate::remote::Server,
+    /// The replica.
+    pub replica: crate::store::ReplicaPath,
+    /// The database, as given.
+    pub local: std::path::PathBuf,
+    /// The database, absolute: the key of its history.
+    pub database: std::path::PathBuf,
+    /// The key (none for the embedded store).
+    pub key: Option<String>,
+}
+
+impl Puller {
+    /// Pulls the version `selector` names; records it in the local history.
+    pub fn pull(
+        &self,
+        selector: Selector,
+        progress: Arc<dyn Progress>,
+    ) -> anyhow::Result<crate::remote::PullOutcome> {
+        let (replica, local) = (&self.replica, &self.local);
+        let outcome = self
+            .server
+            .pull(replica, selector, local, self.key.as_deref(), progress)
+            .with_context(|| {
+                format!("pull {replica}@{selector} into {} failed", local.display())
+            })?;
+        history::record(&LastSync {
+            database: self.database.clone(),
+            server: self.server.url(),
+            replica: replica.to_string(),
+            version: outcome.version,
+            digest: outcome.stats.digest.clone(),
+            at: history::now(),
+            op: "pull".into(),
+        });
+        Ok(outcome)
     }
 }

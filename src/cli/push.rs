@@ -52,8 +52,15 @@ pub struct PushArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Print one JSON object with the figures on stdout.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "subscribe")]
     pub json: bool,
+    /// Keep going: watch LOCAL and push after changes, as the timing flags say (until
+    /// SIGINT or SIGTERM, which push pending changes first).
+    #[arg(long, requires = "wait_idle", conflicts_with = "dry_run")]
+    pub subscribe: bool,
+    /// When to push, with --subscribe.
+    #[command(flatten)]
+    pub timing: super::subscribe::TimingArgs,
     /// The server and the key.
     #[command(flatten)]
     pub connection: RemoteArgs,
@@ -75,80 +82,26 @@ impl PushArgs {
             .into());
         }
         let server = self.connection.resolve()?;
-        let database = std::path::absolute(&local).unwrap_or(local.clone());
-        let mut secrets = crate::config::Secrets::load()?;
-        let stored = secrets
-            .for_database(&database)
-            .filter(|s| s.server == server.url() && s.replica == replica.as_str())
-            .cloned();
-        let key = self
-            .connection
-            .key
-            .clone()
-            .or_else(|| stored.as_ref().map(|s| s.key.clone()));
-        if server.needs_key() && key.is_none() {
-            return Err(crate::Error::Auth(format!(
-                "no key for {replica} on {}: pass --key (the admin key for a first push) or set SQLFERRY_KEY",
-                server.url()
-            ))
+        let mut pusher = Pusher::new(&local, replica, server, self.connection.key.clone())?;
+        pusher.message = self.message.clone();
+        pusher.force = self.force;
+        if self.subscribe {
+            return super::subscribe::run_push(pusher, &self.timing, global);
+        }
+        if self.timing.any() {
+            return Err(crate::Error::Usage(
+                "--waitIdle, --minInterval, --maxInterval and --maxChanges need --subscribe".into(),
+            )
             .into());
         }
-        let last = history::last(&local)
-            .filter(|l| l.server == server.url() && l.replica == replica.as_str());
-        let request = PushRequest {
-            database: Some(database.clone()),
-            options: PushOptions {
-                base: last.as_ref().map(|l| l.version),
-                force: self.force,
-                message: self.message.clone(),
-                client_id: crate::remote::client_id(),
-                key_id: String::new(),
-            },
-            key,
-            // Without a stored PUSH key, ask for keys: an admin key's first push of a
-            // replica then leaves a PUSH key here and a PULL key in the sidecar.
-            key_request: server.needs_key() && stored.is_none(),
-        };
+        pusher.require_key()?;
         if self.dry_run {
-            return self.dry_run(&local, &replica, &server, &request);
+            let request = pusher.request();
+            return self.dry_run(&local, &pusher.replica, &pusher.server, &request);
         }
         let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
-        let outcome = server
-            .push(&local, &replica, request, bar)
-            .with_context(|| format!("push {} to {replica} failed", local.display()))?;
-        history::record(&LastSync {
-            database: database.clone(),
-            server: server.url(),
-            replica: replica.to_string(),
-            version: outcome.version,
-            digest: outcome.stats.digest.clone(),
-            at: history::now(),
-        });
-        let mut notes = Vec::new();
-        if let Some(keys) = &outcome.keys {
-            secrets.databases.insert(
-                database.to_string_lossy().into_owned(),
-                Secret {
-                    server: server.url(),
-                    replica: replica.to_string(),
-                    key: keys.push.clone(),
-                },
-            );
-            let secrets_path = secrets.save()?;
-            let sidecar = Sidecar {
-                server: server.url(),
-                replica: replica.to_string(),
-                key: keys.pull.clone(),
-            }
-            .save(&local)?;
-            notes.push(format!(
-                "new keys for {replica}: the PUSH key is saved in {} (next pushes of {} need no key); \
-                 {} holds the PULL key: copy it beside a database elsewhere and run it to pull",
-                secrets_path.display(),
-                local.display(),
-                sidecar.display()
-            ));
-        }
+        let (outcome, notes) = pusher.push(bar)?;
+        let replica = &pusher.replica;
         if self.json {
             let mut v = serde_json::to_value(&outcome.stats)?;
             v["replica"] = replica.as_str().into();
@@ -269,5 +222,144 @@ impl PushArgs {
             ))?;
         }
         Ok(ExitCode::from(exit::OK))
+    }
+}
+
+/// One database pushed to one replica, again and again: `push` and the push
+/// subscriber share it. Each push takes its base version from the local history, so
+/// a subscriber's pushes chain without conflicts.
+#[derive(Debug)]
+pub struct Pusher {
+    /// The database, as given.
+    pub local: std::path::PathBuf,
+    /// The database, absolute: the key of its history and saved key.
+    pub database: std::path::PathBuf,
+    /// The replica.
+    pub replica: ReplicaPath,
+    /// Where it lives.
+    pub server: Server,
+    /// The key (none for the embedded store).
+    pub key: Option<String>,
+    /// Whether the key was saved for this database by an earlier push (a PUSH key).
+    stored: bool,
+    /// The commit message of each version.
+    pub message: String,
+    /// Push even if the replica moved past the base version.
+    pub force: bool,
+}
+
+impl Pusher {
+    /// A pusher of `local` to `replica`; the key is `key` (`--key`, `SQLFERRY_KEY`),
+    /// else the one saved for `local`, else, for a subscriber, the sidecar's PULL key.
+    pub fn new(
+        local: &Path,
+        replica: ReplicaPath,
+        server: Server,
+        key: Option<String>,
+    ) -> anyhow::Result<Pusher> {
+        let database = std::path::absolute(local).unwrap_or(local.to_owned());
+        let secrets = crate::config::Secrets::load()?;
+        let saved = secrets
+            .for_database(&database)
+            .filter(|s| s.server == server.url() && s.replica == replica.as_str())
+            .map(|s| s.key.clone());
+        let stored = saved.is_some();
+        let key = key.or(saved);
+        Ok(Pusher {
+            local: local.to_owned(),
+            database,
+            replica,
+            server,
+            key,
+            stored,
+            message: String::new(),
+            force: false,
+        })
+    }
+
+    /// Fails with an auth error when a server needs a key and there is none.
+    pub fn require_key(&self) -> anyhow::Result<()> {
+        if self.server.needs_key() && self.key.is_none() {
+            return Err(crate::Error::Auth(format!(
+                "no key for {} on {}: pass --key (the admin key for a first push) or set SQLFERRY_KEY",
+                self.replica,
+                self.server.url()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The request the next push makes.
+    pub fn request(&self) -> PushRequest {
+        let last = history::last(&self.local)
+            .filter(|l| l.server == self.server.url() && l.replica == self.replica.as_str());
+        PushRequest {
+            database: Some(self.database.clone()),
+            options: PushOptions {
+                base: last.as_ref().map(|l| l.version),
+                force: self.force,
+                message: self.message.clone(),
+                client_id: crate::remote::client_id(),
+                key_id: String::new(),
+            },
+            key: self.key.clone(),
+            // Without a stored PUSH key, ask for keys: an admin key's first push of a
+            // replica then leaves a PUSH key here and a PULL key in the sidecar.
+            key_request: self.server.needs_key() && !self.stored,
+        }
+    }
+
+    /// Pushes once; records the version in the local history and saves new keys.
+    /// Returns the outcome and notes for the user (where new keys went).
+    pub fn push(
+        &mut self,
+        progress: Arc<dyn Progress>,
+    ) -> anyhow::Result<(crate::remote::PushOutcome, Vec<String>)> {
+        self.require_key()?;
+        let (local, replica) = (&self.local, &self.replica);
+        let outcome = self
+            .server
+            .push(local, replica, self.request(), progress)
+            .with_context(|| format!("push {} to {replica} failed", local.display()))?;
+        history::record(&LastSync {
+            database: self.database.clone(),
+            server: self.server.url(),
+            replica: replica.to_string(),
+            version: outcome.version,
+            digest: outcome.stats.digest.clone(),
+            at: history::now(),
+            op: "push".into(),
+        });
+        let mut notes = Vec::new();
+        if let Some(keys) = &outcome.keys {
+            let mut secrets = crate::config::Secrets::load()?;
+            secrets.databases.insert(
+                self.database.to_string_lossy().into_owned(),
+                Secret {
+                    server: self.server.url(),
+                    replica: replica.to_string(),
+                    key: keys.push.clone(),
+                },
+            );
+            let secrets_path = secrets.save()?;
+            let sidecar = Sidecar {
+                server: self.server.url(),
+                replica: replica.to_string(),
+                key: keys.pull.clone(),
+            }
+            .save(local)?;
+            notes.push(format!(
+                "new keys for {replica}: the PUSH key is saved in {} (next pushes of {} need no key); \
+                 {} holds the PULL key: copy it beside a database elsewhere and run it to pull",
+                secrets_path.display(),
+                local.display(),
+                sidecar.display()
+            ));
+            // Later pushes (a subscriber's) use the replica's own PUSH key.
+            self.key = Some(keys.push.clone());
+            self.stored = true;
+        }
+        Ok((outcome, notes))
     }
 }

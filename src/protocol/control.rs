@@ -7,12 +7,16 @@ use serde::{Deserialize, Serialize};
 
 use super::{DecodeError, MAX_FRAME_BYTES, MAX_TEXT_BYTES, code};
 
+/// How often the server pings a subscriber; a subscriber that hears nothing for three
+/// of these reconnects.
+pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Client → server, first frame: what the session is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Open {
     /// The page-sync protocol version the client speaks.
     pub protocol: u16,
-    /// `push`, `pull` or `versions`.
+    /// `push`, `pull`, `versions`, `subscribe` or `sync-now`.
     pub op: Op,
     /// The replica path, `namespace/name`.
     pub replica: String,
@@ -25,6 +29,10 @@ pub struct Open {
     /// For `push`: replace even if the replica moved past `base`.
     #[serde(default)]
     pub force: bool,
+    /// For `subscribe`: `push` (this client pushes the replica and listens for sync-now)
+    /// or `pull` (it follows every new version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<SubscriberRole>,
     /// Who is asking (`user@host`), recorded with a pushed version.
     #[serde(default)]
     pub client_id: String,
@@ -40,6 +48,32 @@ pub enum Op {
     Pull,
     /// List versions.
     Versions,
+    /// Stay connected: NEWREPLICAVERSION and SYNCNOW come from the server, CHANGED and
+    /// REPORT go to it, until either side closes.
+    Subscribe,
+    /// Ask every running subscriber of the replica to sync now; CONFIG says how many
+    /// were reached.
+    SyncNow,
+}
+
+/// What a subscriber does with its replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SubscriberRole {
+    /// Pushes a local database when it changes (needs a PUSH or admin key).
+    Push,
+    /// Pulls each new version (any key that may pull).
+    Pull,
+}
+
+impl SubscriberRole {
+    /// `push` or `pull`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriberRole::Push => "push",
+            SubscriberRole::Pull => "pull",
+        }
+    }
 }
 
 /// Server → client: the replica and the session's facts. Sent after OPEN is accepted,
@@ -64,6 +98,9 @@ pub struct Config {
     /// After a push: whether it made a new version (false: nothing had changed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<bool>,
+    /// After `sync-now`: how many running subscribers were reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reached: Option<u64>,
 }
 
 /// The keys of a new replica.
@@ -86,6 +123,17 @@ pub struct NewVersion {
     pub digest: String,
 }
 
+/// A push subscriber's report that its pushes have been failing for a while.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureReport {
+    /// Seconds since the first failed attempt after the last successful push.
+    pub failing_for: u64,
+    /// Failed attempts since the last successful push.
+    pub attempts: u32,
+    /// The latest attempt's error, one line.
+    pub error: String,
+}
+
 /// One control frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
@@ -99,6 +147,10 @@ pub enum Control {
     KeyRequest,
     /// `0x54` COMMITMESSAGE: `u16` length, then that many bytes of UTF-8 (≤ 4096).
     CommitMessage(String),
+    /// `0x55` SYNCNOW (server → subscriber): sync now. No payload.
+    SyncNow,
+    /// `0x56` REPORT (push subscriber → server): JSON [`FailureReport`].
+    Report(FailureReport),
     /// `0x57` CHANGED: `u32` seconds until the planned push.
     Changed(u32),
 }
@@ -115,6 +167,8 @@ impl Control {
                 | code::NEW_REPLICA_VERSION
                 | code::KEY_REQUEST
                 | code::COMMIT_MESSAGE
+                | code::SYNC_NOW
+                | code::REPORT
                 | code::CHANGED
         )
     }
@@ -141,6 +195,8 @@ impl Control {
                 out.extend_from_slice(&m.as_bytes()[..end]);
                 out
             }
+            Control::SyncNow => vec![code::SYNC_NOW],
+            Control::Report(r) => json(code::REPORT, r),
             Control::Changed(s) => {
                 let mut out = vec![code::CHANGED];
                 out.extend_from_slice(&s.to_be_bytes());
@@ -190,6 +246,9 @@ impl Control {
                     .map_err(|_| DecodeError::Invalid("COMMITMESSAGE is not UTF-8".into()))?;
                 Control::CommitMessage(text)
             }
+            code::SYNC_NOW if rest.is_empty() => Control::SyncNow,
+            code::SYNC_NOW => return Err(DecodeError::Trailing("SYNCNOW", rest.len())),
+            code::REPORT => Control::Report(json("REPORT", rest)?),
             code::CHANGED => match rest {
                 [a, b, c, d] => Control::Changed(u32::from_be_bytes([*a, *b, *c, *d])),
                 [_, _, _, _, more @ ..] => {
@@ -216,6 +275,17 @@ mod tests {
                 version: None,
                 base: Some(3),
                 force: false,
+                role: None,
+                client_id: "me@host".into(),
+            }),
+            Control::Open(Open {
+                protocol: 1,
+                op: Op::Subscribe,
+                replica: "acme/app.db".into(),
+                version: None,
+                base: None,
+                force: false,
+                role: Some(SubscriberRole::Pull),
                 client_id: "me@host".into(),
             }),
             Control::Config(Config {
@@ -232,6 +302,12 @@ mod tests {
             }),
             Control::KeyRequest,
             Control::CommitMessage("before migration ✓".into()),
+            Control::SyncNow,
+            Control::Report(FailureReport {
+                failing_for: 420,
+                attempts: 6,
+                error: "cannot reach ws://h:1".into(),
+            }),
             Control::Changed(600),
         ];
         for f in frames {

@@ -94,6 +94,9 @@ impl Principal {
             (KeyKind::Pull, _) if op == Op::Push => Err(Error::Auth(format!(
                 "this is a PULL key: it may pull {replica} but not push to it"
             ))),
+            (KeyKind::Pull, _) if op == Op::SyncNow => Err(Error::Auth(format!(
+                "this is a PULL key: it may pull {replica} but not ask its subscribers to sync now"
+            ))),
             _ => Ok(()),
         }
     }

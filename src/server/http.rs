@@ -3,24 +3,30 @@
 //! - `GET /api/health`: `{"status": "ok", "version": "…"}`, no key needed.
 //! - `GET /api/replicas/<namespace>/<name>/versions`: the replica's versions, with a
 //!   key allowed to pull it (`Authorization: Bearer <key>`).
+//! - `GET /api/replicas/<namespace>/<name>`: the replica's latest version and what the
+//!   hub knows: subscribers connected, the push a subscriber announced (CHANGED), the
+//!   failures it reported.
+//! - `POST /api/replicas/<namespace>/<name>/sync`: ask every running subscriber to sync
+//!   now (PUSH or admin key); answers at once with how many were reached.
 //!
 //! Errors are JSON too: `{"error": "…"}` with the matching status code.
 
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use super::{Request, State, authenticate, respond};
+use super::{Request, State, Status, authenticate, respond};
 use crate::protocol::control::Op;
 use crate::store::ReplicaPath;
 use crate::{ErrorKind, Result};
 
 /// Answers one API request.
 pub(super) async fn route(stream: &mut TcpStream, request: &Request, state: &State) -> Result<()> {
-    if request.method != "GET" {
-        return respond(stream, 405, &json!({"error": "only GET is supported here"})).await;
-    }
     let path = request.path.split('?').next().unwrap_or("");
+    let method = request.method.as_str();
     if path == "/api/health" {
+        if method != "GET" {
+            return respond(stream, 405, &json!({"error": "use GET"})).await;
+        }
         return respond(
             stream,
             200,
@@ -28,10 +34,7 @@ pub(super) async fn route(stream: &mut TcpStream, request: &Request, state: &Sta
         )
         .await;
     }
-    let Some(replica) = path
-        .strip_prefix("/api/replicas/")
-        .and_then(|p| p.strip_suffix("/versions"))
-    else {
+    let Some(rest) = path.strip_prefix("/api/replicas/") else {
         return respond(
             stream,
             404,
@@ -39,6 +42,21 @@ pub(super) async fn route(stream: &mut TcpStream, request: &Request, state: &Sta
         )
         .await;
     };
+    let (replica, endpoint, op, allowed) = if let Some(r) = rest.strip_suffix("/versions") {
+        (r, Endpoint::Versions, Op::Pull, "GET")
+    } else if let Some(r) = rest.strip_suffix("/sync") {
+        (r, Endpoint::Sync, Op::SyncNow, "POST")
+    } else {
+        (rest, Endpoint::Status, Op::Pull, "GET")
+    };
+    if method != allowed {
+        return respond(
+            stream,
+            405,
+            &json!({"error": format!("use {allowed} for {path}")}),
+        )
+        .await;
+    }
     let principal = match authenticate(state, request).await {
         Ok(p) => p,
         Err(e) => return respond(stream, 401, &json!({"error": e.to_string()})).await,
@@ -47,18 +65,56 @@ pub(super) async fn route(stream: &mut TcpStream, request: &Request, state: &Sta
         Ok(r) => r,
         Err(e) => return respond(stream, 400, &json!({"error": e.to_string()})).await,
     };
-    if let Err(e) = principal.authorize(Op::Pull, &replica) {
+    if let Err(e) = principal.authorize(op, &replica) {
         return respond(stream, 403, &json!({"error": e.to_string()})).await;
     }
+    if endpoint == Endpoint::Sync {
+        let reached = state.hub.sync_now(replica.as_str());
+        tracing::info!(%replica, reached, key = %principal.key_id, "sync now (HTTP)");
+        return respond(
+            stream,
+            200,
+            &json!({"replica": replica.as_str(), "reached": reached}),
+        )
+        .await;
+    }
     let store = state.store.clone();
-    let versions = tokio::task::spawn_blocking(move || store.versions(&replica))
+    let r = replica.clone();
+    let versions = tokio::task::spawn_blocking(move || store.versions(&r))
         .await
         .map_err(|e| crate::Error::Protocol(e.to_string()))?;
-    match versions {
-        Ok(v) => respond(stream, 200, &json!(v)).await,
+    let versions = match versions {
+        Ok(v) => v,
+        // A replica with subscribers but no version yet still has a status.
+        Err(e) if e.kind() == ErrorKind::NotFound && endpoint == Endpoint::Status => Vec::new(),
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            respond(stream, 404, &json!({"error": e.to_string()})).await
+            return respond(stream, 404, &json!({"error": e.to_string()})).await;
         }
-        Err(e) => respond(stream, 500, &json!({"error": e.to_string()})).await,
+        Err(e) => return respond(stream, 500, &json!({"error": e.to_string()})).await,
+    };
+    if endpoint == Endpoint::Versions {
+        return respond(stream, 200, &json!(versions)).await;
     }
+    let status = state.hub.status(replica.as_str());
+    if versions.is_empty() && status == Status::default() {
+        return respond(
+            stream,
+            404,
+            &json!({"error": format!("replica {replica} has no version and no subscriber")}),
+        )
+        .await;
+    }
+    let latest = versions.last();
+    let mut body = json!(status);
+    body["replica"] = replica.as_str().into();
+    body["latest_version"] = json!(latest.map(|v| v.number));
+    body["latest_at"] = json!(latest.map(|v| v.created_at));
+    respond(stream, 200, &body).await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Versions,
+    Status,
+    Sync,
 }

@@ -4,7 +4,11 @@
 //! `COMMITMESSAGE` → the page sync with the store as replica → `CONFIG` (the version the
 //! push made, and new keys if asked for). Pull: `OPEN` → `CONFIG` (the version to be
 //! sent) → the page sync with the store as origin. Versions: `OPEN` → `CONFIG` with the
-//! list. Any failure is answered with one `ERROR` frame, then the connection closes.
+//! list. Subscribe: `OPEN` → `CONFIG` (the latest version), then NEWREPLICAVERSION and
+//! SYNCNOW from the hub, CHANGED and REPORT from a push subscriber, and a ping every
+//! [`PING_INTERVAL`], until either side closes. Sync-now: `OPEN` → `CONFIG` with the number
+//! of subscribers reached. Any failure is answered with one `ERROR` frame, then the
+//! connection closes.
 
 use std::time::Duration;
 
@@ -12,9 +16,11 @@ use futures_util::SinkExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 
-use super::{KeyKind, Principal, State};
+use super::{Event, KeyKind, Principal, State};
 use crate::engine::{NoProgress, Role, run_origin, run_replica};
-use crate::protocol::control::{Config, Control, Op, Open};
+use crate::protocol::control::{
+    Config, Control, NewVersion, Op, Open, PING_INTERVAL, SubscriberRole,
+};
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
 use crate::remote::ws::{recv_binary, run_engine, send_binary};
 use crate::store::{PushOptions, ReplicaPath, Selector};
@@ -112,6 +118,14 @@ where
         Op::Versions => Ok(versions(ws, state, principal, &replica).await?),
         Op::Pull => pull(ws, state, principal, &replica, &open).await,
         Op::Push => push(ws, state, principal, replica, open).await,
+        Op::Subscribe => Ok(subscribe(ws, state, principal, &replica, &open).await?),
+        Op::SyncNow => {
+            let reached = state.hub.sync_now(replica.as_str());
+            tracing::info!(%replica, reached, key = %principal.key_id, "sync now");
+            let mut c = config(principal, &replica, String::new(), 0);
+            c.reached = Some(reached);
+            Ok(send_control(ws, Control::Config(c)).await?)
+        }
     }
 }
 
@@ -150,6 +164,98 @@ where
     );
     c.versions = Some(list);
     send_control(ws, Control::Config(c)).await
+}
+
+/// The replica's id (if registered) and latest version (0 when it has none yet).
+async fn latest(state: &State, replica: &ReplicaPath) -> Result<(Option<String>, u64)> {
+    let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
+    blocking(move || {
+        let id = auth.replica_id(&r, false)?;
+        let latest = match store.versions(&r) {
+            Ok(v) => v.last().map_or(0, |v| v.number),
+            Err(e) if e.kind() == ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        Ok((id, latest))
+    })
+    .await
+}
+
+async fn subscribe<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+    replica: &ReplicaPath,
+    open: &Open,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::sync::broadcast::error::RecvError;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let asked = open
+        .role
+        .ok_or_else(|| Error::Protocol("a subscribe OPEN needs a role: push or pull".into()))?;
+    // A PULL key asking to push-subscribe is told so by CONFIG's key type, and counted
+    // as what it can be: a pull subscriber.
+    let role = match (asked, principal.kind) {
+        (SubscriberRole::Push, KeyKind::Pull) => SubscriberRole::Pull,
+        (role, _) => role,
+    };
+    let (id, latest) = latest(state, replica).await?;
+    let mut member = state.hub.join(replica.as_str(), role);
+    send_control(
+        ws,
+        Control::Config(config(principal, replica, id.unwrap_or_default(), latest)),
+    )
+    .await?;
+    tracing::info!(%replica, role = role.as_str(), key = %principal.key_id, "subscriber joined");
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.reset();
+    let result = loop {
+        tokio::select! {
+            event = member.events.recv() => match event {
+                Ok(Event::NewVersion(v)) => {
+                    send_control(ws, Control::NewReplicaVersion(v)).await?;
+                }
+                Ok(Event::SyncNow) => send_control(ws, Control::SyncNow).await?,
+                // Older events were dropped; the newer ones are still queued.
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => break Ok(()),
+            },
+            message = recv_binary(ws) => {
+                let Some(bytes) = message? else { break Ok(()) };
+                let now = crate::history::now();
+                match decode_control(&bytes)? {
+                    Control::Changed(seconds) if role == SubscriberRole::Push => {
+                        tracing::info!(%replica, seconds, "push expected");
+                        state.hub.changed(replica.as_str(), seconds, now);
+                    }
+                    Control::Report(report) if role == SubscriberRole::Push => {
+                        tracing::warn!(%replica, attempts = report.attempts,
+                            failing_for = report.failing_for, error = %report.error,
+                            "a push subscriber reports failing pushes");
+                        state.hub.report(replica.as_str(), report, now);
+                    }
+                    other => {
+                        break Err(Error::Protocol(format!(
+                            "unexpected {other:?} from a {} subscriber",
+                            role.as_str()
+                        )));
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                ws.send(Message::Ping(Vec::new().into()))
+                    .await
+                    .map_err(|e| Error::Disconnected(e.to_string()))?;
+            }
+            _ = member.closing.changed() => break Ok(()),
+        }
+    };
+    tracing::info!(%replica, role = role.as_str(), "subscriber left");
+    result
 }
 
 async fn pull<S>(
@@ -195,20 +301,10 @@ async fn push<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
     let admin = principal.kind == KeyKind::Admin;
-    let (id, latest) = blocking(move || {
-        // Registered only once its first version commits (below): a failed first push
-        // leaves no replica behind.
-        let id = auth.replica_id(&r, false)?;
-        let latest = match store.versions(&r) {
-            Ok(v) => v.last().map_or(0, |v| v.number),
-            Err(e) if e.kind() == ErrorKind::NotFound => 0,
-            Err(e) => return Err(e),
-        };
-        Ok((id, latest))
-    })
-    .await?;
+    // Registered only once its first version commits (below): a failed first push
+    // leaves no replica behind.
+    let (id, latest) = latest(state, &replica).await?;
     // Only an admin key creates replicas; a push key's replica exists already.
     if id.is_none() && !admin {
         return Err(Error::NotFound(format!(
@@ -284,6 +380,15 @@ where
         }
     };
     tracing::info!(%replica, version = version.number, created, key = %principal.key_id, "push committed");
+    if created {
+        state.hub.published(NewVersion {
+            replica: replica.to_string(),
+            version: version.number,
+            digest: version.digest.clone(),
+        });
+    } else {
+        state.hub.pushed_unchanged(replica.as_str());
+    }
     let keys = if key_request {
         let (auth, r) = (state.auth.clone(), replica.clone());
         Some(blocking(move || auth.mint_replica_keys(&r)).await?)

@@ -359,6 +359,15 @@ impl Schedule {
         self.fresh > 0 || self.carried > 0 || self.in_flight.is_some_and(|f| f.commits > 0)
     }
 
+    /// The server answers again at `now` after being unreachable: if pushes have been
+    /// failing and changes are owed, a Retry is due at once, even when the retries were
+    /// spent.
+    pub fn server_back(&mut self, now: Time) {
+        if self.first_failure.is_some() && self.in_flight.is_none() && self.owed() {
+            self.retry_at = Some(now);
+        }
+    }
+
     /// The trigger of the push in flight, if one is.
     pub fn in_flight(&self) -> Option<Trigger> {
         self.in_flight.map(|f| f.trigger)

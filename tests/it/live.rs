@@ -15,7 +15,7 @@ use crate::util::{self, Mode};
 
 /// A helper script running as its own process. It prints "ready" once it is working
 /// and one JSON line with its findings when its stdin closes. Killed if dropped early.
-struct Helper {
+pub struct Helper {
     name: &'static str,
     child: Child,
     stdout: BufReader<ChildStdout>,
@@ -23,7 +23,7 @@ struct Helper {
 
 impl Helper {
     /// Starts `helpers/<script>` with `args` and waits until it says it is ready.
-    fn start(script: &'static str, args: &[&std::ffi::OsStr]) -> Helper {
+    pub fn start(script: &'static str, args: &[&std::ffi::OsStr]) -> Helper {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/it/helpers")
             .join(script);
@@ -76,7 +76,7 @@ impl Helper {
     }
 
     /// Tells the helper to stop and returns its JSON report.
-    fn finish(mut self) -> serde_json::Value {
+    pub fn finish(mut self) -> serde_json::Value {
         let out = self.finish_raw();
         serde_json::from_str(out.trim())
             .unwrap_or_else(|e| panic!("{} report {out:?}: {e}", self.name))

@@ -9,11 +9,14 @@
 //! - `sync_props`: random edit sequences, synced after every step.
 //! - `watch`: the push subscriber's watcher on real databases, written by other
 //!   connections and processes.
+//! - `subscribe`: push and pull subscribers as processes, with a writer, readers, a
+//!   server killed and restarted, sync-now.
 
 mod cli;
 mod engine;
 mod live;
 mod server;
+mod subscribe;
 mod sync_props;
 mod util;
 mod watch;

@@ -1,0 +1,297 @@
+//! A subscriber's line to its replica: what it hears (new versions, sync-now) and what
+//! it tells (CHANGED, failure reports), over whichever store holds the replica.
+//!
+//! - A server: one WebSocket session (`OPEN` op `subscribe`), reconnected forever with
+//!   jittered, capped backoff. The server pings every
+//!   [`PING_INTERVAL`](crate::protocol::control::PING_INTERVAL); three intervals of
+//!   silence count as a dead connection.
+//! - The embedded store: a Unix socket other processes on this machine notify (see
+//!   [`super::local`]).
+//!
+//! The subscriber reads [`Notice`]s from [`Subscription::notices`] and sends through
+//! [`Subscription::send`]. Dropping the subscription closes the connection.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Server, Socket, connect, local, open};
+use crate::protocol::Frame;
+use crate::protocol::control::{Control, FailureReport, Op, PING_INTERVAL, SubscriberRole};
+use crate::store::ReplicaPath;
+use crate::{Error, ErrorKind, Result};
+
+/// What a subscription hears.
+#[derive(Debug)]
+pub enum Notice {
+    /// Connected (again). `key_type` is the kind of key the server accepted (`admin`,
+    /// `push` or `pull`; empty for the embedded store).
+    Connected {
+        /// The replica's latest version (0: none yet).
+        latest: u64,
+        /// The key's kind.
+        key_type: String,
+    },
+    /// The connection failed; the next attempt comes after `retry_in`.
+    Disconnected {
+        /// Why, one line.
+        error: String,
+        /// When the next attempt is.
+        retry_in: Duration,
+    },
+    /// A new version of the replica landed.
+    NewVersion(u64),
+    /// Sync now, asked by `sqlferry sync-now` or the HTTP API.
+    SyncNow,
+    /// A refusal no retry can mend (a wrong or revoked key): the subscriber stops.
+    Fatal(Error),
+}
+
+/// What a subscriber tells the server.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// CHANGED: the push planned in this many seconds.
+    Changed(u32),
+    /// REPORT: pushes have been failing.
+    Report(FailureReport),
+}
+
+/// A running subscription; dropping it closes it.
+#[derive(Debug)]
+pub struct Subscription {
+    /// What the subscription hears, in order.
+    pub notices: mpsc::UnboundedReceiver<Notice>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscription {
+    /// Sends `message` if connected; while disconnected it is dropped (a CHANGED would
+    /// be stale by the time the connection is back).
+    pub fn send(&self, message: Outgoing) {
+        let _ = self.outgoing.send(message);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Server {
+    /// Subscribes to `replica` as a `role` subscriber. Must be called inside a tokio
+    /// runtime; the connection runs on a task of it.
+    pub fn subscribe(
+        &self,
+        replica: &ReplicaPath,
+        role: SubscriberRole,
+        key: Option<String>,
+    ) -> Result<Subscription> {
+        let (notices_tx, notices) = mpsc::unbounded_channel();
+        let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
+        let task = match self {
+            Server::Embedded(store) => {
+                let listener = local::Listener::bind(store.root(), replica.as_str())?;
+                let latest = match store.versions(replica) {
+                    Ok(v) => v.last().map_or(0, |v| v.number),
+                    Err(e) if e.kind() == ErrorKind::NotFound => 0,
+                    Err(e) => return Err(e),
+                };
+                let _ = notices_tx.send(Notice::Connected {
+                    latest,
+                    key_type: String::new(),
+                });
+                tokio::spawn(run_local(listener, notices_tx, outgoing_rx))
+            }
+            Server::Ws { url } => tokio::spawn(run_ws(
+                url.clone(),
+                replica.clone(),
+                role,
+                key,
+                notices_tx,
+                outgoing_rx,
+            )),
+        };
+        Ok(Subscription {
+            notices,
+            outgoing,
+            task,
+        })
+    }
+
+    /// Asks every running subscriber of `replica` to sync now; returns how many were
+    /// reached. Returns at once: it does not wait for their syncs.
+    pub fn sync_now(&self, replica: &ReplicaPath, key: Option<&str>) -> Result<u64> {
+        match self {
+            Server::Embedded(store) => {
+                Ok(local::notify(store.root(), replica.as_str(), local::Message::SyncNow) as u64)
+            }
+            Server::Ws { url } => super::runtime()?.block_on(async {
+                let mut ws = connect(url, key).await?;
+                let config = open(&mut ws, Op::SyncNow, replica, None, None, false, None).await?;
+                Ok(config.reached.unwrap_or(0))
+            }),
+        }
+    }
+}
+
+async fn run_local(
+    listener: local::Listener,
+    notices: mpsc::UnboundedSender<Notice>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    loop {
+        tokio::select! {
+            message = listener.next() => {
+                let notice = match message {
+                    Ok(local::Message::Version(n)) => Notice::NewVersion(n),
+                    Ok(local::Message::SyncNow) => Notice::SyncNow,
+                    Err(e) => Notice::Fatal(e),
+                };
+                let fatal = matches!(notice, Notice::Fatal(_));
+                if notices.send(notice).is_err() || fatal {
+                    return;
+                }
+            }
+            // No server to tell: CHANGED and reports have no reader here.
+            message = outgoing.recv() => if message.is_none() { return },
+        }
+    }
+}
+
+async fn run_ws(
+    url: String,
+    replica: ReplicaPath,
+    role: SubscriberRole,
+    key: Option<String>,
+    notices: mpsc::UnboundedSender<Notice>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let error = match session_open(&url, &replica, role, key.as_deref()).await {
+            Ok((mut ws, latest, key_type)) => {
+                attempt = 0;
+                // Anything queued while disconnected is stale.
+                while outgoing.try_recv().is_ok() {}
+                if notices
+                    .send(Notice::Connected { latest, key_type })
+                    .is_err()
+                {
+                    return;
+                }
+                match follow(&mut ws, &notices, &mut outgoing).await {
+                    Ok(()) => return,
+                    Err(e) => e,
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Auth => {
+                let _ = notices.send(Notice::Fatal(e));
+                return;
+            }
+            Err(e) => e,
+        };
+        attempt = attempt.saturating_add(1);
+        let retry_in =
+            crate::subscribe::backoff::reconnect_delay(attempt, crate::subscribe::jitter());
+        let notice = Notice::Disconnected {
+            error: error.to_string(),
+            retry_in,
+        };
+        if notices.send(notice).is_err() {
+            return;
+        }
+        tokio::time::sleep(retry_in).await;
+    }
+}
+
+async fn session_open(
+    url: &str,
+    replica: &ReplicaPath,
+    role: SubscriberRole,
+    key: Option<&str>,
+) -> Result<(Socket, u64, String)> {
+    let mut ws = connect(url, key).await?;
+    let config = open(
+        &mut ws,
+        Op::Subscribe,
+        replica,
+        None,
+        None,
+        false,
+        Some(role),
+    )
+    .await?;
+    Ok((ws, config.version, config.key_type))
+}
+
+/// Carries one connected session until it fails (`Err`) or the subscriber is gone
+/// (`Ok`).
+async fn follow(
+    ws: &mut Socket,
+    notices: &mpsc::UnboundedSender<Notice>,
+    outgoing: &mut mpsc::UnboundedReceiver<Outgoing>,
+) -> Result<()> {
+    let silence = PING_INTERVAL * 3;
+    loop {
+        tokio::select! {
+            message = tokio::time::timeout(silence, ws.next()) => {
+                let bytes = match message {
+                    Err(_) => {
+                        return Err(Error::Disconnected(format!(
+                            "no word from the server in {}s",
+                            silence.as_secs()
+                        )));
+                    }
+                    Ok(None) | Ok(Some(Ok(Message::Close(_)))) => {
+                        return Err(Error::Disconnected("the server closed the connection".into()));
+                    }
+                    Ok(Some(Err(e))) => return Err(Error::Disconnected(e.to_string())),
+                    Ok(Some(Ok(Message::Binary(b)))) => b,
+                    // Pings (answered by tungstenite) and pongs prove the line is alive.
+                    Ok(Some(Ok(_))) => continue,
+                };
+                let notice = match bytes.first() {
+                    Some(&b) if Control::is_control(b) => {
+                        match Control::decode(&bytes).map_err(|e| Error::Protocol(e.to_string()))? {
+                            Control::NewReplicaVersion(v) => Notice::NewVersion(v.version),
+                            Control::SyncNow => Notice::SyncNow,
+                            other => {
+                                return Err(Error::Protocol(format!("unexpected {other:?} from the server")));
+                            }
+                        }
+                    }
+                    _ => match Frame::decode(&bytes).map_err(|e| Error::Protocol(e.to_string()))? {
+                        Frame::Error { code, message } => return Err(Error::Remote { code, message }),
+                        Frame::Message { text, .. } => {
+                            tracing::info!(server = %text, "server says");
+                            continue;
+                        }
+                        other => {
+                            return Err(Error::Protocol(format!("unexpected {} from the server", other.name())));
+                        }
+                    },
+                };
+                if notices.send(notice).is_err() {
+                    return Ok(());
+                }
+            }
+            message = outgoing.recv() => {
+                let Some(message) = message else {
+                    let _ = ws.close(None).await;
+                    return Ok(());
+                };
+                let control = match message {
+                    Outgoing::Changed(s) => Control::Changed(s),
+                    Outgoing::Report(r) => Control::Report(r),
+                };
+                ws.send(Message::Binary(control.to_bytes().into()))
+                    .await
+                    .map_err(|e| Error::Disconnected(e.to_string()))?;
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! The push subscriber's loop: carries out what the [`Schedule`] decides.
+//!
+//! Events come from three places: the [`Watcher`] (a commit was seen), the
+//! [`Subscription`] (sync-now, the server reachable again) and the signals (SIGINT,
+//! SIGTERM). The loop feeds them to the schedule with the current time, starts a push
+//! when one is due (on a blocking thread, never two at once), sends CHANGED and failure
+//! reports when the schedule says so, and sleeps until the schedule's next wake-up or
+//! the next event. All timing decisions are the schedule's; this loop only keeps time.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::Time;
+use super::timer::{Schedule, Timing, Trigger};
+use super::watch::Watcher;
+use super::{Line, Signals};
+use crate::protocol::control::FailureReport;
+use crate::remote::{Notice, Outgoing, Subscription};
+use crate::{Error, Result};
+
+/// Pushes failing for longer than this are reported to the server.
+pub const REPORT_FAILURES_AFTER: Duration = Duration::from_secs(5 * 60);
+
+/// What one push did, for the subscriber's output line.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    /// The replica's version after the push.
+    pub version: u64,
+    /// Whether the push made that version.
+    pub created: bool,
+    /// Pages sent.
+    pub pages_sent: u64,
+    /// Pages in the database.
+    pub pages_total: u64,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// How long it took.
+    pub duration: Duration,
+}
+
+/// One push, run on a blocking thread; the trigger goes into the commit message.
+pub type PushFn = Arc<dyn Fn(Trigger) -> anyhow::Result<Pushed> + Send + Sync>;
+
+/// How a push subscriber ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// A signal, pending changes pushed (or none pending).
+    Shutdown,
+    /// A second signal: stopped at once.
+    Interrupted,
+    /// The key turned out to be a PULL key: follow the replica instead.
+    PullKey,
+}
+
+/// The push subscriber's settings.
+pub struct PushSubscriber {
+    /// The database to watch and push.
+    pub database: PathBuf,
+    /// When to push.
+    pub timing: Timing,
+    /// How often the watcher's safety-net poll runs.
+    pub poll: Duration,
+    /// How long pending changes may take to push after a signal.
+    pub shutdown_bound: Duration,
+    /// One push.
+    pub push: PushFn,
+}
+
+impl PushSubscriber {
+    /// Runs until a signal (or a PULL key). `line` prints one output line.
+    pub async fn run(
+        self,
+        mut subscription: Subscription,
+        mut signals: Signals,
+        line: Line,
+    ) -> Result<Ended> {
+        let start = Instant::now();
+        let now = || start.elapsed();
+        // The first word from the server says what kind of key this is; offline, the
+        // subscriber starts anyway and its pushes retry.
+        let mut connected = false;
+        match subscription.notices.recv().await {
+            Some(Notice::Connected { key_type, .. }) if key_type == "pull" => {
+                return Ok(Ended::PullKey);
+            }
+            Some(Notice::Connected { .. }) => connected = true,
+            Some(Notice::Disconnected { error, retry_in }) => line.err(format!(
+                "server unreachable ({error}); watching anyway, retrying in {}",
+                super::duration::format(retry_in)
+            )),
+            Some(Notice::Fatal(e)) => return Err(e),
+            Some(_) | None => {}
+        }
+        let (_watcher, mut seen) = Watcher::start(&self.database, self.poll)?;
+        let mut schedule = Schedule::new(self.timing, now());
+        let mut in_flight: Option<(Trigger, tokio::task::JoinHandle<anyhow::Result<Pushed>>)> =
+            None;
+        let mut last_error = String::new();
+        let mut attempts = 0u32;
+        let mut reported = false;
+        let mut shutdown_deadline: Option<Time> = None;
+        let mut was_disconnected = !connected;
+        loop {
+            let t = now();
+            if in_flight.is_none() {
+                if let Some(trigger) = schedule.due(t) {
+                    schedule.push_started(t, trigger);
+                    tracing::info!(trigger = trigger.as_str(), "push starting");
+                    let push = self.push.clone();
+                    in_flight = Some((trigger, tokio::task::spawn_blocking(move || push(trigger))));
+                }
+            }
+            if let Some(seconds) = schedule.changed_notice(t) {
+                tracing::info!(seconds, "telling the server when the push is planned");
+                subscription.send(Outgoing::Changed(seconds));
+            }
+            if let Some(failing) = schedule.failing_for(t) {
+                if connected && !reported && failing >= REPORT_FAILURES_AFTER {
+                    subscription.send(Outgoing::Report(FailureReport {
+                        failing_for: failing.as_secs(),
+                        attempts,
+                        error: last_error.clone(),
+                    }));
+                    reported = true;
+                }
+            }
+            if let Some(deadline) = shutdown_deadline {
+                if in_flight.is_none() && schedule.done() {
+                    return Ok(Ended::Shutdown);
+                }
+                if t >= deadline {
+                    line.err(format!(
+                        "stopping with changes not pushed: the last push did not finish within {}",
+                        super::duration::format(self.shutdown_bound)
+                    ));
+                    return Ok(Ended::Shutdown);
+                }
+            }
+            let mut wake = schedule.next_wake(t);
+            if let Some(deadline) = shutdown_deadline {
+                wake = Some(wake.map_or(deadline, |w| w.min(deadline)));
+            }
+            let sleep = async {
+                match wake {
+                    Some(w) => tokio::time::sleep_until(start + w).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                s = seen.recv() => match s {
+                    Some(s) => {
+                        schedule.change(now(), s.commits);
+                        if let Some((at, trigger)) = schedule.planned() {
+                            tracing::info!(by_poll = s.by_poll, trigger = trigger.as_str(),
+                                in_secs = at.saturating_sub(now()).as_secs(), "change seen; push planned");
+                        }
+                    }
+                    None => return Err(Error::Protocol("the file watcher stopped".into())),
+                },
+                notice = subscription.notices.recv() => match notice {
+                    Some(Notice::SyncNow) => {
+                        tracing::info!("sync now asked");
+                        schedule.sync_now(now());
+                    }
+                    Some(Notice::Connected { .. }) => {
+                        connected = true;
+                        reported = false;
+                        if was_disconnected {
+                            line.out("server reachable again".into());
+                            schedule.server_back(now());
+                        }
+                        was_disconnected = false;
+                    }
+                    Some(Notice::Disconnected { error, retry_in }) => {
+                        if connected || !was_disconnected {
+                            line.err(format!(
+                                "lost the server ({error}); changes are tracked and pushed when it is back (next try in {})",
+                                super::duration::format(retry_in)
+                            ));
+                        }
+                        connected = false;
+                        was_disconnected = true;
+                    }
+                    Some(Notice::NewVersion(_)) => {}
+                    Some(Notice::Fatal(e)) => return Err(e),
+                    None => return Err(Error::Disconnected("the subscription ended".into())),
+                },
+                done = async { (&mut in_flight.as_mut().expect("guarded").1).await }, if in_flight.is_some() => {
+                    let (trigger, _) = in_flight.take().expect("guarded");
+                    let t = now();
+                    match done.unwrap_or_else(|e| Err(anyhow::anyhow!("the push thread failed: {e}"))) {
+                        Ok(p) => {
+                            schedule.push_succeeded(t);
+                            attempts = 0;
+                            reported = false;
+                            line.out(pushed_line(trigger, &p));
+                        }
+                        Err(e) => {
+                            schedule.push_failed(t);
+                            attempts += 1;
+                            last_error = format!("{e:#}");
+                            let next = match schedule.planned() {
+                                Some((at, Trigger::Retry)) => format!(
+                                    "retry in {}",
+                                    super::duration::format(at.saturating_sub(t))
+                                ),
+                                _ => "no more retries; pushing at the next change".into(),
+                            };
+                            line.err(format!("push ({}) failed: {last_error}; {next}", trigger.as_str()));
+                            if super::is_auth_failure(&e) {
+                                return Err(Error::Auth(last_error));
+                            }
+                        }
+                    }
+                }
+                () = signals.next() => {
+                    if shutdown_deadline.is_some() {
+                        line.err("second signal: stopping now".into());
+                        return Ok(Ended::Interrupted);
+                    }
+                    let t = now();
+                    schedule.shutdown(t);
+                    shutdown_deadline = Some(t + self.shutdown_bound);
+                    if schedule.pending() || in_flight.is_some() {
+                        line.out(format!(
+                            "stopping: pushing pending changes first (at most {}; a second signal stops at once)",
+                            super::duration::format(self.shutdown_bound)
+                        ));
+                    }
+                }
+                () = sleep => {}
+            }
+        }
+    }
+}
+
+fn pushed_line(trigger: Trigger, p: &Pushed) -> String {
+    if p.created {
+        format!(
+            "push ({}): version {}, {} of {} pages, {} sent in {:.2?}",
+            trigger.as_str(),
+            p.version,
+            p.pages_sent,
+            p.pages_total,
+            crate::cli::human_bytes(p.bytes_sent),
+            p.duration
+        )
+    } else {
+        format!(
+            "push ({}): no change, still version {} ({} sent in {:.2?})",
+            trigger.as_str(),
+            p.version,
+            crate::cli::human_bytes(p.bytes_sent),
+            p.duration
+        )
+    }
+}
