@@ -1,4 +1,4 @@
-//! The server's small JSON API over plain HTTP.
+//! The server's small JSON API over HTTP (HTTPS when the server has TLS).
 //!
 //! - `GET /api/health`: `{"status": "ok", "version": "…"}`, no key needed.
 //! - `GET /api/replicas/<namespace>/<name>/versions`: the replica's versions, with a
@@ -7,7 +7,7 @@
 //! Errors are JSON too: `{"error": "…"}` with the matching status code.
 
 use serde_json::json;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Request, State, authenticate, respond};
 use crate::protocol::control::Op;
@@ -15,7 +15,10 @@ use crate::store::ReplicaPath;
 use crate::{ErrorKind, Result};
 
 /// Answers one API request.
-pub(super) async fn route(stream: &mut TcpStream, request: &Request, state: &State) -> Result<()> {
+pub(super) async fn route<S>(stream: &mut S, request: &Request, state: &State) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     if request.method != "GET" {
         return respond(stream, 405, &json!({"error": "only GET is supported here"})).await;
     }
