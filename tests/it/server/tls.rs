@@ -433,3 +433,30 @@ fn serve_refuses_certificate_and_key_files_it_cannot_use() {
     );
     assert!(!data.exists());
 }
+
+#[test]
+fn serve_help_teaches_tls() {
+    let dir = TempDir::new().expect("tempdir");
+    let out = util::run(
+        dir.path(),
+        &[
+            std::ffi::OsStr::new("serve"),
+            std::ffi::OsStr::new("--help"),
+        ],
+    );
+    assert_eq!(util::code(&out), 0);
+    let help = util::stdout(&out);
+    for phrase in [
+        "--tls-cert <CERT.pem>",
+        "--tls-key <KEY.pem>",
+        "--tls-cert cert.pem --tls-key key.pem",
+        "wss://",
+        "SQLFERRY_CA_FILE",
+        "reverse proxy",
+    ] {
+        assert!(
+            help.contains(phrase),
+            "serve --help names {phrase:?}:\n{help}"
+        );
+    }
+}
