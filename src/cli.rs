@@ -93,9 +93,10 @@ pub enum Command {
 /// every command that talks to a store.
 #[derive(Debug, clap::Args)]
 pub struct RemoteArgs {
-    /// The store: ws://host:port or wss://host:port for a sqlferry server, file:///path
-    /// for a store directory on this machine [default: `server` in
-    /// ~/.config/sqlferry/config.toml, else the embedded store in ~/.local/share/sqlferry].
+    /// The store: ws://host:port or wss://host:port for a sqlferry server (wss: TLS; set
+    /// SQLFERRY_CA_FILE=ca.pem to trust a private CA), file:///path for a store directory
+    /// on this machine [default: `server` in ~/.config/sqlferry/config.toml, else the
+    /// embedded store in ~/.local/share/sqlferry].
     #[arg(long, env = "SQLFERRY_SERVER", value_name = "URL")]
     pub server: Option<String>,
     /// The key for the server (never printed; prefer SQLFERRY_KEY or the saved key, which

@@ -69,6 +69,11 @@ pub enum Error {
     /// The peer went away before the sync finished.
     #[error("connection lost: {0}")]
     Disconnected(String),
+    /// TLS stood in the way: the server's certificate is not trusted, the handshake
+    /// failed, or a plain `ws://` client reached a TLS server. Trying again does not
+    /// help until the certificate, the trusted roots or the URL change.
+    #[error("{0}")]
+    Tls(String),
     /// A digest did not match.
     #[error("verification failed: {0}")]
     Verification(String),
@@ -119,6 +124,7 @@ impl Error {
             Error::Usage(_) => ErrorKind::Usage,
             Error::Protocol(_) => ErrorKind::Protocol,
             Error::Disconnected(_) => ErrorKind::Disconnected,
+            Error::Tls(_) => ErrorKind::Protocol,
             Error::Verification(_) => ErrorKind::Verification,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Auth(_) => ErrorKind::Auth,

@@ -4,12 +4,13 @@
 //!   `file:///path`), used in-process over the same engine and in-memory link a local
 //!   push uses. No key is needed: the file system's permissions are the access control.
 //! - A `sqlferry serve` server: `ws://host:port` or `wss://host:port` (rustls, no
-//!   OpenSSL). The key travels only in the `Authorization: Bearer` header of the
-//!   WebSocket upgrade; the engine runs on a blocking thread and the `ws` module carries its
-//!   frames.
+//!   OpenSSL; the `tls` module says which certificates are trusted). The key travels only
+//!   in the `Authorization: Bearer` header of the WebSocket upgrade; the engine runs on a
+//!   blocking thread and the `ws` module carries its frames.
 
 pub mod local;
 mod subscription;
+pub(crate) mod tls;
 pub(crate) mod ws;
 
 pub use subscription::{Notice, Outgoing, Subscription};
@@ -383,8 +384,6 @@ type Socket =
 
 /// Opens a session: the upgrade carries the key in `Authorization: Bearer`.
 async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
-    // rustls needs a crypto provider; ring builds with a C compiler alone.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let endpoint = format!("{url}/v1/sync");
     let mut request = endpoint
         .as_str()
@@ -396,7 +395,20 @@ async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
             .map_err(|_| Error::Usage("the key has characters a header cannot carry".into()))?;
         request.headers_mut().insert("authorization", value);
     }
-    match tokio_tungstenite::connect_async_with_config(request, Some(ws::ws_config()), false).await
+    // wss:// gets our own TLS settings (ring, the webpki roots and SQLFERRY_CA_FILE);
+    // ws:// needs none, so a bad SQLFERRY_CA_FILE does not stand in its way.
+    let connector = if url.starts_with("wss://") {
+        Some(tokio_tungstenite::Connector::Rustls(tls::client_config()?))
+    } else {
+        None
+    };
+    match tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(ws::ws_config()),
+        false,
+        connector,
+    )
+    .await
     {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
@@ -413,7 +425,8 @@ async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
                 Err(Error::Protocol(format!("{url} answered {status}: {body}")))
             }
         }
-        Err(e) => Err(Error::Disconnected(format!("cannot reach {url}: {e}"))),
+        Err(e) => Err(tls::failure(url, &e)
+            .unwrap_or_else(|| Error::Disconnected(format!("cannot reach {url}: {e}")))),
     }
 }
 

@@ -1,12 +1,16 @@
 //! `sqlferry serve`: HTTP and WebSocket on one port.
 //!
-//! Every connection starts as an HTTP request. A WebSocket upgrade on `/v1/sync` is
+//! With TLS (the `tls` module, `serve --tls-cert --tls-key`), every connection starts
+//! with a TLS handshake in its own task; then, and without TLS at once, every
+//! connection is an HTTP request. A WebSocket upgrade on `/v1/sync` is
 //! authenticated from its `Authorization: Bearer` header before the upgrade is
 //! accepted (a missing or wrong key gets `401` with a message saying which), then runs
 //! one session (the `session` module): OPEN, then a push, a pull or a version list. Other
 //! requests go to the small JSON API (the `http` module).
 //!
 //! Invariants:
+//! - A connection that fails its TLS handshake, or never finishes it within
+//!   `HEAD_TIMEOUT`, ends alone: the accept loop never waits for a handshake.
 //! - A session that fails for any reason (malformed or oversized frame, wrong key,
 //!   dropped connection, client killed) ends alone: the server keeps serving everyone
 //!   else, and a push that did not finish leaves no trace (the store's transaction is
@@ -20,15 +24,17 @@ mod auth;
 mod http;
 mod hub;
 mod session;
+mod tls;
 
 pub use auth::{Auth, KeyKind, Principal, mask};
 pub use hub::{Event, FailureStatus, Hub, Status};
+pub use tls::Tls;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
@@ -38,7 +44,8 @@ use crate::{Error, Result};
 /// How long sessions in flight may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// How long a client may take to send its HTTP request head.
+/// How long a client may take to send its HTTP request head (and, with TLS, to finish
+/// its handshake before that).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The largest HTTP request head accepted.
@@ -66,10 +73,12 @@ impl State {
     }
 }
 
-/// Serves connections from `listener` until `shutdown` completes.
+/// Serves connections from `listener` until `shutdown` completes; over TLS when `tls`
+/// is given (every connection: the API and WebSocket sessions alike).
 pub async fn serve(
     listener: TcpListener,
     state: State,
+    tls: Option<Tls>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let state = Arc::new(state);
@@ -80,8 +89,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let state = state.clone();
+                    let tls = tls.clone();
                     connections.spawn(async move {
-                        if let Err(e) = connection(stream, state).await {
+                        if let Err(e) = serve_connection(stream, tls, state).await {
                             tracing::info!(%peer, error = %e, "connection ended with an error");
                         }
                     });
@@ -139,7 +149,10 @@ impl Request {
 }
 
 /// Reads the request head; returns it and any bytes read past it.
-async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>)> {
+async fn read_head<S>(stream: &mut S) -> Result<(Request, Vec<u8>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     loop {
@@ -183,11 +196,10 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>)> {
 }
 
 /// Writes a complete HTTP response with a JSON body and closes.
-pub(crate) async fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    body: &serde_json::Value,
-) -> Result<()> {
+pub(crate) async fn respond<S>(stream: &mut S, status: u16, body: &serde_json::Value) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -226,7 +238,22 @@ pub(crate) async fn authenticate(state: &State, request: &Request) -> Result<Pri
     principal.ok_or_else(|| Error::Auth("wrong key: this server does not know it".into()))
 }
 
-async fn connection(mut stream: TcpStream, state: Arc<State>) -> Result<()> {
+/// One accepted connection: with TLS, the handshake first (bounded by `HEAD_TIMEOUT`,
+/// in this connection's own task), then the request.
+async fn serve_connection(stream: TcpStream, tls: Option<Tls>, state: Arc<State>) -> Result<()> {
+    let Some(tls) = tls else {
+        return connection(stream, state).await;
+    };
+    let stream = tokio::time::timeout(HEAD_TIMEOUT, tls.accept(stream))
+        .await
+        .map_err(|_| Error::Disconnected("no TLS handshake within 10 s".into()))??;
+    connection(stream, state).await
+}
+
+async fn connection<S>(mut stream: S, state: Arc<State>) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let (request, rest) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
         .await
         .map_err(|_| Error::Disconnected("no request within 10 s".into()))??;
@@ -275,8 +302,14 @@ async fn connection(mut stream: TcpStream, state: Arc<State>) -> Result<()> {
     let head = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
     );
+    // Flushed, so a TLS stream does not keep the 101 in its buffer while the client
+    // waits for it.
     stream
         .write_all(head.as_bytes())
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    stream
+        .flush()
         .await
         .map_err(|e| Error::Disconnected(e.to_string()))?;
     let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(

@@ -1,4 +1,5 @@
-//! `sqlferry serve`: the shared server.
+//! `sqlferry serve`: the shared server, plain or over TLS (`--tls-cert` and `--tls-key`,
+//! both or neither; the files are checked before anything is created or printed).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,17 +7,23 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::{Global, exit};
-use crate::server::{State, serve};
+use crate::server::{State, Tls, serve};
 
 /// Arguments of `sqlferry serve`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:\n  \
-sqlferry serve --data /var/lib/sqlferry --listen 127.0.0.1:7878\n\n\
+#[command(after_help = "Examples:\n  \
+sqlferry serve --data /var/lib/sqlferry --listen 127.0.0.1:7878\n  \
+sqlferry serve --listen 0.0.0.0:7878 --tls-cert cert.pem --tls-key key.pem   wss:// and https://\n\n\
 On first start it creates the admin key and prints it once, on stdout; only its hash is \
 stored. Push a new replica with the admin key (sqlferry push app.db acme/app.db --server \
 ws://HOST:PORT --key KEY): the server mints a PUSH and a PULL key for it. SIGINT or SIGTERM \
 stops it cleanly: sessions in flight get 10 s to finish, then are aborted (an unfinished \
-push leaves no trace).")]
+push leaves no trace).\n\n\
+TLS: with --tls-cert and --tls-key every connection on the port is TLS (wss:// sessions, \
+https:// API); clients then use --server wss://HOST:PORT. A client trusts the usual public \
+CAs; for a private CA or a self-signed certificate, set SQLFERRY_CA_FILE=ca.pem on the \
+client. Or leave TLS to a reverse proxy in front of a plain server on 127.0.0.1. \
+docs/server.md shows how to make a test certificate with openssl.")]
 pub struct ServeArgs {
     /// Where replicas and keys are kept [default: $XDG_DATA_HOME/sqlferry].
     #[arg(long, value_name = "DIR")]
@@ -24,6 +31,12 @@ pub struct ServeArgs {
     /// Address and port to listen on (port 0 picks a free one).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878")]
     pub listen: String,
+    /// Serve TLS with this certificate chain (PEM, the server's certificate first).
+    #[arg(long, value_name = "CERT.pem", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC).
+    #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -32,6 +45,14 @@ impl ServeArgs {
         let data = match self.data {
             Some(d) => d,
             None => crate::config::data_dir().context("no data directory: pass --data DIR")?,
+        };
+        // TLS first: a bad certificate or key stops the server before the data directory
+        // or an admin key is created.
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(Tls::from_pem_files(cert, key).context("cannot set up TLS")?)
+            }
+            _ => None,
         };
         let state = State::open(&data).context("cannot open the data directory")?;
         if let Some(key) = state.auth.ensure_admin()? {
@@ -45,11 +66,18 @@ impl ServeArgs {
                 .await
                 .with_context(|| format!("cannot listen on {}", self.listen))?;
             let addr = listener.local_addr()?;
-            super::out(format_args!(
-                "listening on ws://{addr} (data in {})",
-                data.display()
-            ))?;
-            serve(listener, state, shutdown_signal()).await?;
+            if tls.is_some() {
+                super::out(format_args!(
+                    "listening on wss://{addr} and https://{addr} (TLS; data in {})",
+                    data.display()
+                ))?;
+            } else {
+                super::out(format_args!(
+                    "listening on ws://{addr} (data in {})",
+                    data.display()
+                ))?;
+            }
+            serve(listener, state, tls, shutdown_signal()).await?;
             anyhow::Ok(())
         })?;
         Ok(ExitCode::from(exit::OK))

@@ -1,4 +1,4 @@
-//! The server's small JSON API over plain HTTP.
+//! The server's small JSON API over HTTP (HTTPS when the server has TLS).
 //!
 //! - `GET /api/health`: `{"status": "ok", "version": "…"}`, no key needed.
 //! - `GET /api/replicas/<namespace>/<name>/versions`: the replica's versions, with a
@@ -12,7 +12,7 @@
 //! Errors are JSON too: `{"error": "…"}` with the matching status code.
 
 use serde_json::json;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Request, State, Status, authenticate, respond};
 use crate::protocol::control::Op;
@@ -20,7 +20,10 @@ use crate::store::ReplicaPath;
 use crate::{ErrorKind, Result};
 
 /// Answers one API request.
-pub(super) async fn route(stream: &mut TcpStream, request: &Request, state: &State) -> Result<()> {
+pub(super) async fn route<S>(stream: &mut S, request: &Request, state: &State) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let path = request.path.split('?').next().unwrap_or("");
     let method = request.method.as_str();
     if path == "/api/health" {

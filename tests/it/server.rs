@@ -12,6 +12,9 @@
 //! - `concurrent`: two pushers racing for one replica, twenty pullers of one version.
 //! - `shutdown`: SIGTERM stops an idle server at once, and lets a push in flight end
 //!   cleanly.
+//! - `tls`: `serve --tls-cert --tls-key` with a private CA made in the test: wss:// and
+//!   https:// work for a client that trusts the CA (`SQLFERRY_CA_FILE`) and fail cleanly
+//!   for one that does not, or that speaks plain ws://; bad certificate files.
 //!
 //! Every wait is on an event (a line on the server's stdout, a process exit, a file
 //! growing), polled with a deadline, never a fixed sleep.
@@ -23,6 +26,7 @@ mod paths;
 mod raw;
 mod roundtrip;
 mod shutdown;
+mod tls;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
@@ -60,10 +64,12 @@ pub struct TestServer {
     child: Option<Child>,
     data: PathBuf,
     log: PathBuf,
+    /// The certificate and key it serves TLS with, if any.
+    tls: Option<tls::Certs>,
     /// `127.0.0.1:PORT`, kept across restarts so clients' saved keys and history (which
     /// name the server URL) stay valid.
     addr: String,
-    /// `ws://127.0.0.1:PORT`.
+    /// `ws://127.0.0.1:PORT` (`wss://` with TLS).
     pub url: String,
     /// The admin key printed on first start.
     pub admin_key: String,
@@ -75,21 +81,36 @@ impl TestServer {
     /// Starts a server on a free port with data in `dir/server-data`, and waits until it
     /// says it is listening.
     pub fn start(dir: &Path) -> TestServer {
+        TestServer::start_with(dir, None)
+    }
+
+    /// Starts a server like [`TestServer::start`], serving TLS with `certs`' certificate
+    /// and key; its admin machine trusts `certs`' CA.
+    pub fn start_tls(dir: &Path, certs: &tls::Certs) -> TestServer {
+        TestServer::start_with(dir, Some(certs.clone()))
+    }
+
+    fn start_with(dir: &Path, tls: Option<tls::Certs>) -> TestServer {
         let data = dir.join("server-data");
         let log = dir.join("server.log");
-        let (child, addr, key) = spawn(&data, &log, "127.0.0.1:0");
+        let (child, addr, key) = spawn(&data, &log, "127.0.0.1:0", tls.as_ref());
         let admin_key =
             key.unwrap_or_else(|| panic!("no admin key on first start; log:\n{}", read(&log)));
         assert!(
             admin_key.starts_with("sfk_") && admin_key.len() == 68,
             "admin key shape: {admin_key}"
         );
+        let mut admin = Machine::new(dir, "server-admin");
+        if let Some(certs) = &tls {
+            admin.trust(certs);
+        }
         TestServer {
             child: Some(child),
-            admin: Machine::new(dir, "server-admin"),
-            url: format!("ws://{addr}"),
+            admin,
+            url: format!("{}://{addr}", if tls.is_some() { "wss" } else { "ws" }),
             data,
             log,
+            tls,
             addr,
             admin_key,
         }
@@ -189,7 +210,7 @@ impl TestServer {
             let (status, _) = self.stop("TERM", STOP_TIMEOUT);
             assert!(status.success(), "clean stop before restart: {status}");
         }
-        let (child, addr, key) = spawn(&self.data, &self.log, &self.addr);
+        let (child, addr, key) = spawn(&self.data, &self.log, &self.addr, self.tls.as_ref());
         assert_eq!(addr, self.addr, "restarted on the same port");
         assert_eq!(key, None, "the admin key is shown only on first start");
         self.child = Some(child);
@@ -208,21 +229,36 @@ impl Drop for TestServer {
     }
 }
 
-/// Starts `sqlferry serve` and reads its stdout until it says where it listens; the
-/// child, the address, and the admin key if it printed one.
-fn spawn(data: &Path, log: &Path, listen: &str) -> (Child, String, Option<String>) {
+/// Starts `sqlferry serve` (with TLS when `tls` is given) and reads its stdout until it
+/// says where it listens; the child, the address, and the admin key if it printed one.
+fn spawn(
+    data: &Path,
+    log: &Path,
+    listen: &str,
+    tls: Option<&tls::Certs>,
+) -> (Child, String, Option<String>) {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("server log file");
     let home = data.with_file_name("server-home");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sqlferry"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sqlferry"));
+    command
         .args(["-v", "serve", "--listen", listen, "--data"])
-        .arg(data)
+        .arg(data);
+    if let Some(certs) = tls {
+        command
+            .arg("--tls-cert")
+            .arg(&certs.cert)
+            .arg("--tls-key")
+            .arg(&certs.key);
+    }
+    let mut child = command
         .env_remove("RUST_LOG")
         .env_remove("SQLFERRY_SERVER")
         .env_remove("SQLFERRY_KEY")
+        .env_remove("SQLFERRY_CA_FILE")
         .env("HOME", &home)
         .env("XDG_CONFIG_HOME", home.join("config"))
         .env("XDG_DATA_HOME", home.join("data"))
@@ -261,14 +297,18 @@ fn spawn(data: &Path, log: &Path, listen: &str) -> (Child, String, Option<String
         };
         if let Some(k) = line.strip_prefix("admin key (shown only this once; keep it secret): ") {
             key = Some(k.trim().to_owned());
-        } else if let Some(rest) = line.strip_prefix("listening on ws://") {
+        } else if let Some(rest) = line.strip_prefix("listening on ") {
+            let scheme = if tls.is_some() { "wss://" } else { "ws://" };
             let addr = rest
-                .split_whitespace()
-                .next()
-                .expect("an address after ws://")
+                .strip_prefix(scheme)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or_else(|| panic!("{line}: an address after {scheme}"))
                 .to_owned();
+            if tls.is_some() {
+                assert!(rest.contains(&format!("https://{addr} (TLS; ")), "{line}");
+            }
             assert!(
-                rest.contains(&format!("(data in {})", data.display())),
+                rest.contains(&format!("data in {})", data.display())),
                 "{line}"
             );
             return (child, addr, key);
@@ -329,6 +369,12 @@ impl Machine {
         self.env.push((name.to_owned(), value.to_owned()));
     }
 
+    /// Makes this machine trust `certs`' CA: `SQLFERRY_CA_FILE` for every command.
+    pub fn trust(&mut self, certs: &tls::Certs) {
+        let ca = certs.ca.to_str().expect("UTF-8 path");
+        self.set_env("SQLFERRY_CA_FILE", ca);
+    }
+
     /// A file in the working directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.work.join(name)
@@ -363,6 +409,7 @@ impl Machine {
             .env_remove("RUST_LOG")
             .env_remove("SQLFERRY_SERVER")
             .env_remove("SQLFERRY_KEY")
+            .env_remove("SQLFERRY_CA_FILE")
             .env("HOME", &self.home)
             .env("XDG_CONFIG_HOME", self.home.join("config"))
             .env("XDG_DATA_HOME", self.home.join("data"))

@@ -227,7 +227,8 @@ pub fn sqlferry(dir: &Path) -> Command {
         .env("XDG_STATE_HOME", home.join("state"))
         .env("XDG_CONFIG_HOME", home.join("config"))
         .env_remove("SQLFERRY_SERVER")
-        .env_remove("SQLFERRY_KEY");
+        .env_remove("SQLFERRY_KEY")
+        .env_remove("SQLFERRY_CA_FILE");
     cmd
 }
 
