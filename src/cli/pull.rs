@@ -18,7 +18,8 @@ use crate::store::Selector;
 #[command(after_help = "Examples:\n  \
 sqlferry pull acme/app.db                    the latest version into ./app.db\n  \
 sqlferry pull acme/app.db@3 restored.db      version 3\n  \
-sqlferry pull acme/app.db@latest-1 prev.db   the version before the latest\n\n\
+sqlferry pull acme/app.db@latest-1 prev.db   the version before the latest\n  \
+sqlferry pull acme/app.db --subscribe        keep going: pull each new version as it lands\n\n\
 LOCAL changes in one transaction, after its digest has been checked against the version's: \
 readers of LOCAL keep reading and see the old database or the new one, never a mix. Only \
 the pages that differ are written. LOCAL keeps its journal mode; a new LOCAL takes the \

@@ -23,7 +23,9 @@ use crate::store::{PushOptions, ReplicaPath};
 #[command(after_help = "Examples:\n  \
 sqlferry push app.db acme/app.db -m \"before migration\"   a new version of replica acme/app.db\n  \
 sqlferry push app.db /backup/app.db                      keep a local copy up to date\n  \
-sqlferry push app.db ./copy.db --json                    print figures as one JSON object\n\n\
+sqlferry push app.db ./copy.db --json                    print figures as one JSON object\n  \
+sqlferry push app.db acme/app.db --subscribe --waitIdle 10m --maxInterval 24h\n    \
+keep going: push after 10 minutes without a commit, at least daily (docs/subscribe.md)\n\n\
 REMOTE is a local file when it starts with /, ./, ../ or ~/, or already exists; otherwise \
 it is a replica path, namespace/name, in the store (--server, SQLFERRY_SERVER, or the \
 embedded store in ~/.local/share/sqlferry).\n\n\

@@ -41,12 +41,15 @@ pub struct TimingArgs {
     #[arg(long = "maxInterval", visible_alias = "max-interval", value_name = "DURATION", value_parser = parse_duration)]
     pub max_interval: Option<Duration>,
     /// Push without waiting for idle once this many commits were seen since the last
-    /// push.
+    /// push (commits closer together than about 50 ms are seen as one).
     #[arg(long = "maxChanges", visible_alias = "max-changes", value_name = "N")]
     pub max_changes: Option<u32>,
     /// How often to check LOCAL for commits the file watcher missed.
     #[arg(long = "poll", value_name = "DURATION", value_parser = parse_duration, default_value = "5s", hide = true)]
     pub poll: Duration,
+    /// How long pushes must fail before the server hears of it (tests shorten it).
+    #[arg(long = "report-failures-after", value_name = "DURATION", value_parser = parse_duration, default_value = "5m", hide = true)]
+    pub report_after: Duration,
 }
 
 impl TimingArgs {
@@ -164,6 +167,7 @@ pub(super) fn run_push(
             timing: settings,
             poll: timing.poll,
             shutdown_bound: SHUTDOWN_BOUND,
+            report_after: timing.report_after,
             push: Arc::new(push),
         };
         let ended = subscriber.run(subscription, signals, line).await?;
@@ -171,6 +175,7 @@ pub(super) fn run_push(
     })?;
     match ended {
         Ended::Shutdown => Ok(ExitCode::from(exit::OK)),
+        Ended::Unpushed(e) => Err(e.context("stopped with changes not pushed")),
         Ended::Interrupted => Ok(ExitCode::from(exit::INTERRUPTED)),
         Ended::PullKey => {
             let from = if sidecar_key {

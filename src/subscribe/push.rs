@@ -49,6 +49,8 @@ pub type PushFn = Arc<dyn Fn(Trigger) -> anyhow::Result<Pushed> + Send + Sync>;
 pub enum Ended {
     /// A signal, pending changes pushed (or none pending).
     Shutdown,
+    /// A signal, but the changes pending could not be pushed: the last failure.
+    Unpushed(anyhow::Error),
     /// A second signal: stopped at once.
     Interrupted,
     /// The key turned out to be a PULL key: follow the replica instead.
@@ -65,6 +67,9 @@ pub struct PushSubscriber {
     pub poll: Duration,
     /// How long pending changes may take to push after a signal.
     pub shutdown_bound: Duration,
+    /// How long pushes must have been failing before the server is told
+    /// ([`REPORT_FAILURES_AFTER`] unless a test wants it sooner).
+    pub report_after: Duration,
     /// One push.
     pub push: PushFn,
 }
@@ -99,6 +104,7 @@ impl PushSubscriber {
         let mut in_flight: Option<(Trigger, tokio::task::JoinHandle<anyhow::Result<Pushed>>)> =
             None;
         let mut last_error = String::new();
+        let mut last_failure: Option<anyhow::Error> = None;
         let mut attempts = 0u32;
         let mut reported = false;
         let mut shutdown_deadline: Option<Time> = None;
@@ -118,7 +124,12 @@ impl PushSubscriber {
                 subscription.send(Outgoing::Changed(seconds));
             }
             if let Some(failing) = schedule.failing_for(t) {
-                if connected && !reported && failing >= REPORT_FAILURES_AFTER {
+                if connected && !reported && failing >= self.report_after {
+                    tracing::info!(
+                        failing_for = failing.as_secs(),
+                        attempts,
+                        "reporting the failures to the server"
+                    );
                     subscription.send(Outgoing::Report(FailureReport {
                         failing_for: failing.as_secs(),
                         attempts,
@@ -129,17 +140,29 @@ impl PushSubscriber {
             }
             if let Some(deadline) = shutdown_deadline {
                 if in_flight.is_none() && schedule.done() {
-                    return Ok(Ended::Shutdown);
+                    return Ok(match last_failure.take() {
+                        Some(e) if schedule.pending() => Ended::Unpushed(e),
+                        _ => Ended::Shutdown,
+                    });
                 }
                 if t >= deadline {
-                    line.err(format!(
-                        "stopping with changes not pushed: the last push did not finish within {}",
-                        super::duration::format(self.shutdown_bound)
+                    return Ok(Ended::Unpushed(
+                        Error::Disconnected(format!(
+                            "the last push did not finish within {}",
+                            super::duration::format(self.shutdown_bound)
+                        ))
+                        .into(),
                     ));
-                    return Ok(Ended::Shutdown);
                 }
             }
             let mut wake = schedule.next_wake(t);
+            // The moment a failure streak becomes worth reporting.
+            if let Some(failing) = schedule.failing_for(t).filter(|_| connected && !reported) {
+                if failing < self.report_after {
+                    let at = t + (self.report_after - failing);
+                    wake = Some(wake.map_or(at, |w| w.min(at)));
+                }
+            }
             if let Some(deadline) = shutdown_deadline {
                 wake = Some(wake.map_or(deadline, |w| w.min(deadline)));
             }
@@ -196,6 +219,7 @@ impl PushSubscriber {
                             schedule.push_succeeded(t);
                             attempts = 0;
                             reported = false;
+                            last_failure = None;
                             line.out(pushed_line(trigger, &p));
                         }
                         Err(e) => {
@@ -203,6 +227,7 @@ impl PushSubscriber {
                             attempts += 1;
                             last_error = format!("{e:#}");
                             let next = match schedule.planned() {
+                                _ if shutdown_deadline.is_some() => "not retried: stopping".into(),
                                 Some((at, Trigger::Retry)) => format!(
                                     "retry in {}",
                                     super::duration::format(at.saturating_sub(t))
@@ -213,6 +238,7 @@ impl PushSubscriber {
                             if super::is_auth_failure(&e) {
                                 return Err(Error::Auth(last_error));
                             }
+                            last_failure = Some(e);
                         }
                     }
                 }

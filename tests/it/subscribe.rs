@@ -601,3 +601,89 @@ fn timing_flags_are_checked_before_anything_runs() {
         util::stderr(&out)
     );
 }
+
+#[test]
+fn failing_pushes_are_reported_to_the_server() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    let b = Machine::new(dir.path(), "b");
+    writer_db(&a.path("app.db"), 3);
+    writer_db(&b.path("other.db"), 9);
+    first_push(&server, &a, "app.db", "acme/app.db");
+    let mut push = Subscriber::start(
+        &a,
+        &[
+            "push",
+            "app.db",
+            "acme/app.db",
+            "--server",
+            &server.url,
+            "--subscribe",
+            "--waitIdle",
+            "10s",
+            "--maxChanges",
+            "1",
+            "--poll",
+            "1s",
+            "--report-failures-after",
+            "1s",
+        ],
+    );
+    push.expect(&["push (start): no change"]);
+    // Someone else moves the replica on: a's pushes now conflict, retry after retry.
+    let out = b.run_on(
+        &server,
+        [
+            "push",
+            "other.db",
+            "acme/app.db",
+            "--force",
+            "--key",
+            &server.admin_key,
+        ],
+    );
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    commit_rows(&a.path("app.db"), 4..=4);
+    let failed = push.expect(&["push (changes) failed"]);
+    assert!(failed.contains("retry in 5s"), "{failed}");
+    let mut status = serde_json::Value::Null;
+    assert!(
+        util::wait_until(LINE_TIMEOUT, Duration::from_millis(20), || {
+            status = http(
+                &server,
+                "GET",
+                "/api/replicas/acme/app.db",
+                &server.admin_key,
+            )
+            .1;
+            !status["failure"].is_null()
+        }),
+        "the failure reached the server: {status}"
+    );
+    let failure = &status["failure"];
+    assert_eq!(failure["attempts"], 1, "{status}");
+    assert!(
+        failure["error"]
+            .as_str()
+            .unwrap()
+            .contains("VERSION_CONFLICT"),
+        "{status}"
+    );
+    assert!(failure["failing_since"].as_i64().unwrap() <= failure["reported_at"].as_i64().unwrap());
+    assert_eq!(
+        server.version_numbers("acme/app.db"),
+        [1, 2],
+        "nothing else landed"
+    );
+    // Stopped with the change still not pushed: the exit code says why (conflict).
+    assert_eq!(
+        push.stop(),
+        crate::server::EXIT_CONFLICT,
+        "{}",
+        push.output()
+    );
+    let out = push.output();
+    assert!(out.contains("push (shutdown) failed"), "{out}");
+    assert!(out.contains("stopped with changes not pushed"), "{out}");
+}
