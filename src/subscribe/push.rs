@@ -24,6 +24,10 @@ use crate::{Error, Result};
 /// Pushes failing for longer than this are reported to the server.
 pub const REPORT_FAILURES_AFTER: Duration = Duration::from_secs(5 * 60);
 
+/// How long the subscriber waits for the server's first word (which tells a PULL key
+/// from a PUSH key) before it starts watching anyway.
+const FIRST_WORD: Duration = Duration::from_secs(10);
+
 /// What one push did, for the subscriber's output line.
 #[derive(Debug, Clone)]
 pub struct Pushed {
@@ -87,15 +91,27 @@ impl PushSubscriber {
         // The first word from the server says what kind of key this is; offline, the
         // subscriber starts anyway and its pushes retry.
         let mut connected = false;
-        match subscription.notices.recv().await {
+        let first = tokio::time::timeout(FIRST_WORD, subscription.notices.recv()).await;
+        match first.unwrap_or_else(|_| {
+            line.err(format!(
+                "no answer from the server within {}s; watching anyway",
+                FIRST_WORD.as_secs()
+            ));
+            Some(Notice::Disconnected {
+                error: "no answer yet".into(),
+                retry_in: Duration::ZERO,
+            })
+        }) {
             Some(Notice::Connected { key_type, .. }) if key_type == "pull" => {
                 return Ok(Ended::PullKey);
             }
             Some(Notice::Connected { .. }) => connected = true,
-            Some(Notice::Disconnected { error, retry_in }) => line.err(format!(
-                "server unreachable ({error}); watching anyway, retrying in {}",
-                super::duration::format(retry_in)
-            )),
+            Some(Notice::Disconnected { error, retry_in }) if !retry_in.is_zero() => {
+                line.err(format!(
+                    "server unreachable ({error}); watching anyway, retrying in {}",
+                    super::duration::format(retry_in)
+                ));
+            }
             Some(Notice::Fatal(e)) => return Err(e),
             Some(_) | None => {}
         }
@@ -187,6 +203,10 @@ impl PushSubscriber {
                     Some(Notice::SyncNow) => {
                         tracing::info!("sync now asked");
                         schedule.sync_now(now());
+                    }
+                    // The server said late what kind of key this is.
+                    Some(Notice::Connected { key_type, .. }) if key_type == "pull" && in_flight.is_none() => {
+                        return Ok(Ended::PullKey);
                     }
                     Some(Notice::Connected { .. }) => {
                         connected = true;

@@ -297,7 +297,7 @@ fn a_follower_ends_with_the_writers_rows_and_its_readers_never_fail() {
 #[test]
 fn the_server_shows_the_planned_push_and_sync_now_pushes_it() {
     let dir = TempDir::new().unwrap();
-    let server = TestServer::start(dir.path());
+    let mut server = TestServer::start(dir.path());
     let m = Machine::new(dir.path(), "m");
     writer_db(&m.path("app.db"), 3);
     first_push(&server, &m, "app.db", "acme/app.db");
@@ -369,6 +369,12 @@ fn the_server_shows_the_planned_push_and_sync_now_pushes_it() {
         }),
         "a commit clears the expected push: {status}"
     );
+    // A server with a subscriber connected still stops at once on SIGTERM: the
+    // subscribe session is closed, not waited for.
+    let (status, took) = server.stop("TERM", Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+    push.expect(&["lost the server"]);
     assert_eq!(push.stop(), 0);
 }
 
@@ -397,13 +403,24 @@ fn pending_changes_are_pushed_after_the_server_comes_back_and_on_sigterm() {
         ],
     );
     push.expect(&["push (start): no change"]);
+    // A follower on another machine, with the sidecar's PULL key.
+    let other = Machine::new(dir.path(), "other");
+    std::fs::copy(m.path("app.db-sqlferry"), other.path("copy.db-sqlferry")).unwrap();
+    let mut pull = Subscriber::start(&other, &["subscribe", "copy.db-sqlferry"]);
+    pull.expect(&["pull (start): version 1"]);
     server.sigkill();
     push.expect(&["lost the server"]);
+    pull.expect(&["lost the server", "reconnecting in"]);
     commit_rows(&m.path("app.db"), 4..=6);
     push.expect(&["push (changes) failed"]);
     server.restart();
     push.expect(&["server reachable again"]);
     push.expect(&["version 2"]);
+    // The follower reconnects on its own and ends with what was pushed meanwhile.
+    pull.expect(&["connected again"]);
+    pull.expect(&["version 2"]);
+    assert_eq!(max_id(&other.path("copy.db")), 6);
+    assert_eq!(pull.stop(), 0);
     let versions = server.versions("acme/app.db").expect("versions");
     assert_eq!(versions.last().unwrap().number, 2);
     let restored = m.path("restored.db");
