@@ -13,7 +13,7 @@
 //!
 //! - [`push`] and [`pull`] are the two subscriber loops that carry the answers out:
 //!   they own the clock, the tasks and the [`Subscription`](crate::remote::Subscription)
-//!   to the replica; [`support`] has what both need (output lines, signals, jitter).
+//!   to the replica; `support` has what both need (output lines, signals, jitter).
 //!
 //! Everything but the watcher and the loops is pure: time is a [`Time`] since the subscriber started,
 //! given by the caller, so the rules are tested with injected instants and never sleep.
