@@ -97,10 +97,16 @@ impl TimingArgs {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
+/// Runs a subscriber loop on a runtime of its own. The runtime is not waited for when
+/// the loop ends: a push or pull still running on a blocking thread then (after a
+/// second signal) is abandoned with the process, and a sync cut short commits nothing.
+fn run_loop<T>(f: impl std::future::Future<Output = crate::Result<T>>) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?)
+        .build()?;
+    let result = runtime.block_on(f);
+    runtime.shutdown_background();
+    Ok(result?)
 }
 
 /// `push LOCAL REMOTE --subscribe`: push after changes until a signal.
@@ -153,7 +159,7 @@ pub(super) fn run_push(
             })
         }
     };
-    let ended = runtime()?.block_on(async {
+    let ended = run_loop(async {
         let signals = Signals::catch()?;
         let subscription = server.subscribe(&replica, SubscriberRole::Push, key.clone())?;
         line.out(format!(
@@ -229,7 +235,7 @@ pub(super) fn run_pull(puller: Puller, global: &Global) -> anyhow::Result<ExitCo
             duration: o.stats.duration,
         })
     };
-    runtime()?.block_on(async {
+    run_loop(async {
         let signals = Signals::catch()?;
         let subscription = server.subscribe(&replica, SubscriberRole::Pull, key)?;
         line.out(format!(

@@ -26,7 +26,7 @@ pub const REPORT_FAILURES_AFTER: Duration = Duration::from_secs(5 * 60);
 
 /// How long the subscriber waits for the server's first word (which tells a PULL key
 /// from a PUSH key) before it starts watching anyway.
-const FIRST_WORD: Duration = Duration::from_secs(10);
+const FIRST_WORD: Duration = Duration::from_secs(5);
 
 /// What one push did, for the subscriber's output line.
 #[derive(Debug, Clone)]

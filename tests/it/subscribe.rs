@@ -704,3 +704,42 @@ fn failing_pushes_are_reported_to_the_server() {
     assert!(out.contains("push (shutdown) failed"), "{out}");
     assert!(out.contains("stopped with changes not pushed"), "{out}");
 }
+
+#[test]
+fn a_second_signal_stops_a_subscriber_at_once() {
+    let dir = TempDir::new().unwrap();
+    let m = Machine::new(dir.path(), "m");
+    writer_db(&m.path("app.db"), 3);
+    // A server that accepts connections and never answers: the start push hangs.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}", black_hole.local_addr().unwrap());
+    let mut push = Subscriber::start(
+        &m,
+        &[
+            "push",
+            "app.db",
+            "acme/app.db",
+            "--server",
+            &url,
+            "--key",
+            "sfk_x",
+            "--subscribe",
+            "--waitIdle",
+            "10s",
+        ],
+    );
+    push.expect(&["no answer from the server within 5s; watching anyway"]);
+    signal(&push.child, "TERM");
+    push.expect(&["stopping: pushing pending changes first"]);
+    let started = Instant::now();
+    signal(&push.child, "INT");
+    let status = wait_for_exit(&mut push.child, LINE_TIMEOUT).expect("exits");
+    assert_eq!(status.code(), Some(130), "{}", push.output());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(push.output().contains("second signal: stopping now"));
+    drop(black_hole);
+}
