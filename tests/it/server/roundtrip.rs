@@ -260,3 +260,52 @@ fn pull_reports_its_hash_exchange() {
         r.0
     );
 }
+
+#[test]
+fn verify_fetches_a_stored_version_and_checks_its_digest() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    let src = a.path("app.db");
+    small_db(&src, 1 << 20);
+    let r1 = a.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["--key", &server.admin_key],
+    );
+    let conn = util::open(&src);
+    util::insert_rows(&conn, 50, 300);
+    drop(conn);
+    let r2 = a.push(&server, "app.db", "acme/app.db", &[]);
+    for (spec, version, digest) in [
+        ("acme/app.db@1", 1, r1.digest()),
+        ("acme/app.db", 2, r2.digest()),
+        ("acme/app.db@latest-1", 1, r1.digest()),
+    ] {
+        let out = a.run_on(&server, ["verify", spec, "--json"]);
+        assert_eq!(util::code(&out), 0, "{spec}: {}", util::stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(v["version"], version, "{spec}: {v}");
+        assert_eq!(v["digest"], digest, "{spec}: {v}");
+        assert_eq!(v["integrity"], serde_json::json!(["ok"]), "{spec}: {v}");
+    }
+    let out = a.run_on(&server, ["verify", "acme/app.db@7"]);
+    assert_fails(&out, EXIT_NOT_FOUND, "acme/app.db@7 does not exist");
+    // The embedded store too, and nothing is left behind in the working directory.
+    let out = a.run(["push", "app.db", "local/app.db"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let out = a.run(["verify", "local/app.db@1"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("version:      local/app.db@1"),
+        "{}",
+        util::stdout(&out)
+    );
+    assert!(util::stdout(&out).contains(&format!("digest:       {}", r2.digest())));
+    let names: Vec<_> = std::fs::read_dir(&a.work)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| n.starts_with("app.db")), "{names:?}");
+}
