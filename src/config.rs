@@ -22,6 +22,20 @@ pub fn state_dir() -> Option<PathBuf> {
     xdg_dir("XDG_STATE_HOME", ".local/state")
 }
 
+/// The name a local database is known by in the secrets file and the sync history:
+/// its directory with symbolic links resolved, then its file name (the file itself
+/// need not exist yet). The same database reached through a link gets the same name.
+pub fn database_key(path: &std::path::Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => dir
+            .canonicalize()
+            .map(|d| d.join(name))
+            .unwrap_or_else(|_| abs.clone()),
+        _ => abs,
+    }
+}
+
 fn xdg_dir(var: &str, fallback: &str) -> Option<PathBuf> {
     let base = match std::env::var_os(var) {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),

@@ -33,7 +33,7 @@ pub struct LastSync {
 /// `dir/<name>`, where name is 32 hex digits of the SHA-256 of `database`'s absolute
 /// path, then `suffix`: one file per local database.
 fn keyed_path(dir: PathBuf, database: &Path, suffix: &str) -> Option<PathBuf> {
-    let abs = std::path::absolute(database).ok()?;
+    let abs = crate::config::database_key(database);
     let key = Sha256::digest(abs.as_os_str().as_encoded_bytes());
     Some(dir.join(format!("{}{suffix}", &crate::page::hex(&key.into())[..32])))
 }

@@ -201,13 +201,18 @@ impl Server {
                     )
                     .await?;
                 }
-                let (result, rest) =
-                    ws::run_engine(&mut ws, Role::Origin, Vec::new(), None, move |link| {
+                let (result, rest) = ws::run_engine(
+                    &mut ws,
+                    Role::Origin,
+                    Vec::new(),
+                    Some(SYNC_IDLE_TIMEOUT),
+                    move |link| {
                         push_origin(&mut source, kept, |source, options| {
                             run_origin_with(source, link, &*progress, options)
                         })
-                    })
-                    .await;
+                    },
+                )
+                .await;
                 let (stats, pushed) = result?;
                 let config = next_config(&mut ws, rest).await?;
                 let outcome = PushOutcome {
@@ -265,8 +270,12 @@ impl Server {
                         None,
                     )
                     .await?;
-                    let (stats, _) =
-                        ws::run_engine(&mut ws, Role::Replica, Vec::new(), None, move |link| {
+                    let (stats, _) = ws::run_engine(
+                        &mut ws,
+                        Role::Replica,
+                        Vec::new(),
+                        Some(SYNC_IDLE_TIMEOUT),
+                        move |link| {
                             let mut target = Writer::open(&local)?;
                             let started = std::time::Instant::now();
                             let done = run_replica(&mut target, link)?;
@@ -281,8 +290,9 @@ impl Server {
                                 duration: started.elapsed(),
                                 digest: crate::page::hex(&done.digest),
                             })
-                        })
-                        .await;
+                        },
+                    )
+                    .await;
                     Ok(PullOutcome {
                         stats: stats?,
                         version: config.version,
@@ -382,6 +392,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// How long the server may stay silent in the middle of a sync before the client gives
+/// up: as long as the server allows a client (it may be busy hashing or committing).
+pub const SYNC_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How long connecting (TCP, TLS and the WebSocket upgrade) may take.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Opens a session: the upgrade carries the key in `Authorization: Bearer`.
 async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
     let endpoint = format!("{url}/v1/sync");
@@ -402,14 +419,21 @@ async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
     } else {
         None
     };
-    match tokio_tungstenite::connect_async_tls_with_config(
+    let handshake = tokio_tungstenite::connect_async_tls_with_config(
         request,
         Some(ws::ws_config()),
         false,
         connector,
-    )
-    .await
-    {
+    );
+    // A server that accepts and never answers (or a dropped SYN) must not hold a
+    // command, or a subscriber's push, for as long as TCP takes to give up.
+    let Ok(result) = tokio::time::timeout(CONNECT_TIMEOUT, handshake).await else {
+        return Err(Error::Disconnected(format!(
+            "cannot reach {url}: no answer within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        )));
+    };
+    match result {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let status = response.status();

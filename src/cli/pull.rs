@@ -57,7 +57,12 @@ impl PullArgs {
             }
             None => None,
         };
-        let spec = match (&self.remote, &sidecar) {
+        // With --from, one positional is LOCAL unless it is a version (@3).
+        let (remote, local_arg) = match (&self.remote, &self.local, &sidecar) {
+            (Some(r), None, Some(_)) if !r.starts_with('@') => (None, Some(r.clone())),
+            (r, l, _) => (r.clone(), l.clone()),
+        };
+        let spec = match (&remote, &sidecar) {
             (Some(remote), Some((s, _))) if remote.starts_with('@') => {
                 format!("{}{remote}", s.replica)
             }
@@ -72,7 +77,7 @@ impl PullArgs {
             (None, None) => unreachable!("clap requires REMOTE unless --from is given"),
         };
         let (replica, selector) = Selector::split(&spec)?;
-        let local = match (&self.local, &sidecar) {
+        let local = match (&local_arg, &sidecar) {
             (Some(l), _) => expand_tilde(l),
             (None, Some((_, path))) => Sidecar::database_for(path).ok_or_else(|| {
                 crate::Error::Usage(format!(
@@ -86,7 +91,7 @@ impl PullArgs {
             Some((s, _)) => crate::remote::Server::parse(Some(&s.server))?,
             None => self.connection.resolve()?,
         };
-        let database = std::path::absolute(&local).unwrap_or(local.clone());
+        let database = crate::config::database_key(&local);
         // --key or SQLFERRY_KEY, else the sidecar's PULL key, else a saved key.
         let key = match (&self.connection.key, &sidecar) {
             (None, Some((s, _))) => Some(s.key.clone()),

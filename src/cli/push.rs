@@ -259,10 +259,15 @@ impl Pusher {
         server: Server,
         key: Option<String>,
     ) -> anyhow::Result<Pusher> {
-        let database = std::path::absolute(local).unwrap_or(local.to_owned());
+        let database = crate::config::database_key(local);
         let secrets = crate::config::Secrets::load()?;
-        let saved = secrets
-            .for_database(&database)
+        // Saved under the database's key; before keys resolved links, under its
+        // absolute path.
+        let absolute = std::path::absolute(local).ok();
+        let saved = [Some(&database), absolute.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|db| secrets.for_database(db))
             .filter(|s| s.server == server.url() && s.replica == replica.as_str())
             .map(|s| s.key.clone());
         let stored = saved.is_some();

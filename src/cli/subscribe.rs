@@ -161,7 +161,7 @@ pub(super) fn run_push(
     };
     let ended = run_loop(async {
         let signals = Signals::catch()?;
-        let subscription = server.subscribe(&replica, SubscriberRole::Push, key.clone())?;
+        let mut subscription = server.subscribe(&replica, SubscriberRole::Push, key.clone())?;
         line.out(format!(
             "push subscriber: {} to {replica} on {}, {}",
             database.display(),
@@ -176,8 +176,9 @@ pub(super) fn run_push(
             report_after: timing.report_after,
             push: Arc::new(push),
         };
-        let ended = subscriber.run(subscription, signals, line).await?;
-        Ok::<_, crate::Error>(ended)
+        let ended = subscriber.run(&mut subscription, signals, line).await;
+        subscription.close().await;
+        ended
     })?;
     match ended {
         Ended::Shutdown => Ok(ExitCode::from(exit::OK)),
@@ -189,10 +190,19 @@ pub(super) fn run_push(
             } else {
                 ""
             };
+            let p = shared.lock().unwrap_or_else(|e| e.into_inner());
+            // Following writes LOCAL: never over changes that were not synced.
+            if let Some(why) = unsynced_changes(&p.local, &p.server, &p.replica)? {
+                return Err(crate::Error::Auth(format!(
+                    "the key{from} for {replica} is a PULL key, and {} {why}: following the \
+                     replica would overwrite it; push it with its PUSH key (--key, or the admin key)",
+                    p.local.display()
+                ))
+                .into());
+            }
             line.out(format!(
                 "the key{from} for {replica} is a PULL key: following the replica as a pull subscriber instead"
             ));
-            let p = shared.lock().unwrap_or_else(|e| e.into_inner());
             let puller = Puller {
                 server: p.server.clone(),
                 replica: p.replica.clone(),
@@ -204,6 +214,35 @@ pub(super) fn run_push(
             run_pull(puller, global)
         }
     }
+}
+
+/// Why `local` holds changes no sync of `replica` carried, if it does: a file that
+/// does not exist, or whose digest is the one of its last sync with `replica`, has
+/// none.
+fn unsynced_changes(
+    local: &Path,
+    server: &Server,
+    replica: &ReplicaPath,
+) -> anyhow::Result<Option<&'static str>> {
+    if !local.exists() {
+        return Ok(None);
+    }
+    let last = crate::history::last(local)
+        .filter(|l| l.server == server.url() && l.replica == replica.as_str());
+    let Some(last) = last else {
+        return Ok(Some("was never pulled from it"));
+    };
+    let mut snap = crate::page::Snapshot::open(local)?;
+    let mut digest = crate::page::Digest::new(
+        crate::engine::PageSource::page_size(&snap),
+        crate::engine::PageSource::page_count(&snap),
+    );
+    crate::engine::PageSource::scan(&mut snap, u32::MAX, &mut |_, hash, _| {
+        digest.push(&hash);
+        Ok(())
+    })?;
+    let now = digest.finish().map(|d| crate::page::hex(&d));
+    Ok((now.as_deref() != Some(last.digest.as_str())).then_some("has changed since its last sync"))
 }
 
 /// `pull REMOTE --subscribe`: pull each new version until a signal.
@@ -235,17 +274,25 @@ pub(super) fn run_pull(puller: Puller, global: &Global) -> anyhow::Result<ExitCo
             duration: o.stats.duration,
         })
     };
-    run_loop(async {
+    let interrupted = run_loop(async {
         let signals = Signals::catch()?;
-        let subscription = server.subscribe(&replica, SubscriberRole::Pull, key)?;
+        let mut subscription = server.subscribe(&replica, SubscriberRole::Pull, key)?;
         line.out(format!(
             "pull subscriber: {replica} on {} into {}",
             server.url(),
             local.display()
         ));
-        crate::subscribe::pull::run(subscription, Arc::new(pull), held, signals, line).await
+        let ended =
+            crate::subscribe::pull::run(&mut subscription, Arc::new(pull), held, signals, line)
+                .await;
+        subscription.close().await;
+        ended
     })?;
-    Ok(ExitCode::from(exit::OK))
+    Ok(ExitCode::from(if interrupted {
+        exit::INTERRUPTED
+    } else {
+        exit::OK
+    }))
 }
 
 /// Arguments of `sqlferry subscribe`.
@@ -275,7 +322,7 @@ impl SubscribeArgs {
         if let Some(database) = Sidecar::database_for(&target).filter(|_| target.is_file()) {
             return self.follow_sidecar(&target, &database, global);
         }
-        let database = std::path::absolute(&target).unwrap_or(target.clone());
+        let database = crate::config::database_key(&target);
         if let Some(saved) = Secrets::load()?.for_database(&database).cloned() {
             let server = Server::parse(Some(&saved.server))?;
             let replica = ReplicaPath::parse(&saved.replica)?;
@@ -325,7 +372,7 @@ impl SubscribeArgs {
             server: Server::parse(Some(&s.server))?,
             replica: ReplicaPath::parse(&s.replica)?,
             local: database.to_owned(),
-            database: std::path::absolute(database).unwrap_or(database.to_owned()),
+            database: crate::config::database_key(database),
             key: Some(s.key),
         };
         run_pull(puller, global)

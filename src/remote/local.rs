@@ -7,8 +7,6 @@
 //! killed) refuses the connection and is removed. The file system's permissions are the
 //! access control, as for the store itself.
 
-use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,23 +41,36 @@ impl Message {
     }
 }
 
-/// Unix socket paths are limited to about 104 bytes: past this, the directory moves to
-/// the temporary directory under a name derived from the long one.
-const MAX_SOCKET_DIR: usize = 80;
+/// Unix socket paths are limited to 108 bytes; a longer one is reached through the
+/// directory's file descriptor (`/proc/self/fd/N/name`), which is short whatever the
+/// directory's own path.
+const MAX_SOCKET_PATH: usize = 100;
 
-/// The directory where `replica`'s subscribers on the store at `root` listen.
+/// The directory where `replica`'s subscribers on the store at `root` listen. The root
+/// is resolved first, so every spelling of one store (a symbolic link, a trailing
+/// slash) finds the same sockets.
 pub fn socket_dir(root: &Path, replica: &str) -> PathBuf {
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
     let key = crate::page::hex(&Sha256::digest(replica.as_bytes()).into());
-    let dir = root.join(".subscribers").join(&key[..16]);
-    if dir.as_os_str().len() <= MAX_SOCKET_DIR {
-        return dir;
+    root.join(".subscribers").join(&key[..16])
+}
+
+/// Calls `f` with a path to `dir/name` short enough for a Unix socket.
+fn short_path<T>(
+    dir: &Path,
+    name: &std::ffi::OsStr,
+    f: impl FnOnce(&Path) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    use std::os::fd::AsRawFd;
+    let full = dir.join(name);
+    if full.as_os_str().len() <= MAX_SOCKET_PATH {
+        return f(&full);
     }
-    let mut long = Sha256::new();
-    long.update(root.as_os_str().as_encoded_bytes());
-    long.update([0]);
-    long.update(replica.as_bytes());
-    let key = crate::page::hex(&long.finalize().into());
-    std::env::temp_dir().join(format!("sqlferry-{}", &key[..24]))
+    let handle = std::fs::File::open(dir)?;
+    let short = Path::new("/proc/self/fd")
+        .join(handle.as_raw_fd().to_string())
+        .join(name);
+    f(&short)
 }
 
 /// A subscriber's socket: listening until dropped, then removed.
@@ -88,7 +99,9 @@ impl Listener {
             std::process::id(),
             u32::from_be_bytes(id)
         ));
-        let socket = tokio::net::UnixListener::bind(&path).map_err(|e| Error::io(&path, e))?;
+        let name = path.file_name().expect("a file name").to_owned();
+        let socket = short_path(&dir, &name, |p| tokio::net::UnixListener::bind(p))
+            .map_err(|e| Error::io(&path, e))?;
         Ok(Listener { socket, path })
     }
 
@@ -122,40 +135,66 @@ impl Drop for Listener {
     }
 }
 
+/// How long one subscriber may take to accept a notification.
+const NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Sends `message` to every subscriber of `replica` on the store at `root`; returns how
-/// many were reached. Sockets of subscribers that are gone are removed.
+/// many were reached. Sockets of subscribers that are gone are removed. A subscriber
+/// that does not accept within a second is skipped: it never holds up a push.
 pub fn notify(root: &Path, replica: &str, message: Message) -> usize {
     let dir = socket_dir(root, replica);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return 0;
     };
-    let line = message.line();
-    let mut reached = 0;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "sock") {
-            continue;
-        }
-        match UnixStream::connect(&path) {
-            Ok(mut stream) => {
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                if stream.write_all(line.as_bytes()).is_ok() {
-                    reached += 1;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-                ) =>
-            {
-                tracing::debug!(socket = %path.display(), "removing a gone subscriber's socket");
-                let _ = std::fs::remove_file(&path);
-            }
-            Err(e) => tracing::debug!(socket = %path.display(), error = %e, "cannot notify"),
-        }
+    let sockets: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+        .collect();
+    if sockets.is_empty() {
+        return 0;
     }
-    reached
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return 0;
+    };
+    let line = message.line();
+    runtime.block_on(async {
+        let mut reached = 0;
+        for path in sockets {
+            match tokio::time::timeout(NOTIFY_TIMEOUT, send_line(&dir, &path, &line)).await {
+                Ok(Ok(())) => reached += 1,
+                Ok(Err(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) =>
+                {
+                    tracing::debug!(socket = %path.display(), "removing a gone subscriber's socket");
+                    let _ = std::fs::remove_file(&path);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(socket = %path.display(), error = %e, "cannot notify");
+                }
+                Err(_) => tracing::debug!(socket = %path.display(), "a subscriber did not accept"),
+            }
+        }
+        reached
+    })
+}
+
+async fn send_line(dir: &Path, path: &Path, line: &str) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let name = path.file_name().unwrap_or_default();
+    // The connect itself is quick (or fails at once); only the short path needs the
+    // directory's descriptor.
+    let std_stream = short_path(dir, name, |p| std::os::unix::net::UnixStream::connect(p))?;
+    std_stream.set_nonblocking(true)?;
+    let mut stream = tokio::net::UnixStream::from_std(std_stream)?;
+    stream.write_all(line.as_bytes()).await?;
+    stream.shutdown().await
 }
 
 #[cfg(test)]
@@ -171,12 +210,21 @@ mod tests {
         assert_eq!(Message::parse("hello\n"), None);
     }
 
-    #[test]
-    fn long_store_paths_still_fit_a_socket_path() {
-        let root = PathBuf::from(format!("/{}", "d/".repeat(100)));
-        let dir = socket_dir(&root, "acme/app.db");
-        assert!(dir.as_os_str().len() <= MAX_SOCKET_DIR, "{}", dir.display());
-        assert_ne!(dir, socket_dir(&root, "acme/other.db"));
+    #[tokio::test]
+    async fn a_store_with_a_long_path_is_reached_through_any_spelling() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("a-rather-long-directory-name".repeat(4));
+        std::fs::create_dir_all(&root).unwrap();
+        std::os::unix::fs::symlink(&root, base.path().join("link")).unwrap();
+        let listener = Listener::bind(&root, "acme/app.db").unwrap();
+        assert!(listener.path.as_os_str().len() > MAX_SOCKET_PATH);
+        let other = base.path().join("link");
+        let reached =
+            tokio::task::spawn_blocking(move || notify(&other, "acme/app.db", Message::SyncNow))
+                .await
+                .unwrap();
+        assert_eq!(reached, 1);
+        assert_eq!(listener.next().await.unwrap(), Message::SyncNow);
     }
 
     #[tokio::test]

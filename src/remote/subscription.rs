@@ -23,6 +23,9 @@ use crate::protocol::control::{Control, FailureReport, Op, PING_INTERVAL, Subscr
 use crate::store::ReplicaPath;
 use crate::{Error, ErrorKind, Result};
 
+/// How many messages to the server may wait while it is unreachable.
+const OUTGOING_BACKLOG: usize = 8;
+
 /// What a subscription hears.
 #[derive(Debug)]
 pub enum Notice {
@@ -63,21 +66,41 @@ pub enum Outgoing {
 pub struct Subscription {
     /// What the subscription hears, in order.
     pub notices: mpsc::UnboundedReceiver<Notice>,
-    outgoing: mpsc::UnboundedSender<Outgoing>,
-    task: tokio::task::JoinHandle<()>,
+    outgoing: Option<mpsc::Sender<Outgoing>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Subscription {
-    /// Sends `message` if connected; while disconnected it is dropped (a CHANGED would
-    /// be stale by the time the connection is back).
+    /// Sends `message` when connected. While disconnected a few messages wait and are
+    /// dropped on reconnect (a CHANGED would be stale by then); past those, new ones are
+    /// dropped at once, so a long outage costs no memory.
     pub fn send(&self, message: Outgoing) {
-        let _ = self.outgoing.send(message);
+        if let Some(outgoing) = &self.outgoing {
+            let _ = outgoing.try_send(message);
+        }
+    }
+
+    /// Closes the connection cleanly (a WebSocket close the server sees as the
+    /// subscriber leaving), waiting at most a second for it.
+    pub async fn close(mut self) {
+        self.outgoing = None;
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(1), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
@@ -91,7 +114,7 @@ impl Server {
         key: Option<String>,
     ) -> Result<Subscription> {
         let (notices_tx, notices) = mpsc::unbounded_channel();
-        let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
+        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_BACKLOG);
         let task = match self {
             Server::Embedded(store) => {
                 let listener = local::Listener::bind(store.root(), replica.as_str())?;
@@ -104,7 +127,14 @@ impl Server {
                     latest,
                     key_type: String::new(),
                 });
-                tokio::spawn(run_local(listener, notices_tx, outgoing_rx))
+                tokio::spawn(run_local(
+                    listener,
+                    store.clone(),
+                    replica.clone(),
+                    latest,
+                    notices_tx,
+                    outgoing_rx,
+                ))
             }
             Server::Ws { url } => tokio::spawn(run_ws(
                 url.clone(),
@@ -117,8 +147,8 @@ impl Server {
         };
         Ok(Subscription {
             notices,
-            outgoing,
-            task,
+            outgoing: Some(outgoing),
+            task: Some(task),
         })
     }
 
@@ -138,27 +168,77 @@ impl Server {
     }
 }
 
+/// How often a subscriber of the embedded store checks the latest version itself: the
+/// safety net for a notification it missed (or a push by `sqlferry serve` on the same
+/// directory, which notifies only its own subscribers).
+const LOCAL_POLL: Duration = Duration::from_secs(10);
+
 async fn run_local(
     listener: local::Listener,
+    store: crate::store::Store,
+    replica: ReplicaPath,
+    mut latest: u64,
     notices: mpsc::UnboundedSender<Notice>,
-    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    mut outgoing: mpsc::Receiver<Outgoing>,
 ) {
+    // The socket is read by a task of its own: a message half read is never dropped
+    // by the select below.
+    let (heard_tx, mut heard) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        loop {
+            let message = listener.next().await;
+            let failed = message.is_err();
+            if heard_tx.send(message).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
+    let mut poll = tokio::time::interval(LOCAL_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll.reset();
     loop {
-        tokio::select! {
-            message = listener.next() => {
-                let notice = match message {
-                    Ok(local::Message::Version(n)) => Notice::NewVersion(n),
-                    Ok(local::Message::SyncNow) => Notice::SyncNow,
-                    Err(e) => Notice::Fatal(e),
-                };
-                let fatal = matches!(notice, Notice::Fatal(_));
-                if notices.send(notice).is_err() || fatal {
-                    return;
+        let notice = tokio::select! {
+            message = heard.recv() => match message {
+                Some(Ok(local::Message::Version(n))) => {
+                    latest = latest.max(n);
+                    Notice::NewVersion(n)
+                }
+                Some(Ok(local::Message::SyncNow)) => Notice::SyncNow,
+                Some(Err(e)) => Notice::Fatal(e),
+                None => return,
+            },
+            _ = poll.tick() => {
+                let (store, replica) = (store.clone(), replica.clone());
+                let found = tokio::task::spawn_blocking(move || store.versions(&replica)).await;
+                match found {
+                    Ok(Ok(v)) if v.last().is_some_and(|v| v.number > latest) => {
+                        latest = v.last().map_or(latest, |v| v.number);
+                        tracing::debug!(latest, "a new version found by the poll");
+                        Notice::NewVersion(latest)
+                    }
+                    _ => continue,
                 }
             }
             // No server to tell: CHANGED and reports have no reader here.
-            message = outgoing.recv() => if message.is_none() { return },
+            message = outgoing.recv() => match message {
+                Some(_) => continue,
+                None => return,
+            },
+        };
+        let fatal = matches!(notice, Notice::Fatal(_));
+        if notices.send(notice).is_err() || fatal {
+            return;
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -168,13 +248,13 @@ async fn run_ws(
     role: SubscriberRole,
     key: Option<String>,
     notices: mpsc::UnboundedSender<Notice>,
-    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    mut outgoing: mpsc::Receiver<Outgoing>,
 ) {
-    let mut attempt = 0u32;
+    let mut backoff = crate::subscribe::backoff::Reconnect::new();
     loop {
         let error = match session_open(&url, &replica, role, key.as_deref()).await {
             Ok((mut ws, latest, key_type)) => {
-                attempt = 0;
+                backoff.reset();
                 // Anything queued while disconnected is stale.
                 while outgoing.try_recv().is_ok() {}
                 if notices
@@ -194,9 +274,7 @@ async fn run_ws(
             }
             Err(e) => e,
         };
-        attempt = attempt.saturating_add(1);
-        let retry_in =
-            crate::subscribe::backoff::reconnect_delay(attempt, crate::subscribe::jitter());
+        let retry_in = backoff.next_delay(crate::subscribe::jitter());
         let notice = Notice::Disconnected {
             error: error.to_string(),
             retry_in,
@@ -214,18 +292,28 @@ async fn session_open(
     role: SubscriberRole,
     key: Option<&str>,
 ) -> Result<(Socket, u64, String)> {
-    let mut ws = connect(url, key).await?;
-    let config = open(
-        &mut ws,
-        Op::Subscribe,
-        replica,
-        None,
-        None,
-        false,
-        Some(role),
-    )
-    .await?;
-    Ok((ws, config.version, config.key_type))
+    let opened = async {
+        let mut ws = connect(url, key).await?;
+        let config = open(
+            &mut ws,
+            Op::Subscribe,
+            replica,
+            None,
+            None,
+            false,
+            Some(role),
+        )
+        .await?;
+        Ok((ws, config.version, config.key_type))
+    };
+    tokio::time::timeout(super::CONNECT_TIMEOUT, opened)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Disconnected(format!(
+                "{url} did not open the subscription within {}s",
+                super::CONNECT_TIMEOUT.as_secs()
+            )))
+        })
 }
 
 /// Carries one connected session until it fails (`Err`) or the subscriber is gone
@@ -233,7 +321,7 @@ async fn session_open(
 async fn follow(
     ws: &mut Socket,
     notices: &mpsc::UnboundedSender<Notice>,
-    outgoing: &mut mpsc::UnboundedReceiver<Outgoing>,
+    outgoing: &mut mpsc::Receiver<Outgoing>,
 ) -> Result<()> {
     let silence = PING_INTERVAL * 3;
     loop {

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 
@@ -203,8 +203,10 @@ where
         (SubscriberRole::Push, KeyKind::Pull) => SubscriberRole::Pull,
         (role, _) => role,
     };
-    let (id, latest) = latest(state, replica).await?;
+    // Joined before the latest version is read: a push committing in between is then
+    // heard as a NEWREPLICAVERSION rather than lost (a repeat is harmless).
     let mut member = state.hub.join(replica.as_str(), role);
+    let (id, latest) = latest(state, replica).await?;
     send_control(
         ws,
         Control::Config(config(principal, replica, id.unwrap_or_default(), latest)),
@@ -212,8 +214,16 @@ where
     .await?;
     tracing::info!(%replica, role = role.as_str(), key = %principal.key_id, "subscriber joined");
     let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.reset();
+    // A client that answers nothing, not even a ping, for three intervals is gone
+    // (a machine switched off sends no FIN): it stops being counted.
+    let mut last_heard = tokio::time::Instant::now();
     let result = loop {
+        // Joined after the server began closing: the change below was already seen.
+        if *member.closing.borrow() {
+            break Ok(());
+        }
         tokio::select! {
             event = member.events.recv() => match event {
                 Ok(Event::NewVersion(v)) => {
@@ -224,8 +234,18 @@ where
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => break Ok(()),
             },
-            message = recv_binary(ws) => {
-                let Some(bytes) = message? else { break Ok(()) };
+            message = ws.next() => {
+                last_heard = tokio::time::Instant::now();
+                let bytes = match message {
+                    None | Some(Ok(Message::Close(_))) => break Ok(()),
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Text(_))) => {
+                        break Err(Error::Protocol("text messages are not part of the protocol".into()));
+                    }
+                    // Pongs (and pings, answered by tungstenite) only prove it is there.
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => break Err(Error::Disconnected(e.to_string())),
+                };
                 let now = crate::history::now();
                 match decode_control(&bytes)? {
                     Control::Changed(seconds) if role == SubscriberRole::Push => {
@@ -247,6 +267,12 @@ where
                 }
             }
             _ = ping.tick() => {
+                if last_heard.elapsed() > PING_INTERVAL * 3 {
+                    break Err(Error::Disconnected(format!(
+                        "no answer to pings for {}s",
+                        last_heard.elapsed().as_secs()
+                    )));
+                }
                 ws.send(Message::Ping(Vec::new().into()))
                     .await
                     .map_err(|e| Error::Disconnected(e.to_string()))?;

@@ -63,14 +63,15 @@ impl Reason {
 }
 
 /// Follows a replica: pulls each new version into the local database until a signal.
-/// `held` is the version the local database holds, if known.
+/// `held` is the version the local database holds, if known. `Ok(true)`: a second
+/// signal stopped it with a pull still running (which commits nothing).
 pub async fn run(
-    mut subscription: Subscription,
+    subscription: &mut Subscription,
     pull: PullFn,
     mut held: Option<u64>,
     mut signals: Signals,
     line: Line,
-) -> Result<()> {
+) -> Result<bool> {
     // The latest version announced: a pull is wanted while it is past `held`.
     let mut wanted: Option<Reason> = None;
     let mut in_flight: Option<(Reason, tokio::task::JoinHandle<anyhow::Result<Pulled>>)> = None;
@@ -83,7 +84,7 @@ pub async fn run(
     loop {
         if in_flight.is_none() {
             if stopping {
-                return Ok(());
+                return Ok(false);
             }
             if let Some(reason) = wanted.take() {
                 let pull = pull.clone();
@@ -171,8 +172,12 @@ pub async fn run(
                 wanted.get_or_insert(Reason::Retry);
             }
             () = signals.next() => {
-                if stopping || in_flight.is_none() {
-                    return Ok(());
+                if stopping {
+                    line.err("second signal: stopping now".into());
+                    return Ok(true);
+                }
+                if in_flight.is_none() {
+                    return Ok(false);
                 }
                 line.out("stopping after the pull in progress (a second signal stops at once)".into());
                 stopping = true;

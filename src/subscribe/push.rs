@@ -82,7 +82,7 @@ impl PushSubscriber {
     /// Runs until a signal (or a PULL key). `line` prints one output line.
     pub async fn run(
         self,
-        mut subscription: Subscription,
+        subscription: &mut Subscription,
         mut signals: Signals,
         line: Line,
     ) -> Result<Ended> {

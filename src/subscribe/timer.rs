@@ -94,6 +94,18 @@ impl Timing {
         if max_interval == Some(Duration::ZERO) {
             return Err("--maxInterval 0s: must be more than 0s".to_owned());
         }
+        for (flag, value) in [
+            ("--minInterval", min_interval),
+            ("--maxInterval", max_interval),
+        ] {
+            if let Some(v) = value.filter(|&v| v > MAX_INTERVAL) {
+                return Err(format!(
+                    "{flag} {}: must be at most {}",
+                    f(v),
+                    f(MAX_INTERVAL)
+                ));
+            }
+        }
         let min_interval = match (min_interval, max_interval) {
             (Some(min), Some(max)) if min > max => {
                 return Err(format!(
@@ -158,6 +170,10 @@ impl std::fmt::Display for Trigger {
         f.write_str(self.as_str())
     }
 }
+
+/// The longest `--minInterval` or `--maxInterval` accepted: about ten years, far
+/// beyond any use, and far from the clock arithmetic's limits.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(520 * 7 * 24 * 3600);
 
 /// The push in flight: its trigger and the commits its snapshot covers.
 #[derive(Debug, Clone, Copy)]
@@ -359,10 +375,12 @@ impl Schedule {
         self.fresh > 0 || self.carried > 0 || self.in_flight.is_some_and(|f| f.commits > 0)
     }
 
-    /// The server answers again at `now` after being unreachable: if pushes have been
-    /// failing and changes are owed, a Retry is due at once, even when the retries were
-    /// spent.
+    /// The server answers again at `now` after being unreachable (or restarted, having
+    /// forgotten what it was told): if pushes have been failing and changes are owed, a
+    /// Retry is due at once, even when the retries were spent; a push still planned is
+    /// announced again (CHANGED).
     pub fn server_back(&mut self, now: Time) {
+        self.announced = None;
         if self.first_failure.is_some() && self.in_flight.is_none() && self.owed() {
             self.retry_at = Some(now);
         }
@@ -1035,5 +1053,49 @@ mod tests {
             ]
         );
         assert_eq!(Trigger::MaxInterval.to_string(), "max-interval");
+    }
+
+    #[test]
+    fn the_server_back_gets_owed_changes_at_once_and_hears_the_plan_again() {
+        let t = timing(m(5), None, None, None);
+        let mut sched = after_start(t, s(1));
+        sched.change(s(10), 1);
+        assert_eq!(sched.changed_notice(s(10)), Some(300));
+        // A server restart forgets the plan: it is announced again, with what is left.
+        sched.server_back(s(70));
+        assert_eq!(sched.due(s(70)), None, "nothing failed: no push yet");
+        assert_eq!(sched.changed_notice(s(70)), Some(240));
+        // Pushes fail until the retries are spent; changes stay owed.
+        let mut now = s(310);
+        assert_eq!(sched.due(now), Some(Trigger::Idle));
+        for _ in 0..6 {
+            sched.push_started(now, sched.due(now).expect("a push is due"));
+            sched.push_failed(now);
+            match sched.planned() {
+                Some((at, Trigger::Retry)) => now = at,
+                _ => break,
+            }
+        }
+        assert_eq!(sched.planned(), None, "the retries are spent");
+        // The server answers again: the owed push goes at once.
+        let back = now + m(30);
+        sched.server_back(back);
+        assert_eq!(sched.due(back), Some(Trigger::Retry));
+        sched.push_started(back, Trigger::Retry);
+        sched.push_succeeded(back + s(1));
+        sched.server_back(back + s(2));
+        assert_eq!(sched.due(back + s(2)), None, "nothing owed any more");
+    }
+
+    #[test]
+    fn intervals_past_ten_years_are_refused() {
+        let e = Timing::new(m(10), None, Some(MAX_INTERVAL + s(1)), None).unwrap_err();
+        assert!(e.starts_with("--maxInterval "), "{e}");
+        let e =
+            Timing::new(m(10), Some(Duration::from_secs(u64::MAX / 4)), None, None).unwrap_err();
+        assert!(
+            e.starts_with("--minInterval ") && e.contains("at most"),
+            "{e}"
+        );
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::live::Helper;
-use crate::server::{EXIT_USAGE, Machine, TestServer, signal, wait_for_exit};
+use crate::server::{EXIT_AUTH, EXIT_USAGE, Machine, TestServer, signal, wait_for_exit};
 use crate::util;
 
 /// How long a subscriber may take to print an expected line (a debug build on a busy
@@ -202,7 +202,14 @@ fn a_follower_ends_with_the_writers_rows_and_its_readers_never_fail() {
 
     let mut pull = Subscriber::start(
         &follower,
-        &["pull", "--from", "replica.db-sqlferry", "--subscribe"],
+        // LOCAL given after --from: the one positional is the database, not a replica.
+        &[
+            "pull",
+            "--from",
+            "replica.db-sqlferry",
+            "replica.db",
+            "--subscribe",
+        ],
     );
     pull.expect(&["pull (start): version 1"]);
     let reader = Helper::start("follower.py", &[follower.path("replica.db").as_os_str()]);
@@ -562,6 +569,60 @@ fn a_pull_key_makes_push_subscribe_follow_instead() {
         util::dump(&origin.path("app.db")),
         util::dump(&other.path("app.db"))
     );
+
+    // On the origin, with changes not pushed yet, a PULL key never turns the push
+    // subscriber into a follower that would overwrite them.
+    commit_rows(&origin.path("app.db"), 3..=5);
+    let sidecar = std::fs::read_to_string(origin.path("app.db-sqlferry")).unwrap();
+    let pull_key = sidecar
+        .lines()
+        .find_map(|l| l.strip_prefix("key = "))
+        .map(|k| k.trim_matches('"').to_owned())
+        .expect("a key in the sidecar");
+    let out = origin.run_on(
+        &server,
+        [
+            "push",
+            "app.db",
+            "acme/app.db",
+            "--subscribe",
+            "--waitIdle",
+            "10m",
+            "--key",
+            &pull_key,
+        ],
+    );
+    assert_eq!(util::code(&out), EXIT_AUTH, "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("would overwrite it"),
+        "{}",
+        util::stderr(&out)
+    );
+    assert_eq!(
+        max_id(&origin.path("app.db")),
+        5,
+        "the origin's rows are intact"
+    );
+
+    // The same database through a symbolic link still finds its saved PUSH key.
+    std::os::unix::fs::symlink(&origin.work, dir.path().join("link")).unwrap();
+    let linked = dir.path().join("link/app.db");
+    let mut push = Subscriber::start(
+        &origin,
+        &[
+            "push",
+            linked.to_str().unwrap(),
+            "acme/app.db",
+            "--server",
+            &server.url,
+            "--subscribe",
+            "--waitIdle",
+            "10m",
+        ],
+    );
+    push.expect(&["push (start): version 2"]);
+    assert_eq!(push.stop(), 0);
+    assert_eq!(max_id(&origin.path("app.db")), 5);
 }
 
 #[test]
