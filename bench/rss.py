@@ -7,6 +7,10 @@ least 20 MiB however little it uses (`/bin/true` reports the parent's RSS). VmHW
 /proc/PID/status is the peak of the program's own address space since exec. It is gone
 once the process exits, so it is sampled while the command runs; a streaming sync
 reaches its peak early and stays there, and what the last sample can miss is the exit.
+
+For processes that keep running (a server, subscribers), reset_hwm() starts a new peak
+so that the VmHWM read later is the peak of one phase, and cpu_s() reads the CPU time a
+process has used so far, to difference over a phase.
 """
 
 import collections
@@ -22,16 +26,52 @@ Run = collections.namedtuple(
     "Run", "returncode stdout stderr wall_s peak_kib wait4_maxrss_kib")
 
 
-def vm_hwm_kib(pid):
-    """VmHWM of a running process in KiB, or None once it has no address space."""
+def status_kib(pid, field):
+    """A kB field of /proc/PID/status (VmHWM, VmRSS …) of a running process, in KiB,
+    or None once it has no address space."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def vm_hwm_kib(pid):
+    """VmHWM of a running process in KiB, or None once it has no address space."""
+    return status_kib(pid, "VmHWM")
+
+
+def reset_hwm(pid):
+    """Sets the process's VmHWM back to its current RSS (writing 5 to
+    /proc/PID/clear_refs, Linux 4.0 and later), so the next VmHWM read is the peak since
+    now. Returns False if the kernel or the permissions do not allow it."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid):
+    """User plus system CPU seconds the process (all its threads, not its children) has
+    used since it started, from /proc/PID/stat; None once it is gone. The kernel counts
+    in clock ticks (1/SC_CLK_TCK s, 10 ms on Linux): a difference is exact to a tick."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    fields = stat[stat.rindex(")") + 2:].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / CLOCK_TICKS_PER_S
 
 
 def run(cmd, env):

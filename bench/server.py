@@ -75,11 +75,13 @@ def fail(message):
 
 
 def xdg_env(root):
-    """The environment of one sqlferry process whose XDG directories are under `root`,
-    with no SQLFERRY_* setting inherited from the caller."""
+    """The environment of one sqlferry process whose XDG directories and HOME are under
+    `root`, with no SQLFERRY_* setting inherited from the caller: nothing falls back to
+    the user's own files, and two roots are two machines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SQLFERRY_")}
-    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"),
-                     ("XDG_STATE_HOME", "state"), ("XDG_CACHE_HOME", "cache")):
+    for var, sub in (("HOME", "home"), ("XDG_CONFIG_HOME", "config"),
+                     ("XDG_DATA_HOME", "data"), ("XDG_STATE_HOME", "state"),
+                     ("XDG_CACHE_HOME", "cache")):
         env[var] = str(Path(root) / sub)
     return env
 
@@ -89,11 +91,14 @@ def xdg_env(root):
 
 class Server:
     """`sqlferry serve` on 127.0.0.1:0 with its own data directory: started on enter,
-    stopped with SIGTERM on exit (also when the benchmark fails)."""
+    stopped with SIGTERM on exit (also when the benchmark fails). With `verbose`, it
+    runs with -v and its stderr (`stderr()`) logs each session and each push committed,
+    with microsecond timestamps."""
 
-    def __init__(self, root):
+    def __init__(self, root, verbose=False):
         self.root = Path(root)
         self.data = self.root / "data"
+        self.verbose = verbose
         self.proc = None
         self.url = self.key = None
 
@@ -102,7 +107,8 @@ class Server:
         self.out = open(self.root / "stdout", "w+")
         self.err = open(self.root / "stderr", "w+")
         self.proc = subprocess.Popen(
-            [str(SQLFERRY), "serve", "--data", str(self.data), "--listen", "127.0.0.1:0"],
+            [str(SQLFERRY), *(["-v"] if self.verbose else []), "serve", "--data",
+             str(self.data), "--listen", "127.0.0.1:0"],
             env=xdg_env(self.root), stdout=self.out, stderr=self.err)
         deadline = time.monotonic() + START_TIMEOUT_S
         while self.url is None:
