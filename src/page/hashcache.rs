@@ -179,3 +179,94 @@ impl HashCache {
         }
     }
 }
+
+/// The cache of a database being written from empty, page 2 first and page 1 last (as
+/// [`super::Writer`] writes a full copy), so the next sync of it hashes nothing it
+/// wrote. Entries stream to a temporary file (memory stays flat); a page out of order
+/// abandons the cache, which only costs the next sync its hashing.
+pub(super) struct CacheBuilder {
+    file: Option<(BufWriter<tempfile::NamedTempFile>, PathBuf)>,
+    page_size: u32,
+    /// The next page expected after page 1 (pages arrive 2, 3, 4…).
+    next: u32,
+    first: Option<[u8; ENTRY_BYTES]>,
+}
+
+impl CacheBuilder {
+    /// Starts the cache of `db` (which must exist) in `dir`.
+    pub(super) fn new(dir: Option<&Path>, db: &Path, page_size: u32) -> CacheBuilder {
+        let file = dir.and_then(|dir| cache_path(dir, db)).and_then(|path| {
+            let dir = path.parent()?;
+            std::fs::create_dir_all(dir).ok()?;
+            let tmp = tempfile::NamedTempFile::new_in(dir).ok()?;
+            let mut w = BufWriter::with_capacity(64 * 1024, tmp);
+            // Header and page 1's entry are written at the end, when they are known.
+            w.write_all(&[0u8; HEADER_BYTES + ENTRY_BYTES]).ok()?;
+            Some((w, path))
+        });
+        CacheBuilder {
+            file,
+            page_size,
+            next: 2,
+            first: None,
+        }
+    }
+
+    fn entry(pgno: u32, data: &[u8]) -> [u8; ENTRY_BYTES] {
+        let mut e = [0u8; ENTRY_BYTES];
+        e[..16].copy_from_slice(&xxhash_rust::xxh3::xxh3_128(data).to_be_bytes());
+        e[16..].copy_from_slice(&page_hash(pgno, data));
+        e
+    }
+
+    /// Page `pgno` was written with `data`.
+    pub(super) fn page(&mut self, pgno: u32, data: &[u8]) {
+        if self.file.is_none() {
+            return;
+        }
+        if pgno == 1 {
+            self.first = Some(Self::entry(1, data));
+            return;
+        }
+        if pgno != self.next {
+            self.file = None;
+            return;
+        }
+        self.next += 1;
+        let e = Self::entry(pgno, data);
+        if let Some((w, _)) = &mut self.file {
+            if w.write_all(&e).is_err() {
+                self.file = None;
+            }
+        }
+    }
+
+    /// The sync committed `page_count` pages: the cache is stored if it holds them all.
+    pub(super) fn finish(self, page_count: u32) {
+        use std::io::Seek;
+        let (Some((w, path)), Some(first)) = (self.file, self.first) else {
+            return;
+        };
+        if self.next != page_count + 1 {
+            return;
+        }
+        let mut h = [0u8; HEADER_BYTES];
+        h[..16].copy_from_slice(MAGIC);
+        h[16..20].copy_from_slice(&FORMAT.to_be_bytes());
+        h[20..24].copy_from_slice(&self.page_size.to_be_bytes());
+        h[24..28].copy_from_slice(&page_count.to_be_bytes());
+        let result = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|mut tmp| {
+                tmp.rewind()?;
+                tmp.write_all(&h)?;
+                tmp.write_all(&first)?;
+                tmp.persist(&path).map(drop).map_err(|e| e.error)
+            });
+        match result {
+            Ok(()) => prune(path.parent().expect("the cache path has a directory")),
+            Err(e) => tracing::debug!(error = %e, "could not store the page-hash cache"),
+        }
+    }
+}

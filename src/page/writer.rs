@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, config::DbConfig};
 
-use super::hashcache::HashCache;
+use super::hashcache::{CacheBuilder, HashCache};
 use super::{Header, JournalMode};
 use crate::engine::PageTarget;
 use crate::protocol::Hash;
@@ -49,6 +49,8 @@ pub struct Writer {
     batch: Vec<(u32, Vec<u8>)>,
     /// Page 1 as received, written last (see `write_page`).
     page1: Option<Vec<u8>>,
+    /// The page-hash cache of a replica written from empty, built as pages arrive.
+    building: Option<CacheBuilder>,
     /// Whether this writer created the file (it is removed again on failure).
     created: bool,
     committed: bool,
@@ -121,6 +123,7 @@ impl Writer {
             hash_cache: super::hashcache::default_dir(),
             batch: Vec::with_capacity(BATCH_PAGES),
             page1: None,
+            building: None,
             created: !existed,
             committed: false,
         };
@@ -265,6 +268,13 @@ impl PageTarget for Writer {
         } else {
             count
         };
+        if self.page_count == 0 {
+            self.building = Some(CacheBuilder::new(
+                self.hash_cache.as_deref(),
+                &self.path,
+                page_size,
+            ));
+        }
         Ok(self.page_count)
     }
 
@@ -301,8 +311,14 @@ impl PageTarget for Writer {
                 page1[18] = v;
                 page1[19] = v;
             }
+            if let Some(b) = &mut self.building {
+                b.page(1, &page1);
+            }
             self.page1 = Some(page1);
             return Ok(());
+        }
+        if let Some(b) = &mut self.building {
+            b.page(pgno, &data);
         }
         self.insert_page(pgno, data)
     }
@@ -341,6 +357,9 @@ impl PageTarget for Writer {
         }
         self.conn().execute_batch("COMMIT").map_err(self.sql())?;
         self.committed = true;
+        if let Some(b) = self.building.take() {
+            b.finish(page_count);
+        }
         Ok(())
     }
 }

@@ -347,3 +347,34 @@ fn schema_change_on_origin_reaches_existing_replica() {
         }
     }
 }
+
+#[test]
+fn a_full_copy_leaves_the_new_replica_a_hash_cache_the_next_sync_can_trust() {
+    for mode in [Mode::Wal, Mode::Rollback] {
+        let dir = TempDir::new().expect("tempdir");
+        let src = origin(dir.path(), 4096, mode, 2_000_000);
+        let dest = dir.path().join("copy.db");
+        let cache = dir.path().join(".hash-cache");
+        util::sync(&src, &dest);
+        // One cache for the origin (its scan), one for the copy (built as it was written).
+        let caches = || std::fs::read_dir(&cache).expect("cache dir").count();
+        assert_eq!(caches(), 2, "{mode:?}");
+        let expected = 32 + 48 * u64::from(util::page_count(&dest));
+        let sizes: Vec<u64> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .collect();
+        assert_eq!(sizes, [expected, expected], "{mode:?}: one entry per page");
+        // The next syncs use it: still exact copies after changes and after none.
+        let conn = util::open(&src);
+        conn.execute("UPDATE t SET v = zeroblob(300) WHERE rowid % 7 = 0", [])
+            .expect("update");
+        drop(conn);
+        let stats = util::sync(&src, &dest);
+        assert!(stats.pages_sent > 0, "{mode:?}");
+        util::assert_same(&src, &dest);
+        let stats = util::sync(&src, &dest);
+        assert_eq!(stats.pages_sent, 0, "{mode:?}");
+        util::assert_same(&src, &dest);
+    }
+}
