@@ -30,6 +30,28 @@ pub struct LastSync {
     pub op: String,
 }
 
+impl LastSync {
+    /// A sync of `database` with `replica` on `server` that just left it at `version`.
+    pub fn now(
+        database: &Path,
+        server: String,
+        replica: &str,
+        version: u64,
+        digest: &str,
+        op: &str,
+    ) -> LastSync {
+        LastSync {
+            database: database.to_owned(),
+            server,
+            replica: replica.to_owned(),
+            version,
+            digest: digest.to_owned(),
+            at: now(),
+            op: op.to_owned(),
+        }
+    }
+}
+
 /// `dir/<name>`, where name is 32 hex digits of the SHA-256 of `database`'s absolute
 /// path, then `suffix`: one file per local database.
 fn keyed_path(dir: PathBuf, database: &Path, suffix: &str) -> Option<PathBuf> {

@@ -166,15 +166,14 @@ impl Puller {
             .with_context(|| {
                 format!("pull {replica}@{selector} into {} failed", local.display())
             })?;
-        history::record(&LastSync {
-            database: self.database.clone(),
-            server: self.server.url(),
-            replica: replica.to_string(),
-            version: outcome.version,
-            digest: outcome.stats.digest.clone(),
-            at: history::now(),
-            op: "pull".into(),
-        });
+        history::record(&LastSync::now(
+            &self.database,
+            self.server.url(),
+            replica.as_str(),
+            outcome.version,
+            &outcome.stats.digest,
+            "pull",
+        ));
         Ok(outcome)
     }
 }

@@ -329,15 +329,14 @@ impl Pusher {
             .server
             .push(local, replica, self.request(), progress)
             .with_context(|| format!("push {} to {replica} failed", local.display()))?;
-        history::record(&LastSync {
-            database: self.database.clone(),
-            server: self.server.url(),
-            replica: replica.to_string(),
-            version: outcome.version,
-            digest: outcome.stats.digest.clone(),
-            at: history::now(),
-            op: "push".into(),
-        });
+        history::record(&LastSync::now(
+            &self.database,
+            self.server.url(),
+            replica.as_str(),
+            outcome.version,
+            &outcome.stats.digest,
+            "push",
+        ));
         let mut notes = Vec::new();
         if let Some(keys) = &outcome.keys {
             let mut secrets = crate::config::Secrets::load()?;

@@ -111,6 +111,20 @@ impl Drop for Subscriber {
     }
 }
 
+/// `sqlferry push app.db acme/app.db --server URL --subscribe TIMING…` on `m`.
+fn push_subscriber(m: &Machine, server: &TestServer, timing: &[&str]) -> Subscriber {
+    let mut args = vec![
+        "push",
+        "app.db",
+        "acme/app.db",
+        "--server",
+        &server.url,
+        "--subscribe",
+    ];
+    args.extend_from_slice(timing);
+    Subscriber::start(m, &args)
+}
+
 /// A WAL database with the writer's table and `rows` rows.
 fn writer_db(path: &Path, rows: u64) {
     let conn = util::create(path, 4096, util::Mode::Wal);
@@ -213,22 +227,10 @@ fn a_follower_ends_with_the_writers_rows_and_its_readers_never_fail() {
     );
     pull.expect(&["pull (start): version 1"]);
     let reader = Helper::start("follower.py", &[follower.path("replica.db").as_os_str()]);
-    let mut push = Subscriber::start(
+    let mut push = push_subscriber(
         &origin,
-        &[
-            "push",
-            "app.db",
-            "acme/app.db",
-            "--server",
-            &server.url,
-            "--subscribe",
-            "--waitIdle",
-            "10s",
-            "--maxChanges",
-            "1",
-            "--poll",
-            "1s",
-        ],
+        &server,
+        &["--waitIdle", "10s", "--maxChanges", "1", "--poll", "1s"],
     );
     push.expect(&["push (start): no change, still version 1"]);
 
@@ -308,22 +310,7 @@ fn the_server_shows_the_planned_push_and_sync_now_pushes_it() {
     let m = Machine::new(dir.path(), "m");
     writer_db(&m.path("app.db"), 3);
     first_push(&server, &m, "app.db", "acme/app.db");
-    let mut push = Subscriber::start(
-        &m,
-        &[
-            "push",
-            "app.db",
-            "acme/app.db",
-            "--server",
-            &server.url,
-            "--subscribe",
-            "--waitIdle",
-            "1h",
-            "--poll",
-            "1s",
-            "-v",
-        ],
-    );
+    let mut push = push_subscriber(&m, &server, &["--waitIdle", "1h", "--poll", "1s", "-v"]);
     push.expect(&["push (start): no change"]);
     let before = unix_now();
     commit_rows(&m.path("app.db"), 4..=4);
@@ -392,22 +379,10 @@ fn pending_changes_are_pushed_after_the_server_comes_back_and_on_sigterm() {
     let m = Machine::new(dir.path(), "m");
     writer_db(&m.path("app.db"), 3);
     first_push(&server, &m, "app.db", "acme/app.db");
-    let mut push = Subscriber::start(
+    let mut push = push_subscriber(
         &m,
-        &[
-            "push",
-            "app.db",
-            "acme/app.db",
-            "--server",
-            &server.url,
-            "--subscribe",
-            "--waitIdle",
-            "10s",
-            "--maxChanges",
-            "1",
-            "--poll",
-            "1s",
-        ],
+        &server,
+        &["--waitIdle", "10s", "--maxChanges", "1", "--poll", "1s"],
     );
     push.expect(&["push (start): no change"]);
     // A follower on another machine, with the sidecar's PULL key.
@@ -440,21 +415,7 @@ fn pending_changes_are_pushed_after_the_server_comes_back_and_on_sigterm() {
     assert_eq!(max_id(&restored), 6);
 
     // Changes pending at SIGTERM are pushed before the subscriber exits.
-    let mut idle = Subscriber::start(
-        &m,
-        &[
-            "push",
-            "app.db",
-            "acme/app.db",
-            "--server",
-            &server.url,
-            "--subscribe",
-            "--waitIdle",
-            "1h",
-            "--poll",
-            "1s",
-        ],
-    );
+    let mut idle = push_subscriber(&m, &server, &["--waitIdle", "1h", "--poll", "1s"]);
     drop(push);
     idle.expect(&["push (start): no change, still version 2"]);
     commit_rows(&m.path("app.db"), 7..=7);
@@ -549,19 +510,7 @@ fn a_pull_key_makes_push_subscribe_follow_instead() {
         other.path("app.db-sqlferry"),
     )
     .unwrap();
-    let mut sub = Subscriber::start(
-        &other,
-        &[
-            "push",
-            "app.db",
-            "acme/app.db",
-            "--server",
-            &server.url,
-            "--subscribe",
-            "--waitIdle",
-            "10m",
-        ],
-    );
+    let mut sub = push_subscriber(&other, &server, &["--waitIdle", "10m"]);
     sub.expect(&["is a PULL key", "pull subscriber instead"]);
     sub.expect(&["pull (start): version 1"]);
     assert_eq!(sub.stop(), 0);
@@ -689,15 +638,10 @@ fn failing_pushes_are_reported_to_the_server() {
     writer_db(&a.path("app.db"), 3);
     writer_db(&b.path("other.db"), 9);
     first_push(&server, &a, "app.db", "acme/app.db");
-    let mut push = Subscriber::start(
+    let mut push = push_subscriber(
         &a,
+        &server,
         &[
-            "push",
-            "app.db",
-            "acme/app.db",
-            "--server",
-            &server.url,
-            "--subscribe",
             "--waitIdle",
             "10s",
             "--maxChanges",
