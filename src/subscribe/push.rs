@@ -119,9 +119,7 @@ impl PushSubscriber {
         let mut schedule = Schedule::new(self.timing, now());
         let mut in_flight: Option<(Trigger, tokio::task::JoinHandle<anyhow::Result<Pushed>>)> =
             None;
-        let mut last_error = String::new();
         let mut last_failure: Option<anyhow::Error> = None;
-        let mut attempts = 0u32;
         let mut reported = false;
         let mut shutdown_deadline: Option<Time> = None;
         let mut was_disconnected = !connected;
@@ -141,6 +139,7 @@ impl PushSubscriber {
             }
             if let Some(failing) = schedule.failing_for(t) {
                 if connected && !reported && failing >= self.report_after {
+                    let attempts = schedule.failures();
                     tracing::info!(
                         failing_for = failing.as_secs(),
                         attempts,
@@ -149,7 +148,10 @@ impl PushSubscriber {
                     subscription.send(Outgoing::Report(FailureReport {
                         failing_for: failing.as_secs(),
                         attempts,
-                        error: last_error.clone(),
+                        error: last_failure
+                            .as_ref()
+                            .map(|e| format!("{e:#}"))
+                            .unwrap_or_default(),
                     }));
                     reported = true;
                 }
@@ -237,15 +239,13 @@ impl PushSubscriber {
                     match done.unwrap_or_else(|e| Err(anyhow::anyhow!("the push thread failed: {e}"))) {
                         Ok(p) => {
                             schedule.push_succeeded(t);
-                            attempts = 0;
                             reported = false;
                             last_failure = None;
                             line.out(pushed_line(trigger, &p));
                         }
                         Err(e) => {
                             schedule.push_failed(t);
-                            attempts += 1;
-                            last_error = format!("{e:#}");
+                            let error = format!("{e:#}");
                             let next = match schedule.planned() {
                                 _ if shutdown_deadline.is_some() => "not retried: stopping".into(),
                                 Some((at, Trigger::Retry)) => format!(
@@ -254,9 +254,9 @@ impl PushSubscriber {
                                 ),
                                 _ => "no more retries; pushing at the next change".into(),
                             };
-                            line.err(format!("push ({}) failed: {last_error}; {next}", trigger.as_str()));
+                            line.err(format!("push ({}) failed: {error}; {next}", trigger.as_str()));
                             if super::is_auth_failure(&e) {
-                                return Err(Error::Auth(last_error));
+                                return Err(Error::Auth(error));
                             }
                             last_failure = Some(e);
                         }
