@@ -246,59 +246,75 @@ impl Server {
         key: Option<&str>,
         progress: Arc<dyn Progress>,
     ) -> Result<PullOutcome> {
+        let target = Writer::open(local)?;
+        self.pull_into(replica, selector, target, key, progress)
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// Pulls one version of `replica` through `target`, and hands the writer back for
+    /// the next pull (a subscriber keeps one across pulls; see
+    /// [`Writer::keep_committed_hashes`]).
+    pub fn pull_into(
+        &self,
+        replica: &ReplicaPath,
+        selector: Selector,
+        mut target: Writer,
+        key: Option<&str>,
+        progress: Arc<dyn Progress>,
+    ) -> Result<(PullOutcome, Writer)> {
         match self {
             Server::Embedded(store) => {
                 let mut source = store.read(replica, selector)?;
                 let version = source.info().number;
-                let mut target = Writer::open(local)?;
                 let mut stats = sync_local(&mut source, &mut target, &*progress)?;
                 // The origin's figures: what it sent is what this side received.
                 std::mem::swap(&mut stats.bytes_sent, &mut stats.bytes_received);
-                Ok(PullOutcome { stats, version })
+                Ok((PullOutcome { stats, version }, target))
             }
-            Server::Ws { url } => {
-                let local = local.to_owned();
-                runtime()?.block_on(async {
-                    let mut ws = connect(url, key).await?;
-                    let config = open(
-                        &mut ws,
-                        Op::Pull,
-                        replica,
-                        Some(selector),
-                        None,
-                        false,
-                        None,
-                    )
-                    .await?;
-                    let (stats, _) = ws::run_engine(
-                        &mut ws,
-                        Role::Replica,
-                        Vec::new(),
-                        Some(SYNC_IDLE_TIMEOUT),
-                        move |link| {
-                            let mut target = Writer::open(&local)?;
-                            let started = std::time::Instant::now();
-                            let done = run_replica(&mut target, link)?;
-                            progress.finish();
-                            Ok(SyncStats {
-                                page_size: done.page_size,
-                                pages_total: done.page_count,
-                                pages_sent: done.pages_written,
-                                bytes_sent: link_sent(link),
-                                bytes_received: link_received(link),
-                                hash_bytes: done.hash_bytes,
-                                duration: started.elapsed(),
-                                digest: crate::page::hex(&done.digest),
-                            })
-                        },
-                    )
-                    .await;
-                    Ok(PullOutcome {
-                        stats: stats?,
+            Server::Ws { url } => runtime()?.block_on(async {
+                let mut ws = connect(url, key).await?;
+                let config = open(
+                    &mut ws,
+                    Op::Pull,
+                    replica,
+                    Some(selector),
+                    None,
+                    false,
+                    None,
+                )
+                .await?;
+                let (result, _) = ws::run_engine(
+                    &mut ws,
+                    Role::Replica,
+                    Vec::new(),
+                    Some(SYNC_IDLE_TIMEOUT),
+                    move |link| {
+                        let started = std::time::Instant::now();
+                        let done = run_replica(&mut target, link)?;
+                        progress.finish();
+                        let stats = SyncStats {
+                            page_size: done.page_size,
+                            pages_total: done.page_count,
+                            pages_sent: done.pages_written,
+                            bytes_sent: link_sent(link),
+                            bytes_received: link_received(link),
+                            hash_bytes: done.hash_bytes,
+                            duration: started.elapsed(),
+                            digest: crate::page::hex(&done.digest),
+                        };
+                        Ok((stats, target))
+                    },
+                )
+                .await;
+                let (stats, target) = result?;
+                Ok((
+                    PullOutcome {
+                        stats,
                         version: config.version,
-                    })
-                })
-            }
+                    },
+                    target,
+                ))
+            }),
         }
     }
 }

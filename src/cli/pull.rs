@@ -166,14 +166,56 @@ impl Puller {
             .with_context(|| {
                 format!("pull {replica}@{selector} into {} failed", local.display())
             })?;
+        self.record(&outcome);
+        Ok(outcome)
+    }
+
+    /// Pulls the latest version through the writer `kept` from the previous pull, if it
+    /// can serve again, else a new one; keeps the writer for the next pull. A writer
+    /// kept across pulls knows the pages it committed, so as long as no one else writes
+    /// LOCAL a pull does not read the whole file (see [`Writer::keep_committed_hashes`]).
+    pub fn pull_latest_kept(
+        &self,
+        kept: &mut Option<crate::page::Writer>,
+    ) -> anyhow::Result<crate::remote::PullOutcome> {
+        let (replica, local) = (&self.replica, &self.local);
+        let context = || format!("pull {replica} into {} failed", local.display());
+        let open = || -> anyhow::Result<crate::page::Writer> {
+            Ok(crate::page::Writer::open(local)
+                .with_context(context)?
+                .keep_committed_hashes())
+        };
+        // A writer that fails to get ready is dropped: the next pull opens a new one.
+        let writer = match kept.take() {
+            Some(mut w) => match w.ready_again().with_context(context)? {
+                true => w,
+                false => open()?,
+            },
+            None => open()?,
+        };
+        let (outcome, writer) = self
+            .server
+            .pull_into(
+                replica,
+                Selector::Latest,
+                writer,
+                self.key.as_deref(),
+                crate::remote::no_progress(),
+            )
+            .with_context(context)?;
+        *kept = Some(writer);
+        self.record(&outcome);
+        Ok(outcome)
+    }
+
+    fn record(&self, outcome: &crate::remote::PullOutcome) {
         history::record(&LastSync::now(
             &self.database,
             self.server.url(),
-            replica.as_str(),
+            self.replica.as_str(),
             outcome.version,
             &outcome.stats.digest,
             "pull",
         ));
-        Ok(outcome)
     }
 }

@@ -12,7 +12,7 @@ use super::{Global, RemoteArgs, exit, expand_tilde, out};
 use crate::config::{Secrets, Sidecar};
 use crate::protocol::control::SubscriberRole;
 use crate::remote::{Server, no_progress};
-use crate::store::{ReplicaPath, Selector};
+use crate::store::ReplicaPath;
 use crate::subscribe::pull::Pulled;
 use crate::subscribe::push::{Ended, PushSubscriber, Pushed};
 use crate::subscribe::timer::Timing;
@@ -264,8 +264,10 @@ pub(super) fn run_pull(puller: Puller, global: &Global) -> anyhow::Result<ExitCo
         .into());
     }
     let local = puller.local.clone();
+    let kept = Mutex::new(None);
     let pull = move || -> anyhow::Result<Pulled> {
-        let o = puller.pull(Selector::Latest, no_progress())?;
+        let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+        let o = puller.pull_latest_kept(&mut kept)?;
         Ok(Pulled {
             version: o.version,
             pages_written: u64::from(o.stats.pages_sent),

@@ -54,6 +54,32 @@ pub struct Writer {
     /// Whether this writer created the file (it is removed again on failure).
     created: bool,
     committed: bool,
+    /// Keep the page hashes of each committed version for the next sync through this
+    /// writer (see [`Writer::keep_committed_hashes`]).
+    keep_committed: bool,
+    /// The version this writer committed last, while it may still hold.
+    last_commit: Option<LastCommit>,
+    /// Whether the last `hashes` came from `last_commit` rather than a scan.
+    known_hashes_used: bool,
+}
+
+/// What a writer knows of the database right after its own commit.
+#[derive(Debug)]
+struct LastCommit {
+    page_size: u32,
+    page_count: u32,
+    /// The committed pages' hashes, in order, 32 bytes each, in an unlinked file.
+    hashes: std::fs::File,
+    /// `PRAGMA data_version` on this writer's connection, read inside its transaction,
+    /// just before COMMIT: it changes only when another connection commits.
+    data_version: i64,
+    /// The file the connection has open (device, inode): the path must still name it.
+    identity: (u64, u64),
+}
+
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Writer {
@@ -126,6 +152,9 @@ impl Writer {
             building: None,
             created: !existed,
             committed: false,
+            keep_committed: false,
+            last_commit: None,
+            known_hashes_used: false,
         };
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
         conn.pragma_update(None, "cache_size", -CACHE_KIB)
@@ -145,6 +174,64 @@ impl Writer {
     pub fn with_hash_cache(mut self, dir: Option<PathBuf>) -> Self {
         self.hash_cache = dir;
         self
+    }
+
+    /// Keeps, after each commit, the committed pages' hashes and a way to know whether
+    /// anyone else has written the database since: the next sync through this same
+    /// writer ([`Writer::ready_again`]) then takes the hashes of the pages it holds from
+    /// there instead of reading the whole file. For a writer that lives across syncs (a
+    /// pull subscriber's).
+    pub fn keep_committed_hashes(mut self) -> Self {
+        self.keep_committed = true;
+        self
+    }
+
+    /// Makes a committed writer ready for another sync of the same file. `Ok(false)`
+    /// when it cannot serve again: it did not commit, or its path now names another
+    /// file (replaced or removed); open a new writer then.
+    pub fn ready_again(&mut self) -> Result<bool> {
+        let same_file = self
+            .last_commit
+            .as_ref()
+            .is_some_and(|c| identity(&self.path) == Some(c.identity));
+        if !self.committed || !same_file {
+            return Ok(false);
+        }
+        let header = Header::read(&self.path)?;
+        self.journal_mode = header.map(|h| h.journal_mode);
+        self.page_size = header.map_or(0, |h| h.page_size);
+        self.page_count = 0;
+        self.batch.clear();
+        self.page1 = None;
+        self.building = None;
+        self.created = false;
+        self.committed = false;
+        self.known_hashes_used = false;
+        Ok(true)
+    }
+
+    /// Whether the last sync took the hashes of the pages held from the previous
+    /// commit (no one else had written the file) rather than reading the file.
+    pub fn used_known_hashes(&self) -> bool {
+        self.known_hashes_used
+    }
+
+    /// The hashes of the pages held, if they are exactly those of this writer's last
+    /// commit: same size and count, and no other connection has committed since
+    /// (checked inside this sync's transaction, so no commit can slip in after).
+    fn known_hashes(&mut self) -> Result<Option<&std::fs::File>> {
+        let Some(last) = &self.last_commit else {
+            return Ok(None);
+        };
+        if last.page_size != self.page_size || last.page_count != self.page_count {
+            return Ok(None);
+        }
+        let now: i64 = self
+            .conn()
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(self.sql())?;
+        let last = self.last_commit.as_ref().expect("checked above");
+        Ok((now == last.data_version).then_some(&last.hashes))
     }
 
     fn conn(&self) -> &Connection {
@@ -282,6 +369,20 @@ impl PageTarget for Writer {
         if self.page_count == 0 {
             return Ok(());
         }
+        if let Some(file) = self.known_hashes()? {
+            use std::io::{Read, Seek};
+            let io = |e| Error::io(Path::new("kept page hashes"), e);
+            let mut file = file.try_clone().map_err(io)?;
+            file.rewind().map_err(io)?;
+            let mut r = std::io::BufReader::with_capacity(64 * 1024, file);
+            for pgno in 1..=self.page_count {
+                let mut h = [0u8; 32];
+                r.read_exact(&mut h).map_err(io)?;
+                f(pgno, h)?;
+            }
+            self.known_hashes_used = true;
+            return Ok(());
+        }
         let mut cache = HashCache::open(
             self.hash_cache.as_deref(),
             &self.path,
@@ -327,7 +428,7 @@ impl PageTarget for Writer {
         &mut self,
         page_count: u32,
         _digest: &Hash,
-        _hashes: &mut dyn Iterator<Item = Result<Hash>>,
+        hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
         self.flush()?;
         let page1 = self.page1.take();
@@ -355,8 +456,44 @@ impl PageTarget for Writer {
                 )
                 .map_err(self.sql())?;
         }
+        // Read inside the transaction: no other connection can commit between this and
+        // COMMIT, and this connection's own commit does not move it.
+        let data_version: Option<i64> = if self.keep_committed {
+            Some(
+                self.conn()
+                    .query_row("PRAGMA data_version", [], |r| r.get(0))
+                    .map_err(self.sql())?,
+            )
+        } else {
+            None
+        };
+        self.last_commit = None;
         self.conn().execute_batch("COMMIT").map_err(self.sql())?;
         self.committed = true;
+        if let (Some(data_version), Some(identity)) = (data_version, identity(&self.path)) {
+            // Kept only if every hash could be stored: the next sync scans otherwise.
+            let kept = (|| -> std::io::Result<std::fs::File> {
+                use std::io::Write;
+                let mut w = std::io::BufWriter::new(tempfile::tempfile()?);
+                for h in &mut *hashes {
+                    let h = h.map_err(std::io::Error::other)?;
+                    w.write_all(&h)?;
+                }
+                w.into_inner().map_err(|e| e.into_error())
+            })();
+            match kept {
+                Ok(file) => {
+                    self.last_commit = Some(LastCommit {
+                        page_size: self.page_size,
+                        page_count,
+                        hashes: file,
+                        data_version,
+                        identity,
+                    })
+                }
+                Err(e) => tracing::debug!(error = %e, "could not keep the committed hashes"),
+            }
+        }
         if let Some(b) = self.building.take() {
             b.finish(page_count);
         }

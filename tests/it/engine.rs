@@ -378,3 +378,67 @@ fn a_full_copy_leaves_the_new_replica_a_hash_cache_the_next_sync_can_trust() {
         util::assert_same(&src, &dest);
     }
 }
+
+#[test]
+fn a_writer_kept_across_syncs_reads_nothing_it_knows_and_notices_other_writers() {
+    use sqlferry::engine::{NoProgress, sync_local};
+    use sqlferry::page::{Snapshot, Writer};
+    for mode in [Mode::Wal, Mode::Rollback] {
+        let dir = TempDir::new().expect("tempdir");
+        let src = origin(dir.path(), 4096, mode, 1_000_000);
+        let dest = dir.path().join("follower.db");
+        let sync = |w: &mut Writer| {
+            let mut source = Snapshot::open(&src)
+                .expect("snapshot")
+                .with_hash_cache(None);
+            sync_local(&mut source, w, &NoProgress).expect("sync")
+        };
+        let change = |n: i64| {
+            let conn = util::open(&src);
+            conn.execute(
+                "UPDATE t SET v = zeroblob(300 + ?1) WHERE rowid % 11 = 0",
+                [n],
+            )
+            .expect("update");
+        };
+        let mut w = Writer::open(&dest)
+            .expect("writer")
+            .with_hash_cache(None)
+            .keep_committed_hashes();
+        sync(&mut w);
+        util::assert_same(&src, &dest);
+        // A new file takes WAL mode from its first commit's page 1, which SQLite sees as
+        // a change on the next transaction: one more sync reads the file once.
+        assert!(w.ready_again().expect("ready"), "{mode:?}");
+        sync(&mut w);
+        util::assert_same(&src, &dest);
+
+        // Nobody else wrote the follower: the next sync takes what it holds from the
+        // last commit, and is exact.
+        change(1);
+        assert!(w.ready_again().expect("ready"), "{mode:?}");
+        let stats = sync(&mut w);
+        assert!(w.used_known_hashes(), "{mode:?}");
+        assert!(stats.pages_sent > 0);
+        util::assert_same(&src, &dest);
+
+        // Someone else wrote it: the sync reads the file again and still makes it exact.
+        util::open(&dest)
+            .execute("DELETE FROM t WHERE rowid % 5 = 0", [])
+            .expect("outside write");
+        change(2);
+        assert!(w.ready_again().expect("ready"), "{mode:?}");
+        sync(&mut w);
+        assert!(
+            !w.used_known_hashes(),
+            "{mode:?}: an outside commit is noticed"
+        );
+        util::assert_same(&src, &dest);
+
+        // The file replaced under the path: this writer cannot serve again.
+        let other = dir.path().join("other.db");
+        std::fs::copy(&dest, &other).expect("copy");
+        std::fs::rename(&other, &dest).expect("replace");
+        assert!(!w.ready_again().expect("ready"), "{mode:?}");
+    }
+}
