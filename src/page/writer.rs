@@ -497,7 +497,71 @@ impl PageTarget for Writer {
         if let Some(b) = self.building.take() {
             b.finish(page_count);
         }
+        // A new file takes its journal mode from the page 1 just committed; this
+        // connection notices on its next transaction, and that moves data_version. Let
+        // it notice now, and check the file against the kept hashes inside the same
+        // transaction, so the next sync can still trust them.
+        if self.journal_mode.is_none() && self.last_commit.is_some() {
+            if let Err(e) = self.settle_new_file() {
+                tracing::debug!(error = %e, "the new file's hashes are not kept");
+                self.last_commit = None;
+            }
+        }
         Ok(())
+    }
+}
+
+impl Writer {
+    /// After the first commit into a new file: in one write transaction (no other
+    /// connection can commit meanwhile), reads data_version anew and hashes the file;
+    /// the kept hashes stay only if the file matches them exactly.
+    fn settle_new_file(&mut self) -> Result<()> {
+        use std::io::{Read, Seek};
+        self.conn()
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(self.sql())?;
+        let result = (|| -> Result<bool> {
+            let data_version: i64 = self
+                .conn()
+                .query_row("PRAGMA data_version", [], |r| r.get(0))
+                .map_err(self.sql())?;
+            let last = self.last_commit.as_ref().expect("checked by the caller");
+            let io = |e| Error::io(Path::new("kept page hashes"), e);
+            let mut kept_file = last.hashes.try_clone().map_err(io)?;
+            kept_file.rewind().map_err(io)?;
+            let mut kept = std::io::BufReader::with_capacity(64 * 1024, kept_file);
+            let mut cache = HashCache::open(
+                self.hash_cache.as_deref(),
+                &self.path,
+                last.page_size,
+                last.page_count,
+            );
+            let mut same = true;
+            super::scan::for_each_page(
+                self.conn(),
+                &self.path,
+                last.page_size,
+                last.page_count,
+                &mut |pgno, data| {
+                    let mut h = [0u8; 32];
+                    kept.read_exact(&mut h).map_err(io)?;
+                    same &= cache.hash(pgno, data) == h;
+                    Ok(())
+                },
+            )?;
+            cache.finish();
+            if same {
+                self.last_commit.as_mut().expect("still there").data_version = data_version;
+            }
+            Ok(same)
+        })();
+        let end = self.conn().execute_batch("COMMIT").map_err(self.sql());
+        match result? {
+            true => end,
+            false => Err(Error::Verification(
+                "the new file does not hold the committed pages".into(),
+            )),
+        }
     }
 }
 
