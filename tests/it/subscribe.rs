@@ -180,6 +180,28 @@ fn http(server: &TestServer, method: &str, path: &str, key: &str) -> (u16, serde
     )
 }
 
+/// Polls the replica's status (`GET /api/replicas/acme/app.db`, admin key) until
+/// `ready` holds, and returns it; fails saying `what` was awaited.
+fn status_when(
+    server: &TestServer,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut status = serde_json::Value::Null;
+    let met = util::wait_until(LINE_TIMEOUT, Duration::from_millis(20), || {
+        status = http(
+            server,
+            "GET",
+            "/api/replicas/acme/app.db",
+            &server.admin_key,
+        )
+        .1;
+        ready(&status)
+    });
+    assert!(met, "{what}: {status}");
+    status
+}
+
 /// A first push with the admin key: the PUSH key is saved, the sidecar written.
 fn first_push(server: &TestServer, m: &Machine, db: &str, replica: &str) {
     let out = m
@@ -315,20 +337,9 @@ fn the_server_shows_the_planned_push_and_sync_now_pushes_it() {
     let before = unix_now();
     commit_rows(&m.path("app.db"), 4..=4);
     push.expect(&["push planned"]);
-    let mut status = serde_json::Value::Null;
-    assert!(
-        util::wait_until(LINE_TIMEOUT, Duration::from_millis(20), || {
-            status = http(
-                &server,
-                "GET",
-                "/api/replicas/acme/app.db",
-                &server.admin_key,
-            )
-            .1;
-            !status["expected_push_at"].is_null()
-        }),
-        "the server heard CHANGED: {status}"
-    );
+    let status = status_when(&server, "the server heard CHANGED", |s| {
+        !s["expected_push_at"].is_null()
+    });
     let at = status["expected_push_at"].as_i64().unwrap();
     assert!(
         (before + 3590..=before + 3610).contains(&at),
@@ -350,19 +361,9 @@ fn the_server_shows_the_planned_push_and_sync_now_pushes_it() {
     );
     push.expect(&["push (sync-now): version 2"]);
     assert_eq!(server.version_numbers("acme/app.db"), [1, 2]);
-    assert!(
-        util::wait_until(LINE_TIMEOUT, Duration::from_millis(20), || {
-            status = http(
-                &server,
-                "GET",
-                "/api/replicas/acme/app.db",
-                &server.admin_key,
-            )
-            .1;
-            status["expected_push_at"].is_null()
-        }),
-        "a commit clears the expected push: {status}"
-    );
+    status_when(&server, "a commit clears the expected push", |s| {
+        s["expected_push_at"].is_null()
+    });
     // A server with a subscriber connected still stops at once on SIGTERM: the
     // subscribe session is closed, not waited for.
     let (status, took) = server.stop("TERM", Duration::from_secs(15));
@@ -419,19 +420,9 @@ fn pending_changes_are_pushed_after_the_server_comes_back_and_on_sigterm() {
     drop(push);
     idle.expect(&["push (start): no change, still version 2"]);
     commit_rows(&m.path("app.db"), 7..=7);
-    assert!(
-        util::wait_until(LINE_TIMEOUT, Duration::from_millis(20), || {
-            http(
-                &server,
-                "GET",
-                "/api/replicas/acme/app.db",
-                &server.admin_key,
-            )
-            .1["expected_push_at"]
-                .is_i64()
-        }),
-        "the subscriber saw the commit"
-    );
+    status_when(&server, "the subscriber saw the commit", |s| {
+        s["expected_push_at"].is_i64()
+    });
     assert_eq!(idle.stop(), 0, "{}", idle.output());
     assert!(
         idle.output().contains("push (shutdown): version 3"),
@@ -669,20 +660,9 @@ fn failing_pushes_are_reported_to_the_server() {
     commit_rows(&a.path("app.db"), 4..=4);
     let failed = push.expect(&["push (changes) failed"]);
     assert!(failed.contains("retry in 5s"), "{failed}");
-    let mut status = serde_json::Value::Null;
-    assert!(
-        util::wait_until(LINE_TIMEOUT, Duration::from_millis(20), || {
-            status = http(
-                &server,
-                "GET",
-                "/api/replicas/acme/app.db",
-                &server.admin_key,
-            )
-            .1;
-            !status["failure"].is_null()
-        }),
-        "the failure reached the server: {status}"
-    );
+    let status = status_when(&server, "the failure reached the server", |s| {
+        !s["failure"].is_null()
+    });
     let failure = &status["failure"];
     assert_eq!(failure["attempts"], 1, "{status}");
     assert!(
