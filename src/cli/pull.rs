@@ -189,7 +189,12 @@ impl Puller {
         let writer = match kept.take() {
             Some(mut w) => match w.ready_again().with_context(context)? {
                 true => w,
-                false => open()?,
+                // Closed before the new one opens the file: a handle closed under a
+                // live connection would drop that connection's locks.
+                false => {
+                    drop(w);
+                    open()?
+                }
             },
             None => open()?,
         };

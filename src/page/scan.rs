@@ -75,15 +75,20 @@ fn wal_pages(db: &Path, page_size: u32, page_count: u32) -> Result<Vec<u64>> {
 
 /// Calls `f` with every page of the database at `path`, as the transaction open on
 /// `conn` sees it, in page order. The lock-byte page is passed as zeros.
+///
+/// `file` is the database file, opened by the caller for as long as `conn` lives:
+/// SQLite locks with POSIX record locks, which a process loses on *all* its handles
+/// when it closes *any* handle of the file, so a handle opened and closed here would
+/// silently drop `conn`'s locks.
 pub(super) fn for_each_page(
     conn: &Connection,
+    file: &File,
     path: &Path,
     page_size: u32,
     page_count: u32,
     f: &mut dyn FnMut(u32, &[u8]) -> Result<()>,
 ) -> Result<()> {
     let in_wal = wal_pages(path, page_size, page_count)?;
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let ps = page_size as usize;
     let lock_page = lock_byte_page(page_size);

@@ -26,6 +26,9 @@ const CACHE_KIB: i64 = 2048;
 /// One read transaction over a database file.
 pub struct Snapshot {
     conn: Connection,
+    /// The database file, open as long as `conn` (declared after it: dropped after
+    /// it), so that no handle of it is ever closed under `conn`'s locks.
+    file: std::fs::File,
     path: PathBuf,
     page_size: u32,
     page_count: u32,
@@ -44,6 +47,7 @@ impl Snapshot {
         })?;
         let sql = |e| Error::sqlite(path, e);
         let conn = Self::begin(path).map_err(sql)?;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let page_count: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(sql)?;
@@ -58,6 +62,7 @@ impl Snapshot {
         }
         Ok(Snapshot {
             conn,
+            file,
             path: path.to_owned(),
             page_size,
             page_count,
@@ -112,7 +117,14 @@ impl Snapshot {
     /// Calls `f` with each page number and its bytes, in page order, all from this
     /// snapshot's transaction.
     pub fn for_each_page(&mut self, f: &mut dyn FnMut(u32, &[u8]) -> Result<()>) -> Result<()> {
-        super::scan::for_each_page(&self.conn, &self.path, self.page_size, self.page_count, f)
+        super::scan::for_each_page(
+            &self.conn,
+            &self.file,
+            &self.path,
+            self.page_size,
+            self.page_count,
+            f,
+        )
     }
 }
 

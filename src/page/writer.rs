@@ -38,6 +38,10 @@ const BATCH_PAGES: usize = 32;
 /// A replica database being brought up to date.
 pub struct Writer {
     conn: Option<Connection>,
+    /// The database file, open from just after the connection until after it closes:
+    /// closing any handle of the file would drop the connection's POSIX locks (see
+    /// `scan::for_each_page`).
+    file: Option<std::fs::File>,
     path: PathBuf,
     /// The journal mode the replica had before this sync, when it held pages.
     journal_mode: Option<JournalMode>,
@@ -142,6 +146,7 @@ impl Writer {
         .map_err(|e| Error::sqlite(path, e))?;
         let mut writer = Writer {
             conn: None,
+            file: None,
             path: path.to_owned(),
             journal_mode: header.map(|h| h.journal_mode),
             page_size: header.map_or(0, |h| h.page_size),
@@ -166,6 +171,7 @@ impl Writer {
         conn.execute_batch("CREATE VIRTUAL TABLE temp.sqlferry_dbpage USING sqlite_dbpage")
             .map_err(sql)?;
         writer.conn = Some(conn);
+        writer.file = Some(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
         Ok(writer)
     }
 
@@ -197,9 +203,21 @@ impl Writer {
         if !self.committed || !same_file {
             return Ok(false);
         }
-        let header = Header::read(&self.path)?;
-        self.journal_mode = header.map(|h| h.journal_mode);
-        self.page_size = header.map_or(0, |h| h.page_size);
+        // From the connection, not the file's header: reading the file through a
+        // handle of our own and closing it would drop the connection's locks.
+        let conn = self.conn();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(self.sql())?;
+        let page_size: u32 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(self.sql())?;
+        self.journal_mode = Some(if mode.eq_ignore_ascii_case("wal") {
+            JournalMode::Wal
+        } else {
+            JournalMode::Rollback
+        });
+        self.page_size = page_size;
         self.page_count = 0;
         self.batch.clear();
         self.page1 = None;
@@ -391,6 +409,7 @@ impl PageTarget for Writer {
         );
         super::scan::for_each_page(
             self.conn(),
+            self.file.as_ref().expect("open while the connection is"),
             &self.path,
             self.page_size,
             self.page_count,
@@ -539,6 +558,7 @@ impl Writer {
             let mut same = true;
             super::scan::for_each_page(
                 self.conn(),
+                self.file.as_ref().expect("open while the connection is"),
                 &self.path,
                 last.page_size,
                 last.page_count,
@@ -600,8 +620,10 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        // Closing the connection rolls back any open transaction.
+        // Closing the connection rolls back any open transaction; the file handle
+        // goes only after it.
         drop(self.conn.take());
+        drop(self.file.take());
         // Only a file that is still empty: if another push created and committed the
         // same path meanwhile, it is theirs, not ours to remove.
         let still_empty = std::fs::metadata(&self.path).is_ok_and(|m| m.len() == 0);

@@ -437,3 +437,63 @@ fn a_writer_kept_across_syncs_reads_nothing_it_knows_and_notices_other_writers()
         assert!(!w.ready_again().expect("ready"), "{mode:?}");
     }
 }
+
+#[test]
+fn a_kept_writer_keeps_its_locks_and_readers_in_other_processes_see_every_version() {
+    use sqlferry::engine::{NoProgress, sync_local};
+    use sqlferry::page::{Snapshot, Writer};
+    // What a reader application in another process sees: it opens, reads and closes
+    // (the last connection to close checkpoints and removes the WAL if it can).
+    let reader = |db: &Path| -> String {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sqlite3,sys;d=sqlite3.connect(sys.argv[1]);\
+                 print(d.execute('SELECT count(*), sum(length(v)) FROM t').fetchone());d.close()",
+            )
+            .arg(db)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for mode in [Mode::Wal, Mode::Rollback] {
+        let dir = TempDir::new().expect("tempdir");
+        let src = origin(dir.path(), 4096, mode, 1_000_000);
+        let dest = dir.path().join("follower.db");
+        let sync = |w: &mut Writer| {
+            let mut source = Snapshot::open(&src)
+                .expect("snapshot")
+                .with_hash_cache(None);
+            sync_local(&mut source, w, &NoProgress).expect("sync")
+        };
+        let mut w = Writer::open(&dest)
+            .expect("writer")
+            .with_hash_cache(None)
+            .keep_committed_hashes();
+        sync(&mut w);
+        assert_eq!(
+            reader(&dest),
+            reader(&src),
+            "{mode:?}: after the first pull"
+        );
+        for n in 1..=3i64 {
+            util::open(&src)
+                .execute(
+                    "UPDATE t SET v = zeroblob(300 + ?1) WHERE rowid % 11 = 0",
+                    [n],
+                )
+                .expect("update");
+            assert!(w.ready_again().expect("ready"), "{mode:?}");
+            sync(&mut w);
+            assert!(w.used_known_hashes(), "{mode:?}: pull {n}");
+            assert_eq!(reader(&dest), reader(&src), "{mode:?}: after pull {n}");
+        }
+        drop(w);
+        util::assert_same(&src, &dest);
+    }
+}
