@@ -13,6 +13,7 @@
 //! the lock-byte page of a database over 1 GiB is never used by SQLite and hashes as
 //! zeros. `docs/engine.md` explains both.
 
+pub(crate) mod handles;
 mod hashcache;
 mod header;
 mod scan;

@@ -2,7 +2,6 @@
 //! I/O before any SQLite connection is opened, so a file that is not a database is
 //! refused without being touched.
 
-use std::io::Read;
 use std::path::Path;
 
 use crate::{Error, Result};
@@ -54,11 +53,13 @@ impl Header {
     /// empty file is a database with no pages yet), an error when it is missing,
     /// unreadable or not an SQLite database.
     pub fn read(path: &Path) -> Result<Option<Header>> {
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        use std::os::unix::fs::FileExt;
+        // A kept handle: closing one of our own would drop other connections' locks.
+        let file = super::handles::open(path, false).map_err(|e| Error::io(path, e))?;
         let mut buf = [0u8; 100];
         let mut len = 0;
         while len < buf.len() {
-            match file.read(&mut buf[len..]) {
+            match file.read_at(&mut buf[len..], len as u64) {
                 Ok(0) => break,
                 Ok(n) => len += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -28,7 +28,7 @@ pub struct Snapshot {
     conn: Connection,
     /// The database file, open as long as `conn` (declared after it: dropped after
     /// it), so that no handle of it is ever closed under `conn`'s locks.
-    file: std::fs::File,
+    file: std::sync::Arc<std::fs::File>,
     path: PathBuf,
     page_size: u32,
     page_count: u32,
@@ -47,7 +47,7 @@ impl Snapshot {
         })?;
         let sql = |e| Error::sqlite(path, e);
         let conn = Self::begin(path).map_err(sql)?;
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = super::handles::open(path, false).map_err(|e| Error::io(path, e))?;
         let page_count: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(sql)?;

@@ -41,7 +41,7 @@ pub struct Writer {
     /// The database file, open from just after the connection until after it closes:
     /// closing any handle of the file would drop the connection's POSIX locks (see
     /// `scan::for_each_page`).
-    file: Option<std::fs::File>,
+    file: Option<std::sync::Arc<std::fs::File>>,
     path: PathBuf,
     /// The journal mode the replica had before this sync, when it held pages.
     journal_mode: Option<JournalMode>,
@@ -103,11 +103,9 @@ impl Writer {
             Err(e) => return Err(Error::io(path, e)),
         };
         if existed {
-            // Opening for writing changes nothing but proves we may write.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map_err(|e| Error::io(path, e))?;
+            // Opening for writing changes nothing but proves we may write (a kept
+            // handle: closing one would drop other connections' locks).
+            super::handles::open(path, true).map_err(|e| Error::io(path, e))?;
         } else {
             let parent = match path.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p,
@@ -171,7 +169,7 @@ impl Writer {
         conn.execute_batch("CREATE VIRTUAL TABLE temp.sqlferry_dbpage USING sqlite_dbpage")
             .map_err(sql)?;
         writer.conn = Some(conn);
-        writer.file = Some(std::fs::File::open(path).map_err(|e| Error::io(path, e))?);
+        writer.file = Some(super::handles::open(path, false).map_err(|e| Error::io(path, e))?);
         Ok(writer)
     }
 

@@ -728,3 +728,44 @@ fn a_second_signal_stops_a_subscriber_at_once() {
     assert!(push.output().contains("second signal: stopping now"));
     drop(black_hole);
 }
+
+#[test]
+fn a_push_subscriber_sees_every_commit_of_an_app_that_closes_its_connection() {
+    // An application that opens, commits and closes each time: the last connection
+    // to close checkpoints and removes the WAL unless the subscriber's own connection
+    // still holds its lock, which a handle closed carelessly in the same process
+    // would have dropped (the watcher then went blind after the first push).
+    let dir = TempDir::new().unwrap();
+    let m = Machine::new(dir.path(), "m");
+    writer_db(&m.path("app.db"), 1);
+    let mut push = Subscriber::start(
+        &m,
+        &[
+            "push",
+            "app.db",
+            "acme/app.db",
+            "--subscribe",
+            "--waitIdle",
+            "10s",
+            "--maxChanges",
+            "1",
+        ],
+    );
+    push.expect(&["push (start): version 1"]);
+    for id in 2..=4 {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import sqlite3,sys;c=sqlite3.connect(sys.argv[1]);c.execute('INSERT INTO w(id, at) VALUES (?, 0)', (int(sys.argv[2]),));c.commit();c.close()")
+            .arg(m.path("app.db"))
+            .arg(id.to_string())
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        push.expect(&[&format!("push (changes): version {id}")]);
+    }
+    assert_eq!(push.stop(), 0);
+}
