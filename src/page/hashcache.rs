@@ -212,20 +212,21 @@ impl CacheBuilder {
         }
     }
 
-    fn entry(pgno: u32, data: &[u8]) -> [u8; ENTRY_BYTES] {
+    fn entry(data: &[u8], hash: &Hash) -> [u8; ENTRY_BYTES] {
         let mut e = [0u8; ENTRY_BYTES];
         e[..16].copy_from_slice(&xxhash_rust::xxh3::xxh3_128(data).to_be_bytes());
-        e[16..].copy_from_slice(&page_hash(pgno, data));
+        e[16..].copy_from_slice(hash);
         e
     }
 
-    /// Page `pgno` was written with `data`.
-    pub(super) fn page(&mut self, pgno: u32, data: &[u8]) {
+    /// Page `pgno` was written with `data`, whose [`page_hash`] is `hash` (the engine
+    /// computed it already: no page is hashed twice).
+    pub(super) fn page(&mut self, pgno: u32, data: &[u8], hash: &Hash) {
         if self.file.is_none() {
             return;
         }
         if pgno == 1 {
-            self.first = Some(Self::entry(1, data));
+            self.first = Some(Self::entry(data, hash));
             return;
         }
         if pgno != self.next {
@@ -233,7 +234,7 @@ impl CacheBuilder {
             return;
         }
         self.next += 1;
-        let e = Self::entry(pgno, data);
+        let e = Self::entry(data, hash);
         if let Some((w, _)) = &mut self.file {
             if w.write_all(&e).is_err() {
                 self.file = None;

@@ -417,7 +417,7 @@ impl PageTarget for Writer {
         Ok(())
     }
 
-    fn write_page(&mut self, pgno: u32, data: Vec<u8>, _hash: &Hash) -> Result<()> {
+    fn write_page(&mut self, pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
         if pgno == 1 {
             // Page 1 holds the schema cookie. Written now, the next statement would see
             // the cookie change and reload the schema from a half-written database
@@ -429,14 +429,15 @@ impl PageTarget for Writer {
                 page1[18] = v;
                 page1[19] = v;
             }
+            // Bytes 18-19 are outside the hash (see `page_hash`): `hash` still holds.
             if let Some(b) = &mut self.building {
-                b.page(1, &page1);
+                b.page(1, &page1, hash);
             }
             self.page1 = Some(page1);
             return Ok(());
         }
         if let Some(b) = &mut self.building {
-            b.page(pgno, &data);
+            b.page(pgno, &data, hash);
         }
         self.insert_page(pgno, data)
     }
