@@ -381,26 +381,13 @@ fn a_full_copy_leaves_the_new_replica_a_hash_cache_the_next_sync_can_trust() {
 
 #[test]
 fn a_writer_kept_across_syncs_reads_nothing_it_knows_and_notices_other_writers() {
-    use sqlferry::engine::{NoProgress, sync_local};
-    use sqlferry::page::{Snapshot, Writer};
+    use sqlferry::page::Writer;
     for mode in [Mode::Wal, Mode::Rollback] {
         let dir = TempDir::new().expect("tempdir");
         let src = origin(dir.path(), 4096, mode, 1_000_000);
         let dest = dir.path().join("follower.db");
-        let sync = |w: &mut Writer| {
-            let mut source = Snapshot::open(&src)
-                .expect("snapshot")
-                .with_hash_cache(None);
-            sync_local(&mut source, w, &NoProgress).expect("sync")
-        };
-        let change = |n: i64| {
-            let conn = util::open(&src);
-            conn.execute(
-                "UPDATE t SET v = zeroblob(300 + ?1) WHERE rowid % 11 = 0",
-                [n],
-            )
-            .expect("update");
-        };
+        let sync = |w: &mut Writer| sync_into(&src, w);
+        let change = |n: i64| change_every_11th_row(&src, n);
         let mut w = Writer::open(&dest)
             .expect("writer")
             .with_hash_cache(None)
@@ -440,37 +427,21 @@ fn a_writer_kept_across_syncs_reads_nothing_it_knows_and_notices_other_writers()
 
 #[test]
 fn a_kept_writer_keeps_its_locks_and_readers_in_other_processes_see_every_version() {
-    use sqlferry::engine::{NoProgress, sync_local};
-    use sqlferry::page::{Snapshot, Writer};
+    use sqlferry::page::Writer;
     // What a reader application in another process sees: it opens, reads and closes
     // (the last connection to close checkpoints and removes the WAL if it can).
-    let reader = |db: &Path| -> String {
-        let out = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(
-                "import sqlite3,sys;d=sqlite3.connect(sys.argv[1]);\
-                 print(d.execute('SELECT count(*), sum(length(v)) FROM t').fetchone());d.close()",
-            )
-            .arg(db)
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    let reader = |db: &Path| {
+        util::python(
+            "import sqlite3,sys;d=sqlite3.connect(sys.argv[1]);\
+             print(d.execute('SELECT count(*), sum(length(v)) FROM t').fetchone());d.close()",
+            &[db],
+        )
     };
     for mode in [Mode::Wal, Mode::Rollback] {
         let dir = TempDir::new().expect("tempdir");
         let src = origin(dir.path(), 4096, mode, 1_000_000);
         let dest = dir.path().join("follower.db");
-        let sync = |w: &mut Writer| {
-            let mut source = Snapshot::open(&src)
-                .expect("snapshot")
-                .with_hash_cache(None);
-            sync_local(&mut source, w, &NoProgress).expect("sync")
-        };
+        let sync = |w: &mut Writer| sync_into(&src, w);
         let mut w = Writer::open(&dest)
             .expect("writer")
             .with_hash_cache(None)
@@ -482,12 +453,7 @@ fn a_kept_writer_keeps_its_locks_and_readers_in_other_processes_see_every_versio
             "{mode:?}: after the first pull"
         );
         for n in 1..=3i64 {
-            util::open(&src)
-                .execute(
-                    "UPDATE t SET v = zeroblob(300 + ?1) WHERE rowid % 11 = 0",
-                    [n],
-                )
-                .expect("update");
+            change_every_11th_row(&src, n);
             assert!(w.ready_again().expect("ready"), "{mode:?}");
             sync(&mut w);
             assert!(w.used_known_hashes(), "{mode:?}: pull {n}");
@@ -496,4 +462,22 @@ fn a_kept_writer_keeps_its_locks_and_readers_in_other_processes_see_every_versio
         drop(w);
         util::assert_same(&src, &dest);
     }
+}
+
+/// Syncs `src` into the writer kept by the caller, through the library.
+fn sync_into(src: &Path, w: &mut sqlferry::page::Writer) -> sqlferry::engine::SyncStats {
+    let mut source = sqlferry::page::Snapshot::open(src)
+        .expect("snapshot")
+        .with_hash_cache(None);
+    sqlferry::engine::sync_local(&mut source, w, &sqlferry::engine::NoProgress).expect("sync")
+}
+
+/// Changes every 11th row of `src`'s table (a new blob length each `n`).
+fn change_every_11th_row(src: &Path, n: i64) {
+    util::open(src)
+        .execute(
+            "UPDATE t SET v = zeroblob(300 + ?1) WHERE rowid % 11 = 0",
+            [n],
+        )
+        .expect("update");
 }

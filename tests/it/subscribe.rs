@@ -753,17 +753,9 @@ fn a_push_subscriber_sees_every_commit_of_an_app_that_closes_its_connection() {
     );
     push.expect(&["push (start): version 1"]);
     for id in 2..=4 {
-        let out = std::process::Command::new("python3")
-            .arg("-c")
-            .arg("import sqlite3,sys;c=sqlite3.connect(sys.argv[1]);c.execute('INSERT INTO w(id, at) VALUES (?, 0)', (int(sys.argv[2]),));c.commit();c.close()")
-            .arg(m.path("app.db"))
-            .arg(id.to_string())
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        util::python(
+            "import sqlite3,sys;c=sqlite3.connect(sys.argv[1]);c.execute('INSERT INTO w(id, at) VALUES (?, 0)', (int(sys.argv[2]),));c.commit();c.close()",
+            &[m.path("app.db").into_os_string(), id.to_string().into()],
         );
         push.expect(&[&format!("push (changes): version {id}")]);
     }

@@ -324,3 +324,20 @@ pub fn checkpoint(path: &Path) {
         .expect("checkpoint");
     assert_eq!(busy, 0, "checkpoint of {} was blocked", path.display());
 }
+
+/// Runs a Python 3 script (`python3 -c SCRIPT ARGS…`), as a second process would use
+/// its own SQLite; asserts it succeeded and returns what it printed, trimmed.
+pub fn python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

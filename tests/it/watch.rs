@@ -7,7 +7,6 @@
 //! proofs of absence wait out a short window.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use sqlferry::ErrorKind;
@@ -136,13 +135,7 @@ con.execute(\"INSERT INTO t(k, v) VALUES ('python', x'00')\")
 con.close()";
     for mode in [Mode::Wal, Mode::Rollback] {
         let mut w = Watched::new(mode, NO_POLL);
-        let status = Command::new("python3")
-            .arg("-c")
-            .arg(SCRIPT)
-            .arg(&w.db)
-            .status()
-            .expect("run python3");
-        assert!(status.success(), "python3 commit: {status}");
+        util::python(SCRIPT, &[&w.db]);
         assert_eq!(w.seen(), FOUND_BY_EVENT, "{mode:?}");
         w.quiet();
     }
