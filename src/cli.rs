@@ -37,6 +37,12 @@ pub mod exit {
     pub const VERIFY: u8 = 7;
     /// The replica or version does not exist.
     pub const NOT_FOUND: u8 = 8;
+    /// LOCAL has changes that were never pushed and the command would overwrite them
+    /// (`pull` without `--force`); nothing was changed.
+    pub const LOCAL_CHANGES: u8 = 9;
+    /// The server failed on its own side (disk full, I/O error, too busy): temporary,
+    /// nothing wrong with the request; retry later.
+    pub const SERVER: u8 = 10;
     /// A subscriber stopped by a second SIGINT or SIGTERM, without waiting for its sync.
     pub const INTERRUPTED: u8 = 130;
 }
@@ -196,6 +202,8 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         Some(ErrorKind::Conflict) => exit::CONFLICT,
         Some(ErrorKind::Auth) => exit::AUTH,
         Some(ErrorKind::NotFound) => exit::NOT_FOUND,
+        Some(ErrorKind::LocalChanges) => exit::LOCAL_CHANGES,
+        Some(ErrorKind::Server) => exit::SERVER,
         None => exit::FAILURE,
     };
     ExitCode::from(code)

@@ -29,6 +29,13 @@ pub enum ErrorKind {
     Conflict,
     /// A key is missing, wrong, or not allowed to do this.
     Auth,
+    /// The server failed on its own side (its disk is full, an I/O error in its store,
+    /// too many sessions at once): nothing is wrong with this client's request, and the
+    /// same request may succeed later.
+    Server,
+    /// The local database has changes that were never pushed, and the operation would
+    /// overwrite them (a pull without `--force`).
+    LocalChanges,
 }
 
 /// An error from sqlferry's library.
@@ -96,6 +103,12 @@ pub enum Error {
         /// The version the push was based on, if any.
         based_on: Option<u64>,
     },
+    /// The server failed on its own side (disk full, I/O error, busy); temporary.
+    #[error("server error: {0}")]
+    Server(String),
+    /// A local database holds changes that an operation would overwrite.
+    #[error("{0}")]
+    LocalChanges(String),
     /// The peer ended the session with an error of its own.
     #[error("{message}")]
     Remote {
@@ -130,6 +143,8 @@ impl Error {
             Error::Auth(_) => ErrorKind::Auth,
             Error::InUse(_) => ErrorKind::Busy,
             Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::Server(_) => ErrorKind::Server,
+            Error::LocalChanges(_) => ErrorKind::LocalChanges,
             Error::Remote { code, .. } => crate::protocol::ErrorCode::from_u16(*code)
                 .map(|c| c.kind())
                 .unwrap_or(ErrorKind::Remote),
@@ -138,7 +153,10 @@ impl Error {
 
     /// Whether trying the same operation again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self.kind(), ErrorKind::Disconnected | ErrorKind::Busy)
+        matches!(
+            self.kind(),
+            ErrorKind::Disconnected | ErrorKind::Busy | ErrorKind::Server
+        )
     }
 
     /// Wraps an I/O error with the file it happened on.

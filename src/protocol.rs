@@ -97,6 +97,11 @@ pub enum ErrorCode {
     Unauthorized = 10,
     /// The request was not valid (bad replica path, bad version selector).
     BadRequest = 11,
+    /// The server failed on its own side (disk full, I/O error in its store); the same
+    /// request may succeed later.
+    ServerError = 12,
+    /// The server is at its limit of concurrent sessions; retry after a short wait.
+    ServerBusy = 13,
 }
 
 impl ErrorCode {
@@ -114,6 +119,8 @@ impl ErrorCode {
             9 => Self::VersionConflict,
             10 => Self::Unauthorized,
             11 => Self::BadRequest,
+            12 => Self::ServerError,
+            13 => Self::ServerBusy,
             _ => return None,
         })
     }
@@ -133,6 +140,7 @@ impl ErrorCode {
             Self::VersionConflict => ErrorKind::Conflict,
             Self::Unauthorized => ErrorKind::Auth,
             Self::BadRequest => ErrorKind::Usage,
+            Self::ServerError | Self::ServerBusy => ErrorKind::Server,
         }
     }
 
@@ -149,6 +157,9 @@ impl ErrorCode {
             ErrorKind::Disconnected | ErrorKind::Remote => Self::Aborted,
             ErrorKind::NotFound => Self::NotFound,
             ErrorKind::Conflict => Self::VersionConflict,
+            ErrorKind::Server => Self::ServerError,
+            // Only a client refuses over local changes; a peer sees the sender give up.
+            ErrorKind::LocalChanges => Self::Aborted,
         }
     }
 }
