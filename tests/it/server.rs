@@ -9,6 +9,8 @@
 //! - `paths`: replica path rules, on the client and on the server.
 //! - `raw`: a raw WebSocket client sending malformed, oversized and out-of-order frames.
 //! - `kill`: SIGKILL of a client or of the server half-way through a large push.
+//! - `fuzz`: arbitrary frame sequences (proptest) on real sessions change nothing, end,
+//!   and leave the server serving.
 //! - `concurrent`: two pushers racing for one replica, twenty pullers of one version.
 //! - `shutdown`: SIGTERM stops an idle server at once, and lets a push in flight end
 //!   cleanly.
@@ -21,6 +23,7 @@
 
 mod auth;
 mod concurrent;
+mod fuzz;
 mod kill;
 mod paths;
 mod raw;
@@ -114,6 +117,11 @@ impl TestServer {
             addr,
             admin_key,
         }
+    }
+
+    /// The server process's id (for its memory figures in `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server is running").id()
     }
 
     /// Everything the server logged on stderr so far (it runs with `-v`).
