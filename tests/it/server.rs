@@ -10,6 +10,9 @@
 //! - `raw`: a raw WebSocket client sending malformed, oversized and out-of-order frames.
 //! - `kill`: SIGKILL of a client or of the server half-way through a large push.
 //! - `concurrent`: two pushers racing for one replica, twenty pullers of one version.
+//! - `faults`: a full disk (a real tmpfs), a failing store, a panic, bad starts and a
+//!   second server on one data directory, each named for what it is; keys listed and
+//!   revoked.
 //! - `shutdown`: SIGTERM stops an idle server at once, and lets a push in flight end
 //!   cleanly.
 //! - `tls`: `serve --tls-cert --tls-key` with a private CA made in the test: wss:// and
@@ -21,6 +24,7 @@
 
 mod auth;
 mod concurrent;
+mod faults;
 mod kill;
 mod paths;
 mod raw;
