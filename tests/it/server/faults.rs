@@ -3,7 +3,8 @@
 //! - A full disk under the server (a real tmpfs of a few MB, mounted by the test: CI
 //!   runs as root; a test that cannot mount fails, it never skips) is the server's
 //!   error: exit 10 on the client, 503 on the API, never "refused the key" (5); a
-//!   restart on it says the disk is full; with space again, everything works.
+//!   restart on it says the disk is full; with space again, everything works. A push
+//!   subscriber retries through it and pushes once there is room.
 //! - A failure in the server's store reaches the client as the server's error, not as
 //!   "connection lost", and is logged with the replica and key id, never the key.
 //! - `serve` refuses a bad `--listen` (2), a data directory that is a file or cannot be
@@ -575,4 +576,119 @@ fn keys_are_listed_and_revoked_and_minted_only_when_asked() {
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     server.restart();
     assert_eq!(mode(&db), 0o600, "tightened at start");
+}
+
+/// A running process whose stdout and stderr lines arrive on a channel.
+struct Lines {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    fn start(mut command: Command) -> Lines {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sqlferry");
+        let (tx, lines) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Lines {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most a minute: a retry comes after 5 s, then 10 s) for a line with
+    /// every one of `parts`.
+    fn expect(&mut self, parts: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if parts.iter().all(|p| line.contains(p)) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {parts:?}; it printed:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_push_subscriber_keeps_retrying_while_the_servers_disk_is_full() {
+    let dir = TempDir::new().expect("tempdir");
+    let data = dir.path().join("server-data");
+    let disk = Tmpfs::mount(&data, "4m");
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    let db = a.path("app.db");
+    small_db(&db, 128 << 10);
+    a.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["--key", &server.admin_key],
+    );
+    let mut command = a.command();
+    command.args(["push", "app.db", "acme/app.db", "--server", &server.url]);
+    command.args([
+        "--subscribe",
+        "--waitIdle",
+        "10s",
+        "--maxChanges",
+        "1",
+        "--poll",
+        "1s",
+    ]);
+    let mut sub = Lines::start(command);
+    sub.expect(&["push (start): no change"]);
+
+    let filler = disk.fill();
+    exec(
+        &db,
+        "INSERT INTO t(k, v) VALUES ('full', randomblob(2000));",
+    );
+    sub.expect(&[
+        "push (changes) failed",
+        "the disk holding",
+        "is full",
+        "retry in",
+    ]);
+    assert!(
+        sub.child.try_wait().expect("try_wait").is_none(),
+        "the subscriber keeps going: {}",
+        sub.seen.join("\n")
+    );
+    std::fs::remove_file(&filler).expect("free the disk");
+    sub.expect(&["version 2"]);
+    assert_eq!(server.version_numbers("acme/app.db"), [1, 2]);
 }
