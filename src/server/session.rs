@@ -151,7 +151,8 @@ where
             c.reached = Some(reached);
             Ok(send_control(ws, Control::Config(c)).await?)
         }
-        Op::Keys | Op::RevokeKey => unreachable!("answered above"),
+        // Answered above, before the replica path (which they may leave empty).
+        Op::Keys | Op::RevokeKey => Ok(keys(ws, state, principal, &open).await?),
     }
 }
 
@@ -190,8 +191,8 @@ where
         _ => auth.list(f.as_ref()),
     })
     .await?;
-    if open.op == Op::RevokeKey {
-        tracing::info!(revoked = %list[0].id, key = %principal.key_id, "key revoked");
+    if let (Op::RevokeKey, Some(k)) = (open.op, list.first()) {
+        tracing::info!(revoked = %k.id, key = %principal.key_id, "key revoked");
     }
     let c = Config {
         path: open.replica.clone(),

@@ -536,6 +536,20 @@ fn keys_are_listed_and_revoked_and_minted_only_when_asked() {
         4
     );
 
+    // Only the admin key may ask for new keys.
+    let out = a.run_on(
+        &server,
+        [
+            "push",
+            "app.db",
+            "acme/app.db",
+            "--new-keys",
+            "--key",
+            &push_key,
+        ],
+    );
+    assert_fails(&out, EXIT_AUTH, "--new-keys needs the admin key");
+
     // Revoke the first PULL key: pulling with it is refused from then on.
     let out = a.run([
         "keys",
