@@ -2,6 +2,7 @@
 //! documented exit codes. Flags become plain values here; nothing below `cli` sees clap
 //! or indicatif.
 
+mod keys;
 mod progress;
 mod pull;
 mod push;
@@ -93,6 +94,8 @@ pub enum Command {
     /// Ask every running subscriber of a replica to sync now.
     #[command(name = "sync-now")]
     SyncNow(subscribe::SyncNowArgs),
+    /// List or revoke a server's keys (admin key).
+    Keys(keys::KeysArgs),
 }
 
 /// Where a replica lives and the key to reach it: `--server` and `--key`, shared by
@@ -166,6 +169,7 @@ impl Cli {
             Command::Verify(args) => args.run(&self.global),
             Command::Subscribe(args) => args.run(&self.global),
             Command::SyncNow(args) => args.run(&self.global),
+            Command::Keys(args) => args.run(&self.global),
         }
     }
 }
@@ -204,7 +208,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         Some(ErrorKind::NotFound) => exit::NOT_FOUND,
         Some(ErrorKind::LocalChanges) => exit::LOCAL_CHANGES,
         Some(ErrorKind::Server) => exit::SERVER,
-        None => exit::FAILURE,
+        Some(ErrorKind::Bug) | None => exit::FAILURE,
     };
     ExitCode::from(code)
 }

@@ -36,6 +36,9 @@ pub enum ErrorKind {
     /// The local database has changes that were never pushed, and the operation would
     /// overwrite them (a pull without `--force`).
     LocalChanges,
+    /// A bug in sqlferry (a panic, a task that panicked): nothing the user did; exit 1
+    /// and a request to report it.
+    Bug,
 }
 
 /// An error from sqlferry's library.
@@ -109,6 +112,9 @@ pub enum Error {
     /// A local database holds changes that an operation would overwrite.
     #[error("{0}")]
     LocalChanges(String),
+    /// A bug in sqlferry: a task panicked. Nothing the user can fix; please report it.
+    #[error("a bug in sqlferry, please report it: {0}")]
+    Bug(String),
     /// The peer ended the session with an error of its own.
     #[error("{message}")]
     Remote {
@@ -145,6 +151,7 @@ impl Error {
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::Server(_) => ErrorKind::Server,
             Error::LocalChanges(_) => ErrorKind::LocalChanges,
+            Error::Bug(_) => ErrorKind::Bug,
             Error::Remote { code, .. } => crate::protocol::ErrorCode::from_u16(*code)
                 .map(|c| c.kind())
                 .unwrap_or(ErrorKind::Remote),
@@ -176,5 +183,47 @@ impl Error {
     }
 }
 
+/// A task that did not finish: a panic in it is a bug (exit 1), never a network
+/// failure; one cancelled (the runtime shutting down) lost its connection.
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        if e.is_panic() {
+            Error::Bug(format!("a task panicked: {e}"))
+        } else {
+            Error::Disconnected(format!("the task was cancelled: {e}"))
+        }
+    }
+}
+
+/// Debug builds only: panics when the environment variable `SQLFERRY_DEBUG_PANIC`
+/// names `place` (`main`, `engine`), so tests can prove a panic is reported as a bug
+/// (exit 1) and a server's panicking session as the server's error. Release builds
+/// never read it.
+pub(crate) fn debug_panic(place: &str) {
+    if cfg!(debug_assertions) && std::env::var("SQLFERRY_DEBUG_PANIC").is_ok_and(|p| p == place) {
+        panic!("SQLFERRY_DEBUG_PANIC={place}");
+    }
+}
+
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_task_is_a_bug() {
+        let join = tokio::task::spawn_blocking(|| panic!("boom"))
+            .await
+            .expect_err("the task panicked");
+        let e = Error::from(join);
+        assert_eq!(e.kind(), ErrorKind::Bug);
+        assert!(!e.is_retryable());
+        assert!(
+            e.to_string()
+                .starts_with("a bug in sqlferry, please report it"),
+            "{e}"
+        );
+    }
+}

@@ -160,6 +160,8 @@ impl ErrorCode {
             ErrorKind::Server => Self::ServerError,
             // Only a client refuses over local changes; a peer sees the sender give up.
             ErrorKind::LocalChanges => Self::Aborted,
+            // A bug on this side: the peer sees this side fail on its own.
+            ErrorKind::Bug => Self::ServerError,
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::engine::{
 };
 use crate::history;
 use crate::page::{Snapshot, Writer};
-use crate::protocol::control::{Config, Control, NewKeys, Op, Open, SubscriberRole};
+use crate::protocol::control::{Config, Control, KeyInfo, NewKeys, Op, Open, SubscriberRole};
 use crate::protocol::{Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector, Store, VersionInfo};
 use crate::{Error, Result};
@@ -75,8 +75,12 @@ pub struct PushRequest {
     pub options: PushOptions,
     /// The key, for a server.
     pub key: Option<String>,
-    /// Ask a server to mint PUSH and PULL keys (first push of a replica).
+    /// Ask a server to mint PUSH and PULL keys if the replica is new (this push creates
+    /// it): a first push with the admin key.
     pub key_request: bool,
+    /// Ask for new PUSH and PULL keys even though the replica exists (`push
+    /// --new-keys`, admin key only).
+    pub new_keys: bool,
 }
 
 impl Server {
@@ -139,6 +143,59 @@ impl Server {
         }
     }
 
+    /// The server's keys (ids and facts, never secrets), only those of `replica` when
+    /// given; `key` must be the admin key.
+    pub fn keys(&self, replica: Option<&ReplicaPath>, key: Option<&str>) -> Result<Vec<KeyInfo>> {
+        self.key_op(Op::Keys, replica, None, key)
+    }
+
+    /// Revokes the key with id `key_id` (of `replica`, when given) and returns it; `key`
+    /// must be the admin key.
+    pub fn revoke_key(
+        &self,
+        key_id: &str,
+        replica: Option<&ReplicaPath>,
+        key: Option<&str>,
+    ) -> Result<KeyInfo> {
+        let mut list = self.key_op(Op::RevokeKey, replica, Some(key_id), key)?;
+        list.pop()
+            .ok_or_else(|| Error::Protocol("the server revoked no key and said nothing".into()))
+    }
+
+    fn key_op(
+        &self,
+        op: Op,
+        replica: Option<&ReplicaPath>,
+        key_id: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Vec<KeyInfo>> {
+        let Server::Ws { url } = self else {
+            return Err(Error::Usage(
+                "keys live on a sqlferry server: pass --server ws://HOST:PORT (the embedded store has none)"
+                    .into(),
+            ));
+        };
+        runtime()?.block_on(async {
+            let mut ws = connect(url, key).await?;
+            let open = Open {
+                protocol: PROTOCOL_VERSION,
+                op,
+                replica: replica.map(ToString::to_string).unwrap_or_default(),
+                version: None,
+                base: None,
+                force: false,
+                role: None,
+                client_id: client_id(),
+                key_id: key_id.map(str::to_owned),
+            };
+            ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
+            let config = next_config(&mut ws, Vec::new()).await?;
+            config
+                .key_list
+                .ok_or_else(|| Error::Protocol("the server's CONFIG holds no key list".into()))
+        })
+    }
+
     /// Pushes the database at `local` as a new version of `replica`.
     pub fn push(
         &self,
@@ -190,8 +247,18 @@ impl Server {
             Server::Ws { url } => runtime()?.block_on(async {
                 let mut ws = connect(url, request.key.as_deref()).await?;
                 let o = &request.options;
-                open(&mut ws, Op::Push, replica, None, o.base, o.force, None).await?;
-                if request.key_request {
+                let config = open(&mut ws, Op::Push, replica, None, o.base, o.force, None).await?;
+                if request.new_keys && config.key_type != "admin" {
+                    return Err(Error::Auth(format!(
+                        "--new-keys needs the admin key; this is a {} key",
+                        config.key_type.to_uppercase()
+                    )));
+                }
+                // Keys are minted for a replica this push creates (the server has no id
+                // for it yet), or when asked: an admin key's push to an existing replica
+                // leaves its keys as they are.
+                let new_replica = config.replica_id.is_empty();
+                if request.new_keys || (request.key_request && new_replica) {
                     ws::send_binary(&mut ws, Control::KeyRequest.to_bytes()).await?;
                 }
                 if !o.message.is_empty() {
@@ -461,6 +528,11 @@ async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
                 .unwrap_or_else(|| status.to_string());
             if status.as_u16() == 401 {
                 Err(Error::Auth(format!("{url} refused the key: {body}")))
+            } else if status.as_u16() == 503 {
+                // The server could not even check the key (a full disk, say): its fault,
+                // temporary; a subscriber retries.
+                let body = body.strip_prefix("server error: ").unwrap_or(&body);
+                Err(Error::Server(format!("{url} failed on its side: {body}")))
             } else {
                 Err(Error::Protocol(format!("{url} answered {status}: {body}")))
             }
@@ -489,6 +561,7 @@ async fn open(
         force,
         role,
         client_id: client_id(),
+        key_id: None,
     };
     ws::send_binary(ws, Control::Open(open).to_bytes()).await?;
     next_config(ws, Vec::new()).await

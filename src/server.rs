@@ -4,7 +4,8 @@
 //! with a TLS handshake in its own task; then, and without TLS at once, every
 //! connection is an HTTP request. A WebSocket upgrade on `/v1/sync` is
 //! authenticated from its `Authorization: Bearer` header before the upgrade is
-//! accepted (a missing or wrong key gets `401` with a message saying which), then runs
+//! accepted (a missing or wrong key gets `401` with a message saying which; a failure
+//! to read the keys, such as a full disk, gets `503`: the `fault` module), then runs
 //! one session (the `session` module): OPEN, then a push, a pull or a version list. Other
 //! requests go to the small JSON API (the `http` module).
 //!
@@ -16,18 +17,26 @@
 //!   else, and a push that did not finish leaves no trace (the store's transaction is
 //!   rolled back).
 //! - Keys are never logged; only key ids are.
+//! - A failure of the server's own files is the server's error (`ServerError` on the
+//!   wire, `503` before an upgrade), logged at error level; never a refusal of the key.
+//! - One server per data directory (the `lock` module); `serve` takes the lock before
+//!   it opens anything in it.
 //! - [`serve`] takes its listener and a shutdown future: on shutdown it stops accepting,
 //!   lets sessions in flight finish for up to [`SHUTDOWN_GRACE`], then aborts the rest
 //!   (an aborted push rolls back).
 
 mod auth;
+mod fault;
 mod http;
 mod hub;
+mod lock;
 mod session;
 mod tls;
 
-pub use auth::{Auth, KeyKind, Principal, mask};
+pub use auth::{Auth, KeyKind, Principal, key_id_of, mask};
+pub use fault::disk_full;
 pub use hub::{Event, FailureStatus, Hub, Status};
+pub use lock::{DataLock, LOCK_FILE};
 pub use tls::Tls;
 
 use std::future::Future;
@@ -207,6 +216,7 @@ where
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let body = body.to_string();
@@ -224,7 +234,9 @@ where
     Ok(())
 }
 
-/// Authenticates the key a request carries. `Err` is the refusal to send (401).
+/// Authenticates the key a request carries. `Err` of kind [`crate::ErrorKind::Auth`]
+/// is the refusal to send (401); any other is the server's own failure (503, see
+/// [`refusal`]).
 pub(crate) async fn authenticate(state: &State, request: &Request) -> Result<Principal> {
     let Some(key) = request.bearer().map(str::to_owned) else {
         return Err(Error::Auth(
@@ -234,8 +246,21 @@ pub(crate) async fn authenticate(state: &State, request: &Request) -> Result<Pri
     let auth = state.auth.clone();
     let principal = tokio::task::spawn_blocking(move || auth.check(&key))
         .await
-        .map_err(|e| Error::Protocol(e.to_string()))??;
+        .map_err(Error::from)
+        .and_then(|checked| checked)
+        .map_err(|e| fault::server_side(e, state.store.root()))?;
     principal.ok_or_else(|| Error::Auth("wrong key: this server does not know it".into()))
+}
+
+/// The HTTP status and body for a failed [`authenticate`]: 401 for a refused key, 503
+/// (logged) when the server could not check it.
+pub(crate) fn refusal(e: &Error) -> (u16, serde_json::Value) {
+    if e.kind() == crate::ErrorKind::Auth {
+        (401, serde_json::json!({"error": e.to_string()}))
+    } else {
+        tracing::error!(error = %e, "cannot check a key");
+        (503, serde_json::json!({"error": e.to_string()}))
+    }
 }
 
 /// One accepted connection: with TLS, the handshake first (bounded by `HEAD_TIMEOUT`,
@@ -290,12 +315,8 @@ where
     let principal = match authenticate(&state, &request).await {
         Ok(p) => p,
         Err(e) => {
-            return respond(
-                &mut stream,
-                401,
-                &serde_json::json!({"error": e.to_string()}),
-            )
-            .await;
+            let (status, body) = refusal(&e);
+            return respond(&mut stream, status, &body).await;
         }
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(ws_key.as_bytes());

@@ -50,6 +50,10 @@ pub struct PushArgs {
     /// Push even if the replica moved past the version LOCAL is based on.
     #[arg(long)]
     pub force: bool,
+    /// With the admin key: have the server mint new PUSH and PULL keys for an existing
+    /// replica too (a first push gets them anyway); saved like a first push's.
+    #[arg(long)]
+    pub new_keys: bool,
     /// Say what would happen, change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -87,6 +91,7 @@ impl PushArgs {
         let mut pusher = Pusher::new(&local, replica, server, self.connection.key.clone())?;
         pusher.message = self.message.clone();
         pusher.force = self.force;
+        pusher.new_keys = self.new_keys;
         if self.subscribe {
             return super::subscribe::run_push(pusher, &self.timing, global);
         }
@@ -248,6 +253,8 @@ pub struct Pusher {
     pub message: String,
     /// Push even if the replica moved past the base version.
     pub force: bool,
+    /// Ask for new keys even if the replica exists (`--new-keys`).
+    pub new_keys: bool,
 }
 
 impl Pusher {
@@ -281,6 +288,7 @@ impl Pusher {
             stored,
             message: String::new(),
             force: false,
+            new_keys: false,
         })
     }
 
@@ -314,6 +322,7 @@ impl Pusher {
             // Without a stored PUSH key, ask for keys: an admin key's first push of a
             // replica then leaves a PUSH key here and a PULL key in the sidecar.
             key_request: self.server.needs_key() && !self.stored,
+            new_keys: self.new_keys,
         }
     }
 

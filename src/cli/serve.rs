@@ -1,5 +1,12 @@
 //! `sqlferry serve`: the shared server, plain or over TLS (`--tls-cert` and `--tls-key`,
 //! both or neither; the files are checked before anything is created or printed).
+//!
+//! Start-up refuses with one line and a documented exit code, never exit 1: a
+//! `--listen` that is not an address (2), a data directory that cannot be made or is a
+//! file (3), one another server holds (`DATA/serve.lock`, 3), a port in use (3), a
+//! full disk (3, saying so). The order keeps a refused start from leaving anything
+//! behind: flags first, then the data directory and its lock, then the port, and only
+//! then `server.db` and the admin key.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::{Global, exit};
-use crate::server::{State, Tls, serve};
+use crate::server::{DataLock, State, Tls, disk_full, serve};
 
 /// Arguments of `sqlferry serve`.
 #[derive(Debug, clap::Args)]
@@ -44,8 +51,13 @@ impl ServeArgs {
     pub fn run(self, _global: &Global) -> anyhow::Result<ExitCode> {
         let data = match self.data {
             Some(d) => d,
-            None => crate::config::data_dir().context("no data directory: pass --data DIR")?,
+            None => crate::config::data_dir().ok_or_else(|| {
+                crate::Error::Usage(
+                    "no data directory: pass --data DIR (or set HOME or XDG_DATA_HOME)".into(),
+                )
+            })?,
         };
+        let addrs = listen_addrs(&self.listen)?;
         // TLS first: a bad certificate or key stops the server before the data directory
         // or an admin key is created.
         let tls = match (&self.tls_cert, &self.tls_key) {
@@ -54,17 +66,27 @@ impl ServeArgs {
             }
             _ => None,
         };
-        let state = State::open(&data).context("cannot open the data directory")?;
-        if let Some(key) = state.auth.ensure_admin()? {
+        make_data_dir(&data)?;
+        // Held until the process ends: a second server on this directory refuses.
+        let _lock = DataLock::acquire(&data).map_err(|e| startup(e, &data))?;
+        let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(&addrs[..]))
+            .map_err(|e| {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::AddrInUse => " (another process is using this port)",
+                    _ => "",
+                };
+                anyhow::Error::new(crate::Error::io(std::path::Path::new(&self.listen), e))
+                    .context(format!("cannot listen{hint}"))
+            })?;
+        let state = State::open(&data).map_err(|e| startup(e, &data))?;
+        if let Some(key) = state.auth.ensure_admin().map_err(|e| startup(e, &data))? {
             super::out(format_args!(
                 "admin key (shown only this once; keep it secret): {key}"
             ))?;
         }
-        let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
         runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind(&self.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", self.listen))?;
             let addr = listener.local_addr()?;
             if tls.is_some() {
                 super::out(format_args!(
@@ -82,6 +104,60 @@ impl ServeArgs {
         })?;
         Ok(ExitCode::from(exit::OK))
     }
+}
+
+/// The addresses `--listen` names; a usage error (exit 2) when it names none.
+fn listen_addrs(listen: &str) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs as _;
+    let usage = |why: String| {
+        crate::Error::Usage(format!(
+            "--listen {listen}: {why}; expected ADDRESS:PORT, like 127.0.0.1:7878 or [::]:7878"
+        ))
+    };
+    let addrs: Vec<_> = listen
+        .to_socket_addrs()
+        .map_err(|e| usage(e.to_string()))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(usage("it names no address".into()).into());
+    }
+    Ok(addrs)
+}
+
+/// Creates the data directory if needed; a path that is a file, or one that cannot be
+/// made, is a local error (exit 3) naming it.
+fn make_data_dir(data: &std::path::Path) -> anyhow::Result<()> {
+    if data.exists() && !data.is_dir() {
+        return Err(anyhow::Error::new(crate::Error::io(
+            data,
+            std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "it is a file, not a directory",
+            ),
+        ))
+        .context("--data must be a directory"));
+    }
+    std::fs::create_dir_all(data)
+        .map_err(|e| crate::Error::io(data, e))
+        .context("cannot create the data directory")
+}
+
+/// A start-up failure in the data directory, saying so when its disk is full (SQLite
+/// often says only "disk I/O error").
+fn startup(e: crate::Error, data: &std::path::Path) -> anyhow::Error {
+    let full = matches!(
+        e.kind(),
+        crate::ErrorKind::LocalIo | crate::ErrorKind::NotADatabase
+    ) && disk_full(data);
+    let context = if full {
+        format!(
+            "cannot start: the disk holding {} is full; free some space and start again",
+            data.display()
+        )
+    } else {
+        "cannot open the data directory".to_owned()
+    };
+    anyhow::Error::new(e).context(context)
 }
 
 /// Completes on the first SIGINT or SIGTERM.

@@ -36,6 +36,9 @@ pub struct Open {
     /// Who is asking (`user@host`), recorded with a pushed version.
     #[serde(default)]
     pub client_id: String,
+    /// For `revoke-key`: the id of the key to revoke (16 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 /// What a session does.
@@ -54,6 +57,12 @@ pub enum Op {
     /// Ask every running subscriber of the replica to sync now; CONFIG says how many
     /// were reached.
     SyncNow,
+    /// List the server's keys (admin key only): CONFIG's `key_list`, never a secret.
+    /// `replica`, when not empty, keeps only the keys of that replica.
+    Keys,
+    /// Revoke the key `key_id` (admin key only): CONFIG's `key_list` holds it. With a
+    /// `replica`, only a key of that replica is revoked.
+    RevokeKey,
 }
 
 /// What a subscriber does with its replica.
@@ -101,6 +110,28 @@ pub struct Config {
     /// After `sync-now`: how many running subscribers were reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reached: Option<u64>,
+    /// After `keys`: the keys; after `revoke-key`: the key revoked. Ids only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_list: Option<Vec<KeyInfo>>,
+}
+
+/// What the server tells of a key: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// The key's id: the 16 hex digits after `sfk_` (not secret; versions record it).
+    pub id: String,
+    /// `admin`, `push` or `pull`.
+    pub kind: String,
+    /// The replica a PUSH or PULL key is for.
+    pub replica: Option<String>,
+    /// When it was minted (Unix seconds).
+    pub created_at: i64,
+    /// When it last opened a session or API request (Unix seconds, to the minute), if
+    /// ever.
+    pub last_used_at: Option<i64>,
+    /// When it was revoked (Unix seconds), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
 }
 
 /// The keys of a new replica.
@@ -277,6 +308,7 @@ mod tests {
                 force: false,
                 role: None,
                 client_id: "me@host".into(),
+                key_id: None,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -287,6 +319,7 @@ mod tests {
                 force: false,
                 role: Some(SubscriberRole::Pull),
                 client_id: "me@host".into(),
+                key_id: None,
             }),
             Control::Config(Config {
                 replica_id: "r1".into(),

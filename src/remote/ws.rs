@@ -122,6 +122,7 @@ where
         let _ = to_engine.send(frame).await;
     }
     let handle = tokio::task::spawn_blocking(move || {
+        crate::error::debug_panic("engine");
         let result = engine(&mut link);
         (result, link.finish())
     });
@@ -219,14 +220,15 @@ where
             let mut frames = leftovers.drain();
             frames.extend(extra);
             let result = match (result, refused) {
-                (Err(_), Some(why)) => Err(Error::Protocol(why)),
+                // The peer's breach is why an engine lost its link; an engine that
+                // failed on its own (its store, say) keeps its own error, the one it
+                // reported, even if the peer then went away rudely.
+                (Err(Error::Disconnected(_)), Some(why)) => Err(Error::Protocol(why)),
                 (result, _) => result,
             };
             (result, frames)
         }
-        Err(e) => (
-            Err(Error::Protocol(format!("the sync engine failed: {e}"))),
-            Vec::new(),
-        ),
+        // The engine thread panicked: a bug, not a network failure.
+        Err(e) => (Err(Error::from(e)), Vec::new()),
     }
 }

@@ -8,8 +8,17 @@
 //! - push: pushes and pulls one replica;
 //! - pull: pulls one replica.
 //!
-//! Invariant: no function here logs or returns a secret except [`Auth::ensure_admin`]
+//! Keys can be listed ([`Auth::list`]: ids, kinds, replicas, times; never a secret) and
+//! revoked ([`Auth::revoke`]): a revoked key stays in the table, marked, so that using
+//! it is refused with "revoked" rather than "unknown". The admin key cannot be revoked
+//! (there is no other way in). When a key was last used is kept to the minute: a key
+//! checked again within [`LAST_USED_GRANULARITY_SECS`] writes nothing, and a failed
+//! write of it (a full disk) never refuses the key.
+//!
+//! Invariants: no function here logs or returns a secret except [`Auth::ensure_admin`]
 //! and [`Auth::mint_replica_keys`], whose whole purpose is to hand a new key out once.
+//! `server.db` and its `-wal` and `-shm` files are readable by their owner only (0600):
+//! created so, and tightened when an older server left them wider.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,13 +26,20 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest as _, Sha256};
 
-use crate::protocol::control::{NewKeys, Op};
+use crate::protocol::control::{KeyInfo, NewKeys, Op};
 use crate::store::ReplicaPath;
 use crate::{Error, Result};
 
 const KEY_PREFIX: &str = "sfk_";
 const ID_HEX: usize = 16;
 const SECRET_HEX: usize = 48;
+
+/// A key's last use is recorded at most this often: a busy key costs one write a
+/// minute, not one per session.
+pub const LAST_USED_GRANULARITY_SECS: i64 = 60;
+
+/// Columns added after the first release; added to an older `server.db` at open.
+const ADDED_COLUMNS: [(&str, &str); 2] = [("last_used_at", "INTEGER"), ("revoked_at", "INTEGER")];
 
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS keys(
@@ -140,16 +156,62 @@ fn split_key(key: &str) -> Option<(&str, &str)> {
 }
 
 impl Auth {
-    /// Opens (creating) `server.db` in `data_dir`.
+    /// Opens (creating) `server.db` in `data_dir`, owner-only (0600).
     pub fn open(data_dir: &Path) -> Result<Auth> {
         std::fs::create_dir_all(data_dir).map_err(|e| Error::io(data_dir, e))?;
         let auth = Auth {
             path: data_dir.join("server.db"),
         };
-        auth.conn()?
-            .execute_batch(SCHEMA)
-            .map_err(|e| Error::sqlite(&auth.path, e))?;
+        auth.tighten()?;
+        let conn = auth.conn()?;
+        let sql = |e| Error::sqlite(&auth.path, e);
+        conn.execute_batch(SCHEMA).map_err(sql)?;
+        let mut have = Vec::new();
+        {
+            let mut stmt = conn
+                .prepare("SELECT name FROM pragma_table_info('keys')")
+                .map_err(sql)?;
+            let names = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(sql)?;
+            for name in names {
+                have.push(name.map_err(sql)?);
+            }
+        }
+        for (column, ty) in ADDED_COLUMNS {
+            if !have.iter().any(|h| h == column) {
+                conn.execute_batch(&format!("ALTER TABLE keys ADD COLUMN {column} {ty}"))
+                    .map_err(sql)?;
+            }
+        }
+        // SQLite gives `-wal` and `-shm` the main file's mode; ones an older server
+        // made are tightened too.
+        auth.tighten()?;
         Ok(auth)
+    }
+
+    /// Creates `server.db` owner-only if it does not exist (SQLite would make it 0644),
+    /// and makes it and its `-wal` and `-shm` files 0600 if they are wider.
+    fn tighten(&self) -> Result<()> {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = self.path.clone().into_os_string();
+            name.push(suffix);
+            let path = PathBuf::from(name);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        Ok(())
     }
 
     fn conn(&self) -> Result<Connection> {
@@ -194,31 +256,110 @@ impl Auth {
         self.insert_key(&conn, KeyKind::Admin, None).map(Some)
     }
 
-    /// Who presented `key`; `None` when it is not a key of this server.
+    /// Who presented `key`; `None` when it is not a key of this server. A revoked key
+    /// is an [`Error::Auth`] saying so; a failure to read `server.db` is an error of
+    /// its own class (never a refusal: the caller tells the client the server failed).
     pub fn check(&self, key: &str) -> Result<Option<Principal>> {
         let Some((id, secret)) = split_key(key) else {
             return Ok(None);
         };
-        let row: Option<(Vec<u8>, String, Option<String>)> = self
-            .conn()?
+        let id = id.to_ascii_lowercase();
+        let conn = self.conn()?;
+        type Row = (Vec<u8>, String, Option<String>, Option<i64>, Option<i64>);
+        let row: Option<Row> = conn
             .query_row(
-                "SELECT secret_hash, kind, replica FROM keys WHERE id = ?1",
-                [id.to_ascii_lowercase()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                "SELECT secret_hash, kind, replica, last_used_at, revoked_at FROM keys WHERE id = ?1",
+                [&id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(|e| Error::sqlite(&self.path, e))?;
         let presented = secret_hash(&secret.to_ascii_lowercase());
-        Ok(match row {
-            Some((stored, kind, replica)) if constant_time_eq(&stored, &presented) => {
-                KeyKind::parse(&kind).map(|kind| Principal {
-                    key_id: id.to_ascii_lowercase(),
-                    kind,
-                    replica,
-                })
+        let Some((stored, kind, replica, last_used, revoked)) = row else {
+            return Ok(None);
+        };
+        if !constant_time_eq(&stored, &presented) {
+            return Ok(None);
+        }
+        if let Some(at) = revoked {
+            return Err(Error::Auth(format!(
+                "this key (sfk_{id}…) was revoked at {}",
+                rfc3339(at)
+            )));
+        }
+        let t = now();
+        if last_used.is_none_or(|l| t - l >= LAST_USED_GRANULARITY_SECS) {
+            // Bookkeeping only: a full disk must not refuse a good key.
+            if let Err(e) = conn.execute(
+                "UPDATE keys SET last_used_at = ?1 WHERE id = ?2",
+                params![t, &id],
+            ) {
+                tracing::debug!(key = %id, error = %e, "could not record the key's last use");
             }
-            _ => None,
-        })
+        }
+        Ok(KeyKind::parse(&kind).map(|kind| Principal {
+            key_id: id,
+            kind,
+            replica,
+        }))
+    }
+
+    /// The keys not revoked, oldest first; only those of `replica` when given.
+    pub fn list(&self, replica: Option<&ReplicaPath>) -> Result<Vec<KeyInfo>> {
+        let conn = self.conn()?;
+        let sql = |e| Error::sqlite(&self.path, e);
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, kind, replica, created_at, last_used_at, revoked_at FROM keys
+                 WHERE revoked_at IS NULL AND (?1 IS NULL OR replica = ?1)
+                 ORDER BY created_at, rowid",
+            )
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([replica.map(ReplicaPath::as_str)], key_info)
+            .map_err(sql)?;
+        rows.map(|r| r.map_err(sql)).collect()
+    }
+
+    /// Revokes the key with id `id` (of `replica`, when given) and returns it. The
+    /// admin key cannot be revoked; an unknown id (or one of another replica) is
+    /// [`Error::NotFound`]. Revoking a revoked key again changes nothing.
+    pub fn revoke(&self, id: &str, replica: Option<&ReplicaPath>) -> Result<KeyInfo> {
+        let id = id.to_ascii_lowercase();
+        let conn = self.conn()?;
+        let sql = |e| Error::sqlite(&self.path, e);
+        let found = conn
+            .query_row(
+                "SELECT id, kind, replica, created_at, last_used_at, revoked_at FROM keys WHERE id = ?1",
+                [&id],
+                key_info,
+            )
+            .optional()
+            .map_err(sql)?;
+        let mut key = match found {
+            Some(k) if replica.is_none_or(|r| k.replica.as_deref() == Some(r.as_str())) => k,
+            Some(_) | None => {
+                return Err(Error::NotFound(match replica {
+                    Some(r) => format!("no key {id} for replica {r} on this server"),
+                    None => format!("no key {id} on this server"),
+                }));
+            }
+        };
+        if key.kind == KeyKind::Admin.as_str() {
+            return Err(Error::Usage(format!(
+                "{id} is the admin key: it cannot be revoked (there would be no way in)"
+            )));
+        }
+        if key.revoked_at.is_none() {
+            let t = now();
+            conn.execute(
+                "UPDATE keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+                params![t, &id],
+            )
+            .map_err(sql)?;
+            key.revoked_at = Some(t);
+        }
+        Ok(key)
     }
 
     /// The id of `replica`, registering it when `create` is set.
@@ -258,6 +399,32 @@ impl Auth {
             pull: self.insert_key(&conn, KeyKind::Pull, Some(replica.as_str()))?,
         })
     }
+}
+
+fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
+    Ok(KeyInfo {
+        id: r.get(0)?,
+        kind: r.get(1)?,
+        replica: r.get(2)?,
+        created_at: r.get(3)?,
+        last_used_at: r.get(4)?,
+        revoked_at: r.get(5)?,
+    })
+}
+
+fn rfc3339(at: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(at.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The id in `arg`: a bare key id (16 hex digits), a masked key (`sfk_<id>…`) or a
+/// whole key (whose secret is ignored, never printed); `None` if it is none of these.
+pub fn key_id_of(arg: &str) -> Option<String> {
+    let id = arg.strip_prefix(KEY_PREFIX).unwrap_or(arg);
+    let id = id.get(..ID_HEX)?;
+    id.bytes()
+        .all(|b| b.is_ascii_hexdigit())
+        .then(|| id.to_ascii_lowercase())
 }
 
 /// A key with its secret replaced by `…`, for dry runs and logs.
@@ -315,6 +482,54 @@ mod tests {
         );
         assert_eq!(mask(&keys.pull), format!("sfk_{}…", &keys.pull[4..20]));
         assert!(!mask(&keys.pull).contains(&keys.pull[20..]));
+    }
+
+    #[test]
+    fn keys_are_listed_without_secrets_and_revoked() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let auth = Auth::open(dir.path()).expect("opens");
+        let mode = std::fs::metadata(dir.path().join("server.db"))
+            .expect("server.db")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "server.db is owner-only");
+        let admin = auth.ensure_admin().expect("creates").expect("first time");
+        let app = ReplicaPath::parse("acme/app.db").expect("valid");
+        let other = ReplicaPath::parse("acme/other.db").expect("valid");
+        let keys = auth.mint_replica_keys(&app).expect("mints");
+        auth.mint_replica_keys(&other).expect("mints");
+
+        let all = auth.list(None).expect("lists");
+        assert_eq!(all.len(), 5);
+        let text = serde_json::to_string(&all).expect("json");
+        for key in [&admin, &keys.push, &keys.pull] {
+            assert!(!text.contains(&key[20..]), "no secret in {text}");
+        }
+        let of_app = auth.list(Some(&app)).expect("lists");
+        assert_eq!(of_app.len(), 2);
+        assert!(
+            of_app
+                .iter()
+                .all(|k| k.replica.as_deref() == Some("acme/app.db"))
+        );
+
+        let pull_id = key_id_of(&keys.pull).expect("an id");
+        let e = auth
+            .revoke(&pull_id, Some(&other))
+            .expect_err("other replica");
+        assert_eq!(e.kind(), crate::ErrorKind::NotFound);
+        let revoked = auth.revoke(&pull_id, Some(&app)).expect("revokes");
+        assert!(revoked.revoked_at.is_some());
+        let e = auth.check(&keys.pull).expect_err("revoked");
+        assert!(e.to_string().contains("revoked"), "{e}");
+        assert_eq!(auth.list(Some(&app)).expect("lists").len(), 1);
+        let admin_id = key_id_of(&admin).expect("an id");
+        let e = auth.revoke(&admin_id, None).expect_err("admin stays");
+        assert!(e.to_string().contains("admin key"), "{e}");
+        assert!(auth.check(&keys.push).expect("checks").is_some());
+        let used = auth.list(Some(&app)).expect("lists");
+        assert!(used[0].last_used_at.is_some(), "last use recorded");
     }
 
     #[test]

@@ -9,12 +9,13 @@
 //! - `POST /api/replicas/<namespace>/<name>/sync`: ask every running subscriber to sync
 //!   now (PUSH or admin key); answers at once with how many were reached.
 //!
-//! Errors are JSON too: `{"error": "…"}` with the matching status code.
+//! Errors are JSON too: `{"error": "…"}` with the matching status code; a failure of
+//! the server's own files (a full disk) is `503`, never `401` or `500`.
 
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Request, State, Status, authenticate, respond};
+use super::{Request, State, Status, authenticate, fault, refusal, respond};
 use crate::protocol::control::Op;
 use crate::store::ReplicaPath;
 use crate::{ErrorKind, Result};
@@ -62,7 +63,10 @@ where
     }
     let principal = match authenticate(state, request).await {
         Ok(p) => p,
-        Err(e) => return respond(stream, 401, &json!({"error": e.to_string()})).await,
+        Err(e) => {
+            let (status, body) = refusal(&e);
+            return respond(stream, status, &body).await;
+        }
     };
     let replica = match ReplicaPath::parse(replica) {
         Ok(r) => r,
@@ -85,13 +89,19 @@ where
     let r = replica.clone();
     let versions = tokio::task::spawn_blocking(move || store.versions(&r))
         .await
-        .map_err(|e| crate::Error::Protocol(e.to_string()))?;
+        .map_err(crate::Error::from)
+        .and_then(|v| v)
+        .map_err(|e| fault::server_side(e, state.store.root()));
     let versions = match versions {
         Ok(v) => v,
         // A replica with subscribers but no version yet still has a status.
         Err(e) if e.kind() == ErrorKind::NotFound && endpoint == Endpoint::Status => Vec::new(),
         Err(e) if e.kind() == ErrorKind::NotFound => {
             return respond(stream, 404, &json!({"error": e.to_string()})).await;
+        }
+        Err(e) if e.kind() == ErrorKind::Server || e.kind() == ErrorKind::Bug => {
+            tracing::error!(%replica, key = %principal.key_id, error = %e, "API request failed");
+            return respond(stream, 503, &json!({"error": e.to_string()})).await;
         }
         Err(e) => return respond(stream, 500, &json!({"error": e.to_string()})).await,
     };

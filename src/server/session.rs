@@ -7,8 +7,10 @@
 //! list. Subscribe: `OPEN` → `CONFIG` (the latest version), then NEWREPLICAVERSION and
 //! SYNCNOW from the hub, CHANGED and REPORT from a push subscriber, and a ping every
 //! [`PING_INTERVAL`], until either side closes. Sync-now: `OPEN` → `CONFIG` with the number
-//! of subscribers reached. Any failure is answered with one `ERROR` frame, then the
-//! connection closes.
+//! of subscribers reached. Keys (admin key only): `OPEN` → `CONFIG` with the key list,
+//! or with the key revoked. Any failure is answered with one `ERROR` frame, then the
+//! connection closes; a failure of the server's own files is a `ServerError` (the
+//! `fault` module) and is logged at error level with the replica and key id.
 
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 
+use super::fault::{self, OwnFaults};
 use super::{Event, KeyKind, Principal, State};
 use crate::engine::{NoProgress, Role, run_origin, run_replica};
 use crate::protocol::control::{
@@ -48,17 +51,36 @@ impl From<Error> for Failure {
     }
 }
 
-/// Runs a session to its end; a failure is reported to the client once, then logged.
+/// The most of a replica name a log line shows (OPEN may carry a long one).
+const LOGGED_REPLICA_CHARS: usize = 300;
+
+/// Runs a session to its end; a failure is reported to the client once, then logged
+/// (at error level when it is the server's own).
 pub(super) async fn run<S>(mut ws: WebSocketStream<S>, state: &State, principal: &Principal)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let failure = session(&mut ws, state, principal).await.err();
-    if let Some(Failure::Reported(e)) = &failure {
-        tracing::info!(key = %principal.key_id, error = %e, "session failed");
+    let mut replica = String::new();
+    let failure = session(&mut ws, state, principal, &mut replica).await.err();
+    let replica: String = replica.chars().take(LOGGED_REPLICA_CHARS).collect();
+    let (e, report) = match failure {
+        None => {
+            let _ = ws.close(None).await;
+            return;
+        }
+        Some(Failure::Report(e)) => (fault::server_side(e, state.store.root()), true),
+        // A panicked engine thread reported nothing.
+        Some(Failure::Reported(e)) => {
+            let bug = e.kind() == ErrorKind::Bug;
+            (e, bug)
+        }
+    };
+    if matches!(e.kind(), ErrorKind::Server | ErrorKind::Bug) {
+        tracing::error!(%replica, key = %principal.key_id, error = %e, "session failed on the server's side");
+    } else {
+        tracing::info!(%replica, key = %principal.key_id, error = %e, "session failed");
     }
-    if let Some(Failure::Report(e)) = failure {
-        tracing::info!(key = %principal.key_id, error = %e, "session failed");
+    if report {
         // The peer may have gone already (that may be the failure); try anyway.
         if !matches!(e, Error::Disconnected(_) | Error::Remote { .. }) {
             let frame = Frame::Error {
@@ -84,15 +106,14 @@ fn decode_control(bytes: &[u8]) -> Result<Control> {
 
 /// Runs blocking store work off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Protocol(format!("the store failed: {e}")))?
+    tokio::task::spawn_blocking(f).await?
 }
 
 async fn session<S>(
     ws: &mut WebSocketStream<S>,
     state: &State,
     principal: &Principal,
+    name: &mut String,
 ) -> Result<(), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -112,6 +133,10 @@ where
         ))
         .into());
     }
+    name.clone_from(&open.replica);
+    if matches!(open.op, Op::Keys | Op::RevokeKey) {
+        return Ok(keys(ws, state, principal, &open).await?);
+    }
     let replica = ReplicaPath::parse(&open.replica)?;
     principal.authorize(open.op, &replica)?;
     match open.op {
@@ -126,7 +151,56 @@ where
             c.reached = Some(reached);
             Ok(send_control(ws, Control::Config(c)).await?)
         }
+        // Answered above, before the replica path (which they may leave empty).
+        Op::Keys | Op::RevokeKey => Ok(keys(ws, state, principal, &open).await?),
     }
+}
+
+/// `keys` and `revoke-key`: the admin key lists or revokes keys; CONFIG carries the
+/// list (ids and facts, never a secret).
+async fn keys<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+    open: &Open,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if principal.kind != KeyKind::Admin {
+        return Err(Error::Auth(format!(
+            "only the admin key may list or revoke keys; this is a {} key",
+            principal.kind.as_str().to_uppercase()
+        )));
+    }
+    let filter = match open.replica.as_str() {
+        "" => None,
+        r => Some(ReplicaPath::parse(r)?),
+    };
+    let auth = state.auth.clone();
+    let (op, f) = (open.op, filter.clone());
+    let target = open.key_id.clone();
+    let list = blocking(move || match op {
+        Op::RevokeKey => {
+            let id = target
+                .as_deref()
+                .and_then(super::key_id_of)
+                .ok_or_else(|| Error::Usage("revoke-key needs a key id (16 hex digits)".into()))?;
+            Ok(vec![auth.revoke(&id, f.as_ref())?])
+        }
+        _ => auth.list(f.as_ref()),
+    })
+    .await?;
+    if let (Op::RevokeKey, Some(k)) = (open.op, list.first()) {
+        tracing::info!(revoked = %k.id, key = %principal.key_id, "key revoked");
+    }
+    let c = Config {
+        path: open.replica.clone(),
+        key_type: principal.kind.as_str().into(),
+        key_list: Some(list),
+        ..Config::default()
+    };
+    send_control(ws, Control::Config(c)).await
 }
 
 fn config(
@@ -305,12 +379,15 @@ where
         Control::Config(config(principal, replica, id.unwrap_or_default(), number)),
     )
     .await?;
+    let data = state.store.root().to_owned();
     let (result, _) = run_engine(
         ws,
         Role::Origin,
         Vec::new(),
         Some(SYNC_IDLE_TIMEOUT),
-        move |link| run_origin(&mut reader, link, &NoProgress).map(drop),
+        move |link| {
+            run_origin(&mut OwnFaults::new(&mut reader, &data), link, &NoProgress).map(drop)
+        },
     )
     .await;
     // The engine reported its own failure to the client already.
@@ -381,14 +458,20 @@ where
         key_id: principal.key_id.clone(),
     };
     let (store, r) = (state.store.clone(), replica.clone());
+    let data = state.store.root().to_owned();
     let (result, _) = run_engine(
         ws,
         Role::Replica,
         vec![first_sync],
         Some(SYNC_IDLE_TIMEOUT),
         move |link| {
-            let mut writer = store.push(&r, options)?;
-            run_replica(&mut writer, link)?;
+            let mut writer = match store.push(&r, options) {
+                Ok(w) => w,
+                // The engine has not started, so it reports nothing: tell the client
+                // here, or it would only see the connection close.
+                Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
+            };
+            run_replica(&mut OwnFaults::new(&mut writer, &data), link)?;
             let (version, created) = writer.outcome().expect("a committed push has an outcome");
             Ok((version.clone(), created))
         },

@@ -12,6 +12,9 @@
 //! - `fuzz`: arbitrary frame sequences (proptest) on real sessions change nothing, end,
 //!   and leave the server serving.
 //! - `concurrent`: two pushers racing for one replica, twenty pullers of one version.
+//! - `faults`: a full disk (a real tmpfs), a failing store, a panic, bad starts and a
+//!   second server on one data directory, each named for what it is; keys listed and
+//!   revoked.
 //! - `shutdown`: SIGTERM stops an idle server at once, and lets a push in flight end
 //!   cleanly.
 //! - `tls`: `serve --tls-cert --tls-key` with a private CA made in the test: wss:// and
@@ -23,6 +26,7 @@
 
 mod auth;
 mod concurrent;
+mod faults;
 mod fuzz;
 mod kill;
 mod paths;
