@@ -181,6 +181,11 @@ fn case() -> impl Strategy<Value = Case> {
 /// Sends the case on a fresh session while reading everything the server says, then
 /// closes and waits for the session to end. Fails if it does not end in time; returns
 /// the type bytes of the frames the server sent.
+///
+/// Where an honest client would wait for the server (CONFIG after OPEN, the origin's
+/// BEGIN of a pull, READY after a push's BEGIN), this one waits too before sending the
+/// rest, so the sequences reach the sync's later states whatever the timing; after
+/// that it sends without waiting.
 async fn run(server: &TestServer, pull_key: &str, case: &Case) -> Result<Vec<u8>, String> {
     let key = if case.pull_key {
         pull_key
@@ -189,19 +194,39 @@ async fn run(server: &TestServer, pull_key: &str, case: &Case) -> Result<Vec<u8>
     };
     let ws = connect(server, key).await;
     let (mut sink, mut stream) = ws.split();
+    let (types_tx, mut types) = tokio::sync::mpsc::unbounded_channel();
     // Whatever the server sends is read, so it never waits on this client.
     let reader = tokio::spawn(async move {
         let mut seen = Vec::new();
         while let Some(Ok(m)) = stream.next().await {
             if let Message::Binary(b) = m {
                 seen.extend(b.first().copied());
+                let _ = types_tx.send(b.first().copied());
             }
         }
         seen
     });
-    let mut messages = Vec::new();
+    // The type of the server's next frame; `None` once the session is over.
+    let mut next_type = async || {
+        tokio::time::timeout(END_TIMEOUT, types.recv())
+            .await
+            .ok()
+            .flatten()
+            .flatten()
+    };
+    let op = |name: &str| case.open.as_ref().is_some_and(|o| o["op"] == name);
+    let mut open_ok = false;
     if let Some(open) = &case.open {
-        messages.push(open_frame(open));
+        if sink
+            .send(Message::Binary(open_frame(open).into()))
+            .await
+            .is_ok()
+        {
+            open_ok = next_type().await == Some(0x51);
+            if open_ok && op("pull") {
+                next_type().await;
+            }
+        }
     }
     if let Some(page_count) = case.begin {
         let mut out = Vec::new();
@@ -213,12 +238,13 @@ async fn run(server: &TestServer, pull_key: &str, case: &Case) -> Result<Vec<u8>
             flags: 0,
         }
         .encode(&mut out);
-        messages.push(out);
+        if sink.send(Message::Binary(out.into())).await.is_ok() && open_ok && op("push") {
+            next_type().await;
+        }
     }
-    messages.extend(case.messages.iter().cloned());
-    for m in messages {
+    for m in &case.messages {
         // A session the server ended refuses further sends: that is an answer too.
-        if sink.send(Message::Binary(m.into())).await.is_err() {
+        if sink.send(Message::Binary(m.clone().into())).await.is_err() {
             break;
         }
     }
