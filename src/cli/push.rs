@@ -37,8 +37,15 @@ LOCAL is only read, in one read transaction: an application writing it in WAL mo
 waits. Only the pages that differ are sent. A local copy changes in one transaction after \
 its digest has been checked; a replica gets a new version only when complete and verified, \
 and only if something changed.\n\n\
-A push is based on the version LOCAL was last pushed or pulled as. If the replica has moved \
-past it, the push is refused with VERSION_CONFLICT (exit 6): pull first, or use --force.")]
+A push is based on the version LOCAL was last pushed or pulled as, with this replica on this \
+store. If the replica has moved past it, the push is refused with VERSION_CONFLICT (exit 6) and \
+nothing changes: to compare, pull the replica into another file (sqlferry pull REMOTE other.db); \
+--force replaces the replica's latest version with LOCAL. (A pull into LOCAL itself refuses to \
+overwrite changes that were never pushed, exit 9.)\n\n\
+LOCAL must pass PRAGMA quick_check, run in the read transaction that is pushed: a damaged \
+database is refused with exit 7 and replaces nothing; --allow-corrupt pushes it anyway.\n\n\
+Without --server, SQLFERRY_SERVER or a configured server, a LOCAL whose PUSH key is saved \
+goes to the server that key is for (stderr says so); otherwise to the embedded store.")]
 pub struct PushArgs {
     /// The database to push (read-only; a live database is fine).
     pub local: String,
@@ -53,6 +60,10 @@ pub struct PushArgs {
     /// Say what would happen, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Push LOCAL even if it fails `PRAGMA quick_check` (a damaged database then
+    /// replaces the copy or becomes the replica's latest version).
+    #[arg(long)]
+    pub allow_corrupt: bool,
     /// Print one JSON object with the figures on stdout.
     #[arg(long, conflicts_with = "subscribe")]
     pub json: bool,
@@ -83,10 +94,13 @@ impl PushArgs {
             ))
             .into());
         }
-        let server = self.connection.resolve()?;
+        let server = self
+            .connection
+            .resolve_for(&local, &replica, global.quiet)?;
         let mut pusher = Pusher::new(&local, replica, server, self.connection.key.clone())?;
         pusher.message = self.message.clone();
         pusher.force = self.force;
+        pusher.allow_corrupt = self.allow_corrupt;
         if self.subscribe {
             return super::subscribe::run_push(pusher, &self.timing, global);
         }
@@ -202,6 +216,9 @@ impl PushArgs {
             return Ok(ExitCode::from(exit::OK));
         }
         let mut source = Snapshot::open(src).context("cannot read LOCAL")?;
+        if !self.allow_corrupt {
+            crate::remote::check_source(&source)?;
+        }
         let mut target = Writer::open(&dest).context("cannot write REMOTE")?;
         let bar = Bar::new(!global.quiet && !self.json);
         let stats = sync_local(&mut source, &mut target, &bar)
@@ -248,6 +265,8 @@ pub struct Pusher {
     pub message: String,
     /// Push even if the replica moved past the base version.
     pub force: bool,
+    /// Push even if LOCAL fails `PRAGMA quick_check`.
+    pub allow_corrupt: bool,
 }
 
 impl Pusher {
@@ -281,6 +300,7 @@ impl Pusher {
             stored,
             message: String::new(),
             force: false,
+            allow_corrupt: false,
         })
     }
 
@@ -299,8 +319,7 @@ impl Pusher {
 
     /// The request the next push makes.
     pub fn request(&self) -> PushRequest {
-        let last = history::last(&self.local)
-            .filter(|l| l.server == self.server.url() && l.replica == self.replica.as_str());
+        let last = history::last_with(&self.database, &self.server.url(), self.replica.as_str());
         PushRequest {
             database: Some(self.database.clone()),
             options: PushOptions {
@@ -314,6 +333,7 @@ impl Pusher {
             // Without a stored PUSH key, ask for keys: an admin key's first push of a
             // replica then leaves a PUSH key here and a PULL key in the sidecar.
             key_request: self.server.needs_key() && !self.stored,
+            allow_corrupt: self.allow_corrupt,
         }
     }
 
@@ -339,16 +359,15 @@ impl Pusher {
         ));
         let mut notes = Vec::new();
         if let Some(keys) = &outcome.keys {
-            let mut secrets = crate::config::Secrets::load()?;
-            secrets.databases.insert(
-                self.database.to_string_lossy().into_owned(),
-                Secret {
-                    server: self.server.url(),
-                    replica: replica.to_string(),
-                    key: keys.push.clone(),
-                },
-            );
-            let secrets_path = secrets.save()?;
+            let entry = Secret {
+                server: self.server.url(),
+                replica: replica.to_string(),
+                key: keys.push.clone(),
+            };
+            let name = self.database.to_string_lossy().into_owned();
+            let secrets_path = crate::config::Secrets::update(|secrets| {
+                secrets.databases.insert(name, entry);
+            })?;
             let sidecar = Sidecar {
                 server: self.server.url(),
                 replica: replica.to_string(),
