@@ -124,10 +124,12 @@ impl RemoteArgs {
     }
 
     /// The server for a command on the local database `local` (push, pull): as
-    /// [`RemoteArgs::resolve`], except that when no store is named at all (no
-    /// `--server`, no `SQLFERRY_SERVER`, no setting) and the secrets file keeps a key
-    /// for `local` on a server, that server is used and stderr says so: a database
-    /// pushed to a server is never silently synced with the embedded store instead.
+    /// [`RemoteArgs::resolve`], except when no store is named at all (no `--server`,
+    /// no `SQLFERRY_SERVER`, no setting) and the secrets file keeps a key for `local`
+    /// on a server: a database pushed to a server is never silently synced with the
+    /// embedded store instead. For the replica that key is for, that server is used,
+    /// and stderr says so; for another replica the command is refused, naming both
+    /// choices, since either store could be meant.
     fn resolve_for(
         &self,
         local: &Path,
@@ -145,22 +147,26 @@ impl RemoteArgs {
             .flatten()
             .find_map(|db| secrets.for_database(db));
         match saved {
-            Some(saved) => {
+            Some(saved) if saved.replica == replica.as_str() => {
                 if !quiet {
-                    let which = if saved.replica == replica.as_str() {
-                        String::new()
-                    } else {
-                        format!(" (for {})", saved.replica)
-                    };
                     eprintln!(
-                        "sqlferry: using {}, the server {} was pushed to{which} (its key is in the \
-                         secrets file); --server names another store",
+                        "sqlferry: using {}, the server {} was pushed to as {replica} (its key is \
+                         in the secrets file); --server names another store",
                         saved.server,
                         local.display()
                     );
                 }
                 crate::remote::Server::parse(Some(&saved.server))
             }
+            Some(saved) => Err(crate::Error::Usage(format!(
+                "{} was pushed to {} on {}, and no store is named for {replica}: add \
+                 --server {} for that server, or --server {} for the embedded store",
+                local.display(),
+                saved.replica,
+                saved.server,
+                saved.server,
+                self.resolve()?.url()
+            ))),
             None => self.resolve(),
         }
     }

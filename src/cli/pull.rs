@@ -366,7 +366,10 @@ impl Puller {
             s => format!("{replica}@{s}"),
         };
         crate::Error::LocalChanges(format!(
-            "{local} has changes that were never pushed: {}; pulling would overwrite them, so              nothing was changed. To keep them, push them (sqlferry push {local} {replica}{server})              or pull into another file (sqlferry pull {spec} {}{server}); to overwrite them:              sqlferry pull {spec} {local}{server} --force",
+            "{local} has changes that were never pushed: {}; pulling would overwrite them, so \
+             nothing was changed. To keep them, push them (sqlferry push {local} {replica}{server}) \
+             or pull into another file (sqlferry pull {spec} {}{server}); to overwrite them: \
+             sqlferry pull {spec} {local}{server} --force",
             change.why,
             other_file(&self.local).display(),
         ))

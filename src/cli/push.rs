@@ -45,7 +45,8 @@ overwrite changes that were never pushed, exit 9.)\n\n\
 LOCAL must pass PRAGMA quick_check, run in the read transaction that is pushed: a damaged \
 database is refused with exit 7 and replaces nothing; --allow-corrupt pushes it anyway.\n\n\
 Without --server, SQLFERRY_SERVER or a configured server, a LOCAL whose PUSH key is saved \
-goes to the server that key is for (stderr says so); otherwise to the embedded store.")]
+goes to the server that key is for when REMOTE is that key's replica (stderr says so), and \
+is refused for another replica (name its store); otherwise it goes to the embedded store.")]
 pub struct PushArgs {
     /// The database to push (read-only; a live database is fine).
     pub local: String,
@@ -167,6 +168,11 @@ impl PushArgs {
         let base = request.options.base;
         let size = u64::from(snap.page_count()) * u64::from(snap.page_size());
         let conflict = !self.force && latest.is_some() && latest != base;
+        // The real push checks first, so a damaged LOCAL is refused before a conflict.
+        let damaged = match self.allow_corrupt {
+            true => None,
+            false => crate::remote::check_source(&snap).err(),
+        };
         let key = request.key.as_deref().map_or("no key".to_owned(), |k| {
             format!("key {}", crate::server::mask(k))
         });
@@ -177,6 +183,13 @@ impl PushArgs {
             snap.page_count(),
             server.url(),
             match (latest, conflict) {
+                _ if damaged.is_some() => format!(
+                    "refused (exit 7), {}",
+                    damaged
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                ),
                 (_, true) => format!(
                     "refused, VERSION_CONFLICT: the replica is at version {}, LOCAL is based on {}",
                     latest.unwrap_or(0),
@@ -186,7 +199,9 @@ impl PushArgs {
                 (Some(n), _) => format!("version {} if anything changed since version {n}", n + 1),
             }
         ))?;
-        Ok(ExitCode::from(if conflict {
+        Ok(ExitCode::from(if damaged.is_some() {
+            exit::VERIFY
+        } else if conflict {
             exit::CONFLICT
         } else {
             exit::OK
@@ -207,13 +222,24 @@ impl PushArgs {
         }
         if self.dry_run {
             let snap = Snapshot::open(src).context("cannot read LOCAL")?;
+            let damaged = match self.allow_corrupt {
+                true => None,
+                false => crate::remote::check_source(&snap).err(),
+            };
             out(format_args!(
-                "would sync {} ({} pages) into {}",
+                "would sync {} ({} pages) into {}{}",
                 src.display(),
                 snap.page_count(),
-                dest.display()
+                dest.display(),
+                damaged
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(": refused (exit 7), {e}"))
             ))?;
-            return Ok(ExitCode::from(exit::OK));
+            return Ok(ExitCode::from(if damaged.is_some() {
+                exit::VERIFY
+            } else {
+                exit::OK
+            }));
         }
         let mut source = Snapshot::open(src).context("cannot read LOCAL")?;
         if !self.allow_corrupt {

@@ -237,6 +237,13 @@ fn a_database_pushed_to_a_server_goes_there_without_server_flag() {
         ],
     );
     assert_eq!(util::code(&out), EXIT_NOT_FOUND, "{}", util::stdout(&out));
+    // Another replica: either store could be meant, so none is picked.
+    let out = run(&m, &["push", "app.db", "acme/other.db"]);
+    let line = assert_fails(&out, 2, "--server");
+    assert!(
+        line.contains(&server.url) && line.contains("file://"),
+        "{line}"
+    );
     // A pull into it comes from the server too (here: already at its latest version).
     let out = run(&m, &["pull", "acme/app.db", "--json"]);
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
@@ -255,7 +262,7 @@ fn a_database_pushed_to_a_server_goes_there_without_server_flag() {
 
 #[test]
 fn concurrent_first_pushes_keep_every_push_key() {
-    const N: usize = 24;
+    const N: usize = 40;
     let dir = TempDir::new().unwrap();
     let server = TestServer::start(dir.path());
     let m = Machine::new(dir.path(), "m");
@@ -398,6 +405,16 @@ fn a_push_of_a_damaged_database_is_refused_unless_allowed() {
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
     let backup = util::digest(&m.path("backup.db"));
     damaged_db(&m.path("bad.db"));
+    // --dry-run says so, with the real run's exit status.
+    for dest in ["./backup.db", "acme/app.db"] {
+        let out = run(&m, &["push", "bad.db", dest, "--dry-run"]);
+        assert_eq!(util::code(&out), EXIT_VERIFY, "{}", util::stderr(&out));
+        assert!(
+            util::stdout(&out).contains("quick_check"),
+            "{}",
+            util::stdout(&out)
+        );
+    }
     for dest in ["./backup.db", "acme/app.db"] {
         let out = run(&m, &["push", "bad.db", dest, "--force"]);
         let line = assert_fails(&out, EXIT_VERIFY, "quick_check");
