@@ -450,3 +450,35 @@ fn a_push_of_a_damaged_database_is_refused_unless_allowed() {
     );
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
 }
+
+#[test]
+fn a_base_recorded_before_records_were_kept_per_replica_is_still_used() {
+    use sha2::Digest as _;
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path());
+    let m = Machine::new(dir.path(), "m");
+    writer_db(&m.path("app.db"), 5);
+    first_push(&server, &m, "app.db", "acme/app.db");
+    // What an older sqlferry left: only the per-database record, named by the SHA-256
+    // of the database's path.
+    let db = m.work.canonicalize().unwrap().join("app.db");
+    let old_name = format!(
+        "{}.json",
+        &sqlferry::page::hex(&sha2::Sha256::digest(db.as_os_str().as_encoded_bytes()).into())[..32]
+    );
+    let history = m.work.parent().unwrap().join("home/state/sqlferry/history");
+    let mut kept = 0;
+    for entry in std::fs::read_dir(&history).expect("history dir") {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() == old_name.as_str() {
+            kept += 1;
+        } else {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    assert_eq!(kept, 1, "the per-database record is where it was");
+    commit_rows(&m.path("app.db"), 6..=6);
+    let out = m.run_on(&server, ["push", "app.db", "acme/app.db"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert_eq!(server.version_numbers("acme/app.db"), [1, 2]);
+}
