@@ -34,9 +34,12 @@ readers of LOCAL keep reading and see the old database or the new one, never a m
 the pages that differ are written. LOCAL keeps its journal mode; a new LOCAL takes the \
 version's.\n\n\
 Keys (servers only): --key, SQLFERRY_KEY, the sidecar's PULL key with --from, or the key \
-saved for LOCAL by an earlier push.
-
-A pull never overwrites changes that were never pushed: when LOCAL changed since its last push or pull of this replica (or exists, was never synced with it, and differs from the version pulled), the pull is refused with exit 9 and LOCAL is left as it was. Keep the changes by pushing them (sqlferry push LOCAL REMOTE), or pull into another file; --force overwrites them. --dry-run says what a pull would do, and whether it would be refused.")]
+saved for LOCAL by an earlier push.\n\n\
+A pull never overwrites changes that were never pushed: when LOCAL changed since its last \
+push or pull of this replica (or exists, was never synced with it, and differs from the \
+version pulled), the pull is refused with exit 9 and LOCAL is left as it was. Keep the \
+changes by pushing them (sqlferry push LOCAL REMOTE), or pull into another file; --force \
+overwrites them. --dry-run says what a pull would do, and whether it would be refused.")]
 pub struct PullArgs {
     /// The replica, with an optional version: namespace/name[@N|@latest|@latest-N].
     #[arg(required_unless_present = "from")]
@@ -235,6 +238,7 @@ impl Puller {
             let change = match kept.digest.clone() {
                 // Our own last pull is the base.
                 Some(ours) => {
+                    tracing::debug!(path = %local.display(), "LOCAL may be written since the last pull: checking its digest");
                     let now = local_digest(local)?;
                     (now.as_deref().is_some_and(|n| n != ours)).then(|| LocalChange {
                         why: "it was written by another program since this subscriber's last pull"
