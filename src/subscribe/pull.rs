@@ -169,7 +169,6 @@ pub async fn run(
                         // LOCAL holds changes no sync carried: retrying would not make
                         // them go away, and overwriting them is not ours to decide.
                         if super::error_kind(&e) == Some(crate::ErrorKind::LocalChanges) {
-                            line.err(format!("pull ({}) refused: {e:#}", reason.as_str()));
                             return Err(Error::LocalChanges(format!("{e:#}")));
                         }
                         failures += 1;
