@@ -126,6 +126,54 @@ impl RemoteArgs {
         }
     }
 
+    /// The server for a command on the local database `local` (push, pull): as
+    /// [`RemoteArgs::resolve`], except when no store is named at all (no `--server`,
+    /// no `SQLFERRY_SERVER`, no setting) and the secrets file keeps a key for `local`
+    /// on a server: a database pushed to a server is never silently synced with the
+    /// embedded store instead. For the replica that key is for, that server is used,
+    /// and stderr says so; for another replica the command is refused, naming both
+    /// choices, since either store could be meant.
+    fn resolve_for(
+        &self,
+        local: &Path,
+        replica: &crate::store::ReplicaPath,
+        quiet: bool,
+    ) -> crate::Result<crate::remote::Server> {
+        if self.server.is_some() || crate::config::Settings::load()?.server.is_some() {
+            return self.resolve();
+        }
+        let database = crate::config::database_key(local);
+        let absolute = std::path::absolute(local).ok();
+        let secrets = crate::config::Secrets::load()?;
+        let saved = [Some(&database), absolute.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|db| secrets.for_database(db));
+        match saved {
+            Some(saved) if saved.replica == replica.as_str() => {
+                if !quiet {
+                    eprintln!(
+                        "sqlferry: using {}, the server {} was pushed to as {replica} (its key is \
+                         in the secrets file); --server names another store",
+                        saved.server,
+                        local.display()
+                    );
+                }
+                crate::remote::Server::parse(Some(&saved.server))
+            }
+            Some(saved) => Err(crate::Error::Usage(format!(
+                "{} was pushed to {} on {}, and no store is named for {replica}: add \
+                 --server {} for that server, or --server {} for the embedded store",
+                local.display(),
+                saved.replica,
+                saved.server,
+                saved.server,
+                self.resolve()?.url()
+            ))),
+            None => self.resolve(),
+        }
+    }
+
     /// The key: `--key` or `SQLFERRY_KEY`, else one saved for `replica` on `server`
     /// (the one saved for `database` first; a PUSH key also pulls and lists).
     fn key_for(

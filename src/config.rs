@@ -96,7 +96,9 @@ pub struct Secret {
 }
 
 /// The secrets file: PUSH keys by database absolute path, so a push from cron needs no
-/// flag. JSON, mode 0600, replaced atomically on every change.
+/// flag. JSON, mode 0600, replaced atomically on every change; every change is a
+/// read-modify-write under an exclusive lock ([`Secrets::update`]), so concurrent
+/// first pushes on one machine never lose one another's keys.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Secrets {
@@ -127,7 +129,8 @@ impl Secrets {
     }
 
     /// Writes the secrets file: a new file with mode 0600, renamed over the old one, so
-    /// no reader ever sees it half-written or readable by others.
+    /// no reader ever sees it half-written or readable by others. To change what is
+    /// saved, use [`Secrets::update`], which also keeps other processes' changes.
     pub fn save(&self) -> crate::Result<PathBuf> {
         let path = Self::path().ok_or_else(|| {
             crate::Error::Usage("no config directory: set HOME or XDG_CONFIG_HOME".into())
@@ -142,6 +145,44 @@ impl Secrets {
             0o600,
         )?;
         Ok(path)
+    }
+
+    /// The lock file that serializes changes of the secrets file: beside it, with
+    /// `.lock` appended. It is never removed (removing it would let two processes lock
+    /// two different files).
+    fn lock_path() -> Option<PathBuf> {
+        Some(config_dir()?.join("secrets.json.lock"))
+    }
+
+    /// Changes the secrets file: takes an exclusive lock on its lock file (waiting for
+    /// other processes doing the same), reads the file, applies `change`, writes it
+    /// atomically, and releases the lock. Returns the file's path. Without the lock,
+    /// two processes that read it at once each write their own key only, and one key
+    /// is lost.
+    pub fn update(change: impl FnOnce(&mut Secrets)) -> crate::Result<PathBuf> {
+        let lock_path = Self::lock_path().ok_or_else(|| {
+            crate::Error::Usage("no config directory: set HOME or XDG_CONFIG_HOME".into())
+        })?;
+        let dir = lock_path.parent().expect("the lock path has a directory");
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        let lock = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&lock_path)
+                .map_err(|e| crate::Error::io(&lock_path, e))?
+        };
+        // flock(2): released when `lock` is closed, also if this process dies.
+        lock.lock().map_err(|e| crate::Error::io(&lock_path, e))?;
+        let mut secrets = Secrets::load()?;
+        change(&mut secrets);
+        let path = secrets.save();
+        drop(lock);
+        path
     }
 
     /// The saved key for `replica` on `server`: the one saved for `database` if given

@@ -1,15 +1,22 @@
-//! The local record of syncs: for each local database, the server, replica and version
-//! it was last pushed or pulled as. A push uses it as its base version, so a replica
-//! that moved meanwhile is detected (VERSION_CONFLICT) instead of overwritten.
+//! The local record of syncs: for each local database and each replica on each server
+//! it was synced with, the version and digest it was last pushed or pulled as. A push
+//! uses it as its base version, so a replica that moved meanwhile is detected
+//! (VERSION_CONFLICT) instead of overwritten; a pull uses its digest to tell whether the
+//! local database changed since, so it never overwrites changes that were not pushed.
 //!
-//! One small JSON file per database under `$XDG_STATE_HOME/sqlferry/history/`, written
-//! atomically (temporary file + rename), keyed by the database's absolute path.
+//! Invariant: a record is kept per (database, server, replica), never per database only:
+//! pushing `live.db` once to another replica, or to another server, must not lose the
+//! base of its usual replica. Small JSON files under `$XDG_STATE_HOME/sqlferry/history/`,
+//! written atomically (temporary file + rename): one per (database, server, replica),
+//! and one per database holding its latest sync of any replica ([`last`]). Records
+//! written before the per-replica files existed are the per-database file alone; they
+//! are read as the per-replica record when they name the same server and replica.
 
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-/// The last sync of one local database.
+/// One sync of a local database with one replica: what it held afterwards.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct LastSync {
@@ -53,43 +60,78 @@ impl LastSync {
 }
 
 /// `dir/<name>`, where name is 32 hex digits of the SHA-256 of `database`'s absolute
-/// path, then `suffix`: one file per local database.
-fn keyed_path(dir: PathBuf, database: &Path, suffix: &str) -> Option<PathBuf> {
+/// path (and, when `with` is given, of the server URL and the replica path too), then
+/// `suffix`: one file per local database, or per (database, server, replica).
+fn keyed_path(
+    dir: PathBuf,
+    database: &Path,
+    with: Option<(&str, &str)>,
+    suffix: &str,
+) -> Option<PathBuf> {
     let abs = crate::config::database_key(database);
-    let key = Sha256::digest(abs.as_os_str().as_encoded_bytes());
+    let mut hasher = Sha256::new();
+    hasher.update(abs.as_os_str().as_encoded_bytes());
+    if let Some((server, replica)) = with {
+        // NUL separates the parts: it is in neither a path nor a URL.
+        for part in [server, replica] {
+            hasher.update([0u8]);
+            hasher.update(part.as_bytes());
+        }
+    }
+    let key = hasher.finalize();
     Some(dir.join(format!("{}{suffix}", &crate::page::hex(&key.into())[..32])))
 }
 
-fn record_path(database: &Path) -> Option<PathBuf> {
+fn record_path(database: &Path, with: Option<(&str, &str)>) -> Option<PathBuf> {
     keyed_path(
         crate::config::state_dir()?.join("history"),
         database,
+        with,
         ".json",
     )
 }
 
-/// The last sync of `database`, if one was recorded.
-pub fn last(database: &Path) -> Option<LastSync> {
-    let text = std::fs::read_to_string(record_path(database)?).ok()?;
+fn read_record(path: Option<PathBuf>) -> Option<LastSync> {
+    let text = std::fs::read_to_string(path?).ok()?;
     serde_json::from_str(&text).ok()
 }
 
-/// Records a sync of `database`. A failure to record is logged, not fatal: the sync
-/// itself succeeded, and the next push will just not know its base.
+/// The last sync of `database` with any replica, if one was recorded.
+pub fn last(database: &Path) -> Option<LastSync> {
+    read_record(record_path(database, None))
+}
+
+/// The last sync of `database` with `replica` on `server`, if one was recorded: the
+/// base of its next push there, and what a pull from there compares it with.
+pub fn last_with(database: &Path, server: &str, replica: &str) -> Option<LastSync> {
+    read_record(record_path(database, Some((server, replica))))
+        // Written before records were kept per replica: valid when it names this one.
+        .or_else(|| last(database).filter(|l| l.server == server && l.replica == replica))
+}
+
+/// Records a sync of `database`, as its sync with that replica and as its last sync.
+/// A failure to record is logged, not fatal: the sync itself succeeded, and the next
+/// push will just not know its base.
 pub fn record(sync: &LastSync) {
-    let Some(path) = record_path(&sync.database) else {
-        return;
-    };
-    let result = (|| -> std::io::Result<()> {
-        let dir = path.parent().expect("the record path has a directory");
-        std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        serde_json::to_writer_pretty(&mut tmp, sync)?;
-        tmp.persist(&path).map_err(|e| e.error)?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        tracing::warn!(error = %e, path = %path.display(), "could not record the sync");
+    let with = Some((sync.server.as_str(), sync.replica.as_str()));
+    for path in [
+        record_path(&sync.database, with),
+        record_path(&sync.database, None),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let result = (|| -> std::io::Result<()> {
+            let dir = path.parent().expect("the record path has a directory");
+            std::fs::create_dir_all(dir)?;
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            serde_json::to_writer_pretty(&mut tmp, sync)?;
+            tmp.persist(&path).map_err(|e| e.error)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, path = %path.display(), "could not record the sync");
+        }
     }
 }
 
@@ -102,8 +144,9 @@ pub fn now() -> i64 {
 
 /// The manifest of the version a local database was last pushed as: its page hashes,
 /// kept so that the next push compares pages locally and sends no hash at all.
-/// `$XDG_CACHE_HOME/sqlferry/manifests/`, one file per database: a JSON header line, then
-/// 32 bytes per page. Advisory: a missing or stale file only means hashes travel.
+/// `$XDG_CACHE_HOME/sqlferry/manifests/`, one file per (database, server, replica): a
+/// JSON header line, then 32 bytes per page. Advisory: a missing or stale file only
+/// means hashes travel.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ManifestHeader {
@@ -119,8 +162,13 @@ pub struct ManifestHeader {
     pub page_count: u32,
 }
 
-fn manifest_path(database: &Path) -> Option<PathBuf> {
-    keyed_path(crate::config::cache_dir()?.join("manifests"), database, "")
+fn manifest_path(database: &Path, with: Option<(&str, &str)>) -> Option<PathBuf> {
+    keyed_path(
+        crate::config::cache_dir()?.join("manifests"),
+        database,
+        with,
+        "",
+    )
 }
 
 /// Keeps `hashes` as the manifest `header` describes, for `database`. Failures are
@@ -131,7 +179,7 @@ pub fn save_manifest(
     hashes: &mut dyn Iterator<Item = crate::Result<crate::protocol::Hash>>,
 ) {
     use std::io::Write;
-    let Some(path) = manifest_path(database) else {
+    let Some(path) = manifest_path(database, Some((&header.server, &header.replica))) else {
         return;
     };
     let result = (|| -> crate::Result<()> {
@@ -163,7 +211,11 @@ pub fn load_manifest(
     version: u64,
 ) -> Option<(ManifestHeader, ManifestHashes)> {
     use std::io::BufRead;
-    let file = std::fs::File::open(manifest_path(database)?).ok()?;
+    // Kept before manifests were kept per replica: the per-database file, whose header
+    // is checked below like any other.
+    let file = manifest_path(database, Some((server, replica)))
+        .and_then(|p| std::fs::File::open(p).ok())
+        .or_else(|| std::fs::File::open(manifest_path(database, None)?).ok())?;
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;

@@ -81,6 +81,9 @@ pub struct PushRequest {
     /// Ask for new PUSH and PULL keys even though the replica exists (`push
     /// --new-keys`, admin key only).
     pub new_keys: bool,
+    /// Push even if LOCAL fails `PRAGMA quick_check` (`--allow-corrupt`); by default
+    /// a damaged database is refused, so it never replaces a good version.
+    pub allow_corrupt: bool,
 }
 
 impl Server {
@@ -205,6 +208,9 @@ impl Server {
         progress: Arc<dyn Progress>,
     ) -> Result<PushOutcome> {
         let mut source = Snapshot::open(local)?;
+        if !request.allow_corrupt {
+            check_source(&source)?;
+        }
         let url = self.url();
         // The manifest of the base version, if this client pushed it: no hash travels.
         let kept = match (
@@ -384,6 +390,43 @@ impl Server {
             }),
         }
     }
+}
+
+/// Refuses a push source that fails `PRAGMA quick_check`, run inside the snapshot's
+/// read transaction (what is checked is what would be sent): a nightly copy of a
+/// damaged database must never replace a good version or a good local copy.
+pub fn check_source(source: &Snapshot) -> Result<()> {
+    let problems = match source.quick_check() {
+        Ok(lines) => lines,
+        // SQLite could not even walk the file: that is the check's answer.
+        Err(e) if e.kind() == crate::ErrorKind::Verification => vec![e.to_string()],
+        Err(e) => return Err(e),
+    };
+    if problems == ["ok"] {
+        return Ok(());
+    }
+    // One line for the error: SQLite puts several problems in one row, one a line.
+    const SHOWN: usize = 3;
+    let lines: Vec<&str> = problems
+        .iter()
+        .flat_map(|p| p.lines())
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("*** in database"))
+        .collect();
+    let mut shown = lines
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if lines.len() > SHOWN {
+        shown.push_str(&format!("; and {} more", lines.len() - SHOWN));
+    }
+    Err(Error::Verification(format!(
+        "{} fails PRAGMA quick_check ({shown}): not pushed, so it replaces no good copy; \
+         repair it, or push it anyway with --allow-corrupt",
+        source.path().display()
+    )))
 }
 
 /// The page hashes a push sent, in an unlinked temporary file, until the version they

@@ -27,7 +27,7 @@ mod support;
 pub mod timer;
 pub mod watch;
 
-pub use support::{Line, Signals, is_auth_failure, jitter};
+pub use support::{Line, Signals, error_kind, is_auth_failure, jitter};
 pub use timer::{Schedule, Timing, Trigger};
 pub use watch::{Seen, Watcher};
 

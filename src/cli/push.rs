@@ -37,8 +37,16 @@ LOCAL is only read, in one read transaction: an application writing it in WAL mo
 waits. Only the pages that differ are sent. A local copy changes in one transaction after \
 its digest has been checked; a replica gets a new version only when complete and verified, \
 and only if something changed.\n\n\
-A push is based on the version LOCAL was last pushed or pulled as. If the replica has moved \
-past it, the push is refused with VERSION_CONFLICT (exit 6): pull first, or use --force.")]
+A push is based on the version LOCAL was last pushed or pulled as, with this replica on this \
+store. If the replica has moved past it, the push is refused with VERSION_CONFLICT (exit 6) and \
+nothing changes: to compare, pull the replica into another file (sqlferry pull REMOTE other.db); \
+--force replaces the replica's latest version with LOCAL. (A pull into LOCAL itself refuses to \
+overwrite changes that were never pushed, exit 9.)\n\n\
+LOCAL must pass PRAGMA quick_check, run in the read transaction that is pushed: a damaged \
+database is refused with exit 7 and replaces nothing; --allow-corrupt pushes it anyway.\n\n\
+Without --server, SQLFERRY_SERVER or a configured server, a LOCAL whose PUSH key is saved \
+goes to the server that key is for when REMOTE is that key's replica (stderr says so), and \
+is refused for another replica (name its store); otherwise it goes to the embedded store.")]
 pub struct PushArgs {
     /// The database to push (read-only; a live database is fine).
     pub local: String,
@@ -57,6 +65,10 @@ pub struct PushArgs {
     /// Say what would happen, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Push LOCAL even if it fails `PRAGMA quick_check` (a damaged database then
+    /// replaces the copy or becomes the replica's latest version).
+    #[arg(long)]
+    pub allow_corrupt: bool,
     /// Print one JSON object with the figures on stdout.
     #[arg(long, conflicts_with = "subscribe")]
     pub json: bool,
@@ -87,11 +99,14 @@ impl PushArgs {
             ))
             .into());
         }
-        let server = self.connection.resolve()?;
+        let server = self
+            .connection
+            .resolve_for(&local, &replica, global.quiet)?;
         let mut pusher = Pusher::new(&local, replica, server, self.connection.key.clone())?;
         pusher.message = self.message.clone();
         pusher.force = self.force;
         pusher.new_keys = self.new_keys;
+        pusher.allow_corrupt = self.allow_corrupt;
         if self.subscribe {
             return super::subscribe::run_push(pusher, &self.timing, global);
         }
@@ -158,6 +173,11 @@ impl PushArgs {
         let base = request.options.base;
         let size = u64::from(snap.page_count()) * u64::from(snap.page_size());
         let conflict = !self.force && latest.is_some() && latest != base;
+        // The real push checks first, so a damaged LOCAL is refused before a conflict.
+        let damaged = match self.allow_corrupt {
+            true => None,
+            false => crate::remote::check_source(&snap).err(),
+        };
         let key = request.key.as_deref().map_or("no key".to_owned(), |k| {
             format!("key {}", crate::server::mask(k))
         });
@@ -168,6 +188,13 @@ impl PushArgs {
             snap.page_count(),
             server.url(),
             match (latest, conflict) {
+                _ if damaged.is_some() => format!(
+                    "refused (exit 7), {}",
+                    damaged
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                ),
                 (_, true) => format!(
                     "refused, VERSION_CONFLICT: the replica is at version {}, LOCAL is based on {}",
                     latest.unwrap_or(0),
@@ -177,7 +204,9 @@ impl PushArgs {
                 (Some(n), _) => format!("version {} if anything changed since version {n}", n + 1),
             }
         ))?;
-        Ok(ExitCode::from(if conflict {
+        Ok(ExitCode::from(if damaged.is_some() {
+            exit::VERIFY
+        } else if conflict {
             exit::CONFLICT
         } else {
             exit::OK
@@ -198,15 +227,29 @@ impl PushArgs {
         }
         if self.dry_run {
             let snap = Snapshot::open(src).context("cannot read LOCAL")?;
+            let damaged = match self.allow_corrupt {
+                true => None,
+                false => crate::remote::check_source(&snap).err(),
+            };
             out(format_args!(
-                "would sync {} ({} pages) into {}",
+                "would sync {} ({} pages) into {}{}",
                 src.display(),
                 snap.page_count(),
-                dest.display()
+                dest.display(),
+                damaged
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(": refused (exit 7), {e}"))
             ))?;
-            return Ok(ExitCode::from(exit::OK));
+            return Ok(ExitCode::from(if damaged.is_some() {
+                exit::VERIFY
+            } else {
+                exit::OK
+            }));
         }
         let mut source = Snapshot::open(src).context("cannot read LOCAL")?;
+        if !self.allow_corrupt {
+            crate::remote::check_source(&source)?;
+        }
         let mut target = Writer::open(&dest).context("cannot write REMOTE")?;
         let bar = Bar::new(!global.quiet && !self.json);
         let stats = sync_local(&mut source, &mut target, &bar)
@@ -255,6 +298,8 @@ pub struct Pusher {
     pub force: bool,
     /// Ask for new keys even if the replica exists (`--new-keys`).
     pub new_keys: bool,
+    /// Push even if LOCAL fails `PRAGMA quick_check`.
+    pub allow_corrupt: bool,
 }
 
 impl Pusher {
@@ -289,6 +334,7 @@ impl Pusher {
             message: String::new(),
             force: false,
             new_keys: false,
+            allow_corrupt: false,
         })
     }
 
@@ -307,8 +353,7 @@ impl Pusher {
 
     /// The request the next push makes.
     pub fn request(&self) -> PushRequest {
-        let last = history::last(&self.local)
-            .filter(|l| l.server == self.server.url() && l.replica == self.replica.as_str());
+        let last = history::last_with(&self.database, &self.server.url(), self.replica.as_str());
         PushRequest {
             database: Some(self.database.clone()),
             options: PushOptions {
@@ -323,6 +368,7 @@ impl Pusher {
             // replica then leaves a PUSH key here and a PULL key in the sidecar.
             key_request: self.server.needs_key() && !self.stored,
             new_keys: self.new_keys,
+            allow_corrupt: self.allow_corrupt,
         }
     }
 
@@ -348,16 +394,15 @@ impl Pusher {
         ));
         let mut notes = Vec::new();
         if let Some(keys) = &outcome.keys {
-            let mut secrets = crate::config::Secrets::load()?;
-            secrets.databases.insert(
-                self.database.to_string_lossy().into_owned(),
-                Secret {
-                    server: self.server.url(),
-                    replica: replica.to_string(),
-                    key: keys.push.clone(),
-                },
-            );
-            let secrets_path = secrets.save()?;
+            let entry = Secret {
+                server: self.server.url(),
+                replica: replica.to_string(),
+                key: keys.push.clone(),
+            };
+            let name = self.database.to_string_lossy().into_owned();
+            let secrets_path = crate::config::Secrets::update(|secrets| {
+                secrets.databases.insert(name, entry);
+            })?;
             let sidecar = Sidecar {
                 server: self.server.url(),
                 replica: replica.to_string(),

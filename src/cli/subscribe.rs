@@ -3,6 +3,8 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+
+use anyhow::Context;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -209,6 +211,7 @@ pub(super) fn run_push(
                 local: p.local.clone(),
                 database: p.database.clone(),
                 key: p.key.clone(),
+                force: false,
             };
             drop(p);
             run_pull(puller, global)
@@ -227,30 +230,23 @@ fn unsynced_changes(
     if !local.exists() {
         return Ok(None);
     }
-    let last = crate::history::last(local)
-        .filter(|l| l.server == server.url() && l.replica == replica.as_str());
-    let Some(last) = last else {
+    let database = crate::config::database_key(local);
+    let Some(last) = crate::history::last_with(&database, &server.url(), replica.as_str()) else {
         return Ok(Some("was never pulled from it"));
     };
-    let mut snap = crate::page::Snapshot::open(local)?;
-    let mut digest = crate::page::Digest::new(
-        crate::engine::PageSource::page_size(&snap),
-        crate::engine::PageSource::page_count(&snap),
-    );
-    crate::engine::PageSource::scan(&mut snap, u32::MAX, &mut |_, hash, _| {
-        digest.push(&hash);
-        Ok(())
-    })?;
-    let now = digest.finish().map(|d| crate::page::hex(&d));
+    let now = super::pull::local_digest(local)?;
     Ok((now.as_deref() != Some(last.digest.as_str())).then_some("has changed since its last sync"))
 }
 
 /// `pull REMOTE --subscribe`: pull each new version until a signal.
 pub(super) fn run_pull(puller: Puller, global: &Global) -> anyhow::Result<ExitCode> {
     let line = Line::new(global.quiet);
-    let held = crate::history::last(&puller.local)
-        .filter(|l| l.server == puller.server.url() && l.replica == puller.replica.as_str())
-        .map(|l| l.version);
+    let held = crate::history::last_with(
+        &puller.database,
+        &puller.server.url(),
+        puller.replica.as_str(),
+    )
+    .map(|l| l.version);
     let (server, replica, key) = (
         puller.server.clone(),
         puller.replica.clone(),
@@ -264,7 +260,7 @@ pub(super) fn run_pull(puller: Puller, global: &Global) -> anyhow::Result<ExitCo
         .into());
     }
     let local = puller.local.clone();
-    let kept = Mutex::new(None);
+    let kept = Mutex::new(super::pull::Kept::default());
     let pull = move || -> anyhow::Result<Pulled> {
         let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
         let o = puller.pull_latest_kept(&mut kept)?;
@@ -276,6 +272,7 @@ pub(super) fn run_pull(puller: Puller, global: &Global) -> anyhow::Result<ExitCo
             duration: o.stats.duration,
         })
     };
+    let label = format!("pull subscriber of {replica} on {}", server.url());
     let interrupted = run_loop(async {
         let signals = Signals::catch()?;
         let mut subscription = server.subscribe(&replica, SubscriberRole::Pull, key)?;
@@ -289,7 +286,8 @@ pub(super) fn run_pull(puller: Puller, global: &Global) -> anyhow::Result<ExitCo
                 .await;
         subscription.close().await;
         ended
-    })?;
+    })
+    .context(label)?;
     Ok(ExitCode::from(if interrupted {
         exit::INTERRUPTED
     } else {
@@ -355,6 +353,7 @@ impl SubscribeArgs {
                 replica,
                 local: target,
                 database,
+                force: false,
             };
             return run_pull(puller, global);
         }
@@ -376,6 +375,7 @@ impl SubscribeArgs {
             local: database.to_owned(),
             database: crate::config::database_key(database),
             key: Some(s.key),
+            force: false,
         };
         run_pull(puller, global)
     }

@@ -17,7 +17,8 @@ sqlferry verify backup.db --json            the same as one JSON object\n  \
 sqlferry verify -q backup.db && echo ok     only the exit status\n  \
 sqlferry verify acme/app.db@3               a stored version, fetched whole and checked\n\n\
 Exit status is 0 when the integrity check says ok, 7 when it does not (or SQLite finds the \
-file damaged), 3 when FILE cannot be read as an SQLite database.\n\n\
+file damaged, or FILE is not a valid SQLite database: a verification that failed), 3 when \
+FILE is missing or cannot be read.\n\n\
 Two databases with the same digest hold the same pages, byte for byte, whatever their \
 journal mode. The digest is the one `push --json` prints and a replica is checked against.\n\n\
 A stored version (namespace/name[@N|@latest|@latest-N]) is fetched whole into a temporary \
@@ -132,7 +133,17 @@ impl VerifyArgs {
 
 /// Hashes every page of the database at `path` afresh and runs its integrity check.
 fn check(path: &std::path::Path) -> anyhow::Result<Report> {
-    let mut snap = Snapshot::open(path).context("cannot verify")?;
+    let mut snap = match Snapshot::open(path) {
+        Ok(snap) => snap,
+        // A file that is there and readable but is no valid database failed the
+        // verification (7); a missing or unreadable one stays a local error (3).
+        Err(e) if e.kind() == crate::ErrorKind::NotADatabase => {
+            return Err(anyhow::Error::from(crate::Error::Verification(format!(
+                "not a valid SQLite database: {e}"
+            ))));
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context("cannot verify")),
+    };
     let (page_size, page_count) = (snap.page_size(), snap.page_count());
     let mut digest = crate::page::Digest::new(page_size, page_count);
     // Every page is hashed afresh here: verify is the check, it trusts no cache.

@@ -114,6 +114,21 @@ impl Snapshot {
             .map_err(|e| Error::sqlite(&self.path, e))
     }
 
+    /// Runs `PRAGMA quick_check` inside the snapshot, so it checks exactly the state a
+    /// sync from this snapshot sends: `["ok"]` or the problems. Cheaper than
+    /// [`Snapshot::integrity_check`] (no index-content cross-check), linear in size.
+    pub fn quick_check(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA quick_check")
+            .map_err(|e| Error::sqlite(&self.path, e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| Error::sqlite(&self.path, e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| Error::sqlite(&self.path, e))
+    }
+
     /// Calls `f` with each page number and its bytes, in page order, all from this
     /// snapshot's transaction.
     pub fn for_each_page(&mut self, f: &mut dyn FnMut(u32, &[u8]) -> Result<()>) -> Result<()> {

@@ -32,6 +32,9 @@ pub enum Notice {
     /// Connected (again). `key_type` is the kind of key the server accepted (`admin`,
     /// `push` or `pull`; empty for the embedded store).
     Connected {
+        /// Whether the replica exists (`false`: no such replica yet; an admin key may
+        /// still create it with a push).
+        exists: bool,
         /// The replica's latest version (0: none yet).
         latest: u64,
         /// The key's kind.
@@ -118,12 +121,13 @@ impl Server {
         let task = match self {
             Server::Embedded(store) => {
                 let listener = local::Listener::bind(store.root(), replica.as_str())?;
-                let latest = match store.versions(replica) {
-                    Ok(v) => v.last().map_or(0, |v| v.number),
-                    Err(e) if e.kind() == ErrorKind::NotFound => 0,
+                let (exists, latest) = match store.versions(replica) {
+                    Ok(v) => (true, v.last().map_or(0, |v| v.number)),
+                    Err(e) if e.kind() == ErrorKind::NotFound => (false, 0),
                     Err(e) => return Err(e),
                 };
                 let _ = notices_tx.send(Notice::Connected {
+                    exists,
                     latest,
                     key_type: String::new(),
                 });
@@ -153,8 +157,13 @@ impl Server {
     }
 
     /// Asks every running subscriber of `replica` to sync now; returns how many were
-    /// reached. Returns at once: it does not wait for their syncs.
+    /// reached. Returns at once: it does not wait for their syncs. A replica that does
+    /// not exist is an error ([`ErrorKind::NotFound`]), not "0 reached": a typo must
+    /// not look like a sync-now that merely found nobody.
     pub fn sync_now(&self, replica: &ReplicaPath, key: Option<&str>) -> Result<u64> {
+        // Asked first, on its own session: the sync-now answer does not say whether the
+        // replica exists.
+        self.versions(replica, key)?;
         match self {
             Server::Embedded(store) => {
                 Ok(local::notify(store.root(), replica.as_str(), local::Message::SyncNow) as u64)
@@ -253,12 +262,16 @@ async fn run_ws(
     let mut backoff = crate::subscribe::backoff::Reconnect::new();
     loop {
         let error = match session_open(&url, &replica, role, key.as_deref()).await {
-            Ok((mut ws, latest, key_type)) => {
+            Ok((mut ws, exists, latest, key_type)) => {
                 backoff.reset();
                 // Anything queued while disconnected is stale.
                 while outgoing.try_recv().is_ok() {}
                 if notices
-                    .send(Notice::Connected { latest, key_type })
+                    .send(Notice::Connected {
+                        exists,
+                        latest,
+                        key_type,
+                    })
                     .is_err()
                 {
                     return;
@@ -291,7 +304,7 @@ async fn session_open(
     replica: &ReplicaPath,
     role: SubscriberRole,
     key: Option<&str>,
-) -> Result<(Socket, u64, String)> {
+) -> Result<(Socket, bool, u64, String)> {
     let opened = async {
         let mut ws = connect(url, key).await?;
         let config = open(
@@ -304,7 +317,9 @@ async fn session_open(
             Some(role),
         )
         .await?;
-        Ok((ws, config.version, config.key_type))
+        // The server names the replica's id only when the replica exists.
+        let exists = !config.replica_id.is_empty();
+        Ok((ws, exists, config.version, config.key_type))
     };
     tokio::time::timeout(super::CONNECT_TIMEOUT, opened)
         .await

@@ -101,9 +101,18 @@ pub async fn run(
         };
         tokio::select! {
             notice = subscription.notices.recv() => match notice {
-                Some(Notice::Connected { latest, .. }) => {
+                Some(Notice::Connected { exists, latest, .. }) => {
                     announced = announced.max(latest);
                     let reason = if std::mem::take(&mut first) { Reason::Start } else { Reason::Reconnect };
+                    // A typo in the replica's name must not leave a service waiting for
+                    // ever: a pull subscriber needs a replica to follow.
+                    if !exists && reason == Reason::Start {
+                        return Err(Error::NotFound(
+                            "the replica does not exist: nothing to follow (check its name; \
+                             `sqlferry versions` lists a replica's versions)"
+                                .into(),
+                        ));
+                    }
                     if reason == Reason::Reconnect {
                         line.out(format!("connected again; the replica is at version {latest}"));
                     }
@@ -156,6 +165,11 @@ pub async fn run(
                     Err(e) => {
                         if super::is_auth_failure(&e) {
                             return Err(Error::Auth(format!("{e:#}")));
+                        }
+                        // LOCAL holds changes no sync carried: retrying would not make
+                        // them go away, and overwriting them is not ours to decide.
+                        if super::error_kind(&e) == Some(crate::ErrorKind::LocalChanges) {
+                            return Err(Error::LocalChanges(format!("{e:#}")));
                         }
                         failures += 1;
                         let delay = reconnect_delay(failures, super::jitter());

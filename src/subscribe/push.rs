@@ -158,10 +158,7 @@ impl PushSubscriber {
             }
             if let Some(deadline) = shutdown_deadline {
                 if in_flight.is_none() && schedule.done() {
-                    return Ok(match last_failure.take() {
-                        Some(e) if schedule.pending() => Ended::Unpushed(e),
-                        _ => Ended::Shutdown,
-                    });
+                    return Ok(ending(&schedule, last_failure.take()));
                 }
                 if t >= deadline {
                     return Ok(Ended::Unpushed(
@@ -283,6 +280,26 @@ impl PushSubscriber {
     }
 }
 
+/// How a subscriber asked to stop ends once nothing is left to do. It never ends as a
+/// clean shutdown (exit 0) over changes that were not pushed: when the latest push
+/// attempt failed (`last_failure`; even one that had no commits to carry, like the
+/// start push, since LOCAL may hold changes from before), that failure is the end; when
+/// commits arrived during the final push, the end is a [`Error::LocalChanges`].
+fn ending(schedule: &Schedule, last_failure: Option<anyhow::Error>) -> Ended {
+    match last_failure {
+        Some(e) => Ended::Unpushed(e),
+        None if schedule.pending() => Ended::Unpushed(
+            Error::LocalChanges(
+                "commits arrived during the final push and were not pushed; the next push \
+                 (or subscriber) carries them"
+                    .into(),
+            )
+            .into(),
+        ),
+        None => Ended::Shutdown,
+    }
+}
+
 fn pushed_line(trigger: Trigger, p: &Pushed) -> String {
     if p.created {
         format!(
@@ -302,5 +319,79 @@ fn pushed_line(trigger: Trigger, p: &Pushed) -> String {
             crate::cli::human_bytes(p.bytes_sent),
             p.duration
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule() -> Schedule {
+        let timing = Timing::new(Duration::from_secs(10), None, None, None).expect("valid");
+        Schedule::new(timing, Duration::ZERO)
+    }
+
+    fn s(n: u64) -> Time {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn commits_during_the_final_push_are_not_a_clean_shutdown() {
+        let mut sch = schedule();
+        assert_eq!(sch.due(s(0)), Some(Trigger::Start));
+        sch.push_started(s(0), Trigger::Start);
+        sch.push_succeeded(s(1));
+        sch.change(s(2), 1);
+        sch.shutdown(s(3));
+        assert_eq!(sch.due(s(3)), Some(Trigger::Shutdown));
+        sch.push_started(s(3), Trigger::Shutdown);
+        sch.change(s(4), 2);
+        sch.push_succeeded(s(5));
+        assert!(sch.done(), "no push after the final one");
+        match ending(&sch, None) {
+            Ended::Unpushed(e) => {
+                assert_eq!(
+                    super::super::error_kind(&e),
+                    Some(crate::ErrorKind::LocalChanges)
+                );
+                assert!(format!("{e:#}").contains("not pushed"), "{e:#}");
+            }
+            other => panic!("ended {other:?} with commits not pushed"),
+        }
+    }
+
+    #[test]
+    fn a_failed_start_push_then_a_signal_is_not_a_clean_shutdown() {
+        let mut sch = schedule();
+        sch.push_started(s(0), Trigger::Start);
+        sch.push_failed(s(1));
+        sch.shutdown(s(2));
+        assert_eq!(
+            sch.due(s(2)),
+            Some(Trigger::Shutdown),
+            "the failed push is owed"
+        );
+        sch.push_started(s(2), Trigger::Shutdown);
+        sch.push_failed(s(3));
+        assert!(sch.done());
+        assert!(!sch.pending(), "no commit was seen: only the failure tells");
+        let failure = anyhow::Error::from(Error::Disconnected("server gone".into()));
+        match ending(&sch, Some(failure)) {
+            Ended::Unpushed(e) => assert!(format!("{e:#}").contains("server gone")),
+            other => panic!("ended {other:?} after a failed final push"),
+        }
+    }
+
+    #[test]
+    fn a_final_push_that_carried_everything_is_a_clean_shutdown() {
+        let mut sch = schedule();
+        sch.push_started(s(0), Trigger::Start);
+        sch.push_succeeded(s(1));
+        sch.change(s(2), 1);
+        sch.shutdown(s(3));
+        sch.push_started(s(3), Trigger::Shutdown);
+        sch.push_succeeded(s(4));
+        assert!(sch.done());
+        assert!(matches!(ending(&sch, None), Ended::Shutdown));
     }
 }

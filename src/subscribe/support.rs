@@ -71,9 +71,43 @@ pub fn jitter() -> f64 {
     0.5 + f64::from(u16::from_be_bytes(b)) / f64::from(u16::MAX) / 2.0
 }
 
-/// Whether `e` is a refusal of the key, which no retry mends.
+/// The kind of the first sqlferry error in `e`'s chain, if any.
+pub fn error_kind(e: &anyhow::Error) -> Option<ErrorKind> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<Error>())
+        .map(|c| c.kind())
+}
+
+/// Whether `e` is a refusal of the key, which no retry mends. A server failing on its
+/// own side (`ErrorKind::Server`: disk full, busy) is not: it is temporary.
 pub fn is_auth_failure(e: &anyhow::Error) -> bool {
     e.chain()
         .filter_map(|c| c.downcast_ref::<Error>())
         .any(|c| c.kind() == ErrorKind::Auth)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_key_is_an_auth_failure() {
+        let refused = anyhow::Error::from(Error::Auth("refused the key".into()));
+        assert!(is_auth_failure(&refused.context("push failed")));
+        for temporary in [
+            Error::Server("disk full".into()),
+            Error::Remote {
+                code: crate::protocol::ErrorCode::ServerBusy as u16,
+                message: "busy".into(),
+            },
+            Error::Disconnected("gone".into()),
+        ] {
+            let e = anyhow::Error::from(temporary);
+            assert!(!is_auth_failure(&e), "{e:#} is temporary");
+            assert!(
+                e.chain()
+                    .any(|c| c.downcast_ref::<Error>().is_some_and(Error::is_retryable))
+            );
+        }
+    }
 }

@@ -346,7 +346,7 @@ fn verify_exits_7_when_a_btree_page_is_destroyed() {
 }
 
 #[test]
-fn verify_of_what_is_not_a_database_exits_3() {
+fn verify_of_what_is_not_a_database_exits_7_and_of_a_missing_file_3() {
     let dir = TempDir::new().expect("tempdir");
     let text = dir.path().join("text.db");
     std::fs::write(
@@ -355,12 +355,14 @@ fn verify_of_what_is_not_a_database_exits_3() {
     )
     .expect("write");
     let missing = dir.path().join("missing.db");
-    for (file, cause) in [
-        (&text, "not an SQLite database"),
-        (&missing, "no such file"),
+    // A file that is there but is no database failed the verification; one that is not
+    // there could not be verified at all.
+    for (file, code, cause) in [
+        (&text, EXIT_VERIFY, "not an SQLite database"),
+        (&missing, EXIT_LOCAL, "no such file"),
     ] {
         let out = util::run(dir.path(), &[OsStr::new("verify"), file.as_os_str()]);
-        assert_fails(&out, EXIT_LOCAL, file, cause);
+        assert_fails(&out, code, file, cause);
     }
 }
 

@@ -11,6 +11,8 @@
 //!   connections and processes.
 //! - `subscribe`: push and pull subscribers as processes, with a writer, readers, a
 //!   server killed and restarted, sync-now.
+//! - `trust_client`: the client never loses what the user wrote: pulls over unpushed
+//!   changes refused, bases kept per replica, keys never lost, corrupt sources refused.
 
 mod cli;
 mod engine;
@@ -18,5 +20,6 @@ mod live;
 mod server;
 mod subscribe;
 mod sync_props;
+mod trust_client;
 mod util;
 mod watch;

@@ -23,7 +23,7 @@ use crate::util;
 const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running subscriber: its stdout and stderr lines arrive on a channel as printed.
-struct Subscriber {
+pub(crate) struct Subscriber {
     name: String,
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -31,7 +31,7 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    fn start(machine: &Machine, args: &[&str]) -> Subscriber {
+    pub(crate) fn start(machine: &Machine, args: &[&str]) -> Subscriber {
         let mut child = machine
             .command()
             .args(args)
@@ -63,7 +63,7 @@ impl Subscriber {
     }
 
     /// Waits for a line containing every one of `parts`; returns it.
-    fn expect(&mut self, parts: &[&str]) -> String {
+    pub(crate) fn expect(&mut self, parts: &[&str]) -> String {
         let deadline = Instant::now() + LINE_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -84,7 +84,7 @@ impl Subscriber {
     }
 
     /// Sends SIGTERM and waits for the exit code.
-    fn stop(&mut self) -> i32 {
+    pub(crate) fn stop(&mut self) -> i32 {
         signal(&self.child, "TERM");
         let status = wait_for_exit(&mut self.child, LINE_TIMEOUT)
             .unwrap_or_else(|| panic!("`sqlferry {}` did not exit after SIGTERM", self.name));
@@ -95,8 +95,18 @@ impl Subscriber {
         status.code().unwrap_or(-1)
     }
 
+    /// Waits for it to exit on its own (no signal); its exit code.
+    pub(crate) fn wait(&mut self) -> i32 {
+        let status = wait_for_exit(&mut self.child, LINE_TIMEOUT)
+            .unwrap_or_else(|| panic!("`sqlferry {}` did not exit on its own", self.name));
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(line);
+        }
+        status.code().unwrap_or(-1)
+    }
+
     /// Everything it printed so far.
-    fn output(&mut self) -> String {
+    pub(crate) fn output(&mut self) -> String {
         while let Ok(line) = self.lines.try_recv() {
             self.seen.push(line);
         }
@@ -126,7 +136,7 @@ fn push_subscriber(m: &Machine, server: &TestServer, timing: &[&str]) -> Subscri
 }
 
 /// A WAL database with the writer's table and `rows` rows.
-fn writer_db(path: &Path, rows: u64) {
+pub(crate) fn writer_db(path: &Path, rows: u64) {
     let conn = util::create(path, 4096, util::Mode::Wal);
     conn.execute_batch("CREATE TABLE w(id INTEGER PRIMARY KEY, at REAL)")
         .expect("create w");
@@ -136,7 +146,7 @@ fn writer_db(path: &Path, rows: u64) {
     }
 }
 
-fn max_id(path: &Path) -> u64 {
+pub(crate) fn max_id(path: &Path) -> u64 {
     rusqlite::Connection::open(path)
         .and_then(|c| {
             c.query_row("SELECT coalesce(max(id), 0) FROM w", [], |r| {
@@ -146,7 +156,7 @@ fn max_id(path: &Path) -> u64 {
         .map_or(0, |n| n as u64)
 }
 
-fn commit_rows(path: &Path, ids: std::ops::RangeInclusive<u64>) {
+pub(crate) fn commit_rows(path: &Path, ids: std::ops::RangeInclusive<u64>) {
     let conn = util::open(path);
     for id in ids {
         conn.execute("INSERT INTO w(id, at) VALUES (?1, 1)", [id as i64])
@@ -203,7 +213,7 @@ fn status_when(
 }
 
 /// A first push with the admin key: the PUSH key is saved, the sidecar written.
-fn first_push(server: &TestServer, m: &Machine, db: &str, replica: &str) {
+pub(crate) fn first_push(server: &TestServer, m: &Machine, db: &str, replica: &str) {
     let out = m
         .command()
         .args([

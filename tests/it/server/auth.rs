@@ -119,11 +119,17 @@ fn first_push_keeps_keys_private_the_next_needs_none_and_the_sidecar_pulls_elsew
     let entry = &v["databases"][src.to_str().expect("UTF-8")];
     assert_eq!(entry["server"], server.url.as_str());
     assert_eq!(entry["replica"], "acme/app.db");
-    let names: Vec<_> = std::fs::read_dir(secrets.parent().expect("dir"))
+    // The lock file that serializes changes of the secrets file stays (it is empty).
+    let mut names: Vec<_> = std::fs::read_dir(secrets.parent().expect("dir"))
         .expect("config dir")
         .map(|e| e.expect("entry").file_name())
         .collect();
-    assert_eq!(names, ["secrets.json"], "no temporary file left behind");
+    names.sort();
+    assert_eq!(
+        names,
+        ["secrets.json", "secrets.json.lock"],
+        "no temporary file left behind"
+    );
 
     // The sidecar: 0700, the interpreter line, server, replica and PULL key only.
     let sidecar = a.path("app.db-sqlferry");

@@ -111,8 +111,11 @@ fn two_pushers_from_one_version_one_lands_the_other_gets_version_conflict() {
         assert_eq!(r.u64("version"), base + 1);
         states[winner].assert_held_by(&c.path("latest.db"), "the pulled winner");
 
-        // The loser catches up for the next round.
-        machines[loser].pull(&server, "acme/app.db", None, &[]);
+        // The loser catches up for the next round, discarding its changes knowingly: a
+        // plain pull refuses to overwrite them (exit 9).
+        let out = machines[loser].run_on(&server, ["pull", "acme/app.db"]);
+        assert_eq!(util::code(&out), 9, "{}", util::stderr(&out));
+        machines[loser].pull(&server, "acme/app.db", None, &["--force"]);
         states[winner].assert_held_by(&machines[loser].path("app.db"), "the loser, pulled");
     }
 

@@ -292,8 +292,17 @@ fn verify_fetches_a_stored_version_and_checks_its_digest() {
     }
     let out = a.run_on(&server, ["verify", "acme/app.db@7"]);
     assert_fails(&out, EXIT_NOT_FOUND, "acme/app.db@7 does not exist");
-    // The embedded store too, and nothing is left behind in the working directory.
-    let out = a.run(["push", "app.db", "local/app.db"]);
+    // The embedded store too, and nothing is left behind in the working directory. It
+    // is named: app.db's saved key is for a server.
+    let store = format!(
+        "file://{}",
+        a.work
+            .parent()
+            .expect("machine dir")
+            .join("home/data/sqlferry")
+            .display()
+    );
+    let out = a.run(["push", "app.db", "local/app.db", "--server", &store]);
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
     let out = a.run(["verify", "local/app.db@1"]);
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
