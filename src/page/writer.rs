@@ -429,7 +429,7 @@ impl PageTarget for Writer {
                 page1[18] = v;
                 page1[19] = v;
             }
-            // Bytes 18-19 are outside the hash (see `page_hash`): `hash` still holds.
+            // Both legal pairs of bytes 18-19 hash alike (see `page_hash`): `hash` holds.
             if let Some(b) = &mut self.building {
                 b.page(1, &page1, hash);
             }
