@@ -5,6 +5,7 @@
 mod progress;
 mod pull;
 mod push;
+mod scrub;
 mod serve;
 mod subscribe;
 mod verify;
@@ -93,6 +94,8 @@ pub enum Command {
     /// Ask every running subscriber of a replica to sync now.
     #[command(name = "sync-now")]
     SyncNow(subscribe::SyncNowArgs),
+    /// Check every stored page and version of a store; record bad pages for repair.
+    Scrub(scrub::ScrubArgs),
 }
 
 /// Where a replica lives and the key to reach it: `--server` and `--key`, shared by
@@ -166,6 +169,7 @@ impl Cli {
             Command::Verify(args) => args.run(&self.global),
             Command::Subscribe(args) => args.run(&self.global),
             Command::SyncNow(args) => args.run(&self.global),
+            Command::Scrub(args) => args.run(&self.global),
         }
     }
 }
