@@ -11,6 +11,8 @@
 //!   connections and processes.
 //! - `subscribe`: push and pull subscribers as processes, with a writer, readers, a
 //!   server killed and restarted, sync-now.
+//! - `trust_store`: damaged stored pages found, refused and repaired; `scrub`; pushes that
+//!   already landed; hostile origins; files a killed first push left.
 
 mod cli;
 mod engine;
@@ -18,5 +20,6 @@ mod live;
 mod server;
 mod subscribe;
 mod sync_props;
+mod trust_store;
 mod util;
 mod watch;
