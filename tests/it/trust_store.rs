@@ -237,6 +237,53 @@ fn a_push_equal_to_the_latest_version_succeeds_whatever_its_base() {
 }
 
 #[test]
+fn a_push_of_the_same_size_equal_to_the_latest_succeeds_and_one_that_differs_conflicts() {
+    // The same page count in versions 1 and 2: the origin's kept manifest of version 1
+    // would match READY's count, so the store must make it run the hash exchange.
+    let b = Bench::new();
+    let db = b.database("app.db", 300);
+    ok(&b.push(&db, &[]), "first push");
+    util::open(&db)
+        .execute("UPDATE t SET k = 'same size' WHERE id % 7 = 0", [])
+        .expect("update");
+    util::checkpoint(&db);
+    let copy = b.path("copy.db");
+    std::fs::copy(&db, &copy).expect("copy");
+    ok(&b.push(&copy, &["--force"]), "the copy's push");
+    let versions = ok(&b.run(&["versions", REPLICA, "--json"]), "versions");
+    assert_eq!(
+        versions[0]["page_count"], versions[1]["page_count"],
+        "the same page count in both versions"
+    );
+    let v = ok(&b.push(&db, &[]), "equal content, stale base");
+    assert_eq!(
+        (v["version"].as_u64(), v["created"].as_bool()),
+        (Some(2), Some(false))
+    );
+
+    // Now a change of the same size on top of the copy, pushed; app.db, unchanged
+    // since version 2, sends no page at all against its kept manifest unless told to
+    // run the hash exchange: it must hear VERSION_CONFLICT, not a failed digest.
+    util::open(&copy)
+        .execute("UPDATE t SET k = 'copy' WHERE id = 3", [])
+        .expect("update");
+    ok(&b.push(&copy, &["--force"]), "v3");
+    let pages_before = stored_pages(&b.replica_file());
+    let out = b.push(&db, &[]);
+    assert_eq!(util::code(&out), EXIT_CONFLICT, "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("is at version 3"),
+        "{}",
+        util::stderr(&out)
+    );
+    assert_eq!(
+        stored_pages(&b.replica_file()),
+        pages_before,
+        "nothing stored"
+    );
+}
+
+#[test]
 fn a_real_conflict_names_the_version_its_time_and_client_and_stores_nothing() {
     let b = Bench::new();
     let db = b.database("app.db", 300);
@@ -708,4 +755,56 @@ fn a_first_push_killed_half_way_leaves_nothing_after_the_next_push() {
     let copy = b.path("copy.db");
     ok(&b.pull(REPLICA, &copy), "pull");
     assert_eq!(util::digest(&copy), util::digest(&db));
+}
+
+// ---- the same through a real server ----
+
+#[test]
+fn through_a_server_a_damaged_page_is_refused_scrubbed_and_repaired() {
+    use crate::server::{Machine, TestServer};
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    let db = a.path("app.db");
+    let conn = util::create(&db, 4096, Mode::Wal);
+    util::insert_rows(&conn, 400, 300);
+    drop(conn);
+    a.push(&server, "app.db", REPLICA, &["--key", &server.admin_key]);
+    let file = server.replica_file(REPLICA);
+    let (hash, _) = stored_page(&file, 1, 4);
+    flip_stored(&file, &hash, 100, 0x10);
+
+    // The server finds it on a pull, and says which page of which version.
+    let out = a.run_on(&server, ["pull", REPLICA, "copy.db"]);
+    assert_eq!(util::code(&out), EXIT_VERIFY, "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("page 4 of acme/app.db@1 is damaged"),
+        "{}",
+        util::stderr(&out)
+    );
+    // scrub on the running server's data directory reports it too.
+    let data = file
+        .ancestors()
+        .nth(3)
+        .expect("data/replicas/acme/app.db.sqlferry")
+        .to_owned();
+    let out = util::sqlferry(dir.path())
+        .args(["scrub", "--json", "--data"])
+        .arg(&data)
+        .output()
+        .expect("scrub");
+    assert_eq!(util::code(&out), EXIT_VERIFY, "{}", util::stderr(&out));
+
+    // The same database pushed again: the page is resent and the answer says so.
+    let r = a.push(&server, "app.db", REPLICA, &[]);
+    assert_eq!(r.0["created"], false);
+    assert_eq!(r.0["repaired"], 1);
+    a.pull(&server, REPLICA, Some("copy.db"), &[]);
+    util::assert_same(&db, &a.path("copy.db"));
+    let out = util::sqlferry(dir.path())
+        .args(["scrub", "--data"])
+        .arg(&data)
+        .output()
+        .expect("scrub");
+    assert_eq!(util::code(&out), 0, "{}", util::stdout(&out));
 }
