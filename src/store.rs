@@ -13,9 +13,9 @@
 //!   manifest and its version row in one SQLite transaction, committed only after the
 //!   engine has checked the origin's digest. A crash or a dropped connection at any byte
 //!   rolls all of it back, so no partial version and no unreferenced page ever remains.
-//!   When the push's base is stale, it still syncs against the latest version and is
-//!   refused (VERSION_CONFLICT) at the first page that differs from it; equal content
-//!   makes no version and reports the latest one.
+//!   When the push's base is stale, it still syncs against the latest version, stores
+//!   nothing from the first page that differs from it and is refused (VERSION_CONFLICT)
+//!   at COMMIT; equal content makes no version and reports the latest one.
 //! - Versions are immutable: nothing updates or deletes a version row or what it
 //!   references, except that a page found damaged (its bytes no longer match its hash)
 //!   has its bytes replaced by good ones when a push brings them.

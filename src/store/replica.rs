@@ -391,9 +391,12 @@ fn remove_counted(path: &Path) -> u64 {
 ///
 /// It syncs against the replica's latest version whatever base the push names. When
 /// that base is stale (the replica moved past it) and the push is not forced, the result
-/// may only be the latest version itself: the first page that differs from it ends the
-/// push with VERSION_CONFLICT, and equal content commits nothing and reports the latest
-/// version ("already at version N": a push that landed but whose answer was lost).
+/// may only be the latest version itself: from the first page that differs from it
+/// nothing more is stored, and COMMIT answers VERSION_CONFLICT (the origin is then
+/// waiting for the answer and reads it; ending the session mid-stream would reach a
+/// client over a WebSocket as "connection lost"). Equal content commits nothing and
+/// reports the latest version ("already at version N": a push that landed but whose
+/// answer was lost).
 pub struct VersionWriter {
     conn: Connection,
     /// The file being written: the replica's, or a private one while creating it.
@@ -408,6 +411,8 @@ pub struct VersionWriter {
     latest: Option<VersionInfo>,
     /// The base is stale and the push not forced: only the latest's content may result.
     must_equal: bool,
+    /// A page differing from the latest's came while `must_equal`: a conflict.
+    differs: bool,
     /// The pages of `latest` reported to the origin as held.
     held: u32,
     /// Pages recorded as damaged: reported as not held, replaced when they come.
@@ -460,6 +465,7 @@ impl VersionWriter {
             options,
             latest: None,
             must_equal: false,
+            differs: false,
             held: 0,
             bad: HashSet::new(),
             written: Vec::new(),
@@ -627,13 +633,18 @@ impl PageTarget for VersionWriter {
     }
 
     fn write_page(&mut self, pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
+        if self.differs {
+            return Ok(()); // a conflict already: nothing more is stored
+        }
         if self.must_equal {
             let number = self.latest.as_ref().map_or(0, |v| v.number);
             let theirs = manifest_hash(&self.conn, &self.file, number, pgno, &mut self.chunk)?;
             if theirs != Some(*hash) {
-                // The content differs from the latest version: a real conflict, found
-                // at the first differing page, so it costs little.
-                return Err(self.conflict());
+                // The content differs from the latest version: a real conflict, told at
+                // COMMIT, when the origin listens.
+                tracing::info!(replica = %self.replica, page = pgno, "the push differs from the latest version: a conflict");
+                self.differs = true;
+                return Ok(());
             }
         }
         self.mark_written(pgno);
@@ -677,7 +688,7 @@ impl PageTarget for VersionWriter {
             .latest
             .as_ref()
             .is_some_and(|l| l.digest == hex(digest));
-        if self.must_equal && !same {
+        if self.must_equal && (self.differs || !same) {
             return Err(self.conflict());
         }
         if same && self.repaired == 0 && self.fresh == 0 {
