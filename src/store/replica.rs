@@ -529,7 +529,14 @@ impl VersionWriter {
         let data = match data {
             Some(d) if page_matches(Some(1), hash, &d) => d,
             found => {
-                let _ = record_bad_pages(&self.file, &[*hash]);
+                // Recorded from a connection of its own, once this push's write lock is
+                // gone (it would wait for it otherwise); nothing of this push is kept.
+                self.conn
+                    .execute_batch("ROLLBACK")
+                    .map_err(sql(&self.file))?;
+                if let Err(e) = record_bad_pages(&self.file, &[*hash]) {
+                    tracing::warn!(replica = %self.replica, error = %e, "could not record a damaged page");
+                }
                 return Err(Error::Verification(format!(
                     "page 1 of {} is {} in the store; nothing was stored, push again to repair it",
                     self.replica,

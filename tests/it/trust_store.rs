@@ -668,6 +668,46 @@ fn scrub_reports_bad_pages_and_versions_and_a_later_push_makes_every_version_pul
     assert_eq!(b.scrub().0, 0);
 }
 
+#[test]
+fn a_push_on_a_base_whose_page_1_is_damaged_is_refused_then_repaired() {
+    let b = Bench::new();
+    let db = b.database("app.db", 400);
+    ok(&b.push(&db, &[]), "v1");
+    let (hash, _) = stored_page(&b.replica_file(), 1, 1);
+    flip_stored(&b.replica_file(), &hash, 3000, 0x01);
+
+    // A change that leaves page 1's hash alone: the new version would reuse the damaged
+    // page 1, which the store reads back and refuses.
+    util::open(&db)
+        .execute("UPDATE t SET k = 'changed' WHERE id = 300", [])
+        .expect("update");
+    let started = std::time::Instant::now();
+    let out = b.push(&db, &[]);
+    assert_eq!(util::code(&out), EXIT_VERIFY, "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("page 1 of acme/app.db is damaged"),
+        "{}",
+        util::stderr(&out)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "no wait for its own lock"
+    );
+    let versions = ok(&b.run(&["versions", REPLICA, "--json"]), "versions");
+    assert_eq!(versions.as_array().map(Vec::len), Some(1), "nothing stored");
+
+    // Recorded: the next push sends page 1 again.
+    let v2 = ok(&b.push(&db, &[]), "v2");
+    assert_eq!(
+        (v2["version"].as_u64(), v2["repaired"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let restored = b.path("restored.db");
+    ok(&b.pull(REPLICA, &restored), "pull v2");
+    util::assert_same(&db, &restored);
+    assert_eq!(b.scrub().0, 0);
+}
+
 // ---- item 6: files a crashed push left ----
 
 fn leftovers(dir: &Path) -> Vec<String> {
