@@ -669,6 +669,42 @@ fn scrub_reports_bad_pages_and_versions_and_a_later_push_makes_every_version_pul
 }
 
 #[test]
+fn a_missing_page_is_found_by_scrub_and_brought_back_by_the_next_push() {
+    let b = Bench::new();
+    let db = b.database("app.db", 400);
+    ok(&b.push(&db, &[]), "v1");
+    let (hash, _) = stored_page(&b.replica_file(), 1, 9);
+    Connection::open(b.replica_file())
+        .expect("open")
+        .execute("DELETE FROM pages WHERE hash = ?1", [&hash[..]])
+        .expect("delete");
+    let (code, report) = b.scrub();
+    assert_eq!(code, EXIT_VERIFY, "{report}");
+    let bad = &report["replicas"][0]["bad_pages"][0];
+    assert_eq!(
+        (bad["problem"].as_str(), bad["versions"].clone()),
+        (Some("missing"), serde_json::json!([1]))
+    );
+    let out = b.pull(REPLICA, &b.path("restored.db"));
+    assert_eq!(util::code(&out), EXIT_VERIFY, "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("missing"),
+        "{}",
+        util::stderr(&out)
+    );
+
+    let again = ok(&b.push(&db, &[]), "the same database again");
+    assert_eq!(
+        (again["created"].as_bool(), again["repaired"].as_u64()),
+        (Some(false), Some(1))
+    );
+    let restored = b.path("restored.db");
+    ok(&b.pull(REPLICA, &restored), "pull");
+    util::assert_same(&db, &restored);
+    assert_eq!(b.scrub().0, 0);
+}
+
+#[test]
 fn a_push_on_a_base_whose_page_1_is_damaged_is_refused_then_repaired() {
     let b = Bench::new();
     let db = b.database("app.db", 400);
