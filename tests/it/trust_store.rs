@@ -232,6 +232,12 @@ fn a_push_equal_to_the_latest_version_succeeds_whatever_its_base() {
         "{}",
         util::stdout(&out)
     );
+    // A database never pushed (no base at all) with that content: the same answer.
+    let never = b.path("never.db");
+    std::fs::copy(&copy, &never).expect("copy");
+    let out = b.run(&["push", never.to_str().expect("utf-8"), REPLICA]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(util::stdout(&out).contains("already at version 2"));
     let versions = ok(&b.run(&["versions", REPLICA, "--json"]), "versions");
     assert_eq!(versions.as_array().map(Vec::len), Some(2), "no new version");
 }
