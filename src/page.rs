@@ -64,8 +64,8 @@ pub fn legal_format_versions(page1: &[u8]) -> bool {
 
 /// The SHA-256 identity of page `pgno` with content `data`.
 ///
-/// Every byte counts, with these exceptions on page 1: bytes 24–27 and 92–99 (see
-/// [`PAGE1_COUNTERS`]) are hashed as zeros, and bytes 18–19 are hashed as zeros when
+/// Every byte counts, with these exceptions on page 1: bytes 24–27 and 92–99 (the
+/// counters SQLite rewrites at every commit in rollback mode) are hashed as zeros, and bytes 18–19 are hashed as zeros when
 /// they are one of the two legal pairs, (1, 1) and (2, 2): a WAL origin and a rollback
 /// replica hold the same content. Any other pair is hashed as it is, with a mark
 /// appended, so a page 1 that SQLite would refuse never has the hash of one it opens.
