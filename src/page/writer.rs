@@ -423,6 +423,13 @@ impl PageTarget for Writer {
             // the cookie change and reload the schema from a half-written database
             // ("malformed"), so page 1 waits and is written last, in `commit`.
             let mut page1 = data;
+            // A page 1 SQLite would refuse (no header, journal-mode bytes other than the
+            // two legal pairs) is refused here, whoever sent it: the file stays as it was.
+            Header::parse(&page1).map_err(|reason| {
+                Error::Verification(format!(
+                    "the page 1 received is not a valid SQLite header ({reason}); nothing was written"
+                ))
+            })?;
             if let Some(mode) = self.journal_mode {
                 // Keep the replica's own journal mode (file format versions).
                 let v = if mode == JournalMode::Wal { 2 } else { 1 };
