@@ -943,7 +943,9 @@ impl VersionReader {
         if let Err(e) = record_bad_pages(&self.file, &[*hash]) {
             tracing::warn!(replica = %self.replica, error = %e, "could not record a damaged page");
         }
-        tracing::error!(replica = %self.replica, version = self.info.number, page = pgno, hash = %hex(hash), "stored page {}", if found { "damaged" } else { "missing" });
+        // Info, not warn: the error itself carries all of it to whoever asked (one line
+        // for a user of the embedded store; a server logs the sessions it ends).
+        tracing::info!(replica = %self.replica, version = self.info.number, page = pgno, hash = %hex(hash), "stored page {}", if found { "damaged" } else { "missing" });
         Err(Error::Verification(format!(
             "page {pgno} of {}@{} is {} in the store (hash {}); a push of the same database repairs it, and `sqlferry scrub` finds every such page",
             self.replica,
