@@ -938,3 +938,37 @@ fn through_a_server_a_damaged_page_is_refused_scrubbed_and_repaired() {
         .expect("scrub");
     assert_eq!(util::code(&out), 0, "{}", util::stdout(&out));
 }
+
+#[test]
+fn through_a_server_a_push_whose_answer_was_lost_is_already_there_next_time() {
+    use crate::server::{Machine, TestServer};
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    let db = a.path("app.db");
+    let conn = util::create(&db, 4096, Mode::Wal);
+    util::insert_rows(&conn, 400, 300);
+    drop(conn);
+    a.push(&server, "app.db", REPLICA, &["--key", &server.admin_key]);
+    util::open(&db)
+        .execute("UPDATE t SET k = 'second' WHERE id % 9 = 0", [])
+        .expect("update");
+
+    // Version 2 lands, but the client is left as if killed before the answer: its
+    // history and kept manifest still say version 1.
+    let before = a.state();
+    let r = a.push(&server, "app.db", REPLICA, &[]);
+    assert_eq!(r.u64("version"), 2);
+    for (path, bytes) in &before {
+        std::fs::write(path, bytes).expect("restore the client's state");
+    }
+
+    let out = a.run_on(&server, ["push", "app.db", REPLICA]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("already at version 2"),
+        "{}",
+        util::stdout(&out)
+    );
+    assert_eq!(server.version_numbers(REPLICA), vec![1, 2]);
+}
