@@ -6,7 +6,8 @@
 //!
 //! The CLI cases use an embedded store (`--server file:///…`) in the test's own TempDir,
 //! so every damage is done to a real replica file with a second SQLite connection, the
-//! way a disk or an operator would do it.
+//! way a disk or an operator would do it. The last two cases go through a real `sqlferry
+//! serve` (a damaged page pulled, scrubbed and repaired; a push whose answer was lost).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
