@@ -6,6 +6,7 @@ mod keys;
 mod progress;
 mod pull;
 mod push;
+mod scrub;
 mod serve;
 mod subscribe;
 mod verify;
@@ -96,6 +97,8 @@ pub enum Command {
     SyncNow(subscribe::SyncNowArgs),
     /// List or revoke a server's keys (admin key).
     Keys(keys::KeysArgs),
+    /// Check every stored page and version of a store; record bad pages for repair.
+    Scrub(scrub::ScrubArgs),
 }
 
 /// Where a replica lives and the key to reach it: `--server` and `--key`, shared by
@@ -218,6 +221,7 @@ impl Cli {
             Command::Subscribe(args) => args.run(&self.global),
             Command::SyncNow(args) => args.run(&self.global),
             Command::Keys(args) => args.run(&self.global),
+            Command::Scrub(args) => args.run(&self.global),
         }
     }
 }

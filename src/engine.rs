@@ -57,12 +57,34 @@ pub trait PageSource {
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()>;
 }
 
+/// What the origin's BEGIN announced, handed to [`PageTarget::begin_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BeginInfo {
+    /// The origin's page size in bytes.
+    pub page_size: u32,
+    /// The origin's page count.
+    pub page_count: u32,
+    /// The version the origin says its copy is based on (0: none).
+    pub base_version: u64,
+    /// Whether the origin knows the manifest of `base_version` ([`FLAG_KNOWN_BASE`]): it
+    /// then sends only the pages that differ from that manifest and asks for no hash,
+    /// provided the page count the target returns equals that version's page count.
+    pub known_base: bool,
+}
+
 /// What a sync writes to: the replica. Nothing it does is visible until `commit`; if
 /// it is dropped before, every change is rolled back.
 pub trait PageTarget {
     /// Prepares to hold a database of `page_size`-byte pages and returns how many pages
     /// it already holds at that size (0 when empty or new).
     fn begin(&mut self, page_size: u32) -> Result<u32>;
+    /// [`PageTarget::begin`] with everything BEGIN said; the engine calls this one. A
+    /// target whose pages are not exactly the origin's known base (another version, or
+    /// pages it must have sent again) returns a count that differs from that base's, so
+    /// that the origin runs the hash exchange instead of trusting its manifest.
+    fn begin_with(&mut self, begin: &BeginInfo) -> Result<u32> {
+        self.begin(begin.page_size)
+    }
     /// Calls `f` with the number and hash of every page it holds, in page order.
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>;
     /// Writes one page (not yet visible); `hash` is its [`crate::page::page_hash`].

@@ -96,8 +96,15 @@ pub enum Error {
     /// Something another session holds (a replica being pushed) stayed locked.
     #[error("{0}")]
     InUse(String),
-    /// The replica's latest version is not the one the push was based on.
-    #[error("VERSION_CONFLICT: {replica} is at version {latest}, this push is based on {}; pull first, or push with --force to replace it", based_on.map_or("no version".to_owned(), |v| format!("version {v}")))]
+    /// The replica's latest version is not the one the push was based on, and the
+    /// pushed content differs from it. The advice never says "pull first": a pull would
+    /// overwrite the very changes being pushed.
+    #[error(
+        "VERSION_CONFLICT: {replica} is at version {latest} (made {} by client {}), this push is based on {} and its content differs; push with --force to replace version {latest}, or pull {replica} into another file and compare",
+        conflict_time(*latest_at),
+        if latest_client.is_empty() { "unknown" } else { latest_client.as_str() },
+        based_on.map_or("no version".to_owned(), |v| format!("version {v}"))
+    )]
     Conflict {
         /// The replica.
         replica: String,
@@ -105,6 +112,10 @@ pub enum Error {
         latest: u64,
         /// The version the push was based on, if any.
         based_on: Option<u64>,
+        /// When the latest version was made, seconds since the Unix epoch.
+        latest_at: i64,
+        /// The client id that pushed the latest version.
+        latest_client: String,
     },
     /// The server failed on its own side (disk full, I/O error, busy); temporary.
     #[error("server error: {0}")]
@@ -203,6 +214,12 @@ pub(crate) fn debug_panic(place: &str) {
     if cfg!(debug_assertions) && std::env::var("SQLFERRY_DEBUG_PANIC").is_ok_and(|p| p == place) {
         panic!("SQLFERRY_DEBUG_PANIC={place}");
     }
+}
+
+/// A version's time as the conflict message shows it: RFC 3339 in UTC.
+fn conflict_time(secs: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// The library's result type.

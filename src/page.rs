@@ -8,10 +8,11 @@
 //!
 //! Page identity is SHA-256 ([`page_hash`]) and a database's identity is its digest
 //! ([`Digest`]): SHA-256 over page size, page count and the ordered page hashes. A few
-//! bytes of page 1 say how the file is being used rather than what it holds (journal
-//! mode, change counter, the version of the last writer) and are left out of its hash;
-//! the lock-byte page of a database over 1 GiB is never used by SQLite and hashes as
-//! zeros. `docs/engine.md` explains both.
+//! bytes of page 1 say how the file is being used rather than what it holds: the two
+//! legal journal-mode pairs hash alike, and the counters SQLite rewrites at every commit
+//! are left out (an illegal journal-mode pair hashes unlike any legal page); the
+//! lock-byte page of a database over 1 GiB is never used by SQLite and hashes as zeros.
+//! `docs/engine.md` explains both.
 
 pub(crate) mod handles;
 mod hashcache;
@@ -37,27 +38,61 @@ pub fn lock_byte_page(page_size: u32) -> u32 {
     (PENDING_BYTE / u64::from(page_size)) as u32 + 1
 }
 
-/// Ranges of page 1 that describe how the file is used, not what it holds: the file
-/// format write/read versions (WAL or rollback journal), the file change counter, and
-/// the version-valid-for number with the SQLite version of the last writer. SQLite
-/// rewrites them on commit in rollback mode, so they are hashed as zeros.
-const PAGE1_VOLATILE: [std::ops::Range<usize>; 3] = [18..20, 24..28, 92..100];
+/// Where page 1 records its file format versions (write, read): (1, 1) for a rollback
+/// journal, (2, 2) for WAL. They are the only values SQLite opens ("file is not a
+/// database" otherwise).
+const FORMAT_VERSIONS: std::ops::Range<usize> = 18..20;
+
+/// Ranges of page 1 that SQLite rewrites by itself on every commit in rollback mode: the
+/// file change counter (24–27), and the version-valid-for number with the SQLite version
+/// of the last writer (92–99). A pull into a rollback replica is such a commit, so a
+/// replica that took every byte of a version holds other values here a moment later;
+/// hashing them would make its next, unchanged, push a new version. They cannot make a
+/// database unreadable: SQLite reads them only to tell whether its cache and the
+/// in-header page count (28–31) are current, and falls back to the file size when the
+/// version-valid-for number does not match the change counter.
+const PAGE1_COUNTERS: [std::ops::Range<usize>; 2] = [24..28, 92..100];
+
+/// Appended to what is hashed when page 1's file format versions are not one of the two
+/// legal pairs: such a page then never hashes like a legal one, whatever its bytes.
+const ILLEGAL_FORMAT_MARK: &[u8] = b"sqlferry: illegal file format versions";
+
+/// Whether page 1's file format versions (bytes 18–19) are one of the two legal pairs.
+pub fn legal_format_versions(page1: &[u8]) -> bool {
+    matches!(page1.get(FORMAT_VERSIONS), Some([1, 1]) | Some([2, 2]))
+}
 
 /// The SHA-256 identity of page `pgno` with content `data`.
 ///
-/// Page 1 is hashed with bytes 18–19, 24–27 and 92–99 zeroed; the lock-byte page always hashes as
-/// a page of zeros.
+/// Every byte counts, with these exceptions on page 1: bytes 24–27 and 92–99 (the
+/// counters SQLite rewrites at every commit in rollback mode) are hashed as zeros, and bytes 18–19 are hashed as zeros when
+/// they are one of the two legal pairs, (1, 1) and (2, 2): a WAL origin and a rollback
+/// replica hold the same content. Any other pair is hashed as it is, with a mark
+/// appended, so a page 1 that SQLite would refuse never has the hash of one it opens.
+/// Zero is the canonical value because earlier versions zeroed these bytes whatever they
+/// held: the hashes of every legal page 1 stored before are unchanged. The lock-byte
+/// page always hashes as a page of zeros.
 pub fn page_hash(pgno: u32, data: &[u8]) -> Hash {
     let page_size = data.len() as u32;
     if pgno == 1 && data.len() >= 100 {
+        let legal = legal_format_versions(data);
         let mut h = Sha256::new();
-        let mut at = 0;
-        for r in PAGE1_VOLATILE {
+        h.update(&data[..FORMAT_VERSIONS.start]);
+        if legal {
+            h.update([0u8; 2]);
+        } else {
+            h.update(&data[FORMAT_VERSIONS]);
+        }
+        let mut at = FORMAT_VERSIONS.end;
+        for r in PAGE1_COUNTERS {
             h.update(&data[at..r.start]);
             h.update(&[0u8; 8][..r.len()]);
             at = r.end;
         }
         h.update(&data[at..]);
+        if !legal {
+            h.update(ILLEGAL_FORMAT_MARK);
+        }
         h.finalize().into()
     } else if pgno == lock_byte_page(page_size) {
         zero_page_hash(page_size)
@@ -156,23 +191,54 @@ mod tests {
     }
 
     #[test]
-    fn page1_ignores_only_volatile_bytes() {
-        let mut a = vec![7u8; 4096];
-        let base = page_hash(1, &a);
-        for i in [18, 19, 24, 27, 92, 99] {
+    fn page1_ignores_only_counters_and_the_journal_mode() {
+        let page = |w: u8, r: u8| {
+            let mut a = vec![7u8; 4096];
+            a[18] = w;
+            a[19] = r;
+            a
+        };
+        let rollback = page_hash(1, &page(1, 1));
+        // A WAL origin and a rollback replica hold the same content.
+        assert_eq!(page_hash(1, &page(2, 2)), rollback);
+        // The counters SQLite rewrites at every commit do not count.
+        let mut a = page(1, 1);
+        for i in [24, 25, 27, 92, 95, 99] {
             a[i] ^= 0xff;
-            assert_eq!(page_hash(1, &a), base, "byte {i} should not count");
+            assert_eq!(page_hash(1, &a), rollback, "byte {i} should not count");
+        }
+        // Any other journal-mode pair is another page, even the zeros hashed for legal
+        // pairs, and no two illegal pairs look alike.
+        let mut illegal = std::collections::HashSet::new();
+        for (w, r) in [(0, 0), (1, 2), (2, 1), (3, 3), (0, 1), (1, 0xff)] {
+            let h = page_hash(1, &page(w, r));
+            assert_ne!(h, rollback, "({w}, {r}) must not hash like a legal pair");
+            assert!(illegal.insert(h), "({w}, {r}) hashes like another pair");
         }
         for i in [0, 16, 20, 23, 28, 91, 100, 4095] {
-            let mut b = vec![7u8; 4096];
+            let mut b = page(1, 1);
             b[i] ^= 0xff;
-            assert_ne!(page_hash(1, &b), base, "byte {i} should count");
+            assert_ne!(page_hash(1, &b), rollback, "byte {i} should count");
         }
         // Other pages hash every byte.
         let mut c = vec![7u8; 4096];
         let before = page_hash(2, &c);
         c[18] ^= 1;
         assert_ne!(page_hash(2, &c), before);
+    }
+
+    #[test]
+    fn legal_page1_hashes_as_before() {
+        // The hash of earlier versions, which zeroed bytes 18-19 whatever they held:
+        // versions stored before still verify.
+        let mut a = vec![7u8; 4096];
+        a[18] = 2;
+        a[19] = 2;
+        let mut old = a.clone();
+        for r in [18..20, 24..28, 92..100] {
+            old[r].fill(0);
+        }
+        assert_eq!(page_hash(1, &a), <[u8; 32]>::from(Sha256::digest(&old)));
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct PushOutcome {
     pub version: u64,
     /// Whether this push made that version (`false`: nothing had changed).
     pub created: bool,
+    /// Damaged stored pages this push replaced with good ones.
+    pub repaired: u32,
     /// Keys minted for a new replica (after a key request), shown once.
     pub keys: Option<NewKeys>,
 }
@@ -245,6 +247,7 @@ impl Server {
                         stats,
                         version: version.number,
                         created,
+                        repaired: target.repaired(),
                         keys: None,
                     },
                     pushed,
@@ -292,6 +295,7 @@ impl Server {
                     stats,
                     version: config.version,
                     created: config.created.unwrap_or(true),
+                    repaired: config.repaired.unwrap_or(0),
                     keys: config.keys,
                 };
                 Ok::<_, Error>((outcome, pushed))

@@ -13,15 +13,27 @@
 //!   manifest and its version row in one SQLite transaction, committed only after the
 //!   engine has checked the origin's digest. A crash or a dropped connection at any byte
 //!   rolls all of it back, so no partial version and no unreferenced page ever remains.
+//!   When the push's base is stale, it still syncs against the latest version, stores
+//!   nothing from the first page that differs from it and is refused (VERSION_CONFLICT)
+//!   at COMMIT; equal content makes no version and reports the latest one.
 //! - Versions are immutable: nothing updates or deletes a version row or what it
-//!   references.
+//!   references, except that a page found damaged (its bytes no longer match its hash)
+//!   has its bytes replaced by good ones when a push brings them.
+//! - Nothing damaged is delivered: every page read is checked against its hash; a bad
+//!   one is an error and is recorded (`bad_pages`) so that the next push resends it.
+//! - Nothing unused is kept: pages a push stores that its version does not use are
+//!   deleted before its COMMIT; files a crashed push left are removed the next time the
+//!   replica's directory is opened (never those of a live push, which holds a lock).
 //! - Memory is flat: manifests are read and written one chunk at a time.
 //! - One push at a time per replica: the push holds the replica's write lock from its
-//!   start; a second push waits, then finds the replica moved and gets VERSION_CONFLICT.
+//!   start; a second push waits, then finds the replica moved and gets VERSION_CONFLICT
+//!   unless it holds the same content.
 
 mod replica;
+mod scrub;
 
 pub use replica::{VersionReader, VersionWriter};
+pub use scrub::{BadPage, BadVersion, ReplicaScrub, ScrubProgress, ScrubReport};
 
 use std::path::{Path, PathBuf};
 
@@ -217,17 +229,41 @@ impl Store {
 
     /// Every version of `replica`, oldest first.
     pub fn versions(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
-        replica::versions(&self.replica_file(replica), replica)
+        let file = self.replica_file(replica);
+        self.remove_leftovers(&file);
+        replica::versions(&file, replica)
     }
 
     /// Starts a push into `replica`; the replica is created if it does not exist.
     pub fn push(&self, replica: &ReplicaPath, options: PushOptions) -> Result<VersionWriter> {
-        VersionWriter::open(&self.replica_file(replica), replica, options)
+        let file = self.replica_file(replica);
+        self.remove_leftovers(&file);
+        VersionWriter::open(&file, replica, options)
     }
 
     /// Opens one version of `replica` for reading.
     pub fn read(&self, replica: &ReplicaPath, selector: Selector) -> Result<VersionReader> {
-        VersionReader::open(&self.replica_file(replica), replica, selector)
+        let file = self.replica_file(replica);
+        self.remove_leftovers(&file);
+        VersionReader::open(&file, replica, selector)
+    }
+
+    /// Checks every stored page of every replica against its hash, and every version's
+    /// manifest and digest; records what is bad for repair by the next push, and removes
+    /// the files crashed pushes left. `progress` is called as it goes.
+    pub fn scrub(&self, progress: &mut dyn FnMut(&ScrubProgress)) -> Result<ScrubReport> {
+        scrub::scrub(&self.root, progress)
+    }
+
+    /// Removes what crashed pushes left beside `file` (new replicas' private files that
+    /// no live push holds, and their `-wal`/`-shm`). Cheap: one directory listing.
+    fn remove_leftovers(&self, file: &Path) {
+        if let Some(dir) = file.parent() {
+            let freed = replica::remove_leftovers(dir);
+            if freed > 0 {
+                tracing::info!(dir = %dir.display(), bytes = freed, "removed files crashed pushes left");
+            }
+        }
     }
 }
 

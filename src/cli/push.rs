@@ -129,6 +129,7 @@ impl PushArgs {
             v["replica"] = replica.as_str().into();
             v["version"] = outcome.version.into();
             v["created"] = outcome.created.into();
+            v["repaired"] = outcome.repaired.into();
             out(format_args!("{v}"))?;
         } else if !global.quiet {
             let s = &outcome.stats;
@@ -142,9 +143,16 @@ impl PushArgs {
                     human_bytes(s.bytes_sent),
                     s.duration
                 ))?;
+            } else if outcome.repaired > 0 {
+                out(format_args!(
+                    "repaired: {replica} is already at version {} ({}); {} damaged stored page(s) replaced with good ones",
+                    outcome.version,
+                    local.display(),
+                    outcome.repaired
+                ))?;
             } else {
                 out(format_args!(
-                    "no change: {replica} is still at version {} ({})",
+                    "no change: {replica} is already at version {} ({})",
                     outcome.version,
                     local.display()
                 ))?;

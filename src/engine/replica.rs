@@ -1,15 +1,18 @@
 //! The replica role: reports what it holds, answers the origin's hash requests, writes
 //! the pages it is sent, and commits only when the result has the origin's digest.
 //!
-//! Invariants: every frame is checked against the session (page numbers in range, pages
-//! of the session's size, hashes only for nodes that exist); any violation ends the
-//! session with nothing committed. Every page is hashed as it is written; before COMMIT
+//! Invariants: every frame is checked against the session (no BEGIN flag this side does
+//! not know, page numbers in range, each page at most once, pages of the session's size,
+//! hashes only for nodes that exist); any violation ends the session with nothing
+//! committed. Since each page is written at most once, every page written is part of the
+//! result whose digest is checked: a peer cannot make the target keep pages that the
+//! committed result does not use. Every page is hashed as it is written; before COMMIT
 //! every page past the replica's old end must have arrived, and the digest over all
 //! page hashes, old and new, must equal the origin's.
 
-use super::origin::recv;
+use super::origin::{FLAG_KNOWN_BASE, recv};
 use super::tree::Tree;
-use super::{Link, PageTarget, Phase, Progress};
+use super::{BeginInfo, Link, PageTarget, Phase, Progress};
 use crate::page::{hex, lock_byte_page, page_hash, zero_page_hash};
 use crate::protocol::{ErrorCode, Frame, Hash, MAX_NODES_PER_FRAME, PROTOCOL_VERSION};
 use crate::{Error, Result};
@@ -142,19 +145,32 @@ fn session(
     link: &mut dyn Link,
     progress: &dyn Progress,
 ) -> Result<ReplicaDone> {
-    let (page_size, page_count) = match recv(link)? {
+    let begin = match recv(link)? {
         Frame::Begin {
             version,
             page_size,
             page_count,
-            ..
+            base_version,
+            flags,
         } => {
             if version != PROTOCOL_VERSION {
                 return Err(Error::Protocol(format!(
                     "the origin speaks protocol version {version}; this side speaks {PROTOCOL_VERSION}"
                 )));
             }
-            (page_size, page_count)
+            // Unknown bits would mean a promise this side cannot keep: refuse them
+            // rather than guess.
+            if flags & !FLAG_KNOWN_BASE != 0 {
+                return Err(Error::Protocol(format!(
+                    "BEGIN flags {flags:#04x} set bits this side does not know (known: {FLAG_KNOWN_BASE:#04x})"
+                )));
+            }
+            BeginInfo {
+                page_size,
+                page_count,
+                base_version,
+                known_base: flags & FLAG_KNOWN_BASE != 0,
+            }
         }
         other => {
             return Err(Error::Protocol(format!(
@@ -163,10 +179,11 @@ fn session(
             )));
         }
     };
+    let (page_size, page_count) = (begin.page_size, begin.page_count);
     if page_count == 0 {
         return Err(Error::Protocol("BEGIN with zero pages".into()));
     }
-    let held = target.begin(page_size)?;
+    let held = target.begin_with(&begin)?;
     progress.start(Phase::Receiving, 0, page_size);
     // READY goes before hashing: the origin can then hash its own pages at the same
     // time and send the pages past `held` as it reads them.
@@ -180,17 +197,12 @@ fn session(
     let mut hashes = Vec::new();
     let mut hasher = PageHasher::new();
     // Writes one hashed page: the hash of the bytes handed to the target is what the
-    // digest checks.
+    // digest checks. Pages are counted as they arrive (below).
     macro_rules! write {
         ($page:expr) => {{
             let (pgno, data, hash): Hashed = $page;
             target.write_page(pgno, data, &hash)?;
             tree.set_leaf(pgno, &hash)?;
-            if !written.get(pgno) {
-                written.set(pgno);
-                pages_written += 1;
-                progress.advance(1);
-            }
         }};
     }
     loop {
@@ -233,6 +245,13 @@ fn session(
                         "page {pgno} is outside the database"
                     )));
                 }
+                // A page sent twice would leave the first copy written but unused.
+                if written.get(pgno) {
+                    return Err(Error::Protocol(format!("page {pgno} was sent twice")));
+                }
+                written.set(pgno);
+                pages_written += 1;
+                progress.advance(1);
                 hasher.push(pgno, data)?;
                 for page in hasher.ready() {
                     write!(page);

@@ -49,6 +49,34 @@ impl Header {
         })
     }
 
+    /// Checks page 1 of a stored version: an SQLite header (legal journal-mode bytes
+    /// included) whose page size is `page_size` and whose page count, where SQLite
+    /// trusts it (the version-valid-for number at 92–95 equals the change counter at
+    /// 24–27), is `page_count`. The reason is returned when it is not.
+    pub fn check_page1(
+        page1: &[u8],
+        page_size: u32,
+        page_count: u32,
+    ) -> std::result::Result<(), String> {
+        let header = Header::parse(page1)?;
+        if header.page_size != page_size {
+            return Err(format!(
+                "it gives a page size of {} but the version's pages have {page_size} bytes",
+                header.page_size
+            ));
+        }
+        let word = |at: usize| {
+            u32::from_be_bytes([page1[at], page1[at + 1], page1[at + 2], page1[at + 3]])
+        };
+        if word(92) == word(24) && word(28) != page_count {
+            return Err(format!(
+                "it gives a page count of {} but the version has {page_count} pages",
+                word(28)
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads the header of the file at `path`: `Ok(None)` when the file is empty (an
     /// empty file is a database with no pages yet), an error when it is missing,
     /// unreadable or not an SQLite database.
@@ -108,5 +136,33 @@ mod tests {
         assert!(Header::parse(&[0u8; 100]).is_err());
         assert!(Header::parse(&header(3000, 1, 1)).is_err());
         assert!(Header::parse(&header(4096, 3, 3)).is_err());
+        assert!(Header::parse(&header(4096, 0, 0)).is_err());
+        assert!(Header::parse(&header(4096, 1, 2)).is_err());
+    }
+
+    #[test]
+    fn page1_agrees_with_its_version() {
+        let mut h = header(4096, 1, 1);
+        h[24..28].copy_from_slice(&7u32.to_be_bytes());
+        h[28..32].copy_from_slice(&10u32.to_be_bytes());
+        h[92..96].copy_from_slice(&7u32.to_be_bytes());
+        assert_eq!(Header::check_page1(&h, 4096, 10), Ok(()));
+        assert!(
+            Header::check_page1(&h, 4096, 11)
+                .expect_err("count")
+                .contains("page count")
+        );
+        assert!(
+            Header::check_page1(&h, 8192, 10)
+                .expect_err("size")
+                .contains("page size")
+        );
+        // A stale page count (version-valid-for behind the counter) is not SQLite's
+        // word, nor ours.
+        h[95] = 6;
+        assert_eq!(Header::check_page1(&h, 4096, 11), Ok(()));
+        let mut bad = h.clone();
+        bad[0] = b's';
+        assert!(Header::check_page1(&bad, 4096, 10).is_err());
     }
 }

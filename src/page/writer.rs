@@ -423,13 +423,20 @@ impl PageTarget for Writer {
             // the cookie change and reload the schema from a half-written database
             // ("malformed"), so page 1 waits and is written last, in `commit`.
             let mut page1 = data;
+            // A page 1 SQLite would refuse (no header, journal-mode bytes other than the
+            // two legal pairs) is refused here, whoever sent it: the file stays as it was.
+            Header::parse(&page1).map_err(|reason| {
+                Error::Verification(format!(
+                    "the page 1 received is not a valid SQLite header ({reason}); nothing was written"
+                ))
+            })?;
             if let Some(mode) = self.journal_mode {
                 // Keep the replica's own journal mode (file format versions).
                 let v = if mode == JournalMode::Wal { 2 } else { 1 };
                 page1[18] = v;
                 page1[19] = v;
             }
-            // Bytes 18-19 are outside the hash (see `page_hash`): `hash` still holds.
+            // Both legal pairs of bytes 18-19 hash alike (see `page_hash`): `hash` holds.
             if let Some(b) = &mut self.building {
                 b.page(1, &page1, hash);
             }

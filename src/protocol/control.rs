@@ -107,6 +107,9 @@ pub struct Config {
     /// After a push: whether it made a new version (false: nothing had changed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<bool>,
+    /// After a push: how many damaged stored pages it replaced with good ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<u32>,
     /// After `sync-now`: how many running subscribers were reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reached: Option<u64>,

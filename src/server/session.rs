@@ -473,12 +473,12 @@ where
             };
             run_replica(&mut OwnFaults::new(&mut writer, &data), link)?;
             let (version, created) = writer.outcome().expect("a committed push has an outcome");
-            Ok((version.clone(), created))
+            Ok((version.clone(), created, writer.repaired()))
         },
     )
     .await;
     // The engine reported its own failure to the client already.
-    let (version, created) = result.map_err(Failure::Reported)?;
+    let (version, created, repaired) = result.map_err(Failure::Reported)?;
     let id = match id {
         Some(id) => id,
         None => {
@@ -506,6 +506,7 @@ where
     };
     let mut c = config(principal, &replica, id, version.number);
     c.created = Some(created);
+    c.repaired = (repaired > 0).then_some(repaired);
     c.keys = keys;
     send_control(ws, Control::Config(c)).await?;
     ws.flush()

@@ -1,16 +1,25 @@
 //! One replica's SQLite file: pushing a new version into it ([`VersionWriter`], the
 //! engine's page target) and reading a version out of it ([`VersionReader`], the
 //! engine's page source). The module doc of `store` states the invariants.
+//!
+//! Trust, as this file keeps it: every page read from `pages` is hashed again and a
+//! mismatch is an error, never data; a page found damaged is recorded in `bad_pages`,
+//! which makes the next push resend it (its hash is reported as not held) and replace
+//! its bytes. Pages a push stores but its committed version does not use are deleted in
+//! the same transaction. A new replica's private file is `flock`ed by its creator for
+//! its whole life, so a cleaner removes only what a dead process left.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rustix::fs::{FlockOperation, flock};
 use sha2::{Digest as _, Sha256};
 
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, Selector, VersionInfo};
-use crate::engine::{PageSource, PageTarget, ScanFn};
-use crate::page::{hex, lock_byte_page};
+use crate::engine::{BeginInfo, PageSource, PageTarget, ScanFn};
+use crate::page::{Header, hex, lock_byte_page, page_hash};
 use crate::protocol::{HASH_BYTES, Hash};
 use crate::{Error, Result};
 
@@ -18,7 +27,12 @@ use crate::{Error, Result};
 /// replica moved (it then gets VERSION_CONFLICT, not "busy").
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The replica file's schema, created on first push.
+/// How long recording a damaged page waits for a push holding the replica's write lock;
+/// the recording is best effort (scrub finds the page again).
+const RECORD_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The replica file's schema, created on first push (`bad_pages` also by the first push
+/// or scrub that opens a file made before it existed).
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS pages(
         hash BLOB PRIMARY KEY,
@@ -45,6 +59,17 @@ const SCHEMA: &str = "
         chunk BLOB NOT NULL REFERENCES chunks(hash),
         PRIMARY KEY(version, idx)
     ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS bad_pages(
+        hash BLOB PRIMARY KEY,
+        found_at INTEGER NOT NULL
+    );
+";
+
+/// The table of pages written by the push in progress that did not exist before: what
+/// the committed manifest does not use of them is deleted before COMMIT.
+const FRESH_SCHEMA: &str = "
+    CREATE TEMP TABLE IF NOT EXISTS fresh(hash BLOB PRIMARY KEY) WITHOUT ROWID;
+    DELETE FROM temp.fresh;
 ";
 
 fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -150,10 +175,228 @@ fn for_each_hash(
     Ok(())
 }
 
+/// The hash of page `pgno` in `version`'s manifest, through a one-chunk cache.
+fn manifest_hash(
+    conn: &Connection,
+    file: &Path,
+    version: u64,
+    pgno: u32,
+    cache: &mut Option<(u32, Vec<u8>)>,
+) -> Result<Option<Hash>> {
+    let idx = (pgno - 1) / CHUNK_PAGES as u32;
+    if cache.as_ref().is_none_or(|(i, _)| *i != idx) {
+        let blob: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT c.hashes FROM manifest m JOIN chunks c ON c.hash = m.chunk
+                 WHERE m.version = ?1 AND m.idx = ?2",
+                params![version as i64, idx],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql(file))?;
+        *cache = Some((idx, blob.unwrap_or_default()));
+    }
+    let (_, blob) = cache.as_ref().expect("loaded above");
+    let at = ((pgno - 1) as usize % CHUNK_PAGES) * HASH_BYTES;
+    Ok(blob
+        .get(at..at + HASH_BYTES)
+        .and_then(|h| h.try_into().ok()))
+}
+
+/// Whether `data` is the page stored under `hash`: a page is keyed by its
+/// [`page_hash`], which for page 1 differs from the plain SHA-256 (a few header bytes
+/// are normalized), so both are tried when the position is not known.
+pub(super) fn page_matches(pgno: Option<u32>, hash: &Hash, data: &[u8]) -> bool {
+    match pgno {
+        Some(n) => page_hash(n, data) == *hash,
+        None => <[u8; 32]>::from(Sha256::digest(data)) == *hash || page_hash(1, data) == *hash,
+    }
+}
+
+/// The hash a damaged page is reported under to a pushing origin: never the real one,
+/// so the origin's page differs and is sent again.
+fn poisoned(hash: &Hash) -> Hash {
+    hash.map(|b| !b)
+}
+
+/// The damaged pages recorded in the replica open on `conn` (a table that does not
+/// exist yet holds none).
+fn bad_pages(conn: &Connection, file: &Path) -> Result<HashSet<Hash>> {
+    let exists: bool = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'bad_pages'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )
+        .map_err(sql(file))?;
+    if !exists {
+        return Ok(HashSet::new());
+    }
+    let mut stmt = conn
+        .prepare("SELECT hash FROM bad_pages")
+        .map_err(sql(file))?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .map_err(sql(file))?;
+    let mut set = HashSet::new();
+    for row in rows {
+        if let Ok(h) = <Hash>::try_from(row.map_err(sql(file))?.as_slice()) {
+            set.insert(h);
+        }
+    }
+    Ok(set)
+}
+
+/// Records damaged (or missing) pages of the replica in `file`, so that the next push
+/// resends them. Opens its own read-write connection: the caller may hold a read-only
+/// one.
+pub(super) fn record_bad_pages(file: &Path, hashes: &[Hash]) -> Result<()> {
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    let conn = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql(file))?;
+    conn.busy_timeout(RECORD_BUSY_TIMEOUT).map_err(sql(file))?;
+    let now = now_secs();
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE IF NOT EXISTS bad_pages(hash BLOB PRIMARY KEY, found_at INTEGER NOT NULL);",
+    )
+    .map_err(sql(file))?;
+    for h in hashes {
+        conn.execute(
+            "INSERT OR IGNORE INTO bad_pages(hash, found_at) VALUES (?1, ?2)",
+            params![&h[..], now],
+        )
+        .map_err(sql(file))?;
+    }
+    conn.execute_batch("COMMIT").map_err(sql(file))?;
+    Ok(())
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The private file a new replica is built in, with the exclusive `flock` its creator
+/// holds on it for its whole life. flock locks belong to the open file description and
+/// on Linux do not interact with the fcntl locks SQLite takes on the same file, nor are
+/// they dropped when SQLite closes its own descriptors: the lock says "a live process is
+/// building this" and nothing else, and the kernel drops it when the process dies.
+/// (rustix's safe `flock` rather than std's `File::lock`, which needs Rust 1.89, above
+/// this crate's declared minimum.) Fields drop in order: the file goes, then the lock.
+struct Creating {
+    path: tempfile::TempPath,
+    _lock: std::fs::File,
+}
+
+impl Creating {
+    /// Creates and locks a fresh private file for `final_file` in `dir`.
+    fn new(dir: &Path, final_file: &Path) -> Result<Creating> {
+        use std::os::unix::fs::MetadataExt;
+        let name = final_file
+            .file_name()
+            .expect("a replica file has a name")
+            .to_string_lossy();
+        // A cleaner may take the lock of a file created a moment ago, before its creator
+        // locked it, and remove it: then the path is no longer this file, and another
+        // is made.
+        for _ in 0..8 {
+            let (file, path) = tempfile::Builder::new()
+                .prefix(&format!(".{name}."))
+                .suffix(".new")
+                .tempfile_in(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .into_parts();
+            flock(&file, FlockOperation::LockExclusive).map_err(|e| Error::io(&path, e.into()))?;
+            let ours = file.metadata().map_err(|e| Error::io(&path, e))?.ino();
+            if std::fs::metadata(&path).is_ok_and(|m| m.ino() == ours) {
+                return Ok(Creating { path, _lock: file });
+            }
+            let _ = path.keep();
+        }
+        Err(Error::InUse(format!(
+            "{}: could not create a private file that stays put",
+            dir.display()
+        )))
+    }
+}
+
+/// Whether `name` is a private file of a new replica (`.<replica file>.<random>.new`), or
+/// its `-wal` or `-shm`: returns the private file's name.
+fn private_file_of(name: &str) -> Option<&str> {
+    let base = name
+        .strip_suffix("-wal")
+        .or_else(|| name.strip_suffix("-shm"))
+        .unwrap_or(name);
+    (base.starts_with('.') && base.ends_with(".new") && base.contains(".sqlferry.")).then_some(base)
+}
+
+/// Removes what crashed pushes left in the replica directory `dir`: private files of new
+/// replicas whose lock nobody holds (their creator is dead), and the `-wal`/`-shm`
+/// beside them or beside none. A live push holds its file's lock, so its files stay.
+/// Best effort: what cannot be removed is left for the next time. Returns the bytes
+/// freed.
+pub(super) fn remove_leftovers(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut freed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(base) = private_file_of(name) else {
+            continue;
+        };
+        let path = dir.join(name);
+        if name != base {
+            // A -wal or -shm: removed with its private file, or alone if that is gone.
+            if !dir.join(base).exists() {
+                freed += remove_counted(&path);
+            }
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue; // a live push is building it
+        }
+        for suffix in ["-wal", "-shm"] {
+            freed += remove_counted(&dir.join(format!("{name}{suffix}")));
+        }
+        freed += remove_counted(&path);
+        tracing::info!(file = %path.display(), "removed a new replica's file a crashed push left");
+    }
+    freed
+}
+
+fn remove_counted(path: &Path) -> u64 {
+    let len = std::fs::symlink_metadata(path).map_or(0, |m| m.len());
+    match std::fs::remove_file(path) {
+        Ok(()) => len,
+        Err(_) => 0,
+    }
+}
+
 /// A push in progress: the engine's page target for a new version.
 ///
 /// It holds the replica's write lock (`BEGIN IMMEDIATE`) from [`PageTarget::begin`]
 /// to [`PageTarget::commit`]; dropping it without committing rolls everything back.
+///
+/// It syncs against the replica's latest version whatever base the push names. When
+/// that base is stale (the replica moved past it) and the push is not forced, the result
+/// may only be the latest version itself: from the first page that differs from it
+/// nothing more is stored, and COMMIT answers VERSION_CONFLICT (the origin is then
+/// waiting for the answer and reads it; ending the session mid-stream would reach a
+/// client over a WebSocket as "connection lost"). Equal content commits nothing and
+/// reports the latest version ("already at version N": a push that landed but whose
+/// answer was lost).
 pub struct VersionWriter {
     conn: Connection,
     /// The file being written: the replica's, or a private one while creating it.
@@ -161,13 +404,30 @@ pub struct VersionWriter {
     /// The replica's file.
     final_file: PathBuf,
     /// The private file a new replica is built in (removed on drop unless linked).
-    creating: Option<tempfile::TempPath>,
+    creating: Option<Creating>,
     replica: ReplicaPath,
     options: PushOptions,
-    base: Option<VersionInfo>,
+    /// The replica's latest version when the push began: what it syncs against.
+    latest: Option<VersionInfo>,
+    /// The base is stale and the push not forced: only the latest's content may result.
+    must_equal: bool,
+    /// A page differing from the latest's came while `must_equal`: a conflict.
+    differs: bool,
+    /// The pages of `latest` reported to the origin as held.
+    held: u32,
+    /// Pages recorded as damaged: reported as not held, replaced when they come.
+    bad: HashSet<Hash>,
+    /// Page numbers written in this push, one bit each.
+    written: Vec<u64>,
+    /// Pages this push stored that did not exist before (rows of `temp.fresh`).
+    fresh: u64,
+    /// Damaged pages this push replaced with good bytes.
+    repaired: u32,
+    /// The manifest chunk of `latest` last looked at (for `must_equal`).
+    chunk: Option<(u32, Vec<u8>)>,
     /// The page size the engine began with.
     page_size: u32,
-    /// The version this push made, or the unchanged base when nothing differed.
+    /// The version this push made, or the unchanged latest when nothing differed.
     result: Option<(VersionInfo, bool)>,
 }
 
@@ -185,19 +445,9 @@ impl VersionWriter {
         let creating = if final_file.exists() {
             None
         } else {
-            let name = final_file
-                .file_name()
-                .expect("a replica file has a name")
-                .to_string_lossy();
-            let tmp = tempfile::Builder::new()
-                .prefix(&format!(".{name}."))
-                .suffix(".new")
-                .tempfile_in(dir)
-                .map_err(|e| Error::io(dir, e))?
-                .into_temp_path();
-            Some(tmp)
+            Some(Creating::new(dir, final_file)?)
         };
-        let file = creating.as_deref().unwrap_or(final_file);
+        let file = creating.as_ref().map_or(final_file, |c| &*c.path);
         let conn = Connection::open(file).map_err(sql(file))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -205,6 +455,7 @@ impl VersionWriter {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql(file))?;
         conn.execute_batch(SCHEMA).map_err(sql(file))?;
+        conn.execute_batch(FRESH_SCHEMA).map_err(sql(file))?;
         Ok(VersionWriter {
             conn,
             file: file.to_owned(),
@@ -212,7 +463,15 @@ impl VersionWriter {
             creating,
             replica: replica.clone(),
             options,
-            base: None,
+            latest: None,
+            must_equal: false,
+            differs: false,
+            held: 0,
+            bad: HashSet::new(),
+            written: Vec::new(),
+            fresh: 0,
+            repaired: 0,
+            chunk: None,
             page_size: 0,
             result: None,
         })
@@ -223,47 +482,205 @@ impl VersionWriter {
     pub fn outcome(&self) -> Option<(&VersionInfo, bool)> {
         self.result.as_ref().map(|(v, made)| (v, *made))
     }
+
+    /// How many damaged stored pages this push replaced with good ones (committed even
+    /// when it made no new version).
+    pub fn repaired(&self) -> u32 {
+        self.repaired
+    }
+
+    fn conflict(&self) -> Error {
+        let latest = self.latest.as_ref();
+        Error::Conflict {
+            replica: self.replica.to_string(),
+            latest: latest.map_or(0, |v| v.number),
+            based_on: self.options.base,
+            latest_at: latest.map_or(0, |v| v.created_at),
+            latest_client: latest.map_or(String::new(), |v| v.client_id.clone()),
+        }
+    }
+
+    fn mark_written(&mut self, pgno: u32) {
+        let i = (pgno - 1) as usize;
+        if self.written.len() <= i / 64 {
+            self.written.resize(i / 64 + 1, 0);
+        }
+        self.written[i / 64] |= 1 << (i % 64);
+    }
+
+    fn was_written(&self, pgno: u32) -> bool {
+        let i = (pgno - 1) as usize;
+        self.written
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Checks the page 1 of a new version: the SQLite header, with the version's page
+    /// size and, where SQLite trusts it, its page count. The page is read back from the
+    /// store and checked against its hash like any other read.
+    fn check_page1(&self, hash: &Hash, page_count: u32) -> Result<()> {
+        let data: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT data FROM pages WHERE hash = ?1", [&hash[..]], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql(&self.file))?;
+        let data = match data {
+            Some(d) if page_matches(Some(1), hash, &d) => d,
+            found => {
+                // Recorded from a connection of its own, once this push's write lock is
+                // gone (it would wait for it otherwise); nothing of this push is kept.
+                self.conn
+                    .execute_batch("ROLLBACK")
+                    .map_err(sql(&self.file))?;
+                if let Err(e) = record_bad_pages(&self.file, &[*hash]) {
+                    tracing::warn!(replica = %self.replica, error = %e, "could not record a damaged page");
+                }
+                return Err(Error::Verification(format!(
+                    "page 1 of {} is {} in the store; nothing was stored, push again to repair it",
+                    self.replica,
+                    if found.is_some() {
+                        "damaged"
+                    } else {
+                        "missing"
+                    }
+                )));
+            }
+        };
+        Header::check_page1(&data, self.page_size, page_count).map_err(|why| {
+            Error::Verification(format!(
+                "the pushed database's page 1 is not a valid SQLite header: {why}; nothing was stored"
+            ))
+        })
+    }
 }
 
 impl PageTarget for VersionWriter {
     fn begin(&mut self, page_size: u32) -> Result<u32> {
+        self.begin_with(&BeginInfo {
+            page_size,
+            page_count: 0,
+            base_version: 0,
+            known_base: false,
+        })
+    }
+
+    fn begin_with(&mut self, begin: &BeginInfo) -> Result<u32> {
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(sql(&self.file))?;
-        let latest = latest(&self.conn, &self.file)?;
-        let latest_number = latest.as_ref().map(|v| v.number);
-        if !self.options.force && latest_number.is_some() && latest_number != self.options.base {
-            return Err(Error::Conflict {
-                replica: self.replica.to_string(),
-                latest: latest_number.unwrap_or(0),
-                based_on: self.options.base,
-            });
-        }
-        let held = match &latest {
-            Some(v) if v.page_size == page_size => v.page_count,
-            _ => 0,
+        self.latest = latest(&self.conn, &self.file)?;
+        self.bad = bad_pages(&self.conn, &self.file)?;
+        self.page_size = begin.page_size;
+        let Some(latest) = self.latest.clone() else {
+            return Ok(0);
         };
-        self.base = latest;
-        self.page_size = page_size;
+        if !self.options.force && Some(latest.number) != self.options.base {
+            // Only the latest's own content may come of this push. Another size can't.
+            if begin.page_count != 0
+                && (latest.page_size != begin.page_size || latest.page_count != begin.page_count)
+            {
+                return Err(self.conflict());
+            }
+            self.must_equal = true;
+        }
+        let mut held = if latest.page_size == begin.page_size {
+            latest.page_count
+        } else {
+            0
+        };
+        // An origin that knows a manifest sends only the pages that differ from it, and
+        // asks for no hash, when READY's count equals that manifest's. If what is held is
+        // not exactly that manifest (another version, or damaged pages to be resent),
+        // say a count that differs, so that the hash exchange runs and finds every page.
+        let trusted = begin.base_version == latest.number && self.bad.is_empty();
+        if begin.known_base && held > 0 && !trusted {
+            let theirs = if begin.base_version == latest.number {
+                Some(latest.clone())
+            } else {
+                self.conn
+                    .query_row(
+                        &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE number = ?1"),
+                        [begin.base_version as i64],
+                        version_row,
+                    )
+                    .optional()
+                    .map_err(sql(&self.file))?
+            };
+            held = match theirs {
+                Some(v) if v.page_size == begin.page_size && v.page_count == held => held - 1,
+                Some(v) if v.page_size == begin.page_size => held,
+                // A manifest of another size is not used; one this replica never had
+                // cannot be told apart: nothing is held, every page comes.
+                Some(_) => held,
+                None => 0,
+            };
+        }
+        self.held = held;
         Ok(held)
     }
 
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
-        match &self.base {
-            Some(base) if base.page_count > 0 => {
-                for_each_hash(&self.conn, &self.file, base.number, f)
+        let (held, bad) = (self.held, &self.bad);
+        match &self.latest {
+            Some(latest) if held > 0 => {
+                for_each_hash(&self.conn, &self.file, latest.number, &mut |pgno, h| {
+                    if pgno > held {
+                        Ok(())
+                    } else if bad.contains(&h) {
+                        f(pgno, poisoned(&h))
+                    } else {
+                        f(pgno, h)
+                    }
+                })
             }
             _ => Ok(()),
         }
     }
 
-    fn write_page(&mut self, _pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
-        let mut stmt = self
+    fn write_page(&mut self, pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
+        if self.differs {
+            return Ok(()); // a conflict already: nothing more is stored
+        }
+        if self.must_equal {
+            let number = self.latest.as_ref().map_or(0, |v| v.number);
+            let theirs = manifest_hash(&self.conn, &self.file, number, pgno, &mut self.chunk)?;
+            if theirs != Some(*hash) {
+                // The content differs from the latest version: a real conflict, told at
+                // COMMIT, when the origin listens.
+                tracing::info!(replica = %self.replica, page = pgno, "the push differs from the latest version: a conflict");
+                self.differs = true;
+                return Ok(());
+            }
+        }
+        self.mark_written(pgno);
+        if self.bad.contains(hash) {
+            self.conn
+                .prepare_cached("INSERT OR REPLACE INTO pages(hash, data) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![&hash[..], data]))
+                .map_err(sql(&self.file))?;
+            self.conn
+                .prepare_cached("DELETE FROM bad_pages WHERE hash = ?1")
+                .and_then(|mut s| s.execute([&hash[..]]))
+                .map_err(sql(&self.file))?;
+            self.bad.remove(hash);
+            self.repaired += 1;
+            tracing::info!(replica = %self.replica, page = pgno, hash = %hex(hash), "damaged page replaced");
+            return Ok(());
+        }
+        let inserted = self
             .conn
             .prepare_cached("INSERT OR IGNORE INTO pages(hash, data) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![&hash[..], data]))
             .map_err(sql(&self.file))?;
-        stmt.execute(params![&hash[..], data])
-            .map_err(sql(&self.file))?;
+        if inserted > 0 {
+            self.conn
+                .prepare_cached("INSERT OR IGNORE INTO temp.fresh(hash) VALUES (?1)")
+                .and_then(|mut s| s.execute([&hash[..]]))
+                .map_err(sql(&self.file))?;
+            self.fresh += 1;
+        }
         Ok(())
     }
 
@@ -274,47 +691,63 @@ impl PageTarget for VersionWriter {
         hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
         let file = self.file.clone();
-        if let Some(base) = &self.base {
-            if base.digest == hex(digest) {
-                // Nothing differs: no new version. Roll back the (empty) transaction.
-                self.conn.execute_batch("ROLLBACK").map_err(sql(&file))?;
-                self.result = Some((base.clone(), false));
-                return Ok(());
-            }
+        let same = self
+            .latest
+            .as_ref()
+            .is_some_and(|l| l.digest == hex(digest));
+        if self.must_equal && (self.differs || !same) {
+            return Err(self.conflict());
         }
-        let number = self.base.as_ref().map_or(1, |b| b.number + 1);
-        let page_size = self.page_size;
-        let created_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        self.conn
-            .execute(
-                &format!(
-                    "INSERT INTO versions({VERSION_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)"
-                ),
-                params![
-                    number as i64,
-                    page_size,
-                    page_count,
-                    &digest[..],
-                    self.options.message,
-                    created_at,
-                    self.options.client_id,
-                    self.options.key_id,
-                    self.base.as_ref().map_or(0, |b| b.number as i64),
-                ],
-            )
-            .map_err(sql(&file))?;
+        if same && self.repaired == 0 && self.fresh == 0 {
+            // Nothing differs and nothing was mended: no new version, nothing to keep.
+            self.conn.execute_batch("ROLLBACK").map_err(sql(&file))?;
+            let latest = self.latest.clone().expect("same content means a latest");
+            self.result = Some((latest, false));
+            return Ok(());
+        }
+        let number = self.latest.as_ref().map_or(1, |b| b.number + 1);
+        if !same {
+            self.conn
+                .execute(
+                    &format!(
+                        "INSERT INTO versions({VERSION_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)"
+                    ),
+                    params![
+                        number as i64,
+                        self.page_size,
+                        page_count,
+                        &digest[..],
+                        self.options.message,
+                        now_secs(),
+                        self.options.client_id,
+                        self.options.key_id,
+                        self.latest.as_ref().map_or(0, |b| b.number as i64),
+                    ],
+                )
+                .map_err(sql(&file))?;
+        }
         let mut chunk = Vec::with_capacity(CHUNK_PAGES * HASH_BYTES);
         let mut idx = 0u32;
         let mut seen = 0u32;
+        let mut page1 = None;
         loop {
             let next = hashes.next().transpose()?;
             if let Some(h) = next {
-                chunk.extend_from_slice(&h);
                 seen += 1;
+                if seen == 1 {
+                    page1 = Some(h);
+                }
+                // What this push stored and the result uses stays; the rest goes below.
+                if self.fresh > 0 && self.was_written(seen) {
+                    self.conn
+                        .prepare_cached("DELETE FROM temp.fresh WHERE hash = ?1")
+                        .and_then(|mut s| s.execute([&h[..]]))
+                        .map_err(sql(&file))?;
+                }
+                chunk.extend_from_slice(&h);
             }
-            if chunk.len() == CHUNK_PAGES * HASH_BYTES || (next.is_none() && !chunk.is_empty()) {
+            let full = chunk.len() == CHUNK_PAGES * HASH_BYTES;
+            if !same && (full || (next.is_none() && !chunk.is_empty())) {
                 let key: Hash = Sha256::digest(&chunk).into();
                 self.conn
                     .prepare_cached("INSERT OR IGNORE INTO chunks(hash, hashes) VALUES (?1, ?2)")
@@ -325,6 +758,8 @@ impl PageTarget for VersionWriter {
                     .and_then(|mut s| s.execute(params![number as i64, idx, &key[..]]))
                     .map_err(sql(&file))?;
                 idx += 1;
+            }
+            if full || next.is_none() {
                 chunk.clear();
             }
             if next.is_none() {
@@ -336,7 +771,31 @@ impl PageTarget for VersionWriter {
                 "manifest has {seen} pages, expected {page_count}"
             )));
         }
+        if self.fresh > 0 {
+            let dropped = self
+                .conn
+                .execute(
+                    "DELETE FROM pages WHERE hash IN (SELECT hash FROM temp.fresh)",
+                    [],
+                )
+                .map_err(sql(&file))?;
+            self.conn
+                .execute_batch("DELETE FROM temp.fresh")
+                .map_err(sql(&file))?;
+            if dropped > 0 {
+                tracing::warn!(replica = %self.replica, pages = dropped, "pages the push sent but its version does not use were not kept");
+            }
+        }
+        if !same {
+            let page1 = page1.ok_or_else(|| Error::Protocol("a version without pages".into()))?;
+            self.check_page1(&page1, page_count)?;
+        }
         self.conn.execute_batch("COMMIT").map_err(sql(&file))?;
+        if same {
+            let latest = self.latest.clone().expect("same content means a latest");
+            self.result = Some((latest, false));
+            return Ok(());
+        }
         let info = self
             .conn
             .query_row(
@@ -380,14 +839,15 @@ impl VersionWriter {
 
 impl Drop for VersionWriter {
     fn drop(&mut self) {
-        // The private file of a new replica goes (its TempPath removes it); so do its
-        // WAL and shared-memory files, once the connection is closed (rolling back).
-        if let Some(tmp) = &self.creating {
+        // The private file of a new replica goes (its TempPath removes it, then its lock
+        // is released); so do its WAL and shared-memory files, once the connection is
+        // closed (rolling back).
+        if let Some(c) = &self.creating {
             if let Ok(memory) = Connection::open_in_memory() {
                 drop(std::mem::replace(&mut self.conn, memory));
             }
             for suffix in ["-wal", "-shm"] {
-                let mut p = tmp.as_os_str().to_owned();
+                let mut p = c.path.as_os_str().to_owned();
                 p.push(suffix);
                 let _ = std::fs::remove_file(p);
             }
@@ -402,6 +862,7 @@ impl Drop for VersionWriter {
 pub struct VersionReader {
     conn: Connection,
     file: PathBuf,
+    replica: ReplicaPath,
     info: VersionInfo,
     /// The manifest chunk last used by `read_page`: (chunk index, its hashes).
     chunk: Option<(u32, Vec<u8>)>,
@@ -443,6 +904,7 @@ impl VersionReader {
         Ok(VersionReader {
             conn,
             file: file.to_owned(),
+            replica: replica.clone(),
             info,
             chunk: None,
         })
@@ -453,23 +915,48 @@ impl VersionReader {
         &self.info
     }
 
-    fn page_data(&self, hash: &Hash, buf: &mut Vec<u8>) -> Result<()> {
+    /// Reads page `pgno` (stored under `hash`) into `buf`, and checks it against its
+    /// hash: a damaged or missing page is recorded for repair and is an error, never
+    /// data.
+    fn page_data(&self, pgno: u32, hash: &Hash, buf: &mut Vec<u8>) -> Result<()> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT data FROM pages WHERE hash = ?1")
             .map_err(sql(&self.file))?;
         let mut rows = stmt.query([&hash[..]]).map_err(sql(&self.file))?;
-        let row = rows.next().map_err(sql(&self.file))?.ok_or_else(|| {
-            Error::Verification(format!("page {} is missing from the store", hex(hash)))
-        })?;
-        let data = row
-            .get_ref(0)
-            .map_err(sql(&self.file))?
-            .as_blob()
-            .map_err(|e| sql(&self.file)(e.into()))?;
-        buf.clear();
-        buf.extend_from_slice(data);
-        Ok(())
+        let found = match rows.next().map_err(sql(&self.file))? {
+            Some(row) => {
+                let data = row
+                    .get_ref(0)
+                    .map_err(sql(&self.file))?
+                    .as_blob()
+                    .map_err(|e| sql(&self.file)(e.into()))?;
+                buf.clear();
+                buf.extend_from_slice(data);
+                true
+            }
+            None => false,
+        };
+        if found && page_matches(Some(pgno), hash, buf) {
+            return Ok(());
+        }
+        if let Err(e) = record_bad_pages(&self.file, &[*hash]) {
+            tracing::warn!(replica = %self.replica, error = %e, "could not record a damaged page");
+        }
+        // Info, not warn: the error itself carries all of it to whoever asked (one line
+        // for a user of the embedded store; a server logs the sessions it ends).
+        tracing::info!(replica = %self.replica, version = self.info.number, page = pgno, hash = %hex(hash), "stored page {}", if found { "damaged" } else { "missing" });
+        Err(Error::Verification(format!(
+            "page {pgno} of {}@{} is {} in the store (hash {}); a push of the same database repairs it, and `sqlferry scrub` finds every such page",
+            self.replica,
+            self.info.number,
+            if found {
+                "damaged: its bytes no longer match their hash"
+            } else {
+                "missing"
+            },
+            hex(hash)
+        )))
     }
 }
 
@@ -497,7 +984,7 @@ impl PageSource for VersionReader {
                 } else if pgno == lock_page {
                     f(pgno, hash, Some(&zeros))
                 } else {
-                    this.page_data(&hash, &mut buf)?;
+                    this.page_data(pgno, &hash, &mut buf)?;
                     f(pgno, hash, Some(&buf))
                 }
             },
@@ -505,25 +992,14 @@ impl PageSource for VersionReader {
     }
 
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
-        let idx = (pgno - 1) / CHUNK_PAGES as u32;
-        if self.chunk.as_ref().is_none_or(|(i, _)| *i != idx) {
-            let blob: Vec<u8> = self
-                .conn
-                .query_row(
-                    "SELECT c.hashes FROM manifest m JOIN chunks c ON c.hash = m.chunk
-                     WHERE m.version = ?1 AND m.idx = ?2",
-                    params![self.info.number as i64, idx],
-                    |r| r.get(0),
-                )
-                .map_err(sql(&self.file))?;
-            self.chunk = Some((idx, blob));
-        }
-        let (_, blob) = self.chunk.as_ref().expect("loaded above");
-        let at = ((pgno - 1) as usize % CHUNK_PAGES) * HASH_BYTES;
-        let hash: Hash = blob
-            .get(at..at + HASH_BYTES)
-            .and_then(|h| h.try_into().ok())
-            .ok_or_else(|| Error::Verification(format!("manifest has no page {pgno}")))?;
-        self.page_data(&hash, buf)
+        let hash = manifest_hash(
+            &self.conn,
+            &self.file,
+            self.info.number,
+            pgno,
+            &mut self.chunk,
+        )?
+        .ok_or_else(|| Error::Verification(format!("manifest has no page {pgno}")))?;
+        self.page_data(pgno, &hash, buf)
     }
 }

@@ -13,6 +13,8 @@
 //!   server killed and restarted, sync-now.
 //! - `trust_client`: the client never loses what the user wrote: pulls over unpushed
 //!   changes refused, bases kept per replica, keys never lost, corrupt sources refused.
+//! - `trust_store`: damaged stored pages found, refused and repaired; `scrub`; pushes that
+//!   already landed; hostile origins; files a killed first push left.
 
 mod cli;
 mod engine;
@@ -21,5 +23,6 @@ mod server;
 mod subscribe;
 mod sync_props;
 mod trust_client;
+mod trust_store;
 mod util;
 mod watch;

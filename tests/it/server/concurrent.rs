@@ -88,7 +88,9 @@ fn two_pushers_from_one_version_one_lands_the_other_gets_version_conflict() {
             err.contains("VERSION_CONFLICT")
                 && err.contains(&format!("acme/app.db is at version {}", base + 1))
                 && err.contains(&format!("based on version {base}"))
-                && err.contains("pull first"),
+                && err.contains("--force")
+                && err.contains("into another file")
+                && !err.contains("pull first"),
             "round {round}: {err}"
         );
         assert!(outs[loser].stdout.is_empty());

@@ -1,0 +1,153 @@
+//! `sqlferry scrub`: checks a store on this machine — a server's `--data` directory or the
+//! embedded store — page by page against the hashes, and every version's digest against
+//! its manifest. It reports what is bad and which versions it touches, records the bad
+//! pages so that the next push of the database resends them, and exits 7 when anything
+//! is bad. It only reads the store (besides that record and the removal of files crashed
+//! pushes left), so it is safe beside a running server.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::{Global, exit, expand_tilde, human_bytes, out};
+use crate::remote::Server;
+use crate::store::{ScrubProgress, Store};
+
+/// Arguments of `sqlferry scrub`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  \
+sqlferry scrub --data /var/lib/sqlferry     a server's data directory (the server may run)\n  \
+sqlferry scrub                              the embedded store of this machine\n  \
+sqlferry scrub --server file:///backups     another store directory\n  \
+sqlferry scrub --json                       one JSON object\n\n\
+Exit status is 0 when everything is good, 7 when a stored page does not match its hash, a \
+page a version needs is missing, or a version's digest does not match its manifest. Bad \
+pages are recorded: the next push of the database they belong to sends them again and \
+repairs them (a version that uses them cannot be pulled until then).")]
+pub struct ScrubArgs {
+    /// A server's data directory (what `sqlferry serve --data` was given).
+    #[arg(long, value_name = "DIR", conflicts_with = "server")]
+    pub data: Option<String>,
+    /// The store: file:///path for a store directory [default: `server` in
+    /// ~/.config/sqlferry/config.toml, else the embedded store]. A ws:// server is
+    /// scrubbed on its own machine, with --data.
+    #[arg(long, env = "SQLFERRY_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ScrubArgs {
+    /// Runs the command.
+    pub fn run(self, global: &Global) -> anyhow::Result<ExitCode> {
+        let root: PathBuf = match (&self.data, &self.server) {
+            (Some(dir), _) => expand_tilde(dir),
+            (None, url) => {
+                let url = match url {
+                    Some(u) => Some(u.clone()),
+                    None => crate::config::Settings::load()?.server,
+                };
+                match Server::parse(url.as_deref())? {
+                    Server::Embedded(store) => store.root().to_owned(),
+                    Server::Ws { url } => {
+                        return Err(crate::Error::Usage(format!(
+                            "{url} is a server: run `sqlferry scrub --data DIR` on its machine, with its data directory"
+                        ))
+                        .into());
+                    }
+                }
+            }
+        };
+        if !root.is_dir() {
+            return Err(crate::Error::NotFound(format!(
+                "{}: no such store directory",
+                root.display()
+            ))
+            .into());
+        }
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+        if !global.quiet && !self.json && std::io::stderr().is_terminal() {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "scrubbing {prefix} [{bar:30}] {pos}/{len} ({percent}%) eta {eta}",
+                )
+                .expect("the template is valid")
+                .progress_chars("=> "),
+            );
+        }
+        let report = Store::new(&root)
+            .scrub(&mut |p: &ScrubProgress| {
+                if bar.prefix() != p.replica {
+                    bar.set_prefix(p.replica.clone());
+                    bar.set_length(p.total);
+                }
+                bar.set_position(p.done);
+            })
+            .with_context(|| format!("scrubbing {}", root.display()))?;
+        bar.finish_and_clear();
+        let clean = report.is_clean();
+        if self.json {
+            out(format_args!("{}", serde_json::to_string(&report)?))?;
+        } else {
+            for r in &report.replicas {
+                if let Some(e) = &r.error {
+                    out(format_args!("{}: could not be checked: {e}", r.replica))?;
+                }
+                for p in &r.bad_pages {
+                    let used = if p.versions.is_empty() {
+                        "used by no version".to_owned()
+                    } else {
+                        format!(
+                            "used by version{} {}",
+                            if p.versions.len() == 1 { "" } else { "s" },
+                            p.versions
+                                .iter()
+                                .map(u64::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    };
+                    out(format_args!(
+                        "{}: {} page {} ({used})",
+                        r.replica, p.problem, p.hash
+                    ))?;
+                }
+                for v in &r.bad_versions {
+                    out(format_args!(
+                        "{}: version {} is bad: {}",
+                        r.replica, v.number, v.problem
+                    ))?;
+                }
+            }
+            let pages: u64 = report.replicas.iter().map(|r| r.pages).sum();
+            let versions: u64 = report.replicas.iter().map(|r| r.versions).sum();
+            let bad_pages: usize = report.replicas.iter().map(|r| r.bad_pages.len()).sum();
+            let bad_versions: usize = report.replicas.iter().map(|r| r.bad_versions.len()).sum();
+            if report.leftover_bytes_removed > 0 && !global.quiet {
+                out(format_args!(
+                    "removed {} of files crashed pushes had left",
+                    human_bytes(report.leftover_bytes_removed)
+                ))?;
+            }
+            if !clean {
+                out(format_args!(
+                    "BAD: {bad_pages} bad page(s), {bad_versions} bad version(s) in {} ({} replicas, {versions} versions, {pages} pages checked); bad pages are recorded: push the databases again to repair them",
+                    root.display(),
+                    report.replicas.len()
+                ))?;
+            } else if !global.quiet {
+                out(format_args!(
+                    "ok: {} ({} replicas, {versions} versions, {pages} pages checked)",
+                    root.display(),
+                    report.replicas.len()
+                ))?;
+            }
+        }
+        Ok(ExitCode::from(if clean { exit::OK } else { exit::VERIFY }))
+    }
+}

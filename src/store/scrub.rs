@@ -1,0 +1,352 @@
+//! Scrubbing a store: every stored page checked against its hash, every version's
+//! manifest against its chunk keys and its digest, every referenced page for presence.
+//!
+//! Invariants: a scrub reads each replica inside one read transaction (a push landing
+//! meanwhile is not half seen) and changes nothing but the `bad_pages` record of what it
+//! found, which makes the next push of the database resend those pages; it also removes
+//! the files crashed pushes left (see `remove_leftovers`). Memory does not grow with the
+//! store: pages and manifests stream; only the bad pages and the keys of the manifest
+//! chunks already checked are kept.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use sha2::{Digest as _, Sha256};
+
+use super::ReplicaPath;
+use super::replica::{page_matches, record_bad_pages, remove_leftovers};
+use crate::page::{Digest, hex, lock_byte_page};
+use crate::protocol::{HASH_BYTES, Hash};
+use crate::{Error, Result};
+
+/// How far a scrub is, for progress displays.
+#[derive(Debug, Clone)]
+pub struct ScrubProgress {
+    /// The replica being checked.
+    pub replica: String,
+    /// Items (stored pages, then manifest entries) checked in this replica so far.
+    pub done: u64,
+    /// Items in this replica.
+    pub total: u64,
+}
+
+/// A stored page that is not what its hash says, or that a version needs and is gone.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BadPage {
+    /// The page's hash (its key), lower-case hex.
+    pub hash: String,
+    /// `damaged` (its bytes do not match the hash) or `missing`.
+    pub problem: &'static str,
+    /// The versions that use it.
+    pub versions: Vec<u64>,
+}
+
+/// A version whose manifest or digest does not hold.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BadVersion {
+    /// The version number.
+    pub number: u64,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// What a scrub found in one replica.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplicaScrub {
+    /// The replica path.
+    pub replica: String,
+    /// Versions checked.
+    pub versions: u64,
+    /// Stored pages checked.
+    pub pages: u64,
+    /// Bad pages, and the versions each touches.
+    pub bad_pages: Vec<BadPage>,
+    /// Versions that use a bad page, or whose manifest or digest does not hold.
+    pub bad_versions: Vec<BadVersion>,
+    /// The replica could not be checked at all (its file is not readable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ReplicaScrub {
+    /// Whether nothing is wrong with it.
+    pub fn is_clean(&self) -> bool {
+        self.bad_pages.is_empty() && self.bad_versions.is_empty() && self.error.is_none()
+    }
+}
+
+/// What a scrub found in a whole store.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScrubReport {
+    /// The store's directory.
+    pub store: PathBuf,
+    /// Every replica, in path order.
+    pub replicas: Vec<ReplicaScrub>,
+    /// Bytes of files crashed pushes had left, removed.
+    pub leftover_bytes_removed: u64,
+}
+
+impl ScrubReport {
+    /// Whether every replica is clean.
+    pub fn is_clean(&self) -> bool {
+        self.replicas.iter().all(ReplicaScrub::is_clean)
+    }
+}
+
+/// Scrubs every replica under `root` (a store's directory).
+pub(super) fn scrub(root: &Path, progress: &mut dyn FnMut(&ScrubProgress)) -> Result<ScrubReport> {
+    let top = root.join("replicas");
+    let mut files = Vec::new();
+    let mut leftover_bytes_removed = 0;
+    if top.exists() {
+        walk(&top, &mut files, &mut leftover_bytes_removed)?;
+    } else if !root.is_dir() {
+        return Err(Error::NotFound(format!(
+            "{} is not a store directory",
+            root.display()
+        )));
+    }
+    files.sort();
+    let mut replicas = Vec::new();
+    for file in files {
+        let Some(replica) = replica_of(&top, &file) else {
+            continue;
+        };
+        let report = match scrub_replica(&file, &replica, progress) {
+            Ok(r) => r,
+            Err(e) => ReplicaScrub {
+                replica: replica.to_string(),
+                versions: 0,
+                pages: 0,
+                bad_pages: Vec::new(),
+                bad_versions: Vec::new(),
+                error: Some(e.to_string()),
+            },
+        };
+        replicas.push(report);
+    }
+    Ok(ScrubReport {
+        store: root.to_owned(),
+        replicas,
+        leftover_bytes_removed,
+    })
+}
+
+/// Collects the replica files under `dir`, cleaning each directory on the way.
+fn walk(dir: &Path, files: &mut Vec<PathBuf>, freed: &mut u64) -> Result<()> {
+    *freed += remove_leftovers(dir);
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
+        if kind.is_dir() {
+            walk(&path, files, freed)?;
+        } else if kind.is_file()
+            && path.extension().is_some_and(|e| e == "sqlferry")
+            && !entry.file_name().to_string_lossy().starts_with('.')
+        {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The replica a file under `top` holds: its path segments, `.sqlferry` dropped.
+fn replica_of(top: &Path, file: &Path) -> Option<ReplicaPath> {
+    let rel = file.strip_prefix(top).ok()?.to_str()?;
+    ReplicaPath::parse(rel.strip_suffix(".sqlferry")?).ok()
+}
+
+fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| Error::sqlite(path, e)
+}
+
+fn scrub_replica(
+    file: &Path,
+    replica: &ReplicaPath,
+    progress: &mut dyn FnMut(&ScrubProgress),
+) -> Result<ReplicaScrub> {
+    let conn = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql(file))?;
+    conn.busy_timeout(std::time::Duration::from_secs(60))
+        .map_err(sql(file))?;
+    conn.execute_batch("BEGIN DEFERRED").map_err(sql(file))?;
+    let stored: i64 = conn
+        .query_row("SELECT count(*) FROM pages", [], |r| r.get(0))
+        .map_err(sql(file))?;
+    let entries: i64 = conn
+        .query_row(
+            "SELECT coalesce(sum(page_count), 0) FROM versions",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql(file))?;
+    let mut at = ScrubProgress {
+        replica: replica.to_string(),
+        done: 0,
+        total: (stored + entries) as u64,
+    };
+    progress(&at);
+
+    // Every stored page against its key.
+    let mut damaged: HashSet<Hash> = HashSet::new();
+    {
+        let mut stmt = conn
+            .prepare("SELECT hash, data FROM pages")
+            .map_err(sql(file))?;
+        let mut rows = stmt.query([]).map_err(sql(file))?;
+        while let Some(row) = rows.next().map_err(sql(file))? {
+            let key = row.get_ref(0).map_err(sql(file))?.as_blob().ok();
+            let data = row.get_ref(1).map_err(sql(file))?.as_blob().ok();
+            let hash = key.and_then(|k| Hash::try_from(k).ok());
+            match (hash, data) {
+                (Some(h), Some(d)) if page_matches(None, &h, d) => {}
+                (Some(h), _) => {
+                    damaged.insert(h);
+                }
+                // A key that is not a hash holds nothing a manifest can name.
+                (None, _) => {}
+            }
+            at.done += 1;
+            if at.done % 4096 == 0 {
+                progress(&at);
+            }
+        }
+    }
+
+    // Every version: its chunks against their keys, its digest against its manifest,
+    // and every page it names present and good.
+    let versions: Vec<(u64, u32, u32, Vec<u8>)> = {
+        let mut stmt = conn
+            .prepare("SELECT number, page_size, page_count, digest FROM versions ORDER BY number")
+            .map_err(sql(file))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .map_err(sql(file))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql(file))?
+    };
+    let mut missing: HashSet<Hash> = HashSet::new();
+    let mut users: BTreeMap<Hash, Vec<u64>> = BTreeMap::new();
+    let mut checked_chunks: HashSet<Hash> = HashSet::new();
+    let mut bad_versions = Vec::new();
+    let mut chunk_stmt = conn
+        .prepare(
+            "SELECT m.chunk, c.hashes FROM manifest m LEFT JOIN chunks c ON c.hash = m.chunk
+             WHERE m.version = ?1 ORDER BY m.idx",
+        )
+        .map_err(sql(file))?;
+    let mut exists_stmt = conn
+        .prepare("SELECT 1 FROM pages WHERE hash = ?1")
+        .map_err(sql(file))?;
+    for (number, page_size, page_count, digest) in &versions {
+        let lock_page = lock_byte_page(*page_size);
+        let mut d = Digest::new(*page_size, *page_count);
+        let mut problems: Vec<String> = Vec::new();
+        let mut touched = false;
+        let mut pgno = 0u32;
+        let mut rows = chunk_stmt.query([*number as i64]).map_err(sql(file))?;
+        while let Some(row) = rows.next().map_err(sql(file))? {
+            let key: Vec<u8> = row.get(0).map_err(sql(file))?;
+            let Some(hashes): Option<Vec<u8>> = row.get(1).map_err(sql(file))? else {
+                problems.push(format!("its manifest chunk {} is missing", hex_of(&key)));
+                continue;
+            };
+            let key: Option<Hash> = Hash::try_from(key.as_slice()).ok();
+            let fresh = key.is_some_and(|k| !checked_chunks.contains(&k));
+            if fresh && key != Some(Sha256::digest(&hashes).into()) {
+                problems.push(format!(
+                    "its manifest chunk {} is damaged",
+                    hex_of(key.as_ref().map_or(&[][..], |k| &k[..]))
+                ));
+            }
+            for h in hashes.chunks_exact(HASH_BYTES) {
+                pgno += 1;
+                let h: Hash = h.try_into().expect("chunks_exact yields 32-byte slices");
+                d.push(&h);
+                at.done += 1;
+                if pgno == lock_page {
+                    continue; // never stored: it hashes as zeros
+                }
+                let bad = if damaged.contains(&h) || missing.contains(&h) {
+                    true
+                } else if fresh {
+                    let present = exists_stmt
+                        .query_row([&h[..]], |_| Ok(()))
+                        .optional()
+                        .map_err(sql(file))?
+                        .is_some();
+                    if !present {
+                        missing.insert(h);
+                    }
+                    !present
+                } else {
+                    false
+                };
+                if bad {
+                    touched = true;
+                    let v = users.entry(h).or_default();
+                    if v.last() != Some(number) {
+                        v.push(*number);
+                    }
+                }
+            }
+            if let Some(k) = key {
+                checked_chunks.insert(k);
+            }
+            progress(&at);
+        }
+        match d.finish() {
+            Some(ours) if ours[..] == digest[..] => {}
+            Some(_) => problems.push("its digest does not match its manifest".into()),
+            None => problems.push(format!("its manifest holds {pgno} pages, not {page_count}")),
+        }
+        if touched {
+            problems.push("it uses damaged or missing pages".into());
+        }
+        if !problems.is_empty() {
+            bad_versions.push(BadVersion {
+                number: *number,
+                problem: problems.join("; "),
+            });
+        }
+    }
+    drop(chunk_stmt);
+    drop(exists_stmt);
+    drop(conn);
+
+    let mut bad: Vec<Hash> = damaged.iter().chain(missing.iter()).copied().collect();
+    bad.sort();
+    if let Err(e) = record_bad_pages(file, &bad) {
+        tracing::warn!(%replica, error = %e, "could not record the bad pages for repair");
+    }
+    let bad_pages = bad
+        .iter()
+        .map(|h| BadPage {
+            hash: hex(h),
+            problem: if damaged.contains(h) {
+                "damaged"
+            } else {
+                "missing"
+            },
+            versions: users.get(h).cloned().unwrap_or_default(),
+        })
+        .collect();
+    Ok(ReplicaScrub {
+        replica: replica.to_string(),
+        versions: versions.len() as u64,
+        pages: stored as u64,
+        bad_pages,
+        bad_versions,
+        error: None,
+    })
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
