@@ -116,6 +116,14 @@ impl<T: PageTarget> PageTarget for OwnFaults<'_, T> {
         self.map(r)
     }
 
+    // Forwarded whole: the store answers a known base it does not hold exactly (damaged
+    // pages to be resent, another version) with a count that makes the origin run the
+    // hash exchange, and needs all of BEGIN for that.
+    fn begin_with(&mut self, begin: &crate::engine::BeginInfo) -> Result<u32> {
+        let r = self.inner.begin_with(begin);
+        self.map(r)
+    }
+
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
         let r = self.inner.hashes(f);
         self.map(r)
