@@ -503,8 +503,11 @@ fn has_content(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.len() > 0)
 }
 
-/// The digest of the database at `path` now (`None`: empty, no pages), through the
-/// page-hash cache: pages unchanged since they were last hashed are read, not hashed.
+/// The digest of the database at `path` now, through the page-hash cache: pages
+/// unchanged since they were last hashed are read, not hashed. `None` when it holds
+/// nothing a pull could lose: no pages, or only a page 1 with an empty schema (a
+/// database an application created and never wrote, or one made by `sqlite3 new.db
+/// "PRAGMA journal_mode=WAL"`).
 pub fn local_digest(path: &Path) -> crate::Result<Option<String>> {
     use crate::engine::PageSource;
     let mut snap = match Snapshot::open(path) {
@@ -514,6 +517,15 @@ pub fn local_digest(path: &Path) -> crate::Result<Option<String>> {
         }
         Err(e) => return Err(e),
     };
+    if snap.page_count() <= 1 {
+        // Page 1's b-tree header follows the 100-byte file header; bytes 3-4 of it
+        // count the schema's rows.
+        let mut page1 = Vec::new();
+        snap.read_page(1, &mut page1)?;
+        if page1.get(103..105).is_none_or(|cells| cells == [0, 0]) {
+            return Ok(None);
+        }
+    }
     let mut digest = crate::page::Digest::new(snap.page_size(), snap.page_count());
     snap.scan(u32::MAX, &mut |_, hash, _| {
         digest.push(&hash);

@@ -482,3 +482,26 @@ fn a_base_recorded_before_records_were_kept_per_replica_is_still_used() {
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
     assert_eq!(server.version_numbers("acme/app.db"), [1, 2]);
 }
+
+#[test]
+fn a_pull_into_a_database_created_but_never_written_needs_no_force() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path());
+    let m = Machine::new(dir.path(), "m");
+    writer_db(&m.path("app.db"), 10);
+    first_push(&server, &m, "app.db", "demo/app.db");
+    // What an application leaves when it opens its database before any table exists:
+    // one page, an empty schema. It holds nothing a pull could lose.
+    let fresh = m.path("fresh.db");
+    let conn = util::open(&fresh);
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .expect("journal_mode");
+    assert_eq!(mode, "wal");
+    drop(conn);
+    assert!(std::fs::metadata(&fresh).expect("created").len() > 0);
+    let out = m.run_on(&server, ["pull", "demo/app.db", "fresh.db"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert_eq!(rows(&fresh), 10);
+    assert_eq!(util::integrity(&fresh), "ok");
+}
