@@ -45,11 +45,18 @@ pub const CHUNK_PAGES: usize = 1024;
 /// The longest replica path accepted, in bytes.
 const MAX_PATH_BYTES: usize = 255;
 
+/// The longest segment accepted, in bytes. The last segment becomes a file name with
+/// `.sqlferry` after it, and while a replica is created a private file
+/// `.<name>.sqlferry.XXXXXX.new` with its `-wal`: 25 bytes more, which must stay within
+/// the 255 bytes a file name may have. Longer segments would be refused by the file
+/// system half-way through a push instead of here.
+const MAX_SEGMENT_BYTES: usize = 200;
+
 /// A validated replica path: `namespace/name`, nested segments allowed.
 ///
 /// Rules: at least two segments separated by `/`; each segment is non-empty, made of
-/// ASCII letters, digits, `.`, `_` and `-`, and is neither `.` nor `..`; at most 255
-/// bytes in all. Anything else is refused with a message saying which rule it broke.
+/// ASCII letters, digits, `.`, `_` and `-`, and is neither `.` nor `..`; at most 200
+/// bytes a segment and 255 in all. Anything else is refused with a message saying which rule it broke.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ReplicaPath(String);
 
@@ -73,6 +80,12 @@ impl ReplicaPath {
             }
             if *seg == "." || *seg == ".." {
                 return bad("'.' and '..' are not allowed");
+            }
+            if seg.len() > MAX_SEGMENT_BYTES {
+                return bad(&format!(
+                    "a segment of {} bytes; at most {MAX_SEGMENT_BYTES} are allowed",
+                    seg.len()
+                ));
             }
             if let Some(c) = seg
                 .chars()
@@ -290,6 +303,11 @@ mod tests {
             assert!(err.contains(why), "{bad}: {err}");
         }
         assert!(ReplicaPath::parse(&format!("a/{}", "x".repeat(300))).is_err());
+        // A name that would not fit in a file name once the store adds its suffixes.
+        let long = format!("a/{}", "x".repeat(240));
+        let err = ReplicaPath::parse(&long).expect_err("too long").to_string();
+        assert!(err.contains("at most 200"), "{err}");
+        assert!(ReplicaPath::parse(&format!("a/{}", "x".repeat(200))).is_ok());
     }
 
     #[test]

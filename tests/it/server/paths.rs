@@ -26,8 +26,43 @@ fn bad_paths() -> Vec<(String, &'static str)> {
     ]
     .into_iter()
     .map(|(p, r)| (p.to_owned(), r))
-    .chain([(format!("acme/{}", "x".repeat(260)), "longer than 255 bytes")])
+    .chain([
+        (format!("acme/{}", "x".repeat(260)), "longer than 255 bytes"),
+        // A name the store could not make a file of once it adds its suffixes.
+        (
+            format!("acme/{}", "x".repeat(240)),
+            "at most 200 are allowed",
+        ),
+    ])
     .collect()
+}
+
+#[test]
+fn the_longest_name_allowed_is_stored_and_pulled() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let m = Machine::new(dir.path(), "m");
+    small_db(&m.path("src.db"), 16 << 10);
+    let path = format!("acme/{}", "x".repeat(200));
+    let key = server.admin_key.as_str();
+    let out = m.run_on(&server, ["push", "src.db", &path, "--key", key]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = m.run_on(&server, ["pull", &path, "back.db", "--key", key]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        crate::util::digest(&m.path("back.db")),
+        crate::util::digest(&m.path("src.db"))
+    );
 }
 
 #[test]
