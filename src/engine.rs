@@ -39,6 +39,11 @@ use crate::{ErrorKind, Result};
 /// pages).
 pub const FANOUT: u32 = 16;
 
+/// The protocol's window: node hashes an origin may have requested (WANT) and not yet
+/// received (NODES) at any time, 256 KiB of hashes. The origin keeps to it; a replica
+/// refuses a WANT that breaks it.
+pub const WINDOW_NODES: u32 = 8192;
+
 /// The callback of [`PageSource::scan`]: page number, page hash, and the page's bytes
 /// when they were asked for.
 pub type ScanFn<'a> = dyn FnMut(u32, Hash, Option<&[u8]>) -> Result<()> + 'a;

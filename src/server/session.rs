@@ -22,7 +22,7 @@ use crate::protocol::control::{
     Config, Control, NewVersion, Op, Open, PING_INTERVAL, SubscriberRole,
 };
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
-use crate::remote::ws::{recv_binary, run_engine, send_binary};
+use crate::remote::ws::{CLOSE_TIMEOUT, recv_binary, run_engine, send_binary, within};
 use crate::store::{PushOptions, ReplicaPath, Selector};
 use crate::{Error, ErrorKind, Result};
 
@@ -65,10 +65,11 @@ where
                 code: ErrorCode::for_kind(e.kind()) as u16,
                 message: e.to_string(),
             };
-            let _ = send_binary(&mut ws, frame.to_bytes()).await;
+            let _ = within(Some(CLOSE_TIMEOUT), send_binary(&mut ws, frame.to_bytes())).await;
         }
     }
-    let _ = ws.close(None).await;
+    // A peer that stopped reading cannot take the close either: bounded.
+    let _ = within(Some(CLOSE_TIMEOUT), ws.close(None)).await;
 }
 
 async fn send_control<S>(ws: &mut WebSocketStream<S>, c: Control) -> Result<()>

@@ -12,6 +12,9 @@
 //! - `concurrent`: two pushers racing for one replica, twenty pullers of one version.
 //! - `shutdown`: SIGTERM stops an idle server at once, and lets a push in flight end
 //!   cleanly.
+//! - `limits`: what a hostile client can cost: a WANT past the window, a flood from a
+//!   client that does not read, wrong keys in a hurry, more sessions than the cap, a
+//!   long REPORT: each bounded, and the server keeps serving.
 //! - `tls`: `serve --tls-cert --tls-key` with a private CA made in the test: wss:// and
 //!   https:// work for a client that trusts the CA (`SQLFERRY_CA_FILE`) and fail cleanly
 //!   for one that does not, or that speaks plain ws://; bad certificate files.
@@ -22,6 +25,7 @@
 mod auth;
 mod concurrent;
 mod kill;
+mod limits;
 mod paths;
 mod raw;
 mod roundtrip;
@@ -75,6 +79,8 @@ pub struct TestServer {
     pub admin_key: String,
     /// A machine of its own, for the admin's look-ups (`versions`).
     admin: Machine,
+    /// Arguments added to `sqlferry serve` (kept for restarts).
+    extra: Vec<String>,
 }
 
 impl TestServer {
@@ -90,10 +96,21 @@ impl TestServer {
         TestServer::start_with(dir, Some(certs.clone()))
     }
 
+    /// Starts a server like [`TestServer::start`], with `extra` arguments to `serve`.
+    pub fn start_args(dir: &Path, extra: &[&str]) -> TestServer {
+        let mut server = TestServer::start_with_args(dir, None, extra);
+        server.extra = extra.iter().map(|s| s.to_string()).collect();
+        server
+    }
+
     fn start_with(dir: &Path, tls: Option<tls::Certs>) -> TestServer {
+        TestServer::start_with_args(dir, tls, &[])
+    }
+
+    fn start_with_args(dir: &Path, tls: Option<tls::Certs>, extra: &[&str]) -> TestServer {
         let data = dir.join("server-data");
         let log = dir.join("server.log");
-        let (child, addr, key) = spawn(&data, &log, "127.0.0.1:0", tls.as_ref());
+        let (child, addr, key) = spawn(&data, &log, "127.0.0.1:0", tls.as_ref(), extra);
         let admin_key =
             key.unwrap_or_else(|| panic!("no admin key on first start; log:\n{}", read(&log)));
         assert!(
@@ -113,7 +130,13 @@ impl TestServer {
             tls,
             addr,
             admin_key,
+            extra: Vec::new(),
         }
+    }
+
+    /// The server's process id (for its memory in `/proc/PID/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server is running").id()
     }
 
     /// Everything the server logged on stderr so far (it runs with `-v`).
@@ -210,7 +233,9 @@ impl TestServer {
             let (status, _) = self.stop("TERM", STOP_TIMEOUT);
             assert!(status.success(), "clean stop before restart: {status}");
         }
-        let (child, addr, key) = spawn(&self.data, &self.log, &self.addr, self.tls.as_ref());
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let (child, addr, key) =
+            spawn(&self.data, &self.log, &self.addr, self.tls.as_ref(), &extra);
         assert_eq!(addr, self.addr, "restarted on the same port");
         assert_eq!(key, None, "the admin key is shown only on first start");
         self.child = Some(child);
@@ -236,6 +261,7 @@ fn spawn(
     log: &Path,
     listen: &str,
     tls: Option<&tls::Certs>,
+    extra: &[&str],
 ) -> (Child, String, Option<String>) {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -254,6 +280,7 @@ fn spawn(
             .arg("--tls-key")
             .arg(&certs.key);
     }
+    command.args(extra);
     let mut child = command
         .env_remove("RUST_LOG")
         .env_remove("SQLFERRY_SERVER")

@@ -1,0 +1,207 @@
+//! What a hostile or careless client can cost a real `sqlferry serve`, and that each
+//! cost is bounded: a WANT asking for more node hashes than the protocol's window, a
+//! pull client that floods the server with frames and never reads, wrong keys tried in
+//! a hurry, more sync sessions than `--max-sessions`, a REPORT with a huge error text.
+//! Memory is read from `/proc/PID/status` of the server process (VmHWM, the peak since
+//! it was reset, against VmRSS before); after each case the server still serves a
+//! normal push.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tempfile::TempDir;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::raw::{End, connect, end, open, runtime, send};
+use super::{Machine, TestServer, exec, saved_push_key, sidecar_field, small_db};
+
+/// The most a hostile session may add to the server's resident memory.
+const RSS_BOUND_KIB: u64 = 100 * 1024;
+
+/// How long a send may wait before the test takes it that the server stopped reading.
+const STALL: Duration = Duration::from_secs(2);
+
+/// A kB field of `/proc/PID/status` (VmRSS, VmHWM), in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("server status");
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Starts a new peak for VmHWM (`/proc/PID/clear_refs`); returns VmRSS now.
+fn memory_baseline(pid: u32) -> u64 {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset VmHWM");
+    status_kib(pid, "VmRSS")
+}
+
+/// Asserts the server's peak since `baseline` stayed within [`RSS_BOUND_KIB`].
+fn assert_memory_bounded(pid: u32, baseline: u64, what: &str) {
+    let peak = status_kib(pid, "VmHWM");
+    assert!(
+        peak.saturating_sub(baseline) < RSS_BOUND_KIB,
+        "{what}: the server grew from {baseline} KiB to a peak of {peak} KiB"
+    );
+}
+
+/// The next binary message, `None` when the session is over.
+async fn next(ws: &mut super::raw::Ws) -> Option<Vec<u8>> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .expect("the server answers in time")
+        {
+            Some(Ok(Message::Binary(b))) => return Some(b.into()),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A normal push of `db` (changed first) still works: the server serves on.
+fn push_still_works(server: &TestServer, a: &Machine, replica: &str, key: &str) {
+    exec(
+        &a.path("app.db"),
+        "CREATE TABLE IF NOT EXISTS after(x); INSERT INTO after VALUES (1);",
+    );
+    let report = a.push(server, "app.db", replica, &["--key", key]);
+    assert!(report.u64("version") >= 2, "a new version after the attack");
+}
+
+fn want(level: u8, runs: &[(u32, u32)]) -> Vec<u8> {
+    let mut out = vec![0x03, level];
+    out.extend_from_slice(&(runs.len() as u16).to_be_bytes());
+    for (start, count) in runs {
+        out.extend_from_slice(&start.to_be_bytes());
+        out.extend_from_slice(&count.to_be_bytes());
+    }
+    out
+}
+
+fn begin(page_size: u32, page_count: u32, base: u64) -> Vec<u8> {
+    let mut out = vec![0x01, 0, 1];
+    out.extend_from_slice(&page_size.to_be_bytes());
+    out.extend_from_slice(&page_count.to_be_bytes());
+    out.extend_from_slice(&base.to_be_bytes());
+    out.push(0);
+    out
+}
+
+/// One 32 KB WANT from a PUSH key asking for every page hash 4096 times over (4 Mi
+/// hashes, 128 MiB): refused at once as more than the window, in bounded memory.
+#[test]
+fn a_want_past_the_window_ends_the_push_with_a_protocol_error() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    small_db(&a.path("app.db"), 4 << 20);
+    a.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["--key", &server.admin_key],
+    );
+    let push_key = saved_push_key(&a, &a.path("app.db"));
+    let pages = crate::util::page_count(&a.path("app.db"));
+
+    let baseline = memory_baseline(server.pid());
+    let rt = runtime();
+    let ended = rt.block_on(async {
+        let mut ws = connect(&server, &push_key).await;
+        open(
+            &mut ws,
+            json!({"protocol": 1, "op": "push", "replica": "acme/app.db", "base": 1,
+                   "force": false, "client_id": "raw@test"}),
+        )
+        .await;
+        assert!(send(&mut ws, begin(4096, pages, 1)).await);
+        let ready = next(&mut ws).await.expect("READY");
+        assert_eq!(ready[0], 0x02, "READY");
+        let held = u32::from_be_bytes(ready[1..5].try_into().expect("u32"));
+        assert_eq!(held, pages);
+        // Never reading the answers: two WANTs of 4096 runs over every page.
+        let runs = vec![(0u32, held); 4096];
+        for _ in 0..2 {
+            if !send(&mut ws, want(0, &runs)).await {
+                break;
+            }
+        }
+        end(&mut ws).await
+    });
+    let End::Error(code, message, _) = ended else {
+        panic!("the session ended without an ERROR: {ended:?}");
+    };
+    assert_eq!(code, 1, "a protocol error: {message}");
+    assert!(message.contains("window"), "says why: {message}");
+    assert_memory_bounded(server.pid(), baseline, "a WANT past the window");
+    assert_eq!(
+        server.version_numbers("acme/app.db"),
+        vec![1],
+        "no version made"
+    );
+    push_still_works(&server, &a, "acme/app.db", &push_key);
+}
+
+/// A PULL key that answers READY, then sends 256 MiB of frames without reading the
+/// pages: the server stops reading it (its queue is bounded), its memory stays flat,
+/// and once the client reads, the session ends with a protocol error.
+#[test]
+fn a_pull_client_flooding_without_reading_costs_bounded_memory() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    small_db(&a.path("app.db"), 16 << 20);
+    a.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["--key", &server.admin_key],
+    );
+    let pull_key = sidecar_field(&a.path("app.db-sqlferry"), "key");
+
+    let baseline = memory_baseline(server.pid());
+    let rt = runtime();
+    let (stalled, sent_mib, ended) = rt.block_on(async {
+        let mut ws = connect(&server, &pull_key).await;
+        open(
+            &mut ws,
+            json!({"protocol": 1, "op": "pull", "replica": "acme/app.db",
+                   "version": "latest", "client_id": "raw@test"}),
+        )
+        .await;
+        let first = next(&mut ws).await.expect("BEGIN");
+        assert_eq!(first[0], 0x01, "BEGIN");
+        assert!(send(&mut ws, vec![0x02, 0, 0, 0, 0]).await, "READY 0");
+        let junk = vec![0x05; 80 * 1024];
+        let mut sent = 0usize;
+        let mut stalled = false;
+        while sent < 256 << 20 {
+            match tokio::time::timeout(STALL, ws.send(Message::Binary(junk.clone().into()))).await {
+                Err(_) => {
+                    stalled = true;
+                    break;
+                }
+                Ok(Err(_)) => break,
+                Ok(Ok(())) => sent += junk.len(),
+            }
+        }
+        (stalled, sent >> 20, end(&mut ws).await)
+    });
+    assert_memory_bounded(server.pid(), baseline, "a pull client flooding");
+    assert!(
+        stalled,
+        "the server read all {sent_mib} MiB a client sent without reading"
+    );
+    let End::Error(code, message, _) = ended else {
+        panic!("the session ended without an ERROR: {ended:?}");
+    };
+    assert_eq!(code, 1, "a protocol error: {message}");
+    push_still_works(&server, &a, "acme/app.db", &server.admin_key);
+}
+
+#[allow(dead_code)]
+fn elapsed_since(t: Instant) -> Duration {
+    t.elapsed()
+}
