@@ -60,6 +60,53 @@ pub struct State {
     pub auth: Auth,
     /// Subscribers and what they told the server.
     pub hub: Arc<Hub>,
+    /// The server's limits on what clients may cost it.
+    pub limits: Arc<Limits>,
+}
+
+/// How many sync sessions run at once by default (`serve --max-sessions`).
+pub const DEFAULT_MAX_SESSIONS: usize = 16;
+
+/// How long a sync session waits for a free slot before it is told the server is busy.
+pub const SESSION_WAIT: Duration = Duration::from_secs(15);
+
+/// What the server lets clients cost it: sync sessions at once, wrong keys per address.
+#[derive(Debug)]
+pub struct Limits {
+    /// Permits for push and pull sessions running at once.
+    sessions: Arc<tokio::sync::Semaphore>,
+    max_sessions: usize,
+}
+
+impl Limits {
+    /// Limits allowing `max_sessions` push and pull sessions at once (at least 1).
+    pub fn new(max_sessions: usize) -> Limits {
+        let max_sessions = max_sessions.max(1);
+        Limits {
+            sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
+            max_sessions,
+        }
+    }
+
+    /// The most push and pull sessions that run at once.
+    pub fn max_sessions(&self) -> usize {
+        self.max_sessions
+    }
+
+    /// A slot for one sync session, waiting up to [`SESSION_WAIT`] for one to free
+    /// up; `None` when the server stayed busy.
+    pub(crate) async fn session(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout(SESSION_WAIT, self.sessions.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::new(DEFAULT_MAX_SESSIONS)
+    }
 }
 
 impl State {
@@ -69,7 +116,14 @@ impl State {
             store: Store::new(data),
             auth: Auth::open(data)?,
             hub: Arc::new(Hub::default()),
+            limits: Arc::new(Limits::default()),
         })
+    }
+
+    /// This state with at most `n` push and pull sessions running at once.
+    pub fn with_max_sessions(mut self, n: usize) -> State {
+        self.limits = Arc::new(Limits::new(n));
+        self
     }
 }
 

@@ -37,6 +37,11 @@ pub struct ServeArgs {
     /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC).
     #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Push and pull sessions that run at once; more wait up to 15 s, then are told the
+    /// server is busy (exit 10, retried by subscribers).
+    #[arg(long, value_name = "N", default_value_t = crate::server::DEFAULT_MAX_SESSIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_sessions: usize,
 }
 
 impl ServeArgs {
@@ -54,7 +59,9 @@ impl ServeArgs {
             }
             _ => None,
         };
-        let state = State::open(&data).context("cannot open the data directory")?;
+        let state = State::open(&data)
+            .context("cannot open the data directory")?
+            .with_max_sessions(self.max_sessions);
         if let Some(key) = state.auth.ensure_admin()? {
             super::out(format_args!(
                 "admin key (shown only this once; keep it secret): {key}"

@@ -68,8 +68,15 @@ where
             let _ = within(Some(CLOSE_TIMEOUT), send_binary(&mut ws, frame.to_bytes())).await;
         }
     }
-    // A peer that stopped reading cannot take the close either: bounded.
-    let _ = within(Some(CLOSE_TIMEOUT), ws.close(None)).await;
+    // A peer that stopped reading cannot take the close either: bounded. Then what the
+    // peer still sends is read and dropped until it closes too (for a bounded time):
+    // closing a socket with unread data resets the connection, and a reset can destroy
+    // the ERROR frame before the peer reads it.
+    let _ = within(Some(CLOSE_TIMEOUT), async {
+        let _ = ws.close(None).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
 }
 
 async fn send_control<S>(ws: &mut WebSocketStream<S>, c: Control) -> Result<()>
@@ -115,6 +122,26 @@ where
     }
     let replica = ReplicaPath::parse(&open.replica)?;
     principal.authorize(open.op, &replica)?;
+    // Push and pull sessions hold a slot until they end; past the limit a client waits
+    // a little, then is told the server is busy (ERROR 13: retry later).
+    let _slot = match open.op {
+        Op::Push | Op::Pull => match state.limits.session().await {
+            Some(slot) => Some(slot),
+            None => {
+                let e = Error::Server(format!(
+                    "server busy: {} sync sessions are running, its limit (serve --max-sessions); retry later",
+                    state.limits.max_sessions()
+                ));
+                let frame = Frame::Error {
+                    code: ErrorCode::ServerBusy as u16,
+                    message: e.to_string(),
+                };
+                let _ = within(Some(CLOSE_TIMEOUT), send_binary(ws, frame.to_bytes())).await;
+                return Err(Failure::Reported(e));
+            }
+        },
+        _ => None,
+    };
     match open.op {
         Op::Versions => Ok(versions(ws, state, principal, &replica).await?),
         Op::Pull => pull(ws, state, principal, &replica, &open).await,

@@ -201,7 +201,80 @@ fn a_pull_client_flooding_without_reading_costs_bounded_memory() {
     push_still_works(&server, &a, "acme/app.db", &server.admin_key);
 }
 
-#[allow(dead_code)]
-fn elapsed_since(t: Instant) -> Duration {
-    t.elapsed()
+/// With `--max-sessions 1` and one pull holding the slot, a second pull waits, then is
+/// told the server is busy (exit 10, an error subscribers retry); once the slot is
+/// free, pulls work again.
+#[test]
+fn sessions_past_the_cap_are_told_the_server_is_busy() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start_args(dir.path(), &["--max-sessions", "1"]);
+    let a = Machine::new(dir.path(), "a");
+    small_db(&a.path("app.db"), 64 << 10);
+    a.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["--key", &server.admin_key],
+    );
+    let b = Machine::new(dir.path(), "b");
+
+    let rt = runtime();
+    let held = rt.block_on(async {
+        let mut ws = connect(&server, &server.admin_key).await;
+        open(
+            &mut ws,
+            json!({"protocol": 1, "op": "pull", "replica": "acme/app.db",
+                   "version": "latest", "client_id": "raw@test"}),
+        )
+        .await;
+        // The slot is taken once CONFIG came: the session stays at BEGIN, unanswered.
+        ws
+    });
+    let started = Instant::now();
+    let out = b.run_on(
+        &server,
+        ["pull", "acme/app.db", "copy.db", "--key", &server.admin_key],
+    );
+    let waited = started.elapsed();
+    super::assert_fails(&out, 10, "server busy");
+    assert!(
+        waited >= Duration::from_secs(10),
+        "the client waited for a slot first ({waited:?})"
+    );
+    assert!(!b.path("copy.db").exists(), "nothing written");
+    // The error a subscriber gets is one it retries.
+    let busy = sqlferry::Error::Remote {
+        code: 13,
+        message: "server busy".into(),
+    };
+    assert!(busy.is_retryable(), "ServerBusy is retryable");
+
+    drop(held);
+    b.pull(
+        &server,
+        "acme/app.db",
+        Some("copy.db"),
+        &["--key", &server.admin_key],
+    );
+    assert_eq!(
+        crate::util::digest(&b.path("copy.db")),
+        crate::util::digest(&a.path("app.db"))
+    );
+    // Versions and subscriptions take no slot: they are never refused for it.
+    let held = rt.block_on(async {
+        let mut ws = connect(&server, &server.admin_key).await;
+        open(
+            &mut ws,
+            json!({"protocol": 1, "op": "pull", "replica": "acme/app.db",
+                   "version": "latest", "client_id": "raw@test"}),
+        )
+        .await;
+        ws
+    });
+    let out = b.run_on(
+        &server,
+        ["versions", "acme/app.db", "--key", &server.admin_key],
+    );
+    assert_eq!(crate::util::code(&out), 0, "{}", crate::util::stderr(&out));
+    drop(held);
 }
