@@ -461,6 +461,9 @@ async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
                 .unwrap_or_else(|| status.to_string());
             if status.as_u16() == 401 {
                 Err(Error::Auth(format!("{url} refused the key: {body}")))
+            } else if matches!(status.as_u16(), 429 | 503) {
+                // Too many wrong keys from this address, or too busy: temporary.
+                Err(Error::Server(format!("{url} answered {status}: {body}")))
             } else {
                 Err(Error::Protocol(format!("{url} answered {status}: {body}")))
             }

@@ -24,6 +24,7 @@ mod auth;
 mod http;
 mod hub;
 mod session;
+mod throttle;
 mod tls;
 
 pub use auth::{Auth, KeyKind, Principal, mask};
@@ -65,10 +66,10 @@ pub struct State {
 }
 
 /// How many sync sessions run at once by default (`serve --max-sessions`).
-pub const DEFAULT_MAX_SESSIONS: usize = 16;
+pub const DEFAULT_MAX_SESSIONS: usize = 32;
 
 /// How long a sync session waits for a free slot before it is told the server is busy.
-pub const SESSION_WAIT: Duration = Duration::from_secs(15);
+pub const SESSION_WAIT: Duration = Duration::from_secs(30);
 
 /// What the server lets clients cost it: sync sessions at once, wrong keys per address.
 #[derive(Debug)]
@@ -76,6 +77,8 @@ pub struct Limits {
     /// Permits for push and pull sessions running at once.
     sessions: Arc<tokio::sync::Semaphore>,
     max_sessions: usize,
+    /// Wrong keys per client address.
+    keys: throttle::KeyThrottle,
 }
 
 impl Limits {
@@ -85,6 +88,7 @@ impl Limits {
         Limits {
             sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
             max_sessions,
+            keys: throttle::KeyThrottle::default(),
         }
     }
 
@@ -184,6 +188,8 @@ pub(crate) struct Request {
     method: String,
     path: String,
     headers: Vec<(String, String)>,
+    /// The client's address (for the wrong-key throttle).
+    peer: Option<std::net::IpAddr>,
 }
 
 impl Request {
@@ -237,6 +243,7 @@ where
                             )
                         })
                         .collect(),
+                    peer: None,
                 };
                 return Ok((request, buf[len..].to_vec()));
             }
@@ -278,6 +285,76 @@ where
     Ok(())
 }
 
+/// Writes a `429` or `503` answer with `Retry-After` and a JSON body, and closes.
+pub(crate) async fn respond_later<S>(
+    stream: &mut S,
+    status: u16,
+    retry_after: Duration,
+    body: &serde_json::Value,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let reason = if status == 429 {
+        "Too Many Requests"
+    } else {
+        "Service Unavailable"
+    };
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: {}\r\nconnection: close\r\n\r\n",
+        body.len(),
+        retry_after.as_secs().max(1)
+    );
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// Why [`authenticate_throttled`] refused.
+pub(crate) enum Refusal {
+    /// The key was missing, wrong, or could not be checked: answer 401.
+    Key(Error),
+    /// Too many wrong keys from this address: answer 429 with this `Retry-After`.
+    TooMany(Duration),
+}
+
+/// [`authenticate`] through the wrong-key throttle of the client's address.
+pub(crate) async fn authenticate_throttled(
+    state: &State,
+    request: &Request,
+) -> std::result::Result<Principal, Refusal> {
+    let keys = &state.limits.keys;
+    let ticket = match keys.admit(request.peer, std::time::Instant::now()) {
+        throttle::Verdict::Check(ticket) => ticket,
+        throttle::Verdict::Wait(wait) => {
+            tracing::info!(peer = ?request.peer, "too many wrong keys; answered 429");
+            return Err(Refusal::TooMany(wait));
+        }
+    };
+    let result = authenticate(state, request).await;
+    let wrong = matches!(&result, Err(e) if e.kind() == crate::ErrorKind::Auth);
+    keys.done(ticket, wrong, std::time::Instant::now());
+    result.map_err(Refusal::Key)
+}
+
+/// The `429` answer to an address that sent too many wrong keys.
+pub(crate) async fn respond_too_many<S>(stream: &mut S, wait: Duration) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let message = format!(
+        "too many wrong keys from this address; retry in {} s",
+        wait.as_secs().max(1)
+    );
+    respond_later(stream, 429, wait, &serde_json::json!({ "error": message })).await
+}
+
 /// Authenticates the key a request carries. `Err` is the refusal to send (401).
 pub(crate) async fn authenticate(state: &State, request: &Request) -> Result<Principal> {
     let Some(key) = request.bearer().map(str::to_owned) else {
@@ -295,22 +372,28 @@ pub(crate) async fn authenticate(state: &State, request: &Request) -> Result<Pri
 /// One accepted connection: with TLS, the handshake first (bounded by `HEAD_TIMEOUT`,
 /// in this connection's own task), then the request.
 async fn serve_connection(stream: TcpStream, tls: Option<Tls>, state: Arc<State>) -> Result<()> {
+    let peer = stream.peer_addr().ok().map(|a| a.ip());
     let Some(tls) = tls else {
-        return connection(stream, state).await;
+        return connection(stream, state, peer).await;
     };
     let stream = tokio::time::timeout(HEAD_TIMEOUT, tls.accept(stream))
         .await
         .map_err(|_| Error::Disconnected("no TLS handshake within 10 s".into()))??;
-    connection(stream, state).await
+    connection(stream, state, peer).await
 }
 
-async fn connection<S>(mut stream: S, state: Arc<State>) -> Result<()>
+async fn connection<S>(
+    mut stream: S,
+    state: Arc<State>,
+    peer: Option<std::net::IpAddr>,
+) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (request, rest) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
+    let (mut request, rest) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
         .await
         .map_err(|_| Error::Disconnected("no request within 10 s".into()))??;
+    request.peer = peer;
     let upgrade = request
         .header("upgrade")
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
@@ -341,9 +424,10 @@ where
         )
         .await;
     }
-    let principal = match authenticate(&state, &request).await {
+    let principal = match authenticate_throttled(&state, &request).await {
         Ok(p) => p,
-        Err(e) => {
+        Err(Refusal::TooMany(wait)) => return respond_too_many(&mut stream, wait).await,
+        Err(Refusal::Key(e)) => {
             return respond(
                 &mut stream,
                 401,

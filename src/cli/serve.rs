@@ -37,7 +37,7 @@ pub struct ServeArgs {
     /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC).
     #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Push and pull sessions that run at once; more wait up to 15 s, then are told the
+    /// Push and pull sessions that run at once; more wait up to 30 s, then are told the
     /// server is busy (exit 10, retried by subscribers).
     #[arg(long, value_name = "N", default_value_t = crate::server::DEFAULT_MAX_SESSIONS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]

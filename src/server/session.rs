@@ -277,14 +277,18 @@ where
                 let now = crate::history::now();
                 match decode_control(&bytes)? {
                     Control::Changed(seconds) if role == SubscriberRole::Push => {
-                        tracing::info!(%replica, seconds, "push expected");
-                        state.hub.changed(replica.as_str(), seconds, now);
+                        if let Some(held_back) = state.hub.changed(replica.as_str(), seconds, now) {
+                            tracing::info!(%replica, seconds, held_back, "push expected");
+                        }
                     }
-                    Control::Report(report) if role == SubscriberRole::Push => {
-                        tracing::warn!(%replica, attempts = report.attempts,
-                            failing_for = report.failing_for, error = %report.error,
-                            "a push subscriber reports failing pushes");
-                        state.hub.report(replica.as_str(), report, now);
+                    Control::Report(mut report) if role == SubscriberRole::Push => {
+                        report.cap_error();
+                        let (attempts, failing_for) = (report.attempts, report.failing_for);
+                        let error = report.error.clone();
+                        if let Some(held_back) = state.hub.report(replica.as_str(), report, now) {
+                            tracing::warn!(%replica, attempts, failing_for, %error, held_back,
+                                "a push subscriber reports failing pushes");
+                        }
                     }
                     other => {
                         break Err(Error::Protocol(format!(

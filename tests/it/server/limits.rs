@@ -238,7 +238,7 @@ fn sessions_past_the_cap_are_told_the_server_is_busy() {
     let waited = started.elapsed();
     super::assert_fails(&out, 10, "server busy");
     assert!(
-        waited >= Duration::from_secs(10),
+        waited >= Duration::from_secs(25),
         "the client waited for a slot first ({waited:?})"
     );
     assert!(!b.path("copy.db").exists(), "nothing written");
@@ -277,4 +277,165 @@ fn sessions_past_the_cap_are_told_the_server_is_busy() {
     );
     assert_eq!(crate::util::code(&out), 0, "{}", crate::util::stderr(&out));
     drop(held);
+}
+
+/// Sends a WebSocket upgrade with `key` from local address `from`; the status code of
+/// the answer and its `Retry-After`, if any.
+async fn upgrade_status(server: &TestServer, from: &str, key: &str) -> (u16, Option<u64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{from}:0").parse().expect("address"))
+        .expect("bind");
+    let mut stream = socket
+        .connect(server.addr().parse().expect("server address"))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /v1/sync HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         authorization: Bearer {key}\r\n\r\n",
+        server.addr()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {head:?}"));
+    let retry_after = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after:"))
+        .and_then(|v| v.trim().parse().ok());
+    (status, retry_after)
+}
+
+/// 100 wrong keys in a row from one address: the first five are answered 401, then
+/// (but for one refill every 2 s) 429 with Retry-After, the key unchecked. A right
+/// key from another address works at once; from the slowed-down address it gets an
+/// error a subscriber retries (exit 10).
+#[test]
+fn wrong_keys_are_slowed_down_per_address() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    small_db(&a.path("app.db"), 64 << 10);
+    a.push(&server, "app.db", "acme/app.db", &["--key", &server.admin_key]);
+    let wrong = format!("sfk_{}", "0".repeat(64));
+
+    let rt = runtime();
+    let started = Instant::now();
+    let answers: Vec<(u16, Option<u64>)> = rt.block_on(async {
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            out.push(upgrade_status(&server, "127.0.0.1", &wrong).await);
+        }
+        out
+    });
+    let elapsed = started.elapsed();
+    let refused = answers.iter().filter(|(s, _)| *s == 401).count();
+    let slowed = answers.iter().filter(|(s, _)| *s == 429).count();
+    // Five free, then one more per 2 s that the 100 attempts took.
+    let allowed = 5 + (elapsed.as_secs() / 2) as usize + 1;
+    assert!(
+        refused <= allowed,
+        "{refused} wrong keys answered in {elapsed:?}: not slowed down"
+    );
+    assert_eq!(refused + slowed, 100, "only 401 and 429: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .filter(|(s, _)| *s == 429)
+            .all(|(_, r)| r.is_some_and(|r| (1..=2).contains(&r))),
+        "every 429 says when to retry: {answers:?}"
+    );
+
+    let (status, _) = rt.block_on(upgrade_status(&server, "127.0.0.2", &server.admin_key));
+    assert_eq!(status, 101, "a right key from another address is not slowed down");
+    // Wait for the refill a wrong key takes at once: the next one is 2 s away.
+    rt.block_on(async {
+        while upgrade_status(&server, "127.0.0.1", &wrong).await.0 != 401 {}
+    });
+    let out = a.run_on(&server, ["versions", "acme/app.db", "--key", &server.admin_key]);
+    super::assert_fails(&out, 10, "too many wrong keys");
+}
+
+/// `GET path` on the server's API with `key`; the JSON body.
+fn api_get(server: &TestServer, path: &str, key: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(server.addr()).expect("connect");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {key}\r\n\r\n",
+        server.addr()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    let body = answer.split_once("\r\n\r\n").expect("a head and a body").1;
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+/// A push subscriber sends 30 REPORTs of 60,000 bytes each: the server keeps the
+/// error cut to 2048 bytes (and `…`), and logs one line, not thirty.
+#[test]
+fn a_long_report_is_cut_and_logged_at_a_bounded_rate() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    small_db(&a.path("app.db"), 64 << 10);
+    a.push(&server, "app.db", "acme/app.db", &["--key", &server.admin_key]);
+
+    let rt = runtime();
+    let reports = 30;
+    let ws = rt.block_on(async {
+        let mut ws = connect(&server, &server.admin_key).await;
+        open(
+            &mut ws,
+            json!({"protocol": 1, "op": "subscribe", "replica": "acme/app.db",
+                   "role": "push", "client_id": "raw@test"}),
+        )
+        .await;
+        for i in 1..=reports {
+            let report = json!({"failing_for": 600, "attempts": i, "error": "é".repeat(30_000)});
+            let mut frame = vec![0x56];
+            frame.extend_from_slice(report.to_string().as_bytes());
+            assert!(send(&mut ws, frame).await, "REPORT {i} sent");
+        }
+        ws
+    });
+    let mut status = serde_json::Value::Null;
+    assert!(
+        crate::util::wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+            status = api_get(&server, "/api/replicas/acme/app.db", &server.admin_key);
+            status["failure"]["attempts"] == reports
+        }),
+        "every REPORT arrived: {status}"
+    );
+    let error = status["failure"]["error"].as_str().expect("error text");
+    assert!(
+        error.len() <= 2048 + '…'.len_utf8() && error.ends_with('…'),
+        "the error is cut: {} bytes",
+        error.len()
+    );
+    assert!(error.starts_with("éé"), "cut on a character boundary");
+    drop(ws);
+    let logged = server
+        .log()
+        .matches("a push subscriber reports failing pushes")
+        .count();
+    assert_eq!(logged, 1, "one log line for {reports} REPORTs");
 }
