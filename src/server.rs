@@ -15,7 +15,12 @@
 //!   dropped connection, client killed) ends alone: the server keeps serving everyone
 //!   else, and a push that did not finish leaves no trace (the store's transaction is
 //!   rolled back).
-//! - Keys are never logged; only key ids are.
+//! - Keys are never logged; only key ids are. Wrong keys are slowed down per client
+//!   address (the `throttle` module): past a few, `429` with `Retry-After`, the key
+//!   unchecked; other addresses are not slowed down.
+//! - At most [`Limits::max_sessions`] push and pull sessions run at once; past it a
+//!   session waits [`SESSION_WAIT`] for a slot, then is told the server is busy
+//!   (ERROR 13). What a session may cost is bounded by the engine's queues and window.
 //! - [`serve`] takes its listener and a shutdown future: on shutdown it stops accepting,
 //!   lets sessions in flight finish for up to [`SHUTDOWN_GRACE`], then aborts the rest
 //!   (an aborted push rolls back).

@@ -14,9 +14,7 @@
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{
-    Refusal, Request, State, Status, authenticate_throttled, respond, respond_too_many,
-};
+use super::{Refusal, Request, State, Status, authenticate_throttled, respond, respond_too_many};
 use crate::protocol::control::Op;
 use crate::store::ReplicaPath;
 use crate::{ErrorKind, Result};
@@ -65,7 +63,9 @@ where
     let principal = match authenticate_throttled(state, request).await {
         Ok(p) => p,
         Err(Refusal::TooMany(wait)) => return respond_too_many(stream, wait).await,
-        Err(Refusal::Key(e)) => return respond(stream, 401, &json!({"error": e.to_string()})).await,
+        Err(Refusal::Key(e)) => {
+            return respond(stream, 401, &json!({"error": e.to_string()})).await;
+        }
     };
     let replica = match ReplicaPath::parse(replica) {
         Ok(r) => r,

@@ -9,6 +9,12 @@
 //! [`PING_INTERVAL`], until either side closes. Sync-now: `OPEN` → `CONFIG` with the number
 //! of subscribers reached. Any failure is answered with one `ERROR` frame, then the
 //! connection closes.
+//!
+//! Bounds: a push or a pull holds a session slot of the server's [`super::Limits`]
+//! from OPEN to its end (ERROR 13 after waiting for one in vain); a peer that stops
+//! reading is cut off after the idle limit (a subscriber: after three ping intervals),
+//! and the last ERROR and the close wait for it at most
+//! [`CLOSE_TIMEOUT`](crate::remote::ws::CLOSE_TIMEOUT).
 
 use std::time::Duration;
 
@@ -77,6 +83,19 @@ where
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
+}
+
+/// `send`, or a lost connection if it does not complete within `limit`.
+async fn send_within(
+    limit: Duration,
+    send: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
+    within(Some(limit), send).await.unwrap_or_else(|| {
+        Err(Error::Disconnected(format!(
+            "the subscriber read nothing for {} s",
+            limit.as_secs()
+        )))
+    })
 }
 
 async fn send_control<S>(ws: &mut WebSocketStream<S>, c: Control) -> Result<()>
@@ -247,6 +266,8 @@ where
     // A client that answers nothing, not even a ping, for three intervals is gone
     // (a machine switched off sends no FIN): it stops being counted.
     let mut last_heard = tokio::time::Instant::now();
+    // A subscriber that stops reading stalls a send: as long as silence, it is gone.
+    let silence = PING_INTERVAL * 3;
     let result = loop {
         // Joined after the server began closing: the change below was already seen.
         if *member.closing.borrow() {
@@ -255,9 +276,9 @@ where
         tokio::select! {
             event = member.events.recv() => match event {
                 Ok(Event::NewVersion(v)) => {
-                    send_control(ws, Control::NewReplicaVersion(v)).await?;
+                    send_within(silence, send_control(ws, Control::NewReplicaVersion(v))).await?;
                 }
-                Ok(Event::SyncNow) => send_control(ws, Control::SyncNow).await?,
+                Ok(Event::SyncNow) => send_within(silence, send_control(ws, Control::SyncNow)).await?,
                 // Older events were dropped; the newer ones are still queued.
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => break Ok(()),
@@ -305,9 +326,12 @@ where
                         last_heard.elapsed().as_secs()
                     )));
                 }
-                ws.send(Message::Ping(Vec::new().into()))
-                    .await
-                    .map_err(|e| Error::Disconnected(e.to_string()))?;
+                send_within(silence, async {
+                    ws.send(Message::Ping(Vec::new().into()))
+                        .await
+                        .map_err(|e| Error::Disconnected(e.to_string()))
+                })
+                .await?;
             }
             _ = member.closing.changed() => break Ok(()),
         }

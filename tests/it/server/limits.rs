@@ -333,7 +333,12 @@ fn wrong_keys_are_slowed_down_per_address() {
     let server = TestServer::start(dir.path());
     let a = Machine::new(dir.path(), "a");
     small_db(&a.path("app.db"), 64 << 10);
-    a.push(&server, "app.db", "acme/app.db", &["--key", &server.admin_key]);
+    a.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["--key", &server.admin_key],
+    );
     let wrong = format!("sfk_{}", "0".repeat(64));
 
     let rt = runtime();
@@ -364,12 +369,16 @@ fn wrong_keys_are_slowed_down_per_address() {
     );
 
     let (status, _) = rt.block_on(upgrade_status(&server, "127.0.0.2", &server.admin_key));
-    assert_eq!(status, 101, "a right key from another address is not slowed down");
+    assert_eq!(
+        status, 101,
+        "a right key from another address is not slowed down"
+    );
     // Wait for the refill a wrong key takes at once: the next one is 2 s away.
-    rt.block_on(async {
-        while upgrade_status(&server, "127.0.0.1", &wrong).await.0 != 401 {}
-    });
-    let out = a.run_on(&server, ["versions", "acme/app.db", "--key", &server.admin_key]);
+    rt.block_on(async { while upgrade_status(&server, "127.0.0.1", &wrong).await.0 != 401 {} });
+    let out = a.run_on(
+        &server,
+        ["versions", "acme/app.db", "--key", &server.admin_key],
+    );
     super::assert_fails(&out, 10, "too many wrong keys");
 }
 
@@ -397,7 +406,12 @@ fn a_long_report_is_cut_and_logged_at_a_bounded_rate() {
     let server = TestServer::start(dir.path());
     let a = Machine::new(dir.path(), "a");
     small_db(&a.path("app.db"), 64 << 10);
-    a.push(&server, "app.db", "acme/app.db", &["--key", &server.admin_key]);
+    a.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["--key", &server.admin_key],
+    );
 
     let rt = runtime();
     let reports = 30;
