@@ -147,16 +147,16 @@ where
         Op::Push | Op::Pull => match state.limits.session().await {
             Some(slot) => Some(slot),
             None => {
-                let e = Error::Server(format!(
-                    "server busy: {} sync sessions are running, its limit (serve --max-sessions); retry later",
+                let message = format!(
+                    "server busy: {} push and pull sessions are running (its limit, serve --max-sessions); retry later",
                     state.limits.max_sessions()
-                ));
+                );
                 let frame = Frame::Error {
                     code: ErrorCode::ServerBusy as u16,
-                    message: e.to_string(),
+                    message: message.clone(),
                 };
                 let _ = within(Some(CLOSE_TIMEOUT), send_binary(ws, frame.to_bytes())).await;
-                return Err(Failure::Reported(e));
+                return Err(Failure::Reported(Error::Server(message)));
             }
         },
         _ => None,
@@ -409,8 +409,15 @@ where
     let mut message = String::new();
     let mut key_request = false;
     let first_sync = loop {
-        let bytes = recv_binary(ws)
-            .await?
+        // Bounded like silence inside the sync: this session holds a slot.
+        let bytes = within(Some(SYNC_IDLE_TIMEOUT), recv_binary(ws))
+            .await
+            .ok_or_else(|| {
+                Error::Protocol(format!(
+                    "no frame for {} s; the session is closed",
+                    SYNC_IDLE_TIMEOUT.as_secs()
+                ))
+            })??
             .ok_or_else(|| Error::Disconnected("closed before the push began".into()))?;
         match bytes.first() {
             Some(&b) if Control::is_control(b) => match decode_control(&bytes)? {
