@@ -20,7 +20,9 @@
 //!   unchecked; other addresses are not slowed down.
 //! - At most [`Limits::max_sessions`] push and pull sessions run at once; past it a
 //!   session waits [`SESSION_WAIT`] for a slot, then is told the server is busy
-//!   (ERROR 13). What a session may cost is bounded by the engine's queues and window.
+//!   (ERROR 13). At most [`CONNECTIONS_PER_SESSION`] times as many WebSocket sessions
+//!   of any kind (subscribers, sessions waiting for a slot) are open at once; past it
+//!   an upgrade is answered `503` with `Retry-After`. What a session may cost is bounded by the engine's queues and window.
 //! - [`serve`] takes its listener and a shutdown future: on shutdown it stops accepting,
 //!   lets sessions in flight finish for up to [`SHUTDOWN_GRACE`], then aborts the rest
 //!   (an aborted push rolls back).
@@ -84,7 +86,16 @@ pub struct Limits {
     max_sessions: usize,
     /// Wrong keys per client address.
     keys: throttle::KeyThrottle,
+    /// Permits for WebSocket sessions of any kind (subscribers included) at once.
+    connections: Arc<tokio::sync::Semaphore>,
 }
+
+/// WebSocket sessions of any kind (subscribers, waiting sessions) allowed at once, per
+/// push and pull session allowed: past it an upgrade is answered 503.
+pub const CONNECTIONS_PER_SESSION: usize = 32;
+
+/// The `Retry-After` of a 503 for too many connections.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 impl Limits {
     /// Limits allowing `max_sessions` push and pull sessions at once (at least 1).
@@ -94,6 +105,9 @@ impl Limits {
             sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
             max_sessions,
             keys: throttle::KeyThrottle::default(),
+            connections: Arc::new(tokio::sync::Semaphore::new(
+                max_sessions.saturating_mul(CONNECTIONS_PER_SESSION),
+            )),
         }
     }
 
@@ -429,6 +443,22 @@ where
         )
         .await;
     }
+    // Every WebSocket session, subscribers included, holds a connection slot: past the
+    // limit the upgrade is refused (503, retry later) before anything is allocated.
+    let Ok(_connection) = state.limits.connections.clone().try_acquire_owned() else {
+        let message = format!(
+            "server busy: {} WebSocket sessions are open (its limit, {CONNECTIONS_PER_SESSION} × serve --max-sessions); retry later",
+            state.limits.max_sessions() * CONNECTIONS_PER_SESSION
+        );
+        tracing::info!("too many WebSocket sessions; answered 503");
+        return respond_later(
+            &mut stream,
+            503,
+            BUSY_RETRY_AFTER,
+            &serde_json::json!({ "error": message }),
+        )
+        .await;
+    };
     let principal = match authenticate_throttled(&state, &request).await {
         Ok(p) => p,
         Err(Refusal::TooMany(wait)) => return respond_too_many(&mut stream, wait).await,

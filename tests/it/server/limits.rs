@@ -453,3 +453,56 @@ fn a_long_report_is_cut_and_logged_at_a_bounded_rate() {
         .count();
     assert_eq!(logged, 1, "one log line for {reports} REPORTs");
 }
+
+/// With `--max-sessions 1`, 32 WebSocket sessions of any kind may be open: a 33rd
+/// upgrade (32 subscribers open) is answered 503 with Retry-After, the CLI exits 10,
+/// and once a subscriber leaves, sessions are accepted again.
+#[test]
+fn websocket_sessions_past_the_cap_are_answered_503() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start_args(dir.path(), &["--max-sessions", "1"]);
+    let a = Machine::new(dir.path(), "a");
+    small_db(&a.path("app.db"), 64 << 10);
+    a.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["--key", &server.admin_key],
+    );
+
+    let rt = runtime();
+    let mut subscribers = rt.block_on(async {
+        let mut all = Vec::new();
+        for _ in 0..32 {
+            let mut ws = connect(&server, &server.admin_key).await;
+            open(
+                &mut ws,
+                json!({"protocol": 1, "op": "subscribe", "replica": "acme/app.db",
+                       "role": "pull", "client_id": "raw@test"}),
+            )
+            .await;
+            all.push(ws);
+        }
+        all
+    });
+    let (status, retry_after) =
+        rt.block_on(upgrade_status(&server, "127.0.0.1", &server.admin_key));
+    assert_eq!(status, 503, "the 33rd session is refused");
+    assert_eq!(retry_after, Some(5), "with a Retry-After");
+    let out = a.run_on(
+        &server,
+        ["versions", "acme/app.db", "--key", &server.admin_key],
+    );
+    super::assert_fails(&out, 10, "server busy");
+
+    drop(subscribers.pop());
+    assert!(
+        crate::util::wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+            rt.block_on(upgrade_status(&server, "127.0.0.1", &server.admin_key))
+                .0
+                == 101
+        }),
+        "a session is accepted once a subscriber left"
+    );
+    drop(subscribers);
+}
