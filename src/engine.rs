@@ -39,6 +39,11 @@ use crate::{ErrorKind, Result};
 /// pages).
 pub const FANOUT: u32 = 16;
 
+/// The protocol's window: node hashes an origin may have requested (WANT) and not yet
+/// received (NODES) at any time, 256 KiB of hashes. The origin keeps to it; a replica
+/// refuses a WANT that breaks it.
+pub const WINDOW_NODES: u32 = 8192;
+
 /// The callback of [`PageSource::scan`]: page number, page hash, and the page's bytes
 /// when they were asked for.
 pub type ScanFn<'a> = dyn FnMut(u32, Hash, Option<&[u8]>) -> Result<()> + 'a;
@@ -57,7 +62,7 @@ pub trait PageSource {
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()>;
 }
 
-/// What the origin's BEGIN announced, handed to [`PageTarget::begin_with`].
+/// What the origin's BEGIN announced, handed to [`PageTarget::begin`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BeginInfo {
     /// The origin's page size in bytes.
@@ -75,16 +80,13 @@ pub struct BeginInfo {
 /// What a sync writes to: the replica. Nothing it does is visible until `commit`; if
 /// it is dropped before, every change is rolled back.
 pub trait PageTarget {
-    /// Prepares to hold a database of `page_size`-byte pages and returns how many pages
-    /// it already holds at that size (0 when empty or new).
-    fn begin(&mut self, page_size: u32) -> Result<u32>;
-    /// [`PageTarget::begin`] with everything BEGIN said; the engine calls this one. A
-    /// target whose pages are not exactly the origin's known base (another version, or
-    /// pages it must have sent again) returns a count that differs from that base's, so
-    /// that the origin runs the hash exchange instead of trusting its manifest.
-    fn begin_with(&mut self, begin: &BeginInfo) -> Result<u32> {
-        self.begin(begin.page_size)
-    }
+    /// Prepares to hold a database of `begin.page_size`-byte pages and returns how many
+    /// pages it already holds at that size (0 when empty or new). A target whose pages
+    /// are not exactly the origin's known base (another version, or pages it must have
+    /// sent again) returns a count that differs from that base's, so that the origin
+    /// runs the hash exchange instead of trusting its manifest. One method, taking all
+    /// of BEGIN: a wrapper cannot forward half of it.
+    fn begin(&mut self, begin: &BeginInfo) -> Result<u32>;
     /// Calls `f` with the number and hash of every page it holds, in page order.
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>;
     /// Writes one page (not yet visible); `hash` is its [`crate::page::page_hash`].

@@ -576,10 +576,13 @@ async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
             if status.as_u16() == 401 {
                 Err(Error::Auth(format!("{url} refused the key: {body}")))
             } else if status.as_u16() == 503 {
-                // The server could not even check the key (a full disk, say): its fault,
-                // temporary; a subscriber retries.
+                // The server could not even check the key (a full disk, say), or is at
+                // its limit of sessions: its side, temporary; a subscriber retries.
                 let body = body.strip_prefix("server error: ").unwrap_or(&body);
                 Err(Error::Server(format!("{url} failed on its side: {body}")))
+            } else if status.as_u16() == 429 {
+                // Too many wrong keys from this address: wait, then try again.
+                Err(Error::Server(format!("{url} answered {status}: {body}")))
             } else {
                 Err(Error::Protocol(format!("{url} answered {status}: {body}")))
             }

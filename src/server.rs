@@ -21,6 +21,15 @@
 //!   wire, `503` before an upgrade), logged at error level; never a refusal of the key.
 //! - One server per data directory (the `lock` module); `serve` takes the lock before
 //!   it opens anything in it.
+//! - Wrong keys are slowed down per client address (the `throttle` module): past a
+//!   few, `429` with `Retry-After`, the key unchecked; other addresses are not slowed
+//!   down. A failure of the server's own files is not a wrong key.
+//! - At most [`Limits::max_sessions`] push and pull sessions run at once; past it a
+//!   session waits [`SESSION_WAIT`] for a slot, then is told the server is busy
+//!   (ERROR 13). At most [`CONNECTIONS_PER_SESSION`] times as many WebSocket sessions
+//!   of any kind (subscribers, sessions waiting for a slot) are open at once; past it
+//!   an upgrade is answered `503` with `Retry-After`. What a
+//!   session may cost is bounded by the engine's queues and window.
 //! - [`serve`] takes its listener and a shutdown future: on shutdown it stops accepting,
 //!   lets sessions in flight finish for up to [`SHUTDOWN_GRACE`], then aborts the rest
 //!   (an aborted push rolls back).
@@ -31,6 +40,7 @@ mod http;
 mod hub;
 mod lock;
 mod session;
+mod throttle;
 mod tls;
 
 pub use auth::{Auth, KeyKind, Principal, key_id_of, mask};
@@ -69,6 +79,68 @@ pub struct State {
     pub auth: Auth,
     /// Subscribers and what they told the server.
     pub hub: Arc<Hub>,
+    /// The server's limits on what clients may cost it.
+    pub limits: Arc<Limits>,
+}
+
+/// How many sync sessions run at once by default (`serve --max-sessions`).
+pub const DEFAULT_MAX_SESSIONS: usize = 32;
+
+/// How long a sync session waits for a free slot before it is told the server is busy.
+pub const SESSION_WAIT: Duration = Duration::from_secs(30);
+
+/// What the server lets clients cost it: sync sessions at once, wrong keys per address.
+#[derive(Debug)]
+pub struct Limits {
+    /// Permits for push and pull sessions running at once.
+    sessions: Arc<tokio::sync::Semaphore>,
+    max_sessions: usize,
+    /// Wrong keys per client address.
+    keys: throttle::KeyThrottle,
+    /// Permits for WebSocket sessions of any kind (subscribers included) at once.
+    connections: Arc<tokio::sync::Semaphore>,
+}
+
+/// WebSocket sessions of any kind (subscribers, waiting sessions) allowed at once, per
+/// push and pull session allowed: past it an upgrade is answered 503.
+pub const CONNECTIONS_PER_SESSION: usize = 32;
+
+/// The `Retry-After` of a 503 for too many connections.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+impl Limits {
+    /// Limits allowing `max_sessions` push and pull sessions at once (at least 1).
+    pub fn new(max_sessions: usize) -> Limits {
+        let max_sessions = max_sessions.max(1);
+        Limits {
+            sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
+            max_sessions,
+            keys: throttle::KeyThrottle::default(),
+            connections: Arc::new(tokio::sync::Semaphore::new(
+                max_sessions.saturating_mul(CONNECTIONS_PER_SESSION),
+            )),
+        }
+    }
+
+    /// The most push and pull sessions that run at once.
+    pub fn max_sessions(&self) -> usize {
+        self.max_sessions
+    }
+
+    /// A slot for one sync session, waiting up to [`SESSION_WAIT`] for one to free
+    /// up; `None` when the server stayed busy.
+    pub(crate) async fn session(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout(SESSION_WAIT, self.sessions.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::new(DEFAULT_MAX_SESSIONS)
+    }
 }
 
 impl State {
@@ -78,7 +150,14 @@ impl State {
             store: Store::new(data),
             auth: Auth::open(data)?,
             hub: Arc::new(Hub::default()),
+            limits: Arc::new(Limits::default()),
         })
+    }
+
+    /// This state with at most `n` push and pull sessions running at once.
+    pub fn with_max_sessions(mut self, n: usize) -> State {
+        self.limits = Arc::new(Limits::new(n));
+        self
     }
 }
 
@@ -139,6 +218,8 @@ pub(crate) struct Request {
     method: String,
     path: String,
     headers: Vec<(String, String)>,
+    /// The client's address (for the wrong-key throttle).
+    peer: Option<std::net::IpAddr>,
 }
 
 impl Request {
@@ -192,6 +273,7 @@ where
                             )
                         })
                         .collect(),
+                    peer: None,
                 };
                 return Ok((request, buf[len..].to_vec()));
             }
@@ -234,6 +316,76 @@ where
     Ok(())
 }
 
+/// Writes a `429` or `503` answer with `Retry-After` and a JSON body, and closes.
+pub(crate) async fn respond_later<S>(
+    stream: &mut S,
+    status: u16,
+    retry_after: Duration,
+    body: &serde_json::Value,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let reason = if status == 429 {
+        "Too Many Requests"
+    } else {
+        "Service Unavailable"
+    };
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: {}\r\nconnection: close\r\n\r\n",
+        body.len(),
+        retry_after.as_secs().max(1)
+    );
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// Why [`authenticate_throttled`] refused.
+pub(crate) enum Refusal {
+    /// The key was missing, wrong, or could not be checked: answer 401.
+    Key(Error),
+    /// Too many wrong keys from this address: answer 429 with this `Retry-After`.
+    TooMany(Duration),
+}
+
+/// [`authenticate`] through the wrong-key throttle of the client's address.
+pub(crate) async fn authenticate_throttled(
+    state: &State,
+    request: &Request,
+) -> std::result::Result<Principal, Refusal> {
+    let keys = &state.limits.keys;
+    let ticket = match keys.admit(request.peer, std::time::Instant::now()) {
+        throttle::Verdict::Check(ticket) => ticket,
+        throttle::Verdict::Wait(wait) => {
+            tracing::info!(peer = ?request.peer, "too many wrong keys; answered 429");
+            return Err(Refusal::TooMany(wait));
+        }
+    };
+    let result = authenticate(state, request).await;
+    let wrong = matches!(&result, Err(e) if e.kind() == crate::ErrorKind::Auth);
+    keys.done(ticket, wrong, std::time::Instant::now());
+    result.map_err(Refusal::Key)
+}
+
+/// The `429` answer to an address that sent too many wrong keys.
+pub(crate) async fn respond_too_many<S>(stream: &mut S, wait: Duration) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let message = format!(
+        "too many wrong keys from this address; retry in {} s",
+        wait.as_secs().max(1)
+    );
+    respond_later(stream, 429, wait, &serde_json::json!({ "error": message })).await
+}
+
 /// Authenticates the key a request carries. `Err` of kind [`crate::ErrorKind::Auth`]
 /// is the refusal to send (401); any other is the server's own failure (503, see
 /// [`refusal`]).
@@ -266,22 +418,28 @@ pub(crate) fn refusal(e: &Error) -> (u16, serde_json::Value) {
 /// One accepted connection: with TLS, the handshake first (bounded by `HEAD_TIMEOUT`,
 /// in this connection's own task), then the request.
 async fn serve_connection(stream: TcpStream, tls: Option<Tls>, state: Arc<State>) -> Result<()> {
+    let peer = stream.peer_addr().ok().map(|a| a.ip());
     let Some(tls) = tls else {
-        return connection(stream, state).await;
+        return connection(stream, state, peer).await;
     };
     let stream = tokio::time::timeout(HEAD_TIMEOUT, tls.accept(stream))
         .await
         .map_err(|_| Error::Disconnected("no TLS handshake within 10 s".into()))??;
-    connection(stream, state).await
+    connection(stream, state, peer).await
 }
 
-async fn connection<S>(mut stream: S, state: Arc<State>) -> Result<()>
+async fn connection<S>(
+    mut stream: S,
+    state: Arc<State>,
+    peer: Option<std::net::IpAddr>,
+) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (request, rest) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
+    let (mut request, rest) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
         .await
         .map_err(|_| Error::Disconnected("no request within 10 s".into()))??;
+    request.peer = peer;
     let upgrade = request
         .header("upgrade")
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
@@ -312,9 +470,26 @@ where
         )
         .await;
     }
-    let principal = match authenticate(&state, &request).await {
+    // Every WebSocket session, subscribers included, holds a connection slot: past the
+    // limit the upgrade is refused (503, retry later) before anything is allocated.
+    let Ok(_connection) = state.limits.connections.clone().try_acquire_owned() else {
+        let message = format!(
+            "server busy: {} WebSocket sessions are open (its limit, {CONNECTIONS_PER_SESSION} × serve --max-sessions); retry later",
+            state.limits.max_sessions() * CONNECTIONS_PER_SESSION
+        );
+        tracing::info!("too many WebSocket sessions; answered 503");
+        return respond_later(
+            &mut stream,
+            503,
+            BUSY_RETRY_AFTER,
+            &serde_json::json!({ "error": message }),
+        )
+        .await;
+    };
+    let principal = match authenticate_throttled(&state, &request).await {
         Ok(p) => p,
-        Err(e) => {
+        Err(Refusal::TooMany(wait)) => return respond_too_many(&mut stream, wait).await,
+        Err(Refusal::Key(e)) => {
             let (status, body) = refusal(&e);
             return respond(&mut stream, status, &body).await;
         }

@@ -44,6 +44,11 @@ pub struct ServeArgs {
     /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC).
     #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Push and pull sessions that run at once; more wait up to 30 s, then are told the
+    /// server is busy (exit 10, retried by subscribers).
+    #[arg(long, value_name = "N", default_value_t = crate::server::DEFAULT_MAX_SESSIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_sessions: usize,
 }
 
 impl ServeArgs {
@@ -80,7 +85,9 @@ impl ServeArgs {
                 anyhow::Error::new(crate::Error::io(std::path::Path::new(&self.listen), e))
                     .context(format!("cannot listen{hint}"))
             })?;
-        let state = State::open(&data).map_err(|e| startup(e, &data))?;
+        let state = State::open(&data)
+            .map_err(|e| startup(e, &data))?
+            .with_max_sessions(self.max_sessions);
         if let Some(key) = state.auth.ensure_admin().map_err(|e| startup(e, &data))? {
             super::out(format_args!(
                 "admin key (shown only this once; keep it secret): {key}"

@@ -3,17 +3,27 @@
 //! The in-memory link used for local syncs encodes and decodes every frame exactly as a
 //! network transport does, so byte counts and codec checks are the same everywhere.
 //! Its origin → replica direction is bounded (pages wait for the replica: memory stays
-//! flat); the replica → origin direction is unbounded, but the origin never has more
-//! than a window of requested hashes outstanding, so it stays small. The replica never
-//! blocks on sending, which rules out a deadlock of two full queues.
+//! flat); the replica → origin direction is bounded only by the origin's request
+//! window, which is safe there because both roles are this process's own code. The
+//! replica never blocks on sending, which rules out a deadlock of two full queues.
+//!
+//! The channel link between the engine and a network pump ([`channel_link`]) is bounded
+//! in both directions, because its peer may lie: frames from the network wait in a
+//! queue of a few frames (a peer sending faster than the engine reads is not read), and
+//! frames to the network wait in a queue sized for the role (see [`Role`]). It counts
+//! the node hashes queued and not yet taken by the pump, so a replica can refuse a peer
+//! that asks for more than the window without reading the answers.
 //!
 //! Bulk frames (PAGE, NODES) are batched into one queue item of up to [`BATCH_BYTES`]:
 //! waking the other thread for every 4 KiB page would cost more than the copy. A batch
 //! goes out when it is full, before this end waits for a frame, and with any other
 //! frame, so nothing the peer waits for is ever held back.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 
+use super::WINDOW_NODES;
 use crate::protocol::Frame;
 use crate::{Error, Result};
 
@@ -37,6 +47,13 @@ pub trait Link {
     fn bytes_sent(&self) -> u64;
     /// Bytes received so far.
     fn bytes_received(&self) -> u64;
+    /// Node hashes (NODES frames) this end has queued that the transport has not taken
+    /// yet: the peer cannot have received them, so they are a lower bound of what it
+    /// asked for and still waits for. A replica refuses a WANT that would take this
+    /// past the window. 0 for a link whose peer is this process's own origin.
+    fn unsent_nodes(&self) -> u32 {
+        0
+    }
 }
 
 enum Tx {
@@ -175,10 +192,13 @@ impl Drop for MemLink {
     }
 }
 
-/// Which role a [`ChannelLink`] carries. It decides which direction is bounded: the
-/// frames a role *receives* in bulk (pages, for a replica) wait in a bounded queue; the
-/// frames it receives only as answers to its own requests (node hashes, for an origin)
-/// are bounded by its request window instead, so that side can never stall the peer.
+/// Which role a [`ChannelLink`] carries. It sizes the engine → network queue: an
+/// origin's holds a few frames (pages wait for the network: backpressure); a replica's
+/// holds up to a window of NODES frames, because the replica answers a WANT without
+/// waiting for the peer to read, and the replica itself refuses a WANT that would put
+/// more than [`WINDOW_NODES`] node hashes in that queue (see [`Link::unsent_nodes`]).
+/// The network → engine queue holds a few frames for either role: a peer that sends
+/// faster than the engine takes frames is simply not read (TCP backpressure).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Sends pages, receives hashes.
@@ -187,63 +207,28 @@ pub enum Role {
     Replica,
 }
 
-/// Frames that may wait between a WebSocket and the engine, in bounded directions.
+/// Frames that may wait between a WebSocket and the engine, in either direction (but
+/// a replica's outgoing queue, below).
 const CHANNEL_FRAMES: usize = 64;
 
-enum AsyncTx {
-    Bounded(tokio::sync::mpsc::Sender<Vec<u8>>),
-    Unbounded(tokio::sync::mpsc::UnboundedSender<Vec<u8>>),
-}
+/// Frames that may wait in a replica's engine → network queue: every NODES frame of a
+/// full window (each carries at least one hash), plus the few other frames a replica
+/// sends. The replica's window check keeps the queue below this, so it never blocks
+/// the replica while the peer is honest.
+const REPLICA_OUT_FRAMES: usize = WINDOW_NODES as usize + CHANNEL_FRAMES;
 
-enum AsyncRx {
-    Bounded(tokio::sync::mpsc::Receiver<Vec<u8>>),
-    Unbounded(tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>),
-}
-
-impl AsyncRx {
-    fn blocking_recv(&mut self) -> Option<Vec<u8>> {
-        match self {
-            AsyncRx::Bounded(rx) => rx.blocking_recv(),
-            AsyncRx::Unbounded(rx) => rx.blocking_recv(),
-        }
-    }
-
-    fn try_recv(&mut self) -> std::result::Result<Vec<u8>, tokio::sync::mpsc::error::TryRecvError> {
-        match self {
-            AsyncRx::Bounded(rx) => rx.try_recv(),
-            AsyncRx::Unbounded(rx) => rx.try_recv(),
-        }
-    }
-
-    async fn recv(&mut self) -> Option<Vec<u8>> {
-        match self {
-            AsyncRx::Bounded(rx) => rx.recv().await,
-            AsyncRx::Unbounded(rx) => rx.recv().await,
-        }
-    }
-}
-
-impl AsyncTx {
-    fn blocking_send(&self, bytes: Vec<u8>) -> bool {
-        match self {
-            AsyncTx::Bounded(tx) => tx.blocking_send(bytes).is_ok(),
-            AsyncTx::Unbounded(tx) => tx.send(bytes).is_ok(),
-        }
-    }
-
-    async fn send(&self, bytes: Vec<u8>) -> std::result::Result<(), Vec<u8>> {
-        match self {
-            AsyncTx::Bounded(tx) => tx.send(bytes).await.map_err(|e| e.0),
-            AsyncTx::Unbounded(tx) => tx.send(bytes).map_err(|e| e.0),
-        }
-    }
-}
+/// MESSAGE frames a peer may send in one session over a [`ChannelLink`].
+const MAX_MESSAGES: u32 = 16;
 
 /// The engine's end of a link whose other end is async code (a WebSocket pump). Its
 /// methods block: use it on a blocking thread (`spawn_blocking`), never in async code.
 pub struct ChannelLink {
-    tx: AsyncTx,
-    rx: AsyncRx,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    /// Node hashes queued by this end that the pump has not taken yet.
+    unsent_nodes: Arc<AtomicU32>,
+    /// MESSAGE frames received so far.
+    messages: u32,
     sent: u64,
     received: u64,
 }
@@ -258,14 +243,17 @@ pub struct PumpEnd {
 }
 
 /// The pump's sending half towards the engine.
-pub struct ToEngine(AsyncTx);
+pub struct ToEngine(tokio::sync::mpsc::Sender<Vec<u8>>);
 
 /// The pump's receiving half from the engine.
-pub struct FromEngine(AsyncRx);
+pub struct FromEngine {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    unsent_nodes: Arc<AtomicU32>,
+}
 
 /// What is left of a [`ChannelLink`] once the engine is done: frames that reached it
 /// but that it did not read (the peer's next control frame, for example).
-pub struct Leftovers(AsyncRx);
+pub struct Leftovers(tokio::sync::mpsc::Receiver<Vec<u8>>);
 
 impl Leftovers {
     /// The frames not read, in order.
@@ -278,41 +266,32 @@ impl Leftovers {
     }
 }
 
-/// A link for `role` between a blocking engine and an async pump.
+/// A link for `role` between a blocking engine and an async pump. Both directions are
+/// bounded.
 pub fn channel_link(role: Role) -> (ChannelLink, PumpEnd) {
-    use tokio::sync::mpsc::{channel, unbounded_channel};
-    let (in_tx, in_rx, out_tx, out_rx) = match role {
-        Role::Replica => {
-            let (a, b) = channel(CHANNEL_FRAMES);
-            let (c, d) = unbounded_channel();
-            (
-                AsyncTx::Bounded(a),
-                AsyncRx::Bounded(b),
-                AsyncTx::Unbounded(c),
-                AsyncRx::Unbounded(d),
-            )
-        }
-        Role::Origin => {
-            let (a, b) = unbounded_channel();
-            let (c, d) = channel(CHANNEL_FRAMES);
-            (
-                AsyncTx::Unbounded(a),
-                AsyncRx::Unbounded(b),
-                AsyncTx::Bounded(c),
-                AsyncRx::Bounded(d),
-            )
-        }
+    use tokio::sync::mpsc::channel;
+    let out_frames = match role {
+        Role::Origin => CHANNEL_FRAMES,
+        Role::Replica => REPLICA_OUT_FRAMES,
     };
+    let (in_tx, in_rx) = channel(CHANNEL_FRAMES);
+    let (out_tx, out_rx) = channel(out_frames);
+    let unsent_nodes = Arc::new(AtomicU32::new(0));
     (
         ChannelLink {
             tx: out_tx,
             rx: in_rx,
+            unsent_nodes: unsent_nodes.clone(),
+            messages: 0,
             sent: 0,
             received: 0,
         },
         PumpEnd {
             to_engine: ToEngine(in_tx),
-            from_engine: FromEngine(out_rx),
+            from_engine: FromEngine {
+                rx: out_rx,
+                unsent_nodes,
+            },
         },
     )
 }
@@ -320,7 +299,7 @@ pub fn channel_link(role: Role) -> (ChannelLink, PumpEnd) {
 impl ChannelLink {
     fn send_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.sent += bytes.len() as u64;
-        if self.tx.blocking_send(bytes) {
+        if self.tx.blocking_send(bytes).is_ok() {
             Ok(())
         } else {
             Err(Error::Disconnected("the connection closed".into()))
@@ -335,12 +314,26 @@ impl ChannelLink {
 
     fn decode(&mut self, bytes: Vec<u8>) -> Result<Frame> {
         self.received += bytes.len() as u64;
+        if bytes.first() == Some(&crate::protocol::code::MESSAGE) {
+            // Notes are logged: a peer may not fill the log with them.
+            self.messages += 1;
+            if self.messages > MAX_MESSAGES {
+                return Err(Error::Protocol(format!(
+                    "more than {MAX_MESSAGES} MESSAGE frames in one session"
+                )));
+            }
+        }
         Frame::decode(&bytes).map_err(|e| Error::Protocol(e.to_string()))
     }
 }
 
 impl Link for ChannelLink {
     fn send(&mut self, frame: &Frame) -> Result<()> {
+        if let Frame::Nodes { hashes, .. } = frame {
+            // Counted before it is queued: the pump subtracts once it takes the frame.
+            self.unsent_nodes
+                .fetch_add(hashes.len() as u32, Ordering::Relaxed);
+        }
         self.send_bytes(frame.to_bytes())
     }
 
@@ -374,24 +367,92 @@ impl Link for ChannelLink {
     fn bytes_received(&self) -> u64 {
         self.received
     }
+
+    fn unsent_nodes(&self) -> u32 {
+        self.unsent_nodes.load(Ordering::Relaxed)
+    }
 }
 
 impl ToEngine {
-    /// Hands a frame from the network to the engine; gives it back if the engine is
-    /// gone.
+    /// Hands a frame from the network to the engine, waiting while its queue is full;
+    /// gives it back if the engine is gone.
     pub async fn send(&self, bytes: Vec<u8>) -> std::result::Result<(), Vec<u8>> {
-        self.0.send(bytes).await
+        self.0.send(bytes).await.map_err(|e| e.0)
     }
 }
 
 impl FromEngine {
     /// The engine's next frame for the network; `None` once the engine is done.
     pub async fn recv(&mut self) -> Option<Vec<u8>> {
-        self.0.recv().await
+        let bytes = self.rx.recv().await?;
+        self.taken(&bytes);
+        Some(bytes)
     }
 
     /// The engine's next frame if one is already waiting.
     pub fn try_recv(&mut self) -> Option<Vec<u8>> {
-        self.0.try_recv().ok()
+        let bytes = self.rx.try_recv().ok()?;
+        self.taken(&bytes);
+        Some(bytes)
+    }
+
+    /// Takes a NODES frame's hashes off the count of unsent ones.
+    fn taken(&self, bytes: &[u8]) {
+        // NODES: type, u8 level, u32 start, u16 n, then the hashes.
+        if bytes.first() == Some(&crate::protocol::code::NODES) && bytes.len() >= 8 {
+            let n = u32::from(u16::from_be_bytes([bytes[6], bytes[7]]));
+            self.unsent_nodes.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_count_as_unsent_until_the_pump_takes_them() {
+        let (mut link, mut pump) = channel_link(Role::Replica);
+        for n in [3usize, 5] {
+            link.send(&Frame::Nodes {
+                level: 0,
+                start: 0,
+                hashes: vec![[0; 32]; n],
+            })
+            .expect("queued");
+        }
+        link.send(&Frame::Ready { page_count: 1 }).expect("queued");
+        assert_eq!(link.unsent_nodes(), 8);
+        assert!(pump.from_engine.try_recv().is_some());
+        assert_eq!(link.unsent_nodes(), 5);
+        assert!(pump.from_engine.try_recv().is_some());
+        assert!(pump.from_engine.try_recv().is_some());
+        assert_eq!(link.unsent_nodes(), 0);
+    }
+
+    #[test]
+    fn a_flood_of_messages_is_refused() {
+        let (mut link, pump) = channel_link(Role::Origin);
+        let note = Frame::Message {
+            level: 0,
+            text: "hi".into(),
+        };
+        for _ in 0..MAX_MESSAGES {
+            pump.to_engine.0.try_send(note.to_bytes()).expect("queued");
+            assert!(link.recv().is_ok());
+        }
+        pump.to_engine.0.try_send(note.to_bytes()).expect("queued");
+        assert!(matches!(link.recv(), Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    fn the_network_side_queue_is_bounded() {
+        let (_link, pump) = channel_link(Role::Origin);
+        let mut queued = 0;
+        while pump.to_engine.0.try_send(vec![0x09]).is_ok() {
+            queued += 1;
+            assert!(queued <= CHANNEL_FRAMES, "the queue never fills");
+        }
+        assert_eq!(queued, CHANNEL_FRAMES);
     }
 }

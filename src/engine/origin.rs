@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::tree::Tree;
-use super::{FANOUT, Link, PageSource, Phase, Progress, SyncStats};
+use super::{FANOUT, Link, PageSource, Phase, Progress, SyncStats, WINDOW_NODES};
 use crate::page::{hex, lock_byte_page};
 use crate::protocol::{ErrorCode, Frame, Hash, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, Run};
 use crate::{Error, Result};
@@ -18,9 +18,6 @@ use crate::{Error, Result};
 /// BEGIN flag: the origin knows the replica's manifest of `base_version`; it sends the
 /// pages that differ from it and asks for no hashes.
 pub const FLAG_KNOWN_BASE: u8 = 0x01;
-
-/// Node hashes the origin may have requested and not yet received (256 KiB of hashes).
-const WINDOW_NODES: u32 = 8192;
 
 /// The descent starts at the lowest level that has at most this many nodes.
 const TOP_NODES: u64 = 256;

@@ -6,13 +6,15 @@
 //! hashes only for nodes that exist); any violation ends the session with nothing
 //! committed. Since each page is written at most once, every page written is part of the
 //! result whose digest is checked: a peer cannot make the target keep pages that the
-//! committed result does not use. Every page is hashed as it is written; before COMMIT
+//! committed result does not use. A WANT that would leave more than the window of node
+//! hashes unread by the origin is refused, so a peer that asks without reading costs a
+//! bounded queue. Every page is hashed as it is written; before COMMIT
 //! every page past the replica's old end must have arrived, and the digest over all
 //! page hashes, old and new, must equal the origin's.
 
 use super::origin::{FLAG_KNOWN_BASE, recv};
 use super::tree::Tree;
-use super::{BeginInfo, Link, PageTarget, Phase, Progress};
+use super::{BeginInfo, Link, PageTarget, Phase, Progress, WINDOW_NODES};
 use crate::page::{hex, lock_byte_page, page_hash, zero_page_hash};
 use crate::protocol::{ErrorCode, Frame, Hash, MAX_NODES_PER_FRAME, PROTOCOL_VERSION};
 use crate::{Error, Result};
@@ -183,7 +185,7 @@ fn session(
     if page_count == 0 {
         return Err(Error::Protocol("BEGIN with zero pages".into()));
     }
-    let held = target.begin_with(&begin)?;
+    let held = target.begin(&begin)?;
     progress.start(Phase::Receiving, 0, page_size);
     // READY goes before hashing: the origin can then hash its own pages at the same
     // time and send the pages past `held` as it reads them.
@@ -209,6 +211,17 @@ fn session(
         match recv(link)? {
             Frame::Want { level, runs } => {
                 hash_bytes += 4 + 8 * runs.len() as u64;
+                // The receiver enforces the window: hashes not yet handed to the network
+                // cannot have reached the origin, so with this WANT's they are what it
+                // asked for and still waits for, at least.
+                let asked: u64 = runs.iter().map(|r| u64::from(r.count)).sum();
+                let unsent = u64::from(link.unsent_nodes());
+                if unsent + asked > u64::from(WINDOW_NODES) {
+                    return Err(Error::Protocol(format!(
+                        "WANT for {asked} node hashes while {unsent} are still unread: \
+                         more than the window of {WINDOW_NODES}"
+                    )));
+                }
                 for run in runs {
                     let end = run.start + run.count; // no overflow: the codec checked it
                     if end > tree.len(level) {

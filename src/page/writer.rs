@@ -335,7 +335,9 @@ fn disable_autovacuum_on_commit(conn: &Connection) {
 }
 
 impl PageTarget for Writer {
-    fn begin(&mut self, page_size: u32) -> Result<u32> {
+    fn begin(&mut self, begin: &crate::engine::BeginInfo) -> Result<u32> {
+        // A file has no versions: only the page size matters to it.
+        let page_size = begin.page_size;
         match self.journal_mode {
             None => {
                 // Empty or new: takes the origin's page size.

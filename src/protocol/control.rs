@@ -157,6 +157,25 @@ pub struct NewVersion {
     pub digest: String,
 }
 
+/// The longest `error` text a REPORT keeps, in bytes: longer ones are cut (on a
+/// character boundary, with `…` added) by the subscriber before sending and by the
+/// server on receipt.
+pub const MAX_REPORT_ERROR_BYTES: usize = 2048;
+
+impl FailureReport {
+    /// Cuts `error` to at most [`MAX_REPORT_ERROR_BYTES`] bytes (plus `…`).
+    pub fn cap_error(&mut self) {
+        if self.error.len() > MAX_REPORT_ERROR_BYTES {
+            let mut end = MAX_REPORT_ERROR_BYTES;
+            while !self.error.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.error.truncate(end);
+            self.error.push('…');
+        }
+    }
+}
+
 /// A push subscriber's report that its pushes have been failing for a while.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureReport {

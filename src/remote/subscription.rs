@@ -389,7 +389,11 @@ async fn follow(
                 };
                 let control = match message {
                     Outgoing::Changed(s) => Control::Changed(s),
-                    Outgoing::Report(r) => Control::Report(r),
+                    Outgoing::Report(mut r) => {
+                        // The server keeps no more than this; nor need the wire carry it.
+                        r.cap_error();
+                        Control::Report(r)
+                    }
                 };
                 ws.send(Message::Binary(control.to_bytes().into()))
                     .await

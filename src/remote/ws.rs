@@ -3,7 +3,10 @@
 //!
 //! The pump reads and writes at the same time (two futures over the split socket), so
 //! a peer that is busy sending never stops reading: with the engine's own bounds (see
-//! [`crate::engine::Role`]) neither side can stall the other. One protocol frame is one
+//! [`crate::engine::Role`]) neither side can stall the other. Both queues between the
+//! pump and the engine are bounded: a peer that sends faster than the engine takes
+//! frames is not read until it does (TCP backpressure), and a peer that stops reading
+//! stalls the writer, which gives up after the idle limit. One protocol frame is one
 //! binary message; text messages are a protocol error; pings are answered by
 //! tungstenite.
 
@@ -25,6 +28,31 @@ pub(crate) fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES))
+}
+
+/// How long a last word to a peer (an ERROR frame, the close) may take: the peer may
+/// have stopped reading, and it must not hold the session for that.
+pub(crate) const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `fut`'s output, or `None` if `limit` passed first (no limit: it always finishes).
+pub(crate) async fn within<F: std::future::Future>(
+    limit: Option<std::time::Duration>,
+    fut: F,
+) -> Option<F::Output> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+/// Why the writer half stopped.
+enum WriterEnd {
+    /// The engine finished and everything it sent was written.
+    Done,
+    /// The connection failed.
+    Failed(String),
+    /// The peer read nothing for the idle limit.
+    Stalled(String),
 }
 
 /// Why the reader half stopped.
@@ -129,6 +157,7 @@ where
     let (mut sink, mut stream) = ws.split();
     let mut extra = Vec::new();
     let mut refused = None;
+    let mut stalled = None;
     {
         let reader = async move {
             loop {
@@ -167,19 +196,40 @@ where
             }
         };
         let writer = async move {
+            // A peer that stops reading stalls these writes: after `idle` it is cut off
+            // (its queues are bounded, so until then it costs a bounded amount).
+            let stalled = || {
+                WriterEnd::Stalled(format!(
+                    "the peer read nothing for {} s; the session is closed",
+                    idle.map_or(0, |d| d.as_secs())
+                ))
+            };
             while let Some(frame) = from_engine.recv().await {
-                sink.feed(Message::Binary(frame.into())).await?;
+                let fed = within(idle, sink.feed(Message::Binary(frame.into()))).await;
+                match fed {
+                    None => return stalled(),
+                    Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
+                    Some(Ok(())) => {}
+                }
                 let mut n = 1;
                 while n < FLUSH_EVERY_FRAMES {
-                    match from_engine.try_recv() {
-                        Some(frame) => sink.feed(Message::Binary(frame.into())).await?,
-                        None => break,
+                    let Some(frame) = from_engine.try_recv() else {
+                        break;
+                    };
+                    match within(idle, sink.feed(Message::Binary(frame.into()))).await {
+                        None => return stalled(),
+                        Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
+                        Some(Ok(())) => {}
                     }
                     n += 1;
                 }
-                sink.flush().await?;
+                match within(idle, sink.flush()).await {
+                    None => return stalled(),
+                    Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
+                    Some(Ok(())) => {}
+                }
             }
-            Ok::<_, tokio_tungstenite::tungstenite::Error>(())
+            WriterEnd::Done
         };
         tokio::pin!(reader, writer);
         let mut reader_end = None;
@@ -194,8 +244,15 @@ where
                 }
             }
         };
-        if let Err(e) = written {
-            tracing::debug!(error = %e, "could not write to the connection");
+        match written {
+            WriterEnd::Done => {}
+            WriterEnd::Failed(e) => {
+                tracing::debug!(error = %e, "could not write to the connection");
+            }
+            WriterEnd::Stalled(why) => {
+                tracing::debug!(%why, "writing the connection stalled");
+                stalled = Some(why);
+            }
         }
         let reader_end = match reader_end {
             Some(end) => Some(end),
@@ -213,8 +270,12 @@ where
             code: crate::protocol::ErrorCode::Protocol as u16,
             message: why.clone(),
         };
-        let _ = send_binary(ws, frame.to_bytes()).await;
+        // Bounded: the peer may not be reading either.
+        let _ = within(Some(CLOSE_TIMEOUT), send_binary(ws, frame.to_bytes())).await;
     }
+    // A peer that does not read gets no ERROR frame (it would never arrive); the
+    // session is over all the same.
+    let refused = refused.or(stalled);
     match handle.await {
         Ok((result, leftovers)) => {
             let mut frames = leftovers.drain();
@@ -230,5 +291,62 @@ where
         }
         // The engine thread panicked: a bug, not a network failure.
         Err(e) => (Err(Error::from(e)), Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Link;
+    use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+
+    /// A peer that never reads is cut off after the idle limit, not waited for.
+    #[test]
+    fn a_peer_that_stops_reading_is_cut_off_after_the_idle_limit() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let mut ws = WebSocketStream::from_raw_socket(ours, WsRole::Server, None).await;
+            // Never read, but never silent either: it sends a frame every 20 ms.
+            let peer = WebSocketStream::from_raw_socket(theirs, WsRole::Client, None).await;
+            let (mut peer_tx, _peer_rx) = peer.split();
+            let chatter = tokio::spawn(async move {
+                loop {
+                    let note = crate::protocol::Frame::Message {
+                        level: 0,
+                        text: "hi".into(),
+                    };
+                    if peer_tx
+                        .send(Message::Binary(note.to_bytes().into()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            });
+            let started = std::time::Instant::now();
+            let (result, _): (Result<()>, _) = run_engine(
+                &mut ws,
+                Role::Origin,
+                Vec::new(),
+                Some(std::time::Duration::from_millis(300)),
+                |link| loop {
+                    link.send_page(1, &[0; 4096])?;
+                },
+            )
+            .await;
+            let Err(Error::Protocol(why)) = result else {
+                panic!("not cut off: {result:?}");
+            };
+            assert!(why.contains("read nothing"), "{why}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            chatter.abort();
+        });
     }
 }

@@ -111,16 +111,8 @@ impl<'a, T> OwnFaults<'a, T> {
 }
 
 impl<T: PageTarget> PageTarget for OwnFaults<'_, T> {
-    fn begin(&mut self, page_size: u32) -> Result<u32> {
-        let r = self.inner.begin(page_size);
-        self.map(r)
-    }
-
-    // Forwarded whole: the store answers a known base it does not hold exactly (damaged
-    // pages to be resent, another version) with a count that makes the origin run the
-    // hash exchange, and needs all of BEGIN for that.
-    fn begin_with(&mut self, begin: &crate::engine::BeginInfo) -> Result<u32> {
-        let r = self.inner.begin_with(begin);
+    fn begin(&mut self, begin: &crate::engine::BeginInfo) -> Result<u32> {
+        let r = self.inner.begin(begin);
         self.map(r)
     }
 

@@ -15,7 +15,10 @@
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Request, State, Status, authenticate, fault, refusal, respond};
+use super::{
+    Refusal, Request, State, Status, authenticate_throttled, fault, refusal, respond,
+    respond_too_many,
+};
 use crate::protocol::control::Op;
 use crate::store::ReplicaPath;
 use crate::{ErrorKind, Result};
@@ -61,9 +64,10 @@ where
         )
         .await;
     }
-    let principal = match authenticate(state, request).await {
+    let principal = match authenticate_throttled(state, request).await {
         Ok(p) => p,
-        Err(e) => {
+        Err(Refusal::TooMany(wait)) => return respond_too_many(stream, wait).await,
+        Err(Refusal::Key(e)) => {
             let (status, body) = refusal(&e);
             return respond(stream, status, &body).await;
         }

@@ -6,7 +6,9 @@
 //!   behind loses old events, never the latest: a lagging pull subscriber learns it
 //!   lagged and pulls the newest version, which is what coalescing wants anyway.
 //! - CHANGED frames set the replica's expected push time; a push that commits clears
-//!   it. REPORT frames record a subscriber's failures until its next push commits.
+//!   it. REPORT frames record a subscriber's failures until its next push commits,
+//!   their error text cut to a few KB. Each kind is logged at most once a minute per
+//!   replica, so a flood of them cannot flood the log.
 //! - All of it lives in memory: a restarted server learns it again from subscribers as
 //!   they reconnect and report.
 
@@ -46,6 +48,32 @@ struct ReplicaState {
     expected_push_at: Option<i64>,
     /// The latest failure report, with the Unix time it arrived.
     failure: Option<(FailureReport, i64)>,
+    /// When a REPORT and a CHANGED of this replica were last logged, and how many
+    /// arrived unlogged since.
+    report_log: LogLimit,
+    changed_log: LogLimit,
+}
+
+/// How often one kind of subscriber message of one replica is logged at most.
+const LOG_EVERY_S: i64 = 60;
+
+/// Lets one log line through per [`LOG_EVERY_S`], counting the ones held back.
+#[derive(Debug, Default)]
+struct LogLimit {
+    last: Option<i64>,
+    held_back: u64,
+}
+
+impl LogLimit {
+    /// `Some(held back since the last line)` when this one should be logged.
+    fn allow(&mut self, now: i64) -> Option<u64> {
+        if self.last.is_some_and(|t| now - t < LOG_EVERY_S && now >= t) {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
+    }
 }
 
 impl ReplicaState {
@@ -56,6 +84,8 @@ impl ReplicaState {
             pull_subscribers: 0,
             expected_push_at: None,
             failure: None,
+            report_log: LogLimit::default(),
+            changed_log: LogLimit::default(),
         }
     }
 }
@@ -172,18 +202,25 @@ impl Hub {
         }
     }
 
-    /// A push subscriber of `replica` plans to push in `seconds`.
-    pub fn changed(&self, replica: &str, seconds: u32, now: i64) {
-        if let Some(state) = self.lock().get_mut(replica) {
-            state.expected_push_at = Some(now + i64::from(seconds));
-        }
+    /// A push subscriber of `replica` plans to push in `seconds`. Returns
+    /// `Some(held back)` when it should be logged: at most once a minute per replica,
+    /// with the number of CHANGED frames not logged since the last line.
+    pub fn changed(&self, replica: &str, seconds: u32, now: i64) -> Option<u64> {
+        let mut replicas = self.lock();
+        let state = replicas.get_mut(replica)?;
+        state.expected_push_at = Some(now + i64::from(seconds));
+        state.changed_log.allow(now)
     }
 
-    /// A push subscriber of `replica` reports failures.
-    pub fn report(&self, replica: &str, report: FailureReport, now: i64) {
-        if let Some(state) = self.lock().get_mut(replica) {
-            state.failure = Some((report, now));
-        }
+    /// A push subscriber of `replica` reports failures; its error text is cut to
+    /// [`crate::protocol::control::MAX_REPORT_ERROR_BYTES`]. Returns `Some(held back)`
+    /// when it should be logged: at most once a minute per replica.
+    pub fn report(&self, replica: &str, mut report: FailureReport, now: i64) -> Option<u64> {
+        report.cap_error();
+        let mut replicas = self.lock();
+        let state = replicas.get_mut(replica)?;
+        state.failure = Some((report, now));
+        state.report_log.allow(now)
     }
 
     /// What the hub knows of `replica`.

@@ -11,6 +11,12 @@
 //! or with the key revoked. Any failure is answered with one `ERROR` frame, then the
 //! connection closes; a failure of the server's own files is a `ServerError` (the
 //! `fault` module) and is logged at error level with the replica and key id.
+//!
+//! Bounds: a push or a pull holds a session slot of the server's [`super::Limits`]
+//! from OPEN to its end (ERROR 13 after waiting for one in vain); a peer that stops
+//! reading is cut off after the idle limit (a subscriber: after three ping intervals),
+//! and the last ERROR and the close wait for it at most
+//! [`CLOSE_TIMEOUT`](crate::remote::ws::CLOSE_TIMEOUT).
 
 use std::time::Duration;
 
@@ -25,7 +31,7 @@ use crate::protocol::control::{
     Config, Control, NewVersion, Op, Open, PING_INTERVAL, SubscriberRole,
 };
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
-use crate::remote::ws::{recv_binary, run_engine, send_binary};
+use crate::remote::ws::{CLOSE_TIMEOUT, recv_binary, run_engine, send_binary, within};
 use crate::store::{PushOptions, ReplicaPath, Selector};
 use crate::{Error, ErrorKind, Result};
 
@@ -87,10 +93,31 @@ where
                 code: ErrorCode::for_kind(e.kind()) as u16,
                 message: e.to_string(),
             };
-            let _ = send_binary(&mut ws, frame.to_bytes()).await;
+            let _ = within(Some(CLOSE_TIMEOUT), send_binary(&mut ws, frame.to_bytes())).await;
         }
     }
-    let _ = ws.close(None).await;
+    // A peer that stopped reading cannot take the close either: bounded. Then what the
+    // peer still sends is read and dropped until it closes too (for a bounded time):
+    // closing a socket with unread data resets the connection, and a reset can destroy
+    // the ERROR frame before the peer reads it.
+    let _ = within(Some(CLOSE_TIMEOUT), async {
+        let _ = ws.close(None).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// `send`, or a lost connection if it does not complete within `limit`.
+async fn send_within(
+    limit: Duration,
+    send: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
+    within(Some(limit), send).await.unwrap_or_else(|| {
+        Err(Error::Disconnected(format!(
+            "the subscriber read nothing for {} s",
+            limit.as_secs()
+        )))
+    })
 }
 
 async fn send_control<S>(ws: &mut WebSocketStream<S>, c: Control) -> Result<()>
@@ -139,6 +166,26 @@ where
     }
     let replica = ReplicaPath::parse(&open.replica)?;
     principal.authorize(open.op, &replica)?;
+    // Push and pull sessions hold a slot until they end; past the limit a client waits
+    // a little, then is told the server is busy (ERROR 13: retry later).
+    let _slot = match open.op {
+        Op::Push | Op::Pull => match state.limits.session().await {
+            Some(slot) => Some(slot),
+            None => {
+                let message = format!(
+                    "server busy: {} push and pull sessions are running (its limit, serve --max-sessions); retry later",
+                    state.limits.max_sessions()
+                );
+                let frame = Frame::Error {
+                    code: ErrorCode::ServerBusy as u16,
+                    message: message.clone(),
+                };
+                let _ = within(Some(CLOSE_TIMEOUT), send_binary(ws, frame.to_bytes())).await;
+                return Err(Failure::Reported(Error::Server(message)));
+            }
+        },
+        _ => None,
+    };
     match open.op {
         Op::Versions => Ok(versions(ws, state, principal, &replica).await?),
         Op::Pull => pull(ws, state, principal, &replica, &open).await,
@@ -293,6 +340,8 @@ where
     // A client that answers nothing, not even a ping, for three intervals is gone
     // (a machine switched off sends no FIN): it stops being counted.
     let mut last_heard = tokio::time::Instant::now();
+    // A subscriber that stops reading stalls a send: as long as silence, it is gone.
+    let silence = PING_INTERVAL * 3;
     let result = loop {
         // Joined after the server began closing: the change below was already seen.
         if *member.closing.borrow() {
@@ -301,9 +350,9 @@ where
         tokio::select! {
             event = member.events.recv() => match event {
                 Ok(Event::NewVersion(v)) => {
-                    send_control(ws, Control::NewReplicaVersion(v)).await?;
+                    send_within(silence, send_control(ws, Control::NewReplicaVersion(v))).await?;
                 }
-                Ok(Event::SyncNow) => send_control(ws, Control::SyncNow).await?,
+                Ok(Event::SyncNow) => send_within(silence, send_control(ws, Control::SyncNow)).await?,
                 // Older events were dropped; the newer ones are still queued.
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => break Ok(()),
@@ -323,14 +372,18 @@ where
                 let now = crate::history::now();
                 match decode_control(&bytes)? {
                     Control::Changed(seconds) if role == SubscriberRole::Push => {
-                        tracing::info!(%replica, seconds, "push expected");
-                        state.hub.changed(replica.as_str(), seconds, now);
+                        if let Some(held_back) = state.hub.changed(replica.as_str(), seconds, now) {
+                            tracing::info!(%replica, seconds, held_back, "push expected");
+                        }
                     }
-                    Control::Report(report) if role == SubscriberRole::Push => {
-                        tracing::warn!(%replica, attempts = report.attempts,
-                            failing_for = report.failing_for, error = %report.error,
-                            "a push subscriber reports failing pushes");
-                        state.hub.report(replica.as_str(), report, now);
+                    Control::Report(mut report) if role == SubscriberRole::Push => {
+                        report.cap_error();
+                        let (attempts, failing_for) = (report.attempts, report.failing_for);
+                        let error = report.error.clone();
+                        if let Some(held_back) = state.hub.report(replica.as_str(), report, now) {
+                            tracing::warn!(%replica, attempts, failing_for, %error, held_back,
+                                "a push subscriber reports failing pushes");
+                        }
                     }
                     other => {
                         break Err(Error::Protocol(format!(
@@ -347,9 +400,12 @@ where
                         last_heard.elapsed().as_secs()
                     )));
                 }
-                ws.send(Message::Ping(Vec::new().into()))
-                    .await
-                    .map_err(|e| Error::Disconnected(e.to_string()))?;
+                send_within(silence, async {
+                    ws.send(Message::Ping(Vec::new().into()))
+                        .await
+                        .map_err(|e| Error::Disconnected(e.to_string()))
+                })
+                .await?;
             }
             _ = member.closing.changed() => break Ok(()),
         }
@@ -430,8 +486,15 @@ where
     let mut message = String::new();
     let mut key_request = false;
     let first_sync = loop {
-        let bytes = recv_binary(ws)
-            .await?
+        // Bounded like silence inside the sync: this session holds a slot.
+        let bytes = within(Some(SYNC_IDLE_TIMEOUT), recv_binary(ws))
+            .await
+            .ok_or_else(|| {
+                Error::Protocol(format!(
+                    "no frame for {} s; the session is closed",
+                    SYNC_IDLE_TIMEOUT.as_secs()
+                ))
+            })??
             .ok_or_else(|| Error::Disconnected("closed before the push began".into()))?;
         match bytes.first() {
             Some(&b) if Control::is_control(b) => match decode_control(&bytes)? {

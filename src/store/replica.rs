@@ -557,16 +557,7 @@ impl VersionWriter {
 }
 
 impl PageTarget for VersionWriter {
-    fn begin(&mut self, page_size: u32) -> Result<u32> {
-        self.begin_with(&BeginInfo {
-            page_size,
-            page_count: 0,
-            base_version: 0,
-            known_base: false,
-        })
-    }
-
-    fn begin_with(&mut self, begin: &BeginInfo) -> Result<u32> {
+    fn begin(&mut self, begin: &BeginInfo) -> Result<u32> {
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(sql(&self.file))?;

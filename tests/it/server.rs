@@ -17,6 +17,9 @@
 //!   revoked.
 //! - `shutdown`: SIGTERM stops an idle server at once, and lets a push in flight end
 //!   cleanly.
+//! - `limits`: what a hostile client can cost: a WANT past the window, a flood from a
+//!   client that does not read, wrong keys in a hurry, more sessions than the cap, a
+//!   long REPORT: each bounded, and the server keeps serving.
 //! - `tls`: `serve --tls-cert --tls-key` with a private CA made in the test: wss:// and
 //!   https:// work for a client that trusts the CA (`SQLFERRY_CA_FILE`) and fail cleanly
 //!   for one that does not, or that speaks plain ws://; bad certificate files.
@@ -29,6 +32,7 @@ mod concurrent;
 mod faults;
 mod fuzz;
 mod kill;
+mod limits;
 mod paths;
 mod raw;
 mod roundtrip;
@@ -82,6 +86,8 @@ pub struct TestServer {
     pub admin_key: String,
     /// A machine of its own, for the admin's look-ups (`versions`).
     admin: Machine,
+    /// Arguments added to `sqlferry serve` (kept for restarts).
+    extra: Vec<String>,
 }
 
 impl TestServer {
@@ -97,10 +103,21 @@ impl TestServer {
         TestServer::start_with(dir, Some(certs.clone()))
     }
 
+    /// Starts a server like [`TestServer::start`], with `extra` arguments to `serve`.
+    pub fn start_args(dir: &Path, extra: &[&str]) -> TestServer {
+        let mut server = TestServer::start_with_args(dir, None, extra);
+        server.extra = extra.iter().map(|s| s.to_string()).collect();
+        server
+    }
+
     fn start_with(dir: &Path, tls: Option<tls::Certs>) -> TestServer {
+        TestServer::start_with_args(dir, tls, &[])
+    }
+
+    fn start_with_args(dir: &Path, tls: Option<tls::Certs>, extra: &[&str]) -> TestServer {
         let data = dir.join("server-data");
         let log = dir.join("server.log");
-        let (child, addr, key) = spawn(&data, &log, "127.0.0.1:0", tls.as_ref());
+        let (child, addr, key) = spawn(&data, &log, "127.0.0.1:0", tls.as_ref(), extra);
         let admin_key =
             key.unwrap_or_else(|| panic!("no admin key on first start; log:\n{}", read(&log)));
         assert!(
@@ -120,6 +137,7 @@ impl TestServer {
             tls,
             addr,
             admin_key,
+            extra: Vec::new(),
         }
     }
 
@@ -222,7 +240,9 @@ impl TestServer {
             let (status, _) = self.stop("TERM", STOP_TIMEOUT);
             assert!(status.success(), "clean stop before restart: {status}");
         }
-        let (child, addr, key) = spawn(&self.data, &self.log, &self.addr, self.tls.as_ref());
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let (child, addr, key) =
+            spawn(&self.data, &self.log, &self.addr, self.tls.as_ref(), &extra);
         assert_eq!(addr, self.addr, "restarted on the same port");
         assert_eq!(key, None, "the admin key is shown only on first start");
         self.child = Some(child);
@@ -248,6 +268,7 @@ fn spawn(
     log: &Path,
     listen: &str,
     tls: Option<&tls::Certs>,
+    extra: &[&str],
 ) -> (Child, String, Option<String>) {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -266,6 +287,7 @@ fn spawn(
             .arg("--tls-key")
             .arg(&certs.key);
     }
+    command.args(extra);
     let mut child = command
         .env_remove("RUST_LOG")
         .env_remove("SQLFERRY_SERVER")

@@ -593,7 +593,7 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
         .expect("push");
     let n = changed.len() as u32;
     let held = writer
-        .begin_with(&BeginInfo {
+        .begin(&BeginInfo {
             page_size: 4096,
             page_count: n,
             base_version: 1,

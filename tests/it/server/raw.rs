@@ -25,7 +25,7 @@ const MAX_FRAME_BYTES: usize = 81_920;
 /// this only bounds a failing test.
 const END_TIMEOUT: Duration = Duration::from_secs(20);
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(super) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A single-threaded runtime for the raw client.
 pub(super) fn runtime() -> tokio::runtime::Runtime {
