@@ -99,6 +99,8 @@ pub struct Limits {
     keys: throttle::KeyThrottle,
     /// Permits for WebSocket sessions of any kind (subscribers included) at once.
     connections: Arc<tokio::sync::Semaphore>,
+    /// How long a session waits for a free slot before it is told the server is busy.
+    session_wait: Duration,
 }
 
 /// WebSocket sessions of any kind (subscribers, waiting sessions) allowed at once, per
@@ -119,6 +121,7 @@ impl Limits {
             connections: Arc::new(tokio::sync::Semaphore::new(
                 max_sessions.saturating_mul(CONNECTIONS_PER_SESSION),
             )),
+            session_wait: SESSION_WAIT,
         }
     }
 
@@ -127,10 +130,10 @@ impl Limits {
         self.max_sessions
     }
 
-    /// A slot for one sync session, waiting up to [`SESSION_WAIT`] for one to free
-    /// up; `None` when the server stayed busy.
+    /// A slot for one sync session, waiting up to the session wait ([`SESSION_WAIT`]
+    /// unless set) for one to free up; `None` when the server stayed busy.
     pub(crate) async fn session(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        tokio::time::timeout(SESSION_WAIT, self.sessions.clone().acquire_owned())
+        tokio::time::timeout(self.session_wait, self.sessions.clone().acquire_owned())
             .await
             .ok()?
             .ok()
@@ -154,9 +157,12 @@ impl State {
         })
     }
 
-    /// This state with at most `n` push and pull sessions running at once.
-    pub fn with_max_sessions(mut self, n: usize) -> State {
-        self.limits = Arc::new(Limits::new(n));
+    /// This state with at most `n` push and pull sessions running at once, and
+    /// sessions past them waiting up to `wait` for a slot.
+    pub fn with_max_sessions(mut self, n: usize, wait: Duration) -> State {
+        let mut limits = Limits::new(n);
+        limits.session_wait = wait;
+        self.limits = Arc::new(limits);
         self
     }
 }

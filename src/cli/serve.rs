@@ -44,11 +44,15 @@ pub struct ServeArgs {
     /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC).
     #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Push and pull sessions that run at once; more wait up to 30 s, then are told the
-    /// server is busy (exit 10, retried by subscribers).
+    /// Push and pull sessions that run at once; more wait up to --session-wait, then are
+    /// told the server is busy (exit 10, retried by subscribers).
     #[arg(long, value_name = "N", default_value_t = crate::server::DEFAULT_MAX_SESSIONS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_sessions: usize,
+    /// How long a push or pull waits for a free session before it is told the server
+    /// is busy.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub session_wait: std::time::Duration,
 }
 
 impl ServeArgs {
@@ -87,7 +91,7 @@ impl ServeArgs {
             })?;
         let state = State::open(&data)
             .map_err(|e| startup(e, &data))?
-            .with_max_sessions(self.max_sessions);
+            .with_max_sessions(self.max_sessions, self.session_wait);
         if let Some(key) = state.auth.ensure_admin().map_err(|e| startup(e, &data))? {
             super::out(format_args!(
                 "admin key (shown only this once; keep it secret): {key}"

@@ -91,8 +91,16 @@ fn open_existing(file: &Path, replica: &ReplicaPath) -> Result<Connection> {
     )
     .map_err(sql(file))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
+    // A reader looks each page up once by hash: a large page cache would buy nothing
+    // and cost every concurrent pull on a server up to 2 MiB (SQLite's default).
+    conn.pragma_update(None, "cache_size", READER_CACHE_KIB)
+        .map_err(sql(file))?;
     Ok(conn)
 }
+
+/// The page cache of a connection that reads versions: 256 KiB (a negative
+/// `cache_size` is KiB).
+const READER_CACHE_KIB: i64 = -256;
 
 const VERSION_COLUMNS: &str =
     "number, page_size, page_count, digest, message, created_at, client_id, key_id, base";
