@@ -804,7 +804,12 @@ impl PageTarget for VersionWriter {
             )
             .map_err(sql(&file))?;
         if self.creating.is_some() {
-            self.publish()?;
+            if let Some(theirs) = self.publish(&info.digest)? {
+                // Another push created the replica with this very content (the same
+                // push, resent after its client lost the answer): already there.
+                self.result = Some((theirs, false));
+                return Ok(());
+            }
         }
         self.result = Some((info, true));
         Ok(())
@@ -815,7 +820,12 @@ impl VersionWriter {
     /// Links a new replica's private file into place, now that its first version is
     /// committed. `link` never replaces: if another push created the replica meanwhile,
     /// that one stands and this push is refused.
-    fn publish(&mut self) -> Result<()> {
+    ///
+    /// Returns the other push's latest version when it holds exactly this push's
+    /// content: then nothing is lost by standing back, and the push succeeds as
+    /// "already at version N" (a first push whose client was killed after COMMIT may
+    /// still be publishing on the server when the same client pushes again).
+    fn publish(&mut self, ours: &str) -> Result<Option<VersionInfo>> {
         // Everything into the main file, and the file closed, before it is shared.
         self.conn
             .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -826,11 +836,21 @@ impl VersionWriter {
         );
         closed.close().map_err(|(_, e)| sql(&self.file)(e))?;
         match std::fs::hard_link(&self.file, &self.final_file) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::InUse(format!(
-                "{} was created by another push at the same time; pull it, or push again with --force",
-                self.replica
-            ))),
+            Ok(()) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let theirs = versions(&self.final_file, &self.replica)
+                    .ok()
+                    .and_then(|v| v.into_iter().last());
+                match theirs {
+                    Some(v) if v.digest == ours => Ok(Some(v)),
+                    _ => Err(Error::InUse(format!(
+                        "{} was created by another push at the same time, with other content; \
+                         pull it into another file to compare, or push again with --force to \
+                         replace it",
+                        self.replica
+                    ))),
+                }
+            }
             Err(e) => Err(Error::io(&self.final_file, e)),
         }
     }

@@ -976,3 +976,57 @@ fn through_a_server_a_push_whose_answer_was_lost_is_already_there_next_time() {
     );
     assert_eq!(server.version_numbers(REPLICA), vec![1, 2]);
 }
+
+#[test]
+fn a_first_push_resent_while_the_first_still_publishes_is_already_there() {
+    // The trials' case: a first push's client is killed after COMMIT; the server still
+    // publishes it when the same client pushes again, so both push sessions build the
+    // new replica in private files. The second to publish holds the same content: it
+    // succeeds with no new version. One with other content is refused, nothing lost.
+    use sqlferry::engine::{NoProgress, sync_local};
+    use sqlferry::page::Snapshot;
+    let b = Bench::new();
+    let db = b.database("app.db", 200);
+    let store = Store::new(b.store());
+    let replica = ReplicaPath::parse(REPLICA).expect("valid");
+    let first = || {
+        store
+            .push(&replica, PushOptions::default())
+            .expect("open a push")
+    };
+    // Both open before either commits: neither sees a replica.
+    let (mut one, mut two) = (first(), first());
+    sync_local(&mut Snapshot::open(&db).expect("db"), &mut one, &NoProgress)
+        .expect("the first publishes");
+    let stats = sync_local(&mut Snapshot::open(&db).expect("db"), &mut two, &NoProgress)
+        .expect("the same content, resent, is already there");
+    let (version, created) = two.outcome().expect("an outcome");
+    assert_eq!((version.number, created), (1, false));
+    assert_eq!(version.digest, stats.digest);
+
+    // Other content, on another new replica: the first to publish stands.
+    let race = ReplicaPath::parse("acme/race.db").expect("valid");
+    let open = || {
+        store
+            .push(&race, PushOptions::default())
+            .expect("open a push")
+    };
+    let (mut winner, mut loser) = (open(), open());
+    let other = b.database("other.db", 150);
+    sync_local(
+        &mut Snapshot::open(&db).expect("db"),
+        &mut winner,
+        &NoProgress,
+    )
+    .expect("the first publishes");
+    let err = sync_local(
+        &mut Snapshot::open(&other).expect("db"),
+        &mut loser,
+        &NoProgress,
+    )
+    .expect_err("other content is refused");
+    assert!(err.to_string().contains("with other content"), "{err}");
+    let versions = store.versions(&race).expect("versions");
+    assert_eq!(versions.len(), 1);
+    assert_eq!(versions[0].digest, util::digest(&db));
+}
