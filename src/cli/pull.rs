@@ -207,7 +207,7 @@ impl Puller {
                     None if has_content(local) => self.version_info(selector)?,
                     None => None,
                 };
-            if let Some(change) = self.local_change(target.as_ref())? {
+            if let Some(change) = self.local_change(target.as_ref(), selector)? {
                 return Err(self.refusal(&change, selector).into());
             }
         }
@@ -254,7 +254,7 @@ impl Puller {
                         None if has_content(local) => self.version_info(Selector::Latest)?,
                         _ => None,
                     };
-                    self.local_change(target.as_ref())?
+                    self.local_change(target.as_ref(), Selector::Latest)?
                 }
             };
             if let Some(change) = change {
@@ -312,13 +312,22 @@ impl Puller {
     /// Whether LOCAL holds changes no sync carried: its digest differs from the one its
     /// last sync with this replica left, or (never synced with it) from `target`'s, the
     /// version about to be pulled. A LOCAL that does not exist or is empty holds none.
-    pub fn local_change(&self, target: Option<&VersionInfo>) -> crate::Result<Option<LocalChange>> {
+    pub fn local_change(
+        &self,
+        target: Option<&VersionInfo>,
+        selector: Selector,
+    ) -> crate::Result<Option<LocalChange>> {
         if !has_content(&self.local) {
             return Ok(None);
         }
         let Some(now) = local_digest(&self.local)? else {
             return Ok(None);
         };
+        // LOCAL already holds the version being pulled: nothing to lose, whatever the
+        // history says (a pull killed after its COMMIT, before it recorded the sync).
+        if target.is_some_and(|v| v.digest == now) {
+            return Ok(None);
+        }
         let url = self.server.url();
         let replica = self.replica.as_str();
         if let Some(last) = history::last_with(&self.database, &url, replica) {
@@ -330,7 +339,19 @@ impl Puller {
                 "pull" => "pulled as",
                 _ => "synced as",
             };
-            return Ok((now != last.digest).then(|| LocalChange {
+            if now == last.digest {
+                return Ok(None);
+            }
+            // Not what the last recorded sync left; but a pull killed after its COMMIT,
+            // before it recorded the sync, leaves LOCAL holding the version itself.
+            if target.is_none()
+                && self
+                    .version_info(selector)?
+                    .is_some_and(|v| v.digest == now)
+            {
+                return Ok(None);
+            }
+            return Ok(Some(LocalChange {
                 why: format!(
                     "it changed since it was last {op} {replica}@{} at {when} (digest {} then, {} now)",
                     last.version,
@@ -391,7 +412,7 @@ impl Puller {
         let change = if self.force {
             None
         } else {
-            self.local_change(Some(&target))?
+            self.local_change(Some(&target), selector)?
         };
         let holds = match local_digest(&self.local) {
             Ok(Some(d)) if d == target.digest => "already holds it".to_owned(),

@@ -505,3 +505,29 @@ fn a_pull_into_a_database_created_but_never_written_needs_no_force() {
     assert_eq!(rows(&fresh), 10);
     assert_eq!(util::integrity(&fresh), "ok");
 }
+
+#[test]
+fn a_pull_killed_after_its_commit_does_not_refuse_the_next_pull() {
+    // bench/trials.py's case: a pull killed after LOCAL committed the new version but
+    // before the sync was recorded. LOCAL holds exactly the version: nothing to lose.
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path());
+    let m = Machine::new(dir.path(), "m");
+    writer_db(&m.path("app.db"), 10);
+    first_push(&server, &m, "app.db", "demo/app.db");
+    let r = Machine::new(dir.path(), "r");
+    let key = server.admin_key.clone();
+    r.pull(&server, "demo/app.db", Some("copy.db"), &["--key", &key]);
+    commit_rows(&m.path("app.db"), 11..=20);
+    m.push(&server, "app.db", "demo/app.db", &[]);
+    // The pull of version 2 lands, but the machine is left as if killed before it
+    // recorded it: its history still says version 1.
+    let before = r.state();
+    r.pull(&server, "demo/app.db", Some("copy.db"), &["--key", &key]);
+    for (path, bytes) in &before {
+        std::fs::write(path, bytes).expect("restore the machine's state");
+    }
+    let out = r.run_on(&server, ["pull", "demo/app.db", "copy.db", "--key", &key]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert_eq!(rows(&r.path("copy.db")), 20);
+}
