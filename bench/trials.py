@@ -57,6 +57,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mkdb  # noqa: E402
+from server import xdg_env  # noqa: E402  (one machine's XDG directories)
 
 REPO = Path(__file__).resolve().parent.parent
 REPLICA = "acme/trial.db"
@@ -94,15 +95,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def xdg_env(root):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SQLFERRY_")}
-    for var, sub in (("HOME", "home"), ("XDG_CONFIG_HOME", "config"),
-                     ("XDG_DATA_HOME", "data"), ("XDG_STATE_HOME", "state"),
-                     ("XDG_CACHE_HOME", "cache")):
-        env[var] = str(Path(root) / sub)
-    return env
 
 
 class Server:

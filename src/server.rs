@@ -297,29 +297,7 @@ pub(crate) async fn respond<S>(stream: &mut S, status: u16, body: &serde_json::V
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let body = body.to_string();
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    let mut out = head.into_bytes();
-    out.extend_from_slice(body.as_bytes());
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|e| Error::Disconnected(e.to_string()))?;
-    let _ = stream.shutdown().await;
-    Ok(())
+    answer(stream, status, None, body).await
 }
 
 /// Writes a `429` or `503` answer with `Retry-After` and a JSON body, and closes.
@@ -332,16 +310,38 @@ pub(crate) async fn respond_later<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let reason = if status == 429 {
-        "Too Many Requests"
-    } else {
-        "Service Unavailable"
+    answer(stream, status, Some(retry_after), body).await
+}
+
+/// Writes one HTTP response (status, JSON body, `Retry-After` if given) and closes.
+async fn answer<S>(
+    stream: &mut S,
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &serde_json::Value,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Error",
     };
+    let retry = retry_after.map_or(String::new(), |d| {
+        format!("retry-after: {}\r\n", d.as_secs().max(1))
+    });
     let body = body.to_string();
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: {}\r\nconnection: close\r\n\r\n",
-        body.len(),
-        retry_after.as_secs().max(1)
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n",
+        body.len()
     );
     let mut out = head.into_bytes();
     out.extend_from_slice(body.as_bytes());

@@ -103,24 +103,21 @@ impl Snapshot {
 
     /// Runs `PRAGMA integrity_check` inside the snapshot: `["ok"]` or the problems.
     pub fn integrity_check(&self) -> Result<Vec<String>> {
-        let mut stmt = self
-            .conn
-            .prepare("PRAGMA integrity_check")
-            .map_err(|e| Error::sqlite(&self.path, e))?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(|e| Error::sqlite(&self.path, e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| Error::sqlite(&self.path, e))
+        self.check("PRAGMA integrity_check")
     }
 
     /// Runs `PRAGMA quick_check` inside the snapshot, so it checks exactly the state a
     /// sync from this snapshot sends: `["ok"]` or the problems. Cheaper than
     /// [`Snapshot::integrity_check`] (no index-content cross-check), linear in size.
     pub fn quick_check(&self) -> Result<Vec<String>> {
+        self.check("PRAGMA quick_check")
+    }
+
+    /// The lines a checking pragma answers.
+    fn check(&self, pragma: &str) -> Result<Vec<String>> {
         let mut stmt = self
             .conn
-            .prepare("PRAGMA quick_check")
+            .prepare(pragma)
             .map_err(|e| Error::sqlite(&self.path, e))?;
         let rows = stmt
             .query_map([], |r| r.get::<_, String>(0))
