@@ -85,7 +85,7 @@ impl Progress for Bar {
                 self.bar.set_draw_target(ProgressDrawTarget::stderr());
             }
             let pos = self.bar.position();
-            if state.shown && pos % MESSAGE_EVERY_PAGES == 0 {
+            if state.shown && pos.is_multiple_of(MESSAGE_EVERY_PAGES) {
                 self.bar
                     .set_message(crate::cli::human_bytes(pos * state.page_size));
             }

@@ -224,14 +224,14 @@ impl PushArgs {
     /// `push SRC DEST` between two local files.
     fn push_file(&self, src: &Path, global: &Global) -> anyhow::Result<ExitCode> {
         let dest = expand_tilde(&self.remote);
-        if let (Ok(a), Ok(b)) = (src.canonicalize(), dest.canonicalize()) {
-            if a == b {
-                return Err(crate::Error::Usage(format!(
-                    "LOCAL and REMOTE are the same file ({})",
-                    a.display()
-                ))
-                .into());
-            }
+        if let (Ok(a), Ok(b)) = (src.canonicalize(), dest.canonicalize())
+            && a == b
+        {
+            return Err(crate::Error::Usage(format!(
+                "LOCAL and REMOTE are the same file ({})",
+                a.display()
+            ))
+            .into());
         }
         if self.dry_run {
             let snap = Snapshot::open(src).context("cannot read LOCAL")?;

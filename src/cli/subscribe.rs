@@ -120,13 +120,14 @@ pub(super) fn run_push(
     let line = Line::new(global.quiet);
     // No key of our own: the sidecar beside LOCAL may hold a PULL key for the replica.
     let mut sidecar_key = false;
-    if pusher.key.is_none() && pusher.server.needs_key() {
-        if let Ok(s) = Sidecar::load(&Sidecar::path_for(&pusher.local)) {
-            if s.server == pusher.server.url() && s.replica == pusher.replica.as_str() {
-                pusher.key = Some(s.key);
-                sidecar_key = true;
-            }
-        }
+    if pusher.key.is_none()
+        && pusher.server.needs_key()
+        && let Ok(s) = Sidecar::load(&Sidecar::path_for(&pusher.local))
+        && s.server == pusher.server.url()
+        && s.replica == pusher.replica.as_str()
+    {
+        pusher.key = Some(s.key);
+        sidecar_key = true;
     }
     pusher.require_key()?;
     let settings = timing.timing()?;

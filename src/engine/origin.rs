@@ -195,11 +195,11 @@ fn session(
                     },
                     _ => true,
                 };
-                if let (Some(data), true) = (data, differs) {
-                    if pgno != lock_page {
-                        link.send_page(pgno, data)?;
-                        pages_sent += 1;
-                    }
+                if let (Some(data), true) = (data, differs)
+                    && pgno != lock_page
+                {
+                    link.send_page(pgno, data)?;
+                    pages_sent += 1;
                 }
                 f(pgno, hash)
             })

@@ -47,13 +47,13 @@ pub fn run_with(
 ) -> Result<ReplicaDone> {
     let result = session(target, link, progress);
     progress.finish();
-    if let Err(e) = &result {
-        if !matches!(e, Error::Remote { .. } | Error::Disconnected(_)) {
-            let _ = link.send(&Frame::Error {
-                code: ErrorCode::for_kind(e.kind()) as u16,
-                message: e.to_string(),
-            });
-        }
+    if let Err(e) = &result
+        && !matches!(e, Error::Remote { .. } | Error::Disconnected(_))
+    {
+        let _ = link.send(&Frame::Error {
+            code: ErrorCode::for_kind(e.kind()) as u16,
+            message: e.to_string(),
+        });
     }
     result
 }

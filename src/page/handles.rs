@@ -37,10 +37,10 @@ pub(crate) fn open(path: &Path, write: bool) -> std::io::Result<Arc<File>> {
     // a handle of the same file.
     let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
     let kept = kept.get_or_insert_with(HashMap::new);
-    if let Ok(meta) = std::fs::metadata(path) {
-        if let Some((_, handle)) = kept.get(&(meta.dev(), meta.ino(), write)) {
-            return Ok(handle.clone());
-        }
+    if let Ok(meta) = std::fs::metadata(path)
+        && let Some((_, handle)) = kept.get(&(meta.dev(), meta.ino(), write))
+    {
+        return Ok(handle.clone());
     }
     let file = std::fs::OpenOptions::new()
         .read(true)

@@ -132,18 +132,18 @@ impl HashCache {
     pub(super) fn hash(&mut self, pgno: u32, data: &[u8]) -> Hash {
         let fingerprint = xxhash_rust::xxh3::xxh3_128(data).to_be_bytes();
         let mut cached = None;
-        if pgno <= self.old_count {
-            if let Some(r) = &mut self.old {
-                let mut e = [0u8; ENTRY_BYTES];
-                match r.read_exact(&mut e) {
-                    Ok(()) if e[..16] == fingerprint => {
-                        let mut h = [0u8; 32];
-                        h.copy_from_slice(&e[16..]);
-                        cached = Some(h);
-                    }
-                    Ok(()) => {}
-                    Err(_) => self.old = None,
+        if pgno <= self.old_count
+            && let Some(r) = &mut self.old
+        {
+            let mut e = [0u8; ENTRY_BYTES];
+            match r.read_exact(&mut e) {
+                Ok(()) if e[..16] == fingerprint => {
+                    let mut h = [0u8; 32];
+                    h.copy_from_slice(&e[16..]);
+                    cached = Some(h);
                 }
+                Ok(()) => {}
+                Err(_) => self.old = None,
             }
         }
         let hash = match cached {
@@ -153,13 +153,12 @@ impl HashCache {
             }
             None => page_hash(pgno, data),
         };
-        if let Some((w, _)) = &mut self.new {
-            if w.write_all(&fingerprint)
+        if let Some((w, _)) = &mut self.new
+            && w.write_all(&fingerprint)
                 .and_then(|()| w.write_all(&hash))
                 .is_err()
-            {
-                self.new = None;
-            }
+        {
+            self.new = None;
         }
         hash
     }
@@ -235,10 +234,10 @@ impl CacheBuilder {
         }
         self.next += 1;
         let e = Self::entry(data, hash);
-        if let Some((w, _)) = &mut self.file {
-            if w.write_all(&e).is_err() {
-                self.file = None;
-            }
+        if let Some((w, _)) = &mut self.file
+            && w.write_all(&e).is_err()
+        {
+            self.file = None;
         }
     }
 

@@ -528,11 +528,12 @@ impl PageTarget for Writer {
         // connection notices on its next transaction, and that moves data_version. Let
         // it notice now, and check the file against the kept hashes inside the same
         // transaction, so the next sync can still trust them.
-        if self.journal_mode.is_none() && self.last_commit.is_some() {
-            if let Err(e) = self.settle_new_file() {
-                tracing::debug!(error = %e, "the new file's hashes are not kept");
-                self.last_commit = None;
-            }
+        if self.journal_mode.is_none()
+            && self.last_commit.is_some()
+            && let Err(e) = self.settle_new_file()
+        {
+            tracing::debug!(error = %e, "the new file's hashes are not kept");
+            self.last_commit = None;
         }
         Ok(())
     }

@@ -120,10 +120,10 @@ impl Listener {
                 (&mut stream).take(64).read_to_end(&mut buf),
             )
             .await;
-            if let Ok(Ok(_)) = read {
-                if let Some(m) = Message::parse(&String::from_utf8_lossy(&buf)) {
-                    return Ok(m);
-                }
+            if let Ok(Ok(_)) = read
+                && let Some(m) = Message::parse(&String::from_utf8_lossy(&buf))
+            {
+                return Ok(m);
             }
         }
     }

@@ -161,10 +161,10 @@ fn make_room(table: &mut HashMap<IpAddr, Bucket>, now: Instant) {
         return;
     }
     table.retain(|_, b| b.refilled(now) < f64::from(FREE_FAILURES));
-    if table.len() >= MAX_ADDRESSES {
-        if let Some(oldest) = table.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| *k) {
-            table.remove(&oldest);
-        }
+    if table.len() >= MAX_ADDRESSES
+        && let Some(oldest) = table.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| *k)
+    {
+        table.remove(&oldest);
     }
 }
 

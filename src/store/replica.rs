@@ -803,13 +803,13 @@ impl PageTarget for VersionWriter {
                 version_row,
             )
             .map_err(sql(&file))?;
-        if self.creating.is_some() {
-            if let Some(theirs) = self.publish(&info.digest)? {
-                // Another push created the replica with this very content (the same
-                // push, resent after its client lost the answer): already there.
-                self.result = Some((theirs, false));
-                return Ok(());
-            }
+        if self.creating.is_some()
+            && let Some(theirs) = self.publish(&info.digest)?
+        {
+            // Another push created the replica with this very content (the same
+            // push, resent after its client lost the answer): already there.
+            self.result = Some((theirs, false));
+            return Ok(());
         }
         self.result = Some((info, true));
         Ok(())

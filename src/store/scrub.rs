@@ -212,7 +212,7 @@ fn scrub_replica(
                 (None, _) => {}
             }
             at.done += 1;
-            if at.done % 4096 == 0 {
+            if at.done.is_multiple_of(4096) {
                 progress(&at);
             }
         }

@@ -81,7 +81,7 @@ pub fn format(d: Duration) -> String {
         return "0s".to_owned();
     }
     let days = secs / DAY_SECS;
-    let (weeks, days) = if days % 7 == 0 {
+    let (weeks, days) = if days.is_multiple_of(7) {
         (days / 7, 0)
     } else {
         (0, days)

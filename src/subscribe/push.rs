@@ -125,36 +125,38 @@ impl PushSubscriber {
         let mut was_disconnected = !connected;
         loop {
             let t = now();
-            if in_flight.is_none() {
-                if let Some(trigger) = schedule.due(t) {
-                    schedule.push_started(t, trigger);
-                    tracing::info!(trigger = trigger.as_str(), "push starting");
-                    let push = self.push.clone();
-                    in_flight = Some((trigger, tokio::task::spawn_blocking(move || push(trigger))));
-                }
+            if in_flight.is_none()
+                && let Some(trigger) = schedule.due(t)
+            {
+                schedule.push_started(t, trigger);
+                tracing::info!(trigger = trigger.as_str(), "push starting");
+                let push = self.push.clone();
+                in_flight = Some((trigger, tokio::task::spawn_blocking(move || push(trigger))));
             }
             if let Some(seconds) = schedule.changed_notice(t) {
                 tracing::info!(seconds, "telling the server when the push is planned");
                 subscription.send(Outgoing::Changed(seconds));
             }
-            if let Some(failing) = schedule.failing_for(t) {
-                if connected && !reported && failing >= self.report_after {
-                    let attempts = schedule.failures();
-                    tracing::info!(
-                        failing_for = failing.as_secs(),
-                        attempts,
-                        "reporting the failures to the server"
-                    );
-                    subscription.send(Outgoing::Report(FailureReport {
-                        failing_for: failing.as_secs(),
-                        attempts,
-                        error: last_failure
-                            .as_ref()
-                            .map(|e| format!("{e:#}"))
-                            .unwrap_or_default(),
-                    }));
-                    reported = true;
-                }
+            if let Some(failing) = schedule.failing_for(t)
+                && connected
+                && !reported
+                && failing >= self.report_after
+            {
+                let attempts = schedule.failures();
+                tracing::info!(
+                    failing_for = failing.as_secs(),
+                    attempts,
+                    "reporting the failures to the server"
+                );
+                subscription.send(Outgoing::Report(FailureReport {
+                    failing_for: failing.as_secs(),
+                    attempts,
+                    error: last_failure
+                        .as_ref()
+                        .map(|e| format!("{e:#}"))
+                        .unwrap_or_default(),
+                }));
+                reported = true;
             }
             if let Some(deadline) = shutdown_deadline {
                 if in_flight.is_none() && schedule.done() {
@@ -172,11 +174,11 @@ impl PushSubscriber {
             }
             let mut wake = schedule.next_wake(t);
             // The moment a failure streak becomes worth reporting.
-            if let Some(failing) = schedule.failing_for(t).filter(|_| connected && !reported) {
-                if failing < self.report_after {
-                    let at = t + (self.report_after - failing);
-                    wake = Some(wake.map_or(at, |w| w.min(at)));
-                }
+            if let Some(failing) = schedule.failing_for(t).filter(|_| connected && !reported)
+                && failing < self.report_after
+            {
+                let at = t + (self.report_after - failing);
+                wake = Some(wake.map_or(at, |w| w.min(at)));
             }
             if let Some(deadline) = shutdown_deadline {
                 wake = Some(wake.map_or(deadline, |w| w.min(deadline)));

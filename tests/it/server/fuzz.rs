@@ -216,16 +216,15 @@ async fn run(server: &TestServer, pull_key: &str, case: &Case) -> Result<Vec<u8>
     };
     let op = |name: &str| case.open.as_ref().is_some_and(|o| o["op"] == name);
     let mut open_ok = false;
-    if let Some(open) = &case.open {
-        if sink
+    if let Some(open) = &case.open
+        && sink
             .send(Message::Binary(open_frame(open).into()))
             .await
             .is_ok()
-        {
-            open_ok = next_type().await == Some(0x51);
-            if open_ok && op("pull") {
-                next_type().await;
-            }
+    {
+        open_ok = next_type().await == Some(0x51);
+        if open_ok && op("pull") {
+            next_type().await;
         }
     }
     if let Some(page_count) = case.begin {
