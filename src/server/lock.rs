@@ -41,9 +41,9 @@ impl DataLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        match file.try_lock() {
             Ok(()) => {}
-            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            Err(std::fs::TryLockError::WouldBlock) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
                 let holder = match text.trim().parse::<u32>() {
@@ -55,7 +55,7 @@ impl DataLock {
                     data.display()
                 )));
             }
-            Err(e) => return Err(Error::io(&path, e.into())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
         }
         // Best effort: on a full disk the PID may not fit, and the lock holds anyway.
         let _ = file

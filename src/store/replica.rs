@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use rustix::fs::{FlockOperation, flock};
 use sha2::{Digest as _, Sha256};
 
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, Selector, VersionInfo};
@@ -296,8 +295,8 @@ fn now_secs() -> i64 {
 /// on Linux do not interact with the fcntl locks SQLite takes on the same file, nor are
 /// they dropped when SQLite closes its own descriptors: the lock says "a live process is
 /// building this" and nothing else, and the kernel drops it when the process dies.
-/// (rustix's safe `flock` rather than std's `File::lock`, which needs Rust 1.89, above
-/// this crate's declared minimum.) Fields drop in order: the file goes, then the lock.
+/// (std's `File::lock` is `flock(2)` on Linux.) Fields drop in order: the file goes,
+/// then the lock.
 struct Creating {
     path: tempfile::TempPath,
     _lock: std::fs::File,
@@ -321,7 +320,7 @@ impl Creating {
                 .tempfile_in(dir)
                 .map_err(|e| Error::io(dir, e))?
                 .into_parts();
-            flock(&file, FlockOperation::LockExclusive).map_err(|e| Error::io(&path, e.into()))?;
+            file.lock().map_err(|e| Error::io(&path, e))?;
             let ours = file.metadata().map_err(|e| Error::io(&path, e))?.ino();
             if std::fs::metadata(&path).is_ok_and(|m| m.ino() == ours) {
                 return Ok(Creating { path, _lock: file });
@@ -372,7 +371,7 @@ pub(super) fn remove_leftovers(dir: &Path) -> u64 {
         let Ok(file) = std::fs::File::open(&path) else {
             continue;
         };
-        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        if file.try_lock().is_err() {
             continue; // a live push is building it
         }
         for suffix in ["-wal", "-shm"] {

@@ -837,7 +837,7 @@ fn files_a_dead_push_left_are_removed_but_not_those_of_a_live_one() {
         std::fs::write(dir.join(name), vec![0u8; 100_000]).expect("write");
     }
     let live = std::fs::File::open(dir.join(".app.db.sqlferry.live03.new")).expect("open");
-    rustix::fs::flock(&live, rustix::fs::FlockOperation::LockExclusive).expect("lock");
+    live.lock().expect("lock");
 
     ok(&b.push(&db, &[]), "push");
     assert_eq!(
