@@ -199,17 +199,10 @@ impl Puller {
         progress: Arc<dyn Progress>,
     ) -> anyhow::Result<crate::remote::PullOutcome> {
         let (replica, local) = (&self.replica, &self.local);
-        if !self.force {
-            let target =
-                match history::last_with(&self.database, &self.server.url(), replica.as_str()) {
-                    Some(_) => None,
-                    // Never synced with this replica: LOCAL must hold the version pulled.
-                    None if has_content(local) => self.version_info(selector)?,
-                    None => None,
-                };
-            if let Some(change) = self.local_change(target.as_ref(), selector)? {
-                return Err(self.refusal(&change, selector).into());
-            }
+        if !self.force
+            && let Some(change) = self.local_change(None, selector)?
+        {
+            return Err(self.refusal(&change, selector).into());
         }
         let outcome = self
             .server
@@ -245,17 +238,7 @@ impl Puller {
                             .into(),
                     })
                 }
-                None => {
-                    let target = match history::last_with(
-                        &self.database,
-                        &self.server.url(),
-                        replica.as_str(),
-                    ) {
-                        None if has_content(local) => self.version_info(Selector::Latest)?,
-                        _ => None,
-                    };
-                    self.local_change(target.as_ref(), Selector::Latest)?
-                }
+                None => self.local_change(None, Selector::Latest)?,
             };
             if let Some(change) = change {
                 kept.writer = None;
@@ -310,11 +293,13 @@ impl Puller {
     }
 
     /// Whether LOCAL holds changes no sync carried: its digest differs from the one its
-    /// last sync with this replica left, or (never synced with it) from `target`'s, the
-    /// version about to be pulled. A LOCAL that does not exist or is empty holds none.
+    /// last sync with this replica left, or (never synced with it) from that of the
+    /// version `selector` names. A LOCAL that does not exist or holds nothing has none,
+    /// and neither has one that holds exactly the version pulled. That version is
+    /// `known` when the caller has it, else it is looked up, only when needed.
     pub fn local_change(
         &self,
-        target: Option<&VersionInfo>,
+        known: Option<&VersionInfo>,
         selector: Selector,
     ) -> crate::Result<Option<LocalChange>> {
         if !has_content(&self.local) {
@@ -323,14 +308,18 @@ impl Puller {
         let Some(now) = local_digest(&self.local)? else {
             return Ok(None);
         };
-        // LOCAL already holds the version being pulled: nothing to lose, whatever the
-        // history says (a pull killed after its COMMIT, before it recorded the sync).
-        if target.is_some_and(|v| v.digest == now) {
-            return Ok(None);
-        }
+        let target = || match known {
+            Some(v) => Ok(Some(v.clone())),
+            None => self.version_info(selector),
+        };
         let url = self.server.url();
         let replica = self.replica.as_str();
         if let Some(last) = history::last_with(&self.database, &url, replica) {
+            // Not what the last recorded sync left may still be the version itself: a
+            // pull killed after its COMMIT, before it recorded the sync.
+            if now == last.digest || target()?.is_some_and(|v| v.digest == now) {
+                return Ok(None);
+            }
             let when = humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(last.at.max(0) as u64),
             );
@@ -339,18 +328,6 @@ impl Puller {
                 "pull" => "pulled as",
                 _ => "synced as",
             };
-            if now == last.digest {
-                return Ok(None);
-            }
-            // Not what the last recorded sync left; but a pull killed after its COMMIT,
-            // before it recorded the sync, leaves LOCAL holding the version itself.
-            if target.is_none()
-                && self
-                    .version_info(selector)?
-                    .is_some_and(|v| v.digest == now)
-            {
-                return Ok(None);
-            }
             return Ok(Some(LocalChange {
                 why: format!(
                     "it changed since it was last {op} {replica}@{} at {when} (digest {} then, {} now)",
@@ -360,7 +337,7 @@ impl Puller {
                 ),
             }));
         }
-        Ok(match target {
+        Ok(match target()? {
             Some(v) if v.digest == now => None,
             Some(v) => Some(LocalChange {
                 why: format!(
