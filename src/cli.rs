@@ -8,6 +8,8 @@ mod pull;
 mod push;
 mod scrub;
 mod serve;
+#[allow(dead_code)] // used once the subscribers and the server take the one shutdown (issue 9)
+mod signals;
 mod subscribe;
 mod verify;
 mod versions;

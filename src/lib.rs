@@ -17,6 +17,7 @@ pub mod page;
 pub mod protocol;
 pub mod remote;
 pub mod server;
+pub mod shutdown;
 pub mod store;
 pub mod subscribe;
 
