@@ -14,7 +14,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{Global, exit, expand_tilde, human_bytes, out};
 use crate::remote::Server;
-use crate::store::{ScrubProgress, Store};
+use crate::shutdown::Shutdown;
+use crate::store::ScrubProgress;
 
 /// Arguments of `sqlferry scrub`.
 #[derive(Debug, clap::Args)]
@@ -43,7 +44,11 @@ pub struct ScrubArgs {
 
 impl ScrubArgs {
     /// Runs the command.
-    pub fn run(self, global: &Global) -> anyhow::Result<ExitCode> {
+    pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+        super::interruptible(shutdown, self.scrub(global)).await
+    }
+
+    async fn scrub(&self, global: &Global) -> anyhow::Result<ExitCode> {
         let root: PathBuf = match (&self.data, &self.server) {
             (Some(dir), _) => expand_tilde(dir),
             (None, url) => {
@@ -80,15 +85,16 @@ impl ScrubArgs {
                 .progress_chars("=> "),
             );
         }
-        let report = Store::new(&root)
-            .scrub(&mut |p: &ScrubProgress| {
-                if bar.prefix() != p.replica {
-                    bar.set_prefix(p.replica.clone());
-                    bar.set_length(p.total);
-                }
-                bar.set_position(p.done);
-            })
-            .with_context(|| format!("scrubbing {}", root.display()))?;
+        let shown = bar.clone();
+        let report = crate::client::scrub(&root, move |p: &ScrubProgress| {
+            if shown.prefix() != p.replica {
+                shown.set_prefix(p.replica.clone());
+                shown.set_length(p.total);
+            }
+            shown.set_position(p.done);
+        })
+        .await
+        .with_context(|| format!("scrubbing {}", root.display()))?;
         bar.finish_and_clear();
         let clean = report.is_clean();
         if self.json {
