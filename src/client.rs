@@ -1,16 +1,14 @@
 //! The workflows the command line and the subscribers share: push, pull, versions,
-//! verify a database or a stored version, sync-now, keys list and revoke, and the
-//! bookkeeping around them (which store and key a command means, the base version of a
-//! push, the local history, saved keys and sidecars, the refusal to overwrite changes
-//! that were never pushed).
+//! verify a database or a stored version, sync-now, keys list and revoke, scrub a store
+//! directory, and the bookkeeping around them (which store and key a command means, the
+//! base version of a push, the local history, saved keys and sidecars, the refusal to
+//! overwrite changes that were never pushed).
 //!
 //! It sits between `cli` and `remote`: it takes plain option structs (never clap types)
 //! and returns results as structs (never printed text), so the command line only turns
 //! flags into options and results into lines, JSON and exit codes, and a library user
 //! gets the same promises the command line keeps. Progress is reported through the
 //! engine's [`Progress`](crate::engine::Progress) trait the caller passes in.
-//!
-//! `scrub` is here too: it reads a store directory on this machine, page by page.
 //!
 //! Everything that does I/O is an `async fn` on the caller's runtime; SQLite and file
 //! work runs on `spawn_blocking`. Errors are [`crate::Error`]s; where the command line
@@ -21,7 +19,7 @@
 mod pull;
 mod push;
 
-pub use pull::{Kept, LocalChange, PullPlan, Puller, local_digest, unsynced_changes};
+pub use pull::{Kept, LocalChange, PullPlan, Puller, local_digest, short_digest, unsynced_changes};
 pub use push::{CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, plan_copy};
 
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::progress::Bar;
 use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, out};
-use crate::client::Puller;
+use crate::client::{Puller, short_digest};
 use crate::config::Sidecar;
 use crate::engine::Progress;
 use crate::shutdown::Shutdown;
@@ -189,7 +189,7 @@ async fn dry_run(puller: &Puller, selector: Selector) -> anyhow::Result<ExitCode
     });
     let holds = match &plan.local_digest {
         Ok(Some(d)) if *d == target.digest => "already holds it".to_owned(),
-        Ok(Some(d)) => format!("digest {} now", short(d)),
+        Ok(Some(d)) => format!("digest {} now", short_digest(d)),
         Ok(None) => "new file".to_owned(),
         Err(e) => format!("unreadable: {e}"),
     };
@@ -199,7 +199,7 @@ async fn dry_run(puller: &Puller, selector: Selector) -> anyhow::Result<ExitCode
         target.number,
         human_bytes(target.size),
         target.page_count,
-        short(&target.digest),
+        short_digest(&target.digest),
         puller.server.url(),
         puller.local.display(),
         match &plan.refusal {
@@ -213,9 +213,4 @@ async fn dry_run(puller: &Puller, selector: Selector) -> anyhow::Result<ExitCode
     } else {
         exit::OK
     }))
-}
-
-/// The first 12 hex digits of a digest, for messages.
-fn short(digest: &str) -> &str {
-    digest.get(..12).unwrap_or(digest)
 }

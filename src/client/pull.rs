@@ -237,8 +237,8 @@ impl Puller {
                 why: format!(
                     "it changed since it was last {op} {replica}@{} at {when} (digest {} then, {} now)",
                     last.version,
-                    short(&last.digest),
-                    short(&now)
+                    short_digest(&last.digest),
+                    short_digest(&now)
                 ),
             }));
         }
@@ -248,8 +248,8 @@ impl Puller {
                 why: format!(
                     "it was never pushed to or pulled from {replica} on {url}, and differs from version {} (digest {}, {} now)",
                     v.number,
-                    short(&v.digest),
-                    short(&now)
+                    short_digest(&v.digest),
+                    short_digest(&now)
                 ),
             }),
             // Nothing to pull: the pull fails on its own, without writing.
@@ -445,7 +445,7 @@ pub async fn unsynced_changes(
 }
 
 /// The first 12 hex digits of a digest, for messages.
-pub(crate) fn short(digest: &str) -> &str {
+pub fn short_digest(digest: &str) -> &str {
     digest.get(..12).unwrap_or(digest)
 }
 
