@@ -53,11 +53,9 @@ pub struct Resolved {
 
 impl Connection {
     /// The server: the one named, else the settings file's, else the embedded store.
-    pub fn resolve(&self) -> Result<Server> {
-        match &self.server {
-            Some(url) => Server::parse(Some(url)),
-            None => Server::parse(crate::config::Settings::load()?.server.as_deref()),
-        }
+    pub async fn resolve(&self) -> Result<Server> {
+        let this = self.clone();
+        blocking(move || this.resolve_now()).await
     }
 
     /// The server for a command on the local database `local` (push, pull): as
@@ -67,13 +65,52 @@ impl Connection {
     /// the replica that key is for, that server is used (and [`Resolved`] says so); for
     /// another replica the command is refused, naming both choices, since either store
     /// could be meant.
-    pub fn resolve_for(&self, local: &Path, replica: &ReplicaPath) -> Result<Resolved> {
+    pub async fn resolve_for(&self, local: &Path, replica: &ReplicaPath) -> Result<Resolved> {
+        let (this, local, replica) = (self.clone(), local.to_owned(), replica.clone());
+        blocking(move || this.resolve_for_now(&local, &replica)).await
+    }
+
+    /// The key: the one named, else one saved for `replica` on `server` (the one saved
+    /// for `database` first; a PUSH key also pulls and lists).
+    pub async fn key_for(
+        &self,
+        server: &Server,
+        replica: &ReplicaPath,
+        database: Option<&Path>,
+    ) -> Result<Option<String>> {
+        let (this, server, replica) = (self.clone(), server.clone(), replica.clone());
+        let database = database.map(Path::to_owned);
+        blocking(move || Ok(this.key_for_now(&server, &replica, database.as_deref()))).await
+    }
+
+    /// The server and the key for a command on `replica` alone (no local database).
+    async fn resolve_with_key(&self, replica: &ReplicaPath) -> Result<(Server, Option<String>)> {
+        let (this, replica) = (self.clone(), replica.clone());
+        blocking(move || {
+            let server = this.resolve_now()?;
+            let key = this.key_for_now(&server, &replica, None);
+            Ok((server, key))
+        })
+        .await
+    }
+
+    // The settings and secrets files are read on a blocking thread: these do the
+    // reading.
+
+    fn resolve_now(&self) -> Result<Server> {
+        match &self.server {
+            Some(url) => Server::parse(Some(url)),
+            None => Server::parse(crate::config::Settings::load()?.server.as_deref()),
+        }
+    }
+
+    fn resolve_for_now(&self, local: &Path, replica: &ReplicaPath) -> Result<Resolved> {
         let plain = |server| Resolved {
             server,
             from_saved_key: None,
         };
         if self.server.is_some() || crate::config::Settings::load()?.server.is_some() {
-            return self.resolve().map(plain);
+            return self.resolve_now().map(plain);
         }
         match saved_secret(local)? {
             Some(saved) if saved.replica == replica.as_str() => Ok(Resolved {
@@ -87,15 +124,13 @@ impl Connection {
                 saved.replica,
                 saved.server,
                 saved.server,
-                self.resolve()?.url()
+                self.resolve_now()?.url()
             ))),
-            None => self.resolve().map(plain),
+            None => self.resolve_now().map(plain),
         }
     }
 
-    /// The key: the one named, else one saved for `replica` on `server` (the one saved
-    /// for `database` first; a PUSH key also pulls and lists).
-    pub fn key_for(
+    fn key_for_now(
         &self,
         server: &Server,
         replica: &ReplicaPath,
@@ -106,13 +141,6 @@ impl Connection {
                 .ok()?
                 .key_for(&server.url(), replica.as_str(), database)
         })
-    }
-
-    /// The server and the key for a command on `replica` alone (no local database).
-    fn resolve_with_key(&self, replica: &ReplicaPath) -> Result<(Server, Option<String>)> {
-        let server = self.resolve()?;
-        let key = self.key_for(&server, replica, None);
-        Ok((server, key))
     }
 }
 
@@ -135,14 +163,14 @@ pub async fn versions(
     connection: &Connection,
     replica: &ReplicaPath,
 ) -> Result<Vec<crate::store::VersionInfo>> {
-    let (server, key) = connection.resolve_with_key(replica)?;
+    let (server, key) = connection.resolve_with_key(replica).await?;
     server.versions(replica, key.as_deref()).await
 }
 
 /// Asks every running subscriber of `replica` to sync now; returns how many were
 /// reached (see [`Server::sync_now`]). A server needs a PUSH or admin key.
 pub async fn sync_now(connection: &Connection, replica: &ReplicaPath) -> Result<u64> {
-    let (server, key) = connection.resolve_with_key(replica)?;
+    let (server, key) = connection.resolve_with_key(replica).await?;
     if server.needs_key() && key.is_none() {
         return Err(Error::Auth(format!(
             "no key for {replica} on {}: pass --key or set SQLFERRY_KEY (a PUSH or admin key)",
@@ -155,7 +183,7 @@ pub async fn sync_now(connection: &Connection, replica: &ReplicaPath) -> Result<
 /// The server's keys, only those of the replica `remote` names when it names one (a
 /// `ws://`/`wss://` URL names the server instead, and wins over the connection's).
 pub async fn keys(connection: &Connection, remote: Option<&str>) -> Result<Vec<KeyInfo>> {
-    let (server, replica) = key_target(connection, remote)?;
+    let (server, replica) = key_target(connection, remote).await?;
     server
         .keys(replica.as_ref(), connection.key.as_deref())
         .await
@@ -168,7 +196,7 @@ pub async fn revoke_key(
     remote: Option<&str>,
     key_id: &str,
 ) -> Result<KeyInfo> {
-    let (server, replica) = key_target(connection, remote)?;
+    let (server, replica) = key_target(connection, remote).await?;
     server
         .revoke_key(key_id, replica.as_ref(), connection.key.as_deref())
         .await
@@ -176,7 +204,7 @@ pub async fn revoke_key(
 
 /// The server and the replica filter REMOTE names: a `ws://`/`wss://` URL is the
 /// server (it wins over `--server`); anything else is a replica path.
-fn key_target(
+async fn key_target(
     connection: &Connection,
     remote: Option<&str>,
 ) -> Result<(Server, Option<ReplicaPath>)> {
@@ -184,8 +212,11 @@ fn key_target(
         Some(url) if url.starts_with("ws://") || url.starts_with("wss://") => {
             Ok((Server::parse(Some(url))?, None))
         }
-        Some(replica) => Ok((connection.resolve()?, Some(ReplicaPath::parse(replica)?))),
-        None => Ok((connection.resolve()?, None)),
+        Some(replica) => {
+            let replica = ReplicaPath::parse(replica)?;
+            Ok((connection.resolve().await?, Some(replica)))
+        }
+        None => Ok((connection.resolve().await?, None)),
     }
 }
 
@@ -245,7 +276,7 @@ pub async fn verify_stored(connection: &Connection, spec: &str) -> Result<Option
     let Ok((replica, selector)) = Selector::split(spec) else {
         return Ok(None);
     };
-    let (server, key) = connection.resolve_with_key(&replica)?;
+    let (server, key) = connection.resolve_with_key(&replica).await?;
     let versions = server
         .versions(&replica, key.as_deref())
         .await

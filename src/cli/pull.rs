@@ -105,7 +105,7 @@ impl PullArgs {
         let server = match &sidecar {
             Some((s, _)) => crate::remote::Server::parse(Some(&s.server))?,
             None => {
-                let resolved = connection.resolve_for(&local, &replica)?;
+                let resolved = connection.resolve_for(&local, &replica).await?;
                 if let Some(saved) = &resolved.from_saved_key
                     && !global.quiet
                 {
@@ -121,7 +121,11 @@ impl PullArgs {
         // --key or SQLFERRY_KEY, else the sidecar's PULL key, else a saved key.
         let key = match (&self.connection.key, &sidecar) {
             (None, Some((s, _))) => Some(s.key.clone()),
-            _ => connection.key_for(&server, &replica, Some(&database)),
+            _ => {
+                connection
+                    .key_for(&server, &replica, Some(&database))
+                    .await?
+            }
         };
         let puller = Puller {
             server,

@@ -94,18 +94,23 @@ impl PushArgs {
             ))
             .into());
         }
-        let resolved = self.connection.options().resolve_for(&local, &replica)?;
+        let resolved = self
+            .connection
+            .options()
+            .resolve_for(&local, &replica)
+            .await?;
         if let Some(saved) = &resolved.from_saved_key
             && !global.quiet
         {
             eprintln!("{}", using_saved_server(saved, &local, &replica));
         }
-        let mut pusher = Pusher::new(
+        let mut pusher = Pusher::open(
             &local,
             replica,
             resolved.server,
             self.connection.key.clone(),
-        )?;
+        )
+        .await?;
         pusher.message = self.message.clone();
         pusher.force = self.force;
         pusher.new_keys = self.new_keys;

@@ -78,8 +78,19 @@ pub struct PushPlan {
 }
 
 impl Pusher {
+    /// [`Pusher::new`], reading the secrets file on a blocking thread.
+    pub async fn open(
+        local: &Path,
+        replica: ReplicaPath,
+        server: Server,
+        key: Option<String>,
+    ) -> Result<Pusher> {
+        let local = local.to_owned();
+        blocking(move || Pusher::new(&local, replica, server, key)).await
+    }
+
     /// A pusher of `local` to `replica`; the key is `key` (`--key`, `SQLFERRY_KEY`),
-    /// else the one saved for `local`. Reads the (small) secrets file.
+    /// else the one saved for `local`. Blocking: it reads the secrets file.
     pub fn new(
         local: &Path,
         replica: ReplicaPath,
