@@ -363,3 +363,38 @@ fn check(path: &Path) -> Result<VerifyReport> {
         integrity,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CLI prints an error and its sources joined by ": " and takes the exit code
+    /// from the first library error: a context must keep both as they were.
+    #[test]
+    fn a_context_reads_as_before_and_keeps_the_kind() {
+        let e = Error::Disconnected("reset".into()).context("push a.db to acme/a.db failed");
+        assert_eq!(e.kind(), ErrorKind::Disconnected);
+        assert!(e.is_retryable());
+        let mut line = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            line.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        assert_eq!(
+            line,
+            "push a.db to acme/a.db failed: connection lost: reset"
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_need_a_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let connection = Connection {
+            server: Some(format!("file://{}", dir.path().display())),
+            key: None,
+        };
+        let e = keys(&connection, None).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    }
+}
