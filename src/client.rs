@@ -220,6 +220,40 @@ async fn key_target(
     }
 }
 
+/// The store directory `scrub` checks: `data` (a server's data directory), else the
+/// store `server` names, else the settings file's, else the embedded store. A `ws://`
+/// server is scrubbed on its own machine, and a directory that is not there is not a
+/// store.
+pub async fn scrub_root(data: Option<PathBuf>, server: Option<String>) -> Result<PathBuf> {
+    blocking(move || {
+        let root = match data {
+            Some(dir) => dir,
+            None => {
+                let url = match server {
+                    Some(u) => Some(u),
+                    None => crate::config::Settings::load()?.server,
+                };
+                match Server::parse(url.as_deref())? {
+                    Server::Embedded(store) => store.root().to_owned(),
+                    Server::Ws { url } => {
+                        return Err(Error::Usage(format!(
+                            "{url} is a server: run `sqlferry scrub --data DIR` on its machine, with its data directory"
+                        )));
+                    }
+                }
+            }
+        };
+        if !root.is_dir() {
+            return Err(Error::NotFound(format!(
+                "{}: no such store directory",
+                root.display()
+            )));
+        }
+        Ok(root)
+    })
+    .await
+}
+
 /// Checks every stored page and version of the store at `root` (see
 /// [`Store::scrub`](crate::store::Store::scrub)), telling `progress` as it goes.
 pub async fn scrub(
@@ -227,7 +261,10 @@ pub async fn scrub(
     mut progress: impl FnMut(&crate::store::ScrubProgress) + Send + 'static,
 ) -> Result<crate::store::ScrubReport> {
     let store = crate::store::Store::new(root);
-    blocking(move || store.scrub(&mut progress)).await
+    let what = format!("scrubbing {}", root.display());
+    blocking(move || store.scrub(&mut progress))
+        .await
+        .map_err(|e| e.context(what))
 }
 
 /// What `verify` finds: a database's digest, shape and integrity (the JSON `verify

@@ -6,14 +6,11 @@
 //! pushes left), so it is safe beside a running server.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{Global, exit, expand_tilde, human_bytes, out};
-use crate::remote::Server;
 use crate::shutdown::Shutdown;
 use crate::store::ScrubProgress;
 
@@ -49,31 +46,8 @@ impl ScrubArgs {
     }
 
     async fn scrub(&self, global: &Global) -> anyhow::Result<ExitCode> {
-        let root: PathBuf = match (&self.data, &self.server) {
-            (Some(dir), _) => expand_tilde(dir),
-            (None, url) => {
-                let url = match url {
-                    Some(u) => Some(u.clone()),
-                    None => crate::config::Settings::load()?.server,
-                };
-                match Server::parse(url.as_deref())? {
-                    Server::Embedded(store) => store.root().to_owned(),
-                    Server::Ws { url } => {
-                        return Err(crate::Error::Usage(format!(
-                            "{url} is a server: run `sqlferry scrub --data DIR` on its machine, with its data directory"
-                        ))
-                        .into());
-                    }
-                }
-            }
-        };
-        if !root.is_dir() {
-            return Err(crate::Error::NotFound(format!(
-                "{}: no such store directory",
-                root.display()
-            ))
-            .into());
-        }
+        let data = self.data.as_deref().map(expand_tilde);
+        let root = crate::client::scrub_root(data, self.server.clone()).await?;
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
         if !global.quiet && !self.json && std::io::stderr().is_terminal() {
             bar.set_draw_target(ProgressDrawTarget::stderr());
@@ -93,8 +67,7 @@ impl ScrubArgs {
             }
             shown.set_position(p.done);
         })
-        .await
-        .with_context(|| format!("scrubbing {}", root.display()))?;
+        .await?;
         bar.finish_and_clear();
         let clean = report.is_clean();
         if self.json {
