@@ -1,6 +1,10 @@
 //! The command line: clap types, one file per command, and the mapping from errors to
 //! documented exit codes. Flags become plain values here; nothing below `cli` sees clap
 //! or indicatif.
+//!
+//! [`Cli::run`] builds the one tokio runtime (multi-thread) and the one [`Shutdown`]
+//! (SIGINT and SIGTERM: the first asks for a graceful stop, the second forces it), and
+//! awaits the command. Nothing below `cli` builds a runtime or catches a signal.
 
 mod keys;
 mod progress;
@@ -8,7 +12,6 @@ mod pull;
 mod push;
 mod scrub;
 mod serve;
-#[allow(dead_code)] // used once the subscribers and the server take the one shutdown (issue 9)
 mod signals;
 mod subscribe;
 mod verify;
@@ -17,9 +20,12 @@ mod versions;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::ErrorKind;
+use crate::client::Connection;
+use crate::shutdown::Shutdown;
 
 /// Exit codes, documented in `docs/exit-codes.md`.
 pub mod exit {
@@ -120,78 +126,13 @@ pub struct RemoteArgs {
 }
 
 impl RemoteArgs {
-    /// The server: `--server`, else `SQLFERRY_SERVER` (clap reads both), else the
-    /// settings file, else the embedded store.
-    fn resolve(&self) -> crate::Result<crate::remote::Server> {
-        match &self.server {
-            Some(url) => crate::remote::Server::parse(Some(url)),
-            None => {
-                crate::remote::Server::parse(crate::config::Settings::load()?.server.as_deref())
-            }
+    /// The flags as plain options for the client (which resolves the saved server and
+    /// key behind them).
+    pub fn options(&self) -> Connection {
+        Connection {
+            server: self.server.clone(),
+            key: self.key.clone(),
         }
-    }
-
-    /// The server for a command on the local database `local` (push, pull): as
-    /// [`RemoteArgs::resolve`], except when no store is named at all (no `--server`,
-    /// no `SQLFERRY_SERVER`, no setting) and the secrets file keeps a key for `local`
-    /// on a server: a database pushed to a server is never silently synced with the
-    /// embedded store instead. For the replica that key is for, that server is used,
-    /// and stderr says so; for another replica the command is refused, naming both
-    /// choices, since either store could be meant.
-    fn resolve_for(
-        &self,
-        local: &Path,
-        replica: &crate::store::ReplicaPath,
-        quiet: bool,
-    ) -> crate::Result<crate::remote::Server> {
-        if self.server.is_some() || crate::config::Settings::load()?.server.is_some() {
-            return self.resolve();
-        }
-        let database = crate::config::database_key(local);
-        let absolute = std::path::absolute(local).ok();
-        let secrets = crate::config::Secrets::load()?;
-        let saved = [Some(&database), absolute.as_ref()]
-            .into_iter()
-            .flatten()
-            .find_map(|db| secrets.for_database(db));
-        match saved {
-            Some(saved) if saved.replica == replica.as_str() => {
-                if !quiet {
-                    eprintln!(
-                        "sqlferry: using {}, the server {} was pushed to as {replica} (its key is \
-                         in the secrets file); --server names another store",
-                        saved.server,
-                        local.display()
-                    );
-                }
-                crate::remote::Server::parse(Some(&saved.server))
-            }
-            Some(saved) => Err(crate::Error::Usage(format!(
-                "{} was pushed to {} on {}, and no store is named for {replica}: add \
-                 --server {} for that server, or --server {} for the embedded store",
-                local.display(),
-                saved.replica,
-                saved.server,
-                saved.server,
-                self.resolve()?.url()
-            ))),
-            None => self.resolve(),
-        }
-    }
-
-    /// The key: `--key` or `SQLFERRY_KEY`, else one saved for `replica` on `server`
-    /// (the one saved for `database` first; a PUSH key also pulls and lists).
-    fn key_for(
-        &self,
-        server: &crate::remote::Server,
-        replica: &crate::store::ReplicaPath,
-        database: Option<&Path>,
-    ) -> Option<String> {
-        self.key.clone().or_else(|| {
-            crate::config::Secrets::load()
-                .ok()?
-                .key_for(&server.url(), replica.as_str(), database)
-        })
     }
 }
 
@@ -212,19 +153,58 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 impl Cli {
-    /// Runs the command; the error, if any, carries its exit code via [`exit_code`].
+    /// Runs the command on the one runtime, with the one shutdown; the error, if any,
+    /// carries its exit code via [`exit_code`].
     pub fn run(self) -> anyhow::Result<ExitCode> {
-        match self.command {
-            Command::Push(args) => args.run(&self.global),
-            Command::Pull(args) => args.run(&self.global),
-            Command::Versions(args) => args.run(&self.global),
-            Command::Serve(args) => args.run(&self.global),
-            Command::Verify(args) => args.run(&self.global),
-            Command::Subscribe(args) => args.run(&self.global),
-            Command::SyncNow(args) => args.run(&self.global),
-            Command::Keys(args) => args.run(&self.global),
-            Command::Scrub(args) => args.run(&self.global),
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")?;
+        let Cli { global, command } = self;
+        let result = runtime.block_on(async {
+            let shutdown = signals::shutdown_on_signals()?;
+            command.run(&global, &shutdown).await
+        });
+        // Not waited for: a sync still running on a blocking thread (a command stopped
+        // by a signal) is abandoned with the process, and a sync cut short commits
+        // nothing.
+        runtime.shutdown_background();
+        result
+    }
+}
+
+impl Command {
+    /// Runs the command.
+    pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+        match self {
+            Command::Push(args) => args.run(global, shutdown).await,
+            Command::Pull(args) => args.run(global, shutdown).await,
+            Command::Versions(args) => args.run(global, shutdown).await,
+            // TEMP(issue 9 merge): `serve` and `subscribe` become async (helpers
+            // "server" and "subscribe"); until then their own runtime runs outside
+            // this one's context.
+            Command::Serve(args) => tokio::task::block_in_place(|| args.run(global)),
+            Command::Verify(args) => args.run(global, shutdown).await,
+            // TEMP(issue 9 merge): see `Serve`.
+            Command::Subscribe(args) => tokio::task::block_in_place(|| args.run(global)),
+            Command::SyncNow(args) => args.run(global, shutdown).await,
+            Command::Keys(args) => args.run(global, shutdown).await,
+            Command::Scrub(args) => args.run(global, shutdown).await,
         }
+    }
+}
+
+/// Runs a one-shot command until it ends or a stop is asked for (SIGINT, SIGTERM): then
+/// it is dropped at once and the command exits 130, as it would have died of the
+/// signal. Whatever it was doing commits nothing (a version exists only once verified,
+/// a local database changes in one transaction).
+async fn interruptible(
+    shutdown: &Shutdown,
+    command: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    tokio::select! {
+        result = command => result,
+        () = shutdown.requested() => Ok(ExitCode::from(exit::INTERRUPTED)),
     }
 }
 

@@ -126,6 +126,16 @@ pub enum Error {
     /// A bug in sqlferry: a task panicked. Nothing the user can fix; please report it.
     #[error("a bug in sqlferry, please report it: {0}")]
     Bug(String),
+    /// What a workflow was doing when `source` happened: the message reads
+    /// `what: source`, and the kind is the source's.
+    #[error("{what}")]
+    Context {
+        /// What was being done, for a person ("push app.db to acme/app.db failed").
+        what: String,
+        /// The failure itself.
+        #[source]
+        source: Box<Error>,
+    },
     /// The peer ended the session with an error of its own.
     #[error("{message}")]
     Remote {
@@ -163,6 +173,7 @@ impl Error {
             Error::Server(_) => ErrorKind::Server,
             Error::LocalChanges(_) => ErrorKind::LocalChanges,
             Error::Bug(_) => ErrorKind::Bug,
+            Error::Context { source, .. } => source.kind(),
             Error::Remote { code, .. } => crate::protocol::ErrorCode::from_u16(*code)
                 .map(|c| c.kind())
                 .unwrap_or(ErrorKind::Remote),
@@ -175,6 +186,14 @@ impl Error {
             self.kind(),
             ErrorKind::Disconnected | ErrorKind::Busy | ErrorKind::Server
         )
+    }
+
+    /// This error, with what was being done when it happened in front of it.
+    pub fn context(self, what: impl Into<String>) -> Self {
+        Error::Context {
+            what: what.into(),
+            source: Box::new(self),
+        }
     }
 
     /// Wraps an I/O error with the file it happened on.

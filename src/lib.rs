@@ -9,6 +9,7 @@
 //! that keep a replica fresh on its own, [`cli`] is the command line.
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod engine;
 mod error;

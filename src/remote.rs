@@ -137,37 +137,50 @@ impl Server {
     }
 
     /// Every version of `replica`, oldest first.
-    pub fn versions(&self, replica: &ReplicaPath, key: Option<&str>) -> Result<Vec<VersionInfo>> {
+    pub async fn versions(
+        &self,
+        replica: &ReplicaPath,
+        key: Option<&str>,
+    ) -> Result<Vec<VersionInfo>> {
         match self {
-            Server::Embedded(store) => store.versions(replica),
-            Server::Ws { url } => runtime()?.block_on(async {
+            Server::Embedded(store) => {
+                let (store, replica) = (store.clone(), replica.clone());
+                blocking(move || store.versions(&replica)).await
+            }
+            Server::Ws { url } => {
                 let mut ws = connect(url, key).await?;
                 let config = open(&mut ws, Op::Versions, replica, None, None, false, None).await?;
                 Ok(config.versions.unwrap_or_default())
-            }),
+            }
         }
     }
 
     /// The server's keys (ids and facts, never secrets), only those of `replica` when
     /// given; `key` must be the admin key.
-    pub fn keys(&self, replica: Option<&ReplicaPath>, key: Option<&str>) -> Result<Vec<KeyInfo>> {
-        self.key_op(Op::Keys, replica, None, key)
+    pub async fn keys(
+        &self,
+        replica: Option<&ReplicaPath>,
+        key: Option<&str>,
+    ) -> Result<Vec<KeyInfo>> {
+        self.key_op(Op::Keys, replica, None, key).await
     }
 
     /// Revokes the key with id `key_id` (of `replica`, when given) and returns it; `key`
     /// must be the admin key.
-    pub fn revoke_key(
+    pub async fn revoke_key(
         &self,
         key_id: &str,
         replica: Option<&ReplicaPath>,
         key: Option<&str>,
     ) -> Result<KeyInfo> {
-        let mut list = self.key_op(Op::RevokeKey, replica, Some(key_id), key)?;
+        let mut list = self
+            .key_op(Op::RevokeKey, replica, Some(key_id), key)
+            .await?;
         list.pop()
             .ok_or_else(|| Error::Protocol("the server revoked no key and said nothing".into()))
     }
 
-    fn key_op(
+    async fn key_op(
         &self,
         op: Op,
         replica: Option<&ReplicaPath>,
@@ -180,80 +193,93 @@ impl Server {
                     .into(),
             ));
         };
-        runtime()?.block_on(async {
-            let mut ws = connect(url, key).await?;
-            let open = Open {
-                protocol: PROTOCOL_VERSION,
-                op,
-                replica: replica.map(ToString::to_string).unwrap_or_default(),
-                version: None,
-                base: None,
-                force: false,
-                role: None,
-                client_id: client_id(),
-                key_id: key_id.map(str::to_owned),
-            };
-            ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
-            let config = next_config(&mut ws, Vec::new()).await?;
-            config
-                .key_list
-                .ok_or_else(|| Error::Protocol("the server's CONFIG holds no key list".into()))
-        })
+        let mut ws = connect(url, key).await?;
+        let open = Open {
+            protocol: PROTOCOL_VERSION,
+            op,
+            replica: replica.map(ToString::to_string).unwrap_or_default(),
+            version: None,
+            base: None,
+            force: false,
+            role: None,
+            client_id: client_id(),
+            key_id: key_id.map(str::to_owned),
+        };
+        ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
+        let config = next_config(&mut ws, Vec::new()).await?;
+        config
+            .key_list
+            .ok_or_else(|| Error::Protocol("the server's CONFIG holds no key list".into()))
     }
 
     /// Pushes the database at `local` as a new version of `replica`.
-    pub fn push(
+    pub async fn push(
         &self,
         local: &Path,
         replica: &ReplicaPath,
         request: PushRequest,
         progress: Arc<dyn Progress>,
     ) -> Result<PushOutcome> {
-        let mut source = Snapshot::open(local)?;
-        if !request.allow_corrupt {
-            check_source(&source)?;
-        }
         let url = self.url();
-        // The manifest of the base version, if this client pushed it: no hash travels.
-        let kept = match (
-            &request.database,
-            request.options.base,
-            request.options.force,
-        ) {
-            (Some(db), Some(base), false) => {
-                history::load_manifest(db, &url, replica.as_str(), base)
-            }
-            _ => None,
+        // The read transaction opens (and LOCAL is checked) before anything is sent: a
+        // damaged LOCAL is refused even when the server is out of reach.
+        let (mut source, kept) = {
+            let (local, replica, url) = (local.to_owned(), replica.clone(), url.clone());
+            let (database, allow_corrupt) = (request.database.clone(), request.allow_corrupt);
+            let (base, force) = (request.options.base, request.options.force);
+            blocking(move || {
+                let source = Snapshot::open(&local)?;
+                if !allow_corrupt {
+                    check_source(&source)?;
+                }
+                // The manifest of the base version, if this client pushed it: no hash
+                // travels.
+                let kept = match (database, base, force) {
+                    (Some(db), Some(base), false) => {
+                        history::load_manifest(&db, &url, replica.as_str(), base)
+                    }
+                    _ => None,
+                };
+                Ok((source, kept))
+            })
+            .await?
         };
         let (outcome, pushed) = match self {
             Server::Embedded(store) => {
-                let mut target = store.push(replica, request.options)?;
-                let (stats, pushed) = push_origin(&mut source, kept, |source, options| {
-                    sync_local_with(source, &mut target, &*progress, options)
-                })?;
-                let (version, created) = target
-                    .outcome()
-                    .expect("a successful sync leaves an outcome");
-                if created {
+                let (outcome, pushed) = {
+                    let (store, replica) = (store.clone(), replica.clone());
+                    let options = request.options;
+                    blocking(move || {
+                        let mut target = store.push(&replica, options)?;
+                        let (stats, pushed) = push_origin(&mut source, kept, |source, options| {
+                            sync_local_with(source, &mut target, &*progress, options)
+                        })?;
+                        let (version, created) = target
+                            .outcome()
+                            .expect("a successful sync leaves an outcome");
+                        let outcome = PushOutcome {
+                            stats,
+                            version: version.number,
+                            created,
+                            repaired: target.repaired(),
+                            keys: None,
+                        };
+                        Ok((outcome, pushed))
+                    })
+                    .await?
+                };
+                if outcome.created {
                     // Subscribers of this replica on this machine learn of it at once.
                     local::notify(
                         store.root(),
                         replica.as_str(),
-                        local::Message::Version(version.number),
-                    );
+                        local::Message::Version(outcome.version),
+                    )
+                    .await;
                 }
-                (
-                    PushOutcome {
-                        stats,
-                        version: version.number,
-                        created,
-                        repaired: target.repaired(),
-                        keys: None,
-                    },
-                    pushed,
-                )
+                (outcome, pushed)
             }
-            Server::Ws { url } => runtime()?.block_on(async {
+            Server::Ws { url } => {
                 let mut ws = connect(url, request.key.as_deref()).await?;
                 let o = &request.options;
                 let config = open(&mut ws, Op::Push, replica, None, o.base, o.force, None).await?;
@@ -298,10 +324,10 @@ impl Server {
                     repaired: config.repaired.unwrap_or(0),
                     keys: config.keys,
                 };
-                Ok::<_, Error>((outcome, pushed))
-            })?,
+                (outcome, pushed)
+            }
         };
-        if let (Some(db), Some(pushed)) = (&request.database, pushed) {
+        if let (Some(db), Some(pushed)) = (request.database, pushed) {
             let header = history::ManifestHeader {
                 server: url,
                 replica: replica.to_string(),
@@ -309,13 +335,17 @@ impl Server {
                 page_size: pushed.page_size,
                 page_count: pushed.page_count,
             };
-            history::save_manifest(db, &header, &mut pushed.hashes());
+            blocking(move || {
+                history::save_manifest(&db, &header, &mut pushed.hashes());
+                Ok(())
+            })
+            .await?;
         }
         Ok(outcome)
     }
 
     /// Pulls one version of `replica` into the database at `local`, atomically.
-    pub fn pull(
+    pub async fn pull(
         &self,
         replica: &ReplicaPath,
         selector: Selector,
@@ -323,15 +353,17 @@ impl Server {
         key: Option<&str>,
         progress: Arc<dyn Progress>,
     ) -> Result<PullOutcome> {
-        let target = Writer::open(local)?;
+        let local = local.to_owned();
+        let target = blocking(move || Writer::open(&local)).await?;
         self.pull_into(replica, selector, target, key, progress)
+            .await
             .map(|(outcome, _)| outcome)
     }
 
     /// Pulls one version of `replica` through `target`, and hands the writer back for
     /// the next pull (a subscriber keeps one across pulls; see
     /// [`Writer::keep_committed_hashes`]).
-    pub fn pull_into(
+    pub async fn pull_into(
         &self,
         replica: &ReplicaPath,
         selector: Selector,
@@ -341,14 +373,18 @@ impl Server {
     ) -> Result<(PullOutcome, Writer)> {
         match self {
             Server::Embedded(store) => {
-                let mut source = store.read(replica, selector)?;
-                let version = source.info().number;
-                let mut stats = sync_local(&mut source, &mut target, &*progress)?;
-                // The origin's figures: what it sent is what this side received.
-                std::mem::swap(&mut stats.bytes_sent, &mut stats.bytes_received);
-                Ok((PullOutcome { stats, version }, target))
+                let (store, replica) = (store.clone(), replica.clone());
+                blocking(move || {
+                    let mut source = store.read(&replica, selector)?;
+                    let version = source.info().number;
+                    let mut stats = sync_local(&mut source, &mut target, &*progress)?;
+                    // The origin's figures: what it sent is what this side received.
+                    std::mem::swap(&mut stats.bytes_sent, &mut stats.bytes_received);
+                    Ok((PullOutcome { stats, version }, target))
+                })
+                .await
             }
-            Server::Ws { url } => runtime()?.block_on(async {
+            Server::Ws { url } => {
                 let mut ws = connect(url, key).await?;
                 let config = open(
                     &mut ws,
@@ -391,9 +427,20 @@ impl Server {
                     },
                     target,
                 ))
-            }),
+            }
         }
     }
+}
+
+/// Runs blocking work (SQLite, files, the engine) on a blocking thread of the caller's
+/// runtime and waits for it without holding up an async thread. A panic in it becomes
+/// [`Error::Bug`].
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await?
 }
 
 /// Refuses a push source that fails `PRAGMA quick_check`, run inside the snapshot's
@@ -509,14 +556,6 @@ fn link_sent(link: &crate::engine::ChannelLink) -> u64 {
 fn link_received(link: &crate::engine::ChannelLink) -> u64 {
     use crate::engine::Link;
     link.bytes_received()
-}
-
-/// A single-threaded runtime for one client operation.
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io(Path::new("tokio runtime"), e))
 }
 
 type Socket =

@@ -10,7 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::{Global, RemoteArgs, exit, out};
 use crate::protocol::control::KeyInfo;
-use crate::store::ReplicaPath;
+use crate::shutdown::Shutdown;
 
 /// Arguments of `sqlferry keys`.
 #[derive(Debug, clap::Args)]
@@ -66,11 +66,17 @@ pub struct RevokeArgs {
 
 impl KeysArgs {
     /// Runs the command.
-    pub fn run(self, _global: &Global) -> anyhow::Result<ExitCode> {
-        match self.action {
+    pub async fn run(self, _global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+        super::interruptible(shutdown, self.action.run()).await
+    }
+}
+
+impl KeysAction {
+    async fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
             KeysAction::List(args) => {
-                let (server, replica) = target(&args.connection, args.remote.as_deref())?;
-                let keys = server.keys(replica.as_ref(), args.connection.key.as_deref())?;
+                let connection = args.connection.options();
+                let keys = crate::client::keys(&connection, args.remote.as_deref()).await?;
                 if args.json {
                     out(format_args!("{}", serde_json::to_string(&keys)?))?;
                     return Ok(ExitCode::from(exit::OK));
@@ -103,9 +109,8 @@ impl KeysArgs {
                             .into(),
                     )
                 })?;
-                let (server, replica) = target(&args.connection, remote)?;
-                let key =
-                    server.revoke_key(&id, replica.as_ref(), args.connection.key.as_deref())?;
+                let connection = args.connection.options();
+                let key = crate::client::revoke_key(&connection, remote, &id).await?;
                 if args.json {
                     out(format_args!("{}", serde_json::to_string(&key)?))?;
                 } else {
@@ -114,21 +119,6 @@ impl KeysArgs {
                 Ok(ExitCode::from(exit::OK))
             }
         }
-    }
-}
-
-/// The server and the replica filter REMOTE names: a `ws://`/`wss://` URL is the
-/// server (it wins over `--server`); anything else is a replica path.
-fn target(
-    connection: &RemoteArgs,
-    remote: Option<&str>,
-) -> anyhow::Result<(crate::remote::Server, Option<ReplicaPath>)> {
-    match remote {
-        Some(url) if url.starts_with("ws://") || url.starts_with("wss://") => {
-            Ok((crate::remote::Server::parse(Some(url))?, None))
-        }
-        Some(replica) => Ok((connection.resolve()?, Some(ReplicaPath::parse(replica)?))),
-        None => Ok((connection.resolve()?, None)),
     }
 }
 

@@ -3,20 +3,15 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-
-use anyhow::Context;
-
-use super::progress::Bar;
 use std::sync::Arc;
 
+use super::progress::Bar;
 use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, is_local_path, out};
-use crate::config::{Secret, Sidecar};
-use crate::engine::{PageSource, Progress, sync_local};
-use crate::history::{self, LastSync};
-use crate::page::{Snapshot, Writer};
+use crate::client::{Pusher, SavedKeys};
+use crate::engine::Progress;
 use crate::protocol::MAX_TEXT_BYTES;
-use crate::remote::{PushRequest, Server};
-use crate::store::{PushOptions, ReplicaPath};
+use crate::shutdown::Shutdown;
+use crate::store::ReplicaPath;
 
 /// Arguments of `sqlferry push`.
 #[derive(Debug, clap::Args)]
@@ -86,10 +81,10 @@ pub struct PushArgs {
 
 impl PushArgs {
     /// Runs the command.
-    pub fn run(self, global: &Global) -> anyhow::Result<ExitCode> {
+    pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let local = expand_tilde(&self.local);
         if is_local_path(&self.remote) {
-            return self.push_file(&local, global);
+            return super::interruptible(shutdown, self.push_file(&local, global)).await;
         }
         let replica = ReplicaPath::parse(&self.remote)?;
         if self.message.len() > MAX_TEXT_BYTES {
@@ -99,16 +94,33 @@ impl PushArgs {
             ))
             .into());
         }
-        let server = self
+        let resolved = self
             .connection
-            .resolve_for(&local, &replica, global.quiet)?;
-        let mut pusher = Pusher::new(&local, replica, server, self.connection.key.clone())?;
+            .options()
+            .resolve_for(&local, &replica)
+            .await?;
+        if let Some(saved) = &resolved.from_saved_key
+            && !global.quiet
+        {
+            eprintln!("{}", using_saved_server(saved, &local, &replica));
+        }
+        let mut pusher = Pusher::open(
+            &local,
+            replica,
+            resolved.server,
+            self.connection.key.clone(),
+        )
+        .await?;
         pusher.message = self.message.clone();
         pusher.force = self.force;
         pusher.new_keys = self.new_keys;
         pusher.allow_corrupt = self.allow_corrupt;
         if self.subscribe {
-            return super::subscribe::run_push(pusher, &self.timing, global);
+            // TEMP(issue 9 merge): `run_push` becomes async and takes the shutdown
+            // (helper "subscribe"); until then it runs its own runtime.
+            return tokio::task::block_in_place(|| {
+                super::subscribe::run_push(pusher, &self.timing, global)
+            });
         }
         if self.timing.any() {
             return Err(crate::Error::Usage(
@@ -117,13 +129,29 @@ impl PushArgs {
             .into());
         }
         pusher.require_key()?;
-        if self.dry_run {
-            let request = pusher.request();
-            return self.dry_run(&local, &pusher.replica, &pusher.server, &request);
-        }
-        let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
-        let (outcome, notes) = pusher.push(bar)?;
-        let replica = &pusher.replica;
+        super::interruptible(shutdown, async {
+            if self.dry_run {
+                return self.dry_run(&pusher).await;
+            }
+            let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
+            let report = pusher.push(bar).await?;
+            self.print(&pusher, &report.outcome, global)?;
+            if let Some(saved) = &report.saved_keys {
+                eprintln!("{}", new_keys_note(saved, &pusher));
+            }
+            Ok(ExitCode::from(exit::OK))
+        })
+        .await
+    }
+
+    /// The result, as a line or one JSON object.
+    fn print(
+        &self,
+        pusher: &Pusher,
+        outcome: &crate::remote::PushOutcome,
+        global: &Global,
+    ) -> anyhow::Result<()> {
+        let (replica, local) = (&pusher.replica, &pusher.local);
         if self.json {
             let mut v = serde_json::to_value(&outcome.stats)?;
             v["replica"] = replica.as_str().into();
@@ -158,63 +186,43 @@ impl PushArgs {
                 ))?;
             }
         }
-        for note in notes {
-            eprintln!("{note}");
-        }
-        Ok(ExitCode::from(exit::OK))
+        Ok(())
     }
 
     /// `--dry-run`: what a push would do, keys masked, nothing changed.
-    fn dry_run(
-        &self,
-        local: &Path,
-        replica: &ReplicaPath,
-        server: &Server,
-        request: &PushRequest,
-    ) -> anyhow::Result<ExitCode> {
-        let snap = Snapshot::open(local).context("cannot read LOCAL")?;
-        let latest = match server.versions(replica, request.key.as_deref()) {
-            Ok(v) => v.last().map(|v| v.number),
-            Err(e) if e.kind() == crate::ErrorKind::NotFound => None,
-            Err(e) => return Err(e.into()),
-        };
-        let base = request.options.base;
-        let size = u64::from(snap.page_count()) * u64::from(snap.page_size());
-        let conflict = !self.force && latest.is_some() && latest != base;
-        // The real push checks first, so a damaged LOCAL is refused before a conflict.
-        let damaged = match self.allow_corrupt {
-            true => None,
-            false => crate::remote::check_source(&snap).err(),
-        };
-        let key = request.key.as_deref().map_or("no key".to_owned(), |k| {
+    async fn dry_run(&self, pusher: &Pusher) -> anyhow::Result<ExitCode> {
+        let plan = pusher.plan().await?;
+        let key = pusher.key.as_deref().map_or("no key".to_owned(), |k| {
             format!("key {}", crate::server::mask(k))
         });
         out(format_args!(
-            "would push {} ({}, {} pages) to {replica} on {} with {key}: {}",
-            local.display(),
-            human_bytes(size),
-            snap.page_count(),
-            server.url(),
-            match (latest, conflict) {
-                _ if damaged.is_some() => format!(
+            "would push {} ({}, {} pages) to {} on {} with {key}: {}",
+            pusher.local.display(),
+            human_bytes(plan.size),
+            plan.page_count,
+            pusher.replica,
+            pusher.server.url(),
+            match (plan.latest, plan.conflict) {
+                _ if plan.damaged.is_some() => format!(
                     "refused (exit 7), {}",
-                    damaged
+                    plan.damaged
                         .as_ref()
                         .map(ToString::to_string)
                         .unwrap_or_default()
                 ),
                 (_, true) => format!(
                     "refused, VERSION_CONFLICT: the replica is at version {}, LOCAL is based on {}",
-                    latest.unwrap_or(0),
-                    base.map_or("no version".into(), |b| format!("version {b}"))
+                    plan.latest.unwrap_or(0),
+                    plan.base
+                        .map_or("no version".into(), |b| format!("version {b}"))
                 ),
                 (None, _) => "creating the replica as version 1".into(),
                 (Some(n), _) => format!("version {} if anything changed since version {n}", n + 1),
             }
         ))?;
-        Ok(ExitCode::from(if damaged.is_some() {
+        Ok(ExitCode::from(if plan.damaged.is_some() {
             exit::VERIFY
-        } else if conflict {
+        } else if plan.conflict {
             exit::CONFLICT
         } else {
             exit::OK
@@ -222,48 +230,27 @@ impl PushArgs {
     }
 
     /// `push SRC DEST` between two local files.
-    fn push_file(&self, src: &Path, global: &Global) -> anyhow::Result<ExitCode> {
+    async fn push_file(&self, src: &Path, global: &Global) -> anyhow::Result<ExitCode> {
         let dest = expand_tilde(&self.remote);
-        if let (Ok(a), Ok(b)) = (src.canonicalize(), dest.canonicalize())
-            && a == b
-        {
-            return Err(crate::Error::Usage(format!(
-                "LOCAL and REMOTE are the same file ({})",
-                a.display()
-            ))
-            .into());
-        }
         if self.dry_run {
-            let snap = Snapshot::open(src).context("cannot read LOCAL")?;
-            let damaged = match self.allow_corrupt {
-                true => None,
-                false => crate::remote::check_source(&snap).err(),
-            };
+            let plan = crate::client::plan_copy(src, &dest, self.allow_corrupt).await?;
             out(format_args!(
                 "would sync {} ({} pages) into {}{}",
                 src.display(),
-                snap.page_count(),
+                plan.page_count,
                 dest.display(),
-                damaged
+                plan.damaged
                     .as_ref()
                     .map_or(String::new(), |e| format!(": refused (exit 7), {e}"))
             ))?;
-            return Ok(ExitCode::from(if damaged.is_some() {
+            return Ok(ExitCode::from(if plan.damaged.is_some() {
                 exit::VERIFY
             } else {
                 exit::OK
             }));
         }
-        let mut source = Snapshot::open(src).context("cannot read LOCAL")?;
-        if !self.allow_corrupt {
-            crate::remote::check_source(&source)?;
-        }
-        let mut target = Writer::open(&dest).context("cannot write REMOTE")?;
-        let bar = Bar::new(!global.quiet && !self.json);
-        let stats = sync_local(&mut source, &mut target, &bar)
-            .with_context(|| format!("push {} to {} failed", src.display(), dest.display()))?;
-        drop(source);
-        drop(target);
+        let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
+        let stats = crate::client::copy_file(src, &dest, self.allow_corrupt, bar).await?;
         if self.json {
             out(format_args!("{}", serde_json::to_string(&stats)?))?;
         } else if !global.quiet {
@@ -283,151 +270,23 @@ impl PushArgs {
     }
 }
 
-/// One database pushed to one replica, again and again: `push` and the push
-/// subscriber share it. Each push takes its base version from the local history, so
-/// a subscriber's pushes chain without conflicts.
-#[derive(Debug)]
-pub struct Pusher {
-    /// The database, as given.
-    pub local: std::path::PathBuf,
-    /// The database, absolute: the key of its history and saved key.
-    pub database: std::path::PathBuf,
-    /// The replica.
-    pub replica: ReplicaPath,
-    /// Where it lives.
-    pub server: Server,
-    /// The key (none for the embedded store).
-    pub key: Option<String>,
-    /// Whether the key was saved for this database by an earlier push (a PUSH key).
-    stored: bool,
-    /// The commit message of each version.
-    pub message: String,
-    /// Push even if the replica moved past the base version.
-    pub force: bool,
-    /// Ask for new keys even if the replica exists (`--new-keys`).
-    pub new_keys: bool,
-    /// Push even if LOCAL fails `PRAGMA quick_check`.
-    pub allow_corrupt: bool,
+/// What stderr says when no store was named and LOCAL's saved key chose the server.
+pub(super) fn using_saved_server(server: &str, local: &Path, replica: &ReplicaPath) -> String {
+    format!(
+        "sqlferry: using {server}, the server {} was pushed to as {replica} (its key is \
+         in the secrets file); --server names another store",
+        local.display()
+    )
 }
 
-impl Pusher {
-    /// A pusher of `local` to `replica`; the key is `key` (`--key`, `SQLFERRY_KEY`),
-    /// else the one saved for `local`, else, for a subscriber, the sidecar's PULL key.
-    pub fn new(
-        local: &Path,
-        replica: ReplicaPath,
-        server: Server,
-        key: Option<String>,
-    ) -> anyhow::Result<Pusher> {
-        let database = crate::config::database_key(local);
-        let secrets = crate::config::Secrets::load()?;
-        // Saved under the database's key; before keys resolved links, under its
-        // absolute path.
-        let absolute = std::path::absolute(local).ok();
-        let saved = [Some(&database), absolute.as_ref()]
-            .into_iter()
-            .flatten()
-            .find_map(|db| secrets.for_database(db))
-            .filter(|s| s.server == server.url() && s.replica == replica.as_str())
-            .map(|s| s.key.clone());
-        let stored = saved.is_some();
-        let key = key.or(saved);
-        Ok(Pusher {
-            local: local.to_owned(),
-            database,
-            replica,
-            server,
-            key,
-            stored,
-            message: String::new(),
-            force: false,
-            new_keys: false,
-            allow_corrupt: false,
-        })
-    }
-
-    /// Fails with an auth error when a server needs a key and there is none.
-    pub fn require_key(&self) -> anyhow::Result<()> {
-        if self.server.needs_key() && self.key.is_none() {
-            return Err(crate::Error::Auth(format!(
-                "no key for {} on {}: pass --key (the admin key for a first push) or set SQLFERRY_KEY",
-                self.replica,
-                self.server.url()
-            ))
-            .into());
-        }
-        Ok(())
-    }
-
-    /// The request the next push makes.
-    pub fn request(&self) -> PushRequest {
-        let last = history::last_with(&self.database, &self.server.url(), self.replica.as_str());
-        PushRequest {
-            database: Some(self.database.clone()),
-            options: PushOptions {
-                base: last.as_ref().map(|l| l.version),
-                force: self.force,
-                message: self.message.clone(),
-                client_id: crate::remote::client_id(),
-                key_id: String::new(),
-            },
-            key: self.key.clone(),
-            // Without a stored PUSH key, ask for keys: an admin key's first push of a
-            // replica then leaves a PUSH key here and a PULL key in the sidecar.
-            key_request: self.server.needs_key() && !self.stored,
-            new_keys: self.new_keys,
-            allow_corrupt: self.allow_corrupt,
-        }
-    }
-
-    /// Pushes once; records the version in the local history and saves new keys.
-    /// Returns the outcome and notes for the user (where new keys went).
-    pub fn push(
-        &mut self,
-        progress: Arc<dyn Progress>,
-    ) -> anyhow::Result<(crate::remote::PushOutcome, Vec<String>)> {
-        self.require_key()?;
-        let (local, replica) = (&self.local, &self.replica);
-        let outcome = self
-            .server
-            .push(local, replica, self.request(), progress)
-            .with_context(|| format!("push {} to {replica} failed", local.display()))?;
-        history::record(&LastSync::now(
-            &self.database,
-            self.server.url(),
-            replica.as_str(),
-            outcome.version,
-            &outcome.stats.digest,
-            "push",
-        ));
-        let mut notes = Vec::new();
-        if let Some(keys) = &outcome.keys {
-            let entry = Secret {
-                server: self.server.url(),
-                replica: replica.to_string(),
-                key: keys.push.clone(),
-            };
-            let name = self.database.to_string_lossy().into_owned();
-            let secrets_path = crate::config::Secrets::update(|secrets| {
-                secrets.databases.insert(name, entry);
-            })?;
-            let sidecar = Sidecar {
-                server: self.server.url(),
-                replica: replica.to_string(),
-                key: keys.pull.clone(),
-            }
-            .save(local)?;
-            notes.push(format!(
-                "new keys for {replica}: the PUSH key is saved in {} (next pushes of {} need no key); \
-                 {} holds the PULL key: copy it beside a database elsewhere and run it to pull",
-                secrets_path.display(),
-                local.display(),
-                sidecar.display()
-            ));
-            // Later pushes (a subscriber's) use the replica's own PUSH key.
-            self.key = Some(keys.push.clone());
-            self.stored = true;
-        }
-        Ok((outcome, notes))
-    }
+/// What stderr says after a push saved new keys.
+pub(super) fn new_keys_note(saved: &SavedKeys, pusher: &Pusher) -> String {
+    format!(
+        "new keys for {}: the PUSH key is saved in {} (next pushes of {} need no key); \
+         {} holds the PULL key: copy it beside a database elsewhere and run it to pull",
+        pusher.replica,
+        saved.secrets.display(),
+        pusher.local.display(),
+        saved.sidecar.display()
+    )
 }

@@ -6,15 +6,13 @@
 //! pushes left), so it is safe beside a running server.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{Global, exit, expand_tilde, human_bytes, out};
-use crate::remote::Server;
-use crate::store::{ScrubProgress, Store};
+use crate::shutdown::Shutdown;
+use crate::store::ScrubProgress;
 
 /// Arguments of `sqlferry scrub`.
 #[derive(Debug, clap::Args)]
@@ -43,32 +41,13 @@ pub struct ScrubArgs {
 
 impl ScrubArgs {
     /// Runs the command.
-    pub fn run(self, global: &Global) -> anyhow::Result<ExitCode> {
-        let root: PathBuf = match (&self.data, &self.server) {
-            (Some(dir), _) => expand_tilde(dir),
-            (None, url) => {
-                let url = match url {
-                    Some(u) => Some(u.clone()),
-                    None => crate::config::Settings::load()?.server,
-                };
-                match Server::parse(url.as_deref())? {
-                    Server::Embedded(store) => store.root().to_owned(),
-                    Server::Ws { url } => {
-                        return Err(crate::Error::Usage(format!(
-                            "{url} is a server: run `sqlferry scrub --data DIR` on its machine, with its data directory"
-                        ))
-                        .into());
-                    }
-                }
-            }
-        };
-        if !root.is_dir() {
-            return Err(crate::Error::NotFound(format!(
-                "{}: no such store directory",
-                root.display()
-            ))
-            .into());
-        }
+    pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+        super::interruptible(shutdown, self.scrub(global)).await
+    }
+
+    async fn scrub(&self, global: &Global) -> anyhow::Result<ExitCode> {
+        let data = self.data.as_deref().map(expand_tilde);
+        let root = crate::client::scrub_root(data, self.server.clone()).await?;
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
         if !global.quiet && !self.json && std::io::stderr().is_terminal() {
             bar.set_draw_target(ProgressDrawTarget::stderr());
@@ -80,15 +59,15 @@ impl ScrubArgs {
                 .progress_chars("=> "),
             );
         }
-        let report = Store::new(&root)
-            .scrub(&mut |p: &ScrubProgress| {
-                if bar.prefix() != p.replica {
-                    bar.set_prefix(p.replica.clone());
-                    bar.set_length(p.total);
-                }
-                bar.set_position(p.done);
-            })
-            .with_context(|| format!("scrubbing {}", root.display()))?;
+        let shown = bar.clone();
+        let report = crate::client::scrub(&root, move |p: &ScrubProgress| {
+            if shown.prefix() != p.replica {
+                shown.set_prefix(p.replica.clone());
+                shown.set_length(p.total);
+            }
+            shown.set_position(p.done);
+        })
+        .await?;
         bar.finish_and_clear();
         let clean = report.is_clean();
         if self.json {

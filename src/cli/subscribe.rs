@@ -8,12 +8,12 @@ use anyhow::Context;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::pull::Puller;
-use super::push::Pusher;
 use super::{Global, RemoteArgs, exit, expand_tilde, out};
+use crate::client::{Puller, Pusher};
 use crate::config::{Secrets, Sidecar};
 use crate::protocol::control::SubscriberRole;
 use crate::remote::{Server, no_progress};
+use crate::shutdown::Shutdown;
 use crate::store::ReplicaPath;
 use crate::subscribe::pull::Pulled;
 use crate::subscribe::push::{Ended, PushSubscriber, Pushed};
@@ -148,10 +148,12 @@ pub(super) fn run_push(
             } else {
                 message.clone()
             };
-            let (o, notes) = p.push(no_progress())?;
-            for note in notes {
-                eprintln!("{note}");
+            // TEMP(issue 9 merge): the subscriber loop calls the client itself.
+            let report = tokio::runtime::Handle::current().block_on(p.push(no_progress()))?;
+            if let Some(saved) = &report.saved_keys {
+                eprintln!("{}", super::push::new_keys_note(saved, &p));
             }
+            let o = report.outcome;
             Ok(Pushed {
                 version: o.version,
                 created: o.created,
@@ -164,7 +166,9 @@ pub(super) fn run_push(
     };
     let ended = run_loop(async {
         let signals = Signals::catch()?;
-        let mut subscription = server.subscribe(&replica, SubscriberRole::Push, key.clone())?;
+        let mut subscription = server
+            .subscribe(&replica, SubscriberRole::Push, key.clone())
+            .await?;
         line.out(format!(
             "push subscriber: {} to {replica} on {}, {}",
             database.display(),
@@ -235,7 +239,7 @@ fn unsynced_changes(
     let Some(last) = crate::history::last_with(&database, &server.url(), replica.as_str()) else {
         return Ok(Some("was never pulled from it"));
     };
-    let now = super::pull::local_digest(local)?;
+    let now = crate::client::local_digest(local)?;
     Ok((now.as_deref() != Some(last.digest.as_str())).then_some("has changed since its last sync"))
 }
 
@@ -261,10 +265,11 @@ pub(super) fn run_pull(puller: Puller, global: &Global) -> anyhow::Result<ExitCo
         .into());
     }
     let local = puller.local.clone();
-    let kept = Mutex::new(super::pull::Kept::default());
+    let kept = Mutex::new(crate::client::Kept::default());
     let pull = move || -> anyhow::Result<Pulled> {
         let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
-        let o = puller.pull_latest_kept(&mut kept)?;
+        // TEMP(issue 9 merge): the subscriber loop calls the client itself.
+        let o = tokio::runtime::Handle::current().block_on(puller.pull_latest_kept(&mut kept))?;
         Ok(Pulled {
             version: o.version,
             pages_written: u64::from(o.stats.pages_sent),
@@ -276,7 +281,9 @@ pub(super) fn run_pull(puller: Puller, global: &Global) -> anyhow::Result<ExitCo
     let label = format!("pull subscriber of {replica} on {}", server.url());
     let interrupted = run_loop(async {
         let signals = Signals::catch()?;
-        let mut subscription = server.subscribe(&replica, SubscriberRole::Pull, key)?;
+        let mut subscription = server
+            .subscribe(&replica, SubscriberRole::Pull, key)
+            .await?;
         line.out(format!(
             "pull subscriber: {replica} on {} into {}",
             server.url(),
@@ -403,29 +410,24 @@ pub struct SyncNowArgs {
 
 impl SyncNowArgs {
     /// Runs the command.
-    pub fn run(self, global: &Global) -> anyhow::Result<ExitCode> {
+    pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let replica = ReplicaPath::parse(&self.remote)?;
-        let server = self.connection.resolve()?;
-        let key = self.connection.key_for(&server, &replica, None);
-        if server.needs_key() && key.is_none() {
-            return Err(crate::Error::Auth(format!(
-                "no key for {replica} on {}: pass --key or set SQLFERRY_KEY (a PUSH or admin key)",
-                server.url()
-            ))
-            .into());
-        }
-        let reached = server.sync_now(&replica, key.as_deref())?;
-        if self.json {
-            out(format_args!(
-                "{}",
-                serde_json::json!({"replica": replica.as_str(), "reached": reached})
-            ))?;
-        } else if !global.quiet {
-            let s = if reached == 1 { "" } else { "s" };
-            out(format_args!(
-                "sync-now {replica}: {reached} subscriber{s} reached"
-            ))?;
-        }
-        Ok(ExitCode::from(exit::OK))
+        let connection = self.connection.options();
+        let asked = super::interruptible(shutdown, async {
+            let reached = crate::client::sync_now(&connection, &replica).await?;
+            if self.json {
+                out(format_args!(
+                    "{}",
+                    serde_json::json!({"replica": replica.as_str(), "reached": reached})
+                ))?;
+            } else if !global.quiet {
+                let s = if reached == 1 { "" } else { "s" };
+                out(format_args!(
+                    "sync-now {replica}: {reached} subscriber{s} reached"
+                ))?;
+            }
+            Ok(ExitCode::from(exit::OK))
+        });
+        asked.await
     }
 }

@@ -1,13 +1,9 @@
 //! `sqlferry verify FILE`: the digest, page size, page count and integrity of a database.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-
 use super::{Global, RemoteArgs, exit, expand_tilde, is_local_path, out};
-use crate::engine::PageSource;
-use crate::page::{JournalMode, Snapshot, hex, page_hash};
+use crate::shutdown::Shutdown;
 
 /// Arguments of `sqlferry verify`.
 #[derive(Debug, clap::Args)]
@@ -36,30 +32,24 @@ pub struct VerifyArgs {
     pub connection: RemoteArgs,
 }
 
-/// What `verify` reports.
-#[derive(Debug, serde::Serialize)]
-struct Report {
-    file: PathBuf,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    replica: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<u64>,
-    digest: String,
-    page_size: u32,
-    page_count: u32,
-    journal_mode: JournalMode,
-    integrity: Vec<String>,
-}
-
 impl VerifyArgs {
     /// Runs the command.
-    pub fn run(self, global: &Global) -> anyhow::Result<ExitCode> {
+    pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+        super::interruptible(shutdown, self.verify(global)).await
+    }
+
+    async fn verify(&self, global: &Global) -> anyhow::Result<ExitCode> {
         let path = expand_tilde(&self.file);
-        let report = match self.stored_version()? {
-            Some(report) => report,
-            None => check(&path)?,
+        // FILE is a stored version when it is no local path and names one.
+        let stored = match is_local_path(&self.file) {
+            true => None,
+            false => crate::client::verify_stored(&self.connection.options(), &self.file).await?,
         };
-        let ok = report.integrity == ["ok"];
+        let report = match stored {
+            Some(report) => report,
+            None => crate::client::verify_file(&path).await?,
+        };
+        let ok = report.is_ok();
         if self.json {
             out(format_args!("{}", serde_json::to_string(&report)?))?;
         } else if !global.quiet || !ok {
@@ -83,91 +73,4 @@ impl VerifyArgs {
         }
         Ok(ExitCode::from(if ok { exit::OK } else { exit::VERIFY }))
     }
-}
-
-impl VerifyArgs {
-    /// Verifies FILE as a stored version when it names one; `None` when FILE is a local
-    /// path (or names nothing else).
-    fn stored_version(&self) -> anyhow::Result<Option<Report>> {
-        if is_local_path(&self.file) {
-            return Ok(None);
-        }
-        let Ok((replica, selector)) = crate::store::Selector::split(&self.file) else {
-            return Ok(None);
-        };
-        let server = self.connection.resolve()?;
-        let key = self.connection.key_for(&server, &replica, None);
-        let versions = server.versions(&replica, key.as_deref()).map_err(|e| {
-            let hint = format!("no file {} here either", self.file);
-            anyhow::Error::from(e).context(hint)
-        })?;
-        let tmp = tempfile::tempdir().context("cannot make a temporary directory")?;
-        let copy = tmp.path().join("version.db");
-        let pulled = server
-            .pull(
-                &replica,
-                selector,
-                &copy,
-                key.as_deref(),
-                crate::remote::no_progress(),
-            )
-            .with_context(|| format!("cannot fetch {replica}@{selector}"))?;
-        let mut report = check(&copy)?;
-        let recorded = versions
-            .iter()
-            .find(|v| v.number == pulled.version)
-            .map(|v| v.digest.clone())
-            .unwrap_or_default();
-        if recorded != report.digest {
-            report.integrity.push(format!(
-                "digest {} differs from the one recorded for version {}: {recorded}",
-                report.digest, pulled.version
-            ));
-        }
-        report.file = PathBuf::from(format!("{replica}@{}", pulled.version));
-        report.replica = Some(replica.to_string());
-        report.version = Some(pulled.version);
-        Ok(Some(report))
-    }
-}
-
-/// Hashes every page of the database at `path` afresh and runs its integrity check.
-fn check(path: &std::path::Path) -> anyhow::Result<Report> {
-    let mut snap = match Snapshot::open(path) {
-        Ok(snap) => snap,
-        // A file that is there and readable but is no valid database failed the
-        // verification (7); a missing or unreadable one stays a local error (3).
-        Err(e) if e.kind() == crate::ErrorKind::NotADatabase => {
-            return Err(anyhow::Error::from(crate::Error::Verification(format!(
-                "not a valid SQLite database: {e}"
-            ))));
-        }
-        Err(e) => return Err(anyhow::Error::from(e).context("cannot verify")),
-    };
-    let (page_size, page_count) = (snap.page_size(), snap.page_count());
-    let mut digest = crate::page::Digest::new(page_size, page_count);
-    // Every page is hashed afresh here: verify is the check, it trusts no cache.
-    snap.for_each_page(&mut |pgno, data| {
-        digest.push(&page_hash(pgno, data));
-        Ok(())
-    })?;
-    let digest = digest
-        .finish()
-        .context("the page count changed while reading")?;
-    let integrity = match snap.integrity_check() {
-        Ok(lines) => lines,
-        // SQLite could not even walk the file: that is the check's answer.
-        Err(e) if e.kind() == crate::ErrorKind::Verification => vec![e.to_string()],
-        Err(e) => return Err(e.into()),
-    };
-    Ok(Report {
-        file: path.to_owned(),
-        replica: None,
-        version: None,
-        digest: hex(&digest),
-        page_size,
-        page_count,
-        journal_mode: snap.journal_mode(),
-        integrity,
-    })
 }

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::{Global, RemoteArgs, exit, human_bytes, out};
+use crate::shutdown::Shutdown;
 use crate::store::ReplicaPath;
 
 /// Arguments of `sqlferry versions`.
@@ -22,12 +23,17 @@ pub struct VersionsArgs {
 
 impl VersionsArgs {
     /// Runs the command.
-    pub fn run(self, _global: &Global) -> anyhow::Result<ExitCode> {
+    pub async fn run(self, _global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let replica = ReplicaPath::parse(&self.remote)?;
-        let server = self.connection.resolve()?;
-        // Any key saved for this replica will do: listing versions needs only pull rights.
-        let key = self.connection.key_for(&server, &replica, None);
-        let versions = server.versions(&replica, key.as_deref())?;
+        let connection = self.connection.options();
+        let listed = super::interruptible(shutdown, async {
+            let versions = crate::client::versions(&connection, &replica).await?;
+            self.print(&versions)
+        });
+        listed.await
+    }
+
+    fn print(&self, versions: &[crate::store::VersionInfo]) -> anyhow::Result<ExitCode> {
         if self.json {
             out(format_args!("{}", serde_json::to_string(&versions)?))?;
             return Ok(ExitCode::from(exit::OK));
@@ -36,7 +42,7 @@ impl VersionsArgs {
             "{:>7}  {:<20}  {:>10}  message",
             "version", "time (UTC)", "size"
         ))?;
-        for v in &versions {
+        for v in versions {
             let at = UNIX_EPOCH + Duration::from_secs(v.created_at.max(0) as u64);
             out(format_args!(
                 "{:>7}  {:<20}  {:>10}  {}",

@@ -141,48 +141,55 @@ const NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Sends `message` to every subscriber of `replica` on the store at `root`; returns how
 /// many were reached. Sockets of subscribers that are gone are removed. A subscriber
 /// that does not accept within a second is skipped: it never holds up a push.
-pub fn notify(root: &Path, replica: &str, message: Message) -> usize {
-    let dir = socket_dir(root, replica);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return 0;
-    };
-    let sockets: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sock"))
-        .collect();
-    if sockets.is_empty() {
-        return 0;
-    }
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
+pub async fn notify(root: &Path, replica: &str, message: Message) -> usize {
+    // Resolving the root and listing the directory are file work: off the async threads.
+    let (root, name) = (root.to_owned(), replica.to_owned());
+    let listed = tokio::task::spawn_blocking(move || {
+        let dir = socket_dir(&root, &name);
+        let sockets: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        (dir, sockets)
+    })
+    .await;
+    let Ok((dir, sockets)) = listed else {
         return 0;
     };
     let line = message.line();
-    runtime.block_on(async {
-        let mut reached = 0;
-        for path in sockets {
-            match tokio::time::timeout(NOTIFY_TIMEOUT, send_line(&dir, &path, &line)).await {
-                Ok(Ok(())) => reached += 1,
-                Ok(Err(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-                    ) =>
-                {
-                    tracing::debug!(socket = %path.display(), "removing a gone subscriber's socket");
-                    let _ = std::fs::remove_file(&path);
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(socket = %path.display(), error = %e, "cannot notify");
-                }
-                Err(_) => tracing::debug!(socket = %path.display(), "a subscriber did not accept"),
+    let mut reached = 0;
+    let mut gone = Vec::new();
+    for path in sockets {
+        match tokio::time::timeout(NOTIFY_TIMEOUT, send_line(&dir, &path, &line)).await {
+            Ok(Ok(())) => reached += 1,
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                tracing::debug!(socket = %path.display(), "removing a gone subscriber's socket");
+                gone.push(path);
             }
+            Ok(Err(e)) => {
+                tracing::debug!(socket = %path.display(), error = %e, "cannot notify");
+            }
+            Err(_) => tracing::debug!(socket = %path.display(), "a subscriber did not accept"),
         }
-        reached
-    })
+    }
+    if !gone.is_empty() {
+        let _ = tokio::task::spawn_blocking(move || {
+            for path in gone {
+                let _ = std::fs::remove_file(path);
+            }
+        })
+        .await;
+    }
+    reached
 }
 
 async fn send_line(dir: &Path, path: &Path, line: &str) -> std::io::Result<()> {
@@ -219,10 +226,7 @@ mod tests {
         let listener = Listener::bind(&root, "acme/app.db").unwrap();
         assert!(listener.path.as_os_str().len() > MAX_SOCKET_PATH);
         let other = base.path().join("link");
-        let reached =
-            tokio::task::spawn_blocking(move || notify(&other, "acme/app.db", Message::SyncNow))
-                .await
-                .unwrap();
+        let reached = notify(&other, "acme/app.db", Message::SyncNow).await;
         assert_eq!(reached, 1);
         assert_eq!(listener.next().await.unwrap(), Message::SyncNow);
     }
@@ -235,18 +239,16 @@ mod tests {
         let gone_path = socket_dir(root.path(), "acme/app.db").join("1-dead.sock");
         drop(std::os::unix::net::UnixListener::bind(&gone_path).unwrap());
         assert!(gone_path.exists());
-        let root_path = root.path().to_owned();
-        let reached = tokio::task::spawn_blocking(move || {
-            notify(&root_path, "acme/app.db", Message::Version(7))
-        })
-        .await
-        .unwrap();
+        let reached = notify(root.path(), "acme/app.db", Message::Version(7)).await;
         assert_eq!(reached, 1);
         assert_eq!(listener.next().await.unwrap(), Message::Version(7));
         assert!(
             !gone_path.exists(),
             "the gone subscriber's socket was removed"
         );
-        assert_eq!(notify(root.path(), "acme/other.db", Message::SyncNow), 0);
+        assert_eq!(
+            notify(root.path(), "acme/other.db", Message::SyncNow).await,
+            0
+        );
     }
 }

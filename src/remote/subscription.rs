@@ -16,8 +16,9 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::task::AbortOnDropHandle;
 
-use super::{Server, Socket, connect, local, open};
+use super::{Server, Socket, blocking, connect, local, open};
 use crate::protocol::Frame;
 use crate::protocol::control::{Control, FailureReport, Op, PING_INTERVAL, SubscriberRole};
 use crate::store::ReplicaPath;
@@ -64,13 +65,13 @@ pub enum Outgoing {
     Report(FailureReport),
 }
 
-/// A running subscription; dropping it closes it.
+/// A running subscription; dropping it closes it (its task is aborted with it).
 #[derive(Debug)]
 pub struct Subscription {
     /// What the subscription hears, in order.
     pub notices: mpsc::UnboundedReceiver<Notice>,
     outgoing: Option<mpsc::Sender<Outgoing>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<AbortOnDropHandle<()>>,
 }
 
 impl Subscription {
@@ -88,29 +89,16 @@ impl Subscription {
     pub async fn close(mut self) {
         self.outgoing = None;
         if let Some(task) = self.task.take() {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(1), task)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
-        }
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+            // Past the second the task is dropped, which aborts it.
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
     }
 }
 
 impl Server {
-    /// Subscribes to `replica` as a `role` subscriber. Must be called inside a tokio
-    /// runtime; the connection runs on a task of it.
-    pub fn subscribe(
+    /// Subscribes to `replica` as a `role` subscriber; the connection runs on a task of
+    /// the caller's runtime.
+    pub async fn subscribe(
         &self,
         replica: &ReplicaPath,
         role: SubscriberRole,
@@ -120,8 +108,11 @@ impl Server {
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_BACKLOG);
         let task = match self {
             Server::Embedded(store) => {
-                let listener = local::Listener::bind(store.root(), replica.as_str())?;
-                let (exists, latest) = match store.versions(replica) {
+                // Binding the socket (and making its directory) and reading the store
+                // are file and SQLite work: off the async threads.
+                let (root, name) = (store.root().to_owned(), replica.as_str().to_owned());
+                let listener = blocking(move || local::Listener::bind(&root, &name)).await?;
+                let (exists, latest) = match self.versions(replica, None).await {
                     Ok(v) => (true, v.last().map_or(0, |v| v.number)),
                     Err(e) if e.kind() == ErrorKind::NotFound => (false, 0),
                     Err(e) => return Err(e),
@@ -152,7 +143,7 @@ impl Server {
         Ok(Subscription {
             notices,
             outgoing: Some(outgoing),
-            task: Some(task),
+            task: Some(AbortOnDropHandle::new(task)),
         })
     }
 
@@ -160,19 +151,21 @@ impl Server {
     /// reached. Returns at once: it does not wait for their syncs. A replica that does
     /// not exist is an error ([`ErrorKind::NotFound`]), not "0 reached": a typo must
     /// not look like a sync-now that merely found nobody.
-    pub fn sync_now(&self, replica: &ReplicaPath, key: Option<&str>) -> Result<u64> {
+    pub async fn sync_now(&self, replica: &ReplicaPath, key: Option<&str>) -> Result<u64> {
         // Asked first, on its own session: the sync-now answer does not say whether the
         // replica exists.
-        self.versions(replica, key)?;
+        self.versions(replica, key).await?;
         match self {
             Server::Embedded(store) => {
-                Ok(local::notify(store.root(), replica.as_str(), local::Message::SyncNow) as u64)
+                let reached =
+                    local::notify(store.root(), replica.as_str(), local::Message::SyncNow).await;
+                Ok(reached as u64)
             }
-            Server::Ws { url } => super::runtime()?.block_on(async {
+            Server::Ws { url } => {
                 let mut ws = connect(url, key).await?;
                 let config = open(&mut ws, Op::SyncNow, replica, None, None, false, None).await?;
                 Ok(config.reached.unwrap_or(0))
-            }),
+            }
         }
     }
 }
@@ -202,7 +195,7 @@ async fn run_local(
             }
         }
     });
-    let _reader = AbortOnDrop(reader);
+    let _reader = AbortOnDropHandle::new(reader);
     let mut poll = tokio::time::interval(LOCAL_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.reset();
@@ -239,15 +232,6 @@ async fn run_local(
         if notices.send(notice).is_err() || fatal {
             return;
         }
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -13,11 +13,13 @@
 //!   server killed and restarted, sync-now.
 //! - `trust_client`: the client never loses what the user wrote: pulls over unpushed
 //!   changes refused, bases kept per replica, keys never lost, corrupt sources refused.
+//! - `house`: one runtime (nothing below `cli` builds one), one signal handler.
 //! - `trust_store`: damaged stored pages found, refused and repaired; `scrub`; pushes that
 //!   already landed; hostile origins; files a killed first push left.
 
 mod cli;
 mod engine;
+mod house;
 mod live;
 mod server;
 mod subscribe;

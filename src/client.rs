@@ -1,0 +1,437 @@
+//! The workflows the command line and the subscribers share: push, pull, versions,
+//! verify a database or a stored version, sync-now, keys list and revoke, scrub a store
+//! directory, and the bookkeeping around them (which store and key a command means, the
+//! base version of a push, the local history, saved keys and sidecars, the refusal to
+//! overwrite changes that were never pushed).
+//!
+//! It sits between `cli` and `remote`: it takes plain option structs (never clap types)
+//! and returns results as structs (never printed text), so the command line only turns
+//! flags into options and results into lines, JSON and exit codes, and a library user
+//! gets the same promises the command line keeps. Progress is reported through the
+//! engine's [`Progress`](crate::engine::Progress) trait the caller passes in.
+//!
+//! Everything that does I/O is an `async fn` on the caller's runtime; SQLite and file
+//! work runs on `spawn_blocking`. Errors are [`crate::Error`]s; where the command line
+//! used to say which step failed ("push app.db to acme/app.db failed: …"), the error
+//! carries that as [`Error::Context`], so the message and the exit code stay as they
+//! were.
+
+mod pull;
+mod push;
+
+pub use pull::{Kept, LocalChange, PullPlan, Puller, local_digest, short_digest, unsynced_changes};
+pub use push::{CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, plan_copy};
+
+use std::path::{Path, PathBuf};
+
+use crate::engine::PageSource;
+use crate::page::{JournalMode, Snapshot, hex, page_hash};
+use crate::protocol::control::KeyInfo;
+use crate::remote::{Server, blocking};
+use crate::store::{ReplicaPath, Selector};
+use crate::{Error, ErrorKind, Result};
+
+/// Where a replica lives and the key to reach it, as the user named them (`--server`,
+/// `--key` and their environment variables); `None` where nothing was named.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    /// The store's URL: `ws://`, `wss://` or `file://`.
+    pub server: Option<String>,
+    /// The key for a server.
+    pub key: Option<String>,
+}
+
+/// The server a command on a local database uses, and why.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The server.
+    pub server: Server,
+    /// Set when no store was named and the server is the one LOCAL's saved key is for:
+    /// that server's URL as saved (the command line says so on stderr).
+    pub from_saved_key: Option<String>,
+}
+
+impl Connection {
+    /// The server: the one named, else the settings file's, else the embedded store.
+    pub async fn resolve(&self) -> Result<Server> {
+        let this = self.clone();
+        blocking(move || this.resolve_now()).await
+    }
+
+    /// The server for a command on the local database `local` (push, pull): as
+    /// [`Connection::resolve`], except when no store is named at all (no server, no
+    /// setting) and the secrets file keeps a key for `local` on a server: a database
+    /// pushed to a server is never silently synced with the embedded store instead. For
+    /// the replica that key is for, that server is used (and [`Resolved`] says so); for
+    /// another replica the command is refused, naming both choices, since either store
+    /// could be meant.
+    pub async fn resolve_for(&self, local: &Path, replica: &ReplicaPath) -> Result<Resolved> {
+        let (this, local, replica) = (self.clone(), local.to_owned(), replica.clone());
+        blocking(move || this.resolve_for_now(&local, &replica)).await
+    }
+
+    /// The key: the one named, else one saved for `replica` on `server` (the one saved
+    /// for `database` first; a PUSH key also pulls and lists).
+    pub async fn key_for(
+        &self,
+        server: &Server,
+        replica: &ReplicaPath,
+        database: Option<&Path>,
+    ) -> Result<Option<String>> {
+        let (this, server, replica) = (self.clone(), server.clone(), replica.clone());
+        let database = database.map(Path::to_owned);
+        blocking(move || Ok(this.key_for_now(&server, &replica, database.as_deref()))).await
+    }
+
+    /// The server and the key for a command on `replica` alone (no local database).
+    async fn resolve_with_key(&self, replica: &ReplicaPath) -> Result<(Server, Option<String>)> {
+        let (this, replica) = (self.clone(), replica.clone());
+        blocking(move || {
+            let server = this.resolve_now()?;
+            let key = this.key_for_now(&server, &replica, None);
+            Ok((server, key))
+        })
+        .await
+    }
+
+    // The settings and secrets files are read on a blocking thread: these do the
+    // reading.
+
+    fn resolve_now(&self) -> Result<Server> {
+        match &self.server {
+            Some(url) => Server::parse(Some(url)),
+            None => Server::parse(crate::config::Settings::load()?.server.as_deref()),
+        }
+    }
+
+    fn resolve_for_now(&self, local: &Path, replica: &ReplicaPath) -> Result<Resolved> {
+        let plain = |server| Resolved {
+            server,
+            from_saved_key: None,
+        };
+        if self.server.is_some() || crate::config::Settings::load()?.server.is_some() {
+            return self.resolve_now().map(plain);
+        }
+        match saved_secret(local)? {
+            Some(saved) if saved.replica == replica.as_str() => Ok(Resolved {
+                server: Server::parse(Some(&saved.server))?,
+                from_saved_key: Some(saved.server),
+            }),
+            Some(saved) => Err(Error::Usage(format!(
+                "{} was pushed to {} on {}, and no store is named for {replica}: add \
+                 --server {} for that server, or --server {} for the embedded store",
+                local.display(),
+                saved.replica,
+                saved.server,
+                saved.server,
+                self.resolve_now()?.url()
+            ))),
+            None => self.resolve_now().map(plain),
+        }
+    }
+
+    fn key_for_now(
+        &self,
+        server: &Server,
+        replica: &ReplicaPath,
+        database: Option<&Path>,
+    ) -> Option<String> {
+        self.key.clone().or_else(|| {
+            crate::config::Secrets::load()
+                .ok()?
+                .key_for(&server.url(), replica.as_str(), database)
+        })
+    }
+}
+
+/// The secrets file's entry for `local`: saved under the database's key, or, before
+/// keys resolved links, under its absolute path.
+fn saved_secret(local: &Path) -> Result<Option<crate::config::Secret>> {
+    let database = crate::config::database_key(local);
+    let absolute = std::path::absolute(local).ok();
+    let secrets = crate::config::Secrets::load()?;
+    Ok([Some(&database), absolute.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|db| secrets.for_database(db))
+        .cloned())
+}
+
+/// Every version of `replica`, oldest first. Any key saved for the replica will do:
+/// listing versions needs only pull rights.
+pub async fn versions(
+    connection: &Connection,
+    replica: &ReplicaPath,
+) -> Result<Vec<crate::store::VersionInfo>> {
+    let (server, key) = connection.resolve_with_key(replica).await?;
+    server.versions(replica, key.as_deref()).await
+}
+
+/// Asks every running subscriber of `replica` to sync now; returns how many were
+/// reached (see [`Server::sync_now`]). A server needs a PUSH or admin key.
+pub async fn sync_now(connection: &Connection, replica: &ReplicaPath) -> Result<u64> {
+    let (server, key) = connection.resolve_with_key(replica).await?;
+    if server.needs_key() && key.is_none() {
+        return Err(Error::Auth(format!(
+            "no key for {replica} on {}: pass --key or set SQLFERRY_KEY (a PUSH or admin key)",
+            server.url()
+        )));
+    }
+    server.sync_now(replica, key.as_deref()).await
+}
+
+/// The server's keys, only those of the replica `remote` names when it names one (a
+/// `ws://`/`wss://` URL names the server instead, and wins over the connection's).
+pub async fn keys(connection: &Connection, remote: Option<&str>) -> Result<Vec<KeyInfo>> {
+    let (server, replica) = key_target(connection, remote).await?;
+    server
+        .keys(replica.as_ref(), connection.key.as_deref())
+        .await
+}
+
+/// Revokes the key with id `key_id` (16 hex digits), of the replica `remote` names when
+/// it names one, and returns it.
+pub async fn revoke_key(
+    connection: &Connection,
+    remote: Option<&str>,
+    key_id: &str,
+) -> Result<KeyInfo> {
+    let (server, replica) = key_target(connection, remote).await?;
+    server
+        .revoke_key(key_id, replica.as_ref(), connection.key.as_deref())
+        .await
+}
+
+/// The server and the replica filter REMOTE names: a `ws://`/`wss://` URL is the
+/// server (it wins over `--server`); anything else is a replica path.
+async fn key_target(
+    connection: &Connection,
+    remote: Option<&str>,
+) -> Result<(Server, Option<ReplicaPath>)> {
+    match remote {
+        Some(url) if url.starts_with("ws://") || url.starts_with("wss://") => {
+            Ok((Server::parse(Some(url))?, None))
+        }
+        Some(replica) => {
+            let replica = ReplicaPath::parse(replica)?;
+            Ok((connection.resolve().await?, Some(replica)))
+        }
+        None => Ok((connection.resolve().await?, None)),
+    }
+}
+
+/// The store directory `scrub` checks: `data` (a server's data directory), else the
+/// store `server` names, else the settings file's, else the embedded store. A `ws://`
+/// server is scrubbed on its own machine, and a directory that is not there is not a
+/// store.
+pub async fn scrub_root(data: Option<PathBuf>, server: Option<String>) -> Result<PathBuf> {
+    blocking(move || {
+        let root = match data {
+            Some(dir) => dir,
+            None => {
+                let url = match server {
+                    Some(u) => Some(u),
+                    None => crate::config::Settings::load()?.server,
+                };
+                match Server::parse(url.as_deref())? {
+                    Server::Embedded(store) => store.root().to_owned(),
+                    Server::Ws { url } => {
+                        return Err(Error::Usage(format!(
+                            "{url} is a server: run `sqlferry scrub --data DIR` on its machine, with its data directory"
+                        )));
+                    }
+                }
+            }
+        };
+        if !root.is_dir() {
+            return Err(Error::NotFound(format!(
+                "{}: no such store directory",
+                root.display()
+            )));
+        }
+        Ok(root)
+    })
+    .await
+}
+
+/// Checks every stored page and version of the store at `root` (see
+/// [`Store::scrub`](crate::store::Store::scrub)), telling `progress` as it goes.
+pub async fn scrub(
+    root: &Path,
+    mut progress: impl FnMut(&crate::store::ScrubProgress) + Send + 'static,
+) -> Result<crate::store::ScrubReport> {
+    let store = crate::store::Store::new(root);
+    let what = format!("scrubbing {}", root.display());
+    blocking(move || store.scrub(&mut progress))
+        .await
+        .map_err(|e| e.context(what))
+}
+
+/// What `verify` finds: a database's digest, shape and integrity (the JSON `verify
+/// --json` prints).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    /// The file checked, or `namespace/name@N` for a stored version.
+    pub file: PathBuf,
+    /// The replica, for a stored version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    /// The version, for a stored version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The whole-database digest, hex.
+    pub digest: String,
+    /// The page size in bytes.
+    pub page_size: u32,
+    /// The number of pages.
+    pub page_count: u32,
+    /// The database's journal mode.
+    pub journal_mode: JournalMode,
+    /// `PRAGMA integrity_check`'s lines (`["ok"]` when sound), and for a stored version
+    /// a line when its digest differs from the one the store recorded.
+    pub integrity: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Whether everything checked is sound.
+    pub fn is_ok(&self) -> bool {
+        self.integrity == ["ok"]
+    }
+}
+
+/// Hashes every page of the database at `path` afresh and runs its integrity check.
+pub async fn verify_file(path: &Path) -> Result<VerifyReport> {
+    let path = path.to_owned();
+    blocking(move || check(&path)).await
+}
+
+/// Verifies `spec` as a stored version (`namespace/name[@N|@latest|@latest-N]`): it is
+/// fetched whole into a temporary file, every page hashed again, and the result compared
+/// with the digest the store recorded for it. `None` when `spec` does not name a
+/// version (then it is a local file after all).
+pub async fn verify_stored(connection: &Connection, spec: &str) -> Result<Option<VerifyReport>> {
+    let Ok((replica, selector)) = Selector::split(spec) else {
+        return Ok(None);
+    };
+    let (server, key) = connection.resolve_with_key(&replica).await?;
+    let versions = server
+        .versions(&replica, key.as_deref())
+        .await
+        .map_err(|e| e.context(format!("no file {spec} here either")))?;
+    let tmp = blocking(|| {
+        tempfile::tempdir().map_err(|e| {
+            Error::io(&std::env::temp_dir(), e).context("cannot make a temporary directory")
+        })
+    })
+    .await?;
+    let copy = tmp.path().join("version.db");
+    let pulled = server
+        .pull(
+            &replica,
+            selector,
+            &copy,
+            key.as_deref(),
+            crate::remote::no_progress(),
+        )
+        .await
+        .map_err(|e| e.context(format!("cannot fetch {replica}@{selector}")))?;
+    // The temporary directory goes with the check, on the blocking thread.
+    let mut report = blocking(move || {
+        let report = check(&copy);
+        drop(tmp);
+        report
+    })
+    .await?;
+    let recorded = versions
+        .iter()
+        .find(|v| v.number == pulled.version)
+        .map(|v| v.digest.clone())
+        .unwrap_or_default();
+    if recorded != report.digest {
+        report.integrity.push(format!(
+            "digest {} differs from the one recorded for version {}: {recorded}",
+            report.digest, pulled.version
+        ));
+    }
+    report.file = PathBuf::from(format!("{replica}@{}", pulled.version));
+    report.replica = Some(replica.to_string());
+    report.version = Some(pulled.version);
+    Ok(Some(report))
+}
+
+/// [`verify_file`]'s work, blocking.
+fn check(path: &Path) -> Result<VerifyReport> {
+    let mut snap = match Snapshot::open(path) {
+        Ok(snap) => snap,
+        // A file that is there and readable but is no valid database failed the
+        // verification (7); a missing or unreadable one stays a local error (3).
+        Err(e) if e.kind() == ErrorKind::NotADatabase => {
+            return Err(Error::Verification(format!(
+                "not a valid SQLite database: {e}"
+            )));
+        }
+        Err(e) => return Err(e.context("cannot verify")),
+    };
+    let (page_size, page_count) = (snap.page_size(), snap.page_count());
+    let mut digest = crate::page::Digest::new(page_size, page_count);
+    // Every page is hashed afresh here: verify is the check, it trusts no cache.
+    snap.for_each_page(&mut |pgno, data| {
+        digest.push(&page_hash(pgno, data));
+        Ok(())
+    })?;
+    // One read transaction holds the page count still: a change is a bug.
+    let digest = digest
+        .finish()
+        .ok_or_else(|| Error::Bug("the page count changed while reading".into()))?;
+    let integrity = match snap.integrity_check() {
+        Ok(lines) => lines,
+        // SQLite could not even walk the file: that is the check's answer.
+        Err(e) if e.kind() == ErrorKind::Verification => vec![e.to_string()],
+        Err(e) => return Err(e),
+    };
+    Ok(VerifyReport {
+        file: path.to_owned(),
+        replica: None,
+        version: None,
+        digest: hex(&digest),
+        page_size,
+        page_count,
+        journal_mode: snap.journal_mode(),
+        integrity,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CLI prints an error and its sources joined by ": " and takes the exit code
+    /// from the first library error: a context must keep both as they were.
+    #[test]
+    fn a_context_reads_as_before_and_keeps_the_kind() {
+        let e = Error::Disconnected("reset".into()).context("push a.db to acme/a.db failed");
+        assert_eq!(e.kind(), ErrorKind::Disconnected);
+        assert!(e.is_retryable());
+        let mut line = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            line.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        assert_eq!(
+            line,
+            "push a.db to acme/a.db failed: connection lost: reset"
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_need_a_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let connection = Connection {
+            server: Some(format!("file://{}", dir.path().display())),
+            key: None,
+        };
+        let e = keys(&connection, None).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    }
+}

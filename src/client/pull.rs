@@ -1,0 +1,469 @@
+//! Pull: one replica into one database (`pull` and the pull subscriber share a
+//! [`Puller`]).
+//!
+//! Invariant: a pull never overwrites changes LOCAL holds that no sync carried (unless
+//! `force`). LOCAL is compared, by digest, with what its last sync with this replica on
+//! this server left in it (the local history); a LOCAL never synced with it must already
+//! hold the version pulled. A refusal changes nothing and is
+//! [`Error::LocalChanges`] (exit 9). The pull subscriber keeps the same promise between
+//! its pulls ([`Kept`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::engine::Progress;
+use crate::history::{self, LastSync};
+use crate::page::{Snapshot, Writer};
+use crate::remote::{PullOutcome, Server, blocking};
+use crate::store::{ReplicaPath, Selector, VersionInfo};
+use crate::{Error, Result};
+
+/// One replica pulled into one database.
+#[derive(Debug, Clone)]
+pub struct Puller {
+    /// Where the replica lives.
+    pub server: Server,
+    /// The replica.
+    pub replica: ReplicaPath,
+    /// The database, as given.
+    pub local: PathBuf,
+    /// The database, absolute: the key of its history.
+    pub database: PathBuf,
+    /// The key (none for the embedded store).
+    pub key: Option<String>,
+    /// Overwrite changes of LOCAL that were never pushed.
+    pub force: bool,
+}
+
+/// Why LOCAL may not be overwritten: how its digest now differs from what it was
+/// expected to be, for a person.
+#[derive(Debug, Clone)]
+pub struct LocalChange {
+    /// What changed.
+    pub why: String,
+}
+
+/// What a pull would do (`pull --dry-run`); nothing was changed to find out.
+#[derive(Debug)]
+pub struct PullPlan {
+    /// The version that would be pulled.
+    pub target: VersionInfo,
+    /// LOCAL's digest now (`Ok(None)`: it holds nothing; `Err`: it cannot be read).
+    pub local_digest: Result<Option<String>>,
+    /// Why the pull would be refused, if it would (never with `force`).
+    pub refusal: Option<Error>,
+}
+
+impl Puller {
+    /// Pulls the version `selector` names; records it in the local history. Refused
+    /// ([`Error::LocalChanges`], nothing changed) when LOCAL holds changes that were
+    /// never pushed, unless `force`.
+    pub async fn pull(
+        &self,
+        selector: Selector,
+        progress: Arc<dyn Progress>,
+    ) -> Result<PullOutcome> {
+        let (replica, local) = (&self.replica, &self.local);
+        if !self.force
+            && let Some(change) = self.local_change(None, selector).await?
+        {
+            return Err(self.refusal(&change, selector));
+        }
+        let outcome = self
+            .server
+            .pull(replica, selector, local, self.key.as_deref(), progress)
+            .await
+            .map_err(|e| {
+                e.context(format!(
+                    "pull {replica}@{selector} into {} failed",
+                    local.display()
+                ))
+            })?;
+        self.record(&outcome).await?;
+        Ok(outcome)
+    }
+
+    /// Pulls the latest version through the writer `kept` from the previous pull, if it
+    /// can serve again, else a new one; keeps the writer for the next pull. A writer
+    /// kept across pulls knows the pages it committed, so as long as no one else writes
+    /// LOCAL a pull does not read the whole file (see [`Writer::keep_committed_hashes`]).
+    ///
+    /// Never over changes that were never pushed (unless `force`): the previous pull of
+    /// this subscriber is the base. When no other connection has committed to LOCAL
+    /// since (`PRAGMA data_version` of a connection kept for that, and the same file)
+    /// nothing is read; otherwise LOCAL's digest must still be the one that pull left.
+    /// The first pull checks LOCAL as [`Puller::pull`] does.
+    pub async fn pull_latest_kept(&self, kept: &mut Kept) -> Result<PullOutcome> {
+        let (replica, local) = (&self.replica, &self.local);
+        let context =
+            |e: Error| e.context(format!("pull {replica} into {} failed", local.display()));
+        if !self.force {
+            // The kept connection is SQLite: asked on a blocking thread.
+            let taken = std::mem::take(kept);
+            let path = local.clone();
+            let (taken, untouched) = blocking(move || {
+                let untouched = taken.untouched(&path);
+                Ok((taken, untouched))
+            })
+            .await?;
+            *kept = taken;
+            if !untouched {
+                let change = match kept.digest.clone() {
+                    // Our own last pull is the base.
+                    Some(ours) => {
+                        tracing::debug!(path = %local.display(), "LOCAL may be written since the last pull: checking its digest");
+                        let path = local.clone();
+                        let now = blocking(move || local_digest(&path)).await?;
+                        now.as_deref().is_some_and(|n| n != ours).then(|| LocalChange {
+                            why: "it was written by another program since this subscriber's last pull"
+                                .into(),
+                        })
+                    }
+                    None => self.local_change(None, Selector::Latest).await?,
+                };
+                if let Some(change) = change {
+                    kept.writer = None;
+                    return Err(self.refusal(&change, Selector::Latest));
+                }
+            }
+        }
+        // A writer that fails to get ready is dropped: the next pull opens a new one.
+        let previous = kept.writer.take();
+        let path = local.clone();
+        let writer = blocking(move || {
+            let open = || Ok(Writer::open(&path)?.keep_committed_hashes());
+            match previous {
+                Some(mut w) => match w.ready_again()? {
+                    true => Ok(w),
+                    // Closed before the new one opens the file: a handle closed under a
+                    // live connection would drop that connection's locks.
+                    false => {
+                        drop(w);
+                        open()
+                    }
+                },
+                None => open(),
+            }
+        })
+        .await
+        .map_err(context)?;
+        let (outcome, writer) = self
+            .server
+            .pull_into(
+                replica,
+                Selector::Latest,
+                writer,
+                self.key.as_deref(),
+                crate::remote::no_progress(),
+            )
+            .await
+            .map_err(context)?;
+        kept.writer = Some(writer);
+        let mut taken = std::mem::take(kept);
+        let (path, digest) = (local.clone(), outcome.stats.digest.clone());
+        *kept = blocking(move || {
+            taken.pulled(&path, &digest);
+            Ok(taken)
+        })
+        .await?;
+        self.record(&outcome).await?;
+        Ok(outcome)
+    }
+
+    /// The version `selector` names, from the replica's list (`None`: there is none).
+    pub async fn version_info(&self, selector: Selector) -> Result<Option<VersionInfo>> {
+        let list = self
+            .server
+            .versions(&self.replica, self.key.as_deref())
+            .await?;
+        let latest = list.last().map_or(0, |v| v.number);
+        let number = match selector {
+            Selector::Latest => latest,
+            Selector::Number(n) => n,
+            Selector::LatestMinus(n) => latest.saturating_sub(n),
+        };
+        Ok(list.into_iter().find(|v| v.number == number))
+    }
+
+    /// Whether LOCAL holds changes no sync carried: its digest differs from the one its
+    /// last sync with this replica left, or (never synced with it) from that of the
+    /// version `selector` names. A LOCAL that does not exist or holds nothing has none,
+    /// and neither has one that holds exactly the version pulled. That version is
+    /// `known` when the caller has it, else it is looked up, only when needed.
+    pub async fn local_change(
+        &self,
+        known: Option<&VersionInfo>,
+        selector: Selector,
+    ) -> Result<Option<LocalChange>> {
+        let url = self.server.url();
+        let replica = self.replica.as_str();
+        let (local, database) = (self.local.clone(), self.database.clone());
+        let (url_owned, replica_owned) = (url.clone(), replica.to_owned());
+        let found = blocking(move || {
+            if !has_content(&local) {
+                return Ok(None);
+            }
+            let Some(now) = local_digest(&local)? else {
+                return Ok(None);
+            };
+            Ok(Some((
+                now,
+                history::last_with(&database, &url_owned, &replica_owned),
+            )))
+        })
+        .await?;
+        let Some((now, last)) = found else {
+            return Ok(None);
+        };
+        let target = async || match known {
+            Some(v) => Ok(Some(v.clone())),
+            None => self.version_info(selector).await,
+        };
+        if let Some(last) = last {
+            // Not what the last recorded sync left may still be the version itself: a
+            // pull killed after its COMMIT, before it recorded the sync.
+            if now == last.digest || target().await?.is_some_and(|v| v.digest == now) {
+                return Ok(None);
+            }
+            let when = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(last.at.max(0) as u64),
+            );
+            let op = match last.op.as_str() {
+                "push" => "pushed as",
+                "pull" => "pulled as",
+                _ => "synced as",
+            };
+            return Ok(Some(LocalChange {
+                why: format!(
+                    "it changed since it was last {op} {replica}@{} at {when} (digest {} then, {} now)",
+                    last.version,
+                    short_digest(&last.digest),
+                    short_digest(&now)
+                ),
+            }));
+        }
+        Ok(match target().await? {
+            Some(v) if v.digest == now => None,
+            Some(v) => Some(LocalChange {
+                why: format!(
+                    "it was never pushed to or pulled from {replica} on {url}, and differs from version {} (digest {}, {} now)",
+                    v.number,
+                    short_digest(&v.digest),
+                    short_digest(&now)
+                ),
+            }),
+            // Nothing to pull: the pull fails on its own, without writing.
+            None => None,
+        })
+    }
+
+    /// The refusal of a pull over `change`: what changed, how to keep it, how to
+    /// overwrite it; one line.
+    pub fn refusal(&self, change: &LocalChange, selector: Selector) -> Error {
+        let local = self.local.display();
+        let replica = &self.replica;
+        let server = match &self.server {
+            Server::Embedded(_) if self.server.url() == default_store_url() => String::new(),
+            s => format!(" --server {}", s.url()),
+        };
+        let spec = match selector {
+            Selector::Latest => replica.to_string(),
+            s => format!("{replica}@{s}"),
+        };
+        Error::LocalChanges(format!(
+            "{local} has changes that were never pushed: {}; pulling would overwrite them, so \
+             nothing was changed. To keep them, push them (sqlferry push {local} {replica}{server}) \
+             or pull into another file (sqlferry pull {spec} {}{server}); to overwrite them: \
+             sqlferry pull {spec} {local}{server} --force",
+            change.why,
+            other_file(&self.local).display(),
+        ))
+    }
+
+    /// What a pull of `selector` would do: which version, what LOCAL holds, whether the
+    /// pull would be refused. Changes nothing.
+    pub async fn plan(&self, selector: Selector) -> Result<PullPlan> {
+        let target = self.version_info(selector).await?.ok_or_else(|| {
+            Error::NotFound(format!("{}@{selector} does not exist", self.replica))
+        })?;
+        let change = if self.force {
+            None
+        } else {
+            self.local_change(Some(&target), selector).await?
+        };
+        let local = self.local.clone();
+        let local_digest = blocking(move || Ok(local_digest(&local))).await?;
+        Ok(PullPlan {
+            target,
+            local_digest,
+            refusal: change.map(|c| self.refusal(&c, selector)),
+        })
+    }
+
+    /// Records a pull in the local history.
+    async fn record(&self, outcome: &PullOutcome) -> Result<()> {
+        let sync = LastSync::now(
+            &self.database,
+            self.server.url(),
+            self.replica.as_str(),
+            outcome.version,
+            &outcome.stats.digest,
+            "pull",
+        );
+        blocking(move || {
+            history::record(&sync);
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// What a pull subscriber keeps between its pulls: the writer, and what tells whether
+/// anyone else wrote LOCAL since its last pull.
+#[derive(Default)]
+pub struct Kept {
+    /// The writer of the last pull, for the next ([`Writer::keep_committed_hashes`]).
+    writer: Option<Writer>,
+    /// A read-only connection to LOCAL that only asks `PRAGMA data_version`: its answer
+    /// changes when any other connection commits, the writer's included, so it is read
+    /// right after each pull. SQLite shares the file's locks between connections of one
+    /// process, so this one never drops the writer's.
+    watch: Option<rusqlite::Connection>,
+    /// Its data version, and LOCAL's (device, inode), right after the last pull.
+    seen: Option<(i64, (u64, u64))>,
+    /// The digest the last pull left LOCAL with.
+    digest: Option<String>,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept")
+            .field("seen", &self.seen)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kept {
+    /// Whether LOCAL is certainly as the last pull left it: same file, and no other
+    /// connection has committed since. `false` when unsure (then the digest decides).
+    fn untouched(&self, local: &Path) -> bool {
+        let (Some(conn), Some((version, id))) = (&self.watch, self.seen) else {
+            return false;
+        };
+        identity(local) == Some(id) && data_version(conn) == Some(version)
+    }
+
+    /// Notes what a pull just left in LOCAL.
+    fn pulled(&mut self, local: &Path, digest: &str) {
+        self.digest = Some(digest.to_owned());
+        if self.watch.is_none() {
+            self.watch = rusqlite::Connection::open_with_flags(
+                local,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .ok();
+        }
+        self.seen = match (&self.watch, identity(local)) {
+            (Some(conn), Some(id)) => data_version(conn).map(|v| (v, id)),
+            _ => None,
+        };
+    }
+}
+
+fn data_version(conn: &rusqlite::Connection) -> Option<i64> {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0)).ok()
+}
+
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether `path` is a file with something in it (a missing or empty LOCAL holds
+/// nothing a pull could lose).
+fn has_content(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.len() > 0)
+}
+
+/// The digest of the database at `path` now, through the page-hash cache: pages
+/// unchanged since they were last hashed are read, not hashed. `None` when it holds
+/// nothing a pull could lose: no pages, or only a page 1 with an empty schema (a
+/// database an application created and never wrote, or one made by `sqlite3 new.db
+/// "PRAGMA journal_mode=WAL"`). Blocking (SQLite): async callers run it on
+/// `spawn_blocking`.
+pub fn local_digest(path: &Path) -> Result<Option<String>> {
+    use crate::engine::PageSource;
+    let mut snap = match Snapshot::open(path) {
+        Ok(s) => s,
+        Err(e) if !has_content(path) && e.kind() == crate::ErrorKind::NotADatabase => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    if snap.page_count() <= 1 {
+        // Page 1's b-tree header follows the 100-byte file header; bytes 3-4 of it
+        // count the schema's rows.
+        let mut page1 = Vec::new();
+        snap.read_page(1, &mut page1)?;
+        if page1.get(103..105).is_none_or(|cells| cells == [0, 0]) {
+            return Ok(None);
+        }
+    }
+    let mut digest = crate::page::Digest::new(snap.page_size(), snap.page_count());
+    snap.scan(u32::MAX, &mut |_, hash, _| {
+        digest.push(&hash);
+        Ok(())
+    })?;
+    Ok(digest.finish().map(|d| crate::page::hex(&d)))
+}
+
+/// Why `local` holds changes no sync of `replica` carried, if it does: a file that
+/// does not exist, or whose digest is the one of its last sync with `replica`, has
+/// none. (Asked before a push subscriber that holds only a PULL key follows the replica
+/// instead: following writes LOCAL.)
+pub async fn unsynced_changes(
+    local: &Path,
+    server: &Server,
+    replica: &ReplicaPath,
+) -> Result<Option<&'static str>> {
+    let (local, url, replica) = (local.to_owned(), server.url(), replica.clone());
+    blocking(move || {
+        if !local.exists() {
+            return Ok(None);
+        }
+        let database = crate::config::database_key(&local);
+        let Some(last) = history::last_with(&database, &url, replica.as_str()) else {
+            return Ok(Some("was never pulled from it"));
+        };
+        let now = local_digest(&local)?;
+        Ok((now.as_deref() != Some(last.digest.as_str()))
+            .then_some("has changed since its last sync"))
+    })
+    .await
+}
+
+/// The first 12 hex digits of a digest, for messages.
+pub fn short_digest(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
+
+/// The embedded store's URL when no server is named.
+fn default_store_url() -> String {
+    Server::parse(None).map_or_else(|_| String::new(), |s| s.url())
+}
+
+/// Where to pull instead of LOCAL to keep it: `app.db` → `app.pulled.db`.
+fn other_file(local: &Path) -> PathBuf {
+    let stem = local
+        .file_stem()
+        .map_or_else(Default::default, |s| s.to_owned());
+    let mut name = stem;
+    name.push(".pulled");
+    if let Some(ext) = local.extension() {
+        name.push(".");
+        name.push(ext);
+    }
+    local.with_file_name(name)
+}

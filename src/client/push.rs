@@ -1,0 +1,337 @@
+//! Push: one database to one replica, again and again (`push` and the push subscriber
+//! share a [`Pusher`]), and a push between two local files.
+//!
+//! Each push takes its base version from the local history, so a subscriber's pushes
+//! chain without conflicts, and with the manifest this client kept of that version no
+//! hash travels. The first push of a replica with the admin key leaves its new PUSH key
+//! in the secrets file and its PULL key in a sidecar beside the database.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::{Secret, Sidecar};
+use crate::engine::{PageSource, Progress, SyncStats, sync_local};
+use crate::history::{self, LastSync};
+use crate::page::{Snapshot, Writer};
+use crate::remote::{PushOutcome, PushRequest, Server, blocking, check_source};
+use crate::store::{PushOptions, ReplicaPath};
+use crate::{Error, ErrorKind, Result};
+
+/// One database pushed to one replica.
+#[derive(Debug)]
+pub struct Pusher {
+    /// The database, as given.
+    pub local: PathBuf,
+    /// The database, absolute: the key of its history and saved key.
+    pub database: PathBuf,
+    /// The replica.
+    pub replica: ReplicaPath,
+    /// Where it lives.
+    pub server: Server,
+    /// The key (none for the embedded store).
+    pub key: Option<String>,
+    /// Whether the key was saved for this database by an earlier push (a PUSH key).
+    stored: bool,
+    /// The commit message of each version.
+    pub message: String,
+    /// Push even if the replica moved past the base version.
+    pub force: bool,
+    /// Ask for new keys even if the replica exists (`--new-keys`).
+    pub new_keys: bool,
+    /// Push even if LOCAL fails `PRAGMA quick_check`.
+    pub allow_corrupt: bool,
+}
+
+/// What one push did.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    /// The push itself.
+    pub outcome: PushOutcome,
+    /// Where the new keys went, when the server minted some.
+    pub saved_keys: Option<SavedKeys>,
+}
+
+/// Where a push saved the new keys the server minted for the replica.
+#[derive(Debug, Clone)]
+pub struct SavedKeys {
+    /// The secrets file, which now holds the PUSH key for the database.
+    pub secrets: PathBuf,
+    /// The sidecar beside the database, which holds the PULL key.
+    pub sidecar: PathBuf,
+}
+
+/// What a push would do (`push --dry-run`); nothing was changed to find out.
+#[derive(Debug)]
+pub struct PushPlan {
+    /// LOCAL's size in bytes.
+    pub size: u64,
+    /// LOCAL's page count.
+    pub page_count: u32,
+    /// The replica's latest version (`None`: the push would create the replica).
+    pub latest: Option<u64>,
+    /// The version the push would be based on.
+    pub base: Option<u64>,
+    /// Whether the push would be refused with VERSION_CONFLICT.
+    pub conflict: bool,
+    /// Why LOCAL would be refused as damaged (`PRAGMA quick_check`), if it would.
+    pub damaged: Option<Error>,
+}
+
+impl Pusher {
+    /// [`Pusher::new`], reading the secrets file on a blocking thread.
+    pub async fn open(
+        local: &Path,
+        replica: ReplicaPath,
+        server: Server,
+        key: Option<String>,
+    ) -> Result<Pusher> {
+        let local = local.to_owned();
+        blocking(move || Pusher::new(&local, replica, server, key)).await
+    }
+
+    /// A pusher of `local` to `replica`; the key is `key` (`--key`, `SQLFERRY_KEY`),
+    /// else the one saved for `local`. Blocking: it reads the secrets file.
+    pub fn new(
+        local: &Path,
+        replica: ReplicaPath,
+        server: Server,
+        key: Option<String>,
+    ) -> Result<Pusher> {
+        let database = crate::config::database_key(local);
+        let saved = super::saved_secret(local)?
+            .filter(|s| s.server == server.url() && s.replica == replica.as_str())
+            .map(|s| s.key);
+        let stored = saved.is_some();
+        let key = key.or(saved);
+        Ok(Pusher {
+            local: local.to_owned(),
+            database,
+            replica,
+            server,
+            key,
+            stored,
+            message: String::new(),
+            force: false,
+            new_keys: false,
+            allow_corrupt: false,
+        })
+    }
+
+    /// Fails with an auth error when a server needs a key and there is none.
+    pub fn require_key(&self) -> Result<()> {
+        if self.server.needs_key() && self.key.is_none() {
+            return Err(Error::Auth(format!(
+                "no key for {} on {}: pass --key (the admin key for a first push) or set SQLFERRY_KEY",
+                self.replica,
+                self.server.url()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The request the next push makes; its base is read from the local history (a
+    /// small file read; async callers use [`Pusher::base_version`]).
+    pub fn request(&self) -> PushRequest {
+        let last = history::last_with(&self.database, &self.server.url(), self.replica.as_str());
+        self.request_with_base(last.map(|l| l.version))
+    }
+
+    /// The version the next push is based on: the one LOCAL was last pushed or pulled
+    /// as, with this replica on this store.
+    pub async fn base_version(&self) -> Result<Option<u64>> {
+        let (database, url) = (self.database.clone(), self.server.url());
+        let replica = self.replica.clone();
+        blocking(move || {
+            Ok(history::last_with(&database, &url, replica.as_str()).map(|l| l.version))
+        })
+        .await
+    }
+
+    fn request_with_base(&self, base: Option<u64>) -> PushRequest {
+        PushRequest {
+            database: Some(self.database.clone()),
+            options: PushOptions {
+                base,
+                force: self.force,
+                message: self.message.clone(),
+                client_id: crate::remote::client_id(),
+                key_id: String::new(),
+            },
+            key: self.key.clone(),
+            // Without a stored PUSH key, ask for keys: an admin key's first push of a
+            // replica then leaves a PUSH key here and a PULL key in the sidecar.
+            key_request: self.server.needs_key() && !self.stored,
+            new_keys: self.new_keys,
+            allow_corrupt: self.allow_corrupt,
+        }
+    }
+
+    /// Pushes once; records the version in the local history and saves new keys.
+    pub async fn push(&mut self, progress: Arc<dyn Progress>) -> Result<PushReport> {
+        self.require_key()?;
+        let request = self.request_with_base(self.base_version().await?);
+        let outcome = self
+            .server
+            .push(&self.local, &self.replica, request, progress)
+            .await
+            .map_err(|e| {
+                e.context(format!(
+                    "push {} to {} failed",
+                    self.local.display(),
+                    self.replica
+                ))
+            })?;
+        let record = LastSync::now(
+            &self.database,
+            self.server.url(),
+            self.replica.as_str(),
+            outcome.version,
+            &outcome.stats.digest,
+            "push",
+        );
+        blocking(move || {
+            history::record(&record);
+            Ok(())
+        })
+        .await?;
+        let saved_keys = match &outcome.keys {
+            Some(keys) => {
+                let (push_key, pull_key) = (keys.push.clone(), keys.pull.clone());
+                let (server, replica) = (self.server.url(), self.replica.to_string());
+                let (database, local) = (self.database.clone(), self.local.clone());
+                let saved = blocking(move || {
+                    let entry = Secret {
+                        server: server.clone(),
+                        replica: replica.clone(),
+                        key: push_key,
+                    };
+                    let name = database.to_string_lossy().into_owned();
+                    let secrets = crate::config::Secrets::update(|secrets| {
+                        secrets.databases.insert(name, entry);
+                    })?;
+                    let sidecar = Sidecar {
+                        server,
+                        replica,
+                        key: pull_key,
+                    }
+                    .save(&local)?;
+                    Ok(SavedKeys { secrets, sidecar })
+                })
+                .await?;
+                // Later pushes (a subscriber's) use the replica's own PUSH key.
+                self.key = Some(keys.push.clone());
+                self.stored = true;
+                Some(saved)
+            }
+            None => None,
+        };
+        Ok(PushReport {
+            outcome,
+            saved_keys,
+        })
+    }
+
+    /// What a push would do now: LOCAL's size, the replica's latest version, whether
+    /// the push would be refused (conflict, damaged LOCAL). Changes nothing.
+    pub async fn plan(&self) -> Result<PushPlan> {
+        let (local, allow_corrupt) = (self.local.clone(), self.allow_corrupt);
+        let (size, page_count, damaged) = blocking(move || {
+            let snap = Snapshot::open(&local).map_err(|e| e.context("cannot read LOCAL"))?;
+            let size = u64::from(snap.page_count()) * u64::from(snap.page_size());
+            // The real push checks first, so a damaged LOCAL is refused before a
+            // conflict.
+            let damaged = match allow_corrupt {
+                true => None,
+                false => check_source(&snap).err(),
+            };
+            Ok((size, snap.page_count(), damaged))
+        })
+        .await?;
+        let base = self.base_version().await?;
+        let latest = match self
+            .server
+            .versions(&self.replica, self.key.as_deref())
+            .await
+        {
+            Ok(v) => v.last().map(|v| v.number),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        Ok(PushPlan {
+            size,
+            page_count,
+            latest,
+            base,
+            conflict: !self.force && latest.is_some() && latest != base,
+            damaged,
+        })
+    }
+}
+
+/// What a push between two local files would do (`--dry-run`).
+#[derive(Debug)]
+pub struct CopyPlan {
+    /// The source's page count.
+    pub page_count: u32,
+    /// Why the source would be refused as damaged, if it would.
+    pub damaged: Option<Error>,
+}
+
+/// Refuses a copy of a file onto itself.
+fn refuse_same_file(src: &Path, dest: &Path) -> Result<()> {
+    if let (Ok(a), Ok(b)) = (src.canonicalize(), dest.canonicalize())
+        && a == b
+    {
+        return Err(Error::Usage(format!(
+            "LOCAL and REMOTE are the same file ({})",
+            a.display()
+        )));
+    }
+    Ok(())
+}
+
+/// What [`copy_file`] would do; changes nothing.
+pub async fn plan_copy(src: &Path, dest: &Path, allow_corrupt: bool) -> Result<CopyPlan> {
+    let (src, dest) = (src.to_owned(), dest.to_owned());
+    blocking(move || {
+        refuse_same_file(&src, &dest)?;
+        let snap = Snapshot::open(&src).map_err(|e| e.context("cannot read LOCAL"))?;
+        let damaged = match allow_corrupt {
+            true => None,
+            false => check_source(&snap).err(),
+        };
+        Ok(CopyPlan {
+            page_count: snap.page_count(),
+            damaged,
+        })
+    })
+    .await
+}
+
+/// `push SRC DEST` between two local files: DEST changes in one transaction, after its
+/// digest has been checked; SRC is only read. A SRC failing `PRAGMA quick_check` is
+/// refused unless `allow_corrupt`.
+pub async fn copy_file(
+    src: &Path,
+    dest: &Path,
+    allow_corrupt: bool,
+    progress: Arc<dyn Progress>,
+) -> Result<SyncStats> {
+    let (src, dest) = (src.to_owned(), dest.to_owned());
+    blocking(move || {
+        refuse_same_file(&src, &dest)?;
+        let mut source = Snapshot::open(&src).map_err(|e| e.context("cannot read LOCAL"))?;
+        if !allow_corrupt {
+            check_source(&source)?;
+        }
+        let mut target = Writer::open(&dest).map_err(|e| e.context("cannot write REMOTE"))?;
+        sync_local(&mut source, &mut target, &*progress).map_err(|e| {
+            e.context(format!(
+                "push {} to {} failed",
+                src.display(),
+                dest.display()
+            ))
+        })
+    })
+    .await
+}
