@@ -4,8 +4,8 @@
 
 mod keys;
 mod progress;
-mod pull;
-mod push;
+pub(crate) mod pull; // TEMP(issue 9 merge): the subscribers use Pusher/Puller
+pub(crate) mod push; // TEMP(issue 9 merge)
 mod scrub;
 mod serve;
 #[allow(dead_code)] // used once the subscribers and the server take the one shutdown (issue 9)
@@ -220,7 +220,10 @@ impl Cli {
             Command::Versions(args) => args.run(&self.global),
             Command::Serve(args) => args.run(&self.global),
             Command::Verify(args) => args.run(&self.global),
-            Command::Subscribe(args) => args.run(&self.global),
+            // TEMP(issue 9 merge): `args.run(&self.global, &shutdown).await`.
+            Command::Subscribe(args) => subscribe::temp_block_on(|shutdown| async move {
+                args.run(&self.global, &shutdown).await
+            }),
             Command::SyncNow(args) => args.run(&self.global),
             Command::Keys(args) => args.run(&self.global),
             Command::Scrub(args) => args.run(&self.global),

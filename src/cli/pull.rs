@@ -135,7 +135,10 @@ impl PullArgs {
                 ))
                 .into());
             }
-            return super::subscribe::run_pull(puller, global);
+            // TEMP(issue 9 merge): `run_pull(..).await` on the one runtime.
+            return super::subscribe::temp_block_on(|shutdown| async move {
+                super::subscribe::run_pull(puller, global, &shutdown).await
+            });
         }
         if self.dry_run {
             return puller.dry_run(selector);

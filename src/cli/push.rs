@@ -108,7 +108,10 @@ impl PushArgs {
         pusher.new_keys = self.new_keys;
         pusher.allow_corrupt = self.allow_corrupt;
         if self.subscribe {
-            return super::subscribe::run_push(pusher, &self.timing, global);
+            // TEMP(issue 9 merge): `run_push(..).await` on the one runtime.
+            return super::subscribe::temp_block_on(|shutdown| async move {
+                super::subscribe::run_push(pusher, &self.timing, global, &shutdown).await
+            });
         }
         if self.timing.any() {
             return Err(crate::Error::Usage(
