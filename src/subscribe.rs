@@ -42,3 +42,6 @@ pub use watch::{Seen, Watcher};
 
 /// A point in a subscriber's life: the time elapsed since it started.
 pub type Time = std::time::Duration;
+
+#[cfg(test)]
+mod tests;
