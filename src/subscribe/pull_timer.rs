@@ -1,6 +1,7 @@
-//! When a pull subscriber pulls: a pure state machine like the push [`Schedule`]
-//! (super::Schedule), fed with what happened and the current time ([`Time`], injected
-//! by the caller), answering whether a pull is due and when to wake up next.
+//! When a pull subscriber pulls: a pure state machine like the push
+//! [`Schedule`](super::Schedule), fed with what happened and the current time
+//! ([`Time`], injected by the caller), answering whether a pull is due and when to wake
+//! up next.
 //!
 //! The rules, all in one place:
 //!
