@@ -180,13 +180,10 @@ impl Command {
             Command::Push(args) => args.run(global, shutdown).await,
             Command::Pull(args) => args.run(global, shutdown).await,
             Command::Versions(args) => args.run(global, shutdown).await,
-            // TEMP(issue 9 merge): `serve` and `subscribe` become async (helpers
-            // "server" and "subscribe"); until then their own runtime runs outside
-            // this one's context.
+            // TEMP(issue 9 merge): `serve` becomes async (helper "server").
             Command::Serve(args) => tokio::task::block_in_place(|| args.run(global)),
             Command::Verify(args) => args.run(global, shutdown).await,
-            // TEMP(issue 9 merge): see `Serve`.
-            Command::Subscribe(args) => tokio::task::block_in_place(|| args.run(global)),
+            Command::Subscribe(args) => args.run(global, shutdown).await,
             Command::SyncNow(args) => args.run(global, shutdown).await,
             Command::Keys(args) => args.run(global, shutdown).await,
             Command::Scrub(args) => args.run(global, shutdown).await,

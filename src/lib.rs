@@ -8,6 +8,7 @@
 //! [`engine`] is the sync algorithm over any transport, [`subscribe`] holds the pieces
 //! that keep a replica fresh on its own, [`cli`] is the command line.
 
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;

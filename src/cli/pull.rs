@@ -142,9 +142,7 @@ impl PullArgs {
                 ))
                 .into());
             }
-            // TEMP(issue 9 merge): `run_pull` becomes async and takes the shutdown
-            // (helper "subscribe"); until then it runs its own runtime.
-            return tokio::task::block_in_place(|| super::subscribe::run_pull(puller, global));
+            return super::subscribe::run_pull(puller, global, shutdown).await;
         }
         super::interruptible(shutdown, self.pull(&puller, selector, global)).await
     }

@@ -116,11 +116,7 @@ impl PushArgs {
         pusher.new_keys = self.new_keys;
         pusher.allow_corrupt = self.allow_corrupt;
         if self.subscribe {
-            // TEMP(issue 9 merge): `run_push` becomes async and takes the shutdown
-            // (helper "subscribe"); until then it runs its own runtime.
-            return tokio::task::block_in_place(|| {
-                super::subscribe::run_push(pusher, &self.timing, global)
-            });
+            return super::subscribe::run_push(pusher, &self.timing, global, shutdown).await;
         }
         if self.timing.any() {
             return Err(crate::Error::Usage(
@@ -137,7 +133,7 @@ impl PushArgs {
             let report = pusher.push(bar).await?;
             self.print(&pusher, &report.outcome, global)?;
             if let Some(saved) = &report.saved_keys {
-                eprintln!("{}", new_keys_note(saved, &pusher));
+                eprintln!("{}", new_keys_note(saved));
             }
             Ok(ExitCode::from(exit::OK))
         })
@@ -280,13 +276,13 @@ pub(super) fn using_saved_server(server: &str, local: &Path, replica: &ReplicaPa
 }
 
 /// What stderr says after a push saved new keys.
-pub(super) fn new_keys_note(saved: &SavedKeys, pusher: &Pusher) -> String {
+pub(super) fn new_keys_note(saved: &SavedKeys) -> String {
     format!(
         "new keys for {}: the PUSH key is saved in {} (next pushes of {} need no key); \
          {} holds the PULL key: copy it beside a database elsewhere and run it to pull",
-        pusher.replica,
+        saved.replica,
         saved.secrets.display(),
-        pusher.local.display(),
+        saved.local.display(),
         saved.sidecar.display()
     )
 }

@@ -1,27 +1,20 @@
 //! `push --subscribe`, `pull --subscribe`, `sqlferry subscribe` and `sqlferry sync-now`:
-//! flags into plain settings, then the `subscribe` module's loops.
+//! flags into plain options, then the `subscribe` module's subscribers; their events
+//! into stamped lines (results on stdout unless `--quiet`, failures on stderr) and their
+//! ends into exit codes.
 
-use std::path::Path;
+use std::io::Write;
 use std::process::ExitCode;
-
-use anyhow::Context;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{Global, RemoteArgs, exit, expand_tilde, out};
 use crate::client::{Puller, Pusher};
-use crate::config::{Secrets, Sidecar};
-use crate::protocol::control::SubscriberRole;
-use crate::remote::{Server, no_progress};
+use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, out};
 use crate::shutdown::Shutdown;
 use crate::store::ReplicaPath;
-use crate::subscribe::pull::Pulled;
-use crate::subscribe::push::{Ended, PushSubscriber, Pushed};
+use crate::subscribe::plan::{self, Ended, Plan, PushOptions};
+use crate::subscribe::push::SHUTDOWN_BOUND;
 use crate::subscribe::timer::Timing;
-use crate::subscribe::{Line, Signals, duration};
-
-/// How long pending changes may take to push after SIGINT or SIGTERM.
-const SHUTDOWN_BOUND: Duration = Duration::from_secs(60);
+use crate::subscribe::{Event, NextPush, duration};
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     duration::parse(s)
@@ -63,19 +56,17 @@ impl TimingArgs {
             || self.max_changes.is_some()
     }
 
-    fn timing(&self) -> anyhow::Result<Timing> {
-        let wait_idle = self.wait_idle.ok_or_else(|| {
-            crate::Error::Usage(
-                "a push subscriber needs --waitIdle (for example --waitIdle 10m)".into(),
-            )
-        })?;
-        Timing::new(
-            wait_idle,
-            self.min_interval,
-            self.max_interval,
-            self.max_changes,
-        )
-        .map_err(|e| crate::Error::Usage(e).into())
+    /// The flags as the push subscriber's options (checked when it starts).
+    fn options(&self) -> PushOptions {
+        PushOptions {
+            wait_idle: self.wait_idle,
+            min_interval: self.min_interval,
+            max_interval: self.max_interval,
+            max_changes: self.max_changes,
+            poll: self.poll,
+            report_after: self.report_after,
+            shutdown_bound: SHUTDOWN_BOUND,
+        }
     }
 
     fn describe(t: &Timing) -> String {
@@ -99,208 +90,212 @@ impl TimingArgs {
     }
 }
 
-/// Runs a subscriber loop on a runtime of its own. The runtime is not waited for when
-/// the loop ends: a push or pull still running on a blocking thread then (after a
-/// second signal) is abandoned with the process, and a sync cut short commits nothing.
-fn run_loop<T>(f: impl std::future::Future<Output = crate::Result<T>>) -> anyhow::Result<T> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let result = runtime.block_on(f);
-    runtime.shutdown_background();
-    Ok(result?)
+/// Prints a subscriber's output lines, each stamped with the time: results on stdout,
+/// failures on stderr. A closed stdout (a pipe whose reader left) is ignored.
+#[derive(Debug, Clone, Copy)]
+struct Line {
+    quiet: bool,
 }
 
-/// `push LOCAL REMOTE --subscribe`: push after changes until a signal.
-pub(super) fn run_push(
-    mut pusher: Pusher,
+impl Line {
+    fn stamp() -> String {
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+    }
+
+    /// One result line.
+    fn out(&self, text: String) {
+        if !self.quiet {
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{} {text}", Line::stamp());
+            let _ = stdout.flush();
+        }
+    }
+
+    /// One failure line.
+    fn err(&self, text: String) {
+        eprintln!("{} {text}", Line::stamp());
+    }
+
+    /// The line of `event`.
+    fn event(&self, event: Event) {
+        match event {
+            Event::PushStarted {
+                database,
+                replica,
+                server,
+                timing,
+            } => self.out(format!(
+                "push subscriber: {} to {replica} on {server}, {}",
+                database.display(),
+                TimingArgs::describe(&timing)
+            )),
+            Event::NoFirstWord { waited } => self.err(format!(
+                "no answer from the server within {}s; watching anyway",
+                waited.as_secs()
+            )),
+            Event::StartedOffline { error, retry_in } => self.err(format!(
+                "server unreachable ({error}); watching anyway, retrying in {}",
+                duration::format(retry_in)
+            )),
+            Event::PushServerLost { error, retry_in } => self.err(format!(
+                "lost the server ({error}); changes are tracked and pushed when it is back (next try in {})",
+                duration::format(retry_in)
+            )),
+            Event::ServerBack => self.out("server reachable again".into()),
+            Event::Pushed { trigger, pushed: p } => {
+                if let Some(saved) = &p.saved_keys {
+                    eprintln!("{}", super::push::new_keys_note(saved));
+                }
+                self.out(if p.created {
+                    format!(
+                        "push ({}): version {}, {} of {} pages, {} sent in {:.2?}",
+                        trigger.as_str(),
+                        p.version,
+                        p.pages_sent,
+                        p.pages_total,
+                        human_bytes(p.bytes_sent),
+                        p.duration
+                    )
+                } else {
+                    format!(
+                        "push ({}): no change, still version {} ({} sent in {:.2?})",
+                        trigger.as_str(),
+                        p.version,
+                        human_bytes(p.bytes_sent),
+                        p.duration
+                    )
+                });
+            }
+            Event::PushFailed {
+                trigger,
+                error,
+                next,
+            } => {
+                let next = match next {
+                    NextPush::Stopping => "not retried: stopping".into(),
+                    NextPush::RetryIn(d) => format!("retry in {}", duration::format(d)),
+                    NextPush::AtNextChange => "no more retries; pushing at the next change".into(),
+                };
+                self.err(format!("push ({}) failed: {error}; {next}", trigger.as_str()));
+            }
+            Event::PushingBeforeStop { bound } => self.out(format!(
+                "stopping: pushing pending changes first (at most {}; a second signal stops at once)",
+                duration::format(bound)
+            )),
+            Event::FollowingInstead {
+                replica,
+                from_sidecar,
+            } => {
+                let from = if from_sidecar {
+                    " (from the sidecar)"
+                } else {
+                    ""
+                };
+                self.out(format!(
+                    "the key{from} for {replica} is a PULL key: following the replica as a pull subscriber instead"
+                ));
+            }
+            Event::PullStarted {
+                replica,
+                server,
+                local,
+            } => self.out(format!(
+                "pull subscriber: {replica} on {server} into {}",
+                local.display()
+            )),
+            Event::Reconnected { latest } => self.out(format!(
+                "connected again; the replica is at version {latest}"
+            )),
+            Event::NoVersionYet => {
+                self.out("the replica has no version yet; waiting for the first".into());
+            }
+            Event::PullServerLost { error, retry_in } => self.err(format!(
+                "lost the server ({error}); reconnecting in {}",
+                duration::format(retry_in)
+            )),
+            Event::Pulled { reason, pulled: p } => self.out(format!(
+                "pull ({}): version {}, {} of {} pages written, {} received in {:.2?}",
+                reason.as_str(),
+                p.version,
+                p.pages_written,
+                p.pages_total,
+                human_bytes(p.bytes_received),
+                p.duration
+            )),
+            Event::PullFailed {
+                reason,
+                error,
+                retry_in,
+            } => self.err(format!(
+                "pull ({}) failed: {error}; retry in {}",
+                reason.as_str(),
+                duration::format(retry_in)
+            )),
+            Event::PullingBeforeStop => self.out(
+                "stopping after the pull in progress (a second signal stops at once)".into(),
+            ),
+            Event::StoppingNow => self.err("second signal: stopping now".into()),
+        }
+    }
+}
+
+/// Prints `event`, and remembers the replica a pull subscriber follows: its failures
+/// are told as the pull subscriber's.
+fn print(line: Line, following: &mut Option<String>, event: Event) {
+    if let Event::PullStarted {
+        replica, server, ..
+    } = &event
+    {
+        *following = Some(format!("pull subscriber of {replica} on {server}"));
+    }
+    line.event(event);
+}
+
+/// The exit code of a subscriber's end; a failure of the pull subscriber says so.
+fn exit_code(ended: crate::Result<Ended>, following: Option<String>) -> anyhow::Result<ExitCode> {
+    match ended {
+        Ok(Ended::Shutdown) => Ok(ExitCode::from(exit::OK)),
+        Ok(Ended::Unpushed(e)) => {
+            Err(anyhow::Error::from(e).context("stopped with changes not pushed"))
+        }
+        Ok(Ended::Interrupted) => Ok(ExitCode::from(exit::INTERRUPTED)),
+        Err(e) => match following {
+            Some(label) => Err(anyhow::Error::from(e).context(label)),
+            None => Err(e.into()),
+        },
+    }
+}
+
+/// `push LOCAL REMOTE --subscribe`: push after changes until `shutdown`.
+pub(super) async fn run_push(
+    pusher: Pusher,
     timing: &TimingArgs,
     global: &Global,
+    shutdown: &Shutdown,
 ) -> anyhow::Result<ExitCode> {
-    let line = Line::new(global.quiet);
-    // No key of our own: the sidecar beside LOCAL may hold a PULL key for the replica.
-    let mut sidecar_key = false;
-    if pusher.key.is_none()
-        && pusher.server.needs_key()
-        && let Ok(s) = Sidecar::load(&Sidecar::path_for(&pusher.local))
-        && s.server == pusher.server.url()
-        && s.replica == pusher.replica.as_str()
-    {
-        pusher.key = Some(s.key);
-        sidecar_key = true;
-    }
-    pusher.require_key()?;
-    let settings = timing.timing()?;
-    let (server, replica, key) = (
-        pusher.server.clone(),
-        pusher.replica.clone(),
-        pusher.key.clone(),
-    );
-    let database = pusher.local.clone();
-    let message = std::mem::take(&mut pusher.message);
-    let shared = Arc::new(Mutex::new(pusher));
-    let push = {
-        let shared = shared.clone();
-        move |trigger: crate::subscribe::timer::Trigger| -> anyhow::Result<Pushed> {
-            let mut p = shared.lock().unwrap_or_else(|e| e.into_inner());
-            p.message = if message.is_empty() {
-                format!("sqlferry subscribe: {}", trigger.as_str())
-            } else {
-                message.clone()
-            };
-            // TEMP(issue 9 merge): the subscriber loop calls the client itself.
-            let report = tokio::runtime::Handle::current().block_on(p.push(no_progress()))?;
-            if let Some(saved) = &report.saved_keys {
-                eprintln!("{}", super::push::new_keys_note(saved, &p));
-            }
-            let o = report.outcome;
-            Ok(Pushed {
-                version: o.version,
-                created: o.created,
-                pages_sent: u64::from(o.stats.pages_sent),
-                pages_total: u64::from(o.stats.pages_total),
-                bytes_sent: o.stats.bytes_sent,
-                duration: o.stats.duration,
-            })
-        }
+    let line = Line {
+        quiet: global.quiet,
     };
-    let ended = run_loop(async {
-        let signals = Signals::catch()?;
-        let mut subscription = server
-            .subscribe(&replica, SubscriberRole::Push, key.clone())
-            .await?;
-        line.out(format!(
-            "push subscriber: {} to {replica} on {}, {}",
-            database.display(),
-            server.url(),
-            TimingArgs::describe(&settings)
-        ));
-        let subscriber = PushSubscriber {
-            database: database.clone(),
-            timing: settings,
-            poll: timing.poll,
-            shutdown_bound: SHUTDOWN_BOUND,
-            report_after: timing.report_after,
-            push: Arc::new(push),
-        };
-        let ended = subscriber.run(&mut subscription, signals, line).await;
-        subscription.close().await;
-        ended
-    })?;
-    match ended {
-        Ended::Shutdown => Ok(ExitCode::from(exit::OK)),
-        Ended::Unpushed(e) => Err(e.context("stopped with changes not pushed")),
-        Ended::Interrupted => Ok(ExitCode::from(exit::INTERRUPTED)),
-        Ended::PullKey => {
-            let from = if sidecar_key {
-                " (from the sidecar)"
-            } else {
-                ""
-            };
-            let p = shared.lock().unwrap_or_else(|e| e.into_inner());
-            // Following writes LOCAL: never over changes that were not synced.
-            if let Some(why) = unsynced_changes(&p.local, &p.server, &p.replica)? {
-                return Err(crate::Error::Auth(format!(
-                    "the key{from} for {replica} is a PULL key, and {} {why}: following the \
-                     replica would overwrite it; push it with its PUSH key (--key, or the admin key)",
-                    p.local.display()
-                ))
-                .into());
-            }
-            line.out(format!(
-                "the key{from} for {replica} is a PULL key: following the replica as a pull subscriber instead"
-            ));
-            let puller = Puller {
-                server: p.server.clone(),
-                replica: p.replica.clone(),
-                local: p.local.clone(),
-                database: p.database.clone(),
-                key: p.key.clone(),
-                force: false,
-            };
-            drop(p);
-            run_pull(puller, global)
-        }
-    }
-}
-
-/// Why `local` holds changes no sync of `replica` carried, if it does: a file that
-/// does not exist, or whose digest is the one of its last sync with `replica`, has
-/// none.
-fn unsynced_changes(
-    local: &Path,
-    server: &Server,
-    replica: &ReplicaPath,
-) -> anyhow::Result<Option<&'static str>> {
-    if !local.exists() {
-        return Ok(None);
-    }
-    let database = crate::config::database_key(local);
-    let Some(last) = crate::history::last_with(&database, &server.url(), replica.as_str()) else {
-        return Ok(Some("was never pulled from it"));
-    };
-    let now = crate::client::local_digest(local)?;
-    Ok((now.as_deref() != Some(last.digest.as_str())).then_some("has changed since its last sync"))
-}
-
-/// `pull REMOTE --subscribe`: pull each new version until a signal.
-pub(super) fn run_pull(puller: Puller, global: &Global) -> anyhow::Result<ExitCode> {
-    let line = Line::new(global.quiet);
-    let held = crate::history::last_with(
-        &puller.database,
-        &puller.server.url(),
-        puller.replica.as_str(),
-    )
-    .map(|l| l.version);
-    let (server, replica, key) = (
-        puller.server.clone(),
-        puller.replica.clone(),
-        puller.key.clone(),
-    );
-    if server.needs_key() && key.is_none() {
-        return Err(crate::Error::Auth(format!(
-            "no key for {replica} on {}: pass --key, set SQLFERRY_KEY, or use the replica's sidecar (--from)",
-            server.url()
-        ))
-        .into());
-    }
-    let local = puller.local.clone();
-    let kept = Mutex::new(crate::client::Kept::default());
-    let pull = move || -> anyhow::Result<Pulled> {
-        let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
-        // TEMP(issue 9 merge): the subscriber loop calls the client itself.
-        let o = tokio::runtime::Handle::current().block_on(puller.pull_latest_kept(&mut kept))?;
-        Ok(Pulled {
-            version: o.version,
-            pages_written: u64::from(o.stats.pages_sent),
-            pages_total: u64::from(o.stats.pages_total),
-            bytes_received: o.stats.bytes_received,
-            duration: o.stats.duration,
-        })
-    };
-    let label = format!("pull subscriber of {replica} on {}", server.url());
-    let interrupted = run_loop(async {
-        let signals = Signals::catch()?;
-        let mut subscription = server
-            .subscribe(&replica, SubscriberRole::Pull, key)
-            .await?;
-        line.out(format!(
-            "pull subscriber: {replica} on {} into {}",
-            server.url(),
-            local.display()
-        ));
-        let ended =
-            crate::subscribe::pull::run(&mut subscription, Arc::new(pull), held, signals, line)
-                .await;
-        subscription.close().await;
-        ended
+    let mut following = None;
+    let ended = plan::push(pusher, timing.options(), shutdown, |e| {
+        print(line, &mut following, e);
     })
-    .context(label)?;
-    Ok(ExitCode::from(if interrupted {
-        exit::INTERRUPTED
-    } else {
-        exit::OK
-    }))
+    .await;
+    exit_code(ended, following)
+}
+
+/// `pull REMOTE --subscribe`: pull each new version until `shutdown`.
+pub(super) async fn run_pull(
+    puller: Puller,
+    global: &Global,
+    shutdown: &Shutdown,
+) -> anyhow::Result<ExitCode> {
+    let line = Line {
+        quiet: global.quiet,
+    };
+    let mut following = None;
+    let ended = plan::pull(puller, shutdown, |e| print(line, &mut following, e)).await;
+    exit_code(ended, following)
 }
 
 /// Arguments of `sqlferry subscribe`.
@@ -325,67 +320,15 @@ pub struct SubscribeArgs {
 
 impl SubscribeArgs {
     /// Runs the command.
-    pub fn run(self, global: &Global) -> anyhow::Result<ExitCode> {
+    pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let target = expand_tilde(&self.target);
-        if let Some(database) = Sidecar::database_for(&target).filter(|_| target.is_file()) {
-            return self.follow_sidecar(&target, &database, global);
+        match plan::resolve(target, self.target.clone()).await? {
+            Plan::Push(mut pusher) => {
+                pusher.message = self.message.clone();
+                run_push(pusher, &self.timing, global, shutdown).await
+            }
+            Plan::Pull(puller) => run_pull(puller, global, shutdown).await,
         }
-        let database = crate::config::database_key(&target);
-        if let Some(saved) = Secrets::load()?.for_database(&database).cloned() {
-            let server = Server::parse(Some(&saved.server))?;
-            let replica = ReplicaPath::parse(&saved.replica)?;
-            let mut pusher = Pusher::new(&target, replica, server, None)?;
-            pusher.message = self.message.clone();
-            return run_push(pusher, &self.timing, global);
-        }
-        let sidecar = Sidecar::path_for(&target);
-        if sidecar.is_file() {
-            return self.follow_sidecar(&sidecar, &target, global);
-        }
-        let Some(last) = crate::history::last(&target) else {
-            return Err(crate::Error::Usage(format!(
-                "{} has no saved key, no sidecar ({}) and no sync on record: push it once \
-                 (sqlferry push {} NAMESPACE/NAME) or name a sidecar",
-                target.display(),
-                sidecar.display(),
-                self.target
-            ))
-            .into());
-        };
-        let server = Server::parse(Some(&last.server))?;
-        let replica = ReplicaPath::parse(&last.replica)?;
-        if last.op == "pull" {
-            let puller = Puller {
-                key: None,
-                server,
-                replica,
-                local: target,
-                database,
-                force: false,
-            };
-            return run_pull(puller, global);
-        }
-        let mut pusher = Pusher::new(&target, replica, server, None)?;
-        pusher.message = self.message.clone();
-        run_push(pusher, &self.timing, global)
-    }
-
-    fn follow_sidecar(
-        &self,
-        sidecar: &Path,
-        database: &Path,
-        global: &Global,
-    ) -> anyhow::Result<ExitCode> {
-        let s = Sidecar::load(sidecar)?;
-        let puller = Puller {
-            server: Server::parse(Some(&s.server))?,
-            replica: ReplicaPath::parse(&s.replica)?,
-            local: database.to_owned(),
-            database: crate::config::database_key(database),
-            key: Some(s.key),
-            force: false,
-        };
-        run_pull(puller, global)
     }
 }
 

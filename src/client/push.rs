@@ -52,12 +52,16 @@ pub struct PushReport {
 }
 
 /// Where a push saved the new keys the server minted for the replica.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavedKeys {
     /// The secrets file, which now holds the PUSH key for the database.
     pub secrets: PathBuf,
     /// The sidecar beside the database, which holds the PULL key.
     pub sidecar: PathBuf,
+    /// The replica the keys are for.
+    pub replica: String,
+    /// The database pushed, as given.
+    pub local: PathBuf,
 }
 
 /// What a push would do (`push --dry-run`); nothing was changed to find out.
@@ -211,11 +215,16 @@ impl Pusher {
                     })?;
                     let sidecar = Sidecar {
                         server,
-                        replica,
+                        replica: replica.clone(),
                         key: pull_key,
                     }
                     .save(&local)?;
-                    Ok(SavedKeys { secrets, sidecar })
+                    Ok(SavedKeys {
+                        secrets,
+                        sidecar,
+                        replica,
+                        local,
+                    })
                 })
                 .await?;
                 // Later pushes (a subscriber's) use the replica's own PUSH key.

@@ -243,7 +243,7 @@ async fn run_ws(
     notices: mpsc::UnboundedSender<Notice>,
     mut outgoing: mpsc::Receiver<Outgoing>,
 ) {
-    let mut backoff = crate::subscribe::backoff::Reconnect::new();
+    let mut backoff = crate::backoff::Reconnect::new();
     loop {
         let error = match session_open(&url, &replica, role, key.as_deref()).await {
             Ok((mut ws, exists, latest, key_type)) => {
@@ -271,7 +271,7 @@ async fn run_ws(
             }
             Err(e) => e,
         };
-        let retry_in = backoff.next_delay(crate::subscribe::jitter());
+        let retry_in = backoff.next_delay(crate::backoff::jitter());
         let notice = Notice::Disconnected {
             error: error.to_string(),
             retry_in,

@@ -1,23 +1,31 @@
-//! The pull subscriber's loop: one pull at a time, always of the newest version.
+//! The pull subscriber's loop: carries out what the [`PullSchedule`] decides, one pull
+//! at a time, always of the newest version.
 //!
-//! A NEWREPLICAVERSION newer than what the local database holds, a sync-now, or the
-//! connection coming back each ask for a pull. Asks that arrive while a pull runs are
-//! coalesced into one more pull after it, of whatever is newest then: never two pulls
-//! at once, never a pull of a version already superseded. A failed pull is retried with
-//! the reconnect backoff. The pull subscriber writes its database only through pulls
-//! (one transaction each) and watches nothing, so its own writes never look like local
-//! changes.
+//! Events come from the [`Notices`] of the subscription (a new version, sync-now, the
+//! connection lost or back), the pull running ([`PullAction`]) and the [`Shutdown`].
+//! The loop feeds them to the schedule with the current time (tokio's clock, so tests
+//! run it under `tokio::time::pause`), starts a pull when one is due, emits an
+//! [`Event`] for each thing worth a line and sleeps until the next event or retry. The
+//! pull subscriber writes its database only through pulls (one transaction each) and
+//! watches nothing, so its own writes never look like local changes.
+//!
+//! Shutdown: a graceful request stops at once when no pull runs, else once it ends; a
+//! forced one stops at once, dropping the pull in flight (which commits nothing).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::backoff::reconnect_delay;
-use super::{Line, Signals};
-use crate::remote::{Notice, Subscription};
-use crate::{Error, Result};
+use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::action::{Notices, PullAction};
+use super::event::Event;
+use super::pull_timer::PullSchedule;
+use crate::remote::Notice;
+use crate::shutdown::Shutdown;
+use crate::{Error, ErrorKind, Result};
 
 /// What one pull did, for the subscriber's output line.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pulled {
     /// The version the local database now holds.
     pub version: u64,
@@ -30,9 +38,6 @@ pub struct Pulled {
     /// How long it took.
     pub duration: Duration,
 }
-
-/// One pull of the latest version, run on a blocking thread.
-pub type PullFn = Arc<dyn Fn() -> anyhow::Result<Pulled> + Send + Sync>;
 
 /// Why the next pull happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,139 +67,144 @@ impl Reason {
     }
 }
 
-/// Follows a replica: pulls each new version into the local database until a signal.
-/// `held` is the version the local database holds, if known. `Ok(true)`: a second
-/// signal stopped it with a pull still running (which commits nothing).
-pub async fn run(
-    subscription: &mut Subscription,
-    pull: PullFn,
-    mut held: Option<u64>,
-    mut signals: Signals,
-    line: Line,
-) -> Result<bool> {
-    // The latest version announced: a pull is wanted while it is past `held`.
-    let mut wanted: Option<Reason> = None;
-    let mut in_flight: Option<(Reason, tokio::task::JoinHandle<anyhow::Result<Pulled>>)> = None;
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    let mut failures = 0u32;
-    let mut stopping = false;
-    let mut first = true;
-    // The newest version announced so far.
-    let mut announced = 0u64;
-    loop {
-        if in_flight.is_none() {
-            if stopping {
-                return Ok(false);
-            }
-            if let Some(reason) = wanted.take() {
-                let pull = pull.clone();
-                tracing::info!(reason = reason.as_str(), "pull starting");
-                in_flight = Some((reason, tokio::task::spawn_blocking(move || pull())));
-                retry_at = None;
-            }
+/// How a pull subscriber ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Asked to stop, with no pull left running.
+    Shutdown,
+    /// A forced stop: stopped at once.
+    Interrupted,
+}
+
+/// The pull subscriber's settings.
+#[derive(Debug, Clone)]
+pub struct PullSubscriber {
+    /// The version the local database holds, if known (from the history).
+    pub held: Option<u64>,
+    /// Draws the jitter of the retry backoff ([`crate::backoff::jitter`]; tests fix it).
+    pub jitter: fn() -> f64,
+}
+
+/// A pull running on its task; the task hands the action back with the result.
+type InFlight<A> = AbortOnDropHandle<(A, Result<Pulled>)>;
+
+impl PullSubscriber {
+    /// Settings for a database holding `held`, with random jitter.
+    pub fn new(held: Option<u64>) -> PullSubscriber {
+        PullSubscriber {
+            held,
+            jitter: crate::backoff::jitter,
         }
-        let retry = async {
-            match retry_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+    }
+
+    /// Follows the replica: pulls each new version into the local database until
+    /// `shutdown`. `emit` receives every [`Event`].
+    pub async fn run<A, N, E>(
+        &self,
+        action: A,
+        notices: &mut N,
+        shutdown: &Shutdown,
+        mut emit: E,
+    ) -> Result<Ended>
+    where
+        A: PullAction,
+        N: Notices,
+        E: FnMut(Event),
+    {
+        let start = Instant::now();
+        let now = || start.elapsed();
+        let mut schedule = PullSchedule::new(self.held);
+        let mut idle = Some(action);
+        let mut in_flight: Option<InFlight<A>> = None;
+        let mut stopping = false;
+        loop {
+            if shutdown.is_forced() {
+                emit(Event::StoppingNow);
+                return Ok(Ended::Interrupted);
             }
-        };
-        tokio::select! {
-            notice = subscription.notices.recv() => match notice {
-                Some(Notice::Connected { exists, latest, .. }) => {
-                    announced = announced.max(latest);
-                    let reason = if std::mem::take(&mut first) { Reason::Start } else { Reason::Reconnect };
-                    // A typo in the replica's name must not leave a service waiting for
-                    // ever: a pull subscriber needs a replica to follow.
-                    if !exists && reason == Reason::Start {
-                        return Err(Error::NotFound(
-                            "the replica does not exist: nothing to follow (check its name; \
-                             `sqlferry versions` lists a replica's versions)"
-                                .into(),
-                        ));
-                    }
-                    if reason == Reason::Reconnect {
-                        line.out(format!("connected again; the replica is at version {latest}"));
-                    }
-                    if latest > 0 && (reason == Reason::Start || held.is_none_or(|h| latest > h)) {
-                        wanted.get_or_insert(reason);
-                    } else if latest == 0 && reason == Reason::Start {
-                        line.out("the replica has no version yet; waiting for the first".into());
-                    }
-                }
-                Some(Notice::NewVersion(n)) => {
-                    announced = announced.max(n);
-                    if held.is_none_or(|h| n > h) {
-                        wanted.get_or_insert(Reason::NewVersion);
-                    }
-                }
-                Some(Notice::SyncNow) => {
-                    wanted = Some(Reason::SyncNow);
-                }
-                Some(Notice::Disconnected { error, retry_in }) => {
-                    line.err(format!(
-                        "lost the server ({error}); reconnecting in {}",
-                        super::duration::format(retry_in)
-                    ));
-                }
-                Some(Notice::Fatal(e)) => return Err(e),
-                None => return Err(Error::Disconnected("the subscription ended".into())),
-            },
-            done = async { (&mut in_flight.as_mut().expect("guarded").1).await }, if in_flight.is_some() => {
-                let (reason, _) = in_flight.take().expect("guarded");
-                match done.unwrap_or_else(|e| Err(anyhow::anyhow!("the pull thread failed: {e}"))) {
-                    Ok(p) => {
-                        failures = 0;
-                        held = Some(p.version);
-                        // Versions announced during the pull and already pulled by it.
-                        if announced <= p.version
-                            && matches!(wanted, Some(Reason::NewVersion | Reason::Reconnect))
-                        {
-                            wanted = None;
-                        }
-                        line.out(format!(
-                            "pull ({}): version {}, {} of {} pages written, {} received in {:.2?}",
-                            reason.as_str(),
-                            p.version,
-                            p.pages_written,
-                            p.pages_total,
-                            crate::cli::human_bytes(p.bytes_received),
-                            p.duration
-                        ));
-                    }
-                    Err(e) => {
-                        if super::is_auth_failure(&e) {
-                            return Err(Error::Auth(format!("{e:#}")));
-                        }
-                        // LOCAL holds changes no sync carried: retrying would not make
-                        // them go away, and overwriting them is not ours to decide.
-                        if super::error_kind(&e) == Some(crate::ErrorKind::LocalChanges) {
-                            return Err(Error::LocalChanges(format!("{e:#}")));
-                        }
-                        failures += 1;
-                        let delay = reconnect_delay(failures, super::jitter());
-                        line.err(format!(
-                            "pull ({}) failed: {e:#}; retry in {}",
-                            reason.as_str(),
-                            super::duration::format(delay)
-                        ));
-                        retry_at = Some(tokio::time::Instant::now() + delay);
-                    }
-                }
+            if stopping && schedule.done() {
+                return Ok(Ended::Shutdown);
             }
-            () = retry => {
-                wanted.get_or_insert(Reason::Retry);
+            let t = now();
+            if let Some(reason) = schedule.due(t)
+                && let Some(mut action) = idle.take()
+            {
+                schedule.pull_started(t, reason);
+                tracing::info!(reason = reason.as_str(), "pull starting");
+                let task = tokio::spawn(async move {
+                    let result = action.pull().await;
+                    (action, result)
+                });
+                in_flight = Some(AbortOnDropHandle::new(task));
             }
-            () = signals.next() => {
-                if stopping {
-                    line.err("second signal: stopping now".into());
-                    return Ok(true);
+            let sleep = async {
+                match schedule.next_wake(now()) {
+                    Some(w) => tokio::time::sleep_until(start + w).await,
+                    None => std::future::pending().await,
                 }
-                if in_flight.is_none() {
-                    return Ok(false);
+            };
+            tokio::select! {
+                notice = notices.next() => match notice {
+                    Some(Notice::Connected { exists, latest, .. }) => {
+                        let reason = schedule.connected(now(), latest);
+                        // A typo in the replica's name must not leave a service waiting
+                        // for ever: a pull subscriber needs a replica to follow.
+                        if !exists && reason == Reason::Start {
+                            return Err(Error::NotFound(
+                                "the replica does not exist: nothing to follow (check its name; \
+                                 `sqlferry versions` lists a replica's versions)"
+                                    .into(),
+                            ));
+                        }
+                        if reason == Reason::Reconnect {
+                            emit(Event::Reconnected { latest });
+                        } else if latest == 0 {
+                            emit(Event::NoVersionYet);
+                        }
+                    }
+                    Some(Notice::NewVersion(n)) => schedule.new_version(now(), n),
+                    Some(Notice::SyncNow) => schedule.sync_now(now()),
+                    Some(Notice::Disconnected { error, retry_in }) => {
+                        emit(Event::PullServerLost { error, retry_in });
+                    }
+                    Some(Notice::Fatal(e)) => return Err(e),
+                    None => return Err(Error::Disconnected("the subscription ended".into())),
+                },
+                done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                    in_flight = None;
+                    let reason = schedule.in_flight().expect("a pull was running");
+                    // A pull task that panicked is a bug (Error::Bug), not a failed pull.
+                    let (action, result) = done?;
+                    idle = Some(action);
+                    match result {
+                        Ok(pulled) => {
+                            schedule.pull_succeeded(now(), pulled.version);
+                            emit(Event::Pulled { reason, pulled });
+                        }
+                        Err(e) => {
+                            // A refused key is not mended by retrying; and LOCAL holding
+                            // changes no sync carried would not go away: overwriting
+                            // them is not ours to decide.
+                            if matches!(e.kind(), ErrorKind::Auth | ErrorKind::LocalChanges) {
+                                return Err(e);
+                            }
+                            let retry_in = schedule.pull_failed(now(), (self.jitter)());
+                            emit(Event::PullFailed { reason, error: e.to_string(), retry_in });
+                        }
+                    }
                 }
-                line.out("stopping after the pull in progress (a second signal stops at once)".into());
-                stopping = true;
+                () = shutdown.forced(), if stopping => {
+                    emit(Event::StoppingNow);
+                    return Ok(Ended::Interrupted);
+                }
+                () = shutdown.requested(), if !stopping => {
+                    stopping = true;
+                    schedule.shutdown(now());
+                    if in_flight.is_some() {
+                        emit(Event::PullingBeforeStop);
+                    }
+                }
+                () = sleep => {}
             }
         }
     }

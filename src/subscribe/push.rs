@@ -1,35 +1,45 @@
 //! The push subscriber's loop: carries out what the [`Schedule`] decides.
 //!
-//! Events come from three places: the [`Watcher`] (a commit was seen), the
-//! [`Subscription`] (sync-now, the server reachable again) and the signals (SIGINT,
-//! SIGTERM). The loop feeds them to the schedule with the current time, starts a push
-//! when one is due (on a blocking thread, never two at once), sends CHANGED and failure
-//! reports when the schedule says so, and sleeps until the schedule's next wake-up or
-//! the next event. All timing decisions are the schedule's; this loop only keeps time.
+//! Events come from four places: the [`Changes`] of the database (a commit was seen),
+//! the [`Notices`] of the subscription (sync-now, the server reachable again), the push
+//! running ([`PushAction`]) and the [`Shutdown`]. The loop feeds them to the schedule
+//! with the current time, starts a push when one is due (on a task of its own, never
+//! two at once), sends CHANGED and failure reports when the schedule says so, emits an
+//! [`Event`] for each thing worth a line, and sleeps until the schedule's next wake-up
+//! or the next event. All timing decisions are the schedule's; this loop only keeps
+//! time, with tokio's clock, so tests run it under `tokio::time::pause`.
+//!
+//! Shutdown: a graceful request pushes the pending changes (or the failed push owed)
+//! once more, within [`PushSubscriber::shutdown_bound`], then stops; a forced one stops
+//! at once, dropping the push in flight (which commits nothing).
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::Time;
+use super::action::{Changes, Notices, PushAction};
+use super::event::{Event, NextPush};
 use super::timer::{Schedule, Timing, Trigger};
-use super::watch::Watcher;
-use super::{Line, Signals};
 use crate::protocol::control::FailureReport;
-use crate::remote::{Notice, Outgoing, Subscription};
-use crate::{Error, Result};
+use crate::remote::{Notice, Outgoing};
+use crate::shutdown::Shutdown;
+use crate::{Error, ErrorKind, Result};
 
 /// Pushes failing for longer than this are reported to the server.
 pub const REPORT_FAILURES_AFTER: Duration = Duration::from_secs(5 * 60);
 
+/// How long pending changes may take to push after a graceful shutdown request.
+pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(60);
+
 /// How long the subscriber waits for the server's first word (which tells a PULL key
 /// from a PUSH key) before it starts watching anyway.
-const FIRST_WORD: Duration = Duration::from_secs(5);
+pub const FIRST_WORD: Duration = Duration::from_secs(5);
 
 /// What one push did, for the subscriber's output line.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pushed {
     /// The replica's version after the push.
     pub version: u64,
@@ -43,99 +53,121 @@ pub struct Pushed {
     pub bytes_sent: u64,
     /// How long it took.
     pub duration: Duration,
+    /// Where new keys were saved, when the server minted some (a first push with the
+    /// admin key); told before the push's line.
+    pub saved_keys: Option<crate::client::SavedKeys>,
 }
-
-/// One push, run on a blocking thread; the trigger goes into the commit message.
-pub type PushFn = Arc<dyn Fn(Trigger) -> anyhow::Result<Pushed> + Send + Sync>;
 
 /// How a push subscriber ended.
 #[derive(Debug)]
-pub enum Ended {
-    /// A signal, pending changes pushed (or none pending).
+pub enum Ended<A> {
+    /// Asked to stop; pending changes pushed (or none pending).
     Shutdown,
-    /// A signal, but the changes pending could not be pushed: the last failure.
-    Unpushed(anyhow::Error),
-    /// A second signal: stopped at once.
+    /// Asked to stop, but the changes pending could not be pushed: the last failure.
+    Unpushed(Error),
+    /// A forced stop: stopped at once.
     Interrupted,
-    /// The key turned out to be a PULL key: follow the replica instead.
-    PullKey,
+    /// The key turned out to be a PULL key: follow the replica instead. The action is
+    /// handed back (no push runs).
+    PullKey(A),
 }
 
 /// The push subscriber's settings.
+#[derive(Debug, Clone)]
 pub struct PushSubscriber {
-    /// The database to watch and push.
-    pub database: PathBuf,
     /// When to push.
     pub timing: Timing,
-    /// How often the watcher's safety-net poll runs.
-    pub poll: Duration,
-    /// How long pending changes may take to push after a signal.
+    /// How long pending changes may take to push after a graceful shutdown request
+    /// ([`SHUTDOWN_BOUND`]).
     pub shutdown_bound: Duration,
     /// How long pushes must have been failing before the server is told
     /// ([`REPORT_FAILURES_AFTER`] unless a test wants it sooner).
     pub report_after: Duration,
-    /// One push.
-    pub push: PushFn,
 }
 
+/// A push running on its task; the task hands the action back with the result.
+type InFlight<A> = (Trigger, AbortOnDropHandle<(A, Result<Pushed>)>);
+
 impl PushSubscriber {
-    /// Runs until a signal (or a PULL key). `line` prints one output line.
-    pub async fn run(
-        self,
-        subscription: &mut Subscription,
-        mut signals: Signals,
-        line: Line,
-    ) -> Result<Ended> {
+    /// Runs until `shutdown` (or a PULL key). `watch` starts watching the database; it
+    /// is called once the server's first word has come (or not come within
+    /// [`FIRST_WORD`]), since a PULL key means there is nothing to watch. `emit` receives
+    /// every [`Event`].
+    pub async fn run<A, N, C, W, F, E>(
+        &self,
+        action: A,
+        notices: &mut N,
+        watch: W,
+        shutdown: &Shutdown,
+        mut emit: E,
+    ) -> Result<Ended<A>>
+    where
+        A: PushAction,
+        N: Notices,
+        C: Changes,
+        W: FnOnce() -> F,
+        F: Future<Output = Result<C>>,
+        E: FnMut(Event),
+    {
         let start = Instant::now();
         let now = || start.elapsed();
         // The first word from the server says what kind of key this is; offline, the
-        // subscriber starts anyway and its pushes retry.
+        // subscriber starts anyway and its pushes retry. A stop request ends the wait.
+        let no_word = || Notice::Disconnected {
+            error: "no answer yet".into(),
+            retry_in: Duration::ZERO,
+        };
+        let first = tokio::select! {
+            first = tokio::time::timeout(FIRST_WORD, notices.next()) => match first {
+                Ok(notice) => notice,
+                Err(_) => {
+                    emit(Event::NoFirstWord { waited: FIRST_WORD });
+                    Some(no_word())
+                }
+            },
+            () = shutdown.requested() => Some(no_word()),
+        };
         let mut connected = false;
-        let first = tokio::time::timeout(FIRST_WORD, subscription.notices.recv()).await;
-        match first.unwrap_or_else(|_| {
-            line.err(format!(
-                "no answer from the server within {}s; watching anyway",
-                FIRST_WORD.as_secs()
-            ));
-            Some(Notice::Disconnected {
-                error: "no answer yet".into(),
-                retry_in: Duration::ZERO,
-            })
-        }) {
+        match first {
             Some(Notice::Connected { key_type, .. }) if key_type == "pull" => {
-                return Ok(Ended::PullKey);
+                return Ok(Ended::PullKey(action));
             }
             Some(Notice::Connected { .. }) => connected = true,
             Some(Notice::Disconnected { error, retry_in }) if !retry_in.is_zero() => {
-                line.err(format!(
-                    "server unreachable ({error}); watching anyway, retrying in {}",
-                    super::duration::format(retry_in)
-                ));
+                emit(Event::StartedOffline { error, retry_in });
             }
             Some(Notice::Fatal(e)) => return Err(e),
             Some(_) | None => {}
         }
-        let (_watcher, mut seen) = Watcher::start(&self.database, self.poll)?;
+        let mut changes = watch().await?;
         let mut schedule = Schedule::new(self.timing, now());
-        let mut in_flight: Option<(Trigger, tokio::task::JoinHandle<anyhow::Result<Pushed>>)> =
-            None;
-        let mut last_failure: Option<anyhow::Error> = None;
+        let mut idle: Option<A> = Some(action);
+        let mut in_flight: Option<InFlight<A>> = None;
+        let mut last_failure: Option<Error> = None;
         let mut reported = false;
         let mut shutdown_deadline: Option<Time> = None;
         let mut was_disconnected = !connected;
         loop {
+            if shutdown.is_forced() {
+                emit(Event::StoppingNow);
+                return Ok(Ended::Interrupted);
+            }
             let t = now();
             if in_flight.is_none()
                 && let Some(trigger) = schedule.due(t)
+                && let Some(mut action) = idle.take()
             {
                 schedule.push_started(t, trigger);
                 tracing::info!(trigger = trigger.as_str(), "push starting");
-                let push = self.push.clone();
-                in_flight = Some((trigger, tokio::task::spawn_blocking(move || push(trigger))));
+                let task = tokio::spawn(async move {
+                    let result = action.push(trigger).await;
+                    (action, result)
+                });
+                in_flight = Some((trigger, AbortOnDropHandle::new(task)));
             }
             if let Some(seconds) = schedule.changed_notice(t) {
                 tracing::info!(seconds, "telling the server when the push is planned");
-                subscription.send(Outgoing::Changed(seconds));
+                notices.send(Outgoing::Changed(seconds));
             }
             if let Some(failing) = schedule.failing_for(t)
                 && connected
@@ -148,12 +180,12 @@ impl PushSubscriber {
                     attempts,
                     "reporting the failures to the server"
                 );
-                subscription.send(Outgoing::Report(FailureReport {
+                notices.send(Outgoing::Report(FailureReport {
                     failing_for: failing.as_secs(),
                     attempts,
                     error: last_failure
                         .as_ref()
-                        .map(|e| format!("{e:#}"))
+                        .map(ToString::to_string)
                         .unwrap_or_default(),
                 }));
                 reported = true;
@@ -163,13 +195,10 @@ impl PushSubscriber {
                     return Ok(ending(&schedule, last_failure.take()));
                 }
                 if t >= deadline {
-                    return Ok(Ended::Unpushed(
-                        Error::Disconnected(format!(
-                            "the last push did not finish within {}",
-                            super::duration::format(self.shutdown_bound)
-                        ))
-                        .into(),
-                    ));
+                    return Ok(Ended::Unpushed(Error::Disconnected(format!(
+                        "the last push did not finish within {}",
+                        super::duration::format(self.shutdown_bound)
+                    ))));
                 }
             }
             let mut wake = schedule.next_wake(t);
@@ -190,7 +219,7 @@ impl PushSubscriber {
                 }
             };
             tokio::select! {
-                s = seen.recv() => match s {
+                s = changes.next() => match s {
                     Some(s) => {
                         schedule.change(now(), s.commits);
                         if let Some((at, trigger)) = schedule.planned() {
@@ -200,30 +229,28 @@ impl PushSubscriber {
                     }
                     None => return Err(Error::Protocol("the file watcher stopped".into())),
                 },
-                notice = subscription.notices.recv() => match notice {
+                notice = notices.next() => match notice {
                     Some(Notice::SyncNow) => {
                         tracing::info!("sync now asked");
                         schedule.sync_now(now());
                     }
                     // The server said late what kind of key this is.
                     Some(Notice::Connected { key_type, .. }) if key_type == "pull" && in_flight.is_none() => {
-                        return Ok(Ended::PullKey);
+                        let action = idle.take().expect("no push runs, so the action is idle");
+                        return Ok(Ended::PullKey(action));
                     }
                     Some(Notice::Connected { .. }) => {
                         connected = true;
                         reported = false;
                         if was_disconnected {
-                            line.out("server reachable again".into());
+                            emit(Event::ServerBack);
                             schedule.server_back(now());
                         }
                         was_disconnected = false;
                     }
                     Some(Notice::Disconnected { error, retry_in }) => {
                         if connected || !was_disconnected {
-                            line.err(format!(
-                                "lost the server ({error}); changes are tracked and pushed when it is back (next try in {})",
-                                super::duration::format(retry_in)
-                            ));
+                            emit(Event::PushServerLost { error, retry_in });
                         }
                         connected = false;
                         was_disconnected = true;
@@ -233,47 +260,44 @@ impl PushSubscriber {
                     None => return Err(Error::Disconnected("the subscription ended".into())),
                 },
                 done = async { (&mut in_flight.as_mut().expect("guarded").1).await }, if in_flight.is_some() => {
-                    let (trigger, _) = in_flight.take().expect("guarded");
+                    let (trigger, _) = in_flight.take().expect("a push was running");
+                    // A push task that panicked is a bug (Error::Bug), not a failed push.
+                    let (action, result) = done?;
+                    idle = Some(action);
                     let t = now();
-                    match done.unwrap_or_else(|e| Err(anyhow::anyhow!("the push thread failed: {e}"))) {
-                        Ok(p) => {
+                    match result {
+                        Ok(pushed) => {
                             schedule.push_succeeded(t);
                             reported = false;
                             last_failure = None;
-                            line.out(pushed_line(trigger, &p));
+                            emit(Event::Pushed { trigger, pushed });
                         }
                         Err(e) => {
                             schedule.push_failed(t);
-                            let error = format!("{e:#}");
                             let next = match schedule.planned() {
-                                _ if shutdown_deadline.is_some() => "not retried: stopping".into(),
-                                Some((at, Trigger::Retry)) => format!(
-                                    "retry in {}",
-                                    super::duration::format(at.saturating_sub(t))
-                                ),
-                                _ => "no more retries; pushing at the next change".into(),
+                                _ if shutdown_deadline.is_some() => NextPush::Stopping,
+                                Some((at, Trigger::Retry)) => NextPush::RetryIn(at.saturating_sub(t)),
+                                _ => NextPush::AtNextChange,
                             };
-                            line.err(format!("push ({}) failed: {error}; {next}", trigger.as_str()));
-                            if super::is_auth_failure(&e) {
-                                return Err(Error::Auth(error));
+                            emit(Event::PushFailed { trigger, error: e.to_string(), next });
+                            // A refused key is not mended by retrying.
+                            if e.kind() == ErrorKind::Auth {
+                                return Err(e);
                             }
                             last_failure = Some(e);
                         }
                     }
                 }
-                () = signals.next() => {
-                    if shutdown_deadline.is_some() {
-                        line.err("second signal: stopping now".into());
-                        return Ok(Ended::Interrupted);
-                    }
+                () = shutdown.forced(), if shutdown_deadline.is_some() => {
+                    emit(Event::StoppingNow);
+                    return Ok(Ended::Interrupted);
+                }
+                () = shutdown.requested(), if shutdown_deadline.is_none() => {
                     let t = now();
                     schedule.shutdown(t);
                     shutdown_deadline = Some(t + self.shutdown_bound);
                     if schedule.pending() || in_flight.is_some() {
-                        line.out(format!(
-                            "stopping: pushing pending changes first (at most {}; a second signal stops at once)",
-                            super::duration::format(self.shutdown_bound)
-                        ));
+                        emit(Event::PushingBeforeStop { bound: self.shutdown_bound });
                     }
                 }
                 () = sleep => {}
@@ -287,40 +311,15 @@ impl PushSubscriber {
 /// attempt failed (`last_failure`; even one that had no commits to carry, like the
 /// start push, since LOCAL may hold changes from before), that failure is the end; when
 /// commits arrived during the final push, the end is a [`Error::LocalChanges`].
-fn ending(schedule: &Schedule, last_failure: Option<anyhow::Error>) -> Ended {
+fn ending<A>(schedule: &Schedule, last_failure: Option<Error>) -> Ended<A> {
     match last_failure {
         Some(e) => Ended::Unpushed(e),
-        None if schedule.pending() => Ended::Unpushed(
-            Error::LocalChanges(
-                "commits arrived during the final push and were not pushed; the next push \
-                 (or subscriber) carries them"
-                    .into(),
-            )
-            .into(),
-        ),
+        None if schedule.pending() => Ended::Unpushed(Error::LocalChanges(
+            "commits arrived during the final push and were not pushed; the next push \
+             (or subscriber) carries them"
+                .into(),
+        )),
         None => Ended::Shutdown,
-    }
-}
-
-fn pushed_line(trigger: Trigger, p: &Pushed) -> String {
-    if p.created {
-        format!(
-            "push ({}): version {}, {} of {} pages, {} sent in {:.2?}",
-            trigger.as_str(),
-            p.version,
-            p.pages_sent,
-            p.pages_total,
-            crate::cli::human_bytes(p.bytes_sent),
-            p.duration
-        )
-    } else {
-        format!(
-            "push ({}): no change, still version {} ({} sent in {:.2?})",
-            trigger.as_str(),
-            p.version,
-            crate::cli::human_bytes(p.bytes_sent),
-            p.duration
-        )
     }
 }
 
@@ -350,13 +349,10 @@ mod tests {
         sch.change(s(4), 2);
         sch.push_succeeded(s(5));
         assert!(sch.done(), "no push after the final one");
-        match ending(&sch, None) {
+        match ending::<()>(&sch, None) {
             Ended::Unpushed(e) => {
-                assert_eq!(
-                    super::super::error_kind(&e),
-                    Some(crate::ErrorKind::LocalChanges)
-                );
-                assert!(format!("{e:#}").contains("not pushed"), "{e:#}");
+                assert_eq!(e.kind(), crate::ErrorKind::LocalChanges);
+                assert!(e.to_string().contains("not pushed"), "{e}");
             }
             other => panic!("ended {other:?} with commits not pushed"),
         }
@@ -377,9 +373,9 @@ mod tests {
         sch.push_failed(s(3));
         assert!(sch.done());
         assert!(!sch.pending(), "no commit was seen: only the failure tells");
-        let failure = anyhow::Error::from(Error::Disconnected("server gone".into()));
-        match ending(&sch, Some(failure)) {
-            Ended::Unpushed(e) => assert!(format!("{e:#}").contains("server gone")),
+        let failure = Error::Disconnected("server gone".into());
+        match ending::<()>(&sch, Some(failure)) {
+            Ended::Unpushed(e) => assert!(e.to_string().contains("server gone")),
             other => panic!("ended {other:?} after a failed final push"),
         }
     }
@@ -394,6 +390,6 @@ mod tests {
         sch.push_started(s(3), Trigger::Shutdown);
         sch.push_succeeded(s(4));
         assert!(sch.done());
-        assert!(matches!(ending(&sch, None), Ended::Shutdown));
+        assert!(matches!(ending::<()>(&sch, None), Ended::Shutdown));
     }
 }

@@ -35,7 +35,8 @@
 
 use std::time::Duration;
 
-use super::{Time, backoff, duration};
+use super::{Time, duration};
+use crate::backoff;
 
 /// The shortest `--waitIdle`: below it a busy database would be pushed almost
 /// continuously.

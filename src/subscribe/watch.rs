@@ -53,7 +53,7 @@ pub const SETTLE: Duration = Duration::from_millis(50);
 pub const MAX_SETTLE: Duration = Duration::from_millis(500);
 
 /// How long a check waits for a writer's lock (rollback mode) before giving up.
-const CHECK_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+pub const CHECK_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// When a check found the database locked, the next one is this soon.
 const RECHECK_AFTER_BUSY: Duration = Duration::from_millis(200);
@@ -76,10 +76,14 @@ struct Shared {
 }
 
 /// Watches one database for commits; dropping it stops the file watch and the checker
-/// thread (which ends at once unless a check is running, then after it).
+/// thread and waits for the thread to end (at once unless a check is running, then
+/// after it: at most [`CHECK_BUSY_TIMEOUT`] plus [`MAX_SETTLE`]), so no thread outlives
+/// its watcher.
 pub struct Watcher {
     shared: Arc<Shared>,
     nudge: SyncSender<()>,
+    /// The checker thread, joined on drop.
+    checker: Option<std::thread::JoinHandle<()>>,
     /// The file watch, stopped when dropped.
     _file_watch: notify::RecommendedWatcher,
 }
@@ -133,13 +137,14 @@ impl Watcher {
             seen,
             shared: Arc::clone(&shared),
         };
-        std::thread::Builder::new()
+        let checker = std::thread::Builder::new()
             .name("sqlferry-watch".to_owned())
             .spawn(move || checker.run())
             .map_err(|e| Error::io(&db, e))?;
         let watcher = Watcher {
             shared,
             nudge,
+            checker: Some(checker),
             _file_watch: file_watch,
         };
         Ok((watcher, seen_rx))
@@ -157,6 +162,11 @@ impl Drop for Watcher {
         self.shared.stop.store(true, Ordering::Relaxed);
         // Wakes the checker; a full slot means it is being woken already.
         let _ = self.nudge.try_send(());
+        if let Some(checker) = self.checker.take()
+            && checker.join().is_err()
+        {
+            tracing::error!("the watcher's checker thread panicked");
+        }
     }
 }
 

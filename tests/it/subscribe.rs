@@ -4,7 +4,9 @@
 //! store shared by processes of one machine.
 //!
 //! Every wait is on an event: a line a subscriber prints, a row count reached, a
-//! process exit, each polled with a deadline.
+//! process exit, each polled with a deadline. How long the loops wait (idle, backoff,
+//! shutdown bounds) is tested in-process under paused time (`subscribe::tests` in the
+//! library), not here.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -723,18 +725,17 @@ fn a_second_signal_stops_a_subscriber_at_once() {
             "10s",
         ],
     );
-    push.expect(&["no answer from the server within 5s; watching anyway"]);
+    // A stop request ends the wait for the server's first word at once; the start
+    // push has begun by then, and hangs.
+    push.expect(&["push subscriber:"]);
     signal(&push.child, "TERM");
     push.expect(&["stopping: pushing pending changes first"]);
-    let started = Instant::now();
+    // How soon a forced stop ends the subscriber is a paused-time test
+    // (`subscribe::tests::forced_shutdown_stops_at_once_and_pushes_nothing_more`); here
+    // the process exits on its own with the interrupted code.
     signal(&push.child, "INT");
     let status = wait_for_exit(&mut push.child, LINE_TIMEOUT).expect("exits");
     assert_eq!(status.code(), Some(130), "{}", push.output());
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
     assert!(push.output().contains("second signal: stopping now"));
     drop(black_hole);
 }

@@ -1,5 +1,9 @@
-//! How long a subscriber waits before trying again: pure delay sequences, no clock and
-//! no randomness of their own.
+//! How long a subscriber waits before trying again: pure delay sequences, no clock, and
+//! the one source of jitter.
+//!
+//! A leaf module (it imports nothing of sqlferry) because both sides use it: the push
+//! subscriber's schedule (`subscribe`) and the reconnecting subscription (`remote`),
+//! and `remote` sits below `subscribe`.
 //!
 //! A push subscriber retries a failed push a bounded number of times
 //! ([`retry_delay`]: 5, 10, 20, 40, 80 s, then gives up until the next trigger), since
@@ -85,6 +89,14 @@ impl Reconnect {
     }
 }
 
+/// A jitter factor in [0.5, 1.0] for [`reconnect_delay`], so that many subscribers cut
+/// off at once do not all come back in the same instant.
+pub fn jitter() -> f64 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    MIN_JITTER + f64::from(u16::from_be_bytes(b)) / f64::from(u16::MAX) * (1.0 - MIN_JITTER)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +159,13 @@ mod tests {
         backoff.reset();
         assert_eq!(backoff.attempts(), 0);
         assert_eq!(backoff.next_delay(1.0), secs(1));
+    }
+
+    #[test]
+    fn jitter_stays_within_half_to_whole() {
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((MIN_JITTER..=1.0).contains(&j), "{j}");
+        }
     }
 }

@@ -1,0 +1,375 @@
+//! The workflows around the subscriber loops: which subscriber a command runs, with
+//! which key, and the real push, pull, subscription and watcher the loops act on.
+//!
+//! - [`resolve`]: `sqlferry subscribe TARGET` decides between a push and a pull
+//!   subscriber (a saved PUSH key: push; a sidecar: pull; else the last sync).
+//! - [`push`]: a push subscriber. Without a key of its own it takes the PULL key of the
+//!   sidecar beside the database; when the server says the key is a PULL key, it
+//!   follows the replica instead, unless the database holds changes no sync carried
+//!   (following would overwrite them: invariant 8).
+//! - [`pull`]: a pull subscriber.
+//!
+//! They return plain values ([`Ended`], [`crate::Error`]) and report through [`Event`]s;
+//! the command line turns those into lines and exit codes. Blocking work (SQLite,
+//! files) runs on `spawn_blocking`; the client's push and pull are async.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::action::{Changes, PullAction, PushAction};
+use super::event::Event;
+use super::pull::{PullSubscriber, Pulled};
+use super::push::{PushSubscriber, Pushed};
+use super::timer::{Timing, Trigger};
+use super::watch::{Seen, Watcher};
+use crate::client::{Kept, Puller, Pusher, unsynced_changes};
+use crate::config::{Secrets, Sidecar};
+use crate::protocol::control::SubscriberRole;
+use crate::remote::Server;
+use crate::shutdown::Shutdown;
+use crate::store::ReplicaPath;
+use crate::{Error, Result};
+
+/// How a subscriber ended, when it ended without an error.
+#[derive(Debug)]
+pub enum Ended {
+    /// Asked to stop; nothing left undone.
+    Shutdown,
+    /// Asked to stop, but the changes pending could not be pushed: why.
+    Unpushed(Error),
+    /// A forced stop: stopped at once.
+    Interrupted,
+}
+
+/// Which subscriber `sqlferry subscribe TARGET` runs.
+#[derive(Debug)]
+pub enum Plan {
+    /// A push subscriber of this database.
+    Push(Pusher),
+    /// A pull subscriber into this database.
+    Pull(Puller),
+}
+
+/// The push subscriber's options, as given (checked by [`push`]).
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// `--waitIdle` (required).
+    pub wait_idle: Option<Duration>,
+    /// `--minInterval`.
+    pub min_interval: Option<Duration>,
+    /// `--maxInterval`.
+    pub max_interval: Option<Duration>,
+    /// `--maxChanges`.
+    pub max_changes: Option<u32>,
+    /// How often the watcher's safety-net poll runs.
+    pub poll: Duration,
+    /// How long pushes must fail before the server hears of it.
+    pub report_after: Duration,
+    /// How long pending changes may take to push after a graceful stop request.
+    pub shutdown_bound: Duration,
+}
+
+impl PushOptions {
+    /// The checked timing: a usage error when `--waitIdle` is missing or the flags
+    /// contradict each other.
+    pub fn timing(&self) -> Result<Timing> {
+        let wait_idle = self.wait_idle.ok_or_else(|| {
+            Error::Usage("a push subscriber needs --waitIdle (for example --waitIdle 10m)".into())
+        })?;
+        Timing::new(
+            wait_idle,
+            self.min_interval,
+            self.max_interval,
+            self.max_changes,
+        )
+        .map_err(Error::Usage)
+    }
+}
+
+/// Decides which subscriber `sqlferry subscribe` runs for `target` (a database or a
+/// sidecar file; `given` is how the user wrote it, for the error message).
+pub async fn resolve(target: PathBuf, given: String) -> Result<Plan> {
+    tokio::task::spawn_blocking(move || resolve_blocking(&target, &given)).await?
+}
+
+fn resolve_blocking(target: &Path, given: &str) -> Result<Plan> {
+    if let Some(database) = Sidecar::database_for(target).filter(|_| target.is_file()) {
+        return follow_sidecar(target, &database);
+    }
+    let database = crate::config::database_key(target);
+    if let Some(saved) = Secrets::load()?.for_database(&database).cloned() {
+        let server = Server::parse(Some(&saved.server))?;
+        let replica = ReplicaPath::parse(&saved.replica)?;
+        return Ok(Plan::Push(
+            Pusher::new(target, replica, server, None)?,
+        ));
+    }
+    let sidecar = Sidecar::path_for(target);
+    if sidecar.is_file() {
+        return follow_sidecar(&sidecar, target);
+    }
+    let Some(last) = crate::history::last(target) else {
+        return Err(Error::Usage(format!(
+            "{} has no saved key, no sidecar ({}) and no sync on record: push it once \
+             (sqlferry push {given} NAMESPACE/NAME) or name a sidecar",
+            target.display(),
+            sidecar.display(),
+        )));
+    };
+    let server = Server::parse(Some(&last.server))?;
+    let replica = ReplicaPath::parse(&last.replica)?;
+    if last.op == "pull" {
+        return Ok(Plan::Pull(Puller {
+            key: None,
+            server,
+            replica,
+            local: target.to_owned(),
+            database,
+            force: false,
+        }));
+    }
+    Ok(Plan::Push(
+        Pusher::new(target, replica, server, None)?,
+    ))
+}
+
+/// A pull subscriber of the replica `sidecar` names, into `database`.
+fn follow_sidecar(sidecar: &Path, database: &Path) -> Result<Plan> {
+    let s = Sidecar::load(sidecar)?;
+    Ok(Plan::Pull(Puller {
+        server: Server::parse(Some(&s.server))?,
+        replica: ReplicaPath::parse(&s.replica)?,
+        local: database.to_owned(),
+        database: crate::config::database_key(database),
+        key: Some(s.key),
+        force: false,
+    }))
+}
+
+/// Runs a push subscriber of `pusher`'s database until `shutdown`; follows the replica
+/// instead when the key is a PULL key.
+pub async fn push<E: FnMut(Event)>(
+    mut pusher: Pusher,
+    options: PushOptions,
+    shutdown: &Shutdown,
+    mut emit: E,
+) -> Result<Ended> {
+    // No key of our own: the sidecar beside LOCAL may hold a PULL key for the replica.
+    let mut sidecar_key = false;
+    if pusher.key.is_none() && pusher.server.needs_key() {
+        let (local, url, replica) = (
+            pusher.local.clone(),
+            pusher.server.url(),
+            pusher.replica.to_string(),
+        );
+        let found = tokio::task::spawn_blocking(move || {
+            Sidecar::load(&Sidecar::path_for(&local))
+                .ok()
+                .filter(|s| s.server == url && s.replica == replica)
+        })
+        .await?;
+        if let Some(s) = found {
+            pusher.key = Some(s.key);
+            sidecar_key = true;
+        }
+    }
+    pusher.require_key()?;
+    let timing = options.timing()?;
+    let (server, replica, key) = (
+        pusher.server.clone(),
+        pusher.replica.clone(),
+        pusher.key.clone(),
+    );
+    let database = pusher.local.clone();
+    let mut subscription = server.subscribe(&replica, SubscriberRole::Push, key).await?;
+    emit(Event::PushStarted {
+        database: database.clone(),
+        replica: replica.to_string(),
+        server: server.url(),
+        timing,
+    });
+    let subscriber = PushSubscriber {
+        timing,
+        shutdown_bound: options.shutdown_bound,
+        report_after: options.report_after,
+    };
+    let poll = options.poll;
+    let watch = || async move {
+        let (watcher, seen) =
+            tokio::task::spawn_blocking(move || Watcher::start(&database, poll)).await??;
+        Ok(Watched {
+            _watcher: watcher,
+            seen,
+        })
+    };
+    let action = ClientPush::new(pusher);
+    let ended = subscriber
+        .run(action, &mut subscription, watch, shutdown, &mut emit)
+        .await;
+    subscription.close().await;
+    match ended? {
+        super::push::Ended::Shutdown => Ok(Ended::Shutdown),
+        super::push::Ended::Unpushed(e) => Ok(Ended::Unpushed(e)),
+        super::push::Ended::Interrupted => Ok(Ended::Interrupted),
+        super::push::Ended::PullKey(action) => {
+            let puller = action.puller().await;
+            let from = if sidecar_key {
+                " (from the sidecar)"
+            } else {
+                ""
+            };
+            // Following writes LOCAL: never over changes that were not synced.
+            let why = unsynced_changes(&puller.local, &puller.server, &puller.replica).await?;
+            if let Some(why) = why {
+                return Err(Error::Auth(format!(
+                    "the key{from} for {replica} is a PULL key, and {} {why}: following the \
+                     replica would overwrite it; push it with its PUSH key (--key, or the admin key)",
+                    puller.local.display()
+                )));
+            }
+            emit(Event::FollowingInstead {
+                replica: replica.to_string(),
+                from_sidecar: sidecar_key,
+            });
+            pull(puller, shutdown, emit).await
+        }
+    }
+}
+
+/// Runs a pull subscriber of `puller`'s replica into its database until `shutdown`.
+pub async fn pull<E: FnMut(Event)>(
+    puller: Puller,
+    shutdown: &Shutdown,
+    mut emit: E,
+) -> Result<Ended> {
+    let (server, replica, key) = (
+        puller.server.clone(),
+        puller.replica.clone(),
+        puller.key.clone(),
+    );
+    let held = {
+        let (database, url, name) = (puller.database.clone(), server.url(), replica.to_string());
+        tokio::task::spawn_blocking(move || {
+            crate::history::last_with(&database, &url, &name).map(|l| l.version)
+        })
+        .await?
+    };
+    if server.needs_key() && key.is_none() {
+        return Err(Error::Auth(format!(
+            "no key for {replica} on {}: pass --key, set SQLFERRY_KEY, or use the replica's sidecar (--from)",
+            server.url()
+        )));
+    }
+    let mut subscription = server.subscribe(&replica, SubscriberRole::Pull, key).await?;
+    emit(Event::PullStarted {
+        replica: replica.to_string(),
+        server: server.url(),
+        local: puller.local.clone(),
+    });
+    let action = ClientPull {
+        shared: Arc::new(tokio::sync::Mutex::new((puller, Kept::default()))),
+    };
+    let ended = PullSubscriber::new(held)
+        .run(action, &mut subscription, shutdown, &mut emit)
+        .await;
+    subscription.close().await;
+    Ok(match ended? {
+        super::pull::Ended::Shutdown => Ended::Shutdown,
+        super::pull::Ended::Interrupted => Ended::Interrupted,
+    })
+}
+
+/// The database being watched: the watcher (stopped and joined when dropped) and its
+/// reports.
+struct Watched {
+    _watcher: Watcher,
+    seen: tokio::sync::mpsc::UnboundedReceiver<Seen>,
+}
+
+impl Changes for Watched {
+    fn next(&mut self) -> impl Future<Output = Option<Seen>> + Send {
+        self.seen.recv()
+    }
+}
+
+/// The client's push, for the push subscriber: one database to one replica, each push
+/// based on the last (the client keeps the base version in the history).
+struct ClientPush {
+    pusher: Arc<tokio::sync::Mutex<Pusher>>,
+    /// The commit message given, empty for the default one per trigger.
+    message: String,
+}
+
+impl ClientPush {
+    fn new(mut pusher: Pusher) -> ClientPush {
+        let message = std::mem::take(&mut pusher.message);
+        ClientPush {
+            pusher: Arc::new(tokio::sync::Mutex::new(pusher)),
+            message,
+        }
+    }
+
+    /// A puller of the same database from the same replica, with the same key.
+    async fn puller(&self) -> Puller {
+        let p = self.pusher.lock().await;
+        Puller {
+            server: p.server.clone(),
+            replica: p.replica.clone(),
+            local: p.local.clone(),
+            database: p.database.clone(),
+            key: p.key.clone(),
+            force: false,
+        }
+    }
+}
+
+impl PushAction for ClientPush {
+    fn push(&mut self, trigger: Trigger) -> impl Future<Output = Result<Pushed>> + Send {
+        let pusher = Arc::clone(&self.pusher);
+        let message = if self.message.is_empty() {
+            format!("sqlferry subscribe: {}", trigger.as_str())
+        } else {
+            self.message.clone()
+        };
+        async move {
+            let mut p = pusher.lock().await;
+            p.message = message;
+            let report = p.push(crate::remote::no_progress()).await?;
+            let o = report.outcome;
+            Ok(Pushed {
+                version: o.version,
+                created: o.created,
+                pages_sent: u64::from(o.stats.pages_sent),
+                pages_total: u64::from(o.stats.pages_total),
+                bytes_sent: o.stats.bytes_sent,
+                duration: o.stats.duration,
+                saved_keys: report.saved_keys,
+            })
+        }
+    }
+}
+
+/// The client's pull of the latest version, for the pull subscriber; the writer and
+/// what tells whether anyone else wrote LOCAL are kept between pulls.
+struct ClientPull {
+    shared: Arc<tokio::sync::Mutex<(Puller, Kept)>>,
+}
+
+impl PullAction for ClientPull {
+    fn pull(&mut self) -> impl Future<Output = Result<Pulled>> + Send {
+        let shared = Arc::clone(&self.shared);
+        async move {
+            let mut guard = shared.lock().await;
+            let (puller, kept) = &mut *guard;
+            let o = puller.pull_latest_kept(kept).await?;
+            Ok(Pulled {
+                version: o.version,
+                pages_written: u64::from(o.stats.pages_sent),
+                pages_total: u64::from(o.stats.pages_total),
+                bytes_received: o.stats.bytes_received,
+                duration: o.stats.duration,
+            })
+        }
+    }
+}
