@@ -218,7 +218,14 @@ impl Cli {
             Command::Push(args) => args.run(&self.global),
             Command::Pull(args) => args.run(&self.global),
             Command::Versions(args) => args.run(&self.global),
-            Command::Serve(args) => args.run(&self.global),
+            // TEMP(issue 9 merge): the one runtime moves into `Cli::run` (helper "client").
+            Command::Serve(args) => {
+                let runtime = tokio::runtime::Runtime::new()?;
+                runtime.block_on(async {
+                    let shutdown = signals::shutdown_on_signals()?;
+                    args.run(&self.global, &shutdown).await
+                })
+            }
             Command::Verify(args) => args.run(&self.global),
             Command::Subscribe(args) => args.run(&self.global),
             Command::SyncNow(args) => args.run(&self.global),
