@@ -32,6 +32,14 @@ struct Running {
 
 impl Running {
     async fn start(dir: &std::path::Path, max_sessions: usize) -> Running {
+        Running::start_with(dir, max_sessions, None).await
+    }
+
+    async fn start_with(
+        dir: &std::path::Path,
+        max_sessions: usize,
+        tls: Option<sqlferry::server::Tls>,
+    ) -> Running {
         let state = State::open(&dir.join("server-data"))
             .expect("server state")
             .with_max_sessions(max_sessions, SESSION_WAIT);
@@ -45,7 +53,7 @@ impl Running {
             .expect("bind");
         let url = format!("ws://{}", listener.local_addr().expect("address"));
         let shutdown = Shutdown::new();
-        let served = tokio::spawn(serve(listener, state, None, shutdown.clone()));
+        let served = tokio::spawn(serve(listener, state, tls, shutdown.clone()));
         Running {
             url,
             admin_key,
@@ -210,4 +218,69 @@ async fn a_connection_without_a_request_is_closed_after_10_s() {
         started.elapsed()
     );
     server.stop().await;
+}
+
+/// A client that connects to a TLS server and never starts its handshake is closed
+/// after 10 s, and the server's log says why.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_tls_handshake_is_closed_after_10_s() {
+    use tokio::io::AsyncReadExt;
+    let dir = TempDir::new().expect("tempdir");
+    let certs = super::tls::Certs::make(dir.path());
+    let tls = sqlferry::server::Tls::from_pem_files(&certs.cert, &certs.key).expect("TLS");
+    // The server's log, caught: the server runs on this thread.
+    let log = Log::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(log.clone())
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let server = Running::start_with(dir.path(), 1, Some(tls)).await;
+    let addr = server.url.trim_start_matches("ws://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(PAUSED_LIMIT, stalled.read(&mut byte))
+        .await
+        .expect("closed within the paused limit");
+    // Closed by the server: an end of file, or an error such as a reset.
+    assert!(matches!(read, Ok(0) | Err(_)), "closed: {read:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    server.stop().await;
+    let logged = log.text();
+    assert!(logged.contains("no TLS handshake within 10 s"), "{logged}");
+}
+
+/// A log writer into memory.
+#[derive(Clone, Default)]
+struct Log(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Log {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
+    }
+}
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Log {
+    type Writer = Log;
+    fn make_writer(&'a self) -> Log {
+        self.clone()
+    }
 }
