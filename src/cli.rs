@@ -180,8 +180,7 @@ impl Command {
             Command::Push(args) => args.run(global, shutdown).await,
             Command::Pull(args) => args.run(global, shutdown).await,
             Command::Versions(args) => args.run(global, shutdown).await,
-            // TEMP(issue 9 merge): `serve` becomes async (helper "server").
-            Command::Serve(args) => tokio::task::block_in_place(|| args.run(global)),
+            Command::Serve(args) => args.run(global, shutdown).await,
             Command::Verify(args) => args.run(global, shutdown).await,
             Command::Subscribe(args) => args.run(global, shutdown).await,
             Command::SyncNow(args) => args.run(global, shutdown).await,

@@ -22,5 +22,6 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod subscribe;
+pub mod transport;
 
 pub use error::{Error, ErrorKind, Result};

@@ -1,21 +1,30 @@
 //! `sqlferry serve`: HTTP and WebSocket on one port.
 //!
-//! With TLS (the `tls` module, `serve --tls-cert --tls-key`), every connection starts
-//! with a TLS handshake in its own task; then, and without TLS at once, every
-//! connection is an HTTP request. A WebSocket upgrade on `/v1/sync` is
-//! authenticated from its `Authorization: Bearer` header before the upgrade is
-//! accepted (a missing or wrong key gets `401` with a message saying which; a failure
-//! to read the keys, such as a full disk, gets `503`: the `fault` module), then runs
-//! one session (the `session` module): OPEN, then a push, a pull or a version list. Other
-//! requests go to the small JSON API (the `http` module).
+//! Layout: this file accepts connections and owns their tasks and the shutdown; the
+//! `http` module is the axum router (the JSON API and the WebSocket upgrade on
+//! `/v1/sync`), `session` one WebSocket session, `auth` the keys, `throttle` the
+//! wrong-key throttle, `hub` the subscribers, `fault` the server's own failures, `lock`
+//! the data directory's lock, `tls` the server's TLS identity. The WebSocket framing
+//! and the TLS setup it shares with the client live in [`crate::transport`].
+//!
+//! Each accepted connection runs in its own task: with TLS (the `tls` module, `serve
+//! --tls-cert --tls-key`), the handshake first; then hyper serves one HTTP/1.1 request
+//! on it through the axum router. A WebSocket upgrade on `/v1/sync` is authenticated
+//! from its `Authorization: Bearer` header before the upgrade is accepted (a missing or
+//! wrong key gets `401` with a message saying which; a failure to read the keys, such
+//! as a full disk, gets `503`: the `fault` module), then runs one session (the
+//! `session` module) in a task of its own: OPEN, then a push, a pull or a version list.
 //!
 //! Invariants:
-//! - A connection that fails its TLS handshake, or never finishes it within
-//!   `HEAD_TIMEOUT`, ends alone: the accept loop never waits for a handshake.
+//! - A connection that fails its TLS handshake, or never finishes it (or its request
+//!   head) within `HEAD_TIMEOUT`, ends alone: the accept loop never waits for a
+//!   handshake.
 //! - A session that fails for any reason (malformed or oversized frame, wrong key,
 //!   dropped connection, client killed) ends alone: the server keeps serving everyone
 //!   else, and a push that did not finish leaves no trace (the store's transaction is
 //!   rolled back).
+//! - An API request the server fails on its own is answered (`500` or `503`, with a
+//!   JSON body), never a dropped connection; a panic in a handler included.
 //! - Keys are never logged; only key ids are.
 //! - A failure of the server's own files is the server's error (`ServerError` on the
 //!   wire, `503` before an upgrade), logged at error level; never a refusal of the key.
@@ -30,9 +39,13 @@
 //!   of any kind (subscribers, sessions waiting for a slot) are open at once; past it
 //!   an upgrade is answered `503` with `Retry-After`. What a
 //!   session may cost is bounded by the engine's queues and window.
-//! - [`serve`] takes its listener and a shutdown future: on shutdown it stops accepting,
-//!   lets sessions in flight finish for up to [`SHUTDOWN_GRACE`], then aborts the rest
-//!   (an aborted push rolls back).
+//! - [`serve`] takes its listener and the one [`Shutdown`]: a graceful stop stops
+//!   accepting, tells subscribers to close and lets sessions in flight finish for up to
+//!   [`SHUTDOWN_GRACE`]; then, or at once on a forced stop, the rest are dropped (an
+//!   aborted push rolls back). Every connection and session task is owned by the
+//!   server's task tracker and awaited before [`serve`] returns.
+//! - Store and key work (SQLite) and file work run on `spawn_blocking`, never on the
+//!   async threads; no session holds a SQLite read transaction across an `.await`.
 
 mod auth;
 mod fault;
@@ -50,13 +63,17 @@ pub use lock::{DataLock, LOCK_FILE};
 pub use tls::Tls;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::{Error, Result};
 
@@ -66,6 +83,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a client may take to send its HTTP request head (and, with TLS, to finish
 /// its handshake before that).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first byte of a TLS handshake record (a ClientHello): never the start of an
+/// HTTP request.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// The largest HTTP request head accepted.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -167,25 +188,55 @@ impl State {
     }
 }
 
-/// Serves connections from `listener` until `shutdown` completes; over TLS when `tls`
-/// is given (every connection: the API and WebSocket sessions alike).
+/// The tasks of one server, connections and WebSocket sessions alike: all tracked, so
+/// [`serve`] waits for them, and all dropped at once when `stop` is cancelled (the
+/// grace is over, or the stop is forced).
+#[derive(Clone, Default)]
+pub(crate) struct Tasks {
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Tasks {
+    /// Runs `task` until it ends or the server stops it.
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// The address a request came from (for the wrong-key throttle), put in every request
+/// of a connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) Option<std::net::IpAddr>);
+
+/// Serves connections from `listener` until `shutdown` asks it to stop; over TLS when
+/// `tls` is given (every connection: the API and WebSocket sessions alike).
+///
+/// A graceful stop stops accepting, tells subscribers to close, and lets sessions in
+/// flight finish for up to [`SHUTDOWN_GRACE`]; a forced stop (or the end of the grace)
+/// drops the rest. Returns once every connection and session task has ended.
 pub async fn serve(
     listener: TcpListener,
     state: State,
     tls: Option<Tls>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: Shutdown,
 ) -> Result<()> {
     let state = Arc::new(state);
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
+    let tasks = Tasks::default();
+    let app = http::router(state.clone(), tasks.clone());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let state = state.clone();
-                    let tls = tls.clone();
-                    connections.spawn(async move {
-                        if let Err(e) = serve_connection(stream, tls, state).await {
+                    let (app, tls, shutdown) = (app.clone(), tls.clone(), shutdown.clone());
+                    tasks.spawn(async move {
+                        if let Err(e) = serve_connection(stream, peer, tls, app, shutdown).await {
                             tracing::info!(%peer, error = %e, "connection ended with an error");
                         }
                     });
@@ -196,331 +247,95 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            () = &mut shutdown => break,
+            () = shutdown.requested() => break,
         }
     }
     drop(listener);
     // Subscribe sessions never end on their own: tell them to close now.
     state.hub.close();
-    tracing::info!(sessions = connections.len(), "shutting down");
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    tasks.tracker.close();
+    tracing::info!(sessions = tasks.tracker.len(), "shutting down");
+    let drained = tokio::select! {
+        () = tasks.tracker.wait() => true,
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => false,
+        () = shutdown.forced() => false,
+    };
+    if !drained {
         tracing::warn!(
-            sessions = connections.len(),
+            sessions = tasks.tracker.len(),
             "aborting sessions still running"
         );
-        connections.abort_all();
-        while connections.join_next().await.is_some() {}
     }
+    tasks.stop.cancel();
+    tasks.tracker.wait().await;
     Ok(())
-}
-
-/// A parsed HTTP request head.
-pub(crate) struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    /// The client's address (for the wrong-key throttle).
-    peer: Option<std::net::IpAddr>,
-}
-
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The bearer key, if the request carries one.
-    fn bearer(&self) -> Option<&str> {
-        let v = self.header("authorization")?;
-        let (scheme, key) = v.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
-    }
-}
-
-/// Reads the request head; returns it and any bytes read past it.
-async fn read_head<S>(stream: &mut S) -> Result<(Request, Vec<u8>)>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
-    loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| Error::Disconnected(e.to_string()))?;
-        if n == 0 {
-            return Err(Error::Disconnected(
-                "closed before sending a request".into(),
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let request = Request {
-                    method: req.method.unwrap_or("").to_owned(),
-                    path: req.path.unwrap_or("").to_owned(),
-                    headers: req
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_owned(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect(),
-                    peer: None,
-                };
-                return Ok((request, buf[len..].to_vec()));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => continue,
-            Ok(httparse::Status::Partial) => {
-                return Err(Error::Protocol("request head too large".into()));
-            }
-            Err(e) => return Err(Error::Protocol(format!("bad HTTP request: {e}"))),
-        }
-    }
-}
-
-/// Writes a complete HTTP response with a JSON body and closes.
-pub(crate) async fn respond<S>(stream: &mut S, status: u16, body: &serde_json::Value) -> Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    answer(stream, status, None, body).await
-}
-
-/// Writes a `429` or `503` answer with `Retry-After` and a JSON body, and closes.
-pub(crate) async fn respond_later<S>(
-    stream: &mut S,
-    status: u16,
-    retry_after: Duration,
-    body: &serde_json::Value,
-) -> Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    answer(stream, status, Some(retry_after), body).await
-}
-
-/// Writes one HTTP response (status, JSON body, `Retry-After` if given) and closes.
-async fn answer<S>(
-    stream: &mut S,
-    status: u16,
-    retry_after: Option<Duration>,
-    body: &serde_json::Value,
-) -> Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let retry = retry_after.map_or(String::new(), |d| {
-        format!("retry-after: {}\r\n", d.as_secs().max(1))
-    });
-    let body = body.to_string();
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n",
-        body.len()
-    );
-    let mut out = head.into_bytes();
-    out.extend_from_slice(body.as_bytes());
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|e| Error::Disconnected(e.to_string()))?;
-    let _ = stream.shutdown().await;
-    Ok(())
-}
-
-/// Why [`authenticate_throttled`] refused.
-pub(crate) enum Refusal {
-    /// The key was missing, wrong, or could not be checked: answer 401.
-    Key(Error),
-    /// Too many wrong keys from this address: answer 429 with this `Retry-After`.
-    TooMany(Duration),
-}
-
-/// [`authenticate`] through the wrong-key throttle of the client's address.
-pub(crate) async fn authenticate_throttled(
-    state: &State,
-    request: &Request,
-) -> std::result::Result<Principal, Refusal> {
-    let keys = &state.limits.keys;
-    let ticket = match keys.admit(request.peer, std::time::Instant::now()) {
-        throttle::Verdict::Check(ticket) => ticket,
-        throttle::Verdict::Wait(wait) => {
-            tracing::info!(peer = ?request.peer, "too many wrong keys; answered 429");
-            return Err(Refusal::TooMany(wait));
-        }
-    };
-    let result = authenticate(state, request).await;
-    let wrong = matches!(&result, Err(e) if e.kind() == crate::ErrorKind::Auth);
-    keys.done(ticket, wrong, std::time::Instant::now());
-    result.map_err(Refusal::Key)
-}
-
-/// The `429` answer to an address that sent too many wrong keys.
-pub(crate) async fn respond_too_many<S>(stream: &mut S, wait: Duration) -> Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let message = format!(
-        "too many wrong keys from this address; retry in {} s",
-        wait.as_secs().max(1)
-    );
-    respond_later(stream, 429, wait, &serde_json::json!({ "error": message })).await
-}
-
-/// Authenticates the key a request carries. `Err` of kind [`crate::ErrorKind::Auth`]
-/// is the refusal to send (401); any other is the server's own failure (503, see
-/// [`refusal`]).
-pub(crate) async fn authenticate(state: &State, request: &Request) -> Result<Principal> {
-    let Some(key) = request.bearer().map(str::to_owned) else {
-        return Err(Error::Auth(
-            "missing key: send it as Authorization: Bearer <key>".into(),
-        ));
-    };
-    let auth = state.auth.clone();
-    let principal = tokio::task::spawn_blocking(move || auth.check(&key))
-        .await
-        .map_err(Error::from)
-        .and_then(|checked| checked)
-        .map_err(|e| fault::server_side(e, state.store.root()))?;
-    principal.ok_or_else(|| Error::Auth("wrong key: this server does not know it".into()))
-}
-
-/// The HTTP status and body for a failed [`authenticate`]: 401 for a refused key, 503
-/// (logged) when the server could not check it.
-pub(crate) fn refusal(e: &Error) -> (u16, serde_json::Value) {
-    if e.kind() == crate::ErrorKind::Auth {
-        (401, serde_json::json!({"error": e.to_string()}))
-    } else {
-        tracing::error!(error = %e, "cannot check a key");
-        (503, serde_json::json!({"error": e.to_string()}))
-    }
 }
 
 /// One accepted connection: with TLS, the handshake first (bounded by `HEAD_TIMEOUT`,
-/// in this connection's own task), then the request.
-async fn serve_connection(stream: TcpStream, tls: Option<Tls>, state: Arc<State>) -> Result<()> {
-    let peer = stream.peer_addr().ok().map(|a| a.ip());
+/// in this connection's own task), then HTTP.
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<Tls>,
+    app: axum::Router,
+    shutdown: Shutdown,
+) -> Result<()> {
+    let peer = Peer(Some(peer.ip()));
     let Some(tls) = tls else {
-        return connection(stream, state, peer).await;
+        // A TLS ClientHello (a `wss://` or `https://` client) is hung up on, not
+        // answered with hyper's 400 in plain text: the client then says "if the server
+        // does not use TLS, use ws://" rather than a puzzling TLS decoding error.
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(HEAD_TIMEOUT, stream.peek(&mut first)).await;
+        if matches!(peeked, Ok(Ok(1))) && first[0] == TLS_HANDSHAKE_RECORD {
+            // Read first: closing with unread bytes would reset the connection, and the
+            // client would see a reset instead of the end of the stream.
+            let mut hello = vec![0u8; MAX_HEAD_BYTES];
+            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut hello).await;
+            return Err(Error::Disconnected(
+                "a TLS handshake on a plain server; hung up".into(),
+            ));
+        }
+        return serve_http(stream, peer, app, shutdown).await;
     };
     let stream = tokio::time::timeout(HEAD_TIMEOUT, tls.accept(stream))
         .await
         .map_err(|_| Error::Disconnected("no TLS handshake within 10 s".into()))??;
-    connection(stream, state, peer).await
+    serve_http(stream, peer, app, shutdown).await
 }
 
-async fn connection<S>(
-    mut stream: S,
-    state: Arc<State>,
-    peer: Option<std::net::IpAddr>,
-) -> Result<()>
+/// Serves HTTP/1.1 on `stream`, upgrades included; every answer but an upgrade closes
+/// the connection (the `http` module), so this is one request per connection. A graceful stop ends
+/// a connection that has not sent its request yet, and lets one in flight finish.
+async fn serve_http<S>(stream: S, peer: Peer, app: axum::Router, shutdown: Shutdown) -> Result<()>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut request, rest) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
-        .await
-        .map_err(|_| Error::Disconnected("no request within 10 s".into()))??;
-    request.peer = peer;
-    let upgrade = request
-        .header("upgrade")
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    if !upgrade {
-        return http::route(&mut stream, &request, &state).await;
-    }
-    if request.path != "/v1/sync" {
-        return respond(
-            &mut stream,
-            404,
-            &serde_json::json!({"error": "WebSocket sessions live at /v1/sync"}),
-        )
-        .await;
-    }
-    let Some(ws_key) = request.header("sec-websocket-key").map(str::to_owned) else {
-        return respond(
-            &mut stream,
-            400,
-            &serde_json::json!({"error": "missing Sec-WebSocket-Key"}),
-        )
-        .await;
-    };
-    if !rest.is_empty() {
-        return respond(
-            &mut stream,
-            400,
-            &serde_json::json!({"error": "data sent before the upgrade"}),
-        )
-        .await;
-    }
-    // Every WebSocket session, subscribers included, holds a connection slot: past the
-    // limit the upgrade is refused (503, retry later) before anything is allocated.
-    let Ok(_connection) = state.limits.connections.clone().try_acquire_owned() else {
-        let message = format!(
-            "server busy: {} WebSocket sessions are open (its limit, {CONNECTIONS_PER_SESSION} × serve --max-sessions); retry later",
-            state.limits.max_sessions() * CONNECTIONS_PER_SESSION
-        );
-        tracing::info!("too many WebSocket sessions; answered 503");
-        return respond_later(
-            &mut stream,
-            503,
-            BUSY_RETRY_AFTER,
-            &serde_json::json!({ "error": message }),
-        )
-        .await;
-    };
-    let principal = match authenticate_throttled(&state, &request).await {
-        Ok(p) => p,
-        Err(Refusal::TooMany(wait)) => return respond_too_many(&mut stream, wait).await,
-        Err(Refusal::Key(e)) => {
-            let (status, body) = refusal(&e);
-            return respond(&mut stream, status, &body).await;
+    use tower::ServiceExt as _;
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+        request.extensions_mut().insert(peer);
+        app.clone().oneshot(request)
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = shutdown.requested() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
         }
     };
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
-    let head = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
-    );
-    // Flushed, so a TLS stream does not keep the 101 in its buffer while the client
-    // waits for it.
-    stream
-        .write_all(head.as_bytes())
-        .await
-        .map_err(|e| Error::Disconnected(e.to_string()))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| Error::Disconnected(e.to_string()))?;
-    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-        stream,
-        tokio_tungstenite::tungstenite::protocol::Role::Server,
-        Some(crate::remote::ws::ws_config()),
-    )
-    .await;
-    tracing::info!(key = %principal.key_id, kind = principal.kind.as_str(), "session opened");
-    session::run(ws, &state, &principal).await;
-    Ok(())
+    served.map_err(|e| Error::Disconnected(e.to_string()))
+}
+
+/// Runs blocking work (SQLite, files) off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await?
 }

@@ -7,6 +7,10 @@
 //! full disk (3, saying so). The order keeps a refused start from leaving anything
 //! behind: flags first, then the data directory and its lock, then the port, and only
 //! then `server.db` and the admin key.
+//!
+//! It runs on the one runtime the command line builds and stops on the one
+//! [`Shutdown`] (SIGINT or SIGTERM: graceful, a second one: forced); it catches no
+//! signal of its own.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +19,7 @@ use anyhow::Context;
 
 use super::{Global, exit};
 use crate::server::{DataLock, State, Tls, disk_full, serve};
+use crate::shutdown::Shutdown;
 
 /// Arguments of `sqlferry serve`.
 #[derive(Debug, clap::Args)]
@@ -25,7 +30,7 @@ On first start it creates the admin key and prints it once, on stdout; only its 
 stored. Push a new replica with the admin key (sqlferry push app.db acme/app.db --server \
 ws://HOST:PORT --key KEY): the server mints a PUSH and a PULL key for it. SIGINT or SIGTERM \
 stops it cleanly: sessions in flight get 10 s to finish, then are aborted (an unfinished \
-push leaves no trace).\n\n\
+push leaves no trace); a second signal aborts them at once.\n\n\
 TLS: with --tls-cert and --tls-key every connection on the port is TLS (wss:// sessions, \
 https:// API); clients then use --server wss://HOST:PORT. A client trusts the usual public \
 CAs; for a private CA or a self-signed certificate, set SQLFERRY_CA_FILE=ca.pem on the \
@@ -56,8 +61,8 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// Runs the command.
-    pub fn run(self, _global: &Global) -> anyhow::Result<ExitCode> {
+    /// Runs the command until `shutdown` stops the server (see [`crate::server::serve`]).
+    pub async fn run(self, _global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let data = match self.data {
             Some(d) => d,
             None => crate::config::data_dir().ok_or_else(|| {
@@ -68,19 +73,24 @@ impl ServeArgs {
         };
         let addrs = listen_addrs(&self.listen)?;
         // TLS first: a bad certificate or key stops the server before the data directory
-        // or an admin key is created.
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(Tls::from_pem_files(cert, key).context("cannot set up TLS")?)
-            }
-            _ => None,
-        };
-        make_data_dir(&data)?;
-        // Held until the process ends: a second server on this directory refuses.
-        let _lock = DataLock::acquire(&data).map_err(|e| startup(e, &data))?;
-        let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(&addrs[..]))
+        // or an admin key is created. Reading files: off the async threads.
+        let (cert, key) = (self.tls_cert.clone(), self.tls_key.clone());
+        let tls = blocking(move || match (cert, key) {
+            (Some(cert), Some(key)) => Tls::from_pem_files(&cert, &key)
+                .map(Some)
+                .context("cannot set up TLS"),
+            _ => Ok(None),
+        })
+        .await?;
+        let dir = data.clone();
+        // Held until the server stops: a second server on this directory refuses.
+        let _lock = blocking(move || {
+            make_data_dir(&dir)?;
+            DataLock::acquire(&dir).map_err(|e| startup(e, &dir))
+        })
+        .await?;
+        let listener = tokio::net::TcpListener::bind(&addrs[..])
+            .await
             .map_err(|e| {
                 let hint = match e.kind() {
                     std::io::ErrorKind::AddrInUse => " (another process is using this port)",
@@ -89,32 +99,45 @@ impl ServeArgs {
                 anyhow::Error::new(crate::Error::io(std::path::Path::new(&self.listen), e))
                     .context(format!("cannot listen{hint}"))
             })?;
-        let state = State::open(&data)
-            .map_err(|e| startup(e, &data))?
-            .with_max_sessions(self.max_sessions, self.session_wait);
-        if let Some(key) = state.auth.ensure_admin().map_err(|e| startup(e, &data))? {
+        let (dir, max_sessions, session_wait) =
+            (data.clone(), self.max_sessions, self.session_wait);
+        let (state, admin_key) = blocking(move || {
+            let state = State::open(&dir)
+                .map_err(|e| startup(e, &dir))?
+                .with_max_sessions(max_sessions, session_wait);
+            let key = state.auth.ensure_admin().map_err(|e| startup(e, &dir))?;
+            Ok((state, key))
+        })
+        .await?;
+        if let Some(key) = admin_key {
             super::out(format_args!(
                 "admin key (shown only this once; keep it secret): {key}"
             ))?;
         }
-        runtime.block_on(async {
-            let addr = listener.local_addr()?;
-            if tls.is_some() {
-                super::out(format_args!(
-                    "listening on wss://{addr} and https://{addr} (TLS; data in {})",
-                    data.display()
-                ))?;
-            } else {
-                super::out(format_args!(
-                    "listening on ws://{addr} (data in {})",
-                    data.display()
-                ))?;
-            }
-            serve(listener, state, tls, shutdown_signal()).await?;
-            anyhow::Ok(())
-        })?;
+        let addr = listener.local_addr()?;
+        if tls.is_some() {
+            super::out(format_args!(
+                "listening on wss://{addr} and https://{addr} (TLS; data in {})",
+                data.display()
+            ))?;
+        } else {
+            super::out(format_args!(
+                "listening on ws://{addr} (data in {})",
+                data.display()
+            ))?;
+        }
+        serve(listener, state, tls, shutdown.clone()).await?;
         Ok(ExitCode::from(exit::OK))
     }
+}
+
+/// Runs start-up file and SQLite work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a start-up task failed")?
 }
 
 /// The addresses `--listen` names; a usage error (exit 2) when it names none.
@@ -169,22 +192,4 @@ fn startup(e: crate::Error, data: &std::path::Path) -> anyhow::Error {
         "cannot open the data directory".to_owned()
     };
     anyhow::Error::new(e).context(context)
-}
-
-/// Completes on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the server still runs; it just cannot stop cleanly.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("signal received; shutting down");
 }

@@ -406,6 +406,30 @@ impl FromEngine {
     }
 }
 
+// The WebSocket pump (`crate::transport::ws::run_engine`) drives a channel link
+// through these: the transport knows the engine only by them.
+impl crate::transport::ws::EngineInbox for ToEngine {
+    async fn deliver(&self, frame: Vec<u8>) -> std::result::Result<(), Vec<u8>> {
+        self.send(frame).await
+    }
+}
+
+impl crate::transport::ws::EngineOutbox for FromEngine {
+    async fn next_frame(&mut self) -> Option<Vec<u8>> {
+        self.recv().await
+    }
+
+    fn ready_frame(&mut self) -> Option<Vec<u8>> {
+        self.try_recv()
+    }
+}
+
+impl crate::transport::ws::EngineLink for ChannelLink {
+    fn finish(self) -> Vec<Vec<u8>> {
+        ChannelLink::finish(self).drain()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

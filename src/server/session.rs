@@ -16,7 +16,11 @@
 //! from OPEN to its end (ERROR 13 after waiting for one in vain); a peer that stops
 //! reading is cut off after the idle limit (a subscriber: after three ping intervals),
 //! and the last ERROR and the close wait for it at most
-//! [`CLOSE_TIMEOUT`](crate::remote::ws::CLOSE_TIMEOUT).
+//! [`CLOSE_TIMEOUT`](crate::transport::ws::CLOSE_TIMEOUT).
+//!
+//! Store and key work runs on `spawn_blocking`; no SQLite read transaction is held
+//! across an `.await` (a pull resolves its version first, answers CONFIG, and opens
+//! the version for reading only on the engine's thread).
 
 use std::time::Duration;
 
@@ -25,14 +29,17 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 
 use super::fault::{self, OwnFaults};
-use super::{Event, KeyKind, Principal, State};
+use super::{Event, KeyKind, Principal, State, blocking};
+use crate::engine::{ChannelLink, PumpEnd, channel_link};
 use crate::engine::{NoProgress, Role, run_origin, run_replica};
 use crate::protocol::control::{
     Config, Control, NewVersion, Op, Open, PING_INTERVAL, SubscriberRole,
 };
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
-use crate::remote::ws::{CLOSE_TIMEOUT, recv_binary, run_engine, send_binary, within};
 use crate::store::{PushOptions, ReplicaPath, Selector};
+use crate::transport::ws::{
+    CLOSE_TIMEOUT, Incoming, classify, recv_binary, send_binary, send_ping, within,
+};
 use crate::{Error, ErrorKind, Result};
 
 /// How long a client may stay silent during a sync before the session is closed: long
@@ -74,7 +81,14 @@ where
             let _ = ws.close(None).await;
             return;
         }
-        Some(Failure::Report(e)) => (fault::server_side(e, state.store.root()), true),
+        Some(Failure::Report(e)) => {
+            // The disk probe behind `server_side` is file work: off the async threads.
+            let data = state.store.root().to_owned();
+            let e = blocking(move || Ok(fault::server_side(e, &data)))
+                .await
+                .unwrap_or_else(|join| join);
+            (e, true)
+        }
         // A panicked engine thread reported nothing.
         Some(Failure::Reported(e)) => {
             let bug = e.kind() == ErrorKind::Bug;
@@ -131,9 +145,34 @@ fn decode_control(bytes: &[u8]) -> Result<Control> {
     Control::decode(bytes).map_err(|e| Error::Protocol(e.to_string()))
 }
 
-/// Runs blocking store work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await?
+/// Runs `engine` on a blocking thread as `role` over the engine's channel link, its
+/// frames carried over `ws` (see [`crate::transport::ws::run_engine`]).
+async fn run_engine<S, T, F>(
+    ws: &mut WebSocketStream<S>,
+    role: Role,
+    first: Vec<Vec<u8>>,
+    engine: F,
+) -> (Result<T>, Vec<Vec<u8>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: Send + 'static,
+    F: FnOnce(&mut ChannelLink) -> Result<T> + Send + 'static,
+{
+    let (
+        link,
+        PumpEnd {
+            to_engine,
+            from_engine,
+        },
+    ) = channel_link(role);
+    crate::transport::ws::run_engine(
+        ws,
+        (link, to_engine, from_engine),
+        first,
+        Some(SYNC_IDLE_TIMEOUT),
+        engine,
+    )
+    .await
 }
 
 async fn session<S>(
@@ -313,7 +352,6 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     use tokio::sync::broadcast::error::RecvError;
-    use tokio_tungstenite::tungstenite::Message;
 
     let asked = open
         .role
@@ -359,15 +397,12 @@ where
             },
             message = ws.next() => {
                 last_heard = tokio::time::Instant::now();
-                let bytes = match message {
-                    None | Some(Ok(Message::Close(_))) => break Ok(()),
-                    Some(Ok(Message::Binary(b))) => b,
-                    Some(Ok(Message::Text(_))) => {
-                        break Err(Error::Protocol("text messages are not part of the protocol".into()));
-                    }
+                let bytes = match classify(message) {
+                    Ok(Incoming::Frame(b)) => b,
+                    Ok(Incoming::Closed) => break Ok(()),
                     // Pongs (and pings, answered by tungstenite) only prove it is there.
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => break Err(Error::Disconnected(e.to_string())),
+                    Ok(Incoming::Alive) => continue,
+                    Err(e) => break Err(e),
                 };
                 let now = crate::history::now();
                 match decode_control(&bytes)? {
@@ -400,12 +435,7 @@ where
                         last_heard.elapsed().as_secs()
                     )));
                 }
-                send_within(silence, async {
-                    ws.send(Message::Ping(Vec::new().into()))
-                        .await
-                        .map_err(|e| Error::Disconnected(e.to_string()))
-                })
-                .await?;
+                send_within(silence, send_ping(ws)).await?;
             }
             _ = member.closing.changed() => break Ok(()),
         }
@@ -426,25 +456,31 @@ where
 {
     let spec = format!("{replica}@{}", open.version.as_deref().unwrap_or("latest"));
     let (_, selector) = Selector::split(&spec)?;
+    // Only the version's number is resolved here: the reader (a SQLite read
+    // transaction) is opened on the engine's thread, never held across the CONFIG
+    // send below. Versions are immutable, so the number names the same version then.
     let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
-    let (id, mut reader) =
-        blocking(move || Ok((auth.replica_id(&r, false)?, store.read(&r, selector)?))).await?;
-    let number = reader.info().number;
+    let (id, number) = blocking(move || {
+        let id = auth.replica_id(&r, false)?;
+        let number = store.read(&r, selector)?.info().number;
+        Ok((id, number))
+    })
+    .await?;
     send_control(
         ws,
         Control::Config(config(principal, replica, id.unwrap_or_default(), number)),
     )
     .await?;
+    let (store, r) = (state.store.clone(), replica.clone());
     let data = state.store.root().to_owned();
-    let (result, _) = run_engine(
-        ws,
-        Role::Origin,
-        Vec::new(),
-        Some(SYNC_IDLE_TIMEOUT),
-        move |link| {
-            run_origin(&mut OwnFaults::new(&mut reader, &data), link, &NoProgress).map(drop)
-        },
-    )
+    let (result, _) = run_engine(ws, Role::Origin, Vec::new(), move |link| {
+        let mut reader = match store.read(&r, Selector::Number(number)) {
+            Ok(reader) => reader,
+            // The engine has not started, so it reports nothing: tell the client here.
+            Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
+        };
+        run_origin(&mut OwnFaults::new(&mut reader, &data), link, &NoProgress).map(drop)
+    })
     .await;
     // The engine reported its own failure to the client already.
     result.map_err(Failure::Reported)
@@ -522,23 +558,17 @@ where
     };
     let (store, r) = (state.store.clone(), replica.clone());
     let data = state.store.root().to_owned();
-    let (result, _) = run_engine(
-        ws,
-        Role::Replica,
-        vec![first_sync],
-        Some(SYNC_IDLE_TIMEOUT),
-        move |link| {
-            let mut writer = match store.push(&r, options) {
-                Ok(w) => w,
-                // The engine has not started, so it reports nothing: tell the client
-                // here, or it would only see the connection close.
-                Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
-            };
-            run_replica(&mut OwnFaults::new(&mut writer, &data), link)?;
-            let (version, created) = writer.outcome().expect("a committed push has an outcome");
-            Ok((version.clone(), created, writer.repaired()))
-        },
-    )
+    let (result, _) = run_engine(ws, Role::Replica, vec![first_sync], move |link| {
+        let mut writer = match store.push(&r, options) {
+            Ok(w) => w,
+            // The engine has not started, so it reports nothing: tell the client
+            // here, or it would only see the connection close.
+            Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
+        };
+        run_replica(&mut OwnFaults::new(&mut writer, &data), link)?;
+        let (version, created) = writer.outcome().expect("a committed push has an outcome");
+        Ok((version.clone(), created, writer.repaired()))
+    })
     .await;
     // The engine reported its own failure to the client already.
     let (version, created, repaired) = result.map_err(Failure::Reported)?;

@@ -1,10 +1,13 @@
-//! `sqlferry serve` as a user meets it: a real server process on a port-0 loopback
-//! listener, and real `sqlferry` client processes, each "machine" with its own XDG
-//! directories (config, data, state, cache), so keys, history and kept manifests never
-//! leak from one machine to another or into the real home.
+//! `sqlferry serve` as a user meets it: a server on a port-0 loopback listener (in this
+//! test process, [`TestServer::in_process`], unless the test needs a real process: its
+//! log, its memory, signals, kills, start-up flags), and real `sqlferry` client
+//! processes, each "machine" with its own XDG directories (config, data, state, cache),
+//! so keys, history and kept manifests never leak from one machine to another or into
+//! the real home.
 //!
 //! - `roundtrip`: push and pull of every version selector, `versions`, and a pull into
 //!   an existing database that sends only what differs.
+//! - `api`: the HTTP API's answers: status codes, JSON bodies, `connection: close`.
 //! - `auth`: the key matrix, the secrets file and the sidecar, `--dry-run` masking.
 //! - `paths`: replica path rules, on the client and on the server.
 //! - `raw`: a raw WebSocket client sending malformed, oversized and out-of-order frames.
@@ -20,6 +23,8 @@
 //! - `limits`: what a hostile client can cost: a WANT past the window, a flood from a
 //!   client that does not read, wrong keys in a hurry, more sessions than the cap, a
 //!   long REPORT: each bounded, and the server keeps serving.
+//! - `timing`: the server's time bounds (no OPEN, the session wait, the shutdown
+//!   grace) under `tokio::time::pause`, with the server in the test's own runtime.
 //! - `tls`: `serve --tls-cert --tls-key` with a private CA made in the test: wss:// and
 //!   https:// work for a client that trusts the CA (`SQLFERRY_CA_FILE`) and fail cleanly
 //!   for one that does not, or that speaks plain ws://; bad certificate files.
@@ -27,6 +32,7 @@
 //! Every wait is on an event (a line on the server's stdout, a process exit, a file
 //! growing), polled with a deadline, never a fixed sleep.
 
+mod api;
 mod auth;
 mod concurrent;
 mod faults;
@@ -37,6 +43,7 @@ mod paths;
 mod raw;
 mod roundtrip;
 mod shutdown;
+mod timing;
 mod tls;
 
 use std::ffi::OsStr;
@@ -73,6 +80,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// it sends SIGTERM and waits (SIGKILL if it does not exit in time).
 pub struct TestServer {
     child: Option<Child>,
+    /// Set when the server runs in this test process instead ([`TestServer::in_process`]).
+    local: Option<Local>,
     data: PathBuf,
     log: PathBuf,
     /// The certificate and key it serves TLS with, if any.
@@ -103,11 +112,42 @@ impl TestServer {
         TestServer::start_with(dir, Some(certs.clone()))
     }
 
-    /// Starts a server like [`TestServer::start`], with `extra` arguments to `serve`.
-    pub fn start_args(dir: &Path, extra: &[&str]) -> TestServer {
-        let mut server = TestServer::start_with_args(dir, None, extra);
-        server.extra = extra.iter().map(|s| s.to_string()).collect();
-        server
+    /// A server in this test process (`sqlferry::server::serve` on its own runtime, on
+    /// a port-0 loopback listener, data in `dir/server-data`): what the protocol, API,
+    /// limits and path tests need, without starting a process. It stops on drop,
+    /// through its `Shutdown`, and is waited for. It has no log of its own: tests that
+    /// read the server's log, its memory, or send it signals use [`TestServer::start`].
+    pub fn in_process(dir: &Path) -> TestServer {
+        TestServer::in_process_with(dir, |state| state)
+    }
+
+    /// [`TestServer::in_process`] with at most `max_sessions` push and pull sessions
+    /// running at once, and others waiting up to `wait` for a slot (`serve
+    /// --max-sessions N --session-wait WAIT`).
+    pub fn in_process_limited(dir: &Path, max_sessions: usize, wait: Duration) -> TestServer {
+        TestServer::in_process_with(dir, |state| state.with_max_sessions(max_sessions, wait))
+    }
+
+    fn in_process_with(
+        dir: &Path,
+        limits: impl FnOnce(sqlferry::server::State) -> sqlferry::server::State,
+    ) -> TestServer {
+        let data = dir.join("server-data");
+        let log = dir.join("server.log");
+        let local = Local::start(&data, limits);
+        let (addr, admin_key) = (local.addr.clone(), local.admin_key.clone());
+        TestServer {
+            child: None,
+            local: Some(local),
+            admin: Machine::new(dir, "server-admin"),
+            url: format!("ws://{addr}"),
+            data,
+            log,
+            tls: None,
+            addr,
+            admin_key,
+            extra: Vec::new(),
+        }
     }
 
     fn start_with(dir: &Path, tls: Option<tls::Certs>) -> TestServer {
@@ -130,6 +170,7 @@ impl TestServer {
         }
         TestServer {
             child: Some(child),
+            local: None,
             admin,
             url: format!("{}://{addr}", if tls.is_some() { "wss" } else { "ws" }),
             data,
@@ -148,6 +189,10 @@ impl TestServer {
 
     /// Everything the server logged on stderr so far (it runs with `-v`).
     pub fn log(&self) -> String {
+        assert!(
+            self.local.is_none(),
+            "an in-process server has no log of its own: use TestServer::start"
+        );
         read(&self.log)
     }
 
@@ -251,6 +296,9 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
+        if let Some(local) = self.local.take() {
+            local.stop();
+        }
         if let Some(mut child) = self.child.take() {
             signal(&child, "TERM");
             if wait_for_exit(&mut child, STOP_TIMEOUT).is_none() {
@@ -258,6 +306,62 @@ impl Drop for TestServer {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+/// A server running in this process, on a runtime of its own (so the test's thread
+/// may block on client processes while it serves).
+struct Local {
+    runtime: tokio::runtime::Runtime,
+    shutdown: sqlferry::shutdown::Shutdown,
+    served: tokio::task::JoinHandle<sqlferry::Result<()>>,
+    addr: String,
+    admin_key: String,
+}
+
+impl Local {
+    fn start(
+        data: &Path,
+        limits: impl FnOnce(sqlferry::server::State) -> sqlferry::server::State,
+    ) -> Local {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("server runtime");
+        let state = limits(sqlferry::server::State::open(data).expect("open the server state"));
+        let admin_key = state
+            .auth
+            .ensure_admin()
+            .expect("admin key")
+            .expect("a new data directory gets an admin key");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local address").to_string();
+        let shutdown = sqlferry::shutdown::Shutdown::new();
+        let served = runtime.spawn(sqlferry::server::serve(
+            listener,
+            state,
+            None,
+            shutdown.clone(),
+        ));
+        Local {
+            runtime,
+            shutdown,
+            served,
+            addr,
+            admin_key,
+        }
+    }
+
+    /// Stops the server at once (a forced stop) and waits until it has.
+    fn stop(self) {
+        self.shutdown.force();
+        self.runtime
+            .block_on(self.served)
+            .expect("the server task ends")
+            .expect("the server stops cleanly");
     }
 }
 

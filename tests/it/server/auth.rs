@@ -25,9 +25,15 @@ struct Setup {
     pull_key: String,
 }
 
-fn setup() -> Setup {
+/// `in_process`: the server runs in this test process (see
+/// [`TestServer::in_process`]); a test that reads the server's log needs a process.
+fn setup(in_process: bool) -> Setup {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = if in_process {
+        TestServer::in_process(dir.path())
+    } else {
+        TestServer::start(dir.path())
+    };
     let a = Machine::new(dir.path(), "a");
     small_db(&a.path("app.db"), 256 << 10);
     small_db(&a.path("other.db"), 128 << 10);
@@ -108,7 +114,7 @@ fn first_push_keeps_keys_private_the_next_needs_none_and_the_sidecar_pulls_elsew
         a,
         push_key,
         pull_key,
-    } = setup();
+    } = setup(false);
     let src = a.path("app.db");
 
     // The secrets file: 0600, JSON, the PUSH key for this database's absolute path.
@@ -290,7 +296,7 @@ fn each_key_refusal_is_distinct_exits_5_and_writes_nothing() {
         a: _a,
         push_key,
         pull_key,
-    } = setup();
+    } = setup(true);
     // Machine C has saved nothing; its database differs from every replica, and each
     // push is forced: a push let through would make a version.
     let c = Machine::new(dir.path(), "c");

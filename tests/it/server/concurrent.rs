@@ -27,7 +27,7 @@ fn finish(child: Child) -> Output {
 #[test]
 fn two_pushers_from_one_version_one_lands_the_other_gets_version_conflict() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = TestServer::in_process(dir.path());
     let mut a = Machine::new(dir.path(), "a");
     let mut b = Machine::new(dir.path(), "b");
     let c = Machine::new(dir.path(), "c");
@@ -142,7 +142,7 @@ fn two_pushers_from_one_version_one_lands_the_other_gets_version_conflict() {
 #[test]
 fn twenty_concurrent_pulls_of_one_version_all_get_it_whole() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = TestServer::in_process(dir.path());
     let a = Machine::new(dir.path(), "a");
     let src = a.path("app.db");
     small_db(&src, 2 << 20);

@@ -40,7 +40,7 @@ fn bad_paths() -> Vec<(String, &'static str)> {
 #[test]
 fn the_longest_name_allowed_is_stored_and_pulled() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = TestServer::in_process(dir.path());
     let m = Machine::new(dir.path(), "m");
     small_db(&m.path("src.db"), 16 << 10);
     let path = format!("acme/{}", "x".repeat(200));
@@ -68,7 +68,7 @@ fn the_longest_name_allowed_is_stored_and_pulled() {
 #[test]
 fn bad_replica_paths_are_refused_with_the_rule_and_create_nothing() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = TestServer::in_process(dir.path());
     let m = Machine::new(dir.path(), "m");
     small_db(&m.path("src.db"), 16 << 10);
     let key = server.admin_key.as_str();

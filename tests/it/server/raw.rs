@@ -37,7 +37,12 @@ pub(super) fn runtime() -> tokio::runtime::Runtime {
 
 /// Opens a WebSocket session on `/v1/sync` with `key`.
 pub(super) async fn connect(server: &TestServer, key: &str) -> Ws {
-    let mut request = format!("{}/v1/sync", server.url)
+    connect_url(&server.url, key).await
+}
+
+/// Opens a WebSocket session on `/v1/sync` of the server at `url` with `key`.
+pub(super) async fn connect_url(url: &str, key: &str) -> Ws {
+    let mut request = format!("{url}/v1/sync")
         .into_client_request()
         .expect("request");
     request.headers_mut().insert(
@@ -238,7 +243,7 @@ fn pull_open(replica: &str) -> Vec<u8> {
 #[test]
 fn malformed_oversized_and_out_of_order_frames_end_the_session_and_change_nothing() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = TestServer::in_process(dir.path());
     let a = Machine::new(dir.path(), "a");
     let src = a.path("app.db");
     small_db(&src, 64 << 10);
@@ -503,7 +508,7 @@ fn malformed_oversized_and_out_of_order_frames_end_the_session_and_change_nothin
 #[test]
 fn a_failed_first_push_creates_no_replica() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = TestServer::in_process(dir.path());
     let b = Machine::new(dir.path(), "b");
     let rt = runtime();
     for (what, steps) in [
@@ -561,7 +566,7 @@ fn a_failed_first_push_creates_no_replica() {
 #[test]
 fn a_refused_frame_gets_one_error_frame() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = TestServer::in_process(dir.path());
     let a = Machine::new(dir.path(), "a");
     small_db(&a.path("app.db"), 16 << 10);
     a.push(

@@ -16,7 +16,7 @@ const PAGE: u64 = 4096;
 #[test]
 fn every_version_selector_round_trips_and_a_pull_sends_only_what_differs() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = TestServer::in_process(dir.path());
     let a = Machine::new(dir.path(), "a");
     let src = a.path("app.db");
     small_db(&src, 2 << 20);
@@ -236,7 +236,7 @@ fn every_version_selector_round_trips_and_a_pull_sends_only_what_differs() {
 #[test]
 fn pull_reports_its_hash_exchange() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = TestServer::in_process(dir.path());
     let a = Machine::new(dir.path(), "a");
     let src = a.path("app.db");
     small_db(&src, 1 << 20);
@@ -264,7 +264,7 @@ fn pull_reports_its_hash_exchange() {
 #[test]
 fn verify_fetches_a_stored_version_and_checks_its_digest() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    let server = TestServer::in_process(dir.path());
     let a = Machine::new(dir.path(), "a");
     let src = a.path("app.db");
     small_db(&src, 1 << 20);

@@ -1,0 +1,439 @@
+//! Protocol frames over a WebSocket, the same way on both sides: one protocol frame is
+//! one binary message; a text message is a protocol error; pings are answered by
+//! tungstenite and, like pongs, only prove the peer is there. [`classify`] is the one
+//! place where a WebSocket message is matched; everything else here builds on it.
+//!
+//! [`run_engine`] is the pump between the network and a blocking engine thread. It
+//! reads and writes at the same time (two futures over the split socket), so a peer
+//! that is busy sending never stops reading: with the engine's own bounds neither side
+//! can stall the other. Both queues between the pump and the engine are bounded: a peer
+//! that sends faster than the engine takes frames is not read until it does (TCP
+//! backpressure), and a peer that stops reading stalls the writer, which gives up after
+//! the idle limit. The pump knows the engine only through three small traits
+//! ([`EngineInbox`], [`EngineOutbox`], [`EngineLink`]), which the engine's channel link
+//! implements: so this module stays a leaf and the engine knows no socket.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::protocol::{ErrorCode, Frame, MAX_FRAME_BYTES};
+use crate::{Error, Result};
+
+/// Frames the writer sends before it flushes the socket.
+const FLUSH_EVERY_FRAMES: usize = 64;
+
+/// How long a last word to a peer (an ERROR frame, the close) may take: the peer may
+/// have stopped reading, and it must not hold the session for that.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The WebSocket limits both sides use: no message larger than a protocol frame.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+}
+
+/// `fut`'s output, or `None` if `limit` passed first (no limit: it always finishes).
+pub async fn within<F: Future>(limit: Option<Duration>, fut: F) -> Option<F::Output> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+/// What one read from a WebSocket means to a protocol peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// One protocol frame (a binary message).
+    Frame(Vec<u8>),
+    /// A ping or a pong: the peer is there, nothing to act on.
+    Alive,
+    /// The peer closed the connection (a close message, or the end of the stream).
+    Closed,
+}
+
+/// The one matcher of WebSocket messages: what `ws.next()` returned, as the protocol
+/// sees it. A text message, an oversized message or a broken WebSocket frame is
+/// [`Error::Protocol`] (the session ends with an ERROR saying so); any other read
+/// failure is [`Error::Disconnected`].
+pub fn classify(
+    next: Option<std::result::Result<Message, tungstenite::Error>>,
+) -> Result<Incoming> {
+    match next {
+        Some(Ok(Message::Binary(b))) => Ok(Incoming::Frame(b.into())),
+        Some(Ok(Message::Close(_))) | None => Ok(Incoming::Closed),
+        Some(Ok(Message::Text(_))) => Err(Error::Protocol(
+            "text messages are not part of the protocol".into(),
+        )),
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Ok(Incoming::Alive),
+        Some(Err(e)) => Err(match broken_protocol(&e) {
+            Some(why) => Error::Protocol(why),
+            None => Error::Disconnected(e.to_string()),
+        }),
+    }
+}
+
+/// What a read error means: `Some(why)` when the peer broke the protocol, `None` when
+/// the connection itself failed.
+fn broken_protocol(e: &tungstenite::Error) -> Option<String> {
+    use tungstenite::Error as E;
+    use tungstenite::error::CapacityError;
+    match e {
+        E::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some(format!(
+            "a message of {size} bytes exceeds the limit of {max_size} bytes"
+        )),
+        E::Capacity(c) => Some(c.to_string()),
+        E::Protocol(p) => Some(format!("WebSocket protocol error: {p}")),
+        _ => None,
+    }
+}
+
+/// Receives the next protocol frame, skipping pings and pongs. `Ok(None)`: closed.
+pub async fn recv_binary<S>(ws: &mut WebSocketStream<S>) -> Result<Option<Vec<u8>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match classify(ws.next().await)? {
+            Incoming::Frame(b) => return Ok(Some(b)),
+            Incoming::Closed => return Ok(None),
+            Incoming::Alive => continue,
+        }
+    }
+}
+
+/// Sends one protocol frame (one binary message).
+pub async fn send_binary<S>(ws: &mut WebSocketStream<S>, bytes: Vec<u8>) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ws.send(Message::Binary(bytes.into()))
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))
+}
+
+/// Sends a WebSocket ping (a keep-alive; the peer's pong comes back as
+/// [`Incoming::Alive`]).
+pub async fn send_ping<S>(ws: &mut WebSocketStream<S>) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ws.send(Message::Ping(Vec::new().into()))
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))
+}
+
+/// The pump's way to hand frames from the network to the engine.
+pub trait EngineInbox: Send {
+    /// Hands a frame to the engine, waiting while its queue is full; gives it back if
+    /// the engine is gone.
+    fn deliver(
+        &self,
+        frame: Vec<u8>,
+    ) -> impl Future<Output = std::result::Result<(), Vec<u8>>> + Send;
+}
+
+/// The pump's way to take the engine's frames for the network.
+pub trait EngineOutbox: Send {
+    /// The engine's next frame; `None` once the engine is done.
+    fn next_frame(&mut self) -> impl Future<Output = Option<Vec<u8>>> + Send;
+    /// The engine's next frame if one is already waiting.
+    fn ready_frame(&mut self) -> Option<Vec<u8>>;
+}
+
+/// The engine's end of the link, as the pump needs it once the engine is done.
+pub trait EngineLink: Send + 'static {
+    /// Ends the engine's use of the link; the frames that reached it but that it did
+    /// not read, in order.
+    fn finish(self) -> Vec<Vec<u8>>;
+}
+
+/// Why the writer half stopped.
+enum WriterEnd {
+    /// The engine finished and everything it sent was written.
+    Done,
+    /// The connection failed.
+    Failed(String),
+    /// The peer read nothing for the idle limit.
+    Stalled(String),
+}
+
+/// Why the reader half stopped.
+enum ReaderEnd {
+    /// The engine finished while this message was on its way to it.
+    EngineGone(Vec<u8>),
+    /// The peer closed the connection.
+    Closed,
+    /// The connection failed.
+    Failed(String),
+    /// The peer broke the protocol (oversized or text message) or fell silent: this
+    /// side says so with one ERROR frame.
+    Refused(String),
+}
+
+/// Runs `engine` on a blocking thread with `link`, its frames carried over `ws`
+/// through `inbox` and `outbox` (the pump's ends of the same link). `first` are frames
+/// already read from the network that belong to the engine. With `idle`, a peer silent
+/// for that long ends the session. Returns the engine's result and the frames that
+/// arrived for after it (in order).
+///
+/// Every failure is reported to the peer once: the engine sends ERROR for its own, and
+/// this pump for the peer's protocol breaches it catches (an oversized or text message,
+/// silence), which it returns as [`Error::Protocol`].
+pub async fn run_engine<S, L, T, F>(
+    ws: &mut WebSocketStream<S>,
+    (mut link, inbox, mut outbox): (L, impl EngineInbox, impl EngineOutbox),
+    first: Vec<Vec<u8>>,
+    idle: Option<Duration>,
+    engine: F,
+) -> (Result<T>, Vec<Vec<u8>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    L: EngineLink,
+    T: Send + 'static,
+    F: FnOnce(&mut L) -> Result<T> + Send + 'static,
+{
+    for frame in first {
+        // The engine is not running yet; the queue holds these few frames.
+        let _ = inbox.deliver(frame).await;
+    }
+    let handle = tokio::task::spawn_blocking(move || {
+        crate::error::debug_panic("engine");
+        let result = engine(&mut link);
+        (result, link.finish())
+    });
+    let (mut sink, mut stream) = ws.split();
+    let mut extra = Vec::new();
+    let mut refused = None;
+    let mut stalled = None;
+    {
+        let reader = async move {
+            loop {
+                let next = match within(idle, stream.next()).await {
+                    Some(next) => next,
+                    None => {
+                        return ReaderEnd::Refused(format!(
+                            "no frame for {} s; the session is closed",
+                            idle.map_or(0, |d| d.as_secs())
+                        ));
+                    }
+                };
+                match classify(next) {
+                    Ok(Incoming::Frame(b)) => {
+                        if let Err(b) = inbox.deliver(b).await {
+                            return ReaderEnd::EngineGone(b);
+                        }
+                    }
+                    Ok(Incoming::Alive) => continue,
+                    Ok(Incoming::Closed) => return ReaderEnd::Closed,
+                    Err(Error::Protocol(why)) => return ReaderEnd::Refused(why),
+                    Err(e) => return ReaderEnd::Failed(e.to_string()),
+                }
+            }
+        };
+        let writer = async move {
+            // A peer that stops reading stalls these writes: after `idle` it is cut off
+            // (its queues are bounded, so until then it costs a bounded amount).
+            let stalled = || {
+                WriterEnd::Stalled(format!(
+                    "the peer read nothing for {} s; the session is closed",
+                    idle.map_or(0, |d| d.as_secs())
+                ))
+            };
+            while let Some(frame) = outbox.next_frame().await {
+                let fed = within(idle, sink.feed(Message::Binary(frame.into()))).await;
+                match fed {
+                    None => return stalled(),
+                    Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
+                    Some(Ok(())) => {}
+                }
+                let mut n = 1;
+                while n < FLUSH_EVERY_FRAMES {
+                    let Some(frame) = outbox.ready_frame() else {
+                        break;
+                    };
+                    match within(idle, sink.feed(Message::Binary(frame.into()))).await {
+                        None => return stalled(),
+                        Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
+                        Some(Ok(())) => {}
+                    }
+                    n += 1;
+                }
+                match within(idle, sink.flush()).await {
+                    None => return stalled(),
+                    Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
+                    Some(Ok(())) => {}
+                }
+            }
+            WriterEnd::Done
+        };
+        tokio::pin!(reader, writer);
+        let mut reader_end = None;
+        let written = loop {
+            tokio::select! {
+                w = &mut writer => break w,
+                r = &mut reader, if reader_end.is_none() => {
+                    if let ReaderEnd::Failed(why) | ReaderEnd::Refused(why) = &r {
+                        tracing::debug!(%why, "reading the connection ended");
+                    }
+                    reader_end = Some(r);
+                }
+            }
+        };
+        match written {
+            WriterEnd::Done => {}
+            WriterEnd::Failed(e) => {
+                tracing::debug!(error = %e, "could not write to the connection");
+            }
+            WriterEnd::Stalled(why) => {
+                tracing::debug!(%why, "writing the connection stalled");
+                stalled = Some(why);
+            }
+        }
+        let reader_end = match reader_end {
+            Some(end) => Some(end),
+            // The engine is done; a message on its way to it is handed back at once.
+            None => (&mut reader).now_or_never(),
+        };
+        match reader_end {
+            Some(ReaderEnd::EngineGone(b)) => extra.push(b),
+            Some(ReaderEnd::Refused(why)) => refused = Some(why),
+            _ => {}
+        }
+    }
+    if let Some(why) = &refused {
+        let frame = Frame::Error {
+            code: ErrorCode::Protocol as u16,
+            message: why.clone(),
+        };
+        // Bounded: the peer may not be reading either.
+        let _ = within(Some(CLOSE_TIMEOUT), send_binary(ws, frame.to_bytes())).await;
+    }
+    // A peer that does not read gets no ERROR frame (it would never arrive); the
+    // session is over all the same.
+    let refused = refused.or(stalled);
+    match handle.await {
+        Ok((result, mut frames)) => {
+            frames.extend(extra);
+            let result = match (result, refused) {
+                // The peer's breach is why an engine lost its link; an engine that
+                // failed on its own (its store, say) keeps its own error, the one it
+                // reported, even if the peer then went away rudely.
+                (Err(Error::Disconnected(_)), Some(why)) => Err(Error::Protocol(why)),
+                (result, _) => result,
+            };
+            (result, frames)
+        }
+        // The engine thread panicked: a bug, not a network failure.
+        Err(e) => (Err(Error::from(e)), Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_classified_once_for_both_sides() {
+        let binary = Some(Ok(Message::Binary(vec![1, 2].into())));
+        assert_eq!(
+            classify(binary).expect("binary"),
+            Incoming::Frame(vec![1, 2])
+        );
+        assert_eq!(classify(None).expect("end"), Incoming::Closed);
+        assert_eq!(
+            classify(Some(Ok(Message::Close(None)))).expect("close"),
+            Incoming::Closed
+        );
+        assert_eq!(
+            classify(Some(Ok(Message::Ping(Vec::new().into())))).expect("ping"),
+            Incoming::Alive
+        );
+        let text = classify(Some(Ok(Message::Text("hi".into()))));
+        assert!(matches!(text, Err(Error::Protocol(_))), "{text:?}");
+        let reset = classify(Some(Err(tungstenite::Error::ConnectionClosed)));
+        assert!(matches!(reset, Err(Error::Disconnected(_))), "{reset:?}");
+    }
+
+    /// A stand-in for the engine's channel link: plain bounded channels.
+    struct FakeLink(tokio::sync::mpsc::Sender<Vec<u8>>);
+
+    impl EngineLink for FakeLink {
+        fn finish(self) -> Vec<Vec<u8>> {
+            Vec::new()
+        }
+    }
+
+    struct Inbox(tokio::sync::mpsc::Sender<Vec<u8>>);
+
+    impl EngineInbox for Inbox {
+        async fn deliver(&self, frame: Vec<u8>) -> std::result::Result<(), Vec<u8>> {
+            self.0.send(frame).await.map_err(|e| e.0)
+        }
+    }
+
+    struct Outbox(tokio::sync::mpsc::Receiver<Vec<u8>>);
+
+    impl EngineOutbox for Outbox {
+        async fn next_frame(&mut self) -> Option<Vec<u8>> {
+            self.0.recv().await
+        }
+        fn ready_frame(&mut self) -> Option<Vec<u8>> {
+            self.0.try_recv().ok()
+        }
+    }
+
+    /// A peer that never reads is cut off after the idle limit, not waited for, even
+    /// while it keeps sending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_peer_that_stops_reading_is_cut_off_after_the_idle_limit() {
+        use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let mut ws = WebSocketStream::from_raw_socket(ours, WsRole::Server, None).await;
+        // Never read, but never silent either: it sends a frame every 20 ms.
+        let peer = WebSocketStream::from_raw_socket(theirs, WsRole::Client, None).await;
+        let (mut peer_tx, _peer_rx) = peer.split();
+        let chatter = tokio::spawn(async move {
+            loop {
+                let note = Frame::Message {
+                    level: 0,
+                    text: "hi".into(),
+                };
+                if peer_tx
+                    .send(Message::Binary(note.to_bytes().into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let (in_tx, _in_rx) = tokio::sync::mpsc::channel(64);
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(64);
+        let (result, _): (Result<()>, _) = run_engine(
+            &mut ws,
+            (FakeLink(out_tx), Inbox(in_tx), Outbox(out_rx)),
+            Vec::new(),
+            Some(Duration::from_millis(300)),
+            |link: &mut FakeLink| loop {
+                link.0
+                    .blocking_send(Frame::page_bytes(1, &[0; 4096]))
+                    .map_err(|_| Error::Disconnected("the connection closed".into()))?;
+            },
+        )
+        .await;
+        let Err(Error::Protocol(why)) = result else {
+            panic!("not cut off: {result:?}");
+        };
+        assert!(why.contains("read nothing"), "{why}");
+        chatter.abort();
+    }
+}
