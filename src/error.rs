@@ -128,7 +128,7 @@ pub enum Error {
     Bug(String),
     /// What a workflow was doing when `source` happened: the message reads
     /// `what: source`, and the kind is the source's.
-    #[error("{what}")]
+    #[error("{what}: {source}")]
     Context {
         /// What was being done, for a person ("push app.db to acme/app.db failed").
         what: String,

@@ -7,8 +7,8 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::client::{Puller, Pusher};
 use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, out};
+use crate::client::{Puller, Pusher};
 use crate::shutdown::Shutdown;
 use crate::store::ReplicaPath;
 use crate::subscribe::plan::{self, Ended, Plan, PushOptions};

@@ -101,9 +101,7 @@ fn resolve_blocking(target: &Path, given: &str) -> Result<Plan> {
     if let Some(saved) = Secrets::load()?.for_database(&database).cloned() {
         let server = Server::parse(Some(&saved.server))?;
         let replica = ReplicaPath::parse(&saved.replica)?;
-        return Ok(Plan::Push(
-            Pusher::new(target, replica, server, None)?,
-        ));
+        return Ok(Plan::Push(Pusher::new(target, replica, server, None)?));
     }
     let sidecar = Sidecar::path_for(target);
     if sidecar.is_file() {
@@ -129,9 +127,7 @@ fn resolve_blocking(target: &Path, given: &str) -> Result<Plan> {
             force: false,
         }));
     }
-    Ok(Plan::Push(
-        Pusher::new(target, replica, server, None)?,
-    ))
+    Ok(Plan::Push(Pusher::new(target, replica, server, None)?))
 }
 
 /// A pull subscriber of the replica `sidecar` names, into `database`.
@@ -182,7 +178,9 @@ pub async fn push<E: FnMut(Event)>(
         pusher.key.clone(),
     );
     let database = pusher.local.clone();
-    let mut subscription = server.subscribe(&replica, SubscriberRole::Push, key).await?;
+    let mut subscription = server
+        .subscribe(&replica, SubscriberRole::Push, key)
+        .await?;
     emit(Event::PushStarted {
         database: database.clone(),
         replica: replica.to_string(),
@@ -261,7 +259,9 @@ pub async fn pull<E: FnMut(Event)>(
             server.url()
         )));
     }
-    let mut subscription = server.subscribe(&replica, SubscriberRole::Pull, key).await?;
+    let mut subscription = server
+        .subscribe(&replica, SubscriberRole::Pull, key)
+        .await?;
     emit(Event::PullStarted {
         replica: replica.to_string(),
         server: server.url(),
