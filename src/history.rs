@@ -14,8 +14,6 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
-
 /// One sync of a local database with one replica: what it held afterwards.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -69,17 +67,12 @@ fn keyed_path(
     suffix: &str,
 ) -> Option<PathBuf> {
     let abs = crate::config::database_key(database);
-    let mut hasher = Sha256::new();
-    hasher.update(abs.as_os_str().as_encoded_bytes());
+    let mut parts = vec![abs.as_os_str().as_encoded_bytes()];
     if let Some((server, replica)) = with {
-        // NUL separates the parts: it is in neither a path nor a URL.
-        for part in [server, replica] {
-            hasher.update([0u8]);
-            hasher.update(part.as_bytes());
-        }
+        parts.extend([server.as_bytes(), replica.as_bytes()]);
     }
-    let key = hasher.finalize();
-    Some(dir.join(format!("{}{suffix}", &crate::page::hex(&key.into())[..32])))
+    let key = crate::digest::name_key(&parts);
+    Some(dir.join(format!("{}{suffix}", &key[..32])))
 }
 
 fn record_path(database: &Path, with: Option<(&str, &str)>) -> Option<PathBuf> {
@@ -137,9 +130,8 @@ pub fn record(sync: &LastSync) {
 
 /// Seconds since the Unix epoch, now.
 pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    // TEMP(issue 9 merge): callers outside history switch to `epoch::now` at merge.
+    crate::epoch::now()
 }
 
 /// The manifest of the version a local database was last pushed as: its page hashes,
@@ -176,7 +168,7 @@ fn manifest_path(database: &Path, with: Option<(&str, &str)>) -> Option<PathBuf>
 pub fn save_manifest(
     database: &Path,
     header: &ManifestHeader,
-    hashes: &mut dyn Iterator<Item = crate::Result<crate::protocol::Hash>>,
+    hashes: &mut dyn Iterator<Item = crate::Result<crate::digest::Hash>>,
 ) {
     use std::io::Write;
     let Some(path) = manifest_path(database, Some((&header.server, &header.replica))) else {
@@ -233,7 +225,7 @@ pub struct ManifestHashes {
 }
 
 impl Iterator for ManifestHashes {
-    type Item = crate::Result<crate::protocol::Hash>;
+    type Item = crate::Result<crate::digest::Hash>;
 
     fn next(&mut self) -> Option<Self::Item> {
         use std::io::Read;

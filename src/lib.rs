@@ -10,7 +10,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod digest;
 pub mod engine;
+pub mod epoch;
 mod error;
 pub mod history;
 pub mod page;

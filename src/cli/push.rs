@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, is_local_path, out};
 use crate::config::{Secret, Sidecar};
-use crate::engine::{PageSource, Progress, sync_local};
+use crate::engine::{Progress, sync_local};
 use crate::history::{self, LastSync};
 use crate::page::{Snapshot, Writer};
 use crate::protocol::MAX_TEXT_BYTES;

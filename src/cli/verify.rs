@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::{Global, RemoteArgs, exit, expand_tilde, is_local_path, out};
-use crate::engine::PageSource;
 use crate::page::{JournalMode, Snapshot, hex, page_hash};
 
 /// Arguments of `sqlferry verify`.
