@@ -414,8 +414,14 @@ mod tests {
         assert_eq!(hex([0xab; 32]).len(), 64);
         assert_eq!(hex([0x0f, 0xa0]), "0fa0");
         // One part is the plain SHA-256 of it (the names caches already have on disk).
-        assert_eq!(name_key(&[b"/x/app.db".as_slice()]), hex(sha256(b"/x/app.db")));
-        assert_ne!(name_key(&[b"ab".as_slice(), b"c"]), name_key(&[b"a".as_slice(), b"bc"]));
+        assert_eq!(
+            name_key(&[b"/x/app.db".as_slice()]),
+            hex(sha256(b"/x/app.db"))
+        );
+        assert_ne!(
+            name_key(&[b"ab".as_slice(), b"c"]),
+            name_key(&[b"a".as_slice(), b"bc"])
+        );
     }
 
     #[test]
@@ -430,7 +436,9 @@ mod tests {
         let mut got = Vec::new();
         spill.read_at(3, 2, &mut got).expect("reads");
         assert_eq!(got, vec![h(3), h(4)]);
-        spill.write_at(9, &[h(90), h(100)].concat()).expect("writes");
+        spill
+            .write_at(9, &[h(90), h(100)].concat())
+            .expect("writes");
         assert_eq!(spill.len(), 11);
         let all: Vec<Hash> = spill.iter(11).map(|r| r.expect("reads")).collect();
         assert_eq!(all[9], h(90));

@@ -52,3 +52,77 @@ pub fn recover_hot_journal(path: &std::path::Path) {
         let _ = conn.query_row("SELECT 1 FROM sqlite_schema LIMIT 1", [], |_| Ok(()));
     }
 }
+
+/// What a build of SQLite without `sqlite_dbpage` is told, once, at open: the virtual
+/// table is an optional part of SQLite, and without it every read would end in a bare
+/// "no such table" far from its cause.
+const NO_DBPAGE: &str = "this SQLite was built without SQLITE_ENABLE_DBPAGE_VTAB, \
+which sqlferry needs to read and write pages: build with \
+LIBSQLITE3_FLAGS=\"-DSQLITE_ENABLE_DBPAGE_VTAB\" in the environment or in your \
+project's .cargo/config.toml [env] (sqlferry's own .cargo/config.toml sets it), \
+then rebuild rusqlite's bundled SQLite (cargo clean -p libsqlite3-sys)";
+
+/// Whether the SQLite this process links provides the `sqlite_dbpage` virtual table.
+/// Asked once per process: it is a property of the build, the same for every
+/// connection. A connection that cannot even list its modules is asked again later.
+fn has_dbpage(conn: &rusqlite::Connection) -> rusqlite::Result<bool> {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if let Some(present) = PRESENT.get() {
+        return Ok(*present);
+    }
+    let listed = conn.query_row(
+        "SELECT count(*) FROM pragma_module_list WHERE name = 'sqlite_dbpage'",
+        [],
+        |r| r.get::<_, i64>(0),
+    );
+    let present = match listed {
+        Ok(n) => n > 0,
+        // A build with SQLITE_OMIT_INTROSPECTION_PRAGMAS cannot list its modules; its
+        // compile options still say whether the table was built in.
+        Err(_) => {
+            conn.query_row(
+                "SELECT sqlite_compileoption_used('ENABLE_DBPAGE_VTAB')",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? > 0
+        }
+    };
+    Ok(*PRESENT.get_or_init(|| present))
+}
+
+/// The error for a build without `sqlite_dbpage`, or `None` when it is there.
+fn dbpage_error(present: bool) -> Option<crate::Error> {
+    (!present).then(|| crate::Error::Usage(NO_DBPAGE.into()))
+}
+
+/// Checks, on a connection just opened to `path`, that `sqlite_dbpage` is available:
+/// one clear error at open instead of "no such table" in the middle of a sync.
+pub(crate) fn require_dbpage(
+    conn: &rusqlite::Connection,
+    path: &std::path::Path,
+) -> crate::Result<()> {
+    let present = has_dbpage(conn).map_err(|e| crate::Error::sqlite(path, e))?;
+    dbpage_error(present).map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_without_dbpage_says_how_to_enable_it() {
+        let e = dbpage_error(false).expect("an error");
+        assert_eq!(e.kind(), crate::ErrorKind::Usage);
+        let text = e.to_string();
+        assert!(text.starts_with("this SQLite was built without SQLITE_ENABLE_DBPAGE_VTAB"));
+        assert!(text.contains("LIBSQLITE3_FLAGS"), "{text}");
+        assert!(dbpage_error(true).is_none());
+    }
+
+    #[test]
+    fn this_build_has_dbpage() {
+        let conn = rusqlite::Connection::open_in_memory().expect("in memory");
+        assert!(has_dbpage(&conn).expect("lists modules"));
+        require_dbpage(&conn, std::path::Path::new(":memory:")).expect("present");
+    }
+}

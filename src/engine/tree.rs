@@ -113,9 +113,7 @@ impl Tree {
     ) -> Result<()> {
         if level == 0 {
             self.flush()?;
-            self.leaves
-                .read_at(start, count, out)
-                .map_err(temp_error)?;
+            self.leaves.read_at(start, count, out).map_err(temp_error)?;
         } else {
             let l = &self.levels[usize::from(level) - 1];
             out.extend_from_slice(&l[start as usize..(start + count) as usize]);
@@ -139,9 +137,7 @@ impl Tree {
     fn flush(&mut self) -> Result<()> {
         let (first, buf) = &mut self.dirty;
         if !buf.is_empty() {
-            self.leaves
-                .write_at(*first - 1, buf)
-                .map_err(temp_error)?;
+            self.leaves.write_at(*first - 1, buf).map_err(temp_error)?;
             buf.clear();
         }
         Ok(())
@@ -153,10 +149,7 @@ impl Tree {
         page_count: u32,
     ) -> Result<impl Iterator<Item = Result<Hash>> + '_> {
         self.flush()?;
-        Ok(self
-            .leaves
-            .iter(page_count)
-            .map(|h| h.map_err(temp_error)))
+        Ok(self.leaves.iter(page_count).map(|h| h.map_err(temp_error)))
     }
 
     /// The digest of the first `page_count` page hashes as they now stand.

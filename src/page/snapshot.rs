@@ -47,6 +47,7 @@ impl Snapshot {
         })?;
         let sql = |e| Error::sqlite(path, e);
         let conn = Self::begin(path).map_err(sql)?;
+        super::require_dbpage(&conn, path)?;
         let file = super::handles::open(path, false).map_err(|e| Error::io(path, e))?;
         let page_count: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))

@@ -163,7 +163,8 @@ impl Writer {
             .map_err(sql)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, false)
             .map_err(sql)?;
-        disable_autovacuum_on_commit(&conn);
+        super::require_dbpage(&conn, path)?;
+        disable_autovacuum_on_commit(&conn).map_err(sql)?;
         // A second sqlite_dbpage instance, for page 1 (see `commit`).
         conn.execute_batch("CREATE VIRTUAL TABLE temp.sqlferry_dbpage USING sqlite_dbpage")
             .map_err(sql)?;
@@ -311,7 +312,7 @@ impl Writer {
 
 /// Keeps SQLite's auto-vacuum from moving pages at COMMIT: the writer's pages are the
 /// origin's exactly, and auto-vacuum would reorganise them after the digest check.
-fn disable_autovacuum_on_commit(conn: &Connection) {
+fn disable_autovacuum_on_commit(conn: &Connection) -> rusqlite::Result<()> {
     unsafe extern "C" fn no_pages(
         _: *mut c_void,
         _: *const c_char,
@@ -323,13 +324,23 @@ fn disable_autovacuum_on_commit(conn: &Connection) {
     }
     // SAFETY: the handle is valid for the connection's lifetime; the callback has the
     // signature SQLite documents and no state to free.
-    unsafe {
+    let rc = unsafe {
         rusqlite::ffi::sqlite3_autovacuum_pages(
             conn.handle(),
             Some(no_pages),
             std::ptr::null_mut(),
             None,
-        );
+        )
+    };
+    // Not ignored: without the callback a COMMIT could reorganise the pages after the
+    // digest check, so a writer that cannot install it must not write.
+    if rc == rusqlite::ffi::SQLITE_OK {
+        Ok(())
+    } else {
+        Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rc),
+            Some("could not turn off auto-vacuum at commit (sqlite3_autovacuum_pages)".into()),
+        ))
     }
 }
 

@@ -10,7 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-
 use crate::{Error, Result};
 
 /// What one line on a subscriber's socket says.

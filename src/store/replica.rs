@@ -16,8 +16,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, Selector, VersionInfo};
-use crate::engine::{BeginInfo, PageSource, PageTarget, ScanFn};
 use crate::digest::{HASH_BYTES, Hash, hex, lock_byte_page, page_hash, sha256};
+use crate::engine::{BeginInfo, PageSource, PageTarget, ScanFn};
 use crate::page::Header;
 use crate::{Error, Result};
 
@@ -282,7 +282,6 @@ pub(super) fn record_bad_pages(file: &Path, hashes: &[Hash]) -> Result<()> {
     conn.execute_batch("COMMIT").map_err(sql(file))?;
     Ok(())
 }
-
 
 /// The private file a new replica is built in, with the exclusive `flock` its creator
 /// holds on it for its whole life. flock locks belong to the open file description and
