@@ -214,30 +214,20 @@ pub fn load_manifest(
     let header: ManifestHeader = serde_json::from_str(line.trim_end()).ok()?;
     (header.server == server && header.replica == replica && header.version == version)
         .then_some(())?;
-    let left = header.page_count;
-    Some((header, ManifestHashes { reader, left }))
+    let hashes = crate::digest::HashReader::new(reader, header.page_count);
+    Some((header, ManifestHashes(hashes)))
 }
 
 /// The hashes of a kept manifest, in page order.
-pub struct ManifestHashes {
-    reader: std::io::BufReader<std::fs::File>,
-    left: u32,
-}
+pub struct ManifestHashes(crate::digest::HashReader<std::io::BufReader<std::fs::File>>);
 
 impl Iterator for ManifestHashes {
     type Item = crate::Result<crate::digest::Hash>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        use std::io::Read;
-        if self.left == 0 {
-            return None;
-        }
-        self.left -= 1;
-        let mut h = [0u8; 32];
         Some(
-            self.reader
-                .read_exact(&mut h)
-                .map(|()| h)
+            self.0
+                .next()?
                 .map_err(|e| crate::Error::io(Path::new("kept manifest"), e)),
         )
     }

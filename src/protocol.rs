@@ -23,6 +23,12 @@ pub const MAX_NODES_PER_FRAME: usize = 2048;
 /// The most runs one [`Frame::Want`] frame carries.
 pub const MAX_RUNS_PER_FRAME: usize = 4096;
 
+/// How long one side of a page sync may stay silent before the other gives up: the
+/// server waiting for a client, and a client waiting for the server (which may be busy
+/// hashing or committing a large database). One value, so neither side gives up
+/// before the other would.
+pub const SYNC_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The longest text in an [`Frame::Error`] or [`Frame::Message`] frame, in bytes.
 pub const MAX_TEXT_BYTES: usize = 4096;
 
