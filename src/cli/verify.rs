@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::{Global, RemoteArgs, exit, expand_tilde, is_local_path, out};
-use crate::page::{JournalMode, Snapshot, hex, page_hash};
+use crate::page::{JournalMode, Snapshot, hex};
 
 /// Arguments of `sqlferry verify`.
 #[derive(Debug, clap::Args)]
@@ -144,15 +144,8 @@ fn check(path: &std::path::Path) -> anyhow::Result<Report> {
         Err(e) => return Err(anyhow::Error::from(e).context("cannot verify")),
     };
     let (page_size, page_count) = (snap.page_size(), snap.page_count());
-    let mut digest = crate::page::Digest::new(page_size, page_count);
     // Every page is hashed afresh here: verify is the check, it trusts no cache.
-    snap.for_each_page(&mut |pgno, data| {
-        digest.push(&page_hash(pgno, data));
-        Ok(())
-    })?;
-    let digest = digest
-        .finish()
-        .context("the page count changed while reading")?;
+    let digest = snap.digest(true)?;
     let integrity = match snap.integrity_check() {
         Ok(lines) => lines,
         // SQLite could not even walk the file: that is the check's answer.

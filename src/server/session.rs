@@ -35,10 +35,8 @@ use crate::remote::ws::{CLOSE_TIMEOUT, recv_binary, run_engine, send_binary, wit
 use crate::store::{PushOptions, ReplicaPath, Selector};
 use crate::{Error, ErrorKind, Result};
 
-/// How long a client may stay silent during a sync before the session is closed: long
-/// enough for a client to hash a very large database, short enough that a stalled
-/// client does not hold a replica's write lock for good.
-const SYNC_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+// How long a client may stay silent during a sync: one value for both sides.
+use crate::protocol::SYNC_IDLE_TIMEOUT;
 
 /// How long a client may take to send OPEN after the upgrade.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
