@@ -18,6 +18,7 @@
 
 mod cli;
 mod engine;
+mod layers;
 mod live;
 mod server;
 mod subscribe;
