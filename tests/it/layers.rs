@@ -50,7 +50,7 @@ struct Edge {
 }
 
 /// The top-level module a source file belongs to (`None` for `lib.rs`, which only
-/// declares them).
+/// declares them; `main` and `bin` for the binaries).
 fn module_of(src: &Path, file: &Path) -> Option<String> {
     let rel = file.strip_prefix(src).ok()?;
     let first = rel.components().next()?.as_os_str().to_str()?;
@@ -190,10 +190,10 @@ fn crate_edges(src: &Path) -> Vec<Edge> {
         let name = file
             .strip_prefix(src.parent().expect("src has a parent"))
             .expect("under src");
-        let root = if module == "main" {
-            "sqlferry"
-        } else {
-            "crate"
+        // The binaries reach the library by its name.
+        let (module, root) = match module.as_str() {
+            "main" | "bin" => ("main".to_owned(), "sqlferry"),
+            _ => (module, "crate"),
         };
         edges.extend(edges_in(&module, &name.display().to_string(), &text, root));
     }
