@@ -159,7 +159,7 @@ impl Digest {
 }
 
 /// Lower-case hex of a hash (or any bytes), as printed and stored.
-pub fn hex(bytes: impl AsRef<[u8]>) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     ::hex::encode(bytes)
 }
 
@@ -176,7 +176,7 @@ pub fn name_key(parts: &[&[u8]]) -> String {
         }
         h.update(part);
     }
-    hex(h.finalize())
+    hex(&h.finalize())
 }
 
 /// Hashes kept in an unlinked temporary file, 32 bytes each, in order: a database's page
@@ -411,12 +411,12 @@ mod tests {
 
     #[test]
     fn hex_is_lower_case_and_name_keys_separate_their_parts() {
-        assert_eq!(hex([0xab; 32]).len(), 64);
-        assert_eq!(hex([0x0f, 0xa0]), "0fa0");
+        assert_eq!(hex(&[0xab; 32]).len(), 64);
+        assert_eq!(hex(&[0x0f, 0xa0]), "0fa0");
         // One part is the plain SHA-256 of it (the names caches already have on disk).
         assert_eq!(
             name_key(&[b"/x/app.db".as_slice()]),
-            hex(sha256(b"/x/app.db"))
+            hex(&sha256(b"/x/app.db"))
         );
         assert_ne!(
             name_key(&[b"ab".as_slice(), b"c"]),

@@ -19,7 +19,7 @@ mod snapshot;
 mod writer;
 
 pub use header::{Header, JournalMode};
-pub use snapshot::Snapshot;
+pub use snapshot::{HashedPageFn, Snapshot};
 pub use writer::Writer;
 
 // Page hashes and digests live in the `digest` leaf, so that modules below `page`

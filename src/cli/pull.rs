@@ -521,7 +521,7 @@ pub fn local_digest(path: &Path) -> crate::Result<Option<String>> {
             return Ok(None);
         }
     }
-    Ok(Some(crate::digest::hex(snap.digest(false)?)))
+    Ok(Some(crate::digest::hex(&snap.digest(false)?)))
 }
 
 /// The first 12 hex digits of a digest, for messages.

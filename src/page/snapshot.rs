@@ -23,6 +23,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// page cache small so memory does not grow with the database.
 const CACHE_KIB: i64 = 2048;
 
+/// What [`Snapshot::hash_pages`] calls for each page: its number, its hash, and its
+/// bytes when they were asked for.
+pub type HashedPageFn<'a> = dyn FnMut(u32, Hash, Option<&[u8]>) -> Result<()> + 'a;
+
 /// One read transaction over a database file.
 pub struct Snapshot {
     conn: Connection,
@@ -153,11 +157,7 @@ impl Snapshot {
     /// Calls `f` with every page's number and [`page_hash`](crate::digest::page_hash),
     /// in page order, and with the page's bytes too for pages after `with_data_after`.
     /// Unchanged pages take their hash from the page-hash cache.
-    pub fn hash_pages(
-        &mut self,
-        with_data_after: u32,
-        f: &mut dyn FnMut(u32, Hash, Option<&[u8]>) -> Result<()>,
-    ) -> Result<()> {
+    pub fn hash_pages(&mut self, with_data_after: u32, f: &mut HashedPageFn<'_>) -> Result<()> {
         let mut cache = HashCache::open(
             self.hash_cache.as_deref(),
             &self.path,

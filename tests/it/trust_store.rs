@@ -14,8 +14,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
-use sqlferry::engine::{BeginInfo, Link, PageTarget, mem_pair, run_replica};
 use sqlferry::digest::{Digest, page_hash};
+use sqlferry::engine::{BeginInfo, Link, PageTarget, mem_pair, run_replica};
 use sqlferry::protocol::{Frame, Hash, PROTOCOL_VERSION};
 use sqlferry::store::{PushOptions, ReplicaPath, Store};
 use tempfile::TempDir;
@@ -640,7 +640,10 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
         ],
     );
     let report = ok(&out, "pull v2");
-    assert_eq!(report["digest"], sqlferry::digest::hex(&digest_of(&changed)));
+    assert_eq!(
+        report["digest"],
+        sqlferry::digest::hex(&digest_of(&changed))
+    );
 }
 
 // ---- item 4: damaged pages are found, reported and repaired ----
