@@ -7,7 +7,7 @@
 //!   that say how the file is used rather than what it holds (`docs/engine.md`).
 //! - [`Digest`]: a database's identity, SHA-256 over page size, page count and the
 //!   ordered page hashes; [`node_hash`]: a hash-tree node over its children.
-//! - [`hex`]: lower-case hex, as hashes are printed and stored.
+//! - [`hex()`]: lower-case hex, as hashes are printed and stored.
 //! - [`name_key`]: the short file name derived from a path (caches, history records,
 //!   socket directories), so one spelling rule holds everywhere.
 //! - [`HashSpill`]: page hashes in an unlinked temporary file, 32 bytes each, so that
