@@ -24,8 +24,8 @@ pub use push::{CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, pla
 
 use std::path::{Path, PathBuf};
 
-use crate::engine::PageSource;
-use crate::page::{JournalMode, Snapshot, hex, page_hash};
+use crate::digest::hex;
+use crate::page::{JournalMode, Snapshot};
 use crate::protocol::control::KeyInfo;
 use crate::remote::{Server, blocking};
 use crate::store::{ReplicaPath, Selector};
@@ -373,16 +373,8 @@ fn check(path: &Path) -> Result<VerifyReport> {
         Err(e) => return Err(e.context("cannot verify")),
     };
     let (page_size, page_count) = (snap.page_size(), snap.page_count());
-    let mut digest = crate::page::Digest::new(page_size, page_count);
     // Every page is hashed afresh here: verify is the check, it trusts no cache.
-    snap.for_each_page(&mut |pgno, data| {
-        digest.push(&page_hash(pgno, data));
-        Ok(())
-    })?;
-    // One read transaction holds the page count still: a change is a bug.
-    let digest = digest
-        .finish()
-        .ok_or_else(|| Error::Bug("the page count changed while reading".into()))?;
+    let digest = snap.digest(true)?;
     let integrity = match snap.integrity_check() {
         Ok(lines) => lines,
         // SQLite could not even walk the file: that is the check's answer.

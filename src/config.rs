@@ -36,6 +36,11 @@ pub fn database_key(path: &std::path::Path) -> PathBuf {
     }
 }
 
+/// `$var/sqlferry` when `var` is set and not empty, else `$HOME/fallback/sqlferry`,
+/// else `None`. Written out rather than taken from `etcetera`'s XDG strategy, which
+/// differs in two ways users would notice: it ignores a relative `XDG_*` value, and it
+/// needs a home directory (falling back to the password database) even when `XDG_*`
+/// is set.
 fn xdg_dir(var: &str, fallback: &str) -> Option<PathBuf> {
     let base = match std::env::var_os(var) {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
@@ -234,8 +239,9 @@ pub fn write_private(
 
 /// The sidecar file beside a database, `<db>-sqlferry`: the server, the replica and a
 /// PULL key. It is an executable script (`#!/usr/bin/env -S sqlferry pull --from`) whose
-/// other lines are `name = "value"`; running it pulls the replica next to it. The
-/// format is in `docs/sidecar.md`.
+/// other lines are `name = "value"`, which makes it a TOML file too (the interpreter
+/// line is a comment); running it pulls the replica next to it. The format is in
+/// `docs/server.md` ("The sidecar file").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sidecar {
     /// The server URL.
@@ -279,31 +285,31 @@ impl Sidecar {
         )
     }
 
-    /// Parses a sidecar's text.
+    /// Parses a sidecar's text. The file is TOML: the interpreter line is a comment,
+    /// and the JSON-quoted strings [`Sidecar::render`] writes are TOML basic strings.
+    /// The three settings are required and nothing else is allowed.
     pub fn parse(text: &str) -> std::result::Result<Sidecar, String> {
-        let (mut server, mut replica, mut key) = (None, None, None);
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (name, value) = line
-                .split_once('=')
-                .ok_or_else(|| format!("line {}: expected name = \"value\"", n + 1))?;
-            let value: String = serde_json::from_str(value.trim())
-                .map_err(|_| format!("line {}: the value must be a quoted string", n + 1))?;
-            let slot = match name.trim() {
-                "server" => &mut server,
-                "replica" => &mut replica,
-                "key" => &mut key,
-                other => return Err(format!("line {}: unknown setting '{other}'", n + 1)),
-            };
-            *slot = Some(value);
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            server: String,
+            replica: String,
+            key: String,
         }
+        let file: File = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end();
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}: {message}")
+                }
+                None => message.to_owned(),
+            }
+        })?;
         Ok(Sidecar {
-            server: server.ok_or("no server")?,
-            replica: replica.ok_or("no replica")?,
-            key: key.ok_or("no key")?,
+            server: file.server,
+            replica: file.replica,
+            key: file.key,
         })
     }
 
@@ -365,6 +371,16 @@ mod tests {
         );
         assert!(Sidecar::parse("color = \"red\"").is_err());
         assert!(Sidecar::parse("server = a").is_err());
+        let unknown = "server = \"a\"\nreplica = \"b\"\nkey = \"c\"\ncolor = \"red\"\n";
+        let e = Sidecar::parse(unknown).expect_err("an unknown setting");
+        assert!(e.starts_with("line 4: ") && e.contains("color"), "{e}");
+        // Every character a value may hold comes back as it was written.
+        let odd = Sidecar {
+            server: "ws://h:1/\\path".into(),
+            replica: "a/b c\u{e9}\u{1}\t".into(),
+            key: "sfk_'\"".into(),
+        };
+        assert_eq!(Sidecar::parse(&odd.render()), Ok(odd));
         assert_eq!(
             Sidecar::path_for(std::path::Path::new("/x/app.db")),
             PathBuf::from("/x/app.db-sqlferry")

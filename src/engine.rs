@@ -17,6 +17,7 @@
 mod link;
 mod origin;
 mod replica;
+mod sqlite;
 mod tree;
 
 pub use link::{
@@ -31,7 +32,7 @@ pub use replica::{ReplicaDone, run as run_replica, run_with as run_replica_with}
 
 use std::time::Duration;
 
-use crate::protocol::Hash;
+use crate::digest::Hash;
 use crate::{ErrorKind, Result};
 
 /// Children per hash-tree node. 16 keeps the hashes exchanged for one changed region
@@ -54,7 +55,7 @@ pub trait PageSource {
     fn page_size(&self) -> u32;
     /// Number of pages.
     fn page_count(&self) -> u32;
-    /// Calls `f` with every page's number and hash ([`crate::page::page_hash`]), in
+    /// Calls `f` with every page's number and hash ([`crate::digest::page_hash`]), in
     /// page order, and with the page's bytes too for pages after `with_data_after`
     /// (the pages the replica does not have, sent during the same pass).
     fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()>;
@@ -89,7 +90,7 @@ pub trait PageTarget {
     fn begin(&mut self, begin: &BeginInfo) -> Result<u32>;
     /// Calls `f` with the number and hash of every page it holds, in page order.
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>;
-    /// Writes one page (not yet visible); `hash` is its [`crate::page::page_hash`].
+    /// Writes one page (not yet visible); `hash` is its [`crate::digest::page_hash`].
     /// The page is handed over, so a target that keeps it (a write batch) needs no copy.
     fn write_page(&mut self, pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()>;
     /// Truncates to `page_count` pages and makes every change visible at once. Called

@@ -41,6 +41,102 @@ pub enum ErrorKind {
     Bug,
 }
 
+/// Error codes carried by the protocol's ERROR frame (`docs/protocol.md`): the wire
+/// form of an [`ErrorKind`], re-exported as `protocol::ErrorCode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The peer broke the protocol.
+    Protocol = 1,
+    /// The peer speaks a protocol version this side does not.
+    UnsupportedVersion = 2,
+    /// A file is not an SQLite database.
+    NotADatabase = 3,
+    /// A local file could not be read or written.
+    LocalIo = 4,
+    /// The result did not match the origin's digest; nothing was committed.
+    Verification = 5,
+    /// The database stayed locked by another connection.
+    Busy = 6,
+    /// The sender gave up (interrupted, or failed on its side).
+    Aborted = 7,
+    /// The replica or version does not exist.
+    NotFound = 8,
+    /// VERSION_CONFLICT: the replica moved past the push's base version.
+    VersionConflict = 9,
+    /// The key may not do this (a PULL key pushing, a key of another replica).
+    Unauthorized = 10,
+    /// The request was not valid (bad replica path, bad version selector).
+    BadRequest = 11,
+    /// The server failed on its own side (disk full, I/O error in its store); the same
+    /// request may succeed later.
+    ServerError = 12,
+    /// The server is at its limit of concurrent sessions; retry after a short wait.
+    ServerBusy = 13,
+}
+
+impl ErrorCode {
+    /// The code for a number read off the wire, if it is one we know.
+    pub fn from_u16(n: u16) -> Option<Self> {
+        Some(match n {
+            1 => Self::Protocol,
+            2 => Self::UnsupportedVersion,
+            3 => Self::NotADatabase,
+            4 => Self::LocalIo,
+            5 => Self::Verification,
+            6 => Self::Busy,
+            7 => Self::Aborted,
+            8 => Self::NotFound,
+            9 => Self::VersionConflict,
+            10 => Self::Unauthorized,
+            11 => Self::BadRequest,
+            12 => Self::ServerError,
+            13 => Self::ServerBusy,
+            _ => return None,
+        })
+    }
+
+    /// The error class a caller sees for this code.
+    pub fn kind(self) -> ErrorKind {
+        match self {
+            Self::Protocol | Self::UnsupportedVersion => ErrorKind::Protocol,
+            Self::NotADatabase => ErrorKind::NotADatabase,
+            Self::LocalIo => ErrorKind::LocalIo,
+            Self::Verification => ErrorKind::Verification,
+            // The peer's replica is locked by another session: for this client, a
+            // conflict with that session, not a problem with its own files.
+            Self::Busy => ErrorKind::Conflict,
+            Self::Aborted => ErrorKind::Remote,
+            Self::NotFound => ErrorKind::NotFound,
+            Self::VersionConflict => ErrorKind::Conflict,
+            Self::Unauthorized => ErrorKind::Auth,
+            Self::BadRequest => ErrorKind::Usage,
+            Self::ServerError | Self::ServerBusy => ErrorKind::Server,
+        }
+    }
+
+    /// The code that reports a local error of this kind to the peer.
+    pub fn for_kind(kind: ErrorKind) -> Self {
+        match kind {
+            ErrorKind::Protocol => Self::Protocol,
+            ErrorKind::NotADatabase => Self::NotADatabase,
+            ErrorKind::LocalIo => Self::LocalIo,
+            ErrorKind::Usage => Self::BadRequest,
+            ErrorKind::Auth => Self::Unauthorized,
+            ErrorKind::Verification => Self::Verification,
+            ErrorKind::Busy => Self::Busy,
+            ErrorKind::Disconnected | ErrorKind::Remote => Self::Aborted,
+            ErrorKind::NotFound => Self::NotFound,
+            ErrorKind::Conflict => Self::VersionConflict,
+            ErrorKind::Server => Self::ServerError,
+            // Only a client refuses over local changes; a peer sees the sender give up.
+            ErrorKind::LocalChanges => Self::Aborted,
+            // A bug on this side: the peer sees this side fail on its own.
+            ErrorKind::Bug => Self::ServerError,
+        }
+    }
+}
+
 /// An error from sqlferry's library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -174,7 +270,7 @@ impl Error {
             Error::LocalChanges(_) => ErrorKind::LocalChanges,
             Error::Bug(_) => ErrorKind::Bug,
             Error::Context { source, .. } => source.kind(),
-            Error::Remote { code, .. } => crate::protocol::ErrorCode::from_u16(*code)
+            Error::Remote { code, .. } => ErrorCode::from_u16(*code)
                 .map(|c| c.kind())
                 .unwrap_or(ErrorKind::Remote),
         }
@@ -237,8 +333,7 @@ pub(crate) fn debug_panic(place: &str) {
 
 /// A version's time as the conflict message shows it: RFC 3339 in UTC.
 fn conflict_time(secs: i64) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
-    humantime::format_rfc3339_seconds(at).to_string()
+    crate::epoch::rfc3339(secs)
 }
 
 /// The library's result type.

@@ -14,8 +14,6 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
-
 /// One sync of a local database with one replica: what it held afterwards.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -53,7 +51,7 @@ impl LastSync {
             replica: replica.to_owned(),
             version,
             digest: digest.to_owned(),
-            at: now(),
+            at: crate::epoch::now(),
             op: op.to_owned(),
         }
     }
@@ -69,17 +67,12 @@ fn keyed_path(
     suffix: &str,
 ) -> Option<PathBuf> {
     let abs = crate::config::database_key(database);
-    let mut hasher = Sha256::new();
-    hasher.update(abs.as_os_str().as_encoded_bytes());
+    let mut parts = vec![abs.as_os_str().as_encoded_bytes()];
     if let Some((server, replica)) = with {
-        // NUL separates the parts: it is in neither a path nor a URL.
-        for part in [server, replica] {
-            hasher.update([0u8]);
-            hasher.update(part.as_bytes());
-        }
+        parts.extend([server.as_bytes(), replica.as_bytes()]);
     }
-    let key = hasher.finalize();
-    Some(dir.join(format!("{}{suffix}", &crate::page::hex(&key.into())[..32])))
+    let key = crate::digest::name_key(&parts);
+    Some(dir.join(format!("{}{suffix}", &key[..32])))
 }
 
 fn record_path(database: &Path, with: Option<(&str, &str)>) -> Option<PathBuf> {
@@ -135,13 +128,6 @@ pub fn record(sync: &LastSync) {
     }
 }
 
-/// Seconds since the Unix epoch, now.
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// The manifest of the version a local database was last pushed as: its page hashes,
 /// kept so that the next push compares pages locally and sends no hash at all.
 /// `$XDG_CACHE_HOME/sqlferry/manifests/`, one file per (database, server, replica): a
@@ -176,7 +162,7 @@ fn manifest_path(database: &Path, with: Option<(&str, &str)>) -> Option<PathBuf>
 pub fn save_manifest(
     database: &Path,
     header: &ManifestHeader,
-    hashes: &mut dyn Iterator<Item = crate::Result<crate::protocol::Hash>>,
+    hashes: &mut dyn Iterator<Item = crate::Result<crate::digest::Hash>>,
 ) {
     use std::io::Write;
     let Some(path) = manifest_path(database, Some((&header.server, &header.replica))) else {
@@ -222,30 +208,20 @@ pub fn load_manifest(
     let header: ManifestHeader = serde_json::from_str(line.trim_end()).ok()?;
     (header.server == server && header.replica == replica && header.version == version)
         .then_some(())?;
-    let left = header.page_count;
-    Some((header, ManifestHashes { reader, left }))
+    let hashes = crate::digest::HashReader::new(reader, header.page_count);
+    Some((header, ManifestHashes(hashes)))
 }
 
 /// The hashes of a kept manifest, in page order.
-pub struct ManifestHashes {
-    reader: std::io::BufReader<std::fs::File>,
-    left: u32,
-}
+pub struct ManifestHashes(crate::digest::HashReader<std::io::BufReader<std::fs::File>>);
 
 impl Iterator for ManifestHashes {
-    type Item = crate::Result<crate::protocol::Hash>;
+    type Item = crate::Result<crate::digest::Hash>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        use std::io::Read;
-        if self.left == 0 {
-            return None;
-        }
-        self.left -= 1;
-        let mut h = [0u8; 32];
         Some(
-            self.reader
-                .read_exact(&mut h)
-                .map(|()| h)
+            self.0
+                .next()?
                 .map_err(|e| crate::Error::io(Path::new("kept manifest"), e)),
         )
     }

@@ -4,15 +4,40 @@
 //! [`cli::Cli::run`] and maps the error to an exit code. See `docs/` for the design, the
 //! protocol and the exit codes.
 //!
-//! Modules: [`page`] reads and writes SQLite pages, [`protocol`] is the frame codec,
-//! [`engine`] is the sync algorithm over any transport, [`subscribe`] holds the pieces
-//! that keep a replica fresh on its own, [`cli`] is the command line.
+//! The modules, top of the layers first (`docs/architecture.md` has the map and the
+//! rules `tests/it/layers.rs` enforces; a module imports only from below it):
+//!
+//! - `cli`: clap types, one file per command, output lines, JSON and exit codes; the
+//!   one tokio runtime and the signals that drive the one shutdown.
+//! - `subscribe`: the watcher, the pure push schedule and backoff, and the loops that
+//!   keep a replica fresh on their own.
+//! - `client`: the workflows the CLI and the subscribers share: push, pull, versions,
+//!   verify a stored version, sync-now, with keys and history around them.
+//! - `remote`: where a replica lives, the embedded store in-process or a server over
+//!   WebSocket, behind one interface.
+//! - `server`: `sqlferry serve`: HTTP and WebSocket on one port, auth, sessions, hub.
+//! - `transport`: what client and server share on the wire: WebSocket framing of
+//!   frames, TLS setup and PEM loading.
+//! - `store`: replicas, immutable versions and content-addressed pages in SQLite files.
+//! - `engine`: the sync algorithm over any link: origin and replica roles, hash-tree
+//!   descent, the final digest check; its page source and target over SQLite files.
+//! - `page`: SQLite page access: a consistent read snapshot over `sqlite_dbpage`, an
+//!   atomic page writer, header facts.
+//! - `protocol`: frames and their codec, the protocol version; pure, no I/O.
+//! - `history`: the local record of every sync and the manifests kept for the next.
+//! - `config`: XDG paths, the settings, secrets and sidecar files.
+//! - `digest`: page hashes, the database digest, hex, name keys, spill files of hashes.
+//! - `epoch`: Unix seconds, now and as RFC 3339.
+//! - `error`: the typed [`Error`], its [`ErrorKind`] and the protocol's error codes.
+//! - `shutdown`: the one cancellation (graceful, then forced) every loop obeys.
 
 pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod digest;
 pub mod engine;
+pub mod epoch;
 mod error;
 pub mod history;
 pub mod page;

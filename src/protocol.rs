@@ -10,8 +10,6 @@
 
 pub mod control;
 
-use crate::ErrorKind;
-
 /// The version of the page-sync protocol this build speaks. Sent in [`Frame::Begin`].
 pub const PROTOCOL_VERSION: u16 = 1;
 
@@ -25,14 +23,17 @@ pub const MAX_NODES_PER_FRAME: usize = 2048;
 /// The most runs one [`Frame::Want`] frame carries.
 pub const MAX_RUNS_PER_FRAME: usize = 4096;
 
+/// How long one side of a page sync may stay silent before the other gives up: the
+/// server waiting for a client, and a client waiting for the server (which may be busy
+/// hashing or committing a large database). One value, so neither side gives up
+/// before the other would.
+pub const SYNC_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The longest text in an [`Frame::Error`] or [`Frame::Message`] frame, in bytes.
 pub const MAX_TEXT_BYTES: usize = 4096;
 
-/// The length of a SHA-256 hash, and so of every page hash, node hash and digest.
-pub const HASH_BYTES: usize = 32;
-
-/// A SHA-256 value: a page hash, a tree node hash or a database digest.
-pub type Hash = [u8; HASH_BYTES];
+/// Hashes as frames carry them; defined in [`crate::digest`], which computes them.
+pub use crate::digest::{HASH_BYTES, Hash};
 
 /// Frame type codes. The control codes (0x51..) are reserved for the server protocol
 /// and are defined in `docs/protocol.md`.
@@ -71,100 +72,10 @@ pub mod code {
     pub const CHANGED: u8 = 0x57;
 }
 
-/// Error codes carried by [`Frame::Error`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
-pub enum ErrorCode {
-    /// The peer broke the protocol.
-    Protocol = 1,
-    /// The peer speaks a protocol version this side does not.
-    UnsupportedVersion = 2,
-    /// A file is not an SQLite database.
-    NotADatabase = 3,
-    /// A local file could not be read or written.
-    LocalIo = 4,
-    /// The result did not match the origin's digest; nothing was committed.
-    Verification = 5,
-    /// The database stayed locked by another connection.
-    Busy = 6,
-    /// The sender gave up (interrupted, or failed on its side).
-    Aborted = 7,
-    /// The replica or version does not exist.
-    NotFound = 8,
-    /// VERSION_CONFLICT: the replica moved past the push's base version.
-    VersionConflict = 9,
-    /// The key may not do this (a PULL key pushing, a key of another replica).
-    Unauthorized = 10,
-    /// The request was not valid (bad replica path, bad version selector).
-    BadRequest = 11,
-    /// The server failed on its own side (disk full, I/O error in its store); the same
-    /// request may succeed later.
-    ServerError = 12,
-    /// The server is at its limit of concurrent sessions; retry after a short wait.
-    ServerBusy = 13,
-}
-
-impl ErrorCode {
-    /// The code for a number read off the wire, if it is one we know.
-    pub fn from_u16(n: u16) -> Option<Self> {
-        Some(match n {
-            1 => Self::Protocol,
-            2 => Self::UnsupportedVersion,
-            3 => Self::NotADatabase,
-            4 => Self::LocalIo,
-            5 => Self::Verification,
-            6 => Self::Busy,
-            7 => Self::Aborted,
-            8 => Self::NotFound,
-            9 => Self::VersionConflict,
-            10 => Self::Unauthorized,
-            11 => Self::BadRequest,
-            12 => Self::ServerError,
-            13 => Self::ServerBusy,
-            _ => return None,
-        })
-    }
-
-    /// The error class a caller sees for this code.
-    pub fn kind(self) -> ErrorKind {
-        match self {
-            Self::Protocol | Self::UnsupportedVersion => ErrorKind::Protocol,
-            Self::NotADatabase => ErrorKind::NotADatabase,
-            Self::LocalIo => ErrorKind::LocalIo,
-            Self::Verification => ErrorKind::Verification,
-            // The peer's replica is locked by another session: for this client, a
-            // conflict with that session, not a problem with its own files.
-            Self::Busy => ErrorKind::Conflict,
-            Self::Aborted => ErrorKind::Remote,
-            Self::NotFound => ErrorKind::NotFound,
-            Self::VersionConflict => ErrorKind::Conflict,
-            Self::Unauthorized => ErrorKind::Auth,
-            Self::BadRequest => ErrorKind::Usage,
-            Self::ServerError | Self::ServerBusy => ErrorKind::Server,
-        }
-    }
-
-    /// The code that reports a local error of this kind to the peer.
-    pub fn for_kind(kind: ErrorKind) -> Self {
-        match kind {
-            ErrorKind::Protocol => Self::Protocol,
-            ErrorKind::NotADatabase => Self::NotADatabase,
-            ErrorKind::LocalIo => Self::LocalIo,
-            ErrorKind::Usage => Self::BadRequest,
-            ErrorKind::Auth => Self::Unauthorized,
-            ErrorKind::Verification => Self::Verification,
-            ErrorKind::Busy => Self::Busy,
-            ErrorKind::Disconnected | ErrorKind::Remote => Self::Aborted,
-            ErrorKind::NotFound => Self::NotFound,
-            ErrorKind::Conflict => Self::VersionConflict,
-            ErrorKind::Server => Self::ServerError,
-            // Only a client refuses over local changes; a peer sees the sender give up.
-            ErrorKind::LocalChanges => Self::Aborted,
-            // A bug on this side: the peer sees this side fail on its own.
-            ErrorKind::Bug => Self::ServerError,
-        }
-    }
-}
+/// The error codes carried by [`Frame::Error`], defined beside [`crate::ErrorKind`]
+/// because both directions of the mapping (code to kind, kind to code) belong to the
+/// error type, which sits below the protocol.
+pub use crate::error::ErrorCode;
 
 /// A contiguous run of tree nodes at one level: `count` nodes from index `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +109,7 @@ pub enum Frame {
     },
     /// Origin → replica: send the hashes of these nodes of level `level`.
     Want {
-        /// Tree level: 0 is pages, each level up groups [`crate::engine::FANOUT`] nodes.
+        /// Tree level: 0 is pages, each level up groups the engine's FANOUT (16) nodes.
         level: u8,
         /// The runs of node indices wanted.
         runs: Vec<Run>,

@@ -413,7 +413,7 @@ impl Server {
                             bytes_received: link_received(link),
                             hash_bytes: done.hash_bytes,
                             duration: started.elapsed(),
-                            digest: crate::page::hex(&done.digest),
+                            digest: crate::digest::hex(&done.digest),
                         };
                         Ok((stats, target))
                     },
@@ -485,20 +485,15 @@ pub fn check_source(source: &Snapshot) -> Result<()> {
 struct PushedManifest {
     page_size: u32,
     page_count: u32,
-    file: std::fs::File,
+    hashes: crate::digest::HashSpill,
 }
 
 impl PushedManifest {
     fn hashes(&self) -> impl Iterator<Item = Result<crate::protocol::Hash>> + '_ {
-        use std::io::Read;
-        let mut reader = std::io::BufReader::new(&self.file);
-        (0..self.page_count).map(move |_| {
-            let mut h = [0u8; 32];
-            reader
-                .read_exact(&mut h)
-                .map(|()| h)
-                .map_err(|e| Error::io(Path::new("pushed manifest"), e))
-        })
+        let io = |e| Error::io(Path::new("pushed manifest"), e);
+        self.hashes
+            .iter(self.page_count)
+            .map(move |h| h.map_err(io))
     }
 }
 
@@ -509,7 +504,6 @@ fn push_origin(
     kept: Option<(history::ManifestHeader, history::ManifestHashes)>,
     sync: impl FnOnce(&mut Snapshot, OriginOptions<'_>) -> Result<SyncStats>,
 ) -> Result<(SyncStats, Option<PushedManifest>)> {
-    use std::io::{Seek, Write};
     let mut kept = kept;
     let base = kept.as_mut().map(|(h, hashes)| KnownBase {
         version: h.version,
@@ -522,19 +516,15 @@ fn push_origin(
                     hashes: &mut dyn Iterator<Item = Result<crate::protocol::Hash>>|
      -> Result<()> {
         let io = |e| Error::io(&std::env::temp_dir(), e);
-        let file = tempfile::tempfile().map_err(io)?;
-        let mut w = std::io::BufWriter::new(file);
-        let mut page_count = 0u32;
+        let mut w = crate::digest::HashSpill::writer().map_err(io)?;
         for h in hashes {
-            w.write_all(&h?).map_err(io)?;
-            page_count += 1;
+            w.push(&h?).map_err(io)?;
         }
-        let mut file = w.into_inner().map_err(|e| io(e.into_error()))?;
-        file.rewind().map_err(io)?;
+        let hashes = w.finish().map_err(io)?;
         pushed = Some(PushedManifest {
             page_size,
-            page_count,
-            file,
+            page_count: hashes.len(),
+            hashes,
         });
         Ok(())
     };
@@ -561,9 +551,8 @@ fn link_received(link: &crate::engine::ChannelLink) -> u64 {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// How long the server may stay silent in the middle of a sync before the client gives
-/// up: as long as the server allows a client (it may be busy hashing or committing).
-pub const SYNC_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+// How long the server may stay silent in a sync: one value for both sides.
+use crate::protocol::SYNC_IDLE_TIMEOUT;
 
 /// How long connecting (TCP, TLS and the WebSocket upgrade) may take.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -694,9 +683,8 @@ async fn next_config(ws: &mut Socket, pending: Vec<Vec<u8>>) -> Result<Config> {
 /// Who is asking, as recorded with each version: `user@host`.
 pub fn client_id() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
+    let host =
+        hostname::get().map_or_else(|_| "localhost".into(), |h| h.to_string_lossy().into_owned());
     format!("{user}@{host}")
 }
 

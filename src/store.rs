@@ -170,30 +170,10 @@ impl std::fmt::Display for Selector {
     }
 }
 
-/// What is known about one version.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VersionInfo {
-    /// The version number, from 1.
-    pub number: u64,
-    /// Page size in bytes.
-    pub page_size: u32,
-    /// Number of pages.
-    pub page_count: u32,
-    /// Database size in bytes (page size × page count).
-    pub size: u64,
-    /// The database digest, lower-case hex.
-    pub digest: String,
-    /// The commit message (`push -m`), possibly empty.
-    pub message: String,
-    /// When it was committed, seconds since the Unix epoch.
-    pub created_at: i64,
-    /// Which client pushed it.
-    pub client_id: String,
-    /// Which key pushed it (empty for the embedded store).
-    pub key_id: String,
-    /// The version this one was pushed on top of (0: none).
-    pub base: u64,
-}
+/// What is known about one version: the same type the CONFIG frame carries for
+/// `versions`, defined with the protocol (the lower layer) so that the store hands its
+/// rows to a session without conversion.
+pub use crate::protocol::control::VersionInfo;
 
 /// How a push into the store behaves.
 #[derive(Debug, Clone, Default)]

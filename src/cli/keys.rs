@@ -6,7 +6,6 @@
 //! keep secrets, and this command would not print one if it did.
 
 use std::process::ExitCode;
-use std::time::{Duration, UNIX_EPOCH};
 
 use super::{Global, RemoteArgs, exit, out};
 use crate::protocol::control::KeyInfo;
@@ -136,10 +135,7 @@ fn revoked_line(key: &KeyInfo) -> String {
 
 fn time(at: Option<i64>) -> String {
     match at {
-        Some(at) => {
-            let t = UNIX_EPOCH + Duration::from_secs(at.max(0) as u64);
-            humantime::format_rfc3339_seconds(t).to_string()
-        }
+        Some(at) => crate::epoch::rfc3339(at),
         None => "never".into(),
     }
 }

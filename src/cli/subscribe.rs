@@ -99,7 +99,7 @@ struct Line {
 
 impl Line {
     fn stamp() -> String {
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+        crate::epoch::rfc3339(crate::epoch::now())
     }
 
     /// One result line.

@@ -1,7 +1,6 @@
 //! `sqlferry versions REMOTE`: every version of a replica.
 
 use std::process::ExitCode;
-use std::time::{Duration, UNIX_EPOCH};
 
 use super::{Global, RemoteArgs, exit, human_bytes, out};
 use crate::shutdown::Shutdown;
@@ -43,11 +42,10 @@ impl VersionsArgs {
             "version", "time (UTC)", "size"
         ))?;
         for v in versions {
-            let at = UNIX_EPOCH + Duration::from_secs(v.created_at.max(0) as u64);
             out(format_args!(
                 "{:>7}  {:<20}  {:>10}  {}",
                 v.number,
-                humantime::format_rfc3339_seconds(at).to_string(),
+                crate::epoch::rfc3339(v.created_at),
                 human_bytes(v.size),
                 v.message
             ))?;

@@ -225,9 +225,7 @@ impl Puller {
             if now == last.digest || target().await?.is_some_and(|v| v.digest == now) {
                 return Ok(None);
             }
-            let when = humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(last.at.max(0) as u64),
-            );
+            let when = crate::epoch::rfc3339(last.at);
             let op = match last.op.as_str() {
                 "push" => "pushed as",
                 "pull" => "pulled as",
@@ -394,7 +392,6 @@ fn has_content(path: &Path) -> bool {
 /// "PRAGMA journal_mode=WAL"`). Blocking (SQLite): async callers run it on
 /// `spawn_blocking`.
 pub fn local_digest(path: &Path) -> Result<Option<String>> {
-    use crate::engine::PageSource;
     let mut snap = match Snapshot::open(path) {
         Ok(s) => s,
         Err(e) if !has_content(path) && e.kind() == crate::ErrorKind::NotADatabase => {
@@ -411,12 +408,7 @@ pub fn local_digest(path: &Path) -> Result<Option<String>> {
             return Ok(None);
         }
     }
-    let mut digest = crate::page::Digest::new(snap.page_size(), snap.page_count());
-    snap.scan(u32::MAX, &mut |_, hash, _| {
-        digest.push(&hash);
-        Ok(())
-    })?;
-    Ok(digest.finish().map(|d| crate::page::hex(&d)))
+    Ok(Some(crate::digest::hex(&snap.digest(false)?)))
 }
 
 /// Why `local` holds changes no sync of `replica` carried, if it does: a file that

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::{Secret, Sidecar};
-use crate::engine::{PageSource, Progress, SyncStats, sync_local};
+use crate::engine::{Progress, SyncStats, sync_local};
 use crate::history::{self, LastSync};
 use crate::page::{Snapshot, Writer};
 use crate::remote::{PushOutcome, PushRequest, Server, blocking, check_source};

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use super::tree::Tree;
 use super::{FANOUT, Link, PageSource, Phase, Progress, SyncStats, WINDOW_NODES};
-use crate::page::{hex, lock_byte_page};
-use crate::protocol::{ErrorCode, Frame, Hash, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, Run};
+use crate::digest::{Hash, hex, lock_byte_page};
+use crate::protocol::{ErrorCode, Frame, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, Run};
 use crate::{Error, Result};
 
 /// BEGIN flag: the origin knows the replica's manifest of `base_version`; it sends the

@@ -15,8 +15,8 @@
 use super::origin::{FLAG_KNOWN_BASE, recv};
 use super::tree::Tree;
 use super::{BeginInfo, Link, PageTarget, Phase, Progress, WINDOW_NODES};
-use crate::page::{hex, lock_byte_page, page_hash, zero_page_hash};
-use crate::protocol::{ErrorCode, Frame, Hash, MAX_NODES_PER_FRAME, PROTOCOL_VERSION};
+use crate::digest::{Hash, hex, lock_byte_page, page_hash, zero_page_hash};
+use crate::protocol::{ErrorCode, Frame, MAX_NODES_PER_FRAME, PROTOCOL_VERSION};
 use crate::{Error, Result};
 
 /// What the replica side of a finished sync did.
@@ -31,7 +31,7 @@ pub struct ReplicaDone {
     /// Bytes of hash-tree traffic, both directions (WANT and NODES frames).
     pub hash_bytes: u64,
     /// The digest verified before commit.
-    pub digest: crate::protocol::Hash,
+    pub digest: Hash,
 }
 
 /// Runs the replica side of one sync over `link`.

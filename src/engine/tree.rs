@@ -7,20 +7,13 @@
 //! Memory stays flat: the page hashes (32 bytes a page) go to an unlinked temporary
 //! file; only levels 1 and up, 2 bytes a page together, stay in memory.
 
-use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::FileExt;
-
-use sha2::{Digest as _, Sha256};
-
 use super::FANOUT;
-use crate::page::Digest;
-use crate::protocol::{HASH_BYTES, Hash};
+use crate::digest::{Digest, HASH_BYTES, Hash, HashSpill, node_hash};
 use crate::{Error, Result};
 
 /// The hash tree of one side.
 pub(crate) struct Tree {
-    leaves: File,
+    leaves: HashSpill,
     /// Leaf updates not yet written: consecutive hashes from page `.0`, flushed as one
     /// write (a sync writes runs of pages; a write per page would cost a syscall each).
     dirty: (u32, Vec<u8>),
@@ -37,15 +30,6 @@ fn temp_error(e: std::io::Error) -> Error {
     Error::io(&std::env::temp_dir(), e)
 }
 
-/// The node hash over a group of child hashes.
-fn node_hash(children: &[Hash]) -> Hash {
-    let mut h = Sha256::new();
-    for c in children {
-        h.update(c);
-    }
-    h.finalize().into()
-}
-
 impl Tree {
     /// Builds the tree of `page_count` pages whose hashes `scan` produces in order, and
     /// the database digest along the way.
@@ -55,12 +39,10 @@ impl Tree {
         scan: impl FnOnce(&mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>,
         mut on_page: impl FnMut(),
     ) -> Result<(Tree, Option<Hash>)> {
-        let file = tempfile::tempfile().map_err(temp_error)?;
-        let mut out = BufWriter::with_capacity(64 * 1024, file);
+        let mut out = HashSpill::writer().map_err(temp_error)?;
         let mut digest = Digest::new(page_size, page_count);
         let mut level1 = Vec::with_capacity(page_count.div_ceil(FANOUT) as usize);
-        let mut group = Sha256::new();
-        let mut in_group = 0u32;
+        let mut group = Vec::with_capacity(FANOUT as usize);
         let mut next = 1u32;
         let mut io_error = None;
         scan(&mut |pgno, hash| {
@@ -70,25 +52,24 @@ impl Tree {
                 )));
             }
             next += 1;
-            if let Err(e) = out.write_all(&hash) {
+            if let Err(e) = out.push(&hash) {
                 io_error = Some(e);
                 return Err(Error::Disconnected(String::new()));
             }
             digest.push(&hash);
-            group.update(hash);
-            in_group += 1;
-            if in_group == FANOUT {
-                level1.push(std::mem::take(&mut group).finalize().into());
-                in_group = 0;
+            group.push(hash);
+            if group.len() == FANOUT as usize {
+                level1.push(node_hash(&group));
+                group.clear();
             }
             on_page();
             Ok(())
         })
         .map_err(|e| io_error.take().map(temp_error).unwrap_or(e))?;
-        if in_group > 0 {
-            level1.push(group.finalize().into());
+        if !group.is_empty() {
+            level1.push(node_hash(&group));
         }
-        let leaves = out.into_inner().map_err(|e| temp_error(e.into_error()))?;
+        let leaves = out.finish().map_err(temp_error)?;
         let leaf_count = next - 1;
         let mut levels = Vec::new();
         if leaf_count > 0 {
@@ -132,15 +113,7 @@ impl Tree {
     ) -> Result<()> {
         if level == 0 {
             self.flush()?;
-            let mut buf = vec![0u8; count as usize * HASH_BYTES];
-            self.leaves
-                .read_exact_at(&mut buf, u64::from(start) * HASH_BYTES as u64)
-                .map_err(temp_error)?;
-            out.extend(buf.chunks_exact(HASH_BYTES).map(|c| {
-                let mut h = [0u8; HASH_BYTES];
-                h.copy_from_slice(c);
-                h
-            }));
+            self.leaves.read_at(start, count, out).map_err(temp_error)?;
         } else {
             let l = &self.levels[usize::from(level) - 1];
             out.extend_from_slice(&l[start as usize..(start + count) as usize]);
@@ -164,23 +137,19 @@ impl Tree {
     fn flush(&mut self) -> Result<()> {
         let (first, buf) = &mut self.dirty;
         if !buf.is_empty() {
-            self.leaves
-                .write_all_at(buf, u64::from(*first - 1) * HASH_BYTES as u64)
-                .map_err(temp_error)?;
+            self.leaves.write_at(*first - 1, buf).map_err(temp_error)?;
             buf.clear();
         }
         Ok(())
     }
 
     /// The first `page_count` page hashes as they now stand, in page order.
-    pub(crate) fn leaves(&mut self, page_count: u32) -> Result<Leaves<'_>> {
+    pub(crate) fn leaves(
+        &mut self,
+        page_count: u32,
+    ) -> Result<impl Iterator<Item = Result<Hash>> + '_> {
         self.flush()?;
-        let mut reader = BufReader::with_capacity(64 * 1024, &self.leaves);
-        std::io::Seek::rewind(&mut reader).map_err(temp_error)?;
-        Ok(Leaves {
-            reader,
-            left: page_count,
-        })
+        Ok(self.leaves.iter(page_count).map(|h| h.map_err(temp_error)))
     }
 
     /// The digest of the first `page_count` page hashes as they now stand.
@@ -195,36 +164,12 @@ impl Tree {
     }
 }
 
-/// Page hashes read back in order from a [`Tree`]'s leaf file.
-pub(crate) struct Leaves<'a> {
-    reader: BufReader<&'a File>,
-    left: u32,
-}
-
-impl Iterator for Leaves<'_> {
-    type Item = Result<Hash>;
-
-    fn next(&mut self) -> Option<Result<Hash>> {
-        if self.left == 0 {
-            return None;
-        }
-        self.left -= 1;
-        let mut h = [0u8; HASH_BYTES];
-        Some(
-            self.reader
-                .read_exact(&mut h)
-                .map(|()| h)
-                .map_err(temp_error),
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn leaf(i: u32) -> Hash {
-        Sha256::digest(i.to_be_bytes()).into()
+        crate::digest::sha256(&i.to_be_bytes())
     }
 
     fn build(n: u32) -> (Tree, Hash) {

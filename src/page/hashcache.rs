@@ -17,10 +17,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
-
-use super::page_hash;
-use crate::protocol::Hash;
+use crate::digest::{Hash, page_hash};
 
 const MAGIC: &[u8; 16] = b"sqlferry-hashes\0";
 const FORMAT: u32 = 1;
@@ -47,9 +44,8 @@ pub fn default_dir() -> Option<PathBuf> {
 /// Where the cache of the database at `db` lives, in `dir`.
 fn cache_path(dir: &Path, db: &Path) -> Option<PathBuf> {
     let abs = std::fs::canonicalize(db).ok()?;
-    let key = Sha256::digest(abs.as_os_str().as_encoded_bytes());
-    let name = super::hex(&key.into())[..32].to_owned();
-    Some(dir.join(name))
+    let key = crate::digest::name_key(&[abs.as_os_str().as_encoded_bytes()]);
+    Some(dir.join(&key[..32]))
 }
 
 /// Keeps at most [`MAX_CACHE_FILES`] caches in `dir`, so caches of databases long gone

@@ -19,7 +19,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use super::lock_byte_page;
+use crate::digest::lock_byte_page;
 use crate::{Error, Result};
 
 /// Bytes read from the database file per block.
@@ -113,7 +113,7 @@ pub(super) fn for_each_page(
                 single.resize(ps, 0);
                 f(pgno, &single)?;
             } else if in_wal[i / 64] & (1 << (i % 64)) != 0 || start + ps > in_file {
-                super::snapshot::read_page(conn, path, pgno, page_size, &mut single)?;
+                read_page(conn, path, pgno, page_size, &mut single)?;
                 f(pgno, &single)?;
             } else {
                 f(pgno, &block[start..start + ps])?;
@@ -122,4 +122,37 @@ pub(super) fn for_each_page(
         first += n;
     }
     Ok(())
+}
+
+/// Reads one page through `sqlite_dbpage` into `buf`.
+pub(super) fn read_page(
+    conn: &Connection,
+    path: &Path,
+    pgno: u32,
+    page_size: u32,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    let mut stmt = conn
+        .prepare_cached("SELECT data FROM sqlite_dbpage WHERE pgno = ?1")
+        .map_err(|e| Error::sqlite(path, e))?;
+    let mut rows = stmt.query([pgno]).map_err(|e| Error::sqlite(path, e))?;
+    let row = rows.next().map_err(|e| Error::sqlite(path, e))?;
+    let data = match row {
+        Some(row) => row
+            .get_ref(0)
+            .and_then(|v| v.as_blob().map_err(Into::into))
+            .ok(),
+        None => None,
+    };
+    match data {
+        Some(data) if data.len() == page_size as usize => {
+            buf.clear();
+            buf.extend_from_slice(data);
+            Ok(())
+        }
+        _ => Err(Error::NotADatabase {
+            path: path.to_owned(),
+            reason: format!("page {pgno} could not be read"),
+        }),
+    }
 }

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::hashcache::HashCache;
 use super::{Header, JournalMode};
-use crate::engine::{PageSource, ScanFn};
+use crate::digest::{Digest, Hash, page_hash};
 use crate::{Error, Result};
 
 /// How long a snapshot waits for a writer holding an exclusive lock (rollback mode).
@@ -22,6 +22,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pages read per `sqlite_dbpage` point query batch are cached by SQLite itself; keep its
 /// page cache small so memory does not grow with the database.
 const CACHE_KIB: i64 = 2048;
+
+/// What [`Snapshot::hash_pages`] calls for each page: its number, its hash, and its
+/// bytes when they were asked for.
+pub type HashedPageFn<'a> = dyn FnMut(u32, Hash, Option<&[u8]>) -> Result<()> + 'a;
 
 /// One read transaction over a database file.
 pub struct Snapshot {
@@ -47,6 +51,7 @@ impl Snapshot {
         })?;
         let sql = |e| Error::sqlite(path, e);
         let conn = Self::begin(path).map_err(sql)?;
+        super::require_dbpage(&conn, path)?;
         let file = super::handles::open(path, false).map_err(|e| Error::io(path, e))?;
         let page_count: u32 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
@@ -138,18 +143,21 @@ impl Snapshot {
             f,
         )
     }
-}
 
-impl PageSource for Snapshot {
-    fn page_size(&self) -> u32 {
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u32 {
         self.page_size
     }
 
-    fn page_count(&self) -> u32 {
+    /// Number of pages.
+    pub fn page_count(&self) -> u32 {
         self.page_count
     }
 
-    fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()> {
+    /// Calls `f` with every page's number and [`page_hash`](crate::digest::page_hash),
+    /// in page order, and with the page's bytes too for pages after `with_data_after`.
+    /// Unchanged pages take their hash from the page-hash cache.
+    pub fn hash_pages(&mut self, with_data_after: u32, f: &mut HashedPageFn<'_>) -> Result<()> {
         let mut cache = HashCache::open(
             self.hash_cache.as_deref(),
             &self.path,
@@ -173,40 +181,30 @@ impl PageSource for Snapshot {
         Ok(())
     }
 
-    fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
-        read_page(&self.conn, &self.path, pgno, self.page_size, buf)
-    }
-}
-
-/// Reads one page through `sqlite_dbpage` into `buf`.
-pub(super) fn read_page(
-    conn: &Connection,
-    path: &Path,
-    pgno: u32,
-    page_size: u32,
-    buf: &mut Vec<u8>,
-) -> Result<()> {
-    let mut stmt = conn
-        .prepare_cached("SELECT data FROM sqlite_dbpage WHERE pgno = ?1")
-        .map_err(|e| Error::sqlite(path, e))?;
-    let mut rows = stmt.query([pgno]).map_err(|e| Error::sqlite(path, e))?;
-    let row = rows.next().map_err(|e| Error::sqlite(path, e))?;
-    let data = match row {
-        Some(row) => row
-            .get_ref(0)
-            .and_then(|v| v.as_blob().map_err(Into::into))
-            .ok(),
-        None => None,
-    };
-    match data {
-        Some(data) if data.len() == page_size as usize => {
-            buf.clear();
-            buf.extend_from_slice(data);
-            Ok(())
+    /// The database's digest as this snapshot sees it. `afresh` hashes every page
+    /// (what `verify` does: the check trusts no cache); otherwise unchanged pages take
+    /// their hash from the page-hash cache.
+    pub fn digest(&mut self, afresh: bool) -> Result<Hash> {
+        let mut digest = Digest::new(self.page_size, self.page_count);
+        if afresh {
+            self.for_each_page(&mut |pgno, data| {
+                digest.push(&page_hash(pgno, data));
+                Ok(())
+            })?;
+        } else {
+            self.hash_pages(u32::MAX, &mut |_, hash, _| {
+                digest.push(&hash);
+                Ok(())
+            })?;
         }
-        _ => Err(Error::NotADatabase {
-            path: path.to_owned(),
-            reason: format!("page {pgno} could not be read"),
-        }),
+        digest.finish().ok_or_else(|| Error::NotADatabase {
+            path: self.path.clone(),
+            reason: "the page count changed while reading".into(),
+        })
+    }
+
+    /// Reads page `pgno` into `buf` (replacing its contents).
+    pub fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
+        super::scan::read_page(&self.conn, &self.path, pgno, self.page_size, buf)
     }
 }

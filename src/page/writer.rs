@@ -5,7 +5,7 @@
 //! Invariants:
 //! - Readers in other processes see the old database or the new one, never a mix: all
 //!   writes, and the truncation when the origin shrank, happen in one SQLite transaction.
-//! - Until [`PageTarget::commit`], nothing is visible; dropping a `Writer` rolls back,
+//! - Until [`Writer::commit_pages`], nothing is visible; dropping a `Writer` rolls back,
 //!   and a file this writer created is removed again.
 //! - A replica keeps its own journal mode (a WAL replica stays WAL); an empty or new one
 //!   takes the origin's page size and journal mode.
@@ -20,8 +20,7 @@ use rusqlite::{Connection, OpenFlags, config::DbConfig};
 
 use super::hashcache::{CacheBuilder, HashCache};
 use super::{Header, JournalMode};
-use crate::engine::PageTarget;
-use crate::protocol::Hash;
+use crate::digest::{Hash, HashSpill};
 use crate::{Error, Result};
 
 /// How long the writer waits for other connections' locks (readers finishing, in
@@ -72,8 +71,8 @@ pub struct Writer {
 struct LastCommit {
     page_size: u32,
     page_count: u32,
-    /// The committed pages' hashes, in order, 32 bytes each, in an unlinked file.
-    hashes: std::fs::File,
+    /// The committed pages' hashes, in order.
+    hashes: HashSpill,
     /// `PRAGMA data_version` on this writer's connection, read inside its transaction,
     /// just before COMMIT: it changes only when another connection commits.
     data_version: i64,
@@ -164,7 +163,8 @@ impl Writer {
             .map_err(sql)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, false)
             .map_err(sql)?;
-        disable_autovacuum_on_commit(&conn);
+        super::require_dbpage(&conn, path)?;
+        disable_autovacuum_on_commit(&conn).map_err(sql)?;
         // A second sqlite_dbpage instance, for page 1 (see `commit`).
         conn.execute_batch("CREATE VIRTUAL TABLE temp.sqlferry_dbpage USING sqlite_dbpage")
             .map_err(sql)?;
@@ -235,7 +235,7 @@ impl Writer {
     /// The hashes of the pages held, if they are exactly those of this writer's last
     /// commit: same size and count, and no other connection has committed since
     /// (checked inside this sync's transaction, so no commit can slip in after).
-    fn known_hashes(&mut self) -> Result<Option<&std::fs::File>> {
+    fn known_hashes(&mut self) -> Result<Option<&HashSpill>> {
         let Some(last) = &self.last_commit else {
             return Ok(None);
         };
@@ -312,7 +312,7 @@ impl Writer {
 
 /// Keeps SQLite's auto-vacuum from moving pages at COMMIT: the writer's pages are the
 /// origin's exactly, and auto-vacuum would reorganise them after the digest check.
-fn disable_autovacuum_on_commit(conn: &Connection) {
+fn disable_autovacuum_on_commit(conn: &Connection) -> rusqlite::Result<()> {
     unsafe extern "C" fn no_pages(
         _: *mut c_void,
         _: *const c_char,
@@ -324,20 +324,33 @@ fn disable_autovacuum_on_commit(conn: &Connection) {
     }
     // SAFETY: the handle is valid for the connection's lifetime; the callback has the
     // signature SQLite documents and no state to free.
-    unsafe {
+    let rc = unsafe {
         rusqlite::ffi::sqlite3_autovacuum_pages(
             conn.handle(),
             Some(no_pages),
             std::ptr::null_mut(),
             None,
-        );
+        )
+    };
+    // Not ignored: without the callback a COMMIT could reorganise the pages after the
+    // digest check, so a writer that cannot install it must not write.
+    if rc == rusqlite::ffi::SQLITE_OK {
+        Ok(())
+    } else {
+        Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rc),
+            Some("could not turn off auto-vacuum at commit (sqlite3_autovacuum_pages)".into()),
+        ))
     }
 }
 
-impl PageTarget for Writer {
-    fn begin(&mut self, begin: &crate::engine::BeginInfo) -> Result<u32> {
-        // A file has no versions: only the page size matters to it.
-        let page_size = begin.page_size;
+/// The replica side of a sync, as the engine drives it (`engine/sqlite.rs` implements
+/// the engine's page target with these).
+impl Writer {
+    /// Prepares to hold a database of `page_size`-byte pages (rebuilding one of another
+    /// page size first), opens the write transaction, and returns how many pages it
+    /// holds (0 when empty or new). A file has no versions: only the page size matters.
+    pub fn prepare(&mut self, page_size: u32) -> Result<u32> {
         match self.journal_mode {
             None => {
                 // Empty or new: takes the origin's page size.
@@ -383,20 +396,17 @@ impl PageTarget for Writer {
         Ok(self.page_count)
     }
 
-    fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
+    /// Calls `f` with the number and hash of every page it holds, in page order: from
+    /// the last commit's kept hashes when no one else wrote the file since, else read.
+    pub fn held_hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
         if self.page_count == 0 {
             return Ok(());
         }
-        if let Some(file) = self.known_hashes()? {
-            use std::io::{Read, Seek};
+        let page_count = self.page_count;
+        if let Some(kept) = self.known_hashes()? {
             let io = |e| Error::io(Path::new("kept page hashes"), e);
-            let mut file = file.try_clone().map_err(io)?;
-            file.rewind().map_err(io)?;
-            let mut r = std::io::BufReader::with_capacity(64 * 1024, file);
-            for pgno in 1..=self.page_count {
-                let mut h = [0u8; 32];
-                r.read_exact(&mut h).map_err(io)?;
-                f(pgno, h)?;
+            for (pgno, h) in (1..=page_count).zip(kept.iter(page_count)) {
+                f(pgno, h.map_err(io)?)?;
             }
             self.known_hashes_used = true;
             return Ok(());
@@ -419,7 +429,9 @@ impl PageTarget for Writer {
         Ok(())
     }
 
-    fn write_page(&mut self, pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
+    /// Writes one page (not yet visible); `hash` is its
+    /// [`page_hash`](crate::digest::page_hash).
+    pub fn write_page(&mut self, pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
         if pgno == 1 {
             // Page 1 holds the schema cookie. Written now, the next statement would see
             // the cookie change and reload the schema from a half-written database
@@ -451,10 +463,13 @@ impl PageTarget for Writer {
         self.insert_page(pgno, data)
     }
 
-    fn commit(
+    /// Truncates to `page_count` pages and commits: every change becomes visible at
+    /// once. The engine calls it only after checking the result against the origin's
+    /// digest; `hashes` are the final page hashes, kept for the next sync when asked
+    /// ([`Writer::keep_committed_hashes`]).
+    pub fn commit_pages(
         &mut self,
         page_count: u32,
-        _digest: &Hash,
         hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
         self.flush()?;
@@ -499,14 +514,12 @@ impl PageTarget for Writer {
         self.committed = true;
         if let (Some(data_version), Some(identity)) = (data_version, identity(&self.path)) {
             // Kept only if every hash could be stored: the next sync scans otherwise.
-            let kept = (|| -> std::io::Result<std::fs::File> {
-                use std::io::Write;
-                let mut w = std::io::BufWriter::new(tempfile::tempfile()?);
+            let kept = (|| -> std::io::Result<HashSpill> {
+                let mut w = HashSpill::writer()?;
                 for h in &mut *hashes {
-                    let h = h.map_err(std::io::Error::other)?;
-                    w.write_all(&h)?;
+                    w.push(&h.map_err(std::io::Error::other)?)?;
                 }
-                w.into_inner().map_err(|e| e.into_error())
+                w.finish()
             })();
             match kept {
                 Ok(file) => {
@@ -544,7 +557,6 @@ impl Writer {
     /// connection can commit meanwhile), reads data_version anew and hashes the file;
     /// the kept hashes stay only if the file matches them exactly.
     fn settle_new_file(&mut self) -> Result<()> {
-        use std::io::{Read, Seek};
         self.conn()
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(self.sql())?;
@@ -555,9 +567,7 @@ impl Writer {
                 .map_err(self.sql())?;
             let last = self.last_commit.as_ref().expect("checked by the caller");
             let io = |e| Error::io(Path::new("kept page hashes"), e);
-            let mut kept_file = last.hashes.try_clone().map_err(io)?;
-            kept_file.rewind().map_err(io)?;
-            let mut kept = std::io::BufReader::with_capacity(64 * 1024, kept_file);
+            let mut kept = last.hashes.iter(last.page_count);
             let mut cache = HashCache::open(
                 self.hash_cache.as_deref(),
                 &self.path,
@@ -572,8 +582,10 @@ impl Writer {
                 last.page_size,
                 last.page_count,
                 &mut |pgno, data| {
-                    let mut h = [0u8; 32];
-                    kept.read_exact(&mut h).map_err(io)?;
+                    let h = kept
+                        .next()
+                        .unwrap_or_else(|| Err(std::io::ErrorKind::UnexpectedEof.into()))
+                        .map_err(io)?;
                     same &= cache.hash(pgno, data) == h;
                     Ok(())
                 },

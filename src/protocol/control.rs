@@ -103,7 +103,7 @@ pub struct Config {
     pub keys: Option<NewKeys>,
     /// For `versions`: every version, oldest first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub versions: Option<Vec<crate::store::VersionInfo>>,
+    pub versions: Option<Vec<VersionInfo>>,
     /// After a push: whether it made a new version (false: nothing had changed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<bool>,
@@ -116,6 +116,32 @@ pub struct Config {
     /// After `keys`: the keys; after `revoke-key`: the key revoked. Ids only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_list: Option<Vec<KeyInfo>>,
+}
+
+/// What is known about one version (a row of `versions`, as a store keeps it and as
+/// the CONFIG frame carries it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// The version number, from 1.
+    pub number: u64,
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// Number of pages.
+    pub page_count: u32,
+    /// Database size in bytes (page size × page count).
+    pub size: u64,
+    /// The database digest, lower-case hex.
+    pub digest: String,
+    /// The commit message (`push -m`), possibly empty.
+    pub message: String,
+    /// When it was committed, seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Which client pushed it.
+    pub client_id: String,
+    /// Which key pushed it (empty for the embedded store).
+    pub key_id: String,
+    /// The version this one was pushed on top of (0: none).
+    pub base: u64,
 }
 
 /// What the server tells of a key: never its secret.

@@ -10,8 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
 use crate::{Error, Result};
 
 /// What one line on a subscriber's socket says.
@@ -51,7 +49,7 @@ const MAX_SOCKET_PATH: usize = 100;
 /// slash) finds the same sockets.
 pub fn socket_dir(root: &Path, replica: &str) -> PathBuf {
     let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
-    let key = crate::page::hex(&Sha256::digest(replica.as_bytes()).into());
+    let key = crate::digest::name_key(&[replica.as_bytes()]);
     root.join(".subscribers").join(&key[..16])
 }
 

@@ -13,15 +13,15 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{Server, Socket, blocking, connect, local, open};
 use crate::protocol::Frame;
 use crate::protocol::control::{Control, FailureReport, Op, PING_INTERVAL, SubscriberRole};
 use crate::store::ReplicaPath;
+use crate::transport::ws::{Incoming, send_binary};
 use crate::{Error, ErrorKind, Result};
 
 /// How many messages to the server may wait while it is unreachable.
@@ -333,13 +333,16 @@ async fn follow(
                             silence.as_secs()
                         )));
                     }
-                    Ok(None) | Ok(Some(Ok(Message::Close(_)))) => {
-                        return Err(Error::Disconnected("the server closed the connection".into()));
-                    }
-                    Ok(Some(Err(e))) => return Err(Error::Disconnected(e.to_string())),
-                    Ok(Some(Ok(Message::Binary(b)))) => b,
-                    // Pings (answered by tungstenite) and pongs prove the line is alive.
-                    Ok(Some(Ok(_))) => continue,
+                    Ok(next) => match crate::transport::ws::classify(next)? {
+                        Incoming::Frame(b) => b,
+                        // Pings (answered by tungstenite) and pongs prove the line is alive.
+                        Incoming::Alive => continue,
+                        Incoming::Closed => {
+                            return Err(Error::Disconnected(
+                                "the server closed the connection".into(),
+                            ));
+                        }
+                    },
                 };
                 let notice = match bytes.first() {
                     Some(&b) if Control::is_control(b) => {
@@ -379,9 +382,7 @@ async fn follow(
                         Control::Report(r)
                     }
                 };
-                ws.send(Message::Binary(control.to_bytes().into()))
-                    .await
-                    .map_err(|e| Error::Disconnected(e.to_string()))?;
+                send_binary(ws, control.to_bytes()).await?;
             }
         }
     }

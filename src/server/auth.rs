@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use sha2::{Digest as _, Sha256};
 
 use crate::protocol::control::{KeyInfo, NewKeys, Op};
 use crate::store::ReplicaPath;
@@ -125,7 +124,7 @@ pub struct Auth {
 }
 
 fn now() -> i64 {
-    crate::history::now()
+    crate::epoch::now()
 }
 
 fn random_hex(bytes: usize) -> Result<String> {
@@ -134,11 +133,11 @@ fn random_hex(bytes: usize) -> Result<String> {
         path: PathBuf::from("/dev/urandom"),
         source: std::io::Error::other(e.to_string()),
     })?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::digest::hex(&buf))
 }
 
 fn secret_hash(secret: &str) -> [u8; 32] {
-    Sha256::digest(secret.as_bytes()).into()
+    crate::digest::sha256(secret.as_bytes())
 }
 
 /// Compares two hashes in time independent of where they differ (`subtle`).
@@ -414,8 +413,7 @@ fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
 }
 
 fn rfc3339(at: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_secs(at.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::epoch::rfc3339(at)
 }
 
 /// The id in `arg`: a bare key id (16 hex digits), a masked key (`sfk_<id>…`) or a

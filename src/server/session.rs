@@ -42,10 +42,8 @@ use crate::transport::ws::{
 };
 use crate::{Error, ErrorKind, Result};
 
-/// How long a client may stay silent during a sync before the session is closed: long
-/// enough for a client to hash a very large database, short enough that a stalled
-/// client does not hold a replica's write lock for good.
-const SYNC_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+// How long a client may stay silent during a sync: one value for both sides.
+use crate::protocol::SYNC_IDLE_TIMEOUT;
 
 /// How long a client may take to send OPEN after the upgrade.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -404,7 +402,7 @@ where
                     Ok(Incoming::Alive) => continue,
                     Err(e) => break Err(e),
                 };
-                let now = crate::history::now();
+                let now = crate::epoch::now();
                 match decode_control(&bytes)? {
                     Control::Changed(seconds) if role == SubscriberRole::Push => {
                         if let Some(held_back) = state.hub.changed(replica.as_str(), seconds, now) {

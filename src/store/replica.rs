@@ -14,12 +14,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use sha2::{Digest as _, Sha256};
 
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, Selector, VersionInfo};
+use crate::digest::{HASH_BYTES, Hash, hex, lock_byte_page, page_hash, sha256};
 use crate::engine::{BeginInfo, PageSource, PageTarget, ScanFn};
-use crate::page::{Header, hex, lock_byte_page, page_hash};
-use crate::protocol::{HASH_BYTES, Hash};
+use crate::page::Header;
 use crate::{Error, Result};
 
 /// How long a second pusher waits for the first to finish before it is told the
@@ -113,7 +112,7 @@ fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo> {
         page_size,
         page_count,
         size: u64::from(page_size) * u64::from(page_count),
-        digest: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        digest: hex(&digest),
         message: r.get(4)?,
         created_at: r.get(5)?,
         client_id: r.get(6)?,
@@ -216,7 +215,7 @@ fn manifest_hash(
 pub(super) fn page_matches(pgno: Option<u32>, hash: &Hash, data: &[u8]) -> bool {
     match pgno {
         Some(n) => page_hash(n, data) == *hash,
-        None => <[u8; 32]>::from(Sha256::digest(data)) == *hash || page_hash(1, data) == *hash,
+        None => sha256(data) == *hash || page_hash(1, data) == *hash,
     }
 }
 
@@ -267,7 +266,7 @@ pub(super) fn record_bad_pages(file: &Path, hashes: &[Hash]) -> Result<()> {
     )
     .map_err(sql(file))?;
     conn.busy_timeout(RECORD_BUSY_TIMEOUT).map_err(sql(file))?;
-    let now = now_secs();
+    let now = crate::epoch::now();
     conn.execute_batch(
         "BEGIN IMMEDIATE;
          CREATE TABLE IF NOT EXISTS bad_pages(hash BLOB PRIMARY KEY, found_at INTEGER NOT NULL);",
@@ -282,12 +281,6 @@ pub(super) fn record_bad_pages(file: &Path, hashes: &[Hash]) -> Result<()> {
     }
     conn.execute_batch("COMMIT").map_err(sql(file))?;
     Ok(())
-}
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The private file a new replica is built in, with the exclusive `flock` its creator
@@ -716,7 +709,7 @@ impl PageTarget for VersionWriter {
                         page_count,
                         &digest[..],
                         self.options.message,
-                        now_secs(),
+                        crate::epoch::now(),
                         self.options.client_id,
                         self.options.key_id,
                         self.latest.as_ref().map_or(0, |b| b.number as i64),
@@ -746,7 +739,7 @@ impl PageTarget for VersionWriter {
             }
             let full = chunk.len() == CHUNK_PAGES * HASH_BYTES;
             if !same && (full || (next.is_none() && !chunk.is_empty())) {
-                let key: Hash = Sha256::digest(&chunk).into();
+                let key: Hash = sha256(&chunk);
                 self.conn
                     .prepare_cached("INSERT OR IGNORE INTO chunks(hash, hashes) VALUES (?1, ?2)")
                     .and_then(|mut s| s.execute(params![&key[..], &chunk]))

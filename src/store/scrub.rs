@@ -12,12 +12,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
-use sha2::{Digest as _, Sha256};
 
 use super::ReplicaPath;
 use super::replica::{page_matches, record_bad_pages, remove_leftovers};
-use crate::page::{Digest, hex, lock_byte_page};
-use crate::protocol::{HASH_BYTES, Hash};
+use crate::digest::{Digest, HASH_BYTES, Hash, hex, lock_byte_page, sha256};
 use crate::{Error, Result};
 
 /// How far a scrub is, for progress displays.
@@ -254,15 +252,15 @@ fn scrub_replica(
         while let Some(row) = rows.next().map_err(sql(file))? {
             let key: Vec<u8> = row.get(0).map_err(sql(file))?;
             let Some(hashes): Option<Vec<u8>> = row.get(1).map_err(sql(file))? else {
-                problems.push(format!("its manifest chunk {} is missing", hex_of(&key)));
+                problems.push(format!("its manifest chunk {} is missing", hex(&key)));
                 continue;
             };
             let key: Option<Hash> = Hash::try_from(key.as_slice()).ok();
             let fresh = key.is_some_and(|k| !checked_chunks.contains(&k));
-            if fresh && key != Some(Sha256::digest(&hashes).into()) {
+            if fresh && key != Some(sha256(&hashes)) {
                 problems.push(format!(
                     "its manifest chunk {} is damaged",
-                    hex_of(key.as_ref().map_or(&[][..], |k| &k[..]))
+                    hex(key.as_ref().map_or(&[][..], |k| &k[..]))
                 ));
             }
             for h in hashes.chunks_exact(HASH_BYTES) {
@@ -345,8 +343,4 @@ fn scrub_replica(
         bad_versions,
         error: None,
     })
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -256,7 +256,7 @@ fn clustered_change_sends_only_the_changed_pages() {
 #[test]
 fn database_over_one_gib_syncs_across_the_lock_byte_page() {
     const PAGE: u32 = 65536;
-    let lock_page = sqlferry::page::lock_byte_page(PAGE);
+    let lock_page = sqlferry::digest::lock_byte_page(PAGE);
     let dir = TempDir::new().expect("tempdir");
     let src = dir.path().join("big.db");
     let conn = util::create(&src, PAGE, Mode::Rollback);

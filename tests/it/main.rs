@@ -20,6 +20,7 @@
 mod cli;
 mod engine;
 mod house;
+mod layers;
 mod live;
 mod server;
 mod subscribe;

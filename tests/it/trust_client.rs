@@ -464,7 +464,7 @@ fn a_base_recorded_before_records_were_kept_per_replica_is_still_used() {
     let db = m.work.canonicalize().unwrap().join("app.db");
     let old_name = format!(
         "{}.json",
-        &sqlferry::page::hex(&sha2::Sha256::digest(db.as_os_str().as_encoded_bytes()).into())[..32]
+        &sqlferry::digest::hex(&sha2::Sha256::digest(db.as_os_str().as_encoded_bytes()))[..32]
     );
     let history = m.work.parent().unwrap().join("home/state/sqlferry/history");
     let mut kept = 0;

@@ -14,8 +14,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
+use sqlferry::digest::{Digest, page_hash};
 use sqlferry::engine::{BeginInfo, Link, PageTarget, mem_pair, run_replica};
-use sqlferry::page::{Digest, page_hash};
 use sqlferry::protocol::{Frame, Hash, PROTOCOL_VERSION};
 use sqlferry::store::{PushOptions, ReplicaPath, Store};
 use tempfile::TempDir;
@@ -640,7 +640,10 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
         ],
     );
     let report = ok(&out, "pull v2");
-    assert_eq!(report["digest"], sqlferry::page::hex(&digest_of(&changed)));
+    assert_eq!(
+        report["digest"],
+        sqlferry::digest::hex(&digest_of(&changed))
+    );
 }
 
 // ---- item 4: damaged pages are found, reported and repaired ----
@@ -689,7 +692,7 @@ fn scrub_reports_bad_pages_and_versions_and_a_later_push_makes_every_version_pul
     let (code, report) = b.scrub();
     assert_eq!(code, EXIT_VERIFY, "{report}");
     let r = &report["replicas"][0];
-    assert_eq!(r["bad_pages"][0]["hash"], sqlferry::page::hex(&hash));
+    assert_eq!(r["bad_pages"][0]["hash"], sqlferry::digest::hex(&hash));
     assert_eq!(r["bad_pages"][0]["problem"], "damaged");
     assert_eq!(r["bad_pages"][0]["versions"], serde_json::json!([1]));
     assert_eq!(r["bad_versions"][0]["number"], 1);

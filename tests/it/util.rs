@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use rusqlite::types::Value;
+use sqlferry::digest::{Digest, hex, page_hash};
 use sqlferry::engine::{NoProgress, SyncStats, sync_local};
-use sqlferry::page::{Digest, Snapshot, Writer, hex, page_hash};
+use sqlferry::page::{Snapshot, Writer};
 
 /// How long helpers wait for a database another connection holds.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);

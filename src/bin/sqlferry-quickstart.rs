@@ -2,9 +2,13 @@
 //! engine, changes a few rows while keeping the database open, syncs again (only the
 //! changed pages travel), and checks that the copy has the origin's rows and digest.
 //!
-//! Run it from a fresh clone with `cargo run --example quickstart [DIR]` (default DIR:
-//! `target/quickstart`). It leaves `app.db` and `backup.db` in DIR for you to try the
-//! `sqlferry` command on.
+//! Run it from a fresh clone with `cargo run --bin sqlferry-quickstart [DIR]` (default
+//! DIR: `target/quickstart`). It leaves `app.db` and `backup.db` in DIR for you to try
+//! the `sqlferry` command on.
+//!
+//! A binary of the package rather than an example because an example builds every
+//! dev-dependency (proptest, rcgen) before it can run; this builds only what the
+//! `sqlferry` binary needs, in the same profile the README's next commands reuse.
 
 use std::path::{Path, PathBuf};
 

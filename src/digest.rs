@@ -1,0 +1,451 @@
+//! Hashes and digests: what identifies a page, a hash-tree node and a whole database,
+//! how they are printed, and where long runs of them are kept. A leaf: it imports no
+//! other module of the crate, so every module (the page reader, the engine, the store,
+//! the protocol, the server, the client) can use the one implementation of each.
+//!
+//! - [`page_hash`]: SHA-256 over every byte of a page, except the few bytes of page 1
+//!   that say how the file is used rather than what it holds (`docs/engine.md`).
+//! - [`Digest`]: a database's identity, SHA-256 over page size, page count and the
+//!   ordered page hashes; [`node_hash`]: a hash-tree node over its children.
+//! - [`hex()`]: lower-case hex, as hashes are printed and stored.
+//! - [`name_key`]: the short file name derived from a path (caches, history records,
+//!   socket directories), so one spelling rule holds everywhere.
+//! - [`HashSpill`]: page hashes in an unlinked temporary file, 32 bytes each, so that
+//!   no side holds a database's hashes in memory (DESIGN.md invariant 3).
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+
+use sha2::{Digest as _, Sha256};
+
+/// The length of a SHA-256 hash, and so of every page hash, node hash and digest.
+pub const HASH_BYTES: usize = 32;
+
+/// A SHA-256 value: a page hash, a tree node hash or a database digest.
+pub type Hash = [u8; HASH_BYTES];
+
+/// The byte offset SQLite reserves for file locks: the page holding it is never used.
+const PENDING_BYTE: u64 = 0x4000_0000;
+
+/// The page that holds byte offset 2³⁰ (SQLite's pending byte) for a given page size.
+/// SQLite never stores anything in it; only databases larger than 1 GiB reach it.
+pub fn lock_byte_page(page_size: u32) -> u32 {
+    (PENDING_BYTE / u64::from(page_size)) as u32 + 1
+}
+
+/// Where page 1 records its file format versions (write, read): (1, 1) for a rollback
+/// journal, (2, 2) for WAL. They are the only values SQLite opens ("file is not a
+/// database" otherwise).
+const FORMAT_VERSIONS: std::ops::Range<usize> = 18..20;
+
+/// Ranges of page 1 that SQLite rewrites by itself on every commit in rollback mode: the
+/// file change counter (24–27), and the version-valid-for number with the SQLite version
+/// of the last writer (92–99). A pull into a rollback replica is such a commit, so a
+/// replica that took every byte of a version holds other values here a moment later;
+/// hashing them would make its next, unchanged, push a new version. They cannot make a
+/// database unreadable: SQLite reads them only to tell whether its cache and the
+/// in-header page count (28–31) are current, and falls back to the file size when the
+/// version-valid-for number does not match the change counter.
+const PAGE1_COUNTERS: [std::ops::Range<usize>; 2] = [24..28, 92..100];
+
+/// Appended to what is hashed when page 1's file format versions are not one of the two
+/// legal pairs: such a page then never hashes like a legal one, whatever its bytes.
+const ILLEGAL_FORMAT_MARK: &[u8] = b"sqlferry: illegal file format versions";
+
+/// Whether page 1's file format versions (bytes 18–19) are one of the two legal pairs.
+pub fn legal_format_versions(page1: &[u8]) -> bool {
+    matches!(page1.get(FORMAT_VERSIONS), Some([1, 1]) | Some([2, 2]))
+}
+
+/// The SHA-256 identity of page `pgno` with content `data`.
+///
+/// Every byte counts, with these exceptions on page 1: bytes 24–27 and 92–99 (the
+/// counters SQLite rewrites at every commit in rollback mode) are hashed as zeros, and
+/// bytes 18–19 are hashed as zeros when they are one of the two legal pairs, (1, 1) and
+/// (2, 2): a WAL origin and a rollback replica hold the same content. Any other pair is
+/// hashed as it is, with a mark appended, so a page 1 that SQLite would refuse never has
+/// the hash of one it opens. Zero is the canonical value because earlier versions zeroed
+/// these bytes whatever they held: the hashes of every legal page 1 stored before are
+/// unchanged. The lock-byte page always hashes as a page of zeros.
+pub fn page_hash(pgno: u32, data: &[u8]) -> Hash {
+    let page_size = data.len() as u32;
+    if pgno == 1 && data.len() >= 100 {
+        let legal = legal_format_versions(data);
+        let mut h = Sha256::new();
+        h.update(&data[..FORMAT_VERSIONS.start]);
+        if legal {
+            h.update([0u8; 2]);
+        } else {
+            h.update(&data[FORMAT_VERSIONS]);
+        }
+        let mut at = FORMAT_VERSIONS.end;
+        for r in PAGE1_COUNTERS {
+            h.update(&data[at..r.start]);
+            h.update(&[0u8; 8][..r.len()]);
+            at = r.end;
+        }
+        h.update(&data[at..]);
+        if !legal {
+            h.update(ILLEGAL_FORMAT_MARK);
+        }
+        h.finalize().into()
+    } else if pgno == lock_byte_page(page_size) {
+        zero_page_hash(page_size)
+    } else {
+        sha256(data)
+    }
+}
+
+/// Plain SHA-256 of `data`: a stored page's content key, a manifest chunk's key, a key
+/// secret's stored form.
+pub fn sha256(data: &[u8]) -> Hash {
+    Sha256::digest(data).into()
+}
+
+/// The hash of a page of zeros: the identity of the lock-byte page.
+pub fn zero_page_hash(page_size: u32) -> Hash {
+    let mut h = Sha256::new();
+    let zeros = [0u8; 4096];
+    let mut left = page_size as usize;
+    while left > 0 {
+        let n = left.min(zeros.len());
+        h.update(&zeros[..n]);
+        left -= n;
+    }
+    h.finalize().into()
+}
+
+/// The hash of a hash-tree node: SHA-256 over its children's hashes, in order.
+pub fn node_hash(children: &[Hash]) -> Hash {
+    let mut h = Sha256::new();
+    for c in children {
+        h.update(c);
+    }
+    h.finalize().into()
+}
+
+/// Builds a database digest from its page hashes, streaming: SHA-256 over the page size
+/// (u32 big-endian), the page count (u32 big-endian) and each page hash in page order.
+pub struct Digest {
+    hasher: Sha256,
+    expected: u32,
+    seen: u32,
+}
+
+impl Digest {
+    /// Starts the digest of a database of `page_count` pages of `page_size` bytes.
+    pub fn new(page_size: u32, page_count: u32) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(page_size.to_be_bytes());
+        hasher.update(page_count.to_be_bytes());
+        Digest {
+            hasher,
+            expected: page_count,
+            seen: 0,
+        }
+    }
+
+    /// Adds the next page's hash.
+    pub fn push(&mut self, page_hash: &Hash) {
+        self.hasher.update(page_hash);
+        self.seen += 1;
+    }
+
+    /// The digest, or `None` when fewer or more hashes were pushed than pages declared.
+    pub fn finish(self) -> Option<Hash> {
+        (self.seen == self.expected).then(|| self.hasher.finalize().into())
+    }
+}
+
+/// Lower-case hex of a hash (or any bytes), as printed and stored.
+pub fn hex(bytes: &[u8]) -> String {
+    ::hex::encode(bytes)
+}
+
+/// 64 hex digits naming `parts` (a path's bytes, a server URL, a replica path): the
+/// SHA-256 of the parts with a NUL byte between them (NUL is in neither a path nor a
+/// URL, so no two lists of parts collide). Callers keep a prefix of it as a file name:
+/// page-hash caches, history records and subscriber socket directories are all named
+/// this way.
+pub fn name_key(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update([0u8]);
+        }
+        h.update(part);
+    }
+    hex(&h.finalize())
+}
+
+/// Hashes kept in an unlinked temporary file, 32 bytes each, in order: a database's page
+/// hashes (a hash tree's leaves, a committed version's manifest, what a push sent)
+/// without holding them in memory. The file goes when the value is dropped.
+#[derive(Debug)]
+pub struct HashSpill {
+    file: File,
+    len: u32,
+}
+
+/// Appends hashes to a new [`HashSpill`], buffered; [`SpillWriter::finish`] hands it
+/// over.
+pub struct SpillWriter {
+    out: BufWriter<File>,
+    len: u32,
+}
+
+/// How many bytes a spill reads or writes at a time.
+const SPILL_BUFFER_BYTES: usize = 64 * 1024;
+
+impl HashSpill {
+    /// Starts a new spill in the temporary directory.
+    pub fn writer() -> std::io::Result<SpillWriter> {
+        Ok(SpillWriter {
+            out: BufWriter::with_capacity(SPILL_BUFFER_BYTES, tempfile::tempfile()?),
+            len: 0,
+        })
+    }
+
+    /// How many hashes it holds.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Whether it holds no hash.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends hashes `first .. first + count` (0-based) to `out`.
+    pub fn read_at(&self, first: u32, count: u32, out: &mut Vec<Hash>) -> std::io::Result<()> {
+        let mut buf = vec![0u8; count as usize * HASH_BYTES];
+        self.file
+            .read_exact_at(&mut buf, u64::from(first) * HASH_BYTES as u64)?;
+        out.extend(buf.chunks_exact(HASH_BYTES).map(|c| {
+            let mut h = [0u8; HASH_BYTES];
+            h.copy_from_slice(c);
+            h
+        }));
+        Ok(())
+    }
+
+    /// Overwrites (or extends) the hashes from index `first` (0-based) with `hashes`,
+    /// which holds whole hashes back to back.
+    pub fn write_at(&mut self, first: u32, hashes: &[u8]) -> std::io::Result<()> {
+        debug_assert!(hashes.len().is_multiple_of(HASH_BYTES));
+        self.file
+            .write_all_at(hashes, u64::from(first) * HASH_BYTES as u64)?;
+        self.len = self.len.max(first + (hashes.len() / HASH_BYTES) as u32);
+        Ok(())
+    }
+
+    /// The first `count` hashes, in order, read as they are needed.
+    pub fn iter(&self, count: u32) -> HashReader<BufReader<ReadAt<'_>>> {
+        HashReader::new(
+            BufReader::with_capacity(
+                SPILL_BUFFER_BYTES,
+                ReadAt {
+                    file: &self.file,
+                    at: 0,
+                },
+            ),
+            count,
+        )
+    }
+}
+
+impl SpillWriter {
+    /// Appends one hash.
+    pub fn push(&mut self, hash: &Hash) -> std::io::Result<()> {
+        self.len += 1;
+        self.out.write_all(hash)
+    }
+
+    /// How many hashes were appended.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Whether no hash was appended.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes out what is buffered and hands the spill over.
+    pub fn finish(self) -> std::io::Result<HashSpill> {
+        Ok(HashSpill {
+            file: self.out.into_inner().map_err(|e| e.into_error())?,
+            len: self.len,
+        })
+    }
+}
+
+/// Reads a file from its start by position, leaving the file's own offset alone: a
+/// spill can be read while more is written to it, and read by several readers.
+pub struct ReadAt<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// A given number of hashes read back to back from a reader: a spill, or the body of a
+/// kept manifest file. Too few bytes is an error ([`std::io::ErrorKind::UnexpectedEof`]).
+pub struct HashReader<R> {
+    reader: R,
+    left: u32,
+}
+
+impl<R: Read> HashReader<R> {
+    /// Reads `count` hashes from `reader`.
+    pub fn new(reader: R, count: u32) -> Self {
+        HashReader {
+            reader,
+            left: count,
+        }
+    }
+}
+
+impl<R: Read> Iterator for HashReader<R> {
+    type Item = std::io::Result<Hash>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let mut h = [0u8; HASH_BYTES];
+        Some(self.reader.read_exact(&mut h).map(|()| h))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_byte_page_is_where_sqlite_puts_it() {
+        assert_eq!(lock_byte_page(4096), 262_145);
+        assert_eq!(lock_byte_page(65536), 16_385);
+        assert_eq!(lock_byte_page(512), 2_097_153);
+    }
+
+    #[test]
+    fn page1_ignores_only_counters_and_the_journal_mode() {
+        let page = |w: u8, r: u8| {
+            let mut a = vec![7u8; 4096];
+            a[18] = w;
+            a[19] = r;
+            a
+        };
+        let rollback = page_hash(1, &page(1, 1));
+        // A WAL origin and a rollback replica hold the same content.
+        assert_eq!(page_hash(1, &page(2, 2)), rollback);
+        // The counters SQLite rewrites at every commit do not count.
+        let mut a = page(1, 1);
+        for i in [24, 25, 27, 92, 95, 99] {
+            a[i] ^= 0xff;
+            assert_eq!(page_hash(1, &a), rollback, "byte {i} should not count");
+        }
+        // Any other journal-mode pair is another page, even the zeros hashed for legal
+        // pairs, and no two illegal pairs look alike.
+        let mut illegal = std::collections::HashSet::new();
+        for (w, r) in [(0, 0), (1, 2), (2, 1), (3, 3), (0, 1), (1, 0xff)] {
+            let h = page_hash(1, &page(w, r));
+            assert_ne!(h, rollback, "({w}, {r}) must not hash like a legal pair");
+            assert!(illegal.insert(h), "({w}, {r}) hashes like another pair");
+        }
+        for i in [0, 16, 20, 23, 28, 91, 100, 4095] {
+            let mut b = page(1, 1);
+            b[i] ^= 0xff;
+            assert_ne!(page_hash(1, &b), rollback, "byte {i} should count");
+        }
+        // Other pages hash every byte.
+        let mut c = vec![7u8; 4096];
+        let before = page_hash(2, &c);
+        c[18] ^= 1;
+        assert_ne!(page_hash(2, &c), before);
+    }
+
+    #[test]
+    fn legal_page1_hashes_as_before() {
+        // The hash of earlier versions, which zeroed bytes 18-19 whatever they held:
+        // versions stored before still verify.
+        let mut a = vec![7u8; 4096];
+        a[18] = 2;
+        a[19] = 2;
+        let mut old = a.clone();
+        for r in [18..20, 24..28, 92..100] {
+            old[r].fill(0);
+        }
+        assert_eq!(page_hash(1, &a), sha256(&old));
+    }
+
+    #[test]
+    fn lock_byte_page_hashes_as_zeros_whatever_it_holds() {
+        let junk = vec![0xabu8; 65536];
+        assert_eq!(page_hash(16_385, &junk), zero_page_hash(65536));
+        assert_eq!(zero_page_hash(65536), page_hash(2, &vec![0u8; 65536]));
+    }
+
+    #[test]
+    fn digest_counts_pages() {
+        let h = [1u8; 32];
+        let mut d = Digest::new(4096, 2);
+        d.push(&h);
+        assert!(Digest::new(4096, 2).finish().is_none());
+        d.push(&h);
+        let one = d.finish().expect("two pages pushed");
+        let mut e = Digest::new(8192, 2);
+        e.push(&h);
+        e.push(&h);
+        assert_ne!(Some(one), e.finish(), "page size is part of the digest");
+    }
+
+    #[test]
+    fn hex_is_lower_case_and_name_keys_separate_their_parts() {
+        assert_eq!(hex(&[0xab; 32]).len(), 64);
+        assert_eq!(hex(&[0x0f, 0xa0]), "0fa0");
+        // One part is the plain SHA-256 of it (the names caches already have on disk).
+        assert_eq!(
+            name_key(&[b"/x/app.db".as_slice()]),
+            hex(&sha256(b"/x/app.db"))
+        );
+        assert_ne!(
+            name_key(&[b"ab".as_slice(), b"c"]),
+            name_key(&[b"a".as_slice(), b"bc"])
+        );
+    }
+
+    #[test]
+    fn a_spill_gives_back_what_was_written() {
+        let h = |i: u8| [i; HASH_BYTES];
+        let mut w = HashSpill::writer().expect("a temporary file");
+        for i in 0..10 {
+            w.push(&h(i)).expect("appends");
+        }
+        let mut spill = w.finish().expect("flushes");
+        assert_eq!(spill.len(), 10);
+        let mut got = Vec::new();
+        spill.read_at(3, 2, &mut got).expect("reads");
+        assert_eq!(got, vec![h(3), h(4)]);
+        spill
+            .write_at(9, &[h(90), h(100)].concat())
+            .expect("writes");
+        assert_eq!(spill.len(), 11);
+        let all: Vec<Hash> = spill.iter(11).map(|r| r.expect("reads")).collect();
+        assert_eq!(all[9], h(90));
+        assert_eq!(all[10], h(100));
+        assert_eq!(all[..9], (0..9).map(h).collect::<Vec<_>>()[..]);
+        // Two readers at once, and a short file is an error, not a short list.
+        assert_eq!(spill.iter(2).zip(spill.iter(2)).count(), 2);
+        assert!(spill.iter(12).any(|r| r.is_err()));
+    }
+}
