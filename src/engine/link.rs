@@ -302,8 +302,20 @@ impl ChannelLink {
         if self.tx.blocking_send(bytes).is_ok() {
             Ok(())
         } else {
-            Err(Error::Disconnected("the connection closed".into()))
+            Err(self.why_closed())
         }
+    }
+
+    /// Why the link closed under a send: the peer's ERROR when it sent one before it
+    /// hung up (a server whose disk filled mid-push says so, then closes; the engine,
+    /// busy sending pages, has not read it yet), else a lost connection.
+    fn why_closed(&mut self) -> Error {
+        while let Ok(bytes) = self.rx.try_recv() {
+            if let Ok(Frame::Error { code, message }) = Frame::decode(&bytes) {
+                return Error::Remote { code, message };
+            }
+        }
+        Error::Disconnected("the connection closed".into())
     }
 
     /// Ends the engine's use of the link: closes its sending half (the pump then knows
@@ -478,5 +490,29 @@ mod tests {
             assert!(queued <= CHANNEL_FRAMES, "the queue never fills");
         }
         assert_eq!(queued, CHANNEL_FRAMES);
+    }
+
+    /// A server that fails mid-push sends ERROR and hangs up while the origin is still
+    /// sending pages: the send that finds the link closed reports the server's error
+    /// (disk full: exit 10), not a lost connection (exit 4).
+    #[test]
+    fn a_send_into_a_closed_link_reports_the_peers_last_error() {
+        let (mut link, pump) = channel_link(Role::Origin);
+        let error = Frame::Error {
+            code: crate::protocol::ErrorCode::ServerError as u16,
+            message: "the disk is full".into(),
+        };
+        pump.to_engine.0.try_send(error.to_bytes()).expect("queued");
+        drop(pump);
+        match link.send_page(1, &[0; 512]) {
+            Err(Error::Remote { message, .. }) => assert_eq!(message, "the disk is full"),
+            other => panic!("expected the server's error, got {other:?}"),
+        }
+        let (mut link, pump) = channel_link(Role::Origin);
+        drop(pump);
+        assert!(matches!(
+            link.send_page(1, &[0; 512]),
+            Err(Error::Disconnected(_))
+        ));
     }
 }
