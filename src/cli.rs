@@ -137,6 +137,10 @@ impl RemoteArgs {
 }
 
 /// Bytes for a person: `216.1 MB`, `4.0 KB`, `69 B` (powers of 1000).
+///
+/// Not indicatif's `DecimalBytes` (which prints `216.10 MB` and `kB`) nor `HumanBytes`
+/// (powers of 1024): these exact forms are in every output line users and scripts read
+/// today, and in the docs.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
     let mut v = n as f64;

@@ -30,6 +30,8 @@
 //! - `epoch`: Unix seconds, now and as RFC 3339.
 //! - `error`: the typed [`Error`], its [`ErrorKind`] and the protocol's error codes.
 //! - `shutdown`: the one cancellation (graceful, then forced) every loop obeys.
+//! - `backoff`: retry and reconnect delays with jitter, pure; used by the subscribers
+//!   and the remote subscription alike.
 
 pub mod backoff;
 pub mod cli;
