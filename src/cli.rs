@@ -160,7 +160,16 @@ impl Cli {
     /// Runs the command on the one runtime, with the one shutdown; the error, if any,
     /// carries its exit code via [`exit_code`].
     pub fn run(self) -> anyhow::Result<ExitCode> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
+        // The server serves many sessions at once: a worker per core. Every other
+        // command does one sync at a time, with the engine, SQLite and files on the
+        // blocking pool: one thread drives its I/O, and the process stays as small as
+        // it was before it had a runtime at all (a multi-thread runtime cost a no-change
+        // push 1.3 MiB of peak RSS, +10%).
+        let mut builder = match self.command {
+            Command::Serve(_) => tokio::runtime::Builder::new_multi_thread(),
+            _ => tokio::runtime::Builder::new_current_thread(),
+        };
+        let runtime = builder
             .enable_all()
             .build()
             .context("cannot start the runtime")?;
