@@ -22,7 +22,7 @@ mod tree;
 
 pub use link::{
     ChannelLink, FromEngine, Leftovers, Link, MemLink, PumpEnd, Role, ToEngine, channel_link,
-    mem_pair,
+    mem_pair, pumped_link,
 };
 pub use origin::{
     FLAG_KNOWN_BASE, KnownBase, ManifestSink, OriginOptions, run as run_origin,

@@ -6,12 +6,11 @@
 //! - A `sqlferry serve` server: `ws://host:port` or `wss://host:port` (rustls, no
 //!   OpenSSL; the `tls` module says which certificates are trusted). The key travels only
 //!   in the `Authorization: Bearer` header of the WebSocket upgrade; the engine runs on a
-//!   blocking thread and the `ws` module carries its frames.
+//!   blocking thread and `transport::ws` carries its frames.
 
 pub mod local;
 mod subscription;
 pub(crate) mod tls;
-pub(crate) mod ws;
 
 pub use subscription::{Notice, Outgoing, Subscription};
 
@@ -21,14 +20,15 @@ use std::sync::Arc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::engine::{
-    KnownBase, NoProgress, OriginOptions, Progress, Role, SyncStats, run_origin_with, run_replica,
-    sync_local, sync_local_with,
+    KnownBase, NoProgress, OriginOptions, Progress, Role, SyncStats, pumped_link, run_origin_with,
+    run_replica, sync_local, sync_local_with,
 };
 use crate::history;
 use crate::page::{Snapshot, Writer};
 use crate::protocol::control::{Config, Control, KeyInfo, NewKeys, Op, Open, SubscriberRole};
 use crate::protocol::{Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector, Store, VersionInfo};
+use crate::transport::ws;
 use crate::{Error, Result};
 
 /// A server: where replicas live.
@@ -305,7 +305,7 @@ impl Server {
                 }
                 let (result, rest) = ws::run_engine(
                     &mut ws,
-                    Role::Origin,
+                    pumped_link(Role::Origin),
                     Vec::new(),
                     Some(SYNC_IDLE_TIMEOUT),
                     move |link| {
@@ -398,7 +398,7 @@ impl Server {
                 .await?;
                 let (result, _) = ws::run_engine(
                     &mut ws,
-                    Role::Replica,
+                    pumped_link(Role::Replica),
                     Vec::new(),
                     Some(SYNC_IDLE_TIMEOUT),
                     move |link| {

@@ -296,6 +296,20 @@ pub fn channel_link(role: Role) -> (ChannelLink, PumpEnd) {
     )
 }
 
+/// A link for `role` and the pump's two ends, in the order
+/// `transport::ws::run_engine` takes them: the one way client and server run an engine
+/// role over a WebSocket.
+pub fn pumped_link(role: Role) -> (ChannelLink, ToEngine, FromEngine) {
+    let (
+        link,
+        PumpEnd {
+            to_engine,
+            from_engine,
+        },
+    ) = channel_link(role);
+    (link, to_engine, from_engine)
+}
+
 impl ChannelLink {
     fn send_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.sent += bytes.len() as u64;

@@ -30,7 +30,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::fault::{self, OwnFaults};
 use super::{Event, KeyKind, Principal, State, blocking};
-use crate::engine::{ChannelLink, PumpEnd, channel_link};
+use crate::engine::{ChannelLink, pumped_link};
 use crate::engine::{NoProgress, Role, run_origin, run_replica};
 use crate::protocol::control::{
     Config, Control, NewVersion, Op, Open, PING_INTERVAL, SubscriberRole,
@@ -156,16 +156,9 @@ where
     T: Send + 'static,
     F: FnOnce(&mut ChannelLink) -> Result<T> + Send + 'static,
 {
-    let (
-        link,
-        PumpEnd {
-            to_engine,
-            from_engine,
-        },
-    ) = channel_link(role);
     crate::transport::ws::run_engine(
         ws,
-        (link, to_engine, from_engine),
+        pumped_link(role),
         first,
         Some(SYNC_IDLE_TIMEOUT),
         engine,
