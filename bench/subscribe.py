@@ -1,7 +1,7 @@
 """Benchmark of sqlferry's subscribers (issue 4): fan-out latency and idle CPU.
 
     python3 bench/subscribe.py [--subscribers 100] [--size-mb 20] [--rounds 3]
-                               [--idle-seconds 60] [--workdir DIR]
+                               [--idle-seconds 60] [--workdir DIR] [--bin PATH]
 
 Builds the release binary (`cargo build --release`), makes a WAL database of about
 --size-mb with bench/mkdb.py, starts a real `sqlferry serve` on 127.0.0.1:0 with its own
@@ -691,13 +691,23 @@ def main():
                         help="change-and-push rounds (default 3)")
     parser.add_argument("--idle-seconds", type=int, default=60,
                         help="how long the idle CPU is measured (default 60)")
+    parser.add_argument("--bin", type=Path, default=None,
+                        help="run this sqlferry binary (server, pusher and subscribers) "
+                             "instead of building target/release/sqlferry: to compare two "
+                             "commits' builds in alternating runs on the same machine")
     args = parser.parse_args()
     if args.subscribers < 1 or args.rounds < 1 or args.idle_seconds < 1:
         parser.error("--subscribers, --rounds and --idle-seconds must be at least 1")
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench/subscribe.py: terminated"))
 
-    engine.build()
+    if args.bin is None:
+        engine.build()
+    else:
+        global SQLFERRY
+        if not args.bin.is_file():
+            parser.error(f"--bin {args.bin}: no such file")
+        SQLFERRY = server.SQLFERRY = engine.SQLFERRY = args.bin.resolve()
     root = Path(args.workdir)
     shutil.rmtree(root, ignore_errors=True)
     (root / "origin").mkdir(parents=True)
@@ -729,8 +739,9 @@ def main():
 
     checks = targets(fan, idle)
     print()
-    print(f"sqlferry {info.get('commit', '?')}"
-          f"{' (src/ modified)' if info.get('src_dirty') else ''}, {info['nproc']} CPUs "
+    built = (f"binary {SQLFERRY}" if args.bin else
+             f"{info.get('commit', '?')}{' (src/ modified)' if info.get('src_dirty') else ''}")
+    print(f"sqlferry {built}, {info['nproc']} CPUs "
           f"({info.get('cpu', '?')}), load {info['load_start']} -> {info['load_end']}; "
           f"{pages} pages of {page_size} bytes, {args.subscribers} subscribers, "
           f"{fan['verified']} verified\n")
@@ -745,7 +756,8 @@ def main():
     print(idle_table(idle))
     print()
     print(engine.table(["target", "measured", "limit", "result"], checks))
-    report = {"machine": info, "args": vars(args), "rows": rows, "pages": pages,
+    report = {"machine": info, "args": {k: (str(v) if isinstance(v, Path) else v)
+                                        for k, v in vars(args).items()}, "rows": rows, "pages": pages,
               "page_size": page_size, "fan_out": fan, "idle": idle, "targets": checks}
     out = root / "results-subscribe.json"
     out.write_text(json.dumps(report, indent=2))
