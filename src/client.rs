@@ -144,6 +144,32 @@ impl Connection {
     }
 }
 
+/// Records a push or pull (`op`) of the database `database` as `version` of `replica`
+/// on `server` in the local history, on a blocking thread: the base of the next push
+/// and what the next pull checks LOCAL against.
+async fn record_sync(
+    database: &Path,
+    server: &Server,
+    replica: &ReplicaPath,
+    version: u64,
+    digest: &str,
+    op: &str,
+) -> Result<()> {
+    let sync = crate::history::LastSync::now(
+        database,
+        server.url(),
+        replica.as_str(),
+        version,
+        digest,
+        op,
+    );
+    blocking(move || {
+        crate::history::record(&sync);
+        Ok(())
+    })
+    .await
+}
+
 /// The secrets file's entry for `local`: saved under the database's key, or, before
 /// keys resolved links, under its absolute path.
 fn saved_secret(local: &Path) -> Result<Option<crate::config::Secret>> {

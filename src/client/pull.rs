@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::engine::Progress;
-use crate::history::{self, LastSync};
+use crate::history;
 use crate::page::{Snapshot, Writer};
 use crate::remote::{PullOutcome, Server, blocking};
 use crate::store::{ReplicaPath, Selector, VersionInfo};
@@ -300,18 +300,14 @@ impl Puller {
 
     /// Records a pull in the local history.
     async fn record(&self, outcome: &PullOutcome) -> Result<()> {
-        let sync = LastSync::now(
+        super::record_sync(
             &self.database,
-            self.server.url(),
-            self.replica.as_str(),
+            &self.server,
+            &self.replica,
             outcome.version,
             &outcome.stats.digest,
             "pull",
-        );
-        blocking(move || {
-            history::record(&sync);
-            Ok(())
-        })
+        )
         .await
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::config::{Secret, Sidecar};
 use crate::engine::{Progress, SyncStats, sync_local};
-use crate::history::{self, LastSync};
+use crate::history;
 use crate::page::{Snapshot, Writer};
 use crate::remote::{PushOutcome, PushRequest, Server, blocking, check_source};
 use crate::store::{PushOptions, ReplicaPath};
@@ -185,18 +185,14 @@ impl Pusher {
                     self.replica
                 ))
             })?;
-        let record = LastSync::now(
+        super::record_sync(
             &self.database,
-            self.server.url(),
-            self.replica.as_str(),
+            &self.server,
+            &self.replica,
             outcome.version,
             &outcome.stats.digest,
             "push",
-        );
-        blocking(move || {
-            history::record(&record);
-            Ok(())
-        })
+        )
         .await?;
         let saved_keys = match &outcome.keys {
             Some(keys) => {
