@@ -69,6 +69,10 @@ pub const EXIT_CONFLICT: i32 = 6;
 /// Exit code: the replica or version does not exist.
 pub const EXIT_NOT_FOUND: i32 = 8;
 
+/// What the server logs when the grace after a stop signal ran out with sessions still
+/// running: a stop that should have been prompt must not print it.
+pub const ABORTED_AT_GRACE: &str = "aborting sessions still running";
+
 /// How long a server may take to say it is listening (a debug build on a busy CI).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 

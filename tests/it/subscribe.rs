@@ -378,9 +378,13 @@ fn the_server_shows_the_planned_push_and_sync_now_pushes_it() {
     });
     // A server with a subscriber connected still stops at once on SIGTERM: the
     // subscribe session is closed, not waited for.
-    let (status, took) = server.stop("TERM", Duration::from_secs(15));
+    let (status, _) = server.stop("TERM", Duration::from_secs(30));
     assert!(status.success(), "{status}");
-    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+    assert!(
+        !server.log().contains(crate::server::ABORTED_AT_GRACE),
+        "the subscribe session held the stop up for the grace:\n{}",
+        server.log()
+    );
     push.expect(&["lost the server"]);
     assert_eq!(push.stop(), 0);
 }

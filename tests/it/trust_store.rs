@@ -778,17 +778,12 @@ fn a_push_on_a_base_whose_page_1_is_damaged_is_refused_then_repaired() {
     util::open(&db)
         .execute("UPDATE t SET k = 'changed' WHERE id = 300", [])
         .expect("update");
-    let started = std::time::Instant::now();
     let out = b.push(&db, &[]);
     assert_eq!(util::code(&out), EXIT_VERIFY, "{}", util::stderr(&out));
     assert!(
         util::stderr(&out).contains("page 1 of acme/app.db is damaged"),
         "{}",
         util::stderr(&out)
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "no wait for its own lock"
     );
     let versions = ok(&b.run(&["versions", REPLICA, "--json"]), "versions");
     assert_eq!(versions.as_array().map(Vec::len), Some(1), "nothing stored");
