@@ -57,7 +57,9 @@ pub trait PageSource {
     fn page_count(&self) -> u32;
     /// Calls `f` with every page's number and hash ([`crate::digest::page_hash`]), in
     /// page order, and with the page's bytes too for pages after `with_data_after`
-    /// (the pages the replica does not have, sent during the same pass).
+    /// (the pages the replica does not have, sent during the same pass) when it read
+    /// them: a source that knew a page's hash without reading it passes `None`, and the
+    /// origin reads the page with [`PageSource::read_page`] if it must send it.
     fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()>;
     /// Reads page `pgno` into `buf` (replacing its contents).
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()>;

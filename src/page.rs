@@ -11,11 +11,14 @@
 //! knows nothing of the sync engine: the engine implements its page source and target
 //! over these two types (`engine/sqlite.rs`).
 
+mod btree;
+mod fastcache;
 pub(crate) mod handles;
 mod hashcache;
 mod header;
 mod scan;
 mod snapshot;
+mod wal;
 mod writer;
 
 pub use header::{Header, JournalMode};

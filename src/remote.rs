@@ -446,7 +446,17 @@ where
 /// Refuses a push source that fails `PRAGMA quick_check`, run inside the snapshot's
 /// read transaction (what is checked is what would be sent): a nightly copy of a
 /// damaged database must never replace a good version or a good local copy.
+///
+/// A push that follows the WAL (reads only the pages changed since the last one) checks
+/// the structure of those pages instead, which costs what they cost; any doubt there, and
+/// every push that reads the whole file, runs the full `quick_check` (docs/trust.md).
 pub fn check_source(source: &Snapshot) -> Result<()> {
+    if let Some(problems) = source.check_changed_pages()? {
+        if problems.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(problem = %problems[0], "a changed page looks damaged; running quick_check");
+    }
     let problems = match source.quick_check() {
         Ok(lines) => lines,
         // SQLite could not even walk the file: that is the check's answer.

@@ -181,6 +181,10 @@ fn session(
     // not have, or that differ from the known base, as they go by.
     progress.start(Phase::Hashing, u64::from(page_count), page_size);
     let mut pages_sent = 0u32;
+    // Pages the pass wanted to send but got no bytes of (page runs would be smaller;
+    // a source sends bytes for every page it read, so this stays short).
+    let mut unread: Vec<u32> = Vec::new();
+    let wants_data = |pgno: u32| pgno > common;
     let (mut tree, digest) = Tree::build(
         page_size,
         page_count,
@@ -195,11 +199,17 @@ fn session(
                     },
                     _ => true,
                 };
-                if let (Some(data), true) = (data, differs)
-                    && pgno != lock_page
-                {
-                    link.send_page(pgno, data)?;
-                    pages_sent += 1;
+                if differs && pgno != lock_page {
+                    match data {
+                        Some(data) => {
+                            link.send_page(pgno, data)?;
+                            pages_sent += 1;
+                        }
+                        // A source that did not read this page (its hash was known)
+                        // sends it after the pass.
+                        None if wants_data(pgno) => unread.push(pgno),
+                        None => {}
+                    }
                 }
                 f(pgno, hash)
             })
@@ -219,6 +229,9 @@ fn session(
         buf: Vec::with_capacity(page_size as usize),
         pages_sent,
     };
+    for pgno in unread {
+        tx.page(pgno)?;
+    }
 
     // Descent: a queue of node runs to ask for, answered in order, pipelined up to the
     // window. Adjacent runs of one level merge, so a region of many changes costs one

@@ -42,7 +42,7 @@ pub fn default_dir() -> Option<PathBuf> {
 }
 
 /// Where the cache of the database at `db` lives, in `dir`.
-fn cache_path(dir: &Path, db: &Path) -> Option<PathBuf> {
+pub(super) fn cache_path(dir: &Path, db: &Path) -> Option<PathBuf> {
     let abs = std::fs::canonicalize(db).ok()?;
     let key = crate::digest::name_key(&[abs.as_os_str().as_encoded_bytes()]);
     Some(dir.join(&key[..32]))
@@ -68,6 +68,10 @@ fn prune(dir: &Path) {
     files.sort();
     for (_, path) in &files[..files.len() - MAX_CACHE_FILES] {
         let _ = std::fs::remove_file(path);
+        // The WAL hash list of the same database (`fastcache`) goes with it.
+        let mut list = path.clone().into_os_string();
+        list.push(".wal");
+        let _ = std::fs::remove_file(list);
     }
 }
 

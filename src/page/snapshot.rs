@@ -11,9 +11,13 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+use std::cell::RefCell;
+
+use super::fastcache::{FileId, HashList, ListWriter, Stamp};
 use super::hashcache::HashCache;
+use super::wal::{self, Position};
 use super::{Header, JournalMode};
-use crate::digest::{Digest, Hash, page_hash};
+use crate::digest::{Digest, Hash, lock_byte_page, page_hash};
 use crate::{Error, Result};
 
 /// How long a snapshot waits for a writer holding an exclusive lock (rollback mode).
@@ -39,6 +43,39 @@ pub struct Snapshot {
     journal_mode: JournalMode,
     /// Where the page-hash cache lives (`None`: no cache).
     hash_cache: Option<std::path::PathBuf>,
+    /// The database file's identity.
+    id: Option<FileId>,
+    /// In WAL mode, a point of the WAL this snapshot contains every frame up to
+    /// (`None`: not known, and every scan reads every page).
+    pinned: Option<Position>,
+    /// Whether the WAL was seen at `pinned` both before and after the read transaction
+    /// started: then the snapshot holds exactly the frames up to it.
+    exact: bool,
+    /// How the next [`Snapshot::hash_pages`] learns the pages, once decided.
+    plan: RefCell<Option<Plan>>,
+}
+
+/// How a scan learns the pages' hashes.
+enum Plan {
+    /// From the WAL hash list, reading only the pages in `changed` (a bit per page), the
+    /// ones the WAL names after the list's position.
+    Follow {
+        list: HashList,
+        changed: Vec<u64>,
+        count: u32,
+    },
+    /// By reading every page.
+    Scan,
+}
+
+/// More changed pages than one in this many and a push reads the whole file instead:
+/// reading in large blocks is faster than many point reads, and the list of changed
+/// hashes stays small.
+const FOLLOW_MAX_SHARE: u32 = 16;
+
+fn is_set(bits: &[u64], pgno: u32) -> bool {
+    let i = (pgno - 1) as usize;
+    bits[i / 64] & (1 << (i % 64)) != 0
 }
 
 impl Snapshot {
@@ -50,7 +87,22 @@ impl Snapshot {
             reason: "empty database: nothing to sync".into(),
         })?;
         let sql = |e| Error::sqlite(path, e);
+        let wal_mode = header.journal_mode == JournalMode::Wal;
+        let before = wal_mode
+            .then(|| wal::observe(path, header.page_size))
+            .flatten();
         let conn = Self::begin(path).map_err(sql)?;
+        // The snapshot holds every frame `before` counted unless the WAL was reset in
+        // between, which changes its salts (see `page/wal.rs`).
+        let after = before.and_then(|_| wal::observe(path, header.page_size));
+        let (pinned, exact) = match (before, after) {
+            (Some(b), Some(a))
+                if a.position.salt == b.position.salt && a.position.frame >= b.position.frame =>
+            {
+                (Some(b.position), a.position == b.position)
+            }
+            _ => (None, false),
+        };
         super::require_dbpage(&conn, path)?;
         let file = super::handles::open(path, false).map_err(|e| Error::io(path, e))?;
         let page_count: u32 = conn
@@ -67,12 +119,16 @@ impl Snapshot {
         }
         Ok(Snapshot {
             conn,
-            file,
             path: path.to_owned(),
             page_size,
             page_count,
             journal_mode: header.journal_mode,
             hash_cache: super::hashcache::default_dir(),
+            id: FileId::of(&file),
+            file,
+            pinned: pinned.filter(|_| page_size == header.page_size),
+            exact,
+            plan: RefCell::new(None),
         })
     }
 
@@ -93,6 +149,7 @@ impl Snapshot {
     /// directory; `None` hashes every page.
     pub fn with_hash_cache(mut self, dir: Option<std::path::PathBuf>) -> Self {
         self.hash_cache = dir;
+        self.plan = RefCell::new(None);
         self
     }
 
@@ -116,6 +173,23 @@ impl Snapshot {
     /// [`Snapshot::integrity_check`] (no index-content cross-check), linear in size.
     pub fn quick_check(&self) -> Result<Vec<String>> {
         self.check("PRAGMA quick_check")
+    }
+
+    /// When the next scan [`follows_wal`](Snapshot::follows_wal): the problems the
+    /// structural check of the pages it reads finds (empty: none). `None` when it reads
+    /// every page, and only `PRAGMA quick_check` can say.
+    pub fn check_changed_pages(&self) -> Result<Option<Vec<String>>> {
+        let Some(pages) = self.changed_pages() else {
+            return Ok(None);
+        };
+        let mut buf = Vec::with_capacity(self.page_size as usize);
+        let lock_page = lock_byte_page(self.page_size);
+        let mut problems = Vec::new();
+        for pgno in pages.into_iter().filter(|&p| p != lock_page) {
+            super::scan::read_page(&self.conn, &self.path, pgno, self.page_size, &mut buf)?;
+            problems.extend(super::btree::check_page(pgno, &buf, self.page_count));
+        }
+        Ok(Some(problems))
     }
 
     /// The lines a checking pragma answers.
@@ -155,21 +229,120 @@ impl Snapshot {
     }
 
     /// Calls `f` with every page's number and [`page_hash`](crate::digest::page_hash),
-    /// in page order, and with the page's bytes too for pages after `with_data_after`.
-    /// Unchanged pages take their hash from the page-hash cache.
+    /// in page order, and with the page's bytes too for pages after `with_data_after`
+    /// that were read: on a WAL database whose hash list is current, only the pages the
+    /// WAL names since are read, and the others come without their bytes (`None`; the
+    /// caller reads them with [`Snapshot::read_page`] if it needs them). Otherwise every
+    /// page is read, and unchanged pages take their hash from the page-hash cache.
     pub fn hash_pages(&mut self, with_data_after: u32, f: &mut HashedPageFn<'_>) -> Result<()> {
+        self.decide();
+        let plan = self.plan.take().unwrap_or(Plan::Scan);
+        match plan {
+            Plan::Follow {
+                list,
+                changed,
+                count,
+            } => self.follow(list, &changed, count, with_data_after, f),
+            Plan::Scan => self.scan(with_data_after, f),
+        }
+    }
+
+    /// Whether the next scan reads only the pages the WAL names (a hash list current
+    /// for this file was found): then [`Snapshot::changed_pages`] are the pages read.
+    pub fn follows_wal(&self) -> bool {
+        self.decide();
+        matches!(*self.plan.borrow(), Some(Plan::Follow { .. }))
+    }
+
+    /// The pages the next scan reads because the WAL names them, when it
+    /// [`follows_wal`](Snapshot::follows_wal); `None` when it reads every page.
+    pub fn changed_pages(&self) -> Option<Vec<u32>> {
+        self.decide();
+        match &*self.plan.borrow() {
+            Some(Plan::Follow { changed, .. }) => Some(
+                (1..=self.page_count)
+                    .filter(|&p| is_set(changed, p))
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Decides, once per scan, how the next scan learns the pages.
+    fn decide(&self) {
+        if self.plan.borrow().is_none() {
+            let plan = self.plan_follow().unwrap_or(Plan::Scan);
+            if let Plan::Scan = plan {
+                tracing::debug!(path = %self.path.display(), "origin reads every page");
+            }
+            *self.plan.borrow_mut() = Some(plan);
+        }
+    }
+
+    /// The follow plan, when the WAL says for sure which pages changed since the hash
+    /// list's position (reasoning in `page/wal.rs` and docs/engine.md).
+    fn plan_follow(&self) -> Option<Plan> {
+        let (dir, pinned, id) = (self.hash_cache.as_deref()?, self.pinned?, self.id?);
+        let list = HashList::load(dir, &self.path, id, self.page_size)?;
+        let from = list.stamp.position;
+        if from.salt != pinned.salt || from.frame > pinned.frame {
+            return None;
+        }
+        let pages = if from == pinned && self.exact {
+            // The WAL has not moved since the list was made: nothing changed.
+            Vec::new()
+        } else {
+            let pages = wal::pages_since(&self.path, self.page_size, from)?;
+            // No reset while walking: the frames read were the generation's own.
+            let now = wal::observe(&self.path, self.page_size)?;
+            if now.position.salt != pinned.salt {
+                return None;
+            }
+            pages
+        };
+        let mut changed = vec![0u64; (self.page_count as usize).div_ceil(64)];
+        let mut set = |p: u32| {
+            if (1..=self.page_count).contains(&p) {
+                let i = (p - 1) as usize;
+                changed[i / 64] |= 1 << (i % 64);
+            }
+        };
+        // Page 1 always: it is small, and it holds the header the check reads.
+        set(1);
+        pages.into_iter().for_each(&mut set);
+        (list.stamp.page_count + 1..=self.page_count).for_each(set);
+        let count = changed.iter().map(|w| w.count_ones()).sum::<u32>();
+        if count > (self.page_count / FOLLOW_MAX_SHARE).max(64) {
+            return None;
+        }
+        Some(Plan::Follow {
+            list,
+            changed,
+            count,
+        })
+    }
+
+    /// Reads every page (fingerprint cache for the hashes), and leaves a hash list true
+    /// at the pinned WAL position.
+    fn scan(&mut self, with_data_after: u32, f: &mut HashedPageFn<'_>) -> Result<()> {
         let mut cache = HashCache::open(
             self.hash_cache.as_deref(),
             &self.path,
             self.page_size,
             self.page_count,
         );
+        let mut list = match (&self.hash_cache, self.pinned, self.id) {
+            (Some(dir), Some(_), Some(_)) => ListWriter::new(dir, &self.path),
+            _ => None,
+        };
         self.for_each_page(&mut |pgno, data| {
-            f(
-                pgno,
-                cache.hash(pgno, data),
-                (pgno > with_data_after).then_some(data),
-            )
+            let hash = cache.hash(pgno, data);
+            if let Some(w) = &mut list
+                && w.push(&hash).is_err()
+            {
+                list = None;
+            }
+            f(pgno, hash, (pgno > with_data_after).then_some(data))
         })?;
         tracing::debug!(
             path = %self.path.display(),
@@ -178,6 +351,83 @@ impl Snapshot {
             "origin hashed"
         );
         cache.finish();
+        if let (Some(w), Some(pinned), Some(id)) = (list, self.pinned, self.id) {
+            w.finish(id, self.page_size, self.page_count, pinned);
+        }
+        Ok(())
+    }
+
+    /// Reads only the `changed` pages; the others' hashes come from `list`, which is
+    /// then brought to the pinned position.
+    fn follow(
+        &mut self,
+        mut list: HashList,
+        changed: &[u64],
+        count: u32,
+        with_data_after: u32,
+        f: &mut HashedPageFn<'_>,
+    ) -> Result<()> {
+        let (Some(pinned), Some(id)) = (self.pinned, self.id) else {
+            return Err(Error::Bug("a WAL plan without a WAL position".into()));
+        };
+        let list_path = self.hash_cache.clone().unwrap_or_default();
+        let io = |e: std::io::Error| Error::io(&list_path, e);
+        let lock_page = lock_byte_page(self.page_size);
+        let mut sum = xxhash_rust::xxh3::Xxh3::new();
+        let mut updates = Vec::new();
+        let mut buf = Vec::with_capacity(self.page_size as usize);
+        let listed = list.stamp.page_count;
+        {
+            let mut entries = list.entries().map_err(io)?;
+            for pgno in 1..=self.page_count {
+                let cached = match pgno <= listed {
+                    true => Some(entries.next().expect("one entry a page").map_err(io)?),
+                    false => None,
+                };
+                let hash = match cached {
+                    Some(h) if !is_set(changed, pgno) => {
+                        f(pgno, h, None)?;
+                        h
+                    }
+                    _ => {
+                        if pgno == lock_page {
+                            buf.clear();
+                            buf.resize(self.page_size as usize, 0);
+                        } else {
+                            super::scan::read_page(
+                                &self.conn,
+                                &self.path,
+                                pgno,
+                                self.page_size,
+                                &mut buf,
+                            )?;
+                        }
+                        let h = page_hash(pgno, &buf);
+                        if cached != Some(h) {
+                            updates.push((pgno, h));
+                        }
+                        f(pgno, h, (pgno > with_data_after).then_some(&buf[..]))?;
+                        h
+                    }
+                };
+                sum.update(&hash);
+            }
+        }
+        tracing::debug!(
+            path = %self.path.display(),
+            pages = self.page_count,
+            read = count,
+            differ = updates.len(),
+            "origin followed the WAL"
+        );
+        let stamp = Stamp {
+            id,
+            page_size: self.page_size,
+            page_count: self.page_count,
+            position: pinned,
+            checksum: sum.digest(),
+        };
+        list.update(stamp, &updates);
         Ok(())
     }
 

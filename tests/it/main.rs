@@ -16,6 +16,8 @@
 //! - `house`: one runtime (nothing below `cli` builds one), one signal handler.
 //! - `trust_store`: damaged stored pages found, refused and repaired; `scrub`; pushes that
 //!   already landed; hostile origins; files a killed first push left.
+//! - `wal_follow`: pushes of WAL databases that read only what the WAL names, through
+//!   writes, checkpoints of every kind, VACUUM and resets: every change is seen.
 
 mod cli;
 mod engine;
@@ -28,4 +30,5 @@ mod sync_props;
 mod trust_client;
 mod trust_store;
 mod util;
+mod wal_follow;
 mod watch;

@@ -1,0 +1,291 @@
+//! Pushes of WAL databases that read only the pages the WAL names: every change is seen.
+//!
+//! A proptest interleaves writes (from the test's own connection and from a second
+//! process), checkpoints of every kind, `VACUUM`, connections closing (the last one
+//! deletes the WAL) and pushes, and after every push the replica's rows, integrity check
+//! and digest equal the origin's. Deterministic tests show the fast path is taken where
+//! it should be (no change, a small change), reads what it says, falls back where it
+//! cannot be sure (a reset it did not see, a replaced file, a damaged hash list), and
+//! that a damaged page among the changed ones is refused.
+//!
+//! `SQLFERRY_FUZZ_CASES` sets the number of cases (default 24, a few seconds).
+
+use std::path::{Path, PathBuf};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use rusqlite::Connection;
+use sqlferry::page::Snapshot;
+use tempfile::TempDir;
+
+use crate::util::{self, Mode};
+
+const DEFAULT_CASES: u32 = 24;
+
+fn cache_of(db: &Path) -> PathBuf {
+    db.parent().expect("a directory").join(".hash-cache")
+}
+
+/// A snapshot of `db` with the cache `util::sync` uses.
+fn snapshot(db: &Path) -> Snapshot {
+    Snapshot::open(db)
+        .expect("snapshot")
+        .with_hash_cache(Some(cache_of(db)))
+}
+
+/// A WAL database of `rows` rows whose application connection stays open (so the WAL
+/// is not deleted behind the test's back) with auto-checkpoints off.
+fn wal_db(path: &Path, rows: u64) -> Connection {
+    let conn = util::create(path, 4096, Mode::Wal);
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .expect("autocheckpoint");
+    util::insert_rows(&conn, rows, 200);
+    conn
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Insert {
+        rows: u32,
+        blob: u32,
+    },
+    Update {
+        every: u32,
+    },
+    Delete {
+        every: u32,
+    },
+    /// `PRAGMA wal_checkpoint(KIND)`.
+    Checkpoint(&'static str),
+    Vacuum,
+    /// Rows written by a second process (python3's own SQLite).
+    OtherProcess {
+        rows: u32,
+    },
+    /// The application's connection closes (the last one checkpoints and deletes the
+    /// WAL) and opens again.
+    Reopen,
+    Push,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1u32..200, prop_oneof![Just(50u32), Just(3000u32), Just(9000u32)])
+            .prop_map(|(rows, blob)| Op::Insert { rows, blob }),
+        2 => (1u32..20).prop_map(|every| Op::Update { every }),
+        1 => (1u32..10).prop_map(|every| Op::Delete { every }),
+        2 => prop_oneof![
+            Just("PASSIVE"),
+            Just("FULL"),
+            Just("RESTART"),
+            Just("TRUNCATE")
+        ]
+        .prop_map(Op::Checkpoint),
+        1 => Just(Op::Vacuum),
+        1 => (1u32..50).prop_map(|rows| Op::OtherProcess { rows }),
+        1 => Just(Op::Reopen),
+        5 => Just(Op::Push),
+    ]
+}
+
+fn apply(conn: &mut Connection, db: &Path, op: &Op) {
+    match op {
+        Op::Insert { rows, blob } => util::insert_rows(conn, u64::from(*rows), u64::from(*blob)),
+        Op::Update { every } => {
+            conn.execute(
+                "UPDATE t SET v = randomblob(length(v) + 10) WHERE id % ?1 = 0",
+                [every],
+            )
+            .expect("update");
+        }
+        Op::Delete { every } => {
+            conn.execute("DELETE FROM t WHERE id % ?1 = 0", [every])
+                .expect("delete");
+        }
+        Op::Checkpoint(kind) => {
+            conn.query_row(&format!("PRAGMA wal_checkpoint({kind})"), [], |_| Ok(()))
+                .expect("checkpoint");
+        }
+        Op::Vacuum => conn.execute_batch("VACUUM").expect("vacuum"),
+        Op::OtherProcess { rows } => {
+            util::python(
+                "import sqlite3, sys\n\
+                 c = sqlite3.connect(sys.argv[1], timeout=30)\n\
+                 c.execute('PRAGMA wal_autocheckpoint=0')\n\
+                 c.executemany('INSERT INTO t(k, v) VALUES (?, randomblob(300))',\n\
+                 [('p%d' % i,) for i in range(int(sys.argv[2]))])\n\
+                 c.commit()\n\
+                 c.close()",
+                &[db.as_os_str(), std::ffi::OsStr::new(&rows.to_string())],
+            );
+        }
+        Op::Reopen => {
+            // The last connection closes: SQLite checkpoints and deletes the WAL.
+            let placeholder = Connection::open_in_memory().expect("in memory");
+            drop(std::mem::replace(conn, placeholder));
+            *conn = util::open(db);
+            conn.pragma_update(None, "wal_autocheckpoint", 0)
+                .expect("autocheckpoint");
+        }
+        Op::Push => {}
+    }
+}
+
+#[test]
+fn every_change_is_pushed_whatever_the_wal_went_through() {
+    let cases = std::env::var("SQLFERRY_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_CASES);
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        proptest::test_runner::TestRng::deterministic_rng(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+        ),
+    );
+    let followed = std::cell::Cell::new(0u32);
+    let pushes = std::cell::Cell::new(0u32);
+    runner
+        .run(&prop::collection::vec(op(), 1..24), |ops| {
+            let dir = TempDir::new().expect("tempdir");
+            let origin = dir.path().join("origin.db");
+            let replica = dir.path().join("replica.db");
+            let mut conn = wal_db(&origin, 300);
+            util::sync(&origin, &replica);
+            for op in ops.iter().chain([&Op::Push]) {
+                apply(&mut conn, &origin, op);
+                if let Op::Push = op {
+                    if snapshot(&origin).follows_wal() {
+                        followed.set(followed.get() + 1);
+                    }
+                    pushes.set(pushes.get() + 1);
+                    util::sync(&origin, &replica);
+                    util::assert_same(&origin, &replica);
+                }
+            }
+            Ok(())
+        })
+        .expect("every push equals the origin");
+    // The property means something only if the fast path ran, and the fallbacks did.
+    assert!(followed.get() > 0, "no push followed the WAL");
+    assert!(followed.get() < pushes.get(), "every push followed the WAL");
+}
+
+#[test]
+fn a_push_after_no_change_or_a_small_one_reads_only_what_the_wal_names() {
+    let dir = TempDir::new().expect("tempdir");
+    let origin = dir.path().join("origin.db");
+    let replica = dir.path().join("replica.db");
+    let conn = wal_db(&origin, 20_000);
+    assert!(!snapshot(&origin).follows_wal(), "no hash list yet");
+    util::sync(&origin, &replica);
+    // Nothing changed: only page 1 is read.
+    let snap = snapshot(&origin);
+    assert_eq!(snap.changed_pages(), Some(vec![1]));
+    drop(snap);
+    let stats = util::sync(&origin, &replica);
+    assert_eq!(stats.pages_sent, 0);
+    // One row updated: a handful of pages, all sent or all equal.
+    conn.execute("UPDATE t SET v = randomblob(200) WHERE id = 777", [])
+        .expect("update");
+    let changed = snapshot(&origin).changed_pages().expect("follows the WAL");
+    assert!(changed.len() < 10, "{changed:?}");
+    let stats = util::sync(&origin, &replica);
+    assert!(stats.pages_sent >= 1 && stats.pages_sent as usize <= changed.len());
+    util::assert_same(&origin, &replica);
+    // A checkpoint that does not reset keeps the fast path.
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        .expect("checkpoint");
+    assert!(snapshot(&origin).follows_wal());
+}
+
+#[test]
+fn a_reset_it_did_not_see_a_replaced_file_or_a_damaged_list_means_a_full_scan() {
+    let dir = TempDir::new().expect("tempdir");
+    let origin = dir.path().join("origin.db");
+    let replica = dir.path().join("replica.db");
+    let conn = wal_db(&origin, 2000);
+    util::sync(&origin, &replica);
+    assert!(snapshot(&origin).follows_wal());
+    // Written, checkpointed and reset: the frames are gone, the pages changed.
+    conn.execute("UPDATE t SET v = randomblob(300) WHERE id % 7 = 0", [])
+        .expect("update");
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .expect("checkpoint");
+    conn.execute("INSERT INTO t(k, v) VALUES ('x', 'y')", [])
+        .expect("insert");
+    assert!(!snapshot(&origin).follows_wal(), "a reset it never saw");
+    util::sync(&origin, &replica);
+    util::assert_same(&origin, &replica);
+    assert!(
+        snapshot(&origin).follows_wal(),
+        "the full scan left a new list"
+    );
+    // A damaged hash list is refused, never trusted.
+    let list = std::fs::read_dir(cache_of(&origin))
+        .expect("cache dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "wal"))
+        .expect("a WAL hash list");
+    let mut bytes = std::fs::read(&list).expect("read list");
+    let n = bytes.len();
+    bytes[n - 5] ^= 1;
+    std::fs::write(&list, &bytes).expect("write list");
+    assert!(!snapshot(&origin).follows_wal(), "a damaged list");
+    util::sync(&origin, &replica);
+    util::assert_same(&origin, &replica);
+    // The file replaced by another database under the same name.
+    drop(conn);
+    let other = dir.path().join("other.db");
+    let c = wal_db(&other, 2100);
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .expect("checkpoint");
+    drop(c);
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(util::sidecar(&origin, suffix));
+    }
+    std::fs::rename(&other, &origin).expect("replace");
+    assert!(!snapshot(&origin).follows_wal(), "another file");
+    util::sync(&origin, &replica);
+    util::assert_same(&origin, &replica);
+}
+
+#[test]
+fn a_damaged_page_among_the_changed_ones_is_refused() {
+    let dir = TempDir::new().expect("tempdir");
+    let origin = dir.path().join("origin.db");
+    let replica = dir.path().join("replica.db");
+    let conn = wal_db(&origin, 2000);
+    util::sync(&origin, &replica);
+    // Garbage over the cell pointers of a table leaf, written through SQLite (so it is
+    // a WAL frame, as a bug in the application or its SQLite would write it).
+    let leaf: u32 = conn
+        .query_row(
+            "SELECT pgno FROM sqlite_dbpage WHERE pgno > 2 AND substr(data, 1, 1) = x'0d' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("a leaf");
+    let mut page: Vec<u8> = conn
+        .query_row(
+            "SELECT data FROM sqlite_dbpage WHERE pgno = ?1",
+            [leaf],
+            |r| r.get(0),
+        )
+        .expect("the leaf");
+    page[8..40].fill(0xaa);
+    conn.execute(
+        "UPDATE sqlite_dbpage SET data = ?2 WHERE pgno = ?1",
+        rusqlite::params![leaf, page],
+    )
+    .expect("damage");
+    let snap = snapshot(&origin);
+    assert!(snap.follows_wal());
+    let err = sqlferry::remote::check_source(&snap).expect_err("refused");
+    assert!(err.to_string().contains("quick_check"), "{err}");
+    assert_eq!(err.kind(), sqlferry::ErrorKind::Verification);
+}
