@@ -1,6 +1,7 @@
 """Benchmark of sqlferry's page-sync engine against `sqlite3 .backup`, on local files.
 
     python3 bench/engine.py [--size-mb 200] [--workdir DIR] [--skip-memory] [--skip-server]
+                            [--big] [--huge] [--only-big] [--bin PATH]
 
 Builds the release binary (`cargo build --release`), makes a WAL database of about
 --size-mb with bench/mkdb.py, and in the same run times `sqlferry push` and Debian's
@@ -30,6 +31,18 @@ against a 10 MiB one, both with 4096-byte pages: a full copy onto a new file, th
 sync with no change. Peak RSS is the child's ru_maxrss from os.wait4. With the server
 part, also the server's peak RSS (VmHWM) while it receives a full push of 1 GiB.
 
+With --big (1 GiB) and --huge (10 GiB, made once and kept in DIR: about 20 GiB of
+disk), the large-database cases of issue 10: a WAL database of random 1000-byte rows
+(bench/mkdb.py make_blob) kept open by an application process (a live application
+holds a connection, so SQLite neither deletes nor truncates its WAL when a writer
+closes), pushed to a local replica: a full copy, then no change and a 1% contiguous
+change (rows rewritten by a second process, which then closes; the WAL stays, with
+its auto-checkpoints) as the steady state of a replica kept fresh. For each: wall and
+CPU seconds (utime + stime of the sqlferry process, from wait4), and bytes it read and
+wrote (/proc/PID/io read just before it is reaped: rchar and wchar are what it asked
+for, page cache included; read_bytes and write_bytes what reached the disk), medians
+of 3 runs. --only-big runs only those; --bin PATH times a given binary without building.
+
 It prints a table of figures and one of targets with PASS/MISS, and writes everything
 to DIR/results.json. Needs Python 3 (standard library), cargo, and /usr/bin/sqlite3
 (Debian: apt-get install sqlite3). DIR defaults to a directory under /tmp; it takes
@@ -40,6 +53,7 @@ part about 8x more while it runs.
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -65,6 +79,12 @@ BYTES_SLACK = 1.01  # bytes sent <= changed pages' bytes x this + hash bytes
 HASH_SHARE_MAX = 0.001  # hash bytes < 0.1% of the database (no change, cluster)
 WALL_RATIO_MAX = {"full copy": 1.5, "no change": 0.3, "cluster": 0.3, "scatter": 0.6}
 MEMORY_GROWTH_MAX_KIB = 64 * 1024
+
+# Targets (issue 10), large WAL databases.
+BIG_NO_CHANGE_S = 0.05
+BIG_CLUSTER_S = 0.2
+BIG_READ_SHARE_MAX = 0.05  # bytes read / database size
+BIG_NO_CHANGE_WRITE_MAX = 100 * 1000  # bytes written by a no-change push
 
 
 def fail(message):
@@ -308,6 +328,135 @@ def memory_runs(lab):
     return results
 
 
+# ---------------------------------------------------------------------------- large
+
+
+def measured_run(cmd, env):
+    """Runs `cmd`; returns (wall s, cpu s, /proc/PID/io fields, stdout). The io file is
+    read after the process exited but before it is reaped (waitid WNOWAIT), so it holds
+    the whole run."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    wall = time.perf_counter() - started
+    io = {}
+    with open(f"/proc/{proc.pid}/io") as f:
+        for line in f:
+            key, value = line.split(":")
+            io[key] = int(value)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        fail(f"{' '.join(cmd)} exited with {proc.returncode}:\n{err.decode()}")
+    return wall, usage.ru_utime + usage.ru_stime, io, out.decode()
+
+
+def change_live(path, seed=7):
+    """1% of the rows, one contiguous id range, rewritten by a connection that then
+    closes without checkpointing (another connection holds the database open)."""
+    import sqlite3
+    db = sqlite3.connect(path, isolation_level=None)
+    n = db.execute("SELECT max(id) FROM t").fetchone()[0] + 1
+    count = n // 100
+    start = random.Random(seed).randrange(n - count)
+    db.execute("UPDATE t SET payload = randomblob(1000) WHERE id BETWEEN ? AND ?",
+               (start, start + count - 1))
+    db.close()
+    return count
+
+
+def big_case(lab, label, size):
+    """The large-database cases (see the docstring) of one size."""
+    src = str(lab.dir / f"big-{size // MIB}m.db")
+    dest = str(lab.dir / f"big-{size // MIB}m-replica.db")
+    if not os.path.exists(src):
+        print(f"  making the {label} database (kept for later runs)", flush=True)
+        mkdb.make_blob(src, size, PAGE_SIZE)
+    mkdb.remove_db(dest)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys\n"
+         "c = sqlite3.connect(sys.argv[1])\n"
+         "c.execute('SELECT count(*) FROM sqlite_schema').fetchall()\n"
+         "print('ready', flush=True)\n"
+         "sys.stdin.read()", src],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        push = [str(SQLFERRY), "push", src, dest, "--json"]
+        rows = []
+
+        def timed(case, repeats):
+            runs = [measured_run(push, lab.env) for _ in range(repeats)]
+            lab.check_same(dest, lab.digest(src), f"{label} {case}")
+            pick = lambda i: median([r[i] for r in runs])
+            io = lambda key: int(median([r[2][key] for r in runs]))
+            stats = json.loads(runs[0][3])
+            rows.append({"db": label, "case": case, "db_bytes": db_bytes(src),
+                         "wall_s": pick(0), "cpu_s": pick(1),
+                         "wall_runs_s": [r[0] for r in runs],
+                         "rchar": io("rchar"), "read_bytes": io("read_bytes"),
+                         "wchar": io("wchar"), "write_bytes": io("write_bytes"),
+                         "pages_sent": stats["pages_sent"],
+                         "pages_total": stats["pages_total"], "load": load()})
+
+        print(f"  {label}: full copy", flush=True)
+        timed("full copy", 1)
+        print(f"  {label}: no change", flush=True)
+        timed("no change", REPEATS)
+        # One change, then pushes of it: the first push after the change is the one
+        # timed (each run changes again, so each run pushes a 1% change).
+        runs = []
+        for i in range(REPEATS):
+            change_live(src, seed=7 + i)
+            runs.append(measured_run(push, lab.env))
+        lab.check_same(dest, lab.digest(src), f"{label} cluster")
+        stats = json.loads(runs[0][3])
+        rows.append({"db": label, "case": "cluster", "db_bytes": db_bytes(src),
+                     "wall_s": median([r[0] for r in runs]),
+                     "cpu_s": median([r[1] for r in runs]),
+                     "wall_runs_s": [r[0] for r in runs],
+                     **{k: int(median([r[2][k] for r in runs]))
+                        for k in ("rchar", "read_bytes", "wchar", "write_bytes")},
+                     "pages_sent": stats["pages_sent"],
+                     "pages_total": stats["pages_total"], "load": load()})
+        print(f"  {label}: cluster, {stats['pages_sent']} pages sent", flush=True)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    mkdb.remove_db(dest)
+    return rows
+
+
+def big_table(big):
+    headers = ["database", "case", "wall s", "cpu s", "read (rchar)", "% of db",
+               "disk read", "written (wchar)", "disk write", "pages sent"]
+    rows = [[b["db"], b["case"], "%.3f" % b["wall_s"], "%.3f" % b["cpu_s"], b["rchar"],
+             "%.2f%%" % percent(b["rchar"], b["db_bytes"]), b["read_bytes"], b["wchar"],
+             b["write_bytes"], b["pages_sent"]] for b in big]
+    return table(headers, rows)
+
+
+def big_targets(big):
+    out = []
+    for b in big:
+        name = f"{b['db']} {b['case']}"
+        if b["case"] == "full copy":
+            continue
+        limit = BIG_NO_CHANGE_S if b["case"] == "no change" else BIG_CLUSTER_S
+        out.append([f"{name}: wall", "%.3f s" % b["wall_s"], "<= %.2f s" % limit,
+                    "PASS" if b["wall_s"] <= limit else "MISS"])
+        share = b["rchar"] / b["db_bytes"]
+        out.append([f"{name}: read / db", "%.2f%%" % (100 * share),
+                    "< %.0f%%" % (100 * BIG_READ_SHARE_MAX),
+                    "PASS" if share < BIG_READ_SHARE_MAX else "MISS"])
+        if b["case"] == "no change":
+            out.append([f"{name}: written", "%d B" % b["write_bytes"], "< 100 KB",
+                        "PASS" if b["write_bytes"] < BIG_NO_CHANGE_WRITE_MAX else "MISS"])
+    return out
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -465,11 +614,36 @@ def main():
                         help="skip the 1 GiB peak-RSS runs")
     parser.add_argument("--skip-server", action="store_true",
                         help="skip push and pull through sqlferry serve (bench/server.py)")
+    parser.add_argument("--big", action="store_true",
+                        help="add the 1 GiB WAL database cases (issue 10)")
+    parser.add_argument("--huge", action="store_true",
+                        help="add the 10 GiB WAL database cases (about 20 GiB of disk)")
+    parser.add_argument("--only-big", action="store_true",
+                        help="run only the large-database cases")
+    parser.add_argument("--bin", help="time this sqlferry binary instead of building one")
     args = parser.parse_args()
 
+    global SQLFERRY
     check_tools()
-    build()
+    if args.bin:
+        SQLFERRY = Path(args.bin).resolve()
+    else:
+        build()
     lab = Lab(args.workdir)
+    if args.only_big:
+        big = []
+        for flag, label, size in ((args.big or not args.huge, "1 GiB", 1024 * MIB),
+                                  (args.huge, "10 GiB", 10 * 1024 * MIB)):
+            if flag:
+                big += big_case(lab, label, size)
+        print()
+        print(big_table(big))
+        print()
+        print(table(["target", "measured", "limit", "result"], big_targets(big)))
+        out = lab.dir / "results-big.json"
+        out.write_text(json.dumps({"machine": machine(), "big": big}, indent=2))
+        print(f"\nall figures: {out}")
+        return
     make_origin(lab, args.size_mb)
     server_dir = lab.dir / "server"
     if not args.skip_server:
@@ -491,9 +665,15 @@ def main():
         memory = memory_runs(lab)
         if not args.skip_server:
             served_memory = server.memory_run(server_dir)
+    big = []
+    for flag, label, size in ((args.big, "1 GiB", 1024 * MIB),
+                              (args.huge, "10 GiB", 10 * 1024 * MIB)):
+        if flag:
+            print(f"large database, {label}", flush=True)
+            big += big_case(lab, label, size)
     info["load_end"] = load()
 
-    checks = targets(results, memory)
+    checks = targets(results, memory) + big_targets(big)
     if not args.skip_server:
         checks += server.targets(served, served_memory)
     print()
@@ -512,10 +692,13 @@ def main():
     if served_memory:
         print()
         print(table(*server.memory_figures(served_memory)))
+    if big:
+        print("\nlarge WAL databases kept open by an application; medians of runs\n")
+        print(big_table(big))
     print()
     print(table(["target", "measured", "limit", "result"], checks))
     report = {"machine": info, "size_mb": args.size_mb, "cases": results,
-              "memory": memory, "server": served, "server_memory": served_memory,
+              "memory": memory, "server": served, "server_memory": served_memory, "big": big,
               "targets": checks}
     out = lab.dir / "results.json"
     out.write_text(json.dumps(report, indent=2))

@@ -15,10 +15,10 @@
 pub(super) fn check_page(pgno: u32, data: &[u8], page_count: u32) -> Option<String> {
     let page_size = data.len();
     let at = if pgno == 1 { 100 } else { 0 };
-    if pgno == 1 {
-        if let Err(e) = super::Header::check_page1(data, page_size as u32, page_count) {
-            return Some(format!("page 1: {e}"));
-        }
+    if pgno == 1
+        && let Err(e) = super::Header::check_page1(data, page_size as u32, page_count)
+    {
+        return Some(format!("page 1: {e}"));
     }
     let reserved = if pgno == 1 { usize::from(data[20]) } else { 0 };
     let usable = page_size.saturating_sub(reserved);
