@@ -46,7 +46,8 @@ pub struct OriginOptions<'a> {
     /// replica's READY agrees (same page count); otherwise the hash-tree exchange runs.
     pub base: Option<KnownBase<'a>>,
     /// Called with the page size and the synced page hashes once the replica committed
-    /// (the client keeps them as the next push's known base).
+    /// (the client keeps them as the next push's known base); not called when the base
+    /// was known and no page differed from it (the hashes are the base's).
     pub manifest: Option<&'a mut ManifestSink<'a>>,
 }
 
@@ -165,7 +166,8 @@ fn session(
     let lock_page = lock_byte_page(page_size);
     // A known base is only as good as the replica's agreement with it.
     let mut base = base.filter(|b| b.page_size == page_size && b.page_count == replica_count);
-    if base.is_some() {
+    let base_known = base.is_some();
+    if base_known {
         tracing::debug!("base manifest known: no hash exchange");
     }
     // With a known base every page is compared during the pass; without, the pages the
@@ -351,7 +353,10 @@ fn session(
             )));
         }
     }
-    if let Some(keep) = manifest {
+    // With a known base and nothing sent, the synced hashes are the base's: the caller
+    // keeps what it has (a no-change push reads and writes no manifest).
+    let same_as_base = base_known && pages_sent == 0;
+    if let Some(keep) = manifest.filter(|_| !same_as_base) {
         keep(page_size, &mut tree.leaves(page_count)?)?;
     }
     Ok(SyncStats {

@@ -118,10 +118,16 @@ pub(crate) fn observe(db: &Path, page_size: u32) -> Option<Observed> {
                 return None;
             }
             let frame = ne(16);
+            let salt = [be(&b, 32), be(&b, 36)];
+            if salt == [0, 0] {
+                // A wal-index no writer has used yet: every such one looks the same,
+                // so it names no generation.
+                return None;
+            }
             return Some(Observed {
                 position: Position {
                     // The salts are the WAL header's bytes, copied as they are.
-                    salt: [be(&b, 32), be(&b, 36)],
+                    salt,
                     frame,
                     cksum: if frame == 0 { [0, 0] } else { [ne(24), ne(28)] },
                 },
