@@ -5,6 +5,10 @@
 //! pages included (`sqlite_dbpage` reads through the pager). In WAL mode a reader never
 //! blocks a writer; in rollback mode the shared lock is held only while the snapshot
 //! lives, which is one sync.
+//!
+//! In WAL mode a scan reads only the pages the WAL names since the hash list's position
+//! (`page/wal.rs`, `page/fastcache.rs`), when it can be sure that is every change, and
+//! every page otherwise; either way the hashes describe this snapshot's state.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
