@@ -42,7 +42,8 @@ auto-checkpoint": the commit copies them back and the next write restarts the WA
 a reset the push did not see, so it reads the whole file). For each: wall and
 CPU seconds (utime + stime of the sqlferry process, from wait4), and bytes it read and
 wrote (/proc/PID/io read just before it is reaped: rchar and wchar are what it asked
-for, page cache included; read_bytes and write_bytes what reached the disk), medians
+for, page cache included; read_bytes and write_bytes what reached the disk, less
+cancelled_write_bytes for temporary files dropped before writeback), medians
 of 3 runs. --only-big runs only those; --bin PATH times a given binary without building.
 
 It prints a table of figures and one of targets with PASS/MISS, and writes everything
