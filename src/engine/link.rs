@@ -502,6 +502,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_page_crosses_the_memory_link_as_sent_and_counts_as_encoded() {
+        let (mut origin, mut replica) = mem_pair();
+        let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        origin.send_page(7, &page).expect("queued");
+        origin
+            .send(&Frame::Ready { page_count: 1 })
+            .expect("queued");
+        match replica.recv().expect("a frame") {
+            Frame::Page { pgno, data } => assert_eq!((pgno, data), (7, page.clone())),
+            other => panic!("expected PAGE, got {}", other.name()),
+        }
+        assert!(matches!(replica.recv(), Ok(Frame::Ready { page_count: 1 })));
+        let encoded =
+            Frame::page_bytes(7, &page).len() + Frame::Ready { page_count: 1 }.to_bytes().len();
+        assert_eq!(origin.bytes_sent(), encoded as u64);
+        assert_eq!(replica.bytes_received(), encoded as u64);
+    }
+
+    #[test]
+    fn the_memory_link_refuses_what_the_codec_refuses() {
+        for (pgno, len) in [(0u32, 4096usize), (3, 4095), (3, 100), (3, 128 * 1024)] {
+            let (mut origin, mut replica) = mem_pair();
+            origin.send_page(pgno, &vec![0; len]).expect("queued");
+            drop(origin);
+            assert!(
+                matches!(replica.recv(), Err(Error::Protocol(_))),
+                "page {pgno} of {len} bytes"
+            );
+        }
+    }
+
+    #[test]
     fn nodes_count_as_unsent_until_the_pump_takes_them() {
         let (mut link, mut pump) = channel_link(Role::Replica);
         for n in [3usize, 5] {
