@@ -63,6 +63,14 @@ pub trait PageSource {
     fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()>;
     /// Reads page `pgno` into `buf` (replacing its contents).
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()>;
+    /// Checks the source once every page has been sent, before the origin asks the
+    /// replica to commit: an error ends the sync and the replica commits nothing. It
+    /// runs while the replica is still writing what it was sent, so a check that reads
+    /// the whole source (`PRAGMA quick_check` of a local copy) overlaps the copy
+    /// instead of delaying it. The default checks nothing.
+    fn check(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What the origin's BEGIN announced, handed to [`PageTarget::begin`].

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::{Secret, Sidecar};
-use crate::engine::{Progress, SyncStats, sync_local};
+use crate::engine::{PageSource, Progress, ScanFn, SyncStats, sync_local};
 use crate::history;
 use crate::page::{Snapshot, Writer};
 use crate::remote::{PushOutcome, PushRequest, Server, blocking, check_source};
@@ -325,12 +325,19 @@ pub async fn copy_file(
     let (src, dest) = (src.to_owned(), dest.to_owned());
     blocking(move || {
         refuse_same_file(&src, &dest)?;
-        let mut source = Snapshot::open(&src).map_err(|e| e.context("cannot read LOCAL"))?;
-        if !allow_corrupt {
-            check_source(&source)?;
-        }
+        let mut snapshot = Snapshot::open(&src).map_err(|e| e.context("cannot read LOCAL"))?;
         let mut target = Writer::open(&dest).map_err(|e| e.context("cannot write REMOTE"))?;
+        // SRC is checked after its pages went out and before DEST commits, so the check
+        // overlaps the copy: a damaged SRC still changes nothing.
+        let mut source = CheckedSource {
+            snapshot: &mut snapshot,
+            check: !allow_corrupt,
+            failed: false,
+        };
         sync_local(&mut source, &mut target, &*progress).map_err(|e| {
+            if source.failed {
+                return e;
+            }
             e.context(format!(
                 "push {} to {} failed",
                 src.display(),
@@ -339,4 +346,40 @@ pub async fn copy_file(
         })
     })
     .await
+}
+
+/// A local copy's source: the snapshot, refused by [`check_source`] (unless allowed)
+/// just before the replica commits.
+struct CheckedSource<'a> {
+    snapshot: &'a mut Snapshot,
+    check: bool,
+    /// Whether the check refused the source (its error is the sync's, as it stands).
+    failed: bool,
+}
+
+impl PageSource for CheckedSource<'_> {
+    fn page_size(&self) -> u32 {
+        PageSource::page_size(&*self.snapshot)
+    }
+
+    fn page_count(&self) -> u32 {
+        PageSource::page_count(&*self.snapshot)
+    }
+
+    fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()> {
+        PageSource::scan(&mut *self.snapshot, with_data_after, f)
+    }
+
+    fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
+        PageSource::read_page(&mut *self.snapshot, pgno, buf)
+    }
+
+    fn check(&mut self) -> Result<()> {
+        if self.check {
+            let result = check_source(self.snapshot);
+            self.failed = result.is_err();
+            return result;
+        }
+        Ok(())
+    }
 }

@@ -1,7 +1,11 @@
 //! A [`Link`] carries encoded frames between the two roles and counts the bytes.
 //!
 //! The in-memory link used for local syncs encodes and decodes every frame exactly as a
-//! network transport does, so byte counts and codec checks are the same everywhere.
+//! network transport does, so byte counts and codec checks are the same everywhere, with
+//! one exception: a PAGE frame travels as its page number and an owned copy of the page,
+//! and the receiving end checks it as the codec would (page 0 and sizes that are not a
+//! page size are refused) and counts the bytes its encoding has. Encoding it would cost a
+//! copy into the frame and another out of it, for every page of a full copy.
 //! Its origin → replica direction is bounded (pages wait for the replica: memory stays
 //! flat); the replica → origin direction is bounded only by the origin's request
 //! window, which is safe there because both roles are this process's own code. The
@@ -56,20 +60,31 @@ pub trait Link {
     }
 }
 
+/// One frame in an in-memory batch.
+enum Item {
+    /// An encoded frame.
+    Encoded(Vec<u8>),
+    /// A PAGE frame, not encoded: its page number and its bytes.
+    Page(u32, Vec<u8>),
+}
+
+/// The bytes of a PAGE frame's encoding around its page: type and page number.
+const PAGE_FRAME_OVERHEAD: usize = 5;
+
 enum Tx {
-    Bounded(SyncSender<Vec<Vec<u8>>>),
-    Unbounded(Sender<Vec<Vec<u8>>>),
+    Bounded(SyncSender<Vec<Item>>),
+    Unbounded(Sender<Vec<Item>>),
 }
 
 /// One end of an in-memory link.
 pub struct MemLink {
     tx: Tx,
-    rx: Receiver<Vec<Vec<u8>>>,
-    /// Frames encoded but not yet queued, and their total size.
-    batch: Vec<Vec<u8>>,
+    rx: Receiver<Vec<Item>>,
+    /// Frames not yet queued, and their total encoded size.
+    batch: Vec<Item>,
     batch_bytes: usize,
     /// Frames received but not yet returned.
-    inbox: std::collections::VecDeque<Vec<u8>>,
+    inbox: std::collections::VecDeque<Item>,
     sent: u64,
     received: u64,
 }
@@ -85,7 +100,7 @@ pub fn mem_pair() -> (MemLink, MemLink) {
 }
 
 impl MemLink {
-    fn new(tx: Tx, rx: Receiver<Vec<Vec<u8>>>) -> Self {
+    fn new(tx: Tx, rx: Receiver<Vec<Item>>) -> Self {
         MemLink {
             tx,
             rx,
@@ -115,17 +130,37 @@ impl MemLink {
         }
     }
 
-    fn decode(&mut self, bytes: Vec<u8>) -> Result<Frame> {
-        self.received += bytes.len() as u64;
-        Frame::decode(&bytes).map_err(|e| Error::Protocol(e.to_string()))
+    fn decode(&mut self, item: Item) -> Result<Frame> {
+        match item {
+            Item::Encoded(bytes) => {
+                self.received += bytes.len() as u64;
+                Frame::decode(&bytes).map_err(|e| Error::Protocol(e.to_string()))
+            }
+            Item::Page(pgno, data) => {
+                self.received += (PAGE_FRAME_OVERHEAD + data.len()) as u64;
+                // What `Frame::decode` checks of a PAGE frame.
+                if pgno == 0 {
+                    return Err(Error::Protocol("PAGE frame for page 0".into()));
+                }
+                if data.len() + PAGE_FRAME_OVERHEAD > crate::protocol::MAX_FRAME_BYTES
+                    || crate::protocol::check_page_size(data.len() as u32).is_err()
+                {
+                    return Err(Error::Protocol(format!(
+                        "PAGE frame of {} bytes is not a page",
+                        data.len()
+                    )));
+                }
+                Ok(Frame::Page { pgno, data })
+            }
+        }
     }
 
-    /// Adds encoded bytes to the batch; a frame the peer may be waiting for (`!bulk`)
-    /// or a full batch goes out at once.
-    fn queue(&mut self, bytes: Vec<u8>, bulk: bool) -> Result<()> {
-        self.sent += bytes.len() as u64;
-        self.batch_bytes += bytes.len();
-        self.batch.push(bytes);
+    /// Adds a frame of `bytes` encoded bytes to the batch; a frame the peer may be
+    /// waiting for (`!bulk`) or a full batch goes out at once.
+    fn queue(&mut self, item: Item, bytes: usize, bulk: bool) -> Result<()> {
+        self.sent += bytes as u64;
+        self.batch_bytes += bytes;
+        self.batch.push(item);
         if !bulk || self.batch_bytes >= BATCH_BYTES {
             self.flush()?;
         }
@@ -135,12 +170,18 @@ impl MemLink {
 
 impl Link for MemLink {
     fn send(&mut self, frame: &Frame) -> Result<()> {
-        let bulk = matches!(frame, Frame::Page { .. } | Frame::Nodes { .. });
-        self.queue(frame.to_bytes(), bulk)
+        if let Frame::Page { pgno, data } = frame {
+            return self.send_page(*pgno, data);
+        }
+        let bulk = matches!(frame, Frame::Nodes { .. });
+        let bytes = frame.to_bytes();
+        let n = bytes.len();
+        self.queue(Item::Encoded(bytes), n, bulk)
     }
 
     fn send_page(&mut self, pgno: u32, data: &[u8]) -> Result<()> {
-        self.queue(Frame::page_bytes(pgno, data), true)
+        let n = PAGE_FRAME_OVERHEAD + data.len();
+        self.queue(Item::Page(pgno, data.to_vec()), n, true)
     }
 
     fn recv(&mut self) -> Result<Frame> {
@@ -152,11 +193,11 @@ impl Link for MemLink {
                 .map_err(|_| Error::Disconnected("the peer closed the session".into()))?;
             self.inbox.extend(batch);
         }
-        let bytes = self
+        let item = self
             .inbox
             .pop_front()
             .expect("a received batch is never empty");
-        self.decode(bytes)
+        self.decode(item)
     }
 
     fn try_recv(&mut self) -> Result<Option<Frame>> {
@@ -170,11 +211,11 @@ impl Link for MemLink {
                 }
             }
         }
-        let bytes = self
+        let item = self
             .inbox
             .pop_front()
             .expect("a received batch is never empty");
-        self.decode(bytes).map(Some)
+        self.decode(item).map(Some)
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -459,6 +500,38 @@ impl crate::transport::ws::EngineLink for ChannelLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_crosses_the_memory_link_as_sent_and_counts_as_encoded() {
+        let (mut origin, mut replica) = mem_pair();
+        let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        origin.send_page(7, &page).expect("queued");
+        origin
+            .send(&Frame::Ready { page_count: 1 })
+            .expect("queued");
+        match replica.recv().expect("a frame") {
+            Frame::Page { pgno, data } => assert_eq!((pgno, data), (7, page.clone())),
+            other => panic!("expected PAGE, got {}", other.name()),
+        }
+        assert!(matches!(replica.recv(), Ok(Frame::Ready { page_count: 1 })));
+        let encoded =
+            Frame::page_bytes(7, &page).len() + Frame::Ready { page_count: 1 }.to_bytes().len();
+        assert_eq!(origin.bytes_sent(), encoded as u64);
+        assert_eq!(replica.bytes_received(), encoded as u64);
+    }
+
+    #[test]
+    fn the_memory_link_refuses_what_the_codec_refuses() {
+        for (pgno, len) in [(0u32, 4096usize), (3, 4095), (3, 100), (3, 128 * 1024)] {
+            let (mut origin, mut replica) = mem_pair();
+            origin.send_page(pgno, &vec![0; len]).expect("queued");
+            drop(origin);
+            assert!(
+                matches!(replica.recv(), Err(Error::Protocol(_))),
+                "page {pgno} of {len} bytes"
+            );
+        }
+    }
 
     #[test]
     fn nodes_count_as_unsent_until_the_pump_takes_them() {

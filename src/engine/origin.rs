@@ -336,6 +336,8 @@ fn session(
     }
 
     let pages_sent = tx.pages_sent;
+    // Last word before COMMIT: the replica is still writing the pages sent.
+    tx.source.check()?;
     link.send(&Frame::Commit { page_count, digest })?;
     match recv(link)? {
         Frame::Done { digest: theirs, .. } if theirs == digest => {}

@@ -58,73 +58,6 @@ pub fn run_with(
     result
 }
 
-/// Pages waiting between the receiving thread and the hashing thread.
-const HASH_QUEUE_PAGES: usize = 64;
-
-/// A page, its content, and its hash.
-type Hashed = (u32, Vec<u8>, Hash);
-
-/// Hashes received pages on a second thread while this one writes them: on a full copy
-/// SHA-256 of every page would otherwise sit on the replica's critical path.
-///
-/// Pages come out in the order they went in. At most [`HASH_QUEUE_PAGES`] wait to be
-/// hashed, and what is hashed is written before the next page is queued, so memory stays
-/// bounded.
-struct PageHasher {
-    input: Option<std::sync::mpsc::SyncSender<(u32, Vec<u8>)>>,
-    output: std::sync::mpsc::Receiver<Hashed>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl PageHasher {
-    fn new() -> Self {
-        let (input, queued) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>)>(HASH_QUEUE_PAGES);
-        let (done, output) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            for (pgno, data) in queued {
-                let hash = page_hash(pgno, &data);
-                if done.send((pgno, data, hash)).is_err() {
-                    break;
-                }
-            }
-        });
-        PageHasher {
-            input: Some(input),
-            output,
-            thread: Some(thread),
-        }
-    }
-
-    /// Queues a page for hashing (waits while the queue is full).
-    fn push(&mut self, pgno: u32, data: Vec<u8>) -> Result<()> {
-        self.input
-            .as_ref()
-            .and_then(|tx| tx.send((pgno, data)).ok())
-            .ok_or_else(|| Error::Protocol("the page hasher stopped".into()))
-    }
-
-    /// The pages hashed so far.
-    fn ready(&mut self) -> Vec<Hashed> {
-        self.output.try_iter().collect()
-    }
-
-    /// Every page still queued, hashed; the hasher stops.
-    fn finish(&mut self) -> Vec<Hashed> {
-        drop(self.input.take());
-        let rest = self.output.iter().collect();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        rest
-    }
-}
-
-impl Drop for PageHasher {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
 /// One bit per page: which pages this session wrote.
 struct Written(Vec<u64>);
 
@@ -197,16 +130,6 @@ fn session(
     let mut pages_written = 0u32;
     let mut hash_bytes = 0u64;
     let mut hashes = Vec::new();
-    let mut hasher = PageHasher::new();
-    // Writes one hashed page: the hash of the bytes handed to the target is what the
-    // digest checks. Pages are counted as they arrive (below).
-    macro_rules! write {
-        ($page:expr) => {{
-            let (pgno, data, hash): Hashed = $page;
-            target.write_page(pgno, data, &hash)?;
-            tree.set_leaf(pgno, &hash)?;
-        }};
-    }
     loop {
         match recv(link)? {
             Frame::Want { level, runs } => {
@@ -265,10 +188,12 @@ fn session(
                 written.set(pgno);
                 pages_written += 1;
                 progress.advance(1);
-                hasher.push(pgno, data)?;
-                for page in hasher.ready() {
-                    write!(page);
-                }
+                // Hashed here, on the thread that writes it: the hash of the bytes
+                // handed to the target is what the digest checks. With SHA-NI this
+                // costs less than handing each page to another thread and back did.
+                let hash = page_hash(pgno, &data);
+                target.write_page(pgno, data, &hash)?;
+                tree.set_leaf(pgno, &hash)?;
             }
             Frame::Commit {
                 page_count: final_count,
@@ -278,9 +203,6 @@ fn session(
                     return Err(Error::Protocol(format!(
                         "COMMIT for {final_count} pages after BEGIN for {page_count}"
                     )));
-                }
-                for page in hasher.finish() {
-                    write!(page);
                 }
                 for pgno in held + 1..=page_count {
                     if written.get(pgno) {

@@ -425,6 +425,14 @@ fn a_push_of_a_damaged_database_is_refused_unless_allowed() {
         backup,
         "the backup is untouched"
     );
+    // The local copy checks SRC while its pages are already on their way: a new DEST
+    // is not left behind, whole or in part.
+    let out = run(&m, &["push", "bad.db", "./fresh.db"]);
+    let line = assert_fails(&out, EXIT_VERIFY, "quick_check");
+    assert!(line.contains("--allow-corrupt"), "{line}");
+    for name in ["fresh.db", "fresh.db-journal", "fresh.db-wal"] {
+        assert!(!m.path(name).exists(), "{name} was left behind");
+    }
     let versions = run(&m, &["versions", "acme/app.db", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&versions.stdout).expect("JSON");
     assert_eq!(
