@@ -290,3 +290,52 @@ fn a_damaged_page_among_the_changed_ones_is_refused() {
     assert!(err.to_string().contains("quick_check"), "{err}");
     assert_eq!(err.kind(), sqlferry::ErrorKind::Verification);
 }
+
+/// The same damage, through `sqlferry push SRC DEST` between two files: the copy checks
+/// SRC after its scan (to overlap the copy), when the changed pages are no longer what
+/// the hash list names; it must still refuse, and DEST must keep what it had.
+#[test]
+fn a_local_copy_refuses_a_damaged_page_among_the_changed_ones() {
+    let dir = TempDir::new().expect("tempdir");
+    let origin = dir.path().join("origin.db");
+    let replica = dir.path().join("replica.db");
+    let conn = wal_db(&origin, 2000);
+    util::push_json(&origin, &replica);
+    // A small change first: the next push follows the WAL (the list is at its end).
+    conn.execute("UPDATE t SET k = 'x' WHERE id = 7", [])
+        .expect("update");
+    util::push_json(&origin, &replica);
+    let before = util::digest(&replica);
+    let leaf: u32 = conn
+        .query_row(
+            "SELECT pgno FROM sqlite_dbpage WHERE pgno > 2 AND substr(data, 1, 1) = x'0d' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("a leaf");
+    let mut page: Vec<u8> = conn
+        .query_row(
+            "SELECT data FROM sqlite_dbpage WHERE pgno = ?1",
+            [leaf],
+            |r| r.get(0),
+        )
+        .expect("the leaf");
+    page[8..40].fill(0xaa);
+    conn.execute(
+        "UPDATE sqlite_dbpage SET data = ?2 WHERE pgno = ?1",
+        rusqlite::params![leaf, page],
+    )
+    .expect("damage");
+    let out = util::run(
+        dir.path(),
+        &["push".as_ref(), origin.as_os_str(), replica.as_os_str()],
+    );
+    assert_eq!(util::code(&out), 7, "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("quick_check"),
+        "{}",
+        util::stderr(&out)
+    );
+    assert_eq!(util::digest(&replica), before, "DEST is as it was");
+    assert_eq!(util::integrity(&replica), "ok");
+}
