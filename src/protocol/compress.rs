@@ -29,7 +29,8 @@ pub const MAX_SKIP: u32 = 64;
 
 /// The sending end: turns PAGE frames into ZPAGE frames when that pays.
 pub struct Compressor {
-    z: zstd::bulk::Compressor<'static>,
+    /// Made for the first page tried: a session that sends no page pays nothing.
+    z: Option<zstd::bulk::Compressor<'static>>,
     /// Where a page is compressed to (never larger than the page it would replace).
     scratch: Vec<u8>,
     /// Pages still to send plain without trying.
@@ -47,15 +48,21 @@ impl std::fmt::Debug for Compressor {
     }
 }
 
+impl Default for Compressor {
+    fn default() -> Compressor {
+        Compressor::new()
+    }
+}
+
 impl Compressor {
-    /// A compressor at [`LEVEL`].
-    pub fn new() -> std::io::Result<Compressor> {
-        Ok(Compressor {
-            z: zstd::bulk::Compressor::new(LEVEL)?,
+    /// A compressor at [`LEVEL`]; its zstd state is made when the first page comes.
+    pub fn new() -> Compressor {
+        Compressor {
+            z: None,
             scratch: Vec::new(),
             skip: 0,
             backoff: 1,
-        })
+        }
     }
 
     /// `frame` as it goes on the wire: a PAGE frame as a ZPAGE frame when its page
@@ -73,11 +80,16 @@ impl Compressor {
         if self.scratch.len() < limit {
             self.scratch.resize(limit, 0);
         }
+        if self.z.is_none() {
+            // Sending plain is always understood: a compressor that cannot be made
+            // only costs bytes.
+            self.z = zstd::bulk::Compressor::new(LEVEL).ok();
+        }
+        let Some(z) = &mut self.z else {
+            return frame;
+        };
         // A page that does not fit in `limit` bytes fails here: it goes plain.
-        let shrunk = match self
-            .z
-            .compress_to_buffer(&frame[5..], &mut self.scratch[..limit])
-        {
+        let shrunk = match z.compress_to_buffer(&frame[5..], &mut self.scratch[..limit]) {
             Ok(n) if n < limit => Some(n),
             _ => None,
         };
@@ -96,7 +108,8 @@ impl Compressor {
 
 /// The receiving end: turns ZPAGE frames back into PAGE frames.
 pub struct Expander {
-    z: zstd::bulk::Decompressor<'static>,
+    /// Made for the first ZPAGE: a session that receives none pays nothing.
+    z: Option<zstd::bulk::Decompressor<'static>>,
 }
 
 impl std::fmt::Debug for Expander {
@@ -105,12 +118,16 @@ impl std::fmt::Debug for Expander {
     }
 }
 
+impl Default for Expander {
+    fn default() -> Expander {
+        Expander::new()
+    }
+}
+
 impl Expander {
-    /// An expander.
-    pub fn new() -> std::io::Result<Expander> {
-        Ok(Expander {
-            z: zstd::bulk::Decompressor::new()?,
-        })
+    /// An expander; its zstd state is made when the first ZPAGE comes.
+    pub fn new() -> Expander {
+        Expander { z: None }
     }
 
     /// `frame` as the engine reads it: a ZPAGE frame as the PAGE frame it stands for,
@@ -147,7 +164,18 @@ impl Expander {
         let mut out = vec![0u8; 5 + size];
         out[0] = code::PAGE;
         out[1..5].copy_from_slice(&frame[1..5]);
-        match self.z.decompress_to_buffer(z, &mut out[5..]) {
+        if self.z.is_none() {
+            let made = zstd::bulk::Decompressor::new().map_err(|e| {
+                DecodeError::Invalid(format!("cannot expand a ZPAGE frame here: {e}"))
+            })?;
+            self.z = Some(made);
+        }
+        let Some(x) = &mut self.z else {
+            return Err(DecodeError::Invalid(
+                "cannot expand a ZPAGE frame here".into(),
+            ));
+        };
+        match x.decompress_to_buffer(z, &mut out[5..]) {
             Ok(n) if n == size => Ok(out),
             Ok(n) => Err(DecodeError::Invalid(format!(
                 "ZPAGE frame expands to {n} bytes where it states {size}"
@@ -173,7 +201,7 @@ mod tests {
 
     #[test]
     fn a_text_page_round_trips_smaller() {
-        let (mut c, mut e) = (Compressor::new().unwrap(), Expander::new().unwrap());
+        let (mut c, mut e) = (Compressor::new(), Expander::new());
         let plain = Frame::page_bytes(9, &text_page(4096));
         let packed = c.pack(plain.clone());
         assert_eq!(packed[0], code::ZPAGE);
@@ -183,7 +211,7 @@ mod tests {
 
     #[test]
     fn other_frames_and_random_pages_go_as_they_are() {
-        let mut c = Compressor::new().unwrap();
+        let mut c = Compressor::new();
         let ready = Frame::Ready { page_count: 3 }.to_bytes();
         assert_eq!(c.pack(ready.clone()), ready);
         let mut x = 1u64;
@@ -206,7 +234,7 @@ mod tests {
 
     #[test]
     fn a_bomb_is_refused() {
-        let mut e = Expander::new().unwrap();
+        let mut e = Expander::new();
         // A zstd frame of 1 MiB of zeros: larger than any page.
         let big = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap();
         let mut frame = vec![code::ZPAGE, 0, 0, 0, 1];
@@ -245,12 +273,12 @@ mod tests {
     /// page's buffer: it holds no window.)
     #[test]
     fn a_session_s_zstd_state_is_small() {
-        let (mut c, mut e) = (Compressor::new().unwrap(), Expander::new().unwrap());
+        let (mut c, mut e) = (Compressor::new(), Expander::new());
         for len in [4096, 65536] {
             let packed = c.pack(Frame::page_bytes(1, &text_page(len)));
             e.unpack(packed).unwrap();
         }
-        let cs = c.z.context_mut().sizeof();
+        let cs = c.z.as_mut().expect("made").context_mut().sizeof();
         eprintln!("compressor {cs} bytes");
         assert!(cs + c.scratch.capacity() < 1 << 20, "compressor {cs}");
     }
@@ -258,7 +286,7 @@ mod tests {
     proptest! {
         #[test]
         fn garbage_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..600)) {
-            let mut e = Expander::new().unwrap();
+            let mut e = Expander::new();
             let mut frame = vec![code::ZPAGE];
             frame.extend_from_slice(&tail);
             if let Ok(out) = e.unpack(frame) {
@@ -268,7 +296,7 @@ mod tests {
 
         #[test]
         fn a_damaged_zpage_never_panics(cut in 0usize..2000, flip in any::<(usize, u8)>()) {
-            let (mut c, mut e) = (Compressor::new().unwrap(), Expander::new().unwrap());
+            let (mut c, mut e) = (Compressor::new(), Expander::new());
             let mut packed = c.pack(Frame::page_bytes(4, &text_page(4096)));
             let at = 5 + flip.0 % (packed.len() - 5);
             packed[at] ^= flip.1 | 1;
