@@ -7,7 +7,12 @@
 //!
 //! Invariant: [`Frame::decode`] never panics. Every malformed, truncated, oversized or
 //! unknown frame is a [`DecodeError`] that says what was wrong.
+//!
+//! The [`compress`] module is the one frame that exists only on a WebSocket whose ends
+//! agreed to it (ZPAGE, a compressed PAGE); the codec here refuses it, because the
+//! transport expands it before anything decodes it.
 
+pub mod compress;
 pub mod control;
 
 /// The version of the page-sync protocol this build speaks. Sent in [`Frame::Begin`].
@@ -56,6 +61,10 @@ pub mod code {
     pub const ERROR: u8 = 0x08;
     /// Either way: a human-readable note for the peer's log.
     pub const MESSAGE: u8 = 0x09;
+    /// Origin → replica: one page, zstd-compressed. Only on a WebSocket whose two ends
+    /// agreed to it; the transport expands it into a PAGE before the engine sees it
+    /// (see [`super::compress`]).
+    pub const ZPAGE: u8 = 0x0a;
     /// Reserved: CONFIG (server protocol).
     pub const CONFIG: u8 = 0x51;
     /// Reserved: NEWREPLICAVERSION (server protocol).
@@ -417,6 +426,14 @@ impl Frame {
                     level,
                     text: r.text()?,
                 }
+            }
+            // The transport expands ZPAGE frames where they were agreed to; one that
+            // reaches the codec came where they were not.
+            code::ZPAGE => {
+                return Err(DecodeError::Invalid(
+                    "compressed PAGE frame (0x0a) in a session that did not agree to compression"
+                        .into(),
+                ));
             }
             code::CONFIG
             | code::NEW_REPLICA_VERSION

@@ -204,6 +204,7 @@ impl Server {
             role: None,
             client_id: client_id(),
             key_id: key_id.map(str::to_owned),
+            compress: Vec::new(),
         };
         ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
         let config = next_config(&mut ws, Vec::new()).await?;
@@ -303,11 +304,12 @@ impl Server {
                     )
                     .await?;
                 }
-                let (result, rest) = ws::run_engine(
+                let (result, rest, wire) = ws::run_engine_on(
                     &mut ws,
                     pumped_link(Role::Origin),
                     Vec::new(),
                     Some(SYNC_IDLE_TIMEOUT),
+                    ws::wire_for(config.compress.as_deref()),
                     move |link| {
                         push_origin(&mut source, kept, |source, options| {
                             run_origin_with(source, link, &*progress, options)
@@ -315,7 +317,11 @@ impl Server {
                     },
                 )
                 .await;
-                let (stats, pushed) = result?;
+                let (mut stats, pushed) = result?;
+                // What went on the wire (compressed pages compressed), not what the
+                // engine handed to the link.
+                stats.bytes_sent = wire.sent;
+                stats.bytes_received = wire.received;
                 let config = next_config(&mut ws, rest).await?;
                 let outcome = PushOutcome {
                     stats,
@@ -396,11 +402,12 @@ impl Server {
                     None,
                 )
                 .await?;
-                let (result, _) = ws::run_engine(
+                let (result, _, wire) = ws::run_engine_on(
                     &mut ws,
                     pumped_link(Role::Replica),
                     Vec::new(),
                     Some(SYNC_IDLE_TIMEOUT),
+                    ws::wire_for(config.compress.as_deref()),
                     move |link| {
                         let started = std::time::Instant::now();
                         let done = run_replica(&mut target, link)?;
@@ -419,7 +426,10 @@ impl Server {
                     },
                 )
                 .await;
-                let (stats, target) = result?;
+                let (mut stats, target) = result?;
+                // What went on the wire (compressed pages compressed).
+                stats.bytes_sent = wire.sent;
+                stats.bytes_received = wire.received;
                 Ok((
                     PullOutcome {
                         stats,
@@ -657,9 +667,27 @@ async fn open(
         role,
         client_id: client_id(),
         key_id: None,
+        // Only a page sync carries pages.
+        compress: match op {
+            Op::Push | Op::Pull => ws::compressions(),
+            _ => Vec::new(),
+        },
     };
+    let offered = open.compress.clone();
     ws::send_binary(ws, Control::Open(open).to_bytes()).await?;
-    next_config(ws, Vec::new()).await
+    let mut config = next_config(ws, Vec::new()).await?;
+    // A server may only choose what was offered: anything else is not spoken here.
+    if config
+        .compress
+        .as_ref()
+        .is_some_and(|c| !offered.contains(c))
+    {
+        return Err(Error::Protocol(format!(
+            "the server chose page compression {:?}, which this client did not offer",
+            config.compress.take().unwrap_or_default()
+        )));
+    }
+    Ok(config)
 }
 
 /// The next CONFIG from the server: from `pending` frames first, then the socket. An

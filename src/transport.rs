@@ -1,6 +1,7 @@
 //! What the client and the server share on the wire, and nothing else: WebSocket
 //! framing of protocol frames (the [`ws`] module: one message matcher, the send and
-//! receive of one frame, the pump between a socket and a blocking engine) and TLS setup
+//! receive of one frame, the pump between a socket and a blocking engine, which also
+//! compresses and expands pages where the handshake agreed to it) and TLS setup
 //! (the [`tls`] module: PEM loading, rustls configurations for either side).
 //!
 //! It sits below both `remote` (the client side) and `server`, which must not import

@@ -39,6 +39,10 @@ pub struct Open {
     /// For `revoke-key`: the id of the key to revoke (16 hex digits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    /// The page compressions the client can receive and send, best first (`["zstd"]`);
+    /// absent from older clients, which get plain pages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compress: Vec<String>,
 }
 
 /// What a session does.
@@ -116,6 +120,10 @@ pub struct Config {
     /// After `keys`: the keys; after `revoke-key`: the key revoked. Ids only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_list: Option<Vec<KeyInfo>>,
+    /// The page compression of this session's page sync, one of OPEN's `compress`
+    /// (`"zstd"`); absent: plain pages (and from older servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<String>,
 }
 
 /// What is known about one version (a row of `versions`, as a store keeps it and as
@@ -357,6 +365,7 @@ mod tests {
                 role: None,
                 client_id: "me@host".into(),
                 key_id: None,
+                compress: vec!["zstd".into()],
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -368,12 +377,14 @@ mod tests {
                 role: Some(SubscriberRole::Pull),
                 client_id: "me@host".into(),
                 key_id: None,
+                compress: Vec::new(),
             }),
             Control::Config(Config {
                 replica_id: "r1".into(),
                 path: "acme/app.db".into(),
                 version: 4,
                 key_type: "push".into(),
+                compress: Some("zstd".into()),
                 ..Default::default()
             }),
             Control::NewReplicaVersion(NewVersion {
@@ -394,6 +405,35 @@ mod tests {
         for f in frames {
             assert_eq!(Control::decode(&f.to_bytes()), Ok(f));
         }
+    }
+
+    /// The compression fields are left out when empty, so an OPEN or CONFIG without
+    /// compression is the one an older peer sends; and an older peer's frames, without
+    /// them, decode as "no compression".
+    #[test]
+    fn compression_fields_are_absent_when_unused() {
+        let old_open = br#"{"protocol":1,"op":"pull","replica":"a/b","client_id":"x"}"#;
+        let mut frame = vec![OPEN];
+        frame.extend_from_slice(old_open);
+        let Ok(Control::Open(open)) = Control::decode(&frame) else {
+            panic!("an older client's OPEN decodes");
+        };
+        assert!(open.compress.is_empty());
+        let plain = Control::Open(Open {
+            compress: Vec::new(),
+            ..open
+        })
+        .to_bytes();
+        assert!(!String::from_utf8_lossy(&plain).contains("compress"));
+        let config = Control::Config(Config::default()).to_bytes();
+        assert!(!String::from_utf8_lossy(&config).contains("compress"));
+        let mut old_config = vec![code::CONFIG];
+        old_config
+            .extend_from_slice(br#"{"replica_id":"","path":"a/b","version":0,"key_type":"admin"}"#);
+        let Ok(Control::Config(c)) = Control::decode(&old_config) else {
+            panic!("an older server's CONFIG decodes");
+        };
+        assert_eq!(c.compress, None);
     }
 
     #[test]

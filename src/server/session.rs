@@ -38,7 +38,8 @@ use crate::protocol::control::{
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector};
 use crate::transport::ws::{
-    CLOSE_TIMEOUT, Incoming, classify, recv_binary, send_binary, send_ping, within,
+    CLOSE_TIMEOUT, Incoming, Wire, choose, classify, recv_binary, send_binary, send_ping, wire_for,
+    within,
 };
 use crate::{Error, ErrorKind, Result};
 
@@ -145,10 +146,12 @@ fn decode_control(bytes: &[u8]) -> Result<Control> {
 
 /// Runs `engine` on a blocking thread as `role` over the engine's channel link, its
 /// frames carried over `ws` (see [`crate::transport::ws::run_engine`]).
+/// Pages travel as `wire` says: compressed when OPEN offered and CONFIG chose zstd.
 async fn run_engine<S, T, F>(
     ws: &mut WebSocketStream<S>,
     role: Role,
     first: Vec<Vec<u8>>,
+    wire: Wire,
     engine: F,
 ) -> (Result<T>, Vec<Vec<u8>>)
 where
@@ -156,14 +159,16 @@ where
     T: Send + 'static,
     F: FnOnce(&mut ChannelLink) -> Result<T> + Send + 'static,
 {
-    crate::transport::ws::run_engine(
+    let (result, rest, _) = crate::transport::ws::run_engine_on(
         ws,
         pumped_link(role),
         first,
         Some(SYNC_IDLE_TIMEOUT),
+        wire,
         engine,
     )
-    .await
+    .await;
+    (result, rest)
 }
 
 async fn session<S>(
@@ -457,14 +462,13 @@ where
         Ok((id, number))
     })
     .await?;
-    send_control(
-        ws,
-        Control::Config(config(principal, replica, id.unwrap_or_default(), number)),
-    )
-    .await?;
+    let mut c = config(principal, replica, id.unwrap_or_default(), number);
+    c.compress = choose(&open.compress);
+    let wire = wire_for(c.compress.as_deref());
+    send_control(ws, Control::Config(c)).await?;
     let (store, r) = (state.store.clone(), replica.clone());
     let data = state.store.root().to_owned();
-    let (result, _) = run_engine(ws, Role::Origin, Vec::new(), move |link| {
+    let (result, _) = run_engine(ws, Role::Origin, Vec::new(), wire, move |link| {
         let mut reader = match store.read(&r, Selector::Number(number)) {
             Ok(reader) => reader,
             // The engine has not started, so it reports nothing: tell the client here.
@@ -498,16 +502,10 @@ where
         ))
         .into());
     }
-    send_control(
-        ws,
-        Control::Config(config(
-            principal,
-            &replica,
-            id.clone().unwrap_or_default(),
-            latest,
-        )),
-    )
-    .await?;
+    let mut c = config(principal, &replica, id.clone().unwrap_or_default(), latest);
+    c.compress = choose(&open.compress);
+    let wire = wire_for(c.compress.as_deref());
+    send_control(ws, Control::Config(c)).await?;
 
     // Control frames until the first page-sync frame, which belongs to the engine.
     let mut message = String::new();
@@ -549,7 +547,7 @@ where
     };
     let (store, r) = (state.store.clone(), replica.clone());
     let data = state.store.root().to_owned();
-    let (result, _) = run_engine(ws, Role::Replica, vec![first_sync], move |link| {
+    let (result, _) = run_engine(ws, Role::Replica, vec![first_sync], wire, move |link| {
         let mut writer = match store.push(&r, options) {
             Ok(w) => w,
             // The engine has not started, so it reports nothing: tell the client

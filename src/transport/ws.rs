@@ -12,6 +12,11 @@
 //! the idle limit. The pump knows the engine only through three small traits
 //! ([`EngineInbox`], [`EngineOutbox`], [`EngineLink`]), which the engine's channel link
 //! implements: so this module stays a leaf and the engine knows no socket.
+//!
+//! Compression is the pump's too ([`run_engine_on`] with [`Wire::Zstd`], once the
+//! handshake agreed to it): its writer compresses the engine's PAGE frames into ZPAGE
+//! frames and its reader expands the peer's back before the engine sees them (see
+//! [`crate::protocol::compress`]). The engine, and a local sync, see only plain frames.
 
 use std::future::Future;
 use std::time::Duration;
@@ -23,6 +28,7 @@ use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::protocol::compress::{Compressor, Expander};
 use crate::protocol::{ErrorCode, Frame, MAX_FRAME_BYTES};
 use crate::{Error, Result};
 
@@ -178,18 +184,67 @@ enum ReaderEnd {
     Refused(String),
 }
 
-/// Runs `engine` on a blocking thread with `link`, its frames carried over `ws`
-/// through `inbox` and `outbox` (the pump's ends of the same link). `first` are frames
-/// already read from the network that belong to the engine. With `idle`, a peer silent
-/// for that long ends the session. Returns the engine's result and the frames that
-/// arrived for after it (in order).
-///
-/// Every failure is reported to the peer once: the engine sends ERROR for its own, and
-/// this pump for the peer's protocol breaches it catches (an oversized or text message,
-/// silence), which it returns as [`Error::Protocol`].
+/// How frames travel on one WebSocket's page sync.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Wire {
+    /// As the engine made them: no compression (what an older peer speaks).
+    #[default]
+    Plain,
+    /// Pages zstd-compressed (ZPAGE) where that makes them smaller; both ends agreed to
+    /// it in the handshake.
+    Zstd,
+}
+
+/// The environment variable that turns page compression off on this end (`off`, `0`,
+/// `no` or `none`): a client then offers none, a server accepts none, and pages travel
+/// plain, as with a peer older than compression.
+pub const COMPRESS_ENV: &str = "SQLFERRY_COMPRESS";
+
+/// The page compressions this end offers or accepts: `["zstd"]`, or none when
+/// [`COMPRESS_ENV`] turns it off.
+pub fn compressions() -> Vec<String> {
+    let off = std::env::var(COMPRESS_ENV).is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "off" | "0" | "no" | "none"
+        )
+    });
+    if off {
+        Vec::new()
+    } else {
+        vec![crate::protocol::compress::ZSTD.to_owned()]
+    }
+}
+
+/// The server's choice among a client's `offered` compressions: the first it speaks.
+pub fn choose(offered: &[String]) -> Option<String> {
+    let ours = compressions();
+    offered.iter().find(|c| ours.contains(c)).cloned()
+}
+
+/// How a page sync travels once the handshake settled on `agreed` (CONFIG's
+/// `compress`).
+pub fn wire_for(agreed: Option<&str>) -> Wire {
+    match agreed {
+        Some(crate::protocol::compress::ZSTD) => Wire::Zstd,
+        _ => Wire::Plain,
+    }
+}
+
+/// What crossed the WebSocket in one page sync: the protocol frames' bytes as sent and
+/// received (compressed pages compressed), without the WebSocket's own framing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WireBytes {
+    /// Bytes of the frames this side sent.
+    pub sent: u64,
+    /// Bytes of the frames this side received.
+    pub received: u64,
+}
+
+/// [`run_engine_on`] with plain frames, for callers that need no byte counts.
 pub async fn run_engine<S, L, T, F>(
     ws: &mut WebSocketStream<S>,
-    (mut link, inbox, mut outbox): (L, impl EngineInbox, impl EngineOutbox),
+    link: (L, impl EngineInbox, impl EngineOutbox),
     first: Vec<Vec<u8>>,
     idle: Option<Duration>,
     engine: F,
@@ -200,7 +255,55 @@ where
     T: Send + 'static,
     F: FnOnce(&mut L) -> Result<T> + Send + 'static,
 {
+    let (result, rest, _) = run_engine_on(ws, link, first, idle, Wire::Plain, engine).await;
+    (result, rest)
+}
+
+/// Runs `engine` on a blocking thread with `link`, its frames carried over `ws`
+/// through `inbox` and `outbox` (the pump's ends of the same link). `first` are frames
+/// already read from the network that belong to the engine. With `idle`, a peer silent
+/// for that long ends the session. Returns the engine's result and the frames that
+/// arrived for after it (in order).
+///
+/// Every failure is reported to the peer once: the engine sends ERROR for its own, and
+/// this pump for the peer's protocol breaches it catches (an oversized or text message,
+/// a compressed page that does not expand to one, silence), which it returns as
+/// [`Error::Protocol`].
+///
+/// With [`Wire::Zstd`] pages go compressed where that pays and compressed pages are
+/// expanded; with [`Wire::Plain`] a compressed page reaches the engine, which refuses
+/// it. Also returns the bytes that crossed the socket.
+pub async fn run_engine_on<S, L, T, F>(
+    ws: &mut WebSocketStream<S>,
+    (mut link, inbox, mut outbox): (L, impl EngineInbox, impl EngineOutbox),
+    first: Vec<Vec<u8>>,
+    idle: Option<Duration>,
+    wire: Wire,
+    engine: F,
+) -> (Result<T>, Vec<Vec<u8>>, WireBytes)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    L: EngineLink,
+    T: Send + 'static,
+    F: FnOnce(&mut L) -> Result<T> + Send + 'static,
+{
+    let (mut compressor, mut expander) = match wire {
+        Wire::Plain => (None, None),
+        Wire::Zstd => (Some(Compressor::new()), Some(Expander::new())),
+    };
+    let sent = std::sync::atomic::AtomicU64::new(0);
+    let received = std::sync::atomic::AtomicU64::new(0);
+    let count = |n: &std::sync::atomic::AtomicU64, len: usize| {
+        n.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+    };
     for frame in first {
+        count(&received, frame.len());
+        // Frames read before the page sync (its BEGIN) are never compressed pages;
+        // one that is, and does not expand, reaches the engine as it came.
+        let frame = match &mut expander {
+            Some(x) => x.unpack(frame.clone()).unwrap_or(frame),
+            None => frame,
+        };
         // The engine is not running yet; the queue holds these few frames.
         let _ = inbox.deliver(frame).await;
     }
@@ -214,6 +317,7 @@ where
     let mut refused = None;
     let mut stalled = None;
     {
+        let (sent, received) = (&sent, &received);
         let reader = async move {
             loop {
                 let next = match within(idle, stream.next()).await {
@@ -227,6 +331,14 @@ where
                 };
                 match classify(next) {
                     Ok(Incoming::Frame(b)) => {
+                        count(received, b.len());
+                        let b = match &mut expander {
+                            None => b,
+                            Some(x) => match x.unpack(b) {
+                                Ok(b) => b,
+                                Err(e) => return ReaderEnd::Refused(e.to_string()),
+                            },
+                        };
                         if let Err(b) = inbox.deliver(b).await {
                             return ReaderEnd::EngineGone(b);
                         }
@@ -247,8 +359,16 @@ where
                     idle.map_or(0, |d| d.as_secs())
                 ))
             };
+            let mut pack = |frame: Vec<u8>| {
+                let frame = match &mut compressor {
+                    Some(c) => c.pack(frame),
+                    None => frame,
+                };
+                count(sent, frame.len());
+                Message::Binary(frame.into())
+            };
             while let Some(frame) = outbox.next_frame().await {
-                let fed = within(idle, sink.feed(Message::Binary(frame.into()))).await;
+                let fed = within(idle, sink.feed(pack(frame))).await;
                 match fed {
                     None => return stalled(),
                     Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
@@ -259,7 +379,7 @@ where
                     let Some(frame) = outbox.ready_frame() else {
                         break;
                     };
-                    match within(idle, sink.feed(Message::Binary(frame.into()))).await {
+                    match within(idle, sink.feed(pack(frame))).await {
                         None => return stalled(),
                         Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
                         Some(Ok(())) => {}
@@ -319,6 +439,10 @@ where
     // A peer that does not read gets no ERROR frame (it would never arrive); the
     // session is over all the same.
     let refused = refused.or(stalled);
+    let bytes = WireBytes {
+        sent: sent.into_inner(),
+        received: received.into_inner(),
+    };
     match handle.await {
         Ok((result, mut frames)) => {
             frames.extend(extra);
@@ -329,10 +453,10 @@ where
                 (Err(Error::Disconnected(_)), Some(why)) => Err(Error::Protocol(why)),
                 (result, _) => result,
             };
-            (result, frames)
+            (result, frames, bytes)
         }
         // The engine thread panicked: a bug, not a network failure.
-        Err(e) => (Err(Error::from(e)), Vec::new()),
+        Err(e) => (Err(Error::from(e)), Vec::new(), bytes),
     }
 }
 

@@ -34,6 +34,7 @@
 
 mod api;
 mod auth;
+mod compress;
 mod concurrent;
 mod faults;
 mod fuzz;
@@ -159,9 +160,24 @@ impl TestServer {
     }
 
     fn start_with_args(dir: &Path, tls: Option<tls::Certs>, extra: &[&str]) -> TestServer {
+        TestServer::start_with_env(dir, tls, extra, &[])
+    }
+
+    /// [`TestServer::start`] with environment variables set for the server process
+    /// (not kept across [`TestServer::restart`]).
+    pub fn start_env(dir: &Path, env: &[(&str, &str)]) -> TestServer {
+        TestServer::start_with_env(dir, None, &[], env)
+    }
+
+    fn start_with_env(
+        dir: &Path,
+        tls: Option<tls::Certs>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestServer {
         let data = dir.join("server-data");
         let log = dir.join("server.log");
-        let (child, addr, key) = spawn(&data, &log, "127.0.0.1:0", tls.as_ref(), extra);
+        let (child, addr, key) = spawn(&data, &log, "127.0.0.1:0", tls.as_ref(), extra, env);
         let admin_key =
             key.unwrap_or_else(|| panic!("no admin key on first start; log:\n{}", read(&log)));
         assert!(
@@ -290,8 +306,14 @@ impl TestServer {
             assert!(status.success(), "clean stop before restart: {status}");
         }
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let (child, addr, key) =
-            spawn(&self.data, &self.log, &self.addr, self.tls.as_ref(), &extra);
+        let (child, addr, key) = spawn(
+            &self.data,
+            &self.log,
+            &self.addr,
+            self.tls.as_ref(),
+            &extra,
+            &[],
+        );
         assert_eq!(addr, self.addr, "restarted on the same port");
         assert_eq!(key, None, "the admin key is shown only on first start");
         self.child = Some(child);
@@ -377,6 +399,7 @@ fn spawn(
     listen: &str,
     tls: Option<&tls::Certs>,
     extra: &[&str],
+    env: &[(&str, &str)],
 ) -> (Child, String, Option<String>) {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -396,6 +419,8 @@ fn spawn(
             .arg(&certs.key);
     }
     command.args(extra);
+    command.env_remove("SQLFERRY_COMPRESS");
+    command.envs(env.iter().copied());
     let mut child = command
         .env_remove("RUST_LOG")
         .env_remove("SQLFERRY_SERVER")
@@ -549,6 +574,7 @@ impl Machine {
         let mut cmd = Command::new(program);
         cmd.current_dir(&self.work)
             .env_remove("RUST_LOG")
+            .env_remove("SQLFERRY_COMPRESS")
             .env_remove("SQLFERRY_SERVER")
             .env_remove("SQLFERRY_KEY")
             .env_remove("SQLFERRY_CA_FILE")

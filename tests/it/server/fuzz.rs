@@ -1,6 +1,7 @@
 //! The server's session state machine fuzzed over a real connection: proptest makes
 //! arbitrary sequences of frames (well-formed page-sync frames with plausible and
-//! implausible fields, control frames, truncated and random bytes) and sends each
+//! implausible fields, control frames, truncated and random bytes, compressed pages:
+//! real ones, bombs and garbage, in sessions that agreed to compression or not) and sends each
 //! sequence on its own WebSocket session to a real `sqlferry serve`, with the admin key
 //! or a PULL key, as a push, a pull or no OPEN at all, reading whatever comes back.
 //!
@@ -136,6 +137,21 @@ fn message() -> impl Strategy<Value = Vec<u8>> {
             out
         }),
         1 => prop::collection::vec(any::<u8>(), 0..200),
+        // ZPAGE (compressed PAGE): a real one (a page of one byte, or a bomb of up to
+        // 1 MiB), or zstd's magic followed by garbage.
+        1 => (1u32..8, 9u32..=20, any::<u8>()).prop_map(|(pgno, shift, fill)| {
+            let mut out = vec![0x0a];
+            out.extend_from_slice(&pgno.to_be_bytes());
+            out.extend(zstd::bulk::compress(&vec![fill; 1 << shift], 1).expect("zstd"));
+            out
+        }),
+        1 => (small_u32(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(pgno, rest)| {
+            let mut out = vec![0x0a];
+            out.extend_from_slice(&pgno.to_be_bytes());
+            out.extend_from_slice(&[0x28, 0xb5, 0x2f, 0xfd]);
+            out.extend(rest);
+            out
+        }),
     ]
 }
 
@@ -154,11 +170,16 @@ fn open() -> impl Strategy<Value = Option<serde_json::Value>> {
         1 => Just("delete"),
     ];
     prop_oneof![
-        8 => (op, replica, prop_oneof![4 => Just(1u64), 1 => 0u64..4], any::<bool>()).prop_map(|(op, replica, base, force)| Some(
-            json!({"protocol": 1, "op": op, "replica": replica, "base": base,
+        8 => (op, replica, prop_oneof![4 => Just(1u64), 1 => 0u64..4], any::<bool>(), any::<bool>()).prop_map(|(op, replica, base, force, zstd)| Some({
+            let mut open = json!({"protocol": 1, "op": op, "replica": replica, "base": base,
                    "force": force, "version": "latest", "role": "pull",
-                   "client_id": "fuzz@test"})
-        )),
+                   "client_id": "fuzz@test"});
+            // Half the sessions agree to compressed pages: ZPAGEs are expanded first.
+            if zstd {
+                open["compress"] = json!(["zstd"]);
+            }
+            open
+        })),
         1 => Just(None),
     ]
 }

@@ -68,7 +68,7 @@ pub(super) fn open_frame(json: &serde_json::Value) -> Vec<u8> {
 }
 
 /// The next binary message, `None` when the session is over (close, reset, EOF).
-async fn next(ws: &mut Ws) -> Option<Vec<u8>> {
+pub(super) async fn next(ws: &mut Ws) -> Option<Vec<u8>> {
     loop {
         match tokio::time::timeout(END_TIMEOUT, ws.next())
             .await

@@ -1,0 +1,309 @@
+//! zstd on the wire: how a PAGE frame travels compressed between two ends that agreed
+//! to it in the handshake (OPEN's `compress`, CONFIG's answer; see `docs/protocol.md`).
+//! Pure: no I/O. The transport applies it, never the engine: a local sync exchanges
+//! plain frames.
+//!
+//! One compressed page is one ZPAGE frame (`0x0a`): `u32 pgno`, then one zstd frame
+//! whose header states its content size, which must be a valid page size. The receiver
+//! expands it back into the PAGE frame it stands for before anything else reads it, into
+//! a buffer of exactly that size: a frame that would expand past it (a bomb), a zstd
+//! frame without its size, or any garbage is a [`DecodeError`], never more memory.
+//!
+//! Each page is compressed on its own (level [`LEVEL`]): a page that does not shrink by
+//! at least 1/16 goes as the plain PAGE it was, and after such a page the next few are
+//! sent plain without trying (doubling up to [`MAX_SKIP`] while pages keep failing), so
+//! a database of random blobs costs almost no compression work.
+
+use super::{DecodeError, MAX_FRAME_BYTES, check_page_size, code};
+
+/// The one compression this build speaks, as OPEN and CONFIG name it.
+pub const ZSTD: &str = "zstd";
+
+/// The zstd level: measured on the benchmark's text rows (4 KiB pages, one page at a
+/// time), level 1 leaves 0.655 of the bytes, level 3 0.650 and level 6 0.648 for 1.4×
+/// and 3.4× the CPU; negative levels leave 0.85 (no entropy coding of literals).
+pub const LEVEL: i32 = 1;
+
+/// The most pages sent plain without trying, after pages that did not compress.
+pub const MAX_SKIP: u32 = 64;
+
+/// The sending end: turns PAGE frames into ZPAGE frames when that pays.
+pub struct Compressor {
+    /// Made for the first page tried: a session that sends no page pays nothing.
+    z: Option<zstd::bulk::Compressor<'static>>,
+    /// Where a page is compressed to (never larger than the page it would replace).
+    scratch: Vec<u8>,
+    /// Pages still to send plain without trying.
+    skip: u32,
+    /// How many to skip after the next page that does not compress.
+    backoff: u32,
+}
+
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressor")
+            .field("skip", &self.skip)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Compressor {
+    fn default() -> Compressor {
+        Compressor::new()
+    }
+}
+
+impl Compressor {
+    /// A compressor at [`LEVEL`]; its zstd state is made when the first page comes.
+    pub fn new() -> Compressor {
+        Compressor {
+            z: None,
+            scratch: Vec::new(),
+            skip: 0,
+            backoff: 1,
+        }
+    }
+
+    /// `frame` as it goes on the wire: a PAGE frame as a ZPAGE frame when its page
+    /// shrinks by at least 1/16, any other frame (and any page that does not) as it is.
+    pub fn pack(&mut self, mut frame: Vec<u8>) -> Vec<u8> {
+        if frame.first() != Some(&code::PAGE) || frame.len() <= 5 {
+            return frame;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return frame;
+        }
+        let page_len = frame.len() - 5;
+        let limit = page_len - page_len / 16;
+        if self.scratch.len() < limit {
+            self.scratch.resize(limit, 0);
+        }
+        if self.z.is_none() {
+            // Sending plain is always understood: a compressor that cannot be made
+            // only costs bytes.
+            self.z = zstd::bulk::Compressor::new(LEVEL).ok();
+        }
+        let Some(z) = &mut self.z else {
+            return frame;
+        };
+        // A page that does not fit in `limit` bytes fails here: it goes plain.
+        let shrunk = match z.compress_to_buffer(&frame[5..], &mut self.scratch[..limit]) {
+            Ok(n) if n < limit => Some(n),
+            _ => None,
+        };
+        let Some(n) = shrunk else {
+            self.skip = self.backoff;
+            self.backoff = (self.backoff * 2).min(MAX_SKIP);
+            return frame;
+        };
+        self.backoff = 1;
+        frame[0] = code::ZPAGE;
+        frame.truncate(5);
+        frame.extend_from_slice(&self.scratch[..n]);
+        frame
+    }
+}
+
+/// The receiving end: turns ZPAGE frames back into PAGE frames.
+pub struct Expander {
+    /// Made for the first ZPAGE: a session that receives none pays nothing.
+    z: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl std::fmt::Debug for Expander {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Expander").finish_non_exhaustive()
+    }
+}
+
+impl Default for Expander {
+    fn default() -> Expander {
+        Expander::new()
+    }
+}
+
+impl Expander {
+    /// An expander; its zstd state is made when the first ZPAGE comes.
+    pub fn new() -> Expander {
+        Expander { z: None }
+    }
+
+    /// `frame` as the engine reads it: a ZPAGE frame as the PAGE frame it stands for,
+    /// any other frame as it is. Never expands past one page (65,536 bytes).
+    pub fn unpack(&mut self, frame: Vec<u8>) -> Result<Vec<u8>, DecodeError> {
+        if frame.first() != Some(&code::ZPAGE) {
+            return Ok(frame);
+        }
+        if frame.len() > MAX_FRAME_BYTES {
+            return Err(DecodeError::TooLarge(frame.len()));
+        }
+        if frame.len() < 5 {
+            return Err(DecodeError::Truncated("ZPAGE"));
+        }
+        let z = &frame[5..];
+        let size = match zstd::zstd_safe::get_frame_content_size(z) {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                return Err(DecodeError::Invalid(
+                    "ZPAGE frame does not state its page size".into(),
+                ));
+            }
+            Err(_) => {
+                return Err(DecodeError::Invalid(
+                    "ZPAGE frame does not hold a zstd frame".into(),
+                ));
+            }
+        };
+        let size = u32::try_from(size).unwrap_or(u32::MAX);
+        check_page_size(size).map_err(|_| {
+            DecodeError::Invalid(format!("ZPAGE frame of {size} bytes is not a page"))
+        })?;
+        let size = size as usize;
+        let mut out = vec![0u8; 5 + size];
+        out[0] = code::PAGE;
+        out[1..5].copy_from_slice(&frame[1..5]);
+        if self.z.is_none() {
+            let made = zstd::bulk::Decompressor::new().map_err(|e| {
+                DecodeError::Invalid(format!("cannot expand a ZPAGE frame here: {e}"))
+            })?;
+            self.z = Some(made);
+        }
+        let Some(x) = &mut self.z else {
+            return Err(DecodeError::Invalid(
+                "cannot expand a ZPAGE frame here".into(),
+            ));
+        };
+        match x.decompress_to_buffer(z, &mut out[5..]) {
+            Ok(n) if n == size => Ok(out),
+            Ok(n) => Err(DecodeError::Invalid(format!(
+                "ZPAGE frame expands to {n} bytes where it states {size}"
+            ))),
+            Err(e) => Err(DecodeError::Invalid(format!(
+                "ZPAGE frame does not expand to a page: {e}"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Frame;
+    use proptest::prelude::*;
+
+    fn text_page(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| b"abcdefgh"[(i * 7 + i / 13) % 8])
+            .collect()
+    }
+
+    #[test]
+    fn a_text_page_round_trips_smaller() {
+        let (mut c, mut e) = (Compressor::new(), Expander::new());
+        let plain = Frame::page_bytes(9, &text_page(4096));
+        let packed = c.pack(plain.clone());
+        assert_eq!(packed[0], code::ZPAGE);
+        assert!(packed.len() < plain.len() / 4, "{}", packed.len());
+        assert_eq!(e.unpack(packed).unwrap(), plain);
+    }
+
+    #[test]
+    fn other_frames_and_random_pages_go_as_they_are() {
+        let mut c = Compressor::new();
+        let ready = Frame::Ready { page_count: 3 }.to_bytes();
+        assert_eq!(c.pack(ready.clone()), ready);
+        let mut x = 1u64;
+        let random: Vec<u8> = (0..4096)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        let plain = Frame::page_bytes(1, &random);
+        assert_eq!(c.pack(plain.clone()), plain);
+        // The next page is not even tried, however well it would compress.
+        let text = Frame::page_bytes(2, &text_page(4096));
+        assert_eq!(c.pack(text.clone()), text);
+        // Then compression is tried again.
+        assert_eq!(c.pack(text.clone())[0], code::ZPAGE);
+    }
+
+    #[test]
+    fn a_bomb_is_refused() {
+        let mut e = Expander::new();
+        // A zstd frame of 1 MiB of zeros: larger than any page.
+        let big = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap();
+        let mut frame = vec![code::ZPAGE, 0, 0, 0, 1];
+        frame.extend_from_slice(&big);
+        assert!(frame.len() < 1000);
+        let err = e.unpack(frame).unwrap_err();
+        assert!(err.to_string().contains("is not a page"), "{err}");
+        // A frame that states 4096 bytes but holds more (two frames back to back).
+        let page = zstd::bulk::compress(&[0u8; 4096], 1).unwrap();
+        let mut frame = vec![code::ZPAGE, 0, 0, 0, 1];
+        frame.extend_from_slice(&page);
+        frame.extend_from_slice(&page);
+        assert!(matches!(e.unpack(frame), Err(DecodeError::Invalid(_))));
+        // A frame that does not state its size (streamed).
+        let mut streamed = Vec::new();
+        {
+            use std::io::Write;
+            let mut w = zstd::stream::write::Encoder::new(&mut streamed, 1).unwrap();
+            w.write_all(&[0u8; 4096]).unwrap();
+            w.finish().unwrap();
+        }
+        let mut frame = vec![code::ZPAGE, 0, 0, 0, 1];
+        frame.extend_from_slice(&streamed);
+        let err = e.unpack(frame).unwrap_err();
+        assert!(err.to_string().contains("does not state"), "{err}");
+        // Truncated and empty.
+        assert_eq!(
+            e.unpack(vec![code::ZPAGE, 0]),
+            Err(DecodeError::Truncated("ZPAGE"))
+        );
+        assert!(e.unpack(vec![code::ZPAGE, 0, 0, 0, 1]).is_err());
+    }
+
+    /// A session holds one compressor: it must stay small, or a server's fan-out of
+    /// pulls pays for it many times over. (An expander decodes in one shot into the
+    /// page's buffer: it holds no window.)
+    #[test]
+    fn a_session_s_zstd_state_is_small() {
+        let (mut c, mut e) = (Compressor::new(), Expander::new());
+        for len in [4096, 65536] {
+            let packed = c.pack(Frame::page_bytes(1, &text_page(len)));
+            e.unpack(packed).unwrap();
+        }
+        let cs = c.z.as_mut().expect("made").context_mut().sizeof();
+        eprintln!("compressor {cs} bytes");
+        assert!(cs + c.scratch.capacity() < 1 << 20, "compressor {cs}");
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut e = Expander::new();
+            let mut frame = vec![code::ZPAGE];
+            frame.extend_from_slice(&tail);
+            if let Ok(out) = e.unpack(frame) {
+                prop_assert!(Frame::decode(&out).is_ok());
+            }
+        }
+
+        #[test]
+        fn a_damaged_zpage_never_panics(cut in 0usize..2000, flip in any::<(usize, u8)>()) {
+            let (mut c, mut e) = (Compressor::new(), Expander::new());
+            let mut packed = c.pack(Frame::page_bytes(4, &text_page(4096)));
+            let at = 5 + flip.0 % (packed.len() - 5);
+            packed[at] ^= flip.1 | 1;
+            packed.truncate(packed.len().min(5 + cut));
+            if let Ok(out) = e.unpack(packed) {
+                prop_assert!(out.len() <= 5 + 65536);
+            }
+        }
+    }
+}
