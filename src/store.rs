@@ -29,6 +29,7 @@
 //!   start; a second push waits, then finds the replica moved and gets VERSION_CONFLICT
 //!   unless it holds the same content.
 
+mod pack;
 mod replica;
 mod scrub;
 
@@ -220,6 +221,11 @@ impl Store {
         p
     }
 
+    /// The directory of the page packs and their index, shared by every replica.
+    pub fn pages_dir(&self) -> PathBuf {
+        pack::dir_of(&self.root)
+    }
+
     /// Every version of `replica`, oldest first.
     pub fn versions(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
         let file = self.replica_file(replica);
@@ -231,14 +237,16 @@ impl Store {
     pub fn push(&self, replica: &ReplicaPath, options: PushOptions) -> Result<VersionWriter> {
         let file = self.replica_file(replica);
         self.remove_leftovers(&file);
-        VersionWriter::open(&file, replica, options)
+        replica::upgrade(&file, &self.pages_dir())?;
+        VersionWriter::open(&file, &self.pages_dir(), replica, options)
     }
 
     /// Opens one version of `replica` for reading.
     pub fn read(&self, replica: &ReplicaPath, selector: Selector) -> Result<VersionReader> {
         let file = self.replica_file(replica);
         self.remove_leftovers(&file);
-        VersionReader::open(&file, replica, selector)
+        replica::upgrade(&file, &self.pages_dir())?;
+        VersionReader::open(&file, &self.pages_dir(), replica, selector)
     }
 
     /// Checks every stored page of every replica against its hash, and every version's
