@@ -42,10 +42,14 @@ const PACK_TARGET_BYTES: u64 = 1 << 30;
 /// How long a commit waits for another push's commit to the index.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The page cache of an index connection: 512 KiB (a negative `cache_size` is KiB).
-/// Readers look pages up one by one; a writer's inserts land on random leaves, which
-/// the OS page cache keeps near.
-const INDEX_CACHE_KIB: i64 = -512;
+/// The page cache of an index connection that reads versions: 256 KiB (a negative
+/// `cache_size` is KiB). A pull looks each page up once, at a random leaf: a larger
+/// cache buys little and costs every concurrent pull on a server.
+pub(super) const READER_CACHE_KIB: i64 = -256;
+
+/// The page cache of a push's index connection: 8 MiB, one per push. Its lookups and
+/// inserts land on random leaves; the cache holds the index of a store of about 10 GB.
+pub(super) const WRITER_CACHE_KIB: i64 = -8192;
 
 /// The write buffer of a pack being appended to.
 const APPEND_BUFFER_BYTES: usize = 1 << 20;
@@ -118,14 +122,15 @@ impl PackFiles {
 }
 
 impl Pages {
-    /// Opens (creating if needed) the page index in `dir`.
-    pub fn open(dir: &Path) -> Result<Pages> {
+    /// Opens (creating if needed) the page index in `dir`, with a page cache of
+    /// `cache_kib` (negative: KiB, as SQLite's `cache_size`).
+    pub fn open(dir: &Path, cache_kib: i64) -> Result<Pages> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let index = dir.join("index.sqlite");
         let conn = Connection::open(&index).map_err(|e| Error::sqlite(&index, e))?;
         let s = |e| Error::sqlite(&index, e);
         conn.busy_timeout(BUSY_TIMEOUT).map_err(s)?;
-        conn.pragma_update(None, "cache_size", INDEX_CACHE_KIB)
+        conn.pragma_update(None, "cache_size", cache_kib)
             .map_err(s)?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -191,9 +196,22 @@ impl Pages {
         }
     }
 
+    /// Starts a read transaction: lookups inside it cost no locking each. What commits
+    /// meanwhile is not seen (a page another push indexed is then appended again, and
+    /// cut out again at COMMIT, see `begin`).
+    pub fn begin_read(&self) -> Result<()> {
+        if self.conn.is_autocommit() {
+            self.conn
+                .execute_batch("BEGIN DEFERRED")
+                .map_err(self.sql())?;
+        }
+        Ok(())
+    }
+
     /// Starts a write transaction on the index (the caller holds its replica's write
-    /// lock already, see the lock order above).
+    /// lock already, see the lock order above), ending a read transaction first.
     pub fn begin(&self) -> Result<()> {
+        self.rollback();
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(self.sql())
@@ -240,10 +258,20 @@ impl Pages {
         }
     }
 
+    /// A connection of its own for the packs' committed sizes: `conn` may be inside a
+    /// read transaction (see `begin_read`), whose snapshot may predate another push's
+    /// commit; a size read from it could cut committed bytes off.
+    fn control(&self) -> Result<Connection> {
+        let conn = Connection::open(&self.index).map_err(self.sql())?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(self.sql())?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(self.sql())?;
+        Ok(conn)
+    }
+
     /// Every committed pack: (id, committed size).
-    fn packs(&self) -> Result<Vec<(i64, u64)>> {
-        let mut stmt = self
-            .conn
+    fn packs(&self, conn: &Connection) -> Result<Vec<(i64, u64)>> {
+        let mut stmt = conn
             .prepare("SELECT id, size FROM packs ORDER BY id")
             .map_err(self.sql())?;
         let rows = stmt
@@ -252,20 +280,20 @@ impl Pages {
         rows.collect::<rusqlite::Result<_>>().map_err(self.sql())
     }
 
-    fn committed_size(&self, id: i64) -> Result<u64> {
-        self.conn
-            .query_row("SELECT size FROM packs WHERE id = ?1", [id], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(|n| n as u64)
-            .map_err(self.sql())
+    fn committed_size(&self, conn: &Connection, id: i64) -> Result<u64> {
+        conn.query_row("SELECT size FROM packs WHERE id = ?1", [id], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|n| n as u64)
+        .map_err(self.sql())
     }
 
     /// Truncates the torn tails crashed pushes left: bytes past a pack's committed
     /// size, in packs no live push holds. Returns the bytes freed.
     pub fn recover(&self) -> Result<u64> {
         let mut freed = 0;
-        for (id, _) in self.packs()? {
+        let control = self.control()?;
+        for (id, _) in self.packs(&control)? {
             let path = pack_path(&self.dir, id);
             let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
                 continue;
@@ -274,7 +302,7 @@ impl Pages {
                 continue; // a live push appends to it
             }
             // Read under the lock: a push that held it may have committed meanwhile.
-            let size = self.committed_size(id)?;
+            let size = self.committed_size(&control, id)?;
             let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
             if len > size {
                 file.set_len(size).map_err(|e| Error::io(&path, e))?;
@@ -320,7 +348,8 @@ impl Pages {
     /// Takes a pack to append to: the first one under the target size no live push
     /// holds (its torn tail cut off), else a new one.
     pub fn appender(&self) -> Result<Appender> {
-        for (id, size) in self.packs()? {
+        let control = self.control()?;
+        for (id, size) in self.packs(&control)? {
             if size >= PACK_TARGET_BYTES {
                 continue;
             }
@@ -335,12 +364,13 @@ impl Pages {
             if file.try_lock().is_err() {
                 continue;
             }
-            return Appender::new(file, path, id, self.committed_size(id)?);
+            return Appender::new(file, path, id, self.committed_size(&control, id)?);
         }
-        self.conn
+        // The new pack's row commits now, before any byte goes into the pack.
+        control
             .execute("INSERT INTO packs(size) VALUES (0)", [])
             .map_err(self.sql())?;
-        let id = self.conn.last_insert_rowid();
+        let id = control.last_insert_rowid();
         let path = pack_path(&self.dir, id);
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -407,6 +437,49 @@ impl Appender {
         };
         self.end += data.len() as u64;
         Ok(loc)
+    }
+
+    /// Drops the appended pages `keep` says no (in offset order, as `(loc, keep)`) by
+    /// moving the kept ones down over them; calls `moved(old, new)` for each kept page
+    /// that moved. Only this push's uncommitted bytes are touched.
+    pub fn compact(
+        &mut self,
+        pages: &mut dyn Iterator<Item = Result<(Hash, Loc, bool)>>,
+        moved: &mut dyn FnMut(&Hash, Loc) -> Result<()>,
+    ) -> Result<()> {
+        self.out.flush().map_err(|e| Error::io(&self.path, e))?;
+        let mut at = self.start;
+        let mut buf = Vec::new();
+        for page in pages {
+            let (hash, loc, keep) = page?;
+            if !keep {
+                continue;
+            }
+            if loc.offset != at {
+                buf.resize(loc.len as usize, 0);
+                let file = self.out.get_ref();
+                file.read_exact_at(&mut buf, loc.offset)
+                    .and_then(|()| file.write_all_at(&buf, at))
+                    .map_err(|e| Error::io(&self.path, e))?;
+                moved(
+                    &hash,
+                    Loc {
+                        pack: self.id,
+                        offset: at,
+                        len: loc.len,
+                    },
+                )?;
+            }
+            at += u64::from(loc.len);
+        }
+        self.out
+            .get_ref()
+            .set_len(at)
+            .map_err(|e| Error::io(&self.path, e))?;
+        std::io::Seek::seek(&mut self.out, std::io::SeekFrom::Start(at))
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.end = at;
+        Ok(())
     }
 
     /// Makes everything appended durable: one fsync per push.

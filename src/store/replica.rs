@@ -1,13 +1,15 @@
 //! One replica's SQLite file: pushing a new version into it ([`VersionWriter`], the
 //! engine's page target) and reading a version out of it ([`VersionReader`], the
-//! engine's page source). The module doc of `store` states the invariants.
+//! engine's page source); its page bytes live in the store's packs (`pack`). The module
+//! doc of `store` states the invariants.
 //!
-//! Trust, as this file keeps it: every page read from `pages` is hashed again and a
+//! Trust, as this file keeps it: every page read from a pack is hashed again and a
 //! mismatch is an error, never data; a page found damaged is recorded in `bad_pages`,
-//! which makes the next push resend it (its hash is reported as not held) and replace
-//! its bytes. Pages a push stores but its committed version does not use are deleted in
-//! the same transaction. A new replica's private file is `flock`ed by its creator for
-//! its whole life, so a cleaner removes only what a dead process left.
+//! which makes the next push resend it (its hash is reported as not held) and point its
+//! index row at the new bytes. Pages a push appends but its committed version does not
+//! use are cut out of the pack before COMMIT. A new replica's private file is `flock`ed
+//! by its creator for its whole life, so a cleaner removes only what a dead process
+//! left.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use super::pack::{Appender, Loc, Pages};
+use super::pack::{self, Appender, Loc, Pages};
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, Selector, VersionInfo};
 use crate::digest::{HASH_BYTES, Hash, hex, lock_byte_page, page_hash, sha256};
 use crate::engine::{BeginInfo, PageSource, PageTarget, ScanFn};
@@ -448,7 +450,7 @@ impl VersionWriter {
         replica: &ReplicaPath,
         options: PushOptions,
     ) -> Result<Self> {
-        let pages = Pages::open(pages_dir)?;
+        let pages = Pages::open(pages_dir, pack::WRITER_CACHE_KIB)?;
         let freed = pages.recover()?;
         if freed > 0 {
             tracing::info!(
@@ -536,6 +538,48 @@ impl VersionWriter {
             .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
 
+    /// Cuts the pages this push appended that its version does not use out of the
+    /// pack (a hostile or broken origin's), moving the used ones down and their index
+    /// rows with them, inside the open index transaction.
+    fn drop_unused(&mut self) -> Result<()> {
+        let Some(appender) = self.appender.as_mut() else {
+            return Ok(());
+        };
+        let pack = appender.id();
+        let pages = &self.pages;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT hash, offset, len, repair FROM temp.fresh ORDER BY offset")
+            .map_err(sql(&self.file))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            })
+            .map_err(sql(&self.file))?;
+        let file = &self.file;
+        let mut kept = rows.map(|row| {
+            let (hash, offset, len, repair) = row.map_err(sql(file))?;
+            let hash = Hash::try_from(hash.as_slice())
+                .map_err(|_| Error::Server("a pending page key is no hash".into()))?;
+            let loc = Loc {
+                pack,
+                offset: offset as u64,
+                len,
+            };
+            // Kept: a repair, or a page whose index row names these very bytes.
+            let keep = repair || pages.lookup(&hash)? == Some(loc);
+            Ok((hash, loc, keep))
+        });
+        appender.compact(&mut kept, &mut |hash, loc| {
+            pages.insert(hash, loc, true).map(|_| ())
+        })
+    }
+
     /// Checks the page 1 of a new version: the SQLite header, with the version's page
     /// size and, where SQLite trusts it, its page count. The page is read back from the
     /// store and checked against its hash like any other read.
@@ -582,6 +626,10 @@ impl PageTarget for VersionWriter {
             .map_err(sql(&self.file))?;
         self.latest = latest(&self.conn, &self.file)?;
         self.bad = bad_pages(&self.conn, &self.file)?;
+        // The page lookups of the whole push in one snapshot of the index: no locking
+        // per page. A page another push indexes meanwhile is appended again and cut
+        // out again at COMMIT (`drop_unused`).
+        self.pages.begin_read()?;
         self.page_size = begin.page_size;
         let Some(latest) = self.latest.clone() else {
             return Ok(0);
@@ -724,13 +772,18 @@ impl PageTarget for VersionWriter {
             self.result = Some((latest, false));
             return Ok(());
         }
-        // The page bytes are durable before any index row names them.
-        if let Some(a) = &mut self.appender {
-            a.sync()?;
-        }
         self.pages.begin()?;
         let number = self.latest.as_ref().map_or(1, |b| b.number + 1);
-        if let Err(e) = self.write_version(number, same, page_count, digest, hashes) {
+        let written = self
+            .write_version(number, same, page_count, digest, hashes)
+            .and_then(|()| {
+                // The page bytes are durable before the index rows naming them commit.
+                match &mut self.appender {
+                    Some(a) => a.sync(),
+                    None => Ok(()),
+                }
+            });
+        if let Err(e) = written {
             self.pages.rollback();
             return Err(e);
         }
@@ -892,6 +945,7 @@ impl VersionWriter {
             }
         }
         if indexed < self.fresh {
+            self.drop_unused()?;
             tracing::warn!(replica = %self.replica, pages = self.fresh - indexed, "pages the push sent but its version does not use were not kept");
         }
         if !same {
@@ -1011,7 +1065,12 @@ impl VersionReader {
             })?;
         Ok(VersionReader {
             conn,
-            pages: Pages::open(pages_dir)?,
+            pages: {
+                let pages = Pages::open(pages_dir, pack::READER_CACHE_KIB)?;
+                // One snapshot for the whole read: no locking per page.
+                pages.begin_read()?;
+                pages
+            },
             file: file.to_owned(),
             replica: replica.clone(),
             info,
@@ -1152,7 +1211,7 @@ pub(super) fn upgrade(file: &Path, pages_dir: &Path) -> Result<()> {
     if !has_pages(&conn)? {
         return Ok(()); // another process moved them meanwhile
     }
-    let pages = Pages::open(pages_dir)?;
+    let pages = Pages::open(pages_dir, pack::WRITER_CACHE_KIB)?;
     let mut appender = pages.appender()?;
     pages.begin()?;
     let mut moved = 0u64;

@@ -123,7 +123,7 @@ pub(super) fn scrub(root: &Path, progress: &mut dyn FnMut(&ScrubProgress)) -> Re
     let mut damaged: HashSet<Hash> = HashSet::new();
     let mut stored = 0;
     let pages = if pages_dir.exists() {
-        let pages = Pages::open(&pages_dir)?;
+        let pages = Pages::open(&pages_dir, pack::READER_CACHE_KIB)?;
         leftover_bytes_removed += pages.recover()?;
         stored = check_pages(&pages, &mut damaged, progress)?;
         Some(pages)

@@ -16,6 +16,8 @@
 //! - `house`: one runtime (nothing below `cli` builds one), one signal handler.
 //! - `trust_store`: damaged stored pages found, refused and repaired; `scrub`; pushes that
 //!   already landed; hostile origins; files a killed first push left.
+//! - `store_packs`: pages stored once across replicas, pushes into several replicas at
+//!   once (one process and several), a store of the previous layout moved into packs.
 
 mod cli;
 mod engine;
@@ -23,6 +25,7 @@ mod house;
 mod layers;
 mod live;
 mod server;
+mod store_packs;
 mod subscribe;
 mod sync_props;
 mod trust_client;

@@ -176,6 +176,17 @@ fn flip_stored(file: &Path, hash: &Hash, byte: usize, bits: u8) {
     f.write_all_at(&b, offset + byte as u64).expect("write");
 }
 
+/// The bytes of every pack of the store a replica file is in.
+fn stored_bytes(file: &Path) -> u64 {
+    std::fs::read_dir(store_of(file).join("pages")).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
 /// How many pages the store holds (every replica's, each once).
 fn stored_pages(file: &Path) -> i64 {
     page_index(file)
@@ -610,6 +621,7 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
     let r = ReplicaPath::parse(REPLICA).expect("valid");
     let file = store.replica_file(&r);
     let pages_before = stored_pages(&file);
+    let bytes_before = stored_bytes(&file);
     let mut changed = pages.clone();
     changed[1][3000] ^= 1;
     let mut writer = store
@@ -658,6 +670,11 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
         stored_pages(&file),
         pages_before + 1,
         "only the changed page is new"
+    );
+    assert_eq!(
+        stored_bytes(&file),
+        bytes_before + 4096,
+        "only the changed page's bytes are kept"
     );
     // And version 2 is what was pushed.
     let out = Bench::run(
