@@ -1,34 +1,45 @@
-//! Replicas and their immutable, numbered versions, with pages stored once by SHA-256.
+//! Replicas and their immutable, numbered versions, with pages stored once by SHA-256
+//! for the whole store.
 //!
-//! A store is a directory. Each replica (`namespace/name`, see [`ReplicaPath`]) is one
-//! SQLite file in it, `replicas/<namespace>/<name>.sqlferry`, holding:
-//! - `pages`: page bytes keyed by their SHA-256, each stored once per replica;
-//! - `chunks`: runs of up to [`CHUNK_PAGES`] page hashes, keyed by their own SHA-256,
-//!   so versions that share most pages share most of their manifest too;
-//! - `manifest`: for each version, its chunks in order;
-//! - `versions`: number, page size, page count, digest, message, time, client and key.
+//! A store is a directory:
+//! - `pages/`: the page bytes of every replica, each page once, in append-only pack
+//!   files with an index from hash to place (see `pack`);
+//! - `replicas/<namespace>/<name>.sqlferry`: one SQLite file per replica (see
+//!   [`ReplicaPath`]) holding:
+//!   - `chunks`: runs of up to [`CHUNK_PAGES`] page hashes, keyed by their own SHA-256,
+//!     so versions that share most pages share most of their manifest too;
+//!   - `manifest`: for each version, its chunks in order;
+//!   - `versions`: number, page size, page count, digest, message, time, client and key;
+//!   - `bad_pages`: pages found damaged, to be resent by the next push.
 //!
 //! Invariants:
-//! - A version is visible only once complete and verified: a push writes its pages, its
-//!   manifest and its version row in one SQLite transaction, committed only after the
-//!   engine has checked the origin's digest. A crash or a dropped connection at any byte
-//!   rolls all of it back, so no partial version and no unreferenced page ever remains.
-//!   When the push's base is stale, it still syncs against the latest version, stores
-//!   nothing from the first page that differs from it and is refused (VERSION_CONFLICT)
-//!   at COMMIT; equal content makes no version and reports the latest one.
+//! - A version is visible only once complete and verified: a push appends its new pages
+//!   to a pack as they come, and only after the engine has checked the origin's digest
+//!   fsyncs the pack, commits the index rows naming them, then commits its manifest and
+//!   version row in one SQLite transaction. A crash or a dropped connection at any byte
+//!   before that leaves no version and no index row (the pack's uncommitted tail is cut
+//!   off). When the push's base is stale, it still syncs against the latest version,
+//!   stores nothing from the first page that differs from it and is refused
+//!   (VERSION_CONFLICT) at COMMIT; equal content makes no version and reports the
+//!   latest one.
 //! - Versions are immutable: nothing updates or deletes a version row or what it
 //!   references, except that a page found damaged (its bytes no longer match its hash)
-//!   has its bytes replaced by good ones when a push brings them.
+//!   has its index row pointed at good bytes when a push brings them.
 //! - Nothing damaged is delivered: every page read is checked against its hash; a bad
 //!   one is an error and is recorded (`bad_pages`) so that the next push resends it.
-//! - Nothing unused is kept: pages a push stores that its version does not use are
-//!   deleted before its COMMIT; files a crashed push left are removed the next time the
-//!   replica's directory is opened (never those of a live push, which holds a lock).
-//! - Memory is flat: manifests are read and written one chunk at a time.
+//! - Nothing unused is kept: pages a push appended that its version does not use are
+//!   cut out of the pack before its COMMIT; files a crashed push left are removed, and
+//!   pack tails it left truncated, the next time the replica is pushed (never those of
+//!   a live push, which holds a lock).
+//! - Memory is flat: manifests are read and written one chunk at a time; pages stream.
 //! - One push at a time per replica: the push holds the replica's write lock from its
 //!   start; a second push waits, then finds the replica moved and gets VERSION_CONFLICT
-//!   unless it holds the same content.
+//!   unless it holds the same content. Pushes into different replicas run at once, each
+//!   appending to a pack of its own.
+//! - A replica file of the previous layout (its own `pages` table) has its pages moved
+//!   into the packs the first time it is opened.
 
+mod pack;
 mod replica;
 mod scrub;
 
@@ -220,6 +231,11 @@ impl Store {
         p
     }
 
+    /// The directory of the page packs and their index, shared by every replica.
+    pub fn pages_dir(&self) -> PathBuf {
+        pack::dir_of(&self.root)
+    }
+
     /// Every version of `replica`, oldest first.
     pub fn versions(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
         let file = self.replica_file(replica);
@@ -231,14 +247,16 @@ impl Store {
     pub fn push(&self, replica: &ReplicaPath, options: PushOptions) -> Result<VersionWriter> {
         let file = self.replica_file(replica);
         self.remove_leftovers(&file);
-        VersionWriter::open(&file, replica, options)
+        replica::upgrade(&file, &self.pages_dir())?;
+        VersionWriter::open(&file, &self.pages_dir(), replica, options)
     }
 
     /// Opens one version of `replica` for reading.
     pub fn read(&self, replica: &ReplicaPath, selector: Selector) -> Result<VersionReader> {
         let file = self.replica_file(replica);
         self.remove_leftovers(&file);
-        VersionReader::open(&file, replica, selector)
+        replica::upgrade(&file, &self.pages_dir())?;
+        VersionReader::open(&file, &self.pages_dir(), replica, selector)
     }
 
     /// Checks every stored page of every replica against its hash, and every version's

@@ -103,7 +103,7 @@ impl ScrubArgs {
                     ))?;
                 }
             }
-            let pages: u64 = report.replicas.iter().map(|r| r.pages).sum();
+            let pages = report.pages;
             let versions: u64 = report.replicas.iter().map(|r| r.versions).sum();
             let bad_pages: usize = report.replicas.iter().map(|r| r.bad_pages.len()).sum();
             let bad_versions: usize = report.replicas.iter().map(|r| r.bad_versions.len()).sum();

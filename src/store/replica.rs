@@ -1,13 +1,15 @@
 //! One replica's SQLite file: pushing a new version into it ([`VersionWriter`], the
 //! engine's page target) and reading a version out of it ([`VersionReader`], the
-//! engine's page source). The module doc of `store` states the invariants.
+//! engine's page source); its page bytes live in the store's packs (`pack`). The module
+//! doc of `store` states the invariants.
 //!
-//! Trust, as this file keeps it: every page read from `pages` is hashed again and a
+//! Trust, as this file keeps it: every page read from a pack is hashed again and a
 //! mismatch is an error, never data; a page found damaged is recorded in `bad_pages`,
-//! which makes the next push resend it (its hash is reported as not held) and replace
-//! its bytes. Pages a push stores but its committed version does not use are deleted in
-//! the same transaction. A new replica's private file is `flock`ed by its creator for
-//! its whole life, so a cleaner removes only what a dead process left.
+//! which makes the next push resend it (its hash is reported as not held) and point its
+//! index row at the new bytes. Pages a push appends but its committed version does not
+//! use are cut out of the pack before COMMIT. A new replica's private file is `flock`ed
+//! by its creator for its whole life, so a cleaner removes only what a dead process
+//! left.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+use super::pack::{self, Appender, Loc, Pages};
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, Selector, VersionInfo};
 use crate::digest::{HASH_BYTES, Hash, hex, lock_byte_page, page_hash, sha256};
 use crate::engine::{BeginInfo, PageSource, PageTarget, ScanFn};
@@ -32,10 +35,6 @@ const RECORD_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The replica file's schema, created on first push (`bad_pages` also by the first push
 /// or scrub that opens a file made before it existed).
 const SCHEMA: &str = "
-    CREATE TABLE IF NOT EXISTS pages(
-        hash BLOB PRIMARY KEY,
-        data BLOB NOT NULL
-    );
     CREATE TABLE IF NOT EXISTS chunks(
         hash BLOB PRIMARY KEY,
         hashes BLOB NOT NULL
@@ -63,10 +62,16 @@ const SCHEMA: &str = "
     );
 ";
 
-/// The table of pages written by the push in progress that did not exist before: what
-/// the committed manifest does not use of them is deleted before COMMIT.
+/// The pages the push in progress appended to its pack, and where: those the
+/// committed manifest uses are indexed at COMMIT, the others never are (and `repair`
+/// rows, new bytes for a damaged page, always are).
 const FRESH_SCHEMA: &str = "
-    CREATE TEMP TABLE IF NOT EXISTS fresh(hash BLOB PRIMARY KEY) WITHOUT ROWID;
+    CREATE TEMP TABLE IF NOT EXISTS fresh(
+        hash BLOB PRIMARY KEY,
+        offset INTEGER NOT NULL,
+        len INTEGER NOT NULL,
+        repair INTEGER NOT NULL
+    ) WITHOUT ROWID;
     DELETE FROM temp.fresh;
 ";
 
@@ -399,6 +404,12 @@ fn remove_counted(path: &Path) -> u64 {
 /// answer was lost).
 pub struct VersionWriter {
     conn: Connection,
+    /// The store's page index; its write lock is taken only at COMMIT.
+    pages: Pages,
+    /// The pack this push appends its new pages to, taken at its first new page.
+    appender: Option<Appender>,
+    /// Page 1 as this push wrote it, for the header check at COMMIT.
+    page1: Option<(Hash, Vec<u8>)>,
     /// The file being written: the replica's, or a private one while creating it.
     file: PathBuf,
     /// The replica's file.
@@ -419,7 +430,7 @@ pub struct VersionWriter {
     bad: HashSet<Hash>,
     /// Page numbers written in this push, one bit each.
     written: Vec<u64>,
-    /// Pages this push stored that did not exist before (rows of `temp.fresh`).
+    /// Pages this push appended that no replica held before (rows of `temp.fresh`).
     fresh: u64,
     /// Damaged pages this push replaced with good bytes.
     repaired: u32,
@@ -435,9 +446,18 @@ impl VersionWriter {
     /// Opens (creating if needed) the replica file for a push.
     pub(super) fn open(
         final_file: &Path,
+        pages_dir: &Path,
         replica: &ReplicaPath,
         options: PushOptions,
     ) -> Result<Self> {
+        let pages = Pages::open(pages_dir, pack::WRITER_CACHE_KIB)?;
+        let freed = pages.recover()?;
+        if freed > 0 {
+            tracing::info!(
+                bytes = freed,
+                "truncated the packs crashed pushes had grown"
+            );
+        }
         let dir = final_file.parent().expect("a replica file has a directory");
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         // A replica that does not exist yet is built in a private file and linked into
@@ -458,6 +478,9 @@ impl VersionWriter {
         conn.execute_batch(FRESH_SCHEMA).map_err(sql(file))?;
         Ok(VersionWriter {
             conn,
+            pages,
+            appender: None,
+            page1: None,
             file: file.to_owned(),
             final_file: final_file.to_owned(),
             creating,
@@ -515,39 +538,79 @@ impl VersionWriter {
             .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
 
+    /// Cuts the pages this push appended that its version does not use out of the
+    /// pack (a hostile or broken origin's), moving the used ones down and their index
+    /// rows with them, inside the open index transaction.
+    fn drop_unused(&mut self) -> Result<()> {
+        let Some(appender) = self.appender.as_mut() else {
+            return Ok(());
+        };
+        let pack = appender.id();
+        let pages = &self.pages;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT hash, offset, len, repair FROM temp.fresh ORDER BY offset")
+            .map_err(sql(&self.file))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            })
+            .map_err(sql(&self.file))?;
+        let file = &self.file;
+        let mut kept = rows.map(|row| {
+            let (hash, offset, len, repair) = row.map_err(sql(file))?;
+            let hash = Hash::try_from(hash.as_slice())
+                .map_err(|_| Error::Server("a pending page key is no hash".into()))?;
+            let loc = Loc {
+                pack,
+                offset: offset as u64,
+                len,
+            };
+            // Kept: a repair, or a page whose index row names these very bytes.
+            let keep = repair || pages.lookup(&hash)? == Some(loc);
+            Ok((hash, loc, keep))
+        });
+        appender.compact(&mut kept, &mut |hash, loc| {
+            pages.insert(hash, loc, true).map(|_| ())
+        })
+    }
+
     /// Checks the page 1 of a new version: the SQLite header, with the version's page
     /// size and, where SQLite trusts it, its page count. The page is read back from the
     /// store and checked against its hash like any other read.
-    fn check_page1(&self, hash: &Hash, page_count: u32) -> Result<()> {
-        let data: Option<Vec<u8>> = self
-            .conn
-            .query_row("SELECT data FROM pages WHERE hash = ?1", [&hash[..]], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(sql(&self.file))?;
-        let data = match data {
-            Some(d) if page_matches(Some(1), hash, &d) => d,
-            found => {
-                // Recorded from a connection of its own, once this push's write lock is
-                // gone (it would wait for it otherwise); nothing of this push is kept.
-                self.conn
-                    .execute_batch("ROLLBACK")
-                    .map_err(sql(&self.file))?;
-                if let Err(e) = record_bad_pages(&self.file, &[*hash]) {
-                    tracing::warn!(replica = %self.replica, error = %e, "could not record a damaged page");
-                }
-                return Err(Error::Verification(format!(
-                    "page 1 of {} is {} in the store; nothing was stored, push again to repair it",
-                    self.replica,
-                    if found.is_some() {
-                        "damaged"
-                    } else {
-                        "missing"
-                    }
-                )));
+    fn check_page1(&mut self, hash: &Hash, page_count: u32) -> Result<()> {
+        let mut data = Vec::new();
+        let found = match &self.page1 {
+            Some((h, d)) if h == hash => {
+                data.extend_from_slice(d);
+                true
             }
+            _ => match self.pages.lookup(hash)? {
+                Some(loc) => self.pages.read(loc, &mut data)?,
+                None => false,
+            },
         };
+        if !(found && page_matches(Some(1), hash, &data)) {
+            // Recorded from a connection of its own, once this push's write lock is
+            // gone (it would wait for it otherwise); nothing of this push is kept.
+            self.pages.rollback();
+            self.conn
+                .execute_batch("ROLLBACK")
+                .map_err(sql(&self.file))?;
+            if let Err(e) = record_bad_pages(&self.file, &[*hash]) {
+                tracing::warn!(replica = %self.replica, error = %e, "could not record a damaged page");
+            }
+            return Err(Error::Verification(format!(
+                "page 1 of {} is {} in the store; nothing was stored, push again to repair it",
+                self.replica,
+                if found { "damaged" } else { "missing" }
+            )));
+        }
         Header::check_page1(&data, self.page_size, page_count).map_err(|why| {
             Error::Verification(format!(
                 "the pushed database's page 1 is not a valid SQLite header: {why}; nothing was stored"
@@ -563,6 +626,10 @@ impl PageTarget for VersionWriter {
             .map_err(sql(&self.file))?;
         self.latest = latest(&self.conn, &self.file)?;
         self.bad = bad_pages(&self.conn, &self.file)?;
+        // The page lookups of the whole push in one snapshot of the index: no locking
+        // per page. A page another push indexes meanwhile is appended again and cut
+        // out again at COMMIT (`drop_unused`).
+        self.pages.begin_read()?;
         self.page_size = begin.page_size;
         let Some(latest) = self.latest.clone() else {
             return Ok(0);
@@ -646,11 +713,30 @@ impl PageTarget for VersionWriter {
             }
         }
         self.mark_written(pgno);
-        if self.bad.contains(hash) {
-            self.conn
-                .prepare_cached("INSERT OR REPLACE INTO pages(hash, data) VALUES (?1, ?2)")
-                .and_then(|mut s| s.execute(params![&hash[..], data]))
-                .map_err(sql(&self.file))?;
+        if pgno == 1 {
+            self.page1 = Some((*hash, data.clone()));
+        }
+        let repair = self.bad.contains(hash);
+        let pending = self
+            .conn
+            .prepare_cached("SELECT 1 FROM temp.fresh WHERE hash = ?1")
+            .and_then(|mut s| s.query_row([&hash[..]], |_| Ok(())).optional())
+            .map_err(sql(&self.file))?
+            .is_some();
+        if pending || (!repair && self.pages.lookup(hash)?.is_some()) {
+            return Ok(()); // stored already, by this push or by any replica's
+        }
+        if self.appender.is_none() {
+            self.appender = Some(self.pages.appender()?);
+        }
+        let loc = self.appender.as_mut().expect("taken above").append(&data)?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO temp.fresh(hash, offset, len, repair) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut s| s.execute(params![&hash[..], loc.offset as i64, loc.len, repair]))
+            .map_err(sql(&self.file))?;
+        if repair {
             self.conn
                 .prepare_cached("DELETE FROM bad_pages WHERE hash = ?1")
                 .and_then(|mut s| s.execute([&hash[..]]))
@@ -658,18 +744,7 @@ impl PageTarget for VersionWriter {
             self.bad.remove(hash);
             self.repaired += 1;
             tracing::info!(replica = %self.replica, page = pgno, hash = %hex(hash), "damaged page replaced");
-            return Ok(());
-        }
-        let inserted = self
-            .conn
-            .prepare_cached("INSERT OR IGNORE INTO pages(hash, data) VALUES (?1, ?2)")
-            .and_then(|mut s| s.execute(params![&hash[..], data]))
-            .map_err(sql(&self.file))?;
-        if inserted > 0 {
-            self.conn
-                .prepare_cached("INSERT OR IGNORE INTO temp.fresh(hash) VALUES (?1)")
-                .and_then(|mut s| s.execute([&hash[..]]))
-                .map_err(sql(&self.file))?;
+        } else {
             self.fresh += 1;
         }
         Ok(())
@@ -690,13 +765,72 @@ impl PageTarget for VersionWriter {
             return Err(self.conflict());
         }
         if same && self.repaired == 0 && self.fresh == 0 {
-            // Nothing differs and nothing was mended: no new version, nothing to keep.
+            // Nothing differs and nothing was mended: no new version, nothing to keep
+            // (what was appended is cut off when the pack is let go).
             self.conn.execute_batch("ROLLBACK").map_err(sql(&file))?;
             let latest = self.latest.clone().expect("same content means a latest");
             self.result = Some((latest, false));
             return Ok(());
         }
+        self.pages.begin()?;
         let number = self.latest.as_ref().map_or(1, |b| b.number + 1);
+        let written = self
+            .write_version(number, same, page_count, digest, hashes)
+            .and_then(|()| {
+                // The page bytes are durable before the index rows naming them commit.
+                match &mut self.appender {
+                    Some(a) => a.sync(),
+                    None => Ok(()),
+                }
+            });
+        if let Err(e) = written {
+            self.pages.rollback();
+            return Err(e);
+        }
+        self.pages.commit(self.appender.as_mut())?;
+        self.conn.execute_batch("COMMIT").map_err(sql(&file))?;
+        self.conn
+            .execute_batch("DELETE FROM temp.fresh")
+            .map_err(sql(&file))?;
+        if same {
+            let latest = self.latest.clone().expect("same content means a latest");
+            self.result = Some((latest, false));
+            return Ok(());
+        }
+        let info = self
+            .conn
+            .query_row(
+                &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE number = ?1"),
+                [number as i64],
+                version_row,
+            )
+            .map_err(sql(&file))?;
+        if self.creating.is_some()
+            && let Some(theirs) = self.publish(&info.digest)?
+        {
+            // Another push created the replica with this very content (the same
+            // push, resent after its client lost the answer): already there.
+            self.result = Some((theirs, false));
+            return Ok(());
+        }
+        self.result = Some((info, true));
+        Ok(())
+    }
+}
+
+impl VersionWriter {
+    /// Writes version `number` (unless `same`: then only repairs) into the replica's
+    /// transaction and the index rows of the pages it uses into the index's, both left
+    /// open for the caller to commit.
+    fn write_version(
+        &mut self,
+        number: u64,
+        same: bool,
+        page_count: u32,
+        digest: &Hash,
+        hashes: &mut dyn Iterator<Item = Result<Hash>>,
+    ) -> Result<()> {
+        let file = self.file.clone();
         if !same {
             self.conn
                 .execute(
@@ -717,10 +851,12 @@ impl PageTarget for VersionWriter {
                 )
                 .map_err(sql(&file))?;
         }
+        let pack = self.appender.as_ref().map(Appender::id);
         let mut chunk = Vec::with_capacity(CHUNK_PAGES * HASH_BYTES);
         let mut idx = 0u32;
         let mut seen = 0u32;
         let mut page1 = None;
+        let mut indexed = 0u64;
         loop {
             let next = hashes.next().transpose()?;
             if let Some(h) = next {
@@ -728,12 +864,32 @@ impl PageTarget for VersionWriter {
                 if seen == 1 {
                     page1 = Some(h);
                 }
-                // What this push stored and the result uses stays; the rest goes below.
-                if self.fresh > 0 && self.was_written(seen) {
-                    self.conn
-                        .prepare_cached("DELETE FROM temp.fresh WHERE hash = ?1")
-                        .and_then(|mut s| s.execute([&h[..]]))
+                // What this push appended and the result uses is indexed; the rest
+                // never is.
+                if let Some(pack) = pack
+                    && self.fresh > 0
+                    && self.was_written(seen)
+                {
+                    let at: Option<(i64, u32)> = self
+                        .conn
+                        .prepare_cached(
+                            "SELECT offset, len FROM temp.fresh WHERE hash = ?1 AND repair = 0",
+                        )
+                        .and_then(|mut s| {
+                            s.query_row([&h[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+                                .optional()
+                        })
                         .map_err(sql(&file))?;
+                    if let Some((offset, len)) = at {
+                        let loc = Loc {
+                            pack,
+                            offset: offset as u64,
+                            len,
+                        };
+                        if self.pages.insert(&h, loc, false)? {
+                            indexed += 1;
+                        }
+                    }
                 }
                 chunk.extend_from_slice(&h);
             }
@@ -762,53 +918,42 @@ impl PageTarget for VersionWriter {
                 "manifest has {seen} pages, expected {page_count}"
             )));
         }
-        if self.fresh > 0 {
-            let dropped = self
-                .conn
-                .execute(
-                    "DELETE FROM pages WHERE hash IN (SELECT hash FROM temp.fresh)",
-                    [],
-                )
-                .map_err(sql(&file))?;
-            self.conn
-                .execute_batch("DELETE FROM temp.fresh")
-                .map_err(sql(&file))?;
-            if dropped > 0 {
-                tracing::warn!(replica = %self.replica, pages = dropped, "pages the push sent but its version does not use were not kept");
+        // New bytes for damaged pages: indexed whether or not this version uses them
+        // (the versions that do are older).
+        if let Some(pack) = pack
+            && self.repaired > 0
+        {
+            let repairs: Vec<(Vec<u8>, i64, u32)> = {
+                let mut stmt = self
+                    .conn
+                    .prepare("SELECT hash, offset, len FROM temp.fresh WHERE repair = 1")
+                    .map_err(sql(&file))?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .map_err(sql(&file))?;
+                rows.collect::<rusqlite::Result<_>>().map_err(sql(&file))?
+            };
+            for (h, offset, len) in repairs {
+                if let Ok(h) = Hash::try_from(h.as_slice()) {
+                    let loc = Loc {
+                        pack,
+                        offset: offset as u64,
+                        len,
+                    };
+                    self.pages.insert(&h, loc, true)?;
+                }
             }
+        }
+        if indexed < self.fresh {
+            self.drop_unused()?;
+            tracing::warn!(replica = %self.replica, pages = self.fresh - indexed, "pages the push sent but its version does not use were not kept");
         }
         if !same {
             let page1 = page1.ok_or_else(|| Error::Protocol("a version without pages".into()))?;
             self.check_page1(&page1, page_count)?;
         }
-        self.conn.execute_batch("COMMIT").map_err(sql(&file))?;
-        if same {
-            let latest = self.latest.clone().expect("same content means a latest");
-            self.result = Some((latest, false));
-            return Ok(());
-        }
-        let info = self
-            .conn
-            .query_row(
-                &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE number = ?1"),
-                [number as i64],
-                version_row,
-            )
-            .map_err(sql(&file))?;
-        if self.creating.is_some()
-            && let Some(theirs) = self.publish(&info.digest)?
-        {
-            // Another push created the replica with this very content (the same
-            // push, resent after its client lost the answer): already there.
-            self.result = Some((theirs, false));
-            return Ok(());
-        }
-        self.result = Some((info, true));
         Ok(())
     }
-}
-
-impl VersionWriter {
     /// Links a new replica's private file into place, now that its first version is
     /// committed. `link` never replaces: if another push created the replica meanwhile,
     /// that one stands and this push is refused.
@@ -872,6 +1017,7 @@ impl Drop for VersionWriter {
 /// it sees (versions are immutable anyway).
 pub struct VersionReader {
     conn: Connection,
+    pages: Pages,
     file: PathBuf,
     replica: ReplicaPath,
     info: VersionInfo,
@@ -880,7 +1026,12 @@ pub struct VersionReader {
 }
 
 impl VersionReader {
-    pub(super) fn open(file: &Path, replica: &ReplicaPath, selector: Selector) -> Result<Self> {
+    pub(super) fn open(
+        file: &Path,
+        pages_dir: &Path,
+        replica: &ReplicaPath,
+        selector: Selector,
+    ) -> Result<Self> {
         let conn = open_existing(file, replica)?;
         conn.execute_batch("BEGIN DEFERRED").map_err(sql(file))?;
         let latest = latest(&conn, file)?.ok_or_else(|| not_found(replica))?;
@@ -914,6 +1065,12 @@ impl VersionReader {
             })?;
         Ok(VersionReader {
             conn,
+            pages: {
+                let pages = Pages::open(pages_dir, pack::READER_CACHE_KIB)?;
+                // One snapshot for the whole read: no locking per page.
+                pages.begin_read()?;
+                pages
+            },
             file: file.to_owned(),
             replica: replica.clone(),
             info,
@@ -925,42 +1082,38 @@ impl VersionReader {
     pub fn info(&self) -> &VersionInfo {
         &self.info
     }
+}
 
+/// What a reader needs to fetch and check one page, apart from the manifest.
+struct Fetch<'a> {
+    pages: &'a mut Pages,
+    file: &'a Path,
+    replica: &'a ReplicaPath,
+    version: u64,
+}
+
+impl Fetch<'_> {
     /// Reads page `pgno` (stored under `hash`) into `buf`, and checks it against its
     /// hash: a damaged or missing page is recorded for repair and is an error, never
     /// data.
-    fn page_data(&self, pgno: u32, hash: &Hash, buf: &mut Vec<u8>) -> Result<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT data FROM pages WHERE hash = ?1")
-            .map_err(sql(&self.file))?;
-        let mut rows = stmt.query([&hash[..]]).map_err(sql(&self.file))?;
-        let found = match rows.next().map_err(sql(&self.file))? {
-            Some(row) => {
-                let data = row
-                    .get_ref(0)
-                    .map_err(sql(&self.file))?
-                    .as_blob()
-                    .map_err(|e| sql(&self.file)(e.into()))?;
-                buf.clear();
-                buf.extend_from_slice(data);
-                true
-            }
+    fn page(&mut self, pgno: u32, hash: &Hash, buf: &mut Vec<u8>) -> Result<()> {
+        let found = match self.pages.lookup(hash)? {
+            Some(loc) => self.pages.read(loc, buf)?,
             None => false,
         };
         if found && page_matches(Some(pgno), hash, buf) {
             return Ok(());
         }
-        if let Err(e) = record_bad_pages(&self.file, &[*hash]) {
+        if let Err(e) = record_bad_pages(self.file, &[*hash]) {
             tracing::warn!(replica = %self.replica, error = %e, "could not record a damaged page");
         }
         // Info, not warn: the error itself carries all of it to whoever asked (one line
         // for a user of the embedded store; a server logs the sessions it ends).
-        tracing::info!(replica = %self.replica, version = self.info.number, page = pgno, hash = %hex(hash), "stored page {}", if found { "damaged" } else { "missing" });
+        tracing::info!(replica = %self.replica, version = self.version, page = pgno, hash = %hex(hash), "stored page {}", if found { "damaged" } else { "missing" });
         Err(Error::Verification(format!(
             "page {pgno} of {}@{} is {} in the store (hash {}); a push of the same database repairs it, and `sqlferry scrub` finds every such page",
             self.replica,
-            self.info.number,
+            self.version,
             if found {
                 "damaged: its bytes no longer match their hash"
             } else {
@@ -984,18 +1137,23 @@ impl PageSource for VersionReader {
         let lock_page = lock_byte_page(self.info.page_size);
         let zeros = vec![0u8; self.info.page_size as usize];
         let mut buf = Vec::with_capacity(self.info.page_size as usize);
-        let this = &*self;
+        let mut fetch = Fetch {
+            pages: &mut self.pages,
+            file: &self.file,
+            replica: &self.replica,
+            version: self.info.number,
+        };
         for_each_hash(
-            &this.conn,
-            &this.file,
-            this.info.number,
+            &self.conn,
+            &self.file,
+            self.info.number,
             &mut |pgno, hash| {
                 if pgno <= with_data_after {
                     f(pgno, hash, None)
                 } else if pgno == lock_page {
                     f(pgno, hash, Some(&zeros))
                 } else {
-                    this.page_data(pgno, &hash, &mut buf)?;
+                    fetch.page(pgno, &hash, &mut buf)?;
                     f(pgno, hash, Some(&buf))
                 }
             },
@@ -1011,6 +1169,82 @@ impl PageSource for VersionReader {
             &mut self.chunk,
         )?
         .ok_or_else(|| Error::Verification(format!("manifest has no page {pgno}")))?;
-        self.page_data(pgno, &hash, buf)
+        Fetch {
+            pages: &mut self.pages,
+            file: &self.file,
+            replica: &self.replica,
+            version: self.info.number,
+        }
+        .page(pgno, &hash, buf)
     }
+}
+
+/// Moves the pages of a replica file made by the previous layout (a `pages` table of
+/// its own) into the store's packs, then drops the table: done once, on the first
+/// open, under the replica's write lock. Cheap when there is nothing to move.
+pub(super) fn upgrade(file: &Path, pages_dir: &Path) -> Result<()> {
+    let has_pages = |conn: &Connection| -> Result<bool> {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'pages'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )
+        .map_err(sql(file))
+    };
+    if !file.exists() {
+        return Ok(());
+    }
+    {
+        let conn = Connection::open_with_flags(
+            file,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql(file))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
+        if !has_pages(&conn)? {
+            return Ok(());
+        }
+    }
+    let conn = Connection::open(file).map_err(sql(file))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(sql(file))?;
+    if !has_pages(&conn)? {
+        return Ok(()); // another process moved them meanwhile
+    }
+    let pages = Pages::open(pages_dir, pack::WRITER_CACHE_KIB)?;
+    let mut appender = pages.appender()?;
+    pages.begin()?;
+    let mut moved = 0u64;
+    let copy = (|| -> Result<()> {
+        let mut stmt = conn
+            .prepare("SELECT hash, data FROM pages")
+            .map_err(sql(file))?;
+        let mut rows = stmt.query([]).map_err(sql(file))?;
+        while let Some(row) = rows.next().map_err(sql(file))? {
+            let key = row.get_ref(0).map_err(sql(file))?.as_blob().ok();
+            let data = row.get_ref(1).map_err(sql(file))?.as_blob().ok();
+            let (Some(Ok(hash)), Some(data)) = (key.map(Hash::try_from), data) else {
+                continue; // a key that is no hash names nothing a manifest can use
+            };
+            if pages.lookup(&hash)?.is_none() {
+                // Moved as it is: a damaged page stays damaged, and scrub or a read
+                // finds it as before.
+                let loc = appender.append(data)?;
+                pages.insert(&hash, loc, false)?;
+                moved += 1;
+            }
+        }
+        appender.sync()
+    })();
+    if let Err(e) = copy {
+        pages.rollback();
+        return Err(e);
+    }
+    pages.commit(Some(&mut appender))?;
+    conn.execute_batch("DROP TABLE pages; COMMIT")
+        .map_err(sql(file))?;
+    // The page bytes leave the replica file for good: give the space back.
+    conn.execute_batch("VACUUM").map_err(sql(file))?;
+    tracing::info!(file = %file.display(), pages = moved, "moved a replica's pages into the store's packs");
+    Ok(())
 }

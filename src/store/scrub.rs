@@ -1,20 +1,24 @@
-//! Scrubbing a store: every stored page checked against its hash, every version's
-//! manifest against its chunk keys and its digest, every referenced page for presence.
+//! Scrubbing a store: every stored page (once, however many replicas use it) checked
+//! against its hash, every version's manifest against its chunk keys and its digest,
+//! every referenced page for presence in the page index.
 //!
 //! Invariants: a scrub reads each replica inside one read transaction (a push landing
 //! meanwhile is not half seen) and changes nothing but the `bad_pages` record of what it
 //! found, which makes the next push of the database resend those pages; it also removes
-//! the files crashed pushes left (see `remove_leftovers`). Memory does not grow with the
-//! store: pages and manifests stream; only the bad pages and the keys of the manifest
-//! chunks already checked are kept.
+//! the files crashed pushes left (see `remove_leftovers`) and cuts the torn tails of
+//! packs no live push holds. It moves the pages of replica files of the previous layout
+//! into the packs first. Memory does not grow with the store: pages and manifests
+//! stream; only the bad pages and the keys of the manifest chunks already checked are
+//! kept.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags};
 
 use super::ReplicaPath;
-use super::replica::{page_matches, record_bad_pages, remove_leftovers};
+use super::pack::{self, Pages};
+use super::replica::{page_matches, record_bad_pages, remove_leftovers, upgrade};
 use crate::digest::{Digest, HASH_BYTES, Hash, hex, lock_byte_page, sha256};
 use crate::{Error, Result};
 
@@ -56,7 +60,7 @@ pub struct ReplicaScrub {
     pub replica: String,
     /// Versions checked.
     pub versions: u64,
-    /// Stored pages checked.
+    /// Page references (manifest entries) checked.
     pub pages: u64,
     /// Bad pages, and the versions each touches.
     pub bad_pages: Vec<BadPage>,
@@ -81,6 +85,8 @@ pub struct ScrubReport {
     pub store: PathBuf,
     /// Every replica, in path order.
     pub replicas: Vec<ReplicaScrub>,
+    /// Stored pages checked against their hashes (each once, shared by every replica).
+    pub pages: u64,
     /// Bytes of files crashed pushes had left, removed.
     pub leftover_bytes_removed: u64,
 }
@@ -106,12 +112,34 @@ pub(super) fn scrub(root: &Path, progress: &mut dyn FnMut(&ScrubProgress)) -> Re
         )));
     }
     files.sort();
+    let pages_dir = pack::dir_of(root);
+    // Replica files of the previous layout first give their pages to the packs.
+    let mut upgrade_errors = BTreeMap::new();
+    for file in &files {
+        if let Err(e) = upgrade(file, &pages_dir) {
+            upgrade_errors.insert(file.clone(), e.to_string());
+        }
+    }
+    let mut damaged: HashSet<Hash> = HashSet::new();
+    let mut stored = 0;
+    let pages = if pages_dir.exists() {
+        let pages = Pages::open(&pages_dir, pack::READER_CACHE_KIB)?;
+        leftover_bytes_removed += pages.recover()?;
+        stored = check_pages(&pages, &mut damaged, progress)?;
+        Some(pages)
+    } else {
+        None
+    };
     let mut replicas = Vec::new();
     for file in files {
         let Some(replica) = replica_of(&top, &file) else {
             continue;
         };
-        let report = match scrub_replica(&file, &replica, progress) {
+        let checked = match upgrade_errors.remove(&file) {
+            Some(e) => Err(Error::Server(e)),
+            None => scrub_replica(&file, &replica, pages.as_ref(), &damaged, progress),
+        };
+        let report = match checked {
             Ok(r) => r,
             Err(e) => ReplicaScrub {
                 replica: replica.to_string(),
@@ -127,8 +155,38 @@ pub(super) fn scrub(root: &Path, progress: &mut dyn FnMut(&ScrubProgress)) -> Re
     Ok(ScrubReport {
         store: root.to_owned(),
         replicas,
+        pages: stored,
         leftover_bytes_removed,
     })
+}
+
+/// Checks every indexed page against its hash, in pack order; the damaged ones go into
+/// `damaged`. Returns how many were checked.
+fn check_pages(
+    pages: &Pages,
+    damaged: &mut HashSet<Hash>,
+    progress: &mut dyn FnMut(&ScrubProgress),
+) -> Result<u64> {
+    let mut at = ScrubProgress {
+        replica: "(stored pages)".into(),
+        done: 0,
+        total: pages.count()?,
+    };
+    progress(&at);
+    let mut files = pages.files();
+    let mut buf = Vec::new();
+    pages.for_each(&mut |hash, loc| {
+        if !(files.read(loc, &mut buf)? && page_matches(None, &hash, &buf)) {
+            damaged.insert(hash);
+        }
+        at.done += 1;
+        if at.done.is_multiple_of(4096) {
+            progress(&at);
+        }
+        Ok(())
+    })?;
+    progress(&at);
+    Ok(at.done)
 }
 
 /// Collects the replica files under `dir`, cleaning each directory on the way.
@@ -163,6 +221,8 @@ fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
 fn scrub_replica(
     file: &Path,
     replica: &ReplicaPath,
+    pages: Option<&Pages>,
+    damaged: &HashSet<Hash>,
     progress: &mut dyn FnMut(&ScrubProgress),
 ) -> Result<ReplicaScrub> {
     let conn = Connection::open_with_flags(
@@ -173,9 +233,6 @@ fn scrub_replica(
     conn.busy_timeout(std::time::Duration::from_secs(60))
         .map_err(sql(file))?;
     conn.execute_batch("BEGIN DEFERRED").map_err(sql(file))?;
-    let stored: i64 = conn
-        .query_row("SELECT count(*) FROM pages", [], |r| r.get(0))
-        .map_err(sql(file))?;
     let entries: i64 = conn
         .query_row(
             "SELECT coalesce(sum(page_count), 0) FROM versions",
@@ -186,35 +243,9 @@ fn scrub_replica(
     let mut at = ScrubProgress {
         replica: replica.to_string(),
         done: 0,
-        total: (stored + entries) as u64,
+        total: entries as u64,
     };
     progress(&at);
-
-    // Every stored page against its key.
-    let mut damaged: HashSet<Hash> = HashSet::new();
-    {
-        let mut stmt = conn
-            .prepare("SELECT hash, data FROM pages")
-            .map_err(sql(file))?;
-        let mut rows = stmt.query([]).map_err(sql(file))?;
-        while let Some(row) = rows.next().map_err(sql(file))? {
-            let key = row.get_ref(0).map_err(sql(file))?.as_blob().ok();
-            let data = row.get_ref(1).map_err(sql(file))?.as_blob().ok();
-            let hash = key.and_then(|k| Hash::try_from(k).ok());
-            match (hash, data) {
-                (Some(h), Some(d)) if page_matches(None, &h, d) => {}
-                (Some(h), _) => {
-                    damaged.insert(h);
-                }
-                // A key that is not a hash holds nothing a manifest can name.
-                (None, _) => {}
-            }
-            at.done += 1;
-            if at.done.is_multiple_of(4096) {
-                progress(&at);
-            }
-        }
-    }
 
     // Every version: its chunks against their keys, its digest against its manifest,
     // and every page it names present and good.
@@ -238,9 +269,6 @@ fn scrub_replica(
             "SELECT m.chunk, c.hashes FROM manifest m LEFT JOIN chunks c ON c.hash = m.chunk
              WHERE m.version = ?1 ORDER BY m.idx",
         )
-        .map_err(sql(file))?;
-    let mut exists_stmt = conn
-        .prepare("SELECT 1 FROM pages WHERE hash = ?1")
         .map_err(sql(file))?;
     for (number, page_size, page_count, digest) in &versions {
         let lock_page = lock_byte_page(*page_size);
@@ -274,11 +302,10 @@ fn scrub_replica(
                 let bad = if damaged.contains(&h) || missing.contains(&h) {
                     true
                 } else if fresh {
-                    let present = exists_stmt
-                        .query_row([&h[..]], |_| Ok(()))
-                        .optional()
-                        .map_err(sql(file))?
-                        .is_some();
+                    let present = match pages {
+                        Some(p) => p.lookup(&h)?.is_some(),
+                        None => false,
+                    };
                     if !present {
                         missing.insert(h);
                     }
@@ -315,10 +342,10 @@ fn scrub_replica(
         }
     }
     drop(chunk_stmt);
-    drop(exists_stmt);
     drop(conn);
 
-    let mut bad: Vec<Hash> = damaged.iter().chain(missing.iter()).copied().collect();
+    // The damaged pages this replica's versions use (others' are theirs to record).
+    let mut bad: Vec<Hash> = users.keys().copied().collect();
     bad.sort();
     if let Err(e) = record_bad_pages(file, &bad) {
         tracing::warn!(%replica, error = %e, "could not record the bad pages for repair");
@@ -338,7 +365,7 @@ fn scrub_replica(
     Ok(ReplicaScrub {
         replica: replica.to_string(),
         versions: versions.len() as u64,
-        pages: stored as u64,
+        pages: at.done,
         bad_pages,
         bad_versions,
         error: None,

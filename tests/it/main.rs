@@ -18,6 +18,8 @@
 //!   already landed; hostile origins; files a killed first push left.
 //! - `wal_follow`: pushes of WAL databases that read only what the WAL names, through
 //!   writes, checkpoints of every kind, VACUUM and resets: every change is seen.
+//! - `store_packs`: pages stored once across replicas, pushes into several replicas at
+//!   once (one process and several), a store of the previous layout moved into packs.
 
 mod cli;
 mod engine;
@@ -25,6 +27,7 @@ mod house;
 mod layers;
 mod live;
 mod server;
+mod store_packs;
 mod subscribe;
 mod sync_props;
 mod trust_client;

@@ -106,8 +106,39 @@ fn ok(out: &Output, what: &str) -> serde_json::Value {
     serde_json::from_str(util::stdout(out).trim()).expect("one JSON object")
 }
 
+/// The store directory a replica file is in (`<store>/replicas/...`).
+fn store_of(file: &Path) -> PathBuf {
+    file.ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "replicas"))
+        .and_then(Path::parent)
+        .expect("a replica file is under <store>/replicas")
+        .to_owned()
+}
+
+/// The store's page index (`<store>/pages/index.sqlite`).
+fn page_index(file: &Path) -> Connection {
+    Connection::open(store_of(file).join("pages/index.sqlite")).expect("open the page index")
+}
+
+/// Where the page stored under `hash` is: its pack file, offset and length.
+fn page_location(file: &Path, hash: &Hash) -> (PathBuf, u64, usize) {
+    let (pack, offset, len): (i64, i64, i64) = page_index(file)
+        .query_row(
+            "SELECT pack, offset, len FROM pages WHERE hash = ?1",
+            [&hash[..]],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("an indexed page");
+    (
+        store_of(file).join(format!("pages/{pack}.pack")),
+        offset as u64,
+        len as usize,
+    )
+}
+
 /// The hash and stored bytes of page `pgno` of `version` in a replica file.
 fn stored_page(file: &Path, version: u64, pgno: u32) -> (Hash, Vec<u8>) {
+    use std::os::unix::fs::FileExt;
     let conn = Connection::open(file).expect("open replica file");
     let idx = (pgno - 1) / 1024;
     let chunk: Vec<u8> = conn
@@ -120,35 +151,45 @@ fn stored_page(file: &Path, version: u64, pgno: u32) -> (Hash, Vec<u8>) {
         .expect("manifest chunk");
     let at = ((pgno - 1) % 1024) as usize * 32;
     let hash: Hash = chunk[at..at + 32].try_into().expect("32 bytes");
-    let data: Vec<u8> = conn
-        .query_row("SELECT data FROM pages WHERE hash = ?1", [&hash[..]], |r| {
-            r.get(0)
-        })
+    let (pack, offset, len) = page_location(file, &hash);
+    let mut data = vec![0u8; len];
+    std::fs::File::open(&pack)
+        .expect("open pack")
+        .read_exact_at(&mut data, offset)
         .expect("page data");
     (hash, data)
 }
 
-/// Flips bits of one byte of a stored page, in place, as a bad disk would.
+/// Flips bits of one byte of a stored page, in place in its pack, as a bad disk would.
 fn flip_stored(file: &Path, hash: &Hash, byte: usize, bits: u8) {
-    let conn = Connection::open(file).expect("open replica file");
-    let mut data: Vec<u8> = conn
-        .query_row("SELECT data FROM pages WHERE hash = ?1", [&hash[..]], |r| {
-            r.get(0)
-        })
-        .expect("page data");
-    data[byte] ^= bits;
-    let n = conn
-        .execute(
-            "UPDATE pages SET data = ?1 WHERE hash = ?2",
-            params![data, &hash[..]],
-        )
-        .expect("update page");
-    assert_eq!(n, 1);
+    use std::os::unix::fs::FileExt;
+    let (pack, offset, len) = page_location(file, hash);
+    assert!(byte < len);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .expect("open pack");
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset + byte as u64).expect("read");
+    b[0] ^= bits;
+    f.write_all_at(&b, offset + byte as u64).expect("write");
 }
 
+/// The bytes of every pack of the store a replica file is in.
+fn stored_bytes(file: &Path) -> u64 {
+    std::fs::read_dir(store_of(file).join("pages")).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
+/// How many pages the store holds (every replica's, each once).
 fn stored_pages(file: &Path) -> i64 {
-    Connection::open(file)
-        .expect("open replica file")
+    page_index(file)
         .query_row("SELECT count(*) FROM pages", [], |r| r.get(0))
         .expect("count pages")
 }
@@ -580,6 +621,7 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
     let r = ReplicaPath::parse(REPLICA).expect("valid");
     let file = store.replica_file(&r);
     let pages_before = stored_pages(&file);
+    let bytes_before = stored_bytes(&file);
     let mut changed = pages.clone();
     changed[1][3000] ^= 1;
     let mut writer = store
@@ -628,6 +670,11 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
         stored_pages(&file),
         pages_before + 1,
         "only the changed page is new"
+    );
+    assert_eq!(
+        stored_bytes(&file),
+        bytes_before + 4096,
+        "only the changed page's bytes are kept"
     );
     // And version 2 is what was pushed.
     let out = Bench::run(
@@ -735,10 +782,10 @@ fn a_missing_page_is_found_by_scrub_and_brought_back_by_the_next_push() {
     let db = b.database("app.db", 400);
     ok(&b.push(&db, &[]), "v1");
     let (hash, _) = stored_page(&b.replica_file(), 1, 9);
-    Connection::open(b.replica_file())
-        .expect("open")
+    let n = page_index(&b.replica_file())
         .execute("DELETE FROM pages WHERE hash = ?1", [&hash[..]])
         .expect("delete");
+    assert_eq!(n, 1);
     let (code, report) = b.scrub();
     assert_eq!(code, EXIT_VERIFY, "{report}");
     let bad = &report["replicas"][0]["bad_pages"][0];
@@ -867,16 +914,21 @@ fn a_first_push_killed_half_way_leaves_nothing_after_the_next_push() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn push");
-    // Killed once its private file holds some of the database.
-    let grew = util::wait_until(Duration::from_secs(60), Duration::from_millis(5), || {
-        std::fs::read_dir(&dir).is_ok_and(|d| {
-            d.flatten().any(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                n.ends_with(".new-wal") && e.metadata().is_ok_and(|m| m.len() > 4_000_000)
-            })
+    // Killed once its pack holds some of the database (appended, never committed).
+    let packs = b.store().join("pages");
+    let pack_bytes = || -> u64 {
+        std::fs::read_dir(&packs).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
         })
+    };
+    let grew = util::wait_until(Duration::from_secs(60), Duration::from_millis(5), || {
+        pack_bytes() > 4_000_000
     });
-    assert!(grew, "the push's private file never grew");
+    assert!(grew, "the push's pack never grew");
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
     assert!(!leftovers(&dir).is_empty(), "the kill left files");
@@ -884,6 +936,13 @@ fn a_first_push_killed_half_way_leaves_nothing_after_the_next_push() {
 
     ok(&b.push(&db, &[]), "the next push");
     assert_eq!(leftovers(&dir), Vec::<String>::new());
+    // The torn tail was cut off: the packs hold the database once, not once and a half.
+    let size = std::fs::metadata(&db).expect("db").len();
+    assert!(
+        pack_bytes() <= size,
+        "packs {} for a database of {size}",
+        pack_bytes()
+    );
     let copy = b.path("copy.db");
     ok(&b.pull(REPLICA, &copy), "pull");
     assert_eq!(util::digest(&copy), util::digest(&db));

@@ -2,9 +2,8 @@
 //! no partial version ever appears, every earlier version comes back intact (after a
 //! restart on the same data directory), and the replica takes new pushes.
 //!
-//! "Half-way" is an observable event, not a guess: the server's replica file has a
-//! write-ahead log that grows while a push stores its pages; the kill comes once it
-//! has grown by [`WAL_MID_PUSH`].
+//! "Half-way" is an observable event, not a guess: the store's page packs grow while a
+//! push appends its pages; the kill comes once they have grown by [`WAL_MID_PUSH`].
 
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -18,8 +17,8 @@ use crate::util;
 /// while, small enough for CI.
 const BIG_BYTES: u64 = 64 << 20;
 
-/// How much the replica's WAL grows before the kill: well into the push, far from
-/// its end (a 64 MB push writes over 64 MB of WAL).
+/// How much the store's packs grow before the kill: well into the push, far from its
+/// end (a 64 MB push appends about 64 MB).
 const WAL_MID_PUSH: u64 = 8 << 20;
 
 /// The most a push of the big database may take here (debug build, busy CI).
@@ -36,14 +35,13 @@ pub(super) fn start_push(m: &Machine, server: &TestServer, message: &str) -> Chi
         .expect("start push")
 }
 
-/// Waits until the replica's WAL has grown by [`WAL_MID_PUSH`] over `baseline` while
+/// Waits until the store's packs have grown by [`WAL_MID_PUSH`] over `baseline` while
 /// `push` still runs; panics if the push ends first.
 pub(super) fn wait_mid_push(server: &TestServer, push: &mut Child, baseline: u64) {
-    let wal = util::sidecar(&server.replica_file("acme/app.db"), "-wal");
     let mut ended = None;
     let reached = util::wait_until(PUSH_TIMEOUT, Duration::from_millis(2), || {
         ended = push.try_wait().expect("try_wait");
-        ended.is_some() || util::file_len(&wal) >= baseline + WAL_MID_PUSH
+        ended.is_some() || wal_len(server) >= baseline + WAL_MID_PUSH
     });
     assert!(reached, "the push never got half-way");
     assert!(
@@ -52,9 +50,21 @@ pub(super) fn wait_mid_push(server: &TestServer, push: &mut Child, baseline: u64
     );
 }
 
-/// The size of the replica's WAL now.
+/// The bytes of the store's page packs now (what a push appends to).
 pub(super) fn wal_len(server: &TestServer) -> u64 {
-    util::file_len(&util::sidecar(&server.replica_file("acme/app.db"), "-wal"))
+    let pages = server
+        .replica_file("acme/app.db")
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "replicas"))
+        .and_then(std::path::Path::parent)
+        .expect("replica files are under <data>/replicas")
+        .join("pages");
+    std::fs::read_dir(pages).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+            .map(|e| util::file_len(&e.path()))
+            .sum()
+    })
 }
 
 /// The versions as a user lists them: number, message, digest.

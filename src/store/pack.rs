@@ -1,0 +1,507 @@
+//! The store's page bytes: append-only pack files shared by every replica, with one
+//! index from page hash to where its bytes are.
+//!
+//! Layout, under `<store>/pages/`:
+//! - `<id>.pack`: page bytes, one after another, nothing else. A pack only grows, and
+//!   only by one push at a time: the push holds the pack's exclusive `flock` from its
+//!   first page until it has committed or given up.
+//! - `index.sqlite`: `packs(id, size)`, the committed length of each pack, and
+//!   `pages(hash, pack, offset, len)`, where each page's bytes are. Only the index's
+//!   small rows go through SQLite; the page bytes never do.
+//!
+//! Invariants:
+//! - A page is written once: into a pack, fsynced once per push before the index rows
+//!   naming it commit. Bytes past a pack's committed size belong to a push in progress
+//!   or to one that died: whoever next takes the pack's lock truncates them (the torn
+//!   tail), so a crash leaves no partial version and nothing indexed points there.
+//! - Identical pages are stored once in the whole store: a push indexes a page only if
+//!   no replica's push indexed it before (two pushes racing with the same new page both
+//!   append it; the second's copy stays unindexed, dead bytes).
+//! - Index rows are only added, or, for a page found damaged, pointed at new good bytes
+//!   by the push that brought them: a reader never sees a row point at bytes that are
+//!   not committed.
+//! - Lock order: a replica's write lock, then the index's write lock, never the other
+//!   way round.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::digest::Hash;
+use crate::{Error, Result};
+
+/// A pack takes new pushes while it is smaller than this; a push never spans packs, so
+/// one may end larger.
+const PACK_TARGET_BYTES: u64 = 1 << 30;
+
+/// How long a commit waits for another push's commit to the index.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The page cache of an index connection that reads versions: 256 KiB (a negative
+/// `cache_size` is KiB). A pull looks each page up once, at a random leaf: a larger
+/// cache buys little and costs every concurrent pull on a server.
+pub(super) const READER_CACHE_KIB: i64 = -256;
+
+/// The page cache of a push's index connection: 8 MiB, one per push. Its lookups and
+/// inserts land on random leaves; the cache holds the index of a store of about 10 GB.
+pub(super) const WRITER_CACHE_KIB: i64 = -8192;
+
+/// The write buffer of a pack being appended to.
+const APPEND_BUFFER_BYTES: usize = 1 << 20;
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS packs(
+        id INTEGER PRIMARY KEY,
+        size INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS pages(
+        hash BLOB PRIMARY KEY,
+        pack INTEGER NOT NULL,
+        offset INTEGER NOT NULL,
+        len INTEGER NOT NULL
+    ) WITHOUT ROWID;
+";
+
+/// Where a page's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Loc {
+    pub pack: i64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// The pages directory of the store rooted at `root`.
+pub(super) fn dir_of(root: &Path) -> PathBuf {
+    root.join("pages")
+}
+
+fn pack_path(dir: &Path, id: i64) -> PathBuf {
+    dir.join(format!("{id}.pack"))
+}
+
+/// The page index of a store, and the pack files read through it.
+pub(super) struct Pages {
+    dir: PathBuf,
+    index: PathBuf,
+    conn: Connection,
+    files: PackFiles,
+}
+
+/// Pack files opened for reading, by id.
+pub(super) struct PackFiles {
+    dir: PathBuf,
+    files: HashMap<i64, File>,
+}
+
+impl PackFiles {
+    /// Reads the bytes at `loc` into `buf`. A short read (bytes gone) is `Ok(false)`:
+    /// the caller treats it as a missing page.
+    pub fn read(&mut self, loc: Loc, buf: &mut Vec<u8>) -> Result<bool> {
+        let path = pack_path(&self.dir, loc.pack);
+        let file = match self.files.entry(loc.pack) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => match File::open(&path) {
+                Ok(f) => v.insert(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(Error::io(&path, e)),
+            },
+        };
+        buf.clear();
+        buf.resize(loc.len as usize, 0);
+        match file.read_exact_at(buf, loc.offset) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+}
+
+impl Pages {
+    /// Opens (creating if needed) the page index in `dir`, with a page cache of
+    /// `cache_kib` (negative: KiB, as SQLite's `cache_size`).
+    pub fn open(dir: &Path, cache_kib: i64) -> Result<Pages> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let index = dir.join("index.sqlite");
+        let conn = Connection::open(&index).map_err(|e| Error::sqlite(&index, e))?;
+        let s = |e| Error::sqlite(&index, e);
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(s)?;
+        conn.pragma_update(None, "cache_size", cache_kib)
+            .map_err(s)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(s)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            conn.pragma_update(None, "journal_mode", "WAL").map_err(s)?;
+        }
+        // The index commit is what makes a push's pages exist: it is fsynced, after
+        // the pack bytes it names.
+        conn.pragma_update(None, "synchronous", "FULL").map_err(s)?;
+        let have: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name IN ('packs', 'pages')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(s)?;
+        if have < 2 {
+            conn.execute_batch(SCHEMA).map_err(s)?;
+        }
+        Ok(Pages {
+            dir: dir.to_owned(),
+            index,
+            conn,
+            files: PackFiles {
+                dir: dir.to_owned(),
+                files: HashMap::new(),
+            },
+        })
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
+        move |e| Error::sqlite(&self.index, e)
+    }
+
+    /// Where the page stored under `hash` is, if any.
+    pub fn lookup(&self, hash: &Hash) -> Result<Option<Loc>> {
+        self.conn
+            .prepare_cached("SELECT pack, offset, len FROM pages WHERE hash = ?1")
+            .and_then(|mut s| {
+                s.query_row([&hash[..]], |r| {
+                    Ok(Loc {
+                        pack: r.get(0)?,
+                        offset: r.get::<_, i64>(1)? as u64,
+                        len: r.get(2)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(self.sql())
+    }
+
+    /// Reads the bytes at `loc` into `buf` (see [`PackFiles::read`]).
+    pub fn read(&mut self, loc: Loc, buf: &mut Vec<u8>) -> Result<bool> {
+        self.files.read(loc, buf)
+    }
+
+    /// A second set of pack files to read with, for reading while iterating the index.
+    pub fn files(&self) -> PackFiles {
+        PackFiles {
+            dir: self.dir.clone(),
+            files: HashMap::new(),
+        }
+    }
+
+    /// Starts a read transaction: lookups inside it cost no locking each. What commits
+    /// meanwhile is not seen (a page another push indexed is then appended again, and
+    /// cut out again at COMMIT, see `begin`).
+    pub fn begin_read(&self) -> Result<()> {
+        if self.conn.is_autocommit() {
+            self.conn
+                .execute_batch("BEGIN DEFERRED")
+                .map_err(self.sql())?;
+        }
+        Ok(())
+    }
+
+    /// Starts a write transaction on the index (the caller holds its replica's write
+    /// lock already, see the lock order above), ending a read transaction first.
+    pub fn begin(&self) -> Result<()> {
+        self.rollback();
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(self.sql())
+    }
+
+    /// Indexes `hash` at `loc` inside the transaction `begin` opened; `replace` points an
+    /// existing row at the new bytes (a repair). Returns whether a row was written.
+    pub fn insert(&self, hash: &Hash, loc: Loc, replace: bool) -> Result<bool> {
+        let sql = if replace {
+            "INSERT OR REPLACE INTO pages(hash, pack, offset, len) VALUES (?1, ?2, ?3, ?4)"
+        } else {
+            "INSERT OR IGNORE INTO pages(hash, pack, offset, len) VALUES (?1, ?2, ?3, ?4)"
+        };
+        let n = self
+            .conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(params![&hash[..], loc.pack, loc.offset as i64, loc.len]))
+            .map_err(self.sql())?;
+        Ok(n > 0)
+    }
+
+    /// Ends the transaction `begin` opened: commits it, with `appender`'s pack grown
+    /// to its current end (its bytes must be durable already, see [`Appender::sync`]).
+    pub fn commit(&self, appender: Option<&mut Appender>) -> Result<()> {
+        if let Some(a) = &appender {
+            self.conn
+                .execute(
+                    "UPDATE packs SET size = ?1 WHERE id = ?2",
+                    params![a.end as i64, a.id],
+                )
+                .map_err(self.sql())?;
+        }
+        self.conn.execute_batch("COMMIT").map_err(self.sql())?;
+        if let Some(a) = appender {
+            a.start = a.end;
+        }
+        Ok(())
+    }
+
+    /// Ends the transaction `begin` opened without changing anything.
+    pub fn rollback(&self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    /// A connection of its own for the packs' committed sizes: `conn` may be inside a
+    /// read transaction (see `begin_read`), whose snapshot may predate another push's
+    /// commit; a size read from it could cut committed bytes off.
+    fn control(&self) -> Result<Connection> {
+        let conn = Connection::open(&self.index).map_err(self.sql())?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(self.sql())?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(self.sql())?;
+        Ok(conn)
+    }
+
+    /// Every committed pack: (id, committed size).
+    fn packs(&self, conn: &Connection) -> Result<Vec<(i64, u64)>> {
+        let mut stmt = conn
+            .prepare("SELECT id, size FROM packs ORDER BY id")
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(self.sql())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.sql())
+    }
+
+    fn committed_size(&self, conn: &Connection, id: i64) -> Result<u64> {
+        conn.query_row("SELECT size FROM packs WHERE id = ?1", [id], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|n| n as u64)
+        .map_err(self.sql())
+    }
+
+    /// Truncates the torn tails crashed pushes left: bytes past a pack's committed
+    /// size, in packs no live push holds. Returns the bytes freed.
+    pub fn recover(&self) -> Result<u64> {
+        let mut freed = 0;
+        let control = self.control()?;
+        for (id, _) in self.packs(&control)? {
+            let path = pack_path(&self.dir, id);
+            let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
+                continue;
+            };
+            if file.try_lock().is_err() {
+                continue; // a live push appends to it
+            }
+            // Read under the lock: a push that held it may have committed meanwhile.
+            let size = self.committed_size(&control, id)?;
+            let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+            if len > size {
+                file.set_len(size).map_err(|e| Error::io(&path, e))?;
+                tracing::info!(pack = %path.display(), bytes = len - size, "truncated what a crashed push left");
+                freed += len - size;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Every indexed page, in pack order: `f(hash, loc)`. Streams.
+    pub fn for_each(&self, f: &mut dyn FnMut(Hash, Loc) -> Result<()>) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT hash, pack, offset, len FROM pages ORDER BY pack, offset")
+            .map_err(self.sql())?;
+        let mut rows = stmt.query([]).map_err(self.sql())?;
+        while let Some(row) = rows.next().map_err(self.sql())? {
+            let key: Vec<u8> = row.get(0).map_err(self.sql())?;
+            let Ok(hash) = Hash::try_from(key.as_slice()) else {
+                continue;
+            };
+            f(
+                hash,
+                Loc {
+                    pack: row.get(1).map_err(self.sql())?,
+                    offset: row.get::<_, i64>(2).map_err(self.sql())? as u64,
+                    len: row.get(3).map_err(self.sql())?,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// How many pages are indexed.
+    pub fn count(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT count(*) FROM pages", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(self.sql())
+    }
+
+    /// Takes a pack to append to: the first one under the target size no live push
+    /// holds (its torn tail cut off), else a new one.
+    pub fn appender(&self) -> Result<Appender> {
+        let control = self.control()?;
+        for (id, size) in self.packs(&control)? {
+            if size >= PACK_TARGET_BYTES {
+                continue;
+            }
+            let path = pack_path(&self.dir, id);
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            if file.try_lock().is_err() {
+                continue;
+            }
+            return Appender::new(file, path, id, self.committed_size(&control, id)?);
+        }
+        // The new pack's row commits now, before any byte goes into the pack.
+        control
+            .execute("INSERT INTO packs(size) VALUES (0)", [])
+            .map_err(self.sql())?;
+        let id = control.last_insert_rowid();
+        let path = pack_path(&self.dir, id);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        file.lock().map_err(|e| Error::io(&path, e))?;
+        // Once the directory entry is durable, the pack survives a crash with its row.
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Appender::new(file, path, id, 0)
+    }
+}
+
+/// A pack taken by one push: its lock, and the bytes appended past its committed size.
+/// Dropped before [`Pages::commit`], it cuts the pack back to that size.
+pub(super) struct Appender {
+    id: i64,
+    path: PathBuf,
+    out: BufWriter<File>,
+    /// The pack's committed size: where this push's bytes begin.
+    start: u64,
+    /// Where the next byte goes.
+    end: u64,
+}
+
+impl Appender {
+    fn new(file: File, path: PathBuf, id: i64, size: u64) -> Result<Appender> {
+        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        if len != size {
+            // A torn tail a crashed push left (or a pack cut short, whose rows name
+            // bytes that are gone: what they name is found missing when read).
+            file.set_len(size).map_err(|e| Error::io(&path, e))?;
+        }
+        let mut out = BufWriter::with_capacity(APPEND_BUFFER_BYTES, file);
+        std::io::Seek::seek(&mut out, std::io::SeekFrom::Start(size))
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Appender {
+            id,
+            path,
+            out,
+            start: size,
+            end: size,
+        })
+    }
+
+    /// The pack's id.
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// Appends one page's bytes; returns where they are.
+    pub fn append(&mut self, data: &[u8]) -> Result<Loc> {
+        self.out
+            .write_all(data)
+            .map_err(|e| Error::io(&self.path, e))?;
+        let loc = Loc {
+            pack: self.id,
+            offset: self.end,
+            len: data.len() as u32,
+        };
+        self.end += data.len() as u64;
+        Ok(loc)
+    }
+
+    /// Drops the appended pages `keep` says no (in offset order, as `(loc, keep)`) by
+    /// moving the kept ones down over them; calls `moved(old, new)` for each kept page
+    /// that moved. Only this push's uncommitted bytes are touched.
+    pub fn compact(
+        &mut self,
+        pages: &mut dyn Iterator<Item = Result<(Hash, Loc, bool)>>,
+        moved: &mut dyn FnMut(&Hash, Loc) -> Result<()>,
+    ) -> Result<()> {
+        self.out.flush().map_err(|e| Error::io(&self.path, e))?;
+        let mut at = self.start;
+        let mut buf = Vec::new();
+        for page in pages {
+            let (hash, loc, keep) = page?;
+            if !keep {
+                continue;
+            }
+            if loc.offset != at {
+                buf.resize(loc.len as usize, 0);
+                let file = self.out.get_ref();
+                file.read_exact_at(&mut buf, loc.offset)
+                    .and_then(|()| file.write_all_at(&buf, at))
+                    .map_err(|e| Error::io(&self.path, e))?;
+                moved(
+                    &hash,
+                    Loc {
+                        pack: self.id,
+                        offset: at,
+                        len: loc.len,
+                    },
+                )?;
+            }
+            at += u64::from(loc.len);
+        }
+        self.out
+            .get_ref()
+            .set_len(at)
+            .map_err(|e| Error::io(&self.path, e))?;
+        std::io::Seek::seek(&mut self.out, std::io::SeekFrom::Start(at))
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.end = at;
+        Ok(())
+    }
+
+    /// Makes everything appended durable: one fsync per push.
+    pub fn sync(&mut self) -> Result<()> {
+        self.out.flush().map_err(|e| Error::io(&self.path, e))?;
+        if self.end > self.start {
+            self.out
+                .get_ref()
+                .sync_data()
+                .map_err(|e| Error::io(&self.path, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Appender {
+    fn drop(&mut self) {
+        if self.end > self.start {
+            // Nothing indexed points past `start`: cut the uncommitted bytes off before
+            // the lock goes (it goes with the file).
+            let _ = self.out.flush();
+            let _ = self.out.get_ref().set_len(self.start);
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The store's page packs: identical pages stored once across replicas, pushes into
+//! different replicas at once (in one process and from two processes), and a store of
+//! the previous layout (pages in each replica file) moved into packs on open.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use rusqlite::Connection;
+use sqlferry::digest::{Digest, Hash, page_hash};
+use sqlferry::engine::{BeginInfo, PageTarget};
+use sqlferry::store::{PushOptions, ReplicaPath, Selector, Store};
+use tempfile::TempDir;
+
+use crate::util::{self, Mode};
+
+fn store_url(dir: &Path) -> String {
+    format!("file://{}", dir.join("store").display())
+}
+
+/// `sqlferry ARGS… --json --server file:///DIR/store`, asserted to succeed.
+fn run_ok(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = run(dir, args);
+    assert_eq!(
+        util::code(&out),
+        0,
+        "{args:?}: {}{}",
+        util::stderr(&out),
+        util::stdout(&out)
+    );
+    serde_json::from_str(util::stdout(&out).trim()).expect("one JSON object")
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    util::sqlferry(dir)
+        .args(args)
+        .args(["--json", "--server", &store_url(dir)])
+        .output()
+        .expect("run sqlferry")
+}
+
+/// The bytes of every pack file of the store in `dir`.
+fn pack_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("store/pages")).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
+fn scrub_clean(dir: &Path) {
+    let out = util::sqlferry(dir)
+        .args(["scrub", "--json", "--data"])
+        .arg(dir.join("store"))
+        .output()
+        .expect("scrub");
+    assert_eq!(util::code(&out), 0, "{}", util::stdout(&out));
+}
+
+fn database(dir: &Path, name: &str, rows: u64) -> PathBuf {
+    let p = dir.join(name);
+    let conn = util::create(&p, 4096, Mode::Wal);
+    util::insert_rows(&conn, rows, 300);
+    util::checkpoint(&p);
+    p
+}
+
+#[test]
+fn identical_pages_are_stored_once_across_replicas() {
+    let dir = TempDir::new().expect("tempdir");
+    let db = database(dir.path(), "app.db", 6000);
+    let size = std::fs::metadata(&db).expect("db").len();
+    for replica in ["acme/one.db", "acme/two.db", "other/three.db"] {
+        run_ok(dir.path(), &["push", db.to_str().expect("utf-8"), replica]);
+    }
+    let packs = pack_bytes(dir.path());
+    assert!(
+        packs <= size,
+        "three replicas of a {size}-byte database take {packs} bytes of packs"
+    );
+    for replica in ["acme/one.db", "acme/two.db", "other/three.db"] {
+        let copy = dir.path().join(replica.replace('/', "-"));
+        run_ok(
+            dir.path(),
+            &["pull", replica, copy.to_str().expect("utf-8")],
+        );
+        util::assert_same(&db, &copy);
+    }
+    scrub_clean(dir.path());
+}
+
+/// Pages of a rollback-mode database file, as an origin sends them.
+fn file_pages(path: &Path) -> Vec<Vec<u8>> {
+    std::fs::read(path)
+        .expect("read")
+        .chunks(4096)
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+fn digest_of(pages: &[Vec<u8>]) -> Hash {
+    let mut d = Digest::new(4096, pages.len() as u32);
+    for (i, p) in pages.iter().enumerate() {
+        d.push(&page_hash(i as u32 + 1, p));
+    }
+    d.finish().expect("all pages")
+}
+
+/// Pushes `pages` into `replica` as a first version, through the page-target API, with
+/// `between` run after half the pages are written and before the commit.
+fn push_pages(store: &Store, replica: &str, pages: &[Vec<u8>], between: impl FnOnce()) {
+    let r = ReplicaPath::parse(replica).expect("valid");
+    let mut w = store.push(&r, PushOptions::default()).expect("push");
+    let n = pages.len() as u32;
+    let held = w
+        .begin(&BeginInfo {
+            page_size: 4096,
+            page_count: n,
+            base_version: 0,
+            known_base: false,
+        })
+        .expect("begin");
+    assert_eq!(held, 0);
+    let hashes: Vec<Hash> = (1..=n)
+        .map(|pgno| page_hash(pgno, &pages[pgno as usize - 1]))
+        .collect();
+    let half = pages.len() / 2;
+    for (i, p) in pages.iter().enumerate().take(half) {
+        w.write_page(i as u32 + 1, p.clone(), &hashes[i])
+            .expect("write");
+    }
+    between();
+    for (i, p) in pages.iter().enumerate().skip(half) {
+        w.write_page(i as u32 + 1, p.clone(), &hashes[i])
+            .expect("write");
+    }
+    w.commit(n, &digest_of(pages), &mut hashes.iter().map(|h| Ok(*h)))
+        .expect("commit");
+    assert!(w.outcome().is_some_and(|(_, made)| made));
+}
+
+/// The page hashes of `pages`: what identifies them (page 1's hash leaves out the
+/// header bytes SQLite bumps on every write, so two databases whose page 1 differs
+/// only there share it).
+fn hashes_of(pages: &[Vec<u8>]) -> Vec<Hash> {
+    pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| page_hash(i as u32 + 1, p))
+        .collect()
+}
+
+/// The page hashes of every page of `replica`'s latest version, read back through the
+/// store (which checks each against the manifest).
+fn read_back(store: &Store, replica: &str) -> Vec<Hash> {
+    use sqlferry::engine::PageSource;
+    let mut r = store
+        .read(
+            &ReplicaPath::parse(replica).expect("valid"),
+            Selector::Latest,
+        )
+        .expect("read");
+    (1..=r.page_count())
+        .map(|pgno| {
+            let mut buf = Vec::new();
+            r.read_page(pgno, &mut buf).expect("page");
+            page_hash(pgno, &buf)
+        })
+        .collect()
+}
+
+#[test]
+fn two_pushes_into_different_replicas_at_once_both_land_whole() {
+    let dir = TempDir::new().expect("tempdir");
+    let a = dir.path().join("a.db");
+    let conn = util::create(&a, 4096, Mode::Rollback);
+    util::insert_rows(&conn, 400, 300);
+    drop(conn);
+    let b = dir.path().join("b.db");
+    std::fs::copy(&a, &b).expect("copy");
+    util::open(&b)
+        .execute("UPDATE t SET k = 'b' WHERE id % 5 = 0", [])
+        .expect("update");
+    let (pa, pb) = (file_pages(&a), file_pages(&b));
+    let store = Store::new(dir.path().join("store"));
+    // A push into acme/b begins, lands and is read back while the push into acme/a
+    // holds its pack half-written: each has a pack of its own, and neither sees the
+    // other's uncommitted bytes.
+    push_pages(&store, "acme/a.db", &pa, || {
+        push_pages(&store, "acme/b.db", &pb, || {});
+        assert_eq!(read_back(&store, "acme/b.db"), hashes_of(&pb));
+    });
+    assert_eq!(read_back(&store, "acme/a.db"), hashes_of(&pa));
+    assert_eq!(read_back(&store, "acme/b.db"), hashes_of(&pb));
+    let packs = std::fs::read_dir(dir.path().join("store/pages"))
+        .expect("pages dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+        .count();
+    assert_eq!(packs, 2, "two pushes at once append to two packs");
+
+    // A push that has looked pages up (its snapshot of the index taken) and appended
+    // nothing yet, while another push appends to a pack and commits: the first then
+    // appends to that pack after the other's committed bytes, not over them.
+    let mut pc = pa.clone();
+    let mut pd = pb.clone();
+    for p in pc.iter_mut().skip(pa.len() / 2 + 1) {
+        p[4000] ^= 0x5a;
+    }
+    for p in pd.iter_mut().skip(1) {
+        p[4001] ^= 0xa5;
+    }
+    push_pages(&store, "acme/c.db", &pc, || {
+        push_pages(&store, "acme/d.db", &pd, || {});
+    });
+    assert_eq!(read_back(&store, "acme/c.db"), hashes_of(&pc));
+    assert_eq!(read_back(&store, "acme/d.db"), hashes_of(&pd));
+    assert_eq!(read_back(&store, "acme/a.db"), hashes_of(&pa));
+    scrub_clean(dir.path());
+}
+
+#[test]
+fn pushes_and_pulls_from_several_processes_at_once_all_land() {
+    let dir = TempDir::new().expect("tempdir");
+    let dbs: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let db = database(dir.path(), &format!("db{i}.db"), 3000);
+            util::open(&db)
+                .execute(&format!("UPDATE t SET k = 'db{i}' WHERE id % 3 = 0"), [])
+                .expect("update");
+            db
+        })
+        .collect();
+    run_ok(
+        dir.path(),
+        &["push", dbs[0].to_str().expect("utf-8"), "acme/db0.db"],
+    );
+    // Two pushes into new replicas and a pull of an existing one, all at once.
+    let spawn = |args: Vec<String>| {
+        util::sqlferry(dir.path())
+            .args(&args)
+            .args(["--json", "--server", &store_url(dir.path())])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let s = |p: &Path| p.to_str().expect("utf-8").to_owned();
+    let pulled = dir.path().join("pulled0.db");
+    let children = vec![
+        spawn(vec!["push".into(), s(&dbs[1]), "acme/db1.db".into()]),
+        spawn(vec!["push".into(), s(&dbs[2]), "acme/db2.db".into()]),
+        spawn(vec!["pull".into(), "acme/db0.db".into(), s(&pulled)]),
+    ];
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    }
+    util::assert_same(&dbs[0], &pulled);
+    for (i, db) in dbs.iter().enumerate().skip(1) {
+        let copy = dir.path().join(format!("copy{i}.db"));
+        run_ok(dir.path(), &["pull", &format!("acme/db{i}.db"), &s(&copy)]);
+        util::assert_same(db, &copy);
+    }
+    scrub_clean(dir.path());
+}
+
+#[test]
+fn a_store_of_the_previous_layout_is_moved_into_packs_on_first_use() {
+    let dir = TempDir::new().expect("tempdir");
+    let db = database(dir.path(), "app.db", 2000);
+    run_ok(
+        dir.path(),
+        &["push", db.to_str().expect("utf-8"), "acme/app.db"],
+    );
+    util::open(&db)
+        .execute("UPDATE t SET k = 'second' WHERE id % 11 = 0", [])
+        .expect("update");
+    run_ok(
+        dir.path(),
+        &["push", db.to_str().expect("utf-8"), "acme/app.db"],
+    );
+    let store = dir.path().join("store");
+    let file = store.join("replicas/acme/app.db.sqlferry");
+
+    // Made into the previous layout: every page a row of the replica file's own
+    // `pages` table, and no packs.
+    {
+        let conn = Connection::open(&file).expect("replica file");
+        conn.execute_batch(&format!(
+            "CREATE TABLE pages(hash BLOB PRIMARY KEY, data BLOB NOT NULL);
+             ATTACH '{}' AS idx;",
+            store.join("pages/index.sqlite").display()
+        ))
+        .expect("old table");
+        let rows: Vec<(Vec<u8>, i64, i64, i64)> = conn
+            .prepare("SELECT hash, pack, offset, len FROM idx.pages")
+            .expect("index")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .expect("rows")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert!(rows.len() > 100);
+        for (hash, pack, offset, len) in rows {
+            let bytes = std::fs::read(store.join(format!("pages/{pack}.pack"))).expect("pack");
+            let data = &bytes[offset as usize..(offset + len) as usize];
+            conn.execute(
+                "INSERT INTO pages(hash, data) VALUES (?1, ?2)",
+                rusqlite::params![hash, data],
+            )
+            .expect("insert");
+        }
+        conn.execute_batch("DETACH idx").expect("detach");
+    }
+    std::fs::remove_dir_all(store.join("pages")).expect("no packs");
+
+    // A pull of the first version moves the pages, and both versions pull whole.
+    let v1 = dir.path().join("v1.db");
+    run_ok(
+        dir.path(),
+        &["pull", "acme/app.db@1", v1.to_str().expect("utf-8")],
+    );
+    assert_eq!(util::integrity(&v1), "ok");
+    let latest = dir.path().join("latest.db");
+    run_ok(
+        dir.path(),
+        &["pull", "acme/app.db", latest.to_str().expect("utf-8")],
+    );
+    util::assert_same(&db, &latest);
+    let old_table: i64 = Connection::open(&file)
+        .expect("replica file")
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'pages'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("schema");
+    assert_eq!(old_table, 0, "the old pages table is gone");
+    assert!(pack_bytes(dir.path()) > 0);
+    // And a no-change push finds every page where it now is.
+    let again = run_ok(
+        dir.path(),
+        &["push", db.to_str().expect("utf-8"), "acme/app.db"],
+    );
+    assert_eq!(again["created"].as_bool(), Some(false), "{again}");
+    scrub_clean(dir.path());
+}
