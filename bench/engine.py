@@ -635,6 +635,8 @@ def main():
     check_tools()
     if args.bin:
         SQLFERRY = Path(args.bin).resolve()
+        # The server part runs the same binary (server and clients alike).
+        server.SQLFERRY = SQLFERRY
     else:
         build()
     lab = Lab(args.workdir)
