@@ -262,28 +262,7 @@ fn a_damaged_page_among_the_changed_ones_is_refused() {
     let replica = dir.path().join("replica.db");
     let conn = wal_db(&origin, 2000);
     util::sync(&origin, &replica);
-    // Garbage over the cell pointers of a table leaf, written through SQLite (so it is
-    // a WAL frame, as a bug in the application or its SQLite would write it).
-    let leaf: u32 = conn
-        .query_row(
-            "SELECT pgno FROM sqlite_dbpage WHERE pgno > 2 AND substr(data, 1, 1) = x'0d' LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .expect("a leaf");
-    let mut page: Vec<u8> = conn
-        .query_row(
-            "SELECT data FROM sqlite_dbpage WHERE pgno = ?1",
-            [leaf],
-            |r| r.get(0),
-        )
-        .expect("the leaf");
-    page[8..40].fill(0xaa);
-    conn.execute(
-        "UPDATE sqlite_dbpage SET data = ?2 WHERE pgno = ?1",
-        rusqlite::params![leaf, page],
-    )
-    .expect("damage");
+    damage_a_leaf(&conn);
     let snap = snapshot(&origin);
     assert!(snap.follows_wal());
     let err = sqlferry::remote::check_source(&snap).expect_err("refused");
@@ -306,6 +285,24 @@ fn a_local_copy_refuses_a_damaged_page_among_the_changed_ones() {
         .expect("update");
     util::push_json(&origin, &replica);
     let before = util::digest(&replica);
+    damage_a_leaf(&conn);
+    let out = util::run(
+        dir.path(),
+        &["push".as_ref(), origin.as_os_str(), replica.as_os_str()],
+    );
+    assert_eq!(util::code(&out), 7, "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("quick_check"),
+        "{}",
+        util::stderr(&out)
+    );
+    assert_eq!(util::digest(&replica), before, "DEST is as it was");
+    assert_eq!(util::integrity(&replica), "ok");
+}
+
+/// Garbage over the cell pointers of a table leaf, written through SQLite (so it is a
+/// WAL frame, as a bug in the application or its SQLite would write it).
+fn damage_a_leaf(conn: &Connection) {
     let leaf: u32 = conn
         .query_row(
             "SELECT pgno FROM sqlite_dbpage WHERE pgno > 2 AND substr(data, 1, 1) = x'0d' LIMIT 1",
@@ -326,16 +323,4 @@ fn a_local_copy_refuses_a_damaged_page_among_the_changed_ones() {
         rusqlite::params![leaf, page],
     )
     .expect("damage");
-    let out = util::run(
-        dir.path(),
-        &["push".as_ref(), origin.as_os_str(), replica.as_os_str()],
-    );
-    assert_eq!(util::code(&out), 7, "{}", util::stderr(&out));
-    assert!(
-        util::stderr(&out).contains("quick_check"),
-        "{}",
-        util::stderr(&out)
-    );
-    assert_eq!(util::digest(&replica), before, "DEST is as it was");
-    assert_eq!(util::integrity(&replica), "ok");
 }
