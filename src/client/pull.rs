@@ -97,17 +97,28 @@ impl Puller {
         let (replica, local) = (&self.replica, &self.local);
         let context =
             |e: Error| e.context(format!("pull {replica} into {} failed", local.display()));
-        if !self.force {
+        // Three crossings to the blocking pool per pull, not five: each one costs a
+        // thread wake-up, and under a fan-out of many subscribers on few cores those
+        // add up. The common case (nobody else wrote LOCAL) asks the kept connection
+        // and readies the writer in one; the pull; then the kept state and the history
+        // in one.
+        let previous = kept.writer.take();
+        let taken = std::mem::take(kept);
+        let (path, check) = (local.clone(), !self.force);
+        let (taken, writer) = blocking(move || {
             // The kept connection is SQLite: asked on a blocking thread.
-            let taken = std::mem::take(kept);
-            let path = local.clone();
-            let (taken, untouched) = blocking(move || {
-                let untouched = taken.untouched(&path);
-                Ok((taken, untouched))
-            })
-            .await?;
-            *kept = taken;
-            if !untouched {
+            let writer = match !check || taken.untouched(&path) {
+                true => Ok(ready_writer(&path, previous)),
+                // LOCAL must be looked at first; the writer waits for that.
+                false => Err(previous),
+            };
+            Ok((taken, writer))
+        })
+        .await?;
+        *kept = taken;
+        let writer = match writer {
+            Ok(writer) => writer.map_err(context)?,
+            Err(previous) => {
                 let change = match kept.digest.clone() {
                     // Our own last pull is the base.
                     Some(ours) => {
@@ -122,31 +133,15 @@ impl Puller {
                     None => self.local_change(None, Selector::Latest).await?,
                 };
                 if let Some(change) = change {
-                    kept.writer = None;
+                    drop(previous);
                     return Err(self.refusal(&change, Selector::Latest));
                 }
+                let path = local.clone();
+                blocking(move || ready_writer(&path, previous))
+                    .await
+                    .map_err(context)?
             }
-        }
-        // A writer that fails to get ready is dropped: the next pull opens a new one.
-        let previous = kept.writer.take();
-        let path = local.clone();
-        let writer = blocking(move || {
-            let open = || Ok(Writer::open(&path)?.keep_committed_hashes());
-            match previous {
-                Some(mut w) => match w.ready_again()? {
-                    true => Ok(w),
-                    // Closed before the new one opens the file: a handle closed under a
-                    // live connection would drop that connection's locks.
-                    false => {
-                        drop(w);
-                        open()
-                    }
-                },
-                None => open(),
-            }
-        })
-        .await
-        .map_err(context)?;
+        };
         let (outcome, writer) = self
             .server
             .pull_into(
@@ -161,12 +156,20 @@ impl Puller {
         kept.writer = Some(writer);
         let mut taken = std::mem::take(kept);
         let (path, digest) = (local.clone(), outcome.stats.digest.clone());
+        let sync = crate::history::LastSync::now(
+            &self.database,
+            self.server.url(),
+            replica.as_str(),
+            outcome.version,
+            &outcome.stats.digest,
+            "pull",
+        );
         *kept = blocking(move || {
             taken.pulled(&path, &digest);
+            crate::history::record(&sync);
             Ok(taken)
         })
         .await?;
-        self.record(&outcome).await?;
         Ok(outcome)
     }
 
@@ -309,6 +312,24 @@ impl Puller {
             "pull",
         )
         .await
+    }
+}
+
+/// The writer for a subscriber's next pull: the last pull's, if it is ready again,
+/// else a new one. A writer that fails to get ready is dropped; it is closed before the
+/// new one opens the file (a handle closed under a live connection would drop that
+/// connection's locks).
+fn ready_writer(path: &Path, previous: Option<Writer>) -> Result<Writer> {
+    let open = || Ok(Writer::open(path)?.keep_committed_hashes());
+    match previous {
+        Some(mut w) => match w.ready_again()? {
+            true => Ok(w),
+            false => {
+                drop(w);
+                open()
+            }
+        },
+        None => open(),
     }
 }
 
