@@ -80,6 +80,20 @@ pub(super) fn dir_of(root: &Path) -> PathBuf {
     root.join("pages")
 }
 
+/// Opens pack `id` in `dir` for reading and appending, creating it if it is new (never
+/// truncated: its committed bytes stay); the file and its path.
+fn open_pack(dir: &Path, id: i64) -> Result<(File, PathBuf)> {
+    let path = pack_path(dir, id);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    Ok((file, path))
+}
+
 fn pack_path(dir: &Path, id: i64) -> PathBuf {
     dir.join(format!("{id}.pack"))
 }
@@ -353,14 +367,7 @@ impl Pages {
             if size >= PACK_TARGET_BYTES {
                 continue;
             }
-            let path = pack_path(&self.dir, id);
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(|e| Error::io(&path, e))?;
+            let (file, path) = open_pack(&self.dir, id)?;
             if file.try_lock().is_err() {
                 continue;
             }
@@ -371,14 +378,7 @@ impl Pages {
             .execute("INSERT INTO packs(size) VALUES (0)", [])
             .map_err(self.sql())?;
         let id = control.last_insert_rowid();
-        let path = pack_path(&self.dir, id);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let (file, path) = open_pack(&self.dir, id)?;
         file.lock().map_err(|e| Error::io(&path, e))?;
         // Once the directory entry is durable, the pack survives a crash with its row.
         if let Ok(d) = File::open(&self.dir) {
