@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use rusqlite::Connection;
-use sqlferry::digest::{Digest, Hash, page_hash};
+use sqlferry::digest::{Hash, page_hash};
 use sqlferry::engine::{BeginInfo, PageTarget};
 use sqlferry::store::{PushOptions, ReplicaPath, Selector, Store};
 use tempfile::TempDir;
 
+use crate::trust_store::digest_of;
 use crate::util::{self, Mode};
 
 fn store_url(dir: &Path) -> String {
@@ -97,14 +98,6 @@ fn file_pages(path: &Path) -> Vec<Vec<u8>> {
         .chunks(4096)
         .map(<[u8]>::to_vec)
         .collect()
-}
-
-fn digest_of(pages: &[Vec<u8>]) -> Hash {
-    let mut d = Digest::new(4096, pages.len() as u32);
-    for (i, p) in pages.iter().enumerate() {
-        d.push(&page_hash(i as u32 + 1, p));
-    }
-    d.finish().expect("all pages")
 }
 
 /// Pushes `pages` into `replica` as a first version, through the page-target API, with

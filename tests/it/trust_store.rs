@@ -387,7 +387,8 @@ fn real_pages(dir: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn digest_of(pages: &[Vec<u8>]) -> Hash {
+/// The digest an origin of `pages` (4096 bytes each) sends.
+pub(crate) fn digest_of(pages: &[Vec<u8>]) -> Hash {
     let mut d = Digest::new(4096, pages.len() as u32);
     for (i, p) in pages.iter().enumerate() {
         d.push(&page_hash(i as u32 + 1, p));
