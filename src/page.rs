@@ -13,6 +13,7 @@
 
 mod btree;
 mod fastcache;
+mod following;
 pub(crate) mod handles;
 mod hashcache;
 mod header;
@@ -21,6 +22,7 @@ mod snapshot;
 mod wal;
 mod writer;
 
+pub use following::Following;
 pub use header::{Header, JournalMode};
 pub use snapshot::{HashedPageFn, Snapshot};
 pub use writer::Writer;

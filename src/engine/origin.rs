@@ -19,6 +19,9 @@ use crate::{Error, Result};
 /// pages that differ from it and asks for no hashes.
 pub const FLAG_KNOWN_BASE: u8 = 0x01;
 
+/// Pages hashed between two progress reports.
+const PROGRESS_BATCH: u64 = 1024;
+
 /// The descent starts at the lowest level that has at most this many nodes.
 const TOP_NODES: u64 = 256;
 
@@ -187,6 +190,7 @@ fn session(
     // a source sends bytes for every page it read, so this stays short).
     let mut unread: Vec<u32> = Vec::new();
     let wants_data = |pgno: u32| pgno > common;
+    let mut hashed = 0u64;
     let (mut tree, digest) = Tree::build(
         page_size,
         page_count,
@@ -216,8 +220,16 @@ fn session(
                 f(pgno, hash)
             })
         },
-        || progress.advance(1),
+        || {
+            // Progress in batches: a call per page costs a clock read each in the bar,
+            // which was 8% of a no-change push of 1 GiB.
+            hashed += 1;
+            if hashed % PROGRESS_BATCH == 0 {
+                progress.advance(PROGRESS_BATCH);
+            }
+        },
     )?;
+    progress.advance(hashed % PROGRESS_BATCH);
     let digest = digest
         .ok_or_else(|| Error::Protocol("the origin's page count changed while hashing".into()))?;
     let mut hash_bytes = 0u64;

@@ -39,6 +39,16 @@ pub(super) struct FileId {
 }
 
 impl FileId {
+    /// The identity of the file at `path`, without opening it: closing a handle of a
+    /// database file would drop the POSIX locks this process's connections hold on it.
+    pub(super) fn of_path(path: &Path) -> Option<FileId> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
     pub(super) fn of(file: &File) -> Option<FileId> {
         let m = file.metadata().ok()?;
         Some(FileId {
@@ -95,6 +105,15 @@ fn parse(h: &[u8; HEADER_BYTES]) -> Option<Stamp> {
         position: Position::from_bytes(h[48..68].try_into().expect("20 bytes")),
         checksum: u64_at(68),
     })
+}
+
+/// The header of the hash list of `db` in `dir`, if it is sealed; its entries are not
+/// checked (a push's [`HashList::load`] does that before using any).
+pub(super) fn sealed_stamp(dir: &Path, db: &Path) -> Option<Stamp> {
+    let file = File::open(path(dir, db)?).ok()?;
+    let mut h = [0u8; HEADER_BYTES];
+    file.read_exact_at(&mut h, 0).ok()?;
+    parse(&h)
 }
 
 /// A sealed hash list whose checksum holds, open for one scan.

@@ -302,19 +302,29 @@ impl Snapshot {
         let (dir, pinned, id) = (self.hash_cache.as_deref()?, self.pinned?, self.id?);
         let list = HashList::load(dir, &self.path, id, self.page_size)?;
         let from = list.stamp.position;
-        if from.salt != pinned.salt || from.frame > pinned.frame {
+        if from.salt == pinned.salt && from.frame > pinned.frame {
+            // The list is of a later state than this snapshot (another push's).
             return None;
         }
         let pages = if from == pinned && self.exact {
             // The WAL has not moved since the list was made: nothing changed.
             Vec::new()
         } else {
-            let pages = wal::pages_since(&self.path, self.page_size, from)?;
+            // What a subscriber's follower walked since the list's position, if one
+            // did; the walk goes on from where it ended.
+            let (mut pages, start) =
+                super::following::since(dir, &self.path, id, from).unwrap_or((Vec::new(), from));
+            let walk = wal::walk_since(&self.path, self.page_size, start)?;
+            // The walk must have reached the snapshot's generation and its frames.
+            if walk.salt != pinned.salt || walk.last < pinned.frame {
+                return None;
+            }
             // No reset while walking: the frames read were the generation's own.
             let now = wal::observe(&self.path, self.page_size)?;
             if now.position.salt != pinned.salt {
                 return None;
             }
+            pages.extend(walk.pages);
             pages
         };
         let mut changed = vec![0u64; (self.page_count as usize).div_ceil(64)];

@@ -139,53 +139,170 @@ pub(crate) fn observe(db: &Path, page_size: u32) -> Option<Observed> {
     None
 }
 
-/// The pages named by the frames of the WAL after `from`, as far as frames of its
-/// generation go (frames past the latest commit included: a superset), each passed to
-/// `page`. `None` when the WAL does not hold `from` any more (reset, replaced, another
-/// page size): the changes since `from` cannot be known from it.
-pub(crate) fn pages_since(db: &Path, page_size: u32, from: Position) -> Option<Vec<u32>> {
-    let wal_path = sibling(db, "-wal");
-    let wal = std::fs::File::open(&wal_path).ok()?;
+/// What a walk of the WAL from a known [`Position`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Walk {
+    /// The pages the frames after the position name (duplicates possible), frames past
+    /// the latest commit included: a superset of the pages committed since.
+    pub pages: Vec<u32>,
+    /// The generation the WAL is in now.
+    pub salt: [u32; 2],
+    /// The last frame of that generation the walk covered (at least the position's,
+    /// when it is of that generation).
+    pub last: u32,
+    /// The last commit frame walked of that generation (the position itself when the
+    /// walk found none): where the next walk can start, since a committed frame is
+    /// never written over within its generation.
+    pub resume: Position,
+}
+
+/// Where frame `frame` (1-based) starts, with `stride`-byte frames.
+fn frame_at(frame: u32, stride: u64) -> u64 {
+    WAL_HEADER_BYTES + u64::from(frame - 1) * stride
+}
+
+/// The WAL file of `db` and what its header says: (file, length, salts, checkpoint
+/// sequence). `None` when it is not a WAL of `page_size`-byte pages; `Some` with an
+/// empty salt when the file holds no header yet.
+fn open_wal(db: &Path, page_size: u32) -> Option<(std::fs::File, u64, Option<([u32; 2], u32)>)> {
+    let wal = std::fs::File::open(sibling(db, "-wal")).ok()?;
     let len = wal.metadata().ok()?.len();
-    let mut header = [0u8; WAL_HEADER_BYTES as usize];
     if len < WAL_HEADER_BYTES {
-        return (from.frame == 0).then(Vec::new);
+        return Some((wal, len, None));
     }
+    let mut header = [0u8; WAL_HEADER_BYTES as usize];
     wal.read_exact_at(&mut header, 0).ok()?;
     if !WAL_MAGIC.contains(&be(&header, 0)) || be(&header, 8) != page_size {
         return None;
     }
     let salt = [be(&header, 16), be(&header, 20)];
-    if salt != from.salt {
-        // A new generation: if `from` is its empty start, every frame of it counts.
+    Some((wal, len, Some((salt, be(&header, 12)))))
+}
+
+/// The header of frame `frame`, if the file holds the whole frame.
+fn frame_header(wal: &std::fs::File, len: u64, stride: u64, frame: u32) -> Option<[u8; 24]> {
+    let mut f = [0u8; FRAME_HEADER_BYTES as usize];
+    let at = frame_at(frame, stride);
+    (at + stride <= len && wal.read_exact_at(&mut f, at).is_ok()).then_some(f)
+}
+
+/// Walks the frames of generation `salt` from `first` on (headers only, 24 bytes a
+/// frame, never the pages), adding the pages they name to `pages`; returns the last
+/// frame of the generation found (`first - 1` if none) and the last commit among them.
+fn walk_generation(
+    wal: &std::fs::File,
+    len: u64,
+    stride: u64,
+    salt: [u32; 2],
+    first: u32,
+    pages: &mut Vec<u32>,
+) -> (u32, Option<Position>) {
+    let mut frame = first;
+    let mut commit = None;
+    while let Some(f) = frame_header(wal, len, stride, frame) {
+        if [be(&f, 8), be(&f, 12)] != salt {
+            break;
+        }
+        pages.push(be(&f, 0));
+        if be(&f, 4) != 0 {
+            commit = Some(Position {
+                salt,
+                frame,
+                cksum: [be(&f, 16), be(&f, 20)],
+            });
+        }
+        frame += 1;
+    }
+    (frame - 1, commit)
+}
+
+/// Walks the WAL of `db` from `from`: the pages changed since, as far as the WAL can
+/// say. `None` when it cannot be sure it names every one (see docs/engine.md, "Why
+/// every changed page is seen"):
+///
+/// - same generation: the frame `from` ends at must still be the one it named;
+/// - one reset since (the header's salt-1 is `from`'s plus one and its checkpoint
+///   sequence not zero: a WAL SQLite restarted, not one it made anew): the new
+///   generation writes from frame 1, so if it has written no further than `from`'s
+///   frame, the old generation's frames after `from` are still in the file. Frames of
+///   a generation are written in order and committed ones never over, so every frame
+///   the old generation wrote after `from` lies between `from` and the first frame
+///   position holding another generation's salts. That frame must exist: a file that
+///   ends first may have been cut (a `TRUNCATE` checkpoint, `journal_size_limit`),
+///   and frames cut are frames not seen. Afterwards the header and the frame after
+///   `from` are read again, so a new generation that reached the old frames (or a
+///   second reset) while they were read is noticed;
+/// - anything else (two resets or more, a WAL made anew, another page size): `None`.
+pub(crate) fn walk_since(db: &Path, page_size: u32, from: Position) -> Option<Walk> {
+    let (wal, len, header) = open_wal(db, page_size)?;
+    let stride = FRAME_HEADER_BYTES + u64::from(page_size);
+    let Some((salt, checkpoints)) = header else {
+        // No header: no frame was written since a reset or creation.
+        return (from.frame == 0).then_some(Walk {
+            pages: Vec::new(),
+            salt: from.salt,
+            last: 0,
+            resume: from,
+        });
+    };
+    let mut pages = Vec::new();
+    if salt == from.salt {
+        if from.frame > 0 {
+            // The frame `from` ends at must still be the one it named.
+            let f = frame_header(&wal, len, stride, from.frame)?;
+            if [be(&f, 8), be(&f, 12)] != salt || [be(&f, 16), be(&f, 20)] != from.cksum {
+                return None;
+            }
+        }
+        let (last, commit) = walk_generation(&wal, len, stride, salt, from.frame + 1, &mut pages);
+        return Some(Walk {
+            pages,
+            salt,
+            last,
+            resume: commit.unwrap_or(from),
+        });
+    }
+    if salt[0] != from.salt[0].wrapping_add(1) || checkpoints == 0 {
         return None;
     }
-    let stride = FRAME_HEADER_BYTES + u64::from(page_size);
-    let at = |frame: u32| WAL_HEADER_BYTES + u64::from(frame - 1) * stride;
-    let mut f = [0u8; FRAME_HEADER_BYTES as usize];
-    if from.frame > 0 {
-        // The frame `from` ends at must still be the one it named.
-        if at(from.frame) + stride > len || wal.read_exact_at(&mut f, at(from.frame)).is_err() {
-            return None;
-        }
-        if [be(&f, 8), be(&f, 12)] != salt || [be(&f, 16), be(&f, 20)] != from.cksum {
-            return None;
-        }
+    // The new generation, from its first frame.
+    let (last, commit) = walk_generation(&wal, len, stride, salt, 1, &mut pages);
+    if last > from.frame {
+        // It wrote over frames of the old one that were never seen.
+        return None;
     }
-    // Frame headers only: 24 bytes a frame, never the pages.
-    let mut pages = Vec::new();
+    // The old generation's frames after `from`, up to the first frame position that
+    // holds anything else; the file must not end first.
     let mut frame = from.frame + 1;
-    while at(frame) + stride <= len {
-        if wal.read_exact_at(&mut f, at(frame)).is_err() {
-            return None;
-        }
-        if [be(&f, 8), be(&f, 12)] != salt {
+    loop {
+        let f = frame_header(&wal, len, stride, frame)?;
+        if [be(&f, 8), be(&f, 12)] != from.salt {
             break;
         }
         pages.push(be(&f, 0));
         frame += 1;
     }
-    Some(pages)
+    // Nothing moved under the walk: still one reset, and the new generation still short
+    // of the old frames read (it writes in order, so not at `from`'s next frame means
+    // not past it either).
+    let (wal_now, len_now, header_now) = open_wal(db, page_size)?;
+    if header_now.map(|h| h.0) != Some(salt) {
+        return None;
+    }
+    let next = frame_header(&wal_now, len_now, stride, from.frame + 1)?;
+    if [be(&next, 8), be(&next, 12)] == salt {
+        return None;
+    }
+    Some(Walk {
+        pages,
+        salt,
+        last,
+        resume: commit.unwrap_or(Position {
+            salt,
+            frame: 0,
+            cksum: [0, 0],
+        }),
+    })
 }
 
 #[cfg(test)]
@@ -214,17 +331,93 @@ mod tests {
         .expect("writes");
         let before = observe(&db, 4096).expect("a wal-index");
         assert!(before.position.frame > 0);
-        let same = pages_since(&db, 4096, before.position).expect("same generation");
-        assert!(same.is_empty(), "{same:?}");
+        let same = walk_since(&db, 4096, before.position).expect("same generation");
+        assert!(same.pages.is_empty(), "{same:?}");
         conn.execute_batch("INSERT INTO t SELECT randomblob(3000) FROM t")
             .expect("writes");
-        let pages = pages_since(&db, 4096, before.position).expect("same generation");
+        let pages = walk_since(&db, 4096, before.position)
+            .expect("same generation")
+            .pages;
         assert!(pages.contains(&1) && pages.contains(&3), "{pages:?}");
         // A reset starts a generation the old position is not part of.
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); INSERT INTO t VALUES (1)")
             .expect("writes");
-        assert!(pages_since(&db, 4096, before.position).is_none());
+        assert!(walk_since(&db, 4096, before.position).is_none());
         let after = observe(&db, 4096).expect("a wal-index");
         assert_ne!(after.position.salt, before.position.salt);
+    }
+
+    fn exec(conn: &rusqlite::Connection, sql: &str) {
+        conn.execute_batch(sql).expect("writes");
+    }
+
+    #[test]
+    fn a_walk_crosses_one_reset_while_the_old_frames_are_still_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("a.db");
+        let conn = rusqlite::Connection::open(&db).expect("opens");
+        // A long first generation, so later, shorter ones leave its frames behind them.
+        exec(
+            &conn,
+            "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x);
+             WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 60)
+             INSERT INTO t SELECT randomblob(3000) FROM c;
+             PRAGMA wal_checkpoint(PASSIVE);
+             UPDATE t SET x = randomblob(3000) WHERE rowid <= 10;",
+        );
+        let from = observe(&db, 4096).expect("a wal-index").position;
+        assert!(from.frame >= 10, "{from:?}");
+        exec(&conn, "UPDATE t SET x = randomblob(3000) WHERE rowid = 40");
+        let named = walk_since(&db, 4096, from).expect("same generation").pages;
+        assert!(!named.is_empty());
+        // Checkpointed and reset; the new generation is shorter than `from`.
+        exec(
+            &conn,
+            "PRAGMA wal_checkpoint(PASSIVE); UPDATE t SET x = randomblob(3000) WHERE rowid = 3;",
+        );
+        let now = observe(&db, 4096).expect("a wal-index").position;
+        assert_eq!(now.salt[0], from.salt[0].wrapping_add(1), "one reset");
+        let walk = walk_since(&db, 4096, from).expect("the old frames are still there");
+        assert_eq!(walk.salt, now.salt);
+        assert!(walk.last >= now.frame);
+        for p in &named {
+            assert!(
+                walk.pages.contains(p),
+                "page {p} of the old generation: {walk:?}"
+            );
+        }
+        // The new generation writes over the old frames after `from`: not sure any more.
+        exec(&conn, "UPDATE t SET x = randomblob(3000) WHERE rowid > 20");
+        assert!(walk_since(&db, 4096, from).is_none());
+        // Two resets: not sure either, even from a position of the last generation but
+        // one.
+        let at = walk.resume;
+        exec(
+            &conn,
+            "PRAGMA wal_checkpoint(PASSIVE); UPDATE t SET x = randomblob(3000) WHERE rowid = 4;
+             PRAGMA wal_checkpoint(PASSIVE); UPDATE t SET x = randomblob(3000) WHERE rowid = 5;",
+        );
+        assert!(walk_since(&db, 4096, at).is_none());
+    }
+
+    #[test]
+    fn a_walk_across_a_reset_refuses_a_wal_that_ends_where_the_old_frames_were() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("a.db");
+        let conn = rusqlite::Connection::open(&db).expect("opens");
+        exec(
+            &conn,
+            "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x);
+             WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 30)
+             INSERT INTO t SELECT randomblob(3000) FROM c;",
+        );
+        // The old generation ends where the file does: frames after it may have been cut,
+        // so even a plain reset is not enough to be sure.
+        let from = observe(&db, 4096).expect("a wal-index").position;
+        exec(
+            &conn,
+            "PRAGMA wal_checkpoint(PASSIVE); UPDATE t SET x = randomblob(3000) WHERE rowid = 3;",
+        );
+        assert!(walk_since(&db, 4096, from).is_none());
     }
 }

@@ -12,6 +12,10 @@
 //! `TRUNCATE` checkpoint resets the WAL and reads as a change; the push that follows
 //! finds nothing new.
 //!
+//! Each check also walks the database's WAL from where the last walk ended
+//! ([`crate::page::Following`]: frame headers only, no SQLite lock), so that the next
+//! push knows which pages changed even when checkpoints reset the WAL in between.
+//!
 //! File events can be missed (a queue overflow, a writer reaching the file through
 //! another path), so the checker also checks every `poll` on its own; a change found
 //! that way is logged, since it means an event was missed.
@@ -136,6 +140,7 @@ impl Watcher {
             nudges,
             seen,
             shared: Arc::clone(&shared),
+            following: crate::page::Following::start(&db),
         };
         let checker = std::thread::Builder::new()
             .name("sqlferry-watch".to_owned())
@@ -251,6 +256,9 @@ struct Checker {
     nudges: Receiver<()>,
     seen: UnboundedSender<Seen>,
     shared: Arc<Shared>,
+    /// Walks the database's WAL on each check, so pushes know the pages changed across
+    /// checkpoints and resets in between (`page/following.rs`).
+    following: Option<crate::page::Following>,
 }
 
 impl Checker {
@@ -274,6 +282,9 @@ impl Checker {
                 break;
             }
             wait = self.poll;
+            if let Some(following) = &self.following {
+                following.advance();
+            }
             self.shared.checks.fetch_add(1, Ordering::Relaxed);
             match data_version(&self.conn) {
                 Ok(version) => {

@@ -3,7 +3,9 @@
 //! A proptest interleaves writes (from the test's own connection and from a second
 //! process), checkpoints of every kind, `VACUUM`, connections closing (the last one
 //! deletes the WAL) and pushes, and after every push the replica's rows, integrity check
-//! and digest equal the origin's. Deterministic tests show the fast path is taken where
+//! and digest equal the origin's; in half the cases a push subscriber's follower walks
+//! the WAL between pushes (as its watcher does on file events), and the pushes use what
+//! it saw. Deterministic tests show the fast path is taken where
 //! it should be (no change, a small change), reads what it says, falls back where it
 //! cannot be sure (a reset it did not see, a replaced file, a damaged hash list), and
 //! that a damaged page among the changed ones is refused.
@@ -16,7 +18,7 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use rusqlite::Connection;
-use sqlferry::page::Snapshot;
+use sqlferry::page::{Following, Snapshot};
 use tempfile::TempDir;
 
 use crate::util::{self, Mode};
@@ -44,6 +46,12 @@ fn wal_db(path: &Path, rows: u64) -> Connection {
     conn
 }
 
+/// The salts in the WAL's header: they change at every reset.
+fn wal_salt(db: &Path) -> Option<Vec<u8>> {
+    let wal = std::fs::read(util::sidecar(db, "-wal")).ok()?;
+    wal.get(16..24).map(<[u8]>::to_vec)
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Insert {
@@ -56,6 +64,10 @@ enum Op {
     Delete {
         every: u32,
     },
+    /// One row rewritten: the small commit most applications make most often.
+    Touch {
+        id: u32,
+    },
     /// `PRAGMA wal_checkpoint(KIND)`.
     Checkpoint(&'static str),
     Vacuum,
@@ -66,6 +78,8 @@ enum Op {
     /// The application's connection closes (the last one checkpoints and deletes the
     /// WAL) and opens again.
     Reopen,
+    /// The subscriber's follower walks the WAL (as its watcher does on a file event).
+    Follow,
     Push,
 }
 
@@ -75,6 +89,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(rows, blob)| Op::Insert { rows, blob }),
         2 => (1u32..20).prop_map(|every| Op::Update { every }),
         1 => (1u32..10).prop_map(|every| Op::Delete { every }),
+        3 => (1u32..300).prop_map(|id| Op::Touch { id }),
         2 => prop_oneof![
             Just("PASSIVE"),
             Just("FULL"),
@@ -85,6 +100,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Vacuum),
         1 => (1u32..50).prop_map(|rows| Op::OtherProcess { rows }),
         1 => Just(Op::Reopen),
+        4 => Just(Op::Follow),
         5 => Just(Op::Push),
     ]
 }
@@ -102,6 +118,10 @@ fn apply(conn: &mut Connection, db: &Path, op: &Op) {
         Op::Delete { every } => {
             conn.execute("DELETE FROM t WHERE id % ?1 = 0", [every])
                 .expect("delete");
+        }
+        Op::Touch { id } => {
+            conn.execute("UPDATE t SET k = k || 'x' WHERE id = ?1", [id])
+                .expect("touch");
         }
         Op::Checkpoint(kind) => {
             conn.query_row(&format!("PRAGMA wal_checkpoint({kind})"), [], |_| Ok(()))
@@ -128,7 +148,7 @@ fn apply(conn: &mut Connection, db: &Path, op: &Op) {
             conn.pragma_update(None, "wal_autocheckpoint", 0)
                 .expect("autocheckpoint");
         }
-        Op::Push => {}
+        Op::Follow | Op::Push => {}
     }
 }
 
@@ -149,6 +169,7 @@ fn every_change_is_pushed_whatever_the_wal_went_through() {
         ),
     );
     let followed = std::cell::Cell::new(0u32);
+    let crossed = std::cell::Cell::new(0u32);
     let pushes = std::cell::Cell::new(0u32);
     runner
         .run(&prop::collection::vec(op(), 1..24), |ops| {
@@ -156,14 +177,33 @@ fn every_change_is_pushed_whatever_the_wal_went_through() {
             let origin = dir.path().join("origin.db");
             let replica = dir.path().join("replica.db");
             let mut conn = wal_db(&origin, 300);
+            // The WAL at a high-water mark (as a busy application's is): later, shorter
+            // generations leave older frames behind their own.
+            conn.execute_batch(
+                "INSERT INTO t(k, v) SELECT k, randomblob(3000) FROM t;
+                 DELETE FROM t WHERE id > 300; PRAGMA wal_checkpoint(PASSIVE);
+                 UPDATE t SET k = k WHERE id = 1;",
+            )
+            .expect("writes");
             util::sync(&origin, &replica);
+            // Half the cases have a subscriber's follower walking the WAL between pushes.
+            let following = (ops.len() % 2 == 0)
+                .then(|| Following::start_in(&origin, cache_of(&origin)).expect("follows"));
+            let mut last_salt = wal_salt(&origin);
             for op in ops.iter().chain([&Op::Push]) {
                 apply(&mut conn, &origin, op);
+                if let (Op::Follow, Some(f)) = (op, &following) {
+                    f.advance();
+                }
                 if let Op::Push = op {
                     if snapshot(&origin).follows_wal() {
                         followed.set(followed.get() + 1);
+                        if wal_salt(&origin) != last_salt {
+                            crossed.set(crossed.get() + 1);
+                        }
                     }
                     pushes.set(pushes.get() + 1);
+                    last_salt = wal_salt(&origin);
                     util::sync(&origin, &replica);
                     util::assert_same(&origin, &replica);
                 }
@@ -173,6 +213,12 @@ fn every_change_is_pushed_whatever_the_wal_went_through() {
         .expect("every push equals the origin");
     // The property means something only if the fast path ran, and the fallbacks did.
     assert!(followed.get() > 0, "no push followed the WAL");
+    assert!(
+        crossed.get() > 0,
+        "no push followed the WAL across a reset ({} of {} followed it)",
+        followed.get(),
+        pushes.get()
+    );
     assert!(followed.get() < pushes.get(), "every push followed the WAL");
 }
 
@@ -202,6 +248,54 @@ fn a_push_after_no_change_or_a_small_one_reads_only_what_the_wal_names() {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
         .expect("checkpoint");
     assert!(snapshot(&origin).follows_wal());
+}
+
+/// The WAL goes through two resets between two pushes; the push follows it only if a
+/// follower walked the generation in between while its frames were still there.
+/// Returns whether the push followed the WAL; the push's result equals the origin.
+fn resets_between_pushes(follower: bool) -> bool {
+    let dir = TempDir::new().expect("tempdir");
+    let origin = dir.path().join("origin.db");
+    let replica = dir.path().join("replica.db");
+    let conn = wal_db(&origin, 20_000);
+    let exec = |sql: &str| conn.execute_batch(sql).expect("writes");
+    // A long generation, then a short one the push's hash list is stamped in.
+    exec("UPDATE t SET v = randomblob(200); PRAGMA wal_checkpoint(PASSIVE);");
+    exec("INSERT INTO t(k, v) VALUES ('a', 'b')");
+    util::sync(&origin, &replica);
+    let following = follower.then(|| Following::start_in(&origin, cache_of(&origin)).expect("f"));
+    let walk = || following.iter().for_each(Following::advance);
+    // Changes in that generation, walked.
+    exec("UPDATE t SET v = randomblob(200) WHERE id BETWEEN 100 AND 400");
+    walk();
+    // Checkpointed and reset; walked once the new generation has begun.
+    exec("PRAGMA wal_checkpoint(PASSIVE); UPDATE t SET k = 'c' WHERE id = 9000");
+    walk();
+    // The new generation writes over frames of the old one the list never saw.
+    exec("UPDATE t SET v = randomblob(200) WHERE id BETWEEN 5000 AND 5300");
+    let follows = snapshot(&origin).follows_wal();
+    if let Some(f) = &following {
+        assert!(
+            f.pages_kept().is_some_and(|n| n > 10),
+            "{:?}",
+            f.pages_kept()
+        );
+    }
+    util::sync(&origin, &replica);
+    util::assert_same(&origin, &replica);
+    follows
+}
+
+#[test]
+fn a_follower_carries_a_push_across_resets_the_push_alone_cannot_cross() {
+    assert!(
+        !resets_between_pushes(false),
+        "alone: frames lost to the reset"
+    );
+    assert!(
+        resets_between_pushes(true),
+        "followed: every frame was walked"
+    );
 }
 
 #[test]
