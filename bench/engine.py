@@ -24,7 +24,9 @@ sqlferry run the replica's digest (`sqlferry verify --json`) must equal the orig
 
 In the same run (unless --skip-server), bench/server.py pushes and pulls the same
 database, with the same changes, through a real `sqlferry serve` on 127.0.0.1:0: full,
-no change and the three 1% changes each way (its docstring says how).
+no change and the three 1% changes each way (its docstring says how), with the
+server's CPU seconds for each (utime + stime of the `serve` process, /proc/PID/stat,
+read before and after the client's command).
 
 Then (unless --skip-memory) the peak RSS of `sqlferry push` syncing a 1 GiB database
 against a 10 MiB one, both with 4096-byte pages: a full copy onto a new file, then a

@@ -137,6 +137,12 @@ class Server:
         self.err.seek(0)
         return self.err.read()
 
+    def cpu_s(self):
+        """The server's CPU seconds so far (utime + stime, /proc/PID/stat)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def vm_hwm_kib(self):
         """The server's peak resident set so far (VmHWM), in KiB."""
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -176,9 +182,12 @@ class Client:
         non-zero exit. With `admin`, the admin key goes in SQLFERRY_KEY."""
         env = dict(self.env, SQLFERRY_KEY=self.server.key) if admin else self.env
         cmd = [str(SQLFERRY), *args]
+        cpu_before = self.server.cpu_s()
         started = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
+        # The server's CPU for this command (it serves nothing else meanwhile).
+        self.server_cpu_s = self.server.cpu_s() - cpu_before
         if proc.returncode != 0:
             fail(f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stderr}")
         return wall, proc.stdout
@@ -186,13 +195,13 @@ class Client:
     def push(self, local, replica, admin=False):
         wall, out = self.run(["push", str(local), replica, "--server", self.server.url,
                               "--json"], admin)
-        return wall, json.loads(out)
+        return wall, dict(json.loads(out), server_cpu_s=self.server_cpu_s)
 
     def pull(self, remote, local):
         # Pulls use the admin key: the benchmark measures the transfer, not the keys.
         wall, out = self.run(["pull", remote, str(local), "--server", self.server.url,
                               "--json"], admin=True)
-        return wall, json.loads(out)
+        return wall, dict(json.loads(out), server_cpu_s=self.server_cpu_s)
 
     def digest(self, path):
         _, out = self.run(["verify", str(path), "--json"])
@@ -278,6 +287,7 @@ def summarize(direction, name, runs, changed_pages, db_bytes):
         "wall_s": statistics.median(w for w, _ in runs),
         "runs_s": [w for w, _ in runs],
         "engine_ms": statistics.median(s["duration_ms"] for _, s in runs),
+        "server_cpu_s": statistics.median(s["server_cpu_s"] for _, s in runs),
         "bytes_sent": stats["bytes_sent"], "bytes_received": stats["bytes_received"],
         "hash_bytes": stats["hash_bytes"], "pages_sent": stats["pages_sent"],
         "pages_total": stats["pages_total"], "page_size": stats["page_size"],
@@ -447,7 +457,8 @@ def figures(results, local):
     that of the local `sqlferry push` of the same case in this run."""
     local_wall = {r["case"]: r["sqlferry_s"] for r in local}
     local_name = {"full": "full copy"}
-    headers = ["case", "wall s", "engine s", "vs local", "bytes sent", "bytes received",
+    headers = ["case", "wall s", "engine s", "server cpu s", "vs local", "bytes sent",
+               "bytes received",
                "hash bytes", "pages moved", "changed pages", "pages vs changed"]
     rows = []
     for r in results:
@@ -455,7 +466,7 @@ def figures(results, local):
         payload = r["bytes_sent"] if r["direction"] == "push" else r["bytes_received"]
         rows.append([
             f"{r['direction']} {r['case']}", "%.3f" % r["wall_s"],
-            "%.3f" % (r["engine_ms"] / 1000),
+            "%.3f" % (r["engine_ms"] / 1000), "%.3f" % r["server_cpu_s"],
             "%.2f" % (r["wall_s"] / base) if base else "—",
             r["bytes_sent"], r["bytes_received"], r["hash_bytes"], r["pages_sent"],
             r["changed_pages"], on_wire_vs_changed(r, payload),

@@ -161,10 +161,12 @@ fn frame_at(frame: u32, stride: u64) -> u64 {
     WAL_HEADER_BYTES + u64::from(frame - 1) * stride
 }
 
-/// The WAL file of `db` and what its header says: (file, length, salts, checkpoint
-/// sequence). `None` when it is not a WAL of `page_size`-byte pages; `Some` with an
-/// empty salt when the file holds no header yet.
-fn open_wal(db: &Path, page_size: u32) -> Option<(std::fs::File, u64, Option<([u32; 2], u32)>)> {
+/// A WAL header's salts and checkpoint sequence.
+type WalHeader = ([u32; 2], u32);
+
+/// The WAL file of `db`, its length, and what its header says. `None` when it is not a
+/// WAL of `page_size`-byte pages; no header when the file holds none yet.
+fn open_wal(db: &Path, page_size: u32) -> Option<(std::fs::File, u64, Option<WalHeader>)> {
     let wal = std::fs::File::open(sibling(db, "-wal")).ok()?;
     let len = wal.metadata().ok()?.len();
     if len < WAL_HEADER_BYTES {
