@@ -1,7 +1,7 @@
 """Benchmark of sqlferry's page-sync engine against `sqlite3 .backup`, on local files.
 
     python3 bench/engine.py [--size-mb 200] [--workdir DIR] [--skip-memory] [--skip-server]
-                            [--big] [--huge] [--only-big] [--bin PATH]
+                            [--big] [--huge] [--huge-gib N] [--only-big] [--bin PATH]
 
 Builds the release binary (`cargo build --release`), makes a WAL database of about
 --size-mb with bench/mkdb.py, and in the same run times `sqlferry push` and Debian's
@@ -33,8 +33,8 @@ against a 10 MiB one, both with 4096-byte pages: a full copy onto a new file, th
 sync with no change. Peak RSS is the child's ru_maxrss from os.wait4. With the server
 part, also the server's peak RSS (VmHWM) while it receives a full push of 1 GiB.
 
-With --big (1 GiB) and --huge (10 GiB, made once and kept in DIR: about 20 GiB of
-disk), the large-database cases of issue 10: a WAL database of random 1000-byte rows
+With --big (1 GiB) and --huge (10 GiB, or --huge-gib N; made once and kept in DIR:
+about twice its size on disk), the large-database cases of issue 10: a WAL database of random 1000-byte rows
 (bench/mkdb.py make_blob) kept open by an application process (a live application
 holds a connection, so SQLite does not delete its WAL when a writer closes), pushed
 to a replica of the embedded store: a full copy, then no change, and a 1% contiguous
@@ -628,6 +628,9 @@ def main():
                         help="add the 1 GiB WAL database cases (issue 10)")
     parser.add_argument("--huge", action="store_true",
                         help="add the 10 GiB WAL database cases (about 20 GiB of disk)")
+    parser.add_argument("--huge-gib", type=int, default=10,
+                        help="size of the --huge database in GiB (default 10; 4 shows the "
+                             "slope in less time)")
     parser.add_argument("--only-big", action="store_true",
                         help="run only the large-database cases")
     parser.add_argument("--bin", help="time this sqlferry binary instead of building one")
@@ -645,7 +648,7 @@ def main():
     if args.only_big:
         big = []
         for flag, label, size in ((args.big or not args.huge, "1 GiB", 1024 * MIB),
-                                  (args.huge, "10 GiB", 10 * 1024 * MIB)):
+                                  (args.huge, f"{args.huge_gib} GiB", args.huge_gib * 1024 * MIB)):
             if flag:
                 big += big_case(lab, label, size)
         print()
@@ -679,7 +682,7 @@ def main():
             served_memory = server.memory_run(server_dir)
     big = []
     for flag, label, size in ((args.big, "1 GiB", 1024 * MIB),
-                              (args.huge, "10 GiB", 10 * 1024 * MIB)):
+                              (args.huge, f"{args.huge_gib} GiB", args.huge_gib * 1024 * MIB)):
         if flag:
             print(f"large database, {label}", flush=True)
             big += big_case(lab, label, size)

@@ -7,8 +7,9 @@
 //! lives, which is one sync.
 //!
 //! In WAL mode a scan reads only the pages the WAL names since the hash list's position
-//! (`page/wal.rs`, `page/fastcache.rs`), when it can be sure that is every change, and
-//! every page otherwise; either way the hashes describe this snapshot's state.
+//! (`page/wal.rs`, `page/fastcache.rs`; across resets with what a subscriber's follower
+//! walked, `page/following.rs`), when it can be sure that is every change, and every
+//! page otherwise; either way the hashes describe this snapshot's state.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

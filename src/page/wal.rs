@@ -7,7 +7,8 @@
 //! next one), and a reset starts a new generation with new salts (salt-1 goes up by one,
 //! salt-2 is random; a deleted and recreated WAL draws both at random). So between two
 //! positions of the same generation, the pages that changed are exactly the pages the
-//! frames between them name.
+//! frames between them name. Across one reset they can still be known while the new
+//! generation has not written over the old frames ([`walk_since`]).
 //!
 //! Where a reader's snapshot is: SQLite does not say, but the wal-index (`-shm`) does
 //! for the latest commit. [`observe`] reads its header (both copies must agree, as
