@@ -1,12 +1,14 @@
-//! The replica side of a sync on an SQLite file: every change in one `BEGIN IMMEDIATE`
-//! transaction through `sqlite_dbpage`, committed only after the engine has checked the
-//! result against the origin's digest.
+//! The replica side of a sync on an SQLite file: every change to an existing file in
+//! one `BEGIN IMMEDIATE` transaction through `sqlite_dbpage`, a file that does not exist
+//! yet written whole beside its path and linked into place ([`Fresh`]); either is
+//! committed only after the engine has checked the result against the origin's digest.
 //!
 //! Invariants:
 //! - Readers in other processes see the old database or the new one, never a mix: all
-//!   writes, and the truncation when the origin shrank, happen in one SQLite transaction.
+//!   writes, and the truncation when the origin shrank, happen in one SQLite transaction;
+//!   a new file appears at its path only whole, synced and checked.
 //! - Until [`Writer::commit_pages`], nothing is visible; dropping a `Writer` rolls back,
-//!   and a file this writer created is removed again.
+//!   and a file this writer created (or its temporary file) is removed again.
 //! - A replica keeps its own journal mode (a WAL replica stays WAL); an empty or new one
 //!   takes the origin's page size and journal mode.
 //! - A replica with another page size is first rebuilt at the origin's page size with
