@@ -732,7 +732,8 @@ impl Fresh {
             .create(true)
             .truncate(false)
             .open(&tmp)
-            .map_err(io)?;
+            // Named after the destination: the directory is what the user chose.
+            .map_err(|e| Error::io(path, e))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -811,21 +812,33 @@ impl Fresh {
             .set_len(u64::from(page_count) * u64::from(page_size))
             .map_err(io)?;
         self.file.sync_all().map_err(io)?;
+        let taken = || {
+            Error::InUse(format!(
+                "{} was created by another program during the copy; it was left as it is",
+                path.display()
+            ))
+        };
         match std::fs::hard_link(&self.tmp, path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::InUse(format!(
-                    "{} was created by another program during the copy; it was left as it is",
-                    path.display()
-                )));
+            Ok(()) => {
+                // Committed: the database is in place whatever follows. A name left
+                // behind is emptied by the next writer of this path.
+                self.unlinked = true;
+                if let Err(e) = std::fs::remove_file(&self.tmp) {
+                    tracing::debug!(error = %e, path = %self.tmp.display(), "could not remove the temporary file");
+                }
             }
-            Err(e) => return Err(Error::io(path, e)),
-        }
-        // Committed: the database is in place whatever follows. A name left behind is
-        // emptied by the next writer of this path.
-        self.unlinked = true;
-        if let Err(e) = std::fs::remove_file(&self.tmp) {
-            tracing::debug!(error = %e, path = %self.tmp.display(), "could not remove the temporary file");
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(taken()),
+            Err(e) => {
+                // A file system without hard links (FAT, some network ones): a rename,
+                // which would replace, after checking that nothing is there. Only the
+                // moment between the two is unguarded.
+                tracing::debug!(error = %e, "no hard link; renaming the new file into place");
+                if std::fs::symlink_metadata(path).is_ok() {
+                    return Err(taken());
+                }
+                std::fs::rename(&self.tmp, path).map_err(|e| Error::io(path, e))?;
+                self.unlinked = true;
+            }
         }
         // The new name, and the old one gone, reach the disk too.
         let dir = match path.parent() {
