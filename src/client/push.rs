@@ -333,6 +333,11 @@ pub async fn copy_file(
         // commits, so it overlaps the copy: a damaged SRC still changes nothing.
         let check = !allow_corrupt
             && !matches!(snapshot.check_changed_pages(), Ok(Some(ref p)) if p.is_empty());
+        if check {
+            // When the scan reads every page from the file, the same check runs beside
+            // it on the second core instead of after it.
+            snapshot.check_beside_scan();
+        }
         let mut source = CheckedSource {
             snapshot: &mut snapshot,
             check,

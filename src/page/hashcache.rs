@@ -43,7 +43,15 @@ pub fn default_dir() -> Option<PathBuf> {
 
 /// Where the cache of the database at `db` lives, in `dir`.
 pub(super) fn cache_path(dir: &Path, db: &Path) -> Option<PathBuf> {
-    let abs = std::fs::canonicalize(db).ok()?;
+    // A file not created yet (a new replica written beside its path) is named by its
+    // directory's canonical path: what canonicalizing it will give once it exists.
+    let abs = std::fs::canonicalize(db).ok().or_else(|| {
+        let dir = match db.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        Some(std::fs::canonicalize(dir).ok()?.join(db.file_name()?))
+    })?;
     let key = crate::digest::name_key(&[abs.as_os_str().as_encoded_bytes()]);
     Some(dir.join(&key[..32]))
 }

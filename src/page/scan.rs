@@ -90,6 +90,96 @@ pub(super) fn for_each_page(
 ) -> Result<()> {
     let in_wal = wal_pages(path, page_size, page_count)?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    pages(
+        Some(conn),
+        &in_wal,
+        file,
+        file_len,
+        path,
+        page_size,
+        page_count,
+        f,
+    )
+}
+
+/// [`for_each_page`], with `check` run on `conn` on a second thread at the same time
+/// when this scan will not need the connection at all: no frame of the WAL names any
+/// page and the main file holds every page (a database whose WAL is empty or gone, or
+/// a rollback-journal database), so every page comes straight from the file. Then the
+/// check's answer is returned; `None` when the scan needed the connection, and the
+/// caller runs its check after the scan as before. Either way the check runs on the
+/// caller's connection, inside its read transaction: it checks exactly the state the
+/// scan reads.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn for_each_page_beside<R: Send>(
+    conn: &Connection,
+    file: &File,
+    path: &Path,
+    page_size: u32,
+    page_count: u32,
+    f: &mut dyn FnMut(u32, &[u8]) -> Result<()>,
+    check: impl FnOnce(&Connection) -> R + Send,
+) -> (Result<()>, Option<R>) {
+    let prelude = (|| {
+        let in_wal = wal_pages(path, page_size, page_count)?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        Ok((in_wal, file_len))
+    })();
+    let (in_wal, file_len) = match prelude {
+        Ok(p) => p,
+        Err(e) => return (Err(e), None),
+    };
+    let whole = file_len >= u64::from(page_count) * u64::from(page_size);
+    if !whole || in_wal.iter().any(|&w| w != 0) {
+        let scanned = pages(
+            Some(conn),
+            &in_wal,
+            file,
+            file_len,
+            path,
+            page_size,
+            page_count,
+            f,
+        );
+        return (scanned, None);
+    }
+    /// The connection, lent to the checking thread.
+    struct Lent<'a>(&'a Connection);
+    // SAFETY: a connection may be used from another thread as long as no two threads
+    // use it at once (SQLite's multi-thread mode). This thread does not use it until
+    // the checking thread is joined: the scan below is given no connection, and every
+    // page it reads comes from the file (checked just above).
+    unsafe impl Send for Lent<'_> {}
+    let lent = Lent(conn);
+    std::thread::scope(|s| {
+        let checker = s.spawn(move || {
+            let lent = lent;
+            check(lent.0)
+        });
+        let scanned = pages(
+            None, &in_wal, file, file_len, path, page_size, page_count, f,
+        );
+        let checked = checker
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (scanned, Some(checked))
+    })
+}
+
+/// The page loop of [`for_each_page`]: pages the WAL names or the file lacks come
+/// through `conn`, which a scan without one never needs (see
+/// [`for_each_page_beside`]).
+#[allow(clippy::too_many_arguments)]
+fn pages(
+    conn: Option<&Connection>,
+    in_wal: &[u64],
+    file: &File,
+    file_len: u64,
+    path: &Path,
+    page_size: u32,
+    page_count: u32,
+    f: &mut dyn FnMut(u32, &[u8]) -> Result<()>,
+) -> Result<()> {
     let ps = page_size as usize;
     let lock_page = lock_byte_page(page_size);
     let pages_per_block = (BLOCK_BYTES / ps).max(1) as u32;
@@ -113,6 +203,9 @@ pub(super) fn for_each_page(
                 single.resize(ps, 0);
                 f(pgno, &single)?;
             } else if in_wal[i / 64] & (1 << (i % 64)) != 0 || start + ps > in_file {
+                let conn = conn.ok_or_else(|| {
+                    Error::Bug(format!("page {pgno} is not in the file of a scan lent out"))
+                })?;
                 read_page(conn, path, pgno, page_size, &mut single)?;
                 f(pgno, &single)?;
             } else {

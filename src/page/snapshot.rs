@@ -62,6 +62,12 @@ pub struct Snapshot {
     exact: bool,
     /// How the next [`Snapshot::hash_pages`] learns the pages, once decided.
     plan: RefCell<Option<Plan>>,
+    /// Whether a scan that reads every page from the file runs `PRAGMA quick_check`
+    /// beside it ([`Snapshot::check_beside_scan`]).
+    check_beside: bool,
+    /// The answer of `PRAGMA quick_check` run beside a scan, for the next
+    /// [`Snapshot::quick_check`].
+    checked: RefCell<Option<Result<Vec<String>>>>,
 }
 
 /// How a scan learns the pages' hashes.
@@ -138,6 +144,8 @@ impl Snapshot {
             pinned: pinned.filter(|_| page_size == header.page_size),
             exact,
             plan: RefCell::new(None),
+            check_beside: false,
+            checked: RefCell::new(None),
         })
     }
 
@@ -181,7 +189,21 @@ impl Snapshot {
     /// sync from this snapshot sends: `["ok"]` or the problems. Cheaper than
     /// [`Snapshot::integrity_check`] (no index-content cross-check), linear in size.
     pub fn quick_check(&self) -> Result<Vec<String>> {
+        if let Some(answer) = self.checked.borrow_mut().take() {
+            return answer;
+        }
         self.check("PRAGMA quick_check")
+    }
+
+    /// Lets the next scan that reads every page straight from the file (no WAL frame
+    /// names a page: the WAL is empty or gone, or the database is in rollback mode)
+    /// run `PRAGMA quick_check` on this snapshot's connection, on a second thread, at
+    /// the same time; the next [`Snapshot::quick_check`] then gives its answer instead
+    /// of checking again. It is the same check of the same read transaction, only
+    /// sooner: a local full copy otherwise runs it after its last page, alone on one
+    /// core while the other waits.
+    pub fn check_beside_scan(&mut self) {
+        self.check_beside = true;
     }
 
     /// When the next scan [`follows_wal`](Snapshot::follows_wal): the problems the
@@ -203,24 +225,7 @@ impl Snapshot {
 
     /// The lines a checking pragma answers.
     fn check(&self, pragma: &str) -> Result<Vec<String>> {
-        // The check reads every page, some twice (b-tree pages, then the rows), through
-        // a 2 MiB cache: mapped, each read is a pointer, not a system call and a copy.
-        // The file cannot shrink under the mapping while the read transaction is open
-        // (the same argument as `scan::for_each_page`'s).
-        let _ = self.conn.pragma_update(None, "mmap_size", CHECK_MMAP_BYTES);
-        let result = (|| {
-            let mut stmt = self
-                .conn
-                .prepare(pragma)
-                .map_err(|e| Error::sqlite(&self.path, e))?;
-            let rows = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(|e| Error::sqlite(&self.path, e))?;
-            rows.collect::<rusqlite::Result<_>>()
-                .map_err(|e| Error::sqlite(&self.path, e))
-        })();
-        let _ = self.conn.pragma_update(None, "mmap_size", 0);
-        result
+        run_check(&self.conn, &self.path, pragma)
     }
 
     /// Calls `f` with each page number and its bytes, in page order, all from this
@@ -363,7 +368,7 @@ impl Snapshot {
             (Some(dir), Some(_), Some(_)) => ListWriter::new(dir, &self.path),
             _ => None,
         };
-        self.for_each_page(&mut |pgno, data| {
+        let mut each = |pgno, data: &[u8]| {
             let hash = cache.hash(pgno, data);
             if let Some(w) = &mut list
                 && w.push(&hash).is_err()
@@ -371,7 +376,30 @@ impl Snapshot {
                 list = None;
             }
             f(pgno, hash, (pgno > with_data_after).then_some(data))
-        })?;
+        };
+        if std::mem::take(&mut self.check_beside) {
+            let path = self.path.clone();
+            let (scanned, checked) = super::scan::for_each_page_beside(
+                &self.conn,
+                &self.file,
+                &self.path,
+                self.page_size,
+                self.page_count,
+                &mut each,
+                move |conn| run_check(conn, &path, "PRAGMA quick_check"),
+            );
+            *self.checked.borrow_mut() = checked;
+            scanned?;
+        } else {
+            super::scan::for_each_page(
+                &self.conn,
+                &self.file,
+                &self.path,
+                self.page_size,
+                self.page_count,
+                &mut each,
+            )?;
+        }
         tracing::debug!(
             path = %self.path.display(),
             pages = self.page_count,
@@ -485,4 +513,23 @@ impl Snapshot {
     pub fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
         super::scan::read_page(&self.conn, &self.path, pgno, self.page_size, buf)
     }
+}
+
+/// The lines a checking pragma answers on `conn` (the database at `path`).
+fn run_check(conn: &Connection, path: &Path, pragma: &str) -> Result<Vec<String>> {
+    // The check reads every page, some twice (b-tree pages, then the rows), through a
+    // 2 MiB cache: mapped, each read is a pointer, not a system call and a copy. The
+    // file cannot shrink under the mapping while the read transaction is open (the same
+    // argument as `scan::for_each_page`'s).
+    let _ = conn.pragma_update(None, "mmap_size", CHECK_MMAP_BYTES);
+    let result = (|| {
+        let mut stmt = conn.prepare(pragma).map_err(|e| Error::sqlite(path, e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| Error::sqlite(path, e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| Error::sqlite(path, e))
+    })();
+    let _ = conn.pragma_update(None, "mmap_size", 0);
+    result
 }

@@ -1,12 +1,14 @@
-//! The replica side of a sync on an SQLite file: every change in one `BEGIN IMMEDIATE`
-//! transaction through `sqlite_dbpage`, committed only after the engine has checked the
-//! result against the origin's digest.
+//! The replica side of a sync on an SQLite file: every change to an existing file in
+//! one `BEGIN IMMEDIATE` transaction through `sqlite_dbpage`, a file that does not exist
+//! yet written whole beside its path and linked into place ([`Fresh`]); either is
+//! committed only after the engine has checked the result against the origin's digest.
 //!
 //! Invariants:
 //! - Readers in other processes see the old database or the new one, never a mix: all
-//!   writes, and the truncation when the origin shrank, happen in one SQLite transaction.
+//!   writes, and the truncation when the origin shrank, happen in one SQLite transaction;
+//!   a new file appears at its path only whole, synced and checked.
 //! - Until [`Writer::commit_pages`], nothing is visible; dropping a `Writer` rolls back,
-//!   and a file this writer created is removed again.
+//!   and a file this writer created (or its temporary file) is removed again.
 //! - A replica keeps its own journal mode (a WAL replica stays WAL); an empty or new one
 //!   takes the origin's page size and journal mode.
 //! - A replica with another page size is first rebuilt at the origin's page size with
@@ -64,6 +66,8 @@ pub struct Writer {
     last_commit: Option<LastCommit>,
     /// Whether the last `hashes` came from `last_commit` rather than a scan.
     known_hashes_used: bool,
+    /// A new file being written whole, beside its path (see [`Fresh`]).
+    fresh: Option<Fresh>,
 }
 
 /// What a writer knows of the database right after its own commit.
@@ -133,14 +137,6 @@ impl Writer {
         } else {
             None
         };
-        let sql = |e| Error::sqlite(path, e);
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| Error::sqlite(path, e))?;
         let mut writer = Writer {
             conn: None,
             file: None,
@@ -157,7 +153,29 @@ impl Writer {
             keep_committed: false,
             last_commit: None,
             known_hashes_used: false,
+            fresh: None,
         };
+        // A file that does not exist yet is written whole into a temporary file by
+        // `prepare`, unless the writer is to serve again (`keep_committed_hashes`):
+        // then, and for every existing file, through SQLite, connected now.
+        if existed {
+            writer.connect()?;
+        }
+        Ok(writer)
+    }
+
+    /// Opens the SQLite connection (creating the file if it does not exist).
+    fn connect(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let path = path.as_path();
+        let sql = |e| Error::sqlite(path, e);
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
         conn.pragma_update(None, "cache_size", -CACHE_KIB)
             .map_err(sql)?;
@@ -168,9 +186,9 @@ impl Writer {
         // A second sqlite_dbpage instance, for page 1 (see `commit`).
         conn.execute_batch("CREATE VIRTUAL TABLE temp.sqlferry_dbpage USING sqlite_dbpage")
             .map_err(sql)?;
-        writer.conn = Some(conn);
-        writer.file = Some(super::handles::open(path, false).map_err(|e| Error::io(path, e))?);
-        Ok(writer)
+        self.conn = Some(conn);
+        self.file = Some(super::handles::open(path, false).map_err(|e| Error::io(path, e))?);
+        Ok(())
     }
 
     /// Keeps this replica's page-hash cache in `dir` instead of the XDG cache
@@ -351,6 +369,22 @@ impl Writer {
     /// page size first), opens the write transaction, and returns how many pages it
     /// holds (0 when empty or new). A file has no versions: only the page size matters.
     pub fn prepare(&mut self, page_size: u32) -> Result<u32> {
+        if self.conn.is_none() {
+            if !self.keep_committed {
+                self.fresh = Some(Fresh::create(&self.path)?);
+                // Nothing is created at the path before the commit links it there.
+                self.created = false;
+                self.page_size = page_size;
+                self.page_count = 0;
+                self.building = Some(CacheBuilder::new(
+                    self.hash_cache.as_deref(),
+                    &self.path,
+                    page_size,
+                ));
+                return Ok(0);
+            }
+            self.connect()?;
+        }
         match self.journal_mode {
             None => {
                 // Empty or new: takes the origin's page size.
@@ -460,6 +494,9 @@ impl Writer {
         if let Some(b) = &mut self.building {
             b.page(pgno, &data, hash);
         }
+        if let Some(fresh) = &mut self.fresh {
+            return fresh.write(pgno, data, self.page_size);
+        }
         self.insert_page(pgno, data)
     }
 
@@ -472,6 +509,19 @@ impl Writer {
         page_count: u32,
         hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
+        if let Some(mut fresh) = self.fresh.take() {
+            let page1 = self
+                .page1
+                .take()
+                .ok_or_else(|| Error::Bug("a new file committed without its page 1".into()))?;
+            fresh.write(1, page1, self.page_size)?;
+            fresh.commit(&self.path, page_count, self.page_size)?;
+            self.committed = true;
+            if let Some(b) = self.building.take() {
+                b.finish(page_count);
+            }
+            return Ok(());
+        }
         self.flush()?;
         let page1 = self.page1.take();
         // `self.page_count` is what the replica held; pages written past it only grow it.
@@ -636,6 +686,179 @@ impl Writer {
         self.batch = batch;
         self.batch.clear();
         Ok(())
+    }
+}
+
+/// A database file that does not exist yet, written whole beside its path and linked
+/// into place at commit: no pager, no journal, no page copied into a cache, and nothing
+/// at the path until every page is written, synced and checked against the digest.
+///
+/// The temporary file has one name per destination (`.NAME.sqlferry-new` in the same
+/// directory), taken under an exclusive `flock`: a second writer of the same new file
+/// is refused while the first runs, and the file a killed writer left is found, by that
+/// name, and emptied by the next writer of that path (or removed by [`Writer`]'s drop).
+/// Whoever holds the lock checks that the name still names the file it locked, so two
+/// writers never share one. Commit hard-links it to the destination, which fails if
+/// anything appeared there meanwhile (nothing is overwritten), then removes the name.
+struct Fresh {
+    file: std::fs::File,
+    tmp: PathBuf,
+    /// Whether the name is gone (committed): it may name another writer's file now.
+    unlinked: bool,
+    /// Contiguous pages waiting to be written with one system call: the first page's
+    /// number and the pages.
+    run: (u32, Vec<Vec<u8>>),
+}
+
+/// Pages gathered into one vectored write of a new file (1 MiB of 4 KiB pages).
+const FRESH_RUN_PAGES: usize = 256;
+
+impl Fresh {
+    /// The temporary file beside `path`.
+    fn tmp_path(path: &Path) -> PathBuf {
+        let mut name = std::ffi::OsString::from(".");
+        name.push(path.file_name().unwrap_or_default());
+        name.push(".sqlferry-new");
+        path.with_file_name(name)
+    }
+
+    fn create(path: &Path) -> Result<Fresh> {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = Self::tmp_path(path);
+        let io = |e| Error::io(&tmp, e);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&tmp)
+            // Named after the destination: the directory is what the user chose.
+            .map_err(|e| Error::io(path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::InUse(format!(
+                    "{} is being written by another sqlferry ({} is locked)",
+                    path.display(),
+                    tmp.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let ours = file.metadata().map_err(io)?;
+        let named = std::fs::metadata(&tmp).map_err(io)?;
+        if (ours.dev(), ours.ino()) != (named.dev(), named.ino()) {
+            // The writer that held it finished and removed the name in between.
+            return Err(Error::InUse(format!(
+                "{} was being written by another sqlferry; try again",
+                path.display()
+            )));
+        }
+        // What a killed writer left goes now.
+        file.set_len(0).map_err(io)?;
+        Ok(Fresh {
+            file,
+            tmp,
+            unlinked: false,
+            run: (0, Vec::with_capacity(FRESH_RUN_PAGES)),
+        })
+    }
+
+    /// Queues page `pgno`; a run that is full, or that it does not continue, is written.
+    fn write(&mut self, pgno: u32, data: Vec<u8>, page_size: u32) -> Result<()> {
+        let (first, pages) = &self.run;
+        if !pages.is_empty()
+            && (pages.len() == FRESH_RUN_PAGES || *first + pages.len() as u32 != pgno)
+        {
+            self.flush(page_size)?;
+        }
+        if self.run.1.is_empty() {
+            self.run.0 = pgno;
+        }
+        self.run.1.push(data);
+        Ok(())
+    }
+
+    /// Writes the queued run at its place, in as few system calls as it takes.
+    fn flush(&mut self, page_size: u32) -> Result<()> {
+        use std::io::{IoSlice, Seek, SeekFrom, Write};
+        let (first, pages) = &mut self.run;
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let io = |e| Error::io(&self.tmp, e);
+        let offset = u64::from(*first - 1) * u64::from(page_size);
+        self.file.seek(SeekFrom::Start(offset)).map_err(io)?;
+        let mut slices: Vec<IoSlice<'_>> = pages.iter().map(|p| IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match self.file.write_vectored(rest) {
+                Ok(0) => return Err(io(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        drop(slices);
+        pages.clear();
+        Ok(())
+    }
+
+    /// Sizes the file to `page_count` pages, syncs it, and links it to `path`.
+    fn commit(&mut self, path: &Path, page_count: u32, page_size: u32) -> Result<()> {
+        self.flush(page_size)?;
+        let io = |e| Error::io(&self.tmp, e);
+        self.file
+            .set_len(u64::from(page_count) * u64::from(page_size))
+            .map_err(io)?;
+        self.file.sync_all().map_err(io)?;
+        let taken = || {
+            Error::InUse(format!(
+                "{} was created by another program during the copy; it was left as it is",
+                path.display()
+            ))
+        };
+        match std::fs::hard_link(&self.tmp, path) {
+            Ok(()) => {
+                // Committed: the database is in place whatever follows. A name left
+                // behind is emptied by the next writer of this path.
+                self.unlinked = true;
+                if let Err(e) = std::fs::remove_file(&self.tmp) {
+                    tracing::debug!(error = %e, path = %self.tmp.display(), "could not remove the temporary file");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(taken()),
+            Err(e) => {
+                // A file system without hard links (FAT, some network ones): a rename,
+                // which would replace, after checking that nothing is there. Only the
+                // moment between the two is unguarded.
+                tracing::debug!(error = %e, "no hard link; renaming the new file into place");
+                if std::fs::symlink_metadata(path).is_ok() {
+                    return Err(taken());
+                }
+                std::fs::rename(&self.tmp, path).map_err(|e| Error::io(path, e))?;
+                self.unlinked = true;
+            }
+        }
+        // The new name, and the old one gone, reach the disk too.
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if let Ok(d) = std::fs::File::open(dir) {
+            d.sync_all().map_err(|e| Error::io(dir, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        // Still ours (the lock is held until the file closes): a failed copy leaves
+        // nothing behind. After a commit the name is gone already.
+        if !self.unlinked {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 

@@ -229,6 +229,25 @@ fn dest_in_read_only_directory_is_refused_and_untouched() {
 }
 
 #[test]
+fn new_dest_in_read_only_directory_is_refused_naming_dest_and_nothing_is_created() {
+    let dir = TempDir::new().expect("tempdir");
+    let src = source(dir.path());
+    let sub = dir.path().join("locked");
+    std::fs::create_dir(&sub).expect("mkdir");
+    let dest = sub.join("new.db");
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let mut cmd = util::sqlferry(dir.path());
+    cmd.arg("push").arg(&src).arg(&dest);
+    as_permission_bound_user(dir.path(), &mut cmd);
+    let out = cmd.output().expect("run push");
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert_fails(&out, EXIT_LOCAL, &dest, "permission denied");
+    let left: Vec<_> = std::fs::read_dir(&sub).expect("read dir").collect();
+    assert!(left.is_empty(), "nothing created: {left:?}");
+}
+
+#[test]
 fn successful_push_and_verify_agree() {
     let dir = TempDir::new().expect("tempdir");
     let src = source(dir.path());

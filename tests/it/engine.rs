@@ -481,3 +481,105 @@ fn change_every_11th_row(src: &Path, n: i64) {
         )
         .expect("update");
 }
+
+/// Writes every page of `src` into `w` as the replica role does, without committing.
+fn write_all_pages(src: &Path, w: &mut sqlferry::page::Writer) -> u32 {
+    let mut snap = sqlferry::page::Snapshot::open(src).expect("snapshot");
+    let count = snap.page_count();
+    assert_eq!(w.prepare(snap.page_size()).expect("prepare"), 0);
+    snap.for_each_page(&mut |pgno, data| {
+        if pgno != sqlferry::digest::lock_byte_page(data.len() as u32) {
+            let hash = sqlferry::digest::page_hash(pgno, data);
+            w.write_page(pgno, data.to_vec(), &hash)?;
+        }
+        Ok(())
+    })
+    .expect("write pages");
+    count
+}
+
+#[test]
+fn a_new_dest_appears_only_whole_and_two_writers_of_it_do_not_mix() {
+    use sqlferry::page::Writer;
+    let dir = TempDir::new().expect("tempdir");
+    let src = origin(dir.path(), 4096, Mode::Wal, 1_000_000);
+    let dest = dir.path().join("new.db");
+    let tmp = dir.path().join(".new.db.sqlferry-new");
+
+    let mut first = Writer::open(&dest).expect("writer").with_hash_cache(None);
+    let count = write_all_pages(&src, &mut first);
+    assert!(!dest.exists(), "nothing at DEST before the commit");
+    assert!(tmp.exists(), "the pages go beside it");
+
+    // A second writer of the same new file is refused while the first one runs.
+    let mut second = Writer::open(&dest).expect("writer").with_hash_cache(None);
+    let refused = second.prepare(4096).expect_err("a second writer of DEST");
+    assert_eq!(refused.kind(), sqlferry::ErrorKind::Busy, "{refused}");
+    assert!(
+        refused.to_string().contains("another sqlferry"),
+        "{refused}"
+    );
+    drop(second);
+    assert!(
+        tmp.exists(),
+        "the refused writer left the first one's file alone"
+    );
+
+    // Dropped without commit: nothing at DEST, nothing beside it.
+    drop(first);
+    assert!(
+        !dest.exists() && !tmp.exists(),
+        "a failed copy leaves nothing"
+    );
+
+    // Committed: DEST is the origin's copy, and the temporary name is gone.
+    let mut w = Writer::open(&dest).expect("writer").with_hash_cache(None);
+    let count2 = write_all_pages(&src, &mut w);
+    assert_eq!(count, count2);
+    w.commit_pages(count, &mut std::iter::empty())
+        .expect("commit");
+    drop(w);
+    assert!(!tmp.exists(), "the temporary name goes at commit");
+    util::assert_same(&src, &dest);
+    assert_eq!(util::journal_mode(&dest), "wal");
+}
+
+#[test]
+fn a_new_dest_created_by_someone_else_during_the_copy_is_left_as_it_is() {
+    use sqlferry::page::Writer;
+    let dir = TempDir::new().expect("tempdir");
+    let src = origin(dir.path(), 4096, Mode::Rollback, 500_000);
+    let dest = dir.path().join("new.db");
+    let mut w = Writer::open(&dest).expect("writer").with_hash_cache(None);
+    let count = write_all_pages(&src, &mut w);
+    // Another program makes its own database there meanwhile.
+    let theirs = util::create(&dest, 1024, Mode::Rollback);
+    theirs
+        .execute_batch("CREATE TABLE mine(x); INSERT INTO mine VALUES (42);")
+        .expect("their database");
+    drop(theirs);
+    let before = util::digest(&dest);
+    let err = w
+        .commit_pages(count, &mut std::iter::empty())
+        .expect_err("DEST exists now");
+    assert!(
+        err.to_string().contains("created by another program"),
+        "{err}"
+    );
+    drop(w);
+    assert_eq!(util::digest(&dest), before, "their database is untouched");
+    assert!(!dir.path().join(".new.db.sqlferry-new").exists());
+}
+
+#[test]
+fn a_stale_temporary_file_of_a_killed_copy_is_replaced_by_the_next_one() {
+    let dir = TempDir::new().expect("tempdir");
+    let src = origin(dir.path(), 4096, Mode::Wal, 500_000);
+    let dest = dir.path().join("new.db");
+    let tmp = dir.path().join(".new.db.sqlferry-new");
+    // What a killed copy leaves: a file beside DEST, no lock on it.
+    std::fs::write(&tmp, vec![0xa5; 3 << 20]).expect("stale file");
+    util::sync(&src, &dest);
+    util::assert_same(&src, &dest);
+    assert!(!tmp.exists(), "the next copy took it over and removed it");
+}

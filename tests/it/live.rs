@@ -345,29 +345,31 @@ fn killed_push_into_new_dest_leaves_nothing_half_written() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start push");
-    // In the middle: pages have spilled into the new file.
+    // In the middle: a new DEST is written into a temporary file beside it, which has
+    // grown by then.
+    let tmp = dir.path().join(".new.db.sqlferry-new");
     let mut finished = false;
     let reached = util::wait_until(Duration::from_secs(120), Duration::from_millis(1), || {
         finished = push.try_wait().expect("try_wait").is_some();
-        finished || util::file_len(&dest) >= 12 << 20
+        finished || util::file_len(&tmp) >= 12 << 20
     });
-    assert!(reached, "the new DEST never grew");
+    assert!(reached, "the new DEST's temporary file never grew");
     assert!(!finished, "the push finished before it could be killed");
     push.kill().expect("SIGKILL the push");
     push.wait().expect("wait push");
 
-    // What an application opening DEST now sees, on a copy (opening it recovers it):
-    // no half-written database.
-    let seen = dir.path().join("seen.db");
-    for suffix in ["", "-journal"] {
-        if util::sidecar(&dest, suffix).exists() {
-            std::fs::copy(util::sidecar(&dest, suffix), util::sidecar(&seen, suffix))
-                .expect("copy what the kill left");
-        }
+    // What an application opening DEST now sees: nothing at all, no half-written
+    // database, and no file beside it that SQLite would take for its journal or WAL.
+    for suffix in ["", "-journal", "-wal"] {
+        assert!(
+            !util::sidecar(&dest, suffix).exists(),
+            "the killed push left DEST{suffix}"
+        );
     }
-    if seen.exists() {
-        assert_eq!(util::page_count(&seen), 0, "a half-written DEST is visible");
-    }
+    assert!(
+        tmp.exists(),
+        "the kill left the temporary file (what this test is about)"
+    );
 
     // What the user does next: push again. It must complete the job.
     let out = util::run(
@@ -392,4 +394,5 @@ fn killed_push_into_new_dest_leaves_nothing_half_written() {
     );
     assert_eq!(util::integrity(&dest), "ok");
     assert_eq!(summary(&dest), summary(&src));
+    assert!(!tmp.exists(), "the next push cleaned up the temporary file");
 }

@@ -430,7 +430,12 @@ fn a_push_of_a_damaged_database_is_refused_unless_allowed() {
     let out = run(&m, &["push", "bad.db", "./fresh.db"]);
     let line = assert_fails(&out, EXIT_VERIFY, "quick_check");
     assert!(line.contains("--allow-corrupt"), "{line}");
-    for name in ["fresh.db", "fresh.db-journal", "fresh.db-wal"] {
+    for name in [
+        "fresh.db",
+        "fresh.db-journal",
+        "fresh.db-wal",
+        ".fresh.db.sqlferry-new",
+    ] {
         assert!(!m.path(name).exists(), "{name} was left behind");
     }
     let versions = run(&m, &["versions", "acme/app.db", "--json"]);
