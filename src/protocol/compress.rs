@@ -9,6 +9,10 @@
 //! a buffer of exactly that size: a frame that would expand past it (a bomb), a zstd
 //! frame without its size, or any garbage is a [`DecodeError`], never more memory.
 //!
+//! A server compresses nothing: [`PackedPages`] hands a ZPAGE's bytes past the engine
+//! (which sees only the expanded page) to the store that keeps them, and from the store
+//! to the link that sends them again, each tied to its page by number and fingerprint.
+//!
 //! Each page is compressed on its own (level [`LEVEL`]): a page that does not shrink by
 //! at least 1/16 goes as the plain PAGE it was, and after such a page the next few are
 //! sent plain without trying (doubling up to [`MAX_SKIP`] while pages keep failing), so

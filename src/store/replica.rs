@@ -6,10 +6,13 @@
 //! Trust, as this file keeps it: every page read from a pack is hashed again and a
 //! mismatch is an error, never data; a page found damaged is recorded in `bad_pages`,
 //! which makes the next push resend it (its hash is reported as not held) and point its
-//! index row at the new bytes. Pages a push appends but its committed version does not
-//! use are cut out of the pack before COMMIT. A new replica's private file is `flock`ed
-//! by its creator for its whole life, so a cleaner removes only what a dead process
-//! left.
+//! index row at the new bytes. A page that arrived compressed is kept compressed (its
+//! bytes handed over by the transport, [`VersionWriter::keep_packed`]); every read
+//! expands it before the hash check, and a reader may hand the stored compressed bytes
+//! on to a peer that takes them ([`VersionReader::hand_packed`]). Pages a push appends
+//! but its committed version does not use are cut out of the pack before COMMIT. A new
+//! replica's private file is `flock`ed by its creator for its whole life, so a cleaner
+//! removes only what a dead process left.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -14,9 +14,13 @@
 //! implements: so this module stays a leaf and the engine knows no socket.
 //!
 //! Compression is the pump's too ([`run_engine_on`] with [`Wire::Zstd`], once the
-//! handshake agreed to it): its writer compresses the engine's PAGE frames into ZPAGE
-//! frames and its reader expands the peer's back before the engine sees them (see
-//! [`crate::protocol::compress`]). The engine, and a local sync, see only plain frames.
+//! handshake agreed to it): a client's writer compresses the engine's PAGE frames into
+//! ZPAGE frames, and every reader expands the peer's back before the engine sees them
+//! (see [`crate::protocol::compress`]). A server's pump ([`run_engine_with`], [`Pump`])
+//! compresses nothing: it sends the ZPAGE frames of pages its store keeps compressed
+//! as they come from the engine's link, and hands the bytes of each ZPAGE it expands to
+//! the store ([`PackedPages`]), which keeps them. The engine, and a local sync, see
+//! only plain frames.
 
 use std::future::Future;
 use std::time::Duration;
