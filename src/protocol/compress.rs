@@ -23,9 +23,11 @@ use super::{DecodeError, MAX_FRAME_BYTES, check_page_size, code};
 /// The one compression this build speaks, as OPEN and CONFIG name it.
 pub const ZSTD: &str = "zstd";
 
-/// The zstd level: measured on the benchmark's text rows (4 KiB pages, one page at a
-/// time), level 1 leaves 0.655 of the bytes, level 3 0.650 and level 6 0.648 for 1.4×
-/// and 3.4× the CPU; negative levels leave 0.85 (no entropy coding of literals).
+/// The zstd level: measured on 4 KiB pages one at a time, level 1 leaves 0.433 of the
+/// bytes of application-like text (`bench/mkdb.py text`; 4.1 ms of CPU a MiB), level 2
+/// and 3 0.431 for 9% and 30% more CPU, level −1 0.554 (negative levels do not
+/// entropy-code literals); on the benchmark's random letters 0.656 (see
+/// `docs/performance.md`).
 pub const LEVEL: i32 = 1;
 
 /// The most pages sent plain without trying, after pages that did not compress.
