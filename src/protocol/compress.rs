@@ -248,7 +248,7 @@ const MAX_PACKED: usize = 256;
 /// compressed as it is, without compressing or expanding it again. Each entry is tied
 /// to its page by number and [`fingerprint`]: an entry that does not match the page
 /// the engine handles is not used (that page is then stored, or sent, plain), so a
-/// mix-up can cost bytes, never change a page. Bounded ([`MAX_PACKED`] entries).
+/// mix-up can cost bytes, never change a page. Bounded (256 entries).
 #[derive(Debug, Clone, Default)]
 pub struct PackedPages(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<PackedPage>>>);
 
@@ -389,6 +389,47 @@ mod tests {
         let cs = c.z.as_mut().expect("made").context_mut().sizeof();
         eprintln!("compressor {cs} bytes");
         assert!(cs + c.scratch.capacity() < 1 << 20, "compressor {cs}");
+    }
+
+    fn packed(pgno: u32, page: &[u8]) -> PackedPage {
+        PackedPage {
+            pgno,
+            fingerprint: fingerprint(page),
+            bytes: zstd::bulk::compress(page, LEVEL).unwrap(),
+        }
+    }
+
+    /// A hand-over gives a page's compressed bytes only for that very page: the same
+    /// number and the same content. Entries for pages the engine skipped go; entries
+    /// for pages not reached yet stay; it never holds more than its bound.
+    #[test]
+    fn packed_pages_match_by_number_and_content_and_stay_bounded() {
+        let q = PackedPages::new();
+        let (a, b) = (text_page(4096), vec![3u8; 4096]);
+        q.push(packed(1, &a));
+        q.push(packed(2, &b));
+        q.push(packed(3, &a));
+        assert_eq!(q.take(1, &b), None, "same number, other content");
+        // Page 3 is asked for: page 2's entry (skipped) goes with it.
+        assert_eq!(q.take(3, &a).map(|p| p.pgno), Some(3));
+        assert!(q.is_empty());
+        // A page never handed over: nothing, and nothing is dropped.
+        q.push(packed(9, &a));
+        assert_eq!(q.take(8, &a), None);
+        assert_eq!(q.take(9, &a).map(|p| p.pgno), Some(9));
+        for n in 0..(MAX_PACKED as u32 + 10) {
+            q.push(packed(n + 100, &b));
+        }
+        assert_eq!(q.queue().len(), MAX_PACKED);
+        assert_eq!(q.take(100, &b), None, "the oldest went");
+        q.set(None);
+        assert!(q.is_empty());
+        // What the hand-over gives expands to the page.
+        let mut out = Vec::new();
+        q.set(Some(packed(5, &a)));
+        let p = q.take(5, &a).unwrap();
+        Expander::new().expand_into(&p.bytes, &mut out).unwrap();
+        assert_eq!(out, a);
     }
 
     proptest! {
