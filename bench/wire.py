@@ -3,11 +3,15 @@
 
     python3 bench/wire.py [--bin PATH] [--size BYTES] [--repeats N] [--dir DIR]
 
-Two databases of about --size bytes (64 MiB by default), made by bench/mkdb.py: `text`
-(`mkdb.py make`, the benchmark's rows of random text) and `blob` (`mkdb.py blob`, random
-1000-byte blobs, which do not compress). One server on 127.0.0.1:0 (it accepts
-compression); the client offers it (`zstd`) or not (`plain`: SQLFERRY_COMPRESS=off, what
-an older client does). For each database, after one untimed warm-up push (so the
+Three databases of about --size bytes (64 MiB by default), made by bench/mkdb.py:
+`text` (`mkdb.py make`, the benchmark's rows of uniformly random letters), `apptext`
+(`mkdb.py text`, application-like messages: Zipf-distributed words, names, timestamps,
+JSON) and `blob` (`mkdb.py blob`, random 1000-byte blobs, which do not compress);
+`--kinds` picks some. Two servers on 127.0.0.1:0, each with its own store (a store
+keeps a page in the form it first arrived in, so one store shared by both modes would
+serve the second mode the first one's pages): the client offers compression (`zstd`)
+to one, and not (`plain`: SQLFERRY_COMPRESS=off, what an older client does) to the
+other. For each database, after one untimed warm-up push (so the
 client's page-hash cache is warm, as in bench/server.py), each repeat runs, plain and
 zstd alternately:
 
@@ -92,18 +96,18 @@ def timed(client, args):
     return wall, children_cpu() - before, server_cpu, report
 
 
-def run_kind(root, server, kind, db, repeats):
-    clients = {mode: Client(root / f"client-{kind}-{mode}", server, mode == "zstd")
+def run_kind(root, servers, kind, db, repeats):
+    clients = {mode: Client(root / f"client-{kind}-{mode}", servers[mode], mode == "zstd")
                for mode in ("plain", "zstd")}
-    url = server.url
     _, _, _, v = timed(clients["zstd"], ["verify", str(db), "--json"])
     digest = v["digest"]
     for mode, c in clients.items():
+        url = servers[mode].url
         timed(c, ["push", str(db), f"warm/{kind}-{mode}", "--server", url, "--json"])
     rows = {}
     for r in range(repeats):
         for mode in (("plain", "zstd") if r % 2 == 0 else ("zstd", "plain")):
-            c = clients[mode]
+            c, url = clients[mode], servers[mode].url
             replica = f"wire/{kind}-{mode}-{r}"
             push = timed(c, ["push", str(db), replica, "--server", url, "--json"])
             out = root / f"pulled-{kind}-{mode}-{r}.db"
@@ -128,19 +132,28 @@ def main():
     p.add_argument("--size", type=int, default=64 * 1024 * 1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", type=Path)
+    p.add_argument("--kinds", default="text,apptext,blob",
+                   help="databases to measure, comma-separated (text, apptext, blob)")
     args = p.parse_args()
     srv.SQLFERRY = args.bin.resolve()
     if not srv.SQLFERRY.exists():
         fail(f"{srv.SQLFERRY} does not exist: build it (cargo build --release) or pass --bin")
     root = Path(tempfile.mkdtemp(prefix="sqlferry-wire-", dir=args.dir))
     try:
-        dbs = {"text": root / "text.db", "blob": root / "blob.db"}
-        mkdb.make(str(dbs["text"]), args.size)
-        mkdb.make_blob(str(dbs["blob"]), args.size)
+        makers = {"text": mkdb.make, "apptext": mkdb.make_text, "blob": mkdb.make_blob}
+        kinds = args.kinds.split(",")
+        for kind in kinds:
+            if kind not in makers:
+                fail(f"unknown kind {kind!r}: text, apptext or blob")
+        dbs = {kind: root / f"{kind}.db" for kind in kinds}
+        for kind, db in dbs.items():
+            makers[kind](str(db), args.size)
         results = {}
-        with srv.Server(root / "server") as server:
+        with srv.Server(root / "server-plain") as plain, \
+                srv.Server(root / "server-zstd") as zstd:
+            servers = {"plain": plain, "zstd": zstd}
             for kind, db in dbs.items():
-                results[kind] = (os.path.getsize(db), run_kind(root, server, kind, db,
+                results[kind] = (os.path.getsize(db), run_kind(root, servers, kind, db,
                                                                 args.repeats))
         print(f"sqlferry {srv.SQLFERRY}, medians of {args.repeats}; wall / client CPU / "
               "server CPU in seconds; bytes as reported by --json")

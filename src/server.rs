@@ -52,6 +52,7 @@ mod fault;
 mod http;
 mod hub;
 mod lock;
+mod packed;
 mod session;
 mod throttle;
 mod tls;

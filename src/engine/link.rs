@@ -352,7 +352,9 @@ pub fn pumped_link(role: Role) -> (ChannelLink, ToEngine, FromEngine) {
 }
 
 impl ChannelLink {
-    fn send_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
+    /// Sends one frame already encoded, as it is (a server sends a page its store keeps
+    /// compressed as its ZPAGE frame this way; the engine itself sends only [`Frame`]s).
+    pub fn send_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.sent += bytes.len() as u64;
         if self.tx.blocking_send(bytes).is_ok() {
             Ok(())

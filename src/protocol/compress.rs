@@ -9,6 +9,10 @@
 //! a buffer of exactly that size: a frame that would expand past it (a bomb), a zstd
 //! frame without its size, or any garbage is a [`DecodeError`], never more memory.
 //!
+//! A server compresses nothing: [`PackedPages`] hands a ZPAGE's bytes past the engine
+//! (which sees only the expanded page) to the store that keeps them, and from the store
+//! to the link that sends them again, each tied to its page by number and fingerprint.
+//!
 //! Each page is compressed on its own (level [`LEVEL`]): a page that does not shrink by
 //! at least 1/16 goes as the plain PAGE it was, and after such a page the next few are
 //! sent plain without trying (doubling up to [`MAX_SKIP`] while pages keep failing), so
@@ -19,9 +23,11 @@ use super::{DecodeError, MAX_FRAME_BYTES, check_page_size, code};
 /// The one compression this build speaks, as OPEN and CONFIG name it.
 pub const ZSTD: &str = "zstd";
 
-/// The zstd level: measured on the benchmark's text rows (4 KiB pages, one page at a
-/// time), level 1 leaves 0.655 of the bytes, level 3 0.650 and level 6 0.648 for 1.4×
-/// and 3.4× the CPU; negative levels leave 0.85 (no entropy coding of literals).
+/// The zstd level: measured on 4 KiB pages one at a time, level 1 leaves 0.433 of the
+/// bytes of application-like text (`bench/mkdb.py text`; 4.1 ms of CPU a MiB), level 2
+/// and 3 0.431 for 9% and 30% more CPU, level −1 0.554 (negative levels do not
+/// entropy-code literals); on the benchmark's random letters 0.656 (see
+/// `docs/performance.md`).
 pub const LEVEL: i32 = 1;
 
 /// The most pages sent plain without trying, after pages that did not compress.
@@ -136,6 +142,12 @@ impl Expander {
         if frame.first() != Some(&code::ZPAGE) {
             return Ok(frame);
         }
+        self.expand_frame(&frame)
+    }
+
+    /// The PAGE frame the ZPAGE frame `frame` stands for (its first byte must be
+    /// ZPAGE); the ZPAGE frame stays the caller's.
+    pub fn expand_frame(&mut self, frame: &[u8]) -> Result<Vec<u8>, DecodeError> {
         if frame.len() > MAX_FRAME_BYTES {
             return Err(DecodeError::TooLarge(frame.len()));
         }
@@ -143,27 +155,27 @@ impl Expander {
             return Err(DecodeError::Truncated("ZPAGE"));
         }
         let z = &frame[5..];
-        let size = match zstd::zstd_safe::get_frame_content_size(z) {
-            Ok(Some(n)) => n,
-            Ok(None) => {
-                return Err(DecodeError::Invalid(
-                    "ZPAGE frame does not state its page size".into(),
-                ));
-            }
-            Err(_) => {
-                return Err(DecodeError::Invalid(
-                    "ZPAGE frame does not hold a zstd frame".into(),
-                ));
-            }
-        };
-        let size = u32::try_from(size).unwrap_or(u32::MAX);
-        check_page_size(size).map_err(|_| {
-            DecodeError::Invalid(format!("ZPAGE frame of {size} bytes is not a page"))
-        })?;
-        let size = size as usize;
+        let size = stated_page_size(z)?;
         let mut out = vec![0u8; 5 + size];
         out[0] = code::PAGE;
         out[1..5].copy_from_slice(&frame[1..5]);
+        self.expand_exact(z, &mut out[5..])?;
+        Ok(out)
+    }
+
+    /// Expands one zstd frame `z` (a ZPAGE's body, or a compressed entry of the
+    /// server's store) into `out`, which then holds exactly one page. The frame must
+    /// state its size, that size must be a page size, and it must expand to exactly
+    /// that: anything else is a [`DecodeError`] and never more than one page of memory.
+    pub fn expand_into(&mut self, z: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        let size = stated_page_size(z)?;
+        out.clear();
+        out.resize(size, 0);
+        self.expand_exact(z, out)
+    }
+
+    /// Expands `z` into `out`, which must be exactly as long as it says it expands to.
+    fn expand_exact(&mut self, z: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
         if self.z.is_none() {
             let made = zstd::bulk::Decompressor::new().map_err(|e| {
                 DecodeError::Invalid(format!("cannot expand a ZPAGE frame here: {e}"))
@@ -175,8 +187,9 @@ impl Expander {
                 "cannot expand a ZPAGE frame here".into(),
             ));
         };
-        match x.decompress_to_buffer(z, &mut out[5..]) {
-            Ok(n) if n == size => Ok(out),
+        let size = out.len();
+        match x.decompress_to_buffer(z, out) {
+            Ok(n) if n == size => Ok(()),
             Ok(n) => Err(DecodeError::Invalid(format!(
                 "ZPAGE frame expands to {n} bytes where it states {size}"
             ))),
@@ -184,6 +197,101 @@ impl Expander {
                 "ZPAGE frame does not expand to a page: {e}"
             ))),
         }
+    }
+}
+
+/// The page size a zstd frame says it expands to, which must be a valid page size.
+fn stated_page_size(z: &[u8]) -> Result<usize, DecodeError> {
+    let size = match zstd::zstd_safe::get_frame_content_size(z) {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            return Err(DecodeError::Invalid(
+                "ZPAGE frame does not state its page size".into(),
+            ));
+        }
+        Err(_) => {
+            return Err(DecodeError::Invalid(
+                "ZPAGE frame does not hold a zstd frame".into(),
+            ));
+        }
+    };
+    let size = u32::try_from(size).unwrap_or(u32::MAX);
+    check_page_size(size)
+        .map_err(|_| DecodeError::Invalid(format!("ZPAGE frame of {size} bytes is not a page")))?;
+    Ok(size as usize)
+}
+
+/// A cheap fingerprint of a page (XXH3-64), to tie a compressed page handed past the
+/// engine to the very page the engine saw: see [`PackedPages`].
+pub fn fingerprint(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
+/// One page in the compressed form it travels or is stored in, beside the plain page
+/// the engine handles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedPage {
+    /// The page number.
+    pub pgno: u32,
+    /// [`fingerprint`] of the plain page these bytes expand to.
+    pub fingerprint: u64,
+    /// One zstd frame of the page (a ZPAGE's body).
+    pub bytes: Vec<u8>,
+}
+
+/// The most entries a [`PackedPages`] holds: more than the frames that can be in
+/// flight between a pump and its engine (64); past it the oldest go.
+const MAX_PACKED: usize = 256;
+
+/// Compressed pages handed past the engine, which sees only plain pages: a server
+/// keeps a page that arrived compressed as it came, and sends a page it keeps
+/// compressed as it is, without compressing or expanding it again. Each entry is tied
+/// to its page by number and [`fingerprint`]: an entry that does not match the page
+/// the engine handles is not used (that page is then stored, or sent, plain), so a
+/// mix-up can cost bytes, never change a page. Bounded (256 entries).
+#[derive(Debug, Clone, Default)]
+pub struct PackedPages(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<PackedPage>>>);
+
+impl PackedPages {
+    /// An empty hand-over.
+    pub fn new() -> PackedPages {
+        PackedPages::default()
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<PackedPage>> {
+        // A panic elsewhere cannot leave the queue half changed: use it as it is.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `page` behind the others (the oldest goes when full).
+    pub fn push(&self, page: PackedPage) {
+        let mut q = self.queue();
+        if q.len() >= MAX_PACKED {
+            q.pop_front();
+        }
+        q.push_back(page);
+    }
+
+    /// Replaces whatever is held with `page` (or nothing).
+    pub fn set(&self, page: Option<PackedPage>) {
+        let mut q = self.queue();
+        q.clear();
+        q.extend(page);
+    }
+
+    /// The compressed form of page `pgno` whose plain bytes are `page`, if one was
+    /// handed over: entries before it (pages the engine never handled) go with it.
+    pub fn take(&self, pgno: u32, page: &[u8]) -> Option<PackedPage> {
+        let mut q = self.queue();
+        let at = q.iter().position(|p| p.pgno == pgno)?;
+        q.drain(..at);
+        let found = q.pop_front()?;
+        (found.fingerprint == fingerprint(page)).then_some(found)
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.queue().is_empty()
     }
 }
 
@@ -281,6 +389,47 @@ mod tests {
         let cs = c.z.as_mut().expect("made").context_mut().sizeof();
         eprintln!("compressor {cs} bytes");
         assert!(cs + c.scratch.capacity() < 1 << 20, "compressor {cs}");
+    }
+
+    fn packed(pgno: u32, page: &[u8]) -> PackedPage {
+        PackedPage {
+            pgno,
+            fingerprint: fingerprint(page),
+            bytes: zstd::bulk::compress(page, LEVEL).unwrap(),
+        }
+    }
+
+    /// A hand-over gives a page's compressed bytes only for that very page: the same
+    /// number and the same content. Entries for pages the engine skipped go; entries
+    /// for pages not reached yet stay; it never holds more than its bound.
+    #[test]
+    fn packed_pages_match_by_number_and_content_and_stay_bounded() {
+        let q = PackedPages::new();
+        let (a, b) = (text_page(4096), vec![3u8; 4096]);
+        q.push(packed(1, &a));
+        q.push(packed(2, &b));
+        q.push(packed(3, &a));
+        assert_eq!(q.take(1, &b), None, "same number, other content");
+        // Page 3 is asked for: page 2's entry (skipped) goes with it.
+        assert_eq!(q.take(3, &a).map(|p| p.pgno), Some(3));
+        assert!(q.is_empty());
+        // A page never handed over: nothing, and nothing is dropped.
+        q.push(packed(9, &a));
+        assert_eq!(q.take(8, &a), None);
+        assert_eq!(q.take(9, &a).map(|p| p.pgno), Some(9));
+        for n in 0..(MAX_PACKED as u32 + 10) {
+            q.push(packed(n + 100, &b));
+        }
+        assert_eq!(q.queue().len(), MAX_PACKED);
+        assert_eq!(q.take(100, &b), None, "the oldest went");
+        q.set(None);
+        assert!(q.is_empty());
+        // What the hand-over gives expands to the page.
+        let mut out = Vec::new();
+        q.set(Some(packed(5, &a)));
+        let p = q.take(5, &a).unwrap();
+        Expander::new().expand_into(&p.bytes, &mut out).unwrap();
+        assert_eq!(out, a);
     }
 
     proptest! {

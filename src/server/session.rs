@@ -29,17 +29,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 
 use super::fault::{self, OwnFaults};
+use super::packed::PackedLink;
 use super::{Event, KeyKind, Principal, State, blocking};
 use crate::engine::{ChannelLink, pumped_link};
 use crate::engine::{NoProgress, Role, run_origin, run_replica};
+use crate::protocol::compress::PackedPages;
 use crate::protocol::control::{
     Config, Control, NewVersion, Op, Open, PING_INTERVAL, SubscriberRole,
 };
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector};
 use crate::transport::ws::{
-    CLOSE_TIMEOUT, Incoming, Wire, choose, classify, recv_binary, send_binary, send_ping, wire_for,
-    within,
+    CLOSE_TIMEOUT, Incoming, Pump, Wire, choose, classify, recv_binary, send_binary, send_ping,
+    wire_for, within,
 };
 use crate::{Error, ErrorKind, Result};
 
@@ -146,12 +148,13 @@ fn decode_control(bytes: &[u8]) -> Result<Control> {
 
 /// Runs `engine` on a blocking thread as `role` over the engine's channel link, its
 /// frames carried over `ws` (see [`crate::transport::ws::run_engine`]).
-/// Pages travel as `wire` says: compressed when OPEN offered and CONFIG chose zstd.
+/// Pages travel as `pump` says: compressed when OPEN offered and CONFIG chose zstd,
+/// and then as the store keeps them (the server compresses nothing itself).
 async fn run_engine<S, T, F>(
     ws: &mut WebSocketStream<S>,
     role: Role,
     first: Vec<Vec<u8>>,
-    wire: Wire,
+    pump: Pump,
     engine: F,
 ) -> (Result<T>, Vec<Vec<u8>>)
 where
@@ -159,12 +162,12 @@ where
     T: Send + 'static,
     F: FnOnce(&mut ChannelLink) -> Result<T> + Send + 'static,
 {
-    let (result, rest, _) = crate::transport::ws::run_engine_on(
+    let (result, rest, _) = crate::transport::ws::run_engine_with(
         ws,
         pumped_link(role),
         first,
         Some(SYNC_IDLE_TIMEOUT),
-        wire,
+        pump,
         engine,
     )
     .await;
@@ -468,13 +471,32 @@ where
     send_control(ws, Control::Config(c)).await?;
     let (store, r) = (state.store.clone(), replica.clone());
     let data = state.store.root().to_owned();
-    let (result, _) = run_engine(ws, Role::Origin, Vec::new(), wire, move |link| {
+    // A page the store keeps compressed goes to a zstd peer as it is kept; every other
+    // page goes plain (no compression work here: see docs/server.md).
+    let pump = Pump {
+        wire,
+        compress: false,
+        keep_packed: None,
+    };
+    let (result, _) = run_engine(ws, Role::Origin, Vec::new(), pump, move |link| {
         let mut reader = match store.read(&r, Selector::Number(number)) {
             Ok(reader) => reader,
             // The engine has not started, so it reports nothing: tell the client here.
             Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
         };
-        run_origin(&mut OwnFaults::new(&mut reader, &data), link, &NoProgress).map(drop)
+        if wire == Wire::Zstd {
+            let packed = PackedPages::new();
+            reader.hand_packed(packed.clone());
+            let mut link = PackedLink::new(link, packed);
+            run_origin(
+                &mut OwnFaults::new(&mut reader, &data),
+                &mut link,
+                &NoProgress,
+            )
+            .map(drop)
+        } else {
+            run_origin(&mut OwnFaults::new(&mut reader, &data), link, &NoProgress).map(drop)
+        }
     })
     .await;
     // The engine reported its own failure to the client already.
@@ -547,13 +569,24 @@ where
     };
     let (store, r) = (state.store.clone(), replica.clone());
     let data = state.store.root().to_owned();
-    let (result, _) = run_engine(ws, Role::Replica, vec![first_sync], wire, move |link| {
+    // Pages that come compressed are kept as they came: the pump hands their bytes to
+    // the store beside the plain pages the engine checks.
+    let packed = (wire == Wire::Zstd).then(PackedPages::new);
+    let pump = Pump {
+        wire,
+        compress: false,
+        keep_packed: packed.clone(),
+    };
+    let (result, _) = run_engine(ws, Role::Replica, vec![first_sync], pump, move |link| {
         let mut writer = match store.push(&r, options) {
             Ok(w) => w,
             // The engine has not started, so it reports nothing: tell the client
             // here, or it would only see the connection close.
             Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
         };
+        if let Some(packed) = packed {
+            writer.keep_packed(packed);
+        }
         run_replica(&mut OwnFaults::new(&mut writer, &data), link)?;
         let (version, created) = writer.outcome().expect("a committed push has an outcome");
         Ok((version.clone(), created, writer.repaired()))

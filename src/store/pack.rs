@@ -6,8 +6,14 @@
 //!   only by one push at a time: the push holds the pack's exclusive `flock` from its
 //!   first page until it has committed or given up.
 //! - `index.sqlite`: `packs(id, size)`, the committed length of each pack, and
-//!   `pages(hash, pack, offset, len)`, where each page's bytes are. Only the index's
-//!   small rows go through SQLite; the page bytes never do.
+//!   `pages(hash, pack, offset, len, codec)`, where each page's bytes are and in which
+//!   form: `codec` 0 is the page as it is, 1 one zstd frame of it (a page that arrived
+//!   compressed is kept as it came, see `docs/server.md`). Only the index's small rows
+//!   go through SQLite; the page bytes never do. An index made before `codec` existed
+//!   gains the column (every old row plain) when first opened: no byte moves.
+//! - Every read expands what it reads ([`PackFiles::read`]): a reader always gets the
+//!   page itself, and checks it against its hash; an entry that does not expand to a
+//!   page reads as damaged, like plain bytes that no longer match.
 //!
 //! Invariants:
 //! - A page is written once: into a pack, fsynced once per push before the index rows
@@ -33,6 +39,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::digest::Hash;
+use crate::protocol::compress::Expander;
 use crate::{Error, Result};
 
 /// A pack takes new pushes while it is smaller than this; a push never spans packs, so
@@ -63,9 +70,15 @@ const SCHEMA: &str = "
         hash BLOB PRIMARY KEY,
         pack INTEGER NOT NULL,
         offset INTEGER NOT NULL,
-        len INTEGER NOT NULL
+        len INTEGER NOT NULL,
+        codec INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID;
 ";
+
+/// `pages.codec` of an entry that holds the page as it is.
+const CODEC_PLAIN: i64 = 0;
+/// `pages.codec` of an entry that holds one zstd frame of the page (a ZPAGE's bytes).
+const CODEC_ZSTD: i64 = 1;
 
 /// Where a page's bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +86,41 @@ pub(super) struct Loc {
     pub pack: i64,
     pub offset: u64,
     pub len: u32,
+    /// The bytes are one zstd frame of the page, not the page.
+    pub zstd: bool,
+}
+
+impl Loc {
+    /// The entry's `codec` column.
+    pub fn codec(&self) -> i64 {
+        if self.zstd { CODEC_ZSTD } else { CODEC_PLAIN }
+    }
+
+    /// Whether a `codec` column names a compressed entry. An unknown codec is read as
+    /// plain: its bytes then fail their hash check (damaged), never become a page.
+    pub fn is_zstd(codec: i64) -> bool {
+        codec == CODEC_ZSTD
+    }
+}
+
+/// Gives an index made before compressed entries its `codec` column (every existing
+/// row plain). Two processes may race to add it: the loser finds it there.
+fn add_codec_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |conn: &Connection| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('pages') WHERE name = 'codec'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )
+    };
+    if has(conn)? {
+        return Ok(());
+    }
+    match conn.execute_batch("ALTER TABLE pages ADD COLUMN codec INTEGER NOT NULL DEFAULT 0") {
+        Ok(()) => Ok(()),
+        Err(_) if has(conn)? => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The pages directory of the store rooted at `root`.
@@ -110,12 +158,68 @@ pub(super) struct Pages {
 pub(super) struct PackFiles {
     dir: PathBuf,
     files: HashMap<i64, File>,
+    /// Expands compressed entries; its zstd state is made for the first one.
+    expander: Expander,
+    /// A compressed entry's bytes, read before they are expanded.
+    raw: Vec<u8>,
 }
 
 impl PackFiles {
-    /// Reads the bytes at `loc` into `buf`. A short read (bytes gone) is `Ok(false)`:
-    /// the caller treats it as a missing page.
+    fn new(dir: &Path) -> PackFiles {
+        PackFiles {
+            dir: dir.to_owned(),
+            files: HashMap::new(),
+            expander: Expander::new(),
+            raw: Vec::new(),
+        }
+    }
+
+    /// Reads the page stored at `loc` into `buf`, expanding a compressed entry. A short
+    /// read (bytes gone) is `Ok(false)`: the caller treats it as a missing page. A
+    /// compressed entry that does not expand to a page leaves `buf` empty (`Ok(true)`):
+    /// it fails the caller's hash check, as damaged plain bytes do.
     pub fn read(&mut self, loc: Loc, buf: &mut Vec<u8>) -> Result<bool> {
+        self.read_keeping(loc, buf, None)
+    }
+
+    /// [`PackFiles::read`], and a compressed entry's own bytes into `packed` too (left
+    /// empty for a plain entry): what a pull to a peer that agreed to zstd sends as it is.
+    pub fn read_keeping(
+        &mut self,
+        loc: Loc,
+        buf: &mut Vec<u8>,
+        packed: Option<&mut Vec<u8>>,
+    ) -> Result<bool> {
+        if !loc.zstd {
+            if let Some(p) = packed {
+                p.clear();
+            }
+            return self.read_raw(loc, buf);
+        }
+        let mut raw = std::mem::take(&mut self.raw);
+        let found = self.read_raw(loc, &mut raw);
+        let result = match found {
+            Ok(true) => {
+                if self.expander.expand_into(&raw, buf).is_err() {
+                    buf.clear();
+                }
+                Ok(true)
+            }
+            other => other,
+        };
+        match packed {
+            Some(p) => {
+                // The caller keeps the bytes; the scratch is its old buffer.
+                std::mem::swap(p, &mut raw);
+                self.raw = raw;
+            }
+            None => self.raw = raw,
+        }
+        result
+    }
+
+    /// Reads the bytes at `loc` as they are into `buf`; a short read is `Ok(false)`.
+    fn read_raw(&mut self, loc: Loc, buf: &mut Vec<u8>) -> Result<bool> {
         let path = pack_path(&self.dir, loc.pack);
         let file = match self.files.entry(loc.pack) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -165,14 +269,12 @@ impl Pages {
         if have < 2 {
             conn.execute_batch(SCHEMA).map_err(s)?;
         }
+        add_codec_column(&conn).map_err(s)?;
         Ok(Pages {
             dir: dir.to_owned(),
             index,
             conn,
-            files: PackFiles {
-                dir: dir.to_owned(),
-                files: HashMap::new(),
-            },
+            files: PackFiles::new(dir),
         })
     }
 
@@ -183,13 +285,14 @@ impl Pages {
     /// Where the page stored under `hash` is, if any.
     pub fn lookup(&self, hash: &Hash) -> Result<Option<Loc>> {
         self.conn
-            .prepare_cached("SELECT pack, offset, len FROM pages WHERE hash = ?1")
+            .prepare_cached("SELECT pack, offset, len, codec FROM pages WHERE hash = ?1")
             .and_then(|mut s| {
                 s.query_row([&hash[..]], |r| {
                     Ok(Loc {
                         pack: r.get(0)?,
                         offset: r.get::<_, i64>(1)? as u64,
                         len: r.get(2)?,
+                        zstd: Loc::is_zstd(r.get(3)?),
                     })
                 })
                 .optional()
@@ -197,17 +300,25 @@ impl Pages {
             .map_err(self.sql())
     }
 
-    /// Reads the bytes at `loc` into `buf` (see [`PackFiles::read`]).
+    /// Reads the page at `loc` into `buf` (see [`PackFiles::read`]).
     pub fn read(&mut self, loc: Loc, buf: &mut Vec<u8>) -> Result<bool> {
         self.files.read(loc, buf)
     }
 
+    /// Reads the page at `loc` into `buf`, and a compressed entry's bytes into `packed`
+    /// (see [`PackFiles::read_keeping`]).
+    pub fn read_keeping(
+        &mut self,
+        loc: Loc,
+        buf: &mut Vec<u8>,
+        packed: Option<&mut Vec<u8>>,
+    ) -> Result<bool> {
+        self.files.read_keeping(loc, buf, packed)
+    }
+
     /// A second set of pack files to read with, for reading while iterating the index.
     pub fn files(&self) -> PackFiles {
-        PackFiles {
-            dir: self.dir.clone(),
-            files: HashMap::new(),
-        }
+        PackFiles::new(&self.dir)
     }
 
     /// Starts a read transaction: lookups inside it cost no locking each. What commits
@@ -235,14 +346,22 @@ impl Pages {
     /// existing row at the new bytes (a repair). Returns whether a row was written.
     pub fn insert(&self, hash: &Hash, loc: Loc, replace: bool) -> Result<bool> {
         let sql = if replace {
-            "INSERT OR REPLACE INTO pages(hash, pack, offset, len) VALUES (?1, ?2, ?3, ?4)"
+            "INSERT OR REPLACE INTO pages(hash, pack, offset, len, codec) VALUES (?1, ?2, ?3, ?4, ?5)"
         } else {
-            "INSERT OR IGNORE INTO pages(hash, pack, offset, len) VALUES (?1, ?2, ?3, ?4)"
+            "INSERT OR IGNORE INTO pages(hash, pack, offset, len, codec) VALUES (?1, ?2, ?3, ?4, ?5)"
         };
         let n = self
             .conn
             .prepare_cached(sql)
-            .and_then(|mut s| s.execute(params![&hash[..], loc.pack, loc.offset as i64, loc.len]))
+            .and_then(|mut s| {
+                s.execute(params![
+                    &hash[..],
+                    loc.pack,
+                    loc.offset as i64,
+                    loc.len,
+                    loc.codec()
+                ])
+            })
             .map_err(self.sql())?;
         Ok(n > 0)
     }
@@ -331,7 +450,7 @@ impl Pages {
     pub fn for_each(&self, f: &mut dyn FnMut(Hash, Loc) -> Result<()>) -> Result<()> {
         let mut stmt = self
             .conn
-            .prepare("SELECT hash, pack, offset, len FROM pages ORDER BY pack, offset")
+            .prepare("SELECT hash, pack, offset, len, codec FROM pages ORDER BY pack, offset")
             .map_err(self.sql())?;
         let mut rows = stmt.query([]).map_err(self.sql())?;
         while let Some(row) = rows.next().map_err(self.sql())? {
@@ -345,6 +464,7 @@ impl Pages {
                     pack: row.get(1).map_err(self.sql())?,
                     offset: row.get::<_, i64>(2).map_err(self.sql())? as u64,
                     len: row.get(3).map_err(self.sql())?,
+                    zstd: Loc::is_zstd(row.get(4).map_err(self.sql())?),
                 },
             )?;
         }
@@ -425,8 +545,9 @@ impl Appender {
         self.id
     }
 
-    /// Appends one page's bytes; returns where they are.
-    pub fn append(&mut self, data: &[u8]) -> Result<Loc> {
+    /// Appends one entry's bytes (a page, or with `zstd` one zstd frame of it);
+    /// returns where they are.
+    pub fn append(&mut self, data: &[u8], zstd: bool) -> Result<Loc> {
         self.out
             .write_all(data)
             .map_err(|e| Error::io(&self.path, e))?;
@@ -434,6 +555,7 @@ impl Appender {
             pack: self.id,
             offset: self.end,
             len: data.len() as u32,
+            zstd,
         };
         self.end += data.len() as u64;
         Ok(loc)
@@ -466,7 +588,7 @@ impl Appender {
                     Loc {
                         pack: self.id,
                         offset: at,
-                        len: loc.len,
+                        ..loc
                     },
                 )?;
             }

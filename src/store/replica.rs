@@ -6,10 +6,13 @@
 //! Trust, as this file keeps it: every page read from a pack is hashed again and a
 //! mismatch is an error, never data; a page found damaged is recorded in `bad_pages`,
 //! which makes the next push resend it (its hash is reported as not held) and point its
-//! index row at the new bytes. Pages a push appends but its committed version does not
-//! use are cut out of the pack before COMMIT. A new replica's private file is `flock`ed
-//! by its creator for its whole life, so a cleaner removes only what a dead process
-//! left.
+//! index row at the new bytes. A page that arrived compressed is kept compressed (its
+//! bytes handed over by the transport, [`VersionWriter::keep_packed`]); every read
+//! expands it before the hash check, and a reader may hand the stored compressed bytes
+//! on to a peer that takes them ([`VersionReader::hand_packed`]). Pages a push appends
+//! but its committed version does not use are cut out of the pack before COMMIT. A new
+//! replica's private file is `flock`ed by its creator for its whole life, so a cleaner
+//! removes only what a dead process left.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -22,6 +25,7 @@ use super::{CHUNK_PAGES, PushOptions, ReplicaPath, Selector, VersionInfo};
 use crate::digest::{HASH_BYTES, Hash, hex, lock_byte_page, page_hash, sha256};
 use crate::engine::{BeginInfo, PageSource, PageTarget, ScanFn};
 use crate::page::Header;
+use crate::protocol::compress::{PackedPage, PackedPages, fingerprint};
 use crate::{Error, Result};
 
 /// How long a second pusher waits for the first to finish before it is told the
@@ -70,7 +74,8 @@ const FRESH_SCHEMA: &str = "
         hash BLOB PRIMARY KEY,
         offset INTEGER NOT NULL,
         len INTEGER NOT NULL,
-        repair INTEGER NOT NULL
+        repair INTEGER NOT NULL,
+        codec INTEGER NOT NULL
     ) WITHOUT ROWID;
     DELETE FROM temp.fresh;
 ";
@@ -440,6 +445,8 @@ pub struct VersionWriter {
     page_size: u32,
     /// The version this push made, or the unchanged latest when nothing differed.
     result: Option<(VersionInfo, bool)>,
+    /// Pages as they arrived compressed, handed over by the transport: kept so.
+    packed: Option<PackedPages>,
 }
 
 impl VersionWriter {
@@ -497,7 +504,15 @@ impl VersionWriter {
             chunk: None,
             page_size: 0,
             result: None,
+            packed: None,
         })
+    }
+
+    /// Keeps the pages that arrived compressed as they came: `packed` holds their
+    /// compressed bytes, handed over by the transport that expanded them (see
+    /// [`PackedPages`]). A page without a matching entry is kept plain.
+    pub fn keep_packed(&mut self, packed: PackedPages) {
+        self.packed = Some(packed);
     }
 
     /// After a successful sync: the version now latest, and whether this push made it
@@ -549,7 +564,7 @@ impl VersionWriter {
         let pages = &self.pages;
         let mut stmt = self
             .conn
-            .prepare("SELECT hash, offset, len, repair FROM temp.fresh ORDER BY offset")
+            .prepare("SELECT hash, offset, len, repair, codec FROM temp.fresh ORDER BY offset")
             .map_err(sql(&self.file))?;
         let rows = stmt
             .query_map([], |r| {
@@ -558,18 +573,20 @@ impl VersionWriter {
                     r.get::<_, i64>(1)?,
                     r.get::<_, u32>(2)?,
                     r.get::<_, bool>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             })
             .map_err(sql(&self.file))?;
         let file = &self.file;
         let mut kept = rows.map(|row| {
-            let (hash, offset, len, repair) = row.map_err(sql(file))?;
+            let (hash, offset, len, repair, codec) = row.map_err(sql(file))?;
             let hash = Hash::try_from(hash.as_slice())
                 .map_err(|_| Error::Server("a pending page key is no hash".into()))?;
             let loc = Loc {
                 pack,
                 offset: offset as u64,
                 len,
+                zstd: Loc::is_zstd(codec),
             };
             // Kept: a repair, or a page whose index row names these very bytes.
             let keep = repair || pages.lookup(&hash)? == Some(loc);
@@ -698,6 +715,9 @@ impl PageTarget for VersionWriter {
     }
 
     fn write_page(&mut self, pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
+        // Taken whatever becomes of the page, so the hand-over never holds more than
+        // the frames in flight.
+        let packed = self.packed.as_ref().and_then(|p| p.take(pgno, &data));
         if self.differs {
             return Ok(()); // a conflict already: nothing more is stored
         }
@@ -729,12 +749,27 @@ impl PageTarget for VersionWriter {
         if self.appender.is_none() {
             self.appender = Some(self.pages.appender()?);
         }
-        let loc = self.appender.as_mut().expect("taken above").append(&data)?;
+        // A page that came compressed is kept as it came (checked: the engine hashed the
+        // page these bytes expanded to, and the fingerprint ties the two together).
+        let packed = packed.filter(|p| p.bytes.len() < data.len());
+        let appender = self.appender.as_mut().expect("taken above");
+        let loc = match &packed {
+            Some(p) => appender.append(&p.bytes, true)?,
+            None => appender.append(&data, false)?,
+        };
         self.conn
             .prepare_cached(
-                "INSERT INTO temp.fresh(hash, offset, len, repair) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO temp.fresh(hash, offset, len, repair, codec) VALUES (?1, ?2, ?3, ?4, ?5)",
             )
-            .and_then(|mut s| s.execute(params![&hash[..], loc.offset as i64, loc.len, repair]))
+            .and_then(|mut s| {
+                s.execute(params![
+                    &hash[..],
+                    loc.offset as i64,
+                    loc.len,
+                    repair,
+                    loc.codec()
+                ])
+            })
             .map_err(sql(&self.file))?;
         if repair {
             self.conn
@@ -870,21 +905,22 @@ impl VersionWriter {
                     && self.fresh > 0
                     && self.was_written(seen)
                 {
-                    let at: Option<(i64, u32)> = self
+                    let at: Option<(i64, u32, i64)> = self
                         .conn
                         .prepare_cached(
-                            "SELECT offset, len FROM temp.fresh WHERE hash = ?1 AND repair = 0",
+                            "SELECT offset, len, codec FROM temp.fresh WHERE hash = ?1 AND repair = 0",
                         )
                         .and_then(|mut s| {
-                            s.query_row([&h[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+                            s.query_row([&h[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                                 .optional()
                         })
                         .map_err(sql(&file))?;
-                    if let Some((offset, len)) = at {
+                    if let Some((offset, len, codec)) = at {
                         let loc = Loc {
                             pack,
                             offset: offset as u64,
                             len,
+                            zstd: Loc::is_zstd(codec),
                         };
                         if self.pages.insert(&h, loc, false)? {
                             indexed += 1;
@@ -923,22 +959,23 @@ impl VersionWriter {
         if let Some(pack) = pack
             && self.repaired > 0
         {
-            let repairs: Vec<(Vec<u8>, i64, u32)> = {
+            let repairs: Vec<(Vec<u8>, i64, u32, i64)> = {
                 let mut stmt = self
                     .conn
-                    .prepare("SELECT hash, offset, len FROM temp.fresh WHERE repair = 1")
+                    .prepare("SELECT hash, offset, len, codec FROM temp.fresh WHERE repair = 1")
                     .map_err(sql(&file))?;
                 let rows = stmt
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                     .map_err(sql(&file))?;
                 rows.collect::<rusqlite::Result<_>>().map_err(sql(&file))?
             };
-            for (h, offset, len) in repairs {
+            for (h, offset, len, codec) in repairs {
                 if let Ok(h) = Hash::try_from(h.as_slice()) {
                     let loc = Loc {
                         pack,
                         offset: offset as u64,
                         len,
+                        zstd: Loc::is_zstd(codec),
                     };
                     self.pages.insert(&h, loc, true)?;
                 }
@@ -1023,6 +1060,9 @@ pub struct VersionReader {
     info: VersionInfo,
     /// The manifest chunk last used by `read_page`: (chunk index, its hashes).
     chunk: Option<(u32, Vec<u8>)>,
+    /// Where a page stored compressed is handed on as it is stored, for a peer that
+    /// takes it so (see [`VersionReader::hand_packed`]).
+    packed: Option<PackedPages>,
 }
 
 impl VersionReader {
@@ -1075,12 +1115,20 @@ impl VersionReader {
             replica: replica.clone(),
             info,
             chunk: None,
+            packed: None,
         })
     }
 
     /// The version being read.
     pub fn info(&self) -> &VersionInfo {
         &self.info
+    }
+
+    /// Hands each page read that is stored compressed to `packed` too, as it is stored
+    /// (after expanding it and checking it against its hash, as every read does), for
+    /// a transport that sends it so. A page stored plain clears it.
+    pub fn hand_packed(&mut self, packed: PackedPages) {
+        self.packed = Some(packed);
     }
 }
 
@@ -1090,6 +1138,7 @@ struct Fetch<'a> {
     file: &'a Path,
     replica: &'a ReplicaPath,
     version: u64,
+    packed: Option<&'a PackedPages>,
 }
 
 impl Fetch<'_> {
@@ -1097,10 +1146,33 @@ impl Fetch<'_> {
     /// hash: a damaged or missing page is recorded for repair and is an error, never
     /// data.
     fn page(&mut self, pgno: u32, hash: &Hash, buf: &mut Vec<u8>) -> Result<()> {
+        let Some(handed) = self.packed else {
+            let found = match self.pages.lookup(hash)? {
+                Some(loc) => self.pages.read(loc, buf)?,
+                None => false,
+            };
+            return self.checked(pgno, hash, buf, found);
+        };
+        handed.set(None);
+        let mut bytes = Vec::new();
         let found = match self.pages.lookup(hash)? {
-            Some(loc) => self.pages.read(loc, buf)?,
+            Some(loc) => self.pages.read_keeping(loc, buf, Some(&mut bytes))?,
             None => false,
         };
+        self.checked(pgno, hash, buf, found)?;
+        if !bytes.is_empty() {
+            handed.set(Some(PackedPage {
+                pgno,
+                fingerprint: fingerprint(buf),
+                bytes,
+            }));
+        }
+        Ok(())
+    }
+
+    /// `Ok` if `buf` (`found`) is the page stored under `hash`; else records it for
+    /// repair and says so.
+    fn checked(&mut self, pgno: u32, hash: &Hash, buf: &[u8], found: bool) -> Result<()> {
         if found && page_matches(Some(pgno), hash, buf) {
             return Ok(());
         }
@@ -1142,6 +1214,7 @@ impl PageSource for VersionReader {
             file: &self.file,
             replica: &self.replica,
             version: self.info.number,
+            packed: self.packed.as_ref(),
         };
         for_each_hash(
             &self.conn,
@@ -1174,6 +1247,7 @@ impl PageSource for VersionReader {
             file: &self.file,
             replica: &self.replica,
             version: self.info.number,
+            packed: self.packed.as_ref(),
         }
         .page(pgno, &hash, buf)
     }
@@ -1229,7 +1303,7 @@ pub(super) fn upgrade(file: &Path, pages_dir: &Path) -> Result<()> {
             if pages.lookup(&hash)?.is_none() {
                 // Moved as it is: a damaged page stays damaged, and scrub or a read
                 // finds it as before.
-                let loc = appender.append(data)?;
+                let loc = appender.append(data, false)?;
                 pages.insert(&hash, loc, false)?;
                 moved += 1;
             }

@@ -14,9 +14,13 @@
 //! implements: so this module stays a leaf and the engine knows no socket.
 //!
 //! Compression is the pump's too ([`run_engine_on`] with [`Wire::Zstd`], once the
-//! handshake agreed to it): its writer compresses the engine's PAGE frames into ZPAGE
-//! frames and its reader expands the peer's back before the engine sees them (see
-//! [`crate::protocol::compress`]). The engine, and a local sync, see only plain frames.
+//! handshake agreed to it): a client's writer compresses the engine's PAGE frames into
+//! ZPAGE frames, and every reader expands the peer's back before the engine sees them
+//! (see [`crate::protocol::compress`]). A server's pump ([`run_engine_with`], [`Pump`])
+//! compresses nothing: it sends the ZPAGE frames of pages its store keeps compressed
+//! as they come from the engine's link, and hands the bytes of each ZPAGE it expands to
+//! the store ([`PackedPages`]), which keeps them. The engine, and a local sync, see
+//! only plain frames.
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,8 +32,8 @@ use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::protocol::compress::{Compressor, Expander};
-use crate::protocol::{ErrorCode, Frame, MAX_FRAME_BYTES};
+use crate::protocol::compress::{Compressor, Expander, PackedPage, PackedPages, fingerprint};
+use crate::protocol::{ErrorCode, Frame, MAX_FRAME_BYTES, code};
 use crate::{Error, Result};
 
 /// Frames the writer sends before it flushes the socket.
@@ -241,6 +245,31 @@ pub struct WireBytes {
     pub received: u64,
 }
 
+/// What a pump does with pages, beyond what the handshake agreed ([`Wire`]).
+#[derive(Debug, Clone, Default)]
+pub struct Pump {
+    /// How pages travel.
+    pub wire: Wire,
+    /// With [`Wire::Zstd`]: compress the engine's PAGE frames where that pays (a
+    /// client's push). A server does not: it sends a page as its store keeps it (a
+    /// stored compressed page reaches the pump as a ZPAGE frame already).
+    pub compress: bool,
+    /// With [`Wire::Zstd`]: hand each received compressed page's bytes to this, beside
+    /// the plain page the engine gets, so a store keeps the page as it came.
+    pub keep_packed: Option<PackedPages>,
+}
+
+impl Pump {
+    /// The pump a client runs: compressing what it sends when `wire` says so.
+    pub fn client(wire: Wire) -> Pump {
+        Pump {
+            wire,
+            compress: wire == Wire::Zstd,
+            keep_packed: None,
+        }
+    }
+}
+
 /// [`run_engine_on`] with plain frames, for callers that need no byte counts.
 pub async fn run_engine<S, L, T, F>(
     ws: &mut WebSocketStream<S>,
@@ -275,7 +304,7 @@ where
 /// it. Also returns the bytes that crossed the socket.
 pub async fn run_engine_on<S, L, T, F>(
     ws: &mut WebSocketStream<S>,
-    (mut link, inbox, mut outbox): (L, impl EngineInbox, impl EngineOutbox),
+    link: (L, impl EngineInbox, impl EngineOutbox),
     first: Vec<Vec<u8>>,
     idle: Option<Duration>,
     wire: Wire,
@@ -287,10 +316,29 @@ where
     T: Send + 'static,
     F: FnOnce(&mut L) -> Result<T> + Send + 'static,
 {
-    let (mut compressor, mut expander) = match wire {
+    run_engine_with(ws, link, first, idle, Pump::client(wire), engine).await
+}
+
+/// [`run_engine_on`] with the pump's page handling spelled out ([`Pump`]).
+pub async fn run_engine_with<S, L, T, F>(
+    ws: &mut WebSocketStream<S>,
+    (mut link, inbox, mut outbox): (L, impl EngineInbox, impl EngineOutbox),
+    first: Vec<Vec<u8>>,
+    idle: Option<Duration>,
+    pump: Pump,
+    engine: F,
+) -> (Result<T>, Vec<Vec<u8>>, WireBytes)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    L: EngineLink,
+    T: Send + 'static,
+    F: FnOnce(&mut L) -> Result<T> + Send + 'static,
+{
+    let (mut compressor, mut expander) = match pump.wire {
         Wire::Plain => (None, None),
-        Wire::Zstd => (Some(Compressor::new()), Some(Expander::new())),
+        Wire::Zstd => (pump.compress.then(Compressor::new), Some(Expander::new())),
     };
+    let keep_packed = pump.keep_packed.filter(|_| pump.wire == Wire::Zstd);
     let sent = std::sync::atomic::AtomicU64::new(0);
     let received = std::sync::atomic::AtomicU64::new(0);
     let count = |n: &std::sync::atomic::AtomicU64, len: usize| {
@@ -334,10 +382,18 @@ where
                         count(received, b.len());
                         let b = match &mut expander {
                             None => b,
-                            Some(x) => match x.unpack(b) {
-                                Ok(b) => b,
-                                Err(e) => return ReaderEnd::Refused(e.to_string()),
-                            },
+                            Some(x) if b.first() == Some(&code::ZPAGE) => {
+                                match x.expand_frame(&b) {
+                                    Ok(page) => {
+                                        if let Some(keep) = &keep_packed {
+                                            keep.push(packed_page(b, &page));
+                                        }
+                                        page
+                                    }
+                                    Err(e) => return ReaderEnd::Refused(e.to_string()),
+                                }
+                            }
+                            Some(_) => b,
                         };
                         if let Err(b) = inbox.deliver(b).await {
                             return ReaderEnd::EngineGone(b);
@@ -457,6 +513,18 @@ where
         }
         // The engine thread panicked: a bug, not a network failure.
         Err(e) => (Err(Error::from(e)), Vec::new(), bytes),
+    }
+}
+
+/// The compressed page a ZPAGE frame `zpage` carries, tied to `page`, the PAGE frame
+/// it expanded to.
+fn packed_page(mut zpage: Vec<u8>, page: &[u8]) -> PackedPage {
+    let pgno = u32::from_be_bytes([zpage[1], zpage[2], zpage[3], zpage[4]]);
+    zpage.drain(..5);
+    PackedPage {
+        pgno,
+        fingerprint: fingerprint(&page[5..]),
+        bytes: zpage,
     }
 }
 

@@ -3,6 +3,13 @@
 //! makes a client's OPEN and a server's CONFIG exactly an older one's), and a
 //! compressed page that would expand past a page, or does not expand at all, ends the
 //! session with a protocol error and changes nothing.
+//!
+//! The server keeps a page that arrived compressed as it came (one zstd frame in its
+//! pack, `codec` 1 in the page index) and sends it to a zstd peer as it is kept: its
+//! store is smaller than the database, and every reader (a zstd pull, a plain pull, the
+//! embedded store, scrub) expands and checks what it reads.
+
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use tempfile::TempDir;
@@ -194,6 +201,8 @@ fn a_bomb_or_garbage_in_a_compressed_page_is_refused_and_changes_nothing() {
     text_db(&a.path("app.db"), 500);
     let key = ["--key", server.admin_key.as_str()];
     let v1 = a.push(&server, "app.db", "acme/t.db", &key);
+    let data = store_of(&server.replica_file("acme/t.db"));
+    let stored = pack_bytes(&data);
     let page = zstd::bulk::compress(&[7u8; 4096], 1).expect("compress");
     let cases: [(&str, bool, Vec<u8>, &str); 5] = [
         (
@@ -258,4 +267,230 @@ fn a_bomb_or_garbage_in_a_compressed_page_is_refused_and_changes_nothing() {
     // The server still serves, and version 1 is intact.
     let back = a.pull(&server, "acme/t.db", Some("back.db"), &key);
     assert_eq!(back.digest(), v1.digest());
+    assert_eq!(pack_bytes(&data), stored, "the refused pushes kept no byte");
+}
+
+const EXIT_VERIFY: i32 = 7;
+
+/// The store directory a replica file is in (`<store>/replicas/...`).
+fn store_of(file: &Path) -> PathBuf {
+    file.ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "replicas"))
+        .and_then(Path::parent)
+        .expect("a replica file is under <store>/replicas")
+        .to_owned()
+}
+
+/// The bytes of every pack of the store in `data`.
+fn pack_bytes(data: &Path) -> u64 {
+    std::fs::read_dir(data.join("pages")).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
+fn page_index(data: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(data.join("pages/index.sqlite")).expect("open the page index")
+}
+
+/// How many indexed pages are kept plain (codec 0) and compressed (codec 1).
+fn codecs(data: &Path) -> (i64, i64) {
+    page_index(data)
+        .query_row(
+            "SELECT count(*) FILTER (WHERE codec = 0), count(*) FILTER (WHERE codec = 1) FROM pages",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("count codecs")
+}
+
+/// `sqlferry pull SPEC LOCAL --json` through the embedded store at `data` (the server's
+/// own directory, read in this process's child): exit code and stdout + stderr.
+fn embedded_pull(m: &Machine, data: &Path, spec: &str, local: &str) -> (i32, String) {
+    let out = m.run([
+        "pull",
+        spec,
+        m.path(local).to_str().expect("utf-8"),
+        "--json",
+        "--server",
+        &format!("file://{}", data.display()),
+    ]);
+    (
+        util::code(&out),
+        format!("{}{}", util::stdout(&out), util::stderr(&out)),
+    )
+}
+
+/// `sqlferry scrub --json --data DATA`: exit code and report.
+fn scrub(m: &Machine, data: &Path) -> (i32, serde_json::Value) {
+    let out = m.run(["scrub", "--json", "--data", data.to_str().expect("utf-8")]);
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("scrub --json: {e}: {}", util::stderr(&out)));
+    (util::code(&out), json)
+}
+
+/// A push of text rows lands stored compressed (the packs are under half the
+/// database), and the version pulls back to the same digest and rows through a zstd
+/// peer (compressed bytes, sent as stored), a plain peer and the embedded store.
+#[test]
+fn a_push_of_text_rows_is_stored_compressed_and_pulls_back_whole_every_way() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::in_process(dir.path());
+    let new = Machine::new(dir.path(), "new");
+    let mut old = Machine::new(dir.path(), "old");
+    old.set_env("SQLFERRY_COMPRESS", "off");
+    text_db(&new.path("app.db"), 20_000);
+    let size = std::fs::metadata(new.path("app.db")).expect("size").len();
+    let key = ["--key", server.admin_key.as_str()];
+    let pushed = new.push(&server, "app.db", "acme/t.db", &key);
+    let data = store_of(&server.replica_file("acme/t.db"));
+
+    let (plain, zstd) = codecs(&data);
+    assert!(zstd > 9 * plain, "{zstd} entries compressed, {plain} plain");
+    let stored = pack_bytes(&data);
+    assert!(stored * 2 < size, "{stored} bytes stored for {size}");
+
+    let z = new.pull(&server, "acme/t.db", Some("z.db"), &key);
+    assert!(z.u64("bytes_received") * 2 < size, "{}", z.0);
+    let p = old.pull(&server, "acme/t.db", Some("p.db"), &key);
+    assert!(p.u64("bytes_received") >= size, "{}", p.0);
+    let (code, said) = embedded_pull(&new, &data, "acme/t.db", "e.db");
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains(pushed.digest()), "{said}");
+    for (m, f) in [(&new, "z.db"), (&old, "p.db"), (&new, "e.db")] {
+        assert_eq!(util::integrity(&m.path(f)), "ok", "{f}");
+        util::assert_same(&new.path("app.db"), &m.path(f));
+    }
+    for r in [&z, &p] {
+        assert_eq!(r.digest(), pushed.digest());
+    }
+    assert_eq!(scrub(&new, &data).0, 0);
+}
+
+/// A compressed entry damaged on disk is found like a damaged plain one: a pull (zstd
+/// or plain) fails and writes nothing, scrub names the page, and the next push of the
+/// same database replaces it (compressed again).
+#[test]
+fn a_damaged_compressed_entry_is_never_delivered_and_is_found_and_repaired() {
+    use std::os::unix::fs::FileExt;
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::in_process(dir.path());
+    let new = Machine::new(dir.path(), "new");
+    let mut old = Machine::new(dir.path(), "old");
+    old.set_env("SQLFERRY_COMPRESS", "off");
+    text_db(&new.path("app.db"), 5_000);
+    let key = ["--key", server.admin_key.as_str()];
+    new.push(&server, "app.db", "acme/t.db", &key);
+    let data = store_of(&server.replica_file("acme/t.db"));
+    // The last compressed entry (a leaf of the table, not page 1).
+    let (hash, pack, offset, len): (Vec<u8>, i64, i64, i64) = page_index(&data)
+        .query_row(
+            "SELECT hash, pack, offset, len FROM pages WHERE codec = 1 ORDER BY offset DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .expect("a compressed entry");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(data.join(format!("pages/{pack}.pack")))
+        .expect("open pack");
+    let at = (offset + len / 2) as u64;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).expect("read");
+    f.write_all_at(&[b[0] ^ 0x5a], at).expect("write");
+    drop(f);
+
+    for (m, via) in [(&new, "zstd"), (&old, "plain")] {
+        let out = m.run_on(
+            &server,
+            ["pull", "acme/t.db", "back.db", "--key", &server.admin_key],
+        );
+        assert_eq!(
+            util::code(&out),
+            EXIT_VERIFY,
+            "{via}: {}",
+            util::stderr(&out)
+        );
+        assert!(
+            util::stderr(&out).contains("damaged"),
+            "{via}: {}",
+            util::stderr(&out)
+        );
+        assert!(
+            !m.path("back.db").exists(),
+            "{via}: a pull that failed wrote a file"
+        );
+    }
+    let (code, said) = embedded_pull(&new, &data, "acme/t.db", "e.db");
+    assert_eq!(code, EXIT_VERIFY, "{said}");
+    let (code, report) = scrub(&new, &data);
+    assert_eq!(code, EXIT_VERIFY, "{report}");
+    let bad = &report["replicas"][0]["bad_pages"][0];
+    assert_eq!(bad["hash"], sqlferry::digest::hex(&hash));
+    assert_eq!(bad["problem"], "damaged");
+
+    let again = new.push(&server, "app.db", "acme/t.db", &key);
+    assert_eq!(again.0["repaired"], 1, "{}", again.0);
+    let back = old.pull(&server, "acme/t.db", Some("back.db"), &key);
+    assert_eq!(back.digest(), again.digest());
+    util::assert_same(&new.path("app.db"), &old.path("back.db"));
+    assert_eq!(scrub(&new, &data).0, 0);
+    let (_, zstd) = codecs(&data);
+    let replaced: i64 = page_index(&data)
+        .query_row("SELECT codec FROM pages WHERE hash = ?1", [&hash], |r| {
+            r.get(0)
+        })
+        .expect("the page is indexed");
+    assert!(
+        zstd > 0 && replaced == 1,
+        "the repair came compressed and is kept so"
+    );
+}
+
+/// A store whose index was made before compressed entries (plain entries, no `codec`
+/// column) keeps working: a compressed push of a change adds compressed entries beside
+/// the old plain ones, and every version reads back whole every way.
+#[test]
+fn a_store_with_old_plain_entries_and_new_compressed_ones_reads_back_whole() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::in_process(dir.path());
+    let new = Machine::new(dir.path(), "new");
+    let mut old = Machine::new(dir.path(), "old");
+    old.set_env("SQLFERRY_COMPRESS", "off");
+    text_db(&old.path("app.db"), 10_000);
+    let key = ["--key", server.admin_key.as_str()];
+    let v1 = old.push(&server, "app.db", "acme/t.db", &key);
+    let data = store_of(&server.replica_file("acme/t.db"));
+    // As an index made before the column existed.
+    page_index(&data)
+        .execute_batch("ALTER TABLE pages DROP COLUMN codec")
+        .expect("drop codec");
+
+    new.pull(&server, "acme/t.db", Some("app.db"), &key);
+    exec(
+        &new.path("app.db"),
+        "UPDATE notes SET body = body || ' (edited, and edited again)' WHERE id % 7 = 0;",
+    );
+    util::checkpoint(&new.path("app.db"));
+    let v2 = new.push(&server, "app.db", "acme/t.db", &key);
+    let (plain, zstd) = codecs(&data);
+    assert!(plain > 0 && zstd > 0, "{plain} plain, {zstd} compressed");
+
+    let z = new.pull(&server, "acme/t.db", Some("z.db"), &key);
+    let p = old.pull(&server, "acme/t.db", Some("p.db"), &key);
+    let z1 = new.pull(&server, "acme/t.db@1", Some("z1.db"), &key);
+    let (code, said) = embedded_pull(&old, &data, "acme/t.db", "e.db");
+    assert_eq!(code, 0, "{said}");
+    assert_eq!((z.digest(), p.digest()), (v2.digest(), v2.digest()));
+    assert_eq!(z1.digest(), v1.digest());
+    for (m, f) in [(&new, "z.db"), (&old, "p.db"), (&old, "e.db")] {
+        assert_eq!(util::integrity(&m.path(f)), "ok", "{f}");
+        util::assert_same(&new.path("app.db"), &m.path(f));
+    }
+    util::assert_same(&old.path("app.db"), &new.path("z1.db"));
+    assert_eq!(scrub(&new, &data).0, 0);
 }
