@@ -49,6 +49,7 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod subscribe;
+pub mod synclog;
 pub mod transport;
 
 pub use error::{Error, ErrorKind, Result};
