@@ -74,6 +74,7 @@ const SCHEMA: &str = "
         success_at INTEGER,
         success_version INTEGER,
         success_trigger TEXT,
+        success_started_ms INTEGER,
         failures_since INTEGER NOT NULL,
         PRIMARY KEY(database, store, replica, op)
     ) WITHOUT ROWID;
@@ -85,6 +86,9 @@ const SCHEMA: &str = "
 pub struct Sync {
     /// When it ended, seconds since the Unix epoch.
     pub at: i64,
+    /// When it started, milliseconds since the Unix epoch: a push read the database
+    /// as of about then, so a write after it is not in the version it made.
+    pub started_ms: i64,
     /// The local database (its [`crate::config::database_key`]).
     pub database: String,
     /// The store's URL.
@@ -132,6 +136,8 @@ pub struct Health {
     pub success_version: Option<u64>,
     /// Why the last success ran.
     pub success_trigger: Option<String>,
+    /// When the last success started, milliseconds since the Unix epoch.
+    pub success_started_ms: Option<i64>,
     /// Failed attempts since the last success.
     pub failures_since: u64,
 }
@@ -259,19 +265,21 @@ impl Log {
                 s.created,
                 s.error,
             ])?;
-        let (success_at, success_version, success_trigger) = match s.error {
+        let (success_at, success_version, success_trigger, success_started_ms) = match s.error {
             None => (
                 Some(s.at),
                 s.version.map(|v| v as i64),
                 Some(s.trigger.as_str()),
+                Some(s.started_ms),
             ),
-            Some(_) => (None, None, None),
+            Some(_) => (None, None, None, None),
         };
         self.conn
             .prepare_cached(
                 "INSERT INTO latest(database, store, replica, op, attempt_at, attempt_error,
-                     success_at, success_version, success_trigger, failures_since)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     success_at, success_version, success_trigger, success_started_ms,
+                     failures_since)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT(database, store, replica, op) DO UPDATE SET
                      attempt_at = excluded.attempt_at,
                      attempt_error = excluded.attempt_error,
@@ -279,6 +287,8 @@ impl Log {
                      success_version = CASE WHEN excluded.success_at IS NULL
                          THEN success_version ELSE excluded.success_version END,
                      success_trigger = coalesce(excluded.success_trigger, success_trigger),
+                     success_started_ms = coalesce(excluded.success_started_ms,
+                         success_started_ms),
                      failures_since = CASE WHEN excluded.attempt_error IS NULL
                          THEN 0 ELSE failures_since + 1 END",
             )?
@@ -292,6 +302,7 @@ impl Log {
                 success_at,
                 success_version,
                 success_trigger,
+                success_started_ms,
                 i64::from(s.error.is_some()),
             ])?;
         Ok(())
@@ -355,7 +366,7 @@ impl Log {
     fn try_health(&self, database: Option<&str>) -> rusqlite::Result<Vec<Health>> {
         let mut stmt = self.conn.prepare(
             "SELECT database, store, replica, op, attempt_at, attempt_error, success_at,
-                 success_version, success_trigger, failures_since
+                 success_version, success_trigger, success_started_ms, failures_since
              FROM latest WHERE ?1 IS NULL OR database = ?1
              ORDER BY success_at IS NOT NULL, success_at, database, replica, op",
         )?;
@@ -370,7 +381,8 @@ impl Log {
                 success_at: r.get(6)?,
                 success_version: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
                 success_trigger: r.get(8)?,
-                failures_since: r.get::<_, i64>(9)? as u64,
+                success_started_ms: r.get(9)?,
+                failures_since: r.get::<_, i64>(10)? as u64,
             })
         })?;
         rows.collect()
@@ -446,6 +458,7 @@ mod tests {
     fn sync(at: i64, op: &'static str, trigger: &str, error: Option<&str>) -> Sync {
         Sync {
             at,
+            started_ms: at * 1000 - 200,
             database: "/srv/app.db".into(),
             store: "ws://backup:8080".into(),
             replica: "acme/app.db".into(),

@@ -79,8 +79,9 @@ pub struct Status {
     pub health: Health,
     /// Its verdict.
     pub state: State,
-    /// For a push: when the database (or its WAL) was last written, if that was after
-    /// the last successful push, i.e. it has changes not pushed yet.
+    /// For a push: when the database (or its WAL) was last written, in Unix seconds,
+    /// if that was after the last successful push started: it has changes not pushed
+    /// yet.
     pub changed_at: Option<i64>,
 }
 
@@ -122,7 +123,9 @@ fn judge(health: Health, max_age: Option<Duration>, now: i64) -> Status {
         State::Ok
     };
     let changed_at = if health.op == "push" {
-        last_write(Path::new(&health.database)).filter(|&t| health.success_at.is_none_or(|s| t > s))
+        last_write(Path::new(&health.database))
+            .filter(|&ms| health.success_started_ms.is_none_or(|s| ms > s))
+            .map(|ms| ms / 1000)
     } else {
         None
     };
@@ -133,8 +136,8 @@ fn judge(health: Health, max_age: Option<Duration>, now: i64) -> Status {
     }
 }
 
-/// When `database` or its WAL was last written, in Unix seconds (`None` when neither
-/// can be read).
+/// When `database` or its WAL was last written, in Unix milliseconds (`None` when
+/// neither can be read).
 fn last_write(database: &Path) -> Option<i64> {
     let mut wal = database.as_os_str().to_owned();
     wal.push("-wal");
@@ -142,7 +145,7 @@ fn last_write(database: &Path) -> Option<i64> {
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok()?.modified().ok())
         .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_millis() as i64)
         .max()
 }
 
@@ -164,4 +167,54 @@ pub async fn history(scope: Scope, days: u32, now: i64) -> Result<Vec<Day>> {
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(success_at: Option<i64>, error: Option<&str>) -> Health {
+        Health {
+            database: "/nonexistent/app.db".into(),
+            store: "file:///srv/store".into(),
+            replica: "acme/app.db".into(),
+            op: "push".into(),
+            attempt_at: 1_000_000,
+            attempt_error: error.map(str::to_owned),
+            success_at,
+            success_version: success_at.map(|_| 3),
+            success_trigger: success_at.map(|_| "idle".into()),
+            success_started_ms: success_at.map(|s| s * 1000),
+            failures_since: u64::from(error.is_some()),
+        }
+    }
+
+    #[test]
+    fn a_sync_is_late_past_max_age_and_failing_after_a_failed_attempt() {
+        let hour = Duration::from_secs(3600);
+        let now = 1_000_000;
+        let fresh = judge(health(Some(now - 60), None), Some(hour), now);
+        assert_eq!(fresh.state, State::Ok);
+        let old = health(Some(now - 7200), None);
+        assert_eq!(judge(old.clone(), Some(hour), now).state, State::Late);
+        assert_eq!(
+            judge(old, None, now).state,
+            State::Ok,
+            "no --max-age, no age limit"
+        );
+        let failed = judge(
+            health(Some(now - 60), Some("connection refused")),
+            Some(hour),
+            now,
+        );
+        assert_eq!(failed.state, State::Failing);
+        assert_eq!(
+            judge(health(None, Some("no key")), None, now).state,
+            State::Failing
+        );
+        assert!(
+            fresh.changed_at.is_none(),
+            "a database that is not there was not written"
+        );
+    }
 }
