@@ -221,13 +221,8 @@ impl Puller {
             .server
             .versions(&self.replica, self.key.as_deref())
             .await?;
-        let latest = list.last().map_or(0, |v| v.number);
-        let number = match selector {
-            Selector::Latest => latest,
-            Selector::Number(n) => n,
-            Selector::LatestMinus(n) => latest.saturating_sub(n),
-        };
-        Ok(list.into_iter().find(|v| v.number == number))
+        let number = selector.pick(&list);
+        Ok(list.into_iter().find(|v| Some(v.number) == number))
     }
 
     /// Whether LOCAL holds changes no sync carried: its digest differs from the one its

@@ -118,3 +118,52 @@ fn status_and_history_tell_what_worked_what_failed_and_what_is_not_pushed() {
     let text = stdout(&out);
     assert!(text.contains("manual 2"), "{text}");
 }
+
+#[test]
+fn a_pull_by_time_brings_the_version_that_was_latest_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let db = d.join("app.db");
+    let db_s = db.to_str().unwrap();
+    let conn = create(&db, 4096, Mode::Wal);
+    for _ in 0..3 {
+        insert_rows(&conn, 50, 100);
+        let out = run(d, &args(&["push", db_s, "acme/app.db"]));
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    let out = run(d, &args(&["versions", "acme/app.db", "--json"]));
+    let versions: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let versions = versions.as_array().unwrap();
+    let first_at = versions[0]["created_at"].as_i64().unwrap();
+    // What a user would expect at that second: the newest version created by then.
+    let expected = versions
+        .iter()
+        .rfind(|v| v["created_at"].as_i64().unwrap() <= first_at)
+        .unwrap();
+    let at = sqlferry::epoch::rfc3339(first_at);
+    let copy = d.join("then.db");
+    let spec = format!("acme/app.db@{at}");
+    let out = run(d, &args(&["pull", &spec, copy.to_str().unwrap(), "--json"]));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let pulled: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(pulled["version"], expected["number"]);
+    assert_eq!(pulled["digest"], expected["digest"]);
+    assert_eq!(crate::util::integrity(&copy), "ok");
+
+    // Before the first version: nothing to bring, said so, nothing written.
+    let out = run(
+        d,
+        &args(&[
+            "pull",
+            "acme/app.db@2001-01-01T00:00:00Z",
+            d.join("none.db").to_str().unwrap(),
+        ]),
+    );
+    assert_eq!(code(&out), 8, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no version is that old"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!d.join("none.db").exists());
+}
