@@ -13,6 +13,7 @@ mod push;
 mod scrub;
 mod serve;
 mod signals;
+mod status;
 mod subscribe;
 mod verify;
 mod versions;
@@ -53,6 +54,9 @@ pub mod exit {
     /// The server failed on its own side (disk full, I/O error, too busy): temporary,
     /// nothing wrong with the request; retry later.
     pub const SERVER: u8 = 10;
+    /// `status`: a sync's last attempt failed, or its last success is older than
+    /// `--max-age`.
+    pub const UNHEALTHY: u8 = 11;
     /// A subscriber stopped by a second SIGINT or SIGTERM, without waiting for its sync.
     pub const INTERRUPTED: u8 = 130;
 }
@@ -107,6 +111,10 @@ pub enum Command {
     Keys(keys::KeysArgs),
     /// Check every stored page and version of a store; record bad pages for repair.
     Scrub(scrub::ScrubArgs),
+    /// Is every database this machine syncs safe? Last success, failures, changes not pushed.
+    Status(status::StatusArgs),
+    /// Syncs per day: how many, versions, bytes, durations, failures, triggers.
+    History(status::HistoryArgs),
 }
 
 /// Where a replica lives and the key to reach it: `--server` and `--key`, shared by
@@ -199,6 +207,8 @@ impl Command {
             Command::SyncNow(args) => args.run(global, shutdown).await,
             Command::Keys(args) => args.run(global, shutdown).await,
             Command::Scrub(args) => args.run(global, shutdown).await,
+            Command::Status(args) => args.run(global, shutdown).await,
+            Command::History(args) => args.run(global, shutdown).await,
         }
     }
 }

@@ -18,9 +18,11 @@
 
 mod pull;
 mod push;
+mod status;
 
 pub use pull::{Kept, LocalChange, PullPlan, Puller, local_digest, short_digest, unsynced_changes};
 pub use push::{CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, plan_copy};
+pub use status::{Scope, State, Status, history, status};
 
 use std::path::{Path, PathBuf};
 
@@ -168,6 +170,58 @@ async fn record_sync(
         Ok(())
     })
     .await
+}
+
+/// A sync log entry for a sync of `database` with `replica` on `store` that started at
+/// `started` and ended with `result` (its figures, the version, whether it made one).
+fn logged(
+    database: &Path,
+    store: String,
+    replica: &str,
+    (op, trigger): (&'static str, &'static str),
+    started: std::time::Instant,
+    result: std::result::Result<(&crate::engine::SyncStats, u64, bool), &Error>,
+) -> crate::synclog::Sync {
+    let (pages, bytes, version, created, error) = match result {
+        Ok((stats, version, created)) => {
+            let bytes = if op == "push" {
+                stats.bytes_sent
+            } else {
+                stats.bytes_received
+            };
+            let version = (version > 0).then_some(version);
+            (u64::from(stats.pages_sent), bytes, version, created, None)
+        }
+        Err(e) => (0, 0, None, false, Some(e.to_string())),
+    };
+    let duration = started.elapsed();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    crate::synclog::Sync {
+        at: now.as_secs() as i64,
+        started_ms: now.saturating_sub(duration).as_millis() as i64,
+        database: database.to_string_lossy().into_owned(),
+        store,
+        replica: replica.to_owned(),
+        op,
+        trigger: trigger.to_owned(),
+        pages,
+        bytes,
+        duration,
+        version,
+        created,
+        error,
+    }
+}
+
+/// Records `sync` in the sync log on a blocking thread; never fails the sync.
+async fn log_sync(sync: crate::synclog::Sync) {
+    let _ = blocking(move || {
+        crate::synclog::record(&sync);
+        Ok(())
+    })
+    .await;
 }
 
 /// The secrets file's entry for `local`: saved under the database's key, or, before

@@ -25,6 +25,7 @@
 //!   atomic page writer, header facts.
 //! - `protocol`: frames and their codec, the protocol version; pure, no I/O.
 //! - `history`: the local record of every sync and the manifests kept for the next.
+//! - `synclog`: every push and pull this machine ran, for `status` and `history`.
 //! - `config`: XDG paths, the settings, secrets and sidecar files.
 //! - `digest`: page hashes, the database digest, hex, name keys, spill files of hashes.
 //! - `epoch`: Unix seconds, now and as RFC 3339.
@@ -49,6 +50,7 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod subscribe;
+pub mod synclog;
 pub mod transport;
 
 pub use error::{Error, ErrorKind, Result};

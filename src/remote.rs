@@ -391,6 +391,19 @@ impl Server {
                 .await
             }
             Server::Ws { url } => {
+                // A time is resolved here, so the server is asked for a number (which
+                // servers older than `@TIME` understand too).
+                let selector = match selector {
+                    Selector::At(_) => {
+                        let versions = self.versions(replica, key).await?;
+                        Selector::Number(selector.pick(&versions).ok_or_else(|| {
+                            Error::NotFound(format!(
+                                "{replica}@{selector} does not exist: no version is that old"
+                            ))
+                        })?)
+                    }
+                    other => other,
+                };
                 let mut ws = connect(url, key).await?;
                 let config = open(
                     &mut ws,

@@ -123,6 +123,10 @@ pub struct Limits {
     connections: Arc<tokio::sync::Semaphore>,
     /// How long a session waits for a free slot before it is told the server is busy.
     session_wait: Duration,
+    /// Whether a return of freed memory is planned ([`SessionSlot`]).
+    trimming: Arc<std::sync::atomic::AtomicBool>,
+    /// How many times freed memory was returned to the system.
+    trims: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// WebSocket sessions of any kind (subscribers, waiting sessions) allowed at once, per
@@ -144,6 +148,8 @@ impl Limits {
                 max_sessions.saturating_mul(CONNECTIONS_PER_SESSION),
             )),
             session_wait: SESSION_WAIT,
+            trimming: Arc::default(),
+            trims: Arc::default(),
         }
     }
 
@@ -154,13 +160,96 @@ impl Limits {
 
     /// A slot for one sync session, waiting up to the session wait ([`SESSION_WAIT`]
     /// unless set) for one to free up; `None` when the server stayed busy.
-    pub(crate) async fn session(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        tokio::time::timeout(self.session_wait, self.sessions.clone().acquire_owned())
+    pub(crate) async fn session(&self) -> Option<SessionSlot> {
+        let permit = tokio::time::timeout(self.session_wait, self.sessions.clone().acquire_owned())
             .await
             .ok()?
-            .ok()
+            .ok()?;
+        Some(SessionSlot {
+            permit: Some(permit),
+            sessions: self.sessions.clone(),
+            max_sessions: self.max_sessions,
+            trimming: self.trimming.clone(),
+            trims: self.trims.clone(),
+        })
+    }
+
+    /// How many times the server returned the memory its finished sessions freed.
+    pub fn memory_returns(&self) -> u64 {
+        self.trims.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
+
+/// How long the server waits after its last push or pull session ended before it hands
+/// the memory they freed back to the system: long enough for the session's own buffers
+/// to be dropped, short enough that a burst's memory is gone a moment after it.
+const TRIM_DELAY: Duration = Duration::from_secs(1);
+
+/// A running push or pull session's slot ([`Limits::session`]). When the last running
+/// one ends and none starts within [`TRIM_DELAY`], the server returns the memory its
+/// sessions freed to the system ([`release_freed_memory`]): the allocator keeps freed
+/// memory for reuse otherwise, and after a burst of 100 pulls that was 60 MiB kept
+/// (bench/server_memory.py).
+#[derive(Debug)]
+pub(crate) struct SessionSlot {
+    /// Taken in `drop`, so the slot is free before the idle check runs.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    sessions: Arc<tokio::sync::Semaphore>,
+    max_sessions: usize,
+    /// Set while a trim is planned or running: one at a time.
+    trimming: Arc<std::sync::atomic::AtomicBool>,
+    trims: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        drop(self.permit.take());
+        let idle = |s: &tokio::sync::Semaphore, max| s.available_permits() >= max;
+        if !idle(&self.sessions, self.max_sessions) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.trimming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (sessions, max, trimming, trims) = (
+            self.sessions.clone(),
+            self.max_sessions,
+            self.trimming.clone(),
+            self.trims.clone(),
+        );
+        runtime.spawn(async move {
+            tokio::time::sleep(TRIM_DELAY).await;
+            if idle(&sessions, max)
+                && tokio::task::spawn_blocking(release_freed_memory)
+                    .await
+                    .is_ok()
+            {
+                trims.fetch_add(1, Ordering::Relaxed);
+            }
+            trimming.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Hands the heap memory this process freed back to the system (glibc keeps it in its
+/// arenas, one per thread that allocated, for reuse). Elsewhere a no-op.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks glibc's own arenas under their locks; it takes no
+    // pointer and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Hands the heap memory this process freed back to the system: a no-op where the
+/// allocator has no such call.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
 
 impl Default for Limits {
     fn default() -> Self {
@@ -339,4 +428,48 @@ pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f).await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lets the tasks the slots spawned run, in paused time.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn freed_memory_is_returned_once_the_last_session_ended_and_none_started() {
+        let limits = Limits::new(4);
+        let a = limits.session().await.expect("a free slot");
+        let b = limits.session().await.expect("a free slot");
+        drop(a);
+        tokio::time::sleep(TRIM_DELAY * 2).await;
+        settle().await;
+        assert_eq!(limits.memory_returns(), 0, "a session is still running");
+
+        drop(b);
+        tokio::time::sleep(TRIM_DELAY / 2).await;
+        let c = limits.session().await.expect("a free slot");
+        tokio::time::sleep(TRIM_DELAY).await;
+        settle().await;
+        assert_eq!(
+            limits.memory_returns(),
+            0,
+            "a session started within the delay"
+        );
+
+        drop(c);
+        tokio::time::sleep(TRIM_DELAY + Duration::from_millis(10)).await;
+        for _ in 0..100 {
+            if limits.memory_returns() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(limits.memory_returns(), 1);
+    }
 }

@@ -130,7 +130,7 @@ impl std::fmt::Display for ReplicaPath {
     }
 }
 
-/// Which version of a replica: `@N`, `@latest` or `@latest-N`.
+/// Which version of a replica: `@N`, `@latest`, `@latest-N` or `@TIME`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Selector {
     /// The newest version.
@@ -139,6 +139,9 @@ pub enum Selector {
     LatestMinus(u64),
     /// Version number `N`.
     Number(u64),
+    /// The version that was the latest at this time (Unix seconds): the newest one
+    /// created at or before it (`@2026-12-01T10:00:00Z`).
+    At(i64),
 }
 
 impl Selector {
@@ -154,10 +157,14 @@ impl Selector {
                 let parse = |n: &str| {
                     n.parse::<u64>().map_err(|_| {
                         Error::Usage(format!(
-                            "invalid version '@{s}': use @N, @latest or @latest-N"
+                            "invalid version '@{s}': use @N, @latest, @latest-N or @TIME \
+                             (2026-12-01T10:00:00Z)"
                         ))
                     })
                 };
+                if s.contains(':') || s.matches('-').count() >= 2 {
+                    return Ok((ReplicaPath::parse(path)?, Selector::At(parse_time(s)?)));
+                }
                 match s.strip_prefix("latest-") {
                     Some(n) => Selector::LatestMinus(parse(n)?),
                     None => match parse(s)? {
@@ -171,12 +178,45 @@ impl Selector {
     }
 }
 
+impl Selector {
+    /// The version number this selector names among `versions` (oldest first), whose
+    /// newest is the latest; `None` when it names none.
+    pub fn pick(self, versions: &[VersionInfo]) -> Option<u64> {
+        let latest = versions.last()?.number;
+        let number = match self {
+            Selector::Latest => latest,
+            Selector::Number(n) => n,
+            Selector::LatestMinus(n) => latest.checked_sub(n)?,
+            Selector::At(t) => versions.iter().rev().find(|v| v.created_at <= t)?.number,
+        };
+        versions
+            .iter()
+            .any(|v| v.number == number)
+            .then_some(number)
+    }
+}
+
+/// `2026-12-01T10:00:00Z` (or with a space, or without the `Z`: UTC either way) as
+/// Unix seconds.
+fn parse_time(s: &str) -> Result<i64> {
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
+        Error::Usage(format!(
+            "invalid time '@{s}' ({e}): use a UTC time such as @2026-12-01T10:00:00Z"
+        ))
+    })?;
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| Error::Usage(format!("invalid time '@{s}': before 1970")))?;
+    Ok(secs.as_secs() as i64)
+}
+
 impl std::fmt::Display for Selector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Selector::Latest => f.write_str("latest"),
             Selector::LatestMinus(n) => write!(f, "latest-{n}"),
             Selector::Number(n) => write!(f, "{n}"),
+            Selector::At(t) => f.write_str(&crate::epoch::rfc3339(*t)),
         }
     }
 }
@@ -281,6 +321,50 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn version(number: u64, created_at: i64) -> VersionInfo {
+        VersionInfo {
+            number,
+            page_size: 4096,
+            page_count: 1,
+            size: 4096,
+            digest: String::new(),
+            message: String::new(),
+            created_at,
+            client_id: String::new(),
+            key_id: String::new(),
+            base: 0,
+        }
+    }
+
+    #[test]
+    fn a_time_selects_the_version_that_was_latest_then() {
+        let (path, sel) = Selector::split("acme/app.db@2026-12-01T10:00:00Z").unwrap();
+        assert_eq!(path.as_str(), "acme/app.db");
+        assert_eq!(sel, Selector::At(1_796_119_200));
+        assert_eq!(sel.to_string(), "2026-12-01T10:00:00Z");
+        for weak in ["2026-12-01 10:00:00", "2026-12-01T10:00:00"] {
+            let spec = format!("acme/app.db@{weak}");
+            assert_eq!(Selector::split(&spec).unwrap().1, sel, "{weak}");
+        }
+        let err = Selector::split("acme/app.db@2026-13-01T00:00:00Z").unwrap_err();
+        assert!(err.to_string().contains("2026-12-01T10:00:00Z"), "{err}");
+
+        let versions = [
+            version(1, 100),
+            version(2, 200),
+            version(3, 200),
+            version(4, 300),
+        ];
+        assert_eq!(Selector::At(99).pick(&versions), None, "nothing that old");
+        assert_eq!(Selector::At(100).pick(&versions), Some(1));
+        assert_eq!(Selector::At(250).pick(&versions), Some(3));
+        assert_eq!(Selector::At(10_000).pick(&versions), Some(4));
+        assert_eq!(Selector::LatestMinus(1).pick(&versions), Some(3));
+        assert_eq!(Selector::LatestMinus(4).pick(&versions), None);
+        assert_eq!(Selector::Number(5).pick(&versions), None);
+        assert_eq!(Selector::Latest.pick(&[]), None);
+    }
 
     #[test]
     fn replica_paths_follow_the_rules() {

@@ -1,4 +1,4 @@
-//! `sqlferry pull REMOTE[@N|@latest|@latest-N] [LOCAL]`: bring any version back.
+//! `sqlferry pull REMOTE[@N|@latest|@latest-N|@TIME] [LOCAL]`: bring any version back.
 //!
 //! The flags become a [`Puller`]; the client keeps the invariant that a pull never
 //! overwrites changes LOCAL holds that no sync carried (unless `--force`): a refusal
@@ -34,7 +34,8 @@ version pulled), the pull is refused with exit 9 and LOCAL is left as it was. Ke
 changes by pushing them (sqlferry push LOCAL REMOTE), or pull into another file; --force \
 overwrites them. --dry-run says what a pull would do, and whether it would be refused.")]
 pub struct PullArgs {
-    /// The replica, with an optional version: namespace/name[@N|@latest|@latest-N].
+    /// The replica, with an optional version: namespace/name[@N|@latest|@latest-N|@TIME],
+    /// TIME in UTC such as 2026-12-01T10:00:00Z (the version that was the latest then).
     #[arg(required_unless_present = "from")]
     pub remote: Option<String>,
     /// Take the server, the replica and the key from a sidecar file (`<db>-sqlferry`);

@@ -17,12 +17,12 @@ file damaged, or FILE is not a valid SQLite database: a verification that failed
 FILE is missing or cannot be read.\n\n\
 Two databases with the same digest hold the same pages, byte for byte, whatever their \
 journal mode. The digest is the one `push --json` prints and a replica is checked against.\n\n\
-A stored version (namespace/name[@N|@latest|@latest-N]) is fetched whole into a temporary \
+A stored version (namespace/name[@N|@latest|@latest-N|@TIME]) is fetched whole into a temporary \
 file, every page hashed again, and the result compared with the digest the store recorded \
 for it; the temporary file is deleted.")]
 pub struct VerifyArgs {
     /// The database file (read-only; a live database is fine), or a stored version:
-    /// namespace/name[@N|@latest|@latest-N].
+    /// namespace/name[@N|@latest|@latest-N|@TIME].
     pub file: String,
     /// Print one JSON object instead of text.
     #[arg(long)]

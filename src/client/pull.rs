@@ -63,6 +63,35 @@ impl Puller {
         selector: Selector,
         progress: Arc<dyn Progress>,
     ) -> Result<PullOutcome> {
+        let started = std::time::Instant::now();
+        let result = self.pull_once(selector, progress).await;
+        self.log(("pull", "manual"), started, &result).await;
+        result
+    }
+
+    /// Records a pull that started at `started` in the sync log.
+    async fn log(
+        &self,
+        (op, trigger): (&'static str, &'static str),
+        started: std::time::Instant,
+        result: &Result<PullOutcome>,
+    ) {
+        let sync = super::logged(
+            &self.database,
+            self.server.url(),
+            self.replica.as_str(),
+            (op, trigger),
+            started,
+            result.as_ref().map(|o| (&o.stats, o.version, false)),
+        );
+        super::log_sync(sync).await;
+    }
+
+    async fn pull_once(
+        &self,
+        selector: Selector,
+        progress: Arc<dyn Progress>,
+    ) -> Result<PullOutcome> {
         let (replica, local) = (&self.replica, &self.local);
         if !self.force
             && let Some(change) = self.local_change(None, selector).await?
@@ -93,7 +122,20 @@ impl Puller {
     /// since (`PRAGMA data_version` of a connection kept for that, and the same file)
     /// nothing is read; otherwise LOCAL's digest must still be the one that pull left.
     /// The first pull checks LOCAL as [`Puller::pull`] does.
-    pub async fn pull_latest_kept(&self, kept: &mut Kept) -> Result<PullOutcome> {
+    /// `trigger` says why, for the sync log (the subscriber's reason: `start`,
+    /// `new-version`, …).
+    pub async fn pull_latest_kept(
+        &self,
+        kept: &mut Kept,
+        trigger: &'static str,
+    ) -> Result<PullOutcome> {
+        let started = std::time::Instant::now();
+        let result = self.pull_latest_kept_once(kept).await;
+        self.log(("pull", trigger), started, &result).await;
+        result
+    }
+
+    async fn pull_latest_kept_once(&self, kept: &mut Kept) -> Result<PullOutcome> {
         let (replica, local) = (&self.replica, &self.local);
         let context =
             |e: Error| e.context(format!("pull {replica} into {} failed", local.display()));
@@ -179,13 +221,8 @@ impl Puller {
             .server
             .versions(&self.replica, self.key.as_deref())
             .await?;
-        let latest = list.last().map_or(0, |v| v.number);
-        let number = match selector {
-            Selector::Latest => latest,
-            Selector::Number(n) => n,
-            Selector::LatestMinus(n) => latest.saturating_sub(n),
-        };
-        Ok(list.into_iter().find(|v| v.number == number))
+        let number = selector.pick(&list);
+        Ok(list.into_iter().find(|v| Some(v.number) == number))
     }
 
     /// Whether LOCAL holds changes no sync carried: its digest differs from the one its

@@ -40,6 +40,9 @@ pub struct Pusher {
     pub new_keys: bool,
     /// Push even if LOCAL fails `PRAGMA quick_check`.
     pub allow_corrupt: bool,
+    /// Why the next push runs, as the sync log records it: `manual` unless a
+    /// subscriber says otherwise (`idle`, `max-interval`, …).
+    pub trigger: &'static str,
 }
 
 /// What one push did.
@@ -118,6 +121,7 @@ impl Pusher {
             force: false,
             new_keys: false,
             allow_corrupt: false,
+            trigger: "manual",
         })
     }
 
@@ -170,8 +174,26 @@ impl Pusher {
         }
     }
 
-    /// Pushes once; records the version in the local history and saves new keys.
+    /// Pushes once; records the version in the local history and saves new keys, and
+    /// the push, whatever its result, in the sync log.
     pub async fn push(&mut self, progress: Arc<dyn Progress>) -> Result<PushReport> {
+        let started = std::time::Instant::now();
+        let result = self.push_once(progress).await;
+        let sync = super::logged(
+            &self.database,
+            self.server.url(),
+            self.replica.as_str(),
+            ("push", self.trigger),
+            started,
+            result
+                .as_ref()
+                .map(|r| (&r.outcome.stats, r.outcome.version, r.outcome.created)),
+        );
+        super::log_sync(sync).await;
+        result
+    }
+
+    async fn push_once(&mut self, progress: Arc<dyn Progress>) -> Result<PushReport> {
         self.require_key()?;
         let request = self.request_with_base(self.base_version().await?);
         let outcome = self
@@ -317,6 +339,27 @@ pub async fn plan_copy(src: &Path, dest: &Path, allow_corrupt: bool) -> Result<C
 /// digest has been checked; SRC is only read. A SRC failing `PRAGMA quick_check` is
 /// refused unless `allow_corrupt`.
 pub async fn copy_file(
+    src: &Path,
+    dest: &Path,
+    allow_corrupt: bool,
+    progress: Arc<dyn Progress>,
+) -> Result<SyncStats> {
+    let started = std::time::Instant::now();
+    let result = copy_file_once(src, dest, allow_corrupt, progress).await;
+    let dest_key = crate::config::database_key(dest);
+    let sync = super::logged(
+        &crate::config::database_key(src),
+        "file".into(),
+        &dest_key.to_string_lossy(),
+        ("push", "manual"),
+        started,
+        result.as_ref().map(|s| (s, 0, s.pages_sent > 0)),
+    );
+    super::log_sync(sync).await;
+    result
+}
+
+async fn copy_file_once(
     src: &Path,
     dest: &Path,
     allow_corrupt: bool,

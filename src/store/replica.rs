@@ -1088,6 +1088,19 @@ impl VersionReader {
                         latest.number
                     ))
                 })?,
+            Selector::At(t) => conn
+                .query_row(
+                    "SELECT max(number) FROM versions WHERE created_at <= ?1",
+                    [t],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+                .map_err(sql(file))?
+                .map(|n| n as u64)
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "{replica}@{selector} does not exist: no version is that old"
+                    ))
+                })?,
         };
         let info = conn
             .query_row(

@@ -10,7 +10,7 @@
 
 use std::future::Future;
 
-use super::pull::Pulled;
+use super::pull::{Pulled, Reason};
 use super::push::Pushed;
 use super::timer::Trigger;
 use super::watch::Seen;
@@ -28,8 +28,8 @@ pub trait PushAction: Send + 'static {
 /// One pull of the replica's latest version into the subscriber's database; run like a
 /// [`PushAction`].
 pub trait PullAction: Send + 'static {
-    /// Pulls the latest version now.
-    fn pull(&mut self) -> impl Future<Output = Result<Pulled>> + Send;
+    /// Pulls the latest version now; `reason` says why (for the sync log).
+    fn pull(&mut self, reason: Reason) -> impl Future<Output = Result<Pulled>> + Send;
 }
 
 /// The subscriber's line to its replica: what it hears, and what it tells the server.

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use super::action::{Changes, PullAction, PushAction};
 use super::event::Event;
-use super::pull::{PullSubscriber, Pulled};
+use super::pull::{PullSubscriber, Pulled, Reason};
 use super::push::{PushSubscriber, Pushed};
 use super::timer::{Timing, Trigger};
 use super::watch::{Seen, Watcher};
@@ -335,6 +335,7 @@ impl PushAction for ClientPush {
         async move {
             let mut p = pusher.lock().await;
             p.message = message;
+            p.trigger = trigger.as_str();
             let report = p.push(crate::remote::no_progress()).await?;
             let o = report.outcome;
             Ok(Pushed {
@@ -357,12 +358,12 @@ struct ClientPull {
 }
 
 impl PullAction for ClientPull {
-    fn pull(&mut self) -> impl Future<Output = Result<Pulled>> + Send {
+    fn pull(&mut self, reason: Reason) -> impl Future<Output = Result<Pulled>> + Send {
         let shared = Arc::clone(&self.shared);
         async move {
             let mut guard = shared.lock().await;
             let (puller, kept) = &mut *guard;
-            let o = puller.pull_latest_kept(kept).await?;
+            let o = puller.pull_latest_kept(kept, reason.as_str()).await?;
             Ok(Pulled {
                 version: o.version,
                 pages_written: u64::from(o.stats.pages_sent),

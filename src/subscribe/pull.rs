@@ -132,7 +132,7 @@ impl PullSubscriber {
                 schedule.pull_started(t, reason);
                 tracing::info!(reason = reason.as_str(), "pull starting");
                 let task = tokio::spawn(async move {
-                    let result = action.pull().await;
+                    let result = action.pull(reason).await;
                     (action, result)
                 });
                 in_flight = Some(AbortOnDropHandle::new(task));

@@ -431,7 +431,10 @@ struct TestPull {
 }
 
 impl PullAction for TestPull {
-    fn pull(&mut self) -> impl Future<Output = Result<Pulled>> + Send {
+    fn pull(
+        &mut self,
+        _reason: super::pull::Reason,
+    ) -> impl Future<Output = Result<Pulled>> + Send {
         let _ = self.calls.send(self.start.elapsed());
         async move {
             self.results

@@ -32,6 +32,7 @@ const HIGHER: &[&str] = &[
     "engine",
     "page",
     "history",
+    "synclog",
 ];
 
 /// One `crate::X` reference: from module, to module, where.

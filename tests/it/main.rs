@@ -18,6 +18,8 @@
 //!   already landed; hostile origins; files a killed first push left.
 //! - `wal_follow`: pushes of WAL databases that read only what the WAL names, through
 //!   writes, checkpoints of every kind, VACUUM and resets: every change is seen.
+//! - `status`: the sync log as `status` and `history` show it, with the exit codes
+//!   cron relies on.
 //! - `store_packs`: pages stored once across replicas, pushes into several replicas at
 //!   once (one process and several), a store of the previous layout moved into packs.
 
@@ -27,6 +29,7 @@ mod house;
 mod layers;
 mod live;
 mod server;
+mod status;
 mod store_packs;
 mod subscribe;
 mod sync_props;
