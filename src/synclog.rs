@@ -176,13 +176,19 @@ pub fn default_path() -> Option<PathBuf> {
 }
 
 /// Records `sync` in this user's sync log. Never fails: a log that cannot be written
-/// is a warning, since the sync itself already happened.
+/// after a sync that worked is a warning (the sync itself happened; `status` will not
+/// know); after a failed sync it is only logged at debug level, since the failure's
+/// own error line says what the user must know (often the same cause: a read-only or
+/// full disk).
 pub fn record(sync: &Sync) {
     let Some(path) = default_path() else {
         return;
     };
     if let Err(e) = Log::open(&path).and_then(|log| log.record(sync)) {
-        tracing::warn!("the sync log {} was not updated: {e}", path.display());
+        match sync.error {
+            None => tracing::warn!("the sync log {} was not updated: {e}", path.display()),
+            Some(_) => tracing::debug!("the sync log {} was not updated: {e}", path.display()),
+        }
     }
 }
 

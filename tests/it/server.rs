@@ -553,10 +553,15 @@ impl Machine {
     }
 
     /// Every file under the machine's XDG directories, with its bytes: what a command
-    /// that changes nothing must leave as it was.
+    /// that changes nothing must leave as it was. The sync log is left out: it records
+    /// every attempt, failures included, by design (`sqlferry status` reads them).
     pub fn state(&self) -> Vec<(PathBuf, Vec<u8>)> {
         files_under(&self.home)
             .into_iter()
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("syncs.sqlite"))
+            })
             .map(|p| {
                 let bytes = std::fs::read(&p).unwrap_or_default();
                 (p, bytes)

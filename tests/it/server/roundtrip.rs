@@ -117,7 +117,7 @@ fn every_version_selector_round_trips_and_a_pull_sends_only_what_differs() {
         (
             "acme/app.db@latest-x",
             EXIT_USAGE,
-            "@N, @latest or @latest-N",
+            "@N, @latest, @latest-N or @TIME",
         ),
     ] {
         let out = b.run_on(&server, ["pull", spec, "missing.db"]);
