@@ -32,6 +32,9 @@ const FOLD_EVERY_S: i64 = 3600;
 
 const DAY_S: i64 = 86_400;
 
+/// The schema version `PRAGMA user_version` records once [`SCHEMA`] is in place.
+const SCHEMA_VERSION: i64 = 1;
+
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS syncs(
         id INTEGER PRIMARY KEY,
@@ -208,11 +211,20 @@ impl Log {
         let sql = |e| crate::Error::sqlite(path, e);
         let conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql)?;
-        conn.execute_batch(SCHEMA).map_err(sql)?;
+        // A log made before needs no schema work (a few ms a push otherwise): its
+        // user_version says it is whole. WAL mode is kept in the file once set.
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql)?;
+        if version < SCHEMA_VERSION {
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(sql)?;
+            conn.execute_batch(SCHEMA).map_err(sql)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(sql)?;
+        }
         Ok(Log {
             conn,
             path: path.to_owned(),
