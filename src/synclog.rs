@@ -184,10 +184,23 @@ pub fn default_path() -> Option<PathBuf> {
 /// own error line says what the user must know (often the same cause: a read-only or
 /// full disk).
 pub fn record(sync: &Sync) {
+    /// The log this process wrote last, kept open: a subscriber records a sync every
+    /// few seconds, and opening the file was most of a record's cost.
+    static OPEN: std::sync::Mutex<Option<Log>> = std::sync::Mutex::new(None);
     let Some(path) = default_path() else {
         return;
     };
-    if let Err(e) = Log::open(&path).and_then(|log| log.record(sync)) {
+    let mut open = OPEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let result = match open.take().filter(|log| log.path == path) {
+        Some(log) => Ok(log),
+        None => Log::open(&path),
+    }
+    .and_then(|log| {
+        log.record(sync)?;
+        Ok(log)
+    });
+    let result = result.map(|log| *open = Some(log));
+    if let Err(e) = result {
         match sync.error {
             None => tracing::warn!("the sync log {} was not updated: {e}", path.display()),
             Some(_) => tracing::debug!("the sync log {} was not updated: {e}", path.display()),

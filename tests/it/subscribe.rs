@@ -502,6 +502,20 @@ fn subscribers_of_the_embedded_store_reach_each_other_without_a_server() {
         util::dump(&m.path("app.db")),
         util::dump(&m.path("copy.db"))
     );
+    // The sync log saw each sync with the trigger that started it.
+    let out = m.run(["history", "--json"]);
+    let days: serde_json::Value = serde_json::from_str(&util::stdout(&out)).unwrap();
+    let triggers = &days[0]["triggers"];
+    for t in ["manual", "start", "sync-now", "new-version"] {
+        assert!(triggers[t].as_u64().unwrap_or(0) >= 1, "{t} in {triggers}");
+    }
+    let out = m.run(["status", "copy.db"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stdout(&out));
+    assert!(
+        util::stdout(&out).contains("ok       pull"),
+        "{}",
+        util::stdout(&out)
+    );
 }
 
 #[test]
@@ -704,6 +718,16 @@ fn failing_pushes_are_reported_to_the_server() {
     let out = push.output();
     assert!(out.contains("push (shutdown) failed"), "{out}");
     assert!(out.contains("stopped with changes not pushed"), "{out}");
+    // status says so too, for cron: failing, and why.
+    let out = a.run(["status", "app.db"]);
+    assert_eq!(util::code(&out), 11, "{}", util::stdout(&out));
+    let text = util::stdout(&out);
+    assert!(text.starts_with("FAILING  push"), "{text}");
+    assert!(text.contains("VERSION_CONFLICT"), "{text}");
+    assert!(
+        text.contains("trigger start"),
+        "the start push was the last success: {text}"
+    );
 }
 
 #[test]
