@@ -191,14 +191,32 @@ pub fn record(sync: &Sync) {
         return;
     };
     let mut open = OPEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let result = match open.take().filter(|log| log.path == path) {
-        Some(log) => Ok(log),
-        None => Log::open(&path),
-    }
-    .and_then(|log| {
-        log.record(sync)?;
-        Ok(log)
-    });
+    let attempt = |cached: Option<Log>| {
+        match cached {
+            Some(log) => Ok(log),
+            None => Log::open(&path),
+        }
+        .and_then(|log| {
+            log.record(sync)?;
+            Ok(log)
+        })
+    };
+    let result = match attempt(open.take().filter(|log| log.path == path)) {
+        // A damaged log only holds the record of past syncs: keep it for a look, start
+        // a new one, and say so once.
+        Err(e) if is_damaged(&e) => match set_aside(&path) {
+            Ok(aside) => {
+                tracing::warn!(
+                    "the sync log {} was damaged ({e}): moved to {}, a new one started",
+                    path.display(),
+                    aside.display()
+                );
+                attempt(None)
+            }
+            Err(_) => Err(e),
+        },
+        other => other,
+    };
     let result = result.map(|log| *open = Some(log));
     if let Err(e) = result {
         match sync.error {
@@ -206,6 +224,29 @@ pub fn record(sync: &Sync) {
             Some(_) => tracing::debug!("the sync log {} was not updated: {e}", path.display()),
         }
     }
+}
+
+/// Whether `e` says the log file is not a database, or a damaged one.
+fn is_damaged(e: &crate::Error) -> bool {
+    matches!(
+        e.kind(),
+        crate::ErrorKind::NotADatabase | crate::ErrorKind::Verification
+    )
+}
+
+/// Moves a damaged log (and its WAL and shared-memory files) to
+/// `syncs.sqlite.damaged-<unix seconds>`; returns where.
+fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".damaged-{}", crate::epoch::now()));
+    let aside = PathBuf::from(aside);
+    std::fs::rename(path, &aside)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(side));
+    }
+    Ok(aside)
 }
 
 /// An open sync log.
@@ -249,7 +290,19 @@ impl Log {
         if !path.exists() {
             return Ok(None);
         }
-        Log::open(path).map(Some)
+        Log::open(path).map(Some).map_err(|e| {
+            if !is_damaged(&e) {
+                return e;
+            }
+            let why = format!(
+                "the sync log is damaged ({e}); it only holds the record of past syncs: \
+                 the next push or pull moves it aside and starts a new one"
+            );
+            crate::Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+            )
+        })
     }
 
     /// Adds `sync`, updates its `latest` row, and folds old syncs when that is due.
@@ -605,6 +658,26 @@ mod tests {
         assert_eq!(days.len(), 365);
         assert_eq!(days.iter().map(|d| d.syncs).sum::<u64>(), 365 * 24 * 60);
         assert_eq!(days.iter().map(|d| d.failures).sum::<u64>(), 365 * 24);
+    }
+
+    #[test]
+    fn a_damaged_log_is_refused_with_advice_then_set_aside_by_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("syncs.sqlite");
+        std::fs::write(&path, vec![0x5a; 5000]).unwrap();
+        let err = Log::open_existing(&path).unwrap_err();
+        assert!(err.to_string().contains("moves it aside"), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::LocalIo);
+
+        let aside = set_aside(&path).unwrap();
+        assert_eq!(
+            std::fs::read(&aside).unwrap(),
+            vec![0x5a; 5000],
+            "kept for a look"
+        );
+        let log = Log::open(&path).unwrap();
+        log.record(&sync(NOON, "push", "idle", None)).unwrap();
+        assert_eq!(log.health(None).unwrap().len(), 1);
     }
 
     #[test]
