@@ -114,19 +114,33 @@ pub const SESSION_WAIT: Duration = Duration::from_secs(30);
 /// What the server lets clients cost it: sync sessions at once, wrong keys per address.
 #[derive(Debug)]
 pub struct Limits {
-    /// Permits for push and pull sessions running at once.
-    sessions: Arc<tokio::sync::Semaphore>,
-    max_sessions: usize,
+    /// Push and pull sessions running at once, and the memory they leave behind.
+    sessions: Arc<SessionPool>,
     /// Wrong keys per client address.
     keys: throttle::KeyThrottle,
     /// Permits for WebSocket sessions of any kind (subscribers included) at once.
     connections: Arc<tokio::sync::Semaphore>,
     /// How long a session waits for a free slot before it is told the server is busy.
     session_wait: Duration,
-    /// Whether a return of freed memory is planned ([`SessionSlot`]).
-    trimming: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The push and pull sessions' permits, shared by [`Limits`] and every running
+/// [`SessionSlot`], which returns the memory sessions freed when the last one ends.
+#[derive(Debug)]
+struct SessionPool {
+    permits: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    /// Whether a return of freed memory is planned: one at a time.
+    trimming: std::sync::atomic::AtomicBool,
     /// How many times freed memory was returned to the system.
-    trims: Arc<std::sync::atomic::AtomicU64>,
+    trims: std::sync::atomic::AtomicU64,
+}
+
+impl SessionPool {
+    /// Whether no push or pull session is running.
+    fn idle(&self) -> bool {
+        self.permits.available_permits() >= self.max
+    }
 }
 
 /// WebSocket sessions of any kind (subscribers, waiting sessions) allowed at once, per
@@ -141,42 +155,44 @@ impl Limits {
     pub fn new(max_sessions: usize) -> Limits {
         let max_sessions = max_sessions.max(1);
         Limits {
-            sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
-            max_sessions,
+            sessions: Arc::new(SessionPool {
+                permits: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
+                max: max_sessions,
+                trimming: Default::default(),
+                trims: Default::default(),
+            }),
             keys: throttle::KeyThrottle::default(),
             connections: Arc::new(tokio::sync::Semaphore::new(
                 max_sessions.saturating_mul(CONNECTIONS_PER_SESSION),
             )),
             session_wait: SESSION_WAIT,
-            trimming: Arc::default(),
-            trims: Arc::default(),
         }
     }
 
     /// The most push and pull sessions that run at once.
     pub fn max_sessions(&self) -> usize {
-        self.max_sessions
+        self.sessions.max
     }
 
     /// A slot for one sync session, waiting up to the session wait ([`SESSION_WAIT`]
     /// unless set) for one to free up; `None` when the server stayed busy.
     pub(crate) async fn session(&self) -> Option<SessionSlot> {
-        let permit = tokio::time::timeout(self.session_wait, self.sessions.clone().acquire_owned())
+        let permits = self.sessions.permits.clone();
+        let permit = tokio::time::timeout(self.session_wait, permits.acquire_owned())
             .await
             .ok()?
             .ok()?;
         Some(SessionSlot {
             permit: Some(permit),
-            sessions: self.sessions.clone(),
-            max_sessions: self.max_sessions,
-            trimming: self.trimming.clone(),
-            trims: self.trims.clone(),
+            pool: self.sessions.clone(),
         })
     }
 
     /// How many times the server returned the memory its finished sessions freed.
     pub fn memory_returns(&self) -> u64 {
-        self.trims.load(std::sync::atomic::Ordering::Relaxed)
+        self.sessions
+            .trims
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -194,43 +210,33 @@ const TRIM_DELAY: Duration = Duration::from_secs(1);
 pub(crate) struct SessionSlot {
     /// Taken in `drop`, so the slot is free before the idle check runs.
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    sessions: Arc<tokio::sync::Semaphore>,
-    max_sessions: usize,
-    /// Set while a trim is planned or running: one at a time.
-    trimming: Arc<std::sync::atomic::AtomicBool>,
-    trims: Arc<std::sync::atomic::AtomicU64>,
+    pool: Arc<SessionPool>,
 }
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering;
         drop(self.permit.take());
-        let idle = |s: &tokio::sync::Semaphore, max| s.available_permits() >= max;
-        if !idle(&self.sessions, self.max_sessions) {
+        if !self.pool.idle() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if self.trimming.swap(true, Ordering::AcqRel) {
+        if self.pool.trimming.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (sessions, max, trimming, trims) = (
-            self.sessions.clone(),
-            self.max_sessions,
-            self.trimming.clone(),
-            self.trims.clone(),
-        );
+        let pool = self.pool.clone();
         runtime.spawn(async move {
             tokio::time::sleep(TRIM_DELAY).await;
-            if idle(&sessions, max)
+            if pool.idle()
                 && tokio::task::spawn_blocking(release_freed_memory)
                     .await
                     .is_ok()
             {
-                trims.fetch_add(1, Ordering::Relaxed);
+                pool.trims.fetch_add(1, Ordering::Relaxed);
             }
-            trimming.store(false, Ordering::Release);
+            pool.trimming.store(false, Ordering::Release);
         });
     }
 }
