@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::{Global, exit, human_bytes, out};
+use super::{Global, exit, expand_tilde, human_bytes, is_local_path, out};
 use crate::client::{Scope, State, Status};
 use crate::shutdown::Shutdown;
 
@@ -37,7 +37,7 @@ impl StatusArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, _shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let now = crate::epoch::now();
-        let scope = Scope::parse(self.target.as_deref());
+        let scope = scope(self.target.as_deref());
         let lines = crate::client::status(scope.clone(), self.max_age, now).await?;
         let unhealthy = lines.iter().filter(|s| s.is_unhealthy()).count();
         if lines.is_empty() && scope != Scope::All {
@@ -56,6 +56,21 @@ impl StatusArgs {
         } else {
             exit::OK
         }))
+    }
+}
+
+/// What TARGET names: a database file or its sidecar (`app.db-sqlferry`) when it is a
+/// local path by the rule DEST follows ([`is_local_path`]), else a replica path; nothing
+/// is every database.
+fn scope(target: Option<&str>) -> Scope {
+    match target {
+        None => Scope::All,
+        Some(t) if is_local_path(t) => {
+            let path = expand_tilde(t);
+            let sidecar = crate::config::Sidecar::database_for(&path).filter(|_| path.is_file());
+            Scope::Database(sidecar.unwrap_or(path))
+        }
+        Some(t) => Scope::Replica(t.to_owned()),
     }
 }
 
@@ -155,7 +170,7 @@ impl HistoryArgs {
     /// Runs the command.
     pub async fn run(self, _global: &Global, _shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let now = crate::epoch::now();
-        let scope = Scope::parse(self.target.as_deref());
+        let scope = scope(self.target.as_deref());
         let days = crate::client::history(scope, self.days, now).await?;
         if self.json {
             out(format_args!("{}", serde_json::to_string(&days)?))?;

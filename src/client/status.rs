@@ -21,22 +21,6 @@ pub enum Scope {
 }
 
 impl Scope {
-    /// What the user named: a database file or its sidecar (`app.db-sqlferry`), else a
-    /// replica path (`namespace/name`); nothing is every database.
-    pub fn parse(target: Option<&str>) -> Scope {
-        let Some(t) = target else {
-            return Scope::All;
-        };
-        let path = Path::new(t);
-        if let Some(db) = crate::config::Sidecar::database_for(path).filter(|_| path.is_file()) {
-            return Scope::Database(db);
-        }
-        if path.exists() || t.starts_with('.') || t.starts_with('/') {
-            return Scope::Database(path.to_owned());
-        }
-        Scope::Replica(t.to_owned())
-    }
-
     fn database(&self) -> Option<String> {
         match self {
             Scope::Database(p) => Some(crate::config::database_key(p).display().to_string()),
