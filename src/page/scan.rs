@@ -73,6 +73,14 @@ fn wal_pages(db: &Path, page_size: u32, page_count: u32) -> Result<Vec<u64>> {
     Ok(set)
 }
 
+/// Where a scan finds the pages: the set of pages some WAL frame names (those are read
+/// through the connection), and the main file's length.
+fn layout(file: &File, path: &Path, page_size: u32, page_count: u32) -> Result<(Vec<u64>, u64)> {
+    let in_wal = wal_pages(path, page_size, page_count)?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    Ok((in_wal, file_len))
+}
+
 /// Calls `f` with every page of the database at `path`, as the transaction open on
 /// `conn` sees it, in page order. The lock-byte page is passed as zeros.
 ///
@@ -88,8 +96,7 @@ pub(super) fn for_each_page(
     page_count: u32,
     f: &mut dyn FnMut(u32, &[u8]) -> Result<()>,
 ) -> Result<()> {
-    let in_wal = wal_pages(path, page_size, page_count)?;
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let (in_wal, file_len) = layout(file, path, page_size, page_count)?;
     pages(
         Some(conn),
         &in_wal,
@@ -120,12 +127,7 @@ pub(super) fn for_each_page_beside<R: Send>(
     f: &mut dyn FnMut(u32, &[u8]) -> Result<()>,
     check: impl FnOnce(&Connection) -> R + Send,
 ) -> (Result<()>, Option<R>) {
-    let prelude = (|| {
-        let in_wal = wal_pages(path, page_size, page_count)?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        Ok((in_wal, file_len))
-    })();
-    let (in_wal, file_len) = match prelude {
+    let (in_wal, file_len) = match layout(file, path, page_size, page_count) {
         Ok(p) => p,
         Err(e) => return (Err(e), None),
     };
