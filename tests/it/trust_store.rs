@@ -107,7 +107,7 @@ fn ok(out: &Output, what: &str) -> serde_json::Value {
 }
 
 /// The store directory a replica file is in (`<store>/replicas/...`).
-fn store_of(file: &Path) -> PathBuf {
+pub(crate) fn store_of(file: &Path) -> PathBuf {
     file.ancestors()
         .find(|a| a.file_name().is_some_and(|n| n == "replicas"))
         .and_then(Path::parent)

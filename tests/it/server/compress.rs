@@ -9,13 +9,14 @@
 //! store is smaller than the database, and every reader (a zstd pull, a plain pull, the
 //! embedded store, scrub) expands and checks what it reads.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::json;
 use tempfile::TempDir;
 
 use super::raw::{End, connect, end, open, runtime, send};
 use super::{Machine, TestServer, exec, small_db};
+use crate::trust_store::store_of;
 use crate::util;
 use sqlferry::protocol::Frame;
 use sqlferry::protocol::compress::Expander;
@@ -271,15 +272,6 @@ fn a_bomb_or_garbage_in_a_compressed_page_is_refused_and_changes_nothing() {
 }
 
 const EXIT_VERIFY: i32 = 7;
-
-/// The store directory a replica file is in (`<store>/replicas/...`).
-fn store_of(file: &Path) -> PathBuf {
-    file.ancestors()
-        .find(|a| a.file_name().is_some_and(|n| n == "replicas"))
-        .and_then(Path::parent)
-        .expect("a replica file is under <store>/replicas")
-        .to_owned()
-}
 
 /// The bytes of every pack of the store in `data`.
 fn pack_bytes(data: &Path) -> u64 {
