@@ -17,6 +17,8 @@
 //! cannot be written (a full disk, a read-only home), since the sync itself already
 //! happened.
 
+pub mod running;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

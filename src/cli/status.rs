@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::{Global, exit, expand_tilde, human_bytes, is_local_path, out};
 use crate::client::{Scope, State, Status};
 use crate::shutdown::Shutdown;
+use crate::synclog::running::Planned;
 
 /// Arguments of `sqlferry status`.
 #[derive(Debug, clap::Args)]
@@ -19,7 +20,8 @@ and alert on a non-zero exit.
 
 Judged from this machine's sync log ($XDG_STATE_HOME/sqlferry/syncs.sqlite): every \
 push and pull, by hand or by a subscriber, is recorded there. `sqlferry history` shows \
-its daily totals.")]
+its daily totals. A subscriber running on this machine is shown with its next planned \
+push and why, for example `next push in 7m: idle 10m`.")]
 pub struct StatusArgs {
     /// A database file, its sidecar (DB-sqlferry), or a replica path (namespace/name);
     /// every database this machine syncs when left out.
@@ -115,6 +117,22 @@ fn print_status(lines: &[Status], now: i64) -> anyhow::Result<()> {
                 ago(now, at)
             ))?;
         }
+        if let Some(sub) = &s.subscriber {
+            let role = if sub.op == "push" { "push" } else { "pull" };
+            let next = match &sub.next {
+                Some(Planned { at: None, why }) => format!(": pushing now ({why})"),
+                Some(Planned { at: Some(at), why }) => {
+                    format!(": next push {}: {why}", until(now, *at))
+                }
+                None if sub.op == "push" => ": no push planned until the next change".into(),
+                None => ": applies each new version as it lands".into(),
+            };
+            out(format_args!(
+                "         {role} subscriber running (pid {}, since {}){next}",
+                sub.pid,
+                ago(now, sub.started_at)
+            ))?;
+        }
     }
     let count = |state| lines.iter().filter(|s| s.state == state).count();
     out(format_args!(
@@ -136,6 +154,18 @@ fn ago(now: i64, at: i64) -> String {
         60..3600 => format!("{}m ago", s / 60),
         3600..86_400 => format!("{}h ago", s / 3600),
         _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+/// `in 7m`, `in 2h`, `in 3d` (`now` under a second; `in 45s` under a minute).
+fn until(now: i64, at: i64) -> String {
+    let s = at - now;
+    match s {
+        i64::MIN..=0 => "now".into(),
+        1..60 => format!("in {s}s"),
+        60..3600 => format!("in {}m", (s + 59) / 60),
+        3600..86_400 => format!("in {}h", s / 3600),
+        _ => format!("in {}d", s / 86_400),
     }
 }
 

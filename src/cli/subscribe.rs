@@ -235,6 +235,8 @@ impl Line {
                 "stopping after the pull in progress (a second signal stops at once)".into(),
             ),
             Event::StoppingNow => self.err("second signal: stopping now".into()),
+            // The plan moves with every change: `status` shows it, not the log.
+            Event::Planned { .. } => {}
         }
     }
 }

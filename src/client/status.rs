@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::Result;
 use crate::remote::blocking;
+use crate::synclog::running::Subscriber;
 use crate::synclog::{Day, Health, Log};
 
 /// Which syncs a `status` or `history` is about.
@@ -67,6 +68,9 @@ pub struct Status {
     /// if that was after the last successful push started: it has changes not pushed
     /// yet.
     pub changed_at: Option<i64>,
+    /// The subscriber running this sync on this machine now, if one is, with its next
+    /// planned push.
+    pub subscriber: Option<Subscriber>,
 }
 
 impl Status {
@@ -88,10 +92,22 @@ pub async fn status(scope: Scope, max_age: Option<Duration>, now: i64) -> Result
             return Ok(Vec::new());
         };
         let healths = log.health(scope.database().as_deref())?;
+        let running = crate::synclog::running::running();
         Ok(healths
             .into_iter()
             .filter(|h| scope.keeps(h))
-            .map(|health| judge(health, max_age, now))
+            .map(|health| {
+                let mut status = judge(health, max_age, now);
+                let h = &status.health;
+                status.subscriber = running
+                    .iter()
+                    .find(|s| {
+                        (&s.database, &s.store, &s.replica, &s.op)
+                            == (&h.database, &h.store, &h.replica, &h.op)
+                    })
+                    .cloned();
+                status
+            })
             .collect())
     })
     .await
@@ -117,6 +133,7 @@ fn judge(health: Health, max_age: Option<Duration>, now: i64) -> Status {
         health,
         state,
         changed_at,
+        subscriber: None,
     }
 }
 

@@ -64,6 +64,17 @@ pub enum Event {
         /// What it did.
         pushed: Pushed,
     },
+    /// The push subscriber's plan moved: the next push, or the one running now. Not a
+    /// line for the user; `status` shows it.
+    Planned {
+        /// How long until the planned push; `None` when none is planned (nothing to
+        /// push until a change) or one is running.
+        after: Option<Duration>,
+        /// The trigger of the planned push, or of the one running now.
+        trigger: Option<Trigger>,
+        /// Whether a push is running now.
+        running: bool,
+    },
     /// A push failed.
     PushFailed {
         /// Why it ran.

@@ -29,6 +29,7 @@ use crate::protocol::control::SubscriberRole;
 use crate::remote::Server;
 use crate::shutdown::Shutdown;
 use crate::store::ReplicaPath;
+use crate::synclog::running::{Planned, Running};
 use crate::{Error, Result};
 
 /// How a subscriber ended, when it ended without an error.
@@ -178,6 +179,7 @@ pub async fn push<E: FnMut(Event)>(
         pusher.key.clone(),
     );
     let database = pusher.local.clone();
+    let database_key = pusher.database.to_string_lossy().into_owned();
     let mut subscription = server
         .subscribe(&replica, SubscriberRole::Push, key)
         .await?;
@@ -202,9 +204,30 @@ pub async fn push<E: FnMut(Event)>(
         })
     };
     let action = ClientPush::new(pusher);
+    let mut record = Running::start(&database_key, &server.url(), replica.as_str(), "push");
+    let mut emit_noted = |event: Event| {
+        if let (
+            Some(record),
+            Event::Planned {
+                after,
+                trigger,
+                running,
+            },
+        ) = (&mut record, &event)
+        {
+            record.plan(trigger.map(|t| Planned {
+                at: after.filter(|_| !running).map(|d| {
+                    crate::epoch::now() + i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2)
+                }),
+                why: why(t, &timing, *after),
+            }));
+        }
+        emit(event);
+    };
     let ended = subscriber
-        .run(action, &mut subscription, watch, shutdown, &mut emit)
+        .run(action, &mut subscription, watch, shutdown, &mut emit_noted)
         .await;
+    drop(record);
     subscription.close().await;
     match ended? {
         super::push::Ended::Shutdown => Ok(Ended::Shutdown),
@@ -267,6 +290,12 @@ pub async fn pull<E: FnMut(Event)>(
         server: server.url(),
         local: puller.local.clone(),
     });
+    let _record = Running::start(
+        &puller.database.to_string_lossy(),
+        &server.url(),
+        replica.as_str(),
+        "pull",
+    );
     let action = ClientPull {
         shared: Arc::new(tokio::sync::Mutex::new((puller, Kept::default()))),
     };
@@ -278,6 +307,33 @@ pub async fn pull<E: FnMut(Event)>(
         super::pull::Ended::Shutdown => Ended::Shutdown,
         super::pull::Ended::Interrupted => Ended::Interrupted,
     })
+}
+
+/// Why a push is planned `after` from now, as `status` shows it: `idle 10m`,
+/// `maxInterval 24h`, `idle 10m, minInterval 1h` (when the idle push waits for
+/// `--minInterval`), ….
+fn why(trigger: Trigger, timing: &Timing, after: Option<Duration>) -> String {
+    let d = super::duration::format;
+    match trigger {
+        Trigger::Idle if after.is_some_and(|a| a > timing.wait_idle) => format!(
+            "idle {}, minInterval {}",
+            d(timing.wait_idle),
+            d(timing.min_interval)
+        ),
+        Trigger::Idle => format!("idle {}", d(timing.wait_idle)),
+        Trigger::MaxInterval => match timing.max_interval {
+            Some(max) => format!("maxInterval {}", d(max)),
+            None => "maxInterval".into(),
+        },
+        Trigger::Changes => match timing.max_changes {
+            Some(n) => format!("maxChanges {n}"),
+            None => "maxChanges".into(),
+        },
+        Trigger::Retry => "retry after a failed push".into(),
+        Trigger::Start => "start".into(),
+        Trigger::SyncNow => "sync-now".into(),
+        Trigger::Shutdown => "stopping".into(),
+    }
 }
 
 /// The database being watched: the watcher (stopped and joined when dropped) and its
@@ -372,5 +428,31 @@ impl PullAction for ClientPull {
                 duration: o.stats.duration,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reason_names_the_flag_that_decides_when() {
+        let m = |n: u64| Duration::from_secs(60 * n);
+        let timing = Timing::new(m(10), None, Some(m(120)), Some(50)).unwrap();
+        assert_eq!(timing.min_interval, m(60), "half of maxInterval");
+        assert_eq!(why(Trigger::Idle, &timing, Some(m(10))), "idle 10m");
+        assert_eq!(
+            why(Trigger::Idle, &timing, Some(m(55))),
+            "idle 10m, minInterval 1h"
+        );
+        assert_eq!(
+            why(Trigger::MaxInterval, &timing, Some(m(90))),
+            "maxInterval 2h"
+        );
+        assert_eq!(why(Trigger::Changes, &timing, None), "maxChanges 50");
+        assert_eq!(
+            why(Trigger::Retry, &timing, Some(m(1))),
+            "retry after a failed push"
+        );
     }
 }

@@ -147,6 +147,7 @@ impl PushSubscriber {
         let mut reported = false;
         let mut shutdown_deadline: Option<Time> = None;
         let mut was_disconnected = !connected;
+        let mut last_plan = None;
         loop {
             if shutdown.is_forced() {
                 emit(Event::StoppingNow);
@@ -200,6 +201,22 @@ impl PushSubscriber {
                         super::duration::format(self.shutdown_bound)
                     ))));
                 }
+            }
+            // The plan, for `status`: told whenever it moves.
+            let plan = match schedule.in_flight() {
+                Some(trigger) => (None, Some(trigger), true),
+                None => match schedule.planned() {
+                    Some((at, trigger)) => (Some(at), Some(trigger), false),
+                    None => (None, None, false),
+                },
+            };
+            if last_plan != Some(plan) {
+                last_plan = Some(plan);
+                emit(Event::Planned {
+                    after: plan.0.map(|at| at.saturating_sub(t)),
+                    trigger: plan.1,
+                    running: plan.2,
+                });
             }
             let mut wake = schedule.next_wake(t);
             // The moment a failure streak becomes worth reporting.

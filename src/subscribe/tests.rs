@@ -220,6 +220,39 @@ async fn wait_idle_pushes_exactly_the_idle_time_after_the_last_change() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_plan_is_told_as_it_moves_for_status_to_show() {
+    let mut rig = PushRig::start(timing(600, None), push::REPORT_FAILURES_AFTER, false);
+    let planned = |e: &Event| match e {
+        Event::Planned {
+            after,
+            trigger,
+            running,
+        } => Some((*after, *trigger, *running)),
+        _ => None,
+    };
+    // The start push runs at once: told as running, then nothing planned.
+    assert_eq!(rig.event(planned).await, (None, Some(Trigger::Start), true));
+    rig.push_at(Trigger::Start, s(0)).await;
+    rig.results.send(pushed(1)).expect("open");
+    assert_eq!(rig.event(planned).await, (None, None, false));
+    // A change plans an idle push 10 minutes on; a later one moves it.
+    tokio::time::sleep(s(60)).await;
+    rig.changes.send(commit()).expect("open");
+    assert_eq!(
+        rig.event(planned).await,
+        (Some(s(600)), Some(Trigger::Idle), false)
+    );
+    tokio::time::sleep(s(120)).await;
+    rig.changes.send(commit()).expect("open");
+    assert_eq!(
+        rig.event(planned).await,
+        (Some(s(600)), Some(Trigger::Idle), false)
+    );
+    rig.push_at(Trigger::Idle, s(780)).await;
+    assert_eq!(rig.event(planned).await, (None, Some(Trigger::Idle), true));
+}
+
+#[tokio::test(start_paused = true)]
 async fn changes_that_never_stop_are_pushed_every_max_interval() {
     let mut rig = PushRig::start(timing(600, Some(3600)), push::REPORT_FAILURES_AFTER, false);
     for v in 1..=3 {

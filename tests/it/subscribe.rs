@@ -359,6 +359,24 @@ fn the_server_shows_the_planned_push_and_sync_now_pushes_it() {
     );
     assert_eq!(status["push_subscribers"], 1, "{status}");
     assert_eq!(status["latest_version"], 1, "{status}");
+    // This machine's `status` names the running subscriber and its plan.
+    let local_status = || {
+        let out = m.command().arg("status").output().expect("run status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut text = String::new();
+    let planned = util::wait_until(LINE_TIMEOUT, Duration::from_millis(100), || {
+        text = local_status();
+        text.contains(": idle 1h")
+    });
+    assert!(planned, "status shows no planned push:\n{text}");
+    assert!(text.contains("push subscriber running (pid "), "{text}");
+    assert!(
+        ["in 1h: idle 1h", "in 60m: idle 1h", "in 59m: idle 1h"]
+            .iter()
+            .any(|t| text.contains(&format!("next push {t}"))),
+        "{text}"
+    );
 
     let (code, body) = http(
         &server,
@@ -387,6 +405,12 @@ fn the_server_shows_the_planned_push_and_sync_now_pushes_it() {
     );
     push.expect(&["lost the server"]);
     assert_eq!(push.stop(), 0);
+    let text = local_status();
+    assert!(text.contains("push"), "{text}");
+    assert!(
+        !text.contains("subscriber running"),
+        "a stopped subscriber is not shown running:\n{text}"
+    );
 }
 
 #[test]
