@@ -175,8 +175,16 @@ impl Day {
     }
 }
 
-/// The sync log file of this user: `$XDG_STATE_HOME/sqlferry/syncs.sqlite`.
+/// The variable that turns the sync log off: `SQLFERRY_SYNC_LOG=off`.
+pub const OFF_VAR: &str = "SQLFERRY_SYNC_LOG";
+
+/// The sync log file of this user: `$XDG_STATE_HOME/sqlferry/syncs.sqlite`; `None`
+/// when there is no state directory, or when `SQLFERRY_SYNC_LOG=off` (nothing is
+/// recorded, and `status` and `history` know of no sync).
 pub fn default_path() -> Option<PathBuf> {
+    if std::env::var_os(OFF_VAR).is_some_and(|v| v == "off") {
+        return None;
+    }
     Some(crate::config::state_dir()?.join("syncs.sqlite"))
 }
 

@@ -20,7 +20,7 @@ and alert on a non-zero exit.
 
 Judged from this machine's sync log ($XDG_STATE_HOME/sqlferry/syncs.sqlite): every \
 push and pull, by hand or by a subscriber, is recorded there. `sqlferry history` shows \
-its daily totals. A subscriber running on this machine is shown with its next planned \
+its daily totals (SQLFERRY_SYNC_LOG=off records nothing). A subscriber running on this machine is shown with its next planned \
 push and why, for example `next push in 7m: idle 10m`.")]
 pub struct StatusArgs {
     /// A database file, its sidecar (DB-sqlferry), or a replica path (namespace/name);
@@ -77,6 +77,12 @@ fn scope(target: Option<&str>) -> Scope {
 }
 
 fn print_status(lines: &[Status], now: i64) -> anyhow::Result<()> {
+    if lines.is_empty() && crate::synclog::default_path().is_none() {
+        return out(format_args!(
+            "no push or pull is recorded: the sync log is off ({}=off, or no home directory)",
+            crate::synclog::OFF_VAR
+        ));
+    }
     if lines.is_empty() {
         return out(format_args!(
             "no push or pull is recorded on this machine yet"
