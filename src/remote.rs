@@ -738,9 +738,19 @@ async fn next_config(ws: &mut Socket, pending: Vec<Vec<u8>>) -> Result<Config> {
     }
 }
 
-/// Who is asking, as recorded with each version: `user@host`.
+/// Who is asking, as recorded with each version: `user@host`. Without `$USER` (or
+/// `$LOGNAME`), as under systemd or `env -i`, the user is the numeric uid: `uid1000`.
 pub fn client_id() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let user = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .or_else(|| {
+            use std::os::unix::fs::MetadataExt as _;
+            // This process's own /proc entry belongs to its user.
+            let uid = std::fs::metadata("/proc/self").ok()?.uid();
+            Some(format!("uid{uid}"))
+        })
+        .unwrap_or_else(|| "unknown".into());
     let host =
         hostname::get().map_or_else(|_| "localhost".into(), |h| h.to_string_lossy().into_owned());
     format!("{user}@{host}")

@@ -31,8 +31,8 @@ pub struct TimingArgs {
     /// Leave at least this long between pushes [default: half of --maxInterval, else 0].
     #[arg(long = "minInterval", visible_alias = "min-interval", value_name = "DURATION", value_parser = parse_duration)]
     pub min_interval: Option<Duration>,
-    /// Push at least this often while changes keep coming, idle or not [default: never
-    /// without idle].
+    /// Push at least this often while changes keep coming, idle or not (at least 10s)
+    /// [default: never without idle].
     #[arg(long = "maxInterval", visible_alias = "max-interval", value_name = "DURATION", value_parser = parse_duration)]
     pub max_interval: Option<Duration>,
     /// Push without waiting for idle once this many commits were seen since the last
@@ -254,9 +254,19 @@ fn print(line: Line, following: &mut Option<String>, event: Event) {
 }
 
 /// The exit code of a subscriber's end; a failure of the pull subscriber says so.
-fn exit_code(ended: crate::Result<Ended>, following: Option<String>) -> anyhow::Result<ExitCode> {
+fn exit_code(
+    line: Line,
+    ended: crate::Result<Ended>,
+    following: Option<String>,
+) -> anyhow::Result<ExitCode> {
     match ended {
-        Ok(Ended::Shutdown) => Ok(ExitCode::from(exit::OK)),
+        Ok(Ended::Shutdown) => {
+            line.out(match following {
+                Some(_) => "stopped (asked to): the database holds the last version pulled".into(),
+                None => "stopped (asked to): every change seen is pushed".into(),
+            });
+            Ok(ExitCode::from(exit::OK))
+        }
         Ok(Ended::Unpushed(e)) => {
             Err(anyhow::Error::from(e).context("stopped with changes not pushed"))
         }
@@ -283,7 +293,7 @@ pub(super) async fn run_push(
         print(line, &mut following, e);
     })
     .await;
-    exit_code(ended, following)
+    exit_code(line, ended, following)
 }
 
 /// `pull REMOTE --subscribe`: pull each new version until `shutdown`.
@@ -297,7 +307,7 @@ pub(super) async fn run_pull(
     };
     let mut following = None;
     let ended = plan::pull(puller, shutdown, |e| print(line, &mut following, e)).await;
-    exit_code(ended, following)
+    exit_code(line, ended, following)
 }
 
 /// Arguments of `sqlferry subscribe`.

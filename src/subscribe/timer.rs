@@ -67,7 +67,7 @@ pub struct Timing {
 impl Timing {
     /// Validates flags: wait_idle must lie in 10 s ..= 24 days; min_interval defaults to
     /// half of max_interval (0 when there is no max_interval); min_interval may not
-    /// exceed max_interval; max_interval is more than 0; max_changes >= 1.
+    /// exceed max_interval; max_interval is at least 10 s; max_changes >= 1.
     ///
     /// Errors are one clear line naming the flag (e.g. "--waitIdle 5s: must be at least
     /// 10s").
@@ -92,8 +92,14 @@ impl Timing {
                 f(MAX_WAIT_IDLE)
             ));
         }
-        if max_interval == Some(Duration::ZERO) {
-            return Err("--maxInterval 0s: must be more than 0s".to_owned());
+        // The same floor as --waitIdle, for the same reason.
+        if let Some(max) = max_interval.filter(|&max| max < MIN_WAIT_IDLE) {
+            return Err(format!(
+                "--maxInterval {}: must be at least {} (like --waitIdle: a busy database \
+                 would otherwise be pushed almost continuously)",
+                f(max),
+                f(MIN_WAIT_IDLE)
+            ));
         }
         for (flag, value) in [
             ("--minInterval", min_interval),
@@ -594,10 +600,17 @@ mod tests {
             err(m(5), Some(m(61)), Some(m(60)), None),
             "--minInterval 1h1m: may not exceed --maxInterval 1h"
         );
-        assert_eq!(
-            err(m(5), None, Some(s(0)), None),
-            "--maxInterval 0s: must be more than 0s"
-        );
+        for max in [s(0), s(5), s(9)] {
+            let e = err(s(10), None, Some(max), None);
+            assert!(
+                e.starts_with(&format!(
+                    "--maxInterval {}: must be at least 10s",
+                    duration::format(max)
+                )),
+                "{e}"
+            );
+        }
+        assert_eq!(timing(s(10), None, Some(s(10)), None).min_interval, s(5));
         assert_eq!(
             err(m(5), None, None, Some(0)),
             "--maxChanges 0: must be at least 1"

@@ -398,3 +398,33 @@ fn help_of_push_and_verify_shows_examples() {
         );
     }
 }
+
+#[test]
+fn a_version_names_its_user_by_uid_when_user_is_unset() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path());
+    let out = crate::util::sqlferry(dir.path())
+        .env_remove("USER")
+        .env_remove("LOGNAME")
+        .args(["push".as_ref(), src.as_os_str(), "acme/app.db".as_ref()])
+        .output()
+        .unwrap();
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let out = util::run(
+        dir.path(),
+        &[
+            "versions".as_ref(),
+            "acme/app.db".as_ref(),
+            "--json".as_ref(),
+        ],
+    );
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let versions: serde_json::Value = serde_json::from_str(&util::stdout(&out)).unwrap();
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    let client = versions[0]["client_id"].as_str().unwrap();
+    assert!(
+        client.starts_with(&format!("uid{uid}@")) && client.len() > format!("uid{uid}@").len(),
+        "{versions}"
+    );
+}

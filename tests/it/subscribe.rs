@@ -405,6 +405,12 @@ fn the_server_shows_the_planned_push_and_sync_now_pushes_it() {
     );
     push.expect(&["lost the server"]);
     assert_eq!(push.stop(), 0);
+    assert!(
+        push.output()
+            .contains("stopped (asked to): every change seen is pushed"),
+        "a clean stop says so:\n{}",
+        push.output()
+    );
     let text = local_status();
     assert!(text.contains("push"), "{text}");
     assert!(
