@@ -81,7 +81,8 @@ pub struct Cli {
 /// Options every command takes.
 #[derive(Debug, clap::Args)]
 pub struct Global {
-    /// Print nothing but errors (and --json output); no progress bar.
+    /// Print nothing but errors and what a command was asked to print (--json, where
+    /// it has one); no progress bar.
     #[arg(short, long, global = true)]
     pub quiet: bool,
     /// Log what happens on stderr (-vv for more detail).

@@ -35,7 +35,19 @@ fn main() -> ExitCode {
             tracing::debug!(%location, %message, "a thread panicked");
         }
     }));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A usage error, in the one style of every error line: clap's explanation,
+        // tip and usage follow.
+        Err(e) if e.use_stderr() => {
+            let text = e.render().to_string();
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            eprint!("sqlferry: error: {text}");
+            return ExitCode::from(exit::USAGE);
+        }
+        // --help and --version: printed on stdout, exit 0.
+        Err(e) => e.exit(),
+    };
     init_tracing(&cli.global);
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         debug_panic("main");

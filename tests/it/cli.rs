@@ -428,3 +428,19 @@ fn a_version_names_its_user_by_uid_when_user_is_unset() {
         "{versions}"
     );
 }
+
+#[test]
+fn a_usage_error_reads_like_every_other_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = util::run(dir.path(), &["push".as_ref(), "--bogus".as_ref()]);
+    assert_eq!(util::code(&out), 2);
+    let err = util::stderr(&out);
+    assert!(
+        err.starts_with("sqlferry: error: unexpected argument '--bogus'"),
+        "{err}"
+    );
+    assert!(err.contains("Usage: sqlferry push"), "{err}");
+    let out = util::run(dir.path(), &["--version".as_ref()]);
+    assert_eq!(util::code(&out), 0);
+    assert!(util::stdout(&out).starts_with("sqlferry "), "{out:?}");
+}
