@@ -121,6 +121,7 @@ pub enum Command {
 /// Where a replica lives and the key to reach it: `--server` and `--key`, shared by
 /// every command that talks to a store.
 #[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Store and key")]
 pub struct RemoteArgs {
     /// The store: ws://host:port or wss://host:port for a sqlferry server (wss: TLS; set
     /// SQLFERRY_CA_FILE=ca.pem to trust a private CA), file:///path for a store directory
