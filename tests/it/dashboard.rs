@@ -162,6 +162,11 @@ fn the_dashboard_lists_replicas_syncs_a_subscriber_and_refuses_a_wrong_key() {
         "{seen}"
     );
     assert_eq!(seen["health"], "fresh", "{seen}");
+    assert_eq!(
+        seen["healths"],
+        serde_json::json!({"failing": "Cannot read the replica's file"}),
+        "only the damaged replica is not fresh: {seen}"
+    );
     assert_eq!(seen["version_count"], "3", "{seen}");
     assert_eq!(seen["subscribers"], "1 pull", "{seen}");
     assert_eq!(seen["failing_count"], "1", "{seen}");

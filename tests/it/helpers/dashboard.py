@@ -123,8 +123,10 @@ def run(driver, url, admin_key, replica, shots, seen):
     driver.find_element(By.ID, "sign-in").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, card_css))
     card = driver.find_element(By.CSS_SELECTOR, card_css)
-    seen["replicas"] = [c.get_attribute("data-replica")
-                        for c in driver.find_elements(By.CSS_SELECTOR, "article.card")]
+    cards = driver.find_elements(By.CSS_SELECTOR, "article.card")
+    seen["replicas"] = [c.get_attribute("data-replica") for c in cards]
+    seen["healths"] = {c.get_attribute("data-health"): c.find_element(By.CSS_SELECTOR, ".why").text
+                       for c in cards if c.get_attribute("data-health") != "fresh"}
     seen["health"] = card.get_attribute("data-health")
     seen["version_count"] = card.find_element(By.CSS_SELECTOR, ".version-count").text
     seen["subscribers"] = card.find_element(By.CSS_SELECTOR, ".subscribers").text
