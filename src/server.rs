@@ -47,7 +47,9 @@
 //! - Store and key work (SQLite) and file work run on `spawn_blocking`, never on the
 //!   async threads; no session holds a SQLite read transaction across an `.await`.
 
+mod api;
 mod auth;
+mod dashboard;
 mod fault;
 mod http;
 mod hub;
@@ -57,6 +59,7 @@ mod session;
 mod throttle;
 mod tls;
 
+pub use api::{Summary, summary};
 pub use auth::{Auth, KeyKind, Principal, key_id_of, mask};
 pub use fault::disk_full;
 pub use hub::{Event, FailureStatus, Hub, Status};

@@ -39,10 +39,12 @@
 //! - A replica file of the previous layout (its own `pages` table) has its pages moved
 //!   into the packs the first time it is opened.
 
+mod list;
 mod pack;
 mod replica;
 mod scrub;
 
+pub use list::Latest;
 pub use replica::{VersionReader, VersionWriter};
 pub use scrub::{BadPage, BadVersion, ReplicaScrub, ScrubProgress, ScrubReport};
 
@@ -281,6 +283,18 @@ impl Store {
         let file = self.replica_file(replica);
         self.remove_leftovers(&file);
         replica::versions(&file, replica)
+    }
+
+    /// Every replica of the store, in path order: one directory listing per namespace,
+    /// no replica file opened. A store with nothing pushed yet has none.
+    pub fn replicas(&self) -> Result<Vec<ReplicaPath>> {
+        list::replicas(&self.root)
+    }
+
+    /// `replica`'s latest version and its version count, reading that one row (no
+    /// manifest, no page); `None` when it has no version.
+    pub fn latest(&self, replica: &ReplicaPath) -> Result<Option<Latest>> {
+        list::latest(&self.replica_file(replica), replica)
     }
 
     /// Starts a push into `replica`; the replica is created if it does not exist.

@@ -31,6 +31,10 @@ stored. Push a new replica with the admin key (sqlferry push app.db acme/app.db 
 ws://HOST:PORT --key KEY): the server mints a PUSH and a PULL key for it. SIGINT or SIGTERM \
 stops it cleanly: sessions in flight get 10 s to finish, then are aborted (an unfinished \
 push leaves no trace); a second signal aborts them at once.\n\n\
+Dashboard: open http://HOST:PORT/ in a browser and enter the admin key: every replica with \
+its health (failing, late, fresh), the age of its latest version, its versions and \
+subscribers, and a Sync now button. The same data as JSON: GET /api/replicas with \
+Authorization: Bearer KEY (docs/server.md).\n\n\
 TLS: with --tls-cert and --tls-key every connection on the port is TLS (wss:// sessions, \
 https:// API); clients then use --server wss://HOST:PORT. A client trusts the usual public \
 CAs; for a private CA or a self-signed certificate, set SQLFERRY_CA_FILE=ca.pem on the \

@@ -3,13 +3,17 @@
 //! - `GET /v1/sync` with `Upgrade: websocket`: a WebSocket session, once the key in
 //!   `Authorization: Bearer` is checked (the `session` module runs it).
 //! - `GET /api/health`: `{"status": "ok", "version": "…"}`, no key needed.
+//! - `GET /api/replicas` (or `/api/replicas/`): every replica's summary (the `api`
+//!   module), with the admin key only.
 //! - `GET /api/replicas/<namespace>/<name>/versions`: the replica's versions, with a
 //!   key allowed to pull it (`Authorization: Bearer <key>`).
-//! - `GET /api/replicas/<namespace>/<name>`: the replica's latest version and what the
-//!   hub knows: subscribers connected, the push a subscriber announced (CHANGED), the
-//!   failures it reported.
+//! - `GET /api/replicas/<namespace>/<name>`: the replica's summary (its latest version
+//!   and what the hub knows: subscribers connected, the push a subscriber announced
+//!   (CHANGED), the failures it reported) and its versions.
 //! - `POST /api/replicas/<namespace>/<name>/sync`: ask every running subscriber to sync
 //!   now (PUSH or admin key); answers at once with how many were reached.
+//! - `GET /`, `/app.js`, `/app.css`, `/favicon.svg`: the dashboard (the `dashboard`
+//!   module), static files that hold no data and need no key.
 //!
 //! Errors are JSON too: `{"error": "…"}` with the matching status code; a failure of
 //! the server's own files (a full disk) is `503`, never `401`; any other failure of the
@@ -33,11 +37,11 @@ use futures_util::FutureExt as _;
 use serde_json::json;
 
 use super::{
-    BUSY_RETRY_AFTER, CONNECTIONS_PER_SESSION, Peer, Principal, State, Status, Tasks, fault,
-    session, throttle,
+    BUSY_RETRY_AFTER, CONNECTIONS_PER_SESSION, KeyKind, Peer, Principal, State, Status, Tasks, api,
+    fault, session, throttle,
 };
 use crate::protocol::control::Op;
-use crate::store::ReplicaPath;
+use crate::store::{Latest, ReplicaPath};
 use crate::transport::ws::ws_config;
 use crate::{Error, ErrorKind, Result};
 
@@ -54,8 +58,10 @@ pub(super) fn router(state: Arc<State>, tasks: Tasks) -> Router {
     Router::new()
         .route("/v1/sync", any(sync))
         .route("/api/health", any(health))
-        .route("/api/replicas/", any(replica))
+        .route("/api/replicas", any(replicas))
+        .route("/api/replicas/", any(replicas))
         .route("/api/replicas/{*replica}", any(replica))
+        .merge(super::dashboard::routes())
         .fallback(no_such_endpoint)
         .layer(middleware::from_fn(upgrades_only_at_sync))
         .layer(middleware::from_fn(panic_is_500))
@@ -241,12 +247,53 @@ async fn replica(
             format!("replica {replica} has no version and no subscriber"),
         );
     }
-    let latest = versions.last();
-    let mut body = json!(status);
-    body["replica"] = replica.as_str().into();
-    body["latest_version"] = json!(latest.map(|v| v.number));
-    body["latest_at"] = json!(latest.map(|v| v.created_at));
+    let latest = versions.last().map(|v| Latest {
+        version: v.clone(),
+        count: versions.len() as u64,
+    });
+    let mut body = json!(api::summary(replica.as_str(), latest.as_ref(), status));
+    body["versions"] = json!(versions);
     answer(StatusCode::OK, body)
+}
+
+/// The list of every replica's summary: admin key only.
+async fn replicas(
+    With(ctx): With<Ctx>,
+    Extension(peer): Extension<Peer>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    let state = &ctx.state;
+    if method != Method::GET {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "use GET for /api/replicas");
+    }
+    let principal = match authenticate_throttled(state, peer, &headers).await {
+        Ok(p) => p,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if principal.kind != KeyKind::Admin {
+        let own = principal.replica.as_deref().unwrap_or("namespace/name");
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "listing every replica needs the admin key; this {} key may read only its \
+                 own replica, at /api/replicas/{own}",
+                principal.kind.as_str().to_uppercase()
+            ),
+        );
+    }
+    let (store, hub) = (state.store.clone(), state.hub.clone());
+    let listed = super::blocking(move || {
+        api::list(&store, &hub).map_err(|e| fault::server_side(e, store.root()))
+    })
+    .await;
+    match listed {
+        Ok(summaries) => answer(StatusCode::OK, json!({ "replicas": summaries })),
+        Err(e) => {
+            tracing::error!(key = %principal.key_id, error = %e, "listing the replicas failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
 }
 
 /// The WebSocket upgrade on `/v1/sync`: checked (a connection slot, then the key)

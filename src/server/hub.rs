@@ -242,6 +242,22 @@ impl Hub {
         }
     }
 
+    /// The replicas the hub knows something of now (a subscriber connected, a planned
+    /// push, a failure report), in no particular order: a listing adds them to the
+    /// store's, so a replica whose first push keeps failing is listed too.
+    pub fn replicas(&self) -> Vec<String> {
+        let replicas = self.lock();
+        replicas
+            .iter()
+            .filter(|(_, s)| {
+                s.push_subscribers + s.pull_subscribers > 0
+                    || s.expected_push_at.is_some()
+                    || s.failure.is_some()
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Tells every subscribe session that the server is shutting down.
     pub fn close(&self) {
         self.closing.send_replace(true);
@@ -266,14 +282,23 @@ mod tests {
         assert_eq!(hub.sync_now("acme/app.db"), 0);
         let mut a = hub.join("acme/app.db", SubscriberRole::Push);
         let b = hub.join("acme/app.db", SubscriberRole::Pull);
-        let _other = hub.join("acme/other.db", SubscriberRole::Pull);
+        let other = hub.join("acme/other.db", SubscriberRole::Pull);
         let s = hub.status("acme/app.db");
         assert_eq!((s.push_subscribers, s.pull_subscribers), (1, 1));
         assert_eq!(hub.sync_now("acme/app.db"), 2);
         assert_eq!(a.events.try_recv(), Ok(Event::SyncNow));
+        let mut known = hub.replicas();
+        known.sort();
+        assert_eq!(known, ["acme/app.db", "acme/other.db"]);
         drop(b);
         assert_eq!(hub.status("acme/app.db").pull_subscribers, 0);
         assert_eq!(hub.sync_now("acme/app.db"), 1);
+        drop(other);
+        assert_eq!(
+            hub.replicas(),
+            ["acme/app.db"],
+            "no one left on acme/other.db"
+        );
     }
 
     #[test]

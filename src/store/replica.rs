@@ -80,7 +80,7 @@ const FRESH_SCHEMA: &str = "
     DELETE FROM temp.fresh;
 ";
 
-fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+pub(super) fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
     move |e| Error::sqlite(path, e)
 }
 
@@ -89,7 +89,7 @@ fn not_found(replica: &ReplicaPath) -> Error {
 }
 
 /// Opens a replica file that must exist, read-only.
-fn open_existing(file: &Path, replica: &ReplicaPath) -> Result<Connection> {
+pub(super) fn open_existing(file: &Path, replica: &ReplicaPath) -> Result<Connection> {
     if !file.exists() {
         return Err(not_found(replica));
     }
@@ -110,10 +110,10 @@ fn open_existing(file: &Path, replica: &ReplicaPath) -> Result<Connection> {
 /// `cache_size` is KiB).
 const READER_CACHE_KIB: i64 = -256;
 
-const VERSION_COLUMNS: &str =
+pub(super) const VERSION_COLUMNS: &str =
     "number, page_size, page_count, digest, message, created_at, client_id, key_id, base";
 
-fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo> {
+pub(super) fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo> {
     let page_size: u32 = r.get(1)?;
     let page_count: u32 = r.get(2)?;
     let digest: Vec<u8> = r.get(3)?;

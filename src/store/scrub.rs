@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags};
 
 use super::ReplicaPath;
+use super::list::{replica_files, replica_of};
 use super::pack::{self, Pages};
-use super::replica::{page_matches, record_bad_pages, remove_leftovers, upgrade};
+use super::replica::{page_matches, record_bad_pages, upgrade};
 use crate::digest::{Digest, HASH_BYTES, Hash, hex, lock_byte_page, sha256};
 use crate::{Error, Result};
 
@@ -104,7 +105,7 @@ pub(super) fn scrub(root: &Path, progress: &mut dyn FnMut(&ScrubProgress)) -> Re
     let mut files = Vec::new();
     let mut leftover_bytes_removed = 0;
     if top.exists() {
-        walk(&top, &mut files, &mut leftover_bytes_removed)?;
+        replica_files(&top, &mut files, Some(&mut leftover_bytes_removed))?;
     } else if !root.is_dir() {
         return Err(Error::NotFound(format!(
             "{} is not a store directory",
@@ -187,31 +188,6 @@ fn check_pages(
     })?;
     progress(&at);
     Ok(at.done)
-}
-
-/// Collects the replica files under `dir`, cleaning each directory on the way.
-fn walk(dir: &Path, files: &mut Vec<PathBuf>, freed: &mut u64) -> Result<()> {
-    *freed += remove_leftovers(dir);
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let path = entry.path();
-        let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
-        if kind.is_dir() {
-            walk(&path, files, freed)?;
-        } else if kind.is_file()
-            && path.extension().is_some_and(|e| e == "sqlferry")
-            && !entry.file_name().to_string_lossy().starts_with('.')
-        {
-            files.push(path);
-        }
-    }
-    Ok(())
-}
-
-/// The replica a file under `top` holds: its path segments, `.sqlferry` dropped.
-fn replica_of(top: &Path, file: &Path) -> Option<ReplicaPath> {
-    let rel = file.strip_prefix(top).ok()?.to_str()?;
-    ReplicaPath::parse(rel.strip_suffix(".sqlferry")?).ok()
 }
 
 fn sql(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {

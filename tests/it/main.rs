@@ -20,10 +20,13 @@
 //!   writes, checkpoints of every kind, VACUUM and resets: every change is seen.
 //! - `status`: the sync log as `status` and `history` show it, with the exit codes
 //!   cron relies on.
+//! - `dashboard`: the dashboard at `/` in a real headless Chromium: a wrong key refused,
+//!   every replica listed, Sync now reaching a real pull subscriber.
 //! - `store_packs`: pages stored once across replicas, pushes into several replicas at
 //!   once (one process and several), a store of the previous layout moved into packs.
 
 mod cli;
+mod dashboard;
 mod engine;
 mod house;
 mod layers;

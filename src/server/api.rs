@@ -1,0 +1,183 @@
+//! What the API tells of a replica: one summary, the same object in the list
+//! (`GET /api/replicas`) and for one replica (`GET /api/replicas/<path>`), built by
+//! [`summary`] from what the store and the hub know. The dashboard (`/`) shows it.
+//!
+//! The list is cheap: one directory walk, then one small row per replica file (its
+//! latest version and the version count, never a manifest or a page), and what the
+//! hub holds in memory. It holds the store's replicas and those the hub knows of
+//! (a subscriber waiting for a first version, a push subscriber whose first push
+//! keeps failing), in path order. A replica file that cannot be read is listed with
+//! its `error`, so one damaged file does not hide every other replica.
+
+use serde::Serialize;
+
+use super::{Hub, Status};
+use crate::Result;
+use crate::store::{Latest, ReplicaPath, Store};
+
+/// One replica's summary, as the API answers it (field names are a contract with the
+/// dashboard and with scripts: see docs/server.md).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// The replica's path, `namespace/name`.
+    pub replica: String,
+    /// The latest version's number; `None` before the first version.
+    pub latest_version: Option<u64>,
+    /// When the latest version was made (Unix seconds).
+    pub latest_at: Option<i64>,
+    /// How many versions the replica has.
+    pub version_count: u64,
+    /// The latest version's database size in bytes (page size × page count).
+    pub size_bytes: Option<u64>,
+    /// The latest version's digest, lower-case hex.
+    pub digest: Option<String>,
+    /// The bytes of the distinct pages the replica's versions use. Not counted yet:
+    /// always `None` (null) until the store can count it.
+    pub stored_bytes: Option<u64>,
+    /// What the hub knows: subscribers connected, the planned push, the failure report.
+    #[serde(flatten)]
+    pub status: Status,
+    /// The last restore drill of the replica. No drills run yet: always `None`.
+    pub last_drill: Option<serde_json::Value>,
+    /// Why the replica's file could not be read, when it could not (the other fields
+    /// then hold only what the hub knows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The summary of `replica`, from its latest version and count (`None`: no version
+/// yet) and the hub's status.
+pub fn summary(replica: &str, latest: Option<&Latest>, status: Status) -> Summary {
+    let version = latest.map(|l| &l.version);
+    Summary {
+        replica: replica.to_owned(),
+        latest_version: version.map(|v| v.number),
+        latest_at: version.map(|v| v.created_at),
+        version_count: latest.map_or(0, |l| l.count),
+        size_bytes: version.map(|v| v.size),
+        digest: version.map(|v| v.digest.clone()),
+        stored_bytes: None,
+        status,
+        last_drill: None,
+        error: None,
+    }
+}
+
+/// Every replica's summary, in path order: the store's replicas and those the hub
+/// knows of. Blocking (it reads the store). Fails only when the store's directory
+/// cannot be listed; a replica file that cannot be read gives a summary with `error`.
+pub fn list(store: &Store, hub: &Hub) -> Result<Vec<Summary>> {
+    let mut names: Vec<String> = store
+        .replicas()?
+        .iter()
+        .map(|r| r.as_str().to_owned())
+        .collect();
+    names.extend(hub.replicas());
+    names.sort();
+    names.dedup();
+    let mut summaries = Vec::with_capacity(names.len());
+    for name in names {
+        let read = match ReplicaPath::parse(&name) {
+            Ok(path) => store.latest(&path),
+            // The hub only holds paths a session checked: never reached.
+            Err(e) => Err(e),
+        };
+        let status = hub.status(&name);
+        let s = match read {
+            Ok(Some(latest)) => summary(&name, Some(&latest), status),
+            Ok(None) if status == Status::default() => continue, // no version, no one
+            Ok(None) => summary(&name, None, status),
+            Err(e) => Summary {
+                error: Some(e.to_string()),
+                ..summary(&name, None, status)
+            },
+        };
+        summaries.push(s);
+    }
+    Ok(summaries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::control::SubscriberRole;
+
+    #[test]
+    fn a_summary_has_every_contract_field() {
+        let latest = Latest {
+            version: crate::store::VersionInfo {
+                number: 7,
+                page_size: 4096,
+                page_count: 3,
+                size: 12_288,
+                digest: "ab12".into(),
+                message: "m".into(),
+                created_at: 1_764_700_000,
+                client_id: "me@here".into(),
+                key_id: "k".into(),
+                base: 6,
+            },
+            count: 7,
+        };
+        let hub = Hub::default();
+        let _member = hub.join("acme/app.db", SubscriberRole::Pull);
+        let s = summary("acme/app.db", Some(&latest), hub.status("acme/app.db"));
+        let json = serde_json::to_value(&s).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "replica": "acme/app.db",
+                "latest_version": 7,
+                "latest_at": 1_764_700_000,
+                "version_count": 7,
+                "size_bytes": 12_288,
+                "digest": "ab12",
+                "stored_bytes": null,
+                "push_subscribers": 0,
+                "pull_subscribers": 1,
+                "expected_push_at": null,
+                "failure": null,
+                "last_drill": null,
+            })
+        );
+        let none = serde_json::to_value(summary("acme/new.db", None, Status::default()))
+            .expect("serializes");
+        assert_eq!(
+            (
+                &none["latest_version"],
+                &none["version_count"],
+                &none["size_bytes"]
+            ),
+            (
+                &serde_json::Value::Null,
+                &serde_json::json!(0),
+                &serde_json::Value::Null
+            )
+        );
+    }
+
+    #[test]
+    fn the_list_holds_the_store_and_the_hub_in_path_order() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let store = Store::new(dir.path());
+        let hub = Hub::default();
+        assert_eq!(list(&store, &hub).expect("an empty store lists"), vec![]);
+        // A file that is no replica database: listed, with the reason.
+        let file = store.replica_file(&ReplicaPath::parse("acme/zz.db").expect("valid"));
+        std::fs::create_dir_all(file.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(&file, b"not a database, not even close: 32+ bytes").expect("write");
+        let _waiting = hub.join("acme/new.db", SubscriberRole::Pull);
+        drop(hub.join("acme/left.db", SubscriberRole::Pull));
+        let listed = list(&store, &hub).expect("lists");
+        let names: Vec<&str> = listed.iter().map(|s| s.replica.as_str()).collect();
+        assert_eq!(names, ["acme/new.db", "acme/zz.db"]);
+        assert_eq!(listed[0].status.pull_subscribers, 1);
+        assert_eq!(listed[0].error, None);
+        let error = listed[1]
+            .error
+            .as_deref()
+            .expect("an error for the bad file");
+        assert!(error.contains("zz.db"), "{error}");
+        assert_eq!(listed[1].latest_version, None);
+    }
+}

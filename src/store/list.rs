@@ -1,0 +1,105 @@
+//! Finding a store's replicas, and the one row a listing needs of each.
+//!
+//! A listing is cheap on purpose (a dashboard asks for it every few seconds): it lists
+//! the directories under `replicas/` and reads one small row per replica file, the
+//! latest version's, with the version count. It never reads a manifest or a page, and
+//! changes nothing (`scrub`, which walks the same files, also cleans what crashed
+//! pushes left; a listing leaves that to the pushes and pulls that open a directory).
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::OptionalExtension;
+
+use super::ReplicaPath;
+use super::replica::{VERSION_COLUMNS, open_existing, remove_leftovers, sql, version_row};
+use crate::store::VersionInfo;
+use crate::{Error, Result};
+
+/// A replica's latest version and how many versions it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latest {
+    /// The newest version.
+    pub version: VersionInfo,
+    /// How many versions the replica has.
+    pub count: u64,
+}
+
+/// Collects the replica files (`*.sqlferry`, not the private files of replicas being
+/// created) under `dir`, at any depth, in no particular order. With `freed`, each
+/// directory is also cleaned of what crashed pushes left, and the bytes freed added.
+pub(super) fn replica_files(
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+    mut freed: Option<&mut u64>,
+) -> Result<()> {
+    if let Some(freed) = freed.as_deref_mut() {
+        *freed += remove_leftovers(dir);
+    }
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
+        if kind.is_dir() {
+            replica_files(&path, files, freed.as_deref_mut())?;
+        } else if kind.is_file()
+            && path.extension().is_some_and(|e| e == "sqlferry")
+            && !entry.file_name().to_string_lossy().starts_with('.')
+        {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The replica a file under `top` (a store's `replicas/`) holds: its path segments,
+/// `.sqlferry` dropped; `None` for a file no valid replica path names.
+pub(super) fn replica_of(top: &Path, file: &Path) -> Option<ReplicaPath> {
+    let rel = file.strip_prefix(top).ok()?.to_str()?;
+    ReplicaPath::parse(rel.strip_suffix(".sqlferry")?).ok()
+}
+
+/// Every replica whose file is under the store directory `root`, in path order. A
+/// store with no `replicas/` yet has none; a `root` that is not a directory is
+/// `NotFound`.
+pub(super) fn replicas(root: &Path) -> Result<Vec<ReplicaPath>> {
+    let top = root.join("replicas");
+    if !top.is_dir() {
+        if root.is_dir() {
+            return Ok(Vec::new());
+        }
+        return Err(Error::NotFound(format!(
+            "{} is not a store directory",
+            root.display()
+        )));
+    }
+    let mut files = Vec::new();
+    replica_files(&top, &mut files, None)?;
+    let mut replicas: Vec<ReplicaPath> = files.iter().filter_map(|f| replica_of(&top, f)).collect();
+    replicas.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    Ok(replicas)
+}
+
+/// The latest version of the replica in `file` and its version count, in one query;
+/// `None` when the file does not exist or holds no version yet.
+pub(super) fn latest(file: &Path, replica: &ReplicaPath) -> Result<Option<Latest>> {
+    let conn = match open_existing(file, replica) {
+        Ok(conn) => conn,
+        Err(Error::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    conn.query_row(
+        &format!(
+            "SELECT {VERSION_COLUMNS}, (SELECT count(*) FROM versions)
+             FROM versions ORDER BY number DESC LIMIT 1"
+        ),
+        [],
+        |r| {
+            Ok(Latest {
+                version: version_row(r)?,
+                count: r.get::<_, i64>(9)? as u64,
+            })
+        },
+    )
+    .optional()
+    .map_err(sql(file))
+}
