@@ -48,7 +48,13 @@ pub struct PushArgs {
     /// Where to: a replica path (namespace/name) or a local file path.
     pub remote: String,
     /// The version's commit message (at most 4096 bytes).
-    #[arg(short, long, value_name = "MSG", default_value = "")]
+    #[arg(
+        short,
+        long,
+        value_name = "MSG",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub message: String,
     /// Push even if the replica moved past the version LOCAL is based on.
     #[arg(long)]

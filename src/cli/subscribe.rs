@@ -323,7 +323,13 @@ pub struct SubscribeArgs {
     /// A database pushed or pulled before, or a sidecar file (`<db>-sqlferry`).
     pub target: String,
     /// The commit message of each pushed version [default: "sqlferry subscribe: TRIGGER"].
-    #[arg(short, long, value_name = "MSG", default_value = "")]
+    #[arg(
+        short,
+        long,
+        value_name = "MSG",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub message: String,
     /// When to push (push subscribers).
     #[command(flatten)]
