@@ -283,6 +283,12 @@ impl Store {
         replica::versions(&file, replica)
     }
 
+    /// The latest version of `replica` (one row, cheap: for the metrics); `None` when
+    /// it has none yet, an error of kind `NotFound` when it does not exist.
+    pub fn latest(&self, replica: &ReplicaPath) -> Result<Option<VersionInfo>> {
+        replica::latest_version(&self.replica_file(replica), replica)
+    }
+
     /// Starts a push into `replica`; the replica is created if it does not exist.
     pub fn push(&self, replica: &ReplicaPath, options: PushOptions) -> Result<VersionWriter> {
         let file = self.replica_file(replica);

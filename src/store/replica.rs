@@ -148,6 +148,11 @@ pub(super) fn versions(file: &Path, replica: &ReplicaPath) -> Result<Vec<Version
     Ok(versions)
 }
 
+/// The latest version of `replica`: one row, no manifest. `None` when it has none.
+pub(super) fn latest_version(file: &Path, replica: &ReplicaPath) -> Result<Option<VersionInfo>> {
+    latest(&open_existing(file, replica)?, file)
+}
+
 fn latest(conn: &Connection, file: &Path) -> Result<Option<VersionInfo>> {
     conn.query_row(
         &format!("SELECT {VERSION_COLUMNS} FROM versions ORDER BY number DESC LIMIT 1"),
