@@ -439,6 +439,123 @@ pub async fn verify_stored(connection: &Connection, spec: &str) -> Result<Option
     Ok(Some(report))
 }
 
+/// One version's result in [`verify_all_versions`] (an element of `verify
+/// --all-versions --json`'s `versions`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VersionCheck {
+    /// The version number.
+    pub version: u64,
+    /// Whether it restored with its recorded digest and its integrity check says ok.
+    pub ok: bool,
+    /// The digest of the restored file, hex; `None` when it could not be restored.
+    pub digest: Option<String>,
+    /// `PRAGMA integrity_check`'s lines on the restored file (empty when it could not
+    /// be restored).
+    pub integrity: Vec<String>,
+    /// What failed, when something did: a damaged stored page, a digest that differs
+    /// from the recorded one, an integrity check that is not ok.
+    pub error: Option<String>,
+}
+
+/// Verifies every version of `replica`, oldest first, as [`verify_stored`] verifies
+/// one: each is pulled into one temporary file and checked there (every page hashed
+/// again, the digest compared with the recorded one, `PRAGMA integrity_check`).
+///
+/// The same file takes each version in turn, so only the pages that changed are read
+/// again; every page a version uses was still read from the store and checked against
+/// its hash, in this pull or an earlier successful one of this run (a failed pull
+/// leaves the file at the last good version). A version that fails does not stop the
+/// others: `each(done, total, check)` hears of every one, as it is checked. A failure
+/// that is not the version's (the server unreachable, a wrong key) ends the run.
+pub async fn verify_all_versions(
+    connection: &Connection,
+    replica: &str,
+    mut each: impl FnMut(usize, usize, &VersionCheck),
+) -> Result<Vec<VersionCheck>> {
+    if replica.contains('@') {
+        return Err(Error::Usage(format!(
+            "--all-versions checks every version of a replica: name it without @VERSION, not {replica}"
+        )));
+    }
+    let replica = ReplicaPath::parse(replica)?;
+    let (server, key) = connection.resolve_with_key(&replica).await?;
+    let versions = server.versions(&replica, key.as_deref()).await?;
+    let tmp = blocking(|| {
+        tempfile::tempdir().map_err(|e| {
+            Error::io(&std::env::temp_dir(), e).context("cannot make a temporary directory")
+        })
+    })
+    .await?;
+    let copy = tmp.path().join("version.db");
+    let mut checks = Vec::with_capacity(versions.len());
+    for (i, v) in versions.iter().enumerate() {
+        let pulled = server
+            .pull(
+                &replica,
+                Selector::Number(v.number),
+                &copy,
+                key.as_deref(),
+                crate::remote::no_progress(),
+            )
+            .await;
+        let check = match pulled {
+            Ok(_) => {
+                let path = copy.clone();
+                match blocking(move || check(&path)).await {
+                    Ok(report) => {
+                        let mut error = None;
+                        if report.digest != v.digest {
+                            error = Some(format!(
+                                "digest {} differs from the one recorded for version {}: {}",
+                                report.digest, v.number, v.digest
+                            ));
+                        } else if !report.is_ok() {
+                            error =
+                                Some(format!("integrity check: {}", report.integrity.join("; ")));
+                        }
+                        VersionCheck {
+                            version: v.number,
+                            ok: error.is_none(),
+                            digest: Some(report.digest),
+                            integrity: report.integrity,
+                            error,
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Verification => failed_check(v.number, &e),
+                    Err(e) => {
+                        return Err(e.context(format!("cannot verify {replica}@{}", v.number)));
+                    }
+                }
+            }
+            // The version's own fault (a damaged or missing page), or gone meanwhile
+            // (removed by a prune): that version failed; the others are still checked.
+            Err(e) if matches!(e.kind(), ErrorKind::Verification | ErrorKind::NotFound) => {
+                failed_check(v.number, &e)
+            }
+            Err(e) => return Err(e.context(format!("cannot fetch {replica}@{}", v.number))),
+        };
+        each(i + 1, versions.len(), &check);
+        checks.push(check);
+    }
+    blocking(move || {
+        drop(tmp);
+        Ok(())
+    })
+    .await?;
+    Ok(checks)
+}
+
+/// A version that could not be restored or checked, and why.
+fn failed_check(version: u64, e: &Error) -> VersionCheck {
+    VersionCheck {
+        version,
+        ok: false,
+        digest: None,
+        integrity: Vec::new(),
+        error: Some(e.to_string()),
+    }
+}
+
 /// [`verify_file`]'s work, blocking.
 fn check(path: &Path) -> Result<VerifyReport> {
     let mut snap = match Snapshot::open(path) {

@@ -50,10 +50,12 @@
 mod api;
 mod auth;
 mod dashboard;
+pub mod drill;
 mod fault;
 mod http;
 mod hub;
 mod lock;
+pub mod metrics;
 mod packed;
 mod session;
 mod throttle;
@@ -106,6 +108,15 @@ pub struct State {
     pub hub: Arc<Hub>,
     /// The server's limits on what clients may cost it.
     pub limits: Arc<Limits>,
+    /// Counters of sessions, versions and bytes, for `GET /metrics`.
+    pub metrics: Arc<metrics::Metrics>,
+    /// The last restore drill of each replica (`serve --drill-every`).
+    pub drills: Arc<drill::Drills>,
+    /// How often each replica is drilled; `None`: never (the default).
+    pub drill_every: Option<Duration>,
+    /// Whether `GET /metrics` is served on the main port (`serve --metrics`), to the
+    /// admin key.
+    pub metrics_on_main: bool,
 }
 
 /// How many sync sessions run at once by default (`serve --max-sessions`).
@@ -191,6 +202,13 @@ impl Limits {
         })
     }
 
+    /// How many push and pull sessions are running now.
+    pub fn active_sessions(&self) -> usize {
+        self.sessions
+            .max
+            .saturating_sub(self.sessions.permits.available_permits())
+    }
+
     /// How many times the server returned the memory its finished sessions freed.
     pub fn memory_returns(&self) -> u64 {
         self.sessions
@@ -269,12 +287,31 @@ impl Default for Limits {
 impl State {
     /// The server state for data directory `data`: the store and `server.db` live there.
     pub fn open(data: &std::path::Path) -> Result<State> {
+        let auth = Auth::open(data)?;
         Ok(State {
             store: Store::new(data),
-            auth: Auth::open(data)?,
+            // After `Auth::open`, which makes `server.db` owner-only.
+            drills: Arc::new(drill::Drills::open(data)?),
+            auth,
             hub: Arc::new(Hub::default()),
             limits: Arc::new(Limits::default()),
+            metrics: Arc::default(),
+            drill_every: None,
+            metrics_on_main: false,
         })
+    }
+
+    /// This state with each replica's latest version drilled every `every` (see the
+    /// `drill` module) while [`serve`] runs.
+    pub fn with_drills(mut self, every: Duration) -> State {
+        self.drill_every = Some(every);
+        self
+    }
+
+    /// This state with `GET /metrics` served on the main port, to the admin key.
+    pub fn with_metrics(mut self) -> State {
+        self.metrics_on_main = true;
+        self
     }
 
     /// This state with at most `n` push and pull sessions running at once, and
@@ -329,6 +366,10 @@ pub async fn serve(
     let state = Arc::new(state);
     let tasks = Tasks::default();
     let app = http::router(state.clone(), tasks.clone());
+    // Drills stop at the first stop signal (between two pages), and are awaited below.
+    let drills = state
+        .drill_every
+        .map(|every| tokio::spawn(drill::run(state.clone(), every, shutdown.clone())));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -364,6 +405,50 @@ pub async fn serve(
             sessions = tasks.tracker.len(),
             "aborting sessions still running"
         );
+    }
+    tasks.stop.cancel();
+    tasks.tracker.wait().await;
+    if let Some(Err(e)) = match drills {
+        Some(drills) => Some(drills.await),
+        None => None,
+    } {
+        tracing::error!(error = %e, "the drill task failed");
+    }
+    Ok(())
+}
+
+/// Serves `GET /metrics` alone, without a key, on `listener` (`serve --metrics-listen`)
+/// until `shutdown` asks it to stop. Meant for a loopback address that only the local
+/// Prometheus reaches.
+pub async fn serve_metrics(listener: TcpListener, state: State, shutdown: Shutdown) -> Result<()> {
+    let app = http::metrics_router(Arc::new(state));
+    let tasks = Tasks::default();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let (app, shutdown) = (app.clone(), shutdown.clone());
+                    tasks.spawn(async move {
+                        let peer = Peer(Some(peer.ip()));
+                        if let Err(e) = serve_http(stream, peer, app, shutdown).await {
+                            tracing::info!(error = %e, "metrics connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed (metrics)");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = shutdown.requested() => break,
+        }
+    }
+    drop(listener);
+    tasks.tracker.close();
+    tokio::select! {
+        () = tasks.tracker.wait() => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+        () = shutdown.forced() => {}
     }
     tasks.stop.cancel();
     tasks.tracker.wait().await;

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::{Global, exit};
-use crate::server::{DataLock, State, Tls, disk_full, serve};
+use crate::server::{DataLock, State, Tls, disk_full, serve, serve_metrics};
 use crate::shutdown::Shutdown;
 
 /// Arguments of `sqlferry serve`.
@@ -39,7 +39,18 @@ TLS: with --tls-cert and --tls-key every connection on the port is TLS (wss:// s
 https:// API); clients then use --server wss://HOST:PORT. A client trusts the usual public \
 CAs; for a private CA or a self-signed certificate, set SQLFERRY_CA_FILE=ca.pem on the \
 client. Or leave TLS to a reverse proxy in front of a plain server on 127.0.0.1. \
-docs/server.md shows how to make a test certificate with openssl.")]
+docs/server.md shows how to make a test certificate with openssl.\n\n\
+Restore drills: with --drill-every 24h, each replica's latest version is read back from the \
+store into a temporary file (DATA/tmp/) once a day, its digest and PRAGMA integrity_check \
+checked; the result shows as last_drill in GET /api/replicas/NAMESPACE/NAME and in the \
+metrics, and a failure is logged at ERROR. One replica at a time; the first drills after \
+start are spread over up to 10 minutes.\n\n\
+Metrics (Prometheus text format): --metrics-listen 127.0.0.1:9878 serves GET /metrics on a \
+second listener without a key (keep it on a loopback or private address); --metrics serves \
+it on the main port to the admin key (Authorization: Bearer KEY). docs/server.md lists the \
+metrics and shows a scrape config.\n\n\
+More examples:\n  \
+sqlferry serve --data /var/lib/sqlferry --drill-every 24h --metrics-listen 127.0.0.1:9878")]
 pub struct ServeArgs {
     /// Where replicas and keys are kept [default: $XDG_DATA_HOME/sqlferry].
     #[arg(long, value_name = "DIR")]
@@ -62,6 +73,26 @@ pub struct ServeArgs {
     /// is busy.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub session_wait: std::time::Duration,
+    /// Read each replica's latest version back from the store and check it (digest and
+    /// integrity) this often [default: never].
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    pub drill_every: Option<std::time::Duration>,
+    /// Serve GET /metrics (Prometheus text format) on the main port, to the admin key.
+    #[arg(long)]
+    pub metrics: bool,
+    /// Serve GET /metrics without a key on a second listener at this address (a
+    /// loopback address such as 127.0.0.1:9878: anyone who reaches it reads the metrics).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+}
+
+/// A period of at least one second (`--drill-every`).
+fn parse_period(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err("at least 1s".into());
+    }
+    Ok(d)
 }
 
 impl ServeArgs {
@@ -76,6 +107,16 @@ impl ServeArgs {
             })?,
         };
         let addrs = listen_addrs(&self.listen)?;
+        let metrics_addrs = match &self.metrics_listen {
+            Some(m) => Some(listen_addrs(m).map_err(|e| {
+                anyhow::Error::new(crate::Error::Usage(e.to_string().replacen(
+                    "--listen",
+                    "--metrics-listen",
+                    1,
+                )))
+            })?),
+            None => None,
+        };
         // TLS first: a bad certificate or key stops the server before the data directory
         // or an admin key is created. Reading files: off the async threads.
         let (cert, key) = (self.tls_cert.clone(), self.tls_key.clone());
@@ -103,12 +144,30 @@ impl ServeArgs {
                 anyhow::Error::new(crate::Error::io(std::path::Path::new(&self.listen), e))
                     .context(format!("cannot listen{hint}"))
             })?;
+        let metrics_listener =
+            match &metrics_addrs {
+                Some(addrs) => Some(tokio::net::TcpListener::bind(&addrs[..]).await.map_err(
+                    |e| {
+                        let listen = self.metrics_listen.as_deref().unwrap_or_default();
+                        anyhow::Error::new(crate::Error::io(std::path::Path::new(listen), e))
+                            .context("cannot listen for metrics (--metrics-listen)")
+                    },
+                )?),
+                None => None,
+            };
         let (dir, max_sessions, session_wait) =
             (data.clone(), self.max_sessions, self.session_wait);
+        let (drill_every, metrics_on_main) = (self.drill_every, self.metrics);
         let (state, admin_key) = blocking(move || {
-            let state = State::open(&dir)
+            let mut state = State::open(&dir)
                 .map_err(|e| startup(e, &dir))?
                 .with_max_sessions(max_sessions, session_wait);
+            if let Some(every) = drill_every {
+                state = state.with_drills(every);
+            }
+            if metrics_on_main {
+                state = state.with_metrics();
+            }
             let key = state.auth.ensure_admin().map_err(|e| startup(e, &dir))?;
             Ok((state, key))
         })
@@ -119,6 +178,13 @@ impl ServeArgs {
             ))?;
         }
         let addr = listener.local_addr()?;
+        // Before the "listening on" line, which says the server is ready.
+        if let Some(m) = &metrics_listener {
+            super::out(format_args!(
+                "metrics on http://{}/metrics (no key)",
+                m.local_addr()?
+            ))?;
+        }
         if tls.is_some() {
             super::out(format_args!(
                 "listening on wss://{addr} and https://{addr} (TLS; data in {})",
@@ -130,7 +196,16 @@ impl ServeArgs {
                 data.display()
             ))?;
         }
-        serve(listener, state, tls, shutdown.clone()).await?;
+        match metrics_listener {
+            Some(m) => {
+                let metrics = serve_metrics(m, state.clone(), shutdown.clone());
+                let (served, metrics) =
+                    tokio::join!(serve(listener, state, tls, shutdown.clone()), metrics);
+                served?;
+                metrics?;
+            }
+            None => serve(listener, state, tls, shutdown.clone()).await?,
+        }
         Ok(ExitCode::from(exit::OK))
     }
 }

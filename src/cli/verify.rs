@@ -1,4 +1,6 @@
-//! `sqlferry verify FILE`: the digest, page size, page count and integrity of a database.
+//! `sqlferry verify FILE`: the digest, page size, page count and integrity of a database;
+//! `sqlferry verify REMOTE --all-versions`: every stored version of a replica, one line
+//! each and a summary (a bar on a terminal while it runs).
 
 use std::process::ExitCode;
 
@@ -11,7 +13,8 @@ use crate::shutdown::Shutdown;
 sqlferry verify backup.db                   digest, page size, page count, integrity\n  \
 sqlferry verify backup.db --json            the same as one JSON object\n  \
 sqlferry verify -q backup.db && echo ok     only the exit status\n  \
-sqlferry verify acme/app.db@3               a stored version, fetched whole and checked\n\n\
+sqlferry verify acme/app.db@3               a stored version, fetched whole and checked\n  \
+sqlferry verify acme/app.db --all-versions  every stored version, one line each\n\n\
 Exit status is 0 when the integrity check says ok, 7 when it does not (or SQLite finds the \
 file damaged, or FILE is not a valid SQLite database: a verification that failed), 3 when \
 FILE is missing or cannot be read.\n\n\
@@ -19,7 +22,14 @@ Two databases with the same digest hold the same pages, byte for byte, whatever 
 journal mode. The digest is the one `push --json` prints and a replica is checked against.\n\n\
 A stored version (namespace/name[@N|@latest|@latest-N|@TIME]) is fetched whole into a temporary \
 file, every page hashed again, and the result compared with the digest the store recorded \
-for it; the temporary file is deleted.")]
+for it; the temporary file is deleted.\n\n\
+--all-versions checks every version of REMOTE (namespace/name, no @) that way, oldest first, \
+through one temporary file (only the pages that changed from one version to the next travel; \
+every page is still checked against its hash). A version that fails does not stop the others: \
+each gets a line (`version 3  ok  <digest>` or `version 4  FAILED  <why>`), then a summary; \
+the exit status is 7 when any version failed. --json prints one object: {\"replica\", \
+\"versions\": [{\"version\", \"ok\", \"digest\", \"integrity\", \"error\"}], \"checked\", \
+\"failed\"}.")]
 pub struct VerifyArgs {
     /// The database file (read-only; a live database is fine), or a stored version:
     /// namespace/name[@N|@latest|@latest-N|@TIME].
@@ -27,6 +37,9 @@ pub struct VerifyArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Verify every stored version of the replica FILE names (namespace/name).
+    #[arg(long)]
+    pub all_versions: bool,
     /// The server and the key, for a stored version.
     #[command(flatten)]
     pub connection: RemoteArgs,
@@ -39,6 +52,9 @@ impl VerifyArgs {
     }
 
     async fn verify(&self, global: &Global) -> anyhow::Result<ExitCode> {
+        if self.all_versions {
+            return self.verify_all(global).await;
+        }
         let path = expand_tilde(&self.file);
         // FILE is a stored version when it is no local path and names one.
         let stored = match is_local_path(&self.file) {
@@ -72,5 +88,93 @@ impl VerifyArgs {
             ))?;
         }
         Ok(ExitCode::from(if ok { exit::OK } else { exit::VERIFY }))
+    }
+}
+
+impl VerifyArgs {
+    /// `--all-versions`: every version, a line each as it is checked, then a summary.
+    async fn verify_all(&self, global: &Global) -> anyhow::Result<ExitCode> {
+        use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+        use std::io::IsTerminal as _;
+
+        if is_local_path(&self.file) {
+            return Err(crate::Error::Usage(format!(
+                "--all-versions checks a stored replica (namespace/name); {} is a local file",
+                self.file
+            ))
+            .into());
+        }
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+        if !global.quiet && std::io::stderr().is_terminal() {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("verifying [{bar:30}] {pos}/{len} versions {msg}")
+                    .expect("the template is valid")
+                    .progress_chars("=> "),
+            );
+        }
+        let (json, quiet) = (self.json, global.quiet);
+        let mut printed: anyhow::Result<()> = Ok(());
+        let checks = crate::client::verify_all_versions(
+            &self.connection.options(),
+            &self.file,
+            |done, total, check| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                if json || (quiet && check.ok) || printed.is_err() {
+                    return;
+                }
+                let line = match (&check.digest, &check.error) {
+                    (_, Some(e)) => format!("version {}  FAILED  {e}", check.version),
+                    (Some(d), None) => format!("version {}  ok  {d}", check.version),
+                    (None, None) => format!("version {}  ok", check.version),
+                };
+                printed = bar.suspend(|| out(format_args!("{line}")));
+            },
+        )
+        .await;
+        bar.finish_and_clear();
+        let checks = checks?;
+        printed?;
+        let failed = checks.iter().filter(|c| !c.ok).count();
+        if json {
+            let body = serde_json::json!({
+                "replica": self.file,
+                "versions": checks,
+                "checked": checks.len(),
+                "failed": failed,
+            });
+            out(format_args!("{body}"))?;
+        } else if !quiet || failed > 0 {
+            // The first few: every one had its own line above.
+            let mut first_bad: Vec<String> = checks
+                .iter()
+                .filter(|c| !c.ok)
+                .take(10)
+                .map(|c| c.version.to_string())
+                .collect();
+            if failed > first_bad.len() {
+                first_bad.push("…".into());
+            }
+            if failed == 0 {
+                out(format_args!(
+                    "{}: all {} versions ok",
+                    self.file,
+                    checks.len()
+                ))?;
+            } else {
+                out(format_args!(
+                    "{}: {failed} of {} versions FAILED (versions {})",
+                    self.file,
+                    checks.len(),
+                    first_bad.join(", ")
+                ))?;
+            }
+        }
+        Ok(ExitCode::from(if failed == 0 {
+            exit::OK
+        } else {
+            exit::VERIFY
+        }))
     }
 }

@@ -11,6 +11,7 @@
 
 use serde::Serialize;
 
+use super::drill::{DrillResult, Drills};
 use super::{Hub, Status};
 use crate::Result;
 use crate::store::{Latest, ReplicaPath, Store};
@@ -37,8 +38,9 @@ pub struct Summary {
     /// What the hub knows: subscribers connected, the planned push, the failure report.
     #[serde(flatten)]
     pub status: Status,
-    /// The last restore drill of the replica. No drills run yet: always `None`.
-    pub last_drill: Option<serde_json::Value>,
+    /// The last restore drill of the replica (`serve --drill-every`); `None` before
+    /// its first.
+    pub last_drill: Option<DrillResult>,
     /// Why the replica's file could not be read, when it could not (the other fields
     /// then hold only what the hub knows).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -46,8 +48,13 @@ pub struct Summary {
 }
 
 /// The summary of `replica`, from its latest version and count (`None`: no version
-/// yet) and the hub's status.
-pub fn summary(replica: &str, latest: Option<&Latest>, status: Status) -> Summary {
+/// yet), the hub's status and its last restore drill.
+pub fn summary(
+    replica: &str,
+    latest: Option<&Latest>,
+    status: Status,
+    last_drill: Option<DrillResult>,
+) -> Summary {
     let version = latest.map(|l| &l.version);
     Summary {
         replica: replica.to_owned(),
@@ -58,7 +65,7 @@ pub fn summary(replica: &str, latest: Option<&Latest>, status: Status) -> Summar
         digest: version.map(|v| v.digest.clone()),
         stored_bytes: None,
         status,
-        last_drill: None,
+        last_drill,
         error: None,
     }
 }
@@ -66,7 +73,7 @@ pub fn summary(replica: &str, latest: Option<&Latest>, status: Status) -> Summar
 /// Every replica's summary, in path order: the store's replicas and those the hub
 /// knows of. Blocking (it reads the store). Fails only when the store's directory
 /// cannot be listed; a replica file that cannot be read gives a summary with `error`.
-pub fn list(store: &Store, hub: &Hub) -> Result<Vec<Summary>> {
+pub fn list(store: &Store, hub: &Hub, drills: &Drills) -> Result<Vec<Summary>> {
     let mut names: Vec<String> = store
         .replicas()?
         .iter()
@@ -83,13 +90,14 @@ pub fn list(store: &Store, hub: &Hub) -> Result<Vec<Summary>> {
             Err(e) => Err(e),
         };
         let status = hub.status(&name);
+        let drill = drills.last(&name);
         let s = match read {
-            Ok(Some(latest)) => summary(&name, Some(&latest), status),
+            Ok(Some(latest)) => summary(&name, Some(&latest), status, drill),
             Ok(None) if status == Status::default() => continue, // no version, no one
-            Ok(None) => summary(&name, None, status),
+            Ok(None) => summary(&name, None, status, drill),
             Err(e) => Summary {
                 error: Some(e.to_string()),
-                ..summary(&name, None, status)
+                ..summary(&name, None, status, drill)
             },
         };
         summaries.push(s);
@@ -121,7 +129,12 @@ mod tests {
         };
         let hub = Hub::default();
         let _member = hub.join("acme/app.db", SubscriberRole::Pull);
-        let s = summary("acme/app.db", Some(&latest), hub.status("acme/app.db"));
+        let s = summary(
+            "acme/app.db",
+            Some(&latest),
+            hub.status("acme/app.db"),
+            None,
+        );
         let json = serde_json::to_value(&s).expect("serializes");
         assert_eq!(
             json,
@@ -140,7 +153,7 @@ mod tests {
                 "last_drill": null,
             })
         );
-        let none = serde_json::to_value(summary("acme/new.db", None, Status::default()))
+        let none = serde_json::to_value(summary("acme/new.db", None, Status::default(), None))
             .expect("serializes");
         assert_eq!(
             (
@@ -161,14 +174,18 @@ mod tests {
         let dir = tempfile::TempDir::new().expect("tempdir");
         let store = Store::new(dir.path());
         let hub = Hub::default();
-        assert_eq!(list(&store, &hub).expect("an empty store lists"), vec![]);
+        let drills = Drills::open(dir.path()).expect("the drills table");
+        assert_eq!(
+            list(&store, &hub, &drills).expect("an empty store lists"),
+            vec![]
+        );
         // A file that is no replica database: listed, with the reason.
         let file = store.replica_file(&ReplicaPath::parse("acme/zz.db").expect("valid"));
         std::fs::create_dir_all(file.parent().expect("a parent")).expect("mkdir");
         std::fs::write(&file, b"not a database, not even close: 32+ bytes").expect("write");
         let _waiting = hub.join("acme/new.db", SubscriberRole::Pull);
         drop(hub.join("acme/left.db", SubscriberRole::Pull));
-        let listed = list(&store, &hub).expect("lists");
+        let listed = list(&store, &hub, &drills).expect("lists");
         let names: Vec<&str> = listed.iter().map(|s| s.replica.as_str()).collect();
         assert_eq!(names, ["acme/new.db", "acme/zz.db"]);
         assert_eq!(listed[0].status.pull_subscribers, 1);

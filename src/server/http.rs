@@ -14,6 +14,9 @@
 //!   now (PUSH or admin key); answers at once with how many were reached.
 //! - `GET /`, `/app.js`, `/app.css`, `/favicon.svg`: the dashboard (the `dashboard`
 //!   module), static files that hold no data and need no key.
+//! - `GET /metrics`: the Prometheus text format (the `metrics` module), with the admin
+//!   key, when the server runs with `--metrics` (404 otherwise); and without a key on
+//!   the second listener of `--metrics-listen` ([`metrics_router`]).
 //!
 //! Errors are JSON too: `{"error": "…"}` with the matching status code; a failure of
 //! the server's own files (a full disk) is `503`, never `401`; any other failure of the
@@ -62,6 +65,7 @@ pub(super) fn router(state: Arc<State>, tasks: Tasks) -> Router {
         .route("/api/replicas/", any(replicas))
         .route("/api/replicas/{*replica}", any(replica))
         .merge(super::dashboard::routes())
+        .route("/metrics", any(metrics_with_key))
         .fallback(no_such_endpoint)
         .layer(middleware::from_fn(upgrades_only_at_sync))
         .layer(middleware::from_fn(panic_is_500))
@@ -70,6 +74,115 @@ pub(super) fn router(state: Arc<State>, tasks: Tasks) -> Router {
             state,
             tasks: tasks.clone(),
         })
+}
+
+/// The router of the metrics listener (`serve --metrics-listen`): `GET /metrics`
+/// without a key, and nothing else.
+pub(super) fn metrics_router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/metrics", any(metrics_open))
+        .fallback(no_such_endpoint)
+        .layer(middleware::from_fn(panic_is_500))
+        .layer(middleware::from_fn(one_request_per_connection))
+        .with_state(Ctx {
+            state,
+            tasks: Tasks::default(),
+        })
+}
+
+/// `GET /metrics` on the main port: only with `serve --metrics`, and only to the admin
+/// key (the port may face the world; replica names are not for everyone).
+async fn metrics_with_key(
+    With(ctx): With<Ctx>,
+    Extension(peer): Extension<Peer>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    if !ctx.state.metrics_on_main {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no such endpoint: /metrics (start the server with --metrics, or --metrics-listen ADDR)",
+        );
+    }
+    if method != Method::GET {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+    }
+    let principal = match authenticate_throttled(&ctx.state, peer, &headers).await {
+        Ok(p) => p,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if principal.kind != super::KeyKind::Admin {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "only the admin key may read /metrics; this is a {} key",
+                principal.kind.as_str().to_uppercase()
+            ),
+        );
+    }
+    metrics(&ctx.state).await
+}
+
+/// `GET /metrics` on the metrics listener: no key (see [`metrics_router`]).
+async fn metrics_open(With(ctx): With<Ctx>, method: Method) -> Response {
+    if method != Method::GET {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+    }
+    metrics(&ctx.state).await
+}
+
+/// The metrics as the text format: counters from memory, replicas' gauges from each
+/// replica's latest version row (on the blocking pool), the hub and the drills.
+async fn metrics(state: &Arc<State>) -> Response {
+    use super::metrics::{ReplicaGauges, ServerGauges, render};
+    let s = state.clone();
+    let gathered = super::blocking(move || {
+        let drills = s.drills.all();
+        let mut out = Vec::new();
+        for replica in s.store.replicas()? {
+            let latest = match s.store.latest(&replica) {
+                Ok(v) => v.map(|l| (l.version.number, l.version.created_at)),
+                Err(e) if e.kind() == ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            out.push(ReplicaGauges {
+                latest,
+                // TODO(issue 11, prune helper): `Store::stored_bytes(&replica)` here.
+                stored_bytes: None,
+                // TODO(issue 11, follow helper): the largest follower lag from the hub.
+                follower_lag_seconds: None,
+                drill: drills
+                    .get(replica.as_str())
+                    .map(|d| (d.at, d.ok, d.seconds)),
+                replica: replica.to_string(),
+            });
+        }
+        Ok(out)
+    })
+    .await;
+    let replicas = match gathered {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot gather the metrics");
+            return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        }
+    };
+    let (push_subscribers, pull_subscribers) = state.hub.subscriber_totals();
+    let server = ServerGauges {
+        active_sessions: state.limits.active_sessions() as u64,
+        push_subscribers,
+        pull_subscribers,
+    };
+    let text = render(&state.metrics, server, &replicas, crate::epoch::now());
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// A response with a JSON body.
@@ -251,7 +364,13 @@ async fn replica(
         version: v.clone(),
         count: versions.len() as u64,
     });
-    let mut body = json!(api::summary(replica.as_str(), latest.as_ref(), status));
+    let drill = state.drills.last(replica.as_str());
+    let mut body = json!(api::summary(
+        replica.as_str(),
+        latest.as_ref(),
+        status,
+        drill
+    ));
     body["versions"] = json!(versions);
     answer(StatusCode::OK, body)
 }
@@ -282,9 +401,9 @@ async fn replicas(
             ),
         );
     }
-    let (store, hub) = (state.store.clone(), state.hub.clone());
+    let (store, hub, drills) = (state.store.clone(), state.hub.clone(), state.drills.clone());
     let listed = super::blocking(move || {
-        api::list(&store, &hub).map_err(|e| fault::server_side(e, store.root()))
+        api::list(&store, &hub, &drills).map_err(|e| fault::server_side(e, store.root()))
     })
     .await;
     match listed {

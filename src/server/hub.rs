@@ -141,6 +141,15 @@ pub struct FailureStatus {
     pub reported_at: i64,
 }
 
+impl Hub {
+    /// Push and pull subscribers connected now, over every replica.
+    pub fn subscriber_totals(&self) -> (u64, u64) {
+        self.lock().values().fold((0, 0), |(push, pull), r| {
+            (push + r.push_subscribers, pull + r.pull_subscribers)
+        })
+    }
+}
+
 impl Default for Hub {
     fn default() -> Self {
         Hub {

@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 
 use super::fault::{self, OwnFaults};
+use super::metrics::Outcome;
 use super::packed::PackedLink;
 use super::{Event, KeyKind, Principal, State, blocking};
 use crate::engine::{ChannelLink, pumped_link};
@@ -40,8 +41,8 @@ use crate::protocol::control::{
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector};
 use crate::transport::ws::{
-    CLOSE_TIMEOUT, Incoming, Pump, Wire, choose, classify, recv_binary, send_binary, send_ping,
-    wire_for, within,
+    CLOSE_TIMEOUT, Incoming, Pump, Wire, WireBytes, choose, classify, recv_binary, send_binary,
+    send_ping, wire_for, within,
 };
 use crate::{Error, ErrorKind, Result};
 
@@ -150,11 +151,13 @@ fn decode_control(bytes: &[u8]) -> Result<Control> {
 /// frames carried over `ws` (see [`crate::transport::ws::run_engine`]).
 /// Pages travel as `pump` says: compressed when OPEN offered and CONFIG chose zstd,
 /// and then as the store keeps them (the server compresses nothing itself).
+/// The bytes of frames it carried are added to `bytes`.
 async fn run_engine<S, T, F>(
     ws: &mut WebSocketStream<S>,
     role: Role,
     first: Vec<Vec<u8>>,
     pump: Pump,
+    bytes: &mut WireBytes,
     engine: F,
 ) -> (Result<T>, Vec<Vec<u8>>)
 where
@@ -162,7 +165,7 @@ where
     T: Send + 'static,
     F: FnOnce(&mut ChannelLink) -> Result<T> + Send + 'static,
 {
-    let (result, rest, _) = crate::transport::ws::run_engine_with(
+    let (result, rest, carried) = crate::transport::ws::run_engine_with(
         ws,
         pumped_link(role),
         first,
@@ -171,6 +174,8 @@ where
         engine,
     )
     .await;
+    bytes.sent += carried.sent;
+    bytes.received += carried.received;
     (result, rest)
 }
 
@@ -226,8 +231,30 @@ where
     };
     match open.op {
         Op::Versions => Ok(versions(ws, state, principal, &replica).await?),
-        Op::Pull => pull(ws, state, principal, &replica, &open).await,
-        Op::Push => push(ws, state, principal, replica, open).await,
+        // Counted for the metrics where they end, whatever the end.
+        Op::Pull => {
+            let (started, mut bytes) = (tokio::time::Instant::now(), WireBytes::default());
+            let result = pull(ws, state, principal, &replica, &open, &mut bytes).await;
+            let outcome = match result {
+                Ok(()) => Outcome::Ok,
+                Err(_) => Outcome::Failed,
+            };
+            let took = started.elapsed();
+            (state.metrics).pull_done(outcome, took, bytes.received, bytes.sent);
+            result
+        }
+        Op::Push => {
+            let (started, mut bytes) = (tokio::time::Instant::now(), WireBytes::default());
+            let result = push(ws, state, principal, replica, open, &mut bytes).await;
+            let outcome = match result {
+                Ok(true) => Outcome::Ok,
+                Ok(false) => Outcome::Unchanged,
+                Err(_) => Outcome::Failed,
+            };
+            let took = started.elapsed();
+            (state.metrics).push_done(outcome, took, bytes.received, bytes.sent);
+            result.map(drop)
+        }
         Op::Subscribe => Ok(subscribe(ws, state, principal, &replica, &open).await?),
         Op::SyncNow => {
             let reached = state.hub.sync_now(replica.as_str());
@@ -449,6 +476,7 @@ async fn pull<S>(
     principal: &Principal,
     replica: &ReplicaPath,
     open: &Open,
+    bytes: &mut WireBytes,
 ) -> Result<(), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -478,7 +506,7 @@ where
         compress: false,
         keep_packed: None,
     };
-    let (result, _) = run_engine(ws, Role::Origin, Vec::new(), pump, move |link| {
+    let (result, _) = run_engine(ws, Role::Origin, Vec::new(), pump, bytes, move |link| {
         let mut reader = match store.read(&r, Selector::Number(number)) {
             Ok(reader) => reader,
             // The engine has not started, so it reports nothing: tell the client here.
@@ -509,7 +537,8 @@ async fn push<S>(
     principal: &Principal,
     replica: ReplicaPath,
     open: Open,
-) -> Result<(), Failure>
+    bytes: &mut WireBytes,
+) -> Result<bool, Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -577,20 +606,27 @@ where
         compress: false,
         keep_packed: packed.clone(),
     };
-    let (result, _) = run_engine(ws, Role::Replica, vec![first_sync], pump, move |link| {
-        let mut writer = match store.push(&r, options) {
-            Ok(w) => w,
-            // The engine has not started, so it reports nothing: tell the client
-            // here, or it would only see the connection close.
-            Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
-        };
-        if let Some(packed) = packed {
-            writer.keep_packed(packed);
-        }
-        run_replica(&mut OwnFaults::new(&mut writer, &data), link)?;
-        let (version, created) = writer.outcome().expect("a committed push has an outcome");
-        Ok((version.clone(), created, writer.repaired()))
-    })
+    let (result, _) = run_engine(
+        ws,
+        Role::Replica,
+        vec![first_sync],
+        pump,
+        bytes,
+        move |link| {
+            let mut writer = match store.push(&r, options) {
+                Ok(w) => w,
+                // The engine has not started, so it reports nothing: tell the client
+                // here, or it would only see the connection close.
+                Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
+            };
+            if let Some(packed) = packed {
+                writer.keep_packed(packed);
+            }
+            run_replica(&mut OwnFaults::new(&mut writer, &data), link)?;
+            let (version, created) = writer.outcome().expect("a committed push has an outcome");
+            Ok((version.clone(), created, writer.repaired()))
+        },
+    )
     .await;
     // The engine reported its own failure to the client already.
     let (version, created, repaired) = result.map_err(Failure::Reported)?;
@@ -627,5 +663,5 @@ where
     ws.flush()
         .await
         .map_err(|e| Error::Disconnected(e.to_string()))?;
-    Ok(())
+    Ok(created)
 }

@@ -25,6 +25,9 @@
 //!   long REPORT: each bounded, and the server keeps serving.
 //! - `timing`: the server's time bounds (no OPEN, the session wait, the shutdown
 //!   grace) under `tokio::time::pause`, with the server in the test's own runtime.
+//! - `drill`: `serve --drill-every` (a drill result in the API, kept across a restart;
+//!   a damaged stored page fails it, logged at ERROR), `GET /metrics` parsed by a real
+//!   Prometheus text-format parser, `verify --all-versions` against a server.
 //! - `tls`: `serve --tls-cert --tls-key` with a private CA made in the test: wss:// and
 //!   https:// work for a client that trusts the CA (`SQLFERRY_CA_FILE`) and fail cleanly
 //!   for one that does not, or that speaks plain ws://; bad certificate files.
@@ -36,6 +39,7 @@ mod api;
 mod auth;
 mod compress;
 mod concurrent;
+mod drill;
 mod faults;
 mod fuzz;
 mod kill;
@@ -98,6 +102,8 @@ pub struct TestServer {
     pub url: String,
     /// The admin key printed on first start.
     pub admin_key: String,
+    /// `127.0.0.1:PORT` of the metrics listener (`serve --metrics-listen`), if any.
+    pub metrics_addr: Option<String>,
     /// A machine of its own, for the admin's look-ups (`versions`).
     admin: Machine,
     /// Arguments added to `sqlferry serve` (kept for restarts).
@@ -151,6 +157,7 @@ impl TestServer {
             tls: None,
             addr,
             admin_key,
+            metrics_addr: None,
             extra: Vec::new(),
         }
     }
@@ -161,6 +168,21 @@ impl TestServer {
 
     fn start_with_args(dir: &Path, tls: Option<tls::Certs>, extra: &[&str]) -> TestServer {
         TestServer::start_with_env(dir, tls, extra, &[])
+    }
+
+    /// [`TestServer::start`] with `extra` arguments to `sqlferry serve`, which a
+    /// [`TestServer::restart_with`] replaces.
+    pub fn start_args(dir: &Path, extra: &[&str]) -> TestServer {
+        let mut server = TestServer::start_with_args(dir, None, extra);
+        server.extra = extra.iter().map(|s| s.to_string()).collect();
+        server
+    }
+
+    /// Restarts the server (as [`TestServer::restart`]) with `extra` arguments instead
+    /// of the ones it had.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
     }
 
     /// [`TestServer::start`] with environment variables set for the server process
@@ -177,7 +199,8 @@ impl TestServer {
     ) -> TestServer {
         let data = dir.join("server-data");
         let log = dir.join("server.log");
-        let (child, addr, key) = spawn(&data, &log, "127.0.0.1:0", tls.as_ref(), extra, env);
+        let (child, addr, key, metrics_addr) =
+            spawn(&data, &log, "127.0.0.1:0", tls.as_ref(), extra, env);
         let admin_key =
             key.unwrap_or_else(|| panic!("no admin key on first start; log:\n{}", read(&log)));
         assert!(
@@ -198,6 +221,7 @@ impl TestServer {
             tls,
             addr,
             admin_key,
+            metrics_addr,
             extra: Vec::new(),
         }
     }
@@ -306,7 +330,7 @@ impl TestServer {
             assert!(status.success(), "clean stop before restart: {status}");
         }
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let (child, addr, key) = spawn(
+        let (child, addr, key, metrics_addr) = spawn(
             &self.data,
             &self.log,
             &self.addr,
@@ -317,6 +341,7 @@ impl TestServer {
         assert_eq!(addr, self.addr, "restarted on the same port");
         assert_eq!(key, None, "the admin key is shown only on first start");
         self.child = Some(child);
+        self.metrics_addr = metrics_addr;
     }
 }
 
@@ -392,7 +417,8 @@ impl Local {
 }
 
 /// Starts `sqlferry serve` (with TLS when `tls` is given) and reads its stdout until it
-/// says where it listens; the child, the address, and the admin key if it printed one.
+/// says where it listens; the child, the address, the admin key if it printed one, and
+/// the metrics listener's address if it has one.
 fn spawn(
     data: &Path,
     log: &Path,
@@ -400,7 +426,7 @@ fn spawn(
     tls: Option<&tls::Certs>,
     extra: &[&str],
     env: &[(&str, &str)],
-) -> (Child, String, Option<String>) {
+) -> (Child, String, Option<String>, Option<String>) {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -449,6 +475,7 @@ fn spawn(
     });
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut key = None;
+    let mut metrics = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = match rx.recv_timeout(left) {
@@ -464,6 +491,8 @@ fn spawn(
         };
         if let Some(k) = line.strip_prefix("admin key (shown only this once; keep it secret): ") {
             key = Some(k.trim().to_owned());
+        } else if let Some(rest) = line.strip_prefix("metrics on http://") {
+            metrics = Some(rest.split('/').next().expect("an address").to_owned());
         } else if let Some(rest) = line.strip_prefix("listening on ") {
             let scheme = if tls.is_some() { "wss://" } else { "ws://" };
             let addr = rest
@@ -478,7 +507,7 @@ fn spawn(
                 rest.contains(&format!("data in {})", data.display())),
                 "{line}"
             );
-            return (child, addr, key);
+            return (child, addr, key, metrics);
         } else {
             panic!("unexpected line from sqlferry serve: {line}");
         }

@@ -137,7 +137,7 @@ fn page_location(file: &Path, hash: &Hash) -> (PathBuf, u64, usize) {
 }
 
 /// The hash and stored bytes of page `pgno` of `version` in a replica file.
-fn stored_page(file: &Path, version: u64, pgno: u32) -> (Hash, Vec<u8>) {
+pub(crate) fn stored_page(file: &Path, version: u64, pgno: u32) -> (Hash, Vec<u8>) {
     use std::os::unix::fs::FileExt;
     let conn = Connection::open(file).expect("open replica file");
     let idx = (pgno - 1) / 1024;
@@ -161,7 +161,7 @@ fn stored_page(file: &Path, version: u64, pgno: u32) -> (Hash, Vec<u8>) {
 }
 
 /// Flips bits of one byte of a stored page, in place in its pack, as a bad disk would.
-fn flip_stored(file: &Path, hash: &Hash, byte: usize, bits: u8) {
+pub(crate) fn flip_stored(file: &Path, hash: &Hash, byte: usize, bits: u8) {
     use std::os::unix::fs::FileExt;
     let (pack, offset, len) = page_location(file, hash);
     assert!(byte < len);
@@ -1087,4 +1087,67 @@ fn a_first_push_resent_while_the_first_still_publishes_is_already_there() {
     let versions = store.versions(&race).expect("versions");
     assert_eq!(versions.len(), 1);
     assert_eq!(versions[0].digest, util::digest(&db));
+}
+
+// ---- verify --all-versions ----
+
+#[test]
+fn verify_all_versions_names_the_one_damaged_version_and_checks_the_others() {
+    let b = Bench::new();
+    let db = b.database("app.db", 300);
+    ok(&b.push(&db, &[]), "push 1");
+    for n in 2..=3 {
+        util::open(&db)
+            .execute_batch("UPDATE t SET v = randomblob(300)")
+            .expect("update");
+        ok(&b.push(&db, &[]), &format!("push {n}"));
+    }
+    // A page only version 2 holds (every row changed in 2 and again in 3).
+    let file = b.replica_file();
+    let pgno = util::page_count(&db);
+    let (hash, _) = stored_page(&file, 2, pgno);
+    assert_ne!(stored_page(&file, 1, pgno).0, hash);
+    assert_ne!(stored_page(&file, 3, pgno).0, hash);
+    flip_stored(&file, &hash, 200, 0x10);
+
+    let out = b.run(&["verify", REPLICA, "--all-versions", "--json"]);
+    assert_eq!(util::code(&out), EXIT_VERIFY, "{}", util::stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (report["checked"].as_u64(), report["failed"].as_u64()),
+        (Some(3), Some(1))
+    );
+    let versions = report["versions"].as_array().expect("versions");
+    assert_eq!(versions[0]["ok"], true, "{report}");
+    assert_eq!(versions[2]["ok"], true, "{report}");
+    assert_eq!(versions[2]["integrity"], serde_json::json!(["ok"]));
+    assert_eq!(versions[1]["ok"], false, "{report}");
+    assert!(versions[1]["digest"].is_null(), "{report}");
+    let error = versions[1]["error"].as_str().expect("an error");
+    assert!(
+        error.contains(&format!("page {pgno} of {REPLICA}@2")),
+        "names the page and version: {error}"
+    );
+
+    let out = b.run(&["verify", REPLICA, "--all-versions"]);
+    assert_eq!(util::code(&out), EXIT_VERIFY);
+    let text = util::stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "a line per version and a summary: {text}");
+    assert!(lines[0].starts_with("version 1  ok  "), "{text}");
+    assert!(lines[1].starts_with("version 2  FAILED  "), "{text}");
+    assert!(lines[2].starts_with("version 3  ok  "), "{text}");
+    assert_eq!(
+        lines[3],
+        format!("{REPLICA}: 1 of 3 versions FAILED (versions 2)")
+    );
+
+    // A version selector, or a local file, is refused with a usage error.
+    let out = b.run(&["verify", &format!("{REPLICA}@2"), "--all-versions"]);
+    assert_eq!(util::code(&out), 2, "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("without @VERSION"),
+        "{}",
+        util::stderr(&out)
+    );
 }
