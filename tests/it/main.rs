@@ -20,11 +20,14 @@
 //!   writes, checkpoints of every kind, VACUUM and resets: every change is seen.
 //! - `status`: the sync log as `status` and `history` show it, with the exit codes
 //!   cron relies on.
+//! - `followers`: pull subscribers reporting what they applied, their lag in the API,
+//!   and `push --wait-followers` with a real server and a real follower process.
 //! - `store_packs`: pages stored once across replicas, pushes into several replicas at
 //!   once (one process and several), a store of the previous layout moved into packs.
 
 mod cli;
 mod engine;
+mod followers;
 mod house;
 mod layers;
 mod live;
