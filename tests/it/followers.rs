@@ -8,6 +8,9 @@
 //!   already has the new rows when the push exits); with no follower and `--timeout 1s`
 //!   it exits 12 saying the version WAS committed, and the version exists.
 //! - `--wait-followers` without a server is a usage error that pushes nothing.
+//! - The frames from a raw client (`server::raw`): a subscriber that never reports (as
+//!   an older one) is listed with no version; a WAITFOLLOWERS is answered the moment a
+//!   report reaches the count; a wait for 0 followers is refused.
 //!
 //! Every wait polls the server's API or the subscriber's output with a deadline.
 
@@ -245,4 +248,118 @@ fn wait_followers_needs_a_server_and_pushes_nothing_without_one() {
     assert_eq!(util::code(&out), EXIT_USAGE, "{}", util::stderr(&out));
     let out = m.run(["versions", "acme/app.db"]);
     assert_eq!(util::code(&out), EXIT_NOT_FOUND, "nothing was pushed");
+}
+
+/// The frames themselves, from a raw WebSocket client: an older subscriber that never
+/// reports is listed with no version; an APPLIED is shown; a wait is answered as soon
+/// as a report brings the count to the one asked for (woken by the report, not by a
+/// poll or its timeout), and a wait for 0 followers is refused.
+#[test]
+fn raw_frames_report_applied_versions_and_wake_a_waiter() {
+    use crate::server::raw;
+
+    let dir = TempDir::new().unwrap();
+    let (server, _origin, _follower) = setup(&dir);
+    let subscribe = serde_json::json!({
+        "protocol": 1, "op": "subscribe", "replica": "acme/app.db", "role": "pull",
+        "client_id": "raw@test",
+    });
+    let applied = |version: u64, at: i64| {
+        let mut f = vec![0x58];
+        f.extend_from_slice(
+            serde_json::json!({"version": version, "applied_at": at})
+                .to_string()
+                .as_bytes(),
+        );
+        f
+    };
+    raw::runtime().block_on(async {
+        // As an older subscriber: it subscribes and says nothing more.
+        let mut old = raw::connect(&server, &server.admin_key).await;
+        let config = raw::open(&mut old, subscribe.clone()).await;
+        assert_eq!(config["followers"], true, "{config}");
+        let status = status_when(&server, "the silent follower is listed", |s| {
+            s["pull_subscribers"] == 1
+        });
+        assert_eq!(
+            status["followers"],
+            serde_json::json!([{"applied_version": null, "applied_at": null, "lag_seconds": null}])
+        );
+
+        // A subscriber that reports; its clock ahead of the server's is not believed.
+        let mut new = raw::connect(&server, &server.admin_key).await;
+        raw::open(&mut new, subscribe.clone()).await;
+        let ahead = crate::subscribe::unix_now() + 3600;
+        assert!(raw::send(&mut new, applied(1, ahead)).await);
+        let status = status_when(&server, "the report is shown", |s| {
+            s["followers"].as_array().is_some_and(|f| {
+                f.len() == 2 && f[1]["applied_version"] == 1 && f[1]["lag_seconds"] == 0
+            })
+        });
+        assert!(
+            status["followers"][1]["applied_at"].as_i64().unwrap() < ahead,
+            "{status}"
+        );
+
+        // A wait for 2 followers of version 1: one holds it now, the second report
+        // ends the wait long before its 60 s.
+        let mut wait = raw::connect(&server, &server.admin_key).await;
+        let config = raw::open(
+            &mut wait,
+            serde_json::json!({"protocol": 1, "op": "wait-followers",
+                "replica": "acme/app.db", "client_id": "raw@test"}),
+        )
+        .await;
+        assert_eq!(
+            (config["version"].clone(), config["followers"].clone()),
+            (1.into(), true.into())
+        );
+        let ask = |count: u32| {
+            let mut f = vec![0x59];
+            f.extend_from_slice(
+                serde_json::json!({"count": count, "version": 1, "timeout_ms": 60_000})
+                    .to_string()
+                    .as_bytes(),
+            );
+            f
+        };
+        assert!(raw::send(&mut wait, ask(2)).await);
+        let followed = |frame: Option<Vec<u8>>| -> serde_json::Value {
+            let frame = frame.expect("a FOLLOWED frame");
+            assert_eq!(frame[0], 0x5a, "{:?}", String::from_utf8_lossy(&frame));
+            serde_json::from_slice(&frame[1..]).expect("FOLLOWED is JSON")
+        };
+        assert_eq!(
+            followed(raw::next(&mut wait).await),
+            serde_json::json!({"count": 1, "version": 1, "done": false})
+        );
+        let asked = std::time::Instant::now();
+        assert!(raw::send(&mut old, applied(1, crate::subscribe::unix_now())).await);
+        assert_eq!(
+            followed(raw::next(&mut wait).await),
+            serde_json::json!({"count": 2, "version": 1, "done": true})
+        );
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(30),
+            "woken by the report, not the timeout"
+        );
+        assert_eq!(raw::next(&mut wait).await, None, "the session ends");
+
+        // Zero followers is no wait: refused with ERROR 11 (bad request).
+        let mut zero = raw::connect(&server, &server.admin_key).await;
+        raw::open(
+            &mut zero,
+            serde_json::json!({"protocol": 1, "op": "wait-followers",
+                "replica": "acme/app.db", "client_id": "raw@test"}),
+        )
+        .await;
+        assert!(raw::send(&mut zero, ask(0)).await);
+        let frame = raw::next(&mut zero).await.expect("an ERROR frame");
+        assert_eq!(
+            &frame[..3],
+            [0x08, 0, 11],
+            "{:?}",
+            String::from_utf8_lossy(&frame)
+        );
+    });
 }

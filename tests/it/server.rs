@@ -41,7 +41,7 @@ mod fuzz;
 mod kill;
 mod limits;
 mod paths;
-mod raw;
+pub(crate) mod raw;
 mod roundtrip;
 mod shutdown;
 mod timing;
