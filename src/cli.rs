@@ -57,6 +57,9 @@ pub mod exit {
     /// `status`: a sync's last attempt failed, or its last success is older than
     /// `--max-age`.
     pub const UNHEALTHY: u8 = 11;
+    /// `push --wait-followers`: the version was committed, but fewer pull subscribers
+    /// than asked reported having applied it before `--timeout`.
+    pub const NOT_FOLLOWED: u8 = 12;
     /// A subscriber stopped by a second SIGINT or SIGTERM, without waiting for its sync.
     pub const INTERRUPTED: u8 = 130;
 }

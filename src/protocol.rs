@@ -79,6 +79,12 @@ pub mod code {
     pub const REPORT: u8 = 0x56;
     /// Reserved: CHANGED (server protocol).
     pub const CHANGED: u8 = 0x57;
+    /// Reserved: APPLIED (server protocol).
+    pub const APPLIED: u8 = 0x58;
+    /// Reserved: WAITFOLLOWERS (server protocol).
+    pub const WAIT_FOLLOWERS: u8 = 0x59;
+    /// Reserved: FOLLOWED (server protocol).
+    pub const FOLLOWED: u8 = 0x5a;
 }
 
 /// The error codes carried by [`Frame::Error`], defined beside [`crate::ErrorKind`]
@@ -439,7 +445,10 @@ impl Frame {
             | code::NEW_REPLICA_VERSION
             | code::KEY_REQUEST
             | code::COMMIT_MESSAGE
-            | code::CHANGED => return Err(DecodeError::Control(ty)),
+            | code::CHANGED
+            | code::APPLIED
+            | code::WAIT_FOLLOWERS
+            | code::FOLLOWED => return Err(DecodeError::Control(ty)),
             other => return Err(DecodeError::UnknownType(other)),
         };
         if !r.buf.is_empty() {

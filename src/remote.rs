@@ -25,7 +25,9 @@ use crate::engine::{
 };
 use crate::history;
 use crate::page::{Snapshot, Writer};
-use crate::protocol::control::{Config, Control, KeyInfo, NewKeys, Op, Open, SubscriberRole};
+use crate::protocol::control::{
+    Config, Control, KeyInfo, MAX_FOLLOWERS_WAIT, NewKeys, Op, Open, SubscriberRole, WaitFollowers,
+};
 use crate::protocol::{Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector, Store, VersionInfo};
 use crate::transport::ws;
@@ -86,6 +88,18 @@ pub struct PushRequest {
     /// Push even if LOCAL fails `PRAGMA quick_check` (`--allow-corrupt`); by default
     /// a damaged database is refused, so it never replaces a good version.
     pub allow_corrupt: bool,
+    /// The caller will wait for followers after the push (`--wait-followers`): a
+    /// server that keeps none (an older one) is refused before anything is sent.
+    pub wait_followers: bool,
+}
+
+/// What a wait for followers ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Followers {
+    /// Connected pull subscribers that reported holding the version (or a later one).
+    pub count: u32,
+    /// Whether that is the count asked for (`false`: the wait timed out first).
+    pub reached: bool,
 }
 
 impl Server {
@@ -284,6 +298,12 @@ impl Server {
                 let mut ws = connect(url, request.key.as_deref()).await?;
                 let o = &request.options;
                 let config = open(&mut ws, Op::Push, replica, None, o.base, o.force, None).await?;
+                if request.wait_followers && !config.followers {
+                    return Err(Error::Protocol(format!(
+                        "{}; nothing was pushed",
+                        older_server(url)
+                    )));
+                }
                 if request.new_keys && config.key_type != "admin" {
                     return Err(Error::Auth(format!(
                         "--new-keys needs the admin key; this is a {} key",
@@ -348,6 +368,85 @@ impl Server {
             .await?;
         }
         Ok(outcome)
+    }
+
+    /// Waits until `count` pull subscribers of `replica` report holding `version` or a
+    /// later one, or `timeout` passes (at most
+    /// [`MAX_FOLLOWERS_WAIT`]);
+    /// `progress` hears each count the server reports on the way. Only a server knows
+    /// its followers: the embedded store is a usage error.
+    pub async fn wait_followers(
+        &self,
+        replica: &ReplicaPath,
+        version: u64,
+        count: u32,
+        timeout: std::time::Duration,
+        key: Option<&str>,
+        progress: &mut (dyn FnMut(u32) + Send),
+    ) -> Result<Followers> {
+        let Server::Ws { url } = self else {
+            return Err(Error::Usage(
+                "--wait-followers needs a server (sqlferry serve): the embedded store does not \
+                 know its pull subscribers"
+                    .into(),
+            ));
+        };
+        let mut ws = connect(url, key).await?;
+        let config = open(&mut ws, Op::WaitFollowers, replica, None, None, false, None).await?;
+        if !config.followers {
+            return Err(Error::Protocol(older_server(url)));
+        }
+        let wait = WaitFollowers {
+            count,
+            version,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        };
+        ws::send_binary(&mut ws, Control::WaitFollowers(wait).to_bytes()).await?;
+        // The server answers by its deadline; a margin for the network, then it is
+        // taken for gone.
+        let limit = timeout.min(MAX_FOLLOWERS_WAIT) + CONNECT_TIMEOUT;
+        let waited = async {
+            loop {
+                let bytes = ws::recv_binary(&mut ws).await?.ok_or_else(|| {
+                    Error::Disconnected("the server closed the session while waiting".into())
+                })?;
+                if !bytes.first().is_some_and(|&b| Control::is_control(b)) {
+                    return Err(match Frame::decode(&bytes) {
+                        Ok(Frame::Error { code, message }) => Error::Remote { code, message },
+                        Ok(other) => {
+                            Error::Protocol(format!("expected FOLLOWED, got {}", other.name()))
+                        }
+                        Err(e) => Error::Protocol(e.to_string()),
+                    });
+                }
+                match Control::decode(&bytes).map_err(|e| Error::Protocol(e.to_string()))? {
+                    Control::Followed(f) if f.version == version => {
+                        progress(f.count);
+                        if f.done {
+                            return Ok(Followers {
+                                count: f.count,
+                                reached: f.count >= count,
+                            });
+                        }
+                    }
+                    other => {
+                        return Err(Error::Protocol(format!(
+                            "expected FOLLOWED for version {version}, got {other:?}"
+                        )));
+                    }
+                }
+            }
+        };
+        let result = tokio::time::timeout(limit, waited)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Disconnected(format!(
+                    "{url} did not answer within {}s while waiting for followers",
+                    limit.as_secs()
+                )))
+            });
+        let _ = ws.close(None).await;
+        result
     }
 
     /// Pulls one version of `replica` into the database at `local`, atomically.
@@ -736,6 +835,14 @@ async fn next_config(ws: &mut Socket, pending: Vec<Vec<u8>>) -> Result<Config> {
             }
         }
     }
+}
+
+/// The refusal of `--wait-followers` by a server that keeps no followers.
+fn older_server(url: &str) -> String {
+    format!(
+        "{url} does not keep followers (a sqlferry serve older than this client): \
+         --wait-followers needs a newer server"
+    )
 }
 
 /// Who is asking, as recorded with each version: `user@host`. Without `$USER` (or

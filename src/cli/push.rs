@@ -1,17 +1,23 @@
 //! `sqlferry push LOCAL [REMOTE]`: send what changed, to a local copy or as a new
 //! version of a replica.
 
+use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::progress::Bar;
 use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, is_local_path, out};
 use crate::client::{Pusher, SavedKeys};
 use crate::engine::Progress;
 use crate::protocol::MAX_TEXT_BYTES;
+use crate::protocol::control::MAX_FOLLOWERS_WAIT;
 use crate::shutdown::Shutdown;
 use crate::store::ReplicaPath;
+use crate::subscribe::duration;
 
 /// Arguments of `sqlferry push`.
 #[derive(Debug, clap::Args)]
@@ -41,7 +47,15 @@ LOCAL must pass PRAGMA quick_check, run in the read transaction that is pushed: 
 database is refused with exit 7 and replaces nothing; --allow-corrupt pushes it anyway.\n\n\
 Without --server, SQLFERRY_SERVER or a configured server, a LOCAL whose PUSH key is saved \
 goes to the server that key is for when REMOTE is that key's replica (stderr says so), and \
-is refused for another replica (name its store); otherwise it goes to the embedded store.")]
+is refused for another replica (name its store); otherwise it goes to the embedded store.\n\n\
+Waiting for followers (servers only): --wait-followers N returns once N pull subscribers \
+(pull --subscribe) report having applied the version this push made (or, when nothing \
+changed, the latest one), or a later one: the write is then on N other machines.\n  \
+sqlferry push app.db acme/app.db --wait-followers 1 --timeout 30s\n\
+If --timeout (default 60s, at most 1h) passes first, the push exits 12: the version WAS \
+committed, it is just not confirmed on N followers. The embedded store does not know its \
+pull subscribers: --wait-followers there is a usage error (exit 2). The replica's followers, \
+their versions and lag are in the server's API (GET /api/replicas/NAMESPACE/NAME).")]
 pub struct PushArgs {
     /// The database to push (read-only; a live database is fine).
     pub local: String,
@@ -77,6 +91,15 @@ pub struct PushArgs {
     /// SIGINT or SIGTERM, which push pending changes first).
     #[arg(long, requires = "wait_idle", conflicts_with = "dry_run")]
     pub subscribe: bool,
+    /// After the push, wait until N pull subscribers report having applied its version
+    /// (or a later one); exit 12 if --timeout passes first. Servers only.
+    #[arg(long, value_name = "N", conflicts_with_all = ["subscribe", "dry_run"],
+          value_parser = clap::builder::RangedU64ValueParser::<u32>::new().range(1..))]
+    pub wait_followers: Option<u32>,
+    /// How long --wait-followers waits at most (at most 1h).
+    #[arg(long, value_name = "DURATION", requires = "wait_followers", default_value = "60s",
+          value_parser = super::subscribe::parse_duration)]
+    pub timeout: Duration,
     /// When to push, with --subscribe.
     #[command(flatten)]
     pub timing: super::subscribe::TimingArgs,
@@ -89,6 +112,9 @@ impl PushArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let local = expand_tilde(&self.local);
+        if self.wait_followers.is_some() {
+            self.check_wait()?;
+        }
         if is_local_path(&self.remote) {
             return super::interruptible(shutdown, self.push_file(&local, global)).await;
         }
@@ -121,6 +147,15 @@ impl PushArgs {
         pusher.force = self.force;
         pusher.new_keys = self.new_keys;
         pusher.allow_corrupt = self.allow_corrupt;
+        pusher.wait_followers = self.wait_followers.is_some();
+        if self.wait_followers.is_some() && !pusher.server.needs_key() {
+            return Err(crate::Error::Usage(format!(
+                "--wait-followers needs a server (sqlferry serve; --server ws://HOST:PORT): {} \
+                 is the embedded store, which does not know its pull subscribers; nothing was pushed",
+                pusher.server.url()
+            ))
+            .into());
+        }
         if self.subscribe {
             return super::subscribe::run_push(pusher, &self.timing, global, shutdown).await;
         }
@@ -137,13 +172,96 @@ impl PushArgs {
             }
             let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
             let report = pusher.push(bar).await?;
-            self.print(&pusher, &report.outcome, global)?;
+            // The push line first: the version exists, whatever the wait brings.
+            if !self.json {
+                self.print(&pusher, &report.outcome, None, global)?;
+            }
             if let Some(saved) = &report.saved_keys {
                 eprintln!("{}", new_keys_note(saved));
             }
-            Ok(ExitCode::from(exit::OK))
+            let followers = match self.wait_followers {
+                Some(n) => Some(self.wait(&pusher, report.outcome.version, n, global).await?),
+                None => None,
+            };
+            if self.json {
+                self.print(&pusher, &report.outcome, followers, global)?;
+            }
+            match (self.wait_followers, followers) {
+                (Some(n), Some(f)) if !f.reached => {
+                    eprintln!(
+                        "sqlferry: error: {}",
+                        not_followed(&pusher.replica, report.outcome.version, f.count, n, self.timeout)
+                    );
+                    Ok(ExitCode::from(exit::NOT_FOLLOWED))
+                }
+                (Some(n), Some(f)) => {
+                    if !self.json && !global.quiet {
+                        out(format_args!(
+                            "followed: version {} of {} is applied by {} pull subscriber{} (waited for {n})",
+                            report.outcome.version,
+                            pusher.replica,
+                            f.count,
+                            if f.count == 1 { "" } else { "s" }
+                        ))?;
+                    }
+                    Ok(ExitCode::from(exit::OK))
+                }
+                _ => Ok(ExitCode::from(exit::OK)),
+            }
         })
         .await
+    }
+
+    /// `--wait-followers` is for a replica on a server, with a timeout the server grants.
+    fn check_wait(&self) -> anyhow::Result<()> {
+        if is_local_path(&self.remote) {
+            return Err(crate::Error::Usage(format!(
+                "--wait-followers needs a replica on a server; {} is a local file",
+                self.remote
+            ))
+            .into());
+        }
+        if self.timeout > MAX_FOLLOWERS_WAIT || self.timeout.is_zero() {
+            return Err(crate::Error::Usage(format!(
+                "--timeout {}: a wait for followers lasts from 1s to {}",
+                duration::format(self.timeout),
+                duration::format(MAX_FOLLOWERS_WAIT)
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Waits for `n` followers of `version`, a line on stderr saying how many hold it
+    /// so far (on a terminal, unless quiet or JSON), cleared at the end.
+    async fn wait(
+        &self,
+        pusher: &Pusher,
+        version: u64,
+        n: u32,
+        global: &Global,
+    ) -> anyhow::Result<crate::remote::Followers> {
+        let line = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+        if !global.quiet && !self.json && std::io::stderr().is_terminal() {
+            line.set_draw_target(ProgressDrawTarget::stderr());
+            line.set_style(
+                ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                    .expect("the template is valid"),
+            );
+            line.enable_steady_tick(Duration::from_millis(200));
+        }
+        let (replica, shown) = (pusher.replica.to_string(), line.clone());
+        let message = move |count: u32| {
+            format!("waiting for followers of {replica}: {count} of {n} hold version {version}")
+        };
+        line.set_message(message(0));
+        let followed = pusher
+            .wait_followers(version, n, self.timeout, &mut |count| {
+                shown.set_message(message(count));
+            })
+            .await;
+        line.finish_and_clear();
+        Ok(followed?)
     }
 
     /// The result, as a line or one JSON object.
@@ -151,6 +269,7 @@ impl PushArgs {
         &self,
         pusher: &Pusher,
         outcome: &crate::remote::PushOutcome,
+        followers: Option<crate::remote::Followers>,
         global: &Global,
     ) -> anyhow::Result<()> {
         let (replica, local) = (&pusher.replica, &pusher.local);
@@ -160,6 +279,12 @@ impl PushArgs {
             v["version"] = outcome.version.into();
             v["created"] = outcome.created.into();
             v["repaired"] = outcome.repaired.into();
+            if let Some(f) = followers {
+                // How many pull subscribers hold the version, and whether that is
+                // the number waited for.
+                v["followers"] = f.count.into();
+                v["followed"] = f.reached.into();
+            }
             out(format_args!("{v}"))?;
         } else if !global.quiet {
             let s = &outcome.stats;
@@ -278,6 +403,23 @@ pub(super) fn using_saved_server(server: &str, local: &Path, replica: &ReplicaPa
         "sqlferry: using {server}, the server {} was pushed to as {replica} (its key is \
          in the secrets file); --server names another store",
         local.display()
+    )
+}
+
+/// The error line of a wait for followers that timed out: the version exists.
+pub(super) fn not_followed(
+    replica: &ReplicaPath,
+    version: u64,
+    count: u32,
+    wanted: u32,
+    timeout: Duration,
+) -> String {
+    format!(
+        "version {version} of {replica} WAS committed, but only {count} of {wanted} pull \
+         subscriber{s} reported having applied it within {t}; the server's API lists the \
+         replica's followers and their lag",
+        s = if wanted == 1 { "" } else { "s" },
+        t = duration::format(timeout)
     )
 }
 

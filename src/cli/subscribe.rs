@@ -16,7 +16,7 @@ use crate::subscribe::push::SHUTDOWN_BOUND;
 use crate::subscribe::timer::Timing;
 use crate::subscribe::{Event, NextPush, duration};
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
     duration::parse(s)
 }
 

@@ -13,7 +13,9 @@ use crate::config::{Secret, Sidecar};
 use crate::engine::{PageSource, Progress, ScanFn, SyncStats, sync_local};
 use crate::history;
 use crate::page::{Snapshot, Writer};
-use crate::remote::{PushOutcome, PushRequest, Server, blocking, check_source, quick_check_source};
+use crate::remote::{
+    Followers, PushOutcome, PushRequest, Server, blocking, check_source, quick_check_source,
+};
 use crate::store::{PushOptions, ReplicaPath};
 use crate::{Error, ErrorKind, Result};
 
@@ -43,6 +45,9 @@ pub struct Pusher {
     /// Why the next push runs, as the sync log records it: `manual` unless a
     /// subscriber says otherwise (`idle`, `max-interval`, …).
     pub trigger: &'static str,
+    /// A wait for followers follows the push ([`Pusher::wait_followers`]): a server
+    /// that keeps no followers is refused before anything is sent.
+    pub wait_followers: bool,
 }
 
 /// What one push did.
@@ -122,6 +127,7 @@ impl Pusher {
             new_keys: false,
             allow_corrupt: false,
             trigger: "manual",
+            wait_followers: false,
         })
     }
 
@@ -171,7 +177,36 @@ impl Pusher {
             key_request: self.server.needs_key() && !self.stored,
             new_keys: self.new_keys,
             allow_corrupt: self.allow_corrupt,
+            wait_followers: self.wait_followers,
         }
+    }
+
+    /// Waits until `count` pull subscribers of the replica hold `version` (or a later
+    /// one), or `timeout` passes; `progress` hears each count on the way. The version
+    /// is committed already, whatever this returns.
+    pub async fn wait_followers(
+        &self,
+        version: u64,
+        count: u32,
+        timeout: std::time::Duration,
+        progress: &mut (dyn FnMut(u32) + Send),
+    ) -> Result<Followers> {
+        self.server
+            .wait_followers(
+                &self.replica,
+                version,
+                count,
+                timeout,
+                self.key.as_deref(),
+                progress,
+            )
+            .await
+            .map_err(|e| {
+                e.context(format!(
+                    "version {version} of {} was committed, but waiting for its followers failed",
+                    self.replica
+                ))
+            })
     }
 
     /// Pushes once; records the version in the local history and saves new keys, and

@@ -67,6 +67,11 @@ pub enum Op {
     /// Revoke the key `key_id` (admin key only): CONFIG's `key_list` holds it. With a
     /// `replica`, only a key of that replica is revoked.
     RevokeKey,
+    /// Wait until pull subscribers report having applied a version: after CONFIG the
+    /// client sends WAITFOLLOWERS, the server answers FOLLOWED as the count changes and
+    /// once more, `done`, when it is reached or the wait timed out. Only for servers
+    /// whose CONFIG says `followers`.
+    WaitFollowers,
 }
 
 /// What a subscriber does with its replica.
@@ -124,6 +129,54 @@ pub struct Config {
     /// (`"zstd"`); absent: plain pages (and from older servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress: Option<String>,
+    /// The server keeps followers: it takes APPLIED from a pull subscriber and the
+    /// `wait-followers` op. Absent (false) from older servers, to which a subscriber
+    /// then sends no APPLIED (an unknown frame would end its session).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub followers: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The longest wait for followers a server grants (`push --wait-followers --timeout`
+/// refuses a longer one): a waiting session holds a connection.
+pub const MAX_FOLLOWERS_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A pull subscriber's report: its database now holds `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The version the subscriber's database holds.
+    pub version: u64,
+    /// When it was applied (Unix seconds, the subscriber's clock); absent: now. The
+    /// server keeps the earlier of this and the time the report arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<i64>,
+}
+
+/// What a `wait-followers` session waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitFollowers {
+    /// How many pull subscribers must hold the version (or a later one), from 1.
+    pub count: u32,
+    /// The version, from 1.
+    pub version: u64,
+    /// How long to wait at most, in milliseconds (the server grants at most
+    /// [`MAX_FOLLOWERS_WAIT`]).
+    pub timeout_ms: u64,
+}
+
+/// How many pull subscribers hold a version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Followed {
+    /// Connected pull subscribers that reported holding `version` or a later one.
+    pub count: u32,
+    /// The version waited for.
+    pub version: u64,
+    /// The last FOLLOWED of the session: the count was reached, or the wait timed out
+    /// (then `count` is below the one asked for).
+    pub done: bool,
 }
 
 /// What is known about one version (a row of `versions`, as a store keeps it and as
@@ -240,6 +293,13 @@ pub enum Control {
     Report(FailureReport),
     /// `0x57` CHANGED: `u32` seconds until the planned push.
     Changed(u32),
+    /// `0x58` APPLIED (pull subscriber → server): JSON [`Applied`].
+    Applied(Applied),
+    /// `0x59` WAITFOLLOWERS (client → server, `wait-followers` op): JSON
+    /// [`WaitFollowers`].
+    WaitFollowers(WaitFollowers),
+    /// `0x5a` FOLLOWED (server → client, `wait-followers` op): JSON [`Followed`].
+    Followed(Followed),
 }
 
 /// Frame code of OPEN.
@@ -257,6 +317,9 @@ impl Control {
                 | code::SYNC_NOW
                 | code::REPORT
                 | code::CHANGED
+                | code::APPLIED
+                | code::WAIT_FOLLOWERS
+                | code::FOLLOWED
         )
     }
 
@@ -289,6 +352,9 @@ impl Control {
                 out.extend_from_slice(&s.to_be_bytes());
                 out
             }
+            Control::Applied(a) => json(code::APPLIED, a),
+            Control::WaitFollowers(w) => json(code::WAIT_FOLLOWERS, w),
+            Control::Followed(f) => json(code::FOLLOWED, f),
         }
     }
 
@@ -343,6 +409,9 @@ impl Control {
                 }
                 _ => return Err(DecodeError::Truncated("CHANGED")),
             },
+            code::APPLIED => Control::Applied(json("APPLIED", rest)?),
+            code::WAIT_FOLLOWERS => Control::WaitFollowers(json("WAITFOLLOWERS", rest)?),
+            code::FOLLOWED => Control::Followed(json("FOLLOWED", rest)?),
             other => return Err(DecodeError::UnknownType(other)),
         })
     }
@@ -401,6 +470,28 @@ mod tests {
                 error: "cannot reach ws://h:1".into(),
             }),
             Control::Changed(600),
+            Control::Applied(Applied {
+                version: 7,
+                applied_at: Some(1_764_700_003),
+            }),
+            Control::Applied(Applied {
+                version: 1,
+                applied_at: None,
+            }),
+            Control::WaitFollowers(WaitFollowers {
+                count: 2,
+                version: 8,
+                timeout_ms: 60_000,
+            }),
+            Control::Followed(Followed {
+                count: 1,
+                version: 8,
+                done: false,
+            }),
+            Control::Config(Config {
+                followers: true,
+                ..Default::default()
+            }),
         ];
         for f in frames {
             assert_eq!(Control::decode(&f.to_bytes()), Ok(f));
@@ -434,6 +525,90 @@ mod tests {
             panic!("an older server's CONFIG decodes");
         };
         assert_eq!(c.compress, None);
+    }
+
+    /// The follower frames as docs/protocol.md gives them, and the CONFIG flag that
+    /// tells a subscriber it may send them: absent unless set, false from an older
+    /// server.
+    #[test]
+    fn follower_frames_are_byte_exact_and_negotiated() {
+        let applied = Control::Applied(Applied {
+            version: 7,
+            applied_at: None,
+        });
+        assert_eq!(applied.to_bytes(), b"\x58{\"version\":7}");
+        assert_eq!(
+            Control::decode(b"\x58{\"version\":7,\"applied_at\":5,\"later\":1}"),
+            Ok(Control::Applied(Applied {
+                version: 7,
+                applied_at: Some(5)
+            }))
+        );
+        assert_eq!(
+            Control::WaitFollowers(WaitFollowers {
+                count: 1,
+                version: 3,
+                timeout_ms: 1000
+            })
+            .to_bytes(),
+            b"\x59{\"count\":1,\"version\":3,\"timeout_ms\":1000}"
+        );
+        assert_eq!(
+            Control::Followed(Followed {
+                count: 0,
+                version: 3,
+                done: true
+            })
+            .to_bytes(),
+            b"\x5a{\"count\":0,\"version\":3,\"done\":true}"
+        );
+        for bad in [
+            &b"\x58"[..],
+            b"\x58{}",
+            b"\x58{\"version\":-1}",
+            b"\x59{\"count\":1}",
+        ] {
+            assert!(
+                matches!(Control::decode(bad), Err(DecodeError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        let open = Open {
+            protocol: 1,
+            op: Op::WaitFollowers,
+            replica: "a/b".into(),
+            version: None,
+            base: None,
+            force: false,
+            role: None,
+            client_id: "x".into(),
+            key_id: None,
+            compress: Vec::new(),
+        };
+        let bytes = Control::Open(open).to_bytes();
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""op":"wait-followers""#));
+        let plain = Control::Config(Config::default()).to_bytes();
+        assert!(!String::from_utf8_lossy(&plain).contains("followers"));
+        let flagged = Control::Config(Config {
+            followers: true,
+            ..Config::default()
+        })
+        .to_bytes();
+        assert!(String::from_utf8_lossy(&flagged).contains(r#""followers":true"#));
+        let mut old = vec![code::CONFIG];
+        old.extend_from_slice(br#"{"replica_id":"","path":"a/b","version":0,"key_type":"pull"}"#);
+        let Ok(Control::Config(c)) = Control::decode(&old) else {
+            panic!("an older server's CONFIG decodes");
+        };
+        assert!(!c.followers);
+        // Inside a page sync they are control frames, out of place.
+        for ty in [code::APPLIED, code::WAIT_FOLLOWERS, code::FOLLOWED] {
+            assert!(Control::is_control(ty));
+            assert_eq!(
+                super::super::Frame::decode(&[ty, b'{', b'}']),
+                Err(DecodeError::Control(ty))
+            );
+        }
     }
 
     #[test]

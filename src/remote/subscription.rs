@@ -10,6 +10,9 @@
 //!
 //! The subscriber reads [`Notice`]s from [`Subscription::notices`] and sends through
 //! [`Subscription::send`]. Dropping the subscription closes the connection.
+//!
+//! A pull subscriber's APPLIED reports go only to a server whose CONFIG says it keeps
+//! followers: an older server ends a session on a frame it does not know.
 
 use std::time::Duration;
 
@@ -19,7 +22,9 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{Server, Socket, blocking, connect, local, open};
 use crate::protocol::Frame;
-use crate::protocol::control::{Control, FailureReport, Op, PING_INTERVAL, SubscriberRole};
+use crate::protocol::control::{
+    Applied, Control, FailureReport, Op, PING_INTERVAL, SubscriberRole,
+};
 use crate::store::ReplicaPath;
 use crate::transport::ws::{Incoming, send_binary};
 use crate::{Error, ErrorKind, Result};
@@ -63,6 +68,10 @@ pub enum Outgoing {
     Changed(u32),
     /// REPORT: pushes have been failing.
     Report(FailureReport),
+    /// APPLIED (pull subscribers): the local database now holds this version. Unlike
+    /// the others it is not stale after a reconnect: the latest one is told again on
+    /// every connection, to servers that keep followers (CONFIG's `followers`).
+    Applied(Applied),
 }
 
 /// A running subscription; dropping it closes it (its task is aborted with it).
@@ -244,23 +253,48 @@ async fn run_ws(
     mut outgoing: mpsc::Receiver<Outgoing>,
 ) {
     let mut backoff = crate::backoff::Reconnect::new();
+    // The version the local database holds, told again on every connection.
+    let mut applied: Option<Applied> = None;
     loop {
         let error = match session_open(&url, &replica, role, key.as_deref()).await {
-            Ok((mut ws, exists, latest, key_type)) => {
+            Ok((mut ws, opened)) => {
                 backoff.reset();
-                // Anything queued while disconnected is stale.
-                while outgoing.try_recv().is_ok() {}
+                // Anything queued while disconnected is stale, but what was applied.
+                while let Ok(message) = outgoing.try_recv() {
+                    if let Outgoing::Applied(a) = message {
+                        applied = Some(a);
+                    }
+                }
                 if notices
                     .send(Notice::Connected {
-                        exists,
-                        latest,
-                        key_type,
+                        exists: opened.exists,
+                        latest: opened.latest,
+                        key_type: opened.key_type,
                     })
                     .is_err()
                 {
                     return;
                 }
-                match follow(&mut ws, &notices, &mut outgoing).await {
+                let told = match (&applied, opened.followers) {
+                    (Some(a), true) => {
+                        send_binary(&mut ws, Control::Applied(a.clone()).to_bytes()).await
+                    }
+                    _ => Ok(()),
+                };
+                let result = match told {
+                    Ok(()) => {
+                        follow(
+                            &mut ws,
+                            &notices,
+                            &mut outgoing,
+                            opened.followers,
+                            &mut applied,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
                     Ok(()) => return,
                     Err(e) => e,
                 }
@@ -283,12 +317,24 @@ async fn run_ws(
     }
 }
 
+/// What the server's CONFIG said when a subscription opened.
+struct Opened {
+    /// Whether the replica exists.
+    exists: bool,
+    /// Its latest version (0: none).
+    latest: u64,
+    /// The kind of key accepted.
+    key_type: String,
+    /// Whether the server keeps followers (takes APPLIED).
+    followers: bool,
+}
+
 async fn session_open(
     url: &str,
     replica: &ReplicaPath,
     role: SubscriberRole,
     key: Option<&str>,
-) -> Result<(Socket, bool, u64, String)> {
+) -> Result<(Socket, Opened)> {
     let opened = async {
         let mut ws = connect(url, key).await?;
         let config = open(
@@ -302,8 +348,13 @@ async fn session_open(
         )
         .await?;
         // The server names the replica's id only when the replica exists.
-        let exists = !config.replica_id.is_empty();
-        Ok((ws, exists, config.version, config.key_type))
+        let opened = Opened {
+            exists: !config.replica_id.is_empty(),
+            latest: config.version,
+            key_type: config.key_type,
+            followers: config.followers,
+        };
+        Ok((ws, opened))
     };
     tokio::time::timeout(super::CONNECT_TIMEOUT, opened)
         .await
@@ -316,11 +367,14 @@ async fn session_open(
 }
 
 /// Carries one connected session until it fails (`Err`) or the subscriber is gone
-/// (`Ok`).
+/// (`Ok`). APPLIED goes out only when the server keeps `followers`; the latest is kept
+/// in `applied` either way.
 async fn follow(
     ws: &mut Socket,
     notices: &mpsc::UnboundedSender<Notice>,
     outgoing: &mut mpsc::Receiver<Outgoing>,
+    followers: bool,
+    applied: &mut Option<Applied>,
 ) -> Result<()> {
     let silence = PING_INTERVAL * 3;
     loop {
@@ -380,6 +434,13 @@ async fn follow(
                         // The server keeps no more than this; nor need the wire carry it.
                         r.cap_error();
                         Control::Report(r)
+                    }
+                    Outgoing::Applied(a) => {
+                        *applied = Some(a.clone());
+                        if !followers {
+                            continue;
+                        }
+                        Control::Applied(a)
                     }
                 };
                 send_binary(ws, control.to_bytes()).await?;

@@ -138,6 +138,13 @@ async fn metrics(state: &Arc<State>) -> Response {
     let s = state.clone();
     let gathered = super::blocking(move || {
         let drills = s.drills.all();
+        // The largest lag of each replica's followers (those that reported a version).
+        let lags: std::collections::HashMap<String, u64> = s
+            .hub
+            .followers_by_replica(crate::epoch::now())
+            .into_iter()
+            .filter_map(|(r, f)| Some((r, f.iter().filter_map(|f| f.lag_seconds).max()?)))
+            .collect();
         let mut out = Vec::new();
         for replica in s.store.replicas()? {
             let latest = match s.store.latest(&replica) {
@@ -149,8 +156,7 @@ async fn metrics(state: &Arc<State>) -> Response {
                 latest,
                 // TODO(issue 11, prune helper): `Store::stored_bytes(&replica)` here.
                 stored_bytes: None,
-                // TODO(issue 11, follow helper): the largest follower lag from the hub.
-                follower_lag_seconds: None,
+                follower_lag_seconds: lags.get(replica.as_str()).map(|&l| l as f64),
                 drill: drills
                     .get(replica.as_str())
                     .map(|d| (d.at, d.ok, d.seconds)),

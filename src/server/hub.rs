@@ -9,10 +9,19 @@
 //!   it. REPORT frames record a subscriber's failures until its next push commits,
 //!   their error text cut to a few KB. Each kind is logged at most once a minute per
 //!   replica, so a flood of them cannot flood the log.
+//! - Followers: each pull subscriber's session reports (APPLIED) the version its
+//!   database holds. The hub keeps one [`Follower`] per pull session, dropped with the
+//!   membership, and from it a lag a user can alert on ([`lag_seconds`]). A
+//!   `watch` channel per replica wakes whoever waits for followers
+//!   ([`Hub::wait_followers`]) when a report arrives or a follower leaves.
 //! - All of it lives in memory: a restarted server learns it again from subscribers as
 //!   they reconnect and report.
+//!
+//! Bounds: one entry per replica a subscriber ever joined, one [`Follower`] per open
+//! pull session (sessions are bounded by the server's connection limit), and the
+//! times of at most [`RECENT_VERSIONS`] versions per replica.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use tokio::sync::{broadcast, watch};
@@ -32,11 +41,39 @@ pub enum Event {
 /// lagged.
 const EVENT_BACKLOG: usize = 16;
 
+/// How many of a replica's newest versions the hub keeps the creation time of: enough
+/// to compute the lag of a follower that is up to this many versions behind without
+/// asking the store.
+pub const RECENT_VERSIONS: usize = 16;
+
 /// The hub of one server.
 #[derive(Debug)]
 pub struct Hub {
     replicas: Mutex<HashMap<String, ReplicaState>>,
     closing: watch::Sender<bool>,
+    /// The id of the next membership (followers are keyed by it).
+    next_member: std::sync::atomic::AtomicU64,
+}
+
+/// What the hub knows of one pull subscriber (one session).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Follower {
+    /// The version its database holds, once it reported one.
+    applied: Option<u64>,
+    /// When it applied it (Unix seconds).
+    applied_at: Option<i64>,
+    /// When the first version it does not hold was created (Unix seconds); `None`
+    /// while it holds the latest (or never reported).
+    behind_since: Option<i64>,
+}
+
+/// A follower's lag, in whole seconds at `now`: 0 when it holds the latest version,
+/// else the time since the first version it does not hold was created (`behind_since`),
+/// so a follower that stopped applying lags more every second. `None` when it never
+/// reported a version (an older subscriber, or one still on its first pull).
+pub fn lag_seconds(applied: Option<u64>, behind_since: Option<i64>, now: i64) -> Option<u64> {
+    applied?;
+    Some(behind_since.map_or(0, |t| u64::try_from(now.saturating_sub(t)).unwrap_or(0)))
 }
 
 #[derive(Debug)]
@@ -52,6 +89,16 @@ struct ReplicaState {
     /// arrived unlogged since.
     report_log: LogLimit,
     changed_log: LogLimit,
+    /// Pull subscribers by membership id.
+    followers: BTreeMap<u64, Follower>,
+    /// The newest versions known (number, creation time), oldest first, at most
+    /// [`RECENT_VERSIONS`].
+    recent: VecDeque<(u64, i64)>,
+    /// Whether `recent` holds every version from its first on down to version 1 (the
+    /// replica has no older ones): then no follower's first missing version is older.
+    recent_complete: bool,
+    /// Bumped whenever a follower reports or leaves; waiters watch it.
+    followed: watch::Sender<u64>,
 }
 
 /// How often one kind of subscriber message of one replica is logged at most.
@@ -86,7 +133,48 @@ impl ReplicaState {
             failure: None,
             report_log: LogLimit::default(),
             changed_log: LogLimit::default(),
+            followers: BTreeMap::new(),
+            recent: VecDeque::new(),
+            recent_complete: false,
+            followed: watch::channel(0).0,
         }
+    }
+
+    /// Learns that `number` was created at `created_at`.
+    fn learn(&mut self, number: u64, created_at: i64) {
+        if self.recent.back().is_some_and(|&(n, _)| n >= number) {
+            return;
+        }
+        self.recent.push_back((number, created_at));
+        if self.recent.len() > RECENT_VERSIONS {
+            self.recent.pop_front();
+            self.recent_complete = false;
+        }
+    }
+
+    /// The creation time of the first version after `applied`, if the hub knows it:
+    /// `Ok(None)` when `applied` is the latest known, `Err(())` when only the store
+    /// can tell (it is older than every version kept here).
+    fn first_missing(&self, applied: u64) -> Result<Option<i64>, ()> {
+        let Some(&(first, at)) = self.recent.iter().find(|&&(n, _)| n > applied) else {
+            return Ok(None);
+        };
+        // The oldest version kept may not be the first after `applied`: older ones the
+        // hub never kept may lie between.
+        let oldest_kept = self.recent.front().map(|&(n, _)| n);
+        if oldest_kept == Some(first) && first > applied + 1 && !self.recent_complete {
+            return Err(());
+        }
+        Ok(Some(at))
+    }
+
+    fn count_at(&self, version: u64) -> u32 {
+        let n = self
+            .followers
+            .values()
+            .filter(|f| f.applied.is_some_and(|a| a >= version))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 }
 
@@ -94,6 +182,7 @@ impl ReplicaState {
 #[derive(Debug)]
 pub struct Membership<'a> {
     hub: &'a Hub,
+    id: u64,
     replica: String,
     role: SubscriberRole,
     /// The replica's events.
@@ -108,9 +197,56 @@ impl Drop for Membership<'_> {
         if let Some(state) = replicas.get_mut(&self.replica) {
             match self.role {
                 SubscriberRole::Push => state.push_subscribers -= 1,
-                SubscriberRole::Pull => state.pull_subscribers -= 1,
+                SubscriberRole::Pull => {
+                    state.pull_subscribers -= 1;
+                    if state.followers.remove(&self.id).is_some() {
+                        state.followed.send_modify(|n| *n += 1);
+                    }
+                }
             }
         }
+    }
+}
+
+impl Membership<'_> {
+    /// Whether recording `version` as applied needs the creation time of the first
+    /// version after it from the store ([`Membership::applied`]'s `older`): it is more
+    /// than [`RECENT_VERSIONS`] versions behind what the hub knows.
+    pub fn needs_store_for(&self, version: u64) -> bool {
+        self.hub
+            .lock()
+            .get(&self.replica)
+            .is_some_and(|s| s.first_missing(version).is_err())
+    }
+
+    /// A pull subscriber reports that its database holds `version`, applied at
+    /// `applied_at` (its clock; the arrival time `now` when absent or later). `older`
+    /// is the creation time of the first stored version after `version`, when
+    /// [`Membership::needs_store_for`] asked for it. Wakes the waiters. A push
+    /// subscriber's report is ignored.
+    pub fn applied(&self, version: u64, applied_at: Option<i64>, older: Option<i64>, now: i64) {
+        if self.role != SubscriberRole::Pull {
+            return;
+        }
+        let mut replicas = self.hub.lock();
+        let Some(state) = replicas.get_mut(&self.replica) else {
+            return;
+        };
+        let behind_since = match state.first_missing(version) {
+            Ok(t) => t,
+            // Not asked for, or a version was pruned: the oldest time kept is the best
+            // the hub knows, and it errs on the small side.
+            Err(()) => older.or(state.recent.front().map(|&(_, t)| t)),
+        };
+        state.followers.insert(
+            self.id,
+            Follower {
+                applied: Some(version),
+                applied_at: Some(applied_at.map_or(now, |t| t.min(now))),
+                behind_since,
+            },
+        );
+        state.followed.send_modify(|n| *n += 1);
     }
 }
 
@@ -126,6 +262,21 @@ pub struct Status {
     pub expected_push_at: Option<i64>,
     /// A push subscriber's latest failure report, until its next push commits.
     pub failure: Option<FailureStatus>,
+    /// Every pull subscriber connected now, in the order they joined.
+    pub followers: Vec<FollowerStatus>,
+}
+
+/// One pull subscriber as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FollowerStatus {
+    /// The version its database holds; null until it reports one (an older
+    /// subscriber never does).
+    pub applied_version: Option<u64>,
+    /// When it applied that version (Unix seconds).
+    pub applied_at: Option<i64>,
+    /// 0 when it holds the latest version, else the seconds since the first version it
+    /// does not hold was created; null when `applied_version` is ([`lag_seconds`]).
+    pub lag_seconds: Option<u64>,
 }
 
 /// A failure report as the API shows it.
@@ -155,6 +306,7 @@ impl Default for Hub {
         Hub {
             replicas: Mutex::new(HashMap::new()),
             closing: watch::channel(false).0,
+            next_member: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -171,12 +323,19 @@ impl Hub {
         let state = replicas
             .entry(replica.to_owned())
             .or_insert_with(ReplicaState::new);
+        let id = self
+            .next_member
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match role {
             SubscriberRole::Push => state.push_subscribers += 1,
-            SubscriberRole::Pull => state.pull_subscribers += 1,
+            SubscriberRole::Pull => {
+                state.pull_subscribers += 1;
+                state.followers.insert(id, Follower::default());
+            }
         }
         Membership {
             hub: self,
+            id,
             replica: replica.to_owned(),
             role,
             events: state.events.subscribe(),
@@ -184,13 +343,37 @@ impl Hub {
         }
     }
 
-    /// Tells `replica`'s subscribers about a new version; a committed push also ends
-    /// the wait for it and any failure streak.
-    pub fn published(&self, version: NewVersion) {
+    /// Learns `replica`'s newest versions (number, creation time; oldest first) from
+    /// the store, as a subscriber joins: `all` says they are all the replica has.
+    /// Only the last [`RECENT_VERSIONS`] are kept.
+    pub fn learn_versions(&self, replica: &str, newest: &[(u64, i64)], all: bool) {
+        let mut replicas = self.lock();
+        let Some(state) = replicas.get_mut(replica) else {
+            return;
+        };
+        if state.recent.is_empty() {
+            state.recent_complete = all && newest.len() <= RECENT_VERSIONS;
+        }
+        let skip = newest.len().saturating_sub(RECENT_VERSIONS);
+        for &(n, at) in &newest[skip..] {
+            state.learn(n, at);
+        }
+    }
+
+    /// Tells `replica`'s subscribers about a new version, created at `created_at`
+    /// (Unix seconds); a committed push also ends the wait for it and any failure
+    /// streak. Followers that held the latest version start lagging from `created_at`.
+    pub fn published(&self, version: NewVersion, created_at: i64) {
         let mut replicas = self.lock();
         if let Some(state) = replicas.get_mut(&version.replica) {
             state.expected_push_at = None;
             state.failure = None;
+            state.learn(version.version, created_at);
+            for f in state.followers.values_mut() {
+                if f.applied.is_some_and(|a| a < version.version) && f.behind_since.is_none() {
+                    f.behind_since = Some(created_at);
+                }
+            }
             let _ = state.events.send(Event::NewVersion(version));
         }
     }
@@ -232,13 +415,19 @@ impl Hub {
         state.report_log.allow(now)
     }
 
-    /// What the hub knows of `replica`.
+    /// What the hub knows of `replica`, lags computed now.
     pub fn status(&self, replica: &str) -> Status {
+        self.status_at(replica, crate::epoch::now())
+    }
+
+    /// What the hub knows of `replica`, lags computed at `now` (Unix seconds).
+    pub fn status_at(&self, replica: &str, now: i64) -> Status {
         let replicas = self.lock();
         let Some(state) = replicas.get(replica) else {
             return Status::default();
         };
         Status {
+            followers: followers_of(state, now),
             push_subscribers: state.push_subscribers,
             pull_subscribers: state.pull_subscribers,
             expected_push_at: state.expected_push_at,
@@ -267,10 +456,51 @@ impl Hub {
             .collect()
     }
 
+    /// Every replica with a pull subscriber connected, and its followers, lags computed
+    /// at `now` (Unix seconds): what `/metrics` shows. Sorted by replica.
+    pub fn followers_by_replica(&self, now: i64) -> Vec<(String, Vec<FollowerStatus>)> {
+        let replicas = self.lock();
+        let mut all: Vec<_> = replicas
+            .iter()
+            .filter(|(_, s)| !s.followers.is_empty())
+            .map(|(r, s)| (r.clone(), followers_of(s, now)))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// How many of `replica`'s connected pull subscribers hold `version` or a later
+    /// one, and a receiver that changes whenever that may have changed (subscribe to
+    /// it before counting again, and no report is missed).
+    pub fn wait_followers(&self, replica: &str, version: u64) -> (u32, watch::Receiver<u64>) {
+        let mut replicas = self.lock();
+        let state = replicas
+            .entry(replica.to_owned())
+            .or_insert_with(ReplicaState::new);
+        (state.count_at(version), state.followed.subscribe())
+    }
+
+    /// Becomes `true` when the server shuts down (for sessions that are no members).
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
     /// Tells every subscribe session that the server is shutting down.
     pub fn close(&self) {
         self.closing.send_replace(true);
     }
+}
+
+fn followers_of(state: &ReplicaState, now: i64) -> Vec<FollowerStatus> {
+    state
+        .followers
+        .values()
+        .map(|f| FollowerStatus {
+            applied_version: f.applied,
+            applied_at: f.applied_at,
+            lag_seconds: lag_seconds(f.applied, f.behind_since, now),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -328,7 +558,7 @@ mod tests {
             (f.failing_since, f.attempts, f.reported_at),
             (700, 6, 1_100)
         );
-        hub.published(version(4));
+        hub.published(version(4), 1_200);
         assert_eq!(m.events.try_recv(), Ok(Event::NewVersion(version(4))));
         let s = hub.status("acme/app.db");
         assert_eq!((s.expected_push_at, s.failure), (None, None));
@@ -339,7 +569,7 @@ mod tests {
         let hub = Hub::default();
         let mut m = hub.join("acme/app.db", SubscriberRole::Pull);
         for n in 1..=(EVENT_BACKLOG as u64 + 5) {
-            hub.published(version(n));
+            hub.published(version(n), 1_000);
         }
         assert!(matches!(
             m.events.try_recv(),
@@ -350,5 +580,127 @@ mod tests {
             last = Some(v.version);
         }
         assert_eq!(last, Some(EVENT_BACKLOG as u64 + 5));
+    }
+
+    #[test]
+    fn lag_is_zero_when_current_and_grows_from_the_first_missing_version() {
+        assert_eq!(lag_seconds(None, None, 1_000), None);
+        assert_eq!(lag_seconds(Some(7), None, 1_000), Some(0));
+        assert_eq!(lag_seconds(Some(6), Some(990), 1_000), Some(10));
+        assert_eq!(lag_seconds(Some(6), Some(990), 1_060), Some(70));
+        // A clock that went back shows no negative lag.
+        assert_eq!(lag_seconds(Some(6), Some(1_010), 1_000), Some(0));
+    }
+
+    #[test]
+    fn followers_report_lag_and_leave_with_their_session() {
+        let hub = Hub::default();
+        let r = "acme/app.db";
+        let pusher = hub.join(r, SubscriberRole::Push);
+        let a = hub.join(r, SubscriberRole::Pull);
+        let b = hub.join(r, SubscriberRole::Pull);
+        hub.learn_versions(r, &[(1, 100), (2, 200)], true);
+        // Not reported yet: listed, nothing known.
+        let unknown = FollowerStatus {
+            applied_version: None,
+            applied_at: None,
+            lag_seconds: None,
+        };
+        assert_eq!(
+            hub.status_at(r, 300).followers,
+            [unknown.clone(), unknown.clone()]
+        );
+        a.applied(2, Some(250), None, 260);
+        b.applied(1, None, None, 260);
+        // A push subscriber's report counts for nothing.
+        pusher.applied(2, None, None, 260);
+        let s = hub.status_at(r, 300);
+        assert_eq!(
+            s.followers,
+            [
+                FollowerStatus {
+                    applied_version: Some(2),
+                    applied_at: Some(250),
+                    lag_seconds: Some(0)
+                },
+                // Version 2 (made at 200) is the first it lacks.
+                FollowerStatus {
+                    applied_version: Some(1),
+                    applied_at: Some(260),
+                    lag_seconds: Some(100)
+                },
+            ]
+        );
+        // A new version: the current follower lags from its creation; the one behind
+        // keeps lagging from the first version it lacks.
+        hub.published(version(3), 400);
+        let lags: Vec<_> = hub
+            .status_at(r, 410)
+            .followers
+            .iter()
+            .map(|f| f.lag_seconds)
+            .collect();
+        assert_eq!(lags, [Some(10), Some(210)]);
+        assert_eq!(
+            hub.followers_by_replica(410),
+            [(r.to_owned(), hub.status_at(r, 410).followers)]
+        );
+        a.applied(3, Some(405), None, 406);
+        assert_eq!(hub.status_at(r, 500).followers[0].lag_seconds, Some(0));
+        // A subscriber's clock ahead of the server's is not believed.
+        b.applied(3, Some(9_999), None, 501);
+        assert_eq!(hub.status_at(r, 501).followers[1].applied_at, Some(501));
+        drop(a);
+        assert_eq!(hub.status_at(r, 501).followers.len(), 1);
+        drop(b);
+        assert!(hub.status_at(r, 501).followers.is_empty());
+        assert!(hub.followers_by_replica(501).is_empty());
+    }
+
+    #[test]
+    fn a_follower_far_behind_takes_its_first_missing_version_from_the_store() {
+        let hub = Hub::default();
+        let r = "acme/app.db";
+        let m = hub.join(r, SubscriberRole::Pull);
+        let versions: Vec<(u64, i64)> = (1..=40).map(|n| (n, n as i64 * 10)).collect();
+        hub.learn_versions(r, &versions, true);
+        // Versions 25..=40 are kept: version 24 lacking 25 needs no store.
+        assert!(!m.needs_store_for(24));
+        assert!(!m.needs_store_for(40));
+        assert!(m.needs_store_for(5));
+        m.applied(5, None, Some(60), 1_000);
+        assert_eq!(hub.status_at(r, 1_000).followers[0].lag_seconds, Some(940));
+        m.applied(24, None, None, 1_000);
+        assert_eq!(hub.status_at(r, 1_000).followers[0].lag_seconds, Some(750));
+        // A replica whose every version is kept never needs the store.
+        let other = hub.join("acme/small.db", SubscriberRole::Pull);
+        hub.learn_versions("acme/small.db", &[(3, 30), (9, 90)], true);
+        assert!(!other.needs_store_for(1));
+        other.applied(1, None, None, 100);
+        assert_eq!(
+            hub.status_at("acme/small.db", 100).followers[0].lag_seconds,
+            Some(70)
+        );
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_when_a_follower_reports_or_leaves() {
+        let hub = Hub::default();
+        let r = "acme/app.db";
+        let (count, mut rx) = hub.wait_followers(r, 2);
+        assert_eq!(count, 0);
+        let m = hub.join(r, SubscriberRole::Pull);
+        m.applied(1, None, None, 10);
+        rx.changed().await.expect("a report wakes the waiter");
+        assert_eq!(hub.wait_followers(r, 2).0, 0);
+        m.applied(3, None, None, 11);
+        rx.changed().await.expect("a report wakes the waiter");
+        let (count, mut rx) = hub.wait_followers(r, 2);
+        assert_eq!(count, 1);
+        drop(m);
+        rx.changed()
+            .await
+            .expect("a follower leaving wakes the waiter");
+        assert_eq!(hub.wait_followers(r, 2).0, 0);
     }
 }

@@ -36,7 +36,8 @@ use crate::engine::{ChannelLink, pumped_link};
 use crate::engine::{NoProgress, Role, run_origin, run_replica};
 use crate::protocol::compress::PackedPages;
 use crate::protocol::control::{
-    Config, Control, NewVersion, Op, Open, PING_INTERVAL, SubscriberRole,
+    Config, Control, Followed, MAX_FOLLOWERS_WAIT, NewVersion, Op, Open, PING_INTERVAL,
+    SubscriberRole,
 };
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector};
@@ -256,6 +257,7 @@ where
             result.map(drop)
         }
         Op::Subscribe => Ok(subscribe(ws, state, principal, &replica, &open).await?),
+        Op::WaitFollowers => Ok(wait_followers(ws, state, principal, &replica).await?),
         Op::SyncNow => {
             let reached = state.hub.sync_now(replica.as_str());
             tracing::info!(%replica, reached, key = %principal.key_id, "sync now");
@@ -326,6 +328,8 @@ fn config(
         path: replica.to_string(),
         version,
         key_type: principal.kind.as_str().into(),
+        // This server takes APPLIED and the wait-followers op.
+        followers: true,
         ..Config::default()
     }
 }
@@ -367,6 +371,45 @@ async fn latest(state: &State, replica: &ReplicaPath) -> Result<(Option<String>,
     .await
 }
 
+/// The replica's id, its latest version, and its newest versions' numbers and times
+/// (at most [`RECENT_VERSIONS`](super::RECENT_VERSIONS), oldest first) with whether they
+/// are all it has: what the hub needs to tell a follower's lag.
+async fn latest_with_times(
+    state: &State,
+    replica: &ReplicaPath,
+) -> Result<(Option<String>, u64, Vec<(u64, i64)>, bool)> {
+    let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
+    blocking(move || {
+        let id = auth.replica_id(&r, false)?;
+        let versions = match store.versions(&r) {
+            Ok(v) => v,
+            Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let latest = versions.last().map_or(0, |v| v.number);
+        let skip = versions.len().saturating_sub(super::RECENT_VERSIONS);
+        let newest = versions[skip..]
+            .iter()
+            .map(|v| (v.number, v.created_at))
+            .collect();
+        Ok((id, latest, newest, skip == 0))
+    })
+    .await
+}
+
+/// The creation time of the oldest stored version of `replica` after `version`.
+async fn first_after(state: &State, replica: &ReplicaPath, version: u64) -> Result<Option<i64>> {
+    let (store, r) = (state.store.clone(), replica.clone());
+    blocking(move || {
+        Ok(store
+            .versions(&r)?
+            .iter()
+            .find(|v| v.number > version)
+            .map(|v| v.created_at))
+    })
+    .await
+}
+
 async fn subscribe<S>(
     ws: &mut WebSocketStream<S>,
     state: &State,
@@ -391,7 +434,8 @@ where
     // Joined before the latest version is read: a push committing in between is then
     // heard as a NEWREPLICAVERSION rather than lost (a repeat is harmless).
     let mut member = state.hub.join(replica.as_str(), role);
-    let (id, latest) = latest(state, replica).await?;
+    let (id, latest, newest, all) = latest_with_times(state, replica).await?;
+    state.hub.learn_versions(replica.as_str(), &newest, all);
     send_control(
         ws,
         Control::Config(config(principal, replica, id.unwrap_or_default(), latest)),
@@ -446,6 +490,18 @@ where
                                 "a push subscriber reports failing pushes");
                         }
                     }
+                    // From a push subscriber (which has no followers' version) it is
+                    // ignored, as docs/protocol.md says.
+                    Control::Applied(applied) => {
+                        if role == SubscriberRole::Pull {
+                            let older = match member.needs_store_for(applied.version) {
+                                true => first_after(state, replica, applied.version).await?,
+                                false => None,
+                            };
+                            tracing::debug!(%replica, version = applied.version, "a follower applied a version");
+                            member.applied(applied.version, applied.applied_at, older, now);
+                        }
+                    }
                     other => {
                         break Err(Error::Protocol(format!(
                             "unexpected {other:?} from a {} subscriber",
@@ -468,6 +524,87 @@ where
     };
     tracing::info!(%replica, role = role.as_str(), "subscriber left");
     result
+}
+
+/// `wait-followers`: CONFIG (the latest version), then WAITFOLLOWERS from the client;
+/// FOLLOWED each time the count of pull subscribers holding the version changes, and a
+/// last one (`done`) when it reaches the count asked for or the wait times out. Woken
+/// by the hub, never polling; holds no store transaction and no session slot.
+async fn wait_followers<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+    replica: &ReplicaPath,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (id, latest) = latest(state, replica).await?;
+    if id.is_none() && latest == 0 {
+        return Err(Error::NotFound(format!("replica {replica} does not exist")));
+    }
+    send_control(
+        ws,
+        Control::Config(config(principal, replica, id.unwrap_or_default(), latest)),
+    )
+    .await?;
+    let bytes = tokio::time::timeout(OPEN_TIMEOUT, recv_binary(ws))
+        .await
+        .map_err(|_| Error::Protocol("no WAITFOLLOWERS frame within 10 s".into()))??
+        .ok_or_else(|| Error::Disconnected("closed before WAITFOLLOWERS".into()))?;
+    let wait = match decode_control(&bytes)? {
+        Control::WaitFollowers(w) if w.count > 0 && w.version > 0 => w,
+        Control::WaitFollowers(w) => {
+            return Err(Error::Usage(format!(
+                "WAITFOLLOWERS for {} followers of version {}: both must be at least 1",
+                w.count, w.version
+            )));
+        }
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected WAITFOLLOWERS, got {other:?}"
+            )));
+        }
+    };
+    let limit = Duration::from_millis(wait.timeout_ms).min(MAX_FOLLOWERS_WAIT);
+    let deadline = tokio::time::Instant::now() + limit;
+    tracing::info!(%replica, version = wait.version, count = wait.count, timeout_ms = limit.as_millis() as u64,
+        key = %principal.key_id, "waiting for followers");
+    let mut closing = state.hub.closing();
+    let mut sent = None;
+    loop {
+        // Subscribed before counting: a report that lands in between still wakes us.
+        let (count, mut changed) = state.hub.wait_followers(replica.as_str(), wait.version);
+        let reached = count >= wait.count;
+        // A server shutting down answers at once with what it has.
+        let done = reached || tokio::time::Instant::now() >= deadline || *closing.borrow();
+        if done || sent != Some(count) {
+            let followed = Followed {
+                count,
+                version: wait.version,
+                done,
+            };
+            send_within(CLOSE_TIMEOUT, send_control(ws, Control::Followed(followed))).await?;
+            sent = Some(count);
+        }
+        if done {
+            tracing::info!(%replica, version = wait.version, count, wanted = wait.count, reached,
+                "wait for followers ended");
+            return Ok(());
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            () = tokio::time::sleep_until(deadline) => {}
+            message = ws.next() => match classify(message)? {
+                Incoming::Closed => return Ok(()),
+                Incoming::Alive => {}
+                Incoming::Frame(_) => {
+                    return Err(Error::Protocol("a frame while waiting for followers".into()));
+                }
+            },
+            _ = closing.changed() => {}
+        }
+    }
 }
 
 async fn pull<S>(
@@ -641,11 +778,14 @@ where
     };
     tracing::info!(%replica, version = version.number, created, key = %principal.key_id, "push committed");
     if created {
-        state.hub.published(NewVersion {
-            replica: replica.to_string(),
-            version: version.number,
-            digest: version.digest.clone(),
-        });
+        state.hub.published(
+            NewVersion {
+                replica: replica.to_string(),
+                version: version.number,
+                digest: version.digest.clone(),
+            },
+            version.created_at,
+        );
     } else {
         state.hub.pushed_unchanged(replica.as_str());
     }

@@ -25,8 +25,8 @@ use super::timer::{Timing, Trigger};
 use super::watch::{Seen, Watcher};
 use crate::client::{Kept, Puller, Pusher, unsynced_changes};
 use crate::config::{Secrets, Sidecar};
-use crate::protocol::control::SubscriberRole;
-use crate::remote::Server;
+use crate::protocol::control::{Applied, SubscriberRole};
+use crate::remote::{Outgoing, Server};
 use crate::shutdown::Shutdown;
 use crate::store::ReplicaPath;
 use crate::synclog::running::{Planned, Running};
@@ -269,13 +269,12 @@ pub async fn pull<E: FnMut(Event)>(
         puller.replica.clone(),
         puller.key.clone(),
     );
-    let held = {
+    let last = {
         let (database, url, name) = (puller.database.clone(), server.url(), replica.to_string());
-        tokio::task::spawn_blocking(move || {
-            crate::history::last_with(&database, &url, &name).map(|l| l.version)
-        })
-        .await?
+        tokio::task::spawn_blocking(move || crate::history::last_with(&database, &url, &name))
+            .await?
     };
+    let held = last.as_ref().map(|l| l.version);
     if server.needs_key() && key.is_none() {
         return Err(Error::Auth(format!(
             "no key for {replica} on {}: pass --key, set SQLFERRY_KEY, or use the replica's sidecar (--from)",
@@ -285,6 +284,14 @@ pub async fn pull<E: FnMut(Event)>(
     let mut subscription = server
         .subscribe(&replica, SubscriberRole::Pull, key)
         .await?;
+    // The version the database held at its last sync, told at once: the server shows
+    // this follower's lag while the start pull runs (and that pull reports again).
+    if let Some(last) = last {
+        subscription.send(Outgoing::Applied(Applied {
+            version: last.version,
+            applied_at: Some(last.at),
+        }));
+    }
     emit(Event::PullStarted {
         replica: replica.to_string(),
         server: server.url(),

@@ -20,7 +20,8 @@ use tokio_util::task::AbortOnDropHandle;
 use super::action::{Notices, PullAction};
 use super::event::Event;
 use super::pull_timer::PullSchedule;
-use crate::remote::Notice;
+use crate::protocol::control::Applied;
+use crate::remote::{Notice, Outgoing};
 use crate::shutdown::Shutdown;
 use crate::{Error, ErrorKind, Result};
 
@@ -179,6 +180,12 @@ impl PullSubscriber {
                     match result {
                         Ok(pulled) => {
                             schedule.pull_succeeded(now(), pulled.version);
+                            // The server shows this follower's version and lag, and a
+                            // `push --wait-followers` may be waiting for it.
+                            notices.send(Outgoing::Applied(Applied {
+                                version: pulled.version,
+                                applied_at: Some(crate::epoch::now()),
+                            }));
                             emit(Event::Pulled { reason, pulled });
                         }
                         Err(e) => {

@@ -22,12 +22,15 @@
 //!   cron relies on.
 //! - `dashboard`: the dashboard at `/` in a real headless Chromium: a wrong key refused,
 //!   every replica listed, Sync now reaching a real pull subscriber.
+//! - `followers`: pull subscribers reporting what they applied, their lag in the API,
+//!   and `push --wait-followers` with a real server and a real follower process.
 //! - `store_packs`: pages stored once across replicas, pushes into several replicas at
 //!   once (one process and several), a store of the previous layout moved into packs.
 
 mod cli;
 mod dashboard;
 mod engine;
+mod followers;
 mod house;
 mod layers;
 mod live;

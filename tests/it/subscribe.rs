@@ -166,7 +166,7 @@ pub(crate) fn commit_rows(path: &Path, ids: std::ops::RangeInclusive<u64>) {
     }
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
@@ -174,7 +174,12 @@ fn unix_now() -> i64 {
 }
 
 /// One HTTP/1.1 request to the server; the status and the JSON body.
-fn http(server: &TestServer, method: &str, path: &str, key: &str) -> (u16, serde_json::Value) {
+pub(crate) fn http(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    key: &str,
+) -> (u16, serde_json::Value) {
     let mut s = std::net::TcpStream::connect(server.addr()).expect("connect");
     write!(
         s,
@@ -194,7 +199,7 @@ fn http(server: &TestServer, method: &str, path: &str, key: &str) -> (u16, serde
 
 /// Polls the replica's status (`GET /api/replicas/acme/app.db`, admin key) until
 /// `ready` holds, and returns it; fails saying `what` was awaited.
-fn status_when(
+pub(crate) fn status_when(
     server: &TestServer,
     what: &str,
     ready: impl Fn(&serde_json::Value) -> bool,

@@ -26,7 +26,7 @@ const REPLICA: &str = "acme/app.db";
 const DRILL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One HTTP GET: the status code and the body.
-fn get(addr: &str, path: &str, key: Option<&str>) -> (u16, String) {
+pub(crate) fn get(addr: &str, path: &str, key: Option<&str>) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     let auth = key.map_or(String::new(), |k| format!("authorization: Bearer {k}\r\n"));
     write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}\r\n").expect("send");
@@ -141,7 +141,7 @@ fn samples<'a>(scrape: &'a Scrape, name: &str) -> Vec<&'a Sample> {
 }
 
 /// The value of the one sample of `name` whose labels include `labels`.
-fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     let found: Vec<_> = samples(scrape, name)
         .into_iter()
         .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
@@ -153,7 +153,7 @@ fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     }
 }
 
-fn parse(text: &str) -> Scrape {
+pub(crate) fn parse(text: &str) -> Scrape {
     Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("the text format parses")
 }
 

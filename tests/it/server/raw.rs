@@ -25,10 +25,10 @@ const MAX_FRAME_BYTES: usize = 81_920;
 /// this only bounds a failing test.
 const END_TIMEOUT: Duration = Duration::from_secs(20);
 
-pub(super) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A single-threaded runtime for the raw client.
-pub(super) fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -36,12 +36,12 @@ pub(super) fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Opens a WebSocket session on `/v1/sync` with `key`.
-pub(super) async fn connect(server: &TestServer, key: &str) -> Ws {
+pub(crate) async fn connect(server: &TestServer, key: &str) -> Ws {
     connect_url(&server.url, key).await
 }
 
 /// Opens a WebSocket session on `/v1/sync` of the server at `url` with `key`.
-pub(super) async fn connect_url(url: &str, key: &str) -> Ws {
+pub(crate) async fn connect_url(url: &str, key: &str) -> Ws {
     let mut request = format!("{url}/v1/sync")
         .into_client_request()
         .expect("request");
@@ -56,19 +56,19 @@ pub(super) async fn connect_url(url: &str, key: &str) -> Ws {
 }
 
 /// Sends one binary message; whether it went out (the server may have closed).
-pub(super) async fn send(ws: &mut Ws, bytes: Vec<u8>) -> bool {
+pub(crate) async fn send(ws: &mut Ws, bytes: Vec<u8>) -> bool {
     ws.send(Message::Binary(bytes.into())).await.is_ok()
 }
 
 /// OPEN with a JSON payload.
-pub(super) fn open_frame(json: &serde_json::Value) -> Vec<u8> {
+pub(crate) fn open_frame(json: &serde_json::Value) -> Vec<u8> {
     let mut out = vec![0x50];
     out.extend_from_slice(json.to_string().as_bytes());
     out
 }
 
 /// The next binary message, `None` when the session is over (close, reset, EOF).
-pub(super) async fn next(ws: &mut Ws) -> Option<Vec<u8>> {
+pub(crate) async fn next(ws: &mut Ws) -> Option<Vec<u8>> {
     loop {
         match tokio::time::timeout(END_TIMEOUT, ws.next())
             .await
@@ -82,7 +82,7 @@ pub(super) async fn next(ws: &mut Ws) -> Option<Vec<u8>> {
 }
 
 /// Sends OPEN and returns the CONFIG the server answers with (as JSON).
-pub(super) async fn open(ws: &mut Ws, json: serde_json::Value) -> serde_json::Value {
+pub(crate) async fn open(ws: &mut Ws, json: serde_json::Value) -> serde_json::Value {
     assert!(send(ws, open_frame(&json)).await, "OPEN sent");
     let config = next(ws).await.expect("an answer to OPEN");
     assert_eq!(
