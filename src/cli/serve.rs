@@ -25,7 +25,8 @@ use crate::shutdown::Shutdown;
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
 sqlferry serve --data /var/lib/sqlferry --listen 127.0.0.1:7878\n  \
-sqlferry serve --listen 0.0.0.0:7878 --tls-cert cert.pem --tls-key key.pem   wss:// and https://\n\n\
+sqlferry serve --listen 0.0.0.0:7878 --tls-cert cert.pem --tls-key key.pem   wss:// and https://\n  \
+sqlferry serve --retention keep-last=30,keep-daily=14   the default retention policy\n\n\
 On first start it creates the admin key and prints it once, on stdout; only its hash is \
 stored. Push a new replica with the admin key (sqlferry push app.db acme/app.db --server \
 ws://HOST:PORT --key KEY): the server mints a PUSH and a PULL key for it. SIGINT or SIGTERM \
@@ -58,6 +59,16 @@ pub struct ServeArgs {
     /// is busy.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub session_wait: std::time::Duration,
+    /// The default retention policy, for replicas without one of their own (set with
+    /// `sqlferry retention REMOTE`): keep-last=N, keep-daily=D, keep-weekly=W,
+    /// keep-within=SPAN, comma-separated, or `all` [default: the data directory's
+    /// retention.json, else keep everything].
+    #[arg(long, value_name = "RULES", value_parser = parse_retention)]
+    pub retention: Option<crate::store::RetentionPolicy>,
+}
+
+fn parse_retention(s: &str) -> Result<crate::store::RetentionPolicy, String> {
+    crate::store::parse_policy(s).map_err(|e| e.to_string())
 }
 
 impl ServeArgs {
@@ -101,10 +112,14 @@ impl ServeArgs {
             })?;
         let (dir, max_sessions, session_wait) =
             (data.clone(), self.max_sessions, self.session_wait);
+        let retention = self.retention.clone();
         let (state, admin_key) = blocking(move || {
-            let state = State::open(&dir)
+            let mut state = State::open(&dir)
                 .map_err(|e| startup(e, &dir))?
                 .with_max_sessions(max_sessions, session_wait);
+            if let Some(policy) = retention {
+                state.store = state.store.clone().with_default_retention(policy);
+            }
             let key = state.auth.ensure_admin().map_err(|e| startup(e, &dir))?;
             Ok((state, key))
         })
