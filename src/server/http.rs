@@ -209,10 +209,16 @@ async fn replica(
         );
     }
     let (store, r) = (state.store.clone(), replica.clone());
+    // The version list carries each version's stored bytes, as `versions --json` does;
+    // the status needs only the rows.
+    let with_bytes = endpoint == Endpoint::Versions;
     let versions = super::blocking(move || {
-        store
-            .versions(&r)
-            .map_err(|e| fault::server_side(e, store.root()))
+        if with_bytes {
+            store.versions_with_stored_bytes(&r)
+        } else {
+            store.versions(&r)
+        }
+        .map_err(|e| fault::server_side(e, store.root()))
     })
     .await;
     let versions = match versions {

@@ -20,6 +20,8 @@
 //!   writes, checkpoints of every kind, VACUUM and resets: every change is seen.
 //! - `status`: the sync log as `status` and `history` show it, with the exit codes
 //!   cron relies on.
+//! - `retention`: retention policies and prune over the embedded store and a server,
+//!   the disk space freed, pushes and pulls racing prunes, stored bytes, pulls by time.
 //! - `store_packs`: pages stored once across replicas, pushes into several replicas at
 //!   once (one process and several), a store of the previous layout moved into packs.
 
@@ -28,6 +30,7 @@ mod engine;
 mod house;
 mod layers;
 mod live;
+mod retention;
 mod server;
 mod status;
 mod store_packs;
