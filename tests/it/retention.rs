@@ -521,3 +521,42 @@ fn over_a_server_only_the_admin_key_sets_a_policy_or_prunes() {
     m.push(&server, "app.db", REPLICA, &[]);
     assert_eq!(server.version_numbers(REPLICA), [4, 5]);
 }
+
+#[test]
+fn a_prune_killed_at_any_moment_leaves_every_kept_version_whole() {
+    let b = Bench::new();
+    let pushed: Vec<(u64, String)> = (0..8).map(|_| b.change_and_push()).collect();
+    b.json(&["retention", REPLICA, "--keep-last", "6"]);
+    let store_url = format!("file://{}", b.store_dir().display());
+    // Prunes killed (SIGKILL: no cleanup) ever later into their run; the policy
+    // tightens each time, so each one has versions to remove and pages to free.
+    for (i, delay_ms) in [0u64, 3, 10, 25, 60].into_iter().enumerate() {
+        let keep = (5 - i).to_string();
+        b.json(&["retention", REPLICA, "--keep-last", &keep]);
+        let mut child = util::sqlferry(b.path())
+            .args(["prune", REPLICA, "--server", &store_url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn prune");
+        // The moment of the kill, not a wait for an event: any moment must do.
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().expect("reaped");
+        b.scrub_clean();
+        for (n, digest) in &pushed {
+            if b.version_numbers().contains(n) {
+                b.assert_pulls(&format!("{REPLICA}@{n}"), digest);
+            }
+        }
+    }
+    // A prune that runs to its end finishes what the killed ones left.
+    let before = allocated(&b.store_dir().join("pages"));
+    b.json(&["prune", REPLICA]);
+    assert_eq!(b.version_numbers(), [8]);
+    let dry = b.json(&["prune", REPLICA, "--dry-run"]);
+    assert_eq!(dry["freed_bytes"], 0, "nothing unused is left indexed");
+    assert!(allocated(&b.store_dir().join("pages")) <= before);
+    b.assert_pulls(REPLICA, &pushed[7].1);
+    b.scrub_clean();
+}
