@@ -502,9 +502,28 @@ impl Server {
                 .await
             }
             Server::Ws { url } => {
-                // A time goes to the server as it is: only the server knows whether the
-                // version current then was removed by retention (an older kept one
-                // would then be the wrong content).
+                // A time is resolved here, so the server is asked for a number (which
+                // servers older than `@TIME` understand too). Unless the version after
+                // the one picked was removed by retention: that one may have been the
+                // latest at that time (an older kept one would be the wrong content),
+                // and only the server, which keeps the removed versions' times, can
+                // tell. Servers older than `@TIME` never remove versions.
+                let selector = match selector {
+                    Selector::At(_) => {
+                        let versions = self.versions(replica, key).await?;
+                        match selector.pick(&versions) {
+                            Some(n) if removed_after(&versions, n) => selector,
+                            Some(n) => Selector::Number(n),
+                            None if versions.first().is_some_and(|v| v.number > 1) => selector,
+                            None => {
+                                return Err(Error::NotFound(format!(
+                                    "{replica}@{selector} does not exist: no version is that old"
+                                )));
+                            }
+                        }
+                    }
+                    other => other,
+                };
                 let mut ws = connect(url, key).await?;
                 let config = open(
                     &mut ws,
@@ -554,6 +573,13 @@ impl Server {
             }
         }
     }
+}
+
+/// Whether the version numbered after `n` is missing from `versions` (oldest first)
+/// though a newer one exists: it was removed by retention.
+fn removed_after(versions: &[VersionInfo], n: u64) -> bool {
+    let newer = versions.iter().find(|v| v.number > n);
+    newer.is_some_and(|v| v.number != n + 1)
 }
 
 /// Runs blocking work (SQLite, files, the engine) on a blocking thread of the caller's

@@ -463,6 +463,11 @@ fn over_a_server_only_the_admin_key_sets_a_policy_or_prunes() {
         digests.push(m.push(&server, "app.db", REPLICA, &[]).digest().to_owned());
     }
     let push_key = saved_push_key(&m, &db);
+    // Versions 1 to 4 made on 2026-11-28 to 12-01, 10:00 UTC (for the pulls by time).
+    let file = server.replica_file(REPLICA);
+    for n in 1..=4u64 {
+        set_created_at(&file, n, 1_795_860_000 + (n as i64 - 1) * 86_400);
+    }
 
     // The PUSH key may show the policy, not change it, nor prune.
     let out = m.run_on(&server, ["retention", REPLICA, "--json"]);
@@ -514,6 +519,31 @@ fn over_a_server_only_the_admin_key_sets_a_policy_or_prunes() {
         &out,
         8,
         "was removed by the replica's retention policy; the versions kept are 3, 4",
+    );
+
+    // By time: the version that was the latest then, or a refusal when it was removed.
+    let report = m.pull(
+        &server,
+        &format!("{REPLICA}@2026-11-30T12:00:00Z"),
+        Some("t3.db"),
+        &[],
+    );
+    assert_eq!(report.digest(), digests[1], "version 3");
+    let report = m.pull(
+        &server,
+        &format!("{REPLICA}@2026-12-02T00:00:00Z"),
+        Some("t4.db"),
+        &[],
+    );
+    assert_eq!(report.digest(), digests[2], "version 4");
+    let out = m.run_on(
+        &server,
+        ["pull", &format!("{REPLICA}@2026-11-29T12:00:00Z"), "t2.db"],
+    );
+    assert_fails(
+        &out,
+        8,
+        "acme/app.db@2 was removed by the replica's retention policy",
     );
 
     // A later push applies the policy on the server too.
