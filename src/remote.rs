@@ -214,6 +214,7 @@ impl Server {
                 next_config(&mut ws, Vec::new())
                     .await?
                     .retention
+                    .map(|r| *r)
                     .ok_or_else(|| {
                         Error::Protocol("the server's CONFIG holds no retention policy".into())
                     })
@@ -251,6 +252,7 @@ impl Server {
                 next_config(&mut ws, Vec::new())
                     .await?
                     .pruned
+                    .map(|r| *r)
                     .ok_or_else(|| {
                         Error::Protocol("the server's CONFIG holds no prune report".into())
                     })

@@ -230,10 +230,10 @@ pub struct Config {
     pub compress: Option<String>,
     /// After `retention`: the replica's policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retention: Option<Retention>,
+    pub retention: Option<Box<Retention>>,
     /// After `prune`: what was removed and freed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pruned: Option<PruneReport>,
+    pub pruned: Option<Box<PruneReport>>,
 }
 
 /// What is known about one version (a row of `versions`, as a store keeps it and as

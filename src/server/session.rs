@@ -286,7 +286,7 @@ where
         tracing::info!(%replica, policy = %shown.policy, source = %shown.source, key = %principal.key_id, "retention policy set");
     }
     let mut c = config(principal, replica, id.unwrap_or_default(), 0);
-    c.retention = Some(shown);
+    c.retention = Some(Box::new(shown));
     send_control(ws, Control::Config(c)).await
 }
 
@@ -315,7 +315,7 @@ where
         tracing::info!(%replica, removed = report.removed.len(), freed_bytes = report.freed_bytes, key = %principal.key_id, "pruned");
     }
     let mut c = config(principal, replica, id.unwrap_or_default(), 0);
-    c.pruned = Some(report);
+    c.pruned = Some(Box::new(report));
     send_control(ws, Control::Config(c)).await
 }
 
