@@ -590,3 +590,16 @@ fn a_prune_killed_at_any_moment_leaves_every_kept_version_whole() {
     b.assert_pulls(REPLICA, &pushed[7].1);
     b.scrub_clean();
 }
+
+#[test]
+fn pull_help_shows_every_way_to_name_a_version() {
+    let dir = TempDir::new().expect("tempdir");
+    let out = util::sqlferry(dir.path())
+        .args(["pull", "--help"])
+        .output()
+        .expect("help");
+    let help = util::stdout(&out);
+    for form in ["acme/app.db@3 ", "@latest-1 ", "@2026-12-01T10:00:00Z "] {
+        assert!(help.contains(form), "{form} in:\n{help}");
+    }
+}
