@@ -354,7 +354,9 @@ impl Store {
     pub fn read(&self, replica: &ReplicaPath, selector: Selector) -> Result<VersionReader> {
         let file = self.replica_file(replica);
         self.remove_leftovers(&file);
-        let gc = GcShared::take(&self.pages_dir(), false)?;
+        // Not for a replica that does not exist: a pull from a wrong directory makes
+        // nothing there.
+        let gc = GcShared::take(&self.pages_dir(), file.exists())?;
         replica::upgrade(&file, &self.pages_dir())?;
         VersionReader::open(&file, &self.pages_dir(), replica, selector, gc)
     }
