@@ -255,12 +255,22 @@ pub struct PushOptions {
     pub key_id: String,
 }
 
+/// Stored bytes already computed, by replica path: (latest version, version count,
+/// bytes).
+type StoredCache =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, u64, u64)>>>;
+
 /// A store: a directory of replica files.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
     /// The default retention policy set by `serve --retention`, over the store's file.
     default_retention: Option<RetentionPolicy>,
+    /// [`Store::stored_bytes`] already computed, by replica: (latest version, version
+    /// count, bytes). Versions are immutable, so the figure holds until a version is
+    /// added or removed, which changes the key. Shared by the clones of this store (a
+    /// server's API and metrics ask often).
+    stored_cache: StoredCache,
 }
 
 impl Store {
@@ -269,6 +279,7 @@ impl Store {
         Store {
             root: root.into(),
             default_retention: None,
+            stored_cache: Default::default(),
         }
     }
 
@@ -326,12 +337,36 @@ impl Store {
     /// The unique page bytes `replica`'s versions use, as stored (compressed size where
     /// a page is kept compressed): what its versions would free if no other replica
     /// shared their pages. Streams its manifests; memory stays flat.
+    ///
+    /// Kept in memory once computed, until the replica gains or loses a version (one
+    /// query of the version rows then tells whether the figure still holds).
     pub fn stored_bytes(&self, replica: &ReplicaPath) -> Result<u64> {
         let file = self.replica_file(replica);
         if !file.exists() {
             return Err(Error::NotFound(format!("replica {replica} does not exist")));
         }
-        Ok(retention::stored_bytes(&file, &self.pages_dir())?.1)
+        let versions = replica::versions(&file, replica)?;
+        let key = (
+            versions.last().map_or(0, |v| v.number),
+            versions.len() as u64,
+        );
+        let cached = self
+            .stored_cache
+            .lock()
+            .expect("the stored-bytes cache is never poisoned: nothing panics holding it")
+            .get(replica.as_str())
+            .copied();
+        if let Some((latest, count, bytes)) = cached
+            && (latest, count) == key
+        {
+            return Ok(bytes);
+        }
+        let bytes = retention::stored_bytes(&file, &self.pages_dir())?.1;
+        self.stored_cache
+            .lock()
+            .expect("the stored-bytes cache is never poisoned: nothing panics holding it")
+            .insert(replica.to_string(), (key.0, key.1, bytes));
+        Ok(bytes)
     }
 
     /// Starts a push into `replica`; the replica is created if it does not exist. The
