@@ -10,6 +10,7 @@ mod keys;
 mod progress;
 mod pull;
 mod push;
+mod retention;
 mod scrub;
 mod serve;
 mod signals;
@@ -100,8 +101,12 @@ pub enum Command {
     Push(push::PushArgs),
     /// Bring any version of a replica back into a local database, atomically.
     Pull(pull::PullArgs),
-    /// List a replica's versions.
+    /// List a replica's versions, with the bytes each one stores.
     Versions(versions::VersionsArgs),
+    /// Show or set which versions a replica keeps (its retention policy).
+    Retention(retention::RetentionArgs),
+    /// Remove the versions a replica's retention policy does not keep; free their pages.
+    Prune(retention::PruneArgs),
     /// Run the sqlferry server: replicas, versions and keys, over WebSocket and HTTP.
     Serve(serve::ServeArgs),
     /// Print a database's digest, page size, page count and integrity check.
@@ -206,6 +211,8 @@ impl Command {
             Command::Push(args) => args.run(global, shutdown).await,
             Command::Pull(args) => args.run(global, shutdown).await,
             Command::Versions(args) => args.run(global, shutdown).await,
+            Command::Retention(args) => args.run(global, shutdown).await,
+            Command::Prune(args) => args.run(global, shutdown).await,
             Command::Serve(args) => args.run(global, shutdown).await,
             Command::Verify(args) => args.run(global, shutdown).await,
             Command::Subscribe(args) => args.run(global, shutdown).await,

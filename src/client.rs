@@ -244,7 +244,63 @@ pub async fn versions(
     replica: &ReplicaPath,
 ) -> Result<Vec<crate::store::VersionInfo>> {
     let (server, key) = connection.resolve_with_key(replica).await?;
-    server.versions(replica, key.as_deref()).await
+    server
+        .versions_with_stored_bytes(replica, key.as_deref())
+        .await
+}
+
+/// Shows `replica`'s retention policy, or changes it first (a server needs the admin
+/// key: the saved key, a PUSH key, is refused with a message saying so).
+pub async fn retention(
+    connection: &Connection,
+    replica: &ReplicaPath,
+    change: crate::remote::RetentionChange,
+) -> Result<crate::store::Retention> {
+    let (server, key) = connection.resolve_with_key(replica).await?;
+    server.retention(replica, change, key.as_deref()).await
+}
+
+/// Sets (or with `None` removes) the store's default retention policy: only the
+/// embedded store keeps one this way; a server's comes from `serve --retention`.
+pub async fn set_default_retention(
+    connection: &Connection,
+    policy: Option<crate::store::RetentionPolicy>,
+) -> Result<Option<crate::store::RetentionPolicy>> {
+    match connection.resolve().await? {
+        Server::Embedded(store) => {
+            blocking(move || {
+                store.set_default_retention(policy.as_ref())?;
+                store.default_retention()
+            })
+            .await
+        }
+        Server::Ws { url } => Err(Error::Usage(format!(
+            "{url} keeps its default retention policy in its command line: `sqlferry serve --retention keep-last=30,...`; per replica, `sqlferry retention REMOTE --keep-last N` with the admin key"
+        ))),
+    }
+}
+
+/// The store's default retention policy (embedded store only; see
+/// [`set_default_retention`]).
+pub async fn default_retention(
+    connection: &Connection,
+) -> Result<Option<crate::store::RetentionPolicy>> {
+    match connection.resolve().await? {
+        Server::Embedded(store) => blocking(move || store.default_retention()).await,
+        Server::Ws { url } => Err(Error::Usage(format!(
+            "{url} keeps its default retention policy in its command line (`sqlferry serve --retention`); ask for a replica's: `sqlferry retention REMOTE`"
+        ))),
+    }
+}
+
+/// Prunes `replica` by its retention policy (see [`Server::prune`]).
+pub async fn prune(
+    connection: &Connection,
+    replica: &ReplicaPath,
+    dry_run: bool,
+) -> Result<crate::store::PruneReport> {
+    let (server, key) = connection.resolve_with_key(replica).await?;
+    server.prune(replica, dry_run, key.as_deref()).await
 }
 
 /// Asks every running subscriber of `replica` to sync now; returns how many were

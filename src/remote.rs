@@ -29,9 +29,22 @@ use crate::protocol::control::{
     Config, Control, KeyInfo, MAX_FOLLOWERS_WAIT, NewKeys, Op, Open, SubscriberRole, WaitFollowers,
 };
 use crate::protocol::{Frame, PROTOCOL_VERSION};
-use crate::store::{PushOptions, ReplicaPath, Selector, Store, VersionInfo};
+use crate::store::{
+    PruneReport, PushOptions, ReplicaPath, Retention, RetentionPolicy, Selector, Store, VersionInfo,
+};
 use crate::transport::ws;
 use crate::{Error, Result};
+
+/// What `retention` does to a replica's policy.
+#[derive(Debug, Clone)]
+pub enum RetentionChange {
+    /// Nothing: show it.
+    Show,
+    /// Give the replica this policy of its own.
+    Set(RetentionPolicy),
+    /// Drop the replica's own policy: the store's default applies.
+    Clear,
+}
 
 /// A server: where replicas live.
 #[derive(Debug, Clone)]
@@ -169,6 +182,98 @@ impl Server {
         }
     }
 
+    /// Every version of `replica`, oldest first, each with its `stored_bytes` (a
+    /// server always computes them for `versions`).
+    pub async fn versions_with_stored_bytes(
+        &self,
+        replica: &ReplicaPath,
+        key: Option<&str>,
+    ) -> Result<Vec<VersionInfo>> {
+        match self {
+            Server::Embedded(store) => {
+                let (store, replica) = (store.clone(), replica.clone());
+                blocking(move || store.versions_with_stored_bytes(&replica)).await
+            }
+            Server::Ws { .. } => self.versions(replica, key).await,
+        }
+    }
+
+    /// Shows `replica`'s retention policy, or changes it first (a server needs the
+    /// admin key for that).
+    pub async fn retention(
+        &self,
+        replica: &ReplicaPath,
+        change: RetentionChange,
+        key: Option<&str>,
+    ) -> Result<Retention> {
+        match self {
+            Server::Embedded(store) => {
+                let (store, replica) = (store.clone(), replica.clone());
+                blocking(move || match change {
+                    RetentionChange::Show => store.retention(&replica),
+                    RetentionChange::Set(p) => store.set_retention(&replica, Some(&p)),
+                    RetentionChange::Clear => store.set_retention(&replica, None),
+                })
+                .await
+            }
+            Server::Ws { url } => {
+                let mut ws = connect(url, key).await?;
+                let mut open = open_frame(Op::Retention, replica);
+                match change {
+                    RetentionChange::Show => {}
+                    RetentionChange::Set(p) => open.retention = Some(p),
+                    RetentionChange::Clear => open.retention_clear = true,
+                }
+                ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
+                next_config(&mut ws, Vec::new())
+                    .await?
+                    .retention
+                    .map(|r| *r)
+                    .ok_or_else(|| {
+                        Error::Protocol("the server's CONFIG holds no retention policy".into())
+                    })
+            }
+        }
+    }
+
+    /// Removes the versions `replica`'s retention policy does not keep and frees the
+    /// pages no version uses (a server needs the admin key); `dry_run` only says what
+    /// it would do.
+    pub async fn prune(
+        &self,
+        replica: &ReplicaPath,
+        dry_run: bool,
+        key: Option<&str>,
+    ) -> Result<PruneReport> {
+        match self {
+            Server::Embedded(store) => {
+                let (store, replica) = (store.clone(), replica.clone());
+                blocking(move || {
+                    store.prune(
+                        &replica,
+                        dry_run,
+                        crate::epoch::now(),
+                        crate::store::PRUNE_WAIT,
+                    )
+                })
+                .await
+            }
+            Server::Ws { url } => {
+                let mut ws = connect(url, key).await?;
+                let mut open = open_frame(Op::Prune, replica);
+                open.dry_run = dry_run;
+                ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
+                next_config(&mut ws, Vec::new())
+                    .await?
+                    .pruned
+                    .map(|r| *r)
+                    .ok_or_else(|| {
+                        Error::Protocol("the server's CONFIG holds no prune report".into())
+                    })
+            }
+        }
+    }
+
     /// The server's keys (ids and facts, never secrets), only those of `replica` when
     /// given; `key` must be the admin key.
     pub async fn keys(
@@ -219,6 +324,9 @@ impl Server {
             client_id: client_id(),
             key_id: key_id.map(str::to_owned),
             compress: Vec::new(),
+            retention: None,
+            retention_clear: false,
+            dry_run: false,
         };
         ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
         let config = next_config(&mut ws, Vec::new()).await?;
@@ -279,6 +387,11 @@ impl Server {
                             repaired: target.repaired(),
                             keys: None,
                         };
+                        // Versions the retention policy removed: their pages are freed
+                        // once this push lets go of the store.
+                        let removed = target.removed().to_vec();
+                        drop(target);
+                        store.collect_after_removal(&replica, &removed);
                         Ok((outcome, pushed))
                     })
                     .await?
@@ -491,15 +604,24 @@ impl Server {
             }
             Server::Ws { url } => {
                 // A time is resolved here, so the server is asked for a number (which
-                // servers older than `@TIME` understand too).
+                // servers older than `@TIME` understand too). Unless the version after
+                // the one picked was removed by retention: that one may have been the
+                // latest at that time (an older kept one would be the wrong content),
+                // and only the server, which keeps the removed versions' times, can
+                // tell. Servers older than `@TIME` never remove versions.
                 let selector = match selector {
                     Selector::At(_) => {
                         let versions = self.versions(replica, key).await?;
-                        Selector::Number(selector.pick(&versions).ok_or_else(|| {
-                            Error::NotFound(format!(
-                                "{replica}@{selector} does not exist: no version is that old"
-                            ))
-                        })?)
+                        match selector.pick(&versions) {
+                            Some(n) if removed_after(&versions, n) => selector,
+                            Some(n) => Selector::Number(n),
+                            None if versions.first().is_some_and(|v| v.number > 1) => selector,
+                            None => {
+                                return Err(Error::NotFound(format!(
+                                    "{replica}@{selector} does not exist: no version is that old"
+                                )));
+                            }
+                        }
                     }
                     other => other,
                 };
@@ -552,6 +674,13 @@ impl Server {
             }
         }
     }
+}
+
+/// Whether the version numbered after `n` is missing from `versions` (oldest first)
+/// though a newer one exists: it was removed by retention.
+fn removed_after(versions: &[VersionInfo], n: u64) -> bool {
+    let newer = versions.iter().find(|v| v.number > n);
+    newer.is_some_and(|v| v.number != n + 1)
 }
 
 /// Runs blocking work (SQLite, files, the engine) on a blocking thread of the caller's
@@ -759,6 +888,25 @@ async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
     }
 }
 
+/// An OPEN of `op` on `replica` with nothing else asked.
+fn open_frame(op: Op, replica: &ReplicaPath) -> Open {
+    Open {
+        protocol: PROTOCOL_VERSION,
+        op,
+        replica: replica.to_string(),
+        version: None,
+        base: None,
+        force: false,
+        role: None,
+        client_id: client_id(),
+        key_id: None,
+        compress: Vec::new(),
+        retention: None,
+        retention_clear: false,
+        dry_run: false,
+    }
+}
+
 /// Sends OPEN and waits for the server's CONFIG (or its refusal).
 async fn open(
     ws: &mut Socket,
@@ -784,6 +932,9 @@ async fn open(
             Op::Push | Op::Pull => ws::compressions(),
             _ => Vec::new(),
         },
+        retention: None,
+        retention_clear: false,
+        dry_run: false,
     };
     let offered = open.compress.clone();
     ws::send_binary(ws, Control::Open(open).to_bytes()).await?;

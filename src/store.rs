@@ -42,10 +42,12 @@
 mod list;
 mod pack;
 mod replica;
+mod retention;
 mod scrub;
 
 pub use list::Latest;
-pub use replica::{VersionReader, VersionWriter};
+pub use replica::{VersionReader, VersionWriter, number_ranges};
+pub use retention::{Collected, GcShared, keep, parse_policy, parse_span};
 pub use scrub::{BadPage, BadVersion, ReplicaScrub, ScrubProgress, ScrubReport};
 
 use std::path::{Path, PathBuf};
@@ -228,6 +230,18 @@ impl std::fmt::Display for Selector {
 /// rows to a session without conversion.
 pub use crate::protocol::control::VersionInfo;
 
+/// A retention policy, what `retention` shows and what `prune` did: plain data the
+/// protocol carries, defined with it (like [`VersionInfo`]).
+pub use crate::protocol::control::{PruneReport, Retention, RetentionPolicy};
+
+/// How long a prune waits for running pushes and pulls to let it collect pages.
+pub const PRUNE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a collection after an automatic removal (a push whose new version made
+/// the policy drop old ones) waits for running pushes and pulls; past it the pages
+/// stay until the next collection.
+pub const AUTO_COLLECT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How a push into the store behaves.
 #[derive(Debug, Clone, Default)]
 pub struct PushOptions {
@@ -243,16 +257,39 @@ pub struct PushOptions {
     pub key_id: String,
 }
 
+/// Stored bytes already computed, by replica path: (latest version, version count,
+/// bytes).
+type StoredCache =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, u64, u64)>>>;
+
 /// A store: a directory of replica files.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// The default retention policy set by `serve --retention`, over the store's file.
+    default_retention: Option<RetentionPolicy>,
+    /// [`Store::stored_bytes`] already computed, by replica: (latest version, version
+    /// count, bytes). Versions are immutable, so the figure holds until a version is
+    /// added or removed, which changes the key. Shared by the clones of this store (a
+    /// server's API and metrics ask often).
+    stored_cache: StoredCache,
 }
 
 impl Store {
     /// A store rooted at `root` (created on first push).
     pub fn new(root: impl Into<PathBuf>) -> Store {
-        Store { root: root.into() }
+        Store {
+            root: root.into(),
+            default_retention: None,
+            stored_cache: Default::default(),
+        }
+    }
+
+    /// This store, with `policy` as its default retention policy while it is open
+    /// (`serve --retention`), whatever its `retention.json` says.
+    pub fn with_default_retention(mut self, policy: RetentionPolicy) -> Store {
+        self.default_retention = Some(policy);
+        self
     }
 
     /// The store's directory.
@@ -297,26 +334,216 @@ impl Store {
         list::latest(&self.replica_file(replica), replica)
     }
 
-    /// Starts a push into `replica`; the replica is created if it does not exist.
+    /// Every version of `replica`, oldest first, each with its `stored_bytes` (the
+    /// bytes of the pages it brought into the replica; their sum is
+    /// [`Store::stored_bytes`]). Reads each distinct manifest chunk once.
+    pub fn versions_with_stored_bytes(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
+        let mut versions = self.versions(replica)?;
+        let (bytes, _) = retention::stored_bytes(&self.replica_file(replica), &self.pages_dir())?;
+        let mut bytes = bytes.into_iter().peekable();
+        for v in &mut versions {
+            while bytes.next_if(|(n, _)| *n < v.number).is_some() {}
+            v.stored_bytes = Some(bytes.next_if(|(n, _)| *n == v.number).map_or(0, |(_, b)| b));
+        }
+        Ok(versions)
+    }
+
+    /// The unique page bytes `replica`'s versions use, as stored (compressed size where
+    /// a page is kept compressed): what its versions would free if no other replica
+    /// shared their pages. Streams its manifests; memory stays flat.
+    ///
+    /// Kept in memory once computed, until the replica gains or loses a version (one
+    /// query of the version rows then tells whether the figure still holds).
+    pub fn stored_bytes(&self, replica: &ReplicaPath) -> Result<u64> {
+        let file = self.replica_file(replica);
+        if !file.exists() {
+            return Err(Error::NotFound(format!("replica {replica} does not exist")));
+        }
+        let versions = replica::versions(&file, replica)?;
+        let key = (
+            versions.last().map_or(0, |v| v.number),
+            versions.len() as u64,
+        );
+        let cached = self
+            .stored_cache
+            .lock()
+            .expect("the stored-bytes cache is never poisoned: nothing panics holding it")
+            .get(replica.as_str())
+            .copied();
+        if let Some((latest, count, bytes)) = cached
+            && (latest, count) == key
+        {
+            return Ok(bytes);
+        }
+        let bytes = retention::stored_bytes(&file, &self.pages_dir())?.1;
+        self.stored_cache
+            .lock()
+            .expect("the stored-bytes cache is never poisoned: nothing panics holding it")
+            .insert(replica.to_string(), (key.0, key.1, bytes));
+        Ok(bytes)
+    }
+
+    /// Starts a push into `replica`; the replica is created if it does not exist. The
+    /// push holds the store's GC lock shared until it is dropped: no page it dedups
+    /// against is freed meanwhile. Once its new version commits, the replica's
+    /// retention policy removes the versions it no longer keeps
+    /// ([`VersionWriter::removed`]); their pages are freed by [`Store::collect_garbage`].
     pub fn push(&self, replica: &ReplicaPath, options: PushOptions) -> Result<VersionWriter> {
         let file = self.replica_file(replica);
         self.remove_leftovers(&file);
+        let gc = GcShared::take(&self.pages_dir(), true)?;
         replica::upgrade(&file, &self.pages_dir())?;
-        VersionWriter::open(&file, &self.pages_dir(), replica, options)
+        let default = self.default_retention()?;
+        VersionWriter::open(&file, &self.pages_dir(), replica, options, gc, default)
     }
 
-    /// Opens one version of `replica` for reading.
+    /// Opens one version of `replica` for reading. The reader holds the store's GC lock
+    /// shared until it is dropped: the pages it reads stay, even if its version is
+    /// removed meanwhile.
     pub fn read(&self, replica: &ReplicaPath, selector: Selector) -> Result<VersionReader> {
         let file = self.replica_file(replica);
         self.remove_leftovers(&file);
+        // Not for a replica that does not exist: a pull from a wrong directory makes
+        // nothing there.
+        let gc = GcShared::take(&self.pages_dir(), file.exists())?;
         replica::upgrade(&file, &self.pages_dir())?;
-        VersionReader::open(&file, &self.pages_dir(), replica, selector)
+        VersionReader::open(&file, &self.pages_dir(), replica, selector, gc)
+    }
+
+    /// The store's default retention policy: `serve --retention`'s, else the one
+    /// `sqlferry retention --default` wrote; `None` when there is none.
+    pub fn default_retention(&self) -> Result<Option<RetentionPolicy>> {
+        match &self.default_retention {
+            Some(p) => Ok(Some(p.clone())),
+            None => retention::read_default(&self.root),
+        }
+    }
+
+    /// Sets (or with `None` removes) the default policy kept in the store's directory
+    /// (`retention.json`), for every replica without a policy of its own.
+    pub fn set_default_retention(&self, policy: Option<&RetentionPolicy>) -> Result<()> {
+        retention::write_default(&self.root, policy)
+    }
+
+    /// The retention policy that applies to `replica`, and where it comes from.
+    pub fn retention(&self, replica: &ReplicaPath) -> Result<Retention> {
+        let file = self.replica_file(replica);
+        // The replica must exist (a version): the same refusal as `versions`.
+        replica::versions(&file, replica)?;
+        let (policy, source) = match retention::own_policy(&file)? {
+            Some(p) => (p, "replica"),
+            None => match self.default_retention()? {
+                Some(p) => (p, "default"),
+                None => (RetentionPolicy::default(), "none"),
+            },
+        };
+        Ok(Retention {
+            replica: replica.to_string(),
+            policy,
+            source: source.into(),
+        })
+    }
+
+    /// Gives `replica` its own retention policy, or with `None` drops it (the store's
+    /// default applies again). Removes nothing by itself: the next new version or
+    /// [`Store::prune`] does.
+    pub fn set_retention(
+        &self,
+        replica: &ReplicaPath,
+        policy: Option<&RetentionPolicy>,
+    ) -> Result<Retention> {
+        let file = self.replica_file(replica);
+        replica::versions(&file, replica)?;
+        retention::set_own_policy(&file, policy)?;
+        self.retention(replica)
+    }
+
+    /// Removes the versions of `replica` its retention policy does not keep at `now`
+    /// (never the latest), then frees the pages no version of any replica uses any
+    /// more, waiting up to `wait` for running pushes and pulls to let it. With
+    /// `dry_run`, changes nothing and says what it would do.
+    pub fn prune(
+        &self,
+        replica: &ReplicaPath,
+        dry_run: bool,
+        now: i64,
+        wait: std::time::Duration,
+    ) -> Result<PruneReport> {
+        let file = self.replica_file(replica);
+        let policy = self.retention(replica)?.policy;
+        let (removed, kept) = retention::remove_versions(&file, &policy, now, dry_run)?;
+        let excluded = dry_run.then_some((file.as_path(), removed.as_slice()));
+        let collected = retention::collect(&self.root, excluded, dry_run, wait)?;
+        if !dry_run && !removed.is_empty() {
+            tracing::info!(%replica, removed = removed.len(), kept, "versions removed by retention");
+        }
+        let mut report = PruneReport {
+            replica: replica.to_string(),
+            dry_run,
+            removed,
+            kept,
+            ..PruneReport::default()
+        };
+        match collected {
+            Some(c) => {
+                report.freed_pages = c.pages;
+                report.freed_bytes = c.bytes;
+                report.reclaimed_bytes = c.reclaimed;
+            }
+            None => {
+                report.deferred = Some(format!(
+                    "pushes or pulls kept the store busy for {} s: the pages of the removed \
+                     versions are freed by the next prune",
+                    wait.as_secs()
+                ));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Frees the pages no version of any replica uses (after versions were removed),
+    /// waiting up to `wait` for running pushes and pulls; `None` if they kept the store
+    /// busy that long. A process must not hold a reader or a writer of this store
+    /// while it calls this (it would wait for itself).
+    pub fn collect_garbage(&self, wait: std::time::Duration) -> Result<Option<Collected>> {
+        let collected = retention::collect(&self.root, None, false, wait)?;
+        if let Some(c) = &collected
+            && c.pages > 0
+        {
+            tracing::info!(
+                pages = c.pages,
+                bytes = c.bytes,
+                reclaimed = c.reclaimed,
+                "freed pages no version uses"
+            );
+        }
+        Ok(collected)
+    }
+
+    /// After a push whose new version made the retention policy remove `removed`
+    /// versions: frees their pages if the store is free within [`AUTO_COLLECT_WAIT`],
+    /// else leaves them for the next collection. Best effort: a failure is logged, the
+    /// push stands.
+    pub fn collect_after_removal(&self, replica: &ReplicaPath, removed: &[u64]) {
+        if removed.is_empty() {
+            return;
+        }
+        tracing::info!(%replica, versions = ?removed, "versions removed by retention after a new version");
+        match self.collect_garbage(AUTO_COLLECT_WAIT) {
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::info!(
+                "the store is busy: the removed versions' pages are freed by the next collection"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not free the removed versions' pages"),
+        }
     }
 
     /// Checks every stored page of every replica against its hash, and every version's
     /// manifest and digest; records what is bad for repair by the next push, and removes
     /// the files crashed pushes left. `progress` is called as it goes.
+    /// It holds the store's GC lock shared: no page is freed while it looks.
     pub fn scrub(&self, progress: &mut dyn FnMut(&ScrubProgress)) -> Result<ScrubReport> {
+        let _gc = GcShared::take(&self.pages_dir(), false)?;
         scrub::scrub(&self.root, progress)
     }
 
@@ -348,6 +575,7 @@ mod tests {
             client_id: String::new(),
             key_id: String::new(),
             base: 0,
+            stored_bytes: None,
         }
     }
 

@@ -21,6 +21,7 @@ use crate::store::Selector;
 sqlferry pull acme/app.db                    the latest version into ./app.db\n  \
 sqlferry pull acme/app.db@3 restored.db      version 3\n  \
 sqlferry pull acme/app.db@latest-1 prev.db   the version before the latest\n  \
+sqlferry pull acme/app.db@2026-12-01T10:00:00Z then.db   the version that was the latest then (UTC)\n  \
 sqlferry pull acme/app.db --subscribe        keep going: pull each new version as it lands\n\n\
 LOCAL changes in one transaction, after its digest has been checked against the version's: \
 readers of LOCAL keep reading and see the old database or the new one, never a mix. Only \

@@ -25,7 +25,8 @@ use crate::shutdown::Shutdown;
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
 sqlferry serve --data /var/lib/sqlferry --listen 127.0.0.1:7878\n  \
-sqlferry serve --listen 0.0.0.0:7878 --tls-cert cert.pem --tls-key key.pem   wss:// and https://\n\n\
+sqlferry serve --listen 0.0.0.0:7878 --tls-cert cert.pem --tls-key key.pem   wss:// and https://\n  \
+sqlferry serve --retention keep-last=30,keep-daily=14   the default retention policy\n\n\
 On first start it creates the admin key and prints it once, on stdout; only its hash is \
 stored. Push a new replica with the admin key (sqlferry push app.db acme/app.db --server \
 ws://HOST:PORT --key KEY): the server mints a PUSH and a PULL key for it. SIGINT or SIGTERM \
@@ -84,6 +85,12 @@ pub struct ServeArgs {
     /// loopback address such as 127.0.0.1:9878: anyone who reaches it reads the metrics).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// The default retention policy, for replicas without one of their own (set with
+    /// `sqlferry retention REMOTE`): keep-last=N, keep-daily=D, keep-weekly=W,
+    /// keep-within=SPAN, comma-separated, or `all` [default: the data directory's
+    /// retention.json, else keep everything].
+    #[arg(long, value_name = "RULES", value_parser = parse_retention)]
+    pub retention: Option<crate::store::RetentionPolicy>,
 }
 
 /// A period of at least one second (`--drill-every`).
@@ -93,6 +100,10 @@ fn parse_period(s: &str) -> Result<std::time::Duration, String> {
         return Err("at least 1s".into());
     }
     Ok(d)
+}
+
+fn parse_retention(s: &str) -> Result<crate::store::RetentionPolicy, String> {
+    crate::store::parse_policy(s).map_err(|e| e.to_string())
 }
 
 impl ServeArgs {
@@ -158,6 +169,7 @@ impl ServeArgs {
         let (dir, max_sessions, session_wait) =
             (data.clone(), self.max_sessions, self.session_wait);
         let (drill_every, metrics_on_main) = (self.drill_every, self.metrics);
+        let retention = self.retention.clone();
         let (state, admin_key) = blocking(move || {
             let mut state = State::open(&dir)
                 .map_err(|e| startup(e, &dir))?
@@ -167,6 +179,9 @@ impl ServeArgs {
             }
             if metrics_on_main {
                 state = state.with_metrics();
+            }
+            if let Some(policy) = retention {
+                state.store = state.store.clone().with_default_retention(policy);
             }
             let key = state.auth.ensure_admin().map_err(|e| startup(e, &dir))?;
             Ok((state, key))

@@ -43,6 +43,104 @@ pub struct Open {
     /// absent from older clients, which get plain pages.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compress: Vec<String>,
+    /// For `retention`: the replica's new policy (admin key only); absent: show it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionPolicy>,
+    /// For `retention`: drop the replica's own policy, so the store's default applies
+    /// (admin key only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retention_clear: bool,
+    /// For `prune`: say what would be removed and freed, remove nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+/// Which versions of a replica are kept. Every rule given keeps what it names; a
+/// version is removed only when no rule keeps it, and the latest version is always
+/// kept. No rule at all keeps everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionPolicy {
+    /// Keep the N newest versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u64>,
+    /// Keep the newest version of each of the D most recent days (UTC) that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_daily: Option<u64>,
+    /// Keep the newest version of each of the W most recent ISO weeks that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_weekly: Option<u64>,
+    /// Keep every version made within this many seconds before now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_within_seconds: Option<u64>,
+}
+
+impl RetentionPolicy {
+    /// Whether no rule is set: everything is kept.
+    pub fn keeps_everything(&self) -> bool {
+        *self == RetentionPolicy::default()
+    }
+}
+
+impl std::fmt::Display for RetentionPolicy {
+    /// `keep-last=30,keep-daily=14,keep-within=30days`, or `keep everything`; the form
+    /// `serve --retention` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.keeps_everything() {
+            return f.write_str("keep everything");
+        }
+        let mut parts = Vec::new();
+        if let Some(n) = self.keep_last {
+            parts.push(format!("keep-last={n}"));
+        }
+        if let Some(n) = self.keep_daily {
+            parts.push(format!("keep-daily={n}"));
+        }
+        if let Some(n) = self.keep_weekly {
+            parts.push(format!("keep-weekly={n}"));
+        }
+        if let Some(s) = self.keep_within_seconds {
+            let d = humantime::format_duration(std::time::Duration::from_secs(s));
+            parts.push(format!("keep-within={}", d.to_string().replace(' ', "")));
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// A replica's retention policy, as `retention` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// The replica path.
+    pub replica: String,
+    /// The policy that applies to it.
+    pub policy: RetentionPolicy,
+    /// Where that policy comes from: `replica` (its own), `default` (the store's
+    /// default) or `none` (nothing set anywhere: everything is kept).
+    pub source: String,
+}
+
+/// What a prune removed (or, in a dry run, would remove) and freed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneReport {
+    /// The replica path.
+    pub replica: String,
+    /// Whether this was a dry run (nothing changed).
+    pub dry_run: bool,
+    /// The numbers of the versions removed, oldest first (numbers only: a first prune
+    /// of a long history stays well within one frame).
+    pub removed: Vec<u64>,
+    /// How many versions remain.
+    pub kept: u64,
+    /// Pages no version of any replica uses any more, freed (or that would be).
+    pub freed_pages: u64,
+    /// Their stored bytes (compressed size where a page is kept compressed).
+    pub freed_bytes: u64,
+    /// Disk space given back to the file system, as it counts it (allocated blocks):
+    /// about `freed_bytes`, less where a freed page shares a block with a kept one.
+    pub reclaimed_bytes: u64,
+    /// Why pages were not freed, when the versions were removed but the store was too
+    /// busy to collect them now (the next prune or automatic removal does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<String>,
 }
 
 /// What a session does.
@@ -72,6 +170,12 @@ pub enum Op {
     /// once more, `done`, when it is reached or the wait timed out. Only for servers
     /// whose CONFIG says `followers`.
     WaitFollowers,
+    /// Show the replica's retention policy (any key of it), or set it (admin key
+    /// only): CONFIG's `retention`.
+    Retention,
+    /// Remove the versions the replica's retention policy does not keep and free the
+    /// pages no version uses (admin key only): CONFIG's `pruned`.
+    Prune,
 }
 
 /// What a subscriber does with its replica.
@@ -134,6 +238,12 @@ pub struct Config {
     /// then sends no APPLIED (an unknown frame would end its session).
     #[serde(default, skip_serializing_if = "is_false")]
     pub followers: bool,
+    /// After `retention`: the replica's policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Box<Retention>>,
+    /// After `prune`: what was removed and freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned: Option<Box<PruneReport>>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -203,6 +313,12 @@ pub struct VersionInfo {
     pub key_id: String,
     /// The version this one was pushed on top of (0: none).
     pub base: u64,
+    /// The stored bytes of the pages this version brought into its replica (pages no
+    /// earlier version of it uses; compressed size where a page is kept compressed):
+    /// the sum over a replica's versions is what the replica keeps stored. Absent
+    /// where not computed (`versions` computes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
 }
 
 /// What the server tells of a key: never its secret.
@@ -435,6 +551,28 @@ mod tests {
                 client_id: "me@host".into(),
                 key_id: None,
                 compress: vec!["zstd".into()],
+                retention: None,
+                retention_clear: false,
+                dry_run: false,
+            }),
+            Control::Open(Open {
+                protocol: 1,
+                op: Op::Retention,
+                replica: "acme/app.db".into(),
+                version: None,
+                base: None,
+                force: false,
+                role: None,
+                client_id: "me@host".into(),
+                key_id: None,
+                compress: Vec::new(),
+                retention: Some(RetentionPolicy {
+                    keep_last: Some(30),
+                    keep_within_seconds: Some(86_400),
+                    ..RetentionPolicy::default()
+                }),
+                retention_clear: false,
+                dry_run: true,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -447,6 +585,9 @@ mod tests {
                 client_id: "me@host".into(),
                 key_id: None,
                 compress: Vec::new(),
+                retention: None,
+                retention_clear: false,
+                dry_run: false,
             }),
             Control::Config(Config {
                 replica_id: "r1".into(),
@@ -584,6 +725,9 @@ mod tests {
             client_id: "x".into(),
             key_id: None,
             compress: Vec::new(),
+            retention: None,
+            retention_clear: false,
+            dry_run: false,
         };
         let bytes = Control::Open(open).to_bytes();
         assert!(String::from_utf8_lossy(&bytes).contains(r#""op":"wait-followers""#));

@@ -32,8 +32,8 @@ pub struct Summary {
     pub size_bytes: Option<u64>,
     /// The latest version's digest, lower-case hex.
     pub digest: Option<String>,
-    /// The bytes of the distinct pages the replica's versions use. Not counted yet:
-    /// always `None` (null) until the store can count it.
+    /// The bytes of the distinct pages the replica's versions use, as stored
+    /// ([`Store::stored_bytes`]: counted once per set of versions, then kept).
     pub stored_bytes: Option<u64>,
     /// What the hub knows: subscribers connected, the planned push, the failure report.
     #[serde(flatten)]
@@ -92,7 +92,12 @@ pub fn list(store: &Store, hub: &Hub, drills: &Drills) -> Result<Vec<Summary>> {
         let status = hub.status(&name);
         let drill = drills.last(&name);
         let s = match read {
-            Ok(Some(latest)) => summary(&name, Some(&latest), status, drill),
+            Ok(Some(latest)) => Summary {
+                stored_bytes: ReplicaPath::parse(&name)
+                    .and_then(|path| store.stored_bytes(&path))
+                    .ok(),
+                ..summary(&name, Some(&latest), status, drill)
+            },
             Ok(None) if status == Status::default() => continue, // no version, no one
             Ok(None) => summary(&name, None, status, drill),
             Err(e) => Summary {
@@ -124,6 +129,7 @@ mod tests {
                 client_id: "me@here".into(),
                 key_id: "k".into(),
                 base: 6,
+                stored_bytes: None,
             },
             count: 7,
         };

@@ -154,8 +154,7 @@ async fn metrics(state: &Arc<State>) -> Response {
             };
             out.push(ReplicaGauges {
                 latest,
-                // TODO(issue 11, prune helper): `Store::stored_bytes(&replica)` here.
-                stored_bytes: None,
+                stored_bytes: s.store.stored_bytes(&replica).ok(),
                 follower_lag_seconds: lags.get(replica.as_str()).map(|&l| l as f64),
                 drill: drills
                     .get(replica.as_str())
@@ -334,16 +333,27 @@ async fn replica(
         );
     }
     let (store, r) = (state.store.clone(), replica.clone());
+    // The version list carries each version's stored bytes, as `versions --json` does;
+    // the status needs only the rows.
+    let with_bytes = endpoint == Endpoint::Versions;
     let versions = super::blocking(move || {
-        store
-            .versions(&r)
-            .map_err(|e| fault::server_side(e, store.root()))
+        let versions = if with_bytes {
+            store.versions_with_stored_bytes(&r)
+        } else {
+            store.versions(&r)
+        }
+        .map_err(|e| fault::server_side(e, store.root()))?;
+        // The summary's total: kept by the store until the versions change.
+        let stored = (!with_bytes).then(|| store.stored_bytes(&r).ok()).flatten();
+        Ok((versions, stored))
     })
     .await;
-    let versions = match versions {
+    let (versions, stored_bytes) = match versions {
         Ok(v) => v,
         // A replica with subscribers but no version yet still has a status.
-        Err(e) if e.kind() == ErrorKind::NotFound && endpoint == Endpoint::Status => Vec::new(),
+        Err(e) if e.kind() == ErrorKind::NotFound && endpoint == Endpoint::Status => {
+            (Vec::new(), None)
+        }
         Err(e) if e.kind() == ErrorKind::NotFound => {
             return error(StatusCode::NOT_FOUND, e.to_string());
         }
@@ -371,12 +381,9 @@ async fn replica(
         count: versions.len() as u64,
     });
     let drill = state.drills.last(replica.as_str());
-    let mut body = json!(api::summary(
-        replica.as_str(),
-        latest.as_ref(),
-        status,
-        drill
-    ));
+    let mut summary = api::summary(replica.as_str(), latest.as_ref(), status, drill);
+    summary.stored_bytes = stored_bytes;
+    let mut body = json!(summary);
     body["versions"] = json!(versions);
     answer(StatusCode::OK, body)
 }

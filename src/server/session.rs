@@ -267,7 +267,85 @@ where
         }
         // Answered above, before the replica path (which they may leave empty).
         Op::Keys | Op::RevokeKey => Ok(keys(ws, state, principal, &open).await?),
+        Op::Retention => Ok(retention(ws, state, principal, &replica, &open).await?),
+        Op::Prune => Ok(prune(ws, state, principal, &replica, &open).await?),
     }
+}
+
+/// The refusal of a retention change or a prune by a key that is not the admin key: a
+/// leaked PUSH key must not be able to erase history.
+fn admin_only(principal: &Principal, what: &str) -> Result<()> {
+    if principal.kind == KeyKind::Admin {
+        return Ok(());
+    }
+    Err(Error::Auth(format!(
+        "only the admin key may {what}; this is a {} key (it may show the policy: `sqlferry retention REMOTE`)",
+        principal.kind.as_str().to_uppercase()
+    )))
+}
+
+/// `retention`: shows the replica's policy (any key of it), or sets it (admin key).
+async fn retention<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+    replica: &ReplicaPath,
+    open: &Open,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let change = open.retention.is_some() || open.retention_clear;
+    if change {
+        admin_only(principal, "set a retention policy")?;
+    }
+    let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
+    let (policy, clear) = (open.retention.clone(), open.retention_clear);
+    let (id, shown) = blocking(move || {
+        let id = auth.replica_id(&r, false)?;
+        let shown = if change {
+            store.set_retention(&r, if clear { None } else { policy.as_ref() })?
+        } else {
+            store.retention(&r)?
+        };
+        Ok((id, shown))
+    })
+    .await?;
+    if change {
+        tracing::info!(%replica, policy = %shown.policy, source = %shown.source, key = %principal.key_id, "retention policy set");
+    }
+    let mut c = config(principal, replica, id.unwrap_or_default(), 0);
+    c.retention = Some(Box::new(shown));
+    send_control(ws, Control::Config(c)).await
+}
+
+/// `prune` (admin key): removes what the replica's policy does not keep and frees the
+/// pages no version uses; a dry run says what it would do.
+async fn prune<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+    replica: &ReplicaPath,
+    open: &Open,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    admin_only(principal, "prune")?;
+    let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
+    let dry_run = open.dry_run;
+    let (id, report) = blocking(move || {
+        let id = auth.replica_id(&r, false)?;
+        let report = store.prune(&r, dry_run, crate::epoch::now(), crate::store::PRUNE_WAIT)?;
+        Ok((id, report))
+    })
+    .await?;
+    if !dry_run {
+        tracing::info!(%replica, removed = report.removed.len(), freed_bytes = report.freed_bytes, key = %principal.key_id, "pruned");
+    }
+    let mut c = config(principal, replica, id.unwrap_or_default(), 0);
+    c.pruned = Some(Box::new(report));
+    send_control(ws, Control::Config(c)).await
 }
 
 /// `keys` and `revoke-key`: the admin key lists or revokes keys; CONFIG carries the
@@ -344,8 +422,13 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
-    let (id, list) =
-        blocking(move || Ok((auth.replica_id(&r, false)?, store.versions(&r)?))).await?;
+    let (id, list) = blocking(move || {
+        Ok((
+            auth.replica_id(&r, false)?,
+            store.versions_with_stored_bytes(&r)?,
+        ))
+    })
+    .await?;
     let mut c = config(
         principal,
         replica,
@@ -761,12 +844,17 @@ where
             }
             run_replica(&mut OwnFaults::new(&mut writer, &data), link)?;
             let (version, created) = writer.outcome().expect("a committed push has an outcome");
-            Ok((version.clone(), created, writer.repaired()))
+            Ok((
+                version.clone(),
+                created,
+                writer.repaired(),
+                writer.removed().to_vec(),
+            ))
         },
     )
     .await;
     // The engine reported its own failure to the client already.
-    let (version, created, repaired) = result.map_err(Failure::Reported)?;
+    let (version, created, repaired, removed) = result.map_err(Failure::Reported)?;
     let id = match id {
         Some(id) => id,
         None => {
@@ -803,5 +891,15 @@ where
     ws.flush()
         .await
         .map_err(|e| Error::Disconnected(e.to_string()))?;
+    // Versions the retention policy removed after this one: their pages are freed now
+    // that the push let go of the store (best effort, briefly: see the store).
+    if !removed.is_empty() {
+        let (store, r) = (state.store.clone(), replica.clone());
+        blocking(move || {
+            store.collect_after_removal(&r, &removed);
+            Ok(created)
+        })
+        .await?;
+    }
     Ok(created)
 }

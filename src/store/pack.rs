@@ -479,6 +479,144 @@ impl Pages {
             .map_err(self.sql())
     }
 
+    /// Starts a collection's mark: an empty temporary table of live page hashes,
+    /// spilled to a temporary file past the connection's cache (bounded memory).
+    /// A dry run reads in a deferred transaction, so pushes commit meanwhile.
+    pub fn mark_begin(&self, dry_run: bool) -> Result<()> {
+        self.conn
+            .execute_batch(
+                "PRAGMA temp_store = FILE;
+                 DROP TABLE IF EXISTS temp.live;
+                 CREATE TEMP TABLE live(hash BLOB PRIMARY KEY) WITHOUT ROWID;",
+            )
+            .map_err(self.sql())?;
+        self.conn
+            .execute_batch(if dry_run {
+                "BEGIN DEFERRED"
+            } else {
+                "BEGIN IMMEDIATE"
+            })
+            .map_err(self.sql())
+    }
+
+    /// Marks `hash` as used by a remaining version.
+    pub fn mark(&self, hash: &Hash) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO temp.live(hash) VALUES (?1)")
+            .and_then(|mut s| s.execute([&hash[..]]))
+            .map(drop)
+            .map_err(self.sql())
+    }
+
+    /// Deletes (unless `dry_run`) the index rows of the pages not marked, in the
+    /// transaction `mark_begin` opened, and commits it: (pages, their stored bytes).
+    pub fn sweep(&self, dry_run: bool) -> Result<(u64, u64)> {
+        let (count, bytes): (i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(len), 0) FROM pages
+                 WHERE hash NOT IN (SELECT hash FROM temp.live)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(self.sql())?;
+        if dry_run {
+            self.rollback();
+        } else {
+            self.conn
+                .execute(
+                    "DELETE FROM pages WHERE hash NOT IN (SELECT hash FROM temp.live)",
+                    [],
+                )
+                .map_err(self.sql())?;
+            self.conn.execute_batch("COMMIT").map_err(self.sql())?;
+        }
+        Ok((count as u64, bytes as u64))
+    }
+
+    /// Ends a collection's mark: the temporary table goes.
+    pub fn mark_end(&self) {
+        self.rollback();
+        let _ = self.conn.execute_batch("DROP TABLE IF EXISTS temp.live");
+    }
+
+    /// Gives back to the file system the committed bytes of every pack that no index
+    /// row names, by punching holes (live pages keep their offsets); the caller holds
+    /// the store's GC lock exclusively, so no push appends and no pull reads. Punching
+    /// a hole twice is harmless, so a collection cut short is finished by the next.
+    /// Returns the allocated bytes given back (as the file system counts them).
+    pub fn reclaim(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let control = self.control()?;
+        let packs = self.packs(&control)?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pack, offset, len FROM pages ORDER BY pack, offset")
+            .map_err(self.sql())?;
+        let mut rows = stmt.query([]).map_err(self.sql())?;
+        let mut next = rows.next().map_err(self.sql())?.map(|r| {
+            (
+                r.get::<_, i64>(0).unwrap_or(-1),
+                r.get::<_, i64>(1).unwrap_or(0) as u64,
+                r.get::<_, i64>(2).unwrap_or(0) as u64,
+            )
+        });
+        let mut given_back = 0u64;
+        let mut unsupported = false;
+        for (id, size) in packs {
+            let path = pack_path(&self.dir, id);
+            let file = match std::fs::OpenOptions::new().write(true).open(&path) {
+                Ok(f) => Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(Error::io(&path, e)),
+            };
+            let before = match &file {
+                Some(f) => f.metadata().map_err(|e| Error::io(&path, e))?.blocks(),
+                None => 0,
+            };
+            let mut at = 0u64;
+            let mut punch = |from: u64, to: u64| -> Result<()> {
+                let to = to.min(size);
+                if let Some(f) = &file
+                    && to > from
+                    && !unsupported
+                    && !punch_hole(f, from, to - from).map_err(|e| Error::io(&path, e))?
+                {
+                    unsupported = true;
+                }
+                Ok(())
+            };
+            // Rows of packs the list does not hold (none should exist) are skipped.
+            while let Some((pack, offset, len)) = next {
+                if pack > id {
+                    break;
+                }
+                if pack == id {
+                    if offset > at {
+                        punch(at, offset)?;
+                    }
+                    at = at.max(offset + len);
+                }
+                next = rows.next().map_err(self.sql())?.map(|r| {
+                    (
+                        r.get::<_, i64>(0).unwrap_or(-1),
+                        r.get::<_, i64>(1).unwrap_or(0) as u64,
+                        r.get::<_, i64>(2).unwrap_or(0) as u64,
+                    )
+                });
+            }
+            punch(at, size)?;
+            if let Some(f) = &file {
+                let after = f.metadata().map_err(|e| Error::io(&path, e))?.blocks();
+                given_back += before.saturating_sub(after) * 512;
+            }
+        }
+        if unsupported {
+            tracing::warn!(dir = %self.dir.display(), "this file system cannot punch holes in files: the freed pages' bytes stay allocated in the packs (they are no longer indexed, and new pages do not reuse them)");
+        }
+        Ok(given_back)
+    }
+
     /// Takes a pack to append to: the first one under the target size no live push
     /// holds (its torn tail cut off), else a new one.
     pub fn appender(&self) -> Result<Appender> {
@@ -626,4 +764,35 @@ impl Drop for Appender {
             let _ = self.out.get_ref().set_len(self.start);
         }
     }
+}
+
+/// Punches a hole of `len` bytes at `offset` into `file`, keeping its size: the range
+/// reads as zeros and its whole blocks go back to the file system. `Ok(false)` where
+/// the file system (or the platform) cannot.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// Without `fallocate`, no hole is punched: the bytes stay allocated.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn punch_hole(_file: &File, _offset: u64, _len: u64) -> std::io::Result<bool> {
+    Ok(false)
 }

@@ -21,7 +21,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::pack::{self, Appender, Loc, Pages};
-use super::{CHUNK_PAGES, PushOptions, ReplicaPath, Selector, VersionInfo};
+use super::retention::{self, GcShared};
+use super::{CHUNK_PAGES, PushOptions, ReplicaPath, RetentionPolicy, Selector, VersionInfo};
 use crate::digest::{HASH_BYTES, Hash, hex, lock_byte_page, page_hash, sha256};
 use crate::engine::{BeginInfo, PageSource, PageTarget, ScanFn};
 use crate::page::Header;
@@ -128,6 +129,7 @@ pub(super) fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo
         client_id: r.get(6)?,
         key_id: r.get(7)?,
         base: r.get::<_, i64>(8)? as u64,
+        stored_bytes: None,
     })
 }
 
@@ -447,6 +449,12 @@ pub struct VersionWriter {
     result: Option<(VersionInfo, bool)>,
     /// Pages as they arrived compressed, handed over by the transport: kept so.
     packed: Option<PackedPages>,
+    /// The store's default retention policy, for a replica without its own.
+    default_retention: Option<RetentionPolicy>,
+    /// The versions the retention policy removed once this push's version committed.
+    removed: Vec<u64>,
+    /// The store's GC lock, held shared for the whole push (dropped last).
+    _gc: GcShared,
 }
 
 impl VersionWriter {
@@ -456,6 +464,8 @@ impl VersionWriter {
         pages_dir: &Path,
         replica: &ReplicaPath,
         options: PushOptions,
+        gc: GcShared,
+        default_retention: Option<RetentionPolicy>,
     ) -> Result<Self> {
         let pages = Pages::open(pages_dir, pack::WRITER_CACHE_KIB)?;
         let freed = pages.recover()?;
@@ -505,7 +515,42 @@ impl VersionWriter {
             page_size: 0,
             result: None,
             packed: None,
+            default_retention,
+            removed: Vec::new(),
+            _gc: gc,
         })
+    }
+
+    /// The versions the replica's retention policy removed after this push's version
+    /// committed (oldest first; empty when it made none or removed none). Their pages
+    /// stay until [`super::Store::collect_garbage`], which must run after this writer
+    /// is dropped.
+    pub fn removed(&self) -> &[u64] {
+        &self.removed
+    }
+
+    /// Applies the replica's retention policy (its own, else the store's default) now
+    /// that a new version is committed. Best effort: the push stands whatever happens.
+    fn apply_retention(&mut self) {
+        let own = match retention::own_policy(&self.final_file) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(replica = %self.replica, error = %e, "could not read the retention policy");
+                return;
+            }
+        };
+        let Some(policy) = own.or_else(|| self.default_retention.clone()) else {
+            return;
+        };
+        if policy.keeps_everything() {
+            return;
+        }
+        match retention::remove_versions(&self.final_file, &policy, crate::epoch::now(), false) {
+            Ok((removed, _)) => self.removed = removed,
+            Err(e) => {
+                tracing::warn!(replica = %self.replica, error = %e, "could not apply the retention policy")
+            }
+        }
     }
 
     /// Keeps the pages that arrived compressed as they came: `packed` holds their
@@ -849,6 +894,9 @@ impl PageTarget for VersionWriter {
             return Ok(());
         }
         self.result = Some((info, true));
+        if self.creating.is_none() {
+            self.apply_retention();
+        }
         Ok(())
     }
 }
@@ -1063,6 +1111,8 @@ pub struct VersionReader {
     /// Where a page stored compressed is handed on as it is stored, for a peer that
     /// takes it so (see [`VersionReader::hand_packed`]).
     packed: Option<PackedPages>,
+    /// The store's GC lock, held shared for the whole read (dropped last).
+    _gc: GcShared,
 }
 
 impl VersionReader {
@@ -1071,6 +1121,7 @@ impl VersionReader {
         pages_dir: &Path,
         replica: &ReplicaPath,
         selector: Selector,
+        gc: GcShared,
     ) -> Result<Self> {
         let conn = open_existing(file, replica)?;
         conn.execute_batch("BEGIN DEFERRED").map_err(sql(file))?;
@@ -1088,19 +1139,30 @@ impl VersionReader {
                         latest.number
                     ))
                 })?,
-            Selector::At(t) => conn
-                .query_row(
-                    "SELECT max(number) FROM versions WHERE created_at <= ?1",
-                    [t],
-                    |r| r.get::<_, Option<i64>>(0),
-                )
-                .map_err(sql(file))?
-                .map(|n| n as u64)
-                .ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "{replica}@{selector} does not exist: no version is that old"
-                    ))
-                })?,
+            Selector::At(t) => {
+                let kept = conn
+                    .query_row(
+                        "SELECT max(number) FROM versions WHERE created_at <= ?1",
+                        [t],
+                        |r| r.get::<_, Option<i64>>(0),
+                    )
+                    .map_err(sql(file))?
+                    .map(|n| n as u64);
+                // The version current then may be one retention removed: then an older
+                // kept one would be the wrong content, so the pull is refused.
+                let gone = retention::removed_at(&conn, file, t)?;
+                match (kept, gone) {
+                    (k, Some(g)) if k.is_none_or(|k| g > k) => {
+                        return Err(no_version(&conn, file, replica, g, latest.number));
+                    }
+                    (Some(k), _) => k,
+                    (None, _) => {
+                        return Err(Error::NotFound(format!(
+                            "{replica}@{selector} does not exist: no version is that old"
+                        )));
+                    }
+                }
+            }
         };
         let info = conn
             .query_row(
@@ -1110,12 +1172,7 @@ impl VersionReader {
             )
             .optional()
             .map_err(sql(file))?
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "{replica}@{number} does not exist: versions are 1 to {}",
-                    latest.number
-                ))
-            })?;
+            .ok_or_else(|| no_version(&conn, file, replica, number, latest.number))?;
         Ok(VersionReader {
             conn,
             pages: {
@@ -1129,6 +1186,7 @@ impl VersionReader {
             info,
             chunk: None,
             packed: None,
+            _gc: gc,
         })
     }
 
@@ -1263,6 +1321,67 @@ impl PageSource for VersionReader {
             packed: self.packed.as_ref(),
         }
         .page(pgno, &hash, buf)
+    }
+}
+
+/// The refusal of a pull of version `number`, which the replica does not hold: never
+/// made, or removed by its retention policy (numbers are never reused, so a missing
+/// number below the latest was removed). Names the versions that exist.
+fn no_version(
+    conn: &Connection,
+    file: &Path,
+    replica: &ReplicaPath,
+    number: u64,
+    latest: u64,
+) -> Error {
+    let numbers: Vec<u64> = conn
+        .prepare("SELECT number FROM versions ORDER BY number")
+        .and_then(|mut s| {
+            s.query_map([], |r| r.get::<_, i64>(0).map(|n| n as u64))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .unwrap_or_else(|e| {
+            tracing::warn!(file = %file.display(), error = %e, "could not list the versions");
+            Vec::new()
+        });
+    let have = number_ranges(&numbers);
+    if number < latest {
+        Error::NotFound(format!(
+            "{replica}@{number} was removed by the replica's retention policy; the versions kept are {have}"
+        ))
+    } else {
+        Error::NotFound(format!(
+            "{replica}@{number} does not exist: the latest version is {latest}; the versions are {have}"
+        ))
+    }
+}
+
+/// `1, 3 to 5, 9`: ascending numbers as runs, for messages; at most the last 20 runs.
+pub fn number_ranges(numbers: &[u64]) -> String {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &n in numbers {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == n => *end = n,
+            _ => runs.push((n, n)),
+        }
+    }
+    const SHOWN: usize = 20;
+    let skipped = runs.len().saturating_sub(SHOWN);
+    let mut parts: Vec<String> = runs[skipped..]
+        .iter()
+        .map(|&(a, b)| match b - a {
+            0 => a.to_string(),
+            1 => format!("{a}, {b}"),
+            _ => format!("{a} to {b}"),
+        })
+        .collect();
+    if skipped > 0 {
+        parts.insert(0, "…".into());
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
     }
 }
 

@@ -388,7 +388,7 @@ fn verify_of_what_is_not_a_database_exits_7_and_of_a_missing_file_3() {
 #[test]
 fn help_of_push_and_verify_shows_examples() {
     let dir = TempDir::new().expect("tempdir");
-    for command in ["push", "verify"] {
+    for command in ["push", "verify", "retention", "prune"] {
         let out = util::run(dir.path(), &[OsStr::new(command), OsStr::new("--help")]);
         assert_eq!(util::code(&out), 0);
         let help = util::stdout(&out);

@@ -24,6 +24,8 @@
 //!   every replica listed, Sync now reaching a real pull subscriber.
 //! - `followers`: pull subscribers reporting what they applied, their lag in the API,
 //!   and `push --wait-followers` with a real server and a real follower process.
+//! - `retention`: retention policies and prune over the embedded store and a server,
+//!   the disk space freed, pushes and pulls racing prunes, stored bytes, pulls by time.
 //! - `store_packs`: pages stored once across replicas, pushes into several replicas at
 //!   once (one process and several), a store of the previous layout moved into packs.
 
@@ -34,6 +36,7 @@ mod followers;
 mod house;
 mod layers;
 mod live;
+mod retention;
 mod server;
 mod status;
 mod store_packs;

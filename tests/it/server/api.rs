@@ -170,12 +170,25 @@ fn the_replica_list_shows_every_replica_to_the_admin_key_only() {
             ("pull_subscribers", serde_json::json!(0)),
             ("expected_push_at", serde_json::Value::Null),
             ("failure", serde_json::Value::Null),
-            ("stored_bytes", serde_json::Value::Null),
             ("last_drill", serde_json::Value::Null),
         ] {
             assert_eq!(a[field], value, "{field}: {a}");
         }
         assert_eq!(a.get("versions"), None, "the list holds no versions: {a}");
+        // The replica's stored bytes are the sum of what each version brought.
+        let (status, _, versions) = request(
+            &server,
+            &format!("GET /api/replicas/acme/app.db/versions HTTP/1.1\r\n{admin}"),
+        );
+        assert_eq!(status, 200, "{versions}");
+        let brought: u64 = versions
+            .as_array()
+            .expect("versions")
+            .iter()
+            .map(|v| v["stored_bytes"].as_u64().expect("stored_bytes"))
+            .sum();
+        assert!(brought > 0, "{versions}");
+        assert_eq!(a["stored_bytes"], brought, "{a}\n{versions}");
         assert_eq!(
             (&list[1]["latest_version"], &list[1]["version_count"]),
             (&1.into(), &1.into())

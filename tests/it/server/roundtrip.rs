@@ -226,8 +226,15 @@ fn every_version_selector_round_trips_and_a_pull_sends_only_what_differs() {
     assert!(table.contains("first version") && table.contains("naïve ✓ three rows"));
     assert_eq!(
         table.lines().count(),
-        4,
-        "a header and three versions:\n{table}"
+        5,
+        "a header, three versions and the stored total:\n{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("3 versions, ") && l.ends_with(" stored")),
+        "{table}"
     );
 }
 
