@@ -156,6 +156,9 @@ mod tests {
                 "pull_subscribers": 1,
                 "expected_push_at": null,
                 "failure": null,
+                "followers": [
+                    {"applied_version": null, "applied_at": null, "lag_seconds": null}
+                ],
                 "last_drill": null,
             })
         );
