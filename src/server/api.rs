@@ -56,6 +56,10 @@ pub fn summary(
     last_drill: Option<DrillResult>,
 ) -> Summary {
     let version = latest.map(|l| &l.version);
+    let mut status = status;
+    if let Some(v) = version {
+        behind_the_store(&mut status, v.number, v.created_at, crate::epoch::now());
+    }
     Summary {
         replica: replica.to_owned(),
         latest_version: version.map(|v| v.number),
@@ -67,6 +71,21 @@ pub fn summary(
         status,
         last_drill,
         error: None,
+    }
+}
+
+/// A follower the hub counts as current (lag 0) although the store holds a later
+/// version than it applied: a version the hub never heard of (pushed into the data
+/// directory by another process). Its lag is at least the age of the store's latest
+/// version, so it is shown as that, not as 0.
+fn behind_the_store(status: &mut Status, latest: u64, latest_at: i64, now: i64) {
+    let age = u64::try_from(now - latest_at).unwrap_or(0);
+    for f in &mut status.followers {
+        if let (Some(applied), Some(lag)) = (f.applied_version, f.lag_seconds.as_mut())
+            && applied < latest
+        {
+            *lag = (*lag).max(age);
+        }
     }
 }
 
@@ -176,6 +195,27 @@ mod tests {
                 &serde_json::Value::Null
             )
         );
+    }
+
+    #[test]
+    fn a_follower_behind_a_version_the_hub_never_heard_of_is_not_current() {
+        let follower = |applied, lag| crate::server::FollowerStatus {
+            applied_version: applied,
+            applied_at: Some(900),
+            lag_seconds: lag,
+        };
+        let mut status = Status {
+            followers: vec![
+                follower(Some(2), Some(0)),
+                follower(Some(3), Some(0)),
+                follower(Some(1), Some(500)),
+                follower(None, None),
+            ],
+            ..Status::default()
+        };
+        behind_the_store(&mut status, 3, 1_000, 1_060);
+        let lags: Vec<_> = status.followers.iter().map(|f| f.lag_seconds).collect();
+        assert_eq!(lags, [Some(60), Some(0), Some(500), None]);
     }
 
     #[test]

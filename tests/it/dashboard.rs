@@ -58,7 +58,8 @@ fn push(m: &Machine, server: &TestServer, local: &str, replica: &str, message: &
 #[test]
 fn the_dashboard_lists_replicas_syncs_a_subscriber_and_refuses_a_wrong_key() {
     let dir = TempDir::new().expect("tempdir");
-    let server = TestServer::start(dir.path());
+    // Drills every second: the board shows the last one.
+    let server = TestServer::start_args(dir.path(), &["--drill-every", "1s"]);
     let data = dir.path().join("server-data");
     let origin = Machine::new(dir.path(), "origin");
     let follower = Machine::new(dir.path(), "follower");
@@ -119,6 +120,14 @@ fn the_dashboard_lists_replicas_syncs_a_subscriber_and_refuses_a_wrong_key() {
         "not pulled before the click"
     );
 
+    // A drill of version 3 has passed and the follower has reported version 2, a
+    // second or more behind version 3.
+    crate::subscribe::status_when(&server, "a drill of version 3 and the follower", |s| {
+        s["last_drill"]["version"] == 3
+            && s["last_drill"]["ok"] == true
+            && s["followers"][0]["applied_version"] == 2
+            && s["followers"][0]["lag_seconds"].as_u64() >= Some(1)
+    });
     let screenshots = std::env::var_os("SQLFERRY_SCREENSHOTS");
     if let Some(shots) = &screenshots {
         std::fs::create_dir_all(shots).expect("screenshot directory");
@@ -164,11 +173,33 @@ fn the_dashboard_lists_replicas_syncs_a_subscriber_and_refuses_a_wrong_key() {
     assert_eq!(seen["health"], "fresh", "{seen}");
     assert_eq!(
         seen["healths"],
-        serde_json::json!({"failing": "Cannot read the replica's file"}),
-        "only the damaged replica is not fresh: {seen}"
+        serde_json::json!({
+            "failing": "Cannot read the replica's file · The last restore drill failed"
+        }),
+        "only the damaged replica is not fresh, and its drill failed too: {seen}"
     );
     assert_eq!(seen["version_count"], "3", "{seen}");
     assert_eq!(seen["subscribers"], "1 pull", "{seen}");
+    assert!(
+        seen["drill"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("passed ")),
+        "{seen}"
+    );
+    assert!(
+        seen["stored"]
+            .as_str()
+            .is_some_and(|b| b.ends_with('B') && b != "—"),
+        "{seen}"
+    );
+    assert!(
+        // Version 3 was written beside the server, so the follower's lag is at least
+        // its age, not 0.
+        seen["followers"][0]
+            .as_str()
+            .is_some_and(|f| f.starts_with("v2 · lag ") && f != "v2 · lag 0 s"),
+        "{seen}"
+    );
     assert_eq!(seen["failing_count"], "1", "{seen}");
     assert_eq!(seen["login_error_after_sign_in"], "", "{seen}");
     assert_eq!(seen["session_key_kept"], true, "{seen}");

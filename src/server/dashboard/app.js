@@ -291,8 +291,10 @@
       parts.followers.append(el('h3', null, 'Followers'));
       const ul = el('ul');
       for (const f of followers) {
-        const li = el('li', f.lag_seconds > LATE_MARGIN_S ? 'lagging' : null,
-          'v' + f.applied_version + ' · lag ' + span(f.lag_seconds || 0));
+        const text = f.applied_version === null || f.applied_version === undefined
+          ? 'has not reported a version (an older sqlferry)'
+          : 'v' + f.applied_version + ' · lag ' + span(f.lag_seconds || 0);
+        const li = el('li', f.lag_seconds > LATE_MARGIN_S ? 'lagging' : null, text);
         if (f.applied_at) li.title = 'applied ' + localTime(f.applied_at);
         ul.append(li);
       }

@@ -130,6 +130,9 @@ def run(driver, url, admin_key, replica, shots, seen):
     seen["health"] = card.get_attribute("data-health")
     seen["version_count"] = card.find_element(By.CSS_SELECTOR, ".version-count").text
     seen["subscribers"] = card.find_element(By.CSS_SELECTOR, ".subscribers").text
+    seen["stored"] = card.find_element(By.CSS_SELECTOR, ".stored").text
+    seen["drill"] = card.find_element(By.CSS_SELECTOR, ".drill").text
+    seen["followers"] = [li.text for li in card.find_elements(By.CSS_SELECTOR, ".followers li")]
     seen["failing_count"] = driver.find_element(By.ID, "count-failing").text
     seen["login_error_after_sign_in"] = visible_text(driver, "login-error")
     seen["url"] = driver.current_url
