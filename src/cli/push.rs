@@ -25,7 +25,7 @@ use crate::subscribe::duration;
 sqlferry push app.db acme/app.db -m \"before migration\"   a new version of replica acme/app.db\n  \
 sqlferry push app.db /backup/app.db                      keep a local copy up to date\n  \
 sqlferry push app.db ./copy.db --json                    print figures as one JSON object\n  \
-sqlferry push app.db acme/app.db --subscribe --waitIdle 10m --maxInterval 24h\n    \
+sqlferry push app.db acme/app.db --subscribe --wait-idle 10m --max-interval 24h\n    \
 keep going: push after 10 minutes without a commit, at least daily (docs/subscribe.md)\n\n\
 REMOTE is a local file when it starts with /, ./, ../ or ~/, or already exists; otherwise \
 it is a replica path, namespace/name, in the store (--server, SQLFERRY_SERVER, or the \
@@ -161,7 +161,8 @@ impl PushArgs {
         }
         if self.timing.any() {
             return Err(crate::Error::Usage(
-                "--waitIdle, --minInterval, --maxInterval and --maxChanges need --subscribe".into(),
+                "--wait-idle, --min-interval, --max-interval and --max-changes need --subscribe"
+                    .into(),
             )
             .into());
         }

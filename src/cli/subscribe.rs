@@ -26,18 +26,18 @@ pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
 pub struct TimingArgs {
     /// Push once LOCAL has had no commit for this long (10s to 24d; required for a push
     /// subscriber).
-    #[arg(long = "waitIdle", visible_alias = "wait-idle", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "wait-idle", alias = "waitIdle", value_name = "DURATION", value_parser = parse_duration)]
     pub wait_idle: Option<Duration>,
-    /// Leave at least this long between pushes [default: half of --maxInterval, else 0].
-    #[arg(long = "minInterval", visible_alias = "min-interval", value_name = "DURATION", value_parser = parse_duration)]
+    /// Leave at least this long between pushes [default: half of --max-interval, else 0].
+    #[arg(long = "min-interval", alias = "minInterval", value_name = "DURATION", value_parser = parse_duration)]
     pub min_interval: Option<Duration>,
     /// Push at least this often while changes keep coming, idle or not (at least 10s)
     /// [default: never without idle].
-    #[arg(long = "maxInterval", visible_alias = "max-interval", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "max-interval", alias = "maxInterval", value_name = "DURATION", value_parser = parse_duration)]
     pub max_interval: Option<Duration>,
     /// Push without waiting for idle once this many commits were seen since the last
     /// push (commits closer together than about 50 ms are seen as one).
-    #[arg(long = "maxChanges", visible_alias = "max-changes", value_name = "N")]
+    #[arg(long = "max-changes", alias = "maxChanges", value_name = "N")]
     pub max_changes: Option<u32>,
     /// How often to check LOCAL for commits the file watcher missed.
     #[arg(long = "poll", value_name = "DURATION", value_parser = parse_duration, default_value = "5s", hide = true)]
@@ -313,10 +313,10 @@ pub(super) async fn run_pull(
 /// Arguments of `sqlferry subscribe`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
-sqlferry subscribe app.db --waitIdle 10m     push app.db after changes (it was pushed before, with a key)\n  \
+sqlferry subscribe app.db --wait-idle 10m     push app.db after changes (it was pushed before, with a key)\n  \
 sqlferry subscribe app.db-sqlferry           follow the replica the sidecar names, into app.db\n\n\
 For a database, the key saved by its first push decides: a PUSH key makes a push \
-subscriber (which needs --waitIdle), a PULL key a pull subscriber. Without a saved key, \
+subscriber (which needs --wait-idle), a PULL key a pull subscriber. Without a saved key, \
 the sidecar beside the database makes a pull subscriber; with the embedded store, the \
 database's last sync decides (pushed: push subscriber, pulled: pull subscriber).")]
 pub struct SubscribeArgs {

@@ -15,7 +15,7 @@ use super::timer::{Timing, Trigger};
 pub enum NextPush {
     /// A retry, after this long.
     RetryIn(Duration),
-    /// The retries are spent: the next change (or `maxInterval`, or sync-now) pushes.
+    /// The retries are spent: the next change (or `max-interval`, or sync-now) pushes.
     AtNextChange,
     /// None: the subscriber is stopping.
     Stopping,

@@ -55,13 +55,13 @@ pub enum Plan {
 /// The push subscriber's options, as given (checked by [`push`]).
 #[derive(Debug, Clone)]
 pub struct PushOptions {
-    /// `--waitIdle` (required).
+    /// `--wait-idle` (required).
     pub wait_idle: Option<Duration>,
-    /// `--minInterval`.
+    /// `--min-interval`.
     pub min_interval: Option<Duration>,
-    /// `--maxInterval`.
+    /// `--max-interval`.
     pub max_interval: Option<Duration>,
-    /// `--maxChanges`.
+    /// `--max-changes`.
     pub max_changes: Option<u32>,
     /// How often the watcher's safety-net poll runs.
     pub poll: Duration,
@@ -72,11 +72,11 @@ pub struct PushOptions {
 }
 
 impl PushOptions {
-    /// The checked timing: a usage error when `--waitIdle` is missing or the flags
+    /// The checked timing: a usage error when `--wait-idle` is missing or the flags
     /// contradict each other.
     pub fn timing(&self) -> Result<Timing> {
         let wait_idle = self.wait_idle.ok_or_else(|| {
-            Error::Usage("a push subscriber needs --waitIdle (for example --waitIdle 10m)".into())
+            Error::Usage("a push subscriber needs --wait-idle (for example --wait-idle 10m)".into())
         })?;
         Timing::new(
             wait_idle,
@@ -317,24 +317,24 @@ pub async fn pull<E: FnMut(Event)>(
 }
 
 /// Why a push is planned `after` from now, as `status` shows it: `idle 10m`,
-/// `maxInterval 24h`, `idle 10m, minInterval 1h` (when the idle push waits for
-/// `--minInterval`), ….
+/// `max-interval 24h`, `idle 10m, min-interval 1h` (when the idle push waits for
+/// `--min-interval`), ….
 fn why(trigger: Trigger, timing: &Timing, after: Option<Duration>) -> String {
     let d = super::duration::format;
     match trigger {
         Trigger::Idle if after.is_some_and(|a| a > timing.wait_idle) => format!(
-            "idle {}, minInterval {}",
+            "idle {}, min-interval {}",
             d(timing.wait_idle),
             d(timing.min_interval)
         ),
         Trigger::Idle => format!("idle {}", d(timing.wait_idle)),
         Trigger::MaxInterval => match timing.max_interval {
-            Some(max) => format!("maxInterval {}", d(max)),
-            None => "maxInterval".into(),
+            Some(max) => format!("max-interval {}", d(max)),
+            None => "max-interval".into(),
         },
         Trigger::Changes => match timing.max_changes {
-            Some(n) => format!("maxChanges {n}"),
-            None => "maxChanges".into(),
+            Some(n) => format!("max-changes {n}"),
+            None => "max-changes".into(),
         },
         Trigger::Retry => "retry after a failed push".into(),
         Trigger::Start => "start".into(),
@@ -446,17 +446,17 @@ mod tests {
     fn the_reason_names_the_flag_that_decides_when() {
         let m = |n: u64| Duration::from_secs(60 * n);
         let timing = Timing::new(m(10), None, Some(m(120)), Some(50)).unwrap();
-        assert_eq!(timing.min_interval, m(60), "half of maxInterval");
+        assert_eq!(timing.min_interval, m(60), "half of max-interval");
         assert_eq!(why(Trigger::Idle, &timing, Some(m(10))), "idle 10m");
         assert_eq!(
             why(Trigger::Idle, &timing, Some(m(55))),
-            "idle 10m, minInterval 1h"
+            "idle 10m, min-interval 1h"
         );
         assert_eq!(
             why(Trigger::MaxInterval, &timing, Some(m(90))),
-            "maxInterval 2h"
+            "max-interval 2h"
         );
-        assert_eq!(why(Trigger::Changes, &timing, None), "maxChanges 50");
+        assert_eq!(why(Trigger::Changes, &timing, None), "max-changes 50");
         assert_eq!(
             why(Trigger::Retry, &timing, Some(m(1))),
             "retry after a failed push"

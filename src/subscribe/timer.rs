@@ -38,11 +38,11 @@ use std::time::Duration;
 use super::{Time, duration};
 use crate::backoff;
 
-/// The shortest `--waitIdle`: below it a busy database would be pushed almost
+/// The shortest `--wait-idle`: below it a busy database would be pushed almost
 /// continuously.
 pub const MIN_WAIT_IDLE: Duration = Duration::from_secs(10);
 
-/// The longest `--waitIdle` (24 days): a limit long enough for any use, and short
+/// The longest `--wait-idle` (24 days): a limit long enough for any use, and short
 /// enough for every timer a subscriber or its peers may set.
 pub const MAX_WAIT_IDLE: Duration = Duration::from_secs(24 * 24 * 3600);
 
@@ -53,14 +53,14 @@ pub const CHANGED_RESEND_LEAD: Duration = Duration::from_secs(10);
 /// The push subscriber's timing flags, checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
-    /// `--waitIdle`: how long the database must stay unchanged before a push.
+    /// `--wait-idle`: how long the database must stay unchanged before a push.
     pub wait_idle: Duration,
-    /// `--minInterval`: the least time between the end of one push and the next
+    /// `--min-interval`: the least time between the end of one push and the next
     /// change-driven push.
     pub min_interval: Duration,
-    /// `--maxInterval`: the most time between two pushes while changes are pending.
+    /// `--max-interval`: the most time between two pushes while changes are pending.
     pub max_interval: Option<Duration>,
-    /// `--maxChanges`: push at once after this many commits.
+    /// `--max-changes`: push at once after this many commits.
     pub max_changes: Option<u32>,
 }
 
@@ -69,7 +69,7 @@ impl Timing {
     /// half of max_interval (0 when there is no max_interval); min_interval may not
     /// exceed max_interval; max_interval is at least 10 s; max_changes >= 1.
     ///
-    /// Errors are one clear line naming the flag (e.g. "--waitIdle 5s: must be at least
+    /// Errors are one clear line naming the flag (e.g. "--wait-idle 5s: must be at least
     /// 10s").
     pub fn new(
         wait_idle: Duration,
@@ -80,30 +80,30 @@ impl Timing {
         let f = duration::format;
         if wait_idle < MIN_WAIT_IDLE {
             return Err(format!(
-                "--waitIdle {}: must be at least {}",
+                "--wait-idle {}: must be at least {}",
                 f(wait_idle),
                 f(MIN_WAIT_IDLE)
             ));
         }
         if wait_idle > MAX_WAIT_IDLE {
             return Err(format!(
-                "--waitIdle {}: must be at most {}",
+                "--wait-idle {}: must be at most {}",
                 f(wait_idle),
                 f(MAX_WAIT_IDLE)
             ));
         }
-        // The same floor as --waitIdle, for the same reason.
+        // The same floor as --wait-idle, for the same reason.
         if let Some(max) = max_interval.filter(|&max| max < MIN_WAIT_IDLE) {
             return Err(format!(
-                "--maxInterval {}: must be at least {} (like --waitIdle: a busy database \
+                "--max-interval {}: must be at least {} (like --wait-idle: a busy database \
                  would otherwise be pushed almost continuously)",
                 f(max),
                 f(MIN_WAIT_IDLE)
             ));
         }
         for (flag, value) in [
-            ("--minInterval", min_interval),
-            ("--maxInterval", max_interval),
+            ("--min-interval", min_interval),
+            ("--max-interval", max_interval),
         ] {
             if let Some(v) = value.filter(|&v| v > MAX_INTERVAL) {
                 return Err(format!(
@@ -116,7 +116,7 @@ impl Timing {
         let min_interval = match (min_interval, max_interval) {
             (Some(min), Some(max)) if min > max => {
                 return Err(format!(
-                    "--minInterval {}: may not exceed --maxInterval {}",
+                    "--min-interval {}: may not exceed --max-interval {}",
                     f(min),
                     f(max)
                 ));
@@ -126,7 +126,7 @@ impl Timing {
             (None, None) => Duration::ZERO,
         };
         if max_changes == Some(0) {
-            return Err("--maxChanges 0: must be at least 1".to_owned());
+            return Err("--max-changes 0: must be at least 1".to_owned());
         }
         Ok(Timing {
             wait_idle,
@@ -178,7 +178,7 @@ impl std::fmt::Display for Trigger {
     }
 }
 
-/// The longest `--minInterval` or `--maxInterval` accepted: about ten years, far
+/// The longest `--min-interval` or `--max-interval` accepted: about ten years, far
 /// beyond any use, and far from the clock arithmetic's limits.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(520 * 7 * 24 * 3600);
 
@@ -590,21 +590,21 @@ mod tests {
         let err = |w, min, max, n| Timing::new(w, min, max, n).unwrap_err();
         assert_eq!(
             err(s(5), None, None, None),
-            "--waitIdle 5s: must be at least 10s"
+            "--wait-idle 5s: must be at least 10s"
         );
         assert_eq!(
             err(s(24 * 86_400 + 1), None, None, None),
-            "--waitIdle 24d1s: must be at most 24d"
+            "--wait-idle 24d1s: must be at most 24d"
         );
         assert_eq!(
             err(m(5), Some(m(61)), Some(m(60)), None),
-            "--minInterval 1h1m: may not exceed --maxInterval 1h"
+            "--min-interval 1h1m: may not exceed --max-interval 1h"
         );
         for max in [s(0), s(5), s(9)] {
             let e = err(s(10), None, Some(max), None);
             assert!(
                 e.starts_with(&format!(
-                    "--maxInterval {}: must be at least 10s",
+                    "--max-interval {}: must be at least 10s",
                     duration::format(max)
                 )),
                 "{e}"
@@ -613,7 +613,7 @@ mod tests {
         assert_eq!(timing(s(10), None, Some(s(10)), None).min_interval, s(5));
         assert_eq!(
             err(m(5), None, None, Some(0)),
-            "--maxChanges 0: must be at least 1"
+            "--max-changes 0: must be at least 1"
         );
     }
 
@@ -637,7 +637,7 @@ mod tests {
 
     #[test]
     fn change_soon_after_a_push_waits_for_min_interval() {
-        // The issue's example: waitIdle 5m, minInterval 10m, a change 3 minutes after a
+        // The issue's example: wait-idle 5m, min-interval 10m, a change 3 minutes after a
         // push fires 7 minutes later.
         let mut sched = after_start(timing(m(5), Some(m(10)), None, None), Time::ZERO);
         sched.change(m(3), 1);
@@ -1104,11 +1104,11 @@ mod tests {
     #[test]
     fn intervals_past_ten_years_are_refused() {
         let e = Timing::new(m(10), None, Some(MAX_INTERVAL + s(1)), None).unwrap_err();
-        assert!(e.starts_with("--maxInterval "), "{e}");
+        assert!(e.starts_with("--max-interval "), "{e}");
         let e =
             Timing::new(m(10), Some(Duration::from_secs(u64::MAX / 4)), None, None).unwrap_err();
         assert!(
-            e.starts_with("--minInterval ") && e.contains("at most"),
+            e.starts_with("--min-interval ") && e.contains("at most"),
             "{e}"
         );
     }

@@ -41,7 +41,7 @@ pub struct Subscriber {
 pub struct Planned {
     /// When, Unix seconds; `None` while it is running now.
     pub at: Option<i64>,
-    /// Why then: `idle 10m`, `maxInterval 24h`, `retry`, `sync-now`, … (or what the
+    /// Why then: `idle 10m`, `max-interval 24h`, `retry`, `sync-now`, … (or what the
     /// running push was started by).
     pub why: String,
 }

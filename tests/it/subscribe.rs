@@ -643,14 +643,14 @@ fn timing_flags_are_checked_before_anything_runs() {
         (
             &[
                 "--subscribe",
-                "--waitIdle",
+                "--wait-idle",
                 "10m",
-                "--minInterval",
+                "--min-interval",
                 "2h",
-                "--maxInterval",
+                "--max-interval",
                 "1h",
             ],
-            "--minInterval",
+            "--min-interval 2h: may not exceed --max-interval 1h",
         ),
         (&["--waitIdle", "10m"], "--subscribe"),
     ];
@@ -671,7 +671,7 @@ fn timing_flags_are_checked_before_anything_runs() {
     let out = m.run(["push", "app.db", "acme/app.db", "--subscribe"]);
     assert_eq!(util::code(&out), EXIT_USAGE);
     assert!(
-        util::stderr(&out).contains("--waitIdle"),
+        util::stderr(&out).contains("--wait-idle"),
         "{}",
         util::stderr(&out)
     );
