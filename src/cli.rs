@@ -154,6 +154,50 @@ impl RemoteArgs {
     }
 }
 
+/// `--from SIDECAR` for a command that takes a REMOTE: the sidecar beside a database
+/// (`<db>-sqlferry`) names the server, the replica and a PULL key.
+#[derive(Debug, clap::Args)]
+pub struct FromArgs {
+    /// Take the server, the replica and the key from a sidecar file (`<db>-sqlferry`);
+    /// REMOTE is then left out, or only a version (@3).
+    #[arg(long, value_name = "SIDECAR", conflicts_with = "server")]
+    pub from: Option<String>,
+}
+
+impl FromArgs {
+    /// The replica spec and the connection: REMOTE and `connection` as given, or the
+    /// sidecar's (a `--key` given still wins over the sidecar's PULL key).
+    pub fn resolve(
+        &self,
+        remote: Option<&str>,
+        connection: Connection,
+    ) -> crate::Result<(String, Connection)> {
+        let Some(path) = &self.from else {
+            return remote.map(|r| (r.to_owned(), connection)).ok_or_else(|| {
+                crate::Error::Usage("name the replica (namespace/name) or --from SIDECAR".into())
+            });
+        };
+        let sidecar = crate::config::Sidecar::load(&expand_tilde(path))?;
+        let spec = match remote {
+            None => sidecar.replica.clone(),
+            Some(v) if v.starts_with('@') => format!("{}{v}", sidecar.replica),
+            Some(_) => {
+                return Err(crate::Error::Usage(
+                    "with --from, give the version alone (for example @3), or nothing for the latest"
+                        .into(),
+                ));
+            }
+        };
+        Ok((
+            spec,
+            Connection {
+                server: Some(sidecar.server),
+                key: connection.key.or(Some(sidecar.key)),
+            },
+        ))
+    }
+}
+
 /// Bytes for a person: `216.1 MB`, `4.0 KB`, `69 B` (powers of 1000).
 ///
 /// Not indicatif's `DecimalBytes` (which prints `216.10 MB` and `kB`) nor `HumanBytes`

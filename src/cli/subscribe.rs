@@ -360,7 +360,11 @@ server, it needs a PUSH or admin key; with the embedded store, it reaches the su
 running on this machine.")]
 pub struct SyncNowArgs {
     /// The replica, namespace/name.
-    pub remote: String,
+    #[arg(required_unless_present = "from")]
+    pub remote: Option<String>,
+    /// The replica of a sidecar.
+    #[command(flatten)]
+    pub from: super::FromArgs,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -372,8 +376,10 @@ pub struct SyncNowArgs {
 impl SyncNowArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
-        let replica = ReplicaPath::parse(&self.remote)?;
-        let connection = self.connection.options();
+        let (spec, connection) = self
+            .from
+            .resolve(self.remote.as_deref(), self.connection.options())?;
+        let replica = ReplicaPath::parse(&spec)?;
         let asked = super::interruptible(shutdown, async {
             let reached = crate::client::sync_now(&connection, &replica).await?;
             if self.json {

@@ -33,7 +33,14 @@ the exit status is 7 when any version failed. --json prints one object: {\"repli
 pub struct VerifyArgs {
     /// The database file (read-only; a live database is fine), or a stored version:
     /// namespace/name[@N|@latest|@latest-N|@TIME].
-    pub file: String,
+    #[arg(required_unless_present = "from")]
+    pub file: Option<String>,
+    /// FILE, or the stored version `--from` names (set by `run`).
+    #[arg(skip)]
+    target: String,
+    /// The replica of a sidecar (a stored version; FILE is then left out, or @N).
+    #[command(flatten)]
+    pub from: super::FromArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -47,7 +54,17 @@ pub struct VerifyArgs {
 
 impl VerifyArgs {
     /// Runs the command.
-    pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+    pub async fn run(mut self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+        if self.from.from.is_some() {
+            let (spec, connection) = self
+                .from
+                .resolve(self.file.as_deref(), self.connection.options())?;
+            self.target = spec;
+            self.connection.server = connection.server;
+            self.connection.key = connection.key;
+        } else {
+            self.target = self.file.clone().unwrap_or_default();
+        }
         super::interruptible(shutdown, self.verify(global)).await
     }
 
@@ -55,11 +72,11 @@ impl VerifyArgs {
         if self.all_versions {
             return self.verify_all(global).await;
         }
-        let path = expand_tilde(&self.file);
+        let path = expand_tilde(&self.target);
         // FILE is a stored version when it is no local path and names one.
-        let stored = match is_local_path(&self.file) {
+        let stored = match is_local_path(&self.target) {
             true => None,
-            false => crate::client::verify_stored(&self.connection.options(), &self.file).await?,
+            false => crate::client::verify_stored(&self.connection.options(), &self.target).await?,
         };
         let report = match stored {
             Some(report) => report,
@@ -97,10 +114,10 @@ impl VerifyArgs {
         use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
         use std::io::IsTerminal as _;
 
-        if is_local_path(&self.file) {
+        if is_local_path(&self.target) {
             return Err(crate::Error::Usage(format!(
                 "--all-versions checks a stored replica (namespace/name); {} is a local file",
-                self.file
+                self.target
             ))
             .into());
         }
@@ -117,7 +134,7 @@ impl VerifyArgs {
         let mut printed: anyhow::Result<()> = Ok(());
         let checks = crate::client::verify_all_versions(
             &self.connection.options(),
-            &self.file,
+            &self.target,
             |done, total, check| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
@@ -139,7 +156,7 @@ impl VerifyArgs {
         let failed = checks.iter().filter(|c| !c.ok).count();
         if json {
             let body = serde_json::json!({
-                "replica": self.file,
+                "replica": self.target,
                 "versions": checks,
                 "checked": checks.len(),
                 "failed": failed,
@@ -159,13 +176,13 @@ impl VerifyArgs {
             if failed == 0 {
                 out(format_args!(
                     "{}: all {} versions ok",
-                    self.file,
+                    self.target,
                     checks.len()
                 ))?;
             } else {
                 out(format_args!(
                     "{}: {failed} of {} versions FAILED (versions {})",
-                    self.file,
+                    self.target,
                     checks.len(),
                     first_bad.join(", ")
                 ))?;

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use super::{Global, RemoteArgs, exit, human_bytes, out};
+use super::{FromArgs, Global, RemoteArgs, exit, human_bytes, out};
 use crate::shutdown::Shutdown;
 use crate::store::ReplicaPath;
 
@@ -19,7 +19,11 @@ In --json, each version's `stored_bytes`; their sum is the total."
 )]
 pub struct VersionsArgs {
     /// The replica: namespace/name.
-    pub remote: String,
+    #[arg(required_unless_present = "from")]
+    pub remote: Option<String>,
+    /// The replica of a sidecar.
+    #[command(flatten)]
+    pub from: FromArgs,
     /// Print one JSON array of versions instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -31,8 +35,10 @@ pub struct VersionsArgs {
 impl VersionsArgs {
     /// Runs the command.
     pub async fn run(self, _global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
-        let replica = ReplicaPath::parse(&self.remote)?;
-        let connection = self.connection.options();
+        let (spec, connection) = self
+            .from
+            .resolve(self.remote.as_deref(), self.connection.options())?;
+        let replica = ReplicaPath::parse(&spec)?;
         let listed = super::interruptible(shutdown, async {
             let versions = crate::client::versions(&connection, &replica).await?;
             self.print(&versions)

@@ -380,3 +380,56 @@ fn raw_frames_report_applied_versions_and_wake_a_waiter() {
         );
     });
 }
+
+#[test]
+fn a_followers_sidecar_names_the_replica_for_versions_verify_and_sync_now() {
+    let dir = TempDir::new().unwrap();
+    let (server, _origin, follower) = setup(&dir);
+    let out = follower.run(["versions", "--from", "replica.db-sqlferry", "--json"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let versions: serde_json::Value = serde_json::from_str(&util::stdout(&out)).unwrap();
+    assert_eq!(versions[0]["number"], 1, "{versions}");
+
+    let out = follower.run(["verify", "--from", "replica.db-sqlferry", "@1", "--json"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&util::stdout(&out)).unwrap();
+    assert_eq!(
+        (&report["replica"], &report["version"]),
+        (&"acme/app.db".into(), &1.into()),
+        "{report}"
+    );
+    let out = follower.run(["verify", "--from", "replica.db-sqlferry", "--all-versions"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("version 1  ok"),
+        "{}",
+        util::stdout(&out)
+    );
+
+    // sync-now needs a PUSH key: the sidecar's PULL key is refused, and says why.
+    let out = follower.run(["sync-now", "--from", "replica.db-sqlferry"]);
+    assert_eq!(util::code(&out), 5, "{}", util::stderr(&out));
+    // A --key given wins over the sidecar's.
+    let out = follower.run([
+        "sync-now",
+        "--from",
+        "replica.db-sqlferry",
+        "--key",
+        server.admin_key.as_str(),
+    ]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("0 subscribers reached"),
+        "{}",
+        util::stdout(&out)
+    );
+
+    // A replica path and --from at once: which one is meant is not guessed.
+    let out = follower.run(["versions", "acme/app.db", "--from", "replica.db-sqlferry"]);
+    assert_eq!(util::code(&out), 2, "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("with --from"),
+        "{}",
+        util::stderr(&out)
+    );
+}
