@@ -6,6 +6,7 @@
 //! (SIGINT and SIGTERM: the first asks for a graceful stop, the second forces it), and
 //! awaits the command. Nothing below `cli` builds a runtime or catches a signal.
 
+mod docs;
 mod keys;
 mod progress;
 mod pull;
@@ -124,6 +125,10 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Syncs per day: how many, versions, bytes, durations, failures, triggers.
     History(status::HistoryArgs),
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Print a manual page in roff (`sqlferry man push | man -l -`), or write them all.
+    Man(docs::ManArgs),
 }
 
 /// Where a replica lives and the key to reach it: `--server` and `--key`, shared by
@@ -265,6 +270,8 @@ impl Command {
             Command::Scrub(args) => args.run(global, shutdown).await,
             Command::Status(args) => args.run(global, shutdown).await,
             Command::History(args) => args.run(global, shutdown).await,
+            Command::Completions(args) => args.run(global, shutdown).await,
+            Command::Man(args) => args.run(global, shutdown).await,
         }
     }
 }

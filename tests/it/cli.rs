@@ -444,3 +444,73 @@ fn a_usage_error_reads_like_every_other_error() {
     assert_eq!(util::code(&out), 0);
     assert!(util::stdout(&out).starts_with("sqlferry "), "{out:?}");
 }
+
+#[test]
+fn completions_load_in_bash_and_man_pages_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = util::run(dir.path(), &["completions".as_ref(), "bash".as_ref()]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let script = dir.path().join("sqlferry.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let loaded = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && complete -p sqlferry",
+            script.display()
+        ))
+        .output()
+        .expect("run bash");
+    assert!(loaded.status.success(), "{loaded:?}");
+    assert!(
+        util::stdout(&loaded).contains("-F _sqlferry sqlferry"),
+        "{loaded:?}"
+    );
+    let out = util::run(dir.path(), &["completions".as_ref(), "zsh".as_ref()]);
+    assert!(
+        util::stdout(&out).starts_with("#compdef sqlferry"),
+        "{out:?}"
+    );
+
+    let out = util::run(dir.path(), &["man".as_ref(), "push".as_ref()]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let roff = util::stdout(&out);
+    assert!(roff.contains(".TH sqlferry-push 1"), "{roff}");
+    let page = dir.path().join("sqlferry-push.1");
+    std::fs::write(&page, &out.stdout).unwrap();
+    // `man` renders it: required in CI (.ci/run installs man-db), used wherever it is.
+    let has_man = std::process::Command::new("man")
+        .arg("--version")
+        .output()
+        .is_ok();
+    assert!(
+        has_man || std::env::var_os("CI").is_none(),
+        "man is missing in CI"
+    );
+    if has_man {
+        let shown = std::process::Command::new("man")
+            .arg("-l")
+            .arg(&page)
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100")
+            .output()
+            .expect("run man");
+        assert!(shown.status.success(), "{shown:?}");
+        let text = util::stdout(&shown);
+        assert!(text.contains("sqlferry-push"), "{text}");
+        assert!(text.contains("--wait-idle"), "{text}");
+    }
+    let out = util::run(dir.path(), &["man".as_ref(), "nope".as_ref()]);
+    assert_eq!(util::code(&out), 2);
+    assert!(
+        util::stderr(&out).contains("no command nope"),
+        "{}",
+        util::stderr(&out)
+    );
+    let pages = dir.path().join("man1");
+    let out = util::run(
+        dir.path(),
+        &["man".as_ref(), "--dir".as_ref(), pages.as_os_str()],
+    );
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(pages.join("sqlferry.1").is_file() && pages.join("sqlferry-pull.1").is_file());
+}
