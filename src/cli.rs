@@ -159,6 +159,67 @@ impl RemoteArgs {
     }
 }
 
+/// The command line, with the help's `~/.config/sqlferry`, `~/.local/share/sqlferry`,
+/// `~/.local/state/sqlferry` and `~/.cache/sqlferry` shown where they really are when
+/// `XDG_*` variables move them (the doc comments can only name the defaults).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory as _;
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let shown = |dir: Option<PathBuf>| {
+        let dir = dir?;
+        Some(
+            match home.as_deref().and_then(|h| dir.strip_prefix(h).ok()) {
+                Some(rest) => format!("~/{}", rest.display()),
+                None => dir.display().to_string(),
+            },
+        )
+    };
+    let pairs: Vec<(&str, String)> = [
+        ("~/.config/sqlferry", shown(crate::config::config_dir())),
+        ("~/.local/share/sqlferry", shown(crate::config::data_dir())),
+        ("~/.local/state/sqlferry", shown(crate::config::state_dir())),
+        ("~/.cache/sqlferry", shown(crate::config::cache_dir())),
+    ]
+    .into_iter()
+    .filter_map(|(default, real)| Some((default, real?)))
+    .filter(|(default, real)| default != real)
+    .collect();
+    resolve_paths(Cli::command(), &pairs)
+}
+
+fn resolve_paths(cmd: clap::Command, pairs: &[(&str, String)]) -> clap::Command {
+    if pairs.is_empty() {
+        return cmd;
+    }
+    let fix = |text: String| {
+        pairs
+            .iter()
+            .fold(text, |t, (default, real)| t.replace(default, real))
+    };
+    let mut cmd = cmd;
+    if let Some(h) = cmd.get_after_help() {
+        let h = fix(h.to_string());
+        cmd = cmd.after_help(h);
+    }
+    if let Some(h) = cmd.get_after_long_help() {
+        let h = fix(h.to_string());
+        cmd = cmd.after_long_help(h);
+    }
+    cmd = cmd.mut_args(|a| {
+        let mut a = a;
+        if let Some(h) = a.get_help() {
+            let h = fix(h.to_string());
+            a = a.help(h);
+        }
+        if let Some(h) = a.get_long_help() {
+            let h = fix(h.to_string());
+            a = a.long_help(h);
+        }
+        a
+    });
+    cmd.mut_subcommands(|sub| resolve_paths(sub, pairs))
+}
+
 /// `--from SIDECAR` for a command that takes a REMOTE: the sidecar beside a database
 /// (`<db>-sqlferry`) names the server, the replica and a PULL key.
 #[derive(Debug, clap::Args)]

@@ -10,7 +10,7 @@
 use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::FromArgMatches as _;
 use sqlferry::cli::{Cli, error_line, exit, exit_code, init_tracing};
 
 fn main() -> ExitCode {
@@ -35,7 +35,10 @@ fn main() -> ExitCode {
             tracing::debug!(%location, %message, "a thread panicked");
         }
     }));
-    let cli = match Cli::try_parse() {
+    let parsed = sqlferry::cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         // A usage error, in the one style of every error line: clap's explanation,
         // tip and usage follow.

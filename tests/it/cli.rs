@@ -514,3 +514,15 @@ fn completions_load_in_bash_and_man_pages_render() {
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
     assert!(pages.join("sqlferry.1").is_file() && pages.join("sqlferry-pull.1").is_file());
 }
+
+#[test]
+fn help_names_the_directories_where_they_really_are() {
+    // util::sqlferry sets HOME to DIR/.home and XDG_CONFIG_HOME to DIR/.home/config.
+    let dir = tempfile::tempdir().unwrap();
+    let out = util::run(dir.path(), &["help".as_ref(), "push".as_ref()]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let help = util::stdout(&out);
+    assert!(help.contains("~/config/sqlferry/secrets.json"), "{help}");
+    assert!(help.contains("~/data/sqlferry"), "{help}");
+    assert!(!help.contains("~/.config/sqlferry"), "{help}");
+}
