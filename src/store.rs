@@ -353,17 +353,15 @@ impl Store {
     /// shared their pages. Streams its manifests; memory stays flat.
     ///
     /// Kept in memory once computed, until the replica gains or loses a version (one
-    /// query of the version rows then tells whether the figure still holds).
+    /// query of its latest version row and count then tells whether the figure still
+    /// holds).
     pub fn stored_bytes(&self, replica: &ReplicaPath) -> Result<u64> {
         let file = self.replica_file(replica);
-        if !file.exists() {
-            return Err(Error::NotFound(format!("replica {replica} does not exist")));
-        }
-        let versions = replica::versions(&file, replica)?;
-        let key = (
-            versions.last().map_or(0, |v| v.number),
-            versions.len() as u64,
-        );
+        // The cache's key from one row (the latest version and the count), not every
+        // version row: the API and the metrics ask for every replica, often.
+        let latest = list::latest(&file, replica)?
+            .ok_or_else(|| Error::NotFound(format!("replica {replica} does not exist")))?;
+        let key = (latest.version.number, latest.count);
         let cached = self
             .stored_cache
             .lock()

@@ -103,18 +103,16 @@ pub fn list(store: &Store, hub: &Hub, drills: &Drills) -> Result<Vec<Summary>> {
     names.dedup();
     let mut summaries = Vec::with_capacity(names.len());
     for name in names {
-        let read = match ReplicaPath::parse(&name) {
-            Ok(path) => store.latest(&path),
-            // The hub only holds paths a session checked: never reached.
-            Err(e) => Err(e),
+        // The hub only holds paths a session checked: a parse error is never met.
+        let (read, path) = match ReplicaPath::parse(&name) {
+            Ok(path) => (store.latest(&path), Some(path)),
+            Err(e) => (Err(e), None),
         };
         let status = hub.status(&name);
         let drill = drills.last(&name);
         let s = match read {
             Ok(Some(latest)) => Summary {
-                stored_bytes: ReplicaPath::parse(&name)
-                    .and_then(|path| store.stored_bytes(&path))
-                    .ok(),
+                stored_bytes: path.and_then(|p| store.stored_bytes(&p).ok()),
                 ..summary(&name, Some(&latest), status, drill)
             },
             Ok(None) if status == Status::default() => continue, // no version, no one

@@ -48,12 +48,7 @@ pub(super) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
 /// One embedded file with the dashboard's headers; GET or HEAD only.
 fn asset(method: &Method, content_type: &'static str, body: &'static str) -> Response {
     if method != Method::GET && method != Method::HEAD {
-        return (
-            StatusCode::METHOD_NOT_ALLOWED,
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({ "error": "use GET" }).to_string(),
-        )
-            .into_response();
+        return super::http::error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
     }
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();

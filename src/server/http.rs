@@ -211,7 +211,7 @@ fn answer_later(status: StatusCode, retry_after: Duration, body: serde_json::Val
 }
 
 /// `{"error": message}` with `status`.
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     answer(status, json!({ "error": message.into() }))
 }
 
