@@ -202,7 +202,8 @@ fn watch_dir(dir: &Path, name: &std::ffi::OsStr, nudge: SyncSender<()>) -> Resul
 pub type Nudge = Arc<dyn Fn() + Send + Sync>;
 
 /// Interest in file events of one directory: a nudge on each event on one of `names`
-/// (on any file when `None`). Registered in the process's one [`Hub`] while it lives.
+/// (on any file when `None`). Registered in the process's one file watch while it
+/// lives.
 pub struct DirWatch {
     dir: PathBuf,
     id: u64,
@@ -246,7 +247,7 @@ impl DirWatch {
     /// How many directories the process watches (diagnostics and tests: one per
     /// directory however many databases it holds).
     pub fn watched_dirs() -> usize {
-        HUB.get().and_then(|h| h.as_ref().ok()).map_or(0, |h| {
+        HUB.get().map_or(0, |h| {
             h.dirs.lock().unwrap_or_else(|p| p.into_inner()).len()
         })
     }
@@ -254,7 +255,7 @@ impl DirWatch {
 
 impl Drop for DirWatch {
     fn drop(&mut self) {
-        let Some(Ok(hub)) = HUB.get() else { return };
+        let Some(hub) = HUB.get() else { return };
         let mut watcher = hub.watcher.lock().unwrap_or_else(|p| p.into_inner());
         if hub.forget(&self.dir, self.id) {
             // Gone already (the directory was removed) is fine.
@@ -289,11 +290,23 @@ struct Hub {
     next_id: AtomicU64,
 }
 
-static HUB: std::sync::OnceLock<std::result::Result<Hub, String>> = std::sync::OnceLock::new();
+static HUB: std::sync::OnceLock<Hub> = std::sync::OnceLock::new();
+
+/// Held while the hub is made: a failure is not kept, so a later watcher tries again
+/// (the inotify instances of this user may have run out for a while).
+static MAKING_HUB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Hub {
     fn get() -> std::result::Result<&'static Hub, String> {
-        HUB.get_or_init(Hub::new).as_ref().map_err(Clone::clone)
+        if let Some(hub) = HUB.get() {
+            return Ok(hub);
+        }
+        let _making = MAKING_HUB.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hub) = HUB.get() {
+            return Ok(hub);
+        }
+        let hub = Hub::new()?;
+        Ok(HUB.get_or_init(|| hub))
     }
 
     fn new() -> std::result::Result<Hub, String> {
