@@ -114,7 +114,7 @@ pub struct PushArgs {
     /// replaces the copy or becomes the replica's latest version).
     #[arg(long)]
     pub allow_corrupt: bool,
-    /// Print one JSON object with the figures on stdout.
+    /// Print one JSON object with the figures on stdout, one line per destination.
     #[arg(long, conflicts_with = "subscribe")]
     pub json: bool,
     /// Keep going: watch LOCAL and push after changes, as the timing flags say (until
