@@ -509,11 +509,17 @@ pub(crate) fn replica_only(arg: &str) -> crate::Result<&str> {
                  copied with push: sqlferry push ./{arg} LOCAL); nothing was done"
             )))
         }
-        Place::Local(path) if path.exists() => Err(crate::Error::Usage(format!(
-            "{arg} is a file here, not a replica: pull brings back a version of a replica \
-             (namespace/name, or --replica NAMESPACE/NAME); a local file is copied with \
-             push: sqlferry push {arg} LOCAL; nothing was done"
-        ))),
+        Place::Local(path) if path.exists() => {
+            let flag = match crate::store::Selector::split(arg) {
+                Ok(_) => format!("--replica {arg} for the replica of that name"),
+                Err(_) => "--replica NAMESPACE/NAME names one".to_owned(),
+            };
+            Err(crate::Error::Usage(format!(
+                "{arg} is a file here, not a replica: pull brings back a version of a replica \
+                 (namespace/name; {flag}); a local file is copied with push: sqlferry push \
+                 {arg} LOCAL; nothing was done"
+            )))
+        }
         Place::Local(_) | Place::BareName(_) => {
             crate::store::Selector::split(arg).map_err(|e| {
                 hint(

@@ -164,7 +164,8 @@ impl PushArgs {
         if self.wait_followers.is_some() {
             self.check_wait(&dests)?;
         }
-        if self.message.len() > MAX_TEXT_BYTES {
+        let to_replica = dests.iter().any(|d| matches!(d, Dest::Replica(_)));
+        if to_replica && self.message.len() > MAX_TEXT_BYTES {
             return Err(crate::Error::Usage(format!(
                 "the commit message has {} bytes; at most {MAX_TEXT_BYTES} are allowed",
                 self.message.len()
