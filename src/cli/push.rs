@@ -284,10 +284,15 @@ impl PushArgs {
             .map(|(dest, code)| format!("{dest} (exit {code})"))
             .collect();
         eprintln!(
-            "sqlferry: error: {} of {} destinations failed: {}; the others were pushed",
+            "sqlferry: error: {} of {} destinations failed: {}; {}",
             failed.len(),
             dests.len(),
-            which.join(", ")
+            which.join(", "),
+            if failed.len() == dests.len() {
+                "none was pushed"
+            } else {
+                "the others were pushed"
+            }
         );
         Ok(ExitCode::from(first))
     }

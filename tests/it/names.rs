@@ -339,6 +339,29 @@ fn a_failing_destination_does_not_stop_the_others_and_sets_the_exit_code() {
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
     state.assert_held_by(&m.path("back.db"), "the replica pushed after the failure");
 
+    // Two failures: the first one's code, whichever it is, and both in the summary.
+    let out = m.run(["push", "app.db", "./app.db", "./gone/b.db"]);
+    let err = util::stderr(&out);
+    assert_eq!(
+        util::code(&out),
+        EXIT_USAGE,
+        "LOCAL itself came first: {err}"
+    );
+    assert!(
+        err.contains("push to ./app.db: LOCAL and REMOTE are the same file"),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(
+            "sqlferry: error: 2 of 2 destinations failed: ./app.db (exit 2), ./gone/b.db \
+             (exit 3); none was pushed\n"
+        ),
+        "{err}"
+    );
+    let out = m.run(["push", "app.db", "./gone/b.db", "./app.db"]);
+    assert_eq!(util::code(&out), EXIT_LOCAL, "{}", util::stderr(&out));
+    state.assert_held_by(&m.path("app.db"), "LOCAL is only read");
+
     // Several destinations take no --subscribe (yet) and no --wait-followers.
     let out = m.run([
         "push",
