@@ -559,6 +559,15 @@ pub(crate) fn store_label(server: &crate::remote::Server) -> String {
     }
 }
 
+/// Where a replica is, for a result line: `on ws://host:port`, or `in the embedded store
+/// (DIR)` (the words the subscribers' lines use too).
+pub(crate) fn on_store(server: &crate::remote::Server) -> String {
+    match server {
+        crate::remote::Server::Embedded(_) => format!("in {}", store_label(server)),
+        crate::remote::Server::Ws { url } => format!("on {url}"),
+    }
+}
+
 /// A path for a person: `~/…` when it is under the home directory.
 fn tilde_path(path: &Path) -> String {
     let home = std::env::var_os("HOME").map(PathBuf::from);
@@ -642,10 +651,15 @@ mod tests {
     fn store_labels_name_the_store() {
         let ws = crate::remote::Server::parse(Some("ws://127.0.0.1:4000")).expect("url");
         assert_eq!(store_label(&ws), "ws://127.0.0.1:4000");
+        assert_eq!(on_store(&ws), "on ws://127.0.0.1:4000");
         let embedded = crate::remote::Server::parse(Some("file:///var/lib/sqlferry")).expect("url");
         assert_eq!(
             store_label(&embedded),
             "the embedded store (/var/lib/sqlferry)"
+        );
+        assert_eq!(
+            on_store(&embedded),
+            "in the embedded store (/var/lib/sqlferry)"
         );
     }
 

@@ -17,8 +17,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::progress::Bar;
 use super::{
-    Global, Place, RemoteArgs, error_line, exit, exit_status, expand_tilde, human_bytes, out,
-    store_label,
+    Global, Place, RemoteArgs, error_line, exit, exit_status, expand_tilde, human_bytes, on_store,
+    out,
 };
 use crate::client::{Pusher, SavedKeys};
 use crate::engine::Progress;
@@ -27,6 +27,7 @@ use crate::protocol::control::MAX_FOLLOWERS_WAIT;
 use crate::shutdown::Shutdown;
 use crate::store::ReplicaPath;
 use crate::subscribe::duration;
+use crate::subscribe::plan::Destination;
 
 /// Arguments of `sqlferry push`.
 #[derive(Debug, clap::Args)]
@@ -52,7 +53,9 @@ in turn from LOCAL, with its own base version, and gets its own line (--json: on
 per line, with \"destination\" and \"store\"; a failed one {\"destination\", \"error\", \
 \"exit\"}). One that fails does not stop the others: each failure gets its error line, then a \
 summary line, and the exit status is the first failure's code. Every REMOTE is checked before \
-anything is pushed. --wait-followers and --subscribe take one destination.\n\n\
+anything is pushed. With --subscribe, a push subscriber per destination runs side by side (each \
+line prefixed with its destination; the exit status is the first destination's failure, in the \
+order given). --wait-followers takes one destination.\n\n\
 Keys (servers only): --key, SQLFERRY_KEY, or the PUSH key saved by the first push. The \
 first push of a replica, with the admin key, saves a PUSH key for LOCAL in the secrets \
 file (~/.config/sqlferry/secrets.json, mode 0600) and writes LOCAL-sqlferry, a sidecar \
@@ -185,7 +188,7 @@ impl PushArgs {
                 let pusher = self.pusher(&local, replica.clone(), global).await?;
                 super::subscribe::run_push(pusher, &self.timing, global, shutdown).await
             }
-            (_, true) => self.subscribe_many(&dests, global, shutdown).await,
+            (_, true) => self.subscribe_many(&local, &dests, global, shutdown).await,
             ([dest], false) => Ok(ExitCode::from(
                 self.push_to(&local, dest, global, shutdown).await?,
             )),
@@ -218,25 +221,29 @@ impl PushArgs {
         Ok(dests)
     }
 
-    /// `--subscribe` with several destinations, or with a local copy.
-    // LEAD: the multi-destination push subscriber (src/subscribe/) plugs in here: one
-    // subscriber watching LOCAL, pushing each change to every one of `dests` (files and
-    // replicas), each with its own base version, retries and status.
+    /// `--subscribe` with several destinations, or with a local copy: one push
+    /// subscriber per destination, side by side, each with its own base version,
+    /// retries and status; every line is prefixed with its destination.
     async fn subscribe_many(
         &self,
+        local: &Path,
         dests: &[Dest],
-        _global: &Global,
-        _shutdown: &Shutdown,
+        global: &Global,
+        shutdown: &Shutdown,
     ) -> anyhow::Result<ExitCode> {
-        let what = match dests {
-            [Dest::File(arg, _)] => format!("a local copy ({arg})"),
-            _ => format!("several destinations ({})", list(dests)),
-        };
-        Err(crate::Error::Usage(format!(
-            "--subscribe to {what}: coming in this change; for now run one push subscriber per \
-             replica; nothing was pushed"
-        ))
-        .into())
+        let mut destinations = Vec::with_capacity(dests.len());
+        for dest in dests {
+            destinations.push(match dest {
+                Dest::File(_, copy) => Destination::File {
+                    local: local.to_owned(),
+                    copy: copy.clone(),
+                },
+                Dest::Replica(replica) => {
+                    Destination::Replica(self.pusher(local, replica.clone(), global).await?)
+                }
+            });
+        }
+        super::subscribe::run_push_many(destinations, &self.timing, global, shutdown).await
     }
 
     /// Pushes LOCAL to each destination in turn; a failure does not stop the others.
@@ -479,7 +486,7 @@ impl PushArgs {
         global: &Global,
     ) -> anyhow::Result<()> {
         let (replica, local) = (&pusher.replica, &pusher.local);
-        let store = store_label(&pusher.server);
+        let store = on_store(&pusher.server);
         if self.json {
             let mut v = serde_json::to_value(&outcome.stats)?;
             v["destination"] = replica.as_str().into();
@@ -499,7 +506,7 @@ impl PushArgs {
             let s = &outcome.stats;
             if outcome.created {
                 out(format_args!(
-                    "pushed {} to {replica} on {store}: version {} ({} of {} pages sent, {} sent) in {:.2?}",
+                    "pushed {} to {replica} {store}: version {} ({} of {} pages sent, {} sent) in {:.2?}",
                     local.display(),
                     outcome.version,
                     s.pages_sent,
@@ -509,14 +516,14 @@ impl PushArgs {
                 ))?;
             } else if outcome.repaired > 0 {
                 out(format_args!(
-                    "repaired: {replica} on {store} is already at version {} ({}); {} damaged stored page(s) replaced with good ones",
+                    "repaired: {replica} {store} is already at version {} ({}); {} damaged stored page(s) replaced with good ones",
                     outcome.version,
                     local.display(),
                     outcome.repaired
                 ))?;
             } else {
                 out(format_args!(
-                    "no change: {replica} on {store} is already at version {} ({})",
+                    "no change: {replica} {store} is already at version {} ({})",
                     outcome.version,
                     local.display()
                 ))?;
@@ -532,12 +539,12 @@ impl PushArgs {
             format!("key {}", crate::server::mask(k))
         });
         out(format_args!(
-            "would push {} ({}, {} pages) to {} on {} with {key}: {}",
+            "would push {} ({}, {} pages) to {} {} with {key}: {}",
             pusher.local.display(),
             human_bytes(plan.size),
             plan.page_count,
             pusher.replica,
-            store_label(&pusher.server),
+            on_store(&pusher.server),
             match (plan.latest, plan.conflict) {
                 _ if plan.damaged.is_some() => format!(
                     "refused (exit 7), {}",

@@ -8,6 +8,8 @@
 //! - `push LOCAL REMOTE REMOTE…`: every destination gets the database (rows, digest),
 //!   each line names its store; one failing does not stop the others and the exit code
 //!   is the first failure's; `--json` prints one object per destination.
+//! - `push LOCAL REMOTE REMOTE… --subscribe`: a push subscriber per destination, each
+//!   line prefixed with its destination; a change reaches both.
 //!
 //! Every command runs the real binary in a `Machine`'s working directory, with its own
 //! XDG directories (its embedded store is `~/data/sqlferry` there).
@@ -16,7 +18,8 @@ use std::path::Path;
 
 use tempfile::TempDir;
 
-use crate::server::{DbState, EXIT_USAGE, Machine, TestServer, assert_fails, small_db};
+use crate::server::{DbState, EXIT_USAGE, Machine, TestServer, assert_fails, exec, small_db};
+use crate::subscribe::Subscriber;
 use crate::util;
 
 /// Exit code: a local file could not be read or written.
@@ -153,7 +156,7 @@ fn dot_slash_makes_a_file_and_replica_flag_makes_a_replica() {
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
     assert!(
         util::stdout(&out).starts_with(
-            "pushed app.db to backups/app.db on the embedded store (~/data/sqlferry): version 1 ("
+            "pushed app.db to backups/app.db in the embedded store (~/data/sqlferry): version 1 ("
         ),
         "the line names the embedded store: {}",
         util::stdout(&out)
@@ -362,22 +365,62 @@ fn a_failing_destination_does_not_stop_the_others_and_sets_the_exit_code() {
     assert_eq!(util::code(&out), EXIT_LOCAL, "{}", util::stderr(&out));
     state.assert_held_by(&m.path("app.db"), "LOCAL is only read");
 
-    // Several destinations take no --subscribe (yet) and no --wait-followers.
+    // Several destinations take no --wait-followers, and each is named once.
     let out = m.run([
         "push",
         "app.db",
         "./copy.db",
         "acme/app.db",
-        "--subscribe",
-        "--wait-idle",
-        "10s",
+        "--wait-followers",
+        "1",
     ]);
     assert_fails(
         &out,
         EXIT_USAGE,
-        "several destinations (./copy.db, acme/app.db)",
+        "./copy.db, acme/app.db are several destinations",
     );
     let out = m.run(["push", "app.db", "acme/app.db", "--replica", "acme/app.db"]);
     assert_fails(&out, EXIT_USAGE, "acme/app.db is named twice");
     assert!(!m.path("copy.db").exists());
+}
+
+#[test]
+fn a_push_subscriber_to_a_file_and_a_replica_keeps_both_up_to_date() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = machine(&dir);
+    let mut push = Subscriber::start(
+        &m,
+        &[
+            "push",
+            "app.db",
+            "./backups/app.db",
+            "acme/app.db",
+            "--subscribe",
+            "--wait-idle",
+            "10s",
+            "--max-changes",
+            "1",
+            "--poll",
+            "1s",
+        ],
+    );
+    push.expect_all(&[
+        &["./backups/app.db: push (start): copy updated"],
+        &["acme/app.db (embedded store): push (start): version 1"],
+    ]);
+    exec(
+        &m.path("app.db"),
+        "CREATE TABLE more(x); INSERT INTO more VALUES (1);",
+    );
+    let state = DbState::of(&m.path("app.db"));
+    push.expect_all(&[
+        &["./backups/app.db: push (", "copy updated"],
+        &["acme/app.db (embedded store): push (", "version 2"],
+    ]);
+    assert_eq!(push.stop(), 0, "{}", push.output());
+
+    state.assert_held_by(&m.path("backups/app.db"), "the copy the subscriber kept");
+    let out = m.run(["pull", "acme/app.db", "back.db"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    state.assert_held_by(&m.path("back.db"), "the replica the subscriber kept");
 }
