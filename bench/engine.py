@@ -394,7 +394,7 @@ def big_case(lab, label, size):
          "print('ready', flush=True)\n"
          "sys.stdin.read()", src],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    push = [str(SQLFERRY), "push", src, replica, "--json"]
+    push = [str(SQLFERRY), "push", src, "--replica", replica, "--json"]
     rows = []
 
     def record(case, runs):

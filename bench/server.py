@@ -193,13 +193,13 @@ class Client:
         return wall, proc.stdout
 
     def push(self, local, replica, admin=False):
-        wall, out = self.run(["push", str(local), replica, "--server", self.server.url,
+        wall, out = self.run(["push", str(local), "--replica", replica, "--server", self.server.url,
                               "--json"], admin)
         return wall, dict(json.loads(out), server_cpu_s=self.server_cpu_s)
 
     def pull(self, remote, local):
         # Pulls use the admin key: the benchmark measures the transfer, not the keys.
-        wall, out = self.run(["pull", remote, str(local), "--server", self.server.url,
+        wall, out = self.run(["pull", "--replica", remote, str(local), "--server", self.server.url,
                               "--json"], admin=True)
         return wall, dict(json.loads(out), server_cpu_s=self.server_cpu_s)
 
@@ -428,7 +428,7 @@ def memory_run(workdir, size=1024 * MIB):
             client = Client(root / "client", server)
             digest = client.digest(src)
             idle_kib = server.vm_hwm_kib()
-            cmd = [str(SQLFERRY), "push", src, "bench/mem.db", "--server", server.url,
+            cmd = [str(SQLFERRY), "push", src, "--replica", "bench/mem.db", "--server", server.url,
                    "--json"]
             run = rss.run(cmd, dict(client.env, SQLFERRY_KEY=server.key))
             if run.returncode != 0:

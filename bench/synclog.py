@@ -73,7 +73,7 @@ def main():
     db = os.path.join(work, "app.db")
     if not os.path.exists(db):
         mkdb.make(db, args.size_mb * 1024 * 1024)
-    push = ["push", db, "bench/app.db", "-q"]
+    push = ["push", db, "--replica", "bench/app.db", "-q"]
     run(binary, push, env)  # the full first version
     with_log, without = [], []
     for i in range(2 * args.rounds):

@@ -345,13 +345,13 @@ impl Command {
 /// it is dropped at once and the command exits 130, as it would have died of the
 /// signal. Whatever it was doing commits nothing (a version exists only once verified,
 /// a local database changes in one transaction).
-async fn interruptible(
+async fn interruptible<T: From<u8>>(
     shutdown: &Shutdown,
-    command: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
-) -> anyhow::Result<ExitCode> {
+    command: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     tokio::select! {
         result = command => result,
-        () = shutdown.requested() => Ok(ExitCode::from(exit::INTERRUPTED)),
+        () = shutdown.requested() => Ok(T::from(exit::INTERRUPTED)),
     }
 }
 
@@ -375,11 +375,16 @@ pub fn init_tracing(global: &Global) {
 
 /// The exit code for an error: the first [`crate::Error`] in its chain decides.
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+    ExitCode::from(exit_status(err))
+}
+
+/// The exit code for an error, as a number (see [`exit_code`]).
+pub fn exit_status(err: &anyhow::Error) -> u8 {
     let kind = err
         .chain()
         .find_map(|e| e.downcast_ref::<crate::Error>())
         .map(|e| e.kind());
-    let code = match kind {
+    match kind {
         Some(ErrorKind::Usage) => exit::USAGE,
         Some(ErrorKind::LocalIo | ErrorKind::NotADatabase | ErrorKind::Busy) => exit::LOCAL,
         Some(ErrorKind::Protocol | ErrorKind::Disconnected | ErrorKind::Remote) => exit::NETWORK,
@@ -390,8 +395,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         Some(ErrorKind::LocalChanges) => exit::LOCAL_CHANGES,
         Some(ErrorKind::Server) => exit::SERVER,
         Some(ErrorKind::Bug) | None => exit::FAILURE,
-    };
-    ExitCode::from(code)
+    }
 }
 
 /// One line for a person: the error and its causes, joined.
@@ -425,10 +429,152 @@ fn expand_tilde(path: &str) -> PathBuf {
     }
 }
 
-/// Whether a DEST argument names a local file: it starts with `/`, `./`, `../` or
-/// `~/`, or a file of that name exists.
+/// Whether an argument is plainly a local path: it starts with `/`, `./`, `../` or
+/// `~/`, or something of that name exists here. `status` reads its TARGET this way;
+/// LOCAL/REMOTE arguments go through [`Place::of`], which also refuses the ambiguous.
 fn is_local_path(arg: &str) -> bool {
-    ["/", "./", "../", "~/"].iter().any(|p| arg.starts_with(p)) || Path::new(arg).exists()
+    has_local_prefix(arg) || Path::new(arg).exists()
+}
+
+/// Whether an argument says it is a local path by how it starts.
+fn has_local_prefix(arg: &str) -> bool {
+    ["/", "./", "../", "~/"].iter().any(|p| arg.starts_with(p))
+}
+
+/// What a REMOTE argument names, by the one rule of every command that takes one
+/// (`push`'s destinations, `pull`'s REMOTE, `verify`'s FILE): never a guess.
+///
+/// - `/…`, `./…`, `../…`, `~/…`: a local path;
+/// - anything that exists here: a local path;
+/// - `a/b` whose directory `a/` exists here: either (the file `./a/b` or the replica
+///   `a/b`), so refused until written `./a/b` or `--replica a/b`;
+/// - `a/b` whose directory does not exist here: a replica path;
+/// - a bare name (`backup.db`): no replica path (replicas are namespace/name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// A file on this machine (`~/` expanded).
+    Local(PathBuf),
+    /// A replica path in a store, as written (it may carry `@VERSION`; parsed later).
+    Replica(String),
+    /// `a/b` with a local directory `a/`: the file or the replica, the user must say.
+    Ambiguous(String),
+    /// A name without `/` that exists nowhere: it cannot be a replica.
+    BareName(String),
+}
+
+impl Place {
+    /// Classifies `arg` by the rule above (reads only whether paths exist).
+    pub(crate) fn of(arg: &str) -> Place {
+        if is_local_path(arg) {
+            return Place::Local(expand_tilde(arg));
+        }
+        match arg.rfind('/') {
+            None => Place::BareName(arg.to_owned()),
+            Some(i) if i > 0 && Path::new(&arg[..i]).is_dir() => Place::Ambiguous(arg.to_owned()),
+            Some(_) => Place::Replica(arg.to_owned()),
+        }
+    }
+
+    /// The usage error for an argument that is neither clearly local nor a replica,
+    /// naming the spellings that say which (`None` for `Local` and `Replica`).
+    pub(crate) fn refusal(&self) -> Option<crate::Error> {
+        match self {
+            Place::Local(_) | Place::Replica(_) => None,
+            Place::Ambiguous(arg) => Some(ambiguous(arg, &format!("./{arg}"))),
+            Place::BareName(arg) => {
+                let rule = match crate::store::ReplicaPath::parse(arg) {
+                    Err(crate::Error::Usage(rule)) => rule,
+                    _ => format!("{arg} is no replica path (namespace/name)"),
+                };
+                Some(crate::Error::Usage(format!(
+                    "{rule}; no file {arg} exists here either: write ./{arg} for a local \
+                     copy; nothing was done"
+                )))
+            }
+        }
+    }
+}
+
+/// A REMOTE that can only be a replica (`pull`'s): `arg` itself, or a usage error that
+/// says why it is not one and what to write instead. The rule is [`Place`]'s; a path
+/// that is no replica path gets the replica path rule it breaks, and a hint.
+pub(crate) fn replica_only(arg: &str) -> crate::Result<&str> {
+    let hint = |e: crate::Error, hint: &str| match e {
+        crate::Error::Usage(text) => crate::Error::Usage(format!("{text} ({hint})")),
+        other => other,
+    };
+    match Place::of(arg) {
+        Place::Replica(_) => Ok(arg),
+        Place::Ambiguous(_) => {
+            let dir = arg.rfind('/').map_or(arg, |i| &arg[..i]);
+            Err(crate::Error::Usage(format!(
+                "{arg} could be the local file ./{arg} (the directory {dir}/ exists here) or \
+                 the replica {arg}: write --replica {arg} for the replica (a local file is \
+                 copied with push: sqlferry push ./{arg} LOCAL); nothing was done"
+            )))
+        }
+        Place::Local(path) if path.exists() => {
+            let flag = match crate::store::Selector::split(arg) {
+                Ok(_) => format!("--replica {arg} for the replica of that name"),
+                Err(_) => "--replica NAMESPACE/NAME names one".to_owned(),
+            };
+            Err(crate::Error::Usage(format!(
+                "{arg} is a file here, not a replica: pull brings back a version of a replica \
+                 (namespace/name; {flag}); a local file is copied with push: sqlferry push \
+                 {arg} LOCAL; nothing was done"
+            )))
+        }
+        Place::Local(_) | Place::BareName(_) => {
+            crate::store::Selector::split(arg).map_err(|e| {
+                hint(
+                    e,
+                    "pull brings back a version of a replica; a path starting with /, ./, ../ \
+                     or ~/ is a local file",
+                )
+            })?;
+            Ok(arg)
+        }
+    }
+}
+
+/// The error for `a/b` when the directory `a/` exists here: `file` is the spelling
+/// that means the file.
+fn ambiguous(arg: &str, file: &str) -> crate::Error {
+    let dir = arg.rfind('/').map_or(arg, |i| &arg[..i]);
+    crate::Error::Usage(format!(
+        "{arg} could be the local file {file} (the directory {dir}/ exists here) or the \
+         replica {arg}: write {file} for the file, or --replica {arg} for the replica; \
+         nothing was done"
+    ))
+}
+
+/// Where a push or pull went, for its result line: the server's URL, the embedded
+/// store and its directory (`~/` for the home directory).
+pub(crate) fn store_label(server: &crate::remote::Server) -> String {
+    match server {
+        crate::remote::Server::Embedded(store) => {
+            format!("the embedded store ({})", tilde_path(store.root()))
+        }
+        crate::remote::Server::Ws { url } => url.clone(),
+    }
+}
+
+/// Where a replica is, for a result line: `on ws://host:port`, or `in the embedded store
+/// (DIR)` (the words the subscribers' lines use too).
+pub(crate) fn on_store(server: &crate::remote::Server) -> String {
+    match server {
+        crate::remote::Server::Embedded(_) => format!("in {}", store_label(server)),
+        crate::remote::Server::Ws { url } => format!("on {url}"),
+    }
+}
+
+/// A path for a person: `~/…` when it is under the home directory.
+fn tilde_path(path: &Path) -> String {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    match home.as_deref().and_then(|h| path.strip_prefix(h).ok()) {
+        Some(rest) if !rest.as_os_str().is_empty() => format!("~/{}", rest.display()),
+        _ => path.display().to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -439,9 +585,82 @@ mod tests {
     fn local_paths_are_recognised_by_their_prefix() {
         for p in ["/tmp/x.db", "./x.db", "../x.db", "~/x.db"] {
             assert!(is_local_path(p), "{p}");
+            assert!(matches!(Place::of(p), Place::Local(_)), "{p}");
         }
         assert!(!is_local_path("acme/app.db"));
         assert!(is_local_path("Cargo.toml"), "an existing file is local");
+    }
+
+    // The unit tests run in the package's directory: `src/` and `tests/` exist there,
+    // `acme/` and `no-such-dir/` do not.
+    #[test]
+    fn an_existing_file_is_local_whatever_its_shape() {
+        assert_eq!(Place::of("Cargo.toml"), Place::Local("Cargo.toml".into()));
+        assert_eq!(Place::of("src/cli.rs"), Place::Local("src/cli.rs".into()));
+        assert_eq!(Place::of("src"), Place::Local("src".into()));
+    }
+
+    #[test]
+    fn a_path_whose_directory_exists_here_is_refused_with_both_spellings() {
+        let place = Place::of("src/app.db");
+        assert_eq!(place, Place::Ambiguous("src/app.db".into()));
+        let why = place.refusal().expect("refused").to_string();
+        assert!(why.contains("./src/app.db"), "{why}");
+        assert!(why.contains("--replica src/app.db"), "{why}");
+        assert!(why.contains("the directory src/ exists here"), "{why}");
+        // A version does not hide the directory.
+        assert_eq!(
+            Place::of("tests/it@3"),
+            Place::Ambiguous("tests/it@3".into())
+        );
+        // Deeper: the directory is everything before the last slash.
+        assert_eq!(
+            Place::of("src/cli/x.db"),
+            Place::Ambiguous("src/cli/x.db".into())
+        );
+    }
+
+    #[test]
+    fn a_path_whose_directory_does_not_exist_is_a_replica() {
+        for p in [
+            "acme/app.db",
+            "acme/app.db@3",
+            "no-such-dir/a/b.db",
+            "src-not/x.db",
+        ] {
+            assert_eq!(Place::of(p), Place::Replica(p.into()), "{p}");
+            assert!(Place::of(p).refusal().is_none());
+        }
+        // `src/` exists, `src/nothing/` does not: no local file can be written there.
+        assert_eq!(
+            Place::of("src/nothing/x.db"),
+            Place::Replica("src/nothing/x.db".into())
+        );
+    }
+
+    #[test]
+    fn a_bare_name_is_no_replica_and_the_message_says_how_to_write_a_file() {
+        let place = Place::of("backup-that-is-not-here.db");
+        assert_eq!(place, Place::BareName("backup-that-is-not-here.db".into()));
+        let why = place.refusal().expect("refused").to_string();
+        assert!(why.contains("it needs a namespace and a name"), "{why}");
+        assert!(why.contains("./backup-that-is-not-here.db"), "{why}");
+    }
+
+    #[test]
+    fn store_labels_name_the_store() {
+        let ws = crate::remote::Server::parse(Some("ws://127.0.0.1:4000")).expect("url");
+        assert_eq!(store_label(&ws), "ws://127.0.0.1:4000");
+        assert_eq!(on_store(&ws), "on ws://127.0.0.1:4000");
+        let embedded = crate::remote::Server::parse(Some("file:///var/lib/sqlferry")).expect("url");
+        assert_eq!(
+            store_label(&embedded),
+            "the embedded store (/var/lib/sqlferry)"
+        );
+        assert_eq!(
+            on_store(&embedded),
+            "in the embedded store (/var/lib/sqlferry)"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use super::progress::Bar;
-use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, out};
+use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, out, replica_only, store_label};
 use crate::client::{Puller, short_digest};
 use crate::config::Sidecar;
 use crate::engine::Progress;
@@ -22,7 +22,14 @@ sqlferry pull acme/app.db                    the latest version into ./app.db\n 
 sqlferry pull acme/app.db@3 restored.db      version 3\n  \
 sqlferry pull acme/app.db@latest-1 prev.db   the version before the latest\n  \
 sqlferry pull acme/app.db@2026-12-01T10:00:00Z then.db   the version that was the latest then (UTC)\n  \
-sqlferry pull acme/app.db --subscribe        keep going: pull each new version as it lands\n\n\
+sqlferry pull acme/app.db --subscribe        keep going: pull each new version as it lands\n  \
+sqlferry pull --replica backups/app.db       the replica backups/app.db, though ./backups/ exists\n\n\
+REMOTE is a replica, never a local file, and never guessed: a REMOTE that is a file here, or \
+starts with /, ./, ../ or ~/, is refused, and so is one such as backups/app.db while the \
+directory backups/ exists here (it could mean the file ./backups/app.db): name the replica \
+with --replica backups/app.db (LOCAL then follows alone), and copy a local file with push \
+(sqlferry push ./backups/app.db LOCAL). The result line names the store: the server's ws:// \
+URL, or the embedded store and its directory.\n\n\
 LOCAL changes in one transaction, after its digest has been checked against the version's: \
 readers of LOCAL keep reading and see the old database or the new one, never a mix. Only \
 the pages that differ are written. LOCAL keeps its journal mode; a new LOCAL takes the \
@@ -37,8 +44,13 @@ overwrites them. --dry-run says what a pull would do, and whether it would be re
 pub struct PullArgs {
     /// The replica, with an optional version: namespace/name[@N|@latest|@latest-N|@TIME],
     /// TIME in UTC such as 2026-12-01T10:00:00Z (the version that was the latest then).
-    #[arg(required_unless_present = "from")]
+    #[arg(required_unless_present_any = ["from", "replica"])]
     pub remote: Option<String>,
+    /// The replica, namespace/name[@VERSION], whatever exists on this machine: for a name
+    /// such as backups/app.db while a directory backups/ exists here. REMOTE is then left
+    /// out (one positional is LOCAL).
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "from")]
+    pub replica: Option<String>,
     /// Take the server, the replica and the key from a sidecar file (`<db>-sqlferry`);
     /// LOCAL then defaults to the database beside it.
     #[arg(long, value_name = "SIDECAR", conflicts_with = "server")]
@@ -73,24 +85,35 @@ impl PullArgs {
             }
             None => None,
         };
-        // With --from, one positional is LOCAL unless it is a version (@3).
-        let (remote, local_arg) = match (&self.remote, &self.local, &sidecar) {
-            (Some(r), None, Some(_)) if !r.starts_with('@') => (None, Some(r.clone())),
-            (r, l, _) => (r.clone(), l.clone()),
+        // With --from, one positional is LOCAL unless it is a version (@3); with
+        // --replica, it is LOCAL.
+        let (remote, local_arg) = match (&self.remote, &self.local, &sidecar, &self.replica) {
+            (Some(_), Some(_), _, Some(r)) => {
+                return Err(crate::Error::Usage(format!(
+                    "with --replica {r}, give LOCAL alone (REMOTE is the replica --replica names)"
+                ))
+                .into());
+            }
+            (r, None, _, Some(_)) => (None, r.clone()),
+            (Some(r), None, Some(_), None) if !r.starts_with('@') => (None, Some(r.clone())),
+            (r, l, _, _) => (r.clone(), l.clone()),
         };
-        let spec = match (&remote, &sidecar) {
-            (Some(remote), Some((s, _))) if remote.starts_with('@') => {
+        let spec = match (&remote, &sidecar, &self.replica) {
+            (Some(remote), Some((s, _)), _) if remote.starts_with('@') => {
                 format!("{}{remote}", s.replica)
             }
-            (Some(_), Some(_)) => {
+            (Some(_), Some(_), _) => {
                 return Err(crate::Error::Usage(
                     "with --from, give the version alone (for example @3), or nothing for the latest".into(),
                 )
                 .into());
             }
-            (Some(remote), None) => remote.clone(),
-            (None, Some((s, _))) => s.replica.clone(),
-            (None, None) => unreachable!("clap requires REMOTE unless --from is given"),
+            (Some(remote), None, _) => replica_only(remote)?.to_owned(),
+            (None, Some((s, _)), _) => s.replica.clone(),
+            (None, None, Some(replica)) => replica.clone(),
+            (None, None, None) => {
+                unreachable!("clap requires REMOTE unless --from or --replica is given")
+            }
         };
         let (replica, selector) = Selector::split(&spec)?;
         let local = match (&local_arg, &sidecar) {
@@ -165,13 +188,16 @@ impl PullArgs {
         if self.json {
             let mut v = serde_json::to_value(&outcome.stats)?;
             v["replica"] = replica.as_str().into();
+            v["store"] = puller.server.url().into();
+            v["local"] = local.display().to_string().into();
             v["version"] = outcome.version.into();
             out(format_args!("{v}"))?;
         } else if !global.quiet {
             let s = &outcome.stats;
             out(format_args!(
-                "pulled {replica}@{} into {}: {} of {} pages written ({} received) in {:.2?}",
+                "pulled {replica}@{} from {} into {}: {} of {} pages written ({} received) in {:.2?}",
                 outcome.version,
+                store_label(&puller.server),
                 local.display(),
                 s.pages_sent,
                 s.pages_total,
@@ -204,7 +230,7 @@ async fn dry_run(puller: &Puller, selector: Selector) -> anyhow::Result<ExitCode
         human_bytes(target.size),
         target.page_count,
         short_digest(&target.digest),
-        puller.server.url(),
+        store_label(&puller.server),
         puller.local.display(),
         match &plan.refusal {
             Some(refusal) => format!("refused (exit 9), {refusal}"),

@@ -1,8 +1,14 @@
-//! `sqlferry push LOCAL [REMOTE]`: send what changed, to a local copy or as a new
-//! version of a replica.
+//! `sqlferry push LOCAL REMOTE [REMOTE...]`: send what changed, to local copies or as
+//! new versions of replicas.
+//!
+//! Every REMOTE is resolved by one rule ([`Place`]) before anything is sent: an
+//! argument that could be a file or a replica is refused, so bad input changes nothing.
+//! Several destinations are pushed in turn from the same LOCAL, each with its own base
+//! version; one failing does not stop the others, and the exit code is the first
+//! failure's.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +16,10 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::progress::Bar;
-use super::{Global, RemoteArgs, exit, expand_tilde, human_bytes, is_local_path, out};
+use super::{
+    Global, Place, RemoteArgs, error_line, exit, exit_status, expand_tilde, human_bytes, on_store,
+    out,
+};
 use crate::client::{Pusher, SavedKeys};
 use crate::engine::Progress;
 use crate::protocol::MAX_TEXT_BYTES;
@@ -18,6 +27,7 @@ use crate::protocol::control::MAX_FOLLOWERS_WAIT;
 use crate::shutdown::Shutdown;
 use crate::store::ReplicaPath;
 use crate::subscribe::duration;
+use crate::subscribe::plan::Destination;
 
 /// Arguments of `sqlferry push`.
 #[derive(Debug, clap::Args)]
@@ -25,11 +35,27 @@ use crate::subscribe::duration;
 sqlferry push app.db acme/app.db -m \"before migration\"   a new version of replica acme/app.db\n  \
 sqlferry push app.db /backup/app.db                      keep a local copy up to date\n  \
 sqlferry push app.db ./copy.db --json                    print figures as one JSON object\n  \
+sqlferry push app.db ./backup/app.db acme/app.db         two destinations: a copy and a replica\n  \
+sqlferry push app.db --replica backups/app.db            the replica backups/app.db, though ./backups/ exists\n  \
 sqlferry push app.db acme/app.db --subscribe --wait-idle 10m --max-interval 24h\n    \
-keep going: push after 10 minutes without a commit, at least daily (docs/subscribe.md)\n\n\
-REMOTE is a local file when it starts with /, ./, ../ or ~/, or already exists; otherwise \
-it is a replica path, namespace/name, in the store (--server, SQLFERRY_SERVER, or the \
-embedded store in ~/.local/share/sqlferry).\n\n\
+keep going: push after 10 minutes without a commit, at least daily (sqlferry help subscribe)\n\n\
+Which REMOTE is a local file and which a replica is never guessed. A local file: REMOTE \
+starts with /, ./, ../ or ~/, or already exists. A replica (namespace/name, in the store \
+--server names, SQLFERRY_SERVER, or the embedded store in ~/.local/share/sqlferry): REMOTE \
+has a / and its directory does not exist here, or it is given with --replica. A REMOTE such \
+as backups/app.db while the directory backups/ exists here could be either: it is refused \
+(exit 2, nothing pushed); write ./backups/app.db for the file or --replica backups/app.db for \
+the replica. A bare name that is no file here (backup.db) is no replica path either: write \
+./backup.db. Each result line names its store: the server's ws:// URL, the embedded store and \
+its directory, or the local file.\n\n\
+Several destinations (REMOTE arguments first, in order, then each --replica): each is pushed \
+in turn from LOCAL, with its own base version, and gets its own line (--json: one JSON object \
+per line, with \"destination\" and \"store\"; a failed one {\"destination\", \"error\", \
+\"exit\"}). One that fails does not stop the others: each failure gets its error line, then a \
+summary line, and the exit status is the first failure's code. Every REMOTE is checked before \
+anything is pushed. With --subscribe, a push subscriber per destination runs side by side (each \
+line prefixed with its destination; the exit status is the first destination's failure, in the \
+order given). --wait-followers takes one destination.\n\n\
 Keys (servers only): --key, SQLFERRY_KEY, or the PUSH key saved by the first push. The \
 first push of a replica, with the admin key, saves a PUSH key for LOCAL in the secrets \
 file (~/.config/sqlferry/secrets.json, mode 0600) and writes LOCAL-sqlferry, a sidecar \
@@ -59,8 +85,15 @@ their versions and lag are in the server's API (GET /api/replicas/NAMESPACE/NAME
 pub struct PushArgs {
     /// The database to push (read-only; a live database is fine).
     pub local: String,
-    /// Where to: a replica path (namespace/name) or a local file path.
-    pub remote: String,
+    /// Where to: a replica path (namespace/name) or a local file path (starting with /,
+    /// ./, ../ or ~/, or existing); several for several destinations.
+    #[arg(value_name = "REMOTE", required_unless_present = "replica")]
+    pub remote: Vec<String>,
+    /// A destination that is a replica path (namespace/name), whatever exists on this
+    /// machine: for a name such as backups/app.db while a directory backups/ exists here.
+    /// Repeat for several.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub replica: Vec<String>,
     /// The version's commit message (at most 4096 bytes).
     #[arg(
         short,
@@ -84,7 +117,7 @@ pub struct PushArgs {
     /// replaces the copy or becomes the replica's latest version).
     #[arg(long)]
     pub allow_corrupt: bool,
-    /// Print one JSON object with the figures on stdout.
+    /// Print one JSON object with the figures on stdout, one line per destination.
     #[arg(long, conflicts_with = "subscribe")]
     pub json: bool,
     /// Keep going: watch LOCAL and push after changes, as the timing flags say (until
@@ -108,41 +141,208 @@ pub struct PushArgs {
     pub connection: RemoteArgs,
 }
 
+/// One destination of a push, resolved by [`Place`]'s rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Dest {
+    /// A local copy: the argument as written and its path (`~/` expanded).
+    File(String, PathBuf),
+    /// A replica in the store the flags (or LOCAL's saved key) name.
+    Replica(ReplicaPath),
+}
+
+impl std::fmt::Display for Dest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dest::File(arg, _) => f.write_str(arg),
+            Dest::Replica(replica) => write!(f, "{replica}"),
+        }
+    }
+}
+
 impl PushArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
-        let local = expand_tilde(&self.local);
+        // Every destination and flag is checked before anything is pushed.
+        let dests = self.destinations()?;
         if self.wait_followers.is_some() {
-            self.check_wait()?;
+            self.check_wait(&dests)?;
         }
-        if is_local_path(&self.remote) {
-            return super::interruptible(shutdown, self.push_file(&local, global)).await;
-        }
-        let replica = ReplicaPath::parse(&self.remote)?;
-        if self.message.len() > MAX_TEXT_BYTES {
+        let to_replica = dests.iter().any(|d| matches!(d, Dest::Replica(_)));
+        if to_replica && self.message.len() > MAX_TEXT_BYTES {
             return Err(crate::Error::Usage(format!(
                 "the commit message has {} bytes; at most {MAX_TEXT_BYTES} are allowed",
                 self.message.len()
             ))
             .into());
         }
+        if !self.subscribe && self.timing.any() {
+            return Err(crate::Error::Usage(
+                "--wait-idle, --min-interval, --max-interval and --max-changes need --subscribe"
+                    .into(),
+            )
+            .into());
+        }
+        let local = expand_tilde(&self.local);
+        match (dests.as_slice(), self.subscribe) {
+            ([Dest::Replica(replica)], true) => {
+                let pusher = self.pusher(&local, replica.clone(), global).await?;
+                super::subscribe::run_push(pusher, &self.timing, global, shutdown).await
+            }
+            (_, true) => self.subscribe_many(&local, &dests, global, shutdown).await,
+            ([dest], false) => Ok(ExitCode::from(
+                self.push_to(&local, dest, global, shutdown).await?,
+            )),
+            (_, false) => self.push_many(&local, &dests, global, shutdown).await,
+        }
+    }
+
+    /// REMOTE arguments, then `--replica` values, as destinations; the first argument
+    /// that is neither clearly a file nor a replica path is a usage error.
+    fn destinations(&self) -> crate::Result<Vec<Dest>> {
+        let mut dests = Vec::with_capacity(self.remote.len() + self.replica.len());
+        for arg in &self.remote {
+            let dest = match Place::of(arg) {
+                Place::Local(path) => Dest::File(arg.clone(), path),
+                Place::Replica(replica) => Dest::Replica(ReplicaPath::parse(&replica)?),
+                refused => return Err(refused.refusal().expect("neither a file nor a replica")),
+            };
+            dests.push(dest);
+        }
+        for arg in &self.replica {
+            dests.push(Dest::Replica(ReplicaPath::parse(arg)?));
+        }
+        for (i, dest) in dests.iter().enumerate() {
+            if dests[..i].contains(dest) {
+                return Err(crate::Error::Usage(format!(
+                    "{dest} is named twice: give each destination once; nothing was pushed"
+                )));
+            }
+        }
+        Ok(dests)
+    }
+
+    /// `--subscribe` with several destinations, or with a local copy: one push
+    /// subscriber per destination, side by side, each with its own base version,
+    /// retries and status; every line is prefixed with its destination.
+    async fn subscribe_many(
+        &self,
+        local: &Path,
+        dests: &[Dest],
+        global: &Global,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<ExitCode> {
+        let mut destinations = Vec::with_capacity(dests.len());
+        for dest in dests {
+            destinations.push(match dest {
+                Dest::File(_, copy) => Destination::File {
+                    local: local.to_owned(),
+                    copy: copy.clone(),
+                },
+                Dest::Replica(replica) => {
+                    Destination::Replica(self.pusher(local, replica.clone(), global).await?)
+                }
+            });
+        }
+        super::subscribe::run_push_many(destinations, &self.timing, global, shutdown).await
+    }
+
+    /// Pushes LOCAL to each destination in turn; a failure does not stop the others.
+    /// The exit status is the first failure's code; a summary line ends a run with
+    /// failures. A signal stops the run at once (exit 130).
+    async fn push_many(
+        &self,
+        local: &Path,
+        dests: &[Dest],
+        global: &Global,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<ExitCode> {
+        let mut failed: Vec<(&Dest, u8)> = Vec::new();
+        for dest in dests {
+            let code = match self.push_to(local, dest, global, shutdown).await {
+                Ok(code) => code,
+                Err(e) => {
+                    let code = exit_status(&e);
+                    eprintln!("sqlferry: error: push to {dest}: {}", error_line(&e));
+                    if self.json {
+                        out(format_args!(
+                            "{}",
+                            serde_json::json!({
+                                "destination": dest.to_string(),
+                                "error": error_line(&e),
+                                "exit": code,
+                            })
+                        ))?;
+                    }
+                    code
+                }
+            };
+            if code == exit::INTERRUPTED {
+                return Ok(ExitCode::from(code));
+            }
+            if code != exit::OK {
+                failed.push((dest, code));
+            }
+        }
+        let Some(&(_, first)) = failed.first() else {
+            return Ok(ExitCode::from(exit::OK));
+        };
+        let which: Vec<String> = failed
+            .iter()
+            .map(|(dest, code)| format!("{dest} (exit {code})"))
+            .collect();
+        eprintln!(
+            "sqlferry: error: {} of {} destinations failed: {}; {}",
+            failed.len(),
+            dests.len(),
+            which.join(", "),
+            if failed.len() == dests.len() {
+                "none was pushed"
+            } else {
+                "the others were pushed"
+            }
+        );
+        Ok(ExitCode::from(first))
+    }
+
+    /// One destination: a local copy, or a new version of a replica; its exit status.
+    async fn push_to(
+        &self,
+        local: &Path,
+        dest: &Dest,
+        global: &Global,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<u8> {
+        match dest {
+            Dest::File(_, path) => {
+                super::interruptible(shutdown, self.push_file(local, path, global)).await
+            }
+            Dest::Replica(replica) => {
+                let pusher = self.pusher(local, replica.clone(), global).await?;
+                self.push_replica(pusher, global, shutdown).await
+            }
+        }
+    }
+
+    /// The pusher of LOCAL to `replica`: its store resolved (saying so on stderr when
+    /// LOCAL's saved key chose it), its base version and key loaded.
+    async fn pusher(
+        &self,
+        local: &Path,
+        replica: ReplicaPath,
+        global: &Global,
+    ) -> anyhow::Result<Pusher> {
         let resolved = self
             .connection
             .options()
-            .resolve_for(&local, &replica)
+            .resolve_for(local, &replica)
             .await?;
         if let Some(saved) = &resolved.from_saved_key
             && !global.quiet
         {
-            eprintln!("{}", using_saved_server(saved, &local, &replica));
+            eprintln!("{}", using_saved_server(saved, local, &replica));
         }
-        let mut pusher = Pusher::open(
-            &local,
-            replica,
-            resolved.server,
-            self.connection.key.clone(),
-        )
-        .await?;
+        let mut pusher =
+            Pusher::open(local, replica, resolved.server, self.connection.key.clone()).await?;
         pusher.message = self.message.clone();
         pusher.force = self.force;
         pusher.new_keys = self.new_keys;
@@ -156,16 +356,17 @@ impl PushArgs {
             ))
             .into());
         }
-        if self.subscribe {
-            return super::subscribe::run_push(pusher, &self.timing, global, shutdown).await;
-        }
-        if self.timing.any() {
-            return Err(crate::Error::Usage(
-                "--wait-idle, --min-interval, --max-interval and --max-changes need --subscribe"
-                    .into(),
-            )
-            .into());
-        }
+        Ok(pusher)
+    }
+
+    /// The one-shot push of a replica (or its dry run), its line or JSON, and the wait
+    /// for followers; its exit status.
+    async fn push_replica(
+        &self,
+        mut pusher: Pusher,
+        global: &Global,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<u8> {
         pusher.require_key()?;
         super::interruptible(shutdown, async {
             if self.dry_run {
@@ -193,7 +394,7 @@ impl PushArgs {
                         "sqlferry: error: {}",
                         not_followed(&pusher.replica, report.outcome.version, f.count, n, self.timeout)
                     );
-                    Ok(ExitCode::from(exit::NOT_FOLLOWED))
+                    Ok(exit::NOT_FOLLOWED)
                 }
                 (Some(n), Some(f)) => {
                     if !self.json && !global.quiet {
@@ -205,22 +406,33 @@ impl PushArgs {
                             if f.count == 1 { "" } else { "s" }
                         ))?;
                     }
-                    Ok(ExitCode::from(exit::OK))
+                    Ok(exit::OK)
                 }
-                _ => Ok(ExitCode::from(exit::OK)),
+                _ => Ok(exit::OK),
             }
         })
         .await
     }
 
-    /// `--wait-followers` is for a replica on a server, with a timeout the server grants.
-    fn check_wait(&self) -> anyhow::Result<()> {
-        if is_local_path(&self.remote) {
-            return Err(crate::Error::Usage(format!(
-                "--wait-followers needs a replica on a server; {} is a local file",
-                self.remote
-            ))
-            .into());
+    /// `--wait-followers` is for one replica on a server, with a timeout the server
+    /// grants.
+    fn check_wait(&self, dests: &[Dest]) -> anyhow::Result<()> {
+        match dests {
+            [Dest::Replica(_)] => {}
+            [Dest::File(arg, _)] => {
+                return Err(crate::Error::Usage(format!(
+                    "--wait-followers needs a replica on a server; {arg} is a local file"
+                ))
+                .into());
+            }
+            _ => {
+                return Err(crate::Error::Usage(format!(
+                    "--wait-followers waits for the followers of one replica; {} are several \
+                     destinations: push them with --wait-followers one at a time",
+                    list(dests)
+                ))
+                .into());
+            }
         }
         if self.timeout > MAX_FOLLOWERS_WAIT || self.timeout.is_zero() {
             return Err(crate::Error::Usage(format!(
@@ -274,8 +486,11 @@ impl PushArgs {
         global: &Global,
     ) -> anyhow::Result<()> {
         let (replica, local) = (&pusher.replica, &pusher.local);
+        let store = on_store(&pusher.server);
         if self.json {
             let mut v = serde_json::to_value(&outcome.stats)?;
+            v["destination"] = replica.as_str().into();
+            v["store"] = pusher.server.url().into();
             v["replica"] = replica.as_str().into();
             v["version"] = outcome.version.into();
             v["created"] = outcome.created.into();
@@ -291,7 +506,7 @@ impl PushArgs {
             let s = &outcome.stats;
             if outcome.created {
                 out(format_args!(
-                    "pushed {} to {replica}: version {} ({} of {} pages sent, {} sent) in {:.2?}",
+                    "pushed {} to {replica} {store}: version {} ({} of {} pages sent, {} sent) in {:.2?}",
                     local.display(),
                     outcome.version,
                     s.pages_sent,
@@ -301,14 +516,14 @@ impl PushArgs {
                 ))?;
             } else if outcome.repaired > 0 {
                 out(format_args!(
-                    "repaired: {replica} is already at version {} ({}); {} damaged stored page(s) replaced with good ones",
+                    "repaired: {replica} {store} is already at version {} ({}); {} damaged stored page(s) replaced with good ones",
                     outcome.version,
                     local.display(),
                     outcome.repaired
                 ))?;
             } else {
                 out(format_args!(
-                    "no change: {replica} is already at version {} ({})",
+                    "no change: {replica} {store} is already at version {} ({})",
                     outcome.version,
                     local.display()
                 ))?;
@@ -318,18 +533,18 @@ impl PushArgs {
     }
 
     /// `--dry-run`: what a push would do, keys masked, nothing changed.
-    async fn dry_run(&self, pusher: &Pusher) -> anyhow::Result<ExitCode> {
+    async fn dry_run(&self, pusher: &Pusher) -> anyhow::Result<u8> {
         let plan = pusher.plan().await?;
         let key = pusher.key.as_deref().map_or("no key".to_owned(), |k| {
             format!("key {}", crate::server::mask(k))
         });
         out(format_args!(
-            "would push {} ({}, {} pages) to {} on {} with {key}: {}",
+            "would push {} ({}, {} pages) to {} {} with {key}: {}",
             pusher.local.display(),
             human_bytes(plan.size),
             plan.page_count,
             pusher.replica,
-            pusher.server.url(),
+            on_store(&pusher.server),
             match (plan.latest, plan.conflict) {
                 _ if plan.damaged.is_some() => format!(
                     "refused (exit 7), {}",
@@ -348,22 +563,21 @@ impl PushArgs {
                 (Some(n), _) => format!("version {} if anything changed since version {n}", n + 1),
             }
         ))?;
-        Ok(ExitCode::from(if plan.damaged.is_some() {
+        Ok(if plan.damaged.is_some() {
             exit::VERIFY
         } else if plan.conflict {
             exit::CONFLICT
         } else {
             exit::OK
-        }))
+        })
     }
 
-    /// `push SRC DEST` between two local files.
-    async fn push_file(&self, src: &Path, global: &Global) -> anyhow::Result<ExitCode> {
-        let dest = expand_tilde(&self.remote);
+    /// `push SRC DEST` between two local files; its exit status.
+    async fn push_file(&self, src: &Path, dest: &Path, global: &Global) -> anyhow::Result<u8> {
         if self.dry_run {
-            let plan = crate::client::plan_copy(src, &dest, self.allow_corrupt).await?;
+            let plan = crate::client::plan_copy(src, dest, self.allow_corrupt).await?;
             out(format_args!(
-                "would sync {} ({} pages) into {}{}",
+                "would push {} ({} pages) to {} (a local file){}",
                 src.display(),
                 plan.page_count,
                 dest.display(),
@@ -371,19 +585,22 @@ impl PushArgs {
                     .as_ref()
                     .map_or(String::new(), |e| format!(": refused (exit 7), {e}"))
             ))?;
-            return Ok(ExitCode::from(if plan.damaged.is_some() {
+            return Ok(if plan.damaged.is_some() {
                 exit::VERIFY
             } else {
                 exit::OK
-            }));
+            });
         }
         let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
-        let stats = crate::client::copy_file(src, &dest, self.allow_corrupt, bar).await?;
+        let stats = crate::client::copy_file(src, dest, self.allow_corrupt, bar).await?;
         if self.json {
-            out(format_args!("{}", serde_json::to_string(&stats)?))?;
+            let mut v = serde_json::to_value(&stats)?;
+            v["destination"] = dest.display().to_string().into();
+            v["store"] = dest.display().to_string().into();
+            out(format_args!("{v}"))?;
         } else if !global.quiet {
             out(format_args!(
-                "{} -> {}: {} of {} pages sent ({} sent, {} received) in {:.2?}, digest {}",
+                "pushed {} to {} (a local file): {} of {} pages sent ({} sent, {} received) in {:.2?}, digest {}",
                 src.display(),
                 dest.display(),
                 stats.pages_sent,
@@ -394,8 +611,17 @@ impl PushArgs {
                 stats.digest
             ))?;
         }
-        Ok(ExitCode::from(exit::OK))
+        Ok(exit::OK)
     }
+}
+
+/// Destinations for a message: `./a.db, acme/app.db`.
+fn list(dests: &[Dest]) -> String {
+    dests
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What stderr says when no store was named and LOCAL's saved key chose the server.

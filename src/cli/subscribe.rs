@@ -346,7 +346,6 @@ pub(super) async fn run_push(
 /// `push LOCAL REMOTE REMOTE... --subscribe`: one push subscriber per destination, side
 /// by side, each line prefixed with its destination; until `shutdown`. The exit code is
 /// the first destination's failure (in the order given), else 0.
-#[allow(dead_code)] // Wired to `push LOCAL REMOTE REMOTE... --subscribe` next.
 pub(super) async fn run_push_many(
     destinations: Vec<plan::Destination>,
     timing: &TimingArgs,

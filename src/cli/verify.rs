@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use super::{Global, RemoteArgs, exit, expand_tilde, is_local_path, out};
+use super::{Global, Place, RemoteArgs, exit, expand_tilde, out};
 use crate::shutdown::Shutdown;
 
 /// Arguments of `sqlferry verify`.
@@ -14,7 +14,13 @@ sqlferry verify backup.db                   digest, page size, page count, integ
 sqlferry verify backup.db --json            the same as one JSON object\n  \
 sqlferry verify -q backup.db && echo ok     only the exit status\n  \
 sqlferry verify acme/app.db@3               a stored version, fetched whole and checked\n  \
-sqlferry verify acme/app.db --all-versions  every stored version, one line each\n\n\
+sqlferry verify acme/app.db --all-versions  every stored version, one line each\n  \
+sqlferry verify --replica backups/app.db@3  a stored version, though ./backups/ exists\n\n\
+FILE is a local file when it starts with /, ./, ../ or ~/, exists, or is a bare name \
+(backup.db); a stored version when it has a / and its directory does not exist here. One \
+such as backups/app.db while the directory backups/ exists here could be either: it is \
+refused (exit 2); write ./backups/app.db for the file or --replica backups/app.db for the \
+replica.\n\n\
 Exit status is 0 when the integrity check says ok, 7 when it does not (or SQLite finds the \
 file damaged, or FILE is not a valid SQLite database: a verification that failed), 3 when \
 FILE is missing or cannot be read.\n\n\
@@ -33,8 +39,13 @@ the exit status is 7 when any version failed. --json prints one object: {\"repli
 pub struct VerifyArgs {
     /// The database file (read-only; a live database is fine), or a stored version:
     /// namespace/name[@N|@latest|@latest-N|@TIME].
-    #[arg(required_unless_present = "from")]
+    #[arg(required_unless_present_any = ["from", "replica"])]
     pub file: Option<String>,
+    /// A stored version, namespace/name[@VERSION], whatever exists on this machine: for a
+    /// name such as backups/app.db while a directory backups/ exists here. FILE is then
+    /// left out.
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with_all = ["file", "from"])]
+    pub replica: Option<String>,
     /// FILE, or the stored version `--from` names (set by `run`).
     #[arg(skip)]
     target: String,
@@ -62,10 +73,29 @@ impl VerifyArgs {
             self.target = spec;
             self.connection.server = connection.server;
             self.connection.key = connection.key;
+        } else if let Some(replica) = &self.replica {
+            self.target = replica.clone();
         } else {
             self.target = self.file.clone().unwrap_or_default();
         }
         super::interruptible(shutdown, self.verify(global)).await
+    }
+
+    /// Whether the target is a stored version: named by --replica or --from, or by
+    /// FILE under [`Place`]'s rule (a bare name is a file; an ambiguous name is refused).
+    fn stored(&self) -> crate::Result<bool> {
+        if self.replica.is_some() || self.from.from.is_some() {
+            // Named as a replica: a bad path is its error, not a file's.
+            crate::store::Selector::split(&self.target)?;
+            return Ok(true);
+        }
+        match Place::of(&self.target) {
+            Place::Local(_) | Place::BareName(_) => Ok(false),
+            Place::Replica(_) => Ok(true),
+            refused @ Place::Ambiguous(_) => {
+                Err(refused.refusal().expect("an ambiguous name is refused"))
+            }
+        }
     }
 
     async fn verify(&self, global: &Global) -> anyhow::Result<ExitCode> {
@@ -73,10 +103,9 @@ impl VerifyArgs {
             return self.verify_all(global).await;
         }
         let path = expand_tilde(&self.target);
-        // FILE is a stored version when it is no local path and names one.
-        let stored = match is_local_path(&self.target) {
-            true => None,
-            false => crate::client::verify_stored(&self.connection.options(), &self.target).await?,
+        let stored = match self.stored()? {
+            false => None,
+            true => crate::client::verify_stored(&self.connection.options(), &self.target).await?,
         };
         let report = match stored {
             Some(report) => report,
@@ -114,7 +143,7 @@ impl VerifyArgs {
         use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
         use std::io::IsTerminal as _;
 
-        if is_local_path(&self.target) {
+        if !self.stored()? && matches!(Place::of(&self.target), Place::Local(_)) {
             return Err(crate::Error::Usage(format!(
                 "--all-versions checks a stored replica (namespace/name); {} is a local file",
                 self.target

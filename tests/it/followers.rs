@@ -214,7 +214,10 @@ fn a_wait_no_follower_answers_exits_12_and_the_version_exists() {
          replica's followers and their lag"
     );
     assert!(
-        util::stdout(&out).contains("pushed app.db to acme/app.db: version 2"),
+        util::stdout(&out).contains(&format!(
+            "pushed app.db to acme/app.db on {}: version 2",
+            server.url
+        )),
         "the push line: {}",
         util::stdout(&out)
     );

@@ -30,6 +30,8 @@
 //!   the disk space freed, pushes and pulls racing prunes, stored bytes, pulls by time.
 //! - `store_packs`: pages stored once across replicas, pushes into several replicas at
 //!   once (one process and several), a store of the previous layout moved into packs.
+//! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
+//!   name refused with both spellings); pushes to several destinations at once.
 
 mod cli;
 mod daemon;
@@ -39,6 +41,7 @@ mod followers;
 mod house;
 mod layers;
 mod live;
+mod names;
 mod retention;
 mod server;
 mod status;

@@ -126,11 +126,17 @@ fn a_drill_result_appears_outlives_a_restart_and_a_damaged_page_fails_the_next_o
         error.contains("page 2 of acme/app.db@1"),
         "the error names the page and the version: {error}"
     );
+    // The server records the result (what the API shows) just before it logs it: wait
+    // for the line.
+    let logged = util::wait_until(DRILL_TIMEOUT, Duration::from_millis(50), || {
+        server.log().contains("restore drill FAILED")
+    });
     let log = server.log();
+    assert!(logged, "a failed drill is logged; log:\n{log}");
     let line = log
         .lines()
         .find(|l| l.contains("restore drill FAILED"))
-        .unwrap_or_else(|| panic!("a failed drill is logged; log:\n{log}"));
+        .expect("the line waited for");
     assert!(line.contains("ERROR"), "logged at ERROR: {line}");
     assert!(line.contains("acme/app.db"), "{line}");
 }
