@@ -244,6 +244,12 @@ pub struct Config {
     /// After `prune`: what was removed and freed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pruned: Option<Box<PruneReport>>,
+    /// The server's id: random, made once per data directory, the same across
+    /// restarts and whatever URL the client used; not a secret. Clients save it with a
+    /// key so that another spelling of the server's URL finds the key. Absent from
+    /// older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
