@@ -84,8 +84,12 @@ impl Connection {
         if let Some(key) = &self.key {
             return Ok(Some(key.clone()));
         }
+        // As before keys could be found by id: a secrets file that cannot be read
+        // gives no key here (the command then says a key is missing), not an error.
         Ok(saved_key(server, replica, database)
-            .await?
+            .await
+            .ok()
+            .flatten()
             .map(|saved| saved.key))
     }
 

@@ -1,5 +1,7 @@
 //! Where sqlferry keeps its files, following the XDG base directory rules.
 //!
+//! - config: the settings file and the secrets file (saved PUSH keys, with the id of
+//!   the server each is for);
 //! - cache: page-hash caches, safe to delete at any time (the next sync recomputes them);
 //! - data: the embedded store, when no server is named;
 //! - state: the version each local database was last pushed or pulled as.
