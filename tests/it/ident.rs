@@ -10,6 +10,7 @@
 //!   the id at its next push.
 //! - A sidecar runs with `PATH=/usr/bin:/bin` (no `sqlferry` there) through the binary
 //!   that wrote it; one in the old format fails there with 127, as documented.
+//! - `serve --help` holds what it used to send the reader to docs/server.md for.
 
 use std::io::{Read as _, Write as _};
 use std::path::Path;
@@ -290,4 +291,24 @@ fn a_sidecar_runs_without_sqlferry_on_path() {
     );
     assert_eq!(r["version"], 1, "{r}");
     v1.assert_held_by(&b.path("old.db"), "pulled with --from an old sidecar");
+}
+
+#[test]
+fn serve_help_carries_what_it_used_to_point_to_in_docs() {
+    let dir = TempDir::new().expect("tempdir");
+    let out = util::run(dir.path(), &["serve".as_ref(), "--help".as_ref()]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let help = util::stdout(&out);
+    assert!(
+        !help.contains("docs/"),
+        "no pointer to a file an installed binary lacks:\n{help}"
+    );
+    for needed in [
+        "openssl req -x509",
+        "SQLFERRY_CA_FILE=ca.pem",
+        "GET /api/replicas",
+        "scrape_configs",
+    ] {
+        assert!(help.contains(needed), "{needed:?} in serve --help:\n{help}");
+    }
 }
