@@ -6,6 +6,7 @@
 //! (SIGINT and SIGTERM: the first asks for a graceful stop, the second forces it), and
 //! awaits the command. Nothing below `cli` builds a runtime or catches a signal.
 
+mod daemon;
 mod docs;
 mod keys;
 mod progress;
@@ -125,6 +126,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Syncs per day: how many, versions, bytes, durations, failures, triggers.
     History(status::HistoryArgs),
+    /// Run push and pull subscribers for many databases from one configuration file.
+    Daemon(daemon::DaemonArgs),
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(docs::CompletionsArgs),
     /// Print a manual page in roff (`sqlferry man push | man -l -`), or write them all.
@@ -331,6 +334,7 @@ impl Command {
             Command::Scrub(args) => args.run(global, shutdown).await,
             Command::Status(args) => args.run(global, shutdown).await,
             Command::History(args) => args.run(global, shutdown).await,
+            Command::Daemon(args) => args.run(global, shutdown).await,
             Command::Completions(args) => args.run(global, shutdown).await,
             Command::Man(args) => args.run(global, shutdown).await,
         }

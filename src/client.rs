@@ -21,7 +21,9 @@ mod push;
 mod status;
 
 pub use pull::{Kept, LocalChange, PullPlan, Puller, local_digest, short_digest, unsynced_changes};
-pub use push::{CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, plan_copy};
+pub use push::{
+    CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, copy_file_for, plan_copy,
+};
 pub use status::{Scope, State, Status, history, status};
 
 use std::path::{Path, PathBuf};

@@ -38,6 +38,7 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod digest;
 pub mod engine;
 pub mod epoch;

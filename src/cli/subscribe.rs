@@ -66,10 +66,11 @@ impl TimingArgs {
             poll: self.poll,
             report_after: self.report_after,
             shutdown_bound: SHUTDOWN_BOUND,
+            permits: None,
         }
     }
 
-    fn describe(t: &Timing) -> String {
+    pub(super) fn describe(t: &Timing) -> String {
         let mut parts = vec![format!("after {} idle", duration::format(t.wait_idle))];
         if !t.min_interval.is_zero() {
             parts.push(format!(
@@ -118,35 +119,67 @@ impl Line {
 
     /// The line of `event`.
     fn event(&self, event: Event) {
+        match text(event) {
+            Some((Stream::Out, line)) => self.out(line),
+            Some((Stream::Err, line)) => self.err(line),
+            None => {}
+        }
+    }
+}
+
+/// Where a line goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stream {
+    /// Results: stdout, unless `--quiet`.
+    Out,
+    /// Failures: stderr.
+    Err,
+}
+
+/// The line of `event` and its stream; `None` for events that make no line.
+pub(super) fn text(event: Event) -> Option<(Stream, String)> {
+    let out = |s: String| Some((Stream::Out, s));
+    let err = |s: String| Some((Stream::Err, s));
+    {
         match event {
             Event::PushStarted {
                 database,
                 replica,
                 server,
                 timing,
-            } => self.out(format!(
-                "push subscriber: {} to {replica} on {server}, {}",
+            } => out(format!(
+                "push subscriber: {} to {}, {}",
                 database.display(),
+                store_label(&replica, &server),
                 TimingArgs::describe(&timing)
             )),
-            Event::NoFirstWord { waited } => self.err(format!(
+            Event::NoFirstWord { waited } => err(format!(
                 "no answer from the server within {}s; watching anyway",
                 waited.as_secs()
             )),
-            Event::StartedOffline { error, retry_in } => self.err(format!(
+            Event::StartedOffline { error, retry_in } => err(format!(
                 "server unreachable ({error}); watching anyway, retrying in {}",
                 duration::format(retry_in)
             )),
-            Event::PushServerLost { error, retry_in } => self.err(format!(
+            Event::PushServerLost { error, retry_in } => err(format!(
                 "lost the server ({error}); changes are tracked and pushed when it is back (next try in {})",
                 duration::format(retry_in)
             )),
-            Event::ServerBack => self.out("server reachable again".into()),
+            Event::ServerBack => out("server reachable again".into()),
             Event::Pushed { trigger, pushed: p } => {
                 if let Some(saved) = &p.saved_keys {
                     eprintln!("{}", super::push::new_keys_note(saved));
                 }
-                self.out(if p.created {
+                out(if p.copy {
+                    format!(
+                        "push ({}): copy updated, {} of {} pages, {} sent in {:.2?}",
+                        trigger.as_str(),
+                        p.pages_sent,
+                        p.pages_total,
+                        human_bytes(p.bytes_sent),
+                        p.duration
+                    )
+                } else if p.created {
                     format!(
                         "push ({}): version {}, {} of {} pages, {} sent in {:.2?}",
                         trigger.as_str(),
@@ -164,7 +197,7 @@ impl Line {
                         human_bytes(p.bytes_sent),
                         p.duration
                     )
-                });
+                })
             }
             Event::PushFailed {
                 trigger,
@@ -176,9 +209,12 @@ impl Line {
                     NextPush::RetryIn(d) => format!("retry in {}", duration::format(d)),
                     NextPush::AtNextChange => "no more retries; pushing at the next change".into(),
                 };
-                self.err(format!("push ({}) failed: {error}; {next}", trigger.as_str()));
+                err(format!(
+                    "push ({}) failed: {error}; {next}",
+                    trigger.as_str()
+                ))
             }
-            Event::PushingBeforeStop { bound } => self.out(format!(
+            Event::PushingBeforeStop { bound } => out(format!(
                 "stopping: pushing pending changes first (at most {}; a second signal stops at once)",
                 duration::format(bound)
             )),
@@ -191,29 +227,29 @@ impl Line {
                 } else {
                     ""
                 };
-                self.out(format!(
+                out(format!(
                     "the key{from} for {replica} is a PULL key: following the replica as a pull subscriber instead"
-                ));
+                ))
             }
             Event::PullStarted {
                 replica,
                 server,
                 local,
-            } => self.out(format!(
+            } => out(format!(
                 "pull subscriber: {replica} on {server} into {}",
                 local.display()
             )),
-            Event::Reconnected { latest } => self.out(format!(
+            Event::Reconnected { latest } => out(format!(
                 "connected again; the replica is at version {latest}"
             )),
             Event::NoVersionYet => {
-                self.out("the replica has no version yet; waiting for the first".into());
+                out("the replica has no version yet; waiting for the first".into())
             }
-            Event::PullServerLost { error, retry_in } => self.err(format!(
+            Event::PullServerLost { error, retry_in } => err(format!(
                 "lost the server ({error}); reconnecting in {}",
                 duration::format(retry_in)
             )),
-            Event::Pulled { reason, pulled: p } => self.out(format!(
+            Event::Pulled { reason, pulled: p } => out(format!(
                 "pull ({}): version {}, {} of {} pages written, {} received in {:.2?}",
                 reason.as_str(),
                 p.version,
@@ -226,18 +262,29 @@ impl Line {
                 reason,
                 error,
                 retry_in,
-            } => self.err(format!(
+            } => err(format!(
                 "pull ({}) failed: {error}; retry in {}",
                 reason.as_str(),
                 duration::format(retry_in)
             )),
-            Event::PullingBeforeStop => self.out(
-                "stopping after the pull in progress (a second signal stops at once)".into(),
-            ),
-            Event::StoppingNow => self.err("second signal: stopping now".into()),
+            Event::PullingBeforeStop => {
+                out("stopping after the pull in progress (a second signal stops at once)".into())
+            }
+            Event::StoppingNow => err("second signal: stopping now".into()),
             // The plan moves with every change: `status` shows it, not the log.
-            Event::Planned { .. } => {}
+            Event::Planned { .. } => None,
         }
+    }
+}
+
+/// Where a subscriber's changes go, as its first line says: `acme/app.db on
+/// ws://host:port`, `acme/app.db in the embedded store (DIR)`, or a copy's path
+/// (`server` empty).
+fn store_label(replica: &str, server: &str) -> String {
+    match server.strip_prefix("file://") {
+        _ if server.is_empty() => format!("the copy {replica}"),
+        Some(dir) => format!("{replica} in the embedded store ({dir})"),
+        None => format!("{replica} on {server}"),
     }
 }
 
@@ -294,6 +341,65 @@ pub(super) async fn run_push(
     })
     .await;
     exit_code(line, ended, following)
+}
+
+/// `push LOCAL REMOTE REMOTE... --subscribe`: one push subscriber per destination, side
+/// by side, each line prefixed with its destination; until `shutdown`. The exit code is
+/// the first destination's failure (in the order given), else 0.
+#[allow(dead_code)] // Wired to `push LOCAL REMOTE REMOTE... --subscribe` next.
+pub(super) async fn run_push_many(
+    destinations: Vec<plan::Destination>,
+    timing: &TimingArgs,
+    global: &Global,
+    shutdown: &Shutdown,
+) -> anyhow::Result<ExitCode> {
+    let line = Line {
+        quiet: global.quiet,
+    };
+    let labels: Vec<String> = destinations.iter().map(plan::Destination::label).collect();
+    let mut following: Vec<Option<String>> = vec![None; labels.len()];
+    let ended = plan::push_many(destinations, timing.options(), shutdown, |i, event| {
+        if let Event::PullStarted {
+            replica, server, ..
+        } = &event
+        {
+            following[i] = Some(format!("pull subscriber of {replica} on {server}"));
+        }
+        match text(event) {
+            Some((Stream::Out, s)) => line.out(format!("{}: {s}", labels[i])),
+            Some((Stream::Err, s)) => line.err(format!("{}: {s}", labels[i])),
+            None => {}
+        }
+    })
+    .await;
+    let mut first: Option<anyhow::Error> = None;
+    let mut interrupted = false;
+    for ((ended, label), following) in ended.into_iter().zip(&labels).zip(following) {
+        let stopped_line = |what: &str| line.out(format!("{label}: stopped (asked to): {what}"));
+        match ended {
+            Ok(Ended::Shutdown) => stopped_line(match following {
+                Some(_) => "the database holds the last version pulled",
+                None => "every change seen is pushed",
+            }),
+            Ok(Ended::Interrupted) => interrupted = true,
+            Ok(Ended::Unpushed(e)) => {
+                line.err(format!("{label}: stopped with changes not pushed: {e}"));
+                first.get_or_insert_with(|| {
+                    anyhow::Error::from(e)
+                        .context(format!("{label}: stopped with changes not pushed"))
+                });
+            }
+            Err(e) => {
+                line.err(format!("{label}: {e}"));
+                first.get_or_insert_with(|| anyhow::Error::from(e).context(label.clone()));
+            }
+        }
+    }
+    match first {
+        Some(e) => Err(e),
+        None if interrupted => Ok(ExitCode::from(exit::INTERRUPTED)),
+        None => Ok(ExitCode::from(exit::OK)),
+    }
 }
 
 /// `pull REMOTE --subscribe`: pull each new version until `shutdown`.

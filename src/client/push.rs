@@ -469,6 +469,18 @@ pub async fn copy_file(
     allow_corrupt: bool,
     progress: Arc<dyn Progress>,
 ) -> Result<SyncStats> {
+    copy_file_for(src, dest, allow_corrupt, "manual", progress).await
+}
+
+/// [`copy_file`], with the reason the sync log records (`manual`, or a subscriber's
+/// trigger: `idle`, `max-interval`, …).
+pub async fn copy_file_for(
+    src: &Path,
+    dest: &Path,
+    allow_corrupt: bool,
+    trigger: &'static str,
+    progress: Arc<dyn Progress>,
+) -> Result<SyncStats> {
     let started = std::time::Instant::now();
     let result = copy_file_once(src, dest, allow_corrupt, progress).await;
     let dest_key = crate::config::database_key(dest);
@@ -476,7 +488,7 @@ pub async fn copy_file(
         &crate::config::database_key(src),
         "file".into(),
         &dest_key.to_string_lossy(),
-        ("push", "manual"),
+        ("push", trigger),
         started,
         result.as_ref().map(|s| (s, 0, s.pages_sent > 0)),
     );

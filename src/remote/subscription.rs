@@ -135,7 +135,7 @@ impl Server {
                     listener,
                     store.clone(),
                     replica.clone(),
-                    latest,
+                    (latest, role == SubscriberRole::Pull),
                     notices_tx,
                     outgoing_rx,
                 ))
@@ -179,16 +179,20 @@ impl Server {
     }
 }
 
-/// How often a subscriber of the embedded store checks the latest version itself: the
-/// safety net for a notification it missed (or a push by `sqlferry serve` on the same
-/// directory, which notifies only its own subscribers).
+/// How often a pull subscriber of the embedded store checks the latest version itself:
+/// the safety net for a notification it missed (or a push by `sqlferry serve` on the
+/// same directory, which notifies only its own subscribers). A push subscriber does not
+/// follow versions and never polls (a daemon with 200 of them would open 20 replica
+/// files a second for nothing).
 const LOCAL_POLL: Duration = Duration::from_secs(10);
 
+/// The embedded store's subscription: `(latest, poll)` is the latest version and
+/// whether to poll for new ones ([`LOCAL_POLL`]).
 async fn run_local(
     listener: local::Listener,
     store: crate::store::Store,
     replica: ReplicaPath,
-    mut latest: u64,
+    (mut latest, polls): (u64, bool),
     notices: mpsc::UnboundedSender<Notice>,
     mut outgoing: mpsc::Receiver<Outgoing>,
 ) {
@@ -219,7 +223,7 @@ async fn run_local(
                 Some(Err(e)) => Notice::Fatal(e),
                 None => return,
             },
-            _ = poll.tick() => {
+            _ = poll.tick(), if polls => {
                 let (store, replica) = (store.clone(), replica.clone());
                 let found = tokio::task::spawn_blocking(move || store.versions(&replica)).await;
                 match found {

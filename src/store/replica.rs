@@ -940,6 +940,9 @@ impl VersionWriter {
         let mut seen = 0u32;
         let mut page1 = None;
         let mut indexed = 0u64;
+        // Pages another push (of another replica) indexed first, while this one ran:
+        // the version uses that copy.
+        let mut raced = 0u64;
         loop {
             let next = hashes.next().transpose()?;
             if let Some(h) = next {
@@ -972,6 +975,8 @@ impl VersionWriter {
                         };
                         if self.pages.insert(&h, loc, false)? {
                             indexed += 1;
+                        } else {
+                            raced += 1;
                         }
                     }
                 }
@@ -1031,7 +1036,11 @@ impl VersionWriter {
         }
         if indexed < self.fresh {
             self.drop_unused()?;
-            tracing::warn!(replica = %self.replica, pages = self.fresh - indexed, "pages the push sent but its version does not use were not kept");
+            if indexed + raced < self.fresh {
+                tracing::warn!(replica = %self.replica, pages = self.fresh - indexed - raced, "pages the push sent but its version does not use were not kept");
+            } else {
+                tracing::debug!(replica = %self.replica, pages = raced, "pages a concurrent push stored first: that copy is used");
+            }
         }
         if !same {
             let page1 = page1.ok_or_else(|| Error::Protocol("a version without pages".into()))?;

@@ -69,6 +69,9 @@ pub struct PushOptions {
     pub report_after: Duration,
     /// How long pending changes may take to push after a graceful stop request.
     pub shutdown_bound: Duration,
+    /// Shared by subscribers that should not all push at once (the daemon's): a push
+    /// waits for a permit first.
+    pub permits: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl PushOptions {
@@ -203,25 +206,10 @@ pub async fn push<E: FnMut(Event)>(
             seen,
         })
     };
-    let action = ClientPush::new(pusher);
+    let action = ClientPush::new(pusher, options.permits.clone());
     let mut record = Running::start(&database_key, &server.url(), replica.as_str(), "push");
     let mut emit_noted = |event: Event| {
-        if let (
-            Some(record),
-            Event::Planned {
-                after,
-                trigger,
-                running,
-            },
-        ) = (&mut record, &event)
-        {
-            record.plan(trigger.map(|t| Planned {
-                at: after.filter(|_| !running).map(|d| {
-                    crate::epoch::now() + i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2)
-                }),
-                why: why(t, &timing, *after),
-            }));
-        }
+        note_plan(&mut record, &timing, &event);
         emit(event);
     };
     let ended = subscriber
@@ -255,6 +243,220 @@ pub async fn push<E: FnMut(Event)>(
             });
             pull(puller, shutdown, emit).await
         }
+    }
+}
+
+/// Where a push subscriber sends its database's changes.
+#[derive(Debug)]
+pub enum Destination {
+    /// A replica in a store (embedded or a server): each push makes a version.
+    Replica(Pusher),
+    /// A local file kept equal to the database (`push app.db ./backup/app.db`).
+    File {
+        /// The database.
+        local: PathBuf,
+        /// The copy.
+        copy: PathBuf,
+    },
+}
+
+impl Destination {
+    /// How lines name it: `acme/app.db on ws://host:port`, `acme/app.db in the embedded
+    /// store`, or the copy's path.
+    pub fn label(&self) -> String {
+        match self {
+            Destination::Replica(p) => match &p.server {
+                Server::Embedded(_) => format!("{} (embedded store)", p.replica),
+                Server::Ws { url } => format!("{} on {url}", p.replica),
+            },
+            Destination::File { copy, .. } => copy.display().to_string(),
+        }
+    }
+}
+
+/// Runs a push subscriber of one database to one destination until `shutdown`.
+pub async fn push_to<E: FnMut(Event)>(
+    destination: Destination,
+    options: PushOptions,
+    shutdown: &Shutdown,
+    emit: E,
+) -> Result<Ended> {
+    match destination {
+        Destination::Replica(pusher) => push(pusher, options, shutdown, emit).await,
+        Destination::File { local, copy } => {
+            push_to_file(local, copy, options, shutdown, emit).await
+        }
+    }
+}
+
+/// Runs one push subscriber per destination, side by side on this task, each with its
+/// own base version, retries and status, until `shutdown`; `emit` hears each one's
+/// events with its index. One failing never stops the others; the results come back in
+/// the destinations' order.
+pub async fn push_many<E: FnMut(usize, Event)>(
+    destinations: Vec<Destination>,
+    options: PushOptions,
+    shutdown: &Shutdown,
+    emit: E,
+) -> Vec<Result<Ended>> {
+    let emit = std::cell::RefCell::new(emit);
+    let emit = &emit;
+    let runs = destinations.into_iter().enumerate().map(|(i, d)| {
+        let options = options.clone();
+        async move { push_to(d, options, shutdown, move |e| (emit.borrow_mut())(i, e)).await }
+    });
+    futures_util::future::join_all(runs).await
+}
+
+/// Runs a push subscriber that keeps the local file `copy` equal to `local`.
+pub async fn push_to_file<E: FnMut(Event)>(
+    local: PathBuf,
+    copy: PathBuf,
+    options: PushOptions,
+    shutdown: &Shutdown,
+    mut emit: E,
+) -> Result<Ended> {
+    let timing = options.timing()?;
+    let database = local.clone();
+    let database_key = crate::config::database_key(&local)
+        .to_string_lossy()
+        .into_owned();
+    let copy_key = crate::config::database_key(&copy)
+        .to_string_lossy()
+        .into_owned();
+    emit(Event::PushStarted {
+        database: database.clone(),
+        replica: copy.display().to_string(),
+        server: String::new(),
+        timing,
+    });
+    let subscriber = PushSubscriber {
+        timing,
+        shutdown_bound: options.shutdown_bound,
+        report_after: options.report_after,
+    };
+    let poll = options.poll;
+    let watch = || async move {
+        let (watcher, seen) =
+            tokio::task::spawn_blocking(move || Watcher::start(&database, poll)).await??;
+        Ok(Watched {
+            _watcher: watcher,
+            seen,
+        })
+    };
+    let action = FileCopy {
+        local,
+        copy,
+        permits: options.permits.clone(),
+    };
+    let mut record = Running::start(&database_key, "file", &copy_key, "push");
+    let ended = subscriber
+        .run(
+            action,
+            &mut NoServer::default(),
+            watch,
+            shutdown,
+            |event: Event| {
+                note_plan(&mut record, &timing, &event);
+                emit(event);
+            },
+        )
+        .await;
+    drop(record);
+    match ended? {
+        super::push::Ended::Shutdown => Ok(Ended::Shutdown),
+        super::push::Ended::Unpushed(e) => Ok(Ended::Unpushed(e)),
+        super::push::Ended::Interrupted | super::push::Ended::PullKey(_) => Ok(Ended::Interrupted),
+    }
+}
+
+/// Keeps the running note's planned push up to date from a [`Event::Planned`].
+fn note_plan(record: &mut Option<Running>, timing: &Timing, event: &Event) {
+    if let (
+        Some(record),
+        Event::Planned {
+            after,
+            trigger,
+            running,
+        },
+    ) = (record, event)
+    {
+        record.plan(trigger.map(|t| Planned {
+            at:
+                after.filter(|_| !running).map(|d| {
+                    crate::epoch::now() + i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2)
+                }),
+            why: why(t, timing, *after),
+        }));
+    }
+}
+
+/// The line to no server, for a file copy: connected from the start, nothing heard,
+/// nothing told.
+#[derive(Debug, Default)]
+struct NoServer {
+    greeted: bool,
+}
+
+impl super::action::Notices for NoServer {
+    fn next(&mut self) -> impl Future<Output = Option<crate::remote::Notice>> + Send {
+        let first = !std::mem::replace(&mut self.greeted, true);
+        async move {
+            if first {
+                return Some(crate::remote::Notice::Connected {
+                    exists: true,
+                    latest: 0,
+                    key_type: String::new(),
+                });
+            }
+            std::future::pending().await
+        }
+    }
+
+    fn send(&mut self, _message: Outgoing) {}
+}
+
+/// The push of a file copy: `push LOCAL ./copy.db`, each time.
+struct FileCopy {
+    local: PathBuf,
+    copy: PathBuf,
+    permits: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl PushAction for FileCopy {
+    fn push(&mut self, trigger: Trigger) -> impl Future<Output = Result<Pushed>> + Send {
+        let (local, copy, permits) = (self.local.clone(), self.copy.clone(), self.permits.clone());
+        async move {
+            let _permit = permit(permits.as_ref()).await;
+            let stats = crate::client::copy_file_for(
+                &local,
+                &copy,
+                false,
+                trigger.as_str(),
+                crate::remote::no_progress(),
+            )
+            .await?;
+            Ok(Pushed {
+                version: 0,
+                copy: true,
+                created: stats.pages_sent > 0,
+                pages_sent: u64::from(stats.pages_sent),
+                pages_total: u64::from(stats.pages_total),
+                bytes_sent: stats.bytes_sent,
+                duration: stats.duration,
+                saved_keys: None,
+            })
+        }
+    }
+}
+
+/// A permit of `permits`, when the subscriber shares some (held for one push).
+async fn permit(
+    permits: Option<&Arc<tokio::sync::Semaphore>>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match permits {
+        Some(p) => Arc::clone(p).acquire_owned().await.ok(),
+        None => None,
     }
 }
 
@@ -362,14 +564,16 @@ struct ClientPush {
     pusher: Arc<tokio::sync::Mutex<Pusher>>,
     /// The commit message given, empty for the default one per trigger.
     message: String,
+    permits: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl ClientPush {
-    fn new(mut pusher: Pusher) -> ClientPush {
+    fn new(mut pusher: Pusher, permits: Option<Arc<tokio::sync::Semaphore>>) -> ClientPush {
         let message = std::mem::take(&mut pusher.message);
         ClientPush {
             pusher: Arc::new(tokio::sync::Mutex::new(pusher)),
             message,
+            permits,
         }
     }
 
@@ -395,7 +599,9 @@ impl PushAction for ClientPush {
         } else {
             self.message.clone()
         };
+        let permits = self.permits.clone();
         async move {
+            let _permit = permit(permits.as_ref()).await;
             let mut p = pusher.lock().await;
             p.message = message;
             p.trigger = trigger.as_str();
@@ -403,6 +609,7 @@ impl PushAction for ClientPush {
             let o = report.outcome;
             Ok(Pushed {
                 version: o.version,
+                copy: false,
                 created: o.created,
                 pages_sent: u64::from(o.stats.pages_sent),
                 pages_total: u64::from(o.stats.pages_total),

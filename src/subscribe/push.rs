@@ -41,8 +41,11 @@ pub const FIRST_WORD: Duration = Duration::from_secs(5);
 /// What one push did, for the subscriber's output line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pushed {
-    /// The replica's version after the push.
+    /// The replica's version after the push (0 for a local file copy, which keeps no
+    /// versions: see `copy`).
     pub version: u64,
+    /// A local file copy was brought up to date, not a replica.
+    pub copy: bool,
     /// Whether the push made that version.
     pub created: bool,
     /// Pages sent.

@@ -66,6 +66,7 @@ impl PushAction for TestPush {
 fn pushed(version: u64) -> Result<Pushed> {
     Ok(Pushed {
         version,
+        copy: false,
         created: true,
         pages_sent: 1,
         pages_total: 2,

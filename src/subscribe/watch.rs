@@ -89,7 +89,7 @@ pub struct Watcher {
     /// The checker thread, joined on drop.
     checker: Option<std::thread::JoinHandle<()>>,
     /// The file watch, stopped when dropped.
-    _file_watch: notify::RecommendedWatcher,
+    _file_watch: DirWatch,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -176,12 +176,8 @@ impl Drop for Watcher {
 }
 
 /// Starts the file watch on `dir`: events on `name`, `name-wal` and `name-journal` send a
-/// nudge. notify's callback does nothing else.
-fn watch_dir(
-    dir: &Path,
-    name: &std::ffi::OsStr,
-    nudge: SyncSender<()>,
-) -> Result<notify::RecommendedWatcher> {
+/// nudge. The watch is shared ([`DirWatch`]): one per directory in the process.
+fn watch_dir(dir: &Path, name: &std::ffi::OsStr, nudge: SyncSender<()>) -> Result<DirWatch> {
     let names: Vec<OsString> = ["", "-wal", "-journal"]
         .iter()
         .map(|suffix| {
@@ -190,45 +186,177 @@ fn watch_dir(
             n
         })
         .collect();
-    let dir_for_log = dir.to_owned();
-    let handler = move |event: notify::Result<notify::Event>| {
-        let relevant = match event {
-            Ok(event) => {
-                event.need_rescan()
-                    || (matches!(
-                        event.kind,
-                        EventKind::Any
-                            | EventKind::Create(_)
-                            | EventKind::Modify(_)
-                            | EventKind::Remove(_)
-                    ) && event
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name().is_some_and(|f| names.iter().any(|n| n == f))))
+    DirWatch::start(
+        dir,
+        Some(names),
+        Arc::new(move || {
+            // A full slot already holds a nudge; a closed one means the checker has
+            // ended: nothing more to do either way.
+            let _ = nudge.try_send(());
+        }),
+    )
+}
+
+/// What an interest in a directory's events calls on each one: it must return at once
+/// (it runs on the file watch's thread).
+pub type Nudge = Arc<dyn Fn() + Send + Sync>;
+
+/// Interest in file events of one directory: a nudge on each event on one of `names`
+/// (on any file when `None`). Registered in the process's one [`Hub`] while it lives.
+pub struct DirWatch {
+    dir: PathBuf,
+    id: u64,
+}
+
+impl std::fmt::Debug for DirWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirWatch").field("dir", &self.dir).finish()
+    }
+}
+
+impl DirWatch {
+    /// Registers interest in `dir` (an absolute, canonical directory): every event on one
+    /// of `names` (any file when `None`), and every event whose file is unknown (notify
+    /// lost some), calls `nudge`. The first interest in a directory starts its watch;
+    /// the last one dropped stops it.
+    pub fn start(dir: &Path, names: Option<Vec<OsString>>, nudge: Nudge) -> Result<DirWatch> {
+        let hub = Hub::get().map_err(|e| watch_err(dir, e))?;
+        // One registration at a time: the watch is started (or not) for the set of
+        // interests this one leaves.
+        let mut watcher = hub.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
+        // The interests' lock is never held across a call into notify: its event
+        // thread takes that lock to deliver, and a watch call waits on that thread.
+        let first = {
+            let mut dirs = hub.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            let interests = dirs.entry(dir.to_owned()).or_default();
+            interests.push(Interest { id, names, nudge });
+            interests.len() == 1
+        };
+        if first && let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            hub.forget(dir, id);
+            return Err(watch_err(dir, e));
+        }
+        Ok(DirWatch {
+            dir: dir.to_owned(),
+            id,
+        })
+    }
+
+    /// How many directories the process watches (diagnostics and tests: one per
+    /// directory however many databases it holds).
+    pub fn watched_dirs() -> usize {
+        HUB.get().and_then(|h| h.as_ref().ok()).map_or(0, |h| {
+            h.dirs.lock().unwrap_or_else(|p| p.into_inner()).len()
+        })
+    }
+}
+
+impl Drop for DirWatch {
+    fn drop(&mut self) {
+        let Some(Ok(hub)) = HUB.get() else { return };
+        let mut watcher = hub.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        if hub.forget(&self.dir, self.id) {
+            // Gone already (the directory was removed) is fine.
+            let _ = watcher.unwatch(&self.dir);
+        }
+    }
+}
+
+fn watch_err(dir: &Path, e: impl std::fmt::Display) -> Error {
+    Error::io(
+        dir,
+        std::io::Error::other(format!("watching for changes: {e}")),
+    )
+}
+
+/// One interest in a directory's events.
+struct Interest {
+    id: u64,
+    names: Option<Vec<OsString>>,
+    nudge: Nudge,
+}
+
+type Interests = std::collections::HashMap<PathBuf, Vec<Interest>>;
+
+/// The process's one file watch (notify: one inotify instance and one thread on
+/// Linux), shared by every watcher: a daemon with 200 databases in one directory holds
+/// one watch, not 200 (and stays far from the default limit of 128 inotify instances
+/// per user).
+struct Hub {
+    watcher: std::sync::Mutex<notify::RecommendedWatcher>,
+    dirs: Arc<std::sync::Mutex<Interests>>,
+    next_id: AtomicU64,
+}
+
+static HUB: std::sync::OnceLock<std::result::Result<Hub, String>> = std::sync::OnceLock::new();
+
+impl Hub {
+    fn get() -> std::result::Result<&'static Hub, String> {
+        HUB.get_or_init(Hub::new).as_ref().map_err(Clone::clone)
+    }
+
+    fn new() -> std::result::Result<Hub, String> {
+        let dirs: Arc<std::sync::Mutex<Interests>> = Arc::default();
+        let deliver = Arc::clone(&dirs);
+        let handler = move |event: notify::Result<notify::Event>| {
+            let dirs = deliver.lock().unwrap_or_else(|p| p.into_inner());
+            let event = match event {
+                Ok(event) if !event.need_rescan() => event,
+                other => {
+                    // Events may have been lost: everyone checks rather than waits for
+                    // the poll.
+                    if let Err(e) = other {
+                        tracing::debug!("file events: {e}");
+                    }
+                    for interest in dirs.values().flatten() {
+                        (interest.nudge)();
+                    }
+                    return;
+                }
+            };
+            if !matches!(
+                event.kind,
+                EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+            ) {
+                return;
             }
-            Err(e) => {
-                // Events may have been lost: check rather than wait for the poll.
-                tracing::debug!("watching {}: {e}", dir_for_log.display());
-                true
+            for path in &event.paths {
+                let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
+                    continue;
+                };
+                for interest in dirs.get(dir).into_iter().flatten() {
+                    if interest
+                        .names
+                        .as_ref()
+                        .is_none_or(|names| names.iter().any(|n| n == file))
+                    {
+                        (interest.nudge)();
+                    }
+                }
             }
         };
-        if relevant {
-            // A full slot already holds a nudge, and a closed one means the checker has
-            // ended: either way there is nothing more to do.
-            let _ = nudge.try_send(());
+        let watcher = notify::recommended_watcher(handler).map_err(|e| e.to_string())?;
+        Ok(Hub {
+            watcher: std::sync::Mutex::new(watcher),
+            dirs,
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    /// Removes interest `id` in `dir`; true when it was the directory's last.
+    fn forget(&self, dir: &Path, id: u64) -> bool {
+        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(interests) = dirs.get_mut(dir) else {
+            return false;
+        };
+        interests.retain(|i| i.id != id);
+        if interests.is_empty() {
+            dirs.remove(dir);
+            return true;
         }
-    };
-    let watch_err = |e: notify::Error| {
-        Error::io(
-            dir,
-            std::io::Error::other(format!("watching for changes: {e}")),
-        )
-    };
-    let mut watcher = notify::recommended_watcher(handler).map_err(watch_err)?;
-    watcher
-        .watch(dir, RecursiveMode::NonRecursive)
-        .map_err(watch_err)?;
-    Ok(watcher)
+        false
+    }
 }
 
 /// Opens the checker's connection: read-only, and waiting a little for a writer's lock.

@@ -24,6 +24,7 @@ const SIDE_LEAVES: &[&str] = &["shutdown", "transport"];
 /// Modules that hold workflows or the sync: nothing below them may import them.
 const HIGHER: &[&str] = &[
     "cli",
+    "daemon",
     "subscribe",
     "client",
     "remote",

@@ -3,6 +3,8 @@
 //!
 //! - `engine`: what a sync makes of new, existing, differently sized and large replicas,
 //!   and what it sends.
+//! - `daemon`: `sqlferry daemon` with a configuration of several databases, copies and
+//!   a watched directory, a real server, SIGHUP reloads, systemd's notify socket.
 //! - `cli`: exit codes, error lines and untouched files for bad input; help texts.
 //! - `live`: real second processes writing the origin, reading the replica, or killing a
 //!   push half-way.
@@ -32,6 +34,7 @@
 //!   once (one process and several), a store of the previous layout moved into packs.
 
 mod cli;
+mod daemon;
 mod dashboard;
 mod engine;
 mod followers;

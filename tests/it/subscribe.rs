@@ -85,6 +85,38 @@ impl Subscriber {
         }
     }
 
+    /// Waits until, for each of `wanted`, a line containing all its parts has come, in
+    /// any order (lines of concurrent work interleave); returns them in `wanted`'s order.
+    pub(crate) fn expect_all(&mut self, wanted: &[&[&str]]) -> Vec<String> {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        let mut found: Vec<Option<String>> = vec![None; wanted.len()];
+        while found.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if let Some(i) = (0..wanted.len())
+                        .find(|&i| found[i].is_none() && wanted[i].iter().all(|p| line.contains(p)))
+                    {
+                        found[i] = Some(line);
+                    }
+                }
+                Err(_) => panic!(
+                    "`sqlferry {}` printed no line with {:?}; it printed:\n{}",
+                    self.name,
+                    wanted
+                        .iter()
+                        .zip(&found)
+                        .filter(|(_, f)| f.is_none())
+                        .map(|(w, _)| w)
+                        .collect::<Vec<_>>(),
+                    self.seen.join("\n")
+                ),
+            }
+        }
+        found.into_iter().flatten().collect()
+    }
+
     /// Sends SIGTERM and waits for the exit code.
     pub(crate) fn stop(&mut self) -> i32 {
         signal(&self.child, "TERM");
@@ -105,6 +137,11 @@ impl Subscriber {
             self.seen.push(line);
         }
         status.code().unwrap_or(-1)
+    }
+
+    /// The process, for signals.
+    pub(crate) fn child(&self) -> &Child {
+        &self.child
     }
 
     /// Everything it printed so far.
