@@ -42,7 +42,8 @@ pub struct Pusher {
     id_searched: bool,
     /// The URL the saved key was found under when it was found by the server's id: the
     /// same server, so LOCAL's history with it there gives the next push's base.
-    alias: Option<String>,
+    /// Boxed: a pusher is held in enums beside much smaller variants.
+    alias: Option<Box<str>>,
     /// The commit message of each version.
     pub message: String,
     /// Push even if the replica moved past the base version.
@@ -214,7 +215,7 @@ impl Pusher {
             // takes only its own database's key, as [`Pusher::new`] does.
             return Ok(());
         }
-        self.alias = Some(saved.server.clone());
+        self.alias = Some(saved.server.clone().into_boxed_str());
         self.key = self.key.take().or(Some(saved.key));
         self.stored = true;
         Ok(())
