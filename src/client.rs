@@ -75,27 +75,31 @@ impl Connection {
     }
 
     /// The key: the one named, else one saved for `replica` on `server` (the one saved
-    /// for `database` first; a PUSH key also pulls and lists).
+    /// for `database` first; a PUSH key also pulls and lists), found by the server's
+    /// URL or else by its id ([`saved_key`]).
     pub async fn key_for(
         &self,
         server: &Server,
         replica: &ReplicaPath,
         database: Option<&Path>,
     ) -> Result<Option<String>> {
-        let (this, server, replica) = (self.clone(), server.clone(), replica.clone());
-        let database = database.map(Path::to_owned);
-        blocking(move || Ok(this.key_for_now(&server, &replica, database.as_deref()))).await
+        if let Some(key) = &self.key {
+            return Ok(Some(key.clone()));
+        }
+        // As before keys could be found by id: a secrets file that cannot be read
+        // gives no key here (the command then says a key is missing), not an error.
+        Ok(saved_key(server, replica, database)
+            .await
+            .ok()
+            .flatten()
+            .map(|saved| saved.key))
     }
 
     /// The server and the key for a command on `replica` alone (no local database).
     async fn resolve_with_key(&self, replica: &ReplicaPath) -> Result<(Server, Option<String>)> {
-        let (this, replica) = (self.clone(), replica.clone());
-        blocking(move || {
-            let server = this.resolve_now()?;
-            let key = this.key_for_now(&server, &replica, None);
-            Ok((server, key))
-        })
-        .await
+        let server = self.resolve().await?;
+        let key = self.key_for(&server, replica, None).await?;
+        Ok((server, key))
     }
 
     // The settings and secrets files are read on a blocking thread: these do the
@@ -132,19 +136,6 @@ impl Connection {
             ))),
             None => self.resolve_now().map(plain),
         }
-    }
-
-    fn key_for_now(
-        &self,
-        server: &Server,
-        replica: &ReplicaPath,
-        database: Option<&Path>,
-    ) -> Option<String> {
-        self.key.clone().or_else(|| {
-            crate::config::Secrets::load()
-                .ok()?
-                .key_for(&server.url(), replica.as_str(), database)
-        })
     }
 }
 
@@ -224,6 +215,38 @@ async fn log_sync(sync: crate::synclog::Sync) {
         Ok(())
     })
     .await;
+}
+
+/// The saved entry for `replica` on `server`: the one for `database` first, else any
+/// for the replica. Matched by the server's URL as written; when none matches and an
+/// entry for the replica was saved under another URL with its server's id, `server` is
+/// asked for its id (`GET /api/health`, no key) and an entry with that id is taken: so
+/// `ws://localhost:7878` finds the key saved for `ws://127.0.0.1:7878`. A server that
+/// cannot be asked finds nothing here; connecting to it then says why.
+pub async fn saved_key(
+    server: &Server,
+    replica: &ReplicaPath,
+    database: Option<&Path>,
+) -> Result<Option<crate::config::Secret>> {
+    let url = server.url();
+    let secrets = blocking(crate::config::Secrets::load).await?;
+    if let Some(saved) = secrets.entry_for(&url, replica.as_str(), database) {
+        return Ok(Some(saved.clone()));
+    }
+    if !server.needs_key() || !secrets.may_know_by_id(&url, replica.as_str()) {
+        return Ok(None);
+    }
+    let id = match crate::remote::server_id(&url).await {
+        Ok(Some(id)) => id,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::debug!(server = %url, error = %e, "the server's id could not be asked");
+            return Ok(None);
+        }
+    };
+    Ok(secrets
+        .key_for_server_id(&id, replica.as_str(), database)
+        .cloned())
 }
 
 /// The secrets file's entry for `local`: saved under the database's key, or, before

@@ -1,5 +1,7 @@
 //! Where sqlferry keeps its files, following the XDG base directory rules.
 //!
+//! - config: the settings file and the secrets file (saved PUSH keys, with the id of
+//!   the server each is for);
 //! - cache: page-hash caches, safe to delete at any time (the next sync recomputes them);
 //! - data: the embedded store, when no server is named;
 //! - state: the version each local database was last pushed or pulled as.
@@ -98,6 +100,12 @@ pub struct Secret {
     pub replica: String,
     /// The PUSH key for that replica.
     pub key: String,
+    /// The server's id, as its CONFIG told it when the key was saved (or at the first
+    /// push after that, for entries an older sqlferry wrote). Another URL of the same
+    /// server (`ws://localhost:7878` for `ws://127.0.0.1:7878`) finds the key through
+    /// it ([`Secrets::key_for_server_id`]). Absent: matched by URL only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<String>,
 }
 
 /// The secrets file: PUSH keys by database absolute path, so a push from cron needs no
@@ -190,20 +198,60 @@ impl Secrets {
         path
     }
 
-    /// The saved key for `replica` on `server`: the one saved for `database` if given
-    /// and matching, else any saved for that replica (a PUSH key also pulls).
+    /// The saved key for `replica` on `server` (its URL as written): the one saved for
+    /// `database` if given and matching, else any saved for that replica (a PUSH key
+    /// also pulls).
     pub fn key_for(
         &self,
         server: &str,
         replica: &str,
         database: Option<&std::path::Path>,
     ) -> Option<String> {
-        let matches = |s: &&Secret| s.server == server && s.replica == replica;
+        self.entry_for(server, replica, database)
+            .map(|s| s.key.clone())
+    }
+
+    /// The saved entry [`Secrets::key_for`] takes its key from.
+    pub fn entry_for(
+        &self,
+        server: &str,
+        replica: &str,
+        database: Option<&std::path::Path>,
+    ) -> Option<&Secret> {
+        self.entry_where(database, |s| s.server == server && s.replica == replica)
+    }
+
+    /// The saved entry for `replica` on the server whose id is `server_id`, whatever
+    /// URL it was saved under: the one saved for `database` if given and matching,
+    /// else any saved for that replica. Entries saved without an id never match.
+    pub fn key_for_server_id(
+        &self,
+        server_id: &str,
+        replica: &str,
+        database: Option<&std::path::Path>,
+    ) -> Option<&Secret> {
+        self.entry_where(database, |s| {
+            s.server_id.as_deref() == Some(server_id) && s.replica == replica
+        })
+    }
+
+    /// Whether some entry for `replica` was saved under a URL other than `server` with
+    /// the server's id: only then can asking `server` for its id find a key.
+    pub fn may_know_by_id(&self, server: &str, replica: &str) -> bool {
+        self.databases
+            .values()
+            .any(|s| s.replica == replica && s.server != server && s.server_id.is_some())
+    }
+
+    fn entry_where(
+        &self,
+        database: Option<&std::path::Path>,
+        matches: impl Fn(&Secret) -> bool,
+    ) -> Option<&Secret> {
         database
             .and_then(|db| self.for_database(db))
-            .filter(matches)
-            .or_else(|| self.databases.values().find(matches))
-            .map(|s| s.key.clone())
+            .filter(|s| matches(s))
+            .or_else(|| self.databases.values().find(|s| matches(s)))
     }
 
     /// The entry for `database` (absolute), if any.
@@ -238,9 +286,11 @@ pub fn write_private(
 }
 
 /// The sidecar file beside a database, `<db>-sqlferry`: the server, the replica and a
-/// PULL key. It is an executable script (`#!/usr/bin/env -S sqlferry pull --from`) whose
-/// other lines are `name = "value"`, which makes it a TOML file too (the interpreter
-/// line is a comment); running it pulls the replica next to it. The format is in
+/// PULL key. It is an executable script whose other lines are `name = "value"`, which
+/// makes it a TOML file too (the interpreter line is a comment); running it pulls the
+/// replica next to it. The interpreter line ([`Sidecar::interpreter_line`]) runs the
+/// `sqlferry` on PATH, else the binary that wrote the file, by its absolute path, so
+/// the file works from cron, systemd or `env -i` too. The format is in
 /// `docs/server.md` ("The sidecar file").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sidecar {
@@ -271,18 +321,62 @@ impl Sidecar {
             .map(PathBuf::from)
     }
 
-    /// The file's text.
+    /// The file's text, its interpreter line naming this process's binary as the
+    /// fallback ([`Sidecar::render_with`]).
     pub fn render(&self) -> String {
+        self.render_with(std::env::current_exe().ok().as_deref())
+    }
+
+    /// The file's text, with `program` (the absolute path of a `sqlferry` binary) as
+    /// the fallback when no `sqlferry` is on PATH.
+    pub fn render_with(&self, program: Option<&std::path::Path>) -> String {
         let q = |s: &str| serde_json::to_string(s).expect("strings serialise");
         format!(
-            "#!/usr/bin/env -S sqlferry pull --from\n\
+            "{}\n\
              # sqlferry sidecar: run this file to pull the replica into the database beside it,\n\
              # or run it with --subscribe to follow every new version. It holds a PULL key only.\n\
              server = {}\nreplica = {}\nkey = {}\n",
+            Self::interpreter_line(program),
             q(&self.server),
             q(&self.replica),
             q(&self.key)
         )
+    }
+
+    /// The `#!` line of a sidecar. With `program` (an absolute path whose file name is
+    /// `sqlferry`) it runs, through `sh`, the `sqlferry` on PATH if there is one, else
+    /// `program`:
+    ///
+    /// ```text
+    /// #!/usr/bin/env -S sh -c 'p=$(command -v sqlferry) || p=\'/opt/sqlferry/bin/sqlferry\'; exec "$p" pull --from "$0" "$@"'
+    /// ```
+    ///
+    /// `env -S` splits the rest of the line into `sh`, `-c` and the script (in its
+    /// single quotes only `\\` and `\'` are escapes); the kernel appends the sidecar's
+    /// path (`$0` of the script) and the arguments it was run with. Without a usable
+    /// `program` (none, not named `sqlferry`, not UTF-8, holding a control character, or
+    /// too long for the kernel's 256-byte limit on this line) the line is the plain
+    /// `#!/usr/bin/env -S sqlferry pull --from`, which needs `sqlferry` on PATH.
+    pub fn interpreter_line(program: Option<&std::path::Path>) -> String {
+        const PLAIN: &str = "#!/usr/bin/env -S sqlferry pull --from";
+        // Linux reads at most 256 bytes of a script's first line (BINPRM_BUF_SIZE).
+        const SHEBANG_MAX_BYTES: usize = 255;
+        let Some(path) = program
+            .filter(|p| p.is_absolute() && p.file_name().is_some_and(|n| n == "sqlferry"))
+            .and_then(|p| p.to_str())
+            .filter(|p| !p.chars().any(char::is_control))
+        else {
+            return PLAIN.to_owned();
+        };
+        let quoted = format!("'{}'", path.replace('\'', r"'\''"));
+        let script =
+            format!(r#"p=$(command -v sqlferry) || p={quoted}; exec "$p" pull --from "$0" "$@""#);
+        let escaped = script.replace('\\', r"\\").replace('\'', r"\'");
+        let line = format!("#!/usr/bin/env -S sh -c '{escaped}'");
+        if line.len() > SHEBANG_MAX_BYTES {
+            return PLAIN.to_owned();
+        }
+        line
     }
 
     /// Parses a sidecar's text. The file is TOML: the interpreter line is a comment,
@@ -354,6 +448,124 @@ mod tests {
     }
 
     #[test]
+    fn saved_keys_are_found_by_url_then_by_server_id() {
+        // A secrets file an older sqlferry wrote: no server ids. It still loads, and
+        // matches by URL only.
+        let old = r#"{"databases": {
+            "/w/app.db": {"server": "ws://127.0.0.1:7878", "replica": "acme/app.db", "key": "sfk_app"},
+            "/w/other.db": {"server": "ws://10.0.0.2:7878", "replica": "acme/other.db", "key": "sfk_other"}
+        }}"#;
+        let mut secrets: Secrets = serde_json::from_str(old).expect("an old file loads");
+        let app = std::path::Path::new("/w/app.db");
+        assert_eq!(
+            secrets.key_for("ws://127.0.0.1:7878", "acme/app.db", Some(app)),
+            Some("sfk_app".into())
+        );
+        assert_eq!(
+            secrets.key_for("ws://localhost:7878", "acme/app.db", Some(app)),
+            None
+        );
+        assert!(
+            !secrets.may_know_by_id("ws://localhost:7878", "acme/app.db"),
+            "no id saved: nothing to ask the server for"
+        );
+        assert_eq!(
+            secrets.key_for_server_id("s1", "acme/app.db", Some(app)),
+            None
+        );
+        // The first push that learns the id writes it in; the file keeps every other
+        // field, and a file without ids serialises as it was (no `server-id: null`).
+        assert!(
+            !serde_json::to_string(&secrets)
+                .unwrap()
+                .contains("server-id")
+        );
+        secrets
+            .databases
+            .get_mut("/w/app.db")
+            .expect("the entry")
+            .server_id = Some("s1".into());
+        let text = serde_json::to_string_pretty(&secrets).expect("serialise");
+        assert!(text.contains(r#""server-id": "s1""#), "{text}");
+        let secrets: Secrets = serde_json::from_str(&text).expect("round trip");
+        assert!(secrets.may_know_by_id("ws://localhost:7878", "acme/app.db"));
+        assert!(!secrets.may_know_by_id("ws://127.0.0.1:7878", "acme/app.db"));
+        assert!(!secrets.may_know_by_id("ws://localhost:7878", "acme/other.db"));
+        let found = secrets
+            .key_for_server_id("s1", "acme/app.db", Some(app))
+            .expect("found by id");
+        assert_eq!(
+            (found.key.as_str(), found.server.as_str()),
+            ("sfk_app", "ws://127.0.0.1:7878")
+        );
+        // Found by id from another database too (a PUSH key also pulls), but never
+        // for another server's id or another replica.
+        assert!(
+            secrets
+                .key_for_server_id("s1", "acme/app.db", None)
+                .is_some()
+        );
+        assert!(
+            secrets
+                .key_for_server_id("s2", "acme/app.db", Some(app))
+                .is_none()
+        );
+        assert!(
+            secrets
+                .key_for_server_id("s1", "acme/other.db", None)
+                .is_none()
+        );
+        // Unknown fields are still refused: a typo is not silently dropped.
+        assert!(
+            serde_json::from_str::<Secrets>(
+                r#"{"databases": {"/a": {"server": "s", "replica": "r", "key": "k", "sever-id": "x"}}}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_sidecar_names_the_binary_that_wrote_it_as_its_fallback() {
+        let s = Sidecar {
+            server: "ws://127.0.0.1:7878".into(),
+            replica: "acme/app.db".into(),
+            key: "sfk_x".into(),
+        };
+        let text = s.render_with(Some(std::path::Path::new("/opt/sf/bin/sqlferry")));
+        assert_eq!(
+            text.lines().next(),
+            Some(
+                r#"#!/usr/bin/env -S sh -c 'p=$(command -v sqlferry) || p=\'/opt/sf/bin/sqlferry\'; exec "$p" pull --from "$0" "$@"'"#
+            )
+        );
+        assert_eq!(Sidecar::parse(&text), Ok(s.clone()), "still TOML");
+        // A quote and a backslash in the path are escaped for env -S, then for sh.
+        let odd = s.render_with(Some(std::path::Path::new("/o'p\\t/sqlferry")));
+        assert!(
+            odd.starts_with(r"#!/usr/bin/env -S sh -c 'p=$(command -v sqlferry) || p=\'/o\'\\\'\'p\\t/sqlferry\';"),
+            "{odd}"
+        );
+        assert_eq!(Sidecar::parse(&odd), Ok(s.clone()));
+        // No usable fallback: the plain line, which needs sqlferry on PATH.
+        let plain = "#!/usr/bin/env -S sqlferry pull --from";
+        for program in [
+            "relative/sqlferry",
+            "/usr/bin/sqlferry-demo",
+            "/a\nb/sqlferry",
+            &format!("/{}/sqlferry", "x".repeat(200)),
+        ] {
+            let text = s.render_with(Some(std::path::Path::new(program)));
+            assert_eq!(text.lines().next(), Some(plain), "{program:?}");
+        }
+        // A sidecar an older sqlferry wrote still loads.
+        let old = "#!/usr/bin/env -S sqlferry pull --from\n\
+                   # sqlferry sidecar: run this file to pull the replica into the database beside it,\n\
+                   # or run it with --subscribe to follow every new version. It holds a PULL key only.\n\
+                   server = \"ws://127.0.0.1:7878\"\nreplica = \"acme/app.db\"\nkey = \"sfk_x\"\n";
+        assert_eq!(Sidecar::parse(old), Ok(s));
+    }
+
+    #[test]
     fn sidecar_round_trips_and_refuses_junk() {
         let s = Sidecar {
             server: "ws://127.0.0.1:7878".into(),
@@ -362,7 +574,7 @@ mod tests {
         };
         assert_eq!(Sidecar::parse(&s.render()), Ok(s.clone()));
         assert!(
-            s.render()
+            s.render_with(None)
                 .starts_with("#!/usr/bin/env -S sqlferry pull --from\n")
         );
         assert!(

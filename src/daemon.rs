@@ -458,7 +458,7 @@ async fn destination(database: &Path, target: &Target, message: &str) -> Result<
             let mut pusher =
                 Pusher::open(database, replica.clone(), server, connection.key.clone()).await?;
             pusher.message = message.to_owned();
-            Destination::Replica(pusher)
+            Destination::Replica(Box::new(pusher))
         }
     })
 }

@@ -71,6 +71,9 @@ pub struct PushOutcome {
     pub repaired: u32,
     /// Keys minted for a new replica (after a key request), shown once.
     pub keys: Option<NewKeys>,
+    /// The server's id as its CONFIG told it (`None`: the embedded store, or an older
+    /// server that sends none).
+    pub server_id: Option<String>,
 }
 
 /// What a pull did.
@@ -386,6 +389,7 @@ impl Server {
                             created,
                             repaired: target.repaired(),
                             keys: None,
+                            server_id: None,
                         };
                         // Versions the retention policy removed: their pages are freed
                         // once this push lets go of the store.
@@ -455,6 +459,7 @@ impl Server {
                 // engine handed to the link.
                 stats.bytes_sent = wire.sent;
                 stats.bytes_received = wire.received;
+                let server_id = config.server_id;
                 let config = next_config(&mut ws, rest).await?;
                 let outcome = PushOutcome {
                     stats,
@@ -462,6 +467,7 @@ impl Server {
                     created: config.created.unwrap_or(true),
                     repaired: config.repaired.unwrap_or(0),
                     keys: config.keys,
+                    server_id: config.server_id.or(server_id),
                 };
                 (outcome, pushed)
             }
@@ -886,6 +892,99 @@ async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
         Err(e) => Err(tls::failure(url, &e)
             .unwrap_or_else(|| Error::Disconnected(format!("cannot reach {url}: {e}")))),
     }
+}
+
+/// The largest `GET /api/health` answer [`server_id`] reads: the real one is well
+/// under 200 bytes; anything past this is not a sqlferry server's.
+const HEALTH_ANSWER_MAX_BYTES: u64 = 16 * 1024;
+
+/// The id of the `sqlferry serve` server at `url` (`ws://` or `wss://`), as its
+/// `GET /api/health` tells it: no key needed, so a client holding a key saved under
+/// another URL of the same server (`ws://127.0.0.1:7878` for `ws://localhost:7878`)
+/// can find it before it connects. `Ok(None)`: the server answered without an id (an
+/// older server). Bounded in time ([`CONNECT_TIMEOUT`]) and bytes; `wss://` is checked
+/// as a session's TLS is.
+///
+/// HTTP/1.0 on purpose: the answer then ends with the connection and is never chunked,
+/// so reading it needs no HTTP client.
+pub async fn server_id(url: &str) -> Result<Option<String>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    async fn ask<S>(mut io: S, host: &str) -> std::io::Result<Vec<u8>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let request = format!("GET /api/health HTTP/1.0\r\nHost: {host}\r\n\r\n");
+        io.write_all(request.as_bytes()).await?;
+        io.flush().await?;
+        let mut answer = Vec::new();
+        (&mut io)
+            .take(HEALTH_ANSWER_MAX_BYTES)
+            .read_to_end(&mut answer)
+            .await?;
+        Ok(answer)
+    }
+    let (tls, host) = match url.split_once("://") {
+        Some(("ws", host)) => (false, host),
+        Some(("wss", host)) => (true, host),
+        _ => {
+            return Err(Error::Usage(format!(
+                "{url} is not a ws:// or wss:// server"
+            )));
+        }
+    };
+    let authority: axum::http::uri::Authority = host
+        .parse()
+        .map_err(|e| Error::Usage(format!("--server {url}: {e}")))?;
+    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let name = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let unreachable =
+        |e: &dyn std::fmt::Display| Error::Disconnected(format!("cannot reach {url}: {e}"));
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect((name, port))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        if tls {
+            let server_name = rustls::pki_types::ServerName::try_from(name.to_owned())
+                .map_err(|e| Error::Usage(format!("--server {url}: {e}")))?;
+            let stream = tokio_rustls::TlsConnector::from(tls::client_config()?)
+                .connect(server_name, tcp)
+                .await
+                .map_err(|e| Error::Tls(format!("{url}: {e}")))?;
+            ask(stream, host).await.map_err(|e| unreachable(&e))
+        } else {
+            ask(tcp, host).await.map_err(|e| unreachable(&e))
+        }
+    };
+    let answer = tokio::time::timeout(CONNECT_TIMEOUT, exchange)
+        .await
+        .map_err(|_| {
+            Error::Disconnected(format!(
+                "cannot reach {url}: no answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })??;
+    let not_sqlferry = || {
+        Error::Protocol(format!(
+            "{url}/api/health did not answer as a sqlferry server does"
+        ))
+    };
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(not_sqlferry)?;
+    let (head, body) = (&answer[..split], &answer[split + 4..]);
+    let status = head.split(|&b| b == b' ').nth(1).ok_or_else(not_sqlferry)?;
+    if status != b"200" {
+        return Err(not_sqlferry());
+    }
+    let body: serde_json::Value = serde_json::from_slice(body).map_err(|_| not_sqlferry())?;
+    Ok(body
+        .get("server_id")
+        .and_then(|id| id.as_str())
+        .map(str::to_owned))
 }
 
 /// An OPEN of `op` on `replica` with nothing else asked.

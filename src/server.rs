@@ -117,6 +117,9 @@ pub struct State {
     /// Whether `GET /metrics` is served on the main port (`serve --metrics`), to the
     /// admin key.
     pub metrics_on_main: bool,
+    /// This server's id ([`Auth::server_id`]), sent in every CONFIG and by
+    /// `GET /api/health`.
+    pub server_id: String,
 }
 
 /// How many sync sessions run at once by default (`serve --max-sessions`).
@@ -288,7 +291,9 @@ impl State {
     /// The server state for data directory `data`: the store and `server.db` live there.
     pub fn open(data: &std::path::Path) -> Result<State> {
         let auth = Auth::open(data)?;
+        let server_id = auth.server_id()?;
         Ok(State {
+            server_id,
             store: Store::new(data),
             // After `Auth::open`, which makes `server.db` owner-only.
             drills: Arc::new(drill::Drills::open(data)?),

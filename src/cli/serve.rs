@@ -34,13 +34,26 @@ stops it cleanly: sessions in flight get 10 s to finish, then are aborted (an un
 push leaves no trace); a second signal aborts them at once.\n\n\
 Dashboard: open http://HOST:PORT/ in a browser and enter the admin key: every replica with \
 its health (failing, late, fresh), the age of its latest version, its versions and \
-subscribers, and a Sync now button. The same data as JSON: GET /api/replicas with \
-Authorization: Bearer KEY (docs/server.md).\n\n\
+subscribers, and a Sync now button. The same data as JSON, with Authorization: Bearer KEY: \
+GET /api/replicas (every replica), GET /api/replicas/NAMESPACE/NAME (one, with its \
+subscribers), GET /api/replicas/NAMESPACE/NAME/versions; GET /api/health needs no key and \
+tells the server's version and id.\n\n\
 TLS: with --tls-cert and --tls-key every connection on the port is TLS (wss:// sessions, \
 https:// API); clients then use --server wss://HOST:PORT. A client trusts the usual public \
 CAs; for a private CA or a self-signed certificate, set SQLFERRY_CA_FILE=ca.pem on the \
-client. Or leave TLS to a reverse proxy in front of a plain server on 127.0.0.1. \
-docs/server.md shows how to make a test certificate with openssl.\n\n\
+client. Or leave TLS to a reverse proxy in front of a plain server on 127.0.0.1. A test \
+certificate for localhost and 127.0.0.1, signed by a private CA (keep ca.key away from the \
+server):\n  \
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 365 \\\n      \
+-subj \"/CN=my sqlferry CA\" -keyout ca.key -out ca.pem \\\n      \
+-addext \"basicConstraints=critical,CA:TRUE\" -addext \"keyUsage=critical,keyCertSign\"\n  \
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \\\n      \
+-subj \"/CN=localhost\" -keyout key.pem -out server.csr\n  \
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' > san.ext\n  \
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 365 \\\n      \
+-extfile san.ext -out cert.pem\n  \
+sqlferry serve --tls-cert cert.pem --tls-key key.pem\n  \
+SQLFERRY_CA_FILE=ca.pem sqlferry push app.db acme/app.db --server wss://127.0.0.1:7878 --key KEY\n\n\
 Restore drills: with --drill-every 24h, each replica's latest version is read back from the \
 store into a temporary file (DATA/tmp/) once a day, its digest and PRAGMA integrity_check \
 checked; the result shows as last_drill in GET /api/replicas/NAMESPACE/NAME and in the \
@@ -48,8 +61,12 @@ metrics, and a failure is logged at ERROR. One replica at a time; the first dril
 start are spread over up to 10 minutes.\n\n\
 Metrics (Prometheus text format): --metrics-listen 127.0.0.1:9878 serves GET /metrics on a \
 second listener without a key (keep it on a loopback or private address); --metrics serves \
-it on the main port to the admin key (Authorization: Bearer KEY). docs/server.md lists the \
-metrics and shows a scrape config.\n\n\
+it on the main port to the admin key (Authorization: Bearer KEY). Counters of versions \
+created, pushes and pulls (by result), bytes sent and received, a histogram of session \
+durations; gauges of active sessions, subscribers and, per replica, its latest version and \
+that version's age (alert on it), stored bytes, follower lag and the last drill's result. \
+A Prometheus scrape config: scrape_configs: [{job_name: sqlferry, static_configs: \
+[{targets: ['127.0.0.1:9878']}]}].\n\n\
 More examples:\n  \
 sqlferry serve --data /var/lib/sqlferry --drill-every 24h --metrics-listen 127.0.0.1:9878")]
 pub struct ServeArgs {

@@ -34,6 +34,16 @@ pub struct Pusher {
     pub key: Option<String>,
     /// Whether the key was saved for this database by an earlier push (a PUSH key).
     stored: bool,
+    /// Whether the saved key's entry lacks the server's id (an older sqlferry saved
+    /// it): the next push that learns the id writes it in.
+    saved_without_id: bool,
+    /// Whether the secrets file was searched by the server's id already
+    /// ([`Pusher::find_key_by_server_id`]): once per pusher, not once per push.
+    id_searched: bool,
+    /// The URL the saved key was found under when it was found by the server's id: the
+    /// same server, so LOCAL's history with it there gives the next push's base.
+    /// Boxed: a pusher is held in enums beside much smaller variants.
+    alias: Option<Box<str>>,
     /// The commit message of each version.
     pub message: String,
     /// Push even if the replica moved past the base version.
@@ -72,6 +82,14 @@ pub struct SavedKeys {
     pub local: PathBuf,
 }
 
+/// The version `database` was last synced as with `replica` on `server`, or else on
+/// `alias`, another URL of the same server.
+fn last_version(database: &Path, server: &str, alias: Option<&str>, replica: &str) -> Option<u64> {
+    history::last_with(database, server, replica)
+        .or_else(|| alias.and_then(|alias| history::last_with(database, alias, replica)))
+        .map(|l| l.version)
+}
+
 /// What a push would do (`push --dry-run`); nothing was changed to find out.
 #[derive(Debug)]
 pub struct PushPlan {
@@ -90,7 +108,9 @@ pub struct PushPlan {
 }
 
 impl Pusher {
-    /// [`Pusher::new`], reading the secrets file on a blocking thread.
+    /// [`Pusher::new`], reading the secrets file on a blocking thread; when no key was
+    /// saved for `local` under this server's URL, one saved under another URL of the
+    /// same server is found by the server's id (one `GET /api/health`).
     pub async fn open(
         local: &Path,
         replica: ReplicaPath,
@@ -98,7 +118,9 @@ impl Pusher {
         key: Option<String>,
     ) -> Result<Pusher> {
         let local = local.to_owned();
-        blocking(move || Pusher::new(&local, replica, server, key)).await
+        let mut pusher = blocking(move || Pusher::new(&local, replica, server, key)).await?;
+        pusher.find_key_by_server_id().await?;
+        Ok(pusher)
     }
 
     /// A pusher of `local` to `replica`; the key is `key` (`--key`, `SQLFERRY_KEY`),
@@ -111,10 +133,10 @@ impl Pusher {
     ) -> Result<Pusher> {
         let database = crate::config::database_key(local);
         let saved = super::saved_secret(local)?
-            .filter(|s| s.server == server.url() && s.replica == replica.as_str())
-            .map(|s| s.key);
+            .filter(|s| s.server == server.url() && s.replica == replica.as_str());
         let stored = saved.is_some();
-        let key = key.or(saved);
+        let saved_without_id = saved.as_ref().is_some_and(|s| s.server_id.is_none());
+        let key = key.or(saved.map(|s| s.key));
         Ok(Pusher {
             local: local.to_owned(),
             database,
@@ -122,6 +144,9 @@ impl Pusher {
             server,
             key,
             stored,
+            saved_without_id,
+            id_searched: false,
+            alias: None,
             message: String::new(),
             force: false,
             new_keys: false,
@@ -146,19 +171,54 @@ impl Pusher {
     /// The request the next push makes; its base is read from the local history (a
     /// small file read; async callers use [`Pusher::base_version`]).
     pub fn request(&self) -> PushRequest {
-        let last = history::last_with(&self.database, &self.server.url(), self.replica.as_str());
-        self.request_with_base(last.map(|l| l.version))
+        let base = last_version(
+            &self.database,
+            &self.server.url(),
+            self.alias.as_deref(),
+            self.replica.as_str(),
+        );
+        self.request_with_base(base)
     }
 
     /// The version the next push is based on: the one LOCAL was last pushed or pulled
     /// as, with this replica on this store.
     pub async fn base_version(&self) -> Result<Option<u64>> {
         let (database, url) = (self.database.clone(), self.server.url());
-        let replica = self.replica.clone();
+        let (replica, alias) = (self.replica.clone(), self.alias.clone());
         blocking(move || {
-            Ok(history::last_with(&database, &url, replica.as_str()).map(|l| l.version))
+            Ok(last_version(
+                &database,
+                &url,
+                alias.as_deref(),
+                replica.as_str(),
+            ))
         })
         .await
+    }
+
+    /// When no key was saved under this server's URL, looks for one saved under
+    /// another URL of the same server, by the server's id ([`super::saved_key`]), and
+    /// takes it (unless a key was given) with that URL's history as the base. Once per
+    /// pusher: a subscriber does not ask the server for its id before every push.
+    async fn find_key_by_server_id(&mut self) -> Result<()> {
+        if self.stored || self.id_searched || !self.server.needs_key() {
+            return Ok(());
+        }
+        self.id_searched = true;
+        let database = self.database.clone();
+        let Some(saved) = super::saved_key(&self.server, &self.replica, Some(&database)).await?
+        else {
+            return Ok(());
+        };
+        if saved.server == self.server.url() {
+            // Another database's key for this replica under this very URL: a push
+            // takes only its own database's key, as [`Pusher::new`] does.
+            return Ok(());
+        }
+        self.alias = Some(saved.server.clone().into_boxed_str());
+        self.key = self.key.take().or(Some(saved.key));
+        self.stored = true;
+        Ok(())
     }
 
     fn request_with_base(&self, base: Option<u64>) -> PushRequest {
@@ -229,6 +289,7 @@ impl Pusher {
     }
 
     async fn push_once(&mut self, progress: Arc<dyn Progress>) -> Result<PushReport> {
+        self.find_key_by_server_id().await?;
         self.require_key()?;
         let request = self.request_with_base(self.base_version().await?);
         let outcome = self
@@ -256,11 +317,13 @@ impl Pusher {
                 let (push_key, pull_key) = (keys.push.clone(), keys.pull.clone());
                 let (server, replica) = (self.server.url(), self.replica.to_string());
                 let (database, local) = (self.database.clone(), self.local.clone());
+                let server_id = outcome.server_id.clone();
                 let saved = blocking(move || {
                     let entry = Secret {
                         server: server.clone(),
                         replica: replica.clone(),
                         key: push_key,
+                        server_id,
                     };
                     let name = database.to_string_lossy().into_owned();
                     let secrets = crate::config::Secrets::update(|secrets| {
@@ -283,14 +346,42 @@ impl Pusher {
                 // Later pushes (a subscriber's) use the replica's own PUSH key.
                 self.key = Some(keys.push.clone());
                 self.stored = true;
+                self.saved_without_id = false;
                 Some(saved)
             }
             None => None,
         };
+        if let (true, Some(id)) = (self.saved_without_id, &outcome.server_id) {
+            self.saved_without_id = false;
+            self.save_server_id(id.clone()).await;
+        }
         Ok(PushReport {
             outcome,
             saved_keys,
         })
+    }
+
+    /// Writes the server's id into the saved entry of this database, replica and URL
+    /// that lacks one (an older sqlferry saved it), so other URLs of the server find
+    /// it. A failure changes nothing and does not fail the push, which is done.
+    async fn save_server_id(&self, id: String) {
+        let name = self.database.to_string_lossy().into_owned();
+        let (server, replica) = (self.server.url(), self.replica.to_string());
+        let result = blocking(move || {
+            crate::config::Secrets::update(|secrets| {
+                if let Some(entry) = secrets.databases.get_mut(&name)
+                    && entry.server == server
+                    && entry.replica == replica
+                    && entry.server_id.is_none()
+                {
+                    entry.server_id = Some(id);
+                }
+            })
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "the server's id could not be saved with the key");
+        }
     }
 
     /// What a push would do now: LOCAL's size, the replica's latest version, whether

@@ -244,6 +244,12 @@ pub struct Config {
     /// After `prune`: what was removed and freed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pruned: Option<Box<PruneReport>>,
+    /// The server's id: random, made once per data directory, the same across
+    /// restarts and whatever URL the client used; not a secret. Clients save it with a
+    /// key so that another spelling of the server's URL finds the key. Absent from
+    /// older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -666,6 +672,27 @@ mod tests {
             panic!("an older server's CONFIG decodes");
         };
         assert_eq!(c.compress, None);
+    }
+
+    /// The server's id rides in CONFIG as `server_id`; an older server's CONFIG has
+    /// none and decodes as `None`.
+    #[test]
+    fn config_carries_the_server_id_when_there_is_one() {
+        let with = Control::Config(Config {
+            server_id: Some("5f0c".into()),
+            ..Config::default()
+        });
+        assert!(String::from_utf8_lossy(&with.to_bytes()).contains(r#""server_id":"5f0c""#));
+        assert_eq!(Control::decode(&with.to_bytes()), Ok(with));
+        let without = Control::Config(Config::default()).to_bytes();
+        assert!(!String::from_utf8_lossy(&without).contains("server_id"));
+        let mut old_config = vec![code::CONFIG];
+        old_config
+            .extend_from_slice(br#"{"replica_id":"","path":"a/b","version":0,"key_type":"admin"}"#);
+        let Ok(Control::Config(c)) = Control::decode(&old_config) else {
+            panic!("an older server's CONFIG decodes");
+        };
+        assert_eq!(c.server_id, None);
     }
 
     /// The follower frames as docs/protocol.md gives them, and the CONFIG flag that

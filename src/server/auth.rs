@@ -1,6 +1,6 @@
 //! Keys: minted at random, shown once, stored only as a SHA-256 hash, compared in
 //! constant time. The server-wide SQLite file `server.db` in the data directory holds
-//! the keys and the replicas' ids.
+//! the keys, the replicas' ids and the server's own id ([`Auth::server_id`]).
 //!
 //! A key reads `sfk_` + 16 hex digits of id + 48 hex digits of secret. The id finds the
 //! stored hash; the secret is what is hashed and compared. Kinds:
@@ -52,6 +52,10 @@ const SCHEMA: &str = "
         path TEXT PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
         created_at INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS server(
+        one INTEGER PRIMARY KEY CHECK (one = 1),
+        id TEXT NOT NULL
     );
 ";
 
@@ -186,6 +190,25 @@ impl Auth {
         // made are tightened too.
         auth.tighten()?;
         Ok(auth)
+    }
+
+    /// The server's id: 32 random hex digits, made the first time this data directory
+    /// is opened and kept in `server.db` from then on, so it survives restarts and
+    /// stays with the data when it moves. Not a secret (`GET /api/health` tells it to
+    /// anyone) and not derived from any key: clients use it to know one server under
+    /// two URLs (`ws://localhost:7878` and `ws://127.0.0.1:7878`).
+    pub fn server_id(&self) -> Result<String> {
+        let conn = self.conn()?;
+        let sql = |e| Error::sqlite(&self.path, e);
+        // `OR IGNORE`: the first writer's id stays; a second server opening the same
+        // directory at the same moment reads it back.
+        conn.execute(
+            "INSERT OR IGNORE INTO server(one, id) VALUES (1, ?1)",
+            [random_hex(16)?],
+        )
+        .map_err(sql)?;
+        conn.query_row("SELECT id FROM server WHERE one = 1", [], |r| r.get(0))
+            .map_err(sql)
     }
 
     /// Creates `server.db` owner-only if it does not exist (SQLite would make it 0644),

@@ -2,7 +2,8 @@
 //!
 //! - `GET /v1/sync` with `Upgrade: websocket`: a WebSocket session, once the key in
 //!   `Authorization: Bearer` is checked (the `session` module runs it).
-//! - `GET /api/health`: `{"status": "ok", "version": "…"}`, no key needed.
+//! - `GET /api/health`: `{"status": "ok", "version": "…", "server_id": "…"}`, no key
+//!   needed; the id is the one CONFIG carries (clients match saved keys by it).
 //! - `GET /api/replicas` (or `/api/replicas/`): every replica's summary (the `api`
 //!   module), with the admin key only.
 //! - `GET /api/replicas/<namespace>/<name>/versions`: the replica's versions, with a
@@ -272,13 +273,17 @@ async fn no_such_endpoint(request: Request) -> Response {
     )
 }
 
-async fn health(method: Method) -> Response {
+async fn health(With(ctx): With<Ctx>, method: Method) -> Response {
     if method != Method::GET {
         return error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
     }
     answer(
         StatusCode::OK,
-        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
+        json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "server_id": ctx.state.server_id,
+        }),
     )
 }
 

@@ -261,7 +261,7 @@ where
         Op::SyncNow => {
             let reached = state.hub.sync_now(replica.as_str());
             tracing::info!(%replica, reached, key = %principal.key_id, "sync now");
-            let mut c = config(principal, &replica, String::new(), 0);
+            let mut c = config(state, principal, &replica, String::new(), 0);
             c.reached = Some(reached);
             Ok(send_control(ws, Control::Config(c)).await?)
         }
@@ -314,7 +314,7 @@ where
     if change {
         tracing::info!(%replica, policy = %shown.policy, source = %shown.source, key = %principal.key_id, "retention policy set");
     }
-    let mut c = config(principal, replica, id.unwrap_or_default(), 0);
+    let mut c = config(state, principal, replica, id.unwrap_or_default(), 0);
     c.retention = Some(Box::new(shown));
     send_control(ws, Control::Config(c)).await
 }
@@ -343,7 +343,7 @@ where
     if !dry_run {
         tracing::info!(%replica, removed = report.removed.len(), freed_bytes = report.freed_bytes, key = %principal.key_id, "pruned");
     }
-    let mut c = config(principal, replica, id.unwrap_or_default(), 0);
+    let mut c = config(state, principal, replica, id.unwrap_or_default(), 0);
     c.pruned = Some(Box::new(report));
     send_control(ws, Control::Config(c)).await
 }
@@ -390,12 +390,16 @@ where
         path: open.replica.clone(),
         key_type: principal.kind.as_str().into(),
         key_list: Some(list),
+        server_id: Some(state.server_id.clone()),
         ..Config::default()
     };
     send_control(ws, Control::Config(c)).await
 }
 
+/// A CONFIG with the facts every session's CONFIG carries: the replica, the version,
+/// the key type, and this server's id and abilities.
 fn config(
+    state: &State,
     principal: &Principal,
     replica: &ReplicaPath,
     replica_id: String,
@@ -408,6 +412,7 @@ fn config(
         key_type: principal.kind.as_str().into(),
         // This server takes APPLIED and the wait-followers op.
         followers: true,
+        server_id: Some(state.server_id.clone()),
         ..Config::default()
     }
 }
@@ -430,6 +435,7 @@ where
     })
     .await?;
     let mut c = config(
+        state,
         principal,
         replica,
         id.unwrap_or_default(),
@@ -521,7 +527,13 @@ where
     state.hub.learn_versions(replica.as_str(), &newest, all);
     send_control(
         ws,
-        Control::Config(config(principal, replica, id.unwrap_or_default(), latest)),
+        Control::Config(config(
+            state,
+            principal,
+            replica,
+            id.unwrap_or_default(),
+            latest,
+        )),
     )
     .await?;
     tracing::info!(%replica, role = role.as_str(), key = %principal.key_id, "subscriber joined");
@@ -628,7 +640,13 @@ where
     }
     send_control(
         ws,
-        Control::Config(config(principal, replica, id.unwrap_or_default(), latest)),
+        Control::Config(config(
+            state,
+            principal,
+            replica,
+            id.unwrap_or_default(),
+            latest,
+        )),
     )
     .await?;
     let bytes = tokio::time::timeout(OPEN_TIMEOUT, recv_binary(ws))
@@ -713,7 +731,7 @@ where
         Ok((id, number))
     })
     .await?;
-    let mut c = config(principal, replica, id.unwrap_or_default(), number);
+    let mut c = config(state, principal, replica, id.unwrap_or_default(), number);
     c.compress = choose(&open.compress);
     let wire = wire_for(c.compress.as_deref());
     send_control(ws, Control::Config(c)).await?;
@@ -773,7 +791,13 @@ where
         ))
         .into());
     }
-    let mut c = config(principal, &replica, id.clone().unwrap_or_default(), latest);
+    let mut c = config(
+        state,
+        principal,
+        &replica,
+        id.clone().unwrap_or_default(),
+        latest,
+    );
     c.compress = choose(&open.compress);
     let wire = wire_for(c.compress.as_deref());
     send_control(ws, Control::Config(c)).await?;
@@ -883,7 +907,7 @@ where
     } else {
         None
     };
-    let mut c = config(principal, &replica, id, version.number);
+    let mut c = config(state, principal, &replica, id, version.number);
     c.created = Some(created);
     c.repaired = (repaired > 0).then_some(repaired);
     c.keys = keys;

@@ -250,7 +250,7 @@ pub async fn push<E: FnMut(Event)>(
 #[derive(Debug)]
 pub enum Destination {
     /// A replica in a store (embedded or a server): each push makes a version.
-    Replica(Pusher),
+    Replica(Box<Pusher>),
     /// A local file kept equal to the database (`push app.db ./backup/app.db`).
     File {
         /// The database.
@@ -282,7 +282,7 @@ pub async fn push_to<E: FnMut(Event)>(
     emit: E,
 ) -> Result<Ended> {
     match destination {
-        Destination::Replica(pusher) => push(pusher, options, shutdown, emit).await,
+        Destination::Replica(pusher) => push(*pusher, options, shutdown, emit).await,
         Destination::File { local, copy } => {
             push_to_file(local, copy, options, shutdown, emit).await
         }

@@ -28,6 +28,8 @@
 //!   and `push --wait-followers` with a real server and a real follower process.
 //! - `retention`: retention policies and prune over the embedded store and a server,
 //!   the disk space freed, pushes and pulls racing prunes, stored bytes, pulls by time.
+//! - `ident`: a server known by its id whatever its URL's spelling (saved keys found
+//!   through `localhost` and `127.0.0.1` alike); a sidecar run without sqlferry on PATH.
 //! - `store_packs`: pages stored once across replicas, pushes into several replicas at
 //!   once (one process and several), a store of the previous layout moved into packs.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
@@ -39,6 +41,7 @@ mod dashboard;
 mod engine;
 mod followers;
 mod house;
+mod ident;
 mod layers;
 mod live;
 mod names;

@@ -141,10 +141,12 @@ fn first_push_keeps_keys_private_the_next_needs_none_and_the_sidecar_pulls_elsew
     let sidecar = a.path("app.db-sqlferry");
     assert_eq!(mode(&sidecar), 0o700, "sidecar mode");
     let text = std::fs::read_to_string(&sidecar).expect("read sidecar");
-    assert!(
-        text.starts_with("#!/usr/bin/env -S sqlferry pull --from\n"),
-        "{text}"
-    );
+    // The interpreter line runs sqlferry from PATH, else the binary that wrote it.
+    let exe = Path::new(env!("CARGO_BIN_EXE_sqlferry"))
+        .canonicalize()
+        .expect("the binary");
+    let line = sqlferry::config::Sidecar::interpreter_line(Some(&exe));
+    assert!(text.starts_with(&format!("{line}\n")), "{text}");
     let settings: Vec<&str> = text
         .lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
