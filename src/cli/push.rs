@@ -238,9 +238,9 @@ impl PushArgs {
                     local: local.to_owned(),
                     copy: copy.clone(),
                 },
-                Dest::Replica(replica) => {
-                    Destination::Replica(self.pusher(local, replica.clone(), global).await?)
-                }
+                Dest::Replica(replica) => Destination::Replica(Box::new(
+                    self.pusher(local, replica.clone(), global).await?,
+                )),
             });
         }
         super::subscribe::run_push_many(destinations, &self.timing, global, shutdown).await
