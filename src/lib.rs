@@ -44,6 +44,7 @@ pub mod engine;
 pub mod epoch;
 mod error;
 pub mod history;
+pub mod memory;
 pub mod page;
 pub mod protocol;
 pub mod remote;

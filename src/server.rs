@@ -227,7 +227,7 @@ const TRIM_DELAY: Duration = Duration::from_secs(1);
 
 /// A running push or pull session's slot ([`Limits::session`]). When the last running
 /// one ends and none starts within [`TRIM_DELAY`], the server returns the memory its
-/// sessions freed to the system ([`release_freed_memory`]): the allocator keeps freed
+/// sessions freed to the system ([`crate::memory::release_freed`]): the allocator keeps freed
 /// memory for reuse otherwise, and after a burst of 100 pulls that was 60 MiB kept
 /// (bench/server_memory.py).
 #[derive(Debug)]
@@ -254,7 +254,7 @@ impl Drop for SessionSlot {
         runtime.spawn(async move {
             tokio::time::sleep(TRIM_DELAY).await;
             if pool.idle()
-                && tokio::task::spawn_blocking(release_freed_memory)
+                && tokio::task::spawn_blocking(crate::memory::release_freed)
                     .await
                     .is_ok()
             {
@@ -264,22 +264,6 @@ impl Drop for SessionSlot {
         });
     }
 }
-
-/// Hands the heap memory this process freed back to the system (glibc keeps it in its
-/// arenas, one per thread that allocated, for reuse). Elsewhere a no-op.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_freed_memory() {
-    // SAFETY: malloc_trim only walks glibc's own arenas under their locks; it takes no
-    // pointer and is safe to call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Hands the heap memory this process freed back to the system: a no-op where the
-/// allocator has no such call.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_freed_memory() {}
 
 impl Default for Limits {
     fn default() -> Self {

@@ -78,6 +78,8 @@ impl DaemonArgs {
             )?;
             return Ok(ExitCode::from(exit::OK));
         }
+        // One watcher thread per database: few arenas keep their allocations together.
+        crate::memory::limit_arenas(2);
         let (reload_tx, mut reload) = tokio::sync::mpsc::channel(1);
         let _hangup = reload_on_hangup(reload_tx)?;
         let quiet = global.quiet;
