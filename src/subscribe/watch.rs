@@ -373,9 +373,32 @@ impl Hub {
 }
 
 /// Opens the checker's connection: read-only, and waiting a little for a writer's lock.
+///
+/// The connection only ever reads `PRAGMA data_version`, and a daemon holds one per
+/// database, so it is kept small: no lookaside buffer (120 KiB by default) and a page
+/// cache of two pages (from three pages up SQLite allocates 20 at once). About 200 KiB
+/// less per database watched.
 fn open(db: &Path) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(db, flags).map_err(|e| Error::sqlite(db, e))?;
+    // SAFETY: the handle is this open connection's, used on this thread only; with a
+    // null buffer and zero sizes SQLite frees its lookaside and allocates none. No
+    // statement has run yet, so no lookaside memory is outstanding (which would make
+    // the call return SQLITE_BUSY, harmless here).
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_config(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBCONFIG_LOOKASIDE,
+            std::ptr::null_mut::<std::ffi::c_void>(),
+            0 as std::ffi::c_int,
+            0 as std::ffi::c_int,
+        )
+    };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        tracing::debug!(rc, "{}: the lookaside buffer stays", db.display());
+    }
+    conn.pragma_update(None, "cache_size", 2)
+        .map_err(|e| Error::sqlite(db, e))?;
     conn.busy_timeout(CHECK_BUSY_TIMEOUT)
         .map_err(|e| Error::sqlite(db, e))?;
     Ok(conn)
