@@ -833,6 +833,24 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// Opens a session: the upgrade carries the key in `Authorization: Bearer`.
 async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
+    connect_with(url, key, ws::ws_config()).await
+}
+
+/// [`connect`] for a subscription: it hears small control frames for hours, so its
+/// buffers start at 4 KiB (they grow for a larger frame) instead of tungstenite's 128
+/// KiB each way, which a daemon with 200 subscriptions would hold as 50 MiB.
+async fn connect_small(url: &str, key: Option<&str>) -> Result<Socket> {
+    let config = ws::ws_config()
+        .read_buffer_size(4096)
+        .write_buffer_size(4096);
+    connect_with(url, key, config).await
+}
+
+async fn connect_with(
+    url: &str,
+    key: Option<&str>,
+    config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+) -> Result<Socket> {
     let endpoint = format!("{url}/v1/sync");
     let mut request = endpoint
         .as_str()
@@ -851,12 +869,8 @@ async fn connect(url: &str, key: Option<&str>) -> Result<Socket> {
     } else {
         None
     };
-    let handshake = tokio_tungstenite::connect_async_tls_with_config(
-        request,
-        Some(ws::ws_config()),
-        false,
-        connector,
-    );
+    let handshake =
+        tokio_tungstenite::connect_async_tls_with_config(request, Some(config), false, connector);
     // A server that accepts and never answers (or a dropped SYN) must not hold a
     // command, or a subscriber's push, for as long as TCP takes to give up.
     let Ok(result) = tokio::time::timeout(CONNECT_TIMEOUT, handshake).await else {

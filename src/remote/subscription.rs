@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Server, Socket, blocking, connect, local, open};
+use super::{Server, Socket, blocking, connect, connect_small, local, open};
 use crate::protocol::Frame;
 use crate::protocol::control::{
     Applied, Control, FailureReport, Op, PING_INTERVAL, SubscriberRole,
@@ -340,7 +340,7 @@ async fn session_open(
     key: Option<&str>,
 ) -> Result<(Socket, Opened)> {
     let opened = async {
-        let mut ws = connect(url, key).await?;
+        let mut ws = connect_small(url, key).await?;
         let config = open(
             &mut ws,
             Op::Subscribe,
