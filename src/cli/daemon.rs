@@ -22,8 +22,7 @@ kill -HUP $(pidof sqlferry)                         reload the file\n\n\
 The file (TOML) lists databases to push, each to one or more destinations (replicas on a \
 server or the embedded store, and local copies), replicas to follow into local databases, \
 and directories whose every database matching a glob is pushed to NAMESPACE/<file name>. \
-A commented example: sqlferry help daemon-config, or examples/sqlferry.toml in the \
-source.\n\n\
+`sqlferry daemon --example config` prints a commented file explaining every setting.\n\n\
 SIGHUP reloads the file: entries added start, entries removed stop (pending changes pushed \
 first), entries changed restart with their new settings, the others are not touched. A file \
 with an error is refused with its line and reason, and everything keeps running as it was. \
@@ -33,8 +32,9 @@ SIGINT or SIGTERM stops every subscriber gracefully (pending changes pushed firs
 60s); a second signal stops at once. Exit 0 when every change seen was pushed; otherwise \
 the first unpushed failure's exit code, after one line per database left behind.\n\n\
 Under systemd (Type=notify), READY=1 is sent once the file is loaded, RELOADING=1 and \
-READY=1 around each reload, STOPPING=1 at the end. examples/sqlferry.service is a unit \
-file.")]
+READY=1 around each reload, STOPPING=1 at the end. `sqlferry daemon --example systemd` \
+prints a unit file (dedicated user, directories, restart policy), `--example cron` a \
+crontab for nightly pushes with `status --max-age` as the alert.")]
 pub struct DaemonArgs {
     /// The configuration file (TOML) [default: $XDG_CONFIG_HOME/sqlferry/daemon.toml].
     #[arg(long, short = 'c', value_name = "FILE")]
@@ -42,6 +42,19 @@ pub struct DaemonArgs {
     /// Check the file and print the subscribers it makes, one per line; run nothing.
     #[arg(long)]
     pub check: bool,
+    /// Print a commented example and exit: `config` (the TOML file), `systemd` (a unit
+    /// file) or `cron` (a crontab without a daemon).
+    #[arg(long, value_name = "WHAT", value_parser = ["config", "systemd", "cron"])]
+    pub example: Option<String>,
+}
+
+/// The examples `--example` prints: the files of `examples/`, built in.
+fn example(what: &str) -> &'static str {
+    match what {
+        "systemd" => include_str!("../../examples/sqlferry.service"),
+        "cron" => include_str!("../../examples/sqlferry.cron"),
+        _ => include_str!("../../examples/sqlferry.toml"),
+    }
 }
 
 impl DaemonArgs {
@@ -61,6 +74,12 @@ impl DaemonArgs {
 
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+        if let Some(what) = &self.example {
+            std::io::stdout()
+                .lock()
+                .write_all(example(what).as_bytes())?;
+            return Ok(ExitCode::from(exit::OK));
+        }
         let path = self.path()?;
         if self.check {
             let config = Config::load(&path).map_err(|e| crate::Error::Usage(e.0))?;

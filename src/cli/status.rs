@@ -26,6 +26,10 @@ pub struct StatusArgs {
     /// A database file, its sidecar (DB-sqlferry), or a replica path (namespace/name);
     /// every database this machine syncs when left out.
     pub target: Option<String>,
+    /// The database of a sidecar file (`<db>-sqlferry`), like the other commands'
+    /// `--from`; the same as giving the sidecar as TARGET.
+    #[arg(long, value_name = "SIDECAR", conflicts_with = "target")]
+    pub from: Option<String>,
     /// Also unhealthy when the last success is older than this (e.g. 1h, 2d): pick
     /// more than the longest the database goes without a change.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -37,7 +41,15 @@ pub struct StatusArgs {
 
 impl StatusArgs {
     /// Runs the command.
-    pub async fn run(self, global: &Global, _shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+    pub async fn run(mut self, global: &Global, _shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+        if let Some(sidecar) = self.from.take() {
+            if !expand_tilde(&sidecar).is_file() {
+                return Err(
+                    crate::Error::Usage(format!("--from {sidecar}: no such sidecar file")).into(),
+                );
+            }
+            self.target = Some(sidecar);
+        }
         let now = crate::epoch::now();
         let scope = scope(self.target.as_deref());
         let lines = crate::client::status(scope.clone(), self.max_age, now).await?;

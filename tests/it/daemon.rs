@@ -208,6 +208,22 @@ fn a_daemon_pushes_many_databases_reloads_and_stops_cleanly() {
     );
     assert_eq!(latest_rows(&m, &server, "acme/a.db", "check-a.db"), 6);
     assert!(!output.contains("panicked"), "{output}");
+
+    // What the daemon did is in the sync log: `status --from SIDECAR` (the sidecar the
+    // first push wrote) shows a.db's pushes.
+    let out = m.run(["status", "--from", "dbs/a.db-sqlferry", "--json"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let status: serde_json::Value = serde_json::from_str(&util::stdout(&out)).unwrap();
+    assert!(
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["replica"] == "acme/a.db"),
+        "{status}"
+    );
+    let out = m.run(["status", "--from", "dbs/nope.db-sqlferry"]);
+    assert_eq!(util::code(&out), EXIT_USAGE, "{}", util::stderr(&out));
 }
 
 /// The next datagram on the notify socket, as text.
@@ -269,4 +285,34 @@ fn daemon_check_prints_what_it_would_run_and_refuses_a_bad_file_with_its_line() 
         "{}",
         util::stderr(&out)
     );
+}
+
+#[test]
+fn daemon_examples_are_printed_and_the_config_one_checks() {
+    let dir = TempDir::new().unwrap();
+    let mut m = Machine::new(dir.path(), "host");
+    m.set_env("SQLFERRY_KEY", "sfk_example");
+    m.set_env("OFFSITE_KEY", "sfk_offsite");
+    for (what, first) in [
+        ("config", "# sqlferry daemon configuration"),
+        ("systemd", "# systemd unit for `sqlferry daemon`"),
+        ("cron", "# One-off backups from cron"),
+    ] {
+        let out = m.run(["daemon", "--example", what]);
+        assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+        assert!(util::stdout(&out).starts_with(first), "{what}");
+    }
+    let out = m.run(["daemon", "--example", "config"]);
+    std::fs::write(m.path("example.toml"), util::stdout(&out)).unwrap();
+    let out = m.run(["daemon", "--config", "example.toml", "--check"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("6 subscribers"),
+        "{}",
+        util::stdout(&out)
+    );
+    // The unit file's Type=notify and reload line are what the daemon speaks.
+    let out = m.run(["daemon", "--example", "systemd"]);
+    let unit = util::stdout(&out);
+    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
 }
