@@ -91,6 +91,28 @@ impl PushOptions {
     }
 }
 
+impl PushOptions {
+    /// The push subscriber these options make, with the checked `timing`.
+    fn subscriber(&self, timing: Timing) -> PushSubscriber {
+        PushSubscriber {
+            timing,
+            shutdown_bound: self.shutdown_bound,
+            report_after: self.report_after,
+        }
+    }
+}
+
+/// Starts watching `database` for commits (on a blocking thread: it opens the
+/// database), checking every `poll` besides the file events.
+async fn watch_database(database: PathBuf, poll: Duration) -> Result<Watched> {
+    let (watcher, seen) =
+        tokio::task::spawn_blocking(move || Watcher::start(&database, poll)).await??;
+    Ok(Watched {
+        _watcher: watcher,
+        seen,
+    })
+}
+
 /// Decides which subscriber `sqlferry subscribe` runs for `target` (a database or a
 /// sidecar file; `given` is how the user wrote it, for the error message).
 pub async fn resolve(target: PathBuf, given: String) -> Result<Plan> {
@@ -192,20 +214,9 @@ pub async fn push<E: FnMut(Event)>(
         server: server.url(),
         timing,
     });
-    let subscriber = PushSubscriber {
-        timing,
-        shutdown_bound: options.shutdown_bound,
-        report_after: options.report_after,
-    };
+    let subscriber = options.subscriber(timing);
     let poll = options.poll;
-    let watch = || async move {
-        let (watcher, seen) =
-            tokio::task::spawn_blocking(move || Watcher::start(&database, poll)).await??;
-        Ok(Watched {
-            _watcher: watcher,
-            seen,
-        })
-    };
+    let watch = || watch_database(database, poll);
     let action = ClientPush::new(pusher, options.permits.clone());
     let mut record = Running::start(&database_key, &server.url(), replica.as_str(), "push");
     let mut emit_noted = |event: Event| {
@@ -330,20 +341,9 @@ pub async fn push_to_file<E: FnMut(Event)>(
         server: String::new(),
         timing,
     });
-    let subscriber = PushSubscriber {
-        timing,
-        shutdown_bound: options.shutdown_bound,
-        report_after: options.report_after,
-    };
+    let subscriber = options.subscriber(timing);
     let poll = options.poll;
-    let watch = || async move {
-        let (watcher, seen) =
-            tokio::task::spawn_blocking(move || Watcher::start(&database, poll)).await??;
-        Ok(Watched {
-            _watcher: watcher,
-            seen,
-        })
-    };
+    let watch = || watch_database(database, poll);
     let action = FileCopy {
         local,
         copy,
