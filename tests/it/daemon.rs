@@ -159,20 +159,35 @@ fn a_daemon_pushes_many_databases_reloads_and_stops_cleanly() {
     commit_rows(&m.path("dbs/b.db"), 4..=4);
     daemon.expect(&["dbs/b.db -> acme/b.db", "version 2"]);
 
-    // A good one: c.db removed, b.db's timing changed, the rest untouched.
-    let good = config(&server.url, "")
-        .replace(
-            "[[push]]\ndatabase = \"dbs/c.db\"\nto = [\"acme/c.db\"]\n",
-            "",
-        )
-        .replace(
-            "to = [\"acme/b.db\"]\n",
-            "to = [\"acme/b.db\"]\nmax_changes = 2\n",
-        );
+    // A database that leaves the watched directory is dropped.
+    std::fs::remove_file(m.path("tenants/t2.db")).unwrap();
+    daemon.expect_all(&[
+        &["tenants/*.db:", "t2.db is gone"],
+        &[
+            "tenants/t2.db -> tenants/t2.db",
+            "stopped: the database left the directory",
+        ],
+    ]);
+
+    // A good one: c.db removed, b.db's timing changed, a copy of b.db added, the rest
+    // untouched.
+    let good = config(
+        &server.url,
+        "\n[[push]]\ndatabase = \"dbs/b.db\"\nto = [\"./copies/b.db\"]\n",
+    )
+    .replace(
+        "[[push]]\ndatabase = \"dbs/c.db\"\nto = [\"acme/c.db\"]\n",
+        "",
+    )
+    .replace(
+        "to = [\"acme/b.db\"]\n",
+        "to = [\"acme/b.db\"]\nmax_changes = 2\n",
+    );
     std::fs::write(&file, good).unwrap();
     signal(daemon.child(), "HUP");
     daemon.expect_all(&[
-        &["reloaded: 0 added, 1 removed, 1 changed, 4 unchanged"],
+        &["reloaded: 1 added, 1 removed, 1 changed, 4 unchanged"],
+        &["dbs/b.db -> ", "copies/b.db", "push (start): copy updated"],
         &[
             "dbs/c.db -> acme/c.db",
             "stopped: removed from the configuration",
