@@ -433,12 +433,7 @@ fn expand_tilde(path: &str) -> PathBuf {
 /// `~/`, or something of that name exists here. `status` reads its TARGET this way;
 /// LOCAL/REMOTE arguments go through [`Place::of`], which also refuses the ambiguous.
 fn is_local_path(arg: &str) -> bool {
-    has_local_prefix(arg) || Path::new(arg).exists()
-}
-
-/// Whether an argument says it is a local path by how it starts.
-fn has_local_prefix(arg: &str) -> bool {
-    ["/", "./", "../", "~/"].iter().any(|p| arg.starts_with(p))
+    crate::config::names_local_path(arg) || Path::new(arg).exists()
 }
 
 /// What a REMOTE argument names, by the one rule of every command that takes one

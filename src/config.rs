@@ -24,6 +24,13 @@ pub fn state_dir() -> Option<PathBuf> {
     xdg_dir("XDG_STATE_HOME", ".local/state")
 }
 
+/// Whether a command-line or configuration argument says it is a local path by how it
+/// starts: `/`, `./`, `../` or `~/`. The one spelling rule of the command line's
+/// LOCAL/REMOTE arguments and the daemon's destinations.
+pub fn names_local_path(arg: &str) -> bool {
+    ["/", "./", "../", "~/"].iter().any(|p| arg.starts_with(p))
+}
+
 /// The name a local database is known by in the secrets file and the sync history:
 /// its directory with symbolic links resolved, then its file name (the file itself
 /// need not exist yet). The same database reached through a link gets the same name.

@@ -535,14 +535,10 @@ impl Context<'_> {
             (None, None) => None,
         };
         if let Some(url) = &s.server {
-            let scheme_ok = ["ws://", "wss://", "file://"]
-                .iter()
-                .any(|p| url.starts_with(p));
-            if !scheme_ok {
-                return Err(format!(
-                    "server '{url}': a ws://, wss:// or file:// URL is expected"
-                ));
-            }
+            // The command line's own check of a URL, at load time: a server the
+            // daemon could never reach is the file's error, with its line.
+            crate::remote::Server::parse(Some(url))
+                .map_err(|e| e.to_string().replacen("--server ", "server ", 1))?;
         }
         Ok(Store {
             server: s.server.clone(),
@@ -560,7 +556,7 @@ impl Context<'_> {
             })
         };
         match to {
-            Destination::Plain(p) if is_file_spelling(p) => {
+            Destination::Plain(p) if crate::config::names_local_path(p) => {
                 Ok(Target::File(self.path(Path::new(p))))
             }
             Destination::Plain(name) => replica(name, self.store(s)?),
@@ -592,11 +588,6 @@ impl Context<'_> {
             }
         }
     }
-}
-
-/// Whether a destination string names a file: it starts with `/`, `./`, `../` or `~/`.
-pub fn is_file_spelling(s: &str) -> bool {
-    ["/", "./", "../", "~/"].iter().any(|p| s.starts_with(p))
 }
 
 impl EntrySettings {
