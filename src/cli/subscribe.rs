@@ -291,13 +291,28 @@ fn store_label(replica: &str, server: &str) -> String {
 /// Prints `event`, and remembers the replica a pull subscriber follows: its failures
 /// are told as the pull subscriber's.
 fn print(line: Line, following: &mut Option<String>, event: Event) {
+    note_following(following, &event);
+    line.event(event);
+}
+
+/// Remembers, from its start event, the replica a pull subscriber follows (a push
+/// subscriber whose key is a PULL key becomes one).
+fn note_following(following: &mut Option<String>, event: &Event) {
     if let Event::PullStarted {
         replica, server, ..
-    } = &event
+    } = event
     {
         *following = Some(format!("pull subscriber of {replica} on {server}"));
     }
-    line.event(event);
+}
+
+/// What a subscriber asked to stop says it left behind.
+fn stopped_cleanly(following: bool) -> &'static str {
+    if following {
+        "stopped (asked to): the database holds the last version pulled"
+    } else {
+        "stopped (asked to): every change seen is pushed"
+    }
 }
 
 /// The exit code of a subscriber's end; a failure of the pull subscriber says so.
@@ -308,10 +323,7 @@ fn exit_code(
 ) -> anyhow::Result<ExitCode> {
     match ended {
         Ok(Ended::Shutdown) => {
-            line.out(match following {
-                Some(_) => "stopped (asked to): the database holds the last version pulled".into(),
-                None => "stopped (asked to): every change seen is pushed".into(),
-            });
+            line.out(stopped_cleanly(following.is_some()).into());
             Ok(ExitCode::from(exit::OK))
         }
         Ok(Ended::Unpushed(e)) => {
@@ -358,12 +370,7 @@ pub(super) async fn run_push_many(
     let labels: Vec<String> = destinations.iter().map(plan::Destination::label).collect();
     let mut following: Vec<Option<String>> = vec![None; labels.len()];
     let ended = plan::push_many(destinations, timing.options(), shutdown, |i, event| {
-        if let Event::PullStarted {
-            replica, server, ..
-        } = &event
-        {
-            following[i] = Some(format!("pull subscriber of {replica} on {server}"));
-        }
+        note_following(&mut following[i], &event);
         match text(event) {
             Some((Stream::Out, s)) => line.out(format!("{}: {s}", labels[i])),
             Some((Stream::Err, s)) => line.err(format!("{}: {s}", labels[i])),
@@ -374,12 +381,10 @@ pub(super) async fn run_push_many(
     let mut first: Option<anyhow::Error> = None;
     let mut interrupted = false;
     for ((ended, label), following) in ended.into_iter().zip(&labels).zip(following) {
-        let stopped_line = |what: &str| line.out(format!("{label}: stopped (asked to): {what}"));
         match ended {
-            Ok(Ended::Shutdown) => stopped_line(match following {
-                Some(_) => "the database holds the last version pulled",
-                None => "every change seen is pushed",
-            }),
+            Ok(Ended::Shutdown) => {
+                line.out(format!("{label}: {}", stopped_cleanly(following.is_some())));
+            }
             Ok(Ended::Interrupted) => interrupted = true,
             Ok(Ended::Unpushed(e)) => {
                 line.err(format!("{label}: stopped with changes not pushed: {e}"));
