@@ -11,7 +11,6 @@
 //! file that is gone).
 
 use std::collections::{BTreeMap, HashSet};
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,20 +66,15 @@ pub(super) async fn run(unit: &Unit, stop: &Shutdown, shared: &Shared) -> Result
     };
     let label = unit.label();
     let mut children = Units::new(shared.clone(), true);
-    let mut known: HashSet<OsString> = HashSet::new();
+    // The databases found by the last scan (their units run).
     let mut held: HashSet<PathBuf> = HashSet::new();
     loop {
         let found = {
-            let (dir, glob, seen) = (dir.clone(), glob.clone(), known.clone());
+            let (dir, glob, seen) = (dir.clone(), glob.clone(), held.clone());
             tokio::task::spawn_blocking(move || scan(&dir, &glob, &seen)).await?
         };
         match found {
             Ok(found) => {
-                known = found
-                    .iter()
-                    .filter_map(|p| p.file_name())
-                    .map(Into::into)
-                    .collect();
                 let mut wanted = BTreeMap::new();
                 for database in &found {
                     let name = database.file_name().expect("listed files have names");
@@ -153,9 +147,9 @@ pub(super) async fn run(unit: &Unit, stop: &Shutdown, shared: &Shared) -> Result
     }
 }
 
-/// The databases in `dir` whose names match `glob`, sorted; `known` names were
-/// databases at the last scan (their header is not read again).
-fn scan(dir: &Path, glob: &str, known: &HashSet<OsString>) -> Result<Vec<PathBuf>> {
+/// The databases in `dir` whose names match `glob`, sorted; `known` were databases at
+/// the last scan (their header is not read again).
+fn scan(dir: &Path, glob: &str, known: &HashSet<PathBuf>) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
@@ -172,7 +166,7 @@ fn scan(dir: &Path, glob: &str, known: &HashSet<OsString>) -> Result<Vec<PathBuf
         if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
             continue;
         }
-        if known.contains(&name) || is_sqlite(&path) {
+        if known.contains(&path) || is_sqlite(&path) {
             found.push(path);
         }
     }
