@@ -179,8 +179,16 @@ impl Server {
             }
             Server::Ws { url } => {
                 let mut ws = connect(url, key).await?;
-                let config = open(&mut ws, Op::Versions, replica, None, None, false, None).await?;
-                Ok(config.versions.unwrap_or_default())
+                let mut config =
+                    open(&mut ws, Op::Versions, replica, None, None, false, None).await?;
+                // A long history comes in runs, one CONFIG each, so that no frame
+                // passes the frame limit; an older server sends one CONFIG with all.
+                let mut list = config.versions.take().unwrap_or_default();
+                while config.more {
+                    config = next_config(&mut ws, Vec::new()).await?;
+                    list.extend(config.versions.take().unwrap_or_default());
+                }
+                Ok(list)
             }
         }
     }
@@ -330,6 +338,7 @@ impl Server {
             retention: None,
             retention_clear: false,
             dry_run: false,
+            paged: false,
         };
         ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
         let config = next_config(&mut ws, Vec::new()).await?;
@@ -1017,6 +1026,7 @@ fn open_frame(op: Op, replica: &ReplicaPath) -> Open {
         retention: None,
         retention_clear: false,
         dry_run: false,
+        paged: false,
     }
 }
 
@@ -1048,6 +1058,7 @@ async fn open(
         retention: None,
         retention_clear: false,
         dry_run: false,
+        paged: op == Op::Versions,
     };
     let offered = open.compress.clone();
     ws::send_binary(ws, Control::Open(open).to_bytes()).await?;

@@ -53,6 +53,11 @@ pub struct Open {
     /// For `prune`: say what would be removed and freed, remove nothing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// For `versions`: the client reads the list over several CONFIG frames (each
+    /// with `more` but the last), so any number of versions fits under the frame
+    /// limit. Absent from older clients, which get one CONFIG with every version.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paged: bool,
 }
 
 /// Which versions of a replica are kept. Every rule given keeps what it names; a
@@ -214,9 +219,13 @@ pub struct Config {
     /// Keys minted for a new replica after KEYREQUEST (shown once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<NewKeys>,
-    /// For `versions`: every version, oldest first.
+    /// For `versions`: every version, oldest first; to a client that asked for a
+    /// `paged` list, the next run of them (see `more`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub versions: Option<Vec<VersionInfo>>,
+    /// For a `paged` `versions`: another CONFIG with the next versions follows.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub more: bool,
     /// After a push: whether it made a new version (false: nothing had changed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<bool>,
@@ -560,6 +569,7 @@ mod tests {
                 retention: None,
                 retention_clear: false,
                 dry_run: false,
+                paged: false,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -579,6 +589,7 @@ mod tests {
                 }),
                 retention_clear: false,
                 dry_run: true,
+                paged: false,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -594,6 +605,7 @@ mod tests {
                 retention: None,
                 retention_clear: false,
                 dry_run: false,
+                paged: false,
             }),
             Control::Config(Config {
                 replica_id: "r1".into(),
@@ -755,6 +767,7 @@ mod tests {
             retention: None,
             retention_clear: false,
             dry_run: false,
+            paged: false,
         };
         let bytes = Control::Open(open).to_bytes();
         assert!(String::from_utf8_lossy(&bytes).contains(r#""op":"wait-followers""#));

@@ -37,7 +37,7 @@ use crate::engine::{NoProgress, Role, run_origin, run_replica};
 use crate::protocol::compress::PackedPages;
 use crate::protocol::control::{
     Config, Control, Followed, MAX_FOLLOWERS_WAIT, NewVersion, Op, Open, PING_INTERVAL,
-    SubscriberRole,
+    SubscriberRole, VersionInfo,
 };
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector};
@@ -231,7 +231,7 @@ where
         _ => None,
     };
     match open.op {
-        Op::Versions => Ok(versions(ws, state, principal, &replica).await?),
+        Op::Versions => Ok(versions(ws, state, principal, &replica, open.paged).await?),
         // Counted for the metrics where they end, whatever the end.
         Op::Pull => {
             let (started, mut bytes) = (tokio::time::Instant::now(), WireBytes::default());
@@ -422,6 +422,7 @@ async fn versions<S>(
     state: &State,
     principal: &Principal,
     replica: &ReplicaPath,
+    paged: bool,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -434,15 +435,51 @@ where
         ))
     })
     .await?;
-    let mut c = config(
+    let c = config(
         state,
         principal,
         replica,
         id.unwrap_or_default(),
         list.last().map_or(0, |v| v.number),
     );
-    c.versions = Some(list);
-    send_control(ws, Control::Config(c)).await
+    if !paged {
+        // An older client reads one CONFIG: every version in it, as before.
+        let mut c = c;
+        c.versions = Some(list);
+        return send_control(ws, Control::Config(c)).await;
+    }
+    let runs = version_runs(list);
+    let last = runs.len() - 1;
+    for (i, run) in runs.into_iter().enumerate() {
+        let mut c = c.clone();
+        c.versions = Some(run);
+        c.more = i < last;
+        send_control(ws, Control::Config(c)).await?;
+    }
+    Ok(())
+}
+
+/// The bytes of versions' JSON one CONFIG of a paged `versions` carries at most: well
+/// under the frame limit, leaving room for the CONFIG's other fields.
+const VERSIONS_RUN_BYTES: usize = crate::protocol::MAX_FRAME_BYTES / 2;
+
+/// `list` cut into runs, oldest first, each within [`VERSIONS_RUN_BYTES`] of JSON (a
+/// version is at most a few KiB: its message is at most 4,096 bytes). Always at least
+/// one run, empty for a replica without versions.
+fn version_runs(list: Vec<VersionInfo>) -> Vec<Vec<VersionInfo>> {
+    let mut runs = vec![Vec::new()];
+    let mut bytes = 0;
+    for v in list {
+        let size = serde_json::to_vec(&v).map_or(VERSIONS_RUN_BYTES, |j| j.len() + 1);
+        let run = runs.last_mut().expect("one run at least");
+        if !run.is_empty() && bytes + size > VERSIONS_RUN_BYTES {
+            runs.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        runs.last_mut().expect("one run at least").push(v);
+    }
+    runs
 }
 
 /// The replica's id (if registered) and latest version (0 when it has none yet).
@@ -926,4 +963,50 @@ where
         .await?;
     }
     Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every run of a paged `versions` fits in a frame even when each version has the
+    /// longest message, and the runs hold every version once, in order.
+    #[test]
+    fn version_runs_fit_in_frames_and_keep_every_version_in_order() {
+        let list: Vec<VersionInfo> = (1..=200u64)
+            .map(|n| VersionInfo {
+                number: n,
+                page_size: 4096,
+                page_count: 1 << 20,
+                size: 4 << 30,
+                digest: "ab".repeat(32),
+                message: "é".repeat(2048),
+                created_at: 1_800_000_000,
+                client_id: "someone@a-long-host-name.example".into(),
+                key_id: "0123456789abcdef".into(),
+                base: n - 1,
+                stored_bytes: Some(u64::MAX),
+            })
+            .collect();
+        let runs = version_runs(list.clone());
+        assert!(runs.len() > 10, "{} runs", runs.len());
+        for run in &runs {
+            let c = Config {
+                replica_id: "f".repeat(32),
+                path: "a".repeat(200),
+                versions: Some(run.clone()),
+                more: true,
+                server_id: Some("0".repeat(32)),
+                ..Config::default()
+            };
+            let bytes = Control::Config(c).to_bytes();
+            assert!(
+                bytes.len() < crate::protocol::MAX_FRAME_BYTES,
+                "{}",
+                bytes.len()
+            );
+        }
+        assert_eq!(runs.concat(), list);
+        assert_eq!(version_runs(Vec::new()), vec![Vec::<VersionInfo>::new()]);
+    }
 }

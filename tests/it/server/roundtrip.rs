@@ -325,3 +325,67 @@ fn verify_fetches_a_stored_version_and_checks_its_digest() {
         .collect();
     assert!(names.iter().all(|n| n.starts_with("app.db")), "{names:?}");
 }
+
+/// A long history is listed whole: `versions` over a server carries every version
+/// whatever the frame limit (80 KiB), here 30 versions with 4,096-byte messages (about
+/// 130 KiB of JSON), in order, each message intact.
+#[test]
+fn versions_lists_a_history_longer_than_one_frame() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::in_process(dir.path());
+    let a = Machine::new(dir.path(), "a");
+    let src = a.path("app.db");
+    small_db(&src, 256 << 10);
+    let mut digests = Vec::new();
+    for n in 1..=30u64 {
+        if n > 1 {
+            exec(
+                &src,
+                &format!("UPDATE t SET v = randomblob(300) WHERE id = {n}"),
+            );
+        }
+        // Each message is different and exactly 4,096 bytes (the limit).
+        let message = format!("{n:04}{}", "m".repeat(4092));
+        let key: &[&str] = if n == 1 {
+            &["--key", &server.admin_key]
+        } else {
+            &[]
+        };
+        let r = a.push(
+            &server,
+            "app.db",
+            "acme/app.db",
+            &[&["-m", &message][..], key].concat(),
+        );
+        assert_eq!(r.u64("version"), n);
+        digests.push(r.digest().to_owned());
+    }
+    let out = a.run_on(&server, ["versions", "acme/app.db", "--json"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(out.stdout.len() > 120 << 10, "{} bytes", out.stdout.len());
+    let list: Vec<sqlferry::store::VersionInfo> =
+        serde_json::from_slice(&out.stdout).expect("JSON");
+    let got: Vec<_> = list
+        .iter()
+        .map(|v| {
+            (
+                v.number,
+                v.message[..4].to_owned(),
+                v.message.len(),
+                v.digest.clone(),
+            )
+        })
+        .collect();
+    let want: Vec<_> = (1..=30u64)
+        .map(|n| (n, format!("{n:04}"), 4096, digests[n as usize - 1].clone()))
+        .collect();
+    assert_eq!(got, want);
+    // The table says so too.
+    let out = a.run_on(&server, ["versions", "acme/app.db"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("30 versions, "),
+        "{}",
+        util::stdout(&out)
+    );
+}
