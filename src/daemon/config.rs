@@ -457,6 +457,76 @@ impl Config {
                 ));
             }
         }
+        // A watched directory takes every matching database in it: one pulled there would
+        // be pushed back (to NAMESPACE/<name>) or copied over, and a database it takes that
+        // a [[push]] also sends to the same place would be pushed twice.
+        for dir in self.units.values() {
+            let Unit::Directory {
+                path,
+                glob,
+                namespace,
+                store,
+                copy_to,
+                ..
+            } = dir
+            else {
+                continue;
+            };
+            // The file name of `file` when it is one of `parent`'s that `glob` takes.
+            let taken = |file: &Path, parent: &Path| -> Option<String> {
+                let name = file.file_name()?.to_str()?;
+                (file.parent() == Some(parent) && glob_matches(glob, name)).then(|| name.into())
+            };
+            for unit in self.units.values() {
+                match unit {
+                    Unit::Pull { into, .. } => {
+                        if taken(into, path).is_some() {
+                            return Err(format!(
+                                "0: {} writes {}, which {} watches and would push back",
+                                unit.label(),
+                                into.display(),
+                                dir.label()
+                            ));
+                        }
+                        if copy_to.as_deref().is_some_and(|c| taken(into, c).is_some()) {
+                            return Err(format!(
+                                "0: {} writes {}, which {} copies into",
+                                unit.label(),
+                                into.display(),
+                                dir.label()
+                            ));
+                        }
+                    }
+                    Unit::Push {
+                        database, target, ..
+                    } => {
+                        let Some(name) = taken(database, path) else {
+                            continue;
+                        };
+                        let twice = match target {
+                            Target::Replica { replica, store: s } => {
+                                s == store
+                                    && namespace.as_ref().is_some_and(|ns| {
+                                        replica.as_str() == format!("{ns}/{name}")
+                                    })
+                            }
+                            Target::File(copy) => {
+                                copy_to.as_ref().is_some_and(|c| copy == &c.join(&name))
+                            }
+                        };
+                        if twice {
+                            return Err(format!(
+                                "0: {} is already taken by {}: {} would push it twice",
+                                database.display(),
+                                dir.label(),
+                                unit.label()
+                            ));
+                        }
+                    }
+                    Unit::Directory { .. } => {}
+                }
+            }
+        }
         for unit in self.units.values() {
             if let Unit::Push {
                 database, target, ..
@@ -780,6 +850,51 @@ max_interval = "1h"
         )
         .unwrap_err();
         assert!(e.contains("writes /d/a.db"), "{e}");
+    }
+
+    /// A watched directory's databases are its own: a pull into it (or into its copy
+    /// directory) is refused, and so is a [[push]] that sends one of them where the
+    /// directory already does; elsewhere, or a file the glob does not take, is fine.
+    #[test]
+    fn a_watched_directory_is_not_written_by_a_pull_nor_pushed_twice() {
+        let dir = "[defaults]\nwait_idle = \"10s\"\n[[directory]]\npath = \"/t\"\nnamespace = \"ten\"\n\
+                   copy_to = \"/c\"\n";
+        let e = parse(&format!(
+            "{dir}[[pull]]\nreplica = \"x/b.db\"\ninto = \"/t/b.db\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("writes /t/b.db, which /t/*.db watches"), "{e}");
+        let e = parse(&format!(
+            "{dir}[[pull]]\nreplica = \"x/b.db\"\ninto = \"/c/b.db\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("writes /c/b.db, which /t/*.db copies into"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{dir}[[push]]\ndatabase = \"/t/a.db\"\nto = [\"ten/a.db\"]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("/t/a.db is already taken by /t/*.db: /t/a.db -> ten/a.db"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{dir}[[push]]\ndatabase = \"/t/a.db\"\nto = [\"/c/a.db\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("would push it twice"), "{e}");
+        for fine in [
+            "[[pull]]\nreplica = \"x/b.db\"\ninto = \"/t/b.sqlite\"\n",
+            "[[pull]]\nreplica = \"x/b.db\"\ninto = \"/t/sub/b.db\"\n",
+            "[[push]]\ndatabase = \"/t/a.db\"\nto = [\"other/a.db\"]\n",
+            "[[push]]\ndatabase = \"/t/a.db\"\nto = [\"/backup/a.db\"]\n",
+            "[[push]]\ndatabase = \"/t/a.db\"\nto = [{ replica = \"ten/a.db\", server = \"ws://h:1\", key_env = \"PUSH_KEY\" }]\n",
+        ] {
+            let c = parse(&format!("{dir}{fine}"));
+            assert!(c.is_ok(), "{fine}: {c:?}");
+        }
     }
 
     #[test]
