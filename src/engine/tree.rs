@@ -37,11 +37,29 @@ impl Tree {
         page_size: u32,
         page_count: u32,
         scan: impl FnOnce(&mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>,
+        on_page: impl FnMut(),
+    ) -> Result<(Tree, Option<Hash>)> {
+        Tree::build_with(page_size, page_count, true, scan, on_page)
+    }
+
+    /// [`Tree::build`], with the levels above the pages only if `levels`: a side that
+    /// will never be asked for a node (the origin that knows the replica's base
+    /// manifest) keeps the page hashes and the digest, and saves a SHA-256 over every
+    /// 16 page hashes. Without levels, [`Tree::nodes`] knows level 0 only.
+    pub(crate) fn build_with(
+        page_size: u32,
+        page_count: u32,
+        levels: bool,
+        scan: impl FnOnce(&mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>,
         mut on_page: impl FnMut(),
     ) -> Result<(Tree, Option<Hash>)> {
+        let with_levels = levels;
         let mut out = HashSpill::writer().map_err(temp_error)?;
         let mut digest = Digest::new(page_size, page_count);
-        let mut level1 = Vec::with_capacity(page_count.div_ceil(FANOUT) as usize);
+        let mut level1 = Vec::with_capacity(match with_levels {
+            true => page_count.div_ceil(FANOUT) as usize,
+            false => 0,
+        });
         let mut group = Vec::with_capacity(FANOUT as usize);
         let mut next = 1u32;
         let mut io_error = None;
@@ -57,6 +75,10 @@ impl Tree {
                 return Err(Error::Disconnected(String::new()));
             }
             digest.push(&hash);
+            if !with_levels {
+                on_page();
+                return Ok(());
+            }
             group.push(hash);
             if group.len() == FANOUT as usize {
                 level1.push(node_hash(&group));
@@ -72,7 +94,7 @@ impl Tree {
         let leaves = out.finish().map_err(temp_error)?;
         let leaf_count = next - 1;
         let mut levels = Vec::new();
-        if leaf_count > 0 {
+        if leaf_count > 0 && with_levels {
             levels.push(level1);
             while levels.last().is_some_and(|l| l.len() > 1) {
                 let below = levels.last().expect("checked above");
@@ -213,6 +235,25 @@ mod tests {
         tree.set_leaf(21, &leaf(21)).expect("extends");
         assert_eq!(tree.digest(4096, 21).expect("digest"), build(21).1);
         assert_eq!(tree.digest(4096, 3).expect("digest"), build(3).1);
+    }
+
+    #[test]
+    fn a_tree_without_levels_has_the_same_leaves_and_digest() {
+        let (mut full, digest) = build(40);
+        let (mut bare, bare_digest) = Tree::build_with(
+            4096,
+            40,
+            false,
+            |f| (1..=40).try_for_each(|i| f(i, leaf(i))),
+            || {},
+        )
+        .expect("builds");
+        assert_eq!(bare_digest, Some(digest));
+        assert_eq!(bare.len(0), 40);
+        assert_eq!(bare.len(1), 0);
+        let a: Vec<Hash> = full.leaves(40).unwrap().map(|h| h.unwrap()).collect();
+        let b: Vec<Hash> = bare.leaves(40).unwrap().map(|h| h.unwrap()).collect();
+        assert_eq!(a, b);
     }
 
     #[test]
