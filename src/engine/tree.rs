@@ -113,6 +113,38 @@ impl Tree {
         ))
     }
 
+    /// Builds the levels above the pages of a tree built without them, from its page
+    /// hashes as built: for a side that learns only after the build that it will be
+    /// asked for nodes (the replica whose origin did not use its known base). The
+    /// caller has changed no page the build hashed ([`Tree::set_leaf`] of pages past
+    /// them only), so the levels describe the state the tree was built from. Does
+    /// nothing on a tree that has its levels.
+    pub(crate) fn build_levels(&mut self) -> Result<()> {
+        if !self.levels.is_empty() || self.leaf_count == 0 {
+            return Ok(());
+        }
+        self.flush()?;
+        let mut level1 = Vec::with_capacity(self.leaf_count.div_ceil(FANOUT) as usize);
+        let mut group = Vec::with_capacity(FANOUT as usize);
+        for h in self.leaves.iter(self.leaf_count) {
+            group.push(h.map_err(temp_error)?);
+            if group.len() == FANOUT as usize {
+                level1.push(node_hash(&group));
+                group.clear();
+            }
+        }
+        if !group.is_empty() {
+            level1.push(node_hash(&group));
+        }
+        self.levels.push(level1);
+        while self.levels.last().is_some_and(|l| l.len() > 1) {
+            let below = self.levels.last().expect("checked above");
+            let up = below.chunks(FANOUT as usize).map(node_hash).collect();
+            self.levels.push(up);
+        }
+        Ok(())
+    }
+
     /// Number of nodes at `level` (level 0: pages hashed at build time).
     pub(crate) fn len(&self, level: u8) -> u32 {
         match level {
@@ -254,6 +286,17 @@ mod tests {
         let a: Vec<Hash> = full.leaves(40).unwrap().map(|h| h.unwrap()).collect();
         let b: Vec<Hash> = bare.leaves(40).unwrap().map(|h| h.unwrap()).collect();
         assert_eq!(a, b);
+        bare.build_levels().expect("levels");
+        assert_eq!((bare.len(3), full.len(3)), (0, 0));
+        for level in 0..3u8 {
+            assert_eq!(bare.len(level), full.len(level), "level {level}");
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            full.nodes(level, 0, full.len(level), &mut x)
+                .expect("nodes");
+            bare.nodes(level, 0, bare.len(level), &mut y)
+                .expect("nodes");
+            assert_eq!(x, y, "level {level}");
+        }
     }
 
     #[test]
