@@ -32,20 +32,10 @@ fn temp_error(e: std::io::Error) -> Error {
 
 impl Tree {
     /// Builds the tree of `page_count` pages whose hashes `scan` produces in order, and
-    /// the database digest along the way.
-    pub(crate) fn build(
-        page_size: u32,
-        page_count: u32,
-        scan: impl FnOnce(&mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>,
-        on_page: impl FnMut(),
-    ) -> Result<(Tree, Option<Hash>)> {
-        Tree::build_with(page_size, page_count, true, scan, on_page)
-    }
-
-    /// [`Tree::build`], with the levels above the pages only if `levels`: a side that
-    /// will never be asked for a node (the origin that knows the replica's base
-    /// manifest) keeps the page hashes and the digest, and saves a SHA-256 over every
-    /// 16 page hashes. Without levels, [`Tree::nodes`] knows level 0 only.
+    /// the database digest along the way; the levels above the pages only if `levels`:
+    /// a side that may never be asked for a node (with a known base manifest) keeps the
+    /// page hashes and the digest, and saves a SHA-256 over every 16 page hashes until
+    /// [`Tree::build_levels`]. Without levels, [`Tree::nodes`] knows level 0 only.
     pub(crate) fn build_with(
         page_size: u32,
         page_count: u32,
@@ -227,9 +217,14 @@ mod tests {
     }
 
     fn build(n: u32) -> (Tree, Hash) {
-        let (tree, digest) =
-            Tree::build(4096, n, |f| (1..=n).try_for_each(|i| f(i, leaf(i))), || {})
-                .expect("builds");
+        let (tree, digest) = Tree::build_with(
+            4096,
+            n,
+            true,
+            |f| (1..=n).try_for_each(|i| f(i, leaf(i))),
+            || {},
+        )
+        .expect("builds");
         (tree, digest.expect("all pages hashed"))
     }
 
@@ -301,7 +296,7 @@ mod tests {
 
     #[test]
     fn out_of_order_pages_are_refused() {
-        let r = Tree::build(4096, 2, |f| f(2, leaf(2)), || {});
+        let r = Tree::build_with(4096, 2, true, |f| f(2, leaf(2)), || {});
         assert!(r.is_err());
     }
 }
