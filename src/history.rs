@@ -226,3 +226,69 @@ impl Iterator for ManifestHashes {
         )
     }
 }
+
+/// What a push into the embedded store leaves so that the next push of the same
+/// database to the same replica can prove, without reading a page or a hash, that
+/// nothing changed (docs/engine.md, "A no-change push that reads nothing"). Kept
+/// beside the manifests, one file per (database, server, replica); advisory: a missing
+/// or unreadable seal only means the push runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PushSeal {
+    /// The server URL.
+    pub server: String,
+    /// The replica path.
+    pub replica: String,
+    /// The version the push left the replica at.
+    pub version: u64,
+    /// That version's digest, lower-case hex.
+    pub digest: String,
+    /// Whether the pushed state passed the source check (`false`: `--allow-corrupt`).
+    pub checked: bool,
+    /// The pushed snapshot's state token (`page::SourceState::to_token`).
+    pub source: String,
+}
+
+fn seal_path(database: &Path, server: &str, replica: &str) -> Option<PathBuf> {
+    keyed_path(
+        crate::config::cache_dir()?.join("manifests"),
+        database,
+        Some((server, replica)),
+        ".seal",
+    )
+}
+
+/// Keeps `seal` for `database` (atomically: a reader sees the old seal or the new one).
+/// A failure is logged and removes the old seal, so that no stale one stays.
+pub fn save_seal(database: &Path, seal: &PushSeal) {
+    let Some(path) = seal_path(database, &seal.server, &seal.replica) else {
+        return;
+    };
+    let result = (|| -> std::io::Result<()> {
+        let dir = path.parent().expect("the seal path has a directory");
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        serde_json::to_writer(&mut tmp, seal)?;
+        tmp.persist(&path).map_err(|e| e.error)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "could not keep the push's seal");
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// The seal the last push of `database` to `replica` on `server` left, if any.
+pub fn load_seal(database: &Path, server: &str, replica: &str) -> Option<PushSeal> {
+    let text = std::fs::read_to_string(seal_path(database, server, replica)?).ok()?;
+    let seal: PushSeal = serde_json::from_str(&text).ok()?;
+    (seal.server == server && seal.replica == replica).then_some(seal)
+}
+
+/// Removes the seal of `database` with `replica` on `server`: the push that just ran
+/// could not leave one, and the old one describes an older push.
+pub fn remove_seal(database: &Path, server: &str, replica: &str) {
+    if let Some(path) = seal_path(database, server, replica) {
+        let _ = std::fs::remove_file(path);
+    }
+}

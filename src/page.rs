@@ -19,12 +19,14 @@ mod hashcache;
 mod header;
 mod scan;
 mod snapshot;
+mod state;
 mod wal;
 mod writer;
 
 pub use following::Following;
 pub use header::{Header, JournalMode};
 pub use snapshot::{HashedPageFn, Snapshot};
+pub use state::SourceState;
 pub use writer::Writer;
 
 /// Lets SQLite roll back a hot journal that a crashed or killed writer left beside the

@@ -74,6 +74,11 @@ pub struct PushOutcome {
     /// The server's id as its CONFIG told it (`None`: the embedded store, or an older
     /// server that sends none).
     pub server_id: Option<String>,
+    /// Whether the push proved from constant-size facts that nothing changed since the
+    /// last push of this database to this replica, and so ran no sync at all
+    /// (docs/engine.md, "A no-change push that reads nothing"; `--json`:
+    /// `proved_unchanged`).
+    pub proved_unchanged: bool,
 }
 
 /// What a pull did.
@@ -358,12 +363,52 @@ impl Server {
         let url = self.url();
         // The read transaction opens (and LOCAL is checked) before anything is sent: a
         // damaged LOCAL is refused even when the server is out of reach.
-        let (mut source, kept) = {
+        let embedded = match self {
+            Server::Embedded(store) => Some(store.clone()),
+            Server::Ws { .. } => None,
+        };
+        let (mut source, kept, state) = {
             let (local, replica, url) = (local.to_owned(), replica.clone(), url.clone());
             let (database, allow_corrupt) = (request.database.clone(), request.allow_corrupt);
             let (base, force) = (request.options.base, request.options.force);
-            blocking(move || {
+            let store = embedded.clone();
+            let started = std::time::Instant::now();
+            let early = blocking(move || {
                 let source = Snapshot::open(&local)?;
+                let state = source.state();
+                if let (Some(store), Some(db), Some(base), false, Some(state)) =
+                    (&store, &database, base, force, state)
+                {
+                    let proved = proved_unchanged(
+                        store,
+                        &replica,
+                        history::load_seal(db, &url, replica.as_str()),
+                        base,
+                        state,
+                        allow_corrupt,
+                    )?;
+                    if let Some(seal) = proved {
+                        tracing::debug!(%replica, "nothing changed since the last push: no sync");
+                        return Ok(Err(PushOutcome {
+                            stats: SyncStats {
+                                page_size: state.page_size(),
+                                pages_total: state.page_count(),
+                                pages_sent: 0,
+                                bytes_sent: 0,
+                                bytes_received: 0,
+                                hash_bytes: 0,
+                                duration: started.elapsed(),
+                                digest: seal.digest,
+                            },
+                            version: seal.version,
+                            created: false,
+                            repaired: 0,
+                            keys: None,
+                            server_id: None,
+                            proved_unchanged: true,
+                        }));
+                    }
+                }
                 if !allow_corrupt {
                     check_source(&source)?;
                 }
@@ -375,9 +420,14 @@ impl Server {
                     }
                     _ => None,
                 };
-                Ok((source, kept))
+                Ok(Ok((source, kept, state)))
             })
-            .await?
+            .await?;
+            match early {
+                Ok(going_on) => going_on,
+                // Nothing changed since the last push: no sync.
+                Err(unchanged) => return Ok(unchanged),
+            }
         };
         let (outcome, pushed) = match self {
             Server::Embedded(store) => {
@@ -399,6 +449,7 @@ impl Server {
                             repaired: target.repaired(),
                             keys: None,
                             server_id: None,
+                            proved_unchanged: false,
                         };
                         // Versions the retention policy removed: their pages are freed
                         // once this push lets go of the store.
@@ -477,10 +528,31 @@ impl Server {
                     repaired: config.repaired.unwrap_or(0),
                     keys: config.keys,
                     server_id: config.server_id.or(server_id),
+                    proved_unchanged: false,
                 };
                 (outcome, pushed)
             }
         };
+        if let (Some(db), Some(_)) = (&request.database, &embedded) {
+            // The next push proves "no change" from this one's state, or runs.
+            let seal = state.map(|state| history::PushSeal {
+                server: url.clone(),
+                replica: replica.to_string(),
+                version: outcome.version,
+                digest: outcome.stats.digest.clone(),
+                checked: !request.allow_corrupt,
+                source: state.to_token(),
+            });
+            let (db, url, replica) = (db.clone(), url.clone(), replica.to_string());
+            blocking(move || {
+                match seal {
+                    Some(seal) => history::save_seal(&db, &seal),
+                    None => history::remove_seal(&db, &url, &replica),
+                }
+                Ok(())
+            })
+            .await?;
+        }
         if let (Some(db), Some(pushed)) = (request.database, pushed) {
             let header = history::ManifestHeader {
                 server: url,
@@ -761,6 +833,36 @@ pub fn quick_check_source(source: &Snapshot) -> Result<()> {
          repair it, or push it anyway with --allow-corrupt",
         source.path().display()
     )))
+}
+
+/// The seal of the last push, when it proves that pushing `state` to `replica` now
+/// would change nothing (docs/engine.md, "A no-change push that reads nothing"): the
+/// seal is of the push that made or confirmed the base version, its source state is
+/// `state` exactly, that state passed the source check (or the check is not asked
+/// for), and the replica's latest version is still the base with the seal's digest,
+/// and records no damaged stored page a push would resend.
+fn proved_unchanged(
+    store: &crate::store::Store,
+    replica: &ReplicaPath,
+    seal: Option<history::PushSeal>,
+    base: u64,
+    state: crate::page::SourceState,
+    allow_corrupt: bool,
+) -> Result<Option<history::PushSeal>> {
+    let Some(seal) = seal else {
+        return Ok(None);
+    };
+    if seal.version != base || seal.source != state.to_token() || !(seal.checked || allow_corrupt) {
+        return Ok(None);
+    }
+    let latest = store.latest_sound(replica)?;
+    let holds = latest.is_some_and(|v| {
+        v.number == seal.version
+            && v.digest == seal.digest
+            && v.page_size == state.page_size()
+            && v.page_count == state.page_count()
+    });
+    Ok(holds.then_some(seal))
 }
 
 /// The page hashes a push sent, in an unlinked temporary file, until the version they

@@ -334,6 +334,13 @@ impl Store {
         list::latest(&self.replica_file(replica), replica)
     }
 
+    /// `replica`'s latest version, when the replica records no damaged stored page
+    /// (which a push would resend); `None` otherwise or when it has no version. A
+    /// no-change push that reads nothing relies on it (docs/engine.md).
+    pub fn latest_sound(&self, replica: &ReplicaPath) -> Result<Option<VersionInfo>> {
+        list::latest_sound(&self.replica_file(replica), replica)
+    }
+
     /// Every version of `replica`, oldest first, each with its `stored_bytes` (the
     /// bytes of the pages it brought into the replica; their sum is
     /// [`Store::stored_bytes`]). Reads each distinct manifest chunk once.

@@ -495,6 +495,7 @@ impl PushArgs {
             v["version"] = outcome.version.into();
             v["created"] = outcome.created.into();
             v["repaired"] = outcome.repaired.into();
+            v["proved_unchanged"] = outcome.proved_unchanged.into();
             if let Some(f) = followers {
                 // How many pull subscribers hold the version, and whether that is
                 // the number waited for.

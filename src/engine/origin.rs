@@ -191,9 +191,11 @@ fn session(
     let mut unread: Vec<u32> = Vec::new();
     let wants_data = |pgno: u32| pgno > common;
     let mut hashed = 0u64;
-    let (mut tree, digest) = Tree::build(
+    // With a known base no node is ever asked for: the pages and the digest suffice.
+    let (mut tree, digest) = Tree::build_with(
         page_size,
         page_count,
+        !base_known,
         |f| {
             source.scan(common, &mut |pgno, hash, data| {
                 let differs = match &mut base_hashes {

@@ -123,7 +123,17 @@ fn session(
     // READY goes before hashing: the origin can then hash its own pages at the same
     // time and send the pages past `held` as it reads them.
     link.send(&Frame::Ready { page_count: held })?;
-    let (mut tree, _) = Tree::build(page_size, held, |f| target.hashes(f), || {})?;
+    // With a known base the origin asks for no node unless it finds the replica is not
+    // that base: the levels above the pages (a SHA-256 over every 16 page hashes) are
+    // then built at the first WANT, before any page the build hashed was written (the
+    // origin sends only pages past them before its descent starts).
+    let (mut tree, _) = Tree::build_with(
+        page_size,
+        held,
+        !begin.known_base,
+        |f| target.hashes(f),
+        || {},
+    )?;
 
     let lock_page = lock_byte_page(page_size);
     let mut written = Written::new(page_count);
@@ -133,6 +143,7 @@ fn session(
     loop {
         match recv(link)? {
             Frame::Want { level, runs } => {
+                tree.build_levels()?;
                 hash_bytes += 4 + 8 * runs.len() as u64;
                 // The receiver enforces the window: hashes not yet handed to the network
                 // cannot have reached the origin, so with this WANT's they are what it

@@ -32,16 +32,24 @@ fn temp_error(e: std::io::Error) -> Error {
 
 impl Tree {
     /// Builds the tree of `page_count` pages whose hashes `scan` produces in order, and
-    /// the database digest along the way.
-    pub(crate) fn build(
+    /// the database digest along the way; the levels above the pages only if `levels`:
+    /// a side that may never be asked for a node (with a known base manifest) keeps the
+    /// page hashes and the digest, and saves a SHA-256 over every 16 page hashes until
+    /// [`Tree::build_levels`]. Without levels, [`Tree::nodes`] knows level 0 only.
+    pub(crate) fn build_with(
         page_size: u32,
         page_count: u32,
+        levels: bool,
         scan: impl FnOnce(&mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>,
         mut on_page: impl FnMut(),
     ) -> Result<(Tree, Option<Hash>)> {
+        let with_levels = levels;
         let mut out = HashSpill::writer().map_err(temp_error)?;
         let mut digest = Digest::new(page_size, page_count);
-        let mut level1 = Vec::with_capacity(page_count.div_ceil(FANOUT) as usize);
+        let mut level1 = Vec::with_capacity(match with_levels {
+            true => page_count.div_ceil(FANOUT) as usize,
+            false => 0,
+        });
         let mut group = Vec::with_capacity(FANOUT as usize);
         let mut next = 1u32;
         let mut io_error = None;
@@ -57,6 +65,10 @@ impl Tree {
                 return Err(Error::Disconnected(String::new()));
             }
             digest.push(&hash);
+            if !with_levels {
+                on_page();
+                return Ok(());
+            }
             group.push(hash);
             if group.len() == FANOUT as usize {
                 level1.push(node_hash(&group));
@@ -72,7 +84,7 @@ impl Tree {
         let leaves = out.finish().map_err(temp_error)?;
         let leaf_count = next - 1;
         let mut levels = Vec::new();
-        if leaf_count > 0 {
+        if leaf_count > 0 && with_levels {
             levels.push(level1);
             while levels.last().is_some_and(|l| l.len() > 1) {
                 let below = levels.last().expect("checked above");
@@ -89,6 +101,38 @@ impl Tree {
             },
             digest.finish(),
         ))
+    }
+
+    /// Builds the levels above the pages of a tree built without them, from its page
+    /// hashes as built: for a side that learns only after the build that it will be
+    /// asked for nodes (the replica whose origin did not use its known base). The
+    /// caller has changed no page the build hashed ([`Tree::set_leaf`] of pages past
+    /// them only), so the levels describe the state the tree was built from. Does
+    /// nothing on a tree that has its levels.
+    pub(crate) fn build_levels(&mut self) -> Result<()> {
+        if !self.levels.is_empty() || self.leaf_count == 0 {
+            return Ok(());
+        }
+        self.flush()?;
+        let mut level1 = Vec::with_capacity(self.leaf_count.div_ceil(FANOUT) as usize);
+        let mut group = Vec::with_capacity(FANOUT as usize);
+        for h in self.leaves.iter(self.leaf_count) {
+            group.push(h.map_err(temp_error)?);
+            if group.len() == FANOUT as usize {
+                level1.push(node_hash(&group));
+                group.clear();
+            }
+        }
+        if !group.is_empty() {
+            level1.push(node_hash(&group));
+        }
+        self.levels.push(level1);
+        while self.levels.last().is_some_and(|l| l.len() > 1) {
+            let below = self.levels.last().expect("checked above");
+            let up = below.chunks(FANOUT as usize).map(node_hash).collect();
+            self.levels.push(up);
+        }
+        Ok(())
     }
 
     /// Number of nodes at `level` (level 0: pages hashed at build time).
@@ -173,9 +217,14 @@ mod tests {
     }
 
     fn build(n: u32) -> (Tree, Hash) {
-        let (tree, digest) =
-            Tree::build(4096, n, |f| (1..=n).try_for_each(|i| f(i, leaf(i))), || {})
-                .expect("builds");
+        let (tree, digest) = Tree::build_with(
+            4096,
+            n,
+            true,
+            |f| (1..=n).try_for_each(|i| f(i, leaf(i))),
+            || {},
+        )
+        .expect("builds");
         (tree, digest.expect("all pages hashed"))
     }
 
@@ -216,8 +265,38 @@ mod tests {
     }
 
     #[test]
+    fn a_tree_without_levels_has_the_same_leaves_and_digest() {
+        let (mut full, digest) = build(40);
+        let (mut bare, bare_digest) = Tree::build_with(
+            4096,
+            40,
+            false,
+            |f| (1..=40).try_for_each(|i| f(i, leaf(i))),
+            || {},
+        )
+        .expect("builds");
+        assert_eq!(bare_digest, Some(digest));
+        assert_eq!(bare.len(0), 40);
+        assert_eq!(bare.len(1), 0);
+        let a: Vec<Hash> = full.leaves(40).unwrap().map(|h| h.unwrap()).collect();
+        let b: Vec<Hash> = bare.leaves(40).unwrap().map(|h| h.unwrap()).collect();
+        assert_eq!(a, b);
+        bare.build_levels().expect("levels");
+        assert_eq!((bare.len(3), full.len(3)), (0, 0));
+        for level in 0..3u8 {
+            assert_eq!(bare.len(level), full.len(level), "level {level}");
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            full.nodes(level, 0, full.len(level), &mut x)
+                .expect("nodes");
+            bare.nodes(level, 0, bare.len(level), &mut y)
+                .expect("nodes");
+            assert_eq!(x, y, "level {level}");
+        }
+    }
+
+    #[test]
     fn out_of_order_pages_are_refused() {
-        let r = Tree::build(4096, 2, |f| f(2, leaf(2)), || {});
+        let r = Tree::build_with(4096, 2, true, |f| f(2, leaf(2)), || {});
         assert!(r.is_err());
     }
 }

@@ -20,6 +20,7 @@ use std::cell::RefCell;
 
 use super::fastcache::{FileId, HashList, ListWriter, Stamp};
 use super::hashcache::HashCache;
+use super::state::SourceState;
 use super::wal::{self, Position};
 use super::{Header, JournalMode};
 use crate::digest::{Digest, Hash, lock_byte_page, page_hash};
@@ -60,6 +61,8 @@ pub struct Snapshot {
     /// Whether the WAL was seen at `pinned` both before and after the read transaction
     /// started: then the snapshot holds exactly the frames up to it.
     exact: bool,
+    /// The state this snapshot holds, when it holds exactly the frames up to `pinned`.
+    state: Option<SourceState>,
     /// How the next [`Snapshot::hash_pages`] learns the pages, once decided.
     plan: RefCell<Option<Plan>>,
     /// Whether a scan that reads every page from the file runs `PRAGMA quick_check`
@@ -132,6 +135,15 @@ impl Snapshot {
                 reason: "empty database: nothing to sync".into(),
             });
         }
+        let pinned = pinned.filter(|_| page_size == header.page_size);
+        // Taken inside the read transaction, from the handle kept with it.
+        let state = match (pinned, exact) {
+            (Some(position), true) => file
+                .metadata()
+                .ok()
+                .map(|m| SourceState::new(&m, page_size, page_count, position)),
+            _ => None,
+        };
         Ok(Snapshot {
             conn,
             path: path.to_owned(),
@@ -141,8 +153,9 @@ impl Snapshot {
             hash_cache: super::hashcache::default_dir(),
             id: FileId::of(&file),
             file,
-            pinned: pinned.filter(|_| page_size == header.page_size),
+            pinned,
             exact,
+            state,
             plan: RefCell::new(None),
             check_beside: false,
             checked: RefCell::new(None),
@@ -173,6 +186,15 @@ impl Snapshot {
     /// The file this snapshot reads.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The state this snapshot sees, in constant-size facts (the database file's
+    /// identity, size and times, the WAL position), when it is a WAL database whose
+    /// snapshot holds exactly the frames up to a position the wal-index named; `None`
+    /// otherwise (rollback mode, no wal-index, a writer committing while it opened).
+    /// Two snapshots with the same state see the same database ([`SourceState`]).
+    pub fn state(&self) -> Option<SourceState> {
+        self.state
     }
 
     /// The journal mode the database's header records.

@@ -103,3 +103,34 @@ pub(super) fn latest(file: &Path, replica: &ReplicaPath) -> Result<Option<Latest
     .optional()
     .map_err(sql(file))
 }
+
+/// The latest version of the replica in `file` when the replica records no damaged
+/// stored page (a push would resend those pages: [`super::replica`]'s `bad_pages`);
+/// `None` when it has no version or records one. Two small queries, no manifest read.
+pub(super) fn latest_sound(file: &Path, replica: &ReplicaPath) -> Result<Option<VersionInfo>> {
+    let conn = match open_existing(file, replica) {
+        Ok(conn) => conn,
+        Err(Error::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let damaged: bool = conn
+        .query_row(
+            "SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'bad_pages')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql(file))?
+        && conn
+            .query_row("SELECT EXISTS(SELECT 1 FROM bad_pages)", [], |r| r.get(0))
+            .map_err(sql(file))?;
+    if damaged {
+        return Ok(None);
+    }
+    conn.query_row(
+        &format!("SELECT {VERSION_COLUMNS} FROM versions ORDER BY number DESC LIMIT 1"),
+        [],
+        version_row,
+    )
+    .optional()
+    .map_err(sql(file))
+}

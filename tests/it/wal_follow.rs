@@ -8,7 +8,10 @@
 //! it saw. Deterministic tests show the fast path is taken where
 //! it should be (no change, a small change), reads what it says, falls back where it
 //! cannot be sure (a reset it did not see, a replaced file, a damaged hash list), and
-//! that a damaged page among the changed ones is refused.
+//! that a damaged page among the changed ones is refused. Every push of the proptest
+//! also goes into an embedded store through the CLI, where a push that proves "no
+//! change" from a few facts and runs no sync must still report the origin's digest; a
+//! deterministic test changes each of those facts in turn.
 //!
 //! `SQLFERRY_FUZZ_CASES` sets the number of cases (default 8, a few seconds; 120 take about
 //! a minute).
@@ -171,6 +174,7 @@ fn every_change_is_pushed_whatever_the_wal_went_through() {
     let followed = std::cell::Cell::new(0u32);
     let crossed = std::cell::Cell::new(0u32);
     let pushes = std::cell::Cell::new(0u32);
+    let proved = std::cell::Cell::new(0u32);
     runner
         .run(&prop::collection::vec(op(), 1..24), |ops| {
             let dir = TempDir::new().expect("tempdir");
@@ -206,6 +210,12 @@ fn every_change_is_pushed_whatever_the_wal_went_through() {
                     last_salt = wal_salt(&origin);
                     util::sync(&origin, &replica);
                     util::assert_same(&origin, &replica);
+                    // The same state pushed into a store: a push that proves "no
+                    // change" without a sync must report the origin's digest too
+                    // (`pushed` asserts it), whatever the WAL went through.
+                    if pushed(dir.path(), &origin, &[]).0 {
+                        proved.set(proved.get() + 1);
+                    }
                 }
             }
             Ok(())
@@ -220,6 +230,14 @@ fn every_change_is_pushed_whatever_the_wal_went_through() {
         pushes.get()
     );
     assert!(followed.get() < pushes.get(), "every push followed the WAL");
+    assert!(
+        proved.get() > 0,
+        "no push into the store proved \"no change\""
+    );
+    assert!(
+        proved.get() < pushes.get(),
+        "every push proved \"no change\""
+    );
 }
 
 #[test]
@@ -417,4 +435,144 @@ fn damage_a_leaf(conn: &Connection) {
         rusqlite::params![leaf, page],
     )
     .expect("damage");
+}
+
+/// `sqlferry push DB t/origin.db --server file://DIR/store --json` (plus `extra`), run
+/// in `dir`: its exit code, its JSON report (when it printed one) and its stderr.
+fn store_push(dir: &Path, db: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let store = format!("file://{}", dir.join("store").display());
+    let out = util::sqlferry(dir)
+        .arg("push")
+        .arg(db)
+        .args(["t/origin.db", "--server", &store, "--json"])
+        .args(extra)
+        .output()
+        .expect("run push");
+    (
+        util::code(&out),
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        util::stderr(&out),
+    )
+}
+
+/// A push to the store that succeeded: whether it proved "no change" without a sync,
+/// and whether it made a version. Its digest is the origin's, whatever it did.
+fn pushed(dir: &Path, db: &Path, extra: &[&str]) -> (bool, bool) {
+    let (code, report, err) = store_push(dir, db, extra);
+    assert_eq!(code, 0, "push failed: {err}");
+    assert_eq!(report["digest"], util::digest(db), "the pushed digest");
+    (
+        report["proved_unchanged"]
+            .as_bool()
+            .expect("proved_unchanged"),
+        report["created"].as_bool().expect("created"),
+    )
+}
+
+/// A no-change push of a WAL database proves it from constant-size facts and runs no
+/// sync; each of those facts changing in turn makes the next push a real one, and the
+/// one after proves "no change" again.
+#[test]
+fn a_no_change_push_proves_it_from_a_few_facts_and_runs_when_any_of_them_moved() {
+    const RAN: (bool, bool) = (false, false);
+    const MADE: (bool, bool) = (false, true);
+    const PROVED: (bool, bool) = (true, false);
+    let dir = TempDir::new().expect("tempdir");
+    let origin = dir.path().join("origin.db");
+    let conn = wal_db(&origin, 2000);
+    assert_eq!(pushed(dir.path(), &origin, &[]), MADE, "the first push");
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED, "nothing changed");
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED, "still nothing");
+
+    // A commit: the WAL's frame count and checksum.
+    conn.execute("UPDATE t SET k = 'x' WHERE id = 7", [])
+        .expect("update");
+    assert_eq!(pushed(dir.path(), &origin, &[]), MADE, "a commit");
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
+
+    // A checkpoint that copies frames back: the file's size and times, same contents.
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        .expect("checkpoint");
+    assert_eq!(pushed(dir.path(), &origin, &[]), RAN, "a checkpoint");
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
+
+    // The file's times alone: its ctime (a chmod to the same mode), then its mtime.
+    let mode = std::fs::metadata(&origin).expect("stat").permissions();
+    std::fs::set_permissions(&origin, mode).expect("chmod");
+    assert_eq!(pushed(dir.path(), &origin, &[]), RAN, "the ctime");
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&origin)
+        .expect("open");
+    file.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30))
+        .expect("mtime");
+    drop(file);
+    assert_eq!(pushed(dir.path(), &origin, &[]), RAN, "the mtime");
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
+
+    // A reset: the WAL's salts (and its frame count, back to 0).
+    let salt = wal_salt(&origin);
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .expect("checkpoint");
+    assert_ne!(wal_salt(&origin), salt, "a new generation");
+    assert_eq!(pushed(dir.path(), &origin, &[]), RAN, "a reset");
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
+
+    // The replica records a damaged stored page: the push resends it.
+    let hash = util::page_hashes(&origin)[4];
+    let replica_file = dir.path().join("store/replicas/t/origin.db.sqlferry");
+    Connection::open(&replica_file)
+        .expect("replica file")
+        .execute(
+            "INSERT INTO bad_pages(hash, found_at) VALUES (?1, 0)",
+            [&hash[..]],
+        )
+        .expect("record a damaged page");
+    let (code, report, err) = store_push(dir.path(), &origin, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        (
+            report["proved_unchanged"].as_bool(),
+            report["repaired"].as_u64()
+        ),
+        (Some(false), Some(1)),
+        "{report}"
+    );
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
+
+    // A push with --allow-corrupt leaves an unchecked state: the next checked push runs.
+    conn.execute("UPDATE t SET k = 'y' WHERE id = 8", [])
+        .expect("update");
+    assert_eq!(
+        pushed(dir.path(), &origin, &["--allow-corrupt"]),
+        MADE,
+        "unchecked"
+    );
+    assert_eq!(pushed(dir.path(), &origin, &[]), RAN, "checked this time");
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
+
+    // The replica moved (another database pushed over it): a conflict, not "no change".
+    let other = dir.path().join("other.db");
+    drop(wal_db(&other, 100));
+    assert_eq!(pushed(dir.path(), &other, &["--force"]), MADE);
+    let (code, _, err) = store_push(dir.path(), &origin, &[]);
+    assert_eq!(code, 6, "a conflict: {err}");
+    assert_eq!(pushed(dir.path(), &origin, &["--force"]), MADE);
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
+
+    // The file replaced by a copy of itself: another inode (and another WAL).
+    drop(conn);
+    let copy = dir.path().join("copy.db");
+    std::fs::copy(&origin, &copy).expect("copy");
+    std::fs::rename(&copy, &origin).expect("replace");
+    let conn = util::open(&origin);
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .expect("autocheckpoint");
+    conn.execute("UPDATE t SET k = k WHERE id = 1", [])
+        .expect("a frame");
+    let (proved, _) = pushed(dir.path(), &origin, &[]);
+    assert!(!proved, "another file");
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
+    drop(conn);
 }
