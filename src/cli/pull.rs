@@ -73,6 +73,9 @@ pub struct PullArgs {
     /// The server and the key.
     #[command(flatten)]
     pub connection: RemoteArgs,
+    /// How pages travel.
+    #[command(flatten)]
+    pub compress: super::CompressArgs,
 }
 
 impl PullArgs {
@@ -126,9 +129,12 @@ impl PullArgs {
             })?,
             (None, None) => expand_tilde(replica.name()),
         };
-        let connection = self.connection.options();
+        let mut connection = self.connection.options();
+        connection.compress = self.compress.compress;
         let server = match &sidecar {
-            Some((s, _)) => crate::remote::Server::parse(Some(&s.server))?,
+            Some((s, _)) => {
+                crate::remote::Server::parse(Some(&s.server))?.with_compress(connection.compress)
+            }
             None => {
                 let resolved = connection.resolve_for(&local, &replica).await?;
                 if let Some(saved) = &resolved.from_saved_key

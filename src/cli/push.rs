@@ -139,6 +139,9 @@ pub struct PushArgs {
     /// The server and the key.
     #[command(flatten)]
     pub connection: RemoteArgs,
+    /// How pages travel.
+    #[command(flatten)]
+    pub compress: super::CompressArgs,
 }
 
 /// One destination of a push, resolved by [`Place`]'s rule.
@@ -331,11 +334,9 @@ impl PushArgs {
         replica: ReplicaPath,
         global: &Global,
     ) -> anyhow::Result<Pusher> {
-        let resolved = self
-            .connection
-            .options()
-            .resolve_for(local, &replica)
-            .await?;
+        let mut connection = self.connection.options();
+        connection.compress = self.compress.compress;
+        let resolved = connection.resolve_for(local, &replica).await?;
         if let Some(saved) = &resolved.from_saved_key
             && !global.quiet
         {
