@@ -755,6 +755,71 @@ max_interval = "1h"
         assert_eq!(c.max_concurrent_pushes, DEFAULT_CONCURRENT_PUSHES);
     }
 
+    /// `compress` in `[defaults]` goes to every entry that sets none; an entry's own
+    /// wins; `SQLFERRY_COMPRESS` wins over both; a word that names no mode is the
+    /// file's error, with its line.
+    #[test]
+    fn compress_comes_from_the_entry_then_the_defaults_and_the_environment_wins() {
+        let text = r#"
+[defaults]
+server = "ws://backup:7878"
+wait_idle = "10s"
+compress = "off"
+
+[[push]]
+database = "/d/a.db"
+to = ["acme/a.db"]
+
+[[push]]
+database = "/d/b.db"
+to = ["acme/b.db"]
+compress = "zstd"
+
+[[pull]]
+replica = "acme/c.db"
+into = "/d/c.db"
+"#;
+        // By database: a.db, b.db, c.db.
+        let modes = |c: &Config| -> Vec<Option<CompressMode>> {
+            let mut by: Vec<(String, Option<CompressMode>)> = c
+                .units
+                .values()
+                .filter_map(|u| match u {
+                    Unit::Push {
+                        database,
+                        target: Target::Replica { store, .. },
+                        ..
+                    } => Some((database.display().to_string(), store.compress)),
+                    Unit::Pull { into, store, .. } => {
+                        Some((into.display().to_string(), store.compress))
+                    }
+                    _ => None,
+                })
+                .collect();
+            by.sort_by(|a, b| a.0.cmp(&b.0));
+            by.into_iter().map(|(_, m)| m).collect()
+        };
+        let c = parse(text).unwrap();
+        assert_eq!(
+            modes(&c),
+            [
+                Some(CompressMode::Off),
+                Some(CompressMode::Zstd),
+                Some(CompressMode::Off)
+            ]
+        );
+        let c = Config::parse(text, Path::new("/etc"), &|name| {
+            (name == "SQLFERRY_COMPRESS").then(|| "auto".to_owned())
+        })
+        .unwrap();
+        assert_eq!(modes(&c), [None, None, None], "the environment decides");
+        let e = parse(&text.replace("\"zstd\"", "\"fast\"")).unwrap_err();
+        assert!(
+            e.starts_with("14: ") && e.contains("expected auto, zstd or off"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn errors_name_the_line_and_the_reason() {
         let e = parse("[[push]]\ndatabase = \"a.db\"\nto = [\"x/a.db\"]\n").unwrap_err();

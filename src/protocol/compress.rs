@@ -757,7 +757,7 @@ mod tests {
     fn sample(a: &mut Adaptive, n: u32, ratio: f64, speed: f64) {
         for _ in 0..n {
             let took = Duration::from_secs_f64(4096.0 / speed);
-            let packed = (ratio < 15.0 / 16.0).then(|| (4096.0 * ratio) as usize);
+            let packed = (ratio < 15.0 / 16.0).then_some((4096.0 * ratio) as usize);
             a.compressed(4096, packed, took);
         }
     }
