@@ -160,7 +160,8 @@ pub struct CompressArgs {
     /// keeps up and zstd-compressed while it is the bottleneck (plain from the start to a
     /// server on this machine), `zstd` compresses every page that shrinks, `off` never
     /// compresses and asks the server for plain pages. Pages kept compressed on the
-    /// server come compressed unless `off`. Never for a local copy or the embedded store.
+    /// server come compressed unless `off`. Never for a local copy or the embedded store
+    /// [default: auto].
     #[arg(long, env = "SQLFERRY_COMPRESS", value_name = "auto|zstd|off",
           value_parser = |s: &str| s.parse::<crate::protocol::compress::CompressMode>())]
     pub compress: Option<crate::protocol::compress::CompressMode>,

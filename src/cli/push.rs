@@ -35,6 +35,7 @@ use crate::subscribe::plan::Destination;
 sqlferry push app.db acme/app.db -m \"before migration\"   a new version of replica acme/app.db\n  \
 sqlferry push app.db /backup/app.db                      keep a local copy up to date\n  \
 sqlferry push app.db ./copy.db --json                    print figures as one JSON object\n  \
+sqlferry push app.db acme/app.db --compress zstd         compress every page (auto decides by the link)\n  \
 sqlferry push app.db ./backup/app.db acme/app.db         two destinations: a copy and a replica\n  \
 sqlferry push app.db --replica backups/app.db            the replica backups/app.db, though ./backups/ exists\n  \
 sqlferry push app.db acme/app.db --subscribe --wait-idle 10m --max-interval 24h\n    \

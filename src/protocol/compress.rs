@@ -122,7 +122,7 @@ const BACKED_UP_SHARE: f64 = 0.5;
 
 /// The most calm windows [`Adaptive`] waits before it tries plain again after it went
 /// back to compressing (the hysteresis doubles up to this).
-const MAX_CALM_WINDOWS: u32 = 64;
+pub const MAX_CALM_WINDOWS: u32 = 64;
 
 /// The `auto` policy of a sender (the idea of `zstd --adapt`): compress only while the
 /// link is what holds the sync back and compressing makes it faster.
