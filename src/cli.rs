@@ -151,6 +151,22 @@ pub struct RemoteArgs {
     pub key: Option<String>,
 }
 
+/// `--compress`, of the commands that move pages to or from a server (push, pull,
+/// subscribe).
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Store and key")]
+pub struct CompressArgs {
+    /// How pages travel to and from a server: `auto` sends them plain while the link
+    /// keeps up and zstd-compressed while it is the bottleneck (plain from the start to a
+    /// server on this machine), `zstd` compresses every page that shrinks, `off` never
+    /// compresses and asks the server for plain pages. Pages kept compressed on the
+    /// server come compressed unless `off`. Never for a local copy or the embedded store
+    /// [default: auto].
+    #[arg(long, env = "SQLFERRY_COMPRESS", value_name = "auto|zstd|off",
+          value_parser = |s: &str| s.parse::<crate::protocol::compress::CompressMode>())]
+    pub compress: Option<crate::protocol::compress::CompressMode>,
+}
+
 impl RemoteArgs {
     /// The flags as plain options for the client (which resolves the saved server and
     /// key behind them).
@@ -158,6 +174,7 @@ impl RemoteArgs {
         Connection {
             server: self.server.clone(),
             key: self.key.clone(),
+            compress: None,
         }
     }
 }
@@ -262,6 +279,7 @@ impl FromArgs {
             Connection {
                 server: Some(sidecar.server),
                 key: connection.key.or(Some(sidecar.key)),
+                compress: connection.compress,
             },
         ))
     }
@@ -550,7 +568,7 @@ pub(crate) fn store_label(server: &crate::remote::Server) -> String {
         crate::remote::Server::Embedded(store) => {
             format!("the embedded store ({})", tilde_path(store.root()))
         }
-        crate::remote::Server::Ws { url } => url.clone(),
+        crate::remote::Server::Ws { url, .. } => url.clone(),
     }
 }
 
@@ -559,7 +577,7 @@ pub(crate) fn store_label(server: &crate::remote::Server) -> String {
 pub(crate) fn on_store(server: &crate::remote::Server) -> String {
     match server {
         crate::remote::Server::Embedded(_) => format!("in {}", store_label(server)),
-        crate::remote::Server::Ws { url } => format!("on {url}"),
+        crate::remote::Server::Ws { url, .. } => format!("on {url}"),
     }
 }
 

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::hex;
 use crate::page::{JournalMode, Snapshot};
+use crate::protocol::compress::CompressMode;
 use crate::protocol::control::KeyInfo;
 use crate::remote::{Server, blocking};
 use crate::store::{ReplicaPath, Selector};
@@ -43,6 +44,9 @@ pub struct Connection {
     pub server: Option<String>,
     /// The key for a server.
     pub key: Option<String>,
+    /// How pages are compressed on the way to and from a server (`--compress`; `None`:
+    /// `SQLFERRY_COMPRESS`, else `auto`).
+    pub compress: Option<CompressMode>,
 }
 
 /// The server a command on a local database uses, and why.
@@ -110,6 +114,7 @@ impl Connection {
             Some(url) => Server::parse(Some(url)),
             None => Server::parse(crate::config::Settings::load()?.server.as_deref()),
         }
+        .map(|s| s.with_compress(self.compress))
     }
 
     fn resolve_for_now(&self, local: &Path, replica: &ReplicaPath) -> Result<Resolved> {
@@ -122,7 +127,7 @@ impl Connection {
         }
         match saved_secret(local)? {
             Some(saved) if saved.replica == replica.as_str() => Ok(Resolved {
-                server: Server::parse(Some(&saved.server))?,
+                server: Server::parse(Some(&saved.server))?.with_compress(self.compress),
                 from_saved_key: Some(saved.server),
             }),
             Some(saved) => Err(Error::Usage(format!(
@@ -299,7 +304,7 @@ pub async fn set_default_retention(
             })
             .await
         }
-        Server::Ws { url } => Err(Error::Usage(format!(
+        Server::Ws { url, .. } => Err(Error::Usage(format!(
             "{url} keeps its default retention policy in its command line: `sqlferry serve --retention keep-last=30,...`; per replica, `sqlferry retention REMOTE --keep-last N` with the admin key"
         ))),
     }
@@ -312,7 +317,7 @@ pub async fn default_retention(
 ) -> Result<Option<crate::store::RetentionPolicy>> {
     match connection.resolve().await? {
         Server::Embedded(store) => blocking(move || store.default_retention()).await,
-        Server::Ws { url } => Err(Error::Usage(format!(
+        Server::Ws { url, .. } => Err(Error::Usage(format!(
             "{url} keeps its default retention policy in its command line (`sqlferry serve --retention`); ask for a replica's: `sqlferry retention REMOTE`"
         ))),
     }
@@ -396,7 +401,7 @@ pub async fn scrub_root(data: Option<PathBuf>, server: Option<String>) -> Result
                 };
                 match Server::parse(url.as_deref())? {
                     Server::Embedded(store) => store.root().to_owned(),
-                    Server::Ws { url } => {
+                    Server::Ws { url, .. } => {
                         return Err(Error::Usage(format!(
                             "{url} is a server: run `sqlferry scrub --data DIR` on its machine, with its data directory"
                         )));
@@ -696,6 +701,7 @@ mod tests {
         let connection = Connection {
             server: Some(format!("file://{}", dir.path().display())),
             key: None,
+            compress: None,
         };
         let e = keys(&connection, None).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Usage, "{e}");

@@ -450,6 +450,7 @@ fn push_options(when: &config::When, permits: &Arc<Semaphore>) -> PushOptions {
 /// `SQLFERRY_KEY`, else the key saved for the database, found by the client).
 fn connection(store: &config::Store) -> Connection {
     Connection {
+        compress: store.compress,
         server: store.server.clone(),
         key: store
             .key

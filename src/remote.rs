@@ -25,6 +25,7 @@ use crate::engine::{
 };
 use crate::history;
 use crate::page::{Snapshot, Writer};
+use crate::protocol::compress::CompressMode;
 use crate::protocol::control::{
     Config, Control, KeyInfo, MAX_FOLLOWERS_WAIT, NewKeys, Op, Open, SubscriberRole, WaitFollowers,
 };
@@ -55,6 +56,10 @@ pub enum Server {
     Ws {
         /// `ws://host:port` or `wss://host:port`, without a path.
         url: String,
+        /// How this client compresses the pages it sends, and whether it offers
+        /// compression at all ([`Server::with_compress`]; `SQLFERRY_COMPRESS`, else
+        /// `auto`).
+        compress: CompressMode,
     },
 }
 
@@ -149,8 +154,12 @@ impl Server {
                     "--server {url}: expected ws://host:port, with no path"
                 )));
             }
+            let compress = CompressMode::from_env()
+                .map_err(Error::Usage)?
+                .unwrap_or_default();
             return Ok(Server::Ws {
                 url: url.to_owned(),
+                compress,
             });
         }
         Err(Error::Usage(format!(
@@ -158,11 +167,20 @@ impl Server {
         )))
     }
 
+    /// This server with page compression `mode` (`--compress`, a daemon entry's
+    /// `compress`) when one is given; the embedded store never compresses.
+    pub fn with_compress(mut self, mode: Option<CompressMode>) -> Server {
+        if let (Server::Ws { compress, .. }, Some(mode)) = (&mut self, mode) {
+            *compress = mode;
+        }
+        self
+    }
+
     /// The server as a URL, for messages and records.
     pub fn url(&self) -> String {
         match self {
             Server::Embedded(store) => format!("file://{}", store.root().display()),
-            Server::Ws { url } => url.clone(),
+            Server::Ws { url, .. } => url.clone(),
         }
     }
 
@@ -182,7 +200,7 @@ impl Server {
                 let (store, replica) = (store.clone(), replica.clone());
                 blocking(move || store.versions(&replica)).await
             }
-            Server::Ws { url } => {
+            Server::Ws { url, .. } => {
                 let mut ws = connect(url, key).await?;
                 let mut config =
                     open(&mut ws, Op::Versions, replica, None, None, false, None).await?;
@@ -232,7 +250,7 @@ impl Server {
                 })
                 .await
             }
-            Server::Ws { url } => {
+            Server::Ws { url, .. } => {
                 let mut ws = connect(url, key).await?;
                 let mut open = open_frame(Op::Retention, replica);
                 match change {
@@ -274,7 +292,7 @@ impl Server {
                 })
                 .await
             }
-            Server::Ws { url } => {
+            Server::Ws { url, .. } => {
                 let mut ws = connect(url, key).await?;
                 let mut open = open_frame(Op::Prune, replica);
                 open.dry_run = dry_run;
@@ -322,7 +340,7 @@ impl Server {
         key_id: Option<&str>,
         key: Option<&str>,
     ) -> Result<Vec<KeyInfo>> {
-        let Server::Ws { url } = self else {
+        let Server::Ws { url, .. } = self else {
             return Err(Error::Usage(
                 "keys live on a sqlferry server: pass --server ws://HOST:PORT (the embedded store has none)"
                     .into(),
@@ -471,10 +489,14 @@ impl Server {
                 }
                 (outcome, pushed)
             }
-            Server::Ws { url } => {
+            Server::Ws { url, compress } => {
                 let mut ws = connect(url, request.key.as_deref()).await?;
                 let o = &request.options;
-                let config = open(&mut ws, Op::Push, replica, None, o.base, o.force, None).await?;
+                let session = Session {
+                    op: Op::Push,
+                    compress: *compress,
+                };
+                let config = open(&mut ws, session, replica, None, o.base, o.force, None).await?;
                 if request.wait_followers && !config.followers {
                     return Err(Error::Protocol(format!(
                         "{}; nothing was pushed",
@@ -501,12 +523,17 @@ impl Server {
                     )
                     .await?;
                 }
-                let (result, rest, wire) = ws::run_engine_on(
+                let pump = ws::Pump::client_in(
+                    ws::wire_for(config.compress.as_deref()),
+                    *compress,
+                    peer_is_loopback(&ws),
+                );
+                let (result, rest, wire) = ws::run_engine_with(
                     &mut ws,
                     pumped_link(Role::Origin),
                     Vec::new(),
                     Some(SYNC_IDLE_TIMEOUT),
-                    ws::wire_for(config.compress.as_deref()),
+                    pump,
                     move |link| {
                         push_origin(&mut source, kept, |source, options| {
                             run_origin_with(source, link, &*progress, options)
@@ -584,7 +611,7 @@ impl Server {
         key: Option<&str>,
         progress: &mut (dyn FnMut(u32) + Send),
     ) -> Result<Followers> {
-        let Server::Ws { url } = self else {
+        let Server::Ws { url, .. } = self else {
             return Err(Error::Usage(
                 "--wait-followers needs a server (sqlferry serve): the embedded store does not \
                  know its pull subscribers"
@@ -689,7 +716,7 @@ impl Server {
                 })
                 .await
             }
-            Server::Ws { url } => {
+            Server::Ws { url, compress } => {
                 // A time is resolved here, so the server is asked for a number (which
                 // servers older than `@TIME` understand too). Unless the version after
                 // the one picked was removed by retention: that one may have been the
@@ -713,16 +740,12 @@ impl Server {
                     other => other,
                 };
                 let mut ws = connect(url, key).await?;
-                let config = open(
-                    &mut ws,
-                    Op::Pull,
-                    replica,
-                    Some(selector),
-                    None,
-                    false,
-                    None,
-                )
-                .await?;
+                let session = Session {
+                    op: Op::Pull,
+                    compress: *compress,
+                };
+                let config =
+                    open(&mut ws, session, replica, Some(selector), None, false, None).await?;
                 let (result, _, wire) = ws::run_engine_on(
                     &mut ws,
                     pumped_link(Role::Replica),
@@ -1132,16 +1155,51 @@ fn open_frame(op: Op, replica: &ReplicaPath) -> Open {
     }
 }
 
+/// What a session is for, as OPEN says it: the operation and how this client
+/// compresses.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    op: Op,
+    compress: CompressMode,
+}
+
+impl From<Op> for Session {
+    fn from(op: Op) -> Session {
+        Session {
+            op,
+            compress: CompressMode::Off,
+        }
+    }
+}
+
+/// Whether the server at the other end of `ws` is on this machine (127.0.0.0/8,
+/// ::1, or an IPv4 loopback address mapped to IPv6): `auto` then sends plain.
+fn peer_is_loopback(ws: &Socket) -> bool {
+    use tokio_tungstenite::MaybeTlsStream;
+    let tcp = match ws.get_ref() {
+        MaybeTlsStream::Plain(tcp) => tcp,
+        MaybeTlsStream::Rustls(tls) => tls.get_ref().0,
+        _ => return false,
+    };
+    tcp.peer_addr().is_ok_and(|a| match a.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    })
+}
+
 /// Sends OPEN and waits for the server's CONFIG (or its refusal).
 async fn open(
     ws: &mut Socket,
-    op: Op,
+    session: impl Into<Session>,
     replica: &ReplicaPath,
     selector: Option<Selector>,
     base: Option<u64>,
     force: bool,
     role: Option<SubscriberRole>,
 ) -> Result<Config> {
+    let Session { op, compress } = session.into();
     let open = Open {
         protocol: PROTOCOL_VERSION,
         op,
@@ -1154,7 +1212,7 @@ async fn open(
         key_id: None,
         // Only a page sync carries pages.
         compress: match op {
-            Op::Push | Op::Pull => ws::compressions(),
+            Op::Push | Op::Pull => ws::offered(compress),
             _ => Vec::new(),
         },
         retention: None,

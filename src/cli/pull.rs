@@ -23,7 +23,8 @@ sqlferry pull acme/app.db@3 restored.db      version 3\n  \
 sqlferry pull acme/app.db@latest-1 prev.db   the version before the latest\n  \
 sqlferry pull acme/app.db@2026-12-01T10:00:00Z then.db   the version that was the latest then (UTC)\n  \
 sqlferry pull acme/app.db --subscribe        keep going: pull each new version as it lands\n  \
-sqlferry pull --replica backups/app.db       the replica backups/app.db, though ./backups/ exists\n\n\
+sqlferry pull --replica backups/app.db       the replica backups/app.db, though ./backups/ exists\n  \
+sqlferry pull acme/app.db --compress off     plain pages only (the server expands what it keeps compressed)\n\n\
 REMOTE is a replica, never a local file, and never guessed: a REMOTE that is a file here, or \
 starts with /, ./, ../ or ~/, is refused, and so is one such as backups/app.db while the \
 directory backups/ exists here (it could mean the file ./backups/app.db): name the replica \
@@ -73,6 +74,9 @@ pub struct PullArgs {
     /// The server and the key.
     #[command(flatten)]
     pub connection: RemoteArgs,
+    /// How pages travel.
+    #[command(flatten)]
+    pub compress: super::CompressArgs,
 }
 
 impl PullArgs {
@@ -126,9 +130,12 @@ impl PullArgs {
             })?,
             (None, None) => expand_tilde(replica.name()),
         };
-        let connection = self.connection.options();
+        let mut connection = self.connection.options();
+        connection.compress = self.compress.compress;
         let server = match &sidecar {
-            Some((s, _)) => crate::remote::Server::parse(Some(&s.server))?,
+            Some((s, _)) => {
+                crate::remote::Server::parse(Some(&s.server))?.with_compress(connection.compress)
+            }
             None => {
                 let resolved = connection.resolve_for(&local, &replica).await?;
                 if let Some(saved) = &resolved.from_saved_key

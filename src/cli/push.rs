@@ -35,6 +35,7 @@ use crate::subscribe::plan::Destination;
 sqlferry push app.db acme/app.db -m \"before migration\"   a new version of replica acme/app.db\n  \
 sqlferry push app.db /backup/app.db                      keep a local copy up to date\n  \
 sqlferry push app.db ./copy.db --json                    print figures as one JSON object\n  \
+sqlferry push app.db acme/app.db --compress zstd         compress every page (auto decides by the link)\n  \
 sqlferry push app.db ./backup/app.db acme/app.db         two destinations: a copy and a replica\n  \
 sqlferry push app.db --replica backups/app.db            the replica backups/app.db, though ./backups/ exists\n  \
 sqlferry push app.db acme/app.db --subscribe --wait-idle 10m --max-interval 24h\n    \
@@ -139,6 +140,9 @@ pub struct PushArgs {
     /// The server and the key.
     #[command(flatten)]
     pub connection: RemoteArgs,
+    /// How pages travel.
+    #[command(flatten)]
+    pub compress: super::CompressArgs,
 }
 
 /// One destination of a push, resolved by [`Place`]'s rule.
@@ -331,11 +335,9 @@ impl PushArgs {
         replica: ReplicaPath,
         global: &Global,
     ) -> anyhow::Result<Pusher> {
-        let resolved = self
-            .connection
-            .options()
-            .resolve_for(local, &replica)
-            .await?;
+        let mut connection = self.connection.options();
+        connection.compress = self.compress.compress;
+        let resolved = connection.resolve_for(local, &replica).await?;
         if let Some(saved) = &resolved.from_saved_key
             && !global.quiet
         {

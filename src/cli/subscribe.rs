@@ -444,18 +444,26 @@ pub struct SubscribeArgs {
     /// When to push (push subscribers).
     #[command(flatten)]
     pub timing: TimingArgs,
+    /// How pages travel.
+    #[command(flatten)]
+    pub compress: super::CompressArgs,
 }
 
 impl SubscribeArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let target = expand_tilde(&self.target);
+        let mode = self.compress.compress;
         match plan::resolve(target, self.target.clone()).await? {
             Plan::Push(mut pusher) => {
                 pusher.message = self.message.clone();
+                pusher.server = pusher.server.with_compress(mode);
                 run_push(pusher, &self.timing, global, shutdown).await
             }
-            Plan::Pull(puller) => run_pull(puller, global, shutdown).await,
+            Plan::Pull(mut puller) => {
+                puller.server = puller.server.with_compress(mode);
+                run_pull(puller, global, shutdown).await
+            }
         }
     }
 }

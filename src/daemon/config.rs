@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::protocol::compress::CompressMode;
 use crate::store::ReplicaPath;
 use crate::subscribe::duration;
 use crate::subscribe::timer::Timing;
@@ -42,6 +43,9 @@ pub struct Store {
     /// The key, read from `key_file` or `key_env` when the file was loaded; `None`:
     /// `SQLFERRY_KEY`, else the key saved by an earlier push of the database.
     pub key: Option<Secret>,
+    /// `compress`, unless `SQLFERRY_COMPRESS` is set (the environment wins over the
+    /// file); `None`: the environment's, else `auto`.
+    pub compress: Option<CompressMode>,
 }
 
 /// Where one push unit sends its database.
@@ -185,6 +189,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct Settings {
     server: Option<String>,
+    compress: Option<CompressMode>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     wait_idle: Option<String>,
@@ -202,6 +207,7 @@ struct PushEntry {
     database: PathBuf,
     to: Vec<Destination>,
     server: Option<String>,
+    compress: Option<CompressMode>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     wait_idle: Option<String>,
@@ -218,6 +224,7 @@ struct PullEntry {
     replica: String,
     into: PathBuf,
     server: Option<String>,
+    compress: Option<CompressMode>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
 }
@@ -231,6 +238,7 @@ struct DirectoryEntry {
     namespace: Option<String>,
     copy_to: Option<PathBuf>,
     server: Option<String>,
+    compress: Option<CompressMode>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     wait_idle: Option<String>,
@@ -250,6 +258,7 @@ macro_rules! settings_of {
     ($e:expr) => {
         EntrySettings {
             server: $e.server.clone(),
+            compress: $e.compress,
             key_file: $e.key_file.clone(),
             key_env: $e.key_env.clone(),
             wait_idle: $e.wait_idle.clone(),
@@ -266,6 +275,7 @@ macro_rules! settings_of {
 #[derive(Debug, Default, Clone)]
 struct EntrySettings {
     server: Option<String>,
+    compress: Option<CompressMode>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     wait_idle: Option<String>,
@@ -387,6 +397,7 @@ impl Config {
             let replica = ReplicaPath::parse(&entry.replica).map_err(|e| at(e.to_string()))?;
             let s = EntrySettings {
                 server: entry.server.clone(),
+                compress: entry.compress,
                 key_file: entry.key_file.clone(),
                 key_env: entry.key_env.clone(),
                 ..EntrySettings::default()
@@ -610,9 +621,15 @@ impl Context<'_> {
             crate::remote::Server::parse(Some(url))
                 .map_err(|e| e.to_string().replacen("--server ", "server ", 1))?;
         }
+        // The environment wins over the file, as everywhere.
+        let compress = match (self.env)(crate::protocol::compress::COMPRESS_ENV) {
+            Some(v) if !v.trim().is_empty() => None,
+            _ => s.compress,
+        };
         Ok(Store {
             server: s.server.clone(),
             key,
+            compress,
         })
     }
 
@@ -639,6 +656,7 @@ impl Context<'_> {
             } => {
                 let own = EntrySettings {
                     server: server.clone().or_else(|| s.server.clone()),
+                    compress: s.compress,
                     key_file: key_file.clone(),
                     key_env: key_env.clone(),
                     ..EntrySettings::default()
@@ -676,6 +694,7 @@ impl EntrySettings {
         };
         EntrySettings {
             server: self.server.clone().or_else(|| d.server.clone()),
+            compress: self.compress.or(d.compress),
             key_file,
             key_env,
             wait_idle: self.wait_idle.clone().or_else(|| d.wait_idle.clone()),
@@ -804,6 +823,71 @@ max_interval = "1h"
         assert_eq!(when.timing.max_interval, Some(Duration::from_secs(3600)));
         assert_eq!(when.timing.wait_idle, Duration::from_secs(10));
         assert_eq!(c.max_concurrent_pushes, DEFAULT_CONCURRENT_PUSHES);
+    }
+
+    /// `compress` in `[defaults]` goes to every entry that sets none; an entry's own
+    /// wins; `SQLFERRY_COMPRESS` wins over both; a word that names no mode is the
+    /// file's error, with its line.
+    #[test]
+    fn compress_comes_from_the_entry_then_the_defaults_and_the_environment_wins() {
+        let text = r#"
+[defaults]
+server = "ws://backup:7878"
+wait_idle = "10s"
+compress = "off"
+
+[[push]]
+database = "/d/a.db"
+to = ["acme/a.db"]
+
+[[push]]
+database = "/d/b.db"
+to = ["acme/b.db"]
+compress = "zstd"
+
+[[pull]]
+replica = "acme/c.db"
+into = "/d/c.db"
+"#;
+        // By database: a.db, b.db, c.db.
+        let modes = |c: &Config| -> Vec<Option<CompressMode>> {
+            let mut by: Vec<(String, Option<CompressMode>)> = c
+                .units
+                .values()
+                .filter_map(|u| match u {
+                    Unit::Push {
+                        database,
+                        target: Target::Replica { store, .. },
+                        ..
+                    } => Some((database.display().to_string(), store.compress)),
+                    Unit::Pull { into, store, .. } => {
+                        Some((into.display().to_string(), store.compress))
+                    }
+                    _ => None,
+                })
+                .collect();
+            by.sort_by(|a, b| a.0.cmp(&b.0));
+            by.into_iter().map(|(_, m)| m).collect()
+        };
+        let c = parse(text).unwrap();
+        assert_eq!(
+            modes(&c),
+            [
+                Some(CompressMode::Off),
+                Some(CompressMode::Zstd),
+                Some(CompressMode::Off)
+            ]
+        );
+        let c = Config::parse(text, Path::new("/etc"), &|name| {
+            (name == "SQLFERRY_COMPRESS").then(|| "auto".to_owned())
+        })
+        .unwrap();
+        assert_eq!(modes(&c), [None, None, None], "the environment decides");
+        let e = parse(&text.replace("\"zstd\"", "\"fast\"")).unwrap_err();
+        assert!(
+            e.starts_with("14: ") && e.contains("expected auto, zstd or off"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -33,6 +33,253 @@ pub const LEVEL: i32 = 1;
 /// The most pages sent plain without trying, after pages that did not compress.
 pub const MAX_SKIP: u32 = 64;
 
+/// How one end compresses the pages it sends: `--compress` of push, pull and the
+/// subscribers, `compress` in the daemon's configuration, `SQLFERRY_COMPRESS`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CompressMode {
+    /// Plain while the link keeps up, compressed while the link is the bottleneck
+    /// ([`Adaptive`]); plain from the start to a loopback peer.
+    #[default]
+    Auto,
+    /// Every page that shrinks goes compressed (the behaviour before `auto`).
+    Zstd,
+    /// Never: compression is not even offered, as with a peer older than it.
+    Off,
+}
+
+impl CompressMode {
+    /// The words each mode is written as (the first is its name).
+    pub const NAMES: [&'static str; 3] = ["auto", "zstd", "off"];
+
+    /// The mode `SQLFERRY_COMPRESS` names, if it is set: `auto`, `zstd` (also `on`,
+    /// `1`, `yes`), `off` (also `0`, `no`, `none`). An unknown value is an error, so a
+    /// typo never silently changes what travels.
+    pub fn from_env() -> Result<Option<CompressMode>, String> {
+        match std::env::var(COMPRESS_ENV) {
+            Ok(v) if !v.trim().is_empty() => v
+                .parse()
+                .map(Some)
+                .map_err(|e| format!("{COMPRESS_ENV}: {e}")),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The environment variable that sets the page compression of this end (see
+/// [`CompressMode`]); a server reads only whether it is `off`.
+pub const COMPRESS_ENV: &str = "SQLFERRY_COMPRESS";
+
+impl std::str::FromStr for CompressMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<CompressMode, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(CompressMode::Auto),
+            "zstd" | "on" | "1" | "yes" => Ok(CompressMode::Zstd),
+            "off" | "0" | "no" | "none" => Ok(CompressMode::Off),
+            other => Err(format!(
+                "{other:?} is not a page compression: expected auto, zstd or off"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CompressMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CompressMode::Auto => "auto",
+            CompressMode::Zstd => "zstd",
+            CompressMode::Off => "off",
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CompressMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<CompressMode, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How long a measuring window of [`Adaptive`] lasts at least.
+pub const WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Bytes a measuring window of [`Adaptive`] must write at least to count: below that
+/// the socket's own buffers hide the link.
+pub const WINDOW_MIN_BYTES: u64 = 256 * 1024;
+
+/// While sending plain, [`Adaptive`] compresses one page in this many, to keep its
+/// estimates of the ratio and of its own speed (about 3% of what compressing
+/// everything costs; the page it tried goes compressed when it shrank).
+pub const SAMPLE_EVERY_PAGES: u32 = 32;
+
+/// Pages [`Adaptive`] tries first, before it knows anything.
+const FIRST_SAMPLES: u32 = 8;
+
+/// The share of a window the writer must spend waiting for the socket for the link to
+/// count as the bottleneck.
+const BACKED_UP_SHARE: f64 = 0.5;
+
+/// The most calm windows [`Adaptive`] waits before it tries plain again after it went
+/// back to compressing (the hysteresis doubles up to this).
+pub const MAX_CALM_WINDOWS: u32 = 64;
+
+/// The `auto` policy of a sender (the idea of `zstd --adapt`): compress only while the
+/// link is what holds the sync back and compressing makes it faster.
+///
+/// Pure: the writer feeds it what it measured (how long a page took to compress and
+/// what it came to, how many bytes it wrote and how long it waited for the socket),
+/// with the time, and asks it whether to compress the next page.
+///
+/// - Sending plain, it compresses the first few pages and then one in
+///   [`SAMPLE_EVERY_PAGES`], to know the ratio `r` (compressed / plain) and its own
+///   speed `c` (plain bytes a second). Over each window (at least [`WINDOW`] and
+///   [`WINDOW_MIN_BYTES`]) it measures the link: when the writer waited for the socket
+///   at least half the window, the link is the bottleneck and drains `l` bytes a
+///   second. It starts compressing when `l < c × (1 − r)`: the bytes compression saves
+///   a second are more than the link can carry a second, so compressing wins even
+///   though it takes the sender's CPU.
+/// - Compressing, it keeps going while the socket stays backed up. After a number of
+///   windows in which the socket kept up (1, then doubling up to [`MAX_CALM_WINDOWS`]
+///   each time plain turned out to be the wrong choice), it tries plain again: if the
+///   link is fast, plain stays.
+#[derive(Debug, Clone)]
+pub struct Adaptive {
+    compressing: bool,
+    /// Estimated compressed / plain bytes of a page (1.0 until measured).
+    ratio: f64,
+    /// Estimated plain bytes a second this end compresses (0 until measured).
+    speed: f64,
+    /// Pages tried so far.
+    samples: u32,
+    /// Pages sent plain since the last one tried.
+    since_sample: u32,
+    window_start: Option<std::time::Instant>,
+    window_bytes: u64,
+    window_waited: std::time::Duration,
+    /// Calm windows (socket not backed up) in a row while compressing.
+    calm: u32,
+    /// Calm windows in a row after which compressing tries plain again.
+    calm_limit: u32,
+    /// Whether the last switch was from compressing to plain (a probe).
+    probing: bool,
+}
+
+impl Default for Adaptive {
+    fn default() -> Adaptive {
+        Adaptive::new()
+    }
+}
+
+impl Adaptive {
+    /// Plain, knowing nothing yet.
+    pub fn new() -> Adaptive {
+        Adaptive {
+            compressing: false,
+            ratio: 1.0,
+            speed: 0.0,
+            samples: 0,
+            since_sample: 0,
+            window_start: None,
+            window_bytes: 0,
+            window_waited: std::time::Duration::ZERO,
+            calm: 0,
+            calm_limit: 1,
+            probing: false,
+        }
+    }
+
+    /// Whether pages go compressed now.
+    pub fn compressing(&self) -> bool {
+        self.compressing
+    }
+
+    /// Whether to try compressing the next page.
+    pub fn try_next(&mut self) -> bool {
+        if self.compressing || self.samples < FIRST_SAMPLES {
+            return true;
+        }
+        self.since_sample += 1;
+        if self.since_sample >= SAMPLE_EVERY_PAGES {
+            self.since_sample = 0;
+            return true;
+        }
+        false
+    }
+
+    /// One page of `plain` bytes was tried: it came to `packed` bytes (`None`: it did
+    /// not shrink enough to go compressed), in `took`.
+    pub fn compressed(&mut self, plain: usize, packed: Option<usize>, took: std::time::Duration) {
+        const WEIGHT: f64 = 1.0 / 16.0;
+        let r = packed.map_or(1.0, |n| n as f64 / plain as f64);
+        let secs = took.as_secs_f64().max(1e-7);
+        let c = plain as f64 / secs;
+        if self.samples == 0 {
+            self.ratio = r;
+            self.speed = c;
+        } else {
+            self.ratio += (r - self.ratio) * WEIGHT;
+            self.speed += (c - self.speed) * WEIGHT;
+        }
+        self.samples = self.samples.saturating_add(1);
+    }
+
+    /// The writer wrote `bytes` to the socket and waited `waited` for it to take them;
+    /// `now` is when it finished. Ends a window when it is long enough, and decides.
+    pub fn wrote(&mut self, bytes: usize, waited: std::time::Duration, now: std::time::Instant) {
+        let start = *self.window_start.get_or_insert(now);
+        self.window_bytes += bytes as u64;
+        self.window_waited += waited;
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed < WINDOW || self.window_bytes < WINDOW_MIN_BYTES {
+            return;
+        }
+        let secs = elapsed.as_secs_f64();
+        let backed_up = self.window_waited.as_secs_f64() >= secs * BACKED_UP_SHARE;
+        let link = self.window_bytes as f64 / secs;
+        self.window_start = Some(now);
+        self.window_bytes = 0;
+        self.window_waited = std::time::Duration::ZERO;
+        self.decide(backed_up, link);
+    }
+
+    /// The decision at the end of a window: `backed_up` when the link was the
+    /// bottleneck, `link` the bytes a second it took.
+    fn decide(&mut self, backed_up: bool, link: f64) {
+        if self.compressing {
+            if backed_up {
+                self.calm = 0;
+                return;
+            }
+            self.calm += 1;
+            if self.calm >= self.calm_limit {
+                self.compressing = false;
+                self.probing = true;
+                self.calm = 0;
+            }
+            return;
+        }
+        let pays =
+            backed_up && self.samples >= FIRST_SAMPLES && link < self.speed * (1.0 - self.ratio);
+        if pays {
+            self.compressing = true;
+            self.calm = 0;
+            // Plain was tried and the link could not take it: wait longer before the
+            // next try.
+            if self.probing {
+                self.calm_limit = (self.calm_limit * 2).min(MAX_CALM_WINDOWS);
+            }
+            self.probing = false;
+        } else if !backed_up {
+            // The link keeps up with plain pages: that try was right.
+            if self.probing {
+                self.calm_limit = 1;
+            }
+            self.probing = false;
+        }
+    }
+}
+
 /// The sending end: turns PAGE frames into ZPAGE frames when that pays.
 pub struct Compressor {
     /// Made for the first page tried: a session that sends no page pays nothing.
@@ -43,6 +290,8 @@ pub struct Compressor {
     skip: u32,
     /// How many to skip after the next page that does not compress.
     backoff: u32,
+    /// With `auto`: when to compress at all (`None`: every page is tried).
+    policy: Option<Adaptive>,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -68,7 +317,30 @@ impl Compressor {
             scratch: Vec::new(),
             skip: 0,
             backoff: 1,
+            policy: None,
         }
+    }
+
+    /// A compressor for `auto`: pages go compressed only while [`Adaptive`] says the
+    /// link is the bottleneck; the writer reports each write with [`Compressor::wrote`].
+    pub fn adaptive() -> Compressor {
+        Compressor {
+            policy: Some(Adaptive::new()),
+            ..Compressor::new()
+        }
+    }
+
+    /// The writer wrote `bytes` and waited `waited` for the socket, finishing at `now`
+    /// (only `auto` uses it).
+    pub fn wrote(&mut self, bytes: usize, waited: std::time::Duration, now: std::time::Instant) {
+        if let Some(p) = &mut self.policy {
+            p.wrote(bytes, waited, now);
+        }
+    }
+
+    /// The `auto` policy, if this compressor follows one.
+    pub fn policy(&self) -> Option<&Adaptive> {
+        self.policy.as_ref()
     }
 
     /// `frame` as it goes on the wire: a PAGE frame as a ZPAGE frame when its page
@@ -77,7 +349,16 @@ impl Compressor {
         if frame.first() != Some(&code::PAGE) || frame.len() <= 5 {
             return frame;
         }
-        if self.skip > 0 {
+        let sampling = match &mut self.policy {
+            Some(p) => {
+                if !p.try_next() {
+                    return frame;
+                }
+                !p.compressing()
+            }
+            None => false,
+        };
+        if self.skip > 0 && !sampling {
             self.skip -= 1;
             return frame;
         }
@@ -95,11 +376,18 @@ impl Compressor {
             return frame;
         };
         // A page that does not fit in `limit` bytes fails here: it goes plain.
+        let started = self.policy.as_ref().map(|_| std::time::Instant::now());
         let shrunk = match z.compress_to_buffer(&frame[5..], &mut self.scratch[..limit]) {
             Ok(n) if n < limit => Some(n),
             _ => None,
         };
+        if let (Some(p), Some(started)) = (&mut self.policy, started) {
+            p.compressed(page_len, shrunk, started.elapsed());
+        }
         let Some(n) = shrunk else {
+            if sampling {
+                return frame;
+            }
             self.skip = self.backoff;
             self.backoff = (self.backoff * 2).min(MAX_SKIP);
             return frame;
@@ -430,6 +718,152 @@ mod tests {
         let p = q.take(5, &a).unwrap();
         Expander::new().expand_into(&p.bytes, &mut out).unwrap();
         assert_eq!(out, a);
+    }
+
+    #[test]
+    fn modes_are_read_as_written_and_unknown_words_refused() {
+        for (word, mode) in [
+            ("auto", CompressMode::Auto),
+            ("ZSTD", CompressMode::Zstd),
+            ("on", CompressMode::Zstd),
+            ("off", CompressMode::Off),
+            ("0", CompressMode::Off),
+            (" none ", CompressMode::Off),
+        ] {
+            assert_eq!(word.parse::<CompressMode>(), Ok(mode), "{word}");
+        }
+        for mode in [CompressMode::Auto, CompressMode::Zstd, CompressMode::Off] {
+            assert_eq!(mode.to_string().parse::<CompressMode>(), Ok(mode));
+        }
+        let err = "fast".parse::<CompressMode>().unwrap_err();
+        assert!(err.contains("expected auto, zstd or off"), "{err}");
+    }
+
+    use std::time::{Duration, Instant};
+
+    /// Feeds `a` one second of a sender at `link` bytes a second, the writer waiting
+    /// `waited_share` of the time for the socket, in writes of 64 KiB.
+    fn run(a: &mut Adaptive, clock: &mut Instant, link: f64, waited_share: f64) {
+        let write = 64 * 1024;
+        let each = Duration::from_secs_f64(write as f64 / link);
+        let steps = (link / write as f64).ceil() as u32;
+        for _ in 0..steps {
+            *clock += each;
+            a.wrote(write, each.mul_f64(waited_share), *clock);
+        }
+    }
+
+    /// `n` pages tried at `speed` plain bytes a second, each shrinking to `ratio`.
+    fn sample(a: &mut Adaptive, n: u32, ratio: f64, speed: f64) {
+        for _ in 0..n {
+            let took = Duration::from_secs_f64(4096.0 / speed);
+            let packed = (ratio < 15.0 / 16.0).then_some((4096.0 * ratio) as usize);
+            a.compressed(4096, packed, took);
+        }
+    }
+
+    const MB: f64 = 1e6;
+
+    #[test]
+    fn auto_compresses_when_the_link_is_the_bottleneck_and_compression_pays() {
+        let mut clock = Instant::now();
+        // 100 Mbit/s, backed up; text that compresses to 0.43 at 184 MB/s.
+        let mut a = Adaptive::new();
+        assert!(!a.compressing());
+        sample(&mut a, 8, 0.43, 184.0 * MB);
+        run(&mut a, &mut clock, 12.5 * MB, 0.9);
+        assert!(a.compressing(), "a slow link: compress");
+        // Compressing, the link still backed up: it stays so.
+        run(&mut a, &mut clock, 12.5 * MB, 0.9);
+        assert!(a.compressing());
+
+        // The same text on a link that keeps up: plain.
+        let mut a = Adaptive::new();
+        sample(&mut a, 8, 0.43, 184.0 * MB);
+        run(&mut a, &mut clock, 400.0 * MB, 0.1);
+        assert!(!a.compressing(), "the link keeps up: plain");
+        // Backed up but faster than compression can win (10 Gbit/s): plain.
+        run(&mut a, &mut clock, 1250.0 * MB, 0.9);
+        assert!(
+            !a.compressing(),
+            "compressing would be slower than the link"
+        );
+
+        // Pages that do not compress: never, however slow the link.
+        let mut a = Adaptive::new();
+        sample(&mut a, 8, 1.0, 184.0 * MB);
+        run(&mut a, &mut clock, 1.0 * MB, 0.95);
+        assert!(!a.compressing(), "random pages: plain");
+
+        // Nothing measured yet: no decision on a guess.
+        let mut a = Adaptive::new();
+        run(&mut a, &mut clock, 1.0 * MB, 0.95);
+        assert!(!a.compressing());
+    }
+
+    #[test]
+    fn auto_tries_plain_again_when_the_link_speeds_up_with_hysteresis() {
+        let mut clock = Instant::now();
+        let mut a = Adaptive::new();
+        sample(&mut a, 8, 0.43, 184.0 * MB);
+        run(&mut a, &mut clock, 12.5 * MB, 0.9);
+        assert!(a.compressing());
+        // The link got fast: the socket keeps up, so plain is tried, and kept.
+        run(&mut a, &mut clock, 400.0 * MB, 0.05);
+        assert!(!a.compressing(), "plain tried again");
+        run(&mut a, &mut clock, 400.0 * MB, 0.05);
+        assert!(!a.compressing(), "and kept while the link keeps up");
+
+        // A link just too slow for plain: each plain try backs up again, and the next
+        // try waits twice as many calm windows (up to the limit).
+        let mut a = Adaptive::new();
+        sample(&mut a, 8, 0.43, 184.0 * MB);
+        let window = |a: &mut Adaptive, clock: &mut Instant, backed_up: bool| {
+            *clock += WINDOW;
+            let waited = if backed_up {
+                WINDOW.mul_f64(0.9)
+            } else {
+                Duration::ZERO
+            };
+            a.wrote(WINDOW_MIN_BYTES as usize, waited, *clock);
+        };
+        window(&mut a, &mut clock, true); // opens the first window
+        window(&mut a, &mut clock, true);
+        assert!(a.compressing());
+        let mut calm_before_try = Vec::new();
+        for _ in 0..8 {
+            let mut calm = 0;
+            while a.compressing() {
+                window(&mut a, &mut clock, false);
+                calm += 1;
+            }
+            calm_before_try.push(calm);
+            window(&mut a, &mut clock, true);
+            assert!(a.compressing(), "plain backed up: compress again");
+        }
+        assert_eq!(calm_before_try, [1, 2, 4, 8, 16, 32, 64, 64]);
+    }
+
+    #[test]
+    fn an_adaptive_compressor_sends_plain_until_the_link_backs_up() {
+        let mut c = Compressor::adaptive();
+        let text = Frame::page_bytes(2, &text_page(4096));
+        // The first pages are tried (and go compressed, since they shrank); then one
+        // in SAMPLE_EVERY_PAGES.
+        let kinds: Vec<u8> = (0..8 + 64).map(|_| c.pack(text.clone())[0]).collect();
+        assert!(kinds[..8].iter().all(|&k| k == code::ZPAGE), "{kinds:?}");
+        let tried = kinds[8..].iter().filter(|&&k| k == code::ZPAGE).count();
+        assert_eq!(tried, 2, "{kinds:?}");
+        let p = c.policy().expect("auto");
+        assert!(p.ratio < 0.5 && p.speed > 0.0, "{p:?}");
+        // A link at 1 MB/s, backed up: every page goes compressed.
+        let mut clock = Instant::now();
+        for _ in 0..20 {
+            clock += Duration::from_millis(300);
+            c.wrote(300_000, Duration::from_millis(290), clock);
+        }
+        assert!(c.policy().expect("auto").compressing());
+        assert!((0..16).all(|_| c.pack(text.clone())[0] == code::ZPAGE));
     }
 
     proptest! {

@@ -140,7 +140,7 @@ impl Server {
                     outgoing_rx,
                 ))
             }
-            Server::Ws { url } => tokio::spawn(run_ws(
+            Server::Ws { url, .. } => tokio::spawn(run_ws(
                 url.clone(),
                 replica.clone(),
                 role,
@@ -170,7 +170,7 @@ impl Server {
                     local::notify(store.root(), replica.as_str(), local::Message::SyncNow).await;
                 Ok(reached as u64)
             }
-            Server::Ws { url } => {
+            Server::Ws { url, .. } => {
                 let mut ws = connect(url, key).await?;
                 let config = open(&mut ws, Op::SyncNow, replica, None, None, false, None).await?;
                 Ok(config.reached.unwrap_or(0))

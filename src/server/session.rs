@@ -34,7 +34,7 @@ use super::packed::PackedLink;
 use super::{Event, KeyKind, Principal, State, blocking};
 use crate::engine::{ChannelLink, pumped_link};
 use crate::engine::{NoProgress, Role, run_origin, run_replica};
-use crate::protocol::compress::PackedPages;
+use crate::protocol::compress::{CompressMode, PackedPages};
 use crate::protocol::control::{
     Config, Control, Followed, MAX_FOLLOWERS_WAIT, NewVersion, Op, Open, PING_INTERVAL,
     SubscriberRole, VersionInfo,
@@ -778,7 +778,7 @@ where
     // page goes plain (no compression work here: see docs/server.md).
     let pump = Pump {
         wire,
-        compress: false,
+        compress: CompressMode::Off,
         keep_packed: None,
     };
     let (result, _) = run_engine(ws, Role::Origin, Vec::new(), pump, bytes, move |link| {
@@ -884,7 +884,7 @@ where
     let packed = (wire == Wire::Zstd).then(PackedPages::new);
     let pump = Pump {
         wire,
-        compress: false,
+        compress: CompressMode::Off,
         keep_packed: packed.clone(),
     };
     let (result, _) = run_engine(

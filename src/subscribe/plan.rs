@@ -278,7 +278,7 @@ impl Destination {
         match self {
             Destination::Replica(p) => match &p.server {
                 Server::Embedded(_) => format!("{} (embedded store)", p.replica),
-                Server::Ws { url } => format!("{} on {url}", p.replica),
+                Server::Ws { url, .. } => format!("{} on {url}", p.replica),
             },
             Destination::File { copy, .. } => copy.display().to_string(),
         }

@@ -32,7 +32,9 @@ use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::protocol::compress::{Compressor, Expander, PackedPage, PackedPages, fingerprint};
+use crate::protocol::compress::{
+    CompressMode, Compressor, Expander, PackedPage, PackedPages, fingerprint,
+};
 use crate::protocol::{ErrorCode, Frame, MAX_FRAME_BYTES, code};
 use crate::{Error, Result};
 
@@ -199,13 +201,10 @@ pub enum Wire {
     Zstd,
 }
 
-/// The environment variable that turns page compression off on this end (`off`, `0`,
-/// `no` or `none`): a client then offers none, a server accepts none, and pages travel
-/// plain, as with a peer older than compression.
-pub const COMPRESS_ENV: &str = "SQLFERRY_COMPRESS";
+pub use crate::protocol::compress::COMPRESS_ENV;
 
 /// The page compressions this end offers or accepts: `["zstd"]`, or none when
-/// [`COMPRESS_ENV`] turns it off.
+/// [`COMPRESS_ENV`] is `off` (or `0`, `no`, `none`).
 pub fn compressions() -> Vec<String> {
     let off = std::env::var(COMPRESS_ENV).is_ok_and(|v| {
         matches!(
@@ -217,6 +216,18 @@ pub fn compressions() -> Vec<String> {
         Vec::new()
     } else {
         vec![crate::protocol::compress::ZSTD.to_owned()]
+    }
+}
+
+/// The page compressions a client in `mode` offers: none for `off`, else `["zstd"]`
+/// (`auto` offers it too: whether a page goes compressed is the sender's choice, page
+/// by page, and the peer may send compressed pages it keeps).
+pub fn offered(mode: CompressMode) -> Vec<String> {
+    match mode {
+        CompressMode::Off => Vec::new(),
+        CompressMode::Auto | CompressMode::Zstd => {
+            vec![crate::protocol::compress::ZSTD.to_owned()]
+        }
     }
 }
 
@@ -250,21 +261,35 @@ pub struct WireBytes {
 pub struct Pump {
     /// How pages travel.
     pub wire: Wire,
-    /// With [`Wire::Zstd`]: compress the engine's PAGE frames where that pays (a
-    /// client's push). A server does not: it sends a page as its store keeps it (a
-    /// stored compressed page reaches the pump as a ZPAGE frame already).
-    pub compress: bool,
+    /// With [`Wire::Zstd`]: how to compress the engine's PAGE frames (a client's
+    /// push): `Zstd` every page that shrinks, `Auto` while the link is the bottleneck
+    /// ([`crate::protocol::compress::Adaptive`]), `Off` none. A server compresses none:
+    /// it sends a page as its store keeps it (a stored compressed page reaches the
+    /// pump as a ZPAGE frame already).
+    pub compress: CompressMode,
     /// With [`Wire::Zstd`]: hand each received compressed page's bytes to this, beside
     /// the plain page the engine gets, so a store keeps the page as it came.
     pub keep_packed: Option<PackedPages>,
 }
 
 impl Pump {
-    /// The pump a client runs: compressing what it sends when `wire` says so.
+    /// The pump a client runs: compressing what it sends when `wire` says so, every
+    /// page that shrinks.
     pub fn client(wire: Wire) -> Pump {
+        Pump::client_in(wire, CompressMode::Zstd, false)
+    }
+
+    /// The pump a client in `mode` runs; `loopback` when the server is on this
+    /// machine (127.0.0.0/8, ::1), where `auto` sends plain from the start: there is no
+    /// link slower than the compressor, only a CPU both ends share.
+    pub fn client_in(wire: Wire, mode: CompressMode, loopback: bool) -> Pump {
+        let compress = match mode {
+            CompressMode::Auto if loopback => CompressMode::Off,
+            mode => mode,
+        };
         Pump {
             wire,
-            compress: wire == Wire::Zstd,
+            compress,
             keep_packed: None,
         }
     }
@@ -336,7 +361,14 @@ where
 {
     let (mut compressor, mut expander) = match pump.wire {
         Wire::Plain => (None, None),
-        Wire::Zstd => (pump.compress.then(Compressor::new), Some(Expander::new())),
+        Wire::Zstd => {
+            let compressor = match pump.compress {
+                CompressMode::Off => None,
+                CompressMode::Zstd => Some(Compressor::new()),
+                CompressMode::Auto => Some(Compressor::adaptive()),
+            };
+            (compressor, Some(Expander::new()))
+        }
     };
     let keep_packed = pump.keep_packed.filter(|_| pump.wire == Wire::Zstd);
     let sent = std::sync::atomic::AtomicU64::new(0);
@@ -415,38 +447,45 @@ where
                     idle.map_or(0, |d| d.as_secs())
                 ))
             };
-            let mut pack = |frame: Vec<u8>| {
-                let frame = match &mut compressor {
+            // Each frame is compressed (or not) just before it is fed; the time spent
+            // waiting for the socket to take it is what `auto` measures the link by.
+            let pack = |c: &mut Option<Compressor>, frame: Vec<u8>| {
+                let frame = match c {
                     Some(c) => c.pack(frame),
                     None => frame,
                 };
                 count(sent, frame.len());
-                Message::Binary(frame.into())
+                (frame.len(), Message::Binary(frame.into()))
+            };
+            let measured = |c: &mut Option<Compressor>, bytes, waited| {
+                if let Some(c) = c.as_mut().filter(|c| c.policy().is_some()) {
+                    c.wrote(bytes, waited, std::time::Instant::now());
+                }
             };
             while let Some(frame) = outbox.next_frame().await {
-                let fed = within(idle, sink.feed(pack(frame))).await;
-                match fed {
-                    None => return stalled(),
-                    Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
-                    Some(Ok(())) => {}
-                }
-                let mut n = 1;
-                while n < FLUSH_EVERY_FRAMES {
-                    let Some(frame) = outbox.ready_frame() else {
-                        break;
-                    };
-                    match within(idle, sink.feed(pack(frame))).await {
+                let mut n = 0;
+                let mut next = Some(frame);
+                while let Some(frame) = next.take() {
+                    let (len, message) = pack(&mut compressor, frame);
+                    let started = std::time::Instant::now();
+                    match within(idle, sink.feed(message)).await {
                         None => return stalled(),
                         Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
                         Some(Ok(())) => {}
                     }
+                    measured(&mut compressor, len, started.elapsed());
                     n += 1;
+                    if n < FLUSH_EVERY_FRAMES {
+                        next = outbox.ready_frame();
+                    }
                 }
+                let started = std::time::Instant::now();
                 match within(idle, sink.flush()).await {
                     None => return stalled(),
                     Some(Err(e)) => return WriterEnd::Failed(e.to_string()),
                     Some(Ok(())) => {}
                 }
+                measured(&mut compressor, 0, started.elapsed());
             }
             WriterEnd::Done
         };

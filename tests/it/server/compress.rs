@@ -35,6 +35,105 @@ fn text_db(path: &std::path::Path, rows: u32) {
     util::checkpoint(path);
 }
 
+/// A client that compresses every page that shrinks (`SQLFERRY_COMPRESS=zstd`): the
+/// test server runs on 127.0.0.1, where the default (`auto`) sends plain.
+fn zstd_machine(root: &Path) -> Machine {
+    let mut m = Machine::new(root, "new");
+    m.set_env("SQLFERRY_COMPRESS", "zstd");
+    m
+}
+
+/// `auto` (the default) to a server on this machine: pages go plain, there being no
+/// link slower than the compressor; pages the server keeps compressed still come
+/// compressed (the server sends them as kept), unless `--compress off`, which asks for
+/// plain ones. `--compress zstd` compresses. A word that names no mode is refused
+/// before anything is sent, from the flag or the environment.
+#[test]
+fn auto_sends_plain_on_loopback_and_takes_compressed_pages_as_kept() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::in_process(dir.path());
+    let zstd = zstd_machine(dir.path());
+    let mut auto = Machine::new(dir.path(), "auto");
+    text_db(&zstd.path("app.db"), 20_000);
+    std::fs::copy(zstd.path("app.db"), auto.path("app.db")).expect("copy");
+    let size = std::fs::metadata(auto.path("app.db")).expect("size").len();
+    let key = ["--key", server.admin_key.as_str()];
+
+    let kept = zstd.push(&server, "app.db", "acme/z.db", &key);
+    assert!(kept.u64("bytes_sent") * 2 < size, "zstd: {}", kept.0);
+    let plain = auto.push(&server, "app.db", "acme/a.db", &key);
+    assert!(
+        plain.u64("bytes_sent") >= size,
+        "auto on loopback: {}",
+        plain.0
+    );
+    assert_eq!(plain.digest(), kept.digest());
+    let forced = auto.push(
+        &server,
+        "app.db",
+        "acme/f.db",
+        &["--key", &server.admin_key, "--compress", "zstd"],
+    );
+    assert!(
+        forced.u64("bytes_sent") * 2 < size,
+        "--compress zstd: {}",
+        forced.0
+    );
+
+    let got = auto.pull(&server, "acme/z.db", Some("z.db"), &key);
+    assert!(
+        got.u64("bytes_received") * 2 < size,
+        "kept compressed: {}",
+        got.0
+    );
+    let off = auto.pull(
+        &server,
+        "acme/z.db",
+        Some("off.db"),
+        &["--key", &server.admin_key, "--compress", "off"],
+    );
+    assert!(
+        off.u64("bytes_received") >= size,
+        "--compress off: {}",
+        off.0
+    );
+    for (r, file) in [(&got, "z.db"), (&off, "off.db")] {
+        assert_eq!(r.digest(), kept.digest());
+        assert_eq!(util::integrity(&auto.path(file)), "ok");
+        util::assert_same(&auto.path("app.db"), &auto.path(file));
+    }
+
+    let bad = auto.run_on(
+        &server,
+        [
+            "push",
+            "app.db",
+            "acme/b.db",
+            "--compress",
+            "fast",
+            "--key",
+            &server.admin_key,
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("expected auto, zstd or off"), "{err}");
+    let versions = auto.run_on(
+        &server,
+        ["versions", "acme/b.db", "--key", &server.admin_key],
+    );
+    assert_eq!(versions.status.code(), Some(8), "acme/b.db was never made");
+    auto.set_env("SQLFERRY_COMPRESS", "fast");
+    let bad = auto.run_on(
+        &server,
+        ["pull", "acme/z.db", "bad.db", "--key", &server.admin_key],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("expected auto, zstd or off"), "{err}");
+    assert!(!auto.path("bad.db").exists());
+}
+
 /// Push and pull between two new ends: the pages go compressed, the figures say what
 /// went on the wire, and the copies are exact. The same with compression turned off
 /// on the client (an older client): plain pages, and more than twice the bytes.
@@ -42,7 +141,7 @@ fn text_db(path: &std::path::Path, rows: u32) {
 fn text_pages_travel_compressed_and_the_figures_say_what_went_on_the_wire() {
     let dir = TempDir::new().expect("tempdir");
     let server = TestServer::in_process(dir.path());
-    let new = Machine::new(dir.path(), "new");
+    let new = zstd_machine(dir.path());
     let mut old = Machine::new(dir.path(), "old");
     old.set_env("SQLFERRY_COMPRESS", "off");
     text_db(&new.path("app.db"), 20_000);
@@ -80,7 +179,7 @@ fn text_pages_travel_compressed_and_the_figures_say_what_went_on_the_wire() {
 fn pages_that_do_not_compress_go_plain() {
     let dir = TempDir::new().expect("tempdir");
     let server = TestServer::in_process(dir.path());
-    let new = Machine::new(dir.path(), "new");
+    let new = zstd_machine(dir.path());
     let mut old = Machine::new(dir.path(), "old");
     old.set_env("SQLFERRY_COMPRESS", "off");
     small_db(&new.path("app.db"), 2 << 20);
@@ -103,7 +202,7 @@ fn pages_that_do_not_compress_go_plain() {
 fn the_server_compresses_only_for_a_client_that_offers_it() {
     let dir = TempDir::new().expect("tempdir");
     let server = TestServer::in_process(dir.path());
-    let a = Machine::new(dir.path(), "a");
+    let a = zstd_machine(dir.path());
     text_db(&a.path("app.db"), 3_000);
     let pages = util::page_count(&a.path("app.db"));
     a.push(
@@ -331,7 +430,7 @@ fn scrub(m: &Machine, data: &Path) -> (i32, serde_json::Value) {
 fn a_push_of_text_rows_is_stored_compressed_and_pulls_back_whole_every_way() {
     let dir = TempDir::new().expect("tempdir");
     let server = TestServer::in_process(dir.path());
-    let new = Machine::new(dir.path(), "new");
+    let new = zstd_machine(dir.path());
     let mut old = Machine::new(dir.path(), "old");
     old.set_env("SQLFERRY_COMPRESS", "off");
     text_db(&new.path("app.db"), 20_000);
@@ -370,7 +469,7 @@ fn a_damaged_compressed_entry_is_never_delivered_and_is_found_and_repaired() {
     use std::os::unix::fs::FileExt;
     let dir = TempDir::new().expect("tempdir");
     let server = TestServer::in_process(dir.path());
-    let new = Machine::new(dir.path(), "new");
+    let new = zstd_machine(dir.path());
     let mut old = Machine::new(dir.path(), "old");
     old.set_env("SQLFERRY_COMPRESS", "off");
     text_db(&new.path("app.db"), 5_000);
@@ -450,7 +549,7 @@ fn a_damaged_compressed_entry_is_never_delivered_and_is_found_and_repaired() {
 fn a_store_with_old_plain_entries_and_new_compressed_ones_reads_back_whole() {
     let dir = TempDir::new().expect("tempdir");
     let server = TestServer::in_process(dir.path());
-    let new = Machine::new(dir.path(), "new");
+    let new = zstd_machine(dir.path());
     let mut old = Machine::new(dir.path(), "old");
     old.set_env("SQLFERRY_COMPRESS", "off");
     text_db(&old.path("app.db"), 10_000);
