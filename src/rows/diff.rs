@@ -477,6 +477,23 @@ impl Pair {
         Ok(())
     }
 
+    /// The `CREATE` statements of B's indexes and triggers on `table` (name, SQL): what
+    /// a script that re-creates the table must create again.
+    pub fn create_statements_of_b(&self, table: &str) -> Result<Vec<(String, String)>> {
+        let err = self.err("main");
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT name, sql FROM main.sqlite_schema WHERE tbl_name = ?1 \
+                 AND type IN ('index', 'trigger') AND sql IS NOT NULL ORDER BY type, name",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(&err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(&err)
+    }
+
     /// Every row of table `t` in B, streaming (for `--sql` of a table added or
     /// altered), with its column names.
     pub fn each_row_of_b(
