@@ -183,9 +183,15 @@ impl Pair {
         .map_err(|e| Error::sqlite(b, e))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(|e| Error::sqlite(b, e))?;
+        let check = |db: &str, path: &Path| {
+            conn.query_row(&format!("SELECT count(*) FROM {db}.sqlite_schema"), [], |_| Ok(()))
+                .map_err(|e| not_a_database(path, e))
+        };
+        check("main", b)?;
         // Attached with the main database's flags: read-only too.
         conn.execute("ATTACH DATABASE ?1 AS a", [a.to_string_lossy()])
-            .map_err(|e| Error::sqlite(a, e))?;
+            .map_err(|e| not_a_database(a, e))?;
+        check("a", a)?;
         let pair = Pair {
             conn,
             a: a.to_owned(),
