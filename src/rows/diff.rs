@@ -402,16 +402,20 @@ impl Pair {
                 .map(|n| n as u64)
                 .map_err(self.err(db))
         };
+        // The outer scan goes in key order, so the lookups in the other database walk
+        // its key b-tree in order too (a few page reads per leaf, not one per row):
+        // left to itself SQLite may scan a smaller covering index in another order.
+        let (scan_new, scan_old) = (self.key_order("main", &name)?, self.key_order("a", &name)?);
         t.inserted = q(
             format!(
-                "SELECT count(*) FROM main.{table} AS n WHERE NOT EXISTS \
+                "SELECT count(*) FROM main.{table} AS n {scan_new} WHERE NOT EXISTS \
                  (SELECT 1 FROM a.{table} AS o WHERE {join})"
             ),
             "main",
         )?;
         t.deleted = q(
             format!(
-                "SELECT count(*) FROM a.{table} AS o WHERE NOT EXISTS \
+                "SELECT count(*) FROM a.{table} AS o {scan_old} WHERE NOT EXISTS \
                  (SELECT 1 FROM main.{table} AS n WHERE {join})"
             ),
             "a",
@@ -429,8 +433,8 @@ impl Pair {
                 .join(" OR ");
             t.updated = q(
                 format!(
-                    "SELECT count(*) FROM main.{table} AS n JOIN a.{table} AS o ON {join} \
-                     WHERE {differs}"
+                    "SELECT count(*) FROM main.{table} AS n {scan_new} JOIN a.{table} AS o \
+                     ON {join} WHERE {differs}"
                 ),
                 "main",
             )?;
@@ -439,6 +443,27 @@ impl Pair {
             t.status = TableStatus::Changed;
         }
         Ok(t)
+    }
+
+    /// How to scan `db.table` in primary key order: by its primary key index
+    /// (`INDEXED BY`), or, where the key is the rowid (or there is none), by the table
+    /// itself (`NOT INDEXED`).
+    fn key_order(&self, db: &str, table: &str) -> Result<String> {
+        let err = self.err(db);
+        let mut stmt = self
+            .conn
+            .prepare(&format!("PRAGMA {db}.index_list({})", ident(table)))
+            .map_err(&err)?;
+        let pk: Option<String> = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, String>(3)?)))
+            .map_err(&err)?
+            .filter_map(|r| r.ok())
+            .find(|(_, origin)| origin == "pk")
+            .map(|(name, _)| name);
+        Ok(match pk {
+            Some(index) => format!("INDEXED BY {}", ident(&index)),
+            None => "NOT INDEXED".into(),
+        })
     }
 
     /// The row changes of table `t` (one the summary found [`TableStatus::Changed`]):
