@@ -98,7 +98,10 @@ impl Connection {
     }
 
     /// The server and the key for a command on `replica` alone (no local database).
-    pub(crate) async fn resolve_with_key(&self, replica: &ReplicaPath) -> Result<(Server, Option<String>)> {
+    pub(crate) async fn resolve_with_key(
+        &self,
+        replica: &ReplicaPath,
+    ) -> Result<(Server, Option<String>)> {
         let server = self.resolve().await?;
         let key = self.key_for(&server, replica, None).await?;
         Ok((server, key))

@@ -26,8 +26,8 @@ mod ffi;
 mod format;
 pub mod session;
 
-pub use diff::{ObjectChange, Pair, Summary, TableStatus, TableSummary};
-pub use format::{short_value, sql_literal, value_json};
+pub use diff::{EachChange, EachRow, ObjectChange, Pair, Summary, TableStatus, TableSummary};
+pub use format::{SHORT_VALUE_CHARS, short_value, sql_literal, value_json};
 
 use std::path::Path;
 
@@ -177,7 +177,10 @@ pub fn apply(changeset: &Path, db: &Path, on_conflict: OnConflict) -> Result<App
             _ => Resolution::Omit,
         };
         conflicts.push(MetConflict {
-            table: c.change.as_ref().map_or(String::new(), |ch| ch.table.clone()),
+            table: c
+                .change
+                .as_ref()
+                .map_or(String::new(), |ch| ch.table.clone()),
             kind: c.kind,
             op: c.change.as_ref().map(|ch| ch.op),
             key: c
@@ -202,7 +205,10 @@ pub fn apply(changeset: &Path, db: &Path, on_conflict: OnConflict) -> Result<App
             return Err(session_error(changeset, e));
         }
     };
-    let changes = tables.iter().map(|t| t.inserted + t.updated + t.deleted).sum();
+    let changes = tables
+        .iter()
+        .map(|t| t.inserted + t.updated + t.deleted)
+        .sum();
     match applied {
         Applied::Done => conn.execute_batch("COMMIT").map_err(sqlite)?,
         Applied::Aborted => conn.execute_batch("ROLLBACK").map_err(sqlite)?,
@@ -269,7 +275,9 @@ fn check_fits(conn: &rusqlite::Connection, db: &Path, t: &ChangesetTable) -> Res
     let pk: Vec<bool> = columns.iter().map(|c| c.pk).collect();
     let by_rowid = !pk.iter().any(|&p| p);
     let fits = if by_rowid {
-        t.columns == columns.len() + 1 && t.pk.first() == Some(&true) && t.pk[1..].iter().all(|p| !p)
+        t.columns == columns.len() + 1
+            && t.pk.first() == Some(&true)
+            && t.pk[1..].iter().all(|p| !p)
     } else {
         t.columns == columns.len() && t.pk == pk
     };

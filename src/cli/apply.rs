@@ -91,7 +91,13 @@ impl ApplyArgs {
         let work = async move {
             let report = tokio::task::spawn_blocking(move || crate::rows::apply(&c, &d, mode))
                 .await?
-                .map_err(|e| e.context(format!("apply {} to {} failed", changeset.display(), db.display())))?;
+                .map_err(|e| {
+                    e.context(format!(
+                        "apply {} to {} failed",
+                        changeset.display(),
+                        db.display()
+                    ))
+                })?;
             self.print(&report, &changeset, &db, global)
         };
         super::interruptible(shutdown, work).await
@@ -104,7 +110,11 @@ impl ApplyArgs {
         db: &std::path::Path,
         global: &Global,
     ) -> anyhow::Result<ExitCode> {
-        let code = if report.applied { exit::OK } else { exit::CONFLICT };
+        let code = if report.applied {
+            exit::OK
+        } else {
+            exit::CONFLICT
+        };
         if self.json {
             out(format_args!("{}", serde_json::to_string(report)?))?;
             return Ok(ExitCode::from(code));

@@ -200,9 +200,25 @@ fn report(a: &Named, b: &Named, opts: &Options) -> anyhow::Result<ExitCode> {
     if opts.sql {
         write_sql(&pair, &summary, changeset.as_mut())?;
     } else if opts.json {
-        write_json(&pair, a, b, &summary, &changed, opts.rows, changeset.as_mut())?;
+        write_json(
+            &pair,
+            a,
+            b,
+            &summary,
+            &changed,
+            opts.rows,
+            changeset.as_mut(),
+        )?;
     } else {
-        write_text(&pair, a, b, &summary, &changed, opts.rows, changeset.as_mut())?;
+        write_text(
+            &pair,
+            a,
+            b,
+            &summary,
+            &changed,
+            opts.rows,
+            changeset.as_mut(),
+        )?;
     }
     if let Some(file) = changeset {
         // Without --rows or --sql, the changes were not read yet.
@@ -261,7 +277,8 @@ impl AtomicFile {
         let file = file
             .into_inner()
             .map_err(|e| crate::Error::io(&self.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| crate::Error::io(&self.tmp, e))?;
+        file.sync_all()
+            .map_err(|e| crate::Error::io(&self.tmp, e))?;
         std::fs::rename(&self.tmp, &self.path).map_err(|e| crate::Error::io(&self.path, e))
     }
 }
@@ -296,7 +313,7 @@ fn each_change(
             }
             Ok(())
         };
-        let f: Option<&mut dyn FnMut(&Change) -> crate::Result<()>> = match want_rows {
+        let f: Option<crate::rows::EachChange<'_>> = match want_rows {
             true => Some(&mut f),
             false => None,
         };
@@ -339,12 +356,18 @@ fn key_text(t: &TableSummary, c: &Change) -> String {
 }
 
 fn column_name(t: &TableSummary, i: usize) -> String {
-    t.columns.get(i).cloned().unwrap_or_else(|| format!("column {i}"))
+    t.columns
+        .get(i)
+        .cloned()
+        .unwrap_or_else(|| format!("column {i}"))
 }
 
 fn row_text(t: &TableSummary, c: &Change) -> String {
     let key = key_text(t, c);
-    let cols = c.changed_columns().into_iter().filter(|&i| !c.pk.get(i).copied().unwrap_or(false));
+    let cols = c
+        .changed_columns()
+        .into_iter()
+        .filter(|&i| !c.pk.get(i).copied().unwrap_or(false));
     match c.op {
         Op::Update => {
             let parts: Vec<String> = cols
@@ -364,7 +387,11 @@ fn row_text(t: &TableSummary, c: &Change) -> String {
                     format!("{}={v}", column_name(t, i))
                 })
                 .collect();
-            let op = if c.op == Op::Insert { "insert" } else { "delete" };
+            let op = if c.op == Op::Insert {
+                "insert"
+            } else {
+                "delete"
+            };
             format!("  {op} {key}: {}", parts.join(", "))
         }
     }
@@ -411,7 +438,10 @@ fn write_text(
         out(format_args!("{line}"))?;
     }
     for o in &summary.objects {
-        out(format_args!("{} {} on {}: {}", o.kind, o.name, o.table, o.change))?;
+        out(format_args!(
+            "{} {} on {}: {}",
+            o.kind, o.name, o.table, o.change
+        ))?;
     }
     let mut current = String::new();
     each_change(
@@ -431,7 +461,13 @@ fn write_text(
 
 fn change_json(t: &TableSummary, c: &Change) -> serde_json::Value {
     let mut key = serde_json::Map::new();
-    for ((name, _), v) in t.columns.iter().zip(&t.pk).filter(|(_, pk)| **pk).zip(c.key()) {
+    for ((name, _), v) in t
+        .columns
+        .iter()
+        .zip(&t.pk)
+        .filter(|(_, pk)| **pk)
+        .zip(c.key())
+    {
         key.insert(name.clone(), value_json(&v));
     }
     let side = |values: &[Option<rusqlite::types::Value>]| {
@@ -519,7 +555,13 @@ fn ident(name: &str) -> String {
 fn change_sql(t: &TableSummary, c: &Change) -> String {
     let table = ident(&t.name);
     let key = c.key();
-    let key_names: Vec<&String> = t.columns.iter().zip(&t.pk).filter(|(_, pk)| **pk).map(|(n, _)| n).collect();
+    let key_names: Vec<&String> = t
+        .columns
+        .iter()
+        .zip(&t.pk)
+        .filter(|(_, pk)| **pk)
+        .map(|(n, _)| n)
+        .collect();
     let filter = key_names
         .iter()
         .zip(&key)
@@ -534,7 +576,11 @@ fn change_sql(t: &TableSummary, c: &Change) -> String {
                 .iter()
                 .map(|v| v.as_ref().map_or("NULL".into(), sql_literal))
                 .collect();
-            format!("INSERT INTO {table}({}) VALUES({});", names.join(", "), values.join(", "))
+            format!(
+                "INSERT INTO {table}({}) VALUES({});",
+                names.join(", "),
+                values.join(", ")
+            )
         }
         Op::Delete => format!("DELETE FROM {table} WHERE {filter};"),
         Op::Update => {
@@ -543,7 +589,11 @@ fn change_sql(t: &TableSummary, c: &Change) -> String {
                 .into_iter()
                 .filter_map(|i| {
                     let v = c.new.get(i)?.as_ref()?;
-                    Some(format!("{} = {}", ident(&column_name(t, i)), sql_literal(v)))
+                    Some(format!(
+                        "{} = {}",
+                        ident(&column_name(t, i)),
+                        sql_literal(v)
+                    ))
                 })
                 .collect();
             format!("UPDATE {table} SET {} WHERE {filter};", sets.join(", "))
@@ -565,7 +615,11 @@ fn write_sql(
     // Drops first: objects dropped or altered, then tables dropped or altered (which
     // takes their indexes and triggers with them).
     for o in summary.objects.iter().filter(|o| o.change != "added") {
-        out(format_args!("DROP {} IF EXISTS {};", o.kind.to_uppercase(), ident(&o.name)))?;
+        out(format_args!(
+            "DROP {} IF EXISTS {};",
+            o.kind.to_uppercase(),
+            ident(&o.name)
+        ))?;
     }
     for t in summary
         .tables
@@ -618,7 +672,11 @@ fn write_sql(
             out(format_args!("{sql};"))?;
         }
     }
-    for t in summary.tables.iter().filter(|t| t.status == TableStatus::NotDiffable) {
+    for t in summary
+        .tables
+        .iter()
+        .filter(|t| t.status == TableStatus::NotDiffable)
+    {
         out(format_args!(
             "-- table {} not compared: {}",
             t.name,

@@ -192,7 +192,11 @@ async fn changes(
             .await?;
         let (a, b) = (before.clone(), dest.clone());
         let summary = tokio::task::spawn_blocking(move || Pair::open(&a, &b)?.summary()).await??;
-        let changed = summary.tables.into_iter().filter(|t| t.has_changes()).collect();
+        let changed = summary
+            .tables
+            .into_iter()
+            .filter(|t| t.has_changes())
+            .collect();
         found.insert(v.number, changed);
         before = dest;
         next = 1 - next;

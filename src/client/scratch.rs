@@ -104,7 +104,11 @@ impl ReplicaSource {
         let key = match (&connection.key, sidecar_key) {
             (Some(k), _) => Some(k.clone()),
             (None, Some(k)) => Some(k),
-            (None, None) => connection.key_for(&server, &replica, Some(&database)).await?,
+            (None, None) => {
+                connection
+                    .key_for(&server, &replica, Some(&database))
+                    .await?
+            }
         };
         Ok(ReplicaSource {
             server,
@@ -129,7 +133,13 @@ impl ReplicaSource {
         }
         let outcome = self
             .server
-            .pull(&self.replica, selector, dest, self.key.as_deref(), no_progress())
+            .pull(
+                &self.replica,
+                selector,
+                dest,
+                self.key.as_deref(),
+                no_progress(),
+            )
             .await
             .map_err(|e| e.context(format!("pull {}@{selector} failed", self.replica)))?;
         Ok(outcome.version)

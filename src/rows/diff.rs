@@ -23,6 +23,12 @@ use super::format::ident;
 use super::session::{Change, Changes, Session, SessionError};
 use crate::{Error, Result};
 
+/// What [`Pair::changes`] hands each change to.
+pub type EachChange<'f> = &'f mut dyn FnMut(&Change) -> Result<()>;
+
+/// What [`Pair::each_row_of_b`] hands each row to: the column names and the values.
+pub type EachRow<'f> = &'f mut dyn FnMut(&[String], &[Value]) -> Result<()>;
+
 /// A column of a table, as `PRAGMA table_info` gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Column {
@@ -38,7 +44,11 @@ pub(crate) fn table_columns(
     db: &str,
     table: &str,
 ) -> rusqlite::Result<Option<Vec<Column>>> {
-    let mut stmt = conn.prepare(&format!("PRAGMA {}.table_info({})", ident(db), ident(table)))?;
+    let mut stmt = conn.prepare(&format!(
+        "PRAGMA {}.table_info({})",
+        ident(db),
+        ident(table)
+    ))?;
     let columns: Vec<Column> = stmt
         .query_map([], |r| {
             let pk: i64 = r.get(5)?;
@@ -184,8 +194,12 @@ impl Pair {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(|e| Error::sqlite(b, e))?;
         let check = |db: &str, path: &Path| {
-            conn.query_row(&format!("SELECT count(*) FROM {db}.sqlite_schema"), [], |_| Ok(()))
-                .map_err(|e| not_a_database(path, e))
+            conn.query_row(
+                &format!("SELECT count(*) FROM {db}.sqlite_schema"),
+                [],
+                |_| Ok(()),
+            )
+            .map_err(|e| not_a_database(path, e))
         };
         check("main", b)?;
         // Attached with the main database's flags: read-only too.
@@ -203,14 +217,22 @@ impl Pair {
         // The first read of each starts its snapshot, and says if it is no database.
         for (db, path) in [("main", b), ("a", a)] {
             pair.conn
-                .query_row(&format!("SELECT count(*) FROM {db}.sqlite_schema"), [], |_| Ok(()))
+                .query_row(
+                    &format!("SELECT count(*) FROM {db}.sqlite_schema"),
+                    [],
+                    |_| Ok(()),
+                )
                 .map_err(|e| not_a_database(path, e))?;
         }
         Ok(pair)
     }
 
     fn err(&self, db: &str) -> impl Fn(rusqlite::Error) -> Error + '_ {
-        let path = if db == "a" { self.a.clone() } else { self.b.clone() };
+        let path = if db == "a" {
+            self.a.clone()
+        } else {
+            self.b.clone()
+        };
         move |e| Error::sqlite(&path, e)
     }
 
@@ -262,7 +284,8 @@ impl Pair {
     pub fn summary(&self) -> Result<Summary> {
         let (olds, news) = (self.objects("a")?, self.objects("main")?);
         let find = |list: &[Object], o: &Object| -> Option<usize> {
-            list.iter().position(|x| x.name == o.name && (x.kind == "table") == (o.kind == "table"))
+            list.iter()
+                .position(|x| x.name == o.name && (x.kind == "table") == (o.kind == "table"))
         };
         let mut tables = Vec::new();
         let mut objects = Vec::new();
@@ -270,20 +293,23 @@ impl Pair {
             let old = find(&olds, new).map(|i| &olds[i]);
             if new.kind == "table" {
                 tables.push(self.table_summary(old, Some(new))?);
-            } else if let Some(change) = match old {
-                None => Some("added"),
-                Some(o) if o.sql != new.sql || o.kind != new.kind => Some("altered"),
-                Some(_) => None,
-            } {
-                if new.sql.is_some() || old.is_some_and(|o| o.sql.is_some()) {
-                    objects.push(ObjectChange {
-                        kind: new.kind.clone(),
-                        name: new.name.clone(),
-                        table: new.table.clone(),
-                        change,
-                        sql: (old.and_then(|o| o.sql.clone()), new.sql.clone()),
-                    });
-                }
+                continue;
+            }
+            let change = match old {
+                None => "added",
+                Some(o) if o.sql != new.sql || o.kind != new.kind => "altered",
+                Some(_) => continue,
+            };
+            // Objects without SQL (the indexes behind UNIQUE and PRIMARY KEY) come and
+            // go with their table.
+            if new.sql.is_some() || old.is_some_and(|o| o.sql.is_some()) {
+                objects.push(ObjectChange {
+                    kind: new.kind.clone(),
+                    name: new.name.clone(),
+                    table: new.table.clone(),
+                    change,
+                    sql: (old.and_then(|o| o.sql.clone()), new.sql.clone()),
+                });
             }
         }
         for old in olds.iter().filter(|o| find(&news, o).is_none()) {
@@ -318,15 +344,20 @@ impl Pair {
             reason: None,
             columns: Vec::new(),
             pk: Vec::new(),
-            sql: (old.and_then(|o| o.sql.clone()), new.and_then(|o| o.sql.clone())),
+            sql: (
+                old.and_then(|o| o.sql.clone()),
+                new.and_then(|o| o.sql.clone()),
+            ),
         };
-        let special = [old, new].into_iter().flatten().find_map(|o| {
-            match o.table_type.as_deref() {
-                Some("virtual") => Some("a virtual table: its rows live in its module"),
-                Some("shadow") => Some("a shadow table of a virtual table"),
-                _ => None,
-            }
-        });
+        let special =
+            [old, new]
+                .into_iter()
+                .flatten()
+                .find_map(|o| match o.table_type.as_deref() {
+                    Some("virtual") => Some("a virtual table: its rows live in its module"),
+                    Some("shadow") => Some("a shadow table of a virtual table"),
+                    _ => None,
+                });
         if let Some(why) = special {
             t.status = TableStatus::NotDiffable;
             t.reason = Some(why.into());
@@ -334,9 +365,11 @@ impl Pair {
         }
         let count = |db: &str| -> Result<u64> {
             self.conn
-                .query_row(&format!("SELECT count(*) FROM {db}.{}", ident(&name)), [], |r| {
-                    r.get::<_, i64>(0)
-                })
+                .query_row(
+                    &format!("SELECT count(*) FROM {db}.{}", ident(&name)),
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
                 .map(|n| n as u64)
                 .map_err(self.err(db))
         };
@@ -387,7 +420,9 @@ impl Pair {
             false => cols.iter().map(|c| c.name.clone()).collect(),
         };
         t.pk = match t.by_rowid {
-            true => std::iter::once(true).chain(cols.iter().map(|_| false)).collect(),
+            true => std::iter::once(true)
+                .chain(cols.iter().map(|_| false))
+                .collect(),
             false => cols.iter().map(|c| c.pk).collect(),
         };
         let table = ident(&name);
@@ -474,7 +509,7 @@ impl Pair {
         &self,
         t: &TableSummary,
         out: Option<&mut dyn Write>,
-        each: Option<&mut dyn FnMut(&Change) -> Result<()>>,
+        each: Option<EachChange<'_>>,
     ) -> Result<()> {
         let session_err = |e: SessionError| match e {
             SessionError::Io(e) => Error::io(Path::new("the changeset output"), e),
@@ -527,11 +562,7 @@ impl Pair {
 
     /// Every row of table `t` in B, streaming (for `--sql` of a table added or
     /// altered), with its column names.
-    pub fn each_row_of_b(
-        &self,
-        table: &str,
-        f: &mut dyn FnMut(&[String], &[Value]) -> Result<()>,
-    ) -> Result<()> {
+    pub fn each_row_of_b(&self, table: &str, f: EachRow<'_>) -> Result<()> {
         let err = self.err("main");
         let mut stmt = self
             .conn
@@ -553,7 +584,13 @@ impl Pair {
 
 fn column_list(cols: &[Column]) -> String {
     cols.iter()
-        .map(|c| if c.pk { format!("{} pk", c.name) } else { c.name.clone() })
+        .map(|c| {
+            if c.pk {
+                format!("{} pk", c.name)
+            } else {
+                c.name.clone()
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

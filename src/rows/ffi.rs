@@ -25,10 +25,10 @@ pub struct sqlite3_changeset_iter {
 }
 
 /// `xInput` of the streaming functions: fill `data` with up to `*n` bytes, set `*n`.
-pub type XInput = unsafe extern "C" fn(p_in: *mut c_void, data: *mut c_void, n: *mut c_int) -> c_int;
+pub type XInput =
+    unsafe extern "C" fn(p_in: *mut c_void, data: *mut c_void, n: *mut c_int) -> c_int;
 /// `xOutput` of the streaming functions: take `n` bytes at `data`.
-pub type XOutput =
-    unsafe extern "C" fn(p_out: *mut c_void, data: *const c_void, n: c_int) -> c_int;
+pub type XOutput = unsafe extern "C" fn(p_out: *mut c_void, data: *const c_void, n: c_int) -> c_int;
 /// The conflict handler of `sqlite3changeset_apply_v2`.
 pub type XConflict =
     unsafe extern "C" fn(ctx: *mut c_void, kind: c_int, iter: *mut sqlite3_changeset_iter) -> c_int;

@@ -64,7 +64,11 @@ pub fn sql_literal(v: &Value) -> String {
 /// form, with `.0` where it would otherwise read as an INTEGER, and 1e999 for infinity.
 fn real_literal(r: f64) -> String {
     if r.is_infinite() {
-        return if r > 0.0 { "1e999".into() } else { "-1e999".into() };
+        return if r > 0.0 {
+            "1e999".into()
+        } else {
+            "-1e999".into()
+        };
     }
     let s = format!("{r:?}");
     if s.contains(['.', 'e', 'E']) || s.contains("inf") || s.contains("NaN") {
@@ -119,8 +123,14 @@ mod tests {
 
     #[test]
     fn json_values_are_whole() {
-        assert_eq!(value_json(&Value::Blob(vec![1, 2])), serde_json::json!({"blob": "0102"}));
-        assert_eq!(value_json(&Value::Text("x".repeat(100))), serde_json::json!("x".repeat(100)));
+        assert_eq!(
+            value_json(&Value::Blob(vec![1, 2])),
+            serde_json::json!({"blob": "0102"})
+        );
+        assert_eq!(
+            value_json(&Value::Text("x".repeat(100))),
+            serde_json::json!("x".repeat(100))
+        );
         assert_eq!(value_json(&Value::Real(1.5)), serde_json::json!(1.5));
     }
 }

@@ -121,12 +121,19 @@ impl<'c> Session<'c> {
         // SAFETY: the session is valid, both names are NUL-terminated, and `err` is an
         // out pointer SQLite may set to a string we must free with sqlite3_free.
         let rc = unsafe {
-            ffi::sqlite3session_diff(self.raw.as_ptr(), from_db.as_ptr(), table.as_ptr(), &mut err)
+            ffi::sqlite3session_diff(
+                self.raw.as_ptr(),
+                from_db.as_ptr(),
+                table.as_ptr(),
+                &mut err,
+            )
         };
         let detail = (!err.is_null()).then(|| {
             // SAFETY: SQLite set `err` to a NUL-terminated string it allocated; it is
             // read once here and freed right after.
-            let text = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+            let text = unsafe { CStr::from_ptr(err) }
+                .to_string_lossy()
+                .into_owned();
             // SAFETY: allocated by sqlite3_mprintf, freed exactly once.
             unsafe { sql::sqlite3_free(err.cast()) };
             text
@@ -230,10 +237,12 @@ unsafe extern "C" fn read_chunk(ctx: *mut c_void, data: *mut c_void, n: *mut c_i
     }
     // SAFETY: SQLite hands a buffer of `want` writable bytes.
     let buf = unsafe { std::slice::from_raw_parts_mut(data.cast::<u8>(), want) };
-    let read = std::panic::catch_unwind(AssertUnwindSafe(|| loop {
-        match source.input.read(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            other => break other,
+    let read = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        loop {
+            match source.input.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
         }
     }));
     match read {
@@ -331,14 +340,21 @@ unsafe fn value_of(v: *mut sql::sqlite3_value) -> Option<Value> {
             sql::SQLITE_TEXT => {
                 let p = sql::sqlite3_value_text(v);
                 let n = usize::try_from(sql::sqlite3_value_bytes(v)).unwrap_or(0);
-                let bytes = if p.is_null() { &[][..] } else { std::slice::from_raw_parts(p, n) };
+                let bytes = if p.is_null() {
+                    &[][..]
+                } else {
+                    std::slice::from_raw_parts(p, n)
+                };
                 Value::Text(String::from_utf8_lossy(bytes).into_owned())
             }
             sql::SQLITE_BLOB => {
                 let p = sql::sqlite3_value_blob(v);
                 let n = usize::try_from(sql::sqlite3_value_bytes(v)).unwrap_or(0);
-                let bytes =
-                    if p.is_null() { &[][..] } else { std::slice::from_raw_parts(p.cast::<u8>(), n) };
+                let bytes = if p.is_null() {
+                    &[][..]
+                } else {
+                    std::slice::from_raw_parts(p.cast::<u8>(), n)
+                };
                 Value::Blob(bytes.to_vec())
             }
             _ => Value::Null,
@@ -357,7 +373,11 @@ type ValueFn = unsafe extern "C" fn(
 /// # Safety
 /// `iter` points at a current change (after a successful next, or in a conflict
 /// handler) with `n` columns.
-unsafe fn values(iter: *mut ffi::sqlite3_changeset_iter, n: c_int, get: ValueFn) -> Vec<Option<Value>> {
+unsafe fn values(
+    iter: *mut ffi::sqlite3_changeset_iter,
+    n: c_int,
+    get: ValueFn,
+) -> Vec<Option<Value>> {
     (0..n)
         .map(|i| {
             let mut v = ptr::null_mut();
@@ -365,7 +385,11 @@ unsafe fn values(iter: *mut ffi::sqlite3_changeset_iter, n: c_int, get: ValueFn)
             // (SQLITE_MISUSE for a side the op has not) `v` stays null.
             let rc = unsafe { get(iter, i, &mut v) };
             // SAFETY: `v` is null or valid until the iterator moves.
-            if rc == sql::SQLITE_OK { unsafe { value_of(v) } } else { None }
+            if rc == sql::SQLITE_OK {
+                unsafe { value_of(v) }
+            } else {
+                None
+            }
         })
         .collect()
 }
@@ -393,7 +417,9 @@ unsafe fn read_change(iter: *mut ffi::sqlite3_changeset_iter) -> Result<Change> 
     } else {
         // SAFETY: SQLite hands a NUL-terminated table name valid until the iterator
         // moves; it is copied at once.
-        unsafe { CStr::from_ptr(table) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(table) }
+            .to_string_lossy()
+            .into_owned()
     };
     let pk = match (pk.is_null(), usize::try_from(npk)) {
         // SAFETY: SQLite hands `npk` flags at `pk`, valid until the iterator moves.
@@ -463,7 +489,10 @@ impl<'r> Changes<'r> {
                 // SAFETY: a handle SQLite gave out on a failed start is finalized once.
                 unsafe { ffi::sqlite3changeset_finalize(iter) };
             }
-            return Err(source.error.take().map_or_else(|| SessionError::code(rc, None), SessionError::Io));
+            return Err(source
+                .error
+                .take()
+                .map_or_else(|| SessionError::code(rc, None), SessionError::Io));
         }
         let iter = NonNull::new(iter).ok_or_else(|| SessionError::code(sql::SQLITE_NOMEM, None))?;
         Ok(Changes { iter, source })
@@ -589,7 +618,13 @@ unsafe extern "C" fn on_conflict(
         let current = matches!(kind, ConflictKind::Data | ConflictKind::Conflict).then(|| {
             // SAFETY: for DATA and CONFLICT the conflicting row's values are readable
             // through sqlite3changeset_conflict during this call.
-            unsafe { values(iter, change.pk.len() as c_int, ffi::sqlite3changeset_conflict) }
+            unsafe {
+                values(
+                    iter,
+                    change.pk.len() as c_int,
+                    ffi::sqlite3changeset_conflict,
+                )
+            }
         });
         Conflict {
             kind,
@@ -667,7 +702,9 @@ mod tests {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(sql_b).unwrap();
         conn.execute("ATTACH ':memory:' AS a", []).unwrap();
-        let a = sql_a.replace("TABLE ", "TABLE a.").replace("INTO ", "INTO a.");
+        let a = sql_a
+            .replace("TABLE ", "TABLE a.")
+            .replace("INTO ", "INTO a.");
         conn.execute_batch(&a).unwrap();
         conn
     }
@@ -730,12 +767,14 @@ mod tests {
         assert_eq!(applied, Applied::Done);
         assert!(met.is_empty());
         let rows = |c: &Connection, t: &str| -> Vec<String> {
-            c.prepare(&format!("SELECT quote(id)||quote(v)||quote(b)||quote(r) FROM {t} ORDER BY id"))
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .collect::<rusqlite::Result<_>>()
-                .unwrap()
+            c.prepare(&format!(
+                "SELECT quote(id)||quote(v)||quote(b)||quote(r) FROM {t} ORDER BY id"
+            ))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
         };
         assert_eq!(rows(&target, "t"), rows(&conn, "main.t"));
     }
@@ -747,7 +786,10 @@ mod tests {
         let conn = pair(a, b);
         let mut plain = Session::new(&conn, "main", false).unwrap();
         plain.diff("a", "log").unwrap();
-        assert!(changes(&plain.changeset().unwrap()).is_empty(), "ignored without rowid");
+        assert!(
+            changes(&plain.changeset().unwrap()).is_empty(),
+            "ignored without rowid"
+        );
         let mut s = Session::new(&conn, "main", true).unwrap();
         s.diff("a", "log").unwrap();
         let all = changes(&s.changeset().unwrap());
@@ -783,13 +825,17 @@ mod tests {
                 (ConflictKind::NotFound, None),
             ]
         );
-        let count: i64 = target.query_row("SELECT count(*) FROM t WHERE id=4", [], |r| r.get(0)).unwrap();
+        let count: i64 = target
+            .query_row("SELECT count(*) FROM t WHERE id=4", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(count, 1, "the rest was applied");
         // Abort: the insert of row 4 is undone with the rest.
         target.execute_batch("DELETE FROM t WHERE id=4").unwrap();
         let applied = apply(&target, &mut &bytes[..], &mut |_| Resolution::Abort).unwrap();
         assert_eq!(applied, Applied::Aborted);
-        let count: i64 = target.query_row("SELECT count(*) FROM t WHERE id=4", [], |r| r.get(0)).unwrap();
+        let count: i64 = target
+            .query_row("SELECT count(*) FROM t WHERE id=4", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(count, 0);
     }
 
@@ -829,6 +875,9 @@ mod tests {
         );
         let mut s = Session::new(&conn, "main", false).unwrap();
         let err = s.diff("a", "t").expect_err("columns differ");
-        assert!(err.to_string().contains("table schemas do not match"), "{err}");
+        assert!(
+            err.to_string().contains("table schemas do not match"),
+            "{err}"
+        );
     }
 }

@@ -132,29 +132,53 @@ fn counts(t: &serde_json::Value) -> (u64, u64, u64) {
 fn a_changeset_reproduces_b_in_wal_and_rollback_modes() {
     for mode in [Mode::Wal, Mode::Rollback] {
         let dir = TempDir::new().unwrap();
-        let (a, b, c) = (dir.path().join("a.db"), dir.path().join("b.db"), dir.path().join("c.db"));
+        let (a, b, c) = (
+            dir.path().join("a.db"),
+            dir.path().join("b.db"),
+            dir.path().join("c.db"),
+        );
         make(&a, mode, A_ROWS);
         copy(dir.path(), &a, &b);
         exec(&b, B_EDITS);
-        let summary = json(&run(dir.path(), &[&"diff", &a, &b, &"--json"]), "diff --json");
+        let summary = json(
+            &run(dir.path(), &[&"diff", &a, &b, &"--json"]),
+            "diff --json",
+        );
         assert_eq!(counts(table(&summary, "items")), (2, 2, 1), "{mode:?}");
         assert_eq!(counts(table(&summary, "kv")), (1, 2, 1), "{mode:?}");
         assert_eq!(counts(table(&summary, "log")), (1, 1, 1), "{mode:?}");
         assert_eq!(table(&summary, "log")["by_rowid"], true);
         assert_eq!(table(&summary, "kv")["by_rowid"], false);
-        assert!(summary["objects"].as_array().unwrap().is_empty(), "{summary}");
+        assert!(
+            summary["objects"].as_array().unwrap().is_empty(),
+            "{summary}"
+        );
 
         let changeset = dir.path().join("a-to-b.changeset");
-        ok(&run(dir.path(), &[&"diff", &a, &b, &"--changeset", &changeset, &"-q"]), "--changeset");
+        ok(
+            &run(
+                dir.path(),
+                &[&"diff", &a, &b, &"--changeset", &changeset, &"-q"],
+            ),
+            "--changeset",
+        );
         copy(dir.path(), &a, &c);
         let out = run(dir.path(), &[&"apply", &changeset, &c, &"--json"]);
         let report = json(&out, "apply");
         assert_eq!(report["applied"], true);
         assert_eq!(report["changes"], 12, "{report}");
         assert_eq!(report["conflicts"], serde_json::json!([]));
-        assert_eq!(rows(&c), rows(&b), "{mode:?}: the changeset reproduces B's rows");
+        assert_eq!(
+            rows(&c),
+            rows(&b),
+            "{mode:?}: the changeset reproduces B's rows"
+        );
         assert_eq!(util::integrity(&c), "ok");
-        assert_eq!(util::journal_mode(&c), mode.pragma(), "apply keeps the journal mode");
+        assert_eq!(
+            util::journal_mode(&c),
+            mode.pragma(),
+            "apply keeps the journal mode"
+        );
         let again = ok(&run(dir.path(), &[&"diff", &c, &b]), "diff after apply");
         assert!(again.contains("no differences"), "{again}");
     }
@@ -168,7 +192,10 @@ fn rows_are_listed_by_key_with_old_and_new_values_and_json_gives_them_whole() {
     copy(dir.path(), &a, &b);
     exec(&b, B_EDITS);
     exec(&b, "UPDATE items SET name = 'x' || name WHERE id = 5");
-    let text = ok(&run(dir.path(), &[&"diff", &a, &b, &"--rows"]), "diff --rows");
+    let text = ok(
+        &run(dir.path(), &[&"diff", &a, &b, &"--rows"]),
+        "diff --rows",
+    );
     for line in [
         "table items: 2 inserted, 3 updated, 1 deleted",
         "table kv: 1 inserted, 2 updated, 1 deleted",
@@ -178,17 +205,33 @@ fn rows_are_listed_by_key_with_old_and_new_values_and_json_gives_them_whole() {
         "  update k='b': v: 'x' → NULL",
         "  update rowid=1: msg: 'one' → 'ONE'",
     ] {
-        assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "no line {line:?} in:\n{text}"
+        );
     }
     // A long value is cut on a line, with its length.
-    let long = text.lines().find(|l| l.starts_with("  update id=5")).expect("row 5");
+    let long = text
+        .lines()
+        .find(|l| l.starts_with("  update id=5"))
+        .expect("row 5");
     assert!(long.contains("… (411 chars)"), "{long}");
 
-    let whole = json(&run(dir.path(), &[&"diff", &a, &b, &"--rows", &"--json"]), "--rows --json");
+    let whole = json(
+        &run(dir.path(), &[&"diff", &a, &b, &"--rows", &"--json"]),
+        "--rows --json",
+    );
     let rows = whole["rows"].as_array().expect("rows");
     assert_eq!(rows.len(), 13, "{whole}");
-    let five = rows.iter().find(|r| r["table"] == "items" && r["key"]["id"] == 5).unwrap();
-    assert_eq!(five["new"]["name"].as_str().unwrap().chars().count(), 412, "whole in JSON");
+    let five = rows
+        .iter()
+        .find(|r| r["table"] == "items" && r["key"]["id"] == 5)
+        .unwrap();
+    assert_eq!(
+        five["new"]["name"].as_str().unwrap().chars().count(),
+        412,
+        "whole in JSON"
+    );
     let seven = rows.iter().find(|r| r["key"]["id"] == 7).unwrap();
     assert_eq!(seven["op"], "insert");
     assert_eq!(seven["new"]["data"], serde_json::json!({"blob": "0102"}));
@@ -199,7 +242,11 @@ fn rows_are_listed_by_key_with_old_and_new_values_and_json_gives_them_whole() {
 #[test]
 fn schema_changes_are_named_and_the_sql_script_turns_a_into_b() {
     let dir = TempDir::new().unwrap();
-    let (a, b, c) = (dir.path().join("a.db"), dir.path().join("b.db"), dir.path().join("c.db"));
+    let (a, b, c) = (
+        dir.path().join("a.db"),
+        dir.path().join("b.db"),
+        dir.path().join("c.db"),
+    );
     make(&a, Mode::Rollback, A_ROWS);
     copy(dir.path(), &a, &b);
     exec(
@@ -222,10 +269,19 @@ fn schema_changes_are_named_and_the_sql_script_turns_a_into_b() {
         "index kv_v on kv: added",
         "view big on big: added",
     ] {
-        assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "no line {line:?} in:\n{text}"
+        );
     }
-    let altered = text.lines().find(|l| l.starts_with("table log")).expect("log");
-    assert!(altered.contains("altered") && altered.contains("rows not compared"), "{altered}");
+    let altered = text
+        .lines()
+        .find(|l| l.starts_with("table log"))
+        .expect("log");
+    assert!(
+        altered.contains("altered") && altered.contains("rows not compared"),
+        "{altered}"
+    );
 
     // The changeset carries the rows of the tables whose columns stayed, and says what
     // it left out.
@@ -233,12 +289,17 @@ fn schema_changes_are_named_and_the_sql_script_turns_a_into_b() {
     let out = run(dir.path(), &[&"diff", &a, &b, &"--changeset", &changeset]);
     ok(&out, "--changeset");
     let note = util::stderr(&out);
-    assert!(note.contains("not in it: table log (altered), table tags (added, 2 rows)"), "{note}");
+    assert!(
+        note.contains("not in it: table log (altered), table tags (added, 2 rows)"),
+        "{note}"
+    );
 
     // The script does all of it.
     let sql = ok(&run(dir.path(), &[&"diff", &a, &b, &"--sql"]), "--sql");
     copy(dir.path(), &a, &c);
-    util::open(&c).execute_batch(&sql).unwrap_or_else(|e| panic!("{e}:\n{sql}"));
+    util::open(&c)
+        .execute_batch(&sql)
+        .unwrap_or_else(|e| panic!("{e}:\n{sql}"));
     assert_eq!(rows(&c), rows(&b), "the script reproduces B's rows:\n{sql}");
     assert_eq!(schema(&c), schema(&b), "and B's schema");
     assert_eq!(util::integrity(&c), "ok");
@@ -252,7 +313,13 @@ fn each_on_conflict_mode_does_what_it_says_and_abort_changes_nothing() {
     copy(dir.path(), &a, &b);
     exec(&b, B_EDITS);
     let changeset = dir.path().join("x.changeset");
-    ok(&run(dir.path(), &[&"diff", &a, &b, &"--changeset", &changeset, &"-q"]), "diff");
+    ok(
+        &run(
+            dir.path(),
+            &[&"diff", &a, &b, &"--changeset", &changeset, &"-q"],
+        ),
+        "diff",
+    );
     // The target moved on from A on its own: row 2 changed (data), row 1 is gone
     // already (not-found), key 'e' exists with another value (conflict).
     let theirs = "UPDATE items SET name = 'poire' WHERE id = 2;
@@ -271,7 +338,10 @@ fn each_on_conflict_mode_does_what_it_says_and_abort_changes_nothing() {
     assert_eq!(util::code(&out), 6, "{}", util::stderr(&out));
     // The first conflict met (SQLite's order) stops it.
     let err = util::stderr(&out);
-    let met: Vec<&str> = err.lines().filter(|l| l.starts_with("conflict: ")).collect();
+    let met: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("conflict: "))
+        .collect();
     assert_eq!(met.len(), 1, "{err}");
     assert!(met[0].ends_with(": aborted"), "{err}");
     assert!(err.contains("nothing was changed"), "{err}");
@@ -283,12 +353,31 @@ fn each_on_conflict_mode_does_what_it_says_and_abort_changes_nothing() {
     assert_eq!(report["conflicts"][0]["resolution"], "aborted");
 
     let t = target("skip.db");
-    let report = json(&run(dir.path(), &[&"apply", &changeset, &t, &"--on-conflict", &"skip", &"--json"]), "skip");
+    let report = json(
+        &run(
+            dir.path(),
+            &[
+                &"apply",
+                &changeset,
+                &t,
+                &"--on-conflict",
+                &"skip",
+                &"--json",
+            ],
+        ),
+        "skip",
+    );
     let mut met: Vec<(String, String, String)> = report["conflicts"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["kind"].as_str().unwrap().into(), c["key"].to_string(), c["resolution"].as_str().unwrap().into()))
+        .map(|c| {
+            (
+                c["kind"].as_str().unwrap().into(),
+                c["key"].to_string(),
+                c["resolution"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     met.sort();
     assert_eq!(
@@ -300,18 +389,44 @@ fn each_on_conflict_mode_does_what_it_says_and_abort_changes_nothing() {
         ]
     );
     let conn = util::open(&t);
-    let name: String = conn.query_row("SELECT name FROM items WHERE id = 2", [], |r| r.get(0)).unwrap();
+    let name: String = conn
+        .query_row("SELECT name FROM items WHERE id = 2", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(name, "poire", "skip keeps their row");
-    let e: String = conn.query_row("SELECT v FROM kv WHERE k = 'e'", [], |r| r.get(0)).unwrap();
+    let e: String = conn
+        .query_row("SELECT v FROM kv WHERE k = 'e'", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(e, "theirs");
-    let n: i64 = conn.query_row("SELECT count(*) FROM items WHERE id IN (7, 8)", [], |r| r.get(0)).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM items WHERE id IN (7, 8)", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
     assert_eq!(n, 2, "the rest was applied");
 
     let t = target("replace.db");
-    let text = ok(&run(dir.path(), &[&"apply", &changeset, &t, &"--on-conflict", &"replace"]), "replace");
-    assert!(text.contains("conflict: data, update items key (2): replaced"), "{text}");
-    assert!(text.contains("conflict: not-found, delete items key (1): skipped"), "{text}");
-    assert!(text.lines().last().unwrap().ends_with("12 changes, 3 conflicts"), "{text}");
+    let text = ok(
+        &run(
+            dir.path(),
+            &[&"apply", &changeset, &t, &"--on-conflict", &"replace"],
+        ),
+        "replace",
+    );
+    assert!(
+        text.contains("conflict: data, update items key (2): replaced"),
+        "{text}"
+    );
+    assert!(
+        text.contains("conflict: not-found, delete items key (1): skipped"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .last()
+            .unwrap()
+            .ends_with("12 changes, 3 conflicts"),
+        "{text}"
+    );
     assert_eq!(rows(&t), rows(&b), "replace: B's values win everywhere");
     assert_eq!(util::integrity(&t), "ok");
 }
@@ -324,7 +439,9 @@ fn garbage_or_a_changeset_that_does_not_fit_changes_nothing() {
     copy(dir.path(), &a, &b);
     exec(&b, B_EDITS);
     let garbage = dir.path().join("garbage");
-    let mut noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let mut noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     noise[0] = b'T';
     std::fs::write(&garbage, &noise).unwrap();
     let before = bytes(&a);
@@ -332,18 +449,35 @@ fn garbage_or_a_changeset_that_does_not_fit_changes_nothing() {
         let out = run(dir.path(), &[&"apply", file, &a]);
         assert_eq!(util::code(&out), 3, "{}", util::stderr(&out));
         let err = util::stderr(&out);
-        assert!(err.contains("not a SQLite changeset") && err.contains("nothing was changed"), "{err}");
+        assert!(
+            err.contains("not a SQLite changeset") && err.contains("nothing was changed"),
+            "{err}"
+        );
         assert_eq!(bytes(&a), before);
     }
     // A changeset of tables the database does not have: refused, not skipped quietly.
     let changeset = dir.path().join("x.changeset");
-    ok(&run(dir.path(), &[&"diff", &a, &b, &"--changeset", &changeset, &"-q"]), "diff");
+    ok(
+        &run(
+            dir.path(),
+            &[&"diff", &a, &b, &"--changeset", &changeset, &"-q"],
+        ),
+        "diff",
+    );
     let other = dir.path().join("other.db");
-    make(&other, Mode::Wal, "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT);");
+    make(
+        &other,
+        Mode::Wal,
+        "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT);",
+    );
     let before = bytes(&other);
     let out = run(dir.path(), &[&"apply", &changeset, &other]);
     assert_eq!(util::code(&out), 2, "{}", util::stderr(&out));
-    assert!(util::stderr(&out).contains("changes table items but its columns or primary key differ"), "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("changes table items but its columns or primary key differ"),
+        "{}",
+        util::stderr(&out)
+    );
     assert_eq!(bytes(&other), before);
     // Not a database to apply to.
     let out = run(dir.path(), &[&"apply", &changeset, &garbage]);
@@ -355,27 +489,44 @@ fn garbage_or_a_changeset_that_does_not_fit_changes_nothing() {
 fn apply_while_a_reader_reads_sees_before_then_after() {
     for mode in [Mode::Wal, Mode::Rollback] {
         let dir = TempDir::new().unwrap();
-        let (a, b, c) = (dir.path().join("a.db"), dir.path().join("b.db"), dir.path().join("c.db"));
+        let (a, b, c) = (
+            dir.path().join("a.db"),
+            dir.path().join("b.db"),
+            dir.path().join("c.db"),
+        );
         make(&a, mode, A_ROWS);
         copy(dir.path(), &a, &b);
         exec(&b, B_EDITS);
         copy(dir.path(), &a, &c);
         let changeset = dir.path().join("x.changeset");
-        ok(&run(dir.path(), &[&"diff", &a, &b, &"--changeset", &changeset, &"-q"]), "diff");
+        ok(
+            &run(
+                dir.path(),
+                &[&"diff", &a, &b, &"--changeset", &changeset, &"-q"],
+            ),
+            "diff",
+        );
         let reader = util::open(&c);
         let count = |r: &rusqlite::Connection| -> i64 {
-            r.query_row("SELECT count(*) FROM items", [], |row| row.get(0)).unwrap()
+            r.query_row("SELECT count(*) FROM items", [], |row| row.get(0))
+                .unwrap()
         };
         assert_eq!(count(&reader), 4);
         if mode == Mode::Wal {
             // In WAL mode a reader may even sit in a read transaction throughout.
             reader.execute_batch("BEGIN").unwrap();
             assert_eq!(count(&reader), 4);
-            ok(&run(dir.path(), &[&"apply", &changeset, &c]), "apply beside a reader");
+            ok(
+                &run(dir.path(), &[&"apply", &changeset, &c]),
+                "apply beside a reader",
+            );
             assert_eq!(count(&reader), 4, "its snapshot holds");
             reader.execute_batch("COMMIT").unwrap();
         } else {
-            ok(&run(dir.path(), &[&"apply", &changeset, &c]), "apply beside a reader");
+            ok(
+                &run(dir.path(), &[&"apply", &changeset, &c]),
+                "apply beside a reader",
+            );
         }
         assert_eq!(count(&reader), 5, "{mode:?}: the next read sees it all");
         drop(reader);
@@ -398,12 +549,24 @@ fn diff_and_versions_changes_against_a_real_server() {
     m.set_env("TMPDIR", scratch.to_str().unwrap());
     let app = m.path("app.db");
     make(&app, Mode::Wal, A_ROWS);
-    m.push(&server, "app.db", "acme/app.db", &["--key", &server.admin_key]);
+    m.push(
+        &server,
+        "app.db",
+        "acme/app.db",
+        &["--key", &server.admin_key],
+    );
     exec(&app, B_EDITS);
     m.push(&server, "app.db", "acme/app.db", &[]);
     exec(&app, "INSERT INTO items VALUES (9, 'unpushed', 9.0, NULL)");
 
-    let two = json(&on(&m, &server, &["diff", "acme/app.db@1", "acme/app.db@2", "--json"]), "diff @1 @2");
+    let two = json(
+        &on(
+            &m,
+            &server,
+            &["diff", "acme/app.db@1", "acme/app.db@2", "--json"],
+        ),
+        "diff @1 @2",
+    );
     assert_eq!(two["a"]["version"], 1);
     assert_eq!(two["b"]["version"], 2);
     assert_eq!(counts(table(&two, "items")), (2, 2, 1));
@@ -411,10 +574,20 @@ fn diff_and_versions_changes_against_a_real_server() {
 
     // `-`: the latest version of the replica app.db follows (its last push), here
     // behind app.db by one unpushed row.
-    let out = on(&m, &server, &["diff", "acme/app.db@latest", "./app.db", "--rows"]);
+    let out = on(
+        &m,
+        &server,
+        &["diff", "acme/app.db@latest", "./app.db", "--rows"],
+    );
     let text = ok(&out, "diff @latest app.db");
-    assert!(text.contains("table items: 1 inserted, 0 updated, 0 deleted"), "{text}");
-    assert!(text.contains("  insert id=9: name='unpushed', qty=9.0, data=NULL"), "{text}");
+    assert!(
+        text.contains("table items: 1 inserted, 0 updated, 0 deleted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  insert id=9: name='unpushed', qty=9.0, data=NULL"),
+        "{text}"
+    );
     let out = m.run(["diff", "./app.db", "-", "--json"]);
     let back = json(&out, "diff app.db -");
     assert_eq!(back["b"]["name"], "acme/app.db@latest");
@@ -424,28 +597,80 @@ fn diff_and_versions_changes_against_a_real_server() {
     // A changeset from the server's versions turns version 1 into version 2.
     let v1 = m.path("v1.db");
     m.pull(&server, "acme/app.db@1", Some("v1.db"), &[]);
-    let out = on(&m, &server, &["diff", "acme/app.db@1", "acme/app.db@2", "--changeset", "v.changeset", "-q"]);
+    let out = on(
+        &m,
+        &server,
+        &[
+            "diff",
+            "acme/app.db@1",
+            "acme/app.db@2",
+            "--changeset",
+            "v.changeset",
+            "-q",
+        ],
+    );
     ok(&out, "--changeset from versions");
     ok(&m.run(["apply", "v.changeset", "v1.db"]), "apply");
     let v2 = m.path("v2.db");
     m.pull(&server, "acme/app.db@2", Some("v2.db"), &[]);
     assert_eq!(rows(&v1), rows(&v2));
 
-    let versions = json(&on(&m, &server, &["versions", "acme/app.db", "--changes", "--json"]), "versions --changes");
+    let versions = json(
+        &on(
+            &m,
+            &server,
+            &["versions", "acme/app.db", "--changes", "--json"],
+        ),
+        "versions --changes",
+    );
     let list = versions.as_array().unwrap();
     assert_eq!(list.len(), 2);
     let first = &list[0]["changes"];
-    assert!(first.as_array().unwrap().iter().any(|t| t["name"] == "items" && t["status"] == "added" && t["rows"] == 4), "{first}");
+    assert!(
+        first
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "items" && t["status"] == "added" && t["rows"] == 4),
+        "{first}"
+    );
     let second = serde_json::json!({"tables": list[1]["changes"].clone()});
     assert_eq!(counts(table(&second, "kv")), (1, 2, 1));
-    let limited = json(&on(&m, &server, &["versions", "acme/app.db", "--changes", "--last", "1", "--json"]), "--last 1");
-    assert_eq!(limited[0]["changes"], serde_json::Value::Null, "not looked at");
+    let limited = json(
+        &on(
+            &m,
+            &server,
+            &[
+                "versions",
+                "acme/app.db",
+                "--changes",
+                "--last",
+                "1",
+                "--json",
+            ],
+        ),
+        "--last 1",
+    );
+    assert_eq!(
+        limited[0]["changes"],
+        serde_json::Value::Null,
+        "not looked at"
+    );
     assert!(limited[1]["changes"].is_array());
-    let text = ok(&on(&m, &server, &["versions", "acme/app.db", "--changes"]), "versions text");
-    assert!(text.contains("items: 2 inserted, 2 updated, 1 deleted"), "{text}");
+    let text = ok(
+        &on(&m, &server, &["versions", "acme/app.db", "--changes"]),
+        "versions text",
+    );
+    assert!(
+        text.contains("items: 2 inserted, 2 updated, 1 deleted"),
+        "{text}"
+    );
 
     // Every scratch file is gone.
-    let left: Vec<PathBuf> = std::fs::read_dir(&scratch).unwrap().map(|e| e.unwrap().path()).collect();
+    let left: Vec<PathBuf> = std::fs::read_dir(&scratch)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert!(left.is_empty(), "scratch files left: {left:?}");
 }
 
@@ -459,14 +684,26 @@ fn a_side_that_is_not_there_or_not_a_database_is_a_clear_error() {
     assert_eq!(util::code(&out), 3, "{}", util::stderr(&out));
     assert!(util::stderr(&out).contains("missing.db"));
     let text = dir.path().join("notes.txt");
-    std::fs::write(&text, "just some words, long enough to be no SQLite header at all....").unwrap();
+    std::fs::write(
+        &text,
+        "just some words, long enough to be no SQLite header at all....",
+    )
+    .unwrap();
     let out = run(dir.path(), &[&"diff", &a, &text]);
     assert_eq!(util::code(&out), 3, "{}", util::stderr(&out));
-    assert!(util::stderr(&out).contains("not an SQLite database"), "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("not an SQLite database"),
+        "{}",
+        util::stderr(&out)
+    );
     // `-` needs a file on the other side that follows a replica.
     let out = run(dir.path(), &[&"diff", &a, &"-"]);
     assert_eq!(util::code(&out), 2, "{}", util::stderr(&out));
-    assert!(util::stderr(&out).contains("cannot tell which replica it follows"), "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("cannot tell which replica it follows"),
+        "{}",
+        util::stderr(&out)
+    );
 }
 
 /// `sqldiff` (Debian's sqlite3-tools): required, installed by `.ci/run`.
@@ -484,7 +721,10 @@ fn changesets_are_the_ones_sqldiff_writes_and_the_counts_are_its_counts() {
     let dir = TempDir::new().unwrap();
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
     // sqldiff's changesets cover tables with a primary key.
-    let pk_only = A_ROWS.replace("CREATE TABLE log(msg TEXT, at INTEGER);", "CREATE TABLE log(msg TEXT, at INTEGER PRIMARY KEY);");
+    let pk_only = A_ROWS.replace(
+        "CREATE TABLE log(msg TEXT, at INTEGER);",
+        "CREATE TABLE log(msg TEXT, at INTEGER PRIMARY KEY);",
+    );
     make(&a, Mode::Rollback, &pk_only);
     copy(dir.path(), &a, &b);
     exec(&b, B_EDITS);
@@ -492,17 +732,33 @@ fn changesets_are_the_ones_sqldiff_writes_and_the_counts_are_its_counts() {
 
     // Theirs applied by us.
     let theirs = dir.path().join("theirs.changeset");
-    let out = sqldiff().arg("--changeset").arg(&theirs).arg(&a).arg(&b).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = sqldiff()
+        .arg("--changeset")
+        .arg(&theirs)
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let c = dir.path().join("c.db");
     copy(dir.path(), &a, &c);
-    ok(&run(dir.path(), &[&"apply", &theirs, &c]), "apply sqldiff's changeset");
+    ok(
+        &run(dir.path(), &[&"apply", &theirs, &c]),
+        "apply sqldiff's changeset",
+    );
     assert_eq!(rows(&c), rows(&b));
 
     // Ours: the same changes (a changeset's order of rows is SQLite's hash order, so
     // compared as sets through apply), and the same counts as sqldiff --summary.
     let ours = dir.path().join("ours.changeset");
-    ok(&run(dir.path(), &[&"diff", &a, &b, &"--changeset", &ours, &"-q"]), "ours");
+    ok(
+        &run(dir.path(), &[&"diff", &a, &b, &"--changeset", &ours, &"-q"]),
+        "ours",
+    );
     let d = dir.path().join("d.db");
     copy(dir.path(), &a, &d);
     ok(&run(dir.path(), &[&"apply", &ours, &d]), "apply ours");
@@ -510,7 +766,10 @@ fn changesets_are_the_ones_sqldiff_writes_and_the_counts_are_its_counts() {
 
     let out = sqldiff().arg("--summary").arg(&a).arg(&b).output().unwrap();
     let summary = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mine = json(&run(dir.path(), &[&"diff", &a, &b, &"--json"]), "diff --json");
+    let mine = json(
+        &run(dir.path(), &[&"diff", &a, &b, &"--json"]),
+        "diff --json",
+    );
     assert!(summary.lines().count() >= 3, "{summary}");
     for line in summary.lines() {
         // "items: 2 changes, 2 inserts, 1 deletes, 1 unchanged"
@@ -521,11 +780,19 @@ fn changesets_are_the_ones_sqldiff_writes_and_the_counts_are_its_counts() {
             .collect();
         if figures[..3] == [0, 0, 0] {
             // Unchanged (sqldiff 3.40 also lists a phantom `t` this way): not ours to list.
-            let listed = mine["tables"].as_array().unwrap().iter().any(|t| t["name"] == name);
+            let listed = mine["tables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["name"] == name);
             assert!(!listed, "{name} has no changes for sqldiff: {mine}");
             continue;
         }
         let (ins, upd, del) = counts(table(&mine, name));
-        assert_eq!((upd, ins, del), (figures[0], figures[1], figures[2]), "{name}: {line}");
+        assert_eq!(
+            (upd, ins, del),
+            (figures[0], figures[1], figures[2]),
+            "{name}: {line}"
+        );
     }
 }
