@@ -796,3 +796,19 @@ fn changesets_are_the_ones_sqldiff_writes_and_the_counts_are_its_counts() {
         );
     }
 }
+
+#[test]
+fn help_of_diff_apply_and_versions_teaches_with_examples() {
+    let dir = TempDir::new().unwrap();
+    for (command, must) in [
+        ("diff", "sqlferry diff app.db -"),
+        ("apply", "sqlferry apply c.bin app.db --on-conflict skip"),
+        ("versions", "sqlferry versions acme/app.db --changes"),
+    ] {
+        let help = ok(&run(dir.path(), &[&command, &"--help"]), "help");
+        assert!(help.contains("Examples:") && help.contains(must), "{command}:\n{help}");
+    }
+    // --last means nothing without --changes.
+    let out = run(dir.path(), &[&"versions", &"acme/app.db", &"--last", &"3"]);
+    assert_eq!(util::code(&out), 2, "{}", util::stderr(&out));
+}
