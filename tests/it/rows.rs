@@ -806,9 +806,51 @@ fn help_of_diff_apply_and_versions_teaches_with_examples() {
         ("versions", "sqlferry versions acme/app.db --changes"),
     ] {
         let help = ok(&run(dir.path(), &[&command, &"--help"]), "help");
-        assert!(help.contains("Examples:") && help.contains(must), "{command}:\n{help}");
+        assert!(
+            help.contains("Examples:") && help.contains(must),
+            "{command}:\n{help}"
+        );
     }
     // --last means nothing without --changes.
     let out = run(dir.path(), &[&"versions", &"acme/app.db", &"--last", &"3"]);
     assert_eq!(util::code(&out), 2, "{}", util::stderr(&out));
+}
+
+#[test]
+fn a_diff_stopped_by_sigint_leaves_no_scratch_file() {
+    use std::time::Duration;
+    let dir = TempDir::new().unwrap();
+    let scratch = dir.path().join("tmp");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let a = dir.path().join("a.db");
+    make(&a, Mode::Wal, A_ROWS);
+    // A "server" that takes the connection and never answers: the pull into the
+    // scratch file hangs there until the signal comes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let held = std::thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+    let mut child = util::sqlferry(dir.path())
+        .env("TMPDIR", &scratch)
+        .arg("diff")
+        .arg(&a)
+        .arg("acme/app.db@1")
+        .args(["--server", &url, "--key", "sfk_not_needed_here"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let created = util::wait_until(Duration::from_secs(30), Duration::from_millis(10), || {
+        std::fs::read_dir(&scratch).unwrap().next().is_some()
+    });
+    assert!(created, "the diff made its scratch directory");
+    let _stream = held.join().unwrap().expect("the diff connected");
+    crate::server::signal(&child, "INT");
+    let status = crate::server::wait_for_exit(&mut child, Duration::from_secs(30))
+        .expect("the diff stops on SIGINT");
+    assert_eq!(status.code(), Some(130));
+    let left: Vec<PathBuf> = std::fs::read_dir(&scratch)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "scratch files left after SIGINT: {left:?}");
 }
