@@ -181,6 +181,19 @@ fn a_changeset_reproduces_b_in_wal_and_rollback_modes() {
         );
         let again = ok(&run(dir.path(), &[&"diff", &c, &b]), "diff after apply");
         assert!(again.contains("no differences"), "{again}");
+
+        // The SQL script does the same, the table without a key by rowid included.
+        let sql = ok(&run(dir.path(), &[&"diff", &a, &b, &"--sql"]), "--sql");
+        let d = dir.path().join("d.db");
+        copy(dir.path(), &a, &d);
+        util::open(&d)
+            .execute_batch(&sql)
+            .unwrap_or_else(|e| panic!("{e}:\n{sql}"));
+        assert_eq!(
+            rows(&d),
+            rows(&b),
+            "{mode:?}: the script reproduces B's rows:\n{sql}"
+        );
     }
 }
 
