@@ -6,7 +6,9 @@
 //! (SIGINT and SIGTERM: the first asks for a graceful stop, the second forces it), and
 //! awaits the command. Nothing below `cli` builds a runtime or catches a signal.
 
+mod apply;
 mod daemon;
+mod diff;
 mod docs;
 mod keys;
 mod progress;
@@ -113,6 +115,10 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Print a database's digest, page size, page count and integrity check.
     Verify(verify::VerifyArgs),
+    /// What changed between two databases or versions: per table, row by row, as a changeset.
+    Diff(diff::DiffArgs),
+    /// Apply a SQLite changeset to a database in one transaction, listing conflicts.
+    Apply(apply::ApplyArgs),
     /// Keep a database in sync: push it after changes, or follow its replica.
     Subscribe(subscribe::SubscribeArgs),
     /// Ask every running subscriber of a replica to sync now.
@@ -346,6 +352,8 @@ impl Command {
             Command::Prune(args) => args.run(global, shutdown).await,
             Command::Serve(args) => args.run(global, shutdown).await,
             Command::Verify(args) => args.run(global, shutdown).await,
+            Command::Diff(args) => args.run(global, shutdown).await,
+            Command::Apply(args) => args.run(global, shutdown).await,
             Command::Subscribe(args) => args.run(global, shutdown).await,
             Command::SyncNow(args) => args.run(global, shutdown).await,
             Command::Keys(args) => args.run(global, shutdown).await,

@@ -18,12 +18,14 @@
 
 mod pull;
 mod push;
+mod scratch;
 mod status;
 
 pub use pull::{Kept, LocalChange, PullPlan, Puller, local_digest, short_digest, unsynced_changes};
 pub use push::{
     CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, copy_file_for, plan_copy,
 };
+pub use scratch::{ReplicaSource, Scratch};
 pub use status::{Scope, State, Status, history, status};
 
 use std::path::{Path, PathBuf};
@@ -100,7 +102,10 @@ impl Connection {
     }
 
     /// The server and the key for a command on `replica` alone (no local database).
-    async fn resolve_with_key(&self, replica: &ReplicaPath) -> Result<(Server, Option<String>)> {
+    pub(crate) async fn resolve_with_key(
+        &self,
+        replica: &ReplicaPath,
+    ) -> Result<(Server, Option<String>)> {
         let server = self.resolve().await?;
         let key = self.key_for(&server, replica, None).await?;
         Ok((server, key))

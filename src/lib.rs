@@ -24,6 +24,8 @@
 //! - `page`: SQLite page access: a consistent read snapshot over `sqlite_dbpage`, an
 //!   atomic page writer, header facts.
 //! - `protocol`: frames and their codec, the protocol version; pure, no I/O.
+//! - `rows`: row-level diffs of two databases, SQLite changesets (the session
+//!   extension, wrapped safely) and applying them; uses only rusqlite and `error`.
 //! - `history`: the local record of every sync and the manifests kept for the next.
 //! - `synclog`: every push and pull this machine ran, for `status` and `history`.
 //! - `config`: XDG paths, the settings, secrets and sidecar files.
@@ -48,6 +50,7 @@ pub mod memory;
 pub mod page;
 pub mod protocol;
 pub mod remote;
+pub mod rows;
 pub mod server;
 pub mod shutdown;
 pub mod store;

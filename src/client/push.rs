@@ -497,6 +497,15 @@ pub async fn copy_file_for(
     result
 }
 
+/// A copy of `src` into `dest` through the engine (a consistent snapshot of `src`),
+/// recorded nowhere: the base of a scratch pull ([`super::scratch`]). `src` is not
+/// checked: the pull that follows replaces whatever differs, and checks the digest.
+pub(super) async fn copy_quietly(src: &Path, dest: &Path) -> Result<()> {
+    copy_file_once(src, dest, true, crate::remote::no_progress())
+        .await
+        .map(|_| ())
+}
+
 async fn copy_file_once(
     src: &Path,
     dest: &Path,

@@ -32,6 +32,9 @@
 //!   through `localhost` and `127.0.0.1` alike); a sidecar run without sqlferry on PATH.
 //! - `store_packs`: pages stored once across replicas, pushes into several replicas at
 //!   once (one process and several), a store of the previous layout moved into packs.
+//! - `rows`: `diff` of files and of a real server's versions, `apply` in WAL and
+//!   rollback modes with each `--on-conflict`, `versions --changes`, and changesets
+//!   exchanged with `sqldiff`.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 
@@ -46,6 +49,7 @@ mod layers;
 mod live;
 mod names;
 mod retention;
+mod rows;
 mod server;
 mod status;
 mod store_packs;
