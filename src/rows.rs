@@ -202,7 +202,7 @@ pub fn apply(changeset: &Path, db: &Path, on_conflict: OnConflict) -> Result<App
         Ok(a) => a,
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
-            return Err(session_error(changeset, e));
+            return Err(apply_error(changeset, db, e));
         }
     };
     let changes = tables
@@ -218,6 +218,26 @@ pub fn apply(changeset: &Path, db: &Path, on_conflict: OnConflict) -> Result<App
         applied: applied == Applied::Done,
         conflicts,
     })
+}
+
+/// An error met while applying a changeset that was already read through once: reading
+/// it again (I/O, bytes that are not a changeset) is the changeset's fault; anything else
+/// SQLite refused (a read-only file or directory, a full disk, a lock) is the database's.
+fn apply_error(changeset: &Path, db: &Path, e: session::SessionError) -> Error {
+    match e {
+        session::SessionError::Sqlite { code, message }
+            if code & 0xff != rusqlite::ffi::SQLITE_CORRUPT =>
+        {
+            Error::sqlite(
+                db,
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(code),
+                    Some(format!("{message}; nothing was changed")),
+                ),
+            )
+        }
+        e => session_error(changeset, e),
+    }
 }
 
 /// [`session::apply`] re-exported for a caller holding its own connection and

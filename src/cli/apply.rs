@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::{Global, exit, expand_tilde, out};
+use crate::rows::session::ConflictKind;
 use crate::rows::{ApplyReport, MetConflict, OnConflict};
 use crate::shutdown::Shutdown;
 
@@ -34,7 +35,7 @@ transaction (BEGIN IMMEDIATE): readers of DB keep reading and see it before or a
 never half applied; DB may be in WAL or rollback-journal mode.\n\n\
 A conflict is a change that does not fit DB as it is: an update or delete of a row whose \
 values are not the changeset's old values (data) or that is missing (not-found), an insert \
-of a key that is already there (conflict), a broken constraint (constraint), or, with \
+of a key that is already there (conflict; the line says \"key exists\"), a broken constraint (constraint), or, with \
 PRAGMA foreign_keys on, foreign keys violated at the end (foreign-key). Each conflict met \
 is listed, with what became of it. --on-conflict abort (the default) stops at the first \
 and changes nothing (exit 6); skip leaves those rows as they are; replace writes the \
@@ -56,10 +57,14 @@ pub struct ApplyArgs {
 
 fn conflict_line(c: &MetConflict) -> String {
     let key: Vec<String> = c.key.iter().map(|v| v.to_string()).collect();
-    let kind = serde_json::to_value(c.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
+    // The JSON's kind `conflict` (SQLite's name) would read "conflict: conflict, …".
+    let kind = match c.kind {
+        ConflictKind::Conflict => "key exists".to_owned(),
+        kind => serde_json::to_value(kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+    };
     match &c.op {
         None => format!("conflict: {kind} (foreign keys violated): {}", c.resolution),
         Some(op) => {
