@@ -2,7 +2,8 @@
 //! when either end is older (or has it turned off with `SQLFERRY_COMPRESS=off`, which
 //! makes a client's OPEN and a server's CONFIG exactly an older one's), and a
 //! compressed page that would expand past a page, or does not expand at all, ends the
-//! session with a protocol error and changes nothing.
+//! session with a protocol error and changes nothing; one that expands to a page other
+//! than the one COMMIT's digest is of fails the digest check and changes nothing.
 //!
 //! The server keeps a page that arrived compressed as it came (one zstd frame in its
 //! pack, `codec` 1 in the page index) and sends it to a zstd peer as it is kept: its
@@ -283,6 +284,15 @@ fn a_new_client_and_an_older_server_speak_plain() {
     util::assert_same(&a.path("app.db"), &a.path("back.db"));
 }
 
+/// A digest as hex (the JSON reports') as bytes.
+fn hex_digest(hex: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex");
+    }
+    out
+}
+
 fn zpage(pgno: u32, z: &[u8]) -> Vec<u8> {
     let mut out = vec![0x0a];
     out.extend_from_slice(&pgno.to_be_bytes());
@@ -364,6 +374,38 @@ fn a_bomb_or_garbage_in_a_compressed_page_is_refused_and_changes_nothing() {
         assert!(message.contains(phrase), "{what}: {message}");
         assert_eq!(server.version_numbers("acme/t.db"), vec![1], "{what}");
     }
+    // A ZPAGE that expands to a whole page, but not the page COMMIT's digest is of:
+    // the digest check refuses it (ERROR 5), and the page it carried is not kept.
+    let ended = rt.block_on(async {
+        let mut ws = connect(&server, &server.admin_key).await;
+        let o = json!({"protocol": 1, "op": "push", "replica": "acme/t.db",
+            "base": 1, "client_id": "raw@test", "compress": ["zstd"]});
+        let config = open(&mut ws, o).await;
+        assert_eq!(config["compress"], "zstd");
+        let pages = util::page_count(&a.path("app.db"));
+        let begin = Frame::Begin {
+            version: 1,
+            page_size: 4096,
+            page_count: pages,
+            base_version: 1,
+            flags: 0,
+        };
+        assert!(send(&mut ws, begin.to_bytes()).await);
+        assert_eq!(super::raw::next(&mut ws).await.expect("READY")[0], 0x02);
+        send(&mut ws, zpage(2, &page)).await;
+        let commit = Frame::Commit {
+            page_count: pages,
+            digest: hex_digest(v1.digest()),
+        };
+        send(&mut ws, commit.to_bytes()).await;
+        end(&mut ws).await
+    });
+    let End::Error(code, message, _) = ended else {
+        panic!("a mismatched compressed page: no ERROR frame");
+    };
+    assert_eq!(code, 5, "{message}");
+    assert_eq!(server.version_numbers("acme/t.db"), vec![1]);
+
     // The server still serves, and version 1 is intact.
     let back = a.pull(&server, "acme/t.db", Some("back.db"), &key);
     assert_eq!(back.digest(), v1.digest());
