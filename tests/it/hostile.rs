@@ -379,6 +379,18 @@ fn a_push_through_a_symlink_reads_the_wal_sqlite_uses() {
     to_copy("first copy");
     conn.execute("UPDATE t SET k = 'through the link' WHERE id = 10", [])
         .expect("write");
+    // Only the WAL was written: status finds it where SQLite keeps it.
+    let out = util::sqlferry(d)
+        .arg("status")
+        .arg(&link)
+        .output()
+        .expect("status");
+    assert!(
+        util::stdout(&out).contains("changes not pushed yet"),
+        "status: {}{}",
+        util::stdout(&out),
+        util::stderr(&out)
+    );
     changed(d, &link, "a write, pushed through the link");
     to_copy("a write, copied through the link");
 
