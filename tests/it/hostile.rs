@@ -599,3 +599,58 @@ fn apply_onto_a_database_it_cannot_write_names_the_database_and_changes_nothing(
     }
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
+
+/// `apply` of a changeset that comes through a pipe (`/dev/stdin`, or `<(…)` in a
+/// shell): it is read twice (checked, then applied), and a pipe gives its bytes once.
+/// Every change is applied, not reported applied and left out.
+#[test]
+fn apply_of_a_changeset_through_a_pipe_applies_it() {
+    use std::io::Write;
+    let dir = TempDir::new().expect("tempdir");
+    let d = dir.path();
+    let (a, b) = (d.join("a.db"), d.join("b.db"));
+    let conn = util::create(&a, 4096, util::Mode::Wal);
+    util::insert_rows(&conn, 50, 100);
+    drop(conn);
+    util::checkpoint(&a);
+    std::fs::copy(&a, &b).expect("copy");
+    util::open(&b)
+        .execute("UPDATE t SET k = 'changed' WHERE id < 20", [])
+        .expect("update");
+    let changeset = d.join("c.changeset");
+    let out = util::sqlferry(d)
+        .arg("diff")
+        .arg(&a)
+        .arg(&b)
+        .arg("--changeset")
+        .arg(&changeset)
+        .arg("-q")
+        .output()
+        .expect("diff");
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let target = d.join("target.db");
+    std::fs::copy(&a, &target).expect("copy");
+    let mut child = util::sqlferry(d)
+        .arg("apply")
+        .arg("/dev/stdin")
+        .arg(&target)
+        .arg("--json")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("apply");
+    let bytes = std::fs::read(&changeset).expect("changeset");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(&bytes).expect("write the changeset");
+    drop(stdin);
+    let out = child.wait_with_output().expect("apply");
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["changes"], 19, "{report}");
+    assert!(
+        util::dump(&target) == util::dump(&b),
+        "every change applied: {report}"
+    );
+    assert_eq!(util::integrity(&target), "ok");
+}
