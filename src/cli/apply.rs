@@ -28,7 +28,8 @@ sqlferry diff old.db new.db --changeset c.bin && sqlferry apply c.bin copy-of-ol
 sqlferry apply c.bin app.db --on-conflict skip      apply what fits, list the rest\n  \
 sqlferry apply c.bin app.db --json                  the conflicts as JSON\n\n\
 CHANGESET is a SQLite changeset (sqlferry diff --changeset, sqldiff --changeset, or the \
-session extension's sqlite3session_changeset). It is read twice, streaming: first whole, \
+session extension's sqlite3session_changeset), a file or a pipe (copied to a temporary file \
+first). It is read twice, streaming: first whole, \
 to check it is a changeset and that every table it changes exists in DB with the same \
 columns and primary key (a table without one by rowid), then applied in one write \
 transaction (BEGIN IMMEDIATE): readers of DB keep reading and see it before or after, \
