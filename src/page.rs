@@ -29,14 +29,26 @@ pub use snapshot::{HashedPageFn, Snapshot};
 pub use state::SourceState;
 pub use writer::Writer;
 
+/// The file SQLite keeps beside the database at `db` with `suffix` (`-wal`, `-shm`,
+/// `-journal`). SQLite resolves symbolic links in a database's path before it names
+/// these (its unix VFS does, as `realpath` does), so the WAL of a database reached
+/// through a link lies beside the file the link points to, not beside the link. A
+/// reader looking beside the link would find no WAL, and take pages the WAL holds newer
+/// versions of from the file, or find a stale one a former file of that name left.
+pub(crate) fn sqlite_sibling(db: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let real = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_owned());
+    let mut p = real.into_os_string();
+    p.push(suffix);
+    std::path::PathBuf::from(p)
+}
+
 /// Lets SQLite roll back a hot journal that a crashed or killed writer left beside the
 /// database at `path`, exactly as the next connection to open it would. Until then the
 /// file's header may be half-written (a new database killed mid-creation has a zeroed
 /// page 1), and a read-only connection may not roll back. Best effort: if recovery fails,
 /// the caller's own open reports the problem.
 pub fn recover_hot_journal(path: &std::path::Path) {
-    let mut journal = path.as_os_str().to_owned();
-    journal.push("-journal");
+    let journal = sqlite_sibling(path, "-journal");
     let hot = std::fs::metadata(&journal).is_ok_and(|m| m.len() > 0);
     if !hot {
         return;

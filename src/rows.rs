@@ -94,8 +94,14 @@ pub struct ChangesetTable {
 /// changes per table in the order tables first appear. An error if it is not a
 /// well-formed changeset ([`Error::NotADatabase`] naming `path`).
 pub fn inspect(path: &Path) -> Result<Vec<ChangesetTable>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    inspect_from(file, path)
+}
+
+/// [`inspect`] of the changeset read from `input` (the file at `path`).
+fn inspect_from(input: impl std::io::Read, path: &Path) -> Result<Vec<ChangesetTable>> {
     let mut tables: Vec<ChangesetTable> = Vec::new();
-    for_each_change(path, &mut |c| {
+    for_each_change_from(input, path, &mut |c| {
         let entry = match tables.iter().position(|t| t.table == c.table) {
             Some(i) => &mut tables[i],
             None => {
@@ -127,7 +133,16 @@ pub fn inspect(path: &Path) -> Result<Vec<ChangesetTable>> {
 /// Calls `f` with every change of the changeset file at `path`, streaming.
 pub fn for_each_change(path: &Path, f: &mut dyn FnMut(&Change) -> Result<()>) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut input = std::io::BufReader::new(file);
+    for_each_change_from(file, path, f)
+}
+
+/// [`for_each_change`] of the changeset read from `input` (the file at `path`).
+fn for_each_change_from(
+    input: impl std::io::Read,
+    path: &Path,
+    f: &mut dyn FnMut(&Change) -> Result<()>,
+) -> Result<()> {
+    let mut input = std::io::BufReader::new(input);
     let mut changes = Changes::start(&mut input).map_err(|e| session_error(path, e))?;
     while let Some(change) = changes.next_change().map_err(|e| session_error(path, e))? {
         f(&change)?;
@@ -158,14 +173,18 @@ fn session_error(path: &Path, e: session::SessionError) -> Error {
 /// nothing changes. With [`OnConflict::Abort`] the first conflict rolls everything back
 /// and the report says `applied: false`.
 pub fn apply(changeset: &Path, db: &Path, on_conflict: OnConflict) -> Result<ApplyReport> {
-    let tables = inspect(changeset)?;
+    use std::io::{Seek, SeekFrom};
+    // Opened once: the bytes checked are the bytes applied.
+    let mut file = open_changeset(changeset)?;
+    let tables = inspect_from(&mut file, changeset)?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(changeset, e))?;
     let conn = open_for_apply(db)?;
     for t in &tables {
         check_fits(&conn, db, t)?;
     }
     let sqlite = |e: rusqlite::Error| Error::sqlite(db, e);
     conn.execute_batch("BEGIN IMMEDIATE").map_err(sqlite)?;
-    let file = std::fs::File::open(changeset).map_err(|e| Error::io(changeset, e))?;
     let mut input = std::io::BufReader::new(file);
     let mut conflicts = Vec::new();
     let mut handler = |c: &Conflict| -> Resolution {
@@ -202,7 +221,7 @@ pub fn apply(changeset: &Path, db: &Path, on_conflict: OnConflict) -> Result<App
         Ok(a) => a,
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
-            return Err(session_error(changeset, e));
+            return Err(apply_error(changeset, db, e));
         }
     };
     let changes = tables
@@ -218,6 +237,42 @@ pub fn apply(changeset: &Path, db: &Path, on_conflict: OnConflict) -> Result<App
         applied: applied == Applied::Done,
         conflicts,
     })
+}
+
+/// The changeset at `path`, open for reading twice: a pipe (`apply <(…)`, `/dev/stdin`)
+/// can be read only once, so it is copied into an unlinked temporary file first (read a
+/// second time, it would have seemed empty, and nothing would have been applied).
+fn open_changeset(path: &Path) -> Result<std::fs::File> {
+    use std::io::{Seek, SeekFrom};
+    let io = |e| Error::io(path, e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.is_file() {
+        return Ok(file);
+    }
+    let mut spool = tempfile::tempfile().map_err(|e| Error::io(&std::env::temp_dir(), e))?;
+    std::io::copy(&mut file, &mut spool).map_err(io)?;
+    spool.seek(SeekFrom::Start(0)).map_err(io)?;
+    Ok(spool)
+}
+
+/// An error met while applying a changeset that was already read through once: reading
+/// it again (I/O, bytes that are not a changeset) is the changeset's fault; anything else
+/// SQLite refused (a read-only file or directory, a full disk, a lock) is the database's.
+fn apply_error(changeset: &Path, db: &Path, e: session::SessionError) -> Error {
+    match e {
+        session::SessionError::Sqlite { code, message }
+            if code & 0xff != rusqlite::ffi::SQLITE_CORRUPT =>
+        {
+            Error::sqlite(
+                db,
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(code),
+                    Some(format!("{message}; nothing was changed")),
+                ),
+            )
+        }
+        e => session_error(changeset, e),
+    }
 }
 
 /// [`session::apply`] re-exported for a caller holding its own connection and

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::{Global, exit, expand_tilde, out};
+use crate::rows::session::ConflictKind;
 use crate::rows::{ApplyReport, MetConflict, OnConflict};
 use crate::shutdown::Shutdown;
 
@@ -27,14 +28,15 @@ sqlferry diff old.db new.db --changeset c.bin && sqlferry apply c.bin copy-of-ol
 sqlferry apply c.bin app.db --on-conflict skip      apply what fits, list the rest\n  \
 sqlferry apply c.bin app.db --json                  the conflicts as JSON\n\n\
 CHANGESET is a SQLite changeset (sqlferry diff --changeset, sqldiff --changeset, or the \
-session extension's sqlite3session_changeset). It is read twice, streaming: first whole, \
+session extension's sqlite3session_changeset), a file or a pipe (copied to a temporary file \
+first). It is read twice, streaming: first whole, \
 to check it is a changeset and that every table it changes exists in DB with the same \
 columns and primary key (a table without one by rowid), then applied in one write \
 transaction (BEGIN IMMEDIATE): readers of DB keep reading and see it before or after, \
 never half applied; DB may be in WAL or rollback-journal mode.\n\n\
 A conflict is a change that does not fit DB as it is: an update or delete of a row whose \
 values are not the changeset's old values (data) or that is missing (not-found), an insert \
-of a key that is already there (conflict), a broken constraint (constraint), or, with \
+of a key that is already there (conflict; the line says \"key exists\"), a broken constraint (constraint), or, with \
 PRAGMA foreign_keys on, foreign keys violated at the end (foreign-key). Each conflict met \
 is listed, with what became of it. --on-conflict abort (the default) stops at the first \
 and changes nothing (exit 6); skip leaves those rows as they are; replace writes the \
@@ -56,10 +58,14 @@ pub struct ApplyArgs {
 
 fn conflict_line(c: &MetConflict) -> String {
     let key: Vec<String> = c.key.iter().map(|v| v.to_string()).collect();
-    let kind = serde_json::to_value(c.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
+    // The JSON's kind `conflict` (SQLite's name) would read "conflict: conflict, …".
+    let kind = match c.kind {
+        ConflictKind::Conflict => "key exists".to_owned(),
+        kind => serde_json::to_value(kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+    };
     match &c.op {
         None => format!("conflict: {kind} (foreign keys violated): {}", c.resolution),
         Some(op) => {

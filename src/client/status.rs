@@ -140,9 +140,9 @@ fn judge(health: Health, max_age: Option<Duration>, now: i64) -> Status {
 /// When `database` or its WAL was last written, in Unix milliseconds (`None` when
 /// neither can be read).
 fn last_write(database: &Path) -> Option<i64> {
-    let mut wal = database.as_os_str().to_owned();
-    wal.push("-wal");
-    [database.to_owned(), PathBuf::from(wal)]
+    // Where SQLite keeps the WAL: beside the file a symbolic link points to.
+    let wal = crate::page::sqlite_sibling(database, "-wal");
+    [database.to_owned(), wal]
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok()?.modified().ok())
         .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())

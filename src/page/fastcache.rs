@@ -6,6 +6,9 @@
 //!
 //! - its header names the database file (device and inode: a replaced file is another
 //!   database), the page size and count, and the WAL [`Position`] the hashes are true at;
+//! - and when the file was last written ([`Written`]): a file written since by anything
+//!   but a checkpoint (copied over in place while the WAL stayed where it was) is not
+//!   the file the hashes are of;
 //! - it carries an XXH3 checksum of all its entries, checked (one sequential read of 32
 //!   bytes a page) before any entry is used, so a torn or half-updated file is refused;
 //! - an update in place first marks the header unsealed, then writes the changed
@@ -25,7 +28,8 @@ use super::wal::{POSITION_BYTES, Position};
 use crate::digest::Hash;
 
 const MAGIC: &[u8; 16] = b"sqlferry-walhash";
-const FORMAT: u32 = 1;
+/// 2: with [`Written`] (a list of format 1 is not trusted: one push reads every page).
+const FORMAT: u32 = 2;
 const HEADER_BYTES: usize = 96;
 const ENTRY_BYTES: u64 = 32;
 const SEALED: u32 = 1;
@@ -65,6 +69,33 @@ fn path(dir: &Path, db: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(p))
 }
 
+/// When the database file was last written (its ctime), and how many WAL frames had
+/// been copied back into it (the wal-index's `nBackfill`) when that was read, in that
+/// order. In WAL mode only a checkpoint writes the file, copying frames back, which
+/// changes no page's content but the file's ctime, and moves `nBackfill` (or, with a
+/// reset, the WAL's generation). So a file whose ctime moved while neither did was
+/// written by something else (copied over in place, restored from a backup while an
+/// application held it open): its pages are not the ones the list hashed.
+///
+/// Reading the ctime first means a checkpoint between the two readings pairs an older
+/// ctime with a newer `nBackfill`: the next push then reads every page once, where the
+/// other order could pair a later write outside SQLite with a checkpoint it did not
+/// follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Written {
+    pub(super) ctime: (i64, u32),
+    pub(super) backfilled: u32,
+}
+
+impl Written {
+    /// Whether a list stamped with `self` at a position of generation `salt` may still
+    /// describe the file as it is `now`, in generation `salt_now`: the file was not
+    /// written since, or a checkpoint may be why.
+    pub(super) fn explains(self, salt: [u32; 2], now: Written, salt_now: [u32; 2]) -> bool {
+        self.ctime == now.ctime || salt != salt_now || self.backfilled != now.backfilled
+    }
+}
+
 /// The header facts of a hash list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Stamp {
@@ -73,6 +104,7 @@ pub(super) struct Stamp {
     pub(super) page_count: u32,
     pub(super) position: Position,
     pub(super) checksum: u64,
+    pub(super) written: Written,
 }
 
 fn header(stamp: &Stamp, state: u32) -> [u8; HEADER_BYTES] {
@@ -86,6 +118,9 @@ fn header(stamp: &Stamp, state: u32) -> [u8; HEADER_BYTES] {
     h[40..48].copy_from_slice(&stamp.id.ino.to_be_bytes());
     h[48..48 + POSITION_BYTES].copy_from_slice(&stamp.position.to_bytes());
     h[68..76].copy_from_slice(&stamp.checksum.to_be_bytes());
+    h[76..84].copy_from_slice(&stamp.written.ctime.0.to_be_bytes());
+    h[84..88].copy_from_slice(&stamp.written.ctime.1.to_be_bytes());
+    h[88..92].copy_from_slice(&stamp.written.backfilled.to_be_bytes());
     h
 }
 
@@ -104,6 +139,10 @@ fn parse(h: &[u8; HEADER_BYTES]) -> Option<Stamp> {
         page_count: u32_at(28),
         position: Position::from_bytes(h[48..68].try_into().expect("20 bytes")),
         checksum: u64_at(68),
+        written: Written {
+            ctime: (u64_at(76) as i64, u32_at(84)),
+            backfilled: u32_at(88),
+        },
     })
 }
 
@@ -232,9 +271,16 @@ impl ListWriter {
         self.out.write_all(hash)
     }
 
-    /// Seals the list as true at `position` of the file `id`, if it holds `page_count`
-    /// pages of `page_size` bytes.
-    pub(super) fn finish(self, id: FileId, page_size: u32, page_count: u32, position: Position) {
+    /// Seals the list as true at `position` of the file `id`, `written` as it says, if
+    /// it holds `page_count` pages of `page_size` bytes.
+    pub(super) fn finish(
+        self,
+        id: FileId,
+        page_size: u32,
+        page_count: u32,
+        position: Position,
+        written: Written,
+    ) {
         if self.count != page_count {
             return;
         }
@@ -244,6 +290,7 @@ impl ListWriter {
             page_count,
             position,
             checksum: self.sum.digest(),
+            written,
         };
         let result = self
             .out
@@ -264,6 +311,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_file_written_since_is_trusted_only_where_a_checkpoint_can_be_why() {
+        let at = Written {
+            ctime: (1_700_000_000, 1),
+            backfilled: 4,
+        };
+        let salt = [1, 2];
+        assert!(at.explains(salt, at, salt), "not written since");
+        let written = Written {
+            ctime: (1_700_000_000, 2),
+            ..at
+        };
+        assert!(!at.explains(salt, written, salt), "written outside SQLite");
+        let checkpointed = Written {
+            backfilled: 9,
+            ..written
+        };
+        assert!(at.explains(salt, checkpointed, salt), "a checkpoint");
+        assert!(at.explains(salt, written, [2, 7]), "a reset");
+    }
+
+    #[test]
     fn a_list_is_refused_when_torn_unsealed_or_of_another_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("a.db");
@@ -279,9 +347,13 @@ mod tests {
         for i in 0..10u8 {
             w.push(&[i; 32]).expect("push");
         }
-        w.finish(id, 4096, 10, pos);
+        let written = Written {
+            ctime: (1_700_000_000, 5),
+            backfilled: 2,
+        };
+        w.finish(id, 4096, 10, pos, written);
         let mut list = HashList::load(&cache, &db, id, 4096).expect("sealed list");
-        assert_eq!(list.stamp.position, pos);
+        assert_eq!((list.stamp.position, list.stamp.written), (pos, written));
         let all: Vec<Hash> = list
             .entries()
             .expect("reads")

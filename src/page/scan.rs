@@ -33,9 +33,9 @@ const WAL_MAGIC: [u32; 2] = [0x377f_0682, 0x377f_0683];
 /// `db` names. An absent or empty `-wal` gives an empty set.
 fn wal_pages(db: &Path, page_size: u32, page_count: u32) -> Result<Vec<u64>> {
     let mut set = vec![0u64; (page_count as usize).div_ceil(64)];
-    let mut wal_path = db.as_os_str().to_owned();
-    wal_path.push("-wal");
-    let wal_path = std::path::PathBuf::from(wal_path);
+    // Beside the file a symbolic link points to, where SQLite keeps it: beside the
+    // link there is none, and every page would be taken from the file.
+    let wal_path = super::sqlite_sibling(db, "-wal");
     let wal = match File::open(&wal_path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(set),

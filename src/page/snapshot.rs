@@ -18,7 +18,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use std::cell::RefCell;
 
-use super::fastcache::{FileId, HashList, ListWriter, Stamp};
+use super::fastcache::{FileId, HashList, ListWriter, Stamp, Written};
 use super::hashcache::HashCache;
 use super::state::SourceState;
 use super::wal::{self, Position};
@@ -63,6 +63,9 @@ pub struct Snapshot {
     exact: bool,
     /// The state this snapshot holds, when it holds exactly the frames up to `pinned`.
     state: Option<SourceState>,
+    /// In WAL mode, when the database file was last written, read after the read
+    /// transaction started, with the WAL generation then ([`Written`]).
+    written: Option<(Written, [u32; 2])>,
     /// How the next [`Snapshot::hash_pages`] learns the pages, once decided.
     plan: RefCell<Option<Plan>>,
     /// Whether a scan that reads every page from the file runs `PRAGMA quick_check`
@@ -136,6 +139,19 @@ impl Snapshot {
             });
         }
         let pinned = pinned.filter(|_| page_size == header.page_size);
+        // The file's ctime, then the wal-index's backfill count: in that order (see
+        // `fastcache::Written`).
+        let written = pinned.and_then(|_| {
+            use std::os::unix::fs::MetadataExt;
+            let meta = file.metadata().ok()?;
+            let ctime = (meta.ctime(), u32::try_from(meta.ctime_nsec()).ok()?);
+            let now = wal::observe(path, page_size)?;
+            let written = Written {
+                ctime,
+                backfilled: now.backfilled,
+            };
+            Some((written, now.position.salt))
+        });
         // Taken inside the read transaction, from the handle kept with it.
         let state = match (pinned, exact) {
             (Some(position), true) => file
@@ -156,6 +172,7 @@ impl Snapshot {
             pinned,
             exact,
             state,
+            written,
             plan: RefCell::new(None),
             check_beside: false,
             checked: RefCell::new(None),
@@ -330,6 +347,12 @@ impl Snapshot {
         let (dir, pinned, id) = (self.hash_cache.as_deref()?, self.pinned?, self.id?);
         let list = HashList::load(dir, &self.path, id, self.page_size)?;
         let from = list.stamp.position;
+        let (written, salt_now) = self.written?;
+        if !list.stamp.written.explains(from.salt, written, salt_now) {
+            // The file was written since the list was made, and not by a checkpoint:
+            // the WAL cannot say what changed.
+            return None;
+        }
         if from.salt == pinned.salt && from.frame > pinned.frame {
             // The list is of a later state than this snapshot (another push's).
             return None;
@@ -429,8 +452,10 @@ impl Snapshot {
             "origin hashed"
         );
         cache.finish();
-        if let (Some(w), Some(pinned), Some(id)) = (list, self.pinned, self.id) {
-            w.finish(id, self.page_size, self.page_count, pinned);
+        if let (Some(w), Some(pinned), Some(id), Some((written, _))) =
+            (list, self.pinned, self.id, self.written)
+        {
+            w.finish(id, self.page_size, self.page_count, pinned, written);
         }
         Ok(())
     }
@@ -445,7 +470,8 @@ impl Snapshot {
         with_data_after: u32,
         f: &mut HashedPageFn<'_>,
     ) -> Result<()> {
-        let (Some(pinned), Some(id)) = (self.pinned, self.id) else {
+        let (Some(pinned), Some(id), Some((written, _))) = (self.pinned, self.id, self.written)
+        else {
             return Err(Error::Bug("a WAL plan without a WAL position".into()));
         };
         let list_path = self.hash_cache.clone().unwrap_or_default();
@@ -504,6 +530,7 @@ impl Snapshot {
             page_count: self.page_count,
             position: pinned,
             checksum: sum.digest(),
+            written,
         };
         list.update(stamp, &updates);
         Ok(())

@@ -80,10 +80,10 @@ fn be(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+/// The WAL or wal-index SQLite uses for `db`: beside the file a symbolic link points
+/// to ([`super::sqlite_sibling`]).
 fn sibling(db: &Path, suffix: &str) -> PathBuf {
-    let mut p = db.as_os_str().to_owned();
-    p.push(suffix);
-    PathBuf::from(p)
+    super::sqlite_sibling(db, suffix)
 }
 
 /// What the wal-index header says now.

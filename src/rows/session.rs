@@ -52,7 +52,7 @@ impl SessionError {
         SessionError::Sqlite {
             code,
             message: match detail {
-                Some(d) if !d.is_empty() => format!("{d} ({generic})"),
+                Some(d) if !d.is_empty() && d != generic => format!("{d} ({generic})"),
                 _ => generic,
             },
         }

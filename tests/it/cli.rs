@@ -167,7 +167,7 @@ fn dest_not_sqlite_is_refused_and_untouched() {
 
 /// Whether this process ignores file permission bits (root, or CAP_DAC_OVERRIDE), found
 /// by trying to write a file that says it is read-only.
-fn permissions_ignored(dir: &Path) -> bool {
+pub(crate) fn permissions_ignored(dir: &Path) -> bool {
     let probe = dir.join("probe");
     std::fs::write(&probe, b"x").expect("write probe");
     std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o444)).expect("chmod");
@@ -178,7 +178,7 @@ fn permissions_ignored(dir: &Path) -> bool {
 
 /// The user that `push` runs as in the permission tests: this one, or `nobody` when
 /// this one ignores permissions (tests run as root in CI), so that mode bits bite.
-fn as_permission_bound_user(dir: &Path, cmd: &mut std::process::Command) {
+pub(crate) fn as_permission_bound_user(dir: &Path, cmd: &mut std::process::Command) {
     if permissions_ignored(dir) {
         // nobody must be able to reach and read SRC.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");

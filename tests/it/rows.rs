@@ -434,6 +434,10 @@ fn each_on_conflict_mode_does_what_it_says_and_abort_changes_nothing() {
         "{text}"
     );
     assert!(
+        text.contains("conflict: key exists, insert kv key (\"e\"): replaced"),
+        "{text}"
+    );
+    assert!(
         text.lines()
             .last()
             .unwrap()

@@ -41,7 +41,7 @@ fn snapshot(db: &Path) -> Snapshot {
 
 /// A WAL database of `rows` rows whose application connection stays open (so the WAL
 /// is not deleted behind the test's back) with auto-checkpoints off.
-fn wal_db(path: &Path, rows: u64) -> Connection {
+pub(crate) fn wal_db(path: &Path, rows: u64) -> Connection {
     let conn = util::create(path, 4096, Mode::Wal);
     conn.pragma_update(None, "wal_autocheckpoint", 0)
         .expect("autocheckpoint");
@@ -439,7 +439,11 @@ fn damage_a_leaf(conn: &Connection) {
 
 /// `sqlferry push DB t/origin.db --server file://DIR/store --json` (plus `extra`), run
 /// in `dir`: its exit code, its JSON report (when it printed one) and its stderr.
-fn store_push(dir: &Path, db: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
+pub(crate) fn store_push(
+    dir: &Path,
+    db: &Path,
+    extra: &[&str],
+) -> (i32, serde_json::Value, String) {
     let store = format!("file://{}", dir.join("store").display());
     let out = util::sqlferry(dir)
         .arg("push")
@@ -457,7 +461,7 @@ fn store_push(dir: &Path, db: &Path, extra: &[&str]) -> (i32, serde_json::Value,
 
 /// A push to the store that succeeded: whether it proved "no change" without a sync,
 /// and whether it made a version. Its digest is the origin's, whatever it did.
-fn pushed(dir: &Path, db: &Path, extra: &[&str]) -> (bool, bool) {
+pub(crate) fn pushed(dir: &Path, db: &Path, extra: &[&str]) -> (bool, bool) {
     let (code, report, err) = store_push(dir, db, extra);
     assert_eq!(code, 0, "push failed: {err}");
     assert_eq!(report["digest"], util::digest(db), "the pushed digest");

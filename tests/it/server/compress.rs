@@ -2,7 +2,10 @@
 //! when either end is older (or has it turned off with `SQLFERRY_COMPRESS=off`, which
 //! makes a client's OPEN and a server's CONFIG exactly an older one's), and a
 //! compressed page that would expand past a page, or does not expand at all, ends the
-//! session with a protocol error and changes nothing.
+//! session with a protocol error and changes nothing; one that expands to a page other
+//! than the one COMMIT's digest is of fails the digest check and changes nothing. The
+//! same from the server's side (a proxy rewriting what a real server sends): the pull
+//! fails and writes no file.
 //!
 //! The server keeps a page that arrived compressed as it came (one zstd frame in its
 //! pack, `codec` 1 in the page index) and sends it to a zstd peer as it is kept: its
@@ -283,6 +286,15 @@ fn a_new_client_and_an_older_server_speak_plain() {
     util::assert_same(&a.path("app.db"), &a.path("back.db"));
 }
 
+/// A digest as hex (the JSON reports') as bytes.
+fn hex_digest(hex: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex");
+    }
+    out
+}
+
 fn zpage(pgno: u32, z: &[u8]) -> Vec<u8> {
     let mut out = vec![0x0a];
     out.extend_from_slice(&pgno.to_be_bytes());
@@ -364,6 +376,38 @@ fn a_bomb_or_garbage_in_a_compressed_page_is_refused_and_changes_nothing() {
         assert!(message.contains(phrase), "{what}: {message}");
         assert_eq!(server.version_numbers("acme/t.db"), vec![1], "{what}");
     }
+    // A ZPAGE that expands to a whole page, but not the page COMMIT's digest is of:
+    // the digest check refuses it (ERROR 5), and the page it carried is not kept.
+    let ended = rt.block_on(async {
+        let mut ws = connect(&server, &server.admin_key).await;
+        let o = json!({"protocol": 1, "op": "push", "replica": "acme/t.db",
+            "base": 1, "client_id": "raw@test", "compress": ["zstd"]});
+        let config = open(&mut ws, o).await;
+        assert_eq!(config["compress"], "zstd");
+        let pages = util::page_count(&a.path("app.db"));
+        let begin = Frame::Begin {
+            version: 1,
+            page_size: 4096,
+            page_count: pages,
+            base_version: 1,
+            flags: 0,
+        };
+        assert!(send(&mut ws, begin.to_bytes()).await);
+        assert_eq!(super::raw::next(&mut ws).await.expect("READY")[0], 0x02);
+        send(&mut ws, zpage(2, &page)).await;
+        let commit = Frame::Commit {
+            page_count: pages,
+            digest: hex_digest(v1.digest()),
+        };
+        send(&mut ws, commit.to_bytes()).await;
+        end(&mut ws).await
+    });
+    let End::Error(code, message, _) = ended else {
+        panic!("a mismatched compressed page: no ERROR frame");
+    };
+    assert_eq!(code, 5, "{message}");
+    assert_eq!(server.version_numbers("acme/t.db"), vec![1]);
+
     // The server still serves, and version 1 is intact.
     let back = a.pull(&server, "acme/t.db", Some("back.db"), &key);
     assert_eq!(back.digest(), v1.digest());
@@ -584,4 +628,144 @@ fn a_store_with_old_plain_entries_and_new_compressed_ones_reads_back_whole() {
     }
     util::assert_same(&old.path("app.db"), &new.path("z1.db"));
     assert_eq!(scrub(&new, &data).0, 0);
+}
+
+/// What a client asked the proxy for: its path and its `Authorization` header.
+type AskedFor = Option<(
+    tokio_tungstenite::tungstenite::http::Uri,
+    Option<tokio_tungstenite::tungstenite::http::HeaderValue>,
+)>;
+
+/// Keeps what the client asked for while its upgrade is accepted.
+struct Asked<'a>(&'a mut AskedFor);
+
+impl tokio_tungstenite::tungstenite::handshake::server::Callback for Asked<'_> {
+    fn on_request(
+        self,
+        request: &tokio_tungstenite::tungstenite::handshake::server::Request,
+        response: tokio_tungstenite::tungstenite::handshake::server::Response,
+    ) -> Result<
+        tokio_tungstenite::tungstenite::handshake::server::Response,
+        tokio_tungstenite::tungstenite::handshake::server::ErrorResponse,
+    > {
+        *self.0 = Some((
+            request.uri().clone(),
+            request.headers().get("authorization").cloned(),
+        ));
+        Ok(response)
+    }
+}
+
+/// A proxy on `listener` between clients and the server at `upstream` (`ws://…`) that
+/// hands every message through, the `Authorization` header included, except the first
+/// ZPAGE frame the server sends on each connection: its zstd bytes become `bad`.
+async fn mangling_proxy(listener: tokio::net::TcpListener, upstream: String, bad: Vec<u8>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    while let Ok((tcp, _)) = listener.accept().await {
+        let (upstream, bad) = (upstream.clone(), bad.clone());
+        tokio::spawn(async move {
+            let mut asked = None;
+            let client = tokio_tungstenite::accept_hdr_async(tcp, Asked(&mut asked))
+                .await
+                .expect("the client's upgrade");
+            let (uri, auth) = asked.expect("a request");
+            let mut request = format!("{upstream}{uri}")
+                .into_client_request()
+                .expect("request");
+            if let Some(auth) = auth {
+                request.headers_mut().insert("authorization", auth);
+            }
+            let (server, _) = tokio_tungstenite::connect_async(request)
+                .await
+                .expect("the server's upgrade");
+            let (mut c_tx, mut c_rx) = client.split();
+            let (mut s_tx, mut s_rx) = server.split();
+            let up = async {
+                while let Some(Ok(m)) = c_rx.next().await {
+                    if s_tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let down = async {
+                let mut bad = Some(bad);
+                while let Some(Ok(m)) = s_rx.next().await {
+                    let m = match m {
+                        Message::Binary(b) if b.first() == Some(&0x0a) && bad.is_some() => {
+                            let mut f = b[..5].to_vec();
+                            f.extend(bad.take().expect("checked"));
+                            Message::Binary(f.into())
+                        }
+                        m => m,
+                    };
+                    if c_tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = up => {}
+                _ = down => {}
+            }
+        });
+    }
+}
+
+/// The other direction: a server (here a proxy in front of a real one) that sends a
+/// compressed page that is garbage, a bomb, or a whole page of other content. The pull
+/// fails (4: the peer broke the protocol; 7: the digest does not match) and writes no
+/// file.
+#[test]
+fn a_pull_refuses_a_bad_compressed_page_from_the_server_and_writes_nothing() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::in_process(dir.path());
+    let a = zstd_machine(dir.path());
+    text_db(&a.path("app.db"), 3000);
+    let key = ["--key", server.admin_key.as_str()];
+    let pushed = a.push(&server, "app.db", "acme/t.db", &key);
+    // Pulled straight, the version comes whole (its pages as the server keeps them).
+    let good = a.pull(&server, "acme/t.db", Some("good.db"), &key);
+    assert_eq!(good.digest(), pushed.digest());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let cases: [(&str, Vec<u8>, i32, &str); 3] = [
+        (
+            "garbage",
+            vec![0x28, 0xb5, 0x2f, 0xfd, 0xde, 0xad],
+            4,
+            "ZPAGE",
+        ),
+        (
+            "a bomb",
+            zstd::bulk::compress(&vec![0u8; 1 << 20], 19).expect("compress"),
+            4,
+            "is not a page",
+        ),
+        (
+            "another page",
+            zstd::bulk::compress(&[7u8; 4096], 1).expect("compress"),
+            7,
+            "",
+        ),
+    ];
+    for (i, (what, bad, code, phrase)) in cases.into_iter().enumerate() {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let url = format!("ws://{}", listener.local_addr().expect("address"));
+        let proxy = rt.spawn(mangling_proxy(listener, server.url.clone(), bad));
+        let local = format!("bad-{i}.db");
+        let out = a
+            .command()
+            .args(["pull", "acme/t.db", &local, "--server", &url])
+            .args(key)
+            .output()
+            .expect("pull");
+        proxy.abort();
+        let err = util::stderr(&out);
+        assert_eq!(util::code(&out), code, "{what}: {err}");
+        assert!(err.contains(phrase), "{what}: {err}");
+        assert!(!a.path(&local).exists(), "{what}: no file is left");
+    }
 }
