@@ -209,7 +209,9 @@ impl Server {
                 let mut list = config.versions.take().unwrap_or_default();
                 while config.more {
                     config = next_config(&mut ws, Vec::new()).await?;
-                    list.extend(config.versions.take().unwrap_or_default());
+                    let run = config.versions.take().unwrap_or_default();
+                    check_run(replica, list.last(), &run, list.len())?;
+                    list.extend(run);
                 }
                 Ok(list)
             }
@@ -811,6 +813,45 @@ where
 /// A push that follows the WAL (reads only the pages changed since the last one) checks
 /// the structure of those pages instead, which costs what they cost; any doubt there, and
 /// every push that reads the whole file, runs the full `quick_check` (docs/trust.md).
+/// The most versions a `versions` list over a server may hold (a push a minute for
+/// four years): a server that keeps answering "more" past it is refused, so a hostile
+/// or broken one cannot make the client's list grow without bound.
+const MAX_LISTED_VERSIONS: usize = 1 << 21;
+
+/// Checks one more run of a `versions` list: not empty, after the `last` version
+/// listed (the server lists oldest first and never repeats itself), within
+/// [`MAX_LISTED_VERSIONS`].
+fn check_run(
+    replica: &ReplicaPath,
+    last: Option<&VersionInfo>,
+    run: &[VersionInfo],
+    listed: usize,
+) -> Result<()> {
+    let broken = |why: String| {
+        Err(Error::Protocol(format!(
+            "the server's list of the versions of {replica} {why}"
+        )))
+    };
+    let Some(first) = run.first() else {
+        return broken("announced more versions and sent none".into());
+    };
+    if let Some(last) = last {
+        if first.number <= last.number {
+            return broken(format!(
+                "went back from version {} to {}",
+                last.number, first.number
+            ));
+        }
+    }
+    if run.windows(2).any(|w| w[1].number <= w[0].number) {
+        return broken("is out of order".into());
+    }
+    if listed + run.len() > MAX_LISTED_VERSIONS {
+        return broken(format!("passed {MAX_LISTED_VERSIONS} versions"));
+    }
+    Ok(())
+}
+
 pub fn check_source(source: &Snapshot) -> Result<()> {
     if let Some(problems) = source.check_changed_pages()? {
         if problems.is_empty() {
@@ -1301,4 +1342,41 @@ pub fn client_id() -> String {
 /// A [`Progress`] that shows nothing, shareable across threads.
 pub fn no_progress() -> Arc<dyn Progress> {
     Arc::new(NoProgress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(number: u64) -> VersionInfo {
+        VersionInfo {
+            number,
+            page_size: 4096,
+            page_count: 1,
+            size: 4096,
+            digest: String::new(),
+            message: String::new(),
+            created_at: 0,
+            client_id: String::new(),
+            key_id: String::new(),
+            base: 0,
+            stored_bytes: None,
+        }
+    }
+
+    #[test]
+    fn a_versions_run_must_move_forward_and_stay_bounded() {
+        let r = ReplicaPath::parse("ns/db").unwrap();
+        assert!(check_run(&r, Some(&v(3)), &[v(4), v(9)], 3).is_ok());
+        assert!(check_run(&r, None, &[v(1)], 0).is_ok());
+        let err = |last: Option<&VersionInfo>, run: &[VersionInfo], listed| {
+            check_run(&r, last, run, listed).unwrap_err().to_string()
+        };
+        assert!(err(Some(&v(3)), &[], 3).contains("announced more versions and sent none"));
+        assert!(err(Some(&v(3)), &[v(3)], 3).contains("went back from version 3 to 3"));
+        assert!(err(Some(&v(3)), &[v(5), v(4)], 3).contains("out of order"));
+        let full = MAX_LISTED_VERSIONS - 1;
+        assert!(check_run(&r, Some(&v(9)), &[v(10)], full).is_ok());
+        assert!(err(Some(&v(9)), &[v(10), v(11)], full).contains("passed 2097152 versions"));
+    }
 }
