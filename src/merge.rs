@@ -12,7 +12,9 @@
 //!    changeset file; for each table changed on both sides, the primary keys each side
 //!    touched go into a scratch SQLite file (tables without a primary key: by rowid).
 //! 3. A key touched on both sides is a **conflict** when the two sides left different
-//!    rows (both deleting it, or making it the same row, is no conflict). `refuse`
+//!    rows (both deleting it, or making it the same row, is no conflict; and two rows
+//!    appended on both sides to a table without a primary key, which SQLite gave the
+//!    same rowid, are both kept, ours under a new rowid). `refuse`
 //!    stops here and lists them; `ours`, `theirs` and `newer` (the row whose
 //!    `--lww-column` is greater; a side that deleted the row counts with the base row's
 //!    value, and a tie keeps theirs) decide each one.
@@ -454,6 +456,17 @@ pub fn merge(
                 continue; // the same row on both sides: no conflict
             }
             let base_row = row(&keys, "o", b, &key).map_err(sql(old))?;
+            if b.table.by_rowid && base_row.is_none() && ours_row.is_some() && theirs_row.is_some()
+            {
+                // Both sides appended a row to a table without a primary key and SQLite
+                // gave both the same rowid, which names no row the user chose: both
+                // rows are kept, ours under a new rowid.
+                let mut params = key.clone();
+                params.push(Value::Text("append".into()));
+                win.execute(params_from_iter(params))
+                    .map_err(sql(&keys_path))?;
+                continue;
+            }
             let side = match on_conflict {
                 OnConflict::Refuse => "refused",
                 OnConflict::Ours => "ours",
@@ -695,6 +708,19 @@ fn write_winners(conn: &Connection, both: &[Both]) -> rusqlite::Result<()> {
         };
         let mut from_ours = conn.prepare(&copy("c"))?;
         let mut from_theirs = conn.prepare(&copy("l"))?;
+        // A row both sides appended to a table without a primary key: ours gets the
+        // next rowid.
+        let values = match b.table.by_rowid {
+            true => b.table.columns[1..]
+                .iter()
+                .map(|c| ident(c))
+                .collect::<Vec<_>>()
+                .join(", "),
+            false => columns.clone(),
+        };
+        let mut append = conn.prepare(&format!(
+            "INSERT INTO main.{table}({values}) SELECT {values} FROM c.{table} WHERE {matching}"
+        ))?;
         let mut winners = conn.prepare(&format!(
             "SELECT {}, side FROM k.win_{}",
             b.key_columns(),
@@ -706,6 +732,10 @@ fn write_winners(conn: &Connection, both: &[Both]) -> rusqlite::Result<()> {
                 .map(|i| r.get::<_, Value>(i))
                 .collect::<rusqlite::Result<_>>()?;
             let side: String = r.get(b.keys.len())?;
+            if side == "append" {
+                append.execute(params_from_iter(&key))?;
+                continue;
+            }
             delete.execute(params_from_iter(&key))?;
             match side.as_str() {
                 "ours" => from_ours.execute(params_from_iter(&key))?,
@@ -958,7 +988,7 @@ mod tests {
             "UPDATE t SET a = 11 WHERE id = 1; INSERT INTO t VALUES (4, 40, 'four');
              INSERT INTO log VALUES ('ours');",
             "DELETE FROM t WHERE id = 3; INSERT INTO t VALUES (5, 50, 'five');
-             UPDATE log SET msg = 'B' WHERE msg = 'b';",
+             UPDATE log SET msg = 'B' WHERE msg = 'b'; INSERT INTO log VALUES ('theirs');",
         );
         let r = three.merge(&OnConflict::Refuse);
         assert_eq!(r.refused, None);
@@ -981,7 +1011,7 @@ mod tests {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(log, ["a", "B", "ours"]);
+        assert_eq!(log, ["a", "B", "theirs", "ours"], "both appended rows kept");
         let ok: String = conn
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();

@@ -1,0 +1,361 @@
+//! `push --merge` on the embedded store: two machines (two homes, so two local
+//! histories) pushing one replica from older versions. Disjoint edits merge and both
+//! sides end with every row; overlapping edits are refused with the rows listed (stderr
+//! and `--json`) and nothing stored; `--on-conflict ours|theirs|newer` decide them; a
+//! schema change and a base removed by retention are refused with their reason.
+//!
+//! What is checked is what a user checks: the rows of each local file and of the
+//! latest version, `PRAGMA integrity_check`, the versions and their messages, the exit
+//! code, the lines and the JSON fields.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use sqlferry::store::{ReplicaPath, Store};
+use tempfile::TempDir;
+
+use crate::util::{self, Mode};
+
+const REPLICA: &str = "acme/app.db";
+
+/// A shared embedded store and two machines, `a` and `b`, each with its own home and
+/// its own `app.db`.
+struct Two {
+    dir: TempDir,
+}
+
+impl Two {
+    /// Machine a creates `app.db` with rows 1..=5 and pushes it (version 1); machine b
+    /// pulls it.
+    fn new(mode: Mode) -> Two {
+        let two = Two {
+            dir: TempDir::new().expect("tempdir"),
+        };
+        for m in ["a", "b"] {
+            std::fs::create_dir(two.dir.path().join(m)).expect("machine dir");
+        }
+        let conn = util::create(&two.db("a"), 4096, mode);
+        conn.execute_batch(
+            "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, at INTEGER);
+             CREATE TABLE log(msg TEXT);
+             INSERT INTO items VALUES (1, 'one', 1, 100), (2, 'two', 2, 100),
+                 (3, 'three', 3, 100), (4, 'four', 4, 100), (5, 'five', 5, 100);
+             INSERT INTO log VALUES ('created');",
+        )
+        .expect("fill");
+        drop(conn);
+        two.ok("a", &["push", "DB", REPLICA]);
+        two.ok("b", &["pull", REPLICA, "DB"]);
+        two
+    }
+
+    fn db(&self, machine: &str) -> PathBuf {
+        self.dir.path().join(machine).join("app.db")
+    }
+
+    fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// `sqlferry ARGS… --server file:///…/store` on `machine`; `DB` stands for its
+    /// `app.db`.
+    fn run(&self, machine: &str, args: &[&str]) -> Output {
+        let db = self.db(machine);
+        util::sqlferry(&self.dir.path().join(machine))
+            .args(args.iter().map(|a| match *a {
+                "DB" => db.as_os_str().to_owned(),
+                a => a.into(),
+            }))
+            .arg("--server")
+            .arg(format!("file://{}", self.store_dir().display()))
+            .output()
+            .expect("run sqlferry")
+    }
+
+    fn ok(&self, machine: &str, args: &[&str]) -> String {
+        let out = self.run(machine, args);
+        assert_eq!(
+            util::code(&out),
+            0,
+            "{machine} {args:?}: {}{}",
+            util::stderr(&out),
+            util::stdout(&out)
+        );
+        util::stdout(&out)
+    }
+
+    fn json(&self, machine: &str, args: &[&str]) -> (i32, serde_json::Value, String) {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.run(machine, &all);
+        let json = serde_json::from_str(util::stdout(&out).trim()).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: not JSON ({e}): {}{}",
+                util::stdout(&out),
+                util::stderr(&out)
+            )
+        });
+        (util::code(&out), json, util::stderr(&out))
+    }
+
+    fn edit(&self, machine: &str, sql: &str) {
+        util::open(&self.db(machine))
+            .execute_batch(sql)
+            .expect("edit");
+    }
+
+    /// Every version's (number, message).
+    fn versions(&self) -> Vec<(u64, String)> {
+        Store::new(self.store_dir())
+            .versions(&ReplicaPath::parse(REPLICA).expect("valid"))
+            .expect("versions")
+            .into_iter()
+            .map(|v| (v.number, v.message))
+            .collect()
+    }
+
+    /// The latest version's rows, pulled into a file of its own (by machine a's
+    /// history-free pull into a new file).
+    fn latest_rows(&self) -> Vec<(String, Vec<Vec<rusqlite::types::Value>>)> {
+        let file = self
+            .dir
+            .path()
+            .join(format!("latest-{}.db", self.versions().len()));
+        let path = file.to_str().expect("UTF-8");
+        self.ok("a", &["pull", REPLICA, path]);
+        assert_eq!(util::integrity(&file), "ok");
+        util::dump(&file)
+    }
+}
+
+fn items(path: &Path) -> Vec<(i64, String, i64, i64)> {
+    let conn = util::open(path);
+    let mut stmt = conn
+        .prepare("SELECT id, name, qty, at FROM items ORDER BY id")
+        .expect("select");
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+#[test]
+fn disjoint_edits_merge_and_both_sides_hold_every_row() {
+    for mode in [Mode::Wal, Mode::Rollback] {
+        let two = Two::new(mode);
+        two.edit(
+            "a",
+            "UPDATE items SET qty = 10 WHERE id = 1; INSERT INTO log VALUES ('a');",
+        );
+        two.ok("a", &["push", "DB", REPLICA]);
+        two.edit(
+            "b",
+            "UPDATE items SET qty = 20 WHERE id = 2; DELETE FROM items WHERE id = 3;
+             INSERT INTO items VALUES (6, 'six', 6, 100); INSERT INTO log VALUES ('b');",
+        );
+        // Without --merge: refused as before, nothing stored.
+        let refused = two.run("b", &["push", "DB", REPLICA]);
+        assert_eq!(util::code(&refused), 6, "{}", util::stderr(&refused));
+        assert!(util::stderr(&refused).contains("VERSION_CONFLICT"));
+        assert_eq!(two.versions().len(), 2);
+
+        let before = std::fs::read(two.db("a")).expect("a's bytes");
+        let (code, json, stderr) = two.json("b", &["push", "DB", REPLICA, "--merge"]);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(json["version"], 3);
+        assert_eq!(json["created"], true);
+        assert_eq!(json["merged"]["base"], 1);
+        assert_eq!(json["merged"]["onto"], 2);
+        assert_eq!(json["merged"]["version"], 3);
+        assert_eq!(
+            json["merged"]["changes"], 4,
+            "b's row changes: 3 of items, 1 of log"
+        );
+        assert_eq!(json["merged"]["conflicts_total"], 0);
+        assert_eq!(json["local_updated"], true);
+        assert_eq!(
+            two.versions().last().expect("a version").1,
+            "merge of v1 (this push) onto v2"
+        );
+        let expected = vec![
+            (1, "one".into(), 10, 100),
+            (2, "two".into(), 20, 100),
+            (4, "four".into(), 4, 100),
+            (5, "five".into(), 5, 100),
+            (6, "six".into(), 6, 100),
+        ];
+        // b now holds the merged version, whole; a is untouched until it pulls.
+        assert_eq!(items(&two.db("b")), expected);
+        assert_eq!(util::integrity(&two.db("b")), "ok");
+        assert_eq!(std::fs::read(two.db("a")).expect("a's bytes"), before);
+        assert_eq!(util::dump(&two.db("b")), two.latest_rows());
+        two.ok("a", &["pull", REPLICA, "DB"]);
+        assert_eq!(items(&two.db("a")), expected);
+        let log: Vec<String> = util::open(&two.db("a"))
+            .prepare("SELECT msg FROM log ORDER BY rowid")
+            .expect("select")
+            .query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(log, ["created", "a", "b"], "a table without a primary key");
+        // b's next push is based on the merge: nothing to merge, nothing changed.
+        let (code, json, _) = two.json("b", &["push", "DB", REPLICA, "--merge"]);
+        assert_eq!((code, json["created"].clone()), (0, false.into()));
+        assert!(json.get("merged").is_none(), "{json}");
+    }
+}
+
+#[test]
+fn overlapping_edits_are_refused_with_the_rows_listed_and_nothing_stored() {
+    let two = Two::new(Mode::Wal);
+    two.edit("a", "UPDATE items SET name = 'FIVE' WHERE id = 5;");
+    two.ok("a", &["push", "DB", REPLICA]);
+    two.edit(
+        "b",
+        "UPDATE items SET qty = 50 WHERE id = 5; UPDATE items SET qty = 40 WHERE id = 4;",
+    );
+    let before = std::fs::read(two.db("b")).expect("b's bytes");
+    let out = two.run("b", &["push", "DB", REPLICA, "--merge"]);
+    assert_eq!(util::code(&out), 6, "{}", util::stderr(&out));
+    let stderr = util::stderr(&out);
+    assert!(stderr.contains("VERSION_CONFLICT"), "{stderr}");
+    assert!(
+        stderr.contains("1 row was changed both by this push and in the latest version"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "conflict: items id=5: base (at=100, name='five', qty=5), theirs (at=100, \
+             name='FIVE', qty=5), ours (at=100, name='five', qty=50) → refused"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(two.versions().len(), 2, "nothing stored");
+    assert_eq!(
+        std::fs::read(two.db("b")).expect("b's bytes"),
+        before,
+        "LOCAL untouched"
+    );
+
+    let (code, json, _) = two.json("b", &["push", "DB", REPLICA, "--merge"]);
+    assert_eq!(code, 6);
+    assert_eq!(json["exit"], 6);
+    assert!(
+        json["error"]
+            .as_str()
+            .expect("error")
+            .contains("VERSION_CONFLICT")
+    );
+    let conflicts = json["merged"]["conflicts"].as_array().expect("conflicts");
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0]["table"], "items");
+    assert_eq!(conflicts[0]["key"], serde_json::json!([5]));
+    assert_eq!(conflicts[0]["base"]["name"], "five");
+    assert_eq!(conflicts[0]["theirs"]["name"], "FIVE");
+    assert_eq!(conflicts[0]["ours"]["qty"], 50);
+    assert_eq!(json["merged"]["conflicts_total"], 1);
+}
+
+#[test]
+fn each_on_conflict_mode_decides_the_rows_changed_on_both_sides() {
+    // Each mode on a fresh pair: a sets row 5 (at 200), b sets it too (at 300 or 50).
+    for (mode, b_at, want) in [
+        (&["--on-conflict", "ours"][..], 300, "b"),
+        (&["--on-conflict", "theirs"][..], 300, "a"),
+        (
+            &["--on-conflict", "newer", "--lww-column", "at"][..],
+            300,
+            "b",
+        ),
+        (
+            &["--on-conflict", "newer", "--lww-column", "at"][..],
+            50,
+            "a",
+        ),
+    ] {
+        let two = Two::new(Mode::Wal);
+        two.edit("a", "UPDATE items SET name = 'a', at = 200 WHERE id = 5;");
+        two.ok("a", &["push", "DB", REPLICA]);
+        two.edit(
+            "b",
+            &format!(
+                "UPDATE items SET name = 'b', at = {b_at} WHERE id = 5;
+                 UPDATE items SET qty = 11 WHERE id = 1;"
+            ),
+        );
+        let mut args = vec!["push", "DB", REPLICA, "--merge"];
+        args.extend(mode);
+        let (code, json, stderr) = two.json("b", &args);
+        assert_eq!(code, 0, "{mode:?}: {stderr}");
+        assert_eq!(json["merged"]["conflicts_total"], 1, "{mode:?}");
+        let side = if want == "b" { "ours" } else { "theirs" };
+        assert_eq!(
+            json["merged"]["conflicts"][0]["resolution"], side,
+            "{mode:?}"
+        );
+        let rows = items(&two.db("b"));
+        assert_eq!(rows[4].1, want, "{mode:?}: row 5");
+        assert_eq!(rows[0].2, 11, "{mode:?}: b's other change is in");
+        assert_eq!(util::dump(&two.db("b")), two.latest_rows(), "{mode:?}");
+    }
+}
+
+#[test]
+fn schema_changes_and_a_removed_base_are_refused_with_their_reason() {
+    let two = Two::new(Mode::Wal);
+    two.edit("a", "UPDATE items SET qty = 10 WHERE id = 1;");
+    two.ok("a", &["push", "DB", REPLICA]);
+    two.edit("b", "ALTER TABLE items ADD COLUMN note TEXT;");
+    let out = two.run(
+        "b",
+        &["push", "DB", REPLICA, "--merge", "--on-conflict", "ours"],
+    );
+    assert_eq!(util::code(&out), 6, "{}", util::stderr(&out));
+    let stderr = util::stderr(&out);
+    assert!(
+        stderr.contains("schema changes are never merged: table items was altered by this push"),
+        "{stderr}"
+    );
+    assert_eq!(two.versions().len(), 2);
+
+    // The base (version 1) removed by retention: the merge cannot be made.
+    let two = Two::new(Mode::Wal);
+    two.ok("a", &["retention", REPLICA, "--keep-last", "1"]);
+    two.edit("a", "UPDATE items SET qty = 10 WHERE id = 1;");
+    two.ok("a", &["push", "DB", REPLICA]);
+    assert_eq!(two.versions().len(), 1, "version 1 removed");
+    two.edit("b", "UPDATE items SET qty = 20 WHERE id = 2;");
+    let out = two.run("b", &["push", "DB", REPLICA, "--merge"]);
+    let stderr = util::stderr(&out);
+    assert_eq!(util::code(&out), 8, "{stderr}");
+    assert!(
+        stderr.contains("cannot merge: version 1 of acme/app.db"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("retention"), "{stderr}");
+}
+
+#[test]
+fn merge_flags_go_together() {
+    let two = Two::new(Mode::Wal);
+    for (args, says) in [
+        (&["--merge", "--force"][..], "cannot be used with"),
+        (&["--on-conflict", "ours"][..], "--merge"),
+        (&["--merge", "--on-conflict", "newer"][..], "--lww-column"),
+        (
+            &["--merge", "--lww-column", "at"][..],
+            "--on-conflict newer",
+        ),
+    ] {
+        let mut all = vec!["push", "DB", REPLICA];
+        all.extend(args);
+        let out = two.run("b", &all);
+        assert_eq!(util::code(&out), 2, "{args:?}: {}", util::stderr(&out));
+        assert!(
+            util::stderr(&out).contains(says),
+            "{args:?}: {}",
+            util::stderr(&out)
+        );
+    }
+}
