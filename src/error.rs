@@ -350,6 +350,20 @@ pub(crate) fn debug_panic(place: &str) {
     }
 }
 
+/// Debug builds only: when the environment variable `SQLFERRY_DEBUG_PAUSE` names
+/// `place` (`merge`), creates the file `SQLFERRY_DEBUG_PAUSE_FILE` names and blocks the
+/// calling thread for an hour, so a test can kill the process at that very point (a
+/// server in the middle of a merge) after waiting for the file. Release builds never
+/// read it.
+pub(crate) fn debug_pause(place: &str) {
+    if cfg!(debug_assertions) && std::env::var("SQLFERRY_DEBUG_PAUSE").is_ok_and(|p| p == place) {
+        if let Some(file) = std::env::var_os("SQLFERRY_DEBUG_PAUSE_FILE") {
+            let _ = std::fs::write(file, place);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 /// A version's time as the conflict message shows it: RFC 3339 in UTC.
 fn conflict_time(secs: i64) -> String {
     crate::epoch::rfc3339(secs)

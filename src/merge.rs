@@ -56,6 +56,34 @@ use crate::rows::{Pair, Summary, TableStatus, TableSummary, value_json};
 use crate::store::{PushOptions, ReplicaPath, Selector, Store, VersionInfo};
 use crate::{Error, ErrorKind, Result};
 
+/// The directory under a server's data directory where its merges keep their scratch
+/// files, one directory per merge; whatever a killed server left there is removed
+/// when it starts again ([`remove_scratch`]).
+pub const SCRATCH_DIR: &str = "merging";
+
+/// A new scratch directory for one merge under `root/`[`SCRATCH_DIR`], removed when
+/// the returned value is dropped.
+pub fn scratch_in(root: &Path) -> Result<tempfile::TempDir> {
+    let parent = root.join(SCRATCH_DIR);
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    tempfile::Builder::new()
+        .prefix("merge-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))
+}
+
+/// Removes what merges left under `root/`[`SCRATCH_DIR`] (a server killed while
+/// merging); only for the one process that owns `root` (a server, holding its lock).
+/// Whether anything was there.
+pub fn remove_scratch(root: &Path) -> bool {
+    let dir = root.join(SCRATCH_DIR);
+    let found = dir.exists();
+    if found && let Err(e) = std::fs::remove_dir_all(&dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not remove the scratch files of merges");
+    }
+    found
+}
+
 /// How many times [`merge_into_store`] merges when the replica keeps moving while it
 /// merges (each attempt merges onto the newest version).
 pub const MAX_MERGE_ATTEMPTS: u32 = 3;
@@ -268,7 +296,8 @@ fn compare(a: &Value, b: &Value) -> Ordering {
 /// of `from`; returns the copy's digest.
 pub fn copy_database(from: &Path, to: &Path) -> Result<String> {
     let mut source = Snapshot::open(from)?;
-    let mut target = Writer::open(to)?;
+    // Scratch files have no place in the page-hash cache.
+    let mut target = Writer::open(to)?.with_hash_cache(None);
     Ok(sync_local(&mut source, &mut target, &NoProgress)?.digest)
 }
 
@@ -802,7 +831,7 @@ pub fn materialize(
 ) -> Result<VersionInfo> {
     let mut reader = store.read(replica, Selector::Number(number))?;
     let info = reader.info().clone();
-    let mut writer = Writer::open(path)?;
+    let mut writer = Writer::open(path)?.with_hash_cache(None);
     sync_local(&mut reader, &mut writer, &NoProgress)?;
     Ok(info)
 }
@@ -885,8 +914,10 @@ pub fn merge_into_store(
             key_id: request.key_id.clone(),
         };
         let mut writer = store.push(replica, options)?;
-        let pushed = Snapshot::open(&out)
-            .and_then(|mut source| sync_local(&mut source, &mut writer, &NoProgress));
+        let pushed = Snapshot::open(&out).and_then(|source| {
+            let mut source = source.with_hash_cache(None);
+            sync_local(&mut source, &mut writer, &NoProgress)
+        });
         match pushed {
             Ok(_) => {
                 let (version, created) = writer

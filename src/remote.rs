@@ -545,11 +545,25 @@ impl Server {
             Server::Ws { url, compress } => {
                 let mut ws = connect(url, request.key.as_deref()).await?;
                 let o = &request.options;
+                let merging = request
+                    .merge
+                    .as_ref()
+                    .filter(|_| !o.force && o.base.is_some());
                 let session = Session {
                     op: Op::Push,
                     compress: *compress,
+                    merge: merging.map(OnConflict::request),
                 };
                 let config = open(&mut ws, session, replica, None, o.base, o.force, None).await?;
+                // A server older than merging ignores the request and would refuse the
+                // push: stop before a page goes out.
+                if merging.is_some() && !config.merge && Some(config.version) != o.base {
+                    return Err(Error::Protocol(format!(
+                        "{url} does not merge pushes (a sqlferry serve older than this client), \
+                         and {replica} moved past this push's base: --merge needs a newer \
+                         server; nothing was pushed"
+                    )));
+                }
                 if request.wait_followers && !config.followers {
                     return Err(Error::Protocol(format!(
                         "{}; nothing was pushed",
@@ -601,6 +615,20 @@ impl Server {
                 stats.bytes_received = wire.received;
                 let server_id = config.server_id;
                 let config = next_config(&mut ws, rest).await?;
+                let merged = match config.merged {
+                    Some(result) if result.refused.is_some() => {
+                        return Err(crate::merge::refusal(replica, &result));
+                    }
+                    // The server merged what this push sent: the snapshot's content.
+                    Some(result) => Some(Merged {
+                        result: *result,
+                        candidate_digest: stats.digest.clone(),
+                    }),
+                    None => None,
+                };
+                if let Some(m) = &merged {
+                    stats.digest.clone_from(&m.result.digest);
+                }
                 let outcome = PushOutcome {
                     stats,
                     version: config.version,
@@ -609,8 +637,10 @@ impl Server {
                     keys: config.keys,
                     server_id: config.server_id.or(server_id),
                     proved_unchanged: false,
-                    merged: None,
+                    merged,
                 };
+                // The pages sent are not the merged version's: no manifest kept.
+                let pushed = pushed.filter(|_| outcome.merged.is_none());
                 (outcome, pushed)
             }
         };
@@ -849,6 +879,7 @@ impl Server {
                 let session = Session {
                     op: Op::Pull,
                     compress: *compress,
+                    merge: None,
                 };
                 let config =
                     open(&mut ws, session, replica, Some(selector), None, false, None).await?;
@@ -1357,12 +1388,13 @@ fn open_frame(op: Op, replica: &ReplicaPath) -> Open {
     }
 }
 
-/// What a session is for, as OPEN says it: the operation and how this client
-/// compresses.
-#[derive(Debug, Clone, Copy)]
+/// What a session is for, as OPEN says it: the operation, how this client
+/// compresses, and for a push whether to merge.
+#[derive(Debug, Clone)]
 struct Session {
     op: Op,
     compress: CompressMode,
+    merge: Option<crate::protocol::control::MergeRequest>,
 }
 
 impl From<Op> for Session {
@@ -1370,6 +1402,7 @@ impl From<Op> for Session {
         Session {
             op,
             compress: CompressMode::Off,
+            merge: None,
         }
     }
 }
@@ -1401,7 +1434,11 @@ async fn open(
     force: bool,
     role: Option<SubscriberRole>,
 ) -> Result<Config> {
-    let Session { op, compress } = session.into();
+    let Session {
+        op,
+        compress,
+        merge,
+    } = session.into();
     let open = Open {
         protocol: PROTOCOL_VERSION,
         op,
@@ -1421,7 +1458,7 @@ async fn open(
         retention_clear: false,
         dry_run: false,
         paged: op == Op::Versions,
-        merge: None,
+        merge,
     };
     let offered = open.compress.clone();
     ws::send_binary(ws, Control::Open(open).to_bytes()).await?;

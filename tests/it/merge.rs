@@ -1,8 +1,10 @@
-//! `push --merge` on the embedded store: two machines (two homes, so two local
+//! `push --merge` on the embedded store and on a real server: two machines (two homes, so two local
 //! histories) pushing one replica from older versions. Disjoint edits merge and both
 //! sides end with every row; overlapping edits are refused with the rows listed (stderr
 //! and `--json`) and nothing stored; `--on-conflict ours|theirs|newer` decide them; a
-//! schema change and a base removed by retention are refused with their reason.
+//! schema change and a base removed by retention are refused with their reason; a
+//! server killed in the middle of a merge leaves the latest version as it was and no
+//! scratch file once restarted.
 //!
 //! What is checked is what a user checks: the rows of each local file and of the
 //! latest version, `PRAGMA integrity_check`, the versions and their messages, the exit
@@ -10,10 +12,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::Duration;
 
 use sqlferry::store::{ReplicaPath, Store};
 use tempfile::TempDir;
 
+use crate::server::{Machine, TestServer};
 use crate::util::{self, Mode};
 
 const REPLICA: &str = "acme/app.db";
@@ -358,4 +362,172 @@ fn merge_flags_go_together() {
             util::stderr(&out)
         );
     }
+}
+
+/// Two machines on a real `sqlferry serve`, each with the admin key: machine a creates
+/// the replica (version 1) from rows 1..=5 and machine b pulls it.
+fn on_server(server: &TestServer, root: &Path) -> (Machine, Machine) {
+    let (a, b) = (Machine::new(root, "a"), Machine::new(root, "b"));
+    let conn = util::create(&a.path("app.db"), 4096, Mode::Wal);
+    conn.execute_batch(
+        "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, at INTEGER);
+         INSERT INTO items VALUES (1, 'one', 1, 100), (2, 'two', 2, 100),
+             (3, 'three', 3, 100), (4, 'four', 4, 100), (5, 'five', 5, 100);",
+    )
+    .expect("fill");
+    drop(conn);
+    let key = server.admin_key.as_str();
+    a.push(server, "app.db", REPLICA, &["--key", key]);
+    b.pull(server, REPLICA, Some("app.db"), &["--key", key]);
+    (a, b)
+}
+
+#[test]
+fn a_server_merges_with_the_same_code() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let (a, b) = on_server(&server, dir.path());
+    let key = server.admin_key.as_str();
+    util::open(&a.path("app.db"))
+        .execute_batch("UPDATE items SET qty = 10 WHERE id = 1;")
+        .expect("edit a");
+    a.push(&server, "app.db", REPLICA, &["--key", key]);
+    util::open(&b.path("app.db"))
+        .execute_batch(
+            "UPDATE items SET qty = 20 WHERE id = 2; INSERT INTO items VALUES (6, 'six', 6, 100);",
+        )
+        .expect("edit b");
+    let report = b.push(&server, "app.db", REPLICA, &["--key", key, "--merge"]);
+    assert_eq!(report.u64("version"), 3);
+    assert_eq!(report.0["merged"]["base"], 1);
+    assert_eq!(report.0["merged"]["onto"], 2);
+    assert_eq!(report.0["merged"]["changes"], 2);
+    assert_eq!(report.0["local_updated"], true);
+    let versions = server.versions(REPLICA).expect("versions");
+    assert_eq!(
+        versions.last().expect("v3").message,
+        "merge of v1 (this push) onto v2"
+    );
+    let expected = vec![
+        (1, "one".into(), 10, 100),
+        (2, "two".into(), 20, 100),
+        (3, "three".into(), 3, 100),
+        (4, "four".into(), 4, 100),
+        (5, "five".into(), 5, 100),
+        (6, "six".into(), 6, 100),
+    ];
+    assert_eq!(items(&b.path("app.db")), expected);
+    assert_eq!(util::integrity(&b.path("app.db")), "ok");
+    assert_eq!(
+        versions.last().expect("v3").digest,
+        util::digest(&b.path("app.db"))
+    );
+    a.pull(&server, REPLICA, Some("app.db"), &["--key", key]);
+    assert_eq!(items(&a.path("app.db")), expected);
+
+    // Overlapping edits: refused, the row listed, nothing stored.
+    util::open(&a.path("app.db"))
+        .execute_batch("UPDATE items SET name = 'FOUR' WHERE id = 4;")
+        .expect("edit a");
+    a.push(&server, "app.db", REPLICA, &["--key", key]);
+    util::open(&b.path("app.db"))
+        .execute_batch("UPDATE items SET qty = 44 WHERE id = 4;")
+        .expect("edit b");
+    let out = b.run_on(
+        &server,
+        ["push", "app.db", REPLICA, "--key", key, "--merge"],
+    );
+    let stderr = util::stderr(&out);
+    assert_eq!(util::code(&out), 6, "{stderr}");
+    assert!(
+        stderr.contains("moved from version 3 (this push's base) to 4"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("conflict: items id=4: base (at=100, name='four', qty=4)"),
+        "{stderr}"
+    );
+    assert_eq!(server.version_numbers(REPLICA), [1, 2, 3, 4]);
+    // Decided: ours.
+    let report = b.push(
+        &server,
+        "app.db",
+        REPLICA,
+        &["--key", key, "--merge", "--on-conflict", "ours"],
+    );
+    assert_eq!(report.u64("version"), 5);
+    assert_eq!(items(&b.path("app.db"))[3], (4, "four".into(), 44, 100));
+}
+
+#[test]
+fn a_server_killed_mid_merge_leaves_the_latest_version_and_no_scratch_files() {
+    let dir = TempDir::new().expect("tempdir");
+    let paused = dir.path().join("paused");
+    let paused_str = paused.to_str().expect("UTF-8");
+    let mut server = TestServer::start_env(
+        dir.path(),
+        &[
+            ("SQLFERRY_DEBUG_PAUSE", "merge"),
+            ("SQLFERRY_DEBUG_PAUSE_FILE", paused_str),
+        ],
+    );
+    let (a, b) = on_server(&server, dir.path());
+    let key = server.admin_key.clone();
+    util::open(&a.path("app.db"))
+        .execute_batch("UPDATE items SET qty = 10 WHERE id = 1;")
+        .expect("edit a");
+    a.push(&server, "app.db", REPLICA, &["--key", &key]);
+    let latest = server.versions(REPLICA).expect("versions");
+    util::open(&b.path("app.db"))
+        .execute_batch("UPDATE items SET qty = 20 WHERE id = 2;")
+        .expect("edit b");
+    let before = std::fs::read(b.path("app.db")).expect("b's bytes");
+    let mut push = b
+        .command()
+        .args([
+            "push",
+            "app.db",
+            REPLICA,
+            "--merge",
+            "--key",
+            &key,
+            "--server",
+            &server.url,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the push");
+    assert!(
+        util::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+            paused.exists()
+        }),
+        "the server reached the merge"
+    );
+    let scratch = dir.path().join("server-data").join("merging");
+    assert!(
+        std::fs::read_dir(&scratch)
+            .expect("scratch dir")
+            .next()
+            .is_some(),
+        "the merge's files are there while it runs"
+    );
+    server.sigkill();
+    let status = push.wait().expect("the push ends");
+    assert_eq!(status.code(), Some(4), "the connection was lost");
+    assert_eq!(std::fs::read(b.path("app.db")).expect("b's bytes"), before);
+    server.restart();
+    assert!(!scratch.exists(), "no stray files after the restart");
+    assert_eq!(
+        server.versions(REPLICA).expect("versions"),
+        latest,
+        "LATEST as it was"
+    );
+    // The same push again merges (the restarted server does not pause).
+    let report = b.push(&server, "app.db", REPLICA, &["--key", &key, "--merge"]);
+    assert_eq!(report.u64("version"), 3);
+    assert_eq!(
+        items(&b.path("app.db"))[..2],
+        [(1, "one".into(), 10, 100), (2, "two".into(), 20, 100)]
+    );
 }
