@@ -531,3 +531,99 @@ fn a_server_killed_mid_merge_leaves_the_latest_version_and_no_scratch_files() {
         [(1, "one".into(), 10, 100), (2, "two".into(), 20, 100)]
     );
 }
+
+/// Inserts rows `first..first+count` into `items` of the database at `argv[1]`, one
+/// transaction each, a little apart: a writer process of its own.
+const WRITER: &str = "
+import sqlite3, sys, time
+db, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+for i in range(first, first + count):
+    conn.execute('BEGIN IMMEDIATE')
+    conn.execute('INSERT INTO items VALUES (?, ?, ?, ?)', (i, 'w%d' % i, i, i))
+    conn.execute('COMMIT')
+    time.sleep(0.03)
+";
+
+fn ids(path: &Path) -> Vec<i64> {
+    let conn = util::open(path);
+    let mut stmt = conn
+        .prepare("SELECT id FROM items ORDER BY id")
+        .expect("select");
+    stmt.query_map([], |r| r.get(0))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+#[test]
+fn two_merging_push_subscribers_converge() {
+    const ROWS: i64 = 20;
+    let two = Two::new(Mode::Wal);
+    let store = format!("file://{}", two.store_dir().display());
+    let subscriber = |m: &str| {
+        let db = two.db(m);
+        let log = std::fs::File::create(two.dir.path().join(format!("{m}.log"))).expect("log");
+        util::sqlferry(&two.dir.path().join(m))
+            .args(["push", db.to_str().expect("UTF-8"), REPLICA, "--subscribe"])
+            .args(["--wait-idle", "10s", "--max-changes", "1", "--poll", "1s"])
+            .args(["--merge", "--server", &store])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn a push subscriber")
+    };
+    let (mut sub_a, mut sub_b) = (subscriber("a"), subscriber("b"));
+    let writer = |m: &str, first: i64| {
+        std::process::Command::new("python3")
+            .args(["-c", WRITER, two.db(m).to_str().expect("UTF-8")])
+            .args([first.to_string(), ROWS.to_string()])
+            .spawn()
+            .expect("spawn a writer")
+    };
+    let (mut w_a, mut w_b) = (writer("a", 1000), writer("b", 2000));
+    assert!(w_a.wait().expect("writer a").success());
+    assert!(w_b.wait().expect("writer b").success());
+    let mut all: Vec<i64> = (1..=5).collect();
+    all.extend(1000..1000 + ROWS);
+    all.extend(2000..2000 + ROWS);
+    // Until both hold every row, or a subscriber stopped (then it failed: no wait).
+    let converged = util::wait_until(Duration::from_secs(120), Duration::from_millis(100), || {
+        let stopped = [&mut sub_a, &mut sub_b]
+            .into_iter()
+            .any(|s| s.try_wait().ok().flatten().is_some());
+        stopped || (ids(&two.db("a")) == all && ids(&two.db("b")) == all)
+    }) && ids(&two.db("a")) == all
+        && ids(&two.db("b")) == all;
+    for sub in [&mut sub_a, &mut sub_b] {
+        if sub.try_wait().ok().flatten().is_none() {
+            crate::server::signal(sub, "TERM");
+        }
+    }
+    let logs = || {
+        ["a", "b"]
+            .map(|m| {
+                std::fs::read_to_string(two.dir.path().join(format!("{m}.log"))).unwrap_or_default()
+            })
+            .join("\n---\n")
+    };
+    assert!(
+        converged,
+        "both local files hold every row; logs:\n{}",
+        logs()
+    );
+    for sub in [&mut sub_a, &mut sub_b] {
+        let status = crate::server::wait_for_exit(sub, Duration::from_secs(30)).expect("exits");
+        assert!(status.success(), "{status}; logs:\n{}", logs());
+    }
+    for m in ["a", "b"] {
+        assert_eq!(util::integrity(&two.db(m)), "ok");
+    }
+    let latest = two.latest_rows();
+    let items = latest.iter().find(|(t, _)| t == "items").expect("items");
+    assert_eq!(
+        items.1.len(),
+        all.len(),
+        "the latest version holds every row"
+    );
+}
