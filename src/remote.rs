@@ -486,9 +486,7 @@ impl Server {
                         });
                         let (stats, pushed) = match (pushed, merging) {
                             (Ok(done), _) => done,
-                            (Err(e), Some((on_conflict, base)))
-                                if matches!(e, Error::Conflict { .. }) =>
-                            {
+                            (Err(Error::Conflict { .. }), Some((on_conflict, base))) => {
                                 // The replica moved past the base: merge instead. The
                                 // push's write lock and read transaction go first.
                                 drop((target, source));
