@@ -685,6 +685,12 @@ impl PushArgs {
                         .map(ToString::to_string)
                         .unwrap_or_default()
                 ),
+                (Some(n), true) if pusher.merge.is_some() && plan.base.is_some() => format!(
+                    "a merge of LOCAL's row changes since version {} onto version {n} (refused, \
+                     VERSION_CONFLICT, if it changes rows version {n} changed, unless \
+                     --on-conflict decides them, or if either changed the schema)",
+                    plan.base.unwrap_or(0)
+                ),
                 (_, true) => format!(
                     "refused, VERSION_CONFLICT: the replica is at version {}, LOCAL is based on {}",
                     plan.latest.unwrap_or(0),
@@ -697,7 +703,7 @@ impl PushArgs {
         ))?;
         Ok(if plan.damaged.is_some() {
             exit::VERIFY
-        } else if plan.conflict {
+        } else if plan.conflict && !(pusher.merge.is_some() && plan.base.is_some()) {
             exit::CONFLICT
         } else {
             exit::OK

@@ -157,6 +157,11 @@ fn disjoint_edits_merge_and_both_sides_hold_every_row() {
             "UPDATE items SET qty = 20 WHERE id = 2; DELETE FROM items WHERE id = 3;
              INSERT INTO items VALUES (6, 'six', 6, 100); INSERT INTO log VALUES ('b');",
         );
+        let plan = two.ok("b", &["push", "DB", REPLICA, "--merge", "--dry-run"]);
+        assert!(
+            plan.contains("a merge of LOCAL's row changes since version 1 onto version 2"),
+            "{plan}"
+        );
         // Without --merge: refused as before, nothing stored.
         let refused = two.run("b", &["push", "DB", REPLICA]);
         assert_eq!(util::code(&refused), 6, "{}", util::stderr(&refused));
