@@ -352,15 +352,22 @@ pub(crate) fn debug_panic(place: &str) {
 
 /// Debug builds only: when the environment variable `SQLFERRY_DEBUG_PAUSE` names
 /// `place` (`merge`), creates the file `SQLFERRY_DEBUG_PAUSE_FILE` names and blocks the
-/// calling thread for an hour, so a test can kill the process at that very point (a
-/// server in the middle of a merge) after waiting for the file. Release builds never
-/// read it.
+/// calling thread until that file is removed (at most an hour), so a test can act at
+/// that very point (kill a server in the middle of a merge, or write a database while
+/// it merges) after waiting for the file. Release builds never read it.
 pub(crate) fn debug_pause(place: &str) {
-    if cfg!(debug_assertions) && std::env::var("SQLFERRY_DEBUG_PAUSE").is_ok_and(|p| p == place) {
-        if let Some(file) = std::env::var_os("SQLFERRY_DEBUG_PAUSE_FILE") {
-            let _ = std::fs::write(file, place);
-        }
-        std::thread::sleep(std::time::Duration::from_secs(3600));
+    if !cfg!(debug_assertions) || !std::env::var("SQLFERRY_DEBUG_PAUSE").is_ok_and(|p| p == place) {
+        return;
+    }
+    let Some(file) = std::env::var_os("SQLFERRY_DEBUG_PAUSE_FILE") else {
+        return;
+    };
+    if std::fs::write(&file, place).is_err() {
+        return;
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    while std::path::Path::new(&file).exists() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

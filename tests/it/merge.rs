@@ -632,3 +632,95 @@ fn two_merging_push_subscribers_converge() {
         "the latest version holds every row"
     );
 }
+
+#[test]
+fn local_written_while_the_server_merges_keeps_its_changes_and_merges_next_time() {
+    let dir = TempDir::new().expect("tempdir");
+    let paused = dir.path().join("paused");
+    let paused_str = paused.to_str().expect("UTF-8");
+    let server = TestServer::start_env(
+        dir.path(),
+        &[
+            ("SQLFERRY_DEBUG_PAUSE", "merge"),
+            ("SQLFERRY_DEBUG_PAUSE_FILE", paused_str),
+        ],
+    );
+    let (a, b) = on_server(&server, dir.path());
+    let key = server.admin_key.clone();
+    util::open(&a.path("app.db"))
+        .execute_batch("UPDATE items SET qty = 10 WHERE id = 1;")
+        .expect("edit a");
+    a.push(&server, "app.db", REPLICA, &["--key", &key]);
+    util::open(&b.path("app.db"))
+        .execute_batch("UPDATE items SET qty = 20 WHERE id = 2;")
+        .expect("edit b");
+    let push = b
+        .command()
+        .args([
+            "push", "app.db", REPLICA, "--merge", "--json", "--key", &key,
+        ])
+        .args(["--server", &server.url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the push");
+    assert!(
+        util::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+            paused.exists()
+        }),
+        "the server reached the merge"
+    );
+    // b's application writes while the server merges what b's push read.
+    util::open(&b.path("app.db"))
+        .execute_batch("INSERT INTO items VALUES (7, 'seven', 7, 100);")
+        .expect("write b meanwhile");
+    std::fs::remove_file(&paused).expect("let the merge go on");
+    let out = push.wait_with_output().expect("the push ends");
+    let report = crate::server::Report::of(&out, "push --merge");
+    assert_eq!(report.u64("version"), 3, "the merge was stored");
+    assert_eq!(report.0["local_updated"], false);
+    assert!(
+        report.0["local_kept"]
+            .as_str()
+            .expect("why")
+            .contains("was written since this push read it"),
+        "{}",
+        report.0
+    );
+    // b kept its row 7 and is not brought to version 3 (a's qty 10 is not in it).
+    let rows = items(&b.path("app.db"));
+    assert_eq!(rows[0], (1, "one".into(), 1, 100));
+    assert_eq!(rows.last().expect("row 7").0, 7);
+    // Its next push merges again, from the same base: everything ends up in (the
+    // server pauses again at the merge: let it go at once).
+    let push = b
+        .command()
+        .args([
+            "push", "app.db", REPLICA, "--merge", "--json", "--key", &key,
+        ])
+        .args(["--server", &server.url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("push again");
+    assert!(
+        util::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+            paused.exists()
+        }),
+        "the server reached the second merge"
+    );
+    std::fs::remove_file(&paused).expect("let the merge go on");
+    let out = push.wait_with_output().expect("the push ends");
+    let report = crate::server::Report::of(&out, "push --merge again");
+    assert_eq!(report.u64("version"), 4);
+    assert_eq!(report.0["merged"]["base"], 1, "the same base as before");
+    assert_eq!(report.0["local_updated"], true);
+    let rows = items(&b.path("app.db"));
+    assert_eq!(rows[0], (1, "one".into(), 10, 100), "a's change");
+    assert_eq!(rows[1], (2, "two".into(), 20, 100), "b's first change");
+    assert_eq!(
+        rows.last().expect("row 7").0,
+        7,
+        "b's row written meanwhile"
+    );
+}
