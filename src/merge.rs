@@ -1163,6 +1163,38 @@ mod tests {
     }
 
     #[test]
+    fn without_rowid_tables_merge_by_key_and_broken_foreign_keys_refuse() {
+        let three = Three::new(
+            "CREATE TABLE kv(k TEXT PRIMARY KEY, v) WITHOUT ROWID;
+             INSERT INTO kv VALUES ('a', 1), ('b', 2);",
+            "UPDATE kv SET v = 10 WHERE k = 'a';",
+            "INSERT INTO kv VALUES ('z', 26); DELETE FROM kv WHERE k = 'b';",
+        );
+        assert_eq!(three.merge(&OnConflict::Refuse).refused, None);
+        let conn = Connection::open(three.path("out.db")).unwrap();
+        let kv: Vec<(String, i64)> = conn
+            .prepare("SELECT k, v FROM kv ORDER BY k")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(kv, [("a".into(), 10), ("z".into(), 26)]);
+
+        // Ours adds a child of parent 1, theirs deletes parent 1: each side is sound,
+        // the merge is not.
+        let three = Three::new(
+            "CREATE TABLE parent(id INTEGER PRIMARY KEY);
+             CREATE TABLE child(id INTEGER PRIMARY KEY, p INTEGER REFERENCES parent(id));
+             INSERT INTO parent VALUES (1), (2);",
+            "INSERT INTO child VALUES (1, 1);",
+            "DELETE FROM parent WHERE id = 1;",
+        );
+        let why = three.merge(&OnConflict::Refuse).refused.unwrap();
+        assert!(why.contains("break foreign keys"), "{why}");
+    }
+
+    #[test]
     fn values_order_as_sqlite_orders_them() {
         use Value::*;
         assert_eq!(compare(&Null, &Integer(0)), Ordering::Less);
