@@ -473,6 +473,7 @@ async fn destination(database: &Path, target: &Target, message: &str) -> Result<
             let mut pusher =
                 Pusher::open(database, replica.clone(), server, connection.key.clone()).await?;
             pusher.message = message.to_owned();
+            pusher.merge = store.merge.clone();
             Destination::Replica(Box::new(pusher))
         }
     })

@@ -213,6 +213,16 @@ pub enum Error {
         /// The client id that pushed the latest version.
         latest_client: String,
     },
+    /// A `push --merge` whose merge was refused: rows changed on both sides to other
+    /// values (with `--on-conflict refuse`), a schema change on either side, or a
+    /// result that breaks a constraint. Nothing was stored; LOCAL is as it was.
+    #[error("{message}")]
+    MergeRefused {
+        /// What was refused and why, for a person.
+        message: String,
+        /// The merge's report as JSON (`protocol::control::MergeResult`): the rows.
+        report: Box<serde_json::Value>,
+    },
     /// The server failed on its own side (disk full, I/O error, busy); temporary.
     #[error("server error: {0}")]
     Server(String),
@@ -265,7 +275,7 @@ impl Error {
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Auth(_) => ErrorKind::Auth,
             Error::InUse(_) => ErrorKind::Busy,
-            Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::Conflict { .. } | Error::MergeRefused { .. } => ErrorKind::Conflict,
             Error::Server(_) => ErrorKind::Server,
             Error::LocalChanges(_) => ErrorKind::LocalChanges,
             Error::Bug(_) => ErrorKind::Bug,
@@ -289,6 +299,15 @@ impl Error {
         Error::Context {
             what: what.into(),
             source: Box::new(self),
+        }
+    }
+
+    /// The merge report of a refused merge, under any context.
+    pub fn merge_report(&self) -> Option<&serde_json::Value> {
+        match self {
+            Error::MergeRefused { report, .. } => Some(report),
+            Error::Context { source, .. } => source.merge_report(),
+            _ => None,
         }
     }
 
@@ -328,6 +347,27 @@ impl From<tokio::task::JoinError> for Error {
 pub(crate) fn debug_panic(place: &str) {
     if cfg!(debug_assertions) && std::env::var("SQLFERRY_DEBUG_PANIC").is_ok_and(|p| p == place) {
         panic!("SQLFERRY_DEBUG_PANIC={place}");
+    }
+}
+
+/// Debug builds only: when the environment variable `SQLFERRY_DEBUG_PAUSE` names
+/// `place` (`merge`), creates the file `SQLFERRY_DEBUG_PAUSE_FILE` names and blocks the
+/// calling thread until that file is removed (at most an hour), so a test can act at
+/// that very point (kill a server in the middle of a merge, or write a database while
+/// it merges) after waiting for the file. Release builds never read it.
+pub(crate) fn debug_pause(place: &str) {
+    if !cfg!(debug_assertions) || !std::env::var("SQLFERRY_DEBUG_PAUSE").is_ok_and(|p| p == place) {
+        return;
+    }
+    let Some(file) = std::env::var_os("SQLFERRY_DEBUG_PAUSE_FILE") else {
+        return;
+    };
+    if std::fs::write(&file, place).is_err() {
+        return;
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    while std::path::Path::new(&file).exists() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

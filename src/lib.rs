@@ -18,6 +18,8 @@
 //! - `server`: `sqlferry serve`: HTTP and WebSocket on one port, auth, sessions, hub.
 //! - `transport`: what client and server share on the wire: WebSocket framing of
 //!   frames, TLS setup and PEM loading.
+//! - `merge`: a push made from an older version merged row by row onto the latest
+//!   version (`push --merge`), the same code for the embedded store and a server.
 //! - `store`: replicas, immutable versions and content-addressed pages in SQLite files.
 //! - `engine`: the sync algorithm over any link: origin and replica roles, hash-tree
 //!   descent, the final digest check; its page source and target over SQLite files.
@@ -47,6 +49,7 @@ pub mod epoch;
 mod error;
 pub mod history;
 pub mod memory;
+pub mod merge;
 pub mod page;
 pub mod protocol;
 pub mod remote;

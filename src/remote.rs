@@ -19,13 +19,16 @@ use std::sync::Arc;
 
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use crate::digest::Hash;
 use crate::engine::{
-    KnownBase, NoProgress, OriginOptions, Progress, Role, SyncStats, pumped_link, run_origin_with,
-    run_replica, sync_local, sync_local_with,
+    BeginInfo, KnownBase, NoProgress, OriginOptions, PageTarget, Progress, Role, SyncStats,
+    pumped_link, run_origin_with, run_replica, sync_local, sync_local_with,
 };
 use crate::history;
+use crate::merge::OnConflict;
 use crate::page::{Snapshot, Writer};
 use crate::protocol::compress::CompressMode;
+use crate::protocol::control::MergeResult;
 use crate::protocol::control::{
     Config, Control, KeyInfo, MAX_FOLLOWERS_WAIT, NewKeys, Op, Open, SubscriberRole, WaitFollowers,
 };
@@ -84,6 +87,19 @@ pub struct PushOutcome {
     /// (docs/engine.md, "A no-change push that reads nothing"; `--json`:
     /// `proved_unchanged`).
     pub proved_unchanged: bool,
+    /// Set when the replica had moved past the push's base and the push was merged
+    /// onto its latest version (`push --merge`): `version` is then the merge's.
+    pub merged: Option<Merged>,
+}
+
+/// What a merged push did (`push --merge`).
+#[derive(Debug, Clone)]
+pub struct Merged {
+    /// The merge's report: the versions, the changes applied, the conflicts decided.
+    pub result: MergeResult,
+    /// The digest of the content merged as this push's: LOCAL is brought to the merged
+    /// version only if it still holds exactly that ([`Server::pull_if_unchanged`]).
+    pub candidate_digest: String,
 }
 
 /// What a pull did.
@@ -117,6 +133,10 @@ pub struct PushRequest {
     /// The caller will wait for followers after the push (`--wait-followers`): a
     /// server that keeps none (an older one) is refused before anything is sent.
     pub wait_followers: bool,
+    /// Merge onto the latest version when the replica moved past the base
+    /// (`--merge`), deciding rows changed on both sides this way; `None`: refuse
+    /// with VERSION_CONFLICT.
+    pub merge: Option<OnConflict>,
 }
 
 /// What a wait for followers ended with.
@@ -364,6 +384,7 @@ impl Server {
             retention_clear: false,
             dry_run: false,
             paged: false,
+            merge: None,
         };
         ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
         let config = next_config(&mut ws, Vec::new()).await?;
@@ -426,6 +447,7 @@ impl Server {
                             keys: None,
                             server_id: None,
                             proved_unchanged: true,
+                            merged: None,
                         }));
                     }
                 }
@@ -454,11 +476,39 @@ impl Server {
                 let (outcome, pushed) = {
                     let (store, replica) = (store.clone(), replica.clone());
                     let options = request.options;
+                    let merge = request.merge.clone();
+                    let local = local.to_owned();
                     blocking(move || {
+                        let merging = merge.zip(options.base).filter(|_| !options.force);
+                        let base_options = options.clone();
                         let mut target = store.push(&replica, options)?;
-                        let (stats, pushed) = push_origin(&mut source, kept, |source, options| {
+                        let started = std::time::Instant::now();
+                        let pushed = push_origin(&mut source, kept, |source, options| {
                             sync_local_with(source, &mut target, &*progress, options)
-                        })?;
+                        });
+                        let (stats, pushed) = match (pushed, merging) {
+                            (Ok(done), _) => done,
+                            (Err(Error::Conflict { .. }), Some((on_conflict, base))) => {
+                                // The replica moved past the base: merge instead. The
+                                // push's write lock and read transaction go first.
+                                drop((target, source));
+                                let outcome = merge_embedded(
+                                    &store,
+                                    &local,
+                                    crate::merge::Request {
+                                        replica: replica.clone(),
+                                        base,
+                                        on_conflict,
+                                        message: base_options.message,
+                                        client_id: base_options.client_id,
+                                        key_id: base_options.key_id,
+                                    },
+                                    started,
+                                )?;
+                                return Ok((outcome, None));
+                            }
+                            (Err(e), _) => return Err(e),
+                        };
                         let (version, created) = target
                             .outcome()
                             .expect("a successful sync leaves an outcome");
@@ -470,6 +520,7 @@ impl Server {
                             keys: None,
                             server_id: None,
                             proved_unchanged: false,
+                            merged: None,
                         };
                         // Versions the retention policy removed: their pages are freed
                         // once this push lets go of the store.
@@ -494,11 +545,25 @@ impl Server {
             Server::Ws { url, compress } => {
                 let mut ws = connect(url, request.key.as_deref()).await?;
                 let o = &request.options;
+                let merging = request
+                    .merge
+                    .as_ref()
+                    .filter(|_| !o.force && o.base.is_some());
                 let session = Session {
                     op: Op::Push,
                     compress: *compress,
+                    merge: merging.map(OnConflict::request),
                 };
                 let config = open(&mut ws, session, replica, None, o.base, o.force, None).await?;
+                // A server older than merging ignores the request and would refuse the
+                // push: stop before a page goes out.
+                if merging.is_some() && !config.merge && Some(config.version) != o.base {
+                    return Err(Error::Protocol(format!(
+                        "{url} does not merge pushes (a sqlferry serve older than this client), \
+                         and {replica} moved past this push's base: --merge needs a newer \
+                         server; nothing was pushed"
+                    )));
+                }
                 if request.wait_followers && !config.followers {
                     return Err(Error::Protocol(format!(
                         "{}; nothing was pushed",
@@ -550,6 +615,20 @@ impl Server {
                 stats.bytes_received = wire.received;
                 let server_id = config.server_id;
                 let config = next_config(&mut ws, rest).await?;
+                let merged = match config.merged {
+                    Some(result) if result.refused.is_some() => {
+                        return Err(crate::merge::refusal(replica, &result));
+                    }
+                    // The server merged what this push sent: the snapshot's content.
+                    Some(result) => Some(Merged {
+                        result: *result,
+                        candidate_digest: stats.digest.clone(),
+                    }),
+                    None => None,
+                };
+                if let Some(m) = &merged {
+                    stats.digest.clone_from(&m.result.digest);
+                }
                 let outcome = PushOutcome {
                     stats,
                     version: config.version,
@@ -558,20 +637,26 @@ impl Server {
                     keys: config.keys,
                     server_id: config.server_id.or(server_id),
                     proved_unchanged: false,
+                    merged,
                 };
+                // The pages sent are not the merged version's: no manifest kept.
+                let pushed = pushed.filter(|_| outcome.merged.is_none());
                 (outcome, pushed)
             }
         };
         if let (Some(db), Some(_)) = (&request.database, &embedded) {
-            // The next push proves "no change" from this one's state, or runs.
-            let seal = state.map(|state| history::PushSeal {
-                server: url.clone(),
-                replica: replica.to_string(),
-                version: outcome.version,
-                digest: outcome.stats.digest.clone(),
-                checked: !request.allow_corrupt,
-                source: state.to_token(),
-            });
+            // The next push proves "no change" from this one's state, or runs. A merged
+            // push leaves no seal: LOCAL does not hold the version it made.
+            let seal = state
+                .filter(|_| outcome.merged.is_none())
+                .map(|state| history::PushSeal {
+                    server: url.clone(),
+                    replica: replica.to_string(),
+                    version: outcome.version,
+                    digest: outcome.stats.digest.clone(),
+                    checked: !request.allow_corrupt,
+                    source: state.to_token(),
+                });
             let (db, url, replica) = (db.clone(), url.clone(), replica.to_string());
             blocking(move || {
                 match seal {
@@ -701,10 +786,59 @@ impl Server {
         &self,
         replica: &ReplicaPath,
         selector: Selector,
-        mut target: Writer,
+        target: Writer,
         key: Option<&str>,
         progress: Arc<dyn Progress>,
     ) -> Result<(PullOutcome, Writer)> {
+        self.pull_through(replica, selector, target, key, progress)
+            .await
+    }
+
+    /// Brings the database at `local` to version `version` of `replica` (after a
+    /// merged push), only if it still holds the content whose digest is `expected`:
+    /// checked inside the pull's write transaction, so a commit to LOCAL made after the
+    /// push read it is never overwritten. When LOCAL changed: [`Error::LocalChanges`],
+    /// and nothing was written.
+    pub async fn pull_if_unchanged(
+        &self,
+        replica: &ReplicaPath,
+        version: u64,
+        local: &Path,
+        expected: &str,
+        key: Option<&str>,
+    ) -> Result<PullOutcome> {
+        let (path, expected) = (local.to_owned(), expected.to_owned());
+        let target = blocking(move || {
+            Ok(Unchanged {
+                writer: Writer::open(&path)?,
+                path,
+                expected,
+            })
+        })
+        .await?;
+        self.pull_through(
+            replica,
+            Selector::Number(version),
+            target,
+            key,
+            no_progress(),
+        )
+        .await
+        .map(|(outcome, _)| outcome)
+    }
+
+    /// [`Server::pull_into`] through any page target.
+    async fn pull_through<T>(
+        &self,
+        replica: &ReplicaPath,
+        selector: Selector,
+        mut target: T,
+        key: Option<&str>,
+        progress: Arc<dyn Progress>,
+    ) -> Result<(PullOutcome, T)>
+    where
+        T: PageTarget + Send + 'static,
+    {
         match self {
             Server::Embedded(store) => {
                 let (store, replica) = (store.clone(), replica.clone());
@@ -745,6 +879,7 @@ impl Server {
                 let session = Session {
                     op: Op::Pull,
                     compress: *compress,
+                    merge: None,
                 };
                 let config =
                     open(&mut ws, session, replica, Some(selector), None, false, None).await?;
@@ -786,6 +921,101 @@ impl Server {
             }
         }
     }
+}
+
+/// A pull target that writes LOCAL only if it still holds the content whose digest is
+/// `expected`, checked once the write transaction is open (no other writer can commit
+/// after the check): a merged push brings LOCAL to the merged version this way.
+struct Unchanged {
+    writer: Writer,
+    path: PathBuf,
+    expected: String,
+}
+
+impl Unchanged {
+    fn changed(&self, why: &str) -> Error {
+        Error::LocalChanges(format!(
+            "{} {why} since this push read it, so it was not brought to the merged version; \
+             it keeps its changes, and its next push merges them",
+            self.path.display()
+        ))
+    }
+}
+
+impl PageTarget for Unchanged {
+    fn begin(&mut self, begin: &BeginInfo) -> Result<u32> {
+        // Another page size would be rebuilt before the transaction opens: refused first.
+        let size = Snapshot::open(&self.path).map(|s| s.page_size());
+        if size.as_ref().map_or(true, |s| *s != begin.page_size) {
+            return Err(self.changed("changed (or its page size differs)"));
+        }
+        let held = PageTarget::begin(&mut self.writer, begin)?;
+        let now = Snapshot::open(&self.path)?.digest(false)?;
+        if crate::digest::hex(&now) != self.expected {
+            return Err(self.changed("was written"));
+        }
+        Ok(held)
+    }
+
+    fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
+        PageTarget::hashes(&mut self.writer, f)
+    }
+
+    fn write_page(&mut self, pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
+        PageTarget::write_page(&mut self.writer, pgno, data, hash)
+    }
+
+    fn commit(
+        &mut self,
+        page_count: u32,
+        digest: &Hash,
+        hashes: &mut dyn Iterator<Item = Result<Hash>>,
+    ) -> Result<()> {
+        PageTarget::commit(&mut self.writer, page_count, digest, hashes)
+    }
+}
+
+/// The embedded store's merge of a push whose base is stale: LOCAL copied into a
+/// scratch file through a consistent snapshot (the candidate), merged onto the latest
+/// version and stored ([`crate::merge::merge_into_store`]). The scratch files live in
+/// `$TMPDIR` and go when it returns. Blocking.
+fn merge_embedded(
+    store: &Store,
+    local: &Path,
+    request: crate::merge::Request,
+    started: std::time::Instant,
+) -> Result<PushOutcome> {
+    let tmp = std::env::temp_dir();
+    let scratch = tempfile::Builder::new()
+        .prefix("sqlferry-merge-")
+        .tempdir_in(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    let candidate = scratch.path().join("candidate.db");
+    let candidate_digest = crate::merge::copy_database(local, &candidate)?;
+    let stored = crate::merge::merge_into_store(store, &request, &candidate, scratch.path())?;
+    let v = &stored.version;
+    Ok(PushOutcome {
+        stats: SyncStats {
+            page_size: v.page_size,
+            pages_total: v.page_count,
+            pages_sent: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            hash_bytes: 0,
+            duration: started.elapsed(),
+            digest: v.digest.clone(),
+        },
+        version: v.number,
+        created: stored.created,
+        repaired: 0,
+        keys: None,
+        server_id: None,
+        proved_unchanged: false,
+        merged: Some(Merged {
+            result: stored.result,
+            candidate_digest,
+        }),
+    })
 }
 
 /// Whether the version numbered after `n` is missing from `versions` (oldest first)
@@ -1193,15 +1423,17 @@ fn open_frame(op: Op, replica: &ReplicaPath) -> Open {
         retention_clear: false,
         dry_run: false,
         paged: false,
+        merge: None,
     }
 }
 
-/// What a session is for, as OPEN says it: the operation and how this client
-/// compresses.
-#[derive(Debug, Clone, Copy)]
+/// What a session is for, as OPEN says it: the operation, how this client
+/// compresses, and for a push whether to merge.
+#[derive(Debug, Clone)]
 struct Session {
     op: Op,
     compress: CompressMode,
+    merge: Option<crate::protocol::control::MergeRequest>,
 }
 
 impl From<Op> for Session {
@@ -1209,6 +1441,7 @@ impl From<Op> for Session {
         Session {
             op,
             compress: CompressMode::Off,
+            merge: None,
         }
     }
 }
@@ -1240,7 +1473,11 @@ async fn open(
     force: bool,
     role: Option<SubscriberRole>,
 ) -> Result<Config> {
-    let Session { op, compress } = session.into();
+    let Session {
+        op,
+        compress,
+        merge,
+    } = session.into();
     let open = Open {
         protocol: PROTOCOL_VERSION,
         op,
@@ -1260,6 +1497,7 @@ async fn open(
         retention_clear: false,
         dry_run: false,
         paged: op == Op::Versions,
+        merge,
     };
     let offered = open.compress.clone();
     ws::send_binary(ws, Control::Open(open).to_bytes()).await?;

@@ -37,6 +37,9 @@ sqlferry push app.db /backup/app.db                      keep a local copy up to
 sqlferry push app.db ./copy.db --json                    print figures as one JSON object\n  \
 sqlferry push app.db acme/app.db --compress zstd         compress every page (auto decides by the link)\n  \
 sqlferry push app.db ./backup/app.db acme/app.db         two destinations: a copy and a replica\n  \
+sqlferry push app.db acme/app.db --merge                 merge onto the latest version if it moved on\n  \
+sqlferry push app.db acme/app.db --merge --on-conflict newer --lww-column updated_at\n    \
+rows changed on both sides: the one with the greater updated_at wins\n  \
 sqlferry push app.db --replica backups/app.db            the replica backups/app.db, though ./backups/ exists\n  \
 sqlferry push app.db acme/app.db --subscribe --wait-idle 10m --max-interval 24h\n    \
 keep going: push after 10 minutes without a commit, at least daily (sqlferry help subscribe)\n\n\
@@ -70,6 +73,14 @@ store. If the replica has moved past it, the push is refused with VERSION_CONFLI
 nothing changes: to compare, pull the replica into another file (sqlferry pull REMOTE other.db); \
 --force replaces the replica's latest version with LOCAL. (A pull into LOCAL itself refuses to \
 overwrite changes that were never pushed, exit 9.)\n\n\
+--merge merges instead: LOCAL's row changes since its base version are applied onto the \
+latest version, and the result is stored as a new version (message \"merge of v7 (this push) \
+onto v9\"); then LOCAL is brought to it, atomically, unless it was written meanwhile (it then \
+keeps its changes and its next push merges again). Rows changed on both sides to other values \
+are conflicts: --on-conflict refuse (the default) refuses the push with VERSION_CONFLICT (exit \
+6) and lists each one (table, key, the base, theirs and ours rows; --json has them whole); \
+ours, theirs or newer --lww-column COL decide them. Schema changes on either side are never \
+merged (exit 6, the reason given). See docs/rows.md, \"Merge\".\n\n\
 LOCAL must pass PRAGMA quick_check, run in the read transaction that is pushed: a damaged \
 database is refused with exit 7 and replaces nothing; --allow-corrupt pushes it anyway.\n\n\
 Without --server, SQLFERRY_SERVER or a configured server, a LOCAL whose PUSH key is saved \
@@ -105,8 +116,22 @@ pub struct PushArgs {
     )]
     pub message: String,
     /// Push even if the replica moved past the version LOCAL is based on.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "merge")]
     pub force: bool,
+    /// When the replica moved past the version LOCAL is based on, merge LOCAL's row
+    /// changes onto the latest version instead of refusing (docs/rows.md, "Merge");
+    /// LOCAL is then brought to the merged version, if it did not change meanwhile.
+    #[arg(long)]
+    pub merge: bool,
+    /// With --merge: what to do with rows changed both by LOCAL and in the latest
+    /// version, to other values: refuse the push and list them, keep ours (LOCAL's),
+    /// keep theirs (the latest version's), or the newer by --lww-column.
+    #[arg(long, value_name = "MODE", requires = "merge", default_value = "refuse",
+          value_parser = ["refuse", "ours", "theirs", "newer"])]
+    pub on_conflict: String,
+    /// With --on-conflict newer: the column whose greater value wins (updated_at).
+    #[arg(long, value_name = "COL", requires = "merge")]
+    pub lww_column: Option<String>,
     /// With the admin key: have the server mint new PUSH and PULL keys for an existing
     /// replica too (a first push gets them anyway); saved like a first push's.
     #[arg(long)]
@@ -350,6 +375,12 @@ impl PushArgs {
         pusher.new_keys = self.new_keys;
         pusher.allow_corrupt = self.allow_corrupt;
         pusher.wait_followers = self.wait_followers.is_some();
+        if self.merge {
+            pusher.merge = Some(crate::merge::OnConflict::parse(
+                &self.on_conflict,
+                self.lww_column.as_deref(),
+            )?);
+        }
         if self.wait_followers.is_some() && !pusher.server.needs_key() {
             return Err(crate::Error::Usage(format!(
                 "--wait-followers needs a server (sqlferry serve; --server ws://HOST:PORT): {} \
@@ -375,10 +406,23 @@ impl PushArgs {
                 return self.dry_run(&pusher).await;
             }
             let bar: Arc<dyn Progress> = Arc::new(Bar::new(!global.quiet && !self.json));
-            let report = pusher.push(bar).await?;
+            let report = match pusher.push(bar).await {
+                Ok(report) => report,
+                Err(e) => {
+                    let merge = e.merge_report().cloned();
+                    let e = anyhow::Error::from(e);
+                    match merge {
+                        Some(merge) => {
+                            self.print_refused_merge(&pusher, &e, &merge)?;
+                            return Ok(exit::CONFLICT);
+                        }
+                        None => return Err(e),
+                    }
+                }
+            };
             // The push line first: the version exists, whatever the wait brings.
             if !self.json {
-                self.print(&pusher, &report.outcome, None, global)?;
+                self.print(&pusher, &report, None, global)?;
             }
             if let Some(saved) = &report.saved_keys {
                 eprintln!("{}", new_keys_note(saved));
@@ -388,7 +432,7 @@ impl PushArgs {
                 None => None,
             };
             if self.json {
-                self.print(&pusher, &report.outcome, followers, global)?;
+                self.print(&pusher, &report, followers, global)?;
             }
             match (self.wait_followers, followers) {
                 (Some(n), Some(f)) if !f.reached => {
@@ -483,10 +527,11 @@ impl PushArgs {
     fn print(
         &self,
         pusher: &Pusher,
-        outcome: &crate::remote::PushOutcome,
+        report: &crate::client::PushReport,
         followers: Option<crate::remote::Followers>,
         global: &Global,
     ) -> anyhow::Result<()> {
+        let (outcome, local_kept) = (&report.outcome, &report.local_kept);
         let (replica, local) = (&pusher.replica, &pusher.local);
         let store = on_store(&pusher.server);
         if self.json {
@@ -498,6 +543,14 @@ impl PushArgs {
             v["created"] = outcome.created.into();
             v["repaired"] = outcome.repaired.into();
             v["proved_unchanged"] = outcome.proved_unchanged.into();
+            if let Some(merged) = &outcome.merged {
+                // What the merge did, and whether LOCAL now holds its version.
+                v["merged"] = serde_json::to_value(&merged.result)?;
+                v["local_updated"] = local_kept.is_none().into();
+                if let Some(why) = local_kept {
+                    v["local_kept"] = why.as_str().into();
+                }
+            }
             if let Some(f) = followers {
                 // How many pull subscribers hold the version, and whether that is
                 // the number waited for.
@@ -507,7 +560,45 @@ impl PushArgs {
             out(format_args!("{v}"))?;
         } else if !global.quiet {
             let s = &outcome.stats;
-            if outcome.created {
+            if let Some(merged) = &outcome.merged {
+                let r = &merged.result;
+                let decided = match r.conflicts_total {
+                    0 => String::new(),
+                    n => format!(
+                        ", {n} row{} changed on both sides decided",
+                        if n == 1 { "" } else { "s" }
+                    ),
+                };
+                let made = match outcome.created {
+                    true => format!("version {}", outcome.version),
+                    false => format!("no change, version {} holds it all", outcome.version),
+                };
+                out(format_args!(
+                    "merged {} (based on version {}) onto version {} of {replica} {store}: {made} ({} row change{} of this push{decided})",
+                    local.display(),
+                    r.base,
+                    r.onto,
+                    r.changes,
+                    if r.changes == 1 { "" } else { "s" },
+                ))?;
+                match local_kept {
+                    None => out(format_args!(
+                        "{} now holds version {}",
+                        local.display(),
+                        outcome.version
+                    ))?,
+                    Some(why) => eprintln!("sqlferry: note: {why}"),
+                }
+                for c in &r.conflicts {
+                    eprintln!("{}", conflict_line(c));
+                }
+                if r.conflicts_total > r.conflicts.len() as u64 {
+                    eprintln!(
+                        "  … and {} more",
+                        r.conflicts_total - r.conflicts.len() as u64
+                    );
+                }
+            } else if outcome.created {
                 out(format_args!(
                     "pushed {} to {replica} {store}: version {} ({} of {} pages sent, {} sent) in {:.2?}",
                     local.display(),
@@ -535,6 +626,44 @@ impl PushArgs {
         Ok(())
     }
 
+    /// A merge refused: the error line, each conflicting row listed on stderr, and
+    /// with `--json` one object holding the merge's report.
+    fn print_refused_merge(
+        &self,
+        pusher: &Pusher,
+        e: &anyhow::Error,
+        merge: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        eprintln!("sqlferry: error: {}", error_line(e));
+        let result: Option<crate::protocol::control::MergeResult> =
+            serde_json::from_value(merge.clone()).ok();
+        if let Some(r) = &result {
+            for c in &r.conflicts {
+                eprintln!("{}", conflict_line(c));
+            }
+            if r.conflicts_total > r.conflicts.len() as u64 {
+                eprintln!(
+                    "  … and {} more",
+                    r.conflicts_total - r.conflicts.len() as u64
+                );
+            }
+        }
+        if self.json {
+            out(format_args!(
+                "{}",
+                serde_json::json!({
+                    "destination": pusher.replica.as_str(),
+                    "store": pusher.server.url(),
+                    "replica": pusher.replica.as_str(),
+                    "error": error_line(e),
+                    "exit": exit::CONFLICT,
+                    "merged": merge,
+                })
+            ))?;
+        }
+        Ok(())
+    }
+
     /// `--dry-run`: what a push would do, keys masked, nothing changed.
     async fn dry_run(&self, pusher: &Pusher) -> anyhow::Result<u8> {
         let plan = pusher.plan().await?;
@@ -556,6 +685,12 @@ impl PushArgs {
                         .map(ToString::to_string)
                         .unwrap_or_default()
                 ),
+                (Some(n), true) if pusher.merge.is_some() && plan.base.is_some() => format!(
+                    "a merge of LOCAL's row changes since version {} onto version {n} (refused, \
+                     VERSION_CONFLICT, if it changes rows version {n} changed, unless \
+                     --on-conflict decides them, or if either changed the schema)",
+                    plan.base.unwrap_or(0)
+                ),
                 (_, true) => format!(
                     "refused, VERSION_CONFLICT: the replica is at version {}, LOCAL is based on {}",
                     plan.latest.unwrap_or(0),
@@ -568,7 +703,7 @@ impl PushArgs {
         ))?;
         Ok(if plan.damaged.is_some() {
             exit::VERIFY
-        } else if plan.conflict {
+        } else if plan.conflict && !(pusher.merge.is_some() && plan.base.is_some()) {
             exit::CONFLICT
         } else {
             exit::OK
@@ -616,6 +751,57 @@ impl PushArgs {
         }
         Ok(exit::OK)
     }
+}
+
+/// One row changed on both sides of a merge, for stderr: `conflict: t id=1: base
+/// (a=10, b='one'), theirs (a=10, b='uno'), ours (a=11, b='one') → ours`. Values are
+/// shortened as `diff --rows` shortens them; `--json` has them whole.
+fn conflict_line(c: &crate::protocol::control::RowConflict) -> String {
+    let key = c
+        .key_columns
+        .iter()
+        .zip(&c.key)
+        .map(|(k, v)| format!("{k}={}", short_json(v)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let row = |r: &Option<serde_json::Map<String, serde_json::Value>>| match r {
+        None => "(no row)".to_owned(),
+        Some(r) => format!(
+            "({})",
+            r.iter()
+                .filter(|(k, _)| !c.key_columns.contains(k))
+                .map(|(k, v)| format!("{k}={}", short_json(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    format!(
+        "conflict: {} {key}: base {}, theirs {}, ours {} → {}",
+        c.table,
+        row(&c.base),
+        row(&c.theirs),
+        row(&c.ours),
+        c.resolution
+    )
+}
+
+/// A JSON value of a row as a shortened SQL-ish literal.
+fn short_json(v: &serde_json::Value) -> String {
+    use rusqlite::types::Value;
+    let value = match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Integer(i),
+            None => Value::Real(n.as_f64().unwrap_or(0.0)),
+        },
+        serde_json::Value::String(s) => Value::Text(s.clone()),
+        serde_json::Value::Object(o) => match o.get("blob").and_then(|b| b.as_str()) {
+            Some(h) => Value::Blob(hex::decode(h).unwrap_or_default()),
+            None => return v.to_string(),
+        },
+        other => return other.to_string(),
+    };
+    crate::rows::short_value(&value)
 }
 
 /// Destinations for a message: `./a.db, acme/app.db`.

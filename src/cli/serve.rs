@@ -159,7 +159,13 @@ impl ServeArgs {
         // Held until the server stops: a second server on this directory refuses.
         let _lock = blocking(move || {
             make_data_dir(&dir)?;
-            DataLock::acquire(&dir).map_err(|e| startup(e, &dir))
+            let lock = DataLock::acquire(&dir).map_err(|e| startup(e, &dir))?;
+            // A server killed while merging left its scratch files; this one holds the
+            // lock, so no other process uses them.
+            if crate::merge::remove_scratch(&dir) {
+                tracing::info!(data = %dir.display(), "removed the scratch files of interrupted merges");
+            }
+            Ok(lock)
         })
         .await?;
         let listener = tokio::net::TcpListener::bind(&addrs[..])

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use crate::config::{Secret, Sidecar};
 use crate::engine::{PageSource, Progress, ScanFn, SyncStats, sync_local};
 use crate::history;
+use crate::merge::OnConflict;
 use crate::page::{Snapshot, Writer};
 use crate::remote::{
-    Followers, PushOutcome, PushRequest, Server, blocking, check_source, quick_check_source,
+    Followers, Merged, PushOutcome, PushRequest, Server, blocking, check_source, quick_check_source,
 };
 use crate::store::{PushOptions, ReplicaPath};
 use crate::{Error, ErrorKind, Result};
@@ -58,6 +59,9 @@ pub struct Pusher {
     /// A wait for followers follows the push ([`Pusher::wait_followers`]): a server
     /// that keeps no followers is refused before anything is sent.
     pub wait_followers: bool,
+    /// Merge onto the latest version when the replica moved past the base
+    /// (`--merge`), deciding rows changed on both sides this way.
+    pub merge: Option<OnConflict>,
 }
 
 /// What one push did.
@@ -67,6 +71,10 @@ pub struct PushReport {
     pub outcome: PushOutcome,
     /// Where the new keys went, when the server minted some.
     pub saved_keys: Option<SavedKeys>,
+    /// After a merged push: why LOCAL was not brought to the merged version (it was
+    /// written meanwhile, so it keeps its changes and its next push merges again);
+    /// `None` when it was, or when the push was not merged.
+    pub local_kept: Option<String>,
 }
 
 /// Where a push saved the new keys the server minted for the replica.
@@ -153,6 +161,7 @@ impl Pusher {
             allow_corrupt: false,
             trigger: "manual",
             wait_followers: false,
+            merge: None,
         })
     }
 
@@ -238,6 +247,7 @@ impl Pusher {
             new_keys: self.new_keys,
             allow_corrupt: self.allow_corrupt,
             wait_followers: self.wait_followers,
+            merge: self.merge.clone(),
         }
     }
 
@@ -303,15 +313,21 @@ impl Pusher {
                     self.replica
                 ))
             })?;
-        super::record_sync(
-            &self.database,
-            &self.server,
-            &self.replica,
-            outcome.version,
-            &outcome.stats.digest,
-            "push",
-        )
-        .await?;
+        let local_kept = match &outcome.merged {
+            Some(merged) => self.bring_to_merged(&outcome, merged).await?,
+            None => None,
+        };
+        if local_kept.is_none() {
+            super::record_sync(
+                &self.database,
+                &self.server,
+                &self.replica,
+                outcome.version,
+                &outcome.stats.digest,
+                "push",
+            )
+            .await?;
+        }
         let saved_keys = match &outcome.keys {
             Some(keys) => {
                 let (push_key, pull_key) = (keys.push.clone(), keys.pull.clone());
@@ -358,7 +374,42 @@ impl Pusher {
         Ok(PushReport {
             outcome,
             saved_keys,
+            local_kept,
         })
+    }
+
+    /// After a merged push: brings LOCAL to the merged version, atomically and only if
+    /// it still holds what was merged (checked inside the pull's write transaction).
+    /// `Some(why)` when it was written meanwhile: it keeps its changes, nothing is
+    /// recorded, so its next push is based on the same version and merges again.
+    async fn bring_to_merged(
+        &self,
+        outcome: &PushOutcome,
+        merged: &Merged,
+    ) -> Result<Option<String>> {
+        let pulled = self
+            .server
+            .pull_if_unchanged(
+                &self.replica,
+                outcome.version,
+                &self.local,
+                &merged.candidate_digest,
+                self.key.as_deref(),
+            )
+            .await;
+        match pulled {
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == ErrorKind::LocalChanges => {
+                tracing::info!(local = %self.local.display(), error = %e, "LOCAL kept after a merge");
+                Ok(Some(e.to_string()))
+            }
+            Err(e) => Err(e.context(format!(
+                "version {} of {} (the merge) WAS committed, but {} could not be brought to it",
+                outcome.version,
+                self.replica,
+                self.local.display()
+            ))),
+        }
     }
 
     /// Writes the server's id into the saved entry of this database, replica and URL

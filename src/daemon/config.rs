@@ -46,6 +46,9 @@ pub struct Store {
     /// `compress`, unless `SQLFERRY_COMPRESS` is set (the environment wins over the
     /// file); `None`: the environment's, else `auto`.
     pub compress: Option<CompressMode>,
+    /// For a push: `merge = true` (with `on_conflict`, `lww_column`): merge onto the
+    /// latest version when the replica moved past the push's base (`push --merge`).
+    pub merge: Option<crate::merge::OnConflict>,
 }
 
 /// Where one push unit sends its database.
@@ -190,6 +193,9 @@ struct File {
 struct Settings {
     server: Option<String>,
     compress: Option<CompressMode>,
+    merge: Option<bool>,
+    on_conflict: Option<String>,
+    lww_column: Option<String>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     wait_idle: Option<String>,
@@ -208,6 +214,9 @@ struct PushEntry {
     to: Vec<Destination>,
     server: Option<String>,
     compress: Option<CompressMode>,
+    merge: Option<bool>,
+    on_conflict: Option<String>,
+    lww_column: Option<String>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     wait_idle: Option<String>,
@@ -239,6 +248,9 @@ struct DirectoryEntry {
     copy_to: Option<PathBuf>,
     server: Option<String>,
     compress: Option<CompressMode>,
+    merge: Option<bool>,
+    on_conflict: Option<String>,
+    lww_column: Option<String>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     wait_idle: Option<String>,
@@ -259,6 +271,9 @@ macro_rules! settings_of {
         EntrySettings {
             server: $e.server.clone(),
             compress: $e.compress,
+            merge: $e.merge,
+            on_conflict: $e.on_conflict.clone(),
+            lww_column: $e.lww_column.clone(),
             key_file: $e.key_file.clone(),
             key_env: $e.key_env.clone(),
             wait_idle: $e.wait_idle.clone(),
@@ -276,6 +291,9 @@ macro_rules! settings_of {
 struct EntrySettings {
     server: Option<String>,
     compress: Option<CompressMode>,
+    merge: Option<bool>,
+    on_conflict: Option<String>,
+    lww_column: Option<String>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     wait_idle: Option<String>,
@@ -626,10 +644,26 @@ impl Context<'_> {
             Some(v) if !v.trim().is_empty() => None,
             _ => s.compress,
         };
+        let merge = match (s.merge, &s.on_conflict, &s.lww_column) {
+            (Some(true), on_conflict, lww) => Some(
+                crate::merge::OnConflict::parse(
+                    on_conflict.as_deref().unwrap_or("refuse"),
+                    lww.as_deref(),
+                )
+                .map_err(|e| {
+                    e.to_string()
+                        .replace("--on-conflict", "on_conflict")
+                        .replace("--lww-column", "lww_column")
+                })?,
+            ),
+            (_, None, None) => None,
+            _ => return Err("on_conflict and lww_column go with merge = true".into()),
+        };
         Ok(Store {
             server: s.server.clone(),
             key,
             compress,
+            merge,
         })
     }
 
@@ -657,6 +691,9 @@ impl Context<'_> {
                 let own = EntrySettings {
                     server: server.clone().or_else(|| s.server.clone()),
                     compress: s.compress,
+                    merge: s.merge,
+                    on_conflict: s.on_conflict.clone(),
+                    lww_column: s.lww_column.clone(),
                     key_file: key_file.clone(),
                     key_env: key_env.clone(),
                     ..EntrySettings::default()
@@ -695,6 +732,9 @@ impl EntrySettings {
         EntrySettings {
             server: self.server.clone().or_else(|| d.server.clone()),
             compress: self.compress.or(d.compress),
+            merge: self.merge.or(d.merge),
+            on_conflict: self.on_conflict.clone().or_else(|| d.on_conflict.clone()),
+            lww_column: self.lww_column.clone().or_else(|| d.lww_column.clone()),
             key_file,
             key_env,
             wait_idle: self.wait_idle.clone().or_else(|| d.wait_idle.clone()),
@@ -828,6 +868,64 @@ max_interval = "1h"
     /// `compress` in `[defaults]` goes to every entry that sets none; an entry's own
     /// wins; `SQLFERRY_COMPRESS` wins over both; a word that names no mode is the
     /// file's error, with its line.
+    #[test]
+    fn merge_comes_from_the_entry_then_the_defaults_and_is_checked() {
+        let text = r#"
+[defaults]
+server = "ws://backup:7878"
+wait_idle = "10s"
+merge = true
+
+[[push]]
+database = "/d/a.db"
+to = ["acme/a.db"]
+
+[[push]]
+database = "/d/b.db"
+to = ["acme/b.db"]
+on_conflict = "newer"
+lww_column = "updated_at"
+
+[[push]]
+database = "/d/c.db"
+to = ["acme/c.db"]
+merge = false
+"#;
+        let merges = |c: &Config| -> Vec<Option<crate::merge::OnConflict>> {
+            let mut by: Vec<(String, Option<crate::merge::OnConflict>)> = c
+                .units
+                .values()
+                .filter_map(|u| match u {
+                    Unit::Push {
+                        database,
+                        target: Target::Replica { store, .. },
+                        ..
+                    } => Some((database.display().to_string(), store.merge.clone())),
+                    _ => None,
+                })
+                .collect();
+            by.sort_by(|a, b| a.0.cmp(&b.0));
+            by.into_iter().map(|(_, m)| m).collect()
+        };
+        use crate::merge::OnConflict;
+        assert_eq!(
+            merges(&parse(text).unwrap()),
+            [
+                Some(OnConflict::Refuse),
+                Some(OnConflict::Newer("updated_at".into())),
+                None
+            ]
+        );
+        let e = parse(&text.replace("lww_column = \"updated_at\"", "")).unwrap_err();
+        assert!(
+            e.starts_with("11: ") && e.contains("needs lww_column"),
+            "{e}"
+        );
+        let e = parse(&text.replace("merge = false", "merge = false\non_conflict = \"ours\""))
+            .unwrap_err();
+        assert!(e.contains("go with merge = true"), "{e}");
+    }
+
     #[test]
     fn compress_comes_from_the_entry_then_the_defaults_and_the_environment_wins() {
         let text = r#"

@@ -58,7 +58,75 @@ pub struct Open {
     /// limit. Absent from older clients, which get one CONFIG with every version.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paged: bool,
+    /// For `push`: when the replica moved past `base`, merge this push's row changes
+    /// onto the latest version instead of refusing (`push --merge`). A server that
+    /// merges says so in its CONFIG (`merge`); an older one ignores the field, and the
+    /// client then stops before sending a page. Absent from older clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeRequest>,
 }
+
+/// What a `push --merge` asks for: how rows changed on both sides are decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeRequest {
+    /// `refuse` (the push is refused, with the rows listed), `ours` (this push's row
+    /// wins), `theirs` (the latest version's row stays) or `newer` (the row whose
+    /// `lww_column` is greater wins).
+    pub on_conflict: String,
+    /// For `newer`: the column that orders the writes (`updated_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lww_column: Option<String>,
+}
+
+/// One row changed on both sides of a merge, to different values: its key and the
+/// three rows (column name to value; absent: no such row on that side).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowConflict {
+    /// The table.
+    pub table: String,
+    /// The primary key's column names (`rowid` for a table without one).
+    pub key_columns: Vec<String>,
+    /// The primary key's values, whole (a blob as `{"blob": "<hex>"}`).
+    pub key: Vec<serde_json::Value>,
+    /// The row in the version the push was based on.
+    #[serde(default)]
+    pub base: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The row in the replica's latest version.
+    #[serde(default)]
+    pub theirs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The row in this push.
+    #[serde(default)]
+    pub ours: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `refused`, `ours` or `theirs`: which row the merge kept.
+    pub resolution: String,
+}
+
+/// What a merge did or why it refused (after a `push --merge` whose base was stale).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeResult {
+    /// The version the push was based on (OLD).
+    pub base: u64,
+    /// The latest version it was merged onto.
+    pub onto: u64,
+    /// The version the merge made (0 when refused).
+    pub version: u64,
+    /// That version's digest (empty when refused).
+    #[serde(default)]
+    pub digest: String,
+    /// The row changes of the push applied (inserted, updated, deleted rows).
+    pub changes: u64,
+    /// Rows changed on both sides to different values.
+    pub conflicts_total: u64,
+    /// The first of them (at most [`MAX_LISTED_CONFLICTS`]).
+    #[serde(default)]
+    pub conflicts: Vec<RowConflict>,
+    /// Why the merge was refused (`None`: it was made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// The most conflicting rows a merge lists (all are counted).
+pub const MAX_LISTED_CONFLICTS: usize = 100;
 
 /// Which versions of a replica are kept. Every rule given keeps what it names; a
 /// version is removed only when no rule keeps it, and the latest version is always
@@ -259,6 +327,13 @@ pub struct Config {
     /// older servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_id: Option<String>,
+    /// After OPEN of a `push` that asked to merge: this server merges (absent, false,
+    /// from older servers, which would refuse the push as a conflict instead).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub merge: bool,
+    /// After a push that was merged (or whose merge was refused): what the merge did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged: Option<Box<MergeResult>>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -570,6 +645,7 @@ mod tests {
                 retention_clear: false,
                 dry_run: false,
                 paged: false,
+                merge: None,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -590,6 +666,7 @@ mod tests {
                 retention_clear: false,
                 dry_run: true,
                 paged: false,
+                merge: None,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -606,6 +683,7 @@ mod tests {
                 retention_clear: false,
                 dry_run: false,
                 paged: false,
+                merge: None,
             }),
             Control::Config(Config {
                 replica_id: "r1".into(),
@@ -768,6 +846,7 @@ mod tests {
             retention_clear: false,
             dry_run: false,
             paged: false,
+            merge: None,
         };
         let bytes = Control::Open(open).to_bytes();
         assert!(String::from_utf8_lossy(&bytes).contains(r#""op":"wait-followers""#));

@@ -836,6 +836,15 @@ where
         latest,
     );
     c.compress = choose(&open.compress);
+    // A push asking to merge hears that this server merges (an older one says
+    // nothing, and the client stops); it merges when the replica moved past its base.
+    c.merge = open.merge.is_some();
+    let merging = match (&open.merge, open.base) {
+        (Some(request), Some(base)) if !open.force && latest > 0 && base != latest => {
+            Some((crate::merge::OnConflict::from_request(request)?, base))
+        }
+        _ => None,
+    };
     let wire = wire_for(c.compress.as_deref());
     send_control(ws, Control::Config(c)).await?;
 
@@ -869,6 +878,22 @@ where
     if key_request && !admin {
         tracing::info!(key = %principal.key_id, "KEYREQUEST from a non-admin key ignored");
         key_request = false;
+    }
+    if let Some((on_conflict, base)) = merging {
+        let request = crate::merge::Request {
+            replica: replica.clone(),
+            base,
+            on_conflict,
+            message,
+            client_id: open.client_id.clone(),
+            key_id: principal.key_id.clone(),
+        };
+        let pump = Pump {
+            wire,
+            compress: CompressMode::Off,
+            keep_packed: None,
+        };
+        return merge_push(ws, state, principal, id, request, first_sync, pump, bytes).await;
     }
     let options = PushOptions {
         base: open.base,
@@ -963,6 +988,135 @@ where
         .await?;
     }
     Ok(created)
+}
+
+/// A push whose base is stale, merged (`push --merge`): the candidate is received into
+/// a scratch file built from the base version (the client sends the pages that differ
+/// from it), then merged onto the latest version and stored as a new version by
+/// [`crate::merge::merge_into_store`], in a scratch directory under the data directory
+/// (`merging/`, removed when the merge ends, and at the next start after a kill). The
+/// answer is a CONFIG with the merge's report (`merged`): the version it made, or why
+/// it was refused (the client turns that into VERSION_CONFLICT with the rows).
+#[allow(clippy::too_many_arguments)]
+async fn merge_push<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+    id: Option<String>,
+    request: crate::merge::Request,
+    first_sync: Vec<u8>,
+    pump: Pump,
+    bytes: &mut WireBytes,
+) -> Result<bool, Failure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let replica = request.replica.clone();
+    let root = state.store.root().to_owned();
+    let scratch = {
+        let root = root.clone();
+        blocking(move || crate::merge::scratch_in(&root)).await?
+    };
+    let candidate = scratch.path().join("candidate.db");
+    let (store, r, data) = (state.store.clone(), replica.clone(), root.clone());
+    let (base, path) = (request.base, candidate.clone());
+    let (result, _) = run_engine(
+        ws,
+        Role::Replica,
+        vec![first_sync],
+        pump,
+        bytes,
+        move |link| {
+            // The base version first: the client sends only the pages that differ.
+            if let Err(e) = crate::merge::materialize(&store, &r, base, &path) {
+                let e = match e.kind() {
+                    ErrorKind::NotFound => Error::NotFound(format!(
+                        "cannot merge: version {base} of {r}, the one this push is based on, \
+                         is no longer stored ({e}); pull the replica into another file and \
+                         compare, or push with --force"
+                    )),
+                    _ => fault::server_side(e, &data),
+                };
+                return Err(fault::report(link, e));
+            }
+            let mut writer = match crate::page::Writer::open(&path) {
+                Ok(w) => w.with_hash_cache(None),
+                Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
+            };
+            run_replica(&mut writer, link).map(drop)
+        },
+    )
+    .await;
+    // The engine reported its own failure to the client already.
+    result.map_err(Failure::Reported)?;
+    let (store, dir) = (state.store.clone(), scratch.path().to_owned());
+    let merged = blocking(move || {
+        crate::error::debug_pause("merge");
+        let stored = crate::merge::merge_into_store(&store, &request, &candidate, &dir);
+        drop(scratch);
+        stored
+    })
+    .await;
+    let stored = match merged {
+        Ok(stored) => stored,
+        Err(e) => match e.merge_report() {
+            // Refused: the report goes back whole, the client makes it an error.
+            Some(report) => {
+                let result: crate::protocol::control::MergeResult =
+                    serde_json::from_value(report.clone()).unwrap_or_default();
+                tracing::info!(%replica, key = %principal.key_id, error = %e, "merge refused");
+                let mut c = config(
+                    state,
+                    principal,
+                    &replica,
+                    id.unwrap_or_default(),
+                    result.onto,
+                );
+                c.merged = Some(Box::new(fit(result)));
+                send_control(ws, Control::Config(c)).await?;
+                return Ok(false);
+            }
+            None => return Err(e.into()),
+        },
+    };
+    let version = &stored.version;
+    tracing::info!(%replica, version = version.number, base = stored.result.base,
+        onto = stored.result.onto, key = %principal.key_id, "merged push committed");
+    if stored.created {
+        state.hub.published(
+            NewVersion {
+                replica: replica.to_string(),
+                version: version.number,
+                digest: version.digest.clone(),
+            },
+            version.created_at,
+        );
+    }
+    let mut c = config(
+        state,
+        principal,
+        &replica,
+        id.unwrap_or_default(),
+        version.number,
+    );
+    c.created = Some(stored.created);
+    c.merged = Some(Box::new(fit(stored.result)));
+    send_control(ws, Control::Config(c)).await?;
+    ws.flush()
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    Ok(stored.created)
+}
+
+/// A merge's report cut to fit in one CONFIG frame: conflicting rows dropped from the
+/// end of the list (their count stays) until it does.
+fn fit(mut result: crate::protocol::control::MergeResult) -> crate::protocol::control::MergeResult {
+    let limit = crate::protocol::MAX_FRAME_BYTES / 2;
+    while !result.conflicts.is_empty() && serde_json::to_vec(&result).map_or(0, |v| v.len()) > limit
+    {
+        result.conflicts.pop();
+    }
+    result
 }
 
 #[cfg(test)]

@@ -93,11 +93,12 @@ impl PushOptions {
 
 impl PushOptions {
     /// The push subscriber these options make, with the checked `timing`.
-    fn subscriber(&self, timing: Timing) -> PushSubscriber {
+    fn subscriber(&self, timing: Timing, follow_versions: bool) -> PushSubscriber {
         PushSubscriber {
             timing,
             shutdown_bound: self.shutdown_bound,
             report_after: self.report_after,
+            follow_versions,
         }
     }
 }
@@ -214,7 +215,8 @@ pub async fn push<E: FnMut(Event)>(
         server: server.url(),
         timing,
     });
-    let subscriber = options.subscriber(timing);
+    // A merging subscriber merges other clients' versions in as they land.
+    let subscriber = options.subscriber(timing, pusher.merge.is_some());
     let poll = options.poll;
     let watch = || watch_database(database, poll);
     let action = ClientPush::new(pusher, options.permits.clone());
@@ -341,7 +343,7 @@ pub async fn push_to_file<E: FnMut(Event)>(
         server: String::new(),
         timing,
     });
-    let subscriber = options.subscriber(timing);
+    let subscriber = options.subscriber(timing, false);
     let poll = options.poll;
     let watch = || watch_database(database, poll);
     let action = FileCopy {

@@ -86,6 +86,11 @@ pub struct PushSubscriber {
     /// How long pushes must have been failing before the server is told
     /// ([`REPORT_FAILURES_AFTER`] unless a test wants it sooner).
     pub report_after: Duration,
+    /// Push (and so merge) when another client's new version lands, even without a
+    /// change here (`push --subscribe --merge`): a merge with nothing to merge brings
+    /// LOCAL to the latest version when LOCAL holds no unpushed change, so subscribers
+    /// on several machines converge.
+    pub follow_versions: bool,
 }
 
 /// A push running on its task; the task hands the action back with the result.
@@ -148,6 +153,9 @@ impl PushSubscriber {
         let mut in_flight: Option<InFlight<A>> = None;
         let mut last_failure: Option<Error> = None;
         let mut reported = false;
+        // The newest version this subscriber's own pushes left: a notice of it, or of
+        // an older one, is no news.
+        let mut last_version = 0u64;
         let mut shutdown_deadline: Option<Time> = None;
         let mut was_disconnected = !connected;
         let mut last_plan = None;
@@ -275,6 +283,10 @@ impl PushSubscriber {
                         connected = false;
                         was_disconnected = true;
                     }
+                    Some(Notice::NewVersion(n)) if self.follow_versions && n > last_version => {
+                        tracing::info!(version = n, "a new version landed: merging it in");
+                        schedule.sync_now(now());
+                    }
                     Some(Notice::NewVersion(_)) => {}
                     Some(Notice::Fatal(e)) => return Err(e),
                     None => return Err(Error::Disconnected("the subscription ended".into())),
@@ -287,6 +299,7 @@ impl PushSubscriber {
                     let t = now();
                     match result {
                         Ok(pushed) => {
+                            last_version = last_version.max(pushed.version);
                             schedule.push_succeeded(t);
                             reported = false;
                             last_failure = None;

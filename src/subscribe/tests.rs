@@ -127,6 +127,7 @@ impl PushRig {
         let subscriber = PushSubscriber {
             timing,
             shutdown_bound: push::SHUTDOWN_BOUND,
+            follow_versions: false,
             report_after,
         };
         let action = TestPush {
@@ -443,6 +444,7 @@ async fn a_pull_key_hands_the_push_back_without_pushing() {
     let subscriber = PushSubscriber {
         timing: timing(10, None),
         shutdown_bound: push::SHUTDOWN_BOUND,
+        follow_versions: false,
         report_after: push::REPORT_FAILURES_AFTER,
     };
     let mut notices = TestNotices {

@@ -29,6 +29,7 @@ const HIGHER: &[&str] = &[
     "client",
     "remote",
     "server",
+    "merge",
     "store",
     "engine",
     "page",

@@ -38,6 +38,9 @@
 //! - `rows`: `diff` of files and of a real server's versions, `apply` in WAL and
 //!   rollback modes with each `--on-conflict`, `versions --changes`, and changesets
 //!   exchanged with `sqldiff`.
+//! - `merge`: `push --merge` on the embedded store from two machines: disjoint edits
+//!   merged, overlapping ones refused with the rows listed or decided by each
+//!   `--on-conflict`, schema changes and a base removed by retention refused.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 
@@ -51,6 +54,7 @@ mod house;
 mod ident;
 mod layers;
 mod live;
+mod merge;
 mod names;
 mod retention;
 mod rows;
