@@ -1036,13 +1036,6 @@ where
     tokio::task::spawn_blocking(f).await?
 }
 
-/// Refuses a push source that fails `PRAGMA quick_check`, run inside the snapshot's
-/// read transaction (what is checked is what would be sent): a nightly copy of a
-/// damaged database must never replace a good version or a good local copy.
-///
-/// A push that follows the WAL (reads only the pages changed since the last one) checks
-/// the structure of those pages instead, which costs what they cost; any doubt there, and
-/// every push that reads the whole file, runs the full `quick_check` (docs/trust.md).
 /// The most versions a `versions` list over a server may hold (a push a minute for
 /// four years): a server that keeps answering "more" past it is refused, so a hostile
 /// or broken one cannot make the client's list grow without bound.
@@ -1065,13 +1058,13 @@ fn check_run(
     let Some(first) = run.first() else {
         return broken("announced more versions and sent none".into());
     };
-    if let Some(last) = last {
-        if first.number <= last.number {
-            return broken(format!(
-                "went back from version {} to {}",
-                last.number, first.number
-            ));
-        }
+    if let Some(last) = last
+        && first.number <= last.number
+    {
+        return broken(format!(
+            "went back from version {} to {}",
+            last.number, first.number
+        ));
     }
     if run.windows(2).any(|w| w[1].number <= w[0].number) {
         return broken("is out of order".into());
@@ -1082,6 +1075,13 @@ fn check_run(
     Ok(())
 }
 
+/// Refuses a push source that fails `PRAGMA quick_check`, run inside the snapshot's
+/// read transaction (what is checked is what would be sent): a nightly copy of a
+/// damaged database must never replace a good version or a good local copy.
+///
+/// A push that follows the WAL (reads only the pages changed since the last one) checks
+/// the structure of those pages instead, which costs what they cost; any doubt there, and
+/// every push that reads the whole file, runs the full `quick_check` (docs/trust.md).
 pub fn check_source(source: &Snapshot) -> Result<()> {
     if let Some(problems) = source.check_changed_pages()? {
         if problems.is_empty() {
