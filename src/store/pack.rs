@@ -13,7 +13,10 @@
 //!   gains the column (every old row plain) when first opened: no byte moves.
 //! - Every read expands what it reads ([`PackFiles::read`]): a reader always gets the
 //!   page itself, and checks it against its hash; an entry that does not expand to a
-//!   page reads as damaged, like plain bytes that no longer match.
+//!   page reads as damaged, like plain bytes that no longer match. A pull reads the
+//!   entries that lie end to end in a pack with one read ([`PackFiles::read_raw`] of
+//!   their span, then [`PackFiles::expand`] for each compressed one) and checks each
+//!   page of it on its own all the same.
 //!
 //! Invariants:
 //! - A page is written once: into a pack, fsynced once per push before the index rows
@@ -218,8 +221,19 @@ impl PackFiles {
         result
     }
 
-    /// Reads the bytes at `loc` as they are into `buf`; a short read is `Ok(false)`.
-    fn read_raw(&mut self, loc: Loc, buf: &mut Vec<u8>) -> Result<bool> {
+    /// Expands the stored bytes `raw` of a compressed entry into `page`, as
+    /// [`PackFiles::read`] does: bytes that do not expand to a page leave `page` empty
+    /// (they then fail the caller's hash check).
+    pub fn expand(&mut self, raw: &[u8], page: &mut Vec<u8>) {
+        if self.expander.expand_into(raw, page).is_err() {
+            page.clear();
+        }
+    }
+
+    /// Reads the bytes at `loc` as they are stored into `buf`, never expanded (`loc`
+    /// may span several entries that lie end to end: one read for a run of pages);
+    /// a short read is `Ok(false)`.
+    pub fn read_raw(&mut self, loc: Loc, buf: &mut Vec<u8>) -> Result<bool> {
         let path = pack_path(&self.dir, loc.pack);
         let file = match self.files.entry(loc.pack) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -314,6 +328,12 @@ impl Pages {
         packed: Option<&mut Vec<u8>>,
     ) -> Result<bool> {
         self.files.read_keeping(loc, buf, packed)
+    }
+
+    /// The pack files this index reads through (for reads of several entries at once,
+    /// [`PackFiles::read_raw`], and expanding what they read, [`PackFiles::expand`]).
+    pub fn pack_files(&mut self) -> &mut PackFiles {
+        &mut self.files
     }
 
     /// A second set of pack files to read with, for reading while iterating the index.
@@ -681,6 +701,11 @@ impl Appender {
     /// The pack's id.
     pub fn id(&self) -> i64 {
         self.id
+    }
+
+    /// Where the next appended byte goes.
+    pub fn end(&self) -> u64 {
+        self.end
     }
 
     /// Appends one entry's bytes (a page, or with `zstd` one zstd frame of it);
