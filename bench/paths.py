@@ -130,7 +130,7 @@ def main():
         cases = {}
         with srv.Server(root / "serve") as server:
             c = Client(root / "client", server)
-            c.run(["push", str(db), "bench/warm.db"])
+            c.run(["push", str(db), "paths/warm.db"])
             runs = list(range(args.repeats)) + (["strace"] if args.strace else [])
             for r in runs:
                 strace_dir = root if r == "strace" else None
@@ -138,13 +138,13 @@ def main():
                 # A store that holds none of the pages: a server of its own.
                 with srv.Server(root / f"serve-new-{r}") as fresh:
                     cf = Client(root / "client", fresh)
-                    res = cf.run(["push", str(db), f"bench/new-{r}.db"], tag("push-new"))
+                    res = cf.run(["push", str(db), f"paths/new-{r}.db"], tag("push-new"))
                     cases.setdefault("push full, new store", {})[r] = res
                 shutil.rmtree(root / f"serve-new-{r}")
-                res = c.run(["push", str(db), f"bench/full-{r}.db"], tag("push"))
+                res = c.run(["push", str(db), f"paths/full-{r}.db"], tag("push"))
                 cases.setdefault("push full", {})[r] = res
                 pulled = root / f"pulled-{r}.db"
-                res = c.run(["pull", f"bench/full-{r}.db", str(pulled)], tag("pull"))
+                res = c.run(["pull", f"paths/full-{r}.db", str(pulled)], tag("pull"))
                 if res[2]["digest"] != digest:
                     fail(f"pull: digest {res[2]['digest']}, pushed {digest}")
                 os.remove(pulled)

@@ -243,7 +243,8 @@ impl PackFiles {
                 Err(e) => return Err(Error::io(&path, e)),
             },
         };
-        buf.clear();
+        // Only new room is zeroed: the read overwrites what the buffer held (a run's
+        // buffer is reused for every run of a pull).
         buf.resize(loc.len as usize, 0);
         match file.read_exact_at(buf, loc.offset) {
             Ok(()) => Ok(true),
