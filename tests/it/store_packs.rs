@@ -407,9 +407,7 @@ fn a_pull_reads_runs_across_packs_and_past_a_torn_tail() {
     // A version made of both: a stretch of a's pages, a stretch of b's, a page that
     // repeats another, a's again. Every page is stored already: nothing is appended.
     let mut pc = pa.clone();
-    for i in 20..60 {
-        pc[i] = pb[i].clone();
-    }
+    pc[20..60].clone_from_slice(&pb[20..60]);
     pc[70] = pa[5].clone();
     push_pages(&store, "acme/c.db", &pc, || {});
     let packs: std::collections::BTreeSet<i64> = locations(dir.path(), "acme/c.db")
