@@ -1351,11 +1351,14 @@ struct Runs {
     page: Vec<u8>,
 }
 
-/// Stored bytes a scan gathers before it reads them.
-const RUN_BYTES: usize = 256 * 1024;
+/// Stored bytes a scan gathers before it reads them. Each pull on a server holds a
+/// buffer this large: 256 KiB made 100 concurrent pulls peak 18 MiB higher (88 MiB
+/// against 70 MiB); at 64 KiB a read per 16 pages is still a small part of a pull's
+/// reads (the page index's leaves are one per page).
+const RUN_BYTES: usize = 64 * 1024;
 
 /// Pages a scan gathers before it reads them.
-const RUN_PAGES: usize = 64;
+const RUN_PAGES: usize = 16;
 
 impl Runs {
     fn new(page_size: u32) -> Runs {

@@ -393,7 +393,7 @@ fn a_pull_reads_runs_across_packs_and_past_a_torn_tail() {
     drop(conn);
     let pa = file_pages(&a);
     let n = pa.len();
-    assert!(n > 100, "{n} pages: more than one run of 64");
+    assert!(n > 100, "{n} pages: several runs of 16");
     // Other bytes for every page but the first, pushed at the same time into another
     // replica: a pack of its own.
     let mut pb = pa.clone();
