@@ -126,6 +126,26 @@ fn add_codec_column(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
+/// Switches a new index to WAL. SQLite takes the exclusive lock that needs without
+/// calling the busy handler, so pushes opening a new store at the same moment were
+/// refused with "database is locked" (a daemon's first pushes into a new server, each
+/// then retried seconds later): it is tried again, every few milliseconds, for as long
+/// as the busy timeout.
+fn to_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// The pages directory of the store rooted at `root`.
 pub(super) fn dir_of(root: &Path) -> PathBuf {
     root.join("pages")
@@ -269,7 +289,7 @@ impl Pages {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(s)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            conn.pragma_update(None, "journal_mode", "WAL").map_err(s)?;
+            to_wal(&conn).map_err(s)?;
         }
         // The index commit is what makes a push's pages exist: it is fsynced, after
         // the pack bytes it names.
@@ -821,4 +841,35 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<bool> {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn punch_hole(_file: &File, _offset: u64, _len: u64) -> std::io::Result<bool> {
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pushes into a new store open its page index at the same moment: each must get
+    /// it, none a "database is locked" (the switch to WAL takes its lock without
+    /// SQLite's busy handler).
+    #[test]
+    fn many_first_opens_of_a_new_index_at_once_all_succeed() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let pages = dir.path().join("pages");
+            let start = std::sync::Barrier::new(8);
+            std::thread::scope(|s| {
+                let opened: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            Pages::open(&pages, WRITER_CACHE_KIB).map(drop)
+                        })
+                    })
+                    .collect();
+                for o in opened {
+                    let result = o.join().expect("no panic");
+                    assert!(result.is_ok(), "{result:?}");
+                }
+            });
+        }
+    }
 }
