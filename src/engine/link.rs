@@ -13,22 +13,28 @@
 //!
 //! The channel link between the engine and a network pump ([`channel_link`]) is bounded
 //! in both directions, because its peer may lie: frames from the network wait in a
-//! queue of a few frames (a peer sending faster than the engine reads is not read), and
+//! queue of a few batches (a peer sending faster than the engine reads is not read), and
 //! frames to the network wait in a queue sized for the role (see [`Role`]). It counts
 //! the node hashes queued and not yet taken by the pump, so a replica can refuse a peer
 //! that asks for more than the window without reading the answers.
 //!
-//! Bulk frames (PAGE, NODES) are batched into one queue item of up to [`BATCH_BYTES`]:
-//! waking the other thread for every 4 KiB page would cost more than the copy. A batch
-//! goes out when it is full, before this end waits for a frame, and with any other
-//! frame, so nothing the peer waits for is ever held back.
+//! Bulk frames (PAGE, ZPAGE, NODES) are batched into one queue item, of up to
+//! [`BATCH_BYTES`] on the in-memory link and [`CHANNEL_BATCH_BYTES`] (or
+//! [`CHANNEL_BATCH_FRAMES`]) on the channel link: waking the other thread for every
+//! 4 KiB page would cost more than the copy (on a server's pull, a wake-up of the pump
+//! every two pages was most of the system time). A batch goes out when it is full,
+//! before this end waits for a frame, and with any other frame, so nothing the peer
+//! waits for is ever held back. The pump batches the other way the same: the frames
+//! the socket already holds go to the engine as one item.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 
 use super::WINDOW_NODES;
 use crate::protocol::Frame;
+use crate::transport::ws::{CHANNEL_BATCH_BYTES, CHANNEL_BATCH_FRAMES};
 use crate::{Error, Result};
 
 /// Batches that may wait in the origin → replica queue.
@@ -248,15 +254,16 @@ pub enum Role {
     Replica,
 }
 
-/// Frames that may wait between a WebSocket and the engine, in either direction (but
-/// a replica's outgoing queue, below).
-const CHANNEL_FRAMES: usize = 64;
+/// Batches that may wait between a WebSocket and the engine, in either direction (but
+/// a replica's outgoing queue, below). With [`CHANNEL_BATCH_BYTES`] a batch, this holds
+/// about as many page bytes as the 64 single frames it held before batching.
+const CHANNEL_BATCHES: usize = 4;
 
-/// Frames that may wait in a replica's engine → network queue: every NODES frame of a
-/// full window (each carries at least one hash), plus the few other frames a replica
-/// sends. The replica's window check keeps the queue below this, so it never blocks
-/// the replica while the peer is honest.
-const REPLICA_OUT_FRAMES: usize = WINDOW_NODES as usize + CHANNEL_FRAMES;
+/// Batches that may wait in a replica's engine → network queue: one per NODES frame of
+/// a full window (each carries at least one hash, and a batch at least one frame), plus
+/// a few for the other frames a replica sends. The replica's window check keeps the
+/// queue below this, so it never blocks the replica while the peer is honest.
+const REPLICA_OUT_BATCHES: usize = WINDOW_NODES as usize + 64;
 
 /// MESSAGE frames a peer may send in one session over a [`ChannelLink`].
 const MAX_MESSAGES: u32 = 16;
@@ -264,8 +271,13 @@ const MAX_MESSAGES: u32 = 16;
 /// The engine's end of a link whose other end is async code (a WebSocket pump). Its
 /// methods block: use it on a blocking thread (`spawn_blocking`), never in async code.
 pub struct ChannelLink {
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    tx: tokio::sync::mpsc::Sender<Vec<Vec<u8>>>,
+    rx: tokio::sync::mpsc::Receiver<Vec<Vec<u8>>>,
+    /// Bulk frames not yet handed to the pump, and their bytes.
+    out: Vec<Vec<u8>>,
+    out_bytes: usize,
+    /// Frames of the last batch received that the engine has not read yet.
+    inbox: VecDeque<Vec<u8>>,
     /// Node hashes queued by this end that the pump has not taken yet.
     unsent_nodes: Arc<AtomicU32>,
     /// MESSAGE frames received so far.
@@ -283,45 +295,63 @@ pub struct PumpEnd {
     pub from_engine: FromEngine,
 }
 
-/// The pump's sending half towards the engine.
-pub struct ToEngine(tokio::sync::mpsc::Sender<Vec<u8>>);
+/// The pump's sending half towards the engine: frames go in batches.
+pub struct ToEngine(tokio::sync::mpsc::Sender<Vec<Vec<u8>>>);
 
 /// The pump's receiving half from the engine.
 pub struct FromEngine {
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    rx: tokio::sync::mpsc::Receiver<Vec<Vec<u8>>>,
+    /// Frames of the batch taken last that the pump has not taken yet.
+    batch: VecDeque<Vec<u8>>,
     unsent_nodes: Arc<AtomicU32>,
 }
 
 /// What is left of a [`ChannelLink`] once the engine is done: frames that reached it
 /// but that it did not read (the peer's next control frame, for example).
-pub struct Leftovers(tokio::sync::mpsc::Receiver<Vec<u8>>);
+pub struct Leftovers {
+    inbox: VecDeque<Vec<u8>>,
+    rx: tokio::sync::mpsc::Receiver<Vec<Vec<u8>>>,
+}
 
 impl Leftovers {
     /// The frames not read, in order.
     pub fn drain(mut self) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        while let Ok(b) = self.0.try_recv() {
-            out.push(b);
+        let mut out: Vec<Vec<u8>> = self.inbox.drain(..).collect();
+        while let Ok(b) = self.rx.try_recv() {
+            out.extend(b);
         }
         out
     }
+}
+
+/// Whether a frame (by its first byte) is bulk: batched until the batch is full or
+/// this end waits, instead of handed over at once.
+fn is_bulk(frame: &[u8]) -> bool {
+    use crate::protocol::code;
+    matches!(
+        frame.first(),
+        Some(&(code::PAGE | code::ZPAGE | code::NODES))
+    )
 }
 
 /// A link for `role` between a blocking engine and an async pump. Both directions are
 /// bounded.
 pub fn channel_link(role: Role) -> (ChannelLink, PumpEnd) {
     use tokio::sync::mpsc::channel;
-    let out_frames = match role {
-        Role::Origin => CHANNEL_FRAMES,
-        Role::Replica => REPLICA_OUT_FRAMES,
+    let out_batches = match role {
+        Role::Origin => CHANNEL_BATCHES,
+        Role::Replica => REPLICA_OUT_BATCHES,
     };
-    let (in_tx, in_rx) = channel(CHANNEL_FRAMES);
-    let (out_tx, out_rx) = channel(out_frames);
+    let (in_tx, in_rx) = channel(CHANNEL_BATCHES);
+    let (out_tx, out_rx) = channel(out_batches);
     let unsent_nodes = Arc::new(AtomicU32::new(0));
     (
         ChannelLink {
             tx: out_tx,
             rx: in_rx,
+            out: Vec::new(),
+            out_bytes: 0,
+            inbox: VecDeque::new(),
             unsent_nodes: unsent_nodes.clone(),
             messages: 0,
             sent: 0,
@@ -331,6 +361,7 @@ pub fn channel_link(role: Role) -> (ChannelLink, PumpEnd) {
             to_engine: ToEngine(in_tx),
             from_engine: FromEngine {
                 rx: out_rx,
+                batch: VecDeque::new(),
                 unsent_nodes,
             },
         },
@@ -354,9 +385,27 @@ pub fn pumped_link(role: Role) -> (ChannelLink, ToEngine, FromEngine) {
 impl ChannelLink {
     /// Sends one frame already encoded, as it is (a server sends a page its store keeps
     /// compressed as its ZPAGE frame this way; the engine itself sends only [`Frame`]s).
+    /// A bulk frame may wait in this end's batch (see the module doc).
     pub fn send_bytes(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.sent += bytes.len() as u64;
-        if self.tx.blocking_send(bytes).is_ok() {
+        let bulk = is_bulk(&bytes);
+        self.out_bytes += bytes.len();
+        self.out.push(bytes);
+        if !bulk || self.out_bytes >= CHANNEL_BATCH_BYTES || self.out.len() >= CHANNEL_BATCH_FRAMES
+        {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Hands the frames batched so far to the pump, waiting while its queue is full.
+    fn flush(&mut self) -> Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.out);
+        self.out_bytes = 0;
+        if self.tx.blocking_send(batch).is_ok() {
             Ok(())
         } else {
             Err(self.why_closed())
@@ -367,7 +416,16 @@ impl ChannelLink {
     /// hung up (a server whose disk filled mid-push says so, then closes; the engine,
     /// busy sending pages, has not read it yet), else a lost connection.
     fn why_closed(&mut self) -> Error {
-        while let Ok(bytes) = self.rx.try_recv() {
+        loop {
+            let Some(bytes) = self.inbox.pop_front() else {
+                match self.rx.try_recv() {
+                    Ok(batch) => {
+                        self.inbox.extend(batch);
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+            };
             if let Ok(Frame::Error { code, message }) = Frame::decode(&bytes) {
                 return Error::Remote { code, message };
             }
@@ -375,10 +433,42 @@ impl ChannelLink {
         Error::Disconnected("the connection closed".into())
     }
 
-    /// Ends the engine's use of the link: closes its sending half (the pump then knows
-    /// the engine is done) and keeps what it did not read.
-    pub fn finish(self) -> Leftovers {
-        Leftovers(self.rx)
+    /// Ends the engine's use of the link: hands over what it batched, closes its
+    /// sending half (the pump then knows the engine is done) and keeps what it did not
+    /// read.
+    pub fn finish(mut self) -> Leftovers {
+        // The last frame an engine sends (DONE, COMMIT, ERROR) is never bulk, so this
+        // is empty unless the engine stopped mid-stream; a closed pump takes nothing.
+        let _ = self.flush();
+        Leftovers {
+            inbox: self.inbox,
+            rx: self.rx,
+        }
+    }
+
+    /// The next frame from the network: the rest of the last batch, else the next
+    /// batch, waiting for it when `wait` (`None`: none yet).
+    fn next_received(&mut self, wait: bool) -> Result<Option<Vec<u8>>> {
+        // Whatever this end batched goes first: the peer may be waiting for it.
+        self.flush()?;
+        while self.inbox.is_empty() {
+            let batch = if wait {
+                self.rx
+                    .blocking_recv()
+                    .ok_or_else(|| Error::Disconnected("the connection closed".into()))?
+            } else {
+                use tokio::sync::mpsc::error::TryRecvError;
+                match self.rx.try_recv() {
+                    Ok(batch) => batch,
+                    Err(TryRecvError::Empty) => return Ok(None),
+                    Err(TryRecvError::Disconnected) => {
+                        return Err(Error::Disconnected("the connection closed".into()));
+                    }
+                }
+            };
+            self.inbox.extend(batch);
+        }
+        Ok(self.inbox.pop_front())
     }
 
     fn decode(&mut self, bytes: Vec<u8>) -> Result<Frame> {
@@ -412,20 +502,15 @@ impl Link for ChannelLink {
 
     fn recv(&mut self) -> Result<Frame> {
         let bytes = self
-            .rx
-            .blocking_recv()
-            .ok_or_else(|| Error::Disconnected("the connection closed".into()))?;
+            .next_received(true)?
+            .expect("a blocking receive returns a frame or an error");
         self.decode(bytes)
     }
 
     fn try_recv(&mut self) -> Result<Option<Frame>> {
-        use tokio::sync::mpsc::error::TryRecvError;
-        match self.rx.try_recv() {
-            Ok(bytes) => self.decode(bytes).map(Some),
-            Err(TryRecvError::Empty) => Ok(None),
-            Err(TryRecvError::Disconnected) => {
-                Err(Error::Disconnected("the connection closed".into()))
-            }
+        match self.next_received(false)? {
+            Some(bytes) => self.decode(bytes).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -443,43 +528,47 @@ impl Link for ChannelLink {
 }
 
 impl ToEngine {
-    /// Hands a frame from the network to the engine, waiting while its queue is full;
-    /// gives it back if the engine is gone.
-    pub async fn send(&self, bytes: Vec<u8>) -> std::result::Result<(), Vec<u8>> {
-        self.0.send(bytes).await.map_err(|e| e.0)
+    /// Hands frames from the network to the engine as one batch, waiting while its
+    /// queue is full; gives them back if the engine is gone.
+    pub async fn send(&self, frames: Vec<Vec<u8>>) -> std::result::Result<(), Vec<Vec<u8>>> {
+        self.0.send(frames).await.map_err(|e| e.0)
     }
 }
 
 impl FromEngine {
     /// The engine's next frame for the network; `None` once the engine is done.
     pub async fn recv(&mut self) -> Option<Vec<u8>> {
-        let bytes = self.rx.recv().await?;
-        self.taken(&bytes);
-        Some(bytes)
+        if self.batch.is_empty() {
+            self.batch.extend(self.rx.recv().await?);
+        }
+        self.take()
     }
 
     /// The engine's next frame if one is already waiting.
     pub fn try_recv(&mut self) -> Option<Vec<u8>> {
-        let bytes = self.rx.try_recv().ok()?;
-        self.taken(&bytes);
-        Some(bytes)
+        if self.batch.is_empty() {
+            self.batch.extend(self.rx.try_recv().ok()?);
+        }
+        self.take()
     }
 
-    /// Takes a NODES frame's hashes off the count of unsent ones.
-    fn taken(&self, bytes: &[u8]) {
+    /// The next frame of the current batch, taken off the count of unsent node hashes.
+    fn take(&mut self) -> Option<Vec<u8>> {
+        let bytes = self.batch.pop_front()?;
         // NODES: type, u8 level, u32 start, u16 n, then the hashes.
         if bytes.first() == Some(&crate::protocol::code::NODES) && bytes.len() >= 8 {
             let n = u32::from(u16::from_be_bytes([bytes[6], bytes[7]]));
             self.unsent_nodes.fetch_sub(n, Ordering::Relaxed);
         }
+        Some(bytes)
     }
 }
 
 // The WebSocket pump (`crate::transport::ws::run_engine`) drives a channel link
 // through these: the transport knows the engine only by them.
 impl crate::transport::ws::EngineInbox for ToEngine {
-    async fn deliver(&self, frame: Vec<u8>) -> std::result::Result<(), Vec<u8>> {
-        self.send(frame).await
+    async fn deliver(&self, frames: Vec<Vec<u8>>) -> std::result::Result<(), Vec<Vec<u8>>> {
+        self.send(frames).await
     }
 }
 
@@ -563,10 +652,16 @@ mod tests {
             text: "hi".into(),
         };
         for _ in 0..MAX_MESSAGES {
-            pump.to_engine.0.try_send(note.to_bytes()).expect("queued");
+            pump.to_engine
+                .0
+                .try_send(vec![note.to_bytes()])
+                .expect("queued");
             assert!(link.recv().is_ok());
         }
-        pump.to_engine.0.try_send(note.to_bytes()).expect("queued");
+        pump.to_engine
+            .0
+            .try_send(vec![note.to_bytes()])
+            .expect("queued");
         assert!(matches!(link.recv(), Err(Error::Protocol(_))));
     }
 
@@ -574,11 +669,22 @@ mod tests {
     fn the_network_side_queue_is_bounded() {
         let (_link, pump) = channel_link(Role::Origin);
         let mut queued = 0;
-        while pump.to_engine.0.try_send(vec![0x09]).is_ok() {
+        while pump.to_engine.0.try_send(vec![vec![0x09]]).is_ok() {
             queued += 1;
-            assert!(queued <= CHANNEL_FRAMES, "the queue never fills");
+            assert!(queued <= CHANNEL_BATCHES, "the queue never fills");
         }
-        assert_eq!(queued, CHANNEL_FRAMES);
+        assert_eq!(queued, CHANNEL_BATCHES);
+    }
+
+    /// Sends pages until the link refuses one (a page may wait in the batch, so the
+    /// refusal comes at the latest with the page that fills it).
+    fn send_pages_until_refused(link: &mut ChannelLink) -> Error {
+        for _ in 0..=CHANNEL_BATCH_FRAMES {
+            if let Err(e) = link.send_page(1, &[0; 512]) {
+                return e;
+            }
+        }
+        panic!("a closed link took a full batch of pages");
     }
 
     /// A server that fails mid-push sends ERROR and hangs up while the origin is still
@@ -591,17 +697,69 @@ mod tests {
             code: crate::protocol::ErrorCode::ServerError as u16,
             message: "the disk is full".into(),
         };
-        pump.to_engine.0.try_send(error.to_bytes()).expect("queued");
+        pump.to_engine
+            .0
+            .try_send(vec![error.to_bytes()])
+            .expect("queued");
         drop(pump);
-        match link.send_page(1, &[0; 512]) {
-            Err(Error::Remote { message, .. }) => assert_eq!(message, "the disk is full"),
+        match send_pages_until_refused(&mut link) {
+            Error::Remote { message, .. } => assert_eq!(message, "the disk is full"),
             other => panic!("expected the server's error, got {other:?}"),
         }
         let (mut link, pump) = channel_link(Role::Origin);
         drop(pump);
         assert!(matches!(
-            link.send_page(1, &[0; 512]),
-            Err(Error::Disconnected(_))
+            send_pages_until_refused(&mut link),
+            Error::Disconnected(_)
         ));
+    }
+
+    /// Pages go to the pump in batches, one queue item (one wake-up) for many; any
+    /// other frame, and a wait for the peer, hands over what waits, in order.
+    #[test]
+    fn pages_travel_in_batches_and_other_frames_flush_them() {
+        let (mut link, mut pump) = channel_link(Role::Origin);
+        for pgno in 1..=CHANNEL_BATCH_FRAMES as u32 + 3 {
+            link.send_page(pgno, &[pgno as u8; 512]).expect("queued");
+        }
+        // One full batch went; three pages wait in the engine's batch.
+        let first = pump.from_engine.rx.try_recv().expect("one batch");
+        assert_eq!(first.len(), CHANNEL_BATCH_FRAMES);
+        assert!(pump.from_engine.rx.try_recv().is_err(), "the rest waits");
+        link.send(&Frame::Ready { page_count: 9 }).expect("queued");
+        let second = pump.from_engine.rx.try_recv().expect("flushed by READY");
+        let pgnos: Vec<u8> = second.iter().map(|f| f[4]).collect();
+        assert_eq!(
+            pgnos,
+            vec![33, 34, 35, 9],
+            "the waiting pages, then READY's count"
+        );
+        assert_eq!(second[3], Frame::Ready { page_count: 9 }.to_bytes());
+        // A page, then a wait for the peer: the page goes before the wait.
+        link.send_page(40, &[1; 512]).expect("queued");
+        assert!(matches!(link.try_recv(), Ok(None)));
+        let third = pump.from_engine.rx.try_recv().expect("flushed by the wait");
+        assert_eq!(third, vec![Frame::page_bytes(40, &[1; 512])]);
+        // Big pages fill a batch by bytes before frames.
+        for pgno in 1..=16u32 {
+            link.send_page(pgno, &[0; 4096]).expect("queued");
+        }
+        let by_bytes = pump.from_engine.rx.try_recv().expect("full by bytes");
+        assert_eq!(by_bytes.len(), CHANNEL_BATCH_BYTES / (4096 + 5) + 1);
+        // What the engine did not read stays for after it, in order.
+        pump.to_engine
+            .0
+            .try_send(vec![vec![0x51, 1], vec![0x51, 2]])
+            .expect("queued");
+        pump.to_engine
+            .0
+            .try_send(vec![vec![0x51, 3]])
+            .expect("queued");
+        assert!(link.try_recv().is_err(), "not a page-sync frame");
+        assert_eq!(
+            link.finish().drain(),
+            vec![vec![0x51, 2], vec![0x51, 3]],
+            "the first was read (and refused)"
+        );
     }
 }

@@ -528,7 +528,8 @@ pub struct PackedPage {
 }
 
 /// The most entries a [`PackedPages`] holds: more than the frames that can be in
-/// flight between a pump and its engine (64); past it the oldest go.
+/// flight between a pump and its engine (a few batches of at most
+/// `transport::ws::CHANNEL_BATCH_FRAMES`: 192); past it the oldest go.
 const MAX_PACKED: usize = 256;
 
 /// Compressed pages handed past the engine, which sees only plain pages: a server

@@ -13,7 +13,10 @@
 //!   gains the column (every old row plain) when first opened: no byte moves.
 //! - Every read expands what it reads ([`PackFiles::read`]): a reader always gets the
 //!   page itself, and checks it against its hash; an entry that does not expand to a
-//!   page reads as damaged, like plain bytes that no longer match.
+//!   page reads as damaged, like plain bytes that no longer match. A pull reads the
+//!   entries that lie end to end in a pack with one read ([`PackFiles::read_raw`] of
+//!   their span, then [`PackFiles::expand`] for each compressed one) and checks each
+//!   page of it on its own all the same.
 //!
 //! Invariants:
 //! - A page is written once: into a pack, fsynced once per push before the index rows
@@ -123,6 +126,26 @@ fn add_codec_column(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
+/// Switches a new index to WAL. SQLite takes the exclusive lock that needs without
+/// calling the busy handler, so pushes opening a new store at the same moment were
+/// refused with "database is locked" (a daemon's first pushes into a new server, each
+/// then retried seconds later): it is tried again, every few milliseconds, for as long
+/// as the busy timeout.
+fn to_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// The pages directory of the store rooted at `root`.
 pub(super) fn dir_of(root: &Path) -> PathBuf {
     root.join("pages")
@@ -218,8 +241,19 @@ impl PackFiles {
         result
     }
 
-    /// Reads the bytes at `loc` as they are into `buf`; a short read is `Ok(false)`.
-    fn read_raw(&mut self, loc: Loc, buf: &mut Vec<u8>) -> Result<bool> {
+    /// Expands the stored bytes `raw` of a compressed entry into `page`, as
+    /// [`PackFiles::read`] does: bytes that do not expand to a page leave `page` empty
+    /// (they then fail the caller's hash check).
+    pub fn expand(&mut self, raw: &[u8], page: &mut Vec<u8>) {
+        if self.expander.expand_into(raw, page).is_err() {
+            page.clear();
+        }
+    }
+
+    /// Reads the bytes at `loc` as they are stored into `buf`, never expanded (`loc`
+    /// may span several entries that lie end to end: one read for a run of pages);
+    /// a short read is `Ok(false)`.
+    pub fn read_raw(&mut self, loc: Loc, buf: &mut Vec<u8>) -> Result<bool> {
         let path = pack_path(&self.dir, loc.pack);
         let file = match self.files.entry(loc.pack) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -229,7 +263,8 @@ impl PackFiles {
                 Err(e) => return Err(Error::io(&path, e)),
             },
         };
-        buf.clear();
+        // Only new room is zeroed: the read overwrites what the buffer held (a run's
+        // buffer is reused for every run of a pull).
         buf.resize(loc.len as usize, 0);
         match file.read_exact_at(buf, loc.offset) {
             Ok(()) => Ok(true),
@@ -254,7 +289,7 @@ impl Pages {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(s)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            conn.pragma_update(None, "journal_mode", "WAL").map_err(s)?;
+            to_wal(&conn).map_err(s)?;
         }
         // The index commit is what makes a push's pages exist: it is fsynced, after
         // the pack bytes it names.
@@ -314,6 +349,12 @@ impl Pages {
         packed: Option<&mut Vec<u8>>,
     ) -> Result<bool> {
         self.files.read_keeping(loc, buf, packed)
+    }
+
+    /// The pack files this index reads through (for reads of several entries at once,
+    /// [`PackFiles::read_raw`], and expanding what they read, [`PackFiles::expand`]).
+    pub fn pack_files(&mut self) -> &mut PackFiles {
+        &mut self.files
     }
 
     /// A second set of pack files to read with, for reading while iterating the index.
@@ -683,6 +724,11 @@ impl Appender {
         self.id
     }
 
+    /// Where the next appended byte goes.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
     /// Appends one entry's bytes (a page, or with `zstd` one zstd frame of it);
     /// returns where they are.
     pub fn append(&mut self, data: &[u8], zstd: bool) -> Result<Loc> {
@@ -795,4 +841,35 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<bool> {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn punch_hole(_file: &File, _offset: u64, _len: u64) -> std::io::Result<bool> {
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pushes into a new store open its page index at the same moment: each must get
+    /// it, none a "database is locked" (the switch to WAL takes its lock without
+    /// SQLite's busy handler).
+    #[test]
+    fn many_first_opens_of_a_new_index_at_once_all_succeed() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let pages = dir.path().join("pages");
+            let start = std::sync::Barrier::new(8);
+            std::thread::scope(|s| {
+                let opened: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            Pages::open(&pages, WRITER_CACHE_KIB).map(drop)
+                        })
+                    })
+                    .collect();
+                for o in opened {
+                    let result = o.join().expect("no panic");
+                    assert!(result.is_ok(), "{result:?}");
+                }
+            });
+        }
+    }
 }

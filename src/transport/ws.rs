@@ -38,6 +38,18 @@ use crate::protocol::compress::{
 use crate::protocol::{ErrorCode, Frame, MAX_FRAME_BYTES, code};
 use crate::{Error, Result};
 
+/// A batch of frames between a WebSocket and an engine is handed over once it holds
+/// this many bytes (16 pages of 4 KiB: one wake-up of the other side for all of them),
+/// in both directions: the pump's reader gathers what the socket already holds, and
+/// the engine's channel link batches its bulk frames.
+pub const CHANNEL_BATCH_BYTES: usize = 64 * 1024;
+
+/// ... or this many frames, whichever comes first. It keeps the frames in flight (the
+/// engine's queue of a few batches, its current batch, the pump's) within the 256
+/// entries the compressed-page hand-over keeps
+/// ([`crate::protocol::compress::PackedPages`]).
+pub const CHANNEL_BATCH_FRAMES: usize = 32;
+
 /// Frames the writer sends before it flushes the socket.
 const FLUSH_EVERY_FRAMES: usize = 64;
 
@@ -144,12 +156,13 @@ where
 
 /// The pump's way to hand frames from the network to the engine.
 pub trait EngineInbox: Send {
-    /// Hands a frame to the engine, waiting while its queue is full; gives it back if
-    /// the engine is gone.
+    /// Hands frames to the engine, in order, as one batch (one wake-up of the engine
+    /// for all of them), waiting while its queue is full; gives them back if the engine
+    /// is gone.
     fn deliver(
         &self,
-        frame: Vec<u8>,
-    ) -> impl Future<Output = std::result::Result<(), Vec<u8>>> + Send;
+        frames: Vec<Vec<u8>>,
+    ) -> impl Future<Output = std::result::Result<(), Vec<Vec<u8>>>> + Send;
 }
 
 /// The pump's way to take the engine's frames for the network.
@@ -179,8 +192,8 @@ enum WriterEnd {
 
 /// Why the reader half stopped.
 enum ReaderEnd {
-    /// The engine finished while this message was on its way to it.
-    EngineGone(Vec<u8>),
+    /// The engine finished while these messages were on their way to it.
+    EngineGone(Vec<Vec<u8>>),
     /// The peer closed the connection.
     Closed,
     /// The connection failed.
@@ -376,16 +389,21 @@ where
     let count = |n: &std::sync::atomic::AtomicU64, len: usize| {
         n.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
     };
-    for frame in first {
-        count(&received, frame.len());
-        // Frames read before the page sync (its BEGIN) are never compressed pages;
-        // one that is, and does not expand, reaches the engine as it came.
-        let frame = match &mut expander {
-            Some(x) => x.unpack(frame.clone()).unwrap_or(frame),
-            None => frame,
-        };
-        // The engine is not running yet; the queue holds these few frames.
-        let _ = inbox.deliver(frame).await;
+    let first: Vec<Vec<u8>> = first
+        .into_iter()
+        .map(|frame| {
+            count(&received, frame.len());
+            // Frames read before the page sync (its BEGIN) are never compressed pages;
+            // one that is, and does not expand, reaches the engine as it came.
+            match &mut expander {
+                Some(x) => x.unpack(frame.clone()).unwrap_or(frame),
+                None => frame,
+            }
+        })
+        .collect();
+    if !first.is_empty() {
+        // The engine is not running yet; the queue holds this one batch.
+        let _ = inbox.deliver(first).await;
     }
     let handle = tokio::task::spawn_blocking(move || {
         crate::error::debug_panic("engine");
@@ -399,6 +417,10 @@ where
     {
         let (sent, received) = (&sent, &received);
         let reader = async move {
+            // The frames the socket already holds go to the engine as one batch: one
+            // wake-up of the engine thread for many pages, not one for each.
+            let mut batch: Vec<Vec<u8>> = Vec::new();
+            let mut batch_bytes = 0usize;
             loop {
                 let next = match within(idle, stream.next()).await {
                     Some(next) => next,
@@ -409,32 +431,62 @@ where
                         ));
                     }
                 };
-                match classify(next) {
-                    Ok(Incoming::Frame(b)) => {
-                        count(received, b.len());
-                        let b = match &mut expander {
-                            None => b,
-                            Some(x) if b.first() == Some(&code::ZPAGE) => {
-                                match x.expand_frame(&b) {
-                                    Ok(page) => {
-                                        if let Some(keep) = &keep_packed {
-                                            keep.push(packed_page(b, &page));
+                let mut next = Some(next);
+                let mut end = None;
+                while let Some(message) = next.take() {
+                    match classify(message) {
+                        Ok(Incoming::Frame(b)) => {
+                            count(received, b.len());
+                            let b = match &mut expander {
+                                None => b,
+                                Some(x) if b.first() == Some(&code::ZPAGE) => {
+                                    match x.expand_frame(&b) {
+                                        Ok(page) => {
+                                            if let Some(keep) = &keep_packed {
+                                                keep.push(packed_page(b, &page));
+                                            }
+                                            page
                                         }
-                                        page
+                                        Err(e) => {
+                                            end = Some(ReaderEnd::Refused(e.to_string()));
+                                            break;
+                                        }
                                     }
-                                    Err(e) => return ReaderEnd::Refused(e.to_string()),
                                 }
-                            }
-                            Some(_) => b,
-                        };
-                        if let Err(b) = inbox.deliver(b).await {
-                            return ReaderEnd::EngineGone(b);
+                                Some(_) => b,
+                            };
+                            batch_bytes += b.len();
+                            batch.push(b);
+                        }
+                        Ok(Incoming::Alive) => {}
+                        Ok(Incoming::Closed) => {
+                            end = Some(ReaderEnd::Closed);
+                            break;
+                        }
+                        Err(Error::Protocol(why)) => {
+                            end = Some(ReaderEnd::Refused(why));
+                            break;
+                        }
+                        Err(e) => {
+                            end = Some(ReaderEnd::Failed(e.to_string()));
+                            break;
                         }
                     }
-                    Ok(Incoming::Alive) => continue,
-                    Ok(Incoming::Closed) => return ReaderEnd::Closed,
-                    Err(Error::Protocol(why)) => return ReaderEnd::Refused(why),
-                    Err(e) => return ReaderEnd::Failed(e.to_string()),
+                    if batch_bytes < CHANNEL_BATCH_BYTES && batch.len() < CHANNEL_BATCH_FRAMES {
+                        // Only what is there already: never wait here.
+                        next = stream.next().now_or_never();
+                    }
+                }
+                // What arrived before an end reaches the engine first (a peer's ERROR,
+                // then its close).
+                if !batch.is_empty() {
+                    batch_bytes = 0;
+                    if let Err(b) = inbox.deliver(std::mem::take(&mut batch)).await {
+                        return ReaderEnd::EngineGone(b);
+                    }
+                }
+                if let Some(end) = end {
+                    return end;
                 }
             }
         };
@@ -518,7 +570,7 @@ where
             None => (&mut reader).now_or_never(),
         };
         match reader_end {
-            Some(ReaderEnd::EngineGone(b)) => extra.push(b),
+            Some(ReaderEnd::EngineGone(b)) => extra.extend(b),
             Some(ReaderEnd::Refused(why)) => refused = Some(why),
             _ => {}
         }
@@ -602,11 +654,11 @@ mod tests {
         }
     }
 
-    struct Inbox(tokio::sync::mpsc::Sender<Vec<u8>>);
+    struct Inbox(tokio::sync::mpsc::Sender<Vec<Vec<u8>>>);
 
     impl EngineInbox for Inbox {
-        async fn deliver(&self, frame: Vec<u8>) -> std::result::Result<(), Vec<u8>> {
-            self.0.send(frame).await.map_err(|e| e.0)
+        async fn deliver(&self, frames: Vec<Vec<u8>>) -> std::result::Result<(), Vec<Vec<u8>>> {
+            self.0.send(frames).await.map_err(|e| e.0)
         }
     }
 

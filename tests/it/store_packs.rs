@@ -339,3 +339,180 @@ fn a_store_of_the_previous_layout_is_moved_into_packs_on_first_use() {
     assert_eq!(again["created"].as_bool(), Some(false), "{again}");
     scrub_clean(dir.path());
 }
+
+/// The page hashes of `replica`'s latest version read through a pull's scan (the runs
+/// of entries lying end to end in a pack, one read each), and the page numbers the
+/// scan handed on before it ended, with its error if it failed.
+fn scan_back(store: &Store, replica: &str) -> (Vec<Hash>, Option<sqlferry::Error>) {
+    use sqlferry::engine::PageSource;
+    let mut r = store
+        .read(
+            &ReplicaPath::parse(replica).expect("valid"),
+            Selector::Latest,
+        )
+        .expect("read");
+    let mut seen = Vec::new();
+    let result = r.scan(0, &mut |pgno, hash, data| {
+        let data = data.expect("a scan from page 0 reads every page");
+        assert_eq!(page_hash(pgno, data), hash, "page {pgno} as handed on");
+        assert_eq!(pgno as usize, seen.len() + 1, "pages in order");
+        seen.push(hash);
+        Ok(())
+    });
+    (seen, result.err())
+}
+
+/// Where the pages of `replica`'s latest version are stored: (pack, offset) each.
+fn locations(dir: &Path, replica: &str) -> Vec<(i64, i64)> {
+    let hashes = read_back(&Store::new(dir.join("store")), replica);
+    let index = Connection::open(dir.join("store/pages/index.sqlite")).expect("index");
+    hashes
+        .iter()
+        .map(|h| {
+            index
+                .query_row(
+                    "SELECT pack, offset FROM pages WHERE hash = ?1",
+                    [&h[..]],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .expect("indexed")
+        })
+        .collect()
+}
+
+/// A pull reads the pages lying end to end in a pack with one read, across runs that
+/// end where a version's pages come from another pack, from elsewhere in the same pack
+/// or repeat a page; bytes a crashed push left past a pack's end change nothing it
+/// reads, and the next push cuts them off.
+#[test]
+fn a_pull_reads_runs_across_packs_and_past_a_torn_tail() {
+    let dir = TempDir::new().expect("tempdir");
+    let a = dir.path().join("a.db");
+    let conn = util::create(&a, 4096, Mode::Rollback);
+    util::insert_rows(&conn, 2500, 300);
+    drop(conn);
+    let pa = file_pages(&a);
+    let n = pa.len();
+    assert!(n > 100, "{n} pages: several runs of 16");
+    // Other bytes for every page but the first, pushed at the same time into another
+    // replica: a pack of its own.
+    let mut pb = pa.clone();
+    for p in pb.iter_mut().skip(1) {
+        p[4000] ^= 0x5a;
+    }
+    let store = Store::new(dir.path().join("store"));
+    push_pages(&store, "acme/a.db", &pa, || {
+        push_pages(&store, "acme/b.db", &pb, || {});
+    });
+    // A version made of both: a stretch of a's pages, a stretch of b's, a page that
+    // repeats another, a's again. Every page is stored already: nothing is appended.
+    let mut pc = pa.clone();
+    pc[20..60].clone_from_slice(&pb[20..60]);
+    pc[70] = pa[5].clone();
+    push_pages(&store, "acme/c.db", &pc, || {});
+    let packs: std::collections::BTreeSet<i64> = locations(dir.path(), "acme/c.db")
+        .iter()
+        .map(|(pack, _)| *pack)
+        .collect();
+    assert_eq!(packs.len(), 2, "c's pages lie in two packs");
+
+    // A torn tail on every pack, as a push killed mid-write leaves it.
+    let pack_files: Vec<PathBuf> = std::fs::read_dir(dir.path().join("store/pages"))
+        .expect("pages dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .collect();
+    let sizes: Vec<u64> = pack_files
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("pack").len())
+        .collect();
+    for p in &pack_files {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(p)
+            .expect("open pack");
+        f.write_all(&[0xee; 6000]).expect("torn tail");
+    }
+    for (replica, pages) in [("acme/a.db", &pa), ("acme/b.db", &pb), ("acme/c.db", &pc)] {
+        let (hashes, error) = scan_back(&store, replica);
+        assert!(error.is_none(), "{replica}: {error:?}");
+        assert_eq!(hashes, hashes_of(pages), "{replica}");
+    }
+
+    // The next push (new pages: it appends) cuts the torn tails off first.
+    let mut pd = pa.clone();
+    for p in pd.iter_mut().skip(1) {
+        p[3000] ^= 0x11;
+    }
+    push_pages(&store, "acme/d.db", &pd, || {});
+    let (hashes, error) = scan_back(&store, "acme/d.db");
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(hashes, hashes_of(&pd));
+    for (p, size) in pack_files.iter().zip(&sizes) {
+        let now = std::fs::metadata(p).expect("pack").len();
+        assert!(
+            now == *size || now == size + (n as u64 - 1) * 4096,
+            "{}: {size} bytes committed, {now} now",
+            p.display()
+        );
+    }
+    scrub_clean(dir.path());
+}
+
+/// A page damaged in the middle of a run fails the read at that page, after the pages
+/// before it, and is recorded, so the next push of it repairs it; a page whose index
+/// row is gone breaks the run and is reported missing.
+#[test]
+fn a_page_damaged_in_the_middle_of_a_run_is_found_and_recorded() {
+    let dir = TempDir::new().expect("tempdir");
+    let a = dir.path().join("a.db");
+    let conn = util::create(&a, 4096, Mode::Rollback);
+    util::insert_rows(&conn, 600, 300);
+    drop(conn);
+    let pa = file_pages(&a);
+    assert!(pa.len() > 40, "{} pages", pa.len());
+    let store = Store::new(dir.path().join("store"));
+    push_pages(&store, "acme/a.db", &pa, || {});
+    let file = dir.path().join("store/replicas/acme/a.db.sqlferry");
+    let here = locations(dir.path(), "acme/a.db");
+    assert!(
+        here.windows(2).all(|w| w[1].1 == w[0].1 + 4096),
+        "a version pushed whole lies in page order"
+    );
+
+    let (hash, _) = crate::trust_store::stored_page(&file, 1, 10);
+    crate::trust_store::flip_stored(&file, &hash, 2048, 0x04);
+    let (seen, error) = scan_back(&store, "acme/a.db");
+    assert_eq!(seen, hashes_of(&pa)[..9].to_vec(), "pages 1 to 9 went out");
+    let error = error.expect("page 10 is refused").to_string();
+    assert!(
+        error.contains("page 10 ") && error.contains("damaged"),
+        "{error}"
+    );
+    let recorded: Vec<Vec<u8>> = Connection::open(&file)
+        .expect("replica file")
+        .prepare("SELECT hash FROM bad_pages")
+        .expect("bad pages")
+        .query_map([], |r| r.get(0))
+        .expect("rows")
+        .collect::<rusqlite::Result<_>>()
+        .expect("read");
+    assert_eq!(recorded, vec![hash.to_vec()]);
+
+    // Its row gone instead (put the byte back first): missing, at that page.
+    crate::trust_store::flip_stored(&file, &hash, 2048, 0x04);
+    let (gone, _) = crate::trust_store::stored_page(&file, 1, 30);
+    Connection::open(dir.path().join("store/pages/index.sqlite"))
+        .expect("index")
+        .execute("DELETE FROM pages WHERE hash = ?1", [&gone[..]])
+        .expect("delete");
+    let (seen, error) = scan_back(&store, "acme/a.db");
+    assert_eq!(seen.len(), 29, "pages 1 to 29 went out");
+    let error = error.expect("page 30 is refused").to_string();
+    assert!(
+        error.contains("page 30 ") && error.contains("missing"),
+        "{error}"
+    );
+}
