@@ -589,15 +589,7 @@ impl PushArgs {
                     ))?,
                     Some(why) => eprintln!("sqlferry: note: {why}"),
                 }
-                for c in &r.conflicts {
-                    eprintln!("{}", conflict_line(c));
-                }
-                if r.conflicts_total > r.conflicts.len() as u64 {
-                    eprintln!(
-                        "  … and {} more",
-                        r.conflicts_total - r.conflicts.len() as u64
-                    );
-                }
+                print_conflicts(r);
             } else if outcome.created {
                 out(format_args!(
                     "pushed {} to {replica} {store}: version {} ({} of {} pages sent, {} sent) in {:.2?}",
@@ -638,15 +630,7 @@ impl PushArgs {
         let result: Option<crate::protocol::control::MergeResult> =
             serde_json::from_value(merge.clone()).ok();
         if let Some(r) = &result {
-            for c in &r.conflicts {
-                eprintln!("{}", conflict_line(c));
-            }
-            if r.conflicts_total > r.conflicts.len() as u64 {
-                eprintln!(
-                    "  … and {} more",
-                    r.conflicts_total - r.conflicts.len() as u64
-                );
-            }
+            print_conflicts(r);
         }
         if self.json {
             out(format_args!(
@@ -750,6 +734,20 @@ impl PushArgs {
             ))?;
         }
         Ok(exit::OK)
+    }
+}
+
+/// Each conflicting row of a merge on stderr, one line each, and how many more there
+/// were than the report lists.
+fn print_conflicts(r: &crate::protocol::control::MergeResult) {
+    for c in &r.conflicts {
+        eprintln!("{}", conflict_line(c));
+    }
+    if r.conflicts_total > r.conflicts.len() as u64 {
+        eprintln!(
+            "  … and {} more",
+            r.conflicts_total - r.conflicts.len() as u64
+        );
     }
 }
 
