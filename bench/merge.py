@@ -17,8 +17,9 @@ range), so no row is changed on both sides, and then:
 
 Each is timed on its own copy of the store and of B (copied before the timer starts),
 --repeats times; medians of wall seconds, CPU seconds (user + system of the command)
-and peak RSS (`/usr/bin/time`'s %M). After each merge the script checks B holds both
-sides' changes (2% of the rows upper-cased) and `PRAGMA integrity_check` is ok.
+and peak RSS (VmHWM sampled while it runs, `bench/rss.py`). After each merge the script
+checks B holds both sides' changes (2% of the rows upper-cased) and `PRAGMA
+integrity_check` is ok.
 """
 
 import argparse
@@ -27,30 +28,13 @@ import random
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import mkdb  # noqa: E402
-
-
-def run(cmd, env):
-    """Runs `cmd`; returns (wall s, cpu s, peak RSS MiB). Fails loudly on a non-zero exit."""
-    with tempfile.NamedTemporaryFile(mode="r") as rss:
-        timed = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss.name] + cmd
-        start = time.monotonic()
-        proc = subprocess.Popen(timed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - start
-        err = proc.stderr.read().decode(errors="replace")
-        proc.stderr.close()
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            sys.exit(f"{' '.join(cmd)} exited {code}: {err.strip()}")
-        return wall, usage.ru_utime + usage.ru_stime, int(rss.read().split()[-1]) / 1024
+import rss  # noqa: E402
 
 
 def edit(path, mode, side, seed):
@@ -124,13 +108,13 @@ def main():
                     env[f"XDG_{x}_HOME"] = os.path.join(state, x.lower())
                 a, b = os.path.join(state, "a.db"), os.path.join(state, "b.db")
                 mkdb.copy_db(base, a)
-                run([sqlferry, "push", a, "ns/r"], env)
-                run([sqlferry, "pull", "ns/r", b], env)
+                rss.run_ok([sqlferry, "push", a, "ns/r"], env)
+                rss.run_ok([sqlferry, "pull", "ns/r", b], env)
                 edit(b, mode, 1, 2)
                 mkdb.checkpoint(b)
                 shutil.copytree(state, states["plain"])
                 edit(a, mode, 0, 1)
-                run([sqlferry, "push", a, "ns/r"], env)
+                rss.run_ok([sqlferry, "push", a, "ns/r"], env)
                 want = upper_rows(a) + upper_rows(b)
                 shutil.copytree(state, states["merge"])
                 results = {"plain": [], "merge": []}
@@ -138,17 +122,17 @@ def main():
                     for what in ("plain", "merge"):
                         copy_tree(states[what], state)
                         cmd = [sqlferry, "push", b, "ns/r"] + (["--merge"] if what == "merge" else [])
-                        results[what].append(run(cmd, env))
+                        results[what].append(rss.run_ok(cmd, env))
                         if what == "merge":
                             got, ok = upper_rows(b), integrity(b)
                             if got != want or ok != "ok":
                                 sys.exit(f"{size} MiB {mode}: after the merge B has {got} "
                                          f"changed rows (want {want}), integrity {ok}")
                 for what, got in results.items():
-                    wall = statistics.median(g[0] for g in got)
-                    cpu = statistics.median(g[1] for g in got)
-                    rss = max(g[2] for g in got)
-                    print(f"{size:>4}MB {mode:8} {what:6} {wall:8.3f} {cpu:8.3f} {rss:8.1f}", flush=True)
+                    wall = statistics.median(g.wall_s for g in got)
+                    cpu = statistics.median(g.cpu_s for g in got)
+                    peak = max(g.peak_kib for g in got) / 1024
+                    print(f"{size:>4}MB {mode:8} {what:6} {wall:8.3f} {cpu:8.3f} {peak:8.1f}", flush=True)
                 for d in list(states.values()) + [state]:
                     shutil.rmtree(d)
             mkdb.remove_db(base)

@@ -13,11 +13,11 @@ mode a copy with 1% of its rows changed (`mkdb.py change COPY MODE`), and runs o
   sqldiff --summary A B               the reference summary
   sqldiff --changeset X A B           the reference changeset
 
-For each: wall seconds, CPU seconds (user + system, from wait4) and peak RSS (`/usr/bin/time`'s %M),
-medians of --repeats runs after one untimed warm-up of each command (files in the page
-cache). The changeset sizes are printed too, and `sqlferry apply` of sqlferry's changeset
-onto a copy of A must give B's rows (checked once per mode: a benchmark that measured a
-wrong answer would mean nothing). Wall times mean something only on a quiet machine.
+For each: wall seconds, CPU seconds (user + system) and peak RSS (VmHWM sampled while
+it runs, `bench/rss.py`), medians of --repeats runs after one untimed warm-up of each
+command (files in the page cache). The changeset sizes are printed too, and `sqlferry
+apply` of sqlferry's changeset onto a copy of A must give B's rows (checked once per
+mode: a benchmark that measured a wrong answer would mean nothing). Wall times mean something only on a quiet machine.
 
 Disk: about 4x --size-mb under DIR (a temporary directory by default), removed at the end.
 """
@@ -26,35 +26,13 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import mkdb  # noqa: E402
-
-
-def run(cmd, out=subprocess.DEVNULL):
-    """Runs `cmd`; returns (wall s, cpu s, peak RSS MiB). Fails loudly on a non-zero exit.
-
-    The peak RSS comes from `/usr/bin/time -f %M`, not from wait4: a child's ru_maxrss
-    keeps the high-water mark of the process it was forked from (this script) across
-    exec, so wait4 would report this script's size for a small command."""
-    with tempfile.NamedTemporaryFile(mode="r") as rss:
-        start = time.monotonic()
-        timed = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss.name] + cmd
-        proc = subprocess.Popen(timed, stdout=out, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - start
-        err = proc.stderr.read().decode(errors="replace")
-        proc.stderr.close()
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            sys.exit(f"{' '.join(cmd)} exited {code}: {err.strip()}")
-        peak_kib = int(rss.read().split()[-1])
-    return wall, usage.ru_utime + usage.ru_stime, peak_kib / 1024
+import rss  # noqa: E402
 
 
 def same_rows(x, y):
@@ -105,16 +83,16 @@ def main():
                 ("sqldiff --changeset X A B", [sqldiff, "--changeset", theirs, a, b]),
             ]
             for name, cmd in cases:
-                run(cmd)  # warm-up
-                got = [run(cmd) for _ in range(args.repeats)]
-                wall = statistics.median(g[0] for g in got)
-                cpu = statistics.median(g[1] for g in got)
-                rss = max(g[2] for g in got)
-                print(f"  {name:34s} wall {wall:6.3f} s  cpu {cpu:6.3f} s  rss {rss:6.1f} MiB", flush=True)
+                rss.run_ok(cmd)  # warm-up
+                got = [rss.run_ok(cmd) for _ in range(args.repeats)]
+                wall = statistics.median(g.wall_s for g in got)
+                cpu = statistics.median(g.cpu_s for g in got)
+                peak = max(g.peak_kib for g in got) / 1024
+                print(f"  {name:34s} wall {wall:6.3f} s  cpu {cpu:6.3f} s  rss {peak:6.1f} MiB", flush=True)
             print(f"  changeset bytes: sqlferry {os.path.getsize(ours)}, sqldiff {os.path.getsize(theirs)}")
             c = os.path.join(work, "c.db")
             mkdb.copy_db(a, c)
-            run([args.bin, "apply", ours, c])
+            rss.run_ok([args.bin, "apply", ours, c])
             if not same_rows(c, b):
                 sys.exit(f"{mode}: applying sqlferry's changeset to A did not give B's rows")
             print("  check: apply of sqlferry's changeset onto A gives B's rows", flush=True)

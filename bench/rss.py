@@ -21,9 +21,10 @@ import time
 
 SAMPLE_S = 0.005
 
-# peak_kib: the last VmHWM sampled; wait4_maxrss_kib: ru_maxrss as os.wait4 gives it.
+# peak_kib: the last VmHWM sampled; wait4_maxrss_kib: ru_maxrss as os.wait4 gives it;
+# cpu_s: the command's user + system CPU seconds (its own and its waited-for children's).
 Run = collections.namedtuple(
-    "Run", "returncode stdout stderr wall_s peak_kib wait4_maxrss_kib")
+    "Run", "returncode stdout stderr wall_s peak_kib wait4_maxrss_kib cpu_s")
 
 
 def status_kib(pid, field):
@@ -92,4 +93,14 @@ def run(cmd, env):
         child.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return Run(child.returncode, out.read(), err.read(), wall, peak, usage.ru_maxrss)
+        return Run(child.returncode, out.read(), err.read(), wall, peak, usage.ru_maxrss,
+                   usage.ru_utime + usage.ru_stime)
+
+
+def run_ok(cmd, env=None):
+    """Runs `cmd` like run(); exits this script with the command's error if it fails."""
+    r = run(cmd, env)
+    if r.returncode != 0:
+        err = r.stderr.decode(errors="replace").strip()
+        raise SystemExit(f"{' '.join(map(str, cmd))} exited {r.returncode}: {err}")
+    return r
