@@ -55,7 +55,7 @@ use std::path::{Path, PathBuf};
 use crate::{Error, Result};
 
 /// Page hashes per manifest chunk (32 KiB of hashes).
-pub const CHUNK_PAGES: usize = 1024;
+pub const CHUNK_PAGES: usize = crate::digest::CHUNK_PAGES as usize;
 
 /// The longest replica path accepted, in bytes.
 const MAX_PATH_BYTES: usize = 255;

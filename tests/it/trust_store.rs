@@ -473,7 +473,7 @@ fn begin_flags_outside_the_defined_bits_are_refused() {
     let store = store_with_v1(&b, &pages);
     let mut changed = pages.clone();
     changed[1][3000] ^= 1;
-    for flags in [0x02u8, 0x80, 0xff] {
+    for flags in [0x04u8, 0x80, 0xff] {
         let mut frames = vec![begin(&changed, flags)];
         frames.extend(all_pages(&changed));
         frames.push(Frame::Commit {
@@ -485,6 +485,17 @@ fn begin_flags_outside_the_defined_bits_are_refused() {
         assert!(err.to_string().contains("BEGIN flags"), "{err}");
         assert_eq!(version_count(&store), 1, "flags {flags:#x}: nothing stored");
     }
+    // The chunked digest's flag (0x02) is known, and holds the origin to that form: a
+    // COMMIT with digest 1 is a digest that does not match.
+    let mut frames = vec![begin(&changed, 0x02)];
+    frames.extend(all_pages(&changed));
+    frames.push(Frame::Commit {
+        page_count: changed.len() as u32,
+        digest: digest_of(&changed),
+    });
+    let err = hostile_push(&store, frames).expect_err("digest 1 under the chunked flag");
+    assert_eq!(err.kind(), sqlferry::ErrorKind::Verification, "{err}");
+    assert_eq!(version_count(&store), 1, "nothing stored");
 }
 
 #[test]
@@ -641,6 +652,7 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
             page_count: n,
             base_version: 1,
             known_base: false,
+            chunked_digest: false,
         })
         .expect("begin");
     assert_eq!(held, n);
