@@ -31,8 +31,8 @@ pub use link::{
     mem_pair, pumped_link,
 };
 pub use origin::{
-    FLAG_CHUNKED_DIGEST, FLAG_KNOWN_BASE, KnownBase, ManifestSink, OriginOptions, run as run_origin,
-    run_with as run_origin_with,
+    FLAG_CHUNKED_DIGEST, FLAG_KNOWN_BASE, KnownBase, ManifestSink, OriginOptions,
+    run as run_origin, run_with as run_origin_with,
 };
 pub use replica::{ReplicaDone, run as run_replica, run_with as run_replica_with};
 

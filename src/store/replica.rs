@@ -898,7 +898,10 @@ impl PageTarget for VersionWriter {
         hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
         let same = match self.form {
-            DigestForm::One => self.latest.as_ref().is_some_and(|l| l.digest == hex(digest)),
+            DigestForm::One => self
+                .latest
+                .as_ref()
+                .is_some_and(|l| l.digest == hex(digest)),
             DigestForm::Chunked => self.latest_digest2 == Some(*digest),
         };
         self.commit_with(same, |w, number| {
@@ -1137,8 +1140,7 @@ impl VersionWriter {
         let mut page1 = None;
         let mut counts = (0u64, 0u64);
         let mut seen = 0u32;
-        let mut expected = 0u32;
-        for chunk in chunks {
+        for (expected, chunk) in (0u32..).zip(chunks) {
             let chunk = chunk?;
             let (idx, key) = match &chunk {
                 Chunk::Held { idx, hash } | Chunk::New { idx, hash, .. } => (*idx, *hash),
@@ -1148,7 +1150,6 @@ impl VersionWriter {
                     "chunk {idx} came where chunk {expected} was due"
                 )));
             }
-            expected += 1;
             chunked.push_chunk(&key);
             let hashes = match chunk {
                 // Repairs only: nothing to write for a chunk held as it is.
@@ -1273,7 +1274,12 @@ impl VersionWriter {
     /// what this push appended and the result uses is indexed; the rest never is.
     /// Counts it in `indexed`, or in `raced` when another push (of another replica)
     /// indexed the page first, while this one ran: the version uses that copy.
-    fn index_fresh(&mut self, pgno: u32, h: &Hash, (indexed, raced): &mut (u64, u64)) -> Result<()> {
+    fn index_fresh(
+        &mut self,
+        pgno: u32,
+        h: &Hash,
+        (indexed, raced): &mut (u64, u64),
+    ) -> Result<()> {
         let Some(pack) = self.appender.as_ref().map(Appender::id) else {
             return Ok(());
         };
@@ -1282,7 +1288,9 @@ impl VersionWriter {
         }
         let at: Option<(i64, u32, i64)> = self
             .conn
-            .prepare_cached("SELECT offset, len, codec FROM temp.fresh WHERE hash = ?1 AND repair = 0")
+            .prepare_cached(
+                "SELECT offset, len, codec FROM temp.fresh WHERE hash = ?1 AND repair = 0",
+            )
             .and_then(|mut s| {
                 s.query_row([&h[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .optional()

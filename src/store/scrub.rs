@@ -45,6 +45,10 @@ pub struct BadPage {
     pub versions: Vec<u64>,
 }
 
+/// A version row as scrub checks it: number, page size, page count, digest 1 and the
+/// chunked digest (`None` where the file has none yet).
+type StoredVersion = (u64, u32, u32, Vec<u8>, Option<Vec<u8>>);
+
 /// A version whose manifest or digest does not hold.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BadVersion {
@@ -229,7 +233,7 @@ fn scrub_replica(
         true => "digest2",
         false => "NULL",
     };
-    let versions: Vec<(u64, u32, u32, Vec<u8>, Option<Vec<u8>>)> = {
+    let versions: Vec<StoredVersion> = {
         let mut stmt = conn
             .prepare(&format!(
                 "SELECT number, page_size, page_count, digest, {digest2} FROM versions ORDER BY number"

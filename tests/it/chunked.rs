@@ -77,7 +77,10 @@ fn two_versions(dir: &Path) -> (PathBuf, PathBuf) {
     assert_eq!(second["version"], 2, "{second}");
     assert_eq!(second["digest"], util::digest(&db), "{second}");
     let sent = second["pages_sent"].as_u64().expect("pages_sent");
-    assert!(sent > 0 && sent < 100, "only the changed pages go: {second}");
+    assert!(
+        sent > 0 && sent < 100,
+        "only the changed pages go: {second}"
+    );
     (db, dir.join("store/replicas/acme/app.db.sqlferry"))
 }
 
@@ -162,7 +165,10 @@ fn every_version_records_its_chunked_digest_and_an_old_file_gets_it_from_its_man
     // A recorded chunked digest that does not match its manifest is found.
     Connection::open(&file)
         .expect("replica file")
-        .execute("UPDATE versions SET digest2 = zeroblob(32) WHERE number = 1", [])
+        .execute(
+            "UPDATE versions SET digest2 = zeroblob(32) WHERE number = 1",
+            [],
+        )
         .expect("tamper");
     let out = scrub(dir.path());
     assert_eq!(util::code(&out), 7, "{}", util::stdout(&out));
@@ -204,7 +210,13 @@ fn damage_chunk(conn: &Connection, key: &[u8]) {
 fn refused(dir: &Path, db: &Path, why: &str) {
     change_last_rows(db);
     let out = run(dir, &["push", db.to_str().expect("utf-8"), "acme/app.db"]);
-    assert_eq!(util::code(&out), 7, "{}{}", util::stderr(&out), util::stdout(&out));
+    assert_eq!(
+        util::code(&out),
+        7,
+        "{}{}",
+        util::stderr(&out),
+        util::stdout(&out)
+    );
     let said = format!("{}{}", util::stderr(&out), util::stdout(&out));
     assert!(said.contains(why), "{said}");
     assert_eq!(versions(dir), 2, "nothing was committed");
@@ -271,7 +283,10 @@ fn a_damaged_kept_manifest_costs_pages_never_a_wrong_version() {
     // The client's kept manifest of version 2: page hashes flipped all through it.
     let kept_dir = dir.path().join(".home/cache/sqlferry/manifests");
     let mut damaged = 0;
-    for entry in std::fs::read_dir(&kept_dir).expect("kept manifests").flatten() {
+    for entry in std::fs::read_dir(&kept_dir)
+        .expect("kept manifests")
+        .flatten()
+    {
         let mut bytes = std::fs::read(entry.path()).expect("read");
         if bytes.len() < 1024 * 32 {
             continue; // not a manifest (a seal)
