@@ -908,7 +908,7 @@ impl Server {
                             bytes_received: link_received(link),
                             hash_bytes: done.hash_bytes,
                             duration: started.elapsed(),
-                            digest: crate::digest::hex(&done.digest),
+                            digest: crate::digest::digest_text(done.form, &done.digest),
                         };
                         Ok((stats, target))
                     },

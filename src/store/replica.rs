@@ -1862,13 +1862,30 @@ pub fn number_ranges(numbers: &[u64]) -> String {
 /// - pages kept in the file (a `pages` table of its own) move into the store's packs;
 /// - versions without their chunked digest (`versions.digest2`, a column added if the
 ///   file has none) get it from their manifest rows alone: the rows' keys are the
-///   chunk hashes, so no page and no chunk is read.
-pub(super) fn upgrade(file: &Path, pages_dir: &Path) -> Result<()> {
+///   chunk hashes, so no page and no chunk is read. A push (`for_push`) needs it to
+///   compare its result with the latest version, and fails if it cannot be written; a
+///   pull needs nothing of it, so for a pull it is best effort (a store it may only
+///   read, or a push holding the replica for more than a few seconds, leaves it to
+///   the next push).
+pub(super) fn upgrade(file: &Path, pages_dir: &Path, for_push: bool) -> Result<()> {
     if !file.exists() {
         return Ok(());
     }
     move_pages(file, pages_dir)?;
-    fill_digest2(file)
+    match fill_digest2(
+        file,
+        if for_push {
+            BUSY_TIMEOUT
+        } else {
+            RECORD_BUSY_TIMEOUT
+        },
+    ) {
+        Err(e) if !for_push => {
+            tracing::info!(file = %file.display(), error = %e, "could not record the chunked digests yet");
+            Ok(())
+        }
+        done => done,
+    }
 }
 
 /// Whether the replica file open on `conn` has versions without a chunked digest (or
@@ -1899,20 +1916,20 @@ fn lacks_digest2(conn: &Connection, file: &Path) -> Result<bool> {
 /// manifest rows do not make a chunked digest (a key that is no hash, or rows missing)
 /// gets an empty one, so that the pass runs once: `scrub` reports such a version by
 /// its digest 1.
-fn fill_digest2(file: &Path) -> Result<()> {
+fn fill_digest2(file: &Path, busy: Duration) -> Result<()> {
     {
         let conn = Connection::open_with_flags(
             file,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(sql(file))?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
+        conn.busy_timeout(busy).map_err(sql(file))?;
         if !lacks_digest2(&conn, file)? {
             return Ok(());
         }
     }
     let conn = Connection::open(file).map_err(sql(file))?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
+    conn.busy_timeout(busy).map_err(sql(file))?;
     conn.execute_batch("BEGIN IMMEDIATE").map_err(sql(file))?;
     if !lacks_digest2(&conn, file)? {
         return Ok(()); // another process filled them meanwhile (rolled back on drop)

@@ -121,7 +121,7 @@ pub(super) fn scrub(root: &Path, progress: &mut dyn FnMut(&ScrubProgress)) -> Re
     // Replica files of the previous layout first give their pages to the packs.
     let mut upgrade_errors = BTreeMap::new();
     for file in &files {
-        if let Err(e) = upgrade(file, &pages_dir) {
+        if let Err(e) = upgrade(file, &pages_dir, false) {
             upgrade_errors.insert(file.clone(), e.to_string());
         }
     }
