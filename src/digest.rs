@@ -6,7 +6,12 @@
 //! - [`page_hash`]: SHA-256 over every byte of a page, except the few bytes of page 1
 //!   that say how the file is used rather than what it holds (`docs/engine.md`).
 //! - [`Digest`]: a database's identity, SHA-256 over page size, page count and the
-//!   ordered page hashes; [`node_hash`]: a hash-tree node over its children.
+//!   ordered page hashes (*digest 1*); [`ChunkedDigest`]: the same identity with
+//!   structure (*the chunked digest*, `sqlferry-digest-2`), SHA-256 over page size, page
+//!   count and the hashes of chunks of [`CHUNK_PAGES`] page hashes, so that a change of
+//!   a few pages rehashes a few chunks, not every page hash; [`Digester`] builds either
+//!   from page hashes; [`digest_text`] prints either in its form; [`node_hash`]: a
+//!   hash-tree node over its children.
 //! - [`hex()`]: lower-case hex, as hashes are printed and stored.
 //! - [`name_key`]: the short file name derived from a path (caches, history records,
 //!   socket directories), so one spelling rule holds everywhere.
@@ -155,6 +160,169 @@ impl Digest {
     /// The digest, or `None` when fewer or more hashes were pushed than pages declared.
     pub fn finish(self) -> Option<Hash> {
         (self.seen == self.expected).then(|| self.hasher.finalize().into())
+    }
+}
+
+/// Page hashes per chunk of the chunked digest, and per chunk of a store's manifest: the
+/// two are the same chunks, so a stored version's manifest keys are its chunk hashes.
+pub const CHUNK_PAGES: u32 = 1024;
+
+/// The domain tag the chunked digest starts with: no digest 1 (which starts with a
+/// page size) is ever computed over the same bytes.
+const CHUNKED_TAG: &[u8] = b"sqlferry-digest-2";
+
+/// The prefix of a chunked digest in text (`c:` + 64 hex digits); a digest 1 is 64 hex
+/// digits alone, as every record written before the chunked form.
+pub const CHUNKED_PREFIX: &str = "c:";
+
+/// How many chunks a database of `page_count` pages has (the last one may be short).
+pub fn chunk_count(page_count: u32) -> u32 {
+    page_count.div_ceil(CHUNK_PAGES)
+}
+
+/// The pages of chunk `idx` (0-based) of a database of `page_count` pages, as the
+/// 1-based range `first..=last`; empty (`first > last`) past the end.
+pub fn chunk_pages(idx: u32, page_count: u32) -> std::ops::RangeInclusive<u32> {
+    let first = idx.saturating_mul(CHUNK_PAGES).saturating_add(1);
+    let last = ((u64::from(idx) + 1) * u64::from(CHUNK_PAGES)).min(u64::from(page_count)) as u32;
+    first..=last
+}
+
+/// Which of the two forms a digest is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestForm {
+    /// Digest 1: SHA-256 over page size, page count and every page hash.
+    One,
+    /// The chunked digest: SHA-256 over a tag, page size, page count and every chunk
+    /// hash.
+    Chunked,
+}
+
+/// A digest as printed and recorded: 64 hex digits for digest 1, `c:` and 64 hex
+/// digits for the chunked form. Two digests compare only in the same form.
+pub fn digest_text(form: DigestForm, digest: &Hash) -> String {
+    match form {
+        DigestForm::One => hex(digest),
+        DigestForm::Chunked => format!("{CHUNKED_PREFIX}{}", hex(digest)),
+    }
+}
+
+/// The chunked digest, streaming over chunk hashes: SHA-256 over `sqlferry-digest-2`,
+/// the page size (u32 big-endian), the page count (u32 big-endian) and each chunk hash
+/// in order. A chunk hash is the SHA-256 of the chunk's page hashes, concatenated
+/// ([`sha256`] of them; a store's manifest keys its chunks so).
+pub struct ChunkedDigest {
+    hasher: Sha256,
+    expected: u32,
+    seen: u32,
+}
+
+impl ChunkedDigest {
+    /// Starts the chunked digest of a database of `page_count` pages of `page_size`
+    /// bytes.
+    pub fn new(page_size: u32, page_count: u32) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(CHUNKED_TAG);
+        hasher.update(page_size.to_be_bytes());
+        hasher.update(page_count.to_be_bytes());
+        ChunkedDigest {
+            hasher,
+            expected: chunk_count(page_count),
+            seen: 0,
+        }
+    }
+
+    /// Adds the next chunk's hash.
+    pub fn push_chunk(&mut self, chunk_hash: &Hash) {
+        self.hasher.update(chunk_hash);
+        self.seen += 1;
+    }
+
+    /// The digest, or `None` when fewer or more chunk hashes were pushed than the page
+    /// count makes.
+    pub fn finish(self) -> Option<Hash> {
+        (self.seen == self.expected).then(|| self.hasher.finalize().into())
+    }
+}
+
+/// Builds a database digest in either form from its page hashes, in page order.
+pub struct Digester(Building);
+
+enum Building {
+    One(Digest),
+    Chunked {
+        /// The digest over the chunk hashes.
+        chunks: ChunkedDigest,
+        /// The SHA-256 of the current chunk's page hashes so far.
+        chunk: Sha256,
+        /// Page hashes in the current chunk.
+        in_chunk: u32,
+        /// Page hashes pushed.
+        seen: u32,
+        /// Pages declared.
+        expected: u32,
+    },
+}
+
+impl Digester {
+    /// Starts the digest of a database of `page_count` pages of `page_size` bytes, in
+    /// `form`.
+    pub fn new(form: DigestForm, page_size: u32, page_count: u32) -> Self {
+        Digester(match form {
+            DigestForm::One => Building::One(Digest::new(page_size, page_count)),
+            DigestForm::Chunked => Building::Chunked {
+                chunks: ChunkedDigest::new(page_size, page_count),
+                chunk: Sha256::new(),
+                in_chunk: 0,
+                seen: 0,
+                expected: page_count,
+            },
+        })
+    }
+
+    /// Adds the next page's hash.
+    pub fn push(&mut self, page_hash: &Hash) {
+        match &mut self.0 {
+            Building::One(d) => d.push(page_hash),
+            Building::Chunked {
+                chunks,
+                chunk,
+                in_chunk,
+                seen,
+                ..
+            } => {
+                chunk.update(page_hash);
+                *in_chunk += 1;
+                *seen += 1;
+                if *in_chunk == CHUNK_PAGES {
+                    let full = std::mem::take(chunk);
+                    chunks.push_chunk(&full.finalize().into());
+                    *in_chunk = 0;
+                }
+            }
+        }
+    }
+
+    /// The digest, or `None` when fewer or more hashes were pushed than pages declared.
+    pub fn finish(self) -> Option<Hash> {
+        match self.0 {
+            Building::One(d) => d.finish(),
+            Building::Chunked {
+                mut chunks,
+                chunk,
+                in_chunk,
+                seen,
+                expected,
+            } => {
+                if seen != expected {
+                    return None;
+                }
+                if in_chunk > 0 {
+                    chunks.push_chunk(&chunk.finalize().into());
+                }
+                chunks.finish()
+            }
+        }
     }
 }
 
@@ -407,6 +575,70 @@ mod tests {
         e.push(&h);
         e.push(&h);
         assert_ne!(Some(one), e.finish(), "page size is part of the digest");
+    }
+
+    /// The chunked digest computed the long way, from its definition: every chunk's
+    /// page hashes concatenated and hashed, then the tag, sizes and chunk hashes.
+    fn chunked_by_definition(page_size: u32, hashes: &[Hash]) -> Hash {
+        let mut all = Vec::new();
+        all.extend_from_slice(b"sqlferry-digest-2");
+        all.extend_from_slice(&page_size.to_be_bytes());
+        all.extend_from_slice(&(hashes.len() as u32).to_be_bytes());
+        for chunk in hashes.chunks(1024) {
+            all.extend_from_slice(&sha256(&chunk.concat()));
+        }
+        sha256(&all)
+    }
+
+    #[test]
+    fn the_chunked_digest_is_its_definition() {
+        let page = |i: u32| sha256(&i.to_be_bytes());
+        for n in [1u32, 2, 1023, 1024, 1025, 2048, 3000] {
+            let hashes: Vec<Hash> = (1..=n).map(page).collect();
+            let mut d = Digester::new(DigestForm::Chunked, 4096, n);
+            hashes.iter().for_each(|h| d.push(h));
+            let ours = d.finish().expect("every page pushed");
+            assert_eq!(ours, chunked_by_definition(4096, &hashes), "{n} pages");
+            // From chunk hashes directly, as a store computes it from its manifest keys.
+            let mut c = ChunkedDigest::new(4096, n);
+            for chunk in hashes.chunks(1024) {
+                c.push_chunk(&sha256(&chunk.concat()));
+            }
+            assert_eq!(c.finish(), Some(ours), "{n} pages, from chunk hashes");
+            // Another form, another value; another page size too.
+            let mut one = Digester::new(DigestForm::One, 4096, n);
+            hashes.iter().for_each(|h| one.push(h));
+            assert_ne!(one.finish(), Some(ours));
+            assert_ne!(chunked_by_definition(8192, &hashes), ours);
+        }
+        // The counts are checked: a page or a chunk short is no digest.
+        let mut short = Digester::new(DigestForm::Chunked, 4096, 1025);
+        (1..=1024).for_each(|i| short.push(&page(i)));
+        assert!(short.finish().is_none());
+        let mut c = ChunkedDigest::new(4096, 1025);
+        c.push_chunk(&page(1));
+        assert!(c.finish().is_none());
+        // A changed page changes its chunk's hash, and so the digest.
+        let mut hashes: Vec<Hash> = (1..=2048).map(page).collect();
+        let before = chunked_by_definition(4096, &hashes);
+        hashes[1500] = page(0);
+        assert_ne!(chunked_by_definition(4096, &hashes), before);
+    }
+
+    #[test]
+    fn chunks_cover_the_pages_in_order() {
+        assert_eq!(chunk_count(0), 0);
+        assert_eq!(chunk_count(1024), 1);
+        assert_eq!(chunk_count(1025), 2);
+        assert_eq!(chunk_pages(0, 3000), 1..=1024);
+        assert_eq!(chunk_pages(2, 3000), 2049..=3000);
+        assert!(chunk_pages(3, 3000).is_empty());
+        assert_eq!(chunk_pages(4_194_303, u32::MAX), 4_294_966_273..=u32::MAX);
+        assert_eq!(digest_text(DigestForm::One, &[0xab; 32]), "ab".repeat(32));
+        assert_eq!(
+            digest_text(DigestForm::Chunked, &[0xab; 32]),
+            format!("c:{}", "ab".repeat(32))
+        );
     }
 
     #[test]

@@ -10,6 +10,12 @@
 //! flight instead of waiting for each level. The replica commits only when its result
 //! has the origin's digest.
 //!
+//! The digest is digest 1 unless the origin asks for the chunked one
+//! ([`FLAG_CHUNKED_DIGEST`], [`crate::digest::DigestForm`]). With the chunked digest and a
+//! known base, a replica whose target keeps its pages' chunk hashes ([`PageTarget::held_chunks`])
+//! builds no hash tree: it reads the page hashes of the chunks pages were sent for, and
+//! takes every other chunk's hash as it holds it ([`PageTarget::commit_chunks`]).
+//!
 //! Local-to-local sync ([`sync_local`]) runs both roles on two threads joined by an
 //! in-memory [`Link`]; a server bridges the same roles to a WebSocket. There is one
 //! engine; transports only move frames.
@@ -25,15 +31,15 @@ pub use link::{
     mem_pair, pumped_link,
 };
 pub use origin::{
-    FLAG_KNOWN_BASE, KnownBase, ManifestSink, OriginOptions, run as run_origin,
-    run_with as run_origin_with,
+    FLAG_CHUNKED_DIGEST, FLAG_KNOWN_BASE, KnownBase, ManifestSink, OriginOptions,
+    run as run_origin, run_with as run_origin_with,
 };
 pub use replica::{ReplicaDone, run as run_replica, run_with as run_replica_with};
 
 use std::time::Duration;
 
 use crate::digest::Hash;
-use crate::{ErrorKind, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// Children per hash-tree node. 16 keeps the hashes exchanged for one changed region
 /// small (16 × 32 bytes per level) and the tree shallow (4 levels for 1 GiB of 4 KiB
@@ -86,6 +92,43 @@ pub struct BeginInfo {
     /// then sends only the pages that differ from that manifest and asks for no hash,
     /// provided the page count the target returns equals that version's page count.
     pub known_base: bool,
+    /// Whether the origin asks for the chunked digest ([`FLAG_CHUNKED_DIGEST`]): the
+    /// digest COMMIT carries, and the one the result is checked against, is then the
+    /// chunked form.
+    pub chunked_digest: bool,
+}
+
+/// One chunk of a new version, as the replica's chunk path hands it to
+/// [`PageTarget::commit_chunks`], in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chunk {
+    /// Chunk `idx` of what the target holds, unchanged: no page of it was sent, and it
+    /// covers the same pages. `hash` is the one [`PageTarget::held_chunks`] gave.
+    Held {
+        /// Its index (0-based), in the held pages and in the result alike.
+        idx: u32,
+        /// Its hash.
+        hash: Hash,
+    },
+    /// A chunk with pages written (or cut short): its page hashes back to back, and
+    /// their SHA-256.
+    New {
+        /// Its index (0-based).
+        idx: u32,
+        /// The SHA-256 of `hashes`.
+        hash: Hash,
+        /// Its page hashes, 32 bytes each, in page order.
+        hashes: Vec<u8>,
+    },
+}
+
+impl Chunk {
+    /// The chunk's hash.
+    pub fn hash(&self) -> &Hash {
+        match self {
+            Chunk::Held { hash, .. } | Chunk::New { hash, .. } => hash,
+        }
+    }
 }
 
 /// What a sync writes to: the replica. Nothing it does is visible until `commit`; if
@@ -113,6 +156,43 @@ pub trait PageTarget {
         digest: &Hash,
         hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()>;
+
+    /// The hashes of the chunks of the pages it holds, in order
+    /// ([`crate::digest::CHUNK_PAGES`] page hashes each, the last one maybe short), when
+    /// it has them without reading the page hashes (a store's manifest is keyed by
+    /// them), and every held page is exactly the known base's; `None` otherwise (the
+    /// default). Asked once, after [`PageTarget::begin`], when BEGIN named a known base
+    /// and the chunked digest. With them the replica reads no page hash until a WANT
+    /// asks for its tree, and at COMMIT only those of the chunks pages were sent for
+    /// ([`PageTarget::held_chunk`]); it commits with [`PageTarget::commit_chunks`].
+    fn held_chunks(&mut self) -> Result<Option<Vec<Hash>>> {
+        Ok(None)
+    }
+
+    /// Appends the page hashes of held chunk `idx` (0-based) to `out`, back to back; for
+    /// a target whose [`PageTarget::held_chunks`] gave its chunks. The engine checks
+    /// them against the chunk's hash before it uses one.
+    fn held_chunk(&mut self, idx: u32, _out: &mut Vec<u8>) -> Result<()> {
+        Err(Error::Bug(format!(
+            "held chunk {idx} asked of a target that keeps no chunks"
+        )))
+    }
+
+    /// [`PageTarget::commit`] for a sync that ran on chunks: truncates to `page_count`
+    /// pages and makes every change visible at once, called only after the engine has
+    /// checked that the chunks have the origin's chunked `digest`; `chunks` yields the
+    /// result's chunks in order. Only called on a target whose
+    /// [`PageTarget::held_chunks`] gave its chunks.
+    fn commit_chunks(
+        &mut self,
+        page_count: u32,
+        _digest: &Hash,
+        _chunks: &mut dyn Iterator<Item = Result<Chunk>>,
+    ) -> Result<()> {
+        Err(Error::Bug(format!(
+            "a commit of {page_count} pages by chunks asked of a target that keeps no chunks"
+        )))
+    }
 }
 
 /// Which part of a sync is running, for progress displays.
@@ -158,7 +238,8 @@ pub struct SyncStats {
     /// Wall time of the sync.
     #[serde(rename = "duration_ms", serialize_with = "as_millis")]
     pub duration: Duration,
-    /// The digest both sides agreed on, lower-case hex.
+    /// The digest both sides agreed on, in its form ([`crate::digest::digest_text`]:
+    /// lower-case hex for digest 1, `c:` and hex for the chunked one).
     pub digest: String,
 }
 

@@ -483,7 +483,9 @@ impl Server {
                         let base_options = options.clone();
                         let mut target = store.push(&replica, options)?;
                         let started = std::time::Instant::now();
-                        let pushed = push_origin(&mut source, kept, |source, options| {
+                        // In process both sides speak the chunked digest: the store's
+                        // replica then reads only the chunks pages came for.
+                        let pushed = push_origin(&mut source, kept, true, |source, options| {
                             sync_local_with(source, &mut target, &*progress, options)
                         });
                         let (stats, pushed) = match (pushed, merging) {
@@ -512,6 +514,11 @@ impl Server {
                         let (version, created) = target
                             .outcome()
                             .expect("a successful sync leaves an outcome");
+                        // The sync agreed on the chunked digest; what is recorded and
+                        // shown is the version's digest 1, which the store computed
+                        // from the manifest that digest checked.
+                        let mut stats = stats;
+                        stats.digest.clone_from(&version.digest);
                         let outcome = PushOutcome {
                             stats,
                             version: version.number,
@@ -602,7 +609,7 @@ impl Server {
                     Some(SYNC_IDLE_TIMEOUT),
                     pump,
                     move |link| {
-                        push_origin(&mut source, kept, |source, options| {
+                        push_origin(&mut source, kept, false, |source, options| {
                             run_origin_with(source, link, &*progress, options)
                         })
                     },
@@ -901,7 +908,7 @@ impl Server {
                             bytes_received: link_received(link),
                             hash_bytes: done.hash_bytes,
                             duration: started.elapsed(),
-                            digest: crate::digest::hex(&done.digest),
+                            digest: crate::digest::digest_text(done.form, &done.digest),
                         };
                         Ok((stats, target))
                     },
@@ -1177,10 +1184,12 @@ impl PushedManifest {
 }
 
 /// Runs the origin side of a push through `sync`, with the kept manifest (if any) as
-/// the known base, and collects the pushed page hashes.
+/// the known base, and collects the pushed page hashes; with the chunked digest when
+/// `chunked` (the peer speaks it).
 fn push_origin(
     source: &mut Snapshot,
     kept: Option<(history::ManifestHeader, history::ManifestHashes)>,
+    chunked: bool,
     sync: impl FnOnce(&mut Snapshot, OriginOptions<'_>) -> Result<SyncStats>,
 ) -> Result<(SyncStats, Option<PushedManifest>)> {
     let mut kept = kept;
@@ -1212,6 +1221,7 @@ fn push_origin(
         OriginOptions {
             base,
             manifest: Some(&mut sink),
+            chunked_digest: chunked,
         },
     )?;
     Ok((stats, pushed))

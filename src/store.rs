@@ -55,7 +55,7 @@ use std::path::{Path, PathBuf};
 use crate::{Error, Result};
 
 /// Page hashes per manifest chunk (32 KiB of hashes).
-pub const CHUNK_PAGES: usize = 1024;
+pub const CHUNK_PAGES: usize = crate::digest::CHUNK_PAGES as usize;
 
 /// The longest replica path accepted, in bytes.
 const MAX_PATH_BYTES: usize = 255;
@@ -397,7 +397,7 @@ impl Store {
         let file = self.replica_file(replica);
         self.remove_leftovers(&file);
         let gc = GcShared::take(&self.pages_dir(), true)?;
-        replica::upgrade(&file, &self.pages_dir())?;
+        replica::upgrade(&file, &self.pages_dir(), true)?;
         let default = self.default_retention()?;
         VersionWriter::open(&file, &self.pages_dir(), replica, options, gc, default)
     }
@@ -411,7 +411,7 @@ impl Store {
         // Not for a replica that does not exist: a pull from a wrong directory makes
         // nothing there.
         let gc = GcShared::take(&self.pages_dir(), file.exists())?;
-        replica::upgrade(&file, &self.pages_dir())?;
+        replica::upgrade(&file, &self.pages_dir(), false)?;
         VersionReader::open(&file, &self.pages_dir(), replica, selector, gc)
     }
 

@@ -11,13 +11,19 @@ use std::time::Instant;
 
 use super::tree::Tree;
 use super::{FANOUT, Link, PageSource, Phase, Progress, SyncStats, WINDOW_NODES};
-use crate::digest::{Hash, hex, lock_byte_page};
+use crate::digest::{DigestForm, Hash, digest_text, hex, lock_byte_page};
 use crate::protocol::{ErrorCode, Frame, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, Run};
 use crate::{Error, Result};
 
 /// BEGIN flag: the origin knows the replica's manifest of `base_version`; it sends the
 /// pages that differ from it and asks for no hashes.
 pub const FLAG_KNOWN_BASE: u8 = 0x01;
+
+/// BEGIN flag: COMMIT and DONE carry the chunked digest
+/// ([`crate::digest::DigestForm::Chunked`]) instead of digest 1. Set only when the peer
+/// speaks it: in process always where the caller asks for it; a peer that does not know
+/// the bit refuses the BEGIN.
+pub const FLAG_CHUNKED_DIGEST: u8 = 0x02;
 
 /// Pages hashed between two progress reports.
 const PROGRESS_BATCH: u64 = 1024;
@@ -52,6 +58,9 @@ pub struct OriginOptions<'a> {
     /// (the client keeps them as the next push's known base); not called when the base
     /// was known and no page differed from it (the hashes are the base's).
     pub manifest: Option<&'a mut ManifestSink<'a>>,
+    /// Agree on the chunked digest ([`FLAG_CHUNKED_DIGEST`]); only for a peer that
+    /// speaks it.
+    pub chunked_digest: bool,
 }
 
 /// Runs the origin side of one sync over `link`.
@@ -148,13 +157,25 @@ fn session(
 ) -> Result<SyncStats> {
     let page_size = source.page_size();
     let page_count = source.page_count();
-    let OriginOptions { base, manifest } = options;
+    let OriginOptions {
+        base,
+        manifest,
+        chunked_digest,
+    } = options;
+    let form = match chunked_digest {
+        true => DigestForm::Chunked,
+        false => DigestForm::One,
+    };
+    let mut flags = if base.is_some() { FLAG_KNOWN_BASE } else { 0 };
+    if chunked_digest {
+        flags |= FLAG_CHUNKED_DIGEST;
+    }
     link.send(&Frame::Begin {
         version: PROTOCOL_VERSION,
         page_size,
         page_count,
         base_version: base.as_ref().map_or(0, |b| b.version),
-        flags: if base.is_some() { FLAG_KNOWN_BASE } else { 0 },
+        flags,
     })?;
 
     let replica_count = match recv(link)? {
@@ -196,6 +217,7 @@ fn session(
         page_size,
         page_count,
         !base_known,
+        form,
         |f| {
             source.scan(common, &mut |pgno, hash, data| {
                 let differs = match &mut base_hashes {
@@ -383,7 +405,7 @@ fn session(
         bytes_received: link.bytes_received(),
         hash_bytes,
         duration: started.elapsed(),
-        digest: hex(&digest),
+        digest: digest_text(form, &digest),
     })
 }
 

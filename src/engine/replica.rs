@@ -11,11 +11,22 @@
 //! bounded queue. Every page is hashed as it is written; before COMMIT
 //! every page past the replica's old end must have arrived, and the digest over all
 //! page hashes, old and new, must equal the origin's.
+//!
+//! With the chunked digest and a known base, a target that keeps its chunk hashes
+//! ([`PageTarget::held_chunks`]) is not read until it must be: no tree is built unless a
+//! WANT comes (then it is built as it would have been at BEGIN, with the pages received
+//! so far set in it); at COMMIT the chunks no page was sent for keep their hash, and
+//! each other chunk is made of its held page hashes (checked against the held chunk's
+//! hash first) and the hashes of the pages received. The digest over those chunk
+//! hashes must equal the origin's, as above.
 
-use super::origin::{FLAG_KNOWN_BASE, recv};
+use super::origin::{FLAG_CHUNKED_DIGEST, FLAG_KNOWN_BASE, recv};
 use super::tree::Tree;
-use super::{BeginInfo, Link, PageTarget, Phase, Progress, WINDOW_NODES};
-use crate::digest::{Hash, hex, lock_byte_page, page_hash, zero_page_hash};
+use super::{BeginInfo, Chunk, Link, PageTarget, Phase, Progress, WINDOW_NODES};
+use crate::digest::{
+    ChunkedDigest, DigestForm, HASH_BYTES, Hash, HashSpill, chunk_count, chunk_pages, hex,
+    lock_byte_page, page_hash, sha256, zero_page_hash,
+};
 use crate::protocol::{ErrorCode, Frame, MAX_NODES_PER_FRAME, PROTOCOL_VERSION};
 use crate::{Error, Result};
 
@@ -30,8 +41,10 @@ pub struct ReplicaDone {
     pub pages_written: u32,
     /// Bytes of hash-tree traffic, both directions (WANT and NODES frames).
     pub hash_bytes: u64,
-    /// The digest verified before commit.
+    /// The digest verified before commit, in the session's form.
     pub digest: Hash,
+    /// The form of `digest`.
+    pub form: DigestForm,
 }
 
 /// Runs the replica side of one sync over `link`.
@@ -73,6 +86,72 @@ impl Written {
         let i = (pgno - 1) as usize;
         self.0[i / 64] & (1 << (i % 64)) != 0
     }
+    /// Whether any page of `pages` was written.
+    fn any(&self, pages: std::ops::RangeInclusive<u32>) -> bool {
+        pages.into_iter().any(|p| self.get(p))
+    }
+}
+
+fn temp_error(e: std::io::Error) -> Error {
+    Error::io(&std::env::temp_dir(), e)
+}
+
+/// What the chunk path knows at COMMIT.
+struct Chunks<'a> {
+    page_size: u32,
+    page_count: u32,
+    held: u32,
+    /// The held chunks' hashes, from the target.
+    held_chunks: &'a [Hash],
+    written: &'a Written,
+    /// The hashes of the pages received.
+    received: &'a mut Tree,
+}
+
+impl Chunks<'_> {
+    /// Chunk `idx` of the result: held as it is when no page of it was sent and it
+    /// covers the same pages, else made of its held page hashes (checked against the
+    /// held chunk's hash) and the pages received.
+    fn chunk(&mut self, target: &mut dyn PageTarget, idx: u32) -> Result<Chunk> {
+        let pages = chunk_pages(idx, self.page_count);
+        let held_pages = chunk_pages(idx, self.held);
+        if held_pages == pages && !self.written.any(pages.clone()) {
+            return Ok(Chunk::Held {
+                idx,
+                hash: self.held_chunks[idx as usize],
+            });
+        }
+        let mut base = Vec::new();
+        if !held_pages.is_empty() {
+            target.held_chunk(idx, &mut base)?;
+            if base.len() != held_pages.clone().count() * HASH_BYTES
+                || sha256(&base) != self.held_chunks[idx as usize]
+            {
+                return Err(Error::Verification(format!(
+                    "the replica's chunk {idx} of page hashes does not match its hash; nothing was committed"
+                )));
+            }
+        }
+        let lock_page = lock_byte_page(self.page_size);
+        let mut hashes = Vec::with_capacity(pages.clone().count() * HASH_BYTES);
+        for pgno in pages.clone() {
+            if self.written.get(pgno) {
+                hashes.extend_from_slice(&self.received.leaf(pgno)?);
+            } else if held_pages.contains(&pgno) {
+                let at = (pgno - held_pages.start()) as usize * HASH_BYTES;
+                hashes.extend_from_slice(&base[at..at + HASH_BYTES]);
+            } else if pgno == lock_page {
+                hashes.extend_from_slice(&zero_page_hash(self.page_size));
+            } else {
+                return Err(Error::Protocol(format!("page {pgno} was never sent")));
+            }
+        }
+        Ok(Chunk::New {
+            idx,
+            hash: sha256(&hashes),
+            hashes,
+        })
+    }
 }
 
 fn session(
@@ -95,9 +174,10 @@ fn session(
             }
             // Unknown bits would mean a promise this side cannot keep: refuse them
             // rather than guess.
-            if flags & !FLAG_KNOWN_BASE != 0 {
+            let known = FLAG_KNOWN_BASE | FLAG_CHUNKED_DIGEST;
+            if flags & !known != 0 {
                 return Err(Error::Protocol(format!(
-                    "BEGIN flags {flags:#04x} set bits this side does not know (known: {FLAG_KNOWN_BASE:#04x})"
+                    "BEGIN flags {flags:#04x} set bits this side does not know (known: {known:#04x})"
                 )));
             }
             BeginInfo {
@@ -105,6 +185,7 @@ fn session(
                 page_count,
                 base_version,
                 known_base: flags & FLAG_KNOWN_BASE != 0,
+                chunked_digest: flags & FLAG_CHUNKED_DIGEST != 0,
             }
         }
         other => {
@@ -123,17 +204,44 @@ fn session(
     // READY goes before hashing: the origin can then hash its own pages at the same
     // time and send the pages past `held` as it reads them.
     link.send(&Frame::Ready { page_count: held })?;
+    let form = match begin.chunked_digest {
+        true => DigestForm::Chunked,
+        false => DigestForm::One,
+    };
+    // With the chunked digest and a known base, a target that keeps its chunk hashes is
+    // read only where pages come (and wholly only if a WANT comes).
+    let held_chunks = match begin.known_base && begin.chunked_digest {
+        true => target.held_chunks()?,
+        false => None,
+    };
+    if let Some(chunks) = &held_chunks
+        && chunks.len() as u32 != chunk_count(held)
+    {
+        return Err(Error::Bug(format!(
+            "the target holds {held} pages in {} chunks",
+            chunks.len()
+        )));
+    }
     // With a known base the origin asks for no node unless it finds the replica is not
     // that base: the levels above the pages (a SHA-256 over every 16 page hashes) are
     // then built at the first WANT, before any page the build hashed was written (the
     // origin sends only pages past them before its descent starts).
-    let (mut tree, _) = Tree::build_with(
-        page_size,
-        held,
-        !begin.known_base,
-        |f| target.hashes(f),
-        || {},
-    )?;
+    let mut tree = match held_chunks {
+        Some(_) => Tree::sparse()?,
+        None => {
+            Tree::build_with(
+                page_size,
+                held,
+                !begin.known_base,
+                form,
+                |f| target.hashes(f),
+                || {},
+            )?
+            .0
+        }
+    };
+    // Whether `tree` holds the held pages' hashes (not only the pages received).
+    let mut built = held_chunks.is_none();
 
     let lock_page = lock_byte_page(page_size);
     let mut written = Written::new(page_count);
@@ -143,6 +251,23 @@ fn session(
     loop {
         match recv(link)? {
             Frame::Want { level, runs } => {
+                if !built {
+                    // The origin did not use its base after all: the tree as it would
+                    // have been built at BEGIN, with the pages received since.
+                    let (mut full, _) = Tree::build_with(
+                        page_size,
+                        held,
+                        false,
+                        form,
+                        |f| target.hashes(f),
+                        || {},
+                    )?;
+                    for pgno in (1..=page_count).filter(|&p| written.get(p)) {
+                        full.set_leaf(pgno, &tree.leaf(pgno)?)?;
+                    }
+                    tree = full;
+                    built = true;
+                }
                 tree.build_levels()?;
                 hash_bytes += 4 + 8 * runs.len() as u64;
                 // The receiver enforces the window: hashes not yet handed to the network
@@ -219,20 +344,84 @@ fn session(
                     if written.get(pgno) {
                         continue;
                     } else if pgno == lock_page {
-                        tree.set_leaf(pgno, &zero_page_hash(page_size))?;
+                        if built {
+                            tree.set_leaf(pgno, &zero_page_hash(page_size))?;
+                        }
                     } else {
                         return Err(Error::Protocol(format!("page {pgno} was never sent")));
                     }
                 }
-                let ours = tree.digest(page_size, page_count)?;
-                if ours != digest {
-                    return Err(Error::Verification(format!(
+                let mismatch = |ours: &Hash| {
+                    Error::Verification(format!(
                         "the replica's result has digest {} but the origin's is {}; nothing was committed",
-                        hex(&ours),
+                        hex(ours),
                         hex(&digest)
-                    )));
-                }
-                target.commit(page_count, &ours, &mut tree.leaves(page_count)?)?;
+                    ))
+                };
+                let ours = match &held_chunks {
+                    Some(held_chunks) if !built => {
+                        let mut chunks = Chunks {
+                            page_size,
+                            page_count,
+                            held,
+                            held_chunks,
+                            written: &written,
+                            received: &mut tree,
+                        };
+                        // First the digest, keeping the chunks made on the way (in a
+                        // temporary file, 32 bytes a page of the chunks made); then
+                        // the commit, reading them back.
+                        let mut made = HashSpill::writer().map_err(temp_error)?;
+                        let mut order = Vec::new();
+                        let mut d = ChunkedDigest::new(page_size, page_count);
+                        for idx in 0..chunk_count(page_count) {
+                            let chunk = chunks.chunk(target, idx)?;
+                            d.push_chunk(chunk.hash());
+                            match chunk {
+                                Chunk::Held { .. } => order.push((idx, None)),
+                                Chunk::New { hash, hashes, .. } => {
+                                    let first = made.len();
+                                    for h in hashes.chunks_exact(HASH_BYTES) {
+                                        made.push(h.try_into().expect("32-byte slices"))
+                                            .map_err(temp_error)?;
+                                    }
+                                    order.push((idx, Some((hash, first, made.len() - first))));
+                                }
+                            }
+                        }
+                        let ours = d.finish().expect("one hash a chunk was pushed");
+                        if ours != digest {
+                            return Err(mismatch(&ours));
+                        }
+                        let made = made.finish().map_err(temp_error)?;
+                        let mut out = order.into_iter().map(|(idx, new)| match new {
+                            None => Ok(Chunk::Held {
+                                idx,
+                                hash: held_chunks[idx as usize],
+                            }),
+                            Some((hash, first, count)) => {
+                                let mut hashes = Vec::with_capacity(count as usize);
+                                made.read_at(first, count, &mut hashes)
+                                    .map_err(temp_error)?;
+                                Ok(Chunk::New {
+                                    idx,
+                                    hash,
+                                    hashes: hashes.concat(),
+                                })
+                            }
+                        });
+                        target.commit_chunks(page_count, &ours, &mut out)?;
+                        ours
+                    }
+                    _ => {
+                        let ours = tree.digest(form, page_size, page_count)?;
+                        if ours != digest {
+                            return Err(mismatch(&ours));
+                        }
+                        target.commit(page_count, &ours, &mut tree.leaves(page_count)?)?;
+                        ours
+                    }
+                };
                 link.send(&Frame::Done {
                     pages_written,
                     digest: ours,
@@ -243,6 +432,7 @@ fn session(
                     pages_written,
                     hash_bytes,
                     digest: ours,
+                    form,
                 });
             }
             other => {

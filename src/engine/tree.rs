@@ -8,7 +8,7 @@
 //! file; only levels 1 and up, 2 bytes a page together, stay in memory.
 
 use super::FANOUT;
-use crate::digest::{Digest, HASH_BYTES, Hash, HashSpill, node_hash};
+use crate::digest::{DigestForm, Digester, HASH_BYTES, Hash, HashSpill, node_hash};
 use crate::{Error, Result};
 
 /// The hash tree of one side.
@@ -32,7 +32,7 @@ fn temp_error(e: std::io::Error) -> Error {
 
 impl Tree {
     /// Builds the tree of `page_count` pages whose hashes `scan` produces in order, and
-    /// the database digest along the way; the levels above the pages only if `levels`:
+    /// the database digest in `form` along the way; the levels above the pages only if `levels`:
     /// a side that may never be asked for a node (with a known base manifest) keeps the
     /// page hashes and the digest, and saves a SHA-256 over every 16 page hashes until
     /// [`Tree::build_levels`]. Without levels, [`Tree::nodes`] knows level 0 only.
@@ -40,12 +40,13 @@ impl Tree {
         page_size: u32,
         page_count: u32,
         levels: bool,
+        form: DigestForm,
         scan: impl FnOnce(&mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>,
         mut on_page: impl FnMut(),
     ) -> Result<(Tree, Option<Hash>)> {
         let with_levels = levels;
         let mut out = HashSpill::writer().map_err(temp_error)?;
-        let mut digest = Digest::new(page_size, page_count);
+        let mut digest = Digester::new(form, page_size, page_count);
         let mut level1 = Vec::with_capacity(match with_levels {
             true => page_count.div_ceil(FANOUT) as usize,
             false => 0,
@@ -101,6 +102,30 @@ impl Tree {
             },
             digest.finish(),
         ))
+    }
+
+    /// A tree of no pages: a place for the hashes of pages written ([`Tree::set_leaf`],
+    /// read back with [`Tree::leaf`]), for a replica that builds its tree only if it is
+    /// asked for nodes.
+    pub(crate) fn sparse() -> Result<Tree> {
+        Ok(Tree {
+            leaves: HashSpill::writer()
+                .and_then(|w| w.finish())
+                .map_err(temp_error)?,
+            dirty: (0, Vec::new()),
+            leaf_count: 0,
+            levels: Vec::new(),
+        })
+    }
+
+    /// The hash of page `pgno` as it now stands; the caller knows it was built or set.
+    pub(crate) fn leaf(&mut self, pgno: u32) -> Result<Hash> {
+        self.flush()?;
+        let mut out = Vec::with_capacity(1);
+        self.leaves
+            .read_at(pgno - 1, 1, &mut out)
+            .map_err(temp_error)?;
+        Ok(out[0])
     }
 
     /// Builds the levels above the pages of a tree built without them, from its page
@@ -196,9 +221,14 @@ impl Tree {
         Ok(self.leaves.iter(page_count).map(|h| h.map_err(temp_error)))
     }
 
-    /// The digest of the first `page_count` page hashes as they now stand.
-    pub(crate) fn digest(&mut self, page_size: u32, page_count: u32) -> Result<Hash> {
-        let mut digest = Digest::new(page_size, page_count);
+    /// The digest in `form` of the first `page_count` page hashes as they now stand.
+    pub(crate) fn digest(
+        &mut self,
+        form: DigestForm,
+        page_size: u32,
+        page_count: u32,
+    ) -> Result<Hash> {
+        let mut digest = Digester::new(form, page_size, page_count);
         for h in self.leaves(page_count)? {
             digest.push(&h?);
         }
@@ -221,6 +251,7 @@ mod tests {
             4096,
             n,
             true,
+            DigestForm::One,
             |f| (1..=n).try_for_each(|i| f(i, leaf(i))),
             || {},
         )
@@ -258,10 +289,24 @@ mod tests {
     #[test]
     fn digest_follows_leaf_updates() {
         let (mut tree, built) = build(20);
-        assert_eq!(tree.digest(4096, 20).expect("digest"), built);
+        let one = DigestForm::One;
+        assert_eq!(tree.digest(one, 4096, 20).expect("digest"), built);
         tree.set_leaf(21, &leaf(21)).expect("extends");
-        assert_eq!(tree.digest(4096, 21).expect("digest"), build(21).1);
-        assert_eq!(tree.digest(4096, 3).expect("digest"), build(3).1);
+        assert_eq!(tree.digest(one, 4096, 21).expect("digest"), build(21).1);
+        assert_eq!(tree.digest(one, 4096, 3).expect("digest"), build(3).1);
+        // The chunked form over the same leaves, as a digest built from them says.
+        let mut chunked = Digester::new(DigestForm::Chunked, 4096, 21);
+        (1..=21).for_each(|i| chunked.push(&leaf(i)));
+        assert_eq!(
+            tree.digest(DigestForm::Chunked, 4096, 21).expect("digest"),
+            chunked.finish().expect("21 pages")
+        );
+        // A sparse tree gives back the leaves set, wherever they are.
+        let mut sparse = Tree::sparse().expect("a temporary file");
+        sparse.set_leaf(5000, &leaf(5000)).expect("sets");
+        sparse.set_leaf(3, &leaf(3)).expect("sets");
+        assert_eq!(sparse.leaf(5000).expect("reads"), leaf(5000));
+        assert_eq!(sparse.leaf(3).expect("reads"), leaf(3));
     }
 
     #[test]
@@ -271,6 +316,7 @@ mod tests {
             4096,
             40,
             false,
+            DigestForm::One,
             |f| (1..=40).try_for_each(|i| f(i, leaf(i))),
             || {},
         )
@@ -296,7 +342,7 @@ mod tests {
 
     #[test]
     fn out_of_order_pages_are_refused() {
-        let r = Tree::build_with(4096, 2, true, |f| f(2, leaf(2)), || {});
+        let r = Tree::build_with(4096, 2, true, DigestForm::One, |f| f(2, leaf(2)), || {});
         assert!(r.is_err());
     }
 }

@@ -135,6 +135,26 @@ impl<T: PageTarget> PageTarget for OwnFaults<'_, T> {
         let r = self.inner.commit(page_count, digest, hashes);
         self.map(r)
     }
+
+    fn held_chunks(&mut self) -> Result<Option<Vec<Hash>>> {
+        let r = self.inner.held_chunks();
+        self.map(r)
+    }
+
+    fn held_chunk(&mut self, idx: u32, out: &mut Vec<u8>) -> Result<()> {
+        let r = self.inner.held_chunk(idx, out);
+        self.map(r)
+    }
+
+    fn commit_chunks(
+        &mut self,
+        page_count: u32,
+        digest: &Hash,
+        chunks: &mut dyn Iterator<Item = Result<crate::engine::Chunk>>,
+    ) -> Result<()> {
+        let r = self.inner.commit_chunks(page_count, digest, chunks);
+        self.map(r)
+    }
 }
 
 impl<T: PageSource> PageSource for OwnFaults<'_, T> {

@@ -23,8 +23,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use super::pack::{self, Appender, Loc, Pages};
 use super::retention::{self, GcShared};
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, RetentionPolicy, Selector, VersionInfo};
-use crate::digest::{HASH_BYTES, Hash, hex, lock_byte_page, page_hash, sha256};
-use crate::engine::{BeginInfo, PageSource, PageTarget, ScanFn};
+use crate::digest::{
+    ChunkedDigest, Digest, DigestForm, HASH_BYTES, Hash, chunk_count, hex, lock_byte_page,
+    page_hash, sha256,
+};
+use crate::engine::{BeginInfo, Chunk, PageSource, PageTarget, ScanFn};
 use crate::page::Header;
 use crate::protocol::compress::{PackedPage, PackedPages, fingerprint};
 use crate::{Error, Result};
@@ -38,7 +41,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 const RECORD_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The replica file's schema, created on first push (`bad_pages` also by the first push
-/// or scrub that opens a file made before it existed).
+/// or scrub that opens a file made before it existed; `versions.digest2`, the chunked
+/// digest, by [`upgrade`] in a file made before it existed).
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS chunks(
         hash BLOB PRIMARY KEY,
@@ -53,7 +57,8 @@ const SCHEMA: &str = "
         created_at INTEGER NOT NULL,
         client_id TEXT NOT NULL,
         key_id TEXT NOT NULL,
-        base INTEGER NOT NULL
+        base INTEGER NOT NULL,
+        digest2 BLOB
     );
     CREATE TABLE IF NOT EXISTS manifest(
         version INTEGER NOT NULL REFERENCES versions(number),
@@ -164,6 +169,33 @@ fn latest(conn: &Connection, file: &Path) -> Result<Option<VersionInfo>> {
         version_row,
     )
     .optional()
+    .map_err(sql(file))
+}
+
+/// The chunked digest recorded for `version` (`None` for a version row without one, or
+/// a file whose versions have no such column yet).
+fn digest2_of(conn: &Connection, file: &Path, version: u64) -> Result<Option<Hash>> {
+    if !has_digest2(conn, file)? {
+        return Ok(None);
+    }
+    let d: Option<Option<Vec<u8>>> = conn
+        .query_row(
+            "SELECT digest2 FROM versions WHERE number = ?1",
+            [version as i64],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql(file))?;
+    Ok(d.flatten().and_then(|d| Hash::try_from(d.as_slice()).ok()))
+}
+
+/// Whether the `versions` table of the replica open on `conn` has its `digest2` column.
+pub(super) fn has_digest2(conn: &Connection, file: &Path) -> Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('versions') WHERE name = 'digest2'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )
     .map_err(sql(file))
 }
 
@@ -452,6 +484,10 @@ pub struct VersionWriter {
     chunk: Option<(u32, Vec<u8>)>,
     /// The page size the engine began with.
     page_size: u32,
+    /// The digest form the engine checks the result in.
+    form: DigestForm,
+    /// The chunked digest of `latest`.
+    latest_digest2: Option<Hash>,
     /// The version this push made, or the unchanged latest when nothing differed.
     result: Option<(VersionInfo, bool)>,
     /// Pages as they arrived compressed, handed over by the transport: kept so.
@@ -522,6 +558,8 @@ impl VersionWriter {
             repaired: 0,
             chunk: None,
             page_size: 0,
+            form: DigestForm::One,
+            latest_digest2: None,
             result: None,
             packed: None,
             default_retention,
@@ -702,9 +740,14 @@ impl PageTarget for VersionWriter {
         // out again at COMMIT (`drop_unused`).
         self.pages.begin_read()?;
         self.page_size = begin.page_size;
+        self.form = match begin.chunked_digest {
+            true => DigestForm::Chunked,
+            false => DigestForm::One,
+        };
         let Some(latest) = self.latest.clone() else {
             return Ok(0);
         };
+        self.latest_digest2 = digest2_of(&self.conn, &self.file, latest.number)?;
         if !self.options.force && Some(latest.number) != self.options.base {
             // Only the latest's own content may come of this push. Another size can't.
             if begin.page_count != 0
@@ -854,11 +897,95 @@ impl PageTarget for VersionWriter {
         digest: &Hash,
         hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
+        let same = match self.form {
+            DigestForm::One => self
+                .latest
+                .as_ref()
+                .is_some_and(|l| l.digest == hex(digest)),
+            DigestForm::Chunked => self.latest_digest2 == Some(*digest),
+        };
+        self.commit_with(same, |w, number| {
+            w.write_version(number, same, page_count, digest, hashes)
+        })
+    }
+
+    fn held_chunks(&mut self) -> Result<Option<Vec<Hash>>> {
+        let Some(latest) = &self.latest else {
+            return Ok(Some(Vec::new())); // a new replica: nothing held
+        };
+        // Only a replica that holds exactly its latest version, as the origin's base,
+        // with no damaged page to be resent (otherwise the hash exchange runs).
+        if self.must_equal
+            || !self.bad.is_empty()
+            || latest.page_size != self.page_size
+            || self.held != latest.page_count
+        {
+            return Ok(None);
+        }
+        let number = latest.number;
+        let keys: Vec<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT chunk FROM manifest WHERE version = ?1 ORDER BY idx")
+            .and_then(|mut s| {
+                s.query_map([number as i64], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()
+            })
+            .map_err(sql(&self.file))?;
+        let keys: Option<Vec<Hash>> = keys
+            .iter()
+            .map(|k| Hash::try_from(k.as_slice()).ok())
+            .collect();
+        // A manifest that is not one key a chunk is left to the hash exchange (and
+        // to scrub).
+        Ok(keys.filter(|k| k.len() as u32 == chunk_count(self.held)))
+    }
+
+    fn held_chunk(&mut self, idx: u32, out: &mut Vec<u8>) -> Result<()> {
+        let number = self.latest.as_ref().map_or(0, |v| v.number);
+        let blob: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached(
+                "SELECT c.hashes FROM manifest m JOIN chunks c ON c.hash = m.chunk
+                 WHERE m.version = ?1 AND m.idx = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![number as i64, idx], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(sql(&self.file))?;
+        let blob = blob.ok_or_else(|| {
+            Error::Verification(format!(
+                "chunk {idx} of {}@{number}'s manifest is missing; `sqlferry scrub` finds every such chunk",
+                self.replica
+            ))
+        })?;
+        out.extend_from_slice(&blob);
+        Ok(())
+    }
+
+    fn commit_chunks(
+        &mut self,
+        page_count: u32,
+        digest: &Hash,
+        chunks: &mut dyn Iterator<Item = Result<Chunk>>,
+    ) -> Result<()> {
+        let same = self.latest_digest2 == Some(*digest);
+        self.commit_with(same, |w, number| {
+            w.write_version_chunks(number, same, page_count, digest, chunks)
+        })
+    }
+}
+
+impl VersionWriter {
+    /// Commits the push whose result is the latest version's content when `same`
+    /// (only repairs are kept then, or nothing), or a new version written by `write`
+    /// (given its number) into the open transactions.
+    fn commit_with(
+        &mut self,
+        same: bool,
+        write: impl FnOnce(&mut Self, u64) -> Result<()>,
+    ) -> Result<()> {
         let file = self.file.clone();
-        let same = self
-            .latest
-            .as_ref()
-            .is_some_and(|l| l.digest == hex(digest));
         if self.must_equal && (self.differs || !same) {
             return Err(self.conflict());
         }
@@ -872,15 +999,13 @@ impl PageTarget for VersionWriter {
         }
         self.pages.begin()?;
         let number = self.latest.as_ref().map_or(1, |b| b.number + 1);
-        let written = self
-            .write_version(number, same, page_count, digest, hashes)
-            .and_then(|()| {
-                // The page bytes are durable before the index rows naming them commit.
-                match &mut self.appender {
-                    Some(a) => a.sync(),
-                    None => Ok(()),
-                }
-            });
+        let written = write(self, number).and_then(|()| {
+            // The page bytes are durable before the index rows naming them commit.
+            match &mut self.appender {
+                Some(a) => a.sync(),
+                None => Ok(()),
+            }
+        });
         if let Err(e) = written {
             self.pages.rollback();
             return Err(e);
@@ -922,7 +1047,9 @@ impl PageTarget for VersionWriter {
 impl VersionWriter {
     /// Writes version `number` (unless `same`: then only repairs) into the replica's
     /// transaction and the index rows of the pages it uses into the index's, both left
-    /// open for the caller to commit.
+    /// open for the caller to commit: from every page hash of the result, in order
+    /// (the hash-tree path). Both digests are computed from them, and the one the
+    /// engine checked must be among them.
     fn write_version(
         &mut self,
         number: u64,
@@ -931,36 +1058,16 @@ impl VersionWriter {
         digest: &Hash,
         hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
-        let file = self.file.clone();
         if !same {
-            self.conn
-                .execute(
-                    &format!(
-                        "INSERT INTO versions({VERSION_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)"
-                    ),
-                    params![
-                        number as i64,
-                        self.page_size,
-                        page_count,
-                        &digest[..],
-                        self.options.message,
-                        crate::epoch::now(),
-                        self.options.client_id,
-                        self.options.key_id,
-                        self.latest.as_ref().map_or(0, |b| b.number as i64),
-                    ],
-                )
-                .map_err(sql(&file))?;
+            self.insert_version(number, page_count)?;
         }
-        let pack = self.appender.as_ref().map(Appender::id);
         let mut chunk = Vec::with_capacity(CHUNK_PAGES * HASH_BYTES);
         let mut idx = 0u32;
         let mut seen = 0u32;
         let mut page1 = None;
-        let mut indexed = 0u64;
-        // Pages another push (of another replica) indexed first, while this one ran:
-        // the version uses that copy.
-        let mut raced = 0u64;
+        let mut counts = (0u64, 0u64);
+        let mut one = Digest::new(self.page_size, page_count);
+        let mut chunked = ChunkedDigest::new(self.page_size, page_count);
         loop {
             let next = hashes.next().transpose()?;
             if let Some(h) = next {
@@ -968,49 +1075,15 @@ impl VersionWriter {
                 if seen == 1 {
                     page1 = Some(h);
                 }
-                // What this push appended and the result uses is indexed; the rest
-                // never is.
-                if let Some(pack) = pack
-                    && self.fresh > 0
-                    && self.was_written(seen)
-                {
-                    let at: Option<(i64, u32, i64)> = self
-                        .conn
-                        .prepare_cached(
-                            "SELECT offset, len, codec FROM temp.fresh WHERE hash = ?1 AND repair = 0",
-                        )
-                        .and_then(|mut s| {
-                            s.query_row([&h[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                                .optional()
-                        })
-                        .map_err(sql(&file))?;
-                    if let Some((offset, len, codec)) = at {
-                        let loc = Loc {
-                            pack,
-                            offset: offset as u64,
-                            len,
-                            zstd: Loc::is_zstd(codec),
-                        };
-                        if self.pages.insert(&h, loc, false)? {
-                            indexed += 1;
-                        } else {
-                            raced += 1;
-                        }
-                    }
-                }
+                self.index_fresh(seen, &h, &mut counts)?;
+                one.push(&h);
                 chunk.extend_from_slice(&h);
             }
             let full = chunk.len() == CHUNK_PAGES * HASH_BYTES;
             if !same && (full || (next.is_none() && !chunk.is_empty())) {
                 let key: Hash = sha256(&chunk);
-                self.conn
-                    .prepare_cached("INSERT OR IGNORE INTO chunks(hash, hashes) VALUES (?1, ?2)")
-                    .and_then(|mut s| s.execute(params![&key[..], &chunk]))
-                    .map_err(sql(&file))?;
-                self.conn
-                    .prepare_cached("INSERT INTO manifest(version, idx, chunk) VALUES (?1, ?2, ?3)")
-                    .and_then(|mut s| s.execute(params![number as i64, idx, &key[..]]))
-                    .map_err(sql(&file))?;
+                chunked.push_chunk(&key);
+                self.insert_chunk(number, idx, &key, Some(&chunk))?;
                 idx += 1;
             }
             if full || next.is_none() {
@@ -1025,6 +1098,231 @@ impl VersionWriter {
                 "manifest has {seen} pages, expected {page_count}"
             )));
         }
+        if !same {
+            let (one, chunked) = (one.finish(), chunked.finish());
+            let checked = match self.form {
+                DigestForm::One => one,
+                DigestForm::Chunked => chunked,
+            };
+            match (one, chunked) {
+                (Some(one), Some(chunked)) if checked == Some(*digest) => {
+                    self.set_digests(number, &one, &chunked)?
+                }
+                _ => {
+                    return Err(Error::Bug(
+                        "the manifest written does not have the digest the engine checked".into(),
+                    ));
+                }
+            }
+        }
+        self.finish_version(same, page1, page_count, counts)
+    }
+
+    /// [`VersionWriter::write_version`] from the result's chunks (the chunk path): a
+    /// chunk held as it is becomes a manifest row naming the latest version's chunk,
+    /// read only for digest 1 (and checked against its key then); a new one is stored
+    /// and its pages indexed. The chunked digest is the one the engine checked; digest
+    /// 1, which every record and peer still shows, is computed from the chunks' page
+    /// hashes.
+    fn write_version_chunks(
+        &mut self,
+        number: u64,
+        same: bool,
+        page_count: u32,
+        digest: &Hash,
+        chunks: &mut dyn Iterator<Item = Result<Chunk>>,
+    ) -> Result<()> {
+        if !same {
+            self.insert_version(number, page_count)?;
+        }
+        let mut one = Digest::new(self.page_size, page_count);
+        let mut chunked = ChunkedDigest::new(self.page_size, page_count);
+        let mut page1 = None;
+        let mut counts = (0u64, 0u64);
+        let mut seen = 0u32;
+        for (expected, chunk) in (0u32..).zip(chunks) {
+            let chunk = chunk?;
+            let (idx, key) = match &chunk {
+                Chunk::Held { idx, hash } | Chunk::New { idx, hash, .. } => (*idx, *hash),
+            };
+            if idx != expected {
+                return Err(Error::Bug(format!(
+                    "chunk {idx} came where chunk {expected} was due"
+                )));
+            }
+            chunked.push_chunk(&key);
+            let hashes = match chunk {
+                // Repairs only: nothing to write for a chunk held as it is.
+                Chunk::Held { .. } if same => continue,
+                Chunk::Held { .. } => {
+                    let blob = self.chunk_hashes(&key)?;
+                    if sha256(&blob) != key {
+                        return Err(Error::Verification(format!(
+                            "chunk {idx} of {}'s latest manifest is damaged; nothing was stored                              (`sqlferry scrub` finds every such chunk)",
+                            self.replica
+                        )));
+                    }
+                    self.insert_chunk(number, idx, &key, None)?;
+                    blob
+                }
+                Chunk::New { hashes, .. } => {
+                    let first = idx * CHUNK_PAGES as u32;
+                    for (j, h) in hashes.chunks_exact(HASH_BYTES).enumerate() {
+                        let h: Hash = h.try_into().expect("chunks_exact yields 32-byte slices");
+                        self.index_fresh(first + j as u32 + 1, &h, &mut counts)?;
+                    }
+                    if !same {
+                        self.insert_chunk(number, idx, &key, Some(&hashes))?;
+                    }
+                    hashes
+                }
+            };
+            for h in hashes.chunks_exact(HASH_BYTES) {
+                let h: Hash = h.try_into().expect("chunks_exact yields 32-byte slices");
+                seen += 1;
+                if seen == 1 {
+                    page1 = Some(h);
+                }
+                one.push(&h);
+            }
+        }
+        if !same {
+            if seen != page_count {
+                return Err(Error::Protocol(format!(
+                    "manifest has {seen} pages, expected {page_count}"
+                )));
+            }
+            match (one.finish(), chunked.finish()) {
+                (Some(one), Some(chunked)) if chunked == *digest => {
+                    self.set_digests(number, &one, &chunked)?
+                }
+                _ => {
+                    return Err(Error::Bug(
+                        "the manifest written does not have the digest the engine checked".into(),
+                    ));
+                }
+            }
+        }
+        self.finish_version(same, page1, page_count, counts)
+    }
+
+    /// The page hashes of the stored chunk `key`.
+    fn chunk_hashes(&self, key: &Hash) -> Result<Vec<u8>> {
+        self.conn
+            .prepare_cached("SELECT hashes FROM chunks WHERE hash = ?1")
+            .and_then(|mut s| s.query_row([&key[..]], |r| r.get(0)).optional())
+            .map_err(sql(&self.file))?
+            .ok_or_else(|| {
+                Error::Verification(format!(
+                    "a manifest chunk of {}'s latest version is missing; nothing was stored                      (`sqlferry scrub` finds every such chunk)",
+                    self.replica
+                ))
+            })
+    }
+
+    /// Names chunk `key` as chunk `idx` of version `number`, storing its page hashes
+    /// first when given (a chunk already stored is kept as it is).
+    fn insert_chunk(&self, number: u64, idx: u32, key: &Hash, hashes: Option<&[u8]>) -> Result<()> {
+        if let Some(hashes) = hashes {
+            self.conn
+                .prepare_cached("INSERT OR IGNORE INTO chunks(hash, hashes) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![&key[..], hashes]))
+                .map_err(sql(&self.file))?;
+        }
+        self.conn
+            .prepare_cached("INSERT INTO manifest(version, idx, chunk) VALUES (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![number as i64, idx, &key[..]]))
+            .map_err(sql(&self.file))?;
+        Ok(())
+    }
+
+    /// The row of version `number`, first (its manifest rows refer to it), its
+    /// digests set by [`VersionWriter::set_digests`] once the manifest made them.
+    fn insert_version(&self, number: u64, page_count: u32) -> Result<()> {
+        self.conn
+            .execute(
+                &format!(
+                    "INSERT INTO versions({VERSION_COLUMNS}) VALUES (?1,?2,?3,X'',?4,?5,?6,?7,?8)"
+                ),
+                params![
+                    number as i64,
+                    self.page_size,
+                    page_count,
+                    self.options.message,
+                    crate::epoch::now(),
+                    self.options.client_id,
+                    self.options.key_id,
+                    self.latest.as_ref().map_or(0, |b| b.number as i64),
+                ],
+            )
+            .map_err(sql(&self.file))?;
+        Ok(())
+    }
+
+    /// Records both digests of version `number`.
+    fn set_digests(&self, number: u64, one: &Hash, chunked: &Hash) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE versions SET digest = ?1, digest2 = ?2 WHERE number = ?3",
+                params![&one[..], &chunked[..], number as i64],
+            )
+            .map_err(sql(&self.file))?;
+        Ok(())
+    }
+
+    /// Indexes page `pgno` (hash `h`) of the result if this push appended it:
+    /// what this push appended and the result uses is indexed; the rest never is.
+    /// Counts it in `indexed`, or in `raced` when another push (of another replica)
+    /// indexed the page first, while this one ran: the version uses that copy.
+    fn index_fresh(
+        &mut self,
+        pgno: u32,
+        h: &Hash,
+        (indexed, raced): &mut (u64, u64),
+    ) -> Result<()> {
+        let Some(pack) = self.appender.as_ref().map(Appender::id) else {
+            return Ok(());
+        };
+        if self.fresh == 0 || !self.was_written(pgno) {
+            return Ok(());
+        }
+        let at: Option<(i64, u32, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT offset, len, codec FROM temp.fresh WHERE hash = ?1 AND repair = 0",
+            )
+            .and_then(|mut s| {
+                s.query_row([&h[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()
+            })
+            .map_err(sql(&self.file))?;
+        if let Some((offset, len, codec)) = at {
+            let loc = Loc {
+                pack,
+                offset: offset as u64,
+                len,
+                zstd: Loc::is_zstd(codec),
+            };
+            if self.pages.insert(h, loc, false)? {
+                *indexed += 1;
+            } else {
+                *raced += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// After the version's rows: indexes the new bytes of damaged pages, cuts what the
+    /// version does not use out of the pack, and checks the new version's page 1.
+    fn finish_version(
+        &mut self,
+        same: bool,
+        page1: Option<Hash>,
+        page_count: u32,
+        (indexed, raced): (u64, u64),
+    ) -> Result<()> {
+        let file = self.file.clone();
+        let pack = self.appender.as_ref().map(Appender::id);
         // New bytes for damaged pages: indexed whether or not this version uses them
         // (the versions that do are older).
         if let Some(pack) = pack
@@ -1066,6 +1364,7 @@ impl VersionWriter {
         }
         Ok(())
     }
+
     /// Links a new replica's private file into place, now that its first version is
     /// committed. `link` never replaces: if another push created the replica meanwhile,
     /// that one stands and this push is refused.
@@ -1557,10 +1856,125 @@ pub fn number_ranges(numbers: &[u64]) -> String {
     }
 }
 
+/// Brings a replica file made by an earlier layout to this one, once, on its first
+/// open for a push or a pull, under the replica's write lock; cheap when there is
+/// nothing to do (a read of its schema and versions):
+/// - pages kept in the file (a `pages` table of its own) move into the store's packs;
+/// - versions without their chunked digest (`versions.digest2`, a column added if the
+///   file has none) get it from their manifest rows alone: the rows' keys are the
+///   chunk hashes, so no page and no chunk is read. A push (`for_push`) needs it to
+///   compare its result with the latest version, and fails if it cannot be written; a
+///   pull needs nothing of it, so for a pull it is best effort (a store it may only
+///   read, or a push holding the replica for more than a few seconds, leaves it to
+///   the next push).
+pub(super) fn upgrade(file: &Path, pages_dir: &Path, for_push: bool) -> Result<()> {
+    if !file.exists() {
+        return Ok(());
+    }
+    move_pages(file, pages_dir)?;
+    match fill_digest2(
+        file,
+        if for_push {
+            BUSY_TIMEOUT
+        } else {
+            RECORD_BUSY_TIMEOUT
+        },
+    ) {
+        Err(e) if !for_push => {
+            tracing::info!(file = %file.display(), error = %e, "could not record the chunked digests yet");
+            Ok(())
+        }
+        done => done,
+    }
+}
+
+/// Whether the replica file open on `conn` has versions without a chunked digest (or
+/// no column for it).
+fn lacks_digest2(conn: &Connection, file: &Path) -> Result<bool> {
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'versions'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql(file))?;
+    if tables == 0 {
+        return Ok(false);
+    }
+    if !has_digest2(conn, file)? {
+        return Ok(true);
+    }
+    conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM versions WHERE digest2 IS NULL)",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(sql(file))
+}
+
+/// Fills `versions.digest2` where it is missing (see [`upgrade`]). A version whose
+/// manifest rows do not make a chunked digest (a key that is no hash, or rows missing)
+/// gets an empty one, so that the pass runs once: `scrub` reports such a version by
+/// its digest 1.
+fn fill_digest2(file: &Path, busy: Duration) -> Result<()> {
+    {
+        let conn = Connection::open_with_flags(
+            file,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql(file))?;
+        conn.busy_timeout(busy).map_err(sql(file))?;
+        if !lacks_digest2(&conn, file)? {
+            return Ok(());
+        }
+    }
+    let conn = Connection::open(file).map_err(sql(file))?;
+    conn.busy_timeout(busy).map_err(sql(file))?;
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(sql(file))?;
+    if !lacks_digest2(&conn, file)? {
+        return Ok(()); // another process filled them meanwhile (rolled back on drop)
+    }
+    if !has_digest2(&conn, file)? {
+        conn.execute_batch("ALTER TABLE versions ADD COLUMN digest2 BLOB")
+            .map_err(sql(file))?;
+    }
+    let todo: Vec<(i64, u32, u32)> = conn
+        .prepare("SELECT number, page_size, page_count FROM versions WHERE digest2 IS NULL")
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .map_err(sql(file))?;
+    let mut keys = conn
+        .prepare("SELECT chunk FROM manifest WHERE version = ?1 ORDER BY idx")
+        .map_err(sql(file))?;
+    for (number, page_size, page_count) in &todo {
+        let mut d = ChunkedDigest::new(*page_size, *page_count);
+        let mut whole = true;
+        let mut rows = keys.query([number]).map_err(sql(file))?;
+        while let Some(row) = rows.next().map_err(sql(file))? {
+            let key: Vec<u8> = row.get(0).map_err(sql(file))?;
+            match Hash::try_from(key.as_slice()) {
+                Ok(k) => d.push_chunk(&k),
+                Err(_) => whole = false,
+            }
+        }
+        let digest2 = d.finish().filter(|_| whole);
+        conn.execute(
+            "UPDATE versions SET digest2 = ?1 WHERE number = ?2",
+            params![digest2.as_ref().map_or(&[][..], |d| &d[..]), number],
+        )
+        .map_err(sql(file))?;
+    }
+    drop(keys);
+    conn.execute_batch("COMMIT").map_err(sql(file))?;
+    tracing::info!(file = %file.display(), versions = todo.len(), "recorded the chunked digest of each version");
+    Ok(())
+}
+
 /// Moves the pages of a replica file made by the previous layout (a `pages` table of
-/// its own) into the store's packs, then drops the table: done once, on the first
-/// open, under the replica's write lock. Cheap when there is nothing to move.
-pub(super) fn upgrade(file: &Path, pages_dir: &Path) -> Result<()> {
+/// its own) into the store's packs, then drops the table.
+fn move_pages(file: &Path, pages_dir: &Path) -> Result<()> {
     let has_pages = |conn: &Connection| -> Result<bool> {
         conn.query_row(
             "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'pages'",
@@ -1569,9 +1983,6 @@ pub(super) fn upgrade(file: &Path, pages_dir: &Path) -> Result<()> {
         )
         .map_err(sql(file))
     };
-    if !file.exists() {
-        return Ok(());
-    }
     {
         let conn = Connection::open_with_flags(
             file,

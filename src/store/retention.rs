@@ -473,7 +473,7 @@ pub(super) fn collect(
         // A replica file of the previous layout gives its pages to the packs first, so
         // that its versions' pages are marked where they now are.
         if !dry_run {
-            upgrade(file, &pages_dir)?;
+            upgrade(file, &pages_dir, false)?;
         }
         let skip = match excluded {
             Some((f, numbers)) if f == file => numbers,

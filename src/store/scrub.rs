@@ -20,7 +20,7 @@ use super::ReplicaPath;
 use super::list::{replica_files, replica_of};
 use super::pack::{self, Pages};
 use super::replica::{page_matches, record_bad_pages, upgrade};
-use crate::digest::{Digest, HASH_BYTES, Hash, hex, lock_byte_page, sha256};
+use crate::digest::{ChunkedDigest, Digest, HASH_BYTES, Hash, hex, lock_byte_page, sha256};
 use crate::{Error, Result};
 
 /// How far a scrub is, for progress displays.
@@ -44,6 +44,10 @@ pub struct BadPage {
     /// The versions that use it.
     pub versions: Vec<u64>,
 }
+
+/// A version row as scrub checks it: number, page size, page count, digest 1 and the
+/// chunked digest (`None` where the file has none yet).
+type StoredVersion = (u64, u32, u32, Vec<u8>, Option<Vec<u8>>);
 
 /// A version whose manifest or digest does not hold.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -117,7 +121,7 @@ pub(super) fn scrub(root: &Path, progress: &mut dyn FnMut(&ScrubProgress)) -> Re
     // Replica files of the previous layout first give their pages to the packs.
     let mut upgrade_errors = BTreeMap::new();
     for file in &files {
-        if let Err(e) = upgrade(file, &pages_dir) {
+        if let Err(e) = upgrade(file, &pages_dir, false) {
             upgrade_errors.insert(file.clone(), e.to_string());
         }
     }
@@ -223,15 +227,27 @@ fn scrub_replica(
     };
     progress(&at);
 
-    // Every version: its chunks against their keys, its digest against its manifest,
-    // and every page it names present and good.
-    let versions: Vec<(u64, u32, u32, Vec<u8>)> = {
+    // Every version: its chunks against their keys, both its digests against its
+    // manifest, and every page it names present and good.
+    let digest2 = match super::replica::has_digest2(&conn, file)? {
+        true => "digest2",
+        false => "NULL",
+    };
+    let versions: Vec<StoredVersion> = {
         let mut stmt = conn
-            .prepare("SELECT number, page_size, page_count, digest FROM versions ORDER BY number")
+            .prepare(&format!(
+                "SELECT number, page_size, page_count, digest, {digest2} FROM versions ORDER BY number"
+            ))
             .map_err(sql(file))?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                ))
             })
             .map_err(sql(file))?;
         rows.collect::<rusqlite::Result<_>>().map_err(sql(file))?
@@ -246,9 +262,10 @@ fn scrub_replica(
              WHERE m.version = ?1 ORDER BY m.idx",
         )
         .map_err(sql(file))?;
-    for (number, page_size, page_count, digest) in &versions {
+    for (number, page_size, page_count, digest, digest2) in &versions {
         let lock_page = lock_byte_page(*page_size);
         let mut d = Digest::new(*page_size, *page_count);
+        let mut d2 = ChunkedDigest::new(*page_size, *page_count);
         let mut problems: Vec<String> = Vec::new();
         let mut touched = false;
         let mut pgno = 0u32;
@@ -260,6 +277,9 @@ fn scrub_replica(
                 continue;
             };
             let key: Option<Hash> = Hash::try_from(key.as_slice()).ok();
+            if let Some(k) = &key {
+                d2.push_chunk(k);
+            }
             let fresh = key.is_some_and(|k| !checked_chunks.contains(&k));
             if fresh && key != Some(sha256(&hashes)) {
                 problems.push(format!(
@@ -306,6 +326,13 @@ fn scrub_replica(
             Some(ours) if ours[..] == digest[..] => {}
             Some(_) => problems.push("its digest does not match its manifest".into()),
             None => problems.push(format!("its manifest holds {pgno} pages, not {page_count}")),
+        }
+        // The chunked digest, where the version records one (an empty one records a
+        // manifest that made none, reported above).
+        if let Some(digest2) = digest2.as_ref().filter(|d| d.len() == HASH_BYTES)
+            && d2.finish().is_none_or(|ours| ours[..] != digest2[..])
+        {
+            problems.push("its chunked digest does not match its manifest".into());
         }
         if touched {
             problems.push("it uses damaged or missing pages".into());

@@ -1,6 +1,9 @@
 //! sqlferry's integration tests: one binary, one module per area (see STYLE.md: every
 //! extra test binary relinks tokio and rusqlite).
 //!
+//! - `chunked`: the chunked digest in the embedded store: recorded for every version,
+//!   filled for a replica file made before it from its manifest alone, and a push by
+//!   chunks refusing a base that is not what it claims.
 //! - `engine`: what a sync makes of new, existing, differently sized and large replicas,
 //!   and what it sends.
 //! - `daemon`: `sqlferry daemon` with a configuration of several databases, copies and
@@ -44,6 +47,7 @@
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 
+mod chunked;
 mod cli;
 mod daemon;
 mod dashboard;

@@ -112,6 +112,7 @@ fn push_pages(store: &Store, replica: &str, pages: &[Vec<u8>], between: impl FnO
             page_count: n,
             base_version: 0,
             known_base: false,
+            chunked_digest: false,
         })
         .expect("begin");
     assert_eq!(held, 0);

@@ -473,7 +473,7 @@ fn begin_flags_outside_the_defined_bits_are_refused() {
     let store = store_with_v1(&b, &pages);
     let mut changed = pages.clone();
     changed[1][3000] ^= 1;
-    for flags in [0x02u8, 0x80, 0xff] {
+    for flags in [0x04u8, 0x80, 0xff] {
         let mut frames = vec![begin(&changed, flags)];
         frames.extend(all_pages(&changed));
         frames.push(Frame::Commit {
@@ -485,6 +485,107 @@ fn begin_flags_outside_the_defined_bits_are_refused() {
         assert!(err.to_string().contains("BEGIN flags"), "{err}");
         assert_eq!(version_count(&store), 1, "flags {flags:#x}: nothing stored");
     }
+    // The chunked digest's flag (0x02) is known, and holds the origin to that form: a
+    // COMMIT with digest 1 is a digest that does not match.
+    let mut frames = vec![begin(&changed, 0x02)];
+    frames.extend(all_pages(&changed));
+    frames.push(Frame::Commit {
+        page_count: changed.len() as u32,
+        digest: digest_of(&changed),
+    });
+    let err = hostile_push(&store, frames).expect_err("digest 1 under the chunked flag");
+    assert_eq!(err.kind(), sqlferry::ErrorKind::Verification, "{err}");
+    assert_eq!(version_count(&store), 1, "nothing stored");
+}
+
+/// The chunked digest of `pages` (4096 bytes each).
+fn chunked_digest_of(pages: &[Vec<u8>]) -> Hash {
+    use sqlferry::digest::{DigestForm, Digester};
+    let mut d = Digester::new(DigestForm::Chunked, 4096, pages.len() as u32);
+    for (i, p) in pages.iter().enumerate() {
+        d.push(&page_hash(i as u32 + 1, p));
+    }
+    d.finish().expect("all pages")
+}
+
+#[test]
+fn a_push_by_chunks_that_asks_for_nodes_after_all_is_answered_with_the_tree_it_names() {
+    let b = Bench::new();
+    let pages = real_pages(b.dir.path());
+    let store = store_with_v1(&b, &pages);
+    let mut changed = pages.clone();
+    changed[1][3000] ^= 1;
+    let n = changed.len() as u32;
+    // Known base and chunked digest: the store builds no tree at BEGIN. A page comes,
+    // then a WANT for every page hash: the answer is the base's hashes with the page
+    // received set, and the push commits what it sent.
+    let (mut origin, mut link) = mem_pair();
+    let writer_store = store.clone();
+    let replica = std::thread::spawn(move || {
+        let r = ReplicaPath::parse(REPLICA).expect("valid");
+        let mut writer = writer_store.push(
+            &r,
+            PushOptions {
+                base: Some(1),
+                ..PushOptions::default()
+            },
+        )?;
+        run_replica(&mut writer, &mut link).map(|_| ())
+    });
+    for f in [
+        Frame::Begin {
+            version: PROTOCOL_VERSION,
+            page_size: 4096,
+            page_count: n,
+            base_version: 1,
+            flags: 0x03,
+        },
+        Frame::Page {
+            pgno: 2,
+            data: changed[1].clone(),
+        },
+        Frame::Want {
+            level: 0,
+            runs: vec![sqlferry::protocol::Run { start: 0, count: n }],
+        },
+    ] {
+        origin.send(&f).expect("sent");
+    }
+    let mut answered = Vec::new();
+    while answered.len() < n as usize {
+        match origin.recv().expect("the replica answers") {
+            Frame::Nodes { hashes, .. } => answered.extend(hashes),
+            Frame::Ready { page_count } => assert_eq!(page_count, n),
+            other => panic!("unexpected {}", other.name()),
+        }
+    }
+    let expected: Vec<Hash> = changed
+        .iter()
+        .enumerate()
+        .map(|(i, p)| page_hash(i as u32 + 1, p))
+        .collect();
+    assert_eq!(
+        answered, expected,
+        "the base's hashes, with page 2 as received"
+    );
+    origin
+        .send(&Frame::Commit {
+            page_count: n,
+            digest: chunked_digest_of(&changed),
+        })
+        .expect("sent");
+    assert!(matches!(origin.recv(), Ok(Frame::Done { .. })));
+    drop(origin);
+    replica.join().expect("no panic").expect("committed");
+    let versions = store
+        .versions(&ReplicaPath::parse(REPLICA).expect("valid"))
+        .expect("versions");
+    assert_eq!(versions.len(), 2);
+    assert_eq!(
+        versions[1].digest,
+        sqlferry::digest::hex(&digest_of(&changed)),
+        "the version's digest 1, computed from what was checked"
+    );
 }
 
 #[test]
@@ -641,6 +742,7 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
             page_count: n,
             base_version: 1,
             known_base: false,
+            chunked_digest: false,
         })
         .expect("begin");
     assert_eq!(held, n);

@@ -1,0 +1,309 @@
+//! The chunked digest (`sqlferry-digest-2`) in the embedded store: every version
+//! records it, a replica file made before it gets it from its manifest rows alone, and
+//! a push with a known base, which the store checks by chunks (reading only the chunks
+//! pages came for), never commits a version whose base was not what it claimed: a
+//! wrong chunk in the base, a damaged chunk of page hashes (sent to or not), and a
+//! damaged kept manifest on the client are each refused or repaired, never stored.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use rusqlite::Connection;
+use sqlferry::digest::{Hash, sha256};
+use sqlferry::store::{ReplicaPath, Selector, Store};
+use tempfile::TempDir;
+
+use crate::util::{self, Mode};
+
+/// Rows of the test database: about 2,600 pages of 4 KiB, three chunks.
+const ROWS: u64 = 10_000;
+
+fn store_url(dir: &Path) -> String {
+    format!("file://{}", dir.join("store").display())
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    util::sqlferry(dir)
+        .args(args)
+        .args(["--json", "--server", &store_url(dir)])
+        .output()
+        .expect("run sqlferry")
+}
+
+/// `sqlferry ARGS… --json --server file:///DIR/store`, asserted to succeed.
+fn run_ok(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = run(dir, args);
+    assert_eq!(
+        util::code(&out),
+        0,
+        "{args:?}: {}{}",
+        util::stderr(&out),
+        util::stdout(&out)
+    );
+    serde_json::from_str(util::stdout(&out).trim()).expect("one JSON object")
+}
+
+fn push(dir: &Path, db: &Path) -> serde_json::Value {
+    run_ok(dir, &["push", db.to_str().expect("utf-8"), "acme/app.db"])
+}
+
+/// The chunked digest of the database at `path`, computed from its definition: the
+/// SHA-256 of `sqlferry-digest-2`, the page size and count, and the SHA-256 of each
+/// run of 1,024 page hashes.
+fn chunked_digest(path: &Path) -> Hash {
+    let hashes = util::page_hashes(path);
+    let mut all = b"sqlferry-digest-2".to_vec();
+    all.extend_from_slice(&util::page_size(path).to_be_bytes());
+    all.extend_from_slice(&(hashes.len() as u32).to_be_bytes());
+    for chunk in hashes.chunks(1024) {
+        all.extend_from_slice(&sha256(&chunk.concat()));
+    }
+    sha256(&all)
+}
+
+/// A WAL database of [`ROWS`] rows, pushed once (version 1, every page sent), its
+/// last rows changed and pushed again (version 2, with the kept manifest as its known
+/// base: the store works by chunks). Returns the database and the replica file.
+fn two_versions(dir: &Path) -> (PathBuf, PathBuf) {
+    let db = dir.join("app.db");
+    let conn = util::create(&db, 4096, Mode::Wal);
+    util::insert_rows(&conn, ROWS, 1000);
+    drop(conn);
+    util::checkpoint(&db);
+    let first = push(dir, &db);
+    assert_eq!(first["version"], 1, "{first}");
+    change_last_rows(&db);
+    let second = push(dir, &db);
+    assert_eq!(second["version"], 2, "{second}");
+    assert_eq!(second["digest"], util::digest(&db), "{second}");
+    let sent = second["pages_sent"].as_u64().expect("pages_sent");
+    assert!(
+        sent > 0 && sent < 100,
+        "only the changed pages go: {second}"
+    );
+    (db, dir.join("store/replicas/acme/app.db.sqlferry"))
+}
+
+/// Changes the last rows of the table (pages of its last chunk), in place.
+fn change_last_rows(db: &Path) {
+    util::open(db)
+        .execute(
+            "UPDATE t SET v = randomblob(1000) WHERE id > ?1",
+            [(ROWS - 8) as i64],
+        )
+        .expect("update");
+}
+
+/// `versions.digest2` of every version, oldest first.
+fn digests2(file: &Path) -> Vec<Option<Vec<u8>>> {
+    let conn = Connection::open(file).expect("replica file");
+    let mut stmt = conn
+        .prepare("SELECT digest2 FROM versions ORDER BY number")
+        .expect("digest2");
+    stmt.query_map([], |r| r.get(0))
+        .expect("rows")
+        .collect::<rusqlite::Result<_>>()
+        .expect("rows")
+}
+
+fn pull(dir: &Path, spec: &str, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    run_ok(dir, &["pull", spec, out.to_str().expect("utf-8")]);
+    out
+}
+
+fn versions(dir: &Path) -> usize {
+    run_ok(dir, &["versions", "acme/app.db"])
+        .as_array()
+        .expect("a list of versions")
+        .len()
+}
+
+fn scrub(dir: &Path) -> Output {
+    util::sqlferry(dir)
+        .args(["scrub", "--json", "--data"])
+        .arg(dir.join("store"))
+        .output()
+        .expect("scrub")
+}
+
+#[test]
+fn every_version_records_its_chunked_digest_and_an_old_file_gets_it_from_its_manifest() {
+    let dir = TempDir::new().expect("tempdir");
+    let (db, file) = two_versions(dir.path());
+    let v1 = pull(dir.path(), "acme/app.db@1", "v1.db");
+    let v2 = pull(dir.path(), "acme/app.db@2", "v2.db");
+    util::assert_same(&db, &v2);
+    let expected = vec![
+        Some(chunked_digest(&v1).to_vec()),
+        Some(chunked_digest(&v2).to_vec()),
+    ];
+    assert_eq!(digests2(&file), expected);
+
+    // A replica file made before the column existed: no column, and no pages to read
+    // either (the packs are moved away), so it can only come from the manifest rows.
+    Connection::open(&file)
+        .expect("replica file")
+        .execute_batch("ALTER TABLE versions DROP COLUMN digest2")
+        .expect("drop the column");
+    let pages = dir.path().join("store/pages");
+    let away = dir.path().join("pages.away");
+    std::fs::rename(&pages, &away).expect("move the packs away");
+    let replica = ReplicaPath::parse("acme/app.db").expect("valid");
+    drop(
+        Store::new(dir.path().join("store"))
+            .read(&replica, Selector::Latest)
+            .expect("opens for reading"),
+    );
+    assert_eq!(digests2(&file), expected, "filled from the manifest rows");
+    if pages.exists() {
+        std::fs::remove_dir_all(&pages).expect("the empty packs directory");
+    }
+    std::fs::rename(&away, &pages).expect("the packs back");
+    assert_eq!(util::code(&scrub(dir.path())), 0);
+
+    // A recorded chunked digest that does not match its manifest is found.
+    Connection::open(&file)
+        .expect("replica file")
+        .execute(
+            "UPDATE versions SET digest2 = zeroblob(32) WHERE number = 1",
+            [],
+        )
+        .expect("tamper");
+    let out = scrub(dir.path());
+    assert_eq!(util::code(&out), 7, "{}", util::stdout(&out));
+    assert!(
+        util::stdout(&out).contains("its chunked digest does not match its manifest"),
+        "{}",
+        util::stdout(&out)
+    );
+}
+
+/// The key of chunk `idx` of `version`'s manifest.
+fn chunk_key(conn: &Connection, version: i64, idx: i64) -> Vec<u8> {
+    conn.query_row(
+        "SELECT chunk FROM manifest WHERE version = ?1 AND idx = ?2",
+        [version, idx],
+        |r| r.get(0),
+    )
+    .expect("manifest row")
+}
+
+/// Flips a byte in the middle of the stored page hashes of chunk `key`.
+fn damage_chunk(conn: &Connection, key: &[u8]) {
+    let mut hashes: Vec<u8> = conn
+        .query_row("SELECT hashes FROM chunks WHERE hash = ?1", [key], |r| {
+            r.get(0)
+        })
+        .expect("chunk");
+    let at = hashes.len() / 2;
+    hashes[at] ^= 0xff;
+    conn.execute(
+        "UPDATE chunks SET hashes = ?1 WHERE hash = ?2",
+        rusqlite::params![hashes, key],
+    )
+    .expect("damage");
+}
+
+/// A push that must be refused with exit 7 and `why` in its error, leaving the
+/// replica at two versions.
+fn refused(dir: &Path, db: &Path, why: &str) {
+    change_last_rows(db);
+    let out = run(dir, &["push", db.to_str().expect("utf-8"), "acme/app.db"]);
+    assert_eq!(
+        util::code(&out),
+        7,
+        "{}{}",
+        util::stderr(&out),
+        util::stdout(&out)
+    );
+    let said = format!("{}{}", util::stderr(&out), util::stdout(&out));
+    assert!(said.contains(why), "{said}");
+    assert_eq!(versions(dir), 2, "nothing was committed");
+}
+
+#[test]
+fn a_base_chunk_that_is_not_the_base_is_refused() {
+    let dir = TempDir::new().expect("tempdir");
+    let (db, file) = two_versions(dir.path());
+    // The store's version 2 names, as its first chunk, a chunk of other page hashes
+    // (well formed, keyed by its own hash): the chunk no page of the next push touches.
+    {
+        let conn = Connection::open(&file).expect("replica file");
+        let other: Vec<u8> = (0..1024u32)
+            .flat_map(|i| sha256(&i.to_be_bytes()))
+            .collect();
+        let key = sha256(&other);
+        conn.execute(
+            "INSERT INTO chunks(hash, hashes) VALUES (?1, ?2)",
+            rusqlite::params![&key[..], other],
+        )
+        .expect("a chunk");
+        conn.execute(
+            "UPDATE manifest SET chunk = ?1 WHERE version = 2 AND idx = 0",
+            [&key[..]],
+        )
+        .expect("tamper");
+    }
+    refused(dir.path(), &db, "digest");
+}
+
+#[test]
+fn a_damaged_chunk_of_page_hashes_is_refused_whether_pages_came_for_it_or_not() {
+    // Pages come for the last chunk: its page hashes are read, and checked first.
+    let dir = TempDir::new().expect("tempdir");
+    let (db, file) = two_versions(dir.path());
+    {
+        let conn = Connection::open(&file).expect("replica file");
+        let last: i64 = conn
+            .query_row("SELECT max(idx) FROM manifest WHERE version = 2", [], |r| {
+                r.get(0)
+            })
+            .expect("chunks");
+        assert!(last >= 2, "three chunks or more");
+        damage_chunk(&conn, &chunk_key(&conn, 2, last));
+    }
+    refused(dir.path(), &db, "does not match its hash");
+
+    // No page comes for the first chunk: it is held as it is, and its page hashes
+    // are read only for the version's digest 1, checked against its key then.
+    let dir = TempDir::new().expect("tempdir");
+    let (db, file) = two_versions(dir.path());
+    {
+        let conn = Connection::open(&file).expect("replica file");
+        damage_chunk(&conn, &chunk_key(&conn, 2, 0));
+    }
+    refused(dir.path(), &db, "manifest is damaged");
+}
+
+#[test]
+fn a_damaged_kept_manifest_costs_pages_never_a_wrong_version() {
+    let dir = TempDir::new().expect("tempdir");
+    let (db, _) = two_versions(dir.path());
+    // The client's kept manifest of version 2: page hashes flipped all through it.
+    let kept_dir = dir.path().join(".home/cache/sqlferry/manifests");
+    let mut damaged = 0;
+    for entry in std::fs::read_dir(&kept_dir)
+        .expect("kept manifests")
+        .flatten()
+    {
+        let mut bytes = std::fs::read(entry.path()).expect("read");
+        if bytes.len() < 1024 * 32 {
+            continue; // not a manifest (a seal)
+        }
+        let len = bytes.len();
+        for at in (len / 8..len).step_by(len / 8) {
+            bytes[at] ^= 0xff;
+        }
+        std::fs::write(entry.path(), bytes).expect("write");
+        damaged += 1;
+    }
+    assert_eq!(damaged, 1, "one kept manifest");
+    change_last_rows(&db);
+    let third = push(dir.path(), &db);
+    assert_eq!(third["version"], 3, "{third}");
+    assert_eq!(third["digest"], util::digest(&db), "{third}");
+    let v3 = pull(dir.path(), "acme/app.db@3", "v3.db");
+    util::assert_same(&db, &v3);
+    assert_eq!(util::code(&scrub(dir.path())), 0);
+}
