@@ -581,6 +581,7 @@ mod tests {
             key_id: String::new(),
             base: 0,
             stored_bytes: None,
+            merged_into: None,
         }
     }
 
