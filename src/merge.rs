@@ -33,8 +33,10 @@
 //!
 //! [`merge_into_store`] is what both stores run (the embedded one in-process, a server
 //! in its session): OLD and LATEST materialized from the store into scratch files, the
-//! merge, and the merged file pushed as a new version based on LATEST; if the replica
-//! moved again meanwhile, it merges again, at most [`MAX_MERGE_ATTEMPTS`] times.
+//! merge, then the candidate and the merged file stored as two versions in one
+//! transaction (the candidate based on OLD and never the latest, the merge based on
+//! LATEST: see [`crate::store::VersionWriter::stage_candidate`]); if the replica moved
+//! again meanwhile, it merges again, at most [`MAX_MERGE_ATTEMPTS`] times.
 //!
 //! Layering: above `rows`, `store`, `engine` and `page`; below `remote` and `server`,
 //! which share it.

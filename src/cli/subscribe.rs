@@ -290,14 +290,14 @@ fn merged_line(
     m: &crate::subscribe::push::MergedPush,
 ) -> String {
     let made = if !p.created {
-        format!("no change, version {} holds it all", p.version)
+        format!(": no change, version {} holds it all", p.version)
     } else if m.candidate > 0 && m.candidate != m.onto {
         format!(
-            "→ version {} (this push kept as version {})",
+            " → version {} (this push kept as version {})",
             p.version, m.candidate
         )
     } else {
-        format!("→ version {}", p.version)
+        format!(" → version {}", p.version)
     };
     let decided = match m.conflicts {
         0 => String::new(),
@@ -314,7 +314,7 @@ fn merged_line(
         }
     };
     format!(
-        "push ({trigger}): merged v{} onto v{} {made} ({} row change{} of this push{decided}); {local}, in {:.2?}",
+        "push ({trigger}): merged v{} onto v{}{made} ({} row change{} of this push{decided}); {local}, in {:.2?}",
         m.base,
         m.onto,
         m.changes,

@@ -72,7 +72,8 @@ pub struct PushReport {
     /// Where the new keys went, when the server minted some.
     pub saved_keys: Option<SavedKeys>,
     /// After a merged push: why LOCAL was not brought to the merged version (it was
-    /// written meanwhile, so it keeps its changes and its next push merges again);
+    /// written meanwhile, so it keeps its changes, based on the merge's candidate, and
+    /// its next push merges what changed since);
     /// `None` when it was, or when the push was not merged.
     pub local_kept: Option<String>,
 }
@@ -325,7 +326,7 @@ impl Pusher {
         // again). A server that stored no candidate leaves the base as it was.
         let recorded = match (&outcome.merged, &local_kept) {
             (Some(merged), Some(_)) => (merged.result.candidate > 0)
-                .then(|| (merged.result.candidate, &merged.candidate_digest)),
+                .then_some((merged.result.candidate, &merged.candidate_digest)),
             _ => Some((outcome.version, &outcome.stats.digest)),
         };
         if let Some((version, digest)) = recorded {
