@@ -559,3 +559,64 @@ impl SyncNowArgs {
         asked.await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subscribe::push::{MergedPush, Pushed};
+
+    fn pushed(version: u64, created: bool) -> Pushed {
+        Pushed {
+            version,
+            copy: false,
+            created,
+            pages_sent: 3,
+            pages_total: 10,
+            bytes_sent: 12_288,
+            duration: Duration::from_millis(250),
+            saved_keys: None,
+            merged: None,
+        }
+    }
+
+    #[test]
+    fn a_merged_push_says_what_it_merged_and_whether_local_was_kept() {
+        let mut m = MergedPush {
+            base: 7,
+            onto: 9,
+            candidate: 10,
+            changes: 3,
+            conflicts: 0,
+            local_kept: false,
+        };
+        assert_eq!(
+            merged_line("idle", &pushed(11, true), &m),
+            "push (idle): merged v7 onto v9 → version 11 (this push kept as version 10) \
+             (3 row changes of this push); LOCAL now holds version 11, in 250.00ms"
+        );
+        m.local_kept = true;
+        m.conflicts = 1;
+        let line = merged_line("idle", &pushed(11, true), &m);
+        assert!(
+            line.ends_with(
+                "1 row changed on both sides decided); LOCAL was written meanwhile and kept \
+                 its changes, now based on version 10, in 250.00ms"
+            ),
+            "{line}"
+        );
+        // Nothing of its own to merge: nothing stored.
+        let m = MergedPush {
+            base: 11,
+            onto: 13,
+            candidate: 0,
+            changes: 0,
+            conflicts: 0,
+            local_kept: false,
+        };
+        assert_eq!(
+            merged_line("sync-now", &pushed(13, false), &m),
+            "push (sync-now): merged v11 onto v13: no change, version 13 holds it all \
+             (0 row changes of this push); LOCAL now holds version 13, in 250.00ms"
+        );
+    }
+}
