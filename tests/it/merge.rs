@@ -1277,3 +1277,38 @@ fn a_merge_whose_candidate_is_the_latest_version_stores_nothing() {
     assert_eq!((code, json["created"].clone()), (0, false.into()));
     assert!(json.get("merged").is_none(), "{json}");
 }
+
+/// Retention counts a merge's candidate with its merge: `keep-last 2` keeps the two
+/// newest versions and the candidate of either, which a LOCAL kept after the merge is
+/// based on; it goes with its merge.
+#[test]
+fn retention_keeps_a_candidate_as_long_as_its_merge() {
+    let two = Two::new(Mode::Wal);
+    two.ok("a", &["retention", REPLICA, "--keep-last", "2"]);
+    two.edit("a", "UPDATE items SET qty = 10 WHERE id = 1;");
+    two.ok("a", &["push", "DB", REPLICA]);
+    two.edit("b", "UPDATE items SET qty = 20 WHERE id = 2;");
+    let (code, json, stderr) = two.json("b", &["push", "DB", REPLICA, "--merge"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        (json["version"].clone(), json["merged"]["candidate"].clone()),
+        (4.into(), 3.into())
+    );
+    let numbers = |two: &Two| -> Vec<u64> { two.versions().iter().map(|v| v.0).collect() };
+    assert_eq!(
+        numbers(&two),
+        [2, 3, 4],
+        "version 1 removed, the candidate kept"
+    );
+    two.ok("a", &["pull", REPLICA, "DB"]);
+    two.edit("a", "UPDATE items SET qty = 11 WHERE id = 1;");
+    two.ok("a", &["push", "DB", REPLICA]);
+    assert_eq!(
+        numbers(&two),
+        [3, 4, 5],
+        "the candidate stays with its merge"
+    );
+    two.edit("a", "UPDATE items SET qty = 12 WHERE id = 1;");
+    two.ok("a", &["push", "DB", REPLICA]);
+    assert_eq!(numbers(&two), [5, 6], "and goes with it");
+}
