@@ -1312,3 +1312,72 @@ fn retention_keeps_a_candidate_as_long_as_its_merge() {
     two.ok("a", &["push", "DB", REPLICA]);
     assert_eq!(numbers(&two), [5, 6], "and goes with it");
 }
+
+/// The bug the candidate fixes, step by step on the embedded store: b's application
+/// changes again, while b's push merges, the very row that push carried. LOCAL keeps
+/// its change and is based on the candidate; its next merge sees only that change (no
+/// conflict with its own earlier value, which the first pass refused), and both
+/// changes of the row end in the order they were made.
+#[test]
+fn local_changing_again_a_row_it_pushed_while_merging_merges_without_conflict() {
+    let two = Two::new(Mode::Wal);
+    two.edit("a", "UPDATE items SET qty = 10 WHERE id = 1;");
+    two.ok("a", &["push", "DB", REPLICA]);
+    two.edit("b", "UPDATE items SET qty = 20 WHERE id = 2;");
+    let paused = two.dir.path().join("paused");
+    let push = util::sqlferry(&two.dir.path().join("b"))
+        .args([
+            "push",
+            two.db("b").to_str().expect("UTF-8"),
+            REPLICA,
+            "--merge",
+            "--json",
+        ])
+        .arg("--server")
+        .arg(format!("file://{}", two.store_dir().display()))
+        // The embedded store merges in this process: it pauses with both versions
+        // written, before they commit.
+        .env("SQLFERRY_DEBUG_PAUSE", "merge-commit")
+        .env("SQLFERRY_DEBUG_PAUSE_FILE", &paused)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the push");
+    assert!(
+        util::wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+            paused.exists()
+        }),
+        "the push reached the merge's commit"
+    );
+    two.edit("b", "UPDATE items SET qty = 21 WHERE id = 2;");
+    std::fs::remove_file(&paused).expect("let the merge go on");
+    let out = push.wait_with_output().expect("the push ends");
+    let report = crate::server::Report::of(&out, "push --merge");
+    assert_eq!(report.u64("version"), 4);
+    assert_eq!(report.0["merged"]["candidate"], 3);
+    assert_eq!(report.0["local_updated"], false, "{}", report.0);
+    assert!(
+        report.0["local_kept"]
+            .as_str()
+            .expect("why")
+            .contains("was written since this push read it"),
+        "{}",
+        report.0
+    );
+    // The next push: based on version 3, it carries only qty 20 → 21.
+    let (code, json, stderr) = two.json("b", &["push", "DB", REPLICA, "--merge"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(json["merged"]["base"], 3, "{json}");
+    assert_eq!(json["merged"]["onto"], 4);
+    assert_eq!(json["merged"]["changes"], 1);
+    assert_eq!(json["merged"]["conflicts_total"], 0);
+    assert_eq!(json["version"], 6);
+    assert_eq!(json["local_updated"], true);
+    let rows = items(&two.db("b"));
+    assert_eq!(
+        (rows[0].2, rows[1].2),
+        (10, 21),
+        "a's change and b's last one"
+    );
+    assert_eq!(util::dump(&two.db("b")), two.latest_rows());
+}
