@@ -33,8 +33,10 @@
 //!
 //! [`merge_into_store`] is what both stores run (the embedded one in-process, a server
 //! in its session): OLD and LATEST materialized from the store into scratch files, the
-//! merge, and the merged file pushed as a new version based on LATEST; if the replica
-//! moved again meanwhile, it merges again, at most [`MAX_MERGE_ATTEMPTS`] times.
+//! merge, then the candidate and the merged file stored as two versions in one
+//! transaction (the candidate based on OLD and never the latest, the merge based on
+//! LATEST: see [`crate::store::VersionWriter::stage_candidate`]); if the replica moved
+//! again meanwhile, it merges again, at most [`MAX_MERGE_ATTEMPTS`] times.
 //!
 //! Layering: above `rows`, `store`, `engine` and `page`; below `remote` and `server`,
 //! which share it.
@@ -799,14 +801,31 @@ pub struct Stored {
     pub result: MergeResult,
     /// The version now latest (the merge's, or the unchanged latest one).
     pub version: VersionInfo,
-    /// Whether the merge made it (`false`: the merged rows were the latest's already).
+    /// Whether the merge made it (`false`: the push held the latest version, or no row
+    /// change of its own, so nothing was stored).
     pub created: bool,
 }
 
-/// The commit message of a merge: `merge of v7 (this push) onto v9`, then the push's
-/// own message, within the protocol's limit.
-pub fn message(base: u64, onto: u64, own: &str) -> String {
-    let mut m = format!("merge of v{base} (this push) onto v{onto}");
+/// The commit message of a merge: `merge of v10 (this push, based on v7) onto v9`,
+/// then the push's own message, within the protocol's limit. `candidate` is the
+/// version that holds what the push sent.
+pub fn message(candidate: u64, base: u64, onto: u64, own: &str) -> String {
+    within_limit(
+        format!("merge of v{candidate} (this push, based on v{base}) onto v{onto}"),
+        own,
+    )
+}
+
+/// The commit message of a merge's candidate: `push based on v7, merged in v11`, then
+/// the push's own message, within the protocol's limit.
+pub fn candidate_message(base: u64, merged_into: u64, own: &str) -> String {
+    within_limit(
+        format!("push based on v{base}, merged in v{merged_into}"),
+        own,
+    )
+}
+
+fn within_limit(mut m: String, own: &str) -> String {
     if !own.is_empty() {
         m.push_str(": ");
         m.push_str(own);
@@ -858,14 +877,23 @@ pub fn refusal(replica: &ReplicaPath, result: &MergeResult) -> Error {
 }
 
 /// Merges the push whose rows are in the database file `candidate` (based on
-/// `request.base`) onto `replica`'s latest version and stores the result as a new
-/// version based on it. Scratch files go to `scratch` (the caller removes it). A
-/// refused merge is [`Error::MergeRefused`]; OLD no longer stored is
-/// [`Error::NotFound`] with the reason. Blocking.
+/// `request.base`; its digest `candidate_digest`) onto `replica`'s latest version and
+/// stores, in one transaction, the candidate as a version of its own (`v10: push based
+/// on v7, merged in v11`) and the merge (`v11: merge of v10 (this push, based on v7)
+/// onto v9`), as a merge commit records both parents: the pushing client whose LOCAL
+/// kept later changes then bases its next push on the candidate, and its three-way diff
+/// sees only what changed since. The latest version goes from v9 to v11 at once; the
+/// candidate is never the latest. A candidate that holds exactly the latest version
+/// merges nothing and stores nothing.
+///
+/// Scratch files go to `scratch` (the caller removes it). A refused merge is
+/// [`Error::MergeRefused`]; OLD no longer stored is [`Error::NotFound`] with the
+/// reason. Blocking.
 pub fn merge_into_store(
     store: &Store,
     request: &Request,
     candidate: &Path,
+    candidate_digest: &str,
     scratch: &Path,
 ) -> Result<Stored> {
     let replica = &request.replica;
@@ -890,9 +918,25 @@ pub fn merge_into_store(
         let latest = store
             .latest(replica)?
             .ok_or_else(|| Error::NotFound(format!("replica {replica} does not exist")))?
-            .version
-            .number;
-        materialize(store, replica, latest, &latest_path)?;
+            .version;
+        if latest.digest == candidate_digest {
+            // The push holds exactly the latest version: nothing to merge or store.
+            let result = MergeResult {
+                base: request.base,
+                onto: latest.number,
+                version: latest.number,
+                digest: latest.digest.clone(),
+                candidate: latest.number,
+                ..MergeResult::default()
+            };
+            return Ok(Stored {
+                result,
+                version: latest,
+                created: false,
+            });
+        }
+        let onto = latest.number;
+        materialize(store, replica, onto, &latest_path)?;
         let mut result = merge(
             &old,
             candidate,
@@ -902,35 +946,60 @@ pub fn merge_into_store(
             &request.on_conflict,
         )?;
         result.base = request.base;
-        result.onto = latest;
+        result.onto = onto;
         if result.refused.is_some() {
             return Err(refusal(replica, &result));
         }
+        if result.changes == 0 {
+            // No row of this push differs from its base (a subscriber following the
+            // other side's versions, say): the merge is the latest version as it is.
+            // Nothing is stored, so that two such subscribers do not answer each
+            // other's versions with versions of their own, for ever.
+            result.version = onto;
+            result.digest = latest.digest.clone();
+            return Ok(Stored {
+                result,
+                version: latest,
+                created: false,
+            });
+        }
+        // The candidate is numbered onto + 1 and the merge onto + 2: the writer stores
+        // them only onto `onto` (else VERSION_CONFLICT, and this merges again).
+        let (numbered, merged) = (onto + 1, onto + 2);
         let options = PushOptions {
-            base: Some(latest),
+            base: Some(onto),
             force: false,
-            message: message(request.base, latest, &request.message),
+            message: message(numbered, request.base, onto, &request.message),
             client_id: request.client_id.clone(),
             key_id: request.key_id.clone(),
         };
         let mut writer = store.push(replica, options)?;
-        let pushed = Snapshot::open(&out).and_then(|source| {
-            let mut source = source.with_hash_cache(None);
-            sync_local(&mut source, &mut writer, &NoProgress)
-        });
+        writer.stage_candidate(
+            request.base,
+            candidate_message(request.base, merged, &request.message),
+        );
+        let sync = |path: &Path, writer: &mut crate::store::VersionWriter| {
+            Snapshot::open(path).and_then(|source| {
+                let mut source = source.with_hash_cache(None);
+                sync_local(&mut source, writer, &NoProgress)
+            })
+        };
+        let pushed = sync(candidate, &mut writer).and_then(|_| sync(&out, &mut writer));
         match pushed {
             Ok(_) => {
                 let (version, created) = writer
                     .outcome()
                     .map(|(v, c)| (v.clone(), c))
                     .expect("a successful sync leaves an outcome");
+                result.candidate = writer.candidate().unwrap_or(0);
                 let removed = writer.removed().to_vec();
                 drop(writer);
                 store.collect_after_removal(replica, &removed);
                 result.version = version.number;
                 result.digest = version.digest.clone();
-                tracing::info!(%replica, base = request.base, onto = latest, version = version.number,
-                    changes = result.changes, conflicts = result.conflicts_total, "merged a push");
+                tracing::info!(%replica, base = request.base, onto, candidate = result.candidate,
+                    version = version.number, changes = result.changes,
+                    conflicts = result.conflicts_total, "merged a push");
                 return Ok(Stored {
                     result,
                     version,
@@ -1227,12 +1296,20 @@ mod tests {
             OnConflict::from_request(&r).unwrap(),
             OnConflict::Newer("at".into())
         );
-        assert_eq!(message(7, 9, ""), "merge of v7 (this push) onto v9");
         assert_eq!(
-            message(7, 9, "x").len(),
-            "merge of v7 (this push) onto v9: x".len()
+            message(10, 7, 9, ""),
+            "merge of v10 (this push, based on v7) onto v9"
         );
-        assert!(message(1, 2, &"é".repeat(4000)).len() <= MAX_TEXT_BYTES);
+        assert_eq!(
+            message(10, 7, 9, "x"),
+            "merge of v10 (this push, based on v7) onto v9: x"
+        );
+        assert_eq!(
+            candidate_message(7, 11, "x"),
+            "push based on v7, merged in v11: x"
+        );
+        assert!(message(1, 1, 2, &"é".repeat(4000)).len() <= MAX_TEXT_BYTES);
+        assert!(candidate_message(1, 3, &"é".repeat(4000)).len() <= MAX_TEXT_BYTES);
     }
 
     /// One edit of one side: on key `id` (1..=12), insert-or-replace a row, or delete.

@@ -646,8 +646,6 @@ impl Server {
                     proved_unchanged: false,
                     merged,
                 };
-                // The pages sent are not the merged version's: no manifest kept.
-                let pushed = pushed.filter(|_| outcome.merged.is_none());
                 (outcome, pushed)
             }
         };
@@ -674,11 +672,17 @@ impl Server {
             })
             .await?;
         }
-        if let (Some(db), Some(pushed)) = (request.database, pushed) {
+        // The pages sent are the version's, or after a merge its candidate's (none kept
+        // when the server stored no candidate: an older server).
+        let manifest_version = match &outcome.merged {
+            Some(m) => m.result.candidate,
+            None => outcome.version,
+        };
+        if let (Some(db), Some(pushed), true) = (request.database, pushed, manifest_version > 0) {
             let header = history::ManifestHeader {
                 server: url,
                 replica: replica.to_string(),
-                version: outcome.version,
+                version: manifest_version,
                 page_size: pushed.page_size,
                 page_count: pushed.page_count,
             };
@@ -999,7 +1003,13 @@ fn merge_embedded(
         .map_err(|e| Error::io(&tmp, e))?;
     let candidate = scratch.path().join("candidate.db");
     let candidate_digest = crate::merge::copy_database(local, &candidate)?;
-    let stored = crate::merge::merge_into_store(store, &request, &candidate, scratch.path())?;
+    let stored = crate::merge::merge_into_store(
+        store,
+        &request,
+        &candidate,
+        &candidate_digest,
+        scratch.path(),
+    )?;
     let v = &stored.version;
     Ok(PushOutcome {
         stats: SyncStats {
@@ -1609,6 +1619,7 @@ mod tests {
             key_id: String::new(),
             base: 0,
             stored_bytes: None,
+            merged_into: None,
         }
     }
 

@@ -9,7 +9,9 @@
 //!   - `chunks`: runs of up to [`CHUNK_PAGES`] page hashes, keyed by their own SHA-256,
 //!     so versions that share most pages share most of their manifest too;
 //!   - `manifest`: for each version, its chunks in order;
-//!   - `versions`: number, page size, page count, digest, message, time, client and key;
+//!   - `versions`: number, page size, page count, digest, message, time, client and key,
+//!     base, and for a merge's candidate the version that merged it (`merged_into`,
+//!     added to older files by the first merge that stores a candidate);
 //!   - `bad_pages`: pages found damaged, to be resent by the next push.
 //!
 //! Invariants:
@@ -21,7 +23,10 @@
 //!   off). When the push's base is stale, it still syncs against the latest version,
 //!   stores nothing from the first page that differs from it and is refused
 //!   (VERSION_CONFLICT) at COMMIT; equal content makes no version and reports the
-//!   latest one.
+//!   latest one. A merge stores its candidate and the merge in one replica transaction
+//!   (`VersionWriter::stage_candidate`): the candidate's pages are indexed first, so a
+//!   crash before the COMMIT leaves index rows no version uses (freed by the next
+//!   collection, as a removed version's are) but neither version.
 //! - Versions are immutable: nothing updates or deletes a version row or what it
 //!   references, except that a page found damaged (its bytes no longer match its hash)
 //!   has its index row pointed at good bytes when a push brings them.
@@ -581,6 +586,7 @@ mod tests {
             key_id: String::new(),
             base: 0,
             stored_bytes: None,
+            merged_into: None,
         }
     }
 

@@ -74,9 +74,11 @@ nothing changes: to compare, pull the replica into another file (sqlferry pull R
 --force replaces the replica's latest version with LOCAL. (A pull into LOCAL itself refuses to \
 overwrite changes that were never pushed, exit 9.)\n\n\
 --merge merges instead: LOCAL's row changes since its base version are applied onto the \
-latest version, and the result is stored as a new version (message \"merge of v7 (this push) \
-onto v9\"); then LOCAL is brought to it, atomically, unless it was written meanwhile (it then \
-keeps its changes and its next push merges again). Rows changed on both sides to other values \
+latest version, and two versions are stored in one transaction, as a merge commit records \
+both parents: what LOCAL held (\"v10: push based on v7, merged in v11\"), then the merge \
+(\"v11: merge of v10 (this push, based on v7) onto v9\"), which becomes the latest. LOCAL is \
+then brought to the merge, atomically, unless it was written meanwhile: it then keeps its \
+changes, based on v10, and its next push merges only what changed since. Rows changed on both sides to other values \
 are conflicts: --on-conflict refuse (the default) refuses the push with VERSION_CONFLICT (exit \
 6) and lists each one (table, key, the base, theirs and ours rows; --json has them whole); \
 ours, theirs or newer --lww-column COL decide them. Schema changes on either side are never \
@@ -570,6 +572,10 @@ impl PushArgs {
                     ),
                 };
                 let made = match outcome.created {
+                    true if r.candidate > 0 && r.candidate != r.onto => format!(
+                        "version {} (this push kept as version {})",
+                        outcome.version, r.candidate
+                    ),
                     true => format!("version {}", outcome.version),
                     false => format!("no change, version {} holds it all", outcome.version),
                 };
@@ -587,6 +593,11 @@ impl PushArgs {
                         local.display(),
                         outcome.version
                     ))?,
+                    Some(why) if r.candidate > 0 => eprintln!(
+                        "sqlferry: note: {why} (only what changed since version {}, this push as \
+                         sent, which is now its base)",
+                        r.candidate
+                    ),
                     Some(why) => eprintln!("sqlferry: note: {why}"),
                 }
                 print_conflicts(r);

@@ -170,7 +170,9 @@ pub(super) fn text(event: Event) -> Option<(Stream, String)> {
                 if let Some(saved) = &p.saved_keys {
                     eprintln!("{}", super::push::new_keys_note(saved));
                 }
-                out(if p.copy {
+                out(if let Some(m) = &p.merged {
+                    merged_line(trigger.as_str(), &p, m)
+                } else if p.copy {
                     format!(
                         "push ({}): copy updated, {} of {} pages, {} sent in {:.2?}",
                         trigger.as_str(),
@@ -280,6 +282,47 @@ pub(super) fn text(event: Event) -> Option<(Stream, String)> {
 /// Where a subscriber's changes go, as its first line says: `acme/app.db on
 /// ws://host:port`, `acme/app.db in the embedded store (DIR)`, or a copy's path
 /// (`server` empty).
+/// A merged push's line: what it merged onto what, the versions it made, and whether
+/// LOCAL now holds the merge or kept later changes (based on the candidate).
+fn merged_line(
+    trigger: &str,
+    p: &crate::subscribe::push::Pushed,
+    m: &crate::subscribe::push::MergedPush,
+) -> String {
+    let made = if !p.created {
+        format!(": no change, version {} holds it all", p.version)
+    } else if m.candidate > 0 && m.candidate != m.onto {
+        format!(
+            " → version {} (this push kept as version {})",
+            p.version, m.candidate
+        )
+    } else {
+        format!(" → version {}", p.version)
+    };
+    let decided = match m.conflicts {
+        0 => String::new(),
+        n => format!(
+            ", {n} row{} changed on both sides decided",
+            if n == 1 { "" } else { "s" }
+        ),
+    };
+    let local = match (m.local_kept, m.candidate) {
+        (false, _) => format!("LOCAL now holds version {}", p.version),
+        (true, 0) => "LOCAL was written meanwhile and kept its changes".into(),
+        (true, c) => {
+            format!("LOCAL was written meanwhile and kept its changes, now based on version {c}")
+        }
+    };
+    format!(
+        "push ({trigger}): merged v{} onto v{}{made} ({} row change{} of this push{decided}); {local}, in {:.2?}",
+        m.base,
+        m.onto,
+        m.changes,
+        if m.changes == 1 { "" } else { "s" },
+        p.duration
+    )
+}
+
 fn store_label(replica: &str, server: &str) -> String {
     match server.strip_prefix("file://") {
         _ if server.is_empty() => format!("the copy {replica}"),
@@ -514,5 +557,66 @@ impl SyncNowArgs {
             Ok(ExitCode::from(exit::OK))
         });
         asked.await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subscribe::push::{MergedPush, Pushed};
+
+    fn pushed(version: u64, created: bool) -> Pushed {
+        Pushed {
+            version,
+            copy: false,
+            created,
+            pages_sent: 3,
+            pages_total: 10,
+            bytes_sent: 12_288,
+            duration: Duration::from_millis(250),
+            saved_keys: None,
+            merged: None,
+        }
+    }
+
+    #[test]
+    fn a_merged_push_says_what_it_merged_and_whether_local_was_kept() {
+        let mut m = MergedPush {
+            base: 7,
+            onto: 9,
+            candidate: 10,
+            changes: 3,
+            conflicts: 0,
+            local_kept: false,
+        };
+        assert_eq!(
+            merged_line("idle", &pushed(11, true), &m),
+            "push (idle): merged v7 onto v9 → version 11 (this push kept as version 10) \
+             (3 row changes of this push); LOCAL now holds version 11, in 250.00ms"
+        );
+        m.local_kept = true;
+        m.conflicts = 1;
+        let line = merged_line("idle", &pushed(11, true), &m);
+        assert!(
+            line.ends_with(
+                "1 row changed on both sides decided); LOCAL was written meanwhile and kept \
+                 its changes, now based on version 10, in 250.00ms"
+            ),
+            "{line}"
+        );
+        // Nothing of its own to merge: nothing stored.
+        let m = MergedPush {
+            base: 11,
+            onto: 13,
+            candidate: 0,
+            changes: 0,
+            conflicts: 0,
+            local_kept: false,
+        };
+        assert_eq!(
+            merged_line("sync-now", &pushed(13, false), &m),
+            "push (sync-now): merged v11 onto v13: no change, version 13 holds it all \
+             (0 row changes of this push); LOCAL now holds version 13, in 250.00ms"
+        );
     }
 }

@@ -150,6 +150,8 @@ fn change_line(t: &TableSummary) -> String {
 /// The tables each of the `last` newest versions changed (all with 0): each version
 /// pulled into one of two scratch files in turn, as a delta of the one that file held,
 /// and compared with the version before it (the first version with an empty database).
+/// A merge's candidate is left out (no entry): the merge is compared with the version
+/// it was merged onto.
 async fn changes(
     connection: &crate::client::Connection,
     replica: &ReplicaPath,
@@ -169,7 +171,11 @@ async fn changes(
     let files = [scratch.path("x.db"), scratch.path("y.db")];
     // The version before the first one looked at, if the replica keeps it.
     let empty = scratch.path("empty.db");
-    let (mut before, mut next) = match start.checked_sub(1).map(|i| &versions[i]) {
+    let (mut before, mut next) = match versions[..start]
+        .iter()
+        .rev()
+        .find(|v| v.merged_into.is_none())
+    {
         Some(v) => {
             source
                 .pull_into_scratch(Selector::Number(v.number), &files[0], None)
@@ -179,6 +185,11 @@ async fn changes(
         None => (scratch.empty("empty.db").await?, 0),
     };
     for v in &versions[start..] {
+        if v.merged_into.is_some() {
+            // A merge's candidate was never the replica's state: the merge after it is
+            // compared with the version before both.
+            continue;
+        }
         let dest = files[next].clone();
         // A file not written yet starts as a copy of the version before: a delta.
         source

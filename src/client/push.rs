@@ -72,7 +72,8 @@ pub struct PushReport {
     /// Where the new keys went, when the server minted some.
     pub saved_keys: Option<SavedKeys>,
     /// After a merged push: why LOCAL was not brought to the merged version (it was
-    /// written meanwhile, so it keeps its changes and its next push merges again);
+    /// written meanwhile, so it keeps its changes, based on the merge's candidate, and
+    /// its next push merges what changed since);
     /// `None` when it was, or when the push was not merged.
     pub local_kept: Option<String>,
 }
@@ -317,13 +318,24 @@ impl Pusher {
             Some(merged) => self.bring_to_merged(&outcome, merged).await?,
             None => None,
         };
-        if local_kept.is_none() {
+        // LOCAL holds the version the push made (or was brought to the merge); or, kept
+        // after a merge because it was written meanwhile, it holds the candidate plus
+        // its later changes: the candidate is its base, so its next push's three-way
+        // diff sees only those changes (not its own earlier ones, which the merge put
+        // in the latest version: they would conflict with themselves when changed
+        // again). A server that stored no candidate leaves the base as it was.
+        let recorded = match (&outcome.merged, &local_kept) {
+            (Some(merged), Some(_)) => (merged.result.candidate > 0)
+                .then_some((merged.result.candidate, &merged.candidate_digest)),
+            _ => Some((outcome.version, &outcome.stats.digest)),
+        };
+        if let Some((version, digest)) = recorded {
             super::record_sync(
                 &self.database,
                 &self.server,
                 &self.replica,
-                outcome.version,
-                &outcome.stats.digest,
+                version,
+                digest,
                 "push",
             )
             .await?;
@@ -380,8 +392,9 @@ impl Pusher {
 
     /// After a merged push: brings LOCAL to the merged version, atomically and only if
     /// it still holds what was merged (checked inside the pull's write transaction).
-    /// `Some(why)` when it was written meanwhile: it keeps its changes, nothing is
-    /// recorded, so its next push is based on the same version and merges again.
+    /// `Some(why)` when it was written meanwhile: it keeps its changes, and the caller
+    /// records the merge's candidate as its base, so its next push merges only what
+    /// changed since.
     async fn bring_to_merged(
         &self,
         outcome: &PushOutcome,

@@ -123,6 +123,14 @@ pub struct MergeResult {
     /// Why the merge was refused (`None`: it was made).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// The version that holds exactly what this push sent: the candidate, stored as a
+    /// version of its own just before the merge (`version - 1`), or the latest version
+    /// when the push held exactly that (nothing was merged). The pushing client records
+    /// it as LOCAL's base when LOCAL was written meanwhile and keeps its changes, so
+    /// that its next push's three-way diff sees only what changed since. 0: none (a
+    /// refused merge, or a server older than candidates, which stores only the merge).
+    #[serde(default)]
+    pub candidate: u64,
 }
 
 /// The most conflicting rows a merge lists (all are counted).
@@ -409,6 +417,11 @@ pub struct VersionInfo {
     /// where not computed (`versions` computes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_bytes: Option<u64>,
+    /// Set on a merge's candidate (what a `push --merge` sent, stored as it was): the
+    /// version that merged it, stored in the same transaction. A candidate is never the
+    /// latest version. Absent on every other version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<u64>,
 }
 
 /// What the server tells of a key: never its secret.

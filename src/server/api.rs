@@ -147,6 +147,7 @@ mod tests {
                 key_id: "k".into(),
                 base: 6,
                 stored_bytes: None,
+                merged_into: None,
             },
             count: 7,
         };

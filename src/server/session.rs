@@ -1043,16 +1043,17 @@ where
                 Ok(w) => w.with_hash_cache(None),
                 Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
             };
-            run_replica(&mut writer, link).map(drop)
+            run_replica(&mut writer, link).map(|done| crate::digest::hex(&done.digest))
         },
     )
     .await;
     // The engine reported its own failure to the client already.
-    result.map_err(Failure::Reported)?;
+    let candidate_digest = result.map_err(Failure::Reported)?;
     let (store, dir) = (state.store.clone(), scratch.path().to_owned());
     let merged = blocking(move || {
         crate::error::debug_pause("merge");
-        let stored = crate::merge::merge_into_store(&store, &request, &candidate, &dir);
+        let stored =
+            crate::merge::merge_into_store(&store, &request, &candidate, &candidate_digest, &dir);
         drop(scratch);
         stored
     })
@@ -1140,6 +1141,7 @@ mod tests {
                 key_id: "0123456789abcdef".into(),
                 base: n - 1,
                 stored_bytes: Some(u64::MAX),
+                merged_into: Some(u64::MAX),
             })
             .collect();
         let runs = version_runs(list.clone());

@@ -58,7 +58,8 @@ const SCHEMA: &str = "
         client_id TEXT NOT NULL,
         key_id TEXT NOT NULL,
         base INTEGER NOT NULL,
-        digest2 BLOB
+        digest2 BLOB,
+        merged_into INTEGER
     );
     CREATE TABLE IF NOT EXISTS manifest(
         version INTEGER NOT NULL REFERENCES versions(number),
@@ -142,18 +143,42 @@ pub(super) fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo
         key_id: r.get(7)?,
         base: r.get::<_, i64>(8)? as u64,
         stored_bytes: None,
+        merged_into: None,
     })
 }
 
-/// Every version of the replica in `file`, oldest first.
+/// Whether the `versions` table on `conn` has the `merged_into` column: files made
+/// before merges kept their candidates have it only once a merge added it.
+pub(super) fn has_merged_into(conn: &Connection, file: &Path) -> Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('versions') WHERE name = 'merged_into'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )
+    .map_err(sql(file))
+}
+
+/// Every version of the replica in `file`, oldest first, each candidate with the
+/// version that merged it (`merged_into`).
 pub(super) fn versions(file: &Path, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
     let conn = open_existing(file, replica)?;
+    let merged_into = if has_merged_into(&conn, file)? {
+        "merged_into"
+    } else {
+        "NULL"
+    };
     let mut stmt = conn
         .prepare(&format!(
-            "SELECT {VERSION_COLUMNS} FROM versions ORDER BY number"
+            "SELECT {VERSION_COLUMNS}, {merged_into} FROM versions ORDER BY number"
         ))
         .map_err(sql(file))?;
-    let rows = stmt.query_map([], version_row).map_err(sql(file))?;
+    let rows = stmt
+        .query_map([], |r| {
+            let mut v = version_row(r)?;
+            v.merged_into = r.get::<_, Option<i64>>(9)?.map(|n| n as u64);
+            Ok(v)
+        })
+        .map_err(sql(file))?;
     let versions: Vec<VersionInfo> = rows.collect::<rusqlite::Result<_>>().map_err(sql(file))?;
     // A file whose first push never committed holds no version: no replica yet.
     if versions.is_empty() {
@@ -496,8 +521,23 @@ pub struct VersionWriter {
     default_retention: Option<RetentionPolicy>,
     /// The versions the retention policy removed once this push's version committed.
     removed: Vec<u64>,
+    /// A merge's candidate, stored by this push's first sync and committed with the
+    /// merge by its second ([`VersionWriter::stage_candidate`]).
+    candidate: Option<Candidate>,
     /// The store's GC lock, held shared for the whole push (dropped last).
     _gc: GcShared,
+}
+
+/// A merge's candidate ([`VersionWriter::stage_candidate`]): what a `push --merge`
+/// sent, stored as a version of its own by the writer's first sync and committed in the
+/// same transaction as the merge, which its second sync stores.
+struct Candidate {
+    /// The version the push was based on (OLD): the candidate's `base`.
+    base: u64,
+    /// Its commit message.
+    message: String,
+    /// Its number, once the first sync wrote it (the transaction still open).
+    number: Option<u64>,
 }
 
 impl VersionWriter {
@@ -564,8 +604,47 @@ impl VersionWriter {
             packed: None,
             default_retention,
             removed: Vec::new(),
+            candidate: None,
             _gc: gc,
         })
+    }
+
+    /// Makes this push store two versions in one transaction, as a merge commit does:
+    /// the first sync into this writer is a merge's candidate (what a `push --merge`
+    /// sent, based on version `base`), written but not committed; the second is the
+    /// merge, committed together with it. Both are made only onto the version
+    /// [`PushOptions::base`] names, the latest when the first sync begins (else
+    /// VERSION_CONFLICT and nothing is stored), so the candidate is numbered the latest
+    /// plus one, the merge plus two, and the latest version goes from the one to the
+    /// other: the candidate is never the latest. Either sync failing, or the writer
+    /// dropped between them, stores neither. The merge is a new version even when its
+    /// content equals the latest's.
+    pub fn stage_candidate(&mut self, base: u64, message: String) {
+        self.candidate = Some(Candidate {
+            base,
+            message,
+            number: None,
+        });
+    }
+
+    /// The candidate's number once both versions are committed (or while the second
+    /// sync runs); `None` without [`VersionWriter::stage_candidate`].
+    pub fn candidate(&self) -> Option<u64> {
+        self.candidate.as_ref().and_then(|c| c.number)
+    }
+
+    /// Forgets what the candidate's sync did, before the merge's sync begins in the
+    /// same transaction.
+    fn reset_for_merge(&mut self) {
+        self.page1 = None;
+        self.written.clear();
+        self.fresh = 0;
+        self.repaired = 0;
+        self.chunk = None;
+        self.differs = false;
+        self.must_equal = false;
+        self.held = 0;
+        self.result = None;
     }
 
     /// The versions the replica's retention policy removed after this push's version
@@ -730,11 +809,17 @@ impl VersionWriter {
 
 impl PageTarget for VersionWriter {
     fn begin(&mut self, begin: &BeginInfo) -> Result<u32> {
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(sql(&self.file))?;
-        self.latest = latest(&self.conn, &self.file)?;
-        self.bad = bad_pages(&self.conn, &self.file)?;
+        if self.candidate().is_some() {
+            // A merge after its candidate: the same transaction (the write lock is
+            // held), against the same latest version.
+            self.reset_for_merge();
+        } else {
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(sql(&self.file))?;
+            self.latest = latest(&self.conn, &self.file)?;
+            self.bad = bad_pages(&self.conn, &self.file)?;
+        }
         // The page lookups of the whole push in one snapshot of the index: no locking
         // per page. A page another push indexes meanwhile is appended again and cut
         // out again at COMMIT (`drop_unused`).
@@ -744,6 +829,18 @@ impl PageTarget for VersionWriter {
             true => DigestForm::Chunked,
             false => DigestForm::One,
         };
+        if self.candidate.is_some() {
+            // A candidate and its merge go only onto the version they were merged onto.
+            if self.latest.as_ref().map(|l| l.number) != self.options.base {
+                return Err(self.conflict());
+            }
+            if self.candidate().is_none() && !has_merged_into(&self.conn, &self.file)? {
+                // A replica file made before candidates were kept.
+                self.conn
+                    .execute_batch("ALTER TABLE versions ADD COLUMN merged_into INTEGER")
+                    .map_err(sql(&self.file))?;
+            }
+        }
         let Some(latest) = self.latest.clone() else {
             return Ok(0);
         };
@@ -989,6 +1086,10 @@ impl VersionWriter {
         if self.must_equal && (self.differs || !same) {
             return Err(self.conflict());
         }
+        // A merge's candidate (first sync) or the merge after it (second): both are
+        // versions whatever their content.
+        let staging = self.candidate.as_ref().map(|c| c.number.is_none());
+        let same = same && staging.is_none();
         if same && self.repaired == 0 && self.fresh == 0 {
             // Nothing differs and nothing was mended: no new version, nothing to keep
             // (what was appended is cut off when the pack is let go).
@@ -998,7 +1099,10 @@ impl VersionWriter {
             return Ok(());
         }
         self.pages.begin()?;
-        let number = self.latest.as_ref().map_or(1, |b| b.number + 1);
+        let number = match self.candidate() {
+            Some(candidate) => candidate + 1,
+            None => self.latest.as_ref().map_or(1, |b| b.number + 1),
+        };
         let written = write(self, number).and_then(|()| {
             // The page bytes are durable before the index rows naming them commit.
             match &mut self.appender {
@@ -1011,6 +1115,22 @@ impl VersionWriter {
             return Err(e);
         }
         self.pages.commit(self.appender.as_mut())?;
+        if staging == Some(true) {
+            // The candidate is written and its pages indexed (the GC lock this push
+            // holds keeps them), but not committed: the merge's sync follows, and
+            // commits both. Nothing of it is visible until then.
+            self.conn
+                .execute_batch("DELETE FROM temp.fresh")
+                .map_err(sql(&file))?;
+            if let Some(c) = self.candidate.as_mut() {
+                c.number = Some(number);
+            }
+            return Ok(());
+        }
+        if staging == Some(false) {
+            // Both versions written, neither committed (a test kills the server here).
+            crate::error::debug_pause("merge-commit");
+        }
         self.conn.execute_batch("COMMIT").map_err(sql(&file))?;
         self.conn
             .execute_batch("DELETE FROM temp.fresh")
@@ -1239,6 +1359,26 @@ impl VersionWriter {
     /// The row of version `number`, first (its manifest rows refer to it), its
     /// digests set by [`VersionWriter::set_digests`] once the manifest made them.
     fn insert_version(&self, number: u64, page_count: u32) -> Result<()> {
+        // A merge's candidate records the version its push was based on and the
+        // merge's number; every other version the latest it was made onto.
+        let latest = self.latest.as_ref().map_or(0, |b| b.number);
+        let (base, message, merged_into) = match &self.candidate {
+            Some(c) if c.number.is_none() => (c.base, &c.message, Some(number + 1)),
+            _ => (latest, &self.options.message, None),
+        };
+        // One time for both versions of a merge, so `@TIME` never names the
+        // candidate alone.
+        let created_at = match self.candidate() {
+            Some(candidate) => self
+                .conn
+                .query_row(
+                    "SELECT created_at FROM versions WHERE number = ?1",
+                    [candidate as i64],
+                    |r| r.get(0),
+                )
+                .map_err(sql(&self.file))?,
+            None => crate::epoch::now(),
+        };
         self.conn
             .execute(
                 &format!(
@@ -1248,14 +1388,24 @@ impl VersionWriter {
                     number as i64,
                     self.page_size,
                     page_count,
-                    self.options.message,
-                    crate::epoch::now(),
+                    message,
+                    created_at,
                     self.options.client_id,
                     self.options.key_id,
-                    self.latest.as_ref().map_or(0, |b| b.number as i64),
+                    base as i64,
                 ],
             )
             .map_err(sql(&self.file))?;
+        if let Some(merge) = merged_into {
+            // Only a candidate names the column (`begin` added it to a file made
+            // before candidates were kept; other pushes leave such a file as it is).
+            self.conn
+                .execute(
+                    "UPDATE versions SET merged_into = ?2 WHERE number = ?1",
+                    params![number as i64, merge as i64],
+                )
+                .map_err(sql(&self.file))?;
+        }
         Ok(())
     }
 

@@ -106,6 +106,37 @@ pub fn keep(policy: &RetentionPolicy, versions: &[(u64, i64)], now: i64) -> Vec<
     kept
 }
 
+/// [`keep`] for versions some of which are merges' candidates (number, created_at, the
+/// version that merged it): a candidate is no version of its own to the policy (it is
+/// not counted by `keep_last`, nor a day's or week's newest) and is kept exactly as long
+/// as the merge that holds it, so it never goes before any other version would: the
+/// client whose LOCAL kept later changes after the merge is based on it.
+pub fn keep_with_candidates(
+    policy: &RetentionPolicy,
+    versions: &[(u64, i64, Option<u64>)],
+    now: i64,
+) -> Vec<bool> {
+    if policy.keeps_everything() {
+        return vec![true; versions.len()];
+    }
+    let own: Vec<(u64, i64)> = versions
+        .iter()
+        .filter(|(_, _, merged)| merged.is_none())
+        .map(|&(n, at, _)| (n, at))
+        .collect();
+    let flags = keep(policy, &own, now);
+    let kept: std::collections::HashSet<u64> = own
+        .iter()
+        .zip(&flags)
+        .filter(|(_, k)| **k)
+        .map(|((n, _), _)| *n)
+        .collect();
+    versions
+        .iter()
+        .map(|(n, _, merged)| kept.contains(&merged.unwrap_or(*n)))
+        .collect()
+}
+
 /// Parses a policy written as `serve --retention` takes it:
 /// `keep-last=30,keep-daily=14,keep-weekly=8,keep-within=30d` (any of them, in any
 /// order), or `all` for "keep everything".
@@ -310,21 +341,33 @@ pub(super) fn remove_versions(
         "BEGIN IMMEDIATE"
     })
     .map_err(sql(file))?;
-    let versions: Vec<(u64, i64)> = {
+    let merged_into = match super::replica::has_merged_into(&conn, file)? {
+        true => "merged_into",
+        false => "NULL",
+    };
+    let versions: Vec<(u64, i64, Option<u64>)> = {
         let mut stmt = conn
-            .prepare("SELECT number, created_at FROM versions ORDER BY number")
+            .prepare(&format!(
+                "SELECT number, created_at, {merged_into} FROM versions ORDER BY number"
+            ))
             .map_err(sql(file))?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get(1)?,
+                    r.get::<_, Option<i64>>(2)?.map(|n| n as u64),
+                ))
+            })
             .map_err(sql(file))?;
         rows.collect::<rusqlite::Result<_>>().map_err(sql(file))?
     };
-    let flags = keep(policy, &versions, now);
+    let flags = keep_with_candidates(policy, &versions, now);
     let removed: Vec<u64> = versions
         .iter()
         .zip(&flags)
         .filter(|(_, k)| !**k)
-        .map(|((n, _), _)| *n)
+        .map(|((n, _, _), _)| *n)
         .collect();
     let kept = (versions.len() - removed.len()) as u64;
     if dry_run || removed.is_empty() {
@@ -678,6 +721,49 @@ mod tests {
         };
         assert_eq!(kept(&within, &versions, 100 * DAY), [5]);
         assert!(keep(&within, &[], 0).is_empty());
+    }
+
+    #[test]
+    fn a_candidate_lives_as_long_as_its_merge_and_is_not_counted() {
+        // 1, 2, then a merge: 3 the candidate (merged into 4), 4 the merge; then 5.
+        let versions = [
+            (1, 1, None),
+            (2, 2, None),
+            (3, 3, Some(4)),
+            (4, 3, None),
+            (5, 5, None),
+        ];
+        let last = |n| RetentionPolicy {
+            keep_last: Some(n),
+            ..RetentionPolicy::default()
+        };
+        let kept = |p: &RetentionPolicy| -> Vec<u64> {
+            keep_with_candidates(p, &versions, 10)
+                .into_iter()
+                .zip(&versions)
+                .filter(|(k, _)| *k)
+                .map(|(_, (n, _, _))| *n)
+                .collect()
+        };
+        assert_eq!(kept(&last(1)), [5]);
+        assert_eq!(
+            kept(&last(2)),
+            [3, 4, 5],
+            "the candidate counts with its merge"
+        );
+        assert_eq!(kept(&last(3)), [2, 3, 4, 5]);
+        // The merge the latest: its candidate stays with it, whatever the policy.
+        let latest_merge = &versions[..4];
+        let flags = keep_with_candidates(&last(1), latest_merge, 10);
+        assert_eq!(flags, [false, false, true, true]);
+        // A candidate whose merge is gone (removed before) goes too.
+        let orphan = [(3, 3, Some(4)), (5, 5, None)];
+        assert_eq!(keep_with_candidates(&last(5), &orphan, 10), [false, true]);
+        assert_eq!(
+            keep_with_candidates(&RetentionPolicy::default(), &orphan, 10),
+            [true, true],
+            "no rule keeps everything"
+        );
     }
 
     #[test]

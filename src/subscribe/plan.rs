@@ -447,6 +447,7 @@ impl PushAction for FileCopy {
                 bytes_sent: stats.bytes_sent,
                 duration: stats.duration,
                 saved_keys: None,
+                merged: None,
             })
         }
     }
@@ -609,6 +610,14 @@ impl PushAction for ClientPush {
             p.trigger = trigger.as_str();
             let report = p.push(crate::remote::no_progress()).await?;
             let o = report.outcome;
+            let merged = o.merged.as_ref().map(|m| super::push::MergedPush {
+                base: m.result.base,
+                onto: m.result.onto,
+                candidate: m.result.candidate,
+                changes: m.result.changes,
+                conflicts: m.result.conflicts_total,
+                local_kept: report.local_kept.is_some(),
+            });
             Ok(Pushed {
                 version: o.version,
                 copy: false,
@@ -618,6 +627,7 @@ impl PushAction for ClientPush {
                 bytes_sent: o.stats.bytes_sent,
                 duration: o.stats.duration,
                 saved_keys: report.saved_keys,
+                merged,
             })
         }
     }

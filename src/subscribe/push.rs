@@ -59,6 +59,29 @@ pub struct Pushed {
     /// Where new keys were saved, when the server minted some (a first push with the
     /// admin key); told before the push's line.
     pub saved_keys: Option<crate::client::SavedKeys>,
+    /// Set when the push was merged (`--merge`, the replica had moved): what the merge
+    /// did and whether LOCAL was brought to it.
+    pub merged: Option<MergedPush>,
+}
+
+/// What a merged push did, for the subscriber's line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergedPush {
+    /// The version the push was based on (OLD).
+    pub base: u64,
+    /// The latest version it was merged onto.
+    pub onto: u64,
+    /// The version holding what the push sent (its candidate, stored just before the
+    /// merge; the latest itself when the push held exactly that; 0 when the server
+    /// stored none).
+    pub candidate: u64,
+    /// The push's row changes applied.
+    pub changes: u64,
+    /// Rows changed on both sides, decided by `--on-conflict`.
+    pub conflicts: u64,
+    /// LOCAL was written meanwhile, so it kept its changes instead of being brought to
+    /// the merged version (its base is now the candidate).
+    pub local_kept: bool,
 }
 
 /// How a push subscriber ended.

@@ -73,6 +73,7 @@ fn pushed(version: u64) -> Result<Pushed> {
         bytes_sent: 4096,
         duration: Duration::ZERO,
         saved_keys: None,
+        merged: None,
     })
 }
 
