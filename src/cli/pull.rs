@@ -198,6 +198,7 @@ impl PullArgs {
             v["store"] = puller.server.url().into();
             v["local"] = local.display().to_string().into();
             v["version"] = outcome.version.into();
+            v["local_sealed"] = outcome.local_sealed.into();
             out(format_args!("{v}"))?;
         } else if !global.quiet {
             let s = &outcome.stats;
