@@ -99,18 +99,37 @@ fn a_small_change_pulled_over_a_server_reads_what_changed_and_any_write_is_seen(
     a.push(&server, "app.db", "acme/app.db", &[]);
     let v2 = DbState::of(&src);
     let url = server.url.clone();
-    let pull = ["pull", "acme/app.db", "local.db", "--json", "--key", &key, "--server", &url];
+    let pull = [
+        "pull",
+        "acme/app.db",
+        "local.db",
+        "--json",
+        "--key",
+        &key,
+        "--server",
+        &url,
+    ];
     let (out, read) = run_counted(&b, &pull);
     let r = report(&out, "the pull of one row");
     assert!(sealed(&r), "{r}");
-    assert!((1..=3).contains(&r["pages_sent"].as_u64().expect("pages")), "{r}");
+    assert!(
+        (1..=3).contains(&r["pages_sent"].as_u64().expect("pages")),
+        "{r}"
+    );
     v2.assert_held_by(&local, "after the small pull");
-    assert!(read < 1 << 20, "read {read} bytes for one row of {file_bytes}");
+    assert!(
+        read < 1 << 20,
+        "read {read} bytes for one row of {file_bytes}"
+    );
 
     // Nothing new: sealed, nothing written, as little read.
     let (out, read) = run_counted(&b, &pull);
     let r = report(&out, "the no-change pull");
-    assert_eq!((sealed(&r), r["pages_sent"].as_u64()), (true, Some(0)), "{r}");
+    assert_eq!(
+        (sealed(&r), r["pages_sent"].as_u64()),
+        (true, Some(0)),
+        "{r}"
+    );
     assert!(read < 1 << 20, "read {read} bytes");
     v2.assert_held_by(&local, "after the no-change pull");
 
@@ -122,7 +141,12 @@ fn a_small_change_pulled_over_a_server_reads_what_changed_and_any_write_is_seen(
     let edited = DbState::of(&local);
     assert_ne!(edited.digest, v2.digest);
     let (out, _) = run_counted(&b, &pull);
-    assert_eq!(util::code(&out), EXIT_LOCAL_CHANGES, "{}", util::stderr(&out));
+    assert_eq!(
+        util::code(&out),
+        EXIT_LOCAL_CHANGES,
+        "{}",
+        util::stderr(&out)
+    );
     assert!(util::stderr(&out).contains("has changes that were never pushed"));
     edited.assert_held_by(&local, "a refused pull changes nothing");
 
@@ -132,7 +156,10 @@ fn a_small_change_pulled_over_a_server_reads_what_changed_and_any_write_is_seen(
     let (out, read) = run_counted(&b, &forced);
     let r = report(&out, "the forced pull");
     assert!(!sealed(&r), "{r}");
-    assert!(read >= file_bytes, "a pull that cannot trust LOCAL reads it: {read}");
+    assert!(
+        read >= file_bytes,
+        "a pull that cannot trust LOCAL reads it: {read}"
+    );
     v2.assert_held_by(&local, "after --force");
     let (out, _) = run_counted(&b, &pull);
     assert!(sealed(&report(&out, "after --force")), "sealed again");
@@ -216,7 +243,12 @@ fn every_change_behind_the_seal_is_refused_or_read() {
         .expect("checkpoint");
     let written = DbState::of(&local);
     let out = pull(&[]);
-    assert_eq!(util::code(&out), EXIT_LOCAL_CHANGES, "{}", util::stderr(&out));
+    assert_eq!(
+        util::code(&out),
+        EXIT_LOCAL_CHANGES,
+        "{}",
+        util::stderr(&out)
+    );
     written.assert_held_by(&local, "refused after a write and a reset");
     drop(app);
     let r = report(&pull(&["--force"]), "forced");
@@ -241,7 +273,12 @@ fn every_change_behind_the_seal_is_refused_or_read() {
     std::fs::rename(&old, &local).expect("put the old copy back");
     let before = std::fs::read(&local).expect("read");
     let out = pull(&[]);
-    assert_eq!(util::code(&out), EXIT_LOCAL_CHANGES, "{}", util::stderr(&out));
+    assert_eq!(
+        util::code(&out),
+        EXIT_LOCAL_CHANGES,
+        "{}",
+        util::stderr(&out)
+    );
     assert_eq!(std::fs::read(&local).expect("read"), before, "untouched");
     report(&pull(&["--force"]), "forced over the old copy");
     v.assert_held_by(&local, "forced over the old copy");
@@ -255,9 +292,18 @@ fn every_change_behind_the_seal_is_refused_or_read() {
     bytes[at] ^= 0xff;
     std::fs::write(&local, &bytes).expect("write in place");
     assert_eq!(util::file_len(&local), len);
-    assert_ne!(util::digest(&local), v_now.digest, "every page is in the digest");
+    assert_ne!(
+        util::digest(&local),
+        v_now.digest,
+        "every page is in the digest"
+    );
     let out = pull(&[]);
-    assert_eq!(util::code(&out), EXIT_LOCAL_CHANGES, "{}", util::stderr(&out));
+    assert_eq!(
+        util::code(&out),
+        EXIT_LOCAL_CHANGES,
+        "{}",
+        util::stderr(&out)
+    );
     report(&pull(&["--force"]), "forced over the byte");
     v_now.assert_held_by(&local, "forced over the byte");
 
