@@ -397,6 +397,33 @@ mod tests {
     }
 
     #[test]
+    fn no_frames_means_no_committed_frame_in_the_wal_index_or_no_wal_at_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("a.db");
+        let conn = rusqlite::Connection::open(&db).expect("opens");
+        exec(
+            &conn,
+            "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x)",
+        );
+        assert!(!holds_no_frames(&db, 4096), "a commit in the WAL");
+        exec(&conn, "PRAGMA wal_checkpoint(PASSIVE)");
+        assert!(!holds_no_frames(&db, 4096), "copied back, still in the WAL");
+        exec(&conn, "PRAGMA wal_checkpoint(TRUNCATE)");
+        assert!(holds_no_frames(&db, 4096), "reset: the file alone");
+        exec(&conn, "INSERT INTO t VALUES (1)");
+        assert!(!holds_no_frames(&db, 4096), "a commit after the reset");
+        // The last connection closing checkpoints and deletes the WAL and wal-index.
+        drop(conn);
+        assert!(!sibling(&db, "-wal").exists());
+        assert!(holds_no_frames(&db, 4096), "no WAL at all");
+        // A WAL of committed frames no wal-index describes (a crashed writer's).
+        std::fs::write(sibling(&db, "-wal"), vec![1u8; 32 + 24 + 4096]).expect("wal");
+        assert!(!holds_no_frames(&db, 4096), "frames nobody recovered yet");
+        std::fs::write(sibling(&db, "-wal"), vec![1u8; 32]).expect("wal");
+        assert!(holds_no_frames(&db, 4096), "too short for a frame");
+    }
+
+    #[test]
     fn a_walk_crosses_one_reset_while_the_old_frames_are_still_there() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("a.db");
