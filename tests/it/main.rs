@@ -43,7 +43,8 @@
 //!   `--on-conflict`, schema changes and a base removed by retention refused.
 //! - `pull_seal`: a pull of a small change reads what changed, not LOCAL (bytes read
 //!   counted by the kernel), over a real server and the embedded store; every way to
-//!   change LOCAL behind its seal refused or read, never a wrong file.
+//!   change LOCAL behind its seal refused or read, never a wrong file; a proptest of
+//!   random histories of pulls, pushes, writes, checkpoints and replaced files.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 

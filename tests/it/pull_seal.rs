@@ -4,6 +4,11 @@
 //! changes, or reads LOCAL as before), and the result is always the version's rows,
 //! integrity check and digest.
 //!
+//! A proptest runs random histories (pushes, pulls, an application writing LOCAL and
+//! checkpointing it in every mode, connections closing, another process writing, the
+//! file replaced) and checks every pull against a model: refused exactly when LOCAL
+//! holds changes no sync carried, else the latest version.
+//!
 //! What a command read is measured the way the kernel counts it: `rchar` of
 //! `/proc/self/io` of a small Python parent, before and after it waited for the
 //! `sqlferry` child (a waited-for child's I/O is added to its parent's).
@@ -342,4 +347,166 @@ fn every_change_behind_the_seal_is_refused_or_read() {
     assert!(!sealed(&r), "{r}");
     v.assert_held_by(&local, "a damaged manifest");
     assert!(sealed(&report(&pull(&[]), "sealed again")));
+}
+
+/// What happens to LOCAL (or the replica) between two pulls, in the proptest below.
+#[derive(Debug, Clone)]
+enum Op {
+    /// The origin changes `rows` rows and pushes: there is something new to pull.
+    Push { rows: u32 },
+    /// `sqlferry pull` (exit 9 expected when LOCAL holds changes no sync carried).
+    Pull,
+    /// `sqlferry pull --force`.
+    ForcePull,
+    /// The application (connection kept open, auto-checkpoints off) writes LOCAL.
+    AppWrite { id: u32 },
+    /// The application rewrites a row with the bytes it holds (pages written, the
+    /// same contents).
+    AppSame { id: u32 },
+    /// `PRAGMA wal_checkpoint(KIND)` on the application's connection.
+    Checkpoint(&'static str),
+    /// The application's connection closes (the last one checkpoints and deletes the
+    /// WAL) and opens again.
+    Reopen,
+    /// Another process writes a row.
+    OtherProcess { id: u32 },
+    /// LOCAL replaced by a copy of itself (another inode).
+    Replace,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (1u32..40).prop_map(|rows| Op::Push { rows }),
+        5 => Just(Op::Pull),
+        1 => Just(Op::ForcePull),
+        2 => (1u32..2000).prop_map(|id| Op::AppWrite { id }),
+        1 => (1u32..2000).prop_map(|id| Op::AppSame { id }),
+        2 => prop_oneof![
+            Just("PASSIVE"),
+            Just("FULL"),
+            Just("RESTART"),
+            Just("TRUNCATE")
+        ]
+        .prop_map(Op::Checkpoint),
+        1 => Just(Op::Reopen),
+        1 => (1u32..2000).prop_map(|id| Op::OtherProcess { id }),
+        1 => Just(Op::Replace),
+    ]
+}
+
+/// Random histories of pulls, pushes and everything an application or another program
+/// does to LOCAL in between, on the embedded store: every pull either is refused
+/// (exit 9, LOCAL as it was) exactly when LOCAL holds changes no sync carried, or
+/// leaves LOCAL with the latest version's rows, integrity check and digest. The seals
+/// make some of those pulls read only what changed; none may make one wrong.
+/// `SQLFERRY_FUZZ_CASES` sets the number of cases (default 6).
+#[test]
+fn every_pull_is_right_or_refused_whatever_local_went_through() {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let cases = std::env::var("SQLFERRY_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
+    let sealed_pulls = std::cell::Cell::new(0u32);
+    runner
+        .run(&proptest::collection::vec(op(), 1..20), |ops| {
+            let dir = TempDir::new().expect("tempdir");
+            let m = Machine::new(dir.path(), "m");
+            let src = m.path("origin.db");
+            small_db(&src, 2 << 20);
+            let local = m.path("local.db");
+            let run = |args: &[&str]| m.run(args);
+            report(&run(&["push", "origin.db", "acme/app.db", "--json"]), "v1");
+            report(&run(&["pull", "acme/app.db", "local.db", "--json"]), "first pull");
+            let mut latest = DbState::of(&src);
+            let mut synced = latest.digest.clone();
+            let mut app = Some(util::open(&local));
+            let mut n = 0u32;
+            for op in ops.iter().chain([&Op::Pull]) {
+                match op {
+                    Op::Push { rows } => {
+                        n += 1;
+                        exec(
+                            &src,
+                            &format!(
+                                "UPDATE t SET v = randomblob(300) WHERE id % 97 < {rows} AND id % 7 = {}",
+                                n % 7
+                            ),
+                        );
+                        report(&run(&["push", "origin.db", "acme/app.db", "--json"]), "push");
+                        latest = DbState::of(&src);
+                    }
+                    Op::Pull | Op::ForcePull => {
+                        let before = util::digest(&local);
+                        let mut args = vec!["pull", "acme/app.db", "local.db", "--json"];
+                        if matches!(op, Op::ForcePull) {
+                            args.push("--force");
+                        }
+                        let out = run(&args);
+                        let refused = matches!(op, Op::Pull)
+                            && before != synced
+                            && before != latest.digest;
+                        if refused {
+                            assert_eq!(util::code(&out), EXIT_LOCAL_CHANGES, "{}", util::stderr(&out));
+                            assert_eq!(util::digest(&local), before, "a refusal writes nothing");
+                        } else {
+                            let r = report(&out, "a pull");
+                            if sealed(&r) {
+                                sealed_pulls.set(sealed_pulls.get() + 1);
+                            }
+                            latest.assert_held_by(&local, &format!("{op:?} of {ops:?}"));
+                            synced = latest.digest.clone();
+                        }
+                    }
+                    Op::AppWrite { id } => {
+                        let c = app.get_or_insert_with(|| util::open(&local));
+                        c.pragma_update(None, "wal_autocheckpoint", 0).expect("autocheckpoint");
+                        c.execute("UPDATE t SET v = randomblob(301) WHERE id = ?1", [id])
+                            .expect("write");
+                    }
+                    Op::AppSame { id } => {
+                        let c = app.get_or_insert_with(|| util::open(&local));
+                        c.execute("UPDATE t SET v = v WHERE id = ?1", [id]).expect("write");
+                    }
+                    Op::Checkpoint(kind) => {
+                        let c = app.get_or_insert_with(|| util::open(&local));
+                        c.query_row(&format!("PRAGMA wal_checkpoint({kind})"), [], |_| Ok(()))
+                            .expect("checkpoint");
+                    }
+                    Op::Reopen => {
+                        drop(app.take());
+                        app = Some(util::open(&local));
+                    }
+                    Op::OtherProcess { id } => {
+                        util::python(
+                            "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1], timeout=30)\nc.execute('UPDATE t SET v = randomblob(302) WHERE id = ?', (int(sys.argv[2]),))\nc.commit()",
+                            &[local.to_str().expect("UTF-8"), &id.to_string()],
+                        );
+                    }
+                    Op::Replace => {
+                        // The application lets go first: a copy of a file with a live
+                        // WAL would not hold its frames.
+                        drop(app.take());
+                        let copy = m.path("copy.db");
+                        std::fs::copy(&local, &copy).expect("copy");
+                        std::fs::rename(&copy, &local).expect("replace");
+                    }
+                }
+            }
+            Ok(())
+        })
+        .expect("every pull right or refused");
+    assert!(
+        sealed_pulls.get() > 0,
+        "no pull was sealed: the fast path was never taken"
+    );
 }
