@@ -118,7 +118,7 @@ pub fn record(sync: &LastSync) {
             let dir = path.parent().expect("the record path has a directory");
             std::fs::create_dir_all(dir)?;
             let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-            serde_json::to_writer_pretty(&mut tmp, sync)?;
+            std::io::Write::write_all(&mut tmp, &serde_json::to_vec_pretty(sync)?)?;
             tmp.persist(&path).map_err(|e| e.error)?;
             Ok(())
         })();
@@ -227,11 +227,14 @@ impl Iterator for ManifestHashes {
     }
 }
 
-/// What a push into the embedded store leaves so that the next push of the same
-/// database to the same replica can prove, without reading a page or a hash, that
-/// nothing changed (docs/engine.md, "A no-change push that reads nothing"). Kept
-/// beside the manifests, one file per (database, server, replica); advisory: a missing
-/// or unreadable seal only means the push runs.
+/// What a push or a pull leaves so that the next sync of the same database with the
+/// same replica can prove, without reading a page, what the database holds: in the
+/// state `source`, its digest is `digest`, the digest of `version` (docs/engine.md, "A
+/// no-change push that reads nothing" and "A pull that reads what changed"). A push
+/// into the embedded store then proves that nothing changed; a pull takes the
+/// database's page hashes from the kept manifest of `version`. Kept beside the
+/// manifests, one file per (database, server, replica); advisory: a missing or
+/// unreadable seal only means the database is read.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct PushSeal {
@@ -243,9 +246,11 @@ pub struct PushSeal {
     pub version: u64,
     /// That version's digest, lower-case hex.
     pub digest: String,
-    /// Whether the pushed state passed the source check (`false`: `--allow-corrupt`).
+    /// Whether the state passed a push's source check (`false`: `--allow-corrupt`, or
+    /// a pull, which runs none).
     pub checked: bool,
-    /// The pushed snapshot's state token (`page::SourceState::to_token`).
+    /// The database's state token (`page::SourceState::to_token`): the pushed
+    /// snapshot's, or the one a pull's commit left.
     pub source: String,
 }
 
@@ -268,7 +273,8 @@ pub fn save_seal(database: &Path, seal: &PushSeal) {
         let dir = path.parent().expect("the seal path has a directory");
         std::fs::create_dir_all(dir)?;
         let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        serde_json::to_writer(&mut tmp, seal)?;
+        // One write: serde writes a file token by token (45 system calls for a seal).
+        std::io::Write::write_all(&mut tmp, &serde_json::to_vec(seal)?)?;
         tmp.persist(&path).map_err(|e| e.error)?;
         Ok(())
     })();

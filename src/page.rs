@@ -27,7 +27,7 @@ pub use following::Following;
 pub use header::{Header, JournalMode};
 pub use snapshot::{HashedPageFn, Snapshot};
 pub use state::SourceState;
-pub use writer::Writer;
+pub use writer::{SealedHashes, Writer};
 
 /// The file SQLite keeps beside the database at `db` with `suffix` (`-wal`, `-shm`,
 /// `-journal`). SQLite resolves symbolic links in a database's path before it names

@@ -109,6 +109,11 @@ pub struct PullOutcome {
     pub stats: SyncStats,
     /// The version the local file now holds.
     pub version: u64,
+    /// Whether LOCAL was proved to hold what its last sync left (its seal), so that
+    /// neither the check for local changes nor the sync read it: only the pages that
+    /// changed were written (`pull --json`: `local_sealed`). Set by
+    /// [`crate::client::Puller`]; `false` from the plain pulls here.
+    pub local_sealed: bool,
 }
 
 /// How a push presents itself.
@@ -649,9 +654,12 @@ impl Server {
                 (outcome, pushed)
             }
         };
-        if let (Some(db), Some(_)) = (&request.database, &embedded) {
-            // The next push proves "no change" from this one's state, or runs. A merged
-            // push leaves no seal: LOCAL does not hold the version it made.
+        if let Some(db) = &request.database {
+            // The next push into the embedded store proves "no change" from this one's
+            // state, or runs; the next pull of this replica (any store) takes LOCAL's
+            // page hashes from this push's manifest while LOCAL is still in that state
+            // (docs/engine.md). A merged push leaves no seal: LOCAL does not hold the
+            // version it made.
             let seal = state
                 .filter(|_| outcome.merged.is_none())
                 .map(|state| history::PushSeal {
@@ -859,7 +867,14 @@ impl Server {
                     let mut stats = sync_local(&mut source, &mut target, &*progress)?;
                     // The origin's figures: what it sent is what this side received.
                     std::mem::swap(&mut stats.bytes_sent, &mut stats.bytes_received);
-                    Ok((PullOutcome { stats, version }, target))
+                    Ok((
+                        PullOutcome {
+                            stats,
+                            version,
+                            local_sealed: false,
+                        },
+                        target,
+                    ))
                 })
                 .await
             }
@@ -926,6 +941,7 @@ impl Server {
                     PullOutcome {
                         stats,
                         version: config.version,
+                        local_sealed: false,
                     },
                     target,
                 ))

@@ -58,7 +58,8 @@ pub struct PullArgs {
     pub from: Option<String>,
     /// The database to write (default: the replica's last path segment, here).
     pub local: Option<String>,
-    /// Print one JSON object with the figures on stdout.
+    /// Print one JSON object with the figures on stdout (`local_sealed`: LOCAL was
+    /// proved to hold what its last sync left, so only the pages that changed were read).
     #[arg(long)]
     pub json: bool,
     /// Overwrite LOCAL even if it holds changes that were never pushed (they are lost).
@@ -198,6 +199,7 @@ impl PullArgs {
             v["store"] = puller.server.url().into();
             v["local"] = local.display().to_string().into();
             v["version"] = outcome.version.into();
+            v["local_sealed"] = outcome.local_sealed.into();
             out(format_args!("{v}"))?;
         } else if !global.quiet {
             let s = &outcome.stats;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::engine::Progress;
 use crate::history;
-use crate::page::{Snapshot, Writer};
+use crate::page::{SealedHashes, Snapshot, Writer};
 use crate::remote::{PullOutcome, Server, blocking};
 use crate::store::{ReplicaPath, Selector, VersionInfo};
 use crate::{Error, Result};
@@ -93,14 +93,32 @@ impl Puller {
         progress: Arc<dyn Progress>,
     ) -> Result<PullOutcome> {
         let (replica, local) = (&self.replica, &self.local);
-        if !self.force
-            && let Some(change) = self.local_change(None, selector).await?
-        {
-            return Err(self.refusal(&change, selector));
+        let seal = self.seal().await?;
+        // Whether the check for local changes took LOCAL's digest from its seal.
+        let mut proved = self.force;
+        if !self.force {
+            let (change, sealed) = self
+                .local_change_with(None, selector, seal.as_ref())
+                .await?;
+            if let Some(change) = change {
+                return Err(self.refusal(&change, selector));
+            }
+            proved = sealed;
         }
-        let outcome = self
+        let (path, database, url) = (local.clone(), self.database.clone(), self.server.url());
+        let name = replica.to_string();
+        let old = seal.clone();
+        let writer = blocking(move || {
+            let mut writer = Writer::open(&path)?.seal_commits();
+            if let Some(sealed) = old.and_then(|s| sealed_hashes(&database, &url, &name, &s)) {
+                writer = writer.with_sealed_hashes(sealed);
+            }
+            Ok(writer)
+        })
+        .await?;
+        let (mut outcome, writer) = self
             .server
-            .pull(replica, selector, local, self.key.as_deref(), progress)
+            .pull_into(replica, selector, writer, self.key.as_deref(), progress)
             .await
             .map_err(|e| {
                 e.context(format!(
@@ -108,8 +126,28 @@ impl Puller {
                     local.display()
                 ))
             })?;
+        outcome.local_sealed = proved && writer.used_sealed_hashes();
         self.record(&outcome).await?;
+        let (database, url) = (self.database.clone(), self.server.url());
+        let (name, pulled) = (replica.to_string(), outcome.clone());
+        blocking(move || {
+            keep_seal(&database, &url, &name, &writer, &pulled, seal.as_ref());
+            // The writer's connection closes here, off the async threads.
+            drop(writer);
+            Ok(())
+        })
+        .await?;
         Ok(outcome)
+    }
+
+    /// The seal the last sync of LOCAL with this replica left, if any.
+    async fn seal(&self) -> Result<Option<history::PushSeal>> {
+        let (database, url, replica) = (
+            self.database.clone(),
+            self.server.url(),
+            self.replica.to_string(),
+        );
+        blocking(move || Ok(history::load_seal(&database, &url, &replica))).await
     }
 
     /// Pulls the latest version through the writer `kept` from the previous pull, if it
@@ -235,26 +273,59 @@ impl Puller {
         known: Option<&VersionInfo>,
         selector: Selector,
     ) -> Result<Option<LocalChange>> {
+        let seal = self.seal().await?;
+        Ok(self
+            .local_change_with(known, selector, seal.as_ref())
+            .await?
+            .0)
+    }
+
+    /// [`Puller::local_change`], with LOCAL's digest taken from `seal` when LOCAL is
+    /// in the seal's state (then nothing is read; the `bool` says so).
+    async fn local_change_with(
+        &self,
+        known: Option<&VersionInfo>,
+        selector: Selector,
+        seal: Option<&history::PushSeal>,
+    ) -> Result<(Option<LocalChange>, bool)> {
         let url = self.server.url();
         let replica = self.replica.as_str();
         let (local, database) = (self.local.clone(), self.database.clone());
         let (url_owned, replica_owned) = (url.clone(), replica.to_owned());
+        let seal = seal.cloned();
         let found = blocking(move || {
             if !has_content(&local) {
                 return Ok(None);
             }
-            let Some(now) = local_digest(&local)? else {
+            let (now, sealed) = sealed_or_read_digest(&local, seal.as_ref())?;
+            let Some(now) = now else {
                 return Ok(None);
             };
             Ok(Some((
                 now,
+                sealed,
                 history::last_with(&database, &url_owned, &replica_owned),
             )))
         })
         .await?;
-        let Some((now, last)) = found else {
-            return Ok(None);
+        let Some((now, sealed, last)) = found else {
+            return Ok((None, false));
         };
+        let change = self.changed_from(known, selector, now, last).await?;
+        Ok((change, sealed))
+    }
+
+    /// Whether LOCAL, whose digest is `now`, holds changes no sync carried, given its
+    /// `last` sync with this replica.
+    async fn changed_from(
+        &self,
+        known: Option<&VersionInfo>,
+        selector: Selector,
+        now: String,
+        last: Option<history::LastSync>,
+    ) -> Result<Option<LocalChange>> {
+        let url = self.server.url();
+        let replica = self.replica.as_str();
         let target = async || match known {
             Some(v) => Ok(Some(v.clone())),
             None => self.version_info(selector).await,
@@ -329,8 +400,10 @@ impl Puller {
         } else {
             self.local_change(Some(&target), selector).await?
         };
-        let local = self.local.clone();
-        let local_digest = blocking(move || Ok(local_digest(&local))).await?;
+        let (local, seal) = (self.local.clone(), self.seal().await?);
+        let local_digest =
+            blocking(move || Ok(sealed_or_read_digest(&local, seal.as_ref()).map(|(d, _)| d)))
+                .await?;
         Ok(PullPlan {
             target,
             local_digest,
@@ -463,6 +536,112 @@ pub fn local_digest(path: &Path) -> Result<Option<String>> {
         }
     }
     Ok(Some(crate::digest::hex(&snap.digest(false)?)))
+}
+
+/// LOCAL's digest from `seal` when a snapshot of it now is in the seal's state
+/// (`Snapshot::local_state`; nothing is read but the file's facts and its wal-index
+/// header), else [`local_digest`]; the `bool` says whether the seal gave it.
+fn sealed_or_read_digest(
+    path: &Path,
+    seal: Option<&history::PushSeal>,
+) -> Result<(Option<String>, bool)> {
+    if let Some(seal) = seal
+        && let Ok(snap) = Snapshot::open(path)
+        && snap
+            .local_state()
+            .is_some_and(|s| s.to_token() == seal.source)
+    {
+        return Ok((Some(seal.digest.clone()), true));
+    }
+    Ok((local_digest(path)?, false))
+}
+
+/// LOCAL's page hashes as its `seal` names them: the kept manifest of the seal's
+/// version, when it makes the seal's digest (read once here to check it; the writer
+/// checks it again as it uses it). `None` when there is no such manifest.
+fn sealed_hashes(
+    database: &Path,
+    url: &str,
+    replica: &str,
+    seal: &history::PushSeal,
+) -> Option<SealedHashes> {
+    let digest = unhex(&seal.digest)?;
+    let (header, hashes) = history::load_manifest(database, url, replica, seal.version)?;
+    let mut made = crate::digest::Digest::new(header.page_size, header.page_count);
+    for h in hashes {
+        made.push(&h.ok()?);
+    }
+    if made.finish()? != digest {
+        tracing::debug!(replica, "the kept manifest does not make the seal's digest");
+        return None;
+    }
+    let (again, hashes) = history::load_manifest(database, url, replica, seal.version)?;
+    (again == header).then_some(())?;
+    Some(SealedHashes {
+        state: seal.source.clone(),
+        digest,
+        page_size: header.page_size,
+        page_count: header.page_count,
+        hashes: Box::new(hashes),
+    })
+}
+
+/// After a pull through `writer` (asked to seal its commits): keeps the seal of the
+/// state it left LOCAL in and the pulled version's manifest, for the next sync; or
+/// removes the old seal when the state could not be proved. The manifest is not
+/// written again when it is already the one kept (the same version, nothing written,
+/// its hashes used). Failures are logged, not fatal: the next pull reads LOCAL.
+fn keep_seal(
+    database: &Path,
+    url: &str,
+    replica: &str,
+    writer: &Writer,
+    pulled: &PullOutcome,
+    old: Option<&history::PushSeal>,
+) {
+    let Some((state, mut hashes)) = writer.committed_seal() else {
+        history::remove_seal(database, url, replica);
+        return;
+    };
+    let same_manifest = writer.used_sealed_hashes()
+        && pulled.stats.pages_sent == 0
+        && old.is_some_and(|s| s.version == pulled.version && s.digest == pulled.stats.digest);
+    if !same_manifest {
+        let header = history::ManifestHeader {
+            server: url.to_owned(),
+            replica: replica.to_owned(),
+            version: pulled.version,
+            page_size: state.page_size(),
+            page_count: state.page_count(),
+        };
+        // The seal goes first, and is written again only after the manifest it names:
+        // a seal never names a manifest that is not there (and would only be refused).
+        history::remove_seal(database, url, replica);
+        history::save_manifest(database, &header, &mut hashes);
+    }
+    history::save_seal(
+        database,
+        &history::PushSeal {
+            server: url.to_owned(),
+            replica: replica.to_owned(),
+            version: pulled.version,
+            digest: pulled.stats.digest.clone(),
+            checked: false,
+            source: state.to_token(),
+        },
+    );
+}
+
+/// A digest's 64 hex digits as bytes.
+fn unhex(hex: &str) -> Option<crate::digest::Hash> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// Why `local` holds changes no sync of `replica` carried, if it does: a file that

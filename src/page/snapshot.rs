@@ -63,6 +63,8 @@ pub struct Snapshot {
     exact: bool,
     /// The state this snapshot holds, when it holds exactly the frames up to `pinned`.
     state: Option<SourceState>,
+    /// [`Snapshot::local_state`].
+    local_state: Option<SourceState>,
     /// In WAL mode, when the database file was last written, read after the read
     /// transaction started, with the WAL generation then ([`Written`]).
     written: Option<(Written, [u32; 2])>,
@@ -112,7 +114,12 @@ impl Snapshot {
         let before = wal_mode
             .then(|| wal::observe(path, header.page_size))
             .flatten();
+        let no_frames_before = wal_mode && wal::holds_no_frames(path, header.page_size);
         let conn = Self::begin(path).map_err(sql)?;
+        // No committed frame before the read transaction started and none after: the
+        // snapshot holds the file alone (a writer that committed in between left
+        // frames, or, if it checkpointed them and went, wrote the file: its times).
+        let file_only = no_frames_before && wal::holds_no_frames(path, header.page_size);
         // The snapshot holds every frame `before` counted unless the WAL was reset in
         // between, which changes its salts (see `page/wal.rs`).
         let after = before.and_then(|_| wal::observe(path, header.page_size));
@@ -160,6 +167,14 @@ impl Snapshot {
                 .map(|m| SourceState::new(&m, page_size, page_count, position)),
             _ => None,
         };
+        let local_state = match state {
+            Some(s) if !s.file_only() => Some(s),
+            _ if file_only && page_size == header.page_size => file
+                .metadata()
+                .ok()
+                .map(|m| SourceState::new(&m, page_size, page_count, wal::FILE_ONLY)),
+            _ => None,
+        };
         Ok(Snapshot {
             conn,
             path: path.to_owned(),
@@ -172,6 +187,7 @@ impl Snapshot {
             pinned,
             exact,
             state,
+            local_state,
             written,
             plan: RefCell::new(None),
             check_beside: false,
@@ -212,6 +228,16 @@ impl Snapshot {
     /// Two snapshots with the same state see the same database ([`SourceState`]).
     pub fn state(&self) -> Option<SourceState> {
         self.state
+    }
+
+    /// The state this snapshot sees as a pull's writer of the same file names it
+    /// (`Writer::state`): [`Snapshot::state`] when the WAL holds frames, and, when it
+    /// holds none (checkpointed and truncated, or deleted by the last connection to
+    /// close), the file's facts alone. `None` in rollback mode, or when unsure. What a
+    /// pull compares with the seal its last sync left (docs/engine.md, "A pull that
+    /// reads what changed").
+    pub fn local_state(&self) -> Option<SourceState> {
+        self.local_state
     }
 
     /// The journal mode the database's header records.

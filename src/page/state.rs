@@ -57,6 +57,24 @@ impl SourceState {
         }
     }
 
+    /// Whether the WAL held no committed frame: the contents were the file's alone.
+    pub fn file_only(&self) -> bool {
+        self.position.frame == 0
+    }
+
+    /// Whether this state's database file is the one `written` describes and was not
+    /// modified since: same device, inode, size and mtime (a hard link to it changes
+    /// only its ctime).
+    pub(super) fn same_written_file(&self, written: &std::fs::Metadata) -> bool {
+        (self.dev, self.ino, self.size, self.mtime)
+            == (
+                written.dev(),
+                written.ino(),
+                written.len(),
+                (written.mtime(), written.mtime_nsec()),
+            )
+    }
+
     /// The database's page size.
     pub fn page_size(&self) -> u32 {
         self.page_size

@@ -140,6 +140,48 @@ pub(crate) fn observe(db: &Path, page_size: u32) -> Option<Observed> {
     None
 }
 
+/// The position that stands for "the WAL holds no committed frame": the database's
+/// content is its file alone. Only [`super::SourceState`] uses it (a real position of
+/// frame 0 has the generation's salts; this one is canonical, whatever the salts).
+pub(crate) const FILE_ONLY: Position = Position {
+    salt: [0, 0],
+    frame: 0,
+    cksum: [0, 0],
+};
+
+/// Whether the WAL of `db` holds no committed frame, so that the database's content is
+/// its file alone: a wal-index whose header (both copies agreeing, initialised) says
+/// `mxFrame` is 0, or, with no wal-index, no WAL file or one too short to hold a frame
+/// of `page_size` bytes. `false` when unsure (a header being written, a WAL of frames
+/// no wal-index describes: a crashed writer's, which the next connection recovers).
+///
+/// A caller that is not holding the write lock reads it before and after its read
+/// transaction starts, as [`observe`] is read (`Snapshot::open`).
+pub(crate) fn holds_no_frames(db: &Path, page_size: u32) -> bool {
+    let shm_path = sibling(db, "-shm");
+    if !shm_path.exists() {
+        return match std::fs::metadata(sibling(db, "-wal")) {
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            Ok(m) => m.len() < WAL_HEADER_BYTES + FRAME_HEADER_BYTES + u64::from(page_size),
+        };
+    }
+    let Ok(shm) = super::handles::open(&shm_path, false) else {
+        return false;
+    };
+    let mut b = [0u8; 2 * SHM_HEADER_BYTES];
+    for _ in 0..8 {
+        if shm.read_exact_at(&mut b, 0).is_err() {
+            return false;
+        }
+        if b[..SHM_HEADER_BYTES] == b[SHM_HEADER_BYTES..] {
+            let ne = |at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            return ne(0) == SHM_VERSION && b[12] == 1 && ne(16) == 0;
+        }
+        std::thread::yield_now();
+    }
+    false
+}
+
 /// What a walk of the WAL from a known [`Position`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Walk {
@@ -352,6 +394,33 @@ mod tests {
 
     fn exec(conn: &rusqlite::Connection, sql: &str) {
         conn.execute_batch(sql).expect("writes");
+    }
+
+    #[test]
+    fn no_frames_means_no_committed_frame_in_the_wal_index_or_no_wal_at_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("a.db");
+        let conn = rusqlite::Connection::open(&db).expect("opens");
+        exec(
+            &conn,
+            "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x)",
+        );
+        assert!(!holds_no_frames(&db, 4096), "a commit in the WAL");
+        exec(&conn, "PRAGMA wal_checkpoint(PASSIVE)");
+        assert!(!holds_no_frames(&db, 4096), "copied back, still in the WAL");
+        exec(&conn, "PRAGMA wal_checkpoint(TRUNCATE)");
+        assert!(holds_no_frames(&db, 4096), "reset: the file alone");
+        exec(&conn, "INSERT INTO t VALUES (1)");
+        assert!(!holds_no_frames(&db, 4096), "a commit after the reset");
+        // The last connection closing checkpoints and deletes the WAL and wal-index.
+        drop(conn);
+        assert!(!sibling(&db, "-wal").exists());
+        assert!(holds_no_frames(&db, 4096), "no WAL at all");
+        // A WAL of committed frames no wal-index describes (a crashed writer's).
+        std::fs::write(sibling(&db, "-wal"), vec![1u8; 32 + 24 + 4096]).expect("wal");
+        assert!(!holds_no_frames(&db, 4096), "frames nobody recovered yet");
+        std::fs::write(sibling(&db, "-wal"), vec![1u8; 32]).expect("wal");
+        assert!(holds_no_frames(&db, 4096), "too short for a frame");
     }
 
     #[test]

@@ -21,8 +21,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, config::DbConfig};
 
 use super::hashcache::{CacheBuilder, HashCache};
+use super::state::SourceState;
 use super::{Header, JournalMode};
-use crate::digest::{Hash, HashSpill};
+use crate::digest::{Digest, Hash, HashSpill};
 use crate::{Error, Result};
 
 /// How long the writer waits for other connections' locks (readers finishing, in
@@ -68,6 +69,45 @@ pub struct Writer {
     known_hashes_used: bool,
     /// A new file being written whole, beside its path (see [`Fresh`]).
     fresh: Option<Fresh>,
+    /// The hashes of the pages held, as a seal proves them (see [`SealedHashes`]).
+    sealed: Option<SealedHashes>,
+    /// Whether the last `hashes` came from `sealed` rather than a read of the file.
+    sealed_used: bool,
+    /// Keep, after each commit, the state the file was left in and the committed
+    /// hashes, for the caller to seal ([`Writer::seal_commits`]).
+    seal_commits: bool,
+    /// The state the last commit left the file in, when it could be proved.
+    committed_state: Option<SourceState>,
+}
+
+/// The page hashes of the database a writer is about to change, as its last sync left
+/// them (docs/engine.md, "A pull that reads what changed"): the state the file was in
+/// then ([`SourceState::to_token`]), and the digest of those pages. The writer uses
+/// them instead of reading the file only when, inside its write transaction (no other
+/// connection can commit until it ends), it finds the file in exactly that state; and
+/// it checks them against the digest as it reads them: hashes that do not make it end
+/// the sync before anything is written.
+pub struct SealedHashes {
+    /// The state token the hashes were true in.
+    pub state: String,
+    /// Their digest (page size, page count, the hashes in order).
+    pub digest: Hash,
+    /// Page size.
+    pub page_size: u32,
+    /// Page count.
+    pub page_count: u32,
+    /// The hashes, in page order.
+    pub hashes: Box<dyn Iterator<Item = Result<Hash>> + Send>,
+}
+
+impl std::fmt::Debug for SealedHashes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedHashes")
+            .field("state", &self.state)
+            .field("page_size", &self.page_size)
+            .field("page_count", &self.page_count)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a writer knows of the database right after its own commit.
@@ -154,6 +194,10 @@ impl Writer {
             last_commit: None,
             known_hashes_used: false,
             fresh: None,
+            sealed: None,
+            sealed_used: false,
+            seal_commits: false,
+            committed_state: None,
         };
         // A file that does not exist yet is written whole into a temporary file by
         // `prepare`, unless the writer is to serve again (`keep_committed_hashes`):
@@ -208,6 +252,130 @@ impl Writer {
         self
     }
 
+    /// Takes the hashes of the pages held from `sealed` instead of reading the file,
+    /// if the file is still in the state they were true in when the sync runs
+    /// ([`SealedHashes`]); otherwise the file is read as always.
+    pub fn with_sealed_hashes(mut self, sealed: SealedHashes) -> Self {
+        self.sealed = Some(sealed);
+        self
+    }
+
+    /// Whether the last sync took the hashes of the pages held from the sealed hashes
+    /// ([`Writer::with_sealed_hashes`]) rather than reading the file.
+    pub fn used_sealed_hashes(&self) -> bool {
+        self.sealed_used
+    }
+
+    /// Keeps, after each commit, the committed page hashes and the state the file was
+    /// left in, when it can be proved that no other connection wrote it in between
+    /// ([`Writer::committed_seal`]). In WAL mode the commit's frames are then
+    /// checkpointed into the file at once (without waiting for readers: a reader still
+    /// on an older state leaves them in the WAL), so that the state holds after this
+    /// writer's connection closes, which would otherwise checkpoint them itself.
+    pub fn seal_commits(mut self) -> Self {
+        self.seal_commits = true;
+        self
+    }
+
+    /// After a commit of a writer asked to [seal](Writer::seal_commits): the state the
+    /// commit left the file in and the committed page hashes, in order. `None` when the
+    /// state could not be proved (not WAL mode, another connection committed or held
+    /// the write lock right after, no wal-index to read).
+    pub fn committed_seal(&self) -> Option<(SourceState, impl Iterator<Item = Result<Hash>> + '_)> {
+        let state = self.committed_state?;
+        let last = self.last_commit.as_ref()?;
+        let io = |e| Error::io(Path::new("committed page hashes"), e);
+        Some((
+            state,
+            last.hashes
+                .iter(last.page_count)
+                .map(move |h| h.map_err(io)),
+        ))
+    }
+
+    /// The file's state now, as [`SourceState`] names it (what a snapshot's
+    /// [`local_state`](super::Snapshot::local_state) would see), for a file of
+    /// `page_count` pages. Only meaningful while this writer holds the write lock
+    /// (inside `BEGIN IMMEDIATE`): then no other connection can commit, so the WAL
+    /// position and the file stand still but for checkpoints (which move nothing the
+    /// state compares but the file's times, and only cost a later proof). `None`
+    /// outside WAL mode or when unsure.
+    fn state_now(&self, page_count: u32) -> Option<SourceState> {
+        if self.journal_mode != Some(JournalMode::Wal) {
+            return None;
+        }
+        let position = if super::wal::holds_no_frames(&self.path, self.page_size) {
+            super::wal::FILE_ONLY
+        } else {
+            super::wal::observe(&self.path, self.page_size)?.position
+        };
+        let meta = self.file.as_ref()?.metadata().ok()?;
+        Some(SourceState::new(
+            &meta,
+            self.page_size,
+            page_count,
+            position,
+        ))
+    }
+
+    /// After a commit that left the file at `data_version` (this connection's, read
+    /// inside the committed transaction): checkpoints the commit's frames (WAL mode,
+    /// without waiting), then, holding the write lock, checks that no other connection
+    /// committed since and reads the state. `None` when it cannot be sure.
+    fn state_after_commit(&mut self, data_version: i64, page_count: u32) -> Option<SourceState> {
+        let wal = self.journal_mode == Some(JournalMode::Wal);
+        if !wal {
+            return None;
+        }
+        // Never wait: a reader or writer in the way only costs the next pull's proof.
+        let _ = self.conn().busy_timeout(Duration::ZERO);
+        let state = (|| {
+            let conn = self.conn();
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .ok()?;
+            conn.execute_batch("BEGIN IMMEDIATE").ok()?;
+            let now: Option<i64> = conn.query_row("PRAGMA data_version", [], |r| r.get(0)).ok();
+            let state = (now == Some(data_version))
+                .then(|| self.state_now(page_count))
+                .flatten();
+            let _ = self.conn().execute_batch("ROLLBACK");
+            state
+        })();
+        let _ = self.conn().busy_timeout(BUSY_TIMEOUT);
+        state
+    }
+
+    /// After a new file was linked into place: opens it and, holding the write lock,
+    /// reads its state, which is the state this writer left it in if the WAL holds no
+    /// frame and the file is still the one written, not modified since (`written`, its
+    /// facts before the link: a link changes only the ctime). `None` otherwise.
+    fn state_after_link(
+        &mut self,
+        written: &std::fs::Metadata,
+        page_count: u32,
+    ) -> Option<SourceState> {
+        self.connect().ok()?;
+        let mode: String = self
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .ok()?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return None;
+        }
+        self.journal_mode = Some(JournalMode::Wal);
+        let _ = self.conn().busy_timeout(Duration::ZERO);
+        let state = (|| {
+            self.conn().execute_batch("BEGIN IMMEDIATE").ok()?;
+            let state = self
+                .state_now(page_count)
+                .filter(|s| s.file_only() && s.same_written_file(written));
+            let _ = self.conn().execute_batch("ROLLBACK");
+            state
+        })();
+        let _ = self.conn().busy_timeout(BUSY_TIMEOUT);
+        state
+    }
+
     /// Makes a committed writer ready for another sync of the same file. `Ok(false)`
     /// when it cannot serve again: it did not commit, or its path now names another
     /// file (replaced or removed); open a new writer then.
@@ -241,6 +409,8 @@ impl Writer {
         self.created = false;
         self.committed = false;
         self.known_hashes_used = false;
+        self.sealed_used = false;
+        self.committed_state = None;
         Ok(true)
     }
 
@@ -254,7 +424,7 @@ impl Writer {
     /// commit: same size and count, and no other connection has committed since
     /// (checked inside this sync's transaction, so no commit can slip in after).
     fn known_hashes(&mut self) -> Result<Option<&HashSpill>> {
-        let Some(last) = &self.last_commit else {
+        let Some(last) = self.last_commit.as_ref().filter(|_| self.keep_committed) else {
             return Ok(None);
         };
         if last.page_size != self.page_size || last.page_count != self.page_count {
@@ -445,6 +615,38 @@ impl Writer {
             self.known_hashes_used = true;
             return Ok(());
         }
+        if let Some(sealed) = self.sealed.take()
+            && sealed.page_size == self.page_size
+            && sealed.page_count == page_count
+            && self
+                .state_now(page_count)
+                .is_some_and(|s| s.to_token() == sealed.state)
+        {
+            // Inside the write transaction: the file is in the state the hashes were
+            // true in, and stays so until this sync ends. They must still make the
+            // digest they were sealed with, or nothing is written.
+            let mut digest = Digest::new(self.page_size, page_count);
+            let mut hashes = sealed.hashes;
+            for pgno in 1..=page_count {
+                let h = hashes.next().unwrap_or_else(|| {
+                    Err(Error::io(
+                        Path::new("sealed page hashes"),
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                })?;
+                digest.push(&h);
+                f(pgno, h)?;
+            }
+            if digest.finish() != Some(sealed.digest) {
+                return Err(Error::Verification(format!(
+                    "the page hashes kept for {} do not make the digest it was left with; \
+                     nothing was written (the next pull reads the file)",
+                    self.path.display()
+                )));
+            }
+            self.sealed_used = true;
+            return Ok(());
+        }
         let mut cache = HashCache::open(
             self.hash_cache.as_deref(),
             &self.path,
@@ -515,10 +717,22 @@ impl Writer {
                 .take()
                 .ok_or_else(|| Error::Bug("a new file committed without its page 1".into()))?;
             fresh.write(1, page1, self.page_size)?;
-            fresh.commit(&self.path, page_count, self.page_size)?;
+            let written = fresh.commit(&self.path, page_count, self.page_size)?;
             self.committed = true;
             if let Some(b) = self.building.take() {
                 b.finish(page_count);
+            }
+            if self.seal_commits {
+                self.last_commit = keep_hashes(hashes).map(|hashes| LastCommit {
+                    page_size: self.page_size,
+                    page_count,
+                    hashes,
+                    data_version: 0,
+                    identity: (0, 0),
+                });
+                if self.last_commit.is_some() {
+                    self.committed_state = self.state_after_link(&written, page_count);
+                }
             }
             return Ok(());
         }
@@ -550,7 +764,7 @@ impl Writer {
         }
         // Read inside the transaction: no other connection can commit between this and
         // COMMIT, and this connection's own commit does not move it.
-        let data_version: Option<i64> = if self.keep_committed {
+        let data_version: Option<i64> = if self.keep_committed || self.seal_commits {
             Some(
                 self.conn()
                     .query_row("PRAGMA data_version", [], |r| r.get(0))
@@ -564,24 +778,15 @@ impl Writer {
         self.committed = true;
         if let (Some(data_version), Some(identity)) = (data_version, identity(&self.path)) {
             // Kept only if every hash could be stored: the next sync scans otherwise.
-            let kept = (|| -> std::io::Result<HashSpill> {
-                let mut w = HashSpill::writer()?;
-                for h in &mut *hashes {
-                    w.push(&h.map_err(std::io::Error::other)?)?;
-                }
-                w.finish()
-            })();
-            match kept {
-                Ok(file) => {
-                    self.last_commit = Some(LastCommit {
-                        page_size: self.page_size,
-                        page_count,
-                        hashes: file,
-                        data_version,
-                        identity,
-                    })
-                }
-                Err(e) => tracing::debug!(error = %e, "could not keep the committed hashes"),
+            self.last_commit = keep_hashes(hashes).map(|hashes| LastCommit {
+                page_size: self.page_size,
+                page_count,
+                hashes,
+                data_version,
+                identity,
+            });
+            if self.seal_commits && self.last_commit.is_some() {
+                self.committed_state = self.state_after_commit(data_version, page_count);
             }
         }
         if let Some(b) = self.building.take() {
@@ -600,6 +805,20 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// The committed page hashes, in an unlinked temporary file; `None` (logged) when one
+/// could not be written.
+fn keep_hashes(hashes: &mut dyn Iterator<Item = Result<Hash>>) -> Option<HashSpill> {
+    let kept = (|| -> std::io::Result<HashSpill> {
+        let mut w = HashSpill::writer()?;
+        for h in hashes {
+            w.push(&h.map_err(std::io::Error::other)?)?;
+        }
+        w.finish()
+    })();
+    kept.map_err(|e| tracing::debug!(error = %e, "could not keep the committed hashes"))
+        .ok()
 }
 
 impl Writer {
@@ -804,14 +1023,21 @@ impl Fresh {
         Ok(())
     }
 
-    /// Sizes the file to `page_count` pages, syncs it, and links it to `path`.
-    fn commit(&mut self, path: &Path, page_count: u32, page_size: u32) -> Result<()> {
+    /// Sizes the file to `page_count` pages, syncs it, and links it to `path`;
+    /// returns the file's facts as they were once written, before the link.
+    fn commit(
+        &mut self,
+        path: &Path,
+        page_count: u32,
+        page_size: u32,
+    ) -> Result<std::fs::Metadata> {
         self.flush(page_size)?;
         let io = |e| Error::io(&self.tmp, e);
         self.file
             .set_len(u64::from(page_count) * u64::from(page_size))
             .map_err(io)?;
         self.file.sync_all().map_err(io)?;
+        let written = self.file.metadata().map_err(io)?;
         let taken = || {
             Error::InUse(format!(
                 "{} was created by another program during the copy; it was left as it is",
@@ -848,7 +1074,7 @@ impl Fresh {
         if let Ok(d) = std::fs::File::open(dir) {
             d.sync_all().map_err(|e| Error::io(dir, e))?;
         }
-        Ok(())
+        Ok(written)
     }
 }
 

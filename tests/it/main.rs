@@ -44,6 +44,10 @@
 //! - `merge`: `push --merge` on the embedded store from two machines: disjoint edits
 //!   merged, overlapping ones refused with the rows listed or decided by each
 //!   `--on-conflict`, schema changes and a base removed by retention refused.
+//! - `pull_seal`: a pull of a small change reads what changed, not LOCAL (bytes read
+//!   counted by the kernel), over a real server and the embedded store; every way to
+//!   change LOCAL behind its seal refused or read, never a wrong file; a proptest of
+//!   random histories of pulls, pushes, writes, checkpoints and replaced files.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 
@@ -60,6 +64,7 @@ mod layers;
 mod live;
 mod merge;
 mod names;
+mod pull_seal;
 mod retention;
 mod rows;
 mod server;
