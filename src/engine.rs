@@ -141,6 +141,14 @@ pub trait PageTarget {
     /// runs the hash exchange instead of trusting its manifest. One method, taking all
     /// of BEGIN: a wrapper cannot forward half of it.
     fn begin(&mut self, begin: &BeginInfo) -> Result<u32>;
+    /// Whether it can take a result checked in the chunked digest
+    /// ([`FLAG_CHUNKED_DIGEST`]): a store can (it records both forms); a database file's
+    /// writer cannot (what is recorded of a pull, and compared at the next one, is
+    /// digest 1), so an origin that asks for the chunked form there is refused before
+    /// anything is written. No by default.
+    fn speaks_chunked_digest(&self) -> bool {
+        false
+    }
     /// Calls `f` with the number and hash of every page it holds, in page order.
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>;
     /// Writes one page (not yet visible); `hash` is its [`crate::digest::page_hash`].

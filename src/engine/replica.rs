@@ -199,6 +199,13 @@ fn session(
     if page_count == 0 {
         return Err(Error::Protocol("BEGIN with zero pages".into()));
     }
+    if begin.chunked_digest && !target.speaks_chunked_digest() {
+        return Err(Error::Protocol(
+            "the origin asked for the chunked digest, which this side did not offer \
+             (a database file records digest 1); nothing was written"
+                .into(),
+        ));
+    }
     let held = target.begin(&begin)?;
     progress.start(Phase::Receiving, 0, page_size);
     // READY goes before hashing: the origin can then hash its own pages at the same

@@ -136,6 +136,10 @@ impl<T: PageTarget> PageTarget for OwnFaults<'_, T> {
         self.map(r)
     }
 
+    fn speaks_chunked_digest(&self) -> bool {
+        self.inner.speaks_chunked_digest()
+    }
+
     fn held_chunks(&mut self) -> Result<Option<Vec<Hash>>> {
         let r = self.inner.held_chunks();
         self.map(r)

@@ -197,21 +197,50 @@ fn latest(conn: &Connection, file: &Path) -> Result<Option<VersionInfo>> {
     .map_err(sql(file))
 }
 
-/// The chunked digest recorded for `version` (`None` for a version row without one, or
-/// a file whose versions have no such column yet).
+/// The chunked digest of `version`: the one recorded, or else (a row an older sqlferry
+/// wrote after this file's upgrade, or a file without the column yet) computed from its
+/// manifest's chunk keys, which are the chunk hashes (no page read). `None` when the
+/// version does not exist or its manifest is not one key a chunk.
 fn digest2_of(conn: &Connection, file: &Path, version: u64) -> Result<Option<Hash>> {
-    if !has_digest2(conn, file)? {
-        return Ok(None);
+    if has_digest2(conn, file)? {
+        let d: Option<Option<Vec<u8>>> = conn
+            .query_row(
+                "SELECT digest2 FROM versions WHERE number = ?1",
+                [version as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql(file))?;
+        if let Some(d) = d.flatten().and_then(|d| Hash::try_from(d.as_slice()).ok()) {
+            return Ok(Some(d));
+        }
     }
-    let d: Option<Option<Vec<u8>>> = conn
+    let Some((page_size, page_count)): Option<(u32, u32)> = conn
         .query_row(
-            "SELECT digest2 FROM versions WHERE number = ?1",
+            "SELECT page_size, page_count FROM versions WHERE number = ?1",
             [version as i64],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()
+        .map_err(sql(file))?
+    else {
+        return Ok(None);
+    };
+    let keys: Vec<Vec<u8>> = conn
+        .prepare_cached("SELECT chunk FROM manifest WHERE version = ?1 ORDER BY idx")
+        .and_then(|mut s| {
+            s.query_map([version as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()
+        })
         .map_err(sql(file))?;
-    Ok(d.flatten().and_then(|d| Hash::try_from(d.as_slice()).ok()))
+    let mut d = ChunkedDigest::new(page_size, page_count);
+    for key in &keys {
+        match Hash::try_from(key.as_slice()) {
+            Ok(k) => d.push_chunk(&k),
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(d.finish())
 }
 
 /// Whether the `versions` table of the replica open on `conn` has its `digest2` column.
@@ -829,6 +858,13 @@ impl PageTarget for VersionWriter {
             true => DigestForm::Chunked,
             false => DigestForm::One,
         };
+        if !has_digest2(&self.conn, &self.file)? {
+            // A file an older sqlferry created after this push's `upgrade` looked for
+            // it: the column every version this push writes fills.
+            self.conn
+                .execute_batch("ALTER TABLE versions ADD COLUMN digest2 BLOB")
+                .map_err(sql(&self.file))?;
+        }
         if self.candidate.is_some() {
             // A candidate and its merge go only onto the version they were merged onto.
             if self.latest.as_ref().map(|l| l.number) != self.options.base {
@@ -1004,6 +1040,10 @@ impl PageTarget for VersionWriter {
         self.commit_with(same, |w, number| {
             w.write_version(number, same, page_count, digest, hashes)
         })
+    }
+
+    fn speaks_chunked_digest(&self) -> bool {
+        true
     }
 
     fn held_chunks(&mut self) -> Result<Option<Vec<Hash>>> {
@@ -1278,7 +1318,8 @@ impl VersionWriter {
                     let blob = self.chunk_hashes(&key)?;
                     if sha256(&blob) != key {
                         return Err(Error::Verification(format!(
-                            "chunk {idx} of {}'s latest manifest is damaged; nothing was stored                              (`sqlferry scrub` finds every such chunk)",
+                            "chunk {idx} of {}'s latest manifest is damaged; nothing was stored \
+                             (`sqlferry scrub` finds every such chunk)",
                             self.replica
                         )));
                     }
@@ -1286,6 +1327,16 @@ impl VersionWriter {
                     blob
                 }
                 Chunk::New { hashes, .. } => {
+                    // The hashes came back through the engine's spill file: what is
+                    // stored under `key` must be what `key` is the hash of, as the
+                    // tree path recomputes both digests from what it writes.
+                    if sha256(&hashes) != key {
+                        return Err(Error::Verification(format!(
+                            "chunk {idx} of the new version of {} changed between its check \
+                             and its write (the temporary spill file); nothing was stored",
+                            self.replica
+                        )));
+                    }
                     let first = idx * CHUNK_PAGES as u32;
                     for (j, h) in hashes.chunks_exact(HASH_BYTES).enumerate() {
                         let h: Hash = h.try_into().expect("chunks_exact yields 32-byte slices");
@@ -1334,7 +1385,8 @@ impl VersionWriter {
             .map_err(sql(&self.file))?
             .ok_or_else(|| {
                 Error::Verification(format!(
-                    "a manifest chunk of {}'s latest version is missing; nothing was stored                      (`sqlferry scrub` finds every such chunk)",
+                    "a manifest chunk of {}'s latest version is missing; nothing was stored \
+                     (`sqlferry scrub` finds every such chunk)",
                     self.replica
                 ))
             })

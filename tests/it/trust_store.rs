@@ -686,6 +686,55 @@ fn a_pull_refuses_a_page_1_with_illegal_journal_mode_bytes_whoever_sends_it() {
 }
 
 #[test]
+fn a_pull_refuses_an_origin_asking_for_the_chunked_digest_it_never_offered() {
+    // A server (hostile, or newer and wrong) that sets BEGIN's chunked-digest bit on a
+    // pull, with a chunked digest that is right for its pages: a database file records
+    // digest 1 of what it pulled, so taking it would make the next pull see "LOCAL
+    // changed". Refused before anything is written.
+    let b = Bench::new();
+    let pages = real_pages(b.dir.path());
+    for existing in [false, true] {
+        let local = b.path(&format!("local-{existing}.db"));
+        if existing {
+            let conn = util::create(&local, 4096, Mode::Rollback);
+            util::insert_rows(&conn, 5, 100);
+        }
+        let before = std::fs::read(&local).unwrap_or_default();
+        let (mut origin, mut link) = mem_pair();
+        let target = local.clone();
+        let replica = std::thread::spawn(move || {
+            let mut writer = sqlferry::page::Writer::open(&target)?;
+            run_replica(&mut writer, &mut link).map(|_| ())
+        });
+        let mut frames = vec![begin(&pages, 0x02)];
+        frames.extend(all_pages(&pages));
+        frames.push(Frame::Commit {
+            page_count: pages.len() as u32,
+            digest: chunked_digest_of(&pages),
+        });
+        for f in frames {
+            if origin.send(&f).is_err() {
+                break;
+            }
+        }
+        while let Ok(frame) = origin.recv() {
+            if matches!(frame, Frame::Error { .. } | Frame::Done { .. }) {
+                break;
+            }
+        }
+        drop(origin);
+        let err = replica.join().expect("no panic").expect_err("refused");
+        assert_eq!(err.kind(), sqlferry::ErrorKind::Protocol, "{err}");
+        assert!(err.to_string().contains("chunked digest"), "{err}");
+        assert_eq!(
+            std::fs::read(&local).unwrap_or_default(),
+            before,
+            "existing {existing}: untouched"
+        );
+    }
+}
+
+#[test]
 fn a_page_sent_twice_is_refused_and_nothing_is_kept() {
     let b = Bench::new();
     let pages = real_pages(b.dir.path());
