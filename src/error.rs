@@ -194,9 +194,10 @@ pub enum Error {
     InUse(String),
     /// The replica's latest version is not the one the push was based on, and the
     /// pushed content differs from it. The advice never says "pull first": a pull would
-    /// overwrite the very changes being pushed.
+    /// overwrite the very changes being pushed; `--merge` comes first, as the one way
+    /// out that keeps both sides' rows.
     #[error(
-        "VERSION_CONFLICT: {replica} is at version {latest} (made {} by client {}), this push is based on {} and its content differs; push with --force to replace version {latest}, or pull {replica} into another file and compare",
+        "VERSION_CONFLICT: {replica} is at version {latest} (made {} by client {}), this push is based on {} and its content differs; push with --merge to merge this push's row changes onto version {latest}, with --force to replace version {latest}, or pull {replica} into another file and compare",
         conflict_time(*latest_at),
         if latest_client.is_empty() { "unknown" } else { latest_client.as_str() },
         based_on.map_or("no version".to_owned(), |v| format!("version {v}"))

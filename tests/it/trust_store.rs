@@ -356,6 +356,7 @@ fn a_real_conflict_names_the_version_its_time_and_client_and_stores_nothing() {
         "acme/app.db is at version 2",
         "based on version 1",
         "Z by client", // RFC 3339 UTC time, then the client
+        "push with --merge to merge this push's row changes onto version 2",
         "--force",
         "into another file",
     ] {
