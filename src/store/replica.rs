@@ -1396,8 +1396,15 @@ impl VersionWriter {
     /// first when given (a chunk already stored is kept as it is).
     fn insert_chunk(&self, number: u64, idx: u32, key: &Hash, hashes: Option<&[u8]>) -> Result<()> {
         if let Some(hashes) = hashes {
+            // `key` is the SHA-256 of `hashes` (checked by the caller), so a stored row
+            // under `key` that differs is damaged: this write heals it, for every
+            // version that names it, instead of naming the damage again.
             self.conn
-                .prepare_cached("INSERT OR IGNORE INTO chunks(hash, hashes) VALUES (?1, ?2)")
+                .prepare_cached(
+                    "INSERT INTO chunks(hash, hashes) VALUES (?1, ?2)
+                     ON CONFLICT(hash) DO UPDATE SET hashes = excluded.hashes
+                     WHERE hashes IS NOT excluded.hashes",
+                )
                 .and_then(|mut s| s.execute(params![&key[..], hashes]))
                 .map_err(sql(&self.file))?;
         }

@@ -337,3 +337,37 @@ fn a_latest_version_without_a_recorded_chunked_digest_is_still_seen_as_unchanged
     assert_eq!(versions(dir.path()), 2, "no duplicate version");
     assert_eq!(again["digest"], util::digest(&db), "{again}");
 }
+
+#[test]
+fn a_damaged_chunk_of_page_hashes_is_healed_by_following_the_advice() {
+    // Chunk 0 (no page of it changes) damaged in the store: the push is refused and
+    // says `sqlferry scrub` finds it; scrub records it; the next push must then store
+    // a version that pulls back, and heal the chunk for the versions before it, never
+    // name the damaged row again.
+    let dir = TempDir::new().expect("tempdir");
+    let (db, file) = two_versions(dir.path());
+    {
+        let conn = Connection::open(&file).expect("replica file");
+        damage_chunk(&conn, &chunk_key(&conn, 2, 0));
+    }
+    refused(dir.path(), &db, "sqlferry scrub");
+    let found = scrub(dir.path());
+    assert_ne!(util::code(&found), 0, "scrub finds the damage");
+    let third = push(dir.path(), &db);
+    assert_eq!(third["version"], 3, "{third}");
+    assert_eq!(third["digest"], util::digest(&db), "{third}");
+    let v3 = pull(dir.path(), "acme/app.db@3", "v3.db");
+    util::assert_same(&db, &v3);
+    // Version 2 names the same chunk: it pulls back too, to its recorded digest.
+    let listed = run_ok(dir.path(), &["versions", "acme/app.db"]);
+    let v2_digest = listed
+        .as_array()
+        .expect("versions")
+        .iter()
+        .find(|v| v["number"] == 2)
+        .map(|v| v["digest"].clone())
+        .expect("version 2 listed");
+    let v2 = pull(dir.path(), "acme/app.db@2", "v2.db");
+    assert_eq!(serde_json::json!(util::digest(&v2)), v2_digest);
+    assert_eq!(util::code(&scrub(dir.path())), 0, "nothing damaged is left");
+}
