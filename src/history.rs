@@ -202,11 +202,16 @@ pub fn load_manifest(
     let file = manifest_path(database, Some((server, replica)))
         .and_then(|p| std::fs::File::open(p).ok())
         .or_else(|| std::fs::File::open(manifest_path(database, None)?).ok())?;
+    let len = file.metadata().ok()?.len();
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
     let header: ManifestHeader = serde_json::from_str(line.trim_end()).ok()?;
     (header.server == server && header.replica == replica && header.version == version)
+        .then_some(())?;
+    // A torn or truncated file (the cache is safe to lose, not to trust half of) is no
+    // kept manifest: the sync reads what it needs instead of failing half-way.
+    (len == line.len() as u64 + u64::from(header.page_count) * crate::digest::HASH_BYTES as u64)
         .then_some(())?;
     let hashes = crate::digest::HashReader::new(reader, header.page_count);
     Some((header, ManifestHashes(hashes)))

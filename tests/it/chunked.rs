@@ -371,3 +371,35 @@ fn a_damaged_chunk_of_page_hashes_is_healed_by_following_the_advice() {
     assert_eq!(serde_json::json!(util::digest(&v2)), v2_digest);
     assert_eq!(util::code(&scrub(dir.path())), 0, "nothing damaged is left");
 }
+
+#[test]
+fn a_truncated_kept_manifest_is_no_kept_manifest() {
+    // The cache is safe to lose: a kept manifest cut short (a full disk, a crash of
+    // another tool) must cost a read of the database, never a failed push.
+    let dir = TempDir::new().expect("tempdir");
+    let (db, _) = two_versions(dir.path());
+    let kept_dir = dir.path().join(".home/cache/sqlferry/manifests");
+    let mut cut = 0;
+    for entry in std::fs::read_dir(&kept_dir)
+        .expect("kept manifests")
+        .flatten()
+    {
+        let len = entry.metadata().expect("metadata").len();
+        if len < 1024 * 32 {
+            continue; // not a manifest (a seal)
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(entry.path())
+            .expect("open");
+        file.set_len(5000).expect("truncate");
+        cut += 1;
+    }
+    assert_eq!(cut, 1, "one kept manifest");
+    change_last_rows(&db);
+    let third = push(dir.path(), &db);
+    assert_eq!(third["version"], 3, "{third}");
+    assert_eq!(third["digest"], util::digest(&db), "{third}");
+    let v3 = pull(dir.path(), "acme/app.db@3", "v3.db");
+    util::assert_same(&db, &v3);
+}
