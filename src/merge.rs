@@ -963,6 +963,24 @@ pub fn merge_into_store(
                 created: false,
             });
         }
+        let merged_digest = {
+            let mut snap = Snapshot::open(&out)?.with_hash_cache(None);
+            crate::digest::hex(&snap.digest(true)?)
+        };
+        if merged_digest == latest.digest {
+            // The latest version holds this push's rows already (the same push, its
+            // merge committed and the answer lost, retried; or another push making
+            // the same rows): the merge adds nothing, so nothing is stored and the
+            // push is at the latest version. Storing the candidate with an unchanged
+            // merge would only grow the history.
+            result.version = onto;
+            result.digest = latest.digest.clone();
+            return Ok(Stored {
+                result,
+                version: latest,
+                created: false,
+            });
+        }
         // The candidate is numbered onto + 1 and the merge onto + 2: the writer stores
         // them only onto `onto` (else VERSION_CONFLICT, and this merges again).
         let (numbered, merged) = (onto + 1, onto + 2);

@@ -302,18 +302,44 @@ impl Pusher {
     async fn push_once(&mut self, progress: Arc<dyn Progress>) -> Result<PushReport> {
         self.find_key_by_server_id().await?;
         self.require_key()?;
-        let request = self.request_with_base(self.base_version().await?);
-        let outcome = self
-            .server
-            .push(&self.local, &self.replica, request, progress)
-            .await
-            .map_err(|e| {
-                e.context(format!(
-                    "push {} to {} failed",
-                    self.local.display(),
-                    self.replica
-                ))
-            })?;
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            let request = self.request_with_base(self.base_version().await?);
+            let merging = request.merge.is_some()
+                && request.options.base.is_some()
+                && !request.options.force
+                && matches!(self.server, crate::remote::Server::Ws { .. });
+            match self
+                .server
+                .push(&self.local, &self.replica, request, progress.clone())
+                .await
+            {
+                // A merging push whose base was the latest when it opened, and another
+                // push landed before its COMMIT: a server refuses it as a plain
+                // VERSION_CONFLICT (it stored its pages against the latest, not as a
+                // candidate). Pushed again, its base is stale when it opens and the
+                // server merges it, as the embedded store does in this race.
+                Err(e)
+                    if merging
+                        && e.kind() == ErrorKind::Conflict
+                        && e.merge_report().is_none()
+                        && attempt < crate::merge::MAX_MERGE_ATTEMPTS =>
+                {
+                    tracing::info!(replica = %self.replica, attempt, error = %e,
+                        "the replica moved while pushing: pushing again to merge");
+                }
+                result => {
+                    break result.map_err(|e| {
+                        e.context(format!(
+                            "push {} to {} failed",
+                            self.local.display(),
+                            self.replica
+                        ))
+                    })?;
+                }
+            }
+        };
         let local_kept = match &outcome.merged {
             Some(merged) => self.bring_to_merged(&outcome, merged).await?,
             None => None,

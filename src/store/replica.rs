@@ -1037,7 +1037,7 @@ impl PageTarget for VersionWriter {
                 .is_some_and(|l| l.digest == hex(digest)),
             DigestForm::Chunked => self.latest_digest2 == Some(*digest),
         };
-        self.commit_with(same, |w, number| {
+        self.commit_with(same, |w, number, same| {
             w.write_version(number, same, page_count, digest, hashes)
         })
     }
@@ -1107,7 +1107,7 @@ impl PageTarget for VersionWriter {
         chunks: &mut dyn Iterator<Item = Result<Chunk>>,
     ) -> Result<()> {
         let same = self.latest_digest2 == Some(*digest);
-        self.commit_with(same, |w, number| {
+        self.commit_with(same, |w, number, same| {
             w.write_version_chunks(number, same, page_count, digest, chunks)
         })
     }
@@ -1116,11 +1116,12 @@ impl PageTarget for VersionWriter {
 impl VersionWriter {
     /// Commits the push whose result is the latest version's content when `same`
     /// (only repairs are kept then, or nothing), or a new version written by `write`
-    /// (given its number) into the open transactions.
+    /// (given its number, and whether only repairs are to be written: never for a
+    /// merge's two versions, whatever their content) into the open transactions.
     fn commit_with(
         &mut self,
         same: bool,
-        write: impl FnOnce(&mut Self, u64) -> Result<()>,
+        write: impl FnOnce(&mut Self, u64, bool) -> Result<()>,
     ) -> Result<()> {
         let file = self.file.clone();
         if self.must_equal && (self.differs || !same) {
@@ -1143,7 +1144,7 @@ impl VersionWriter {
             Some(candidate) => candidate + 1,
             None => self.latest.as_ref().map_or(1, |b| b.number + 1),
         };
-        let written = write(self, number).and_then(|()| {
+        let written = write(self, number, same).and_then(|()| {
             // The page bytes are durable before the index rows naming them commit.
             match &mut self.appender {
                 Some(a) => a.sync(),
@@ -1169,6 +1170,22 @@ impl VersionWriter {
         }
         if staging == Some(false) {
             // Both versions written, neither committed (a test kills the server here).
+            // Both or neither: never the candidate alone, which would be the latest.
+            let merge_written = self
+                .conn
+                .query_row(
+                    "SELECT count(*) FROM versions WHERE number = ?1",
+                    [number as i64],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(sql(&file))?;
+            if merge_written != 1 {
+                return Err(Error::Bug(format!(
+                    "the merge (version {number} of {}) was not written with its candidate; \
+                     nothing was stored",
+                    self.replica
+                )));
+            }
             crate::error::debug_pause("merge-commit");
         }
         self.conn.execute_batch("COMMIT").map_err(sql(&file))?;

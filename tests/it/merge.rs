@@ -1381,3 +1381,123 @@ fn local_changing_again_a_row_it_pushed_while_merging_merges_without_conflict() 
     );
     assert_eq!(util::dump(&two.db("b")), two.latest_rows());
 }
+
+/// Hostile: a merging push whose rows the latest version already holds (a merging push
+/// killed after its commit and retried, say): the merge adds nothing, so nothing is
+/// stored ("already at version 4") and LOCAL is brought to the latest. The candidate
+/// alone never becomes the latest (it lacked a's row, which later merges then deleted).
+#[test]
+fn a_merge_adding_nothing_to_the_latest_stores_nothing_and_updates_local() {
+    let two = Two::new(Mode::Wal);
+    std::fs::create_dir(two.dir.path().join("c")).expect("machine dir");
+    two.ok("c", &["pull", REPLICA, "DB"]);
+    two.edit("a", "INSERT INTO items VALUES (6, 'a-1', 6, 1);");
+    two.ok("a", &["push", "DB", REPLICA]);
+    two.edit("c", "INSERT INTO items VALUES (100, 'X', 1, 1);");
+    two.ok("c", &["push", "DB", REPLICA, "--merge"]);
+    assert_eq!(two.versions().len(), 4, "v3 candidate, v4 merge");
+    let v4 = two.latest_rows();
+    two.edit("b", "INSERT INTO items VALUES (100, 'X', 1, 1);");
+    let (code, json, stderr) = two.json("b", &["push", "DB", REPLICA, "--merge"]);
+    assert_eq!(code, 0, "{stderr}{json}");
+    assert_eq!(json["version"], 4, "{json}");
+    assert_eq!(json["created"], false, "{json}");
+    assert_eq!(json["local_updated"], true, "{json}");
+    assert_eq!(
+        two.versions().len(),
+        4,
+        "nothing stored: {:?}",
+        two.versions()
+    );
+    assert_eq!(two.latest_rows(), v4);
+    let ids: Vec<i64> = items(&two.db("b")).iter().map(|r| r.0).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5, 6, 100], "LOCAL holds version 4");
+    let out = two.run("b", &["push", "DB", REPLICA, "--merge"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert_eq!(
+        two.versions().len(),
+        4,
+        "based on version 4 now: nothing to do"
+    );
+}
+
+/// The same on a server.
+#[test]
+fn a_server_merge_adding_nothing_to_the_latest_stores_nothing_and_updates_local() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let (a, b) = on_server(&server, dir.path());
+    let key = server.admin_key.clone();
+    let c = Machine::new(dir.path(), "c");
+    c.pull(&server, REPLICA, Some("app.db"), &["--key", &key]);
+    util::open(&a.path("app.db"))
+        .execute_batch("INSERT INTO items VALUES (6, 'a-1', 6, 1);")
+        .expect("edit a");
+    a.push(&server, "app.db", REPLICA, &["--key", &key]);
+    util::open(&c.path("app.db"))
+        .execute_batch("INSERT INTO items VALUES (100, 'X', 1, 1);")
+        .expect("edit c");
+    let report = c.push(&server, "app.db", REPLICA, &["--key", &key, "--merge"]);
+    assert_eq!(report.u64("version"), 4);
+    util::open(&b.path("app.db"))
+        .execute_batch("INSERT INTO items VALUES (100, 'X', 1, 1);")
+        .expect("edit b");
+    let report = b.push(&server, "app.db", REPLICA, &["--key", &key, "--merge"]);
+    assert_eq!(report.u64("version"), 4, "{}", report.0);
+    assert_eq!(report.0["created"], false, "{}", report.0);
+    assert_eq!(report.0["local_updated"], true, "{}", report.0);
+    let versions = server.versions(REPLICA).expect("versions");
+    assert_eq!(versions.len(), 4, "nothing stored");
+    let ids: Vec<i64> = items(&b.path("app.db")).iter().map(|r| r.0).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5, 6, 100], "LOCAL holds version 4");
+    let latest = a.pull(&server, REPLICA, Some("app.db"), &["--key", &key]);
+    assert_eq!(latest.u64("version"), 4);
+    let ids: Vec<i64> = items(&a.path("app.db")).iter().map(|r| r.0).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5, 6, 100]);
+}
+
+/// Hostile: two `push --merge` whose base is the latest, started together against a
+/// server: the one that loses the race at COMMIT (a plain VERSION_CONFLICT there) is
+/// pushed again and merged, as the embedded store merges it; both succeed and the
+/// latest version holds both rows. Run a few times: the race is not always lost.
+#[test]
+fn two_merging_pushes_from_the_latest_racing_on_a_server_both_merge() {
+    for round in 0..3 {
+        let dir = TempDir::new().expect("tempdir");
+        let server = TestServer::start(dir.path());
+        let (a, b) = on_server(&server, dir.path());
+        let key = server.admin_key.clone();
+        util::open(&a.path("app.db"))
+            .execute_batch("INSERT INTO items VALUES (100, 'a', 1, 1);")
+            .expect("edit a");
+        util::open(&b.path("app.db"))
+            .execute_batch("INSERT INTO items VALUES (200, 'b', 1, 1);")
+            .expect("edit b");
+        let spawn = |m: &Machine| {
+            m.command()
+                .args([
+                    "push", "app.db", REPLICA, "--merge", "--json", "--key", &key,
+                ])
+                .args(["--server", &server.url])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn a push")
+        };
+        let (pa, pb) = (spawn(&a), spawn(&b));
+        for (p, what) in [(pa, "a"), (pb, "b")] {
+            let out = p.wait_with_output().expect("the push ends");
+            assert_eq!(
+                util::code(&out),
+                0,
+                "round {round}, {what}: {}{}",
+                util::stderr(&out),
+                util::stdout(&out)
+            );
+        }
+        let c = Machine::new(dir.path(), "c");
+        c.pull(&server, REPLICA, Some("app.db"), &["--key", &key]);
+        let ids: Vec<i64> = items(&c.path("app.db")).iter().map(|r| r.0).collect();
+        assert_eq!(ids, [1, 2, 3, 4, 5, 100, 200], "round {round}: both rows");
+    }
+}
