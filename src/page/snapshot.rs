@@ -164,7 +164,7 @@ impl Snapshot {
             (Some(position), true) => file
                 .metadata()
                 .ok()
-                .map(|m| SourceState::new(&m, page_size, page_count, position)),
+                .and_then(|m| SourceState::new(&file, &m, page_size, page_count, position)),
             _ => None,
         };
         let local_state = match state {
@@ -172,7 +172,7 @@ impl Snapshot {
             _ if file_only && page_size == header.page_size => file
                 .metadata()
                 .ok()
-                .map(|m| SourceState::new(&m, page_size, page_count, wal::FILE_ONLY)),
+                .and_then(|m| SourceState::new(&file, &m, page_size, page_count, wal::FILE_ONLY)),
             _ => None,
         };
         Ok(Snapshot {

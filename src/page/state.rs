@@ -11,6 +11,11 @@
 //! file is the same file (device and inode), not written since (size, mtime and ctime
 //! to the nanosecond; a checkpoint copying frames back changes them too, which only
 //! costs the shortcut). The token is opaque to its keepers: compare, never interpret.
+//!
+//! "Not written since" holds only where a write after the state was read is sure to
+//! move the file's times: [`times_prove_unwritten`] says where (whole-second times, a
+//! kernel before multigrain timestamps, a file system not known to have them: no state,
+//! and whoever needed it reads instead).
 
 use std::os::unix::fs::MetadataExt;
 
@@ -39,13 +44,29 @@ pub struct SourceState {
 impl SourceState {
     /// The state of the database file `meta` describes, with `page_size`-byte pages and
     /// `page_count` pages, whose snapshot holds exactly the WAL frames up to `position`.
+    /// `None` when the file's times cannot prove that it was not written since
+    /// ([`times_prove_unwritten`]): no state is better than one a write could hide from.
     pub(super) fn new(
+        file: &std::fs::File,
         meta: &std::fs::Metadata,
         page_size: u32,
         page_count: u32,
         position: Position,
-    ) -> SourceState {
-        SourceState {
+    ) -> Option<SourceState> {
+        let facts = TimeFacts {
+            kernel: kernel_version(),
+            fs_type: fs_type(file),
+            mtime_nsec: meta.mtime_nsec(),
+            ctime_nsec: meta.ctime_nsec(),
+        };
+        if !times_prove_unwritten(&facts) {
+            tracing::debug!(
+                ?facts,
+                "the file's times cannot prove it unwritten: no seal trusted"
+            );
+            return None;
+        }
+        Some(SourceState {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.len(),
@@ -54,7 +75,7 @@ impl SourceState {
             page_size,
             page_count,
             position,
-        }
+        })
     }
 
     /// Whether the WAL held no committed frame: the contents were the file's alone.
@@ -107,6 +128,93 @@ impl SourceState {
     }
 }
 
+/// What decides whether a file's times can prove it was not written since they were read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TimeFacts {
+    /// The running kernel's (major, minor) version; `None` when unknown or not Linux.
+    pub kernel: Option<(u32, u32)>,
+    /// The file system's magic number (`statfs` `f_type`); `None` when unknown.
+    pub fs_type: Option<u32>,
+    /// The sub-second parts of the file's mtime and ctime, as read.
+    pub mtime_nsec: i64,
+    /// See `mtime_nsec`.
+    pub ctime_nsec: i64,
+}
+
+/// Linux's first version with multigrain timestamps: once a file's ctime has been
+/// read (a `stat`), its next change gets a fine-grained time, never the one read.
+const MULTIGRAIN_KERNEL: (u32, u32) = (6, 13);
+
+/// File systems that have multigrain timestamps from [`MULTIGRAIN_KERNEL`] on (they
+/// set `FS_MGTIME`) and keep nanoseconds on disk: ext4, xfs, btrfs, tmpfs.
+const MULTIGRAIN_FILE_SYSTEMS: [u32; 4] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994];
+
+/// Whether a file whose times were read with these facts is sure to show other times
+/// after any later write (docs/engine.md, "Why equal states mean equal contents"). A
+/// write within the clock's granularity otherwise keeps the very times read, and an
+/// application's commit and checkpoint would pass for "no change" (like git's "racily
+/// clean" files). Only a kernel with multigrain timestamps on a file system that has
+/// them guarantees a new time; and times with no sub-second part mean a file system
+/// that keeps whole seconds (an ext4 with 128-byte inodes, FAT), whatever the kernel.
+pub(super) fn times_prove_unwritten(facts: &TimeFacts) -> bool {
+    let fine = facts.mtime_nsec != 0 && facts.ctime_nsec != 0;
+    let kernel = facts.kernel.is_some_and(|k| k >= MULTIGRAIN_KERNEL);
+    let fs = facts
+        .fs_type
+        .is_some_and(|t| MULTIGRAIN_FILE_SYSTEMS.contains(&t));
+    fine && kernel && fs
+}
+
+/// `(major, minor)` of a kernel release string such as `6.13.2-arch1-1`.
+fn parse_kernel_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split('.');
+    let number = |p: Option<&str>| -> Option<u32> {
+        let p = p?;
+        let end = p.find(|c: char| !c.is_ascii_digit()).unwrap_or(p.len());
+        p[..end].parse().ok()
+    };
+    Some((number(parts.next())?, number(parts.next())?))
+}
+
+/// The running kernel's version, read once.
+#[cfg(target_os = "linux")]
+fn kernel_version() -> Option<(u32, u32)> {
+    static VERSION: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        // SAFETY: `uname` fills the zeroed struct it is given; its fields are
+        // NUL-terminated strings within their arrays.
+        let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+        if unsafe { libc::uname(&mut name) } != 0 {
+            return None;
+        }
+        let release = unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) };
+        parse_kernel_release(&release.to_string_lossy())
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn kernel_version() -> Option<(u32, u32)> {
+    None
+}
+
+/// The magic number of the file system holding `file`.
+#[cfg(target_os = "linux")]
+fn fs_type(file: &std::fs::File) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `fstatfs` fills the zeroed struct it is given from an open descriptor.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    // `f_type` is signed on some targets; the magic is its low 32 bits.
+    Some(st.f_type as u32)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn fs_type(_file: &std::fs::File) -> Option<u32> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +234,86 @@ mod tests {
                 cksum: [9, 10],
             },
         }
+    }
+
+    #[test]
+    fn only_fine_times_on_a_multigrain_kernel_and_file_system_prove_a_file_unwritten() {
+        let trusted = TimeFacts {
+            kernel: Some((6, 13)),
+            fs_type: Some(0xEF53),
+            mtime_nsec: 123_456_789,
+            ctime_nsec: 987_654_321,
+        };
+        assert!(times_prove_unwritten(&trusted));
+        for fs in [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994] {
+            let facts = TimeFacts {
+                fs_type: Some(fs),
+                ..trusted
+            };
+            assert!(times_prove_unwritten(&facts), "{fs:#x}");
+        }
+        assert!(times_prove_unwritten(&TimeFacts {
+            kernel: Some((7, 0)),
+            ..trusted
+        }));
+        let refused = [
+            // Whole seconds: an ext4 with 128-byte inodes, FAT.
+            TimeFacts {
+                mtime_nsec: 0,
+                ..trusted
+            },
+            TimeFacts {
+                ctime_nsec: 0,
+                ..trusted
+            },
+            // Before multigrain timestamps, or unknown.
+            TimeFacts {
+                kernel: Some((6, 12)),
+                ..trusted
+            },
+            TimeFacts {
+                kernel: Some((5, 19)),
+                ..trusted
+            },
+            TimeFacts {
+                kernel: None,
+                ..trusted
+            },
+            // vfat, exfat, NFS, overlayfs, unknown.
+            TimeFacts {
+                fs_type: Some(0x4d44),
+                ..trusted
+            },
+            TimeFacts {
+                fs_type: Some(0x2011_BAB0),
+                ..trusted
+            },
+            TimeFacts {
+                fs_type: Some(0x6969),
+                ..trusted
+            },
+            TimeFacts {
+                fs_type: Some(0x794C_7630),
+                ..trusted
+            },
+            TimeFacts {
+                fs_type: None,
+                ..trusted
+            },
+        ];
+        for facts in refused {
+            assert!(!times_prove_unwritten(&facts), "{facts:?}");
+        }
+    }
+
+    #[test]
+    fn kernel_releases_parse_to_major_and_minor() {
+        assert_eq!(parse_kernel_release("6.13.2-arch1-1"), Some((6, 13)));
+        assert_eq!(parse_kernel_release("6.18.44-fc-v1098"), Some((6, 18)));
+        assert_eq!(parse_kernel_release("5.15.0-91-generic"), Some((5, 15)));
+        assert_eq!(parse_kernel_release("6.13-rc1"), Some((6, 13)));
+        assert_eq!(parse_kernel_release("6"), None);
+        assert_eq!(parse_kernel_release(""), None);
     }
 
     #[test]

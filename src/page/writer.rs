@@ -309,13 +309,9 @@ impl Writer {
         } else {
             super::wal::observe(&self.path, self.page_size)?.position
         };
-        let meta = self.file.as_ref()?.metadata().ok()?;
-        Some(SourceState::new(
-            &meta,
-            self.page_size,
-            page_count,
-            position,
-        ))
+        let file = self.file.as_ref()?;
+        let meta = file.metadata().ok()?;
+        SourceState::new(file, &meta, self.page_size, page_count, position)
     }
 
     /// After a commit that left the file at `data_version` (this connection's, read

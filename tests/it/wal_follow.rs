@@ -509,10 +509,22 @@ fn a_no_change_push_proves_it_from_a_few_facts_and_runs_when_any_of_them_moved()
         .write(true)
         .open(&origin)
         .expect("open");
-    file.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30))
+    let epoch = std::time::SystemTime::UNIX_EPOCH;
+    file.set_modified(epoch + std::time::Duration::new(1 << 30, 123_456_789))
+        .expect("mtime");
+    assert_eq!(pushed(dir.path(), &origin, &[]), RAN, "the mtime");
+    assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
+
+    // Times of whole seconds (a coarse file system keeps no more) cannot prove "not
+    // written since": a write within the second keeps them. Every push runs.
+    file.set_modified(epoch + std::time::Duration::from_secs(1 << 30))
+        .expect("mtime");
+    assert_eq!(pushed(dir.path(), &origin, &[]), RAN, "whole seconds");
+    assert_eq!(pushed(dir.path(), &origin, &[]), RAN, "still whole seconds");
+    file.set_modified(epoch + std::time::Duration::new(1 << 30, 5))
         .expect("mtime");
     drop(file);
-    assert_eq!(pushed(dir.path(), &origin, &[]), RAN, "the mtime");
+    assert_eq!(pushed(dir.path(), &origin, &[]), RAN, "fine times again");
     assert_eq!(pushed(dir.path(), &origin, &[]), PROVED);
 
     // A reset: the WAL's salts (and its frame count, back to 0).
