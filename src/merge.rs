@@ -901,8 +901,9 @@ pub fn merge_into_store(
     materialize(store, replica, request.base, &old).map_err(|e| match e.kind() {
         ErrorKind::NotFound => Error::NotFound(format!(
             "cannot merge: version {} of {replica}, the one this push is based on, is no \
-             longer stored ({e}); pull the replica into another file and compare, or push \
-             with --force",
+             longer stored ({e}); nothing was stored. Pull the replica into another file and \
+             compare (`sqlferry diff`); `push --force` would replace the latest version with \
+             this push, leaving the rows others pushed since only in older versions",
             request.base
         )),
         _ => e.context(format!(

@@ -1032,8 +1032,10 @@ where
                 let e = match e.kind() {
                     ErrorKind::NotFound => Error::NotFound(format!(
                         "cannot merge: version {base} of {r}, the one this push is based on, \
-                         is no longer stored ({e}); pull the replica into another file and \
-                         compare, or push with --force"
+                         is no longer stored ({e}); nothing was stored. Pull the replica into \
+                         another file and compare (`sqlferry diff`); `push --force` would \
+                         replace the latest version with this push, leaving the rows others \
+                         pushed since only in older versions"
                     )),
                     _ => fault::server_side(e, &data),
                 };

@@ -363,6 +363,12 @@ fn schema_changes_and_a_removed_base_are_refused_with_their_reason() {
         "{stderr}"
     );
     assert!(stderr.contains("retention"), "{stderr}");
+    // The advice says what --force would cost, and offers the way that loses nothing.
+    assert!(stderr.contains("into another file and compare"), "{stderr}");
+    assert!(
+        stderr.contains("leaving the rows others pushed since only in older versions"),
+        "{stderr}"
+    );
 }
 
 #[test]
