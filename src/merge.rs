@@ -855,6 +855,17 @@ pub fn materialize(
     Ok(info)
 }
 
+/// The answer of a merge that stores nothing: the push is at `latest` (version `onto`).
+fn at_latest(mut result: MergeResult, onto: u64, latest: VersionInfo) -> Stored {
+    result.version = onto;
+    result.digest = latest.digest.clone();
+    Stored {
+        result,
+        version: latest,
+        created: false,
+    }
+}
+
 /// The error of a refused merge: [`Error::MergeRefused`], its message naming the
 /// versions and the reason, the first conflicting rows after it.
 pub fn refusal(replica: &ReplicaPath, result: &MergeResult) -> Error {
@@ -956,13 +967,7 @@ pub fn merge_into_store(
             // other side's versions, say): the merge is the latest version as it is.
             // Nothing is stored, so that two such subscribers do not answer each
             // other's versions with versions of their own, for ever.
-            result.version = onto;
-            result.digest = latest.digest.clone();
-            return Ok(Stored {
-                result,
-                version: latest,
-                created: false,
-            });
+            return Ok(at_latest(result, onto, latest));
         }
         let merged_digest = {
             let mut snap = Snapshot::open(&out)?.with_hash_cache(None);
@@ -974,13 +979,7 @@ pub fn merge_into_store(
             // the same rows): the merge adds nothing, so nothing is stored and the
             // push is at the latest version. Storing the candidate with an unchanged
             // merge would only grow the history.
-            result.version = onto;
-            result.digest = latest.digest.clone();
-            return Ok(Stored {
-                result,
-                version: latest,
-                created: false,
-            });
+            return Ok(at_latest(result, onto, latest));
         }
         // The candidate is numbered onto + 1 and the merge onto + 2: the writer stores
         // them only onto `onto` (else VERSION_CONFLICT, and this merges again).

@@ -119,6 +119,17 @@ fn versions(dir: &Path) -> usize {
         .len()
 }
 
+/// The client's kept manifests (the files of its cache's `manifests` directory that
+/// are not seals: at least one chunk of page hashes long).
+fn kept_manifests(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir.join(".home/cache/sqlferry/manifests"))
+        .expect("kept manifests")
+        .flatten()
+        .filter(|e| e.metadata().is_ok_and(|m| m.len() >= 1024 * 32))
+        .map(|e| e.path())
+        .collect()
+}
+
 fn scrub(dir: &Path) -> Output {
     util::sqlferry(dir)
         .args(["scrub", "--json", "--data"])
@@ -281,24 +292,16 @@ fn a_damaged_kept_manifest_costs_pages_never_a_wrong_version() {
     let dir = TempDir::new().expect("tempdir");
     let (db, _) = two_versions(dir.path());
     // The client's kept manifest of version 2: page hashes flipped all through it.
-    let kept_dir = dir.path().join(".home/cache/sqlferry/manifests");
-    let mut damaged = 0;
-    for entry in std::fs::read_dir(&kept_dir)
-        .expect("kept manifests")
-        .flatten()
-    {
-        let mut bytes = std::fs::read(entry.path()).expect("read");
-        if bytes.len() < 1024 * 32 {
-            continue; // not a manifest (a seal)
-        }
+    let kept = kept_manifests(dir.path());
+    assert_eq!(kept.len(), 1, "one kept manifest");
+    for path in &kept {
+        let mut bytes = std::fs::read(path).expect("read");
         let len = bytes.len();
         for at in (len / 8..len).step_by(len / 8) {
             bytes[at] ^= 0xff;
         }
-        std::fs::write(entry.path(), bytes).expect("write");
-        damaged += 1;
+        std::fs::write(path, bytes).expect("write");
     }
-    assert_eq!(damaged, 1, "one kept manifest");
     change_last_rows(&db);
     let third = push(dir.path(), &db);
     assert_eq!(third["version"], 3, "{third}");
@@ -378,24 +381,15 @@ fn a_truncated_kept_manifest_is_no_kept_manifest() {
     // another tool) must cost a read of the database, never a failed push.
     let dir = TempDir::new().expect("tempdir");
     let (db, _) = two_versions(dir.path());
-    let kept_dir = dir.path().join(".home/cache/sqlferry/manifests");
-    let mut cut = 0;
-    for entry in std::fs::read_dir(&kept_dir)
-        .expect("kept manifests")
-        .flatten()
-    {
-        let len = entry.metadata().expect("metadata").len();
-        if len < 1024 * 32 {
-            continue; // not a manifest (a seal)
-        }
+    let kept = kept_manifests(dir.path());
+    assert_eq!(kept.len(), 1, "one kept manifest");
+    for path in &kept {
         let file = std::fs::OpenOptions::new()
             .write(true)
-            .open(entry.path())
+            .open(path)
             .expect("open");
         file.set_len(5000).expect("truncate");
-        cut += 1;
     }
-    assert_eq!(cut, 1, "one kept manifest");
     change_last_rows(&db);
     let third = push(dir.path(), &db);
     assert_eq!(third["version"], 3, "{third}");

@@ -427,6 +427,29 @@ fn hostile_push(store: &Store, frames: Vec<Frame>) -> sqlferry::Result<()> {
     replica.join().expect("no panic")
 }
 
+/// Runs a pull into the database file `local` against an origin that sends `frames`
+/// (a hostile server), and returns what the pull's replica side made of them.
+fn hostile_pull(local: &Path, frames: Vec<Frame>) -> sqlferry::Result<()> {
+    let (mut origin, mut link) = mem_pair();
+    let target = local.to_path_buf();
+    let replica = std::thread::spawn(move || {
+        let mut writer = sqlferry::page::Writer::open(&target)?;
+        run_replica(&mut writer, &mut link).map(|_| ())
+    });
+    for f in frames {
+        if origin.send(&f).is_err() {
+            break;
+        }
+    }
+    while let Ok(frame) = origin.recv() {
+        if matches!(frame, Frame::Error { .. } | Frame::Done { .. }) {
+            break;
+        }
+    }
+    drop(origin);
+    replica.join().expect("no panic")
+}
+
 fn begin(pages: &[Vec<u8>], flags: u8) -> Frame {
     Frame::Begin {
         version: PROTOCOL_VERSION,
@@ -652,30 +675,13 @@ fn a_pull_refuses_a_page_1_with_illegal_journal_mode_bytes_whoever_sends_it() {
             util::insert_rows(&conn, 5, 100);
         }
         let before = std::fs::read(&local).unwrap_or_default();
-        let (mut origin, mut link) = mem_pair();
-        let target = local.clone();
-        let replica = std::thread::spawn(move || {
-            let mut writer = sqlferry::page::Writer::open(&target)?;
-            run_replica(&mut writer, &mut link).map(|_| ())
-        });
         let mut frames = vec![begin(&pages, 0)];
         frames.extend(all_pages(&pages));
         frames.push(Frame::Commit {
             page_count: pages.len() as u32,
             digest: digest_of(&pages),
         });
-        for f in frames {
-            if origin.send(&f).is_err() {
-                break;
-            }
-        }
-        while let Ok(frame) = origin.recv() {
-            if matches!(frame, Frame::Error { .. } | Frame::Done { .. }) {
-                break;
-            }
-        }
-        drop(origin);
-        let err = replica.join().expect("no panic").expect_err("refused");
+        let err = hostile_pull(&local, frames).expect_err("refused");
         assert_eq!(err.kind(), sqlferry::ErrorKind::Verification, "{err}");
         assert!(err.to_string().contains("page 1"), "{err}");
         assert_eq!(
@@ -701,30 +707,13 @@ fn a_pull_refuses_an_origin_asking_for_the_chunked_digest_it_never_offered() {
             util::insert_rows(&conn, 5, 100);
         }
         let before = std::fs::read(&local).unwrap_or_default();
-        let (mut origin, mut link) = mem_pair();
-        let target = local.clone();
-        let replica = std::thread::spawn(move || {
-            let mut writer = sqlferry::page::Writer::open(&target)?;
-            run_replica(&mut writer, &mut link).map(|_| ())
-        });
         let mut frames = vec![begin(&pages, 0x02)];
         frames.extend(all_pages(&pages));
         frames.push(Frame::Commit {
             page_count: pages.len() as u32,
             digest: chunked_digest_of(&pages),
         });
-        for f in frames {
-            if origin.send(&f).is_err() {
-                break;
-            }
-        }
-        while let Ok(frame) = origin.recv() {
-            if matches!(frame, Frame::Error { .. } | Frame::Done { .. }) {
-                break;
-            }
-        }
-        drop(origin);
-        let err = replica.join().expect("no panic").expect_err("refused");
+        let err = hostile_pull(&local, frames).expect_err("refused");
         assert_eq!(err.kind(), sqlferry::ErrorKind::Protocol, "{err}");
         assert!(err.to_string().contains("chunked digest"), "{err}");
         assert_eq!(
