@@ -274,7 +274,13 @@ fn a_damaged_chunk_of_page_hashes_is_refused_whether_pages_came_for_it_or_not() 
         assert!(last >= 2, "three chunks or more");
         damage_chunk(&conn, &chunk_key(&conn, 2, last));
     }
-    refused(dir.path(), &db, "does not match its hash");
+    let why = "is damaged: its page hashes no longer match their key; nothing was stored, and the next push of the database repairs it";
+    refused(dir.path(), &db, why);
+    // Its advice, followed: the chunk is recorded, the next push takes no shortcut over
+    // it, and stores a whole version. Version 2 keeps its damaged chunk (no push brings
+    // its pages there again): scrub still names it, and only it.
+    repaired(dir.path(), &db);
+    assert_eq!(bad_versions(dir.path()), [2]);
 
     // No page comes for the first chunk: it is held as it is, and its page hashes
     // are read only for the version's digest 1, checked against its key then.
@@ -284,7 +290,38 @@ fn a_damaged_chunk_of_page_hashes_is_refused_whether_pages_came_for_it_or_not() 
         let conn = Connection::open(&file).expect("replica file");
         damage_chunk(&conn, &chunk_key(&conn, 2, 0));
     }
-    refused(dir.path(), &db, "manifest is damaged");
+    refused(dir.path(), &db, why);
+    // Here version 3 holds the same pages there: the chunk is stored whole again under
+    // its key, and every version is whole.
+    repaired(dir.path(), &db);
+    assert_eq!(bad_versions(dir.path()), [0u64; 0]);
+}
+
+/// The next push after a refusal for damage: version 3, the database's.
+fn repaired(dir: &Path, db: &Path) {
+    let third = push(dir, db);
+    assert_eq!(third["version"], 3, "{third}");
+    assert_eq!(third["digest"], util::digest(db), "{third}");
+    util::assert_same(db, &pull(dir, "acme/app.db@3", "v3.db"));
+}
+
+/// The versions `scrub` finds bad.
+fn bad_versions(dir: &Path) -> Vec<u64> {
+    let out = scrub(dir);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("scrub --json: {e}"));
+    let bad: Vec<u64> = report["replicas"][0]["bad_versions"]
+        .as_array()
+        .expect("bad versions")
+        .iter()
+        .map(|v| v["number"].as_u64().expect("a number"))
+        .collect();
+    assert_eq!(
+        util::code(&out),
+        if bad.is_empty() { 0 } else { 7 },
+        "{report}"
+    );
+    bad
 }
 
 #[test]
@@ -344,7 +381,7 @@ fn a_latest_version_without_a_recorded_chunked_digest_is_still_seen_as_unchanged
 #[test]
 fn a_damaged_chunk_of_page_hashes_is_healed_by_following_the_advice() {
     // Chunk 0 (no page of it changes) damaged in the store: the push is refused and
-    // says `sqlferry scrub` finds it; scrub records it; the next push must then store
+    // says the next push repairs it; scrub finds it too; the next push must then store
     // a version that pulls back, and heal the chunk for the versions before it, never
     // name the damaged row again.
     let dir = TempDir::new().expect("tempdir");
@@ -353,7 +390,7 @@ fn a_damaged_chunk_of_page_hashes_is_healed_by_following_the_advice() {
         let conn = Connection::open(&file).expect("replica file");
         damage_chunk(&conn, &chunk_key(&conn, 2, 0));
     }
-    refused(dir.path(), &db, "sqlferry scrub");
+    refused(dir.path(), &db, "the next push of the database repairs it");
     let found = scrub(dir.path());
     assert_ne!(util::code(&found), 0, "scrub finds the damage");
     let third = push(dir.path(), &db);
