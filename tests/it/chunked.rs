@@ -418,9 +418,19 @@ struct Logged {
 
 impl Followed {
     fn new() -> Followed {
+        Followed::with(false)
+    }
+
+    /// [`Followed::new`], with `auto_vacuum = INCREMENTAL` when `shrinks` (so that the
+    /// file can shrink by a few pages, `PRAGMA incremental_vacuum`).
+    fn with(shrinks: bool) -> Followed {
         let dir = TempDir::new().expect("tempdir");
         let db = dir.path().join("app.db");
         let conn = crate::wal_follow::wal_db(&db, 0);
+        if shrinks {
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+                .expect("auto_vacuum");
+        }
         util::insert_rows(&conn, ROWS, 1000);
         // Copied into the file, and the WAL restarted by the next write: the pages
         // live in the file, the WAL holds only what changes from here on.
@@ -649,5 +659,39 @@ fn a_wal_reset_the_push_did_not_see_means_every_page_is_read() {
     let third = f.push();
     assert!(third.read_all && !third.by_chunks, "{}", third.stderr);
     assert_eq!(third.report["version"], 3, "{}", third.report);
+    f.pulls_back();
+}
+
+#[test]
+fn a_push_by_chunks_follows_a_database_that_shrank() {
+    let f = Followed::with(true);
+    let before = util::page_hashes(&f.db).len();
+    // The last rows deleted and their pages given back: the file ends a few dozen
+    // pages earlier, inside its last chunk, which is then shorter.
+    f.conn
+        .execute("DELETE FROM t WHERE id > ?1", [(ROWS - 60) as i64])
+        .expect("delete");
+    f.conn
+        .execute_batch("PRAGMA incremental_vacuum")
+        .expect("incremental_vacuum");
+    let after = util::page_hashes(&f.db).len();
+    assert!(
+        after < before && after / 1024 == (before - 1) / 1024,
+        "{before} -> {after}"
+    );
+    let third = f.push();
+    assert!(third.by_chunks, "{}", third.stderr);
+    assert_eq!(third.report["version"], 3, "{}", third.report);
+    f.pulls_back();
+    // The hash list and the kept manifest were brought to the shorter file: the next
+    // push goes by chunks again.
+    f.conn
+        .execute(
+            "UPDATE t SET v = randomblob(1000) WHERE id > ?1",
+            [(ROWS - 70) as i64],
+        )
+        .expect("update");
+    let fourth = f.push();
+    assert!(fourth.by_chunks, "{}", fourth.stderr);
     f.pulls_back();
 }
