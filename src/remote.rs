@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::digest::Hash;
 use crate::engine::{
-    BeginInfo, KnownBase, NoProgress, OriginOptions, PageTarget, Progress, Role, SyncStats,
+    BeginInfo, KnownBase, NoProgress, OriginOptions, PageTarget, Progress, Role, SyncStats, Synced,
     pumped_link, run_origin_with, run_replica, sync_local, sync_local_with,
 };
 use crate::history;
@@ -687,15 +687,9 @@ impl Server {
             None => outcome.version,
         };
         if let (Some(db), Some(pushed), true) = (request.database, pushed, manifest_version > 0) {
-            let header = history::ManifestHeader {
-                server: url,
-                replica: replica.to_string(),
-                version: manifest_version,
-                page_size: pushed.page_size,
-                page_count: pushed.page_count,
-            };
+            let replica = replica.to_string();
             blocking(move || {
-                history::save_manifest(&db, &header, &mut pushed.hashes());
+                pushed.keep(&db, url, replica, manifest_version);
                 Ok(())
             })
             .await?;
@@ -1194,18 +1188,86 @@ fn proved_unchanged(
 
 /// The page hashes a push sent, in an unlinked temporary file, until the version they
 /// became is known.
-struct PushedManifest {
-    page_size: u32,
-    page_count: u32,
-    hashes: crate::digest::HashSpill,
+enum PushedManifest {
+    /// Every page hash.
+    Whole {
+        page_size: u32,
+        page_count: u32,
+        hashes: crate::digest::HashSpill,
+    },
+    /// The known base with some chunks changed (a push by chunks): the base's header
+    /// and chunk hashes (the kept manifest is updated only if it is still that one), the
+    /// new chunk hashes, and the changed chunks' indexes and page hashes.
+    Chunks {
+        base: history::ManifestHeader,
+        base_table: Vec<crate::protocol::Hash>,
+        page_size: u32,
+        page_count: u32,
+        table: Vec<crate::protocol::Hash>,
+        changed: Vec<(u32, u32)>,
+        hashes: crate::digest::HashSpill,
+    },
 }
 
 impl PushedManifest {
-    fn hashes(&self) -> impl Iterator<Item = Result<crate::protocol::Hash>> + '_ {
+    /// Keeps it as `database`'s manifest of `version` of `replica` on `server`.
+    fn keep(self, database: &Path, server: String, replica: String, version: u64) {
         let io = |e| Error::io(Path::new("pushed manifest"), e);
-        self.hashes
-            .iter(self.page_count)
-            .map(move |h| h.map_err(io))
+        match self {
+            PushedManifest::Whole {
+                page_size,
+                page_count,
+                hashes,
+            } => {
+                let header = history::ManifestHeader {
+                    server,
+                    replica,
+                    version,
+                    page_size,
+                    page_count,
+                };
+                let mut all = hashes.iter(page_count).map(|h| h.map_err(io));
+                history::save_manifest(database, &header, &mut all);
+            }
+            PushedManifest::Chunks {
+                base,
+                base_table,
+                page_size,
+                page_count,
+                table,
+                changed,
+                hashes,
+            } => {
+                let header = history::ManifestHeader {
+                    server,
+                    replica,
+                    version,
+                    page_size,
+                    page_count,
+                };
+                let mut at = 0u32;
+                let mut chunks = changed.into_iter().map(|(idx, len)| {
+                    let mut out = Vec::with_capacity(len as usize);
+                    hashes.read_at(at, len, &mut out).map_err(io)?;
+                    at += len;
+                    Ok((idx, out.concat()))
+                });
+                history::update_manifest(database, &base, &base_table, &header, table, &mut chunks);
+            }
+        }
+    }
+}
+
+/// A kept manifest as the origin's known base.
+struct KeptBase(history::KeptManifest);
+
+impl crate::engine::BaseManifest for KeptBase {
+    fn chunk_hashes(&self) -> &[crate::protocol::Hash] {
+        self.0.table()
+    }
+
+    fn read_chunk(&mut self, idx: u32, out: &mut Vec<u8>) -> Result<bool> {
+        self.0.read_chunk(idx, out)
     }
 }
 
@@ -1214,32 +1276,64 @@ impl PushedManifest {
 /// `chunked` (the peer speaks it).
 fn push_origin(
     source: &mut Snapshot,
-    kept: Option<(history::ManifestHeader, history::ManifestHashes)>,
+    kept: Option<(history::ManifestHeader, history::KeptManifest)>,
     chunked: bool,
     sync: impl FnOnce(&mut Snapshot, OriginOptions<'_>) -> Result<SyncStats>,
 ) -> Result<(SyncStats, Option<PushedManifest>)> {
-    let mut kept = kept;
-    let base = kept.as_mut().map(|(h, hashes)| KnownBase {
-        version: h.version,
-        page_size: h.page_size,
-        page_count: h.page_count,
-        hashes,
-    });
+    let (base_header, mut kept) = match kept {
+        Some((header, hashes)) => (Some(header), Some(KeptBase(hashes))),
+        None => (None, None),
+    };
+    let base_table = kept.as_ref().map(|k| k.0.table().to_vec());
+    let base = match (&base_header, kept.as_mut()) {
+        (Some(h), Some(hashes)) => Some(KnownBase {
+            version: h.version,
+            page_size: h.page_size,
+            page_count: h.page_count,
+            hashes,
+        }),
+        _ => None,
+    };
     let mut pushed = None;
-    let mut sink = |page_size: u32,
-                    hashes: &mut dyn Iterator<Item = Result<crate::protocol::Hash>>|
-     -> Result<()> {
+    let mut sink = |page_size: u32, page_count: u32, synced: Synced<'_>| -> Result<()> {
         let io = |e| Error::io(&std::env::temp_dir(), e);
         let mut w = crate::digest::HashSpill::writer().map_err(io)?;
-        for h in hashes {
-            w.push(&h?).map_err(io)?;
+        match synced {
+            Synced::Pages(hashes) => {
+                for h in hashes {
+                    w.push(&h?).map_err(io)?;
+                }
+                let hashes = w.finish().map_err(io)?;
+                pushed = Some(PushedManifest::Whole {
+                    page_size,
+                    page_count: hashes.len(),
+                    hashes,
+                });
+            }
+            Synced::Chunks { table, changed } => {
+                let (Some(base), Some(base_table)) = (base_header.clone(), base_table.clone())
+                else {
+                    return Err(Error::Bug("a sync by chunks without a known base".into()));
+                };
+                let mut kept = Vec::new();
+                for chunk in changed {
+                    let (idx, entries) = chunk?;
+                    for h in entries.chunks_exact(crate::digest::HASH_BYTES) {
+                        w.push(h.try_into().expect("32 bytes")).map_err(io)?;
+                    }
+                    kept.push((idx, (entries.len() / crate::digest::HASH_BYTES) as u32));
+                }
+                pushed = Some(PushedManifest::Chunks {
+                    base,
+                    base_table,
+                    page_size,
+                    page_count,
+                    table: table.to_vec(),
+                    changed: kept,
+                    hashes: w.finish().map_err(io)?,
+                });
+            }
         }
-        let hashes = w.finish().map_err(io)?;
-        pushed = Some(PushedManifest {
-            page_size,
-            page_count: hashes.len(),
-            hashes,
-        });
         Ok(())
     };
     let stats = sync(
