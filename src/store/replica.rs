@@ -533,6 +533,8 @@ pub struct VersionWriter {
     written: Vec<u64>,
     /// Pages this push appended that no replica held before (rows of `temp.fresh`).
     fresh: u64,
+    /// Where this push put or found each page it was sent, for the version's hints.
+    placed: place::Placed,
     /// Damaged pages this push replaced with good bytes.
     repaired: u32,
     /// The manifest chunk of `latest` last looked at (for `must_equal`).
@@ -628,6 +630,7 @@ impl VersionWriter {
             bad: HashSet::new(),
             written: Vec::new(),
             fresh: 0,
+            placed: place::Placed::new(),
             repaired: 0,
             chunk: None,
             page_size: 0,
@@ -782,7 +785,7 @@ impl VersionWriter {
             })
             .map_err(sql(&self.file))?;
         // Pages move below: the hints are built from the index instead.
-        place::forget_placed(&self.conn, &self.file)?;
+        self.placed.forget(&self.conn, &self.file)?;
         let file = &self.file;
         let mut kept = rows.map(|row| {
             let (hash, offset, len, repair, codec) = row.map_err(sql(file))?;
@@ -975,7 +978,7 @@ impl PageTarget for VersionWriter {
         let repair = self.bad.contains(hash);
         if !repair && let Some(loc) = self.pages.lookup(hash)? {
             // Stored already, by any replica's push: that place is the page's hint.
-            return place::placed(&self.conn, &self.file, pgno, hash, loc);
+            return self.placed.add(&self.conn, &self.file, pgno, hash, loc);
         }
         if self.appender.is_none() {
             self.appender = Some(self.pages.appender()?);
@@ -1017,7 +1020,7 @@ impl PageTarget for VersionWriter {
         }
         let loc = appender.append(bytes, zstd)?;
         debug_assert_eq!(loc, at, "appended where it was recorded");
-        place::placed(&self.conn, &self.file, pgno, hash, loc)?;
+        self.placed.add(&self.conn, &self.file, pgno, hash, loc)?;
         if repair {
             self.conn
                 .prepare_cached("DELETE FROM bad_pages WHERE hash = ?1")
@@ -1164,7 +1167,15 @@ impl VersionWriter {
             };
             if let Some(version) = hinted {
                 let all = self.repaired > 0;
-                place::write(&self.conn, &self.file, &self.pages, version, previous, all)?;
+                place::write(
+                    &self.conn,
+                    &self.file,
+                    &self.pages,
+                    &mut self.placed,
+                    version,
+                    previous,
+                    all,
+                )?;
             }
             // The page bytes are durable before the index rows naming them commit.
             match &mut self.appender {
