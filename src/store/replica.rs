@@ -21,6 +21,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::pack::{self, Appender, Loc, Pages};
+use super::place;
 use super::retention::{self, GcShared};
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, RetentionPolicy, Selector, VersionInfo};
 use crate::digest::{
@@ -736,6 +737,8 @@ pub struct VersionWriter {
     written: Vec<u64>,
     /// Pages this push appended that no replica held before (rows of `temp.fresh`).
     fresh: u64,
+    /// Where this push put or found each page it was sent, for the version's hints.
+    placed: place::Placed,
     /// Damaged pages this push replaced with good bytes.
     repaired: u32,
     /// The manifest chunk of `latest` last looked at (for `must_equal`).
@@ -811,6 +814,9 @@ impl VersionWriter {
         conn.execute_batch(&format!("PRAGMA temp.cache_size = {FRESH_CACHE_KIB}"))
             .map_err(sql(file))?;
         conn.execute_batch(FRESH_SCHEMA).map_err(sql(file))?;
+        conn.execute_batch(place::SCHEMA).map_err(sql(file))?;
+        conn.execute_batch(place::PLACED_SCHEMA)
+            .map_err(sql(file))?;
         Ok(VersionWriter {
             conn,
             pages,
@@ -830,6 +836,7 @@ impl VersionWriter {
             bad: HashSet::new(),
             written: Vec::new(),
             fresh: 0,
+            placed: place::Placed::new(),
             repaired: 0,
             chunk: None,
             page_size: 0,
@@ -983,6 +990,8 @@ impl VersionWriter {
                 ))
             })
             .map_err(sql(&self.file))?;
+        // Pages move below: the hints are built from the index instead.
+        self.placed.forget(&self.conn, &self.file)?;
         let file = &self.file;
         let mut kept = rows.map(|row| {
             let (hash, offset, len, repair, codec) = row.map_err(sql(file))?;
@@ -1203,8 +1212,9 @@ impl PageTarget for VersionWriter {
             self.page1 = Some((*hash, data.clone()));
         }
         let repair = self.bad.contains(hash);
-        if !repair && self.pages.lookup(hash)?.is_some() {
-            return Ok(()); // stored already, by any replica's push
+        if !repair && let Some(loc) = self.pages.lookup(hash)? {
+            // Stored already, by any replica's push: that place is the page's hint.
+            return self.placed.add(&self.conn, &self.file, pgno, hash, loc);
         }
         if self.appender.is_none() {
             self.appender = Some(self.pages.appender()?);
@@ -1246,6 +1256,7 @@ impl PageTarget for VersionWriter {
         }
         let loc = appender.append(bytes, zstd)?;
         debug_assert_eq!(loc, at, "appended where it was recorded");
+        self.placed.add(&self.conn, &self.file, pgno, hash, loc)?;
         if repair {
             self.conn
                 .prepare_cached("DELETE FROM bad_pages WHERE hash = ?1")
@@ -1388,6 +1399,27 @@ impl VersionWriter {
             None => self.latest.as_ref().map_or(1, |b| b.number + 1),
         };
         let written = write(self, number, same).and_then(|()| {
+            // The places of the version's pages, for its pulls (after `write`, which
+            // moved any page it moved): a new version's chunks that have none, or
+            // every chunk of the version a repair changed the places of.
+            let previous = self.latest.as_ref().map(|l| l.number);
+            let hinted = match (same, previous) {
+                (false, _) => Some(number),
+                (true, latest) if self.repaired > 0 => latest,
+                (true, _) => None,
+            };
+            if let Some(version) = hinted {
+                let all = self.repaired > 0;
+                place::write(
+                    &self.conn,
+                    &self.file,
+                    &self.pages,
+                    &mut self.placed,
+                    version,
+                    previous,
+                    all,
+                )?;
+            }
             // The page bytes are durable before the index rows naming them commit.
             match &mut self.appender {
                 Some(a) => a.sync(),
@@ -1404,7 +1436,7 @@ impl VersionWriter {
             // holds keeps them), but not committed: the merge's sync follows, and
             // commits both. Nothing of it is visible until then.
             self.conn
-                .execute_batch("DELETE FROM temp.fresh")
+                .execute_batch("DELETE FROM temp.fresh; DELETE FROM temp.placed")
                 .map_err(sql(&file))?;
             if let Some(c) = self.candidate.as_mut() {
                 c.number = Some(number);
@@ -1433,7 +1465,7 @@ impl VersionWriter {
         }
         self.conn.execute_batch("COMMIT").map_err(sql(&file))?;
         self.conn
-            .execute_batch("DELETE FROM temp.fresh")
+            .execute_batch("DELETE FROM temp.fresh; DELETE FROM temp.placed")
             .map_err(sql(&file))?;
         if same {
             let latest = self.latest.clone().expect("same content means a latest");
@@ -1971,6 +2003,11 @@ pub struct VersionReader {
     /// Where a page stored compressed is handed on as it is stored, for a peer that
     /// takes it so (see [`VersionReader::hand_packed`]).
     packed: Option<PackedPages>,
+    /// The file has place hints (`place`): a scan reads its pages where they say.
+    hints: bool,
+    /// Pages read through a hint, and those whose hinted bytes did not check and were
+    /// read again through the index, by the last scan.
+    hinted: (u64, u64),
     /// The store's GC lock, held shared for the whole read (dropped last).
     _gc: GcShared,
 }
@@ -2038,6 +2075,7 @@ impl VersionReader {
         if let Some(damage) = manifest_damage(&conn, file, info.number, info.page_count)? {
             return Err(damaged_version(replica, info.number, &damage));
         }
+        let hints = place::has_places(&conn, file)?;
         Ok(VersionReader {
             conn,
             pages: {
@@ -2051,8 +2089,17 @@ impl VersionReader {
             info,
             chunk: None,
             packed: None,
+            hints,
+            hinted: (0, 0),
             _gc: gc,
         })
+    }
+
+    /// How many pages the last [`PageSource::scan`] read where a place hint said, and
+    /// how many of those it read again through the page index because the hinted bytes
+    /// did not check (a stale hint).
+    pub fn hinted(&self) -> (u64, u64) {
+        self.hinted
     }
 
     /// The version being read.
@@ -2075,6 +2122,8 @@ struct Fetch<'a> {
     replica: &'a ReplicaPath,
     version: u64,
     packed: Option<&'a PackedPages>,
+    /// Pages whose hinted bytes did not check, read again through the index.
+    stale: u64,
 }
 
 impl Fetch<'_> {
@@ -2095,12 +2144,42 @@ impl Fetch<'_> {
         loc: Option<Loc>,
         buf: &mut Vec<u8>,
     ) -> Result<()> {
+        self.try_page_at(pgno, hash, loc, buf, false).map(drop)
+    }
+
+    /// [`Fetch::page_at`] for the place `loc` a hint gave (`hinted`): bytes there that
+    /// do not check are read again where the index says, and only that read decides
+    /// whether the page is damaged or missing.
+    fn hinted_page_at(
+        &mut self,
+        pgno: u32,
+        hash: &Hash,
+        loc: Option<Loc>,
+        buf: &mut Vec<u8>,
+        hinted: bool,
+    ) -> Result<()> {
+        if !self.try_page_at(pgno, hash, loc, buf, hinted)? {
+            self.page(pgno, hash, buf)?;
+        }
+        Ok(())
+    }
+
+    /// Reads and checks page `pgno` at `loc`; with `hinted`, bytes that do not check
+    /// are `Ok(false)` (nothing recorded), else an error as [`Fetch::checked`] says.
+    fn try_page_at(
+        &mut self,
+        pgno: u32,
+        hash: &Hash,
+        loc: Option<Loc>,
+        buf: &mut Vec<u8>,
+        hinted: bool,
+    ) -> Result<bool> {
         let Some(handed) = self.packed else {
             let found = match loc {
                 Some(loc) => self.pages.read(loc, buf)?,
                 None => false,
             };
-            return self.checked(pgno, hash, buf, found);
+            return self.check(pgno, hash, buf, found, hinted);
         };
         handed.set(None);
         let mut bytes = Vec::new();
@@ -2108,7 +2187,9 @@ impl Fetch<'_> {
             Some(loc) => self.pages.read_keeping(loc, buf, Some(&mut bytes))?,
             None => false,
         };
-        self.checked(pgno, hash, buf, found)?;
+        if !self.check(pgno, hash, buf, found, hinted)? {
+            return Ok(false);
+        }
         if !bytes.is_empty() {
             handed.set(Some(PackedPage {
                 pgno,
@@ -2116,7 +2197,7 @@ impl Fetch<'_> {
                 bytes,
             }));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Checks the entry `raw` (stored at `loc`, read as part of a run) as page `pgno`
@@ -2125,20 +2206,26 @@ impl Fetch<'_> {
     /// handed on, as [`Fetch::page`] does).
     fn entry(
         &mut self,
-        (pgno, hash, loc): (u32, Hash, Loc),
+        (pgno, hash, loc, hinted): (u32, Hash, Loc, bool),
         raw: &[u8],
         page: &mut Vec<u8>,
         f: &mut ScanFn<'_>,
     ) -> Result<()> {
         if !loc.zstd {
-            self.checked(pgno, &hash, raw, true)?;
+            if !self.check(pgno, &hash, raw, true, hinted)? {
+                self.page(pgno, &hash, page)?;
+                return f(pgno, hash, Some(page));
+            }
             if let Some(handed) = self.packed {
                 handed.set(None);
             }
             return f(pgno, hash, Some(raw));
         }
         self.pages.pack_files().expand(raw, page);
-        self.checked(pgno, &hash, page, true)?;
+        if !self.check(pgno, &hash, page, true, hinted)? {
+            self.page(pgno, &hash, page)?;
+            return f(pgno, hash, Some(page));
+        }
         if let Some(handed) = self.packed {
             handed.set(Some(PackedPage {
                 pgno,
@@ -2147,6 +2234,24 @@ impl Fetch<'_> {
             }));
         }
         f(pgno, hash, Some(page))
+    }
+
+    /// [`Fetch::checked`], except that bytes read where a hint said (`hinted`) that do
+    /// not check are `Ok(false)`: the hint is stale, the page is to be read again
+    /// through the index, and nothing is recorded.
+    fn check(
+        &mut self,
+        pgno: u32,
+        hash: &Hash,
+        buf: &[u8],
+        found: bool,
+        hinted: bool,
+    ) -> Result<bool> {
+        if hinted && !(found && page_matches(Some(pgno), hash, buf)) {
+            self.stale += 1;
+            return Ok(false);
+        }
+        self.checked(pgno, hash, buf, found).map(|()| true)
     }
 
     /// `Ok` if `buf` (`found`) is the page stored under `hash`; else records it for
@@ -2179,8 +2284,9 @@ impl Fetch<'_> {
 /// pack are read with one `pread` (a version pushed whole lies in page order), at most
 /// [`RUN_BYTES`] or [`RUN_PAGES`] at a time: the memory a read holds stays bounded.
 struct Runs {
-    /// Page number, hash and entry (`None`: not indexed) of the pages waiting.
-    pages: Vec<(u32, Hash, Option<Loc>)>,
+    /// Page number, hash, entry (`None`: not indexed) of the pages waiting, and
+    /// whether the entry is a hint's (checked, then looked up if it fails).
+    pages: Vec<(u32, Hash, Option<Loc>, bool)>,
     /// The stored bytes of the entries waiting.
     bytes: usize,
     /// One run's bytes, as stored.
@@ -2212,13 +2318,16 @@ impl Runs {
     /// waiting (`f`) once they fill a read.
     fn add(
         &mut self,
-        (pgno, hash): (u32, Hash),
+        (pgno, hash, hint): (u32, Hash, Option<Loc>),
         fetch: &mut Fetch<'_>,
         f: &mut ScanFn<'_>,
     ) -> Result<()> {
-        let loc = fetch.pages.lookup(&hash)?;
+        let (loc, hinted) = match hint {
+            Some(loc) => (Some(loc), true),
+            None => (fetch.pages.lookup(&hash)?, false),
+        };
         self.bytes += loc.map_or(0, |l| l.len as usize);
-        self.pages.push((pgno, hash, loc));
+        self.pages.push((pgno, hash, loc, hinted));
         if self.bytes >= RUN_BYTES || self.pages.len() >= RUN_PAGES {
             self.flush(fetch, f)?;
         }
@@ -2233,9 +2342,9 @@ impl Runs {
         while i < pages.len() {
             // The longest stretch from `i` whose entries lie end to end in one pack.
             let mut j = i + 1;
-            if let (_, _, Some(first)) = pages[i] {
+            if let (_, _, Some(first), _) = pages[i] {
                 let mut end = first.offset + u64::from(first.len);
-                while let Some(&(_, _, Some(next))) = pages.get(j) {
+                while let Some(&(_, _, Some(next), _)) = pages.get(j) {
                     if next.pack != first.pack || next.offset != end {
                         break;
                     }
@@ -2249,11 +2358,11 @@ impl Runs {
                 };
                 if j - i > 1 && fetch.pages.pack_files().read_raw(span, &mut self.raw)? {
                     let mut at = 0usize;
-                    for &(pgno, hash, loc) in &pages[i..j] {
+                    for &(pgno, hash, loc, hinted) in &pages[i..j] {
                         let loc = loc.expect("a run holds indexed entries");
                         let raw = &self.raw[at..at + loc.len as usize];
                         at += loc.len as usize;
-                        fetch.entry((pgno, hash, loc), raw, &mut self.page, f)?;
+                        fetch.entry((pgno, hash, loc, hinted), raw, &mut self.page, f)?;
                     }
                     i = j;
                     continue;
@@ -2261,8 +2370,8 @@ impl Runs {
                 // One entry, or a run cut short (bytes gone): page by page, so the
                 // error names the page that is missing.
             }
-            for &(pgno, hash, loc) in &pages[i..j] {
-                fetch.page_at(pgno, &hash, loc, &mut self.page)?;
+            for &(pgno, hash, loc, hinted) in &pages[i..j] {
+                fetch.hinted_page_at(pgno, &hash, loc, &mut self.page, hinted)?;
                 f(pgno, hash, Some(&self.page))?;
             }
             i = j;
@@ -2293,27 +2402,71 @@ impl PageSource for VersionReader {
             replica: &self.replica,
             version: self.info.number,
             packed: self.packed.as_ref(),
+            stale: 0,
         };
         let refuse = refuse_damaged(&self.file, &self.replica, &self.info);
-        for_each_hash(
-            &self.conn,
-            &self.file,
-            self.info.number,
-            &mut |idx, key| Err(refuse(idx, key)),
-            &mut |pgno, hash| {
-                if pgno > with_data_after && pgno != lock_page {
-                    return runs.add((pgno, hash), &mut fetch, f);
+        let mut hint = place::Hint::new();
+        let mut hinted = 0u64;
+        // Each chunk's hashes with its place hint (none in a file made before hints,
+        // or for a chunk no push of this binary wrote yet): a page with a place is
+        // read there, one without is looked up in the index.
+        let file = &self.file;
+        let mut stmt = self
+            .conn
+            .prepare_cached(if self.hints {
+                "SELECT c.hashes, p.runs, m.idx, m.chunk FROM manifest m
+                 JOIN chunks c ON c.hash = m.chunk LEFT JOIN places p ON p.chunk = m.chunk
+                 WHERE m.version = ?1 ORDER BY m.idx"
+            } else {
+                "SELECT c.hashes, NULL, m.idx, m.chunk FROM manifest m
+                 JOIN chunks c ON c.hash = m.chunk WHERE m.version = ?1 ORDER BY m.idx"
+            })
+            .map_err(sql(file))?;
+        let mut rows = stmt.query([self.info.number as i64]).map_err(sql(file))?;
+        let mut pgno = 0u32;
+        let scanned = (|| {
+            while let Some(row) = rows.next().map_err(sql(file))? {
+                let blob = row
+                    .get_ref(0)
+                    .map_err(sql(file))?
+                    .as_blob()
+                    .map_err(|e| sql(file)(e.into()))?;
+                // Each chunk of page hashes is checked against its key before use.
+                let key = chunk_key(row.get_ref(3).map_err(sql(file))?.as_blob().ok());
+                if key != sha256(blob) {
+                    return Err(refuse(row.get(2).map_err(sql(file))?, &key));
                 }
-                // In page order: the pages waiting go first.
-                runs.flush(&mut fetch, f)?;
-                if pgno <= with_data_after {
-                    f(pgno, hash, None)
-                } else {
-                    f(pgno, hash, Some(&zeros))
+                let runs_blob = row
+                    .get_ref(1)
+                    .map_err(sql(file))?
+                    .as_blob_or_null()
+                    .map_err(|e| sql(file)(e.into()))?;
+                hint.load(runs_blob, blob.len() / HASH_BYTES);
+                for (j, h) in blob.chunks_exact(HASH_BYTES).enumerate() {
+                    pgno += 1;
+                    let hash: Hash = h.try_into().expect("chunks_exact yields 32-byte slices");
+                    if pgno > with_data_after && pgno != lock_page {
+                        let place = hint.get(j);
+                        hinted += u64::from(place.is_some());
+                        runs.add((pgno, hash, place), &mut fetch, f)?;
+                        continue;
+                    }
+                    // In page order: the pages waiting go first.
+                    runs.flush(&mut fetch, f)?;
+                    if pgno <= with_data_after {
+                        f(pgno, hash, None)?;
+                    } else {
+                        f(pgno, hash, Some(&zeros))?;
+                    }
                 }
-            },
-        )?;
-        runs.flush(&mut fetch, f)
+            }
+            runs.flush(&mut fetch, f)
+        })();
+        self.hinted = (hinted, fetch.stale);
+        if fetch.stale > 0 {
+            tracing::debug!(replica = %self.replica, version = self.info.number, pages = fetch.stale, "stale place hints: read through the page index");
+        }
+        scanned
     }
 
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
@@ -2333,6 +2486,7 @@ impl PageSource for VersionReader {
             replica: &self.replica,
             version: self.info.number,
             packed: self.packed.as_ref(),
+            stale: 0,
         }
         .page(pgno, &hash, buf)
     }

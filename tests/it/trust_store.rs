@@ -1123,6 +1123,18 @@ fn a_missing_page_is_found_by_scrub_and_brought_back_by_the_next_push() {
     let db = b.database("app.db", 400);
     ok(&b.push(&db, &[]), "v1");
     let (hash, _) = stored_page(&b.replica_file(), 1, 9);
+    // Its bytes gone too (zeros, as a collection's hole reads): the version's place
+    // hint names bytes that no longer check, and the index names none.
+    {
+        use std::os::unix::fs::FileExt;
+        let (pack, offset, len) = page_location(&b.replica_file(), &hash);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pack)
+            .expect("open pack")
+            .write_all_at(&vec![0u8; len], offset)
+            .expect("zero the page");
+    }
     let n = page_index(&b.replica_file())
         .execute("DELETE FROM pages WHERE hash = ?1", [&hash[..]])
         .expect("delete");
