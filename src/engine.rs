@@ -86,22 +86,17 @@ pub trait PageSource {
     /// `None` for one it must hash ([`PageSource::scan_chunk`]). `None` (the default):
     /// it knows no chunk, and the origin scans every page ([`PageSource::scan`]). Asked
     /// only by an origin that knows the replica's base and agreed on the chunked digest.
-    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<Hash>>>> {
-        Ok(None)
-    }
+    ///
+    /// No default: a source that wraps another (a check, a fault filter) must forward
+    /// this and the two below, or the origin silently falls back to reading every page.
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<Hash>>>>;
     /// After [`PageSource::chunk_hashes`]: calls `f` with every page of chunk `idx` (0-based)
     /// in order (number, hash, and bytes when it read them) and returns the chunk's hash.
     /// The origin hashes every chunk `chunk_hashes` left `None`, and others as it needs.
-    fn scan_chunk(&mut self, idx: u32, _f: &mut ScanFn<'_>) -> Result<Hash> {
-        Err(Error::Bug(format!(
-            "chunk {idx} asked of a source that knows no chunks"
-        )))
-    }
+    fn scan_chunk(&mut self, idx: u32, f: &mut ScanFn<'_>) -> Result<Hash>;
     /// Ends a scan by chunks, once every chunk [`PageSource::chunk_hashes`] left `None` was
     /// hashed: the source may keep its record of them (a WAL database's hash list).
-    fn chunks_done(&mut self) -> Result<()> {
-        Ok(())
-    }
+    fn chunks_done(&mut self) -> Result<()>;
 }
 
 /// What the origin's BEGIN announced, handed to [`PageTarget::begin`].

@@ -1426,6 +1426,22 @@ impl PageSource for CheckedPush<'_> {
         PageSource::read_page(&mut *self.snapshot, pgno, buf)
     }
 
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<crate::digest::Hash>>>> {
+        PageSource::chunk_hashes(&mut *self.snapshot)
+    }
+
+    fn scan_chunk(
+        &mut self,
+        idx: u32,
+        f: &mut crate::engine::ScanFn<'_>,
+    ) -> Result<crate::digest::Hash> {
+        PageSource::scan_chunk(&mut *self.snapshot, idx, f)
+    }
+
+    fn chunks_done(&mut self) -> Result<()> {
+        PageSource::chunks_done(&mut *self.snapshot)
+    }
+
     fn check(&mut self) -> Result<()> {
         if std::mem::take(&mut self.pending) {
             return quick_check_source(self.snapshot);

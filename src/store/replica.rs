@@ -2490,6 +2490,22 @@ impl PageSource for VersionReader {
         }
         .page(pgno, &hash, buf)
     }
+
+    /// A stored version offers no chunk hashes (yet): a pull from the store compares
+    /// and sends by page, which costs lookups in the store, not reads of page data.
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<Hash>>>> {
+        Ok(None)
+    }
+
+    fn scan_chunk(&mut self, idx: u32, _f: &mut ScanFn<'_>) -> Result<Hash> {
+        Err(Error::Bug(format!(
+            "chunk {idx} asked of a stored version, which knows no chunks"
+        )))
+    }
+
+    fn chunks_done(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The refusal of a pull of version `number`, which the replica does not hold: never
