@@ -235,8 +235,9 @@ pub fn save_manifest(
 /// the chunk hashes it had when loaded) to `header`: writes the page hashes of the
 /// chunks in `changed` (index and page hashes, in order) in place, then the chunk hashes
 /// `table`, then the header. Every other chunk's hashes are the base's. Only when the
-/// file is still the base's (its header and table unchanged); otherwise, or on a
-/// failure, the file is removed (the next push reads what it needs). What a push by
+/// file is still the base's (its header and table unchanged); otherwise it is left
+/// alone, and on a failure while writing it is removed (the next push reads what it
+/// needs). What a push by
 /// chunks leaves, writing `32 KiB` per changed chunk where [`save_manifest`] writes 32
 /// bytes a page; a crash in between leaves a table the header refuses, or chunks that
 /// fail their check, never a hash trusted and wrong.
@@ -251,12 +252,13 @@ pub fn update_manifest(
     let Some(path) = manifest_path(database, &header.server, &header.replica) else {
         return;
     };
+    let mut opened = None;
     let result = (|| -> crate::Result<()> {
         let stale = || crate::Error::Bug("the kept manifest is no longer the base's".into());
         (base.server == header.server && base.replica == header.replica)
             .then_some(())
             .ok_or_else(stale)?;
-        let mut kept = open_manifest(&path, base).ok_or_else(stale)?;
+        let kept = opened.insert(open_manifest(&path, base).ok_or_else(stale)?);
         (kept.table() == base_table)
             .then_some(())
             .ok_or_else(stale)?;
@@ -272,7 +274,11 @@ pub fn update_manifest(
     })();
     if let Err(e) = result {
         tracing::debug!(error = %e, "could not update the kept manifest; removing it");
-        let _ = std::fs::remove_file(&path);
+        // Only the file this update opened: one another push wrote since stays. A
+        // file that was not the base's was never touched and stays too.
+        if let Some(kept) = opened {
+            kept.remove_if_at(&path);
+        }
     }
 }
 

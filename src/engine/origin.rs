@@ -629,7 +629,10 @@ fn session(
     // keeps what it has (a no-change push reads and writes no manifest).
     match pass {
         Pass::Tree(mut tree) => {
-            let same_as_base = base_known && pages_sent == 0;
+            // A database that only shrank sends no page either, but its manifest is
+            // no longer the base's.
+            let same_as_base =
+                pages_sent == 0 && base.as_ref().is_some_and(|b| b.page_count == page_count);
             if let Some(keep) = manifest.filter(|_| !same_as_base) {
                 keep(
                     page_size,

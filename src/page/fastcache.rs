@@ -237,7 +237,7 @@ impl HashList {
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "could not update the WAL hash list; the next push scans");
-            let _ = std::fs::remove_file(&self.path);
+            self.chunks.remove_if_at(&self.path);
         }
     }
 
@@ -245,7 +245,7 @@ impl HashList {
     /// the chunks it wrote fail their check (the rest of the list holds).
     pub(super) fn abandon(self) {
         if self.failed {
-            let _ = std::fs::remove_file(&self.path);
+            self.chunks.remove_if_at(&self.path);
         }
     }
 }
