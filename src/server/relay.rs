@@ -18,8 +18,8 @@
 //!   those that stayed silent.
 //!
 //! Invariants: the relay's tasks are owned by [`run`], which [`super::serve`] awaits;
-//! memory is bounded (at most [`OUTBOX`] announcements queued, older ones dropped with
-//! a warning; one entry per sync-now in flight); a notice this server sent itself is
+//! memory is bounded (at most 1,024 announcements queued, a new one past them dropped
+//! with a warning; one entry per sync-now in flight); a notice this server sent itself is
 //! never applied twice.
 
 use std::collections::HashMap;
