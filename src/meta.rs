@@ -16,8 +16,8 @@
 //!
 //! Invariants:
 //! - Every method of [`MetaStore`] blocks: call it from a blocking thread (the server's
-//!   `blocking`), never from an async task. The PostgreSQL home runs its queries on
-//!   the runtime it was opened on and waits for them there.
+//!   `blocking`), never from an async task. The PostgreSQL home runs its queries as
+//!   tasks of the runtime it was opened on and waits for their answers.
 //! - A failure of the metadata's own home is [`Error::Server`] (a SQLite file's own
 //!   error for `server.db`), saying which home and what to do; never a refused key.
 //! - A connection string's password is never logged or put in an error: homes are

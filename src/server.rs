@@ -391,8 +391,10 @@ pub async fn serve(
     let drills = state
         .drill_every
         .map(|every| tokio::spawn(drill::run(state.clone(), every, shutdown.clone())));
-    // Stops at the first stop signal; awaited below.
-    let relay = tokio::spawn(relay::run(state.clone(), shutdown.clone()));
+    // Runs until the sessions are over (below), so that the versions they commit in
+    // the grace are announced too; awaited below.
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(relay::run(state.clone(), relay_stop.clone()));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -431,6 +433,7 @@ pub async fn serve(
     }
     tasks.stop.cancel();
     tasks.tracker.wait().await;
+    relay_stop.cancel();
     if let Err(e) = relay.await {
         tracing::error!(error = %e, "the relay task failed");
     }

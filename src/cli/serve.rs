@@ -77,7 +77,7 @@ server on a data directory is refused. A password goes in the URL (PGPASSWORD an
 are not read): set SQLFERRY_META instead of --meta to keep it off the command line. No TLS \
 to PostgreSQL yet: keep it on 127.0.0.1 or a private network. Push subscribers' expected pushes and \
 failure reports, followers and drill results stay in each server's memory (the API of one \
-server shows its own subscribers). See docs/scale-out.md.\n  \
+server shows its own subscribers).\n  \
 sqlferry serve --data /srv/sqlferry --listen 0.0.0.0:7878 --meta postgres://sqlferry@127.0.0.1:5432/sqlferry\n  \
 sqlferry serve --data /srv/sqlferry --listen 0.0.0.0:7879 --meta postgres://sqlferry@127.0.0.1:5432/sqlferry\n\n\
 More examples:\n  \

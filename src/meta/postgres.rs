@@ -20,9 +20,9 @@
 //!   each reconnect.
 //!
 //! Invariants:
-//! - The blocking [`MetaStore`] methods run their queries on the runtime the store was
-//!   opened on ([`tokio::runtime::Handle::block_on`]): they must be called from a
-//!   blocking thread, never from an async task. Every wait is bounded: a connection
+//! - The blocking [`MetaStore`] methods run their queries as tasks of the runtime the
+//!   store was opened on and wait for the answer: they must be called from a blocking
+//!   thread, never from an async task. Every wait is bounded: a connection
 //!   takes at most [`CONNECT_TIMEOUT`], a free pool slot at most [`POOL_WAIT`].
 //! - A failure is [`Error::Server`] naming the database (host, port, name: never a
 //!   password) and saying that the server retries; the next call tries again with a
@@ -300,9 +300,25 @@ impl PgMeta {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Runs `f` on the store's runtime and waits for it: for the blocking methods.
-    fn block<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        self.runtime.block_on(f)
+    /// Runs the future `f` makes as a task of the store's runtime and waits for its
+    /// result: for the blocking methods, on a blocking thread (this thread only waits;
+    /// the runtime's workers run the queries).
+    fn block<T, F>(&self, f: impl FnOnce(PgMeta) -> F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = f(self.clone());
+        self.runtime.spawn(async move {
+            let _ = tx.send(task.await);
+        });
+        rx.blocking_recv().map_err(|_| {
+            Error::Server(format!(
+                "the metadata store's query ({}) was dropped: the server is stopping",
+                self.describe
+            ))
+        })?
     }
 
     /// Announces version `version` of `replica`, created at `created_at`, from server
@@ -583,26 +599,28 @@ impl MetaStore for PgMeta {
     }
 
     fn server_id(&self, candidate: &str) -> Result<String> {
-        self.block(async {
-            let client = self.client().await?;
+        let candidate = candidate.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
             client
                 .execute(
                     "INSERT INTO sqlferry_server(one, id) VALUES (1, $1) ON CONFLICT DO NOTHING",
                     &[&candidate],
                 )
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             let row = client
                 .query_one("SELECT id FROM sqlferry_server WHERE one = 1", &[])
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             Ok(row.get(0))
         })
     }
 
     fn insert_admin_if_none(&self, key: &NewKey) -> Result<bool> {
-        self.block(async {
-            let client = self.client().await?;
+        let key = key.clone();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
             let stored = client
                 .execute(
                     "INSERT INTO sqlferry_keys(id, secret_hash, kind, replica, created_at)
@@ -610,14 +628,15 @@ impl MetaStore for PgMeta {
                     &[&key.id, &&key.secret_hash[..], &key.created_at],
                 )
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             Ok(stored == 1)
         })
     }
 
     fn insert_key(&self, key: &NewKey) -> Result<()> {
-        self.block(async {
-            let client = self.client().await?;
+        let key = key.clone();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
             client
                 .execute(
                     "INSERT INTO sqlferry_keys(id, secret_hash, kind, replica, created_at)
@@ -631,14 +650,15 @@ impl MetaStore for PgMeta {
                     ],
                 )
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             Ok(())
         })
     }
 
     fn key(&self, id: &str) -> Result<Option<StoredKey>> {
-        self.block(async {
-            let client = self.client().await?;
+        let id = id.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
             let row = client
                 .query_opt(
                     "SELECT secret_hash, kind, replica, last_used_at, revoked_at
@@ -646,7 +666,7 @@ impl MetaStore for PgMeta {
                     &[&id],
                 )
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             Ok(row.map(|r| StoredKey {
                 secret_hash: r.get(0),
                 kind: r.get(1),
@@ -658,22 +678,24 @@ impl MetaStore for PgMeta {
     }
 
     fn touch_key(&self, id: &str, at: i64) -> Result<()> {
-        self.block(async {
-            let client = self.client().await?;
+        let id = id.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
             client
                 .execute(
                     "UPDATE sqlferry_keys SET last_used_at = $1 WHERE id = $2",
                     &[&at, &id],
                 )
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             Ok(())
         })
     }
 
     fn keys(&self, replica: Option<&str>) -> Result<Vec<KeyInfo>> {
-        self.block(async {
-            let client = self.client().await?;
+        let replica = replica.map(str::to_owned);
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
             let rows = client
                 .query(
                     "SELECT id, kind, replica, created_at, last_used_at, revoked_at
@@ -683,14 +705,15 @@ impl MetaStore for PgMeta {
                     &[&replica],
                 )
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             Ok(rows.iter().map(key_info).collect())
         })
     }
 
     fn key_info(&self, id: &str) -> Result<Option<KeyInfo>> {
-        self.block(async {
-            let client = self.client().await?;
+        let id = id.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
             let row = client
                 .query_opt(
                     "SELECT id, kind, replica, created_at, last_used_at, revoked_at
@@ -698,39 +721,42 @@ impl MetaStore for PgMeta {
                     &[&id],
                 )
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             Ok(row.as_ref().map(key_info))
         })
     }
 
     fn revoke_key(&self, id: &str, at: i64) -> Result<()> {
-        self.block(async {
-            let client = self.client().await?;
+        let id = id.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
             client
                 .execute(
                     "UPDATE sqlferry_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
                     &[&at, &id],
                 )
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             Ok(())
         })
     }
 
     fn replica_id(&self, path: &str) -> Result<Option<String>> {
-        self.block(async {
-            let client = self.client().await?;
+        let path = path.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
             let row = client
                 .query_opt("SELECT id FROM sqlferry_replicas WHERE path = $1", &[&path])
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             Ok(row.map(|r| r.get(0)))
         })
     }
 
     fn register_replica(&self, path: &str, id: &str, at: i64) -> Result<String> {
-        self.block(async {
-            let client = self.client().await?;
+        let (path, id) = (path.to_owned(), id.to_owned());
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
             client
                 .execute(
                     "INSERT INTO sqlferry_replicas(path, id, created_at) VALUES ($1, $2, $3)
@@ -738,11 +764,11 @@ impl MetaStore for PgMeta {
                     &[&path, &id, &at],
                 )
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             let row = client
                 .query_one("SELECT id FROM sqlferry_replicas WHERE path = $1", &[&path])
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pg.fail(e))?;
             Ok(row.get(0))
         })
     }

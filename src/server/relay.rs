@@ -17,7 +17,9 @@
 //!   [`SYNC_ANSWER_WAIT`], and answers with the sum, the servers that answered and
 //!   those that stayed silent.
 //!
-//! Invariants: the relay's tasks are owned by [`run`], which [`super::serve`] awaits;
+//! Invariants: the relay's tasks are owned by [`run`], which [`super::serve`] stops
+//! once its sessions are over and awaits (versions committed in the shutdown grace are
+//! announced, each tried once more at the stop);
 //! memory is bounded (at most 1,024 announcements queued, a new one past them dropped
 //! with a warning; one entry per sync-now in flight); a notice this server sent itself is
 //! never applied twice.
@@ -33,7 +35,6 @@ use tokio_util::sync::CancellationToken;
 use super::State;
 use crate::meta::postgres::{Heard, Notice, PgMeta};
 use crate::protocol::control::NewVersion;
-use crate::shutdown::Shutdown;
 use crate::{Error, Result};
 
 /// How long a sync-now waits for the other servers' answers.
@@ -45,6 +46,9 @@ const OUTBOX: usize = 1024;
 /// How many times an announcement is tried before it is given up (with the
 /// subscribers' backoff: 1 s doubling, about a minute in all).
 const ANNOUNCE_TRIES: u32 = 7;
+
+/// How long an announcement left at the stop may take.
+const LAST_TRY: Duration = Duration::from_secs(2);
 
 /// A version to announce.
 #[derive(Debug)]
@@ -167,13 +171,12 @@ pub async fn sync_now(state: &State, replica: &str) -> Result<Reach> {
     })
 }
 
-/// Runs the relay of `state` (if it has one) until `shutdown`: the listening
-/// connection, what it hears, and the announcements queued.
-pub async fn run(state: std::sync::Arc<State>, shutdown: Shutdown) {
+/// Runs the relay of `state` (if it has one) until `stop`: the listening connection,
+/// what it hears, and the announcements queued.
+pub async fn run(state: std::sync::Arc<State>, stop: CancellationToken) {
     let Some(relay) = state.relay.clone() else {
         return;
     };
-    let stop = CancellationToken::new();
     let (heard_tx, mut heard) = mpsc::channel(256);
     let listener = tokio::spawn(relay.bus.clone().listen(heard_tx, stop.clone()));
     let queued = relay
@@ -185,7 +188,7 @@ pub async fn run(state: std::sync::Arc<State>, shutdown: Shutdown) {
         queued.map(|queued| tokio::spawn(announce_all(relay.clone(), queued, stop.clone())));
     loop {
         tokio::select! {
-            () = shutdown.requested() => break,
+            () = stop.cancelled() => break,
             h = heard.recv() => match h {
                 Some(Heard::Up) => {
                     if !relay.listening.swap(true, Ordering::AcqRel) {
@@ -204,7 +207,6 @@ pub async fn run(state: std::sync::Arc<State>, shutdown: Shutdown) {
             },
         }
     }
-    stop.cancel();
     let _ = listener.await;
     if let Some(announcer) = announcer {
         let _ = announcer.await;
@@ -279,7 +281,23 @@ async fn announce_all(
 ) {
     loop {
         let next = tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                // The last sessions' versions: one try each, bounded.
+                while let Ok(a) = queued.try_recv() {
+                    let once = relay.bus.announce_version(
+                        &a.version.replica,
+                        a.version.version,
+                        &a.version.digest,
+                        a.created_at,
+                        &relay.instance,
+                    );
+                    if !matches!(tokio::time::timeout(LAST_TRY, once).await, Ok(Ok(()))) {
+                        tracing::warn!(replica = %a.version.replica, version = a.version.version,
+                            "stopping: a version was not announced to the other servers");
+                    }
+                }
+                return;
+            }
             next = queued.recv() => next,
         };
         let Some(a) = next else { return };
