@@ -326,6 +326,212 @@ impl Digester {
     }
 }
 
+/// The length of a file of page hashes in chunks ([`ChunkedHashes`]) whose owner's header
+/// takes `offset` bytes: the entries (32 bytes a page), then the table (32 bytes a chunk).
+pub fn chunked_len(offset: u64, page_count: u32) -> u64 {
+    offset + (u64::from(page_count) + u64::from(chunk_count(page_count))) * HASH_BYTES as u64
+}
+
+/// The checksum binding a chunked file's header to its table: XXH3-64 over `seed` (the
+/// owner's header, its checksum field zeroed) and the chunk hashes. A header of one
+/// update with the table of another, or a torn table, fails it.
+pub fn table_checksum(seed: &[u8], table: &[Hash]) -> u64 {
+    let mut sum = xxhash_rust::xxh3::Xxh3::new();
+    sum.update(seed);
+    for h in table {
+        sum.update(h);
+    }
+    sum.digest()
+}
+
+/// Page hashes kept in a file by chunks, so that a reader trusts a few chunks without
+/// reading the others, and an update rewrites only the chunks that changed: the hash
+/// list of a WAL database (`page/fastcache.rs`) and a client's kept manifest
+/// (`history.rs`).
+///
+/// From `offset` (the owner's header comes first): the entries (each page's hash, in
+/// page order), then the table (each chunk's hash, [`CHUNK_PAGES`] entries a chunk, as the
+/// chunked digest hashes them). The table lies after the entries, so that an update that
+/// changes the page count moves only the table, never an entry. The owner's header
+/// holds the page count and a [`table_checksum`] over itself and the table, checked when
+/// the file is opened; each chunk's entries are checked against the chunk's hash when
+/// they are read ([`ChunkedHashes::read_chunk`]). A torn write, a power cut that
+/// reordered writes, or two writers interleaved can therefore leave a file that is
+/// refused (a bad table) or chunks that are refused (entries that do not make their
+/// hash), never a hash that is trusted and wrong.
+#[derive(Debug)]
+pub struct ChunkedHashes {
+    file: File,
+    offset: u64,
+    page_count: u32,
+    table: Vec<Hash>,
+}
+
+impl ChunkedHashes {
+    /// Opens the chunked hashes of `page_count` pages at `offset` of `file`: `None` unless
+    /// the file is exactly as long as they make ([`chunked_len`]) and the table passes
+    /// `checksum` with `seed`. Reads the table only.
+    pub fn open(
+        file: File,
+        offset: u64,
+        page_count: u32,
+        seed: &[u8],
+        checksum: u64,
+    ) -> Option<ChunkedHashes> {
+        if file.metadata().ok()?.len() != chunked_len(offset, page_count) {
+            return None;
+        }
+        let chunks = chunk_count(page_count) as usize;
+        let mut buf = vec![0u8; chunks * HASH_BYTES];
+        let at = offset + u64::from(page_count) * HASH_BYTES as u64;
+        file.read_exact_at(&mut buf, at).ok()?;
+        let table: Vec<Hash> = buf
+            .chunks_exact(HASH_BYTES)
+            .map(|c| c.try_into().expect("32 bytes"))
+            .collect();
+        (table_checksum(seed, &table) == checksum).then_some(ChunkedHashes {
+            file,
+            offset,
+            page_count,
+            table,
+        })
+    }
+
+    /// The chunk hashes, in order.
+    pub fn table(&self) -> &[Hash] {
+        &self.table
+    }
+
+    /// Pages the hashes are of.
+    pub fn page_count(&self) -> u32 {
+        self.page_count
+    }
+
+    /// The open file (its owner writes its header through it).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Appends the page hashes of chunk `idx` to `out` when they make the chunk's hash
+    /// in the table: `Ok(false)`, `out` as it was, when they do not (a torn or damaged
+    /// chunk) or there is no such chunk.
+    pub fn read_chunk(&self, idx: u32, out: &mut Vec<u8>) -> std::io::Result<bool> {
+        let Some(hash) = self.table.get(idx as usize) else {
+            return Ok(false);
+        };
+        let pages = chunk_pages(idx, self.page_count);
+        let len = (pages.end() - pages.start() + 1) as usize * HASH_BYTES;
+        let from = out.len();
+        out.resize(from + len, 0);
+        let at = self.offset + u64::from(pages.start() - 1) * HASH_BYTES as u64;
+        if let Err(e) = self.file.read_exact_at(&mut out[from..], at) {
+            out.truncate(from);
+            return Err(e);
+        }
+        if sha256(&out[from..]) != *hash {
+            out.truncate(from);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Every page hash in order, each chunk checked before any of its hashes is given
+    /// out: a chunk that fails is an error ([`std::io::ErrorKind::InvalidData`]).
+    pub fn hashes(&self) -> impl Iterator<Item = std::io::Result<Hash>> + '_ {
+        let mut buf = Vec::new();
+        let mut at = 0usize;
+        (1..=self.page_count).map(move |pgno| {
+            if (pgno - 1).is_multiple_of(CHUNK_PAGES) {
+                buf.clear();
+                at = 0;
+                if !self.read_chunk((pgno - 1) / CHUNK_PAGES, &mut buf)? {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("chunk {} does not match its hash", (pgno - 1) / CHUNK_PAGES),
+                    ));
+                }
+            }
+            let h: Hash = buf[at..at + HASH_BYTES].try_into().expect("32 bytes");
+            at += HASH_BYTES;
+            Ok(h)
+        })
+    }
+
+    /// Writes the entries of chunk `idx` (whole hashes back to back, starting at the
+    /// chunk's first page), in place. The table is not touched: until
+    /// [`ChunkedHashes::finish_update`] the chunk fails its check, unless its entries are
+    /// what they were.
+    pub fn write_chunk(&self, idx: u32, entries: &[u8]) -> std::io::Result<()> {
+        let at = self.offset + u64::from(idx) * u64::from(CHUNK_PAGES) * HASH_BYTES as u64;
+        self.file.write_all_at(entries, at)
+    }
+
+    /// Ends an update: the table `table` of `page_count` pages goes after their entries
+    /// and the file is cut there. The caller has written every chunk whose entries
+    /// changed ([`ChunkedHashes::write_chunk`]), and writes its header (with the
+    /// [`table_checksum`] of `table`) after this.
+    pub fn finish_update(&mut self, page_count: u32, table: Vec<Hash>) -> std::io::Result<()> {
+        debug_assert_eq!(table.len(), chunk_count(page_count) as usize);
+        let at = self.offset + u64::from(page_count) * HASH_BYTES as u64;
+        self.file.write_all_at(&table.concat(), at)?;
+        self.file.set_len(chunked_len(self.offset, page_count))?;
+        self.page_count = page_count;
+        self.table = table;
+        Ok(())
+    }
+}
+
+/// Writes new chunked hashes ([`ChunkedHashes`]) to `out`, positioned at their offset:
+/// the entries as they are pushed, then the table.
+pub struct ChunkedWriter<W: Write> {
+    out: W,
+    chunk: Sha256,
+    in_chunk: u32,
+    count: u32,
+    table: Vec<Hash>,
+}
+
+impl<W: Write> ChunkedWriter<W> {
+    /// Starts writing to `out`.
+    pub fn new(out: W) -> Self {
+        ChunkedWriter {
+            out,
+            chunk: Sha256::new(),
+            in_chunk: 0,
+            count: 0,
+            table: Vec::new(),
+        }
+    }
+
+    /// Appends the next page's hash.
+    pub fn push(&mut self, hash: &Hash) -> std::io::Result<()> {
+        self.out.write_all(hash)?;
+        self.chunk.update(hash);
+        self.count += 1;
+        self.in_chunk += 1;
+        if self.in_chunk == CHUNK_PAGES {
+            self.table
+                .push(std::mem::take(&mut self.chunk).finalize().into());
+            self.in_chunk = 0;
+        }
+        Ok(())
+    }
+
+    /// Pages pushed.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Writes the table and hands back the writer and the table.
+    pub fn finish(mut self) -> std::io::Result<(W, Vec<Hash>)> {
+        if self.in_chunk > 0 {
+            self.table.push(self.chunk.finalize().into());
+        }
+        self.out.write_all(&self.table.concat())?;
+        Ok((self.out, self.table))
+    }
+}
+
 /// Lower-case hex of a hash (or any bytes), as printed and stored.
 pub fn hex(bytes: &[u8]) -> String {
     ::hex::encode(bytes)
@@ -654,6 +860,52 @@ mod tests {
             name_key(&[b"ab".as_slice(), b"c"]),
             name_key(&[b"a".as_slice(), b"bc"])
         );
+    }
+
+    #[test]
+    fn chunked_hashes_check_each_chunk_and_update_in_place() {
+        let page = |i: u32| sha256(&i.to_be_bytes());
+        let offset = 10u64;
+        let tmp = tempfile::tempfile().expect("a temporary file");
+        // The owner's header first, then the hashes.
+        let mut out = std::io::BufWriter::new(&tmp);
+        out.write_all(&[0u8; 10]).expect("header");
+        let mut w = ChunkedWriter::new(out);
+        (1..=2100).for_each(|i| w.push(&page(i)).expect("push"));
+        let (out, table) = w.finish().expect("finish");
+        drop(out);
+        assert_eq!(table.len(), 3);
+        let hashes: Vec<Hash> = (1..=2100).map(page).collect();
+        assert_eq!(table[2], sha256(&hashes[2048..].concat()));
+        let seed = b"header";
+        let sum = table_checksum(seed, &table);
+        let open =
+            |n, sum| ChunkedHashes::open(tmp.try_clone().expect("clone"), offset, n, seed, sum);
+        assert!(open(2100, sum + 1).is_none(), "another checksum");
+        assert!(open(2101, sum).is_none(), "another length");
+        let mut c = open(2100, sum).expect("opens");
+        let all: Vec<Hash> = c.hashes().map(|h| h.expect("whole")).collect();
+        assert_eq!(all, hashes);
+        let mut got = Vec::new();
+        assert!(c.read_chunk(1, &mut got).expect("reads"));
+        assert_eq!(got, hashes[1024..2048].concat());
+        assert!(!c.read_chunk(3, &mut got).expect("no chunk 3"));
+        // A chunk written without its table entry fails its check; the others hold.
+        c.write_chunk(1, &page(0)).expect("writes");
+        let mut got = Vec::new();
+        assert!(!c.read_chunk(1, &mut got).expect("reads"));
+        assert!(got.is_empty());
+        assert!(c.read_chunk(2, &mut got).expect("reads"));
+        assert!(c.hashes().any(|h| h.is_err()));
+        // Shrunk to 1500 pages: chunk 1 rewritten whole and shorter, the table moved.
+        let mut short = hashes[..1500].to_vec();
+        short[1100] = page(0);
+        c.write_chunk(1, &short[1024..].concat()).expect("writes");
+        let table = vec![table[0], sha256(&short[1024..].concat())];
+        c.finish_update(1500, table.clone()).expect("updates");
+        let c = open(1500, table_checksum(seed, &table)).expect("opens");
+        let all: Vec<Hash> = c.hashes().map(|h| h.expect("whole")).collect();
+        assert_eq!(all, short);
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //! ([`FLAG_CHUNKED_DIGEST`], [`crate::digest::DigestForm`]). With the chunked digest and a
 //! known base, a replica whose target keeps its pages' chunk hashes ([`PageTarget::held_chunks`])
 //! builds no hash tree: it reads the page hashes of the chunks pages were sent for, and
-//! takes every other chunk's hash as it holds it ([`PageTarget::commit_chunks`]).
+//! takes every other chunk's hash as it holds it ([`PageTarget::commit_chunks`]). An
+//! origin whose source knows its chunk hashes too ([`PageSource::chunk_hashes`]: a WAL
+//! database's hash list) compares chunks with its known base first and reads, hashes and
+//! sends pages only in the chunks that differ; it builds no tree either.
 //!
 //! Local-to-local sync ([`sync_local`]) runs both roles on two threads joined by an
 //! in-memory [`Link`]; a server bridges the same roles to a WebSocket. There is one
@@ -31,8 +34,8 @@ pub use link::{
     mem_pair, pumped_link,
 };
 pub use origin::{
-    FLAG_CHUNKED_DIGEST, FLAG_KNOWN_BASE, KnownBase, ManifestSink, OriginOptions,
-    run as run_origin, run_with as run_origin_with,
+    BaseManifest, FLAG_CHUNKED_DIGEST, FLAG_KNOWN_BASE, KnownBase, ManifestSink, OriginOptions,
+    Synced, run as run_origin, run_with as run_origin_with,
 };
 pub use replica::{ReplicaDone, run as run_replica, run_with as run_replica_with};
 
@@ -77,6 +80,23 @@ pub trait PageSource {
     fn check(&mut self) -> Result<()> {
         Ok(())
     }
+    /// The hashes of the source's chunks ([`crate::digest::CHUNK_PAGES`] page hashes
+    /// each, as the chunked digest hashes them) as far as it knows them without hashing
+    /// their pages: `Some(hash)` for a chunk it knows unchanged since its record of it,
+    /// `None` for one it must hash ([`PageSource::scan_chunk`]). `None` (the default):
+    /// it knows no chunk, and the origin scans every page ([`PageSource::scan`]). Asked
+    /// only by an origin that knows the replica's base and agreed on the chunked digest.
+    ///
+    /// No default: a source that wraps another (a check, a fault filter) must forward
+    /// this and the two below, or the origin silently falls back to reading every page.
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<Hash>>>>;
+    /// After [`PageSource::chunk_hashes`]: calls `f` with every page of chunk `idx` (0-based)
+    /// in order (number, hash, and bytes when it read them) and returns the chunk's hash.
+    /// The origin hashes every chunk `chunk_hashes` left `None`, and others as it needs.
+    fn scan_chunk(&mut self, idx: u32, f: &mut ScanFn<'_>) -> Result<Hash>;
+    /// Ends a scan by chunks, once every chunk [`PageSource::chunk_hashes`] left `None` was
+    /// hashed: the source may keep its record of them (a WAL database's hash list).
+    fn chunks_done(&mut self) -> Result<()>;
 }
 
 /// What the origin's BEGIN announced, handed to [`PageTarget::begin`].

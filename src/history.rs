@@ -131,8 +131,11 @@ pub fn record(sync: &LastSync) {
 /// The manifest of the version a local database was last pushed as: its page hashes,
 /// kept so that the next push compares pages locally and sends no hash at all.
 /// `$XDG_CACHE_HOME/sqlferry/manifests/`, one file per (database, server, replica): a
-/// JSON header line, then 32 bytes per page. Advisory: a missing or stale file only
-/// means hashes travel.
+/// header, then the page hashes by chunks ([`crate::digest::ChunkedHashes`]: 32 bytes a
+/// page, then a table of chunk hashes bound to the header by a checksum), so that a push
+/// by chunks reads only the table and the chunks that changed, and leaves the file by
+/// rewriting only those. Advisory: a missing, stale or damaged file (or one of the
+/// format before chunks) only means hashes travel, or pages that need not.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ManifestHeader {
@@ -148,38 +151,78 @@ pub struct ManifestHeader {
     pub page_count: u32,
 }
 
-fn manifest_path(database: &Path, with: Option<(&str, &str)>) -> Option<PathBuf> {
+const MANIFEST_MAGIC: &[u8; 16] = b"sqlferry-kept-mf";
+/// 2: by chunks. Files of format 1 (a JSON line, then the hashes) are not read.
+const MANIFEST_FORMAT: u32 = 2;
+const MANIFEST_HEADER_BYTES: usize = 80;
+/// Where the header keeps the checksum over itself and the table.
+const MANIFEST_CHECKSUM_AT: std::ops::Range<usize> = 68..76;
+
+impl ManifestHeader {
+    /// Who the hashes are of: the server and the replica, as one hash.
+    fn whom(&self) -> crate::digest::Hash {
+        crate::digest::sha256(
+            crate::digest::name_key(&[self.server.as_bytes(), self.replica.as_bytes()]).as_bytes(),
+        )
+    }
+
+    /// The header as it is written, with the checksum over it and `table`.
+    fn to_bytes(&self, table: &[crate::digest::Hash]) -> [u8; MANIFEST_HEADER_BYTES] {
+        let mut h = [0u8; MANIFEST_HEADER_BYTES];
+        h[..16].copy_from_slice(MANIFEST_MAGIC);
+        h[16..20].copy_from_slice(&MANIFEST_FORMAT.to_be_bytes());
+        h[20..24].copy_from_slice(&self.page_size.to_be_bytes());
+        h[24..28].copy_from_slice(&self.page_count.to_be_bytes());
+        h[28..36].copy_from_slice(&self.version.to_be_bytes());
+        h[36..68].copy_from_slice(&self.whom());
+        let sum = crate::digest::table_checksum(&h, table);
+        h[MANIFEST_CHECKSUM_AT].copy_from_slice(&sum.to_be_bytes());
+        h
+    }
+}
+
+fn manifest_path(database: &Path, server: &str, replica: &str) -> Option<PathBuf> {
     keyed_path(
         crate::config::cache_dir()?.join("manifests"),
         database,
-        with,
+        Some((server, replica)),
         "",
     )
 }
 
-/// Keeps `hashes` as the manifest `header` describes, for `database`. Failures are
-/// logged, not fatal.
+/// Keeps `hashes` as the manifest `header` describes, for `database` (a new file,
+/// written whole, then renamed over the old one). Failures are logged, not fatal.
 pub fn save_manifest(
     database: &Path,
     header: &ManifestHeader,
     hashes: &mut dyn Iterator<Item = crate::Result<crate::digest::Hash>>,
 ) {
     use std::io::Write;
-    let Some(path) = manifest_path(database, Some((&header.server, &header.replica))) else {
+    let Some(path) = manifest_path(database, &header.server, &header.replica) else {
         return;
     };
     let result = (|| -> crate::Result<()> {
         let dir = path.parent().expect("the manifest path has a directory");
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
         let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| crate::Error::io(dir, e))?;
-        let mut w = std::io::BufWriter::new(tmp);
         let io = |e| crate::Error::io(&path, e);
-        serde_json::to_writer(&mut w, header).map_err(|e| io(e.into()))?;
-        w.write_all(b"\n").map_err(io)?;
+        let mut w = std::io::BufWriter::with_capacity(256 * 1024, tmp);
+        w.write_all(&[0u8; MANIFEST_HEADER_BYTES]).map_err(io)?;
+        let mut w = crate::digest::ChunkedWriter::new(w);
         for h in hashes {
-            w.write_all(&h?).map_err(io)?;
+            w.push(&h?).map_err(io)?;
         }
+        if w.count() != header.page_count {
+            return Err(crate::Error::Bug(format!(
+                "a manifest of {} pages kept as one of {}",
+                w.count(),
+                header.page_count
+            )));
+        }
+        let (w, table) = w.finish().map_err(io)?;
         let tmp = w.into_inner().map_err(|e| io(e.into_error()))?;
+        std::os::unix::fs::FileExt::write_all_at(tmp.as_file(), &header.to_bytes(&table), 0)
+            .map_err(io)?;
         tmp.persist(&path).map_err(|e| io(e.error))?;
         Ok(())
     })();
@@ -188,47 +231,179 @@ pub fn save_manifest(
     }
 }
 
+/// Brings the kept manifest of `database` from `base` (the version it describes, with
+/// the chunk hashes it had when loaded) to `header`: writes the page hashes of the
+/// chunks in `changed` (index and page hashes, in order) in place, then the chunk hashes
+/// `table`, then the header. Every other chunk's hashes are the base's. Only when the
+/// file is still the base's (its header and table unchanged); otherwise, or on a
+/// failure, the file is removed (the next push reads what it needs). What a push by
+/// chunks leaves, writing `32 KiB` per changed chunk where [`save_manifest`] writes 32
+/// bytes a page; a crash in between leaves a table the header refuses, or chunks that
+/// fail their check, never a hash trusted and wrong.
+pub fn update_manifest(
+    database: &Path,
+    base: &ManifestHeader,
+    base_table: &[crate::digest::Hash],
+    header: &ManifestHeader,
+    table: Vec<crate::digest::Hash>,
+    changed: &mut dyn Iterator<Item = crate::Result<(u32, Vec<u8>)>>,
+) {
+    let Some(path) = manifest_path(database, &header.server, &header.replica) else {
+        return;
+    };
+    let result = (|| -> crate::Result<()> {
+        let stale = || crate::Error::Bug("the kept manifest is no longer the base's".into());
+        (base.server == header.server && base.replica == header.replica)
+            .then_some(())
+            .ok_or_else(stale)?;
+        let mut kept = open_manifest(&path, base).ok_or_else(stale)?;
+        (kept.table() == base_table)
+            .then_some(())
+            .ok_or_else(stale)?;
+        let io = |e| crate::Error::io(&path, e);
+        for chunk in changed {
+            let (idx, entries) = chunk?;
+            kept.write_chunk(idx, &entries).map_err(io)?;
+        }
+        let h = header.to_bytes(&table);
+        kept.finish_update(header.page_count, table).map_err(io)?;
+        std::os::unix::fs::FileExt::write_all_at(kept.file(), &h, 0).map_err(io)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "could not update the kept manifest; removing it");
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// The chunked hashes of the kept manifest at `path` if its header is `expected`'s
+/// (server, replica, version, page size and count) and its table holds.
+fn open_manifest(path: &Path, expected: &ManifestHeader) -> Option<crate::digest::ChunkedHashes> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ok()?;
+    let mut h = [0u8; MANIFEST_HEADER_BYTES];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut h, 0).ok()?;
+    let u32_at = |i: usize| u32::from_be_bytes(h[i..i + 4].try_into().expect("4 bytes"));
+    let u64_at = |i: usize| u64::from_be_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+    if &h[..16] != MANIFEST_MAGIC
+        || u32_at(16) != MANIFEST_FORMAT
+        || u32_at(20) != expected.page_size
+        || u32_at(24) != expected.page_count
+        || u64_at(28) != expected.version
+        || h[36..68] != expected.whom()
+    {
+        return None;
+    }
+    let sum = u64_at(MANIFEST_CHECKSUM_AT.start);
+    h[MANIFEST_CHECKSUM_AT].fill(0);
+    crate::digest::ChunkedHashes::open(
+        file,
+        MANIFEST_HEADER_BYTES as u64,
+        expected.page_count,
+        &h,
+        sum,
+    )
+}
+
 /// The kept manifest of `database`, if it describes exactly `server`, `replica` and
-/// `version`: its header and a reader of its hashes.
+/// `version` and its header and table hold: its header and its hashes (each chunk
+/// checked as it is read). A torn, truncated or damaged file (the cache is safe to lose,
+/// not to trust half of) is no kept manifest, or one whose damaged chunks are refused
+/// when read: the sync reads what it needs instead of failing half-way.
 pub fn load_manifest(
     database: &Path,
     server: &str,
     replica: &str,
     version: u64,
-) -> Option<(ManifestHeader, ManifestHashes)> {
-    use std::io::BufRead;
-    // Kept before manifests were kept per replica: the per-database file, whose header
-    // is checked below like any other.
-    let file = manifest_path(database, Some((server, replica)))
-        .and_then(|p| std::fs::File::open(p).ok())
-        .or_else(|| std::fs::File::open(manifest_path(database, None)?).ok())?;
-    let len = file.metadata().ok()?.len();
-    let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    let header: ManifestHeader = serde_json::from_str(line.trim_end()).ok()?;
-    (header.server == server && header.replica == replica && header.version == version)
-        .then_some(())?;
-    // A torn or truncated file (the cache is safe to lose, not to trust half of) is no
-    // kept manifest: the sync reads what it needs instead of failing half-way.
-    (len == line.len() as u64 + u64::from(header.page_count) * crate::digest::HASH_BYTES as u64)
-        .then_some(())?;
-    let hashes = crate::digest::HashReader::new(reader, header.page_count);
-    Some((header, ManifestHashes(hashes)))
+) -> Option<(ManifestHeader, KeptManifest)> {
+    let path = manifest_path(database, server, replica)?;
+    let file = std::fs::File::open(&path).ok()?;
+    let mut h = [0u8; MANIFEST_HEADER_BYTES];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut h, 0).ok()?;
+    drop(file);
+    let u32_at = |i: usize| u32::from_be_bytes(h[i..i + 4].try_into().expect("4 bytes"));
+    let header = ManifestHeader {
+        server: server.to_owned(),
+        replica: replica.to_owned(),
+        version,
+        page_size: u32_at(20),
+        page_count: u32_at(24),
+    };
+    let hashes = open_manifest(&path, &header)?;
+    Some((
+        header,
+        KeptManifest {
+            hashes,
+            next: 1,
+            buf: Vec::new(),
+        },
+    ))
 }
 
-/// The hashes of a kept manifest, in page order.
-pub struct ManifestHashes(crate::digest::HashReader<std::io::BufReader<std::fs::File>>);
+/// The hashes of a kept manifest: by chunks ([`KeptManifest::table`],
+/// [`KeptManifest::read_chunk`]), or in page order as an iterator, each chunk checked
+/// before its hashes are given out (a chunk that fails is an error).
+pub struct KeptManifest {
+    hashes: crate::digest::ChunkedHashes,
+    /// The page the iterator gives next.
+    next: u32,
+    /// The iterator's current chunk.
+    buf: Vec<u8>,
+}
 
-impl Iterator for ManifestHashes {
+impl KeptManifest {
+    /// The chunk hashes, in order.
+    pub fn table(&self) -> &[crate::digest::Hash] {
+        self.hashes.table()
+    }
+
+    /// Appends the page hashes of chunk `idx` to `out` when they make the chunk's hash;
+    /// `false` (and `out` as it was) when they do not.
+    pub fn read_chunk(&self, idx: u32, out: &mut Vec<u8>) -> crate::Result<bool> {
+        self.hashes
+            .read_chunk(idx, out)
+            .map_err(|e| crate::Error::io(Path::new("kept manifest"), e))
+    }
+}
+
+impl Iterator for KeptManifest {
     type Item = crate::Result<crate::digest::Hash>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        Some(
-            self.0
-                .next()?
-                .map_err(|e| crate::Error::io(Path::new("kept manifest"), e)),
-        )
+        use crate::digest::{CHUNK_PAGES, HASH_BYTES};
+        let pgno = self.next;
+        if pgno > self.hashes.page_count() {
+            return None;
+        }
+        self.next += 1;
+        let idx = (pgno - 1) / CHUNK_PAGES;
+        if (pgno - 1).is_multiple_of(CHUNK_PAGES) {
+            self.buf.clear();
+            let read = self
+                .hashes
+                .read_chunk(idx, &mut self.buf)
+                .map_err(|e| crate::Error::io(Path::new("kept manifest"), e));
+            match read {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.next = u32::MAX;
+                    return Some(Err(crate::Error::Verification(format!(
+                        "chunk {idx} of the kept manifest does not match its hash"
+                    ))));
+                }
+                Err(e) => {
+                    self.next = u32::MAX;
+                    return Some(Err(e));
+                }
+            }
+        }
+        let at = ((pgno - 1) % CHUNK_PAGES) as usize * HASH_BYTES;
+        Some(Ok(self.buf[at..at + HASH_BYTES]
+            .try_into()
+            .expect("32 bytes")))
     }
 }
 

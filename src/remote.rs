@@ -21,8 +21,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::digest::Hash;
 use crate::engine::{
-    BeginInfo, KnownBase, NoProgress, OriginOptions, PageTarget, Progress, Role, SyncStats,
-    pumped_link, run_origin_with, run_replica, sync_local, sync_local_with,
+    BeginInfo, KnownBase, NoProgress, OriginOptions, PageSource, PageTarget, Progress, Role,
+    SyncStats, Synced, pumped_link, run_origin_with, run_replica, sync_local, sync_local_with,
 };
 use crate::history;
 use crate::merge::OnConflict;
@@ -407,20 +407,23 @@ impl Server {
         progress: Arc<dyn Progress>,
     ) -> Result<PushOutcome> {
         let url = self.url();
-        // The read transaction opens (and LOCAL is checked) before anything is sent: a
-        // damaged LOCAL is refused even when the server is out of reach.
+        // The read transaction opens before anything is sent, and LOCAL is checked
+        // before anything is committed: the pages a WAL names at once, a whole file by
+        // `quick_check` beside the scan that reads it (on the second core, not before
+        // it on the critical path), its answer awaited before COMMIT. A damaged LOCAL is
+        // still refused as such when the server is out of reach or the sync fails.
         let embedded = match self {
             Server::Embedded(store) => Some(store.clone()),
             Server::Ws { .. } => None,
         };
-        let (mut source, kept, state) = {
+        let (mut source, kept, state, deferred) = {
             let (local, replica, url) = (local.to_owned(), replica.clone(), url.clone());
             let (database, allow_corrupt) = (request.database.clone(), request.allow_corrupt);
             let (base, force) = (request.options.base, request.options.force);
             let store = embedded.clone();
             let started = std::time::Instant::now();
             let early = blocking(move || {
-                let source = Snapshot::open(&local)?;
+                let mut source = Snapshot::open(&local)?;
                 let state = source.state();
                 if let (Some(store), Some(db), Some(base), false, Some(state)) =
                     (&store, &database, base, force, state)
@@ -456,9 +459,7 @@ impl Server {
                         }));
                     }
                 }
-                if !allow_corrupt {
-                    check_source(&source)?;
-                }
+                let deferred = !allow_corrupt && defer_check(&mut source)?;
                 // The manifest of the base version, if this client pushed it: no hash
                 // travels.
                 let kept = match (database, base, force) {
@@ -467,7 +468,7 @@ impl Server {
                     }
                     _ => None,
                 };
-                Ok(Ok((source, kept, state)))
+                Ok(Ok((source, kept, state, deferred)))
             })
             .await?;
             match early {
@@ -486,13 +487,17 @@ impl Server {
                     blocking(move || {
                         let merging = merge.zip(options.base).filter(|_| !options.force);
                         let base_options = options.clone();
-                        let mut target = store.push(&replica, options)?;
+                        let mut target = match store.push(&replica, options) {
+                            Ok(target) => target,
+                            Err(e) => return Err(damage_first(&source, deferred, e)),
+                        };
                         let started = std::time::Instant::now();
                         // In process both sides speak the chunked digest: the store's
                         // replica then reads only the chunks pages came for.
-                        let pushed = push_origin(&mut source, kept, true, |source, options| {
-                            sync_local_with(source, &mut target, &*progress, options)
-                        });
+                        let pushed =
+                            push_origin(&mut source, kept, true, deferred, |source, options| {
+                                sync_local_with(source, &mut target, &*progress, options)
+                            });
                         let (stats, pushed) = match (pushed, merging) {
                             (Ok(done), _) => done,
                             (Err(Error::Conflict { .. }), Some((on_conflict, base))) => {
@@ -555,7 +560,14 @@ impl Server {
                 (outcome, pushed)
             }
             Server::Ws { url, compress } => {
-                let mut ws = connect(url, request.key.as_deref()).await?;
+                let mut ws = match connect(url, request.key.as_deref()).await {
+                    Ok(ws) => ws,
+                    Err(e) => {
+                        return Err(blocking(move || Ok(damage_first(&source, deferred, e)))
+                            .await
+                            .unwrap_or_else(|e| e));
+                    }
+                };
                 let o = &request.options;
                 let merging = request
                     .merge
@@ -614,7 +626,7 @@ impl Server {
                     Some(SYNC_IDLE_TIMEOUT),
                     pump,
                     move |link| {
-                        push_origin(&mut source, kept, false, |source, options| {
+                        push_origin(&mut source, kept, false, deferred, |source, options| {
                             run_origin_with(source, link, &*progress, options)
                         })
                     },
@@ -687,15 +699,9 @@ impl Server {
             None => outcome.version,
         };
         if let (Some(db), Some(pushed), true) = (request.database, pushed, manifest_version > 0) {
-            let header = history::ManifestHeader {
-                server: url,
-                replica: replica.to_string(),
-                version: manifest_version,
-                page_size: pushed.page_size,
-                page_count: pushed.page_count,
-            };
+            let replica = replica.to_string();
             blocking(move || {
-                history::save_manifest(&db, &header, &mut pushed.hashes());
+                pushed.keep(&db, url, replica, manifest_version);
                 Ok(())
             })
             .await?;
@@ -1194,18 +1200,86 @@ fn proved_unchanged(
 
 /// The page hashes a push sent, in an unlinked temporary file, until the version they
 /// became is known.
-struct PushedManifest {
-    page_size: u32,
-    page_count: u32,
-    hashes: crate::digest::HashSpill,
+enum PushedManifest {
+    /// Every page hash.
+    Whole {
+        page_size: u32,
+        page_count: u32,
+        hashes: crate::digest::HashSpill,
+    },
+    /// The known base with some chunks changed (a push by chunks): the base's header
+    /// and chunk hashes (the kept manifest is updated only if it is still that one), the
+    /// new chunk hashes, and the changed chunks' indexes and page hashes.
+    Chunks {
+        base: history::ManifestHeader,
+        base_table: Vec<crate::protocol::Hash>,
+        page_size: u32,
+        page_count: u32,
+        table: Vec<crate::protocol::Hash>,
+        changed: Vec<(u32, u32)>,
+        hashes: crate::digest::HashSpill,
+    },
 }
 
 impl PushedManifest {
-    fn hashes(&self) -> impl Iterator<Item = Result<crate::protocol::Hash>> + '_ {
+    /// Keeps it as `database`'s manifest of `version` of `replica` on `server`.
+    fn keep(self, database: &Path, server: String, replica: String, version: u64) {
         let io = |e| Error::io(Path::new("pushed manifest"), e);
-        self.hashes
-            .iter(self.page_count)
-            .map(move |h| h.map_err(io))
+        match self {
+            PushedManifest::Whole {
+                page_size,
+                page_count,
+                hashes,
+            } => {
+                let header = history::ManifestHeader {
+                    server,
+                    replica,
+                    version,
+                    page_size,
+                    page_count,
+                };
+                let mut all = hashes.iter(page_count).map(|h| h.map_err(io));
+                history::save_manifest(database, &header, &mut all);
+            }
+            PushedManifest::Chunks {
+                base,
+                base_table,
+                page_size,
+                page_count,
+                table,
+                changed,
+                hashes,
+            } => {
+                let header = history::ManifestHeader {
+                    server,
+                    replica,
+                    version,
+                    page_size,
+                    page_count,
+                };
+                let mut at = 0u32;
+                let mut chunks = changed.into_iter().map(|(idx, len)| {
+                    let mut out = Vec::with_capacity(len as usize);
+                    hashes.read_at(at, len, &mut out).map_err(io)?;
+                    at += len;
+                    Ok((idx, out.concat()))
+                });
+                history::update_manifest(database, &base, &base_table, &header, table, &mut chunks);
+            }
+        }
+    }
+}
+
+/// A kept manifest as the origin's known base.
+struct KeptBase(history::KeptManifest);
+
+impl crate::engine::BaseManifest for KeptBase {
+    fn chunk_hashes(&self) -> &[crate::protocol::Hash] {
+        self.0.table()
+    }
+
+    fn read_chunk(&mut self, idx: u32, out: &mut Vec<u8>) -> Result<bool> {
+        self.0.read_chunk(idx, out)
     }
 }
 
@@ -1214,43 +1288,166 @@ impl PushedManifest {
 /// `chunked` (the peer speaks it).
 fn push_origin(
     source: &mut Snapshot,
-    kept: Option<(history::ManifestHeader, history::ManifestHashes)>,
+    kept: Option<(history::ManifestHeader, history::KeptManifest)>,
     chunked: bool,
-    sync: impl FnOnce(&mut Snapshot, OriginOptions<'_>) -> Result<SyncStats>,
+    deferred: bool,
+    sync: impl FnOnce(&mut dyn PageSource, OriginOptions<'_>) -> Result<SyncStats>,
 ) -> Result<(SyncStats, Option<PushedManifest>)> {
-    let mut kept = kept;
-    let base = kept.as_mut().map(|(h, hashes)| KnownBase {
-        version: h.version,
-        page_size: h.page_size,
-        page_count: h.page_count,
-        hashes,
-    });
+    let (base_header, mut kept) = match kept {
+        Some((header, hashes)) => (Some(header), Some(KeptBase(hashes))),
+        None => (None, None),
+    };
+    let base_table = kept.as_ref().map(|k| k.0.table().to_vec());
+    let base = match (&base_header, kept.as_mut()) {
+        (Some(h), Some(hashes)) => Some(KnownBase {
+            version: h.version,
+            page_size: h.page_size,
+            page_count: h.page_count,
+            hashes,
+        }),
+        _ => None,
+    };
     let mut pushed = None;
-    let mut sink = |page_size: u32,
-                    hashes: &mut dyn Iterator<Item = Result<crate::protocol::Hash>>|
-     -> Result<()> {
+    let mut sink = |page_size: u32, page_count: u32, synced: Synced<'_>| -> Result<()> {
         let io = |e| Error::io(&std::env::temp_dir(), e);
         let mut w = crate::digest::HashSpill::writer().map_err(io)?;
-        for h in hashes {
-            w.push(&h?).map_err(io)?;
+        match synced {
+            Synced::Pages(hashes) => {
+                for h in hashes {
+                    w.push(&h?).map_err(io)?;
+                }
+                let hashes = w.finish().map_err(io)?;
+                pushed = Some(PushedManifest::Whole {
+                    page_size,
+                    page_count: hashes.len(),
+                    hashes,
+                });
+            }
+            Synced::Chunks { table, changed } => {
+                let (Some(base), Some(base_table)) = (base_header.clone(), base_table.clone())
+                else {
+                    return Err(Error::Bug("a sync by chunks without a known base".into()));
+                };
+                let mut kept = Vec::new();
+                for chunk in changed {
+                    let (idx, entries) = chunk?;
+                    for h in entries.chunks_exact(crate::digest::HASH_BYTES) {
+                        w.push(h.try_into().expect("32 bytes")).map_err(io)?;
+                    }
+                    kept.push((idx, (entries.len() / crate::digest::HASH_BYTES) as u32));
+                }
+                pushed = Some(PushedManifest::Chunks {
+                    base,
+                    base_table,
+                    page_size,
+                    page_count,
+                    table: table.to_vec(),
+                    changed: kept,
+                    hashes: w.finish().map_err(io)?,
+                });
+            }
         }
-        let hashes = w.finish().map_err(io)?;
-        pushed = Some(PushedManifest {
-            page_size,
-            page_count: hashes.len(),
-            hashes,
-        });
         Ok(())
     };
+    let mut checked = CheckedPush {
+        snapshot: source,
+        pending: deferred,
+    };
     let stats = sync(
-        source,
+        &mut checked,
         OriginOptions {
             base,
             manifest: Some(&mut sink),
             chunked_digest: chunked,
         },
-    )?;
+    );
+    let stats = match stats {
+        // The sync ended before the check's answer was awaited: a damaged LOCAL is
+        // what the push reports, as when it was checked first.
+        Err(e) if checked.pending => return Err(damage_first(checked.snapshot, true, e)),
+        other => other?,
+    };
     Ok((stats, pushed))
+}
+
+/// Decides how a push checks LOCAL: the pages the WAL names are checked now (the
+/// structural check of each, which costs what they cost); when that is not enough (a
+/// push that reads the whole file, or a changed page that looks wrong), the full
+/// `quick_check` is deferred (`true`): it runs beside the scan when the scan reads every
+/// page from the file, after it otherwise, and the push waits for its answer before it
+/// asks the replica to commit ([`CheckedPush`]). Before, it ran here, alone on one core,
+/// before the first page went out: about half a full push's client CPU on its critical
+/// path (docs/performance.md).
+fn defer_check(source: &mut Snapshot) -> Result<bool> {
+    if let Some(problems) = source.check_changed_pages()? {
+        if problems.is_empty() {
+            return Ok(false);
+        }
+        tracing::info!(problem = %problems[0], "a changed page looks damaged; running quick_check");
+    }
+    source.check_beside_scan();
+    Ok(true)
+}
+
+/// `e`, unless a deferred check (`deferred`) finds LOCAL damaged: then that refusal,
+/// which is what a push of a damaged LOCAL has always answered, whatever else failed.
+fn damage_first(source: &Snapshot, deferred: bool, e: Error) -> Error {
+    if !deferred {
+        return e;
+    }
+    match quick_check_source(source) {
+        Err(damaged) if damaged.kind() == crate::ErrorKind::Verification => damaged,
+        _ => e,
+    }
+}
+
+/// A push's source whose deferred `quick_check` ([`defer_check`]) is answered before
+/// the origin asks the replica to commit: a damaged LOCAL still commits nothing.
+struct CheckedPush<'a> {
+    snapshot: &'a mut Snapshot,
+    /// The check is deferred and not answered yet.
+    pending: bool,
+}
+
+impl PageSource for CheckedPush<'_> {
+    fn page_size(&self) -> u32 {
+        PageSource::page_size(&*self.snapshot)
+    }
+
+    fn page_count(&self) -> u32 {
+        PageSource::page_count(&*self.snapshot)
+    }
+
+    fn scan(&mut self, with_data_after: u32, f: &mut crate::engine::ScanFn<'_>) -> Result<()> {
+        PageSource::scan(&mut *self.snapshot, with_data_after, f)
+    }
+
+    fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
+        PageSource::read_page(&mut *self.snapshot, pgno, buf)
+    }
+
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<crate::digest::Hash>>>> {
+        PageSource::chunk_hashes(&mut *self.snapshot)
+    }
+
+    fn scan_chunk(
+        &mut self,
+        idx: u32,
+        f: &mut crate::engine::ScanFn<'_>,
+    ) -> Result<crate::digest::Hash> {
+        PageSource::scan_chunk(&mut *self.snapshot, idx, f)
+    }
+
+    fn chunks_done(&mut self) -> Result<()> {
+        PageSource::chunks_done(&mut *self.snapshot)
+    }
+
+    fn check(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.pending) {
+            return quick_check_source(self.snapshot);
+        }
+        Ok(())
+    }
 }
 
 fn link_sent(link: &crate::engine::ChannelLink) -> u64 {

@@ -12,7 +12,11 @@
 //!   - `versions`: number, page size, page count, digest, message, time, client and key,
 //!     base, and for a merge's candidate the version that merged it (`merged_into`,
 //!     added to older files by the first merge that stores a candidate);
-//!   - `bad_pages`: pages found damaged, to be resent by the next push.
+//!   - `bad_pages`: pages found damaged, to be resent by the next push;
+//!   - `places`: for each chunk, where its pages' bytes lie in the packs, written by the
+//!     push that commits a version using it, so a full pull reads the pack runs with
+//!     no lookup in the page index a page (see `place`; a hint is checked like every
+//!     read, and one that fails falls back to the index).
 //!
 //! Invariants:
 //! - A version is visible only once complete and verified: a push appends its new pages
@@ -31,7 +35,9 @@
 //!   references, except that a page found damaged (its bytes no longer match its hash)
 //!   has its index row pointed at good bytes when a push brings them.
 //! - Nothing damaged is delivered: every page read is checked against its hash; a bad
-//!   one is an error and is recorded (`bad_pages`) so that the next push resends it.
+//!   one is an error and is recorded (`bad_pages`) so that the next push resends it. A
+//!   page read where a place hint said and found wrong is read again through the index
+//!   first: only the index's bytes decide that a page is damaged.
 //! - Nothing unused is kept: pages a push appended that its version does not use are
 //!   cut out of the pack before its COMMIT; files a crashed push left are removed, and
 //!   pack tails it left truncated, the next time the replica is pushed (never those of
@@ -46,6 +52,7 @@
 
 mod list;
 mod pack;
+mod place;
 mod replica;
 mod retention;
 mod scrub;

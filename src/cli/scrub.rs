@@ -98,8 +98,15 @@ impl ScrubArgs {
                 }
                 for v in &r.bad_versions {
                     out(format_args!(
-                        "{}: version {} is bad: {}",
-                        r.replica, v.number, v.problem
+                        "{}: version {} is bad: {} ({})",
+                        r.replica,
+                        v.number,
+                        v.problem,
+                        if v.repairable {
+                            "a push of a database holding the same pages repairs it"
+                        } else {
+                            "nothing repairs it"
+                        }
                     ))?;
                 }
             }
@@ -114,10 +121,29 @@ impl ScrubArgs {
                 ))?;
             }
             if !clean {
+                let lost = report
+                    .replicas
+                    .iter()
+                    .flat_map(|r| &r.bad_versions)
+                    .filter(|v| !v.repairable)
+                    .count();
+                let mut advice = Vec::new();
+                if bad_pages > 0 {
+                    advice.push(
+                        "bad pages are recorded: the next push of each database resends them, which repairs every version that uses them"
+                            .to_owned(),
+                    );
+                }
+                if lost > 0 {
+                    advice.push(format!(
+                        "{lost} version(s) whose manifest or digest does not hold stay as they are (a stored version never changes): pull another version, and push the database to make a whole new latest one"
+                    ));
+                }
                 out(format_args!(
-                    "BAD: {bad_pages} bad page(s), {bad_versions} bad version(s) in {} ({} replicas, {versions} versions, {pages} pages checked); bad pages are recorded: push the databases again to repair them",
+                    "BAD: {bad_pages} bad page(s), {bad_versions} bad version(s) in {} ({} replicas, {versions} versions, {pages} pages checked){}",
                     root.display(),
-                    report.replicas.len()
+                    report.replicas.len(),
+                    advice.iter().map(|a| format!("; {a}")).collect::<String>()
                 ))?;
             } else if !global.quiet {
                 out(format_args!(

@@ -663,6 +663,18 @@ impl PageSource for CheckedSource<'_> {
         PageSource::read_page(&mut *self.snapshot, pgno, buf)
     }
 
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<crate::digest::Hash>>>> {
+        PageSource::chunk_hashes(&mut *self.snapshot)
+    }
+
+    fn scan_chunk(&mut self, idx: u32, f: &mut ScanFn<'_>) -> Result<crate::digest::Hash> {
+        PageSource::scan_chunk(&mut *self.snapshot, idx, f)
+    }
+
+    fn chunks_done(&mut self) -> Result<()> {
+        PageSource::chunks_done(&mut *self.snapshot)
+    }
+
     fn check(&mut self) -> Result<()> {
         if self.check {
             let result = quick_check_source(self.snapshot);

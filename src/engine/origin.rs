@@ -11,7 +11,10 @@ use std::time::Instant;
 
 use super::tree::Tree;
 use super::{FANOUT, Link, PageSource, Phase, Progress, SyncStats, WINDOW_NODES};
-use crate::digest::{DigestForm, Hash, digest_text, hex, lock_byte_page};
+use crate::digest::{
+    CHUNK_PAGES, ChunkedDigest, DigestForm, HASH_BYTES, Hash, HashSpill, chunk_count, chunk_pages,
+    digest_text, hex, lock_byte_page,
+};
 use crate::protocol::{ErrorCode, Frame, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, Run};
 use crate::{Error, Result};
 
@@ -31,8 +34,22 @@ const PROGRESS_BATCH: u64 = 1024;
 /// The descent starts at the lowest level that has at most this many nodes.
 const TOP_NODES: u64 = 256;
 
-/// The version the replica holds, as the origin already knows it: its page hashes, in
-/// order. With it the origin compares pages itself and no hash travels at all.
+/// The page hashes of the version the replica holds, as the origin keeps them: by
+/// chunks ([`crate::digest::CHUNK_PAGES`] page hashes each), each chunk checked against
+/// its hash when it is read.
+pub trait BaseManifest {
+    /// Its chunk hashes, in order.
+    fn chunk_hashes(&self) -> &[Hash];
+    /// Appends the page hashes of chunk `idx` (0-based) to `out`, back to back, when
+    /// they make the chunk's hash: `Ok(false)` and `out` as it was when they do not (a
+    /// damaged record), and the origin then sends every page of that chunk.
+    fn read_chunk(&mut self, idx: u32, out: &mut Vec<u8>) -> Result<bool>;
+}
+
+/// The version the replica holds, as the origin already knows it: its page hashes. With
+/// it the origin compares pages itself and no hash travels at all; with the chunked
+/// digest and a source that knows its chunks ([`PageSource::chunk_hashes`]) it compares
+/// chunks first, and pages only in the chunks that differ.
 pub struct KnownBase<'a> {
     /// The version number (sent in BEGIN).
     pub version: u64,
@@ -40,13 +57,57 @@ pub struct KnownBase<'a> {
     pub page_size: u32,
     /// Its page count.
     pub page_count: u32,
-    /// Its page hashes, in page order.
-    pub hashes: &'a mut dyn Iterator<Item = Result<Hash>>,
+    /// Its page hashes.
+    pub hashes: &'a mut dyn BaseManifest,
 }
 
-/// Receives the origin's page hashes, in order, after a successful sync.
-pub type ManifestSink<'a> =
-    dyn FnMut(u32, &mut dyn Iterator<Item = Result<Hash>>) -> Result<()> + 'a;
+/// What the replica now holds, as [`ManifestSink`] hears it.
+pub enum Synced<'a> {
+    /// Every page hash, in order.
+    Pages(&'a mut dyn Iterator<Item = Result<Hash>>),
+    /// The known base with some chunks changed (a sync by chunks): every chunk's hash
+    /// in order, and the index and page hashes of each chunk whose hash is not the
+    /// base's (or whose base record did not hold), in order. Every other chunk's page
+    /// hashes are the base's.
+    Chunks {
+        /// The chunk hashes.
+        table: &'a [Hash],
+        /// The changed chunks.
+        changed: &'a mut dyn Iterator<Item = Result<(u32, Vec<u8>)>>,
+    },
+}
+
+/// Receives the origin's page hashes after a successful sync: the page size, the page
+/// count and the hashes.
+pub type ManifestSink<'a> = dyn FnMut(u32, u32, Synced<'_>) -> Result<()> + 'a;
+
+/// A base's page hashes read in page order, a chunk at a time: no hash for a page of a
+/// chunk that does not hold, nor past the base's end.
+struct BasePages<'a> {
+    base: &'a mut dyn BaseManifest,
+    page_count: u32,
+    chunk: Option<u32>,
+    buf: Vec<u8>,
+}
+
+impl BasePages<'_> {
+    fn hash(&mut self, pgno: u32) -> Result<Option<Hash>> {
+        if pgno == 0 || pgno > self.page_count {
+            return Ok(None);
+        }
+        let idx = (pgno - 1) / CHUNK_PAGES;
+        if self.chunk != Some(idx) {
+            self.buf.clear();
+            self.base.read_chunk(idx, &mut self.buf)?;
+            self.chunk = Some(idx);
+        }
+        let at = ((pgno - 1) % CHUNK_PAGES) as usize * HASH_BYTES;
+        Ok(self
+            .buf
+            .get(at..at + HASH_BYTES)
+            .map(|h| h.try_into().expect("32 bytes")))
+    }
+}
 
 /// Optional behaviour of the origin.
 #[derive(Default)]
@@ -54,9 +115,11 @@ pub struct OriginOptions<'a> {
     /// The replica's version, if the origin knows its manifest. Used only when the
     /// replica's READY agrees (same page count); otherwise the hash-tree exchange runs.
     pub base: Option<KnownBase<'a>>,
-    /// Called with the page size and the synced page hashes once the replica committed
-    /// (the client keeps them as the next push's known base); not called when the base
-    /// was known and no page differed from it (the hashes are the base's).
+    /// Called with the page size, the page count and the synced page hashes once the
+    /// replica committed (the client keeps them as the next push's known base): all of
+    /// them, or after a pass by chunks only the chunks that differ from the base
+    /// ([`Synced`]); not called when the base was known and the result is the base
+    /// (the hashes are the base's).
     pub manifest: Option<&'a mut ManifestSink<'a>>,
     /// Agree on the chunked digest ([`FLAG_CHUNKED_DIGEST`]); only for a peer that
     /// speaks it.
@@ -148,6 +211,143 @@ impl Sender<'_> {
     }
 }
 
+/// What the origin's pass over its pages leaves for the rest of the sync.
+enum Pass {
+    /// Every page hash, in a tree (with its levels when a descent may ask for nodes).
+    Tree(Tree),
+    /// A pass by chunks against the known base: the result's chunk hashes, and the
+    /// chunks that differ from the base's.
+    Chunks {
+        table: Vec<Hash>,
+        changed: ChangedChunks,
+    },
+}
+
+/// The chunks a pass by chunks found different from the base's, and their page hashes
+/// (in an unlinked temporary file, chunk after chunk: memory stays flat).
+struct ChangedChunks {
+    chunks: Vec<u32>,
+    entries: HashSpill,
+}
+
+/// The origin's pass by chunks: the base's chunk hashes against the source's, and
+/// pages compared, read and sent only in the chunks that differ.
+struct ChunkPass<'a> {
+    source: &'a mut dyn PageSource,
+    link: &'a mut dyn Link,
+    progress: &'a dyn Progress,
+    base: &'a mut dyn BaseManifest,
+    page_size: u32,
+    page_count: u32,
+    pages_sent: u32,
+}
+
+impl ChunkPass<'_> {
+    /// Runs the pass over `known` ([`PageSource::chunk_hashes`]): returns the chunked
+    /// digest, the chunk hashes and the chunks that differ from the base's.
+    ///
+    /// A chunk the source knows (its pages unchanged since its record) with the base's
+    /// hash is the base's: nothing of it is read or sent. Every other chunk is hashed by
+    /// the source page by page and compared with the base's chunk page by page (a base
+    /// chunk whose record does not hold matches nothing: all its pages go), and the pages
+    /// that differ are sent. The digest is over every chunk's hash; the replica checks it
+    /// against its own result, so a base that is not what this origin believes is refused
+    /// there, never committed.
+    fn run(&mut self, known: &[Option<Hash>]) -> Result<(Option<Hash>, Vec<Hash>, ChangedChunks)> {
+        let chunks = chunk_count(self.page_count);
+        if known.len() != chunks as usize {
+            return Err(Error::Bug(format!(
+                "the source knows {} chunks of {chunks}",
+                known.len()
+            )));
+        }
+        let temp = |e| Error::io(&std::env::temp_dir(), e);
+        let base_table = self.base.chunk_hashes().to_vec();
+        let lock_page = lock_byte_page(self.page_size);
+        let mut digest = ChunkedDigest::new(self.page_size, self.page_count);
+        let mut table = Vec::with_capacity(chunks as usize);
+        let mut changed = Vec::new();
+        let mut spill = HashSpill::writer().map_err(temp)?;
+        let (mut theirs, mut mine) = (Vec::new(), Vec::new());
+        let mut unread = Vec::new();
+        let mut buf = Vec::with_capacity(self.page_size as usize);
+        for idx in 0..chunks {
+            let pages = chunk_pages(idx, self.page_count);
+            let (first, len) = (*pages.start(), pages.end() - pages.start() + 1);
+            let base_hash = base_table.get(idx as usize).copied();
+            if let (Some(ours), Some(b)) = (known[idx as usize], base_hash)
+                && ours == b
+            {
+                digest.push_chunk(&ours);
+                table.push(ours);
+                self.progress.advance(u64::from(len));
+                continue;
+            }
+            theirs.clear();
+            let base_holds = base_hash.is_some() && self.base.read_chunk(idx, &mut theirs)?;
+            mine.clear();
+            let (link, pages_sent) = (&mut *self.link, &mut self.pages_sent);
+            let hash = self.source.scan_chunk(idx, &mut |pgno, hash, data| {
+                if pgno != first + (mine.len() / HASH_BYTES) as u32 {
+                    return Err(Error::Protocol(format!(
+                        "page {pgno} of chunk {idx} came out of order"
+                    )));
+                }
+                mine.extend_from_slice(&hash);
+                let at = (pgno - first) as usize * HASH_BYTES;
+                if theirs.get(at..at + HASH_BYTES) != Some(&hash[..]) && pgno != lock_page {
+                    match data {
+                        Some(data) => {
+                            link.send_page(pgno, data)?;
+                            *pages_sent += 1;
+                        }
+                        None => unread.push(pgno),
+                    }
+                }
+                Ok(())
+            })?;
+            if mine.len() != len as usize * HASH_BYTES {
+                return Err(Error::Protocol(format!(
+                    "chunk {idx} of the origin has {} pages of {len}",
+                    mine.len() / HASH_BYTES
+                )));
+            }
+            for pgno in unread.drain(..) {
+                self.source.read_page(pgno, &mut buf)?;
+                self.link.send_page(pgno, &buf)?;
+                self.pages_sent += 1;
+            }
+            self.progress.advance(u64::from(len));
+            digest.push_chunk(&hash);
+            table.push(hash);
+            // A base chunk whose record did not hold is kept anew, even when its hash
+            // is the same: the next push reads it whole again.
+            if base_hash != Some(hash) || !base_holds {
+                changed.push(idx);
+                for h in mine.chunks_exact(HASH_BYTES) {
+                    spill.push(h.try_into().expect("32 bytes")).map_err(temp)?;
+                }
+            }
+        }
+        self.source.chunks_done()?;
+        let entries = spill.finish().map_err(temp)?;
+        tracing::debug!(
+            chunks,
+            differ = changed.len(),
+            pages_sent = self.pages_sent,
+            "origin compared by chunks"
+        );
+        Ok((
+            digest.finish(),
+            table,
+            ChangedChunks {
+                chunks: changed,
+                entries,
+            },
+        ))
+    }
+}
+
 fn session(
     source: &mut dyn PageSource,
     link: &mut dyn Link,
@@ -201,7 +401,12 @@ fn session(
     } else {
         page_count.min(replica_count)
     };
-    let mut base_hashes = base.as_mut().map(|b| (b.page_count, &mut *b.hashes));
+    // With the chunked digest, a source that knows its chunks is compared with the
+    // base by chunks: only the chunks that differ are read, and no tree is built.
+    let known_chunks = match (&base, form) {
+        (Some(_), DigestForm::Chunked) => source.chunk_hashes()?,
+        _ => None,
+    };
 
     // One pass over the source: hash every page, and send the pages the replica does
     // not have, or that differ from the known base, as they go by.
@@ -210,50 +415,74 @@ fn session(
     // Pages the pass wanted to send but got no bytes of (page runs would be smaller;
     // a source sends bytes for every page it read, so this stays short).
     let mut unread: Vec<u32> = Vec::new();
-    let wants_data = |pgno: u32| pgno > common;
-    let mut hashed = 0u64;
-    // With a known base no node is ever asked for: the pages and the digest suffice.
-    let (mut tree, digest) = Tree::build_with(
-        page_size,
-        page_count,
-        !base_known,
-        form,
-        |f| {
-            source.scan(common, &mut |pgno, hash, data| {
-                let differs = match &mut base_hashes {
-                    Some((count, hashes)) if pgno <= *count => match hashes.next() {
-                        Some(theirs) => theirs? != hash,
-                        None => {
-                            return Err(Error::Protocol("the base manifest ended early".into()));
+    let (pass, digest) = match (known_chunks, base.as_mut()) {
+        (Some(known), Some(b)) => {
+            tracing::debug!(
+                "base manifest and source chunks known: only differing chunks are read"
+            );
+            let mut chunks = ChunkPass {
+                source: &mut *source,
+                link: &mut *link,
+                progress,
+                base: &mut *b.hashes,
+                page_size,
+                page_count,
+                pages_sent: 0,
+            };
+            let (digest, table, changed) = chunks.run(&known)?;
+            pages_sent = chunks.pages_sent;
+            (Pass::Chunks { table, changed }, digest)
+        }
+        (_, b) => {
+            let mut base_pages = b.map(|b| BasePages {
+                page_count: b.page_count,
+                base: &mut *b.hashes,
+                chunk: None,
+                buf: Vec::new(),
+            });
+            let wants_data = |pgno: u32| pgno > common;
+            let mut hashed = 0u64;
+            // With a known base no node is ever asked for: the pages and the digest
+            // suffice.
+            let (tree, digest) = Tree::build_with(
+                page_size,
+                page_count,
+                !base_known,
+                form,
+                |f| {
+                    source.scan(common, &mut |pgno, hash, data| {
+                        let differs = match &mut base_pages {
+                            Some(b) => b.hash(pgno)? != Some(hash),
+                            None => true,
+                        };
+                        if differs && pgno != lock_page {
+                            match data {
+                                Some(data) => {
+                                    link.send_page(pgno, data)?;
+                                    pages_sent += 1;
+                                }
+                                // A source that did not read this page (its hash was
+                                // known) sends it after the pass.
+                                None if wants_data(pgno) => unread.push(pgno),
+                                None => {}
+                            }
                         }
-                    },
-                    _ => true,
-                };
-                if differs && pgno != lock_page {
-                    match data {
-                        Some(data) => {
-                            link.send_page(pgno, data)?;
-                            pages_sent += 1;
-                        }
-                        // A source that did not read this page (its hash was known)
-                        // sends it after the pass.
-                        None if wants_data(pgno) => unread.push(pgno),
-                        None => {}
+                        f(pgno, hash)
+                    })
+                },
+                || {
+                    // Progress in batches: a call per page costs a clock read each in
+                    // the bar, which was 8% of a no-change push of 1 GiB.
+                    hashed += 1;
+                    if hashed.is_multiple_of(PROGRESS_BATCH) {
+                        progress.advance(PROGRESS_BATCH);
                     }
-                }
-                f(pgno, hash)
-            })
-        },
-        || {
-            // Progress in batches: a call per page costs a clock read each in the bar,
-            // which was 8% of a no-change push of 1 GiB.
-            hashed += 1;
-            if hashed.is_multiple_of(PROGRESS_BATCH) {
-                progress.advance(PROGRESS_BATCH);
-            }
-        },
-    )?;
-    progress.advance(hashed % PROGRESS_BATCH);
+                },
+            )?;
+            progress.advance(hashed % PROGRESS_BATCH);
+            (Pass::Tree(tree), digest)
+        }
+    };
     let digest = digest
         .ok_or_else(|| Error::Protocol("the origin's page count changed while hashing".into()))?;
     let mut hash_bytes = 0u64;
@@ -287,6 +516,7 @@ fn session(
     }
     let mut outstanding = 0u32;
     let mut mine = Vec::new();
+    let mut pass = pass;
     loop {
         while outstanding < WINDOW_NODES {
             let Some(&(level, _)) = pending.front() else {
@@ -320,6 +550,10 @@ fn session(
             break;
         }
         let frame = recv(tx.link)?;
+        // Only a descent asks for nodes, and only the pass with a tree has one.
+        let Pass::Tree(tree) = &mut pass else {
+            return Err(Error::Bug("a descent without a hash tree".into()));
+        };
         let Frame::Nodes {
             level,
             start,
@@ -393,9 +627,42 @@ fn session(
     }
     // With a known base and nothing sent, the synced hashes are the base's: the caller
     // keeps what it has (a no-change push reads and writes no manifest).
-    let same_as_base = base_known && pages_sent == 0;
-    if let Some(keep) = manifest.filter(|_| !same_as_base) {
-        keep(page_size, &mut tree.leaves(page_count)?)?;
+    match pass {
+        Pass::Tree(mut tree) => {
+            let same_as_base = base_known && pages_sent == 0;
+            if let Some(keep) = manifest.filter(|_| !same_as_base) {
+                keep(
+                    page_size,
+                    page_count,
+                    Synced::Pages(&mut tree.leaves(page_count)?),
+                )?;
+            }
+        }
+        Pass::Chunks { table, changed } => {
+            let same_as_base = changed.chunks.is_empty()
+                && base.as_ref().is_some_and(|b| {
+                    b.page_count == page_count && b.hashes.chunk_hashes() == table
+                });
+            if let Some(keep) = manifest.filter(|_| !same_as_base) {
+                let io = |e| Error::io(&std::env::temp_dir(), e);
+                let mut at = 0u32;
+                let mut entries = changed.chunks.iter().map(|&idx| {
+                    let len = chunk_pages(idx, page_count).count() as u32;
+                    let mut out = Vec::with_capacity(len as usize);
+                    changed.entries.read_at(at, len, &mut out).map_err(io)?;
+                    at += len;
+                    Ok((idx, out.concat()))
+                });
+                keep(
+                    page_size,
+                    page_count,
+                    Synced::Chunks {
+                        table: &table,
+                        changed: &mut entries,
+                    },
+                )?;
+            }
+        }
     }
     Ok(SyncStats {
         page_size,

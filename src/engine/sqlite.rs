@@ -26,6 +26,18 @@ impl PageSource for Snapshot {
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
         Snapshot::read_page(self, pgno, buf)
     }
+
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<Hash>>>> {
+        Ok(Snapshot::chunk_hashes(self))
+    }
+
+    fn scan_chunk(&mut self, idx: u32, f: &mut ScanFn<'_>) -> Result<Hash> {
+        self.hash_chunk(idx, f)
+    }
+
+    fn chunks_done(&mut self) -> Result<()> {
+        Snapshot::chunks_done(self)
+    }
 }
 
 impl PageTarget for Writer {

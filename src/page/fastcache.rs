@@ -9,31 +9,36 @@
 //! - and when the file was last written ([`Written`]): a file written since by anything
 //!   but a checkpoint (copied over in place while the WAL stayed where it was) is not
 //!   the file the hashes are of;
-//! - it carries an XXH3 checksum of all its entries, checked (one sequential read of 32
-//!   bytes a page) before any entry is used, so a torn or half-updated file is refused;
-//! - an update in place first marks the header unsealed, then writes the changed
-//!   entries, then seals it with the new position and checksum: a crash in between
-//!   leaves an unsealed file, or (power loss reordering the writes) one whose checksum
-//!   fails; either means a full scan, never a wrong hash.
+//! - its entries are kept by chunks ([`ChunkedHashes`], format 3): a table of chunk
+//!   hashes (the chunked digest's) after the entries, bound to the header by a checksum
+//!   read when the list is opened (32 bytes per 1,024 pages), and each chunk of entries
+//!   checked against its hash when it is read. A push that follows the WAL reads only
+//!   the chunks it needs (with the chunked digest, only the chunks pages changed in);
+//! - an update in place writes the changed chunks' entries, then the table, then the
+//!   header: a crash in between, or a power cut reordering the writes, leaves a table
+//!   its header's checksum refuses (a full scan), or chunks whose entries do not make
+//!   their hash (their pages are read), never a wrong hash.
 //!
-//! A no-change push writes nothing; a push that changed `n` pages writes `32·n` bytes and
-//! a header. The file lives beside the fingerprint cache, named after it with `.wal`.
+//! A no-change push writes nothing; a push that changed pages in `c` chunks writes
+//! `c · 32 KiB`, the table and a header. The file lives beside the fingerprint cache,
+//! named after it with `.wal`. A list of an earlier format is not trusted: the first push
+//! after an upgrade reads every page, as without a list.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::wal::{POSITION_BYTES, Position};
-use crate::digest::Hash;
+use crate::digest::{ChunkedHashes, ChunkedWriter, Hash, table_checksum};
 
 const MAGIC: &[u8; 16] = b"sqlferry-walhash";
-/// 2: with [`Written`] (a list of format 1 is not trusted: one push reads every page).
-const FORMAT: u32 = 2;
+/// 2: with [`Written`]; 3: by chunks, with a table of chunk hashes. A list of an earlier
+/// format is not trusted: one push reads every page.
+const FORMAT: u32 = 3;
 const HEADER_BYTES: usize = 96;
-const ENTRY_BYTES: u64 = 32;
-const SEALED: u32 = 1;
-const UNSEALED: u32 = 0;
+/// Where the header keeps the checksum over itself and the table.
+const CHECKSUM_AT: std::ops::Range<usize> = 68..76;
 
 /// The identity of a database file: a file replaced under the same name is another one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,34 +108,35 @@ pub(super) struct Stamp {
     pub(super) page_size: u32,
     pub(super) page_count: u32,
     pub(super) position: Position,
-    pub(super) checksum: u64,
     pub(super) written: Written,
 }
 
-fn header(stamp: &Stamp, state: u32) -> [u8; HEADER_BYTES] {
+/// The header of a list stamped `stamp` whose table is `table`.
+fn header(stamp: &Stamp, table: &[Hash]) -> [u8; HEADER_BYTES] {
     let mut h = [0u8; HEADER_BYTES];
     h[..16].copy_from_slice(MAGIC);
     h[16..20].copy_from_slice(&FORMAT.to_be_bytes());
-    h[20..24].copy_from_slice(&state.to_be_bytes());
     h[24..28].copy_from_slice(&stamp.page_size.to_be_bytes());
     h[28..32].copy_from_slice(&stamp.page_count.to_be_bytes());
     h[32..40].copy_from_slice(&stamp.id.dev.to_be_bytes());
     h[40..48].copy_from_slice(&stamp.id.ino.to_be_bytes());
     h[48..48 + POSITION_BYTES].copy_from_slice(&stamp.position.to_bytes());
-    h[68..76].copy_from_slice(&stamp.checksum.to_be_bytes());
     h[76..84].copy_from_slice(&stamp.written.ctime.0.to_be_bytes());
     h[84..88].copy_from_slice(&stamp.written.ctime.1.to_be_bytes());
     h[88..92].copy_from_slice(&stamp.written.backfilled.to_be_bytes());
+    let sum = table_checksum(&h, table);
+    h[CHECKSUM_AT].copy_from_slice(&sum.to_be_bytes());
     h
 }
 
-fn parse(h: &[u8; HEADER_BYTES]) -> Option<Stamp> {
+/// The stamp a header holds, and its checksum, if it is a header of this format.
+fn parse(h: &[u8; HEADER_BYTES]) -> Option<(Stamp, u64)> {
     let u32_at = |i: usize| u32::from_be_bytes(h[i..i + 4].try_into().expect("4 bytes"));
     let u64_at = |i: usize| u64::from_be_bytes(h[i..i + 8].try_into().expect("8 bytes"));
-    if &h[..16] != MAGIC || u32_at(16) != FORMAT || u32_at(20) != SEALED {
+    if &h[..16] != MAGIC || u32_at(16) != FORMAT {
         return None;
     }
-    Some(Stamp {
+    let stamp = Stamp {
         id: FileId {
             dev: u64_at(32),
             ino: u64_at(40),
@@ -138,33 +144,38 @@ fn parse(h: &[u8; HEADER_BYTES]) -> Option<Stamp> {
         page_size: u32_at(24),
         page_count: u32_at(28),
         position: Position::from_bytes(h[48..68].try_into().expect("20 bytes")),
-        checksum: u64_at(68),
         written: Written {
             ctime: (u64_at(76) as i64, u32_at(84)),
             backfilled: u32_at(88),
         },
-    })
+    };
+    Some((stamp, u64_at(CHECKSUM_AT.start)))
 }
 
-/// The header of the hash list of `db` in `dir`, if it is sealed; its entries are not
-/// checked (a push's [`HashList::load`] does that before using any).
+/// The header of the hash list of `db` in `dir`, if it is one of this format; neither
+/// its table nor its entries are checked (a push's [`HashList::load`] does that).
 pub(super) fn sealed_stamp(dir: &Path, db: &Path) -> Option<Stamp> {
     let file = File::open(path(dir, db)?).ok()?;
     let mut h = [0u8; HEADER_BYTES];
     file.read_exact_at(&mut h, 0).ok()?;
-    parse(&h)
+    parse(&h).map(|(stamp, _)| stamp)
 }
 
-/// A sealed hash list whose checksum holds, open for one scan.
+/// A hash list whose header and table hold together, open for one scan. Its chunks
+/// are checked as they are read; the update the scan makes is written chunk by chunk
+/// ([`HashList::write_chunk`]) and sealed by [`HashList::finish`].
 pub(super) struct HashList {
-    file: File,
+    chunks: ChunkedHashes,
     path: PathBuf,
     pub(super) stamp: Stamp,
+    /// A write failed: the list is removed at [`HashList::finish`].
+    failed: bool,
 }
 
 impl HashList {
-    /// The hash list of `db` in `dir`, if there is one, sealed, of this file and page
-    /// size, and whole (its checksum holds).
+    /// The hash list of `db` in `dir`, if there is one of this format, of this file and
+    /// page size, whose table its header's checksum holds. Reads the header and the
+    /// table (32 bytes per 1,024 pages), no entry.
     pub(super) fn load(dir: &Path, db: &Path, id: FileId, page_size: u32) -> Option<HashList> {
         let path = path(dir, db)?;
         let file = std::fs::OpenOptions::new()
@@ -174,68 +185,66 @@ impl HashList {
             .ok()?;
         let mut h = [0u8; HEADER_BYTES];
         file.read_exact_at(&mut h, 0).ok()?;
-        let stamp = parse(&h)?;
+        let (stamp, sum) = parse(&h)?;
         if stamp.id != id || stamp.page_size != page_size {
             return None;
         }
-        let len = file.metadata().ok()?.len();
-        if len != HEADER_BYTES as u64 + u64::from(stamp.page_count) * ENTRY_BYTES {
-            return None;
-        }
-        let mut list = HashList { file, path, stamp };
-        let mut sum = xxhash_rust::xxh3::Xxh3::new();
-        for h in list.entries().ok()? {
-            sum.update(&h.ok()?);
-        }
-        (sum.digest() == stamp.checksum).then_some(list)
+        h[CHECKSUM_AT].fill(0);
+        let chunks = ChunkedHashes::open(file, HEADER_BYTES as u64, stamp.page_count, &h, sum)?;
+        Some(HashList {
+            chunks,
+            path,
+            stamp,
+            failed: false,
+        })
     }
 
-    /// The entries, in page order.
-    pub(super) fn entries(
-        &mut self,
-    ) -> std::io::Result<impl Iterator<Item = std::io::Result<Hash>> + '_> {
-        use std::io::Seek;
-        let mut f = &self.file;
-        f.seek(std::io::SeekFrom::Start(HEADER_BYTES as u64))?;
-        let mut r = BufReader::with_capacity(256 * 1024, f);
-        Ok((0..self.stamp.page_count).map(move |_| {
-            let mut h = [0u8; 32];
-            r.read_exact(&mut h)?;
-            Ok(h)
-        }))
+    /// The chunk hashes of the list's pages, in order.
+    pub(super) fn table(&self) -> &[Hash] {
+        self.chunks.table()
     }
 
-    /// Rewrites the list in place to `stamp`: `changed` holds the new hashes of the
-    /// pages that differ (in page order), everything else is as it was.
-    pub(super) fn update(self, stamp: Stamp, changed: &[(u32, Hash)]) {
-        let f = &self.file;
-        let result = (|| -> std::io::Result<()> {
-            if stamp == self.stamp {
-                return Ok(());
-            }
-            f.write_all_at(&header(&self.stamp, UNSEALED), 0)?;
-            let at = |pgno: u32| HEADER_BYTES as u64 + u64::from(pgno - 1) * ENTRY_BYTES;
-            let mut run: Vec<u8> = Vec::new();
-            let mut first = 0u32;
-            for (pgno, hash) in changed {
-                let next = first + (run.len() / 32) as u32;
-                if run.is_empty() || *pgno != next || run.len() >= 1 << 20 {
-                    if !run.is_empty() {
-                        f.write_all_at(&run, at(first))?;
-                    }
-                    run.clear();
-                    first = *pgno;
-                }
-                run.extend_from_slice(hash);
-            }
-            if !run.is_empty() {
-                f.write_all_at(&run, at(first))?;
-            }
-            f.set_len(HEADER_BYTES as u64 + u64::from(stamp.page_count) * ENTRY_BYTES)?;
-            f.write_all_at(&header(&stamp, SEALED), 0)
-        })();
+    /// Appends the hashes of chunk `idx` to `out` when they make the chunk's hash:
+    /// `false` (and `out` as it was) when they do not, or there is no such chunk.
+    pub(super) fn read_chunk(&self, idx: u32, out: &mut Vec<u8>) -> std::io::Result<bool> {
+        self.chunks.read_chunk(idx, out)
+    }
+
+    /// Writes the new entries of chunk `idx` in place (the update's first step).
+    pub(super) fn write_chunk(&mut self, idx: u32, entries: &[u8]) {
+        if !self.failed
+            && let Err(e) = self.chunks.write_chunk(idx, entries)
+        {
+            tracing::debug!(error = %e, "could not update the WAL hash list");
+            self.failed = true;
+        }
+    }
+
+    /// Seals the list at `stamp` with the chunk hashes `table`, once every chunk whose
+    /// entries changed was written ([`HashList::write_chunk`]): the table goes after
+    /// the entries, then the header. Writes nothing when neither changed.
+    pub(super) fn finish(mut self, stamp: Stamp, table: Vec<Hash>) {
+        if !self.failed && stamp == self.stamp && table == self.chunks.table() {
+            return;
+        }
+        let h = header(&stamp, &table);
+        let result = match self.failed {
+            true => Err(std::io::Error::other("a chunk could not be written")),
+            false => self
+                .chunks
+                .finish_update(stamp.page_count, table)
+                .and_then(|()| self.chunks.file().write_all_at(&h, 0)),
+        };
         if let Err(e) = result {
             tracing::debug!(error = %e, "could not update the WAL hash list; the next push scans");
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Leaves the list for the next scan to judge: an update begun is not sealed, and
+    /// the chunks it wrote fail their check (the rest of the list holds).
+    pub(super) fn abandon(self) {
+        if self.failed {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -243,10 +252,8 @@ impl HashList {
 
 /// A new hash list, written during a full scan and sealed at its end.
 pub(super) struct ListWriter {
-    out: BufWriter<tempfile::NamedTempFile>,
+    out: ChunkedWriter<BufWriter<tempfile::NamedTempFile>>,
     path: PathBuf,
-    sum: xxhash_rust::xxh3::Xxh3,
-    count: u32,
 }
 
 impl ListWriter {
@@ -258,17 +265,13 @@ impl ListWriter {
         let mut out = BufWriter::with_capacity(256 * 1024, tmp);
         out.write_all(&[0u8; HEADER_BYTES]).ok()?;
         Some(ListWriter {
-            out,
+            out: ChunkedWriter::new(out),
             path,
-            sum: xxhash_rust::xxh3::Xxh3::new(),
-            count: 0,
         })
     }
 
     pub(super) fn push(&mut self, hash: &Hash) -> std::io::Result<()> {
-        self.sum.update(hash);
-        self.count += 1;
-        self.out.write_all(hash)
+        self.out.push(hash)
     }
 
     /// Seals the list as true at `position` of the file `id`, `written` as it says, if
@@ -281,7 +284,7 @@ impl ListWriter {
         position: Position,
         written: Written,
     ) {
-        if self.count != page_count {
+        if self.out.count() != page_count {
             return;
         }
         let stamp = Stamp {
@@ -289,17 +292,13 @@ impl ListWriter {
             page_size,
             page_count,
             position,
-            checksum: self.sum.digest(),
             written,
         };
-        let result = self
-            .out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|tmp| {
-                tmp.as_file().write_all_at(&header(&stamp, SEALED), 0)?;
-                tmp.persist(&self.path).map(drop).map_err(|e| e.error)
-            });
+        let result = self.out.finish().and_then(|(out, table)| {
+            let tmp = out.into_inner().map_err(|e| e.into_error())?;
+            tmp.as_file().write_all_at(&header(&stamp, &table), 0)?;
+            tmp.persist(&self.path).map(drop).map_err(|e| e.error)
+        });
         if let Err(e) = result {
             tracing::debug!(error = %e, "could not store the WAL hash list");
         }
@@ -332,7 +331,8 @@ mod tests {
     }
 
     #[test]
-    fn a_list_is_refused_when_torn_unsealed_or_of_another_file() {
+    fn a_list_is_refused_when_torn_or_of_another_file_and_a_torn_chunk_alone_is_refused() {
+        use crate::digest::sha256;
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("a.db");
         std::fs::write(&db, b"x").expect("writes");
@@ -343,23 +343,29 @@ mod tests {
             frame: 3,
             cksum: [4, 5],
         };
+        let page = |i: u32| sha256(&i.to_be_bytes());
         let mut w = ListWriter::new(&cache, &db).expect("writer");
-        for i in 0..10u8 {
-            w.push(&[i; 32]).expect("push");
+        for i in 1..=2000 {
+            w.push(&page(i)).expect("push");
         }
         let written = Written {
             ctime: (1_700_000_000, 5),
             backfilled: 2,
         };
-        w.finish(id, 4096, 10, pos, written);
-        let mut list = HashList::load(&cache, &db, id, 4096).expect("sealed list");
+        w.finish(id, 4096, 2000, pos, written);
+        let mut list = HashList::load(&cache, &db, id, 4096).expect("a list");
         assert_eq!((list.stamp.position, list.stamp.written), (pos, written));
-        let all: Vec<Hash> = list
-            .entries()
-            .expect("reads")
-            .map(|h| h.expect("h"))
-            .collect();
-        assert_eq!(all[7], [7; 32]);
+        let hashes: Vec<Hash> = (1..=2000).map(page).collect();
+        assert_eq!(
+            list.table(),
+            [
+                sha256(&hashes[..1024].concat()),
+                sha256(&hashes[1024..].concat())
+            ]
+        );
+        let mut got = Vec::new();
+        assert!(list.read_chunk(1, &mut got).expect("reads"));
+        assert_eq!(got, hashes[1024..].concat());
         assert!(HashList::load(&cache, &db, id, 8192).is_none(), "page size");
         let other = FileId {
             dev: id.dev,
@@ -369,34 +375,57 @@ mod tests {
             HashList::load(&cache, &db, other, 4096).is_none(),
             "replaced file"
         );
-        // An update moves the position and changes the named entries only.
+        // An update moves the position and grows the list by a chunk; only the chunks
+        // that changed are written.
         let mut stamp = list.stamp;
         stamp.position.frame = 9;
-        stamp.page_count = 11;
-        let mut sum = xxhash_rust::xxh3::Xxh3::new();
-        for i in 0..11u8 {
-            sum.update(&[if i == 2 || i == 10 { 99 } else { i }; 32]);
+        stamp.page_count = 2100;
+        let mut new = hashes.clone();
+        new[1500] = page(0);
+        new.extend((2001..=2100).map(page));
+        list.write_chunk(1, &new[1024..2048].concat());
+        list.write_chunk(2, &new[2048..].concat());
+        let table: Vec<Hash> = new.chunks(1024).map(|c| sha256(&c.concat())).collect();
+        list.finish(stamp, table.clone());
+        let list = HashList::load(&cache, &db, id, 4096).expect("updated list");
+        assert_eq!((list.stamp, list.table()), (stamp, &table[..]));
+        for idx in 0..3u32 {
+            let mut got = Vec::new();
+            assert!(
+                list.read_chunk(idx, &mut got).expect("reads"),
+                "chunk {idx}"
+            );
+            let at = idx as usize * 1024;
+            assert_eq!(got, new[at..(at + 1024).min(2100)].concat());
         }
-        stamp.checksum = sum.digest();
-        list.update(stamp, &[(3, [99; 32]), (11, [99; 32])]);
-        let mut list = HashList::load(&cache, &db, id, 4096).expect("updated list");
-        let all: Vec<Hash> = list
-            .entries()
-            .expect("reads")
-            .map(|h| h.expect("h"))
-            .collect();
-        assert_eq!((all[2], all[3], all[10]), ([99; 32], [3; 32], [99; 32]));
-        // A flipped byte in an entry fails the checksum.
+        // A flipped byte in an entry: that chunk is refused, the rest holds.
         let p = path(&cache, &db).expect("path");
         let f = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .open(&p)
             .expect("opens");
         f.write_all_at(&[0xff], HEADER_BYTES as u64 + 40)
             .expect("writes");
+        let list = HashList::load(&cache, &db, id, 4096).expect("the table holds");
         assert!(
-            HashList::load(&cache, &db, id, 4096).is_none(),
-            "torn entry"
+            !list.read_chunk(0, &mut Vec::new()).expect("reads"),
+            "torn chunk"
         );
+        assert!(list.read_chunk(1, &mut Vec::new()).expect("reads"));
+        // A flipped byte in the table, or the header: no list.
+        let table_at = HEADER_BYTES as u64 + 2100 * 32;
+        for at in [table_at + 33, 30] {
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, at).expect("reads");
+            f.write_all_at(&[b[0] ^ 1], at).expect("writes");
+            assert!(HashList::load(&cache, &db, id, 4096).is_none(), "byte {at}");
+            f.write_all_at(&b, at).expect("writes back");
+        }
+        assert!(HashList::load(&cache, &db, id, 4096).is_some());
+        // A list of format 2 is not trusted.
+        f.write_all_at(&2u32.to_be_bytes(), 16).expect("writes");
+        assert!(HashList::load(&cache, &db, id, 4096).is_none(), "format 2");
+        assert!(sealed_stamp(&cache, &db).is_none());
     }
 }

@@ -23,7 +23,9 @@ use super::hashcache::HashCache;
 use super::state::SourceState;
 use super::wal::{self, Position};
 use super::{Header, JournalMode};
-use crate::digest::{Digest, Hash, lock_byte_page, page_hash};
+use crate::digest::{
+    Digest, HASH_BYTES, Hash, chunk_count, chunk_pages, lock_byte_page, page_hash, sha256,
+};
 use crate::{Error, Result};
 
 /// How long a snapshot waits for a writer holding an exclusive lock (rollback mode).
@@ -82,19 +84,59 @@ pub struct Snapshot {
 enum Plan {
     /// From the WAL hash list, reading only the pages in `changed` (a bit per page), the
     /// ones the WAL names after the list's position.
-    Follow {
-        list: HashList,
-        changed: Vec<u64>,
-        count: u32,
-    },
+    Follow(Follow),
     /// By reading every page.
     Scan,
+}
+
+/// A scan that follows the WAL: the list, the pages to read, and the list's update as
+/// it is made, chunk by chunk.
+struct Follow {
+    list: HashList,
+    changed: Vec<u64>,
+    count: u32,
+    /// The new chunk hashes: the list's for a chunk no page of which changed, `None`
+    /// for one not hashed yet ([`Follow::touched`]).
+    table: Vec<Option<Hash>>,
+    /// Pages whose hash differs from the list's (or that it has none of).
+    differ: u32,
+}
+
+impl Follow {
+    fn new(list: HashList, changed: Vec<u64>, count: u32, page_count: u32) -> Follow {
+        let mut f = Follow {
+            list,
+            changed,
+            count,
+            table: Vec::new(),
+            differ: 0,
+        };
+        f.table = (0..chunk_count(page_count))
+            .map(|idx| match f.touched(idx, page_count) {
+                true => None,
+                false => Some(f.list.table()[idx as usize]),
+            })
+            .collect();
+        f
+    }
+
+    /// Whether chunk `idx` must be hashed: a page of it changed, or the list's chunk
+    /// covers other pages (the database grew or shrank there, or the list has no such
+    /// chunk).
+    fn touched(&self, idx: u32, page_count: u32) -> bool {
+        let pages = chunk_pages(idx, page_count);
+        chunk_pages(idx, self.list.stamp.page_count) != pages
+            || pages.into_iter().any(|p| is_set(&self.changed, p))
+    }
 }
 
 /// More changed pages than one in this many and a push reads the whole file instead:
 /// reading in large blocks is faster than many point reads, and the list of changed
 /// hashes stays small.
 const FOLLOW_MAX_SHARE: u32 = 16;
+
+/// The bytes of a whole chunk of page hashes.
+const CHUNK_BYTES: usize = crate::digest::CHUNK_PAGES as usize * HASH_BYTES;
 
 fn is_set(bits: &[u64], pgno: u32) -> bool {
     let i = (pgno - 1) as usize;
@@ -326,11 +368,19 @@ impl Snapshot {
         self.decide();
         let plan = self.plan.take().unwrap_or(Plan::Scan);
         match plan {
-            Plan::Follow {
-                list,
-                changed,
-                count,
-            } => self.follow(list, &changed, count, with_data_after, f),
+            Plan::Follow(mut follow) => {
+                let result = (0..chunk_count(self.page_count)).try_for_each(|idx| {
+                    self.follow_chunk(&mut follow, idx, with_data_after, f)
+                        .map(drop)
+                });
+                match result {
+                    Ok(()) => self.finish_follow(follow),
+                    Err(e) => {
+                        follow.list.abandon();
+                        Err(e)
+                    }
+                }
+            }
             Plan::Scan => self.scan(with_data_after, f),
         }
     }
@@ -339,7 +389,7 @@ impl Snapshot {
     /// for this file was found): then [`Snapshot::changed_pages`] are the pages read.
     pub fn follows_wal(&self) -> bool {
         self.decide();
-        matches!(*self.plan.borrow(), Some(Plan::Follow { .. }))
+        matches!(*self.plan.borrow(), Some(Plan::Follow(_)))
     }
 
     /// The pages the next scan reads because the WAL names them, when it
@@ -347,9 +397,9 @@ impl Snapshot {
     pub fn changed_pages(&self) -> Option<Vec<u32>> {
         self.decide();
         match &*self.plan.borrow() {
-            Some(Plan::Follow { changed, .. }) => Some(
+            Some(Plan::Follow(follow)) => Some(
                 (1..=self.page_count)
-                    .filter(|&p| is_set(changed, p))
+                    .filter(|&p| is_set(&follow.changed, p))
                     .collect(),
             ),
             _ => None,
@@ -419,11 +469,12 @@ impl Snapshot {
         if count > (self.page_count / FOLLOW_MAX_SHARE).max(64) {
             return None;
         }
-        Some(Plan::Follow {
+        Some(Plan::Follow(Follow::new(
             list,
             changed,
             count,
-        })
+            self.page_count,
+        )))
     }
 
     /// Reads every page (fingerprint cache for the hashes), and leaves a hash list true
@@ -486,80 +537,149 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Reads only the `changed` pages; the others' hashes come from `list`, which is
-    /// then brought to the pinned position.
-    fn follow(
+    /// Calls `f` with every page of chunk `idx`, in order: its hash from the list when
+    /// the WAL names no change to it and the list's chunk of it holds, read and hashed
+    /// (bytes passed on after `with_data_after`) otherwise. Returns the chunk's hash; a
+    /// chunk whose entries differ from the list's is written to the list at once (until
+    /// the list is sealed, that chunk fails its check, which only costs a read).
+    fn follow_chunk(
         &mut self,
-        mut list: HashList,
-        changed: &[u64],
-        count: u32,
+        follow: &mut Follow,
+        idx: u32,
         with_data_after: u32,
         f: &mut HashedPageFn<'_>,
-    ) -> Result<()> {
+    ) -> Result<Hash> {
+        let io = |e: std::io::Error| Error::io(&self.path, e);
+        let pages = chunk_pages(idx, self.page_count);
+        let first = *pages.start();
+        let mut entries = Vec::with_capacity(CHUNK_BYTES);
+        // The list's entries of this chunk, if it has the chunk and it holds; pages
+        // past them (the list's chunk was shorter) are read.
+        let len = pages.end() - first + 1;
+        let held = match follow.list.read_chunk(idx, &mut entries).map_err(io)? {
+            // The list's chunk may be longer (the database shrank): its first pages.
+            true => len.min((entries.len() / HASH_BYTES) as u32),
+            false => 0,
+        };
+        entries.truncate(held as usize * HASH_BYTES);
+        if held == 0 && idx < chunk_count(follow.list.stamp.page_count) {
+            tracing::debug!(path = %self.path.display(), chunk = idx, "a chunk of the WAL hash list does not hold: its pages are read");
+        }
+        let lock_page = lock_byte_page(self.page_size);
+        let mut buf = Vec::with_capacity(self.page_size as usize);
+        let mut differ = false;
+        for pgno in pages.clone() {
+            let at = (pgno - first) as usize * HASH_BYTES;
+            let listed = pgno - first < held;
+            if listed && !is_set(&follow.changed, pgno) {
+                let h: Hash = entries[at..at + HASH_BYTES].try_into().expect("32 bytes");
+                f(pgno, h, None)?;
+                continue;
+            }
+            if pgno == lock_page {
+                buf.clear();
+                buf.resize(self.page_size as usize, 0);
+            } else {
+                super::scan::read_page(&self.conn, &self.path, pgno, self.page_size, &mut buf)?;
+            }
+            let h = page_hash(pgno, &buf);
+            if !listed {
+                entries.resize(at + HASH_BYTES, 0);
+            }
+            if !listed || entries[at..at + HASH_BYTES] != h {
+                entries[at..at + HASH_BYTES].copy_from_slice(&h);
+                differ = true;
+                follow.differ += 1;
+            }
+            f(pgno, h, (pgno > with_data_after).then_some(&buf[..]))?;
+        }
+        let hash = match (differ, follow.table[idx as usize]) {
+            (false, Some(known)) => known,
+            _ => sha256(&entries),
+        };
+        if follow.list.table().get(idx as usize) != Some(&hash) || held != len {
+            follow.list.write_chunk(idx, &entries);
+        }
+        follow.table[idx as usize] = Some(hash);
+        Ok(hash)
+    }
+
+    /// Seals the list's update at the pinned position, once every chunk that had to be
+    /// hashed was.
+    fn finish_follow(&self, follow: Follow) -> Result<()> {
         let (Some(pinned), Some(id), Some((written, _))) = (self.pinned, self.id, self.written)
         else {
             return Err(Error::Bug("a WAL plan without a WAL position".into()));
         };
-        let list_path = self.hash_cache.clone().unwrap_or_default();
-        let io = |e: std::io::Error| Error::io(&list_path, e);
-        let lock_page = lock_byte_page(self.page_size);
-        let mut sum = xxhash_rust::xxh3::Xxh3::new();
-        let mut updates = Vec::new();
-        let mut buf = Vec::with_capacity(self.page_size as usize);
-        let listed = list.stamp.page_count;
-        {
-            let mut entries = list.entries().map_err(io)?;
-            for pgno in 1..=self.page_count {
-                let cached = match pgno <= listed {
-                    true => Some(entries.next().expect("one entry a page").map_err(io)?),
-                    false => None,
-                };
-                let hash = match cached {
-                    Some(h) if !is_set(changed, pgno) => {
-                        f(pgno, h, None)?;
-                        h
-                    }
-                    _ => {
-                        if pgno == lock_page {
-                            buf.clear();
-                            buf.resize(self.page_size as usize, 0);
-                        } else {
-                            super::scan::read_page(
-                                &self.conn,
-                                &self.path,
-                                pgno,
-                                self.page_size,
-                                &mut buf,
-                            )?;
-                        }
-                        let h = page_hash(pgno, &buf);
-                        if cached != Some(h) {
-                            updates.push((pgno, h));
-                        }
-                        f(pgno, h, (pgno > with_data_after).then_some(&buf[..]))?;
-                        h
-                    }
-                };
-                sum.update(&hash);
-            }
-        }
         tracing::debug!(
             path = %self.path.display(),
             pages = self.page_count,
-            read = count,
-            differ = updates.len(),
+            read = follow.count,
+            differ = follow.differ,
             "origin followed the WAL"
         );
+        let Some(table) = follow.table.iter().copied().collect::<Option<Vec<Hash>>>() else {
+            // A chunk was never hashed: the list cannot be brought to this state.
+            follow.list.abandon();
+            return Err(Error::Bug(
+                "a chunk of a followed scan was never hashed".into(),
+            ));
+        };
         let stamp = Stamp {
             id,
             page_size: self.page_size,
             page_count: self.page_count,
             position: pinned,
-            checksum: sum.digest(),
             written,
         };
-        list.update(stamp, &updates);
+        follow.list.finish(stamp, table);
         Ok(())
+    }
+
+    /// The chunk hashes of this snapshot ([`crate::digest::CHUNK_PAGES`] page hashes
+    /// each, as the chunked digest hashes them) as far as the WAL hash list knows them
+    /// without reading a page: the list's hash for each chunk no page of which the WAL
+    /// names since the list's position, `None` for a chunk that must be hashed
+    /// ([`Snapshot::hash_chunk`]). `None` when the next scan does not follow the WAL
+    /// ([`Snapshot::follows_wal`]): only a full scan can say.
+    pub fn chunk_hashes(&mut self) -> Option<Vec<Option<Hash>>> {
+        self.decide();
+        match &*self.plan.borrow() {
+            Some(Plan::Follow(follow)) => Some(follow.table.clone()),
+            _ => None,
+        }
+    }
+
+    /// After [`Snapshot::chunk_hashes`]: calls `f` with every page of chunk `idx` (its
+    /// number, its hash, and its bytes when it was read), in order, and returns the
+    /// chunk's hash. Every chunk `chunk_hashes` left `None` must be hashed before
+    /// [`Snapshot::chunks_done`]; others may be (their page hashes come from the list,
+    /// each chunk checked against its hash, and are read when it does not hold).
+    pub fn hash_chunk(&mut self, idx: u32, f: &mut HashedPageFn<'_>) -> Result<Hash> {
+        let plan = self.plan.borrow_mut().take();
+        let Some(Plan::Follow(mut follow)) = plan else {
+            *self.plan.borrow_mut() = plan;
+            return Err(Error::Bug(format!(
+                "chunk {idx} asked of a scan that follows no WAL"
+            )));
+        };
+        if idx >= chunk_count(self.page_count) {
+            *self.plan.borrow_mut() = Some(Plan::Follow(follow));
+            return Err(Error::Bug(format!("chunk {idx} asked past the end")));
+        }
+        let result = self.follow_chunk(&mut follow, idx, 0, f);
+        *self.plan.borrow_mut() = Some(Plan::Follow(follow));
+        result
+    }
+
+    /// Ends a scan by chunks: brings the WAL hash list to this snapshot's state when
+    /// every chunk that had to be hashed was ([`Snapshot::hash_chunk`]), and refuses (an
+    /// error, the list left as it was) otherwise.
+    pub fn chunks_done(&mut self) -> Result<()> {
+        match self.plan.borrow_mut().take() {
+            Some(Plan::Follow(follow)) => self.finish_follow(follow),
+            _ => Err(Error::Bug("a scan by chunks ended that never began".into())),
+        }
     }
 
     /// The database's digest as this snapshot sees it. `afresh` hashes every page

@@ -179,6 +179,21 @@ impl<T: PageSource> PageSource for OwnFaults<'_, T> {
         let r = self.inner.read_page(pgno, buf);
         self.map(r)
     }
+
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<crate::digest::Hash>>>> {
+        let r = self.inner.chunk_hashes();
+        self.map(r)
+    }
+
+    fn scan_chunk(&mut self, idx: u32, f: &mut ScanFn<'_>) -> Result<crate::digest::Hash> {
+        let r = self.inner.scan_chunk(idx, f);
+        self.map(r)
+    }
+
+    fn chunks_done(&mut self) -> Result<()> {
+        let r = self.inner.chunks_done();
+        self.map(r)
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use rusqlite::OptionalExtension;
 
 use super::ReplicaPath;
-use super::replica::{VERSION_COLUMNS, open_existing, remove_leftovers, sql, version_row};
+use super::replica::{
+    VERSION_COLUMNS, manifest_damage, open_existing, remove_leftovers, sql, version_row,
+};
 use crate::store::VersionInfo;
 use crate::{Error, Result};
 
@@ -106,7 +108,8 @@ pub(super) fn latest(file: &Path, replica: &ReplicaPath) -> Result<Option<Latest
 
 /// The latest version of the replica in `file` when the replica records no damaged
 /// stored page (a push would resend those pages: [`super::replica`]'s `bad_pages`);
-/// `None` when it has no version or records one. Two small queries, no manifest read.
+/// `None` when it has no version or records one, or its manifest is damaged. A few
+/// small queries: the manifest's rows and its chunks' lengths, no chunk read.
 pub(super) fn latest_sound(file: &Path, replica: &ReplicaPath) -> Result<Option<VersionInfo>> {
     let conn = match open_existing(file, replica) {
         Ok(conn) => conn,
@@ -126,11 +129,18 @@ pub(super) fn latest_sound(file: &Path, replica: &ReplicaPath) -> Result<Option<
     if damaged {
         return Ok(None);
     }
-    conn.query_row(
-        &format!("SELECT {VERSION_COLUMNS} FROM versions ORDER BY number DESC LIMIT 1"),
-        [],
-        version_row,
-    )
-    .optional()
-    .map_err(sql(file))
+    let latest = conn
+        .query_row(
+            &format!("SELECT {VERSION_COLUMNS} FROM versions ORDER BY number DESC LIMIT 1"),
+            [],
+            version_row,
+        )
+        .optional()
+        .map_err(sql(file))?;
+    // A latest version whose manifest is damaged is not one to stand on either: the
+    // next push makes a whole new one.
+    match latest {
+        Some(v) if manifest_damage(&conn, file, v.number, v.page_count)?.is_some() => Ok(None),
+        latest => Ok(latest),
+    }
 }

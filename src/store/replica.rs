@@ -21,11 +21,12 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::pack::{self, Appender, Loc, Pages};
+use super::place;
 use super::retention::{self, GcShared};
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, RetentionPolicy, Selector, VersionInfo};
 use crate::digest::{
-    ChunkedDigest, Digest, DigestForm, HASH_BYTES, Hash, chunk_count, hex, lock_byte_page,
-    page_hash, sha256,
+    ChunkedDigest, Digest, DigestForm, HASH_BYTES, Hash, chunk_count, chunk_pages, hex,
+    lock_byte_page, page_hash, sha256,
 };
 use crate::engine::{BeginInfo, Chunk, PageSource, PageTarget, ScanFn};
 use crate::page::Header;
@@ -253,65 +254,241 @@ pub(super) fn has_digest2(conn: &Connection, file: &Path) -> Result<bool> {
     .map_err(sql(file))
 }
 
-/// Calls `f` with each page number and hash of `version`'s manifest, in order, one
-/// chunk in memory at a time.
+/// Streams `version`'s page hashes in page order to `f`, checking each chunk of them
+/// against its key first. A chunk that does not match is handed to `damaged` (its
+/// index and key): an error from it stops the walk; `Ok` goes on with that chunk's
+/// entries poisoned (they name no page, so an origin sends those pages again).
 fn for_each_hash(
     conn: &Connection,
     file: &Path,
     version: u64,
+    damaged: &mut dyn FnMut(u32, &Hash) -> Result<()>,
     f: &mut dyn FnMut(u32, Hash) -> Result<()>,
 ) -> Result<()> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT c.hashes FROM manifest m JOIN chunks c ON c.hash = m.chunk
+            "SELECT m.idx, m.chunk, c.hashes FROM manifest m JOIN chunks c ON c.hash = m.chunk
              WHERE m.version = ?1 ORDER BY m.idx",
         )
         .map_err(sql(file))?;
     let mut rows = stmt.query([version as i64]).map_err(sql(file))?;
     let mut pgno = 0u32;
     while let Some(row) = rows.next().map_err(sql(file))? {
+        let idx: u32 = row.get(0).map_err(sql(file))?;
+        let key = chunk_key(row.get_ref(1).map_err(sql(file))?.as_blob().ok());
         let blob = row
-            .get_ref(0)
+            .get_ref(2)
             .map_err(sql(file))?
             .as_blob()
             .map_err(|e| sql(file)(e.into()))?;
+        let sound = key == sha256(blob);
+        if !sound {
+            damaged(idx, &key)?;
+        }
         for h in blob.chunks_exact(HASH_BYTES) {
             pgno += 1;
-            f(
-                pgno,
-                h.try_into().expect("chunks_exact yields 32-byte slices"),
-            )?;
+            let h: Hash = h.try_into().expect("chunks_exact yields 32-byte slices");
+            f(pgno, if sound { h } else { poisoned(&h) })?;
         }
     }
     Ok(())
 }
 
-/// The hash of page `pgno` in `version`'s manifest, through a one-chunk cache.
+/// A manifest row's chunk key as a hash (a key of another length: all zeros, which
+/// no chunk's contents hash to).
+fn chunk_key(raw: Option<&[u8]>) -> Hash {
+    raw.and_then(|k| Hash::try_from(k).ok())
+        .unwrap_or([0; HASH_BYTES])
+}
+
+/// The hash of page `pgno` in `version`'s manifest, through a one-chunk cache; the
+/// chunk is checked against its key when loaded (a damaged one: `damaged` says what
+/// to do, as in [`for_each_hash`], and its entries are poisoned).
 fn manifest_hash(
     conn: &Connection,
     file: &Path,
     version: u64,
     pgno: u32,
     cache: &mut Option<(u32, Vec<u8>)>,
+    damaged: &mut dyn FnMut(u32, &Hash) -> Result<()>,
 ) -> Result<Option<Hash>> {
     let idx = (pgno - 1) / CHUNK_PAGES as u32;
     if cache.as_ref().is_none_or(|(i, _)| *i != idx) {
-        let blob: Option<Vec<u8>> = conn
+        let row: Option<(Vec<u8>, Vec<u8>)> = conn
             .query_row(
-                "SELECT c.hashes FROM manifest m JOIN chunks c ON c.hash = m.chunk
+                "SELECT m.chunk, c.hashes FROM manifest m JOIN chunks c ON c.hash = m.chunk
                  WHERE m.version = ?1 AND m.idx = ?2",
                 params![version as i64, idx],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
             .map_err(sql(file))?;
-        *cache = Some((idx, blob.unwrap_or_default()));
+        let blob = match row {
+            Some((key, mut blob)) => {
+                let key = chunk_key(Some(&key));
+                if key != sha256(&blob) {
+                    damaged(idx, &key)?;
+                    for h in blob.chunks_exact_mut(HASH_BYTES) {
+                        let p = poisoned(&h.try_into().expect("32 bytes"));
+                        h.copy_from_slice(&p);
+                    }
+                }
+                blob
+            }
+            None => Vec::new(),
+        };
+        *cache = Some((idx, blob));
     }
     let (_, blob) = cache.as_ref().expect("loaded above");
     let at = ((pgno - 1) as usize % CHUNK_PAGES) * HASH_BYTES;
     Ok(blob
         .get(at..at + HASH_BYTES)
         .and_then(|h| h.try_into().ok()))
+}
+
+/// What is wrong with a version's manifest ([`manifest_damage`]).
+#[derive(Debug, Clone)]
+pub(super) struct ManifestDamage {
+    /// What is wrong, as "its manifest has no chunk 4 (pages 4097–5014)".
+    pub problem: String,
+    /// Whether a push can bring it back: a chunk whose key the manifest still lists
+    /// but whose row is gone or short is stored again (whole, checked against its key)
+    /// by any push whose database holds the same 1,024 pages there. A row missing from
+    /// the manifest itself is never restored: stored versions never change.
+    pub repairable: bool,
+}
+
+/// What is wrong with `version`'s manifest, if anything: a version of `page_count`
+/// pages must list chunks `0..chunk_count(page_count)` in order, each stored, each
+/// holding the hashes of exactly the pages it covers. One row per chunk and the length
+/// of each chunk (SQLite reads a blob's length from its record header, not its bytes),
+/// so a few hundred rows for a GiB: cheap enough to run before every pull and push.
+/// The chunks' contents are checked against their keys where they are read.
+pub(super) fn manifest_damage(
+    conn: &Connection,
+    file: &Path,
+    version: u64,
+    page_count: u32,
+) -> Result<Option<ManifestDamage>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT m.idx, length(c.hashes) FROM manifest m LEFT JOIN chunks c ON c.hash = m.chunk
+             WHERE m.version = ?1 ORDER BY m.idx",
+        )
+        .map_err(sql(file))?;
+    let mut rows = stmt.query([version as i64]).map_err(sql(file))?;
+    let want = chunk_count(page_count);
+    let lost = |problem: String| ManifestDamage {
+        problem,
+        repairable: false,
+    };
+    let mut next = 0u32;
+    while let Some(row) = rows.next().map_err(sql(file))? {
+        let idx: i64 = row.get(0).map_err(sql(file))?;
+        let len: Option<i64> = row.get(1).map_err(sql(file))?;
+        if idx != i64::from(next) {
+            return Ok(Some(lost(missing_chunks(next, idx, want, page_count))));
+        }
+        if next >= want {
+            return Ok(Some(lost(format!(
+                "its manifest lists chunk {idx}, past the {want} its {page_count} pages need"
+            ))));
+        }
+        let pages = chunk_pages(next, page_count);
+        let holds = i64::from(pages.end() - pages.start() + 1) * HASH_BYTES as i64;
+        let problem = match len {
+            None => format!(
+                "chunk {idx} of its manifest (pages {}–{}) is missing from the store",
+                pages.start(),
+                pages.end()
+            ),
+            Some(len) if len != holds => format!(
+                "chunk {idx} of its manifest (pages {}–{}) holds {len} bytes of page hashes, not {holds}",
+                pages.start(),
+                pages.end()
+            ),
+            Some(_) => {
+                next += 1;
+                continue;
+            }
+        };
+        return Ok(Some(ManifestDamage {
+            problem,
+            repairable: true,
+        }));
+    }
+    Ok((next != want).then(|| lost(missing_chunks(next, i64::from(want), want, page_count))))
+}
+
+/// "its manifest has no chunk …" for the chunks `from..to` (of `want`) found absent.
+fn missing_chunks(from: u32, to: i64, want: u32, page_count: u32) -> String {
+    let to = to.clamp(i64::from(from) + 1, i64::from(want.max(from + 1))) as u32;
+    let first = chunk_pages(from, page_count);
+    let last = chunk_pages(to - 1, page_count);
+    if to - from == 1 {
+        format!(
+            "its manifest has no chunk {from} (pages {}–{})",
+            first.start(),
+            first.end()
+        )
+    } else {
+        format!(
+            "its manifest has no chunks {from}–{} (pages {}–{})",
+            to - 1,
+            first.start(),
+            last.end()
+        )
+    }
+}
+
+/// The damage of chunk `idx` of a version of `page_count` pages whose page hashes no
+/// longer match its key (a push of the same pages stores it whole again).
+fn damaged_chunk(idx: u32, page_count: u32) -> ManifestDamage {
+    let pages = chunk_pages(idx, page_count);
+    ManifestDamage {
+        problem: format!(
+            "chunk {idx} of its manifest (pages {}–{}) is damaged: its page hashes no longer match their key",
+            pages.start(),
+            pages.end()
+        ),
+        repairable: true,
+    }
+}
+
+/// For a reader of `info`'s version: the refusal of its chunk `idx` (key `key`),
+/// found damaged. The key is recorded (best effort), so that the next push of the
+/// database takes no shortcut over it ([`VersionWriter::held_chunks`]) and stores it
+/// whole again.
+fn refuse_damaged<'a>(
+    file: &'a Path,
+    replica: &'a ReplicaPath,
+    info: &'a VersionInfo,
+) -> impl Fn(u32, &Hash) -> Error + 'a {
+    move |idx, key| {
+        if let Err(e) = record_bad_pages(file, &[*key]) {
+            tracing::warn!(replica = %replica, error = %e, "could not record a damaged chunk");
+        }
+        damaged_version(replica, info.number, &damaged_chunk(idx, info.page_count))
+    }
+}
+
+/// The refusal to read `replica@version`, whose manifest is damaged.
+fn damaged_version(replica: &ReplicaPath, version: u64, damage: &ManifestDamage) -> Error {
+    let repair = match damage.repairable {
+        true => {
+            "a push of the database makes a whole new latest version, and repairs this one \
+             too if it still holds the same pages there"
+        }
+        false => {
+            "a push of the database makes a whole new latest version, but a stored version \
+             never changes, so nothing repairs this one"
+        }
+    };
+    Error::Verification(format!(
+        "{replica}@{version} is damaged in the store: {}. Pull another version (`sqlferry \
+         versions {replica}` lists them); {repair}. `sqlferry scrub` lists every damaged version",
+        damage.problem
+    ))
 }
 
 /// Whether `data` is the page stored under `hash`: a page is keyed by its
@@ -330,9 +507,29 @@ fn poisoned(hash: &Hash) -> Hash {
     hash.map(|b| !b)
 }
 
-/// The damaged pages recorded in the replica open on `conn` (a table that does not
-/// exist yet holds none).
-fn bad_pages(conn: &Connection, file: &Path) -> Result<HashSet<Hash>> {
+/// Forgets `hashes` from the record of damage (scrub: no version uses them any more).
+pub(super) fn forget_bad_pages(file: &Path, hashes: &[Hash]) -> Result<()> {
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    let conn = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql(file))?;
+    conn.busy_timeout(RECORD_BUSY_TIMEOUT).map_err(sql(file))?;
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(sql(file))?;
+    for h in hashes {
+        conn.execute("DELETE FROM bad_pages WHERE hash = ?1", [&h[..]])
+            .map_err(sql(file))?;
+    }
+    conn.execute_batch("COMMIT").map_err(sql(file))?;
+    Ok(())
+}
+
+/// The damaged pages (and chunks of page hashes) recorded in the replica open on
+/// `conn` (a table that does not exist yet holds none).
+pub(super) fn bad_pages(conn: &Connection, file: &Path) -> Result<HashSet<Hash>> {
     let exists: bool = conn
         .query_row(
             "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'bad_pages'",
@@ -526,12 +723,22 @@ pub struct VersionWriter {
     differs: bool,
     /// The pages of `latest` reported to the origin as held.
     held: u32,
-    /// Pages recorded as damaged: reported as not held, replaced when they come.
+    /// What is wrong with `latest`'s manifest, if anything: then nothing of it is held
+    /// (every page comes) and the push makes a new version even of the same content,
+    /// so that a push of the database leaves a whole latest version behind.
+    latest_damaged: Option<ManifestDamage>,
+    /// Pages (and chunks of page hashes) recorded as damaged: reported as not held,
+    /// replaced when they come.
     bad: HashSet<Hash>,
+    /// Whether `latest` uses any of `bad`: then the hash exchange runs, so that they
+    /// are found and resent.
+    bad_in_latest: bool,
     /// Page numbers written in this push, one bit each.
     written: Vec<u64>,
     /// Pages this push appended that no replica held before (rows of `temp.fresh`).
     fresh: u64,
+    /// Where this push put or found each page it was sent, for the version's hints.
+    placed: place::Placed,
     /// Damaged pages this push replaced with good bytes.
     repaired: u32,
     /// The manifest chunk of `latest` last looked at (for `must_equal`).
@@ -607,6 +814,9 @@ impl VersionWriter {
         conn.execute_batch(&format!("PRAGMA temp.cache_size = {FRESH_CACHE_KIB}"))
             .map_err(sql(file))?;
         conn.execute_batch(FRESH_SCHEMA).map_err(sql(file))?;
+        conn.execute_batch(place::SCHEMA).map_err(sql(file))?;
+        conn.execute_batch(place::PLACED_SCHEMA)
+            .map_err(sql(file))?;
         Ok(VersionWriter {
             conn,
             pages,
@@ -621,9 +831,12 @@ impl VersionWriter {
             must_equal: false,
             differs: false,
             held: 0,
+            bad_in_latest: false,
+            latest_damaged: None,
             bad: HashSet::new(),
             written: Vec::new(),
             fresh: 0,
+            placed: place::Placed::new(),
             repaired: 0,
             chunk: None,
             page_size: 0,
@@ -777,6 +990,8 @@ impl VersionWriter {
                 ))
             })
             .map_err(sql(&self.file))?;
+        // Pages move below: the hints are built from the index instead.
+        self.placed.forget(&self.conn, &self.file)?;
         let file = &self.file;
         let mut kept = rows.map(|row| {
             let (hash, offset, len, repair, codec) = row.map_err(sql(file))?;
@@ -881,6 +1096,11 @@ impl PageTarget for VersionWriter {
             return Ok(0);
         };
         self.latest_digest2 = digest2_of(&self.conn, &self.file, latest.number)?;
+        self.latest_damaged =
+            manifest_damage(&self.conn, &self.file, latest.number, latest.page_count)?;
+        if let Some(damage) = &self.latest_damaged {
+            tracing::warn!(replica = %self.replica, version = latest.number, "the latest version is damaged in the store ({}): every page is sent again, to make a whole new version", damage.problem);
+        }
         if !self.options.force && Some(latest.number) != self.options.base {
             // Only the latest's own content may come of this push. Another size can't.
             if begin.page_count != 0
@@ -899,7 +1119,8 @@ impl PageTarget for VersionWriter {
         // asks for no hash, when READY's count equals that manifest's. If what is held is
         // not exactly that manifest (another version, or damaged pages to be resent),
         // say a count that differs, so that the hash exchange runs and finds every page.
-        let trusted = begin.base_version == latest.number && self.bad.is_empty();
+        self.bad_in_latest = !self.bad.is_empty() && self.uses_bad(latest.number)?;
+        let trusted = begin.base_version == latest.number && !self.bad_in_latest;
         if begin.known_base && held > 0 && !trusted {
             let theirs = if begin.base_version == latest.number {
                 Some(latest.clone())
@@ -922,15 +1143,31 @@ impl PageTarget for VersionWriter {
                 None => 0,
             };
         }
+        if self.latest_damaged.is_some() {
+            held = 0;
+        }
         self.held = held;
         Ok(held)
     }
 
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
         let (held, bad) = (self.held, &self.bad);
+        let latest_damaged = &mut self.latest_damaged;
+        let replica = &self.replica;
         match &self.latest {
-            Some(latest) if held > 0 => {
-                for_each_hash(&self.conn, &self.file, latest.number, &mut |pgno, h| {
+            Some(latest) if held > 0 => for_each_hash(
+                &self.conn,
+                &self.file,
+                latest.number,
+                // A damaged chunk of the latest's page hashes: its pages are resent and
+                // the push makes a new version, which stores the chunk whole again.
+                &mut |idx, _| {
+                    let damage = damaged_chunk(idx, latest.page_count);
+                    tracing::warn!(replica = %replica, version = latest.number, "the latest version is damaged in the store ({}): its pages are sent again, to make a whole new version", damage.problem);
+                    latest_damaged.get_or_insert(damage);
+                    Ok(())
+                },
+                &mut |pgno, h| {
                     if pgno > held {
                         Ok(())
                     } else if bad.contains(&h) {
@@ -938,8 +1175,8 @@ impl PageTarget for VersionWriter {
                     } else {
                         f(pgno, h)
                     }
-                })
-            }
+                },
+            ),
             _ => Ok(()),
         }
     }
@@ -953,7 +1190,15 @@ impl PageTarget for VersionWriter {
         }
         if self.must_equal {
             let number = self.latest.as_ref().map_or(0, |v| v.number);
-            let theirs = manifest_hash(&self.conn, &self.file, number, pgno, &mut self.chunk)?;
+            // A damaged chunk names no page: those differ, a conflict (told at COMMIT).
+            let theirs = manifest_hash(
+                &self.conn,
+                &self.file,
+                number,
+                pgno,
+                &mut self.chunk,
+                &mut |_, _| Ok(()),
+            )?;
             if theirs != Some(*hash) {
                 // The content differs from the latest version: a real conflict, told at
                 // COMMIT, when the origin listens.
@@ -967,8 +1212,9 @@ impl PageTarget for VersionWriter {
             self.page1 = Some((*hash, data.clone()));
         }
         let repair = self.bad.contains(hash);
-        if !repair && self.pages.lookup(hash)?.is_some() {
-            return Ok(()); // stored already, by any replica's push
+        if !repair && let Some(loc) = self.pages.lookup(hash)? {
+            // Stored already, by any replica's push: that place is the page's hint.
+            return self.placed.add(&self.conn, &self.file, pgno, hash, loc);
         }
         if self.appender.is_none() {
             self.appender = Some(self.pages.appender()?);
@@ -1010,6 +1256,7 @@ impl PageTarget for VersionWriter {
         }
         let loc = appender.append(bytes, zstd)?;
         debug_assert_eq!(loc, at, "appended where it was recorded");
+        self.placed.add(&self.conn, &self.file, pgno, hash, loc)?;
         if repair {
             self.conn
                 .prepare_cached("DELETE FROM bad_pages WHERE hash = ?1")
@@ -1030,13 +1277,14 @@ impl PageTarget for VersionWriter {
         digest: &Hash,
         hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
-        let same = match self.form {
-            DigestForm::One => self
-                .latest
-                .as_ref()
-                .is_some_and(|l| l.digest == hex(digest)),
-            DigestForm::Chunked => self.latest_digest2 == Some(*digest),
-        };
+        let same = self.latest_damaged.is_none()
+            && match self.form {
+                DigestForm::One => self
+                    .latest
+                    .as_ref()
+                    .is_some_and(|l| l.digest == hex(digest)),
+                DigestForm::Chunked => self.latest_digest2 == Some(*digest),
+            };
         self.commit_with(same, |w, number, same| {
             w.write_version(number, same, page_count, digest, hashes)
         })
@@ -1051,9 +1299,11 @@ impl PageTarget for VersionWriter {
             return Ok(Some(Vec::new())); // a new replica: nothing held
         };
         // Only a replica that holds exactly its latest version, as the origin's base,
-        // with no damaged page to be resent (otherwise the hash exchange runs).
+        // with no damaged page or chunk in it to be resent (otherwise the hash exchange
+        // runs).
         if self.must_equal
-            || !self.bad.is_empty()
+            || self.bad_in_latest
+            || self.latest_damaged.is_some()
             || latest.page_size != self.page_size
             || self.held != latest.page_count
         {
@@ -1079,23 +1329,27 @@ impl PageTarget for VersionWriter {
 
     fn held_chunk(&mut self, idx: u32, out: &mut Vec<u8>) -> Result<()> {
         let number = self.latest.as_ref().map_or(0, |v| v.number);
-        let blob: Option<Vec<u8>> = self
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
             .conn
             .prepare_cached(
-                "SELECT c.hashes FROM manifest m JOIN chunks c ON c.hash = m.chunk
+                "SELECT m.chunk, c.hashes FROM manifest m JOIN chunks c ON c.hash = m.chunk
                  WHERE m.version = ?1 AND m.idx = ?2",
             )
             .and_then(|mut s| {
-                s.query_row(params![number as i64, idx], |r| r.get(0))
+                s.query_row(params![number as i64, idx], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
             })
             .map_err(sql(&self.file))?;
-        let blob = blob.ok_or_else(|| {
+        let (key, blob) = row.ok_or_else(|| {
             Error::Verification(format!(
                 "chunk {idx} of {}@{number}'s manifest is missing; `sqlferry scrub` finds every such chunk",
                 self.replica
             ))
         })?;
+        let key = chunk_key(Some(&key));
+        if key != sha256(&blob) {
+            return Err(self.refuse_damaged_chunk(idx, &key));
+        }
         out.extend_from_slice(&blob);
         Ok(())
     }
@@ -1106,7 +1360,7 @@ impl PageTarget for VersionWriter {
         digest: &Hash,
         chunks: &mut dyn Iterator<Item = Result<Chunk>>,
     ) -> Result<()> {
-        let same = self.latest_digest2 == Some(*digest);
+        let same = self.latest_damaged.is_none() && self.latest_digest2 == Some(*digest);
         self.commit_with(same, |w, number, same| {
             w.write_version_chunks(number, same, page_count, digest, chunks)
         })
@@ -1145,6 +1399,27 @@ impl VersionWriter {
             None => self.latest.as_ref().map_or(1, |b| b.number + 1),
         };
         let written = write(self, number, same).and_then(|()| {
+            // The places of the version's pages, for its pulls (after `write`, which
+            // moved any page it moved): a new version's chunks that have none, or
+            // every chunk of the version a repair changed the places of.
+            let previous = self.latest.as_ref().map(|l| l.number);
+            let hinted = match (same, previous) {
+                (false, _) => Some(number),
+                (true, latest) if self.repaired > 0 => latest,
+                (true, _) => None,
+            };
+            if let Some(version) = hinted {
+                let all = self.repaired > 0;
+                place::write(
+                    &self.conn,
+                    &self.file,
+                    &self.pages,
+                    &mut self.placed,
+                    version,
+                    previous,
+                    all,
+                )?;
+            }
             // The page bytes are durable before the index rows naming them commit.
             match &mut self.appender {
                 Some(a) => a.sync(),
@@ -1161,7 +1436,7 @@ impl VersionWriter {
             // holds keeps them), but not committed: the merge's sync follows, and
             // commits both. Nothing of it is visible until then.
             self.conn
-                .execute_batch("DELETE FROM temp.fresh")
+                .execute_batch("DELETE FROM temp.fresh; DELETE FROM temp.placed")
                 .map_err(sql(&file))?;
             if let Some(c) = self.candidate.as_mut() {
                 c.number = Some(number);
@@ -1190,7 +1465,7 @@ impl VersionWriter {
         }
         self.conn.execute_batch("COMMIT").map_err(sql(&file))?;
         self.conn
-            .execute_batch("DELETE FROM temp.fresh")
+            .execute_batch("DELETE FROM temp.fresh; DELETE FROM temp.placed")
             .map_err(sql(&file))?;
         if same {
             let latest = self.latest.clone().expect("same content means a latest");
@@ -1334,11 +1609,7 @@ impl VersionWriter {
                 Chunk::Held { .. } => {
                     let blob = self.chunk_hashes(&key)?;
                     if sha256(&blob) != key {
-                        return Err(Error::Verification(format!(
-                            "chunk {idx} of {}'s latest manifest is damaged; nothing was stored \
-                             (`sqlferry scrub` finds every such chunk)",
-                            self.replica
-                        )));
+                        return Err(self.refuse_damaged_chunk(idx, &key));
                     }
                     self.insert_chunk(number, idx, &key, None)?;
                     blob
@@ -1409,6 +1680,68 @@ impl VersionWriter {
             })
     }
 
+    /// The refusal of a push that found chunk `idx` (key `key`) of the latest version
+    /// damaged at COMMIT, too late to have its pages sent: nothing of this push is kept,
+    /// and the chunk is recorded (from a connection of its own, once this push's write
+    /// lock is gone), so that the next push takes no shortcut over it and stores it
+    /// whole again.
+    fn refuse_damaged_chunk(&mut self, idx: u32, key: &Hash) -> Error {
+        self.pages.rollback();
+        if !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
+            return Error::sqlite(&self.file, e);
+        }
+        if let Err(e) = record_bad_pages(&self.file, &[*key]) {
+            tracing::warn!(replica = %self.replica, error = %e, "could not record a damaged chunk");
+        }
+        let latest = self.latest.as_ref();
+        Error::Verification(format!(
+            "{}@{} is damaged in the store: {}; nothing was stored, and the next push of the database repairs it",
+            self.replica,
+            latest.map_or(0, |v| v.number),
+            damaged_chunk(idx, latest.map_or(0, |v| v.page_count)).problem
+        ))
+    }
+
+    /// Whether version `number` uses a page or chunk recorded as damaged. Recorded
+    /// damage blocks the shortcuts only where the latest version uses it (a page or chunk
+    /// of older versions alone is never resent), so its chunks are read, and checked
+    /// against their keys, to see; only while damage is recorded (`sqlferry scrub`
+    /// forgets what no version uses any more).
+    fn uses_bad(&self, number: u64) -> Result<bool> {
+        let bad = &self.bad;
+        let uses = std::cell::Cell::new(false);
+        for_each_hash(
+            &self.conn,
+            &self.file,
+            number,
+            &mut |_, _| {
+                // A chunk that is damaged, recorded or not, is resent as well.
+                uses.set(true);
+                Ok(())
+            },
+            &mut |_, h| {
+                if bad.contains(&h) {
+                    uses.set(true);
+                }
+                Ok(())
+            },
+        )?;
+        if uses.get() {
+            return Ok(true);
+        }
+        let keys = self
+            .conn
+            .prepare_cached("SELECT chunk FROM manifest WHERE version = ?1")
+            .and_then(|mut s| {
+                s.query_map([number as i64], |r| r.get::<_, Vec<u8>>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sql(&self.file))?;
+        Ok(keys.iter().any(|k| bad.contains(&chunk_key(Some(k)))))
+    }
+
     /// Names chunk `key` as chunk `idx` of version `number`, storing its page hashes
     /// first when given (a chunk already stored is kept as it is).
     fn insert_chunk(&self, number: u64, idx: u32, key: &Hash, hashes: Option<&[u8]>) -> Result<()> {
@@ -1424,6 +1757,13 @@ impl VersionWriter {
                 )
                 .and_then(|mut s| s.execute(params![&key[..], hashes]))
                 .map_err(sql(&self.file))?;
+            if self.bad.contains(key) {
+                // A chunk recorded as damaged, now whole again.
+                self.conn
+                    .prepare_cached("DELETE FROM bad_pages WHERE hash = ?1")
+                    .and_then(|mut s| s.execute([&key[..]]))
+                    .map_err(sql(&self.file))?;
+            }
         }
         self.conn
             .prepare_cached("INSERT INTO manifest(version, idx, chunk) VALUES (?1, ?2, ?3)")
@@ -1663,6 +2003,11 @@ pub struct VersionReader {
     /// Where a page stored compressed is handed on as it is stored, for a peer that
     /// takes it so (see [`VersionReader::hand_packed`]).
     packed: Option<PackedPages>,
+    /// The file has place hints (`place`): a scan reads its pages where they say.
+    hints: bool,
+    /// Pages read through a hint, and those whose hinted bytes did not check and were
+    /// read again through the index, by the last scan.
+    hinted: (u64, u64),
     /// The store's GC lock, held shared for the whole read (dropped last).
     _gc: GcShared,
 }
@@ -1725,6 +2070,12 @@ impl VersionReader {
             .optional()
             .map_err(sql(file))?
             .ok_or_else(|| no_version(&conn, file, replica, number, latest.number))?;
+        // Refused before a page is sent: a manifest short of chunks would otherwise
+        // surface as the engine's "page count changed" half-way through the pull.
+        if let Some(damage) = manifest_damage(&conn, file, info.number, info.page_count)? {
+            return Err(damaged_version(replica, info.number, &damage));
+        }
+        let hints = place::has_places(&conn, file)?;
         Ok(VersionReader {
             conn,
             pages: {
@@ -1738,8 +2089,17 @@ impl VersionReader {
             info,
             chunk: None,
             packed: None,
+            hints,
+            hinted: (0, 0),
             _gc: gc,
         })
+    }
+
+    /// How many pages the last [`PageSource::scan`] read where a place hint said, and
+    /// how many of those it read again through the page index because the hinted bytes
+    /// did not check (a stale hint).
+    pub fn hinted(&self) -> (u64, u64) {
+        self.hinted
     }
 
     /// The version being read.
@@ -1762,6 +2122,8 @@ struct Fetch<'a> {
     replica: &'a ReplicaPath,
     version: u64,
     packed: Option<&'a PackedPages>,
+    /// Pages whose hinted bytes did not check, read again through the index.
+    stale: u64,
 }
 
 impl Fetch<'_> {
@@ -1782,12 +2144,42 @@ impl Fetch<'_> {
         loc: Option<Loc>,
         buf: &mut Vec<u8>,
     ) -> Result<()> {
+        self.try_page_at(pgno, hash, loc, buf, false).map(drop)
+    }
+
+    /// [`Fetch::page_at`] for the place `loc` a hint gave (`hinted`): bytes there that
+    /// do not check are read again where the index says, and only that read decides
+    /// whether the page is damaged or missing.
+    fn hinted_page_at(
+        &mut self,
+        pgno: u32,
+        hash: &Hash,
+        loc: Option<Loc>,
+        buf: &mut Vec<u8>,
+        hinted: bool,
+    ) -> Result<()> {
+        if !self.try_page_at(pgno, hash, loc, buf, hinted)? {
+            self.page(pgno, hash, buf)?;
+        }
+        Ok(())
+    }
+
+    /// Reads and checks page `pgno` at `loc`; with `hinted`, bytes that do not check
+    /// are `Ok(false)` (nothing recorded), else an error as [`Fetch::checked`] says.
+    fn try_page_at(
+        &mut self,
+        pgno: u32,
+        hash: &Hash,
+        loc: Option<Loc>,
+        buf: &mut Vec<u8>,
+        hinted: bool,
+    ) -> Result<bool> {
         let Some(handed) = self.packed else {
             let found = match loc {
                 Some(loc) => self.pages.read(loc, buf)?,
                 None => false,
             };
-            return self.checked(pgno, hash, buf, found);
+            return self.check(pgno, hash, buf, found, hinted);
         };
         handed.set(None);
         let mut bytes = Vec::new();
@@ -1795,7 +2187,9 @@ impl Fetch<'_> {
             Some(loc) => self.pages.read_keeping(loc, buf, Some(&mut bytes))?,
             None => false,
         };
-        self.checked(pgno, hash, buf, found)?;
+        if !self.check(pgno, hash, buf, found, hinted)? {
+            return Ok(false);
+        }
         if !bytes.is_empty() {
             handed.set(Some(PackedPage {
                 pgno,
@@ -1803,7 +2197,7 @@ impl Fetch<'_> {
                 bytes,
             }));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Checks the entry `raw` (stored at `loc`, read as part of a run) as page `pgno`
@@ -1812,20 +2206,26 @@ impl Fetch<'_> {
     /// handed on, as [`Fetch::page`] does).
     fn entry(
         &mut self,
-        (pgno, hash, loc): (u32, Hash, Loc),
+        (pgno, hash, loc, hinted): (u32, Hash, Loc, bool),
         raw: &[u8],
         page: &mut Vec<u8>,
         f: &mut ScanFn<'_>,
     ) -> Result<()> {
         if !loc.zstd {
-            self.checked(pgno, &hash, raw, true)?;
+            if !self.check(pgno, &hash, raw, true, hinted)? {
+                self.page(pgno, &hash, page)?;
+                return f(pgno, hash, Some(page));
+            }
             if let Some(handed) = self.packed {
                 handed.set(None);
             }
             return f(pgno, hash, Some(raw));
         }
         self.pages.pack_files().expand(raw, page);
-        self.checked(pgno, &hash, page, true)?;
+        if !self.check(pgno, &hash, page, true, hinted)? {
+            self.page(pgno, &hash, page)?;
+            return f(pgno, hash, Some(page));
+        }
         if let Some(handed) = self.packed {
             handed.set(Some(PackedPage {
                 pgno,
@@ -1834,6 +2234,24 @@ impl Fetch<'_> {
             }));
         }
         f(pgno, hash, Some(page))
+    }
+
+    /// [`Fetch::checked`], except that bytes read where a hint said (`hinted`) that do
+    /// not check are `Ok(false)`: the hint is stale, the page is to be read again
+    /// through the index, and nothing is recorded.
+    fn check(
+        &mut self,
+        pgno: u32,
+        hash: &Hash,
+        buf: &[u8],
+        found: bool,
+        hinted: bool,
+    ) -> Result<bool> {
+        if hinted && !(found && page_matches(Some(pgno), hash, buf)) {
+            self.stale += 1;
+            return Ok(false);
+        }
+        self.checked(pgno, hash, buf, found).map(|()| true)
     }
 
     /// `Ok` if `buf` (`found`) is the page stored under `hash`; else records it for
@@ -1866,8 +2284,9 @@ impl Fetch<'_> {
 /// pack are read with one `pread` (a version pushed whole lies in page order), at most
 /// [`RUN_BYTES`] or [`RUN_PAGES`] at a time: the memory a read holds stays bounded.
 struct Runs {
-    /// Page number, hash and entry (`None`: not indexed) of the pages waiting.
-    pages: Vec<(u32, Hash, Option<Loc>)>,
+    /// Page number, hash, entry (`None`: not indexed) of the pages waiting, and
+    /// whether the entry is a hint's (checked, then looked up if it fails).
+    pages: Vec<(u32, Hash, Option<Loc>, bool)>,
     /// The stored bytes of the entries waiting.
     bytes: usize,
     /// One run's bytes, as stored.
@@ -1899,13 +2318,16 @@ impl Runs {
     /// waiting (`f`) once they fill a read.
     fn add(
         &mut self,
-        (pgno, hash): (u32, Hash),
+        (pgno, hash, hint): (u32, Hash, Option<Loc>),
         fetch: &mut Fetch<'_>,
         f: &mut ScanFn<'_>,
     ) -> Result<()> {
-        let loc = fetch.pages.lookup(&hash)?;
+        let (loc, hinted) = match hint {
+            Some(loc) => (Some(loc), true),
+            None => (fetch.pages.lookup(&hash)?, false),
+        };
         self.bytes += loc.map_or(0, |l| l.len as usize);
-        self.pages.push((pgno, hash, loc));
+        self.pages.push((pgno, hash, loc, hinted));
         if self.bytes >= RUN_BYTES || self.pages.len() >= RUN_PAGES {
             self.flush(fetch, f)?;
         }
@@ -1920,9 +2342,9 @@ impl Runs {
         while i < pages.len() {
             // The longest stretch from `i` whose entries lie end to end in one pack.
             let mut j = i + 1;
-            if let (_, _, Some(first)) = pages[i] {
+            if let (_, _, Some(first), _) = pages[i] {
                 let mut end = first.offset + u64::from(first.len);
-                while let Some(&(_, _, Some(next))) = pages.get(j) {
+                while let Some(&(_, _, Some(next), _)) = pages.get(j) {
                     if next.pack != first.pack || next.offset != end {
                         break;
                     }
@@ -1936,11 +2358,11 @@ impl Runs {
                 };
                 if j - i > 1 && fetch.pages.pack_files().read_raw(span, &mut self.raw)? {
                     let mut at = 0usize;
-                    for &(pgno, hash, loc) in &pages[i..j] {
+                    for &(pgno, hash, loc, hinted) in &pages[i..j] {
                         let loc = loc.expect("a run holds indexed entries");
                         let raw = &self.raw[at..at + loc.len as usize];
                         at += loc.len as usize;
-                        fetch.entry((pgno, hash, loc), raw, &mut self.page, f)?;
+                        fetch.entry((pgno, hash, loc, hinted), raw, &mut self.page, f)?;
                     }
                     i = j;
                     continue;
@@ -1948,8 +2370,8 @@ impl Runs {
                 // One entry, or a run cut short (bytes gone): page by page, so the
                 // error names the page that is missing.
             }
-            for &(pgno, hash, loc) in &pages[i..j] {
-                fetch.page_at(pgno, &hash, loc, &mut self.page)?;
+            for &(pgno, hash, loc, hinted) in &pages[i..j] {
+                fetch.hinted_page_at(pgno, &hash, loc, &mut self.page, hinted)?;
                 f(pgno, hash, Some(&self.page))?;
             }
             i = j;
@@ -1980,34 +2402,82 @@ impl PageSource for VersionReader {
             replica: &self.replica,
             version: self.info.number,
             packed: self.packed.as_ref(),
+            stale: 0,
         };
-        for_each_hash(
-            &self.conn,
-            &self.file,
-            self.info.number,
-            &mut |pgno, hash| {
-                if pgno > with_data_after && pgno != lock_page {
-                    return runs.add((pgno, hash), &mut fetch, f);
+        let refuse = refuse_damaged(&self.file, &self.replica, &self.info);
+        let mut hint = place::Hint::new();
+        let mut hinted = 0u64;
+        // Each chunk's hashes with its place hint (none in a file made before hints,
+        // or for a chunk no push of this binary wrote yet): a page with a place is
+        // read there, one without is looked up in the index.
+        let file = &self.file;
+        let mut stmt = self
+            .conn
+            .prepare_cached(if self.hints {
+                "SELECT c.hashes, p.runs, m.idx, m.chunk FROM manifest m
+                 JOIN chunks c ON c.hash = m.chunk LEFT JOIN places p ON p.chunk = m.chunk
+                 WHERE m.version = ?1 ORDER BY m.idx"
+            } else {
+                "SELECT c.hashes, NULL, m.idx, m.chunk FROM manifest m
+                 JOIN chunks c ON c.hash = m.chunk WHERE m.version = ?1 ORDER BY m.idx"
+            })
+            .map_err(sql(file))?;
+        let mut rows = stmt.query([self.info.number as i64]).map_err(sql(file))?;
+        let mut pgno = 0u32;
+        let scanned = (|| {
+            while let Some(row) = rows.next().map_err(sql(file))? {
+                let blob = row
+                    .get_ref(0)
+                    .map_err(sql(file))?
+                    .as_blob()
+                    .map_err(|e| sql(file)(e.into()))?;
+                // Each chunk of page hashes is checked against its key before use.
+                let key = chunk_key(row.get_ref(3).map_err(sql(file))?.as_blob().ok());
+                if key != sha256(blob) {
+                    return Err(refuse(row.get(2).map_err(sql(file))?, &key));
                 }
-                // In page order: the pages waiting go first.
-                runs.flush(&mut fetch, f)?;
-                if pgno <= with_data_after {
-                    f(pgno, hash, None)
-                } else {
-                    f(pgno, hash, Some(&zeros))
+                let runs_blob = row
+                    .get_ref(1)
+                    .map_err(sql(file))?
+                    .as_blob_or_null()
+                    .map_err(|e| sql(file)(e.into()))?;
+                hint.load(runs_blob, blob.len() / HASH_BYTES);
+                for (j, h) in blob.chunks_exact(HASH_BYTES).enumerate() {
+                    pgno += 1;
+                    let hash: Hash = h.try_into().expect("chunks_exact yields 32-byte slices");
+                    if pgno > with_data_after && pgno != lock_page {
+                        let place = hint.get(j);
+                        hinted += u64::from(place.is_some());
+                        runs.add((pgno, hash, place), &mut fetch, f)?;
+                        continue;
+                    }
+                    // In page order: the pages waiting go first.
+                    runs.flush(&mut fetch, f)?;
+                    if pgno <= with_data_after {
+                        f(pgno, hash, None)?;
+                    } else {
+                        f(pgno, hash, Some(&zeros))?;
+                    }
                 }
-            },
-        )?;
-        runs.flush(&mut fetch, f)
+            }
+            runs.flush(&mut fetch, f)
+        })();
+        self.hinted = (hinted, fetch.stale);
+        if fetch.stale > 0 {
+            tracing::debug!(replica = %self.replica, version = self.info.number, pages = fetch.stale, "stale place hints: read through the page index");
+        }
+        scanned
     }
 
     fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
+        let refuse = refuse_damaged(&self.file, &self.replica, &self.info);
         let hash = manifest_hash(
             &self.conn,
             &self.file,
             self.info.number,
             pgno,
             &mut self.chunk,
+            &mut |idx, key| Err(refuse(idx, key)),
         )?
         .ok_or_else(|| Error::Verification(format!("manifest has no page {pgno}")))?;
         Fetch {
@@ -2016,8 +2486,25 @@ impl PageSource for VersionReader {
             replica: &self.replica,
             version: self.info.number,
             packed: self.packed.as_ref(),
+            stale: 0,
         }
         .page(pgno, &hash, buf)
+    }
+
+    /// A stored version offers no chunk hashes (yet): a pull from the store compares
+    /// and sends by page, which costs lookups in the store, not reads of page data.
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<Hash>>>> {
+        Ok(None)
+    }
+
+    fn scan_chunk(&mut self, idx: u32, _f: &mut ScanFn<'_>) -> Result<Hash> {
+        Err(Error::Bug(format!(
+            "chunk {idx} asked of a stored version, which knows no chunks"
+        )))
+    }
+
+    fn chunks_done(&mut self) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -403,6 +403,7 @@ pub(super) fn remove_versions(
         [],
     )
     .map_err(sql(file))?;
+    super::place::remove_unused(&conn, file)?;
     conn.execute_batch("COMMIT").map_err(sql(file))?;
     Ok((removed, kept))
 }

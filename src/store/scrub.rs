@@ -19,7 +19,9 @@ use rusqlite::{Connection, OpenFlags};
 use super::ReplicaPath;
 use super::list::{replica_files, replica_of};
 use super::pack::{self, Pages};
-use super::replica::{page_matches, record_bad_pages, upgrade};
+use super::replica::{
+    bad_pages, forget_bad_pages, manifest_damage, page_matches, record_bad_pages, upgrade,
+};
 use crate::digest::{ChunkedDigest, Digest, HASH_BYTES, Hash, hex, lock_byte_page, sha256};
 use crate::{Error, Result};
 
@@ -56,6 +58,12 @@ pub struct BadVersion {
     pub number: u64,
     /// What is wrong.
     pub problem: String,
+    /// Whether a push can repair it: true when its problems are damaged or missing
+    /// pages (recorded, resent by the next push) or chunks of page hashes (stored again,
+    /// checked against their keys, by a push whose database holds the same pages). A
+    /// manifest row that is gone, or a digest that does not hold, is never repaired:
+    /// stored versions never change.
+    pub repairable: bool,
 }
 
 /// What a scrub found in one replica.
@@ -255,6 +263,12 @@ fn scrub_replica(
     let mut missing: HashSet<Hash> = HashSet::new();
     let mut users: BTreeMap<Hash, Vec<u64>> = BTreeMap::new();
     let mut checked_chunks: HashSet<Hash> = HashSet::new();
+    // Chunks whose page hashes no longer match their key: every version naming one is
+    // bad, and the hashes in it are not looked up (they name nothing).
+    let mut damaged_chunks: HashSet<Hash> = HashSet::new();
+    // What the file records as damaged, to forget what no version uses any more.
+    let recorded = bad_pages(&conn, file)?;
+    let mut used: HashSet<Hash> = HashSet::new();
     let mut bad_versions = Vec::new();
     let mut chunk_stmt = conn
         .prepare(
@@ -269,11 +283,22 @@ fn scrub_replica(
         let mut problems: Vec<String> = Vec::new();
         let mut touched = false;
         let mut pgno = 0u32;
+        // Its shape first (chunks in order, each stored, each of the right length),
+        // which says which pages a gap leaves out.
+        let shape = manifest_damage(&conn, file, *number, *page_count)?;
+        // Whether a push can set it right: bad pages and chunks are stored again by a
+        // push that brings them; a manifest or digest that does not hold stays.
+        let mut repairable = shape.as_ref().is_none_or(|d| d.repairable);
+        problems.extend(shape.as_ref().map(|d| d.problem.clone()));
+        // A damaged chunk makes the digests differ too: that is the chunk's problem.
+        let mut chunk_damaged = shape.is_some();
         let mut rows = chunk_stmt.query([*number as i64]).map_err(sql(file))?;
         while let Some(row) = rows.next().map_err(sql(file))? {
             let key: Vec<u8> = row.get(0).map_err(sql(file))?;
             let Some(hashes): Option<Vec<u8>> = row.get(1).map_err(sql(file))? else {
-                problems.push(format!("its manifest chunk {} is missing", hex(&key)));
+                if shape.is_none() {
+                    problems.push(format!("its manifest chunk {} is missing", hex(&key)));
+                }
                 continue;
             };
             let key: Option<Hash> = Hash::try_from(key.as_slice()).ok();
@@ -281,19 +306,28 @@ fn scrub_replica(
                 d2.push_chunk(k);
             }
             let fresh = key.is_some_and(|k| !checked_chunks.contains(&k));
-            if fresh && key != Some(sha256(&hashes)) {
-                problems.push(format!(
-                    "its manifest chunk {} is damaged",
-                    hex(key.as_ref().map_or(&[][..], |k| &k[..]))
-                ));
+            if fresh
+                && let Some(k) = key
+                && k != sha256(&hashes)
+            {
+                damaged_chunks.insert(k);
+            }
+            let sound = key.is_some_and(|k| !damaged_chunks.contains(&k));
+            if let Some(k) = key.filter(|_| !sound) {
+                chunk_damaged = true;
+                used.insert(k);
+                problems.push(format!("its manifest chunk {} is damaged", hex(&k)));
             }
             for h in hashes.chunks_exact(HASH_BYTES) {
                 pgno += 1;
                 let h: Hash = h.try_into().expect("chunks_exact yields 32-byte slices");
                 d.push(&h);
                 at.done += 1;
-                if pgno == lock_page {
-                    continue; // never stored: it hashes as zeros
+                if pgno == lock_page || !sound {
+                    continue; // never stored (it hashes as zeros), or names nothing
+                }
+                if recorded.contains(&h) {
+                    used.insert(h);
                 }
                 let bad = if damaged.contains(&h) || missing.contains(&h) {
                     true
@@ -324,14 +358,24 @@ fn scrub_replica(
         }
         match d.finish() {
             Some(ours) if ours[..] == digest[..] => {}
-            Some(_) => problems.push("its digest does not match its manifest".into()),
-            None => problems.push(format!("its manifest holds {pgno} pages, not {page_count}")),
+            Some(_) if chunk_damaged => {}
+            Some(_) => {
+                repairable = false;
+                problems.push("its digest does not match its manifest".into());
+            }
+            None if chunk_damaged => {}
+            None => {
+                repairable = false;
+                problems.push(format!("its manifest holds {pgno} pages, not {page_count}"));
+            }
         }
         // The chunked digest, where the version records one (an empty one records a
         // manifest that made none, reported above).
         if let Some(digest2) = digest2.as_ref().filter(|d| d.len() == HASH_BYTES)
             && d2.finish().is_none_or(|ours| ours[..] != digest2[..])
+            && !chunk_damaged
         {
+            repairable = false;
             problems.push("its chunked digest does not match its manifest".into());
         }
         if touched {
@@ -341,17 +385,26 @@ fn scrub_replica(
             bad_versions.push(BadVersion {
                 number: *number,
                 problem: problems.join("; "),
+                repairable,
             });
         }
     }
     drop(chunk_stmt);
     drop(conn);
 
-    // The damaged pages this replica's versions use (others' are theirs to record).
+    // The damaged pages and chunks this replica's versions use (others' are theirs to
+    // record), and what it recorded before that none of them uses any more (a page or
+    // chunk only a removed version had, a hash read from a chunk that was damaged).
     let mut bad: Vec<Hash> = users.keys().copied().collect();
     bad.sort();
-    if let Err(e) = record_bad_pages(file, &bad) {
+    let mut record: Vec<Hash> = bad.iter().chain(&damaged_chunks).copied().collect();
+    record.sort();
+    if let Err(e) = record_bad_pages(file, &record) {
         tracing::warn!(%replica, error = %e, "could not record the bad pages for repair");
+    }
+    let stale: Vec<Hash> = recorded.difference(&used).copied().collect();
+    if let Err(e) = forget_bad_pages(file, &stale) {
+        tracing::warn!(%replica, error = %e, "could not forget damage no version has any more");
     }
     let bad_pages = bad
         .iter()

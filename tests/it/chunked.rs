@@ -274,7 +274,13 @@ fn a_damaged_chunk_of_page_hashes_is_refused_whether_pages_came_for_it_or_not() 
         assert!(last >= 2, "three chunks or more");
         damage_chunk(&conn, &chunk_key(&conn, 2, last));
     }
-    refused(dir.path(), &db, "does not match its hash");
+    let why = "is damaged: its page hashes no longer match their key; nothing was stored, and the next push of the database repairs it";
+    refused(dir.path(), &db, why);
+    // Its advice, followed: the chunk is recorded, the next push takes no shortcut over
+    // it, and stores a whole version. Version 2 keeps its damaged chunk (no push brings
+    // its pages there again): scrub still names it, and only it.
+    repaired(dir.path(), &db);
+    assert_eq!(bad_versions(dir.path()), [2]);
 
     // No page comes for the first chunk: it is held as it is, and its page hashes
     // are read only for the version's digest 1, checked against its key then.
@@ -284,7 +290,38 @@ fn a_damaged_chunk_of_page_hashes_is_refused_whether_pages_came_for_it_or_not() 
         let conn = Connection::open(&file).expect("replica file");
         damage_chunk(&conn, &chunk_key(&conn, 2, 0));
     }
-    refused(dir.path(), &db, "manifest is damaged");
+    refused(dir.path(), &db, why);
+    // Here version 3 holds the same pages there: the chunk is stored whole again under
+    // its key, and every version is whole.
+    repaired(dir.path(), &db);
+    assert_eq!(bad_versions(dir.path()), [0u64; 0]);
+}
+
+/// The next push after a refusal for damage: version 3, the database's.
+fn repaired(dir: &Path, db: &Path) {
+    let third = push(dir, db);
+    assert_eq!(third["version"], 3, "{third}");
+    assert_eq!(third["digest"], util::digest(db), "{third}");
+    util::assert_same(db, &pull(dir, "acme/app.db@3", "v3.db"));
+}
+
+/// The versions `scrub` finds bad.
+fn bad_versions(dir: &Path) -> Vec<u64> {
+    let out = scrub(dir);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("scrub --json: {e}"));
+    let bad: Vec<u64> = report["replicas"][0]["bad_versions"]
+        .as_array()
+        .expect("bad versions")
+        .iter()
+        .map(|v| v["number"].as_u64().expect("a number"))
+        .collect();
+    assert_eq!(
+        util::code(&out),
+        if bad.is_empty() { 0 } else { 7 },
+        "{report}"
+    );
+    bad
 }
 
 #[test]
@@ -344,7 +381,7 @@ fn a_latest_version_without_a_recorded_chunked_digest_is_still_seen_as_unchanged
 #[test]
 fn a_damaged_chunk_of_page_hashes_is_healed_by_following_the_advice() {
     // Chunk 0 (no page of it changes) damaged in the store: the push is refused and
-    // says `sqlferry scrub` finds it; scrub records it; the next push must then store
+    // says the next push repairs it; scrub finds it too; the next push must then store
     // a version that pulls back, and heal the chunk for the versions before it, never
     // name the damaged row again.
     let dir = TempDir::new().expect("tempdir");
@@ -353,7 +390,7 @@ fn a_damaged_chunk_of_page_hashes_is_healed_by_following_the_advice() {
         let conn = Connection::open(&file).expect("replica file");
         damage_chunk(&conn, &chunk_key(&conn, 2, 0));
     }
-    refused(dir.path(), &db, "sqlferry scrub");
+    refused(dir.path(), &db, "the next push of the database repairs it");
     let found = scrub(dir.path());
     assert_ne!(util::code(&found), 0, "scrub finds the damage");
     let third = push(dir.path(), &db);
@@ -396,4 +433,302 @@ fn a_truncated_kept_manifest_is_no_kept_manifest() {
     assert_eq!(third["digest"], util::digest(&db), "{third}");
     let v3 = pull(dir.path(), "acme/app.db@3", "v3.db");
     util::assert_same(&db, &v3);
+}
+
+/// The origin's side of a push by chunks: a WAL database whose application keeps its
+/// connection open (so its WAL persists and a push follows it), pushed into the store
+/// once whole and once by chunks.
+struct Followed {
+    dir: TempDir,
+    db: PathBuf,
+    conn: Connection,
+}
+
+/// What a push logged, as `RUST_LOG` asks: whether the origin compared by chunks, and
+/// whether it read every page.
+struct Logged {
+    report: serde_json::Value,
+    by_chunks: bool,
+    read_all: bool,
+    stderr: String,
+}
+
+impl Followed {
+    fn new() -> Followed {
+        Followed::with(false)
+    }
+
+    /// [`Followed::new`], with `auto_vacuum = INCREMENTAL` when `shrinks` (so that the
+    /// file can shrink by a few pages, `PRAGMA incremental_vacuum`).
+    fn with(shrinks: bool) -> Followed {
+        let dir = TempDir::new().expect("tempdir");
+        let db = dir.path().join("app.db");
+        let conn = crate::wal_follow::wal_db(&db, 0);
+        if shrinks {
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+                .expect("auto_vacuum");
+        }
+        util::insert_rows(&conn, ROWS, 1000);
+        // Copied into the file, and the WAL restarted by the next write: the pages
+        // live in the file, the WAL holds only what changes from here on.
+        conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE); UPDATE t SET k = k WHERE id = 1")
+            .expect("checkpoint");
+        let f = Followed { dir, db, conn };
+        let first = f.push();
+        assert!(first.read_all && !first.by_chunks, "{}", first.stderr);
+        f.change_last_rows();
+        let second = f.push();
+        assert!(second.by_chunks && !second.read_all, "{}", second.stderr);
+        assert_eq!(second.report["version"], 2, "{}", second.report);
+        f
+    }
+
+    fn change_last_rows(&self) {
+        self.conn
+            .execute(
+                "UPDATE t SET v = randomblob(1000) WHERE id > ?1",
+                [(ROWS - 8) as i64],
+            )
+            .expect("update");
+    }
+
+    /// Pushes into the store, asserting it succeeded with the origin's digest.
+    fn push(&self) -> Logged {
+        let out = util::sqlferry(self.dir.path())
+            .env(
+                "RUST_LOG",
+                "sqlferry::engine::origin=debug,sqlferry::page::snapshot=debug",
+            )
+            .args(["push", self.db.to_str().expect("utf-8"), "acme/app.db"])
+            .args(["--json", "--server", &store_url(self.dir.path())])
+            .output()
+            .expect("run sqlferry");
+        let stderr = util::stderr(&out);
+        assert_eq!(util::code(&out), 0, "{stderr}{}", util::stdout(&out));
+        let report: serde_json::Value =
+            serde_json::from_str(util::stdout(&out).trim()).expect("one JSON object");
+        assert_eq!(report["digest"], util::digest(&self.db), "{report}");
+        Logged {
+            report,
+            by_chunks: stderr.contains("origin compared by chunks"),
+            read_all: stderr.contains("origin reads every page"),
+            stderr,
+        }
+    }
+
+    /// Pulls the latest version and checks it holds the origin's rows and pages.
+    fn pulls_back(&self) {
+        let out = pull(self.dir.path(), "acme/app.db", "back.db");
+        util::assert_same(&self.db, &out);
+        std::fs::remove_file(&out).expect("remove the pulled copy");
+    }
+
+    /// The index (0-based) of the database's last chunk, where its last rows are.
+    fn last_chunk(&self) -> u64 {
+        (util::page_hashes(&self.db).len() as u64 - 1) / 1024
+    }
+
+    /// The client's WAL hash list of the database (in its cache's `hashes`).
+    fn hash_list(&self) -> PathBuf {
+        std::fs::read_dir(self.dir.path().join(".home/cache/sqlferry/hashes"))
+            .expect("hash caches")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "wal"))
+            .expect("a WAL hash list")
+    }
+}
+
+/// Where the page hashes of chunk `idx` start in a file of chunked hashes whose header
+/// is `header` bytes long.
+fn chunk_at(header: u64, idx: u64) -> u64 {
+    header + idx * 1024 * 32
+}
+
+/// Overwrites the page hashes of chunk `to` with those of chunk `from` (well-formed
+/// hashes, only not this chunk's), leaving the table as it was: a torn write.
+fn misplace_chunk(path: &Path, header: u64, from: u64, to: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut buf = vec![0u8; 100 * 32];
+    f.read_exact_at(&mut buf, chunk_at(header, from))
+        .expect("read");
+    f.write_all_at(&buf, chunk_at(header, to)).expect("write");
+}
+
+#[test]
+fn a_push_by_chunks_reads_only_the_changed_chunks_and_keeps_its_manifest_by_them() {
+    let f = Followed::new();
+    f.pulls_back();
+    let stderr = &f.push().stderr;
+    // Nothing changed: no sync at all (the seal proves it).
+    assert!(!stderr.contains("origin compared by chunks"), "{stderr}");
+    // A change in the last chunk: one chunk differs, its pages only are sent.
+    f.change_last_rows();
+    let third = f.push();
+    assert!(third.by_chunks, "{}", third.stderr);
+    assert!(third.stderr.contains("differ=1"), "{}", third.stderr);
+    let sent = third.report["pages_sent"].as_u64().expect("pages_sent");
+    assert!(sent > 0 && sent < 100, "{}", third.report);
+    assert_eq!(third.report["version"], 3);
+    f.pulls_back();
+    // A change in the first chunk and growth of the last one: the kept manifest was
+    // brought to version 3 by chunks, and is the known base again.
+    f.conn
+        .execute("UPDATE t SET v = randomblob(1000) WHERE id = 3", [])
+        .expect("update");
+    util::insert_rows(&f.conn, 100, 1000);
+    let fourth = f.push();
+    assert!(fourth.by_chunks, "{}", fourth.stderr);
+    let sent = fourth.report["pages_sent"].as_u64().expect("pages_sent");
+    assert!(sent > 0 && sent < 200, "{}", fourth.report);
+    assert_eq!(fourth.report["version"], 4);
+    f.pulls_back();
+    assert_eq!(util::code(&scrub(f.dir.path())), 0);
+}
+
+#[test]
+fn a_torn_chunk_of_the_hash_list_is_read_again_never_trusted() {
+    let f = Followed::new();
+    // The hash list's last chunk (where the next change lands) holds hashes of the
+    // first chunk's pages, its table as it was: trusted, they would make the origin's
+    // digest another database's, and the store would refuse the push.
+    misplace_chunk(&f.hash_list(), 96, 0, f.last_chunk());
+    f.change_last_rows();
+    let third = f.push();
+    assert!(third.by_chunks, "{}", third.stderr);
+    assert!(
+        third.stderr.contains("does not hold: its pages are read"),
+        "{}",
+        third.stderr
+    );
+    assert_eq!(third.report["version"], 3, "{}", third.report);
+    f.pulls_back();
+    // The chunk was read and written anew: the next push trusts it again.
+    f.change_last_rows();
+    let fourth = f.push();
+    assert!(
+        !fourth.stderr.contains("does not hold"),
+        "{}",
+        fourth.stderr
+    );
+    f.pulls_back();
+}
+
+#[test]
+fn a_damaged_chunk_of_the_kept_manifest_costs_its_pages() {
+    let f = Followed::new();
+    let kept = kept_manifests(f.dir.path());
+    assert_eq!(kept.len(), 1, "one kept manifest");
+    // The kept manifest's last chunk holds other hashes: every page of it is sent
+    // (the store takes them as they are), none is left out.
+    let last = f.last_chunk();
+    misplace_chunk(&kept[0], 80, 0, last);
+    f.change_last_rows();
+    let third = f.push();
+    assert!(third.by_chunks, "{}", third.stderr);
+    let sent = third.report["pages_sent"].as_u64().expect("pages_sent");
+    let in_last_chunk = util::page_hashes(&f.db).len() as u64 - last * 1024;
+    assert!(
+        sent >= in_last_chunk,
+        "{sent} of {in_last_chunk}: {}",
+        third.report
+    );
+    f.pulls_back();
+    // Kept anew: the next push sends only what changed.
+    f.change_last_rows();
+    let fourth = f.push();
+    let sent = fourth.report["pages_sent"].as_u64().expect("pages_sent");
+    assert!(sent < 100, "{}", fourth.report);
+    f.pulls_back();
+}
+
+#[test]
+fn a_page_written_behind_the_lists_back_is_read_never_taken_from_the_list() {
+    use std::os::unix::fs::FileExt;
+    let f = Followed::new();
+    // A blob byte of a table leaf in the first chunk, written into the file in place
+    // (a restore over a live file, another tool): no WAL frame names it. Trusted, the
+    // list would give the page's old hash, and the store would take a version that is
+    // not the database (its digest the old one's).
+    let leaf: u32 = f
+        .conn
+        .query_row(
+            "SELECT pgno FROM sqlite_dbpage WHERE pgno BETWEEN 10 AND 1000 \
+             AND substr(data, 1, 1) = x'0d' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("a table leaf");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f.db)
+        .expect("open");
+    let at = u64::from(leaf) * 4096 - 1;
+    let mut b = [0u8];
+    file.read_exact_at(&mut b, at).expect("read");
+    file.write_all_at(&[b[0] ^ 0x5a], at).expect("write");
+    drop(file);
+    let third = f.push();
+    assert!(third.read_all && !third.by_chunks, "{}", third.stderr);
+    assert_eq!(third.report["version"], 3, "{}", third.report);
+    f.pulls_back();
+    assert_eq!(util::integrity(&f.db), "ok");
+}
+
+#[test]
+fn a_wal_reset_the_push_did_not_see_means_every_page_is_read() {
+    let f = Followed::new();
+    // Rows of the first chunk changed, checkpointed and the WAL truncated: the frames
+    // that named those pages are gone. Then a change in the last chunk.
+    f.conn
+        .execute("UPDATE t SET v = randomblob(1000) WHERE id < 20", [])
+        .expect("update");
+    f.conn
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .expect("checkpoint");
+    f.change_last_rows();
+    let third = f.push();
+    assert!(third.read_all && !third.by_chunks, "{}", third.stderr);
+    assert_eq!(third.report["version"], 3, "{}", third.report);
+    f.pulls_back();
+}
+
+#[test]
+fn a_push_by_chunks_follows_a_database_that_shrank() {
+    let f = Followed::with(true);
+    let before = util::page_hashes(&f.db).len();
+    // The last rows deleted and their pages given back: the file ends a few dozen
+    // pages earlier, inside its last chunk, which is then shorter.
+    f.conn
+        .execute("DELETE FROM t WHERE id > ?1", [(ROWS - 60) as i64])
+        .expect("delete");
+    f.conn
+        .execute_batch("PRAGMA incremental_vacuum")
+        .expect("incremental_vacuum");
+    let after = util::page_hashes(&f.db).len();
+    assert!(
+        after < before && after / 1024 == (before - 1) / 1024,
+        "{before} -> {after}"
+    );
+    let third = f.push();
+    assert!(third.by_chunks, "{}", third.stderr);
+    assert_eq!(third.report["version"], 3, "{}", third.report);
+    f.pulls_back();
+    // The hash list and the kept manifest were brought to the shorter file: the next
+    // push goes by chunks again.
+    f.conn
+        .execute(
+            "UPDATE t SET v = randomblob(1000) WHERE id > ?1",
+            [(ROWS - 70) as i64],
+        )
+        .expect("update");
+    let fourth = f.push();
+    assert!(fourth.by_chunks, "{}", fourth.stderr);
+    f.pulls_back();
 }

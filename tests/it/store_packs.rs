@@ -502,7 +502,9 @@ fn a_page_damaged_in_the_middle_of_a_run_is_found_and_recorded() {
         .expect("read");
     assert_eq!(recorded, vec![hash.to_vec()]);
 
-    // Its row gone instead (put the byte back first): missing, at that page.
+    // Its row gone instead (put the byte back first): the version's place hint still
+    // names its bytes, which check, so the pull has it; without the hint (a store an
+    // older sqlferry made) the index decides: missing, at that page.
     crate::trust_store::flip_stored(&file, &hash, 2048, 0x04);
     let (gone, _) = crate::trust_store::stored_page(&file, 1, 30);
     Connection::open(dir.path().join("store/pages/index.sqlite"))
@@ -510,10 +512,161 @@ fn a_page_damaged_in_the_middle_of_a_run_is_found_and_recorded() {
         .execute("DELETE FROM pages WHERE hash = ?1", [&gone[..]])
         .expect("delete");
     let (seen, error) = scan_back(&store, "acme/a.db");
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(seen, hashes_of(&pa), "every page, checked");
+    Connection::open(&file)
+        .expect("replica file")
+        .execute_batch("DROP TABLE places")
+        .expect("drop the hints");
+    let (seen, error) = scan_back(&store, "acme/a.db");
     assert_eq!(seen.len(), 29, "pages 1 to 29 went out");
     let error = error.expect("page 30 is refused").to_string();
     assert!(
         error.contains("page 30 ") && error.contains("missing"),
         "{error}"
     );
+}
+
+/// The place hints of `replica`'s file: (chunk key, runs) of every hint.
+fn hints(file: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    Connection::open(file)
+        .expect("replica file")
+        .prepare("SELECT chunk, runs FROM places ORDER BY chunk")
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .expect("places")
+}
+
+/// A full read of `replica`'s latest version through its scan: the page hashes it
+/// handed on, and (pages read where a hint said, those read again through the index).
+fn scan_counted(store: &Store, replica: &str) -> (Vec<Hash>, (u64, u64)) {
+    use sqlferry::engine::PageSource;
+    let mut r = store
+        .read(
+            &ReplicaPath::parse(replica).expect("valid"),
+            Selector::Latest,
+        )
+        .expect("read");
+    let mut seen = Vec::new();
+    r.scan(0, &mut |pgno, hash, data| {
+        let data = data.expect("a scan from page 0 reads every page");
+        assert_eq!(page_hash(pgno, data), hash, "page {pgno} as handed on");
+        seen.push(hash);
+        Ok(())
+    })
+    .expect("scan");
+    (seen, r.hinted())
+}
+
+/// A push leaves a place hint for each chunk of its version, and a full read goes where
+/// the hints say, with no page looked up in the index; a hint that names wrong bytes
+/// (stale) costs a read through the index, never a wrong page or a page recorded as
+/// damaged; a replica file without hints (an older sqlferry's) is read through the
+/// index, and its next push writes them.
+#[test]
+fn a_full_read_follows_place_hints_and_falls_back_when_they_are_stale() {
+    let dir = TempDir::new().expect("tempdir");
+    let a = dir.path().join("a.db");
+    let conn = util::create(&a, 4096, Mode::Rollback);
+    util::insert_rows(&conn, 15000, 300);
+    drop(conn);
+    let pa = file_pages(&a);
+    assert!(pa.len() > 1024, "more than one chunk: {} pages", pa.len());
+    let store = Store::new(dir.path().join("store"));
+    push_pages(&store, "acme/a.db", &pa, || {});
+    let file = dir.path().join("store/replicas/acme/a.db.sqlferry");
+    let chunks = pa.len().div_ceil(1024);
+    assert_eq!(hints(&file).len(), chunks, "one hint a chunk");
+    let (seen, (hinted, stale)) = scan_counted(&store, "acme/a.db");
+    assert_eq!(seen, hashes_of(&pa));
+    assert_eq!(
+        (hinted, stale),
+        (pa.len() as u64, 0),
+        "every page where its hint said"
+    );
+
+    // Every hint moved one page on: each names its neighbour's bytes (the last,
+    // bytes past the run), as a hint of pages moved since would.
+    let db = Connection::open(&file).expect("replica file");
+    for (chunk, mut runs) in hints(&file) {
+        // Runs: pack (i64), offset (u64), count (u32), then a length (u32) an entry.
+        let mut at = 0;
+        while at < runs.len() {
+            let pack = i64::from_le_bytes(runs[at..at + 8].try_into().expect("8 bytes"));
+            let offset = u64::from_le_bytes(runs[at + 8..at + 16].try_into().expect("8 bytes"));
+            let count = u32::from_le_bytes(runs[at + 16..at + 20].try_into().expect("4 bytes"));
+            assert!(pack > 0, "every page has a place");
+            runs[at + 8..at + 16].copy_from_slice(&(offset + 4096).to_le_bytes());
+            at += 20 + 4 * count as usize;
+        }
+        db.execute(
+            "UPDATE places SET runs = ?2 WHERE chunk = ?1",
+            rusqlite::params![chunk, runs],
+        )
+        .expect("move the hint");
+    }
+    let (seen, (hinted, stale)) = scan_counted(&store, "acme/a.db");
+    assert_eq!(seen, hashes_of(&pa), "the right pages all the same");
+    assert_eq!((hinted, stale), (pa.len() as u64, pa.len() as u64));
+    let bad: i64 = db
+        .query_row("SELECT count(*) FROM bad_pages", [], |r| r.get(0))
+        .unwrap_or(0);
+    assert_eq!(bad, 0, "a stale hint is not damage");
+
+    // A hint that does not parse is not used at all.
+    db.execute("UPDATE places SET runs = X'00'", [])
+        .expect("spoil the hints");
+    let (seen, counted) = scan_counted(&store, "acme/a.db");
+    assert_eq!(seen, hashes_of(&pa));
+    assert_eq!(counted, (0, 0));
+
+    // No hint table, as an older sqlferry made the file: read through the index; the
+    // next push (one page changed) writes a hint for every chunk of its version.
+    db.execute_batch("DROP TABLE places")
+        .expect("drop the hints");
+    let (seen, counted) = scan_counted(&store, "acme/a.db");
+    assert_eq!(seen, hashes_of(&pa));
+    assert_eq!(counted, (0, 0));
+    drop(db);
+    let mut pb = pa.clone();
+    let last = pb.len() - 1;
+    pb[last][100] ^= 0x01; // a leaf's cell content: the page differs, the file still reads
+    let r = ReplicaPath::parse("acme/a.db").expect("valid");
+    let mut w = store
+        .push(
+            &r,
+            PushOptions {
+                base: Some(1),
+                ..PushOptions::default()
+            },
+        )
+        .expect("push");
+    let n = pb.len() as u32;
+    let held = w
+        .begin(&BeginInfo {
+            page_size: 4096,
+            page_count: n,
+            base_version: 1,
+            known_base: true,
+            chunked_digest: false,
+        })
+        .expect("begin");
+    assert_eq!(held, n, "every page held");
+    let hashes = hashes_of(&pb);
+    w.write_page(n, pb[last].clone(), &hashes[last])
+        .expect("write");
+    w.commit(n, &digest_of(&pb), &mut hashes.iter().map(|h| Ok(*h)))
+        .expect("commit");
+    assert!(w.outcome().is_some_and(|(v, made)| made && v.number == 2));
+    drop(w);
+    assert_eq!(
+        hints(&file).len(),
+        chunks,
+        "a hint for each chunk of version 2"
+    );
+    let (seen, (hinted, stale)) = scan_counted(&store, "acme/a.db");
+    assert_eq!(seen, hashes);
+    assert_eq!((hinted, stale), (pb.len() as u64, 0));
 }

@@ -544,3 +544,44 @@ fn a_pull_killed_after_its_commit_does_not_refuse_the_next_pull() {
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
     assert_eq!(rows(&r.path("copy.db")), 20);
 }
+
+/// Through a real server the source check runs beside the scan and is answered before
+/// COMMIT: a damaged LOCAL is refused (exit 7) and the server stores no version; with
+/// the server out of reach the push still says the database is damaged, not that the
+/// connection failed.
+#[test]
+fn a_damaged_database_pushed_to_a_server_is_refused_before_commit() {
+    let dir = TempDir::new().unwrap();
+    let server = TestServer::start(dir.path());
+    let m = Machine::new(dir.path(), "m");
+    damaged_db(&m.path("bad.db"));
+    let out = m
+        .command()
+        .args(["push", "bad.db", "acme/bad.db", "--server", &server.url])
+        .args(["--key", &server.admin_key])
+        .output()
+        .expect("push");
+    let line = assert_fails(&out, EXIT_VERIFY, "quick_check");
+    assert!(line.contains("--allow-corrupt"), "{line}");
+    let out = m
+        .command()
+        .args(["versions", "acme/bad.db", "--server", &server.url])
+        .args(["--key", &server.admin_key])
+        .output()
+        .expect("versions");
+    assert_fails(&out, EXIT_NOT_FOUND, "does not exist");
+
+    let out = m
+        .command()
+        .args([
+            "push",
+            "bad.db",
+            "acme/bad.db",
+            "--server",
+            "ws://127.0.0.1:1",
+        ])
+        .args(["--key", &server.admin_key])
+        .output()
+        .expect("push");
+    assert_fails(&out, EXIT_VERIFY, "quick_check");
+}

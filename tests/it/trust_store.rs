@@ -868,6 +868,205 @@ fn a_damaged_page_fails_the_pull_and_the_next_push_of_the_same_database_repairs_
 }
 
 #[test]
+fn a_version_whose_manifest_lost_a_chunk_is_refused_by_name_and_a_push_makes_a_whole_one() {
+    let b = Bench::new();
+    // More than one manifest chunk (1,024 pages each).
+    let db = b.database("app.db", 20_000);
+    ok(&b.push(&db, &[]), "v1");
+    util::open(&db)
+        .execute("UPDATE t SET k = 'changed' WHERE id = 1", [])
+        .expect("update");
+    ok(&b.push(&db, &[]), "v2");
+    let n = Connection::open(b.replica_file())
+        .expect("open replica file")
+        .execute("DELETE FROM manifest WHERE version = 2 AND idx = 1", [])
+        .expect("delete a manifest row");
+    assert_eq!(n, 1);
+
+    // The pull names the version and what is wrong with it, before writing anything.
+    let restored = b.path("restored.db");
+    let out = b.pull(REPLICA, &restored);
+    assert_eq!(util::code(&out), EXIT_VERIFY, "{}", util::stderr(&out));
+    let err = util::stderr(&out);
+    assert!(
+        err.contains(
+            "acme/app.db@2 is damaged in the store: its manifest has no chunk 1 (pages 1025–"
+        ) && err.contains("Pull another version"),
+        "{err}"
+    );
+    assert!(!restored.exists());
+    // The other version is whole.
+    ok(
+        &b.pull(&format!("{REPLICA}@1"), &b.path("v1.db")),
+        "pull v1",
+    );
+    assert_eq!(util::integrity(&b.path("v1.db")), "ok");
+
+    // Scrub says the same, and that no push repairs it.
+    let (code, report) = b.scrub();
+    assert_eq!(code, EXIT_VERIFY, "{report}");
+    let bad = &report["replicas"][0]["bad_versions"];
+    assert_eq!(bad.as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(bad[0]["number"], 2);
+    assert_eq!(bad[0]["repairable"], false);
+    assert!(
+        bad[0]["problem"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("its manifest has no chunk 1")),
+        "{report}"
+    );
+    let out = util::sqlferry(b.dir.path())
+        .args(["scrub", "--data"])
+        .arg(b.store())
+        .output()
+        .expect("scrub");
+    let said = util::stdout(&out);
+    assert!(
+        said.contains("nothing repairs it")
+            && said.contains("push the database to make a whole new latest one"),
+        "{said}"
+    );
+
+    // Following that advice: the same database pushed again makes version 3, whole,
+    // though its content is version 2's.
+    let v3 = ok(&b.push(&db, &[]), "push after the damage");
+    assert_eq!(v3["version"], 3, "{v3}");
+    ok(&b.pull(REPLICA, &restored), "pull v3");
+    util::assert_same(&db, &restored);
+    assert_eq!(util::integrity(&restored), "ok");
+    // Version 2 stays as it was: damaged, and the only bad one.
+    let (code, report) = b.scrub();
+    assert_eq!(code, EXIT_VERIFY, "{report}");
+    let bad = &report["replicas"][0]["bad_versions"];
+    assert_eq!(bad.as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(bad[0]["number"], 2);
+}
+
+/// Zeroes the page hashes of the chunks of `version`'s manifest that `which` (an SQL
+/// condition on `idx`) selects, in place, as a bad disk would; returns how many.
+fn zero_chunks(file: &Path, version: u64, which: &str) -> usize {
+    Connection::open(file)
+        .expect("open replica file")
+        .execute(
+            &format!(
+                "UPDATE chunks SET hashes = zeroblob(length(hashes))
+                 WHERE hash IN (SELECT chunk FROM manifest WHERE version = ?1 AND {which})"
+            ),
+            [version as i64],
+        )
+        .expect("zero chunks")
+}
+
+#[test]
+fn a_damaged_chunk_of_page_hashes_is_named_and_a_push_of_the_same_pages_heals_every_version() {
+    let b = Bench::new();
+    let db = b.database("app.db", 40_000);
+    ok(&b.push(&db, &[]), "v1");
+    util::open(&db)
+        .execute("UPDATE t SET k = 'changed' WHERE id = 1", [])
+        .expect("update");
+    ok(&b.push(&db, &[]), "v2");
+    // A chunk both versions share.
+    let idx: u32 = Connection::open(b.replica_file())
+        .expect("open replica file")
+        .query_row(
+            "SELECT a.idx FROM manifest a JOIN manifest b ON b.idx = a.idx AND b.chunk = a.chunk
+             WHERE a.version = 1 AND b.version = 2 ORDER BY a.idx LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("a shared chunk");
+    assert_eq!(
+        zero_chunks(&b.replica_file(), 2, &format!("idx = {idx}")),
+        1
+    );
+
+    let restored = b.path("restored.db");
+    let out = b.pull(REPLICA, &restored);
+    assert_eq!(util::code(&out), EXIT_VERIFY, "{}", util::stderr(&out));
+    let err = util::stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "acme/app.db@2 is damaged in the store: chunk {idx} of its manifest (pages {}–",
+            idx * 1024 + 1
+        )) && err.contains("its page hashes no longer match their key")
+            && err.contains("repairs this one too"),
+        "{err}"
+    );
+    assert!(!restored.exists());
+
+    // Scrub names both versions, and no page: the zeroed hashes name nothing.
+    let (code, report) = b.scrub();
+    assert_eq!(code, EXIT_VERIFY, "{report}");
+    let r = &report["replicas"][0];
+    assert_eq!(r["bad_pages"], serde_json::json!([]), "{report}");
+    let bad: Vec<_> = r["bad_versions"]
+        .as_array()
+        .expect("bad versions")
+        .iter()
+        .map(|v| (v["number"].clone(), v["repairable"].clone()))
+        .collect();
+    assert_eq!(
+        bad,
+        [(1.into(), true.into()), (2.into(), true.into())],
+        "{report}"
+    );
+
+    // The same database pushed again: a whole new version, and the chunk stored whole
+    // again under its key, so the older versions are whole too.
+    let v3 = ok(&b.push(&db, &[]), "push after the damage");
+    assert_eq!(v3["version"], 3, "{v3}");
+    ok(&b.pull(REPLICA, &restored), "pull v3");
+    util::assert_same(&db, &restored);
+    for v in [1, 2] {
+        let out = b.path(&format!("v{v}.db"));
+        ok(
+            &b.pull(&format!("{REPLICA}@{v}"), &out),
+            "pull an older version",
+        );
+        assert_eq!(util::integrity(&out), "ok");
+    }
+    let (code, report) = b.scrub();
+    assert_eq!(code, 0, "{report}");
+}
+
+#[test]
+fn a_damaged_chunk_found_by_a_push_at_commit_stores_nothing_and_the_next_push_repairs_it() {
+    let b = Bench::new();
+    let db = b.database("app.db", 20_000);
+    ok(&b.push(&db, &[]), "v1");
+    // Every chunk of the latest version damaged, and nothing recorded: the push that
+    // changes a page reads the chunk of that page only at COMMIT.
+    assert!(zero_chunks(&b.replica_file(), 1, "1") > 1);
+    util::open(&db)
+        .execute("UPDATE t SET k = 'changed' WHERE id = 1", [])
+        .expect("update");
+    let out = b.push(&db, &[]);
+    assert_eq!(util::code(&out), EXIT_VERIFY, "{}", util::stderr(&out));
+    let err = util::stderr(&out);
+    assert!(
+        err.contains("acme/app.db@1 is damaged in the store: chunk 0 of its manifest")
+            && err.contains("nothing was stored, and the next push of the database repairs it"),
+        "{err}"
+    );
+    assert_eq!(
+        Connection::open(b.replica_file())
+            .expect("open replica file")
+            .query_row("SELECT count(*) FROM versions", [], |r| r.get::<_, i64>(0))
+            .expect("count"),
+        1
+    );
+
+    // Its advice, followed.
+    let v2 = ok(&b.push(&db, &[]), "the next push");
+    assert_eq!(v2["version"], 2, "{v2}");
+    let restored = b.path("restored.db");
+    ok(&b.pull(REPLICA, &restored), "pull v2");
+    util::assert_same(&db, &restored);
+    assert_eq!(util::integrity(&restored), "ok");
+}
+
+#[test]
 fn scrub_reports_bad_pages_and_versions_and_a_later_push_makes_every_version_pullable() {
     let b = Bench::new();
     let db = b.database("app.db", 400);
@@ -924,6 +1123,18 @@ fn a_missing_page_is_found_by_scrub_and_brought_back_by_the_next_push() {
     let db = b.database("app.db", 400);
     ok(&b.push(&db, &[]), "v1");
     let (hash, _) = stored_page(&b.replica_file(), 1, 9);
+    // Its bytes gone too (zeros, as a collection's hole reads): the version's place
+    // hint names bytes that no longer check, and the index names none.
+    {
+        use std::os::unix::fs::FileExt;
+        let (pack, offset, len) = page_location(&b.replica_file(), &hash);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pack)
+            .expect("open pack")
+            .write_all_at(&vec![0u8; len], offset)
+            .expect("zero the page");
+    }
     let n = page_index(&b.replica_file())
         .execute("DELETE FROM pages WHERE hash = ?1", [&hash[..]])
         .expect("delete");

@@ -10,7 +10,8 @@
 //! cannot be sure (a reset it did not see, a replaced file, a damaged hash list), and
 //! that a damaged page among the changed ones is refused. Every push of the proptest
 //! also goes into an embedded store through the CLI, where a push that proves "no
-//! change" from a few facts and runs no sync must still report the origin's digest; a
+//! change" from a few facts and runs no sync must still report the origin's digest, and
+//! some pushes compare by chunks (only the chunks the WAL named are read); a
 //! deterministic test changes each of those facts in turn.
 //!
 //! `SQLFERRY_FUZZ_CASES` sets the number of cases (default 8, a few seconds; 120 take about
@@ -175,6 +176,7 @@ fn every_change_is_pushed_whatever_the_wal_went_through() {
     let crossed = std::cell::Cell::new(0u32);
     let pushes = std::cell::Cell::new(0u32);
     let proved = std::cell::Cell::new(0u32);
+    let by_chunks = std::cell::Cell::new(0u32);
     runner
         .run(&prop::collection::vec(op(), 1..24), |ops| {
             let dir = TempDir::new().expect("tempdir");
@@ -213,8 +215,12 @@ fn every_change_is_pushed_whatever_the_wal_went_through() {
                     // The same state pushed into a store: a push that proves "no
                     // change" without a sync must report the origin's digest too
                     // (`pushed` asserts it), whatever the WAL went through.
-                    if pushed(dir.path(), &origin, &[]).0 {
+                    let (was_proved, chunks) = pushed_by(dir.path(), &origin);
+                    if was_proved {
                         proved.set(proved.get() + 1);
+                    }
+                    if chunks {
+                        by_chunks.set(by_chunks.get() + 1);
                     }
                 }
             }
@@ -238,6 +244,32 @@ fn every_change_is_pushed_whatever_the_wal_went_through() {
         proved.get() < pushes.get(),
         "every push proved \"no change\""
     );
+    // Pushes into the store that compared by chunks (the origin read only the chunks
+    // the WAL named) ran too, and reported the origin's digest like every other.
+    assert!(by_chunks.get() > 0, "no push into the store went by chunks");
+}
+
+/// [`pushed`], with the origin's log: whether the push proved "no change", and whether
+/// it compared by chunks (docs/engine.md, "The chunked digest").
+fn pushed_by(dir: &Path, db: &Path) -> (bool, bool) {
+    let store = format!("file://{}", dir.join("store").display());
+    let out = util::sqlferry(dir)
+        .env("RUST_LOG", "sqlferry::engine::origin=debug")
+        .arg("push")
+        .arg(db)
+        .args(["t/origin.db", "--server", &store, "--json"])
+        .output()
+        .expect("run push");
+    let err = util::stderr(&out);
+    assert_eq!(util::code(&out), 0, "push failed: {err}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["digest"], util::digest(db), "the pushed digest");
+    (
+        report["proved_unchanged"]
+            .as_bool()
+            .expect("proved_unchanged"),
+        err.contains("origin compared by chunks"),
+    )
 }
 
 #[test]
