@@ -20,6 +20,9 @@
 //!   frames, TLS setup and PEM loading.
 //! - `merge`: a push made from an older version merged row by row onto the latest
 //!   version (`push --merge`), the same code for the embedded store and a server.
+//! - `meta`: the server-wide metadata (keys, replica ids, the server's id) in
+//!   `server.db` or in PostgreSQL (`serve --meta`), and the notifications servers
+//!   sharing PostgreSQL send each other.
 //! - `store`: replicas, immutable versions and content-addressed pages in SQLite files.
 //! - `engine`: the sync algorithm over any link: origin and replica roles, hash-tree
 //!   descent, the final digest check; its page source and target over SQLite files.
@@ -50,6 +53,7 @@ mod error;
 pub mod history;
 pub mod memory;
 pub mod merge;
+pub mod meta;
 pub mod page;
 pub mod protocol;
 pub mod remote;

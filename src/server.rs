@@ -3,8 +3,9 @@
 //! Layout: this file accepts connections and owns their tasks and the shutdown; the
 //! `http` module is the axum router (the JSON API and the WebSocket upgrade on
 //! `/v1/sync`), `session` one WebSocket session, `auth` the keys, `throttle` the
-//! wrong-key throttle, `hub` the subscribers, `fault` the server's own failures, `lock`
-//! the data directory's lock, `tls` the server's TLS identity. The WebSocket framing
+//! wrong-key throttle, `hub` the subscribers, `relay` what the hubs of servers sharing
+//! a PostgreSQL metadata store tell each other (`serve --meta`), `fault` the server's
+//! own failures, `lock` the data directory's lock, `tls` the server's TLS identity. The WebSocket framing
 //! and the TLS setup it shares with the client live in [`crate::transport`].
 //!
 //! Each accepted connection runs in its own task: with TLS (the `tls` module, `serve
@@ -28,8 +29,10 @@
 //! - Keys are never logged; only key ids are.
 //! - A failure of the server's own files is the server's error (`ServerError` on the
 //!   wire, `503` before an upgrade), logged at error level; never a refusal of the key.
-//! - One server per data directory (the `lock` module); `serve` takes the lock before
-//!   it opens anything in it.
+//! - One server per data directory (the `lock` module), unless every server on it
+//!   shares one PostgreSQL metadata store (`serve --meta`: the lock is then taken
+//!   shared, and a server without `--meta` still refuses); `serve` takes the lock
+//!   before it opens anything in it.
 //! - Wrong keys are slowed down per client address (the `throttle` module): past a
 //!   few, `429` with `Retry-After`, the key unchecked; other addresses are not slowed
 //!   down. A failure of the server's own files is not a wrong key.
@@ -57,6 +60,7 @@ mod hub;
 mod lock;
 pub mod metrics;
 mod packed;
+pub mod relay;
 mod session;
 mod throttle;
 mod tls;
@@ -79,6 +83,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::protocol::control::NewVersion;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::{Error, Result};
@@ -120,6 +125,9 @@ pub struct State {
     /// This server's id ([`Auth::server_id`]), sent in every CONFIG and by
     /// `GET /api/health`.
     pub server_id: String,
+    /// What this server tells the servers sharing its PostgreSQL metadata store, and
+    /// hears from them (`serve --meta`); `None`: a server on its own.
+    pub relay: Option<Arc<relay::Relay>>,
 }
 
 /// How many sync sessions run at once by default (`serve --max-sessions`).
@@ -274,12 +282,26 @@ impl Default for Limits {
 impl State {
     /// The server state for data directory `data`: the store and `server.db` live there.
     pub fn open(data: &std::path::Path) -> Result<State> {
-        let auth = Auth::open(data)?;
+        State::open_with(data, crate::meta::Meta::sqlite(data)?, None)
+    }
+
+    /// The server state for data directory `data` with its keys and replica ids in
+    /// `meta`; with `bus` (the same PostgreSQL database as `meta`), versions and
+    /// sync-now requests are relayed to and from the other servers sharing it. Blocks
+    /// (the metadata's rule): call it from a blocking thread.
+    pub fn open_with(
+        data: &std::path::Path,
+        meta: crate::meta::Meta,
+        bus: Option<crate::meta::postgres::PgMeta>,
+    ) -> Result<State> {
+        let auth = Auth::over(meta);
         let server_id = auth.server_id()?;
+        // Drill results stay in `server.db` whatever holds the keys: made owner-only
+        // here before the drills open it.
+        crate::meta::sqlite::create_private(data)?;
         Ok(State {
             server_id,
             store: Store::new(data),
-            // After `Auth::open`, which makes `server.db` owner-only.
             drills: Arc::new(drill::Drills::open(data)?),
             auth,
             hub: Arc::new(Hub::default()),
@@ -287,7 +309,17 @@ impl State {
             metrics: Arc::default(),
             drill_every: None,
             metrics_on_main: false,
+            relay: bus.map(relay::Relay::new).transpose()?.map(Arc::new),
         })
+    }
+
+    /// A push committed `version` (created at `created_at`): this server's
+    /// subscribers hear it now, the other servers' through the relay.
+    pub(crate) fn published(&self, version: NewVersion, created_at: i64) {
+        if let Some(relay) = &self.relay {
+            relay.announce(version.clone(), created_at);
+        }
+        self.hub.published(version, created_at);
     }
 
     /// This state with each replica's latest version drilled every `every` (see the
@@ -359,6 +391,10 @@ pub async fn serve(
     let drills = state
         .drill_every
         .map(|every| tokio::spawn(drill::run(state.clone(), every, shutdown.clone())));
+    // Runs until the sessions are over (below), so that the versions they commit in
+    // the grace are announced too; awaited below.
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(relay::run(state.clone(), relay_stop.clone()));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -397,6 +433,10 @@ pub async fn serve(
     }
     tasks.stop.cancel();
     tasks.tracker.wait().await;
+    relay_stop.cancel();
+    if let Err(e) = relay.await {
+        tracing::error!(error = %e, "the relay task failed");
+    }
     if let Some(Err(e)) = match drills {
         Some(drills) => Some(drills.await),
         None => None,

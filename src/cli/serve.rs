@@ -67,6 +67,19 @@ durations; gauges of active sessions, subscribers and, per replica, its latest v
 that version's age (alert on it), stored bytes, follower lag and the last drill's result. \
 A Prometheus scrape config: scrape_configs: [{job_name: sqlferry, static_configs: \
 [{targets: ['127.0.0.1:9878']}]}].\n\n\
+Several servers, one store (--meta): servers started with the same --data and the same \
+--meta postgres://USER@HOST:PORT/DB share their keys, replica ids and server id in that \
+PostgreSQL database (migrated at start) and tell each other through LISTEN/NOTIFY: a version \
+pushed to one reaches the pull subscribers of every other within a second, and a sync-now \
+sent to any reaches every server's subscribers (the answer counts them all, waiting at most \
+1 s for the other servers). Put them behind one load balancer. Without --meta a second \
+server on a data directory is refused. A password goes in the URL (PGPASSWORD and ~/.pgpass \
+are not read): set SQLFERRY_META instead of --meta to keep it off the command line. No TLS \
+to PostgreSQL yet: keep it on 127.0.0.1 or a private network. Push subscribers' expected pushes and \
+failure reports, followers and drill results stay in each server's memory (the API of one \
+server shows its own subscribers).\n  \
+sqlferry serve --data /srv/sqlferry --listen 0.0.0.0:7878 --meta postgres://sqlferry@127.0.0.1:5432/sqlferry\n  \
+sqlferry serve --data /srv/sqlferry --listen 0.0.0.0:7879 --meta postgres://sqlferry@127.0.0.1:5432/sqlferry\n\n\
 More examples:\n  \
 sqlferry serve --data /var/lib/sqlferry --drill-every 24h --metrics-listen 127.0.0.1:9878")]
 pub struct ServeArgs {
@@ -108,6 +121,15 @@ pub struct ServeArgs {
     /// retention.json, else keep everything].
     #[arg(long, value_name = "RULES", value_parser = parse_retention)]
     pub retention: Option<crate::store::RetentionPolicy>,
+    /// Keep keys and replica ids in this PostgreSQL database instead of DATA/server.db,
+    /// so that several servers can share one --data: postgres://USER[:PASSWORD]@HOST[:PORT]/DB.
+    #[arg(long, value_name = "URL", env = "SQLFERRY_META", hide_env_values = true,
+          value_parser = parse_meta)]
+    pub meta: Option<crate::meta::MetaUrl>,
+}
+
+fn parse_meta(s: &str) -> Result<crate::meta::MetaUrl, String> {
+    crate::meta::MetaUrl::parse(s).map_err(|e| e.to_string())
 }
 
 /// A period of at least one second (`--drill-every`).
@@ -156,16 +178,28 @@ impl ServeArgs {
         })
         .await?;
         let dir = data.clone();
-        // Held until the server stops: a second server on this directory refuses.
+        let pg_url = match &self.meta {
+            Some(crate::meta::MetaUrl::Postgres(url)) => Some(url.clone()),
+            Some(crate::meta::MetaUrl::Sqlite) | None => None,
+        };
+        let shared = pg_url.is_some();
+        // Held until the server stops: a second server on this directory refuses,
+        // unless both share PostgreSQL (then the lock is shared).
         let _lock = blocking(move || {
             make_data_dir(&dir)?;
-            let lock = DataLock::acquire(&dir).map_err(|e| startup(e, &dir))?;
-            // A server killed while merging left its scratch files; this one holds the
-            // lock, so no other process uses them.
-            if crate::merge::remove_scratch(&dir) {
-                tracing::info!(data = %dir.display(), "removed the scratch files of interrupted merges");
-            }
-            Ok(lock)
+            // A server killed while merging left its scratch files; only a server
+            // alone on the directory removes them (another one's merge may use them).
+            let clean = || {
+                if crate::merge::remove_scratch(&dir) {
+                    tracing::info!(data = %dir.display(), "removed the scratch files of interrupted merges");
+                }
+            };
+            let lock = if shared {
+                DataLock::acquire_shared(&dir, clean)
+            } else {
+                DataLock::acquire(&dir).inspect(|_| clean())
+            };
+            lock.map_err(|e| startup(e, &dir))
         })
         .await?;
         let listener = tokio::net::TcpListener::bind(&addrs[..])
@@ -193,10 +227,23 @@ impl ServeArgs {
             (data.clone(), self.max_sessions, self.session_wait);
         let (drill_every, metrics_on_main) = (self.drill_every, self.metrics);
         let retention = self.retention.clone();
+        // Connected (and migrated) before anything else is opened: a PostgreSQL that
+        // cannot be reached stops the start here, with exit 10.
+        let pg = match &pg_url {
+            Some(url) => Some(
+                crate::meta::postgres::PgMeta::connect(url)
+                    .await
+                    .context("cannot start: the metadata store (--meta) is not usable")?,
+            ),
+            None => None,
+        };
         let (state, admin_key) = blocking(move || {
-            let mut state = State::open(&dir)
-                .map_err(|e| startup(e, &dir))?
-                .with_max_sessions(max_sessions, session_wait);
+            let opened = match pg {
+                Some(pg) => State::open_with(&dir, crate::meta::Meta::postgres(pg.clone()), Some(pg))
+                    .context("cannot start: the metadata store (--meta) is not usable"),
+                None => State::open(&dir).map_err(|e| startup(e, &dir)),
+            };
+            let mut state = opened?.with_max_sessions(max_sessions, session_wait);
             if let Some(every) = drill_every {
                 state = state.with_drills(every);
             }
@@ -207,6 +254,9 @@ impl ServeArgs {
                 state.store = state.store.clone().with_default_retention(policy);
             }
             let key = state.auth.ensure_admin().map_err(|e| startup(e, &dir))?;
+            if shared {
+                tracing::info!(meta = %state.auth.describe(), "keys and replica ids in PostgreSQL; sharing the data directory with the servers that use it too");
+            }
             Ok((state, key))
         })
         .await?;

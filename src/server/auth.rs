@@ -1,6 +1,8 @@
 //! Keys: minted at random, shown once, stored only as a SHA-256 hash, compared in
-//! constant time. The server-wide SQLite file `server.db` in the data directory holds
-//! the keys, the replicas' ids and the server's own id ([`Auth::server_id`]).
+//! constant time. The server-wide metadata holds the keys' hashes, the replicas' ids
+//! and the server's own id ([`Auth::server_id`]): `server.db` in the data directory, or
+//! a PostgreSQL database shared by several servers (`serve --meta`; [`crate::meta`]).
+//! Keys are made and checked here the same way over either.
 //!
 //! A key reads `sfk_` + 16 hex digits of id + 48 hex digits of secret. The id finds the
 //! stored hash; the secret is what is hashed and compared. Kinds:
@@ -17,14 +19,11 @@
 //!
 //! Invariants: no function here logs or returns a secret except [`Auth::ensure_admin`]
 //! and [`Auth::mint_replica_keys`], whose whole purpose is to hand a new key out once.
-//! `server.db` and its `-wal` and `-shm` files are readable by their owner only (0600):
-//! created so, and tightened when an older server left them wider.
+//! Every method blocks (the metadata's rules): call them on a blocking thread.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
-
+use crate::meta::{Meta, NewKey};
 use crate::protocol::control::{KeyInfo, NewKeys, Op};
 use crate::store::ReplicaPath;
 use crate::{Error, Result};
@@ -36,28 +35,6 @@ const SECRET_HEX: usize = 48;
 /// A key's last use is recorded at most this often: a busy key costs one write a
 /// minute, not one per session.
 pub const LAST_USED_GRANULARITY_SECS: i64 = 60;
-
-/// Columns added after the first release; added to an older `server.db` at open.
-const ADDED_COLUMNS: [(&str, &str); 2] = [("last_used_at", "INTEGER"), ("revoked_at", "INTEGER")];
-
-const SCHEMA: &str = "
-    CREATE TABLE IF NOT EXISTS keys(
-        id TEXT PRIMARY KEY,
-        secret_hash BLOB NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('admin', 'push', 'pull')),
-        replica TEXT,
-        created_at INTEGER NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS replicas(
-        path TEXT PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        created_at INTEGER NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS server(
-        one INTEGER PRIMARY KEY CHECK (one = 1),
-        id TEXT NOT NULL
-    );
-";
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +101,7 @@ impl Principal {
 /// The server's key and replica registry.
 #[derive(Debug, Clone)]
 pub struct Auth {
-    path: PathBuf,
+    meta: Meta,
 }
 
 fn now() -> i64 {
@@ -162,121 +139,49 @@ fn split_key(key: &str) -> Option<(&str, &str)> {
 impl Auth {
     /// Opens (creating) `server.db` in `data_dir`, owner-only (0600).
     pub fn open(data_dir: &Path) -> Result<Auth> {
-        std::fs::create_dir_all(data_dir).map_err(|e| Error::io(data_dir, e))?;
-        let auth = Auth {
-            path: data_dir.join("server.db"),
-        };
-        auth.tighten()?;
-        let conn = auth.conn()?;
-        let sql = |e| Error::sqlite(&auth.path, e);
-        conn.execute_batch(SCHEMA).map_err(sql)?;
-        let mut have = Vec::new();
-        {
-            let mut stmt = conn
-                .prepare("SELECT name FROM pragma_table_info('keys')")
-                .map_err(sql)?;
-            let names = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(sql)?;
-            for name in names {
-                have.push(name.map_err(sql)?);
-            }
-        }
-        for (column, ty) in ADDED_COLUMNS {
-            if !have.iter().any(|h| h == column) {
-                conn.execute_batch(&format!("ALTER TABLE keys ADD COLUMN {column} {ty}"))
-                    .map_err(sql)?;
-            }
-        }
-        // SQLite gives `-wal` and `-shm` the main file's mode; ones an older server
-        // made are tightened too.
-        auth.tighten()?;
-        Ok(auth)
+        Ok(Auth::over(Meta::sqlite(data_dir)?))
+    }
+
+    /// The keys and replicas kept in `meta`.
+    pub fn over(meta: Meta) -> Auth {
+        Auth { meta }
     }
 
     /// The server's id: 32 random hex digits, made the first time this data directory
-    /// is opened and kept in `server.db` from then on, so it survives restarts and
-    /// stays with the data when it moves. Not a secret (`GET /api/health` tells it to
-    /// anyone) and not derived from any key: clients use it to know one server under
-    /// two URLs (`ws://localhost:7878` and `ws://127.0.0.1:7878`).
+    /// (or metadata database) is opened and kept from then on, so it survives restarts
+    /// and stays with the data when it moves. Servers sharing one metadata database
+    /// (`serve --meta`) share one id: to a client they are one server, with one set of
+    /// keys. Not a secret (`GET /api/health` tells it to anyone) and not derived from
+    /// any key: clients use it to know one server under two URLs
+    /// (`ws://localhost:7878` and `ws://127.0.0.1:7878`).
     pub fn server_id(&self) -> Result<String> {
-        let conn = self.conn()?;
-        let sql = |e| Error::sqlite(&self.path, e);
-        // `OR IGNORE`: the first writer's id stays; a second server opening the same
-        // directory at the same moment reads it back.
-        conn.execute(
-            "INSERT OR IGNORE INTO server(one, id) VALUES (1, ?1)",
-            [random_hex(16)?],
-        )
-        .map_err(sql)?;
-        conn.query_row("SELECT id FROM server WHERE one = 1", [], |r| r.get(0))
-            .map_err(sql)
+        self.meta.store().server_id(&random_hex(16)?)
     }
 
-    /// Creates `server.db` owner-only if it does not exist (SQLite would make it 0644),
-    /// and makes it and its `-wal` and `-shm` files 0600 if they are wider.
-    fn tighten(&self) -> Result<()> {
-        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&self.path)
-            .map_err(|e| Error::io(&self.path, e))?;
-        for suffix in ["", "-wal", "-shm"] {
-            let mut name = self.path.clone().into_os_string();
-            name.push(suffix);
-            let path = PathBuf::from(name);
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue;
-            };
-            if meta.permissions().mode() & 0o077 != 0 {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| Error::io(&path, e))?;
-            }
-        }
-        Ok(())
+    /// Where the keys live, for messages (never a password).
+    pub fn describe(&self) -> String {
+        self.meta.store().describe()
     }
 
-    fn conn(&self) -> Result<Connection> {
-        let conn = Connection::open(&self.path).map_err(|e| Error::sqlite(&self.path, e))?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(|e| Error::sqlite(&self.path, e))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(|e| Error::sqlite(&self.path, e))?;
-        Ok(conn)
-    }
-
-    fn insert_key(
-        &self,
-        conn: &Connection,
-        kind: KeyKind,
-        replica: Option<&str>,
-    ) -> Result<String> {
+    /// A new key of `kind`: the key itself (shown once) and its stored row.
+    fn new_key(kind: KeyKind, replica: Option<&str>) -> Result<(String, NewKey)> {
         let id = random_hex(ID_HEX / 2)?;
         let secret = random_hex(SECRET_HEX / 2)?;
-        conn.execute(
-            "INSERT INTO keys(id, secret_hash, kind, replica, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![id, &secret_hash(&secret)[..], kind.as_str(), replica, now()],
-        )
-        .map_err(|e| Error::sqlite(&self.path, e))?;
-        Ok(format!("{KEY_PREFIX}{id}{secret}"))
+        let row = NewKey {
+            id: id.clone(),
+            secret_hash: secret_hash(&secret),
+            kind: kind.as_str(),
+            replica: replica.map(str::to_owned),
+            created_at: now(),
+        };
+        Ok((format!("{KEY_PREFIX}{id}{secret}"), row))
     }
 
     /// Creates the admin key if there is none, and returns it (the only time it is
     /// ever seen); `None` when one exists already.
     pub fn ensure_admin(&self) -> Result<Option<String>> {
-        let conn = self.conn()?;
-        let exists: bool = conn
-            .query_row(
-                "SELECT EXISTS(SELECT 1 FROM keys WHERE kind = 'admin')",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| Error::sqlite(&self.path, e))?;
-        if exists {
-            return Ok(None);
-        }
-        self.insert_key(&conn, KeyKind::Admin, None).map(Some)
+        let (key, row) = Auth::new_key(KeyKind::Admin, None)?;
+        Ok(self.meta.store().insert_admin_if_none(&row)?.then_some(key))
     }
 
     /// Who presented `key`; `None` when it is not a key of this server. A revoked key
@@ -287,61 +192,40 @@ impl Auth {
             return Ok(None);
         };
         let id = id.to_ascii_lowercase();
-        let conn = self.conn()?;
-        type Row = (Vec<u8>, String, Option<String>, Option<i64>, Option<i64>);
-        let row: Option<Row> = conn
-            .query_row(
-                "SELECT secret_hash, kind, replica, last_used_at, revoked_at FROM keys WHERE id = ?1",
-                [&id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .optional()
-            .map_err(|e| Error::sqlite(&self.path, e))?;
+        let row = self.meta.store().key(&id)?;
         let presented = secret_hash(&secret.to_ascii_lowercase());
-        let Some((stored, kind, replica, last_used, revoked)) = row else {
+        let Some(stored) = row else {
             return Ok(None);
         };
-        if !constant_time_eq(&stored, &presented) {
+        if !constant_time_eq(&stored.secret_hash, &presented) {
             return Ok(None);
         }
-        if let Some(at) = revoked {
+        if let Some(at) = stored.revoked_at {
             return Err(Error::Auth(format!(
                 "this key (sfk_{id}…) was revoked at {}",
                 rfc3339(at)
             )));
         }
         let t = now();
-        if last_used.is_none_or(|l| t - l >= LAST_USED_GRANULARITY_SECS) {
+        if stored
+            .last_used_at
+            .is_none_or(|l| t - l >= LAST_USED_GRANULARITY_SECS)
+        {
             // Bookkeeping only: a full disk must not refuse a good key.
-            if let Err(e) = conn.execute(
-                "UPDATE keys SET last_used_at = ?1 WHERE id = ?2",
-                params![t, &id],
-            ) {
+            if let Err(e) = self.meta.store().touch_key(&id, t) {
                 tracing::debug!(key = %id, error = %e, "could not record the key's last use");
             }
         }
-        Ok(KeyKind::parse(&kind).map(|kind| Principal {
+        Ok(KeyKind::parse(&stored.kind).map(|kind| Principal {
             key_id: id,
             kind,
-            replica,
+            replica: stored.replica,
         }))
     }
 
     /// The keys not revoked, oldest first; only those of `replica` when given.
     pub fn list(&self, replica: Option<&ReplicaPath>) -> Result<Vec<KeyInfo>> {
-        let conn = self.conn()?;
-        let sql = |e| Error::sqlite(&self.path, e);
-        let mut stmt = conn
-            .prepare(
-                "SELECT id, kind, replica, created_at, last_used_at, revoked_at FROM keys
-                 WHERE revoked_at IS NULL AND (?1 IS NULL OR replica = ?1)
-                 ORDER BY created_at, rowid",
-            )
-            .map_err(sql)?;
-        let rows = stmt
-            .query_map([replica.map(ReplicaPath::as_str)], key_info)
-            .map_err(sql)?;
-        rows.map(|r| r.map_err(sql)).collect()
+        self.meta.store().keys(replica.map(ReplicaPath::as_str))
     }
 
     /// Revokes the key with id `id` (of `replica`, when given) and returns it. The
@@ -349,16 +233,7 @@ impl Auth {
     /// [`Error::NotFound`]. Revoking a revoked key again changes nothing.
     pub fn revoke(&self, id: &str, replica: Option<&ReplicaPath>) -> Result<KeyInfo> {
         let id = id.to_ascii_lowercase();
-        let conn = self.conn()?;
-        let sql = |e| Error::sqlite(&self.path, e);
-        let found = conn
-            .query_row(
-                "SELECT id, kind, replica, created_at, last_used_at, revoked_at FROM keys WHERE id = ?1",
-                [&id],
-                key_info,
-            )
-            .optional()
-            .map_err(sql)?;
+        let found = self.meta.store().key_info(&id)?;
         let mut key = match found {
             Some(k) if replica.is_none_or(|r| k.replica.as_deref() == Some(r.as_str())) => k,
             Some(_) | None => {
@@ -375,11 +250,7 @@ impl Auth {
         }
         if key.revoked_at.is_none() {
             let t = now();
-            conn.execute(
-                "UPDATE keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
-                params![t, &id],
-            )
-            .map_err(sql)?;
+            self.meta.store().revoke_key(&id, t)?;
             key.revoked_at = Some(t);
         }
         Ok(key)
@@ -387,52 +258,24 @@ impl Auth {
 
     /// The id of `replica`, registering it when `create` is set.
     pub fn replica_id(&self, replica: &ReplicaPath, create: bool) -> Result<Option<String>> {
-        let conn = self.conn()?;
-        let id: Option<String> = conn
-            .query_row(
-                "SELECT id FROM replicas WHERE path = ?1",
-                [replica.as_str()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| Error::sqlite(&self.path, e))?;
+        let id = self.meta.store().replica_id(replica.as_str())?;
         if id.is_some() || !create {
             return Ok(id);
         }
-        let id = random_hex(8)?;
-        conn.execute(
-            "INSERT OR IGNORE INTO replicas(path, id, created_at) VALUES (?1, ?2, ?3)",
-            params![replica.as_str(), id, now()],
-        )
-        .map_err(|e| Error::sqlite(&self.path, e))?;
-        conn.query_row(
-            "SELECT id FROM replicas WHERE path = ?1",
-            [replica.as_str()],
-            |r| r.get(0),
-        )
-        .map(Some)
-        .map_err(|e| Error::sqlite(&self.path, e))
+        self.meta
+            .store()
+            .register_replica(replica.as_str(), &random_hex(8)?, now())
+            .map(Some)
     }
 
     /// Mints a PUSH and a PULL key for `replica` and returns them (shown once).
     pub fn mint_replica_keys(&self, replica: &ReplicaPath) -> Result<NewKeys> {
-        let conn = self.conn()?;
-        Ok(NewKeys {
-            push: self.insert_key(&conn, KeyKind::Push, Some(replica.as_str()))?,
-            pull: self.insert_key(&conn, KeyKind::Pull, Some(replica.as_str()))?,
-        })
+        let (push, push_row) = Auth::new_key(KeyKind::Push, Some(replica.as_str()))?;
+        let (pull, pull_row) = Auth::new_key(KeyKind::Pull, Some(replica.as_str()))?;
+        self.meta.store().insert_key(&push_row)?;
+        self.meta.store().insert_key(&pull_row)?;
+        Ok(NewKeys { push, pull })
     }
-}
-
-fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
-    Ok(KeyInfo {
-        id: r.get(0)?,
-        kind: r.get(1)?,
-        replica: r.get(2)?,
-        created_at: r.get(3)?,
-        last_used_at: r.get(4)?,
-        revoked_at: r.get(5)?,
-    })
 }
 
 fn rfc3339(at: i64) -> String {

@@ -330,11 +330,16 @@ async fn replica(
         return error(StatusCode::FORBIDDEN, e.to_string());
     }
     if endpoint == Endpoint::Sync {
-        let reached = state.hub.sync_now(replica.as_str());
-        tracing::info!(%replica, reached, key = %principal.key_id, "sync now (HTTP)");
+        let reach = match super::relay::sync_now(state, replica.as_str()).await {
+            Ok(reach) => reach,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        };
+        tracing::info!(%replica, reached = reach.reached, servers = reach.servers,
+            silent = reach.silent, key = %principal.key_id, "sync now (HTTP)");
         return answer(
             StatusCode::OK,
-            json!({"replica": replica.as_str(), "reached": reached}),
+            json!({"replica": replica.as_str(), "reached": reach.reached,
+                   "servers": reach.servers, "silent_servers": reach.silent}),
         );
     }
     let (store, r) = (state.store.clone(), replica.clone());

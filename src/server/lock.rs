@@ -1,10 +1,15 @@
 //! One server per data directory: `DATA/serve.lock`, held with an exclusive `flock`
-//! for the life of the process.
+//! for the life of the process; or several, all sharing one PostgreSQL metadata store
+//! (`serve --meta`), each holding it shared ([`DataLock::acquire_shared`]).
 //!
-//! Two servers on one directory would each believe they own `server.db` and the
-//! replicas (their hubs would not hear each other's pushes, and each would mint keys
-//! the other knows nothing of), so the second refuses at once, naming the directory
-//! and the first server's PID.
+//! Two servers on one directory without a shared metadata store would each believe
+//! they own `server.db` and the replicas (their hubs would not hear each other's
+//! pushes, and each would mint keys the other knows nothing of), so the second refuses
+//! at once, naming the directory and the first server's PID. Servers sharing
+//! PostgreSQL share keys and notifications, and the store itself is safe for several
+//! processes (its own `flock`s and SQLite's locks, as the embedded store used by
+//! several clients at once is); a server without `--meta` still refuses while they
+//! run, and they refuse while it runs.
 //!
 //! Invariants:
 //! - The lock is the kernel's: it goes away with the process, however it ends (a
@@ -65,6 +70,47 @@ impl DataLock {
         Ok(DataLock { _file: file, path })
     }
 
+    /// Takes the lock of `data` shared, for a server whose metadata is in PostgreSQL;
+    /// fails with [`Error::InUse`] while a server without `--meta` holds it. When no
+    /// other server runs (the lock could be taken exclusively first), `alone` runs
+    /// before the lock is shared: for what only a sole owner may clean up.
+    pub fn acquire_shared(data: &Path, alone: impl FnOnce()) -> Result<DataLock> {
+        if let Ok(sole) = DataLock::acquire(data) {
+            alone();
+            drop(sole);
+        }
+        let path = data.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                let holder = match text.trim().parse::<u32>() {
+                    Ok(pid) => format!("a sqlferry serve without --meta (PID {pid})"),
+                    Err(_) => "a sqlferry serve without --meta".to_owned(),
+                };
+                return Err(Error::InUse(format!(
+                    "{holder} is using the data directory {} alone; stop it first (servers share a data directory only when each has the same --meta)",
+                    data.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        // A hint only, and the last server started wins it.
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()));
+        Ok(DataLock { _file: file, path })
+    }
+
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -89,5 +135,21 @@ mod tests {
         assert_eq!(e.kind(), crate::ErrorKind::Busy);
         drop(first);
         DataLock::acquire(dir.path()).expect("free again");
+    }
+
+    #[test]
+    fn shared_locks_coexist_and_keep_a_sole_server_out() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cleaned = 0;
+        let first = DataLock::acquire_shared(dir.path(), || cleaned += 1).expect("first");
+        let second = DataLock::acquire_shared(dir.path(), || cleaned += 1).expect("second");
+        assert_eq!(cleaned, 1, "only a server on its own cleans up");
+        let e = DataLock::acquire(dir.path()).expect_err("a sole server refused");
+        assert_eq!(e.kind(), crate::ErrorKind::Busy);
+        drop((first, second));
+        let sole = DataLock::acquire(dir.path()).expect("free again");
+        let e = DataLock::acquire_shared(dir.path(), || {}).expect_err("shared refused");
+        assert!(e.to_string().contains("without --meta"), "{e}");
+        drop(sole);
     }
 }

@@ -259,8 +259,11 @@ where
         Op::Subscribe => Ok(subscribe(ws, state, principal, &replica, &open).await?),
         Op::WaitFollowers => Ok(wait_followers(ws, state, principal, &replica).await?),
         Op::SyncNow => {
-            let reached = state.hub.sync_now(replica.as_str());
-            tracing::info!(%replica, reached, key = %principal.key_id, "sync now");
+            // Every server's subscribers when servers share PostgreSQL (`relay`).
+            let reach = super::relay::sync_now(state, replica.as_str()).await?;
+            let reached = reach.reached;
+            tracing::info!(%replica, reached, servers = reach.servers, silent = reach.silent,
+                key = %principal.key_id, "sync now");
             let mut c = config(state, principal, &replica, String::new(), 0);
             c.reached = Some(reached);
             Ok(send_control(ws, Control::Config(c)).await?)
@@ -952,7 +955,7 @@ where
     };
     tracing::info!(%replica, version = version.number, created, key = %principal.key_id, "push committed");
     if created {
-        state.hub.published(
+        state.published(
             NewVersion {
                 replica: replica.to_string(),
                 version: version.number,
@@ -1086,7 +1089,7 @@ where
     tracing::info!(%replica, version = version.number, base = stored.result.base,
         onto = stored.result.onto, key = %principal.key_id, "merged push committed");
     if stored.created {
-        state.hub.published(
+        state.published(
             NewVersion {
                 replica: replica.to_string(),
                 version: version.number,

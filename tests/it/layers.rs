@@ -30,6 +30,7 @@ const HIGHER: &[&str] = &[
     "remote",
     "server",
     "merge",
+    "meta",
     "store",
     "engine",
     "page",
@@ -216,6 +217,12 @@ fn violations(edges: &[Edge], known: &[(&str, &str)]) -> Vec<String> {
             rule(
                 e,
                 "server and remote never import each other (they share transport)",
+            );
+        }
+        if from == "meta" && !["error", "digest", "epoch", "protocol", "backoff"].contains(&to) {
+            rule(
+                e,
+                "meta (the server's keys and notifications) imports only protocol, backoff and the leaves",
             );
         }
         if from == "protocol" && !["error", "digest"].contains(&to) {

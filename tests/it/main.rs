@@ -48,6 +48,10 @@
 //!   counted by the kernel), over a real server and the embedded store; every way to
 //!   change LOCAL behind its seal refused or read, never a wrong file; a proptest of
 //!   random histories of pulls, pushes, writes, checkpoints and replaced files.
+//! - `scale_out`: two `serve --meta postgres://…` processes on one data directory and
+//!   a real PostgreSQL (`postgres`: one cluster per run, one database per test): keys,
+//!   pushes and pulls across servers, subscribers and sync-now across them, racing
+//!   pushes, a server killed mid-push, PostgreSQL stopped for a moment.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 
@@ -64,9 +68,11 @@ mod layers;
 mod live;
 mod merge;
 mod names;
+mod postgres;
 mod pull_seal;
 mod retention;
 mod rows;
+mod scale_out;
 mod server;
 mod status;
 mod store_packs;

@@ -42,7 +42,7 @@ mod concurrent;
 pub(crate) mod drill;
 mod faults;
 mod fuzz;
-mod kill;
+pub(crate) mod kill;
 mod limits;
 mod paths;
 pub(crate) mod raw;
@@ -223,6 +223,43 @@ impl TestServer {
             admin_key,
             metrics_addr,
             extra: Vec::new(),
+        }
+    }
+
+    /// One of several servers sharing the data directory `data` and the metadata store
+    /// `meta` (`serve --meta URL`), with `extra` arguments: its log in `dir/NAME.log`,
+    /// its admin machine `dir/NAME-admin`. The first server on a metadata store prints
+    /// the admin key; the others are given it (`admin_key`) and must print none.
+    pub fn start_sharing(
+        dir: &Path,
+        name: &str,
+        data: &Path,
+        meta: &str,
+        admin_key: Option<&str>,
+    ) -> TestServer {
+        let log = dir.join(format!("{name}.log"));
+        let extra = ["--meta", meta];
+        let (child, addr, key, metrics_addr) = spawn(data, &log, "127.0.0.1:0", None, &extra, &[]);
+        let admin_key = match (admin_key, key) {
+            (None, Some(key)) => key,
+            (Some(given), None) => given.to_owned(),
+            (given, printed) => panic!(
+                "admin key: given {given:?}, printed {printed:?} (only the first server prints one); log:\n{}",
+                read(&log)
+            ),
+        };
+        TestServer {
+            child: Some(child),
+            local: None,
+            admin: Machine::new(dir, &format!("{name}-admin")),
+            url: format!("ws://{addr}"),
+            data: data.to_owned(),
+            log,
+            tls: None,
+            addr,
+            admin_key,
+            metrics_addr,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         }
     }
 

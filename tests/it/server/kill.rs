@@ -25,7 +25,7 @@ const WAL_MID_PUSH: u64 = 8 << 20;
 const PUSH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Starts `push app.db acme/app.db` on machine `m` in the background.
-pub(super) fn start_push(m: &Machine, server: &TestServer, message: &str) -> Child {
+pub(crate) fn start_push(m: &Machine, server: &TestServer, message: &str) -> Child {
     m.command()
         .args(["push", "app.db", "acme/app.db", "--json", "-m", message])
         .args(["--server", &server.url])
@@ -37,7 +37,7 @@ pub(super) fn start_push(m: &Machine, server: &TestServer, message: &str) -> Chi
 
 /// Waits until the store's packs have grown by [`WAL_MID_PUSH`] over `baseline` while
 /// `push` still runs; panics if the push ends first.
-pub(super) fn wait_mid_push(server: &TestServer, push: &mut Child, baseline: u64) {
+pub(crate) fn wait_mid_push(server: &TestServer, push: &mut Child, baseline: u64) {
     let mut ended = None;
     let reached = util::wait_until(PUSH_TIMEOUT, Duration::from_millis(2), || {
         ended = push.try_wait().expect("try_wait");
@@ -51,7 +51,7 @@ pub(super) fn wait_mid_push(server: &TestServer, push: &mut Child, baseline: u64
 }
 
 /// The bytes of the store's page packs now (what a push appends to).
-pub(super) fn wal_len(server: &TestServer) -> u64 {
+pub(crate) fn wal_len(server: &TestServer) -> u64 {
     let pages = server
         .replica_file("acme/app.db")
         .ancestors()

@@ -1,0 +1,812 @@
+//! The metadata in PostgreSQL (`serve --meta postgres://…`), and the notifications
+//! servers sharing it send each other.
+//!
+//! - Client: `tokio-postgres` (pure Rust: no libpq to install) through a small
+//!   `deadpool-postgres` pool ([`POOL_SIZE`] connections per server), plain TCP (or a
+//!   Unix socket); TLS to PostgreSQL is not done yet.
+//! - Migrations: numbered SQL files in `src/meta/migrations/`, compiled in, run at
+//!   start in one transaction under a transaction-scoped advisory lock
+//!   ([`MIGRATION_LOCK`]), each recorded in `sqlferry_migrations(version, name,
+//!   applied_at)`. Two servers starting at once: one migrates, the other waits for the
+//!   lock and finds nothing left to do. A database migrated by a newer sqlferry (a
+//!   version this build does not know) is refused at start.
+//! - Notifications ([`Notice`]) travel as JSON on the channel [`CHANNEL`]: a new
+//!   version (also written to `sqlferry_events` in the same transaction, so a server
+//!   whose listening connection was down can read what it missed), a sync-now and the
+//!   number of subscribers each server reached.
+//! - [`PgMeta::listen`] holds one dedicated connection (`application_name` =
+//!   [`LISTEN_APP`], so servers can count each other) that `LISTEN`s, reconnects with
+//!   the subscribers' backoff when lost, and catches up from `sqlferry_events` after
+//!   each reconnect.
+//!
+//! Invariants:
+//! - The blocking [`MetaStore`] methods run their queries as tasks of the runtime the
+//!   store was opened on and wait for the answer: they must be called from a blocking
+//!   thread, never from an async task. Every wait is bounded: a connection
+//!   takes at most [`CONNECT_TIMEOUT`], a free pool slot at most [`POOL_WAIT`].
+//! - A failure is [`Error::Server`] naming the database (host, port, name: never a
+//!   password) and saying that the server retries; the next call tries again with a
+//!   fresh connection.
+//! - What a notification carries is bounded: a replica path (at most 255 bytes), a
+//!   digest, ids; far below PostgreSQL's 8,000-byte payload limit.
+
+use std::collections::BTreeSet;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Config, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use super::{MetaStore, NewKey, StoredKey};
+use crate::protocol::control::KeyInfo;
+use crate::{Error, Result};
+
+/// The channel every server listens on.
+pub const CHANNEL: &str = "sqlferry_events";
+
+/// The `application_name` of a server's listening connection: counting these
+/// connections in `pg_stat_activity` counts the servers that can hear a sync-now.
+pub const LISTEN_APP: &str = "sqlferry-listen";
+
+/// The `application_name` of the pool's connections.
+const POOL_APP: &str = "sqlferry";
+
+/// Connections in a server's pool (the listening connection is one more).
+pub const POOL_SIZE: usize = 8;
+
+/// How long opening one connection may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a query waits for a free connection of the pool.
+pub const POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// The advisory lock migrations run under ("sqlferry" in ASCII).
+pub const MIGRATION_LOCK: i64 = 0x7371_6c66_6572_7279;
+
+/// How long announced versions are kept in `sqlferry_events` for catch-ups.
+const EVENTS_KEPT: &str = "1 day";
+
+/// How often a server deletes announced versions older than [`EVENTS_KEPT`].
+const EVENTS_CLEANUP_EVERY: Duration = Duration::from_secs(600);
+
+/// How many event ids before the newest one seen a catch-up reads again: ids are
+/// taken at insert, so one inserted just before the newest seen may commit just after
+/// it; those already seen are skipped.
+const CATCH_UP_OVERLAP: i64 = 64;
+
+/// How many event ids a listener remembers having seen (to skip them in a catch-up).
+const SEEN_KEPT: usize = 4096;
+
+/// The migrations, in order: number, name, SQL. Append only; never edit one that
+/// shipped.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "keys, replicas, server id, announced versions",
+    include_str!("migrations/0001_keys_replicas_events.sql"),
+)];
+
+/// What servers sharing a metadata database tell each other.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Notice {
+    /// A push committed a new version on server `origin`.
+    Version {
+        /// Its row in `sqlferry_events`.
+        id: i64,
+        /// The replica's path.
+        replica: String,
+        /// The new version's number.
+        version: u64,
+        /// Its digest.
+        digest: String,
+        /// When it was created (Unix seconds).
+        created_at: i64,
+        /// The server that announced it ([`Notice`]s a server sent come back to it).
+        origin: String,
+    },
+    /// Someone asked server `origin` to have `replica`'s subscribers sync now.
+    Sync {
+        /// The replica's path.
+        replica: String,
+        /// The request's id, which the answers name.
+        request: String,
+        /// The server that was asked.
+        origin: String,
+    },
+    /// Server `origin` told `reached` subscribers of its own about sync-now `request`.
+    Reached {
+        /// The sync-now request answered.
+        request: String,
+        /// How many subscribers it reached.
+        reached: u64,
+        /// The answering server.
+        origin: String,
+    },
+}
+
+/// What a listening connection hears, for its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// A notification (or a missed version read back in a catch-up).
+    Notice(Notice),
+    /// The connection is (again) listening.
+    Up,
+    /// The connection was lost or could not be made; it is being retried.
+    Down(String),
+}
+
+/// A PostgreSQL metadata database: the pool, the connection settings (for the
+/// listening connection) and the runtime the blocking calls run on.
+#[derive(Clone)]
+pub struct PgMeta {
+    pool: Pool,
+    config: Config,
+    runtime: tokio::runtime::Handle,
+    describe: String,
+}
+
+impl std::fmt::Debug for PgMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgMeta")
+            .field("at", &self.describe)
+            .finish()
+    }
+}
+
+/// The connection settings in `url`; a usage error when it does not parse (saying
+/// so without repeating the URL, which may hold a password).
+pub fn parse_config(url: &str) -> Result<Config> {
+    Config::from_str(url).map_err(|e| {
+        Error::Usage(format!(
+            "--meta: not a PostgreSQL connection URL ({e}); expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+        ))
+    })
+}
+
+/// `PostgreSQL at HOST:PORT/DATABASE` for `url`: what messages and logs name, never
+/// the user's password.
+pub fn describe_url(url: &str) -> String {
+    match Config::from_str(url) {
+        Ok(c) => describe(&c),
+        Err(_) => "PostgreSQL (an unreadable URL)".into(),
+    }
+}
+
+fn describe(c: &Config) -> String {
+    let host = match c.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    let db = c.get_dbname().or(c.get_user()).unwrap_or("postgres");
+    format!("PostgreSQL at {host}:{port}/{db}")
+}
+
+impl PgMeta {
+    /// Connects to the database `url` names and migrates it to this build's schema;
+    /// a database that cannot be reached is [`Error::Server`].
+    pub async fn connect(url: &str) -> Result<PgMeta> {
+        let mut config = parse_config(url)?;
+        config
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30));
+        let describe = describe(&config);
+        let mut pooled = config.clone();
+        pooled.application_name(POOL_APP);
+        let manager = Manager::from_config(
+            pooled,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| Error::Bug(format!("building the PostgreSQL pool: {e}")))?;
+        let meta = PgMeta {
+            pool,
+            config,
+            runtime: tokio::runtime::Handle::current(),
+            describe,
+        };
+        meta.migrate().await?;
+        Ok(meta)
+    }
+
+    /// `e`, a failure of this database, as the server's own error.
+    fn fail(&self, e: impl std::fmt::Display) -> Error {
+        Error::Server(format!(
+            "the metadata store ({}) failed: {e}; the server retries with a new connection on the next request",
+            self.describe
+        ))
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| {
+            Error::Server(format!(
+                "cannot reach the metadata store ({}): {e}; the server keeps retrying, check that PostgreSQL is up",
+                self.describe
+            ))
+        })
+    }
+
+    /// Runs the migrations this database lacks, in one transaction under
+    /// [`MIGRATION_LOCK`]; refuses a database a newer sqlferry migrated.
+    async fn migrate(&self) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(|e| self.fail(e))?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS sqlferry_migrations(
+                 version INTEGER PRIMARY KEY,
+                 name TEXT NOT NULL,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        let applied: BTreeSet<i32> = tx
+            .query("SELECT version FROM sqlferry_migrations", &[])
+            .await
+            .map_err(|e| self.fail(e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let known = MIGRATIONS.last().map_or(0, |m| m.0);
+        if let Some(newer) = applied.iter().find(|&&v| v > known) {
+            return Err(Error::Server(format!(
+                "the metadata store ({}) was migrated by a newer sqlferry (migration {newer}; this one knows up to {known}): upgrade this server",
+                self.describe
+            )));
+        }
+        for (version, name, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            tx.batch_execute(sql).await.map_err(|e| self.fail(e))?;
+            tx.execute(
+                "INSERT INTO sqlferry_migrations(version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+            tracing::info!(version, name, at = %self.describe, "metadata store migrated");
+        }
+        tx.commit().await.map_err(|e| self.fail(e))
+    }
+
+    /// The migrations recorded in the database, oldest first.
+    pub async fn migrations(&self) -> Result<Vec<i32>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT version FROM sqlferry_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Runs the future `f` makes as a task of the store's runtime and waits for its
+    /// result: for the blocking methods, on a blocking thread (this thread only waits;
+    /// the runtime's workers run the queries).
+    fn block<T, F>(&self, f: impl FnOnce(PgMeta) -> F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = f(self.clone());
+        self.runtime.spawn(async move {
+            let _ = tx.send(task.await);
+        });
+        rx.blocking_recv().map_err(|_| {
+            Error::Server(format!(
+                "the metadata store's query ({}) was dropped: the server is stopping",
+                self.describe
+            ))
+        })?
+    }
+
+    /// Announces version `version` of `replica`, created at `created_at`, from server
+    /// `origin`: one row in `sqlferry_events` and one notification, in one transaction
+    /// (the notification goes out when it commits).
+    pub async fn announce_version(
+        &self,
+        replica: &str,
+        version: u64,
+        digest: &str,
+        created_at: i64,
+        origin: &str,
+    ) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        let number = i64::try_from(version).map_err(|e| self.fail(e))?;
+        let row = tx
+            .query_one(
+                "INSERT INTO sqlferry_events(replica, version, digest, created_at, origin)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                &[&replica, &number, &digest, &created_at, &origin],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        let notice = Notice::Version {
+            id: row.get(0),
+            replica: replica.to_owned(),
+            version,
+            digest: digest.to_owned(),
+            created_at,
+            origin: origin.to_owned(),
+        };
+        notify_in(&*tx, &notice).await.map_err(|e| self.fail(e))?;
+        tx.commit().await.map_err(|e| self.fail(e))
+    }
+
+    /// Sends `notice` to every listening server (this one included).
+    pub async fn notify(&self, notice: &Notice) -> Result<()> {
+        let client = self.client().await?;
+        notify_in(&**client, notice).await.map_err(|e| self.fail(e))
+    }
+
+    /// How many servers are listening now (this one included when its listening
+    /// connection is up): their connections in `pg_stat_activity`.
+    pub async fn listening_servers(&self) -> Result<u64> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = $1",
+                &[&LISTEN_APP],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    /// Listens on [`CHANNEL`] until `stop` is cancelled, telling `heard` what it hears
+    /// ([`Heard`]). A lost connection is reported ([`Heard::Down`]) and made again
+    /// with the subscribers' backoff ([`crate::backoff::Reconnect`]); once it listens
+    /// again, the versions announced meanwhile are read back from `sqlferry_events`
+    /// and told as notices before any new one. Also deletes announced versions older
+    /// than a day, every ten minutes.
+    pub async fn listen(self, heard: mpsc::Sender<Heard>, stop: CancellationToken) {
+        let mut backoff = crate::backoff::Reconnect::new();
+        let mut cursor = Cursor::default();
+        loop {
+            let failure = tokio::select! {
+                () = stop.cancelled() => return,
+                ended = self.listen_once(&heard, &mut backoff, &mut cursor, &stop) => ended,
+            };
+            let Err(e) = failure else { return };
+            if heard.send(Heard::Down(e.to_string())).await.is_err() {
+                return;
+            }
+            let delay = backoff.next_delay(crate::backoff::jitter());
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One listening connection, until it is lost (an error) or `stop` (`Ok`).
+    async fn listen_once(
+        &self,
+        heard: &mpsc::Sender<Heard>,
+        backoff: &mut crate::backoff::Reconnect,
+        cursor: &mut Cursor,
+        stop: &CancellationToken,
+    ) -> Result<()> {
+        let mut config = self.config.clone();
+        config.application_name(LISTEN_APP);
+        let (client, mut connection) = config.connect(NoTls).await.map_err(|e| {
+            Error::Server(format!(
+                "cannot reach the metadata store ({}) to listen: {e}",
+                self.describe
+            ))
+        })?;
+        // The connection's messages (notifications among them) are read by a task of
+        // this call's own, ended and awaited below whatever happens.
+        let (tx, mut payloads) = mpsc::channel::<std::result::Result<String, String>>(1024);
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                let forwarded = match message {
+                    Ok(AsyncMessage::Notification(n)) => tx.send(Ok(n.payload().to_owned())).await,
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string())).await;
+                        return;
+                    }
+                };
+                if forwarded.is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Err("the connection was closed".into())).await;
+        });
+        let result = self
+            .listening(&client, heard, backoff, cursor, stop, &mut payloads)
+            .await;
+        drop(client);
+        driver.abort();
+        let _ = driver.await;
+        result
+    }
+
+    /// Listens on an open connection: LISTEN, the catch-up, then notifications.
+    async fn listening(
+        &self,
+        client: &tokio_postgres::Client,
+        heard: &mpsc::Sender<Heard>,
+        backoff: &mut crate::backoff::Reconnect,
+        cursor: &mut Cursor,
+        stop: &CancellationToken,
+        payloads: &mut mpsc::Receiver<std::result::Result<String, String>>,
+    ) -> Result<()> {
+        let fail = |e: tokio_postgres::Error| {
+            Error::Server(format!(
+                "the metadata store's listening connection ({}) failed: {e}",
+                self.describe
+            ))
+        };
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(fail)?;
+        // Listening from here on: what was announced before is read now, what comes
+        // after arrives as notifications (both may hold one event: `seen` skips it).
+        let caught_up = match cursor.newest {
+            None => {
+                let row = client
+                    .query_one("SELECT coalesce(max(id), 0) FROM sqlferry_events", &[])
+                    .await
+                    .map_err(fail)?;
+                cursor.newest = Some(row.get(0));
+                Vec::new()
+            }
+            Some(from) => client
+                .query(
+                    "SELECT id, replica, version, digest, created_at, origin FROM sqlferry_events
+                     WHERE id > $1 ORDER BY id",
+                    &[&(from - CATCH_UP_OVERLAP)],
+                )
+                .await
+                .map_err(fail)?
+                .iter()
+                .map(|r| Notice::Version {
+                    id: r.get(0),
+                    replica: r.get(1),
+                    version: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                    digest: r.get(3),
+                    created_at: r.get(4),
+                    origin: r.get(5),
+                })
+                .collect(),
+        };
+        backoff.reset();
+        if heard.send(Heard::Up).await.is_err() {
+            return Ok(());
+        }
+        let caught = caught_up.len();
+        for notice in caught_up {
+            if !cursor.hear(notice, heard).await {
+                return Ok(());
+            }
+        }
+        if caught > 0 {
+            tracing::info!(
+                versions = caught,
+                "caught up on versions announced while not listening"
+            );
+        }
+        let mut cleanup = tokio::time::interval(EVENTS_CLEANUP_EVERY);
+        // A cleanup missed while busy is not made up for: one is enough.
+        cleanup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                payload = payloads.recv() => match payload {
+                    Some(Ok(text)) => match serde_json::from_str::<Notice>(&text) {
+                        Ok(notice) => {
+                            if !cursor.hear(notice, heard).await {
+                                return Ok(());
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "an unreadable notification on {CHANNEL}; ignored"),
+                    },
+                    Some(Err(e)) => {
+                        return Err(Error::Server(format!(
+                            "lost the metadata store's listening connection ({}): {e}",
+                            self.describe
+                        )))
+                    }
+                    None => return Err(Error::Server("the listening connection ended".into())),
+                },
+                _ = cleanup.tick() => {
+                    let deleted = client
+                        .execute(
+                            &format!("DELETE FROM sqlferry_events WHERE at < now() - interval '{EVENTS_KEPT}'"),
+                            &[],
+                        )
+                        .await
+                        .map_err(fail)?;
+                    if deleted > 0 {
+                        tracing::debug!(deleted, "deleted old announced versions");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where a listener is in `sqlferry_events`, across its reconnections.
+#[derive(Debug, Default)]
+struct Cursor {
+    /// The newest event id seen; `None` until the first connection (nothing before it
+    /// is caught up).
+    newest: Option<i64>,
+    /// The ids seen lately, at most [`SEEN_KEPT`].
+    seen: BTreeSet<i64>,
+}
+
+impl Cursor {
+    /// Passes `notice` on unless it is a version already seen; `false` once nobody
+    /// listens to `heard` any more.
+    async fn hear(&mut self, notice: Notice, heard: &mpsc::Sender<Heard>) -> bool {
+        if let Notice::Version { id, .. } = notice {
+            if !self.seen.insert(id) {
+                return true;
+            }
+            if self.seen.len() > SEEN_KEPT {
+                self.seen.pop_first();
+            }
+            self.newest = Some(self.newest.map_or(id, |n| n.max(id)));
+        }
+        heard.send(Heard::Notice(notice)).await.is_ok()
+    }
+}
+
+/// `SELECT pg_notify(CHANNEL, notice)` on `client` (a transaction's: sent at commit).
+async fn notify_in(
+    client: &impl tokio_postgres::GenericClient,
+    notice: &Notice,
+) -> std::result::Result<(), String> {
+    let payload = serde_json::to_string(notice).map_err(|e| e.to_string())?;
+    client
+        .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+impl MetaStore for PgMeta {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn server_id(&self, candidate: &str) -> Result<String> {
+        let candidate = candidate.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            client
+                .execute(
+                    "INSERT INTO sqlferry_server(one, id) VALUES (1, $1) ON CONFLICT DO NOTHING",
+                    &[&candidate],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            let row = client
+                .query_one("SELECT id FROM sqlferry_server WHERE one = 1", &[])
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn insert_admin_if_none(&self, key: &NewKey) -> Result<bool> {
+        let key = key.clone();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            let stored = client
+                .execute(
+                    "INSERT INTO sqlferry_keys(id, secret_hash, kind, replica, created_at)
+                     VALUES ($1, $2, 'admin', NULL, $3) ON CONFLICT DO NOTHING",
+                    &[&key.id, &&key.secret_hash[..], &key.created_at],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(stored == 1)
+        })
+    }
+
+    fn insert_key(&self, key: &NewKey) -> Result<()> {
+        let key = key.clone();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            client
+                .execute(
+                    "INSERT INTO sqlferry_keys(id, secret_hash, kind, replica, created_at)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[
+                        &key.id,
+                        &&key.secret_hash[..],
+                        &key.kind,
+                        &key.replica,
+                        &key.created_at,
+                    ],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(())
+        })
+    }
+
+    fn key(&self, id: &str) -> Result<Option<StoredKey>> {
+        let id = id.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT secret_hash, kind, replica, last_used_at, revoked_at
+                     FROM sqlferry_keys WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(row.map(|r| StoredKey {
+                secret_hash: r.get(0),
+                kind: r.get(1),
+                replica: r.get(2),
+                last_used_at: r.get(3),
+                revoked_at: r.get(4),
+            }))
+        })
+    }
+
+    fn touch_key(&self, id: &str, at: i64) -> Result<()> {
+        let id = id.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            client
+                .execute(
+                    "UPDATE sqlferry_keys SET last_used_at = $1 WHERE id = $2",
+                    &[&at, &id],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(())
+        })
+    }
+
+    fn keys(&self, replica: Option<&str>) -> Result<Vec<KeyInfo>> {
+        let replica = replica.map(str::to_owned);
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            let rows = client
+                .query(
+                    "SELECT id, kind, replica, created_at, last_used_at, revoked_at
+                     FROM sqlferry_keys
+                     WHERE revoked_at IS NULL AND ($1::TEXT IS NULL OR replica = $1)
+                     ORDER BY created_at, seq",
+                    &[&replica],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(rows.iter().map(key_info).collect())
+        })
+    }
+
+    fn key_info(&self, id: &str) -> Result<Option<KeyInfo>> {
+        let id = id.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT id, kind, replica, created_at, last_used_at, revoked_at
+                     FROM sqlferry_keys WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(row.as_ref().map(key_info))
+        })
+    }
+
+    fn revoke_key(&self, id: &str, at: i64) -> Result<()> {
+        let id = id.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            client
+                .execute(
+                    "UPDATE sqlferry_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                    &[&at, &id],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(())
+        })
+    }
+
+    fn replica_id(&self, path: &str) -> Result<Option<String>> {
+        let path = path.to_owned();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            let row = client
+                .query_opt("SELECT id FROM sqlferry_replicas WHERE path = $1", &[&path])
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn register_replica(&self, path: &str, id: &str, at: i64) -> Result<String> {
+        let (path, id) = (path.to_owned(), id.to_owned());
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            client
+                .execute(
+                    "INSERT INTO sqlferry_replicas(path, id, created_at) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                    &[&path, &id, &at],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            let row = client
+                .query_one("SELECT id FROM sqlferry_replicas WHERE path = $1", &[&path])
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(row.get(0))
+        })
+    }
+}
+
+fn key_info(r: &tokio_postgres::Row) -> KeyInfo {
+    KeyInfo {
+        id: r.get(0),
+        kind: r.get(1),
+        replica: r.get(2),
+        created_at: r.get(3),
+        last_used_at: r.get(4),
+        revoked_at: r.get(5),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip_as_json() {
+        let notice = Notice::Sync {
+            replica: "acme/app.db".into(),
+            request: "abc".into(),
+            origin: "s1".into(),
+        };
+        let text = serde_json::to_string(&notice).expect("json");
+        assert!(text.contains(r#""kind":"sync""#), "{text}");
+        assert_eq!(
+            serde_json::from_str::<Notice>(&text).expect("parses"),
+            notice
+        );
+    }
+
+    #[test]
+    fn a_database_is_described_without_its_password() {
+        let shown = describe_url("postgres://app:s3cret@db.example:6543/meta");
+        assert_eq!(shown, "PostgreSQL at db.example:6543/meta");
+    }
+}
