@@ -278,7 +278,7 @@ impl State {
         let server_id = auth.server_id()?;
         Ok(State {
             server_id,
-            store: Store::new(data),
+            store: Store::new(data).filling_digest1(),
             // After `Auth::open`, which makes `server.db` owner-only.
             drills: Arc::new(drill::Drills::open(data)?),
             auth,
