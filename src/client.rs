@@ -21,7 +21,9 @@ mod push;
 mod scratch;
 mod status;
 
-pub use pull::{Kept, LocalChange, PullPlan, Puller, local_digest, short_digest, unsynced_changes};
+pub use pull::{
+    Kept, LocalChange, LocalDigest, PullPlan, Puller, local_digest, short_digest, unsynced_changes,
+};
 pub use push::{
     CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, copy_file_for, plan_copy,
 };
@@ -450,8 +452,14 @@ pub struct VerifyReport {
     /// The version, for a stored version.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
-    /// The whole-database digest, hex.
+    /// The whole-database digest (digest 1), hex.
     pub digest: String,
+    /// The chunked digest of the same pages (`c:` + hex): what a version recorded only
+    /// in that form is compared with.
+    pub digest2: String,
+    /// Both digests, as made.
+    #[serde(skip)]
+    pub digests: crate::digest::Digests,
     /// The page size in bytes.
     pub page_size: u32,
     /// The number of pages.
@@ -513,16 +521,9 @@ pub async fn verify_stored(connection: &Connection, spec: &str) -> Result<Option
         report
     })
     .await?;
-    let recorded = versions
-        .iter()
-        .find(|v| v.number == pulled.version)
-        .map(|v| v.digest.clone())
-        .unwrap_or_default();
-    if recorded != report.digest {
-        report.integrity.push(format!(
-            "digest {} differs from the one recorded for version {}: {recorded}",
-            report.digest, pulled.version
-        ));
+    let recorded = versions.iter().find(|v| v.number == pulled.version);
+    if let Some(why) = digest_differs(recorded, &report, pulled.version) {
+        report.integrity.push(why);
     }
     report.file = PathBuf::from(format!("{replica}@{}", pulled.version));
     report.replica = Some(replica.to_string());
@@ -595,11 +596,8 @@ pub async fn verify_all_versions(
                 match blocking(move || check(&path)).await {
                     Ok(report) => {
                         let mut error = None;
-                        if report.digest != v.digest {
-                            error = Some(format!(
-                                "digest {} differs from the one recorded for version {}: {}",
-                                report.digest, v.number, v.digest
-                            ));
+                        if let Some(why) = digest_differs(Some(v), &report, v.number) {
+                            error = Some(why);
                         } else if !report.is_ok() {
                             error =
                                 Some(format!("integrity check: {}", report.integrity.join("; ")));
@@ -636,6 +634,32 @@ pub async fn verify_all_versions(
     Ok(checks)
 }
 
+/// Why the restored file of `report` is not the version `recorded` says (number
+/// `number`), if it is not: each digest the version recorded is compared with the
+/// file's in the same form ([`crate::store::VersionInfo::check_digests`]).
+fn digest_differs(
+    recorded: Option<&crate::store::VersionInfo>,
+    report: &VerifyReport,
+    number: u64,
+) -> Option<String> {
+    let none = || {
+        format!(
+            "digest {} cannot be compared: no digest is recorded for version {number}",
+            report.digest
+        )
+    };
+    let Some(v) = recorded else {
+        return Some(none());
+    };
+    match v.check_digests(&report.digests) {
+        Ok(()) => None,
+        Err((theirs, _)) if theirs.is_empty() => Some(none()),
+        Err((theirs, ours)) => Some(format!(
+            "digest {ours} differs from the one recorded for version {number}: {theirs}"
+        )),
+    }
+}
+
 /// A version that could not be restored or checked, and why.
 fn failed_check(version: u64, e: &Error) -> VersionCheck {
     VersionCheck {
@@ -662,7 +686,7 @@ fn check(path: &Path) -> Result<VerifyReport> {
     };
     let (page_size, page_count) = (snap.page_size(), snap.page_count());
     // Every page is hashed afresh here: verify is the check, it trusts no cache.
-    let digest = snap.digest(true)?;
+    let digests = snap.digests(true)?;
     let integrity = match snap.integrity_check() {
         Ok(lines) => lines,
         // SQLite could not even walk the file: that is the check's answer.
@@ -673,7 +697,9 @@ fn check(path: &Path) -> Result<VerifyReport> {
         file: path.to_owned(),
         replica: None,
         version: None,
-        digest: hex(&digest),
+        digest: hex(&digests.one),
+        digest2: crate::digest::digest_text(crate::digest::DigestForm::Chunked, &digests.chunked),
+        digests,
         page_size,
         page_count,
         journal_mode: snap.journal_mode(),

@@ -525,10 +525,16 @@ impl Server {
                             .outcome()
                             .expect("a successful sync leaves an outcome");
                         // The sync agreed on the chunked digest; what is recorded and
-                        // shown is the version's digest 1, which the store computed
-                        // from the manifest that digest checked.
+                        // shown is the version's digest 1 where it has one (a version
+                        // made with every chunk new, or on the hash-tree path), else its
+                        // chunked digest (`c:…`), which every reader compares in that
+                        // form.
                         let mut stats = stats;
-                        stats.digest.clone_from(&version.digest);
+                        match (&version.digest, &version.digest2) {
+                            (one, _) if !one.is_empty() => stats.digest.clone_from(one),
+                            (_, Some(chunked)) => stats.digest.clone_from(chunked),
+                            _ => {}
+                        }
                         let outcome = PushOutcome {
                             stats,
                             version: version.number,
@@ -1191,7 +1197,7 @@ fn proved_unchanged(
     let latest = store.latest_sound(replica)?;
     let holds = latest.is_some_and(|v| {
         v.number == seal.version
-            && v.digest == seal.digest
+            && v.has_digest(&seal.digest)
             && v.page_size == state.page_size()
             && v.page_count == state.page_count()
     });
@@ -1826,6 +1832,7 @@ mod tests {
             page_count: 1,
             size: 4096,
             digest: String::new(),
+            digest2: None,
             message: String::new(),
             created_at: 0,
             client_id: String::new(),

@@ -301,7 +301,7 @@ impl State {
         crate::meta::sqlite::create_private(data)?;
         Ok(State {
             server_id,
-            store: Store::new(data),
+            store: Store::new(data).filling_digest1(),
             drills: Arc::new(drill::Drills::open(data)?),
             auth,
             hub: Arc::new(Hub::default()),
