@@ -1959,7 +1959,19 @@ impl VersionWriter {
         );
         closed.close().map_err(|(_, e)| sql(&self.file)(e))?;
         match std::fs::hard_link(&self.file, &self.final_file) {
-            Ok(()) => Ok(None),
+            Ok(()) => {
+                // The new name is durable before the client hears of the version: the
+                // file's bytes were synced by the checkpoint, its link is the
+                // directory's.
+                let dir = self
+                    .final_file
+                    .parent()
+                    .expect("a replica file has a directory");
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| Error::io(dir, e))?;
+                Ok(None)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let theirs = versions(&self.final_file, &self.replica)
                     .ok()
