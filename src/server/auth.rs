@@ -23,7 +23,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::protocol::control::{KeyInfo, NewKeys, Op};
@@ -126,55 +125,6 @@ impl Principal {
 #[derive(Debug, Clone)]
 pub struct Auth {
     path: PathBuf,
-    /// A connection held open, and never used, for as long as any clone of this lives:
-    /// it keeps the WAL index (`-shm`) valid while the connection each operation opens
-    /// closes without a checkpoint ([`conn`]). Without both, the operation's connection
-    /// was the last to close, and closing it checkpointed the WAL into `server.db` and
-    /// deleted it: every write (a replica registered, keys minted) paid a checkpoint and
-    /// four to five fsyncs instead of the one of its commit, and every session
-    /// re-created the `-wal` and `-shm` files. SQLite still checkpoints as the WAL grows
-    /// (every 1,000 pages), and this connection, the last to close, when the server
-    /// stops.
-    _keep: std::sync::Arc<std::sync::Mutex<Connection>>,
-}
-
-/// Creates `server.db` owner-only if it does not exist (SQLite would make it 0644),
-/// and makes it and its `-wal` and `-shm` files 0600 if they are wider.
-fn tighten(path: &Path) -> Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    for suffix in ["", "-wal", "-shm"] {
-        let mut name = path.to_owned().into_os_string();
-        name.push(suffix);
-        let path = PathBuf::from(name);
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if meta.permissions().mode() & 0o077 != 0 {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| Error::io(&path, e))?;
-        }
-    }
-    Ok(())
-}
-
-/// A connection to `server.db` for one operation: it closes without a checkpoint (see
-/// [`Auth`]'s held connection, which makes that safe and cheap).
-fn conn(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path).map_err(|e| Error::sqlite(path, e))?;
-    conn.busy_timeout(Duration::from_secs(10))
-        .map_err(|e| Error::sqlite(path, e))?;
-    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
-        .map_err(|e| Error::sqlite(path, e))?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(|e| Error::sqlite(path, e))?;
-    Ok(conn)
 }
 
 fn now() -> i64 {
@@ -213,15 +163,10 @@ impl Auth {
     /// Opens (creating) `server.db` in `data_dir`, owner-only (0600).
     pub fn open(data_dir: &Path) -> Result<Auth> {
         std::fs::create_dir_all(data_dir).map_err(|e| Error::io(data_dir, e))?;
-        let path = data_dir.join("server.db");
-        tighten(&path)?;
-        let keep = conn(&path)?;
-        keep.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
-            .map_err(|e| Error::sqlite(&path, e))?;
         let auth = Auth {
-            path,
-            _keep: std::sync::Arc::new(std::sync::Mutex::new(keep)),
+            path: data_dir.join("server.db"),
         };
+        auth.tighten()?;
         let conn = auth.conn()?;
         let sql = |e| Error::sqlite(&auth.path, e);
         conn.execute_batch(SCHEMA).map_err(sql)?;
@@ -243,7 +188,7 @@ impl Auth {
         }
         // SQLite gives `-wal` and `-shm` the main file's mode; ones an older server
         // made are tightened too.
-        tighten(&auth.path)?;
+        auth.tighten()?;
         Ok(auth)
     }
 
@@ -266,8 +211,39 @@ impl Auth {
             .map_err(sql)
     }
 
+    /// Creates `server.db` owner-only if it does not exist (SQLite would make it 0644),
+    /// and makes it and its `-wal` and `-shm` files 0600 if they are wider.
+    fn tighten(&self) -> Result<()> {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = self.path.clone().into_os_string();
+            name.push(suffix);
+            let path = PathBuf::from(name);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        Ok(())
+    }
+
     fn conn(&self) -> Result<Connection> {
-        conn(&self.path)
+        let conn = Connection::open(&self.path).map_err(|e| Error::sqlite(&self.path, e))?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(|e| Error::sqlite(&self.path, e))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| Error::sqlite(&self.path, e))?;
+        Ok(conn)
     }
 
     fn insert_key(
@@ -528,28 +504,6 @@ mod tests {
         );
         assert_eq!(mask(&keys.pull), format!("sfk_{}…", &keys.pull[4..20]));
         assert!(!mask(&keys.pull).contains(&keys.pull[20..]));
-    }
-
-    #[test]
-    fn what_a_registry_wrote_is_in_server_db_once_it_is_gone() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let app = ReplicaPath::parse("acme/app.db").expect("valid");
-        let (keys, id) = {
-            let auth = Auth::open(dir.path()).expect("opens");
-            let keys = auth.mint_replica_keys(&app).expect("mints");
-            let id = auth.replica_id(&app, true).expect("registers");
-            // The WAL the held connection keeps is owner-only, as the file is.
-            let wal = dir.path().join("server.db-wal");
-            let mode = std::fs::metadata(&wal).expect("kept").permissions().mode();
-            assert_eq!(mode & 0o777, 0o600, "server.db-wal is owner-only");
-            (keys, id)
-        };
-        // The last connection closed with the registry: everything is in the file.
-        assert!(!dir.path().join("server.db-wal").exists(), "checkpointed");
-        let auth = Auth::open(dir.path()).expect("opens again");
-        assert!(auth.check(&keys.push).expect("checks").is_some());
-        assert_eq!(auth.replica_id(&app, false).expect("reads"), id);
     }
 
     #[test]
