@@ -152,11 +152,12 @@ impl Connection {
 }
 
 /// Records a push or pull (`op`) of the database `database` as `version` of `replica`
-/// on `server` in the local history, on a blocking thread: the base of the next push
-/// and what the next pull checks LOCAL against.
+/// on `server` (whose id is `server_id`, when it sent one) in the local history, on a
+/// blocking thread: the base of the next push and what the next pull checks LOCAL
+/// against, through this URL or any other of the same server.
 async fn record_sync(
     database: &Path,
-    server: &Server,
+    (server, server_id): (&Server, Option<String>),
     replica: &ReplicaPath,
     version: u64,
     digest: &str,
@@ -169,12 +170,42 @@ async fn record_sync(
         version,
         digest,
         op,
-    );
+    )
+    .with_server_id(server_id);
     blocking(move || {
         crate::history::record(&sync);
         Ok(())
     })
     .await
+}
+
+/// The last sync of `database` with `replica` on `server` ([`crate::history::last_with`]);
+/// when none was recorded under this URL, the server is asked for its id (one `GET
+/// /api/health`, no key) and a sync through another URL of the same server is taken
+/// (servers sharing `serve --meta` share their id): a machine that pushed through one
+/// server's URL pulls through another's as from the same store. A server that cannot be
+/// asked, or sends no id, finds nothing more.
+pub async fn last_sync(
+    database: &Path,
+    server: &Server,
+    replica: &ReplicaPath,
+) -> Result<Option<crate::history::LastSync>> {
+    let (db, url, name) = (database.to_owned(), server.url(), replica.to_string());
+    let by_url = blocking(move || Ok(crate::history::last_with(&db, &url, &name))).await?;
+    if by_url.is_some() || !server.needs_key() {
+        return Ok(by_url);
+    }
+    let url = server.url();
+    let id = match crate::remote::server_id(&url).await {
+        Ok(Some(id)) => id,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::debug!(server = %url, error = %e, "the server's id could not be asked");
+            return Ok(None);
+        }
+    };
+    let (db, name) = (database.to_owned(), replica.to_string());
+    blocking(move || Ok(crate::history::last_by_id(&db, &id, &name))).await
 }
 
 /// A sync log entry for a sync of `database` with `replica` on `store` that started at

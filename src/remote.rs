@@ -114,6 +114,9 @@ pub struct PullOutcome {
     /// changed were written (`pull --json`: `local_sealed`). Set by
     /// [`crate::client::Puller`]; `false` from the plain pulls here.
     pub local_sealed: bool,
+    /// The server's id as its CONFIG told it (`None`: the embedded store, or an older
+    /// server that sends none).
+    pub server_id: Option<String>,
 }
 
 /// How a push presents itself.
@@ -884,6 +887,7 @@ impl Server {
                             stats,
                             version,
                             local_sealed: false,
+                            server_id: None,
                         },
                         target,
                     ))
@@ -954,6 +958,7 @@ impl Server {
                         stats,
                         version: config.version,
                         local_sealed: false,
+                        server_id: config.server_id,
                     },
                     target,
                 ))

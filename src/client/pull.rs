@@ -243,7 +243,8 @@ impl Puller {
             outcome.version,
             &outcome.stats.digest,
             "pull",
-        );
+        )
+        .with_server_id(outcome.server_id.clone());
         *kept = blocking(move || {
             taken.pulled(&path, &digest);
             crate::history::record(&sync);
@@ -288,29 +289,20 @@ impl Puller {
         selector: Selector,
         seal: Option<&history::PushSeal>,
     ) -> Result<(Option<LocalChange>, bool)> {
-        let url = self.server.url();
-        let replica = self.replica.as_str();
-        let (local, database) = (self.local.clone(), self.database.clone());
-        let (url_owned, replica_owned) = (url.clone(), replica.to_owned());
+        let local = self.local.clone();
         let seal = seal.cloned();
         let found = blocking(move || {
             if !has_content(&local) {
                 return Ok(None);
             }
             let (now, sealed) = sealed_or_read_digest(&local, seal.as_ref())?;
-            let Some(now) = now else {
-                return Ok(None);
-            };
-            Ok(Some((
-                now,
-                sealed,
-                history::last_with(&database, &url_owned, &replica_owned),
-            )))
+            Ok(now.map(|now| (now, sealed)))
         })
         .await?;
-        let Some((now, sealed, last)) = found else {
+        let Some((now, sealed)) = found else {
             return Ok((None, false));
         };
+        let last = super::last_sync(&self.database, &self.server, &self.replica).await?;
         let change = self.changed_from(known, selector, now, last).await?;
         Ok((change, sealed))
     }
@@ -415,7 +407,7 @@ impl Puller {
     async fn record(&self, outcome: &PullOutcome) -> Result<()> {
         super::record_sync(
             &self.database,
-            &self.server,
+            (&self.server, outcome.server_id.clone()),
             &self.replica,
             outcome.version,
             &outcome.stats.digest,
