@@ -21,7 +21,9 @@ mod push;
 mod scratch;
 mod status;
 
-pub use pull::{Kept, LocalChange, PullPlan, Puller, local_digest, short_digest, unsynced_changes};
+pub use pull::{
+    Kept, LocalChange, LocalDigest, PullPlan, Puller, local_digest, short_digest, unsynced_changes,
+};
 pub use push::{
     CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, copy_file_for, plan_copy,
 };
@@ -150,11 +152,12 @@ impl Connection {
 }
 
 /// Records a push or pull (`op`) of the database `database` as `version` of `replica`
-/// on `server` in the local history, on a blocking thread: the base of the next push
-/// and what the next pull checks LOCAL against.
+/// on `server` (whose id is `server_id`, when it sent one) in the local history, on a
+/// blocking thread: the base of the next push and what the next pull checks LOCAL
+/// against, through this URL or any other of the same server.
 async fn record_sync(
     database: &Path,
-    server: &Server,
+    (server, server_id): (&Server, Option<String>),
     replica: &ReplicaPath,
     version: u64,
     digest: &str,
@@ -167,12 +170,42 @@ async fn record_sync(
         version,
         digest,
         op,
-    );
+    )
+    .with_server_id(server_id);
     blocking(move || {
         crate::history::record(&sync);
         Ok(())
     })
     .await
+}
+
+/// The last sync of `database` with `replica` on `server` ([`crate::history::last_with`]);
+/// when none was recorded under this URL, the server is asked for its id (one `GET
+/// /api/health`, no key) and a sync through another URL of the same server is taken
+/// (servers sharing `serve --meta` share their id): a machine that pushed through one
+/// server's URL pulls through another's as from the same store. A server that cannot be
+/// asked, or sends no id, finds nothing more.
+pub async fn last_sync(
+    database: &Path,
+    server: &Server,
+    replica: &ReplicaPath,
+) -> Result<Option<crate::history::LastSync>> {
+    let (db, url, name) = (database.to_owned(), server.url(), replica.to_string());
+    let by_url = blocking(move || Ok(crate::history::last_with(&db, &url, &name))).await?;
+    if by_url.is_some() || !server.needs_key() {
+        return Ok(by_url);
+    }
+    let url = server.url();
+    let id = match crate::remote::server_id(&url).await {
+        Ok(Some(id)) => id,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::debug!(server = %url, error = %e, "the server's id could not be asked");
+            return Ok(None);
+        }
+    };
+    let (db, name) = (database.to_owned(), replica.to_string());
+    blocking(move || Ok(crate::history::last_by_id(&db, &id, &name))).await
 }
 
 /// A sync log entry for a sync of `database` with `replica` on `store` that started at
@@ -450,8 +483,14 @@ pub struct VerifyReport {
     /// The version, for a stored version.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
-    /// The whole-database digest, hex.
+    /// The whole-database digest (digest 1), hex.
     pub digest: String,
+    /// The chunked digest of the same pages (`c:` + hex): what a version recorded only
+    /// in that form is compared with.
+    pub digest2: String,
+    /// Both digests, as made.
+    #[serde(skip)]
+    pub digests: crate::digest::Digests,
     /// The page size in bytes.
     pub page_size: u32,
     /// The number of pages.
@@ -513,16 +552,9 @@ pub async fn verify_stored(connection: &Connection, spec: &str) -> Result<Option
         report
     })
     .await?;
-    let recorded = versions
-        .iter()
-        .find(|v| v.number == pulled.version)
-        .map(|v| v.digest.clone())
-        .unwrap_or_default();
-    if recorded != report.digest {
-        report.integrity.push(format!(
-            "digest {} differs from the one recorded for version {}: {recorded}",
-            report.digest, pulled.version
-        ));
+    let recorded = versions.iter().find(|v| v.number == pulled.version);
+    if let Some(why) = digest_differs(recorded, &report, pulled.version) {
+        report.integrity.push(why);
     }
     report.file = PathBuf::from(format!("{replica}@{}", pulled.version));
     report.replica = Some(replica.to_string());
@@ -595,11 +627,8 @@ pub async fn verify_all_versions(
                 match blocking(move || check(&path)).await {
                     Ok(report) => {
                         let mut error = None;
-                        if report.digest != v.digest {
-                            error = Some(format!(
-                                "digest {} differs from the one recorded for version {}: {}",
-                                report.digest, v.number, v.digest
-                            ));
+                        if let Some(why) = digest_differs(Some(v), &report, v.number) {
+                            error = Some(why);
                         } else if !report.is_ok() {
                             error =
                                 Some(format!("integrity check: {}", report.integrity.join("; ")));
@@ -636,6 +665,32 @@ pub async fn verify_all_versions(
     Ok(checks)
 }
 
+/// Why the restored file of `report` is not the version `recorded` says (number
+/// `number`), if it is not: each digest the version recorded is compared with the
+/// file's in the same form ([`crate::store::VersionInfo::check_digests`]).
+fn digest_differs(
+    recorded: Option<&crate::store::VersionInfo>,
+    report: &VerifyReport,
+    number: u64,
+) -> Option<String> {
+    let none = || {
+        format!(
+            "digest {} cannot be compared: no digest is recorded for version {number}",
+            report.digest
+        )
+    };
+    let Some(v) = recorded else {
+        return Some(none());
+    };
+    match v.check_digests(&report.digests) {
+        Ok(()) => None,
+        Err((theirs, _)) if theirs.is_empty() => Some(none()),
+        Err((theirs, ours)) => Some(format!(
+            "digest {ours} differs from the one recorded for version {number}: {theirs}"
+        )),
+    }
+}
+
 /// A version that could not be restored or checked, and why.
 fn failed_check(version: u64, e: &Error) -> VersionCheck {
     VersionCheck {
@@ -662,7 +717,7 @@ fn check(path: &Path) -> Result<VerifyReport> {
     };
     let (page_size, page_count) = (snap.page_size(), snap.page_count());
     // Every page is hashed afresh here: verify is the check, it trusts no cache.
-    let digest = snap.digest(true)?;
+    let digests = snap.digests(true)?;
     let integrity = match snap.integrity_check() {
         Ok(lines) => lines,
         // SQLite could not even walk the file: that is the check's answer.
@@ -673,7 +728,9 @@ fn check(path: &Path) -> Result<VerifyReport> {
         file: path.to_owned(),
         replica: None,
         version: None,
-        digest: hex(&digest),
+        digest: hex(&digests.one),
+        digest2: crate::digest::digest_text(crate::digest::DigestForm::Chunked, &digests.chunked),
+        digests,
         page_size,
         page_count,
         journal_mode: snap.journal_mode(),

@@ -326,6 +326,58 @@ impl Digester {
     }
 }
 
+/// Builds both forms of a database's digest at once from its page hashes, in page order:
+/// what a local file's digest is compared with a recorded one in whichever form that
+/// one is ([`Digests::matches`]).
+pub struct BothDigester {
+    one: Digest,
+    chunked: Digester,
+}
+
+impl BothDigester {
+    /// Starts both digests of a database of `page_count` pages of `page_size` bytes.
+    pub fn new(page_size: u32, page_count: u32) -> Self {
+        BothDigester {
+            one: Digest::new(page_size, page_count),
+            chunked: Digester::new(DigestForm::Chunked, page_size, page_count),
+        }
+    }
+
+    /// Adds the next page's hash.
+    pub fn push(&mut self, page_hash: &Hash) {
+        self.one.push(page_hash);
+        self.chunked.push(page_hash);
+    }
+
+    /// Both digests, or `None` when fewer or more hashes were pushed than pages declared.
+    pub fn finish(self) -> Option<Digests> {
+        Some(Digests {
+            one: self.one.finish()?,
+            chunked: self.chunked.finish()?,
+        })
+    }
+}
+
+/// One database's digest in both forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digests {
+    /// Digest 1.
+    pub one: Hash,
+    /// The chunked digest.
+    pub chunked: Hash,
+}
+
+impl Digests {
+    /// Whether `recorded` (text in either form, [`digest_text`]) is this database's
+    /// digest, compared in its own form.
+    pub fn matches(&self, recorded: &str) -> bool {
+        match recorded.starts_with(CHUNKED_PREFIX) {
+            true => recorded == digest_text(DigestForm::Chunked, &self.chunked),
+            false => recorded == hex(&self.one),
+        }
+    }
+}
+
 /// The length of a file of page hashes in chunks ([`ChunkedHashes`]) whose owner's header
 /// takes `offset` bytes: the entries (32 bytes a page), then the table (32 bytes a chunk).
 pub fn chunked_len(offset: u64, page_count: u32) -> u64 {

@@ -4,13 +4,19 @@
 //! (VERSION_CONFLICT) instead of overwritten; a pull uses its digest to tell whether the
 //! local database changed since, so it never overwrites changes that were not pushed.
 //!
-//! Invariant: a record is kept per (database, server, replica), never per database only:
+//! Invariant: a record is kept per (database, store, replica), never per database only:
 //! pushing `live.db` once to another replica, or to another server, must not lose the
-//! base of its usual replica. Small JSON files under `$XDG_STATE_HOME/sqlferry/history/`,
-//! written atomically (temporary file + rename): one per (database, server, replica),
-//! and one per database holding its latest sync of any replica ([`last`]). Records
-//! written before the per-replica files existed are the per-database file alone; they
-//! are read as the per-replica record when they name the same server and replica.
+//! base of its usual replica. A store is named by the server's id when the server sent
+//! one (servers sharing `serve --meta` share it: a push to one and a pull from another
+//! are syncs with one store), else by the server's URL. Small JSON files under
+//! `$XDG_STATE_HOME/sqlferry/history/`, written atomically (temporary file + rename):
+//! one per (database, server URL, replica), which also names the server's id; one per
+//! (database, server id, replica) when the id is known; and one per database holding
+//! its latest sync of any replica ([`last`]). A URL's record leads to its id's record,
+//! which the syncs through every URL of that server keep. Records written before the
+//! per-replica files existed are the per-database file alone; they are read as the
+//! per-replica record when they name the same server and replica; records written
+//! before server ids were kept have none and are read by URL, as they were.
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +39,10 @@ pub struct LastSync {
     /// `push` or `pull` (empty in records written before it was kept).
     #[serde(default)]
     pub op: String,
+    /// The server's id, as its CONFIG told it (`None`: the embedded store, a server
+    /// that sends none, or a record written before ids were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<String>,
 }
 
 impl LastSync {
@@ -53,8 +63,21 @@ impl LastSync {
             digest: digest.to_owned(),
             at: crate::epoch::now(),
             op: op.to_owned(),
+            server_id: None,
         }
     }
+
+    /// The same sync, made with the server whose id is `server_id` (if known).
+    pub fn with_server_id(mut self, server_id: Option<String>) -> LastSync {
+        self.server_id = server_id;
+        self
+    }
+}
+
+/// What stands for the server in the name of the record kept per server id: not a
+/// URL (which always has a `://`), so the two kinds of record never share a name.
+fn id_key(server_id: &str) -> String {
+    format!("server-id {server_id}")
 }
 
 /// `dir/<name>`, where name is 32 hex digits of the SHA-256 of `database`'s absolute
@@ -94,20 +117,44 @@ pub fn last(database: &Path) -> Option<LastSync> {
     read_record(record_path(database, None))
 }
 
-/// The last sync of `database` with `replica` on `server`, if one was recorded: the
-/// base of its next push there, and what a pull from there compares it with.
+/// The last sync of `database` with `replica` on `server`, or on any other URL of the
+/// same server (the same server id), if one was recorded: the base of its next push
+/// there, and what a pull from there compares it with.
 pub fn last_with(database: &Path, server: &str, replica: &str) -> Option<LastSync> {
-    read_record(record_path(database, Some((server, replica))))
+    let by_url = read_record(record_path(database, Some((server, replica))))
         // Written before records were kept per replica: valid when it names this one.
-        .or_else(|| last(database).filter(|l| l.server == server && l.replica == replica))
+        .or_else(|| last(database).filter(|l| l.server == server && l.replica == replica));
+    let Some(id) = by_url.as_ref().and_then(|l| l.server_id.clone()) else {
+        return by_url;
+    };
+    let by_id = last_by_id(database, &id, replica);
+    // The id's record is written with every URL's record that names the id, so it is
+    // the newer one, unless a build that kept no ids synced through this URL since.
+    match (by_url, by_id) {
+        (Some(url), Some(id)) if url.at > id.at => Some(url),
+        (url, id) => id.or(url),
+    }
 }
 
-/// Records a sync of `database`, as its sync with that replica and as its last sync.
-/// A failure to record is logged, not fatal: the sync itself succeeded, and the next
-/// push will just not know its base.
+/// The last sync of `database` with `replica` on the server whose id is `server_id`,
+/// through any of its URLs, if one was recorded: what [`last_with`] finds for a URL
+/// never used before, once the server told its id.
+pub fn last_by_id(database: &Path, server_id: &str, replica: &str) -> Option<LastSync> {
+    read_record(record_path(database, Some((&id_key(server_id), replica))))
+        .filter(|l| l.server_id.as_deref() == Some(server_id) && l.replica == replica)
+}
+
+/// Records a sync of `database`, as its sync with that replica (under the server's URL,
+/// and under its id when known) and as its last sync. A failure to record is logged,
+/// not fatal: the sync itself succeeded, and the next push will just not know its base.
 pub fn record(sync: &LastSync) {
     let with = Some((sync.server.as_str(), sync.replica.as_str()));
+    let id = sync.server_id.as_deref().map(id_key);
+    let by_id = id
+        .as_deref()
+        .and_then(|id| record_path(&sync.database, Some((id, sync.replica.as_str()))));
     for path in [
+        by_id,
         record_path(&sync.database, with),
         record_path(&sync.database, None),
     ]

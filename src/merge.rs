@@ -927,10 +927,13 @@ pub fn merge_into_store(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let latest = store
+        let mut latest = store
             .latest(replica)?
             .ok_or_else(|| Error::NotFound(format!("replica {replica} does not exist")))?
             .version;
+        // A latest version made by chunks may record no digest 1, which the merge
+        // compares with the candidate's and the merge's: made from its manifest.
+        store.fill_digest1(replica, &mut latest)?;
         if latest.digest == candidate_digest {
             // The push holds exactly the latest version: nothing to merge or store.
             let result = MergeResult {

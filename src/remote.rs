@@ -114,6 +114,9 @@ pub struct PullOutcome {
     /// changed were written (`pull --json`: `local_sealed`). Set by
     /// [`crate::client::Puller`]; `false` from the plain pulls here.
     pub local_sealed: bool,
+    /// The server's id as its CONFIG told it (`None`: the embedded store, or an older
+    /// server that sends none).
+    pub server_id: Option<String>,
 }
 
 /// How a push presents itself.
@@ -525,10 +528,16 @@ impl Server {
                             .outcome()
                             .expect("a successful sync leaves an outcome");
                         // The sync agreed on the chunked digest; what is recorded and
-                        // shown is the version's digest 1, which the store computed
-                        // from the manifest that digest checked.
+                        // shown is the version's digest 1 where it has one (a version
+                        // made with every chunk new, or on the hash-tree path), else its
+                        // chunked digest (`c:…`), which every reader compares in that
+                        // form.
                         let mut stats = stats;
-                        stats.digest.clone_from(&version.digest);
+                        match (&version.digest, &version.digest2) {
+                            (one, _) if !one.is_empty() => stats.digest.clone_from(one),
+                            (_, Some(chunked)) => stats.digest.clone_from(chunked),
+                            _ => {}
+                        }
                         let outcome = PushOutcome {
                             stats,
                             version: version.number,
@@ -878,6 +887,7 @@ impl Server {
                             stats,
                             version,
                             local_sealed: false,
+                            server_id: None,
                         },
                         target,
                     ))
@@ -948,6 +958,7 @@ impl Server {
                         stats,
                         version: config.version,
                         local_sealed: false,
+                        server_id: config.server_id,
                     },
                     target,
                 ))
@@ -1191,7 +1202,7 @@ fn proved_unchanged(
     let latest = store.latest_sound(replica)?;
     let holds = latest.is_some_and(|v| {
         v.number == seal.version
-            && v.digest == seal.digest
+            && v.has_digest(&seal.digest)
             && v.page_size == state.page_size()
             && v.page_count == state.page_count()
     });
@@ -1826,6 +1837,7 @@ mod tests {
             page_count: 1,
             size: 4096,
             digest: String::new(),
+            digest2: None,
             message: String::new(),
             created_at: 0,
             client_id: String::new(),

@@ -68,7 +68,10 @@ mod tls;
 pub use api::{Summary, summary};
 pub use auth::{Auth, KeyKind, Principal, key_id_of, mask};
 pub use fault::disk_full;
-pub use hub::{Event, FailureStatus, FollowerStatus, Hub, RECENT_VERSIONS, Status, lag_seconds};
+pub use hub::{
+    Event, FailureStatus, FollowerStatus, Hub, Position, RECENT_VERSIONS, Shared, Status,
+    lag_seconds,
+};
 pub use lock::{DataLock, LOCK_FILE};
 pub use tls::Tls;
 
@@ -301,7 +304,7 @@ impl State {
         crate::meta::sqlite::create_private(data)?;
         Ok(State {
             server_id,
-            store: Store::new(data),
+            store: Store::new(data).filling_digest1(),
             drills: Arc::new(drill::Drills::open(data)?),
             auth,
             hub: Arc::new(Hub::default()),

@@ -285,6 +285,10 @@ pub struct Store {
     /// added or removed, which changes the key. Shared by the clones of this store (a
     /// server's API and metrics ask often).
     stored_cache: StoredCache,
+    /// Versions handed out carry digest 1 even when they recorded only their chunked
+    /// digest (made from the manifest, then recorded): a server's, whose older peers
+    /// compare digest 1 ([`Store::filling_digest1`]).
+    fills_digest1: bool,
 }
 
 impl Store {
@@ -294,7 +298,17 @@ impl Store {
             root: root.into(),
             default_retention: None,
             stored_cache: Default::default(),
+            fills_digest1: false,
         }
+    }
+
+    /// This store, handing out every version with its digest 1, made where a version
+    /// recorded only its chunked digest (a push by chunks into the embedded store, in
+    /// this directory): what a server does, so that a peer that knows only digest 1
+    /// sees it exactly as before the chunked form.
+    pub fn filling_digest1(mut self) -> Store {
+        self.fills_digest1 = true;
+        self
     }
 
     /// This store, with `policy` as its default retention policy while it is open
@@ -331,7 +345,18 @@ impl Store {
     pub fn versions(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
         let file = self.replica_file(replica);
         self.remove_leftovers(&file);
-        replica::versions(&file, replica)
+        let mut versions = replica::versions(&file, replica)?;
+        if self.fills_digest1 {
+            replica::fill_digest1(&file, &mut versions)?;
+        }
+        Ok(versions)
+    }
+
+    /// Gives `version` (of `replica`) its digest 1 when it recorded only its chunked
+    /// digest: made from its manifest (every chunk of page hashes read and checked), and
+    /// recorded, best effort. Left empty when the manifest does not make one.
+    pub fn fill_digest1(&self, replica: &ReplicaPath, version: &mut VersionInfo) -> Result<()> {
+        replica::fill_digest1(&self.replica_file(replica), std::slice::from_mut(version))
     }
 
     /// Every replica of the store, in path order: one directory listing per namespace,
@@ -343,7 +368,12 @@ impl Store {
     /// `replica`'s latest version and its version count, reading that one row (no
     /// manifest, no page); `None` when it has no version.
     pub fn latest(&self, replica: &ReplicaPath) -> Result<Option<Latest>> {
-        list::latest(&self.replica_file(replica), replica)
+        let file = self.replica_file(replica);
+        let mut latest = list::latest(&file, replica)?;
+        if let (true, Some(l)) = (self.fills_digest1, &mut latest) {
+            replica::fill_digest1(&file, std::slice::from_mut(&mut l.version))?;
+        }
+        Ok(latest)
     }
 
     /// `replica`'s latest version, when the replica records no damaged stored page
@@ -587,6 +617,7 @@ mod tests {
             page_count: 1,
             size: 4096,
             digest: String::new(),
+            digest2: None,
             message: String::new(),
             created_at,
             client_id: String::new(),

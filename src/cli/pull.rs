@@ -227,8 +227,8 @@ async fn dry_run(puller: &Puller, selector: Selector) -> anyhow::Result<ExitCode
         format!("key {}", crate::server::mask(k))
     });
     let holds = match &plan.local_digest {
-        Ok(Some(d)) if *d == target.digest => "already holds it".to_owned(),
-        Ok(Some(d)) => format!("digest {} now", short_digest(d)),
+        Ok(Some(d)) if d.is_version(target) => "already holds it".to_owned(),
+        Ok(Some(d)) => format!("digest {} now", short_digest(&d.shown())),
         Ok(None) => "new file".to_owned(),
         Err(e) => format!("unreadable: {e}"),
     };
@@ -238,7 +238,7 @@ async fn dry_run(puller: &Puller, selector: Selector) -> anyhow::Result<ExitCode
         target.number,
         human_bytes(target.size),
         target.page_count,
-        short_digest(&target.digest),
+        short_digest(target.shown_digest()),
         store_label(&puller.server),
         puller.local.display(),
         match &plan.refusal {

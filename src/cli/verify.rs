@@ -25,10 +25,13 @@ Exit status is 0 when the integrity check says ok, 7 when it does not (or SQLite
 file damaged, or FILE is not a valid SQLite database: a verification that failed), 3 when \
 FILE is missing or cannot be read.\n\n\
 Two databases with the same digest hold the same pages, byte for byte, whatever their \
-journal mode. The digest is the one `push --json` prints and a replica is checked against.\n\n\
+journal mode. The digest is the one `push --json` prints and a replica is checked against. \
+Each has two forms: digest 1 (64 hex digits) over every page hash, and the chunked digest \
+(`c:` and 64 hex digits, the `chunked:` line, `digest2` in JSON) over the hashes of chunks \
+of 1,024 page hashes; two digests are compared only in the same form.\n\n\
 A stored version (namespace/name[@N|@latest|@latest-N|@TIME]) is fetched whole into a temporary \
 file, every page hashed again, and the result compared with the digest the store recorded \
-for it; the temporary file is deleted.\n\n\
+for it, in each form it recorded; the temporary file is deleted.\n\n\
 --all-versions checks every version of REMOTE (namespace/name, no @) that way, oldest first, \
 through one temporary file (only the pages that changed from one version to the next travel; \
 every page is still checked against its hash). A version that fails does not stop the others: \
@@ -120,6 +123,7 @@ impl VerifyArgs {
                 _ => out(format_args!("file:         {}", report.file.display()))?,
             }
             out(format_args!("digest:       {}", report.digest))?;
+            out(format_args!("chunked:      {}", report.digest2))?;
             out(format_args!("page size:    {}", report.page_size))?;
             out(format_args!("page count:   {}", report.page_count))?;
             out(format_args!(

@@ -49,7 +49,7 @@ pub struct PullPlan {
     /// The version that would be pulled.
     pub target: VersionInfo,
     /// LOCAL's digest now (`Ok(None)`: it holds nothing; `Err`: it cannot be read).
-    pub local_digest: Result<Option<String>>,
+    pub local_digest: Result<Option<LocalDigest>>,
     /// Why the pull would be refused, if it would (never with `force`).
     pub refusal: Option<Error>,
 }
@@ -205,7 +205,7 @@ impl Puller {
                         tracing::debug!(path = %local.display(), "LOCAL may be written since the last pull: checking its digest");
                         let path = local.clone();
                         let now = blocking(move || local_digest(&path)).await?;
-                        now.as_deref().is_some_and(|n| n != ours).then(|| LocalChange {
+                        now.is_some_and(|n| !n.is(&ours)).then(|| LocalChange {
                             why: "it was written by another program since this subscriber's last pull"
                                 .into(),
                         })
@@ -243,7 +243,8 @@ impl Puller {
             outcome.version,
             &outcome.stats.digest,
             "pull",
-        );
+        )
+        .with_server_id(outcome.server_id.clone());
         *kept = blocking(move || {
             taken.pulled(&path, &digest);
             crate::history::record(&sync);
@@ -288,29 +289,20 @@ impl Puller {
         selector: Selector,
         seal: Option<&history::PushSeal>,
     ) -> Result<(Option<LocalChange>, bool)> {
-        let url = self.server.url();
-        let replica = self.replica.as_str();
-        let (local, database) = (self.local.clone(), self.database.clone());
-        let (url_owned, replica_owned) = (url.clone(), replica.to_owned());
+        let local = self.local.clone();
         let seal = seal.cloned();
         let found = blocking(move || {
             if !has_content(&local) {
                 return Ok(None);
             }
             let (now, sealed) = sealed_or_read_digest(&local, seal.as_ref())?;
-            let Some(now) = now else {
-                return Ok(None);
-            };
-            Ok(Some((
-                now,
-                sealed,
-                history::last_with(&database, &url_owned, &replica_owned),
-            )))
+            Ok(now.map(|now| (now, sealed)))
         })
         .await?;
-        let Some((now, sealed, last)) = found else {
+        let Some((now, sealed)) = found else {
             return Ok((None, false));
         };
+        let last = super::last_sync(&self.database, &self.server, &self.replica).await?;
         let change = self.changed_from(known, selector, now, last).await?;
         Ok((change, sealed))
     }
@@ -321,7 +313,7 @@ impl Puller {
         &self,
         known: Option<&VersionInfo>,
         selector: Selector,
-        now: String,
+        now: LocalDigest,
         last: Option<history::LastSync>,
     ) -> Result<Option<LocalChange>> {
         let url = self.server.url();
@@ -333,7 +325,7 @@ impl Puller {
         if let Some(last) = last {
             // Not what the last recorded sync left may still be the version itself: a
             // pull killed after its COMMIT, before it recorded the sync.
-            if now == last.digest || target().await?.is_some_and(|v| v.digest == now) {
+            if now.is(&last.digest) || target().await?.is_some_and(|v| now.is_version(&v)) {
                 return Ok(None);
             }
             let when = crate::epoch::rfc3339(last.at);
@@ -347,18 +339,18 @@ impl Puller {
                     "it changed since it was last {op} {replica}@{} at {when} (digest {} then, {} now)",
                     last.version,
                     short_digest(&last.digest),
-                    short_digest(&now)
+                    short_digest(&now.shown())
                 ),
             }));
         }
         Ok(match target().await? {
-            Some(v) if v.digest == now => None,
+            Some(v) if now.is_version(&v) => None,
             Some(v) => Some(LocalChange {
                 why: format!(
                     "it was never pushed to or pulled from {replica} on {url}, and differs from version {} (digest {}, {} now)",
                     v.number,
-                    short_digest(&v.digest),
-                    short_digest(&now)
+                    short_digest(v.shown_digest()),
+                    short_digest(&now.shown())
                 ),
             }),
             // Nothing to pull: the pull fails on its own, without writing.
@@ -415,7 +407,7 @@ impl Puller {
     async fn record(&self, outcome: &PullOutcome) -> Result<()> {
         super::record_sync(
             &self.database,
-            &self.server,
+            (&self.server, outcome.server_id.clone()),
             &self.replica,
             outcome.version,
             &outcome.stats.digest,
@@ -518,7 +510,7 @@ fn has_content(path: &Path) -> bool {
 /// database an application created and never wrote, or one made by `sqlite3 new.db
 /// "PRAGMA journal_mode=WAL"`). Blocking (SQLite): async callers run it on
 /// `spawn_blocking`.
-pub fn local_digest(path: &Path) -> Result<Option<String>> {
+pub fn local_digest(path: &Path) -> Result<Option<LocalDigest>> {
     let mut snap = match Snapshot::open(path) {
         Ok(s) => s,
         Err(e) if !has_content(path) && e.kind() == crate::ErrorKind::NotADatabase => {
@@ -535,7 +527,49 @@ pub fn local_digest(path: &Path) -> Result<Option<String>> {
             return Ok(None);
         }
     }
-    Ok(Some(crate::digest::hex(&snap.digest(false)?)))
+    Ok(Some(LocalDigest::Read(snap.digests(false)?)))
+}
+
+/// LOCAL's digest, in the forms known: both when LOCAL was read, the seal's own when
+/// a seal proved LOCAL unchanged since the sync that recorded it. A recorded digest is
+/// compared with it in its own form, never across forms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalDigest {
+    /// Made from LOCAL's page hashes now: both forms.
+    Read(crate::digest::Digests),
+    /// The seal's digest (text, either form).
+    Sealed(String),
+}
+
+impl LocalDigest {
+    /// Whether `recorded` (text, either form) is LOCAL's digest. A sealed digest in
+    /// the other form than `recorded` does not say, and answers `false`: a seal and the
+    /// history record it goes with come from one sync, so they are in one form.
+    pub fn is(&self, recorded: &str) -> bool {
+        match self {
+            LocalDigest::Read(d) => d.matches(recorded),
+            LocalDigest::Sealed(t) => !t.is_empty() && t == recorded,
+        }
+    }
+
+    /// Whether LOCAL holds version `v`: its digest in a form `v` recorded.
+    pub fn is_version(&self, v: &VersionInfo) -> bool {
+        match self {
+            LocalDigest::Read(d) => {
+                (!v.digest.is_empty() && d.matches(&v.digest))
+                    || v.digest2.as_deref().is_some_and(|c| d.matches(c))
+            }
+            LocalDigest::Sealed(t) => v.has_digest(t),
+        }
+    }
+
+    /// The digest to show: digest 1 when LOCAL was read, else the seal's.
+    pub fn shown(&self) -> String {
+        match self {
+            LocalDigest::Read(d) => crate::digest::hex(&d.one),
+            LocalDigest::Sealed(t) => t.clone(),
+        }
+    }
 }
 
 /// LOCAL's digest from `seal` when a snapshot of it now is in the seal's state
@@ -544,37 +578,39 @@ pub fn local_digest(path: &Path) -> Result<Option<String>> {
 fn sealed_or_read_digest(
     path: &Path,
     seal: Option<&history::PushSeal>,
-) -> Result<(Option<String>, bool)> {
+) -> Result<(Option<LocalDigest>, bool)> {
     if let Some(seal) = seal
         && let Ok(snap) = Snapshot::open(path)
         && snap
             .local_state()
             .is_some_and(|s| s.to_token() == seal.source)
     {
-        return Ok((Some(seal.digest.clone()), true));
+        return Ok((Some(LocalDigest::Sealed(seal.digest.clone())), true));
     }
     Ok((local_digest(path)?, false))
 }
 
 /// LOCAL's page hashes as its `seal` names them: the kept manifest of the seal's
-/// version, when it makes the seal's digest (read once here to check it; the writer
-/// checks it again as it uses it). `None` when there is no such manifest.
+/// version, when it makes the seal's digest, in the seal's form (read once here to
+/// check it; the writer checks it again, by digest 1, as it uses it). `None` when there
+/// is no such manifest.
 fn sealed_hashes(
     database: &Path,
     url: &str,
     replica: &str,
     seal: &history::PushSeal,
 ) -> Option<SealedHashes> {
-    let digest = unhex(&seal.digest)?;
     let (header, hashes) = history::load_manifest(database, url, replica, seal.version)?;
-    let mut made = crate::digest::Digest::new(header.page_size, header.page_count);
+    let mut made = crate::digest::BothDigester::new(header.page_size, header.page_count);
     for h in hashes {
         made.push(&h.ok()?);
     }
-    if made.finish()? != digest {
+    let made = made.finish()?;
+    if !made.matches(&seal.digest) {
         tracing::debug!(replica, "the kept manifest does not make the seal's digest");
         return None;
     }
+    let digest = made.one;
     let (again, hashes) = history::load_manifest(database, url, replica, seal.version)?;
     (again == header).then_some(())?;
     Some(SealedHashes {
@@ -632,18 +668,6 @@ fn keep_seal(
     );
 }
 
-/// A digest's 64 hex digits as bytes.
-fn unhex(hex: &str) -> Option<crate::digest::Hash> {
-    let mut out = [0u8; 32];
-    if hex.len() != 64 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 /// Why `local` holds changes no sync of `replica` carried, if it does: a file that
 /// does not exist, or whose digest is the one of its last sync with `replica`, has
 /// none. (Asked before a push subscriber that holds only a PULL key follows the replica
@@ -663,8 +687,7 @@ pub async fn unsynced_changes(
             return Ok(Some("was never pulled from it"));
         };
         let now = local_digest(&local)?;
-        Ok((now.as_deref() != Some(last.digest.as_str()))
-            .then_some("has changed since its last sync"))
+        Ok((!now.is_some_and(|n| n.is(&last.digest))).then_some("has changed since its last sync"))
     })
     .await
 }

@@ -358,7 +358,7 @@ impl Pusher {
         if let Some((version, digest)) = recorded {
             super::record_sync(
                 &self.database,
-                &self.server,
+                (&self.server, outcome.server_id.clone()),
                 &self.replica,
                 version,
                 digest,

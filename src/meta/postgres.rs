@@ -82,11 +82,69 @@ const SEEN_KEPT: usize = 4096;
 
 /// The migrations, in order: number, name, SQL. Append only; never edit one that
 /// shipped.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "keys, replicas, server id, announced versions",
-    include_str!("migrations/0001_keys_replicas_events.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "keys, replicas, server id, announced versions",
+        include_str!("migrations/0001_keys_replicas_events.sql"),
+    ),
+    (
+        2,
+        "subscriber positions, expected pushes, failure reports",
+        include_str!("migrations/0002_subscriber_state.sql"),
+    ),
+];
+
+/// How old a server process's heartbeat may be for its subscribers to be shown by the
+/// others: a few of its writes (one a second at most, one every few seconds at least)
+/// may be late before its rows are taken for a dead server's.
+pub const SHARED_FRESH: Duration = Duration::from_secs(15);
+
+/// How old a heartbeat is when its process's rows are deleted, by any server.
+const SHARED_KEPT: Duration = Duration::from_secs(60);
+
+/// What one server process shares of its subscribers (migration 2's tables).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedRows {
+    /// One row per subscriber connected.
+    pub positions: Vec<PositionRow>,
+    /// Expected pushes: replica, Unix seconds.
+    pub expected: Vec<(String, i64)>,
+    /// Failure reports.
+    pub failures: Vec<FailureRow>,
+}
+
+/// A row of `sqlferry_positions`: one subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PositionRow {
+    /// Its membership id on its server.
+    pub member: i64,
+    /// The replica it subscribes to.
+    pub replica: String,
+    /// `push` or `pull`.
+    pub role: String,
+    /// The version its database holds (pull subscribers that reported one).
+    pub applied_version: Option<i64>,
+    /// When it applied it (Unix seconds).
+    pub applied_at: Option<i64>,
+    /// When the first version it lacks was created (Unix seconds).
+    pub behind_since: Option<i64>,
+}
+
+/// A row of `sqlferry_failures`: a push subscriber's latest failure report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureRow {
+    /// The replica.
+    pub replica: String,
+    /// When the failures began (Unix seconds).
+    pub failing_since: i64,
+    /// Failed attempts so far.
+    pub attempts: i64,
+    /// The latest attempt's error (already cut to a few KB by the hub).
+    pub error: String,
+    /// When the report arrived (Unix seconds).
+    pub reported_at: i64,
+}
 
 /// What servers sharing a metadata database tell each other.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -374,6 +432,179 @@ impl PgMeta {
             .await
             .map_err(|e| self.fail(e))?;
         Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    /// Shares what server process `instance` knows of its subscribers and reads what
+    /// the others share, in one transaction: its heartbeat is renewed; its rows are
+    /// replaced by `mine` when `changed` (or when its rows were deleted meanwhile, as a
+    /// dead process's after a long outage); the rows of processes silent for a minute
+    /// are deleted; the answer is every other process's rows whose heartbeat is at
+    /// most [`SHARED_FRESH`] old, in (process, member) order.
+    pub async fn share(
+        &self,
+        instance: &str,
+        mine: &SharedRows,
+        changed: bool,
+    ) -> Result<SharedRows> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.fail(e))?;
+        let fail = |e| self.fail(e);
+        let new = tx
+            .query_one(
+                "INSERT INTO sqlferry_instances(instance) VALUES ($1)
+                 ON CONFLICT (instance) DO UPDATE SET seen_at = now()
+                 RETURNING (xmax = 0)",
+                &[&instance],
+            )
+            .await
+            .map_err(fail)?
+            .get::<_, bool>(0);
+        if changed || new {
+            for table in [
+                "sqlferry_positions",
+                "sqlferry_expected",
+                "sqlferry_failures",
+            ] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE instance = $1"),
+                    &[&instance],
+                )
+                .await
+                .map_err(fail)?;
+            }
+            let p = &mine.positions;
+            let members: Vec<i64> = p.iter().map(|r| r.member).collect();
+            let replicas: Vec<&str> = p.iter().map(|r| r.replica.as_str()).collect();
+            let roles: Vec<&str> = p.iter().map(|r| r.role.as_str()).collect();
+            let applied: Vec<Option<i64>> = p.iter().map(|r| r.applied_version).collect();
+            let applied_at: Vec<Option<i64>> = p.iter().map(|r| r.applied_at).collect();
+            let behind: Vec<Option<i64>> = p.iter().map(|r| r.behind_since).collect();
+            tx.execute(
+                "INSERT INTO sqlferry_positions(instance, member, replica, role,
+                     applied_version, applied_at, behind_since)
+                 SELECT $1::text, * FROM unnest($2::bigint[], $3::text[], $4::text[],
+                     $5::bigint[], $6::bigint[], $7::bigint[])",
+                &[
+                    &instance,
+                    &members,
+                    &replicas,
+                    &roles,
+                    &applied,
+                    &applied_at,
+                    &behind,
+                ],
+            )
+            .await
+            .map_err(fail)?;
+            let replicas: Vec<&str> = mine.expected.iter().map(|(r, _)| r.as_str()).collect();
+            let at: Vec<i64> = mine.expected.iter().map(|(_, at)| *at).collect();
+            tx.execute(
+                "INSERT INTO sqlferry_expected(instance, replica, expected_push_at)
+                 SELECT $1::text, * FROM unnest($2::text[], $3::bigint[])",
+                &[&instance, &replicas, &at],
+            )
+            .await
+            .map_err(fail)?;
+            let f = &mine.failures;
+            let replicas: Vec<&str> = f.iter().map(|r| r.replica.as_str()).collect();
+            let since: Vec<i64> = f.iter().map(|r| r.failing_since).collect();
+            let attempts: Vec<i64> = f.iter().map(|r| r.attempts).collect();
+            let errors: Vec<&str> = f.iter().map(|r| r.error.as_str()).collect();
+            let reported: Vec<i64> = f.iter().map(|r| r.reported_at).collect();
+            tx.execute(
+                "INSERT INTO sqlferry_failures(instance, replica, failing_since, attempts,
+                     error, reported_at)
+                 SELECT $1::text, * FROM unnest($2::text[], $3::bigint[], $4::bigint[],
+                     $5::text[], $6::bigint[])",
+                &[&instance, &replicas, &since, &attempts, &errors, &reported],
+            )
+            .await
+            .map_err(fail)?;
+        }
+        let kept = SHARED_KEPT.as_secs_f64();
+        tx.execute(
+            "DELETE FROM sqlferry_instances WHERE seen_at < now() - make_interval(secs => $1)",
+            &[&kept],
+        )
+        .await
+        .map_err(fail)?;
+        let fresh = SHARED_FRESH.as_secs_f64();
+        let live = "SELECT instance FROM sqlferry_instances
+                    WHERE instance <> $1 AND seen_at > now() - make_interval(secs => $2)";
+        let positions = tx
+            .query(
+                &format!(
+                    "SELECT member, replica, role, applied_version, applied_at, behind_since
+                     FROM sqlferry_positions WHERE instance IN ({live})
+                     ORDER BY instance, member"
+                ),
+                &[&instance, &fresh],
+            )
+            .await
+            .map_err(fail)?
+            .iter()
+            .map(|r| PositionRow {
+                member: r.get(0),
+                replica: r.get(1),
+                role: r.get(2),
+                applied_version: r.get(3),
+                applied_at: r.get(4),
+                behind_since: r.get(5),
+            })
+            .collect();
+        let expected = tx
+            .query(
+                &format!(
+                    "SELECT replica, expected_push_at FROM sqlferry_expected
+                     WHERE instance IN ({live}) ORDER BY instance, replica"
+                ),
+                &[&instance, &fresh],
+            )
+            .await
+            .map_err(fail)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let failures = tx
+            .query(
+                &format!(
+                    "SELECT replica, failing_since, attempts, error, reported_at
+                     FROM sqlferry_failures WHERE instance IN ({live})
+                     ORDER BY instance, replica"
+                ),
+                &[&instance, &fresh],
+            )
+            .await
+            .map_err(fail)?
+            .iter()
+            .map(|r| FailureRow {
+                replica: r.get(0),
+                failing_since: r.get(1),
+                attempts: r.get(2),
+                error: r.get(3),
+                reported_at: r.get(4),
+            })
+            .collect();
+        tx.commit().await.map_err(fail)?;
+        Ok(SharedRows {
+            positions,
+            expected,
+            failures,
+        })
+    }
+
+    /// Deletes what server process `instance` shared (it is stopping): the other
+    /// servers stop showing its subscribers at once.
+    pub async fn unshare(&self, instance: &str) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM sqlferry_instances WHERE instance = $1",
+                &[&instance],
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(())
     }
 
     /// Listens on [`CHANNEL`] until `stop` is cancelled, telling `heard` what it hears

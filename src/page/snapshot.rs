@@ -704,6 +704,27 @@ impl Snapshot {
         })
     }
 
+    /// Both forms of the database's digest ([`crate::digest::Digests`]), from one pass
+    /// over its page hashes as [`Snapshot::digest`] makes them.
+    pub fn digests(&mut self, afresh: bool) -> Result<crate::digest::Digests> {
+        let mut both = crate::digest::BothDigester::new(self.page_size, self.page_count);
+        if afresh {
+            self.for_each_page(&mut |pgno, data| {
+                both.push(&page_hash(pgno, data));
+                Ok(())
+            })?;
+        } else {
+            self.hash_pages(u32::MAX, &mut |_, hash, _| {
+                both.push(&hash);
+                Ok(())
+            })?;
+        }
+        both.finish().ok_or_else(|| Error::NotADatabase {
+            path: self.path.clone(),
+            reason: "the page count changed while reading".into(),
+        })
+    }
+
     /// Reads page `pgno` into `buf` (replacing its contents).
     pub fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
         super::scan::read_page(&self.conn, &self.path, pgno, self.page_size, buf)

@@ -399,8 +399,14 @@ pub struct VersionInfo {
     pub page_count: u32,
     /// Database size in bytes (page size × page count).
     pub size: u64,
-    /// The database digest, lower-case hex.
+    /// The database digest (digest 1), lower-case hex.
     pub digest: String,
+    /// The chunked digest (`c:` + 64 hex digits, [`crate::digest::digest_text`]) where
+    /// the store recorded it; absent from older stores and servers, and ignored by older
+    /// peers. A digest is compared with this one or with `digest`, in its own form
+    /// ([`VersionInfo::has_digest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest2: Option<String>,
     /// The commit message (`push -m`), possibly empty.
     pub message: String,
     /// When it was committed, seconds since the Unix epoch.
@@ -422,6 +428,57 @@ pub struct VersionInfo {
     /// latest version. Absent on every other version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<u64>,
+}
+
+impl VersionInfo {
+    /// Whether `digest` (text, in either form: 64 hex digits for digest 1, `c:` and 64
+    /// for the chunked form) is this version's digest. Two digests compare only in the
+    /// same form: a form this version has no record of matches nothing, and an empty
+    /// text matches nothing.
+    pub fn has_digest(&self, digest: &str) -> bool {
+        if digest.is_empty() {
+            return false;
+        }
+        match digest.starts_with(crate::digest::CHUNKED_PREFIX) {
+            true => self.digest2.as_deref() == Some(digest),
+            false => self.digest == digest,
+        }
+    }
+
+    /// Checks a database's digests (`d`, both forms, made from its pages) against each
+    /// digest this version recorded, each in its own form. `Err((recorded, ours))` for
+    /// the first that differs, as text; `recorded` is empty when the version recorded
+    /// no digest at all (nothing vouches for it then).
+    pub fn check_digests(&self, d: &crate::digest::Digests) -> Result<(), (String, String)> {
+        use crate::digest::{DigestForm, digest_text};
+        let recorded = [
+            (!self.digest.is_empty()).then(|| (self.digest.clone(), DigestForm::One)),
+            self.digest2.clone().map(|c| (c, DigestForm::Chunked)),
+        ];
+        let mut any = false;
+        for (theirs, form) in recorded.into_iter().flatten() {
+            any = true;
+            let ours = match form {
+                DigestForm::One => digest_text(form, &d.one),
+                DigestForm::Chunked => digest_text(form, &d.chunked),
+            };
+            if theirs != ours {
+                return Err((theirs, ours));
+            }
+        }
+        match any {
+            true => Ok(()),
+            false => Err((String::new(), crate::digest::hex(&d.one))),
+        }
+    }
+
+    /// The digest to show: digest 1 where recorded, else the chunked one (`c:…`).
+    pub fn shown_digest(&self) -> &str {
+        match (self.digest.is_empty(), &self.digest2) {
+            (true, Some(d2)) => d2,
+            _ => &self.digest,
+        }
+    }
 }
 
 /// What the server tells of a key: never its secret.

@@ -141,6 +141,7 @@ mod tests {
                 page_count: 3,
                 size: 12_288,
                 digest: "ab12".into(),
+                digest2: None,
                 message: "m".into(),
                 created_at: 1_764_700_000,
                 client_id: "me@here".into(),

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, params};
 
-use crate::digest::{Digest, hex, page_hash};
+use crate::digest::{BothDigester, page_hash};
 use crate::engine::PageSource as _;
 use crate::shutdown::Shutdown;
 use crate::store::{ReplicaPath, Selector, Store};
@@ -234,7 +234,7 @@ fn restore_and_check(
     let path = tmp.path().join("restored.db");
     let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
-    let mut digest = Digest::new(info.page_size, info.page_count);
+    let mut digest = BothDigester::new(info.page_size, info.page_count);
     let mut next = 1u32;
     // Every page's bytes come through the reader, which checks them against their hash
     // (a damaged page is an error naming it); the digest is then rebuilt from the bytes
@@ -263,7 +263,7 @@ fn restore_and_check(
         .into_inner()
         .map_err(|e| Error::io(&path, e.into_error()))?;
     drop(file);
-    let recomputed = digest.finish().map(|d| hex(&d)).ok_or_else(|| {
+    let recomputed = digest.finish().ok_or_else(|| {
         Error::Verification(format!(
             "{replica}@{}: {} pages restored where the version has {}",
             info.number,
@@ -271,11 +271,16 @@ fn restore_and_check(
             info.page_count
         ))
     })?;
-    if recomputed != info.digest {
-        return Err(Error::Verification(format!(
-            "{replica}@{}: the restored file's digest {recomputed} differs from the one recorded, {}",
-            info.number, info.digest
-        )));
+    // Each digest the version recorded, in its own form (a version made by chunks
+    // records only its chunked digest).
+    if let Err((theirs, ours)) = info.check_digests(&recomputed) {
+        return Err(Error::Verification(match theirs.is_empty() {
+            true => format!("{replica}@{}: no digest is recorded for it", info.number),
+            false => format!(
+                "{replica}@{}: the restored file's digest {ours} differs from the one recorded, {theirs}",
+                info.number
+            ),
+        }));
     }
     let problems = integrity_check(&path, stop, interrupt)?;
     if problems != ["ok"] {

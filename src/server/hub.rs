@@ -16,6 +16,12 @@
 //!   ([`Hub::wait_followers`]) when a report arrives or a follower leaves.
 //! - All of it lives in memory: a restarted server learns it again from subscribers as
 //!   they reconnect and report.
+//! - Servers sharing a PostgreSQL metadata store (`serve --meta`) show each other's
+//!   subscribers: the relay writes what this hub knows ([`Hub::shared`]) to PostgreSQL
+//!   at most once a second and hands back what the other servers wrote
+//!   ([`Hub::set_others`]), which [`Hub::status`], [`Hub::replicas`] and
+//!   [`Hub::wait_followers`] add to this server's own. Without `--meta` there are no
+//!   others and nothing of this runs.
 //!
 //! Bounds: one entry per replica a subscriber ever joined, one [`Follower`] per open
 //! pull session (sessions are bounded by the server's connection limit), and the
@@ -53,6 +59,39 @@ pub struct Hub {
     closing: watch::Sender<bool>,
     /// The id of the next membership (followers are keyed by it).
     next_member: std::sync::atomic::AtomicU64,
+    /// What the other servers sharing the metadata store know (`serve --meta`), as
+    /// the relay last read it; empty on a server on its own.
+    others: Mutex<Shared>,
+}
+
+/// One subscriber, as servers sharing a metadata store tell each other (a row of
+/// `sqlferry_positions`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The replica it subscribes to.
+    pub replica: String,
+    /// Its membership id on its server.
+    pub member: u64,
+    /// Push or pull.
+    pub role: SubscriberRole,
+    /// The version its database holds (a pull subscriber that reported one).
+    pub applied: Option<u64>,
+    /// When it applied it (Unix seconds).
+    pub applied_at: Option<i64>,
+    /// When the first version it does not hold was created (Unix seconds).
+    pub behind_since: Option<i64>,
+}
+
+/// What one hub knows that the others show: its subscribers, the pushes its push
+/// subscribers announced (replica, Unix seconds) and their failure reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shared {
+    /// Every subscriber connected, by replica then membership.
+    pub positions: Vec<Position>,
+    /// Expected pushes: replica, when (Unix seconds).
+    pub expected: Vec<(String, i64)>,
+    /// Failure reports: replica, the report.
+    pub failures: Vec<(String, FailureStatus)>,
 }
 
 /// What the hub knows of one pull subscriber (one session).
@@ -80,6 +119,8 @@ pub fn lag_seconds(applied: Option<u64>, behind_since: Option<i64>, now: i64) ->
 struct ReplicaState {
     events: broadcast::Sender<Event>,
     push_subscribers: u64,
+    /// Push subscribers by membership id.
+    pushers: std::collections::BTreeSet<u64>,
     pull_subscribers: u64,
     /// Unix seconds at which a push subscriber plans to push.
     expected_push_at: Option<i64>,
@@ -128,6 +169,7 @@ impl ReplicaState {
         ReplicaState {
             events: broadcast::channel(EVENT_BACKLOG).0,
             push_subscribers: 0,
+            pushers: std::collections::BTreeSet::new(),
             pull_subscribers: 0,
             expected_push_at: None,
             failure: None,
@@ -168,13 +210,11 @@ impl ReplicaState {
         Ok(Some(at))
     }
 
-    fn count_at(&self, version: u64) -> u32 {
-        let n = self
-            .followers
+    fn count_at(&self, version: u64) -> usize {
+        self.followers
             .values()
             .filter(|f| f.applied.is_some_and(|a| a >= version))
-            .count();
-        u32::try_from(n).unwrap_or(u32::MAX)
+            .count()
     }
 }
 
@@ -196,7 +236,10 @@ impl Drop for Membership<'_> {
         let mut replicas = self.hub.lock();
         if let Some(state) = replicas.get_mut(&self.replica) {
             match self.role {
-                SubscriberRole::Push => state.push_subscribers -= 1,
+                SubscriberRole::Push => {
+                    state.push_subscribers -= 1;
+                    state.pushers.remove(&self.id);
+                }
                 SubscriberRole::Pull => {
                     state.pull_subscribers -= 1;
                     if state.followers.remove(&self.id).is_some() {
@@ -307,6 +350,7 @@ impl Default for Hub {
             replicas: Mutex::new(HashMap::new()),
             closing: watch::channel(false).0,
             next_member: std::sync::atomic::AtomicU64::new(0),
+            others: Mutex::new(Shared::default()),
         }
     }
 }
@@ -327,7 +371,10 @@ impl Hub {
             .next_member
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match role {
-            SubscriberRole::Push => state.push_subscribers += 1,
+            SubscriberRole::Push => {
+                state.push_subscribers += 1;
+                state.pushers.insert(id);
+            }
             SubscriberRole::Pull => {
                 state.pull_subscribers += 1;
                 state.followers.insert(id, Follower::default());
@@ -420,40 +467,149 @@ impl Hub {
         self.status_at(replica, crate::epoch::now())
     }
 
-    /// What the hub knows of `replica`, lags computed at `now` (Unix seconds).
+    /// What the hub knows of `replica`, lags computed at `now` (Unix seconds): this
+    /// server's subscribers first, then the other servers' (`serve --meta`).
     pub fn status_at(&self, replica: &str, now: i64) -> Status {
-        let replicas = self.lock();
-        let Some(state) = replicas.get(replica) else {
-            return Status::default();
+        let mut status = {
+            let replicas = self.lock();
+            match replicas.get(replica) {
+                None => Status::default(),
+                Some(state) => Status {
+                    followers: followers_of(state, now),
+                    push_subscribers: state.push_subscribers,
+                    pull_subscribers: state.pull_subscribers,
+                    expected_push_at: state.expected_push_at,
+                    failure: state.failure.as_ref().map(|(r, at)| FailureStatus {
+                        failing_since: at
+                            - i64::try_from(r.failing_for).unwrap_or(i64::MAX).min(*at),
+                        attempts: r.attempts,
+                        error: r.error.clone(),
+                        reported_at: *at,
+                    }),
+                },
+            }
         };
-        Status {
-            followers: followers_of(state, now),
-            push_subscribers: state.push_subscribers,
-            pull_subscribers: state.pull_subscribers,
-            expected_push_at: state.expected_push_at,
-            failure: state.failure.as_ref().map(|(r, at)| FailureStatus {
-                failing_since: at - i64::try_from(r.failing_for).unwrap_or(i64::MAX).min(*at),
-                attempts: r.attempts,
-                error: r.error.clone(),
-                reported_at: *at,
-            }),
+        let others = self.others();
+        for p in others.positions.iter().filter(|p| p.replica == replica) {
+            match p.role {
+                SubscriberRole::Push => status.push_subscribers += 1,
+                SubscriberRole::Pull => {
+                    status.pull_subscribers += 1;
+                    status.followers.push(FollowerStatus {
+                        applied_version: p.applied,
+                        applied_at: p.applied_at,
+                        lag_seconds: lag_seconds(p.applied, p.behind_since, now),
+                    });
+                }
+            }
         }
+        for (_, at) in others.expected.iter().filter(|(r, _)| r == replica) {
+            status.expected_push_at = status.expected_push_at.max(Some(*at));
+        }
+        for (_, f) in others.failures.iter().filter(|(r, _)| r == replica) {
+            if status
+                .failure
+                .as_ref()
+                .is_none_or(|mine| mine.reported_at < f.reported_at)
+            {
+                status.failure = Some(f.clone());
+            }
+        }
+        status
     }
 
     /// The replicas the hub knows something of now (a subscriber connected, a planned
-    /// push, a failure report), in no particular order: a listing adds them to the
-    /// store's, so a replica whose first push keeps failing is listed too.
+    /// push, a failure report; here or, with `serve --meta`, on another server), in no
+    /// particular order: a listing adds them to the store's, so a replica whose first
+    /// push keeps failing is listed too.
     pub fn replicas(&self) -> Vec<String> {
+        let mut names: Vec<String> = {
+            let replicas = self.lock();
+            replicas
+                .iter()
+                .filter(|(_, s)| {
+                    s.push_subscribers + s.pull_subscribers > 0
+                        || s.expected_push_at.is_some()
+                        || s.failure.is_some()
+                })
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        let others = self.others();
+        names.extend(others.positions.iter().map(|p| p.replica.clone()));
+        names.extend(others.expected.iter().map(|(r, _)| r.clone()));
+        names.extend(others.failures.iter().map(|(r, _)| r.clone()));
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn others(&self) -> std::sync::MutexGuard<'_, Shared> {
+        // A panic while holding it leaves a whole value behind: still usable.
+        self.others.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What this server's hub knows, as the other servers sharing its metadata store
+    /// show it: every subscriber (by replica, then membership), every expected push and
+    /// failure report.
+    pub fn shared(&self) -> Shared {
         let replicas = self.lock();
-        replicas
-            .iter()
-            .filter(|(_, s)| {
-                s.push_subscribers + s.pull_subscribers > 0
-                    || s.expected_push_at.is_some()
-                    || s.failure.is_some()
-            })
-            .map(|(name, _)| name.clone())
-            .collect()
+        let mut names: Vec<&String> = replicas.keys().collect();
+        names.sort();
+        let mut shared = Shared::default();
+        for name in names {
+            let state = &replicas[name];
+            let pushers = state.pushers.iter().map(|&member| Position {
+                replica: name.clone(),
+                member,
+                role: SubscriberRole::Push,
+                applied: None,
+                applied_at: None,
+                behind_since: None,
+            });
+            let pullers = state.followers.iter().map(|(&member, f)| Position {
+                replica: name.clone(),
+                member,
+                role: SubscriberRole::Pull,
+                applied: f.applied,
+                applied_at: f.applied_at,
+                behind_since: f.behind_since,
+            });
+            shared.positions.extend(pushers.chain(pullers));
+            if let Some(at) = state.expected_push_at {
+                shared.expected.push((name.clone(), at));
+            }
+            if let Some((r, at)) = &state.failure {
+                shared.failures.push((
+                    name.clone(),
+                    FailureStatus {
+                        failing_since: at
+                            - i64::try_from(r.failing_for).unwrap_or(i64::MAX).min(*at),
+                        attempts: r.attempts,
+                        error: r.error.clone(),
+                        reported_at: *at,
+                    },
+                ));
+            }
+        }
+        shared
+    }
+
+    /// What the other servers sharing the metadata store know, as the relay just read
+    /// it: shown with this server's own from now on. Wakes whoever waits for followers
+    /// when it changed.
+    pub fn set_others(&self, others: Shared) {
+        let changed = {
+            let mut kept = self.others();
+            let changed = *kept != others;
+            *kept = others;
+            changed
+        };
+        if changed {
+            for state in self.lock().values() {
+                state.followed.send_modify(|n| *n += 1);
+            }
+        }
     }
 
     /// Every replica with a pull subscriber connected, and its followers, lags computed
@@ -477,7 +633,17 @@ impl Hub {
         let state = replicas
             .entry(replica.to_owned())
             .or_insert_with(ReplicaState::new);
-        (state.count_at(version), state.followed.subscribe())
+        let elsewhere = self
+            .others()
+            .positions
+            .iter()
+            .filter(|p| p.replica == replica && p.applied.is_some_and(|a| a >= version))
+            .count();
+        let count = state.count_at(version) + elsewhere;
+        (
+            u32::try_from(count).unwrap_or(u32::MAX),
+            state.followed.subscribe(),
+        )
     }
 
     /// Becomes `true` when the server shuts down (for sessions that are no members).
@@ -681,6 +847,68 @@ mod tests {
             hub.status_at("acme/small.db", 100).followers[0].lag_seconds,
             Some(70)
         );
+    }
+
+    #[tokio::test]
+    async fn the_other_servers_subscribers_are_shown_with_this_ones() {
+        let hub = Hub::default();
+        let r = "acme/app.db";
+        let mine = hub.join(r, SubscriberRole::Pull);
+        mine.applied(2, Some(100), None, 100);
+        hub.changed(r, 60, 100);
+        let (count, mut rx) = hub.wait_followers(r, 3);
+        assert_eq!(count, 0);
+        let elsewhere = |applied| Position {
+            replica: r.into(),
+            member: 0,
+            role: SubscriberRole::Pull,
+            applied: Some(applied),
+            applied_at: Some(150),
+            behind_since: None,
+        };
+        hub.set_others(Shared {
+            positions: vec![
+                elsewhere(3),
+                Position {
+                    role: SubscriberRole::Push,
+                    applied: None,
+                    ..elsewhere(0)
+                },
+            ],
+            expected: vec![(r.into(), 500)],
+            failures: vec![(
+                "acme/other.db".into(),
+                FailureStatus {
+                    failing_since: 90,
+                    attempts: 2,
+                    error: "down".into(),
+                    reported_at: 120,
+                },
+            )],
+        });
+        rx.changed().await.expect("new rows wake the waiter");
+        assert_eq!(hub.wait_followers(r, 3).0, 1, "the other server's follower");
+        let s = hub.status_at(r, 200);
+        assert_eq!((s.push_subscribers, s.pull_subscribers), (1, 2));
+        assert_eq!(s.followers.len(), 2);
+        assert_eq!(s.followers[1].applied_version, Some(3));
+        assert_eq!(s.expected_push_at, Some(500), "the later plan");
+        assert_eq!(
+            hub.status_at("acme/other.db", 200)
+                .failure
+                .map(|f| f.attempts),
+            Some(2)
+        );
+        let mut known = hub.replicas();
+        known.sort();
+        assert_eq!(known, ["acme/app.db", "acme/other.db"]);
+        // This server's own state is what it shares, never the others'.
+        let own = hub.shared();
+        assert_eq!(own.positions.len(), 1);
+        assert_eq!(own.positions[0].applied, Some(2));
+        assert_eq!(own.expected, [(r.to_owned(), 160)]);
+        hub.set_others(Shared::default());
+        assert_eq!(hub.status_at(r, 200).pull_subscribers, 1);
     }
 
     #[tokio::test]

@@ -37,37 +37,7 @@ impl DataLock {
     /// Takes the lock of `data` (which must exist), or fails with [`Error::InUse`]
     /// naming the directory and the PID of the server holding it.
     pub fn acquire(data: &Path) -> Result<DataLock> {
-        let path = data.join(LOCK_FILE);
-        // Not truncated on open: the holder's PID must stay readable for the message.
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                let holder = match text.trim().parse::<u32>() {
-                    Ok(pid) => format!("another sqlferry serve (PID {pid})"),
-                    Err(_) => "another sqlferry serve".to_owned(),
-                };
-                return Err(Error::InUse(format!(
-                    "{holder} is using the data directory {}; stop it first, or pass another --data",
-                    data.display()
-                )));
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
-        }
-        // Best effort: on a full disk the PID may not fit, and the lock holds anyway.
-        let _ = file
-            .set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| writeln!(file, "{}", std::process::id()));
-        Ok(DataLock { _file: file, path })
+        DataLock::take(data, false)
     }
 
     /// Takes the lock of `data` shared, for a server whose metadata is in PostgreSQL;
@@ -79,7 +49,12 @@ impl DataLock {
             alone();
             drop(sole);
         }
+        DataLock::take(data, true)
+    }
+
+    fn take(data: &Path, shared: bool) -> Result<DataLock> {
         let path = data.join(LOCK_FILE);
+        // Not truncated on open: the holder's PID must stay readable for the message.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -87,23 +62,40 @@ impl DataLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        match file.try_lock_shared() {
+        let locked = match shared {
+            false => file.try_lock(),
+            true => file.try_lock_shared(),
+        };
+        match locked {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
-                let holder = match text.trim().parse::<u32>() {
-                    Ok(pid) => format!("a sqlferry serve without --meta (PID {pid})"),
-                    Err(_) => "a sqlferry serve without --meta".to_owned(),
+                let pid = text.trim().parse::<u32>().ok();
+                let (holder, what) = match shared {
+                    false => (
+                        "another sqlferry serve",
+                        "stop it first, or pass another --data",
+                    ),
+                    true => (
+                        "a sqlferry serve without --meta",
+                        "stop it first (servers share a data directory only when each has the same --meta)",
+                    ),
                 };
+                let holder = match pid {
+                    Some(pid) => format!("{holder} (PID {pid})"),
+                    None => holder.to_owned(),
+                };
+                let alone = if shared { " alone" } else { "" };
                 return Err(Error::InUse(format!(
-                    "{holder} is using the data directory {} alone; stop it first (servers share a data directory only when each has the same --meta)",
+                    "{holder} is using the data directory {}{alone}; {what}",
                     data.display()
                 )));
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
         }
-        // A hint only, and the last server started wins it.
+        // Best effort: on a full disk the PID may not fit, and the lock holds anyway.
+        // Shared, a hint only: the last server started wins it.
         let _ = file
             .set_len(0)
             .and_then(|()| file.rewind())

@@ -17,6 +17,15 @@
 //!   [`SYNC_ANSWER_WAIT`], and answers with the sum, the servers that answered and
 //!   those that stayed silent.
 //!
+//! - What this server's hub knows of its subscribers (positions, expected pushes,
+//!   failure reports) is written to PostgreSQL by the relay's own task at most once a
+//!   second ([`SHARE_EVERY`]), rewritten only when it changed (a heartbeat otherwise),
+//!   and the other servers' rows are read back in the same transaction and handed to
+//!   the hub ([`super::Hub::set_others`]): never on a push's or pull's path. While
+//!   PostgreSQL cannot be reached, the hub shows this server's own only (a warning is
+//!   logged once); a stopping server deletes its rows, a killed one's stop being shown
+//!   [`crate::meta::postgres::SHARED_FRESH`] after its last write.
+//!
 //! Invariants: the relay's tasks are owned by [`run`], which [`super::serve`] stops
 //! once its sessions are over and awaits (versions committed in the shutdown grace are
 //! announced, each tried once more at the stop);
@@ -33,8 +42,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
-use crate::meta::postgres::{Heard, Notice, PgMeta};
+use super::hub::{Position, Shared};
+use crate::meta::postgres::{FailureRow, Heard, Notice, PgMeta, PositionRow, SharedRows};
 use crate::protocol::control::NewVersion;
+use crate::protocol::control::SubscriberRole;
 use crate::{Error, Result};
 
 /// How long a sync-now waits for the other servers' answers.
@@ -49,6 +60,10 @@ const ANNOUNCE_TRIES: u32 = 7;
 
 /// How long an announcement left at the stop may take.
 const LAST_TRY: Duration = Duration::from_secs(2);
+
+/// How often this server shares what its hub knows with the other servers, and reads
+/// theirs: at most one transaction a second per server, whatever its subscribers do.
+pub const SHARE_EVERY: Duration = Duration::from_secs(1);
 
 /// A version to announce.
 #[derive(Debug)]
@@ -186,6 +201,7 @@ pub async fn run(state: std::sync::Arc<State>, stop: CancellationToken) {
         .take();
     let announcer =
         queued.map(|queued| tokio::spawn(announce_all(relay.clone(), queued, stop.clone())));
+    let sharer = tokio::spawn(share_all(state.clone(), relay.clone(), stop.clone()));
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -210,6 +226,139 @@ pub async fn run(state: std::sync::Arc<State>, stop: CancellationToken) {
     let _ = listener.await;
     if let Some(announcer) = announcer {
         let _ = announcer.await;
+    }
+    let _ = sharer.await;
+}
+
+/// Shares this server's hub with the other servers and hands theirs to it, every
+/// [`SHARE_EVERY`], until `stop`; then deletes what it shared (bounded by [`LAST_TRY`]).
+async fn share_all(
+    state: std::sync::Arc<State>,
+    relay: std::sync::Arc<Relay>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SHARE_EVERY);
+    // A PostgreSQL that was slow is not sent the missed writes in a burst: the next one
+    // carries the state of then.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut written: Option<SharedRows> = None;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let mine = rows_of(&state.hub.shared());
+        let changed = written.as_ref() != Some(&mine);
+        let shared = tokio::select! {
+            () = stop.cancelled() => break,
+            shared = relay.bus.share(&relay.instance, &mine, changed) => shared,
+        };
+        match shared {
+            Ok(others) => {
+                state.hub.set_others(shared_of(others));
+                written = Some(mine);
+                if std::mem::take(&mut failing) {
+                    tracing::info!(
+                        "sharing this server's subscribers with the other servers again"
+                    );
+                }
+            }
+            Err(e) => {
+                // Shown as unknown rather than stale: this server's own only.
+                state.hub.set_others(Shared::default());
+                written = None;
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(error = %e, "cannot share this server's subscribers with the other servers, nor show theirs; retrying every second");
+                }
+            }
+        }
+    }
+    if !matches!(
+        tokio::time::timeout(LAST_TRY, relay.bus.unshare(&relay.instance)).await,
+        Ok(Ok(()))
+    ) {
+        tracing::debug!(
+            "stopping: this server's subscribers stay shown by the others until its heartbeat is stale"
+        );
+    }
+}
+
+/// The hub's state as rows.
+fn rows_of(shared: &Shared) -> SharedRows {
+    let i64_of = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    SharedRows {
+        positions: shared
+            .positions
+            .iter()
+            .map(|p| PositionRow {
+                member: i64_of(p.member),
+                replica: p.replica.clone(),
+                role: match p.role {
+                    SubscriberRole::Push => "push",
+                    SubscriberRole::Pull => "pull",
+                }
+                .to_owned(),
+                applied_version: p.applied.map(i64_of),
+                applied_at: p.applied_at,
+                behind_since: p.behind_since,
+            })
+            .collect(),
+        expected: shared.expected.clone(),
+        failures: shared
+            .failures
+            .iter()
+            .map(|(replica, f)| FailureRow {
+                replica: replica.clone(),
+                failing_since: f.failing_since,
+                attempts: i64::from(f.attempts),
+                error: f.error.clone(),
+                reported_at: f.reported_at,
+            })
+            .collect(),
+    }
+}
+
+/// The other servers' rows as the hub shows them (rows of a role this build does not
+/// know are left out).
+fn shared_of(rows: SharedRows) -> Shared {
+    let u64_of = |n: i64| u64::try_from(n).unwrap_or(0);
+    Shared {
+        positions: rows
+            .positions
+            .into_iter()
+            .filter_map(|p| {
+                let role = match p.role.as_str() {
+                    "push" => SubscriberRole::Push,
+                    "pull" => SubscriberRole::Pull,
+                    _ => return None,
+                };
+                Some(Position {
+                    replica: p.replica,
+                    member: u64_of(p.member),
+                    role,
+                    applied: p.applied_version.map(u64_of),
+                    applied_at: p.applied_at,
+                    behind_since: p.behind_since,
+                })
+            })
+            .collect(),
+        expected: rows.expected,
+        failures: rows
+            .failures
+            .into_iter()
+            .map(|f| {
+                (
+                    f.replica,
+                    super::hub::FailureStatus {
+                        failing_since: f.failing_since,
+                        attempts: u32::try_from(f.attempts).unwrap_or(u32::MAX),
+                        error: f.error,
+                        reported_at: f.reported_at,
+                    },
+                )
+            })
+            .collect(),
     }
 }
 
@@ -326,5 +475,53 @@ async fn announce_all(
                 () = tokio::time::sleep(delay) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::FailureStatus;
+
+    #[test]
+    fn a_hubs_state_survives_its_rows() {
+        let shared = Shared {
+            positions: vec![
+                Position {
+                    replica: "acme/app.db".into(),
+                    member: 3,
+                    role: SubscriberRole::Push,
+                    applied: None,
+                    applied_at: None,
+                    behind_since: None,
+                },
+                Position {
+                    replica: "acme/app.db".into(),
+                    member: 4,
+                    role: SubscriberRole::Pull,
+                    applied: Some(7),
+                    applied_at: Some(1_000),
+                    behind_since: Some(990),
+                },
+            ],
+            expected: vec![("acme/app.db".into(), 4_600)],
+            failures: vec![(
+                "acme/other.db".into(),
+                FailureStatus {
+                    failing_since: 900,
+                    attempts: 3,
+                    error: "VERSION_CONFLICT".into(),
+                    reported_at: 1_000,
+                },
+            )],
+        };
+        let rows = rows_of(&shared);
+        assert_eq!(rows.positions[0].role, "push");
+        assert_eq!(rows.positions[1].applied_version, Some(7));
+        assert_eq!(shared_of(rows.clone()), shared);
+        // A role a newer build may write is left out, not misread.
+        let mut newer = rows;
+        newer.positions[0].role = "mirror".into();
+        assert_eq!(shared_of(newer).positions.len(), 1);
     }
 }

@@ -1140,6 +1140,7 @@ mod tests {
                 page_count: 1 << 20,
                 size: 4 << 30,
                 digest: "ab".repeat(32),
+                digest2: None,
                 message: "é".repeat(2048),
                 created_at: 1_800_000_000,
                 client_id: "someone@a-long-host-name.example".into(),

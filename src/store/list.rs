@@ -12,7 +12,8 @@ use rusqlite::OptionalExtension;
 
 use super::ReplicaPath;
 use super::replica::{
-    VERSION_COLUMNS, manifest_damage, open_existing, remove_leftovers, sql, version_row,
+    VERSION_COLUMNS, add_digest2, manifest_damage, open_existing, remove_leftovers, sql,
+    version_row,
 };
 use crate::store::VersionInfo;
 use crate::{Error, Result};
@@ -89,21 +90,26 @@ pub(super) fn latest(file: &Path, replica: &ReplicaPath) -> Result<Option<Latest
         Err(Error::NotFound(_)) => return Ok(None),
         Err(e) => return Err(e),
     };
-    conn.query_row(
-        &format!(
-            "SELECT {VERSION_COLUMNS}, (SELECT count(*) FROM versions)
+    let mut latest = conn
+        .query_row(
+            &format!(
+                "SELECT {VERSION_COLUMNS}, (SELECT count(*) FROM versions)
              FROM versions ORDER BY number DESC LIMIT 1"
-        ),
-        [],
-        |r| {
-            Ok(Latest {
-                version: version_row(r)?,
-                count: r.get::<_, i64>(9)? as u64,
-            })
-        },
-    )
-    .optional()
-    .map_err(sql(file))
+            ),
+            [],
+            |r| {
+                Ok(Latest {
+                    version: version_row(r)?,
+                    count: r.get::<_, i64>(9)? as u64,
+                })
+            },
+        )
+        .optional()
+        .map_err(sql(file))?;
+    if let Some(l) = &mut latest {
+        add_digest2(&conn, file, &mut l.version)?;
+    }
+    Ok(latest)
 }
 
 /// The latest version of the replica in `file` when the replica records no damaged
@@ -141,6 +147,10 @@ pub(super) fn latest_sound(file: &Path, replica: &ReplicaPath) -> Result<Option<
     // next push makes a whole new one.
     match latest {
         Some(v) if manifest_damage(&conn, file, v.number, v.page_count)?.is_some() => Ok(None),
-        latest => Ok(latest),
+        Some(mut v) => {
+            add_digest2(&conn, file, &mut v)?;
+            Ok(Some(v))
+        }
+        None => Ok(None),
     }
 }

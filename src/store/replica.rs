@@ -25,8 +25,8 @@ use super::place;
 use super::retention::{self, GcShared};
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, RetentionPolicy, Selector, VersionInfo};
 use crate::digest::{
-    ChunkedDigest, Digest, DigestForm, HASH_BYTES, Hash, chunk_count, chunk_pages, hex,
-    lock_byte_page, page_hash, sha256,
+    ChunkedDigest, Digest, DigestForm, HASH_BYTES, Hash, chunk_count, chunk_pages, digest_text,
+    hex, lock_byte_page, page_hash, sha256,
 };
 use crate::engine::{BeginInfo, Chunk, PageSource, PageTarget, ScanFn};
 use crate::page::Header;
@@ -138,6 +138,7 @@ pub(super) fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo
         page_count,
         size: u64::from(page_size) * u64::from(page_count),
         digest: hex(&digest),
+        digest2: None,
         message: r.get(4)?,
         created_at: r.get(5)?,
         client_id: r.get(6)?,
@@ -180,7 +181,12 @@ pub(super) fn versions(file: &Path, replica: &ReplicaPath) -> Result<Vec<Version
             Ok(v)
         })
         .map_err(sql(file))?;
-    let versions: Vec<VersionInfo> = rows.collect::<rusqlite::Result<_>>().map_err(sql(file))?;
+    let mut versions: Vec<VersionInfo> =
+        rows.collect::<rusqlite::Result<_>>().map_err(sql(file))?;
+    drop(stmt);
+    for v in &mut versions {
+        add_digest2(&conn, file, v)?;
+    }
     // A file whose first push never committed holds no version: no replica yet.
     if versions.is_empty() {
         return Err(not_found(replica));
@@ -189,13 +195,18 @@ pub(super) fn versions(file: &Path, replica: &ReplicaPath) -> Result<Vec<Version
 }
 
 fn latest(conn: &Connection, file: &Path) -> Result<Option<VersionInfo>> {
-    conn.query_row(
-        &format!("SELECT {VERSION_COLUMNS} FROM versions ORDER BY number DESC LIMIT 1"),
-        [],
-        version_row,
-    )
-    .optional()
-    .map_err(sql(file))
+    let mut latest = conn
+        .query_row(
+            &format!("SELECT {VERSION_COLUMNS} FROM versions ORDER BY number DESC LIMIT 1"),
+            [],
+            version_row,
+        )
+        .optional()
+        .map_err(sql(file))?;
+    if let Some(v) = &mut latest {
+        add_digest2(conn, file, v)?;
+    }
+    Ok(latest)
 }
 
 /// The chunked digest of `version`: the one recorded, or else (a row an older sqlferry
@@ -242,6 +253,96 @@ fn digest2_of(conn: &Connection, file: &Path, version: u64) -> Result<Option<Has
         }
     }
     Ok(d.finish())
+}
+
+/// Sets `v.digest2` to the version's chunked digest, in text ([`digest2_of`]: the one
+/// recorded, else made from its manifest's chunk keys; left `None` where neither is
+/// there).
+pub(super) fn add_digest2(conn: &Connection, file: &Path, v: &mut VersionInfo) -> Result<()> {
+    v.digest2 = digest2_of(conn, file, v.number)?.map(|d| digest_text(DigestForm::Chunked, &d));
+    Ok(())
+}
+
+/// Digest 1 of `version`, made from its manifest: every chunk of page hashes read and
+/// checked against its key (32 bytes a page). `None` when the version does not exist,
+/// or a chunk is missing or does not match its key (`scrub` names such a chunk).
+pub(super) fn digest1_of(conn: &Connection, file: &Path, version: u64) -> Result<Option<Hash>> {
+    let Some((page_size, page_count)): Option<(u32, u32)> = conn
+        .query_row(
+            "SELECT page_size, page_count FROM versions WHERE number = ?1",
+            [version as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(sql(file))?
+    else {
+        return Ok(None);
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT m.chunk, c.hashes FROM manifest m LEFT JOIN chunks c ON c.hash = m.chunk
+             WHERE m.version = ?1 ORDER BY m.idx",
+        )
+        .map_err(sql(file))?;
+    let mut rows = stmt.query([version as i64]).map_err(sql(file))?;
+    let mut d = Digest::new(page_size, page_count);
+    while let Some(row) = rows.next().map_err(sql(file))? {
+        let key: Vec<u8> = row.get(0).map_err(sql(file))?;
+        let Some(blob) = row.get::<_, Option<Vec<u8>>>(1).map_err(sql(file))? else {
+            return Ok(None);
+        };
+        if sha256(&blob)[..] != key[..] || blob.len() % HASH_BYTES != 0 {
+            return Ok(None);
+        }
+        for h in blob.chunks_exact(HASH_BYTES) {
+            d.push(h.try_into().expect("chunks_exact yields 32-byte slices"));
+        }
+    }
+    Ok(d.finish())
+}
+
+/// Gives each of `versions` (of the replica in `file`) that records no digest 1 (a
+/// version made by chunks, [`VersionWriter::write_version_chunks`]) its digest 1, made
+/// from its manifest ([`digest1_of`]), and records it, best effort, so that it is made
+/// once: for a peer that compares digest 1 (a server's older clients). A version whose
+/// manifest does not make one keeps an empty digest 1 (its pull and `scrub` say why).
+pub(super) fn fill_digest1(file: &Path, versions: &mut [VersionInfo]) -> Result<()> {
+    if versions.iter().all(|v| !v.digest.is_empty()) {
+        return Ok(());
+    }
+    let conn = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql(file))?;
+    conn.busy_timeout(RECORD_BUSY_TIMEOUT).map_err(sql(file))?;
+    let mut made = Vec::new();
+    for v in versions.iter_mut().filter(|v| v.digest.is_empty()) {
+        if let Some(d) = digest1_of(&conn, file, v.number)? {
+            v.digest = hex(&d);
+            made.push((v.number, d));
+        }
+    }
+    drop(conn);
+    if made.is_empty() {
+        return Ok(());
+    }
+    let record = || -> Result<()> {
+        let conn = Connection::open(file).map_err(sql(file))?;
+        conn.busy_timeout(RECORD_BUSY_TIMEOUT).map_err(sql(file))?;
+        for (number, d) in &made {
+            conn.execute(
+                "UPDATE versions SET digest = ?1 WHERE number = ?2 AND length(digest) = 0",
+                params![&d[..], *number as i64],
+            )
+            .map_err(sql(file))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = record() {
+        tracing::info!(file = %file.display(), error = %e, "could not record digest 1 yet");
+    }
+    Ok(())
 }
 
 /// Whether the `versions` table of the replica open on `conn` has its `digest2` column.
@@ -806,11 +907,20 @@ impl VersionWriter {
         let file = creating.as_ref().map_or(final_file, |c| &*c.path);
         let conn = Connection::open(file).map_err(sql(file))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
+        // A new replica's private file is set up (WAL mode, its tables) without a
+        // single fsync: no one sees it before `publish`, whose checkpoint syncs the WAL
+        // and then the file before it is linked into place, and a crash before that
+        // leaves a private file the next push removes. Its six fsyncs were on the
+        // critical path of a push to a new replica, before READY.
+        if creating.is_some() {
+            conn.pragma_update(None, "synchronous", "OFF")
+                .map_err(sql(file))?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql(file))?;
+        conn.execute_batch(SCHEMA).map_err(sql(file))?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql(file))?;
-        conn.execute_batch(SCHEMA).map_err(sql(file))?;
         conn.execute_batch(&format!("PRAGMA temp.cache_size = {FRESH_CACHE_KIB}"))
             .map_err(sql(file))?;
         conn.execute_batch(FRESH_SCHEMA).map_err(sql(file))?;
@@ -1278,12 +1388,15 @@ impl PageTarget for VersionWriter {
         hashes: &mut dyn Iterator<Item = Result<Hash>>,
     ) -> Result<()> {
         let same = self.latest_damaged.is_none()
-            && match self.form {
-                DigestForm::One => self
-                    .latest
-                    .as_ref()
-                    .is_some_and(|l| l.digest == hex(digest)),
-                DigestForm::Chunked => self.latest_digest2 == Some(*digest),
+            && match (self.form, &self.latest) {
+                (DigestForm::Chunked, _) => self.latest_digest2 == Some(*digest),
+                (DigestForm::One, None) => false,
+                // A latest version made by chunks may record no digest 1: made from its
+                // manifest here (this push read every page hash anyway).
+                (DigestForm::One, Some(l)) if l.digest.is_empty() => {
+                    digest1_of(&self.conn, &self.file, l.number)? == Some(*digest)
+                }
+                (DigestForm::One, Some(l)) => l.digest == hex(digest),
             };
         self.commit_with(same, |w, number, same| {
             w.write_version(number, same, page_count, digest, hashes)
@@ -1472,7 +1585,7 @@ impl VersionWriter {
             self.result = Some((latest, false));
             return Ok(());
         }
-        let info = self
+        let mut info = self
             .conn
             .query_row(
                 &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE number = ?1"),
@@ -1480,6 +1593,7 @@ impl VersionWriter {
                 version_row,
             )
             .map_err(sql(&file))?;
+        add_digest2(&self.conn, &file, &mut info)?;
         if self.creating.is_some()
             && let Some(theirs) = self.publish(&info.digest)?
         {
@@ -1558,7 +1672,7 @@ impl VersionWriter {
             };
             match (one, chunked) {
                 (Some(one), Some(chunked)) if checked == Some(*digest) => {
-                    self.set_digests(number, &one, &chunked)?
+                    self.set_digests(number, Some(&one), &chunked)?
                 }
                 _ => {
                     return Err(Error::Bug(
@@ -1572,10 +1686,14 @@ impl VersionWriter {
 
     /// [`VersionWriter::write_version`] from the result's chunks (the chunk path): a
     /// chunk held as it is becomes a manifest row naming the latest version's chunk,
-    /// read only for digest 1 (and checked against its key then); a new one is stored
-    /// and its pages indexed. The chunked digest is the one the engine checked; digest
-    /// 1, which every record and peer still shows, is computed from the chunks' page
-    /// hashes.
+    /// not read (but chunk 0, for page 1's hash, checked against its key); a new one is
+    /// stored and its pages indexed. The chunked digest is the one the engine checked
+    /// and the one recorded. Digest 1 is recorded only when every chunk is new (its
+    /// page hashes are all at hand then); a version that kept a chunk records none:
+    /// making it would read every held chunk, in proportion to the file
+    /// (docs/engine.md, "The chunked digest"). Readers compare such a version in the
+    /// chunked form, and a server makes digest 1 for a peer that asks
+    /// ([`fill_digest1`]).
     fn write_version_chunks(
         &mut self,
         number: u64,
@@ -1587,7 +1705,8 @@ impl VersionWriter {
         if !same {
             self.insert_version(number, page_count)?;
         }
-        let mut one = Digest::new(self.page_size, page_count);
+        // Digest 1 while every chunk so far was new; `None` from the first kept one.
+        let mut one = Some(Digest::new(self.page_size, page_count));
         let mut chunked = ChunkedDigest::new(self.page_size, page_count);
         let mut page1 = None;
         let mut counts = (0u64, 0u64);
@@ -1607,12 +1726,18 @@ impl VersionWriter {
                 // Repairs only: nothing to write for a chunk held as it is.
                 Chunk::Held { .. } if same => continue,
                 Chunk::Held { .. } => {
-                    let blob = self.chunk_hashes(&key)?;
-                    if sha256(&blob) != key {
-                        return Err(self.refuse_damaged_chunk(idx, &key));
+                    if idx == 0 {
+                        // Page 1's hash, for the check of the new version's page 1.
+                        let blob = self.chunk_hashes(&key)?;
+                        if sha256(&blob) != key {
+                            return Err(self.refuse_damaged_chunk(idx, &key));
+                        }
+                        page1 = blob.get(..HASH_BYTES).and_then(|h| h.try_into().ok());
                     }
                     self.insert_chunk(number, idx, &key, None)?;
-                    blob
+                    seen += chunk_pages(idx, page_count).count() as u32;
+                    one = None;
+                    continue;
                 }
                 Chunk::New { hashes, .. } => {
                     // The hashes came back through the engine's spill file: what is
@@ -1642,7 +1767,9 @@ impl VersionWriter {
                 if seen == 1 {
                     page1 = Some(h);
                 }
-                one.push(&h);
+                if let Some(one) = &mut one {
+                    one.push(&h);
+                }
             }
         }
         if !same {
@@ -1651,9 +1778,10 @@ impl VersionWriter {
                     "manifest has {seen} pages, expected {page_count}"
                 )));
             }
-            match (one.finish(), chunked.finish()) {
-                (Some(one), Some(chunked)) if chunked == *digest => {
-                    self.set_digests(number, &one, &chunked)?
+            match chunked.finish() {
+                Some(chunked) if chunked == *digest => {
+                    let one = one.and_then(Digest::finish);
+                    self.set_digests(number, one.as_ref(), &chunked)?
                 }
                 _ => {
                     return Err(Error::Bug(
@@ -1826,11 +1954,11 @@ impl VersionWriter {
     }
 
     /// Records both digests of version `number`.
-    fn set_digests(&self, number: u64, one: &Hash, chunked: &Hash) -> Result<()> {
+    fn set_digests(&self, number: u64, one: Option<&Hash>, chunked: &Hash) -> Result<()> {
         self.conn
             .execute(
                 "UPDATE versions SET digest = ?1, digest2 = ?2 WHERE number = ?3",
-                params![&one[..], &chunked[..], number as i64],
+                params![one.map_or(&[][..], |d| &d[..]), &chunked[..], number as i64],
             )
             .map_err(sql(&self.file))?;
         Ok(())
@@ -1950,7 +2078,19 @@ impl VersionWriter {
         );
         closed.close().map_err(|(_, e)| sql(&self.file)(e))?;
         match std::fs::hard_link(&self.file, &self.final_file) {
-            Ok(()) => Ok(None),
+            Ok(()) => {
+                // The new name is durable before the client hears of the version: the
+                // file's bytes were synced by the checkpoint, its link is the
+                // directory's.
+                let dir = self
+                    .final_file
+                    .parent()
+                    .expect("a replica file has a directory");
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| Error::io(dir, e))?;
+                Ok(None)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let theirs = versions(&self.final_file, &self.replica)
                     .ok()
@@ -2061,7 +2201,7 @@ impl VersionReader {
                 }
             }
         };
-        let info = conn
+        let mut info = conn
             .query_row(
                 &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE number = ?1"),
                 [number as i64],
@@ -2070,6 +2210,7 @@ impl VersionReader {
             .optional()
             .map_err(sql(file))?
             .ok_or_else(|| no_version(&conn, file, replica, number, latest.number))?;
+        add_digest2(&conn, file, &mut info)?;
         // Refused before a page is sent: a manifest short of chunks would otherwise
         // surface as the engine's "page count changed" half-way through the pull.
         if let Some(damage) = manifest_damage(&conn, file, info.number, info.page_count)? {

@@ -474,11 +474,7 @@ pub async fn pull<E: FnMut(Event)>(
         puller.replica.clone(),
         puller.key.clone(),
     );
-    let last = {
-        let (database, url, name) = (puller.database.clone(), server.url(), replica.to_string());
-        tokio::task::spawn_blocking(move || crate::history::last_with(&database, &url, &name))
-            .await?
-    };
+    let last = crate::client::last_sync(&puller.database, &server, &replica).await?;
     let held = last.as_ref().map(|l| l.version);
     if server.needs_key() && key.is_none() {
         return Err(Error::Auth(format!(

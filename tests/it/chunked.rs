@@ -75,7 +75,8 @@ fn two_versions(dir: &Path) -> (PathBuf, PathBuf) {
     change_last_rows(&db);
     let second = push(dir, &db);
     assert_eq!(second["version"], 2, "{second}");
-    assert_eq!(second["digest"], util::digest(&db), "{second}");
+    // A version made by chunks records (and the push shows) only its chunked digest.
+    assert_eq!(second["digest"], util::chunked_digest(&db), "{second}");
     let sent = second["pages_sent"].as_u64().expect("pages_sent");
     assert!(
         sent > 0 && sent < 100,
@@ -283,7 +284,9 @@ fn a_damaged_chunk_of_page_hashes_is_refused_whether_pages_came_for_it_or_not() 
     assert_eq!(bad_versions(dir.path()), [2]);
 
     // No page comes for the first chunk: it is held as it is, and its page hashes
-    // are read only for the version's digest 1, checked against its key then.
+    // are read only for page 1's hash (the check of the new version's page 1),
+    // checked against its key then. (Another held chunk is not read by a push at all:
+    // like a kept page, a pull or `scrub` finds it damaged.)
     let dir = TempDir::new().expect("tempdir");
     let (db, file) = two_versions(dir.path());
     {
@@ -301,7 +304,11 @@ fn a_damaged_chunk_of_page_hashes_is_refused_whether_pages_came_for_it_or_not() 
 fn repaired(dir: &Path, db: &Path) {
     let third = push(dir, db);
     assert_eq!(third["version"], 3, "{third}");
-    assert_eq!(third["digest"], util::digest(db), "{third}");
+    assert_eq!(
+        third["digest"],
+        util::digest_like(db, &third["digest"]),
+        "{third}"
+    );
     util::assert_same(db, &pull(dir, "acme/app.db@3", "v3.db"));
 }
 
@@ -342,7 +349,11 @@ fn a_damaged_kept_manifest_costs_pages_never_a_wrong_version() {
     change_last_rows(&db);
     let third = push(dir.path(), &db);
     assert_eq!(third["version"], 3, "{third}");
-    assert_eq!(third["digest"], util::digest(&db), "{third}");
+    assert_eq!(
+        third["digest"],
+        util::digest_like(&db, &third["digest"]),
+        "{third}"
+    );
     let v3 = pull(dir.path(), "acme/app.db@3", "v3.db");
     util::assert_same(&db, &v3);
     assert_eq!(util::code(&scrub(dir.path())), 0);
@@ -375,7 +386,11 @@ fn a_latest_version_without_a_recorded_chunked_digest_is_still_seen_as_unchanged
     let again = push(dir.path(), &db);
     assert_eq!(again["version"], 2, "{again}");
     assert_eq!(versions(dir.path()), 2, "no duplicate version");
-    assert_eq!(again["digest"], util::digest(&db), "{again}");
+    assert_eq!(
+        again["digest"],
+        util::digest_like(&db, &again["digest"]),
+        "{again}"
+    );
 }
 
 #[test]
@@ -395,7 +410,11 @@ fn a_damaged_chunk_of_page_hashes_is_healed_by_following_the_advice() {
     assert_ne!(util::code(&found), 0, "scrub finds the damage");
     let third = push(dir.path(), &db);
     assert_eq!(third["version"], 3, "{third}");
-    assert_eq!(third["digest"], util::digest(&db), "{third}");
+    assert_eq!(
+        third["digest"],
+        util::digest_like(&db, &third["digest"]),
+        "{third}"
+    );
     let v3 = pull(dir.path(), "acme/app.db@3", "v3.db");
     util::assert_same(&db, &v3);
     // Version 2 names the same chunk: it pulls back too, to its recorded digest.
@@ -405,10 +424,10 @@ fn a_damaged_chunk_of_page_hashes_is_healed_by_following_the_advice() {
         .expect("versions")
         .iter()
         .find(|v| v["number"] == 2)
-        .map(|v| v["digest"].clone())
+        .map(|v| v["digest2"].clone())
         .expect("version 2 listed");
     let v2 = pull(dir.path(), "acme/app.db@2", "v2.db");
-    assert_eq!(serde_json::json!(util::digest(&v2)), v2_digest);
+    assert_eq!(serde_json::json!(util::chunked_digest(&v2)), v2_digest);
     assert_eq!(util::code(&scrub(dir.path())), 0, "nothing damaged is left");
 }
 
@@ -430,7 +449,11 @@ fn a_truncated_kept_manifest_is_no_kept_manifest() {
     change_last_rows(&db);
     let third = push(dir.path(), &db);
     assert_eq!(third["version"], 3, "{third}");
-    assert_eq!(third["digest"], util::digest(&db), "{third}");
+    assert_eq!(
+        third["digest"],
+        util::digest_like(&db, &third["digest"]),
+        "{third}"
+    );
     let v3 = pull(dir.path(), "acme/app.db@3", "v3.db");
     util::assert_same(&db, &v3);
 }
@@ -507,7 +530,11 @@ impl Followed {
         assert_eq!(util::code(&out), 0, "{stderr}{}", util::stdout(&out));
         let report: serde_json::Value =
             serde_json::from_str(util::stdout(&out).trim()).expect("one JSON object");
-        assert_eq!(report["digest"], util::digest(&self.db), "{report}");
+        assert_eq!(
+            report["digest"],
+            util::digest_like(&self.db, &report["digest"]),
+            "{report}"
+        );
         Logged {
             report,
             by_chunks: stderr.contains("origin compared by chunks"),
@@ -731,4 +758,190 @@ fn a_push_by_chunks_follows_a_database_that_shrank() {
     let fourth = f.push();
     assert!(fourth.by_chunks, "{}", fourth.stderr);
     f.pulls_back();
+}
+
+/// `length(versions.digest)` and `versions.digest2` of every version, oldest first.
+fn recorded_digests(file: &Path) -> Vec<(i64, Option<Vec<u8>>)> {
+    let conn = Connection::open(file).expect("replica file");
+    let mut stmt = conn
+        .prepare("SELECT length(digest), digest2 FROM versions ORDER BY number")
+        .expect("digests");
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("rows")
+        .collect::<rusqlite::Result<_>>()
+        .expect("rows")
+}
+
+/// The chunked digest of `path` as raw bytes, as `versions.digest2` records it.
+fn chunked_bytes(path: &Path) -> Vec<u8> {
+    chunked_digest(path).to_vec()
+}
+
+#[test]
+fn a_version_made_by_chunks_records_only_its_chunked_digest_and_every_reader_compares_it() {
+    let dir = TempDir::new().expect("tempdir");
+    let (db, file) = two_versions(dir.path());
+    // Version 1 sent every chunk: both digests, for free. Version 2 kept chunks of
+    // version 1: its chunked digest only (making digest 1 would read every kept chunk).
+    let recorded = recorded_digests(&file);
+    assert_eq!(recorded.len(), 2);
+    assert_eq!(recorded[0].0, 32, "version 1 records digest 1");
+    assert_eq!(recorded[1], (0, Some(chunked_bytes(&db))), "version 2");
+
+    // `versions --json` shows each form it recorded.
+    let listed = run_ok(dir.path(), &["versions", "acme/app.db"]);
+    let v2 = &listed.as_array().expect("versions")[1];
+    assert_eq!(v2["number"], 2, "{listed}");
+    assert_eq!(v2["digest"], "", "{listed}");
+    assert_eq!(v2["digest2"], util::chunked_digest(&db), "{listed}");
+
+    // `verify` of the stored version compares the restored file in the chunked form.
+    let report = run_ok(dir.path(), &["verify", "acme/app.db@2"]);
+    assert_eq!(report["integrity"], serde_json::json!(["ok"]), "{report}");
+    assert_eq!(report["digest"], util::digest(&db), "{report}");
+    assert_eq!(report["digest2"], util::chunked_digest(&db), "{report}");
+    let all = run_ok(dir.path(), &["verify", "--all-versions", "acme/app.db"]);
+    assert_eq!(all["failed"], 0, "{all}");
+    assert_eq!(all["checked"], 2, "{all}");
+    assert_eq!(util::code(&scrub(dir.path())), 0, "scrub finds it whole");
+
+    // The push's record and seal are in the chunked form: a push with nothing changed
+    // (proved from the seal where the file system's times allow, else by chunks) is
+    // found unchanged against version 2 in that form, and makes no version.
+    let again = push(dir.path(), &db);
+    assert_eq!(again["version"], 2, "{again}");
+    assert_eq!(again["created"], false, "{again}");
+    assert_eq!(again["digest"], util::chunked_digest(&db), "{again}");
+    assert_eq!(versions(dir.path()), 2, "no new version");
+
+    // A file never synced that holds version 2 is found to hold it (compared in the
+    // chunked form, read from the file): the pull is not refused.
+    let copy = dir.path().join("copy.db");
+    util::sync(&db, &copy);
+    let out = run(
+        dir.path(),
+        &["pull", "acme/app.db", copy.to_str().expect("utf-8")],
+    );
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    util::assert_same(&db, &copy);
+
+    // LOCAL written after its push is refused, not overwritten.
+    change_last_rows(&db);
+    let before = util::digest(&db);
+    let out = run(
+        dir.path(),
+        &["pull", "acme/app.db", db.to_str().expect("utf-8")],
+    );
+    assert_eq!(util::code(&out), 9, "{}", util::stderr(&out));
+    assert!(
+        util::stderr(&out).contains("never pushed"),
+        "{}",
+        util::stderr(&out)
+    );
+    assert_eq!(util::digest(&db), before, "LOCAL untouched");
+}
+
+#[test]
+fn a_flipped_byte_under_a_version_made_by_chunks_is_refused_at_pull() {
+    let dir = TempDir::new().expect("tempdir");
+    let (db, file) = two_versions(dir.path());
+    assert_eq!(recorded_digests(&file)[1].0, 0, "version 2 has no digest 1");
+    let last = util::page_count(&db);
+    // A page version 2 sent (its last chunk, new) and one it kept of version 1.
+    for pgno in [last, 2] {
+        let (hash, data) = crate::trust_store::stored_page(&file, 2, pgno);
+        let byte = data.len() / 2;
+        crate::trust_store::flip_stored(&file, &hash, byte, 0x01);
+        let out_file = dir.path().join(format!("restored-{pgno}.db"));
+        let out = run(
+            dir.path(),
+            &["pull", "acme/app.db@2", out_file.to_str().expect("utf-8")],
+        );
+        assert_eq!(util::code(&out), 7, "page {pgno}: {}", util::stderr(&out));
+        assert!(
+            util::stderr(&out).contains("damaged"),
+            "page {pgno}: {}",
+            util::stderr(&out)
+        );
+        assert_eq!(util::file_len(&out_file), 0, "page {pgno}: nothing written");
+        // Flipped back: the version pulls whole again.
+        crate::trust_store::flip_stored(&file, &hash, byte, 0x01);
+        util::assert_same(
+            &db,
+            &pull(dir.path(), "acme/app.db@2", &format!("ok-{pgno}.db")),
+        );
+    }
+}
+
+#[test]
+fn a_server_gives_digest_1_of_a_version_made_by_chunks_to_every_peer() {
+    // A version made by chunks in a directory a server then serves: a peer that knows
+    // only digest 1 (every client before the chunked form) must see it as before.
+    let dir = TempDir::new().expect("tempdir");
+    let server = crate::server::TestServer::start(dir.path());
+    let data = format!("file://{}", dir.path().join("server-data").display());
+    let db = dir.path().join("app.db");
+    let conn = util::create(&db, 4096, Mode::Wal);
+    util::insert_rows(&conn, ROWS, 1000);
+    drop(conn);
+    util::checkpoint(&db);
+    let push_data = || {
+        let out = util::sqlferry(dir.path())
+            .args(["push", db.to_str().expect("utf-8"), "acme/app.db"])
+            .args(["--json", "--server", &data])
+            .output()
+            .expect("push");
+        assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+        serde_json::from_str::<serde_json::Value>(util::stdout(&out).trim()).expect("JSON")
+    };
+    push_data();
+    change_last_rows(&db);
+    let second = push_data();
+    assert_eq!(second["digest"], util::chunked_digest(&db), "{second}");
+    let file = server.replica_file("acme/app.db");
+    assert_eq!(recorded_digests(&file)[1].0, 0, "made by chunks");
+
+    let listed = server.versions("acme/app.db").expect("listed");
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1].digest, util::digest(&db), "digest 1, as before");
+    assert_eq!(
+        listed[1].digest2.as_deref(),
+        Some(util::chunked_digest(&db).as_str())
+    );
+    // Made once, then recorded.
+    assert_eq!(recorded_digests(&file)[1].0, 32, "recorded once made");
+
+    let out = util::sqlferry(dir.path())
+        .args(["verify", "acme/app.db@2", "--json", "--server", &server.url])
+        .args(["--key", &server.admin_key])
+        .output()
+        .expect("verify");
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+}
+
+#[test]
+fn a_damaged_kept_chunk_a_push_does_not_read_is_found_at_pull_never_delivered() {
+    // A push by chunks no longer reads the chunks it keeps (but chunk 0): a chunk of
+    // page hashes damaged in the store goes into the new version by its key, as a
+    // damaged kept page would, and is found where every chunk is read: at pull (exit
+    // 7, nothing written) and by `scrub`.
+    let dir = TempDir::new().expect("tempdir");
+    let (db, file) = two_versions(dir.path());
+    {
+        let conn = Connection::open(&file).expect("replica file");
+        damage_chunk(&conn, &chunk_key(&conn, 2, 1));
+    }
+    change_last_rows(&db);
+    let third = push(dir.path(), &db);
+    assert_eq!(third["version"], 3, "{third}");
+    assert_eq!(third["digest"], util::chunked_digest(&db), "{third}");
+    let out_file = dir.path().join("v3.db");
+    let out = run(
+        dir.path(),
+        &["pull", "acme/app.db@3", out_file.to_str().expect("utf-8")],
+    );
+    assert_eq!(util::code(&out), 7, "{}", util::stderr(&out));
+    assert_eq!(util::file_len(&out_file), 0, "nothing written");
+    // Versions 1 and 2 name the same chunk.
+    assert_eq!(bad_versions(dir.path()), [1, 2, 3]);
 }

@@ -5,7 +5,9 @@
 //! push to the other and a sync-now sent to the other, two pushes racing on two
 //! servers end with one version and one VERSION_CONFLICT, a server killed mid-push
 //! leaves no version and the other keeps serving, and PostgreSQL stopped for a moment
-//! is a clear error, then recovered from without a restart.
+//! is a clear error, then recovered from without a restart. One machine pushes and
+//! pulls through either server as through one store (its history keyed by the shared
+//! server id), and each server's API shows the subscribers of both.
 //!
 //! Every wait is on an event (a subscriber's line, a process exit, a command that
 //! succeeds again), polled with a deadline; nothing sleeps.
@@ -81,7 +83,7 @@ fn two_servers_share_keys_versions_subscribers_and_sync_now() {
             meta.rsplit('/').next().expect("a database name"),
             "SELECT string_agg(version::text, ',' ORDER BY version) FROM sqlferry_migrations"
         ),
-        "1",
+        "1,2",
         "the migrations ran once, recorded"
     );
     let origin = Machine::new(dir.path(), "origin");
@@ -269,6 +271,18 @@ fn a_server_killed_mid_push_leaves_no_version_and_the_other_keeps_serving() {
     let r = reader.pull(&b, "acme/app.db", Some("v2.db"), &["--key", &pull_key]);
     assert_eq!(r.digest(), big.digest);
     assert_eq!(util::integrity(&reader.path("v2.db")), "ok");
+
+    // A, started again on the directory its killed push left, shows no partial
+    // version either: the two complete ones, and serves the second.
+    a.restart();
+    let versions = a.versions("acme/app.db").expect("exists");
+    assert_eq!(
+        versions.iter().map(|v| v.number).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(versions[1].digest, big.digest);
+    let r = reader.pull(&a, "acme/app.db", Some("v2-a.db"), &["--key", &pull_key]);
+    assert_eq!(r.digest(), big.digest);
 }
 
 #[test]
@@ -363,4 +377,163 @@ fn postgres_stopped_for_a_moment_is_a_clear_error_then_servers_recover_without_a
         b.log()
     );
     drop(sub);
+}
+
+#[test]
+fn one_machine_pushes_and_pulls_through_either_server_as_through_one() {
+    let pg = postgres::shared();
+    let meta = pg.database();
+    let dir = TempDir::new().expect("tempdir");
+    let (a, b) = two_servers(dir.path(), &meta);
+    let m = Machine::new(dir.path(), "m");
+    let other = Machine::new(dir.path(), "other");
+    let (push_key, pull_key) = first_push(&m, &a, 256 << 10);
+    let db = m.path("app.db");
+
+    // Version 1 through A, version 2 through B: B takes the base A left.
+    exec(&db, "UPDATE t SET v = randomblob(300) WHERE id < 50");
+    let two = DbState::of(&db);
+    let r = m.push(
+        &b,
+        "app.db",
+        "acme/app.db",
+        &["-m", "two", "--key", &push_key],
+    );
+    assert_eq!(r.u64("version"), 2);
+    // Pulled from A into the database itself: it holds version 2, nothing to refuse.
+    let r = m.pull(&a, "acme/app.db", Some("app.db"), &["--key", &push_key]);
+    assert_eq!(r.u64("version"), 2);
+    assert_eq!(r.digest(), two.digest);
+    two.assert_held_by(&db, "app.db after pushing to B and pulling from A");
+    // Pushed to A again: based on the version pushed to B, no VERSION_CONFLICT.
+    exec(&db, "DELETE FROM t WHERE id % 4 = 0");
+    let three = DbState::of(&db);
+    let r = m.push(
+        &a,
+        "app.db",
+        "acme/app.db",
+        &["-m", "three", "--key", &push_key],
+    );
+    assert_eq!(r.u64("version"), 3);
+    assert_eq!(r.digest(), three.digest);
+
+    // Another machine pulls from A, then (a URL it never used) from B.
+    let r = other.pull(&a, "acme/app.db", Some("copy.db"), &["--key", &pull_key]);
+    assert_eq!(r.digest(), three.digest);
+    exec(&db, "UPDATE t SET v = randomblob(100) WHERE id % 9 = 0");
+    let four = DbState::of(&db);
+    let r = m.push(
+        &b,
+        "app.db",
+        "acme/app.db",
+        &["-m", "four", "--key", &push_key],
+    );
+    assert_eq!(r.u64("version"), 4);
+    let r = other.pull(&b, "acme/app.db", Some("copy.db"), &["--key", &pull_key]);
+    assert_eq!(r.u64("version"), 4);
+    assert_eq!(r.digest(), four.digest);
+    four.assert_held_by(&other.path("copy.db"), "copy.db pulled from A, then from B");
+    assert_eq!(util::integrity(&other.path("copy.db")), "ok");
+    assert_eq!(util::dump(&other.path("copy.db")), util::dump(&db));
+}
+
+/// The replica's status on `server` once `ready` holds (polled, with a deadline).
+fn status_on(
+    server: &TestServer,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut status = serde_json::Value::Null;
+    let met = util::wait_until(COMMAND_TIMEOUT, Duration::from_millis(50), || {
+        status = http(
+            server,
+            "GET",
+            "/api/replicas/acme/app.db",
+            &server.admin_key,
+        )
+        .1;
+        ready(&status)
+    });
+    assert!(met, "{what}: {status}");
+    status
+}
+
+#[test]
+fn every_server_shows_the_subscribers_of_every_server() {
+    let pg = postgres::shared();
+    let meta = pg.database();
+    let db_name = meta.rsplit('/').next().expect("a database name").to_owned();
+    let dir = TempDir::new().expect("tempdir");
+    let (a, b) = two_servers(dir.path(), &meta);
+    let origin = Machine::new(dir.path(), "origin");
+    let follower = Machine::new(dir.path(), "follower");
+    let (_, pull_key) = first_push(&origin, &a, 256 << 10);
+
+    // A pull subscriber on B, a push subscriber on A that plans a push an hour away.
+    let mut pull = Subscriber::start(
+        &follower,
+        &[
+            "pull",
+            "acme/app.db",
+            "sub.db",
+            "--subscribe",
+            "--server",
+            &b.url,
+            "--key",
+            &pull_key,
+        ],
+    );
+    pull.expect(&["pull (start): version 1"]);
+    let mut push =
+        crate::subscribe::push_subscriber(&origin, &a, &["--waitIdle", "1h", "--poll", "1s", "-v"]);
+    push.expect(&["push (start): no change"]);
+    exec(
+        &origin.path("app.db"),
+        "UPDATE t SET v = randomblob(200) WHERE id < 9",
+    );
+    push.expect(&["push planned"]);
+
+    // Each server shows both: its own subscriber and the other's.
+    let shows_both = |s: &serde_json::Value| {
+        s["push_subscribers"] == 1
+            && s["pull_subscribers"] == 1
+            && s["expected_push_at"].is_i64()
+            && s["followers"].as_array().is_some_and(|f| {
+                f.len() == 1 && f[0]["applied_version"] == 1 && f[0]["lag_seconds"] == 0
+            })
+    };
+    let on_a = status_on(&a, "A shows B's follower and its own pusher", shows_both);
+    let on_b = status_on(&b, "B shows A's pusher and its plan", shows_both);
+    assert_eq!(on_a["expected_push_at"], on_b["expected_push_at"]);
+    let (_, list) = http(&a, "GET", "/api/replicas", &a.admin_key);
+    assert_eq!(list["replicas"][0]["pull_subscribers"], 1, "{list}");
+    // In PostgreSQL: one row per subscriber, one expected push.
+    assert_eq!(
+        pg.psql(
+            &db_name,
+            "SELECT string_agg(role || ':' || coalesce(applied_version::text, '-'), ',' ORDER BY role) FROM sqlferry_positions"
+        ),
+        "pull:1,push:-"
+    );
+    assert_eq!(
+        pg.psql(&db_name, "SELECT count(*) FROM sqlferry_expected"),
+        "1"
+    );
+
+    // The follower leaves B: A stops showing it.
+    drop(pull);
+    status_on(&a, "A no longer shows B's follower", |s| {
+        s["pull_subscribers"] == 0 && s["followers"] == serde_json::json!([])
+    });
+    // The planned push, asked for through B, lands through A: B shows no plan.
+    let (code, body) = http(&b, "POST", "/api/replicas/acme/app.db/sync", &b.admin_key);
+    assert_eq!(code, 200, "{body}");
+    push.expect(&["push (sync-now): version 2"]);
+    status_on(&b, "a commit on A clears the plan B showed", |s| {
+        s["expected_push_at"].is_null() && s["push_subscribers"] == 1
+    });
+    drop(push);
+    status_on(&b, "B no longer shows A's pusher", |s| {
+        s["push_subscribers"] == 0
+    });
 }

@@ -161,7 +161,7 @@ impl Drop for Subscriber {
 }
 
 /// `sqlferry push app.db acme/app.db --server URL --subscribe TIMING…` on `m`.
-fn push_subscriber(m: &Machine, server: &TestServer, timing: &[&str]) -> Subscriber {
+pub(crate) fn push_subscriber(m: &Machine, server: &TestServer, timing: &[&str]) -> Subscriber {
     let mut args = vec![
         "push",
         "app.db",

@@ -189,6 +189,29 @@ pub fn digest(path: &Path) -> String {
     hex(&d.finish().expect("every page hashed"))
 }
 
+/// The database's chunked digest as text (`c:` + hex), computed from its definition:
+/// SHA-256 over `sqlferry-digest-2`, the page size and count, and the SHA-256 of each
+/// run of 1,024 page hashes.
+pub fn chunked_digest(path: &Path) -> String {
+    let hashes = page_hashes(path);
+    let mut all = b"sqlferry-digest-2".to_vec();
+    all.extend_from_slice(&page_size(path).to_be_bytes());
+    all.extend_from_slice(&(hashes.len() as u32).to_be_bytes());
+    for chunk in hashes.chunks(1024) {
+        all.extend_from_slice(&sqlferry::digest::sha256(&chunk.concat()));
+    }
+    format!("c:{}", hex(&sqlferry::digest::sha256(&all)))
+}
+
+/// The database's digest in the form of `shown` (a digest as a command printed it:
+/// `c:` + hex for the chunked form, hex alone for digest 1), to compare with it.
+pub fn digest_like(path: &Path, shown: &serde_json::Value) -> String {
+    match shown.as_str().is_some_and(|s| s.starts_with("c:")) {
+        true => chunked_digest(path),
+        false => digest(path),
+    }
+}
+
 /// Syncs `dest` to equal `src` in this process, through the library.
 pub fn sync(src: &Path, dest: &Path) -> SyncStats {
     // The page-hash caches stay in the test's own directory, not in the user's home.
