@@ -196,13 +196,8 @@ pub async fn last_sync(
         return Ok(by_url);
     }
     let url = server.url();
-    let id = match crate::remote::server_id(&url).await {
-        Ok(Some(id)) => id,
-        Ok(None) => return Ok(None),
-        Err(e) => {
-            tracing::debug!(server = %url, error = %e, "the server's id could not be asked");
-            return Ok(None);
-        }
+    let Some(id) = asked_server_id(&url).await else {
+        return Ok(None);
     };
     let (db, name) = (database.to_owned(), replica.to_string());
     blocking(move || Ok(crate::history::last_by_id(&db, &id, &name))).await
@@ -279,13 +274,8 @@ pub async fn saved_key(
     if !server.needs_key() || !secrets.may_know_by_id(&url, replica.as_str()) {
         return Ok(None);
     }
-    let id = match crate::remote::server_id(&url).await {
-        Ok(Some(id)) => id,
-        Ok(None) => return Ok(None),
-        Err(e) => {
-            tracing::debug!(server = %url, error = %e, "the server's id could not be asked");
-            return Ok(None);
-        }
+    let Some(id) = asked_server_id(&url).await else {
+        return Ok(None);
     };
     Ok(secrets
         .key_for_server_id(&id, replica.as_str(), database)
@@ -736,6 +726,18 @@ fn check(path: &Path) -> Result<VerifyReport> {
         journal_mode: snap.journal_mode(),
         integrity,
     })
+}
+
+/// The id of the server at `url`, asked once; `None` when it sends none or cannot be
+/// asked (the caller falls back to what it knows by URL).
+async fn asked_server_id(url: &str) -> Option<String> {
+    match crate::remote::server_id(url).await {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::debug!(server = %url, error = %e, "the server's id could not be asked");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -227,15 +227,7 @@ fn digest2_of(conn: &Connection, file: &Path, version: u64) -> Result<Option<Has
             return Ok(Some(d));
         }
     }
-    let Some((page_size, page_count)): Option<(u32, u32)> = conn
-        .query_row(
-            "SELECT page_size, page_count FROM versions WHERE number = ?1",
-            [version as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
-        .map_err(sql(file))?
-    else {
+    let Some((page_size, page_count)) = version_shape(conn, file, version)? else {
         return Ok(None);
     };
     let keys: Vec<Vec<u8>> = conn
@@ -255,6 +247,17 @@ fn digest2_of(conn: &Connection, file: &Path, version: u64) -> Result<Option<Has
     Ok(d.finish())
 }
 
+/// Page size and page count of `version`; `None` when it does not exist.
+fn version_shape(conn: &Connection, file: &Path, version: u64) -> Result<Option<(u32, u32)>> {
+    conn.query_row(
+        "SELECT page_size, page_count FROM versions WHERE number = ?1",
+        [version as i64],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+    .map_err(sql(file))
+}
+
 /// Sets `v.digest2` to the version's chunked digest, in text ([`digest2_of`]: the one
 /// recorded, else made from its manifest's chunk keys; left `None` where neither is
 /// there).
@@ -267,15 +270,7 @@ pub(super) fn add_digest2(conn: &Connection, file: &Path, v: &mut VersionInfo) -
 /// checked against its key (32 bytes a page). `None` when the version does not exist,
 /// or a chunk is missing or does not match its key (`scrub` names such a chunk).
 pub(super) fn digest1_of(conn: &Connection, file: &Path, version: u64) -> Result<Option<Hash>> {
-    let Some((page_size, page_count)): Option<(u32, u32)> = conn
-        .query_row(
-            "SELECT page_size, page_count FROM versions WHERE number = ?1",
-            [version as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
-        .map_err(sql(file))?
-    else {
+    let Some((page_size, page_count)) = version_shape(conn, file, version)? else {
         return Ok(None);
     };
     let mut stmt = conn
