@@ -35,6 +35,8 @@
 //! - `synclog`: every push and pull this machine ran, for `status` and `history`.
 //! - `config`: XDG paths, the settings, secrets and sidecar files.
 //! - `digest`: page hashes, the database digest, hex, name keys, spill files of hashes.
+//! - `crypt`: end-to-end encryption's primitives (keys, keyed page identities, sealed
+//!   pages and version facts); a leaf beside `digest`, not wired yet (issue 15).
 //! - `epoch`: Unix seconds, now and as RFC 3339.
 //! - `error`: the typed [`Error`], its [`ErrorKind`] and the protocol's error codes.
 //! - `shutdown`: the one cancellation (graceful, then forced) every loop obeys.
@@ -45,6 +47,7 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod crypt;
 pub mod daemon;
 pub mod digest;
 pub mod engine;

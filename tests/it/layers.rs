@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 const KNOWN_UNTIL_MERGE: &[(&str, &str)] = &[];
 
 /// The modules at the bottom that every other module may use; they use only each other.
-const LEAVES: &[&str] = &["digest", "epoch", "error", "memory"];
+const LEAVES: &[&str] = &["crypt", "digest", "epoch", "error", "memory"];
 
 /// Shared pieces beside the layers: they may use the leaves and the protocol, nothing
 /// that does a workflow.
