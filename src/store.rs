@@ -51,6 +51,7 @@
 //!   into the packs the first time it is opened.
 
 mod list;
+pub mod object;
 mod pack;
 mod place;
 mod replica;

@@ -52,6 +52,10 @@
 //!   a real PostgreSQL (`postgres`: one cluster per run, one database per test): keys,
 //!   pushes and pulls across servers, subscribers and sync-now across them, racing
 //!   pushes, a server killed mid-push, PostgreSQL stopped for a moment.
+//! - `objects`: the object layer under the S3 store against a real SeaweedFS
+//!   (`seaweed`: one server per run, a bucket per test): create-if-absent raced from
+//!   16 tasks (one winner), whole, ranged and multipart objects, a wrong key and an
+//!   unreachable endpoint reported clearly, the secret never shown.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 
@@ -68,11 +72,13 @@ mod layers;
 mod live;
 mod merge;
 mod names;
+mod objects;
 mod postgres;
 mod pull_seal;
 mod retention;
 mod rows;
 mod scale_out;
+mod seaweed;
 mod server;
 mod status;
 mod store_packs;
