@@ -28,10 +28,10 @@ use crate::history;
 use crate::merge::OnConflict;
 use crate::page::{Snapshot, Writer};
 use crate::protocol::compress::CompressMode;
-use crate::protocol::control::MergeResult;
 use crate::protocol::control::{
     Config, Control, KeyInfo, MAX_FOLLOWERS_WAIT, NewKeys, Op, Open, SubscriberRole, WaitFollowers,
 };
+use crate::protocol::control::{DIGEST_CHUNKED, MergeResult};
 use crate::protocol::{Frame, PROTOCOL_VERSION};
 use crate::store::{
     PruneReport, PushOptions, ReplicaPath, Retention, RetentionPolicy, Selector, Store, VersionInfo,
@@ -388,6 +388,7 @@ impl Server {
             client_id: client_id(),
             key_id: key_id.map(str::to_owned),
             compress: Vec::new(),
+            digests: Vec::new(),
             retention: None,
             retention_clear: false,
             dry_run: false,
@@ -628,6 +629,10 @@ impl Server {
                     *compress,
                     peer_is_loopback(&ws),
                 );
+                // The chunked digest only where the server agreed to it (an older server
+                // does not answer): the server's store then reads only the chunks pages
+                // came for, and the origin goes by chunks when it knows its base.
+                let chunked = config.digest_form.as_deref() == Some(DIGEST_CHUNKED);
                 let (result, rest, wire) = ws::run_engine_with(
                     &mut ws,
                     pumped_link(Role::Origin),
@@ -635,7 +640,7 @@ impl Server {
                     Some(SYNC_IDLE_TIMEOUT),
                     pump,
                     move |link| {
-                        push_origin(&mut source, kept, false, deferred, |source, options| {
+                        push_origin(&mut source, kept, chunked, deferred, |source, options| {
                             run_origin_with(source, link, &*progress, options)
                         })
                     },
@@ -661,6 +666,12 @@ impl Server {
                 };
                 if let Some(m) = &merged {
                     stats.digest.clone_from(&m.result.digest);
+                }
+                // A push in the chunked form hears the version's digest as it recorded
+                // it (digest 1 where it has one), and shows and keeps that, as a push
+                // into the embedded store does.
+                if let (true, Some(d)) = (chunked, &config.digest) {
+                    stats.digest.clone_from(d);
                 }
                 let outcome = PushOutcome {
                     stats,
@@ -1663,6 +1674,7 @@ fn open_frame(op: Op, replica: &ReplicaPath) -> Open {
         client_id: client_id(),
         key_id: None,
         compress: Vec::new(),
+        digests: Vec::new(),
         retention: None,
         retention_clear: false,
         dry_run: false,
@@ -1737,6 +1749,12 @@ async fn open(
             Op::Push | Op::Pull => ws::offered(compress),
             _ => Vec::new(),
         },
+        // A push's page sync may carry the chunked digest; a pull's origin is the server,
+        // which makes digest 1 as it streams the version's page hashes (docs/engine.md).
+        digests: match op {
+            Op::Push => vec![DIGEST_CHUNKED.to_owned()],
+            _ => Vec::new(),
+        },
         retention: None,
         retention_clear: false,
         dry_run: false,
@@ -1744,6 +1762,7 @@ async fn open(
         merge,
     };
     let offered = open.compress.clone();
+    let offered_digests = open.digests.clone();
     ws::send_binary(ws, Control::Open(open).to_bytes()).await?;
     let mut config = next_config(ws, Vec::new()).await?;
     // A server may only choose what was offered: anything else is not spoken here.
@@ -1755,6 +1774,16 @@ async fn open(
         return Err(Error::Protocol(format!(
             "the server chose page compression {:?}, which this client did not offer",
             config.compress.take().unwrap_or_default()
+        )));
+    }
+    if config
+        .digest_form
+        .as_ref()
+        .is_some_and(|d| !offered_digests.contains(d))
+    {
+        return Err(Error::Protocol(format!(
+            "the server chose the digest form {:?}, which this client did not offer",
+            config.digest_form.take().unwrap_or_default()
         )));
     }
     Ok(config)

@@ -366,6 +366,14 @@ impl Store {
         list::replicas(&self.root)
     }
 
+    /// `replica`'s latest version number (0 when it has none), from that one row as
+    /// recorded: never made into digest 1 (a server's push asks this at every start,
+    /// and filling digest 1 would read the chunks of a version made by chunks).
+    pub fn latest_number(&self, replica: &ReplicaPath) -> Result<u64> {
+        let latest = list::latest(&self.replica_file(replica), replica)?;
+        Ok(latest.map_or(0, |l| l.version.number))
+    }
+
     /// `replica`'s latest version and its version count, reading that one row (no
     /// manifest, no page); `None` when it has no version.
     pub fn latest(&self, replica: &ReplicaPath) -> Result<Option<Latest>> {

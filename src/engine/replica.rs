@@ -201,8 +201,9 @@ fn session(
     }
     if begin.chunked_digest && !target.speaks_chunked_digest() {
         return Err(Error::Protocol(
-            "the origin asked for the chunked digest, which this side did not offer \
-             (a database file records digest 1); nothing was written"
+            "the origin asked for the chunked digest, which this side did not offer or \
+             agree to (a database file, and a server session whose CONFIG did not name \
+             it, check digest 1); nothing was written"
                 .into(),
         ));
     }

@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{DecodeError, MAX_FRAME_BYTES, MAX_TEXT_BYTES, code};
 
+/// The chunked digest (`sqlferry-digest-2`) as OPEN's `digests` offers it and CONFIG's
+/// `digest` accepts it.
+pub const DIGEST_CHUNKED: &str = "chunked";
+
 /// How often the server pings a subscriber; a subscriber that hears nothing for three
 /// of these reconnects.
 pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
@@ -43,6 +47,11 @@ pub struct Open {
     /// absent from older clients, which get plain pages.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compress: Vec<String>,
+    /// For a push: the digest forms the client's page sync can carry besides digest 1
+    /// ([`DIGEST_CHUNKED`], the chunked digest); absent from older clients, whose
+    /// pushes carry digest 1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub digests: Vec<String>,
     /// For `retention`: the replica's new policy (admin key only); absent: show it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionPolicy>,
@@ -318,6 +327,15 @@ pub struct Config {
     /// (`"zstd"`); absent: plain pages (and from older servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress: Option<String>,
+    /// The digest form of this push's page sync, one of OPEN's `digests`
+    /// ([`DIGEST_CHUNKED`]: the origin may set BEGIN's CHUNKED_DIGEST); absent: digest 1
+    /// (and from older servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest_form: Option<String>,
+    /// After a push that agreed on a `digest_form`: the version's digest as it recorded
+    /// it, digest 1 (hex) where it has one, else its chunked digest (`c:` and hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     /// The server keeps followers: it takes APPLIED from a pull subscriber and the
     /// `wait-followers` op. Absent (false) from older servers, to which a subscriber
     /// then sends no APPLIED (an unknown frame would end its session).
@@ -711,6 +729,7 @@ mod tests {
                 client_id: "me@host".into(),
                 key_id: None,
                 compress: vec!["zstd".into()],
+                digests: vec![DIGEST_CHUNKED.into()],
                 retention: None,
                 retention_clear: false,
                 dry_run: false,
@@ -728,6 +747,7 @@ mod tests {
                 client_id: "me@host".into(),
                 key_id: None,
                 compress: Vec::new(),
+                digests: Vec::new(),
                 retention: Some(RetentionPolicy {
                     keep_last: Some(30),
                     keep_within_seconds: Some(86_400),
@@ -749,6 +769,7 @@ mod tests {
                 client_id: "me@host".into(),
                 key_id: None,
                 compress: Vec::new(),
+                digests: Vec::new(),
                 retention: None,
                 retention_clear: false,
                 dry_run: false,
@@ -761,6 +782,7 @@ mod tests {
                 version: 4,
                 key_type: "push".into(),
                 compress: Some("zstd".into()),
+                digest_form: Some(DIGEST_CHUNKED.into()),
                 ..Default::default()
             }),
             Control::NewReplicaVersion(NewVersion {
@@ -832,6 +854,26 @@ mod tests {
             panic!("an older server's CONFIG decodes");
         };
         assert_eq!(c.compress, None);
+    }
+
+    /// The digest-form fields are left out when unused, so an OPEN or CONFIG that does
+    /// not agree on the chunked digest is byte for byte an older peer's; an older
+    /// peer's frames decode as "digest 1".
+    #[test]
+    fn digest_form_fields_are_absent_when_unused() {
+        let mut frame = vec![OPEN];
+        frame.extend_from_slice(br#"{"protocol":1,"op":"push","replica":"a/b","client_id":"x"}"#);
+        let Ok(Control::Open(open)) = Control::decode(&frame) else {
+            panic!("an older client's OPEN decodes");
+        };
+        assert!(open.digests.is_empty());
+        assert!(!String::from_utf8_lossy(&Control::Open(open).to_bytes()).contains("digest"));
+        let config = Control::Config(Config::default()).to_bytes();
+        assert!(!String::from_utf8_lossy(&config).contains("digest"));
+        let Ok(Control::Config(c)) = Control::decode(&config) else {
+            panic!("a CONFIG decodes");
+        };
+        assert_eq!((c.digest_form, c.digest), (None, None));
     }
 
     /// The server's id rides in CONFIG as `server_id`; an older server's CONFIG has
@@ -912,6 +954,7 @@ mod tests {
             client_id: "x".into(),
             key_id: None,
             compress: Vec::new(),
+            digests: Vec::new(),
             retention: None,
             retention_clear: false,
             dry_run: false,

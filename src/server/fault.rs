@@ -97,12 +97,25 @@ pub(crate) fn report(link: &mut dyn crate::engine::Link, e: Error) -> Error {
 pub(crate) struct OwnFaults<'a, T> {
     inner: &'a mut T,
     data: &'a Path,
+    /// The session agreed on the chunked digest (CONFIG's `digest`): a target takes
+    /// BEGIN's CHUNKED_DIGEST only then, as a ZPAGE only where compression was agreed.
+    chunked_agreed: bool,
 }
 
 impl<'a, T> OwnFaults<'a, T> {
     /// Wraps `inner`, whose files live under `data`.
     pub(crate) fn new(inner: &'a mut T, data: &'a Path) -> Self {
-        OwnFaults { inner, data }
+        OwnFaults {
+            inner,
+            data,
+            chunked_agreed: false,
+        }
+    }
+
+    /// This wrapper, taking the chunked digest when the session agreed on it.
+    pub(crate) fn agreeing_chunked(mut self, agreed: bool) -> Self {
+        self.chunked_agreed = agreed;
+        self
     }
 
     fn map<R>(&self, r: Result<R>) -> Result<R> {
@@ -137,7 +150,7 @@ impl<T: PageTarget> PageTarget for OwnFaults<'_, T> {
     }
 
     fn speaks_chunked_digest(&self) -> bool {
-        self.inner.speaks_chunked_digest()
+        self.chunked_agreed && self.inner.speaks_chunked_digest()
     }
 
     fn held_chunks(&mut self) -> Result<Option<Vec<Hash>>> {

@@ -36,8 +36,8 @@ use crate::engine::{ChannelLink, pumped_link};
 use crate::engine::{NoProgress, Role, run_origin, run_replica};
 use crate::protocol::compress::{CompressMode, PackedPages};
 use crate::protocol::control::{
-    Config, Control, Followed, MAX_FOLLOWERS_WAIT, NewVersion, Op, Open, PING_INTERVAL,
-    SubscriberRole, VersionInfo,
+    Config, Control, DIGEST_CHUNKED, Followed, MAX_FOLLOWERS_WAIT, NewVersion, Op, Open,
+    PING_INTERVAL, SubscriberRole, VersionInfo,
 };
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector};
@@ -490,8 +490,10 @@ async fn latest(state: &State, replica: &ReplicaPath) -> Result<(Option<String>,
     let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
     blocking(move || {
         let id = auth.replica_id(&r, false)?;
-        let latest = match store.versions(&r) {
-            Ok(v) => v.last().map_or(0, |v| v.number),
+        // The number alone, one row: listing the versions would make digest 1 of a
+        // latest version made by chunks, reading the chunks its push left alone.
+        let latest = match store.latest_number(&r) {
+            Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::NotFound => 0,
             Err(e) => return Err(e),
         };
@@ -848,6 +850,10 @@ where
         }
         _ => None,
     };
+    // The chunked digest where the client offered it, for a push stored as it comes
+    // (a merge receives its candidate into a database file, which checks digest 1).
+    let chunked = merging.is_none() && open.digests.iter().any(|d| d == DIGEST_CHUNKED);
+    c.digest_form = chunked.then(|| DIGEST_CHUNKED.to_owned());
     let wire = wire_for(c.compress.as_deref());
     send_control(ws, Control::Config(c)).await?;
 
@@ -931,7 +937,10 @@ where
             if let Some(packed) = packed {
                 writer.keep_packed(packed);
             }
-            run_replica(&mut OwnFaults::new(&mut writer, &data), link)?;
+            run_replica(
+                &mut OwnFaults::new(&mut writer, &data).agreeing_chunked(chunked),
+                link,
+            )?;
             let (version, created) = writer.outcome().expect("a committed push has an outcome");
             Ok((
                 version.clone(),
@@ -955,11 +964,15 @@ where
     };
     tracing::info!(%replica, version = version.number, created, key = %principal.key_id, "push committed");
     if created {
+        // Digest 1 where the version recorded it; a version made by chunks recorded only
+        // its chunked digest (`c:…`, which says its form): subscribers act on the
+        // number alone, and making digest 1 would read the chunks the push left alone.
+        let digest = recorded_digest(&version);
         state.published(
             NewVersion {
                 replica: replica.to_string(),
                 version: version.number,
-                digest: version.digest.clone(),
+                digest,
             },
             version.created_at,
         );
@@ -976,6 +989,8 @@ where
     c.created = Some(created);
     c.repaired = (repaired > 0).then_some(repaired);
     c.keys = keys;
+    // Only to a client that agreed on the chunked form: an older one sees today's CONFIG.
+    c.digest = chunked.then(|| recorded_digest(&version));
     send_control(ws, Control::Config(c)).await?;
     ws.flush()
         .await
@@ -991,6 +1006,15 @@ where
         .await?;
     }
     Ok(created)
+}
+
+/// A version's digest as it recorded it: digest 1 (hex) where it has one, else its
+/// chunked digest (`c:` and hex).
+fn recorded_digest(version: &VersionInfo) -> String {
+    match version.digest.is_empty() {
+        true => version.digest2.clone().unwrap_or_default(),
+        false => version.digest.clone(),
+    }
 }
 
 /// A push whose base is stale, merged (`push --merge`): the candidate is received into

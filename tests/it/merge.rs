@@ -959,6 +959,21 @@ merge = true
 /// in, and the server's CONFIG its `merge` answer on the way out (an older server
 /// ignores the one and never sends the other).
 async fn pre_merge_proxy(listener: tokio::net::TcpListener, upstream: String) {
+    rewriting_proxy(listener, upstream, |_, json| {
+        json.remove("merge");
+    })
+    .await
+}
+
+/// A proxy on `listener` in front of the server at `upstream` (`ws://…`) that passes
+/// every message as it is but the JSON control frames OPEN (0x50, on the way in) and
+/// CONFIG (0x51, on the way out), which `rewrite` (given the frame's type) changes:
+/// a peer of another age, as the other end sees it.
+pub(crate) async fn rewriting_proxy(
+    listener: tokio::net::TcpListener,
+    upstream: String,
+    rewrite: fn(u8, &mut serde_json::Map<String, serde_json::Value>),
+) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -983,17 +998,17 @@ async fn pre_merge_proxy(listener: tokio::net::TcpListener, upstream: String) {
             Ok(response)
         }
     }
-    /// The control frame `b` of type `ty` without its JSON field `merge`.
-    fn strip(b: &[u8], ty: u8) -> Option<Vec<u8>> {
+    // The control frame `b` of type `ty`, rewritten.
+    let strip = move |b: &[u8], ty: u8| -> Option<Vec<u8>> {
         if b.first() != Some(&ty) {
             return None;
         }
         let mut v: serde_json::Value = serde_json::from_slice(&b[1..]).ok()?;
-        v.as_object_mut()?.remove("merge");
+        rewrite(ty, v.as_object_mut()?);
         let mut out = vec![ty];
         out.extend(serde_json::to_vec(&v).expect("JSON"));
         Some(out)
-    }
+    };
     while let Ok((tcp, _)) = listener.accept().await {
         let upstream = upstream.clone();
         tokio::spawn(async move {

@@ -15,6 +15,8 @@
 //! - `fuzz`: arbitrary frame sequences (proptest) on real sessions change nothing, end,
 //!   and leave the server serving.
 //! - `concurrent`: two pushers racing for one replica, twenty pullers of one version.
+//! - `digest_form`: the chunked digest agreed in OPEN/CONFIG: a push by chunks through
+//!   a real server, an older client's digest 1, a flipped stored byte, a race.
 //! - `faults`: a full disk (a real tmpfs), a failing store, a panic, bad starts and a
 //!   second server on one data directory, each named for what it is; keys listed and
 //!   revoked.
@@ -39,6 +41,7 @@ mod api;
 mod auth;
 mod compress;
 mod concurrent;
+mod digest_form;
 pub(crate) mod drill;
 mod faults;
 mod fuzz;
