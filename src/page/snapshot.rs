@@ -644,13 +644,14 @@ impl Snapshot {
             } else {
                 super::scan::read_page(&self.conn, &self.path, pgno, self.page_size, &mut buf)?;
             }
-            if pgno != lock_page && is_set(&follow.changed, pgno) {
-                if let Some(check) = self.pass_check.get_mut() {
-                    check.seen += 1;
-                    check
-                        .problems
-                        .extend(super::btree::check_page(pgno, &buf, self.page_count));
-                }
+            if pgno != lock_page
+                && is_set(&follow.changed, pgno)
+                && let Some(check) = self.pass_check.get_mut()
+            {
+                check.seen += 1;
+                check
+                    .problems
+                    .extend(super::btree::check_page(pgno, &buf, self.page_count));
             }
             let h = page_hash(pgno, &buf);
             if !listed {
