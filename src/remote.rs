@@ -463,7 +463,7 @@ impl Server {
                         }));
                     }
                 }
-                let deferred = !allow_corrupt && defer_check(&mut source)?;
+                let deferred = !allow_corrupt && defer_check(&mut source);
                 // The manifest of the base version, if this client pushed it: no hash
                 // travels.
                 let kept = match (database, base, force) {
@@ -1387,34 +1387,48 @@ fn push_origin(
         // The sync ended before the check's answer was awaited: a damaged LOCAL is
         // what the push reports, as when it was checked first.
         Err(e) if checked.pending => return Err(damage_first(checked.snapshot, true, e)),
-        other => other?,
+        // A changed page the scan found wrong before the sync failed: the same.
+        Err(e) => return Err(damage_first(checked.snapshot, false, e)),
+        Ok(stats) => stats,
     };
     Ok((stats, pushed))
 }
 
-/// Decides how a push checks LOCAL: the pages the WAL names are checked now (the
-/// structural check of each, which costs what they cost); when that is not enough (a
-/// push that reads the whole file, or a changed page that looks wrong), the full
-/// `quick_check` is deferred (`true`): it runs beside the scan when the scan reads every
-/// page from the file, after it otherwise, and the push waits for its answer before it
-/// asks the replica to commit ([`CheckedPush`]). Before, it ran here, alone on one core,
-/// before the first page went out: about half a full push's client CPU on its critical
-/// path (docs/performance.md).
-fn defer_check(source: &mut Snapshot) -> Result<bool> {
-    if let Some(problems) = source.check_changed_pages()? {
-        if problems.is_empty() {
-            return Ok(false);
-        }
-        tracing::info!(problem = %problems[0], "a changed page looks damaged; running quick_check");
+/// Decides how a push checks LOCAL. A push that follows the WAL checks the structure of
+/// each page the WAL names as the scan reads it ([`Snapshot::check_in_pass`]: each
+/// changed page read once), and the push asks for the verdict before the replica
+/// commits ([`CheckedPush`]): a changed page that looks wrong, or a scan that did not
+/// see every changed page, makes the full `quick_check` decide then (`false`: nothing
+/// deferred yet). A push that reads the whole file defers the full `quick_check`
+/// (`true`): it runs beside the scan when the scan reads every page from the file,
+/// after it otherwise, and the push waits for its answer before the commit. Before, it
+/// ran here, alone on one core, before the first page went out: about half a full
+/// push's client CPU on its critical path (docs/performance.md).
+fn defer_check(source: &mut Snapshot) -> bool {
+    if source.check_in_pass() {
+        return false;
     }
     source.check_beside_scan();
-    Ok(true)
+    true
+}
+
+/// The full `quick_check` of LOCAL when the structural check of its changed pages
+/// ([`Snapshot::check_in_pass`]) did not clear it; nothing when it did, or when none was
+/// armed.
+pub(crate) fn settle_pass_check(source: &Snapshot) -> Result<()> {
+    match source.pass_check() {
+        Some(Err(why)) => {
+            tracing::info!(%why, "the check of the changed pages was not enough; running quick_check");
+            quick_check_source(source)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `e`, unless a deferred check (`deferred`) finds LOCAL damaged: then that refusal,
 /// which is what a push of a damaged LOCAL has always answered, whatever else failed.
 fn damage_first(source: &Snapshot, deferred: bool, e: Error) -> Error {
-    if !deferred {
+    if !deferred && source.pass_problem().is_none() {
         return e;
     }
     match quick_check_source(source) {
@@ -1468,7 +1482,7 @@ impl PageSource for CheckedPush<'_> {
         if std::mem::take(&mut self.pending) {
             return quick_check_source(self.snapshot);
         }
-        Ok(())
+        settle_pass_check(self.snapshot)
     }
 }
 

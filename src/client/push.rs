@@ -607,12 +607,12 @@ async fn copy_file_once(
         refuse_same_file(&src, &dest)?;
         let mut snapshot = Snapshot::open(&src).map_err(|e| e.context("cannot read LOCAL"))?;
         let mut target = Writer::open(&dest).map_err(|e| e.context("cannot write REMOTE"))?;
-        // A push that follows the WAL checks the changed pages now (they are known only
-        // until the scan moves the hash list on), and needs nothing more when they pass.
-        // Otherwise SRC's quick_check runs after its pages went out and before DEST
-        // commits, so it overlaps the copy: a damaged SRC still changes nothing.
-        let check = !allow_corrupt
-            && !matches!(snapshot.check_changed_pages(), Ok(Some(ref p)) if p.is_empty());
+        // A push that follows the WAL checks the structure of each changed page as the
+        // scan reads it, and needs nothing more when they pass (else the full check
+        // decides before DEST commits). Otherwise SRC's quick_check runs after its pages
+        // went out and before DEST commits, so it overlaps the copy: a damaged SRC still
+        // changes nothing.
+        let check = !allow_corrupt && !snapshot.check_in_pass();
         if check {
             // When the scan reads every page from the file, the same check runs beside
             // it on the second core instead of after it.
@@ -638,7 +638,8 @@ async fn copy_file_once(
 }
 
 /// A local copy's source: the snapshot, refused by [`quick_check_source`] (unless
-/// allowed, or its changed pages already passed) just before the replica commits.
+/// allowed, or the changed pages its scan read passed their structural check) just
+/// before the replica commits.
 struct CheckedSource<'a> {
     snapshot: &'a mut Snapshot,
     check: bool,
@@ -676,11 +677,11 @@ impl PageSource for CheckedSource<'_> {
     }
 
     fn check(&mut self) -> Result<()> {
-        if self.check {
-            let result = quick_check_source(self.snapshot);
-            self.failed = result.is_err();
-            return result;
-        }
-        Ok(())
+        let result = match self.check {
+            true => quick_check_source(self.snapshot),
+            false => crate::remote::settle_pass_check(self.snapshot),
+        };
+        self.failed = result.is_err();
+        result
     }
 }

@@ -78,6 +78,20 @@ pub struct Snapshot {
     /// The answer of `PRAGMA quick_check` run beside a scan, for the next
     /// [`Snapshot::quick_check`].
     checked: RefCell<Option<Result<Vec<String>>>>,
+    /// The structural check of the changed pages the next scan reads, on the bytes it
+    /// reads ([`Snapshot::check_in_pass`]).
+    pass_check: RefCell<Option<PassCheck>>,
+}
+
+/// What the structural check of the changed pages found during a scan that follows the
+/// WAL, and whether it saw every one of them.
+struct PassCheck {
+    /// The changed pages to check (the lock-byte page is never read).
+    expected: u32,
+    /// The changed pages checked so far.
+    seen: u32,
+    /// The problems found.
+    problems: Vec<String>,
 }
 
 /// How a scan learns the pages' hashes.
@@ -234,6 +248,7 @@ impl Snapshot {
             plan: RefCell::new(None),
             check_beside: false,
             checked: RefCell::new(None),
+            pass_check: RefCell::new(None),
         })
     }
 
@@ -328,6 +343,53 @@ impl Snapshot {
             problems.extend(super::btree::check_page(pgno, &buf, self.page_count));
         }
         Ok(Some(problems))
+    }
+
+    /// When the next scan [`follows_wal`](Snapshot::follows_wal): arms the structural
+    /// check of the pages it reads because the WAL names them, done on the bytes the
+    /// scan reads anyway (so each changed page is read once, not once to check and again
+    /// to hash and send), and answers `true`; [`Snapshot::pass_check`] gives the verdict
+    /// after the scan. `false` when the scan reads every page: only `PRAGMA quick_check`
+    /// can say then.
+    pub fn check_in_pass(&self) -> bool {
+        let Some(pages) = self.changed_pages() else {
+            return false;
+        };
+        let lock_page = lock_byte_page(self.page_size);
+        let expected = pages.into_iter().filter(|&p| p != lock_page).count() as u32;
+        *self.pass_check.borrow_mut() = Some(PassCheck {
+            expected,
+            seen: 0,
+            problems: Vec::new(),
+        });
+        true
+    }
+
+    /// The verdict of the check [`Snapshot::check_in_pass`] armed, once: `None` when
+    /// none was armed; `Some(Ok(()))` when the scan checked every changed page and found
+    /// nothing wrong; `Some(Err(why))` when it found a problem, or did not see every
+    /// changed page (a scan that ended early, or read the file another way): the full
+    /// `quick_check` must decide then.
+    pub fn pass_check(&self) -> Option<std::result::Result<(), String>> {
+        let check = self.pass_check.borrow_mut().take()?;
+        Some(match check.problems.first() {
+            Some(problem) => Err(problem.clone()),
+            None if check.seen != check.expected => Err(format!(
+                "the scan checked {} of the {} changed pages",
+                check.seen, check.expected
+            )),
+            None => Ok(()),
+        })
+    }
+
+    /// The first problem the check [`Snapshot::check_in_pass`] armed has found so far,
+    /// without taking its verdict: what a push that failed mid-way asks, to report a
+    /// damaged LOCAL before anything else.
+    pub fn pass_problem(&self) -> Option<String> {
+        self.pass_check
+            .borrow()
+            .as_ref()
+            .and_then(|c| c.problems.first().cloned())
     }
 
     /// The lines a checking pragma answers.
@@ -581,6 +643,15 @@ impl Snapshot {
                 buf.resize(self.page_size as usize, 0);
             } else {
                 super::scan::read_page(&self.conn, &self.path, pgno, self.page_size, &mut buf)?;
+            }
+            if pgno != lock_page
+                && is_set(&follow.changed, pgno)
+                && let Some(check) = self.pass_check.get_mut()
+            {
+                check.seen += 1;
+                check
+                    .problems
+                    .extend(super::btree::check_page(pgno, &buf, self.page_count));
             }
             let h = page_hash(pgno, &buf);
             if !listed {
