@@ -394,6 +394,7 @@ impl Server {
             dry_run: false,
             paged: false,
             merge: None,
+            encryption: None,
         };
         ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
         let config = next_config(&mut ws, Vec::new()).await?;
@@ -1381,6 +1382,8 @@ fn push_origin(
             base,
             manifest: Some(&mut sink),
             chunked_digest: chunked,
+            // No command takes an encryption key yet (docs/security.md).
+            sealing: None,
         },
     );
     let stats = match stats {
@@ -1694,6 +1697,7 @@ fn open_frame(op: Op, replica: &ReplicaPath) -> Open {
         dry_run: false,
         paged: false,
         merge: None,
+        encryption: None,
     }
 }
 
@@ -1774,6 +1778,8 @@ async fn open(
         dry_run: false,
         paged: op == Op::Versions,
         merge,
+        // No command takes an encryption key yet (docs/security.md).
+        encryption: None,
     };
     let offered = open.compress.clone();
     let offered_digests = open.digests.clone();
