@@ -453,6 +453,7 @@ impl Server {
                                 hash_bytes: 0,
                                 duration: started.elapsed(),
                                 digest: seal.digest,
+                                plaintext_digest: None,
                             },
                             version: seal.version,
                             created: false,
@@ -956,6 +957,7 @@ impl Server {
                             hash_bytes: done.hash_bytes,
                             duration: started.elapsed(),
                             digest: crate::digest::digest_text(done.form, &done.digest),
+                            plaintext_digest: None,
                         };
                         Ok((stats, target))
                     },
@@ -1066,6 +1068,7 @@ fn merge_embedded(
             hash_bytes: 0,
             duration: started.elapsed(),
             digest: v.digest.clone(),
+            plaintext_digest: None,
         },
         version: v.number,
         created: stored.created,

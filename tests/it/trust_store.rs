@@ -782,6 +782,7 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
             base_version: 1,
             known_base: false,
             chunked_digest: false,
+            sealed: false,
         })
         .expect("begin");
     assert_eq!(held, n);
