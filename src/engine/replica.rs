@@ -271,10 +271,11 @@ fn session(
     }
     match (begin.sealed, opening) {
         (true, None) if !target.keeps_sealed() => {
+            // Worded for both sides it can happen on: a client pulling without the
+            // replica's key, and a side (a server) that keeps no encrypted replica.
             return Err(Error::Auth(
                 "the origin sealed its pages (an encrypted replica), and this side has no \
-                 key to open them: give its key file (--encryption-key-file, or \
-                 SQLFERRY_ENCRYPTION_KEY); nothing was written"
+                 key to open them and keeps no sealed pages; nothing was written"
                     .into(),
             ));
         }
