@@ -183,22 +183,25 @@ impl Chunks<'_> {
 
 /// Opens the version's seal for the replica and version `o` asked for, and checks
 /// that its facts are of the result: page size, page count, and the digest over
-/// identities (`ours`, in the session's `form`). A seal that does not open was changed,
-/// moved from another version or replica, or made with another key; facts that differ
-/// belong to another version than the pages sent (a reordered, shortened or replayed
-/// manifest). Either is a verification error.
+/// identities, made from `tree` in the seal's form (a version pushed with the chunked
+/// digest is pulled with digest 1). A seal that does not open was changed, moved from
+/// another version or replica, or made with another key; facts that differ belong to
+/// another version than the pages sent (a reordered, shortened or replayed manifest).
+/// Either is a verification error.
 fn open_seal(
     o: &Opening<'_>,
     seal: &[u8],
     page_size: u32,
     page_count: u32,
-    form: DigestForm,
-    ours: &Hash,
+    tree: &mut Tree,
 ) -> Result<Facts> {
     let facts = Facts::decode(&o.key.open_version(o.replica, o.version, seal)?)?;
+    let ours = match (facts.page_size, facts.page_count) == (page_size, page_count) {
+        true => tree.digest(facts.identity_form, page_size, page_count)?,
+        false => [0; HASH_BYTES],
+    };
     if (facts.page_size, facts.page_count) != (page_size, page_count)
-        || facts.identity_form != form
-        || facts.identity_digest != *ours
+        || facts.identity_digest != ours
     {
         return Err(Error::Verification(format!(
             "the seal of version {} of {} names {} pages of {} bytes and identity digest {}, \
@@ -208,7 +211,7 @@ fn open_seal(
             facts.page_count,
             facts.page_size,
             hex(&facts.identity_digest),
-            hex(ours)
+            hex(&ours)
         )));
     }
     Ok(facts)
@@ -600,8 +603,7 @@ fn session(
                         }
                         match (opening, plain.as_mut(), seal) {
                             (Some(o), Some(plain), Some(seal)) => {
-                                let facts =
-                                    open_seal(o, &seal, page_size, page_count, form, &ours)?;
+                                let facts = open_seal(o, &seal, page_size, page_count, &mut tree)?;
                                 let plain_digest =
                                     plain.digest(DigestForm::One, page_size, page_count)?;
                                 if plain_digest != facts.digest {

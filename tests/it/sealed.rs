@@ -49,6 +49,9 @@ impl PageTarget for Keeper {
     fn keeps_sealed(&self) -> bool {
         true
     }
+    fn speaks_chunked_digest(&self) -> bool {
+        true
+    }
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
         for (&pgno, (identity, _)) in &self.pages {
             f(pgno, *identity)?;
@@ -139,6 +142,17 @@ fn marked_db(dir: &Path) -> std::path::PathBuf {
 
 /// Pushes `src` into `keeper` sealed with `key` as version `version`.
 fn push_sealed(src: &Path, keeper: &mut Keeper, key: &EncryptionKey, version: u64) {
+    push_sealed_with(src, keeper, key, version, false)
+}
+
+/// [`push_sealed`], in the chunked digest when `chunked`.
+fn push_sealed_with(
+    src: &Path,
+    keeper: &mut Keeper,
+    key: &EncryptionKey,
+    version: u64,
+    chunked: bool,
+) {
     let mut snap = Snapshot::open(src).expect("snapshot").with_hash_cache(None);
     let stats = engine::sync_local_with(
         &mut snap,
@@ -151,6 +165,7 @@ fn push_sealed(src: &Path, keeper: &mut Keeper, key: &EncryptionKey, version: u6
                 version,
                 message: "before migration",
             }),
+            chunked_digest: chunked,
             ..OriginOptions::default()
         },
     )
@@ -274,6 +289,24 @@ fn a_sealed_push_keeps_no_plaintext_and_a_keyed_pull_rebuilds_the_database() {
     );
     pull_sealed(&keeper, &fresh, Some(&k), 2, true).expect("second keyed pull");
     util::assert_same(&src, &fresh);
+}
+
+/// A version pushed in the chunked digest (as a push into a store agrees to) is pulled
+/// in digest 1 (as a store's origin sends): the seal's digest over identities is
+/// checked in its own form.
+#[test]
+fn a_seal_made_in_the_chunked_digest_opens_in_a_digest_1_pull() {
+    let dir = TempDir::new().expect("tempdir");
+    let src = marked_db(dir.path());
+    let k = key(7);
+    let mut keeper = Keeper::default();
+    push_sealed_with(&src, &mut keeper, &k, 1, true);
+    let dest = dir.path().join("pulled.db");
+    let done = pull_sealed(&keeper, &dest, Some(&k), 1, true).expect("keyed pull");
+    util::assert_same(&src, &dest);
+    let facts = done.opened.expect("opened");
+    assert_eq!(facts.identity_form, sqlferry::digest::DigestForm::Chunked);
+    assert_eq!(done.form, sqlferry::digest::DigestForm::One);
 }
 
 /// Each thing a store could do to what it keeps, and a wrong key: refused as a
