@@ -3,9 +3,10 @@
 //! version facts. A leaf beside [`crate::digest`]: it knows hashes and bytes, not
 //! databases, sessions or stores.
 //!
-//! Not wired yet: no command takes an encryption key, and nothing calls this module
-//! but its tests. It comes first so that its choices (below, and in the design) can be
-//! checked on their own before the protocol and the store carry them.
+//! Not wired to any command yet: the engine's sealed sessions (`engine::Sealing`,
+//! `engine::Opening`) call it, and no store keeps sealed pages nor command takes an
+//! encryption key so far. It came first so that its choices (below, and in the design)
+//! could be checked on their own before the protocol and the store carry them.
 //!
 //! - [`EncryptionKey`]: 32 bytes from a key file ([`parse_key_text`]) or a passphrase
 //!   ([`EncryptionKey::from_passphrase`], Argon2id with a per-replica salt). Never the

@@ -19,6 +19,10 @@
 //! database's hash list) compares chunks with its known base first and reads, hashes and
 //! sends pages only in the chunks that differ; it builds no tree either.
 //!
+//! A sealed session ([`FLAG_SEALED`], end-to-end encryption) runs the same algorithm on
+//! page identities instead of page hashes, with pages sealed on the client; see
+//! [`Sealing`] and [`Opening`].
+//!
 //! Local-to-local sync ([`sync_local`]) runs both roles on two threads joined by an
 //! in-memory [`Link`]; a server bridges the same roles to a WebSocket. There is one
 //! engine; transports only move frames.
@@ -26,6 +30,7 @@
 mod link;
 mod origin;
 mod replica;
+mod seal;
 mod sqlite;
 mod tree;
 
@@ -37,7 +42,11 @@ pub use origin::{
     BaseManifest, FLAG_CHUNKED_DIGEST, FLAG_KNOWN_BASE, KnownBase, ManifestSink, OriginOptions,
     Synced, run as run_origin, run_with as run_origin_with,
 };
-pub use replica::{ReplicaDone, run as run_replica, run_with as run_replica_with};
+pub use replica::{
+    ReplicaDone, run as run_replica, run_opening as run_replica_opening,
+    run_with as run_replica_with,
+};
+pub use seal::{FLAG_SEALED, Facts, Opening, Sealing};
 
 use std::time::Duration;
 
@@ -116,6 +125,10 @@ pub struct BeginInfo {
     /// digest COMMIT carries, and the one the result is checked against, is then the
     /// chunked form.
     pub chunked_digest: bool,
+    /// Whether the session is sealed ([`FLAG_SEALED`]): every hash is a page identity,
+    /// and a target that [keeps sealed pages](PageTarget::keeps_sealed) is handed
+    /// sealed bytes and identities.
+    pub sealed: bool,
 }
 
 /// One chunk of a new version, as the replica's chunk path hands it to
@@ -168,6 +181,24 @@ pub trait PageTarget {
     /// anything is written. No by default.
     fn speaks_chunked_digest(&self) -> bool {
         false
+    }
+    /// Whether it keeps pages it cannot read, in a sealed session whose replica has no
+    /// key (a store of an encrypted replica): [`PageTarget::hashes`] then yields page
+    /// identities, [`PageTarget::write_page`] is handed a page's sealed bytes (page size
+    /// plus the seal's overhead) and its identity as the hash, which it cannot check,
+    /// and [`PageTarget::keep_seal`] the version's seal before the commit. No by
+    /// default: a target without it refuses a sealed session it has no key for,
+    /// before anything is written.
+    fn keeps_sealed(&self) -> bool {
+        false
+    }
+    /// Keeps the version's seal with the version the next [`PageTarget::commit`]
+    /// makes; called once, before it, on a target that [keeps sealed
+    /// pages](PageTarget::keeps_sealed).
+    fn keep_seal(&mut self, _seal: Vec<u8>) -> Result<()> {
+        Err(Error::Bug(
+            "a version's seal handed to a target that keeps no sealed pages".into(),
+        ))
     }
     /// Calls `f` with the number and hash of every page it holds, in page order.
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()>;
@@ -267,8 +298,13 @@ pub struct SyncStats {
     #[serde(rename = "duration_ms", serialize_with = "as_millis")]
     pub duration: Duration,
     /// The digest both sides agreed on, in its form ([`crate::digest::digest_text`]:
-    /// lower-case hex for digest 1, `c:` and hex for the chunked one).
+    /// lower-case hex for digest 1, `c:` and hex for the chunked one). In a sealed
+    /// session, the digest over page identities.
     pub digest: String,
+    /// A sealing origin's digest 1 over the plaintext page hashes (hex): what the seal
+    /// holds and `verify` of the database prints. Absent from every other sync.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plaintext_digest: Option<String>,
 }
 
 fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {

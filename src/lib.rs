@@ -36,7 +36,8 @@
 //! - `config`: XDG paths, the settings, secrets and sidecar files.
 //! - `digest`: page hashes, the database digest, hex, name keys, spill files of hashes.
 //! - `crypt`: end-to-end encryption's primitives (keys, keyed page identities, sealed
-//!   pages and version facts); a leaf beside `digest`, not wired yet (issue 15).
+//!   pages and version facts); a leaf beside `digest`, called by the engine's sealed
+//!   sessions and by no command yet (issue 15).
 //! - `epoch`: Unix seconds, now and as RFC 3339.
 //! - `error`: the typed [`Error`], its [`ErrorKind`] and the protocol's error codes.
 //! - `shutdown`: the one cancellation (graceful, then forced) every loop obeys.

@@ -11,6 +11,11 @@
 //! The [`compress`] module is the one frame that exists only on a WebSocket whose ends
 //! agreed to it (ZPAGE, a compressed PAGE); the codec here refuses it, because the
 //! transport expands it before anything decodes it.
+//!
+//! A *sealed* session (BEGIN's SEALED flag, end-to-end encryption, `docs/security.md`)
+//! carries its pages as SPAGE frames (a page encrypted on the client) and the version's
+//! seal as a SEAL frame just before COMMIT. The codec decodes them anywhere; which
+//! session may carry which is the engine's check, since only it knows BEGIN's flags.
 
 pub mod compress;
 pub mod control;
@@ -33,6 +38,11 @@ pub const MAX_RUNS_PER_FRAME: usize = 4096;
 /// hashing or committing a large database). One value, so neither side gives up
 /// before the other would.
 pub const SYNC_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// What sealing adds to a page or a version's facts: a 12-byte nonce and a 16-byte tag
+/// (AES-256-GCM-SIV). The same number as `crypt::SEAL_OVERHEAD`, restated here because
+/// the codec imports nothing but `digest` and `error`; the engine asserts they agree.
+pub const SEAL_OVERHEAD: usize = 28;
 
 /// The longest text in an [`Frame::Error`] or [`Frame::Message`] frame, in bytes.
 pub const MAX_TEXT_BYTES: usize = 4096;
@@ -65,6 +75,12 @@ pub mod code {
     /// agreed to it; the transport expands it into a PAGE before the engine sees it
     /// (see [`super::compress`]).
     pub const ZPAGE: u8 = 0x0a;
+    /// Origin → replica, sealed sessions only: one page, encrypted on the client
+    /// (`u32 pgno`, `hash identity`, then `nonce ‖ ciphertext ‖ tag`).
+    pub const SPAGE: u8 = 0x0b;
+    /// Origin → replica, sealed sessions only, just before COMMIT: the version's seal,
+    /// its facts encrypted on the client, which a store keeps unread.
+    pub const SEAL: u8 = 0x0c;
     /// Reserved: CONFIG (server protocol).
     pub const CONFIG: u8 = 0x51;
     /// Reserved: NEWREPLICAVERSION (server protocol).
@@ -173,6 +189,23 @@ pub enum Frame {
         /// The note.
         text: String,
     },
+    /// Origin → replica, in a sealed session only: one page, encrypted on the client.
+    SealedPage {
+        /// Page number, 1-based.
+        pgno: u32,
+        /// The page's identity (a keyed MAC of its page hash): what a store that cannot
+        /// open the page keys it by and builds its tree from, and what the side that
+        /// opens it authenticates it with.
+        identity: Hash,
+        /// `nonce ‖ ciphertext ‖ tag`: one page of bytes plus [`SEAL_OVERHEAD`].
+        sealed: Vec<u8>,
+    },
+    /// Origin → replica, in a sealed session only, just before COMMIT: the version's
+    /// seal (its facts, encrypted on the client).
+    Seal {
+        /// `nonce ‖ ciphertext ‖ tag`, at least [`SEAL_OVERHEAD`] bytes.
+        sealed: Vec<u8>,
+    },
 }
 
 /// Why a frame could not be decoded.
@@ -214,6 +247,8 @@ impl Frame {
             Frame::Done { .. } => "DONE",
             Frame::Error { .. } => "ERROR",
             Frame::Message { .. } => "MESSAGE",
+            Frame::SealedPage { .. } => "SPAGE",
+            Frame::Seal { .. } => "SEAL",
         }
     }
 
@@ -288,6 +323,20 @@ impl Frame {
                 out.push(*level);
                 out.extend_from_slice(truncate_utf8(text, MAX_TEXT_BYTES).as_bytes());
             }
+            Frame::SealedPage {
+                pgno,
+                identity,
+                sealed,
+            } => {
+                out.push(code::SPAGE);
+                out.extend_from_slice(&pgno.to_be_bytes());
+                out.extend_from_slice(identity);
+                out.extend_from_slice(sealed);
+            }
+            Frame::Seal { sealed } => {
+                out.push(code::SEAL);
+                out.extend_from_slice(sealed);
+            }
         }
     }
 
@@ -305,6 +354,8 @@ impl Frame {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(match self {
             Frame::Page { data, .. } => data.len() + 5,
+            Frame::SealedPage { sealed, .. } => sealed.len() + 5 + HASH_BYTES,
+            Frame::Seal { sealed } => sealed.len() + 1,
             Frame::Nodes { hashes, .. } => hashes.len() * HASH_BYTES + 8,
             _ => 64,
         });
@@ -433,6 +484,40 @@ impl Frame {
                     text: r.text()?,
                 }
             }
+            code::SPAGE => {
+                r.what = "SPAGE";
+                let pgno = r.u32()?;
+                if pgno == 0 {
+                    return Err(DecodeError::Invalid("SPAGE frame for page 0".into()));
+                }
+                let identity = r.hash()?;
+                let sealed = r.rest().to_vec();
+                // A sealed page is a page and the seal's overhead: anything else was
+                // cut or padded on the way, and would only fail to open later.
+                let page = sealed.len().saturating_sub(SEAL_OVERHEAD);
+                check_page_size(page as u32).map_err(|_| {
+                    DecodeError::Invalid(format!(
+                        "SPAGE frame of {} sealed bytes is not a sealed page (a page and {SEAL_OVERHEAD} bytes)",
+                        sealed.len()
+                    ))
+                })?;
+                Frame::SealedPage {
+                    pgno,
+                    identity,
+                    sealed,
+                }
+            }
+            code::SEAL => {
+                r.what = "SEAL";
+                let sealed = r.rest().to_vec();
+                if sealed.len() < SEAL_OVERHEAD {
+                    return Err(DecodeError::Invalid(format!(
+                        "SEAL frame of {} bytes is shorter than a seal's {SEAL_OVERHEAD}",
+                        sealed.len()
+                    )));
+                }
+                Frame::Seal { sealed }
+            }
             // The transport expands ZPAGE frames where they were agreed to; one that
             // reaches the codec came where they were not.
             code::ZPAGE => {
@@ -557,7 +642,22 @@ mod tests {
             )
                 .prop_map(|(pgno, data)| Frame::Page { pgno, data })
         });
+        let sealed_page = (9u32..=16).prop_flat_map(|shift| {
+            (
+                1u32..,
+                arb_hash(),
+                proptest::collection::vec(any::<u8>(), (1usize << shift) + SEAL_OVERHEAD),
+            )
+                .prop_map(|(pgno, identity, sealed)| Frame::SealedPage {
+                    pgno,
+                    identity,
+                    sealed,
+                })
+        });
         prop_oneof![
+            sealed_page,
+            proptest::collection::vec(any::<u8>(), SEAL_OVERHEAD..4200)
+                .prop_map(|sealed| Frame::Seal { sealed }),
             (any::<u32>(), any::<u64>(), any::<u8>(), 9u32..=16).prop_map(
                 |(page_count, base_version, flags, shift)| Frame::Begin {
                     version: PROTOCOL_VERSION,
@@ -620,7 +720,14 @@ mod tests {
             let cut = cut.index(bytes.len());
             // Cutting a PAGE or text frame can leave another valid frame; every other
             // frame has a fixed layout, so any cut must fail.
-            if !matches!(frame, Frame::Page { .. } | Frame::Error { .. } | Frame::Message { .. }) {
+            if !matches!(
+                frame,
+                Frame::Page { .. }
+                    | Frame::SealedPage { .. }
+                    | Frame::Seal { .. }
+                    | Frame::Error { .. }
+                    | Frame::Message { .. }
+            ) {
                 prop_assert!(Frame::decode(&bytes[..cut]).is_err());
             }
         }
@@ -702,6 +809,76 @@ mod tests {
         // A WANT run that overflows.
         let want = [code::WANT, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 2];
         assert!(matches!(Frame::decode(&want), Err(DecodeError::Invalid(_))));
+    }
+
+    /// SPAGE and SEAL as docs/protocol.md gives them, and what the codec refuses of
+    /// them: a sealed page that is not a page and the seal's overhead, page 0, a seal
+    /// too short to hold a nonce and a tag.
+    #[test]
+    fn sealed_frames_are_byte_exact_and_checked() {
+        let sealed = vec![0xabu8; 512 + SEAL_OVERHEAD];
+        let bytes = Frame::SealedPage {
+            pgno: 2,
+            identity: [9; 32],
+            sealed: sealed.clone(),
+        }
+        .to_bytes();
+        assert_eq!(&bytes[..5], [0x0b, 0, 0, 0, 2]);
+        assert_eq!(&bytes[5..37], [9; 32]);
+        assert_eq!(&bytes[37..], &sealed[..]);
+        assert_eq!(bytes.len(), 5 + 32 + 512 + 28);
+        // The largest sealed page fits in a frame.
+        let big = Frame::SealedPage {
+            pgno: 1,
+            identity: [1; 32],
+            sealed: vec![0; 65536 + SEAL_OVERHEAD],
+        };
+        assert!(big.to_bytes().len() <= MAX_FRAME_BYTES);
+        assert_eq!(Frame::decode(&big.to_bytes()), Ok(big));
+        // A plain page's length, a page without its overhead, is refused.
+        let mut plain = vec![code::SPAGE, 0, 0, 0, 1];
+        plain.extend(std::iter::repeat_n(0u8, 32 + 4096));
+        assert!(
+            matches!(Frame::decode(&plain), Err(DecodeError::Invalid(m)) if m.contains("not a sealed page"))
+        );
+        let mut short = vec![code::SPAGE, 0, 0, 0, 1];
+        short.extend(std::iter::repeat_n(0u8, 32 + 20));
+        assert!(matches!(
+            Frame::decode(&short),
+            Err(DecodeError::Invalid(_))
+        ));
+        let mut page0 = vec![code::SPAGE, 0, 0, 0, 0];
+        page0.extend(std::iter::repeat_n(0u8, 32 + 512 + SEAL_OVERHEAD));
+        assert!(matches!(
+            Frame::decode(&page0),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert_eq!(
+            Frame::decode(&[code::SPAGE, 0, 0]),
+            Err(DecodeError::Truncated("SPAGE"))
+        );
+        assert_eq!(
+            Frame::decode(&[code::SPAGE, 0, 0, 0, 1, 7, 7]),
+            Err(DecodeError::Truncated("SPAGE"))
+        );
+
+        let seal = Frame::Seal {
+            sealed: vec![7; 100],
+        };
+        let bytes = seal.to_bytes();
+        assert_eq!(bytes[0], 0x0c);
+        assert_eq!(&bytes[1..], &[7u8; 100][..]);
+        assert_eq!(Frame::decode(&bytes), Ok(seal));
+        assert!(matches!(
+            Frame::decode(&[code::SEAL; 28]),
+            Err(DecodeError::Invalid(m)) if m.contains("shorter")
+        ));
+        assert_eq!(
+            Frame::decode(&[code::SEAL; 29]),
+            Ok(Frame::Seal {
+                sealed: vec![code::SEAL; 28]
+            })
+        );
     }
 
     #[test]

@@ -394,6 +394,7 @@ impl Server {
             dry_run: false,
             paged: false,
             merge: None,
+            encryption: None,
         };
         ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
         let config = next_config(&mut ws, Vec::new()).await?;
@@ -452,6 +453,7 @@ impl Server {
                                 hash_bytes: 0,
                                 duration: started.elapsed(),
                                 digest: seal.digest,
+                                plaintext_digest: None,
                             },
                             version: seal.version,
                             created: false,
@@ -955,6 +957,7 @@ impl Server {
                             hash_bytes: done.hash_bytes,
                             duration: started.elapsed(),
                             digest: crate::digest::digest_text(done.form, &done.digest),
+                            plaintext_digest: None,
                         };
                         Ok((stats, target))
                     },
@@ -1065,6 +1068,7 @@ fn merge_embedded(
             hash_bytes: 0,
             duration: started.elapsed(),
             digest: v.digest.clone(),
+            plaintext_digest: None,
         },
         version: v.number,
         created: stored.created,
@@ -1381,6 +1385,8 @@ fn push_origin(
             base,
             manifest: Some(&mut sink),
             chunked_digest: chunked,
+            // No command takes an encryption key yet (docs/security.md).
+            sealing: None,
         },
     );
     let stats = match stats {
@@ -1694,6 +1700,7 @@ fn open_frame(op: Op, replica: &ReplicaPath) -> Open {
         dry_run: false,
         paged: false,
         merge: None,
+        encryption: None,
     }
 }
 
@@ -1774,6 +1781,8 @@ async fn open(
         dry_run: false,
         paged: op == Op::Versions,
         merge,
+        // No command takes an encryption key yet (docs/security.md).
+        encryption: None,
     };
     let offered = open.compress.clone();
     let offered_digests = open.digests.clone();

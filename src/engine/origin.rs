@@ -5,15 +5,20 @@
 //! requested and unanswered at any time (bounding the replica → origin queue); pages
 //! beyond the replica's end are sent without any hash exchange; the lock-byte page is
 //! never sent.
+//!
+//! In a sealed session ([`Sealing`]) the origin's hashes are identities and its pages
+//! go sealed; a sealing origin checks each page it seals against the hash its pass
+//! made of it, since the store that receives it cannot.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use super::seal::{FLAG_SEALED, Facts, Sealing};
 use super::tree::Tree;
 use super::{FANOUT, Link, PageSource, Phase, Progress, SyncStats, WINDOW_NODES};
 use crate::digest::{
-    CHUNK_PAGES, ChunkedDigest, DigestForm, HASH_BYTES, Hash, HashSpill, chunk_count, chunk_pages,
-    digest_text, hex, lock_byte_page,
+    CHUNK_PAGES, ChunkedDigest, Digest, DigestForm, HASH_BYTES, Hash, HashSpill, chunk_count,
+    chunk_pages, digest_text, hex, lock_byte_page, page_hash,
 };
 use crate::protocol::{ErrorCode, Frame, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, Run};
 use crate::{Error, Result};
@@ -124,6 +129,61 @@ pub struct OriginOptions<'a> {
     /// Agree on the chunked digest ([`FLAG_CHUNKED_DIGEST`]); only for a peer that
     /// speaks it.
     pub chunked_digest: bool,
+    /// A sealed session ([`FLAG_SEALED`]): seal with a key, or relay what a store kept
+    /// sealed. A sealing origin's known base and manifest sink are in identities. No
+    /// pass by chunks runs in a sealed session (a source's chunk hashes are of its
+    /// plaintext page hashes).
+    pub sealing: Option<Sealing<'a>>,
+}
+
+/// How the origin sends a page: plain, or sealed.
+struct PageOut<'a> {
+    sealing: Option<&'a Sealing<'a>>,
+    page_size: u32,
+    buf: Vec<u8>,
+}
+
+impl PageOut<'_> {
+    /// Sends page `pgno`, whose hash in this session is `hash` (an identity when
+    /// sealed), with its bytes `data` (sealed already when relayed).
+    fn send(&mut self, link: &mut dyn Link, pgno: u32, hash: &Hash, data: &[u8]) -> Result<()> {
+        let sealed = match self.sealing {
+            None => return link.send_page(pgno, data),
+            Some(Sealing::Seal { key, .. }) => {
+                // The store cannot check what it is sent: the origin checks that the
+                // bytes it seals are the page its pass hashed.
+                if key.page_identity(&page_hash(pgno, data)) != *hash {
+                    return Err(Error::Verification(format!(
+                        "page {pgno} changed between the origin's pass and its sending; nothing was committed"
+                    )));
+                }
+                let mut buf = std::mem::take(&mut self.buf);
+                buf.clear();
+                key.seal_page(hash, data, &mut buf)?;
+                buf
+            }
+            Some(Sealing::Relay { .. }) => {
+                if data.len() != self.page_size as usize + crate::protocol::SEAL_OVERHEAD {
+                    return Err(Error::Verification(format!(
+                        "the stored sealed page {pgno} has {} bytes, not a sealed page of {}",
+                        data.len(),
+                        self.page_size
+                    )));
+                }
+                data.to_vec()
+            }
+        };
+        let frame = Frame::SealedPage {
+            pgno,
+            identity: *hash,
+            sealed,
+        };
+        link.send(&frame)?;
+        if let Frame::SealedPage { sealed, .. } = frame {
+            self.buf = sealed;
+        }
+        Ok(())
+    }
 }
 
 /// Runs the origin side of one sync over `link`.
@@ -197,13 +257,15 @@ struct Sender<'a> {
     lock_page: u32,
     buf: Vec<u8>,
     pages_sent: u32,
+    out: PageOut<'a>,
 }
 
 impl Sender<'_> {
-    fn page(&mut self, pgno: u32) -> Result<()> {
+    /// Reads and sends page `pgno`, whose hash in this session is `hash`.
+    fn page(&mut self, pgno: u32, hash: &Hash) -> Result<()> {
         if pgno != self.lock_page {
             self.source.read_page(pgno, &mut self.buf)?;
-            self.link.send_page(pgno, &self.buf)?;
+            self.out.send(self.link, pgno, hash, &self.buf)?;
             self.pages_sent += 1;
         }
         self.progress.advance(1);
@@ -361,7 +423,19 @@ fn session(
         base,
         manifest,
         chunked_digest,
+        sealing,
     } = options;
+    let seal_key = match &sealing {
+        Some(Sealing::Seal { key, .. }) => Some(*key),
+        _ => None,
+    };
+    // A sealing origin's plaintext digest 1, for the seal: made during its one pass.
+    let mut plain_digest = seal_key.map(|_| Digest::new(page_size, page_count));
+    let mut out = PageOut {
+        sealing: sealing.as_ref(),
+        page_size,
+        buf: Vec::new(),
+    };
     let form = match chunked_digest {
         true => DigestForm::Chunked,
         false => DigestForm::One,
@@ -369,6 +443,9 @@ fn session(
     let mut flags = if base.is_some() { FLAG_KNOWN_BASE } else { 0 };
     if chunked_digest {
         flags |= FLAG_CHUNKED_DIGEST;
+    }
+    if sealing.is_some() {
+        flags |= FLAG_SEALED;
     }
     link.send(&Frame::Begin {
         version: PROTOCOL_VERSION,
@@ -404,7 +481,7 @@ fn session(
     // With the chunked digest, a source that knows its chunks is compared with the
     // base by chunks: only the chunks that differ are read, and no tree is built.
     let known_chunks = match (&base, form) {
-        (Some(_), DigestForm::Chunked) => source.chunk_hashes()?,
+        (Some(_), DigestForm::Chunked) if sealing.is_none() => source.chunk_hashes()?,
         _ => None,
     };
 
@@ -414,7 +491,7 @@ fn session(
     let mut pages_sent = 0u32;
     // Pages the pass wanted to send but got no bytes of (page runs would be smaller;
     // a source sends bytes for every page it read, so this stays short).
-    let mut unread: Vec<u32> = Vec::new();
+    let mut unread: Vec<(u32, Hash)> = Vec::new();
     let (pass, digest) = match (known_chunks, base.as_mut()) {
         (Some(known), Some(b)) => {
             tracing::debug!(
@@ -451,6 +528,17 @@ fn session(
                 form,
                 |f| {
                     source.scan(common, &mut |pgno, hash, data| {
+                        // A sealing origin compares, sends and builds its tree on
+                        // identities; its plaintext hashes make the seal's digest 1.
+                        let hash = match seal_key {
+                            Some(key) => {
+                                if let Some(d) = plain_digest.as_mut() {
+                                    d.push(&hash);
+                                }
+                                key.page_identity(&hash)
+                            }
+                            None => hash,
+                        };
                         let differs = match &mut base_pages {
                             Some(b) => b.hash(pgno)? != Some(hash),
                             None => true,
@@ -458,12 +546,12 @@ fn session(
                         if differs && pgno != lock_page {
                             match data {
                                 Some(data) => {
-                                    link.send_page(pgno, data)?;
+                                    out.send(link, pgno, &hash, data)?;
                                     pages_sent += 1;
                                 }
                                 // A source that did not read this page (its hash was
                                 // known) sends it after the pass.
-                                None if wants_data(pgno) => unread.push(pgno),
+                                None if wants_data(pgno) => unread.push((pgno, hash)),
                                 None => {}
                             }
                         }
@@ -495,9 +583,10 @@ fn session(
         lock_page,
         buf: Vec::with_capacity(page_size as usize),
         pages_sent,
+        out,
     };
-    for pgno in unread {
-        tx.page(pgno)?;
+    for (pgno, hash) in unread {
+        tx.page(pgno, &hash)?;
     }
 
     // Descent: a queue of node runs to ask for, answered in order, pipelined up to the
@@ -579,7 +668,7 @@ fn session(
             let idx = start + j as u32;
             if level == 0 {
                 if a != b {
-                    tx.page(idx + 1)?;
+                    tx.page(idx + 1, a)?;
                 } else {
                     progress.advance(1);
                 }
@@ -608,6 +697,35 @@ fn session(
     let pages_sent = tx.pages_sent;
     // Last word before COMMIT: the replica is still writing the pages sent.
     tx.source.check()?;
+    let plaintext_digest = match plain_digest {
+        Some(d) => Some(d.finish().ok_or_else(|| {
+            Error::Protocol("the origin's page count changed while hashing".into())
+        })?),
+        None => None,
+    };
+    match &sealing {
+        None => {}
+        Some(Sealing::Seal {
+            key,
+            replica,
+            version,
+            message,
+        }) => {
+            let facts = Facts {
+                page_size,
+                page_count,
+                digest: plaintext_digest.expect("a sealing origin makes digest 1"),
+                identity_form: form,
+                identity_digest: digest,
+                message: (*message).to_owned(),
+            };
+            let sealed = key.seal_version(replica, *version, &facts.encode())?;
+            link.send(&Frame::Seal { sealed })?;
+        }
+        Some(Sealing::Relay { seal }) => link.send(&Frame::Seal {
+            sealed: seal.clone(),
+        })?,
+    }
     link.send(&Frame::Commit { page_count, digest })?;
     match recv(link)? {
         Frame::Done { digest: theirs, .. } if theirs == digest => {}
@@ -676,6 +794,7 @@ fn session(
         hash_bytes,
         duration: started.elapsed(),
         digest: digest_text(form, &digest),
+        plaintext_digest: plaintext_digest.map(|d| hex(&d)),
     })
 }
 

@@ -19,15 +19,25 @@
 //! each other chunk is made of its held page hashes (checked against the held chunk's
 //! hash first) and the hashes of the pages received. The digest over those chunk
 //! hashes must equal the origin's, as above.
+//!
+//! In a sealed session ([`FLAG_SEALED`]) pages come as SPAGE and the version's seal as
+//! SEAL before COMMIT; PAGE is refused, as are SPAGE and SEAL in any other session. A
+//! replica with the key ([`Opening`]) opens each page under the identity it came with,
+//! recomputes that identity from the plaintext, writes the plaintext, and at COMMIT
+//! opens the seal (bound to the replica and version it asked for) and checks both its
+//! digests, over identities and over plaintext page hashes, before the target commits.
+//! A replica without one hands the sealed bytes to a target that keeps them
+//! ([`PageTarget::keeps_sealed`]), or refuses the session before writing anything.
 
 use super::origin::{FLAG_CHUNKED_DIGEST, FLAG_KNOWN_BASE, recv};
+use super::seal::{FLAG_SEALED, Facts, Opening};
 use super::tree::Tree;
 use super::{BeginInfo, Chunk, Link, PageTarget, Phase, Progress, WINDOW_NODES};
 use crate::digest::{
     ChunkedDigest, DigestForm, HASH_BYTES, Hash, HashSpill, chunk_count, chunk_pages, hex,
     lock_byte_page, page_hash, sha256, zero_page_hash,
 };
-use crate::protocol::{ErrorCode, Frame, MAX_NODES_PER_FRAME, PROTOCOL_VERSION};
+use crate::protocol::{ErrorCode, Frame, MAX_NODES_PER_FRAME, PROTOCOL_VERSION, SEAL_OVERHEAD};
 use crate::{Error, Result};
 
 /// What the replica side of a finished sync did.
@@ -45,6 +55,10 @@ pub struct ReplicaDone {
     pub digest: Hash,
     /// The form of `digest`.
     pub form: DigestForm,
+    /// A replica that opened a sealed session ([`Opening`]): the version's facts, as
+    /// its seal holds them and as checked (digest 1 over the plaintext, the commit
+    /// message). `None` for every other session.
+    pub opened: Option<Facts>,
 }
 
 /// Runs the replica side of one sync over `link`.
@@ -58,7 +72,20 @@ pub fn run_with(
     link: &mut dyn Link,
     progress: &dyn Progress,
 ) -> Result<ReplicaDone> {
-    let result = session(target, link, progress);
+    run_opening(target, link, progress, None)
+}
+
+/// Runs the replica side of one sync over `link`, opening a sealed session with
+/// `opening`'s key: a sealed session is then required (a plaintext one is refused
+/// before anything is written), and the target is handed plaintext pages and their page
+/// hashes as in any other session.
+pub fn run_opening(
+    target: &mut dyn PageTarget,
+    link: &mut dyn Link,
+    progress: &dyn Progress,
+    opening: Option<Opening<'_>>,
+) -> Result<ReplicaDone> {
+    let result = session(target, link, progress, opening.as_ref());
     progress.finish();
     if let Err(e) = &result
         && !matches!(e, Error::Remote { .. } | Error::Disconnected(_))
@@ -154,10 +181,47 @@ impl Chunks<'_> {
     }
 }
 
+/// Opens the version's seal for the replica and version `o` asked for, and checks
+/// that its facts are of the result: page size, page count, and the digest over
+/// identities, made from `tree` in the seal's form (a version pushed with the chunked
+/// digest is pulled with digest 1). A seal that does not open was changed, moved from
+/// another version or replica, or made with another key; facts that differ belong to
+/// another version than the pages sent (a reordered, shortened or replayed manifest).
+/// Either is a verification error.
+fn open_seal(
+    o: &Opening<'_>,
+    seal: &[u8],
+    page_size: u32,
+    page_count: u32,
+    tree: &mut Tree,
+) -> Result<Facts> {
+    let facts = Facts::decode(&o.key.open_version(o.replica, o.version, seal)?)?;
+    let ours = match (facts.page_size, facts.page_count) == (page_size, page_count) {
+        true => tree.digest(facts.identity_form, page_size, page_count)?,
+        false => [0; HASH_BYTES],
+    };
+    if (facts.page_size, facts.page_count) != (page_size, page_count)
+        || facts.identity_digest != ours
+    {
+        return Err(Error::Verification(format!(
+            "the seal of version {} of {} names {} pages of {} bytes and identity digest {}, \
+             but the pages sent make {page_count} pages of {page_size} bytes and {}; nothing was committed",
+            o.version,
+            o.replica,
+            facts.page_count,
+            facts.page_size,
+            hex(&facts.identity_digest),
+            hex(&ours)
+        )));
+    }
+    Ok(facts)
+}
+
 fn session(
     target: &mut dyn PageTarget,
     link: &mut dyn Link,
     progress: &dyn Progress,
+    opening: Option<&Opening<'_>>,
 ) -> Result<ReplicaDone> {
     let begin = match recv(link)? {
         Frame::Begin {
@@ -174,7 +238,7 @@ fn session(
             }
             // Unknown bits would mean a promise this side cannot keep: refuse them
             // rather than guess.
-            let known = FLAG_KNOWN_BASE | FLAG_CHUNKED_DIGEST;
+            let known = FLAG_KNOWN_BASE | FLAG_CHUNKED_DIGEST | FLAG_SEALED;
             if flags & !known != 0 {
                 return Err(Error::Protocol(format!(
                     "BEGIN flags {flags:#04x} set bits this side does not know (known: {known:#04x})"
@@ -186,6 +250,7 @@ fn session(
                 base_version,
                 known_base: flags & FLAG_KNOWN_BASE != 0,
                 chunked_digest: flags & FLAG_CHUNKED_DIGEST != 0,
+                sealed: flags & FLAG_SEALED != 0,
             }
         }
         other => {
@@ -207,6 +272,26 @@ fn session(
                 .into(),
         ));
     }
+    match (begin.sealed, opening) {
+        (true, None) if !target.keeps_sealed() => {
+            // Worded for both sides it can happen on: a client pulling without the
+            // replica's key, and a side (a server) that keeps no encrypted replica.
+            return Err(Error::Auth(
+                "the origin sealed its pages (an encrypted replica), and this side has no \
+                 key to open them and keeps no sealed pages; nothing was written"
+                    .into(),
+            ));
+        }
+        (false, Some(o)) => {
+            return Err(Error::Auth(format!(
+                "version {} of {} is not encrypted, and this side expected it sealed with key id {}; nothing was written",
+                o.version,
+                o.replica,
+                o.key.id()
+            )));
+        }
+        _ => {}
+    }
     let held = target.begin(&begin)?;
     progress.start(Phase::Receiving, 0, page_size);
     // READY goes before hashing: the origin can then hash its own pages at the same
@@ -218,7 +303,7 @@ fn session(
     };
     // With the chunked digest and a known base, a target that keeps its chunk hashes is
     // read only where pages come (and wholly only if a WANT comes).
-    let held_chunks = match begin.known_base && begin.chunked_digest {
+    let held_chunks = match begin.known_base && begin.chunked_digest && !begin.sealed {
         true => target.held_chunks()?,
         false => None,
     };
@@ -234,6 +319,13 @@ fn session(
     // that base: the levels above the pages (a SHA-256 over every 16 page hashes) are
     // then built at the first WANT, before any page the build hashed was written (the
     // origin sends only pages past them before its descent starts).
+    // A replica that opens a sealed session builds its tree on identities, and keeps
+    // the plaintext page hashes beside it for the digest 1 the seal names.
+    let key = opening.map(|o| o.key);
+    let mut plain = match key {
+        Some(_) => Some(Tree::sparse()?),
+        None => None,
+    };
     let mut tree = match held_chunks {
         Some(_) => Tree::sparse()?,
         None => {
@@ -242,12 +334,19 @@ fn session(
                 held,
                 !begin.known_base,
                 form,
-                |f| target.hashes(f),
+                |f| match (key, plain.as_mut()) {
+                    (Some(key), Some(plain)) => target.hashes(&mut |pgno, hash| {
+                        plain.set_leaf(pgno, &hash)?;
+                        f(pgno, key.page_identity(&hash))
+                    }),
+                    _ => target.hashes(f),
+                },
                 || {},
             )?
             .0
         }
     };
+    let mut seal: Option<Vec<u8>> = None;
     // Whether `tree` holds the held pages' hashes (not only the pages received).
     let mut built = held_chunks.is_none();
 
@@ -313,6 +412,70 @@ fn session(
                     }
                 }
             }
+            Frame::Page { .. } if begin.sealed => {
+                return Err(Error::Protocol(
+                    "PAGE frame in a sealed session (the pages of an encrypted replica travel sealed)".into(),
+                ));
+            }
+            Frame::SealedPage { .. } | Frame::Seal { .. } if !begin.sealed => {
+                return Err(Error::Protocol(
+                    "SPAGE or SEAL frame outside a sealed session".into(),
+                ));
+            }
+            Frame::Seal { .. } if seal.is_some() => {
+                return Err(Error::Protocol("a second SEAL frame".into()));
+            }
+            Frame::Seal { sealed } => seal = Some(sealed),
+            Frame::SealedPage {
+                pgno,
+                identity,
+                sealed,
+            } => {
+                if sealed.len() != page_size as usize + SEAL_OVERHEAD {
+                    return Err(Error::Protocol(format!(
+                        "sealed page {pgno} has {} bytes; this session's sealed pages have {}",
+                        sealed.len(),
+                        page_size as usize + SEAL_OVERHEAD
+                    )));
+                }
+                if pgno > page_count || pgno == lock_page {
+                    return Err(Error::Protocol(format!(
+                        "page {pgno} is outside the database"
+                    )));
+                }
+                if written.get(pgno) {
+                    return Err(Error::Protocol(format!("page {pgno} was sent twice")));
+                }
+                match (key, plain.as_mut()) {
+                    (Some(key), Some(plain)) => {
+                        // Opened under the identity it came with: a changed byte, or
+                        // the sealed bytes of another identity, do not open. The
+                        // identity is then made again from the plaintext, so a page is
+                        // never taken for one it is not.
+                        let mut data = Vec::with_capacity(page_size as usize);
+                        key.open_page(&identity, &sealed, &mut data)?;
+                        let hash = page_hash(pgno, &data);
+                        if key.page_identity(&hash) != identity {
+                            return Err(Error::Verification(format!(
+                                "page {pgno} opened, but it is not the page of identity {} it came as; nothing was committed",
+                                hex(&identity)
+                            )));
+                        }
+                        written.set(pgno);
+                        target.write_page(pgno, data, &hash)?;
+                        plain.set_leaf(pgno, &hash)?;
+                    }
+                    // A store keeps what it cannot read, under the identity it came
+                    // with: the side that opens it checks both.
+                    _ => {
+                        written.set(pgno);
+                        target.write_page(pgno, sealed, &identity)?;
+                    }
+                }
+                pages_written += 1;
+                progress.advance(1);
+                tree.set_leaf(pgno, &identity)?;
+            }
             Frame::Page { pgno, data } => {
                 if data.len() != page_size as usize {
                     return Err(Error::Protocol(format!(
@@ -348,17 +511,29 @@ fn session(
                         "COMMIT for {final_count} pages after BEGIN for {page_count}"
                     )));
                 }
+                if begin.sealed && seal.is_none() {
+                    return Err(Error::Protocol(
+                        "COMMIT of a sealed session without the version's SEAL".into(),
+                    ));
+                }
                 for pgno in held + 1..=page_count {
                     if written.get(pgno) {
                         continue;
                     } else if pgno == lock_page {
-                        if built {
+                        if let (Some(key), Some(plain)) = (key, plain.as_mut()) {
+                            let zero = zero_page_hash(page_size);
+                            plain.set_leaf(pgno, &zero)?;
+                            if built {
+                                tree.set_leaf(pgno, &key.page_identity(&zero))?;
+                            }
+                        } else if built {
                             tree.set_leaf(pgno, &zero_page_hash(page_size))?;
                         }
                     } else {
                         return Err(Error::Protocol(format!("page {pgno} was never sent")));
                     }
                 }
+                let mut opened = None;
                 let mismatch = |ours: &Hash| {
                     Error::Verification(format!(
                         "the replica's result has digest {} but the origin's is {}; nothing was committed",
@@ -426,7 +601,34 @@ fn session(
                         if ours != digest {
                             return Err(mismatch(&ours));
                         }
-                        target.commit(page_count, &ours, &mut tree.leaves(page_count)?)?;
+                        match (opening, plain.as_mut(), seal) {
+                            (Some(o), Some(plain), Some(seal)) => {
+                                let facts = open_seal(o, &seal, page_size, page_count, &mut tree)?;
+                                let plain_digest =
+                                    plain.digest(DigestForm::One, page_size, page_count)?;
+                                if plain_digest != facts.digest {
+                                    return Err(Error::Verification(format!(
+                                        "the pages of version {} of {} have digest {}, but its seal names {}; nothing was committed",
+                                        o.version,
+                                        o.replica,
+                                        hex(&plain_digest),
+                                        hex(&facts.digest)
+                                    )));
+                                }
+                                target.commit(
+                                    page_count,
+                                    &plain_digest,
+                                    &mut plain.leaves(page_count)?,
+                                )?;
+                                opened = Some(facts);
+                            }
+                            (_, _, seal) => {
+                                if let Some(seal) = seal {
+                                    target.keep_seal(seal)?;
+                                }
+                                target.commit(page_count, &ours, &mut tree.leaves(page_count)?)?;
+                            }
+                        }
                         ours
                     }
                 };
@@ -441,6 +643,7 @@ fn session(
                     hash_bytes,
                     digest: ours,
                     form,
+                    opened,
                 });
             }
             other => {

@@ -73,6 +73,74 @@ pub struct Open {
     /// client then stops before sending a page. Absent from older clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeRequest>,
+    /// For a push or a pull with an encryption key (`docs/security.md`): the key's id.
+    /// The server then answers CONFIG's `encryption`; a server that does not is too old
+    /// to keep an encrypted replica ([`check_encryption`]). Absent for a plaintext
+    /// session and from older clients, so an OPEN without a key is byte for byte an
+    /// older client's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// The key of an encrypted replica, as OPEN and CONFIG name it: its public id, never
+/// the key (`crypt::KeyId`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// The key id: 16 lower-case hex digits.
+    pub key_id: String,
+}
+
+/// Deserializes a field that may be present as `null`: present (null or not) is
+/// `Some`, so that `Option<Option<T>>` tells an absent field (`None`) from a null one
+/// (`Some(None)`).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// What a client that opened a push or a pull makes of the server's answer about
+/// encryption, before any page moves. `ours` is the id of the client's key (`None`: a
+/// plaintext session, which sent no `encryption`); `version` and `theirs` are CONFIG's
+/// `version` and `encryption`.
+///
+/// - A key, and no answer: the server is too old to keep an encrypted replica
+///   (protocol error, exit 4); nothing is sent to it.
+/// - A key, and a replica with versions in plaintext: refused (auth, exit 5); a
+///   replica with no version yet becomes encrypted with this push.
+/// - A key whose id is not the one of the replica's latest version: refused (auth,
+///   exit 5), naming the replica's key id.
+/// - No key, and an encrypted replica: refused (auth, exit 5). A server answers
+///   `encryption` only to an OPEN that carried it, so this client learns it here only
+///   from a server that said so anyway; a server refuses the session on its side too.
+pub fn check_encryption(
+    replica: &str,
+    ours: Option<&str>,
+    version: u64,
+    theirs: Option<&Option<Encryption>>,
+) -> crate::Result<()> {
+    use crate::Error;
+    match (ours, theirs) {
+        (None, None | Some(None)) => Ok(()),
+        (None, Some(Some(e))) => Err(Error::Auth(format!(
+            "{replica} is encrypted (key id {}): give its key file (--encryption-key-file, or SQLFERRY_ENCRYPTION_KEY); nothing was sent",
+            e.key_id
+        ))),
+        (Some(_), None) => Err(Error::Protocol(format!(
+            "this server cannot keep an encrypted replica (it did not answer the encryption of {replica}); upgrade it, or push without an encryption key; nothing was sent"
+        ))),
+        (Some(_), Some(None)) if version == 0 => Ok(()),
+        (Some(_), Some(None)) => Err(Error::Auth(format!(
+            "{replica} is not encrypted: its versions are plaintext, and a replica is encrypted or not from its first version on; push without an encryption key, or to a new replica; nothing was sent"
+        ))),
+        (Some(k), Some(Some(e))) if k == e.key_id => Ok(()),
+        (Some(k), Some(Some(e))) => Err(Error::Auth(format!(
+            "version {version} of {replica} was made with key id {}, and this key's id is {k}: give its key file; nothing was sent",
+            e.key_id
+        ))),
+    }
 }
 
 /// What a `push --merge` asks for: how rows changed on both sides are decided.
@@ -360,6 +428,17 @@ pub struct Config {
     /// After a push that was merged (or whose merge was refused): what the merge did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged: Option<Box<MergeResult>>,
+    /// The first CONFIG of a push or a pull whose OPEN had `encryption`: the replica's
+    /// encryption, the key id of its latest version (`Some(Some(..))`), or `null` for a
+    /// plaintext replica or one with no version yet (`Some(None)`). Absent (`None`) to
+    /// an OPEN without `encryption`, and from older servers, which cannot keep an
+    /// encrypted replica ([`check_encryption`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub encryption: Option<Option<Encryption>>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -735,6 +814,7 @@ mod tests {
                 dry_run: false,
                 paged: false,
                 merge: None,
+                encryption: None,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -757,6 +837,7 @@ mod tests {
                 dry_run: true,
                 paged: false,
                 merge: None,
+                encryption: None,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -775,6 +856,7 @@ mod tests {
                 dry_run: false,
                 paged: false,
                 merge: None,
+                encryption: None,
             }),
             Control::Config(Config {
                 replica_id: "r1".into(),
@@ -960,6 +1042,7 @@ mod tests {
             dry_run: false,
             paged: false,
             merge: None,
+            encryption: None,
         };
         let bytes = Control::Open(open).to_bytes();
         assert!(String::from_utf8_lossy(&bytes).contains(r#""op":"wait-followers""#));
@@ -985,6 +1068,104 @@ mod tests {
                 Err(DecodeError::Control(ty))
             );
         }
+    }
+
+    /// OPEN's and CONFIG's `encryption` as docs/protocol.md gives them: absent unless
+    /// a key is used (so an older peer never sees them), and CONFIG's three states
+    /// (absent, null, a key id) kept apart through a round trip.
+    #[test]
+    fn encryption_fields_are_negotiated_and_absent_when_unused() {
+        let mut frame = vec![OPEN];
+        frame.extend_from_slice(br#"{"protocol":1,"op":"push","replica":"a/b","client_id":"x"}"#);
+        let Ok(Control::Open(open)) = Control::decode(&frame) else {
+            panic!("an older client's OPEN decodes");
+        };
+        assert_eq!(open.encryption, None);
+        assert!(
+            !String::from_utf8_lossy(&Control::Open(open.clone()).to_bytes())
+                .contains("encryption")
+        );
+        let keyed = Control::Open(Open {
+            encryption: Some(Encryption {
+                key_id: "0011223344556677".into(),
+            }),
+            ..open
+        });
+        assert!(
+            String::from_utf8_lossy(&keyed.to_bytes())
+                .contains(r#""encryption":{"key_id":"0011223344556677"}"#)
+        );
+        assert_eq!(Control::decode(&keyed.to_bytes()), Ok(keyed));
+
+        let absent = Control::Config(Config::default()).to_bytes();
+        assert!(!String::from_utf8_lossy(&absent).contains("encryption"));
+        let Ok(Control::Config(c)) = Control::decode(&absent) else {
+            panic!("a CONFIG decodes");
+        };
+        assert_eq!(c.encryption, None);
+        let plain = Control::Config(Config {
+            encryption: Some(None),
+            ..Config::default()
+        });
+        assert!(String::from_utf8_lossy(&plain.to_bytes()).contains(r#""encryption":null"#));
+        assert_eq!(Control::decode(&plain.to_bytes()), Ok(plain));
+        let sealed = Control::Config(Config {
+            encryption: Some(Some(Encryption {
+                key_id: "8899aabbccddeeff".into(),
+            })),
+            ..Config::default()
+        });
+        assert!(
+            String::from_utf8_lossy(&sealed.to_bytes())
+                .contains(r#""encryption":{"key_id":"8899aabbccddeeff"}"#)
+        );
+        assert_eq!(Control::decode(&sealed.to_bytes()), Ok(sealed));
+        // A key id that is no object is refused, not taken for "plaintext".
+        let mut bad = vec![code::CONFIG];
+        bad.extend_from_slice(
+            br#"{"replica_id":"","path":"a/b","version":0,"key_type":"push","encryption":"k"}"#,
+        );
+        assert!(matches!(
+            Control::decode(&bad),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+
+    /// Each mix of a client's key and a replica's encryption: what is allowed, and
+    /// the exit class and words of each refusal.
+    #[test]
+    fn encryption_mixes_are_refused_before_any_page() {
+        use crate::ErrorKind;
+        let e = |id: &str| Some(Encryption { key_id: id.into() });
+        let kind = |r: crate::Result<()>| r.map_err(|e| (e.kind(), e.to_string()));
+        // Plaintext with plaintext, and a plaintext client of an older server.
+        assert!(check_encryption("a/b", None, 3, None).is_ok());
+        assert!(check_encryption("a/b", None, 3, Some(&None)).is_ok());
+        // A key on a new replica, and on a replica made with the same key.
+        assert!(check_encryption("a/b", Some("k1"), 0, Some(&None)).is_ok());
+        assert!(check_encryption("a/b", Some("k1"), 4, Some(&e("k1"))).is_ok());
+        // A key and a server that did not answer: too old.
+        let (k, m) = kind(check_encryption("a/b", Some("k1"), 4, None)).unwrap_err();
+        assert_eq!(k, ErrorKind::Protocol);
+        assert!(
+            m.contains("this server cannot keep an encrypted replica"),
+            "{m}"
+        );
+        // A key on a plaintext replica with versions.
+        let (k, m) = kind(check_encryption("a/b", Some("k1"), 4, Some(&None))).unwrap_err();
+        assert_eq!(k, ErrorKind::Auth);
+        assert!(m.contains("a/b is not encrypted"), "{m}");
+        // Another key.
+        let (k, m) = kind(check_encryption("a/b", Some("k1"), 4, Some(&e("k2")))).unwrap_err();
+        assert_eq!(k, ErrorKind::Auth);
+        assert!(
+            m.contains("made with key id k2") && m.contains("is k1"),
+            "{m}"
+        );
+        // No key on an encrypted replica.
+        let (k, m) = kind(check_encryption("a/b", None, 4, Some(&e("k2")))).unwrap_err();
+        assert_eq!(k, ErrorKind::Auth);
+        assert!(m.contains("a/b is encrypted (key id k2)"), "{m}");
     }
 
     #[test]

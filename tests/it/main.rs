@@ -58,6 +58,11 @@
 //!   unreachable endpoint reported clearly, the secret never shown.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
+//! - `sealed`: the engine's sealed sessions (end-to-end encryption) on real files over
+//!   the in-memory link: a keeper holds no plaintext and no page hash, a keyed pull
+//!   rebuilds the database, and a wrong key, a changed byte, swapped or relabelled
+//!   pages, a page of another version, a seal of another version, and plaintext mixed
+//!   with sealed are each refused with the pulled file unchanged.
 
 mod chunked;
 mod cli;
@@ -78,6 +83,7 @@ mod pull_seal;
 mod retention;
 mod rows;
 mod scale_out;
+mod sealed;
 mod seaweed;
 mod server;
 mod status;

@@ -113,6 +113,7 @@ fn push_pages(store: &Store, replica: &str, pages: &[Vec<u8>], between: impl FnO
             base_version: 0,
             known_base: false,
             chunked_digest: false,
+            sealed: false,
         })
         .expect("begin");
     assert_eq!(held, 0);
@@ -651,6 +652,7 @@ fn a_full_read_follows_place_hints_and_falls_back_when_they_are_stale() {
             base_version: 1,
             known_base: true,
             chunked_digest: false,
+            sealed: false,
         })
         .expect("begin");
     assert_eq!(held, n, "every page held");

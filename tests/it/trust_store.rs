@@ -497,7 +497,7 @@ fn begin_flags_outside_the_defined_bits_are_refused() {
     let store = store_with_v1(&b, &pages);
     let mut changed = pages.clone();
     changed[1][3000] ^= 1;
-    for flags in [0x04u8, 0x80, 0xff] {
+    for flags in [0x08u8, 0x80, 0xff] {
         let mut frames = vec![begin(&changed, flags)];
         frames.extend(all_pages(&changed));
         frames.push(Frame::Commit {
@@ -509,6 +509,14 @@ fn begin_flags_outside_the_defined_bits_are_refused() {
         assert!(err.to_string().contains("BEGIN flags"), "{err}");
         assert_eq!(version_count(&store), 1, "flags {flags:#x}: nothing stored");
     }
+    // The sealed flag (0x04) is known, and refused by a store that keeps no sealed
+    // pages (none does yet), before anything is stored.
+    let mut frames = vec![begin(&changed, 0x04)];
+    frames.extend(all_pages(&changed));
+    let err = hostile_push(&store, frames).expect_err("a sealed session");
+    assert_eq!(err.kind(), sqlferry::ErrorKind::Auth, "{err}");
+    assert!(err.to_string().contains("keeps no sealed pages"), "{err}");
+    assert_eq!(version_count(&store), 1, "sealed: nothing stored");
     // The chunked digest's flag (0x02) is known, and holds the origin to that form: a
     // COMMIT with digest 1 is a digest that does not match.
     let mut frames = vec![begin(&changed, 0x02)];
@@ -782,6 +790,7 @@ fn pages_a_push_stores_but_its_version_does_not_use_are_not_kept() {
             base_version: 1,
             known_base: false,
             chunked_digest: false,
+            sealed: false,
         })
         .expect("begin");
     assert_eq!(held, n);
