@@ -423,6 +423,7 @@ impl S3Store {
         let latest = self.latest(replica)?.ok_or_else(|| not_found(replica))?;
         let number = match selector {
             Selector::Latest => return Ok(latest),
+            Selector::Number(n) if n == latest.number => return Ok(latest),
             Selector::Number(n) => n,
             Selector::LatestMinus(n) => latest
                 .number

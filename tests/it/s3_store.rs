@@ -314,19 +314,25 @@ fn a_small_change_pushes_only_the_changed_pages() {
     assert_eq!(v.digest2, util::chunked_digest(&db));
     drop(writer);
 
-    // Nothing new: no version, nothing written.
+    // Nothing new: no version, nothing written; version 3 and the missing 4, and
+    // the chunks for the hash exchange.
     let before = store.objects().requests();
     assert_eq!(push(&store, &replica, &db, Some(3)), (3, false));
-    assert_eq!(delta(store.objects().requests(), before).put, 0);
+    let pushed = delta(store.objects().requests(), before);
+    eprintln!("no-change push: {pushed:?}");
+    assert_eq!((pushed.put, pushed.get), (0, 2 + all_chunks), "{pushed:?}");
 
     // Each version is its database; a 1% pull into the old copy by another server.
     let other = other_server(&rt, &store, &dir.path().join("cache-b"));
     let before = other.objects().requests();
     pull(&other, &replica, Selector::Number(3), &v1_file);
-    eprintln!(
-        "pull of 3 into a copy of 1: {:?}",
-        delta(other.objects().requests(), before)
-    );
+    let pulled = delta(other.objects().requests(), before);
+    let differ = v1.iter().zip(&v3).filter(|(a, b)| a != b).count() as u64;
+    eprintln!("pull of 3 into a copy of 1 ({differ} pages differ): {pulled:?}");
+    // The latest without a hint (1 and 3 found, 7, 5 and 4 missing), the indexes of
+    // version 3's 3 packs, its chunks twice (the scan's hashes, then those of the
+    // pages read), and one ranged GET per page that differs.
+    assert_eq!(pulled.get, 5 + 3 + 2 * all_chunks + differ, "{pulled:?}");
     util::assert_same(&db, &v1_file);
     let two = dir.path().join("two.db");
     pull(&other, &replica, Selector::LatestMinus(1), &two);
