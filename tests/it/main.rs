@@ -60,7 +60,7 @@
 //!   databases pushed through the engine and pulled back (rows, integrity, digest), the
 //!   requests of each operation counted, a 1% push writing only its pages, two pushes
 //!   racing for a version number (one wins), a damaged pack refused with LOCAL
-//!   untouched, replicas sharing their pages.
+//!   untouched, replicas sharing their pages, a large pack uploaded in parts.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 

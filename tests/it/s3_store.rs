@@ -543,3 +543,38 @@ fn replicas_with_the_same_pages_share_them() {
         util::assert_same(&db, &copy);
     }
 }
+
+/// A push whose new pages pass the multipart size: the pack goes up in parts read one
+/// at a time from the push's temporary file (start, 16 MiB parts, completion), and
+/// pulls back whole.
+#[test]
+fn a_large_pack_is_uploaded_in_parts() {
+    use sqlferry::store::object::{MULTIPART_ABOVE, PART_SIZE};
+    let rt = runtime();
+    let dir = TempDir::new().unwrap();
+    let db = dir.path().join("big.db");
+    let conn = util::create(&db, 4096, Mode::Wal);
+    util::fill(&conn, MULTIPART_ABOVE as u64 + (4 << 20), 3000);
+    drop(conn);
+    let store = new_store(&rt, &dir.path().join("cache"));
+    let replica = ReplicaPath::parse("acme/big.db").unwrap();
+    let pages = util::page_count(&db);
+    let pack_len = u64::from(pages) * 4096;
+    assert!(pack_len > MULTIPART_ABOVE as u64);
+    let before = store.objects().requests();
+    assert_eq!(push(&store, &replica, &db, None), (1, true));
+    let pushed = delta(store.objects().requests(), before);
+    eprintln!("full push of {pages} pages in parts: {pushed:?}");
+    let parts = pack_len.div_ceil(PART_SIZE as u64);
+    let chunks = u64::from(chunk_count(pages));
+    assert_eq!(pushed.put, 1 + parts + 1 + 1 + chunks + 1, "{pushed:?}");
+    let v = store.version(&replica, 1).unwrap().unwrap();
+    let stored = rt
+        .block_on(store.objects().head(&format!("packs/{}.pack", v.packs[0])))
+        .unwrap();
+    assert_eq!(stored, Some(pack_len));
+    let other = other_server(&rt, &store, &dir.path().join("cache-b"));
+    let copy = dir.path().join("copy.db");
+    pull(&other, &replica, Selector::Latest, &copy);
+    util::assert_same(&db, &copy);
+}
