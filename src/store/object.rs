@@ -9,7 +9,8 @@
 //!   [`Created::AlreadyExists`], never an error, since it is how a version number is
 //!   decided), [`Objects::put`] (one request, or a multipart upload above
 //!   [`MULTIPART_ABOVE`]), [`Objects::get`], [`Objects::get_range`], [`Objects::head`]
-//!   and [`Objects::delete`]. Nothing lists: listing is for the garbage collector only.
+//!   and [`Objects::delete`], and [`Objects::upload`] for an object sent a part at a
+//!   time by its caller. Nothing lists: listing is for the garbage collector only.
 //! - Counted: every request this layer makes ([`Objects::requests`]), so the requests of
 //!   an operation can be measured and documented.
 //! - Errors: each names the bucket, the prefix and the endpoint, and says what to check;

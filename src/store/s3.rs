@@ -81,8 +81,9 @@ const IDX_ENTRY: usize = HASH_BYTES + 8 + 4;
 /// few requests for a full pull, and the one buffer a pull holds.
 pub const RUN_BYTES: u64 = 8 << 20;
 
-/// The version object's format number.
-const VERSION_FORMAT: u32 = 1;
+/// The version object's format number: a version object of another is refused, not
+/// misread.
+pub const VERSION_FORMAT: u32 = 1;
 
 /// How long the cache's SQLite file waits for another connection's write.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
