@@ -56,6 +56,7 @@ mod pack;
 mod place;
 mod replica;
 mod retention;
+pub mod s3;
 mod scrub;
 
 pub use list::Latest;

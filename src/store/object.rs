@@ -9,14 +9,15 @@
 //!   [`Created::AlreadyExists`], never an error, since it is how a version number is
 //!   decided), [`Objects::put`] (one request, or a multipart upload above
 //!   [`MULTIPART_ABOVE`]), [`Objects::get`], [`Objects::get_range`], [`Objects::head`]
-//!   and [`Objects::delete`]. Nothing lists: listing is for the garbage collector only.
+//!   and [`Objects::delete`], and [`Objects::upload`] for an object sent a part at a
+//!   time by its caller. Nothing lists: listing is for the garbage collector only.
 //! - Counted: every request this layer makes ([`Objects::requests`]), so the requests of
 //!   an operation can be measured and documented.
 //! - Errors: each names the bucket, the prefix and the endpoint, and says what to check;
 //!   the secret key is never part of one (removed from every message, should the client
 //!   ever quote it).
 //!
-//! Not built yet: the store that lays versions out on this layer (slice 2 of issue 14).
+//! The store that lays versions out on this layer is `super::s3` (slice 2 of issue 14).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -351,6 +352,24 @@ impl Objects {
         Ok(())
     }
 
+    /// Starts a multipart upload of `key`, for an object written a part at a time by
+    /// a caller that holds no more than a part in memory ([`Upload`]); the object
+    /// appears only when [`Upload::finish`] completes it. One request (counted as a
+    /// PUT).
+    pub async fn upload(&self, key: &str) -> Result<Upload> {
+        self.counters.put.fetch_add(1, Ordering::Relaxed);
+        let inner = self
+            .store
+            .put_multipart(&self.path(key))
+            .await
+            .map_err(|e| self.error("start the upload of", key, e))?;
+        Ok(Upload {
+            inner,
+            objects: self.clone(),
+            key: key.to_owned(),
+        })
+    }
+
     /// The whole object `key`; `None` when there is none.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.counters.get.fetch_add(1, Ordering::Relaxed);
@@ -450,6 +469,45 @@ impl Objects {
                 ))
             }
             _ => Error::Server(format!("object storage failed: cannot {place}: {detail}")),
+        }
+    }
+}
+
+/// A multipart upload started by [`Objects::upload`]: parts of at least 5 MiB (S3's
+/// minimum; the last may be shorter) sent one at a time, then completed. Dropped
+/// without [`Upload::finish`], the object never appears (the storage discards the
+/// parts of an upload never completed, or [`Upload::abort`] does at once).
+pub struct Upload {
+    inner: Box<dyn object_store::MultipartUpload>,
+    objects: Objects,
+    key: String,
+}
+
+impl Upload {
+    /// Sends the next part (one PUT).
+    pub async fn part(&mut self, data: Vec<u8>) -> Result<()> {
+        self.objects.counters.put.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .put_part(PutPayload::from(data))
+            .await
+            .map_err(|e| self.objects.error("upload", &self.key, e))
+    }
+
+    /// Completes the upload: the object exists from now on (one PUT-class request).
+    pub async fn finish(mut self) -> Result<()> {
+        self.objects.counters.put.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .complete()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.objects.error("complete the upload of", &self.key, e))
+    }
+
+    /// Gives the upload up: the storage drops its parts (one DELETE). Best effort.
+    pub async fn abort(mut self) {
+        self.objects.counters.delete.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.inner.abort().await {
+            tracing::debug!(key = %self.key, error = %e, "could not abort an upload");
         }
     }
 }

@@ -56,6 +56,11 @@
 //!   (`seaweed`: one server per run, a bucket per test): create-if-absent raced from
 //!   16 tasks (one winner), whole, ranged and multipart objects, a wrong key and an
 //!   unreachable endpoint reported clearly, the secret never shown.
+//! - `s3_store`: the S3 store (`store::s3`) against the same SeaweedFS: real WAL
+//!   databases pushed through the engine and pulled back (rows, integrity, digest), the
+//!   requests of each operation counted, a 1% push writing only its pages, two pushes
+//!   racing for a version number (one wins), a damaged pack refused with LOCAL
+//!   untouched, replicas sharing their pages, a large pack uploaded in parts.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 //! - `sealed`: the engine's sealed sessions (end-to-end encryption) on real files over
@@ -82,6 +87,7 @@ mod postgres;
 mod pull_seal;
 mod retention;
 mod rows;
+mod s3_store;
 mod scale_out;
 mod sealed;
 mod seaweed;

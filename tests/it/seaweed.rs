@@ -109,8 +109,12 @@ impl Seaweed {
             ])
             .arg("-s3")
             .arg(format!("-s3.config={}", identities.display()))
-            // Small volumes, few of them: a test run writes megabytes, not gigabytes.
-            .args(["-master.volumeSizeLimitMB=64", "-volume.max=30"])
+            // Small volumes: a test run writes megabytes, not gigabytes. Each bucket
+            // grows volumes of its own and a full one takes no more writes: with at
+            // most 30, writes failed with 500 once the S3 store's tests had written
+            // about 100 MiB after the object layer's; 100 volumes (sparse files:
+            // room, not disk space) gave no failure since.
+            .args(["-master.volumeSizeLimitMB=64", "-volume.max=100"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("the log"))
             .stderr(log);

@@ -1,0 +1,1353 @@
+//! The S3 store (issue 14, slice 2; `docs/scale-out.md`, "The design for object
+//! storage"): replicas and their immutable versions in an S3-compatible object storage,
+//! laid out on the object layer ([`super::object`]). A library layer: nothing in the
+//! command line or the server calls it yet (`serve --store s3://…` is the next slice),
+//! and it has no garbage collection, no retention and no PostgreSQL index of versions.
+//!
+//! The layout, under the store's `s3://BUCKET/PREFIX`:
+//! - `packs/<sha256>.pack`: the new pages of one push, back to back, plain, named by the
+//!   SHA-256 of its bytes; `packs/<sha256>.idx` beside it: its index, sorted by page
+//!   hash ([`IDX_MAGIC`], then hash, offset and length of each page);
+//! - `chunks/<sha256>`: 1,024 page hashes (the last chunk of a version maybe fewer),
+//!   named by their SHA-256: content-addressed, created only if absent, shared by every
+//!   version and replica that has them;
+//! - `replicas/<path>/v/<N>`: version N, a small JSON object ([`VersionObject`]): page
+//!   size and count, both digests, message, time, client, key, base, its chunks in
+//!   order and the packs its pages live in. Created with `If-None-Match: *`: the
+//!   commit point, and what decides the race for a version number.
+//!
+//! A push ([`S3Store::push`], an [`S3VersionWriter`], the engine's [`PageTarget`])
+//! appends the pages no known pack holds to a temporary file beside its cache (memory
+//! holds none of them), and only once the engine has checked the origin's digest
+//! writes the pack (one PUT up to [`MULTIPART_ABOVE`], above it a multipart upload one
+//! [`PART_SIZE`] part at a time, read from the file), its index, the chunks not known
+//! to exist, and last the version object. Losing the race for the number is the
+//! directory store's VERSION_CONFLICT ([`Error::Conflict`]). A crash or an error at any
+//! point before the version object leaves only objects nothing names; a version is
+//! never visible half-written.
+//!
+//! A pull ([`S3Store::read`], an [`S3VersionReader`], the engine's [`PageSource`]) reads
+//! the version object, its chunks one at a time (each checked against its name), the
+//! indexes of its packs it does not know yet, then the pages in runs of up to
+//! [`RUN_BYTES`] that lie end to end in one pack, one ranged GET each. Every page is
+//! checked against its hash before it is handed on: a damaged object is refused, never
+//! delivered. Memory is one chunk of hashes and one run.
+//!
+//! Which pages exist, and where, is learnt from the pack indexes and kept in a local
+//! cache ([`S3Store::open`]'s `cache_dir`: a SQLite file per store location, on disk,
+//! not in memory): a push stores only pages no pack it knows holds, so replicas with
+//! the same pages share them. The cache is only ever filled from index objects (or the
+//! packs this process wrote), never trusted for page bytes (every page read is
+//! checked), and may be deleted at any time: it refills as versions are read. It relies
+//! on packs and chunks never being deleted, which holds while there is no garbage
+//! collection (the next slices: GC with a grace period, whose sweep this cache must
+//! then respect).
+//!
+//! The object layer is async and the engine's roles are not: every method here waits
+//! for its requests on the runtime handle given to [`S3Store::open`], so it must be
+//! called from a thread that may block (the engine's own, or `spawn_blocking`), never
+//! from inside an async task.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::future::Future;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::object::{Created, MULTIPART_ABOVE, Objects, PART_SIZE};
+use super::replica::page_matches;
+use super::{CHUNK_PAGES, PushOptions, ReplicaPath, Selector, VersionInfo};
+use crate::digest::{
+    ChunkedDigest, Digest, DigestForm, HASH_BYTES, Hash, chunk_count, digest_text, hex,
+    lock_byte_page, sha256,
+};
+use crate::engine::{BeginInfo, Chunk, PageSource, PageTarget, ScanFn};
+use crate::{Error, Result};
+
+/// The first bytes of a pack's index object; what follows is the entry count (u32,
+/// big-endian) and the entries, sorted by page hash: hash (32 bytes), offset in the
+/// pack (u64) and length (u32), big-endian.
+pub const IDX_MAGIC: &[u8] = b"sqlferry-idx-1\n";
+
+/// Bytes of one index entry.
+const IDX_ENTRY: usize = HASH_BYTES + 8 + 4;
+
+/// The most page bytes one ranged GET of a pull reads: the doc's "runs of ≥ 8 MiB",
+/// few requests for a full pull, and the one buffer a pull holds.
+pub const RUN_BYTES: u64 = 8 << 20;
+
+/// The version object's format number: a version object of another is refused, not
+/// misread.
+pub const VERSION_FORMAT: u32 = 1;
+
+/// How long the cache's SQLite file waits for another connection's write.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The local cache of which pages the store's packs hold, and which chunks exist.
+const CACHE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS pages(
+    hash BLOB NOT NULL, pack BLOB NOT NULL, offset INTEGER NOT NULL, len INTEGER NOT NULL,
+    PRIMARY KEY (hash, pack)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS packs(name BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks(hash BLOB PRIMARY KEY) WITHOUT ROWID;
+";
+
+/// A version as its object holds it (`replicas/<path>/v/<N>`, JSON). Hashes in
+/// lower-case hex.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionObject {
+    /// The format of this object ([`VERSION_FORMAT`]).
+    pub format: u32,
+    /// The replica it belongs to (checked against the key it was read from).
+    pub replica: String,
+    /// Its number (checked against the key it was read from).
+    pub number: u64,
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// Number of pages.
+    pub page_count: u32,
+    /// Digest 1 (hex), empty when the push ran by chunks and kept some (as in the
+    /// directory store: making it would read every held chunk).
+    pub digest: String,
+    /// The chunked digest (`c:` and hex).
+    pub digest2: String,
+    /// The commit message.
+    pub message: String,
+    /// When it was committed, Unix seconds.
+    pub created_at: i64,
+    /// Which client pushed it.
+    pub client_id: String,
+    /// With which key.
+    pub key_id: String,
+    /// The version it was pushed on top of (0: none).
+    pub base: u64,
+    /// Its chunks of page hashes, in order.
+    pub chunks: Vec<String>,
+    /// The packs its pages live in (maybe more: a push by chunks names every pack of
+    /// its base).
+    pub packs: Vec<String>,
+}
+
+impl VersionObject {
+    /// What the store's callers see of it.
+    pub fn info(&self) -> VersionInfo {
+        VersionInfo {
+            number: self.number,
+            page_size: self.page_size,
+            page_count: self.page_count,
+            size: u64::from(self.page_size) * u64::from(self.page_count),
+            digest: self.digest.clone(),
+            digest2: Some(self.digest2.clone()),
+            message: self.message.clone(),
+            created_at: self.created_at,
+            client_id: self.client_id.clone(),
+            key_id: self.key_id.clone(),
+            base: self.base,
+            stored_bytes: None,
+            merged_into: None,
+        }
+    }
+
+    fn chunk_hashes(&self) -> Result<Vec<Hash>> {
+        self.chunks.iter().map(|c| unhex(c)).collect()
+    }
+
+    fn pack_names(&self) -> Result<Vec<Hash>> {
+        self.packs.iter().map(|c| unhex(c)).collect()
+    }
+}
+
+fn unhex(text: &str) -> Result<Hash> {
+    let mut out = [0u8; HASH_BYTES];
+    hex::decode_to_slice(text, &mut out)
+        .map_err(|_| Error::Verification(format!("{text:?} in a version object is no hash")))?;
+    Ok(out)
+}
+
+/// A store of replicas in one bucket and prefix of an object storage.
+#[derive(Clone)]
+pub struct S3Store {
+    objects: Objects,
+    runtime: tokio::runtime::Handle,
+    /// The cache file of this store's location.
+    cache: PathBuf,
+    /// The latest version seen of each replica: where the next look for the latest
+    /// starts (versions are numbered without gaps, and none is removed yet).
+    seen: Arc<Mutex<std::collections::HashMap<String, u64>>>,
+}
+
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "S3Store({:?}, cache {})",
+            self.objects,
+            self.cache.display()
+        )
+    }
+}
+
+impl S3Store {
+    /// The store in `objects`, keeping its cache of pack indexes in `cache_dir` (made if
+    /// missing; one file per store location, so stores may share a directory). Makes
+    /// no request. Its requests run on `runtime` (see the module's doc: call it from a
+    /// thread that may block).
+    pub fn open(
+        objects: Objects,
+        cache_dir: &Path,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<S3Store> {
+        std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
+        let name = crate::digest::name_key(&[objects.location().to_string().as_bytes()]);
+        let cache = cache_dir.join(format!("s3-{name}.sqlite"));
+        let store = S3Store {
+            objects,
+            runtime,
+            cache,
+            seen: Arc::default(),
+        };
+        let conn = store.cache_conn()?;
+        conn.execute_batch(CACHE_SCHEMA)
+            .map_err(sql_error(&store.cache))?;
+        Ok(store)
+    }
+
+    /// The object layer under this store (its request counts, for one).
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    fn cache_conn(&self) -> Result<Connection> {
+        let conn = Connection::open(&self.cache).map_err(sql_error(&self.cache))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(sql_error(&self.cache))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql_error(&self.cache))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql_error(&self.cache))?;
+        Ok(conn)
+    }
+
+    /// Runs `fut` on the runtime and waits for it on this thread.
+    fn wait<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.runtime.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.blocking_recv().map_err(|_| {
+            Error::Server(
+                "an object storage request was dropped before it answered (the runtime is shutting down)"
+                    .into(),
+            )
+        })?
+    }
+
+    fn get(&self, key: String) -> Result<Option<Vec<u8>>> {
+        let objects = self.objects.clone();
+        self.wait(async move { objects.get(&key).await })
+    }
+
+    fn get_range(&self, key: String, range: std::ops::Range<u64>) -> Result<Vec<u8>> {
+        let objects = self.objects.clone();
+        self.wait(async move { objects.get_range(&key, range).await })
+    }
+
+    fn put_if_absent(&self, key: String, data: Vec<u8>) -> Result<Created> {
+        let objects = self.objects.clone();
+        self.wait(async move { objects.put_if_absent(&key, data).await })
+    }
+
+    /// Writes `key` from the first `len` bytes of `file`: one PUT up to
+    /// [`MULTIPART_ABOVE`], else a multipart upload one [`PART_SIZE`] part at a time.
+    fn put_file(&self, key: &str, file: &mut File, len: u64) -> Result<()> {
+        let read = |file: &mut File, n: usize| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; n];
+            file.read_exact(&mut buf)
+                .map_err(|e| Error::Server(format!("reading back this push's {key}: {e}")))?;
+            Ok(buf)
+        };
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::Server(format!("reading back this push's {key}: {e}")))?;
+        let objects = self.objects.clone();
+        let owned = key.to_owned();
+        if len <= MULTIPART_ABOVE as u64 {
+            let data = read(file, len as usize)?;
+            return self.wait(async move { objects.put(&owned, data).await });
+        }
+        let mut upload = self.wait(async move { objects.upload(&owned).await })?;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(PART_SIZE as u64);
+            let data = match read(file, n as usize) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = self.wait(async move {
+                        upload.abort().await;
+                        Ok::<(), Error>(())
+                    });
+                    return Err(e);
+                }
+            };
+            let (back, sent) = self.wait(async move {
+                let sent = upload.part(data).await;
+                Ok::<_, Error>((upload, sent))
+            })?;
+            upload = back;
+            if let Err(e) = sent {
+                let _ = self.wait(async move {
+                    upload.abort().await;
+                    Ok::<(), Error>(())
+                });
+                return Err(e);
+            }
+            left -= n;
+        }
+        self.wait(async move { upload.finish().await })
+    }
+
+    fn version_key(replica: &ReplicaPath, number: u64) -> String {
+        format!("replicas/{replica}/v/{number}")
+    }
+
+    /// Version `number` of `replica`; `None` when there is none.
+    pub fn version(&self, replica: &ReplicaPath, number: u64) -> Result<Option<VersionObject>> {
+        let key = Self::version_key(replica, number);
+        let Some(bytes) = self.get(key.clone())? else {
+            return Ok(None);
+        };
+        let bad = |why: String| {
+            Error::Verification(format!(
+                "the version object {key} in {} is damaged: {why}; nothing was read",
+                self.objects.location()
+            ))
+        };
+        let v: VersionObject =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a version: {e}")))?;
+        if v.format != VERSION_FORMAT {
+            return Err(bad(format!(
+                "format {} (this sqlferry reads {VERSION_FORMAT})",
+                v.format
+            )));
+        }
+        if v.replica != replica.as_str() || v.number != number {
+            return Err(bad(format!("it names {}@{}", v.replica, v.number)));
+        }
+        if v.chunks.len() as u32 != chunk_count(v.page_count) {
+            return Err(bad(format!(
+                "{} chunks for {} pages",
+                v.chunks.len(),
+                v.page_count
+            )));
+        }
+        Ok(Some(v))
+    }
+
+    /// The latest version of `replica`, found without a LIST: from the latest this
+    /// store saw (or 0), GETs of the next numbers at doubling steps until one is
+    /// missing, then a binary search between the last found and the first missing.
+    /// Two GETs when the latest is the one last seen. Relies on versions being numbered
+    /// without gaps from the one it starts at (nothing removes a version yet).
+    pub fn latest(&self, replica: &ReplicaPath) -> Result<Option<VersionObject>> {
+        let hint = self.seen_latest(replica);
+        self.latest_from(replica, hint)
+    }
+
+    fn seen_latest(&self, replica: &ReplicaPath) -> u64 {
+        self.seen
+            .lock()
+            .map(|s| s.get(replica.as_str()).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    fn saw(&self, replica: &ReplicaPath, number: u64) {
+        if let Ok(mut s) = self.seen.lock() {
+            let n = s.entry(replica.to_string()).or_insert(0);
+            *n = (*n).max(number);
+        }
+    }
+
+    fn latest_from(&self, replica: &ReplicaPath, hint: u64) -> Result<Option<VersionObject>> {
+        let (mut lo, mut found) = (0u64, None);
+        if hint > 0
+            && let Some(v) = self.version(replica, hint)?
+        {
+            (lo, found) = (hint, Some(v));
+        }
+        let mut step = 1u64;
+        let mut hi = loop {
+            let n = lo + step;
+            match self.version(replica, n)? {
+                Some(v) => {
+                    (lo, found) = (n, Some(v));
+                    step *= 2;
+                }
+                None => break n,
+            }
+        };
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            match self.version(replica, mid)? {
+                Some(v) => (lo, found) = (mid, Some(v)),
+                None => hi = mid,
+            }
+        }
+        if lo > 0 {
+            self.saw(replica, lo);
+        }
+        Ok(found)
+    }
+
+    /// Every version of `replica`, oldest first (GETs of 1, 2, … until one is missing:
+    /// no LIST). An error when it has none.
+    pub fn versions(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
+        let mut out = Vec::new();
+        while let Some(v) = self.version(replica, out.len() as u64 + 1)? {
+            out.push(v.info());
+        }
+        if out.is_empty() {
+            return Err(not_found(replica));
+        }
+        self.saw(replica, out.len() as u64);
+        Ok(out)
+    }
+
+    /// The version of `replica` that `selector` names.
+    pub fn select(&self, replica: &ReplicaPath, selector: Selector) -> Result<VersionObject> {
+        let latest = self.latest(replica)?.ok_or_else(|| not_found(replica))?;
+        let number = match selector {
+            Selector::Latest => return Ok(latest),
+            Selector::Number(n) if n == latest.number => return Ok(latest),
+            Selector::Number(n) => n,
+            Selector::LatestMinus(n) => latest
+                .number
+                .checked_sub(n)
+                .filter(|&v| v >= 1)
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "{replica}@latest-{n} does not exist: the latest version is {}",
+                        latest.number
+                    ))
+                })?,
+            Selector::At(_) => {
+                let versions = self.versions(replica)?;
+                selector.pick(&versions).ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "{replica}@{selector} does not exist: no version is that old"
+                    ))
+                })?
+            }
+        };
+        self.version(replica, number)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "{replica}@{number} does not exist: the latest version is {}",
+                latest.number
+            ))
+        })
+    }
+
+    /// Starts a push into `replica` (made by its first version).
+    pub fn push(&self, replica: &ReplicaPath, options: PushOptions) -> Result<S3VersionWriter> {
+        let cache = self.cache_conn()?;
+        cache
+            .execute_batch(
+                "CREATE TEMP TABLE fresh(hash BLOB PRIMARY KEY, offset INTEGER NOT NULL, len INTEGER NOT NULL) WITHOUT ROWID",
+            )
+            .map_err(sql_error(&self.cache))?;
+        Ok(S3VersionWriter {
+            store: self.clone(),
+            cache,
+            replica: replica.clone(),
+            options,
+            latest: None,
+            must_equal: false,
+            held: 0,
+            page_size: 0,
+            form: DigestForm::One,
+            pack: None,
+            result: None,
+        })
+    }
+
+    /// Opens the version of `replica` that `selector` names for reading: its object
+    /// and the indexes of its packs this store does not know yet.
+    pub fn read(&self, replica: &ReplicaPath, selector: Selector) -> Result<S3VersionReader> {
+        let version = self.select(replica, selector)?;
+        let cache = self.cache_conn()?;
+        let packs = version.pack_names()?;
+        self.load_indexes(&cache, &packs)?;
+        Ok(S3VersionReader {
+            store: self.clone(),
+            cache,
+            replica: replica.clone(),
+            info: version.info(),
+            chunks: version.chunk_hashes()?,
+            packs: packs.into_iter().collect(),
+            chunk: None,
+        })
+    }
+
+    /// Reads the index of each of `packs` the cache does not know yet into it.
+    fn load_indexes(&self, cache: &Connection, packs: &[Hash]) -> Result<()> {
+        for name in packs {
+            let known = cache
+                .prepare_cached("SELECT 1 FROM packs WHERE name = ?1")
+                .and_then(|mut s| s.exists([&name[..]]))
+                .map_err(sql_error(&self.cache))?;
+            if known {
+                continue;
+            }
+            let key = idx_key(name);
+            let bytes = self.get(key.clone())?.ok_or_else(|| {
+                Error::Verification(format!(
+                    "the pack index {key} in {} is missing: the versions naming its pack cannot be read",
+                    self.objects.location()
+                ))
+            })?;
+            let entries = parse_idx(&bytes).map_err(|why| {
+                Error::Verification(format!(
+                    "the pack index {key} in {} is damaged: {why}",
+                    self.objects.location()
+                ))
+            })?;
+            let tx = cache
+                .unchecked_transaction()
+                .map_err(sql_error(&self.cache))?;
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO pages(hash, pack, offset, len) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .map_err(sql_error(&self.cache))?;
+                for (hash, offset, len) in entries {
+                    insert
+                        .execute(params![&hash[..], &name[..], offset as i64, len])
+                        .map_err(sql_error(&self.cache))?;
+                }
+            }
+            tx.execute("INSERT OR IGNORE INTO packs(name) VALUES (?1)", [&name[..]])
+                .map_err(sql_error(&self.cache))?;
+            tx.commit().map_err(sql_error(&self.cache))?;
+        }
+        Ok(())
+    }
+
+    /// Chunk `hash`'s page hashes, read and checked against its name.
+    fn chunk(&self, replica: &ReplicaPath, number: u64, hash: &Hash) -> Result<Vec<u8>> {
+        let key = chunk_key(hash);
+        let bytes = self.get(key.clone())?.ok_or_else(|| {
+            Error::Verification(format!(
+                "{replica}@{number} cannot be read: its chunk object {key} in {} is missing",
+                self.objects.location()
+            ))
+        })?;
+        if sha256(&bytes) != *hash || bytes.len() % HASH_BYTES != 0 {
+            return Err(Error::Verification(format!(
+                "{replica}@{number} cannot be read: its chunk object {key} in {} is damaged (its bytes do not match its name); nothing was delivered",
+                self.objects.location()
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
+fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| Error::Server(format!("the S3 store's cache {}: {e}", path.display()))
+}
+
+fn not_found(replica: &ReplicaPath) -> Error {
+    Error::NotFound(format!("replica {replica} does not exist"))
+}
+
+fn chunk_key(hash: &Hash) -> String {
+    format!("chunks/{}", hex(hash))
+}
+
+fn pack_key(name: &Hash) -> String {
+    format!("packs/{}.pack", hex(name))
+}
+
+fn idx_key(name: &Hash) -> String {
+    format!("packs/{}.idx", hex(name))
+}
+
+/// The entries of an index object: (hash, offset, length), sorted by hash.
+fn parse_idx(bytes: &[u8]) -> std::result::Result<Vec<(Hash, u64, u32)>, String> {
+    let rest = bytes
+        .strip_prefix(IDX_MAGIC)
+        .ok_or("it does not start as an index")?;
+    let (count, rest) = rest.split_at_checked(4).ok_or("it is cut short")?;
+    let count = u32::from_be_bytes(count.try_into().map_err(|_| "cut short")?) as usize;
+    if rest.len() != count * IDX_ENTRY {
+        return Err(format!(
+            "{} bytes of entries for {count} entries",
+            rest.len()
+        ));
+    }
+    let mut out: Vec<(Hash, u64, u32)> = Vec::with_capacity(count);
+    for e in rest.chunks_exact(IDX_ENTRY) {
+        let hash: Hash = e[..HASH_BYTES].try_into().map_err(|_| "cut short")?;
+        let offset = u64::from_be_bytes(e[32..40].try_into().map_err(|_| "cut short")?);
+        let len = u32::from_be_bytes(e[40..44].try_into().map_err(|_| "cut short")?);
+        if out.last().is_some_and(|(h, _, _)| *h >= hash) {
+            return Err("its entries are not sorted".into());
+        }
+        out.push((hash, offset, len));
+    }
+    Ok(out)
+}
+
+/// Where a page lies: its pack and its bytes there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loc {
+    pack: Hash,
+    offset: u64,
+    len: u32,
+}
+
+/// Where the cache says page `hash` lies: in one of `prefer` when one holds it, else
+/// in any pack it knows.
+fn lookup(
+    cache: &Connection,
+    path: &Path,
+    hash: &Hash,
+    prefer: &HashSet<Hash>,
+) -> Result<Option<Loc>> {
+    let mut stmt = cache
+        .prepare_cached("SELECT pack, offset, len FROM pages WHERE hash = ?1")
+        .map_err(sql_error(path))?;
+    let mut rows = stmt.query([&hash[..]]).map_err(sql_error(path))?;
+    let mut first = None;
+    while let Some(row) = rows.next().map_err(sql_error(path))? {
+        let pack: Vec<u8> = row.get(0).map_err(sql_error(path))?;
+        let Ok(pack) = Hash::try_from(pack.as_slice()) else {
+            continue;
+        };
+        let loc = Loc {
+            pack,
+            offset: row.get::<_, i64>(1).map_err(sql_error(path))? as u64,
+            len: row.get(2).map_err(sql_error(path))?,
+        };
+        if prefer.contains(&pack) {
+            return Ok(Some(loc));
+        }
+        first.get_or_insert(loc);
+    }
+    Ok(first)
+}
+
+/// The pages a push stores that no known pack holds, in a temporary file until the
+/// push commits.
+struct NewPack {
+    file: BufWriter<File>,
+    hasher: Sha256,
+    len: u64,
+}
+
+/// A push into an [`S3Store`]: the engine's [`PageTarget`]. Nothing is written to the
+/// object storage before [`PageTarget::commit`] (or `commit_chunks`), which writes the
+/// pack, its index, the new chunks and last the version object; dropped before, it
+/// leaves nothing behind but its temporary file, removed with it.
+pub struct S3VersionWriter {
+    store: S3Store,
+    /// The cache, with this push's `temp.fresh`: hash → offset and length in its pack.
+    cache: Connection,
+    replica: ReplicaPath,
+    options: PushOptions,
+    /// The replica's latest version when the push began.
+    latest: Option<VersionObject>,
+    /// The base is stale and the push not forced: only the latest's content may result.
+    must_equal: bool,
+    /// The pages of `latest` reported to the origin as held.
+    held: u32,
+    page_size: u32,
+    form: DigestForm,
+    pack: Option<NewPack>,
+    /// The version this push made, or the unchanged latest when nothing differed.
+    result: Option<(VersionInfo, bool)>,
+}
+
+impl S3VersionWriter {
+    /// After a successful sync: the version now latest, and whether this push made it
+    /// (`false`: nothing differed from the latest version, so none was made).
+    pub fn outcome(&self) -> Option<(&VersionInfo, bool)> {
+        self.result.as_ref().map(|(v, made)| (v, *made))
+    }
+
+    fn conflict(&self, latest: Option<&VersionObject>) -> Error {
+        Error::Conflict {
+            replica: self.replica.to_string(),
+            latest: latest.map_or(0, |v| v.number),
+            based_on: self.options.base,
+            latest_at: latest.map_or(0, |v| v.created_at),
+            latest_client: latest.map_or(String::new(), |v| v.client_id.clone()),
+        }
+    }
+
+    fn fresh(&self, hash: &Hash) -> Result<bool> {
+        self.cache
+            .prepare_cached("SELECT 1 FROM temp.fresh WHERE hash = ?1")
+            .and_then(|mut s| s.exists([&hash[..]]))
+            .map_err(sql_error(&self.store.cache))
+    }
+
+    /// The pack of each page of the result named by `hashes` (`None`: this push's new
+    /// pack), added to `packs`; an error for a page stored nowhere.
+    fn locate(
+        &self,
+        first_pgno: u32,
+        hashes: &[u8],
+        prefer: &HashSet<Hash>,
+        packs: &mut HashSet<Hash>,
+    ) -> Result<()> {
+        for (i, h) in hashes.chunks_exact(HASH_BYTES).enumerate() {
+            let hash: Hash = h.try_into().expect("chunks_exact yields 32-byte slices");
+            if self.fresh(&hash)? {
+                continue;
+            }
+            match lookup(&self.cache, &self.store.cache, &hash, prefer)? {
+                Some(loc) => {
+                    packs.insert(loc.pack);
+                }
+                None => {
+                    return Err(Error::Protocol(format!(
+                        "page {} of the pushed database ({}) was never sent and is stored nowhere; nothing was stored",
+                        first_pgno + i as u32,
+                        hex(&hash)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes chunk `hash` unless it is known to exist (the cache, or the base's).
+    fn put_chunk(&self, hash: &Hash, hashes: Vec<u8>, base: &HashSet<Hash>) -> Result<()> {
+        if base.contains(hash) {
+            return Ok(());
+        }
+        let known = self
+            .cache
+            .prepare_cached("SELECT 1 FROM chunks WHERE hash = ?1")
+            .and_then(|mut s| s.exists([&hash[..]]))
+            .map_err(sql_error(&self.store.cache))?;
+        if !known {
+            // Content-addressed: an existing object holds these very bytes and stays.
+            self.store.put_if_absent(chunk_key(hash), hashes)?;
+        }
+        self.cache
+            .execute(
+                "INSERT OR IGNORE INTO chunks(hash) VALUES (?1)",
+                [&hash[..]],
+            )
+            .map_err(sql_error(&self.store.cache))?;
+        Ok(())
+    }
+
+    /// Writes this push's pack and its index, if it has new pages, and tells the cache;
+    /// returns the pack's name.
+    fn put_pack(&mut self) -> Result<Option<Hash>> {
+        let Some(pack) = self.pack.take() else {
+            return Ok(None);
+        };
+        let io = |e: std::io::Error| Error::Server(format!("this push's temporary pack: {e}"));
+        let mut file = pack.file.into_inner().map_err(|e| io(e.into_error()))?;
+        let name: Hash = pack.hasher.finalize().into();
+        self.store.put_file(&pack_key(&name), &mut file, pack.len)?;
+        // The index, sorted by hash, through a file too: it grows with the pages pushed.
+        let path = &self.store.cache;
+        let mut idx = BufWriter::new(tempfile::tempfile_in(cache_dir(path)).map_err(io)?);
+        let count: u32 = self
+            .cache
+            .query_row("SELECT count(*) FROM temp.fresh", [], |r| r.get(0))
+            .map_err(sql_error(path))?;
+        idx.write_all(IDX_MAGIC).map_err(io)?;
+        idx.write_all(&count.to_be_bytes()).map_err(io)?;
+        {
+            let mut stmt = self
+                .cache
+                .prepare("SELECT hash, offset, len FROM temp.fresh ORDER BY hash")
+                .map_err(sql_error(path))?;
+            let mut rows = stmt.query([]).map_err(sql_error(path))?;
+            while let Some(row) = rows.next().map_err(sql_error(path))? {
+                let hash: Vec<u8> = row.get(0).map_err(sql_error(path))?;
+                let offset = row.get::<_, i64>(1).map_err(sql_error(path))? as u64;
+                let len: u32 = row.get(2).map_err(sql_error(path))?;
+                idx.write_all(&hash).map_err(io)?;
+                idx.write_all(&offset.to_be_bytes()).map_err(io)?;
+                idx.write_all(&len.to_be_bytes()).map_err(io)?;
+            }
+        }
+        let mut idx = idx.into_inner().map_err(|e| io(e.into_error()))?;
+        let idx_len = IDX_MAGIC.len() as u64 + 4 + u64::from(count) * IDX_ENTRY as u64;
+        self.store.put_file(&idx_key(&name), &mut idx, idx_len)?;
+        // Known from now on to every push and pull of this process (the pack exists,
+        // whether or not this push's version is made).
+        let tx = self
+            .cache
+            .unchecked_transaction()
+            .map_err(sql_error(path))?;
+        tx.execute(
+            "INSERT OR IGNORE INTO pages(hash, pack, offset, len) SELECT hash, ?1, offset, len FROM temp.fresh",
+            [&name[..]],
+        )
+        .map_err(sql_error(path))?;
+        tx.execute("INSERT OR IGNORE INTO packs(name) VALUES (?1)", [&name[..]])
+            .map_err(sql_error(path))?;
+        tx.commit().map_err(sql_error(path))?;
+        Ok(Some(name))
+    }
+
+    /// Whether a result with `digest` (in the engine's form) is the latest's content.
+    fn same_as_latest(&self, digest: &Hash) -> bool {
+        let Some(l) = &self.latest else {
+            return false;
+        };
+        match self.form {
+            DigestForm::Chunked => l.digest2 == digest_text(DigestForm::Chunked, digest),
+            DigestForm::One => !l.digest.is_empty() && l.digest == hex(digest),
+        }
+    }
+
+    /// Before a commit: a result equal to the latest makes no version (`Some(())`); a
+    /// stale base with another result is a conflict.
+    fn settle_same(&mut self, digest: &Hash) -> Result<Option<()>> {
+        let same = self.same_as_latest(digest);
+        if self.must_equal && !same {
+            return Err(self.conflict(self.latest.as_ref()));
+        }
+        if same {
+            let latest = self.latest.as_ref().expect("same content means a latest");
+            self.result = Some((latest.info(), false));
+            return Ok(Some(()));
+        }
+        Ok(None)
+    }
+
+    /// Writes the pack, then the version object (the commit point) naming `chunks`
+    /// and the packs its pages live in.
+    fn finish(
+        &mut self,
+        page_count: u32,
+        digests: (String, String),
+        chunks: Vec<Hash>,
+        mut packs: HashSet<Hash>,
+    ) -> Result<()> {
+        if let Some(name) = self.put_pack()? {
+            packs.insert(name);
+        }
+        let number = self.latest.as_ref().map_or(1, |l| l.number + 1);
+        let mut packs: Vec<String> = packs.iter().map(|p| hex(p)).collect();
+        packs.sort();
+        let version = VersionObject {
+            format: VERSION_FORMAT,
+            replica: self.replica.to_string(),
+            number,
+            page_size: self.page_size,
+            page_count,
+            digest: digests.0,
+            digest2: digests.1,
+            message: self.options.message.clone(),
+            created_at: crate::epoch::now(),
+            client_id: self.options.client_id.clone(),
+            key_id: self.options.key_id.clone(),
+            base: self.options.base.unwrap_or(0),
+            chunks: chunks.iter().map(|c| hex(c)).collect(),
+            packs,
+        };
+        let body = serde_json::to_vec(&version)
+            .map_err(|e| Error::Bug(format!("a version object as JSON: {e}")))?;
+        let key = S3Store::version_key(&self.replica, number);
+        match self.store.put_if_absent(key, body)? {
+            Created::Created => {
+                self.store.saw(&self.replica, number);
+                self.result = Some((version.info(), true));
+                Ok(())
+            }
+            Created::AlreadyExists => {
+                // Another push made version N first: this one is refused, as the
+                // directory store refuses a push whose base moved.
+                let theirs = self.store.version(&self.replica, number).ok().flatten();
+                tracing::info!(replica = %self.replica, version = number, "another push created this version first: a conflict");
+                Err(self.conflict(theirs.as_ref()))
+            }
+        }
+    }
+}
+
+/// The directory a cache file lies in.
+fn cache_dir(cache: &Path) -> &Path {
+    cache.parent().unwrap_or(Path::new("."))
+}
+
+impl PageTarget for S3VersionWriter {
+    fn begin(&mut self, begin: &BeginInfo) -> Result<u32> {
+        let hint = self
+            .options
+            .base
+            .unwrap_or(0)
+            .max(self.store.seen_latest(&self.replica));
+        self.latest = self.store.latest_from(&self.replica, hint)?;
+        self.page_size = begin.page_size;
+        self.form = match begin.chunked_digest {
+            true => DigestForm::Chunked,
+            false => DigestForm::One,
+        };
+        let Some(latest) = self.latest.clone() else {
+            return Ok(0);
+        };
+        // The pages of the latest version are known (deduplicated against) from its
+        // packs' indexes.
+        self.store
+            .load_indexes(&self.cache, &latest.pack_names()?)?;
+        if !self.options.force && Some(latest.number) != self.options.base {
+            if begin.page_count != 0
+                && (latest.page_size != begin.page_size || latest.page_count != begin.page_count)
+            {
+                return Err(self.conflict(Some(&latest)));
+            }
+            self.must_equal = true;
+        }
+        let mut held = if latest.page_size == begin.page_size {
+            latest.page_count
+        } else {
+            0
+        };
+        // An origin that knows another manifest than the latest's must not take the
+        // latest's count for its base's: say a count that differs (the hash exchange
+        // then runs and finds every page).
+        if begin.known_base && held > 0 && begin.base_version != latest.number {
+            held = match self.store.version(&self.replica, begin.base_version)? {
+                Some(v) if v.page_size == begin.page_size && v.page_count == held => held - 1,
+                Some(_) => held,
+                None => 0,
+            };
+        }
+        self.held = held;
+        Ok(held)
+    }
+
+    fn speaks_chunked_digest(&self) -> bool {
+        true
+    }
+
+    fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
+        let Some(latest) = self.latest.clone() else {
+            return Ok(());
+        };
+        if self.held == 0 {
+            return Ok(());
+        }
+        let mut pgno = 0u32;
+        for chunk in latest.chunk_hashes()? {
+            let hashes = self.store.chunk(&self.replica, latest.number, &chunk)?;
+            for h in hashes.chunks_exact(HASH_BYTES) {
+                pgno += 1;
+                if pgno > self.held {
+                    return Ok(());
+                }
+                f(
+                    pgno,
+                    h.try_into().expect("chunks_exact yields 32-byte slices"),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_page(&mut self, _pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
+        let none = HashSet::new();
+        if self.fresh(hash)? || lookup(&self.cache, &self.store.cache, hash, &none)?.is_some() {
+            return Ok(()); // stored already: by this push, or in a known pack
+        }
+        if self.pack.is_none() {
+            let file = tempfile::tempfile_in(cache_dir(&self.store.cache))
+                .map_err(|e| Error::Server(format!("a temporary pack for this push: {e}")))?;
+            self.pack = Some(NewPack {
+                file: BufWriter::with_capacity(1 << 20, file),
+                hasher: Sha256::new(),
+                len: 0,
+            });
+        }
+        let pack = self.pack.as_mut().expect("made above");
+        pack.file
+            .write_all(&data)
+            .map_err(|e| Error::Server(format!("this push's temporary pack: {e}")))?;
+        pack.hasher.update(&data);
+        self.cache
+            .prepare_cached("INSERT INTO temp.fresh(hash, offset, len) VALUES (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![&hash[..], pack.len as i64, data.len() as u32]))
+            .map_err(sql_error(&self.store.cache))?;
+        pack.len += data.len() as u64;
+        Ok(())
+    }
+
+    fn commit(
+        &mut self,
+        page_count: u32,
+        digest: &Hash,
+        hashes: &mut dyn Iterator<Item = Result<Hash>>,
+    ) -> Result<()> {
+        if self.settle_same(digest)?.is_some() {
+            return Ok(());
+        }
+        let prefer: HashSet<Hash> = match &self.latest {
+            Some(l) => l.pack_names()?.into_iter().collect(),
+            None => HashSet::new(),
+        };
+        let base_chunks: HashSet<Hash> = match &self.latest {
+            Some(l) => l.chunk_hashes()?.into_iter().collect(),
+            None => HashSet::new(),
+        };
+        let mut one = Digest::new(self.page_size, page_count);
+        let mut chunked = ChunkedDigest::new(self.page_size, page_count);
+        let mut chunks = Vec::with_capacity(chunk_count(page_count) as usize);
+        let mut packs = HashSet::new();
+        let mut chunk = Vec::with_capacity(CHUNK_PAGES * HASH_BYTES);
+        let mut seen = 0u32;
+        loop {
+            let next = hashes.next().transpose()?;
+            if let Some(h) = next {
+                seen += 1;
+                one.push(&h);
+                chunk.extend_from_slice(&h);
+            }
+            let full = chunk.len() == CHUNK_PAGES * HASH_BYTES;
+            if full || (next.is_none() && !chunk.is_empty()) {
+                let first = seen - (chunk.len() / HASH_BYTES) as u32 + 1;
+                self.locate(first, &chunk, &prefer, &mut packs)?;
+                let key = sha256(&chunk);
+                chunked.push_chunk(&key);
+                chunks.push(key);
+                self.put_chunk(&key, std::mem::take(&mut chunk), &base_chunks)?;
+                chunk.reserve(CHUNK_PAGES * HASH_BYTES);
+            }
+            if next.is_none() {
+                break;
+            }
+        }
+        if seen != page_count {
+            return Err(Error::Protocol(format!(
+                "the result has {seen} pages, expected {page_count}"
+            )));
+        }
+        let (one, chunked) = match (one.finish(), chunked.finish()) {
+            (Some(o), Some(c)) => (o, c),
+            _ => return Err(Error::Bug("the result's digests could not be made".into())),
+        };
+        let checked = match self.form {
+            DigestForm::One => one,
+            DigestForm::Chunked => chunked,
+        };
+        if checked != *digest {
+            return Err(Error::Bug(
+                "the result does not have the digest the engine checked".into(),
+            ));
+        }
+        self.finish(
+            page_count,
+            (hex(&one), digest_text(DigestForm::Chunked, &chunked)),
+            chunks,
+            packs,
+        )
+    }
+
+    fn held_chunks(&mut self) -> Result<Option<Vec<Hash>>> {
+        let Some(latest) = &self.latest else {
+            return Ok(Some(Vec::new())); // a new replica: nothing held
+        };
+        if self.must_equal || latest.page_size != self.page_size || self.held != latest.page_count {
+            return Ok(None);
+        }
+        latest.chunk_hashes().map(Some)
+    }
+
+    fn held_chunk(&mut self, idx: u32, out: &mut Vec<u8>) -> Result<()> {
+        let latest = self
+            .latest
+            .as_ref()
+            .ok_or_else(|| Error::Bug(format!("held chunk {idx} asked of a new replica")))?;
+        let hash = latest
+            .chunk_hashes()?
+            .get(idx as usize)
+            .copied()
+            .ok_or_else(|| Error::Bug(format!("held chunk {idx} is past the latest's")))?;
+        out.extend_from_slice(&self.store.chunk(&self.replica, latest.number, &hash)?);
+        Ok(())
+    }
+
+    fn commit_chunks(
+        &mut self,
+        page_count: u32,
+        digest: &Hash,
+        chunks: &mut dyn Iterator<Item = Result<Chunk>>,
+    ) -> Result<()> {
+        if self.settle_same(digest)?.is_some() {
+            return Ok(());
+        }
+        let (prefer, base_chunks): (HashSet<Hash>, HashSet<Hash>) = match &self.latest {
+            Some(l) => (
+                l.pack_names()?.into_iter().collect(),
+                l.chunk_hashes()?.into_iter().collect(),
+            ),
+            None => (HashSet::new(), HashSet::new()),
+        };
+        let mut chunked = ChunkedDigest::new(self.page_size, page_count);
+        let mut one = Some(Digest::new(self.page_size, page_count));
+        let mut keys = Vec::with_capacity(chunk_count(page_count) as usize);
+        let mut packs = HashSet::new();
+        for chunk in chunks {
+            match chunk? {
+                Chunk::Held { hash, .. } => {
+                    // Its pages are the latest's: they live in the latest's packs.
+                    packs.extend(prefer.iter().copied());
+                    // Digest 1 would need every held chunk read: none is recorded.
+                    one = None;
+                    chunked.push_chunk(&hash);
+                    keys.push(hash);
+                }
+                Chunk::New { idx, hash, hashes } => {
+                    if sha256(&hashes) != hash {
+                        return Err(Error::Bug(format!("new chunk {idx} is not its hash")));
+                    }
+                    self.locate(idx * CHUNK_PAGES as u32 + 1, &hashes, &prefer, &mut packs)?;
+                    if let Some(d) = one.as_mut() {
+                        for h in hashes.chunks_exact(HASH_BYTES) {
+                            d.push(h.try_into().expect("chunks_exact yields 32-byte slices"));
+                        }
+                    }
+                    chunked.push_chunk(&hash);
+                    keys.push(hash);
+                    self.put_chunk(&hash, hashes, &base_chunks)?;
+                }
+            }
+        }
+        let chunked = chunked.finish().filter(|c| c == digest).ok_or_else(|| {
+            Error::Bug("the result's chunks do not have the digest the engine checked".into())
+        })?;
+        let one = one
+            .and_then(Digest::finish)
+            .map_or(String::new(), |d| hex(&d));
+        self.finish(
+            page_count,
+            (one, digest_text(DigestForm::Chunked, &chunked)),
+            keys,
+            packs,
+        )
+    }
+}
+
+/// One version of a replica in an [`S3Store`], for reading: the engine's
+/// [`PageSource`].
+pub struct S3VersionReader {
+    store: S3Store,
+    cache: Connection,
+    replica: ReplicaPath,
+    info: VersionInfo,
+    chunks: Vec<Hash>,
+    /// The packs the version names: where its pages are read from when the cache knows
+    /// them in several.
+    packs: HashSet<Hash>,
+    /// The chunk last used by `read_page`: (index, its hashes).
+    chunk: Option<(u32, Vec<u8>)>,
+}
+
+/// Pages waiting to be read in one ranged GET: they lie end to end in one pack.
+struct Run {
+    pages: Vec<(u32, Hash, u32)>,
+    pack: Hash,
+    start: u64,
+    end: u64,
+}
+
+impl S3VersionReader {
+    /// The version being read.
+    pub fn info(&self) -> &VersionInfo {
+        &self.info
+    }
+
+    fn locate(&self, pgno: u32, hash: &Hash) -> Result<Loc> {
+        lookup(&self.cache, &self.store.cache, hash, &self.packs)?.ok_or_else(|| {
+            Error::Verification(format!(
+                "page {pgno} of {}@{} is in none of its packs in {}; nothing was delivered",
+                self.replica,
+                self.info.number,
+                self.store.objects.location()
+            ))
+        })
+    }
+
+    fn damaged(&self, pgno: u32, pack: &Hash) -> Error {
+        Error::Verification(format!(
+            "page {pgno} of {}@{} is damaged in the object storage ({} in {}): its bytes do not match its hash; nothing was delivered",
+            self.replica,
+            self.info.number,
+            pack_key(pack),
+            self.store.objects.location()
+        ))
+    }
+
+    /// Reads the run's pages in one ranged GET, checks each and hands it on.
+    fn flush(&self, run: &mut Option<Run>, f: &mut ScanFn<'_>) -> Result<()> {
+        let Some(r) = run.take() else {
+            return Ok(());
+        };
+        let bytes = self.store.get_range(pack_key(&r.pack), r.start..r.end)?;
+        let mut at = 0usize;
+        for (pgno, hash, len) in r.pages {
+            let page = &bytes[at..at + len as usize];
+            at += len as usize;
+            if !page_matches(Some(pgno), &hash, page) {
+                return Err(self.damaged(pgno, &r.pack));
+            }
+            f(pgno, hash, Some(page))?;
+        }
+        Ok(())
+    }
+}
+
+impl PageSource for S3VersionReader {
+    fn page_size(&self) -> u32 {
+        self.info.page_size
+    }
+
+    fn page_count(&self) -> u32 {
+        self.info.page_count
+    }
+
+    fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()> {
+        let lock_page = lock_byte_page(self.info.page_size);
+        let zeros = vec![0u8; self.info.page_size as usize];
+        let mut run: Option<Run> = None;
+        let mut pgno = 0u32;
+        for chunk in &self.chunks {
+            let hashes = self.store.chunk(&self.replica, self.info.number, chunk)?;
+            for h in hashes.chunks_exact(HASH_BYTES) {
+                pgno += 1;
+                let hash: Hash = h.try_into().expect("chunks_exact yields 32-byte slices");
+                if pgno > with_data_after && pgno != lock_page {
+                    let loc = self.locate(pgno, &hash)?;
+                    let joins = run.as_ref().is_some_and(|r| {
+                        r.pack == loc.pack
+                            && r.end == loc.offset
+                            && r.end - r.start + u64::from(loc.len) <= RUN_BYTES
+                    });
+                    if !joins {
+                        self.flush(&mut run, f)?;
+                        run = Some(Run {
+                            pages: Vec::new(),
+                            pack: loc.pack,
+                            start: loc.offset,
+                            end: loc.offset,
+                        });
+                    }
+                    let r = run.as_mut().expect("made above");
+                    r.pages.push((pgno, hash, loc.len));
+                    r.end += u64::from(loc.len);
+                    continue;
+                }
+                // In page order: the pages waiting go first.
+                self.flush(&mut run, f)?;
+                if pgno <= with_data_after {
+                    f(pgno, hash, None)?;
+                } else {
+                    f(pgno, hash, Some(&zeros))?;
+                }
+            }
+        }
+        self.flush(&mut run, f)?;
+        if pgno != self.info.page_count {
+            return Err(Error::Verification(format!(
+                "{}@{} has {pgno} page hashes in its chunks for {} pages; nothing more was delivered",
+                self.replica, self.info.number, self.info.page_count
+            )));
+        }
+        Ok(())
+    }
+
+    fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
+        let idx = (pgno - 1) / CHUNK_PAGES as u32;
+        if self.chunk.as_ref().is_none_or(|(i, _)| *i != idx) {
+            let hash = self.chunks.get(idx as usize).ok_or_else(|| {
+                Error::Verification(format!(
+                    "{}@{} has no page {pgno}",
+                    self.replica, self.info.number
+                ))
+            })?;
+            let hashes = self.store.chunk(&self.replica, self.info.number, hash)?;
+            self.chunk = Some((idx, hashes));
+        }
+        let (_, hashes) = self.chunk.as_ref().expect("loaded above");
+        let at = ((pgno - 1) as usize % CHUNK_PAGES) * HASH_BYTES;
+        let hash: Hash = hashes
+            .get(at..at + HASH_BYTES)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| {
+                Error::Verification(format!(
+                    "{}@{} has no page {pgno}",
+                    self.replica, self.info.number
+                ))
+            })?;
+        buf.clear();
+        if pgno == lock_byte_page(self.info.page_size) {
+            buf.resize(self.info.page_size as usize, 0);
+            return Ok(());
+        }
+        let loc = self.locate(pgno, &hash)?;
+        let bytes = self.store.get_range(
+            pack_key(&loc.pack),
+            loc.offset..loc.offset + u64::from(loc.len),
+        )?;
+        if !page_matches(Some(pgno), &hash, &bytes) {
+            return Err(self.damaged(pgno, &loc.pack));
+        }
+        buf.extend_from_slice(&bytes);
+        Ok(())
+    }
+
+    /// A stored version offers no chunk hashes (as the directory store's): a pull
+    /// compares and sends by page.
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<Hash>>>> {
+        Ok(None)
+    }
+
+    fn scan_chunk(&mut self, idx: u32, _f: &mut ScanFn<'_>) -> Result<Hash> {
+        Err(Error::Bug(format!(
+            "chunk {idx} asked of a stored version, which knows no chunks"
+        )))
+    }
+
+    fn chunks_done(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_parses_only_when_whole_and_sorted() {
+        let mut bytes = IDX_MAGIC.to_vec();
+        bytes.extend_from_slice(&2u32.to_be_bytes());
+        for (h, off) in [([1u8; 32], 0u64), ([2u8; 32], 4096)] {
+            bytes.extend_from_slice(&h);
+            bytes.extend_from_slice(&off.to_be_bytes());
+            bytes.extend_from_slice(&4096u32.to_be_bytes());
+        }
+        let entries = parse_idx(&bytes).expect("a whole index");
+        assert_eq!(entries, vec![([1u8; 32], 0, 4096), ([2u8; 32], 4096, 4096)]);
+        assert!(parse_idx(&bytes[..bytes.len() - 1]).is_err(), "cut short");
+        let mut unsorted = bytes.clone();
+        unsorted[IDX_MAGIC.len() + 4] = 3; // the first hash now sorts after the second
+        assert!(parse_idx(&unsorted).unwrap_err().contains("sorted"));
+        assert!(parse_idx(b"not an index").is_err());
+    }
+}
