@@ -299,6 +299,7 @@ fn a_small_change_pushes_only_the_changed_pages() {
             }),
             manifest: None,
             chunked_digest: true,
+            sealing: None,
         },
     )
     .expect("the push by chunks");
@@ -353,6 +354,7 @@ fn begin_and_write(writer: &mut S3VersionWriter, db: &Path) -> (u32, Vec<Hash>) 
             base_version: 1,
             known_base: false,
             chunked_digest: false,
+            sealed: false,
         })
         .unwrap();
     let mut hashes = Vec::new();
