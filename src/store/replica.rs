@@ -902,6 +902,11 @@ impl VersionWriter {
         let file = creating.as_ref().map_or(final_file, |c| &*c.path);
         let conn = Connection::open(file).map_err(sql(file))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
+        // Not a new replica's private file: its WAL is checkpointed and the file
+        // closed before it is linked into place, and its WAL must go with that name.
+        if creating.is_none() {
+            super::pack::keep_wal_on_close(&conn).map_err(sql(file))?;
+        }
         // A new replica's private file is set up (WAL mode, its tables) without a
         // single fsync: no one sees it before `publish`, whose checkpoint syncs the WAL
         // and then the file before it is linked into place, and a crash before that
