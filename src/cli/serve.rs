@@ -187,6 +187,14 @@ impl ServeArgs {
         // unless both share PostgreSQL (then the lock is shared).
         let _lock = blocking(move || {
             make_data_dir(&dir)?;
+            // Checked outright, not left to the first file that fails to grow: whether
+            // opening server.db needs new room depends on what its WAL held at the last
+            // stop (a stop on a full disk cannot checkpoint), and a start must not
+            // depend on that.
+            if disk_full(&dir) {
+                let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+                return Err(startup(crate::Error::io(&dir, full), &dir));
+            }
             // A server killed while merging left its scratch files; only a server
             // alone on the directory removes them (another one's merge may use them).
             let clean = || {
