@@ -993,6 +993,7 @@ pub fn merge_into_store(
             message: message(numbered, request.base, onto, &request.message),
             client_id: request.client_id.clone(),
             key_id: request.key_id.clone(),
+            encryption: None,
         };
         let mut writer = store.push(replica, options)?;
         writer.stage_candidate(

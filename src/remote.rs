@@ -1897,6 +1897,7 @@ mod tests {
             base: 0,
             stored_bytes: None,
             merged_into: None,
+            encryption: None,
         }
     }
 

@@ -11,7 +11,11 @@
 //!   - `manifest`: for each version, its chunks in order;
 //!   - `versions`: number, page size, page count, digest, message, time, client and key,
 //!     base, and for a merge's candidate the version that merged it (`merged_into`,
-//!     added to older files by the first merge that stores a candidate);
+//!     added to older files by the first merge that stores a candidate); for a version
+//!     of an encrypted replica its encryption key id and its seal (`encryption_key_id`,
+//!     `seal`, added to older files by the first sealed push: an encrypted version's
+//!     manifest, chunks and digests are over page identities, and its pages are stored
+//!     sealed, see `pack` and `docs/security.md`);
 //!   - `bad_pages`: pages found damaged, to be resent by the next push;
 //!   - `places`: for each chunk, where its pages' bytes lie in the packs, written by the
 //!     push that commits a version using it, so a full pull reads the pack runs with
@@ -269,6 +273,11 @@ pub struct PushOptions {
     pub client_id: String,
     /// With which key.
     pub key_id: String,
+    /// For a sealed push (end-to-end encryption, `docs/security.md`): the id of the
+    /// encryption key it was sealed with (16 hex digits), recorded with the version;
+    /// `None` for a plaintext push. A replica is encrypted or not from its first version
+    /// on, under one key id: a push that does not match its latest version is refused.
+    pub encryption: Option<String>,
 }
 
 /// Stored bytes already computed, by replica path: (latest version, version count,
@@ -384,6 +393,14 @@ impl Store {
             replica::fill_digest1(&file, std::slice::from_mut(&mut l.version))?;
         }
         Ok(latest)
+    }
+
+    /// The encryption key id of `replica`'s latest version (16 hex digits), `None` for a
+    /// plaintext replica or one with no version: what a server's CONFIG answers as the
+    /// replica's `encryption` (`docs/security.md`). Reads that one row.
+    pub fn encryption(&self, replica: &ReplicaPath) -> Result<Option<String>> {
+        let latest = list::latest(&self.replica_file(replica), replica)?;
+        Ok(latest.and_then(|l| l.version.encryption))
     }
 
     /// `replica`'s latest version, when the replica records no damaged stored page
@@ -635,6 +652,7 @@ mod tests {
             base: 0,
             stored_bytes: None,
             merged_into: None,
+            encryption: None,
         }
     }
 

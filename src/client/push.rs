@@ -240,6 +240,7 @@ impl Pusher {
                 message: self.message.clone(),
                 client_id: crate::remote::client_id(),
                 key_id: String::new(),
+                encryption: None,
             },
             key: self.key.clone(),
             // Without a stored PUSH key, ask for keys: an admin key's first push of a

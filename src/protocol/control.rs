@@ -525,6 +525,12 @@ pub struct VersionInfo {
     /// latest version. Absent on every other version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<u64>,
+    /// The id of the encryption key a version of an encrypted replica was made with
+    /// (16 hex digits, `docs/security.md`); its `digest` and `digest2` are then over
+    /// page identities, not the plaintext pages. Absent for a plaintext version, and
+    /// from older stores and servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
 }
 
 impl VersionInfo {

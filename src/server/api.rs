@@ -149,6 +149,7 @@ mod tests {
                 base: 6,
                 stored_bytes: None,
                 merged_into: None,
+                encryption: None,
             },
             count: 7,
         };

@@ -1,7 +1,9 @@
 //! Restore drills (`serve --drill-every`): the server reads each replica's latest
 //! version back out of its store into a temporary database file, as a restore would,
 //! and checks it: every page against its hash as it is read, the whole-database digest
-//! against the one the version recorded, and `PRAGMA integrity_check` on the file.
+//! against the one the version recorded, and `PRAGMA integrity_check` on the file. An
+//! encrypted replica's version, which the server cannot open, is checked as far as it
+//! can be: every sealed page against its checksum, and the digest over identities.
 //!
 //! - One replica at a time, on the blocking pool; pages stream from the store's
 //!   version reader into the file, so memory stays flat whatever the database's size.
@@ -224,6 +226,9 @@ fn restore_and_check(
     let mut reader = store.read(replica, Selector::Latest)?;
     let info = reader.info().clone();
     *version = info.number;
+    if info.encryption.is_some() {
+        return check_sealed(&mut reader, replica, stop);
+    }
     let tmp_root = store.root().join(TMP_DIR);
     std::fs::create_dir_all(&tmp_root).map_err(|e| Error::io(&tmp_root, e))?;
     // A directory, not a file: SQLite's `-wal` and `-shm` beside the copy go with it.
@@ -291,6 +296,49 @@ fn restore_and_check(
         )));
     }
     Ok(())
+}
+
+/// The drill of an encrypted replica's version, whose pages the server cannot open
+/// (docs/security.md): every sealed page is read and checked against the checksum of
+/// its sealed bytes (the reader does), and the version's digest over page identities
+/// against the one recorded. No file is restored and no integrity check runs: only a
+/// client with the key can do either.
+fn check_sealed(
+    reader: &mut crate::store::VersionReader,
+    replica: &ReplicaPath,
+    stop: &Shutdown,
+) -> Result<()> {
+    let info = reader.info().clone();
+    let mut digest = BothDigester::new(info.page_size, info.page_count);
+    let mut next = 1u32;
+    reader.scan(0, &mut |pgno, identity, data| {
+        if stop.is_requested() {
+            return Err(stopped());
+        }
+        if data.is_none() || pgno != next {
+            return Err(Error::Verification(format!(
+                "{replica}@{}: the store gave page {pgno} where page {next} was due",
+                info.number
+            )));
+        }
+        next += 1;
+        digest.push(&identity);
+        Ok(())
+    })?;
+    let recomputed = digest.finish().ok_or_else(|| {
+        Error::Verification(format!(
+            "{replica}@{}: {} sealed pages read where the version has {}",
+            info.number,
+            next - 1,
+            info.page_count
+        ))
+    })?;
+    info.check_digests(&recomputed).map_err(|(theirs, ours)| {
+        Error::Verification(format!(
+            "{replica}@{}: the digest of its page identities {ours} differs from the one recorded, {theirs}",
+            info.number
+        ))
+    })
 }
 
 /// `PRAGMA integrity_check` on the restored copy at `path`. Its connection's interrupt

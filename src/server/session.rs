@@ -33,11 +33,11 @@ use super::metrics::Outcome;
 use super::packed::PackedLink;
 use super::{Event, KeyKind, Principal, State, blocking};
 use crate::engine::{ChannelLink, pumped_link};
-use crate::engine::{NoProgress, Role, run_origin, run_replica};
+use crate::engine::{NoProgress, OriginOptions, Role, run_origin, run_origin_with, run_replica};
 use crate::protocol::compress::{CompressMode, PackedPages};
 use crate::protocol::control::{
-    Config, Control, DIGEST_CHUNKED, Followed, MAX_FOLLOWERS_WAIT, NewVersion, Op, Open,
-    PING_INTERVAL, SubscriberRole, VersionInfo,
+    Config, Control, DIGEST_CHUNKED, Encryption, Followed, MAX_FOLLOWERS_WAIT, NewVersion, Op,
+    Open, PING_INTERVAL, SubscriberRole, VersionInfo,
 };
 use crate::protocol::{ErrorCode, Frame, PROTOCOL_VERSION};
 use crate::store::{PushOptions, ReplicaPath, Selector};
@@ -767,14 +767,23 @@ where
     // transaction) is opened on the engine's thread, never held across the CONFIG
     // send below. Versions are immutable, so the number names the same version then.
     let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
-    let (id, number) = blocking(move || {
+    let (id, number, encryption) = blocking(move || {
         let id = auth.replica_id(&r, false)?;
-        let number = store.read(&r, selector)?.info().number;
-        Ok((id, number))
+        let reader = store.read(&r, selector)?;
+        Ok((id, reader.info().number, reader.info().encryption.clone()))
     })
     .await?;
     let mut c = config(state, principal, replica, id.unwrap_or_default(), number);
-    c.compress = choose(&open.compress);
+    // An encrypted version goes as it is stored, sealed, and never compressed (the
+    // client refuses a mix of keys from this answer, before any page moves).
+    c.encryption = open
+        .encryption
+        .as_ref()
+        .map(|_| encryption.clone().map(|key_id| Encryption { key_id }));
+    c.compress = match open.encryption.is_some() || encryption.is_some() {
+        true => None,
+        false => choose(&open.compress),
+    };
     let wire = wire_for(c.compress.as_deref());
     send_control(ws, Control::Config(c)).await?;
     let (store, r) = (state.store.clone(), replica.clone());
@@ -803,7 +812,12 @@ where
             )
             .map(drop)
         } else {
-            run_origin(&mut OwnFaults::new(&mut reader, &data), link, &NoProgress).map(drop)
+            let options = OriginOptions {
+                sealing: reader.relay(),
+                ..OriginOptions::default()
+            };
+            let mut source = OwnFaults::new(&mut reader, &data);
+            run_origin_with(&mut source, link, &NoProgress, options).map(drop)
         }
     })
     .await;
@@ -840,7 +854,30 @@ where
         id.clone().unwrap_or_default(),
         latest,
     );
-    c.compress = choose(&open.compress);
+    // An encrypted replica's encryption, asked only when it matters: to a push with a
+    // key (CONFIG answers it), or one asking to merge (refused on ciphertext).
+    let encryption = match open.encryption.is_some() || open.merge.is_some() {
+        true => {
+            let (store, r) = (state.store.clone(), replica.clone());
+            blocking(move || store.encryption(&r)).await?
+        }
+        false => None,
+    };
+    if open.merge.is_some() && (open.encryption.is_some() || encryption.is_some()) {
+        return Err(Error::Usage(format!(
+            "{replica} is encrypted: the server cannot read an encrypted replica's rows, so it cannot merge them; pull the latest version, merge locally, and push again (without --merge)"
+        ))
+        .into());
+    }
+    c.encryption = open
+        .encryption
+        .as_ref()
+        .map(|_| encryption.clone().map(|key_id| Encryption { key_id }));
+    // An encrypted session never agrees to compression (docs/security.md).
+    c.compress = match open.encryption.is_some() {
+        true => None,
+        false => choose(&open.compress),
+    };
     // A push asking to merge hears that this server merges (an older one says
     // nothing, and the client stops); it merges when the replica moved past its base.
     c.merge = open.merge.is_some();
@@ -910,6 +947,7 @@ where
         message,
         client_id: open.client_id.clone(),
         key_id: principal.key_id.clone(),
+        encryption: open.encryption.as_ref().map(|e| e.key_id.clone()),
     };
     let (store, r) = (state.store.clone(), replica.clone());
     let data = state.store.root().to_owned();
@@ -1172,6 +1210,7 @@ mod tests {
                 base: n - 1,
                 stored_bytes: Some(u64::MAX),
                 merged_into: Some(u64::MAX),
+                encryption: None,
             })
             .collect();
         let runs = version_runs(list.clone());

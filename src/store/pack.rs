@@ -6,11 +6,14 @@
 //!   only by one push at a time: the push holds the pack's exclusive `flock` from its
 //!   first page until it has committed or given up.
 //! - `index.sqlite`: `packs(id, size)`, the committed length of each pack, and
-//!   `pages(hash, pack, offset, len, codec)`, where each page's bytes are and in which
-//!   form: `codec` 0 is the page as it is, 1 one zstd frame of it (a page that arrived
-//!   compressed is kept as it came, see `docs/server.md`). Only the index's small rows
-//!   go through SQLite; the page bytes never do. An index made before `codec` existed
-//!   gains the column (every old row plain) when first opened: no byte moves.
+//!   `pages(hash, pack, offset, len, codec, checksum)`, where each page's bytes are and
+//!   in which form: `codec` 0 is the page as it is, 1 one zstd frame of it (a page that
+//!   arrived compressed is kept as it came, see `docs/server.md`), 2 a sealed page of
+//!   an encrypted replica (`nonce ‖ ciphertext ‖ tag`, keyed by its identity, which
+//!   the store cannot recompute: `checksum` is the SHA-256 of the sealed bytes, checked
+//!   instead; `docs/security.md`). Only the index's small rows go through SQLite; the
+//!   page bytes never do. An index made before `codec` or `checksum` existed gains the
+//!   column (every old row plain, no checksum) when first opened: no byte moves.
 //! - Every read expands what it reads ([`PackFiles::read`]): a reader always gets the
 //!   page itself, and checks it against its hash; an entry that does not expand to a
 //!   page reads as damaged, like plain bytes that no longer match. A pull reads the
@@ -84,7 +87,8 @@ const SCHEMA: &str = "
         pack INTEGER NOT NULL,
         offset INTEGER NOT NULL,
         len INTEGER NOT NULL,
-        codec INTEGER NOT NULL DEFAULT 0
+        codec INTEGER NOT NULL DEFAULT 0,
+        checksum BLOB
     ) WITHOUT ROWID;
 ";
 
@@ -92,6 +96,8 @@ const SCHEMA: &str = "
 const CODEC_PLAIN: i64 = 0;
 /// `pages.codec` of an entry that holds one zstd frame of the page (a ZPAGE's bytes).
 const CODEC_ZSTD: i64 = 1;
+/// `pages.codec` of a sealed page (an SPAGE's bytes): `checksum` is their SHA-256.
+const CODEC_SEALED: i64 = 2;
 
 /// Where a page's bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,12 +107,19 @@ pub(super) struct Loc {
     pub len: u32,
     /// The bytes are one zstd frame of the page, not the page.
     pub zstd: bool,
+    /// A sealed page's entry (codec 2): the SHA-256 of its bytes, which every read
+    /// checks instead of the page hash (the store cannot open the page to hash it).
+    pub sealed: Option<Hash>,
 }
 
 impl Loc {
     /// The entry's `codec` column.
     pub fn codec(&self) -> i64 {
-        if self.zstd { CODEC_ZSTD } else { CODEC_PLAIN }
+        match (self.sealed, self.zstd) {
+            (Some(_), _) => CODEC_SEALED,
+            (None, true) => CODEC_ZSTD,
+            (None, false) => CODEC_PLAIN,
+        }
     }
 
     /// Whether a `codec` column names a compressed entry. An unknown codec is read as
@@ -114,22 +127,50 @@ impl Loc {
     pub fn is_zstd(codec: i64) -> bool {
         codec == CODEC_ZSTD
     }
+
+    /// The entry an index row (or a push's pending row) describes. A sealed entry whose
+    /// checksum is not a hash gets one no bytes have, so it reads as damaged.
+    pub fn from_row(
+        pack: i64,
+        offset: i64,
+        len: u32,
+        codec: i64,
+        checksum: Option<Vec<u8>>,
+    ) -> Loc {
+        Loc {
+            pack,
+            offset: offset as u64,
+            len,
+            zstd: Loc::is_zstd(codec),
+            sealed: (codec == CODEC_SEALED).then(|| {
+                checksum
+                    .and_then(|c| Hash::try_from(c.as_slice()).ok())
+                    .unwrap_or([0; 32])
+            }),
+        }
+    }
+
+    /// The `checksum` column of the entry.
+    pub fn checksum(&self) -> Option<&[u8]> {
+        self.sealed.as_ref().map(|c| &c[..])
+    }
 }
 
-/// Gives an index made before compressed entries its `codec` column (every existing
-/// row plain). Two processes may race to add it: the loser finds it there.
-fn add_codec_column(conn: &Connection) -> rusqlite::Result<()> {
+/// Gives an index made before a column existed that column (`decl`: its type and
+/// default, which every existing row takes). Two processes may race to add it: the
+/// loser finds it there.
+fn add_column(conn: &Connection, name: &str, decl: &str) -> rusqlite::Result<()> {
     let has = |conn: &Connection| -> rusqlite::Result<bool> {
         conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('pages') WHERE name = 'codec'",
-            [],
+            "SELECT count(*) FROM pragma_table_info('pages') WHERE name = ?1",
+            [name],
             |r| r.get::<_, i64>(0).map(|n| n > 0),
         )
     };
     if has(conn)? {
         return Ok(());
     }
-    match conn.execute_batch("ALTER TABLE pages ADD COLUMN codec INTEGER NOT NULL DEFAULT 0") {
+    match conn.execute_batch(&format!("ALTER TABLE pages ADD COLUMN {name} {decl}")) {
         Ok(()) => Ok(()),
         Err(_) if has(conn)? => Ok(()),
         Err(e) => Err(e),
@@ -335,7 +376,10 @@ impl Pages {
         if have < 2 {
             conn.execute_batch(SCHEMA).map_err(s)?;
         }
-        add_codec_column(&conn).map_err(s)?;
+        // Older indexes: compressed entries came with `codec` (every old row plain),
+        // sealed ones with `checksum` (no old row has one).
+        add_column(&conn, "codec", "INTEGER NOT NULL DEFAULT 0").map_err(s)?;
+        add_column(&conn, "checksum", "BLOB").map_err(s)?;
         Ok(Pages {
             dir: dir.to_owned(),
             index,
@@ -351,15 +395,16 @@ impl Pages {
     /// Where the page stored under `hash` is, if any.
     pub fn lookup(&self, hash: &Hash) -> Result<Option<Loc>> {
         self.conn
-            .prepare_cached("SELECT pack, offset, len, codec FROM pages WHERE hash = ?1")
+            .prepare_cached("SELECT pack, offset, len, codec, checksum FROM pages WHERE hash = ?1")
             .and_then(|mut s| {
                 s.query_row([&hash[..]], |r| {
-                    Ok(Loc {
-                        pack: r.get(0)?,
-                        offset: r.get::<_, i64>(1)? as u64,
-                        len: r.get(2)?,
-                        zstd: Loc::is_zstd(r.get(3)?),
-                    })
+                    Ok(Loc::from_row(
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                    ))
                 })
                 .optional()
             })
@@ -418,9 +463,9 @@ impl Pages {
     /// existing row at the new bytes (a repair). Returns whether a row was written.
     pub fn insert(&self, hash: &Hash, loc: Loc, replace: bool) -> Result<bool> {
         let sql = if replace {
-            "INSERT OR REPLACE INTO pages(hash, pack, offset, len, codec) VALUES (?1, ?2, ?3, ?4, ?5)"
+            "INSERT OR REPLACE INTO pages(hash, pack, offset, len, codec, checksum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
         } else {
-            "INSERT OR IGNORE INTO pages(hash, pack, offset, len, codec) VALUES (?1, ?2, ?3, ?4, ?5)"
+            "INSERT OR IGNORE INTO pages(hash, pack, offset, len, codec, checksum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
         };
         let n = self
             .conn
@@ -431,7 +476,8 @@ impl Pages {
                     loc.pack,
                     loc.offset as i64,
                     loc.len,
-                    loc.codec()
+                    loc.codec(),
+                    loc.checksum()
                 ])
             })
             .map_err(self.sql())?;
@@ -522,7 +568,9 @@ impl Pages {
     pub fn for_each(&self, f: &mut dyn FnMut(Hash, Loc) -> Result<()>) -> Result<()> {
         let mut stmt = self
             .conn
-            .prepare("SELECT hash, pack, offset, len, codec FROM pages ORDER BY pack, offset")
+            .prepare(
+                "SELECT hash, pack, offset, len, codec, checksum FROM pages ORDER BY pack, offset",
+            )
             .map_err(self.sql())?;
         let mut rows = stmt.query([]).map_err(self.sql())?;
         while let Some(row) = rows.next().map_err(self.sql())? {
@@ -532,12 +580,13 @@ impl Pages {
             };
             f(
                 hash,
-                Loc {
-                    pack: row.get(1).map_err(self.sql())?,
-                    offset: row.get::<_, i64>(2).map_err(self.sql())? as u64,
-                    len: row.get(3).map_err(self.sql())?,
-                    zstd: Loc::is_zstd(row.get(4).map_err(self.sql())?),
-                },
+                Loc::from_row(
+                    row.get(1).map_err(self.sql())?,
+                    row.get(2).map_err(self.sql())?,
+                    row.get(3).map_err(self.sql())?,
+                    row.get(4).map_err(self.sql())?,
+                    row.get(5).map_err(self.sql())?,
+                ),
             )?;
         }
         Ok(())
@@ -760,9 +809,9 @@ impl Appender {
         self.end
     }
 
-    /// Appends one entry's bytes (a page, or with `zstd` one zstd frame of it);
-    /// returns where they are.
-    pub fn append(&mut self, data: &[u8], zstd: bool) -> Result<Loc> {
+    /// Appends one entry's bytes (a page, or with `zstd` one zstd frame of it, or a
+    /// sealed page with `sealed` the SHA-256 of its bytes); returns where they are.
+    pub fn append(&mut self, data: &[u8], zstd: bool, sealed: Option<Hash>) -> Result<Loc> {
         self.out
             .write_all(data)
             .map_err(|e| Error::io(&self.path, e))?;
@@ -771,6 +820,7 @@ impl Appender {
             offset: self.end,
             len: data.len() as u32,
             zstd,
+            sealed,
         };
         self.end += data.len() as u64;
         Ok(loc)
@@ -902,6 +952,69 @@ mod tests {
                 }
             });
         }
+    }
+
+    /// An index made before sealed entries (no `checksum` column, and before that no
+    /// `codec`) opens as it is: it gains the columns, its rows read as the plain and
+    /// compressed entries they are, and a sealed entry written next reads back with
+    /// its checksum.
+    #[test]
+    fn an_index_of_an_older_layout_gains_the_columns_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pages = dir.path().join("pages");
+        std::fs::create_dir_all(&pages).expect("mkdir");
+        {
+            let conn = Connection::open(pages.join("index.sqlite")).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE packs(id INTEGER PRIMARY KEY, size INTEGER NOT NULL);
+                 CREATE TABLE pages(hash BLOB PRIMARY KEY, pack INTEGER NOT NULL,
+                     offset INTEGER NOT NULL, len INTEGER NOT NULL) WITHOUT ROWID;
+                 INSERT INTO pages VALUES (X'01', 1, 0, 4096);",
+            )
+            .expect("old layout");
+        }
+        let index = Pages::open(&pages, READER_CACHE_KIB).expect("opens");
+        let mut old = [0u8; 32];
+        old[0] = 1;
+        // A key that is no hash is never looked up; the row is the old one.
+        let row: (i64, Option<Vec<u8>>) = index
+            .conn
+            .query_row("SELECT codec, checksum FROM pages", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("the old row");
+        assert_eq!(row, (0, None));
+        assert_eq!(index.lookup(&old).expect("lookup"), None);
+
+        let sealed = Loc {
+            pack: 1,
+            offset: 4096,
+            len: 4124,
+            zstd: false,
+            sealed: Some([9; 32]),
+        };
+        let zstd = Loc {
+            offset: 8220,
+            len: 100,
+            zstd: true,
+            sealed: None,
+            ..sealed
+        };
+        index.begin().expect("begin");
+        assert!(index.insert(&[2; 32], sealed, false).expect("insert"));
+        assert!(index.insert(&[3; 32], zstd, false).expect("insert"));
+        index.commit(None).expect("commit");
+        assert_eq!(index.lookup(&[2; 32]).expect("lookup"), Some(sealed));
+        assert_eq!(index.lookup(&[3; 32]).expect("lookup"), Some(zstd));
+        assert_eq!(sealed.codec(), CODEC_SEALED);
+        // A sealed row whose checksum is gone reads as sealed with a checksum no bytes
+        // have: damaged, never a plain page.
+        index
+            .conn
+            .execute("UPDATE pages SET checksum = NULL WHERE codec = 2", [])
+            .expect("damage");
+        let damaged = index.lookup(&[2; 32]).expect("lookup").expect("a row");
+        assert_eq!(damaged.sealed, Some([0; 32]));
     }
 
     /// A new store's index gets small pages; one made by an older sqlferry (SQLite's

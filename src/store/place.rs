@@ -161,6 +161,7 @@ fn decode_into(mut blob: &[u8], pages: usize, out: &mut Vec<Option<Loc>>) -> Opt
                 offset,
                 len,
                 zstd: raw & ZSTD_BIT != 0,
+                sealed: None,
             }));
             offset = offset.checked_add(u64::from(len))?;
         }
@@ -279,6 +280,7 @@ fn load(
                 offset: u64::from_le_bytes(word(at + 8)),
                 len: u32::from_le_bytes(e[at + 16..at + 20].try_into().expect("4 bytes")),
                 zstd: e[at + 20] == 1,
+                sealed: None,
             },
         ));
     }
@@ -435,6 +437,7 @@ mod tests {
             offset,
             len,
             zstd,
+            sealed: None,
         })
     }
 

@@ -9,7 +9,12 @@
 //! index row at the new bytes. A page that arrived compressed is kept compressed (its
 //! bytes handed over by the transport, [`VersionWriter::keep_packed`]); every read
 //! expands it before the hash check, and a reader may hand the stored compressed bytes
-//! on to a peer that takes them ([`VersionReader::hand_packed`]). Pages a push appends
+//! on to a peer that takes them ([`VersionReader::hand_packed`]). A version of an
+//! encrypted replica (a sealed push, `docs/security.md`) is kept as it came: its
+//! manifest and digests are over page identities, its pages are stored sealed (codec 2,
+//! each checked against the SHA-256 of its sealed bytes on every read, since the store
+//! cannot open them), and its seal and key id are kept with its row; its reader relays
+//! them as they are ([`VersionReader::relay`]). Pages a push appends
 //! but its committed version does not use are cut out of the pack before COMMIT. A new
 //! replica's private file is `flock`ed by its creator for its whole life, so a cleaner
 //! removes only what a dead process left.
@@ -28,7 +33,7 @@ use crate::digest::{
     ChunkedDigest, Digest, DigestForm, HASH_BYTES, Hash, chunk_count, chunk_pages, digest_text,
     hex, lock_byte_page, page_hash, sha256,
 };
-use crate::engine::{BeginInfo, Chunk, PageSource, PageTarget, ScanFn};
+use crate::engine::{BeginInfo, Chunk, PageSource, PageTarget, ScanFn, Sealing};
 use crate::page::Header;
 use crate::protocol::compress::{PackedPage, PackedPages, fingerprint};
 use crate::{Error, Result};
@@ -60,7 +65,9 @@ const SCHEMA: &str = "
         key_id TEXT NOT NULL,
         base INTEGER NOT NULL,
         digest2 BLOB,
-        merged_into INTEGER
+        merged_into INTEGER,
+        encryption_key_id TEXT,
+        seal BLOB
     );
     CREATE TABLE IF NOT EXISTS manifest(
         version INTEGER NOT NULL REFERENCES versions(number),
@@ -83,7 +90,8 @@ const FRESH_SCHEMA: &str = "
         offset INTEGER NOT NULL,
         len INTEGER NOT NULL,
         repair INTEGER NOT NULL,
-        codec INTEGER NOT NULL
+        codec INTEGER NOT NULL,
+        checksum BLOB
     ) WITHOUT ROWID;
     DELETE FROM temp.fresh;
 ";
@@ -146,7 +154,41 @@ pub(super) fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo
         base: r.get::<_, i64>(8)? as u64,
         stored_bytes: None,
         merged_into: None,
+        encryption: None,
     })
+}
+
+/// Whether the `versions` table on `conn` has the columns of encrypted versions
+/// (`encryption_key_id`, `seal`): a file made before encrypted replicas has them only
+/// once a sealed push added them, and a plaintext replica never needs them.
+pub(super) fn has_sealing(conn: &Connection, file: &Path) -> Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('versions') WHERE name = 'seal'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )
+    .map_err(sql(file))
+}
+
+/// The encryption key id (hex) and seal of `version`: `None` for a plaintext version
+/// (or one that does not exist). An encrypted version without its seal is damaged: its
+/// seal is `None` then, and reading it is refused.
+fn sealing_of(
+    conn: &Connection,
+    file: &Path,
+    version: u64,
+) -> Result<Option<(String, Option<Vec<u8>>)>> {
+    if !has_sealing(conn, file)? {
+        return Ok(None);
+    }
+    let row: Option<(Option<String>, Option<Vec<u8>>)> = conn
+        .prepare_cached("SELECT encryption_key_id, seal FROM versions WHERE number = ?1")
+        .and_then(|mut s| {
+            s.query_row([version as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(sql(file))?;
+    Ok(row.and_then(|(id, seal)| id.map(|id| (id, seal))))
 }
 
 /// Whether the `versions` table on `conn` has the `merged_into` column: files made
@@ -260,9 +302,11 @@ fn version_shape(conn: &Connection, file: &Path, version: u64) -> Result<Option<
 
 /// Sets `v.digest2` to the version's chunked digest, in text ([`digest2_of`]: the one
 /// recorded, else made from its manifest's chunk keys; left `None` where neither is
-/// there).
+/// there), and `v.encryption` to the key id of an encrypted version: what every
+/// reader of a version row adds to it.
 pub(super) fn add_digest2(conn: &Connection, file: &Path, v: &mut VersionInfo) -> Result<()> {
     v.digest2 = digest2_of(conn, file, v.number)?.map(|d| digest_text(DigestForm::Chunked, &d));
+    v.encryption = sealing_of(conn, file, v.number)?.map(|(id, _)| id);
     Ok(())
 }
 
@@ -856,6 +900,11 @@ pub struct VersionWriter {
     /// A merge's candidate, stored by this push's first sync and committed with the
     /// merge by its second ([`VersionWriter::stage_candidate`]).
     candidate: Option<Candidate>,
+    /// The session is sealed: pages come sealed under their identities, and the
+    /// version's seal before COMMIT ([`PageTarget::keeps_sealed`]).
+    sealed: bool,
+    /// The seal of the version this sealed push makes ([`PageTarget::keep_seal`]).
+    seal: Option<Vec<u8>>,
     /// The store's GC lock, held shared for the whole push (dropped last).
     _gc: GcShared,
 }
@@ -957,6 +1006,8 @@ impl VersionWriter {
             default_retention,
             removed: Vec::new(),
             candidate: None,
+            sealed: false,
+            seal: None,
             _gc: gc,
         })
     }
@@ -1087,7 +1138,9 @@ impl VersionWriter {
         let pages = &self.pages;
         let mut stmt = self
             .conn
-            .prepare("SELECT hash, offset, len, repair, codec FROM temp.fresh ORDER BY offset")
+            .prepare(
+                "SELECT hash, offset, len, repair, codec, checksum FROM temp.fresh ORDER BY offset",
+            )
             .map_err(sql(&self.file))?;
         let rows = stmt
             .query_map([], |r| {
@@ -1097,6 +1150,7 @@ impl VersionWriter {
                     r.get::<_, u32>(2)?,
                     r.get::<_, bool>(3)?,
                     r.get::<_, i64>(4)?,
+                    r.get::<_, Option<Vec<u8>>>(5)?,
                 ))
             })
             .map_err(sql(&self.file))?;
@@ -1104,15 +1158,10 @@ impl VersionWriter {
         self.placed.forget(&self.conn, &self.file)?;
         let file = &self.file;
         let mut kept = rows.map(|row| {
-            let (hash, offset, len, repair, codec) = row.map_err(sql(file))?;
+            let (hash, offset, len, repair, codec, checksum) = row.map_err(sql(file))?;
             let hash = Hash::try_from(hash.as_slice())
                 .map_err(|_| Error::Server("a pending page key is no hash".into()))?;
-            let loc = Loc {
-                pack,
-                offset: offset as u64,
-                len,
-                zstd: Loc::is_zstd(codec),
-            };
+            let loc = Loc::from_row(pack, offset, len, codec, checksum);
             // Kept: a repair, or a page whose index row names these very bytes.
             let keep = repair || pages.lookup(&hash)? == Some(loc);
             Ok((hash, loc, keep))
@@ -1161,6 +1210,91 @@ impl VersionWriter {
     }
 }
 
+impl VersionWriter {
+    /// Refuses, before any page is stored, a push that would mix a plaintext and an
+    /// encrypted replica or two keys, and a sealed push this store cannot keep as its
+    /// seal says: a replica is encrypted or not from its first version on, under one key
+    /// id (`docs/security.md`), and a seal names the version number it was made for,
+    /// the latest plus one, so a sealed push must be based on the latest version.
+    fn check_sealing(&mut self, begin: &BeginInfo) -> Result<()> {
+        self.sealed = begin.sealed;
+        self.seal = None;
+        let replica = &self.replica;
+        let ours = self.options.encryption.as_deref();
+        match (begin.sealed, ours) {
+            (true, None) => {
+                return Err(Error::Protocol(format!(
+                    "a sealed push into {replica} without its encryption key id; nothing was stored"
+                )));
+            }
+            (false, Some(_)) => {
+                return Err(Error::Protocol(format!(
+                    "a push into {replica} named an encryption key and did not seal its pages; nothing was stored"
+                )));
+            }
+            _ => {}
+        }
+        if begin.sealed && self.candidate.is_some() {
+            return Err(Error::Usage(format!(
+                "{replica} is encrypted: the server cannot read its rows, so it cannot merge them; pull the latest version, merge locally, and push again; nothing was stored"
+            )));
+        }
+        if begin.sealed && self.packed.is_some() {
+            return Err(Error::Protocol(
+                "a sealed push over a compressed session: an encrypted session never agrees to compression; nothing was stored".into(),
+            ));
+        }
+        let Some(latest) = &self.latest else {
+            if begin.sealed && self.options.base.is_some_and(|b| b > 0) {
+                return Err(self.conflict());
+            }
+            return self.add_sealing_columns();
+        };
+        let theirs = sealing_of(&self.conn, &self.file, latest.number)?.map(|(id, _)| id);
+        match (ours, theirs.as_deref()) {
+            (None, None) => return Ok(()),
+            (None, Some(id)) => {
+                return Err(Error::Auth(format!(
+                    "{replica} is encrypted (key id {id}): push with its key (--encryption-key-file, or SQLFERRY_ENCRYPTION_KEY); nothing was stored"
+                )));
+            }
+            (Some(_), None) => {
+                return Err(Error::Auth(format!(
+                    "{replica} is not encrypted: its versions are plaintext, and a replica is encrypted or not from its first version on; push without an encryption key, or to a new replica; nothing was stored"
+                )));
+            }
+            (Some(k), Some(id)) if k != id => {
+                return Err(Error::Auth(format!(
+                    "version {} of {replica} was made with key id {id}, and this push's key id is {k}: push with its key file; nothing was stored",
+                    latest.number
+                )));
+            }
+            (Some(_), Some(_)) => {}
+        }
+        // Forced or not: the seal was made for the base's next number, and only the
+        // latest's next number is the one this version would get.
+        if self.options.base != Some(latest.number) {
+            return Err(self.conflict());
+        }
+        self.add_sealing_columns()
+    }
+
+    /// Gives a replica file made before encrypted replicas the columns of a sealed
+    /// version (a sealed push's, inside its write transaction); a plaintext push leaves
+    /// the file as it is.
+    fn add_sealing_columns(&self) -> Result<()> {
+        if !self.sealed || has_sealing(&self.conn, &self.file)? {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch(
+                "ALTER TABLE versions ADD COLUMN encryption_key_id TEXT;
+                 ALTER TABLE versions ADD COLUMN seal BLOB;",
+            )
+            .map_err(sql(&self.file))
+    }
+}
+
 impl PageTarget for VersionWriter {
     fn begin(&mut self, begin: &BeginInfo) -> Result<u32> {
         if self.candidate().is_some() {
@@ -1190,6 +1324,7 @@ impl PageTarget for VersionWriter {
                 .execute_batch("ALTER TABLE versions ADD COLUMN digest2 BLOB")
                 .map_err(sql(&self.file))?;
         }
+        self.check_sealing(begin)?;
         if self.candidate.is_some() {
             // A candidate and its merge go only onto the version they were merged onto.
             if self.latest.as_ref().map(|l| l.number) != self.options.base {
@@ -1318,7 +1453,7 @@ impl PageTarget for VersionWriter {
             }
         }
         self.mark_written(pgno);
-        if pgno == 1 {
+        if pgno == 1 && !self.sealed {
             self.page1 = Some((*hash, data.clone()));
         }
         let repair = self.bad.contains(hash);
@@ -1337,6 +1472,9 @@ impl PageTarget for VersionWriter {
             Some(p) => (&p.bytes[..], true),
             None => (&data[..], false),
         };
+        // A sealed page is kept with the SHA-256 of its sealed bytes: its identity
+        // cannot be checked here, the bytes can.
+        let sealed = self.sealed.then(|| sha256(bytes));
         // Where the bytes will go, recorded first: a row that is there already means
         // this push appended the page before (one statement per new page, not a look
         // and then a write).
@@ -1345,11 +1483,12 @@ impl PageTarget for VersionWriter {
             offset: appender.end(),
             len: bytes.len() as u32,
             zstd,
+            sealed,
         };
         let recorded = self
             .conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO temp.fresh(hash, offset, len, repair, codec) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR IGNORE INTO temp.fresh(hash, offset, len, repair, codec, checksum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -1357,14 +1496,15 @@ impl PageTarget for VersionWriter {
                     at.offset as i64,
                     at.len,
                     repair,
-                    at.codec()
+                    at.codec(),
+                    at.checksum()
                 ])
             })
             .map_err(sql(&self.file))?;
         if recorded == 0 {
             return Ok(()); // stored already, by this push
         }
-        let loc = appender.append(bytes, zstd)?;
+        let loc = appender.append(bytes, zstd, sealed)?;
         debug_assert_eq!(loc, at, "appended where it was recorded");
         self.placed.add(&self.conn, &self.file, pgno, hash, loc)?;
         if repair {
@@ -1405,6 +1545,20 @@ impl PageTarget for VersionWriter {
 
     fn speaks_chunked_digest(&self) -> bool {
         true
+    }
+
+    fn keeps_sealed(&self) -> bool {
+        true
+    }
+
+    fn keep_seal(&mut self, seal: Vec<u8>) -> Result<()> {
+        if !self.sealed {
+            return Err(Error::Protocol(
+                "a version's seal in a plaintext push".into(),
+            ));
+        }
+        self.seal = Some(seal);
+        Ok(())
     }
 
     fn held_chunks(&mut self) -> Result<Option<Vec<Hash>>> {
@@ -1940,6 +2094,18 @@ impl VersionWriter {
                 ],
             )
             .map_err(sql(&self.file))?;
+        if self.sealed {
+            // The columns are there: `begin` added them for a sealed push.
+            let seal = self.seal.as_deref().ok_or_else(|| {
+                Error::Protocol("COMMIT of a sealed push without the version's SEAL".into())
+            })?;
+            self.conn
+                .execute(
+                    "UPDATE versions SET encryption_key_id = ?2, seal = ?3 WHERE number = ?1",
+                    params![number as i64, self.options.encryption, seal],
+                )
+                .map_err(sql(&self.file))?;
+        }
         if let Some(merge) = merged_into {
             // Only a candidate names the column (`begin` added it to a file made
             // before candidates were kept; other pushes leave such a file as it is).
@@ -1980,23 +2146,20 @@ impl VersionWriter {
         if self.fresh == 0 || !self.was_written(pgno) {
             return Ok(());
         }
-        let at: Option<(i64, u32, i64)> = self
+        let at: Option<(i64, u32, i64, Option<Vec<u8>>)> = self
             .conn
             .prepare_cached(
-                "SELECT offset, len, codec FROM temp.fresh WHERE hash = ?1 AND repair = 0",
+                "SELECT offset, len, codec, checksum FROM temp.fresh WHERE hash = ?1 AND repair = 0",
             )
             .and_then(|mut s| {
-                s.query_row([&h[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .optional()
+                s.query_row([&h[..]], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()
             })
             .map_err(sql(&self.file))?;
-        if let Some((offset, len, codec)) = at {
-            let loc = Loc {
-                pack,
-                offset: offset as u64,
-                len,
-                zstd: Loc::is_zstd(codec),
-            };
+        if let Some((offset, len, codec, checksum)) = at {
+            let loc = Loc::from_row(pack, offset, len, codec, checksum);
             if self.pages.insert(h, loc, false)? {
                 *indexed += 1;
             } else {
@@ -2022,24 +2185,24 @@ impl VersionWriter {
         if let Some(pack) = pack
             && self.repaired > 0
         {
-            let repairs: Vec<(Vec<u8>, i64, u32, i64)> = {
+            type Repair = (Vec<u8>, i64, u32, i64, Option<Vec<u8>>);
+            let repairs: Vec<Repair> = {
                 let mut stmt = self
                     .conn
-                    .prepare("SELECT hash, offset, len, codec FROM temp.fresh WHERE repair = 1")
+                    .prepare(
+                        "SELECT hash, offset, len, codec, checksum FROM temp.fresh WHERE repair = 1",
+                    )
                     .map_err(sql(&file))?;
                 let rows = stmt
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .query_map([], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
                     .map_err(sql(&file))?;
                 rows.collect::<rusqlite::Result<_>>().map_err(sql(&file))?
             };
-            for (h, offset, len, codec) in repairs {
+            for (h, offset, len, codec, checksum) in repairs {
                 if let Ok(h) = Hash::try_from(h.as_slice()) {
-                    let loc = Loc {
-                        pack,
-                        offset: offset as u64,
-                        len,
-                        zstd: Loc::is_zstd(codec),
-                    };
+                    let loc = Loc::from_row(pack, offset, len, codec, checksum);
                     self.pages.insert(&h, loc, true)?;
                 }
             }
@@ -2052,7 +2215,9 @@ impl VersionWriter {
                 tracing::debug!(replica = %self.replica, pages = raced, "pages a concurrent push stored first: that copy is used");
             }
         }
-        if !same {
+        // A sealed page 1 cannot be read here: the client checked its header before it
+        // sealed it, the one check of it left (docs/security.md).
+        if !same && !self.sealed {
             let page1 = page1.ok_or_else(|| Error::Protocol("a version without pages".into()))?;
             self.check_page1(&page1, page_count)?;
         }
@@ -2148,6 +2313,9 @@ pub struct VersionReader {
     /// Pages read through a hint, and those whose hinted bytes did not check and were
     /// read again through the index, by the last scan.
     hinted: (u64, u64),
+    /// The seal of an encrypted version: its pages are sealed, and it is relayed as
+    /// it is stored ([`VersionReader::relay`]).
+    seal: Option<Vec<u8>>,
     /// The store's GC lock, held shared for the whole read (dropped last).
     _gc: GcShared,
 }
@@ -2216,7 +2384,19 @@ impl VersionReader {
         if let Some(damage) = manifest_damage(&conn, file, info.number, info.page_count)? {
             return Err(damaged_version(replica, info.number, &damage));
         }
-        let hints = place::has_places(&conn, file)?;
+        let seal = match sealing_of(&conn, file, info.number)? {
+            None => None,
+            Some((_, Some(seal))) => Some(seal),
+            Some((id, None)) => {
+                return Err(Error::Verification(format!(
+                    "version {} of {replica} is encrypted (key id {id}) and its seal is missing in the store; it cannot be pulled",
+                    info.number
+                )));
+            }
+        };
+        // A place hint records no checksum, which every read of a sealed page checks:
+        // an encrypted version is read through the index.
+        let hints = seal.is_none() && place::has_places(&conn, file)?;
         Ok(VersionReader {
             conn,
             pages: {
@@ -2232,8 +2412,15 @@ impl VersionReader {
             packed: None,
             hints,
             hinted: (0, 0),
+            seal,
             _gc: gc,
         })
+    }
+
+    /// For an encrypted version: how the engine relays it, its stored seal sent as it
+    /// is, like its sealed pages (`OriginOptions::sealing`); `None` for a plaintext one.
+    pub fn relay(&self) -> Option<Sealing<'static>> {
+        self.seal.clone().map(|seal| Sealing::Relay { seal })
     }
 
     /// How many pages the last [`PageSource::scan`] read where a place hint said, and
@@ -2259,6 +2446,9 @@ impl VersionReader {
 /// What a reader needs to fetch and check one page, apart from the manifest.
 struct Fetch<'a> {
     pages: &'a mut Pages,
+    /// The version is encrypted: its entries must be sealed ones, checked against
+    /// their checksums, never hashed as pages.
+    sealed: bool,
     file: &'a Path,
     replica: &'a ReplicaPath,
     version: u64,
@@ -2320,7 +2510,7 @@ impl Fetch<'_> {
                 Some(loc) => self.pages.read(loc, buf)?,
                 None => false,
             };
-            return self.check(pgno, hash, buf, found, hinted);
+            return self.check(pgno, hash, loc, buf, found, hinted);
         };
         handed.set(None);
         let mut bytes = Vec::new();
@@ -2328,7 +2518,7 @@ impl Fetch<'_> {
             Some(loc) => self.pages.read_keeping(loc, buf, Some(&mut bytes))?,
             None => false,
         };
-        if !self.check(pgno, hash, buf, found, hinted)? {
+        if !self.check(pgno, hash, loc, buf, found, hinted)? {
             return Ok(false);
         }
         if !bytes.is_empty() {
@@ -2353,7 +2543,7 @@ impl Fetch<'_> {
         f: &mut ScanFn<'_>,
     ) -> Result<()> {
         if !loc.zstd {
-            if !self.check(pgno, &hash, raw, true, hinted)? {
+            if !self.check(pgno, &hash, Some(loc), raw, true, hinted)? {
                 self.page(pgno, &hash, page)?;
                 return f(pgno, hash, Some(page));
             }
@@ -2363,7 +2553,7 @@ impl Fetch<'_> {
             return f(pgno, hash, Some(raw));
         }
         self.pages.pack_files().expand(raw, page);
-        if !self.check(pgno, &hash, page, true, hinted)? {
+        if !self.check(pgno, &hash, Some(loc), page, true, hinted)? {
             self.page(pgno, &hash, page)?;
             return f(pgno, hash, Some(page));
         }
@@ -2384,21 +2574,35 @@ impl Fetch<'_> {
         &mut self,
         pgno: u32,
         hash: &Hash,
+        loc: Option<Loc>,
         buf: &[u8],
         found: bool,
         hinted: bool,
     ) -> Result<bool> {
-        if hinted && !(found && page_matches(Some(pgno), hash, buf)) {
+        let good = found && self.matches(pgno, hash, loc, buf);
+        if hinted && !good {
             self.stale += 1;
             return Ok(false);
         }
-        self.checked(pgno, hash, buf, found).map(|()| true)
+        self.checked(pgno, hash, found, good).map(|()| true)
     }
 
-    /// `Ok` if `buf` (`found`) is the page stored under `hash`; else records it for
-    /// repair and says so.
-    fn checked(&mut self, pgno: u32, hash: &Hash, buf: &[u8], found: bool) -> Result<()> {
-        if found && page_matches(Some(pgno), hash, buf) {
+    /// Whether `buf`, read from entry `loc`, is what the version stores as page `pgno`
+    /// under `hash`: a plaintext version's page hashes to it; an encrypted version's
+    /// entry is a sealed one whose bytes have its checksum (the store cannot open it:
+    /// the client checks the identity). An entry of the other kind never matches.
+    fn matches(&self, pgno: u32, hash: &Hash, loc: Option<Loc>, buf: &[u8]) -> bool {
+        match (self.sealed, loc.and_then(|l| l.sealed)) {
+            (true, Some(sum)) => sha256(buf) == sum,
+            (false, None) => page_matches(Some(pgno), hash, buf),
+            _ => false,
+        }
+    }
+
+    /// `Ok` if the page stored under `hash` was `found` and is `good` (as
+    /// [`Fetch::matches`] said); else records it for repair and says so.
+    fn checked(&mut self, pgno: u32, hash: &Hash, found: bool, good: bool) -> Result<()> {
+        if good {
             return Ok(());
         }
         if let Err(e) = record_bad_pages(self.file, &[*hash]) {
@@ -2495,6 +2699,7 @@ impl Runs {
                 let span = Loc {
                     len: (end - first.offset) as u32,
                     zstd: false,
+                    sealed: None,
                     ..first
                 };
                 if j - i > 1 && fetch.pages.pack_files().read_raw(span, &mut self.raw)? {
@@ -2539,6 +2744,7 @@ impl PageSource for VersionReader {
         let mut runs = Runs::new(self.info.page_size);
         let mut fetch = Fetch {
             pages: &mut self.pages,
+            sealed: self.seal.is_some(),
             file: &self.file,
             replica: &self.replica,
             version: self.info.number,
@@ -2623,6 +2829,7 @@ impl PageSource for VersionReader {
         .ok_or_else(|| Error::Verification(format!("manifest has no page {pgno}")))?;
         Fetch {
             pages: &mut self.pages,
+            sealed: self.seal.is_some(),
             file: &self.file,
             replica: &self.replica,
             version: self.info.number,
@@ -2872,7 +3079,7 @@ fn move_pages(file: &Path, pages_dir: &Path) -> Result<()> {
             if pages.lookup(&hash)?.is_none() {
                 // Moved as it is: a damaged page stays damaged, and scrub or a read
                 // finds it as before.
-                let loc = appender.append(data, false)?;
+                let loc = appender.append(data, false, None)?;
                 pages.insert(&hash, loc, false)?;
                 moved += 1;
             }

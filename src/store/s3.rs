@@ -150,6 +150,7 @@ impl VersionObject {
             base: self.base,
             stored_bytes: None,
             merged_into: None,
+            encryption: None,
         }
     }
 

@@ -68,6 +68,11 @@
 //!   rebuilds the database, and a wrong key, a changed byte, swapped or relabelled
 //!   pages, a page of another version, a seal of another version, and plaintext mixed
 //!   with sealed are each refused with the pulled file unchanged.
+//! - `sealed_store`: the directory store keeping encrypted replicas through the engine
+//!   API: no plaintext in any stored file, sealed entries with their checksums, a keyed
+//!   pull back, a small change storing only its pages, identities stored once, a
+//!   flipped stored byte refused and found by scrub, and mixes of plaintext, keys, stale
+//!   bases and merges refused.
 
 mod chunked;
 mod cli;
@@ -90,6 +95,7 @@ mod rows;
 mod s3_store;
 mod scale_out;
 mod sealed;
+mod sealed_store;
 mod seaweed;
 mod server;
 mod status;

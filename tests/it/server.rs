@@ -33,6 +33,8 @@
 //! - `tls`: `serve --tls-cert --tls-key` with a private CA made in the test: wss:// and
 //!   https:// work for a client that trusts the CA (`SQLFERRY_CA_FILE`) and fail cleanly
 //!   for one that does not, or that speaks plain ws://; bad certificate files.
+//! - `sealed`: an encrypted replica through a raw client: CONFIG's `encryption`, no
+//!   compression, a pull relaying sealed pages and the seal, `--merge` refused.
 //!
 //! Every wait is on an event (a line on the server's stdout, a process exit, a file
 //! growing), polled with a deadline, never a fixed sleep.
@@ -50,6 +52,7 @@ mod limits;
 mod paths;
 pub(crate) mod raw;
 mod roundtrip;
+mod sealed;
 mod shutdown;
 mod timing;
 mod tls;

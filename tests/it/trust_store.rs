@@ -509,13 +509,16 @@ fn begin_flags_outside_the_defined_bits_are_refused() {
         assert!(err.to_string().contains("BEGIN flags"), "{err}");
         assert_eq!(version_count(&store), 1, "flags {flags:#x}: nothing stored");
     }
-    // The sealed flag (0x04) is known, and refused by a store that keeps no sealed
-    // pages (none does yet), before anything is stored.
+    // The sealed flag (0x04) is known, and refused from a push that named no
+    // encryption key (and into a plaintext replica), before anything is stored.
     let mut frames = vec![begin(&changed, 0x04)];
     frames.extend(all_pages(&changed));
     let err = hostile_push(&store, frames).expect_err("a sealed session");
-    assert_eq!(err.kind(), sqlferry::ErrorKind::Auth, "{err}");
-    assert!(err.to_string().contains("keeps no sealed pages"), "{err}");
+    assert_eq!(err.kind(), sqlferry::ErrorKind::Protocol, "{err}");
+    assert!(
+        err.to_string().contains("without its encryption key id"),
+        "{err}"
+    );
     assert_eq!(version_count(&store), 1, "sealed: nothing stored");
     // The chunked digest's flag (0x02) is known, and holds the origin to that form: a
     // COMMIT with digest 1 is a digest that does not match.

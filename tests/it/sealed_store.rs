@@ -1,0 +1,422 @@
+//! The directory store keeping encrypted replicas (end-to-end encryption,
+//! docs/security.md), driven through the engine API: a sealed push into a real store
+//! leaves no plaintext in any of its files and no page hash in its index, only sealed
+//! entries (codec 2) with the checksum of their bytes; a pull back through the engine
+//! with the key rebuilds the database; a second push of a small change stores only what
+//! changed, and equal pages under one key are stored once across replicas. A flipped
+//! stored byte is refused on read with the pulled file untouched, and reported by
+//! `scrub`; mixing plaintext and sealed pushes, two keys, a stale base and a merge are
+//! each refused before anything is stored.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::Connection;
+use sqlferry::crypt::EncryptionKey;
+use sqlferry::engine::{self, NoProgress, Opening, OriginOptions, Sealing};
+use sqlferry::page::{Snapshot, Writer};
+use sqlferry::protocol::control::VersionInfo;
+use sqlferry::store::{PushOptions, ReplicaPath, Selector, Store};
+use sqlferry::{ErrorKind, Result};
+use tempfile::TempDir;
+
+use crate::util::{self, Mode};
+
+const REPLICA: &str = "acme/app.db";
+const MARKER: &str = "sqlferry-store-marker-51c2";
+
+pub(crate) fn key(byte: u8) -> EncryptionKey {
+    EncryptionKey::from_bytes(&[byte; 32])
+}
+
+/// A database whose rows all carry the marker.
+pub(crate) fn marked_db(dir: &Path) -> PathBuf {
+    let path = dir.join("app.db");
+    let conn = util::create(&path, 4096, Mode::Wal);
+    conn.execute_batch("CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)")
+        .expect("schema");
+    for i in 0..2000 {
+        conn.execute(
+            "INSERT INTO notes(body) VALUES (?1)",
+            [format!("{MARKER} note {i} of someone's private data")],
+        )
+        .expect("insert");
+    }
+    path
+}
+
+/// Pushes `src` into `replica` of `store`, sealed with `key` when given, based on
+/// `base`: the version now latest and whether this push made it.
+pub(crate) fn push(
+    store: &Store,
+    replica: &str,
+    src: &Path,
+    key: Option<&EncryptionKey>,
+    base: Option<u64>,
+) -> Result<(VersionInfo, bool)> {
+    let r = ReplicaPath::parse(replica).expect("valid path");
+    let mut writer = store.push(
+        &r,
+        PushOptions {
+            base,
+            client_id: "test".into(),
+            message: "sealed".into(),
+            encryption: key.map(|k| k.id().to_string()),
+            ..PushOptions::default()
+        },
+    )?;
+    let mut snap = Snapshot::open(src)?.with_hash_cache(None);
+    let options = OriginOptions {
+        sealing: key.map(|key| Sealing::Seal {
+            key,
+            replica,
+            version: base.unwrap_or(0) + 1,
+            message: "sealed",
+        }),
+        chunked_digest: true,
+        ..OriginOptions::default()
+    };
+    engine::sync_local_with(&mut snap, &mut writer, &NoProgress, options)?;
+    let (v, made) = writer.outcome().expect("a committed push has an outcome");
+    Ok((v.clone(), made))
+}
+
+/// Pulls `version` of `replica` into `dest` through the engine, the store relaying
+/// what it keeps and the replica opening it with `key`.
+fn pull(
+    store: &Store,
+    replica: &str,
+    version: u64,
+    dest: &Path,
+    key: Option<&EncryptionKey>,
+) -> Result<engine::ReplicaDone> {
+    let r = ReplicaPath::parse(replica).expect("valid path");
+    let mut reader = store.read(&r, Selector::Number(version))?;
+    let (mut origin_link, mut replica_link) = engine::mem_pair();
+    let mut writer = Writer::open(dest)?.with_hash_cache(None);
+    std::thread::scope(|s| {
+        let replica_side = s.spawn(move || {
+            let opening = key.map(|key| Opening {
+                key,
+                replica,
+                version,
+            });
+            engine::run_replica_opening(&mut writer, &mut replica_link, &NoProgress, opening)
+        });
+        let options = OriginOptions {
+            sealing: reader.relay(),
+            ..OriginOptions::default()
+        };
+        let _ = engine::run_origin_with(&mut reader, &mut origin_link, &NoProgress, options);
+        drop(origin_link);
+        replica_side.join().expect("replica thread")
+    })
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The files under `dir` that hold `needle`.
+fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|f| {
+            std::fs::read(f)
+                .map(|b| b.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn index(store: &Path) -> Connection {
+    Connection::open(store.join("pages/index.sqlite")).expect("open the page index")
+}
+
+/// The page index's rows: (key, codec, checksum, pack, offset, len).
+type Row = (Vec<u8>, i64, Option<Vec<u8>>, i64, i64, i64);
+
+fn index_rows(store: &Path) -> Vec<Row> {
+    let conn = index(store);
+    let mut stmt = conn
+        .prepare("SELECT hash, codec, checksum, pack, offset, len FROM pages")
+        .expect("prepare");
+    stmt.query_map([], |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    })
+    .expect("rows")
+    .collect::<rusqlite::Result<_>>()
+    .expect("rows")
+}
+
+/// Flips one bit of byte `at` of the entry stored under `identity`.
+fn flip(store: &Path, identity: &[u8; 32], at: u64) {
+    use std::os::unix::fs::FileExt;
+    let (pack, offset): (i64, i64) = index(store)
+        .query_row(
+            "SELECT pack, offset FROM pages WHERE hash = ?1",
+            [&identity[..]],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("an indexed page");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(store.join(format!("pages/{pack}.pack")))
+        .expect("open pack");
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset as u64 + at).expect("read");
+    b[0] ^= 0x10;
+    f.write_all_at(&b, offset as u64 + at).expect("write");
+}
+
+/// A database at `dir/local.db` with rows of its own, and its bytes.
+fn existing_dest(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let dest = dir.join("local.db");
+    let conn = util::create(&dest, 4096, Mode::Rollback);
+    conn.execute_batch("CREATE TABLE mine(x); INSERT INTO mine VALUES ('local rows');")
+        .expect("local rows");
+    drop(conn);
+    let bytes = std::fs::read(&dest).expect("read dest");
+    (dest, bytes)
+}
+
+#[test]
+fn a_sealed_push_into_the_store_keeps_no_plaintext_and_pulls_back_with_the_key() {
+    let dir = TempDir::new().expect("tempdir");
+    let src = marked_db(dir.path());
+    let root = dir.path().join("store");
+    let store = Store::new(&root);
+    let k = key(7);
+    let (v1, made) = push(&store, REPLICA, &src, Some(&k), None).expect("sealed push");
+    assert!(made);
+    assert_eq!(v1.number, 1);
+    assert_eq!(v1.encryption.as_deref(), Some(k.id().to_string().as_str()));
+    assert_ne!(
+        v1.digest,
+        util::digest(&src),
+        "the store's digest is over identities"
+    );
+    assert_eq!(
+        store
+            .encryption(&ReplicaPath::parse(REPLICA).expect("valid"))
+            .expect("asked"),
+        Some(k.id().to_string())
+    );
+
+    // No file of the store holds the marker; every index row is a sealed entry keyed
+    // by an identity, never by a page's SHA-256, with the checksum of its bytes.
+    assert_eq!(holding(&root, MARKER.as_bytes()), Vec::<PathBuf>::new());
+    let hashes = util::page_hashes(&src);
+    let rows = index_rows(&root);
+    assert_eq!(rows.len(), hashes.len(), "one entry a distinct page");
+    for (key_bytes, codec, checksum, pack, offset, len) in &rows {
+        assert_eq!(*codec, 2, "a sealed entry");
+        assert_eq!(*len, 4096 + 28);
+        assert!(
+            !hashes.iter().any(|h| h[..] == key_bytes[..]),
+            "a page hash as a key"
+        );
+        let mut bytes = vec![0u8; *len as usize];
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(root.join(format!("pages/{pack}.pack")))
+            .expect("pack")
+            .read_exact_at(&mut bytes, *offset as u64)
+            .expect("entry");
+        assert_eq!(
+            checksum.as_deref(),
+            Some(&sqlferry::digest::sha256(&bytes)[..]),
+            "the checksum is the sealed bytes' SHA-256"
+        );
+    }
+    for h in &hashes {
+        let id = k.page_identity(h);
+        assert!(rows.iter().any(|r| r.0 == id), "page identity stored");
+    }
+
+    // Pulled back with the key: the same database, rows and all.
+    let fresh = dir.path().join("fresh.db");
+    let done = pull(&store, REPLICA, 1, &fresh, Some(&k)).expect("keyed pull");
+    util::assert_same(&src, &fresh);
+    assert_eq!(util::integrity(&fresh), "ok");
+    assert_eq!(
+        util::dump(&fresh)
+            .iter()
+            .find(|(t, _)| t == "notes")
+            .map(|(_, rows)| rows.len()),
+        Some(2000)
+    );
+    let facts = done.opened.expect("the seal was opened");
+    assert_eq!(facts.message, "sealed");
+    assert_eq!(sqlferry::digest::hex(&facts.digest), util::digest(&src));
+
+    // A one-row change, based on version 1: only the pages it changed are stored.
+    let conn = util::open(&src);
+    conn.execute("UPDATE notes SET body = 'changed' WHERE id = 77", [])
+        .expect("update");
+    drop(conn);
+    let (v2, made) = push(&store, REPLICA, &src, Some(&k), Some(1)).expect("second push");
+    assert!(made);
+    assert_eq!(v2.number, 2);
+    let added = index_rows(&root).len() - rows.len();
+    assert!((1..=4).contains(&added), "{added} pages stored for one row");
+    pull(&store, REPLICA, 2, &fresh, Some(&k)).expect("second keyed pull");
+    util::assert_same(&src, &fresh);
+    assert_eq!(holding(&root, MARKER.as_bytes()), Vec::<PathBuf>::new());
+
+    // The same database under the same key in another replica: nothing stored again.
+    let before = index_rows(&root).len();
+    push(&store, "acme/copy.db", &src, Some(&k), None).expect("push of a copy");
+    assert_eq!(
+        index_rows(&root).len(),
+        before,
+        "equal identities stored once"
+    );
+
+    // Without the key the pull is refused, the file untouched.
+    let (dest, bytes) = existing_dest(dir.path());
+    let err = pull(&store, REPLICA, 2, &dest, None).expect_err("no key");
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert_eq!(std::fs::read(&dest).expect("read"), bytes);
+}
+
+#[test]
+fn a_flipped_sealed_byte_is_refused_on_read_and_reported_by_scrub() {
+    let dir = TempDir::new().expect("tempdir");
+    let src = marked_db(dir.path());
+    let root = dir.path().join("store");
+    let store = Store::new(&root);
+    let k = key(7);
+    push(&store, REPLICA, &src, Some(&k), None).expect("sealed push");
+    assert!(store.scrub(&mut |_| {}).expect("scrub").is_clean());
+
+    let identity = k.page_identity(&util::page_hashes(&src)[19]);
+    flip(&root, &identity, 100);
+    let (dest, bytes) = existing_dest(dir.path());
+    let err = pull(&store, REPLICA, 1, &dest, Some(&k)).expect_err("a flipped byte");
+    assert_eq!(err.kind(), ErrorKind::Verification, "{err}");
+    assert!(
+        err.to_string()
+            .contains("page 20 of acme/app.db@1 is damaged"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&dest).expect("read"),
+        bytes,
+        "the file changed"
+    );
+
+    let report = store.scrub(&mut |_| {}).expect("scrub");
+    assert!(!report.is_clean());
+    let r = &report.replicas[0];
+    assert_eq!(r.bad_pages.len(), 1, "{:?}", r.bad_pages);
+    assert_eq!(r.bad_pages[0].hash, sqlferry::digest::hex(&identity));
+    assert_eq!(r.bad_pages[0].problem, "damaged");
+
+    // The next push of the database resends the page, and the pull works again.
+    let (_, made) = push(&store, REPLICA, &src, Some(&k), Some(1)).expect("repairing push");
+    assert!(!made, "the same content makes no version");
+    pull(&store, REPLICA, 1, &dest, Some(&k)).expect("pull after the repair");
+    util::assert_same(&src, &dest);
+    assert!(store.scrub(&mut |_| {}).expect("scrub").is_clean());
+}
+
+#[test]
+fn plaintext_and_sealed_pushes_other_keys_and_stale_bases_are_refused() {
+    let dir = TempDir::new().expect("tempdir");
+    let src = marked_db(dir.path());
+    let store = Store::new(dir.path().join("store"));
+    let k = key(7);
+    push(&store, REPLICA, &src, Some(&k), None).expect("sealed push");
+    let conn = util::open(&src);
+    conn.execute("UPDATE notes SET body = 'v2' WHERE id = 1", [])
+        .expect("update");
+    drop(conn);
+
+    let refused = |key: Option<&EncryptionKey>, base: Option<u64>, kind: ErrorKind, words: &str| {
+        let err = push(&store, REPLICA, &src, key, base).expect_err(words);
+        assert_eq!(err.kind(), kind, "{err}");
+        assert!(err.to_string().contains(words), "{err}");
+        let r = ReplicaPath::parse(REPLICA).expect("valid");
+        assert_eq!(
+            store.latest_number(&r).expect("latest"),
+            1,
+            "{words}: stored"
+        );
+    };
+    refused(
+        None,
+        Some(1),
+        ErrorKind::Auth,
+        "acme/app.db is encrypted (key id",
+    );
+    refused(
+        Some(&key(8)),
+        Some(1),
+        ErrorKind::Auth,
+        &format!("made with key id {}", k.id()),
+    );
+    // A seal made for version 1 (base: none), or forced past a stale base.
+    refused(Some(&k), None, ErrorKind::Conflict, "VERSION_CONFLICT");
+
+    // A sealed push into a plaintext replica.
+    let plain = "acme/plain.db";
+    push(&store, plain, &src, None, None).expect("plaintext push");
+    let err = push(&store, plain, &src, Some(&k), Some(1)).expect_err("sealed into plaintext");
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert!(err.to_string().contains("is not encrypted"), "{err}");
+    let r = ReplicaPath::parse(plain).expect("valid");
+    assert_eq!(store.encryption(&r).expect("asked"), None);
+
+    // A candidate of a merge cannot be sealed: the store cannot read its rows.
+    let r = ReplicaPath::parse(REPLICA).expect("valid");
+    let mut writer = store
+        .push(
+            &r,
+            PushOptions {
+                base: Some(1),
+                encryption: Some(k.id().to_string()),
+                ..PushOptions::default()
+            },
+        )
+        .expect("writer");
+    writer.stage_candidate(1, "merge".into());
+    let mut snap = Snapshot::open(&src)
+        .expect("snapshot")
+        .with_hash_cache(None);
+    let err = engine::sync_local_with(
+        &mut snap,
+        &mut writer,
+        &NoProgress,
+        OriginOptions {
+            sealing: Some(Sealing::Seal {
+                key: &k,
+                replica: REPLICA,
+                version: 2,
+                message: "merge",
+            }),
+            ..OriginOptions::default()
+        },
+    )
+    .expect_err("a sealed merge");
+    assert!(err.to_string().contains("cannot merge"), "{err}");
+}
