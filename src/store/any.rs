@@ -191,6 +191,9 @@ impl AnyStore {
 }
 
 /// A push into either store: the engine's [`PageTarget`].
+// One per push, made once on the engine's thread and never copied: boxing the larger
+// writer would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyWriter {
     /// Into the directory store.
     Dir(VersionWriter),
