@@ -102,6 +102,11 @@ pub trait MetaStore: Send + Sync + Debug {
     /// Registers `path` with `id` unless it is registered already; the id it has now
     /// (the first writer's).
     fn register_replica(&self, path: &str, id: &str, at: i64) -> Result<String>;
+
+    /// The paths of every registered replica, in path order: the server's own record
+    /// of the replicas pushed through it (or, shared, through any server of its
+    /// PostgreSQL), what lists the replicas of a store that is not a directory.
+    fn replica_paths(&self) -> Result<Vec<String>>;
 }
 
 /// A shared handle on the metadata's home.

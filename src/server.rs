@@ -88,7 +88,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::protocol::control::NewVersion;
 use crate::shutdown::Shutdown;
-use crate::store::Store;
+use crate::store::{AnyStore, ReplicaPath, Store};
 use crate::{Error, Result};
 
 /// How long sessions in flight may take to finish after a shutdown signal.
@@ -108,8 +108,9 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// What every connection of a server shares.
 #[derive(Debug, Clone)]
 pub struct State {
-    /// The replicas.
-    pub store: Store,
+    /// The replicas: the directory store in the data directory, or an S3 store
+    /// (`serve --store s3://…`).
+    pub store: AnyStore,
     /// The keys.
     pub auth: Auth,
     /// Subscribers and what they told the server.
@@ -304,7 +305,7 @@ impl State {
         crate::meta::sqlite::create_private(data)?;
         Ok(State {
             server_id,
-            store: Store::new(data).filling_digest1(),
+            store: AnyStore::Dir(Store::new(data).filling_digest1()),
             drills: Arc::new(drill::Drills::open(data)?),
             auth,
             hub: Arc::new(Hub::default()),
@@ -323,6 +324,26 @@ impl State {
             relay.announce(version.clone(), created_at);
         }
         self.hub.published(version, created_at);
+    }
+
+    /// This state keeping its replicas in `store` instead of the data directory's
+    /// directory store.
+    pub fn with_store(mut self, store: AnyStore) -> State {
+        self.store = store;
+        self
+    }
+
+    /// Every replica of the store, in path order: a directory store's files; for an
+    /// S3 store, the replicas registered in this server's metadata (`server.db`, or
+    /// PostgreSQL with `--meta`) by their first push, not a LIST of the bucket: the
+    /// API and the metrics ask often, and a LIST grows with the bucket. A replica
+    /// pushed to the bucket by a server with other metadata is not listed here (it is
+    /// served all the same). Blocking.
+    pub fn replicas(&self) -> Result<Vec<ReplicaPath>> {
+        match &self.store {
+            AnyStore::Dir(store) => store.replicas(),
+            AnyStore::S3 { .. } => self.auth.replicas(),
+        }
     }
 
     /// This state with each replica's latest version drilled every `every` (see the

@@ -53,7 +53,11 @@
 //!   appending to a pack of its own.
 //! - A replica file of the previous layout (its own `pages` table) has its pages moved
 //!   into the packs the first time it is opened.
+//!
+//! Beside the directory store: the S3 store (`s3`, on the object layer `object`), and
+//! [`AnyStore`], the one interface a server holds over either (`serve --store`).
 
+mod any;
 mod list;
 pub mod object;
 mod pack;
@@ -63,6 +67,7 @@ mod retention;
 pub mod s3;
 mod scrub;
 
+pub use any::{AnyReader, AnyStore, AnyWriter, not_with_s3};
 pub use list::Latest;
 pub use replica::{VersionReader, VersionWriter, number_ranges};
 pub use retention::{Collected, GcShared, keep, parse_policy, parse_span};

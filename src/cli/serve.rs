@@ -80,6 +80,20 @@ failure reports, followers and drill results stay in each server's memory (the A
 server shows its own subscribers).\n  \
 sqlferry serve --data /srv/sqlferry --listen 0.0.0.0:7878 --meta postgres://sqlferry@127.0.0.1:5432/sqlferry\n  \
 sqlferry serve --data /srv/sqlferry --listen 0.0.0.0:7879 --meta postgres://sqlferry@127.0.0.1:5432/sqlferry\n\n\
+Object storage (--store s3://BUCKET/PREFIX): pages and versions go to an S3-compatible \
+bucket under PREFIX instead of --data, which keeps server.db (keys, replica ids) and a cache \
+of the bucket's pack indexes (DATA/s3-cache/, safe to delete). Credentials and region come \
+from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), AWS_REGION; the endpoint \
+from --s3-endpoint or AWS_ENDPOINT_URL (none: AWS S3). At start the server writes and reads \
+back PREFIX/sqlferry-store.json: a wrong endpoint, refused credentials or a missing bucket \
+stop it there (exit 10). A push writes one pack of its new pages, its index, the chunks of \
+page hashes that changed and the version object, created only if absent: two servers on one \
+bucket (with --meta, or each with its own --data) never make the same version twice; the \
+loser gets VERSION_CONFLICT. Not with an S3 store yet (refused, saying so): retention and \
+prune, --retention, --drill-every, push --merge, encrypted replicas, stored-bytes figures \
+(shown as -); pages travel uncompressed.\n  \
+AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=… sqlferry serve --data /srv/sqlferry --store s3://backups/sqlferry\n  \
+sqlferry serve --data /srv/sqlferry --store s3://backups/sqlferry --s3-endpoint http://127.0.0.1:9000\n\n\
 More examples:\n  \
 sqlferry serve --data /var/lib/sqlferry --drill-every 24h --metrics-listen 127.0.0.1:9878")]
 pub struct ServeArgs {
@@ -126,6 +140,42 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL", env = "SQLFERRY_META", hide_env_values = true,
           value_parser = parse_meta)]
     pub meta: Option<crate::meta::MetaUrl>,
+    /// Where replicas' pages and versions live: s3://BUCKET/PREFIX (an S3-compatible
+    /// object storage; credentials and region from AWS_*), or file://DIR (the directory
+    /// store in --data, the default) [default: the directory store in --data].
+    #[arg(long, value_name = "URL", value_parser = parse_store)]
+    pub store: Option<StoreUrl>,
+    /// The endpoint of an S3-compatible server (MinIO, SeaweedFS, Ceph, R2…) for
+    /// --store s3://…: http://HOST:PORT or https://HOST [default: AWS_ENDPOINT_URL, else
+    /// AWS S3].
+    #[arg(long, value_name = "URL", requires = "store")]
+    pub s3_endpoint: Option<String>,
+}
+
+/// Where `serve --store` keeps replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `file://DIR`: the directory store.
+    Dir(PathBuf),
+    /// `s3://BUCKET/PREFIX`.
+    S3(crate::store::object::S3Location),
+}
+
+fn parse_store(s: &str) -> Result<StoreUrl, String> {
+    if let Some(dir) = s.strip_prefix("file://") {
+        if dir.is_empty() {
+            return Err("file:// needs a directory: file:///var/lib/sqlferry".into());
+        }
+        return Ok(StoreUrl::Dir(PathBuf::from(dir)));
+    }
+    if s.starts_with("s3://") {
+        return crate::store::object::S3Location::parse(s)
+            .map(StoreUrl::S3)
+            .map_err(|e| e.to_string());
+    }
+    Err(format!(
+        "{s:?} is no store: write s3://BUCKET/PREFIX (object storage) or file://DIR (a directory)"
+    ))
 }
 
 fn parse_meta(s: &str) -> Result<crate::meta::MetaUrl, String> {
@@ -148,7 +198,40 @@ fn parse_retention(s: &str) -> Result<crate::store::RetentionPolicy, String> {
 impl ServeArgs {
     /// Runs the command until `shutdown` stops the server (see [`crate::server::serve`]).
     pub async fn run(self, _global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
-        let data = match self.data {
+        // `file://DIR` is the directory store, which lives in the data directory: it
+        // names --data (or must be the same directory).
+        let data = match (&self.store, self.data.clone()) {
+            (Some(StoreUrl::Dir(dir)), None) => Some(dir.clone()),
+            (Some(StoreUrl::Dir(dir)), Some(data)) if *dir != data => {
+                return Err(crate::Error::Usage(format!(
+                    "--store file://{} names another directory than --data {}: the directory store lives in the data directory; give one of them",
+                    dir.display(),
+                    data.display()
+                ))
+                .into());
+            }
+            (_, data) => data,
+        };
+        let s3 = match &self.store {
+            Some(StoreUrl::S3(location)) => Some(location.clone()),
+            _ if self.s3_endpoint.is_some() => {
+                return Err(crate::Error::Usage(
+                    "--s3-endpoint is for --store s3://BUCKET/PREFIX".into(),
+                )
+                .into());
+            }
+            _ => None,
+        };
+        if s3.is_some() {
+            // Refused before anything is made, naming the feature (docs/scale-out.md).
+            if self.drill_every.is_some() {
+                return Err(crate::store::not_with_s3("restore drills (--drill-every)").into());
+            }
+            if self.retention.is_some() {
+                return Err(crate::store::not_with_s3("retention policies (--retention)").into());
+            }
+        }
+        let data = match data {
             Some(d) => d,
             None => crate::config::data_dir().ok_or_else(|| {
                 crate::Error::Usage(
@@ -245,6 +328,31 @@ impl ServeArgs {
             ),
             None => None,
         };
+        // The bucket is checked before server.db and the admin key: a start refused
+        // here leaves no admin key that was never shown.
+        let store = match s3 {
+            Some(location) => {
+                let options =
+                    crate::store::object::S3Options::from_env(self.s3_endpoint.as_deref());
+                let (runtime, data) = (tokio::runtime::Handle::current(), data.clone());
+                let shown = location.to_string();
+                Some(
+                    blocking(move || {
+                        let objects = crate::store::object::Objects::open(location, &options)?;
+                        let store = crate::store::s3::S3Store::open(
+                            objects,
+                            &data.join(S3_CACHE_DIR),
+                            runtime,
+                        )?;
+                        store.check()?;
+                        Ok(crate::store::AnyStore::S3 { store, data })
+                    })
+                    .await
+                    .with_context(|| format!("cannot start: the store {shown} is not usable"))?,
+                )
+            }
+            None => None,
+        };
         let (state, admin_key) = blocking(move || {
             let opened = match pg {
                 Some(pg) => State::open_with(&dir, crate::meta::Meta::postgres(pg.clone()), Some(pg))
@@ -252,14 +360,17 @@ impl ServeArgs {
                 None => State::open(&dir).map_err(|e| startup(e, &dir)),
             };
             let mut state = opened?.with_max_sessions(max_sessions, session_wait);
+            if let Some(store) = store {
+                state = state.with_store(store);
+            }
             if let Some(every) = drill_every {
                 state = state.with_drills(every);
             }
             if metrics_on_main {
                 state = state.with_metrics();
             }
-            if let Some(policy) = retention {
-                state.store = state.store.clone().with_default_retention(policy);
+            if let (Some(policy), crate::store::AnyStore::Dir(dir)) = (retention, &state.store) {
+                state.store = crate::store::AnyStore::Dir(dir.clone().with_default_retention(policy));
             }
             let key = state.auth.ensure_admin().map_err(|e| startup(e, &dir))?;
             if shared {
@@ -281,14 +392,19 @@ impl ServeArgs {
                 m.local_addr()?
             ))?;
         }
+        // Where the pages go, when not in the data directory.
+        let pages = match &self.store {
+            Some(StoreUrl::S3(location)) => format!("; pages and versions in {location}"),
+            _ => String::new(),
+        };
         if tls.is_some() {
             super::out(format_args!(
-                "listening on wss://{addr} and https://{addr} (TLS; data in {})",
+                "listening on wss://{addr} and https://{addr} (TLS; data in {}{pages})",
                 data.display()
             ))?;
         } else {
             super::out(format_args!(
-                "listening on ws://{addr} (data in {})",
+                "listening on ws://{addr} (data in {}{pages})",
                 data.display()
             ))?;
         }
@@ -305,6 +421,9 @@ impl ServeArgs {
         Ok(ExitCode::from(exit::OK))
     }
 }
+
+/// The directory under `--data` that holds an S3 store's cache of pack indexes.
+const S3_CACHE_DIR: &str = "s3-cache";
 
 /// Runs start-up file and SQLite work on a blocking thread.
 async fn blocking<T: Send + 'static>(

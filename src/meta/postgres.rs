@@ -1003,6 +1003,17 @@ impl MetaStore for PgMeta {
             Ok(row.get(0))
         })
     }
+
+    fn replica_paths(&self) -> Result<Vec<String>> {
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            let rows = client
+                .query("SELECT path FROM sqlferry_replicas ORDER BY path", &[])
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
 }
 
 fn key_info(r: &tokio_postgres::Row) -> KeyInfo {

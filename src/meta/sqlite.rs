@@ -324,6 +324,19 @@ impl MetaStore for SqliteMeta {
         })
         .map_err(self.sql())
     }
+
+    fn replica_paths(&self) -> Result<Vec<String>> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT path FROM replicas ORDER BY path")
+            .map_err(self.sql())?;
+        let paths = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(self.sql())?
+            .collect::<rusqlite::Result<Vec<String>>>()
+            .map_err(self.sql())?;
+        Ok(paths)
+    }
 }
 
 fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::drill::{DrillResult, Drills};
 use super::{Hub, Status};
 use crate::Result;
-use crate::store::{Latest, ReplicaPath, Store};
+use crate::store::{AnyStore, Latest, ReplicaPath};
 
 /// One replica's summary, as the API answers it (field names are a contract with the
 /// dashboard and with scripts: see docs/server.md).
@@ -33,7 +33,8 @@ pub struct Summary {
     /// The latest version's digest, lower-case hex.
     pub digest: Option<String>,
     /// The bytes of the distinct pages the replica's versions use, as stored
-    /// ([`Store::stored_bytes`]: counted once per set of versions, then kept).
+    /// ([`crate::store::Store::stored_bytes`]: counted once per set of versions, then
+    /// kept; `None` on an S3 store, which counts none yet).
     pub stored_bytes: Option<u64>,
     /// What the hub knows: subscribers connected, the planned push, the failure report.
     #[serde(flatten)]
@@ -89,15 +90,16 @@ fn behind_the_store(status: &mut Status, latest: u64, latest_at: i64, now: i64) 
     }
 }
 
-/// Every replica's summary, in path order: the store's replicas and those the hub
-/// knows of. Blocking (it reads the store). Fails only when the store's directory
-/// cannot be listed; a replica file that cannot be read gives a summary with `error`.
-pub fn list(store: &Store, hub: &Hub, drills: &Drills) -> Result<Vec<Summary>> {
-    let mut names: Vec<String> = store
-        .replicas()?
-        .iter()
-        .map(|r| r.as_str().to_owned())
-        .collect();
+/// Every replica's summary, in path order: `replicas` (the store's, as
+/// `State::replicas` lists them) and those the hub knows of. Blocking (it reads the
+/// store). A replica that cannot be read gives a summary with `error`.
+pub fn list(
+    store: &AnyStore,
+    replicas: Vec<ReplicaPath>,
+    hub: &Hub,
+    drills: &Drills,
+) -> Result<Vec<Summary>> {
+    let mut names: Vec<String> = replicas.iter().map(|r| r.as_str().to_owned()).collect();
     names.extend(hub.replicas());
     names.sort();
     names.dedup();
@@ -222,11 +224,13 @@ mod tests {
     #[test]
     fn the_list_holds_the_store_and_the_hub_in_path_order() {
         let dir = tempfile::TempDir::new().expect("tempdir");
-        let store = Store::new(dir.path());
+        let store = crate::store::Store::new(dir.path());
+        let any = AnyStore::Dir(store.clone());
         let hub = Hub::default();
         let drills = Drills::open(dir.path()).expect("the drills table");
+        let replicas = || store.replicas().expect("the store lists");
         assert_eq!(
-            list(&store, &hub, &drills).expect("an empty store lists"),
+            list(&any, replicas(), &hub, &drills).expect("an empty store lists"),
             vec![]
         );
         // A file that is no replica database: listed, with the reason.
@@ -235,7 +239,7 @@ mod tests {
         std::fs::write(&file, b"not a database, not even close: 32+ bytes").expect("write");
         let _waiting = hub.join("acme/new.db", SubscriberRole::Pull);
         drop(hub.join("acme/left.db", SubscriberRole::Pull));
-        let listed = list(&store, &hub, &drills).expect("lists");
+        let listed = list(&any, replicas(), &hub, &drills).expect("lists");
         let names: Vec<&str> = listed.iter().map(|s| s.replica.as_str()).collect();
         assert_eq!(names, ["acme/new.db", "acme/zz.db"]);
         assert_eq!(listed[0].status.pull_subscribers, 1);

@@ -268,6 +268,17 @@ impl Auth {
             .map(Some)
     }
 
+    /// Every replica registered with this server's metadata (by its first push through
+    /// a server sharing it), in path order.
+    pub fn replicas(&self) -> Result<Vec<ReplicaPath>> {
+        self.meta
+            .store()
+            .replica_paths()?
+            .iter()
+            .map(|p| ReplicaPath::parse(p))
+            .collect()
+    }
+
     /// Mints a PUSH and a PULL key for `replica` and returns them (shown once).
     pub fn mint_replica_keys(&self, replica: &ReplicaPath) -> Result<NewKeys> {
         let (push, push_row) = Auth::new_key(KeyKind::Push, Some(replica.as_str()))?;

@@ -34,7 +34,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use crate::digest::{BothDigester, page_hash};
 use crate::engine::PageSource as _;
 use crate::shutdown::Shutdown;
-use crate::store::{ReplicaPath, Selector, Store};
+use crate::store::{AnyStore, ReplicaPath, Selector};
 use crate::{Error, Result};
 
 /// The longest a never-drilled replica waits for its first drill after start (or
@@ -188,7 +188,7 @@ pub fn remove_leftovers(data: &Path) {
 /// `PRAGMA integrity_check` on the file. `None` when `stop` asked for a stop meanwhile
 /// (the integrity check is stopped through `interrupt`: see [`Interrupt`]).
 pub fn drill(
-    store: &Store,
+    store: &AnyStore,
     replica: &ReplicaPath,
     stop: &Shutdown,
     interrupt: &Interrupt,
@@ -217,7 +217,7 @@ fn stopped() -> Error {
 }
 
 fn restore_and_check(
-    store: &Store,
+    store: &AnyStore,
     replica: &ReplicaPath,
     stop: &Shutdown,
     interrupt: &Interrupt,
@@ -304,7 +304,7 @@ fn restore_and_check(
 /// against the one recorded. No file is restored and no integrity check runs: only a
 /// client with the key can do either.
 fn check_sealed(
-    reader: &mut crate::store::VersionReader,
+    reader: &mut crate::store::AnyReader,
     replica: &ReplicaPath,
     stop: &Shutdown,
 ) -> Result<()> {
@@ -463,8 +463,8 @@ pub(super) async fn run(state: Arc<super::State>, every: Duration, shutdown: Shu
         // The runtime's clock (so `tokio::time::pause` drives it), as a std instant.
         let now = tokio::time::Instant::now().into_std();
         if scanned.is_none_or(|t| now.duration_since(t) >= rescan) {
-            let store = state.store.clone();
-            match super::blocking(move || store.replicas()).await {
+            let s = state.clone();
+            match super::blocking(move || s.replicas()).await {
                 Ok(present) => {
                     plan.keep_only(&present);
                     let wall = crate::epoch::now();

@@ -147,7 +147,7 @@ async fn metrics(state: &Arc<State>) -> Response {
             .filter_map(|(r, f)| Some((r, f.iter().filter_map(|f| f.lag_seconds).max()?)))
             .collect();
         let mut out = Vec::new();
-        for replica in s.store.replicas()? {
+        for replica in s.replicas()? {
             let latest = match s.store.latest(&replica) {
                 Ok(v) => v.map(|l| (l.version.number, l.version.created_at)),
                 Err(e) if e.kind() == ErrorKind::NotFound => None,
@@ -424,9 +424,11 @@ async fn replicas(
             ),
         );
     }
-    let (store, hub, drills) = (state.store.clone(), state.hub.clone(), state.drills.clone());
+    let s = state.clone();
     let listed = super::blocking(move || {
-        api::list(&store, &hub, &drills).map_err(|e| fault::server_side(e, store.root()))
+        s.replicas()
+            .and_then(|replicas| api::list(&s.store, replicas, &s.hub, &s.drills))
+            .map_err(|e| fault::server_side(e, s.store.root()))
     })
     .await;
     match listed {

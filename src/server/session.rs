@@ -306,6 +306,7 @@ where
     let (policy, clear) = (open.retention.clone(), open.retention_clear);
     let (id, shown) = blocking(move || {
         let id = auth.replica_id(&r, false)?;
+        let store = store.dir("retention policies")?;
         let shown = if change {
             store.set_retention(&r, if clear { None } else { policy.as_ref() })?
         } else {
@@ -339,7 +340,12 @@ where
     let dry_run = open.dry_run;
     let (id, report) = blocking(move || {
         let id = auth.replica_id(&r, false)?;
-        let report = store.prune(&r, dry_run, crate::epoch::now(), crate::store::PRUNE_WAIT)?;
+        let report = store.dir("prune")?.prune(
+            &r,
+            dry_run,
+            crate::epoch::now(),
+            crate::store::PRUNE_WAIT,
+        )?;
         Ok((id, report))
     })
     .await?;
@@ -512,18 +518,10 @@ async fn latest_with_times(
     let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
     blocking(move || {
         let id = auth.replica_id(&r, false)?;
-        let versions = match store.versions(&r) {
-            Ok(v) => v,
-            Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
-        };
+        let (versions, all) = store.newest(&r, super::RECENT_VERSIONS)?;
         let latest = versions.last().map_or(0, |v| v.number);
-        let skip = versions.len().saturating_sub(super::RECENT_VERSIONS);
-        let newest = versions[skip..]
-            .iter()
-            .map(|v| (v.number, v.created_at))
-            .collect();
-        Ok((id, latest, newest, skip == 0))
+        let newest = versions.iter().map(|v| (v.number, v.created_at)).collect();
+        Ok((id, latest, newest, all))
     })
     .await
 }
@@ -531,14 +529,7 @@ async fn latest_with_times(
 /// The creation time of the oldest stored version of `replica` after `version`.
 async fn first_after(state: &State, replica: &ReplicaPath, version: u64) -> Result<Option<i64>> {
     let (store, r) = (state.store.clone(), replica.clone());
-    blocking(move || {
-        Ok(store
-            .versions(&r)?
-            .iter()
-            .find(|v| v.number > version)
-            .map(|v| v.created_at))
-    })
-    .await
+    blocking(move || Ok(store.first_after(&r, version)?.map(|v| v.created_at))).await
 }
 
 async fn subscribe<S>(
@@ -769,8 +760,8 @@ where
     let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
     let (id, number, encryption) = blocking(move || {
         let id = auth.replica_id(&r, false)?;
-        let reader = store.read(&r, selector)?;
-        Ok((id, reader.info().number, reader.info().encryption.clone()))
+        let (number, encryption) = store.resolve(&r, selector)?;
+        Ok((id, number, encryption))
     })
     .await?;
     let mut c = config(state, principal, replica, id.unwrap_or_default(), number);
@@ -780,9 +771,10 @@ where
         .encryption
         .as_ref()
         .map(|_| encryption.clone().map(|key_id| Encryption { key_id }));
+    // An S3 store keeps no compressed pages to hand on: plain, as for push.
     c.compress = match open.encryption.is_some() || encryption.is_some() {
         true => None,
-        false => choose(&open.compress),
+        false => choose(&open.compress).filter(|_| !state.store.is_s3()),
     };
     let wire = wire_for(c.compress.as_deref());
     send_control(ws, Control::Config(c)).await?;
@@ -801,9 +793,9 @@ where
             // The engine has not started, so it reports nothing: tell the client here.
             Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
         };
-        if wire == Wire::Zstd {
+        if let (Wire::Zstd, crate::store::AnyReader::Dir(dir)) = (wire, &mut reader) {
             let packed = PackedPages::new();
-            reader.hand_packed(packed.clone());
+            dir.hand_packed(packed.clone());
             let mut link = PackedLink::new(link, packed);
             run_origin(
                 &mut OwnFaults::new(&mut reader, &data),
@@ -837,6 +829,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let admin = principal.kind == KeyKind::Admin;
+    // Merging reads and writes database files beside the directory store: refused
+    // before anything is exchanged, whether or not the replica moved.
+    if open.merge.is_some() && state.store.is_s3() {
+        return Err(crate::store::not_with_s3("push --merge").into());
+    }
     // Registered only once its first version commits (below): a failed first push
     // leaves no replica behind.
     let (id, latest) = latest(state, &replica).await?;
@@ -873,10 +870,13 @@ where
         .encryption
         .as_ref()
         .map(|_| encryption.clone().map(|key_id| Encryption { key_id }));
-    // An encrypted session never agrees to compression (docs/security.md).
+    // An encrypted session never agrees to compression (docs/security.md). An S3 store
+    // keeps pages plain: the client is told to send them plain too (the offer is
+    // declined, as an older server declines it), rather than have the server
+    // decompress them.
     c.compress = match open.encryption.is_some() {
         true => None,
-        false => choose(&open.compress),
+        false => choose(&open.compress).filter(|_| !state.store.is_s3()),
     };
     // A push asking to merge hears that this server merges (an older one says
     // nothing, and the client stops); it merges when the replica moved past its base.
@@ -972,7 +972,7 @@ where
                 // here, or it would only see the connection close.
                 Err(e) => return Err(fault::report(link, fault::server_side(e, &data))),
             };
-            if let Some(packed) = packed {
+            if let (Some(packed), crate::store::AnyWriter::Dir(writer)) = (packed, &mut writer) {
                 writer.keep_packed(packed);
             }
             run_replica(
@@ -1038,7 +1038,7 @@ where
     if !removed.is_empty() {
         let (store, r) = (state.store.clone(), replica.clone());
         blocking(move || {
-            store.collect_after_removal(&r, &removed);
+            store.dir("retention")?.collect_after_removal(&r, &removed);
             Ok(created)
         })
         .await?;
@@ -1077,13 +1077,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let replica = request.replica.clone();
-    let root = state.store.root().to_owned();
+    // Refused in `push` before this is reached; the type needs the directory store.
+    let dir = state.store.dir("push --merge")?.clone();
+    let root = dir.root().to_owned();
     let scratch = {
         let root = root.clone();
         blocking(move || crate::merge::scratch_in(&root)).await?
     };
     let candidate = scratch.path().join("candidate.db");
-    let (store, r, data) = (state.store.clone(), replica.clone(), root.clone());
+    let (store, r, data) = (dir.clone(), replica.clone(), root.clone());
     let (base, path) = (request.base, candidate.clone());
     let (result, _) = run_engine(
         ws,
@@ -1116,7 +1118,7 @@ where
     .await;
     // The engine reported its own failure to the client already.
     let candidate_digest = result.map_err(Failure::Reported)?;
-    let (store, dir) = (state.store.clone(), scratch.path().to_owned());
+    let (store, dir) = (dir, scratch.path().to_owned());
     let merged = blocking(move || {
         crate::error::debug_pause("merge");
         let stored =

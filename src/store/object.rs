@@ -434,7 +434,13 @@ impl Objects {
             format!(" object {key} in")
         };
         let place = format!("{}{object} {} at {}", what, self.location, self.endpoint);
-        let mut detail = e.to_string();
+        // One line: a server's XML error body may hold line breaks, and an error is
+        // printed as one line.
+        let mut detail = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         if let Some(secret) = self.secret.as_deref().filter(|s| !s.is_empty()) {
             detail = detail.replace(secret, "[secret]");
         }

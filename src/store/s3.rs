@@ -1,8 +1,8 @@
-//! The S3 store (issue 14, slice 2; `docs/scale-out.md`, "The design for object
-//! storage"): replicas and their immutable versions in an S3-compatible object storage,
-//! laid out on the object layer ([`super::object`]). A library layer: nothing in the
-//! command line or the server calls it yet (`serve --store s3://…` is the next slice),
-//! and it has no garbage collection, no retention and no PostgreSQL index of versions.
+//! The S3 store (issue 14; `docs/scale-out.md`, "The S3 store"): replicas and their
+//! immutable versions in an S3-compatible object storage, laid out on the object layer
+//! ([`super::object`]). A server uses it through [`super::AnyStore`] (`serve --store
+//! s3://BUCKET/PREFIX`); it has no garbage collection, no retention and no PostgreSQL
+//! index of versions yet.
 //!
 //! The layout, under the store's `s3://BUCKET/PREFIX`:
 //! - `packs/<sha256>.pack`: the new pages of one push, back to back, plain, named by the
@@ -14,7 +14,9 @@
 //! - `replicas/<path>/v/<N>`: version N, a small JSON object ([`VersionObject`]): page
 //!   size and count, both digests, message, time, client, key, base, its chunks in
 //!   order and the packs its pages live in. Created with `If-None-Match: *`: the
-//!   commit point, and what decides the race for a version number.
+//!   commit point, and what decides the race for a version number;
+//! - [`MARKER_KEY`]: says the prefix holds a store, and its format (written by the
+//!   first [`S3Store::check`], which a server runs at start).
 //!
 //! A push ([`S3Store::push`], an [`S3VersionWriter`], the engine's [`PageTarget`])
 //! appends the pages no known pack holds to a temporary file beside its cache (memory
@@ -84,6 +86,20 @@ pub const RUN_BYTES: u64 = 8 << 20;
 /// The version object's format number: a version object of another is refused, not
 /// misread.
 pub const VERSION_FORMAT: u32 = 1;
+
+/// The object at the root of a store's prefix that says it is one, and its format
+/// ([`S3Store::check`]).
+pub const MARKER_KEY: &str = "sqlferry-store.json";
+
+/// What the marker says it marks.
+const MARKER_WHAT: &str = "sqlferry S3 store";
+
+/// The marker object's JSON.
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    format: u32,
+    what: String,
+}
 
 /// How long the cache's SQLite file waits for another connection's write.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -221,6 +237,47 @@ impl S3Store {
     /// The object layer under this store (its request counts, for one).
     pub fn objects(&self) -> &Objects {
         &self.objects
+    }
+
+    /// Checks that the store's location answers and holds an S3 store this build
+    /// reads: creates the marker object [`MARKER_KEY`] if absent (one PUT, refused
+    /// harmlessly when it exists), then reads it back (one GET). So a wrong endpoint,
+    /// refused credentials, a missing bucket or a key that may not write show here, at
+    /// a server's start, not at its first push. Blocks (see the module's doc).
+    pub fn check(&self) -> Result<()> {
+        let marker = serde_json::to_vec(&Marker {
+            format: VERSION_FORMAT,
+            what: MARKER_WHAT.to_owned(),
+        })
+        .map_err(|e| Error::Bug(format!("the store's marker as JSON: {e}")))?;
+        let location = self.objects.location().to_string();
+        let missing = |e: Error| match e.kind() {
+            // S3 answers a write into a bucket that does not exist with 404.
+            crate::ErrorKind::NotFound => Error::Server(format!(
+                "the bucket of {location} does not exist ({e}); create it, or check the bucket name and the endpoint (--s3-endpoint or AWS_ENDPOINT_URL)"
+            )),
+            _ => e,
+        };
+        self.put_if_absent(MARKER_KEY.to_owned(), marker)
+            .map_err(missing)?;
+        let bytes = self
+            .get(MARKER_KEY.to_owned())
+            .map_err(missing)?
+            .ok_or_else(|| {
+                Error::Server(format!(
+                    "{location}: the object {MARKER_KEY} was written and cannot be read back; check the endpoint and the key's read permission"
+                ))
+            })?;
+        match serde_json::from_slice::<Marker>(&bytes) {
+            Ok(m) if m.format == VERSION_FORMAT && m.what == MARKER_WHAT => Ok(()),
+            Ok(m) => Err(Error::Usage(format!(
+                "{location} holds a store of format {} (this sqlferry reads format {VERSION_FORMAT}); use another prefix or a matching sqlferry",
+                m.format
+            ))),
+            Err(_) => Err(Error::Usage(format!(
+                "{location}/{MARKER_KEY} exists and is not a sqlferry store's marker; use another prefix"
+            ))),
+        }
     }
 
     fn cache_conn(&self) -> Result<Connection> {

@@ -61,6 +61,11 @@
 //!   requests of each operation counted, a 1% push writing only its pages, two pushes
 //!   racing for a version number (one wins), a damaged pack refused with LOCAL
 //!   untouched, replicas sharing their pages, a large pack uploaded in parts.
+//! - `s3_serve`: `serve --store s3://…` processes over the same SeaweedFS: pushes and
+//!   pulls with the CLI by every selector, a 1% change writing four objects, what the
+//!   S3 store cannot do yet refused by name, two servers on one bucket (and one
+//!   PostgreSQL) sharing versions and racing for a number, a bad endpoint or key
+//!   stopping the start.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 //! - `sealed`: the engine's sealed sessions (end-to-end encryption) on real files over
@@ -92,6 +97,7 @@ mod postgres;
 mod pull_seal;
 mod retention;
 mod rows;
+mod s3_serve;
 mod s3_store;
 mod scale_out;
 mod sealed;

@@ -243,9 +243,23 @@ impl TestServer {
         meta: &str,
         admin_key: Option<&str>,
     ) -> TestServer {
+        TestServer::start_named(dir, name, data, &["--meta", meta], &[], admin_key)
+    }
+
+    /// A server named `name` with data in `data`, `extra` arguments and `env` set
+    /// (`env` not kept across restarts): its log in `dir/NAME.log`, its admin machine
+    /// `dir/NAME-admin`. It must print an admin key unless one is given (`admin_key`:
+    /// a server sharing another's metadata), and then must print none.
+    pub fn start_named(
+        dir: &Path,
+        name: &str,
+        data: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        admin_key: Option<&str>,
+    ) -> TestServer {
         let log = dir.join(format!("{name}.log"));
-        let extra = ["--meta", meta];
-        let (child, addr, key, metrics_addr) = spawn(data, &log, "127.0.0.1:0", None, &extra, &[]);
+        let (child, addr, key, metrics_addr) = spawn(data, &log, "127.0.0.1:0", None, extra, env);
         let admin_key = match (admin_key, key) {
             (None, Some(key)) => key,
             (Some(given), None) => given.to_owned(),
@@ -267,6 +281,11 @@ impl TestServer {
             metrics_addr,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    /// Its data directory (`--data`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
     }
 
     /// The server process's id (for its memory figures in `/proc`).
@@ -546,8 +565,10 @@ fn spawn(
             if tls.is_some() {
                 assert!(rest.contains(&format!("https://{addr} (TLS; ")), "{line}");
             }
+            // `(data in DIR)`, or `(data in DIR; pages and versions in s3://…)`.
             assert!(
-                rest.contains(&format!("data in {})", data.display())),
+                rest.contains(&format!("data in {})", data.display()))
+                    || rest.contains(&format!("data in {}; ", data.display())),
                 "{line}"
             );
             return (child, addr, key, metrics);
