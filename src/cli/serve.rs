@@ -336,6 +336,14 @@ impl ServeArgs {
                     crate::store::object::S3Options::from_env(self.s3_endpoint.as_deref());
                 let (runtime, data) = (tokio::runtime::Handle::current(), data.clone());
                 let shown = location.to_string();
+                // Without keys in the environment the S3 client asks the instance
+                // metadata service for some, and its error names only that address.
+                let hint = match options.access_key_id.is_some() {
+                    true => "",
+                    false => {
+                        " (no credentials were given: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+                    }
+                };
                 Some(
                     blocking(move || {
                         let objects = crate::store::object::Objects::open(location, &options)?;
@@ -348,7 +356,9 @@ impl ServeArgs {
                         Ok(crate::store::AnyStore::S3 { store, data })
                     })
                     .await
-                    .with_context(|| format!("cannot start: the store {shown} is not usable"))?,
+                    .with_context(|| {
+                        format!("cannot start: the store {shown} is not usable{hint}")
+                    })?,
                 )
             }
             None => None,

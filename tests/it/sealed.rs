@@ -23,7 +23,7 @@ use tempfile::TempDir;
 use crate::util::{self, Mode};
 
 const REPLICA: &str = "acme/app.db";
-const MARKER: &str = "sqlferry-marker-7f3a9c";
+pub(crate) const MARKER: &str = "sqlferry-marker-7f3a9c";
 
 /// What a store keeps of a sealed version: each page's identity and sealed bytes, and
 /// the seal.
@@ -120,12 +120,13 @@ impl PageSource for Relay<'_> {
     }
 }
 
-fn key(byte: u8) -> EncryptionKey {
+/// A key of 32 bytes `byte`.
+pub(crate) fn key(byte: u8) -> EncryptionKey {
     EncryptionKey::from_bytes(&[byte; 32])
 }
 
 /// A database whose rows all carry the marker.
-fn marked_db(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn marked_db(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("app.db");
     let conn = util::create(&path, 4096, Mode::Wal);
     conn.execute_batch("CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)")
@@ -215,7 +216,7 @@ fn pull_sealed(
 }
 
 /// Another database at `dest`, whose bytes a refused pull must leave as they are.
-fn existing_dest(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
+pub(crate) fn existing_dest(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     let dest = dir.join("local.db");
     let conn = util::create(&dest, 4096, Mode::Rollback);
     conn.execute_batch("CREATE TABLE mine(x); INSERT INTO mine VALUES ('local rows');")

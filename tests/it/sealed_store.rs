@@ -19,30 +19,10 @@ use sqlferry::store::{PushOptions, ReplicaPath, Selector, Store};
 use sqlferry::{ErrorKind, Result};
 use tempfile::TempDir;
 
-use crate::util::{self, Mode};
+use crate::sealed::{MARKER, existing_dest, key, marked_db};
+use crate::util;
 
 const REPLICA: &str = "acme/app.db";
-const MARKER: &str = "sqlferry-store-marker-51c2";
-
-pub(crate) fn key(byte: u8) -> EncryptionKey {
-    EncryptionKey::from_bytes(&[byte; 32])
-}
-
-/// A database whose rows all carry the marker.
-pub(crate) fn marked_db(dir: &Path) -> PathBuf {
-    let path = dir.join("app.db");
-    let conn = util::create(&path, 4096, Mode::Wal);
-    conn.execute_batch("CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)")
-        .expect("schema");
-    for i in 0..2000 {
-        conn.execute(
-            "INSERT INTO notes(body) VALUES (?1)",
-            [format!("{MARKER} note {i} of someone's private data")],
-        )
-        .expect("insert");
-    }
-    path
-}
 
 /// Pushes `src` into `replica` of `store`, sealed with `key` when given, based on
 /// `base`: the version now latest and whether this push made it.
@@ -187,17 +167,6 @@ fn flip(store: &Path, identity: &[u8; 32], at: u64) {
     f.read_exact_at(&mut b, offset as u64 + at).expect("read");
     b[0] ^= 0x10;
     f.write_all_at(&b, offset as u64 + at).expect("write");
-}
-
-/// A database at `dir/local.db` with rows of its own, and its bytes.
-fn existing_dest(dir: &Path) -> (PathBuf, Vec<u8>) {
-    let dest = dir.join("local.db");
-    let conn = util::create(&dest, 4096, Mode::Rollback);
-    conn.execute_batch("CREATE TABLE mine(x); INSERT INTO mine VALUES ('local rows');")
-        .expect("local rows");
-    drop(conn);
-    let bytes = std::fs::read(&dest).expect("read dest");
-    (dest, bytes)
 }
 
 #[test]

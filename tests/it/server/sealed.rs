@@ -18,8 +18,8 @@ fn config_answers_encryption_and_a_pull_relays_the_sealed_version() {
     let dir = TempDir::new().expect("tempdir");
     let server = TestServer::in_process(dir.path());
     let store = Store::new(&server.data);
-    let src = crate::sealed_store::marked_db(dir.path());
-    let k = crate::sealed_store::key(7);
+    let src = crate::sealed::marked_db(dir.path());
+    let k = crate::sealed::key(7);
     let id = k.id().to_string();
     crate::sealed_store::push(&store, "acme/enc.db", &src, Some(&k), None).expect("sealed push");
     crate::sealed_store::push(&store, "acme/plain.db", &src, None, None).expect("plain push");
