@@ -52,13 +52,21 @@ pub fn shared() -> &'static Seaweed {
     SHARED.get_or_init(Seaweed::start)
 }
 
-/// A port on 127.0.0.1 free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+/// `n` distinct ports on 127.0.0.1, free a moment ago: all bound at once, so the
+/// system cannot hand out one of them twice (it did: SeaweedFS's filer and its
+/// master's gRPC then asked for the same port, and the filer died at start).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound address").port())
+        .collect()
 }
+
+/// Starts of `weed server` tried before a test fails: a start can still die on a port
+/// another process took meanwhile, or on SeaweedFS's own start-up races.
+const START_ATTEMPTS: usize = 3;
 
 /// `weed` on PATH.
 fn weed() -> PathBuf {
@@ -72,6 +80,21 @@ fn weed() -> PathBuf {
 
 impl Seaweed {
     fn start() -> Seaweed {
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match Seaweed::try_start() {
+                Ok(seaweed) => return seaweed,
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!(
+            "SeaweedFS did not start in {START_ATTEMPTS} attempts:\n{}",
+            failures.join("\n\n")
+        );
+    }
+
+    /// One start; `Err` (with its log) when `weed` exited before it was ready.
+    fn try_start() -> Result<Seaweed, String> {
         let weed = weed();
         let dir = tempfile::Builder::new()
             .prefix("sqlferry-s3-")
@@ -88,8 +111,9 @@ impl Seaweed {
             ),
         )
         .expect("the SeaweedFS identity file");
-        let s3_port = free_port();
-        let port = |name: &str| format!("-{name}={}", free_port());
+        let mut ports = free_ports(10).into_iter();
+        let s3_port = ports.next().expect("ten ports");
+        let mut port = |name: &str| format!("-{name}={}", ports.next().expect("ten ports"));
         let log = std::fs::File::create(dir.join("log")).expect("the SeaweedFS log");
         let mut cmd = Command::new(&weed);
         cmd.arg("server")
@@ -132,19 +156,20 @@ impl Seaweed {
             server: Mutex::new(server),
             _watcher: watcher,
         };
-        seaweed.wait_ready();
-        seaweed
+        seaweed.wait_ready()?;
+        Ok(seaweed)
     }
 
     /// Writes an object until a write succeeds: the gateway, the filer and a volume
     /// are all up.
-    fn wait_ready(&self) {
+    /// `Err` (with its log) when `weed` exited first; a timeout fails the test.
+    fn wait_ready(&self) -> Result<(), String> {
         let options = self.options();
         let deadline = Instant::now() + Duration::from_secs(60);
         let log = self.dir.join("log");
         let server = &self.server;
         std::thread::scope(|s| {
-            s.spawn(|| {
+            s.spawn(|| -> Result<(), String> {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -154,12 +179,12 @@ impl Seaweed {
                         .expect("the readiness bucket");
                 loop {
                     let outcome = rt.block_on(objects.put("ready", b"ready".to_vec()));
-                    let Err(e) = outcome else { return };
+                    let Err(e) = outcome else { return Ok(()) };
                     if let Ok(Some(status)) = server.lock().unwrap().try_wait() {
-                        panic!(
+                        return Err(format!(
                             "SeaweedFS exited ({status}) before it was ready; its log:\n{}",
                             std::fs::read_to_string(&log).unwrap_or_default()
-                        );
+                        ));
                     }
                     assert!(
                         Instant::now() < deadline,
@@ -168,8 +193,10 @@ impl Seaweed {
                     );
                     std::thread::sleep(Duration::from_millis(100));
                 }
-            });
-        });
+            })
+            .join()
+            .expect("the readiness check panicked")
+        })
     }
 
     /// The options that reach this server with the right key.
