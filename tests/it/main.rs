@@ -70,7 +70,8 @@
 //!   removed by `--keep-last` (kept ones pulled back whole, removed ones refused), the
 //!   bucket after a sweep holding only what kept versions name, a dry run deleting
 //!   nothing, objects younger than the grace surviving (and going under `--gc-grace
-//!   0s`), a push onto objects another server swept failing cleanly.
+//!   0s`), a push onto objects another server swept failing cleanly, one sweeper at a
+//!   time among servers sharing PostgreSQL.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 //! - `sealed`: the engine's sealed sessions (end-to-end encryption) on real files over

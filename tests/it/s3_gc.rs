@@ -6,7 +6,9 @@
 //! run deleting nothing and naming what a real run then deletes, an object younger
 //! than the grace (a push in flight's pack and chunk, written through the object layer)
 //! surviving a sweep and going under a server with `--gc-grace 0s`, and a push onto
-//! objects another server swept failing cleanly, then landing when pushed again.
+//! objects another server swept failing cleanly, then landing when pushed again; with
+//! `--meta`, a prune refused while another holder of the sweep's PostgreSQL advisory
+//! lock (a psql session of the test's) holds it, and run once it lets go.
 //!
 //! The grace is a flag of the server (`--gc-grace`), never a sleep: "old" is `0s`,
 //! "young" is the default hour. Every wait is on a process's exit.
@@ -16,9 +18,12 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 use tempfile::TempDir;
 
+use crate::postgres;
 use crate::s3_serve::{new_location, objects_under, s3_server};
 use crate::seaweed;
-use crate::server::{DbState, EXIT_NOT_FOUND, Machine, TestServer, assert_fails, exec, small_db};
+use crate::server::{
+    DbState, EXIT_CONFLICT, EXIT_NOT_FOUND, Machine, TestServer, assert_fails, exec, small_db,
+};
 use crate::util;
 use sqlferry::digest::{hex, sha256};
 use sqlferry::store::object::{Objects, S3Location};
@@ -429,4 +434,70 @@ fn a_push_onto_objects_another_server_swept_fails_cleanly_and_lands_when_pushed_
     let r = other.pull(&b, "acme/y.db", Some("y.db"), &["--key", &b.admin_key]);
     assert_eq!(r.u64("version"), 1);
     first.assert_held_by(&other.path("y.db"), "the replica pushed again");
+}
+
+#[test]
+fn servers_sharing_postgres_sweep_one_at_a_time() {
+    use std::io::{BufRead as _, Write as _};
+
+    let pg = postgres::shared();
+    let meta = pg.database();
+    let db = meta.rsplit('/').next().expect("a database name").to_owned();
+    let dir = TempDir::new().expect("tempdir");
+    let location = new_location();
+    let a = s3_server(
+        dir.path(),
+        "a",
+        &location,
+        &["--meta", &meta, "--gc-grace", "0s"],
+        None,
+    );
+    let admin = a.admin_key.clone();
+    let m = Machine::new(dir.path(), "m");
+    let path = m.path("app.db");
+    small_db(&path, 256 << 10);
+    m.push(&a, "app.db", "acme/app.db", &["--key", &admin]);
+    change(&path, 2);
+    m.push(&a, "app.db", "acme/app.db", &["--key", &admin]);
+    json(
+        &m,
+        &a,
+        &admin,
+        &["retention", "acme/app.db", "--keep-last", "1"],
+    );
+
+    // Another server's sweep, as PostgreSQL sees it: a session holding the lock.
+    let mut holder = pg.session(&db);
+    let mut said = std::io::BufReader::new(holder.stdout.take().expect("psql's stdout"));
+    let mut to = holder.stdin.take().expect("psql's stdin");
+    writeln!(
+        to,
+        "SELECT pg_advisory_lock({}), 'held';",
+        sqlferry::meta::postgres::SWEEP_LOCK
+    )
+    .expect("ask for the lock");
+    to.flush().expect("send it");
+    let mut line = String::new();
+    said.read_line(&mut line).expect("psql answers");
+    assert!(line.contains("held"), "{line}");
+
+    let before = store_objects(&location);
+    let out = m.run_on(&a, ["prune", "acme/app.db", "--key", &admin]);
+    // Busy: exit 6, as for a replica another session holds.
+    assert_fails(
+        &out,
+        EXIT_CONFLICT,
+        "another server sharing this metadata store is sweeping",
+    );
+    assert_eq!(store_objects(&location), before, "nothing removed or swept");
+
+    // Released (the session ends): the prune runs, and the next one too (the first
+    // gave the lock back).
+    drop(to);
+    holder.wait().expect("psql ends");
+    let pruned = json(&m, &a, &admin, &["prune", "acme/app.db"]);
+    assert_eq!(numbers(&pruned["removed"]), [1], "{pruned}");
+    assert!(pruned["swept_objects"].as_u64() > Some(0), "{pruned}");
+    let again = json(&m, &a, &admin, &["prune", "acme/app.db"]);
+    assert_eq!(again["swept_objects"], 0, "{again}");
 }
