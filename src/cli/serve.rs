@@ -234,6 +234,12 @@ impl ServeArgs {
                 )
                 .into());
             }
+            _ if self.gc_grace.is_some() => {
+                return Err(crate::Error::Usage(
+                    "--gc-grace is for --store s3://BUCKET/PREFIX (the directory store frees pages under its own lock, with no grace)".into(),
+                )
+                .into());
+            }
             _ => None,
         };
         if s3.is_some() {
