@@ -66,6 +66,7 @@ mod replica;
 mod retention;
 pub mod s3;
 mod scrub;
+mod wal;
 
 pub use any::{AnyReader, AnyStore, AnyWriter, not_with_s3};
 pub use list::Latest;
