@@ -66,7 +66,6 @@ mod replica;
 mod retention;
 pub mod s3;
 mod scrub;
-mod wal;
 
 pub use any::{AnyReader, AnyStore, AnyWriter, not_with_s3};
 pub use list::Latest;

@@ -339,7 +339,7 @@ impl Pages {
             .map_err(s)?;
         conn.pragma_update(None, "cache_size", cache_kib)
             .map_err(s)?;
-        super::wal::keep_wal_on_close(&conn).map_err(s)?;
+        crate::page::kept_wal::keep_wal_on_close(&conn).map_err(s)?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(s)?;
@@ -482,7 +482,7 @@ impl Pages {
         if let Some(a) = appender {
             a.start = a.end;
         }
-        super::wal::trim_wal(&self.conn, &self.index, BUSY_TIMEOUT);
+        crate::page::kept_wal::trim_wal(&self.conn, &self.index, BUSY_TIMEOUT);
         Ok(())
     }
 
@@ -635,7 +635,7 @@ impl Pages {
                 )
                 .map_err(self.sql())?;
             self.conn.execute_batch("COMMIT").map_err(self.sql())?;
-            super::wal::trim_wal(&self.conn, &self.index, BUSY_TIMEOUT);
+            crate::page::kept_wal::trim_wal(&self.conn, &self.index, BUSY_TIMEOUT);
         }
         Ok((count as u64, bytes as u64))
     }
