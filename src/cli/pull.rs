@@ -37,6 +37,12 @@ the pages that differ are written. LOCAL keeps its journal mode; a new LOCAL tak
 version's.\n\n\
 Keys (servers only): --key, SQLFERRY_KEY, the sidecar's PULL key with --from, or the key \
 saved for LOCAL by an earlier push.\n\n\
+An encrypted replica pulls with its key (--encryption-key-file FILE, or \
+SQLFERRY_ENCRYPTION_KEY): each page is opened and checked here, and LOCAL commits only when \
+the version's seal matches what was built. Without the key, or with another one, the pull \
+is refused before anything is written (exit 5); a page or seal changed in the store exits 7, \
+LOCAL untouched. The key never leaves this machine; without it no one can read the \
+replica, you included. Not yet with --subscribe.\n\n\
 A pull never overwrites changes that were never pushed: when LOCAL changed since its last \
 push or pull of this replica (or exists, was never synced with it, and differs from the \
 version pulled), the pull is refused with exit 9 and LOCAL is left as it was. Keep the \

@@ -84,6 +84,14 @@ are conflicts: --on-conflict refuse (the default) refuses the push with VERSION_
 6) and lists each one (table, key, the base, theirs and ours rows; --json has them whole); \
 ours, theirs or newer --lww-column COL decide them. Schema changes on either side are never \
 merged (exit 6, the reason given). See docs/rows.md, \"Merge\".\n\n\
+Encrypted replicas: with --encryption-key-file FILE (sqlferry keygen FILE writes one) or \
+SQLFERRY_ENCRYPTION_KEY, every page, the commit message and the digest are sealed here \
+before they leave; the server, or the embedded store's directory, keeps what it cannot read \
+and never sees the key. A replica is encrypted or not from its first version on: a push \
+without its key, with another key, or with a key to a plaintext replica is refused (exit 5) \
+before anything is sent. Keep a copy of the key where the database's backups are not: a \
+lost key is lost data, with no back door. Not yet with --subscribe, --merge or a local copy \
+(refused, exit 2).\n\n\
 LOCAL must pass PRAGMA quick_check, run in the read transaction that is pushed: a damaged \
 database is refused with exit 7 and replaces nothing; --allow-corrupt pushes it anyway.\n\n\
 Without --server, SQLFERRY_SERVER or a configured server, a LOCAL whose PUSH key is saved \
