@@ -10,6 +10,7 @@ mod apply;
 mod daemon;
 mod diff;
 mod docs;
+mod encryption;
 mod keys;
 mod progress;
 mod pull;
@@ -126,6 +127,8 @@ pub enum Command {
     SyncNow(subscribe::SyncNowArgs),
     /// List or revoke a server's keys (admin key).
     Keys(keys::KeysArgs),
+    /// Write a new encryption key for encrypted replicas (mode 0600; never overwrites).
+    Keygen(encryption::KeygenArgs),
     /// Check every stored page and version of a store; record bad pages for repair.
     Scrub(scrub::ScrubArgs),
     /// Is every database this machine syncs safe? Last success, failures, changes not pushed.
@@ -357,6 +360,7 @@ impl Command {
             Command::Subscribe(args) => args.run(global, shutdown).await,
             Command::SyncNow(args) => args.run(global, shutdown).await,
             Command::Keys(args) => args.run(global, shutdown).await,
+            Command::Keygen(args) => args.run(global, shutdown).await,
             Command::Scrub(args) => args.run(global, shutdown).await,
             Command::Status(args) => args.run(global, shutdown).await,
             Command::History(args) => args.run(global, shutdown).await,

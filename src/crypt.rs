@@ -3,10 +3,9 @@
 //! version facts. A leaf beside [`crate::digest`]: it knows hashes and bytes, not
 //! databases, sessions or stores.
 //!
-//! Not wired to any command yet: the engine's sealed sessions (`engine::Sealing`,
-//! `engine::Opening`) call it, and no store keeps sealed pages nor command takes an
-//! encryption key so far. It came first so that its choices (below, and in the design)
-//! could be checked on their own before the protocol and the store carry them.
+//! The engine's sealed sessions (`engine::Sealing`, `engine::Opening`) call it;
+//! `sqlferry keygen` writes a key file ([`write_new_key_file`]), and `push` and `pull`
+//! read one ([`read_key_file`]) or `SQLFERRY_ENCRYPTION_KEY` ([`parse_key_text`]).
 //!
 //! - [`EncryptionKey`]: 32 bytes from a key file ([`parse_key_text`]) or a passphrase
 //!   ([`EncryptionKey::from_passphrase`], Argon2id with a per-replica salt). Never the
@@ -299,6 +298,32 @@ pub fn parse_key_text(text: &str, source: &str) -> Result<EncryptionKey> {
         ))
     })?;
     Ok(EncryptionKey::from_bytes(&key))
+}
+
+/// The key in the key file at `path`, and the file's permission bits: a caller warns
+/// when group or others may read it (`mode & 0o077 != 0`), since whoever reads the file
+/// reads every version made with the key. The error never shows the file's text.
+pub fn read_key_file(path: &Path) -> Result<(EncryptionKey, u32)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
+    let mut text = String::new();
+    // A key file is one line; more than a few hundred bytes is not one.
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, 4096), &mut text).map_err(
+        |e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Error::Usage(format!(
+                "{} is not a key: it must hold 32 bytes in base64 (sqlferry keygen FILE writes one)",
+                path.display()
+            )),
+            _ => io(e),
+        },
+    )?;
+    let key = parse_key_text(&text, &path.display().to_string())?;
+    Ok((key, mode))
 }
 
 /// Writes a new random key to `path`, readable by its owner only (0600), refusing a

@@ -424,6 +424,7 @@ async fn run_unit<E: FnMut(Event) + Send>(
                 database: crate::config::database_key(into),
                 key,
                 force: false,
+                encryption: None,
             };
             plan::pull(puller, stop, emit).await
         }

@@ -301,10 +301,21 @@ pub struct SyncStats {
     /// lower-case hex for digest 1, `c:` and hex for the chunked one). In a sealed
     /// session, the digest over page identities.
     pub digest: String,
-    /// A sealing origin's digest 1 over the plaintext page hashes (hex): what the seal
-    /// holds and `verify` of the database prints. Absent from every other sync.
+    /// A sealing origin's digest 1 over the plaintext page hashes (hex), or the one an
+    /// opening replica found in the seal and checked: what `verify` of the database
+    /// prints. Absent from every other sync.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plaintext_digest: Option<String>,
+}
+
+impl SyncStats {
+    /// The digest of the database itself: a sealed session's plaintext digest 1 (what
+    /// `verify` of the file prints), else [`SyncStats::digest`]. What the local history
+    /// records, so that a later pull compares LOCAL with it in its own terms: a digest
+    /// over identities says nothing of a file's bytes.
+    pub fn local_digest(&self) -> &str {
+        self.plaintext_digest.as_deref().unwrap_or(&self.digest)
+    }
 }
 
 fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -329,9 +340,24 @@ pub fn sync_local_with(
     progress: &dyn Progress,
     options: OriginOptions<'_>,
 ) -> Result<SyncStats> {
+    sync_local_opening(source, target, progress, options, None).map(|(stats, _)| stats)
+}
+
+/// [`sync_local_with`], the replica opening a sealed session with `opening`'s key
+/// ([`run_replica_opening`]): the embedded store's pull of an encrypted version, its
+/// origin relaying the sealed pages it keeps (`options.sealing`). The replica's
+/// result comes back too: its `opened` facts are the version's seal, as checked.
+pub fn sync_local_opening(
+    source: &mut dyn PageSource,
+    target: &mut (dyn PageTarget + Send),
+    progress: &dyn Progress,
+    options: OriginOptions<'_>,
+    opening: Option<Opening<'_>>,
+) -> Result<(SyncStats, ReplicaDone)> {
     let (mut origin_link, mut replica_link) = mem_pair();
     let (origin, replica) = std::thread::scope(|s| {
-        let replica = s.spawn(move || run_replica(target, &mut replica_link));
+        let replica =
+            s.spawn(move || run_replica_opening(target, &mut replica_link, &NoProgress, opening));
         let origin = run_origin_with(source, &mut origin_link, progress, options);
         // Dropping the origin's link ends the replica's session if the origin failed
         // before saying so.
@@ -341,7 +367,7 @@ pub fn sync_local_with(
     let replica = replica
         .unwrap_or_else(|_| Err(crate::Error::Protocol("the replica thread panicked".into())));
     match (origin, replica) {
-        (Ok(stats), Ok(_)) => Ok(stats),
+        (Ok(stats), Ok(done)) => Ok((stats, done)),
         // The replica's own error names its file; the origin only saw the ERROR frame.
         (Err(o), Err(r))
             if matches!(o, crate::Error::Remote { .. }) || o.kind() == ErrorKind::Disconnected =>

@@ -17,6 +17,7 @@ mod following;
 pub(crate) mod handles;
 mod hashcache;
 mod header;
+pub(crate) mod kept_wal;
 mod scan;
 mod snapshot;
 mod state;

@@ -19,17 +19,20 @@ use std::sync::Arc;
 
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use crate::crypt::EncryptionKey;
 use crate::digest::Hash;
 use crate::engine::{
-    BeginInfo, KnownBase, NoProgress, OriginOptions, PageSource, PageTarget, Progress, Role,
-    SyncStats, Synced, pumped_link, run_origin_with, run_replica, sync_local, sync_local_with,
+    BeginInfo, KnownBase, NoProgress, Opening, OriginOptions, PageSource, PageTarget, Progress,
+    Role, Sealing, SyncStats, Synced, pumped_link, run_origin_with, run_replica_opening,
+    sync_local_opening, sync_local_with,
 };
 use crate::history;
 use crate::merge::OnConflict;
 use crate::page::{Snapshot, Writer};
 use crate::protocol::compress::CompressMode;
 use crate::protocol::control::{
-    Config, Control, KeyInfo, MAX_FOLLOWERS_WAIT, NewKeys, Op, Open, SubscriberRole, WaitFollowers,
+    Config, Control, Encryption, KeyInfo, MAX_FOLLOWERS_WAIT, NewKeys, Op, Open, SubscriberRole,
+    WaitFollowers, check_encryption,
 };
 use crate::protocol::control::{DIGEST_CHUNKED, MergeResult};
 use crate::protocol::{Frame, PROTOCOL_VERSION};
@@ -145,6 +148,10 @@ pub struct PushRequest {
     /// (`--merge`), deciding rows changed on both sides this way; `None`: refuse
     /// with VERSION_CONFLICT.
     pub merge: Option<OnConflict>,
+    /// The encryption key of an encrypted replica (end-to-end encryption,
+    /// docs/security.md): every page and the version's facts go sealed with it, and
+    /// `options.encryption` must name its id. `None`: a plaintext push.
+    pub encryption: Option<EncryptionKey>,
 }
 
 /// What a wait for followers ended with.
@@ -421,6 +428,12 @@ impl Server {
             Server::Embedded(store) => Some(store.clone()),
             Server::Ws { .. } => None,
         };
+        // An encrypted push keeps no history of identities: its kept manifest and its
+        // "proved unchanged" seal would hold identities where a plaintext push's hold
+        // page hashes, and a pull that takes LOCAL's page hashes from them would take
+        // identities for page hashes. It runs the hash-tree descent instead (still only
+        // the changed pages and a hash exchange that grows with the changes).
+        let sealed = request.encryption.is_some();
         let (mut source, kept, state, deferred) = {
             let (local, replica, url) = (local.to_owned(), replica.clone(), url.clone());
             let (database, allow_corrupt) = (request.database.clone(), request.allow_corrupt);
@@ -430,8 +443,8 @@ impl Server {
             let early = blocking(move || {
                 let mut source = Snapshot::open(&local)?;
                 let state = source.state();
-                if let (Some(store), Some(db), Some(base), false, Some(state)) =
-                    (&store, &database, base, force, state)
+                if let (Some(store), Some(db), Some(base), false, false, Some(state)) =
+                    (&store, &database, base, force, sealed, state)
                 {
                     let proved = proved_unchanged(
                         store,
@@ -468,7 +481,7 @@ impl Server {
                 let deferred = !allow_corrupt && defer_check(&mut source);
                 // The manifest of the base version, if this client pushed it: no hash
                 // travels.
-                let kept = match (database, base, force) {
+                let kept = match (database, base, force || sealed) {
                     (Some(db), Some(base), false) => {
                         history::load_manifest(&db, &url, replica.as_str(), base)
                     }
@@ -490,6 +503,7 @@ impl Server {
                     let options = request.options;
                     let merge = request.merge.clone();
                     let local = local.to_owned();
+                    let key = request.encryption.clone();
                     blocking(move || {
                         let merging = merge.zip(options.base).filter(|_| !options.force);
                         let base_options = options.clone();
@@ -500,10 +514,21 @@ impl Server {
                         let started = std::time::Instant::now();
                         // In process both sides speak the chunked digest: the store's
                         // replica then reads only the chunks pages came for.
-                        let pushed =
-                            push_origin(&mut source, kept, true, deferred, |source, options| {
+                        let sealing = key.as_ref().map(|key| Sealing::Seal {
+                            key,
+                            replica: replica.as_str(),
+                            version: base_options.base.unwrap_or(0) + 1,
+                            message: &base_options.message,
+                        });
+                        let pushed = push_origin(
+                            &mut source,
+                            kept,
+                            (true, sealing),
+                            deferred,
+                            |source, options| {
                                 sync_local_with(source, &mut target, &*progress, options)
-                            });
+                            },
+                        );
                         let (stats, pushed) = match (pushed, merging) {
                             (Ok(done), _) => done,
                             (Err(Error::Conflict { .. }), Some((on_conflict, base))) => {
@@ -589,8 +614,17 @@ impl Server {
                     op: Op::Push,
                     compress: *compress,
                     merge: merging.map(OnConflict::request),
+                    encryption: o.encryption.clone(),
                 };
                 let config = open(&mut ws, session, replica, None, o.base, o.force, None).await?;
+                // A mix of plaintext and encrypted, or another key, is refused here,
+                // before a page goes out.
+                check_encryption(
+                    replica.as_str(),
+                    o.encryption.as_deref(),
+                    config.version,
+                    config.encryption.as_ref(),
+                )?;
                 // A server older than merging ignores the request and would refuse the
                 // push: stop before a page goes out.
                 if merging.is_some() && !config.merge && Some(config.version) != o.base {
@@ -635,6 +669,9 @@ impl Server {
                 // does not answer): the server's store then reads only the chunks pages
                 // came for, and the origin goes by chunks when it knows its base.
                 let chunked = config.digest_form.as_deref() == Some(DIGEST_CHUNKED);
+                let key = request.encryption.clone();
+                let (name, message) = (replica.to_string(), o.message.clone());
+                let sealed_version = o.base.unwrap_or(0) + 1;
                 let (result, rest, wire) = ws::run_engine_with(
                     &mut ws,
                     pumped_link(Role::Origin),
@@ -642,9 +679,19 @@ impl Server {
                     Some(SYNC_IDLE_TIMEOUT),
                     pump,
                     move |link| {
-                        push_origin(&mut source, kept, chunked, deferred, |source, options| {
-                            run_origin_with(source, link, &*progress, options)
-                        })
+                        let sealing = key.as_ref().map(|key| Sealing::Seal {
+                            key,
+                            replica: &name,
+                            version: sealed_version,
+                            message: &message,
+                        });
+                        push_origin(
+                            &mut source,
+                            kept,
+                            (chunked, sealing),
+                            deferred,
+                            |source, options| run_origin_with(source, link, &*progress, options),
+                        )
                     },
                 )
                 .await;
@@ -695,7 +742,7 @@ impl Server {
             // (docs/engine.md). A merged push leaves no seal: LOCAL does not hold the
             // version it made.
             let seal = state
-                .filter(|_| outcome.merged.is_none())
+                .filter(|_| outcome.merged.is_none() && !sealed)
                 .map(|state| history::PushSeal {
                     server: url.clone(),
                     replica: replica.to_string(),
@@ -821,7 +868,7 @@ impl Server {
     ) -> Result<PullOutcome> {
         let local = local.to_owned();
         let target = blocking(move || Writer::open(&local)).await?;
-        self.pull_into(replica, selector, target, key, progress)
+        self.pull_into(replica, selector, target, (key, None), progress)
             .await
             .map(|(outcome, _)| outcome)
     }
@@ -829,15 +876,17 @@ impl Server {
     /// Pulls one version of `replica` through `target`, and hands the writer back for
     /// the next pull (a subscriber keeps one across pulls; see
     /// [`Writer::keep_committed_hashes`]).
+    /// With `encryption`, the version must be encrypted with that key: its pages are
+    /// opened, and its seal checked, before LOCAL commits.
     pub async fn pull_into(
         &self,
         replica: &ReplicaPath,
         selector: Selector,
         target: Writer,
-        key: Option<&str>,
+        (key, encryption): (Option<&str>, Option<&EncryptionKey>),
         progress: Arc<dyn Progress>,
     ) -> Result<(PullOutcome, Writer)> {
-        self.pull_through(replica, selector, target, key, progress)
+        self.pull_through(replica, selector, target, (key, encryption), progress)
             .await
     }
 
@@ -867,7 +916,7 @@ impl Server {
             replica,
             Selector::Number(version),
             target,
-            key,
+            (key, None),
             no_progress(),
         )
         .await
@@ -880,19 +929,43 @@ impl Server {
         replica: &ReplicaPath,
         selector: Selector,
         mut target: T,
-        key: Option<&str>,
+        (key, encryption): (Option<&str>, Option<&EncryptionKey>),
         progress: Arc<dyn Progress>,
     ) -> Result<(PullOutcome, T)>
     where
         T: PageTarget + Send + 'static,
     {
+        let encryption = encryption.cloned();
         match self {
             Server::Embedded(store) => {
                 let (store, replica) = (store.clone(), replica.clone());
                 blocking(move || {
                     let mut source = store.read(&replica, selector)?;
                     let version = source.info().number;
-                    let mut stats = sync_local(&mut source, &mut target, &*progress)?;
+                    // A mix or another key is refused before a page moves, as a server's
+                    // CONFIG lets a client refuse it (the version's own key id here).
+                    let theirs = source.info().encryption.clone();
+                    check_encryption(
+                        replica.as_str(),
+                        encryption.as_ref().map(|k| k.id().to_string()).as_deref(),
+                        version,
+                        Some(&theirs.map(|key_id| Encryption { key_id })),
+                    )?;
+                    // An encrypted version is relayed as the store keeps it, sealed: a
+                    // pull without its key is refused by the replica, never handed the
+                    // sealed bytes as pages.
+                    let options = OriginOptions {
+                        sealing: source.relay(),
+                        ..OriginOptions::default()
+                    };
+                    let opening = encryption.as_ref().map(|key| Opening {
+                        key,
+                        replica: replica.as_str(),
+                        version,
+                    });
+                    let (mut stats, done) =
+                        sync_local_opening(&mut source, &mut target, &*progress, options, opening)?;
+                    stats.plaintext_digest = done.opened.map(|f| crate::digest::hex(&f.digest));
                     // The origin's figures: what it sent is what this side received.
                     std::mem::swap(&mut stats.bytes_sent, &mut stats.bytes_received);
                     Ok((
@@ -931,13 +1004,22 @@ impl Server {
                     other => other,
                 };
                 let mut ws = connect(url, key).await?;
+                let ours = encryption.as_ref().map(|k| k.id().to_string());
                 let session = Session {
                     op: Op::Pull,
                     compress: *compress,
                     merge: None,
+                    encryption: ours.clone(),
                 };
                 let config =
                     open(&mut ws, session, replica, Some(selector), None, false, None).await?;
+                check_encryption(
+                    replica.as_str(),
+                    ours.as_deref(),
+                    config.version,
+                    config.encryption.as_ref(),
+                )?;
+                let (name, version) = (replica.to_string(), config.version);
                 let (result, _, wire) = ws::run_engine_on(
                     &mut ws,
                     pumped_link(Role::Replica),
@@ -946,7 +1028,12 @@ impl Server {
                     ws::wire_for(config.compress.as_deref()),
                     move |link| {
                         let started = std::time::Instant::now();
-                        let done = run_replica(&mut target, link)?;
+                        let opening = encryption.as_ref().map(|key| Opening {
+                            key,
+                            replica: &name,
+                            version,
+                        });
+                        let done = run_replica_opening(&mut target, link, &NoProgress, opening)?;
                         progress.finish();
                         let stats = SyncStats {
                             page_size: done.page_size,
@@ -957,7 +1044,7 @@ impl Server {
                             hash_bytes: done.hash_bytes,
                             duration: started.elapsed(),
                             digest: crate::digest::digest_text(done.form, &done.digest),
-                            plaintext_digest: None,
+                            plaintext_digest: done.opened.map(|f| crate::digest::hex(&f.digest)),
                         };
                         Ok((stats, target))
                     },
@@ -1311,11 +1398,12 @@ impl crate::engine::BaseManifest for KeptBase {
 
 /// Runs the origin side of a push through `sync`, with the kept manifest (if any) as
 /// the known base, and collects the pushed page hashes; with the chunked digest when
-/// `chunked` (the peer speaks it).
+/// `chunked` (the peer speaks it), sealed when `sealing` says so. A sealed push collects
+/// nothing: its hashes are identities, which no kept manifest holds.
 fn push_origin(
     source: &mut Snapshot,
     kept: Option<(history::ManifestHeader, history::KeptManifest)>,
-    chunked: bool,
+    (chunked, sealing): (bool, Option<Sealing<'_>>),
     deferred: bool,
     sync: impl FnOnce(&mut dyn PageSource, OriginOptions<'_>) -> Result<SyncStats>,
 ) -> Result<(SyncStats, Option<PushedManifest>)> {
@@ -1379,14 +1467,17 @@ fn push_origin(
         snapshot: source,
         pending: deferred,
     };
+    let sealed = sealing.is_some();
     let stats = sync(
         &mut checked,
         OriginOptions {
             base,
-            manifest: Some(&mut sink),
+            manifest: match sealed {
+                true => None,
+                false => Some(&mut sink),
+            },
             chunked_digest: chunked,
-            // No command takes an encryption key yet (docs/security.md).
-            sealing: None,
+            sealing,
         },
     );
     let stats = match stats {
@@ -1711,6 +1802,8 @@ struct Session {
     op: Op,
     compress: CompressMode,
     merge: Option<crate::protocol::control::MergeRequest>,
+    /// For a push or a pull with an encryption key: its id (hex).
+    encryption: Option<String>,
 }
 
 impl From<Op> for Session {
@@ -1719,6 +1812,7 @@ impl From<Op> for Session {
             op,
             compress: CompressMode::Off,
             merge: None,
+            encryption: None,
         }
     }
 }
@@ -1754,6 +1848,7 @@ async fn open(
         op,
         compress,
         merge,
+        encryption,
     } = session.into();
     let open = Open {
         protocol: PROTOCOL_VERSION,
@@ -1781,8 +1876,7 @@ async fn open(
         dry_run: false,
         paged: op == Op::Versions,
         merge,
-        // No command takes an encryption key yet (docs/security.md).
-        encryption: None,
+        encryption: encryption.map(|key_id| Encryption { key_id }),
     };
     let offered = open.compress.clone();
     let offered_digests = open.digests.clone();

@@ -37,6 +37,9 @@ const DAY_S: i64 = 86_400;
 /// The schema version `PRAGMA user_version` records once [`SCHEMA`] is in place.
 const SCHEMA_VERSION: i64 = 1;
 
+/// How long a record waits for another process's record to the log.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS syncs(
         id INTEGER PRIMARY KEY,
@@ -274,7 +277,7 @@ impl Log {
         }
         let sql = |e| crate::Error::sqlite(path, e);
         let conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql)?;
         // A log made before needs no schema work (a few ms a push otherwise): its
@@ -334,6 +337,9 @@ impl Log {
         self.insert(sync)?;
         self.fold_if_due(sync.at)?;
         tx.commit()?;
+        // The connection is never closed (`record` keeps it until the process exits),
+        // so nothing else would ever copy the WAL back and restart it.
+        crate::page::kept_wal::trim_wal(&self.conn, &self.path, BUSY_TIMEOUT);
         Ok(())
     }
 

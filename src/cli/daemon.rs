@@ -80,6 +80,9 @@ impl DaemonArgs {
                 .write_all(example(what).as_bytes())?;
             return Ok(ExitCode::from(exit::OK));
         }
+        // The daemon's units take no encryption key yet: one in the environment is
+        // refused, not ignored.
+        super::encryption::refuse_key(super::encryption::env_key_set(), "sqlferry daemon")?;
         let path = self.path()?;
         if self.check {
             let config = Config::load(&path).map_err(|e| crate::Error::Usage(e.0))?;

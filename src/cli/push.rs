@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::encryption::{GivenKey, refuse_key};
 use super::progress::Bar;
 use super::{
     Global, Place, RemoteArgs, error_line, exit, exit_status, expand_tilde, human_bytes, on_store,
@@ -83,6 +84,14 @@ are conflicts: --on-conflict refuse (the default) refuses the push with VERSION_
 6) and lists each one (table, key, the base, theirs and ours rows; --json has them whole); \
 ours, theirs or newer --lww-column COL decide them. Schema changes on either side are never \
 merged (exit 6, the reason given). See docs/rows.md, \"Merge\".\n\n\
+Encrypted replicas: with --encryption-key-file FILE (sqlferry keygen FILE writes one) or \
+SQLFERRY_ENCRYPTION_KEY, every page, the commit message and the digest are sealed here \
+before they leave; the server, or the embedded store's directory, keeps what it cannot read \
+and never sees the key. A replica is encrypted or not from its first version on: a push \
+without its key, with another key, or with a key to a plaintext replica is refused (exit 5) \
+before anything is sent. Keep a copy of the key where the database's backups are not: a \
+lost key is lost data, with no back door. Not yet with --subscribe, --merge or a local copy \
+(refused, exit 2).\n\n\
 LOCAL must pass PRAGMA quick_check, run in the read transaction that is pushed: a damaged \
 database is refused with exit 7 and replaces nothing; --allow-corrupt pushes it anyway.\n\n\
 Without --server, SQLFERRY_SERVER or a configured server, a LOCAL whose PUSH key is saved \
@@ -170,6 +179,9 @@ pub struct PushArgs {
     /// How pages travel.
     #[command(flatten)]
     pub compress: super::CompressArgs,
+    /// The encryption key, for an encrypted replica.
+    #[command(flatten)]
+    pub encryption: super::encryption::EncryptionArgs,
 }
 
 /// One destination of a push, resolved by [`Place`]'s rule.
@@ -213,6 +225,7 @@ impl PushArgs {
             )
             .into());
         }
+        let key = self.encryption_key(&dests, global)?;
         let local = expand_tilde(&self.local);
         match (dests.as_slice(), self.subscribe) {
             ([Dest::Replica(replica)], true) => {
@@ -221,10 +234,44 @@ impl PushArgs {
             }
             (_, true) => self.subscribe_many(&local, &dests, global, shutdown).await,
             ([dest], false) => Ok(ExitCode::from(
-                self.push_to(&local, dest, global, shutdown).await?,
+                self.push_to(&local, dest, key.as_ref(), global, shutdown)
+                    .await?,
             )),
-            (_, false) => self.push_many(&local, &dests, global, shutdown).await,
+            (_, false) => {
+                self.push_many(&local, &dests, key.as_ref(), global, shutdown)
+                    .await
+            }
         }
+    }
+
+    /// The encryption key given, if any, refused where it cannot be used yet (rather
+    /// than ignored): a local copy (it stays plaintext), `--subscribe`, `--merge` (the
+    /// store cannot read an encrypted replica's rows).
+    fn encryption_key(&self, dests: &[Dest], global: &Global) -> anyhow::Result<Option<GivenKey>> {
+        let Some(key) = self.encryption.key(global.quiet || self.json)? else {
+            return Ok(None);
+        };
+        if let Some(Dest::File(arg, _)) = dests.iter().find(|d| matches!(d, Dest::File(..))) {
+            return Err(crate::Error::Usage(format!(
+                "{} is for replicas, and {arg} is a local file (a copy is plaintext, as LOCAL \
+                 is); push to the file without it, or to a replica; nothing was pushed",
+                key.source
+            ))
+            .into());
+        }
+        if self.subscribe {
+            refuse_key(true, "--subscribe")?;
+        }
+        if self.merge {
+            return Err(crate::Error::Usage(format!(
+                "--merge with {}: the store cannot read an encrypted replica's rows, so it \
+                 cannot merge them; pull the latest version, merge locally, and push again; \
+                 nothing was pushed",
+                key.source
+            ))
+            .into());
+        }
+        Ok(Some(key))
     }
 
     /// REMOTE arguments, then `--replica` values, as destinations; the first argument
@@ -284,12 +331,13 @@ impl PushArgs {
         &self,
         local: &Path,
         dests: &[Dest],
+        key: Option<&GivenKey>,
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<ExitCode> {
         let mut failed: Vec<(&Dest, u8)> = Vec::new();
         for dest in dests {
-            let code = match self.push_to(local, dest, global, shutdown).await {
+            let code = match self.push_to(local, dest, key, global, shutdown).await {
                 Ok(code) => code,
                 Err(e) => {
                     let code = exit_status(&e);
@@ -340,6 +388,7 @@ impl PushArgs {
         &self,
         local: &Path,
         dest: &Dest,
+        key: Option<&GivenKey>,
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<u8> {
@@ -348,8 +397,11 @@ impl PushArgs {
                 super::interruptible(shutdown, self.push_file(local, path, global)).await
             }
             Dest::Replica(replica) => {
-                let pusher = self.pusher(local, replica.clone(), global).await?;
-                self.push_replica(pusher, global, shutdown).await
+                let mut pusher = self.pusher(local, replica.clone(), global).await?;
+                pusher.encryption = key.map(|k| k.key.clone());
+                self.push_replica(pusher, global, shutdown)
+                    .await
+                    .map_err(|e| super::encryption::name_key(e, key))
             }
         }
     }
@@ -545,6 +597,11 @@ impl PushArgs {
             v["created"] = outcome.created.into();
             v["repaired"] = outcome.repaired.into();
             v["proved_unchanged"] = outcome.proved_unchanged.into();
+            if let Some(key) = &pusher.encryption {
+                // The replica is encrypted with this key; `digest` is then over page
+                // identities (what the store checked), `plaintext_digest` the file's.
+                v["encryption_key_id"] = key.id().to_string().into();
+            }
             if let Some(merged) = &outcome.merged {
                 // What the merge did, and whether LOCAL now holds its version.
                 v["merged"] = serde_json::to_value(&merged.result)?;

@@ -495,6 +495,9 @@ pub struct SubscribeArgs {
 impl SubscribeArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+        // Subscribers take no encryption key yet: one in the environment is refused,
+        // not ignored.
+        super::encryption::refuse_key(super::encryption::env_key_set(), "sqlferry subscribe")?;
         let target = expand_tilde(&self.target);
         let mode = self.compress.compress;
         match plan::resolve(target, self.target.clone()).await? {

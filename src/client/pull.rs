@@ -33,6 +33,9 @@ pub struct Puller {
     pub key: Option<String>,
     /// Overwrite changes of LOCAL that were never pushed.
     pub force: bool,
+    /// The replica's encryption key (docs/security.md): pages are opened with it and the
+    /// version's seal checked before LOCAL commits. `None`: a plaintext replica.
+    pub encryption: Option<crate::crypt::EncryptionKey>,
 }
 
 /// Why LOCAL may not be overwritten: how its digest now differs from what it was
@@ -118,7 +121,13 @@ impl Puller {
         .await?;
         let (mut outcome, writer) = self
             .server
-            .pull_into(replica, selector, writer, self.key.as_deref(), progress)
+            .pull_into(
+                replica,
+                selector,
+                writer,
+                (self.key.as_deref(), self.encryption.as_ref()),
+                progress,
+            )
             .await
             .map_err(|e| {
                 e.context(format!(
@@ -228,20 +237,20 @@ impl Puller {
                 replica,
                 Selector::Latest,
                 writer,
-                self.key.as_deref(),
+                (self.key.as_deref(), self.encryption.as_ref()),
                 crate::remote::no_progress(),
             )
             .await
             .map_err(context)?;
         kept.writer = Some(writer);
         let mut taken = std::mem::take(kept);
-        let (path, digest) = (local.clone(), outcome.stats.digest.clone());
+        let (path, digest) = (local.clone(), outcome.stats.local_digest().to_owned());
         let sync = crate::history::LastSync::now(
             &self.database,
             self.server.url(),
             replica.as_str(),
             outcome.version,
-            &outcome.stats.digest,
+            &digest,
             "pull",
         )
         .with_server_id(outcome.server_id.clone());
@@ -410,7 +419,8 @@ impl Puller {
             (&self.server, outcome.server_id.clone()),
             &self.replica,
             outcome.version,
-            &outcome.stats.digest,
+            // The database's own digest: an encrypted pull's plaintext one.
+            outcome.stats.local_digest(),
             "pull",
         )
         .await
@@ -641,7 +651,9 @@ fn keep_seal(
     };
     let same_manifest = writer.used_sealed_hashes()
         && pulled.stats.pages_sent == 0
-        && old.is_some_and(|s| s.version == pulled.version && s.digest == pulled.stats.digest);
+        && old.is_some_and(|s| {
+            s.version == pulled.version && s.digest == pulled.stats.local_digest()
+        });
     if !same_manifest {
         let header = history::ManifestHeader {
             server: url.to_owned(),
@@ -661,7 +673,9 @@ fn keep_seal(
             server: url.to_owned(),
             replica: replica.to_owned(),
             version: pulled.version,
-            digest: pulled.stats.digest.clone(),
+            // LOCAL's digest, as the manifest kept beside it (the writer's page
+            // hashes, plaintext also after an encrypted pull) makes it.
+            digest: pulled.stats.local_digest().to_owned(),
             checked: false,
             source: state.to_token(),
         },

@@ -62,6 +62,10 @@ pub struct Pusher {
     /// Merge onto the latest version when the replica moved past the base
     /// (`--merge`), deciding rows changed on both sides this way.
     pub merge: Option<OnConflict>,
+    /// The replica's encryption key (`--encryption-key-file`,
+    /// `SQLFERRY_ENCRYPTION_KEY`): each push seals every page and the version with it
+    /// (docs/security.md). `None`: a plaintext replica.
+    pub encryption: Option<crate::crypt::EncryptionKey>,
 }
 
 /// What one push did.
@@ -163,6 +167,7 @@ impl Pusher {
             trigger: "manual",
             wait_followers: false,
             merge: None,
+            encryption: None,
         })
     }
 
@@ -240,7 +245,7 @@ impl Pusher {
                 message: self.message.clone(),
                 client_id: crate::remote::client_id(),
                 key_id: String::new(),
-                encryption: None,
+                encryption: self.encryption.as_ref().map(|k| k.id().to_string()),
             },
             key: self.key.clone(),
             // Without a stored PUSH key, ask for keys: an admin key's first push of a
@@ -250,6 +255,7 @@ impl Pusher {
             allow_corrupt: self.allow_corrupt,
             wait_followers: self.wait_followers,
             merge: self.merge.clone(),
+            encryption: self.encryption.clone(),
         }
     }
 
@@ -353,8 +359,10 @@ impl Pusher {
         // again). A server that stored no candidate leaves the base as it was.
         let recorded = match (&outcome.merged, &local_kept) {
             (Some(merged), Some(_)) => (merged.result.candidate > 0)
-                .then_some((merged.result.candidate, &merged.candidate_digest)),
-            _ => Some((outcome.version, &outcome.stats.digest)),
+                .then_some((merged.result.candidate, merged.candidate_digest.as_str())),
+            // The database's own digest: an encrypted push's plaintext one, which a
+            // later pull compares LOCAL with.
+            _ => Some((outcome.version, outcome.stats.local_digest())),
         };
         if let Some((version, digest)) = recorded {
             super::record_sync(

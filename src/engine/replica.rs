@@ -278,7 +278,8 @@ fn session(
             // replica's key, and a side (a server) that keeps no encrypted replica.
             return Err(Error::Auth(
                 "the origin sealed its pages (an encrypted replica), and this side has no \
-                 key to open them and keeps no sealed pages; nothing was written"
+                 key to open them (--encryption-key-file, or SQLFERRY_ENCRYPTION_KEY) and \
+                 keeps no sealed pages; nothing was written"
                     .into(),
             ));
         }

@@ -129,11 +129,11 @@ pub fn check_encryption(
             e.key_id
         ))),
         (Some(_), None) => Err(Error::Protocol(format!(
-            "this server cannot keep an encrypted replica (it did not answer the encryption of {replica}); upgrade it, or push without an encryption key; nothing was sent"
+            "this server cannot keep an encrypted replica (it did not answer the encryption of {replica}); upgrade it, or push or pull without an encryption key; nothing was sent"
         ))),
         (Some(_), Some(None)) if version == 0 => Ok(()),
         (Some(_), Some(None)) => Err(Error::Auth(format!(
-            "{replica} is not encrypted: its versions are plaintext, and a replica is encrypted or not from its first version on; push without an encryption key, or to a new replica; nothing was sent"
+            "{replica} is not encrypted: its versions are plaintext, and a replica is encrypted or not from its first version on; push or pull it without an encryption key (or push to a new replica with one); nothing was sent"
         ))),
         (Some(k), Some(Some(e))) if k == e.key_id => Ok(()),
         (Some(k), Some(Some(e))) => Err(Error::Auth(format!(

@@ -153,6 +153,18 @@ impl<T: PageTarget> PageTarget for OwnFaults<'_, T> {
         self.chunked_agreed && self.inner.speaks_chunked_digest()
     }
 
+    // An encrypted replica's push: the store keeps what it cannot read. Without these
+    // two the wrapper would refuse every sealed push as a side that keeps no sealed
+    // pages.
+    fn keeps_sealed(&self) -> bool {
+        self.inner.keeps_sealed()
+    }
+
+    fn keep_seal(&mut self, seal: Vec<u8>) -> Result<()> {
+        let r = self.inner.keep_seal(seal);
+        self.map(r)
+    }
+
     fn held_chunks(&mut self) -> Result<Option<Vec<Hash>>> {
         let r = self.inner.held_chunks();
         self.map(r)

@@ -42,7 +42,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::digest::Hash;
@@ -197,22 +196,6 @@ fn to_wal(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
-/// Makes closing `conn` leave its WAL as it is. By default the last connection to
-/// close checkpoints the WAL into the database and deletes it, so every push paid a
-/// checkpoint (two more fsyncs) and the next one recreated the WAL (a directory fsync)
-/// for each of the store's files it wrote. The WAL is still checkpointed by SQLite's
-/// auto-checkpoint, at a commit that finds it past 1,000 pages; every commit is in it
-/// and fsynced (`synchronous = FULL`), and any connection that opens the file reads it.
-/// A WAL that a large push grew is cut back to [`KEPT_WAL_BYTES`] when SQLite next
-/// restarts it, so what stays on disk is small.
-pub(super) fn keep_wal_on_close(conn: &Connection) -> rusqlite::Result<()> {
-    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
-    conn.pragma_update(None, "journal_size_limit", KEPT_WAL_BYTES)
-}
-
-/// The size a store file's WAL is cut back to once checkpointed (`journal_size_limit`).
-const KEPT_WAL_BYTES: i64 = 1 << 20;
-
 /// The pages directory of the store rooted at `root`.
 pub(super) fn dir_of(root: &Path) -> PathBuf {
     root.join("pages")
@@ -356,7 +339,7 @@ impl Pages {
             .map_err(s)?;
         conn.pragma_update(None, "cache_size", cache_kib)
             .map_err(s)?;
-        keep_wal_on_close(&conn).map_err(s)?;
+        crate::page::kept_wal::keep_wal_on_close(&conn).map_err(s)?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(s)?;
@@ -499,6 +482,7 @@ impl Pages {
         if let Some(a) = appender {
             a.start = a.end;
         }
+        crate::page::kept_wal::trim_wal(&self.conn, &self.index, BUSY_TIMEOUT);
         Ok(())
     }
 
@@ -651,6 +635,7 @@ impl Pages {
                 )
                 .map_err(self.sql())?;
             self.conn.execute_batch("COMMIT").map_err(self.sql())?;
+            crate::page::kept_wal::trim_wal(&self.conn, &self.index, BUSY_TIMEOUT);
         }
         Ok((count as u64, bytes as u64))
     }

@@ -954,7 +954,7 @@ impl VersionWriter {
         // Not a new replica's private file: its WAL is checkpointed and the file
         // closed before it is linked into place, and its WAL must go with that name.
         if creating.is_none() {
-            super::pack::keep_wal_on_close(&conn).map_err(sql(file))?;
+            crate::page::kept_wal::keep_wal_on_close(&conn).map_err(sql(file))?;
         }
         // A new replica's private file is set up (WAL mode, its tables) without a
         // single fsync: no one sees it before `publish`, whose checkpoint syncs the WAL
@@ -1731,6 +1731,10 @@ impl VersionWriter {
             crate::error::debug_pause("merge-commit");
         }
         self.conn.execute_batch("COMMIT").map_err(sql(&file))?;
+        // A new replica's private file is checkpointed whole by `publish`.
+        if self.creating.is_none() {
+            crate::page::kept_wal::trim_wal(&self.conn, &file, BUSY_TIMEOUT);
+        }
         self.conn
             .execute_batch("DELETE FROM temp.fresh; DELETE FROM temp.placed")
             .map_err(sql(&file))?;

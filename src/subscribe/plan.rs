@@ -152,6 +152,7 @@ fn resolve_blocking(target: &Path, given: &str) -> Result<Plan> {
             local: target.to_owned(),
             database,
             force: false,
+            encryption: None,
         }));
     }
     Ok(Plan::Push(Pusher::new(target, replica, server, None)?))
@@ -167,6 +168,7 @@ fn follow_sidecar(sidecar: &Path, database: &Path) -> Result<Plan> {
         database: crate::config::database_key(database),
         key: Some(s.key),
         force: false,
+        encryption: None,
     }))
 }
 
@@ -586,6 +588,7 @@ impl ClientPush {
             database: p.database.clone(),
             key: p.key.clone(),
             force: false,
+            encryption: None,
         }
     }
 }

@@ -84,11 +84,18 @@
 //!   pull back, a small change storing only its pages, identities stored once, a
 //!   flipped stored byte refused and found by scrub, and mixes of plaintext, keys, stale
 //!   bases and merges refused.
+//! - `encrypted`: encrypted replicas on the command line: `keygen`, a marked WAL
+//!   database pushed with a key into the embedded store and a real server (no marker in
+//!   any stored file), pulled back with the key, a one-row change sending a few pages, a
+//!   wrong key (exit 5), a flipped ciphertext byte (exit 7) and missing keys refused
+//!   with LOCAL unchanged, `SQLFERRY_ENCRYPTION_KEY`, keys refused where they cannot
+//!   work yet.
 
 mod chunked;
 mod cli;
 mod daemon;
 mod dashboard;
+mod encrypted;
 mod engine;
 mod followers;
 mod hostile;

@@ -676,6 +676,7 @@ impl Machine {
             .env_remove("SQLFERRY_SERVER")
             .env_remove("SQLFERRY_KEY")
             .env_remove("SQLFERRY_CA_FILE")
+            .env_remove("SQLFERRY_ENCRYPTION_KEY")
             .env("HOME", &self.home)
             .env("XDG_CONFIG_HOME", self.home.join("config"))
             .env("XDG_DATA_HOME", self.home.join("data"))

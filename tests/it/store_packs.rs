@@ -672,3 +672,51 @@ fn a_full_read_follows_place_hints_and_falls_back_when_they_are_stale() {
     assert_eq!(seen, hashes);
     assert_eq!((hinted, stale), (pb.len() as u64, 0));
 }
+
+/// The store's files keep their WAL between pushes (fewer fsyncs for small pushes), but
+/// each CLI push is a new process, which rebuilds the wal-index from the WAL and counts
+/// none of its frames as copied back: without a trim after the commit, the index's WAL
+/// grew by every push forever, and every push read and checkpointed all of it again.
+#[test]
+fn the_store_files_wals_stay_small_over_many_pushes() {
+    let dir = TempDir::new().expect("tempdir");
+    let db = database(dir.path(), "app.db", 20_000);
+    let src = db.to_str().expect("utf-8");
+    let index_wal = dir.path().join("store/pages/index.sqlite-wal");
+    let replica_wal = dir.path().join("store/replicas/acme/app.db.sqlferry-wal");
+    // The largest WAL seen after a push, the largest one push added, and all they added.
+    let (mut most, mut step, mut grown) = (0, 0, 0);
+    for round in 0..12u64 {
+        // A tenth of the rows, spread over the whole file: new pages all over the index.
+        let conn = util::open(&db);
+        conn.execute(
+            "UPDATE t SET v = randomblob(300) WHERE id % 10 = ?1",
+            [round as i64 % 10],
+        )
+        .expect("update");
+        drop(conn);
+        let before = util::file_len(&index_wal);
+        let out = run_ok(dir.path(), &["push", src, "acme/app.db"]);
+        assert_eq!(out["version"], round + 1, "{out}");
+        let after = util::file_len(&index_wal);
+        step = step.max(after.saturating_sub(before));
+        grown += after.saturating_sub(before);
+        most = most.max(after).max(util::file_len(&replica_wal));
+    }
+    assert!(
+        grown > 3 << 20,
+        "the pushes added only {grown} bytes to the index's WAL: too little to show growth"
+    );
+    // Trimmed past 1 MiB at a commit: never more than that and one push's frames.
+    assert!(
+        most <= (1 << 20) + step,
+        "a store WAL reached {most} bytes over 12 pushes (one push adds up to {step})"
+    );
+    let copy = dir.path().join("copy.db");
+    run_ok(
+        dir.path(),
+        &["pull", "acme/app.db", copy.to_str().expect("utf-8")],
+    );
+    util::assert_same(&db, &copy);
+    scrub_clean(dir.path());
+}

@@ -252,7 +252,8 @@ pub fn sqlferry(dir: &Path) -> Command {
         .env("XDG_CONFIG_HOME", home.join("config"))
         .env_remove("SQLFERRY_SERVER")
         .env_remove("SQLFERRY_KEY")
-        .env_remove("SQLFERRY_CA_FILE");
+        .env_remove("SQLFERRY_CA_FILE")
+        .env_remove("SQLFERRY_ENCRYPTION_KEY");
     cmd
 }
 

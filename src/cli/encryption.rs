@@ -1,0 +1,160 @@
+//! `sqlferry keygen FILE`, and the encryption key `push` and `pull` take
+//! (`--encryption-key-file FILE`, else `SQLFERRY_ENCRYPTION_KEY`): end-to-end
+//! encryption, docs/security.md.
+//!
+//! The key never leaves this machine: it seals pages and versions here, and the server
+//! (or the embedded store's directory) keeps only what it cannot read. A lost key is
+//! lost data, so `keygen` never overwrites a file and says so when it writes one.
+
+use std::process::ExitCode;
+
+use super::{Global, exit, expand_tilde, out};
+use crate::crypt::EncryptionKey;
+use crate::shutdown::Shutdown;
+
+/// The environment variable holding the key itself (base64), for where a file is
+/// awkward (a container's secret); `--encryption-key-file` wins over it.
+pub const KEY_ENV: &str = "SQLFERRY_ENCRYPTION_KEY";
+
+/// Arguments of `sqlferry keygen`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  \
+sqlferry keygen ~/.config/sqlferry/acme.key\n  \
+sqlferry push app.db acme/app.db --encryption-key-file ~/.config/sqlferry/acme.key\n  \
+sqlferry pull acme/app.db restored.db --encryption-key-file ~/.config/sqlferry/acme.key\n\n\
+The key is 32 random bytes in base64, written with mode 0600 to a file that must not exist \
+yet: a key is never overwritten (every version made with it would be lost). Keep a copy \
+where the database's own backups are not (a password manager, another machine): the server \
+never sees the key, keeps only what it cannot read, and nothing can decrypt a version \
+without it. There is no back door and no recovery: a lost key is lost data.")]
+pub struct KeygenArgs {
+    /// Where to write the new key (must not exist).
+    #[arg(value_name = "FILE")]
+    pub file: String,
+}
+
+impl KeygenArgs {
+    /// Writes the key and says where it is and what losing it means.
+    pub async fn run(self, global: &Global, _shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+        let path = expand_tilde(&self.file);
+        let written = path.clone();
+        let id =
+            crate::remote::blocking(move || crate::crypt::write_new_key_file(&written)).await?;
+        out(format_args!(
+            "wrote a new encryption key to {} (key id {id}, mode 0600)",
+            path.display()
+        ))?;
+        if !global.quiet {
+            eprintln!(
+                "sqlferry: note: keep a copy of {} where the database's own backups are not. \
+                 The server never sees this key and nothing can decrypt a version without it: \
+                 if it is lost, the encrypted versions are lost (there is no back door and no \
+                 recovery). Use it with push and pull: --encryption-key-file {}",
+                path.display(),
+                path.display()
+            );
+        }
+        Ok(ExitCode::from(exit::OK))
+    }
+}
+
+/// The encryption key of `push` and `pull`.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Encryption")]
+pub struct EncryptionArgs {
+    /// The replica's encryption key, a file `sqlferry keygen FILE` wrote (else
+    /// SQLFERRY_ENCRYPTION_KEY, the key itself in base64). Pages, commit messages and
+    /// digests are sealed on this machine: the server never sees the key or the content.
+    /// A replica is encrypted or not from its first version on. A lost key is lost data:
+    /// there is no back door.
+    #[arg(long, value_name = "FILE")]
+    pub encryption_key_file: Option<String>,
+}
+
+/// A key as given, and where it came from (for messages; never the key itself).
+#[derive(Debug, Clone)]
+pub struct GivenKey {
+    /// The key.
+    pub key: EncryptionKey,
+    /// `--encryption-key-file PATH` or `SQLFERRY_ENCRYPTION_KEY`.
+    pub source: String,
+}
+
+impl EncryptionArgs {
+    /// The key given, if any: the file, else the environment. A file that group or
+    /// others may read is used with a warning on stderr (unless `quiet`): refusing
+    /// it would stop a backup over a permission a `chmod 600` fixes.
+    pub fn key(&self, quiet: bool) -> anyhow::Result<Option<GivenKey>> {
+        if let Some(file) = &self.encryption_key_file {
+            let path = expand_tilde(file);
+            let (key, mode) = crate::crypt::read_key_file(&path)?;
+            if mode & 0o077 != 0 && !quiet {
+                eprintln!(
+                    "sqlferry: warning: the encryption key {} may be read by other users \
+                     (mode {mode:04o}): whoever reads it reads every version made with it; \
+                     chmod 600 {}",
+                    path.display(),
+                    path.display()
+                );
+            }
+            return Ok(Some(GivenKey {
+                key,
+                source: format!("--encryption-key-file {}", path.display()),
+            }));
+        }
+        Ok(env_key()?.map(|key| GivenKey {
+            key,
+            source: KEY_ENV.to_owned(),
+        }))
+    }
+}
+
+/// The key in `SQLFERRY_ENCRYPTION_KEY`, if it is set (and not empty).
+pub fn env_key() -> crate::Result<Option<EncryptionKey>> {
+    match std::env::var(KEY_ENV) {
+        Ok(text) if !text.trim().is_empty() => {
+            crate::crypt::parse_key_text(&text, KEY_ENV).map(Some)
+        }
+        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(crate::Error::Usage(format!(
+            "{KEY_ENV} is not a key: it must hold 32 bytes in base64 (sqlferry keygen FILE writes one)"
+        ))),
+    }
+}
+
+/// Refuses an encryption key given to something that cannot use it yet (a subscriber,
+/// the daemon), so that no key is silently ignored: `what` says which.
+pub fn refuse_key(given: bool, what: &str) -> crate::Result<()> {
+    if given {
+        return Err(crate::Error::Usage(format!(
+            "an encryption key (--encryption-key-file or {KEY_ENV}): not yet with {what}; \
+             push and pull an encrypted replica one at a time (sqlferry push/pull \
+             --encryption-key-file FILE), or unset {KEY_ENV}; nothing was done"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `SQLFERRY_ENCRYPTION_KEY` is set (not empty): for the commands that take no
+/// key yet, which refuse it rather than ignore it.
+pub fn env_key_set() -> bool {
+    std::env::var_os(KEY_ENV).is_some_and(|v| !v.is_empty())
+}
+
+/// Names the key given in an authentication error (a key refused as another
+/// replica's, or a replica that is encrypted or not): which key, from where, with its
+/// id. Other errors pass as they are.
+pub fn name_key(e: anyhow::Error, key: Option<&GivenKey>) -> anyhow::Error {
+    let auth = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<crate::Error>())
+        .is_some_and(|c| c.kind() == crate::ErrorKind::Auth);
+    match key {
+        Some(key) if auth => e.context(format!(
+            "with the encryption key from {} (key id {})",
+            key.source,
+            key.key.id()
+        )),
+        _ => e,
+    }
+}
