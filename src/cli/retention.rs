@@ -23,7 +23,7 @@ A version is kept when any rule keeps it; the latest version is always kept; wit
 everything is kept (the default). --keep-daily D keeps the newest version of each of the D \
 most recent UTC days that have one (--keep-weekly: ISO weeks). The flags given are the whole \
 new policy. It is applied after each new version, and at once by `sqlferry prune REMOTE` \
-(try --dry-run first). A server needs the admin key to change it (any key of the replica \
+(try --dry-run first); on a server with an S3 store, by `prune` only. A server needs the admin key to change it (any key of the replica \
 shows it); a server's default comes from `sqlferry serve --retention`.")]
 pub struct RetentionArgs {
     /// The replica: namespace/name (not with --default).
@@ -135,7 +135,11 @@ It removes the versions the replica's retention policy (`sqlferry retention`) do
 prints what it removed and the bytes freed. Pulls of a removed version are refused from then \
 on (exit 8). It waits up to 60 s for running pushes and pulls to let it free pages; if they \
 keep the store busy, the versions are removed and their pages freed by the next prune. A \
-server needs the admin key.")]
+server needs the admin key.\n\n\
+On a server with an S3 store (serve --store s3://…), the pages are freed by a sweep of the \
+whole bucket: the packs, indexes and chunks no remaining version of any replica names and \
+older than the server's --gc-grace (default 1h, so a push in flight keeps what it wrote) are \
+deleted; --dry-run lists them and their bytes. One sweep at a time.")]
 pub struct PruneArgs {
     /// The replica: namespace/name.
     pub remote: String,
@@ -183,6 +187,19 @@ impl PruneArgs {
                 crate::store::number_ranges(&report.removed),
                 report.kept
             ))?;
+        }
+        if let Some(swept) = report.swept_objects {
+            // An S3 store: the sweep's objects, not pages.
+            for key in &report.swept {
+                out(format_args!("  {key}"))?;
+            }
+            out(format_args!(
+                "{removed} {} ({swept} object{} no version names, older than the server's --gc-grace; {} younger left)",
+                human_bytes(report.freed_bytes),
+                if swept == 1 { "" } else { "s" },
+                report.young_objects.unwrap_or(0)
+            ))?;
+            return Ok(ExitCode::from(exit::OK));
         }
         match &report.deferred {
             Some(why) => out(format_args!("pages not freed yet: {why}"))?,

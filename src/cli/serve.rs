@@ -89,9 +89,12 @@ back PREFIX/sqlferry-store.json: a wrong endpoint, refused credentials or a miss
 stop it there (exit 10). A push writes one pack of its new pages, its index, the chunks of \
 page hashes that changed and the version object, created only if absent: two servers on one \
 bucket (with --meta, or each with its own --data) never make the same version twice; the \
-loser gets VERSION_CONFLICT. Not with an S3 store yet (refused, saying so): retention and \
-prune, --retention, --drill-every, push --merge, encrypted replicas, stored-bytes figures \
-(shown as -); pages travel uncompressed.\n  \
+loser gets VERSION_CONFLICT. Retention over S3: `sqlferry prune REMOTE` removes the versions \
+the policy (`sqlferry retention`, --retention) does not keep, then sweeps: it lists the \
+bucket once and deletes the packs and chunks no remaining version names that are older than \
+--gc-grace (default 1h; a push in flight is younger); a push does not apply the policy by \
+itself over S3. Not with an S3 store yet (refused, saying so): --drill-every, push --merge, \
+encrypted replicas, stored-bytes figures (shown as -); pages travel uncompressed.\n  \
 AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=… sqlferry serve --data /srv/sqlferry --store s3://backups/sqlferry\n  \
 sqlferry serve --data /srv/sqlferry --store s3://backups/sqlferry --s3-endpoint http://127.0.0.1:9000\n\n\
 More examples:\n  \
@@ -150,6 +153,17 @@ pub struct ServeArgs {
     /// AWS S3].
     #[arg(long, value_name = "URL", requires = "store")]
     pub s3_endpoint: Option<String>,
+    /// With --store s3://…: how old an object no version names must be before `prune`
+    /// deletes it (1h, 30m, 0s), and how long a push may run before it checks that the
+    /// objects it names still exist. Keep it above your longest push; 0s deletes at once
+    /// what a push in flight may be about to name (for tests) [default: 1h].
+    #[arg(long, value_name = "SPAN", value_parser = parse_grace, requires = "store")]
+    pub gc_grace: Option<std::time::Duration>,
+}
+
+/// A grace period (`--gc-grace`): any span, 0s included.
+fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}: use a span such as 1h, 30m or 0s"))
 }
 
 /// Where `serve --store` keeps replicas.
@@ -220,15 +234,18 @@ impl ServeArgs {
                 )
                 .into());
             }
+            _ if self.gc_grace.is_some() => {
+                return Err(crate::Error::Usage(
+                    "--gc-grace is for --store s3://BUCKET/PREFIX (the directory store frees pages under its own lock, with no grace)".into(),
+                )
+                .into());
+            }
             _ => None,
         };
         if s3.is_some() {
             // Refused before anything is made, naming the feature (docs/scale-out.md).
             if self.drill_every.is_some() {
                 return Err(crate::store::not_with_s3("restore drills (--drill-every)").into());
-            }
-            if self.retention.is_some() {
-                return Err(crate::store::not_with_s3("retention policies (--retention)").into());
             }
         }
         let data = match data {
@@ -335,6 +352,7 @@ impl ServeArgs {
                 let options =
                     crate::store::object::S3Options::from_env(self.s3_endpoint.as_deref());
                 let (runtime, data) = (tokio::runtime::Handle::current(), data.clone());
+                let gc_grace = self.gc_grace;
                 let shown = location.to_string();
                 // Without keys in the environment the S3 client asks the instance
                 // metadata service for some, and its error names only that address.
@@ -347,11 +365,14 @@ impl ServeArgs {
                 Some(
                     blocking(move || {
                         let objects = crate::store::object::Objects::open(location, &options)?;
-                        let store = crate::store::s3::S3Store::open(
+                        let mut store = crate::store::s3::S3Store::open(
                             objects,
                             &data.join(S3_CACHE_DIR),
                             runtime,
                         )?;
+                        if let Some(grace) = gc_grace {
+                            store = store.with_grace(grace);
+                        }
                         store.check()?;
                         Ok(crate::store::AnyStore::S3 { store, data })
                     })
@@ -379,8 +400,16 @@ impl ServeArgs {
             if metrics_on_main {
                 state = state.with_metrics();
             }
-            if let (Some(policy), crate::store::AnyStore::Dir(dir)) = (retention, &state.store) {
-                state.store = crate::store::AnyStore::Dir(dir.clone().with_default_retention(policy));
+            if let Some(policy) = retention {
+                state.store = match state.store {
+                    crate::store::AnyStore::Dir(dir) => {
+                        crate::store::AnyStore::Dir(dir.with_default_retention(policy))
+                    }
+                    crate::store::AnyStore::S3 { store, data } => crate::store::AnyStore::S3 {
+                        store: store.with_default_retention(policy),
+                        data,
+                    },
+                };
             }
             let key = state.auth.ensure_admin().map_err(|e| startup(e, &dir))?;
             if shared {

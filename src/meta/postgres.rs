@@ -66,6 +66,32 @@ pub const POOL_WAIT: Duration = Duration::from_secs(10);
 /// The advisory lock migrations run under ("sqlferry" in ASCII).
 pub const MIGRATION_LOCK: i64 = 0x7371_6c66_6572_7279;
 
+/// The advisory lock an S3 store's sweep runs under, so that one server sharing the
+/// database sweeps at a time ("sqlferrz": the migrations' lock plus one).
+pub const SWEEP_LOCK: i64 = MIGRATION_LOCK + 1;
+
+/// [`SWEEP_LOCK`], held by one pooled connection taken out of the pool: dropping it
+/// closes that connection, which releases the lock (also when the task holding it
+/// fails or is cancelled), and never returns a connection still holding it to the
+/// pool.
+pub struct SweepLock {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl std::fmt::Debug for SweepLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SweepLock")
+    }
+}
+
+impl Drop for SweepLock {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 /// How long announced versions are kept in `sqlferry_events` for catch-ups.
 const EVENTS_KEPT: &str = "1 day";
 
@@ -417,6 +443,20 @@ impl PgMeta {
     pub async fn notify(&self, notice: &Notice) -> Result<()> {
         let client = self.client().await?;
         notify_in(&**client, notice).await.map_err(|e| self.fail(e))
+    }
+
+    /// Takes [`SWEEP_LOCK`] if no other server holds it (`pg_try_advisory_lock`, no
+    /// wait); `None` while another sweeps.
+    pub async fn sweep_lock(&self) -> Result<Option<SweepLock>> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK])
+            .await
+            .map_err(|e| self.fail(e))?;
+        let got: bool = row.get(0);
+        Ok(got.then_some(SweepLock {
+            client: Some(client),
+        }))
     }
 
     /// How many servers are listening now (this one included when its listening

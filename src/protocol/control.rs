@@ -299,7 +299,24 @@ pub struct PruneReport {
     /// busy to collect them now (the next prune or automatic removal does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred: Option<String>,
+    /// On an S3 store: the objects (packs, their indexes, chunks) the sweep deleted (or
+    /// would delete): unreferenced by every remaining version and older than the grace
+    /// period. Their bytes are `freed_bytes`. Absent from a directory store's report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swept_objects: Option<u64>,
+    /// On an S3 store: unreferenced objects left because they are younger than the
+    /// grace period (a push in flight may be about to name them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub young_objects: Option<u64>,
+    /// On an S3 store, in a dry run: the keys the sweep would delete (at most
+    /// [`SWEPT_LISTED`]; `swept_objects` counts them all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swept: Vec<String>,
 }
+
+/// The most object keys a dry run's [`PruneReport::swept`] lists: the frame stays
+/// small however much garbage there is.
+pub const SWEPT_LISTED: usize = 1000;
 
 /// What a session does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -363,6 +363,12 @@ fn shared_of(rows: SharedRows) -> Shared {
 }
 
 impl Relay {
+    /// The sweep lock of the servers sharing this database
+    /// ([`PgMeta::sweep_lock`]); `None` while another server sweeps.
+    pub async fn sweep_lock(&self) -> Result<Option<crate::meta::postgres::SweepLock>> {
+        self.bus.sweep_lock().await
+    }
+
     fn bus_name(&self) -> String {
         crate::meta::MetaStore::describe(&self.bus)
     }

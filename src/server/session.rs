@@ -306,7 +306,6 @@ where
     let (policy, clear) = (open.retention.clone(), open.retention_clear);
     let (id, shown) = blocking(move || {
         let id = auth.replica_id(&r, false)?;
-        let store = store.dir("retention policies")?;
         let shown = if change {
             store.set_retention(&r, if clear { None } else { policy.as_ref() })?
         } else {
@@ -336,16 +335,22 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     admin_only(principal, "prune")?;
+    // Over S3, one sweep at a time among the servers sharing PostgreSQL (each server's
+    // own sweeps are one at a time through its cache's lock); held until the sweep ends.
+    let _sweeping = match (&state.relay, state.store.is_s3()) {
+        (Some(relay), true) => Some(relay.sweep_lock().await?.ok_or_else(|| {
+            Error::InUse(
+                "another server sharing this metadata store is sweeping the S3 store; try again when it ends"
+                    .into(),
+            )
+        })?),
+        _ => None,
+    };
     let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
     let dry_run = open.dry_run;
     let (id, report) = blocking(move || {
         let id = auth.replica_id(&r, false)?;
-        let report = store.dir("prune")?.prune(
-            &r,
-            dry_run,
-            crate::epoch::now(),
-            crate::store::PRUNE_WAIT,
-        )?;
+        let report = store.prune(&r, dry_run, crate::epoch::now(), crate::store::PRUNE_WAIT)?;
         Ok((id, report))
     })
     .await?;

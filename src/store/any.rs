@@ -5,8 +5,10 @@
 //! and their readers and writers are already the engine's [`PageSource`] and
 //! [`PageTarget`] traits, so the enum only dispatches (one `match` per method) and
 //! needs no boxing, no object-safe re-statement of every store method and no
-//! associated types. What only the directory store can do (retention, pruning,
-//! collection, stored-bytes figures, merges, drills, packed pages, sealed sessions) is
+//! associated types. Retention and pruning dispatch to each store's own (the S3
+//! store's: tombstones and a mark-and-sweep with a grace period, `s3/gc.rs`). What
+//! only the directory store can do (stored-bytes figures, merges, drills, packed
+//! pages, sealed sessions) is
 //! reached through [`AnyStore::dir`], which refuses on an S3 store with an error that
 //! names the feature and says "not with an S3 store yet" ([`Error::Usage`]: exit 2 for
 //! a client), never a silent substitute.
@@ -20,7 +22,8 @@ use std::path::{Path, PathBuf};
 
 use super::s3::{S3Store, S3VersionReader, S3VersionWriter};
 use super::{
-    Latest, PushOptions, ReplicaPath, Selector, Store, VersionInfo, VersionReader, VersionWriter,
+    Latest, PruneReport, PushOptions, ReplicaPath, Retention, RetentionPolicy, Selector, Store,
+    VersionInfo, VersionReader, VersionWriter,
 };
 use crate::digest::Hash;
 use crate::engine::{BeginInfo, Chunk, PageSource, PageTarget, ScanFn};
@@ -131,9 +134,16 @@ impl AnyStore {
                 .versions(replica)?
                 .into_iter()
                 .find(|v| v.number > version)),
-            // Numbered without gaps (nothing removes a version from an S3 store yet).
+            // Numbered without gaps: a removed version's number holds its tombstone.
             AnyStore::S3 { store, .. } => {
-                Ok(store.version(replica, version + 1)?.map(|v| v.info()))
+                let mut number = version + 1;
+                loop {
+                    match store.slot(replica, number)? {
+                        super::s3::Slot::Present(v) => return Ok(Some(v.info())),
+                        super::s3::Slot::Removed(_) => number += 1,
+                        super::s3::Slot::Missing => return Ok(None),
+                    }
+                }
             }
         }
     }
@@ -150,7 +160,9 @@ impl AnyStore {
     pub fn latest(&self, replica: &ReplicaPath) -> Result<Option<Latest>> {
         match self {
             AnyStore::Dir(store) => store.latest(replica),
-            // Versions are numbered from 1 without gaps: the count is the number.
+            // Versions are numbered from 1 without gaps: the count is the number (the
+            // numbers used: removed versions count too, as counting the kept ones
+            // would read every version object).
             AnyStore::S3 { store, .. } => Ok(store.latest(replica)?.map(|v| Latest {
                 count: v.number,
                 version: v.info(),
@@ -189,6 +201,44 @@ impl AnyStore {
     /// refused on an S3 store.
     pub fn stored_bytes(&self, replica: &ReplicaPath) -> Result<u64> {
         self.dir("stored-bytes figures")?.stored_bytes(replica)
+    }
+
+    /// `replica`'s retention policy and where it comes from (see [`Store::retention`]
+    /// and [`S3Store::retention`]).
+    pub fn retention(&self, replica: &ReplicaPath) -> Result<Retention> {
+        match self {
+            AnyStore::Dir(store) => store.retention(replica),
+            AnyStore::S3 { store, .. } => store.retention(replica),
+        }
+    }
+
+    /// Gives `replica` its own policy, or with `None` drops it.
+    pub fn set_retention(
+        &self,
+        replica: &ReplicaPath,
+        policy: Option<&RetentionPolicy>,
+    ) -> Result<Retention> {
+        match self {
+            AnyStore::Dir(store) => store.set_retention(replica, policy),
+            AnyStore::S3 { store, .. } => store.set_retention(replica, policy),
+        }
+    }
+
+    /// Removes the versions `replica`'s policy does not keep at `now` and frees what
+    /// no version uses any more: the directory store's collection (waiting up to
+    /// `wait` for pushes and pulls), or the S3 store's sweep (objects older than its
+    /// grace). With `dry_run`, says what it would do.
+    pub fn prune(
+        &self,
+        replica: &ReplicaPath,
+        dry_run: bool,
+        now: i64,
+        wait: std::time::Duration,
+    ) -> Result<PruneReport> {
+        match self {
+            AnyStore::Dir(store) => store.prune(replica, dry_run, now, wait),
+            AnyStore::S3 { store, .. } => store.prune(replica, dry_run, now),
+        }
     }
 
     /// Starts a push into `replica` (see [`Store::push`] and [`S3Store::push`]).

@@ -10,7 +10,8 @@
 //!   decided), [`Objects::put`] (one request, or a multipart upload above
 //!   [`MULTIPART_ABOVE`]), [`Objects::get`], [`Objects::get_range`], [`Objects::head`]
 //!   and [`Objects::delete`], and [`Objects::upload`] for an object sent a part at a
-//!   time by its caller. Nothing lists: listing is for the garbage collector only.
+//!   time by its caller; [`Objects::list`], for the garbage collector only (the one
+//!   operation whose cost grows with the bucket: nothing on the hot path lists).
 //! - Counted: every request this layer makes ([`Objects::requests`]), so the requests of
 //!   an operation can be measured and documented.
 //! - Errors: each names the bucket, the prefix and the endpoint, and says what to check;
@@ -189,6 +190,17 @@ struct Counters {
     head: AtomicU64,
     delete: AtomicU64,
     list: AtomicU64,
+}
+
+/// One object as [`Objects::list`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Its key, relative to the store's prefix (`packs/….pack`).
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written (`LastModified`, Unix seconds by the storage's clock).
+    pub modified: i64,
 }
 
 /// One bucket and prefix of an object storage.
@@ -415,6 +427,41 @@ impl Objects {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error("look up", key, e)),
         }
+    }
+
+    /// Every object whose key starts with `under` (a folder of the store, such as
+    /// `packs/`), as a stream: keys relative to the store's prefix, their sizes and
+    /// their `LastModified` times (Unix seconds, the storage's clock). Counted as one
+    /// LIST per page of up to 1,000 keys, as S3 answers. For the garbage collector
+    /// only: its cost grows with the bucket.
+    pub fn list(
+        &self,
+        under: &str,
+    ) -> impl futures_util::Stream<Item = Result<Listed>> + Send + 'static {
+        use futures_util::StreamExt as _;
+        let prefix = self.path(under.trim_end_matches('/'));
+        let strip = match self.location.prefix.is_empty() {
+            true => String::new(),
+            false => format!("{}/", self.location.prefix),
+        };
+        let this = self.clone();
+        let under = under.to_owned();
+        self.counters.list.fetch_add(1, Ordering::Relaxed);
+        let mut seen = 0u64;
+        self.store.list(Some(&prefix)).map(move |item| {
+            seen += 1;
+            if seen.is_multiple_of(1000) {
+                this.counters.list.fetch_add(1, Ordering::Relaxed);
+            }
+            let meta = item.map_err(|e| this.error("list", &under, e))?;
+            let full = meta.location.to_string();
+            let key = full.strip_prefix(&strip).unwrap_or(&full).to_owned();
+            Ok(Listed {
+                key,
+                size: meta.size,
+                modified: meta.last_modified.timestamp(),
+            })
+        })
     }
 
     /// Deletes object `key`; deleting one that is not there is no error.

@@ -1,8 +1,9 @@
 //! The S3 store (issue 14; `docs/scale-out.md`, "The S3 store"): replicas and their
 //! immutable versions in an S3-compatible object storage, laid out on the object layer
 //! ([`super::object`]). A server uses it through [`super::AnyStore`] (`serve --store
-//! s3://BUCKET/PREFIX`); it has no garbage collection, no retention and no PostgreSQL
-//! index of versions yet.
+//! s3://BUCKET/PREFIX`). Retention and the garbage collector (mark and sweep with a
+//! grace period) are in `s3/gc.rs`; there is no PostgreSQL index of
+//! versions yet.
 //!
 //! The layout, under the store's `s3://BUCKET/PREFIX`:
 //! - `packs/<sha256>.pack`: the new pages of one push, back to back, plain, named by the
@@ -14,7 +15,10 @@
 //! - `replicas/<path>/v/<N>`: version N, a small JSON object ([`VersionObject`]): page
 //!   size and count, both digests, message, time, client, key, base, its chunks in
 //!   order and the packs its pages live in. Created with `If-None-Match: *`: the
-//!   commit point, and what decides the race for a version number;
+//!   commit point, and what decides the race for a version number. Retention replaces
+//!   a removed version's object by its [`Tombstone`] (numbers keep no gaps);
+//! - `replicas/<path>/retention.json`: the replica's own retention policy, if any;
+//! - [`CLOCK_KEY`]: the sweep's clock (rewritten by each sweep);
 //! - [`MARKER_KEY`]: says the prefix holds a store, and its format (written by the
 //!   first [`S3Store::check`], which a server runs at start).
 //!
@@ -40,10 +44,10 @@
 //! not in memory): a push stores only pages no pack it knows holds, so replicas with
 //! the same pages share them. The cache is only ever filled from index objects (or the
 //! packs this process wrote), never trusted for page bytes (every page read is
-//! checked), and may be deleted at any time: it refills as versions are read. It relies
-//! on packs and chunks never being deleted, which holds while there is no garbage
-//! collection (the next slices: GC with a grace period, whose sweep this cache must
-//! then respect).
+//! checked), and may be deleted at any time: it refills as versions are read. A sweep
+//! deletes packs and chunks no version names: it drops them from its own cache first,
+//! and a push HEADs what it names only through its cache before committing (another
+//! server's sweep may have deleted it), failing cleanly when one is gone.
 //!
 //! The object layer is async and the engine's roles are not: every method here waits
 //! for its requests on the runtime handle given to [`S3Store::open`], so it must be
@@ -56,20 +60,27 @@ use std::future::Future;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::object::{Created, MULTIPART_ABOVE, Objects, PART_SIZE};
 use super::replica::page_matches;
-use super::{CHUNK_PAGES, PushOptions, ReplicaPath, Selector, VersionInfo};
+use super::{
+    CHUNK_PAGES, PruneReport, PushOptions, ReplicaPath, Retention, RetentionPolicy, Selector,
+    VersionInfo,
+};
 use crate::digest::{
     ChunkedDigest, Digest, DigestForm, HASH_BYTES, Hash, chunk_count, digest_text, hex,
     lock_byte_page, sha256,
 };
 use crate::engine::{BeginInfo, Chunk, PageSource, PageTarget, ScanFn};
 use crate::{Error, Result};
+
+mod gc;
+pub use gc::{CLOCK_KEY, Sweep};
 
 /// The first bytes of a pack's index object; what follows is the entry count (u32,
 /// big-endian) and the entries, sorted by page hash: hash (32 bytes), offset in the
@@ -100,6 +111,11 @@ struct Marker {
     format: u32,
     what: String,
 }
+
+/// The default grace period of the garbage collector (`serve --gc-grace`): an object
+/// no version names is deleted only once older than this, so a push in flight (whose
+/// pack, index and chunks come before its version object) never loses them.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 
 /// How long the cache's SQLite file waits for another connection's write.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -179,6 +195,58 @@ impl VersionObject {
     }
 }
 
+/// What a version number's object holds.
+#[derive(Debug)]
+pub enum Slot {
+    /// No object: the number was never used.
+    Missing,
+    /// The version.
+    Present(Box<VersionObject>),
+    /// The tombstone retention left in place of a removed version: the numbers keep
+    /// no gaps, so the latest is still found without a LIST.
+    Removed(Tombstone),
+}
+
+/// The object retention writes over a removed version's (`replicas/<path>/v/<N>`,
+/// JSON): a few bytes that say it was removed and when it was made, so that a pull of
+/// it, or of a time it was current, is refused clearly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// The format of the store ([`VERSION_FORMAT`]).
+    pub format: u32,
+    /// The replica it belonged to.
+    pub replica: String,
+    /// Its number.
+    pub number: u64,
+    /// When the removed version was committed, Unix seconds.
+    pub created_at: i64,
+    /// When retention removed it, Unix seconds (what tells a tombstone from a
+    /// version).
+    pub removed_at: Option<i64>,
+}
+
+impl Tombstone {
+    /// The little a removed version still says: its number and time.
+    fn info(&self) -> VersionInfo {
+        VersionInfo {
+            number: self.number,
+            page_size: 0,
+            page_count: 0,
+            size: 0,
+            digest: String::new(),
+            digest2: None,
+            message: String::new(),
+            created_at: self.created_at,
+            client_id: String::new(),
+            key_id: String::new(),
+            base: 0,
+            stored_bytes: None,
+            merged_into: None,
+            encryption: None,
+        }
+    }
+}
+
 fn unhex(text: &str) -> Result<Hash> {
     let mut out = [0u8; HASH_BYTES];
     hex::decode_to_slice(text, &mut out)
@@ -194,8 +262,13 @@ pub struct S3Store {
     /// The cache file of this store's location.
     cache: PathBuf,
     /// The latest version seen of each replica: where the next look for the latest
-    /// starts (versions are numbered without gaps, and none is removed yet).
+    /// starts (version numbers have no gaps: a removed version leaves its tombstone).
     seen: Arc<Mutex<std::collections::HashMap<String, u64>>>,
+    /// The policy of replicas without their own (`serve --retention`).
+    default_retention: Option<RetentionPolicy>,
+    /// How old an object no version names must be before a sweep deletes it, and how
+    /// long a push may run before it checks that what it names still exists.
+    grace: Duration,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -227,11 +300,33 @@ impl S3Store {
             runtime,
             cache,
             seen: Arc::default(),
+            default_retention: None,
+            grace: DEFAULT_GRACE,
         };
         let conn = store.cache_conn()?;
         conn.execute_batch(CACHE_SCHEMA)
             .map_err(sql_error(&store.cache))?;
         Ok(store)
+    }
+
+    /// This store with `policy` as the retention policy of replicas without their own
+    /// (`serve --retention`).
+    pub fn with_default_retention(mut self, policy: RetentionPolicy) -> S3Store {
+        self.default_retention = Some(policy);
+        self
+    }
+
+    /// This store with `grace` as its garbage collector's grace period (`serve
+    /// --gc-grace`; [`DEFAULT_GRACE`] otherwise): a sweep deletes only objects older
+    /// than it, and a push that ran longer checks what it names before committing.
+    pub fn with_grace(mut self, grace: Duration) -> S3Store {
+        self.grace = grace;
+        self
+    }
+
+    /// The grace period of this store's sweeps.
+    pub fn grace(&self) -> Duration {
+        self.grace
     }
 
     /// The object layer under this store (its request counts, for one).
@@ -375,27 +470,49 @@ impl S3Store {
         format!("replicas/{replica}/v/{number}")
     }
 
-    /// Version `number` of `replica`; `None` when there is none.
+    /// Version `number` of `replica`; `None` when there is none, or it was removed.
     pub fn version(&self, replica: &ReplicaPath, number: u64) -> Result<Option<VersionObject>> {
+        Ok(match self.slot(replica, number)? {
+            Slot::Present(v) => Some(*v),
+            Slot::Missing | Slot::Removed(_) => None,
+        })
+    }
+
+    /// What the object of version `number` of `replica` holds: the version, its
+    /// tombstone, or nothing.
+    pub fn slot(&self, replica: &ReplicaPath, number: u64) -> Result<Slot> {
         let key = Self::version_key(replica, number);
         let Some(bytes) = self.get(key.clone())? else {
-            return Ok(None);
+            return Ok(Slot::Missing);
         };
+        self.parse_slot(&key, &bytes, Some((replica.as_str(), number)))
+    }
+
+    /// A version object's bytes read from `key`; `expect`: the replica and number the
+    /// key names, checked against what the object says.
+    fn parse_slot(&self, key: &str, bytes: &[u8], expect: Option<(&str, u64)>) -> Result<Slot> {
         let bad = |why: String| {
             Error::Verification(format!(
                 "the version object {key} in {} is damaged: {why}; nothing was read",
                 self.objects.location()
             ))
         };
+        if let Ok(t) = serde_json::from_slice::<Tombstone>(bytes)
+            && t.removed_at.is_some()
+        {
+            return Ok(Slot::Removed(t));
+        }
         let v: VersionObject =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a version: {e}")))?;
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("not a version: {e}")))?;
         if v.format != VERSION_FORMAT {
             return Err(bad(format!(
                 "format {} (this sqlferry reads {VERSION_FORMAT})",
                 v.format
             )));
         }
-        if v.replica != replica.as_str() || v.number != number {
+        if let Some((replica, number)) = expect
+            && (v.replica != replica || v.number != number)
+        {
             return Err(bad(format!("it names {}@{}", v.replica, v.number)));
         }
         if v.chunks.len() as u32 != chunk_count(v.page_count) {
@@ -405,14 +522,15 @@ impl S3Store {
                 v.page_count
             )));
         }
-        Ok(Some(v))
+        Ok(Slot::Present(Box::new(v)))
     }
 
     /// The latest version of `replica`, found without a LIST: from the latest this
     /// store saw (or 0), GETs of the next numbers at doubling steps until one is
     /// missing, then a binary search between the last found and the first missing.
     /// Two GETs when the latest is the one last seen. Relies on versions being numbered
-    /// without gaps from the one it starts at (nothing removes a version yet).
+    /// without gaps from 1: retention replaces a removed version's object by its
+    /// tombstone, and never removes the latest.
     pub fn latest(&self, replica: &ReplicaPath) -> Result<Option<VersionObject>> {
         let hint = self.seen_latest(replica);
         self.latest_from(replica, hint)
@@ -433,47 +551,86 @@ impl S3Store {
     }
 
     fn latest_from(&self, replica: &ReplicaPath, hint: u64) -> Result<Option<VersionObject>> {
+        // `lo`: the highest number known to have an object (a version or a tombstone).
         let (mut lo, mut found) = (0u64, None);
-        if hint > 0
-            && let Some(v) = self.version(replica, hint)?
+        let keep = |n: u64, slot: Slot, lo: &mut u64, found: &mut Option<VersionObject>| match slot
         {
-            (lo, found) = (hint, Some(v));
+            Slot::Missing => false,
+            Slot::Present(v) => {
+                (*lo, *found) = (n, Some(*v));
+                true
+            }
+            Slot::Removed(_) => {
+                (*lo, *found) = (n, None);
+                true
+            }
+        };
+        if hint > 0 {
+            let slot = self.slot(replica, hint)?;
+            keep(hint, slot, &mut lo, &mut found);
         }
         let mut step = 1u64;
         let mut hi = loop {
             let n = lo + step;
-            match self.version(replica, n)? {
-                Some(v) => {
-                    (lo, found) = (n, Some(v));
-                    step *= 2;
-                }
-                None => break n,
+            let slot = self.slot(replica, n)?;
+            if !keep(n, slot, &mut lo, &mut found) {
+                break n;
             }
+            step *= 2;
         };
         while hi - lo > 1 {
             let mid = lo + (hi - lo) / 2;
-            match self.version(replica, mid)? {
-                Some(v) => (lo, found) = (mid, Some(v)),
-                None => hi = mid,
+            let slot = self.slot(replica, mid)?;
+            if !keep(mid, slot, &mut lo, &mut found) {
+                hi = mid;
             }
         }
         if lo > 0 {
             self.saw(replica, lo);
         }
+        if found.is_none() && lo > 0 {
+            // The highest number is a tombstone: retention never makes one of the
+            // latest, so the store was changed by hand (or by another program).
+            return Err(Error::Verification(format!(
+                "{replica}@{lo}, the latest version number in {}, holds a removed version's tombstone; a store's latest version is never removed",
+                self.objects.location()
+            )));
+        }
         Ok(found)
     }
 
-    /// Every version of `replica`, oldest first (GETs of 1, 2, … until one is missing:
-    /// no LIST). An error when it has none.
-    pub fn versions(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
+    /// Every version number of `replica` with an object, oldest first: its version,
+    /// or the tombstone of a removed one (GETs of 1, 2, … until one is missing: no
+    /// LIST).
+    fn slots(&self, replica: &ReplicaPath) -> Result<Vec<(u64, Slot)>> {
         let mut out = Vec::new();
-        while let Some(v) = self.version(replica, out.len() as u64 + 1)? {
-            out.push(v.info());
+        loop {
+            let n = out.len() as u64 + 1;
+            match self.slot(replica, n)? {
+                Slot::Missing => break,
+                slot => out.push((n, slot)),
+            }
         }
+        if !out.is_empty() {
+            self.saw(replica, out.len() as u64);
+        }
+        Ok(out)
+    }
+
+    /// Every version of `replica` retention kept, oldest first (GETs of 1, 2, … until
+    /// one is missing, tombstones included: no LIST). An error when it has none.
+    pub fn versions(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
+        let out: Vec<VersionInfo> = self
+            .slots(replica)?
+            .into_iter()
+            .filter_map(|(_, slot)| match slot {
+                Slot::Present(v) => Some(v.info()),
+                _ => None,
+            })
+            .collect();
         if out.is_empty() {
             return Err(not_found(replica));
         }
-        self.saw(replica, out.len() as u64);
         Ok(out)
     }
 
@@ -495,20 +652,35 @@ impl S3Store {
                     ))
                 })?,
             Selector::At(_) => {
-                let versions = self.versions(replica)?;
-                selector.pick(&versions).ok_or_else(|| {
+                // Removed versions count: a time one of them was current is refused,
+                // never answered with an older version.
+                let all: Vec<VersionInfo> = self
+                    .slots(replica)?
+                    .into_iter()
+                    .filter_map(|(_, slot)| match slot {
+                        Slot::Present(v) => Some(v.info()),
+                        Slot::Removed(t) => Some(t.info()),
+                        Slot::Missing => None,
+                    })
+                    .collect();
+                selector.pick(&all).ok_or_else(|| {
                     Error::NotFound(format!(
                         "{replica}@{selector} does not exist: no version is that old"
                     ))
                 })?
             }
         };
-        self.version(replica, number)?.ok_or_else(|| {
-            Error::NotFound(format!(
+        match self.slot(replica, number)? {
+            Slot::Present(v) => Ok(*v),
+            Slot::Removed(t) => Err(Error::NotFound(format!(
+                "{replica}@{number} was removed by the retention policy (at {}); `sqlferry versions {replica}` lists the versions kept",
+                crate::epoch::rfc3339(t.removed_at.unwrap_or(0))
+            ))),
+            Slot::Missing => Err(Error::NotFound(format!(
                 "{replica}@{number} does not exist: the latest version is {}",
                 latest.number
-            ))
-        })
+            ))),
+        }
     }
 
     /// Starts a push into `replica` (made by its first version).
@@ -531,6 +703,9 @@ impl S3Store {
             form: DigestForm::One,
             pack: None,
             result: None,
+            started: Instant::now(),
+            assumed: Default::default(),
+            written: HashSet::new(),
         })
     }
 
@@ -730,6 +905,15 @@ pub struct S3VersionWriter {
     pack: Option<NewPack>,
     /// The version this push made, or the unchanged latest when nothing differed.
     result: Option<(VersionInfo, bool)>,
+    /// When the push began: one that ran longer than the store's grace checks every
+    /// object it names before committing (a sweep may have deleted one meanwhile).
+    started: Instant,
+    /// Objects this push names only because the cache knew them (not the latest
+    /// version's, not written by this push): checked before committing, since another
+    /// server's sweep may have deleted them.
+    assumed: std::collections::BTreeSet<String>,
+    /// Chunks this push wrote (or found existing when it tried).
+    written: HashSet<Hash>,
 }
 
 impl S3VersionWriter {
@@ -759,7 +943,7 @@ impl S3VersionWriter {
     /// The pack of each page of the result named by `hashes` (`None`: this push's new
     /// pack), added to `packs`; an error for a page stored nowhere.
     fn locate(
-        &self,
+        &mut self,
         first_pgno: u32,
         hashes: &[u8],
         prefer: &HashSet<Hash>,
@@ -772,6 +956,10 @@ impl S3VersionWriter {
             }
             match lookup(&self.cache, &self.store.cache, &hash, prefer)? {
                 Some(loc) => {
+                    if !prefer.contains(&loc.pack) {
+                        self.assumed.insert(pack_key(&loc.pack));
+                        self.assumed.insert(idx_key(&loc.pack));
+                    }
                     packs.insert(loc.pack);
                 }
                 None => {
@@ -787,7 +975,7 @@ impl S3VersionWriter {
     }
 
     /// Writes chunk `hash` unless it is known to exist (the cache, or the base's).
-    fn put_chunk(&self, hash: &Hash, hashes: Vec<u8>, base: &HashSet<Hash>) -> Result<()> {
+    fn put_chunk(&mut self, hash: &Hash, hashes: Vec<u8>, base: &HashSet<Hash>) -> Result<()> {
         if base.contains(hash) {
             return Ok(());
         }
@@ -796,9 +984,12 @@ impl S3VersionWriter {
             .prepare_cached("SELECT 1 FROM chunks WHERE hash = ?1")
             .and_then(|mut s| s.exists([&hash[..]]))
             .map_err(sql_error(&self.store.cache))?;
-        if !known {
+        if known {
+            self.assumed.insert(chunk_key(hash));
+        } else {
             // Content-addressed: an existing object holds these very bytes and stays.
             self.store.put_if_absent(chunk_key(hash), hashes)?;
+            self.written.insert(*hash);
         }
         self.cache
             .execute(
@@ -863,6 +1054,63 @@ impl S3VersionWriter {
         Ok(Some(name))
     }
 
+    /// Before the version object: every object the version will name that may have
+    /// been swept exists (HEAD). Those it names only through the cache always; when
+    /// the push ran longer than the store's grace, all it did not write itself (a
+    /// sweep may have found them unnamed and old). One that is gone fails the push
+    /// cleanly: no version, and the cache forgets it so that a new push writes it.
+    fn check_named(
+        &mut self,
+        chunks: &[Hash],
+        packs: &HashSet<Hash>,
+        new_pack: Option<Hash>,
+    ) -> Result<()> {
+        let took = self.started.elapsed();
+        let long = took > self.store.grace;
+        let mut keys = std::mem::take(&mut self.assumed);
+        if long {
+            for chunk in chunks.iter().filter(|c| !self.written.contains(*c)) {
+                keys.insert(chunk_key(chunk));
+            }
+            for pack in packs.iter().filter(|p| Some(**p) != new_pack) {
+                keys.insert(pack_key(pack));
+                keys.insert(idx_key(pack));
+            }
+        }
+        let mut gone = Vec::new();
+        for key in keys {
+            let objects = self.store.objects.clone();
+            let probe = key.clone();
+            if self
+                .store
+                .wait(async move { objects.head(&probe).await })?
+                .is_none()
+            {
+                // Forgotten, so that the next push writes these pages again.
+                gc::forget(&self.cache, &self.store.cache, &key)?;
+                gone.push(key);
+            }
+        }
+        let Some(first) = gone.first() else {
+            return Ok(());
+        };
+        let why = match long {
+            true => format!(
+                "the push took {} s, longer than the garbage collector's grace of {} s",
+                took.as_secs(),
+                self.store.grace.as_secs()
+            ),
+            false => "deleted by a sweep since this server last read it".to_owned(),
+        };
+        Err(Error::Server(format!(
+            "{} was pushed onto {} object(s) of {} that are gone ({first}{}: {why}); no version was made: push again",
+            self.replica,
+            gone.len(),
+            self.store.objects.location(),
+            if gone.len() > 1 { ", …" } else { "" }
+        )))
+    }
+
     /// Whether a result with `digest` (in the engine's form) is the latest's content.
     fn same_as_latest(&self, digest: &Hash) -> bool {
         let Some(l) = &self.latest else {
@@ -898,9 +1146,11 @@ impl S3VersionWriter {
         chunks: Vec<Hash>,
         mut packs: HashSet<Hash>,
     ) -> Result<()> {
-        if let Some(name) = self.put_pack()? {
+        let new_pack = self.put_pack()?;
+        if let Some(name) = new_pack {
             packs.insert(name);
         }
+        self.check_named(&chunks, &packs, new_pack)?;
         let number = self.latest.as_ref().map_or(1, |l| l.number + 1);
         let mut packs: Vec<String> = packs.iter().map(|p| hex(p)).collect();
         packs.sort();

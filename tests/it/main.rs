@@ -63,9 +63,15 @@
 //!   untouched, replicas sharing their pages, a large pack uploaded in parts.
 //! - `s3_serve`: `serve --store s3://…` processes over the same SeaweedFS: pushes and
 //!   pulls with the CLI by every selector, a 1% change writing four objects, what the
-//!   S3 store cannot do yet refused by name, two servers on one bucket (and one
+//!   S3 store cannot do yet (merges, drills) refused by name, two servers on one bucket (and one
 //!   PostgreSQL) sharing versions and racing for a number, a bad endpoint or key
 //!   stopping the start.
+//! - `s3_gc`: retention and garbage collection over `serve --store s3://…`: versions
+//!   removed by `--keep-last` (kept ones pulled back whole, removed ones refused), the
+//!   bucket after a sweep holding only what kept versions name, a dry run deleting
+//!   nothing, objects younger than the grace surviving (and going under `--gc-grace
+//!   0s`), a push onto objects another server swept failing cleanly, one sweeper at a
+//!   time among servers sharing PostgreSQL.
 //! - `names`: which store a LOCAL/REMOTE argument names, never guessed (an ambiguous
 //!   name refused with both spellings); pushes to several destinations at once.
 //! - `sealed`: the engine's sealed sessions (end-to-end encryption) on real files over
@@ -104,6 +110,7 @@ mod postgres;
 mod pull_seal;
 mod retention;
 mod rows;
+mod s3_gc;
 mod s3_serve;
 mod s3_store;
 mod scale_out;

@@ -247,6 +247,19 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// A psql session on database `db` that reads SQL from its stdin and writes
+    /// results (unaligned, tuples only) to its stdout, both piped: a session of the
+    /// test's own that stays open (holding a lock, say) until its stdin is closed.
+    pub fn session(&self, db: &str) -> std::process::Child {
+        Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-h", "127.0.0.1", "-U", "postgres"])
+            .args(["-p", &self.port.to_string(), "-d", db])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run psql")
+    }
+
     /// Runs `sql` in database `db` with psql; its output (unaligned, tuples only).
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new(self.bin.join("psql"))
