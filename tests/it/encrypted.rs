@@ -23,37 +23,6 @@ const REPLICA: &str = "acme/app.db";
 const EXIT_AUTH: i32 = 5;
 const EXIT_VERIFY: i32 = 7;
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-/// The files under `dir` that hold `needle`; also checks there are files at all.
-fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let files = files_under(dir);
-    assert!(!files.is_empty(), "no file under {}", dir.display());
-    files
-        .into_iter()
-        .filter(|f| {
-            std::fs::read(f)
-                .map(|b| b.windows(needle.len()).any(|w| w == needle))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 /// `sqlferry keygen FILE` on `m`, asserted to succeed; the key's path.
 fn keygen(m: &Machine, name: &str) -> PathBuf {
     let out = m.run(["keygen", name]);
@@ -69,7 +38,7 @@ fn read_key(path: &Path) -> EncryptionKey {
 
 /// The `pages/index.sqlite` under `root` (a store directory or a server's data).
 fn page_index(root: &Path) -> PathBuf {
-    files_under(root)
+    util::files_under(root)
         .into_iter()
         .find(|p| p.ends_with("pages/index.sqlite"))
         .unwrap_or_else(|| panic!("no page index under {}", root.display()))
@@ -219,7 +188,7 @@ fn encrypted_replica_round_trip(store: Store<'_>) {
 
     // No file of the store holds the marker, nor any page's SHA-256.
     assert_eq!(
-        holding(&store.files(), MARKER.as_bytes()),
+        util::holding(&store.files(), MARKER.as_bytes()),
         Vec::<PathBuf>::new()
     );
     let hashes = util::page_hashes(&db);

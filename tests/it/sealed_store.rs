@@ -92,35 +92,6 @@ fn pull(
     })
 }
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-/// The files under `dir` that hold `needle`.
-fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    files_under(dir)
-        .into_iter()
-        .filter(|f| {
-            std::fs::read(f)
-                .map(|b| b.windows(needle.len()).any(|w| w == needle))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 fn index(store: &Path) -> Connection {
     Connection::open(store.join("pages/index.sqlite")).expect("open the page index")
 }
@@ -194,7 +165,10 @@ fn a_sealed_push_into_the_store_keeps_no_plaintext_and_pulls_back_with_the_key()
 
     // No file of the store holds the marker; every index row is a sealed entry keyed
     // by an identity, never by a page's SHA-256, with the checksum of its bytes.
-    assert_eq!(holding(&root, MARKER.as_bytes()), Vec::<PathBuf>::new());
+    assert_eq!(
+        util::holding(&root, MARKER.as_bytes()),
+        Vec::<PathBuf>::new()
+    );
     let hashes = util::page_hashes(&src);
     let rows = index_rows(&root);
     assert_eq!(rows.len(), hashes.len(), "one entry a distinct page");
@@ -250,7 +224,10 @@ fn a_sealed_push_into_the_store_keeps_no_plaintext_and_pulls_back_with_the_key()
     assert!((1..=4).contains(&added), "{added} pages stored for one row");
     pull(&store, REPLICA, 2, &fresh, Some(&k)).expect("second keyed pull");
     util::assert_same(&src, &fresh);
-    assert_eq!(holding(&root, MARKER.as_bytes()), Vec::<PathBuf>::new());
+    assert_eq!(
+        util::holding(&root, MARKER.as_bytes()),
+        Vec::<PathBuf>::new()
+    );
 
     // The same database under the same key in another replica: nothing stored again.
     let before = index_rows(&root).len();

@@ -312,7 +312,7 @@ impl TestServer {
     /// what a failed request must not add to. (SQLite's `-wal` and `-shm` files beside
     /// them come and go with connections.)
     pub fn replica_files(&self) -> Vec<PathBuf> {
-        files_under(&self.data.join("replicas"))
+        util::files_under(&self.data.join("replicas"))
             .into_iter()
             .filter(|p| p.extension().is_some_and(|e| e == "sqlferry"))
             .collect()
@@ -649,7 +649,7 @@ impl Machine {
     /// that changes nothing must leave as it was. The sync log is left out: it records
     /// every attempt, failures included, by design (`sqlferry status` reads them).
     pub fn state(&self) -> Vec<(PathBuf, Vec<u8>)> {
-        files_under(&self.home)
+        util::files_under(&self.home)
             .into_iter()
             .filter(|p| {
                 !p.file_name()
@@ -876,25 +876,4 @@ pub fn saved_push_key(machine: &Machine, db: &Path) -> String {
 /// The id part of a key (`sfk_` + 16 hex): what versions record as `key_id`.
 pub fn key_id(key: &str) -> &str {
     &key[4..20]
-}
-
-/// Every file under `dir`, recursively, sorted (none if `dir` does not exist).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries {
-            let p = e.expect("dir entry").path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, &mut out);
-    out.sort();
-    out
 }

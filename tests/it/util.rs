@@ -366,3 +366,39 @@ pub fn python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// Every file under `dir`, recursively, sorted (none if `dir` does not exist).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries {
+            let p = e.expect("dir entry").path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
+
+/// The files under `dir` that hold `needle` (a marker a store must not keep in clear);
+/// asserts there are files at all, so an empty or wrong directory does not pass.
+pub fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let files = files_under(dir);
+    assert!(!files.is_empty(), "no file under {}", dir.display());
+    files
+        .into_iter()
+        .filter(|f| {
+            std::fs::read(f)
+                .map(|b| b.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
