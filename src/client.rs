@@ -505,6 +505,23 @@ pub async fn verify_file(path: &Path) -> Result<VerifyReport> {
     blocking(move || check(&path)).await
 }
 
+/// `verify` of a stored version compares the pages it fetched with the digest the store
+/// recorded; for an encrypted replica that digest is over page identities the client
+/// alone can make, and the plaintext one is sealed: not built yet. Said before anything
+/// is fetched, with what does check such a version (a pull opens every page and checks
+/// the sealed digest before it commits).
+fn refuse_encrypted(replica: &ReplicaPath, versions: &[crate::store::VersionInfo]) -> Result<()> {
+    match versions.iter().rev().find_map(|v| v.encryption.as_deref()) {
+        None => Ok(()),
+        Some(id) => Err(Error::Usage(format!(
+            "{replica} is encrypted (key id {id}): verify does not check an encrypted \
+             replica's versions yet; `sqlferry pull {replica}@VERSION COPY.db \
+             --encryption-key-file FILE` opens every page of a version and checks its \
+             digest before it writes anything"
+        ))),
+    }
+}
+
 /// Verifies `spec` as a stored version (`namespace/name[@N|@latest|@latest-N]`): it is
 /// fetched whole into a temporary file, every page hashed again, and the result compared
 /// with the digest the store recorded for it. `None` when `spec` does not name a
@@ -518,6 +535,7 @@ pub async fn verify_stored(connection: &Connection, spec: &str) -> Result<Option
         .versions(&replica, key.as_deref())
         .await
         .map_err(|e| e.context(format!("no file {spec} here either")))?;
+    refuse_encrypted(&replica, &versions)?;
     let tmp = blocking(|| {
         tempfile::tempdir().map_err(|e| {
             Error::io(&std::env::temp_dir(), e).context("cannot make a temporary directory")
@@ -593,6 +611,7 @@ pub async fn verify_all_versions(
     let replica = ReplicaPath::parse(replica)?;
     let (server, key) = connection.resolve_with_key(&replica).await?;
     let versions = server.versions(&replica, key.as_deref()).await?;
+    refuse_encrypted(&replica, &versions)?;
     let tmp = blocking(|| {
         tempfile::tempdir().map_err(|e| {
             Error::io(&std::env::temp_dir(), e).context("cannot make a temporary directory")

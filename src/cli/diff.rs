@@ -67,6 +67,9 @@ pub struct DiffArgs {
     /// The server and the key (for REMOTE sides).
     #[command(flatten)]
     pub connection: RemoteArgs,
+    /// The encryption key, for a version of an encrypted replica.
+    #[command(flatten)]
+    pub encryption: super::encryption::EncryptionArgs,
 }
 
 /// One side of a diff, as named.
@@ -106,6 +109,8 @@ impl DiffArgs {
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let (a, b) = (side(&self.a)?, side(&self.b)?);
         let connection = self.connection.options();
+        let key_given = self.encryption.key(global.quiet || self.json)?;
+        let encryption = key_given.as_ref().map(|k| k.key.clone());
         let followed = |file: &Side| match file {
             Side::File(path) => Ok(path.clone()),
             _ => Err(crate::Error::Usage(
@@ -129,13 +134,17 @@ impl DiffArgs {
                     }
                     Side::Followed => {
                         let file = followed(other)?;
-                        let source = ReplicaSource::followed_by(&connection, &file).await?;
+                        let source = ReplicaSource::followed_by(&connection, &file)
+                            .await?
+                            .with_encryption(encryption.clone());
                         let label = format!("{}@latest", source.replica);
                         (source, Selector::Latest, label)
                     }
                     Side::Version(arg, selector, replica) => {
                         let replica = replica.clone().expect("parsed with the side");
-                        let source = ReplicaSource::resolve(&connection, replica).await?;
+                        let source = ReplicaSource::resolve(&connection, replica)
+                            .await?
+                            .with_encryption(encryption.clone());
                         (source, *selector, arg.clone())
                     }
                 };
@@ -170,7 +179,9 @@ impl DiffArgs {
             drop(scratch);
             Ok(code)
         };
-        super::interruptible(shutdown, work).await
+        super::interruptible(shutdown, work)
+            .await
+            .map_err(|e| super::encryption::name_key(e, key_given.as_ref()))
     }
 }
 

@@ -48,24 +48,36 @@ pub struct VersionsArgs {
     /// The server and the key.
     #[command(flatten)]
     pub connection: RemoteArgs,
+    /// The encryption key, for --changes of an encrypted replica (the list itself
+    /// needs none).
+    #[command(flatten)]
+    pub encryption: super::encryption::EncryptionArgs,
 }
 
 impl VersionsArgs {
     /// Runs the command.
-    pub async fn run(self, _global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
+    pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let (spec, connection) = self
             .from
             .resolve(self.remote.as_deref(), self.connection.options())?;
         let replica = ReplicaPath::parse(&spec)?;
+        // Only --changes opens versions; the list is the server's record.
+        let key_given = match self.changes {
+            true => self.encryption.key(global.quiet || self.json)?,
+            false => None,
+        };
+        let encryption = key_given.as_ref().map(|k| k.key.clone());
         let listed = super::interruptible(shutdown, async {
             let versions = crate::client::versions(&connection, &replica).await?;
             let changes = match self.changes {
-                true => changes(&connection, &replica, &versions, self.last).await?,
+                true => changes(&connection, &replica, &versions, self.last, encryption).await?,
                 false => Changes::new(),
             };
             self.print(&versions, &changes)
         });
-        listed.await
+        listed
+            .await
+            .map_err(|e| super::encryption::name_key(e, key_given.as_ref()))
     }
 
     fn print(
@@ -157,6 +169,7 @@ async fn changes(
     replica: &ReplicaPath,
     versions: &[crate::store::VersionInfo],
     last: usize,
+    encryption: Option<crate::crypt::EncryptionKey>,
 ) -> anyhow::Result<Changes> {
     let mut found = Changes::new();
     let start = match last {
@@ -166,7 +179,9 @@ async fn changes(
     if start == versions.len() {
         return Ok(found);
     }
-    let source = ReplicaSource::resolve(connection, replica.clone()).await?;
+    let source = ReplicaSource::resolve(connection, replica.clone())
+        .await?
+        .with_encryption(encryption);
     let scratch = Scratch::new()?;
     let files = [scratch.path("x.db"), scratch.path("y.db")];
     // The version before the first one looked at, if the replica keeps it.

@@ -10,6 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::crypt::EncryptionKey;
+use crate::page::Writer;
 use crate::remote::{Server, blocking, no_progress};
 use crate::store::{ReplicaPath, Selector};
 use crate::{Error, Result};
@@ -61,9 +63,18 @@ pub struct ReplicaSource {
     pub replica: ReplicaPath,
     /// The key (none for the embedded store).
     pub key: Option<String>,
+    /// The encryption key of an encrypted replica: its versions are opened with it
+    /// (none: a plaintext replica; an encrypted one is refused, exit 5).
+    pub encryption: Option<EncryptionKey>,
 }
 
 impl ReplicaSource {
+    /// The same replica, its versions opened with `encryption` (an encrypted replica's
+    /// key, as `pull --encryption-key-file` takes it).
+    pub fn with_encryption(self, encryption: Option<EncryptionKey>) -> ReplicaSource {
+        ReplicaSource { encryption, ..self }
+    }
+
     /// `replica` on the store `connection` names (with its key, or one saved for it).
     pub async fn resolve(connection: &Connection, replica: ReplicaPath) -> Result<ReplicaSource> {
         let (server, key) = connection.resolve_with_key(&replica).await?;
@@ -71,6 +82,7 @@ impl ReplicaSource {
             server,
             replica,
             key,
+            encryption: None,
         })
     }
 
@@ -114,6 +126,7 @@ impl ReplicaSource {
             server,
             replica,
             key,
+            encryption: None,
         })
     }
 
@@ -131,13 +144,17 @@ impl ReplicaSource {
         {
             super::push::copy_quietly(base, dest).await?;
         }
-        let outcome = self
+        let target = {
+            let dest = dest.to_owned();
+            blocking(move || Writer::open(&dest)).await?
+        };
+        let (outcome, _) = self
             .server
-            .pull(
+            .pull_into(
                 &self.replica,
                 selector,
-                dest,
-                self.key.as_deref(),
+                target,
+                (self.key.as_deref(), self.encryption.as_ref()),
                 no_progress(),
             )
             .await

@@ -271,6 +271,77 @@ fn encrypted_replica_round_trip(store: Store<'_>) {
     assert_eq!(notes(&fresh), (2000, "changed".into()));
     assert_eq!(util::integrity(&fresh), "ok");
 
+    // diff and versions --changes open the versions with the key: one row updated.
+    let updated_notes = |tables: &serde_json::Value| {
+        let t = tables
+            .as_array()
+            .expect("tables")
+            .iter()
+            .find(|t| t["name"] == "notes")
+            .unwrap_or_else(|| panic!("no notes in {tables}"))
+            .clone();
+        (
+            t["inserted"].clone(),
+            t["updated"].clone(),
+            t["deleted"].clone(),
+        )
+    };
+    let one_update = (0.into(), 1.into(), 0.into());
+    let at = |n: u32| format!("{REPLICA}@{n}");
+    let out = store.run(
+        &m,
+        &[
+            "diff",
+            &at(1),
+            &at(2),
+            "--json",
+            "--encryption-key-file",
+            kf,
+        ],
+        &[],
+    );
+    assert_eq!(
+        updated_notes(&Report::of(&out, "diff @1 @2").0["tables"]),
+        one_update
+    );
+    let out = store.run(
+        &m,
+        &[
+            "diff",
+            "app.db",
+            &at(1),
+            "--json",
+            "--encryption-key-file",
+            kf,
+        ],
+        &[],
+    );
+    assert_eq!(
+        updated_notes(&Report::of(&out, "diff app.db @1").0["tables"]),
+        one_update
+    );
+    let out = store.run(
+        &m,
+        &[
+            "versions",
+            REPLICA,
+            "--changes",
+            "--json",
+            "--encryption-key-file",
+            kf,
+        ],
+        &[],
+    );
+    let listed = Report::of(&out, "versions --changes").0;
+    assert_eq!(updated_notes(&listed[1]["changes"]), one_update, "{listed}");
+    // Without the key, diff says which flag opens them; verify says what checks them.
+    let out = store.run(&m, &["diff", &at(1), &at(2)], &[]);
+    let line = assert_fails(&out, EXIT_AUTH, "--encryption-key-file");
+    assert!(line.contains("encrypted"), "{line}");
+    let out = store.run(&m, &["verify", "--replica", &at(2)], &[]);
+    let line = assert_fails(&out, 2, "verify does not check an encrypted replica");
+    assert!(line.contains("sqlferry pull"), "{line}");
+
     // A wrong key: exit 5 before a page moves, naming the key; LOCAL as it was.
     let wrong = keygen(&m, "wrong.key");
     let before = std::fs::read(&fresh).expect("read");
