@@ -305,9 +305,14 @@ pub fn parse_key_text(text: &str, source: &str) -> Result<EncryptionKey> {
 /// reads every version made with the key. The error never shows the file's text.
 pub fn read_key_file(path: &Path) -> Result<(EncryptionKey, u32)> {
     use std::os::unix::fs::PermissionsExt as _;
-    let io = |source| Error::Io {
-        path: path.to_owned(),
-        source,
+    // "the encryption key file": a bare "No such file" would not say which file of the
+    // command line it was.
+    let io = |source| {
+        Error::Io {
+            path: path.to_owned(),
+            source,
+        }
+        .context("cannot read the encryption key file")
     };
     let file = std::fs::File::open(path).map_err(io)?;
     let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
