@@ -548,7 +548,7 @@ pub async fn verify_stored(connection: &Connection, spec: &str) -> Result<Option
             &replica,
             selector,
             &copy,
-            key.as_deref(),
+            (key.as_deref(), None),
             crate::remote::no_progress(),
         )
         .await
@@ -626,7 +626,7 @@ pub async fn verify_all_versions(
                 &replica,
                 Selector::Number(v.number),
                 &copy,
-                key.as_deref(),
+                (key.as_deref(), None),
                 crate::remote::no_progress(),
             )
             .await;

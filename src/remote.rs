@@ -857,18 +857,19 @@ impl Server {
         result
     }
 
-    /// Pulls one version of `replica` into the database at `local`, atomically.
+    /// Pulls one version of `replica` into the database at `local`, atomically; with
+    /// `encryption`, as [`Server::pull_into`] opens an encrypted version.
     pub async fn pull(
         &self,
         replica: &ReplicaPath,
         selector: Selector,
         local: &Path,
-        key: Option<&str>,
+        (key, encryption): (Option<&str>, Option<&EncryptionKey>),
         progress: Arc<dyn Progress>,
     ) -> Result<PullOutcome> {
         let local = local.to_owned();
         let target = blocking(move || Writer::open(&local)).await?;
-        self.pull_into(replica, selector, target, (key, None), progress)
+        self.pull_into(replica, selector, target, (key, encryption), progress)
             .await
             .map(|(outcome, _)| outcome)
     }

@@ -11,7 +11,6 @@
 use std::path::{Path, PathBuf};
 
 use crate::crypt::EncryptionKey;
-use crate::page::Writer;
 use crate::remote::{Server, blocking, no_progress};
 use crate::store::{ReplicaPath, Selector};
 use crate::{Error, Result};
@@ -144,16 +143,12 @@ impl ReplicaSource {
         {
             super::push::copy_quietly(base, dest).await?;
         }
-        let target = {
-            let dest = dest.to_owned();
-            blocking(move || Writer::open(&dest)).await?
-        };
-        let (outcome, _) = self
+        let outcome = self
             .server
-            .pull_into(
+            .pull(
                 &self.replica,
                 selector,
-                target,
+                dest,
                 (self.key.as_deref(), self.encryption.as_ref()),
                 no_progress(),
             )
