@@ -1979,20 +1979,10 @@ mod tests {
 
     fn v(number: u64) -> VersionInfo {
         VersionInfo {
-            number,
             page_size: 4096,
             page_count: 1,
             size: 4096,
-            digest: String::new(),
-            digest2: None,
-            message: String::new(),
-            created_at: 0,
-            client_id: String::new(),
-            key_id: String::new(),
-            base: 0,
-            stored_bytes: None,
-            merged_into: None,
-            encryption: None,
+            ..VersionInfo::bare(number, 0)
         }
     }
 

@@ -489,6 +489,16 @@ impl Store {
         VersionReader::open(&file, &self.pages_dir(), replica, selector, gc)
     }
 
+    /// Which version `selector` names in `replica` (its row, digests and key id),
+    /// refused as [`Store::read`] refuses, without opening the store's pages: a look-up
+    /// for a server that must know the number before it reads.
+    pub fn resolve(&self, replica: &ReplicaPath, selector: Selector) -> Result<VersionInfo> {
+        let file = self.replica_file(replica);
+        self.remove_leftovers(&file);
+        replica::upgrade(&file, &self.pages_dir(), false)?;
+        replica::resolve(&file, replica, selector)
+    }
+
     /// The store's default retention policy: `serve --retention`'s, else the one
     /// `sqlferry retention --default` wrote; `None` when there is none.
     pub fn default_retention(&self) -> Result<Option<RetentionPolicy>> {
@@ -509,18 +519,12 @@ impl Store {
         let file = self.replica_file(replica);
         // The replica must exist (a version): the same refusal as `versions`.
         replica::versions(&file, replica)?;
-        let (policy, source) = match retention::own_policy(&file)? {
-            Some(p) => (p, "replica"),
-            None => match self.default_retention()? {
-                Some(p) => (p, "default"),
-                None => (RetentionPolicy::default(), "none"),
-            },
+        let own = retention::own_policy(&file)?;
+        let default = match own {
+            Some(_) => None,
+            None => self.default_retention()?,
         };
-        Ok(Retention {
-            replica: replica.to_string(),
-            policy,
-            source: source.into(),
-        })
+        Ok(Retention::applying(replica, own, default))
     }
 
     /// Gives `replica` its own retention policy, or with `None` drops it (the store's
@@ -644,20 +648,10 @@ mod tests {
 
     fn version(number: u64, created_at: i64) -> VersionInfo {
         VersionInfo {
-            number,
             page_size: 4096,
             page_count: 1,
             size: 4096,
-            digest: String::new(),
-            digest2: None,
-            message: String::new(),
-            created_at,
-            client_id: String::new(),
-            key_id: String::new(),
-            base: 0,
-            stored_bytes: None,
-            merged_into: None,
-            encryption: None,
+            ..VersionInfo::bare(number, created_at)
         }
     }
 

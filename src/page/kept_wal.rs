@@ -11,9 +11,9 @@
 //! per push (the CLI with the embedded store, a server between pushes) only grows, and
 //! each push reads and checkpoints all of it again. A connection a process never closes
 //! (the sync log's, kept for a subscriber's records and dropped only at exit) leaves
-//! its WAL the same way. [`trim_wal`] bounds it: after a
-//! commit, a WAL past [`KEPT_WAL_BYTES`] is checkpointed and truncated to nothing, if
-//! no reader or writer is in the way at that moment (else the next commit tries).
+//! its WAL the same way. [`trim_wal`] bounds it: after a commit, a WAL past
+//! [`KEPT_WAL_BYTES`] is checkpointed and truncated to nothing, if no reader or writer
+//! is in the way at that moment (else the next commit tries).
 
 use std::path::Path;
 use std::time::Duration;
@@ -21,9 +21,10 @@ use std::time::Duration;
 use rusqlite::Connection;
 use rusqlite::config::DbConfig;
 
-/// The most a store file's WAL is left holding after a commit: past this, the commit
-/// empties it ([`trim_wal`]). About a thousand frames of the index (1 KiB pages), so
-/// the cost of rebuilding the wal-index at the next open stays a millisecond or so.
+/// The most the WAL of a file kept this way (the store's index and replica files, the
+/// sync log) is left holding after a commit: past this, the commit empties it
+/// ([`trim_wal`]). About a thousand frames of the index (1 KiB pages), so the cost of
+/// rebuilding the wal-index at the next open stays a millisecond or so.
 pub(crate) const KEPT_WAL_BYTES: u64 = 1 << 20;
 
 /// Makes closing `conn` leave its WAL as it is (no checkpoint, no delete), and a WAL

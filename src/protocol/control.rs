@@ -276,6 +276,27 @@ pub struct Retention {
     pub source: String,
 }
 
+impl Retention {
+    /// The policy that applies to `replica`: its `own`, else the store's `default`,
+    /// else none (everything kept), each named as its source. Both stores decide it so.
+    pub fn applying(
+        replica: &impl std::fmt::Display,
+        own: Option<RetentionPolicy>,
+        default: Option<RetentionPolicy>,
+    ) -> Retention {
+        let (policy, source) = match (own, default) {
+            (Some(p), _) => (p, "replica"),
+            (None, Some(p)) => (p, "default"),
+            (None, None) => (RetentionPolicy::default(), "none"),
+        };
+        Retention {
+            replica: replica.to_string(),
+            policy,
+            source: source.into(),
+        }
+    }
+}
+
 /// What a prune removed (or, in a dry run, would remove) and freed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PruneReport {
@@ -551,6 +572,28 @@ pub struct VersionInfo {
 }
 
 impl VersionInfo {
+    /// A version of which nothing is known but its number and when it was made: what a
+    /// removed version's tombstone still says. Every other field empty (no pages, no
+    /// digest, no key).
+    pub fn bare(number: u64, created_at: i64) -> VersionInfo {
+        VersionInfo {
+            number,
+            page_size: 0,
+            page_count: 0,
+            size: 0,
+            digest: String::new(),
+            digest2: None,
+            message: String::new(),
+            created_at,
+            client_id: String::new(),
+            key_id: String::new(),
+            base: 0,
+            stored_bytes: None,
+            merged_into: None,
+            encryption: None,
+        }
+    }
+
     /// Whether `digest` (text, in either form: 64 hex digits for digest 1, `c:` and 64
     /// for the chunked form) is this version's digest. Two digests compare only in the
     /// same form: a form this version has no record of matches nothing, and an empty

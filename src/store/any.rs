@@ -171,7 +171,8 @@ impl AnyStore {
     }
 
     /// The number of the version `selector` names and its key id when it is encrypted,
-    /// without opening it for reading (on S3; the directory store reads its row).
+    /// without opening it for reading: its row in the replica's file, or its version
+    /// object.
     pub fn resolve(
         &self,
         replica: &ReplicaPath,
@@ -179,8 +180,8 @@ impl AnyStore {
     ) -> Result<(u64, Option<String>)> {
         match self {
             AnyStore::Dir(store) => {
-                let reader = store.read(replica, selector)?;
-                Ok((reader.info().number, reader.info().encryption.clone()))
+                let info = store.resolve(replica, selector)?;
+                Ok((info.number, info.encryption))
             }
             // The S3 store keeps no encrypted version (a sealed push is refused).
             AnyStore::S3 { store, .. } => Ok((store.select(replica, selector)?.number, None)),

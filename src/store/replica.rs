@@ -2324,6 +2324,79 @@ pub struct VersionReader {
     _gc: GcShared,
 }
 
+/// The version `selector` names, read inside the caller's transaction on `replica`'s
+/// file, with its chunked digest and key id: what a pull opens, and all that
+/// [`resolve`] answers. Refused (not found, removed by retention) as a pull is.
+fn select(
+    conn: &Connection,
+    file: &Path,
+    replica: &ReplicaPath,
+    selector: Selector,
+) -> Result<VersionInfo> {
+    let latest = latest(conn, file)?.ok_or_else(|| not_found(replica))?;
+    let number = match selector {
+        Selector::Latest => latest.number,
+        Selector::Number(n) => n,
+        Selector::LatestMinus(n) => latest
+            .number
+            .checked_sub(n)
+            .filter(|&v| v >= 1)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "{replica}@latest-{n} does not exist: the latest version is {}",
+                    latest.number
+                ))
+            })?,
+        Selector::At(t) => {
+            let kept = conn
+                .query_row(
+                    "SELECT max(number) FROM versions WHERE created_at <= ?1",
+                    [t],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+                .map_err(sql(file))?
+                .map(|n| n as u64);
+            // The version current then may be one retention removed: then an older
+            // kept one would be the wrong content, so the pull is refused.
+            let gone = retention::removed_at(conn, file, t)?;
+            match (kept, gone) {
+                (k, Some(g)) if k.is_none_or(|k| g > k) => {
+                    return Err(no_version(conn, file, replica, g, latest.number));
+                }
+                (Some(k), _) => k,
+                (None, _) => {
+                    return Err(Error::NotFound(format!(
+                        "{replica}@{selector} does not exist: no version is that old"
+                    )));
+                }
+            }
+        }
+    };
+    let mut info = conn
+        .query_row(
+            &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE number = ?1"),
+            [number as i64],
+            version_row,
+        )
+        .optional()
+        .map_err(sql(file))?
+        .ok_or_else(|| no_version(conn, file, replica, number, latest.number))?;
+    add_digest2(conn, file, &mut info)?;
+    Ok(info)
+}
+
+/// Which version `selector` names in `replica`'s file, without opening the store's
+/// pages: a look-up in one read transaction (`AnyStore::resolve`).
+pub(super) fn resolve(
+    file: &Path,
+    replica: &ReplicaPath,
+    selector: Selector,
+) -> Result<VersionInfo> {
+    let conn = open_existing(file, replica)?;
+    conn.execute_batch("BEGIN DEFERRED").map_err(sql(file))?;
+    select(&conn, file, replica, selector)
+}
+
 impl VersionReader {
     pub(super) fn open(
         file: &Path,
@@ -2334,55 +2407,7 @@ impl VersionReader {
     ) -> Result<Self> {
         let conn = open_existing(file, replica)?;
         conn.execute_batch("BEGIN DEFERRED").map_err(sql(file))?;
-        let latest = latest(&conn, file)?.ok_or_else(|| not_found(replica))?;
-        let number = match selector {
-            Selector::Latest => latest.number,
-            Selector::Number(n) => n,
-            Selector::LatestMinus(n) => latest
-                .number
-                .checked_sub(n)
-                .filter(|&v| v >= 1)
-                .ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "{replica}@latest-{n} does not exist: the latest version is {}",
-                        latest.number
-                    ))
-                })?,
-            Selector::At(t) => {
-                let kept = conn
-                    .query_row(
-                        "SELECT max(number) FROM versions WHERE created_at <= ?1",
-                        [t],
-                        |r| r.get::<_, Option<i64>>(0),
-                    )
-                    .map_err(sql(file))?
-                    .map(|n| n as u64);
-                // The version current then may be one retention removed: then an older
-                // kept one would be the wrong content, so the pull is refused.
-                let gone = retention::removed_at(&conn, file, t)?;
-                match (kept, gone) {
-                    (k, Some(g)) if k.is_none_or(|k| g > k) => {
-                        return Err(no_version(&conn, file, replica, g, latest.number));
-                    }
-                    (Some(k), _) => k,
-                    (None, _) => {
-                        return Err(Error::NotFound(format!(
-                            "{replica}@{selector} does not exist: no version is that old"
-                        )));
-                    }
-                }
-            }
-        };
-        let mut info = conn
-            .query_row(
-                &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE number = ?1"),
-                [number as i64],
-                version_row,
-            )
-            .optional()
-            .map_err(sql(file))?
-            .ok_or_else(|| no_version(&conn, file, replica, number, latest.number))?;
-        add_digest2(&conn, file, &mut info)?;
+        let info = select(&conn, file, replica, selector)?;
         // Refused before a page is sent: a manifest short of chunks would otherwise
         // surface as the engine's "page count changed" half-way through the pull.
         if let Some(damage) = manifest_damage(&conn, file, info.number, info.page_count)? {

@@ -228,22 +228,7 @@ pub struct Tombstone {
 impl Tombstone {
     /// The little a removed version still says: its number and time.
     fn info(&self) -> VersionInfo {
-        VersionInfo {
-            number: self.number,
-            page_size: 0,
-            page_count: 0,
-            size: 0,
-            digest: String::new(),
-            digest2: None,
-            message: String::new(),
-            created_at: self.created_at,
-            client_id: String::new(),
-            key_id: String::new(),
-            base: 0,
-            stored_bytes: None,
-            merged_into: None,
-            encryption: None,
-        }
+        VersionInfo::bare(self.number, self.created_at)
     }
 }
 

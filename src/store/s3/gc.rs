@@ -96,16 +96,11 @@ impl S3Store {
             )?),
             None => None,
         };
-        let (policy, source) = match (own, &self.default_retention) {
-            (Some(p), _) => (p, "replica"),
-            (None, Some(p)) => (p.clone(), "default"),
-            (None, None) => (RetentionPolicy::default(), "none"),
-        };
-        Ok(Retention {
-            replica: replica.to_string(),
-            policy,
-            source: source.into(),
-        })
+        Ok(Retention::applying(
+            replica,
+            own,
+            self.default_retention.clone(),
+        ))
     }
 
     /// Gives `replica` its own policy (one PUT), or with `None` drops it (one DELETE:
