@@ -5,8 +5,10 @@
 //! bucket, which the server itself never does); what the S3 store cannot do yet
 //! refused with its name and exit 2; two servers over one bucket sharing a real
 //! PostgreSQL (`postgres`): a push to one pulled from the other, and two pushes
-//! racing on the two (one version, one VERSION_CONFLICT); a bad endpoint or key
-//! stopping the start with exit 10 and no admin key made.
+//! racing on the two (one version, one VERSION_CONFLICT), and one of them killed
+//! half-way through a push (no version, the other serves on, the push made again
+//! through it); a bad endpoint or key stopping the start with exit 10 and no admin key
+//! made.
 //!
 //! Every wait is on an event (a line, a process exit); nothing sleeps.
 
@@ -20,9 +22,10 @@ use tempfile::TempDir;
 
 use crate::postgres;
 use crate::seaweed::{self, ACCESS_KEY, SECRET_KEY};
+use crate::server::kill::start_push;
 use crate::server::{
-    DbState, EXIT_CONFLICT, EXIT_USAGE, Machine, TestServer, assert_fails, exec, sidecar_field,
-    small_db, wait_for_exit,
+    DbState, EXIT_CONFLICT, EXIT_USAGE, Machine, TestServer, assert_fails, exec, saved_push_key,
+    sidecar_field, small_db, wait_for_exit,
 };
 use crate::subscribe::http;
 use crate::util;
@@ -451,4 +454,123 @@ fn a_store_that_does_not_answer_stops_the_start_without_an_admin_key() {
         Ok(objects) => assert!(objects.is_empty(), "{objects:?}"),
         Err(e) => assert!(e.to_string().contains("NoSuchBucket"), "{e}"),
     }
+}
+
+/// The bytes of the files process `pid` holds open under `dir` that are no longer in
+/// it (a push's temporary pack is one: made with `tempfile_in`, never named), read
+/// through `/proc/PID/fd`.
+fn unnamed_bytes_open(pid: u32, dir: &Path) -> u64 {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let dir = dir.to_string_lossy().into_owned();
+    fds.flatten()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(fd.path()).ok()?;
+            let target = target.to_string_lossy();
+            let unnamed = target.starts_with(&dir) && target.ends_with(" (deleted)");
+            unnamed.then(|| std::fs::metadata(fd.path()).map(|m| m.len()).ok())?
+        })
+        .sum()
+}
+
+#[test]
+fn a_server_over_s3_killed_mid_push_leaves_no_version_and_the_other_keeps_serving() {
+    let pg = postgres::shared();
+    let meta = pg.database();
+    let dir = TempDir::new().expect("tempdir");
+    let location = new_location();
+    let mut a = s3_server(dir.path(), "a", &location, &["--meta", &meta], None);
+    let b = s3_server(
+        dir.path(),
+        "b",
+        &location,
+        &["--meta", &meta],
+        Some(&a.admin_key),
+    );
+    let m = Machine::new(dir.path(), "m");
+    let reader = Machine::new(dir.path(), "reader");
+    small_db(&m.path("app.db"), 256 << 10);
+    m.push(
+        &a,
+        "app.db",
+        "acme/app.db",
+        &["-m", "one", "--key", &a.admin_key],
+    );
+    let pull_key = sidecar_field(&m.path("app.db-sqlferry"), "key");
+    let push_key = saved_push_key(&m, &m.path("app.db"));
+    let one = DbState::of(&m.path("app.db"));
+
+    // The database grows to about 48 MB; A is killed while its push is half-way in
+    // (the pages received so far in the push's temporary pack, 8 MiB of them).
+    util::fill(&util::open(&m.path("app.db")), 48 << 20, 4000);
+    util::checkpoint(&m.path("app.db"));
+    let mut push = start_push(&m, &a, "killed with its server");
+    let mut ended = None;
+    let half_way = util::wait_until(COMMAND_TIMEOUT, Duration::from_millis(2), || {
+        ended = push.try_wait().expect("try_wait");
+        ended.is_some() || unnamed_bytes_open(a.pid(), a.data_dir()) >= 8 << 20
+    });
+    assert!(half_way, "the push never got half-way");
+    assert!(
+        ended.is_none(),
+        "the push ended ({ended:?}) before the kill"
+    );
+    a.sigkill();
+    let out = finish(push);
+    assert_ne!(util::code(&out), 0, "the push could not finish");
+
+    // No version 2 anywhere: B lists version 1 alone, the bucket holds one version
+    // object, and version 1 pulls from B as it was.
+    let numbers = |server: &TestServer| {
+        server
+            .versions("acme/app.db")
+            .expect("exists")
+            .iter()
+            .map(|v| v.number)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(numbers(&b), [1]);
+    let version_objects = |location: &str| {
+        objects_under(location)
+            .into_iter()
+            .filter(|(n, _)| n.contains("/replicas/acme/app.db/v/"))
+            .count()
+    };
+    assert_eq!(version_objects(&location), 1);
+    let r = reader.pull(&b, "acme/app.db", Some("v1.db"), &["--key", &pull_key]);
+    assert_eq!(r.digest(), one.digest);
+    one.assert_held_by(&reader.path("v1.db"), "version 1 from B after A was killed");
+
+    // The push made again through B lands whole.
+    let big = DbState::of(&m.path("app.db"));
+    let r = m.push(
+        &b,
+        "app.db",
+        "acme/app.db",
+        &["-m", "again", "--key", &push_key],
+    );
+    assert_eq!(r.u64("version"), 2);
+    assert_eq!(r.digest(), big.digest);
+    let r = reader.pull(&b, "acme/app.db", Some("v2.db"), &["--key", &pull_key]);
+    assert_eq!(r.digest(), big.digest);
+    assert_eq!(util::integrity(&reader.path("v2.db")), "ok");
+
+    // A started again on the data directory (and cache) its kill left serves both
+    // versions and nothing more.
+    drop(a);
+    let a = s3_server(
+        dir.path(),
+        "a",
+        &location,
+        &["--meta", &meta],
+        Some(&b.admin_key),
+    );
+    assert_eq!(numbers(&a), [1, 2]);
+    let r = reader.pull(&a, "acme/app.db", Some("v2-a.db"), &["--key", &pull_key]);
+    assert_eq!(r.digest(), big.digest);
+    big.assert_held_by(
+        &reader.path("v2-a.db"),
+        "version 2 from A after its restart",
+    );
 }
