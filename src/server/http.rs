@@ -178,6 +178,7 @@ async fn metrics(state: &Arc<State>) -> Response {
         active_sessions: state.limits.active_sessions() as u64,
         push_subscribers,
         pull_subscribers,
+        object_requests: state.store.object_requests(),
     };
     let text = render(&state.metrics, server, &replicas, crate::epoch::now());
     (

@@ -16,6 +16,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::store::object::RequestCounts;
+
 /// Upper bounds (seconds) of the sync-duration histograms' buckets: from a no-change
 /// push of a small database to a first push of a large one.
 const DURATION_BUCKETS_S: [f64; 12] = [
@@ -148,6 +150,9 @@ pub struct ServerGauges {
     pub push_subscribers: u64,
     /// Pull subscribers connected now.
     pub pull_subscribers: u64,
+    /// The requests this server made to its object storage (`--store s3://…`), by kind;
+    /// `None` with the directory store (the family is then left out).
+    pub object_requests: Option<RequestCounts>,
 }
 
 /// Escapes a label value for the text format: backslash, double quote and line feed.
@@ -239,6 +244,23 @@ pub fn render(
         "sqlferry_sent_bytes_total {}",
         load(&metrics.bytes_sent)
     );
+    if let Some(r) = server.object_requests {
+        family(
+            &mut out,
+            "sqlferry_object_requests_total",
+            "counter",
+            "Requests made to the object storage since the server started, by kind (a multipart upload counts each of its requests).",
+        );
+        for (kind, n) in [
+            ("put", r.put),
+            ("get", r.get),
+            ("head", r.head),
+            ("delete", r.delete),
+            ("list", r.list),
+        ] {
+            let _ = writeln!(out, "sqlferry_object_requests_total{{kind=\"{kind}\"}} {n}");
+        }
+    }
     family(
         &mut out,
         "sqlferry_sync_duration_seconds",
@@ -371,6 +393,33 @@ mod tests {
         assert_eq!(line("sqlferry_pushes_total{result=\"unchanged\"}"), "1");
         assert_eq!(line("sqlferry_received_bytes_total"), "106");
         assert!(!text.contains("sqlferry_pulls_total{result=\"unchanged\"}"));
+    }
+
+    #[test]
+    fn object_requests_appear_only_with_an_object_store() {
+        let none = render(&Metrics::default(), ServerGauges::default(), &[], 0);
+        assert!(!none.contains("sqlferry_object_requests_total"), "{none}");
+        let gauges = ServerGauges {
+            object_requests: Some(RequestCounts {
+                put: 7,
+                get: 3,
+                head: 1,
+                delete: 0,
+                list: 2,
+            }),
+            ..ServerGauges::default()
+        };
+        let text = render(&Metrics::default(), gauges, &[], 0);
+        assert!(text.contains("# TYPE sqlferry_object_requests_total counter\n"));
+        for line in [
+            "sqlferry_object_requests_total{kind=\"put\"} 7",
+            "sqlferry_object_requests_total{kind=\"get\"} 3",
+            "sqlferry_object_requests_total{kind=\"head\"} 1",
+            "sqlferry_object_requests_total{kind=\"delete\"} 0",
+            "sqlferry_object_requests_total{kind=\"list\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
     }
 
     #[test]

@@ -198,6 +198,15 @@ impl AnyStore {
         }
     }
 
+    /// The requests made so far to the object storage, by kind; `None` for the
+    /// directory store.
+    pub fn object_requests(&self) -> Option<super::object::RequestCounts> {
+        match self {
+            AnyStore::Dir(_) => None,
+            AnyStore::S3 { store, .. } => Some(store.objects().requests()),
+        }
+    }
+
     /// The unique page bytes `replica`'s versions use ([`Store::stored_bytes`]);
     /// refused on an S3 store.
     pub fn stored_bytes(&self, replica: &ReplicaPath) -> Result<u64> {
