@@ -51,6 +51,9 @@ pub struct Connection {
     /// How pages are compressed on the way to and from a server (`--compress`; `None`:
     /// `SQLFERRY_COMPRESS`, else `auto`).
     pub compress: Option<CompressMode>,
+    /// The object storage endpoint for an `s3://` store (`--s3-endpoint`; `None`:
+    /// `AWS_ENDPOINT_URL`, else AWS S3).
+    pub s3_endpoint: Option<String>,
 }
 
 /// The server a command on a local database uses, and why.
@@ -121,7 +124,10 @@ impl Connection {
             Some(url) => Server::parse(Some(url)),
             None => Server::parse(crate::config::Settings::load()?.server.as_deref()),
         }
-        .map(|s| s.with_compress(self.compress))
+        .map(|s| {
+            s.with_compress(self.compress)
+                .with_s3_endpoint(self.s3_endpoint.as_deref())
+        })
     }
 
     fn resolve_for_now(&self, local: &Path, replica: &ReplicaPath) -> Result<Resolved> {
@@ -332,6 +338,9 @@ pub async fn set_default_retention(
             })
             .await
         }
+        Server::S3 { .. } => Err(crate::store::not_with_s3(
+            "a store-wide default retention policy (retention --default)",
+        )),
         Server::Ws { url, .. } => Err(Error::Usage(format!(
             "{url} keeps its default retention policy in its command line: `sqlferry serve --retention keep-last=30,...`; per replica, `sqlferry retention REMOTE --keep-last N` with the admin key"
         ))),
@@ -345,6 +354,9 @@ pub async fn default_retention(
 ) -> Result<Option<crate::store::RetentionPolicy>> {
     match connection.resolve().await? {
         Server::Embedded(store) => blocking(move || store.default_retention()).await,
+        Server::S3 { .. } => Err(crate::store::not_with_s3(
+            "a store-wide default retention policy (retention --default)",
+        )),
         Server::Ws { url, .. } => Err(Error::Usage(format!(
             "{url} keeps its default retention policy in its command line (`sqlferry serve --retention`); ask for a replica's: `sqlferry retention REMOTE`"
         ))),
@@ -429,6 +441,7 @@ pub async fn scrub_root(data: Option<PathBuf>, server: Option<String>) -> Result
                 };
                 match Server::parse(url.as_deref())? {
                     Server::Embedded(store) => store.root().to_owned(),
+                    Server::S3 { .. } => return Err(crate::store::not_with_s3("scrub")),
                     Server::Ws { url, .. } => {
                         return Err(Error::Usage(format!(
                             "{url} is a server: run `sqlferry scrub --data DIR` on its machine, with its data directory"
@@ -785,6 +798,7 @@ mod tests {
             server: Some(format!("file://{}", dir.path().display())),
             key: None,
             compress: None,
+            s3_endpoint: None,
         };
         let e = keys(&connection, None).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
