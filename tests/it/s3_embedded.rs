@@ -11,11 +11,13 @@
 //! Every wait is on a process exit; nothing sleeps.
 
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::s3_serve::{aws_env, new_location, objects_under, s3_server, wal_db};
+use crate::s3_serve::{aws_env, objects_under, s3_server, wal_db};
 use crate::seaweed::{self, SECRET_KEY};
 use crate::server::{
     DbState, EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_USAGE, Machine, Report, assert_fails, exec,
@@ -29,6 +31,16 @@ const EXIT_SERVER: i32 = 10;
 
 /// How long one command may take here (a debug build on a busy CI).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A new prefix of this module's one bucket: `s3://BUCKET/embedded-N`. One bucket for
+/// the module, not one per test: each bucket grows SeaweedFS volumes of its own, and
+/// the test server has room for a bounded number (`seaweed.rs`).
+fn new_location() -> String {
+    static BUCKET: OnceLock<String> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let bucket = BUCKET.get_or_init(|| seaweed::shared().bucket());
+    format!("{bucket}/embedded-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
 
 /// A machine whose commands reach the test SeaweedFS: the `AWS_*` variables of its
 /// identity; the endpoint is given per command (`--s3-endpoint`) or by
