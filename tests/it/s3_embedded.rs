@@ -196,6 +196,19 @@ fn a_wal_database_goes_to_s3_and_back_without_a_server() {
     assert_fails(&out, EXIT_NOT_FOUND, "no version is that old");
     assert!(!other.path("before.db").exists(), "nothing written");
 
+    // verify of a stored version: fetched whole, every page hashed again.
+    let out = run_s3(&other, &location, &["verify", "acme/app.db@2", "--json"]);
+    assert_eq!(util::code(&out), 0, "verify: {}", util::stderr(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(util::stdout(&out).trim()).expect("verify --json");
+    assert_eq!(report["integrity"], serde_json::json!(["ok"]), "{report}");
+    let expected = util::digest_like(&origin.path("app.db"), &report["digest"]);
+    assert_eq!(
+        report["digest"].as_str(),
+        Some(expected.as_str()),
+        "{report}"
+    );
+
     // The diff of the two versions: the rows the change updated.
     let out = run_s3(
         &other,
