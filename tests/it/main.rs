@@ -70,9 +70,10 @@
 //!   database pushed, changed (only the changed pages sent) and pulled back by `@1`,
 //!   `@latest`, through `SQLFERRY_SERVER` and config.toml; versions, diff, retention
 //!   and prune; one bucket reached through the embedded client and a `serve --store`;
-//!   two pushes raced from two processes; a wrong secret, a dead endpoint and a
-//!   missing bucket in one line each; merges, encryption keys, subscribers, sync-now
-//!   and scrub refused by name with the bucket unchanged.
+//!   two pushes raced from two processes; a push killed midway (no version); a
+//!   wrong secret, a dead endpoint and a missing bucket in one line each; merges,
+//!   encryption keys, subscribers, sync-now and scrub refused by name with the
+//!   bucket unchanged.
 //! - `s3_gc`: retention and garbage collection over `serve --store s3://…`: versions
 //!   removed by `--keep-last` (kept ones pulled back whole, removed ones refused), the
 //!   bucket after a sweep holding only what kept versions name, a dry run deleting

@@ -1,14 +1,15 @@
 //! The embedded store over S3, `--server s3://BUCKET/PREFIX` (issue 14, slice 5): real
-//! CLI processes with no server, over the real SeaweedFS of `seaweed` (a bucket per
-//! test). A WAL database pushed, changed and pushed again (the second push sends only
-//! the changed pages), pulled back by `@1`, `@latest` and a time, listed, diffed, and
-//! pruned; one store reached two ways (the embedded client and a `serve --store` on the
-//! same bucket and prefix); two pushes raced from two processes (one version, one
-//! VERSION_CONFLICT, nothing lost); bad credentials, an endpoint nobody listens on and
-//! a missing bucket, one line each; and what the S3 store cannot do yet, refused by
-//! name with exit 2 and the bucket unchanged.
+//! CLI processes with no server, over the real SeaweedFS of `seaweed` (one bucket for
+//! the module, a prefix per test). A WAL database pushed, changed and pushed again (the
+//! second push sends only the changed pages), pulled back by `@1`, `@latest` and a
+//! time, listed, verified, diffed and pruned; one store reached two ways (the embedded
+//! client and a `serve --store` on the same bucket and prefix); two pushes raced from
+//! two processes (one version, one VERSION_CONFLICT, nothing lost); a push killed
+//! (SIGKILL) midway, leaving no version; bad credentials, an endpoint nobody listens
+//! on and a missing bucket, one line each; and what the S3 store cannot do yet,
+//! refused by name with exit 2 and the bucket unchanged.
 //!
-//! Every wait is on a process exit; nothing sleeps.
+//! Every wait is on a process exit or a line of its output; nothing sleeps.
 
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -502,4 +503,66 @@ fn what_the_embedded_s3_store_cannot_do_yet_is_refused_by_name() {
         assert!(!origin.path(file).exists(), "{file}: nothing pulled");
     }
     assert_eq!(version_numbers(&origin, &location, "acme/app.db"), [1]);
+}
+
+#[test]
+fn a_push_killed_midway_leaves_no_version_and_the_next_push_lands() {
+    let dir = TempDir::new().expect("tempdir");
+    let location = new_location();
+    let origin = s3_machine(dir.path(), "origin", false);
+    let (one, writer) = wal_db(&origin, 256 << 10);
+    drop(writer);
+    push(&origin, &location, "app.db", "acme/app.db", &[]);
+    // About 60 MB of new rows: a push long enough to be killed while it sends pages.
+    let path = origin.path("app.db");
+    util::fill(&util::open(&path), 60 << 20, 4000);
+    let two = DbState::of(&path);
+    let mut child = origin
+        .command()
+        .args([
+            "push",
+            "app.db",
+            "acme/app.db",
+            "-vv",
+            "--server",
+            &location,
+        ])
+        .arg("--s3-endpoint")
+        .arg(&seaweed::shared().endpoint)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a push");
+    // Its log line that the origin reads LOCAL: the store was checked, pages go.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).expect("read its stderr");
+        assert!(n > 0, "the push ended before its origin began: {seen}");
+        seen.push_str(&line);
+        if line.contains("DEBUG origin") {
+            break;
+        }
+    }
+    child.kill().expect("kill -9 the push");
+    let status = child.wait().expect("its end");
+    assert!(!status.success(), "killed, not finished: {status}");
+
+    // Nothing half-done: version 1 is the latest, whole.
+    let other = s3_machine(dir.path(), "other", false);
+    assert_eq!(version_numbers(&other, &location, "acme/app.db"), [1]);
+    assert_eq!(
+        pull(&other, &location, "acme/app.db", "one.db").u64("version"),
+        1
+    );
+    one.assert_held_by(&other.path("one.db"), "version 1 after the kill");
+    // The push made again lands whole.
+    let r = push(&origin, &location, "app.db", "acme/app.db", &[]);
+    assert_eq!(r.u64("version"), 2);
+    assert_eq!(
+        pull(&other, &location, "acme/app.db", "one.db").u64("version"),
+        2
+    );
+    two.assert_held_by(&other.path("one.db"), "version 2 pushed again");
 }
