@@ -124,10 +124,20 @@ impl Connection {
             Some(url) => Server::parse(Some(url)),
             None => Server::parse(crate::config::Settings::load()?.server.as_deref()),
         }
-        .map(|s| {
-            s.with_compress(self.compress)
-                .with_s3_endpoint(self.s3_endpoint.as_deref())
-        })
+        .and_then(|s| self.endpoint_for(s.with_compress(self.compress)))
+    }
+
+    /// `server` with `--s3-endpoint` when it is an S3 store; the flag with any other
+    /// store is refused (as `serve` refuses it without `--store s3://…`), not ignored.
+    fn endpoint_for(&self, server: Server) -> Result<Server> {
+        match (&server, self.s3_endpoint.as_deref()) {
+            (Server::S3 { .. }, endpoint) => Ok(server.with_s3_endpoint(endpoint)),
+            (_, None) => Ok(server),
+            (_, Some(_)) => Err(Error::Usage(format!(
+                "--s3-endpoint is for --server s3://BUCKET/PREFIX, not {}",
+                server.url()
+            ))),
+        }
     }
 
     fn resolve_for_now(&self, local: &Path, replica: &ReplicaPath) -> Result<Resolved> {
@@ -140,7 +150,9 @@ impl Connection {
         }
         match saved_secret(local)? {
             Some(saved) if saved.replica == replica.as_str() => Ok(Resolved {
-                server: Server::parse(Some(&saved.server))?.with_compress(self.compress),
+                server: self.endpoint_for(
+                    Server::parse(Some(&saved.server))?.with_compress(self.compress),
+                )?,
                 from_saved_key: Some(saved.server),
             }),
             Some(saved) => Err(Error::Usage(format!(
@@ -789,6 +801,33 @@ mod tests {
             line,
             "push a.db to acme/a.db failed: connection lost: reset"
         );
+    }
+
+    #[tokio::test]
+    async fn an_s3_endpoint_is_for_an_s3_store_only() {
+        let with_endpoint = |server: &str| Connection {
+            server: Some(server.into()),
+            key: None,
+            compress: None,
+            s3_endpoint: Some("http://127.0.0.1:9000".into()),
+        };
+        let e = with_endpoint("file:///var/lib/sqlferry")
+            .resolve()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+        assert_eq!(
+            e.to_string(),
+            "--s3-endpoint is for --server s3://BUCKET/PREFIX, not file:///var/lib/sqlferry"
+        );
+        let server = with_endpoint("s3://backups/sqlferry")
+            .resolve()
+            .await
+            .unwrap();
+        assert!(matches!(
+            server,
+            Server::S3 { endpoint: Some(e), .. } if e == "http://127.0.0.1:9000"
+        ));
     }
 
     #[tokio::test]
