@@ -1,7 +1,8 @@
 //! The S3 store (issue 14; `docs/scale-out.md`, "The S3 store"): replicas and their
 //! immutable versions in an S3-compatible object storage, laid out on the object layer
 //! ([`super::object`]). A server uses it through [`super::AnyStore`] (`serve --store
-//! s3://BUCKET/PREFIX`). Retention and the garbage collector (mark and sweep with a
+//! s3://BUCKET/PREFIX`), and so does a client with no server (`--server
+//! s3://BUCKET/PREFIX`, in-process). Retention and the garbage collector (mark and sweep with a
 //! grace period) are in `s3/gc.rs`; there is no PostgreSQL index of
 //! versions yet.
 //!
