@@ -150,10 +150,17 @@ pub enum Command {
 pub struct RemoteArgs {
     /// The store: ws://host:port or wss://host:port for a sqlferry server (wss: TLS; set
     /// SQLFERRY_CA_FILE=ca.pem to trust a private CA), file:///path for a store directory
-    /// on this machine [default: `server` in ~/.config/sqlferry/config.toml, else the
-    /// embedded store in ~/.local/share/sqlferry].
+    /// on this machine, s3://BUCKET/PREFIX for a store in an S3 bucket used from this
+    /// process (no server; credentials and region from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION) [default: `server` in
+    /// ~/.config/sqlferry/config.toml, else the embedded store in ~/.local/share/sqlferry].
     #[arg(long, env = "SQLFERRY_SERVER", value_name = "URL")]
     pub server: Option<String>,
+    /// The endpoint of an S3-compatible server (MinIO, SeaweedFS, Ceph, R2…) for
+    /// --server s3://…: http://HOST:PORT or https://HOST [default: AWS_ENDPOINT_URL, else
+    /// AWS S3].
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
     /// The key for the server (never printed; prefer SQLFERRY_KEY or the saved key, which
     /// stay out of the process list).
     #[arg(long, env = "SQLFERRY_KEY", value_name = "KEY", hide_env_values = true)]
@@ -184,6 +191,7 @@ impl RemoteArgs {
             server: self.server.clone(),
             key: self.key.clone(),
             compress: None,
+            s3_endpoint: self.s3_endpoint.clone(),
         }
     }
 }
@@ -289,6 +297,7 @@ impl FromArgs {
                 server: Some(sidecar.server),
                 key: connection.key.or(Some(sidecar.key)),
                 compress: connection.compress,
+                s3_endpoint: connection.s3_endpoint,
             },
         ))
     }
@@ -580,6 +589,7 @@ pub(crate) fn store_label(server: &crate::remote::Server) -> String {
         crate::remote::Server::Embedded(store) => {
             format!("the embedded store ({})", tilde_path(store.root()))
         }
+        crate::remote::Server::S3 { .. } => format!("the S3 store {}", server.url()),
         crate::remote::Server::Ws { url, .. } => url.clone(),
     }
 }
@@ -588,7 +598,9 @@ pub(crate) fn store_label(server: &crate::remote::Server) -> String {
 /// (DIR)` (the words the subscribers' lines use too).
 pub(crate) fn on_store(server: &crate::remote::Server) -> String {
     match server {
-        crate::remote::Server::Embedded(_) => format!("in {}", store_label(server)),
+        crate::remote::Server::Embedded(_) | crate::remote::Server::S3 { .. } => {
+            format!("in {}", store_label(server))
+        }
         crate::remote::Server::Ws { url, .. } => format!("on {url}"),
     }
 }

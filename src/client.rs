@@ -51,6 +51,9 @@ pub struct Connection {
     /// How pages are compressed on the way to and from a server (`--compress`; `None`:
     /// `SQLFERRY_COMPRESS`, else `auto`).
     pub compress: Option<CompressMode>,
+    /// The object storage endpoint for an `s3://` store (`--s3-endpoint`; `None`:
+    /// `AWS_ENDPOINT_URL`, else AWS S3).
+    pub s3_endpoint: Option<String>,
 }
 
 /// The server a command on a local database uses, and why.
@@ -121,7 +124,20 @@ impl Connection {
             Some(url) => Server::parse(Some(url)),
             None => Server::parse(crate::config::Settings::load()?.server.as_deref()),
         }
-        .map(|s| s.with_compress(self.compress))
+        .and_then(|s| self.endpoint_for(s.with_compress(self.compress)))
+    }
+
+    /// `server` with `--s3-endpoint` when it is an S3 store; the flag with any other
+    /// store is refused (as `serve` refuses it without `--store s3://…`), not ignored.
+    fn endpoint_for(&self, server: Server) -> Result<Server> {
+        match (&server, self.s3_endpoint.as_deref()) {
+            (Server::S3 { .. }, endpoint) => Ok(server.with_s3_endpoint(endpoint)),
+            (_, None) => Ok(server),
+            (_, Some(_)) => Err(Error::Usage(format!(
+                "--s3-endpoint is for --server s3://BUCKET/PREFIX, not {}",
+                server.url()
+            ))),
+        }
     }
 
     fn resolve_for_now(&self, local: &Path, replica: &ReplicaPath) -> Result<Resolved> {
@@ -134,7 +150,9 @@ impl Connection {
         }
         match saved_secret(local)? {
             Some(saved) if saved.replica == replica.as_str() => Ok(Resolved {
-                server: Server::parse(Some(&saved.server))?.with_compress(self.compress),
+                server: self.endpoint_for(
+                    Server::parse(Some(&saved.server))?.with_compress(self.compress),
+                )?,
                 from_saved_key: Some(saved.server),
             }),
             Some(saved) => Err(Error::Usage(format!(
@@ -332,6 +350,9 @@ pub async fn set_default_retention(
             })
             .await
         }
+        Server::S3 { .. } => Err(crate::store::not_with_s3(
+            "a store-wide default retention policy (retention --default)",
+        )),
         Server::Ws { url, .. } => Err(Error::Usage(format!(
             "{url} keeps its default retention policy in its command line: `sqlferry serve --retention keep-last=30,...`; per replica, `sqlferry retention REMOTE --keep-last N` with the admin key"
         ))),
@@ -345,6 +366,9 @@ pub async fn default_retention(
 ) -> Result<Option<crate::store::RetentionPolicy>> {
     match connection.resolve().await? {
         Server::Embedded(store) => blocking(move || store.default_retention()).await,
+        Server::S3 { .. } => Err(crate::store::not_with_s3(
+            "a store-wide default retention policy (retention --default)",
+        )),
         Server::Ws { url, .. } => Err(Error::Usage(format!(
             "{url} keeps its default retention policy in its command line (`sqlferry serve --retention`); ask for a replica's: `sqlferry retention REMOTE`"
         ))),
@@ -429,6 +453,7 @@ pub async fn scrub_root(data: Option<PathBuf>, server: Option<String>) -> Result
                 };
                 match Server::parse(url.as_deref())? {
                     Server::Embedded(store) => store.root().to_owned(),
+                    Server::S3 { .. } => return Err(crate::store::not_with_s3("scrub")),
                     Server::Ws { url, .. } => {
                         return Err(Error::Usage(format!(
                             "{url} is a server: run `sqlferry scrub --data DIR` on its machine, with its data directory"
@@ -779,12 +804,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_s3_endpoint_is_for_an_s3_store_only() {
+        let with_endpoint = |server: &str| Connection {
+            server: Some(server.into()),
+            key: None,
+            compress: None,
+            s3_endpoint: Some("http://127.0.0.1:9000".into()),
+        };
+        let e = with_endpoint("file:///var/lib/sqlferry")
+            .resolve()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+        assert_eq!(
+            e.to_string(),
+            "--s3-endpoint is for --server s3://BUCKET/PREFIX, not file:///var/lib/sqlferry"
+        );
+        let server = with_endpoint("s3://backups/sqlferry")
+            .resolve()
+            .await
+            .unwrap();
+        assert!(matches!(
+            server,
+            Server::S3 { endpoint: Some(e), .. } if e == "http://127.0.0.1:9000"
+        ));
+    }
+
+    #[tokio::test]
     async fn keys_need_a_server() {
         let dir = tempfile::tempdir().unwrap();
         let connection = Connection {
             server: Some(format!("file://{}", dir.path().display())),
             key: None,
             compress: None,
+            s3_endpoint: None,
         };
         let e = keys(&connection, None).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Usage, "{e}");

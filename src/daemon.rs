@@ -453,6 +453,7 @@ fn connection(store: &config::Store) -> Connection {
     Connection {
         compress: store.compress,
         server: store.server.clone(),
+        s3_endpoint: None,
         key: store
             .key
             .as_ref()

@@ -3,6 +3,12 @@
 //! - The embedded store: a directory on this machine (the XDG data dir by default, or
 //!   `file:///path`), used in-process over the same engine and in-memory link a local
 //!   push uses. No key is needed: the file system's permissions are the access control.
+//! - The same, in an S3 bucket (`s3://BUCKET/PREFIX`): the S3 store
+//!   ([`crate::store::s3::S3Store`]) used in-process over the same engine, through the
+//!   one store interface ([`AnyStore`]); its credentials are the `AWS_*` variables, its
+//!   cache of pack indexes is under the XDG cache dir. What it cannot do yet (merges,
+//!   encrypted replicas, subscribers, sync-now) is refused by name before anything is
+//!   written.
 //! - A `sqlferry serve` server: `ws://host:port` or `wss://host:port` (rustls, no
 //!   OpenSSL; the `tls` module says which certificates are trusted). The key travels only
 //!   in the `Authorization: Bearer` header of the WebSocket upgrade; the engine runs on a
@@ -36,8 +42,10 @@ use crate::protocol::control::{
 };
 use crate::protocol::control::{DIGEST_CHUNKED, MergeResult};
 use crate::protocol::{Frame, PROTOCOL_VERSION};
+use crate::store::object::S3Location;
 use crate::store::{
-    PruneReport, PushOptions, ReplicaPath, Retention, RetentionPolicy, Selector, Store, VersionInfo,
+    AnyStore, PruneReport, PushOptions, ReplicaPath, Retention, RetentionPolicy, Selector, Store,
+    VersionInfo, not_with_s3,
 };
 use crate::transport::ws;
 use crate::{Error, Result};
@@ -58,6 +66,14 @@ pub enum RetentionChange {
 pub enum Server {
     /// The embedded store in a local directory.
     Embedded(Store),
+    /// The embedded store's S3 twin: an S3 store used in-process (`s3://BUCKET/PREFIX`),
+    /// opened for each command ([`Server::in_process`]).
+    S3 {
+        /// The bucket and prefix.
+        location: S3Location,
+        /// The endpoint (`--s3-endpoint`); `None`: `AWS_ENDPOINT_URL`, else AWS S3.
+        endpoint: Option<String>,
+    },
     /// A `sqlferry serve` server.
     Ws {
         /// `ws://host:port` or `wss://host:port`, without a path.
@@ -181,6 +197,12 @@ impl Server {
             }
             return Ok(Server::Embedded(Store::new(PathBuf::from(path))));
         }
+        if url.starts_with("s3://") {
+            return Ok(Server::S3 {
+                location: S3Location::parse(url)?,
+                endpoint: None,
+            });
+        }
         if url.starts_with("ws://") || url.starts_with("wss://") {
             let url = url.trim_end_matches('/');
             let host = url.split_once("://").map_or("", |(_, h)| h);
@@ -198,7 +220,7 @@ impl Server {
             });
         }
         Err(Error::Usage(format!(
-            "--server {url}: expected file:///path, ws://host:port or wss://host:port"
+            "--server {url}: expected file:///path, s3://BUCKET/PREFIX, ws://host:port or wss://host:port"
         )))
     }
 
@@ -211,10 +233,79 @@ impl Server {
         self
     }
 
-    /// The server as a URL, for messages and records.
+    /// This server with the object storage endpoint `endpoint` (`--s3-endpoint`) when
+    /// one is given and it is an S3 store.
+    pub fn with_s3_endpoint(mut self, given: Option<&str>) -> Server {
+        if let (Server::S3 { endpoint, .. }, Some(given)) = (&mut self, given) {
+            *endpoint = Some(given.to_owned());
+        }
+        self
+    }
+
+    /// The store this server names, opened for use in this process: the directory
+    /// store, or the S3 store (its cache under `$XDG_CACHE_HOME/sqlferry/s3/`, never
+    /// the data dir: deleting it costs only GETs). An S3 store is checked first, one
+    /// line when its endpoint, credentials or bucket are wrong: for `writing`, as a
+    /// server's start checks it (its marker created if absent, then read back), else
+    /// by reading the marker only (a read-only key may pull). `None` for a server.
+    pub async fn in_process(&self, writing: bool) -> Result<Option<AnyStore>> {
+        let (location, endpoint) = match self {
+            Server::Embedded(store) => return Ok(Some(AnyStore::Dir(store.clone()))),
+            Server::Ws { .. } => return Ok(None),
+            Server::S3 { location, endpoint } => (location.clone(), endpoint.clone()),
+        };
+        let data = crate::config::cache_dir()
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "{location}: no cache directory for the S3 store: set HOME or XDG_CACHE_HOME"
+                ))
+            })?
+            .join("s3");
+        let hint =
+            crate::store::object::S3Options::from_env(endpoint.as_deref()).credentials_hint();
+        let shown = location.to_string();
+        let runtime = tokio::runtime::Handle::current();
+        blocking(move || {
+            let store =
+                crate::store::s3::S3Store::connect(location, endpoint.as_deref(), &data, runtime)?;
+            match writing {
+                true => store.check()?,
+                false => store.check_readable()?,
+            }
+            Ok(AnyStore::S3 { store, data })
+        })
+        .await
+        .map(Some)
+        .map_err(|e| e.context(format!("the store {shown} is not usable{hint}")))
+    }
+
+    /// The in-process store, for a method whose `Ws` arm was handled before.
+    async fn local_store(&self, writing: bool) -> Result<AnyStore> {
+        self.in_process(writing).await?.ok_or_else(|| {
+            Error::Bug(format!(
+                "{} is a server, not a store in this process",
+                self.url()
+            ))
+        })
+    }
+
+    /// Refuses `feature` on an S3 store ([`not_with_s3`]), before anything is read or
+    /// written.
+    pub fn refuse_on_s3(&self, feature: &str) -> Result<()> {
+        match self {
+            Server::S3 { .. } => Err(not_with_s3(feature)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The server as a URL, for messages and records. An S3 store's is its location as
+    /// `s3://BUCKET/PREFIX` (one spelling, whatever the cache or the process): the
+    /// local history's key, so every process that uses the bucket finds the same
+    /// record.
     pub fn url(&self) -> String {
         match self {
             Server::Embedded(store) => format!("file://{}", store.root().display()),
+            Server::S3 { location, .. } => location.to_string(),
             Server::Ws { url, .. } => url.clone(),
         }
     }
@@ -231,8 +322,8 @@ impl Server {
         key: Option<&str>,
     ) -> Result<Vec<VersionInfo>> {
         match self {
-            Server::Embedded(store) => {
-                let (store, replica) = (store.clone(), replica.clone());
+            Server::Embedded(_) | Server::S3 { .. } => {
+                let (store, replica) = (self.local_store(false).await?, replica.clone());
                 blocking(move || store.versions(&replica)).await
             }
             Server::Ws { url, .. } => {
@@ -261,8 +352,8 @@ impl Server {
         key: Option<&str>,
     ) -> Result<Vec<VersionInfo>> {
         match self {
-            Server::Embedded(store) => {
-                let (store, replica) = (store.clone(), replica.clone());
+            Server::Embedded(_) | Server::S3 { .. } => {
+                let (store, replica) = (self.local_store(false).await?, replica.clone());
                 blocking(move || store.versions_with_stored_bytes(&replica)).await
             }
             Server::Ws { .. } => self.versions(replica, key).await,
@@ -278,8 +369,9 @@ impl Server {
         key: Option<&str>,
     ) -> Result<Retention> {
         match self {
-            Server::Embedded(store) => {
-                let (store, replica) = (store.clone(), replica.clone());
+            Server::Embedded(_) | Server::S3 { .. } => {
+                let writing = !matches!(change, RetentionChange::Show);
+                let (store, replica) = (self.local_store(writing).await?, replica.clone());
                 blocking(move || match change {
                     RetentionChange::Show => store.retention(&replica),
                     RetentionChange::Set(p) => store.set_retention(&replica, Some(&p)),
@@ -317,8 +409,8 @@ impl Server {
         key: Option<&str>,
     ) -> Result<PruneReport> {
         match self {
-            Server::Embedded(store) => {
-                let (store, replica) = (store.clone(), replica.clone());
+            Server::Embedded(_) | Server::S3 { .. } => {
+                let (store, replica) = (self.local_store(true).await?, replica.clone());
                 blocking(move || {
                     store.prune(
                         &replica,
@@ -419,6 +511,19 @@ impl Server {
         progress: Arc<dyn Progress>,
     ) -> Result<PushOutcome> {
         let url = self.url();
+        // What the S3 store cannot do is refused before anything is read or written.
+        if request.merge.is_some() {
+            self.refuse_on_s3("push --merge")?;
+        }
+        if request.encryption.is_some() {
+            self.refuse_on_s3("encrypted replicas (an encryption key)")?;
+        }
+        // An S3 store is opened (and checked) before LOCAL is read: a wrong endpoint,
+        // credentials or bucket is said at once.
+        let in_process = match self {
+            Server::S3 { .. } => self.in_process(true).await?,
+            _ => None,
+        };
         // The read transaction opens before anything is sent, and LOCAL is checked
         // before anything is committed: the pages a WAL names at once, a whole file by
         // `quick_check` beside the scan that reads it (on the second core, not before
@@ -426,7 +531,7 @@ impl Server {
         // still refused as such when the server is out of reach or the sync fails.
         let embedded = match self {
             Server::Embedded(store) => Some(store.clone()),
-            Server::Ws { .. } => None,
+            Server::S3 { .. } | Server::Ws { .. } => None,
         };
         // An encrypted push keeps no history of identities: its kept manifest and its
         // "proved unchanged" seal would hold identities where a plaintext push's hold
@@ -497,7 +602,12 @@ impl Server {
             }
         };
         let (outcome, pushed) = match self {
-            Server::Embedded(store) => {
+            Server::Embedded(_) | Server::S3 { .. } => {
+                let store = match (in_process, self) {
+                    (Some(store), _) => store,
+                    (None, Server::Embedded(store)) => AnyStore::Dir(store.clone()),
+                    (None, _) => self.local_store(true).await?,
+                };
                 let (outcome, pushed) = {
                     let (store, replica) = (store.clone(), replica.clone());
                     let options = request.options;
@@ -536,7 +646,7 @@ impl Server {
                                 // push's write lock and read transaction go first.
                                 drop((target, source));
                                 let outcome = merge_embedded(
-                                    &store,
+                                    store.dir("push --merge")?,
                                     &local,
                                     crate::merge::Request {
                                         replica: replica.clone(),
@@ -580,12 +690,14 @@ impl Server {
                         // once this push lets go of the store.
                         let removed = target.removed().to_vec();
                         drop(target);
-                        store.collect_after_removal(&replica, &removed);
+                        if let AnyStore::Dir(store) = &store {
+                            store.collect_after_removal(&replica, &removed);
+                        }
                         Ok((outcome, pushed))
                     })
                     .await?
                 };
-                if outcome.created {
+                if let (true, AnyStore::Dir(store)) = (outcome.created, &store) {
                     // Subscribers of this replica on this machine learn of it at once.
                     local::notify(
                         store.root(),
@@ -937,9 +1049,12 @@ impl Server {
         T: PageTarget + Send + 'static,
     {
         let encryption = encryption.cloned();
+        if encryption.is_some() {
+            self.refuse_on_s3("encrypted replicas (an encryption key)")?;
+        }
         match self {
-            Server::Embedded(store) => {
-                let (store, replica) = (store.clone(), replica.clone());
+            Server::Embedded(_) | Server::S3 { .. } => {
+                let (store, replica) = (self.local_store(false).await?, replica.clone());
                 blocking(move || {
                     let mut source = store.read(&replica, selector)?;
                     let version = source.info().number;
@@ -2000,5 +2115,32 @@ mod tests {
         let full = MAX_LISTED_VERSIONS - 1;
         assert!(check_run(&r, Some(&v(9)), &[v(10)], full).is_ok());
         assert!(err(Some(&v(9)), &[v(10), v(11)], full).contains("passed 2097152 versions"));
+    }
+
+    #[test]
+    fn an_s3_store_has_one_url_whatever_its_spelling_and_takes_an_endpoint() {
+        for spelled in ["s3://backups/sqlferry", "s3://backups/sqlferry/"] {
+            let server = Server::parse(Some(spelled)).unwrap();
+            assert_eq!(server.url(), "s3://backups/sqlferry", "{spelled}");
+            assert!(!server.needs_key());
+        }
+        let server = Server::parse(Some("s3://backups/sqlferry"))
+            .unwrap()
+            .with_s3_endpoint(Some("http://127.0.0.1:9000"));
+        assert!(matches!(
+            &server,
+            Server::S3 { endpoint: Some(e), .. } if e == "http://127.0.0.1:9000"
+        ));
+        let e = server.refuse_on_s3("sync-now").unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Usage);
+        assert_eq!(e.to_string(), "sync-now: not with an S3 store yet");
+        // An endpoint is for an S3 store only; a bad location is a usage error.
+        let ws = Server::parse(Some("ws://127.0.0.1:4000"))
+            .unwrap()
+            .with_s3_endpoint(Some("http://127.0.0.1:9000"));
+        assert_eq!(ws.url(), "ws://127.0.0.1:4000");
+        assert!(ws.refuse_on_s3("sync-now").is_ok());
+        let bad = Server::parse(Some("s3://B")).unwrap_err();
+        assert_eq!(bad.kind(), crate::ErrorKind::Usage, "{bad}");
     }
 }

@@ -183,6 +183,7 @@ impl PullArgs {
             encryption: key_given.as_ref().map(|k| k.key.clone()),
         };
         if self.subscribe {
+            puller.server.refuse_on_s3("pull --subscribe")?;
             if !matches!(selector, Selector::Latest) {
                 return Err(crate::Error::Usage(format!(
                     "--subscribe follows the latest version; drop @{selector}"

@@ -422,6 +422,13 @@ impl PushArgs {
         {
             eprintln!("{}", using_saved_server(saved, local, &replica));
         }
+        // What an S3 store cannot do yet is refused before anything is read or written.
+        if self.subscribe {
+            resolved.server.refuse_on_s3("push --subscribe")?;
+        }
+        if self.merge {
+            resolved.server.refuse_on_s3("push --merge")?;
+        }
         let mut pusher =
             Pusher::open(local, replica, resolved.server, self.connection.key.clone()).await?;
         pusher.message = self.message.clone();

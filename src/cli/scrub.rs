@@ -31,7 +31,7 @@ pub struct ScrubArgs {
     pub data: Option<String>,
     /// The store: file:///path for a store directory [default: `server` in
     /// ~/.config/sqlferry/config.toml, else the embedded store]. A ws:// server is
-    /// scrubbed on its own machine, with --data.
+    /// scrubbed on its own machine, with --data; an s3:// store is not scrubbed yet.
     #[arg(long, env = "SQLFERRY_SERVER", value_name = "URL")]
     pub server: Option<String>,
     /// Print one JSON object instead of text.

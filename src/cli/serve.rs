@@ -349,24 +349,16 @@ impl ServeArgs {
         // here leaves no admin key that was never shown.
         let store = match s3 {
             Some(location) => {
-                let options =
-                    crate::store::object::S3Options::from_env(self.s3_endpoint.as_deref());
+                let hint = crate::store::object::S3Options::from_env(self.s3_endpoint.as_deref())
+                    .credentials_hint();
                 let (runtime, data) = (tokio::runtime::Handle::current(), data.clone());
-                let gc_grace = self.gc_grace;
+                let (gc_grace, endpoint) = (self.gc_grace, self.s3_endpoint.clone());
                 let shown = location.to_string();
-                // Without keys in the environment the S3 client asks the instance
-                // metadata service for some, and its error names only that address.
-                let hint = match options.access_key_id.is_some() {
-                    true => "",
-                    false => {
-                        " (no credentials were given: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
-                    }
-                };
                 Some(
                     blocking(move || {
-                        let objects = crate::store::object::Objects::open(location, &options)?;
-                        let mut store = crate::store::s3::S3Store::open(
-                            objects,
+                        let mut store = crate::store::s3::S3Store::connect(
+                            location,
+                            endpoint.as_deref(),
                             &data.join(S3_CACHE_DIR),
                             runtime,
                         )?;

@@ -637,6 +637,7 @@ impl Context<'_> {
             // The command line's own check of a URL, at load time: a server the
             // daemon could never reach is the file's error, with its line.
             crate::remote::Server::parse(Some(url))
+                .and_then(|server| server.refuse_on_s3("the daemon's subscribers"))
                 .map_err(|e| e.to_string().replacen("--server ", "server ", 1))?;
         }
         // The environment wins over the file, as everywhere.

@@ -113,6 +113,9 @@ impl Server {
         role: SubscriberRole,
         key: Option<String>,
     ) -> Result<Subscription> {
+        // An S3 store has no notifications between processes yet (no sockets beside
+        // it, no server's hub): refused, not polled behind the user's back.
+        self.refuse_on_s3("subscribers (--subscribe)")?;
         let (notices_tx, notices) = mpsc::unbounded_channel();
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_BACKLOG);
         let task = match self {
@@ -140,6 +143,7 @@ impl Server {
                     outgoing_rx,
                 ))
             }
+            Server::S3 { .. } => return Err(crate::store::not_with_s3("subscribers")),
             Server::Ws { url, .. } => tokio::spawn(run_ws(
                 url.clone(),
                 replica.clone(),
@@ -161,6 +165,7 @@ impl Server {
     /// not exist is an error ([`ErrorKind::NotFound`]), not "0 reached": a typo must
     /// not look like a sync-now that merely found nobody.
     pub async fn sync_now(&self, replica: &ReplicaPath, key: Option<&str>) -> Result<u64> {
+        self.refuse_on_s3("sync-now")?;
         // Asked first, on its own session: the sync-now answer does not say whether the
         // replica exists.
         self.versions(replica, key).await?;
@@ -170,6 +175,7 @@ impl Server {
                     local::notify(store.root(), replica.as_str(), local::Message::SyncNow).await;
                 Ok(reached as u64)
             }
+            Server::S3 { .. } => Err(crate::store::not_with_s3("sync-now")),
             Server::Ws { url, .. } => {
                 let mut ws = connect(url, key).await?;
                 let config = open(&mut ws, Op::SyncNow, replica, None, None, false, None).await?;

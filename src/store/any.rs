@@ -1,5 +1,6 @@
 //! The one store interface a server holds: the directory store ([`Store`]) or the S3
-//! store ([`S3Store`]), chosen by `serve --store` (issue 14, slice 3).
+//! store ([`S3Store`]), chosen by `serve --store` (issue 14, slice 3); and what a client
+//! uses in-process for `--server file://…` and `--server s3://…` (slice 5).
 //!
 //! An enum over the two, not a trait: there are exactly two stores, both in this crate,
 //! and their readers and writers are already the engine's [`PageSource`] and
@@ -35,11 +36,12 @@ pub enum AnyStore {
     /// The directory store in the data directory (the default, `--store file://DIR`).
     Dir(Store),
     /// An S3 store (`--store s3://BUCKET/PREFIX`); `data` is the server's data
-    /// directory, which holds its cache (and `server.db`), never pages.
+    /// directory, which holds its cache (and `server.db`), never pages; for a client
+    /// (`--server s3://…`), the directory of its cache (`$XDG_CACHE_HOME/sqlferry/s3`).
     S3 {
         /// The store.
         store: S3Store,
-        /// The server's data directory.
+        /// The server's data directory, or a client's cache directory.
         data: PathBuf,
     },
 }

@@ -158,6 +158,20 @@ impl S3Options {
     }
 }
 
+impl S3Options {
+    /// What to add to an error of a store opened with these options: without keys in
+    /// the environment the S3 client asks the instance metadata service for some, and
+    /// its error names only that address.
+    pub fn credentials_hint(&self) -> &'static str {
+        match self.access_key_id.is_some() {
+            true => "",
+            false => {
+                " (no credentials were given: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+            }
+        }
+    }
+}
+
 /// What [`Objects::put_if_absent`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {

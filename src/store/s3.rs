@@ -1,7 +1,8 @@
 //! The S3 store (issue 14; `docs/scale-out.md`, "The S3 store"): replicas and their
 //! immutable versions in an S3-compatible object storage, laid out on the object layer
 //! ([`super::object`]). A server uses it through [`super::AnyStore`] (`serve --store
-//! s3://BUCKET/PREFIX`). Retention and the garbage collector (mark and sweep with a
+//! s3://BUCKET/PREFIX`), and so does a client with no server (`--server
+//! s3://BUCKET/PREFIX`, in-process). Retention and the garbage collector (mark and sweep with a
 //! grace period) are in `s3/gc.rs`; there is no PostgreSQL index of
 //! versions yet.
 //!
@@ -66,7 +67,7 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::object::{Created, MULTIPART_ABOVE, Objects, PART_SIZE};
+use super::object::{Created, MULTIPART_ABOVE, Objects, PART_SIZE, S3Options};
 use super::replica::page_matches;
 use super::{
     CHUNK_PAGES, PruneReport, PushOptions, ReplicaPath, Retention, RetentionPolicy, Selector,
@@ -239,6 +240,21 @@ fn unhex(text: &str) -> Result<Hash> {
     Ok(out)
 }
 
+/// Whether `bytes`, the marker object of the store at `location`, says it is a store
+/// this build reads.
+fn check_marker(location: &str, bytes: &[u8]) -> Result<()> {
+    match serde_json::from_slice::<Marker>(bytes) {
+        Ok(m) if m.format == VERSION_FORMAT && m.what == MARKER_WHAT => Ok(()),
+        Ok(m) => Err(Error::Usage(format!(
+            "{location} holds a store of format {} (this sqlferry reads format {VERSION_FORMAT}); use another prefix or a matching sqlferry",
+            m.format
+        ))),
+        Err(_) => Err(Error::Usage(format!(
+            "{location}/{MARKER_KEY} exists and is not a sqlferry store's marker; use another prefix"
+        ))),
+    }
+}
+
 /// A store of replicas in one bucket and prefix of an object storage.
 #[derive(Clone)]
 pub struct S3Store {
@@ -292,6 +308,21 @@ impl S3Store {
         conn.execute_batch(CACHE_SCHEMA)
             .map_err(sql_error(&store.cache))?;
         Ok(store)
+    }
+
+    /// The store at `location`, reached as the usual `AWS_*` variables say, `endpoint`
+    /// (`--s3-endpoint`) winning over `AWS_ENDPOINT_URL` ([`S3Options::from_env`]),
+    /// with its cache in `cache_dir` ([`S3Store::open`]). What `serve --store` and the
+    /// client's `--server s3://…` both open a bucket with. Makes no request.
+    pub fn connect(
+        location: super::object::S3Location,
+        endpoint: Option<&str>,
+        cache_dir: &Path,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<S3Store> {
+        let options = S3Options::from_env(endpoint);
+        let objects = Objects::open(location, &options)?;
+        S3Store::open(objects, cache_dir, runtime)
     }
 
     /// This store with `policy` as the retention policy of replicas without their own
@@ -348,16 +379,24 @@ impl S3Store {
                     "{location}: the object {MARKER_KEY} was written and cannot be read back; check the endpoint and the key's read permission"
                 ))
             })?;
-        match serde_json::from_slice::<Marker>(&bytes) {
-            Ok(m) if m.format == VERSION_FORMAT && m.what == MARKER_WHAT => Ok(()),
-            Ok(m) => Err(Error::Usage(format!(
-                "{location} holds a store of format {} (this sqlferry reads format {VERSION_FORMAT}); use another prefix or a matching sqlferry",
-                m.format
-            ))),
-            Err(_) => Err(Error::Usage(format!(
-                "{location}/{MARKER_KEY} exists and is not a sqlferry store's marker; use another prefix"
-            ))),
-        }
+        check_marker(&location, &bytes)
+    }
+
+    /// Checks that the store's location answers and holds an S3 store this build
+    /// reads, without writing: one GET of the marker [`MARKER_KEY`]. For the commands
+    /// that only read (a pull, `versions`), whose key may be a read-only one that
+    /// [`S3Store::check`]'s create-if-absent would be refused. No marker: the bucket
+    /// does not exist, or nothing was ever pushed under the prefix (S3 answers both
+    /// alike), said in one line ([`Error::Server`], as a server's start says it).
+    /// Blocks (see the module's doc).
+    pub fn check_readable(&self) -> Result<()> {
+        let location = self.objects.location().to_string();
+        let Some(bytes) = self.get(MARKER_KEY.to_owned())? else {
+            return Err(Error::Server(format!(
+                "{location} holds no sqlferry store: the bucket does not exist, or nothing was pushed under this prefix yet; check the bucket name, the prefix and the endpoint (--s3-endpoint or AWS_ENDPOINT_URL)"
+            )));
+        };
+        check_marker(&location, &bytes)
     }
 
     fn cache_conn(&self) -> Result<Connection> {

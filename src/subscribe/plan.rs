@@ -282,6 +282,7 @@ impl Destination {
         match self {
             Destination::Replica(p) => match &p.server {
                 Server::Embedded(_) => format!("{} (embedded store)", p.replica),
+                Server::S3 { location, .. } => format!("{} in {location}", p.replica),
                 Server::Ws { url, .. } => format!("{} on {url}", p.replica),
             },
             Destination::File { copy, .. } => copy.display().to_string(),

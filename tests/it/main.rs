@@ -66,6 +66,14 @@
 //!   S3 store cannot do yet (merges, drills) refused by name, two servers on one bucket (and one
 //!   PostgreSQL) sharing versions and racing for a number, a bad endpoint or key
 //!   stopping the start.
+//! - `s3_embedded`: the embedded store over S3 (`--server s3://…`, no server): a WAL
+//!   database pushed, changed (only the changed pages sent) and pulled back by `@1`,
+//!   `@latest`, through `SQLFERRY_SERVER` and config.toml; versions, diff, retention
+//!   and prune; one bucket reached through the embedded client and a `serve --store`;
+//!   two pushes raced from two processes; a push killed midway (no version); a
+//!   wrong secret, a dead endpoint and a missing bucket in one line each; merges,
+//!   encryption keys, subscribers, sync-now and scrub refused by name with the
+//!   bucket unchanged.
 //! - `s3_gc`: retention and garbage collection over `serve --store s3://…`: versions
 //!   removed by `--keep-last` (kept ones pulled back whole, removed ones refused), the
 //!   bucket after a sweep holding only what kept versions name, a dry run deleting
@@ -110,6 +118,7 @@ mod postgres;
 mod pull_seal;
 mod retention;
 mod rows;
+mod s3_embedded;
 mod s3_gc;
 mod s3_serve;
 mod s3_store;
