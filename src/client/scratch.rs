@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::crypt::EncryptionKey;
+use crate::crypt::Keys;
 use crate::remote::{Server, blocking, no_progress};
 use crate::store::{ReplicaPath, Selector};
 use crate::{Error, Result};
@@ -62,15 +62,16 @@ pub struct ReplicaSource {
     pub replica: ReplicaPath,
     /// The key (none for the embedded store).
     pub key: Option<String>,
-    /// The encryption key of an encrypted replica: its versions are opened with it
-    /// (none: a plaintext replica; an encrypted one is refused, exit 5).
-    pub encryption: Option<EncryptionKey>,
+    /// The encryption keys of an encrypted replica: each version is opened with the one
+    /// whose id it names (none: a plaintext replica; an encrypted one is refused, exit
+    /// 5).
+    pub encryption: Option<Keys>,
 }
 
 impl ReplicaSource {
     /// The same replica, its versions opened with `encryption` (an encrypted replica's
-    /// key, as `pull --encryption-key-file` takes it).
-    pub fn with_encryption(self, encryption: Option<EncryptionKey>) -> ReplicaSource {
+    /// keys, as `pull --encryption-key-file` takes them).
+    pub fn with_encryption(self, encryption: Option<Keys>) -> ReplicaSource {
         ReplicaSource { encryption, ..self }
     }
 
