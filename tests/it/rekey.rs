@@ -217,6 +217,28 @@ fn a_rekey_on_a_server() {
     rekey_round_trip(Store::Server(&server));
 }
 
+#[test]
+fn rekey_help_says_what_a_lost_key_and_the_old_versions_mean() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let m = Machine::new(dir.path(), "m");
+    let out = m.run(["rekey", "--help"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let help = util::stdout(&out)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for words in [
+        "A lost key is lost data",
+        "no back door and no recovery",
+        "stay readable with the old key only, as long as they are kept",
+        "retention removes them",
+        "--new-key-file",
+        "--encryption-key-file",
+    ] {
+        assert!(help.contains(words), "{words:?} in {help}");
+    }
+}
+
 /// The bytes of every file under `dir`.
 fn bytes_under(dir: &Path) -> u64 {
     util::files_under(dir)
