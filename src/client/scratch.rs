@@ -24,10 +24,14 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    /// A new, empty directory in the system's temporary directory (`$TMPDIR`).
+    /// A new, empty directory in the system's temporary directory (`$TMPDIR`), that
+    /// only its owner may enter (0700): the versions pulled into it are plaintext, an
+    /// encrypted replica's too, and a process killed with SIGKILL leaves them there.
     pub fn new() -> Result<Scratch> {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::Builder::new()
             .prefix("sqlferry-rows-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir()
             .map_err(|e| Error::io(&std::env::temp_dir(), e))?;
         Ok(Scratch { dir })

@@ -8,6 +8,7 @@
 //! it was; a rekey killed half-way leaves the latest version as it was, readable with
 //! the old key.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -297,6 +298,21 @@ fn a_killed_rekey_leaves_the_latest_version_readable_with_the_old_key() {
     assert!(!finished, "the rekey finished before it could be killed");
     rekey.kill().expect("SIGKILL the rekey");
     rekey.wait().expect("wait rekey");
+    // What SIGKILL leaves: the scratch file, plaintext, in a directory of its owner's.
+    let left = util::files_under(&tmp);
+    let scratch = left
+        .iter()
+        .find(|p| p.ends_with("rekey.db"))
+        .unwrap_or_else(|| panic!("the scratch file: {left:?}"));
+    let mode = std::fs::metadata(scratch.parent().expect("its directory"))
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the scratch directory is its owner's: {mode:o}"
+    );
 
     // The replica is as it was: version 1, pulled with A, the same database.
     let out = m.run(["versions", REPLICA, "--server", &store, "--json"]);
