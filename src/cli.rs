@@ -15,6 +15,7 @@ mod keys;
 mod progress;
 mod pull;
 mod push;
+mod rekey;
 mod retention;
 mod scrub;
 mod serve;
@@ -129,6 +130,8 @@ pub enum Command {
     Keys(keys::KeysArgs),
     /// Write a new encryption key for encrypted replicas (mode 0600; never overwrites).
     Keygen(encryption::KeygenArgs),
+    /// Make the next version of an encrypted replica under a new key (old versions keep theirs).
+    Rekey(rekey::RekeyArgs),
     /// Check every stored page and version of a store; record bad pages for repair.
     Scrub(scrub::ScrubArgs),
     /// Is every database this machine syncs safe? Last success, failures, changes not pushed.
@@ -370,6 +373,7 @@ impl Command {
             Command::SyncNow(args) => args.run(global, shutdown).await,
             Command::Keys(args) => args.run(global, shutdown).await,
             Command::Keygen(args) => args.run(global, shutdown).await,
+            Command::Rekey(args) => args.run(global, shutdown).await,
             Command::Scrub(args) => args.run(global, shutdown).await,
             Command::Status(args) => args.run(global, shutdown).await,
             Command::History(args) => args.run(global, shutdown).await,

@@ -1,8 +1,8 @@
 //! The workflows the command line and the subscribers share: push, pull, versions,
-//! verify a database or a stored version, sync-now, keys list and revoke, scrub a store
-//! directory, and the bookkeeping around them (which store and key a command means, the
-//! base version of a push, the local history, saved keys and sidecars, the refusal to
-//! overwrite changes that were never pushed).
+//! verify a database or a stored version, rekey an encrypted replica, sync-now, keys list
+//! and revoke, scrub a store directory, and the bookkeeping around them (which store and
+//! key a command means, the base version of a push, the local history, saved keys and
+//! sidecars, the refusal to overwrite changes that were never pushed).
 //!
 //! It sits between `cli` and `remote`: it takes plain option structs (never clap types)
 //! and returns results as structs (never printed text), so the command line only turns
@@ -18,6 +18,7 @@
 
 mod pull;
 mod push;
+mod rekey;
 mod scratch;
 mod status;
 
@@ -27,6 +28,7 @@ pub use pull::{
 pub use push::{
     CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, copy_file_for, plan_copy,
 };
+pub use rekey::{RekeyOutcome, rekey};
 pub use scratch::{ReplicaSource, Scratch};
 pub use status::{Scope, State, Status, history, status};
 

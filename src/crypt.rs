@@ -90,13 +90,20 @@ impl fmt::Display for KeyId {
     }
 }
 
-/// An encryption key and what is derived from it. `Debug` shows the key id only.
+/// An encryption key and what is derived from it. `Debug` shows the key id only. A
+/// clone shares the derived keys (about a kilobyte of key schedules): a pull clones
+/// its keys, and a push or pull plan holds one.
 #[derive(Clone)]
 pub struct EncryptionKey {
+    derived: std::sync::Arc<Derived>,
+    id: KeyId,
+}
+
+/// The keys HKDF derives from an encryption key, one per purpose.
+struct Derived {
     identity: Hmac,
     page: Aes256GcmSiv,
     meta: Aes256GcmSiv,
-    id: KeyId,
 }
 
 type Hmac = hmac::Hmac<Sha256>;
@@ -122,10 +129,12 @@ impl EncryptionKey {
         let mut id = [0u8; KEY_ID_BYTES];
         id.copy_from_slice(&derive(INFO_KEY_ID)[..KEY_ID_BYTES]);
         EncryptionKey {
-            identity: Hmac::new_from_slice(&derive(INFO_IDENTITY))
-                .expect("HMAC takes any key length"),
-            page: Aes256GcmSiv::new(&derive(INFO_PAGE).into()),
-            meta: Aes256GcmSiv::new(&derive(INFO_META).into()),
+            derived: std::sync::Arc::new(Derived {
+                identity: Hmac::new_from_slice(&derive(INFO_IDENTITY))
+                    .expect("HMAC takes any key length"),
+                page: Aes256GcmSiv::new(&derive(INFO_PAGE).into()),
+                meta: Aes256GcmSiv::new(&derive(INFO_META).into()),
+            }),
             id: KeyId(id),
         }
     }
@@ -161,7 +170,7 @@ impl EncryptionKey {
     /// without the key an identity says nothing of the page, and a page's SHA-256 is
     /// not its identity.
     pub fn page_identity(&self, page_hash: &Hash) -> Hash {
-        let mut mac = self.identity.clone();
+        let mut mac = self.derived.identity.clone();
         mac.update(page_hash);
         mac.finalize().into_bytes().into()
     }
@@ -170,14 +179,14 @@ impl EncryptionKey {
     /// [`SEAL_OVERHEAD`]) to `out`. The identity is authenticated with it, so the sealed
     /// bytes open only as the page of that identity.
     pub fn seal_page(&self, identity: &Hash, page: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        seal(&self.page, &page_aad(&self.id, identity), page, out)
+        seal(&self.derived.page, &page_aad(&self.id, identity), page, out)
     }
 
     /// Opens a sealed page of this identity, appending the page to `out`. A wrong key, a
     /// changed byte, or the sealed bytes of another identity is a verification error
     /// and appends nothing.
     pub fn open_page(&self, identity: &Hash, sealed: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        open(&self.page, &page_aad(&self.id, identity), sealed, out).map_err(|()| {
+        open(&self.derived.page, &page_aad(&self.id, identity), sealed, out).map_err(|()| {
             Error::Verification(format!(
                 "the sealed page {} does not open under key {}: it was changed, or made with another key",
                 crate::digest::hex(identity),
@@ -191,7 +200,7 @@ impl EncryptionKey {
     pub fn seal_version(&self, replica: &str, version: u64, facts: &[u8]) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(facts.len() + SEAL_OVERHEAD);
         seal(
-            &self.meta,
+            &self.derived.meta,
             &version_aad(&self.id, replica, version),
             facts,
             &mut out,
@@ -202,7 +211,7 @@ impl EncryptionKey {
     /// Opens the sealed facts of version `version` of `replica`.
     pub fn open_version(&self, replica: &str, version: u64, sealed: &[u8]) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(sealed.len());
-        open(&self.meta, &version_aad(&self.id, replica, version), sealed, &mut out).map_err(
+        open(&self.derived.meta, &version_aad(&self.id, replica, version), sealed, &mut out).map_err(
             |()| {
                 Error::Verification(format!(
                     "the seal of version {version} of {replica} does not open under key {}: it was changed, moved from another version or replica, or made with another key",
@@ -211,6 +220,52 @@ impl EncryptionKey {
             },
         )?;
         Ok(out)
+    }
+}
+
+/// The keys a pull (or `diff`, `versions --changes`) was given, in the order given
+/// (`--encryption-key-file A --encryption-key-file B`): each version is opened with the
+/// one whose id it names, so versions made before and after a `rekey` open in one
+/// command. Never empty. `Debug` shows the key ids only.
+#[derive(Debug, Clone)]
+pub struct Keys(Vec<EncryptionKey>);
+
+impl Keys {
+    /// The keys given; `None` when there is none. A key given twice is kept once.
+    pub fn new(keys: Vec<EncryptionKey>) -> Option<Keys> {
+        let mut kept: Vec<EncryptionKey> = Vec::with_capacity(keys.len());
+        for key in keys {
+            if !kept.iter().any(|k| k.id() == key.id()) {
+                kept.push(key);
+            }
+        }
+        (!kept.is_empty()).then_some(Keys(kept))
+    }
+
+    /// One key.
+    pub fn one(key: EncryptionKey) -> Keys {
+        Keys(vec![key])
+    }
+
+    /// The first key given: the one a session names before the store says which key
+    /// its version needs.
+    pub fn first(&self) -> &EncryptionKey {
+        &self.0[0]
+    }
+
+    /// The `i`-th key given (as [`Keys::ids`] lists them).
+    pub fn get(&self, i: usize) -> Option<&EncryptionKey> {
+        self.0.get(i)
+    }
+
+    /// The key whose id is `id` (16 hex digits), if it was given.
+    pub fn find(&self, id: &str) -> Option<&EncryptionKey> {
+        self.0.iter().find(|k| k.id().to_string() == id)
+    }
+
+    /// The ids of the keys, in the order given.
+    pub fn ids(&self) -> Vec<String> {
+        self.0.iter().map(|k| k.id().to_string()).collect()
     }
 }
 
@@ -512,6 +567,22 @@ mod tests {
         assert_ne!(a.id(), c.id());
         assert_ne!(a.id(), d.id());
         assert!(EncryptionKey::from_passphrase(b"", &[1; SALT_BYTES], cost).is_err());
+    }
+
+    #[test]
+    fn keys_are_found_by_id_and_kept_once() {
+        assert!(Keys::new(Vec::new()).is_none());
+        let keys = Keys::new(vec![key(1), key(2), key(1)]).unwrap();
+        assert_eq!(
+            keys.ids(),
+            [key(1).id().to_string(), key(2).id().to_string()]
+        );
+        assert_eq!(keys.first().id(), key(1).id());
+        assert_eq!(
+            keys.find(&key(2).id().to_string()).map(EncryptionKey::id),
+            Some(key(2).id())
+        );
+        assert!(keys.find(&key(3).id().to_string()).is_none());
     }
 
     #[test]

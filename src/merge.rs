@@ -994,6 +994,7 @@ pub fn merge_into_store(
             client_id: request.client_id.clone(),
             key_id: request.key_id.clone(),
             encryption: None,
+            rekey_from: None,
         };
         let mut writer = store.push(replica, options)?;
         writer.stage_candidate(

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::crypt::EncryptionKey;
+use crate::crypt::{EncryptionKey, KeyId, Keys};
 use crate::digest::Hash;
 use crate::engine::{
     BeginInfo, KnownBase, NoProgress, Opening, OriginOptions, PageSource, PageTarget, Progress,
@@ -38,7 +38,7 @@ use crate::page::{Snapshot, Writer};
 use crate::protocol::compress::CompressMode;
 use crate::protocol::control::{
     Config, Control, Encryption, KeyInfo, MAX_FOLLOWERS_WAIT, NewKeys, Op, Open, SubscriberRole,
-    WaitFollowers, check_encryption,
+    WaitFollowers, check_encryption, pick_key,
 };
 use crate::protocol::control::{DIGEST_CHUNKED, MergeResult};
 use crate::protocol::{Frame, PROTOCOL_VERSION};
@@ -136,6 +136,9 @@ pub struct PullOutcome {
     /// The server's id as its CONFIG told it (`None`: the embedded store, or an older
     /// server that sends none).
     pub server_id: Option<String>,
+    /// The id of the key the version was opened with (of those given, the one it
+    /// names); `None` for a plaintext version.
+    pub encryption: Option<KeyId>,
 }
 
 /// How a push presents itself.
@@ -727,13 +730,14 @@ impl Server {
                     compress: *compress,
                     merge: merging.map(OnConflict::request),
                     encryption: o.encryption.clone(),
+                    rekey_from: o.rekey_from.clone(),
                 };
                 let config = open(&mut ws, session, replica, None, o.base, o.force, None).await?;
                 // A mix of plaintext and encrypted, or another key, is refused here,
-                // before a page goes out.
+                // before a page goes out. A rekey's replica is under the key it replaces.
                 check_encryption(
                     replica.as_str(),
-                    o.encryption.as_deref(),
+                    o.rekey_from.as_deref().or(o.encryption.as_deref()),
                     config.version,
                     config.encryption.as_ref(),
                 )?;
@@ -976,7 +980,7 @@ impl Server {
         replica: &ReplicaPath,
         selector: Selector,
         local: &Path,
-        (key, encryption): (Option<&str>, Option<&EncryptionKey>),
+        (key, encryption): (Option<&str>, Option<&Keys>),
         progress: Arc<dyn Progress>,
     ) -> Result<PullOutcome> {
         let local = local.to_owned();
@@ -989,14 +993,15 @@ impl Server {
     /// Pulls one version of `replica` through `target`, and hands the writer back for
     /// the next pull (a subscriber keeps one across pulls; see
     /// [`Writer::keep_committed_hashes`]).
-    /// With `encryption`, the version must be encrypted with that key: its pages are
-    /// opened, and its seal checked, before LOCAL commits.
+    /// With `encryption`, the version must be encrypted with one of those keys (the
+    /// one whose id it names opens it): its pages are opened, and its seal checked,
+    /// before LOCAL commits.
     pub async fn pull_into(
         &self,
         replica: &ReplicaPath,
         selector: Selector,
         target: Writer,
-        (key, encryption): (Option<&str>, Option<&EncryptionKey>),
+        (key, encryption): (Option<&str>, Option<&Keys>),
         progress: Arc<dyn Progress>,
     ) -> Result<(PullOutcome, Writer)> {
         self.pull_through(replica, selector, target, (key, encryption), progress)
@@ -1042,16 +1047,19 @@ impl Server {
         replica: &ReplicaPath,
         selector: Selector,
         mut target: T,
-        (key, encryption): (Option<&str>, Option<&EncryptionKey>),
+        (key, encryption): (Option<&str>, Option<&Keys>),
         progress: Arc<dyn Progress>,
     ) -> Result<(PullOutcome, T)>
     where
         T: PageTarget + Send + 'static,
     {
-        let encryption = encryption.cloned();
         if encryption.is_some() {
             self.refuse_on_s3("encrypted replicas (an encryption key)")?;
         }
+        let keys = encryption.cloned();
+        let ids = keys.as_ref().map(Keys::ids).unwrap_or_default();
+        // The key of those given that the version names (`pick_key`), once known.
+        let chosen = move |i: Option<usize>| i.and_then(|i| keys.as_ref()?.get(i).cloned());
         match self {
             Server::Embedded(_) | Server::S3 { .. } => {
                 let (store, replica) = (self.local_store(false).await?, replica.clone());
@@ -1061,12 +1069,12 @@ impl Server {
                     // A mix or another key is refused before a page moves, as a server's
                     // CONFIG lets a client refuse it (the version's own key id here).
                     let theirs = source.info().encryption.clone();
-                    check_encryption(
+                    let encryption = chosen(pick_key(
                         replica.as_str(),
-                        encryption.as_ref().map(|k| k.id().to_string()).as_deref(),
+                        &ids,
                         version,
-                        Some(&theirs.map(|key_id| Encryption { key_id })),
-                    )?;
+                        Some(&theirs.map(Encryption::key)),
+                    )?);
                     // An encrypted version is relayed as the store keeps it, sealed: a
                     // pull without its key is refused by the replica, never handed the
                     // sealed bytes as pages.
@@ -1090,6 +1098,7 @@ impl Server {
                             version,
                             local_sealed: false,
                             server_id: None,
+                            encryption: encryption.map(|k| k.id()),
                         },
                         target,
                     ))
@@ -1120,21 +1129,24 @@ impl Server {
                     other => other,
                 };
                 let mut ws = connect(url, key).await?;
-                let ours = encryption.as_ref().map(|k| k.id().to_string());
+                // Any key given says "encrypted"; the server's CONFIG names the
+                // version's key id, and the key of that id is picked from those given.
                 let session = Session {
                     op: Op::Pull,
                     compress: *compress,
                     merge: None,
-                    encryption: ours.clone(),
+                    encryption: ids.first().cloned(),
+                    rekey_from: None,
                 };
                 let config =
                     open(&mut ws, session, replica, Some(selector), None, false, None).await?;
-                check_encryption(
+                let encryption = chosen(pick_key(
                     replica.as_str(),
-                    ours.as_deref(),
+                    &ids,
                     config.version,
                     config.encryption.as_ref(),
-                )?;
+                )?);
+                let key_id = encryption.as_ref().map(EncryptionKey::id);
                 let (name, version) = (replica.to_string(), config.version);
                 let (result, _, wire) = ws::run_engine_on(
                     &mut ws,
@@ -1176,6 +1188,7 @@ impl Server {
                         version: config.version,
                         local_sealed: false,
                         server_id: config.server_id,
+                        encryption: key_id,
                     },
                     target,
                 ))
@@ -1920,6 +1933,8 @@ struct Session {
     merge: Option<crate::protocol::control::MergeRequest>,
     /// For a push or a pull with an encryption key: its id (hex).
     encryption: Option<String>,
+    /// For a rekey's push: the key id it replaces (OPEN's `encryption.rekey_from`).
+    rekey_from: Option<String>,
 }
 
 impl From<Op> for Session {
@@ -1929,6 +1944,7 @@ impl From<Op> for Session {
             compress: CompressMode::Off,
             merge: None,
             encryption: None,
+            rekey_from: None,
         }
     }
 }
@@ -1965,6 +1981,7 @@ async fn open(
         compress,
         merge,
         encryption,
+        rekey_from,
     } = session.into();
     let open = Open {
         protocol: PROTOCOL_VERSION,
@@ -1992,7 +2009,7 @@ async fn open(
         dry_run: false,
         paged: op == Op::Versions,
         merge,
-        encryption: encryption.map(|key_id| Encryption { key_id }),
+        encryption: encryption.map(|key_id| Encryption { key_id, rekey_from }),
     };
     let offered = open.compress.clone();
     let offered_digests = open.digests.clone();

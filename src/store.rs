@@ -283,6 +283,11 @@ pub struct PushOptions {
     /// `None` for a plaintext push. A replica is encrypted or not from its first version
     /// on, under one key id: a push that does not match its latest version is refused.
     pub encryption: Option<String>,
+    /// For a rekey (`sqlferry rekey`, docs/security.md): the key id of the replica's
+    /// latest version, which this sealed push replaces with `encryption`. Only such a
+    /// push may change a replica's key id, and only from its latest version's; `None`
+    /// for every other push.
+    pub rekey_from: Option<String>,
 }
 
 /// Stored bytes already computed, by replica path: (latest version, version count,

@@ -109,8 +109,8 @@ impl DiffArgs {
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let (a, b) = (side(&self.a)?, side(&self.b)?);
         let connection = self.connection.options();
-        let key_given = self.encryption.key(global.quiet || self.json)?;
-        let encryption = key_given.as_ref().map(|k| k.key.clone());
+        let key_given = self.encryption.keys(global.quiet || self.json)?;
+        let encryption = super::encryption::keyring(&key_given);
         let followed = |file: &Side| match file {
             Side::File(path) => Ok(path.clone()),
             _ => Err(crate::Error::Usage(
@@ -181,7 +181,7 @@ impl DiffArgs {
         };
         super::interruptible(shutdown, work)
             .await
-            .map_err(|e| super::encryption::name_key(e, key_given.as_ref()))
+            .map_err(|e| super::encryption::name_key(e, &key_given))
     }
 }
 

@@ -58,17 +58,19 @@ impl KeygenArgs {
     }
 }
 
-/// The encryption key of `push` and `pull`.
+/// The encryption keys of `push`, `pull`, `diff` and `versions --changes`.
 #[derive(Debug, clap::Args)]
 #[command(next_help_heading = "Encryption")]
 pub struct EncryptionArgs {
     /// The replica's encryption key, a file `sqlferry keygen FILE` wrote (else
     /// SQLFERRY_ENCRYPTION_KEY, the key itself in base64). Pages, commit messages and
     /// digests are sealed on this machine: the server never sees the key or the content.
-    /// A replica is encrypted or not from its first version on. A lost key is lost data:
+    /// A replica is encrypted or not from its first version on. Give it more than once
+    /// for a replica that was rekeyed: each version is opened with the key whose id it
+    /// names, and a push uses the key of the latest version. A lost key is lost data:
     /// there is no back door.
-    #[arg(long, value_name = "FILE")]
-    pub encryption_key_file: Option<String>,
+    #[arg(long, value_name = "FILE", action = clap::ArgAction::Append)]
+    pub encryption_key_file: Vec<String>,
 }
 
 /// A key as given, and where it came from (for messages; never the key itself).
@@ -81,32 +83,51 @@ pub struct GivenKey {
 }
 
 impl EncryptionArgs {
-    /// The key given, if any: the file, else the environment. A file that group or
-    /// others may read is used with a warning on stderr (unless `quiet`): refusing
-    /// it would stop a backup over a permission a `chmod 600` fixes.
-    pub fn key(&self, quiet: bool) -> anyhow::Result<Option<GivenKey>> {
-        if let Some(file) = &self.encryption_key_file {
-            let path = expand_tilde(file);
-            let (key, mode) = crate::crypt::read_key_file(&path)?;
-            if mode & 0o077 != 0 && !quiet {
-                eprintln!(
-                    "sqlferry: warning: the encryption key {} may be read by other users \
-                     (mode {mode:04o}): whoever reads it reads every version made with it; \
-                     chmod 600 {}",
-                    path.display(),
-                    path.display()
-                );
-            }
-            return Ok(Some(GivenKey {
-                key,
-                source: format!("--encryption-key-file {}", path.display()),
-            }));
+    /// The keys given, in order: the files, else the environment's one key (none:
+    /// empty). A file that group or others may read is used with a warning on stderr
+    /// (unless `quiet`): refusing it would stop a backup over a permission a `chmod
+    /// 600` fixes.
+    pub fn keys(&self, quiet: bool) -> anyhow::Result<Vec<GivenKey>> {
+        if self.encryption_key_file.is_empty() {
+            return Ok(env_key()?
+                .map(|key| GivenKey {
+                    key,
+                    source: KEY_ENV.to_owned(),
+                })
+                .into_iter()
+                .collect());
         }
-        Ok(env_key()?.map(|key| GivenKey {
-            key,
-            source: KEY_ENV.to_owned(),
-        }))
+        let mut keys = Vec::with_capacity(self.encryption_key_file.len());
+        for file in &self.encryption_key_file {
+            keys.push(read_given(file, quiet)?);
+        }
+        Ok(keys)
     }
+}
+
+/// The key in the file `file` names (`~` expanded), warning (unless `quiet`) when group
+/// or others may read it.
+pub fn read_given(file: &str, quiet: bool) -> anyhow::Result<GivenKey> {
+    let path = expand_tilde(file);
+    let (key, mode) = crate::crypt::read_key_file(&path)?;
+    if mode & 0o077 != 0 && !quiet {
+        eprintln!(
+            "sqlferry: warning: the encryption key {} may be read by other users \
+             (mode {mode:04o}): whoever reads it reads every version made with it; \
+             chmod 600 {}",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(GivenKey {
+        key,
+        source: format!("--encryption-key-file {}", path.display()),
+    })
+}
+
+/// The keys given, as the library takes them (`None`: none given).
+pub fn keyring(given: &[GivenKey]) -> Option<crate::crypt::Keys> {
+    crate::crypt::Keys::new(given.iter().map(|g| g.key.clone()).collect())
 }
 
 /// The key in `SQLFERRY_ENCRYPTION_KEY`, if it is set (and not empty).
@@ -141,19 +162,20 @@ pub fn env_key_set() -> bool {
     std::env::var_os(KEY_ENV).is_some_and(|v| !v.is_empty())
 }
 
-/// Names the key given in an authentication error (a key refused as another
-/// replica's, or a replica that is encrypted or not): which key, from where, with its
-/// id. Other errors pass as they are.
-pub fn name_key(e: anyhow::Error, key: Option<&GivenKey>) -> anyhow::Error {
+/// Names the keys given in an authentication error (a key refused as another
+/// replica's, or a replica that is encrypted or not): which keys, from where, with
+/// their ids. Other errors pass as they are.
+pub fn name_key(e: anyhow::Error, keys: &[GivenKey]) -> anyhow::Error {
     let auth = e
         .chain()
         .find_map(|c| c.downcast_ref::<crate::Error>())
         .is_some_and(|c| c.kind() == crate::ErrorKind::Auth);
-    match key {
-        Some(key) if auth => e.context(format!(
-            "with the encryption key from {} (key id {})",
-            key.source,
-            key.key.id()
+    let named = |k: &GivenKey| format!("{} (key id {})", k.source, k.key.id());
+    match keys {
+        [key] if auth => e.context(format!("with the encryption key from {}", named(key))),
+        [_, ..] if auth => e.context(format!(
+            "with the encryption keys from {}",
+            keys.iter().map(named).collect::<Vec<_>>().join(", ")
         )),
         _ => e,
     }

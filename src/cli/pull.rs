@@ -41,8 +41,10 @@ An encrypted replica pulls with its key (--encryption-key-file FILE, or \
 SQLFERRY_ENCRYPTION_KEY): each page is opened and checked here, and LOCAL commits only when \
 the version's seal matches what was built. Without the key, or with another one, the pull \
 is refused before anything is written (exit 5); a page or seal changed in the store exits 7, \
-LOCAL untouched. The key never leaves this machine; without it no one can read the \
-replica, you included. Not yet with --subscribe.\n\n\
+LOCAL untouched. After a `sqlferry rekey`, give both key files (--encryption-key-file \
+OLD --encryption-key-file NEW): each version opens with the key whose id it names. The key \
+never leaves this machine; without it no one can read the replica, you included. Not yet \
+with --subscribe.\n\n\
 A pull never overwrites changes that were never pushed: when LOCAL changed since its last \
 push or pull of this replica (or exists, was never synced with it, and differs from the \
 version pulled), the pull is refused with exit 9 and LOCAL is left as it was. Keep the \
@@ -92,9 +94,9 @@ pub struct PullArgs {
 impl PullArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
-        let key_given = self.encryption.key(global.quiet || self.json)?;
+        let key_given = self.encryption.keys(global.quiet || self.json)?;
         if self.subscribe {
-            super::encryption::refuse_key(key_given.is_some(), "--subscribe")?;
+            super::encryption::refuse_key(!key_given.is_empty(), "--subscribe")?;
         }
         let sidecar = match &self.from {
             Some(path) => {
@@ -180,7 +182,7 @@ impl PullArgs {
             database,
             key,
             force: self.force,
-            encryption: key_given.as_ref().map(|k| k.key.clone()),
+            encryption: super::encryption::keyring(&key_given),
         };
         if self.subscribe {
             puller.server.refuse_on_s3("pull --subscribe")?;
@@ -194,7 +196,7 @@ impl PullArgs {
         }
         super::interruptible(shutdown, self.pull(&puller, selector, global))
             .await
-            .map_err(|e| super::encryption::name_key(e, key_given.as_ref()))
+            .map_err(|e| super::encryption::name_key(e, &key_given))
     }
 
     /// The one-shot pull (or its dry run) and its result line.
@@ -217,10 +219,11 @@ impl PullArgs {
             v["local"] = local.display().to_string().into();
             v["version"] = outcome.version.into();
             v["local_sealed"] = outcome.local_sealed.into();
-            if let Some(key) = &puller.encryption {
-                // Opened with this key; `digest` is over page identities, as the
-                // store keeps them, and `plaintext_digest` the file's.
-                v["encryption_key_id"] = key.id().to_string().into();
+            if let Some(key) = &outcome.encryption {
+                // Opened with this key (of those given, the one the version names);
+                // `digest` is over page identities, as the store keeps them, and
+                // `plaintext_digest` the file's.
+                v["encryption_key_id"] = key.to_string().into();
             }
             out(format_args!("{v}"))?;
         } else if !global.quiet {

@@ -89,7 +89,8 @@ SQLFERRY_ENCRYPTION_KEY, every page, the commit message and the digest are seale
 before they leave; the server, or the embedded store's directory, keeps what it cannot read \
 and never sees the key. A replica is encrypted or not from its first version on: a push \
 without its key, with another key, or with a key to a plaintext replica is refused (exit 5) \
-before anything is sent. Keep a copy of the key where the database's backups are not: a \
+before anything is sent; a new key is `sqlferry rekey`. Given several keys, a push uses \
+the latest version's. Keep a copy of the key where the database's backups are not: a \
 lost key is lost data, with no back door. Not yet with --subscribe, --merge or a local copy \
 (refused, exit 2).\n\n\
 LOCAL must pass PRAGMA quick_check, run in the read transaction that is pushed: a damaged \
@@ -234,22 +235,19 @@ impl PushArgs {
             }
             (_, true) => self.subscribe_many(&local, &dests, global, shutdown).await,
             ([dest], false) => Ok(ExitCode::from(
-                self.push_to(&local, dest, key.as_ref(), global, shutdown)
-                    .await?,
+                self.push_to(&local, dest, &key, global, shutdown).await?,
             )),
-            (_, false) => {
-                self.push_many(&local, &dests, key.as_ref(), global, shutdown)
-                    .await
-            }
+            (_, false) => self.push_many(&local, &dests, &key, global, shutdown).await,
         }
     }
 
-    /// The encryption key given, if any, refused where it cannot be used yet (rather
+    /// The encryption keys given, if any, refused where they cannot be used yet (rather
     /// than ignored): a local copy (it stays plaintext), `--subscribe`, `--merge` (the
     /// store cannot read an encrypted replica's rows).
-    fn encryption_key(&self, dests: &[Dest], global: &Global) -> anyhow::Result<Option<GivenKey>> {
-        let Some(key) = self.encryption.key(global.quiet || self.json)? else {
-            return Ok(None);
+    fn encryption_key(&self, dests: &[Dest], global: &Global) -> anyhow::Result<Vec<GivenKey>> {
+        let keys = self.encryption.keys(global.quiet || self.json)?;
+        let Some(key) = keys.first() else {
+            return Ok(keys);
         };
         if let Some(Dest::File(arg, _)) = dests.iter().find(|d| matches!(d, Dest::File(..))) {
             return Err(crate::Error::Usage(format!(
@@ -271,7 +269,7 @@ impl PushArgs {
             ))
             .into());
         }
-        Ok(Some(key))
+        Ok(keys)
     }
 
     /// REMOTE arguments, then `--replica` values, as destinations; the first argument
@@ -331,7 +329,7 @@ impl PushArgs {
         &self,
         local: &Path,
         dests: &[Dest],
-        key: Option<&GivenKey>,
+        key: &[GivenKey],
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<ExitCode> {
@@ -388,7 +386,7 @@ impl PushArgs {
         &self,
         local: &Path,
         dest: &Dest,
-        key: Option<&GivenKey>,
+        keys: &[GivenKey],
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<u8> {
@@ -398,10 +396,19 @@ impl PushArgs {
             }
             Dest::Replica(replica) => {
                 let mut pusher = self.pusher(local, replica.clone(), global).await?;
+                let key = match keys {
+                    [] => None,
+                    [one] => Some(one),
+                    several => Some(
+                        latest_key(&pusher, several)
+                            .await
+                            .map_err(|e| super::encryption::name_key(e.into(), keys))?,
+                    ),
+                };
                 pusher.encryption = key.map(|k| k.key.clone());
                 self.push_replica(pusher, global, shutdown)
                     .await
-                    .map_err(|e| super::encryption::name_key(e, key))
+                    .map_err(|e| super::encryption::name_key(e, keys))
             }
         }
     }
@@ -814,6 +821,41 @@ impl PushArgs {
 
 /// Each conflicting row of a merge on stderr, one line each, and how many more there
 /// were than the report lists.
+/// Of several keys given to a push, the one the replica's latest version was made
+/// with: a push continues the replica under its key (a change of key is a rekey). A
+/// replica with no encrypted latest version, or one whose key is not among those
+/// given, is refused before anything is sent.
+async fn latest_key<'k>(
+    pusher: &crate::client::Pusher,
+    keys: &'k [GivenKey],
+) -> crate::Result<&'k GivenKey> {
+    let replica = &pusher.replica;
+    let versions = pusher
+        .server
+        .versions(replica, pusher.key.as_deref())
+        .await?;
+    let latest = versions.iter().rev().find(|v| v.merged_into.is_none());
+    let Some((number, id)) = latest.and_then(|v| Some((v.number, v.encryption.as_deref()?))) else {
+        return Err(crate::Error::Usage(format!(
+            "{} encryption keys given, and {replica} has no encrypted version to say which \
+             to push with: give one key; nothing was pushed",
+            keys.len()
+        )));
+    };
+    keys.iter()
+        .find(|k| k.key.id().to_string() == id)
+        .ok_or_else(|| {
+            crate::Error::Auth(format!(
+                "version {number} of {replica} was made with key id {id}, and the keys \
+                 given have ids {}: push with its key file; nothing was pushed",
+                keys.iter()
+                    .map(|k| k.key.id().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+}
+
 fn print_conflicts(r: &crate::protocol::control::MergeResult) {
     for c in &r.conflicts {
         eprintln!("{}", conflict_line(c));

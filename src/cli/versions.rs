@@ -63,10 +63,10 @@ impl VersionsArgs {
         let replica = ReplicaPath::parse(&spec)?;
         // Only --changes opens versions; the list is the server's record.
         let key_given = match self.changes {
-            true => self.encryption.key(global.quiet || self.json)?,
-            false => None,
+            true => self.encryption.keys(global.quiet || self.json)?,
+            false => Vec::new(),
         };
-        let encryption = key_given.as_ref().map(|k| k.key.clone());
+        let encryption = super::encryption::keyring(&key_given);
         let listed = super::interruptible(shutdown, async {
             let versions = crate::client::versions(&connection, &replica).await?;
             let changes = match self.changes {
@@ -77,7 +77,7 @@ impl VersionsArgs {
         });
         listed
             .await
-            .map_err(|e| super::encryption::name_key(e, key_given.as_ref()))
+            .map_err(|e| super::encryption::name_key(e, &key_given))
     }
 
     fn print(
@@ -169,7 +169,7 @@ async fn changes(
     replica: &ReplicaPath,
     versions: &[crate::store::VersionInfo],
     last: usize,
-    encryption: Option<crate::crypt::EncryptionKey>,
+    encryption: Option<crate::crypt::Keys>,
 ) -> anyhow::Result<Changes> {
     let mut found = Changes::new();
     let start = match last {

@@ -33,9 +33,10 @@ pub struct Puller {
     pub key: Option<String>,
     /// Overwrite changes of LOCAL that were never pushed.
     pub force: bool,
-    /// The replica's encryption key (docs/security.md): pages are opened with it and the
-    /// version's seal checked before LOCAL commits. `None`: a plaintext replica.
-    pub encryption: Option<crate::crypt::EncryptionKey>,
+    /// The replica's encryption keys (docs/security.md): each version is opened with
+    /// the one whose id it names, and its seal checked before LOCAL commits. `None`: a
+    /// plaintext replica.
+    pub encryption: Option<crate::crypt::Keys>,
 }
 
 /// Why LOCAL may not be overwritten: how its digest now differs from what it was

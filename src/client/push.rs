@@ -246,6 +246,7 @@ impl Pusher {
                 client_id: crate::remote::client_id(),
                 key_id: String::new(),
                 encryption: self.encryption.as_ref().map(|k| k.id().to_string()),
+                rekey_from: None,
             },
             key: self.key.clone(),
             // Without a stored PUSH key, ask for keys: an admin key's first push of a

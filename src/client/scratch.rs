@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::crypt::EncryptionKey;
+use crate::crypt::Keys;
 use crate::remote::{Server, blocking, no_progress};
 use crate::store::{ReplicaPath, Selector};
 use crate::{Error, Result};
@@ -24,10 +24,14 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    /// A new, empty directory in the system's temporary directory (`$TMPDIR`).
+    /// A new, empty directory in the system's temporary directory (`$TMPDIR`), that
+    /// only its owner may enter (0700): the versions pulled into it are plaintext, an
+    /// encrypted replica's too, and a process killed with SIGKILL leaves them there.
     pub fn new() -> Result<Scratch> {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::Builder::new()
             .prefix("sqlferry-rows-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir()
             .map_err(|e| Error::io(&std::env::temp_dir(), e))?;
         Ok(Scratch { dir })
@@ -62,15 +66,16 @@ pub struct ReplicaSource {
     pub replica: ReplicaPath,
     /// The key (none for the embedded store).
     pub key: Option<String>,
-    /// The encryption key of an encrypted replica: its versions are opened with it
-    /// (none: a plaintext replica; an encrypted one is refused, exit 5).
-    pub encryption: Option<EncryptionKey>,
+    /// The encryption keys of an encrypted replica: each version is opened with the one
+    /// whose id it names (none: a plaintext replica; an encrypted one is refused, exit
+    /// 5).
+    pub encryption: Option<Keys>,
 }
 
 impl ReplicaSource {
     /// The same replica, its versions opened with `encryption` (an encrypted replica's
-    /// key, as `pull --encryption-key-file` takes it).
-    pub fn with_encryption(self, encryption: Option<EncryptionKey>) -> ReplicaSource {
+    /// keys, as `pull --encryption-key-file` takes them).
+    pub fn with_encryption(self, encryption: Option<Keys>) -> ReplicaSource {
         ReplicaSource { encryption, ..self }
     }
 

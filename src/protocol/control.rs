@@ -88,6 +88,24 @@ pub struct Open {
 pub struct Encryption {
     /// The key id: 16 lower-case hex digits.
     pub key_id: String,
+    /// In OPEN of a push only: this push is a rekey (`sqlferry rekey`), and this is the
+    /// key id of the replica's latest version, which the push replaces with `key_id`
+    /// (docs/security.md). The store takes another key id from a push only when it
+    /// says so, and only when this is the latest version's key id; any other push with
+    /// another key id is refused, as before. An older server ignores the field and
+    /// refuses the push as one with another key. Absent everywhere else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rekey_from: Option<String>,
+}
+
+impl Encryption {
+    /// The encryption of key id `key_id`, no rekey.
+    pub fn key(key_id: String) -> Encryption {
+        Encryption {
+            key_id,
+            rekey_from: None,
+        }
+    }
 }
 
 /// Deserializes a field that may be present as `null`: present (null or not) is
@@ -141,6 +159,32 @@ pub fn check_encryption(
             e.key_id
         ))),
     }
+}
+
+/// What a client that opened a pull with one or more keys (`ours`, their ids in the
+/// order given; empty: a plaintext session) makes of the server's answer: the index in
+/// `ours` of the key whose id the version names, `None` for a plaintext session. A
+/// version made with a key that was not given is refused (auth, exit 5), naming the
+/// key id it needs and the ids given; every other case is [`check_encryption`]'s, with
+/// the first key.
+pub fn pick_key(
+    replica: &str,
+    ours: &[String],
+    version: u64,
+    theirs: Option<&Option<Encryption>>,
+) -> crate::Result<Option<usize>> {
+    if let (Some(Some(e)), [_, _, ..]) = (theirs, ours) {
+        return match ours.iter().position(|k| *k == e.key_id) {
+            Some(i) => Ok(Some(i)),
+            None => Err(crate::Error::Auth(format!(
+                "version {version} of {replica} was made with key id {}, and the keys given have ids {}: give its key file; nothing was sent",
+                e.key_id,
+                ours.join(", ")
+            ))),
+        };
+    }
+    check_encryption(replica, ours.first().map(String::as_str), version, theirs)
+        .map(|()| ours.first().map(|_| 0))
 }
 
 /// What a `push --merge` asks for: how rows changed on both sides are decided.
@@ -1152,16 +1196,26 @@ mod tests {
                 .contains("encryption")
         );
         let keyed = Control::Open(Open {
-            encryption: Some(Encryption {
-                key_id: "0011223344556677".into(),
-            }),
-            ..open
+            encryption: Some(Encryption::key("0011223344556677".into())),
+            ..open.clone()
         });
         assert!(
             String::from_utf8_lossy(&keyed.to_bytes())
                 .contains(r#""encryption":{"key_id":"0011223344556677"}"#)
         );
         assert_eq!(Control::decode(&keyed.to_bytes()), Ok(keyed));
+        // A rekey's OPEN names the key it replaces too; an older peer ignores it.
+        let rekey = Control::Open(Open {
+            encryption: Some(Encryption {
+                key_id: "0011223344556677".into(),
+                rekey_from: Some("8899aabbccddeeff".into()),
+            }),
+            ..open
+        });
+        assert!(String::from_utf8_lossy(&rekey.to_bytes()).contains(
+            r#""encryption":{"key_id":"0011223344556677","rekey_from":"8899aabbccddeeff"}"#
+        ));
+        assert_eq!(Control::decode(&rekey.to_bytes()), Ok(rekey));
 
         let absent = Control::Config(Config::default()).to_bytes();
         assert!(!String::from_utf8_lossy(&absent).contains("encryption"));
@@ -1176,9 +1230,7 @@ mod tests {
         assert!(String::from_utf8_lossy(&plain.to_bytes()).contains(r#""encryption":null"#));
         assert_eq!(Control::decode(&plain.to_bytes()), Ok(plain));
         let sealed = Control::Config(Config {
-            encryption: Some(Some(Encryption {
-                key_id: "8899aabbccddeeff".into(),
-            })),
+            encryption: Some(Some(Encryption::key("8899aabbccddeeff".into()))),
             ..Config::default()
         });
         assert!(
@@ -1202,7 +1254,7 @@ mod tests {
     #[test]
     fn encryption_mixes_are_refused_before_any_page() {
         use crate::ErrorKind;
-        let e = |id: &str| Some(Encryption { key_id: id.into() });
+        let e = |id: &str| Some(Encryption::key(id.into()));
         let kind = |r: crate::Result<()>| r.map_err(|e| (e.kind(), e.to_string()));
         // Plaintext with plaintext, and a plaintext client of an older server.
         assert!(check_encryption("a/b", None, 3, None).is_ok());
@@ -1232,6 +1284,39 @@ mod tests {
         let (k, m) = kind(check_encryption("a/b", None, 4, Some(&e("k2")))).unwrap_err();
         assert_eq!(k, ErrorKind::Auth);
         assert!(m.contains("a/b is encrypted (key id k2)"), "{m}");
+    }
+
+    /// Several keys given to a pull: the one the version names opens it, and a version
+    /// made with none of them is refused naming the id it needs and the ids given.
+    #[test]
+    fn a_pull_picks_the_key_its_version_names() {
+        use crate::ErrorKind;
+        let e = |id: &str| Some(Encryption::key(id.into()));
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(pick_key("a/b", &[], 3, Some(&None)).unwrap(), None);
+        assert_eq!(
+            pick_key("a/b", &ids(&["k1"]), 3, Some(&e("k1"))).unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            pick_key("a/b", &ids(&["k1", "k2"]), 3, Some(&e("k2"))).unwrap(),
+            Some(1)
+        );
+        let err = pick_key("a/b", &ids(&["k1", "k2"]), 3, Some(&e("k3"))).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Auth);
+        let m = err.to_string();
+        assert!(
+            m.contains("version 3 of a/b was made with key id k3") && m.contains("ids k1, k2"),
+            "{m}"
+        );
+        // One key: the refusal names it, as before.
+        let m = pick_key("a/b", &ids(&["k1"]), 3, Some(&e("k3")))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("is k1"), "{m}");
+        // Keys, and a plaintext version: refused, as with one key.
+        let err = pick_key("a/b", &ids(&["k1", "k2"]), 3, Some(&None)).unwrap_err();
+        assert!(err.to_string().contains("a/b is not encrypted"), "{err}");
     }
 
     #[test]

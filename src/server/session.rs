@@ -775,7 +775,7 @@ where
     c.encryption = open
         .encryption
         .as_ref()
-        .map(|_| encryption.clone().map(|key_id| Encryption { key_id }));
+        .map(|_| encryption.clone().map(Encryption::key));
     // An S3 store keeps no compressed pages to hand on: plain, as for push.
     c.compress = match open.encryption.is_some() || encryption.is_some() {
         true => None,
@@ -874,7 +874,7 @@ where
     c.encryption = open
         .encryption
         .as_ref()
-        .map(|_| encryption.clone().map(|key_id| Encryption { key_id }));
+        .map(|_| encryption.clone().map(Encryption::key));
     // An encrypted session never agrees to compression (docs/security.md). An S3 store
     // keeps pages plain: the client is told to send them plain too (the offer is
     // declined, as an older server declines it), rather than have the server
@@ -953,6 +953,7 @@ where
         client_id: open.client_id.clone(),
         key_id: principal.key_id.clone(),
         encryption: open.encryption.as_ref().map(|e| e.key_id.clone()),
+        rekey_from: open.encryption.as_ref().and_then(|e| e.rekey_from.clone()),
     };
     let (store, r) = (state.store.clone(), replica.clone());
     let data = state.store.root().to_owned();

@@ -1244,13 +1244,52 @@ impl VersionWriter {
                 "a sealed push over a compressed session: an encrypted session never agrees to compression; nothing was stored".into(),
             ));
         }
+        let rekey_from = self.options.rekey_from.as_deref();
         let Some(latest) = &self.latest else {
+            if rekey_from.is_some() {
+                return Err(Error::NotFound(format!(
+                    "{replica} has no version to rekey; nothing was stored"
+                )));
+            }
             if begin.sealed && self.options.base.is_some_and(|b| b > 0) {
                 return Err(self.conflict());
             }
             return self.add_sealing_columns();
         };
         let theirs = sealing_of(&self.conn, &self.file, latest.number)?.map(|(id, _)| id);
+        // A rekey: the one push that may change the key id, and only from the latest
+        // version's, which it names (docs/security.md).
+        if let Some(from) = rekey_from {
+            match (ours, theirs.as_deref()) {
+                (_, None) => {
+                    return Err(Error::Usage(format!(
+                        "{replica} is not encrypted: a rekey replaces the key of an encrypted replica (turning encryption on is a push with a key to a new replica); nothing was stored"
+                    )));
+                }
+                (None, Some(_)) => {
+                    return Err(Error::Usage(format!(
+                        "a rekey of {replica} without a new key: turning encryption off is not a rekey (pull it with its key and push it to a new replica without one); nothing was stored"
+                    )));
+                }
+                (Some(k), Some(id)) if id == from && k != id => {}
+                (Some(k), Some(id)) if id == from => {
+                    return Err(Error::Usage(format!(
+                        "version {} of {replica} is already under key id {k}: a rekey needs another key; nothing was stored",
+                        latest.number
+                    )));
+                }
+                (_, Some(id)) => {
+                    return Err(Error::Auth(format!(
+                        "a rekey of {replica} from key id {from}, and its latest version {} was made with key id {id}; nothing was stored",
+                        latest.number
+                    )));
+                }
+            }
+            if self.options.base != Some(latest.number) {
+                return Err(self.conflict());
+            }
+            return self.add_sealing_columns();
+        }
         match (ours, theirs.as_deref()) {
             (None, None) => return Ok(()),
             (None, Some(id)) => {

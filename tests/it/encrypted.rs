@@ -24,14 +24,14 @@ const EXIT_AUTH: i32 = 5;
 const EXIT_VERIFY: i32 = 7;
 
 /// `sqlferry keygen FILE` on `m`, asserted to succeed; the key's path.
-fn keygen(m: &Machine, name: &str) -> PathBuf {
+pub(crate) fn keygen(m: &Machine, name: &str) -> PathBuf {
     let out = m.run(["keygen", name]);
     assert_eq!(util::code(&out), 0, "keygen: {}", util::stderr(&out));
     m.path(name)
 }
 
 /// The key in a key file, as the tests' own check of identities.
-fn read_key(path: &Path) -> EncryptionKey {
+pub(crate) fn read_key(path: &Path) -> EncryptionKey {
     let text = std::fs::read_to_string(path).expect("read the key file");
     sqlferry::crypt::parse_key_text(&text, "test").expect("a key")
 }
@@ -72,7 +72,7 @@ fn flip_stored(root: &Path, identity: &[u8; 32]) {
 }
 
 /// The rows of `notes` in `db`: (count, body of row 77).
-fn notes(db: &Path) -> (i64, String) {
+pub(crate) fn notes(db: &Path) -> (i64, String) {
     let conn = util::open(db);
     let count = conn
         .query_row("SELECT count(*) FROM notes", [], |r| r.get(0))
@@ -119,14 +119,14 @@ fn keygen_writes_a_0600_key_and_never_overwrites_one() {
 }
 
 /// The store `m`'s commands use: `file://` + a directory, or a server.
-enum Store<'a> {
+pub(crate) enum Store<'a> {
     Dir(PathBuf),
     Server(&'a TestServer),
 }
 
 impl Store<'_> {
     /// The directory whose files must hold no plaintext.
-    fn files(&self) -> PathBuf {
+    pub(crate) fn files(&self) -> PathBuf {
         match self {
             Store::Dir(d) => d.clone(),
             Store::Server(s) => s.data_dir().to_owned(),
@@ -135,7 +135,12 @@ impl Store<'_> {
 
     /// `sqlferry ARGS` on `m` against this store (with the admin key on a server),
     /// with `env` set.
-    fn run(&self, m: &Machine, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    pub(crate) fn run(
+        &self,
+        m: &Machine,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> std::process::Output {
         let mut cmd = m.command();
         cmd.args(args);
         match self {

@@ -98,6 +98,10 @@
 //!   wrong key (exit 5), a flipped ciphertext byte (exit 7) and missing keys refused
 //!   with LOCAL unchanged, `SQLFERRY_ENCRYPTION_KEY`, keys refused where they cannot
 //!   work yet.
+//! - `rekey`: key rotation of encrypted replicas (`sqlferry rekey`) on the embedded
+//!   store and a real server: versions under the old and the new key pulled with their
+//!   own key and with both given, a version whose key was not given and a push with the
+//!   old key refused (exit 5), a rekey killed half-way leaving the replica as it was.
 
 mod chunked;
 mod cli;
@@ -116,6 +120,7 @@ mod names;
 mod objects;
 mod postgres;
 mod pull_seal;
+mod rekey;
 mod retention;
 mod rows;
 mod s3_embedded;

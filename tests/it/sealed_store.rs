@@ -33,6 +33,18 @@ pub(crate) fn push(
     key: Option<&EncryptionKey>,
     base: Option<u64>,
 ) -> Result<(VersionInfo, bool)> {
+    push_rekeying(store, replica, src, key, base, None)
+}
+
+/// [`push`], marked as a rekey from the key id `rekey_from` when given.
+fn push_rekeying(
+    store: &Store,
+    replica: &str,
+    src: &Path,
+    key: Option<&EncryptionKey>,
+    base: Option<u64>,
+    rekey_from: Option<&EncryptionKey>,
+) -> Result<(VersionInfo, bool)> {
     let r = ReplicaPath::parse(replica).expect("valid path");
     let mut writer = store.push(
         &r,
@@ -41,6 +53,7 @@ pub(crate) fn push(
             client_id: "test".into(),
             message: "sealed".into(),
             encryption: key.map(|k| k.id().to_string()),
+            rekey_from: rekey_from.map(|k| k.id().to_string()),
             ..PushOptions::default()
         },
     )?;
@@ -365,4 +378,106 @@ fn plaintext_and_sealed_pushes_other_keys_and_stale_bases_are_refused() {
     )
     .expect_err("a sealed merge");
     assert!(err.to_string().contains("cannot merge"), "{err}");
+}
+
+#[test]
+fn a_key_change_is_taken_only_from_a_rekey_of_the_latest_key() {
+    let dir = TempDir::new().expect("tempdir");
+    let src = marked_db(dir.path());
+    let store = Store::new(dir.path().join("store"));
+    let r = ReplicaPath::parse(REPLICA).expect("valid");
+    let (a, b, c) = (key(7), key(8), key(9));
+    push(&store, REPLICA, &src, Some(&a), None).expect("sealed push with A");
+
+    let refused = |new: Option<&EncryptionKey>,
+                   base: Option<u64>,
+                   from: &EncryptionKey,
+                   kind: ErrorKind,
+                   words: &str| {
+        let err = push_rekeying(&store, REPLICA, &src, new, base, Some(from)).expect_err(words);
+        assert_eq!(err.kind(), kind, "{err}");
+        assert!(err.to_string().contains(words), "{err}");
+        assert_eq!(
+            store.encryption(&r).expect("asked"),
+            Some(a.id().to_string()),
+            "{words}: the key id is as it was"
+        );
+    };
+    // From a key id that is not the latest version's.
+    refused(
+        Some(&b),
+        Some(1),
+        &c,
+        ErrorKind::Auth,
+        &format!("from key id {}", c.id()),
+    );
+    // To the key it is under, and to plaintext.
+    refused(
+        Some(&a),
+        Some(1),
+        &a,
+        ErrorKind::Usage,
+        "already under key id",
+    );
+    refused(
+        None,
+        Some(1),
+        &a,
+        ErrorKind::Usage,
+        "turning encryption off",
+    );
+    assert_eq!(
+        store.latest_number(&r).expect("latest"),
+        1,
+        "nothing stored"
+    );
+    // From a stale base: the seal names the base's next number.
+    util::open(&src)
+        .execute("UPDATE notes SET body = 'v2' WHERE id = 1", [])
+        .expect("update");
+    let out = push(&store, REPLICA, &src, Some(&a), Some(1)).expect("version 2 with A");
+    assert_eq!(out.0.number, 2);
+    refused(
+        Some(&b),
+        Some(1),
+        &a,
+        ErrorKind::Conflict,
+        "VERSION_CONFLICT",
+    );
+    assert_eq!(
+        store.latest_number(&r).expect("latest"),
+        2,
+        "nothing stored"
+    );
+
+    // The rekey: version 3 under B; version 2 still opens with A, 3 with B only.
+    let (v, made) =
+        push_rekeying(&store, REPLICA, &src, Some(&b), Some(2), Some(&a)).expect("the rekey");
+    assert!(made);
+    assert_eq!(v.number, 3);
+    assert_eq!(
+        store.encryption(&r).expect("asked"),
+        Some(b.id().to_string())
+    );
+    for (version, k, file) in [(2, &a, "two.db"), (3, &b, "three.db")] {
+        let dest = dir.path().join(file);
+        pull(&store, REPLICA, version, &dest, Some(k)).expect("pull with its key");
+        assert_eq!(util::digest(&dest), util::digest(&src), "{file}");
+    }
+    let (dest, before) = existing_dest(dir.path());
+    assert!(pull(&store, REPLICA, 3, &dest, Some(&a)).is_err());
+    assert_eq!(std::fs::read(&dest).expect("read"), before);
+    // After it, a plain push with A is another key, refused as before.
+    let err = push(&store, REPLICA, &src, Some(&a), Some(3)).expect_err("A after the rekey");
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+
+    // Nothing to rekey: a plaintext replica, and one with no version.
+    push(&store, "acme/plain.db", &src, None, None).expect("plaintext push");
+    let err = push_rekeying(&store, "acme/plain.db", &src, Some(&b), Some(1), Some(&a))
+        .expect_err("a rekey of plaintext");
+    assert_eq!(err.kind(), ErrorKind::Usage, "{err}");
+    assert!(err.to_string().contains("is not encrypted"), "{err}");
+    let err = push_rekeying(&store, "acme/none.db", &src, Some(&b), None, Some(&a))
+        .expect_err("a rekey of nothing");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
 }
