@@ -55,7 +55,7 @@
 //! called from a thread that may block (the engine's own, or `spawn_blocking`), never
 //! from inside an async task.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::future::Future;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -95,6 +95,14 @@ const IDX_ENTRY: usize = HASH_BYTES + 8 + 4;
 /// few requests for a full pull, and the one buffer a pull holds.
 pub const RUN_BYTES: u64 = 8 << 20;
 
+/// The most page bytes a reader keeps read ahead ([`ReadAhead`]): what a pull session
+/// adds to a server's memory at most.
+const READ_AHEAD_BYTES: usize = 1 << 20;
+
+/// How many entries a read-ahead starts with, and the most it grows to.
+const READ_AHEAD_FIRST: u32 = 16;
+const READ_AHEAD_MOST: u32 = 256;
+
 /// The version object's format number: a version object of another is refused, not
 /// misread.
 pub const VERSION_FORMAT: u32 = 1;
@@ -126,6 +134,7 @@ const CACHE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS pages(
     hash BLOB NOT NULL, pack BLOB NOT NULL, offset INTEGER NOT NULL, len INTEGER NOT NULL,
     PRIMARY KEY (hash, pack)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pages_in_pack ON pages(pack, offset);
 CREATE TABLE IF NOT EXISTS packs(name BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks(hash BLOB PRIMARY KEY) WITHOUT ROWID;
 ";
@@ -748,6 +757,7 @@ impl S3Store {
             chunks: version.chunk_hashes()?,
             packs: packs.into_iter().collect(),
             chunk: None,
+            ahead: ReadAhead::new(),
         })
     }
 
@@ -1489,6 +1499,77 @@ pub struct S3VersionReader {
     packs: HashSet<Hash>,
     /// The chunk last used by `read_page`: (index, its hashes).
     chunk: Option<(u32, Vec<u8>)>,
+    /// Pages `read_page` fetched ahead of being asked for.
+    ahead: ReadAhead,
+}
+
+/// The pages a reader fetched ahead. A pull into an older copy asks for the pages that
+/// differ one at a time, and the pages one push brought lie end to end in its pack, in
+/// page order: so when a page must be fetched, the entries after it in its pack come in
+/// the same ranged GET, kept by hash until asked for (checked then, against the page
+/// number that asks). How many: a window that doubles while most of what was fetched
+/// ahead is used and halves while most is not (a copy that differs in scattered pages
+/// of a large pack), within [`READ_AHEAD_BYTES`] kept at once, the oldest dropped first.
+struct ReadAhead {
+    pages: HashMap<Hash, Vec<u8>>,
+    /// The order they came in, for dropping the oldest.
+    order: VecDeque<Hash>,
+    bytes: usize,
+    window: u32,
+    /// Fetched ahead, and of those asked for, since the window last changed.
+    fetched: u32,
+    used: u32,
+}
+
+impl ReadAhead {
+    fn new() -> ReadAhead {
+        ReadAhead {
+            pages: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            window: READ_AHEAD_FIRST,
+            fetched: 0,
+            used: 0,
+        }
+    }
+
+    fn take(&mut self, hash: &Hash) -> Option<Vec<u8>> {
+        let page = self.pages.remove(hash)?;
+        self.bytes -= page.len();
+        self.used += 1;
+        Some(page)
+    }
+
+    fn keep(&mut self, hash: Hash, page: &[u8]) {
+        if self.pages.contains_key(&hash) {
+            return;
+        }
+        while self.bytes + page.len() > READ_AHEAD_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                return;
+            };
+            if let Some(p) = self.pages.remove(&old) {
+                self.bytes -= p.len();
+            }
+        }
+        self.bytes += page.len();
+        self.pages.insert(hash, page.to_vec());
+        self.order.push_back(hash);
+        self.fetched += 1;
+    }
+
+    /// How many entries the next fetch reads ahead, after adapting the window to how
+    /// much of what came before was used.
+    fn next_window(&mut self) -> u32 {
+        if self.fetched >= self.window.max(8) {
+            self.window = match self.used * 2 >= self.fetched {
+                true => (self.window * 2).min(READ_AHEAD_MOST),
+                false => (self.window / 2).max(1),
+            };
+            (self.fetched, self.used) = (0, 0);
+        }
+        self.window
+    }
 }
 
 /// Pages waiting to be read in one ranged GET: they lie end to end in one pack.
@@ -1514,6 +1595,40 @@ impl S3VersionReader {
                 self.store.objects.location()
             ))
         })
+    }
+
+    /// Up to `n` entries that follow `loc` end to end in its pack, as the cache knows
+    /// them: (hash, offset, length), in pack order; none once one is missing, and no
+    /// more than [`READ_AHEAD_BYTES`] from `loc` on.
+    fn following(&self, loc: &Loc, n: u32) -> Result<Vec<(Hash, u64, u32)>> {
+        let path = &self.store.cache;
+        let mut stmt = self
+            .cache
+            .prepare_cached(
+                "SELECT hash, offset, len FROM pages WHERE pack = ?1 AND offset > ?2
+                 ORDER BY offset LIMIT ?3",
+            )
+            .map_err(sql_error(path))?;
+        let mut rows = stmt
+            .query(params![&loc.pack[..], loc.offset as i64, i64::from(n)])
+            .map_err(sql_error(path))?;
+        let mut out = Vec::new();
+        let mut end = loc.offset + u64::from(loc.len);
+        while let Some(row) = rows.next().map_err(sql_error(path))? {
+            let hash: Vec<u8> = row.get(0).map_err(sql_error(path))?;
+            let offset = row.get::<_, i64>(1).map_err(sql_error(path))? as u64;
+            let len: u32 = row.get(2).map_err(sql_error(path))?;
+            let (Ok(hash), true) = (Hash::try_from(hash.as_slice()), offset == end) else {
+                break;
+            };
+            // One GET's buffer stays within what is kept ahead, whatever the page size.
+            if (end + u64::from(len) - loc.offset) as usize > READ_AHEAD_BYTES {
+                break;
+            }
+            out.push((hash, offset, len));
+            end += u64::from(len);
+        }
+        Ok(out)
     }
 
     fn damaged(&self, pgno: u32, pack: &Hash) -> Error {
@@ -1632,15 +1747,32 @@ impl PageSource for S3VersionReader {
             buf.resize(self.info.page_size as usize, 0);
             return Ok(());
         }
+        // A page read ahead that does not match (damaged) is read again where this
+        // version keeps it, which names the damage if there is one.
+        if let Some(page) = self.ahead.take(&hash)
+            && page_matches(Some(pgno), &hash, &page)
+        {
+            buf.extend_from_slice(&page);
+            return Ok(());
+        }
         let loc = self.locate(pgno, &hash)?;
-        let bytes = self.store.get_range(
-            pack_key(&loc.pack),
-            loc.offset..loc.offset + u64::from(loc.len),
-        )?;
-        if !page_matches(Some(pgno), &hash, &bytes) {
+        let window = self.ahead.next_window();
+        let following = self.following(&loc, window)?;
+        let end = following
+            .last()
+            .map_or(loc.offset + u64::from(loc.len), |(_, o, l)| {
+                o + u64::from(*l)
+            });
+        let bytes = self.store.get_range(pack_key(&loc.pack), loc.offset..end)?;
+        let page = &bytes[..loc.len as usize];
+        if !page_matches(Some(pgno), &hash, page) {
             return Err(self.damaged(pgno, &loc.pack));
         }
-        buf.extend_from_slice(&bytes);
+        buf.extend_from_slice(page);
+        for (h, offset, len) in following {
+            let at = (offset - loc.offset) as usize;
+            self.ahead.keep(h, &bytes[at..at + len as usize]);
+        }
         Ok(())
     }
 
@@ -1664,6 +1796,46 @@ impl PageSource for S3VersionReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_ahead_keeps_at_most_its_bytes_and_follows_what_is_used() {
+        let mut ahead = ReadAhead::new();
+        let page = vec![7u8; 4096];
+        let hash = |i: u32| {
+            let mut h = [0u8; 32];
+            h[..4].copy_from_slice(&i.to_be_bytes());
+            h
+        };
+        // More than it may keep: the oldest go first, the bytes stay bounded.
+        for i in 0..300 {
+            ahead.keep(hash(i), &page);
+            assert!(ahead.bytes <= READ_AHEAD_BYTES);
+        }
+        assert_eq!(ahead.bytes, READ_AHEAD_BYTES);
+        assert_eq!(ahead.take(&hash(0)), None, "dropped first");
+        assert_eq!(ahead.take(&hash(299)).as_deref(), Some(&page[..]));
+        assert_eq!(ahead.bytes, READ_AHEAD_BYTES - 4096);
+
+        // All used: the window doubles up to its most; none used: it halves to one,
+        // judged over eight pages at least (a small window takes several fetches).
+        let mut ahead = ReadAhead::new();
+        let mut next = 0;
+        let mut round = |ahead: &mut ReadAhead, use_them: bool| {
+            let n = ahead.next_window();
+            for _ in 0..n {
+                ahead.keep(hash(next), &page[..16]);
+                if use_them {
+                    ahead.take(&hash(next)).unwrap();
+                }
+                next += 1;
+            }
+            n
+        };
+        let grown: Vec<u32> = (0..6).map(|_| round(&mut ahead, true)).collect();
+        assert_eq!(grown, [16, 32, 64, 128, 256, 256]);
+        let shrunk: Vec<u32> = (0..14).map(|_| round(&mut ahead, false)).collect();
+        assert_eq!(shrunk, [256, 128, 64, 32, 16, 8, 4, 4, 2, 2, 2, 2, 1, 1]);
+    }
 
     #[test]
     fn an_index_parses_only_when_whole_and_sorted() {
