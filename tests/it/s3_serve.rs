@@ -8,7 +8,8 @@
 //! racing on the two (one version, one VERSION_CONFLICT), and one of them killed
 //! half-way through a push (no version, the other serves on, the push made again
 //! through it); a bad endpoint or key stopping the start with exit 10 and no admin key
-//! made.
+//! made; a server whose `--data` is lost starting again on an empty one and serving
+//! every version.
 //!
 //! Every wait is on an event (a line, a process exit); nothing sleeps.
 
@@ -573,4 +574,82 @@ fn a_server_over_s3_killed_mid_push_leaves_no_version_and_the_other_keeps_servin
         &reader.path("v2-a.db"),
         "version 2 from A after its restart",
     );
+}
+
+/// deployment.md, "What each failure does": a server over S3 with `--meta` whose
+/// `--data` is lost (its cache of pack indexes and chunks, its drill results) starts
+/// again on an empty one with nothing lost: every version is listed and pulled whole,
+/// and the next push of a small change sends only that change.
+#[test]
+fn a_server_over_s3_whose_data_is_lost_starts_empty_and_serves_every_version() {
+    let pg = postgres::shared();
+    let meta = pg.database();
+    let dir = TempDir::new().expect("tempdir");
+    let location = new_location();
+    let mut server = s3_server(dir.path(), "s3", &location, &["--meta", &meta], None);
+    let admin_key = server.admin_key.clone();
+    let key = ["--key", admin_key.as_str()];
+
+    let origin = Machine::new(dir.path(), "origin");
+    let (one, _writer) = wal_db(&origin, 2 << 20);
+    let r = origin.push(&server, "app.db", "acme/app.db", &key);
+    assert_eq!(r.u64("version"), 1);
+    let path = origin.path("app.db");
+    exec(&path, "UPDATE t SET v = randomblob(300) WHERE id < 60");
+    let two = DbState::of(&path);
+    let r = origin.push(&server, "app.db", "acme/app.db", &key);
+    assert_eq!(r.u64("version"), 2);
+
+    // The machine dies; its disk with it. It comes back on the same port with an
+    // empty --data (the bucket and PostgreSQL hold everything users need).
+    server.sigkill();
+    let data = server.data_dir().to_owned();
+    assert!(
+        std::fs::read_dir(&data).expect("--data").count() > 0,
+        "the server kept a cache"
+    );
+    std::fs::remove_dir_all(&data).expect("lose --data");
+    std::fs::create_dir(&data).expect("an empty --data");
+    server.restart_env(&aws_env());
+
+    // Every version, listed and pulled whole by a machine that never saw them.
+    let other = Machine::new(dir.path(), "other");
+    let out = other.run_on(
+        &server,
+        ["versions", "acme/app.db", "--json", key[0], key[1]],
+    );
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let listed: serde_json::Value = serde_json::from_str(util::stdout(&out).trim()).expect("JSON");
+    let numbers: Vec<u64> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|v| v["number"].as_u64().expect("a number"))
+        .collect();
+    assert_eq!(numbers, [1, 2]);
+    let r = other.pull(&server, "acme/app.db@1", Some("v1.db"), &key);
+    assert_eq!(r.u64("version"), 1);
+    one.assert_held_by(&other.path("v1.db"), "@1 after --data was lost");
+    let r = other.pull(&server, "acme/app.db", Some("latest.db"), &key);
+    assert_eq!(r.u64("version"), 2);
+    two.assert_held_by(&other.path("latest.db"), "@latest after --data was lost");
+
+    // The origin's next small change: only the changed pages travel, version 3 lands.
+    exec(
+        &path,
+        "UPDATE t SET v = randomblob(300) WHERE id BETWEEN 100 AND 110",
+    );
+    let three = DbState::of(&path);
+    let changed = two.pages_differing(&three);
+    let r = origin.push(&server, "app.db", "acme/app.db", &key);
+    assert_eq!(r.u64("version"), 3, "{}", r.0);
+    assert!(
+        r.u64("pages_sent") <= changed,
+        "{} pages sent for {changed} changed: {}",
+        r.u64("pages_sent"),
+        r.0
+    );
+    let r = other.pull(&server, "acme/app.db", Some("latest.db"), &key);
+    assert_eq!(r.u64("version"), 3);
+    three.assert_held_by(&other.path("latest.db"), "@3 after --data was lost");
 }

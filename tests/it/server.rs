@@ -387,6 +387,11 @@ impl TestServer {
     /// Starts the server again on the same data directory and port (stopping it first
     /// with SIGTERM if it runs). It prints no admin key this time: the first one stays.
     pub fn restart(&mut self) {
+        self.restart_env(&[]);
+    }
+
+    /// [`TestServer::restart`] with `env` set (a server over S3 needs its `AWS_*`).
+    pub fn restart_env(&mut self, env: &[(&str, &str)]) {
         if self.child.is_some() {
             let (status, _) = self.stop("TERM", STOP_TIMEOUT);
             assert!(status.success(), "clean stop before restart: {status}");
@@ -398,7 +403,7 @@ impl TestServer {
             &self.addr,
             self.tls.as_ref(),
             &extra,
-            &[],
+            env,
         );
         assert_eq!(addr, self.addr, "restarted on the same port");
         assert_eq!(key, None, "the admin key is shown only on first start");
