@@ -502,10 +502,13 @@ impl Objects {
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ");
+        // Classified before the secret is hidden: a short secret may be part of the
+        // words the classification looks for. Hidden wherever it appears, however
+        // short: a garbled message is better than a shown secret.
+        let lower = detail.to_ascii_lowercase();
         if let Some(secret) = self.secret.as_deref().filter(|s| !s.is_empty()) {
             detail = detail.replace(secret, "[secret]");
         }
-        let lower = detail.to_ascii_lowercase();
         match e {
             object_store::Error::Unauthenticated { .. }
             | object_store::Error::PermissionDenied { .. } => Error::Server(format!(
@@ -618,6 +621,36 @@ mod tests {
         let text = format!("{o:?}");
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("AKID"), "{text}");
+    }
+
+    #[test]
+    fn an_error_never_shows_the_secret_and_a_short_one_does_not_hide_its_kind() {
+        let objects = |secret: &str| {
+            let o = S3Options {
+                endpoint: Some("http://127.0.0.1:9".into()),
+                access_key_id: Some("AKID".into()),
+                secret_access_key: Some(secret.into()),
+                ..S3Options::default()
+            };
+            Objects::open(S3Location::parse("s3://bucket/p").unwrap(), &o).unwrap()
+        };
+        let refusal = |secret: &str| object_store::Error::Generic {
+            store: "S3",
+            source: format!("AccessDenied: signed with {secret}").into(),
+        };
+        for secret in ["hunter2-very-secret", "ccess", "d"] {
+            let e = objects(secret).error("read", "k", refusal(secret));
+            let text = e.to_string();
+            assert!(
+                !text.contains(&format!("with {secret}")),
+                "{secret}: {text}"
+            );
+            assert!(text.contains("with [secret]"), "{secret}: {text}");
+            assert!(
+                text.contains("object storage refused the credentials"),
+                "{secret}: {text}"
+            );
+        }
     }
 
     #[test]
