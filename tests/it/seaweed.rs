@@ -134,11 +134,13 @@ impl Seaweed {
             .arg("-s3")
             .arg(format!("-s3.config={}", identities.display()))
             // Small volumes: a test run writes megabytes, not gigabytes. Each bucket
-            // grows volumes of its own and a full one takes no more writes: with at
-            // most 30, writes failed with 500 once the S3 store's tests had written
-            // about 100 MiB after the object layer's; 100 volumes (sparse files:
-            // room, not disk space) gave no failure since.
-            .args(["-master.volumeSizeLimitMB=64", "-volume.max=100"])
+            // grows volumes of its own (several at its first write) and a full one
+            // takes no more writes: with at most 30, writes failed with 500 once the
+            // S3 store's tests had written about 100 MiB after the object layer's;
+            // with 100, a multipart upload failed with 500 at the fourteenth bucket of
+            // a whole run. Volumes are sparse files made as buckets need them (room,
+            // not disk space), so the limit is set far above any run's need.
+            .args(["-master.volumeSizeLimitMB=64", "-volume.max=1000"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("the log"))
             .stderr(log);
