@@ -137,12 +137,10 @@ impl S3Store {
         dry_run: bool,
     ) -> Result<(Vec<u64>, u64)> {
         let present: Vec<(u64, i64)> = self
-            .slots(replica)?
+            .catalog(replica)?
             .into_iter()
-            .filter_map(|(n, slot)| match slot {
-                Slot::Present(v) => Some((n, v.created_at)),
-                _ => None,
-            })
+            .filter(|r| r.removed_at.is_none())
+            .map(|r| (r.number, r.created_at))
             .collect();
         if present.is_empty() {
             return Err(not_found(replica));
@@ -158,13 +156,18 @@ impl S3Store {
         if dry_run {
             return Ok((removed, kept));
         }
+        let at = crate::epoch::now();
+        // The rows first: a row never names a version its object no longer holds.
+        if !removed.is_empty() {
+            self.index_removed(replica, &removed, at)?;
+        }
         for &(number, created_at) in present.iter().filter(|(n, _)| removed.contains(n)) {
             let tombstone = Tombstone {
                 format: VERSION_FORMAT,
                 replica: replica.to_string(),
                 number,
                 created_at,
-                removed_at: Some(crate::epoch::now()),
+                removed_at: Some(at),
             };
             let body = serde_json::to_vec(&tombstone)
                 .map_err(|e| Error::Bug(format!("a tombstone as JSON: {e}")))?;
