@@ -9,6 +9,7 @@
 //!   time made, time removed): version numbers keep no gaps, so the latest is still
 //!   found by GETs without a LIST, and a pull of a removed version (or of a time it was
 //!   current) is refused by name. The latest version is never removed ([`keep`]).
+//!   With a versions index (`s3/index.rs`), the rows are marked removed first.
 //! - The sweep ([`S3Store::collect`]) is mark and sweep with a grace period: it writes
 //!   [`CLOCK_KEY`] (the storage's own "now"), LISTs the store's prefix once (the only
 //!   LIST the store makes), reads every version object the listing holds and marks the

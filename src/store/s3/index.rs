@@ -371,3 +371,47 @@ impl S3Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tombstone_makes_a_removed_row_that_says_only_its_number_and_time() {
+        let t = Tombstone {
+            format: VERSION_FORMAT,
+            replica: "acme/app.db".into(),
+            number: 3,
+            created_at: 1_000,
+            removed_at: Some(2_000),
+        };
+        let row = IndexRow::of_slot(&Slot::Removed(t)).expect("a row");
+        assert_eq!((row.number, row.removed_at), (3, Some(2_000)));
+        assert_eq!(row.info(), VersionInfo::bare(3, 1_000));
+        assert!(
+            IndexRow::of_slot(&Slot::Missing).is_none(),
+            "no object, no row"
+        );
+    }
+
+    #[test]
+    fn a_version_row_carries_what_versions_lists() {
+        let v = VersionObject {
+            format: VERSION_FORMAT,
+            replica: "acme/app.db".into(),
+            number: 2,
+            page_size: 4096,
+            page_count: 10,
+            digest: "ab".into(),
+            digest2: "c:cd".into(),
+            message: "m".into(),
+            created_at: 7,
+            client_id: "c".into(),
+            key_id: "k".into(),
+            base: 1,
+            chunks: vec![],
+            packs: vec![],
+        };
+        assert_eq!(IndexRow::of(&v).info(), v.info());
+    }
+}
