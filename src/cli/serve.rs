@@ -349,6 +349,7 @@ impl ServeArgs {
         // here leaves no admin key that was never shown.
         let store = match s3 {
             Some(location) => {
+                let index = pg.clone();
                 let hint = crate::store::object::S3Options::from_env(self.s3_endpoint.as_deref())
                     .credentials_hint();
                 let (runtime, data) = (tokio::runtime::Handle::current(), data.clone());
@@ -364,6 +365,10 @@ impl ServeArgs {
                         )?;
                         if let Some(grace) = gc_grace {
                             store = store.with_grace(grace);
+                        }
+                        // Servers sharing PostgreSQL index the store's versions there.
+                        if let Some(pg) = index {
+                            store = store.with_index(std::sync::Arc::new(pg));
                         }
                         store.check()?;
                         Ok(crate::store::AnyStore::S3 { store, data })

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{MetaStore, NewKey, StoredKey};
 use crate::protocol::control::KeyInfo;
+use crate::store::s3::{IndexRow, VersionIndex};
 use crate::{Error, Result};
 
 /// The channel every server listens on.
@@ -118,6 +119,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         2,
         "subscriber positions, expected pushes, failure reports",
         include_str!("migrations/0002_subscriber_state.sql"),
+    ),
+    (
+        3,
+        "the versions index of an S3 store",
+        include_str!("migrations/0003_versions_index.sql"),
     ),
 ];
 
@@ -862,6 +868,128 @@ async fn notify_in(
         .await
         .map(drop)
         .map_err(|e| e.to_string())
+}
+
+/// The columns of a `sqlferry_versions` row, in [`index_row`]'s order.
+const VERSION_COLUMNS: &str = "number, page_size, page_count, digest, digest2, message, created_at, client_id, key_id, base, removed_at";
+
+fn index_row(r: &tokio_postgres::Row) -> IndexRow {
+    let u = |i: usize| u64::try_from(r.get::<_, i64>(i)).unwrap_or(0);
+    IndexRow {
+        number: u(0),
+        page_size: u32::try_from(r.get::<_, i32>(1)).unwrap_or(0),
+        page_count: u32::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+        digest: r.get(3),
+        digest2: r.get(4),
+        message: r.get(5),
+        created_at: r.get(6),
+        client_id: r.get(7),
+        key_id: r.get(8),
+        base: u(9),
+        removed_at: r.get(10),
+    }
+}
+
+/// `n` as PostgreSQL's BIGINT (a version number or count never comes near its limit).
+fn big(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The versions index of the S3 store (`sqlferry_versions`, migration 3;
+/// `store/s3/index.rs`).
+impl VersionIndex for PgMeta {
+    fn insert(&self, store: &str, replica: &str, rows: &[IndexRow]) -> Result<()> {
+        let (store, replica, rows) = (store.to_owned(), replica.to_owned(), rows.to_vec());
+        self.block(move |pg| async move {
+            let mut client = pg.client().await?;
+            let tx = client.transaction().await.map_err(|e| pg.fail(e))?;
+            let stmt = tx
+                .prepare(&format!(
+                    "INSERT INTO sqlferry_versions(store, replica, {VERSION_COLUMNS})
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                     ON CONFLICT (store, replica, number) DO NOTHING"
+                ))
+                .await
+                .map_err(|e| pg.fail(e))?;
+            for r in &rows {
+                let page_size = i32::try_from(r.page_size).unwrap_or(i32::MAX);
+                tx.execute(
+                    &stmt,
+                    &[
+                        &store,
+                        &replica,
+                        &big(r.number),
+                        &page_size,
+                        &i64::from(r.page_count),
+                        &r.digest,
+                        &r.digest2,
+                        &r.message,
+                        &r.created_at,
+                        &r.client_id,
+                        &r.key_id,
+                        &big(r.base),
+                        &r.removed_at,
+                    ],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            }
+            tx.commit().await.map_err(|e| pg.fail(e))
+        })
+    }
+
+    fn rows(&self, store: &str, replica: &str, after: u64) -> Result<Vec<IndexRow>> {
+        let (store, replica) = (store.to_owned(), replica.to_owned());
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {VERSION_COLUMNS} FROM sqlferry_versions
+                         WHERE store = $1 AND replica = $2 AND number > $3 ORDER BY number"
+                    ),
+                    &[&store, &replica, &big(after)],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(rows.iter().map(index_row).collect())
+        })
+    }
+
+    fn top(&self, store: &str, replica: &str) -> Result<Option<IndexRow>> {
+        let (store, replica) = (store.to_owned(), replica.to_owned());
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            let row = client
+                .query_opt(
+                    &format!(
+                        "SELECT {VERSION_COLUMNS} FROM sqlferry_versions
+                         WHERE store = $1 AND replica = $2 ORDER BY number DESC LIMIT 1"
+                    ),
+                    &[&store, &replica],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(row.as_ref().map(index_row))
+        })
+    }
+
+    fn mark_removed(&self, store: &str, replica: &str, numbers: &[u64], at: i64) -> Result<()> {
+        let (store, replica) = (store.to_owned(), replica.to_owned());
+        let numbers: Vec<i64> = numbers.iter().map(|&n| big(n)).collect();
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            client
+                .execute(
+                    "UPDATE sqlferry_versions SET removed_at = $4
+                     WHERE store = $1 AND replica = $2 AND number = ANY($3) AND removed_at IS NULL",
+                    &[&store, &replica, &numbers, &at],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(())
+        })
+    }
 }
 
 impl MetaStore for PgMeta {

@@ -113,6 +113,9 @@ impl AnyStore {
                 Ok((versions[skip..].to_vec(), skip == 0))
             }
             AnyStore::S3 { store, .. } => {
+                if let Some(found) = store.indexed_newest(replica, n)? {
+                    return Ok(found);
+                }
                 let Some(latest) = store.latest(replica)? else {
                     return Ok((Vec::new(), true));
                 };
@@ -138,6 +141,9 @@ impl AnyStore {
                 .find(|v| v.number > version)),
             // Numbered without gaps: a removed version's number holds its tombstone.
             AnyStore::S3 { store, .. } => {
+                if let Some(found) = store.indexed_first_after(replica, version)? {
+                    return Ok(found);
+                }
                 let mut number = version + 1;
                 loop {
                     match store.slot(replica, number)? {
@@ -154,7 +160,7 @@ impl AnyStore {
     pub fn latest_number(&self, replica: &ReplicaPath) -> Result<u64> {
         match self {
             AnyStore::Dir(store) => store.latest_number(replica),
-            AnyStore::S3 { store, .. } => Ok(store.latest(replica)?.map_or(0, |v| v.number)),
+            AnyStore::S3 { store, .. } => Ok(store.latest_info(replica)?.map_or(0, |v| v.number)),
         }
     }
 
@@ -165,9 +171,9 @@ impl AnyStore {
             // Versions are numbered from 1 without gaps: the count is the number (the
             // numbers used: removed versions count too, as counting the kept ones
             // would read every version object).
-            AnyStore::S3 { store, .. } => Ok(store.latest(replica)?.map(|v| Latest {
+            AnyStore::S3 { store, .. } => Ok(store.latest_info(replica)?.map(|v| Latest {
                 count: v.number,
-                version: v.info(),
+                version: v,
             })),
         }
     }

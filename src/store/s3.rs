@@ -3,8 +3,8 @@
 //! ([`super::object`]). A server uses it through [`super::AnyStore`] (`serve --store
 //! s3://BUCKET/PREFIX`), and so does a client with no server (`--server
 //! s3://BUCKET/PREFIX`, in-process). Retention and the garbage collector (mark and sweep with a
-//! grace period) are in `s3/gc.rs`; there is no PostgreSQL index of
-//! versions yet.
+//! grace period) are in `s3/gc.rs`; the PostgreSQL index of its versions
+//! (`serve --meta`) in `s3/index.rs`.
 //!
 //! The layout, under the store's `s3://BUCKET/PREFIX`:
 //! - `packs/<sha256>.pack`: the new pages of one push, back to back, plain, named by the
@@ -81,7 +81,9 @@ use crate::engine::{BeginInfo, Chunk, PageSource, PageTarget, ScanFn};
 use crate::{Error, Result};
 
 mod gc;
+mod index;
 pub use gc::{CLOCK_KEY, Sweep};
+pub use index::{IndexRow, VersionIndex};
 
 /// The first bytes of a pack's index object; what follows is the entry count (u32,
 /// big-endian) and the entries, sorted by page hash: hash (32 bytes), offset in the
@@ -235,13 +237,6 @@ pub struct Tombstone {
     pub removed_at: Option<i64>,
 }
 
-impl Tombstone {
-    /// The little a removed version still says: its number and time.
-    fn info(&self) -> VersionInfo {
-        VersionInfo::bare(self.number, self.created_at)
-    }
-}
-
 fn unhex(text: &str) -> Result<Hash> {
     let mut out = [0u8; HASH_BYTES];
     hex::decode_to_slice(text, &mut out)
@@ -279,6 +274,8 @@ pub struct S3Store {
     /// How old an object no version names must be before a sweep deletes it, and how
     /// long a push may run before it checks that what it names still exists.
     grace: Duration,
+    /// The versions index (`serve --meta`; `s3/index.rs`), if any.
+    index: Option<Arc<dyn VersionIndex>>,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -312,6 +309,7 @@ impl S3Store {
             seen: Arc::default(),
             default_retention: None,
             grace: DEFAULT_GRACE,
+            index: None,
         };
         let conn = store.cache_conn()?;
         conn.execute_batch(CACHE_SCHEMA)
@@ -564,7 +562,13 @@ impl S3Store {
     /// Two GETs when the latest is the one last seen. Relies on versions being numbered
     /// without gaps from 1: retention replaces a removed version's object by its
     /// tombstone, and never removes the latest.
+    ///
+    /// With a versions index: its latest row, one GET past it (the repair) and one of
+    /// its object.
     pub fn latest(&self, replica: &ReplicaPath) -> Result<Option<VersionObject>> {
+        if let Some(latest) = self.indexed_latest_object(replica)? {
+            return Ok(latest);
+        }
         let hint = self.seen_latest(replica);
         self.latest_from(replica, hint)
     }
@@ -650,16 +654,15 @@ impl S3Store {
         Ok(out)
     }
 
-    /// Every version of `replica` retention kept, oldest first (GETs of 1, 2, … until
-    /// one is missing, tombstones included: no LIST). An error when it has none.
+    /// Every version of `replica` retention kept, oldest first: through the versions
+    /// index (one query and one GET), else GETs of 1, 2, … until one is missing
+    /// (tombstones included: no LIST). An error when it has none.
     pub fn versions(&self, replica: &ReplicaPath) -> Result<Vec<VersionInfo>> {
         let out: Vec<VersionInfo> = self
-            .slots(replica)?
+            .catalog(replica)?
             .into_iter()
-            .filter_map(|(_, slot)| match slot {
-                Slot::Present(v) => Some(v.info()),
-                _ => None,
-            })
+            .filter(|r| r.removed_at.is_none())
+            .map(|r| r.info())
             .collect();
         if out.is_empty() {
             return Err(not_found(replica));
@@ -687,15 +690,8 @@ impl S3Store {
             Selector::At(_) => {
                 // Removed versions count: a time one of them was current is refused,
                 // never answered with an older version.
-                let all: Vec<VersionInfo> = self
-                    .slots(replica)?
-                    .into_iter()
-                    .filter_map(|(_, slot)| match slot {
-                        Slot::Present(v) => Some(v.info()),
-                        Slot::Removed(t) => Some(t.info()),
-                        Slot::Missing => None,
-                    })
-                    .collect();
+                let all: Vec<VersionInfo> =
+                    self.catalog(replica)?.iter().map(IndexRow::info).collect();
                 selector.pick(&all).ok_or_else(|| {
                     Error::NotFound(format!(
                         "{replica}@{selector} does not exist: no version is that old"
@@ -703,12 +699,21 @@ impl S3Store {
                 })?
             }
         };
+        let removed = |at: Option<i64>| {
+            Error::NotFound(format!(
+                "{replica}@{number} was removed by the retention policy (at {}); `sqlferry versions {replica}` lists the versions kept",
+                crate::epoch::rfc3339(at.unwrap_or(0))
+            ))
+        };
+        // The index marks a removal before its tombstone is written.
+        if let Some(row) = self.indexed_row(replica, number)?
+            && row.removed_at.is_some()
+        {
+            return Err(removed(row.removed_at));
+        }
         match self.slot(replica, number)? {
             Slot::Present(v) => Ok(*v),
-            Slot::Removed(t) => Err(Error::NotFound(format!(
-                "{replica}@{number} was removed by the retention policy (at {}); `sqlferry versions {replica}` lists the versions kept",
-                crate::epoch::rfc3339(t.removed_at.unwrap_or(0))
-            ))),
+            Slot::Removed(t) => Err(removed(t.removed_at)),
             Slot::Missing => Err(Error::NotFound(format!(
                 "{replica}@{number} does not exist: the latest version is {}",
                 latest.number
@@ -1210,6 +1215,7 @@ impl S3VersionWriter {
         match self.store.put_if_absent(key, body)? {
             Created::Created => {
                 self.store.saw(&self.replica, number);
+                self.store.index_created(&self.replica, &version);
                 self.result = Some((version.info(), true));
                 Ok(())
             }
@@ -1236,7 +1242,10 @@ impl PageTarget for S3VersionWriter {
             .base
             .unwrap_or(0)
             .max(self.store.seen_latest(&self.replica));
-        self.latest = self.store.latest_from(&self.replica, hint)?;
+        self.latest = match self.store.indexed_latest_object(&self.replica)? {
+            Some(latest) => latest,
+            None => self.store.latest_from(&self.replica, hint)?,
+        };
         self.page_size = begin.page_size;
         self.form = match begin.chunked_digest {
             true => DigestForm::Chunked,

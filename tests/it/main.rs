@@ -125,6 +125,7 @@ mod retention;
 mod rows;
 mod s3_embedded;
 mod s3_gc;
+mod s3_index;
 mod s3_serve;
 mod s3_store;
 mod scale_out;

@@ -9,6 +9,7 @@
 //!   time made, time removed): version numbers keep no gaps, so the latest is still
 //!   found by GETs without a LIST, and a pull of a removed version (or of a time it was
 //!   current) is refused by name. The latest version is never removed ([`keep`]).
+//!   With a versions index (`s3/index.rs`), the rows are marked removed first.
 //! - The sweep ([`S3Store::collect`]) is mark and sweep with a grace period: it writes
 //!   [`CLOCK_KEY`] (the storage's own "now"), LISTs the store's prefix once (the only
 //!   LIST the store makes), reads every version object the listing holds and marks the
@@ -137,12 +138,10 @@ impl S3Store {
         dry_run: bool,
     ) -> Result<(Vec<u64>, u64)> {
         let present: Vec<(u64, i64)> = self
-            .slots(replica)?
+            .catalog(replica)?
             .into_iter()
-            .filter_map(|(n, slot)| match slot {
-                Slot::Present(v) => Some((n, v.created_at)),
-                _ => None,
-            })
+            .filter(|r| r.removed_at.is_none())
+            .map(|r| (r.number, r.created_at))
             .collect();
         if present.is_empty() {
             return Err(not_found(replica));
@@ -158,13 +157,18 @@ impl S3Store {
         if dry_run {
             return Ok((removed, kept));
         }
+        let at = crate::epoch::now();
+        // The rows first: a row never names a version its object no longer holds.
+        if !removed.is_empty() {
+            self.index_removed(replica, &removed, at)?;
+        }
         for &(number, created_at) in present.iter().filter(|(n, _)| removed.contains(n)) {
             let tombstone = Tombstone {
                 format: VERSION_FORMAT,
                 replica: replica.to_string(),
                 number,
                 created_at,
-                removed_at: Some(crate::epoch::now()),
+                removed_at: Some(at),
             };
             let body = serde_json::to_vec(&tombstone)
                 .map_err(|e| Error::Bug(format!("a tombstone as JSON: {e}")))?;
