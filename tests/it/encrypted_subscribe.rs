@@ -8,7 +8,7 @@
 //! both keys follows it, one holding the old key only stops with exit 5 naming the
 //! key id it needs, its database as it was. The daemon runs an encrypted `[[push]]`
 //! and `[[pull]]` entry (`encryption_key_file`), and refuses a bad key file with the
-//! config file's line.
+//! config file's line. The embedded store's subscribers do the same on one machine.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -485,4 +485,81 @@ fn sqlferry_subscribe_takes_the_key_and_refuses_to_push_without_it() {
     assert_eq!(sub.stop(), 0, "{}", sub.output());
     assert_eq!(pulled_rows(&m, &server, &key, "check.db"), 2);
     assert_no_plaintext(&server);
+}
+
+/// The embedded store: a keyed push subscriber and a keyed pull subscriber of one
+/// machine reach each other and sync-now, and the store's directory holds no marker.
+#[test]
+fn encrypted_subscribers_of_the_embedded_store() {
+    let dir = TempDir::new().expect("tempdir");
+    let mut m = Machine::new(dir.path(), "m");
+    let store = dir.path().join("store");
+    m.set_env("SQLFERRY_SERVER", &format!("file://{}", store.display()));
+    let db = marked_writer_db(&m);
+    let key = keygen(&m, "app.key");
+    let kf = key.to_str().expect("UTF-8");
+    let out = m.run(["push", "app.db", REPLICA, "--encryption-key-file", kf]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let mut pull = Subscriber::start(
+        &m,
+        &[
+            "pull",
+            REPLICA,
+            "copy.db",
+            "--subscribe",
+            "--encryption-key-file",
+            kf,
+        ],
+    );
+    pull.expect(&["pull (start): version 1"]);
+    let mut push = Subscriber::start(
+        &m,
+        &[
+            "push",
+            "app.db",
+            REPLICA,
+            "--subscribe",
+            "--wait-idle",
+            "10s",
+            "--max-changes",
+            "1",
+            "--poll",
+            "1s",
+            "--encryption-key-file",
+            kf,
+        ],
+    );
+    push.expect(&["push (start): no change"]);
+    crate::subscribe::commit_rows(&db, 1..=5);
+    let copy = m.path("copy.db");
+    assert!(
+        util::wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+            max_id(&copy) == 5
+        }),
+        "the pull subscriber follows; push:\n{}\npull:\n{}",
+        push.output(),
+        pull.output()
+    );
+    assert_eq!(util::integrity(&copy), "ok");
+    assert_eq!(notes(&copy), notes(&db));
+    let out = m.run(["sync-now", REPLICA]);
+    assert!(
+        util::stdout(&out).contains("2 subscribers reached"),
+        "{}",
+        util::stdout(&out)
+    );
+    push.expect(&["push (sync-now)"]);
+    pull.expect(&["pull (sync-now)"]);
+    assert_eq!(push.stop(), 0, "{}", push.output());
+    assert_eq!(pull.stop(), 0, "{}", pull.output());
+    assert!(
+        !util::files_under(&store).is_empty(),
+        "the replica is in {}",
+        store.display()
+    );
+    assert_eq!(
+        util::holding(&store, MARKER.as_bytes()),
+        Vec::<PathBuf>::new(),
+        "the embedded store holds plaintext"
+    );
 }
