@@ -424,7 +424,10 @@ async fn run_unit<E: FnMut(Event) + Send>(
                 database: crate::config::database_key(into),
                 key,
                 force: false,
-                encryption: None,
+                encryption: store
+                    .encryption
+                    .as_ref()
+                    .map(|k| crate::crypt::Keys::one(k.key.clone())),
             };
             plan::pull(puller, stop, emit).await
         }
@@ -476,6 +479,7 @@ async fn destination(database: &Path, target: &Target, message: &str) -> Result<
                 Pusher::open(database, replica.clone(), server, connection.key.clone()).await?;
             pusher.message = message.to_owned();
             pusher.merge = store.merge.clone();
+            pusher.encryption = store.encryption.as_ref().map(|k| k.key.clone());
             Destination::Replica(Box::new(pusher))
         }
     })

@@ -620,6 +620,12 @@ impl Server {
                     blocking(move || {
                         let merging = merge.zip(options.base).filter(|_| !options.force);
                         let base_options = options.clone();
+                        // An encrypted version's commit message travels only inside
+                        // its seal: the store keeps none in clear.
+                        let mut options = options;
+                        if key.is_some() {
+                            options.message.clear();
+                        }
                         let mut target = match store.push(&replica, options) {
                             Ok(target) => target,
                             Err(e) => return Err(damage_first(&source, deferred, e)),
@@ -769,7 +775,9 @@ impl Server {
                 if request.new_keys || (request.key_request && new_replica) {
                     ws::send_binary(&mut ws, Control::KeyRequest.to_bytes()).await?;
                 }
-                if !o.message.is_empty() {
+                // An encrypted version's commit message travels only inside its seal
+                // (SEAL, below): never in clear.
+                if !o.message.is_empty() && request.encryption.is_none() {
                     ws::send_binary(
                         &mut ws,
                         Control::CommitMessage(o.message.clone()).to_bytes(),

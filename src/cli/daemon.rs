@@ -80,9 +80,17 @@ impl DaemonArgs {
                 .write_all(example(what).as_bytes())?;
             return Ok(ExitCode::from(exit::OK));
         }
-        // The daemon's units take no encryption key yet: one in the environment is
-        // refused, not ignored.
-        super::encryption::refuse_key(super::encryption::env_key_set(), "sqlferry daemon")?;
+        // The daemon's entries each name their own key (`encryption_key_file`): one key
+        // in the environment for every entry is refused, not silently applied or ignored.
+        if super::encryption::env_key_set() {
+            return Err(crate::Error::Usage(format!(
+                "{}: the daemon takes an encryption key per entry of its file \
+                 (encryption_key_file = \"FILE\", sqlferry keygen FILE writes one), not from \
+                 the environment; unset it; nothing was started",
+                super::encryption::KEY_ENV
+            ))
+            .into());
+        }
         let path = self.path()?;
         if self.check {
             let config = Config::load(&path).map_err(|e| crate::Error::Usage(e.0))?;
@@ -145,7 +153,23 @@ impl DaemonArgs {
 
 /// What `--check` prints for a unit.
 fn describe(unit: &Unit) -> String {
-    match unit {
+    // An encrypted entry names its key's id and file (never the key), so `--check`
+    // shows which key each replica is sealed with.
+    let store = match unit {
+        Unit::Push {
+            target: crate::daemon::config::Target::Replica { store, .. },
+            ..
+        }
+        | Unit::Pull { store, .. }
+        | Unit::Directory { store, .. } => Some(store),
+        Unit::Push { .. } => None,
+    };
+    let sealed = store
+        .and_then(|s| s.encryption.as_ref())
+        .map_or(String::new(), |k| {
+            format!(", encrypted (key id {}, {})", k.key.id(), k.file.display())
+        });
+    let described = match unit {
         Unit::Push { when, .. } => format!(
             "push {}, {}",
             unit.label(),
@@ -172,7 +196,8 @@ fn describe(unit: &Unit) -> String {
                 super::subscribe::TimingArgs::describe(&when.timing)
             )
         }
-    }
+    };
+    described + &sealed
 }
 
 /// The line of a note and its stream.

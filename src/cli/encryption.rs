@@ -1,4 +1,4 @@
-//! `sqlferry keygen FILE`, and the encryption key `push` and `pull` take
+//! `sqlferry keygen FILE`, and the encryption key `push`, `pull` and their subscribers take
 //! (`--encryption-key-file FILE`, else `SQLFERRY_ENCRYPTION_KEY`): end-to-end
 //! encryption, docs/security.md.
 //!
@@ -143,21 +143,8 @@ pub fn env_key() -> crate::Result<Option<EncryptionKey>> {
     }
 }
 
-/// Refuses an encryption key given to something that cannot use it yet (a subscriber,
-/// the daemon), so that no key is silently ignored: `what` says which.
-pub fn refuse_key(given: bool, what: &str) -> crate::Result<()> {
-    if given {
-        return Err(crate::Error::Usage(format!(
-            "an encryption key (--encryption-key-file or {KEY_ENV}): not yet with {what}; \
-             push and pull an encrypted replica one at a time (sqlferry push/pull \
-             --encryption-key-file FILE), or unset {KEY_ENV}; nothing was done"
-        )));
-    }
-    Ok(())
-}
-
-/// Whether `SQLFERRY_ENCRYPTION_KEY` is set (not empty): for the commands that take no
-/// key yet, which refuse it rather than ignore it.
+/// Whether `SQLFERRY_ENCRYPTION_KEY` is set (not empty): for the daemon, which takes a
+/// key per entry of its file and refuses one for all rather than ignore it.
 pub fn env_key_set() -> bool {
     std::env::var_os(KEY_ENV).is_some_and(|v| !v.is_empty())
 }

@@ -43,8 +43,10 @@ the version's seal matches what was built. Without the key, or with another one,
 is refused before anything is written (exit 5); a page or seal changed in the store exits 7, \
 LOCAL untouched. After a `sqlferry rekey`, give both key files (--encryption-key-file \
 OLD --encryption-key-file NEW): each version opens with the key whose id it names. The key \
-never leaves this machine; without it no one can read the replica, you included. Not yet \
-with --subscribe.\n\n\
+never leaves this machine; without it no one can read the replica, you included. With \
+--subscribe, every version followed is opened the same way: a version made with a key not \
+given (a rekey to a key this subscriber lacks) stops it with exit 5, naming the key id it \
+needs, LOCAL holding the last version it pulled; restart it with that key file too.\n\n\
 A pull never overwrites changes that were never pushed: when LOCAL changed since its last \
 push or pull of this replica (or exists, was never synced with it, and differs from the \
 version pulled), the pull is refused with exit 9 and LOCAL is left as it was. Keep the \
@@ -95,9 +97,6 @@ impl PullArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let key_given = self.encryption.keys(global.quiet || self.json)?;
-        if self.subscribe {
-            super::encryption::refuse_key(!key_given.is_empty(), "--subscribe")?;
-        }
         let sidecar = match &self.from {
             Some(path) => {
                 let path = expand_tilde(path);
@@ -192,7 +191,9 @@ impl PullArgs {
                 ))
                 .into());
             }
-            return super::subscribe::run_pull(puller, global, shutdown).await;
+            return super::subscribe::run_pull(puller, global, shutdown)
+                .await
+                .map_err(|e| super::encryption::name_key(e, &key_given));
         }
         super::interruptible(shutdown, self.pull(&puller, selector, global))
             .await

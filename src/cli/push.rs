@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::encryption::{GivenKey, refuse_key};
+use super::encryption::GivenKey;
 use super::progress::Bar;
 use super::{
     Global, Place, RemoteArgs, error_line, exit, exit_status, expand_tilde, human_bytes, on_store,
@@ -90,9 +90,9 @@ before they leave; the server, or the embedded store's directory, keeps what it 
 and never sees the key. A replica is encrypted or not from its first version on: a push \
 without its key, with another key, or with a key to a plaintext replica is refused (exit 5) \
 before anything is sent; a new key is `sqlferry rekey`. Given several keys, a push uses \
-the latest version's. Keep a copy of the key where the database's backups are not: a \
-lost key is lost data, with no back door. Not yet with --subscribe, --merge or a local copy \
-(refused, exit 2).\n\n\
+the latest version's (a push subscriber picks it when it starts: after a rekey, restart it \
+with the new key). Keep a copy of the key where the database's backups are not: a lost key \
+is lost data, with no back door. Not with --merge or a local copy (refused, exit 2).\n\n\
 LOCAL must pass PRAGMA quick_check, run in the read transaction that is pushed: a damaged \
 database is refused with exit 7 and replaces nothing; --allow-corrupt pushes it anyway.\n\n\
 Without --server, SQLFERRY_SERVER or a configured server, a LOCAL whose PUSH key is saved \
@@ -230,10 +230,16 @@ impl PushArgs {
         let local = expand_tilde(&self.local);
         match (dests.as_slice(), self.subscribe) {
             ([Dest::Replica(replica)], true) => {
-                let pusher = self.pusher(&local, replica.clone(), global).await?;
-                super::subscribe::run_push(pusher, &self.timing, global, shutdown).await
+                let mut pusher = self.pusher(&local, replica.clone(), global).await?;
+                keyed(&mut pusher, &key).await?;
+                super::subscribe::run_push(pusher, &self.timing, global, shutdown)
+                    .await
+                    .map_err(|e| super::encryption::name_key(e, &key))
             }
-            (_, true) => self.subscribe_many(&local, &dests, global, shutdown).await,
+            (_, true) => {
+                self.subscribe_many(&local, &dests, &key, global, shutdown)
+                    .await
+            }
             ([dest], false) => Ok(ExitCode::from(
                 self.push_to(&local, dest, &key, global, shutdown).await?,
             )),
@@ -241,9 +247,9 @@ impl PushArgs {
         }
     }
 
-    /// The encryption keys given, if any, refused where they cannot be used yet (rather
-    /// than ignored): a local copy (it stays plaintext), `--subscribe`, `--merge` (the
-    /// store cannot read an encrypted replica's rows).
+    /// The encryption keys given, if any, refused where they cannot be used (rather
+    /// than ignored): a local copy (it stays plaintext), `--merge` (the store cannot
+    /// read an encrypted replica's rows).
     fn encryption_key(&self, dests: &[Dest], global: &Global) -> anyhow::Result<Vec<GivenKey>> {
         let keys = self.encryption.keys(global.quiet || self.json)?;
         let Some(key) = keys.first() else {
@@ -256,9 +262,6 @@ impl PushArgs {
                 key.source
             ))
             .into());
-        }
-        if self.subscribe {
-            refuse_key(true, "--subscribe")?;
         }
         if self.merge {
             return Err(crate::Error::Usage(format!(
@@ -304,6 +307,7 @@ impl PushArgs {
         &self,
         local: &Path,
         dests: &[Dest],
+        keys: &[GivenKey],
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<ExitCode> {
@@ -314,9 +318,11 @@ impl PushArgs {
                     local: local.to_owned(),
                     copy: copy.clone(),
                 },
-                Dest::Replica(replica) => Destination::Replica(Box::new(
-                    self.pusher(local, replica.clone(), global).await?,
-                )),
+                Dest::Replica(replica) => {
+                    let mut pusher = self.pusher(local, replica.clone(), global).await?;
+                    keyed(&mut pusher, keys).await?;
+                    Destination::Replica(Box::new(pusher))
+                }
             });
         }
         super::subscribe::run_push_many(destinations, &self.timing, global, shutdown).await
@@ -396,16 +402,7 @@ impl PushArgs {
             }
             Dest::Replica(replica) => {
                 let mut pusher = self.pusher(local, replica.clone(), global).await?;
-                let key = match keys {
-                    [] => None,
-                    [one] => Some(one),
-                    several => Some(
-                        latest_key(&pusher, several)
-                            .await
-                            .map_err(|e| super::encryption::name_key(e.into(), keys))?,
-                    ),
-                };
-                pusher.encryption = key.map(|k| k.key.clone());
+                keyed(&mut pusher, keys).await?;
                 self.push_replica(pusher, global, shutdown)
                     .await
                     .map_err(|e| super::encryption::name_key(e, keys))
@@ -821,6 +818,23 @@ impl PushArgs {
 
 /// Each conflicting row of a merge on stderr, one line each, and how many more there
 /// were than the report lists.
+/// Gives `pusher` the key its pushes seal with: none, the one given, or of several the
+/// one the replica's latest version was made with ([`latest_key`], asked once: a push
+/// subscriber keeps it, so after a `rekey` it is restarted with the new key).
+pub(super) async fn keyed(pusher: &mut Pusher, keys: &[GivenKey]) -> anyhow::Result<()> {
+    let key = match keys {
+        [] => None,
+        [one] => Some(one),
+        several => Some(
+            latest_key(pusher, several)
+                .await
+                .map_err(|e| super::encryption::name_key(e.into(), keys))?,
+        ),
+    };
+    pusher.encryption = key.map(|k| k.key.clone());
+    Ok(())
+}
+
 /// Of several keys given to a push, the one the replica's latest version was made
 /// with: a push continues the replica under its key (a change of key is a rekey). A
 /// replica with no encrypted latest version, or one whose key is not among those

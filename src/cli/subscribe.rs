@@ -490,25 +490,32 @@ pub struct SubscribeArgs {
     /// How pages travel.
     #[command(flatten)]
     pub compress: super::CompressArgs,
+    /// The encryption key, for an encrypted replica (never saved: give it each time).
+    #[command(flatten)]
+    pub encryption: super::encryption::EncryptionArgs,
 }
 
 impl SubscribeArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
-        // Subscribers take no encryption key yet: one in the environment is refused,
-        // not ignored.
-        super::encryption::refuse_key(super::encryption::env_key_set(), "sqlferry subscribe")?;
+        let keys = self.encryption.keys(global.quiet)?;
         let target = expand_tilde(&self.target);
         let mode = self.compress.compress;
         match plan::resolve(target, self.target.clone()).await? {
             Plan::Push(mut pusher) => {
                 pusher.message = self.message.clone();
                 pusher.server = pusher.server.with_compress(mode);
-                run_push(pusher, &self.timing, global, shutdown).await
+                super::push::keyed(&mut pusher, &keys).await?;
+                run_push(pusher, &self.timing, global, shutdown)
+                    .await
+                    .map_err(|e| super::encryption::name_key(e, &keys))
             }
             Plan::Pull(mut puller) => {
                 puller.server = puller.server.with_compress(mode);
-                run_pull(puller, global, shutdown).await
+                puller.encryption = super::encryption::keyring(&keys);
+                run_pull(puller, global, shutdown)
+                    .await
+                    .map_err(|e| super::encryption::name_key(e, &keys))
             }
         }
     }

@@ -49,6 +49,40 @@ pub struct Store {
     /// For a push: `merge = true` (with `on_conflict`, `lww_column`): merge onto the
     /// latest version when the replica moved past the push's base (`push --merge`).
     pub merge: Option<crate::merge::OnConflict>,
+    /// `encryption_key_file`: the replica's end-to-end encryption key, read when the
+    /// file was loaded (docs/security.md); `None`: a plaintext replica.
+    pub encryption: Option<ConfiguredKey>,
+}
+
+/// An encryption key read from the file `encryption_key_file` names. Two are equal
+/// when they name the same file and hold the same key (compared by key id): a reload
+/// that finds another key in the file restarts the units using it. `Debug` shows the
+/// file and the key id, never the key.
+#[derive(Clone)]
+pub struct ConfiguredKey {
+    /// The key.
+    pub key: crate::crypt::EncryptionKey,
+    /// The file it was read from (absolute).
+    pub file: PathBuf,
+}
+
+impl PartialEq for ConfiguredKey {
+    fn eq(&self, other: &ConfiguredKey) -> bool {
+        self.file == other.file && self.key.id() == other.key.id()
+    }
+}
+
+impl Eq for ConfiguredKey {}
+
+impl std::fmt::Debug for ConfiguredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ConfiguredKey({}, key id {})",
+            self.file.display(),
+            self.key.id()
+        )
+    }
 }
 
 /// Where one push unit sends its database.
@@ -198,6 +232,7 @@ struct Settings {
     lww_column: Option<String>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
+    encryption_key_file: Option<PathBuf>,
     wait_idle: Option<String>,
     min_interval: Option<String>,
     max_interval: Option<String>,
@@ -219,6 +254,7 @@ struct PushEntry {
     lww_column: Option<String>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
+    encryption_key_file: Option<PathBuf>,
     wait_idle: Option<String>,
     min_interval: Option<String>,
     max_interval: Option<String>,
@@ -236,6 +272,7 @@ struct PullEntry {
     compress: Option<CompressMode>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
+    encryption_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,6 +290,7 @@ struct DirectoryEntry {
     lww_column: Option<String>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
+    encryption_key_file: Option<PathBuf>,
     wait_idle: Option<String>,
     min_interval: Option<String>,
     max_interval: Option<String>,
@@ -276,6 +314,7 @@ macro_rules! settings_of {
             lww_column: $e.lww_column.clone(),
             key_file: $e.key_file.clone(),
             key_env: $e.key_env.clone(),
+            encryption_key_file: $e.encryption_key_file.clone(),
             wait_idle: $e.wait_idle.clone(),
             min_interval: $e.min_interval.clone(),
             max_interval: $e.max_interval.clone(),
@@ -296,6 +335,7 @@ struct EntrySettings {
     lww_column: Option<String>,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
+    encryption_key_file: Option<PathBuf>,
     wait_idle: Option<String>,
     min_interval: Option<String>,
     max_interval: Option<String>,
@@ -418,6 +458,7 @@ impl Config {
                 compress: entry.compress,
                 key_file: entry.key_file.clone(),
                 key_env: entry.key_env.clone(),
+                encryption_key_file: entry.encryption_key_file.clone(),
                 ..EntrySettings::default()
             }
             .over(&defaults);
@@ -660,12 +701,43 @@ impl Context<'_> {
             (_, None, None) => None,
             _ => return Err("on_conflict and lww_column go with merge = true".into()),
         };
+        let encryption = match &s.encryption_key_file {
+            Some(file) => Some(self.encryption_key(file)?),
+            None => None,
+        };
+        if merge.is_some() && encryption.is_some() {
+            return Err(
+                "merge = true with encryption_key_file: the store cannot read an encrypted \
+                 replica's rows, so it cannot merge them; drop one of them"
+                    .into(),
+            );
+        }
         Ok(Store {
             server: s.server.clone(),
             key,
             compress,
             merge,
+            encryption,
         })
+    }
+
+    /// The encryption key in `file` (relative to the file's directory, as its other
+    /// paths), read as `--encryption-key-file` reads it: a file group or others may
+    /// read is used with a warning, as on the command line; one that holds no key is
+    /// the file's error (its text never shown).
+    fn encryption_key(&self, file: &Path) -> Result<ConfiguredKey, String> {
+        let file = self.path(file);
+        let (key, mode) = crate::crypt::read_key_file(&file)
+            .map_err(|e| format!("encryption_key_file {}: {e}", file.display()))?;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "the encryption key {} may be read by other users (mode {mode:04o}): whoever \
+                 reads it reads every version made with it; chmod 600 {}",
+                file.display(),
+                file.display()
+            );
+        }
+        Ok(ConfiguredKey { key, file })
     }
 
     fn target(&self, to: &Destination, s: &EntrySettings) -> Result<Target, String> {
@@ -697,6 +769,8 @@ impl Context<'_> {
                     lww_column: s.lww_column.clone(),
                     key_file: key_file.clone(),
                     key_env: key_env.clone(),
+                    // The replica's content is the entry's, whatever server keeps it.
+                    encryption_key_file: s.encryption_key_file.clone(),
                     ..EntrySettings::default()
                 };
                 // A table with its own server and no key of its own does not borrow
@@ -738,6 +812,10 @@ impl EntrySettings {
             lww_column: self.lww_column.clone().or_else(|| d.lww_column.clone()),
             key_file,
             key_env,
+            encryption_key_file: self
+                .encryption_key_file
+                .clone()
+                .or_else(|| d.encryption_key_file.clone()),
             wait_idle: self.wait_idle.clone().or_else(|| d.wait_idle.clone()),
             min_interval: self.min_interval.clone().or_else(|| d.min_interval.clone()),
             max_interval: self.max_interval.clone().or_else(|| d.max_interval.clone()),
@@ -818,6 +896,89 @@ mod tests {
             "PUSH_KEY" => Some("k-from-env\n".into()),
             _ => None,
         })
+    }
+
+    /// `encryption_key_file` is read relative to the file's directory, goes to each
+    /// destination of its entry (a destination table's own server included) and to
+    /// nothing else; a file that holds no key, and merge with a key, are the entry's
+    /// errors with its line.
+    #[test]
+    fn an_encryption_key_file_is_read_relative_to_the_file_and_checked_with_its_line() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let key = crate::crypt::new_key().unwrap();
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        std::fs::write(
+            dir.path().join("keys/app.key"),
+            crate::crypt::key_text(&key),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("keys/bad.key"), "no key here\n").unwrap();
+        let id = crate::crypt::EncryptionKey::from_bytes(&key).id();
+        let text = |file: &str, extra: &str| {
+            format!(
+                "[defaults]\nwait_idle = \"10s\"\n\n[[push]]\ndatabase = \"/d/a.db\"\n\
+                 to = [\"acme/a.db\", {{ replica = \"off/a.db\", server = \"ws://off:1\" }}]\n\
+                 encryption_key_file = \"{file}\"\n{extra}\n\
+                 [[push]]\ndatabase = \"/d/b.db\"\nto = [\"acme/b.db\"]\n\n\
+                 [[pull]]\nreplica = \"acme/c.db\"\ninto = \"/d/c.db\"\n\
+                 encryption_key_file = \"{file}\"\n"
+            )
+        };
+        let env = |_: &str| None;
+        let c = Config::parse(&text("keys/app.key", ""), dir.path(), &env).unwrap();
+        let keys: Vec<(String, Option<crate::crypt::KeyId>)> = c
+            .units
+            .values()
+            .map(|u| match u {
+                Unit::Push {
+                    target: Target::Replica { store, .. },
+                    ..
+                }
+                | Unit::Pull { store, .. } => {
+                    (u.label(), store.encryption.as_ref().map(|k| k.key.id()))
+                }
+                _ => panic!("{u:?}"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("acme/c.db -> /d/c.db".to_owned(), Some(id)),
+                ("/d/a.db -> acme/a.db".to_owned(), Some(id)),
+                ("/d/a.db -> off/a.db on ws://off:1".to_owned(), Some(id)),
+                ("/d/b.db -> acme/b.db".to_owned(), None),
+            ]
+        );
+        let Some(Unit::Pull { store, .. }) = c.units.values().next() else {
+            panic!()
+        };
+        let k = store.encryption.as_ref().unwrap();
+        assert_eq!(k.file, dir.path().join("keys/app.key"));
+        // Debug names the file and the key id, never the key.
+        let shown = format!("{k:?}");
+        assert!(shown.contains(&id.to_string()), "{shown}");
+        assert!(
+            !shown.contains(crate::crypt::key_text(&key).trim()),
+            "{shown}"
+        );
+
+        let e = Config::parse(&text("keys/bad.key", ""), dir.path(), &env).unwrap_err();
+        assert!(
+            e.starts_with("4: [[push]] /d/a.db: encryption_key_file "),
+            "{e}"
+        );
+        assert!(
+            e.contains("is not a key") && !e.contains("no key here"),
+            "{e}"
+        );
+        let e = Config::parse(&text("keys/none.key", ""), dir.path(), &env).unwrap_err();
+        assert!(
+            e.starts_with("4: [[push]] /d/a.db: encryption_key_file "),
+            "{e}"
+        );
+        assert!(e.contains("none.key"), "{e}");
+        let e = Config::parse(&text("keys/app.key", "merge = true"), dir.path(), &env).unwrap_err();
+        assert!(e.starts_with("4: ") && e.contains("cannot merge"), "{e}");
     }
 
     #[test]

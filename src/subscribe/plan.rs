@@ -589,7 +589,7 @@ impl ClientPush {
             database: p.database.clone(),
             key: p.key.clone(),
             force: false,
-            encryption: None,
+            encryption: p.encryption.clone().map(crate::crypt::Keys::one),
         }
     }
 }

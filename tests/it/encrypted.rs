@@ -6,8 +6,8 @@
 //! key (rows, integrity, digest), and a one-row change sends a few pages. A wrong key
 //! exits 5 and a flipped stored ciphertext byte exits 7, LOCAL byte for byte as it
 //! was; a keyless pull or push and a keyed push to a plaintext replica are refused;
-//! `SQLFERRY_ENCRYPTION_KEY` works like the file; a key given where it cannot work yet
-//! (`--subscribe`, a local copy, the daemon) is refused, never ignored.
+//! `SQLFERRY_ENCRYPTION_KEY` works like the file; a key given where it cannot work
+//! (a local copy, `--merge`, the daemon's environment) is refused, never ignored.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -441,7 +441,7 @@ fn an_encrypted_replica_on_a_server() {
 }
 
 #[test]
-fn a_key_where_it_cannot_work_yet_is_refused_not_ignored() {
+fn a_key_where_it_cannot_work_is_refused_not_ignored() {
     let dir = tempfile::TempDir::new().expect("tempdir");
     let m = Machine::new(dir.path(), "m");
     marked_db(&m.work);
@@ -450,49 +450,18 @@ fn a_key_where_it_cannot_work_yet_is_refused_not_ignored() {
     let store = format!("file://{}", dir.path().join("store").display());
     let text = std::fs::read_to_string(&key_file).expect("key text");
 
-    let out = m.run([
-        "push",
-        "app.db",
-        REPLICA,
-        "--server",
-        &store,
-        "--subscribe",
-        "--wait-idle",
-        "1s",
-        "--encryption-key-file",
-        kf,
-    ]);
-    assert_fails(&out, 2, "not yet with --subscribe");
-    let out = m.run([
-        "pull",
-        REPLICA,
-        "copy.db",
-        "--server",
-        &store,
-        "--subscribe",
-        "--encryption-key-file",
-        kf,
-    ]);
-    assert_fails(&out, 2, "not yet with --subscribe");
     // A local copy stays plaintext: the key is refused for it.
     let out = m.run(["push", "app.db", "./copy.db", "--encryption-key-file", kf]);
     assert_fails(&out, 2, "./copy.db is a local file");
     assert!(!m.path("copy.db").exists());
-    // The daemon and `subscribe` take no key yet: one in the environment is refused.
-    let out = m
-        .command()
-        .args(["subscribe", "app.db"])
-        .env("SQLFERRY_ENCRYPTION_KEY", text.trim())
-        .output()
-        .expect("run");
-    assert_fails(&out, 2, "not yet with sqlferry subscribe");
+    // The daemon takes a key per entry of its file: one in the environment is refused.
     let out = m
         .command()
         .args(["daemon", "--config", "nowhere.toml"])
         .env("SQLFERRY_ENCRYPTION_KEY", text.trim())
         .output()
         .expect("run");
-    assert_fails(&out, 2, "not yet with sqlferry daemon");
+    assert_fails(&out, 2, "encryption_key_file");
     // --merge cannot merge what the store cannot read.
     let out = m.run([
         "push",

@@ -108,6 +108,7 @@ mod cli;
 mod daemon;
 mod dashboard;
 mod encrypted;
+mod encrypted_subscribe;
 mod engine;
 mod followers;
 mod hostile;
