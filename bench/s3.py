@@ -299,6 +299,8 @@ def main():
     args = ap.parse_args()
     if not args.bin.is_file():
         fail(f"no binary at {args.bin}: cargo build --release, or --bin PATH")
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sqlferry-s3bench-", dir=args.workdir))
     os.chmod(work, 0o755)
     try:

@@ -96,6 +96,8 @@ def main(argv):
     args = ap.parse_args(argv)
     binary = (args.bin or default_bin()).resolve()
     bench_server.SQLFERRY = binary
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sqlferry-srvmem-", dir=args.workdir))
     try:
         db = work / "app.db"
