@@ -9,7 +9,8 @@
 //! half-way through a push (no version, the other serves on, the push made again
 //! through it); a bad endpoint or key stopping the start with exit 10 and no admin key
 //! made; a server whose `--data` is lost starting again on an empty one and serving
-//! every version.
+//! every version; a pull subscriber on one server following pushes made through the
+//! other, and a sync-now reaching it.
 //!
 //! Every wait is on an event (a line, a process exit); nothing sleeps.
 
@@ -28,7 +29,7 @@ use crate::server::{
     DbState, EXIT_CONFLICT, EXIT_USAGE, Machine, TestServer, assert_fails, exec, saved_push_key,
     sidecar_field, small_db, wait_for_exit,
 };
-use crate::subscribe::http;
+use crate::subscribe::{Subscriber, http};
 use crate::util;
 
 /// Exit code: the server failed on its own side (docs/exit-codes.md).
@@ -652,4 +653,71 @@ fn a_server_over_s3_whose_data_is_lost_starts_empty_and_serves_every_version() {
     let r = other.pull(&server, "acme/app.db", Some("latest.db"), &key);
     assert_eq!(r.u64("version"), 3);
     three.assert_held_by(&other.path("latest.db"), "@3 after --data was lost");
+}
+
+/// Issue 14's notifications over S3: two servers on one bucket and one PostgreSQL; a
+/// pull subscriber connected to B applies a version pushed through A (the "new
+/// version" travels through PostgreSQL's NOTIFY), and a sync-now sent to A reaches it.
+#[test]
+fn a_pull_subscriber_on_one_server_over_s3_follows_pushes_to_another() {
+    let pg = postgres::shared();
+    let meta = pg.database();
+    let dir = TempDir::new().expect("tempdir");
+    let location = new_location();
+    let a = s3_server(dir.path(), "a", &location, &["--meta", &meta], None);
+    let b = s3_server(
+        dir.path(),
+        "b",
+        &location,
+        &["--meta", &meta],
+        Some(&a.admin_key),
+    );
+    let key = ["--key", a.admin_key.as_str()];
+    let origin = Machine::new(dir.path(), "origin");
+    let (one, _writer) = wal_db(&origin, 1 << 20);
+    assert_eq!(
+        origin
+            .push(&a, "app.db", "acme/app.db", &key)
+            .u64("version"),
+        1
+    );
+
+    let follower = Machine::new(dir.path(), "follower");
+    let mut sub = Subscriber::start(
+        &follower,
+        &[
+            "pull",
+            "acme/app.db",
+            "sub.db",
+            "--subscribe",
+            "--server",
+            &b.url,
+            "--key",
+            &a.admin_key,
+        ],
+    );
+    sub.expect(&["pull (start): version 1"]);
+    one.assert_held_by(&follower.path("sub.db"), "the subscriber's first pull");
+
+    let path = origin.path("app.db");
+    exec(&path, "DELETE FROM t WHERE id % 7 = 0");
+    let two = DbState::of(&path);
+    assert_eq!(
+        origin
+            .push(&a, "app.db", "acme/app.db", &key)
+            .u64("version"),
+        2
+    );
+    sub.expect(&["pull (new-version): version 2"]);
+    two.assert_held_by(
+        &follower.path("sub.db"),
+        "the subscriber on B after a push to A",
+    );
+    assert_eq!(util::integrity(&follower.path("sub.db")), "ok");
+
+    let (status, body) = http(&a, "POST", "/api/replicas/acme/app.db/sync", &a.admin_key);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["reached"], 1, "{body}");
+    sub.expect(&["pull (sync-now)"]);
+    drop(sub);
 }
