@@ -219,10 +219,18 @@ fn violations(edges: &[Edge], known: &[(&str, &str)]) -> Vec<String> {
                 "server and remote never import each other (they share transport)",
             );
         }
-        if from == "meta" && !["error", "digest", "epoch", "protocol", "backoff"].contains(&to) {
+        if from == "meta"
+            && !["error", "digest", "epoch", "protocol", "backoff", "store"].contains(&to)
+        {
             rule(
                 e,
-                "meta (the server's keys and notifications) imports only protocol, backoff and the leaves",
+                "meta (the server's keys, notifications and versions index) imports only store (the interface it implements), protocol, backoff and the leaves",
+            );
+        }
+        if from == "store" && to == "meta" {
+            rule(
+                e,
+                "store never imports meta: it knows the versions index only through its own VersionIndex",
             );
         }
         if from == "protocol" && !["error", "digest"].contains(&to) {
