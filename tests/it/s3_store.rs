@@ -512,6 +512,54 @@ fn a_damaged_pack_fails_the_pull_and_leaves_local_alone() {
     }
 }
 
+/// A pull into an older copy reads ahead in a pack (docs/scale-out.md): a damaged page
+/// among those fetched ahead is never delivered. The pull fails naming the pack, and
+/// the older copy is left as it was.
+#[test]
+fn a_damaged_page_read_ahead_fails_the_pull_and_leaves_the_old_copy_alone() {
+    let rt = runtime();
+    let dir = TempDir::new().unwrap();
+    let db = dir.path().join("app.db");
+    let conn = wal_database(&db);
+    let store = new_store(&rt, &dir.path().join("cache"));
+    let replica = ReplicaPath::parse("acme/app.db").unwrap();
+    push(&store, &replica, &db, None);
+    let old = dir.path().join("old.db");
+    pull(&store, &replica, Selector::Number(1), &old);
+    let (digest, rows) = (util::digest(&old), util::dump(&old));
+
+    // A contiguous change: its pages lie end to end in version 2's own pack.
+    conn.execute(
+        "UPDATE t SET v = randomblob(1000) WHERE id BETWEEN 200 AND 400",
+        [],
+    )
+    .unwrap();
+    assert_eq!(push(&store, &replica, &db, Some(1)), (2, true));
+    let v1 = store.version(&replica, 1).unwrap().unwrap();
+    let v2 = store.version(&replica, 2).unwrap().unwrap();
+    let pack = v2.packs.iter().find(|p| !v1.packs.contains(p)).unwrap();
+    let key = format!("packs/{pack}.pack");
+    let mut bytes = rt.block_on(store.objects().get(&key)).unwrap().unwrap();
+    assert!(bytes.len() >= 8 * 4096, "{} bytes", bytes.len());
+    // The fourth page of the pack: fetched ahead with the first.
+    bytes[3 * 4096 + 100] ^= 0x01;
+    rt.block_on(store.objects().put(&key, bytes)).unwrap();
+
+    let before = store.objects().requests();
+    let mut reader = store.read(&replica, Selector::Latest).unwrap();
+    let mut writer = Writer::open(&old).unwrap();
+    let err = sync_local(&mut reader, &mut writer, &NoProgress).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("damaged") && text.contains(&key), "{text}");
+    assert_eq!(err.kind(), ErrorKind::Verification, "{text}");
+    drop(writer);
+    let pulled = delta(store.objects().requests(), before);
+    eprintln!("the pull that met the damage: {pulled:?}");
+    assert_eq!(util::digest(&old), digest);
+    assert_eq!(util::integrity(&old), "ok");
+    assert!(util::dump(&old) == rows, "the old copy's rows unchanged");
+}
+
 /// A second replica with the same pages, pushed by the same server: no pack, no
 /// index, no chunk, only its version object, naming the first replica's pack. Pushed
 /// by another server (which knows no pack), the pack it writes has the same name: the
