@@ -206,6 +206,17 @@ impl Selector {
 }
 
 impl Selector {
+    /// The number `@latest-n` names when the newest version of `replica` is `latest`;
+    /// refused by name when it would fall before version 1. Both stores resolve
+    /// `@latest-N` through this, so they agree on its meaning and its error.
+    pub fn latest_minus(replica: &ReplicaPath, latest: u64, n: u64) -> Result<u64> {
+        latest.checked_sub(n).filter(|&v| v >= 1).ok_or_else(|| {
+            Error::NotFound(format!(
+                "{replica}@latest-{n} does not exist: the latest version is {latest}"
+            ))
+        })
+    }
+
     /// The version number this selector names among `versions` (oldest first), whose
     /// newest is the latest; `None` when it names none.
     pub fn pick(self, versions: &[VersionInfo]) -> Option<u64> {
@@ -685,6 +696,15 @@ mod tests {
         assert_eq!(Selector::At(10_000).pick(&versions), Some(4));
         assert_eq!(Selector::LatestMinus(1).pick(&versions), Some(3));
         assert_eq!(Selector::LatestMinus(4).pick(&versions), None);
+        let replica = ReplicaPath::parse("acme/app.db").unwrap();
+        assert_eq!(Selector::latest_minus(&replica, 4, 3).unwrap(), 1);
+        let err = Selector::latest_minus(&replica, 4, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("acme/app.db@latest-4 does not exist: the latest version is 4"),
+            "{err}"
+        );
         assert_eq!(Selector::Number(5).pick(&versions), None);
         assert_eq!(Selector::Latest.pick(&[]), None);
     }

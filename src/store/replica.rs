@@ -2376,16 +2376,7 @@ fn select(
     let number = match selector {
         Selector::Latest => latest.number,
         Selector::Number(n) => n,
-        Selector::LatestMinus(n) => latest
-            .number
-            .checked_sub(n)
-            .filter(|&v| v >= 1)
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "{replica}@latest-{n} does not exist: the latest version is {}",
-                    latest.number
-                ))
-            })?,
+        Selector::LatestMinus(n) => Selector::latest_minus(replica, latest.number, n)?,
         Selector::At(t) => {
             let kept = conn
                 .query_row(

@@ -677,16 +677,7 @@ impl S3Store {
             Selector::Latest => return Ok(latest),
             Selector::Number(n) if n == latest.number => return Ok(latest),
             Selector::Number(n) => n,
-            Selector::LatestMinus(n) => latest
-                .number
-                .checked_sub(n)
-                .filter(|&v| v >= 1)
-                .ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "{replica}@latest-{n} does not exist: the latest version is {}",
-                        latest.number
-                    ))
-                })?,
+            Selector::LatestMinus(n) => Selector::latest_minus(replica, latest.number, n)?,
             Selector::At(_) => {
                 // Removed versions count: a time one of them was current is refused,
                 // never answered with an older version.
