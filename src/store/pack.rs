@@ -10,16 +10,22 @@
 //!   in which form: `codec` 0 is the page as it is, 1 one zstd frame of it (a page that
 //!   arrived compressed is kept as it came, see `docs/server.md`), 2 a sealed page of
 //!   an encrypted replica (`nonce ‖ ciphertext ‖ tag`, keyed by its identity, which
-//!   the store cannot recompute: `checksum` is the SHA-256 of the sealed bytes, checked
-//!   instead; `docs/security.md`). Only the index's small rows go through SQLite; the
-//!   page bytes never do. An index made before `codec` or `checksum` existed gains the
-//!   column (every old row plain, no checksum) when first opened: no byte moves.
-//! - Every read expands what it reads ([`PackFiles::read`]): a reader always gets the
-//!   page itself, and checks it against its hash; an entry that does not expand to a
-//!   page reads as damaged, like plain bytes that no longer match. A pull reads the
-//!   entries that lie end to end in a pack with one read ([`PackFiles::read_raw`] of
-//!   their span, then [`PackFiles::expand`] for each compressed one) and checks each
-//!   page of it on its own all the same.
+//!   the store cannot recompute; `docs/security.md`). `checksum` is the xxh3-64 of the
+//!   entry's stored bytes (8 bytes, little-endian) for every entry written since the
+//!   store kept sums; an older sealed entry's is the SHA-256 of its bytes, an older
+//!   plain or compressed entry has none. Only the index's small rows go through SQLite;
+//!   the page bytes never do. An index made before `codec` or `checksum` existed gains
+//!   the column (every old row plain, no checksum) when first opened: no byte moves.
+//! - Every read checks what it reads ([`PackFiles::read`]): the stored bytes against
+//!   their sum ([`Check`]), before a compressed entry is expanded; an older entry's page
+//!   against its hash; a plaintext page 1 always against its hash ([`Loc::for_page`]).
+//!   Bytes that fail, and an entry that does not expand to a page, read as damaged. A
+//!   page's identity is checked once, when the store takes it (its hash, computed from
+//!   the bytes received); the sum then finds any byte changed since, as the hash would,
+//!   for a small part of its CPU (docs/performance.md), and the client hashes every page
+//!   it receives all the same. `scrub` checks both. A pull reads the entries that lie end to end in a pack
+//!   with one read ([`PackFiles::read_raw`] of their span, then [`PackFiles::expand`]
+//!   for each compressed one) and checks each entry of it on its own all the same.
 //!
 //! Invariants:
 //! - A page is written once: into a pack, fsynced once per push before the index rows
@@ -106,18 +112,79 @@ pub(super) struct Loc {
     pub len: u32,
     /// The bytes are one zstd frame of the page, not the page.
     pub zstd: bool,
-    /// A sealed page's entry (codec 2): the SHA-256 of its bytes, which every read
-    /// checks instead of the page hash (the store cannot open the page to hash it).
-    pub sealed: Option<Hash>,
+    /// A sealed page's entry (codec 2): the store cannot open it to hash the page.
+    pub sealed: bool,
+    /// How a read checks the entry's bytes.
+    pub check: Check,
+}
+
+/// How a read checks an entry's bytes. Every entry written since the store kept sums
+/// has one ([`Check::Sum`]); older entries are checked as they always were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Check {
+    /// The xxh3-64 of the stored bytes, as written: the store checked the page's
+    /// identity when it took the page (its hash, or for a sealed page nothing it can
+    /// check), so a read only has to find the same bytes again. Much cheaper than
+    /// SHA-256, which was most of a pull's CPU on the server; the client still hashes
+    /// every page it receives against the version's page hashes before its digest
+    /// check (docs/trust.md).
+    Sum(u64),
+    /// An older sealed entry: the SHA-256 of its stored bytes.
+    Sha(Hash),
+    /// An older plain or compressed entry: the page, expanded, hashes to its key.
+    Page,
+}
+
+/// The checksum of an entry's stored bytes ([`Check::Sum`]).
+pub(super) fn sum_of(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
 impl Loc {
+    /// A new entry of `bytes` at `offset` of pack `pack`, with their sum.
+    pub fn of_bytes(pack: i64, offset: u64, bytes: &[u8], zstd: bool, sealed: bool) -> Loc {
+        Loc {
+            pack,
+            offset,
+            len: bytes.len() as u32,
+            zstd,
+            sealed,
+            check: Check::Sum(sum_of(bytes)),
+        }
+    }
+
     /// The entry's `codec` column.
     pub fn codec(&self) -> i64 {
         match (self.sealed, self.zstd) {
-            (Some(_), _) => CODEC_SEALED,
-            (None, true) => CODEC_ZSTD,
-            (None, false) => CODEC_PLAIN,
+            (true, _) => CODEC_SEALED,
+            (false, true) => CODEC_ZSTD,
+            (false, false) => CODEC_PLAIN,
+        }
+    }
+
+    /// The entry as a read of it as page `pgno` checks it: a plaintext page 1 by its
+    /// page's hash, whatever its sum. Its hash leaves out the counters SQLite rewrites
+    /// on every commit (docs/engine.md), so a change there is no damage; on every other
+    /// page, a byte that changed fails its hash and its sum alike.
+    pub fn for_page(self, pgno: u32) -> Loc {
+        if pgno == 1 && !self.sealed {
+            Loc {
+                check: Check::Page,
+                ..self
+            }
+        } else {
+            self
+        }
+    }
+
+    /// Whether `stored`, read where this entry is, are its bytes as far as they can be
+    /// checked before they are expanded: `None` for an older plain or compressed entry,
+    /// which only its page's hash checks.
+    pub fn holds(&self, stored: &[u8]) -> Option<bool> {
+        match self.check {
+            Check::Sum(sum) => Some(stored.len() == self.len as usize && sum_of(stored) == sum),
+            Check::Sha(sum) => Some(crate::digest::sha256(stored) == sum),
+            Check::Page => None,
         }
     }
 
@@ -127,8 +194,10 @@ impl Loc {
         codec == CODEC_ZSTD
     }
 
-    /// The entry an index row (or a push's pending row) describes. A sealed entry whose
-    /// checksum is not a hash gets one no bytes have, so it reads as damaged.
+    /// The entry an index row (or a push's pending row) describes. `checksum` is 8
+    /// bytes (the sum, little-endian) for an entry written since the store kept sums,
+    /// 32 (SHA-256) for an older sealed one, none for an older plain or compressed one.
+    /// A sealed entry with neither gets a hash no bytes have, so it reads as damaged.
     pub fn from_row(
         pack: i64,
         offset: i64,
@@ -136,22 +205,32 @@ impl Loc {
         codec: i64,
         checksum: Option<Vec<u8>>,
     ) -> Loc {
+        let sealed = codec == CODEC_SEALED;
+        let check = match checksum.as_deref() {
+            Some(c) if c.len() == 8 => {
+                Check::Sum(u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            }
+            Some(c) if sealed && c.len() == 32 => Check::Sha(c.try_into().expect("32 bytes")),
+            _ if sealed => Check::Sha([0; 32]),
+            _ => Check::Page,
+        };
         Loc {
             pack,
             offset: offset as u64,
             len,
             zstd: Loc::is_zstd(codec),
-            sealed: (codec == CODEC_SEALED).then(|| {
-                checksum
-                    .and_then(|c| Hash::try_from(c.as_slice()).ok())
-                    .unwrap_or([0; 32])
-            }),
+            sealed,
+            check,
         }
     }
 
     /// The `checksum` column of the entry.
-    pub fn checksum(&self) -> Option<&[u8]> {
-        self.sealed.as_ref().map(|c| &c[..])
+    pub fn checksum(&self) -> Option<Vec<u8>> {
+        match self.check {
+            Check::Sum(sum) => Some(sum.to_le_bytes().to_vec()),
+            Check::Sha(sum) => Some(sum.to_vec()),
+            Check::Page => None,
+        }
     }
 }
 
@@ -248,9 +327,10 @@ impl PackFiles {
     }
 
     /// Reads the page stored at `loc` into `buf`, expanding a compressed entry. A short
-    /// read (bytes gone) is `Ok(false)`: the caller treats it as a missing page. A
-    /// compressed entry that does not expand to a page leaves `buf` empty (`Ok(true)`):
-    /// it fails the caller's hash check, as damaged plain bytes do.
+    /// read (bytes gone) is `Ok(false)`: the caller treats it as a missing page. Stored
+    /// bytes that fail their entry's check ([`Loc::holds`]), and a compressed entry that
+    /// does not expand to a page, leave `buf` empty (`Ok(true)`): damaged. An entry
+    /// whose check is its page's hash ([`Check::Page`]) is left for the caller to hash.
     pub fn read(&mut self, loc: Loc, buf: &mut Vec<u8>) -> Result<bool> {
         self.read_keeping(loc, buf, None)
     }
@@ -267,13 +347,17 @@ impl PackFiles {
             if let Some(p) = packed {
                 p.clear();
             }
-            return self.read_raw(loc, buf);
+            let found = self.read_raw(loc, buf)?;
+            if found && loc.holds(buf) == Some(false) {
+                buf.clear();
+            }
+            return Ok(found);
         }
         let mut raw = std::mem::take(&mut self.raw);
         let found = self.read_raw(loc, &mut raw);
         let result = match found {
             Ok(true) => {
-                if self.expander.expand_into(&raw, buf).is_err() {
+                if loc.holds(&raw) == Some(false) || self.expander.expand_into(&raw, buf).is_err() {
                     buf.clear();
                 }
                 Ok(true)
@@ -795,18 +879,12 @@ impl Appender {
     }
 
     /// Appends one entry's bytes (a page, or with `zstd` one zstd frame of it, or a
-    /// sealed page with `sealed` the SHA-256 of its bytes); returns where they are.
-    pub fn append(&mut self, data: &[u8], zstd: bool, sealed: Option<Hash>) -> Result<Loc> {
+    /// `sealed` page); returns where they are, with their sum.
+    pub fn append(&mut self, data: &[u8], zstd: bool, sealed: bool) -> Result<Loc> {
         self.out
             .write_all(data)
             .map_err(|e| Error::io(&self.path, e))?;
-        let loc = Loc {
-            pack: self.id,
-            offset: self.end,
-            len: data.len() as u32,
-            zstd,
-            sealed,
-        };
+        let loc = Loc::of_bytes(self.id, self.end, data, zstd, sealed);
         self.end += data.len() as u64;
         Ok(loc)
     }
@@ -971,26 +1049,33 @@ mod tests {
         assert_eq!(row, (0, None));
         assert_eq!(index.lookup(&old).expect("lookup"), None);
 
+        // An older sealed row (SHA-256), an older compressed row, and a row of today
+        // (a sum).
         let sealed = Loc {
             pack: 1,
             offset: 4096,
             len: 4124,
             zstd: false,
-            sealed: Some([9; 32]),
+            sealed: true,
+            check: Check::Sha([9; 32]),
         };
         let zstd = Loc {
             offset: 8220,
             len: 100,
             zstd: true,
-            sealed: None,
+            sealed: false,
+            check: Check::Page,
             ..sealed
         };
+        let summed = Loc::of_bytes(1, 8320, b"stored bytes", false, true);
         index.begin().expect("begin");
+        assert!(index.insert(&[4; 32], summed, false).expect("insert"));
         assert!(index.insert(&[2; 32], sealed, false).expect("insert"));
         assert!(index.insert(&[3; 32], zstd, false).expect("insert"));
         index.commit(None).expect("commit");
         assert_eq!(index.lookup(&[2; 32]).expect("lookup"), Some(sealed));
         assert_eq!(index.lookup(&[3; 32]).expect("lookup"), Some(zstd));
+        assert_eq!(index.lookup(&[4; 32]).expect("lookup"), Some(summed));
         assert_eq!(sealed.codec(), CODEC_SEALED);
         // A sealed row whose checksum is gone reads as sealed with a checksum no bytes
         // have: damaged, never a plain page.
@@ -999,7 +1084,43 @@ mod tests {
             .execute("UPDATE pages SET checksum = NULL WHERE codec = 2", [])
             .expect("damage");
         let damaged = index.lookup(&[2; 32]).expect("lookup").expect("a row");
-        assert_eq!(damaged.sealed, Some([0; 32]));
+        assert_eq!((damaged.sealed, damaged.check), (true, Check::Sha([0; 32])));
+    }
+
+    /// Every entry appended now carries the sum of its bytes, and a read checks it: a
+    /// flipped byte in the pack, plain or compressed, reads as no bytes (damaged), the
+    /// intact entry as itself.
+    #[test]
+    fn a_read_checks_the_entry_sum_and_finds_a_flipped_byte() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Pages::open(dir.path(), READER_CACHE_KIB).expect("open");
+        let page: Vec<u8> = (0..4096u32).map(|i| (i % 13) as u8).collect();
+        let frame = zstd::bulk::compress(&page, 1).expect("compress");
+        let mut appender = index.appender().expect("appender");
+        let plain = appender.append(&page, false, false).expect("append");
+        let packed = appender.append(&frame, true, false).expect("append");
+        appender.sync().expect("sync");
+        index.begin().expect("begin");
+        index.commit(Some(&mut appender)).expect("commit");
+        assert_eq!(plain.check, Check::Sum(sum_of(&page)));
+        assert_eq!(plain.checksum(), Some(sum_of(&page).to_le_bytes().to_vec()));
+        drop(appender);
+        let mut files = index.files();
+        let mut buf = Vec::new();
+        for loc in [plain, packed] {
+            assert!(files.read(loc, &mut buf).expect("read"));
+            assert_eq!(buf, page, "the intact entry reads as the page");
+        }
+        let path = pack_path(dir.path(), plain.pack);
+        let mut bytes = std::fs::read(&path).expect("pack");
+        bytes[100] ^= 1;
+        bytes[(packed.offset + u64::from(packed.len) / 2) as usize] ^= 1;
+        std::fs::write(&path, bytes).expect("damage");
+        let mut files = index.files();
+        for loc in [plain, packed] {
+            assert!(files.read(loc, &mut buf).expect("read"), "found");
+            assert!(buf.is_empty(), "damaged bytes read as none");
+        }
     }
 
     /// A new store's index gets small pages; one made by an older sqlferry (SQLite's

@@ -6,11 +6,20 @@
 //! Layout, in the replica file: `places(chunk, runs)`, one row per manifest chunk (keyed
 //! like `chunks`, by the SHA-256 of its page hashes, so every version that shares a
 //! chunk shares its hint). `runs` is a list of runs, each `pack` (i64), `offset` (u64),
-//! `count` (u32), little-endian, then for a placed run (`pack` > 0) `count` lengths
-//! (u32, the top bit set for an entry stored as one zstd frame); a run with `pack` 0 is
-//! `count` pages with no place known (the reader looks them up in the index). The
-//! entries of a placed run lie end to end from `offset`: a version pushed whole has one
-//! run a chunk, a few bytes per page.
+//! `count` (u32), little-endian, then:
+//! - for a run of entries with sums (`pack` < 0, the entries in pack `-pack`), `count`
+//!   times a length (u32; the top bit set for an entry stored as one zstd frame, the
+//!   next for a sealed one) and the entry's sum (u64, [`super::pack::sum_of`] of its stored
+//!   bytes, as its index row has it): a read through the hint checks the bytes against
+//!   it, as a read through the index does. Older sqlferry refuses such a hint (a
+//!   negative pack) and reads through the index;
+//! - for a run of older entries (`pack` > 0), `count` lengths (u32, the top bit set for
+//!   an entry stored as one zstd frame), checked by their page's hash;
+//! - a run with `pack` 0 is `count` pages with no place known (the reader looks them up
+//!   in the index; so is an older sealed entry, whose SHA-256 a hint does not carry).
+//!
+//! The entries of a placed run lie end to end from `offset`: a version pushed whole has
+//! one run a chunk, 12 bytes a page.
 //!
 //! Invariants:
 //! - A hint is never trusted. Every page read through one is checked against its hash
@@ -37,7 +46,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::CHUNK_PAGES;
-use super::pack::{Loc, Pages};
+use super::pack::{Check, Loc, Pages};
 use super::replica::sql;
 use crate::Result;
 use crate::digest::{HASH_BYTES, Hash};
@@ -61,12 +70,37 @@ pub(super) const PLACED_SCHEMA: &str = "
     DELETE FROM temp.placed;
 ";
 
-/// Bytes of one entry of a `temp.placed` row: present (1), hash, pack (8), offset
-/// (8), length (4), zstd (1).
-const PLACED_ENTRY_BYTES: usize = 1 + HASH_BYTES + 8 + 8 + 4 + 1;
+/// Bytes of one entry of a `temp.placed` row: present (1: the entry has a sum, 2: it is
+/// checked by its page's hash), hash, pack (8), offset (8), length (4, with the bits
+/// below), sum (8).
+const PLACED_ENTRY_BYTES: usize = 1 + HASH_BYTES + 8 + 8 + 4 + 8;
 
 /// The bit of an entry's length that says it is stored as one zstd frame.
 const ZSTD_BIT: u32 = 1 << 31;
+
+/// The bit of an entry's length that says it is a sealed page (runs with sums only).
+const SEALED_BIT: u32 = 1 << 30;
+
+/// How a hint can place an entry: with its sum, by its page's hash, or not at all.
+#[derive(PartialEq, Eq)]
+enum Kind {
+    Sum,
+    Page,
+    Unplaced,
+}
+
+fn kind(loc: &Option<Loc>) -> Kind {
+    match loc.map(|l| (l.check, l.sealed)) {
+        Some((Check::Sum(_), _)) => Kind::Sum,
+        Some((Check::Page, false)) => Kind::Page,
+        _ => Kind::Unplaced,
+    }
+}
+
+/// An entry's length with its flag bits.
+fn flagged_len(loc: &Loc) -> u32 {
+    loc.len | if loc.zstd { ZSTD_BIT } else { 0 } | if loc.sealed { SEALED_BIT } else { 0 }
+}
 
 /// Bytes of a run's head: pack, offset, count.
 const RUN_HEAD_BYTES: usize = 8 + 8 + 4;
@@ -88,30 +122,38 @@ pub(super) fn encode(locs: &[Option<Loc>], out: &mut Vec<u8>) {
     let mut i = 0;
     while i < locs.len() {
         let mut j = i + 1;
-        match locs[i] {
-            None => {
-                while j < locs.len() && locs[j].is_none() {
+        let run = kind(&locs[i]);
+        match (run, locs[i]) {
+            (Kind::Unplaced, _) | (_, None) => {
+                while j < locs.len() && kind(&locs[j]) == Kind::Unplaced {
                     j += 1;
                 }
                 out.extend_from_slice(&0i64.to_le_bytes());
                 out.extend_from_slice(&0u64.to_le_bytes());
                 out.extend_from_slice(&((j - i) as u32).to_le_bytes());
             }
-            Some(first) => {
+            (run, Some(first)) => {
                 let mut end = first.offset + u64::from(first.len);
                 while let Some(Some(next)) = locs.get(j) {
-                    if next.pack != first.pack || next.offset != end {
+                    if next.pack != first.pack || next.offset != end || kind(&locs[j]) != run {
                         break;
                     }
                     end += u64::from(next.len);
                     j += 1;
                 }
-                out.extend_from_slice(&first.pack.to_le_bytes());
+                let pack = if run == Kind::Sum {
+                    -first.pack
+                } else {
+                    first.pack
+                };
+                out.extend_from_slice(&pack.to_le_bytes());
                 out.extend_from_slice(&first.offset.to_le_bytes());
                 out.extend_from_slice(&((j - i) as u32).to_le_bytes());
                 for loc in locs[i..j].iter().flatten() {
-                    let len = loc.len | if loc.zstd { ZSTD_BIT } else { 0 };
-                    out.extend_from_slice(&len.to_le_bytes());
+                    out.extend_from_slice(&flagged_len(loc).to_le_bytes());
+                    if let Check::Sum(sum) = loc.check {
+                        out.extend_from_slice(&sum.to_le_bytes());
+                    }
                 }
             }
         }
@@ -143,25 +185,35 @@ fn decode_into(mut blob: &[u8], pages: usize, out: &mut Vec<Option<Loc>>) -> Opt
         let pack = i64::from_le_bytes(take(&mut blob)?);
         let mut offset = u64::from_le_bytes(take(&mut blob)?);
         let count = u32::from_le_bytes(take(&mut blob)?) as usize;
-        if count == 0 || out.len() + count > pages || pack < 0 {
+        if count == 0 || out.len() + count > pages || pack == i64::MIN {
             return None;
         }
         if pack == 0 {
             out.extend(std::iter::repeat_n(None, count));
             continue;
         }
+        let summed = pack < 0;
         for _ in 0..count {
             let raw = u32::from_le_bytes(take(&mut blob)?);
-            let len = raw & !ZSTD_BIT;
+            let (check, sealed) = if summed {
+                let sum = u64::from_le_bytes(take(&mut blob)?);
+                (Check::Sum(sum), raw & SEALED_BIT != 0)
+            } else if raw & SEALED_BIT != 0 {
+                return None;
+            } else {
+                (Check::Page, false)
+            };
+            let len = raw & !(ZSTD_BIT | SEALED_BIT);
             if len == 0 {
                 return None;
             }
             out.push(Some(Loc {
-                pack,
+                pack: pack.abs(),
                 offset,
                 len,
                 zstd: raw & ZSTD_BIT != 0,
-                sealed: None,
+                sealed,
+                check,
             }));
             offset = offset.checked_add(u64::from(len))?;
         }
@@ -204,7 +256,9 @@ impl Placed {
             self.pages.clear();
             self.pages.resize(CHUNK_PAGES, None);
         }
-        self.pages[(pgno - 1) as usize % CHUNK_PAGES] = Some((*hash, loc));
+        // An older sealed entry is not placed: a hint cannot carry its SHA-256.
+        self.pages[(pgno - 1) as usize % CHUNK_PAGES] =
+            (kind(&Some(loc)) != Kind::Unplaced).then_some((*hash, loc));
         Ok(())
     }
 
@@ -225,12 +279,16 @@ impl Placed {
         for entry in &merged {
             match entry {
                 Some((hash, loc)) => {
-                    blob.push(1);
+                    let sum = match loc.check {
+                        Check::Sum(sum) => Some(sum),
+                        _ => None,
+                    };
+                    blob.push(if sum.is_some() { 1 } else { 2 });
                     blob.extend_from_slice(hash);
                     blob.extend_from_slice(&loc.pack.to_le_bytes());
                     blob.extend_from_slice(&loc.offset.to_le_bytes());
-                    blob.extend_from_slice(&loc.len.to_le_bytes());
-                    blob.push(u8::from(loc.zstd));
+                    blob.extend_from_slice(&flagged_len(loc).to_le_bytes());
+                    blob.extend_from_slice(&sum.unwrap_or(0).to_le_bytes());
                 }
                 None => blob.extend_from_slice(&[0u8; PLACED_ENTRY_BYTES]),
             }
@@ -268,19 +326,25 @@ fn load(
         return Ok(());
     };
     for (slot, e) in out.iter_mut().zip(blob.chunks_exact(PLACED_ENTRY_BYTES)) {
-        if e[0] != 1 {
+        if e[0] != 1 && e[0] != 2 {
             continue;
         }
         let at = 1 + HASH_BYTES;
         let word = |from: usize| -> [u8; 8] { e[from..from + 8].try_into().expect("8 bytes") };
+        let len = u32::from_le_bytes(e[at + 16..at + 20].try_into().expect("4 bytes"));
         *slot = Some((
             e[1..at].try_into().expect("32 bytes"),
             Loc {
                 pack: i64::from_le_bytes(word(at)),
                 offset: u64::from_le_bytes(word(at + 8)),
-                len: u32::from_le_bytes(e[at + 16..at + 20].try_into().expect("4 bytes")),
-                zstd: e[at + 20] == 1,
-                sealed: None,
+                len: len & !(ZSTD_BIT | SEALED_BIT),
+                zstd: len & ZSTD_BIT != 0,
+                sealed: len & SEALED_BIT != 0,
+                check: if e[0] == 1 {
+                    Check::Sum(u64::from_le_bytes(word(at + 20)))
+                } else {
+                    Check::Page
+                },
             },
         ));
     }
@@ -437,8 +501,48 @@ mod tests {
             offset,
             len,
             zstd,
-            sealed: None,
+            sealed: false,
+            check: Check::Page,
         })
+    }
+
+    fn summed(pack: i64, offset: u64, len: u32, zstd: bool, sealed: bool) -> Option<Loc> {
+        Some(Loc {
+            check: Check::Sum(offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(len)),
+            sealed,
+            ..loc(pack, offset, len, zstd)?
+        })
+    }
+
+    /// Entries with sums go in runs of their own, with each sum and the sealed and
+    /// compressed bits; an older entry keeps its own kind of run; an older sealed entry
+    /// (checked by a SHA-256 a hint cannot carry) is left unplaced.
+    #[test]
+    fn hints_carry_each_entry_sum_and_kind() {
+        let old_sealed = Some(Loc {
+            sealed: true,
+            check: Check::Sha([7; 32]),
+            ..loc(1, 0, 4124, false).unwrap()
+        });
+        let locs = vec![
+            summed(3, 0, 4096, false, false),
+            summed(3, 4096, 100, true, false),
+            summed(3, 4196, 4124, false, true),
+            loc(3, 8320, 4096, false),
+            old_sealed,
+            summed(3, 12416, 4096, false, false),
+        ];
+        let mut blob = Vec::new();
+        encode(&locs, &mut blob);
+        // Runs: three summed entries, one older, one unplaced, one summed.
+        assert_eq!(blob.len(), 4 * RUN_HEAD_BYTES + 4 * 12 + 4);
+        let mut out = Vec::new();
+        assert!(decode(&blob, locs.len(), &mut out));
+        let mut want = locs.clone();
+        want[4] = None;
+        assert_eq!(out, want);
+        // Older sqlferry refused a negative pack: such a hint was never read by it.
+        assert_eq!(i64::from_le_bytes(blob[..8].try_into().unwrap()), -3);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use super::pack::{self, Appender, Loc, Pages};
+use super::pack::{self, Appender, Check, Loc, Pages};
 use super::place;
 use super::retention::{self, GcShared};
 use super::{CHUNK_PAGES, PushOptions, ReplicaPath, RetentionPolicy, Selector, VersionInfo};
@@ -635,6 +635,9 @@ fn damaged_version(replica: &ReplicaPath, version: u64, damage: &ManifestDamage)
 /// [`page_hash`], which for page 1 differs from the plain SHA-256 (a few header bytes
 /// are normalized), so both are tried when the position is not known.
 pub(super) fn page_matches(pgno: Option<u32>, hash: &Hash, data: &[u8]) -> bool {
+    if data.is_empty() {
+        return false; // what a read leaves of bytes found damaged
+    }
     match pgno {
         Some(n) => page_hash(n, data) == *hash,
         None => sha256(data) == *hash || page_hash(1, data) == *hash,
@@ -1182,7 +1185,7 @@ impl VersionWriter {
                 true
             }
             _ => match self.pages.lookup(hash)? {
-                Some(loc) => self.pages.read(loc, &mut data)?,
+                Some(loc) => self.pages.read(loc.for_page(1), &mut data)?,
                 None => false,
             },
         };
@@ -1511,19 +1514,14 @@ impl PageTarget for VersionWriter {
             Some(p) => (&p.bytes[..], true),
             None => (&data[..], false),
         };
-        // A sealed page is kept with the SHA-256 of its sealed bytes: its identity
-        // cannot be checked here, the bytes can.
-        let sealed = self.sealed.then(|| sha256(bytes));
+        // Kept with the sum of its stored bytes, which every read checks (a sealed
+        // page's identity cannot be checked here at all; a plain one's was, by the
+        // engine, before it reached this).
+        let sealed = self.sealed;
         // Where the bytes will go, recorded first: a row that is there already means
         // this push appended the page before (one statement per new page, not a look
         // and then a write).
-        let at = Loc {
-            pack: appender.id(),
-            offset: appender.end(),
-            len: bytes.len() as u32,
-            zstd,
-            sealed,
-        };
+        let at = Loc::of_bytes(appender.id(), appender.end(), bytes, zstd, sealed);
         let recorded = self
             .conn
             .prepare_cached(
@@ -2564,6 +2562,7 @@ impl Fetch<'_> {
         buf: &mut Vec<u8>,
         hinted: bool,
     ) -> Result<bool> {
+        let loc = loc.map(|l| l.for_page(pgno));
         let Some(handed) = self.packed else {
             let found = match loc {
                 Some(loc) => self.pages.read(loc, buf)?,
@@ -2601,8 +2600,13 @@ impl Fetch<'_> {
         page: &mut Vec<u8>,
         f: &mut ScanFn<'_>,
     ) -> Result<()> {
+        // The stored bytes' own check first (the run was read unchecked); bytes that
+        // fail it are checked as no bytes, which fail as damaged bytes do.
+        let loc = loc.for_page(pgno);
+        let intact = loc.holds(raw) != Some(false);
         if !loc.zstd {
-            if !self.check(pgno, &hash, Some(loc), raw, true, hinted)? {
+            let stored = if intact { raw } else { &[][..] };
+            if !self.check(pgno, &hash, Some(loc), stored, true, hinted)? {
                 self.page(pgno, &hash, page)?;
                 return f(pgno, hash, Some(page));
             }
@@ -2611,7 +2615,11 @@ impl Fetch<'_> {
             }
             return f(pgno, hash, Some(raw));
         }
-        self.pages.pack_files().expand(raw, page);
+        if intact {
+            self.pages.pack_files().expand(raw, page);
+        } else {
+            page.clear();
+        }
         if !self.check(pgno, &hash, Some(loc), page, true, hinted)? {
             self.page(pgno, &hash, page)?;
             return f(pgno, hash, Some(page));
@@ -2647,14 +2655,21 @@ impl Fetch<'_> {
     }
 
     /// Whether `buf`, read from entry `loc`, is what the version stores as page `pgno`
-    /// under `hash`: a plaintext version's page hashes to it; an encrypted version's
-    /// entry is a sealed one whose bytes have its checksum (the store cannot open it:
-    /// the client checks the identity). An entry of the other kind never matches.
+    /// under `hash`. Reads check an entry's stored bytes against its sum (or an older
+    /// sealed entry's SHA-256) and leave no bytes when they fail ([`pack::PackFiles::read`]),
+    /// so such an entry matches when bytes are left; an older plain entry's page
+    /// hashes to `hash`. The store cannot open a sealed page: the client checks its
+    /// identity. An entry of the other kind (sealed or not) never matches.
     fn matches(&self, pgno: u32, hash: &Hash, loc: Option<Loc>, buf: &[u8]) -> bool {
-        match (self.sealed, loc.and_then(|l| l.sealed)) {
-            (true, Some(sum)) => sha256(buf) == sum,
-            (false, None) => page_matches(Some(pgno), hash, buf),
-            _ => false,
+        let Some(loc) = loc else {
+            return false;
+        };
+        if loc.sealed != self.sealed {
+            return false;
+        }
+        match loc.check {
+            Check::Page => page_matches(Some(pgno), hash, buf),
+            Check::Sum(_) | Check::Sha(_) => !buf.is_empty(),
         }
     }
 
@@ -2758,7 +2773,8 @@ impl Runs {
                 let span = Loc {
                     len: (end - first.offset) as u32,
                     zstd: false,
-                    sealed: None,
+                    sealed: false,
+                    check: Check::Page,
                     ..first
                 };
                 if j - i > 1 && fetch.pages.pack_files().read_raw(span, &mut self.raw)? {
@@ -3138,7 +3154,12 @@ fn move_pages(file: &Path, pages_dir: &Path) -> Result<()> {
             if pages.lookup(&hash)?.is_none() {
                 // Moved as it is: a damaged page stays damaged, and scrub or a read
                 // finds it as before.
-                let loc = appender.append(data, false, None)?;
+                // Checked by its page's hash, as before the move: a sum of bytes
+                // already damaged would hide the damage from every read.
+                let loc = Loc {
+                    check: Check::Page,
+                    ..appender.append(data, false, false)?
+                };
                 pages.insert(&hash, loc, false)?;
                 moved += 1;
             }
