@@ -83,7 +83,7 @@ use crate::{Error, Result};
 mod gc;
 mod index;
 pub use gc::{CLOCK_KEY, Sweep};
-pub use index::{IndexRow, VersionIndex};
+pub use index::{IndexRow, PushFence, Pushing, SweepFence, VersionIndex};
 
 /// The first bytes of a pack's index object; what follows is the entry count (u32,
 /// big-endian) and the entries, sorted by page hash: hash (32 bytes), offset in the
@@ -1027,8 +1027,16 @@ impl S3VersionWriter {
             self.assumed.insert(chunk_key(hash));
         } else {
             // Content-addressed: an existing object holds these very bytes and stays.
-            self.store.put_if_absent(chunk_key(hash), hashes)?;
-            self.written.insert(*hash);
+            // But it may be old and named by no version: checked before the commit,
+            // as one named through the cache.
+            match self.store.put_if_absent(chunk_key(hash), hashes)? {
+                Created::Created => {
+                    self.written.insert(*hash);
+                }
+                Created::AlreadyExists => {
+                    self.assumed.insert(chunk_key(hash));
+                }
+            }
         }
         self.cache
             .execute(
@@ -1189,8 +1197,12 @@ impl S3VersionWriter {
         if let Some(name) = new_pack {
             packs.insert(name);
         }
-        self.check_named(&chunks, &packs, new_pack)?;
         let number = self.latest.as_ref().map_or(1, |l| l.number + 1);
+        // With a versions index, the fence (`s3/gc.rs`): held from before the checks
+        // until the version object exists and its row is in, so that no sweep deletes
+        // between them what they found. Dropped on any error below: let go.
+        let fence = self.store.push_fence(&self.replica, number)?;
+        self.check_named(&chunks, &packs, new_pack)?;
         let mut packs: Vec<String> = packs.iter().map(|p| hex(p)).collect();
         packs.sort();
         let version = VersionObject {
@@ -1215,7 +1227,10 @@ impl S3VersionWriter {
         match self.store.put_if_absent(key, body)? {
             Created::Created => {
                 self.store.saw(&self.replica, number);
-                self.store.index_created(&self.replica, &version);
+                match fence {
+                    Some(fence) => self.store.index_landed(&self.replica, &version, fence),
+                    None => self.store.index_created(&self.replica, &version),
+                }
                 self.result = Some((version.info(), true));
                 Ok(())
             }

@@ -125,6 +125,7 @@ mod rekey;
 mod retention;
 mod rows;
 mod s3_embedded;
+mod s3_fence;
 mod s3_gc;
 mod s3_index;
 mod s3_serve;
