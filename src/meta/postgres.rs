@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{MetaStore, NewKey, StoredKey};
 use crate::protocol::control::KeyInfo;
-use crate::store::s3::{IndexRow, PushFence, Pushing, SweepFence, VersionIndex};
+use crate::store::s3::{IndexRow, PushFence, Pushing, Since, SweepFence, VersionIndex};
 use crate::{Error, Result};
 
 /// The channel every server listens on.
@@ -1065,10 +1065,7 @@ impl SweepFence for PgSweepFence {
         self.simple(format!("SELECT pg_advisory_lock({FENCE_LOCK})"))
     }
 
-    fn since(
-        &mut self,
-        tops: &std::collections::HashMap<String, u64>,
-    ) -> Result<(Vec<(String, u64)>, Vec<Pushing>)> {
+    fn since(&mut self, tops: &std::collections::HashMap<String, u64>) -> Result<Since> {
         let (replicas, numbers): (Vec<String>, Vec<i64>) =
             tops.iter().map(|(r, n)| (r.clone(), big(*n))).unzip();
         let (client, store) = (self.client.clone(), self.store.clone());
@@ -1104,7 +1101,7 @@ impl SweepFence for PgSweepFence {
                     age_secs: r.get(3),
                 })
                 .collect();
-            Ok((versions, pushing))
+            Ok(Since { versions, pushing })
         })
     }
 

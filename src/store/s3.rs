@@ -83,7 +83,7 @@ use crate::{Error, Result};
 mod gc;
 mod index;
 pub use gc::{CLOCK_KEY, Sweep};
-pub use index::{IndexRow, PushFence, Pushing, SweepFence, VersionIndex};
+pub use index::{IndexRow, PushFence, Pushing, Since, SweepFence, VersionIndex};
 
 /// The first bytes of a pack's index object; what follows is the entry count (u32,
 /// big-endian) and the entries, sorted by page hash: hash (32 bytes), offset in the
@@ -587,6 +587,28 @@ impl S3Store {
         }
     }
 
+    /// Version `number` of `replica`, seen by this process, has no object any more: the
+    /// bucket was emptied, replaced or lost behind its back. Forgets what it saw of the
+    /// replica and everything its cache knows (none of it can be trusted to exist, and a
+    /// push deduplicating against it would name missing objects), and says so.
+    fn lost(&self, replica: &ReplicaPath, number: u64) -> Error {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.remove(replica.as_str());
+        }
+        let forgot = self.cache_conn().and_then(|conn| {
+            conn.execute_batch("DELETE FROM pages; DELETE FROM packs; DELETE FROM chunks;")
+                .map_err(sql_error(&self.cache))
+        });
+        if let Err(e) = forgot {
+            tracing::warn!(error = %e, "the cache of a lost store was not emptied");
+        }
+        tracing::error!(%replica, version = number, store = %self.objects.location(), "a version this server saw is gone from the bucket: the bucket was emptied, replaced or lost");
+        Error::Server(format!(
+            "{replica}@{number}, seen in {} by this server, is gone: the bucket was emptied, replaced or lost behind its back; nothing was read or written. Restore the bucket (then pull or push again), or push again to start the replica anew at version 1 from your copy",
+            self.objects.location()
+        ))
+    }
+
     fn latest_from(&self, replica: &ReplicaPath, hint: u64) -> Result<Option<VersionObject>> {
         // `lo`: the highest number known to have an object (a version or a tombstone).
         let (mut lo, mut found) = (0u64, None);
@@ -604,6 +626,12 @@ impl S3Store {
         };
         if hint > 0 {
             let slot = self.slot(replica, hint)?;
+            if matches!(slot, Slot::Missing) && hint == self.seen_latest(replica) {
+                // Numbers are never freed (a removed version leaves its tombstone): a
+                // version this process saw is gone only with the bucket's content. (A
+                // hint from a client's base may name a version of another store.)
+                return Err(self.lost(replica, hint));
+            }
             keep(hint, slot, &mut lo, &mut found);
         }
         let mut step = 1u64;

@@ -118,7 +118,13 @@ impl Setup {
         self.m
             .command()
             .args(args)
-            .args(["--json", "--key", &self.a.admin_key, "--server", &server.url])
+            .args([
+                "--json",
+                "--key",
+                &self.a.admin_key,
+                "--server",
+                &server.url,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -270,7 +276,11 @@ fn a_sweep_waits_for_a_push_holding_the_fence_and_keeps_what_its_version_names()
     assert_eq!(y1, v1, "the new version names version 1's objects");
     let mut kept = referenced(&s.location, "acme/x.db", &[2]);
     kept.extend(y1);
-    assert_eq!(garbage_kind(&s.location), kept, "what the versions name, all of it");
+    assert_eq!(
+        garbage_kind(&s.location),
+        kept,
+        "what the versions name, all of it"
+    );
     assert_eq!(s.sql("SELECT count(*) FROM sqlferry_pushing"), "0");
     assert_eq!(
         s.sql("SELECT count(*) FROM sqlferry_versions WHERE replica = 'acme/y.db'"),
@@ -334,7 +344,8 @@ fn a_push_waits_behind_a_sweep_holding_the_fence_and_lands_when_pushed_again() {
     );
 
     // Pushed again: B's cache forgot what was gone, the pages are written anew.
-    let r = s.m.push(&s.b, "again.db", "acme/y.db", &["--key", &s.a.admin_key]);
+    let r =
+        s.m.push(&s.b, "again.db", "acme/y.db", &["--key", &s.a.admin_key]);
     assert_eq!(r.u64("version"), 1);
     s.pull_back(
         &s.a,
@@ -344,13 +355,7 @@ fn a_push_waits_behind_a_sweep_holding_the_fence_and_lands_when_pushed_again() {
     assert_fails(
         &s.m.run_on(
             &s.a,
-            [
-                "pull",
-                "acme/x.db@1",
-                "removed.db",
-                "--key",
-                &s.a.admin_key,
-            ],
+            ["pull", "acme/x.db@1", "removed.db", "--key", &s.a.admin_key],
         ),
         crate::server::EXIT_NOT_FOUND,
         "removed",
@@ -369,11 +374,19 @@ fn the_record_of_a_push_cut_off_mid_commit_stops_the_sweep_until_it_is_old() {
         "INSERT INTO sqlferry_pushing(store, replica, number, started_at)
          VALUES ('{store}', 'acme/z.db', 1, extract(epoch FROM now())::bigint - 5)"
     ));
-    let out = s.m.run_on(&s.a, ["prune", "acme/x.db", "--key", &s.a.admin_key]);
-    let line = assert_fails(&out, EXIT_CONFLICT, "lost its session with the metadata store");
+    let out =
+        s.m.run_on(&s.a, ["prune", "acme/x.db", "--key", &s.a.admin_key]);
+    let line = assert_fails(
+        &out,
+        EXIT_CONFLICT,
+        "lost its session with the metadata store",
+    );
     assert!(line.contains("acme/z.db@1"), "{line}");
     let left = garbage_kind(&s.location);
-    assert!(v1.iter().all(|k| left.contains(k)), "nothing deleted: {left:?}");
+    assert!(
+        v1.iter().all(|k| left.contains(k)),
+        "nothing deleted: {left:?}"
+    );
 
     // Older than any request that push could still make: the record goes, the sweep
     // runs.

@@ -63,7 +63,7 @@ pub fn garbage_kind(location: &str) -> BTreeSet<String> {
 
 /// The object layer on the test's location, with the right key, and a runtime to
 /// wait on it.
-fn objects(location: &str) -> (Objects, tokio::runtime::Runtime) {
+pub fn objects(location: &str) -> (Objects, tokio::runtime::Runtime) {
     let objects = Objects::open(
         S3Location::parse(location).expect("an s3:// location"),
         &seaweed::shared().options(),

@@ -24,6 +24,14 @@
 //!   here dedups against it; another server's cache may still name it, which is why a
 //!   push HEADs every object it names only through its cache (not through the version
 //!   it started from) before it commits, and fails cleanly when one is gone.
+//! - **The fence** (with a versions index, i.e. `serve --meta`): a push holds an
+//!   advisory lock shared from before its HEADs until its version object exists and its
+//!   row is in (recording itself in PostgreSQL meanwhile); the sweep deletes in batches
+//!   of [`SWEEP_BATCH`], each under the lock held exclusive, after marking what the
+//!   versions indexed since its mark name and what the versions of pushes cut off
+//!   mid-commit name ([`S3Store::mark_since`]). So a push's HEADs and its commit fall
+//!   wholly before or after each batch: no version can name an object the sweep
+//!   deletes (the argument: `docs/scale-out.md`, "The fence"). Both waits are bounded.
 //! - One sweep at a time per cache (a `flock` on a file beside the cache: the servers
 //!   sharing a `--data`); servers sharing `--meta` take a PostgreSQL advisory lock
 //!   around it too (the server's prune does). Two sweeps that do run at once are
@@ -389,15 +397,15 @@ impl S3Store {
         fence: &mut dyn super::SweepFence,
         newest: &mut HashMap<String, u64>,
     ) -> Result<u64> {
-        let (rows, pushing) = fence.since(newest)?;
+        let since = fence.since(newest)?;
         let mut versions = 0u64;
-        for (replica, number) in rows {
+        for (replica, number) in since.versions {
             let key = format!("replicas/{replica}/v/{number}");
             versions += self.mark_version(conn, &key, &replica, number)? as u64;
             let top = newest.entry(replica).or_insert(0);
             *top = (*top).max(number);
         }
-        for p in pushing {
+        for p in since.pushing {
             let key = format!("replicas/{}/v/{}", p.replica, p.number);
             match self.mark_version_opt(conn, &key, &p.replica, p.number)? {
                 Some(found) => {

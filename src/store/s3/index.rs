@@ -178,6 +178,16 @@ pub struct Pushing {
     pub age_secs: i64,
 }
 
+/// What a sweep holding the fence finds made since its mark ([`SweepFence::since`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Since {
+    /// Versions indexed past the numbers the sweep has read: replica and number, not
+    /// removed, oldest first per replica.
+    pub versions: Vec<(String, u64)>,
+    /// The records of pushes whose sessions ended mid-commit.
+    pub pushing: Vec<Pushing>,
+}
+
 /// A sweep's connection to the fence (`VersionIndex::sweep_fence`).
 pub trait SweepFence: Send {
     /// Waits for the fence's lock, exclusive: at most the sweep's bound, then
@@ -185,13 +195,9 @@ pub trait SweepFence: Send {
     fn hold(&mut self) -> Result<()>;
 
     /// Under the lock: the versions of the store indexed past `tops` (replica →
-    /// the highest number the sweep has read; 0 for a replica it does not know), not
-    /// removed, oldest first per replica; and the records of pushes whose sessions
-    /// ended mid-commit.
-    fn since(
-        &mut self,
-        tops: &std::collections::HashMap<String, u64>,
-    ) -> Result<(Vec<(String, u64)>, Vec<Pushing>)>;
+    /// the highest number the sweep has read; 0 for a replica it does not know), and
+    /// the records of pushes whose sessions ended mid-commit.
+    fn since(&mut self, tops: &std::collections::HashMap<String, u64>) -> Result<Since>;
 
     /// Deletes the record `id` (its version read, or its push long dead).
     fn forget_pushing(&mut self, id: i64) -> Result<()>;
@@ -325,11 +331,13 @@ impl S3Store {
                 self.objects.location()
             ))),
             // A row never names a version whose object does not exist.
-            Slot::Missing => Err(Error::Verification(format!(
-                "{replica}@{}, the latest version in the versions index of {}, has no version object: the bucket was changed behind the index's back",
-                row.number,
-                self.objects.location()
-            ))),
+            Slot::Missing => {
+                let location = self.objects.location().to_string();
+                let lost = self.lost(replica, row.number);
+                Err(Error::Verification(format!(
+                    "{lost} (the versions index of {location} in PostgreSQL still lists it: restore the bucket, or, if it is lost for good, delete the replica's rows, `DELETE FROM sqlferry_versions WHERE store = '{location}' AND replica = '{replica}'`, and push again)"
+                )))
+            }
         }
     }
 
