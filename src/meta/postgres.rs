@@ -1488,6 +1488,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_literal_is_dollar_quoted_and_what_could_end_it_refused() {
+        assert_eq!(
+            literal("acme/o'brien.db").expect("quoted"),
+            "$sqlferry$acme/o'brien.db$sqlferry$"
+        );
+        assert_eq!(
+            literal(r"s3://b/p\x").expect("quoted"),
+            r"$sqlferry$s3://b/p\x$sqlferry$"
+        );
+        assert!(literal("a$sqlferry$b").is_err());
+        assert!(literal("a\0b").is_err());
+    }
+
+    #[test]
     fn notices_round_trip_as_json() {
         let notice = Notice::Sync {
             replica: "acme/app.db".into(),
