@@ -14,6 +14,9 @@
 //!   makes a push that comes after it wait behind it; the sweep deletes, then the push
 //!   finds what its cache named gone, fails cleanly ("push again", no version) and
 //!   lands when pushed again, writing the pages anew.
+//! - A push killed after its version object and before its row (the test's session
+//!   holding the fence, recording the push and dying; the object written by the
+//!   test): the waiting sweep reads the version by its record and keeps what it names.
 //! - The record of a push whose session ended mid-commit, with no version object:
 //!   the sweep stops before deleting anything (exit 6) while the push could still make
 //!   it, and drops the record and sweeps once it is older than that.
@@ -395,6 +398,56 @@ fn the_record_of_a_push_cut_off_mid_commit_stops_the_sweep_until_it_is_old() {
     assert_eq!(pruned["swept_objects"], v1.len(), "{pruned}");
     assert_eq!(s.sql("SELECT count(*) FROM sqlferry_pushing"), "0");
     s.pull_back(&s.b, "other", &[("acme/x.db@latest", &s.second)]);
+}
+
+#[test]
+fn a_push_killed_after_its_version_object_leaves_a_record_the_sweep_keeps_it_by() {
+    let s = setup();
+    let v1 = referenced(&s.location, "acme/x.db", &[1]);
+    // Version 1's object as a push into acme/z.db would make it (the same pages).
+    let mut made = crate::s3_gc::json_object(&s.location, "replicas/acme/x.db/v/1");
+    made["replica"] = "acme/z.db".into();
+    let store = s.sql("SELECT DISTINCT store FROM sqlferry_versions");
+
+    // The push holds the fence (the test's session, as the killed server's did):
+    // the sweep marks, then waits.
+    let mut killed = Session::open(s.pg, &s.db);
+    killed.run(
+        &format!("SELECT pg_advisory_lock_shared({FENCE_LOCK}), 'held';"),
+        "held",
+    );
+    let prune = s.spawn(&s.a, &["prune", "acme/x.db"]);
+    s.await_fence("the sweep waits for the fence", "ExclusiveLock", false, "1");
+    // Its record, then its version object, then it dies before its row: its
+    // connection closes, the lock with it.
+    killed.run(
+        &format!(
+            "INSERT INTO sqlferry_pushing(store, replica, number, started_at)
+             VALUES ('{store}', 'acme/z.db', 1, extract(epoch FROM now())::bigint); SELECT 'recorded';"
+        ),
+        "recorded",
+    );
+    let (objects, rt) = crate::s3_gc::objects(&s.location);
+    rt.block_on(objects.put(
+        "replicas/acme/z.db/v/1",
+        serde_json::to_vec(&made).expect("JSON"),
+    ))
+    .expect("create the version object");
+    killed.end();
+
+    // The sweep reads the record's version and keeps what it names.
+    let pruned = report(&finish(prune), "the prune");
+    assert_eq!(numbers(&pruned["removed"]), [1], "{pruned}");
+    assert_eq!(pruned["swept_objects"], 0, "{pruned}");
+    let left = garbage_kind(&s.location);
+    assert!(v1.iter().all(|k| left.contains(k)), "kept: {left:?}");
+    assert_eq!(s.sql("SELECT count(*) FROM sqlferry_pushing"), "0");
+    // Its row, missing, is repaired by the next read of the replica; it pulls whole.
+    s.pull_back(&s.b, "other", &[("acme/z.db@1", &s.first)]);
+    assert_eq!(
+        s.sql("SELECT count(*) FROM sqlferry_versions WHERE replica = 'acme/z.db'"),
+        "1"
+    );
 }
 
 #[test]

@@ -77,7 +77,7 @@ pub fn objects(location: &str) -> (Objects, tokio::runtime::Runtime) {
 }
 
 /// The object `key` of the store, parsed as JSON.
-fn json_object(location: &str, key: &str) -> Value {
+pub fn json_object(location: &str, key: &str) -> Value {
     let (objects, rt) = objects(location);
     let bytes = rt
         .block_on(objects.get(key))
