@@ -279,15 +279,16 @@ impl S3Store {
                 versions += self.mark_version(&conn, &key, replica, number)? as u64;
             }
         }
-        for (replica, top) in &newest {
-            let mut number = top + 1;
+        for (replica, top) in newest.iter_mut() {
             loop {
+                let number = *top + 1;
                 let key = format!("replicas/{replica}/v/{number}");
                 let Some(found) = self.mark_version_opt(&conn, &key, replica, number)? else {
                     break;
                 };
                 versions += found as u64;
-                number += 1;
+                // Read: the fence's reads start past it.
+                *top = number;
             }
         }
 
