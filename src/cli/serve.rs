@@ -93,7 +93,12 @@ loser gets VERSION_CONFLICT. Retention over S3: `sqlferry prune REMOTE` removes 
 the policy (`sqlferry retention`, --retention) does not keep, then sweeps: it lists the \
 bucket once and deletes the packs and chunks no remaining version names that are older than \
 --gc-grace (default 1h; a push in flight is younger); a push does not apply the policy by \
-itself over S3. Not with an S3 store yet (refused, saying so): --drill-every, push --merge, \
+itself over S3. With --meta, a PostgreSQL advisory lock fences each batch of deletes from the \
+pushes of every server sharing it: what a push names without having just written it \
+(through its cache, or already in the bucket) is checked under that lock, and the sweep \
+reads the versions made since it marked before each batch. Without --meta (or for pushes \
+by the embedded client, --server s3://…) the grace alone protects a push: keep it above \
+your longest push. Not with an S3 store yet (refused, saying so): --drill-every, push --merge, \
 encrypted replicas, stored-bytes figures (shown as -); pages travel uncompressed.\n  \
 AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=… sqlferry serve --data /srv/sqlferry --store s3://backups/sqlferry\n  \
 sqlferry serve --data /srv/sqlferry --store s3://backups/sqlferry --s3-endpoint http://127.0.0.1:9000\n\n\
@@ -156,7 +161,7 @@ pub struct ServeArgs {
     /// With --store s3://…: how old an object no version names must be before `prune`
     /// deletes it (1h, 30m, 0s), and how long a push may run before it checks that the
     /// objects it names still exist. Keep it above your longest push; 0s deletes at once
-    /// what a push in flight may be about to name (for tests) [default: 1h].
+    /// what a push in flight has just written (for tests) [default: 1h].
     #[arg(long, value_name = "SPAN", value_parser = parse_grace, requires = "store")]
     pub gc_grace: Option<std::time::Duration>,
 }

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{MetaStore, NewKey, StoredKey};
 use crate::protocol::control::KeyInfo;
-use crate::store::s3::{IndexRow, VersionIndex};
+use crate::store::s3::{IndexRow, PushFence, Pushing, Since, SweepFence, VersionIndex};
 use crate::{Error, Result};
 
 /// The channel every server listens on.
@@ -70,6 +70,21 @@ pub const MIGRATION_LOCK: i64 = 0x7371_6c66_6572_7279;
 /// The advisory lock an S3 store's sweep runs under, so that one server sharing the
 /// database sweeps at a time ("sqlferrz": the migrations' lock plus one).
 pub const SWEEP_LOCK: i64 = MIGRATION_LOCK + 1;
+
+/// The advisory lock of the fence between the sweep of an S3 store and the pushes of
+/// every server sharing the database (`store/s3/gc.rs`, "The fence"): a push holds it
+/// shared from before it checks what its version names until its version object exists
+/// and its row is in; a sweep holds it exclusive while it deletes one batch.
+pub const FENCE_LOCK: i64 = MIGRATION_LOCK + 2;
+
+/// How long a push waits for the fence: a sweep holds it for one batch of deletes
+/// (and waits at most [`SWEEP_FENCE_WAIT`] for it first), so this is ample; past it
+/// the push fails, asking to push again.
+pub const PUSH_FENCE_WAIT: Duration = Duration::from_secs(60);
+
+/// How long a sweep waits for the fence before each batch: a push holds it for a few
+/// requests, so one holding it longer is stuck; the sweep stops rather than wait on.
+pub const SWEEP_FENCE_WAIT: Duration = Duration::from_secs(30);
 
 /// [`SWEEP_LOCK`], held by one pooled connection taken out of the pool: dropping it
 /// closes that connection, which releases the lock (also when the task holding it
@@ -124,6 +139,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         3,
         "the versions index of an S3 store",
         include_str!("migrations/0003_versions_index.sql"),
+    ),
+    (
+        4,
+        "the fence between a sweep and the pushes",
+        include_str!("migrations/0004_push_fence.sql"),
     ),
 ];
 
@@ -895,9 +915,277 @@ fn big(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// `text` as an SQL literal for a simple query (dollar-quoted: nothing in it is
+/// special); text holding the quote's tag or a NUL is refused (no replica path or store
+/// location does).
+fn literal(text: &str) -> Result<String> {
+    const TAG: &str = "$sqlferry$";
+    if text.contains(TAG) || text.contains('\0') {
+        return Err(Error::Usage(format!(
+            "{text:?} cannot be written to the metadata store"
+        )));
+    }
+    Ok(format!("{TAG}{text}{TAG}"))
+}
+
+/// Whether `e` is PostgreSQL's `lock_timeout` running out.
+fn lock_timed_out(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
+/// The statement that lands a push: its version's row in, its record out, at once.
+const LAND: &str = "WITH gone AS (DELETE FROM sqlferry_pushing WHERE id = $14)
+     INSERT INTO sqlferry_versions(store, replica, number, page_size, page_count, digest, digest2, message, created_at, client_id, key_id, base, removed_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+     ON CONFLICT (store, replica, number) DO NOTHING";
+
+/// A push's hold on [`FENCE_LOCK`] (shared), on a pooled connection it keeps until it
+/// lands or is dropped; a connection that failed is closed, never returned to the pool
+/// holding the lock.
+struct PgPushFence {
+    pg: PgMeta,
+    client: Option<deadpool_postgres::Object>,
+    id: i64,
+    store: String,
+    replica: String,
+}
+
+impl PushFence for PgPushFence {
+    fn land(mut self: Box<Self>, row: &IndexRow) -> Result<()> {
+        let client = self
+            .client
+            .take()
+            .expect("a push fence holds its connection until it lands or is dropped");
+        let (store, replica, id, r) = (
+            self.store.clone(),
+            self.replica.clone(),
+            self.id,
+            row.clone(),
+        );
+        self.pg.block(move |pg| async move {
+            let landed = async {
+                let stmt = client.prepare_cached(LAND).await?;
+                let page_size = i32::try_from(r.page_size).unwrap_or(i32::MAX);
+                client
+                    .execute(
+                        &stmt,
+                        &[
+                            &store,
+                            &replica,
+                            &big(r.number),
+                            &page_size,
+                            &i64::from(r.page_count),
+                            &r.digest,
+                            &r.digest2,
+                            &r.message,
+                            &r.created_at,
+                            &r.client_id,
+                            &r.key_id,
+                            &big(r.base),
+                            &r.removed_at,
+                            &id,
+                        ],
+                    )
+                    .await?;
+                // Only once the row is committed (the statement above, on its own):
+                // a sweep holding the lock next must find it.
+                client
+                    .simple_query(&format!("SELECT pg_advisory_unlock_shared({FENCE_LOCK})"))
+                    .await
+                    .map(drop)
+            }
+            .await;
+            landed.map_err(|e| {
+                // Closed, not pooled: the lock goes with it.
+                drop(deadpool_postgres::Object::take(client));
+                pg.fail(e)
+            })
+        })
+    }
+}
+
+impl Drop for PgPushFence {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        // The record out (committed) before the lock goes: a sweep never finds the
+        // record of a push that gave up. Not waited for: this may run anywhere.
+        let sql = format!(
+            "BEGIN; DELETE FROM sqlferry_pushing WHERE id = {}; COMMIT; SELECT pg_advisory_unlock_shared({FENCE_LOCK})",
+            self.id
+        );
+        let at = self.pg.describe.clone();
+        self.pg.runtime.spawn(async move {
+            match tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query(&sql)).await {
+                Ok(Ok(_)) => {}
+                outcome => {
+                    let error = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "no answer".into(),
+                    };
+                    tracing::warn!(%at, %error, "a failed push's record in the fence was not deleted; the next sweep deletes it once its version is known never to come");
+                    drop(deadpool_postgres::Object::take(client));
+                }
+            }
+        });
+    }
+}
+
+/// A sweep's own connection to the fence, out of the pool (closed when dropped, which
+/// lets the lock go whatever happened).
+struct PgSweepFence {
+    pg: PgMeta,
+    client: std::sync::Arc<deadpool_postgres::ClientWrapper>,
+    store: String,
+}
+
+impl PgSweepFence {
+    /// Runs `sql` (no parameters) on the sweep's connection.
+    fn simple(&self, sql: String) -> Result<()> {
+        let client = self.client.clone();
+        self.pg.block(move |pg| async move {
+            client.simple_query(&sql).await.map(drop).map_err(|e| {
+                if lock_timed_out(&e) {
+                    Error::InUse(format!(
+                        "a push through a server sharing the metadata store ({}) has held the sweep's fence for more than {} s (a stuck push); the sweep stopped, deleting nothing more: run prune again",
+                        pg.describe,
+                        SWEEP_FENCE_WAIT.as_secs()
+                    ))
+                } else {
+                    pg.fail(e)
+                }
+            })
+        })
+    }
+}
+
+impl SweepFence for PgSweepFence {
+    fn hold(&mut self) -> Result<()> {
+        self.simple(format!("SELECT pg_advisory_lock({FENCE_LOCK})"))
+    }
+
+    fn since(&mut self, tops: &std::collections::HashMap<String, u64>) -> Result<Since> {
+        let (replicas, numbers): (Vec<String>, Vec<i64>) =
+            tops.iter().map(|(r, n)| (r.clone(), big(*n))).unzip();
+        let (client, store) = (self.client.clone(), self.store.clone());
+        self.pg.block(move |pg| async move {
+            let rows = client
+                .query(
+                    "SELECT v.replica, v.number FROM sqlferry_versions v
+                     LEFT JOIN unnest($2::text[], $3::bigint[]) AS t(replica, top) ON t.replica = v.replica
+                     WHERE v.store = $1 AND v.removed_at IS NULL AND v.number > coalesce(t.top, 0)
+                     ORDER BY v.replica, v.number",
+                    &[&store, &replicas, &numbers],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            let versions = rows
+                .iter()
+                .map(|r| (r.get::<_, String>(0), u64::try_from(r.get::<_, i64>(1)).unwrap_or(0)))
+                .collect();
+            let rows = client
+                .query(
+                    "SELECT id, replica, number, extract(epoch FROM clock_timestamp())::bigint - started_at
+                     FROM sqlferry_pushing WHERE store = $1 ORDER BY id",
+                    &[&store],
+                )
+                .await
+                .map_err(|e| pg.fail(e))?;
+            let pushing = rows
+                .iter()
+                .map(|r| Pushing {
+                    id: r.get(0),
+                    replica: r.get(1),
+                    number: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                    age_secs: r.get(3),
+                })
+                .collect();
+            Ok(Since { versions, pushing })
+        })
+    }
+
+    fn forget_pushing(&mut self, id: i64) -> Result<()> {
+        self.simple(format!("DELETE FROM sqlferry_pushing WHERE id = {id}"))
+    }
+
+    fn release(&mut self) -> Result<()> {
+        self.simple(format!("SELECT pg_advisory_unlock({FENCE_LOCK})"))
+    }
+}
+
 /// The versions index of the S3 store (`sqlferry_versions`, migration 3;
 /// `store/s3/index.rs`).
 impl VersionIndex for PgMeta {
+    fn push_fence(&self, store: &str, replica: &str, number: u64) -> Result<Box<dyn PushFence>> {
+        // One round trip: the lock (bounded wait), then the record, in one implicit
+        // transaction (the record commits with it).
+        let sql = format!(
+            "SET LOCAL lock_timeout = '{}ms';
+             SELECT pg_advisory_lock_shared({FENCE_LOCK});
+             INSERT INTO sqlferry_pushing(store, replica, number, started_at)
+             VALUES ({}, {}, {}, extract(epoch FROM clock_timestamp())::bigint) RETURNING id",
+            PUSH_FENCE_WAIT.as_millis(),
+            literal(store)?,
+            literal(replica)?,
+            big(number)
+        );
+        let (store, replica) = (store.to_owned(), replica.to_owned());
+        self.block(move |pg| async move {
+            let client = pg.client().await?;
+            let answer = client.simple_query(&sql).await;
+            let id = match &answer {
+                Ok(messages) => messages.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => {
+                        row.get(0).and_then(|t| t.parse::<i64>().ok())
+                    }
+                    _ => None,
+                }),
+                Err(_) => None,
+            };
+            let Some(id) = id else {
+                // Closed, not pooled: a session lock taken before a failure is held
+                // until the session ends.
+                drop(deadpool_postgres::Object::take(client));
+                return Err(match answer {
+                    Err(e) if lock_timed_out(&e) => Error::Server(format!(
+                        "a sweep of the S3 store through a server sharing the metadata store ({}) held the fence for more than {} s; no version was made: push again",
+                        pg.describe,
+                        PUSH_FENCE_WAIT.as_secs()
+                    )),
+                    Err(e) => pg.fail(e),
+                    Ok(_) => pg.fail("the push's record in the fence was not returned"),
+                });
+            };
+            Ok(Box::new(PgPushFence {
+                pg,
+                client: Some(client),
+                id,
+                store,
+                replica,
+            }) as Box<dyn PushFence>)
+        })
+    }
+
+    fn sweep_fence(&self, store: &str) -> Result<Box<dyn SweepFence>> {
+        let store = store.to_owned();
+        self.block(move |pg| async move {
+            let client = deadpool_postgres::Object::take(pg.client().await?);
+            client
+                .batch_execute(&format!(
+                    "SET lock_timeout = '{}ms'",
+                    SWEEP_FENCE_WAIT.as_millis()
+                ))
+                .await
+                .map_err(|e| pg.fail(e))?;
+            Ok(Box::new(PgSweepFence {
+                pg,
+                client: std::sync::Arc::new(client),
+                store,
+            }) as Box<dyn SweepFence>)
+        })
+    }
+
     fn insert(&self, store: &str, replica: &str, rows: &[IndexRow]) -> Result<()> {
         let (store, replica, rows) = (store.to_owned(), replica.to_owned(), rows.to_vec());
         self.block(move |pg| async move {
@@ -1198,6 +1486,20 @@ fn key_info(r: &tokio_postgres::Row) -> KeyInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_literal_is_dollar_quoted_and_what_could_end_it_refused() {
+        assert_eq!(
+            literal("acme/o'brien.db").expect("quoted"),
+            "$sqlferry$acme/o'brien.db$sqlferry$"
+        );
+        assert_eq!(
+            literal(r"s3://b/p\x").expect("quoted"),
+            r"$sqlferry$s3://b/p\x$sqlferry$"
+        );
+        assert!(literal("a$sqlferry$b").is_err());
+        assert!(literal("a\0b").is_err());
+    }
 
     #[test]
     fn notices_round_trip_as_json() {

@@ -83,7 +83,7 @@ use crate::{Error, Result};
 mod gc;
 mod index;
 pub use gc::{CLOCK_KEY, Sweep};
-pub use index::{IndexRow, VersionIndex};
+pub use index::{IndexRow, PushFence, Pushing, Since, SweepFence, VersionIndex};
 
 /// The first bytes of a pack's index object; what follows is the entry count (u32,
 /// big-endian) and the entries, sorted by page hash: hash (32 bytes), offset in the
@@ -587,6 +587,28 @@ impl S3Store {
         }
     }
 
+    /// Version `number` of `replica`, seen by this process, has no object any more: the
+    /// bucket was emptied, replaced or lost behind its back. Forgets what it saw of the
+    /// replica and everything its cache knows (none of it can be trusted to exist, and a
+    /// push deduplicating against it would name missing objects), and says so.
+    fn lost(&self, replica: &ReplicaPath, number: u64) -> Error {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.remove(replica.as_str());
+        }
+        let forgot = self.cache_conn().and_then(|conn| {
+            conn.execute_batch("DELETE FROM pages; DELETE FROM packs; DELETE FROM chunks;")
+                .map_err(sql_error(&self.cache))
+        });
+        if let Err(e) = forgot {
+            tracing::warn!(error = %e, "the cache of a lost store was not emptied");
+        }
+        tracing::error!(%replica, version = number, store = %self.objects.location(), "a version this server saw is gone from the bucket: the bucket was emptied, replaced or lost");
+        Error::Server(format!(
+            "{replica}@{number}, seen in {} by this server, is gone: the bucket was emptied, replaced or lost behind its back; nothing was read or written. Restore the bucket (then pull or push again), or push again to start the replica anew at version 1 from your copy",
+            self.objects.location()
+        ))
+    }
+
     fn latest_from(&self, replica: &ReplicaPath, hint: u64) -> Result<Option<VersionObject>> {
         // `lo`: the highest number known to have an object (a version or a tombstone).
         let (mut lo, mut found) = (0u64, None);
@@ -604,6 +626,12 @@ impl S3Store {
         };
         if hint > 0 {
             let slot = self.slot(replica, hint)?;
+            if matches!(slot, Slot::Missing) && hint == self.seen_latest(replica) {
+                // Numbers are never freed (a removed version leaves its tombstone): a
+                // version this process saw is gone only with the bucket's content. (A
+                // hint from a client's base may name a version of another store.)
+                return Err(self.lost(replica, hint));
+            }
             keep(hint, slot, &mut lo, &mut found);
         }
         let mut step = 1u64;
@@ -1018,8 +1046,16 @@ impl S3VersionWriter {
             self.assumed.insert(chunk_key(hash));
         } else {
             // Content-addressed: an existing object holds these very bytes and stays.
-            self.store.put_if_absent(chunk_key(hash), hashes)?;
-            self.written.insert(*hash);
+            // But it may be old and named by no version: checked before the commit,
+            // as one named through the cache.
+            match self.store.put_if_absent(chunk_key(hash), hashes)? {
+                Created::Created => {
+                    self.written.insert(*hash);
+                }
+                Created::AlreadyExists => {
+                    self.assumed.insert(chunk_key(hash));
+                }
+            }
         }
         self.cache
             .execute(
@@ -1180,8 +1216,12 @@ impl S3VersionWriter {
         if let Some(name) = new_pack {
             packs.insert(name);
         }
-        self.check_named(&chunks, &packs, new_pack)?;
         let number = self.latest.as_ref().map_or(1, |l| l.number + 1);
+        // With a versions index, the fence (`s3/gc.rs`): held from before the checks
+        // until the version object exists and its row is in, so that no sweep deletes
+        // between them what they found. Dropped on any error below: let go.
+        let fence = self.store.push_fence(&self.replica, number)?;
+        self.check_named(&chunks, &packs, new_pack)?;
         let mut packs: Vec<String> = packs.iter().map(|p| hex(p)).collect();
         packs.sort();
         let version = VersionObject {
@@ -1206,7 +1246,10 @@ impl S3VersionWriter {
         match self.store.put_if_absent(key, body)? {
             Created::Created => {
                 self.store.saw(&self.replica, number);
-                self.store.index_created(&self.replica, &version);
+                match fence {
+                    Some(fence) => self.store.index_landed(&self.replica, &version, fence),
+                    None => self.store.index_created(&self.replica, &version),
+                }
                 self.result = Some((version.info(), true));
                 Ok(())
             }

@@ -53,7 +53,7 @@ fn store_objects(location: &str) -> Vec<(String, u64)> {
 }
 
 /// The keys of the packs, indexes and chunks in the store.
-fn garbage_kind(location: &str) -> BTreeSet<String> {
+pub fn garbage_kind(location: &str) -> BTreeSet<String> {
     store_objects(location)
         .into_iter()
         .map(|(k, _)| k)
@@ -63,7 +63,7 @@ fn garbage_kind(location: &str) -> BTreeSet<String> {
 
 /// The object layer on the test's location, with the right key, and a runtime to
 /// wait on it.
-fn objects(location: &str) -> (Objects, tokio::runtime::Runtime) {
+pub fn objects(location: &str) -> (Objects, tokio::runtime::Runtime) {
     let objects = Objects::open(
         S3Location::parse(location).expect("an s3:// location"),
         &seaweed::shared().options(),
@@ -77,7 +77,7 @@ fn objects(location: &str) -> (Objects, tokio::runtime::Runtime) {
 }
 
 /// The object `key` of the store, parsed as JSON.
-fn json_object(location: &str, key: &str) -> Value {
+pub fn json_object(location: &str, key: &str) -> Value {
     let (objects, rt) = objects(location);
     let bytes = rt
         .block_on(objects.get(key))
@@ -87,7 +87,7 @@ fn json_object(location: &str, key: &str) -> Value {
 }
 
 /// What versions `numbers` of `replica` name: their chunks, packs and indexes.
-fn referenced(location: &str, replica: &str, numbers: &[u64]) -> BTreeSet<String> {
+pub fn referenced(location: &str, replica: &str, numbers: &[u64]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for n in numbers {
         let v = json_object(location, &format!("replicas/{replica}/v/{n}"));
@@ -104,13 +104,13 @@ fn referenced(location: &str, replica: &str, numbers: &[u64]) -> BTreeSet<String
 }
 
 /// `sqlferry ARGS --json --key KEY` on `server`, asserted to succeed; its JSON.
-fn json(m: &Machine, server: &TestServer, key: &str, args: &[&str]) -> Value {
+pub fn json(m: &Machine, server: &TestServer, key: &str, args: &[&str]) -> Value {
     let out = m.run_on(server, args.iter().copied().chain(["--json", "--key", key]));
     assert_eq!(util::code(&out), 0, "{args:?}: {}", util::stderr(&out));
     serde_json::from_str(util::stdout(&out).trim()).expect("JSON")
 }
 
-fn numbers(v: &Value) -> Vec<u64> {
+pub fn numbers(v: &Value) -> Vec<u64> {
     v.as_array()
         .expect("a list")
         .iter()

@@ -24,6 +24,14 @@
 //!   here dedups against it; another server's cache may still name it, which is why a
 //!   push HEADs every object it names only through its cache (not through the version
 //!   it started from) before it commits, and fails cleanly when one is gone.
+//! - **The fence** (with a versions index, i.e. `serve --meta`): a push holds an
+//!   advisory lock shared from before its HEADs until its version object exists and its
+//!   row is in (recording itself in PostgreSQL meanwhile); the sweep deletes in batches
+//!   of [`SWEEP_BATCH`], each under the lock held exclusive, after marking what the
+//!   versions indexed since its mark name and what the versions of pushes cut off
+//!   mid-commit name ([`S3Store::mark_since`]). So a push's HEADs and its commit fall
+//!   wholly before or after each batch: no version can name an object the sweep
+//!   deletes (the argument: `docs/scale-out.md`, "The fence"). Both waits are bounded.
 //! - One sweep at a time per cache (a `flock` on a file beside the cache: the servers
 //!   sharing a `--data`); servers sharing `--meta` take a PostgreSQL advisory lock
 //!   around it too (the server's prune does). Two sweeps that do run at once are
@@ -48,6 +56,16 @@ use crate::store::retention::keep;
 /// listing is the sweep's "now" by the storage's own clock (so the grace does not
 /// depend on the server's clock agreeing with the storage's).
 pub const CLOCK_KEY: &str = "sqlferry-gc-clock";
+
+/// How many objects a sweep deletes per hold of the fence: pushes wait at most one
+/// batch (a few seconds of DELETEs), and each batch costs the sweep one query of the
+/// index and the GETs of the versions made since.
+pub const SWEEP_BATCH: usize = 256;
+
+/// How long after a push lost its session mid-commit its version object can no longer
+/// appear: far past every request it may still make (the object layer's retries and
+/// timeouts). Until then a sweep that finds its record and no object stops.
+pub const PUSH_LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// What a sweep deleted (or, in a dry run, would delete).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -261,15 +279,16 @@ impl S3Store {
                 versions += self.mark_version(&conn, &key, replica, number)? as u64;
             }
         }
-        for (replica, top) in &newest {
-            let mut number = top + 1;
+        for (replica, top) in newest.iter_mut() {
             loop {
+                let number = *top + 1;
                 let key = format!("replicas/{replica}/v/{number}");
                 let Some(found) = self.mark_version_opt(&conn, &key, replica, number)? else {
                     break;
                 };
                 versions += found as u64;
-                number += 1;
+                // Read: the fence's reads start past it.
+                *top = number;
             }
         }
 
@@ -279,39 +298,138 @@ impl S3Store {
             versions,
             ..Sweep::default()
         };
-        let mut stmt = conn
-            .prepare(
-                "SELECT key, size, modified FROM temp.listed
-                 WHERE (key LIKE 'packs/%' OR key LIKE 'chunks/%')
-                   AND key NOT IN (SELECT key FROM temp.marked) ORDER BY key",
-            )
-            .map_err(&sql)?;
-        let mut rows = stmt.query([]).map_err(&sql)?;
-        while let Some(row) = rows.next().map_err(&sql)? {
-            let key: String = row.get(0).map_err(&sql)?;
-            let size = row.get::<_, i64>(1).map_err(&sql)? as u64;
-            let modified: i64 = row.get(2).map_err(&sql)?;
-            if now.saturating_sub(modified) < grace {
-                sweep.young += 1;
-                continue;
+        conn.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS doomed(key TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
+             DELETE FROM temp.doomed;",
+        )
+        .map_err(&sql)?;
+        {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT key, size, modified FROM temp.listed
+                     WHERE (key LIKE 'packs/%' OR key LIKE 'chunks/%')
+                       AND key NOT IN (SELECT key FROM temp.marked) ORDER BY key",
+                )
+                .map_err(&sql)?;
+            let mut doom = conn
+                .prepare("INSERT INTO temp.doomed(key, size) VALUES (?1, ?2)")
+                .map_err(&sql)?;
+            let mut rows = stmt.query([]).map_err(&sql)?;
+            while let Some(row) = rows.next().map_err(&sql)? {
+                let key: String = row.get(0).map_err(&sql)?;
+                let size: i64 = row.get(1).map_err(&sql)?;
+                let modified: i64 = row.get(2).map_err(&sql)?;
+                if now.saturating_sub(modified) < grace {
+                    sweep.young += 1;
+                } else {
+                    doom.execute(params![key, size]).map_err(&sql)?;
+                }
             }
-            sweep.swept += 1;
-            sweep.bytes += size;
-            if sweep.keys.len() < SWEPT_LISTED {
-                sweep.keys.push(key.clone());
+        }
+        // With a versions index, each batch under the fence (see the module's doc).
+        let mut fence = match (self.index.as_deref(), dry_run) {
+            (Some(index), false) => Some(index.sweep_fence(&location)?),
+            _ => None,
+        };
+        let mut after = String::new();
+        loop {
+            let batch: Vec<(String, i64)> = conn
+                .prepare_cached(
+                    "SELECT key, size FROM temp.doomed WHERE key > ?1 ORDER BY key LIMIT ?2",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![after, SWEEP_BATCH as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
+                    .collect()
+                })
+                .map_err(&sql)?;
+            let Some((last, _)) = batch.last() else {
+                break;
+            };
+            after = last.clone();
+            if let Some(fence) = fence.as_deref_mut() {
+                // An error from here on drops the fence: its connection closes and the
+                // lock goes with it.
+                fence.hold()?;
+                sweep.versions += self.mark_since(&conn, fence, &mut newest)?;
             }
-            if dry_run {
-                continue;
+            for (key, size) in batch {
+                let marked = conn
+                    .prepare_cached("SELECT 1 FROM temp.marked WHERE key = ?1")
+                    .and_then(|mut s| s.exists([&key]))
+                    .map_err(&sql)?;
+                if marked {
+                    continue;
+                }
+                sweep.swept += 1;
+                sweep.bytes += size as u64;
+                if sweep.keys.len() < SWEPT_LISTED {
+                    sweep.keys.push(key.clone());
+                }
+                if dry_run {
+                    continue;
+                }
+                // Forgotten by this server's cache first: no push here dedups against it.
+                self.forget(&conn, &key)?;
+                let objects = self.objects.clone();
+                self.wait(async move { objects.delete(&key).await })?;
             }
-            // Forgotten by this server's cache first: no push here dedups against it.
-            self.forget(&conn, &key)?;
-            let objects = self.objects.clone();
-            self.wait(async move { objects.delete(&key).await })?;
+            if let Some(fence) = fence.as_deref_mut() {
+                fence.release()?;
+            }
         }
         if !dry_run {
             tracing::info!(store = %location, swept = sweep.swept, bytes = sweep.bytes, young = sweep.young, versions = sweep.versions, "swept the objects no version names");
         }
         Ok(sweep)
+    }
+
+    /// Under the fence (exclusive): marks what the versions indexed since the mark
+    /// name (the index's rows past `newest`, the highest number read of each replica,
+    /// which it raises), and the versions of pushes whose sessions ended mid-commit
+    /// (their records in the fence: their objects may exist without a row). Returns
+    /// how many version objects it read. A record whose version object does not exist
+    /// yet and that is younger than [`PUSH_LOST_AFTER`] stops the sweep: that push may
+    /// still create it.
+    fn mark_since(
+        &self,
+        conn: &Connection,
+        fence: &mut dyn super::SweepFence,
+        newest: &mut HashMap<String, u64>,
+    ) -> Result<u64> {
+        let since = fence.since(newest)?;
+        let mut versions = 0u64;
+        for (replica, number) in since.versions {
+            let key = format!("replicas/{replica}/v/{number}");
+            versions += self.mark_version(conn, &key, &replica, number)? as u64;
+            let top = newest.entry(replica).or_insert(0);
+            *top = (*top).max(number);
+        }
+        for p in since.pushing {
+            let key = format!("replicas/{}/v/{}", p.replica, p.number);
+            match self.mark_version_opt(conn, &key, &p.replica, p.number)? {
+                Some(found) => {
+                    versions += found as u64;
+                    tracing::info!(replica = %p.replica, version = p.number, "sweep: a push whose session ended mid-commit made its version; what it names is kept");
+                }
+                None if p.age_secs >= PUSH_LOST_AFTER.as_secs() as i64 => {
+                    tracing::info!(replica = %p.replica, version = p.number, age_secs = p.age_secs, "sweep: a push whose session ended mid-commit never made its version; its record is dropped");
+                }
+                None => {
+                    return Err(Error::InUse(format!(
+                        "a push of {}@{} into {} lost its session with the metadata store mid-commit {} s ago and may still create that version: the sweep stopped, deleting nothing more; run prune again once {} minutes have passed",
+                        p.replica,
+                        p.number,
+                        self.objects.location(),
+                        p.age_secs,
+                        PUSH_LOST_AFTER.as_secs() / 60
+                    )));
+                }
+            }
+            fence.forget_pushing(p.id)?;
+        }
+        Ok(versions)
     }
 
     /// Streams the LIST of the whole prefix into `temp.listed`.

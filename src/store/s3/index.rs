@@ -140,6 +140,70 @@ pub trait VersionIndex: Send + Sync + Debug {
 
     /// Marks rows `numbers` of `replica` removed at `at`.
     fn mark_removed(&self, store: &str, replica: &str, numbers: &[u64], at: i64) -> Result<()>;
+
+    /// A push's side of the fence (see "The fence" in `gc.rs`): waits (bounded) for
+    /// the fence's lock, shared, on a connection of its own, and records that version
+    /// `number` of `replica` is being made. Held until [`PushFence::land`], or dropped
+    /// (the record deleted, the lock let go).
+    fn push_fence(&self, store: &str, replica: &str, number: u64) -> Result<Box<dyn PushFence>>;
+
+    /// A sweep's side of the fence: a connection of its own, on which
+    /// [`SweepFence::hold`] waits (bounded) for the lock, exclusive. Dropped, the
+    /// connection closes (which lets the lock go).
+    fn sweep_fence(&self, store: &str) -> Result<Box<dyn SweepFence>>;
+}
+
+/// A push holding the fence, shared (`VersionIndex::push_fence`). Dropped without
+/// landing (the push failed before or at its version object's create): its record is
+/// deleted and the lock let go, without waiting.
+pub trait PushFence: Send {
+    /// After the version object was created: inserts its row into the index and
+    /// deletes the push's record in one statement, then lets the lock go. An error
+    /// means the row may be missing (the repair adds it) and the record left for the
+    /// sweep, which reads the version object; the version exists either way.
+    fn land(self: Box<Self>, row: &IndexRow) -> Result<()>;
+}
+
+/// A push whose record a sweep found while holding the fence: its session ended
+/// before it could delete it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushing {
+    /// The record's id.
+    pub id: i64,
+    /// The replica and the version number it was making.
+    pub replica: String,
+    /// The version number.
+    pub number: u64,
+    /// Seconds since it took the fence (PostgreSQL's clock).
+    pub age_secs: i64,
+}
+
+/// What a sweep holding the fence finds made since its mark ([`SweepFence::since`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Since {
+    /// Versions indexed past the numbers the sweep has read: replica and number, not
+    /// removed, oldest first per replica.
+    pub versions: Vec<(String, u64)>,
+    /// The records of pushes whose sessions ended mid-commit.
+    pub pushing: Vec<Pushing>,
+}
+
+/// A sweep's connection to the fence (`VersionIndex::sweep_fence`).
+pub trait SweepFence: Send {
+    /// Waits for the fence's lock, exclusive: at most the sweep's bound, then
+    /// [`Error::InUse`] (a push holding it that long is stuck; the sweep stops).
+    fn hold(&mut self) -> Result<()>;
+
+    /// Under the lock: the versions of the store indexed past `tops` (replica →
+    /// the highest number the sweep has read; 0 for a replica it does not know), and
+    /// the records of pushes whose sessions ended mid-commit.
+    fn since(&mut self, tops: &std::collections::HashMap<String, u64>) -> Result<Since>;
+
+    /// Deletes the record `id` (its version read, or its push long dead).
+    fn forget_pushing(&mut self, id: i64) -> Result<()>;
+
+    /// Lets the lock go.
+    fn release(&mut self) -> Result<()>;
 }
 
 impl S3Store {
@@ -267,11 +331,13 @@ impl S3Store {
                 self.objects.location()
             ))),
             // A row never names a version whose object does not exist.
-            Slot::Missing => Err(Error::Verification(format!(
-                "{replica}@{}, the latest version in the versions index of {}, has no version object: the bucket was changed behind the index's back",
-                row.number,
-                self.objects.location()
-            ))),
+            Slot::Missing => {
+                let location = self.objects.location().to_string();
+                let lost = self.lost(replica, row.number);
+                Err(Error::Verification(format!(
+                    "{lost} (the versions index of {location} in PostgreSQL still lists it: restore the bucket, or, if it is lost for good, delete the replica's rows, `DELETE FROM sqlferry_versions WHERE store = '{location}' AND replica = '{replica}'`, and push again)"
+                )))
+            }
         }
     }
 
@@ -354,6 +420,37 @@ impl S3Store {
         let row = IndexRow::of(version);
         if let Err(e) = index.insert(&self.location_text(), replica.as_str(), &[row]) {
             tracing::warn!(%replica, version = version.number, error = %e, "versions index: the new version's row was not inserted; the next listing of the replica repairs it from its object");
+        }
+    }
+
+    /// The fence's shared hold for a push about to make version `number` of
+    /// `replica` (`s3/gc.rs`, "The fence"); `None` without an index (no fence: the
+    /// grace alone protects the push).
+    pub(super) fn push_fence(
+        &self,
+        replica: &ReplicaPath,
+        number: u64,
+    ) -> Result<Option<Box<dyn PushFence>>> {
+        match self.index.as_deref() {
+            Some(index) => index
+                .push_fence(&self.location_text(), replica.as_str(), number)
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Records the version this store's push just created in the index and lets the
+    /// fence go. A failure is logged, not returned, as in [`S3Store::index_created`]:
+    /// the row is repaired by the next listing, and the push's record stays in the
+    /// fence for the next sweep to read the version object by.
+    pub(super) fn index_landed(
+        &self,
+        replica: &ReplicaPath,
+        version: &VersionObject,
+        fence: Box<dyn PushFence>,
+    ) {
+        if let Err(e) = fence.land(&IndexRow::of(version)) {
+            tracing::warn!(%replica, version = version.number, error = %e, "versions index: the new version's row was not inserted (its object exists); the next listing of the replica repairs it, and the next sweep reads it from the push's record in the fence");
         }
     }
 
