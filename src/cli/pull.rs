@@ -97,6 +97,7 @@ impl PullArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let key_given = self.encryption.keys(global.quiet || self.json)?;
+        let pass = self.encryption.passphrases(global.quiet || self.json)?;
         let sidecar = match &self.from {
             Some(path) => {
                 let path = expand_tilde(path);
@@ -174,6 +175,18 @@ impl PullArgs {
                     .await?
             }
         };
+        // A passphrase is stretched with the salt the replica keeps (one it does not
+        // keep is refused: it was not made with a passphrase).
+        let key_given = super::encryption::with_passphrases(
+            &key_given,
+            &pass,
+            &server,
+            &replica,
+            key.as_deref(),
+            false,
+            global.quiet || self.json,
+        )
+        .await?;
         let puller = Puller {
             server,
             replica,

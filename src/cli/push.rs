@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::encryption::GivenKey;
+use super::encryption::{GivenKey, GivenPassphrase};
 use super::progress::Bar;
 use super::{
     Global, Place, RemoteArgs, error_line, exit, exit_status, expand_tilde, human_bytes, on_store,
@@ -227,11 +227,13 @@ impl PushArgs {
             .into());
         }
         let key = self.encryption_key(&dests, global)?;
+        let pass = self.encryption.passphrases(global.quiet || self.json)?;
+        let key = (key, pass);
         let local = expand_tilde(&self.local);
         match (dests.as_slice(), self.subscribe) {
             ([Dest::Replica(replica)], true) => {
                 let mut pusher = self.pusher(&local, replica.clone(), global).await?;
-                keyed(&mut pusher, &key).await?;
+                let key = keyed(&mut pusher, &key.0, &key.1, global.quiet).await?;
                 super::subscribe::run_push(pusher, &self.timing, global, shutdown)
                     .await
                     .map_err(|e| super::encryption::name_key(e, &key))
@@ -252,14 +254,17 @@ impl PushArgs {
     /// read an encrypted replica's rows).
     fn encryption_key(&self, dests: &[Dest], global: &Global) -> anyhow::Result<Vec<GivenKey>> {
         let keys = self.encryption.keys(global.quiet || self.json)?;
-        let Some(key) = keys.first() else {
+        let source = keys.first().map(|k| k.source.clone()).or_else(|| {
+            (self.encryption.passphrase_file.first()).map(|f| format!("--passphrase-file {f}"))
+        });
+        let Some(source) = source else {
             return Ok(keys);
         };
         if let Some(Dest::File(arg, _)) = dests.iter().find(|d| matches!(d, Dest::File(..))) {
             return Err(crate::Error::Usage(format!(
                 "{} is for replicas, and {arg} is a local file (a copy is plaintext, as LOCAL \
                  is); push to the file without it, or to a replica; nothing was pushed",
-                key.source
+                source
             ))
             .into());
         }
@@ -268,7 +273,7 @@ impl PushArgs {
                 "--merge with {}: the store cannot read an encrypted replica's rows, so it \
                  cannot merge them; pull the latest version, merge locally, and push again; \
                  nothing was pushed",
-                key.source
+                source
             ))
             .into());
         }
@@ -307,7 +312,7 @@ impl PushArgs {
         &self,
         local: &Path,
         dests: &[Dest],
-        keys: &[GivenKey],
+        keys: &(Vec<GivenKey>, Vec<GivenPassphrase>),
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<ExitCode> {
@@ -320,7 +325,7 @@ impl PushArgs {
                 },
                 Dest::Replica(replica) => {
                     let mut pusher = self.pusher(local, replica.clone(), global).await?;
-                    keyed(&mut pusher, keys).await?;
+                    keyed(&mut pusher, &keys.0, &keys.1, global.quiet).await?;
                     Destination::Replica(Box::new(pusher))
                 }
             });
@@ -335,7 +340,7 @@ impl PushArgs {
         &self,
         local: &Path,
         dests: &[Dest],
-        key: &[GivenKey],
+        key: &(Vec<GivenKey>, Vec<GivenPassphrase>),
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<ExitCode> {
@@ -392,7 +397,7 @@ impl PushArgs {
         &self,
         local: &Path,
         dest: &Dest,
-        keys: &[GivenKey],
+        keys: &(Vec<GivenKey>, Vec<GivenPassphrase>),
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<u8> {
@@ -402,10 +407,10 @@ impl PushArgs {
             }
             Dest::Replica(replica) => {
                 let mut pusher = self.pusher(local, replica.clone(), global).await?;
-                keyed(&mut pusher, keys).await?;
+                let keys = keyed(&mut pusher, &keys.0, &keys.1, global.quiet || self.json).await?;
                 self.push_replica(pusher, global, shutdown)
                     .await
-                    .map_err(|e| super::encryption::name_key(e, keys))
+                    .map_err(|e| super::encryption::name_key(e, &keys))
             }
         }
     }
@@ -821,8 +826,25 @@ impl PushArgs {
 /// Gives `pusher` the key its pushes seal with: none, the one given, or of several the
 /// one the replica's latest version was made with ([`latest_key`], asked once: a push
 /// subscriber keeps it, so after a `rekey` it is restarted with the new key).
-pub(super) async fn keyed(pusher: &mut Pusher, keys: &[GivenKey]) -> anyhow::Result<()> {
-    let key = match keys {
+pub(super) async fn keyed(
+    pusher: &mut Pusher,
+    keys: &[GivenKey],
+    passphrases: &[GivenPassphrase],
+    quiet: bool,
+) -> anyhow::Result<Vec<GivenKey>> {
+    // A passphrase is stretched with the replica's salt, or a new one this push
+    // records with it (the replica's first passphrase version).
+    let keys = &super::encryption::with_passphrases(
+        keys,
+        passphrases,
+        &pusher.server,
+        &pusher.replica,
+        pusher.key.as_deref(),
+        true,
+        quiet,
+    )
+    .await?;
+    let key = match &keys[..] {
         [] => None,
         [one] => Some(one),
         several => Some(
@@ -832,7 +854,7 @@ pub(super) async fn keyed(pusher: &mut Pusher, keys: &[GivenKey]) -> anyhow::Res
         ),
     };
     pusher.encryption = key.map(|k| k.key.clone());
-    Ok(())
+    Ok(keys.clone())
 }
 
 /// Of several keys given to a push, the one the replica's latest version was made

@@ -41,8 +41,13 @@ pub struct RekeyArgs {
     pub remote: String,
     /// The new key, a file `sqlferry keygen FILE` wrote: the next version and every push
     /// after it are sealed with it.
+    #[arg(long, value_name = "FILE", required_unless_present = "new_passphrase_file", conflicts_with = "new_passphrase_file")]
+    pub new_key_file: Option<String>,
+    /// The new key as a passphrase file (one line): stretched with the salt the replica
+    /// keeps (all its passphrases share it), or a new one this rekey records when the
+    /// replica has none (it was under a key file).
     #[arg(long, value_name = "FILE")]
-    pub new_key_file: String,
+    pub new_passphrase_file: Option<String>,
     /// The new version's commit message [default: "rekey from key id OLD to NEW"].
     #[arg(short, long, value_name = "TEXT")]
     pub message: Option<String>,
@@ -63,10 +68,29 @@ impl RekeyArgs {
         let replica = ReplicaPath::parse(&self.remote)?;
         let quiet = global.quiet || self.json;
         let old = self.encryption.keys(quiet)?;
-        let new = super::encryption::read_given(&self.new_key_file, quiet)?;
-        let source = ReplicaSource::resolve(&self.connection.options(), replica)
-            .await?
-            .with_encryption(super::encryption::keyring(&old));
+        let pass = self.encryption.passphrases(quiet)?;
+        let new_pass = match &self.new_passphrase_file {
+            Some(file) => super::encryption::read_passphrases(std::slice::from_ref(file), quiet)?,
+            None => Vec::new(),
+        };
+        let source = ReplicaSource::resolve(&self.connection.options(), replica).await?;
+        let stretched = |pass, making| {
+            super::encryption::with_passphrases(
+                &[],
+                pass,
+                &source.server,
+                &source.replica,
+                source.key.as_deref(),
+                making,
+                quiet,
+            )
+        };
+        let old = [old, stretched(&pass, false).await?].concat();
+        let new = match &self.new_key_file {
+            Some(file) => super::encryption::read_given(file, quiet)?,
+            None => stretched(&new_pass, true).await?.remove(0),
+        };
+        let source = source.with_encryption(super::encryption::keyring(&old));
         let work = async {
             let bar: Arc<dyn Progress> = Arc::new(Bar::new(!quiet));
             let done = crate::client::rekey(&source, &new.key, self.message.clone(), bar).await?;
