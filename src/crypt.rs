@@ -87,26 +87,12 @@ pub const MAX_PASSPHRASE_COST: PassphraseCost = PassphraseCost {
     lanes: 8,
 };
 
-/// The environment variable that, **in a debug build only** (the test suite's), makes
-/// a new replica's passphrase cost cheaper than the default: `MEMORY_KIB,PASSES,LANES`.
-/// A release build ignores it, and refuses any stored cost below the default.
-pub const TEST_COST_ENV: &str = "SQLFERRY_TEST_PASSPHRASE_COST";
-
 impl PassphraseCost {
-    /// The cost a new replica's salt is made with: the default, or in a debug build
-    /// [`TEST_COST_ENV`] when it is set (the tests' cheap cost).
-    pub fn for_new_replica() -> Result<PassphraseCost> {
-        match test_cost()? {
-            Some(cost) => Ok(cost),
-            None => Ok(PassphraseCost::default()),
-        }
-    }
-
     /// Refuses a cost read from a replica's record or a server's answer that this
     /// client will not stretch with: above [`MAX_PASSPHRASE_COST`] (memory without
     /// bound), or below the default (a hostile server could otherwise ask for a cheap
     /// stretch and learn from the key id it is sent what guessing the passphrase costs
-    /// it). In a debug build with [`TEST_COST_ENV`] set, any cost within the maximum.
+    /// it). There is no cheaper cost for tests: the default takes about 0.2 s.
     pub fn check(&self, replica: &str) -> Result<()> {
         let max = MAX_PASSPHRASE_COST;
         if self.memory_kib > max.memory_kib || self.passes > max.passes || self.lanes > max.lanes {
@@ -116,7 +102,7 @@ impl PassphraseCost {
         }
         let min = PassphraseCost::default();
         let below = self.memory_kib < min.memory_kib || self.passes < min.passes;
-        if below && test_cost()?.is_none() {
+        if below {
             return Err(Error::Verification(format!(
                 "the passphrase cost of {replica} ({self}) is below this client's minimum ({min}): a replica made by sqlferry never has one, so its record was changed; nothing was sent"
             )));
@@ -135,32 +121,6 @@ impl fmt::Display for PassphraseCost {
     }
 }
 
-/// The tests' cheap cost ([`TEST_COST_ENV`]): `None` in a release build, or when unset.
-fn test_cost() -> Result<Option<PassphraseCost>> {
-    if !cfg!(debug_assertions) {
-        return Ok(None);
-    }
-    let Some(text) = std::env::var_os(TEST_COST_ENV) else {
-        return Ok(None);
-    };
-    let text = text.to_string_lossy();
-    let parts: Vec<u32> = text
-        .split(',')
-        .map(|p| p.trim().parse::<u32>())
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| Error::Usage(format!("{TEST_COST_ENV}={text}: expected MEMORY_KIB,PASSES,LANES")))?;
-    match parts[..] {
-        [memory_kib, passes, lanes] => Ok(Some(PassphraseCost {
-            memory_kib,
-            passes,
-            lanes,
-        })),
-        _ => Err(Error::Usage(format!(
-            "{TEST_COST_ENV}={text}: expected MEMORY_KIB,PASSES,LANES"
-        ))),
-    }
-}
-
 /// What a replica keeps in clear so that every client derives one key from one
 /// passphrase: the 16 random bytes of salt and the Argon2id cost, made by the client
 /// that pushes the replica's first passphrase version (docs/security.md, "Keys").
@@ -173,12 +133,11 @@ pub struct PassphraseSalt {
 }
 
 impl PassphraseSalt {
-    /// A new random salt, at the cost for a new replica
-    /// ([`PassphraseCost::for_new_replica`]).
+    /// A new random salt, at the default cost.
     pub fn new() -> Result<PassphraseSalt> {
         Ok(PassphraseSalt {
             salt: new_salt()?,
-            cost: PassphraseCost::for_new_replica()?,
+            cost: PassphraseCost::default(),
         })
     }
 
@@ -762,14 +721,12 @@ mod tests {
             ..PassphraseCost::default()
         };
         assert!(huge.check("a/b").unwrap_err().to_string().contains("above"));
-        if std::env::var_os(TEST_COST_ENV).is_none() {
-            let cheap = PassphraseCost {
-                memory_kib: 64,
-                passes: 1,
-                lanes: 1,
-            };
-            assert!(cheap.check("a/b").unwrap_err().to_string().contains("below"));
-        }
+        let cheap = PassphraseCost {
+            memory_kib: 64,
+            passes: 1,
+            lanes: 1,
+        };
+        assert!(cheap.check("a/b").unwrap_err().to_string().contains("below"));
     }
 
     #[test]

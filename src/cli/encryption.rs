@@ -144,16 +144,14 @@ pub async fn stretch(
     let salted = match server.passphrase(replica, key).await? {
         Some(salted) => salted,
         None if making => {
-            let salted = crate::crypt::PassphraseSalt::new()?;
-            if salted.cost != crate::crypt::PassphraseCost::default() && !quiet {
+            if !quiet {
                 eprintln!(
-                    "sqlferry: warning: {} is a debug build and {} is set: {replica}'s passphrase is stretched with {}, below the default",
-                    env!("CARGO_PKG_NAME"),
-                    crate::crypt::TEST_COST_ENV,
-                    salted.cost
+                    "sqlferry: note: {replica} has no passphrase salt yet: a new one is made \
+                     and kept in clear with the replica by this push (every later client \
+                     stretches the passphrase with it)"
                 );
             }
-            salted
+            crate::crypt::PassphraseSalt::new()?
         }
         None => {
             return Err(crate::Error::Auth(format!(

@@ -1015,6 +1015,7 @@ mod tests {
                 paged: false,
                 merge: None,
                 encryption: None,
+                passphrase: false,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -1038,6 +1039,7 @@ mod tests {
                 paged: false,
                 merge: None,
                 encryption: None,
+                passphrase: false,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -1057,6 +1059,7 @@ mod tests {
                 paged: false,
                 merge: None,
                 encryption: None,
+                passphrase: false,
             }),
             Control::Config(Config {
                 replica_id: "r1".into(),
@@ -1243,6 +1246,7 @@ mod tests {
             paged: false,
             merge: None,
             encryption: None,
+            passphrase: false,
         };
         let bytes = Control::Open(open).to_bytes();
         assert!(String::from_utf8_lossy(&bytes).contains(r#""op":"wait-followers""#));
@@ -1299,6 +1303,7 @@ mod tests {
             encryption: Some(Encryption {
                 key_id: "0011223344556677".into(),
                 rekey_from: Some("8899aabbccddeeff".into()),
+                passphrase: None,
             }),
             ..open
         });
