@@ -714,7 +714,11 @@ mod tests {
             started.elapsed()
         );
         assert_eq!(key.passphrase(), Some(&salted));
-        assert!(EncryptionKey::from_bytes(&[1; KEY_BYTES]).passphrase().is_none());
+        assert!(
+            EncryptionKey::from_bytes(&[1; KEY_BYTES])
+                .passphrase()
+                .is_none()
+        );
         assert!(PassphraseCost::default().check("a/b").is_ok());
         let huge = PassphraseCost {
             memory_kib: 4 * 1024 * 1024,
@@ -726,7 +730,13 @@ mod tests {
             passes: 1,
             lanes: 1,
         };
-        assert!(cheap.check("a/b").unwrap_err().to_string().contains("below"));
+        assert!(
+            cheap
+                .check("a/b")
+                .unwrap_err()
+                .to_string()
+                .contains("below")
+        );
     }
 
     #[test]

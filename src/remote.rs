@@ -2069,7 +2069,9 @@ async fn open(
         encryption: encryption.map(|key_id| Encryption {
             key_id,
             rekey_from,
-            passphrase: passphrase.as_ref().map(crate::protocol::control::Passphrase::of),
+            passphrase: passphrase
+                .as_ref()
+                .map(crate::protocol::control::Passphrase::of),
         }),
         passphrase: false,
     };

@@ -111,7 +111,6 @@ impl DiffArgs {
         let connection = self.connection.options();
         let key_given = self.encryption.keys(global.quiet || self.json)?;
         let pass = self.encryption.passphrases(global.quiet || self.json)?;
-        let quiet = global.quiet || self.json;
         // A passphrase is stretched with the salt of the replica each side pulls from.
         let keyed = |source: ReplicaSource| {
             let (key_given, pass) = (&key_given, &pass);
@@ -123,7 +122,6 @@ impl DiffArgs {
                     &source.replica,
                     source.key.as_deref(),
                     false,
-                    quiet,
                 )
                 .await?;
                 anyhow::Ok(source.with_encryption(super::encryption::keyring(&keys)))

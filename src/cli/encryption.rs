@@ -136,23 +136,13 @@ pub async fn stretch(
     replica: &crate::store::ReplicaPath,
     key: Option<&str>,
     making: bool,
-    quiet: bool,
 ) -> anyhow::Result<Vec<GivenKey>> {
     if passphrases.is_empty() {
         return Ok(Vec::new());
     }
     let salted = match server.passphrase(replica, key).await? {
         Some(salted) => salted,
-        None if making => {
-            if !quiet {
-                eprintln!(
-                    "sqlferry: note: {replica} has no passphrase salt yet: a new one is made \
-                     and kept in clear with the replica by this push (every later client \
-                     stretches the passphrase with it)"
-                );
-            }
-            crate::crypt::PassphraseSalt::new()?
-        }
+        None if making => crate::crypt::PassphraseSalt::new()?,
         None => {
             return Err(crate::Error::Auth(format!(
                 "{replica} keeps no passphrase salt: it was not made with a passphrase (it \
@@ -182,10 +172,9 @@ pub async fn with_passphrases(
     replica: &crate::store::ReplicaPath,
     key: Option<&str>,
     making: bool,
-    quiet: bool,
 ) -> anyhow::Result<Vec<GivenKey>> {
     let mut all = keys.to_vec();
-    all.extend(stretch(passphrases, server, replica, key, making, quiet).await?);
+    all.extend(stretch(passphrases, server, replica, key, making).await?);
     Ok(all)
 }
 

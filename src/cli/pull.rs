@@ -184,7 +184,6 @@ impl PullArgs {
             &replica,
             key.as_deref(),
             false,
-            global.quiet || self.json,
         )
         .await?;
         let puller = Puller {

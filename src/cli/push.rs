@@ -233,7 +233,7 @@ impl PushArgs {
         match (dests.as_slice(), self.subscribe) {
             ([Dest::Replica(replica)], true) => {
                 let mut pusher = self.pusher(&local, replica.clone(), global).await?;
-                let key = keyed(&mut pusher, &key.0, &key.1, global.quiet).await?;
+                let key = keyed(&mut pusher, &key.0, &key.1).await?;
                 super::subscribe::run_push(pusher, &self.timing, global, shutdown)
                     .await
                     .map_err(|e| super::encryption::name_key(e, &key))
@@ -325,7 +325,7 @@ impl PushArgs {
                 },
                 Dest::Replica(replica) => {
                     let mut pusher = self.pusher(local, replica.clone(), global).await?;
-                    keyed(&mut pusher, &keys.0, &keys.1, global.quiet).await?;
+                    keyed(&mut pusher, &keys.0, &keys.1).await?;
                     Destination::Replica(Box::new(pusher))
                 }
             });
@@ -407,7 +407,7 @@ impl PushArgs {
             }
             Dest::Replica(replica) => {
                 let mut pusher = self.pusher(local, replica.clone(), global).await?;
-                let keys = keyed(&mut pusher, &keys.0, &keys.1, global.quiet || self.json).await?;
+                let keys = keyed(&mut pusher, &keys.0, &keys.1).await?;
                 self.push_replica(pusher, global, shutdown)
                     .await
                     .map_err(|e| super::encryption::name_key(e, &keys))
@@ -830,7 +830,6 @@ pub(super) async fn keyed(
     pusher: &mut Pusher,
     keys: &[GivenKey],
     passphrases: &[GivenPassphrase],
-    quiet: bool,
 ) -> anyhow::Result<Vec<GivenKey>> {
     // A passphrase is stretched with the replica's salt, or a new one this push
     // records with it (the replica's first passphrase version).
@@ -841,7 +840,6 @@ pub(super) async fn keyed(
         &pusher.replica,
         pusher.key.as_deref(),
         true,
-        quiet,
     )
     .await?;
     let key = match &keys[..] {

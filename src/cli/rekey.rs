@@ -41,7 +41,12 @@ pub struct RekeyArgs {
     pub remote: String,
     /// The new key, a file `sqlferry keygen FILE` wrote: the next version and every push
     /// after it are sealed with it.
-    #[arg(long, value_name = "FILE", required_unless_present = "new_passphrase_file", conflicts_with = "new_passphrase_file")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "new_passphrase_file",
+        conflicts_with = "new_passphrase_file"
+    )]
     pub new_key_file: Option<String>,
     /// The new key as a passphrase file (one line): stretched with the salt the replica
     /// keeps (all its passphrases share it), or a new one this rekey records when the
@@ -82,7 +87,6 @@ impl RekeyArgs {
                 &source.replica,
                 source.key.as_deref(),
                 making,
-                quiet,
             )
         };
         let old = [old, stretched(&pass, false).await?].concat();

@@ -506,7 +506,7 @@ impl SubscribeArgs {
             Plan::Push(mut pusher) => {
                 pusher.message = self.message.clone();
                 pusher.server = pusher.server.with_compress(mode);
-                let keys = super::push::keyed(&mut pusher, &keys, &pass, global.quiet).await?;
+                let keys = super::push::keyed(&mut pusher, &keys, &pass).await?;
                 run_push(pusher, &self.timing, global, shutdown)
                     .await
                     .map_err(|e| super::encryption::name_key(e, &keys))
@@ -520,7 +520,6 @@ impl SubscribeArgs {
                     &puller.replica,
                     puller.key.as_deref(),
                     false,
-                    global.quiet,
                 )
                 .await?;
                 puller.encryption = super::encryption::keyring(&keys);

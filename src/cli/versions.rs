@@ -84,7 +84,6 @@ impl VersionsArgs {
                         &source.replica,
                         source.key.as_deref(),
                         false,
-                        global.quiet || self.json,
                     )
                     .await?
                 }

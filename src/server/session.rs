@@ -487,10 +487,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
-    let (id, salted) = blocking(move || Ok((auth.replica_id(&r, false)?, store.passphrase(&r)?)))
-        .await?;
+    let (id, salted) =
+        blocking(move || Ok((auth.replica_id(&r, false)?, store.passphrase(&r)?))).await?;
     let mut c = config(state, principal, replica, id.unwrap_or_default(), 0);
-    c.passphrase = Some(salted.as_ref().map(crate::protocol::control::Passphrase::of));
+    c.passphrase = Some(
+        salted
+            .as_ref()
+            .map(crate::protocol::control::Passphrase::of),
+    );
     send_control(ws, Control::Config(c)).await
 }
 
