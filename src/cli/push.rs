@@ -84,8 +84,9 @@ are conflicts: --on-conflict refuse (the default) refuses the push with VERSION_
 6) and lists each one (table, key, the base, theirs and ours rows; --json has them whole); \
 ours, theirs or newer --lww-column COL decide them. Schema changes on either side are never \
 merged (exit 6, the reason given). See docs/rows.md, \"Merge\".\n\n\
-Encrypted replicas: with --encryption-key-file FILE (sqlferry keygen FILE writes one) or \
-SQLFERRY_ENCRYPTION_KEY, every page, the commit message and the digest are sealed here \
+Encrypted replicas: with --encryption-key-file FILE (sqlferry keygen FILE writes one), \
+SQLFERRY_ENCRYPTION_KEY or --passphrase-file FILE (a passphrase stretched with Argon2id and \
+the salt the replica keeps, made by its first push), every page, the commit message and the digest are sealed here \
 before they leave; the server, or the embedded store's directory, keeps what it cannot read \
 and never sees the key. A replica is encrypted or not from its first version on: a push \
 without its key, with another key, or with a key to a plaintext replica is refused (exit 5) \

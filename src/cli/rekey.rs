@@ -23,7 +23,11 @@ sqlferry keygen ~/.config/sqlferry/acme-2027.key\n  \
 sqlferry rekey acme/app.db --encryption-key-file ~/.config/sqlferry/acme.key \
 --new-key-file ~/.config/sqlferry/acme-2027.key\n  \
 sqlferry pull acme/app.db@1 old.db --encryption-key-file ~/.config/sqlferry/acme.key \
---encryption-key-file ~/.config/sqlferry/acme-2027.key\n\n\
+--encryption-key-file ~/.config/sqlferry/acme-2027.key\n  \
+sqlferry rekey acme/app.db --passphrase-file old.pass --new-passphrase-file new.pass\n\n\
+A passphrase (--passphrase-file, --new-passphrase-file) is stretched with the salt the \
+replica keeps; all its passphrases share that one salt, so a version made with an old \
+passphrase still opens with it. A rekey from a key file to a passphrase makes the salt.\n\n\
 The latest version is pulled and opened with its key on this machine, sealed again with the \
 new key, and pushed as the next version: every page's identity changes with the key, so \
 nothing is shared with the old key's pages and the whole database is sent. Pushes after it \
