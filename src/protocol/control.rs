@@ -1445,4 +1445,48 @@ mod tests {
             Err(DecodeError::Trailing(..))
         ));
     }
+
+    #[test]
+    fn a_passphrase_salt_round_trips_and_a_bad_one_is_refused() {
+        let salted = crate::crypt::PassphraseSalt {
+            salt: [0xab; crate::crypt::SALT_BYTES],
+            cost: crate::crypt::PassphraseCost::default(),
+        };
+        let wire = Passphrase::of(&salted);
+        assert_eq!(wire.salt, "ab".repeat(16));
+        assert_eq!(wire.salted("a/b").unwrap(), salted);
+        // An older server's CONFIG has no `passphrase`; a new one's says null or the salt.
+        let config: Config =
+            serde_json::from_str(r#"{"replica_id":"","path":"a/b","version":0,"key_type":"pull"}"#)
+                .unwrap();
+        assert_eq!(config.passphrase, None);
+        let config: Config = serde_json::from_str(
+            r#"{"replica_id":"","path":"a/b","version":0,"key_type":"pull","passphrase":null}"#,
+        )
+        .unwrap();
+        assert_eq!(config.passphrase, Some(None));
+        for bad in [
+            Passphrase {
+                salt: "ab".repeat(15),
+                ..wire.clone()
+            },
+            Passphrase {
+                salt: "zz".repeat(16),
+                ..wire.clone()
+            },
+            Passphrase {
+                memory_kib: 8 * 1024 * 1024,
+                ..wire.clone()
+            },
+            Passphrase {
+                lanes: 0,
+                ..wire.clone()
+            },
+        ] {
+            assert_eq!(
+                bad.salted("a/b").unwrap_err().kind(),
+                crate::ErrorKind::Protocol
+            );
+        }
+    }
 }
