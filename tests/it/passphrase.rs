@@ -108,6 +108,41 @@ fn passphrase_round_trip(store: Store<'_>) {
     );
     assert_eq!(second.u64("version"), 2);
     assert!(second.u64("pages_sent") <= 4, "{}", second.0);
+    // diff and versions --changes open the versions with the passphrase: one row
+    // of notes updated.
+    let at = |n: u32| format!("{REPLICA}@{n}");
+    let diff = ok(
+        &store,
+        &other,
+        &["diff", &at(1), &at(2), "--passphrase-file", s(&opass)],
+        "diff with a passphrase",
+    );
+    let notes_diff = diff.0["tables"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .find(|t| t["name"] == "notes")
+        .expect("notes changed")
+        .clone();
+    assert_eq!(notes_diff["updated"], 1, "{notes_diff}");
+    let out = store.run(
+        &other,
+        &[
+            "versions",
+            REPLICA,
+            "--changes",
+            "--json",
+            "--passphrase-file",
+            s(&opass),
+        ],
+        &[],
+    );
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("\"notes\""),
+        "{}",
+        util::stdout(&out)
+    );
     let before = std::fs::read(&fresh).expect("read");
     let wrong = passphrase_file(&other, "wrong.txt", "correct horse battery stapler");
     let out = store.run(
