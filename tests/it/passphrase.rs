@@ -4,8 +4,8 @@
 //! the same passphrase (rows, integrity, digest); no stored file holds the marker or
 //! the passphrase; a wrong passphrase and a key file against the passphrase replica
 //! exit 5 with LOCAL byte for byte unchanged; a rekey to a key file and back to a new
-//! passphrase keeps every older version readable with its own; a pull subscriber
-//! with a passphrase follows new versions.
+//! passphrase keeps every older version readable with its own; a push subscriber and
+//! a pull subscriber with a passphrase push and follow a change.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -408,7 +408,7 @@ fn a_passphrase_where_it_cannot_work_is_refused() {
 }
 
 #[test]
-fn a_pull_subscriber_follows_with_a_passphrase() {
+fn subscribers_push_and_pull_with_a_passphrase() {
     let dir = tempfile::TempDir::new().expect("tempdir");
     let server = TestServer::start(dir.path());
     let store = Store::Server(&server);
@@ -439,15 +439,31 @@ fn a_pull_subscriber_follows_with_a_passphrase() {
         ],
     );
     sub.expect(&["pull (start): version 1"]);
+    // A push subscriber with the passphrase pushes the change it sees.
+    let mut push = Subscriber::start(
+        &origin,
+        &[
+            "push",
+            "app.db",
+            REPLICA,
+            "--server",
+            &server.url,
+            "--subscribe",
+            "--wait-idle",
+            "10s",
+            "--max-changes",
+            "1",
+            "--poll",
+            "1s",
+            "--passphrase-file",
+            s(&pass),
+        ],
+    );
+    push.expect(&["push (start): no change, still version 1"]);
     util::open(&db)
         .execute("UPDATE notes SET body = 'followed' WHERE id = 77", [])
         .expect("update");
-    ok(
-        &store,
-        &origin,
-        &["push", "app.db", REPLICA, "--passphrase-file", s(&pass)],
-        "second push",
-    );
+    push.expect(&["push (changes): version 2"]);
     sub.expect(&["pull (new-version): version 2"]);
     let sub_db = replica.path("sub.db");
     assert!(util::wait_until(
@@ -458,4 +474,5 @@ fn a_pull_subscriber_follows_with_a_passphrase() {
     assert_eq!(util::integrity(&sub_db), "ok");
     assert_eq!(notes(&sub_db), (2000, "followed".into()));
     sub.stop();
+    push.stop();
 }
