@@ -473,6 +473,36 @@ fn subscribers_push_and_pull_with_a_passphrase() {
     ));
     assert_eq!(util::integrity(&sub_db), "ok");
     assert_eq!(notes(&sub_db), (2000, "followed".into()));
+    assert_eq!(push.stop(), 0, "{}", push.output());
+
+    // `sqlferry subscribe app.db` takes the passphrase the same way.
+    let mut again = Subscriber::start(
+        &origin,
+        &[
+            "subscribe",
+            "app.db",
+            "--wait-idle",
+            "10s",
+            "--max-changes",
+            "1",
+            "--poll",
+            "1s",
+            "--passphrase-file",
+            s(&pass),
+        ],
+    );
+    again.expect(&["push (start): no change"]);
+    util::open(&db)
+        .execute("UPDATE notes SET body = 'again' WHERE id = 77", [])
+        .expect("update");
+    again.expect(&["push (changes): version 3"]);
+    sub.expect(&["pull (new-version): version 3"]);
+    assert!(util::wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || util::digest(&sub_db) == util::digest(&db)
+    ));
+    assert_eq!(notes(&sub_db), (2000, "again".into()));
+    assert_eq!(again.stop(), 0, "{}", again.output());
     sub.stop();
-    push.stop();
 }
