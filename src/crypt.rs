@@ -78,6 +78,75 @@ impl Default for PassphraseCost {
     }
 }
 
+/// The most a passphrase's cost may ask, from whoever states it (a replica's record, a
+/// server's answer): 1 GiB of memory, 16 passes, 8 lanes. A cost past these would let
+/// a hostile server make a client allocate without bound (invariant 3).
+pub const MAX_PASSPHRASE_COST: PassphraseCost = PassphraseCost {
+    memory_kib: 1024 * 1024,
+    passes: 16,
+    lanes: 8,
+};
+
+impl PassphraseCost {
+    /// Refuses a cost read from a replica's record or a server's answer that this
+    /// client will not stretch with: above [`MAX_PASSPHRASE_COST`] (memory without
+    /// bound), or below the default (a hostile server could otherwise ask for a cheap
+    /// stretch and learn from the key id it is sent what guessing the passphrase costs
+    /// it). There is no cheaper cost for tests: the default takes about 0.2 s.
+    pub fn check(&self, replica: &str) -> Result<()> {
+        let max = MAX_PASSPHRASE_COST;
+        if self.memory_kib > max.memory_kib || self.passes > max.passes || self.lanes > max.lanes {
+            return Err(Error::Protocol(format!(
+                "the passphrase cost of {replica} ({self}) is above what this client stretches with ({max}); nothing was sent"
+            )));
+        }
+        let min = PassphraseCost::default();
+        let below = self.memory_kib < min.memory_kib || self.passes < min.passes;
+        if below {
+            return Err(Error::Verification(format!(
+                "the passphrase cost of {replica} ({self}) is below this client's minimum ({min}): a replica made by sqlferry never has one, so its record was changed; nothing was sent"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for PassphraseCost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Argon2id, {} KiB, {} passes, {} lanes",
+            self.memory_kib, self.passes, self.lanes
+        )
+    }
+}
+
+/// What a replica keeps in clear so that every client derives one key from one
+/// passphrase: the 16 random bytes of salt and the Argon2id cost, made by the client
+/// that pushes the replica's first passphrase version (docs/security.md, "Keys").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassphraseSalt {
+    /// The salt.
+    pub salt: [u8; SALT_BYTES],
+    /// The cost.
+    pub cost: PassphraseCost,
+}
+
+impl PassphraseSalt {
+    /// A new random salt, at the default cost.
+    pub fn new() -> Result<PassphraseSalt> {
+        Ok(PassphraseSalt {
+            salt: new_salt()?,
+            cost: PassphraseCost::default(),
+        })
+    }
+
+    /// The key `passphrase` gives with this salt and cost.
+    pub fn derive(&self, passphrase: &[u8]) -> Result<EncryptionKey> {
+        EncryptionKey::from_passphrase(passphrase, &self.salt, self.cost)
+    }
+}
+
 /// The public name of a key: the first 8 bytes HKDF-SHA-256 derives from the key with a
 /// label of its own. A version records the id of the key it was made with, so a pull picks
 /// the right key file and a push refuses to mix keys, and the id says nothing of the key.
@@ -97,6 +166,10 @@ impl fmt::Display for KeyId {
 pub struct EncryptionKey {
     derived: std::sync::Arc<Derived>,
     id: KeyId,
+    /// For a key stretched from a passphrase: the salt and cost it was stretched with,
+    /// which a push records with the replica (in clear) so that every later client
+    /// derives the same key. `None` for a key file's key.
+    passphrase: Option<PassphraseSalt>,
 }
 
 /// The keys HKDF derives from an encryption key, one per purpose.
@@ -136,6 +209,7 @@ impl EncryptionKey {
                 meta: Aes256GcmSiv::new(&derive(INFO_META).into()),
             }),
             id: KeyId(id),
+            passphrase: None,
         }
     }
 
@@ -157,7 +231,18 @@ impl EncryptionKey {
         argon
             .hash_password_into(passphrase, salt, &mut key)
             .map_err(|e| Error::Usage(format!("cannot stretch the passphrase: {e}")))?;
-        Ok(EncryptionKey::from_bytes(&key))
+        let mut made = EncryptionKey::from_bytes(&key);
+        // The 32 bytes are dropped here: never written, cached or logged (only the
+        // derived keys live on, in memory, for this process).
+        key.fill(0);
+        made.passphrase = Some(PassphraseSalt { salt: *salt, cost });
+        Ok(made)
+    }
+
+    /// The salt and cost this key was stretched with, for a key made from a passphrase
+    /// ([`EncryptionKey::from_passphrase`]); `None` for a key file's key.
+    pub fn passphrase(&self) -> Option<&PassphraseSalt> {
+        self.passphrase.as_ref()
     }
 
     /// The key's public id.
@@ -386,6 +471,49 @@ pub fn read_key_file(path: &Path) -> Result<(EncryptionKey, u32)> {
     Ok((key, mode))
 }
 
+/// The most bytes a passphrase file may hold: a passphrase is a line a person types.
+pub const MAX_PASSPHRASE_BYTES: usize = 1024;
+
+/// The passphrase in the file at `path`, and the file's permission bits (a caller
+/// warns as for a key file). The passphrase is the file's bytes with the line ending
+/// at its end removed (every trailing `\n` and `\r`, as an editor or `echo` leaves
+/// them); any other byte counts, spaces included. An empty passphrase, or a file of
+/// more than [`MAX_PASSPHRASE_BYTES`], is refused. The error never shows the text.
+pub fn read_passphrase_file(path: &Path) -> Result<(Vec<u8>, u32)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let io = |source| {
+        Error::Io {
+            path: path.to_owned(),
+            source,
+        }
+        .context("cannot read the passphrase file")
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_PASSPHRASE_BYTES as u64 + 1),
+        &mut bytes,
+    )
+    .map_err(io)?;
+    if bytes.len() > MAX_PASSPHRASE_BYTES {
+        return Err(Error::Usage(format!(
+            "{} holds more than {MAX_PASSPHRASE_BYTES} bytes: a passphrase file holds one line, the passphrase",
+            path.display()
+        )));
+    }
+    while bytes.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
+        bytes.pop();
+    }
+    if bytes.is_empty() {
+        return Err(Error::Usage(format!(
+            "{} holds no passphrase (it is empty, or only a line ending)",
+            path.display()
+        )));
+    }
+    Ok((bytes, mode))
+}
+
 /// Writes a new random key to `path`, readable by its owner only (0600), refusing a
 /// path that exists (a key overwritten is every version made with it lost). The file
 /// is synced before this returns.
@@ -567,6 +695,68 @@ mod tests {
         assert_ne!(a.id(), c.id());
         assert_ne!(a.id(), d.id());
         assert!(EncryptionKey::from_passphrase(b"", &[1; SALT_BYTES], cost).is_err());
+    }
+
+    #[test]
+    fn the_default_cost_is_timed_and_a_stored_cost_is_bounded() {
+        // The price of the default cost on this machine, printed for docs/security.md
+        // (`cargo test --lib crypt -- --nocapture`; dependencies are optimised in test
+        // builds, so this is Argon2id's release speed).
+        let started = std::time::Instant::now();
+        let salted = PassphraseSalt {
+            salt: [7; SALT_BYTES],
+            cost: PassphraseCost::default(),
+        };
+        let key = salted.derive(b"correct horse").unwrap();
+        println!(
+            "Argon2id at the default cost ({}): {:?}",
+            salted.cost,
+            started.elapsed()
+        );
+        assert_eq!(key.passphrase(), Some(&salted));
+        assert!(
+            EncryptionKey::from_bytes(&[1; KEY_BYTES])
+                .passphrase()
+                .is_none()
+        );
+        assert!(PassphraseCost::default().check("a/b").is_ok());
+        let huge = PassphraseCost {
+            memory_kib: 4 * 1024 * 1024,
+            ..PassphraseCost::default()
+        };
+        assert!(huge.check("a/b").unwrap_err().to_string().contains("above"));
+        let cheap = PassphraseCost {
+            memory_kib: 64,
+            passes: 1,
+            lanes: 1,
+        };
+        assert!(
+            cheap
+                .check("a/b")
+                .unwrap_err()
+                .to_string()
+                .contains("below")
+        );
+    }
+
+    #[test]
+    fn a_passphrase_file_loses_its_line_ending_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pass");
+        for (text, want) in [
+            (&b"correct horse\n"[..], &b"correct horse"[..]),
+            (b"correct horse\r\n", b"correct horse"),
+            (b" spaced out \n\n", b" spaced out "),
+            (b"no newline", b"no newline"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(read_passphrase_file(&path).unwrap().0, want);
+        }
+        for bad in [&b""[..], b"\n", &[b'x'; MAX_PASSPHRASE_BYTES + 1]] {
+            std::fs::write(&path, bad).unwrap();
+            let e = read_passphrase_file(&path).unwrap_err().to_string();
+            assert!(!e.contains("xxxx"), "{e}");
+        }
     }
 
     #[test]

@@ -995,6 +995,7 @@ pub fn merge_into_store(
             key_id: request.key_id.clone(),
             encryption: None,
             rekey_from: None,
+            passphrase: None,
         };
         let mut writer = store.push(replica, options)?;
         writer.stage_candidate(

@@ -347,6 +347,46 @@ impl Server {
         }
     }
 
+    /// The passphrase salt and cost `replica` keeps (`None`: it has none, or does not
+    /// exist yet), checked as a client stretches with it (a cost within the maximum and
+    /// not below the default, [`crate::crypt::PassphraseCost::check`]). A server too old
+    /// to keep one is refused, before anything is derived or sent.
+    pub async fn passphrase(
+        &self,
+        replica: &ReplicaPath,
+        key: Option<&str>,
+    ) -> Result<Option<crate::crypt::PassphraseSalt>> {
+        let salted = match self {
+            Server::Embedded(_) | Server::S3 { .. } => {
+                let (store, r) = (self.local_store(false).await?, replica.clone());
+                blocking(move || store.passphrase(&r)).await?
+            }
+            Server::Ws { url, .. } => {
+                let mut ws = connect(url, key).await?;
+                let mut open = open_frame(Op::Versions, replica);
+                open.passphrase = true;
+                ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
+                let config = next_config(&mut ws, Vec::new()).await?;
+                let _ = ws.close(None).await;
+                match config.passphrase {
+                    None => {
+                        return Err(Error::Protocol(format!(
+                            "{url} cannot keep a passphrase's salt (a sqlferry serve older \
+                             than this client): upgrade it, or use --encryption-key-file; \
+                             nothing was sent"
+                        )));
+                    }
+                    Some(None) => None,
+                    Some(Some(p)) => Some(p.salted(replica.as_str())?),
+                }
+            }
+        };
+        if let Some(s) = &salted {
+            s.cost.check(replica.as_str())?;
+        }
+        Ok(salted)
+    }
+
     /// Every version of `replica`, oldest first, each with its `stored_bytes` (a
     /// server always computes them for `versions`).
     pub async fn versions_with_stored_bytes(
@@ -497,6 +537,7 @@ impl Server {
             paged: false,
             merge: None,
             encryption: None,
+            passphrase: false,
         };
         ws::send_binary(&mut ws, Control::Open(open).to_bytes()).await?;
         let config = next_config(&mut ws, Vec::new()).await?;
@@ -737,6 +778,7 @@ impl Server {
                     merge: merging.map(OnConflict::request),
                     encryption: o.encryption.clone(),
                     rekey_from: o.rekey_from.clone(),
+                    passphrase: o.passphrase,
                 };
                 let config = open(&mut ws, session, replica, None, o.base, o.force, None).await?;
                 // A mix of plaintext and encrypted, or another key, is refused here,
@@ -1145,6 +1187,7 @@ impl Server {
                     merge: None,
                     encryption: ids.first().cloned(),
                     rekey_from: None,
+                    passphrase: None,
                 };
                 let config =
                     open(&mut ws, session, replica, Some(selector), None, false, None).await?;
@@ -1936,6 +1979,7 @@ fn open_frame(op: Op, replica: &ReplicaPath) -> Open {
         paged: false,
         merge: None,
         encryption: None,
+        passphrase: false,
     }
 }
 
@@ -1950,6 +1994,9 @@ struct Session {
     encryption: Option<String>,
     /// For a rekey's push: the key id it replaces (OPEN's `encryption.rekey_from`).
     rekey_from: Option<String>,
+    /// For a push whose key came from a passphrase: its salt and cost (OPEN's
+    /// `encryption.passphrase`).
+    passphrase: Option<crate::crypt::PassphraseSalt>,
 }
 
 impl From<Op> for Session {
@@ -1960,6 +2007,7 @@ impl From<Op> for Session {
             merge: None,
             encryption: None,
             rekey_from: None,
+            passphrase: None,
         }
     }
 }
@@ -1997,6 +2045,7 @@ async fn open(
         merge,
         encryption,
         rekey_from,
+        passphrase,
     } = session.into();
     let open = Open {
         protocol: PROTOCOL_VERSION,
@@ -2024,7 +2073,14 @@ async fn open(
         dry_run: false,
         paged: op == Op::Versions,
         merge,
-        encryption: encryption.map(|key_id| Encryption { key_id, rekey_from }),
+        encryption: encryption.map(|key_id| Encryption {
+            key_id,
+            rekey_from,
+            passphrase: passphrase
+                .as_ref()
+                .map(crate::protocol::control::Passphrase::of),
+        }),
+        passphrase: false,
     };
     let offered = open.compress.clone();
     let offered_digests = open.digests.clone();

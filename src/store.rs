@@ -299,6 +299,11 @@ pub struct PushOptions {
     /// push may change a replica's key id, and only from its latest version's; `None`
     /// for every other push.
     pub rekey_from: Option<String>,
+    /// For a sealed push whose key was stretched from a passphrase: its salt and cost.
+    /// The replica records them with its first such version (in the version's
+    /// transaction) and refuses a push naming others; `None` for a key file's key
+    /// (the record, if any, stays: older versions may need it).
+    pub passphrase: Option<crate::crypt::PassphraseSalt>,
 }
 
 /// Stored bytes already computed, by replica path: (latest version, version count,
@@ -382,6 +387,16 @@ impl Store {
             replica::fill_digest1(&file, &mut versions)?;
         }
         Ok(versions)
+    }
+
+    /// The passphrase salt and cost `replica` keeps (docs/security.md, "Keys"): `None`
+    /// for a replica that has none (no version sealed with a passphrase's key yet) or
+    /// that does not exist.
+    pub fn passphrase(
+        &self,
+        replica: &ReplicaPath,
+    ) -> Result<Option<crate::crypt::PassphraseSalt>> {
+        replica::passphrase(&self.replica_file(replica), replica)
     }
 
     /// Gives `version` (of `replica`) its digest 1 when it recorded only its chunked

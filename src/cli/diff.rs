@@ -110,7 +110,23 @@ impl DiffArgs {
         let (a, b) = (side(&self.a)?, side(&self.b)?);
         let connection = self.connection.options();
         let key_given = self.encryption.keys(global.quiet || self.json)?;
-        let encryption = super::encryption::keyring(&key_given);
+        let pass = self.encryption.passphrases(global.quiet || self.json)?;
+        // A passphrase is stretched with the salt of the replica each side pulls from.
+        let keyed = |source: ReplicaSource| {
+            let (key_given, pass) = (&key_given, &pass);
+            async move {
+                let keys = super::encryption::with_passphrases(
+                    key_given,
+                    pass,
+                    &source.server,
+                    &source.replica,
+                    source.key.as_deref(),
+                    false,
+                )
+                .await?;
+                anyhow::Ok(source.with_encryption(super::encryption::keyring(&keys)))
+            }
+        };
         let followed = |file: &Side| match file {
             Side::File(path) => Ok(path.clone()),
             _ => Err(crate::Error::Usage(
@@ -134,17 +150,15 @@ impl DiffArgs {
                     }
                     Side::Followed => {
                         let file = followed(other)?;
-                        let source = ReplicaSource::followed_by(&connection, &file)
-                            .await?
-                            .with_encryption(encryption.clone());
+                        let source =
+                            keyed(ReplicaSource::followed_by(&connection, &file).await?).await?;
                         let label = format!("{}@latest", source.replica);
                         (source, Selector::Latest, label)
                     }
                     Side::Version(arg, selector, replica) => {
                         let replica = replica.clone().expect("parsed with the side");
-                        let source = ReplicaSource::resolve(&connection, replica)
-                            .await?
-                            .with_encryption(encryption.clone());
+                        let source =
+                            keyed(ReplicaSource::resolve(&connection, replica).await?).await?;
                         (source, *selector, arg.clone())
                     }
                 };

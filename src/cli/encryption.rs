@@ -71,6 +71,111 @@ pub struct EncryptionArgs {
     /// there is no back door.
     #[arg(long, value_name = "FILE", action = clap::ArgAction::Append)]
     pub encryption_key_file: Vec<String>,
+    /// A file holding the replica's passphrase (one line; its line ending is not part
+    /// of it), instead of a key file: stretched with Argon2id (64 MiB, 3 passes) and the
+    /// salt the replica keeps in clear, made by the first push with a passphrase. A
+    /// passphrase and a key file are different keys. There is no SQLFERRY_PASSPHRASE and
+    /// no passphrase on the command line: both are readable by other processes. May be
+    /// given more than once, like --encryption-key-file. A lost passphrase is lost data.
+    #[arg(long, value_name = "FILE", action = clap::ArgAction::Append)]
+    pub passphrase_file: Vec<String>,
+}
+
+/// A passphrase as read from its file, and where it came from (for messages; `Debug`
+/// never shows the passphrase). Stretched into a key ([`stretch`]) once the replica's
+/// salt is known.
+#[derive(Clone)]
+pub struct GivenPassphrase {
+    passphrase: Vec<u8>,
+    /// `--passphrase-file PATH`.
+    pub source: String,
+}
+
+impl std::fmt::Debug for GivenPassphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GivenPassphrase")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The passphrases in the files `files` name (`~` expanded), read now so that a missing
+/// or empty file is refused before anything else; each file that group or others may
+/// read is used with a warning (unless `quiet`), as a key file is.
+pub fn read_passphrases(files: &[String], quiet: bool) -> anyhow::Result<Vec<GivenPassphrase>> {
+    let mut out = Vec::with_capacity(files.len());
+    for file in files {
+        let path = expand_tilde(file);
+        let (passphrase, mode) = crate::crypt::read_passphrase_file(&path)?;
+        if mode & 0o077 != 0 && !quiet {
+            eprintln!(
+                "sqlferry: warning: the passphrase file {} may be read by other users \
+                 (mode {mode:04o}): whoever reads it reads every version made with it; \
+                 chmod 600 {}",
+                path.display(),
+                path.display()
+            );
+        }
+        out.push(GivenPassphrase {
+            passphrase,
+            source: format!("--passphrase-file {}", path.display()),
+        });
+    }
+    Ok(out)
+}
+
+/// The keys `passphrases` give for `replica` on `server`: its salt and cost asked for
+/// first (a server too old to keep them is refused). A replica that keeps none is
+/// refused (exit 5: it was not made with a passphrase) unless `making`: a push, or the
+/// new key of a rekey, then makes a new random salt at the default cost, which the
+/// push records with the replica (docs/security.md, "Keys"). Each stretch takes about
+/// a third of a second, on a blocking thread.
+pub async fn stretch(
+    passphrases: &[GivenPassphrase],
+    server: &crate::remote::Server,
+    replica: &crate::store::ReplicaPath,
+    key: Option<&str>,
+    making: bool,
+) -> anyhow::Result<Vec<GivenKey>> {
+    if passphrases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let salted = match server.passphrase(replica, key).await? {
+        Some(salted) => salted,
+        None if making => crate::crypt::PassphraseSalt::new()?,
+        None => {
+            return Err(crate::Error::Auth(format!(
+                "{replica} keeps no passphrase salt: it was not made with a passphrase (it \
+                 is plaintext, under a key file, or has no version); give its key file \
+                 (--encryption-key-file); nothing was sent"
+            ))
+            .into());
+        }
+    };
+    let mut keys = Vec::with_capacity(passphrases.len());
+    for given in passphrases {
+        let passphrase = given.passphrase.clone();
+        let key = crate::remote::blocking(move || salted.derive(&passphrase)).await?;
+        keys.push(GivenKey {
+            key,
+            source: given.source.clone(),
+        });
+    }
+    Ok(keys)
+}
+
+/// `keys` and the keys `passphrases` give ([`stretch`]), in that order.
+pub async fn with_passphrases(
+    keys: &[GivenKey],
+    passphrases: &[GivenPassphrase],
+    server: &crate::remote::Server,
+    replica: &crate::store::ReplicaPath,
+    key: Option<&str>,
+    making: bool,
+) -> anyhow::Result<Vec<GivenKey>> {
+    let mut all = keys.to_vec();
+    all.extend(stretch(passphrases, server, replica, key, making).await?);
+    Ok(all)
 }
 
 /// A key as given, and where it came from (for messages; never the key itself).
@@ -88,6 +193,9 @@ impl EncryptionArgs {
     /// (unless `quiet`): refusing it would stop a backup over a permission a `chmod
     /// 600` fixes.
     pub fn keys(&self, quiet: bool) -> anyhow::Result<Vec<GivenKey>> {
+        if self.encryption_key_file.is_empty() && !self.passphrase_file.is_empty() {
+            return Ok(Vec::new());
+        }
         if self.encryption_key_file.is_empty() {
             return Ok(env_key()?
                 .map(|key| GivenKey {
@@ -102,6 +210,11 @@ impl EncryptionArgs {
             keys.push(read_given(file, quiet)?);
         }
         Ok(keys)
+    }
+
+    /// The passphrases given (`--passphrase-file`), read now ([`read_passphrases`]).
+    pub fn passphrases(&self, quiet: bool) -> anyhow::Result<Vec<GivenPassphrase>> {
+        read_passphrases(&self.passphrase_file, quiet)
     }
 }
 

@@ -37,8 +37,8 @@ the pages that differ are written. LOCAL keeps its journal mode; a new LOCAL tak
 version's.\n\n\
 Keys (servers only): --key, SQLFERRY_KEY, the sidecar's PULL key with --from, or the key \
 saved for LOCAL by an earlier push.\n\n\
-An encrypted replica pulls with its key (--encryption-key-file FILE, or \
-SQLFERRY_ENCRYPTION_KEY): each page is opened and checked here, and LOCAL commits only when \
+An encrypted replica pulls with its key (--encryption-key-file FILE, \
+SQLFERRY_ENCRYPTION_KEY, or --passphrase-file FILE for one made with a passphrase): each page is opened and checked here, and LOCAL commits only when \
 the version's seal matches what was built. Without the key, or with another one, the pull \
 is refused before anything is written (exit 5); a page or seal changed in the store exits 7, \
 LOCAL untouched. After a `sqlferry rekey`, give both key files (--encryption-key-file \
@@ -97,6 +97,7 @@ impl PullArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let key_given = self.encryption.keys(global.quiet || self.json)?;
+        let pass = self.encryption.passphrases(global.quiet || self.json)?;
         let sidecar = match &self.from {
             Some(path) => {
                 let path = expand_tilde(path);
@@ -174,6 +175,17 @@ impl PullArgs {
                     .await?
             }
         };
+        // A passphrase is stretched with the salt the replica keeps (one it does not
+        // keep is refused: it was not made with a passphrase).
+        let key_given = super::encryption::with_passphrases(
+            &key_given,
+            &pass,
+            &server,
+            &replica,
+            key.as_deref(),
+            false,
+        )
+        .await?;
         let puller = Puller {
             server,
             replica,

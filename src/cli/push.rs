@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::encryption::GivenKey;
+use super::encryption::{GivenKey, GivenPassphrase};
 use super::progress::Bar;
 use super::{
     Global, Place, RemoteArgs, error_line, exit, exit_status, expand_tilde, human_bytes, on_store,
@@ -84,8 +84,9 @@ are conflicts: --on-conflict refuse (the default) refuses the push with VERSION_
 6) and lists each one (table, key, the base, theirs and ours rows; --json has them whole); \
 ours, theirs or newer --lww-column COL decide them. Schema changes on either side are never \
 merged (exit 6, the reason given). See docs/rows.md, \"Merge\".\n\n\
-Encrypted replicas: with --encryption-key-file FILE (sqlferry keygen FILE writes one) or \
-SQLFERRY_ENCRYPTION_KEY, every page, the commit message and the digest are sealed here \
+Encrypted replicas: with --encryption-key-file FILE (sqlferry keygen FILE writes one), \
+SQLFERRY_ENCRYPTION_KEY or --passphrase-file FILE (a passphrase stretched with Argon2id and \
+the salt the replica keeps, made by its first push), every page, the commit message and the digest are sealed here \
 before they leave; the server, or the embedded store's directory, keeps what it cannot read \
 and never sees the key. A replica is encrypted or not from its first version on: a push \
 without its key, with another key, or with a key to a plaintext replica is refused (exit 5) \
@@ -227,11 +228,13 @@ impl PushArgs {
             .into());
         }
         let key = self.encryption_key(&dests, global)?;
+        let pass = self.encryption.passphrases(global.quiet || self.json)?;
+        let key = (key, pass);
         let local = expand_tilde(&self.local);
         match (dests.as_slice(), self.subscribe) {
             ([Dest::Replica(replica)], true) => {
                 let mut pusher = self.pusher(&local, replica.clone(), global).await?;
-                keyed(&mut pusher, &key).await?;
+                let key = keyed(&mut pusher, &key.0, &key.1).await?;
                 super::subscribe::run_push(pusher, &self.timing, global, shutdown)
                     .await
                     .map_err(|e| super::encryption::name_key(e, &key))
@@ -252,14 +255,17 @@ impl PushArgs {
     /// read an encrypted replica's rows).
     fn encryption_key(&self, dests: &[Dest], global: &Global) -> anyhow::Result<Vec<GivenKey>> {
         let keys = self.encryption.keys(global.quiet || self.json)?;
-        let Some(key) = keys.first() else {
+        let source = keys.first().map(|k| k.source.clone()).or_else(|| {
+            (self.encryption.passphrase_file.first()).map(|f| format!("--passphrase-file {f}"))
+        });
+        let Some(source) = source else {
             return Ok(keys);
         };
         if let Some(Dest::File(arg, _)) = dests.iter().find(|d| matches!(d, Dest::File(..))) {
             return Err(crate::Error::Usage(format!(
                 "{} is for replicas, and {arg} is a local file (a copy is plaintext, as LOCAL \
                  is); push to the file without it, or to a replica; nothing was pushed",
-                key.source
+                source
             ))
             .into());
         }
@@ -268,7 +274,7 @@ impl PushArgs {
                 "--merge with {}: the store cannot read an encrypted replica's rows, so it \
                  cannot merge them; pull the latest version, merge locally, and push again; \
                  nothing was pushed",
-                key.source
+                source
             ))
             .into());
         }
@@ -307,7 +313,7 @@ impl PushArgs {
         &self,
         local: &Path,
         dests: &[Dest],
-        keys: &[GivenKey],
+        keys: &(Vec<GivenKey>, Vec<GivenPassphrase>),
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<ExitCode> {
@@ -320,7 +326,7 @@ impl PushArgs {
                 },
                 Dest::Replica(replica) => {
                     let mut pusher = self.pusher(local, replica.clone(), global).await?;
-                    keyed(&mut pusher, keys).await?;
+                    keyed(&mut pusher, &keys.0, &keys.1).await?;
                     Destination::Replica(Box::new(pusher))
                 }
             });
@@ -335,7 +341,7 @@ impl PushArgs {
         &self,
         local: &Path,
         dests: &[Dest],
-        key: &[GivenKey],
+        key: &(Vec<GivenKey>, Vec<GivenPassphrase>),
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<ExitCode> {
@@ -392,7 +398,7 @@ impl PushArgs {
         &self,
         local: &Path,
         dest: &Dest,
-        keys: &[GivenKey],
+        keys: &(Vec<GivenKey>, Vec<GivenPassphrase>),
         global: &Global,
         shutdown: &Shutdown,
     ) -> anyhow::Result<u8> {
@@ -402,10 +408,10 @@ impl PushArgs {
             }
             Dest::Replica(replica) => {
                 let mut pusher = self.pusher(local, replica.clone(), global).await?;
-                keyed(&mut pusher, keys).await?;
+                let keys = keyed(&mut pusher, &keys.0, &keys.1).await?;
                 self.push_replica(pusher, global, shutdown)
                     .await
-                    .map_err(|e| super::encryption::name_key(e, keys))
+                    .map_err(|e| super::encryption::name_key(e, &keys))
             }
         }
     }
@@ -821,8 +827,23 @@ impl PushArgs {
 /// Gives `pusher` the key its pushes seal with: none, the one given, or of several the
 /// one the replica's latest version was made with ([`latest_key`], asked once: a push
 /// subscriber keeps it, so after a `rekey` it is restarted with the new key).
-pub(super) async fn keyed(pusher: &mut Pusher, keys: &[GivenKey]) -> anyhow::Result<()> {
-    let key = match keys {
+pub(super) async fn keyed(
+    pusher: &mut Pusher,
+    keys: &[GivenKey],
+    passphrases: &[GivenPassphrase],
+) -> anyhow::Result<Vec<GivenKey>> {
+    // A passphrase is stretched with the replica's salt, or a new one this push
+    // records with it (the replica's first passphrase version).
+    let keys = &super::encryption::with_passphrases(
+        keys,
+        passphrases,
+        &pusher.server,
+        &pusher.replica,
+        pusher.key.as_deref(),
+        true,
+    )
+    .await?;
+    let key = match &keys[..] {
         [] => None,
         [one] => Some(one),
         several => Some(
@@ -832,7 +853,7 @@ pub(super) async fn keyed(pusher: &mut Pusher, keys: &[GivenKey]) -> anyhow::Res
         ),
     };
     pusher.encryption = key.map(|k| k.key.clone());
-    Ok(())
+    Ok(keys.clone())
 }
 
 /// Of several keys given to a push, the one the replica's latest version was made

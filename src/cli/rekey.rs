@@ -23,7 +23,11 @@ sqlferry keygen ~/.config/sqlferry/acme-2027.key\n  \
 sqlferry rekey acme/app.db --encryption-key-file ~/.config/sqlferry/acme.key \
 --new-key-file ~/.config/sqlferry/acme-2027.key\n  \
 sqlferry pull acme/app.db@1 old.db --encryption-key-file ~/.config/sqlferry/acme.key \
---encryption-key-file ~/.config/sqlferry/acme-2027.key\n\n\
+--encryption-key-file ~/.config/sqlferry/acme-2027.key\n  \
+sqlferry rekey acme/app.db --passphrase-file old.pass --new-passphrase-file new.pass\n\n\
+A passphrase (--passphrase-file, --new-passphrase-file) is stretched with the salt the \
+replica keeps; all its passphrases share that one salt, so a version made with an old \
+passphrase still opens with it. A rekey from a key file to a passphrase makes the salt.\n\n\
 The latest version is pulled and opened with its key on this machine, sealed again with the \
 new key, and pushed as the next version: every page's identity changes with the key, so \
 nothing is shared with the old key's pages and the whole database is sent. Pushes after it \
@@ -41,8 +45,18 @@ pub struct RekeyArgs {
     pub remote: String,
     /// The new key, a file `sqlferry keygen FILE` wrote: the next version and every push
     /// after it are sealed with it.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "new_passphrase_file",
+        conflicts_with = "new_passphrase_file"
+    )]
+    pub new_key_file: Option<String>,
+    /// The new key as a passphrase file (one line): stretched with the salt the replica
+    /// keeps (all its passphrases share it), or a new one this rekey records when the
+    /// replica has none (it was under a key file).
     #[arg(long, value_name = "FILE")]
-    pub new_key_file: String,
+    pub new_passphrase_file: Option<String>,
     /// The new version's commit message [default: "rekey from key id OLD to NEW"].
     #[arg(short, long, value_name = "TEXT")]
     pub message: Option<String>,
@@ -63,10 +77,28 @@ impl RekeyArgs {
         let replica = ReplicaPath::parse(&self.remote)?;
         let quiet = global.quiet || self.json;
         let old = self.encryption.keys(quiet)?;
-        let new = super::encryption::read_given(&self.new_key_file, quiet)?;
-        let source = ReplicaSource::resolve(&self.connection.options(), replica)
-            .await?
-            .with_encryption(super::encryption::keyring(&old));
+        let pass = self.encryption.passphrases(quiet)?;
+        let new_pass = match &self.new_passphrase_file {
+            Some(file) => super::encryption::read_passphrases(std::slice::from_ref(file), quiet)?,
+            None => Vec::new(),
+        };
+        let source = ReplicaSource::resolve(&self.connection.options(), replica).await?;
+        let stretched = |pass, making| {
+            super::encryption::with_passphrases(
+                &[],
+                pass,
+                &source.server,
+                &source.replica,
+                source.key.as_deref(),
+                making,
+            )
+        };
+        let old = [old, stretched(&pass, false).await?].concat();
+        let new = match &self.new_key_file {
+            Some(file) => super::encryption::read_given(file, quiet)?,
+            None => stretched(&new_pass, true).await?.remove(0),
+        };
+        let source = source.with_encryption(super::encryption::keyring(&old));
         let work = async {
             let bar: Arc<dyn Progress> = Arc::new(Bar::new(!quiet));
             let done = crate::client::rekey(&source, &new.key, self.message.clone(), bar).await?;

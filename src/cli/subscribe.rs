@@ -499,19 +499,29 @@ impl SubscribeArgs {
     /// Runs the command.
     pub async fn run(self, global: &Global, shutdown: &Shutdown) -> anyhow::Result<ExitCode> {
         let keys = self.encryption.keys(global.quiet)?;
+        let pass = self.encryption.passphrases(global.quiet)?;
         let target = expand_tilde(&self.target);
         let mode = self.compress.compress;
         match plan::resolve(target, self.target.clone()).await? {
             Plan::Push(mut pusher) => {
                 pusher.message = self.message.clone();
                 pusher.server = pusher.server.with_compress(mode);
-                super::push::keyed(&mut pusher, &keys).await?;
+                let keys = super::push::keyed(&mut pusher, &keys, &pass).await?;
                 run_push(pusher, &self.timing, global, shutdown)
                     .await
                     .map_err(|e| super::encryption::name_key(e, &keys))
             }
             Plan::Pull(mut puller) => {
                 puller.server = puller.server.with_compress(mode);
+                let keys = super::encryption::with_passphrases(
+                    &keys,
+                    &pass,
+                    &puller.server,
+                    &puller.replica,
+                    puller.key.as_deref(),
+                    false,
+                )
+                .await?;
                 puller.encryption = super::encryption::keyring(&keys);
                 run_pull(puller, global, shutdown)
                     .await

@@ -66,8 +66,29 @@ impl VersionsArgs {
             true => self.encryption.keys(global.quiet || self.json)?,
             false => Vec::new(),
         };
-        let encryption = super::encryption::keyring(&key_given);
+        let pass = match self.changes {
+            true => self.encryption.passphrases(global.quiet || self.json)?,
+            false => Vec::new(),
+        };
         let listed = super::interruptible(shutdown, async {
+            // A passphrase is stretched with the salt the replica keeps.
+            let key_given = match pass.is_empty() {
+                true => key_given.clone(),
+                false => {
+                    let source =
+                        crate::client::ReplicaSource::resolve(&connection, replica.clone()).await?;
+                    super::encryption::with_passphrases(
+                        &key_given,
+                        &pass,
+                        &source.server,
+                        &source.replica,
+                        source.key.as_deref(),
+                        false,
+                    )
+                    .await?
+                }
+            };
+            let encryption = super::encryption::keyring(&key_given);
             let versions = crate::client::versions(&connection, &replica).await?;
             let changes = match self.changes {
                 true => changes(&connection, &replica, &versions, self.last, encryption).await?,

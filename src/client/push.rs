@@ -247,6 +247,10 @@ impl Pusher {
                 key_id: String::new(),
                 encryption: self.encryption.as_ref().map(|k| k.id().to_string()),
                 rekey_from: None,
+                passphrase: self
+                    .encryption
+                    .as_ref()
+                    .and_then(|k| k.passphrase().copied()),
             },
             key: self.key.clone(),
             // Without a stored PUSH key, ask for keys: an admin key's first push of a

@@ -130,6 +130,7 @@ pub async fn rekey(
             key_id: String::new(),
             encryption: Some(new_id),
             rekey_from: Some(from_key.to_string()),
+            passphrase: new_key.passphrase().copied(),
         },
         key: source.key.clone(),
         encryption: Some(new_key.clone()),

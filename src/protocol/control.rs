@@ -80,6 +80,79 @@ pub struct Open {
     /// older client's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// For `versions`: the client asks for the replica's passphrase salt and cost
+    /// before it stretches a passphrase (`--passphrase-file`, docs/security.md). The
+    /// server answers one CONFIG with `passphrase` and no version list; an older server
+    /// ignores the field and answers no `passphrase`, which the client refuses ("this
+    /// server cannot keep a passphrase's salt") before it derives or sends anything.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passphrase: bool,
+}
+
+/// A replica's passphrase salt and Argon2id cost as the protocol carries them
+/// (`crypt::PassphraseSalt`): in clear, public, needed by every client that stretches
+/// the replica's passphrase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Passphrase {
+    /// The 16 bytes of salt: 32 lower-case hex digits.
+    pub salt: String,
+    /// Argon2id's memory, KiB.
+    pub memory_kib: u32,
+    /// Argon2id's passes.
+    pub passes: u32,
+    /// Argon2id's lanes.
+    pub lanes: u32,
+}
+
+impl Passphrase {
+    /// The wire form of `salted`.
+    pub fn of(salted: &crate::crypt::PassphraseSalt) -> Passphrase {
+        Passphrase {
+            salt: crate::digest::hex(&salted.salt),
+            memory_kib: salted.cost.memory_kib,
+            passes: salted.cost.passes,
+            lanes: salted.cost.lanes,
+        }
+    }
+
+    /// The salt and cost this names, checked: 16 bytes of hex, a cost within
+    /// [`crate::crypt::MAX_PASSPHRASE_COST`] (a client also refuses one below the
+    /// default: [`crate::crypt::PassphraseCost::check`], which the store does not
+    /// apply, so that a test's cheap cost can be stored).
+    pub fn salted(&self, replica: &str) -> crate::Result<crate::crypt::PassphraseSalt> {
+        let bad = || {
+            crate::Error::Protocol(format!(
+                "the passphrase salt of {replica} is not 32 hex digits"
+            ))
+        };
+        let text = self.salt.as_bytes();
+        if text.len() != 2 * crate::crypt::SALT_BYTES {
+            return Err(bad());
+        }
+        let mut salt = [0u8; crate::crypt::SALT_BYTES];
+        for (i, pair) in text.chunks(2).enumerate() {
+            let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
+            salt[i] = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+        }
+        let cost = crate::crypt::PassphraseCost {
+            memory_kib: self.memory_kib,
+            passes: self.passes,
+            lanes: self.lanes,
+        };
+        let max = crate::crypt::MAX_PASSPHRASE_COST;
+        if cost.memory_kib > max.memory_kib
+            || cost.passes > max.passes
+            || cost.lanes > max.lanes
+            || cost.lanes == 0
+            || cost.passes == 0
+            || cost.memory_kib < 8 * cost.lanes
+        {
+            return Err(crate::Error::Protocol(format!(
+                "the passphrase cost of {replica} ({cost}) is not one sqlferry stretches with (at most {max})"
+            )));
+        }
+        Ok(crate::crypt::PassphraseSalt { salt, cost })
+    }
 }
 
 /// The key of an encrypted replica, as OPEN and CONFIG name it: its public id, never
@@ -96,6 +169,12 @@ pub struct Encryption {
     /// refuses the push as one with another key. Absent everywhere else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rekey_from: Option<String>,
+    /// In OPEN of a push only, when its key was stretched from a passphrase: the salt
+    /// and cost it was stretched with. The store records them with the replica at the
+    /// first such version and refuses a push naming others (another salt is another
+    /// key). Absent for a key file's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passphrase: Option<Passphrase>,
 }
 
 impl Encryption {
@@ -104,6 +183,7 @@ impl Encryption {
         Encryption {
             key_id,
             rekey_from: None,
+            passphrase: None,
         }
     }
 }
@@ -521,6 +601,16 @@ pub struct Config {
         deserialize_with = "present"
     )]
     pub encryption: Option<Option<Encryption>>,
+    /// To a `versions` OPEN with `passphrase: true`: the replica's passphrase salt and
+    /// cost (`Some(Some(_))`), or `null` (`Some(None)`) for a replica that has none (no
+    /// version yet, plaintext, or only ever under key files). Absent (`None`) otherwise,
+    /// and from older servers.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub passphrase: Option<Option<Passphrase>>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -925,6 +1015,7 @@ mod tests {
                 paged: false,
                 merge: None,
                 encryption: None,
+                passphrase: false,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -948,6 +1039,7 @@ mod tests {
                 paged: false,
                 merge: None,
                 encryption: None,
+                passphrase: false,
             }),
             Control::Open(Open {
                 protocol: 1,
@@ -967,6 +1059,7 @@ mod tests {
                 paged: false,
                 merge: None,
                 encryption: None,
+                passphrase: false,
             }),
             Control::Config(Config {
                 replica_id: "r1".into(),
@@ -1153,6 +1246,7 @@ mod tests {
             paged: false,
             merge: None,
             encryption: None,
+            passphrase: false,
         };
         let bytes = Control::Open(open).to_bytes();
         assert!(String::from_utf8_lossy(&bytes).contains(r#""op":"wait-followers""#));
@@ -1209,6 +1303,7 @@ mod tests {
             encryption: Some(Encryption {
                 key_id: "0011223344556677".into(),
                 rekey_from: Some("8899aabbccddeeff".into()),
+                passphrase: None,
             }),
             ..open
         });
@@ -1349,5 +1444,49 @@ mod tests {
             Control::decode(&[0x53, 0]),
             Err(DecodeError::Trailing(..))
         ));
+    }
+
+    #[test]
+    fn a_passphrase_salt_round_trips_and_a_bad_one_is_refused() {
+        let salted = crate::crypt::PassphraseSalt {
+            salt: [0xab; crate::crypt::SALT_BYTES],
+            cost: crate::crypt::PassphraseCost::default(),
+        };
+        let wire = Passphrase::of(&salted);
+        assert_eq!(wire.salt, "ab".repeat(16));
+        assert_eq!(wire.salted("a/b").unwrap(), salted);
+        // An older server's CONFIG has no `passphrase`; a new one's says null or the salt.
+        let config: Config =
+            serde_json::from_str(r#"{"replica_id":"","path":"a/b","version":0,"key_type":"pull"}"#)
+                .unwrap();
+        assert_eq!(config.passphrase, None);
+        let config: Config = serde_json::from_str(
+            r#"{"replica_id":"","path":"a/b","version":0,"key_type":"pull","passphrase":null}"#,
+        )
+        .unwrap();
+        assert_eq!(config.passphrase, Some(None));
+        for bad in [
+            Passphrase {
+                salt: "ab".repeat(15),
+                ..wire.clone()
+            },
+            Passphrase {
+                salt: "zz".repeat(16),
+                ..wire.clone()
+            },
+            Passphrase {
+                memory_kib: 8 * 1024 * 1024,
+                ..wire.clone()
+            },
+            Passphrase {
+                lanes: 0,
+                ..wire.clone()
+            },
+        ] {
+            assert_eq!(
+                bad.salted("a/b").unwrap_err().kind(),
+                crate::ErrorKind::Protocol
+            );
+        }
     }
 }

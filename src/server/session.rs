@@ -231,6 +231,7 @@ where
         _ => None,
     };
     match open.op {
+        Op::Versions if open.passphrase => Ok(passphrase(ws, state, principal, &replica).await?),
         Op::Versions => Ok(versions(ws, state, principal, &replica, open.paged).await?),
         // Counted for the metrics where they end, whatever the end.
         Op::Pull => {
@@ -471,6 +472,30 @@ where
         send_control(ws, Control::Config(c)).await?;
     }
     Ok(())
+}
+
+/// `versions` asking for the passphrase salt (OPEN's `passphrase`): one CONFIG with the
+/// replica's salt and cost, or `null` when it has none or does not exist yet (a first
+/// push with a passphrase makes them), and no version list.
+async fn passphrase<S>(
+    ws: &mut WebSocketStream<S>,
+    state: &State,
+    principal: &Principal,
+    replica: &ReplicaPath,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (store, auth, r) = (state.store.clone(), state.auth.clone(), replica.clone());
+    let (id, salted) =
+        blocking(move || Ok((auth.replica_id(&r, false)?, store.passphrase(&r)?))).await?;
+    let mut c = config(state, principal, replica, id.unwrap_or_default(), 0);
+    c.passphrase = Some(
+        salted
+            .as_ref()
+            .map(crate::protocol::control::Passphrase::of),
+    );
+    send_control(ws, Control::Config(c)).await
 }
 
 /// The bytes of versions' JSON one CONFIG of a paged `versions` carries at most: well
@@ -946,6 +971,12 @@ where
         };
         return merge_push(ws, state, principal, id, request, first_sync, pump, bytes).await;
     }
+    // A passphrase's salt and cost, checked before anything is stored (the store
+    // records them with the replica's first passphrase version).
+    let passphrase = match open.encryption.as_ref().and_then(|e| e.passphrase.as_ref()) {
+        Some(p) => Some(p.salted(replica.as_str())?),
+        None => None,
+    };
     let options = PushOptions {
         base: open.base,
         force: open.force,
@@ -954,6 +985,7 @@ where
         key_id: principal.key_id.clone(),
         encryption: open.encryption.as_ref().map(|e| e.key_id.clone()),
         rekey_from: open.encryption.as_ref().and_then(|e| e.rekey_from.clone()),
+        passphrase,
     };
     let (store, r) = (state.store.clone(), replica.clone());
     let data = state.store.root().to_owned();

@@ -85,6 +85,18 @@ impl AnyStore {
         }
     }
 
+    /// The passphrase salt and cost `replica` keeps; the S3 store keeps no encrypted
+    /// replica, so none.
+    pub fn passphrase(
+        &self,
+        replica: &ReplicaPath,
+    ) -> Result<Option<crate::crypt::PassphraseSalt>> {
+        match self {
+            AnyStore::Dir(store) => store.passphrase(replica),
+            AnyStore::S3 { .. } => Ok(None),
+        }
+    }
+
     /// Every version of `replica`, each with its stored bytes where the store counts
     /// them (the directory store); an S3 store counts none yet, and its versions carry
     /// `stored_bytes: None` ("not known", shown as `-`).

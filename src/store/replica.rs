@@ -191,6 +191,77 @@ fn sealing_of(
     Ok(row.and_then(|(id, seal)| id.map(|id| (id, seal))))
 }
 
+/// The table of a replica's passphrase salt and cost (docs/security.md, "Keys"): one
+/// row, in clear, made in the transaction of the replica's first version sealed with a
+/// key stretched from a passphrase, and never changed after (every passphrase of the
+/// replica, before and after a rekey, is stretched with it). A replica without the
+/// table has no passphrase salt.
+const PASSPHRASE_SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS passphrase(
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        salt BLOB NOT NULL,
+        memory_kib INTEGER NOT NULL,
+        passes INTEGER NOT NULL,
+        lanes INTEGER NOT NULL
+    );
+";
+
+/// The passphrase salt and cost `conn`'s replica keeps, if any.
+pub(super) fn passphrase_of(
+    conn: &Connection,
+    file: &Path,
+) -> Result<Option<crate::crypt::PassphraseSalt>> {
+    let has: bool = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'passphrase'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )
+        .map_err(sql(file))?;
+    if !has {
+        return Ok(None);
+    }
+    let row: Option<(Vec<u8>, u32, u32, u32)> = conn
+        .query_row(
+            "SELECT salt, memory_kib, passes, lanes FROM passphrase WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()
+        .map_err(sql(file))?;
+    let Some((salt, memory_kib, passes, lanes)) = row else {
+        return Ok(None);
+    };
+    let salt: [u8; crate::crypt::SALT_BYTES] = salt.as_slice().try_into().map_err(|_| {
+        Error::Verification(format!(
+            "{}: the passphrase salt has {} bytes, not {}",
+            file.display(),
+            salt.len(),
+            crate::crypt::SALT_BYTES
+        ))
+    })?;
+    Ok(Some(crate::crypt::PassphraseSalt {
+        salt,
+        cost: crate::crypt::PassphraseCost {
+            memory_kib,
+            passes,
+            lanes,
+        },
+    }))
+}
+
+/// The passphrase salt and cost of the replica in `file`: `None` for a replica that
+/// has none, or does not exist.
+pub(super) fn passphrase(
+    file: &Path,
+    replica: &ReplicaPath,
+) -> Result<Option<crate::crypt::PassphraseSalt>> {
+    if !file.exists() {
+        return Ok(None);
+    }
+    passphrase_of(&open_existing(file, replica)?, file)
+}
+
 /// Whether the `versions` table on `conn` has the `merged_into` column: files made
 /// before merges kept their candidates have it only once a merge added it.
 pub(super) fn has_merged_into(conn: &Connection, file: &Path) -> Result<bool> {
@@ -1325,7 +1396,11 @@ impl VersionWriter {
     /// version (a sealed push's, inside its write transaction); a plaintext push leaves
     /// the file as it is.
     fn add_sealing_columns(&self) -> Result<()> {
-        if !self.sealed || has_sealing(&self.conn, &self.file)? {
+        if !self.sealed {
+            return Ok(());
+        }
+        self.keep_passphrase()?;
+        if has_sealing(&self.conn, &self.file)? {
             return Ok(());
         }
         self.conn
@@ -1334,6 +1409,40 @@ impl VersionWriter {
                  ALTER TABLE versions ADD COLUMN seal BLOB;",
             )
             .map_err(sql(&self.file))
+    }
+
+    /// For a sealed push whose key came from a passphrase: records its salt and cost
+    /// with the replica when it has none (inside the push's write transaction, so they
+    /// are kept only with the version), and refuses, before any page is stored, one
+    /// that names another salt or cost than the replica's (it stretched another key).
+    fn keep_passphrase(&self) -> Result<()> {
+        let Some(ours) = &self.options.passphrase else {
+            return Ok(());
+        };
+        match passphrase_of(&self.conn, &self.file)? {
+            Some(theirs) if theirs == *ours => Ok(()),
+            Some(_) => Err(Error::Auth(format!(
+                "{} keeps another passphrase salt than this push was stretched with: its key is not the replica's passphrase key; nothing was stored",
+                self.replica
+            ))),
+            None => {
+                self.conn
+                    .execute_batch(PASSPHRASE_SCHEMA)
+                    .map_err(sql(&self.file))?;
+                self.conn
+                    .execute(
+                        "INSERT INTO passphrase(id, salt, memory_kib, passes, lanes) VALUES (1, ?1, ?2, ?3, ?4)",
+                        params![
+                            &ours.salt[..],
+                            ours.cost.memory_kib,
+                            ours.cost.passes,
+                            ours.cost.lanes
+                        ],
+                    )
+                    .map_err(sql(&self.file))?;
+                Ok(())
+            }
+        }
     }
 }
 

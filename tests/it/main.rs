@@ -119,6 +119,7 @@ mod live;
 mod merge;
 mod names;
 mod objects;
+mod passphrase;
 mod postgres;
 mod pull_seal;
 mod rekey;

@@ -483,3 +483,114 @@ fn a_key_change_is_taken_only_from_a_rekey_of_the_latest_key() {
         .expect_err("a rekey of nothing");
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
 }
+
+/// A sealed push whose key came from a passphrase with `salted`: [`push`] naming it.
+fn push_salted(
+    store: &Store,
+    src: &Path,
+    key: &EncryptionKey,
+    base: Option<u64>,
+) -> Result<(VersionInfo, bool)> {
+    let r = ReplicaPath::parse(REPLICA).expect("valid path");
+    let mut writer = store.push(
+        &r,
+        PushOptions {
+            base,
+            client_id: "test".into(),
+            message: "salted".into(),
+            encryption: Some(key.id().to_string()),
+            passphrase: key.passphrase().copied(),
+            ..PushOptions::default()
+        },
+    )?;
+    let mut snap = Snapshot::open(src)?.with_hash_cache(None);
+    let options = OriginOptions {
+        sealing: Some(Sealing::Seal {
+            key,
+            replica: REPLICA,
+            version: base.unwrap_or(0) + 1,
+            message: "salted",
+        }),
+        chunked_digest: true,
+        ..OriginOptions::default()
+    };
+    engine::sync_local_with(&mut snap, &mut writer, &NoProgress, options)?;
+    let (v, made) = writer.outcome().expect("a committed push has an outcome");
+    Ok((v.clone(), made))
+}
+
+/// The store keeps a replica's passphrase salt and cost with its first passphrase
+/// version, and refuses a push naming another salt before any page is stored; a key
+/// file's push (no salt) leaves the record as it is.
+#[test]
+fn the_store_keeps_one_passphrase_salt_per_replica() {
+    use sqlferry::crypt::{PassphraseCost, PassphraseSalt};
+    let dir = TempDir::new().expect("tempdir");
+    let src = marked_db(dir.path());
+    let store = Store::new(dir.path().join("store"));
+    let r = ReplicaPath::parse(REPLICA).expect("valid");
+    // A cheap cost: the store keeps what it is given (the client checks the cost).
+    let cost = PassphraseCost {
+        memory_kib: 64,
+        passes: 1,
+        lanes: 1,
+    };
+    let first = PassphraseSalt {
+        salt: [1; 16],
+        cost,
+    };
+    let other = PassphraseSalt {
+        salt: [2; 16],
+        cost,
+    };
+    assert_eq!(store.passphrase(&r).expect("asked"), None, "no replica yet");
+    let k1 = first.derive(b"correct horse").expect("stretch");
+    push_salted(&store, &src, &k1, None).expect("first passphrase push");
+    assert_eq!(store.passphrase(&r).expect("asked"), Some(first));
+
+    // Another salt is another key; a push naming the replica's key id with another
+    // salt (only the salt differs) is refused (exit 5), nothing stored.
+    let stretched_other = other.derive(b"correct horse").expect("stretch");
+    assert_ne!(stretched_other.id(), k1.id(), "another salt is another key");
+    let k_other = k1.clone();
+    let r2 = ReplicaPath::parse(REPLICA).expect("valid");
+    let mut writer = store
+        .push(
+            &r2,
+            PushOptions {
+                base: Some(1),
+                client_id: "test".into(),
+                message: "other salt".into(),
+                encryption: Some(k_other.id().to_string()),
+                passphrase: Some(other),
+                ..PushOptions::default()
+            },
+        )
+        .expect("open the push");
+    let mut snap = Snapshot::open(&src).expect("open").with_hash_cache(None);
+    let options = OriginOptions {
+        sealing: Some(Sealing::Seal {
+            key: &k_other,
+            replica: REPLICA,
+            version: 2,
+            message: "other salt",
+        }),
+        ..OriginOptions::default()
+    };
+    let e = engine::sync_local_with(&mut snap, &mut writer, &NoProgress, options)
+        .expect_err("another salt is refused");
+    assert_eq!(e.kind(), ErrorKind::Auth, "{e}");
+    assert!(e.to_string().contains("another passphrase salt"), "{e}");
+    drop(writer);
+    let versions = store.versions(&r).expect("versions");
+    assert_eq!(versions.len(), 1, "nothing stored");
+    assert_eq!(store.passphrase(&r).expect("asked"), Some(first));
+
+    // The same salt: version 2, and the record unchanged.
+    util::open(&src)
+        .execute("UPDATE notes SET body = 'changed' WHERE id = 77", [])
+        .expect("update");
+    let (v2, _) = push_salted(&store, &src, &k1, Some(1)).expect("same salt");
+    assert_eq!(v2.number, 2);
+    assert_eq!(store.passphrase(&r).expect("asked"), Some(first));
+}
