@@ -133,6 +133,41 @@ pub struct PassphraseSalt {
 }
 
 impl PassphraseSalt {
+    /// The salt and cost a peer named for `replica` (protocol's `control::Passphrase`,
+    /// its salt decoded: `None` when it was not hex), checked: 16 bytes, a cost within
+    /// [`MAX_PASSPHRASE_COST`] (a client also refuses one below the default:
+    /// [`PassphraseCost::check`], which the store does not apply). The protocol carries
+    /// the fields; what they must hold is this module's to say.
+    pub fn from_wire(
+        replica: &str,
+        salt: Option<&[u8]>,
+        (memory_kib, passes, lanes): (u32, u32, u32),
+    ) -> Result<PassphraseSalt> {
+        let cost = PassphraseCost {
+            memory_kib,
+            passes,
+            lanes,
+        };
+        let salt: [u8; SALT_BYTES] = salt.and_then(|s| s.try_into().ok()).ok_or_else(|| {
+            Error::Protocol(format!(
+                "the passphrase salt of {replica} is not 32 hex digits"
+            ))
+        })?;
+        let max = MAX_PASSPHRASE_COST;
+        if cost.memory_kib > max.memory_kib
+            || cost.passes > max.passes
+            || cost.lanes > max.lanes
+            || cost.lanes == 0
+            || cost.passes == 0
+            || cost.memory_kib < 8 * cost.lanes
+        {
+            return Err(Error::Protocol(format!(
+                "the passphrase cost of {replica} ({cost}) is not one sqlferry stretches with (at most {max})"
+            )));
+        }
+        Ok(PassphraseSalt { salt, cost })
+    }
+
     /// A new random salt, at the default cost.
     pub fn new() -> Result<PassphraseSalt> {
         Ok(PassphraseSalt {

@@ -377,7 +377,11 @@ impl Server {
                         )));
                     }
                     Some(None) => None,
-                    Some(Some(p)) => Some(p.salted(replica.as_str())?),
+                    Some(Some(p)) => Some(crate::crypt::PassphraseSalt::from_wire(
+                        replica.as_str(),
+                        p.salt_bytes().as_deref(),
+                        p.cost(),
+                    )?),
                 }
             }
         };
@@ -2076,9 +2080,10 @@ async fn open(
         encryption: encryption.map(|key_id| Encryption {
             key_id,
             rekey_from,
-            passphrase: passphrase
-                .as_ref()
-                .map(crate::protocol::control::Passphrase::of),
+            passphrase: passphrase.as_ref().map(|s| {
+                let c = s.cost;
+                crate::protocol::control::Passphrase::new(&s.salt, c.memory_kib, c.passes, c.lanes)
+            }),
         }),
         passphrase: false,
     };

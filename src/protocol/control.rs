@@ -105,53 +105,35 @@ pub struct Passphrase {
 }
 
 impl Passphrase {
-    /// The wire form of `salted`.
-    pub fn of(salted: &crate::crypt::PassphraseSalt) -> Passphrase {
+    /// The wire form of a salt and an Argon2id cost (`crypt::PassphraseSalt`).
+    pub fn new(salt: &[u8], memory_kib: u32, passes: u32, lanes: u32) -> Passphrase {
         Passphrase {
-            salt: crate::digest::hex(&salted.salt),
-            memory_kib: salted.cost.memory_kib,
-            passes: salted.cost.passes,
-            lanes: salted.cost.lanes,
+            salt: crate::digest::hex(salt),
+            memory_kib,
+            passes,
+            lanes,
         }
     }
 
-    /// The salt and cost this names, checked: 16 bytes of hex, a cost within
-    /// [`crate::crypt::MAX_PASSPHRASE_COST`] (a client also refuses one below the
-    /// default: [`crate::crypt::PassphraseCost::check`], which the store does not
-    /// apply, so that a test's cheap cost can be stored).
-    pub fn salted(&self, replica: &str) -> crate::Result<crate::crypt::PassphraseSalt> {
-        let bad = || {
-            crate::Error::Protocol(format!(
-                "the passphrase salt of {replica} is not 32 hex digits"
-            ))
-        };
+    /// The Argon2id cost: memory (KiB), passes, lanes.
+    pub fn cost(&self) -> (u32, u32, u32) {
+        (self.memory_kib, self.passes, self.lanes)
+    }
+
+    /// The salt's bytes, `None` when it is not hex (its length and the cost are
+    /// checked by `crypt::PassphraseSalt::from_wire`).
+    pub fn salt_bytes(&self) -> Option<Vec<u8>> {
         let text = self.salt.as_bytes();
-        if text.len() != 2 * crate::crypt::SALT_BYTES {
-            return Err(bad());
+        if !text.len().is_multiple_of(2) {
+            return None;
         }
-        let mut salt = [0u8; crate::crypt::SALT_BYTES];
-        for (i, pair) in text.chunks(2).enumerate() {
-            let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
-            salt[i] = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
-        }
-        let cost = crate::crypt::PassphraseCost {
-            memory_kib: self.memory_kib,
-            passes: self.passes,
-            lanes: self.lanes,
-        };
-        let max = crate::crypt::MAX_PASSPHRASE_COST;
-        if cost.memory_kib > max.memory_kib
-            || cost.passes > max.passes
-            || cost.lanes > max.lanes
-            || cost.lanes == 0
-            || cost.passes == 0
-            || cost.memory_kib < 8 * cost.lanes
-        {
-            return Err(crate::Error::Protocol(format!(
-                "the passphrase cost of {replica} ({cost}) is not one sqlferry stretches with (at most {max})"
-            )));
-        }
-        Ok(crate::crypt::PassphraseSalt { salt, cost })
+        text.chunks(2)
+            .map(|pair| {
+                std::str::from_utf8(pair)
+                    .ok()
+                    .and_then(|p| u8::from_str_radix(p, 16).ok())
+            })
+            .collect()
     }
 }
 
@@ -1452,9 +1434,15 @@ mod tests {
             salt: [0xab; crate::crypt::SALT_BYTES],
             cost: crate::crypt::PassphraseCost::default(),
         };
-        let wire = Passphrase::of(&salted);
+        let of = |s: &crate::crypt::PassphraseSalt| {
+            Passphrase::new(&s.salt, s.cost.memory_kib, s.cost.passes, s.cost.lanes)
+        };
+        let checked = |p: &Passphrase| {
+            crate::crypt::PassphraseSalt::from_wire("a/b", p.salt_bytes().as_deref(), p.cost())
+        };
+        let wire = of(&salted);
         assert_eq!(wire.salt, "ab".repeat(16));
-        assert_eq!(wire.salted("a/b").unwrap(), salted);
+        assert_eq!(checked(&wire).unwrap(), salted);
         // An older server's CONFIG has no `passphrase`; a new one's says null or the salt.
         let config: Config =
             serde_json::from_str(r#"{"replica_id":"","path":"a/b","version":0,"key_type":"pull"}"#)
@@ -1484,7 +1472,7 @@ mod tests {
             },
         ] {
             assert_eq!(
-                bad.salted("a/b").unwrap_err().kind(),
+                checked(&bad).unwrap_err().kind(),
                 crate::ErrorKind::Protocol
             );
         }

@@ -490,11 +490,10 @@ where
     let (id, salted) =
         blocking(move || Ok((auth.replica_id(&r, false)?, store.passphrase(&r)?))).await?;
     let mut c = config(state, principal, replica, id.unwrap_or_default(), 0);
-    c.passphrase = Some(
-        salted
-            .as_ref()
-            .map(crate::protocol::control::Passphrase::of),
-    );
+    c.passphrase = Some(salted.as_ref().map(|s| {
+        let c = s.cost;
+        crate::protocol::control::Passphrase::new(&s.salt, c.memory_kib, c.passes, c.lanes)
+    }));
     send_control(ws, Control::Config(c)).await
 }
 
@@ -974,7 +973,11 @@ where
     // A passphrase's salt and cost, checked before anything is stored (the store
     // records them with the replica's first passphrase version).
     let passphrase = match open.encryption.as_ref().and_then(|e| e.passphrase.as_ref()) {
-        Some(p) => Some(p.salted(replica.as_str())?),
+        Some(p) => Some(crate::crypt::PassphraseSalt::from_wire(
+            replica.as_str(),
+            p.salt_bytes().as_deref(),
+            p.cost(),
+        )?),
         None => None,
     };
     let options = PushOptions {
