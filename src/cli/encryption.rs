@@ -107,15 +107,7 @@ pub fn read_passphrases(files: &[String], quiet: bool) -> anyhow::Result<Vec<Giv
     for file in files {
         let path = expand_tilde(file);
         let (passphrase, mode) = crate::crypt::read_passphrase_file(&path)?;
-        if mode & 0o077 != 0 && !quiet {
-            eprintln!(
-                "sqlferry: warning: the passphrase file {} may be read by other users \
-                 (mode {mode:04o}): whoever reads it reads every version made with it; \
-                 chmod 600 {}",
-                path.display(),
-                path.display()
-            );
-        }
+        warn_readable("the passphrase file", &path, mode, quiet);
         out.push(GivenPassphrase {
             passphrase,
             source: format!("--passphrase-file {}", path.display()),
@@ -223,19 +215,25 @@ impl EncryptionArgs {
 pub fn read_given(file: &str, quiet: bool) -> anyhow::Result<GivenKey> {
     let path = expand_tilde(file);
     let (key, mode) = crate::crypt::read_key_file(&path)?;
-    if mode & 0o077 != 0 && !quiet {
-        eprintln!(
-            "sqlferry: warning: the encryption key {} may be read by other users \
-             (mode {mode:04o}): whoever reads it reads every version made with it; \
-             chmod 600 {}",
-            path.display(),
-            path.display()
-        );
-    }
+    warn_readable("the encryption key", &path, mode, quiet);
     Ok(GivenKey {
         key,
         source: format!("--encryption-key-file {}", path.display()),
     })
+}
+
+/// Warns (unless `quiet`) that `what` at `path` may be read by group or others (its
+/// `mode`): used all the same, since refusing would stop a backup over a permission a
+/// `chmod 600` fixes.
+fn warn_readable(what: &str, path: &std::path::Path, mode: u32, quiet: bool) {
+    if mode & 0o077 != 0 && !quiet {
+        eprintln!(
+            "sqlferry: warning: {what} {} may be read by other users (mode {mode:04o}): \
+             whoever reads it reads every version made with it; chmod 600 {}",
+            path.display(),
+            path.display()
+        );
+    }
 }
 
 /// The keys given, as the library takes them (`None`: none given).
