@@ -19,7 +19,8 @@ sqlferry verify -q backup.db && echo ok     only the exit status\n  \
 sqlferry verify acme/app.db@3               a stored version, fetched whole and checked\n  \
 sqlferry verify acme/app.db --all-versions  every stored version, one line each\n  \
 sqlferry verify --replica backups/app.db@3  a stored version, though ./backups/ exists\n  \
-sqlferry verify acme/app.db --encryption-key-file app.key   a version of an encrypted replica\n\n\
+sqlferry verify acme/app.db --encryption-key-file app.key\n                                              \
+                                            an encrypted replica's latest version, opened\n\n\
 FILE is a local file when it starts with /, ./, ../ or ~/, exists, or is a bare name \
 (backup.db); a stored version when it has a / and its directory does not exist here. One \
 such as backups/app.db while the directory backups/ exists here could be either: it is \
