@@ -34,6 +34,7 @@ pub use status::{Scope, State, Status, history, status};
 
 use std::path::{Path, PathBuf};
 
+use crate::crypt::Keys;
 use crate::digest::hex;
 use crate::page::{JournalMode, Snapshot};
 use crate::protocol::compress::CompressMode;
@@ -532,28 +533,71 @@ pub async fn verify_file(path: &Path) -> Result<VerifyReport> {
     blocking(move || check(&path)).await
 }
 
-/// `verify` of a stored version compares the pages it fetched with the digest the store
-/// recorded; for an encrypted replica that digest is over page identities the client
-/// alone can make, and the plaintext one is sealed: not built yet. Said before anything
-/// is fetched, with what does check such a version (a pull opens every page and checks
-/// the sealed digest before it commits).
-fn refuse_encrypted(replica: &ReplicaPath, versions: &[crate::store::VersionInfo]) -> Result<()> {
-    match versions.iter().rev().find_map(|v| v.encryption.as_deref()) {
-        None => Ok(()),
-        Some(id) => Err(Error::Usage(format!(
-            "{replica} is encrypted (key id {id}): verify does not check an encrypted \
-             replica's versions yet; `sqlferry pull {replica}@VERSION COPY.db \
-             --encryption-key-file FILE` opens every page of a version and checks its \
-             digest before it writes anything"
-        ))),
+/// `verify` of a stored version of an encrypted replica opens it with its key, as a
+/// pull does: the digest the store recorded is over page identities the client alone
+/// can make, and the plaintext one is in the version's seal. Without a key, refused
+/// before anything is fetched (exit 5, saying how to give it); with keys, every
+/// version in `versions` whose key id is not among them is named up front (exit 5).
+fn check_encryption(
+    replica: &ReplicaPath,
+    versions: &[crate::store::VersionInfo],
+    encryption: Option<&Keys>,
+) -> Result<()> {
+    let Some(id) = versions.iter().rev().find_map(|v| v.encryption.as_deref()) else {
+        return Ok(());
+    };
+    let Some(keys) = encryption else {
+        return Err(Error::Auth(format!(
+            "{replica} is encrypted (key id {id}): give its key to verify it \
+             (--encryption-key-file FILE, --passphrase-file FILE or SQLFERRY_ENCRYPTION_KEY); \
+             nothing was fetched"
+        )));
+    };
+    let missing: Vec<(u64, &str)> = versions
+        .iter()
+        .filter_map(|v| Some((v.number, v.encryption.as_deref()?)))
+        .filter(|(_, id)| keys.find(id).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
     }
+    let mut needed: Vec<&str> = missing.iter().map(|(_, id)| *id).collect();
+    needed.sort_unstable();
+    needed.dedup();
+    let numbers: Vec<String> = missing.iter().map(|(n, _)| n.to_string()).collect();
+    Err(Error::Auth(format!(
+        "version{} {} of {replica} {} made with key id{} {}, and the keys given have ids {}: \
+         give {} (--encryption-key-file or --passphrase-file, more than once for several); \
+         nothing was fetched",
+        if numbers.len() == 1 { "" } else { "s" },
+        numbers.join(", "),
+        if numbers.len() == 1 { "was" } else { "were" },
+        if needed.len() == 1 { "" } else { "s" },
+        needed.join(", "),
+        keys.ids().join(", "),
+        if needed.len() == 1 {
+            "its key"
+        } else {
+            "their keys"
+        },
+    )))
 }
 
 /// Verifies `spec` as a stored version (`namespace/name[@N|@latest|@latest-N]`): it is
 /// fetched whole into a temporary file, every page hashed again, and the result compared
 /// with the digest the store recorded for it. `None` when `spec` does not name a
 /// version (then it is a local file after all).
-pub async fn verify_stored(connection: &Connection, spec: &str) -> Result<Option<VerifyReport>> {
+///
+/// A version of an encrypted replica is opened with the key of `encryption` whose id it
+/// names, as a pull opens it (every page's seal and identity checked, and the seal's
+/// facts), into a temporary directory only its owner may enter, removed at the end, on
+/// an error and on a signal; its pages are hashed again there and compared with the
+/// plaintext digest its seal records.
+pub async fn verify_stored(
+    connection: &Connection,
+    spec: &str,
+    encryption: Option<&Keys>,
+) -> Result<Option<VerifyReport>> {
     let Ok((replica, selector)) = Selector::split(spec) else {
         return Ok(None);
     };
@@ -562,20 +606,19 @@ pub async fn verify_stored(connection: &Connection, spec: &str) -> Result<Option
         .versions(&replica, key.as_deref())
         .await
         .map_err(|e| e.context(format!("no file {spec} here either")))?;
-    refuse_encrypted(&replica, &versions)?;
-    let tmp = blocking(|| {
-        tempfile::tempdir().map_err(|e| {
-            Error::io(&std::env::temp_dir(), e).context("cannot make a temporary directory")
-        })
-    })
-    .await?;
-    let copy = tmp.path().join("version.db");
+    // The version's own key is checked by the pull, which names the one it needs: only
+    // a missing key is refused here.
+    if encryption.is_none() {
+        check_encryption(&replica, &versions, None)?;
+    }
+    let scratch = Scratch::new()?;
+    let copy = scratch.path("version.db");
     let pulled = server
         .pull(
             &replica,
             selector,
             &copy,
-            (key.as_deref(), None),
+            (key.as_deref(), encryption),
             crate::remote::no_progress(),
         )
         .await
@@ -583,18 +626,48 @@ pub async fn verify_stored(connection: &Connection, spec: &str) -> Result<Option
     // The temporary directory goes with the check, on the blocking thread.
     let mut report = blocking(move || {
         let report = check(&copy);
-        drop(tmp);
+        drop(scratch);
         report
     })
     .await?;
     let recorded = versions.iter().find(|v| v.number == pulled.version);
-    if let Some(why) = digest_differs(recorded, &report, pulled.version) {
+    let differs = match pulled.encryption {
+        Some(_) => sealed_digest_differs(
+            pulled.stats.plaintext_digest.as_deref(),
+            &report,
+            pulled.version,
+        ),
+        None => digest_differs(recorded, &report, pulled.version),
+    };
+    if let Some(why) = differs {
         report.integrity.push(why);
     }
     report.file = PathBuf::from(format!("{replica}@{}", pulled.version));
     report.replica = Some(replica.to_string());
     report.version = Some(pulled.version);
     Ok(Some(report))
+}
+
+/// Why the restored file of `report` is not the version whose seal records the
+/// plaintext digest `sealed` (hex), if it is not. The pull compared the pages it built
+/// with that digest before it committed; this compares the file as written and read
+/// back.
+fn sealed_digest_differs(
+    sealed: Option<&str>,
+    report: &VerifyReport,
+    number: u64,
+) -> Option<String> {
+    match sealed {
+        Some(d) if d == report.digest => None,
+        Some(d) => Some(format!(
+            "digest {} differs from the one sealed with version {number}: {d}",
+            report.digest
+        )),
+        None => Some(format!(
+            "digest {} cannot be compared: the pull of version {number} opened no seal",
+            report.digest
+        )),
+    }
 }
 
 /// One version's result in [`verify_all_versions`] (an element of `verify
@@ -625,9 +698,14 @@ pub struct VersionCheck {
 /// leaves the file at the last good version). A version that fails does not stop the
 /// others: `each(done, total, check)` hears of every one, as it is checked. A failure
 /// that is not the version's (the server unreachable, a wrong key) ends the run.
+///
+/// The versions of an encrypted replica are opened with `encryption` as
+/// [`verify_stored`] opens one; a version whose key is not among them is named before
+/// anything is fetched.
 pub async fn verify_all_versions(
     connection: &Connection,
     replica: &str,
+    encryption: Option<&Keys>,
     mut each: impl FnMut(usize, usize, &VersionCheck),
 ) -> Result<Vec<VersionCheck>> {
     if replica.contains('@') {
@@ -638,14 +716,9 @@ pub async fn verify_all_versions(
     let replica = ReplicaPath::parse(replica)?;
     let (server, key) = connection.resolve_with_key(&replica).await?;
     let versions = server.versions(&replica, key.as_deref()).await?;
-    refuse_encrypted(&replica, &versions)?;
-    let tmp = blocking(|| {
-        tempfile::tempdir().map_err(|e| {
-            Error::io(&std::env::temp_dir(), e).context("cannot make a temporary directory")
-        })
-    })
-    .await?;
-    let copy = tmp.path().join("version.db");
+    check_encryption(&replica, &versions, encryption)?;
+    let scratch = Scratch::new()?;
+    let copy = scratch.path("version.db");
     let mut checks = Vec::with_capacity(versions.len());
     for (i, v) in versions.iter().enumerate() {
         let pulled = server
@@ -653,17 +726,25 @@ pub async fn verify_all_versions(
                 &replica,
                 Selector::Number(v.number),
                 &copy,
-                (key.as_deref(), None),
+                (key.as_deref(), encryption),
                 crate::remote::no_progress(),
             )
             .await;
         let check = match pulled {
-            Ok(_) => {
+            Ok(pulled) => {
                 let path = copy.clone();
                 match blocking(move || check(&path)).await {
                     Ok(report) => {
                         let mut error = None;
-                        if let Some(why) = digest_differs(Some(v), &report, v.number) {
+                        let differs = match pulled.encryption {
+                            Some(_) => sealed_digest_differs(
+                                pulled.stats.plaintext_digest.as_deref(),
+                                &report,
+                                v.number,
+                            ),
+                            None => digest_differs(Some(v), &report, v.number),
+                        };
+                        if let Some(why) = differs {
                             error = Some(why);
                         } else if !report.is_ok() {
                             error =
@@ -694,7 +775,7 @@ pub async fn verify_all_versions(
         checks.push(check);
     }
     blocking(move || {
-        drop(tmp);
+        drop(scratch);
         Ok(())
     })
     .await?;

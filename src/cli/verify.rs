@@ -4,7 +4,10 @@
 
 use std::process::ExitCode;
 
+use super::encryption::{GivenKey, keyring, name_key};
 use super::{Global, Place, RemoteArgs, exit, expand_tilde, out};
+use crate::client::ReplicaSource;
+use crate::crypt::Keys;
 use crate::shutdown::Shutdown;
 
 /// Arguments of `sqlferry verify`.
@@ -15,7 +18,9 @@ sqlferry verify backup.db --json            the same as one JSON object\n  \
 sqlferry verify -q backup.db && echo ok     only the exit status\n  \
 sqlferry verify acme/app.db@3               a stored version, fetched whole and checked\n  \
 sqlferry verify acme/app.db --all-versions  every stored version, one line each\n  \
-sqlferry verify --replica backups/app.db@3  a stored version, though ./backups/ exists\n\n\
+sqlferry verify --replica backups/app.db@3  a stored version, though ./backups/ exists\n  \
+sqlferry verify acme/app.db --encryption-key-file app.key\n                                              \
+                                            an encrypted replica's latest version, opened\n\n\
 FILE is a local file when it starts with /, ./, ../ or ~/, exists, or is a bare name \
 (backup.db); a stored version when it has a / and its directory does not exist here. One \
 such as backups/app.db while the directory backups/ exists here could be either: it is \
@@ -32,6 +37,12 @@ of 1,024 page hashes; two digests are compared only in the same form.\n\n\
 A stored version (namespace/name[@N|@latest|@latest-N|@TIME]) is fetched whole into a temporary \
 file, every page hashed again, and the result compared with the digest the store recorded \
 for it, in each form it recorded; the temporary file is deleted.\n\n\
+A version of an encrypted replica is opened with its key, as `pull` opens it \
+(--encryption-key-file FILE, SQLFERRY_ENCRYPTION_KEY or --passphrase-file FILE; more than \
+once for a rekeyed replica): every page's seal is checked, the plaintext goes to a \
+temporary directory only you may enter, its pages are hashed again and compared with the \
+plaintext digest the version's seal records, and it is deleted. Without its key, or with \
+a wrong one, verify exits 5 before anything is fetched.\n\n\
 --all-versions checks every version of REMOTE (namespace/name, no @) that way, oldest first, \
 through one temporary file (only the pages that changed from one version to the next travel; \
 every page is still checked against its hash). A version that fails does not stop the others: \
@@ -64,6 +75,9 @@ pub struct VerifyArgs {
     /// The server and the key, for a stored version.
     #[command(flatten)]
     pub connection: RemoteArgs,
+    /// The encryption key, for a stored version of an encrypted replica.
+    #[command(flatten)]
+    pub encryption: super::encryption::EncryptionArgs,
 }
 
 impl VerifyArgs {
@@ -101,14 +115,58 @@ impl VerifyArgs {
         }
     }
 
+    /// The encryption keys given (key files, `SQLFERRY_ENCRYPTION_KEY`, passphrases
+    /// stretched with the salt the replica keeps), and how they were given, for
+    /// messages.
+    async fn keys(&self, global: &Global) -> anyhow::Result<(Option<Keys>, Vec<GivenKey>)> {
+        let quiet = global.quiet || self.json;
+        let given = self.encryption.keys(quiet)?;
+        let pass = self.encryption.passphrases(quiet)?;
+        if pass.is_empty() {
+            return Ok((keyring(&given), given));
+        }
+        let replica = crate::store::Selector::split(&self.target)?.0;
+        let source = ReplicaSource::resolve(&self.connection.options(), replica).await?;
+        let all = super::encryption::with_passphrases(
+            &given,
+            &pass,
+            &source.server,
+            &source.replica,
+            source.key.as_deref(),
+            false,
+        )
+        .await
+        .map_err(|e| name_key(e, &given))?;
+        Ok((keyring(&all), all))
+    }
+
     async fn verify(&self, global: &Global) -> anyhow::Result<ExitCode> {
+        let keyed = !self.encryption.encryption_key_file.is_empty()
+            || !self.encryption.passphrase_file.is_empty();
+        if keyed && !self.stored()? {
+            return Err(crate::Error::Usage(format!(
+                "an encryption key opens a stored version of an encrypted replica; {} is a \
+                 local file, verified as it is (leave the key out)",
+                self.target
+            ))
+            .into());
+        }
         if self.all_versions {
             return self.verify_all(global).await;
         }
         let path = expand_tilde(&self.target);
         let stored = match self.stored()? {
             false => None,
-            true => crate::client::verify_stored(&self.connection.options(), &self.target).await?,
+            true => {
+                let (keys, given) = self.keys(global).await?;
+                crate::client::verify_stored(
+                    &self.connection.options(),
+                    &self.target,
+                    keys.as_ref(),
+                )
+                .await
+                .map_err(|e| name_key(e.into(), &given))?
+            }
         };
         let report = match stored {
             Some(report) => report,
@@ -165,9 +223,11 @@ impl VerifyArgs {
         }
         let (json, quiet) = (self.json, global.quiet);
         let mut printed: anyhow::Result<()> = Ok(());
+        let (keys, given) = self.keys(global).await?;
         let checks = crate::client::verify_all_versions(
             &self.connection.options(),
             &self.target,
+            keys.as_ref(),
             |done, total, check| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
@@ -184,7 +244,7 @@ impl VerifyArgs {
         )
         .await;
         bar.finish_and_clear();
-        let checks = checks?;
+        let checks = checks.map_err(|e| name_key(e.into(), &given))?;
         printed?;
         let failed = checks.iter().filter(|c| !c.ok).count();
         if json {

@@ -37,7 +37,7 @@ pub(crate) fn read_key(path: &Path) -> EncryptionKey {
 }
 
 /// The `pages/index.sqlite` under `root` (a store directory or a server's data).
-fn page_index(root: &Path) -> PathBuf {
+pub(crate) fn page_index(root: &Path) -> PathBuf {
     util::files_under(root)
         .into_iter()
         .find(|p| p.ends_with("pages/index.sqlite"))
@@ -46,7 +46,7 @@ fn page_index(root: &Path) -> PathBuf {
 
 /// Flips one bit of the stored ciphertext of the page whose identity is `identity`
 /// (past the nonce, in the sealed page's body).
-fn flip_stored(root: &Path, identity: &[u8; 32]) {
+pub(crate) fn flip_stored(root: &Path, identity: &[u8; 32]) {
     use std::os::unix::fs::FileExt;
     let index = page_index(root);
     let (pack, offset, codec): (i64, i64, i64) = Connection::open(&index)
@@ -339,13 +339,13 @@ fn encrypted_replica_round_trip(store: Store<'_>) {
     );
     let listed = Report::of(&out, "versions --changes").0;
     assert_eq!(updated_notes(&listed[1]["changes"]), one_update, "{listed}");
-    // Without the key, diff says which flag opens them; verify says what checks them.
+    // Without the key, diff and verify say which flag opens them.
     let out = store.run(&m, &["diff", &at(1), &at(2)], &[]);
     let line = assert_fails(&out, EXIT_AUTH, "--encryption-key-file");
     assert!(line.contains("encrypted"), "{line}");
     let out = store.run(&m, &["verify", "--replica", &at(2)], &[]);
-    let line = assert_fails(&out, 2, "verify does not check an encrypted replica");
-    assert!(line.contains("sqlferry pull"), "{line}");
+    let line = assert_fails(&out, EXIT_AUTH, "--encryption-key-file");
+    assert!(line.contains("is encrypted"), "{line}");
 
     // A wrong key: exit 5 before a page moves, naming the key; LOCAL as it was.
     let wrong = keygen(&m, "wrong.key");

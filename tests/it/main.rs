@@ -109,6 +109,7 @@ mod daemon;
 mod dashboard;
 mod encrypted;
 mod encrypted_subscribe;
+mod encrypted_verify;
 mod engine;
 mod followers;
 mod hostile;
