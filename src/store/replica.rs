@@ -2560,9 +2560,10 @@ impl VersionReader {
                 )));
             }
         };
-        // A place hint records no checksum, which every read of a sealed page checks:
-        // an encrypted version is read through the index.
-        let hints = seal.is_none() && place::has_places(&conn, file)?;
+        // A sealed page is read where its hint says only when the hint carries the
+        // entry's sum (hints written since sums; `Fetch::matches` refuses a sealed
+        // version's page through an older hint, which is then looked up in the index).
+        let hints = place::has_places(&conn, file)?;
         Ok(VersionReader {
             conn,
             pages: {
