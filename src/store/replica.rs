@@ -1183,6 +1183,7 @@ impl VersionWriter {
             based_on: self.options.base,
             latest_at: latest.map_or(0, |v| v.created_at),
             latest_client: latest.map_or(String::new(), |v| v.client_id.clone()),
+            encrypted: self.options.encryption.is_some(),
         }
     }
 
@@ -1310,7 +1311,7 @@ impl VersionWriter {
         }
         if begin.sealed && self.candidate.is_some() {
             return Err(Error::Usage(format!(
-                "{replica} is encrypted: the server cannot read its rows, so it cannot merge them; pull the latest version, merge locally, and push again; nothing was stored"
+                "{replica} is encrypted: the server cannot read its rows, so it cannot merge them; pull the latest version into another file, make this push's changes there, and push that file; nothing was stored"
             )));
         }
         if begin.sealed && self.packed.is_some() {
