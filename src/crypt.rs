@@ -22,8 +22,9 @@ use std::fmt;
 use std::io::Write as _;
 use std::path::Path;
 
-use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
-use aes_gcm_siv::{Aes256GcmSiv, Nonce};
+use aes_gcm_siv::aead::inout::InOutBuf;
+use aes_gcm_siv::aead::{AeadInOut, KeyInit};
+use aes_gcm_siv::{Aes256GcmSiv, Nonce, Tag};
 use base64::Engine as _;
 use hmac::Mac;
 use sha2::Sha256;
@@ -407,15 +408,23 @@ fn version_aad(id: &KeyId, replica: &str, version: u64) -> Vec<u8> {
 }
 
 fn seal(cipher: &Aes256GcmSiv, aad: &[u8], plain: &[u8], out: &mut Vec<u8>) -> Result<()> {
-    let mut nonce = [0u8; NONCE_BYTES];
-    getrandom::fill(&mut nonce)
-        .map_err(|e| Error::Bug(format!("the system gave no random bytes for a nonce: {e}")))?;
-    let sealed = cipher
-        .encrypt(&Nonce::from(nonce), Payload { msg: plain, aad })
-        .map_err(|_| Error::Bug("AES-GCM-SIV refused to seal".into()))?;
+    let nonce = random_nonce()?;
+    // Straight from `plain` into `out`, the tag after: no buffer of its own.
+    let start = out.len();
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(&sealed);
-    Ok(())
+    out.resize(start + NONCE_BYTES + plain.len(), 0);
+    let body = InOutBuf::new(plain, &mut out[start + NONCE_BYTES..])
+        .map_err(|_| Error::Bug("AES-GCM-SIV: buffers of two lengths".into()))?;
+    match cipher.encrypt_inout_detached(&Nonce::from(nonce), aad, body) {
+        Ok(tag) => {
+            out.extend_from_slice(&tag);
+            Ok(())
+        }
+        Err(_) => {
+            out.truncate(start);
+            Err(Error::Bug("AES-GCM-SIV refused to seal".into()))
+        }
+    }
 }
 
 fn open(
@@ -427,13 +436,53 @@ fn open(
     if sealed.len() < SEAL_OVERHEAD {
         return Err(());
     }
-    let (nonce, body) = sealed.split_at(NONCE_BYTES);
+    let (nonce, rest) = sealed.split_at(NONCE_BYTES);
+    let (body, tag) = rest.split_at(rest.len() - TAG_BYTES);
     let nonce = Nonce::try_from(nonce).map_err(|_| ())?;
-    let plain = cipher
-        .decrypt(&nonce, Payload { msg: body, aad })
-        .map_err(|_| ())?;
-    out.extend_from_slice(&plain);
-    Ok(())
+    let tag = Tag::try_from(tag).map_err(|_| ())?;
+    // Opened straight into `out`; bytes that fail their tag are taken back out.
+    let start = out.len();
+    out.resize(start + body.len(), 0);
+    let opened = InOutBuf::new(body, &mut out[start..])
+        .map_err(|_| ())
+        .and_then(|buf| {
+            cipher
+                .decrypt_inout_detached(&nonce, aad, buf, &tag)
+                .map_err(|_| ())
+        });
+    if opened.is_err() {
+        out.truncate(start);
+    }
+    opened
+}
+
+/// Random nonces are drawn from the system this many at a time: one `getrandom` call a
+/// page cost a full push about a tenth of its sealing time.
+const NONCES_PER_DRAW: usize = 256;
+
+/// A fresh random nonce: the next unused one of this thread's last draw (each is used
+/// once, then the pool is drawn again).
+fn random_nonce() -> Result<[u8; NONCE_BYTES]> {
+    use std::cell::RefCell;
+    thread_local! {
+        static POOL: RefCell<(Vec<u8>, usize)> = const { RefCell::new((Vec::new(), 0)) };
+    }
+    POOL.with_borrow_mut(|(bytes, used)| {
+        if *used == bytes.len() {
+            bytes.resize(NONCE_BYTES * NONCES_PER_DRAW, 0);
+            getrandom::fill(bytes).map_err(|e| {
+                bytes.clear();
+                Error::Bug(format!("the system gave no random bytes for a nonce: {e}"))
+            })?;
+            *used = 0;
+        }
+        let mut nonce = [0u8; NONCE_BYTES];
+        nonce.copy_from_slice(&bytes[*used..*used + NONCE_BYTES]);
+        // Used: never handed out again.
+        bytes[*used..*used + NONCE_BYTES].fill(0);
+        *used += NONCE_BYTES;
+        Ok(nonce)
+    })
 }
 
 /// 32 random bytes for a new key.
@@ -627,6 +676,69 @@ mod tests {
             let err = k2.open_page(&id2, &bytes, &mut out).unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::Verification, "{what}");
             assert!(out.is_empty(), "{what}");
+        }
+    }
+
+    /// Sealing in place writes what the one-shot AEAD call writes (pages sealed before
+    /// open the same), appends after what `out` holds, takes back what fails, and never
+    /// repeats a nonce across draws of the pool.
+    #[test]
+    fn a_sealed_page_is_aes_gcm_siv_nonce_ciphertext_tag_in_place() {
+        use aes_gcm_siv::aead::{Aead, Payload};
+        let k = key(5);
+        let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
+        let id = k.page_identity(&crate::digest::sha256(&page));
+        let aad = page_aad(&k.id, &id);
+
+        let mut out = b"before".to_vec();
+        k.seal_page(&id, &page, &mut out).unwrap();
+        let sealed = &out[6..];
+        let (nonce, body) = sealed.split_at(NONCE_BYTES);
+        let one_shot = k
+            .derived
+            .page
+            .decrypt(
+                &Nonce::try_from(nonce).unwrap(),
+                Payload {
+                    msg: body,
+                    aad: &aad,
+                },
+            )
+            .expect("the one-shot call opens it");
+        assert_eq!(one_shot, page);
+
+        let nonce = [3u8; NONCE_BYTES];
+        let mut old = nonce.to_vec();
+        old.extend(
+            k.derived
+                .page
+                .encrypt(
+                    &Nonce::from(nonce),
+                    Payload {
+                        msg: &page,
+                        aad: &aad,
+                    },
+                )
+                .unwrap(),
+        );
+        let mut opened = b"kept".to_vec();
+        k.open_page(&id, &old, &mut opened).unwrap();
+        assert_eq!(&opened[..4], b"kept");
+        assert_eq!(&opened[4..], &page[..]);
+        old[50] ^= 1;
+        let err = k.open_page(&id, &old, &mut opened).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Verification);
+        assert_eq!(
+            opened.len(),
+            4 + page.len(),
+            "nothing of a failed open is kept"
+        );
+
+        let mut nonces = std::collections::HashSet::new();
+        for _ in 0..3 * NONCES_PER_DRAW {
+            let mut s = Vec::new();
+            k.seal_page(&id, b"x", &mut s).unwrap();
+            assert!(nonces.insert(s[..NONCE_BYTES].to_vec()), "a nonce repeated");
         }
     }
 

@@ -195,12 +195,15 @@ pub enum Error {
     /// The replica's latest version is not the one the push was based on, and the
     /// pushed content differs from it. The advice never says "pull first": a pull would
     /// overwrite the very changes being pushed; `--merge` comes first, as the one way
-    /// out that keeps both sides' rows.
+    /// out that keeps both sides' rows. An encrypted replica can neither be merged by
+    /// the server nor replaced by a forced push (its seal names the version it follows):
+    /// its advice is the one way that works, the changes made again on the latest.
     #[error(
-        "VERSION_CONFLICT: {replica} is at version {latest} (made {} by client {}), this push is based on {} and its content differs; push with --merge to merge this push's row changes onto version {latest}, with --force to replace version {latest}, or pull {replica} into another file and compare",
+        "VERSION_CONFLICT: {replica} is at version {latest} (made {} by client {}), this push is based on {} and its content differs; {}",
         conflict_time(*latest_at),
         if latest_client.is_empty() { "unknown" } else { latest_client.as_str() },
-        based_on.map_or("no version".to_owned(), |v| format!("version {v}"))
+        based_on.map_or("no version".to_owned(), |v| format!("version {v}")),
+        conflict_advice(replica, *latest, *encrypted)
     )]
     Conflict {
         /// The replica.
@@ -213,6 +216,8 @@ pub enum Error {
         latest_at: i64,
         /// The client id that pushed the latest version.
         latest_client: String,
+        /// The push was encrypted (sealed for the version after its base).
+        encrypted: bool,
     },
     /// A `push --merge` whose merge was refused: rows changed on both sides to other
     /// values (with `--on-conflict refuse`), a schema change on either side, or a
@@ -373,6 +378,19 @@ pub(crate) fn debug_pause(place: &str) {
 }
 
 /// A version's time as the conflict message shows it: RFC 3339 in UTC.
+/// What a user whose push conflicted can do (see [`Error::Conflict`]).
+fn conflict_advice(replica: &str, latest: u64, encrypted: bool) -> String {
+    if encrypted {
+        format!(
+            "an encrypted replica can be neither merged (the server cannot read its rows) nor replaced with --force (each version's seal names the version it follows): pull {replica} into another file, make this push's changes there, and push that file"
+        )
+    } else {
+        format!(
+            "push with --merge to merge this push's row changes onto version {latest}, with --force to replace version {latest}, or pull {replica} into another file and compare"
+        )
+    }
+}
+
 fn conflict_time(secs: i64) -> String {
     crate::epoch::rfc3339(secs)
 }

@@ -272,8 +272,8 @@ impl PushArgs {
         if self.merge {
             return Err(crate::Error::Usage(format!(
                 "--merge with {}: the store cannot read an encrypted replica's rows, so it \
-                 cannot merge them; pull the latest version, merge locally, and push again; \
-                 nothing was pushed",
+                 cannot merge them; pull the latest version into another file, make this push's \
+                 changes there, and push that file; nothing was pushed",
                 source
             ))
             .into());

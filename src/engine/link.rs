@@ -2,10 +2,11 @@
 //!
 //! The in-memory link used for local syncs encodes and decodes every frame exactly as a
 //! network transport does, so byte counts and codec checks are the same everywhere, with
-//! one exception: a PAGE frame travels as its page number and an owned copy of the page,
-//! and the receiving end checks it as the codec would (page 0 and sizes that are not a
-//! page size are refused) and counts the bytes its encoding has. Encoding it would cost a
-//! copy into the frame and another out of it, for every page of a full copy.
+//! one exception: a PAGE or SPAGE frame travels as its page number (and identity) and an
+//! owned copy of the page, and the receiving end checks it as the codec would (page 0
+//! and sizes that are not a page size, or a sealed page's, are refused) and counts the
+//! bytes its encoding has. Encoding it would cost a copy into the frame and another out
+//! of it, for every page of a full copy.
 //! Its origin → replica direction is bounded (pages wait for the replica: memory stays
 //! flat); the replica → origin direction is bounded only by the origin's request
 //! window, which is safe there because both roles are this process's own code. The
@@ -18,7 +19,7 @@
 //! the node hashes queued and not yet taken by the pump, so a replica can refuse a peer
 //! that asks for more than the window without reading the answers.
 //!
-//! Bulk frames (PAGE, ZPAGE, NODES) are batched into one queue item, of up to
+//! Bulk frames (PAGE, ZPAGE, SPAGE, NODES) are batched into one queue item, of up to
 //! [`BATCH_BYTES`] on the in-memory link and [`CHANNEL_BATCH_BYTES`] (or
 //! [`CHANNEL_BATCH_FRAMES`]) on the channel link: waking the other thread for every
 //! 4 KiB page would cost more than the copy (on a server's pull, a wake-up of the pump
@@ -33,7 +34,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 
 use super::WINDOW_NODES;
-use crate::protocol::Frame;
+use crate::digest::{HASH_BYTES, Hash};
+use crate::protocol::{Frame, SEAL_OVERHEAD};
 use crate::transport::ws::{CHANNEL_BATCH_BYTES, CHANNEL_BATCH_FRAMES};
 use crate::{Error, Result};
 
@@ -72,10 +74,16 @@ enum Item {
     Encoded(Vec<u8>),
     /// A PAGE frame, not encoded: its page number and its bytes.
     Page(u32, Vec<u8>),
+    /// An SPAGE frame, not encoded: its page number, identity and sealed bytes.
+    Sealed(u32, Hash, Vec<u8>),
 }
 
 /// The bytes of a PAGE frame's encoding around its page: type and page number.
 const PAGE_FRAME_OVERHEAD: usize = 5;
+
+/// The bytes of an SPAGE frame's encoding around its sealed page: type, page number
+/// and identity.
+const SPAGE_FRAME_OVERHEAD: usize = 5 + HASH_BYTES;
 
 enum Tx {
     Bounded(SyncSender<Vec<Item>>),
@@ -158,6 +166,27 @@ impl MemLink {
                 }
                 Ok(Frame::Page { pgno, data })
             }
+            Item::Sealed(pgno, identity, sealed) => {
+                self.received += (SPAGE_FRAME_OVERHEAD + sealed.len()) as u64;
+                // What `Frame::decode` checks of an SPAGE frame.
+                let page = sealed.len().saturating_sub(SEAL_OVERHEAD);
+                if pgno == 0 {
+                    return Err(Error::Protocol("SPAGE frame for page 0".into()));
+                }
+                if sealed.len() + SPAGE_FRAME_OVERHEAD > crate::protocol::MAX_FRAME_BYTES
+                    || crate::protocol::check_page_size(page as u32).is_err()
+                {
+                    return Err(Error::Protocol(format!(
+                        "SPAGE frame of {} sealed bytes is not a sealed page",
+                        sealed.len()
+                    )));
+                }
+                Ok(Frame::SealedPage {
+                    pgno,
+                    identity,
+                    sealed,
+                })
+            }
         }
     }
 
@@ -176,8 +205,17 @@ impl MemLink {
 
 impl Link for MemLink {
     fn send(&mut self, frame: &Frame) -> Result<()> {
-        if let Frame::Page { pgno, data } = frame {
-            return self.send_page(*pgno, data);
+        match frame {
+            Frame::Page { pgno, data } => return self.send_page(*pgno, data),
+            Frame::SealedPage {
+                pgno,
+                identity,
+                sealed,
+            } => {
+                let n = SPAGE_FRAME_OVERHEAD + sealed.len();
+                return self.queue(Item::Sealed(*pgno, *identity, sealed.clone()), n, true);
+            }
+            _ => {}
         }
         let bulk = matches!(frame, Frame::Nodes { .. });
         let bytes = frame.to_bytes();
@@ -330,7 +368,7 @@ fn is_bulk(frame: &[u8]) -> bool {
     use crate::protocol::code;
     matches!(
         frame.first(),
-        Some(&(code::PAGE | code::ZPAGE | code::NODES))
+        Some(&(code::PAGE | code::ZPAGE | code::SPAGE | code::NODES))
     )
 }
 
@@ -611,6 +649,58 @@ mod tests {
         assert_eq!(replica.bytes_received(), encoded as u64);
     }
 
+    /// A sealed page crosses the memory link in batches, as sent, counted as its
+    /// encoding, and refused where the codec refuses it.
+    #[test]
+    fn a_sealed_page_crosses_the_memory_link_batched_and_checked() {
+        let (mut origin, mut replica) = mem_pair();
+        let sealed: Vec<u8> = (0..4096 + SEAL_OVERHEAD).map(|i| (i % 251) as u8).collect();
+        let frame = Frame::SealedPage {
+            pgno: 7,
+            identity: [9; 32],
+            sealed: sealed.clone(),
+        };
+        origin.send(&frame).expect("queued");
+        assert!(
+            replica.try_recv().expect("open").is_none(),
+            "a sealed page waits in the batch (one wake-up for many)"
+        );
+        origin
+            .send(&Frame::Ready { page_count: 1 })
+            .expect("queued");
+        match replica.recv().expect("a frame") {
+            Frame::SealedPage {
+                pgno,
+                identity,
+                sealed: got,
+            } => assert_eq!((pgno, identity, got), (7, [9; 32], sealed)),
+            other => panic!("expected SPAGE, got {}", other.name()),
+        }
+        assert!(matches!(replica.recv(), Ok(Frame::Ready { page_count: 1 })));
+        let encoded = frame.to_bytes().len() + Frame::Ready { page_count: 1 }.to_bytes().len();
+        assert_eq!(origin.bytes_sent(), encoded as u64);
+        assert_eq!(replica.bytes_received(), encoded as u64);
+
+        for (pgno, len) in [(0u32, 4096 + SEAL_OVERHEAD), (3, 4096), (3, 100)] {
+            let (mut origin, mut replica) = mem_pair();
+            let frame = Frame::SealedPage {
+                pgno,
+                identity: [1; 32],
+                sealed: vec![0; len],
+            };
+            origin.send(&frame).expect("queued");
+            drop(origin);
+            assert!(
+                matches!(replica.recv(), Err(Error::Protocol(_))),
+                "sealed page {pgno} of {len} bytes"
+            );
+            assert!(
+                Frame::decode(&frame.to_bytes()).is_err(),
+                "the codec agrees"
+            );
+        }
+    }
+
     #[test]
     fn the_memory_link_refuses_what_the_codec_refuses() {
         for (pgno, len) in [(0u32, 4096usize), (3, 4095), (3, 100), (3, 128 * 1024)] {
@@ -746,6 +836,19 @@ mod tests {
         }
         let by_bytes = pump.from_engine.rx.try_recv().expect("full by bytes");
         assert_eq!(by_bytes.len(), CHANNEL_BATCH_BYTES / (4096 + 5) + 1);
+        // Sealed pages are bulk too: a batch, not a wake-up each.
+        for pgno in 1..=3u32 {
+            link.send(&Frame::SealedPage {
+                pgno,
+                identity: [2; 32],
+                sealed: vec![3; 4096 + SEAL_OVERHEAD],
+            })
+            .expect("queued");
+        }
+        assert!(pump.from_engine.rx.try_recv().is_err(), "sealed pages wait");
+        link.send(&Frame::Ready { page_count: 3 }).expect("queued");
+        let sealed = pump.from_engine.rx.try_recv().expect("flushed by READY");
+        assert_eq!(sealed.len(), 4, "three sealed pages and READY in one item");
         // What the engine did not read stays for after it, in order.
         pump.to_engine
             .0

@@ -891,7 +891,7 @@ where
     };
     if open.merge.is_some() && (open.encryption.is_some() || encryption.is_some()) {
         return Err(Error::Usage(format!(
-            "{replica} is encrypted: the server cannot read an encrypted replica's rows, so it cannot merge them; pull the latest version, merge locally, and push again (without --merge)"
+            "{replica} is encrypted: the server cannot read an encrypted replica's rows, so it cannot merge them; pull the latest version into another file, make this push's changes there, and push that file (without --merge)"
         ))
         .into());
     }

@@ -1183,6 +1183,7 @@ impl VersionWriter {
             based_on: self.options.base,
             latest_at: latest.map_or(0, |v| v.created_at),
             latest_client: latest.map_or(String::new(), |v| v.client_id.clone()),
+            encrypted: self.options.encryption.is_some(),
         }
     }
 
@@ -1310,7 +1311,7 @@ impl VersionWriter {
         }
         if begin.sealed && self.candidate.is_some() {
             return Err(Error::Usage(format!(
-                "{replica} is encrypted: the server cannot read its rows, so it cannot merge them; pull the latest version, merge locally, and push again; nothing was stored"
+                "{replica} is encrypted: the server cannot read its rows, so it cannot merge them; pull the latest version into another file, make this push's changes there, and push that file; nothing was stored"
             )));
         }
         if begin.sealed && self.packed.is_some() {
@@ -2560,9 +2561,10 @@ impl VersionReader {
                 )));
             }
         };
-        // A place hint records no checksum, which every read of a sealed page checks:
-        // an encrypted version is read through the index.
-        let hints = seal.is_none() && place::has_places(&conn, file)?;
+        // A sealed page is read where its hint says only when the hint carries the
+        // entry's sum (hints written since sums; `Fetch::matches` refuses a sealed
+        // version's page through an older hint, which is then looked up in the index).
+        let hints = place::has_places(&conn, file)?;
         Ok(VersionReader {
             conn,
             pages: {

@@ -988,6 +988,7 @@ impl S3VersionWriter {
             based_on: self.options.base,
             latest_at: latest.map_or(0, |v| v.created_at),
             latest_client: latest.map_or(String::new(), |v| v.client_id.clone()),
+            encrypted: self.options.encryption.is_some(),
         }
     }
 

@@ -7,7 +7,8 @@
 //! exits 5 and a flipped stored ciphertext byte exits 7, LOCAL byte for byte as it
 //! was; a keyless pull or push and a keyed push to a plaintext replica are refused;
 //! `SQLFERRY_ENCRYPTION_KEY` works like the file; a key given where it cannot work
-//! (a local copy, `--merge`, the daemon's environment) is refused, never ignored.
+//! (a local copy, `--merge`, the daemon's environment) is refused, never ignored; a
+//! conflicting push advises the one way out that works, and following it works.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -512,4 +513,91 @@ fn a_key_file_others_may_read_is_used_with_a_warning() {
     ]);
     let line = assert_fails(&out, 2, "bad.key is not a key");
     assert!(!line.contains("not a key at all"), "{line}");
+}
+
+/// A push to an encrypted replica that moved on since its base: the error says the one
+/// way out that works (neither `--merge` nor `--force` can), `--force` is refused as it
+/// says, and following its advice lands both machines' changes.
+fn an_encrypted_conflict_advises_what_works(store: Store<'_>) {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let a = Machine::new(dir.path(), "a");
+    let b = Machine::new(dir.path(), "b");
+    marked_db(&a.work);
+    let key_file = keygen(&a, "app.key");
+    let kf = key_file.to_str().expect("UTF-8 path");
+    let run = |m: &Machine, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--encryption-key-file", kf]);
+        store.run(m, &all, &[])
+    };
+    let set = |m: &Machine, file: &str, id: i64, body: &str| {
+        util::open(&m.path(file))
+            .execute(
+                "UPDATE notes SET body = ?2 WHERE id = ?1",
+                rusqlite::params![id, body],
+            )
+            .expect("update");
+    };
+    Report::of(
+        &run(&a, &["push", "app.db", REPLICA, "--json"]),
+        "a's first push",
+    );
+    Report::of(&run(&b, &["pull", REPLICA, "app.db", "--json"]), "b's pull");
+    set(&b, "app.db", 1, "from b");
+    let v2 = Report::of(&run(&b, &["push", "app.db", REPLICA, "--json"]), "b's push");
+    assert_eq!(v2.u64("version"), 2);
+
+    // a's push is based on version 1: a conflict whose advice is what works.
+    set(&a, "app.db", 2, "from a");
+    for extra in [None, Some("--force")] {
+        let mut args = vec!["push", "app.db", REPLICA];
+        args.extend(extra);
+        let err = assert_fails(&run(&a, &args), 6, "VERSION_CONFLICT");
+        assert!(
+            err.contains("pull acme/app.db into another file, make this push's changes there, and push that file"),
+            "{extra:?}: {err}"
+        );
+        assert!(
+            !err.contains("with --force to replace") && !err.contains("push with --merge"),
+            "{extra:?}: advice that cannot work: {err}"
+        );
+    }
+    let out = run(&a, &["push", "app.db", REPLICA, "--merge"]);
+    assert_fails(&out, 2, "pull the latest version into another file");
+
+    // The advice, followed: both changes land.
+    Report::of(
+        &run(&a, &["pull", REPLICA, "latest.db", "--json"]),
+        "a's pull",
+    );
+    set(&a, "latest.db", 2, "from a");
+    let v3 = Report::of(
+        &run(&a, &["push", "latest.db", REPLICA, "--json"]),
+        "a's push",
+    );
+    assert_eq!(v3.u64("version"), 3);
+    Report::of(
+        &run(&b, &["pull", REPLICA, "app.db", "--json"]),
+        "b's pull of 3",
+    );
+    let conn = util::open(&b.path("app.db"));
+    let body = |id: i64| -> String {
+        conn.query_row("SELECT body FROM notes WHERE id = ?1", [id], |r| r.get(0))
+            .expect("row")
+    };
+    assert_eq!((body(1), body(2)), ("from b".into(), "from a".into()));
+    assert_eq!(util::integrity(&b.path("app.db")), "ok");
+}
+
+#[test]
+fn an_encrypted_conflict_in_the_embedded_store_advises_what_works() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    an_encrypted_conflict_advises_what_works(Store::Dir(dir.path().join("store")));
+}
+
+#[test]
+fn an_encrypted_conflict_on_a_server_advises_what_works() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    an_encrypted_conflict_advises_what_works(Store::Server(&server));
 }

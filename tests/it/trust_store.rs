@@ -250,6 +250,14 @@ fn flipped_counter_bytes_in_the_store_still_pull_a_good_database() {
             );
             assert_eq!(util::digest(file), util::digest(&db), "byte {byte}, {name}");
         }
+        // Scrub agrees with the pulls: a counter is no damage.
+        let (code, report) = b.scrub();
+        assert_eq!(code, 0, "byte {byte}: {report}");
+        assert_eq!(
+            report["replicas"][0]["bad_pages"],
+            serde_json::json!([]),
+            "{report}"
+        );
     }
 }
 
