@@ -302,7 +302,7 @@ fn daemon_pull_units_without_the_right_key_say_why_and_keep_their_database() {
 }
 
 /// The delay a daemon's failure line names (`starting again in 1s309ms`).
-fn wait(line: &str) -> Duration {
+pub(crate) fn wait(line: &str) -> Duration {
     let text = line
         .rsplit("starting again in ")
         .next()
