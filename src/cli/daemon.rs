@@ -85,7 +85,8 @@ impl DaemonArgs {
         if super::encryption::env_key_set() {
             return Err(crate::Error::Usage(format!(
                 "{}: the daemon takes an encryption key per entry of its file \
-                 (encryption_key_file = \"FILE\", sqlferry keygen FILE writes one), not from \
+                 (encryption_key_file = \"FILE\", sqlferry keygen FILE writes one; or \
+                 passphrase_file = \"FILE\"), not from \
                  the environment; unset it; nothing was started",
                 super::encryption::KEY_ENV
             ))
