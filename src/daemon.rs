@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 pub use config::{Config, Refused, Target, Unit};
 
 use crate::client::{Connection, Puller, Pusher};
+use crate::crypt::EncryptionKey;
 use crate::shutdown::Shutdown;
 use crate::subscribe::Event;
 use crate::subscribe::plan::{self, Destination, Ended, PushOptions};
@@ -405,9 +406,15 @@ async fn run_unit<E: FnMut(Event) + Send>(
             when,
             message,
         } => {
-            let destination = destination(database, target, message).await?;
+            let (destination, sealing) = destination(database, target, message).await?;
             let options = push_options(when, &shared.permits);
-            plan::push_to(destination, options, stop, emit).await
+            let ended = plan::push_to(destination, options, stop, emit).await;
+            match (target, ended) {
+                (Target::Replica { store, .. }, Err(e)) => {
+                    Err(name_key(e, store, sealing.as_ref()))
+                }
+                (_, ended) => ended,
+            }
         }
         Unit::Pull {
             replica,
@@ -417,6 +424,12 @@ async fn run_unit<E: FnMut(Event) + Send>(
             let connection = connection(store);
             let server = connection.resolve().await?;
             let key = connection.key_for(&server, replica, Some(into)).await?;
+            // A passphrase is stretched now, once for this start (a replica that kept
+            // no salt at the last start may keep one now), never per version.
+            let encryption = match &store.passphrase {
+                Some(pass) => Some(stretch(&server, replica, key.as_deref(), pass, false).await?),
+                None => store.encryption.as_ref().map(|k| k.key.clone()),
+            };
             let puller = Puller {
                 server,
                 replica: replica.clone(),
@@ -424,12 +437,11 @@ async fn run_unit<E: FnMut(Event) + Send>(
                 database: crate::config::database_key(into),
                 key,
                 force: false,
-                encryption: store
-                    .encryption
-                    .as_ref()
-                    .map(|k| crate::crypt::Keys::one(k.key.clone())),
+                encryption: encryption.clone().map(crate::crypt::Keys::one),
             };
-            plan::pull(puller, stop, emit).await
+            plan::pull(puller, stop, emit)
+                .await
+                .map_err(|e| name_key(e, store, encryption.as_ref()))
         }
         Unit::Directory { .. } => directory::run(unit, stop, shared).await,
     }
@@ -465,22 +477,95 @@ fn connection(store: &config::Store) -> Connection {
     }
 }
 
-/// The push subscriber's destination for `database` to `target`.
-async fn destination(database: &Path, target: &Target, message: &str) -> Result<Destination> {
+/// The push subscriber's destination for `database` to `target`, and the key it seals
+/// with (a passphrase's stretched now: with the replica's salt, or a new one the first
+/// push records, as `push --passphrase-file` does).
+async fn destination(
+    database: &Path,
+    target: &Target,
+    message: &str,
+) -> Result<(Destination, Option<EncryptionKey>)> {
     Ok(match target {
-        Target::File(copy) => Destination::File {
-            local: database.to_owned(),
-            copy: copy.clone(),
-        },
+        Target::File(copy) => (
+            Destination::File {
+                local: database.to_owned(),
+                copy: copy.clone(),
+            },
+            None,
+        ),
         Target::Replica { replica, store } => {
             let connection = connection(store);
             let server = connection.resolve().await?;
             let mut pusher =
                 Pusher::open(database, replica.clone(), server, connection.key.clone()).await?;
+            let encryption = match &store.passphrase {
+                Some(pass) => {
+                    let key = pusher.key.as_deref();
+                    Some(stretch(&pusher.server, replica, key, pass, true).await?)
+                }
+                None => store.encryption.as_ref().map(|k| k.key.clone()),
+            };
             pusher.message = message.to_owned();
             pusher.merge = store.merge.clone();
-            pusher.encryption = store.encryption.as_ref().map(|k| k.key.clone());
-            Destination::Replica(Box::new(pusher))
+            pusher.encryption = encryption.clone();
+            (Destination::Replica(Box::new(pusher)), encryption)
         }
     })
+}
+
+/// At most one passphrase is stretched at a time in the daemon: each stretch holds
+/// 64 MiB for about 0.2 s, and a watched directory of many passphrase replicas starts
+/// all its units at once (bounded memory, docs/DESIGN.md).
+static STRETCHING: Semaphore = Semaphore::const_new(1);
+
+/// The key `pass` gives for `replica` on `server`: the salt and cost the replica keeps
+/// asked for first (a server too old to keep them is refused), then Argon2id on a
+/// blocking thread. A replica that keeps no salt is refused (auth: it was not made with
+/// a passphrase, or has no version yet) unless `making` (a push unit): a new random
+/// salt, which the push records with its version (docs/security.md, "Keys"). The key
+/// is never written anywhere; only its id is shown.
+async fn stretch(
+    server: &crate::remote::Server,
+    replica: &crate::store::ReplicaPath,
+    key: Option<&str>,
+    pass: &config::ConfiguredPassphrase,
+    making: bool,
+) -> Result<EncryptionKey> {
+    let salted = match server.passphrase(replica, key).await? {
+        Some(salted) => salted,
+        None if making => crate::crypt::PassphraseSalt::new()?,
+        None => {
+            return Err(Error::Auth(format!(
+                "{replica} keeps no passphrase salt: it was not made with a passphrase (it \
+                 is plaintext, under a key file, or has no version yet), so passphrase_file \
+                 {} cannot give its key; give its key (encryption_key_file) instead, or push \
+                 its first version with the passphrase; nothing was pulled",
+                pass.file.display()
+            )));
+        }
+    };
+    let _one = STRETCHING
+        .acquire()
+        .await
+        .map_err(|e| Error::Bug(format!("the stretch semaphore closed: {e}")))?;
+    let passphrase = pass.passphrase.clone();
+    crate::remote::blocking(move || salted.derive(&passphrase)).await
+}
+
+/// A unit's refused key (an auth error) with where its key came from and its id, so
+/// the log names the entry's file: `with the key of passphrase_file FILE (key id …)`.
+/// Other errors pass as they are.
+fn name_key(e: Error, store: &config::Store, key: Option<&EncryptionKey>) -> Error {
+    if e.kind() != crate::ErrorKind::Auth {
+        return e;
+    }
+    let source = match (&store.passphrase, &store.encryption) {
+        (Some(p), _) => format!("passphrase_file {}", p.file.display()),
+        (None, Some(k)) => format!("encryption_key_file {}", k.file.display()),
+        (None, None) => return e,
+    };
+    match key {
+        Some(k) => e.context(format!("with the key of {source} (key id {})", k.id())),
+        None => e.context(format!("with the key of {source}")),
+    }
 }

@@ -85,7 +85,8 @@ impl DaemonArgs {
         if super::encryption::env_key_set() {
             return Err(crate::Error::Usage(format!(
                 "{}: the daemon takes an encryption key per entry of its file \
-                 (encryption_key_file = \"FILE\", sqlferry keygen FILE writes one), not from \
+                 (encryption_key_file = \"FILE\", sqlferry keygen FILE writes one; or \
+                 passphrase_file = \"FILE\"), not from \
                  the environment; unset it; nothing was started",
                 super::encryption::KEY_ENV
             ))
@@ -164,11 +165,18 @@ fn describe(unit: &Unit) -> String {
         | Unit::Directory { store, .. } => Some(store),
         Unit::Push { .. } => None,
     };
-    let sealed = store
-        .and_then(|s| s.encryption.as_ref())
-        .map_or(String::new(), |k| {
-            format!(", encrypted (key id {}, {})", k.key.id(), k.file.display())
-        });
+    let sealed = match (
+        store.and_then(|s| s.encryption.as_ref()),
+        store.and_then(|s| s.passphrase.as_ref()),
+    ) {
+        (Some(k), _) => format!(", encrypted (key id {}, {})", k.key.id(), k.file.display()),
+        // Its key id needs the replica's salt, which only the unit's start asks for.
+        (None, Some(p)) => format!(
+            ", encrypted (passphrase_file {}, stretched when the unit starts)",
+            p.file.display()
+        ),
+        (None, None) => String::new(),
+    };
     let described = match unit {
         Unit::Push { when, .. } => format!(
             "push {}, {}",

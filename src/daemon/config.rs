@@ -52,6 +52,31 @@ pub struct Store {
     /// `encryption_key_file`: the replica's end-to-end encryption key, read when the
     /// file was loaded (docs/security.md); `None`: a plaintext replica.
     pub encryption: Option<ConfiguredKey>,
+    /// `passphrase_file`: the replica's passphrase, read and checked when the file was
+    /// loaded; stretched into its key (with the salt the replica keeps) each time a
+    /// unit using it starts, never here. `None` with [`Store::encryption`] set, or for
+    /// a plaintext replica.
+    pub passphrase: Option<ConfiguredPassphrase>,
+}
+
+/// A passphrase read from the file `passphrase_file` names, as `--passphrase-file`
+/// reads it ([`crate::crypt::read_passphrase_file`]). It is not a key until the
+/// replica's salt is known, which only a unit's start asks for: loading a file
+/// connects to nothing. Two are equal when they name the same file and hold the same
+/// passphrase (a reload that finds another one restarts the units using it). `Debug`
+/// shows the file, never the passphrase.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConfiguredPassphrase {
+    /// The passphrase's bytes (its line ending removed).
+    pub passphrase: Vec<u8>,
+    /// The file it was read from (absolute).
+    pub file: PathBuf,
+}
+
+impl std::fmt::Debug for ConfiguredPassphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConfiguredPassphrase({})", self.file.display())
+    }
 }
 
 /// An encryption key read from the file `encryption_key_file` names. Two are equal
@@ -233,6 +258,7 @@ struct Settings {
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     encryption_key_file: Option<PathBuf>,
+    passphrase_file: Option<PathBuf>,
     wait_idle: Option<String>,
     min_interval: Option<String>,
     max_interval: Option<String>,
@@ -255,6 +281,7 @@ struct PushEntry {
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     encryption_key_file: Option<PathBuf>,
+    passphrase_file: Option<PathBuf>,
     wait_idle: Option<String>,
     min_interval: Option<String>,
     max_interval: Option<String>,
@@ -273,6 +300,7 @@ struct PullEntry {
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     encryption_key_file: Option<PathBuf>,
+    passphrase_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,6 +319,7 @@ struct DirectoryEntry {
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     encryption_key_file: Option<PathBuf>,
+    passphrase_file: Option<PathBuf>,
     wait_idle: Option<String>,
     min_interval: Option<String>,
     max_interval: Option<String>,
@@ -315,6 +344,7 @@ macro_rules! settings_of {
             key_file: $e.key_file.clone(),
             key_env: $e.key_env.clone(),
             encryption_key_file: $e.encryption_key_file.clone(),
+            passphrase_file: $e.passphrase_file.clone(),
             wait_idle: $e.wait_idle.clone(),
             min_interval: $e.min_interval.clone(),
             max_interval: $e.max_interval.clone(),
@@ -336,6 +366,7 @@ struct EntrySettings {
     key_file: Option<PathBuf>,
     key_env: Option<String>,
     encryption_key_file: Option<PathBuf>,
+    passphrase_file: Option<PathBuf>,
     wait_idle: Option<String>,
     min_interval: Option<String>,
     max_interval: Option<String>,
@@ -397,6 +428,9 @@ impl Config {
             .as_ref()
             .map_or(1, |d| line_of(text, d.span().start));
         let defaults = file.defaults.map(Spanned::into_inner).unwrap_or_default();
+        if defaults.encryption_key_file.is_some() && defaults.passphrase_file.is_some() {
+            return Err(format!("{defaults_line}: [defaults]: {BOTH_KEYS}"));
+        }
         let mut config = Config {
             units: BTreeMap::new(),
             max_concurrent_pushes: match defaults.max_concurrent_pushes {
@@ -459,6 +493,7 @@ impl Config {
                 key_file: entry.key_file.clone(),
                 key_env: entry.key_env.clone(),
                 encryption_key_file: entry.encryption_key_file.clone(),
+                passphrase_file: entry.passphrase_file.clone(),
                 ..EntrySettings::default()
             }
             .over(&defaults);
@@ -628,6 +663,10 @@ fn target_file(target: &Target) -> Option<&Path> {
     }
 }
 
+/// Why an entry naming both an encryption key file and a passphrase file is refused.
+const BOTH_KEYS: &str = "give encryption_key_file or passphrase_file, not both: a replica is \
+     sealed with one key, and a passphrase is another key than a key file's";
+
 /// What resolving a file's values needs.
 struct Context<'a> {
     base: &'a Path,
@@ -701,16 +740,27 @@ impl Context<'_> {
             (_, None, None) => None,
             _ => return Err("on_conflict and lww_column go with merge = true".into()),
         };
+        if s.encryption_key_file.is_some() && s.passphrase_file.is_some() {
+            return Err(BOTH_KEYS.into());
+        }
         let encryption = match &s.encryption_key_file {
             Some(file) => Some(self.encryption_key(file)?),
             None => None,
         };
-        if merge.is_some() && encryption.is_some() {
-            return Err(
-                "merge = true with encryption_key_file: the store cannot read an encrypted \
-                 replica's rows, so it cannot merge them; drop one of them"
-                    .into(),
-            );
+        let passphrase = match &s.passphrase_file {
+            Some(file) => Some(self.passphrase(file)?),
+            None => None,
+        };
+        if merge.is_some() && (encryption.is_some() || passphrase.is_some()) {
+            let which = if passphrase.is_some() {
+                "passphrase_file"
+            } else {
+                "encryption_key_file"
+            };
+            return Err(format!(
+                "merge = true with {which}: the store cannot read an encrypted replica's \
+                 rows, so it cannot merge them; drop one of them"
+            ));
         }
         Ok(Store {
             server: s.server.clone(),
@@ -718,6 +768,7 @@ impl Context<'_> {
             compress,
             merge,
             encryption,
+            passphrase,
         })
     }
 
@@ -738,6 +789,26 @@ impl Context<'_> {
             );
         }
         Ok(ConfiguredKey { key, file })
+    }
+
+    /// The passphrase in `file` (relative to the file's directory), read and checked
+    /// as `--passphrase-file` reads it: missing, empty or too long is the file's error
+    /// (its text never shown); a file group or others may read is used with a warning.
+    /// Only read: the replica's salt is asked for, and the key derived, when a unit
+    /// using it starts.
+    fn passphrase(&self, file: &Path) -> Result<ConfiguredPassphrase, String> {
+        let file = self.path(file);
+        let (passphrase, mode) = crate::crypt::read_passphrase_file(&file)
+            .map_err(|e| format!("passphrase_file {}: {e}", file.display()))?;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "the passphrase file {} may be read by other users (mode {mode:04o}): whoever \
+                 reads it reads every version made with it; chmod 600 {}",
+                file.display(),
+                file.display()
+            );
+        }
+        Ok(ConfiguredPassphrase { passphrase, file })
     }
 
     fn target(&self, to: &Destination, s: &EntrySettings) -> Result<Target, String> {
@@ -771,6 +842,7 @@ impl Context<'_> {
                     key_env: key_env.clone(),
                     // The replica's content is the entry's, whatever server keeps it.
                     encryption_key_file: s.encryption_key_file.clone(),
+                    passphrase_file: s.passphrase_file.clone(),
                     ..EntrySettings::default()
                 };
                 // A table with its own server and no key of its own does not borrow
@@ -804,6 +876,17 @@ impl EntrySettings {
         } else {
             (d.key_file.clone(), d.key_env.clone())
         };
+        // The same for the encryption key: an entry naming a key file or a passphrase
+        // takes neither from the defaults (one replica, one way to its key).
+        let (encryption_key_file, passphrase_file) =
+            if self.encryption_key_file.is_some() || self.passphrase_file.is_some() {
+                (
+                    self.encryption_key_file.clone(),
+                    self.passphrase_file.clone(),
+                )
+            } else {
+                (d.encryption_key_file.clone(), d.passphrase_file.clone())
+            };
         EntrySettings {
             server: self.server.clone().or_else(|| d.server.clone()),
             compress: self.compress.or(d.compress),
@@ -812,10 +895,8 @@ impl EntrySettings {
             lww_column: self.lww_column.clone().or_else(|| d.lww_column.clone()),
             key_file,
             key_env,
-            encryption_key_file: self
-                .encryption_key_file
-                .clone()
-                .or_else(|| d.encryption_key_file.clone()),
+            encryption_key_file,
+            passphrase_file,
             wait_idle: self.wait_idle.clone().or_else(|| d.wait_idle.clone()),
             min_interval: self.min_interval.clone().or_else(|| d.min_interval.clone()),
             max_interval: self.max_interval.clone().or_else(|| d.max_interval.clone()),
@@ -979,6 +1060,145 @@ mod tests {
         assert!(e.contains("none.key"), "{e}");
         let e = Config::parse(&text("keys/app.key", "merge = true"), dir.path(), &env).unwrap_err();
         assert!(e.starts_with("4: ") && e.contains("cannot merge"), "{e}");
+    }
+
+    /// `passphrase_file` is read (not stretched) when the file is loaded, relative to
+    /// it, as `--passphrase-file` reads it; with `encryption_key_file` in the same
+    /// entry (or in `[defaults]`) it is refused with the line; an entry naming one
+    /// takes neither from the defaults; missing, empty and too long are the entry's
+    /// errors, never showing the text.
+    #[test]
+    fn a_passphrase_file_is_read_at_load_and_exclusive_with_a_key_file() {
+        let dir = tempfile::TempDir::new().unwrap();
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let key = crate::crypt::new_key().unwrap();
+        std::fs::write(
+            dir.path().join("keys/app.key"),
+            crate::crypt::key_text(&key),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("keys/app.pass"), "a long passphrase \n").unwrap();
+        std::fs::write(dir.path().join("keys/empty.pass"), "\r\n").unwrap();
+        std::fs::write(dir.path().join("keys/long.pass"), "x".repeat(1025)).unwrap();
+        let text = |defaults: &str, extra: &str| {
+            format!(
+                "[defaults]\nwait_idle = \"10s\"\n{defaults}\n\n\
+                 [[push]]\ndatabase = \"/d/a.db\"\nto = [\"acme/a.db\"]\n{extra}\n\n\
+                 [[pull]]\nreplica = \"acme/c.db\"\ninto = \"/d/c.db\"\n"
+            )
+        };
+        let env = |_: &str| None;
+        let stores = |c: &Config| -> Vec<(Option<PathBuf>, Option<Vec<u8>>)> {
+            c.units
+                .values()
+                .map(|u| match u {
+                    Unit::Push {
+                        target: Target::Replica { store, .. },
+                        ..
+                    }
+                    | Unit::Pull { store, .. } => (
+                        store.encryption.as_ref().map(|k| k.file.clone()),
+                        store.passphrase.as_ref().map(|p| p.passphrase.clone()),
+                    ),
+                    _ => panic!("{u:?}"),
+                })
+                .collect()
+        };
+        let pass = dir.path().join("keys/app.pass");
+        let keyf = dir.path().join("keys/app.key");
+        // An entry's passphrase, the defaults' key file for the other entry.
+        let c = Config::parse(
+            &text(
+                "encryption_key_file = \"keys/app.key\"",
+                "passphrase_file = \"keys/app.pass\"",
+            ),
+            dir.path(),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            stores(&c),
+            [
+                (Some(keyf.clone()), None),
+                (None, Some(b"a long passphrase ".to_vec())),
+            ]
+        );
+        let Some(Unit::Push {
+            target: Target::Replica { store, .. },
+            ..
+        }) = c.units.values().nth(1)
+        else {
+            panic!()
+        };
+        let p = store.passphrase.as_ref().unwrap();
+        assert_eq!(p.file, pass);
+        let shown = format!("{p:?} {store:?}");
+        assert!(!shown.contains("long passphrase"), "{shown}");
+        // The defaults' passphrase goes to every entry naming no key.
+        let c = Config::parse(
+            &text("passphrase_file = \"keys/app.pass\"", ""),
+            dir.path(),
+            &env,
+        )
+        .unwrap();
+        assert!(stores(&c).iter().all(|(k, p)| k.is_none() && p.is_some()));
+        // Both in one entry, or in the defaults: refused with the line.
+        let e = Config::parse(
+            &text(
+                "",
+                "encryption_key_file = \"keys/app.key\"\npassphrase_file = \"keys/app.pass\"",
+            ),
+            dir.path(),
+            &env,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with(
+                "5: [[push]] /d/a.db: give encryption_key_file or passphrase_file, not both"
+            ),
+            "{e}"
+        );
+        let e = Config::parse(
+            &text(
+                "encryption_key_file = \"keys/app.key\"\npassphrase_file = \"keys/app.pass\"",
+                "",
+            ),
+            dir.path(),
+            &env,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("1: [defaults]: give encryption_key_file or passphrase_file, not both"),
+            "{e}"
+        );
+        // Missing, empty, too long; and merge with a passphrase.
+        for (file, phrase) in [
+            ("keys/none.pass", "cannot read the passphrase file"),
+            ("keys/empty.pass", "holds no passphrase"),
+            ("keys/long.pass", "more than 1024 bytes"),
+        ] {
+            let e = Config::parse(
+                &text("", &format!("passphrase_file = \"{file}\"")),
+                dir.path(),
+                &env,
+            )
+            .unwrap_err();
+            assert!(
+                e.starts_with("5: [[push]] /d/a.db: passphrase_file "),
+                "{e}"
+            );
+            assert!(e.contains(phrase) && !e.contains("xxxx"), "{e}");
+        }
+        let e = Config::parse(
+            &text("", "passphrase_file = \"keys/app.pass\"\nmerge = true"),
+            dir.path(),
+            &env,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("5: ") && e.contains("merge = true with passphrase_file"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -278,8 +278,9 @@ fn session(
             // replica's key, and a side (a server) that keeps no encrypted replica.
             return Err(Error::Auth(
                 "the origin sealed its pages (an encrypted replica), and this side has no \
-                 key to open them (--encryption-key-file, or SQLFERRY_ENCRYPTION_KEY) and \
-                 keeps no sealed pages; nothing was written"
+                 key to open them (--encryption-key-file, --passphrase-file or \
+                 SQLFERRY_ENCRYPTION_KEY; in a daemon entry encryption_key_file or \
+                 passphrase_file) and keeps no sealed pages; nothing was written"
                     .into(),
             ));
         }

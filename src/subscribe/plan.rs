@@ -608,7 +608,10 @@ impl PushAction for ClientPush {
             let mut p = pusher.lock().await;
             p.message = message;
             p.trigger = trigger.as_str();
-            let report = p.push(crate::remote::no_progress()).await?;
+            let report = match p.push(crate::remote::no_progress()).await {
+                Ok(report) => report,
+                Err(e) => return Err(rekeyed(&p, e).await),
+            };
             let o = report.outcome;
             let merged = o.merged.as_ref().map(|m| super::push::MergedPush {
                 base: m.result.base,
@@ -630,6 +633,42 @@ impl PushAction for ClientPush {
                 merged,
             })
         }
+    }
+}
+
+/// A sealed push refused for its key (an auth error) because someone else rekeyed the
+/// replica since this subscriber chose its key: said as such, with what to do, since
+/// retrying cannot mend it (the push subscriber stops on an auth error; a daemon unit
+/// tries again with backoff and is refused the same way until its entry's key changes).
+/// Told by the replica's versions: the latest is sealed with another key id, and an
+/// earlier one with this key's. Any other error, or one the versions cannot explain
+/// (or cannot be listed), passes as it is.
+async fn rekeyed(p: &Pusher, e: Error) -> Error {
+    let Some(ours) = p.encryption.as_ref().map(|k| k.id().to_string()) else {
+        return e;
+    };
+    if e.kind() != crate::ErrorKind::Auth {
+        return e;
+    }
+    let Ok(versions) = p.server.versions(&p.replica, p.key.as_deref()).await else {
+        return e;
+    };
+    let Some(latest) = versions.last() else {
+        return e;
+    };
+    let ours_before = versions
+        .iter()
+        .any(|v| v.encryption.as_deref() == Some(ours.as_str()));
+    match &latest.encryption {
+        Some(theirs) if *theirs != ours && ours_before => Error::Auth(format!(
+            "{} was rekeyed: its latest version {} is sealed with key id {theirs}, and this \
+             subscriber seals with key id {ours}, the key of its versions before the rekey, \
+             which can no longer push to it; start it again with the new key \
+             (--encryption-key-file or --passphrase-file; in a daemon entry, change \
+             encryption_key_file or passphrase_file and reload); nothing was pushed",
+            p.replica, latest.number
+        )),
+        _ => e,
     }
 }
 

@@ -330,14 +330,16 @@ impl PushSubscriber {
                         }
                         Err(e) => {
                             schedule.push_failed(t);
+                            // A refused key ends the subscriber (below): no retry to announce.
+                            let refused = e.kind() == ErrorKind::Auth;
                             let next = match schedule.planned() {
-                                _ if shutdown_deadline.is_some() => NextPush::Stopping,
+                                _ if shutdown_deadline.is_some() || refused => NextPush::Stopping,
                                 Some((at, Trigger::Retry)) => NextPush::RetryIn(at.saturating_sub(t)),
                                 _ => NextPush::AtNextChange,
                             };
                             emit(Event::PushFailed { trigger, error: e.to_string(), next });
                             // A refused key is not mended by retrying.
-                            if e.kind() == ErrorKind::Auth {
+                            if refused {
                                 return Err(e);
                             }
                             last_failure = Some(e);

@@ -563,3 +563,153 @@ fn encrypted_subscribers_of_the_embedded_store() {
         "the embedded store holds plaintext"
     );
 }
+
+/// After someone else's `rekey`, a push subscriber with the old key (a key file) and a
+/// daemon push unit with the old passphrase are refused at their next push, and say
+/// the replica was rekeyed and what to do: the subscriber stops (exit 5) after one
+/// refusal, the unit tries again later each time (backoff); nothing is pushed.
+#[test]
+fn push_subscribers_after_someone_elses_rekey_say_so_and_do_not_spin() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let mut m = Machine::new(dir.path(), "origin");
+    m.set_env("SQLFERRY_KEY", &server.admin_key);
+    let db = marked_writer_db(&m);
+    std::fs::create_dir_all(m.path("b")).expect("mkdir");
+    let b_db = marked_writer_db(&Machine::new(dir.path(), "scratch"));
+    std::fs::copy(&b_db, m.path("b/app.db")).expect("copy");
+    let b_db = m.path("b/app.db");
+    let key = keygen(&m, "old.key");
+    let old_id = read_key(&key).id().to_string();
+    let pass = crate::passphrase::passphrase_file(&m, "old.pass", "the old passphrase");
+    let kf = key.to_str().expect("UTF-8");
+    let pf = pass.to_str().expect("UTF-8");
+    ok(
+        &m,
+        &server,
+        &["push", "app.db", REPLICA, "--encryption-key-file", kf],
+    );
+    let out = ok(
+        &m,
+        &server,
+        &[
+            "push",
+            "b/app.db",
+            "acme/b.db",
+            "--passphrase-file",
+            pf,
+            "--json",
+        ],
+    );
+    let pushed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let old_pass_id = pushed["encryption_key_id"].as_str().expect("id").to_owned();
+
+    let mut sub = Subscriber::start(
+        &m,
+        &[
+            "push",
+            "app.db",
+            REPLICA,
+            "--server",
+            &server.url,
+            "--subscribe",
+            "--wait-idle",
+            "10s",
+            "--max-changes",
+            "1",
+            "--poll",
+            "1s",
+            "--encryption-key-file",
+            kf,
+        ],
+    );
+    sub.expect(&["push (start): no change, still version 1"]);
+    std::fs::write(
+        m.path("sqlferry.toml"),
+        format!(
+            "[defaults]\nserver = \"{}\"\nkey_env = \"SQLFERRY_KEY\"\nwait_idle = \"10s\"\n\
+             max_changes = 1\npoll = \"1s\"\n\n[[push]]\ndatabase = \"b/app.db\"\n\
+             to = [\"acme/b.db\"]\npassphrase_file = \"old.pass\"\n",
+            server.url
+        ),
+    )
+    .expect("write the config");
+    let mut daemon = Subscriber::start(&m, &["daemon", "--config", "sqlferry.toml"]);
+    daemon.expect(&["b/app.db -> acme/b.db on ", "push (start): no change"]);
+
+    // Another machine rekeys both replicas.
+    let admin = Machine::new(dir.path(), "admin");
+    let new_key = keygen(&admin, "new.key");
+    let new_id = read_key(&new_key).id().to_string();
+    let akey = admin.path("old.key");
+    std::fs::copy(&key, &akey).expect("copy the key");
+    let apass = crate::passphrase::passphrase_file(&admin, "old.pass", "the old passphrase");
+    let anew = crate::passphrase::passphrase_file(&admin, "new.pass", "the new passphrase");
+    let s = |p: &Path| p.to_str().expect("UTF-8").to_owned();
+    ok(
+        &admin,
+        &server,
+        &[
+            "rekey",
+            REPLICA,
+            "--encryption-key-file",
+            &s(&akey),
+            "--new-key-file",
+            &s(&new_key),
+        ],
+    );
+    ok(
+        &admin,
+        &server,
+        &[
+            "rekey",
+            "acme/b.db",
+            "--passphrase-file",
+            &s(&apass),
+            "--new-passphrase-file",
+            &s(&anew),
+        ],
+    );
+
+    // The subscriber's next push: refused once, said so, and it stops with exit 5.
+    crate::subscribe::commit_rows(&db, 1..=1);
+    let line = sub.expect(&["push (changes) failed: ", "was rekeyed"]);
+    assert!(line.ends_with("not retried: stopping"), "{line}");
+    for part in [old_id.as_str(), &new_id, "start it again with the new key"] {
+        assert!(line.contains(part), "{part}: {line}");
+    }
+    assert_eq!(sub.wait(), EXIT_AUTH, "{}", sub.output());
+    assert!(
+        sub.output().matches("was rekeyed").count() <= 2,
+        "{}",
+        sub.output()
+    );
+
+    // The daemon's unit: refused, said so, and tried again later each time.
+    crate::subscribe::commit_rows(&b_db, 1..=1);
+    let unit = "b/app.db -> acme/b.db on ";
+    let first = daemon.expect(&[
+        unit,
+        ": failed: with the key of passphrase_file",
+        &old_pass_id,
+        "was rekeyed",
+        "start it again with the new key",
+        "starting again in",
+    ]);
+    let second = daemon.expect(&[unit, ": failed: ", "was rekeyed"]);
+    let third = daemon.expect(&[unit, ": failed: ", "was rekeyed"]);
+    let wait = crate::daemon_passphrase::wait;
+    assert!(wait(&second) >= wait(&first), "{first}\n{second}");
+    assert!(wait(&third) >= wait(&second), "{second}\n{third}");
+    assert!(wait(&third) >= Duration::from_secs(1), "{third}");
+    daemon.stop();
+
+    // Nothing was pushed: version 2 (the rekey) is the latest of each.
+    for replica in [REPLICA, "acme/b.db"] {
+        let out = ok(&admin, &server, &["versions", replica, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("versions JSON");
+        let text = v.to_string();
+        assert!(text.contains("\"number\":2"), "{text}");
+        assert!(!text.contains("\"number\":3"), "{text}");
+    }
+}

@@ -8,6 +8,9 @@
 //!   and what it sends.
 //! - `daemon`: `sqlferry daemon` with a configuration of several databases, copies and
 //!   a watched directory, a real server, SIGHUP reloads, systemd's notify socket.
+//! - `daemon_passphrase`: the daemon's `passphrase_file`: push and pull units of a
+//!   passphrase replica (a server and the embedded store), pull units without the
+//!   right key backing off with their databases untouched, both keys refused.
 //! - `cli`: exit codes, error lines and untouched files for bad input; help texts.
 //! - `live`: real second processes writing the origin, reading the replica, or killing a
 //!   push half-way.
@@ -106,6 +109,7 @@
 mod chunked;
 mod cli;
 mod daemon;
+mod daemon_passphrase;
 mod dashboard;
 mod encrypted;
 mod encrypted_subscribe;

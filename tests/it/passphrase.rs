@@ -22,7 +22,7 @@ const EXIT_AUTH: i32 = 5;
 const PASSPHRASE: &str = "correct horse battery staple";
 
 /// A passphrase file `name` on `m` holding `text` and a newline, mode 0600.
-fn passphrase_file(m: &Machine, name: &str, text: &str) -> PathBuf {
+pub(crate) fn passphrase_file(m: &Machine, name: &str, text: &str) -> PathBuf {
     let path = m.path(name);
     std::fs::write(&path, format!("{text}\n")).expect("write the passphrase file");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -505,4 +505,178 @@ fn subscribers_push_and_pull_with_a_passphrase() {
     assert_eq!(notes(&sub_db), (2000, "again".into()));
     assert_eq!(again.stop(), 0, "{}", again.output());
     sub.stop();
+}
+
+/// The passphrase salts (salt and cost) kept in `dir`'s files: every replica file
+/// holding a `passphrase` table, read as the store reads it.
+fn stored_salts(dir: &Path) -> Vec<(Vec<u8>, u32, u32, u32)> {
+    let mut salts = Vec::new();
+    for file in util::files_under(dir) {
+        let Ok(conn) = rusqlite::Connection::open_with_flags(
+            &file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        ) else {
+            continue;
+        };
+        let Ok(mut rows) = conn
+            .prepare("SELECT salt, memory_kib, passes, lanes FROM passphrase")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+        else {
+            continue;
+        };
+        salts.append(&mut rows);
+    }
+    salts
+}
+
+/// A rekey from one passphrase straight to another keeps the replica's one salt: the
+/// new key is the new passphrase stretched with it (docs/security.md, "Per replica,
+/// not per key epoch"), and the versions before and after it each open with their own
+/// passphrase, and only with it.
+#[test]
+fn a_rekey_to_a_new_passphrase_keeps_the_replicas_salt() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let store = Store::Server(&server);
+    let origin = Machine::new(dir.path(), "origin");
+    let db = marked_db(&origin.work);
+    let pass = passphrase_file(&origin, "pass.txt", PASSPHRASE);
+    let first = ok(
+        &store,
+        &origin,
+        &["push", "app.db", REPLICA, "--passphrase-file", s(&pass)],
+        "the first passphrase push",
+    );
+    let pass_id = first.0["encryption_key_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let salts = stored_salts(&store.files());
+    assert_eq!(salts.len(), 1, "one salt, kept with the replica");
+    let (salt, memory_kib, passes, lanes) = salts[0].clone();
+    let salted = sqlferry::crypt::PassphraseSalt {
+        salt: salt.as_slice().try_into().expect("16 bytes"),
+        cost: sqlferry::crypt::PassphraseCost {
+            memory_kib,
+            passes,
+            lanes,
+        },
+    };
+    assert_eq!(
+        salted
+            .derive(PASSPHRASE.as_bytes())
+            .expect("stretch")
+            .id()
+            .to_string(),
+        pass_id
+    );
+    let v1_digest = util::digest(&db);
+
+    let new_text = "another passphrase, after the rekey";
+    let pass2 = passphrase_file(&origin, "pass2.txt", new_text);
+    let rekeyed = ok(
+        &store,
+        &origin,
+        &[
+            "rekey",
+            REPLICA,
+            "--passphrase-file",
+            s(&pass),
+            "--new-passphrase-file",
+            s(&pass2),
+        ],
+        "the rekey to a new passphrase",
+    );
+    assert_eq!(rekeyed.u64("version"), 2);
+    let pass2_id = rekeyed.0["encryption_key_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // The same salt, one row, and the new key is the new passphrase under it.
+    assert_eq!(stored_salts(&store.files()), salts);
+    assert_eq!(
+        salted
+            .derive(new_text.as_bytes())
+            .expect("stretch")
+            .id()
+            .to_string(),
+        pass2_id
+    );
+    // The origin follows the rekeyed version (same content: a pull, as documented),
+    // then a change pushed with the new passphrase is version 3.
+    let followed = ok(
+        &store,
+        &origin,
+        &["pull", REPLICA, "app.db", "--passphrase-file", s(&pass2)],
+        "the origin follows the rekey",
+    );
+    assert_eq!(followed.u64("version"), 2);
+    assert_eq!(util::digest(&db), v1_digest);
+    util::open(&db)
+        .execute(
+            "UPDATE notes SET body = 'after the rekey' WHERE id = 77",
+            [],
+        )
+        .expect("update");
+    let third = ok(
+        &store,
+        &origin,
+        &["push", "app.db", REPLICA, "--passphrase-file", s(&pass2)],
+        "a push with the new passphrase",
+    );
+    assert_eq!(third.u64("version"), 3);
+    assert!(third.u64("pages_sent") <= 4, "{}", third.0);
+
+    // Another machine: each version with its own passphrase, and only with it.
+    let other = Machine::new(dir.path(), "other");
+    let old = passphrase_file(&other, "old.txt", PASSPHRASE);
+    let new = passphrase_file(&other, "new.txt", new_text);
+    for (n, file, id, digest) in [
+        (1, &old, &pass_id, v1_digest.clone()),
+        (2, &new, &pass2_id, v1_digest.clone()),
+        (3, &new, &pass2_id, util::digest(&db)),
+    ] {
+        let into = format!("v{n}.db");
+        let r = ok(
+            &store,
+            &other,
+            &[
+                "pull",
+                &format!("{REPLICA}@{n}"),
+                &into,
+                "--passphrase-file",
+                s(file),
+            ],
+            &format!("version {n} with its passphrase"),
+        );
+        assert_eq!(r.0["encryption_key_id"], id.as_str());
+        let got = other.path(&into);
+        assert_eq!(util::integrity(&got), "ok");
+        assert_eq!(util::digest(&got), digest, "version {n}");
+    }
+    assert_eq!(
+        notes(&other.path("v3.db")),
+        (2000, "after the rekey".into())
+    );
+    for (n, file, needed) in [(1, &new, &pass_id), (3, &old, &pass2_id)] {
+        let into = other.path(&format!("v{n}.db"));
+        let before = std::fs::read(&into).expect("read");
+        let out = store.run(
+            &other,
+            &[
+                "pull",
+                &format!("{REPLICA}@{n}"),
+                s(&into),
+                "--force",
+                "--passphrase-file",
+                s(file),
+            ],
+            &[],
+        );
+        assert_fails(&out, EXIT_AUTH, needed);
+        assert_eq!(std::fs::read(&into).expect("read"), before);
+    }
 }
