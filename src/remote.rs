@@ -7,7 +7,7 @@
 //!   ([`crate::store::s3::S3Store`]) used in-process over the same engine, through the
 //!   one store interface ([`AnyStore`]); its credentials are the `AWS_*` variables, its
 //!   cache of pack indexes is under the XDG cache dir. What it cannot do yet (merges,
-//!   encrypted replicas, subscribers, sync-now) is refused by name before anything is
+//!   subscribers, sync-now) is refused by name before anything is
 //!   written.
 //! - A `sqlferry serve` server: `ws://host:port` or `wss://host:port` (rustls, no
 //!   OpenSSL; the `tls` module says which certificates are trusted). The key travels only
@@ -563,9 +563,6 @@ impl Server {
         if request.merge.is_some() {
             self.refuse_on_s3("push --merge")?;
         }
-        if request.encryption.is_some() {
-            self.refuse_on_s3("encrypted replicas (an encryption key)")?;
-        }
         // An S3 store is opened (and checked) before LOCAL is read: a wrong endpoint,
         // credentials or bucket is said at once.
         let in_process = match self {
@@ -1107,9 +1104,6 @@ impl Server {
     where
         T: PageTarget + Send + 'static,
     {
-        if encryption.is_some() {
-            self.refuse_on_s3("encrypted replicas (an encryption key)")?;
-        }
         let keys = encryption.cloned();
         let ids = keys.as_ref().map(Keys::ids).unwrap_or_default();
         // The key of those given that the version names (`pick_key`), once known.

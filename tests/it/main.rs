@@ -131,6 +131,7 @@ mod s3_fence;
 mod s3_gc;
 mod s3_index;
 mod s3_lost;
+mod s3_sealed;
 mod s3_serve;
 mod s3_store;
 mod scale_out;
