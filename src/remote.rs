@@ -350,15 +350,19 @@ impl Server {
     /// The passphrase salt and cost `replica` keeps (`None`: it has none, or does not
     /// exist yet), checked as a client stretches with it (a cost within the maximum and
     /// not below the default, [`crate::crypt::PassphraseCost::check`]). A server too old
-    /// to keep one is refused, before anything is derived or sent.
+    /// to keep one is refused, before anything is derived or sent. `making`: for a push,
+    /// which may make the replica (an S3 store is then opened as a push opens it, its
+    /// marker made if absent, so a first push into a new bucket or prefix is not
+    /// refused as holding no store).
     pub async fn passphrase(
         &self,
         replica: &ReplicaPath,
         key: Option<&str>,
+        making: bool,
     ) -> Result<Option<crate::crypt::PassphraseSalt>> {
         let salted = match self {
             Server::Embedded(_) | Server::S3 { .. } => {
-                let (store, r) = (self.local_store(false).await?, replica.clone());
+                let (store, r) = (self.local_store(making).await?, replica.clone());
                 blocking(move || store.passphrase(&r)).await?
             }
             Server::Ws { url, .. } => {
