@@ -2254,5 +2254,16 @@ mod tests {
         unsorted[IDX_MAGIC.len() + 4] = 3; // the first hash now sorts after the second
         assert!(parse_idx(&unsorted).unwrap_err().contains("sorted"));
         assert!(parse_idx(b"not an index").is_err());
+
+        // A sealed pack's index: the same entries, each with its sum.
+        let mut sealed = IDX_SEALED_MAGIC.to_vec();
+        sealed.extend_from_slice(&1u32.to_be_bytes());
+        sealed.extend_from_slice(&[1u8; 32]);
+        sealed.extend_from_slice(&0u64.to_be_bytes());
+        sealed.extend_from_slice(&4124u32.to_be_bytes());
+        sealed.extend_from_slice(&[9u8; 32]);
+        let entries = parse_idx(&sealed).expect("a whole sealed index");
+        assert_eq!(entries, vec![([1u8; 32], 0, 4124, Some([9u8; 32]))]);
+        assert!(parse_idx(&sealed[..sealed.len() - 1]).is_err(), "cut short");
     }
 }
