@@ -188,7 +188,9 @@ fn s(p: &Path) -> &str {
 }
 
 /// Everything a user does with a replica encrypted by key files, on one target.
-fn key_file_round_trip(target: Target) {
+/// `meta`: the PostgreSQL database of a `serve --meta`, whose dump must hold no marker
+/// and the key id of every version.
+fn key_file_round_trip(target: Target, meta: Option<&str>) {
     let location = target.location().to_owned();
     let dir = TempDir::new().expect("tempdir");
     let m = Machine::new(dir.path(), "origin");
@@ -201,10 +203,12 @@ fn key_file_round_trip(target: Target) {
     );
     let (af, bf) = (s(&a_file), s(&b_file));
 
-    // Version 1 with key A.
+    // Version 1 with key A, and a commit message that carries the marker too (it
+    // travels only inside the seal).
+    let message = format!("{MARKER} in a commit message");
     let first = target.ok(
         &m,
-        &["push", "app.db", REPLICA, "--encryption-key-file", af],
+        &["push", "app.db", REPLICA, "-m", &message, "--encryption-key-file", af],
         "the keyed push",
     );
     assert_eq!(first.u64("version"), 1);
@@ -417,6 +421,17 @@ fn key_file_round_trip(target: Target) {
         util::stdout(&out)
     );
     assert_eq!(std::fs::read(&dest).expect("read"), before, "LOCAL unchanged");
+
+    // PostgreSQL holds no marker, and the key id of each version.
+    if let Some(url) = meta {
+        let dump = postgres::shared().dump(url.rsplit('/').next().expect("a database name"));
+        assert!(
+            !dump.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+            "the marker in the PostgreSQL dump"
+        );
+        let text = String::from_utf8_lossy(&dump);
+        assert!(text.contains(&a_id) && text.contains(&b_id), "the key ids in the index");
+    }
 }
 
 #[test]
@@ -425,12 +440,12 @@ fn a_key_file_replica_through_a_server_over_s3_with_meta() {
     let location = new_location();
     let meta = postgres::shared().database();
     let server = s3_server(dir.path(), "s3", &location, &["--meta", &meta], None);
-    key_file_round_trip(Target::Serve(server, location));
+    key_file_round_trip(Target::Serve(server, location), Some(&meta));
 }
 
 #[test]
 fn a_key_file_replica_in_the_embedded_store_over_s3() {
-    key_file_round_trip(Target::Embedded(new_location()));
+    key_file_round_trip(Target::Embedded(new_location()), None);
 }
 
 /// A passphrase file `name` on `m` holding `text` and a newline, mode 0600.
