@@ -1404,7 +1404,10 @@ impl VersionWriter {
             ));
         }
         let latest = match &self.latest {
-            Some(l) => Some((l.number, sealing_of(&self.conn, &self.file, l.number)?.map(|(id, _)| id))),
+            Some(l) => Some((
+                l.number,
+                sealing_of(&self.conn, &self.file, l.number)?.map(|(id, _)| id),
+            )),
             None => None,
         };
         check_key_ids(

@@ -599,7 +599,9 @@ impl S3Store {
             (VERSION_FORMAT, false) => {}
             (SEALED_VERSION_FORMAT, true) => {
                 if v.encryption_key_id.is_none() || v.seal.is_none() {
-                    return Err(bad("an encrypted version without its key id or its seal".into()));
+                    return Err(bad(
+                        "an encrypted version without its key id or its seal".into()
+                    ));
                 }
             }
             (VERSION_FORMAT | SEALED_VERSION_FORMAT, _) => {
@@ -916,7 +918,10 @@ impl S3Store {
     /// The passphrase salt and cost `replica` keeps (its object
     /// `replicas/<path>/passphrase.json`, [`PassphraseObject`]); `None` when it has
     /// none.
-    pub fn passphrase(&self, replica: &ReplicaPath) -> Result<Option<crate::crypt::PassphraseSalt>> {
+    pub fn passphrase(
+        &self,
+        replica: &ReplicaPath,
+    ) -> Result<Option<crate::crypt::PassphraseSalt>> {
         let key = passphrase_key(replica);
         let Some(bytes) = self.get(key.clone())? else {
             return Ok(None);

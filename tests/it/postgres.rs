@@ -263,7 +263,15 @@ impl Postgres {
     /// `pg_dump` of database `db`: every row of every table, as SQL text.
     pub fn dump(&self, db: &str) -> Vec<u8> {
         let out = Command::new(self.bin.join("pg_dump"))
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &self.port.to_string(), db])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+                &self.port.to_string(),
+                db,
+            ])
             .stdin(Stdio::null())
             .output()
             .expect("run pg_dump");

@@ -42,7 +42,7 @@ const SEAL_OVERHEAD: u64 = 28;
 /// Where the commands of a test reach the S3 store.
 enum Target {
     /// A `serve --store s3://…`.
-    Serve(TestServer, String),
+    Serve(Box<TestServer>, String),
     /// The embedded store over S3: `--server s3://…`.
     Embedded(String),
 }
@@ -118,14 +118,7 @@ fn objects(location: &str) -> Vec<(String, Vec<u8>)> {
         .into_iter()
         .map(|meta| {
             let bytes = rt
-                .block_on(async {
-                    store
-                        .get(&meta.location)
-                        .await
-                        .expect("get")
-                        .bytes()
-                        .await
-                })
+                .block_on(async { store.get(&meta.location).await.expect("get").bytes().await })
                 .expect("read an object");
             let name = meta.location.to_string();
             let name = name
@@ -208,7 +201,15 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
     let message = format!("{MARKER} in a commit message");
     let first = target.ok(
         &m,
-        &["push", "app.db", REPLICA, "-m", &message, "--encryption-key-file", af],
+        &[
+            "push",
+            "app.db",
+            REPLICA,
+            "-m",
+            &message,
+            "--encryption-key-file",
+            af,
+        ],
         "the keyed push",
     );
     assert_eq!(first.u64("version"), 1);
@@ -229,15 +230,27 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
         .filter(|(n, _)| n.ends_with(".idx"))
         .map(|(_, b)| b)
         .collect();
-    assert_eq!(idx.len(), 1, "one pack: {:?}", all.iter().map(|o| &o.0).collect::<Vec<_>>());
+    assert_eq!(
+        idx.len(),
+        1,
+        "one pack: {:?}",
+        all.iter().map(|o| &o.0).collect::<Vec<_>>()
+    );
     for bytes in &idx {
         assert!(bytes.starts_with(magic), "a sealed pack's index");
         let entries = &bytes[magic.len() + 4..];
         assert_eq!(entries.len() % (32 + 8 + 4 + 32), 0);
         for e in entries.chunks_exact(32 + 8 + 4 + 32) {
-            assert!(!hashes.iter().any(|h| h[..] == e[..32]), "a page hash stored");
+            assert!(
+                !hashes.iter().any(|h| h[..] == e[..32]),
+                "a page hash stored"
+            );
             let len = u32::from_be_bytes(e[40..44].try_into().expect("4 bytes"));
-            assert_eq!(u64::from(len), 4096 + SEAL_OVERHEAD, "stored sealed, uncompressed");
+            assert_eq!(
+                u64::from(len),
+                4096 + SEAL_OVERHEAD,
+                "stored sealed, uncompressed"
+            );
         }
     }
     let v1: serde_json::Value = serde_json::from_slice(
@@ -273,11 +286,22 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
     let (dest, before) = existing_dest(&other.work);
     let out = target.run(
         &other,
-        &["pull", REPLICA, s(&dest), "--force", "--encryption-key-file", bf],
+        &[
+            "pull",
+            REPLICA,
+            s(&dest),
+            "--force",
+            "--encryption-key-file",
+            bf,
+        ],
     );
     let line = assert_fails(&out, EXIT_AUTH, &a_id);
     assert!(line.contains(&b_id), "{line}");
-    assert_eq!(std::fs::read(&dest).expect("read"), before, "LOCAL unchanged");
+    assert_eq!(
+        std::fs::read(&dest).expect("read"),
+        before,
+        "LOCAL unchanged"
+    );
 
     // A 1% change (400 of 40,000 rows, side by side): about 1% of the pages sent and
     // uploaded.
@@ -310,7 +334,11 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
         .filter(|(n, _)| n.ends_with(".pack"))
         .map(|(_, l)| *l as u64)
         .sum();
-    assert_eq!(pack, sent * (4096 + SEAL_OVERHEAD), "only the pages sent: {new:?}");
+    assert_eq!(
+        pack,
+        sent * (4096 + SEAL_OVERHEAD),
+        "only the pages sent: {new:?}"
+    );
     let uploaded: u64 = new.iter().map(|(_, l)| *l as u64).sum();
     assert!(
         uploaded * 20 < total * 4096,
@@ -345,10 +373,20 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
     util::create(&m.path("plain.db"), 4096, util::Mode::Wal)
         .execute_batch("CREATE TABLE plain(x); INSERT INTO plain VALUES ('plain');")
         .expect("a plaintext database");
-    target.ok(&m, &["push", "plain.db", "acme/plain.db"], "a plaintext push");
+    target.ok(
+        &m,
+        &["push", "plain.db", "acme/plain.db"],
+        "a plaintext push",
+    );
     let out = target.run(
         &m,
-        &["push", "plain.db", "acme/plain.db", "--encryption-key-file", af],
+        &[
+            "push",
+            "plain.db",
+            "acme/plain.db",
+            "--encryption-key-file",
+            af,
+        ],
     );
     assert_fails(&out, EXIT_AUTH, "is not encrypted");
 
@@ -411,7 +449,14 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
     let (dest, before) = existing_dest(&m.work);
     let out = target.run(
         &m,
-        &["pull", REPLICA, s(&dest), "--force", "--encryption-key-file", bf],
+        &[
+            "pull",
+            REPLICA,
+            s(&dest),
+            "--force",
+            "--encryption-key-file",
+            bf,
+        ],
     );
     assert_eq!(
         util::code(&out),
@@ -420,7 +465,11 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
         util::stderr(&out),
         util::stdout(&out)
     );
-    assert_eq!(std::fs::read(&dest).expect("read"), before, "LOCAL unchanged");
+    assert_eq!(
+        std::fs::read(&dest).expect("read"),
+        before,
+        "LOCAL unchanged"
+    );
 
     // PostgreSQL holds no marker, and the key id of each version.
     if let Some(url) = meta {
@@ -430,7 +479,10 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
             "the marker in the PostgreSQL dump"
         );
         let text = String::from_utf8_lossy(&dump);
-        assert!(text.contains(&a_id) && text.contains(&b_id), "the key ids in the index");
+        assert!(
+            text.contains(&a_id) && text.contains(&b_id),
+            "the key ids in the index"
+        );
     }
 }
 
@@ -440,7 +492,7 @@ fn a_key_file_replica_through_a_server_over_s3_with_meta() {
     let location = new_location();
     let meta = postgres::shared().database();
     let server = s3_server(dir.path(), "s3", &location, &["--meta", &meta], None);
-    key_file_round_trip(Target::Serve(server, location), Some(&meta));
+    key_file_round_trip(Target::Serve(Box::new(server), location), Some(&meta));
 }
 
 #[test]
@@ -523,10 +575,21 @@ fn passphrase_round_trip(target: Target) {
     let (dest, before) = existing_dest(&other.work);
     let out = target.run(
         &other,
-        &["pull", REPLICA, s(&dest), "--force", "--passphrase-file", s(&wrong)],
+        &[
+            "pull",
+            REPLICA,
+            s(&dest),
+            "--force",
+            "--passphrase-file",
+            s(&wrong),
+        ],
     );
     assert_fails(&out, EXIT_AUTH, "--passphrase-file");
-    assert_eq!(std::fs::read(&dest).expect("read"), before, "LOCAL unchanged");
+    assert_eq!(
+        std::fs::read(&dest).expect("read"),
+        before,
+        "LOCAL unchanged"
+    );
 }
 
 #[test]
@@ -534,7 +597,7 @@ fn a_passphrase_replica_through_a_server_over_s3() {
     let dir = TempDir::new().expect("tempdir");
     let location = new_location();
     let server = s3_server(dir.path(), "s3", &location, &[], None);
-    passphrase_round_trip(Target::Serve(server, location));
+    passphrase_round_trip(Target::Serve(Box::new(server), location));
 }
 
 #[test]
