@@ -79,7 +79,7 @@
 //!   the version object), pulled on another machine, a wrong key (exit 5, LOCAL
 //!   unchanged), a 1% change sending and uploading about 1% of the pages, mixes and
 //!   a stale sealed base refused with the bucket unchanged, a rekey with old and new
-//!   versions pulled, `verify REMOTE` passing and finding a flipped pack byte (exit 7);
+//!   versions pulled, retention and a sweep after it, `verify REMOTE` passing and finding a flipped pack byte (exit 7);
 //!   a passphrase's salt object written once, a pull with the passphrase, a wrong one
 //!   refused.
 //! - `s3_gc`: retention and garbage collection over `serve --store s3://…`: versions

@@ -10,7 +10,8 @@
 //! another key without a rekey, a keyed push to a plaintext replica (exit 5) and a
 //! sealed push from a stale base, forced or not (exit 6), are refused with the bucket
 //! unchanged; `rekey` makes the next version under a new key and old and new versions
-//! both pull with their own key; `verify REMOTE` with the key passes, and finds a
+//! both pull with their own key; retention and a sweep remove the old key's versions
+//! and packs and the latest still pulls; `verify REMOTE` with the key passes, and finds a
 //! flipped byte of a sealed pack object (exit 7), as a pull does. With a passphrase:
 //! the first push writes the replica's salt object, another machine pulls with the
 //! passphrase, and a wrong one exits 5.
@@ -30,7 +31,7 @@ use crate::postgres;
 use crate::s3_serve::{aws_env, new_location, s3_server};
 use crate::sealed::{MARKER, existing_dest};
 use crate::seaweed::{self, ACCESS_KEY, SECRET_KEY};
-use crate::server::{EXIT_CONFLICT, Machine, Report, TestServer, assert_fails};
+use crate::server::{EXIT_CONFLICT, EXIT_NOT_FOUND, Machine, Report, TestServer, assert_fails};
 use crate::util;
 
 const REPLICA: &str = "acme/app.db";
@@ -426,6 +427,54 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
     let line = assert_fails(&out, EXIT_AUTH, &b_id);
     assert!(line.contains(&a_id), "{line}");
 
+    // Retention keeps the last version only: versions 1 and 2 (key A) become
+    // tombstones, and a server's sweep (grace 0 s) deletes the packs only they name,
+    // keeping the rekey's; the latest still pulls with B, version 1 is refused.
+    let (rekey_pack, len) = objects(&location)
+        .into_iter()
+        .map(|(n, b)| (n, b.len()))
+        .find(|(n, _)| n.ends_with(".pack") && !before_rekey.contains(n))
+        .expect("the rekey's pack");
+    target.ok(
+        &m,
+        &["retention", REPLICA, "--keep-last", "1"],
+        "retention --keep-last 1",
+    );
+    let pruned = target.ok(&m, &["prune", REPLICA], "prune");
+    assert_eq!(
+        pruned.0["removed"],
+        serde_json::json!([1, 2]),
+        "{}",
+        pruned.0
+    );
+    if matches!(target, Target::Serve(..)) {
+        let packs: Vec<String> = objects(&location)
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.ends_with(".pack"))
+            .collect();
+        assert_eq!(packs.len(), 2, "the rekey's and plain.db's: {packs:?}");
+        assert!(packs.contains(&rekey_pack), "{packs:?}");
+    }
+    let after = target.ok(
+        &other,
+        &[
+            "pull",
+            REPLICA,
+            "after-prune.db",
+            "--encryption-key-file",
+            bf,
+        ],
+        "a pull after the prune",
+    );
+    assert_eq!(after.u64("version"), 3);
+    assert_eq!(util::digest(&other.path("after-prune.db")), digest2);
+    let out = target.run(
+        &other,
+        &["pull", &at(1), "gone.db", "--encryption-key-file", af],
+    );
+    assert_eq!(util::code(&out), EXIT_NOT_FOUND, "{}", util::stderr(&out));
+
     // verify REMOTE with the key: the plaintext digest; then a flipped byte of the
     // rekey's sealed pack is found (exit 7), by verify and by a pull (LOCAL unchanged).
     let verified = target.ok(
@@ -435,11 +484,6 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
     );
     assert_eq!(verified.0["digest"], digest2.as_str(), "{}", verified.0);
     assert_eq!(verified.0["integrity"], serde_json::json!(["ok"]));
-    let (rekey_pack, len) = objects(&location)
-        .into_iter()
-        .map(|(n, b)| (n, b.len()))
-        .find(|(n, _)| n.ends_with(".pack") && !before_rekey.contains(n))
-        .expect("the rekey's pack");
     flip(&location, &rekey_pack, len / 2);
     let out = target.run(
         &m,
@@ -491,7 +535,13 @@ fn a_key_file_replica_through_a_server_over_s3_with_meta() {
     let dir = TempDir::new().expect("tempdir");
     let location = new_location();
     let meta = postgres::shared().database();
-    let server = s3_server(dir.path(), "s3", &location, &["--meta", &meta], None);
+    let server = s3_server(
+        dir.path(),
+        "s3",
+        &location,
+        &["--meta", &meta, "--gc-grace", "0s"],
+        None,
+    );
     key_file_round_trip(Target::Serve(Box::new(server), location), Some(&meta));
 }
 
