@@ -9,7 +9,11 @@
 //! The layout, under the store's `s3://BUCKET/PREFIX`:
 //! - `packs/<sha256>.pack`: the new pages of one push, back to back, plain, named by the
 //!   SHA-256 of its bytes; `packs/<sha256>.idx` beside it: its index, sorted by page
-//!   hash ([`IDX_MAGIC`], then hash, offset and length of each page);
+//!   hash ([`IDX_MAGIC`], then hash, offset and length of each page). A sealed push's
+//!   pack (an encrypted replica's) holds its pages as they came, sealed, under their
+//!   identities, and its index is a sealed one ([`IDX_SEALED_MAGIC`]): each entry also
+//!   carries the SHA-256 of the sealed bytes, which every read checks (the store cannot
+//!   open the page to check its identity);
 //! - `chunks/<sha256>`: 1,024 page hashes (the last chunk of a version maybe fewer),
 //!   named by their SHA-256: content-addressed, created only if absent, shared by every
 //!   version and replica that has them;
@@ -17,8 +21,11 @@
 //!   size and count, both digests, message, time, client, key, base, its chunks in
 //!   order and the packs its pages live in. Created with `If-None-Match: *`: the
 //!   commit point, and what decides the race for a version number. Retention replaces
-//!   a removed version's object by its [`Tombstone`] (numbers keep no gaps);
+//!   a removed version's object by its [`Tombstone`] (numbers keep no gaps). An
+//!   encrypted version's ([`SEALED_VERSION_FORMAT`]) also keeps its key id and seal;
 //! - `replicas/<path>/retention.json`: the replica's own retention policy, if any;
+//! - `replicas/<path>/passphrase.json`: an encrypted replica's passphrase salt and cost
+//!   ([`PassphraseObject`]), written once with `If-None-Match: *`;
 //! - [`CLOCK_KEY`]: the sweep's clock (rewritten by each sweep);
 //! - [`MARKER_KEY`]: says the prefix holds a store, and its format (written by the
 //!   first [`S3Store::check`], which a server runs at start).
