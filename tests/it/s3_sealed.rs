@@ -341,6 +341,10 @@ fn key_file_round_trip(target: Target, meta: Option<&str>) {
         "only the pages sent: {new:?}"
     );
     let uploaded: u64 = new.iter().map(|(_, l)| *l as u64).sum();
+    eprintln!(
+        "a 1% change: {sent} of {total} pages sent, {uploaded} bytes uploaded in {} objects",
+        new.len()
+    );
     assert!(
         uploaded * 20 < total * 4096,
         "{uploaded} bytes uploaded for a 1% change: {new:?}"
