@@ -7,7 +7,7 @@
 //!   ([`crate::store::s3::S3Store`]) used in-process over the same engine, through the
 //!   one store interface ([`AnyStore`]); its credentials are the `AWS_*` variables, its
 //!   cache of pack indexes is under the XDG cache dir. What it cannot do yet (merges,
-//!   encrypted replicas, subscribers, sync-now) is refused by name before anything is
+//!   subscribers, sync-now) is refused by name before anything is
 //!   written.
 //! - A `sqlferry serve` server: `ws://host:port` or `wss://host:port` (rustls, no
 //!   OpenSSL; the `tls` module says which certificates are trusted). The key travels only
@@ -350,15 +350,19 @@ impl Server {
     /// The passphrase salt and cost `replica` keeps (`None`: it has none, or does not
     /// exist yet), checked as a client stretches with it (a cost within the maximum and
     /// not below the default, [`crate::crypt::PassphraseCost::check`]). A server too old
-    /// to keep one is refused, before anything is derived or sent.
+    /// to keep one is refused, before anything is derived or sent. `making`: for a push,
+    /// which may make the replica (an S3 store is then opened as a push opens it, its
+    /// marker made if absent, so a first push into a new bucket or prefix is not
+    /// refused as holding no store).
     pub async fn passphrase(
         &self,
         replica: &ReplicaPath,
         key: Option<&str>,
+        making: bool,
     ) -> Result<Option<crate::crypt::PassphraseSalt>> {
         let salted = match self {
             Server::Embedded(_) | Server::S3 { .. } => {
-                let (store, r) = (self.local_store(false).await?, replica.clone());
+                let (store, r) = (self.local_store(making).await?, replica.clone());
                 blocking(move || store.passphrase(&r)).await?
             }
             Server::Ws { url, .. } => {
@@ -562,9 +566,6 @@ impl Server {
         // What the S3 store cannot do is refused before anything is read or written.
         if request.merge.is_some() {
             self.refuse_on_s3("push --merge")?;
-        }
-        if request.encryption.is_some() {
-            self.refuse_on_s3("encrypted replicas (an encryption key)")?;
         }
         // An S3 store is opened (and checked) before LOCAL is read: a wrong endpoint,
         // credentials or bucket is said at once.
@@ -1107,9 +1108,6 @@ impl Server {
     where
         T: PageTarget + Send + 'static,
     {
-        if encryption.is_some() {
-            self.refuse_on_s3("encrypted replicas (an encryption key)")?;
-        }
         let keys = encryption.cloned();
         let ids = keys.as_ref().map(Keys::ids).unwrap_or_default();
         // The key of those given that the version names (`pick_key`), once known.

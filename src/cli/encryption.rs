@@ -132,7 +132,7 @@ pub async fn stretch(
     if passphrases.is_empty() {
         return Ok(Vec::new());
     }
-    let salted = match server.passphrase(replica, key).await? {
+    let salted = match server.passphrase(replica, key, making).await? {
         Some(salted) => salted,
         None if making => crate::crypt::PassphraseSalt::new()?,
         None => {

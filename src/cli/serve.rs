@@ -99,7 +99,7 @@ pushes of every server sharing it: what a push names without having just written
 reads the versions made since it marked before each batch. Without --meta (or for pushes \
 by the embedded client, --server s3://…) the grace alone protects a push: keep it above \
 your longest push. Not with an S3 store yet (refused, saying so): --drill-every, push --merge, \
-encrypted replicas, stored-bytes figures (shown as -); pages travel uncompressed.\n  \
+stored-bytes figures (shown as -); pages travel uncompressed.\n  \
 AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=… sqlferry serve --data /srv/sqlferry --store s3://backups/sqlferry\n  \
 sqlferry serve --data /srv/sqlferry --store s3://backups/sqlferry --s3-endpoint http://127.0.0.1:9000\n\n\
 More examples:\n  \

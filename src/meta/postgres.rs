@@ -145,6 +145,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "the fence between a sweep and the pushes",
         include_str!("migrations/0004_push_fence.sql"),
     ),
+    (
+        5,
+        "the key id of an encrypted version in the versions index",
+        include_str!("migrations/0005_versions_encryption.sql"),
+    ),
 ];
 
 /// How old a server process's heartbeat may be for its subscribers to be shown by the
@@ -891,7 +896,7 @@ async fn notify_in(
 }
 
 /// The columns of a `sqlferry_versions` row, in [`index_row`]'s order.
-const VERSION_COLUMNS: &str = "number, page_size, page_count, digest, digest2, message, created_at, client_id, key_id, base, removed_at";
+const VERSION_COLUMNS: &str = "number, page_size, page_count, digest, digest2, message, created_at, client_id, key_id, base, removed_at, encryption_key_id";
 
 fn index_row(r: &tokio_postgres::Row) -> IndexRow {
     let u = |i: usize| u64::try_from(r.get::<_, i64>(i)).unwrap_or(0);
@@ -907,6 +912,7 @@ fn index_row(r: &tokio_postgres::Row) -> IndexRow {
         key_id: r.get(8),
         base: u(9),
         removed_at: r.get(10),
+        encryption_key_id: r.get(11),
     }
 }
 
@@ -935,8 +941,8 @@ fn lock_timed_out(e: &tokio_postgres::Error) -> bool {
 
 /// The statement that lands a push: its version's row in, its record out, at once.
 const LAND: &str = "WITH gone AS (DELETE FROM sqlferry_pushing WHERE id = $14)
-     INSERT INTO sqlferry_versions(store, replica, number, page_size, page_count, digest, digest2, message, created_at, client_id, key_id, base, removed_at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+     INSERT INTO sqlferry_versions(store, replica, number, page_size, page_count, digest, digest2, message, created_at, client_id, key_id, base, removed_at, encryption_key_id)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $15)
      ON CONFLICT (store, replica, number) DO NOTHING";
 
 /// A push's hold on [`FENCE_LOCK`] (shared), on a pooled connection it keeps until it
@@ -984,6 +990,7 @@ impl PushFence for PgPushFence {
                             &big(r.base),
                             &r.removed_at,
                             &id,
+                            &r.encryption_key_id,
                         ],
                     )
                     .await?;
@@ -1194,7 +1201,7 @@ impl VersionIndex for PgMeta {
             let stmt = tx
                 .prepare(&format!(
                     "INSERT INTO sqlferry_versions(store, replica, {VERSION_COLUMNS})
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
                      ON CONFLICT (store, replica, number) DO NOTHING"
                 ))
                 .await
@@ -1217,6 +1224,7 @@ impl VersionIndex for PgMeta {
                         &r.key_id,
                         &big(r.base),
                         &r.removed_at,
+                        &r.encryption_key_id,
                     ],
                 )
                 .await

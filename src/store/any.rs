@@ -9,7 +9,7 @@
 //! associated types. Retention and pruning dispatch to each store's own (the S3
 //! store's: tombstones and a mark-and-sweep with a grace period, `s3/gc.rs`). What
 //! only the directory store can do (stored-bytes figures, merges, drills, packed
-//! pages, sealed sessions) is
+//! pages) is
 //! reached through [`AnyStore::dir`], which refuses on an S3 store with an error that
 //! names the feature and says "not with an S3 store yet" ([`Error::Usage`]: exit 2 for
 //! a client), never a silent substitute.
@@ -85,15 +85,15 @@ impl AnyStore {
         }
     }
 
-    /// The passphrase salt and cost `replica` keeps; the S3 store keeps no encrypted
-    /// replica, so none.
+    /// The passphrase salt and cost `replica` keeps: a row of its file, or its salt
+    /// object in the bucket ([`S3Store::passphrase`]).
     pub fn passphrase(
         &self,
         replica: &ReplicaPath,
     ) -> Result<Option<crate::crypt::PassphraseSalt>> {
         match self {
             AnyStore::Dir(store) => store.passphrase(replica),
-            AnyStore::S3 { .. } => Ok(None),
+            AnyStore::S3 { store, .. } => store.passphrase(replica),
         }
     }
 
@@ -203,18 +203,20 @@ impl AnyStore {
                 let info = store.resolve(replica, selector)?;
                 Ok((info.number, info.encryption))
             }
-            // The S3 store keeps no encrypted version (a sealed push is refused).
-            AnyStore::S3 { store, .. } => Ok((store.select(replica, selector)?.number, None)),
+            AnyStore::S3 { store, .. } => {
+                let v = store.select(replica, selector)?;
+                Ok((v.number, v.encryption_key_id))
+            }
         }
     }
 
     /// The key id of `replica`'s latest version when it is encrypted
-    /// ([`Store::encryption`]); `None` for a plaintext replica, or one with no version.
-    /// An S3 store keeps no encrypted replica (a sealed push is refused).
+    /// ([`Store::encryption`], [`S3Store::encryption`]); `None` for a plaintext
+    /// replica, or one with no version.
     pub fn encryption(&self, replica: &ReplicaPath) -> Result<Option<String>> {
         match self {
             AnyStore::Dir(store) => store.encryption(replica),
-            AnyStore::S3 { .. } => Ok(None),
+            AnyStore::S3 { store, .. } => store.encryption(replica),
         }
     }
 
@@ -339,11 +341,6 @@ macro_rules! each {
 
 impl PageTarget for AnyWriter {
     fn begin(&mut self, begin: &BeginInfo) -> Result<u32> {
-        if begin.sealed && matches!(self, AnyWriter::S3(_)) {
-            return Err(not_with_s3(
-                "encrypted replicas (a push sealed with the replica's key)",
-            ));
-        }
         each!(self, w => PageTarget::begin(w, begin))
     }
 
@@ -351,14 +348,8 @@ impl PageTarget for AnyWriter {
         each!(self, w => PageTarget::speaks_chunked_digest(w))
     }
 
-    /// An S3 writer says yes only so that a sealed push reaches [`AnyWriter::begin`],
-    /// which refuses it naming the feature (the engine's own refusal would blame a
-    /// missing key).
     fn keeps_sealed(&self) -> bool {
-        match self {
-            AnyWriter::Dir(w) => PageTarget::keeps_sealed(w),
-            AnyWriter::S3(_) => true,
-        }
+        each!(self, w => PageTarget::keeps_sealed(w))
     }
 
     fn keep_seal(&mut self, seal: Vec<u8>) -> Result<()> {
@@ -414,13 +405,10 @@ impl AnyReader {
         each!(self, r => r.info())
     }
 
-    /// For an encrypted version, how the engine relays it ([`VersionReader::relay`]);
-    /// `None` for a plaintext one, and always from an S3 store (it keeps none).
+    /// For an encrypted version, how the engine relays it ([`VersionReader::relay`],
+    /// [`S3VersionReader::relay`]); `None` for a plaintext one.
     pub fn relay(&self) -> Option<crate::engine::Sealing<'static>> {
-        match self {
-            AnyReader::Dir(r) => r.relay(),
-            AnyReader::S3(_) => None,
-        }
+        each!(self, r => r.relay())
     }
 }
 

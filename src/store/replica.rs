@@ -1285,6 +1285,105 @@ impl VersionWriter {
     }
 }
 
+/// The refusals of a push that would mix a plaintext and an encrypted replica or two
+/// keys, and of a sealed push the store cannot keep as its seal says
+/// (`docs/security.md`), the same in every store: a replica is encrypted or not from
+/// its first version on, under one key id that only a rekey from the latest version's
+/// changes (`options.rekey_from`), and a seal names the version number it was made for,
+/// the latest plus one, so a sealed push must be based on the latest version
+/// (`conflict`, forced or not). `latest`: the replica's latest version number and its
+/// key id when it is encrypted; `None` for a new replica. `Ok` when the push may go on.
+pub(crate) fn check_key_ids(
+    replica: &ReplicaPath,
+    sealed: bool,
+    options: &PushOptions,
+    latest: Option<(u64, Option<&str>)>,
+    conflict: impl Fn() -> Error,
+) -> Result<()> {
+    let ours = options.encryption.as_deref();
+    match (sealed, ours) {
+        (true, None) => {
+            return Err(Error::Protocol(format!(
+                "a sealed push into {replica} without its encryption key id; nothing was stored"
+            )));
+        }
+        (false, Some(_)) => {
+            return Err(Error::Protocol(format!(
+                "a push into {replica} named an encryption key and did not seal its pages; nothing was stored"
+            )));
+        }
+        _ => {}
+    }
+    let rekey_from = options.rekey_from.as_deref();
+    let Some((number, theirs)) = latest else {
+        if rekey_from.is_some() {
+            return Err(Error::NotFound(format!(
+                "{replica} has no version to rekey; nothing was stored"
+            )));
+        }
+        if sealed && options.base.is_some_and(|b| b > 0) {
+            return Err(conflict());
+        }
+        return Ok(());
+    };
+    // A rekey: the one push that may change the key id, and only from the latest
+    // version's, which it names (docs/security.md).
+    if let Some(from) = rekey_from {
+        match (ours, theirs) {
+            (_, None) => {
+                return Err(Error::Usage(format!(
+                    "{replica} is not encrypted: a rekey replaces the key of an encrypted replica (turning encryption on is a push with a key to a new replica); nothing was stored"
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(Error::Usage(format!(
+                    "a rekey of {replica} without a new key: turning encryption off is not a rekey (pull it with its key and push it to a new replica without one); nothing was stored"
+                )));
+            }
+            (Some(k), Some(id)) if id == from && k != id => {}
+            (Some(k), Some(id)) if id == from => {
+                return Err(Error::Usage(format!(
+                    "version {number} of {replica} is already under key id {k}: a rekey needs another key; nothing was stored"
+                )));
+            }
+            (_, Some(id)) => {
+                return Err(Error::Auth(format!(
+                    "a rekey of {replica} from key id {from}, and its latest version {number} was made with key id {id}; nothing was stored"
+                )));
+            }
+        }
+        if options.base != Some(number) {
+            return Err(conflict());
+        }
+        return Ok(());
+    }
+    match (ours, theirs) {
+        (None, None) => return Ok(()),
+        (None, Some(id)) => {
+            return Err(Error::Auth(format!(
+                "{replica} is encrypted (key id {id}): push with its key (--encryption-key-file, or SQLFERRY_ENCRYPTION_KEY); nothing was stored"
+            )));
+        }
+        (Some(_), None) => {
+            return Err(Error::Auth(format!(
+                "{replica} is not encrypted: its versions are plaintext, and a replica is encrypted or not from its first version on; push without an encryption key, or to a new replica; nothing was stored"
+            )));
+        }
+        (Some(k), Some(id)) if k != id => {
+            return Err(Error::Auth(format!(
+                "version {number} of {replica} was made with key id {id}, and this push's key id is {k}: push with its key file; nothing was stored"
+            )));
+        }
+        (Some(_), Some(_)) => {}
+    }
+    // Forced or not: the seal was made for the base's next number, and only the
+    // latest's next number is the one this version would get.
+    if options.base != Some(number) {
+        return Err(conflict());
+    }
+    Ok(())
+}
+
 impl VersionWriter {
     /// Refuses, before any page is stored, a push that would mix a plaintext and an
     /// encrypted replica or two keys, and a sealed push this store cannot keep as its
@@ -1295,20 +1394,6 @@ impl VersionWriter {
         self.sealed = begin.sealed;
         self.seal = None;
         let replica = &self.replica;
-        let ours = self.options.encryption.as_deref();
-        match (begin.sealed, ours) {
-            (true, None) => {
-                return Err(Error::Protocol(format!(
-                    "a sealed push into {replica} without its encryption key id; nothing was stored"
-                )));
-            }
-            (false, Some(_)) => {
-                return Err(Error::Protocol(format!(
-                    "a push into {replica} named an encryption key and did not seal its pages; nothing was stored"
-                )));
-            }
-            _ => {}
-        }
         if begin.sealed && self.candidate.is_some() {
             return Err(Error::Usage(format!(
                 "{replica} is encrypted: the server cannot read its rows, so it cannot merge them; pull the latest version into another file, make this push's changes there, and push that file; nothing was stored"
@@ -1319,77 +1404,20 @@ impl VersionWriter {
                 "a sealed push over a compressed session: an encrypted session never agrees to compression; nothing was stored".into(),
             ));
         }
-        let rekey_from = self.options.rekey_from.as_deref();
-        let Some(latest) = &self.latest else {
-            if rekey_from.is_some() {
-                return Err(Error::NotFound(format!(
-                    "{replica} has no version to rekey; nothing was stored"
-                )));
-            }
-            if begin.sealed && self.options.base.is_some_and(|b| b > 0) {
-                return Err(self.conflict());
-            }
-            return self.add_sealing_columns();
+        let latest = match &self.latest {
+            Some(l) => Some((
+                l.number,
+                sealing_of(&self.conn, &self.file, l.number)?.map(|(id, _)| id),
+            )),
+            None => None,
         };
-        let theirs = sealing_of(&self.conn, &self.file, latest.number)?.map(|(id, _)| id);
-        // A rekey: the one push that may change the key id, and only from the latest
-        // version's, which it names (docs/security.md).
-        if let Some(from) = rekey_from {
-            match (ours, theirs.as_deref()) {
-                (_, None) => {
-                    return Err(Error::Usage(format!(
-                        "{replica} is not encrypted: a rekey replaces the key of an encrypted replica (turning encryption on is a push with a key to a new replica); nothing was stored"
-                    )));
-                }
-                (None, Some(_)) => {
-                    return Err(Error::Usage(format!(
-                        "a rekey of {replica} without a new key: turning encryption off is not a rekey (pull it with its key and push it to a new replica without one); nothing was stored"
-                    )));
-                }
-                (Some(k), Some(id)) if id == from && k != id => {}
-                (Some(k), Some(id)) if id == from => {
-                    return Err(Error::Usage(format!(
-                        "version {} of {replica} is already under key id {k}: a rekey needs another key; nothing was stored",
-                        latest.number
-                    )));
-                }
-                (_, Some(id)) => {
-                    return Err(Error::Auth(format!(
-                        "a rekey of {replica} from key id {from}, and its latest version {} was made with key id {id}; nothing was stored",
-                        latest.number
-                    )));
-                }
-            }
-            if self.options.base != Some(latest.number) {
-                return Err(self.conflict());
-            }
-            return self.add_sealing_columns();
-        }
-        match (ours, theirs.as_deref()) {
-            (None, None) => return Ok(()),
-            (None, Some(id)) => {
-                return Err(Error::Auth(format!(
-                    "{replica} is encrypted (key id {id}): push with its key (--encryption-key-file, or SQLFERRY_ENCRYPTION_KEY); nothing was stored"
-                )));
-            }
-            (Some(_), None) => {
-                return Err(Error::Auth(format!(
-                    "{replica} is not encrypted: its versions are plaintext, and a replica is encrypted or not from its first version on; push without an encryption key, or to a new replica; nothing was stored"
-                )));
-            }
-            (Some(k), Some(id)) if k != id => {
-                return Err(Error::Auth(format!(
-                    "version {} of {replica} was made with key id {id}, and this push's key id is {k}: push with its key file; nothing was stored",
-                    latest.number
-                )));
-            }
-            (Some(_), Some(_)) => {}
-        }
-        // Forced or not: the seal was made for the base's next number, and only the
-        // latest's next number is the one this version would get.
-        if self.options.base != Some(latest.number) {
-            return Err(self.conflict());
-        }
+        check_key_ids(
+            replica,
+            begin.sealed,
+            &self.options,
+            latest.as_ref().map(|(n, id)| (*n, id.as_deref())),
+            || self.conflict(),
+        )?;
         self.add_sealing_columns()
     }
 

@@ -9,7 +9,11 @@
 //! The layout, under the store's `s3://BUCKET/PREFIX`:
 //! - `packs/<sha256>.pack`: the new pages of one push, back to back, plain, named by the
 //!   SHA-256 of its bytes; `packs/<sha256>.idx` beside it: its index, sorted by page
-//!   hash ([`IDX_MAGIC`], then hash, offset and length of each page);
+//!   hash ([`IDX_MAGIC`], then hash, offset and length of each page). A sealed push's
+//!   pack (an encrypted replica's) holds its pages as they came, sealed, under their
+//!   identities, and its index is a sealed one ([`IDX_SEALED_MAGIC`]): each entry also
+//!   carries the SHA-256 of the sealed bytes, which every read checks (the store cannot
+//!   open the page to check its identity);
 //! - `chunks/<sha256>`: 1,024 page hashes (the last chunk of a version maybe fewer),
 //!   named by their SHA-256: content-addressed, created only if absent, shared by every
 //!   version and replica that has them;
@@ -17,8 +21,11 @@
 //!   size and count, both digests, message, time, client, key, base, its chunks in
 //!   order and the packs its pages live in. Created with `If-None-Match: *`: the
 //!   commit point, and what decides the race for a version number. Retention replaces
-//!   a removed version's object by its [`Tombstone`] (numbers keep no gaps);
+//!   a removed version's object by its [`Tombstone`] (numbers keep no gaps). An
+//!   encrypted version's ([`SEALED_VERSION_FORMAT`]) also keeps its key id and seal;
 //! - `replicas/<path>/retention.json`: the replica's own retention policy, if any;
+//! - `replicas/<path>/passphrase.json`: an encrypted replica's passphrase salt and cost
+//!   ([`PassphraseObject`]), written once with `If-None-Match: *`;
 //! - [`CLOCK_KEY`]: the sweep's clock (rewritten by each sweep);
 //! - [`MARKER_KEY`]: says the prefix holds a store, and its format (written by the
 //!   first [`S3Store::check`], which a server runs at start).
@@ -93,6 +100,17 @@ pub const IDX_MAGIC: &[u8] = b"sqlferry-idx-1\n";
 /// Bytes of one index entry.
 const IDX_ENTRY: usize = HASH_BYTES + 8 + 4;
 
+/// The first bytes of a sealed pack's index object (the pack of a push into an
+/// encrypted replica: every page in it sealed, named by its identity); its entries are
+/// those of [`IDX_MAGIC`]'s followed by the SHA-256 of the sealed bytes (32 bytes), the
+/// sum every read checks, since the store cannot open the page to check its identity.
+/// Another magic, not a flag: a build that reads only plain packs refuses it as no
+/// index, never takes a sealed page for a plain one.
+pub const IDX_SEALED_MAGIC: &[u8] = b"sqlferry-idx-sealed-1\n";
+
+/// Bytes of one sealed index entry.
+const IDX_SEALED_ENTRY: usize = IDX_ENTRY + HASH_BYTES;
+
 /// The most page bytes one ranged GET of a pull reads: the doc's "runs of ≥ 8 MiB",
 /// few requests for a full pull, and the one buffer a pull holds.
 pub const RUN_BYTES: u64 = 8 << 20;
@@ -108,6 +126,11 @@ const READ_AHEAD_MOST: u32 = 256;
 /// The version object's format number: a version object of another is refused, not
 /// misread.
 pub const VERSION_FORMAT: u32 = 1;
+
+/// The format number of an encrypted version's object (one with `encryption_key_id`
+/// and `seal`): a build that knows only [`VERSION_FORMAT`] refuses it as another
+/// format, rather than serving its sealed pages as plaintext ones.
+pub const SEALED_VERSION_FORMAT: u32 = 2;
 
 /// The object at the root of a store's prefix that says it is one, and its format
 /// ([`S3Store::check`]).
@@ -140,6 +163,11 @@ CREATE INDEX IF NOT EXISTS pages_in_pack ON pages(pack, offset);
 CREATE TABLE IF NOT EXISTS packs(name BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks(hash BLOB PRIMARY KEY) WITHOUT ROWID;
 ";
+
+/// The column a cache made before encrypted replicas gains when opened: a sealed
+/// page's sum (the SHA-256 of its sealed bytes, from its pack's sealed index); `NULL`
+/// for a plain page, whose hash is its check.
+const CACHE_SUM: &str = "ALTER TABLE pages ADD COLUMN sum BLOB";
 
 /// A version as its object holds it (`replicas/<path>/v/<N>`, JSON). Hashes in
 /// lower-case hex.
@@ -175,6 +203,14 @@ pub struct VersionObject {
     /// The packs its pages live in (maybe more: a push by chunks names every pack of
     /// its base).
     pub packs: Vec<String>,
+    /// For an encrypted version: the id of the key it was sealed with (16 hex digits);
+    /// absent for a plaintext one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_id: Option<String>,
+    /// For an encrypted version: its seal (hex), kept unread and relayed to a pull as
+    /// it came; absent for a plaintext one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<String>,
 }
 
 impl VersionObject {
@@ -194,8 +230,23 @@ impl VersionObject {
             base: self.base,
             stored_bytes: None,
             merged_into: None,
-            encryption: None,
+            encryption: self.encryption_key_id.clone(),
         }
+    }
+
+    /// The seal of an encrypted version, decoded; `None` for a plaintext one.
+    fn seal_bytes(&self) -> Result<Option<Vec<u8>>> {
+        let Some(text) = &self.seal else {
+            return Ok(None);
+        };
+        let mut out = vec![0u8; text.len() / 2];
+        hex::decode_to_slice(text, &mut out).map_err(|_| {
+            Error::Verification(format!(
+                "the seal of {}@{} in its version object is not hex",
+                self.replica, self.number
+            ))
+        })?;
+        Ok(Some(out))
     }
 
     fn chunk_hashes(&self) -> Result<Vec<Hash>> {
@@ -314,6 +365,21 @@ impl S3Store {
         let conn = store.cache_conn()?;
         conn.execute_batch(CACHE_SCHEMA)
             .map_err(sql_error(&store.cache))?;
+        let has_sum = |conn: &Connection| {
+            conn.query_row(
+                "SELECT count(*) FROM pragma_table_info('pages') WHERE name = 'sum'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(sql_error(&store.cache))
+        };
+        if has_sum(&conn)? == 0
+            && let Err(e) = conn.execute_batch(CACHE_SUM)
+            // Another process may have added it meanwhile.
+            && has_sum(&conn)? == 0
+        {
+            return Err(sql_error(&store.cache)(e));
+        }
         Ok(store)
     }
 
@@ -535,11 +601,28 @@ impl S3Store {
         }
         let v: VersionObject =
             serde_json::from_slice(bytes).map_err(|e| bad(format!("not a version: {e}")))?;
-        if v.format != VERSION_FORMAT {
-            return Err(bad(format!(
-                "format {} (this sqlferry reads {VERSION_FORMAT})",
-                v.format
-            )));
+        let sealed = v.encryption_key_id.is_some() || v.seal.is_some();
+        match (v.format, sealed) {
+            (VERSION_FORMAT, false) => {}
+            (SEALED_VERSION_FORMAT, true) => {
+                if v.encryption_key_id.is_none() || v.seal.is_none() {
+                    return Err(bad(
+                        "an encrypted version without its key id or its seal".into()
+                    ));
+                }
+            }
+            (VERSION_FORMAT | SEALED_VERSION_FORMAT, _) => {
+                return Err(bad(format!(
+                    "format {} with{} a seal",
+                    v.format,
+                    if sealed { "" } else { "out" }
+                )));
+            }
+            (f, _) => {
+                return Err(bad(format!(
+                    "format {f} (this sqlferry reads {VERSION_FORMAT} and {SEALED_VERSION_FORMAT})"
+                )));
+            }
         }
         if let Some((replica, number)) = expect
             && (v.replica != replica || v.number != number)
@@ -745,7 +828,7 @@ impl S3Store {
         let cache = self.cache_conn()?;
         cache
             .execute_batch(
-                "CREATE TEMP TABLE fresh(hash BLOB PRIMARY KEY, offset INTEGER NOT NULL, len INTEGER NOT NULL) WITHOUT ROWID",
+                "CREATE TEMP TABLE fresh(hash BLOB PRIMARY KEY, offset INTEGER NOT NULL, len INTEGER NOT NULL, sum BLOB) WITHOUT ROWID",
             )
             .map_err(sql_error(&self.cache))?;
         Ok(S3VersionWriter {
@@ -763,6 +846,8 @@ impl S3Store {
             started: Instant::now(),
             assumed: Default::default(),
             written: HashSet::new(),
+            sealed: false,
+            seal: None,
         })
     }
 
@@ -777,6 +862,7 @@ impl S3Store {
             store: self.clone(),
             cache,
             replica: replica.clone(),
+            seal: version.seal_bytes()?,
             info: version.info(),
             chunks: version.chunk_hashes()?,
             packs: packs.into_iter().collect(),
@@ -814,12 +900,18 @@ impl S3Store {
             {
                 let mut insert = tx
                     .prepare_cached(
-                        "INSERT OR IGNORE INTO pages(hash, pack, offset, len) VALUES (?1, ?2, ?3, ?4)",
+                        "INSERT OR IGNORE INTO pages(hash, pack, offset, len, sum) VALUES (?1, ?2, ?3, ?4, ?5)",
                     )
                     .map_err(sql_error(&self.cache))?;
-                for (hash, offset, len) in entries {
+                for (hash, offset, len, sum) in entries {
                     insert
-                        .execute(params![&hash[..], &name[..], offset as i64, len])
+                        .execute(params![
+                            &hash[..],
+                            &name[..],
+                            offset as i64,
+                            len,
+                            sum.as_ref().map(|s| &s[..])
+                        ])
                         .map_err(sql_error(&self.cache))?;
                 }
             }
@@ -828,6 +920,45 @@ impl S3Store {
             tx.commit().map_err(sql_error(&self.cache))?;
         }
         Ok(())
+    }
+
+    /// The passphrase salt and cost `replica` keeps (its object
+    /// `replicas/<path>/passphrase.json`, [`PassphraseObject`]); `None` when it has
+    /// none.
+    pub fn passphrase(
+        &self,
+        replica: &ReplicaPath,
+    ) -> Result<Option<crate::crypt::PassphraseSalt>> {
+        let key = passphrase_key(replica);
+        let Some(bytes) = self.get(key.clone())? else {
+            return Ok(None);
+        };
+        let bad = |why: String| {
+            Error::Verification(format!(
+                "the passphrase salt {key} in {} is damaged: {why}",
+                self.objects.location()
+            ))
+        };
+        let o: PassphraseObject =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a salt: {e}")))?;
+        if o.format != VERSION_FORMAT || o.replica != replica.as_str() {
+            return Err(bad(format!("format {} of {}", o.format, o.replica)));
+        }
+        let mut salt = vec![0u8; o.salt.len() / 2];
+        let salt = hex::decode_to_slice(&o.salt, &mut salt).ok().map(|()| salt);
+        crate::crypt::PassphraseSalt::from_wire(
+            replica.as_str(),
+            salt.as_deref(),
+            (o.memory_kib, o.passes, o.lanes),
+        )
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+    }
+
+    /// The key id of `replica`'s latest version when it is encrypted; `None` for a
+    /// plaintext replica, or one with no version.
+    pub fn encryption(&self, replica: &ReplicaPath) -> Result<Option<String>> {
+        Ok(self.latest(replica)?.and_then(|v| v.encryption_key_id))
     }
 
     /// Chunk `hash`'s page hashes, read and checked against its name.
@@ -857,6 +988,41 @@ fn not_found(replica: &ReplicaPath) -> Error {
     Error::NotFound(format!("replica {replica} does not exist"))
 }
 
+/// A replica's passphrase salt and cost (`replicas/<path>/passphrase.json`, JSON),
+/// public by design (docs/security.md, "Keys"): written once, by the first push sealed
+/// with a key stretched from a passphrase, with `If-None-Match: *`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PassphraseObject {
+    /// The store's format ([`VERSION_FORMAT`]).
+    pub format: u32,
+    /// The replica it belongs to (checked against the key it was read from).
+    pub replica: String,
+    /// The salt (hex).
+    pub salt: String,
+    /// Argon2id's memory in KiB.
+    pub memory_kib: u32,
+    /// Its passes.
+    pub passes: u32,
+    /// Its lanes.
+    pub lanes: u32,
+}
+
+fn passphrase_key(replica: &ReplicaPath) -> String {
+    format!("replicas/{replica}/passphrase.json")
+}
+
+fn passphrase_object(replica: &ReplicaPath, p: &crate::crypt::PassphraseSalt) -> Result<Vec<u8>> {
+    serde_json::to_vec(&PassphraseObject {
+        format: VERSION_FORMAT,
+        replica: replica.to_string(),
+        salt: hex(&p.salt),
+        memory_kib: p.cost.memory_kib,
+        passes: p.cost.passes,
+        lanes: p.cost.lanes,
+    })
+    .map_err(|e| Error::Bug(format!("a passphrase salt as JSON: {e}")))
+}
+
 fn chunk_key(hash: &Hash) -> String {
     format!("chunks/{}", hex(hash))
 }
@@ -869,51 +1035,78 @@ fn idx_key(name: &Hash) -> String {
     format!("packs/{}.idx", hex(name))
 }
 
-/// The entries of an index object: (hash, offset, length), sorted by hash.
-fn parse_idx(bytes: &[u8]) -> std::result::Result<Vec<(Hash, u64, u32)>, String> {
-    let rest = bytes
-        .strip_prefix(IDX_MAGIC)
-        .ok_or("it does not start as an index")?;
+/// One entry of an index object: hash, offset, length, and a sealed page's sum.
+type IdxEntry = (Hash, u64, u32, Option<Hash>);
+
+/// The entries of an index object (a plain pack's, [`IDX_MAGIC`], or a sealed one's,
+/// [`IDX_SEALED_MAGIC`], whose entries carry the sum), sorted by hash.
+fn parse_idx(bytes: &[u8]) -> std::result::Result<Vec<IdxEntry>, String> {
+    let (rest, entry) = match bytes.strip_prefix(IDX_MAGIC) {
+        Some(rest) => (rest, IDX_ENTRY),
+        None => (
+            bytes
+                .strip_prefix(IDX_SEALED_MAGIC)
+                .ok_or("it does not start as an index")?,
+            IDX_SEALED_ENTRY,
+        ),
+    };
     let (count, rest) = rest.split_at_checked(4).ok_or("it is cut short")?;
     let count = u32::from_be_bytes(count.try_into().map_err(|_| "cut short")?) as usize;
-    if rest.len() != count * IDX_ENTRY {
+    if rest.len() != count * entry {
         return Err(format!(
             "{} bytes of entries for {count} entries",
             rest.len()
         ));
     }
-    let mut out: Vec<(Hash, u64, u32)> = Vec::with_capacity(count);
-    for e in rest.chunks_exact(IDX_ENTRY) {
+    let mut out: Vec<IdxEntry> = Vec::with_capacity(count);
+    for e in rest.chunks_exact(entry) {
         let hash: Hash = e[..HASH_BYTES].try_into().map_err(|_| "cut short")?;
         let offset = u64::from_be_bytes(e[32..40].try_into().map_err(|_| "cut short")?);
         let len = u32::from_be_bytes(e[40..44].try_into().map_err(|_| "cut short")?);
-        if out.last().is_some_and(|(h, _, _)| *h >= hash) {
+        let sum = match entry == IDX_SEALED_ENTRY {
+            true => Some(Hash::try_from(&e[44..]).map_err(|_| "cut short")?),
+            false => None,
+        };
+        if out.last().is_some_and(|(h, _, _, _)| *h >= hash) {
             return Err("its entries are not sorted".into());
         }
-        out.push((hash, offset, len));
+        out.push((hash, offset, len, sum));
     }
     Ok(out)
 }
 
-/// Where a page lies: its pack and its bytes there.
+/// Where a page lies: its pack and its bytes there, and a sealed page's sum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Loc {
     pack: Hash,
     offset: u64,
     len: u32,
+    sum: Option<Hash>,
 }
 
-/// Where the cache says page `hash` lies: in one of `prefer` when one holds it, else
-/// in any pack it knows.
+/// A sealed page's sum from the cache: `None` for a plain page (or a sum that is not
+/// 32 bytes, which then matches no sealed read).
+fn sum_of(blob: Option<Vec<u8>>) -> Option<Hash> {
+    blob.and_then(|b| Hash::try_from(b.as_slice()).ok())
+}
+
+/// Where the cache says page `hash` lies, among the entries of its kind (`sealed`:
+/// those of sealed packs, which carry a sum; else those of plain packs): in one of
+/// `prefer` when one holds it, else in any pack it knows. An entry of the other kind
+/// never answers, as in the directory store: a sealed push that named a plain page's
+/// hash as an identity (or the reverse) is stored anew, never read as the other.
 fn lookup(
     cache: &Connection,
     path: &Path,
     hash: &Hash,
     prefer: &HashSet<Hash>,
+    sealed: bool,
 ) -> Result<Option<Loc>> {
-    let mut stmt = cache
-        .prepare_cached("SELECT pack, offset, len FROM pages WHERE hash = ?1")
-        .map_err(sql_error(path))?;
+    let sql = match sealed {
+        true => "SELECT pack, offset, len, sum FROM pages WHERE hash = ?1 AND sum IS NOT NULL",
+        false => "SELECT pack, offset, len, sum FROM pages WHERE hash = ?1 AND sum IS NULL",
+    };
+    let mut stmt = cache.prepare_cached(sql).map_err(sql_error(path))?;
     let mut rows = stmt.query([&hash[..]]).map_err(sql_error(path))?;
     let mut first = None;
     while let Some(row) = rows.next().map_err(sql_error(path))? {
@@ -925,6 +1118,7 @@ fn lookup(
             pack,
             offset: row.get::<_, i64>(1).map_err(sql_error(path))? as u64,
             len: row.get(2).map_err(sql_error(path))?,
+            sum: sum_of(row.get(3).map_err(sql_error(path))?),
         };
         if prefer.contains(&pack) {
             return Ok(Some(loc));
@@ -972,6 +1166,11 @@ pub struct S3VersionWriter {
     assumed: std::collections::BTreeSet<String>,
     /// Chunks this push wrote (or found existing when it tried).
     written: HashSet<Hash>,
+    /// The session is sealed: pages come sealed under their identities, and the
+    /// version's seal before COMMIT ([`PageTarget::keeps_sealed`]).
+    sealed: bool,
+    /// The seal of the version this sealed push makes ([`PageTarget::keep_seal`]).
+    seal: Option<Vec<u8>>,
 }
 
 impl S3VersionWriter {
@@ -1013,7 +1212,7 @@ impl S3VersionWriter {
             if self.fresh(&hash)? {
                 continue;
             }
-            match lookup(&self.cache, &self.store.cache, &hash, prefer)? {
+            match lookup(&self.cache, &self.store.cache, &hash, prefer, self.sealed)? {
                 Some(loc) => {
                     if !prefer.contains(&loc.pack) {
                         self.assumed.insert(pack_key(&loc.pack));
@@ -1084,25 +1283,42 @@ impl S3VersionWriter {
             .cache
             .query_row("SELECT count(*) FROM temp.fresh", [], |r| r.get(0))
             .map_err(sql_error(path))?;
-        idx.write_all(IDX_MAGIC).map_err(io)?;
+        // A sealed push's pack holds only sealed pages: its index carries their sums.
+        let (magic, entry) = match self.sealed {
+            true => (IDX_SEALED_MAGIC, IDX_SEALED_ENTRY),
+            false => (IDX_MAGIC, IDX_ENTRY),
+        };
+        idx.write_all(magic).map_err(io)?;
         idx.write_all(&count.to_be_bytes()).map_err(io)?;
         {
             let mut stmt = self
                 .cache
-                .prepare("SELECT hash, offset, len FROM temp.fresh ORDER BY hash")
+                .prepare("SELECT hash, offset, len, sum FROM temp.fresh ORDER BY hash")
                 .map_err(sql_error(path))?;
             let mut rows = stmt.query([]).map_err(sql_error(path))?;
             while let Some(row) = rows.next().map_err(sql_error(path))? {
                 let hash: Vec<u8> = row.get(0).map_err(sql_error(path))?;
                 let offset = row.get::<_, i64>(1).map_err(sql_error(path))? as u64;
                 let len: u32 = row.get(2).map_err(sql_error(path))?;
+                let sum: Option<Vec<u8>> = row.get(3).map_err(sql_error(path))?;
                 idx.write_all(&hash).map_err(io)?;
                 idx.write_all(&offset.to_be_bytes()).map_err(io)?;
                 idx.write_all(&len.to_be_bytes()).map_err(io)?;
+                match (self.sealed, sum) {
+                    (true, Some(sum)) if sum.len() == HASH_BYTES => {
+                        idx.write_all(&sum).map_err(io)?
+                    }
+                    (false, None) => {}
+                    _ => {
+                        return Err(Error::Bug(
+                            "a page of this push's pack has a sum of the other kind".into(),
+                        ));
+                    }
+                }
             }
         }
         let mut idx = idx.into_inner().map_err(|e| io(e.into_error()))?;
-        let idx_len = IDX_MAGIC.len() as u64 + 4 + u64::from(count) * IDX_ENTRY as u64;
+        let idx_len = magic.len() as u64 + 4 + u64::from(count) * entry as u64;
         self.store.put_file(&idx_key(&name), &mut idx, idx_len)?;
         // Known from now on to every push and pull of this process (the pack exists,
         // whether or not this push's version is made).
@@ -1111,7 +1327,7 @@ impl S3VersionWriter {
             .unchecked_transaction()
             .map_err(sql_error(path))?;
         tx.execute(
-            "INSERT OR IGNORE INTO pages(hash, pack, offset, len) SELECT hash, ?1, offset, len FROM temp.fresh",
+            "INSERT OR IGNORE INTO pages(hash, pack, offset, len, sum) SELECT hash, ?1, offset, len, sum FROM temp.fresh",
             [&name[..]],
         )
         .map_err(sql_error(path))?;
@@ -1178,6 +1394,47 @@ impl S3VersionWriter {
         )))
     }
 
+    /// For a sealed push whose key came from a passphrase: refuses, before any page is
+    /// stored, one that names another salt or cost than the replica keeps (it
+    /// stretched another key).
+    fn check_passphrase(&self) -> Result<()> {
+        let Some(ours) = &self.options.passphrase else {
+            return Ok(());
+        };
+        match self.store.passphrase(&self.replica)? {
+            Some(theirs) if theirs != *ours => Err(self.other_salt()),
+            _ => Ok(()),
+        }
+    }
+
+    fn other_salt(&self) -> Error {
+        Error::Auth(format!(
+            "{} keeps another passphrase salt than this push was stretched with: its key is not the replica's passphrase key; nothing was stored",
+            self.replica
+        ))
+    }
+
+    /// For a sealed push whose key came from a passphrase, just before its version
+    /// object: the replica's salt object, written if absent (`If-None-Match: *`, so two
+    /// first pushes agree on one: the loser's salt differs and it is refused, before
+    /// its version object). One left by a push that failed after it is harmless: every
+    /// client asks for the salt before it stretches, so the next one uses it.
+    fn keep_passphrase(&self) -> Result<()> {
+        let Some(ours) = &self.options.passphrase else {
+            return Ok(());
+        };
+        match self.store.put_if_absent(
+            passphrase_key(&self.replica),
+            passphrase_object(&self.replica, ours)?,
+        )? {
+            Created::Created => Ok(()),
+            Created::AlreadyExists => match self.store.passphrase(&self.replica)? {
+                Some(theirs) if theirs == *ours => Ok(()),
+                _ => Err(self.other_salt()),
+            },
+        }
+    }
+
     /// Whether a result with `digest` (in the engine's form) is the latest's content.
     fn same_as_latest(&self, digest: &Hash) -> bool {
         let Some(l) = &self.latest else {
@@ -1218,15 +1475,27 @@ impl S3VersionWriter {
             packs.insert(name);
         }
         let number = self.latest.as_ref().map_or(1, |l| l.number + 1);
+        let seal = match self.sealed {
+            true => Some(hex(self.seal.as_deref().ok_or_else(|| {
+                Error::Protocol("COMMIT of a sealed push without the version's SEAL".into())
+            })?)),
+            false => None,
+        };
         // With a versions index, the fence (`s3/gc.rs`): held from before the checks
         // until the version object exists and its row is in, so that no sweep deletes
         // between them what they found. Dropped on any error below: let go.
         let fence = self.store.push_fence(&self.replica, number)?;
         self.check_named(&chunks, &packs, new_pack)?;
+        if self.sealed {
+            self.keep_passphrase()?;
+        }
         let mut packs: Vec<String> = packs.iter().map(|p| hex(p)).collect();
         packs.sort();
         let version = VersionObject {
-            format: VERSION_FORMAT,
+            format: match self.sealed {
+                true => SEALED_VERSION_FORMAT,
+                false => VERSION_FORMAT,
+            },
             replica: self.replica.to_string(),
             number,
             page_size: self.page_size,
@@ -1240,6 +1509,8 @@ impl S3VersionWriter {
             base: self.options.base.unwrap_or(0),
             chunks: chunks.iter().map(|c| hex(c)).collect(),
             packs,
+            encryption_key_id: seal.as_ref().and(self.options.encryption.clone()),
+            seal,
         };
         let body = serde_json::to_vec(&version)
             .map_err(|e| Error::Bug(format!("a version object as JSON: {e}")))?;
@@ -1286,6 +1557,22 @@ impl PageTarget for S3VersionWriter {
             true => DigestForm::Chunked,
             false => DigestForm::One,
         };
+        // A mix of plaintext and sealed, another key, or a sealed push whose base is
+        // not the latest: refused before any page is stored, as by the directory store.
+        self.sealed = begin.sealed;
+        self.seal = None;
+        super::replica::check_key_ids(
+            &self.replica,
+            begin.sealed,
+            &self.options,
+            self.latest
+                .as_ref()
+                .map(|l| (l.number, l.encryption_key_id.as_deref())),
+            || self.conflict(self.latest.as_ref()),
+        )?;
+        if begin.sealed {
+            self.check_passphrase()?;
+        }
         let Some(latest) = self.latest.clone() else {
             return Ok(0);
         };
@@ -1324,6 +1611,20 @@ impl PageTarget for S3VersionWriter {
         true
     }
 
+    fn keeps_sealed(&self) -> bool {
+        true
+    }
+
+    fn keep_seal(&mut self, seal: Vec<u8>) -> Result<()> {
+        if !self.sealed {
+            return Err(Error::Protocol(
+                "a version's seal in a plaintext push".into(),
+            ));
+        }
+        self.seal = Some(seal);
+        Ok(())
+    }
+
     fn hashes(&mut self, f: &mut dyn FnMut(u32, Hash) -> Result<()>) -> Result<()> {
         let Some(latest) = self.latest.clone() else {
             return Ok(());
@@ -1348,11 +1649,28 @@ impl PageTarget for S3VersionWriter {
         Ok(())
     }
 
-    fn write_page(&mut self, _pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
+    fn write_page(&mut self, pgno: u32, data: Vec<u8>, hash: &Hash) -> Result<()> {
         let none = HashSet::new();
-        if self.fresh(hash)? || lookup(&self.cache, &self.store.cache, hash, &none)?.is_some() {
+        if self.fresh(hash)?
+            || lookup(&self.cache, &self.store.cache, hash, &none, self.sealed)?.is_some()
+        {
             return Ok(()); // stored already: by this push, or in a known pack
         }
+        // A sealed page cannot be checked here (the client checks its identity when it
+        // opens it): it is kept with the SHA-256 of its bytes, which every read checks.
+        let sum = match self.sealed {
+            true => {
+                if data.len() != self.page_size as usize + crate::crypt::SEAL_OVERHEAD {
+                    return Err(Error::Protocol(format!(
+                        "sealed page {pgno} has {} bytes, not a sealed page of {}; nothing was stored",
+                        data.len(),
+                        self.page_size
+                    )));
+                }
+                Some(sha256(&data))
+            }
+            false => None,
+        };
         if self.pack.is_none() {
             let file = tempfile::tempfile_in(cache_dir(&self.store.cache))
                 .map_err(|e| Error::Server(format!("a temporary pack for this push: {e}")))?;
@@ -1368,8 +1686,17 @@ impl PageTarget for S3VersionWriter {
             .map_err(|e| Error::Server(format!("this push's temporary pack: {e}")))?;
         pack.hasher.update(&data);
         self.cache
-            .prepare_cached("INSERT INTO temp.fresh(hash, offset, len) VALUES (?1, ?2, ?3)")
-            .and_then(|mut s| s.execute(params![&hash[..], pack.len as i64, data.len() as u32]))
+            .prepare_cached(
+                "INSERT INTO temp.fresh(hash, offset, len, sum) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    &hash[..],
+                    pack.len as i64,
+                    data.len() as u32,
+                    sum.as_ref().map(|s| &s[..])
+                ])
+            })
             .map_err(sql_error(&self.store.cache))?;
         pack.len += data.len() as u64;
         Ok(())
@@ -1545,6 +1872,10 @@ pub struct S3VersionReader {
     chunk: Option<(u32, Vec<u8>)>,
     /// Pages `read_page` fetched ahead of being asked for.
     ahead: ReadAhead,
+    /// The seal of an encrypted version: its pages are sealed, checked against their
+    /// sums (never their identities, which only the key opens), and it is relayed as
+    /// it is stored ([`S3VersionReader::relay`]).
+    seal: Option<Vec<u8>>,
 }
 
 /// The pages a reader fetched ahead. A pull into an older copy asks for the pages that
@@ -1555,7 +1886,8 @@ pub struct S3VersionReader {
 /// ahead is used and halves while most is not (a copy that differs in scattered pages
 /// of a large pack), within [`READ_AHEAD_BYTES`] kept at once, the oldest dropped first.
 struct ReadAhead {
-    pages: HashMap<Hash, Vec<u8>>,
+    /// The page bytes by hash, with a sealed page's sum.
+    pages: HashMap<Hash, (Vec<u8>, Option<Hash>)>,
     /// The order they came in, for dropping the oldest.
     order: VecDeque<Hash>,
     bytes: usize,
@@ -1577,14 +1909,14 @@ impl ReadAhead {
         }
     }
 
-    fn take(&mut self, hash: &Hash) -> Option<Vec<u8>> {
+    fn take(&mut self, hash: &Hash) -> Option<(Vec<u8>, Option<Hash>)> {
         let page = self.pages.remove(hash)?;
-        self.bytes -= page.len();
+        self.bytes -= page.0.len();
         self.used += 1;
         Some(page)
     }
 
-    fn keep(&mut self, hash: Hash, page: &[u8]) {
+    fn keep(&mut self, hash: Hash, page: &[u8], sum: Option<Hash>) {
         if self.pages.contains_key(&hash) {
             return;
         }
@@ -1593,11 +1925,11 @@ impl ReadAhead {
                 return;
             };
             if let Some(p) = self.pages.remove(&old) {
-                self.bytes -= p.len();
+                self.bytes -= p.0.len();
             }
         }
         self.bytes += page.len();
-        self.pages.insert(hash, page.to_vec());
+        self.pages.insert(hash, (page.to_vec(), sum));
         self.order.push_back(hash);
         self.fetched += 1;
     }
@@ -1618,7 +1950,8 @@ impl ReadAhead {
 
 /// Pages waiting to be read in one ranged GET: they lie end to end in one pack.
 struct Run {
-    pages: Vec<(u32, Hash, u32)>,
+    /// Page number, hash, length and a sealed page's sum.
+    pages: Vec<(u32, Hash, u32, Option<Hash>)>,
     pack: Hash,
     start: u64,
     end: u64,
@@ -1630,8 +1963,37 @@ impl S3VersionReader {
         &self.info
     }
 
+    /// For an encrypted version: how the engine relays it, its stored seal sent as it
+    /// is, like its sealed pages (`OriginOptions::sealing`); `None` for a plaintext one.
+    pub fn relay(&self) -> Option<crate::engine::Sealing<'static>> {
+        self.seal
+            .clone()
+            .map(|seal| crate::engine::Sealing::Relay { seal })
+    }
+
+    /// Whether `page`, read as page `pgno` under `hash`, is what the version stores:
+    /// a plain page hashes to `hash`; a sealed one (the store cannot open it) is a
+    /// sealed page's length and its bytes have the SHA-256 its pack's index recorded.
+    fn stored_ok(&self, pgno: u32, hash: &Hash, sum: Option<&Hash>, page: &[u8]) -> bool {
+        match (self.seal.is_some(), sum) {
+            (false, None) => page_matches(Some(pgno), hash, page),
+            (true, Some(sum)) => {
+                page.len() == self.info.page_size as usize + crate::crypt::SEAL_OVERHEAD
+                    && sha256(page) == *sum
+            }
+            _ => false,
+        }
+    }
+
     fn locate(&self, pgno: u32, hash: &Hash) -> Result<Loc> {
-        lookup(&self.cache, &self.store.cache, hash, &self.packs)?.ok_or_else(|| {
+        lookup(
+            &self.cache,
+            &self.store.cache,
+            hash,
+            &self.packs,
+            self.seal.is_some(),
+        )?
+        .ok_or_else(|| {
             Error::Verification(format!(
                 "page {pgno} of {}@{} is in none of its packs in {}; nothing was delivered",
                 self.replica,
@@ -1644,12 +2006,12 @@ impl S3VersionReader {
     /// Up to `n` entries that follow `loc` end to end in its pack, as the cache knows
     /// them: (hash, offset, length), in pack order; none once one is missing, and no
     /// more than [`READ_AHEAD_BYTES`] from `loc` on.
-    fn following(&self, loc: &Loc, n: u32) -> Result<Vec<(Hash, u64, u32)>> {
+    fn following(&self, loc: &Loc, n: u32) -> Result<Vec<IdxEntry>> {
         let path = &self.store.cache;
         let mut stmt = self
             .cache
             .prepare_cached(
-                "SELECT hash, offset, len FROM pages WHERE pack = ?1 AND offset > ?2
+                "SELECT hash, offset, len, sum FROM pages WHERE pack = ?1 AND offset > ?2
                  ORDER BY offset LIMIT ?3",
             )
             .map_err(sql_error(path))?;
@@ -1662,6 +2024,7 @@ impl S3VersionReader {
             let hash: Vec<u8> = row.get(0).map_err(sql_error(path))?;
             let offset = row.get::<_, i64>(1).map_err(sql_error(path))? as u64;
             let len: u32 = row.get(2).map_err(sql_error(path))?;
+            let sum = sum_of(row.get(3).map_err(sql_error(path))?);
             let (Ok(hash), true) = (Hash::try_from(hash.as_slice()), offset == end) else {
                 break;
             };
@@ -1669,7 +2032,7 @@ impl S3VersionReader {
             if (end + u64::from(len) - loc.offset) as usize > READ_AHEAD_BYTES {
                 break;
             }
-            out.push((hash, offset, len));
+            out.push((hash, offset, len, sum));
             end += u64::from(len);
         }
         Ok(out)
@@ -1677,11 +2040,15 @@ impl S3VersionReader {
 
     fn damaged(&self, pgno: u32, pack: &Hash) -> Error {
         Error::Verification(format!(
-            "page {pgno} of {}@{} is damaged in the object storage ({} in {}): its bytes do not match its hash; nothing was delivered",
+            "page {pgno} of {}@{} is damaged in the object storage ({} in {}): its bytes do not match its {}; nothing was delivered",
             self.replica,
             self.info.number,
             pack_key(pack),
-            self.store.objects.location()
+            self.store.objects.location(),
+            match self.seal.is_some() {
+                true => "sum (a sealed page's SHA-256 in its pack's index)",
+                false => "hash",
+            }
         ))
     }
 
@@ -1692,10 +2059,10 @@ impl S3VersionReader {
         };
         let bytes = self.store.get_range(pack_key(&r.pack), r.start..r.end)?;
         let mut at = 0usize;
-        for (pgno, hash, len) in r.pages {
+        for (pgno, hash, len, sum) in r.pages {
             let page = &bytes[at..at + len as usize];
             at += len as usize;
-            if !page_matches(Some(pgno), &hash, page) {
+            if !self.stored_ok(pgno, &hash, sum.as_ref(), page) {
                 return Err(self.damaged(pgno, &r.pack));
             }
             f(pgno, hash, Some(page))?;
@@ -1740,7 +2107,7 @@ impl PageSource for S3VersionReader {
                         });
                     }
                     let r = run.as_mut().expect("made above");
-                    r.pages.push((pgno, hash, loc.len));
+                    r.pages.push((pgno, hash, loc.len, loc.sum));
                     r.end += u64::from(loc.len);
                     continue;
                 }
@@ -1793,8 +2160,8 @@ impl PageSource for S3VersionReader {
         }
         // A page read ahead that does not match (damaged) is read again where this
         // version keeps it, which names the damage if there is one.
-        if let Some(page) = self.ahead.take(&hash)
-            && page_matches(Some(pgno), &hash, &page)
+        if let Some((page, sum)) = self.ahead.take(&hash)
+            && self.stored_ok(pgno, &hash, sum.as_ref(), &page)
         {
             buf.extend_from_slice(&page);
             return Ok(());
@@ -1804,18 +2171,18 @@ impl PageSource for S3VersionReader {
         let following = self.following(&loc, window)?;
         let end = following
             .last()
-            .map_or(loc.offset + u64::from(loc.len), |(_, o, l)| {
+            .map_or(loc.offset + u64::from(loc.len), |(_, o, l, _)| {
                 o + u64::from(*l)
             });
         let bytes = self.store.get_range(pack_key(&loc.pack), loc.offset..end)?;
         let page = &bytes[..loc.len as usize];
-        if !page_matches(Some(pgno), &hash, page) {
+        if !self.stored_ok(pgno, &hash, loc.sum.as_ref(), page) {
             return Err(self.damaged(pgno, &loc.pack));
         }
         buf.extend_from_slice(page);
-        for (h, offset, len) in following {
+        for (h, offset, len, sum) in following {
             let at = (offset - loc.offset) as usize;
-            self.ahead.keep(h, &bytes[at..at + len as usize]);
+            self.ahead.keep(h, &bytes[at..at + len as usize], sum);
         }
         Ok(())
     }
@@ -1852,12 +2219,12 @@ mod tests {
         };
         // More than it may keep: the oldest go first, the bytes stay bounded.
         for i in 0..300 {
-            ahead.keep(hash(i), &page);
+            ahead.keep(hash(i), &page, None);
             assert!(ahead.bytes <= READ_AHEAD_BYTES);
         }
         assert_eq!(ahead.bytes, READ_AHEAD_BYTES);
         assert_eq!(ahead.take(&hash(0)), None, "dropped first");
-        assert_eq!(ahead.take(&hash(299)).as_deref(), Some(&page[..]));
+        assert_eq!(ahead.take(&hash(299)), Some((page.clone(), None)));
         assert_eq!(ahead.bytes, READ_AHEAD_BYTES - 4096);
 
         // All used: the window doubles up to its most; none used: it halves to one,
@@ -1867,7 +2234,7 @@ mod tests {
         let mut round = |ahead: &mut ReadAhead, use_them: bool| {
             let n = ahead.next_window();
             for _ in 0..n {
-                ahead.keep(hash(next), &page[..16]);
+                ahead.keep(hash(next), &page[..16], None);
                 if use_them {
                     ahead.take(&hash(next)).unwrap();
                 }
@@ -1891,11 +2258,25 @@ mod tests {
             bytes.extend_from_slice(&4096u32.to_be_bytes());
         }
         let entries = parse_idx(&bytes).expect("a whole index");
-        assert_eq!(entries, vec![([1u8; 32], 0, 4096), ([2u8; 32], 4096, 4096)]);
+        assert_eq!(
+            entries,
+            vec![([1u8; 32], 0, 4096, None), ([2u8; 32], 4096, 4096, None)]
+        );
         assert!(parse_idx(&bytes[..bytes.len() - 1]).is_err(), "cut short");
         let mut unsorted = bytes.clone();
         unsorted[IDX_MAGIC.len() + 4] = 3; // the first hash now sorts after the second
         assert!(parse_idx(&unsorted).unwrap_err().contains("sorted"));
         assert!(parse_idx(b"not an index").is_err());
+
+        // A sealed pack's index: the same entries, each with its sum.
+        let mut sealed = IDX_SEALED_MAGIC.to_vec();
+        sealed.extend_from_slice(&1u32.to_be_bytes());
+        sealed.extend_from_slice(&[1u8; 32]);
+        sealed.extend_from_slice(&0u64.to_be_bytes());
+        sealed.extend_from_slice(&4124u32.to_be_bytes());
+        sealed.extend_from_slice(&[9u8; 32]);
+        let entries = parse_idx(&sealed).expect("a whole sealed index");
+        assert_eq!(entries, vec![([1u8; 32], 0, 4124, Some([9u8; 32]))]);
+        assert!(parse_idx(&sealed[..sealed.len() - 1]).is_err(), "cut short");
     }
 }

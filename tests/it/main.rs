@@ -75,8 +75,16 @@
 //!   and prune; one bucket reached through the embedded client and a `serve --store`;
 //!   two pushes raced from two processes; a push killed midway (no version); a
 //!   wrong secret, a dead endpoint and a missing bucket in one line each; merges,
-//!   encryption keys, subscribers, sync-now and scrub refused by name with the
-//!   bucket unchanged.
+//!   subscribers, sync-now and scrub refused by name with the bucket unchanged.
+//! - `s3_sealed`: encrypted replicas on the S3 store, through `serve --store s3://…`
+//!   (with `--meta`) and the embedded store over S3: a marked WAL database pushed with
+//!   a key file (no marker in any object, sealed pack indexes, the key id and seal in
+//!   the version object), pulled on another machine, a wrong key (exit 5, LOCAL
+//!   unchanged), a 1% change sending and uploading about 1% of the pages, mixes and
+//!   a stale sealed base refused with the bucket unchanged, a rekey with old and new
+//!   versions pulled, retention and a sweep after it, `verify REMOTE` passing and finding a flipped pack byte (exit 7);
+//!   a passphrase's salt object written once, a pull with the passphrase, a wrong one
+//!   refused.
 //! - `s3_gc`: retention and garbage collection over `serve --store s3://…`: versions
 //!   removed by `--keep-last` (kept ones pulled back whole, removed ones refused), the
 //!   bucket after a sweep holding only what kept versions name, a dry run deleting
@@ -135,6 +143,7 @@ mod s3_fence;
 mod s3_gc;
 mod s3_index;
 mod s3_lost;
+mod s3_sealed;
 mod s3_serve;
 mod s3_store;
 mod scale_out;

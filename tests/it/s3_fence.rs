@@ -472,6 +472,7 @@ fn the_fence_costs_a_push_about_one_round_trip() {
         key_id: String::new(),
         base: 0,
         removed_at: None,
+        encryption_key_id: None,
     };
     // Warm: the pool's connections made, statements prepared.
     for n in 1..=8 {

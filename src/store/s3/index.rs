@@ -53,6 +53,9 @@ pub struct IndexRow {
     pub base: u64,
     /// When retention removed it, Unix seconds; `None` while it is kept.
     pub removed_at: Option<i64>,
+    /// The key id of an encrypted version; `None` for a plaintext one (its seal is in
+    /// its object only, which every read GETs).
+    pub encryption_key_id: Option<String>,
 }
 
 impl IndexRow {
@@ -70,6 +73,7 @@ impl IndexRow {
             key_id: v.key_id.clone(),
             base: v.base,
             removed_at: None,
+            encryption_key_id: v.encryption_key_id.clone(),
         }
     }
 
@@ -98,6 +102,7 @@ impl IndexRow {
             key_id: String::new(),
             base: 0,
             removed_at: None,
+            encryption_key_id: None,
         }
     }
 
@@ -120,7 +125,7 @@ impl IndexRow {
             base: self.base,
             stored_bytes: None,
             merged_into: None,
-            encryption: None,
+            encryption: self.encryption_key_id.clone(),
         }
     }
 }
@@ -508,6 +513,8 @@ mod tests {
             base: 1,
             chunks: vec![],
             packs: vec![],
+            encryption_key_id: None,
+            seal: None,
         };
         assert_eq!(IndexRow::of(&v).info(), v.info());
     }

@@ -1,0 +1,660 @@
+//! Encrypted replicas on the S3 store (issue 15; docs/security.md, "The S3 store"):
+//! real `sqlferry` processes over the real SeaweedFS of `seaweed`, through a real
+//! `sqlferry serve --store s3://…` (with a real PostgreSQL, `--meta`) and through the
+//! embedded store over S3 (`--server s3://…`, no server). A WAL database whose rows
+//! carry a marker is pushed with a key file: no object of the bucket holds the marker,
+//! every pack index is a sealed one whose identities are no page's SHA-256, and the
+//! version object names the key id; another machine pulls it with the key (rows,
+//! `PRAGMA integrity_check`, digest); a wrong key exits 5 with LOCAL byte for byte
+//! unchanged; a 1% change sends and uploads about 1% of the pages; a keyless push,
+//! another key without a rekey, a keyed push to a plaintext replica (exit 5) and a
+//! sealed push from a stale base, forced or not (exit 6), are refused with the bucket
+//! unchanged; `rekey` makes the next version under a new key and old and new versions
+//! both pull with their own key; retention and a sweep remove the old key's versions
+//! and packs and the latest still pulls; `verify REMOTE` with the key passes, and finds a
+//! flipped byte of a sealed pack object (exit 7), as a pull does. With a passphrase:
+//! the first push writes the replica's salt object, another machine pulls with the
+//! passphrase, and a wrong one exits 5.
+//!
+//! Every wait is on a process exit; nothing sleeps.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::Output;
+
+use futures_util::TryStreamExt as _;
+use object_store::ObjectStore as _;
+use tempfile::TempDir;
+
+use crate::encrypted::{keygen, notes, read_key};
+use crate::postgres;
+use crate::s3_serve::{aws_env, new_location, s3_server};
+use crate::sealed::{MARKER, existing_dest};
+use crate::seaweed::{self, ACCESS_KEY, SECRET_KEY};
+use crate::server::{EXIT_CONFLICT, EXIT_NOT_FOUND, Machine, Report, TestServer, assert_fails};
+use crate::util;
+
+const REPLICA: &str = "acme/app.db";
+const EXIT_AUTH: i32 = 5;
+const EXIT_VERIFY: i32 = 7;
+/// The bytes a sealed page adds to the page: nonce and tag.
+const SEAL_OVERHEAD: u64 = 28;
+
+/// Where the commands of a test reach the S3 store.
+enum Target {
+    /// A `serve --store s3://…`.
+    Serve(Box<TestServer>, String),
+    /// The embedded store over S3: `--server s3://…`.
+    Embedded(String),
+}
+
+impl Target {
+    fn location(&self) -> &str {
+        match self {
+            Target::Serve(_, l) | Target::Embedded(l) => l,
+        }
+    }
+
+    /// `sqlferry ARGS` on `m`, through this target.
+    fn run(&self, m: &Machine, args: &[&str]) -> Output {
+        let mut cmd = m.command();
+        cmd.args(args);
+        match self {
+            Target::Serve(s, _) => cmd
+                .arg("--server")
+                .arg(&s.url)
+                .arg("--key")
+                .arg(&s.admin_key),
+            Target::Embedded(l) => cmd
+                .args(["--server", l, "--s3-endpoint"])
+                .arg(&seaweed::shared().endpoint)
+                .envs(aws_env()),
+        };
+        cmd.output().expect("run sqlferry")
+    }
+
+    /// [`Target::run`] with `--json`, asserted to succeed.
+    fn ok(&self, m: &Machine, args: &[&str], what: &str) -> Report {
+        let mut all = args.to_vec();
+        all.push("--json");
+        Report::of(&self.run(m, &all), what)
+    }
+}
+
+/// The bucket of `location` (`s3://BUCKET/PREFIX`) and the prefix, with a runtime to
+/// wait on it: the test's own client, not sqlferry's.
+fn bucket(
+    location: &str,
+) -> (
+    object_store::aws::AmazonS3,
+    object_store::path::Path,
+    tokio::runtime::Runtime,
+) {
+    let rest = location.strip_prefix("s3://").expect("an s3:// location");
+    let (bucket, prefix) = rest.split_once('/').expect("a prefix");
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_endpoint(&seaweed::shared().endpoint)
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_access_key_id(ACCESS_KEY)
+        .with_secret_access_key(SECRET_KEY)
+        .build()
+        .expect("a client of the test bucket");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    (store, object_store::path::Path::from(prefix), runtime)
+}
+
+/// Every object under `location`: its name below the prefix and its bytes.
+fn objects(location: &str) -> Vec<(String, Vec<u8>)> {
+    let (store, prefix, rt) = bucket(location);
+    let listed = rt
+        .block_on(store.list(Some(&prefix)).try_collect::<Vec<_>>())
+        .expect("list the bucket");
+    let mut out: Vec<(String, Vec<u8>)> = listed
+        .into_iter()
+        .map(|meta| {
+            let bytes = rt
+                .block_on(async { store.get(&meta.location).await.expect("get").bytes().await })
+                .expect("read an object");
+            let name = meta.location.to_string();
+            let name = name
+                .strip_prefix(&format!("{prefix}/"))
+                .unwrap_or(&name)
+                .to_owned();
+            (name, bytes.to_vec())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Flips one bit of object `name` under `location`, `at` bytes in.
+fn flip(location: &str, name: &str, at: usize) {
+    let (store, prefix, rt) = bucket(location);
+    let path = object_store::path::Path::from(format!("{prefix}/{name}"));
+    rt.block_on(async {
+        let mut bytes = store
+            .get(&path)
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("read")
+            .to_vec();
+        bytes[at] ^= 0x10;
+        store.put(&path, bytes.into()).await.expect("put it back");
+    });
+}
+
+/// `app.db` of `m`: 40,000 rows that each carry the marker, in WAL mode (about 590
+/// pages), the last change left in the WAL.
+fn marked_wal_db(m: &Machine) -> std::path::PathBuf {
+    let path = m.path("app.db");
+    let conn = util::create(&path, 4096, util::Mode::Wal);
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .expect("no checkpoint");
+    conn.execute_batch(&format!(
+        "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 40000)
+         INSERT INTO notes(body) SELECT '{MARKER} note ' || i || ' of someone''s data' FROM n;"
+    ))
+    .expect("rows");
+    path
+}
+
+/// No object under `location` holds `needle`.
+fn assert_bucket_lacks(location: &str, needle: &[u8], what: &str) {
+    let holding: Vec<String> = objects(location)
+        .into_iter()
+        .filter(|(_, b)| b.windows(needle.len()).any(|w| w == needle))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(holding, Vec::<String>::new(), "objects holding {what}");
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Everything a user does with a replica encrypted by key files, on one target.
+/// `meta`: the PostgreSQL database of a `serve --meta`, whose dump must hold no marker
+/// and the key id of every version.
+fn key_file_round_trip(target: Target, meta: Option<&str>) {
+    let location = target.location().to_owned();
+    let dir = TempDir::new().expect("tempdir");
+    let m = Machine::new(dir.path(), "origin");
+    let other = Machine::new(dir.path(), "other");
+    let db = marked_wal_db(&m);
+    let (a_file, b_file) = (keygen(&m, "a.key"), keygen(&m, "b.key"));
+    let (a_id, b_id) = (
+        read_key(&a_file).id().to_string(),
+        read_key(&b_file).id().to_string(),
+    );
+    let (af, bf) = (s(&a_file), s(&b_file));
+
+    // Version 1 with key A, and a commit message that carries the marker too (it
+    // travels only inside the seal).
+    let message = format!("{MARKER} in a commit message");
+    let first = target.ok(
+        &m,
+        &[
+            "push",
+            "app.db",
+            REPLICA,
+            "-m",
+            &message,
+            "--encryption-key-file",
+            af,
+        ],
+        "the keyed push",
+    );
+    assert_eq!(first.u64("version"), 1);
+    assert_eq!(first.0["encryption_key_id"], a_id.as_str());
+    let digest1 = util::digest(&db);
+    assert_eq!(first.0["plaintext_digest"], digest1.as_str());
+    let total = first.u64("pages_total");
+    assert!(total > 500, "{total} pages");
+
+    // The bucket: no marker anywhere; every pack index a sealed one whose identities
+    // are no page's SHA-256; the version object names the key and keeps the seal.
+    assert_bucket_lacks(&location, MARKER.as_bytes(), "the marker");
+    let hashes = util::page_hashes(&db);
+    let all = objects(&location);
+    let magic = sqlferry::store::s3::IDX_SEALED_MAGIC;
+    let idx: Vec<&Vec<u8>> = all
+        .iter()
+        .filter(|(n, _)| n.ends_with(".idx"))
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(
+        idx.len(),
+        1,
+        "one pack: {:?}",
+        all.iter().map(|o| &o.0).collect::<Vec<_>>()
+    );
+    for bytes in &idx {
+        assert!(bytes.starts_with(magic), "a sealed pack's index");
+        let entries = &bytes[magic.len() + 4..];
+        assert_eq!(entries.len() % (32 + 8 + 4 + 32), 0);
+        for e in entries.chunks_exact(32 + 8 + 4 + 32) {
+            assert!(
+                !hashes.iter().any(|h| h[..] == e[..32]),
+                "a page hash stored"
+            );
+            let len = u32::from_be_bytes(e[40..44].try_into().expect("4 bytes"));
+            assert_eq!(
+                u64::from(len),
+                4096 + SEAL_OVERHEAD,
+                "stored sealed, uncompressed"
+            );
+        }
+    }
+    let v1: serde_json::Value = serde_json::from_slice(
+        &all.iter()
+            .find(|(n, _)| n == "replicas/acme/app.db/v/1")
+            .expect("version 1's object")
+            .1,
+    )
+    .expect("JSON");
+    assert_eq!(v1["encryption_key_id"], a_id.as_str());
+    assert_eq!(v1["format"], 2);
+    assert!(v1["seal"].as_str().is_some_and(|t| !t.is_empty()), "{v1}");
+    assert!(!v1.to_string().contains(MARKER));
+
+    // `versions` names the key id (the index's row too, with --meta).
+    let listed = target.ok(&m, &["versions", REPLICA], "versions");
+    assert_eq!(listed.0[0]["encryption"], a_id.as_str(), "{}", listed.0);
+
+    // Another machine pulls it with the key: the rows, an intact database, the digest.
+    let pulled = target.ok(
+        &other,
+        &["pull", REPLICA, "copy.db", "--encryption-key-file", af],
+        "the keyed pull",
+    );
+    assert_eq!(pulled.u64("version"), 1);
+    let copy = other.path("copy.db");
+    assert_eq!(util::digest(&copy), digest1);
+    assert_eq!(util::integrity(&copy), "ok");
+    assert_eq!(notes(&copy).0, 40_000);
+    assert!(notes(&copy).1.contains(MARKER));
+
+    // A wrong key: exit 5 naming both key ids, LOCAL byte for byte as it was.
+    let (dest, before) = existing_dest(&other.work);
+    let out = target.run(
+        &other,
+        &[
+            "pull",
+            REPLICA,
+            s(&dest),
+            "--force",
+            "--encryption-key-file",
+            bf,
+        ],
+    );
+    let line = assert_fails(&out, EXIT_AUTH, &a_id);
+    assert!(line.contains(&b_id), "{line}");
+    assert_eq!(
+        std::fs::read(&dest).expect("read"),
+        before,
+        "LOCAL unchanged"
+    );
+
+    // A 1% change (400 of 40,000 rows, side by side): about 1% of the pages sent and
+    // uploaded.
+    util::open(&db)
+        .execute(
+            "UPDATE notes SET body = 'changed ' || id WHERE id <= 400",
+            [],
+        )
+        .expect("update");
+    let digest2 = util::digest(&db);
+    let objects_before = objects(&location);
+    let second = target.ok(
+        &m,
+        &["push", "app.db", REPLICA, "--encryption-key-file", af],
+        "the 1% push",
+    );
+    assert_eq!(second.u64("version"), 2);
+    let sent = second.u64("pages_sent");
+    assert!(
+        sent >= 1 && sent * 40 <= total,
+        "{sent} of {total} pages sent for 1% of the rows"
+    );
+    let new: Vec<(String, usize)> = objects(&location)
+        .into_iter()
+        .filter(|o| !objects_before.contains(o))
+        .map(|(n, b)| (n, b.len()))
+        .collect();
+    let pack: u64 = new
+        .iter()
+        .filter(|(n, _)| n.ends_with(".pack"))
+        .map(|(_, l)| *l as u64)
+        .sum();
+    assert_eq!(
+        pack,
+        sent * (4096 + SEAL_OVERHEAD),
+        "only the pages sent: {new:?}"
+    );
+    let uploaded: u64 = new.iter().map(|(_, l)| *l as u64).sum();
+    eprintln!(
+        "a 1% change: {sent} of {total} pages sent, {uploaded} bytes uploaded in {} objects",
+        new.len()
+    );
+    assert!(
+        uploaded * 20 < total * 4096,
+        "{uploaded} bytes uploaded for a 1% change: {new:?}"
+    );
+
+    // Refused before anything is stored, the bucket unchanged: a keyless push, another
+    // key without a rekey, and a sealed push from a stale base, forced or not.
+    let unchanged = objects(&location);
+    let out = target.run(&m, &["push", "app.db", REPLICA]);
+    assert_fails(&out, EXIT_AUTH, "is encrypted");
+    let out = target.run(
+        &m,
+        &["push", "app.db", REPLICA, "--encryption-key-file", bf],
+    );
+    let line = assert_fails(&out, EXIT_AUTH, &a_id);
+    assert!(line.contains(&b_id), "{line}");
+    util::open(&copy)
+        .execute("UPDATE notes SET body = 'stale' WHERE id = 5000", [])
+        .expect("update the copy");
+    for force in [false, true] {
+        let mut args = vec!["push", "copy.db", REPLICA, "--encryption-key-file", af];
+        if force {
+            args.push("--force");
+        }
+        let out = target.run(&other, &args);
+        assert_eq!(util::code(&out), EXIT_CONFLICT, "{}", util::stderr(&out));
+    }
+    assert!(objects(&location) == unchanged, "the bucket unchanged");
+
+    // A plaintext replica (of a database without the marker) takes no keyed push.
+    util::create(&m.path("plain.db"), 4096, util::Mode::Wal)
+        .execute_batch("CREATE TABLE plain(x); INSERT INTO plain VALUES ('plain');")
+        .expect("a plaintext database");
+    target.ok(
+        &m,
+        &["push", "plain.db", "acme/plain.db"],
+        "a plaintext push",
+    );
+    let out = target.run(
+        &m,
+        &[
+            "push",
+            "plain.db",
+            "acme/plain.db",
+            "--encryption-key-file",
+            af,
+        ],
+    );
+    assert_fails(&out, EXIT_AUTH, "is not encrypted");
+
+    // The rekey to B: version 3, every page sent; each version pulls with its own key.
+    let before_rekey: Vec<String> = objects(&location).into_iter().map(|(n, _)| n).collect();
+    let rekeyed = target.ok(
+        &m,
+        &[
+            "rekey",
+            REPLICA,
+            "--new-key-file",
+            bf,
+            "--encryption-key-file",
+            af,
+        ],
+        "the rekey",
+    );
+    assert_eq!(rekeyed.u64("version"), 3);
+    assert_eq!(rekeyed.0["encryption_key_id"], b_id.as_str());
+    assert_eq!(rekeyed.u64("pages_sent"), rekeyed.u64("pages_total"));
+    assert_bucket_lacks(&location, MARKER.as_bytes(), "the marker");
+    let at = |n: u32| format!("{REPLICA}@{n}");
+    for (spec, key, digest) in [(at(1), af, &digest1), (at(3), bf, &digest2)] {
+        let name = format!("v{}.db", &spec[spec.len() - 1..]);
+        let r = target.ok(
+            &other,
+            &["pull", &spec, &name, "--encryption-key-file", key],
+            "a pull of a version with its key",
+        );
+        assert_eq!(util::digest(&other.path(&name)), *digest, "{}", r.0);
+        assert_eq!(util::integrity(&other.path(&name)), "ok");
+    }
+    let out = target.run(
+        &other,
+        &["pull", REPLICA, "old-key.db", "--encryption-key-file", af],
+    );
+    let line = assert_fails(&out, EXIT_AUTH, &b_id);
+    assert!(line.contains(&a_id), "{line}");
+
+    // Retention keeps the last version only: versions 1 and 2 (key A) become
+    // tombstones, and a server's sweep (grace 0 s) deletes the packs only they name,
+    // keeping the rekey's; the latest still pulls with B, version 1 is refused.
+    let (rekey_pack, len) = objects(&location)
+        .into_iter()
+        .map(|(n, b)| (n, b.len()))
+        .find(|(n, _)| n.ends_with(".pack") && !before_rekey.contains(n))
+        .expect("the rekey's pack");
+    target.ok(
+        &m,
+        &["retention", REPLICA, "--keep-last", "1"],
+        "retention --keep-last 1",
+    );
+    let pruned = target.ok(&m, &["prune", REPLICA], "prune");
+    assert_eq!(
+        pruned.0["removed"],
+        serde_json::json!([1, 2]),
+        "{}",
+        pruned.0
+    );
+    if matches!(target, Target::Serve(..)) {
+        let packs: Vec<String> = objects(&location)
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.ends_with(".pack"))
+            .collect();
+        assert_eq!(packs.len(), 2, "the rekey's and plain.db's: {packs:?}");
+        assert!(packs.contains(&rekey_pack), "{packs:?}");
+    }
+    let after = target.ok(
+        &other,
+        &[
+            "pull",
+            REPLICA,
+            "after-prune.db",
+            "--encryption-key-file",
+            bf,
+        ],
+        "a pull after the prune",
+    );
+    assert_eq!(after.u64("version"), 3);
+    assert_eq!(util::digest(&other.path("after-prune.db")), digest2);
+    let out = target.run(
+        &other,
+        &["pull", &at(1), "gone.db", "--encryption-key-file", af],
+    );
+    assert_eq!(util::code(&out), EXIT_NOT_FOUND, "{}", util::stderr(&out));
+
+    // verify REMOTE with the key: the plaintext digest; then a flipped byte of the
+    // rekey's sealed pack is found (exit 7), by verify and by a pull (LOCAL unchanged).
+    let verified = target.ok(
+        &m,
+        &["verify", "--replica", REPLICA, "--encryption-key-file", bf],
+        "verify with the key",
+    );
+    assert_eq!(verified.0["digest"], digest2.as_str(), "{}", verified.0);
+    assert_eq!(verified.0["integrity"], serde_json::json!(["ok"]));
+    flip(&location, &rekey_pack, len / 2);
+    let out = target.run(
+        &m,
+        &["verify", "--replica", REPLICA, "--encryption-key-file", bf],
+    );
+    assert_fails(&out, EXIT_VERIFY, "damaged");
+    let (dest, before) = existing_dest(&m.work);
+    let out = target.run(
+        &m,
+        &[
+            "pull",
+            REPLICA,
+            s(&dest),
+            "--force",
+            "--encryption-key-file",
+            bf,
+        ],
+    );
+    assert_eq!(
+        util::code(&out),
+        EXIT_VERIFY,
+        "{} {}",
+        util::stderr(&out),
+        util::stdout(&out)
+    );
+    assert_eq!(
+        std::fs::read(&dest).expect("read"),
+        before,
+        "LOCAL unchanged"
+    );
+
+    // PostgreSQL holds no marker, and the key id of each version.
+    if let Some(url) = meta {
+        let dump = postgres::shared().dump(url.rsplit('/').next().expect("a database name"));
+        assert!(
+            !dump.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+            "the marker in the PostgreSQL dump"
+        );
+        let text = String::from_utf8_lossy(&dump);
+        assert!(
+            text.contains(&a_id) && text.contains(&b_id),
+            "the key ids in the index"
+        );
+    }
+}
+
+#[test]
+fn a_key_file_replica_through_a_server_over_s3_with_meta() {
+    let dir = TempDir::new().expect("tempdir");
+    let location = new_location();
+    let meta = postgres::shared().database();
+    let server = s3_server(
+        dir.path(),
+        "s3",
+        &location,
+        &["--meta", &meta, "--gc-grace", "0s"],
+        None,
+    );
+    key_file_round_trip(Target::Serve(Box::new(server), location), Some(&meta));
+}
+
+#[test]
+fn a_key_file_replica_in_the_embedded_store_over_s3() {
+    key_file_round_trip(Target::Embedded(new_location()), None);
+}
+
+/// A passphrase file `name` on `m` holding `text` and a newline, mode 0600.
+fn passphrase_file(m: &Machine, name: &str, text: &str) -> std::path::PathBuf {
+    let path = m.path(name);
+    std::fs::write(&path, format!("{text}\n")).expect("write the passphrase file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+/// A replica encrypted with a passphrase, on one target.
+fn passphrase_round_trip(target: Target) {
+    const PASSPHRASE: &str = "correct horse battery staple";
+    let location = target.location().to_owned();
+    let dir = TempDir::new().expect("tempdir");
+    let m = Machine::new(dir.path(), "origin");
+    let other = Machine::new(dir.path(), "other");
+    let db = marked_wal_db(&m);
+    let pf = passphrase_file(&m, "pass", PASSPHRASE);
+    let first = target.ok(
+        &m,
+        &["push", "app.db", REPLICA, "--passphrase-file", s(&pf)],
+        "the first push with a passphrase",
+    );
+    assert_eq!(first.u64("version"), 1);
+    // The salt object: one, public by design; no marker and no passphrase anywhere.
+    let all = objects(&location);
+    let salt = &all
+        .iter()
+        .find(|(n, _)| n == "replicas/acme/app.db/passphrase.json")
+        .expect("the replica's salt object")
+        .1;
+    let salt: serde_json::Value = serde_json::from_slice(salt).expect("JSON");
+    assert_eq!(salt["salt"].as_str().map(str::len), Some(32), "{salt}");
+    assert_bucket_lacks(&location, MARKER.as_bytes(), "the marker");
+    assert_bucket_lacks(&location, PASSPHRASE.as_bytes(), "the passphrase");
+
+    // Another machine pulls with the same passphrase; a change follows.
+    let of = passphrase_file(&other, "pass", PASSPHRASE);
+    target.ok(
+        &other,
+        &["pull", REPLICA, "copy.db", "--passphrase-file", s(&of)],
+        "the pull with the passphrase",
+    );
+    let copy = other.path("copy.db");
+    assert_eq!(util::digest(&copy), util::digest(&db));
+    assert_eq!(util::integrity(&copy), "ok");
+    util::open(&db)
+        .execute("UPDATE notes SET body = 'changed' WHERE id = 77", [])
+        .expect("update");
+    let second = target.ok(
+        &m,
+        &["push", "app.db", REPLICA, "--passphrase-file", s(&pf)],
+        "the second push with the passphrase",
+    );
+    assert_eq!(second.u64("version"), 2);
+    assert!(second.u64("pages_sent") <= 4, "{}", second.0);
+    target.ok(
+        &other,
+        &["pull", REPLICA, "copy.db", "--passphrase-file", s(&of)],
+        "the pull of version 2",
+    );
+    assert_eq!(notes(&copy), (40_000, "changed".into()));
+    assert_eq!(
+        objects(&location)
+            .iter()
+            .filter(|(n, _)| n.ends_with("passphrase.json"))
+            .count(),
+        1,
+        "the salt is written once"
+    );
+
+    // A wrong passphrase: exit 5, LOCAL byte for byte as it was.
+    let wrong = passphrase_file(&other, "wrong", "another passphrase entirely");
+    let (dest, before) = existing_dest(&other.work);
+    let out = target.run(
+        &other,
+        &[
+            "pull",
+            REPLICA,
+            s(&dest),
+            "--force",
+            "--passphrase-file",
+            s(&wrong),
+        ],
+    );
+    assert_fails(&out, EXIT_AUTH, "--passphrase-file");
+    assert_eq!(
+        std::fs::read(&dest).expect("read"),
+        before,
+        "LOCAL unchanged"
+    );
+}
+
+#[test]
+fn a_passphrase_replica_through_a_server_over_s3() {
+    let dir = TempDir::new().expect("tempdir");
+    let location = new_location();
+    let server = s3_server(dir.path(), "s3", &location, &[], None);
+    passphrase_round_trip(Target::Serve(Box::new(server), location));
+}
+
+#[test]
+fn a_passphrase_replica_in_the_embedded_store_over_s3() {
+    passphrase_round_trip(Target::Embedded(new_location()));
+}
