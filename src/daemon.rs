@@ -531,7 +531,7 @@ async fn stretch(
     pass: &config::ConfiguredPassphrase,
     making: bool,
 ) -> Result<EncryptionKey> {
-    let salted = match server.passphrase(replica, key).await? {
+    let salted = match server.passphrase(replica, key, making).await? {
         Some(salted) => salted,
         None if making => crate::crypt::PassphraseSalt::new()?,
         None => {
