@@ -188,6 +188,48 @@ pub fn chunk_pages(idx: u32, page_count: u32) -> std::ops::RangeInclusive<u32> {
     first..=last
 }
 
+/// Whether any of `pages` (1-based page numbers) has its bit set in `bits` (bit
+/// `pgno - 1`), a word at a time: a push asks it of every chunk of the database, so
+/// its cost is the file's size over 64, not the file's size (a 10 GiB database has
+/// 2.6 million pages).
+pub fn any_page_set(bits: &[u64], pages: std::ops::RangeInclusive<u32>) -> bool {
+    if pages.is_empty() {
+        return false;
+    }
+    let (first, last) = ((*pages.start() - 1) as usize, (*pages.end() - 1) as usize);
+    let (first_word, last_word) = (first / 64, last / 64);
+    (first_word..=last_word).any(|w| {
+        let mut word = bits[w];
+        if w == first_word {
+            word &= !0u64 << (first % 64);
+        }
+        if w == last_word {
+            word &= !0u64 >> (63 - last % 64);
+        }
+        word != 0
+    })
+}
+
+/// The 1-based page numbers whose bit is set in `bits` (bit `pgno - 1`) among the
+/// first `page_count`, in order, skipping empty words whole.
+pub fn pages_set(bits: &[u64], page_count: u32) -> impl Iterator<Item = u32> + '_ {
+    bits.iter()
+        .enumerate()
+        .flat_map(move |(w, &word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                if rest == 0 {
+                    return None;
+                }
+                let bit = rest.trailing_zeros();
+                rest &= rest - 1;
+                Some(w as u64 * 64 + u64::from(bit) + 1)
+            })
+        })
+        .take_while(move |&p| p <= u64::from(page_count))
+        .map(|p| p as u32)
+}
+
 /// Which of the two forms a digest is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DigestForm {
@@ -898,6 +940,50 @@ mod tests {
         let before = chunked_by_definition(4096, &hashes);
         hashes[1500] = page(0);
         assert_ne!(chunked_by_definition(4096, &hashes), before);
+    }
+
+    #[test]
+    fn page_bits_read_a_word_at_a_time_say_what_bit_by_bit_says() {
+        let bit_by_bit = |bits: &[u64], pgno: u32| {
+            let i = (pgno - 1) as usize;
+            bits[i / 64] & (1 << (i % 64)) != 0
+        };
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..80 {
+            let words = 1 + round % 12;
+            let mut bits = vec![0u64; words];
+            // Sparse, dense and empty sets, with bits at the words' edges.
+            for w in bits.iter_mut() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                *w = match round % 4 {
+                    0 => 0,
+                    1 => rng & (rng >> 11) & (rng >> 23),
+                    2 => rng,
+                    _ => (1 << 63) | 1,
+                };
+            }
+            let page_count = (words * 64) as u32 - (rng % 64) as u32;
+            for first in 1..=page_count {
+                for last in [
+                    first,
+                    first + 1,
+                    first + 62,
+                    first + 63,
+                    first + 64,
+                    first + 130,
+                    page_count,
+                ] {
+                    let last = last.min(page_count);
+                    let want = (first..=last).any(|p| bit_by_bit(&bits, p));
+                    assert_eq!(any_page_set(&bits, first..=last), want, "{first}..={last}");
+                }
+            }
+            assert!(!any_page_set(&bits, chunk_pages(99, page_count)));
+            let want: Vec<u32> = (1..=page_count).filter(|&p| bit_by_bit(&bits, p)).collect();
+            assert_eq!(pages_set(&bits, page_count).collect::<Vec<_>>(), want);
+        }
     }
 
     #[test]

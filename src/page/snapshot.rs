@@ -140,7 +140,7 @@ impl Follow {
     fn touched(&self, idx: u32, page_count: u32) -> bool {
         let pages = chunk_pages(idx, page_count);
         chunk_pages(idx, self.list.stamp.page_count) != pages
-            || pages.into_iter().any(|p| is_set(&self.changed, p))
+            || crate::digest::any_page_set(&self.changed, pages)
     }
 }
 
@@ -459,11 +459,9 @@ impl Snapshot {
     pub fn changed_pages(&self) -> Option<Vec<u32>> {
         self.decide();
         match &*self.plan.borrow() {
-            Some(Plan::Follow(follow)) => Some(
-                (1..=self.page_count)
-                    .filter(|&p| is_set(&follow.changed, p))
-                    .collect(),
-            ),
+            Some(Plan::Follow(follow)) => {
+                Some(crate::digest::pages_set(&follow.changed, self.page_count).collect())
+            }
             _ => None,
         }
     }
