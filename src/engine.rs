@@ -28,7 +28,6 @@
 //! engine; transports only move frames.
 
 mod link;
-mod opener;
 mod origin;
 mod replica;
 mod seal;
