@@ -468,21 +468,39 @@ fn random_nonce() -> Result<[u8; NONCE_BYTES]> {
         static POOL: RefCell<(Vec<u8>, usize)> = const { RefCell::new((Vec::new(), 0)) };
     }
     POOL.with_borrow_mut(|(bytes, used)| {
-        if *used == bytes.len() {
-            bytes.resize(NONCE_BYTES * NONCES_PER_DRAW, 0);
-            getrandom::fill(bytes).map_err(|e| {
-                bytes.clear();
-                Error::Bug(format!("the system gave no random bytes for a nonce: {e}"))
-            })?;
-            *used = 0;
-        }
-        let mut nonce = [0u8; NONCE_BYTES];
-        nonce.copy_from_slice(&bytes[*used..*used + NONCE_BYTES]);
-        // Used: never handed out again.
-        bytes[*used..*used + NONCE_BYTES].fill(0);
-        *used += NONCE_BYTES;
-        Ok(nonce)
+        next_nonce(bytes, used, &mut |b| {
+            getrandom::fill(b).map_err(|e| e.to_string())
+        })
     })
+}
+
+/// The next nonce of the pool `bytes` (`used` of its bytes handed out), drawn again
+/// with `fill` when it is used up. A draw that fails leaves the pool empty, to be
+/// drawn again by the next call.
+fn next_nonce(
+    bytes: &mut Vec<u8>,
+    used: &mut usize,
+    fill: &mut dyn FnMut(&mut [u8]) -> std::result::Result<(), String>,
+) -> Result<[u8; NONCE_BYTES]> {
+    if *used == bytes.len() {
+        bytes.resize(NONCE_BYTES * NONCES_PER_DRAW, 0);
+        if let Err(e) = fill(bytes) {
+            bytes.clear();
+            // Empty and all used: the next call draws again (with `used` left at
+            // the old pool's end it would index past the empty pool and panic).
+            *used = 0;
+            return Err(Error::Bug(format!(
+                "the system gave no random bytes for a nonce: {e}"
+            )));
+        }
+        *used = 0;
+    }
+    let mut nonce = [0u8; NONCE_BYTES];
+    nonce.copy_from_slice(&bytes[*used..*used + NONCE_BYTES]);
+    // Used: never handed out again.
+    bytes[*used..*used + NONCE_BYTES].fill(0);
+    *used += NONCE_BYTES;
+    Ok(nonce)
 }
 
 /// 32 random bytes for a new key.
@@ -740,6 +758,66 @@ mod tests {
             k.seal_page(&id, b"x", &mut s).unwrap();
             assert!(nonces.insert(s[..NONCE_BYTES].to_vec()), "a nonce repeated");
         }
+    }
+
+    /// Each thread draws its own pool: threads sealing at once (the opener's, a
+    /// daemon's units, a server's sessions) never hand out the same nonce, and a pool
+    /// is never handed out twice on its own thread either. (Nothing in sqlferry forks
+    /// without exec, so no child inherits a pool.)
+    #[test]
+    fn nonces_are_unique_across_threads_sealing_at_once() {
+        let k = key(6);
+        let id = k.page_identity(&crate::digest::sha256(b"p"));
+        let per_thread = NONCES_PER_DRAW * 2 + 17;
+        let all: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..per_thread)
+                            .map(|_| {
+                                let mut out = Vec::new();
+                                k.seal_page(&id, b"same page", &mut out).expect("sealed");
+                                out[..NONCE_BYTES].to_vec()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let unique: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(unique.len(), 8 * per_thread, "a nonce repeated");
+        assert!(
+            !unique.contains(&vec![0u8; NONCE_BYTES]),
+            "a used (zeroed) slot handed out"
+        );
+    }
+
+    /// A draw of the pool that fails (the system's random source) is the seal's
+    /// error; the next seal draws again, and gets fresh nonces, not a panic or the
+    /// old pool's.
+    #[test]
+    fn a_failed_draw_of_the_nonce_pool_is_an_error_and_the_next_draws_again() {
+        let (mut bytes, mut used) = (Vec::new(), 0);
+        let mut draws = 0u8;
+        let mut fill = |b: &mut [u8]| {
+            draws += 1;
+            b.fill(draws);
+            Ok(())
+        };
+        let first = next_nonce(&mut bytes, &mut used, &mut fill).expect("first");
+        for _ in 1..NONCES_PER_DRAW {
+            next_nonce(&mut bytes, &mut used, &mut fill).expect("the pool");
+        }
+        let err = next_nonce(&mut bytes, &mut used, &mut |_| Err("no entropy".into()))
+            .expect_err("the draw failed");
+        assert!(err.to_string().contains("no entropy"), "{err}");
+        let again = next_nonce(&mut bytes, &mut used, &mut fill).expect("drawn again");
+        assert_eq!(first, [1; NONCE_BYTES]);
+        assert_eq!(again, [2; NONCE_BYTES], "a fresh draw");
     }
 
     #[test]
