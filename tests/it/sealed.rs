@@ -510,3 +510,184 @@ fn frames_out_of_their_session_are_protocol_errors() {
         assert!(err.to_string().contains(words), "{what}: {err}");
     }
 }
+
+/// What a hostile store (or server) does to the sealed pages it relays.
+#[derive(Clone, Copy, Debug)]
+enum Hostile {
+    /// Every page, last first.
+    Reversed,
+    /// Page `n` sent again right after itself.
+    Twice(u32),
+    /// After the last page, one past the page count (another page's sealed bytes).
+    PastCount,
+    /// The stored read fails after `n` pages: the origin sends ERROR mid-batch.
+    FailAfter(u32),
+    /// The origin dies after `n` pages: the link drops mid-batch.
+    DieAfter(u32),
+    /// The last page's sealed bytes changed: it fails in the last batch, just
+    /// before COMMIT.
+    BadLast,
+}
+
+/// The keeper as a hostile origin of a pull.
+struct HostileRelay<'a>(&'a Keeper, Hostile);
+
+impl PageSource for HostileRelay<'_> {
+    fn page_size(&self) -> u32 {
+        self.0.page_size
+    }
+    fn page_count(&self) -> u32 {
+        self.0.page_count
+    }
+    fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()> {
+        let mut order: Vec<(u32, Hash, Vec<u8>)> = self
+            .0
+            .pages
+            .iter()
+            .map(|(&p, (id, sealed))| (p, *id, sealed.clone()))
+            .collect();
+        let last = self.0.page_count;
+        match self.1 {
+            Hostile::Reversed => order.reverse(),
+            Hostile::Twice(n) => {
+                let at = order.iter().position(|(p, ..)| *p == n).expect("page n");
+                let again = order[at].clone();
+                order.insert(at + 1, again);
+            }
+            Hostile::PastCount => {
+                let (_, id, sealed) = order[3].clone();
+                order.push((last + 1, id, sealed));
+            }
+            Hostile::BadLast => {
+                order.last_mut().expect("a page").2[300] ^= 0x40;
+            }
+            Hostile::FailAfter(_) | Hostile::DieAfter(_) => {}
+        }
+        for (i, (pgno, id, sealed)) in order.iter().enumerate() {
+            match self.1 {
+                Hostile::FailAfter(n) if i as u32 == n => {
+                    return Err(Error::Verification(
+                        "stored page damaged (the hostile relay's own error)".into(),
+                    ));
+                }
+                Hostile::DieAfter(n) if i as u32 == n => panic!("the origin dies mid-batch"),
+                _ => {}
+            }
+            f(
+                *pgno,
+                *id,
+                (*pgno > with_data_after).then_some(sealed.as_slice()),
+            )?;
+        }
+        Ok(())
+    }
+    fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
+        buf.extend_from_slice(&self.0.pages[&pgno].1);
+        Ok(())
+    }
+    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<Hash>>>> {
+        Ok(None)
+    }
+    fn scan_chunk(&mut self, idx: u32, _f: &mut ScanFn<'_>) -> Result<Hash> {
+        Err(Error::Bug(format!("chunk {idx} of a relay")))
+    }
+    fn chunks_done(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A keyed pull from a hostile relay into `dest`: the replica's result (the origin's
+/// thread may die, as `DieAfter` asks).
+fn pull_hostile(keeper: &Keeper, dest: &Path, k: &EncryptionKey, how: Hostile) -> Result<()> {
+    let (mut origin_link, mut replica_link) = engine::mem_pair();
+    let mut writer = Writer::open(dest).expect("writer").with_hash_cache(None);
+    let seal = keeper.seal.clone().expect("a seal was kept");
+    std::thread::scope(|s| {
+        let replica = s.spawn(move || {
+            let opening = Some(Opening {
+                key: k,
+                replica: REPLICA,
+                version: 1,
+            });
+            engine::run_replica_opening(&mut writer, &mut replica_link, &NoProgress, opening)
+        });
+        let origin = s.spawn(move || {
+            let mut source = HostileRelay(keeper, how);
+            let options = OriginOptions {
+                sealing: Some(Sealing::Relay { seal }),
+                ..OriginOptions::default()
+            };
+            let _ = engine::run_origin_with(&mut source, &mut origin_link, &NoProgress, options);
+        });
+        let died = origin.join().is_err();
+        assert_eq!(died, matches!(how, Hostile::DieAfter(_)), "{how:?}");
+        replica.join().expect("replica thread").map(|_| ())
+    })
+}
+
+/// A hostile relay of a keyed pull, several batches of sealed pages long: pages out of
+/// order are taken (each is written where it belongs), and a page sent twice, a page
+/// past the count, an ERROR or a dropped link mid-batch, or a page that fails to open
+/// in the last batch before COMMIT each end the session with the replica's file byte
+/// for byte as it was, and the replica returns (its opening thread is joined: a hang
+/// here would hang the test).
+#[test]
+fn a_hostile_relay_of_sealed_pages_changes_nothing_and_never_hangs() {
+    let dir = TempDir::new().expect("tempdir");
+    let src = dir.path().join("big.db");
+    let conn = util::create(&src, 4096, Mode::Wal);
+    conn.execute_batch("CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)")
+        .expect("schema");
+    for i in 0..12_000 {
+        conn.execute(
+            "INSERT INTO notes(body) VALUES (?1)",
+            [format!(
+                "{MARKER} note {i} padded to spread over many pages"
+            )],
+        )
+        .expect("insert");
+    }
+    drop(conn);
+    let k = key(7);
+    let mut keeper = Keeper::default();
+    push_sealed(&src, &mut keeper, &k, 1);
+    let pages = keeper.pages.len() as u32;
+    assert!(
+        pages > 32 * 4 * 2 + 5,
+        "{pages} pages: more than the opener's bound"
+    );
+
+    let fresh = dir.path().join("reversed.db");
+    pull_hostile(&keeper, &fresh, &k, Hostile::Reversed).expect("pages out of order");
+    util::assert_same(&src, &fresh);
+
+    let cases = [
+        (Hostile::Twice(100), ErrorKind::Protocol, "sent twice"),
+        (
+            Hostile::PastCount,
+            ErrorKind::Protocol,
+            "outside the database",
+        ),
+        (
+            Hostile::FailAfter(150),
+            ErrorKind::Verification,
+            "hostile relay's own error",
+        ),
+        (Hostile::DieAfter(150), ErrorKind::Protocol, ""),
+        (Hostile::BadLast, ErrorKind::Verification, "does not open"),
+    ];
+    for (how, kind, words) in cases {
+        let (dest, bytes) = existing_dest(dir.path());
+        let err = pull_hostile(&keeper, &dest, &k, how).expect_err(&format!("{how:?}"));
+        assert_eq!(err.kind(), kind, "{how:?}: {err}");
+        assert!(err.to_string().contains(words), "{how:?}: {err}");
+        assert_eq!(
+            std::fs::read(&dest).expect("read"),
+            bytes,
+            "{how:?}: the replica's file changed"
+        );
+        assert_eq!(util::integrity(&dest), "ok", "{how:?}");
+        std::fs::remove_file(&dest).expect("rm");
+    }
+}
