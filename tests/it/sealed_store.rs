@@ -623,3 +623,106 @@ fn the_store_keeps_one_passphrase_salt_per_replica() {
     assert_eq!(v2.number, 2);
     assert_eq!(store.passphrase(&r).expect("asked"), Some(first));
 }
+
+/// Every page a full read of `version` of `replica` hands on, with (pages read where a
+/// hint said, hinted pages read again through the index).
+fn scan_all(store: &Store, replica: &str, version: u64) -> (Vec<Vec<u8>>, (u64, u64)) {
+    use sqlferry::engine::PageSource;
+    let mut r = store
+        .read(
+            &ReplicaPath::parse(replica).expect("valid"),
+            Selector::Number(version),
+        )
+        .expect("read");
+    let mut pages = Vec::new();
+    r.scan(0, &mut |_, _, data| {
+        pages.push(data.expect("data asked of every page").to_vec());
+        Ok(())
+    })
+    .expect("scan");
+    (pages, r.hinted())
+}
+
+/// The place hints of the replica file of `replica` (one row a chunk).
+fn places(root: &Path, replica: &str) -> Connection {
+    let file = root.join("replicas").join(format!("{replica}.sqlferry"));
+    assert!(file.exists(), "{}", file.display());
+    Connection::open(file).expect("open the replica file")
+}
+
+/// `runs` with the sealed bit set on every summed entry's length: a hint edited to
+/// call plaintext entries sealed (their sums still match their bytes).
+fn marked_sealed(runs: &[u8]) -> Vec<u8> {
+    let mut out = runs.to_vec();
+    let mut at = 0;
+    while at < out.len() {
+        let pack = i64::from_le_bytes(out[at..at + 8].try_into().expect("8"));
+        let count = u32::from_le_bytes(out[at + 16..at + 20].try_into().expect("4")) as usize;
+        at += 20;
+        assert!(pack < 0, "a run with sums");
+        for _ in 0..count {
+            let len = u32::from_le_bytes(out[at..at + 4].try_into().expect("4")) | 1 << 30;
+            out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            at += 12;
+        }
+    }
+    out
+}
+
+/// A sealed version whose place hint names a plaintext replica's entries (a stale
+/// hint, or one edited to call them sealed, their sums intact): the store never hands
+/// a plaintext page as a sealed one. Each page is read again through the index, and a
+/// keyed pull rebuilds the database.
+#[test]
+fn a_hint_naming_plaintext_entries_never_hands_plaintext_as_a_sealed_page() {
+    let dir = TempDir::new().expect("tempdir");
+    let src = marked_db(dir.path());
+    let root = dir.path().join("store");
+    let store = Store::new(&root);
+    let k = key(7);
+    const SEALED: &str = "acme/sealed.db";
+    const PLAIN: &str = "acme/plain.db";
+    push(&store, SEALED, &src, Some(&k), None).expect("sealed push");
+    push(&store, PLAIN, &src, None, None).expect("plaintext push");
+    let (pages, hinted) = scan_all(&store, SEALED, 1);
+    let n = pages.len() as u64;
+    assert_eq!(hinted, (n, 0), "every page read where its hint said");
+
+    let plain_runs: Vec<u8> = places(&root, PLAIN)
+        .query_row("SELECT runs FROM places", [], |r| r.get(0))
+        .expect("one chunk's hint");
+    let marker = MARKER.as_bytes();
+    for (what, runs) in [
+        ("a stale hint", plain_runs.clone()),
+        ("a hint edited to say sealed", marked_sealed(&plain_runs)),
+    ] {
+        let conn = places(&root, SEALED);
+        let changed = conn
+            .execute("UPDATE places SET runs = ?1", [&runs])
+            .expect("plant the hint");
+        assert_eq!(changed, 1, "one chunk");
+        drop(conn);
+        let (pages, (hinted, stale)) = scan_all(&store, SEALED, 1);
+        for (i, page) in pages.iter().enumerate() {
+            assert_eq!(
+                page.len(),
+                4096 + 28,
+                "{what}: page {} is no sealed page",
+                i + 1
+            );
+            assert!(
+                !page.windows(marker.len()).any(|w| w == marker),
+                "{what}: page {} handed in clear",
+                i + 1
+            );
+        }
+        assert_eq!(
+            (hinted, stale),
+            (n, n),
+            "{what}: every hinted page read again"
+        );
+        let dest = dir.path().join(format!("{}.db", what.replace(' ', "-")));
+        pull(&store, SEALED, 1, &dest, Some(&k)).expect("keyed pull");
+        util::assert_same(&src, &dest);
+    }
+}
