@@ -658,3 +658,158 @@ fn a_passphrase_replica_through_a_server_over_s3() {
 fn a_passphrase_replica_in_the_embedded_store_over_s3() {
     passphrase_round_trip(Target::Embedded(new_location()));
 }
+
+/// Replaces object `name` under `location` with `bytes`.
+fn put(location: &str, name: &str, bytes: Vec<u8>) {
+    let (store, prefix, rt) = bucket(location);
+    let path = object_store::path::Path::from(format!("{prefix}/{name}"));
+    rt.block_on(store.put(&path, bytes.into()))
+        .expect("put the object");
+}
+
+/// The bytes of object `name` under `location`.
+fn object(location: &str, name: &str) -> Vec<u8> {
+    objects(location)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("object {name}"))
+        .1
+}
+
+/// A hostile bucket under the embedded store: a sealed pack index whose checksum of
+/// one entry was edited, a version object whose key id was edited (to another key the
+/// puller holds, and to one it does not), and a passphrase salt object replaced by
+/// another salt. Each pull fails with LOCAL byte for byte as it was, on a machine
+/// whose cache never saw the true objects; a push onto the edited replica is refused
+/// and stores no version.
+#[test]
+fn a_hostile_bucket_changes_no_local_file() {
+    let location = new_location();
+    let target = Target::Embedded(location.clone());
+    let dir = TempDir::new().expect("tempdir");
+    let m = Machine::new(dir.path(), "origin");
+    marked_wal_db(&m);
+    let (a_file, b_file) = (keygen(&m, "a.key"), keygen(&m, "b.key"));
+    let b_id = read_key(&b_file).id().to_string();
+    let (af, bf) = (s(&a_file), s(&b_file));
+    target.ok(
+        &m,
+        &["push", "app.db", REPLICA, "--encryption-key-file", af],
+        "the keyed push",
+    );
+    let mut fresh = 0;
+    let mut refused = |args: &[&str], code: i32, words: &str, what: &str| {
+        fresh += 1;
+        let other = Machine::new(dir.path(), &format!("other{fresh}"));
+        let (dest, before) = existing_dest(&other.work);
+        let mut all = vec!["pull", REPLICA, s(&dest), "--force"];
+        all.extend_from_slice(args);
+        let out = target.run(&other, &all);
+        let line = assert_fails(&out, code, words);
+        assert_eq!(
+            std::fs::read(&dest).expect("read"),
+            before,
+            "{what}: LOCAL changed ({line})"
+        );
+    };
+
+    // One entry's checksum in the sealed pack index, edited.
+    let idx_name = objects(&location)
+        .into_iter()
+        .find(|(n, _)| n.ends_with(".idx"))
+        .expect("a pack index")
+        .0;
+    let idx = object(&location, &idx_name);
+    let magic = sqlferry::store::s3::IDX_SEALED_MAGIC;
+    let mut edited = idx.clone();
+    edited[magic.len() + 4 + 5 * (32 + 8 + 4 + 32) + 44 + 3] ^= 0x01;
+    put(&location, &idx_name, edited);
+    refused(
+        &["--encryption-key-file", af],
+        EXIT_VERIFY,
+        "",
+        "an edited checksum",
+    );
+    put(&location, &idx_name, idx);
+
+    // The version object's key id, edited to B's: a puller given A and B opens the seal
+    // with B, which does not open it; a puller given only A is told the version's key.
+    let v1_name = "replicas/acme/app.db/v/1";
+    let v1 = object(&location, v1_name);
+    let mut json: serde_json::Value = serde_json::from_slice(&v1).expect("JSON");
+    json["encryption_key_id"] = b_id.as_str().into();
+    put(&location, v1_name, serde_json::to_vec(&json).expect("JSON"));
+    refused(
+        &["--encryption-key-file", af, "--encryption-key-file", bf],
+        EXIT_AUTH,
+        "",
+        "a key id edited to another key given",
+    );
+    refused(
+        &["--encryption-key-file", af],
+        EXIT_AUTH,
+        &b_id,
+        "a key id edited to a key not given",
+    );
+    let pusher = Machine::new(dir.path(), "pusher");
+    marked_wal_db(&pusher);
+    let out = target.run(
+        &pusher,
+        &["push", "app.db", REPLICA, "--encryption-key-file", af],
+    );
+    assert_fails(&out, EXIT_AUTH, &b_id);
+    assert!(
+        !objects(&location)
+            .iter()
+            .any(|(n, _)| n == "replicas/acme/app.db/v/2"),
+        "no version 2"
+    );
+    put(&location, v1_name, v1);
+
+    // A passphrase replica whose salt object is replaced by another salt.
+    const SALTED: &str = "acme/salted.db";
+    let pf = passphrase_file(&m, "pass", "correct horse battery staple");
+    target.ok(
+        &m,
+        &["push", "app.db", SALTED, "--passphrase-file", s(&pf)],
+        "the passphrase push",
+    );
+    let salt_name = "replicas/acme/salted.db/passphrase.json";
+    let mut salt: serde_json::Value =
+        serde_json::from_slice(&object(&location, salt_name)).expect("JSON");
+    assert_ne!(salt["salt"], "00112233445566778899aabbccddeeff");
+    salt["salt"] = "00112233445566778899aabbccddeeff".into();
+    put(
+        &location,
+        salt_name,
+        serde_json::to_vec(&salt).expect("JSON"),
+    );
+    let other = Machine::new(dir.path(), "salted");
+    let (dest, before) = existing_dest(&other.work);
+    let out = target.run(
+        &other,
+        &[
+            "pull",
+            SALTED,
+            s(&dest),
+            "--force",
+            "--passphrase-file",
+            s(&pf),
+        ],
+    );
+    assert_fails(&out, EXIT_AUTH, "");
+    assert_eq!(std::fs::read(&dest).expect("read"), before, "LOCAL changed");
+    let pusher = Machine::new(dir.path(), "salted-pusher");
+    marked_wal_db(&pusher);
+    let out = target.run(
+        &pusher,
+        &["push", "app.db", SALTED, "--passphrase-file", s(&pf)],
+    );
+    assert_fails(&out, EXIT_AUTH, "");
+    assert!(
+        !objects(&location)
+            .iter()
+            .any(|(n, _)| n == "replicas/acme/salted.db/v/2"),
+        "no version 2"
+    );
+}
