@@ -2806,6 +2806,17 @@ impl Fetch<'_> {
         if loc.sealed != self.sealed {
             return false;
         }
+        // A sealed page is a page and the seal's nonce and tag: bytes of another length
+        // (a plaintext entry a hint was edited to call sealed, its sum intact) are
+        // never handed on as one.
+        if self.sealed
+            && buf
+                .len()
+                .checked_sub(crate::protocol::SEAL_OVERHEAD)
+                .is_none_or(|page| crate::protocol::check_page_size(page as u32).is_err())
+        {
+            return false;
+        }
         match loc.check {
             Check::Page => page_matches(Some(pgno), hash, buf),
             Check::Sum(_) | Check::Sha(_) => !buf.is_empty(),
