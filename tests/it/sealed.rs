@@ -639,7 +639,7 @@ fn a_hostile_relay_of_sealed_pages_changes_nothing_and_never_hangs() {
     let conn = util::create(&src, 4096, Mode::Wal);
     conn.execute_batch("CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)")
         .expect("schema");
-    for i in 0..12_000 {
+    for i in 0..24_000 {
         conn.execute(
             "INSERT INTO notes(body) VALUES (?1)",
             [format!(
@@ -658,29 +658,33 @@ fn a_hostile_relay_of_sealed_pages_changes_nothing_and_never_hangs() {
         "{pages} pages: more than the opener's bound"
     );
 
-    let fresh = dir.path().join("reversed.db");
-    pull_hostile(&keeper, &fresh, &k, Hostile::Reversed).expect("pages out of order");
-    util::assert_same(&src, &fresh);
-
+    // The origin itself refuses a store that hands it pages out of order.
     let cases = [
-        (Hostile::Twice(100), ErrorKind::Protocol, "sent twice"),
+        (Hostile::Reversed, None, "out of order"),
+        (Hostile::Twice(100), Some(ErrorKind::Protocol), "sent twice"),
         (
             Hostile::PastCount,
-            ErrorKind::Protocol,
+            Some(ErrorKind::Protocol),
             "outside the database",
         ),
         (
             Hostile::FailAfter(150),
-            ErrorKind::Verification,
+            Some(ErrorKind::Verification),
             "hostile relay's own error",
         ),
-        (Hostile::DieAfter(150), ErrorKind::Protocol, ""),
-        (Hostile::BadLast, ErrorKind::Verification, "does not open"),
+        (Hostile::DieAfter(150), Some(ErrorKind::Disconnected), ""),
+        (
+            Hostile::BadLast,
+            Some(ErrorKind::Verification),
+            "does not open",
+        ),
     ];
     for (how, kind, words) in cases {
         let (dest, bytes) = existing_dest(dir.path());
         let err = pull_hostile(&keeper, &dest, &k, how).expect_err(&format!("{how:?}"));
-        assert_eq!(err.kind(), kind, "{how:?}: {err}");
+        if let Some(kind) = kind {
+            assert_eq!(err.kind(), kind, "{how:?}: {err:?}");
+        }
         assert!(err.to_string().contains(words), "{how:?}: {err}");
         assert_eq!(
             std::fs::read(&dest).expect("read"),
