@@ -741,7 +741,7 @@ fn a_hostile_bucket_changes_no_local_file() {
     put(&location, v1_name, serde_json::to_vec(&json).expect("JSON"));
     refused(
         &["--encryption-key-file", af, "--encryption-key-file", bf],
-        EXIT_AUTH,
+        EXIT_VERIFY,
         "",
         "a key id edited to another key given",
     );
