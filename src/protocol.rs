@@ -494,13 +494,12 @@ impl Frame {
                 let sealed = r.rest().to_vec();
                 // A sealed page is a page and the seal's overhead: anything else was
                 // cut or padded on the way, and would only fail to open later.
-                let page = sealed.len().saturating_sub(SEAL_OVERHEAD);
-                check_page_size(page as u32).map_err(|_| {
-                    DecodeError::Invalid(format!(
+                if !is_sealed_page_len(sealed.len()) {
+                    return Err(DecodeError::Invalid(format!(
                         "SPAGE frame of {} sealed bytes is not a sealed page (a page and {SEAL_OVERHEAD} bytes)",
                         sealed.len()
-                    ))
-                })?;
+                    )));
+                }
                 Frame::SealedPage {
                     pgno,
                     identity,
@@ -541,6 +540,13 @@ impl Frame {
         }
         Ok(frame)
     }
+}
+
+/// Whether `len` bytes are a sealed page: a valid page size plus [`SEAL_OVERHEAD`].
+pub fn is_sealed_page_len(len: usize) -> bool {
+    len.checked_sub(SEAL_OVERHEAD)
+        .and_then(|page| u32::try_from(page).ok())
+        .is_some_and(|page| check_page_size(page).is_ok())
 }
 
 /// Checks that `n` is a page size SQLite allows: a power of two from 512 to 65536.

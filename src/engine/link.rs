@@ -35,7 +35,7 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 
 use super::WINDOW_NODES;
 use crate::digest::{HASH_BYTES, Hash};
-use crate::protocol::{Frame, SEAL_OVERHEAD};
+use crate::protocol::Frame;
 use crate::transport::ws::{CHANNEL_BATCH_BYTES, CHANNEL_BATCH_FRAMES};
 use crate::{Error, Result};
 
@@ -169,12 +169,11 @@ impl MemLink {
             Item::Sealed(pgno, identity, sealed) => {
                 self.received += (SPAGE_FRAME_OVERHEAD + sealed.len()) as u64;
                 // What `Frame::decode` checks of an SPAGE frame.
-                let page = sealed.len().saturating_sub(SEAL_OVERHEAD);
                 if pgno == 0 {
                     return Err(Error::Protocol("SPAGE frame for page 0".into()));
                 }
                 if sealed.len() + SPAGE_FRAME_OVERHEAD > crate::protocol::MAX_FRAME_BYTES
-                    || crate::protocol::check_page_size(page as u32).is_err()
+                    || !crate::protocol::is_sealed_page_len(sealed.len())
                 {
                     return Err(Error::Protocol(format!(
                         "SPAGE frame of {} sealed bytes is not a sealed page",
@@ -629,6 +628,7 @@ impl crate::transport::ws::EngineLink for ChannelLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::SEAL_OVERHEAD;
 
     #[test]
     fn a_page_crosses_the_memory_link_as_sent_and_counts_as_encoded() {

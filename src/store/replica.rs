@@ -2809,12 +2809,7 @@ impl Fetch<'_> {
         // A sealed page is a page and the seal's nonce and tag: bytes of another length
         // (a plaintext entry a hint was edited to call sealed, its sum intact) are
         // never handed on as one.
-        if self.sealed
-            && buf
-                .len()
-                .checked_sub(crate::protocol::SEAL_OVERHEAD)
-                .is_none_or(|page| crate::protocol::check_page_size(page as u32).is_err())
-        {
+        if self.sealed && !crate::protocol::is_sealed_page_len(buf.len()) {
             return false;
         }
         match loc.check {
