@@ -451,7 +451,7 @@ impl Pusher {
             return e;
         };
         // A plaintext replica, or one with no version: the refusal says so already.
-        if !versions.last().is_some_and(|v| v.encryption.is_some()) {
+        if versions.last().is_none_or(|v| v.encryption.is_none()) {
             return e;
         }
         if let Some(ours) = key.passphrase() {
