@@ -28,7 +28,7 @@ pub use pull::{
 pub use push::{
     CopyPlan, PushPlan, PushReport, Pusher, SavedKeys, copy_file, copy_file_for, plan_copy,
 };
-pub use rekey::{RekeyOutcome, rekey};
+pub use rekey::{RekeyOutcome, RekeyedAway, rekey};
 pub use scratch::{ReplicaSource, Scratch};
 pub use status::{Scope, State, Status, history, status};
 

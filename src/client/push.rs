@@ -341,15 +341,15 @@ impl Pusher {
                     tracing::info!(replica = %self.replica, attempt, error = %e,
                         "the replica moved while pushing: pushing again to merge");
                 }
-                result => {
-                    break result.map_err(|e| {
-                        e.context(format!(
-                            "push {} to {} failed",
-                            self.local.display(),
-                            self.replica
-                        ))
-                    })?;
+                Err(e) => {
+                    let e = self.explain_refused_key(e).await;
+                    return Err(e.context(format!(
+                        "push {} to {} failed",
+                        self.local.display(),
+                        self.replica
+                    )));
                 }
+                Ok(outcome) => break outcome,
             }
         };
         let local_kept = match &outcome.merged {
@@ -428,6 +428,53 @@ impl Pusher {
             saved_keys,
             local_kept,
         })
+    }
+
+    /// A push refused for its encryption key (auth), told better where the replica
+    /// says why: its passphrase salt is another than this push's key was stretched with
+    /// (another first push made it while this one ran: pushed again, it stretches with
+    /// that salt), or it was rekeyed away from this push's key ([`RekeyedAway`]: the
+    /// versions' key ids say when and to which key). Asked of the replica only on such
+    /// a refusal; anything it cannot explain, or an error asking, leaves `e` as it is.
+    async fn explain_refused_key(&self, e: Error) -> Error {
+        let Some(key) = &self.encryption else {
+            return e;
+        };
+        if e.kind() != ErrorKind::Auth {
+            return e;
+        }
+        let Ok(versions) = self
+            .server
+            .versions(&self.replica, self.key.as_deref())
+            .await
+        else {
+            return e;
+        };
+        // A plaintext replica, or one with no version: the refusal says so already.
+        if versions.last().is_none_or(|v| v.encryption.is_none()) {
+            return e;
+        }
+        if let Some(ours) = key.passphrase() {
+            let theirs = self
+                .server
+                .passphrase(&self.replica, self.key.as_deref(), false)
+                .await;
+            if let Ok(Some(theirs)) = theirs
+                && theirs != *ours
+            {
+                return Error::Auth(format!(
+                    "{} keeps another passphrase salt than this push stretched its passphrase \
+                     with: another push made the replica's first version, and its salt, while \
+                     this one ran; no version was made: push again, to stretch the passphrase \
+                     with the replica's salt",
+                    self.replica
+                ));
+            }
+        }
+        match super::rekey::RekeyedAway::of(&versions, &key.id().to_string()) {
+            Some(r) => Error::Auth(r.message(self.replica.as_str())),
+            None => e,
+        }
     }
 
     /// After a merged push: brings LOCAL to the merged version, atomically and only if

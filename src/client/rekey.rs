@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::crypt::{EncryptionKey, KeyId};
 use crate::engine::{Progress, SyncStats};
+use crate::protocol::control::VersionInfo;
 use crate::remote::{PushRequest, no_progress};
 use crate::store::{PushOptions, Selector};
 use crate::{Error, Result};
@@ -155,4 +156,128 @@ pub async fn rekey(
         key: new_key.id(),
         stats: pushed.stats,
     })
+}
+
+/// How a replica left a key by a rekey, told by its versions' key ids: for a push
+/// refused because its key is not the latest version's, when an earlier version was
+/// made with it. What the push is told instead of "another key": when, from which key
+/// to which, and to push with the new key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RekeyedAway {
+    /// The last version made with the key given.
+    pub last: u64,
+    /// The first version kept after it, made with another key: the rekey itself when
+    /// it is `last + 1` (else the rekey is one of the versions removed between them).
+    pub rekey: u64,
+    /// The key id given.
+    pub from: String,
+    /// The key id `rekey` was made with.
+    pub to: String,
+    /// The latest version and its key id, when later rekeys moved on from `to`.
+    pub latest: Option<(u64, String)>,
+}
+
+impl RekeyedAway {
+    /// From `versions` (as `versions` lists them, oldest first; removed ones bare):
+    /// `None` unless the latest version is encrypted with another key id than `given`
+    /// and an earlier kept version was made with `given`.
+    pub fn of(versions: &[VersionInfo], given: &str) -> Option<RekeyedAway> {
+        let kept: Vec<&VersionInfo> = versions
+            .iter()
+            .filter(|v| v.merged_into.is_none())
+            .collect();
+        let latest = kept.last()?;
+        let latest_id = latest.encryption.as_deref()?;
+        if latest_id == given {
+            return None;
+        }
+        let i = kept
+            .iter()
+            .rposition(|v| v.encryption.as_deref() == Some(given))?;
+        let next = kept[i + 1..].iter().find(|v| v.encryption.is_some())?;
+        let to = next.encryption.clone()?;
+        Some(RekeyedAway {
+            last: kept[i].number,
+            rekey: next.number,
+            from: given.to_owned(),
+            latest: (to != latest_id).then(|| (latest.number, latest_id.to_owned())),
+            to,
+        })
+    }
+
+    /// What a push refused with the key given is told.
+    pub fn message(&self, replica: &str) -> String {
+        let when = match self.rekey == self.last + 1 {
+            true => format!("at version {}", self.rekey),
+            false => format!(
+                "between versions {} and {} (the versions between were removed)",
+                self.last, self.rekey
+            ),
+        };
+        let then = match &self.latest {
+            Some((number, id)) => format!(", then to key id {id} (its latest version {number})"),
+            None => String::new(),
+        };
+        format!(
+            "{replica} was rekeyed {when} from key id {} (the key given) to key id {}{then}: \
+             push with the new key file (or passphrase file); nothing was pushed",
+            self.from, self.to
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(number: u64, key: Option<&str>) -> VersionInfo {
+        let mut v = VersionInfo::bare(number, 0);
+        v.encryption = key.map(str::to_owned);
+        v
+    }
+
+    #[test]
+    fn a_key_left_by_a_rekey_is_told_when_and_to_which() {
+        let (a, b, c) = ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "cccccccccccccccc");
+        let versions = [v(1, Some(a)), v(2, Some(a)), v(3, Some(b)), v(4, Some(b))];
+        let r = RekeyedAway::of(&versions, a).expect("rekeyed away from a");
+        assert_eq!(
+            (r.last, r.rekey, r.to.as_str(), r.latest.clone()),
+            (2, 3, b, None)
+        );
+        assert_eq!(
+            r.message("acme/app.db"),
+            format!(
+                "acme/app.db was rekeyed at version 3 from key id {a} (the key given) to key \
+                 id {b}: push with the new key file (or passphrase file); nothing was pushed"
+            )
+        );
+        // The latest's own key, a key never used, and a plaintext replica: nothing to say.
+        assert_eq!(RekeyedAway::of(&versions, b), None);
+        assert_eq!(RekeyedAway::of(&versions, c), None);
+        assert_eq!(RekeyedAway::of(&[v(1, None), v(2, None)], a), None);
+        assert_eq!(RekeyedAway::of(&[], a), None);
+        // Removed versions (bare) between: the rekey is somewhere among them.
+        let pruned = [v(1, Some(a)), v(2, None), v(3, None), v(4, Some(b))];
+        let r = RekeyedAway::of(&pruned, a).expect("rekeyed away from a");
+        assert_eq!((r.last, r.rekey), (1, 4));
+        assert!(
+            r.message("acme/app.db")
+                .contains("rekeyed between versions 1 and 4 (the versions between were removed)"),
+            "{}",
+            r.message("acme/app.db")
+        );
+        // Two rekeys: a to b, then b to c; a push with a hears both.
+        let twice = [v(1, Some(a)), v(2, Some(b)), v(3, Some(c))];
+        let r = RekeyedAway::of(&twice, a).expect("rekeyed away from a");
+        assert_eq!((r.rekey, r.to.as_str()), (2, b));
+        assert!(
+            r.message("acme/app.db").contains(&format!(
+                "at version 2 from key id {a} (the key given) to key id {b}, then to key id \
+                 {c} (its latest version 3): push"
+            )),
+            "{}",
+            r.message("acme/app.db")
+        );
+    }
 }

@@ -1407,9 +1407,14 @@ impl S3VersionWriter {
         }
     }
 
+    /// The replica keeps another salt than this push's key was stretched with: another
+    /// first push made it after this one asked for it (they raced), or the object was
+    /// changed. Either way this key is not the replica's passphrase key; pushed again,
+    /// the client stretches its passphrase with the replica's salt (and is then refused
+    /// by key id if the passphrase is another one).
     fn other_salt(&self) -> Error {
         Error::Auth(format!(
-            "{} keeps another passphrase salt than this push was stretched with: its key is not the replica's passphrase key; nothing was stored",
+            "{} keeps another passphrase salt than this push's key was stretched with (another push made the replica's salt after this one asked for it, or it was changed in the store): this key is not the replica's passphrase key; no version was made: push again to stretch the passphrase with the replica's salt",
             self.replica
         ))
     }
@@ -1527,9 +1532,22 @@ impl S3VersionWriter {
             }
             Created::AlreadyExists => {
                 // Another push made version N first: this one is refused, as the
-                // directory store refuses a push whose base moved.
+                // directory store refuses a push whose base moved. Where that version
+                // is of the other kind (plaintext and sealed) or under another key,
+                // the refusal is the mix's, as the directory store's would be once it
+                // holds the replica's write lock: a conflict's advice (`--force`)
+                // could never work.
                 let theirs = self.store.version(&self.replica, number).ok().flatten();
                 tracing::info!(replica = %self.replica, version = number, "another push created this version first: a conflict");
+                if let Some(t) = &theirs {
+                    super::replica::check_key_ids(
+                        &self.replica,
+                        self.sealed,
+                        &self.options,
+                        Some((t.number, t.encryption_key_id.as_deref())),
+                        || self.conflict(Some(t)),
+                    )?;
+                }
                 Err(self.conflict(theirs.as_ref()))
             }
         }

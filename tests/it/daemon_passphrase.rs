@@ -7,7 +7,8 @@
 //! that keeps no salt yet each say why in the log and try again later (backing off),
 //! their databases byte for byte as they were, and the last one follows the replica
 //! once a push made its salt; an entry naming both a key file and a passphrase file is
-//! refused at load, with its line.
+//! refused at load, with its line; a passphrase file others may read is logged with a
+//! warning naming it (never the passphrase) and used.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -331,4 +332,70 @@ pub(crate) fn wait(line: &str) -> Duration {
         rest = &rest[len..];
     }
     total
+}
+
+/// A `[[push]]` entry whose `passphrase_file` group and others may read (mode 0644):
+/// `--check` and the daemon itself log the warning, naming the file, its mode and the
+/// `chmod 600` that mends it, and never the passphrase; the file is used all the same
+/// (the unit pushes version 1, which the passphrase opens). Once it is 0600, a reload
+/// logs no warning.
+#[test]
+fn a_passphrase_file_others_may_read_is_used_with_a_warning_naming_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new().expect("tempdir");
+    let store = Store::Dir(dir.path().join("store"));
+    let m = Machine::new(dir.path(), "host");
+    let db = marked_db(&m.work);
+    std::fs::create_dir_all(m.path("keys")).expect("mkdir");
+    let pass = passphrase_file(&m, "keys/pass.txt", PASSPHRASE);
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let config = format!(
+        "{}\n[[push]]\ndatabase = \"app.db\"\nto = [\"{REPLICA}\"]\n\
+         passphrase_file = \"keys/pass.txt\"\n",
+        defaults(&store)
+    );
+    std::fs::write(m.path("sqlferry.toml"), &config).expect("write the config");
+    let warning = format!(
+        "the passphrase file {} may be read by other users (mode 0644): whoever reads it \
+         reads every version made with it; chmod 600 {}",
+        s(&pass),
+        s(&pass)
+    );
+
+    let out = m.run(["daemon", "--config", "sqlferry.toml", "--check"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let err = util::stderr(&out);
+    assert!(
+        err.lines()
+            .any(|l| l.contains("WARN") && l.contains(&warning)),
+        "{err}"
+    );
+    assert!(!err.contains(PASSPHRASE) && !util::stdout(&out).contains(PASSPHRASE));
+
+    let mut daemon = Subscriber::start(&m, &["daemon", "--config", "sqlferry.toml"]);
+    daemon.expect(&["WARN", &warning]);
+    daemon.expect(&["app.db -> acme/app.db", "version 1"]);
+    assert_eq!(daemon.stop(), 0, "{}", daemon.output());
+    let output = daemon.output();
+    assert!(!output.contains(PASSPHRASE), "{output}");
+    let other = Machine::new(dir.path(), "other");
+    let opass = passphrase_file(&other, "pass.txt", PASSPHRASE);
+    let pulled = ok(
+        &store,
+        &other,
+        &["pull", REPLICA, "copy.db", "--passphrase-file", s(&opass)],
+        "a pull with the passphrase",
+    );
+    assert_eq!(pulled.u64("version"), 1);
+    assert_eq!(util::digest(&other.path("copy.db")), util::digest(&db));
+
+    // Mode 0600: no warning.
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = m.run(["daemon", "--config", "sqlferry.toml", "--check"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        !util::stderr(&out).contains("may be read"),
+        "{}",
+        util::stderr(&out)
+    );
 }

@@ -5,7 +5,10 @@
 //! the passphrase; a wrong passphrase and a key file against the passphrase replica
 //! exit 5 with LOCAL byte for byte unchanged; a rekey to a key file and back to a new
 //! passphrase keeps every older version readable with its own; a push subscriber and
-//! a pull subscriber with a passphrase push and follow a change.
+//! a pull subscriber with a passphrase push and follow a change; a passphrase file
+//! others may read is used with a warning naming it; a plaintext push and a passphrase
+//! push racing for a new replica of a server make one version, the loser refused with
+//! the mix's message.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -400,11 +403,39 @@ fn a_passphrase_where_it_cannot_work_is_refused() {
         &[],
     );
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let err = util::stderr(&out);
     assert!(
-        util::stderr(&out).contains("chmod 600"),
-        "{}",
-        util::stderr(&out)
+        err.contains(&format!(
+            "sqlferry: warning: the passphrase file {} may be read by other users (mode \
+             0644): whoever reads it reads every version made with it; chmod 600 {}",
+            s(&pass),
+            s(&pass)
+        )),
+        "{err}"
     );
+    assert!(!err.contains(PASSPHRASE), "{err}");
+    // --quiet and --json print no warning (docs/security.md, "Passphrases"); the file
+    // is used all the same.
+    for flag in ["--quiet", "--json"] {
+        let out = store.run(
+            &m,
+            &[
+                "push",
+                "app.db",
+                "new/app.db",
+                "--passphrase-file",
+                s(&pass),
+                flag,
+            ],
+            &[],
+        );
+        assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+        assert!(
+            !util::stderr(&out).contains("warning"),
+            "{flag}: {}",
+            util::stderr(&out)
+        );
+    }
 }
 
 #[test]
@@ -678,5 +709,70 @@ fn a_rekey_to_a_new_passphrase_keeps_the_replicas_salt() {
         );
         assert_fails(&out, EXIT_AUTH, needed);
         assert_eq!(std::fs::read(&into).expect("read"), before);
+    }
+}
+
+/// A plaintext push and a first push with a passphrase to the same new replica of a
+/// `sqlferry serve` with a directory store, started together: exactly one kind wins
+/// (version 1), the other is refused with the mix's message (exit 5), and a pull of the
+/// winner gives its rows (with the passphrase when it was the winner).
+#[test]
+fn plaintext_and_passphrase_first_pushes_racing_on_a_server() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let store = Store::Server(&server);
+    let a = Machine::new(dir.path(), "plain");
+    let b = Machine::new(dir.path(), "sealed");
+    let reader = Machine::new(dir.path(), "reader");
+    let (db_a, db_b) = (marked_db(&a.work), marked_db(&b.work));
+    util::open(&db_b)
+        .execute("UPDATE notes SET body = 'sealed' WHERE id <= 10", [])
+        .expect("b's own change");
+    let pb = passphrase_file(&b, "pass.txt", PASSPHRASE);
+    let rp = passphrase_file(&reader, "pass.txt", PASSPHRASE);
+    for run in 0..3 {
+        let replica = format!("acme/mixed-{run}.db");
+        let spawn = |m: &Machine, extra: &[&str]| {
+            let mut cmd = m.command();
+            cmd.args([
+                "push",
+                "app.db",
+                &replica,
+                "--json",
+                "--server",
+                &server.url,
+            ])
+            .args(["--key", &server.admin_key])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+            cmd.spawn().expect("start a push")
+        };
+        let (x, y) = (spawn(&a, &[]), spawn(&b, &["--passphrase-file", s(&pb)]));
+        let outs = [x, y].map(|c| c.wait_with_output().expect("wait for the push"));
+        let codes: Vec<i32> = outs.iter().map(util::code).collect();
+        eprintln!("{replica}: exit codes {codes:?} (plaintext, passphrase)");
+        let winner = codes
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or_else(|| panic!("one push wins: {codes:?}"));
+        let loser = 1 - winner;
+        let err = util::stderr(&outs[loser]);
+        assert_eq!(codes[loser], EXIT_AUTH, "the mix refused: {err}");
+        let words = ["is not encrypted", "is encrypted"][winner];
+        assert!(err.contains(words) && err.contains(&replica), "{err}");
+        let versions = server.versions(&replica).expect("the replica's versions");
+        assert_eq!(versions.len(), 1, "one version");
+        assert_eq!(versions[0].encryption.is_some(), winner == 1, "its kind");
+        let copy = format!("copy-{run}.db");
+        let mut args = vec!["pull", replica.as_str(), copy.as_str()];
+        if winner == 1 {
+            args.extend(["--passphrase-file", s(&rp)]);
+        }
+        ok(&store, &reader, &args, "the pull of the winner");
+        let db = [&db_a, &db_b][winner];
+        assert_eq!(util::digest(&reader.path(&copy)), util::digest(db));
+        assert_eq!(util::integrity(&reader.path(&copy)), "ok");
+        assert_eq!(notes(&reader.path(&copy)), notes(db));
     }
 }

@@ -4,9 +4,9 @@
 //! marker in any stored file), a change pushed with B as version 3 (only its pages
 //! sent); each version pulled with its own key, and with both keys given at once (rows,
 //! `PRAGMA integrity_check`, digest); a version whose key was not given, a plain push
-//! with the old key, and rekeys that cannot be are refused with LOCAL byte for byte as
-//! it was; a rekey killed half-way leaves the latest version as it was, readable with
-//! the old key.
+//! with the old key (told the replica was rekeyed away from it, when, and to which key),
+//! and rekeys that cannot be are refused with LOCAL byte for byte as it was; a rekey
+//! killed half-way leaves the latest version as it was, readable with the old key.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -157,14 +157,26 @@ fn rekey_round_trip(store: Store<'_>) {
     assert!(line.contains(&a_id) && line.contains(&c_id), "{line}");
     assert_eq!(std::fs::read(&local).expect("read"), local_bytes);
 
-    // A plain push with the old key after the rekey: refused, nothing stored.
+    // A plain push with the old key after the rekey: refused, nothing stored, and told
+    // that the replica was rekeyed away from this key, when, and to which.
     util::open(&db)
         .execute("UPDATE notes SET body = 'again' WHERE id = 78", [])
         .expect("update");
     let mut args = vec!["push", "app.db", REPLICA];
     args.extend(key_flags(&[af]));
-    let line = assert_fails(&store.run(&m, &args, &[]), EXIT_AUTH, &b_id);
-    assert!(line.contains(&a_id), "{line}");
+    let line = assert_fails(
+        &store.run(&m, &args, &[]),
+        EXIT_AUTH,
+        &format!(
+            "{REPLICA} was rekeyed at version 2 from key id {a_id} (the key given) to key id \
+             {b_id}: push with the new key file"
+        ),
+    );
+    assert!(line.contains(af), "the key's file named: {line}");
+    let out = store.run(&m, &["versions", REPLICA, "--json"], &[]);
+    let listed: serde_json::Value =
+        serde_json::from_str(util::stdout(&out).trim()).expect("versions --json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "nothing stored");
     // With both keys, a push takes the latest version's: B.
     let mut args = vec!["push", "app.db", REPLICA, "--json"];
     args.extend(key_flags(&[af, bf]));

@@ -14,7 +14,11 @@
 //! and packs and the latest still pulls; `verify REMOTE` with the key passes, and finds a
 //! flipped byte of a sealed pack object (exit 7), as a pull does. With a passphrase:
 //! the first push writes the replica's salt object, another machine pulls with the
-//! passphrase, and a wrong one exits 5.
+//! passphrase, and a wrong one exits 5. Races, processes started together: two first
+//! passphrase pushes (two passphrases, and one) keep one salt and one version, the
+//! winner's, the loser refused (exit 5) and able to push after a pull; a plaintext and
+//! a passphrase first push make one version of the winner's kind, the loser refused
+//! with the mix's message (exit 5), never a conflict.
 //!
 //! Every wait is on a process exit; nothing sleeps.
 
@@ -812,4 +816,328 @@ fn a_hostile_bucket_changes_no_local_file() {
             .any(|(n, _)| n == "replicas/acme/salted.db/v/2"),
         "no version 2"
     );
+}
+
+impl Target {
+    /// `sqlferry ARGS --json` on `m` through this target, started and not waited for.
+    fn spawn(&self, m: &Machine, args: &[&str]) -> std::process::Child {
+        let mut cmd = m.command();
+        cmd.args(args).arg("--json");
+        match self {
+            Target::Serve(s, _) => cmd
+                .arg("--server")
+                .arg(&s.url)
+                .arg("--key")
+                .arg(&s.admin_key),
+            Target::Embedded(l) => cmd
+                .args(["--server", l, "--s3-endpoint"])
+                .arg(&seaweed::shared().endpoint)
+                .envs(aws_env()),
+        };
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start sqlferry")
+    }
+}
+
+/// Two commands, `one` on `a` and `two` on `b`, started together through `target`;
+/// their outputs in that order. Whichever runs first, both are waited for.
+fn race(
+    target: &Target,
+    (a, one): (&Machine, &[&str]),
+    (b, two): (&Machine, &[&str]),
+) -> [Output; 2] {
+    let (x, y) = (target.spawn(a, one), target.spawn(b, two));
+    [x, y].map(|c| c.wait_with_output().expect("wait for sqlferry"))
+}
+
+/// The versions of `replica` as `versions --json` lists them: number and key id.
+fn listed(target: &Target, m: &Machine, replica: &str) -> Vec<(u64, Option<String>)> {
+    let r = target.ok(m, &["versions", replica], "versions");
+    r.0.as_array()
+        .expect("a list")
+        .iter()
+        .map(|v| {
+            (
+                v["number"].as_u64().expect("a number"),
+                v["encryption"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// The rows of PostgreSQL's versions index for `replica` (`--meta`): number and key id.
+fn indexed(meta: &str, replica: &str) -> Vec<(u64, Option<String>)> {
+    let db = meta.rsplit('/').next().expect("a database name");
+    postgres::shared()
+        .psql(
+            db,
+            &format!(
+                "SELECT number, coalesce(encryption_key_id, '') FROM sqlferry_versions \
+                 WHERE replica = '{replica}' ORDER BY number"
+            ),
+        )
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (n, k) = l.split_once('|').expect("two columns");
+            let k = (!k.is_empty()).then(|| k.to_owned());
+            (n.parse().expect("a number"), k)
+        })
+        .collect()
+}
+
+/// How many salt objects `replica` has under `location`.
+fn salts(location: &str, replica: &str) -> usize {
+    let name = format!("replicas/{replica}/passphrase.json");
+    objects(location).iter().filter(|(n, _)| *n == name).count()
+}
+
+/// Two first pushes with a passphrase to the same new replica, started together: with
+/// two passphrases, and with one passphrase from two files. Whichever wins, exactly
+/// one salt is stored; every version opens with the passphrase whose push made it
+/// (rows, `PRAGMA integrity_check`, digest); a push that lost made no version and
+/// exited 5 (another salt, or another key id: said so) or 6 (a conflict with the
+/// winner's version under the same key); and the replica takes the next push with the
+/// winner's passphrase from the loser's machine once it pulled.
+fn first_passphrase_pushes_racing(target: Target, meta: Option<&str>) {
+    let location = target.location().to_owned();
+    let dir = TempDir::new().expect("tempdir");
+    let a = Machine::new(dir.path(), "a");
+    let b = Machine::new(dir.path(), "b");
+    let reader = Machine::new(dir.path(), "reader");
+    let (db_a, db_b) = (marked_wal_db(&a), marked_wal_db(&b));
+    util::open(&db_b)
+        .execute("UPDATE notes SET body = 'b was here' WHERE id <= 10", [])
+        .expect("b's own change");
+    let pa = passphrase_file(&a, "pass", "the passphrase of a");
+    for (replica, b_text) in [
+        ("acme/two-passphrases.db", "the passphrase of b"),
+        ("acme/one-passphrase.db", "the passphrase of a"),
+    ] {
+        let same = b_text == "the passphrase of a";
+        let pb = passphrase_file(&b, &format!("pass-{same}"), b_text);
+        let outs = race(
+            &target,
+            (
+                &a,
+                &["push", "app.db", replica, "--passphrase-file", s(&pa)],
+            ),
+            (
+                &b,
+                &["push", "app.db", replica, "--passphrase-file", s(&pb)],
+            ),
+        );
+        let codes: Vec<i32> = outs.iter().map(util::code).collect();
+        eprintln!(
+            "{replica}: exit codes {codes:?}; {}",
+            outs.iter().map(util::stderr).collect::<String>().trim()
+        );
+        assert_eq!(salts(&location, replica), 1, "one salt object");
+        // The versions that exist are the ones the successful pushes said they made.
+        let mut made = Vec::new();
+        for (i, out) in outs.iter().enumerate() {
+            let err = util::stderr(out);
+            match util::code(out) {
+                0 => {
+                    let r = Report::of(out, "the push that won");
+                    let key = r.0["encryption_key_id"].as_str().expect("a key id");
+                    made.push((r.u64("version"), Some(key.to_owned()), i));
+                }
+                5 => assert!(
+                    err.contains(replica)
+                        && (err.contains("another passphrase salt") || err.contains("key id")),
+                    "{err}"
+                ),
+                6 if same => assert!(err.contains("VERSION_CONFLICT"), "{err}"),
+                code => panic!("push {i} exited {code}: {err}"),
+            }
+        }
+        assert_eq!(made.len(), 1, "exactly one push wins: {codes:?}");
+        let versions: Vec<(u64, Option<String>)> =
+            made.iter().map(|(n, k, _)| (*n, k.clone())).collect();
+        assert_eq!(listed(&target, &reader, replica), versions);
+        if let Some(url) = meta {
+            assert_eq!(indexed(url, replica), versions, "PostgreSQL's rows");
+        }
+        // The winner's passphrase opens its version, on another machine; the loser's,
+        // when it is another passphrase, is refused.
+        let (_, _, winner) = made[0];
+        let (db, text) = match winner {
+            0 => (&db_a, "the passphrase of a"),
+            _ => (&db_b, b_text),
+        };
+        let rp = passphrase_file(&reader, &format!("{replica}.pass").replace('/', "-"), text);
+        let copy = format!("{}.db", replica.replace('/', "-"));
+        target.ok(
+            &reader,
+            &["pull", replica, &copy, "--passphrase-file", s(&rp)],
+            "the pull with the winner's passphrase",
+        );
+        assert_eq!(util::digest(&reader.path(&copy)), util::digest(db));
+        assert_eq!(util::integrity(&reader.path(&copy)), "ok");
+        assert_eq!(notes(&reader.path(&copy)), notes(db));
+        if !same {
+            let loser_pass = if winner == 0 { &pb } else { &pa };
+            let out = target.run(
+                &reader,
+                &["pull", replica, "no.db", "--passphrase-file", s(loser_pass)],
+            );
+            assert_fails(&out, EXIT_AUTH, "key id");
+        }
+        // The loser's machine, given the winner's passphrase, pulls the replica over its
+        // LOCAL (discarding its change, as asked) and pushes a change as version 2.
+        let (loser, loser_db) = match winner {
+            0 => (&b, &db_b),
+            _ => (&a, &db_a),
+        };
+        let lp = passphrase_file(loser, &format!("{replica}.win").replace('/', "-"), text);
+        target.ok(
+            loser,
+            &[
+                "pull",
+                replica,
+                "app.db",
+                "--force",
+                "--passphrase-file",
+                s(&lp),
+            ],
+            "the loser pulls the winner's version",
+        );
+        util::open(loser_db)
+            .execute(
+                "UPDATE notes SET body = 'after the race for ' || ?1 WHERE id = 99",
+                [replica],
+            )
+            .expect("a change after the race");
+        let next = target.ok(
+            loser,
+            &["push", "app.db", replica, "--passphrase-file", s(&lp)],
+            "the push after the race",
+        );
+        assert_eq!(next.u64("version"), 2);
+        assert_eq!(salts(&location, replica), 1, "still one salt object");
+    }
+}
+
+#[test]
+fn first_passphrase_pushes_racing_through_a_server_over_s3_with_meta() {
+    let dir = TempDir::new().expect("tempdir");
+    let location = new_location();
+    let meta = postgres::shared().database();
+    let server = s3_server(dir.path(), "s3", &location, &["--meta", &meta], None);
+    first_passphrase_pushes_racing(Target::Serve(Box::new(server), location), Some(&meta));
+}
+
+#[test]
+fn first_passphrase_pushes_racing_in_the_embedded_store_over_s3() {
+    first_passphrase_pushes_racing(Target::Embedded(new_location()), None);
+}
+
+/// A plaintext push and a first push with a passphrase to the same new replica,
+/// started together. Exactly one kind wins: the other is refused with the mix's
+/// message (exit 5: "is encrypted" or "is not encrypted"), never a conflict whose
+/// advice (`--force`) could not work; the replica is one version of the winner's kind
+/// in the bucket and in PostgreSQL's index, and a pull of it works (with the
+/// passphrase when the winner was encrypted, and a passphrase pull of a plaintext
+/// winner is refused).
+fn plaintext_and_passphrase_first_pushes_racing(target: Target, meta: Option<&str>) {
+    let dir = TempDir::new().expect("tempdir");
+    let a = Machine::new(dir.path(), "plain");
+    let b = Machine::new(dir.path(), "sealed");
+    let reader = Machine::new(dir.path(), "reader");
+    let (db_a, db_b) = (marked_wal_db(&a), marked_wal_db(&b));
+    util::open(&db_b)
+        .execute("UPDATE notes SET body = 'sealed' WHERE id <= 10", [])
+        .expect("b's own change");
+    let pb = passphrase_file(&b, "pass", "the passphrase of b");
+    let rp = passphrase_file(&reader, "pass", "the passphrase of b");
+    const RUNS: usize = 3;
+    for run in 0..RUNS {
+        let replica = format!("acme/mixed-{run}.db");
+        // The passphrase push stretches its key (a third of a second) before it opens:
+        // the plaintext push grows from run to run (by 4 MB, then 8 MB more) so that it
+        // is still sending when the other begins, and may lose the race at its commit.
+        if run > 0 {
+            util::open(&db_a)
+                .execute_batch(&format!(
+                    "CREATE TABLE IF NOT EXISTS ballast(b BLOB);
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {})
+                     INSERT INTO ballast SELECT randomblob(4000) FROM n;",
+                    1000 * run
+                ))
+                .expect("ballast");
+        }
+        let outs = race(
+            &target,
+            (&a, &["push", "app.db", &replica]),
+            (
+                &b,
+                &["push", "app.db", &replica, "--passphrase-file", s(&pb)],
+            ),
+        );
+        let codes: Vec<i32> = outs.iter().map(util::code).collect();
+        eprintln!(
+            "{replica}: exit codes {codes:?} (plaintext, passphrase); {}",
+            outs.iter().map(util::stderr).collect::<String>().trim()
+        );
+        let winner = codes
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or_else(|| panic!("one push wins: {codes:?}"));
+        let loser = 1 - winner;
+        let err = util::stderr(&outs[loser]);
+        assert_eq!(codes[loser], EXIT_AUTH, "the mix refused: {err}");
+        let words = match winner {
+            0 => "is not encrypted",
+            _ => "is encrypted",
+        };
+        assert!(err.contains(words) && err.contains(&replica), "{err}");
+        let key = Report::of(&outs[winner], "the winner").0["encryption_key_id"]
+            .as_str()
+            .map(str::to_owned);
+        assert_eq!(key.is_some(), winner == 1, "the winner's kind");
+        let versions = vec![(1, key)];
+        assert_eq!(listed(&target, &reader, &replica), versions);
+        if let Some(url) = meta {
+            assert_eq!(indexed(url, &replica), versions, "PostgreSQL's rows");
+        }
+        let copy = format!("copy-{run}.db");
+        let (db, args) = match winner {
+            0 => (&db_a, vec!["pull", &replica, &copy]),
+            _ => (
+                &db_b,
+                vec!["pull", &replica, &copy, "--passphrase-file", s(&rp)],
+            ),
+        };
+        target.ok(&reader, &args, "the pull of the winner");
+        assert_eq!(util::digest(&reader.path(&copy)), util::digest(db));
+        assert_eq!(util::integrity(&reader.path(&copy)), "ok");
+        // The other kind stays refused, by a pull too (a passphrase pull of the
+        // plaintext winner: "keeps no passphrase salt", or, where the losing push left
+        // its salt, "is not encrypted").
+        let other: Vec<&str> = match winner {
+            0 => vec!["pull", &replica, "no.db", "--passphrase-file", s(&rp)],
+            _ => vec!["pull", &replica, "no.db"],
+        };
+        assert_fails(&target.run(&reader, &other), EXIT_AUTH, &replica);
+    }
+}
+
+#[test]
+fn plaintext_and_passphrase_first_pushes_racing_through_a_server_over_s3_with_meta() {
+    let dir = TempDir::new().expect("tempdir");
+    let location = new_location();
+    let meta = postgres::shared().database();
+    let server = s3_server(dir.path(), "s3", &location, &["--meta", &meta], None);
+    plaintext_and_passphrase_first_pushes_racing(
+        Target::Serve(Box::new(server), location),
+        Some(&meta),
+    );
+}
+
+#[test]
+fn plaintext_and_passphrase_first_pushes_racing_in_the_embedded_store_over_s3() {
+    plaintext_and_passphrase_first_pushes_racing(Target::Embedded(new_location()), None);
 }

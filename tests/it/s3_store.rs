@@ -634,3 +634,156 @@ fn a_large_pack_is_uploaded_in_parts() {
     pull(&other, &replica, Selector::Latest, &copy);
     util::assert_same(&db, &copy);
 }
+
+/// A sealed push of `pages` made-up sealed pages (the store cannot open a page, only
+/// keep it and its checksum), begun on a new replica, its pages written and its seal
+/// kept; the identities it sent, for its commit.
+fn begin_sealed(writer: &mut S3VersionWriter, pages: u32, seed: u8) -> Vec<Hash> {
+    writer
+        .begin(&BeginInfo {
+            page_size: 4096,
+            page_count: pages,
+            base_version: 0,
+            known_base: false,
+            chunked_digest: false,
+            sealed: true,
+        })
+        .unwrap();
+    let ids: Vec<Hash> = (1..=pages).map(|p| sha256(&[seed, p as u8])).collect();
+    for (i, id) in ids.iter().enumerate() {
+        writer
+            .write_page(i as u32 + 1, vec![seed; 4096 + 28], id)
+            .unwrap();
+    }
+    writer.keep_seal(vec![seed; 64]).unwrap();
+    ids
+}
+
+/// A first push sealed with key id `key`, stretched from a passphrase with `salt`.
+fn sealed_options(key: &str, salt: &sqlferry::crypt::PassphraseSalt) -> PushOptions {
+    PushOptions {
+        encryption: Some(key.into()),
+        passphrase: Some(*salt),
+        ..options(None, "")
+    }
+}
+
+fn commit(writer: &mut S3VersionWriter, hashes: &[Hash]) -> sqlferry::Result<()> {
+    writer.commit(
+        hashes.len() as u32,
+        &digest_of(hashes),
+        &mut hashes.iter().map(|h| Ok(*h)),
+    )
+}
+
+/// First pushes of a new replica that both begin before either commits (two servers
+/// over one bucket), committed in a set order: the one that loses version 1 to a
+/// version of the other kind (plaintext and sealed) or another key id is refused as
+/// the mix is (auth, exit 5), never as a VERSION_CONFLICT whose advice (`--force`)
+/// cannot work; one whose passphrase salt lost to another's is refused before its
+/// version object, the first salt kept. Exactly one version 1, the winner's.
+#[test]
+fn first_pushes_racing_for_a_new_replica_the_loser_hears_why() {
+    let rt = runtime();
+    let dir = TempDir::new().unwrap();
+    let plain_db = dir.path().join("plain.db");
+    util::insert_rows(&util::create(&plain_db, 4096, Mode::Rollback), 20, 100);
+    let a = new_store(&rt, &dir.path().join("cache-a"));
+    let b = other_server(&rt, &a, &dir.path().join("cache-b"));
+    let (salt_a, salt_b) = (
+        sqlferry::crypt::PassphraseSalt::new().unwrap(),
+        sqlferry::crypt::PassphraseSalt::new().unwrap(),
+    );
+    let (key_a, key_b) = ("00112233445566aa", "00112233445566bb");
+    let plain = |store: &S3Store, replica: &ReplicaPath| {
+        let mut w = store.push(replica, options(None, "plain")).unwrap();
+        let mut snap = Snapshot::open(&plain_db).unwrap().with_hash_cache(None);
+        let count = { snap.page_count() };
+        w.begin(&BeginInfo {
+            page_size: 4096,
+            page_count: count,
+            base_version: 0,
+            known_base: false,
+            chunked_digest: false,
+            sealed: false,
+        })
+        .unwrap();
+        let mut hashes = Vec::new();
+        {
+            use sqlferry::engine::PageSource;
+            snap.scan(0, &mut |pgno, hash, data| {
+                hashes.push(hash);
+                w.write_page(pgno, data.expect("every page").to_vec(), &hash)
+            })
+            .unwrap();
+        }
+        (w, hashes)
+    };
+    let latest_key = |replica: &ReplicaPath| {
+        let v = b.latest(replica).unwrap().expect("version 1");
+        assert_eq!(v.number, 1);
+        v.encryption_key_id
+    };
+
+    // Plaintext first, sealed second: the sealed push hears "is not encrypted".
+    let r1 = ReplicaPath::parse("acme/plain-first.db").unwrap();
+    let mut sealed = a.push(&r1, sealed_options(key_a, &salt_a)).unwrap();
+    let ids = begin_sealed(&mut sealed, 3, 1);
+    let (mut w, hashes) = plain(&b, &r1);
+    commit(&mut w, &hashes).expect("the plaintext push makes version 1");
+    let lost = commit(&mut sealed, &ids).unwrap_err();
+    assert_eq!(lost.kind(), ErrorKind::Auth, "{lost}");
+    assert!(lost.to_string().contains("is not encrypted"), "{lost}");
+    assert_eq!(latest_key(&r1), None);
+
+    // Sealed first, plaintext second: the plaintext push hears "is encrypted".
+    let r2 = ReplicaPath::parse("acme/sealed-first.db").unwrap();
+    let mut sealed = a.push(&r2, sealed_options(key_a, &salt_a)).unwrap();
+    let ids = begin_sealed(&mut sealed, 3, 2);
+    let (mut w, hashes) = plain(&b, &r2);
+    commit(&mut sealed, &ids).expect("the sealed push makes version 1");
+    let lost = commit(&mut w, &hashes).unwrap_err();
+    assert_eq!(lost.kind(), ErrorKind::Auth, "{lost}");
+    assert!(lost.to_string().contains("is encrypted (key id"), "{lost}");
+    assert_eq!(latest_key(&r2).as_deref(), Some(key_a));
+
+    // Two passphrases, each with a salt of its own: the second's salt is refused
+    // before its version object, the first's kept.
+    let r3 = ReplicaPath::parse("acme/two-salts.db").unwrap();
+    let mut one = a.push(&r3, sealed_options(key_a, &salt_a)).unwrap();
+    let mut two = b.push(&r3, sealed_options(key_b, &salt_b)).unwrap();
+    let (ids_one, ids_two) = (begin_sealed(&mut one, 3, 3), begin_sealed(&mut two, 3, 4));
+    commit(&mut one, &ids_one).expect("the first makes version 1");
+    let lost = commit(&mut two, &ids_two).unwrap_err();
+    assert_eq!(lost.kind(), ErrorKind::Auth, "{lost}");
+    assert!(
+        lost.to_string().contains("another passphrase salt"),
+        "{lost}"
+    );
+    assert_eq!(latest_key(&r3).as_deref(), Some(key_a));
+    assert_eq!(b.passphrase(&r3).unwrap(), Some(salt_a));
+
+    // Two passphrases stretched with one salt (an earlier push's, left when it
+    // failed): the second is refused for its key id, not as a conflict.
+    let r4 = ReplicaPath::parse("acme/one-salt.db").unwrap();
+    let mut one = a.push(&r4, sealed_options(key_a, &salt_a)).unwrap();
+    let mut two = b.push(&r4, sealed_options(key_b, &salt_a)).unwrap();
+    let (ids_one, ids_two) = (begin_sealed(&mut one, 3, 5), begin_sealed(&mut two, 3, 6));
+    commit(&mut one, &ids_one).expect("the first makes version 1");
+    let lost = commit(&mut two, &ids_two).unwrap_err();
+    assert_eq!(lost.kind(), ErrorKind::Auth, "{lost}");
+    assert!(
+        lost.to_string().contains(&format!(
+            "made with key id {key_a}, and this push's key id is {key_b}"
+        )),
+        "{lost}"
+    );
+    assert_eq!(latest_key(&r4).as_deref(), Some(key_a));
+    for r in [&r1, &r2, &r3, &r4] {
+        assert_eq!(
+            b.version(r, 2).unwrap().map(|v| v.number),
+            None,
+            "{r}: no version 2"
+        );
+    }
+}
