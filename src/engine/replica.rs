@@ -29,6 +29,7 @@
 //! A replica without one hands the sealed bytes to a target that keeps them
 //! ([`PageTarget::keeps_sealed`]), or refuses the session before writing anything.
 
+use super::opener::{Opened, Opener};
 use super::origin::{FLAG_CHUNKED_DIGEST, FLAG_KNOWN_BASE, recv};
 use super::seal::{FLAG_SEALED, Facts, Opening};
 use super::tree::Tree;
@@ -218,6 +219,13 @@ fn open_seal(
     Ok(facts)
 }
 
+/// Writes a page the [`Opener`] opened and checked, and keeps its plaintext hash for
+/// the seal's digest.
+fn write_opened(target: &mut dyn PageTarget, plain: &mut Tree, page: Opened) -> Result<()> {
+    target.write_page(page.pgno, page.data, &page.hash)?;
+    plain.set_leaf(page.pgno, &page.hash)
+}
+
 fn session(
     target: &mut dyn PageTarget,
     link: &mut dyn Link,
@@ -358,8 +366,20 @@ fn session(
     let mut pages_written = 0u32;
     let mut hash_bytes = 0u64;
     let mut hashes = Vec::new();
+    // Sealed pages are opened and hashed on a thread of their own ([`Opener`]); every
+    // page it holds is written before any other frame is handled.
+    let mut opener = match (key, begin.sealed) {
+        (Some(key), true) => Some(Opener::start(key, page_size)?),
+        _ => None,
+    };
     loop {
-        match recv(link)? {
+        let frame = recv(link)?;
+        if let (Some(opener), Some(plain)) = (opener.as_mut(), plain.as_mut())
+            && !matches!(frame, Frame::SealedPage { .. })
+        {
+            opener.finish(&mut |page| write_opened(target, plain, page))?;
+        }
+        match frame {
             Frame::Want { level, runs } => {
                 if !built {
                     // The origin did not use its base after all: the tree as it would
@@ -449,24 +469,15 @@ fn session(
                 if written.get(pgno) {
                     return Err(Error::Protocol(format!("page {pgno} was sent twice")));
                 }
-                match (key, plain.as_mut()) {
-                    (Some(key), Some(plain)) => {
-                        // Opened under the identity it came with: a changed byte, or
-                        // the sealed bytes of another identity, do not open. The
-                        // identity is then made again from the plaintext, so a page is
-                        // never taken for one it is not.
-                        let mut data = Vec::with_capacity(page_size as usize);
-                        key.open_page(&identity, &sealed, &mut data)?;
-                        let hash = page_hash(pgno, &data);
-                        if key.page_identity(&hash) != identity {
-                            return Err(Error::Verification(format!(
-                                "page {pgno} opened, but it is not the page of identity {} it came as; nothing was committed",
-                                hex(&identity)
-                            )));
-                        }
+                match (opener.as_mut(), plain.as_mut()) {
+                    // Opened under the identity it came with, and its identity made
+                    // again from the plaintext (`opener::open_batch`); written when
+                    // it comes back.
+                    (Some(opener), Some(plain)) => {
                         written.set(pgno);
-                        target.write_page(pgno, data, &hash)?;
-                        plain.set_leaf(pgno, &hash)?;
+                        opener.add((pgno, identity, sealed), &mut |page| {
+                            write_opened(target, plain, page)
+                        })?;
                     }
                     // A store keeps what it cannot read, under the identity it came
                     // with: the side that opens it checks both.
