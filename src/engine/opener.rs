@@ -84,9 +84,7 @@ impl Opener {
                         }
                     }
                 })
-                .map_err(|e| {
-                    Error::Bug(format!("could not start a page-opening thread: {e}"))
-                })?;
+                .map_err(|e| Error::Bug(format!("could not start a page-opening thread: {e}")))?;
             workers.push(Worker {
                 inbox: Some(inbox),
                 outbox,
