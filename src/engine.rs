@@ -28,6 +28,7 @@
 //! engine; transports only move frames.
 
 mod link;
+mod opener;
 mod origin;
 mod replica;
 mod seal;

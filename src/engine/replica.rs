@@ -23,12 +23,14 @@
 //! In a sealed session ([`FLAG_SEALED`]) pages come as SPAGE and the version's seal as
 //! SEAL before COMMIT; PAGE is refused, as are SPAGE and SEAL in any other session. A
 //! replica with the key ([`Opening`]) opens each page under the identity it came with,
-//! recomputes that identity from the plaintext, writes the plaintext, and at COMMIT
-//! opens the seal (bound to the replica and version it asked for) and checks both its
-//! digests, over identities and over plaintext page hashes, before the target commits.
+//! recomputes that identity from the plaintext ([`super::opener`]), writes the
+//! plaintext, and at COMMIT opens the seal (bound to the replica and version it asked
+//! for) and checks its digest over plaintext page hashes against the result's, and its
+//! digest over identities against the origin's, before the target commits.
 //! A replica without one hands the sealed bytes to a target that keeps them
 //! ([`PageTarget::keeps_sealed`]), or refuses the session before writing anything.
 
+use super::opener::{Opened, Opener};
 use super::origin::{FLAG_CHUNKED_DIGEST, FLAG_KNOWN_BASE, recv};
 use super::seal::{FLAG_SEALED, Facts, Opening};
 use super::tree::Tree;
@@ -183,39 +185,28 @@ impl Chunks<'_> {
 }
 
 /// Opens the version's seal for the replica and version `o` asked for, and checks
-/// that its facts are of the result: page size, page count, and the digest over
-/// identities, made from `tree` in the seal's form (a version pushed with the chunked
-/// digest is pulled with digest 1). A seal that does not open was changed, moved from
-/// another version or replica, or made with another key; facts that differ belong to
-/// another version than the pages sent (a reordered, shortened or replayed manifest).
-/// Either is a verification error.
-fn open_seal(
-    o: &Opening<'_>,
-    seal: &[u8],
-    page_size: u32,
-    page_count: u32,
-    tree: &mut Tree,
-) -> Result<Facts> {
+/// that its facts are of the session's size: page size and page count. A seal that
+/// does not open was changed, moved from another version or replica, or made with
+/// another key; facts of another size belong to another version than the pages sent
+/// (a shortened or replayed manifest). Either is a verification error. Its digests are
+/// for the caller to check.
+fn open_seal(o: &Opening<'_>, seal: &[u8], page_size: u32, page_count: u32) -> Result<Facts> {
     let facts = Facts::decode(&o.key.open_version(o.replica, o.version, seal)?)?;
-    let ours = match (facts.page_size, facts.page_count) == (page_size, page_count) {
-        true => tree.digest(facts.identity_form, page_size, page_count)?,
-        false => [0; HASH_BYTES],
-    };
-    if (facts.page_size, facts.page_count) != (page_size, page_count)
-        || facts.identity_digest != ours
-    {
+    if (facts.page_size, facts.page_count) != (page_size, page_count) {
         return Err(Error::Verification(format!(
-            "the seal of version {} of {} names {} pages of {} bytes and identity digest {}, \
-             but the pages sent make {page_count} pages of {page_size} bytes and {}; nothing was committed",
-            o.version,
-            o.replica,
-            facts.page_count,
-            facts.page_size,
-            hex(&facts.identity_digest),
-            hex(&ours)
+            "the seal of version {} of {} names {} pages of {} bytes, but the pages sent \
+             make {page_count} pages of {page_size} bytes; nothing was committed",
+            o.version, o.replica, facts.page_count, facts.page_size
         )));
     }
     Ok(facts)
+}
+
+/// Writes a page the [`Opener`] opened and checked, and keeps its plaintext hash for
+/// the seal's digest.
+fn write_opened(target: &mut dyn PageTarget, plain: &mut Tree, page: Opened) -> Result<()> {
+    target.write_page(page.pgno, page.data, &page.hash)?;
+    plain.set_leaf(page.pgno, &page.hash)
 }
 
 fn session(
@@ -358,8 +349,20 @@ fn session(
     let mut pages_written = 0u32;
     let mut hash_bytes = 0u64;
     let mut hashes = Vec::new();
+    // Sealed pages are opened and hashed on a thread of their own ([`Opener`]); every
+    // page it holds is written before any other frame is handled.
+    let mut opener = match (key, begin.sealed) {
+        (Some(key), true) => Some(Opener::start(key, page_size)?),
+        _ => None,
+    };
     loop {
-        match recv(link)? {
+        let frame = recv(link)?;
+        if let (Some(opener), Some(plain)) = (opener.as_mut(), plain.as_mut())
+            && !matches!(frame, Frame::SealedPage { .. })
+        {
+            opener.finish(&mut |page| write_opened(target, plain, page))?;
+        }
+        match frame {
             Frame::Want { level, runs } => {
                 if !built {
                     // The origin did not use its base after all: the tree as it would
@@ -449,24 +452,15 @@ fn session(
                 if written.get(pgno) {
                     return Err(Error::Protocol(format!("page {pgno} was sent twice")));
                 }
-                match (key, plain.as_mut()) {
-                    (Some(key), Some(plain)) => {
-                        // Opened under the identity it came with: a changed byte, or
-                        // the sealed bytes of another identity, do not open. The
-                        // identity is then made again from the plaintext, so a page is
-                        // never taken for one it is not.
-                        let mut data = Vec::with_capacity(page_size as usize);
-                        key.open_page(&identity, &sealed, &mut data)?;
-                        let hash = page_hash(pgno, &data);
-                        if key.page_identity(&hash) != identity {
-                            return Err(Error::Verification(format!(
-                                "page {pgno} opened, but it is not the page of identity {} it came as; nothing was committed",
-                                hex(&identity)
-                            )));
-                        }
+                match (opener.as_mut(), plain.as_mut()) {
+                    // Opened under the identity it came with, and its identity made
+                    // again from the plaintext (`opener::open_batch`); written when
+                    // it comes back.
+                    (Some(opener), Some(plain)) => {
                         written.set(pgno);
-                        target.write_page(pgno, data, &hash)?;
-                        plain.set_leaf(pgno, &hash)?;
+                        opener.add((pgno, identity, sealed), &mut |page| {
+                            write_opened(target, plain, page)
+                        })?;
                     }
                     // A store keeps what it cannot read, under the identity it came
                     // with: the side that opens it checks both.
@@ -599,41 +593,67 @@ fn session(
                         target.commit_chunks(page_count, &ours, &mut out)?;
                         ours
                     }
-                    _ => {
-                        let ours = tree.digest(form, page_size, page_count)?;
-                        if ours != digest {
-                            return Err(mismatch(&ours));
-                        }
-                        match (opening, plain.as_mut(), seal) {
-                            (Some(o), Some(plain), Some(seal)) => {
-                                let facts = open_seal(o, &seal, page_size, page_count, &mut tree)?;
-                                let plain_digest =
-                                    plain.digest(DigestForm::One, page_size, page_count)?;
-                                if plain_digest != facts.digest {
-                                    return Err(Error::Verification(format!(
-                                        "the pages of version {} of {} have digest {}, but its seal names {}; nothing was committed",
-                                        o.version,
-                                        o.replica,
-                                        hex(&plain_digest),
-                                        hex(&facts.digest)
-                                    )));
+                    _ => match (opening, plain.as_mut(), seal) {
+                        // A replica that opens the version checks the result by its
+                        // plaintext: digest 1 over its page hashes must be the seal's,
+                        // which the key that sealed it vouches for. Each identity is
+                        // the HMAC of a page hash under that key, so the result's
+                        // identities are then the version's. Where the seal names its
+                        // digest over identities in the origin's form, that must be the
+                        // origin's, and the result's is made from the tree only where
+                        // the forms differ (a pull asks for digest 1 of a version pushed
+                        // with the chunked digest): one digest over identities at most.
+                        (Some(o), Some(plain), Some(seal)) => {
+                            let facts = open_seal(o, &seal, page_size, page_count)?;
+                            let ours = match facts.identity_form == form {
+                                true => {
+                                    if facts.identity_digest != digest {
+                                        return Err(Error::Verification(format!(
+                                            "the seal of version {} of {} names identity digest {}, but the origin's is {}; nothing was committed",
+                                            o.version,
+                                            o.replica,
+                                            hex(&facts.identity_digest),
+                                            hex(&digest)
+                                        )));
+                                    }
+                                    digest
                                 }
-                                target.commit(
-                                    page_count,
-                                    &plain_digest,
-                                    &mut plain.leaves(page_count)?,
-                                )?;
-                                opened = Some(facts);
+                                false => tree.digest(form, page_size, page_count)?,
+                            };
+                            if ours != digest {
+                                return Err(mismatch(&ours));
                             }
-                            (_, _, seal) => {
-                                if let Some(seal) = seal {
-                                    target.keep_seal(seal)?;
-                                }
-                                target.commit(page_count, &ours, &mut tree.leaves(page_count)?)?;
+                            let plain_digest =
+                                plain.digest(DigestForm::One, page_size, page_count)?;
+                            if plain_digest != facts.digest {
+                                return Err(Error::Verification(format!(
+                                    "the pages of version {} of {} have digest {}, but its seal names {}; nothing was committed",
+                                    o.version,
+                                    o.replica,
+                                    hex(&plain_digest),
+                                    hex(&facts.digest)
+                                )));
                             }
+                            target.commit(
+                                page_count,
+                                &plain_digest,
+                                &mut plain.leaves(page_count)?,
+                            )?;
+                            opened = Some(facts);
+                            ours
                         }
-                        ours
-                    }
+                        (_, _, seal) => {
+                            let ours = tree.digest(form, page_size, page_count)?;
+                            if ours != digest {
+                                return Err(mismatch(&ours));
+                            }
+                            if let Some(seal) = seal {
+                                target.keep_seal(seal)?;
+                            }
+                            target.commit(page_count, &ours, &mut tree.leaves(page_count)?)?;
+                            ours
+                        }
+                    },
                 };
                 link.send(&Frame::Done {
                     pages_written,

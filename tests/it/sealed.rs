@@ -341,13 +341,36 @@ fn tampering_and_wrong_keys_are_refused_with_the_file_untouched() {
     let m = refused(&flipped, &k, 1, "a flipped ciphertext byte");
     assert!(m.contains("does not open"), "{m}");
 
-    // Two pages exchanged with their identities: each opens, the manifest is another.
+    // Two pages exchanged with their identities: each opens, the manifest is another,
+    // and the store's digest over it is not the one the seal names.
     let mut swapped = keeper.clone();
     let ten = swapped.pages[&10].clone();
     let eleven = swapped.pages.insert(11, ten).expect("page 11");
     swapped.pages.insert(10, eleven);
     let m = refused(&swapped, &k, 1, "two pages exchanged");
-    assert!(m.contains("but the pages sent make"), "{m}");
+    assert!(
+        m.contains("the seal of version 1 of acme/app.db names identity digest")
+            && m.contains("but the origin's is"),
+        "{m}"
+    );
+
+    // A seal made with the key, naming the version's identities but another plaintext
+    // (a key holder's inconsistent seal): every page opens and the identities agree,
+    // and the plaintext check refuses it.
+    let mut forged = keeper.clone();
+    let mut facts = engine::Facts::decode(
+        &k.open_version(REPLICA, 1, keeper.seal.as_ref().expect("a seal"))
+            .expect("the seal opens"),
+    )
+    .expect("facts");
+    facts.digest[0] ^= 1;
+    forged.seal = Some(k.seal_version(REPLICA, 1, &facts.encode()).expect("sealed"));
+    let m = refused(&forged, &k, 1, "a seal naming another plaintext");
+    assert!(
+        m.contains("the pages of version 1 of acme/app.db have digest")
+            && m.contains("but its seal names"),
+        "{m}"
+    );
 
     // A page under another page's identity: it does not open.
     let mut relabelled = keeper.clone();
@@ -373,7 +396,7 @@ fn tampering_and_wrong_keys_are_refused_with_the_file_untouched() {
         }
     }
     let m = refused(&mixed, &k, 1, "a page of another version");
-    assert!(m.contains("but the pages sent make"), "{m}");
+    assert!(m.contains("but the origin's is"), "{m}");
 }
 
 /// A plaintext side and a sealed one never mix: refused before anything is written.
