@@ -752,11 +752,7 @@ fn plaintext_and_passphrase_first_pushes_racing_on_a_server() {
         let outs = [x, y].map(|c| c.wait_with_output().expect("wait for the push"));
         let codes: Vec<i32> = outs.iter().map(util::code).collect();
         eprintln!("{replica}: exit codes {codes:?} (plaintext, passphrase)");
-        let winner = codes
-            .iter()
-            .position(|&c| c == 0)
-            .unwrap_or_else(|| panic!("one push wins: {codes:?}"));
-        let loser = 1 - winner;
+        let (winner, loser) = util::winner_and_loser(&codes);
         let err = util::stderr(&outs[loser]);
         assert_eq!(codes[loser], EXIT_AUTH, "the mix refused: {err}");
         let words = ["is not encrypted", "is encrypted"][winner];

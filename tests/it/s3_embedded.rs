@@ -332,11 +332,7 @@ fn two_pushes_raced_from_two_processes_make_one_version_and_lose_nothing() {
     let (a, b) = (start(&machines[0]), start(&machines[1]));
     let outs = [finish(a), finish(b)];
     let codes: Vec<i32> = outs.iter().map(util::code).collect();
-    let winner = codes
-        .iter()
-        .position(|&c| c == 0)
-        .unwrap_or_else(|| panic!("one push wins: {codes:?}"));
-    let loser = 1 - winner;
+    let (winner, loser) = util::winner_and_loser(&codes);
     let err = util::stderr(&outs[loser]);
     assert_eq!(codes[loser], EXIT_CONFLICT, "the other conflicts: {err}");
     assert!(

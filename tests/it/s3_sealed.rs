@@ -61,6 +61,11 @@ impl Target {
 
     /// `sqlferry ARGS` on `m`, through this target.
     fn run(&self, m: &Machine, args: &[&str]) -> Output {
+        self.command(m, args).output().expect("run sqlferry")
+    }
+
+    /// `sqlferry ARGS` on `m` with this target's server options.
+    fn command(&self, m: &Machine, args: &[&str]) -> std::process::Command {
         let mut cmd = m.command();
         cmd.args(args);
         match self {
@@ -74,7 +79,7 @@ impl Target {
                 .arg(&seaweed::shared().endpoint)
                 .envs(aws_env()),
         };
-        cmd.output().expect("run sqlferry")
+        cmd
     }
 
     /// [`Target::run`] with `--json`, asserted to succeed.
@@ -821,20 +826,9 @@ fn a_hostile_bucket_changes_no_local_file() {
 impl Target {
     /// `sqlferry ARGS --json` on `m` through this target, started and not waited for.
     fn spawn(&self, m: &Machine, args: &[&str]) -> std::process::Child {
-        let mut cmd = m.command();
-        cmd.args(args).arg("--json");
-        match self {
-            Target::Serve(s, _) => cmd
-                .arg("--server")
-                .arg(&s.url)
-                .arg("--key")
-                .arg(&s.admin_key),
-            Target::Embedded(l) => cmd
-                .args(["--server", l, "--s3-endpoint"])
-                .arg(&seaweed::shared().endpoint)
-                .envs(aws_env()),
-        };
-        cmd.stdout(std::process::Stdio::piped())
+        let mut cmd = self.command(m, args);
+        cmd.arg("--json")
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start sqlferry")
@@ -1082,11 +1076,7 @@ fn plaintext_and_passphrase_first_pushes_racing(target: Target, meta: Option<&st
             "{replica}: exit codes {codes:?} (plaintext, passphrase); {}",
             outs.iter().map(util::stderr).collect::<String>().trim()
         );
-        let winner = codes
-            .iter()
-            .position(|&c| c == 0)
-            .unwrap_or_else(|| panic!("one push wins: {codes:?}"));
-        let loser = 1 - winner;
+        let (winner, loser) = util::winner_and_loser(&codes);
         let err = util::stderr(&outs[loser]);
         assert_eq!(codes[loser], EXIT_AUTH, "the mix refused: {err}");
         let words = match winner {

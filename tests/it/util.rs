@@ -269,6 +269,16 @@ pub fn code(out: &Output) -> i32 {
         .unwrap_or_else(|| panic!("killed by a signal: {out:?}"))
 }
 
+/// Of two racing commands' exit codes, which one succeeded and which one did not, as
+/// `(winner, loser)`: the first to exit 0 wins; none doing so fails the test.
+pub fn winner_and_loser(codes: &[i32]) -> (usize, usize) {
+    let winner = codes
+        .iter()
+        .position(|&c| c == 0)
+        .unwrap_or_else(|| panic!("one of the racing commands succeeds: {codes:?}"));
+    (winner, 1 - winner)
+}
+
 /// stdout of a finished command as text.
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
