@@ -335,7 +335,12 @@ impl Puller {
         if let Some(last) = last {
             // Not what the last recorded sync left may still be the version itself: a
             // pull killed after its COMMIT, before it recorded the sync.
-            if now.is(&last.digest) || target().await?.is_some_and(|v| now.is_version(&v)) {
+            if now.is(&last.digest) {
+                return Ok(None);
+            }
+            if let Some(v) = target().await?
+                && self.holds(&now, &v).await
+            {
                 return Ok(None);
             }
             let when = crate::epoch::rfc3339(last.at);
@@ -354,7 +359,7 @@ impl Puller {
             }));
         }
         Ok(match target().await? {
-            Some(v) if now.is_version(&v) => None,
+            Some(v) if self.holds(&now, &v).await => None,
             Some(v) => Some(LocalChange {
                 why: format!(
                     "it was never pushed to or pulled from {replica} on {url}, and differs from version {} (digest {}, {} now)",
@@ -366,6 +371,30 @@ impl Puller {
             // Nothing to pull: the pull fails on its own, without writing.
             None => None,
         })
+    }
+
+    /// Whether LOCAL, whose digest is `now`, holds version `v`. An encrypted version's
+    /// digests are over page identities: LOCAL's are made under the key of its id, if
+    /// it was given, reading LOCAL once; asked only where the pull would otherwise be
+    /// refused. Any error making them is a no.
+    async fn holds(&self, now: &LocalDigest, v: &VersionInfo) -> bool {
+        if now.is_version(v) {
+            return true;
+        }
+        let key = match (&self.encryption, v.encryption.as_deref()) {
+            (Some(keys), Some(id)) => keys.find(id).cloned(),
+            _ => None,
+        };
+        let Some(key) = key else {
+            return false;
+        };
+        let local = self.local.clone();
+        let Ok(mine) = blocking(move || Snapshot::open(&local)?.identity_digests(&key)).await
+        else {
+            return false;
+        };
+        (!v.digest.is_empty() && mine.matches(&v.digest))
+            || v.digest2.as_deref().is_some_and(|c| mine.matches(c))
     }
 
     /// The refusal of a pull over `change`: what changed, how to keep it, how to

@@ -794,6 +794,24 @@ impl Snapshot {
         })
     }
 
+    /// Both digests over this snapshot's page identities under `key` (the HMAC of each
+    /// page hash, [`crate::crypt::EncryptionKey::page_identity`]): what an encrypted
+    /// replica records for a version of these pages made with that key.
+    pub fn identity_digests(
+        &mut self,
+        key: &crate::crypt::EncryptionKey,
+    ) -> Result<crate::digest::Digests> {
+        let mut both = crate::digest::BothDigester::new(self.page_size, self.page_count);
+        self.hash_pages(u32::MAX, &mut |_, hash, _| {
+            both.push(&key.page_identity(&hash));
+            Ok(())
+        })?;
+        both.finish().ok_or_else(|| Error::NotADatabase {
+            path: self.path.clone(),
+            reason: "the page count changed while reading".into(),
+        })
+    }
+
     /// Reads page `pgno` into `buf` (replacing its contents).
     pub fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
         super::scan::read_page(&self.conn, &self.path, pgno, self.page_size, buf)
