@@ -393,8 +393,7 @@ impl Puller {
         else {
             return false;
         };
-        (!v.digest.is_empty() && mine.matches(&v.digest))
-            || v.digest2.as_deref().is_some_and(|c| mine.matches(c))
+        LocalDigest::Read(mine).is_version(v)
     }
 
     /// The refusal of a pull over `change`: what changed, how to keep it, how to

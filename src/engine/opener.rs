@@ -8,8 +8,8 @@
 //! batch at a time in turn, and hands back the opened pages in the order they came;
 //! the replica's thread writes them and answers the origin meanwhile.
 //!
-//! Why two threads, and why they hash as well (docs/performance.md, "Opening sealed
-//! pages on threads of their own"): with one, doing the open and the hash, `perf` put
+//! Why two threads, and why they hash as well (docs/performance.md, "Opening on two
+//! threads, one digest over identities"): with one, doing the open and the hash, `perf` put
 //! 58% of a full encrypted pull's samples on it, and it set the pace (1.32×); with the
 //! hash left to the replica's thread, that thread set it instead (1.39×); with two,
 //! each holds under 30% and the four threads share the two cores (1.28×).

@@ -605,23 +605,21 @@ fn session(
                         // with the chunked digest): one digest over identities at most.
                         (Some(o), Some(plain), Some(seal)) => {
                             let facts = open_seal(o, &seal, page_size, page_count)?;
-                            let ours = match facts.identity_form == form {
-                                true => {
-                                    if facts.identity_digest != digest {
-                                        return Err(Error::Verification(format!(
-                                            "the seal of version {} of {} names identity digest {}, but the origin's is {}; nothing was committed",
-                                            o.version,
-                                            o.replica,
-                                            hex(&facts.identity_digest),
-                                            hex(&digest)
-                                        )));
-                                    }
-                                    digest
+                            if facts.identity_form == form {
+                                if facts.identity_digest != digest {
+                                    return Err(Error::Verification(format!(
+                                        "the seal of version {} of {} names identity digest {}, but the origin's is {}; nothing was committed",
+                                        o.version,
+                                        o.replica,
+                                        hex(&facts.identity_digest),
+                                        hex(&digest)
+                                    )));
                                 }
-                                false => tree.digest(form, page_size, page_count)?,
-                            };
-                            if ours != digest {
-                                return Err(mismatch(&ours));
+                            } else {
+                                let ours = tree.digest(form, page_size, page_count)?;
+                                if ours != digest {
+                                    return Err(mismatch(&ours));
+                                }
                             }
                             let plain_digest =
                                 plain.digest(DigestForm::One, page_size, page_count)?;
@@ -640,7 +638,8 @@ fn session(
                                 &mut plain.leaves(page_count)?,
                             )?;
                             opened = Some(facts);
-                            ours
+                            // Checked above to be the result's, one way or the other.
+                            digest
                         }
                         (_, _, seal) => {
                             let ours = tree.digest(form, page_size, page_count)?;

@@ -776,22 +776,7 @@ impl Snapshot {
     /// Both forms of the database's digest ([`crate::digest::Digests`]), from one pass
     /// over its page hashes as [`Snapshot::digest`] makes them.
     pub fn digests(&mut self, afresh: bool) -> Result<crate::digest::Digests> {
-        let mut both = crate::digest::BothDigester::new(self.page_size, self.page_count);
-        if afresh {
-            self.for_each_page(&mut |pgno, data| {
-                both.push(&page_hash(pgno, data));
-                Ok(())
-            })?;
-        } else {
-            self.hash_pages(u32::MAX, &mut |_, hash, _| {
-                both.push(&hash);
-                Ok(())
-            })?;
-        }
-        both.finish().ok_or_else(|| Error::NotADatabase {
-            path: self.path.clone(),
-            reason: "the page count changed while reading".into(),
-        })
+        self.digests_of(afresh, |hash| hash)
     }
 
     /// Both digests over this snapshot's page identities under `key` (the HMAC of each
@@ -801,11 +786,27 @@ impl Snapshot {
         &mut self,
         key: &crate::crypt::EncryptionKey,
     ) -> Result<crate::digest::Digests> {
+        self.digests_of(false, |hash| key.page_identity(&hash))
+    }
+
+    /// Both digests over `leaf` of each page hash, in one pass ([`Snapshot::digests`]).
+    fn digests_of(
+        &mut self,
+        afresh: bool,
+        leaf: impl Fn(Hash) -> Hash,
+    ) -> Result<crate::digest::Digests> {
         let mut both = crate::digest::BothDigester::new(self.page_size, self.page_count);
-        self.hash_pages(u32::MAX, &mut |_, hash, _| {
-            both.push(&key.page_identity(&hash));
-            Ok(())
-        })?;
+        if afresh {
+            self.for_each_page(&mut |pgno, data| {
+                both.push(&leaf(page_hash(pgno, data)));
+                Ok(())
+            })?;
+        } else {
+            self.hash_pages(u32::MAX, &mut |_, hash, _| {
+                both.push(&leaf(hash));
+                Ok(())
+            })?;
+        }
         both.finish().ok_or_else(|| Error::NotADatabase {
             path: self.path.clone(),
             reason: "the page count changed while reading".into(),
