@@ -84,42 +84,6 @@ impl PageTarget for Keeper {
     }
 }
 
-/// The keeper as the origin of a pull: its identities and sealed bytes, as they are.
-struct Relay<'a>(&'a Keeper);
-
-impl PageSource for Relay<'_> {
-    fn page_size(&self) -> u32 {
-        self.0.page_size
-    }
-    fn page_count(&self) -> u32 {
-        self.0.page_count
-    }
-    fn scan(&mut self, with_data_after: u32, f: &mut ScanFn<'_>) -> Result<()> {
-        for (&pgno, (identity, sealed)) in &self.0.pages {
-            f(
-                pgno,
-                *identity,
-                (pgno > with_data_after).then_some(sealed.as_slice()),
-            )?;
-        }
-        Ok(())
-    }
-    fn read_page(&mut self, pgno: u32, buf: &mut Vec<u8>) -> Result<()> {
-        buf.clear();
-        buf.extend_from_slice(&self.0.pages[&pgno].1);
-        Ok(())
-    }
-    fn chunk_hashes(&mut self) -> Result<Option<Vec<Option<Hash>>>> {
-        Ok(None)
-    }
-    fn scan_chunk(&mut self, idx: u32, _f: &mut ScanFn<'_>) -> Result<Hash> {
-        Err(Error::Bug(format!("chunk {idx} of a relay")))
-    }
-    fn chunks_done(&mut self) -> Result<()> {
-        Ok(())
-    }
-}
-
 /// A key of 32 bytes `byte`.
 pub(crate) fn key(byte: u8) -> EncryptionKey {
     EncryptionKey::from_bytes(&[byte; 32])
@@ -204,7 +168,7 @@ fn pull_sealed(
             });
             engine::run_replica_opening(&mut writer, &mut replica_link, &NoProgress, opening)
         });
-        let mut source = Relay(keeper);
+        let mut source = Relay(keeper, Hostile::Honest);
         let options = OriginOptions {
             sealing: relay.then_some(Sealing::Relay { seal }),
             ..OriginOptions::default()
@@ -534,9 +498,11 @@ fn frames_out_of_their_session_are_protocol_errors() {
     }
 }
 
-/// What a hostile store (or server) does to the sealed pages it relays.
+/// What a store (or server) does to the sealed pages it relays.
 #[derive(Clone, Copy, Debug)]
 enum Hostile {
+    /// Nothing: its identities and sealed bytes, as they are, in order.
+    Honest,
     /// Every page, last first.
     Reversed,
     /// Page `n` sent again right after itself.
@@ -552,10 +518,10 @@ enum Hostile {
     BadLast,
 }
 
-/// The keeper as a hostile origin of a pull.
-struct HostileRelay<'a>(&'a Keeper, Hostile);
+/// The keeper as the origin of a pull, relaying its sealed pages as `Hostile` says.
+struct Relay<'a>(&'a Keeper, Hostile);
 
-impl PageSource for HostileRelay<'_> {
+impl PageSource for Relay<'_> {
     fn page_size(&self) -> u32 {
         self.0.page_size
     }
@@ -584,7 +550,7 @@ impl PageSource for HostileRelay<'_> {
             Hostile::BadLast => {
                 order.last_mut().expect("a page").2[300] ^= 0x40;
             }
-            Hostile::FailAfter(_) | Hostile::DieAfter(_) => {}
+            Hostile::Honest | Hostile::FailAfter(_) | Hostile::DieAfter(_) => {}
         }
         for (i, (pgno, id, sealed)) in order.iter().enumerate() {
             match self.1 {
@@ -636,7 +602,7 @@ fn pull_hostile(keeper: &Keeper, dest: &Path, k: &EncryptionKey, how: Hostile) -
             engine::run_replica_opening(&mut writer, &mut replica_link, &NoProgress, opening)
         });
         let origin = s.spawn(move || {
-            let mut source = HostileRelay(keeper, how);
+            let mut source = Relay(keeper, how);
             let options = OriginOptions {
                 sealing: Some(Sealing::Relay { seal }),
                 ..OriginOptions::default()
