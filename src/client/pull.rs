@@ -110,6 +110,16 @@ impl Puller {
             proved = sealed;
         }
         let (path, database, url) = (local.clone(), self.database.clone(), self.server.url());
+        let context = |e: Error| {
+            e.context(format!(
+                "pull {replica}@{selector} into {} failed",
+                local.display()
+            ))
+        };
+        let left = match path.exists() {
+            true => format!("{} is as it was", local.display()),
+            false => format!("{} was not made", local.display()),
+        };
         let name = replica.to_string();
         let old = seal.clone();
         let writer = blocking(move || {
@@ -120,7 +130,7 @@ impl Puller {
             Ok(writer)
         })
         .await?;
-        let (mut outcome, writer) = self
+        let pulled = self
             .server
             .pull_into(
                 replica,
@@ -129,13 +139,16 @@ impl Puller {
                 (self.key.as_deref(), self.encryption.as_ref()),
                 progress,
             )
-            .await
-            .map_err(|e| {
-                e.context(format!(
-                    "pull {replica}@{selector} into {} failed",
-                    local.display()
-                ))
-            })?;
+            .await;
+        let (mut outcome, writer) = match pulled {
+            Ok(pulled) => pulled,
+            Err(e) => {
+                let dir = self.database.parent().unwrap_or(Path::new("/"));
+                return Err(context(
+                    super::on_full_disk(e, dir, left, "pull again").await,
+                ));
+            }
+        };
         outcome.local_sealed = proved && writer.used_sealed_hashes();
         self.record(&outcome).await?;
         let (database, url) = (self.database.clone(), self.server.url());

@@ -343,6 +343,13 @@ impl Pusher {
                 }
                 Err(e) => {
                     let e = self.explain_refused_key(e).await;
+                    let e = match &self.server {
+                        crate::remote::Server::Embedded(store) => {
+                            let left = "no version was made".to_owned();
+                            super::on_full_disk(e, store.root(), left, "push again").await
+                        }
+                        _ => e,
+                    };
                     return Err(e.context(format!(
                         "push {} to {} failed",
                         self.local.display(),
