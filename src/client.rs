@@ -204,9 +204,9 @@ async fn record_sync(
     database: &Path,
     (server, server_id): (&Server, Option<String>),
     replica: &ReplicaPath,
-    version: u64,
-    digest: &str,
+    (version, digest): (u64, &str),
     op: &str,
+    reserved: crate::history::Reserved,
 ) -> Result<()> {
     let sync = crate::history::LastSync::now(
         database,
@@ -218,10 +218,25 @@ async fn record_sync(
     )
     .with_server_id(server_id);
     blocking(move || {
-        crate::history::record(&sync);
+        crate::history::record_into(&sync, reserved);
         Ok(())
     })
     .await
+}
+
+/// Room for the records of a sync about to start ([`crate::history::reserve`]), taken
+/// on a blocking thread. On a full disk, the sync must not start: `e` says so, `left`
+/// what was left as it was and `again` what to do once there is room.
+async fn reserve_records(left: String, again: &str) -> Result<crate::history::Reserved> {
+    match blocking(crate::history::reserve).await {
+        Ok(reserved) => Ok(reserved),
+        Err(e) => {
+            let dir = crate::config::state_dir()
+                .map(|d| d.join("history"))
+                .unwrap_or_default();
+            Err(on_full_disk(e, &dir, left, again).await)
+        }
+    }
 }
 
 /// The last sync of `database` with `replica` on `server` ([`crate::history::last_with`]);

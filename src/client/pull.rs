@@ -120,6 +120,9 @@ impl Puller {
             true => format!("{} is as it was", local.display()),
             false => format!("{} was not made", local.display()),
         };
+        let reserved = super::reserve_records(left.clone(), "pull again")
+            .await
+            .map_err(context)?;
         let name = replica.to_string();
         let old = seal.clone();
         let writer = blocking(move || {
@@ -150,7 +153,7 @@ impl Puller {
             }
         };
         outcome.local_sealed = proved && writer.used_sealed_hashes();
-        self.record(&outcome).await?;
+        self.record(&outcome, reserved).await?;
         let (database, url) = (self.database.clone(), self.server.url());
         let (name, pulled) = (replica.to_string(), outcome.clone());
         blocking(move || {
@@ -454,16 +457,16 @@ impl Puller {
         })
     }
 
-    /// Records a pull in the local history.
-    async fn record(&self, outcome: &PullOutcome) -> Result<()> {
+    /// Records a pull in the local history, in the room `reserved` holds.
+    async fn record(&self, outcome: &PullOutcome, reserved: history::Reserved) -> Result<()> {
         super::record_sync(
             &self.database,
             (&self.server, outcome.server_id.clone()),
             &self.replica,
-            outcome.version,
             // The database's own digest: an encrypted pull's plaintext one.
-            outcome.stats.local_digest(),
+            (outcome.version, outcome.stats.local_digest()),
             "pull",
+            reserved,
         )
         .await
     }

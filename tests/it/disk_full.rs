@@ -15,6 +15,9 @@
 //!   version, pulled back equal to the origin.
 //! - Pulls and pushes killed (SIGKILL) while the disk is full, at a few points: the
 //!   next plain pull or push, once there is room, succeeds and leaves nothing behind.
+//! - A push or pull whose local history is on a full disk (LOCAL and the store
+//!   elsewhere) is refused before it commits: with room again, the plain push after it
+//!   never conflicts with its own version, the plain pull never refuses LOCAL.
 
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
@@ -388,6 +391,60 @@ fn a_passphrase_push_into_a_full_store_keeps_its_versions_then_succeeds() {
 #[test]
 fn a_plaintext_push_into_a_full_store_keeps_its_versions_then_succeeds() {
     push_into_a_full_store(Seal::Plain);
+}
+
+/// Pushes and pulls whose own bookkeeping (the local history, under the machine's
+/// state directory) is on a full disk, LOCAL and the store elsewhere: refused before
+/// they commit, so that the next plain push or pull, with room again, finds the
+/// version it last made or pulled.
+fn bookkeeping_on_a_full_disk(seal: Seal) {
+    let dir = TempDir::new().expect("tempdir");
+    let store = dir.path().join("store");
+    let home = dir.path().join("a/home");
+    let disk = Tmpfs::mount(&home, DISK);
+    let a = Machine::new(dir.path(), "a");
+    let history = home.join("state/sqlferry/history");
+    let secret = Secret::new(seal, &a);
+    let db = origin_db(&a);
+    ok(&a, &store, &secret, &["push", "app.db", REPLICA], "push 1");
+    ok(&a, &store, &secret, &["pull", REPLICA, "copy.db"], "pull 1");
+    let copy = a.path("copy.db");
+    let v1 = DbState::of(&copy);
+
+    // A push that could not record the version it makes does not make it.
+    rewrite_all(&db, "version two");
+    let filler = disk.fill();
+    let out = run(&a, &store, &secret, &["push", "app.db", REPLICA]);
+    let line = assert_disk_full(&out, &history);
+    assert!(line.contains("nothing was pushed"), "{line}");
+    assert_eq!(versions(&a, &store, &secret), vec![1], "no version 2");
+    let out = run(&a, &store, &secret, &["pull", REPLICA, "copy.db"]);
+    let line = assert_disk_full(&out, &history);
+    assert!(line.contains("copy.db is as it was"), "{line}");
+    v1.assert_held_by(&copy, "LOCAL after a pull that could not be recorded");
+
+    // With room again, plain pushes follow one another, and plain pulls too.
+    std::fs::remove_file(&filler).expect("free the disk");
+    for (n, tag) in [(2, "version two"), (3, "version three")] {
+        if n == 3 {
+            rewrite_all(&db, tag);
+        }
+        let pushed = ok(&a, &store, &secret, &["push", "app.db", REPLICA], tag);
+        assert_eq!(pushed.u64("version"), n, "{tag}");
+        let pulled = ok(&a, &store, &secret, &["pull", REPLICA, "copy.db"], tag);
+        assert_eq!(pulled.u64("version"), n, "{tag}");
+        assert_eq!(util::digest(&copy), util::digest(&db), "{tag}");
+    }
+}
+
+#[test]
+fn an_encrypted_push_or_pull_that_could_not_be_recorded_is_refused_before_it_commits() {
+    bookkeeping_on_a_full_disk(Seal::Key);
+}
+
+#[test]
+fn a_plaintext_push_or_pull_that_could_not_be_recorded_is_refused_before_it_commits() {
+    bookkeeping_on_a_full_disk(Seal::Plain);
 }
 
 /// Starts `cmd`, waits until `at` holds (or the command ends by itself), and kills it
