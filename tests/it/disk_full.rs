@@ -3,13 +3,15 @@
 //! mount fails, it never skips). The pulling machine's LOCAL and its own state (the
 //! local history, seals, saved keys) are on the tmpfs, as on a machine with one disk.
 //!
-//! - A pull of an encrypted version (a key file, a passphrase; plaintext too) into a
-//!   new LOCAL on a disk that fills up half-way fails with one line saying the disk is
-//!   full and what to do, exit 3, and leaves no LOCAL and no temporary file beside it;
-//!   with room again the same pull succeeds and its digest is the origin's.
-//! - The same into a LOCAL holding an older version that a reader has open: LOCAL keeps
-//!   its rows and `PRAGMA integrity_check` says ok, the reader reads on, and with room
-//!   again a plain pull (no `--force`) brings the new version.
+//! - A pull of an encrypted version (a key file, a passphrase; plaintext too; from the
+//!   embedded store or a real `sqlferry serve`) into a new LOCAL on a disk that fills
+//!   up half-way fails with one line saying the disk is full and what to do, exit 3,
+//!   and leaves no LOCAL and no temporary file beside it; with room again the same
+//!   pull succeeds and its digest is the origin's.
+//! - The same into a LOCAL holding an older version that a reader has open (WAL), or
+//!   in rollback mode: LOCAL keeps its rows and `PRAGMA integrity_check` says ok, the
+//!   reader reads on, and with room again a plain pull (no `--force`) brings the new
+//!   version.
 //! - An encrypted push into an embedded store on a full disk fails the same way; the
 //!   store's versions are as they were, and with room again a plain push makes the next
 //!   version, pulled back equal to the origin.
@@ -29,7 +31,7 @@ use tempfile::TempDir;
 use crate::encrypted::keygen;
 use crate::passphrase::passphrase_file;
 use crate::sealed::MARKER;
-use crate::server::{DbState, Machine, Report, assert_fails, wait_for_exit};
+use crate::server::{DbState, Machine, Report, TestServer, assert_fails, wait_for_exit};
 use crate::util::{self, Mode, Tmpfs};
 
 const REPLICA: &str = "acme/app.db";
@@ -106,8 +108,13 @@ fn ok(m: &Machine, store: &Path, secret: &Secret, args: &[&str], what: &str) -> 
 
 /// The origin's database: `ROWS` notes carrying the marker, in WAL mode.
 fn origin_db(m: &Machine) -> PathBuf {
+    origin_db_in(m, Mode::Wal)
+}
+
+/// [`origin_db`] in `mode` (a pulled copy keeps it).
+fn origin_db_in(m: &Machine, mode: Mode) -> PathBuf {
     let path = m.path("app.db");
-    let conn = util::create(&path, 4096, Mode::Wal);
+    let conn = util::create(&path, 4096, mode);
     conn.execute_batch("CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)")
         .expect("schema");
     conn.execute(
@@ -236,6 +243,40 @@ fn a_plaintext_pull_into_a_new_file_on_a_full_disk_leaves_nothing_then_succeeds(
     pull_into_a_new_file_on_a_full_disk(Seal::Plain);
 }
 
+/// The same pull from a real `sqlferry serve`: the client's disk is full, not the
+/// server's; the error is the client's (3), never the server's (10).
+#[test]
+fn an_encrypted_pull_from_a_server_into_a_full_disk_leaves_nothing_then_succeeds() {
+    let dir = TempDir::new().expect("tempdir");
+    let server = TestServer::start(dir.path());
+    let origin = Machine::new(dir.path(), "origin");
+    let secret = Secret::new(Seal::Key, &origin);
+    let db = origin_db(&origin);
+    let on_server = |m: &Machine, args: &[&str]| {
+        m.command()
+            .args(args)
+            .args(["--server", &server.url, "--key", &server.admin_key])
+            .args(secret.args())
+            .output()
+            .expect("run sqlferry")
+    };
+    let out = on_server(&origin, &["push", "app.db", REPLICA, "--json"]);
+    Report::of(&out, "push to the server");
+
+    let (disk, b) = machine_on_tmpfs(dir.path(), "b");
+    let filler = disk.fill_leaving(ROOM);
+    let out = on_server(&b, &["pull", REPLICA, "copy.db"]);
+    let line = assert_disk_full(&out, &b.work);
+    assert!(line.contains("copy.db was not made"), "{line}");
+    assert_eq!(beside(&b.work, "copy.db"), Vec::<String>::new());
+
+    std::fs::remove_file(&filler).expect("free the disk");
+    let out = on_server(&b, &["pull", REPLICA, "copy.db", "--json"]);
+    let pulled = Report::of(&out, "the pull with room");
+    assert_eq!(pulled.0["plaintext_digest"], util::digest(&db).as_str());
+    assert_eq!(util::digest(&b.path("copy.db")), util::digest(&db));
+}
+
 /// A pull of a new version over LOCAL holding the one before, which a reader holds
 /// open, on a full disk; then with room, a plain pull.
 fn pull_over_an_open_older_version_on_a_full_disk(seal: Seal) {
@@ -322,6 +363,63 @@ fn a_passphrase_pull_over_an_open_older_version_on_a_full_disk_changes_nothing()
 #[test]
 fn a_plaintext_pull_over_an_open_older_version_on_a_full_disk_changes_nothing() {
     pull_over_an_open_older_version_on_a_full_disk(Seal::Plain);
+}
+
+/// The same over a LOCAL in rollback mode (its journal is what fills the disk), with
+/// no reader: one would hold the commit back for its busy timeout.
+#[test]
+fn an_encrypted_pull_over_an_older_rollback_version_on_a_full_disk_changes_nothing() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = dir.path().join("store");
+    let origin = Machine::new(dir.path(), "origin");
+    let secret = Secret::new(Seal::Key, &origin);
+    let db = origin_db_in(&origin, Mode::Rollback);
+    ok(
+        &origin,
+        &store,
+        &secret,
+        &["push", "app.db", REPLICA],
+        "push 1",
+    );
+    let (disk, b) = machine_on_tmpfs(dir.path(), "b");
+    ok(&b, &store, &secret, &["pull", REPLICA, "copy.db"], "pull 1");
+    let copy = b.path("copy.db");
+    assert_eq!(util::journal_mode(&copy), "delete");
+    let old = DbState::of(&copy);
+    rewrite_all(&db, "version two");
+    ok(
+        &origin,
+        &store,
+        &secret,
+        &["push", "app.db", REPLICA],
+        "push 2",
+    );
+
+    let filler = disk.fill_leaving(ROOM);
+    let out = run(&b, &store, &secret, &["pull", REPLICA, "copy.db"]);
+    let line = assert_disk_full(&out, &b.work);
+    assert!(line.contains("copy.db is as it was"), "{line}");
+    assert_eq!(
+        beside(&b.work, "copy.db"),
+        vec!["copy.db".to_owned()],
+        "no journal left"
+    );
+    old.assert_held_by(
+        &copy,
+        "a rollback LOCAL after the pull that found the disk full",
+    );
+
+    std::fs::remove_file(&filler).expect("free the disk");
+    let pulled = ok(
+        &b,
+        &store,
+        &secret,
+        &["pull", REPLICA, "copy.db"],
+        "pull 2 with room",
+    );
+    assert_eq!(pulled.u64("version"), 2);
+    assert_eq!(util::digest(&copy), util::digest(&db));
+    assert_eq!(util::integrity(&copy), "ok");
 }
 
 /// A push into an embedded store on a full disk; then with room, a plain push.
