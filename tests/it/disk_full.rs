@@ -596,15 +596,18 @@ fn encrypted_pulls_and_pushes_killed_on_a_full_disk_are_retried_plainly() {
     let tmp = b.path(".new.db.sqlferry-new");
     let mut landed = Vec::new();
 
-    // Pulls of version 1 into a new file, killed as its temporary file appears and
-    // once it has taken most of the room left.
-    let filler = disk.fill_leaving(ROOM);
-    for bytes in [0, ROOM / 2] {
+    // Pulls of version 1 into a new file, killed as its temporary file appears, once
+    // it has taken half the room left, and as it takes the last of it (the pull may
+    // end first there, failing on the full disk: either way, the same checks).
+    disk.fill_leaving(ROOM);
+    for bytes in [0, ROOM / 2, ROOM - (64 << 10)] {
         let cmd = command(&b, &store, &secret, &["pull", REPLICA, "new.db"]);
         landed.push(kill_when(cmd, || tmp.exists() && len(&tmp) >= bytes));
         assert!(!b.path("new.db").exists(), "no LOCAL after a killed pull");
     }
     // Version 2, every page changed, pulled over old.db: killed once its WAL grows.
+    // The filler leaves the room again (what the killed pulls left takes some).
+    let filler = disk.fill_leaving(ROOM);
     rewrite_all(&db, "version two");
     ok(
         &origin,
