@@ -172,6 +172,30 @@ impl Connection {
     }
 }
 
+/// `e`, said plainly when a full disk is its cause: the disk holding `dir` (LOCAL's
+/// directory, or the embedded store's) named as full, what to do (`again`) and what
+/// was left as it was (`left`), in front of the system's or SQLite's own words. Only a
+/// local file's error (exit 3) is looked at: one that says so itself, or (SQLite names
+/// a full tmpfs "disk I/O error") one while a small probe write in `dir` finds no room.
+/// Any other error is returned as it is.
+async fn on_full_disk(e: Error, dir: &Path, left: String, again: &str) -> Error {
+    if e.kind() != ErrorKind::LocalIo {
+        return e;
+    }
+    let probed = dir.to_owned();
+    let full = e.says_disk_full()
+        || blocking(move || Ok(crate::error::disk_full(&probed)))
+            .await
+            .unwrap_or(false);
+    match full {
+        true => e.context(format!(
+            "the disk holding {} is full: free some space there and {again}; {left}",
+            dir.display()
+        )),
+        false => e,
+    }
+}
+
 /// Records a push or pull (`op`) of the database `database` as `version` of `replica`
 /// on `server` (whose id is `server_id`, when it sent one) in the local history, on a
 /// blocking thread: the base of the next push and what the next pull checks LOCAL
@@ -180,9 +204,9 @@ async fn record_sync(
     database: &Path,
     (server, server_id): (&Server, Option<String>),
     replica: &ReplicaPath,
-    version: u64,
-    digest: &str,
+    (version, digest): (u64, &str),
     op: &str,
+    reserved: crate::history::Reserved,
 ) -> Result<()> {
     let sync = crate::history::LastSync::now(
         database,
@@ -194,10 +218,25 @@ async fn record_sync(
     )
     .with_server_id(server_id);
     blocking(move || {
-        crate::history::record(&sync);
+        crate::history::record_into(&sync, reserved);
         Ok(())
     })
     .await
+}
+
+/// Room for the records of a sync about to start ([`crate::history::reserve`]), taken
+/// on a blocking thread. On a full disk, the sync must not start: `e` says so, `left`
+/// what was left as it was and `again` what to do once there is room.
+async fn reserve_records(left: String, again: &str) -> Result<crate::history::Reserved> {
+    match blocking(crate::history::reserve).await {
+        Ok(reserved) => Ok(reserved),
+        Err(e) => {
+            let dir = crate::config::state_dir()
+                .map(|d| d.join("history"))
+                .unwrap_or_default();
+            Err(on_full_disk(e, &dir, left, again).await)
+        }
+    }
 }
 
 /// The last sync of `database` with `replica` on `server` ([`crate::history::last_with`]);

@@ -317,6 +317,24 @@ impl Error {
         }
     }
 
+    /// Whether this error says outright that a disk is full: `ENOSPC` or `EDQUOT`
+    /// from the system, `SQLITE_FULL` from SQLite, under any context.
+    pub fn says_disk_full(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => {
+                source.kind() == std::io::ErrorKind::StorageFull
+                    || source
+                        .raw_os_error()
+                        .is_some_and(|c| OS_DISK_FULL.contains(&c))
+            }
+            Error::Sqlite { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            Error::Context { source, .. } => source.says_disk_full(),
+            _ => false,
+        }
+    }
+
     /// Wraps an I/O error with the file it happened on.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io {
@@ -331,6 +349,31 @@ impl Error {
             path: path.to_owned(),
             source,
         }
+    }
+}
+
+/// `ENOSPC` and `EDQUOT` on Linux: no space left, quota exceeded.
+const OS_DISK_FULL: [i32; 2] = [28, 122];
+
+/// Bytes [`disk_full`]'s probe writes: a page or two short of it already means SQLite
+/// cannot grow a file.
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Whether the disk holding `dir` has no room for a small write: a probe file is
+/// written, synced and removed. For the errors that do not say so themselves (SQLite
+/// reports a full tmpfs as "disk I/O error" when it grows its shared-memory file).
+pub fn disk_full(dir: &Path) -> bool {
+    use std::io::Write as _;
+    let probe = || -> std::io::Result<()> {
+        let mut file = tempfile::Builder::new()
+            .prefix(".space-probe")
+            .tempfile_in(dir)?;
+        file.write_all(&[0u8; PROBE_BYTES])?;
+        file.as_file().sync_all()
+    };
+    match probe() {
+        Ok(()) => false,
+        Err(e) => Error::io(dir, e).says_disk_full(),
     }
 }
 

@@ -17,6 +17,12 @@
 //! per-replica files existed are the per-database file alone; they are read as the
 //! per-replica record when they name the same server and replica; records written
 //! before server ids were kept have none and are read by URL, as they were.
+//!
+//! A one-shot push or pull takes the room for its records before it commits
+//! ([`reserve`]): on a full disk it fails before anything changes, instead of
+//! committing and then leaving the history at the version before, which the next push
+//! would conflict with (its own version) and the next pull would take for changes
+//! never pushed.
 
 use std::path::{Path, PathBuf};
 
@@ -144,10 +150,51 @@ pub fn last_by_id(database: &Path, server_id: &str, replica: &str) -> Option<Las
         .filter(|l| l.server_id.as_deref() == Some(server_id) && l.replica == replica)
 }
 
+/// Bytes of room taken for one record: far more than a record takes, even with a long
+/// path in it.
+const RECORD_ROOM_BYTES: usize = 16 * 1024;
+
+/// Room on the disk for the records of one sync, taken before it commits: a record
+/// that cannot be written after a sync committed leaves the history at the version
+/// before, and the next push conflicts with the very version this one made (an
+/// encrypted replica's cannot even be merged or forced over). [`reserve`] writes
+/// [`RECORD_ROOM_BYTES`] into one temporary file per record, [`record_into`] writes
+/// the records into them (within bytes already written: nothing more to allocate) and
+/// renames them into place; the files not used go when this is dropped.
+#[derive(Default)]
+pub struct Reserved(Vec<tempfile::NamedTempFile>);
+
+/// Reserves room for the records of one sync in the history directory ([`Reserved`]).
+/// An error (the disk full) means the sync must not start: it could not be recorded.
+/// Without a state directory there is nothing to reserve (and nothing is recorded).
+pub fn reserve() -> crate::Result<Reserved> {
+    use std::io::Write as _;
+    let Some(dir) = crate::config::state_dir().map(|d| d.join("history")) else {
+        return Ok(Reserved::default());
+    };
+    let io = |e| crate::Error::io(&dir, e);
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let mut files = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let mut file = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
+        file.write_all(&[b' '; RECORD_ROOM_BYTES]).map_err(io)?;
+        files.push(file);
+    }
+    Ok(Reserved(files))
+}
+
 /// Records a sync of `database`, as its sync with that replica (under the server's URL,
 /// and under its id when known) and as its last sync. A failure to record is logged,
-/// not fatal: the sync itself succeeded, and the next push will just not know its base.
+/// not fatal: the sync itself succeeded. A one-shot push or pull reserves the room
+/// first ([`reserve`], [`record_into`]), so that a full disk fails it before it
+/// commits rather than here.
 pub fn record(sync: &LastSync) {
+    record_into(sync, Reserved::default());
+}
+
+/// [`record`], writing into the room `reserved` holds, one file per record while it
+/// lasts.
+pub fn record_into(sync: &LastSync, mut reserved: Reserved) {
     let with = Some((sync.server.as_str(), sync.replica.as_str()));
     let id = sync.server_id.as_deref().map(id_key);
     let by_id = id
@@ -161,11 +208,21 @@ pub fn record(sync: &LastSync) {
     .into_iter()
     .flatten()
     {
+        let room = reserved.0.pop();
         let result = (|| -> std::io::Result<()> {
+            use std::io::{Seek as _, Write as _};
             let dir = path.parent().expect("the record path has a directory");
-            std::fs::create_dir_all(dir)?;
-            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-            std::io::Write::write_all(&mut tmp, &serde_json::to_vec_pretty(sync)?)?;
+            let mut tmp = match room {
+                Some(tmp) => tmp,
+                None => {
+                    std::fs::create_dir_all(dir)?;
+                    tempfile::NamedTempFile::new_in(dir)?
+                }
+            };
+            let text = serde_json::to_vec_pretty(sync)?;
+            tmp.rewind()?;
+            tmp.write_all(&text)?;
+            tmp.as_file().set_len(text.len() as u64)?;
             tmp.persist(&path).map_err(|e| e.error)?;
             Ok(())
         })();

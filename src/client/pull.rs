@@ -110,6 +110,19 @@ impl Puller {
             proved = sealed;
         }
         let (path, database, url) = (local.clone(), self.database.clone(), self.server.url());
+        let context = |e: Error| {
+            e.context(format!(
+                "pull {replica}@{selector} into {} failed",
+                local.display()
+            ))
+        };
+        let left = match path.exists() {
+            true => format!("{} is as it was", local.display()),
+            false => format!("{} was not made", local.display()),
+        };
+        let reserved = super::reserve_records(left.clone(), "pull again")
+            .await
+            .map_err(context)?;
         let name = replica.to_string();
         let old = seal.clone();
         let writer = blocking(move || {
@@ -120,7 +133,7 @@ impl Puller {
             Ok(writer)
         })
         .await?;
-        let (mut outcome, writer) = self
+        let pulled = self
             .server
             .pull_into(
                 replica,
@@ -129,15 +142,18 @@ impl Puller {
                 (self.key.as_deref(), self.encryption.as_ref()),
                 progress,
             )
-            .await
-            .map_err(|e| {
-                e.context(format!(
-                    "pull {replica}@{selector} into {} failed",
-                    local.display()
-                ))
-            })?;
+            .await;
+        let (mut outcome, writer) = match pulled {
+            Ok(pulled) => pulled,
+            Err(e) => {
+                let dir = self.database.parent().unwrap_or(Path::new("/"));
+                return Err(context(
+                    super::on_full_disk(e, dir, left, "pull again").await,
+                ));
+            }
+        };
         outcome.local_sealed = proved && writer.used_sealed_hashes();
-        self.record(&outcome).await?;
+        self.record(&outcome, reserved).await?;
         let (database, url) = (self.database.clone(), self.server.url());
         let (name, pulled) = (replica.to_string(), outcome.clone());
         blocking(move || {
@@ -441,16 +457,16 @@ impl Puller {
         })
     }
 
-    /// Records a pull in the local history.
-    async fn record(&self, outcome: &PullOutcome) -> Result<()> {
+    /// Records a pull in the local history, in the room `reserved` holds.
+    async fn record(&self, outcome: &PullOutcome, reserved: history::Reserved) -> Result<()> {
         super::record_sync(
             &self.database,
             (&self.server, outcome.server_id.clone()),
             &self.replica,
-            outcome.version,
             // The database's own digest: an encrypted pull's plaintext one.
-            outcome.stats.local_digest(),
+            (outcome.version, outcome.stats.local_digest()),
             "pull",
+            reserved,
         )
         .await
     }

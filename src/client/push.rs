@@ -314,6 +314,15 @@ impl Pusher {
     async fn push_once(&mut self, progress: Arc<dyn Progress>) -> Result<PushReport> {
         self.find_key_by_server_id().await?;
         self.require_key()?;
+        let reserved = super::reserve_records("nothing was pushed".into(), "push again")
+            .await
+            .map_err(|e| {
+                e.context(format!(
+                    "push {} to {} failed",
+                    self.local.display(),
+                    self.replica
+                ))
+            })?;
         let mut attempt = 0;
         let outcome = loop {
             attempt += 1;
@@ -343,6 +352,13 @@ impl Pusher {
                 }
                 Err(e) => {
                     let e = self.explain_refused_key(e).await;
+                    let e = match &self.server {
+                        crate::remote::Server::Embedded(store) => {
+                            let left = "no version was made".to_owned();
+                            super::on_full_disk(e, store.root(), left, "push again").await
+                        }
+                        _ => e,
+                    };
                     return Err(e.context(format!(
                         "push {} to {} failed",
                         self.local.display(),
@@ -374,9 +390,9 @@ impl Pusher {
                 &self.database,
                 (&self.server, outcome.server_id.clone()),
                 &self.replica,
-                version,
-                digest,
+                (version, digest),
                 "push",
+                reserved,
             )
             .await?;
         }

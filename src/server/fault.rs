@@ -14,51 +14,12 @@
 //!   while a small probe write in the data directory fails for lack of space (SQLite
 //!   reports a full tmpfs as "disk I/O error" when it grows its shared-memory file).
 
-use std::io::Write as _;
 use std::path::Path;
 
 use crate::engine::{PageSource, PageTarget, ScanFn};
+pub use crate::error::disk_full;
 use crate::protocol::Hash;
 use crate::{Error, ErrorKind, Result};
-
-/// Bytes the probe writes: a page or two short of it already means SQLite cannot grow
-/// a file.
-const PROBE_BYTES: usize = 64 * 1024;
-
-/// `ENOSPC` and `EDQUOT` on Linux: no space left, quota exceeded.
-const OS_DISK_FULL: [i32; 2] = [28, 122];
-
-/// Whether `e` says outright that a disk is full.
-fn says_full(e: &Error) -> bool {
-    match e {
-        Error::Io { source, .. } => {
-            source.kind() == std::io::ErrorKind::StorageFull
-                || source
-                    .raw_os_error()
-                    .is_some_and(|c| OS_DISK_FULL.contains(&c))
-        }
-        Error::Sqlite { source, .. } => {
-            source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
-        }
-        _ => false,
-    }
-}
-
-/// Whether the disk holding `dir` has no room for a small write: a probe file is
-/// written, synced and removed.
-pub fn disk_full(dir: &Path) -> bool {
-    let probe = || -> std::io::Result<()> {
-        let mut file = tempfile::Builder::new()
-            .prefix(".space-probe")
-            .tempfile_in(dir)?;
-        file.write_all(&[0u8; PROBE_BYTES])?;
-        file.as_file().sync_all()
-    };
-    match probe() {
-        Ok(()) => false,
-        Err(e) => says_full(&Error::io(dir, e)),
-    }
-}
 
 /// Whether `e` is a failure of the server's own files (rather than of the request).
 fn is_own_fault(e: &Error) -> bool {
@@ -76,7 +37,7 @@ pub(crate) fn server_side(e: Error, data: &Path) -> Error {
     if !is_own_fault(&e) {
         return e;
     }
-    if says_full(&e) || disk_full(data) {
+    if e.says_disk_full() || disk_full(data) {
         Error::Server(format!("the disk holding {} is full ({e})", data.display()))
     } else {
         Error::Server(e.to_string())

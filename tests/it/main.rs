@@ -11,6 +11,12 @@
 //! - `daemon_passphrase`: the daemon's `passphrase_file`: push and pull units of a
 //!   passphrase replica (a server and the embedded store), pull units without the
 //!   right key backing off with their databases untouched, both keys refused.
+//! - `disk_full`: a real tmpfs filled under encrypted (key file, passphrase) and plaintext
+//!   pulls into new and open older LOCAL files and pushes into the embedded store: one
+//!   line saying the disk is full (exit 3), nothing changed or left beside LOCAL, the
+//!   store's versions as they were; pulls and pushes killed there; a push or pull
+//!   whose local history has no room refused before it commits; plain retries with
+//!   room again.
 //! - `cli`: exit codes, error lines and untouched files for bad input; help texts.
 //! - `live`: real second processes writing the origin, reading the replica, or killing a
 //!   push half-way.
@@ -119,6 +125,7 @@ mod cli;
 mod daemon;
 mod daemon_passphrase;
 mod dashboard;
+mod disk_full;
 mod encrypted;
 mod encrypted_subscribe;
 mod encrypted_verify;

@@ -412,3 +412,56 @@ pub fn holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
         })
         .collect()
 }
+
+/// A tmpfs of `size` mounted on `dir` for the guard's life (unmounted on drop, even
+/// when the test fails). Panics if it cannot be mounted: the full-disk tests need it.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs on {} failed (these tests run as root): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_owned())
+    }
+
+    /// Writes a file until the disk is full; returns it.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).expect("filler");
+        let chunk = vec![0u8; 16 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+
+    /// Fills the disk, then gives back `room` bytes of the filler: what is left free
+    /// is `room`, give or take a page of the file system's own. Returns the filler.
+    pub fn fill_leaving(&self, room: u64) -> PathBuf {
+        let path = self.fill();
+        let len = std::fs::metadata(&path).expect("filler").len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("filler");
+        f.set_len(len.saturating_sub(room))
+            .expect("shrink the filler");
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -16,7 +16,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use super::{
     DbState, EXIT_AUTH, EXIT_USAGE, Machine, TestServer, assert_fails, exec, key_id,
     saved_push_key, sidecar_field, small_db, wait_for_exit,
 };
-use crate::util;
+use crate::util::{self, Tmpfs};
 
 /// Exit code: a local file (data directory, port, lock).
 const EXIT_LOCAL: i32 = 3;
@@ -37,44 +37,6 @@ const EXIT_BUG: i32 = 1;
 
 /// How long a refused `serve` may take to exit.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A tmpfs of `size` mounted on `dir` for the guard's life (unmounted on drop, even
-/// when the test fails). Panics if it cannot be mounted: the full-disk tests need it.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs on {} failed (these tests run as root): {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(dir.to_owned())
-    }
-
-    /// Writes a file until the disk is full; returns it.
-    fn fill(&self) -> PathBuf {
-        let path = self.0.join("filler");
-        let mut f = std::fs::File::create(&path).expect("filler");
-        let chunk = vec![0u8; 16 << 10];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.sync_all();
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// One HTTP/1.1 GET with the key; the status and the body.
 fn http_get(addr: &str, path: &str, key: &str) -> (u16, String) {
