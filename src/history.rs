@@ -158,7 +158,7 @@ const RECORD_ROOM_BYTES: usize = 16 * 1024;
 /// that cannot be written after a sync committed leaves the history at the version
 /// before, and the next push conflicts with the very version this one made (an
 /// encrypted replica's cannot even be merged or forced over). [`reserve`] writes
-/// [`RECORD_ROOM_BYTES`] into one temporary file per record, [`record_into`] writes
+/// 16 KiB (`RECORD_ROOM_BYTES`) into one temporary file per record, [`record_into`] writes
 /// the records into them (within bytes already written: nothing more to allocate) and
 /// renames them into place; the files not used go when this is dropped.
 #[derive(Default)]
