@@ -64,11 +64,16 @@ mod pack;
 mod place;
 mod replica;
 mod retention;
+mod runs;
 pub mod s3;
 mod scrub;
 
 pub use any::{AnyReader, AnyStore, AnyWriter, not_with_s3};
 pub use list::Latest;
+/// A directory store's page index seen from outside: for tests that look at where
+/// pages are stored, or damage the store.
+#[doc(hidden)]
+pub use pack::{IndexEntry, forget_entry, index_entries};
 pub use replica::{VersionReader, VersionWriter, number_ranges};
 pub use retention::{Collected, GcShared, keep, parse_policy, parse_span};
 pub use scrub::{BadPage, BadVersion, ReplicaScrub, ScrubProgress, ScrubReport};

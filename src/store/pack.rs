@@ -5,9 +5,14 @@
 //! - `<id>.pack`: page bytes, one after another, nothing else. A pack only grows, and
 //!   only by one push at a time: the push holds the pack's exclusive `flock` from its
 //!   first page until it has committed or given up.
-//! - `index.sqlite`: `packs(id, size)`, the committed length of each pack, and
-//!   `pages(hash, pack, offset, len, codec, checksum)`, where each page's bytes are and
-//!   in which form: `codec` 0 is the page as it is, 1 one zstd frame of it (a page that
+//! - `index.sqlite`: `packs(id, size)`, the committed length of each pack,
+//!   `runs(seq, entries)`, the run files of the index (`run-<seq>.run`, see
+//!   [`super::runs`]: immutable, sorted by hash, written once by the push that brings
+//!   their pages or by a merge of runs), and `entries(hash, pack, offset, len, codec,
+//!   checksum)`, the entries a store kept before runs (the table was `pages`; `pages`
+//!   is now a view an older sqlferry fails to read, see [`SCHEMA`]). A lookup checks
+//!   the write transaction's new entries, the runs newest first, then the table. An
+//!   entry says where a page's bytes are and in which form: `codec` 0 is the page as it is, 1 one zstd frame of it (a page that
 //!   arrived compressed is kept as it came, see `docs/server.md`), 2 a sealed page of
 //!   an encrypted replica (`nonce ‖ ciphertext ‖ tag`, keyed by its identity, which
 //!   the store cannot recompute; `docs/security.md`). `checksum` is the xxh3-64 of the
@@ -38,10 +43,17 @@
 //! - Index rows are only added, or, for a page found damaged, pointed at new good bytes
 //!   by the push that brought them: a reader never sees a row point at bytes that are
 //!   not committed.
+//! - Run files are written only inside a write transaction of the index, fsynced and
+//!   renamed into place before the commit that lists them; a run is removed only after
+//!   the commit that unlists it (a reader that listed it keeps its open file). A merge
+//!   takes the newest runs only, so the newest entry of a hash always wins. Files no
+//!   committed list names are what a killed push or merge left: the next write
+//!   transaction removes them.
 //! - Lock order: a replica's write lock, then the index's write lock, never the other
 //!   way round.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -53,6 +65,22 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::digest::Hash;
 use crate::protocol::compress::Expander;
 use crate::{Error, Result};
+
+use super::runs::{self, Entry, Run};
+
+/// How often a reader lists the runs again when one it listed was merged away meanwhile.
+const REFRESH_TRIES: usize = 8;
+
+/// The error of a run the index lists whose file is gone.
+fn missing_run(path: &Path) -> Error {
+    Error::io(
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "a run file the page index lists is missing; nothing was changed: the store needs its run files back (from a copy of it)",
+        ),
+    )
+}
 
 /// A pack takes new pushes while it is smaller than this; a push never spans packs, so
 /// one may end larger.
@@ -89,12 +117,19 @@ const INDEX_PAGE_SIZE: i64 = 1024;
 /// The write buffer of a pack being appended to.
 const APPEND_BUFFER_BYTES: usize = 1 << 20;
 
+/// The index's tables. `entries` was called `pages` before run files: an index made
+/// then is renamed when first opened ([`Pages::open`]), and `pages` becomes a view no
+/// older sqlferry can read (it names a function only a newer one would have), so an
+/// older sqlferry fails at the index instead of seeing the table without the runs
+/// (where its collection would free the bytes only runs name). The view is made last:
+/// SQLite reads every view again when a table is altered, and this one no longer
+/// compiles, so a later change of a table has to drop it first.
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS packs(
         id INTEGER PRIMARY KEY,
         size INTEGER NOT NULL
     );
-    CREATE TABLE IF NOT EXISTS pages(
+    CREATE TABLE IF NOT EXISTS entries(
         hash BLOB PRIMARY KEY,
         pack INTEGER NOT NULL,
         offset INTEGER NOT NULL,
@@ -102,7 +137,40 @@ const SCHEMA: &str = "
         codec INTEGER NOT NULL DEFAULT 0,
         checksum BLOB
     ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS runs(
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        entries INTEGER NOT NULL
+    );
+    CREATE VIEW IF NOT EXISTS pages AS
+        SELECT hash, pack, offset, len, codec, checksum FROM entries
+        WHERE this_store_needs_a_newer_sqlferry();
 ";
+
+/// New entries a push keeps in memory before they go to a run file of their own (about
+/// 6 MiB of them): a full push of any size writes its entries in runs of this many.
+const SPILL_ENTRIES: usize = 65_536;
+
+/// Runs of one tier (sizes within a factor of 8) merged into one, the newest first: an
+/// entry is rewritten once per tier it climbs, about three times in a 10 GiB store.
+const FANOUT: usize = 8;
+
+/// The most runs the index keeps: past it, the newest [`FANOUT`] are merged whatever
+/// their sizes (a lookup checks each run's filter, in memory, so many small runs cost
+/// little, but each is a file and an open descriptor).
+const MOST_RUNS: usize = 40;
+
+/// A run's tier: the number of its entries in powers of 8.
+fn tier(entries: u64) -> u32 {
+    (64 - entries.max(1).leading_zeros()) / 3
+}
+
+/// Every entry the index holds: the table's rows that no run holds a newer entry of,
+/// and the runs' entries (staged in `temp.staged`, see [`Pages::stage_runs`]).
+const ALL_ENTRIES: &str = "
+    SELECT hash, pack, offset, len, codec, checksum FROM entries
+        WHERE hash NOT IN (SELECT hash FROM temp.staged)
+    UNION ALL
+    SELECT hash, pack, offset, len, codec, checksum FROM temp.staged";
 
 /// `pages.codec` of an entry that holds the page as it is.
 const CODEC_PLAIN: i64 = 0;
@@ -244,18 +312,18 @@ impl Loc {
 /// Gives an index made before a column existed that column (`decl`: its type and
 /// default, which every existing row takes). Two processes may race to add it: the
 /// loser finds it there.
-fn add_column(conn: &Connection, name: &str, decl: &str) -> rusqlite::Result<()> {
+fn add_column(conn: &Connection, table: &str, name: &str, decl: &str) -> rusqlite::Result<()> {
     let has = |conn: &Connection| -> rusqlite::Result<bool> {
         conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('pages') WHERE name = ?1",
-            [name],
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, name],
             |r| r.get::<_, i64>(0).map(|n| n > 0),
         )
     };
     if has(conn)? {
         return Ok(());
     }
-    match conn.execute_batch(&format!("ALTER TABLE pages ADD COLUMN {name} {decl}")) {
+    match conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {decl}")) {
         Ok(()) => Ok(()),
         Err(_) if has(conn)? => Ok(()),
         Err(e) => Err(e),
@@ -305,13 +373,56 @@ fn pack_path(dir: &Path, id: i64) -> PathBuf {
     dir.join(format!("{id}.pack"))
 }
 
+fn run_path(dir: &Path, seq: i64) -> PathBuf {
+    dir.join(format!("run-{seq}.run"))
+}
+
+/// The run a file name names (`run-<seq>.run`, or a run being written), if it does.
+fn run_seq(name: &str) -> Option<i64> {
+    let rest = name.strip_prefix("run-")?;
+    let seq = rest
+        .strip_suffix(".run")
+        .or_else(|| rest.strip_suffix(".run-tmp"))?;
+    seq.parse().ok()
+}
+
 /// The page index of a store, and the pack files read through it.
 pub(super) struct Pages {
     dir: PathBuf,
     index: PathBuf,
     conn: Connection,
     files: PackFiles,
+    tiers: RefCell<Tiers>,
+    /// New entries kept in memory before they go to a run ([`SPILL_ENTRIES`]).
+    spill_at: usize,
 }
+
+/// The run files of the index as this connection knows them, and what an open write
+/// transaction added.
+#[derive(Default)]
+struct Tiers {
+    /// The runs, oldest first: (seq, run). In a write transaction, its own runs too.
+    listed: Vec<(i64, Run)>,
+    /// `PRAGMA data_version` when `listed` was read (it changes when another connection
+    /// commits).
+    seen: Option<i64>,
+    /// A write transaction is open ([`Pages::begin`]).
+    writing: bool,
+    /// The write transaction's new entries not yet in a run.
+    added: BTreeMap<Hash, Loc>,
+    /// How many of the newest listed runs the write transaction made.
+    own: usize,
+    /// Run files the write transaction wrote: removed if it does not commit.
+    created: Vec<PathBuf>,
+    /// Run files the write transaction merged away: removed once it commits.
+    obsolete: Vec<PathBuf>,
+    /// The listed runs' seqs that `temp.staged` holds the entries of.
+    staged: Option<Vec<i64>>,
+}
+
+/// A run the index lists whose file is gone: merged away after the snapshot that
+/// listed it (read again), or lost.
+struct Missing(PathBuf);
 
 /// Pack files opened for reading, by id.
 pub(super) struct PackFiles {
@@ -440,36 +551,91 @@ impl Pages {
         // The index commit is what makes a push's pages exist: it is fsynced, after
         // the pack bytes it names.
         conn.pragma_update(None, "synchronous", "FULL").map_err(s)?;
-        let have: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE name IN ('packs', 'pages')",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(s)?;
-        if have < 2 {
-            conn.execute_batch(SCHEMA).map_err(s)?;
+        if !Pages::is_current(&conn).map_err(s)? {
+            Pages::make_current(&conn).map_err(s)?;
         }
-        // Older indexes: compressed entries came with `codec` (every old row plain),
-        // sealed ones with `checksum` (no old row has one).
-        add_column(&conn, "codec", "INTEGER NOT NULL DEFAULT 0").map_err(s)?;
-        add_column(&conn, "checksum", "BLOB").map_err(s)?;
         Ok(Pages {
             dir: dir.to_owned(),
             index,
             conn,
             files: PackFiles::new(dir),
+            tiers: RefCell::new(Tiers::default()),
+            spill_at: SPILL_ENTRIES,
         })
+    }
+
+    /// Whether the index has today's layout: `entries`, `runs` and the `pages` view.
+    fn is_current(conn: &Connection) -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_schema
+             WHERE (type, name) IN (VALUES ('table', 'packs'), ('table', 'entries'),
+                                           ('table', 'runs'), ('view', 'pages'))",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n == 4),
+        )
+    }
+
+    /// Makes a new index, or brings an older one to today's layout, in one transaction
+    /// (several processes may open it first at once: the others then find it done).
+    /// An older index's rows stay where they are: `pages` gains `codec` (every old row
+    /// plain) and `checksum` (none) if it lacks them, and is renamed `entries`.
+    fn make_current(conn: &Connection) -> rusqlite::Result<()> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let done = (|| {
+            if Pages::is_current(conn)? {
+                return Ok(());
+            }
+            let old_table: bool = conn.query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'pages'",
+                [],
+                |r| r.get::<_, i64>(0).map(|n| n > 0),
+            )?;
+            if old_table {
+                add_column(conn, "pages", "codec", "INTEGER NOT NULL DEFAULT 0")?;
+                add_column(conn, "pages", "checksum", "BLOB")?;
+                conn.execute_batch("ALTER TABLE pages RENAME TO entries")?;
+            }
+            conn.execute_batch(SCHEMA)
+        })();
+        match done {
+            Ok(()) => conn.execute_batch("COMMIT"),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
     }
 
     fn sql(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
         move |e| Error::sqlite(&self.index, e)
     }
 
-    /// Where the page stored under `hash` is, if any.
+    /// Where the page stored under `hash` is, if any: the write transaction's new
+    /// entries, then the runs newest first, then the table. Outside a transaction the
+    /// runs are listed again first if another connection committed since.
     pub fn lookup(&self, hash: &Hash) -> Result<Option<Loc>> {
+        if self.conn.is_autocommit() {
+            self.refresh_retrying()?;
+        }
+        {
+            let t = self.tiers.borrow();
+            if let Some(loc) = t.added.get(hash) {
+                return Ok(Some(*loc));
+            }
+            for (_, run) in t.listed.iter().rev() {
+                if let Some(loc) = run.lookup(hash)? {
+                    return Ok(Some(loc));
+                }
+            }
+        }
+        self.lookup_table(hash)
+    }
+
+    fn lookup_table(&self, hash: &Hash) -> Result<Option<Loc>> {
         self.conn
-            .prepare_cached("SELECT pack, offset, len, codec, checksum FROM pages WHERE hash = ?1")
+            .prepare_cached(
+                "SELECT pack, offset, len, codec, checksum FROM entries WHERE hash = ?1",
+            )
             .and_then(|mut s| {
                 s.query_row([&hash[..]], |r| {
                     Ok(Loc::from_row(
@@ -516,30 +682,163 @@ impl Pages {
     /// meanwhile is not seen (a page another push indexed is then appended again, and
     /// cut out again at COMMIT, see `begin`).
     pub fn begin_read(&self) -> Result<()> {
-        if self.conn.is_autocommit() {
+        if !self.conn.is_autocommit() {
+            return Ok(());
+        }
+        let mut tries = 0;
+        loop {
             self.conn
                 .execute_batch("BEGIN DEFERRED")
                 .map_err(self.sql())?;
+            match self.refresh(false)? {
+                Ok(()) => return Ok(()),
+                Err(Missing(path)) => {
+                    self.rollback();
+                    tries += 1;
+                    if tries == REFRESH_TRIES {
+                        return Err(missing_run(&path));
+                    }
+                }
+            }
         }
-        Ok(())
+    }
+
+    /// Lists the runs again, outside a transaction, as often as a merge that commits
+    /// meanwhile removes one just listed.
+    fn refresh_retrying(&self) -> Result<()> {
+        for _ in 1..REFRESH_TRIES {
+            if let Ok(()) = self.refresh(false)? {
+                return Ok(());
+            }
+        }
+        self.refresh(true)?
+            .map_err(|Missing(path)| missing_run(&path))
+    }
+
+    /// Reads the list of runs again if another connection committed since it was read
+    /// (or `force`), opening the runs not open yet. A listed run whose file is gone is
+    /// `Missing`: the caller reads the list again in a newer snapshot.
+    fn refresh(&self, force: bool) -> Result<std::result::Result<(), Missing>> {
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(self.sql())?;
+        let mut t = self.tiers.borrow_mut();
+        if !force && t.seen == Some(version) {
+            return Ok(Ok(()));
+        }
+        let seqs: Vec<i64> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT seq FROM runs ORDER BY seq")
+                .map_err(self.sql())?;
+            let rows = stmt.query_map([], |r| r.get(0)).map_err(self.sql())?;
+            rows.collect::<rusqlite::Result<_>>().map_err(self.sql())?
+        };
+        let mut open: HashMap<i64, Run> = std::mem::take(&mut t.listed).into_iter().collect();
+        t.seen = None;
+        let mut listed = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let run = match open.remove(&seq) {
+                Some(run) => run,
+                None => {
+                    let path = run_path(&self.dir, seq);
+                    match File::open(&path) {
+                        Ok(file) => Run::of_file(&path, file)?,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            t.listed = listed;
+                            return Ok(Err(Missing(path)));
+                        }
+                        Err(e) => return Err(Error::io(&path, e)),
+                    }
+                }
+            };
+            listed.push((seq, run));
+        }
+        t.listed = listed;
+        t.seen = Some(version);
+        Ok(Ok(()))
     }
 
     /// Starts a write transaction on the index (the caller holds its replica's write
-    /// lock already, see the lock order above), ending a read transaction first.
+    /// lock already, see the lock order above), ending a read transaction first. It
+    /// lists the runs as they are (no one else can change them until it ends), and
+    /// removes run files no committed list names: what a push or merge that died before
+    /// its commit left (only a write transaction makes run files).
     pub fn begin(&self) -> Result<()> {
         self.rollback();
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
-            .map_err(self.sql())
+            .map_err(self.sql())?;
+        let listed = self
+            .refresh(true)
+            .and_then(|r| r.map_err(|Missing(path)| missing_run(&path)))
+            .and_then(|()| self.remove_orphans());
+        if let Err(e) = listed {
+            self.rollback();
+            return Err(e);
+        }
+        let mut t = self.tiers.borrow_mut();
+        t.writing = true;
+        t.own = 0;
+        Ok(())
+    }
+
+    /// Removes the run files the list does not name (inside a write transaction).
+    fn remove_orphans(&self) -> Result<()> {
+        let t = self.tiers.borrow();
+        let listed: std::collections::HashSet<i64> = t.listed.iter().map(|(s, _)| *s).collect();
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&self.dir, e))?;
+            let name = entry.file_name();
+            let Some(seq) = name.to_str().and_then(run_seq) else {
+                continue;
+            };
+            let is_tmp = name.to_str().is_some_and(|n| n.ends_with("-tmp"));
+            if is_tmp || !listed.contains(&seq) {
+                let path = entry.path();
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(file = %path.display(), "removed a run file a push or merge that did not commit left")
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(&path, e)),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Indexes `hash` at `loc` inside the transaction `begin` opened; `replace` points an
     /// existing row at the new bytes (a repair). Returns whether a row was written.
+    ///
+    /// An entry with a sum (every new one) goes to the transaction's new entries, and
+    /// from there into a run file ([`SPILL_ENTRIES`] at a time, and at commit); an
+    /// entry of an older kind into the table, as before runs.
     pub fn insert(&self, hash: &Hash, loc: Loc, replace: bool) -> Result<bool> {
+        debug_assert!(
+            self.tiers.borrow().writing,
+            "insert inside begin()..commit()"
+        );
+        if Entry::fits(&loc) {
+            if !replace && self.lookup(hash)?.is_some() {
+                return Ok(false);
+            }
+            let full = {
+                let mut t = self.tiers.borrow_mut();
+                t.added.insert(*hash, loc);
+                t.added.len() >= self.spill_at
+            };
+            if full {
+                self.spill()?;
+            }
+            return Ok(true);
+        }
         let sql = if replace {
-            "INSERT OR REPLACE INTO pages(hash, pack, offset, len, codec, checksum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            "INSERT OR REPLACE INTO entries(hash, pack, offset, len, codec, checksum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
         } else {
-            "INSERT OR IGNORE INTO pages(hash, pack, offset, len, codec, checksum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            "INSERT OR IGNORE INTO entries(hash, pack, offset, len, codec, checksum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
         };
         let n = self
             .conn
@@ -560,7 +859,15 @@ impl Pages {
 
     /// Ends the transaction `begin` opened: commits it, with `appender`'s pack grown
     /// to its current end (its bytes must be durable already, see [`Appender::sync`]).
+    ///
+    /// The transaction's new entries are written as a run first (fsynced, and listed in
+    /// the same commit), and runs are merged as the tiers fill ([`Pages::merge_runs`]):
+    /// the merged run is listed, and the runs it replaces unlisted, in the same commit,
+    /// their files removed after it. On an error nothing is committed (the caller rolls
+    /// back, which removes the run files the transaction wrote).
     pub fn commit(&self, appender: Option<&mut Appender>) -> Result<()> {
+        self.spill()?;
+        self.merge_runs()?;
         if let Some(a) = &appender {
             self.conn
                 .execute(
@@ -573,15 +880,218 @@ impl Pages {
         if let Some(a) = appender {
             a.start = a.end;
         }
+        self.committed();
         crate::page::kept_wal::trim_wal(&self.conn, &self.index, BUSY_TIMEOUT);
         Ok(())
     }
 
-    /// Ends the transaction `begin` opened without changing anything.
+    /// After a commit of this connection's: the list is as it committed it, and the
+    /// runs it merged away go.
+    fn committed(&self) {
+        let version = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .ok();
+        let mut t = self.tiers.borrow_mut();
+        t.writing = false;
+        t.own = 0;
+        t.created.clear();
+        t.seen = version;
+        for path in std::mem::take(&mut t.obsolete) {
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(file = %path.display(), error = %e, "could not remove a run merged into another; the next push removes it");
+            }
+        }
+    }
+
+    /// Ends the transaction `begin` opened without changing anything (or a read
+    /// transaction): the run files a write transaction wrote go, and the runs are
+    /// listed again when next used.
     pub fn rollback(&self) {
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
+        let mut t = self.tiers.borrow_mut();
+        if t.writing {
+            t.writing = false;
+            t.own = 0;
+            t.added.clear();
+            t.obsolete.clear();
+            t.listed.clear();
+            t.seen = None;
+            t.staged = None;
+            for path in std::mem::take(&mut t.created) {
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(path.with_extension("run-tmp"));
+            }
+        }
+    }
+
+    /// A new row in `runs` for a run about to be written (inside the write
+    /// transaction): its seq, never one a committed run had (`AUTOINCREMENT`).
+    fn new_run(&self) -> Result<(i64, PathBuf)> {
+        self.conn
+            .execute("INSERT INTO runs(entries) VALUES (0)", [])
+            .map_err(self.sql())?;
+        let seq = self.conn.last_insert_rowid();
+        let path = run_path(&self.dir, seq);
+        self.tiers.borrow_mut().created.push(path.clone());
+        Ok((seq, path))
+    }
+
+    /// Writes the run at `path` (`seq`'s) of `entries`, at most `most`, and records
+    /// how many it holds; the run, opened.
+    fn write_run(
+        &self,
+        seq: i64,
+        path: &Path,
+        most: u64,
+        entries: &mut dyn Iterator<Item = Result<Entry>>,
+    ) -> Result<Run> {
+        let n = runs::write(path, most, entries)?;
+        self.conn
+            .execute(
+                "UPDATE runs SET entries = ?1 WHERE seq = ?2",
+                params![n as i64, seq],
+            )
+            .map_err(self.sql())?;
+        Run::open(path)
+    }
+
+    /// Writes the transaction's new entries as a run of their own, listed (not yet
+    /// committed) after the others.
+    fn spill(&self) -> Result<()> {
+        let added = std::mem::take(&mut self.tiers.borrow_mut().added);
+        if added.is_empty() {
+            return Ok(());
+        }
+        let (seq, path) = self.new_run()?;
+        let most = added.len() as u64;
+        let mut entries = added.into_iter().map(|(hash, loc)| Ok(Entry { hash, loc }));
+        let run = self.write_run(seq, &path, most, &mut entries)?;
+        let mut t = self.tiers.borrow_mut();
+        t.listed.push((seq, run));
+        t.own += 1;
+        Ok(())
+    }
+
+    /// Merges runs inside the write transaction, the newest always (a merge of runs
+    /// that are not the newest could put an older entry of a hash after a newer one):
+    /// the transaction's own runs into one, then while the newest [`FANOUT`] runs are
+    /// of one tier, or the index lists more than [`MOST_RUNS`], the newest
+    /// [`FANOUT`] into one.
+    fn merge_runs(&self) -> Result<()> {
+        loop {
+            let take = {
+                let t = self.tiers.borrow();
+                let n = t.listed.len();
+                let newest_tier = t.listed.last().map(|(_, r)| tier(r.count()));
+                if t.own > 1 {
+                    t.own
+                } else if n >= FANOUT
+                    && t.listed[n - FANOUT..]
+                        .iter()
+                        .all(|(_, r)| Some(tier(r.count())) == newest_tier)
+                    || n > MOST_RUNS
+                {
+                    FANOUT
+                } else {
+                    return Ok(());
+                }
+            };
+            self.merge_newest(take)?;
+        }
+    }
+
+    /// Merges the newest `take` runs into one (inside the write transaction).
+    fn merge_newest(&self, take: usize) -> Result<()> {
+        let (seq, path) = self.new_run()?;
+        let (run, inputs) = {
+            let t = self.tiers.borrow();
+            let n = t.listed.len();
+            let inputs: Vec<&Run> = t.listed[n - take..].iter().map(|(_, r)| r).collect();
+            let most = inputs.iter().map(|r| r.count()).sum();
+            let run = self.write_run(seq, &path, most, &mut runs::merged(&inputs))?;
+            let seqs: Vec<i64> = t.listed[n - take..].iter().map(|(s, _)| *s).collect();
+            (run, seqs)
+        };
+        for s in &inputs {
+            self.conn
+                .execute("DELETE FROM runs WHERE seq = ?1", [s])
+                .map_err(self.sql())?;
+        }
+        let mut t = self.tiers.borrow_mut();
+        let n = t.listed.len();
+        let gone: Vec<(i64, Run)> = t.listed.drain(n - take..).collect();
+        for (_, r) in gone {
+            t.obsolete.push(r.path().to_owned());
+        }
+        t.listed.push((seq, run));
+        t.own = if t.own > 0 { 1 } else { 0 };
+        tracing::debug!(
+            runs = take,
+            entries = t.listed.last().map(|(_, r)| r.count()),
+            "merged the newest runs of the page index"
+        );
+        Ok(())
+    }
+
+    /// Fills `temp.staged` with every run's entry (the newest of each hash), for the
+    /// walks of the whole index ([`ALL_ENTRIES`]): a temporary table, spilled to a
+    /// file past the connection's cache (bounded memory). Done again only when the
+    /// runs changed.
+    fn stage_runs(&self) -> Result<()> {
+        if self.conn.is_autocommit() {
+            self.refresh_retrying()?;
+        }
+        let seqs: Vec<i64> = self.tiers.borrow().listed.iter().map(|(s, _)| *s).collect();
+        if self.tiers.borrow().staged.as_ref() == Some(&seqs) {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch(
+                "PRAGMA temp_store = FILE;
+                 DROP TABLE IF EXISTS temp.staged;
+                 CREATE TEMP TABLE staged(hash BLOB PRIMARY KEY, pack INTEGER, offset INTEGER,
+                     len INTEGER, codec INTEGER, checksum BLOB) WITHOUT ROWID;",
+            )
+            .map_err(self.sql())?;
+        let outer = self.conn.is_autocommit();
+        if outer {
+            self.conn.execute_batch("BEGIN").map_err(self.sql())?;
+        }
+        let filled = (|| -> Result<()> {
+            let t = self.tiers.borrow();
+            let runs: Vec<&Run> = t.listed.iter().map(|(_, r)| r).collect();
+            let mut stmt = self
+                .conn
+                .prepare("INSERT INTO temp.staged VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                .map_err(self.sql())?;
+            for e in runs::merged(&runs) {
+                let Entry { hash, loc } = e?;
+                stmt.execute(params![
+                    &hash[..],
+                    loc.pack,
+                    loc.offset as i64,
+                    loc.len,
+                    loc.codec(),
+                    loc.checksum()
+                ])
+                .map_err(self.sql())?;
+            }
+            Ok(())
+        })();
+        if outer {
+            match &filled {
+                Ok(()) => self.conn.execute_batch("COMMIT").map_err(self.sql())?,
+                Err(_) => self.rollback(),
+            }
+        }
+        filled?;
+        self.tiers.borrow_mut().staged = Some(seqs);
+        Ok(())
     }
 
     /// A connection of its own for the packs' committed sizes: `conn` may be inside a
@@ -641,11 +1151,12 @@ impl Pages {
 
     /// Every indexed page, in pack order: `f(hash, loc)`. Streams.
     pub fn for_each(&self, f: &mut dyn FnMut(Hash, Loc) -> Result<()>) -> Result<()> {
+        self.stage_runs()?;
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT hash, pack, offset, len, codec, checksum FROM pages ORDER BY pack, offset",
-            )
+            .prepare(&format!(
+                "SELECT * FROM ({ALL_ENTRIES}) ORDER BY pack, offset"
+            ))
             .map_err(self.sql())?;
         let mut rows = stmt.query([]).map_err(self.sql())?;
         while let Some(row) = rows.next().map_err(self.sql())? {
@@ -669,8 +1180,11 @@ impl Pages {
 
     /// How many pages are indexed.
     pub fn count(&self) -> Result<u64> {
+        self.stage_runs()?;
         self.conn
-            .query_row("SELECT count(*) FROM pages", [], |r| r.get::<_, i64>(0))
+            .query_row(&format!("SELECT count(*) FROM ({ALL_ENTRIES})"), [], |r| {
+                r.get::<_, i64>(0)
+            })
             .map(|n| n as u64)
             .map_err(self.sql())
     }
@@ -692,7 +1206,19 @@ impl Pages {
             } else {
                 "BEGIN IMMEDIATE"
             })
-            .map_err(self.sql())
+            .map_err(self.sql())?;
+        if !dry_run {
+            // What a collection or push killed before its commit left goes first.
+            let listed = self
+                .refresh(true)
+                .and_then(|r| r.map_err(|Missing(path)| missing_run(&path)))
+                .and_then(|()| self.remove_orphans());
+            if let Err(e) = listed {
+                self.rollback();
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Marks `hash` as used by a remaining version.
@@ -706,29 +1232,97 @@ impl Pages {
 
     /// Deletes (unless `dry_run`) the index rows of the pages not marked, in the
     /// transaction `mark_begin` opened, and commits it: (pages, their stored bytes).
+    ///
+    /// The runs are rewritten as one run of the marked entries (their list changes in
+    /// the same commit); the table loses its unmarked rows, and those a run holds a
+    /// newer entry of.
     pub fn sweep(&self, dry_run: bool) -> Result<(u64, u64)> {
+        if let Err(e) = self
+            .refresh(true)
+            .and_then(|r| r.map_err(|Missing(path)| missing_run(&path)))
+            .and_then(|()| self.stage_runs())
+        {
+            self.rollback();
+            return Err(e);
+        }
         let (count, bytes): (i64, i64) = self
             .conn
             .query_row(
-                "SELECT count(*), coalesce(sum(len), 0) FROM pages
-                 WHERE hash NOT IN (SELECT hash FROM temp.live)",
+                &format!(
+                    "SELECT count(*), coalesce(sum(len), 0) FROM ({ALL_ENTRIES})
+                     WHERE hash NOT IN (SELECT hash FROM temp.live)"
+                ),
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(self.sql())?;
         if dry_run {
             self.rollback();
-        } else {
+            return Ok((count as u64, bytes as u64));
+        }
+        self.tiers.borrow_mut().writing = true;
+        let swept = self.sweep_runs().and_then(|()| {
             self.conn
                 .execute(
-                    "DELETE FROM pages WHERE hash NOT IN (SELECT hash FROM temp.live)",
+                    "DELETE FROM entries WHERE hash NOT IN (SELECT hash FROM temp.live)
+                        OR hash IN (SELECT hash FROM temp.staged)",
                     [],
                 )
                 .map_err(self.sql())?;
-            self.conn.execute_batch("COMMIT").map_err(self.sql())?;
-            crate::page::kept_wal::trim_wal(&self.conn, &self.index, BUSY_TIMEOUT);
+            self.conn.execute_batch("COMMIT").map_err(self.sql())
+        });
+        if let Err(e) = swept {
+            self.rollback();
+            return Err(e);
         }
+        self.committed();
+        crate::page::kept_wal::trim_wal(&self.conn, &self.index, BUSY_TIMEOUT);
         Ok((count as u64, bytes as u64))
+    }
+
+    /// Replaces every run by one of their marked entries (inside the collection's
+    /// write transaction).
+    fn sweep_runs(&self) -> Result<()> {
+        let dead: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM temp.staged WHERE hash NOT IN (SELECT hash FROM temp.live)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.sql())?;
+        if dead == 0 {
+            return Ok(());
+        }
+        let (seq, path) = self.new_run()?;
+        let run = {
+            let t = self.tiers.borrow();
+            let inputs: Vec<&Run> = t.listed.iter().map(|(_, r)| r).collect();
+            let most = inputs.iter().map(|r| r.count()).sum();
+            let mut live = self
+                .conn
+                .prepare("SELECT 1 FROM temp.live WHERE hash = ?1")
+                .map_err(self.sql())?;
+            let mut marked = runs::merged(&inputs).filter_map(|e| match e {
+                Ok(e) => match live.exists([&e.hash[..]]) {
+                    Ok(true) => Some(Ok(e)),
+                    Ok(false) => None,
+                    Err(err) => Some(Err(self.sql()(err))),
+                },
+                Err(err) => Some(Err(err)),
+            });
+            self.write_run(seq, &path, most, &mut marked)?
+        };
+        self.conn
+            .execute("DELETE FROM runs WHERE seq <> ?1", [seq])
+            .map_err(self.sql())?;
+        let mut t = self.tiers.borrow_mut();
+        let gone: Vec<(i64, Run)> = t.listed.drain(..).collect();
+        t.obsolete
+            .extend(gone.iter().map(|(_, r)| r.path().to_owned()));
+        t.listed.push((seq, run));
+        t.staged = None;
+        Ok(())
     }
 
     /// Ends a collection's mark: the temporary table goes.
@@ -746,9 +1340,12 @@ impl Pages {
         use std::os::unix::fs::MetadataExt;
         let control = self.control()?;
         let packs = self.packs(&control)?;
+        self.stage_runs()?;
         let mut stmt = self
             .conn
-            .prepare("SELECT pack, offset, len FROM pages ORDER BY pack, offset")
+            .prepare(&format!(
+                "SELECT pack, offset, len FROM ({ALL_ENTRIES}) ORDER BY pack, offset"
+            ))
             .map_err(self.sql())?;
         let mut rows = stmt.query([]).map_err(self.sql())?;
         let mut next = rows.next().map_err(self.sql())?.map(|r| {
@@ -812,6 +1409,58 @@ impl Pages {
             tracing::warn!(dir = %self.dir.display(), "this file system cannot punch holes in files: the freed pages' bytes stay allocated in the packs (they are no longer indexed, and new pages do not reuse them)");
         }
         Ok(given_back)
+    }
+
+    /// Removes the entry of `hash` wherever it is (the table, runs), as damage would:
+    /// for tests of what the store does with a page it lost ([`index_entries`]).
+    /// Returns whether there was one.
+    fn forget(&self, hash: &Hash) -> Result<bool> {
+        self.begin()?;
+        let forgotten = (|| -> Result<bool> {
+            let mut gone = self
+                .conn
+                .execute("DELETE FROM entries WHERE hash = ?1", [&hash[..]])
+                .map_err(self.sql())?
+                > 0;
+            let held = self
+                .tiers
+                .borrow()
+                .listed
+                .iter()
+                .any(|(_, r)| r.lookup(hash).is_ok_and(|l| l.is_some()));
+            if held {
+                gone = true;
+                let (seq, path) = self.new_run()?;
+                let run = {
+                    let t = self.tiers.borrow();
+                    let inputs: Vec<&Run> = t.listed.iter().map(|(_, r)| r).collect();
+                    let most = inputs.iter().map(|r| r.count()).sum();
+                    let mut kept = runs::merged(&inputs)
+                        .filter(|e| e.as_ref().map_or(true, |e| e.hash != *hash));
+                    self.write_run(seq, &path, most, &mut kept)?
+                };
+                self.conn
+                    .execute("DELETE FROM runs WHERE seq <> ?1", [seq])
+                    .map_err(self.sql())?;
+                let mut t = self.tiers.borrow_mut();
+                let old: Vec<(i64, Run)> = t.listed.drain(..).collect();
+                t.obsolete
+                    .extend(old.iter().map(|(_, r)| r.path().to_owned()));
+                t.listed.push((seq, run));
+            }
+            self.conn.execute_batch("COMMIT").map_err(self.sql())?;
+            Ok(gone)
+        })();
+        match forgotten {
+            Ok(gone) => {
+                self.committed();
+                Ok(gone)
+            }
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
     }
 
     /// Takes a pack to append to: the first one under the target size no live push
@@ -994,6 +1643,48 @@ fn punch_hole(_file: &File, _offset: u64, _len: u64) -> std::io::Result<bool> {
     Ok(false)
 }
 
+/// One entry of a store's page index, as [`index_entries`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The page's hash (a sealed page's identity).
+    pub hash: Hash,
+    /// The pack file its bytes are in (`<id>.pack`).
+    pub pack: i64,
+    /// Where in the pack.
+    pub offset: u64,
+    /// How many bytes.
+    pub len: u32,
+    /// 0 plain, 1 one zstd frame, 2 sealed.
+    pub codec: i64,
+    /// The sum (8 bytes) or an older sealed entry's SHA-256 (32), as the table keeps it.
+    pub checksum: Option<Vec<u8>>,
+}
+
+/// Every entry of the page index of the store rooted at `root`, the table's and the
+/// runs' alike, in pack order: for tests that look at where pages are, or damage them.
+pub fn index_entries(root: &Path) -> Result<Vec<IndexEntry>> {
+    let pages = Pages::open(&dir_of(root), READER_CACHE_KIB)?;
+    let mut all = Vec::new();
+    pages.for_each(&mut |hash, loc| {
+        all.push(IndexEntry {
+            hash,
+            pack: loc.pack,
+            offset: loc.offset,
+            len: loc.len,
+            codec: loc.codec(),
+            checksum: loc.checksum(),
+        });
+        Ok(())
+    })?;
+    Ok(all)
+}
+
+/// Removes the entry of `hash` from the page index of the store rooted at `root`, as
+/// if it were lost: for tests. Returns whether there was one.
+pub fn forget_entry(root: &Path, hash: &Hash) -> Result<bool> {
+    Pages::open(&dir_of(root), WRITER_CACHE_KIB)?.forget(hash)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1049,7 +1740,7 @@ mod tests {
         // A key that is no hash is never looked up; the row is the old one.
         let row: (i64, Option<Vec<u8>>) = index
             .conn
-            .query_row("SELECT codec, checksum FROM pages", [], |r| {
+            .query_row("SELECT codec, checksum FROM entries", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .expect("the old row");
@@ -1088,7 +1779,7 @@ mod tests {
         // have: damaged, never a plain page.
         index
             .conn
-            .execute("UPDATE pages SET checksum = NULL WHERE codec = 2", [])
+            .execute("UPDATE entries SET checksum = NULL WHERE codec = 2", [])
             .expect("damage");
         let damaged = index.lookup(&[2; 32]).expect("lookup").expect("a row");
         assert_eq!((damaged.sealed, damaged.check), (true, Check::Sha([0; 32])));
@@ -1152,7 +1843,13 @@ mod tests {
                 .expect("page_size");
             conn.pragma_update(None, "journal_mode", "WAL")
                 .expect("wal");
-            conn.execute_batch(SCHEMA).expect("schema");
+            conn.execute_batch(
+                "CREATE TABLE packs(id INTEGER PRIMARY KEY, size INTEGER NOT NULL);
+                 CREATE TABLE pages(hash BLOB PRIMARY KEY, pack INTEGER NOT NULL,
+                     offset INTEGER NOT NULL, len INTEGER NOT NULL,
+                     codec INTEGER NOT NULL DEFAULT 0, checksum BLOB) WITHOUT ROWID;",
+            )
+            .expect("the layout before runs");
             conn.execute(
                 "INSERT INTO pages(hash, pack, offset, len) VALUES (?1, 1, 8192, 4096)",
                 [&[7u8; 32][..]],
@@ -1163,5 +1860,256 @@ mod tests {
         assert_eq!(page_size(&old), 4096);
         let loc = old.lookup(&[7u8; 32]).expect("lookup").expect("entry kept");
         assert_eq!((loc.pack, loc.offset, loc.len), (1, 8192, 4096));
+    }
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn hash(seed: u8) -> Hash {
+        crate::digest::sha256(&[seed])
+    }
+
+    /// An entry whose place says which operation wrote it.
+    fn loc(seed: u8, op: usize) -> Loc {
+        Loc::of_bytes(
+            op as i64,
+            u64::from(seed) * 4096,
+            &[seed, op as u8],
+            false,
+            seed.is_multiple_of(7),
+        )
+    }
+
+    fn run_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("read dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("run-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn listed_files(pages: &Pages) -> Vec<String> {
+        let mut names: Vec<String> = pages
+            .tiers
+            .borrow()
+            .listed
+            .iter()
+            .map(|(seq, _)| format!("run-{seq}.run"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn everything(pages: &Pages) -> BTreeMap<Hash, Loc> {
+        let mut all = BTreeMap::new();
+        pages
+            .for_each(&mut |h, l| {
+                assert!(all.insert(h, l).is_none(), "each hash once");
+                Ok(())
+            })
+            .expect("for_each");
+        all
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Inserts (seed, replace), then commits.
+        Commit(Vec<(u8, bool)>),
+        /// Inserts, then rolls back.
+        Abandon(Vec<u8>),
+        /// Collects: keeps the seeds not divisible by the number.
+        Sweep(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => proptest::collection::vec((0u8..120, proptest::bool::weighted(0.1)), 0..12)
+                .prop_map(Op::Commit),
+            1 => proptest::collection::vec(0u8..120, 1..8).prop_map(Op::Abandon),
+            1 => (2u8..6).prop_map(Op::Sweep),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Whatever commits, spills, merges, rollbacks and collections happen, every
+        /// lookup (of the writer and of a second connection, as another process) finds
+        /// what was committed last for its hash, the walk lists exactly that, and no run
+        /// file is left that the index does not list.
+        #[test]
+        fn the_index_finds_what_committed_through_spills_merges_rollbacks_and_collections(
+            ops in proptest::collection::vec(op(), 1..50)
+        ) {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let mut pages = Pages::open(dir.path(), WRITER_CACHE_KIB).expect("open");
+            pages.spill_at = 3;
+            let reader = Pages::open(dir.path(), READER_CACHE_KIB).expect("open");
+            let mut model: BTreeMap<Hash, Loc> = BTreeMap::new();
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    Op::Commit(inserts) => {
+                        pages.begin().expect("begin");
+                        let mut txn = model.clone();
+                        for &(seed, replace) in inserts {
+                            let h = hash(seed);
+                            let wrote = pages.insert(&h, loc(seed, i), replace).expect("insert");
+                            prop_assert_eq!(wrote, replace || !txn.contains_key(&h));
+                            if wrote {
+                                txn.insert(h, loc(seed, i));
+                            }
+                        }
+                        pages.commit(None).expect("commit");
+                        model = txn;
+                    }
+                    Op::Abandon(seeds) => {
+                        pages.begin().expect("begin");
+                        for &seed in seeds {
+                            pages.insert(&hash(seed), loc(seed, i), true).expect("insert");
+                        }
+                        pages.rollback();
+                    }
+                    Op::Sweep(m) => {
+                        pages.mark_begin(false).expect("mark");
+                        for (h, _) in model.iter() {
+                            if (0u8..120).any(|s| hash(s) == *h && s % m != 0) {
+                                pages.mark(h).expect("mark");
+                            }
+                        }
+                        pages.sweep(false).expect("sweep");
+                        pages.mark_end();
+                        model.retain(|h, _| (0u8..120).any(|s| hash(s) == *h && s % m != 0));
+                        prop_assert_eq!(pages.reclaim().expect("reclaim"), 0);
+                    }
+                }
+                for seed in 0u8..120 {
+                    let h = hash(seed);
+                    prop_assert_eq!(pages.lookup(&h).expect("lookup"), model.get(&h).copied(), "op {}", i);
+                    prop_assert_eq!(reader.lookup(&h).expect("lookup"), model.get(&h).copied(), "op {}", i);
+                }
+                prop_assert_eq!(everything(&pages), model.clone());
+                prop_assert_eq!(pages.count().expect("count"), model.len() as u64);
+                prop_assert_eq!(run_files(dir.path()), listed_files(&pages));
+                prop_assert!(pages.tiers.borrow().listed.len() <= MOST_RUNS);
+            }
+        }
+    }
+
+    /// A push killed after writing its runs and before its commit: its runs are not
+    /// listed, so nothing it wrote is found, and the next write transaction removes
+    /// its files.
+    #[test]
+    fn runs_a_dead_push_left_are_never_read_and_go_at_the_next_push() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pages = Pages::open(dir.path(), WRITER_CACHE_KIB).expect("open");
+        pages.begin().expect("begin");
+        for seed in 0..4 {
+            pages
+                .insert(&hash(seed), loc(seed, 0), false)
+                .expect("insert");
+        }
+        pages.commit(None).expect("commit");
+
+        let mut dying = Pages::open(dir.path(), WRITER_CACHE_KIB).expect("open");
+        dying.spill_at = 3;
+        dying.begin().expect("begin");
+        for seed in 10..20 {
+            dying
+                .insert(&hash(seed), loc(seed, 1), false)
+                .expect("insert");
+        }
+        // The process dies here: SQLite's transaction goes with its connection, no
+        // code of ours runs.
+        drop(dying);
+        assert_eq!(
+            run_files(dir.path()).len(),
+            4,
+            "{:?}",
+            run_files(dir.path())
+        );
+
+        let next = Pages::open(dir.path(), WRITER_CACHE_KIB).expect("open");
+        for seed in 10..20 {
+            assert_eq!(next.lookup(&hash(seed)).expect("lookup"), None);
+        }
+        for seed in 0..4 {
+            assert_eq!(
+                next.lookup(&hash(seed)).expect("lookup"),
+                Some(loc(seed, 0))
+            );
+        }
+        next.begin().expect("begin");
+        next.rollback();
+        assert!(next.lookup(&hash(0)).expect("lookup").is_some());
+        assert_eq!(run_files(dir.path()), listed_files(&next));
+        assert_eq!(run_files(dir.path()).len(), 1);
+    }
+
+    /// A reader inside a read transaction keeps finding the entries of runs that a
+    /// writer merged away and removed meanwhile; its next transaction sees the merge.
+    #[test]
+    fn a_reader_keeps_reading_the_runs_a_merge_removed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let writer = Pages::open(dir.path(), WRITER_CACHE_KIB).expect("open");
+        let commit = |seeds: std::ops::Range<u8>, op: usize| {
+            writer.begin().expect("begin");
+            for seed in seeds {
+                writer
+                    .insert(&hash(seed), loc(seed, op), false)
+                    .expect("insert");
+            }
+            writer.commit(None).expect("commit");
+        };
+        commit(0..5, 0);
+        let reader = Pages::open(dir.path(), READER_CACHE_KIB).expect("open");
+        reader.begin_read().expect("begin_read");
+        let first = run_files(dir.path());
+        for op in 1..FANOUT {
+            commit(op as u8 * 5..op as u8 * 5 + 5, op);
+        }
+        assert!(
+            run_files(dir.path()).iter().all(|f| !first.contains(f)),
+            "the first run was merged away: {:?}",
+            run_files(dir.path())
+        );
+        assert_eq!(run_files(dir.path()).len(), 1);
+        for seed in 0..5 {
+            assert_eq!(
+                reader.lookup(&hash(seed)).expect("lookup"),
+                Some(loc(seed, 0))
+            );
+        }
+        reader.rollback();
+        for seed in 0..FANOUT as u8 * 5 {
+            assert!(reader.lookup(&hash(seed)).expect("lookup").is_some());
+        }
+    }
+
+    /// An older sqlferry reads `pages`: in a store of today's layout that fails, by
+    /// name, instead of finding a table without the runs' entries.
+    #[test]
+    fn an_older_sqlferry_cannot_read_the_index() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pages = Pages::open(dir.path(), WRITER_CACHE_KIB).expect("open");
+        pages.begin().expect("begin");
+        pages.insert(&hash(1), loc(1, 0), false).expect("insert");
+        pages.commit(None).expect("commit");
+        let old = Connection::open(dir.path().join("index.sqlite")).expect("open");
+        let e = old
+            .query_row(
+                "SELECT pack, offset, len, codec, checksum FROM pages WHERE hash = ?1",
+                [&hash(1)[..]],
+                |r| r.get::<_, i64>(0),
+            )
+            .expect_err("an older sqlferry's lookup fails");
+        assert!(
+            e.to_string().contains("this_store_needs_a_newer_sqlferry"),
+            "{e}"
+        );
     }
 }

@@ -13,7 +13,6 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
-use rusqlite::Connection;
 use sqlferry::crypt::EncryptionKey;
 
 use crate::sealed::{MARKER, existing_dest, marked_db};
@@ -45,13 +44,21 @@ pub(crate) fn page_index(root: &Path) -> PathBuf {
         .unwrap_or_else(|| panic!("no page index under {}", root.display()))
 }
 
+/// The store a page index (`<store>/pages/index.sqlite`) belongs to.
+fn store_root(index: &Path) -> PathBuf {
+    index
+        .ancestors()
+        .nth(2)
+        .expect("<store>/pages/index.sqlite")
+        .to_owned()
+}
+
 /// Flips one bit of the stored ciphertext of the page whose identity is `identity`
 /// (past the nonce, in the sealed page's body).
 pub(crate) fn flip_stored(root: &Path, identity: &[u8; 32]) {
     use std::os::unix::fs::FileExt;
     let index = page_index(root);
-    let (pack, offset, codec): (i64, i64, i64) = Connection::open(&index)
-        .expect("open the page index")
+    let (pack, offset, codec): (i64, i64, i64) = util::index_snapshot(&store_root(&index))
         .query_row(
             "SELECT pack, offset, codec FROM pages WHERE hash = ?1",
             [&identity[..]],
@@ -198,7 +205,7 @@ fn encrypted_replica_round_trip(store: Store<'_>) {
         Vec::<PathBuf>::new()
     );
     let hashes = util::page_hashes(&db);
-    let index = Connection::open(page_index(&store.files())).expect("index");
+    let index = util::index_snapshot(&store_root(&page_index(&store.files())));
     let mut stmt = index
         .prepare("SELECT hash, codec FROM pages")
         .expect("prepare");

@@ -127,7 +127,7 @@ fn scan_hinted(store: &Store, replica: &str, version: u64) -> (u64, u64, u64) {
 }
 
 fn index(store: &Path) -> Connection {
-    Connection::open(store.join("pages/index.sqlite")).expect("open the page index")
+    util::index_snapshot(store)
 }
 
 /// The page index's rows: (key, codec, checksum, pack, offset, len).

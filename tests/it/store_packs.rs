@@ -283,14 +283,10 @@ fn a_store_of_the_previous_layout_is_moved_into_packs_on_first_use() {
     // `pages` table, and no packs.
     {
         let conn = Connection::open(&file).expect("replica file");
-        conn.execute_batch(&format!(
-            "CREATE TABLE pages(hash BLOB PRIMARY KEY, data BLOB NOT NULL);
-             ATTACH '{}' AS idx;",
-            store.join("pages/index.sqlite").display()
-        ))
-        .expect("old table");
-        let rows: Vec<(Vec<u8>, i64, i64, i64)> = conn
-            .prepare("SELECT hash, pack, offset, len FROM idx.pages")
+        conn.execute_batch("CREATE TABLE pages(hash BLOB PRIMARY KEY, data BLOB NOT NULL);")
+            .expect("old table");
+        let rows: Vec<(Vec<u8>, i64, i64, i64)> = util::index_snapshot(&store)
+            .prepare("SELECT hash, pack, offset, len FROM pages")
             .expect("index")
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .expect("rows")
@@ -306,7 +302,6 @@ fn a_store_of_the_previous_layout_is_moved_into_packs_on_first_use() {
             )
             .expect("insert");
         }
-        conn.execute_batch("DETACH idx").expect("detach");
     }
     std::fs::remove_dir_all(store.join("pages")).expect("no packs");
 
@@ -367,7 +362,7 @@ fn scan_back(store: &Store, replica: &str) -> (Vec<Hash>, Option<sqlferry::Error
 /// Where the pages of `replica`'s latest version are stored: (pack, offset) each.
 fn locations(dir: &Path, replica: &str) -> Vec<(i64, i64)> {
     let hashes = read_back(&Store::new(dir.join("store")), replica);
-    let index = Connection::open(dir.join("store/pages/index.sqlite")).expect("index");
+    let index = util::index_snapshot(&dir.join("store"));
     hashes
         .iter()
         .map(|h| {
@@ -508,10 +503,10 @@ fn a_page_damaged_in_the_middle_of_a_run_is_found_and_recorded() {
     // older sqlferry made) the index decides: missing, at that page.
     crate::trust_store::flip_stored(&file, &hash, 2048, 0x04);
     let (gone, _) = crate::trust_store::stored_page(&file, 1, 30);
-    Connection::open(dir.path().join("store/pages/index.sqlite"))
-        .expect("index")
-        .execute("DELETE FROM pages WHERE hash = ?1", [&gone[..]])
-        .expect("delete");
+    assert!(
+        util::forget_page(&dir.path().join("store"), &gone),
+        "the page was indexed"
+    );
     let (seen, error) = scan_back(&store, "acme/a.db");
     assert!(error.is_none(), "{error:?}");
     assert_eq!(seen, hashes_of(&pa), "every page, checked");
@@ -681,7 +676,7 @@ fn a_full_read_follows_place_hints_and_falls_back_when_they_are_stale() {
 #[test]
 fn the_store_files_wals_stay_small_over_many_pushes() {
     let dir = TempDir::new().expect("tempdir");
-    let db = database(dir.path(), "app.db", 20_000);
+    let db = database(dir.path(), "app.db", 60_000);
     let src = db.to_str().expect("utf-8");
     let index_wal = dir.path().join("store/pages/index.sqlite-wal");
     let replica_wal = dir.path().join("store/replicas/acme/app.db.sqlferry-wal");
@@ -696,17 +691,19 @@ fn the_store_files_wals_stay_small_over_many_pushes() {
         )
         .expect("update");
         drop(conn);
-        let before = util::file_len(&index_wal);
+        let before = [util::file_len(&index_wal), util::file_len(&replica_wal)];
         let out = run_ok(dir.path(), &["push", src, "acme/app.db"]);
         assert_eq!(out["version"], round + 1, "{out}");
-        let after = util::file_len(&index_wal);
-        step = step.max(after.saturating_sub(before));
-        grown += after.saturating_sub(before);
-        most = most.max(after).max(util::file_len(&replica_wal));
+        let after = [util::file_len(&index_wal), util::file_len(&replica_wal)];
+        for (a, b) in after.iter().zip(before) {
+            step = step.max(a.saturating_sub(b));
+            grown += a.saturating_sub(b);
+        }
+        most = most.max(after[0]).max(after[1]);
     }
     assert!(
         grown > 2 << 20,
-        "the pushes added only {grown} bytes to the index's WAL: too little to show growth"
+        "the pushes added only {grown} bytes to the store's WALs: too little to show growth"
     );
     // Trimmed past 1 MiB at a commit: never more than that and one push's frames.
     assert!(
@@ -719,5 +716,129 @@ fn the_store_files_wals_stay_small_over_many_pushes() {
         &["pull", "acme/app.db", copy.to_str().expect("utf-8")],
     );
     util::assert_same(&db, &copy);
+    scrub_clean(dir.path());
+}
+
+/// The run files of the store in `dir` (`store/pages/run-*.run`).
+fn run_files(dir: &Path) -> Vec<PathBuf> {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(dir.join("store/pages"))
+        .expect("pages dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "run"))
+        .collect();
+    runs.sort();
+    runs
+}
+
+/// A push writes its new pages' index entries as a run file; eight runs of one size
+/// are merged into one. A damaged run stops every push and pull that reads it, by
+/// name, and changes nothing; the run put back, everything goes on. A run file no
+/// commit lists (a push killed before its commit) is never read, and the next push
+/// removes it.
+#[test]
+fn the_index_runs_merge_are_checked_and_a_killed_pushs_run_goes() {
+    let dir = TempDir::new().expect("tempdir");
+    let db = database(dir.path(), "app.db", 4000);
+    let src = db.to_str().expect("utf-8");
+    run_ok(dir.path(), &["push", src, "acme/app.db"]);
+    assert_eq!(run_files(dir.path()).len(), 1, "the full push's run");
+    let change = |round: i64| {
+        util::open(&db)
+            .execute(
+                "UPDATE t SET v = randomblob(300) WHERE id % 40 = ?1",
+                [round],
+            )
+            .expect("update");
+    };
+    for round in 0..7 {
+        change(round);
+        run_ok(dir.path(), &["push", src, "acme/app.db"]);
+    }
+    assert_eq!(
+        run_files(dir.path()).len(),
+        8,
+        "{:?}",
+        run_files(dir.path())
+    );
+    change(7);
+    run_ok(dir.path(), &["push", src, "acme/app.db"]);
+    // The eighth small run made seven small ones and itself one: the full push's run
+    // is of another size.
+    assert_eq!(
+        run_files(dir.path()).len(),
+        2,
+        "{:?}",
+        run_files(dir.path())
+    );
+    scrub_clean(dir.path());
+
+    // A flipped byte in a run's summary (read when the run opens): every push and
+    // pull stops there, by name.
+    let versions = |dir: &Path| run_ok(dir, &["versions", "acme/app.db"]);
+    let before = versions(dir.path());
+    let newest = run_files(dir.path()).pop().expect("a run");
+    let name = newest.file_name().unwrap().to_string_lossy().to_string();
+    let good = std::fs::read(&newest).expect("run");
+    let damaged = |at: usize| {
+        let mut bad = good.clone();
+        bad[at] ^= 0x01;
+        std::fs::write(&newest, &bad).expect("damage");
+    };
+    damaged(good.len() - 40);
+    change(8);
+    let out = run(dir.path(), &["push", src, "acme/app.db"]);
+    assert_ne!(util::code(&out), 0);
+    let said = util::stderr(&out) + &util::stdout(&out);
+    assert!(
+        said.contains("a run file of the page index is damaged") && said.contains(&name),
+        "{said}"
+    );
+    // A flipped byte among its entries: read only by the lookups that land in that
+    // block, and by scrub, which reads every entry.
+    damaged(16 + 64 * 3 + 40);
+    let scrub = util::sqlferry(dir.path())
+        .args(["scrub", "--json", "--data"])
+        .arg(dir.path().join("store"))
+        .output()
+        .expect("scrub");
+    assert_ne!(util::code(&scrub), 0, "scrub finds the damaged run");
+    let said = util::stderr(&scrub) + &util::stdout(&scrub);
+    assert!(
+        said.contains("a block of entries fails its sum") && said.contains(&name),
+        "{said}"
+    );
+
+    // Put back: the failed push made no version, and the same push lands and pulls
+    // whole.
+    std::fs::write(&newest, &good).expect("repair");
+    assert_eq!(
+        versions(dir.path()),
+        before,
+        "the failed push made no version"
+    );
+    run_ok(dir.path(), &["push", src, "acme/app.db"]);
+    let copy = dir.path().join("copy.db");
+    run_ok(
+        dir.path(),
+        &["pull", "acme/app.db", copy.to_str().expect("utf-8")],
+    );
+    util::assert_same(&db, &copy);
+
+    // A run a killed push wrote (and one it was still writing): not listed, so not
+    // read, though it is garbage; the next push removes both.
+    let listed = run_files(dir.path());
+    let stray = dir.path().join("store/pages/run-9999.run");
+    std::fs::write(&stray, b"garbage").expect("stray run");
+    let torn = dir.path().join("store/pages/run-10000.run-tmp");
+    std::fs::write(&torn, b"garbage").expect("torn run");
+    run_ok(
+        dir.path(),
+        &["pull", "acme/app.db", copy.to_str().expect("utf-8")],
+    );
+    change(9);
+    run_ok(dir.path(), &["push", src, "acme/app.db"]);
+    assert!(!stray.exists() && !torn.exists());
+    assert!(run_files(dir.path()).len() <= listed.len() + 1);
     scrub_clean(dir.path());
 }

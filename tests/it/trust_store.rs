@@ -115,9 +115,10 @@ pub(crate) fn store_of(file: &Path) -> PathBuf {
         .to_owned()
 }
 
-/// The store's page index (`<store>/pages/index.sqlite`).
+/// A snapshot of the store's page index, as a table `pages` (see
+/// [`util::index_snapshot`]).
 fn page_index(file: &Path) -> Connection {
-    Connection::open(store_of(file).join("pages/index.sqlite")).expect("open the page index")
+    util::index_snapshot(&store_of(file))
 }
 
 /// Where the page stored under `hash` is: its pack file, offset and length.
@@ -1158,10 +1159,10 @@ fn a_missing_page_is_found_by_scrub_and_brought_back_by_the_next_push() {
             .write_all_at(&vec![0u8; len], offset)
             .expect("zero the page");
     }
-    let n = page_index(&b.replica_file())
-        .execute("DELETE FROM pages WHERE hash = ?1", [&hash[..]])
-        .expect("delete");
-    assert_eq!(n, 1);
+    assert!(
+        util::forget_page(&store_of(&b.replica_file()), &hash[..]),
+        "the page was indexed"
+    );
     let (code, report) = b.scrub();
     assert_eq!(code, EXIT_VERIFY, "{report}");
     let bad = &report["replicas"][0]["bad_pages"][0];

@@ -465,3 +465,41 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// A snapshot of the page index of the directory store rooted at `root`, as a table
+/// `pages(hash, pack, offset, len, codec, checksum)` in memory: every entry, whether
+/// the index keeps it in its table or in a run file. Changing it changes nothing; to
+/// lose an entry, [`forget_page`].
+pub fn index_snapshot(root: &Path) -> Connection {
+    let entries = sqlferry::store::index_entries(root).expect("read the page index");
+    let conn = Connection::open_in_memory().expect("in-memory database");
+    conn.execute_batch(
+        "CREATE TABLE pages(hash BLOB PRIMARY KEY, pack INTEGER, offset INTEGER,
+             len INTEGER, codec INTEGER, checksum BLOB)",
+    )
+    .expect("table");
+    let mut insert = conn
+        .prepare("INSERT INTO pages VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+        .expect("prepare");
+    for e in entries {
+        insert
+            .execute(rusqlite::params![
+                &e.hash[..],
+                e.pack,
+                e.offset as i64,
+                e.len,
+                e.codec,
+                e.checksum
+            ])
+            .expect("insert");
+    }
+    drop(insert);
+    conn
+}
+
+/// Removes the entry of `hash` from the page index of the store rooted at `root`, as
+/// if the index had lost it; whether there was one.
+pub fn forget_page(root: &Path, hash: &[u8]) -> bool {
+    let hash: [u8; 32] = hash.try_into().expect("a 32-byte hash");
+    sqlferry::store::forget_entry(root, &hash).expect("forget the entry")
+}

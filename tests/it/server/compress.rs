@@ -428,7 +428,7 @@ fn pack_bytes(data: &Path) -> u64 {
 }
 
 fn page_index(data: &Path) -> rusqlite::Connection {
-    rusqlite::Connection::open(data.join("pages/index.sqlite")).expect("open the page index")
+    util::index_snapshot(data)
 }
 
 /// How many indexed pages are kept plain (codec 0) and compressed (codec 1).
