@@ -84,7 +84,7 @@ def main():
             engine.measured_run(push, lab.env)
             for root, _, files in os.walk(lab.dir / "data"):
                 for f in files:
-                    if f.startswith("index"):
+                    if f.startswith(("index", "run-")):
                         with open(os.path.join(root, f), "rb") as fh:
                             while fh.read(MIB):
                                 pass

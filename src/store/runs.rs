@@ -23,9 +23,10 @@
 //! footer   filter blocks: u64 | xxh3-64 of filter and summary | 0: u64 | "SQFRUNZ1"
 //! ```
 //!
-//! Every byte read is checked: the filter and summary against the footer's sum when the
-//! run opens, each block of entries against its summary row when a lookup or a scan
-//! reads it. A run that fails is an error naming the file, never a missing page: a page
+//! Every byte read is checked: the sizes when the run opens, the filter and summary
+//! against the footer's sum when first read (so a pull that follows its place hints
+//! never reads them), each block of entries against its summary row when a lookup or a
+//! scan reads it. A run that fails is an error naming the file, never a missing page: a page
 //! the index no longer finds would be stored again by the next push, but a version that
 //! names it could not be pulled. Only `flags` bit 0 (zstd) and bit 1 (sealed) are used;
 //! every entry of a run has a sum ([`Check::Sum`]); older kinds stay in the table.
@@ -211,19 +212,30 @@ pub(super) fn write(
     Ok(count)
 }
 
-/// An open run: its filter and summary in memory (about 1.9 bytes an entry), its
-/// entries read a block at a time.
+/// An open run: its filter and summary read into memory when first used (about 1.9
+/// bytes an entry; a pull that follows its place hints never reads them), its entries
+/// a block at a time.
 pub(super) struct Run {
     path: PathBuf,
     file: File,
     count: u64,
+    /// Filter blocks.
+    blocks: u64,
+    /// The footer's sum of the filter and summary.
+    sum: u64,
+    loaded: std::cell::OnceCell<Loaded>,
+}
+
+/// A run's filter and summary, checked.
+struct Loaded {
     filter: Vec<u8>,
     /// One row per block: its first hash and the sum of its bytes.
     summary: Vec<(Hash, u64)>,
 }
 
 impl Run {
-    /// Opens the run at `path`, checking its structure, filter and summary.
+    /// Opens the run at `path`, checking its structure (its filter and summary are
+    /// checked when first read).
     pub fn open(path: &Path) -> Result<Run> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         Run::of_file(path, file)
@@ -256,13 +268,32 @@ impl Run {
         if expected != Some(len) || blocks == 0 || footer[16..24] != [0; 8] {
             return Err(damaged(path, "its sizes do not add up"));
         }
-        let at = HEADER_BYTES as u64 + count * ENTRY_BYTES as u64;
-        let mut tail = vec![0u8; (len - at) as usize - FOOTER_BYTES];
-        file.read_exact_at(&mut tail, at).map_err(io)?;
-        if sum_of(&tail) != sum {
-            return Err(damaged(path, "its filter or summary fails its sum"));
+        Ok(Run {
+            path: path.to_owned(),
+            file,
+            count,
+            blocks,
+            sum,
+            loaded: std::cell::OnceCell::new(),
+        })
+    }
+
+    /// The filter and summary, read and checked the first time.
+    fn loaded(&self) -> Result<&Loaded> {
+        if let Some(l) = self.loaded.get() {
+            return Ok(l);
         }
-        let summary_bytes = tail.split_off(blocks as usize * FILTER_BLOCK_BYTES);
+        let at = HEADER_BYTES as u64 + self.count * ENTRY_BYTES as u64;
+        let filter_bytes = self.blocks as usize * FILTER_BLOCK_BYTES;
+        let rows = self.count.div_ceil(BLOCK_ENTRIES as u64) as usize;
+        let mut tail = vec![0u8; filter_bytes + rows * SUMMARY_ROW];
+        self.file
+            .read_exact_at(&mut tail, at)
+            .map_err(|e| Error::io(&self.path, e))?;
+        if sum_of(&tail) != self.sum {
+            return Err(damaged(&self.path, "its filter or summary fails its sum"));
+        }
+        let summary_bytes = tail.split_off(filter_bytes);
         let summary = summary_bytes
             .chunks_exact(SUMMARY_ROW)
             .map(|r| {
@@ -272,13 +303,10 @@ impl Run {
                 )
             })
             .collect();
-        Ok(Run {
-            path: path.to_owned(),
-            file,
-            count,
+        Ok(self.loaded.get_or_init(|| Loaded {
             filter: tail,
             summary,
-        })
+        }))
     }
 
     /// How many entries the run holds.
@@ -287,11 +315,13 @@ impl Run {
     }
 
     /// Whether the filter says `hash` may be in the run (false: it is not).
-    pub fn may_hold(&self, hash: &Hash) -> bool {
-        let (b, bits) = probes(hash, self.filter.len() / FILTER_BLOCK_BYTES);
-        let block = &self.filter[b * FILTER_BLOCK_BYTES..][..FILTER_BLOCK_BYTES];
-        bits.iter()
-            .all(|&bit| block[bit as usize / 8] & (1 << (bit % 8)) != 0)
+    pub fn may_hold(&self, hash: &Hash) -> Result<bool> {
+        let filter = &self.loaded()?.filter;
+        let (b, bits) = probes(hash, self.blocks as usize);
+        let block = &filter[b * FILTER_BLOCK_BYTES..][..FILTER_BLOCK_BYTES];
+        Ok(bits
+            .iter()
+            .all(|&bit| block[bit as usize / 8] & (1 << (bit % 8)) != 0))
     }
 
     /// Reads block `i` into `buf`, checked against its summary row.
@@ -301,7 +331,8 @@ impl Run {
         self.file
             .read_exact_at(buf, (HEADER_BYTES + i * BLOCK_BYTES) as u64)
             .map_err(|e| Error::io(&self.path, e))?;
-        if sum_of(buf) != self.summary[i].1 || buf[..32] != self.summary[i].0 {
+        let row = &self.loaded()?.summary[i];
+        if sum_of(buf) != row.1 || buf[..32] != row.0 {
             return Err(damaged(&self.path, "a block of entries fails its sum"));
         }
         Ok(())
@@ -309,11 +340,14 @@ impl Run {
 
     /// The entry of `hash`, if the run holds one.
     pub fn lookup(&self, hash: &Hash) -> Result<Option<Loc>> {
-        if !self.may_hold(hash) {
+        if !self.may_hold(hash)? {
             return Ok(None);
         }
         // The last block whose first hash is not above `hash`.
-        let i = self.summary.partition_point(|(first, _)| first <= hash);
+        let i = self
+            .loaded()?
+            .summary
+            .partition_point(|(first, _)| first <= hash);
         if i == 0 {
             return Ok(None);
         }
@@ -340,9 +374,11 @@ impl Run {
             next_block: 0,
             buf: Vec::new(),
             at: 0,
+            done: false,
         }
     }
 
+    /// Where the run's file is.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -355,6 +391,7 @@ pub(super) struct Scan<'a> {
     next_block: usize,
     buf: Vec<u8>,
     at: usize,
+    done: bool,
 }
 
 /// Blocks a scan reads at once.
@@ -363,18 +400,19 @@ const SCAN_BLOCKS: usize = 64;
 impl Scan<'_> {
     fn fill(&mut self) -> Result<bool> {
         let run = self.run;
+        let summary = &run.loaded()?.summary;
         let first = self.next_block;
-        if first == run.summary.len() {
+        if first >= summary.len() {
             return Ok(false);
         }
-        let last = (first + SCAN_BLOCKS).min(run.summary.len());
+        let last = (first + SCAN_BLOCKS).min(summary.len());
         let entries = (run.count as usize).min(last * BLOCK_ENTRIES) - first * BLOCK_ENTRIES;
         self.buf.resize(entries * ENTRY_BYTES, 0);
         run.file
             .read_exact_at(&mut self.buf, (HEADER_BYTES + first * BLOCK_BYTES) as u64)
             .map_err(|e| Error::io(&run.path, e))?;
         for (i, block) in self.buf.chunks(BLOCK_BYTES).enumerate() {
-            let (first_hash, sum) = &run.summary[first + i];
+            let (first_hash, sum) = &summary[first + i];
             if sum_of(block) != *sum || block[..32] != first_hash[..] {
                 return Err(damaged(&run.path, "a block of entries fails its sum"));
             }
@@ -389,12 +427,17 @@ impl Iterator for Scan<'_> {
     type Item = Result<Entry>;
 
     fn next(&mut self) -> Option<Result<Entry>> {
+        if self.done {
+            return None;
+        }
         if self.at == self.buf.len() {
             match self.fill() {
                 Ok(true) => {}
                 Ok(false) => return None,
                 Err(e) => {
-                    self.next_block = self.run.summary.len();
+                    // An error ends the scan.
+                    self.next_block = usize::MAX;
+                    self.done = true;
                     self.buf.clear();
                     self.at = 0;
                     return Some(Err(e));
@@ -498,7 +541,7 @@ mod tests {
         for s in 5_000..25_000u64 {
             let h = crate::digest::sha256(&s.to_le_bytes());
             assert_eq!(run.lookup(&h).unwrap(), None);
-            false_positives += usize::from(run.may_hold(&h));
+            false_positives += usize::from(run.may_hold(&h).unwrap());
         }
         assert!(
             false_positives < 400,
