@@ -1294,24 +1294,30 @@ impl Pages {
         if dead == 0 {
             return Ok(());
         }
+        let mut live = self
+            .conn
+            .prepare("SELECT 1 FROM temp.live WHERE hash = ?1")
+            .map_err(self.sql())?;
+        self.rewrite_runs(&mut |e| live.exists([&e.hash[..]]).map_err(self.sql()))
+    }
+
+    /// Replaces every run by one of their entries that `keep` keeps (inside a write
+    /// transaction): listed in its commit, the old runs' files removed after it.
+    fn rewrite_runs(&self, keep: &mut dyn FnMut(&Entry) -> Result<bool>) -> Result<()> {
         let (seq, path) = self.new_run()?;
         let run = {
             let t = self.tiers.borrow();
             let inputs: Vec<&Run> = t.listed.iter().map(|(_, r)| r).collect();
             let most = inputs.iter().map(|r| r.count()).sum();
-            let mut live = self
-                .conn
-                .prepare("SELECT 1 FROM temp.live WHERE hash = ?1")
-                .map_err(self.sql())?;
-            let mut marked = runs::merged(&inputs).filter_map(|e| match e {
-                Ok(e) => match live.exists([&e.hash[..]]) {
+            let mut kept = runs::merged(&inputs).filter_map(|e| match e {
+                Ok(e) => match keep(&e) {
                     Ok(true) => Some(Ok(e)),
                     Ok(false) => None,
-                    Err(err) => Some(Err(self.sql()(err))),
+                    Err(err) => Some(Err(err)),
                 },
                 Err(err) => Some(Err(err)),
             });
-            self.write_run(seq, &path, most, &mut marked)?
+            self.write_run(seq, &path, most, &mut kept)?
         };
         self.conn
             .execute("DELETE FROM runs WHERE seq <> ?1", [seq])
@@ -1430,23 +1436,7 @@ impl Pages {
                 .any(|(_, r)| r.lookup(hash).is_ok_and(|l| l.is_some()));
             if held {
                 gone = true;
-                let (seq, path) = self.new_run()?;
-                let run = {
-                    let t = self.tiers.borrow();
-                    let inputs: Vec<&Run> = t.listed.iter().map(|(_, r)| r).collect();
-                    let most = inputs.iter().map(|r| r.count()).sum();
-                    let mut kept = runs::merged(&inputs)
-                        .filter(|e| e.as_ref().map_or(true, |e| e.hash != *hash));
-                    self.write_run(seq, &path, most, &mut kept)?
-                };
-                self.conn
-                    .execute("DELETE FROM runs WHERE seq <> ?1", [seq])
-                    .map_err(self.sql())?;
-                let mut t = self.tiers.borrow_mut();
-                let old: Vec<(i64, Run)> = t.listed.drain(..).collect();
-                t.obsolete
-                    .extend(old.iter().map(|(_, r)| r.path().to_owned()));
-                t.listed.push((seq, run));
+                self.rewrite_runs(&mut |e| Ok(e.hash != *hash))?;
             }
             self.conn.execute_batch("COMMIT").map_err(self.sql())?;
             Ok(gone)
