@@ -373,6 +373,19 @@ fn pack_path(dir: &Path, id: i64) -> PathBuf {
     dir.join(format!("{id}.pack"))
 }
 
+/// The values of an `entries` row (or a staged one): hash, pack, offset, len, codec,
+/// checksum.
+fn entry_row<'a>(hash: &'a Hash, loc: &Loc) -> impl rusqlite::Params + 'a {
+    (
+        &hash[..],
+        loc.pack,
+        loc.offset as i64,
+        loc.len,
+        loc.codec(),
+        loc.checksum(),
+    )
+}
+
 fn run_path(dir: &Path, seq: i64) -> PathBuf {
     dir.join(format!("run-{seq}.run"))
 }
@@ -719,10 +732,7 @@ impl Pages {
     /// (or `force`), opening the runs not open yet. A listed run whose file is gone is
     /// `Missing`: the caller reads the list again in a newer snapshot.
     fn refresh(&self, force: bool) -> Result<std::result::Result<(), Missing>> {
-        let version: i64 = self
-            .conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))
-            .map_err(self.sql())?;
+        let version = self.data_version()?;
         let mut t = self.tiers.borrow_mut();
         if !force && t.seen == Some(version) {
             return Ok(Ok(()));
@@ -760,21 +770,27 @@ impl Pages {
         Ok(Ok(()))
     }
 
-    /// Starts a write transaction on the index (the caller holds its replica's write
-    /// lock already, see the lock order above), ending a read transaction first. It
-    /// lists the runs as they are (no one else can change them until it ends), and
-    /// removes run files no committed list names: what a push or merge that died before
-    /// its commit left (only a write transaction makes run files).
-    pub fn begin(&self) -> Result<()> {
-        self.rollback();
+    /// `PRAGMA data_version`: it changes when another connection commits. Asked before
+    /// every lookup outside a transaction, so its statement is kept.
+    fn data_version(&self) -> Result<i64> {
         self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(self.sql())?;
-        let listed = self
-            .refresh(true)
-            .and_then(|r| r.map_err(|Missing(path)| missing_run(&path)))
-            .and_then(|()| self.remove_orphans());
-        if let Err(e) = listed {
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(self.sql())
+    }
+
+    /// Lists the runs inside a transaction (no one can change them until it ends): a
+    /// listed run whose file is gone is an error.
+    fn relist(&self) -> Result<()> {
+        self.refresh(true)?
+            .map_err(|Missing(path)| missing_run(&path))
+    }
+
+    /// Inside a write transaction just begun: lists the runs and removes the run files
+    /// no committed list names, what a push, merge or collection that died before its
+    /// commit left (only a write transaction makes run files). Rolls back on an error.
+    fn start_writing(&self) -> Result<()> {
+        if let Err(e) = self.relist().and_then(|()| self.remove_orphans()) {
             self.rollback();
             return Err(e);
         }
@@ -782,6 +798,18 @@ impl Pages {
         t.writing = true;
         t.own = 0;
         Ok(())
+    }
+
+    /// Starts a write transaction on the index (the caller holds its replica's write
+    /// lock already, see the lock order above), ending a read transaction first. It
+    /// lists the runs as they are and removes the files of runs that never committed
+    /// ([`Pages::start_writing`]).
+    pub fn begin(&self) -> Result<()> {
+        self.rollback();
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(self.sql())?;
+        self.start_writing()
     }
 
     /// Removes the run files the list does not name (inside a write transaction).
@@ -843,16 +871,7 @@ impl Pages {
         let n = self
             .conn
             .prepare_cached(sql)
-            .and_then(|mut s| {
-                s.execute(params![
-                    &hash[..],
-                    loc.pack,
-                    loc.offset as i64,
-                    loc.len,
-                    loc.codec(),
-                    loc.checksum()
-                ])
-            })
+            .and_then(|mut s| s.execute(entry_row(hash, &loc)))
             .map_err(self.sql())?;
         Ok(n > 0)
     }
@@ -888,10 +907,7 @@ impl Pages {
     /// After a commit of this connection's: the list is as it committed it, and the
     /// runs it merged away go.
     fn committed(&self) {
-        let version = self
-            .conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))
-            .ok();
+        let version = self.data_version().ok();
         let mut t = self.tiers.borrow_mut();
         t.writing = false;
         t.own = 0;
@@ -924,7 +940,7 @@ impl Pages {
             t.staged = None;
             for path in std::mem::take(&mut t.created) {
                 let _ = std::fs::remove_file(&path);
-                let _ = std::fs::remove_file(path.with_extension("run-tmp"));
+                let _ = std::fs::remove_file(runs::temporary(&path));
             }
         }
     }
@@ -1071,15 +1087,7 @@ impl Pages {
                 .map_err(self.sql())?;
             for e in runs::merged(&runs) {
                 let Entry { hash, loc } = e?;
-                stmt.execute(params![
-                    &hash[..],
-                    loc.pack,
-                    loc.offset as i64,
-                    loc.len,
-                    loc.codec(),
-                    loc.checksum()
-                ])
-                .map_err(self.sql())?;
+                stmt.execute(entry_row(&hash, &loc)).map_err(self.sql())?;
             }
             Ok(())
         })();
@@ -1207,18 +1215,16 @@ impl Pages {
                 "BEGIN IMMEDIATE"
             })
             .map_err(self.sql())?;
-        if !dry_run {
-            // What a collection or push killed before its commit left goes first.
-            let listed = self
-                .refresh(true)
-                .and_then(|r| r.map_err(|Missing(path)| missing_run(&path)))
-                .and_then(|()| self.remove_orphans());
-            if let Err(e) = listed {
+        if dry_run {
+            // Counts only: the runs as this transaction sees them.
+            if let Err(e) = self.relist() {
                 self.rollback();
                 return Err(e);
             }
+            return Ok(());
         }
-        Ok(())
+        // What a collection or push killed before its commit left goes first.
+        self.start_writing()
     }
 
     /// Marks `hash` as used by a remaining version.
@@ -1237,11 +1243,7 @@ impl Pages {
     /// the same commit); the table loses its unmarked rows, and those a run holds a
     /// newer entry of.
     pub fn sweep(&self, dry_run: bool) -> Result<(u64, u64)> {
-        if let Err(e) = self
-            .refresh(true)
-            .and_then(|r| r.map_err(|Missing(path)| missing_run(&path)))
-            .and_then(|()| self.stage_runs())
-        {
+        if let Err(e) = self.stage_runs() {
             self.rollback();
             return Err(e);
         }
@@ -1260,7 +1262,6 @@ impl Pages {
             self.rollback();
             return Ok((count as u64, bytes as u64));
         }
-        self.tiers.borrow_mut().writing = true;
         let swept = self.sweep_runs().and_then(|()| {
             self.conn
                 .execute(

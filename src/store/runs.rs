@@ -132,6 +132,11 @@ fn damaged(path: &Path, what: &str) -> Error {
     )
 }
 
+/// Where the run at `path` is written before it is renamed into place.
+pub(super) fn temporary(path: &Path) -> PathBuf {
+    path.with_extension("run-tmp")
+}
+
 /// Writes the run of `entries` (sorted by hash, each hash once; at most `most` of them)
 /// to `path`: into a temporary file beside it, fsynced, renamed, the directory fsynced.
 /// Returns how many entries it holds.
@@ -143,7 +148,7 @@ pub(super) fn write(
     let dir = path
         .parent()
         .expect("a run file lives in the pages directory");
-    let tmp = path.with_extension("run-tmp");
+    let tmp = temporary(path);
     let io = |e| Error::io(&tmp, e);
     let file = File::create(&tmp).map_err(io)?;
     let mut out = BufWriter::with_capacity(1 << 20, &file);
@@ -402,7 +407,7 @@ impl Scan<'_> {
         let run = self.run;
         let summary = &run.loaded()?.summary;
         let first = self.next_block;
-        if first >= summary.len() {
+        if first == summary.len() {
             return Ok(false);
         }
         let last = (first + SCAN_BLOCKS).min(summary.len());
@@ -436,7 +441,6 @@ impl Iterator for Scan<'_> {
                 Ok(false) => return None,
                 Err(e) => {
                     // An error ends the scan.
-                    self.next_block = usize::MAX;
                     self.done = true;
                     self.buf.clear();
                     self.at = 0;
