@@ -157,10 +157,11 @@ const RECORD_ROOM_BYTES: usize = 16 * 1024;
 /// Room on the disk for the records of one sync, taken before it commits: a record
 /// that cannot be written after a sync committed leaves the history at the version
 /// before, and the next push conflicts with the very version this one made (an
-/// encrypted replica's cannot even be merged or forced over). [`reserve`] writes
-/// 16 KiB (`RECORD_ROOM_BYTES`) into one temporary file per record, [`record_into`] writes
-/// the records into them (within bytes already written: nothing more to allocate) and
-/// renames them into place; the files not used go when this is dropped.
+/// encrypted replica's cannot even be merged or forced over). [`reserve`] allocates
+/// 16 KiB (`RECORD_ROOM_BYTES`) to one temporary file per record (without writing them:
+/// [`allocate`]), [`record_into`] writes the records into them (within room already
+/// allocated: nothing more to allocate) and renames them into place; the files not
+/// used go when this is dropped.
 #[derive(Default)]
 pub struct Reserved(Vec<tempfile::NamedTempFile>);
 
@@ -168,7 +169,6 @@ pub struct Reserved(Vec<tempfile::NamedTempFile>);
 /// An error (the disk full) means the sync must not start: it could not be recorded.
 /// Without a state directory there is nothing to reserve (and nothing is recorded).
 pub fn reserve() -> crate::Result<Reserved> {
-    use std::io::Write as _;
     let Some(dir) = crate::config::state_dir().map(|d| d.join("history")) else {
         return Ok(Reserved::default());
     };
@@ -176,11 +176,36 @@ pub fn reserve() -> crate::Result<Reserved> {
     std::fs::create_dir_all(&dir).map_err(io)?;
     let mut files = Vec::with_capacity(3);
     for _ in 0..3 {
-        let mut file = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
-        file.write_all(&[b' '; RECORD_ROOM_BYTES]).map_err(io)?;
+        let file = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
+        allocate(file.as_file(), RECORD_ROOM_BYTES).map_err(io)?;
         files.push(file);
     }
     Ok(Reserved(files))
+}
+
+/// Gives `file` `len` bytes of disk without writing them (`posix_fallocate`: a full
+/// disk fails here, as a write would), so that a push that changes nothing does not
+/// write 48 KiB of room it never uses (issue 10: a no-change push writes under
+/// 100 KB). Written where the platform has no such call.
+fn allocate(file: &std::fs::File, len: usize) -> std::io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: posix_fallocate on a file descriptor we own, with plain integer
+        // arguments; it returns the error number instead of setting errno. glibc writes
+        // the blocks itself where the file system cannot allocate them.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        match rc {
+            0 => Ok(()),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        use std::io::Write as _;
+        let mut file = file;
+        file.write_all(&vec![b' '; len])
+    }
 }
 
 /// Records a sync of `database`, as its sync with that replica (under the server's URL,
