@@ -207,6 +207,15 @@ impl RekeyedAway {
 
     /// What a push refused with the key given is told.
     pub fn message(&self, replica: &str) -> String {
+        format!(
+            "{}: push with the new key file (or passphrase file); nothing was pushed",
+            self.what(replica)
+        )
+    }
+
+    /// What happened, for [`RekeyedAway::message`] and the subscribers' own advice:
+    /// "REPLICA was rekeyed at version N from key id A (the key given) to key id B".
+    pub fn what(&self, replica: &str) -> String {
         let when = match self.rekey == self.last + 1 {
             true => format!("at version {}", self.rekey),
             false => format!(
@@ -219,8 +228,7 @@ impl RekeyedAway {
             None => String::new(),
         };
         format!(
-            "{replica} was rekeyed {when} from key id {} (the key given) to key id {}{then}: \
-             push with the new key file (or passphrase file); nothing was pushed",
+            "{replica} was rekeyed {when} from key id {} (the key given) to key id {}{then}",
             self.from, self.to
         )
     }

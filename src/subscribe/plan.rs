@@ -653,22 +653,15 @@ async fn rekeyed(p: &Pusher, e: Error) -> Error {
     let Ok(versions) = p.server.versions(&p.replica, p.key.as_deref()).await else {
         return e;
     };
-    let Some(latest) = versions.last() else {
-        return e;
-    };
-    let ours_before = versions
-        .iter()
-        .any(|v| v.encryption.as_deref() == Some(ours.as_str()));
-    match &latest.encryption {
-        Some(theirs) if *theirs != ours && ours_before => Error::Auth(format!(
-            "{} was rekeyed: its latest version {} is sealed with key id {theirs}, and this \
-             subscriber seals with key id {ours}, the key of its versions before the rekey, \
-             which can no longer push to it; start it again with the new key \
-             (--encryption-key-file or --passphrase-file; in a daemon entry, change \
-             encryption_key_file or passphrase_file and reload); nothing was pushed",
-            p.replica, latest.number
+    match crate::client::RekeyedAway::of(&versions, &ours) {
+        Some(away) => Error::Auth(format!(
+            "{}; this subscriber seals with key id {ours}, which can no longer push to it: \
+             start it again with the new key (--encryption-key-file or --passphrase-file; \
+             in a daemon entry, change encryption_key_file or passphrase_file and reload); \
+             nothing was pushed",
+            away.what(&p.replica.to_string())
         )),
-        _ => e,
+        None => e,
     }
 }
 
