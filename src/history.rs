@@ -159,7 +159,7 @@ const RECORD_ROOM_BYTES: usize = 16 * 1024;
 /// before, and the next push conflicts with the very version this one made (an
 /// encrypted replica's cannot even be merged or forced over). [`reserve`] allocates
 /// 16 KiB (`RECORD_ROOM_BYTES`) to one temporary file per record (without writing them:
-/// [`allocate`]), [`record_into`] writes the records into them (within room already
+/// `posix_fallocate`), [`record_into`] writes the records into them (within room already
 /// allocated: nothing more to allocate) and renames them into place; the files not
 /// used go when this is dropped.
 #[derive(Default)]
