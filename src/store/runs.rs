@@ -236,9 +236,27 @@ pub(super) struct Run {
 /// (5 MB of filter and summary at 10 GiB): a copy into fresh memory cost each push
 /// about 6 ms of page faults and copying, the map about a tenth (docs/performance.md).
 struct Loaded {
-    map: memmap2::Mmap,
+    map: Tail,
     /// Where the summary starts in `map` (the filter is before it).
     filter_bytes: usize,
+}
+
+/// The bytes of a run's filter and summary: mapped, or read where the file system
+/// cannot map files.
+enum Tail {
+    Mapped(memmap2::Mmap),
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for Tail {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Tail::Mapped(map) => map,
+            Tail::Read(bytes) => bytes,
+        }
+    }
 }
 
 impl Loaded {
@@ -306,30 +324,49 @@ impl Run {
         })
     }
 
-    /// The filter and summary, read and checked the first time.
+    /// The filter and summary, mapped (or read) and checked the first time.
     fn loaded(&self) -> Result<&Loaded> {
-        if let Some(l) = self.loaded.get() {
-            return Ok(l);
+        match self.loaded.get() {
+            Some(l) => Ok(l),
+            None => self.load(true),
         }
+    }
+
+    /// Maps the filter and summary (reads them when `map` is false or the file system
+    /// cannot map), checks them against the footer's sum and keeps them.
+    fn load(&self, map: bool) -> Result<&Loaded> {
         let at = HEADER_BYTES as u64 + self.count * ENTRY_BYTES as u64;
         let filter_bytes = self.blocks as usize * FILTER_BLOCK_BYTES;
         let rows = self.count.div_ceil(BLOCK_ENTRIES as u64) as usize;
+        let len = filter_bytes + rows * SUMMARY_ROW;
         // SAFETY: a run file is never written after its rename into place (`write`
         // makes it under a temporary name) and only ever removed, which leaves a map
         // valid; its length was checked at open to hold this range. Only a file cut
         // short by hand under a running push could fault (SIGBUS), as with SQLite's
         // own mmap.
-        let map = unsafe {
+        let mapped = map.then(|| unsafe {
             memmap2::MmapOptions::new()
                 .offset(at)
-                .len(filter_bytes + rows * SUMMARY_ROW)
+                .len(len)
                 .map(&self.file)
-        }
-        .map_err(|e| Error::io(&self.path, e))?;
-        if sum_of(&map) != self.sum {
+        });
+        let tail = match mapped {
+            Some(Ok(map)) => Tail::Mapped(map),
+            _ => {
+                let mut bytes = vec![0u8; len];
+                self.file
+                    .read_exact_at(&mut bytes, at)
+                    .map_err(|e| Error::io(&self.path, e))?;
+                Tail::Read(bytes)
+            }
+        };
+        if sum_of(&tail) != self.sum {
             return Err(damaged(&self.path, "its filter or summary fails its sum"));
         }
-        Ok(self.loaded.get_or_init(|| Loaded { map, filter_bytes }))
+        Ok(self.loaded.get_or_init(|| Loaded {
+            map: tail,
+            filter_bytes,
+        }))
     }
 
     /// How many entries the run holds.
@@ -565,6 +602,7 @@ mod tests {
         for (h, l) in &map {
             assert_eq!(run.lookup(h).unwrap(), Some(*l));
         }
+        assert!(matches!(run.loaded().unwrap().map, Tail::Mapped(_)));
         let mut false_positives = 0;
         for s in 5_000..25_000u64 {
             let h = crate::digest::sha256(&s.to_le_bytes());
@@ -581,6 +619,35 @@ mod tests {
             .map(|(h, l)| Entry { hash: *h, loc: *l })
             .collect();
         assert_eq!(scanned, want);
+    }
+
+    #[test]
+    fn a_run_read_where_it_cannot_be_mapped_answers_the_same_and_checks_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let map: BTreeMap<Hash, Loc> = (0..1_000u64)
+            .map(|s| entry(s, 5))
+            .map(|e| (e.hash, e.loc))
+            .collect();
+        let path = dir.path().join("run-1.run");
+        write_map(&path, &map);
+        let run = Run::open(&path).unwrap();
+        run.load(false).unwrap();
+        assert!(matches!(run.loaded().unwrap().map, Tail::Read(_)));
+        for (h, l) in &map {
+            assert_eq!(run.lookup(h).unwrap(), Some(*l));
+        }
+        assert_eq!(
+            run.lookup(&[0xee; 32]).unwrap(),
+            map.get(&[0xee; 32]).copied()
+        );
+        assert_eq!(run.scan().count(), 1_000);
+        // A flipped byte of the filter fails the sum, read as mapped.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[HEADER_BYTES + 1_000 * ENTRY_BYTES + 3] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let run = Run::open(&path).unwrap();
+        let e = run.load(false).err().expect("a damaged filter is an error");
+        assert!(e.to_string().contains("fails its sum"), "{e}");
     }
 
     #[test]
