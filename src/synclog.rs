@@ -203,7 +203,26 @@ pub fn record(sync: &Sync) {
     let Some(path) = default_path() else {
         return;
     };
+    /// Whether this process recorded a sync before: its first record (a one-shot push
+    /// or pull's only one) tries the log alone ([`Log::open_alone`]).
+    static RECORDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let mut open = OPEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let cached = open.take().filter(|log| log.path == path);
+    let first = !RECORDED.swap(true, std::sync::atomic::Ordering::Relaxed);
+    if cached.is_none() && first {
+        match Log::open_alone(&path) {
+            // Recorded, and closed at once: the file is this process's alone while
+            // this connection lives.
+            Ok(Some(log)) => match log.record(sync) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::debug!("recording in the sync log alone failed ({e}); again, shared")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => tracing::debug!("the sync log could not be opened alone ({e}); shared"),
+        }
+    }
     let attempt = |cached: Option<Log>| {
         match cached {
             Some(log) => Ok(log),
@@ -214,7 +233,7 @@ pub fn record(sync: &Sync) {
             Ok(log)
         })
     };
-    let result = match attempt(open.take().filter(|log| log.path == path)) {
+    let result = match attempt(cached) {
         // A damaged log only holds the record of past syncs: keep it for a look, start
         // a new one, and say so once.
         Err(e) if is_damaged(&e) => match set_aside(&path) {
@@ -296,6 +315,57 @@ impl Log {
             conn,
             path: path.to_owned(),
         })
+    }
+
+    /// Opens the log at `path` for this connection alone (`locking_mode = EXCLUSIVE`),
+    /// when no other connection has it open; `None` when one has (or the file is new:
+    /// [`Log::open`] sets it up). Held only for one record, then closed.
+    ///
+    /// Why (issue 10: a push that changes nothing writes under 100 KB): the first
+    /// connection to open a WAL database truncates its `-shm` file and writes it again,
+    /// eight pages of 4 KiB, which a one-shot push or pull, the only process with the
+    /// log open, did at every sync. A connection in exclusive locking mode from its first
+    /// access keeps that index in its own memory and never touches the `-shm` file (see
+    /// SQLite's "WAL without shared memory"). It holds the file's exclusive lock until
+    /// it closes: another process's record or `status` waits its busy timeout for those
+    /// few milliseconds, and one that has the log open (a subscriber keeps it) holds a
+    /// shared lock, so this open fails at once and the record is made shared. The WAL
+    /// is left on close (`kept_wal::keep_wal_on_close`), as a shared
+    /// connection that is never closed leaves it; the next shared opener rebuilds the
+    /// `-shm` from it.
+    pub fn open_alone(path: &Path) -> Result<Option<Log>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let alone = || -> rusqlite::Result<Option<Connection>> {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(Duration::ZERO)?;
+            conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+            crate::page::kept_wal::keep_wal_on_close(&conn)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            // The first access takes the exclusive lock (and, the log being in WAL
+            // mode, builds the wal-index in memory).
+            let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            if version < SCHEMA_VERSION || !mode.eq_ignore_ascii_case("wal") {
+                return Ok(None);
+            }
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            Ok(Some(conn))
+        };
+        match alone() {
+            Ok(conn) => Ok(conn.map(|conn| Log {
+                conn,
+                path: path.to_owned(),
+            })),
+            // Another connection has the file.
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(crate::Error::sqlite(path, e)),
+        }
     }
 
     /// Opens the log at `path` for reading only; `None` when there is none yet.
@@ -575,6 +645,58 @@ mod tests {
 
     /// 2026-12-01T12:00:00Z.
     const NOON: i64 = 1_796_126_400;
+
+    #[test]
+    fn a_log_alone_records_without_touching_the_shared_memory_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("syncs.sqlite");
+        let shm = dir.path().join("syncs.sqlite-shm");
+        // A new log is set up shared; closed, SQLite removes its -shm.
+        assert!(Log::open_alone(&path).unwrap().is_none(), "no log yet");
+        Log::open(&path)
+            .unwrap()
+            .record(&sync(NOON, "push", "manual", None))
+            .unwrap();
+        assert!(!shm.exists());
+        // Alone, a record leaves no -shm (a shared one makes it), and its WAL stays.
+        let alone = Log::open_alone(&path).unwrap().expect("no one else has it");
+        alone
+            .record(&sync(NOON + 60, "push", "manual", None))
+            .unwrap();
+        // Meanwhile another connection can not even read it: nothing half-done is seen.
+        let other = Connection::open(&path).unwrap();
+        other.busy_timeout(Duration::ZERO).unwrap();
+        let busy = other.query_row("SELECT count(*) FROM syncs", [], |r| r.get::<_, i64>(0));
+        assert!(
+            matches!(&busy, Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy),
+            "{busy:?}"
+        );
+        drop(alone);
+        assert!(!shm.exists(), "alone, the wal-index stays in memory");
+        assert!(dir.path().join("syncs.sqlite-wal").exists());
+        // A shared reader sees both syncs; while it has the log open, no one has it
+        // alone, and a record made shared lands beside them.
+        let shared = Log::open(&path).unwrap();
+        assert!(
+            Log::open_alone(&path).unwrap().is_none(),
+            "a shared connection has it"
+        );
+        Log::open(&path)
+            .unwrap()
+            .record(&sync(NOON + 120, "pull", "manual", None))
+            .unwrap();
+        let n: i64 = shared
+            .conn
+            .query_row("SELECT count(*) FROM syncs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 3);
+        let ok: String = shared
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+    }
 
     #[test]
     fn latest_keeps_the_last_success_and_counts_failures_since() {
