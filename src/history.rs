@@ -40,7 +40,9 @@ pub struct LastSync {
     pub version: u64,
     /// That version's digest.
     pub digest: String,
-    /// When, seconds since the Unix epoch.
+    /// When, seconds since the Unix epoch: when the database came to hold this
+    /// version by this sync (a later sync that left it as it was does not rewrite the
+    /// record, [`record_into`]).
     pub at: i64,
     /// `push` or `pull` (empty in records written before it was kept).
     #[serde(default)]
@@ -157,30 +159,128 @@ const RECORD_ROOM_BYTES: usize = 16 * 1024;
 /// Room on the disk for the records of one sync, taken before it commits: a record
 /// that cannot be written after a sync committed leaves the history at the version
 /// before, and the next push conflicts with the very version this one made (an
-/// encrypted replica's cannot even be merged or forced over). [`reserve`] allocates
-/// 16 KiB (`RECORD_ROOM_BYTES`) to one temporary file per record (without writing them:
-/// `posix_fallocate`), [`record_into`] writes the records into them (within room already
-/// allocated: nothing more to allocate) and renames them into place; the files not
-/// used go when this is dropped.
+/// encrypted replica's cannot even be merged or forced over). The room is files of
+/// 16 KiB (`RECORD_ROOM_BYTES`) allocated without being written (`posix_fallocate`),
+/// kept in `history/room/` from one sync to the next: [`reserve`] claims three with an
+/// exclusive `flock` (making only those it cannot claim), [`record_into`] writes each
+/// record into one (within room already allocated: nothing more to allocate) and
+/// renames it into place, and the files not used stay for the next sync. A sync that
+/// changes nothing writes no record, so its room costs it no write at all (issue 10:
+/// a push that changes nothing writes under 100 KB); making and removing three
+/// temporary files for every push was a third of what such a push wrote.
+/// A sync that fails (a refused key, a conflict) leaves the room as it found it: the
+/// rooms it made are removed when this is dropped without [`record_into`].
 #[derive(Default)]
-pub struct Reserved(Vec<tempfile::NamedTempFile>);
+pub struct Reserved {
+    rooms: Vec<Room>,
+    /// Whether the sync went as far as recording: then every room stays.
+    recorded: bool,
+}
+
+/// One claimed room file: `file` holds its `flock` until it is dropped.
+struct Room {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Made by this reservation, not found in the room directory.
+    made: bool,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        for room in self.rooms.iter().filter(|r| r.made) {
+            let _ = std::fs::remove_file(&room.path);
+        }
+    }
+}
+
+/// How many records one sync writes at most (per server id, per URL, per database).
+const RECORDS_PER_SYNC: usize = 3;
 
 /// Reserves room for the records of one sync in the history directory ([`Reserved`]).
 /// An error (the disk full) means the sync must not start: it could not be recorded.
 /// Without a state directory there is nothing to reserve (and nothing is recorded).
 pub fn reserve() -> crate::Result<Reserved> {
-    let Some(dir) = crate::config::state_dir().map(|d| d.join("history")) else {
-        return Ok(Reserved::default());
-    };
-    let io = |e| crate::Error::io(&dir, e);
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    let mut files = Vec::with_capacity(3);
-    for _ in 0..3 {
-        let file = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
-        allocate(file.as_file(), RECORD_ROOM_BYTES).map_err(io)?;
-        files.push(file);
+    match crate::config::state_dir() {
+        Some(state) => reserve_in(&state.join("history").join("room")),
+        None => Ok(Reserved::default()),
     }
-    Ok(Reserved(files))
+}
+
+/// [`reserve`], with the room files in `dir`.
+fn reserve_in(dir: &Path) -> crate::Result<Reserved> {
+    let io = |e| crate::Error::io(dir, e);
+    std::fs::create_dir_all(dir).map_err(io)?;
+    // Dropped on an error: the rooms made so far go.
+    let mut reserved = Reserved::default();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        if reserved.rooms.len() == RECORDS_PER_SYNC {
+            break;
+        }
+        let Ok(entry) = entry else { continue };
+        if let Some(room) = claim(entry.path(), false).map_err(io)? {
+            reserved.rooms.push(room);
+        }
+    }
+    while reserved.rooms.len() < RECORDS_PER_SYNC {
+        let (file, path) = tempfile::Builder::new()
+            .prefix("room-")
+            .tempfile_in(dir)
+            .and_then(|t| t.keep().map_err(|e| e.error))
+            .map_err(io)?;
+        drop(file);
+        // Claimed as any other: another sync may have taken it since it was made.
+        match claim(path.clone(), true) {
+            Ok(Some(room)) => reserved.rooms.push(room),
+            Ok(None) => {}
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(io(e));
+            }
+        }
+    }
+    Ok(reserved)
+}
+
+/// Claims the room file at `path`: `None` when another sync holds it, or it is gone
+/// (renamed into a record by the sync that held it). One that is not whole (a sync
+/// died while making it) is allocated now; on a full disk that is the error.
+fn claim(path: PathBuf, made: bool) -> std::io::Result<Option<Room>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    }
+    // Only the sync holding the lock renames a room away, so the name checked now
+    // stays this file's while the lock is held.
+    let held = file.metadata()?;
+    match std::fs::symlink_metadata(&path) {
+        Ok(named) if named.ino() == held.ino() && named.dev() == held.dev() => {}
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if !held.is_file() {
+        return Ok(None);
+    }
+    let room = RECORD_ROOM_BYTES as u64;
+    if held.len() != room || held.blocks() * 512 < room {
+        file.set_len(0)?;
+        allocate(&file, RECORD_ROOM_BYTES)?;
+    }
+    Ok(Some(Room { path, file, made }))
 }
 
 /// Gives `file` `len` bytes of disk without writing them (`posix_fallocate`: a full
@@ -218,8 +318,10 @@ pub fn record(sync: &LastSync) {
 }
 
 /// [`record`], writing into the room `reserved` holds, one file per record while it
-/// lasts.
+/// lasts. A record that would change only its time is left as it is: a sync that left
+/// the database at the version it held writes nothing.
 pub fn record_into(sync: &LastSync, mut reserved: Reserved) {
+    reserved.recorded = true;
     let with = Some((sync.server.as_str(), sync.replica.as_str()));
     let id = sync.server_id.as_deref().map(id_key);
     let by_id = id
@@ -233,23 +335,35 @@ pub fn record_into(sync: &LastSync, mut reserved: Reserved) {
     .into_iter()
     .flatten()
     {
-        let room = reserved.0.pop();
+        if read_record(Some(path.clone())).is_some_and(|kept| {
+            LastSync {
+                at: sync.at,
+                ..kept
+            } == *sync
+        }) {
+            continue;
+        }
         let result = (|| -> std::io::Result<()> {
-            use std::io::{Seek as _, Write as _};
-            let dir = path.parent().expect("the record path has a directory");
-            let mut tmp = match room {
-                Some(tmp) => tmp,
-                None => {
-                    std::fs::create_dir_all(dir)?;
-                    tempfile::NamedTempFile::new_in(dir)?
-                }
-            };
+            use std::io::Write as _;
             let text = serde_json::to_vec_pretty(sync)?;
-            tmp.rewind()?;
-            tmp.write_all(&text)?;
-            tmp.as_file().set_len(text.len() as u64)?;
-            tmp.persist(&path).map_err(|e| e.error)?;
-            Ok(())
+            match reserved.rooms.pop() {
+                Some(Room {
+                    path: room, file, ..
+                }) => {
+                    let mut file = &file;
+                    file.write_all(&text)?;
+                    file.set_len(text.len() as u64)?;
+                    std::fs::rename(&room, &path)
+                }
+                None => {
+                    let dir = path.parent().expect("the record path has a directory");
+                    std::fs::create_dir_all(dir)?;
+                    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+                    tmp.write_all(&text)?;
+                    tmp.persist(&path).map_err(|e| e.error)?;
+                    Ok(())
+                }
+            }
         })();
         if let Err(e) = result {
             tracing::warn!(error = %e, path = %path.display(), "could not record the sync");
@@ -611,5 +725,97 @@ pub fn load_seal(database: &Path, server: &str, replica: &str) -> Option<PushSea
 pub fn remove_seal(database: &Path, server: &str, replica: &str) {
     if let Some(path) = seal_path(database, server, replica) {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rooms(dir: &Path) -> std::collections::BTreeSet<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+
+    fn claimed(r: &Reserved) -> std::collections::BTreeSet<PathBuf> {
+        r.rooms.iter().map(|room| room.path.clone()).collect()
+    }
+
+    #[test]
+    fn room_is_kept_for_the_next_sync_and_never_shared_with_a_running_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("room");
+        let first = reserve_in(&dir).unwrap();
+        assert_eq!(claimed(&first).len(), RECORDS_PER_SYNC);
+        // A second sync while the first runs gets rooms of its own.
+        let second = reserve_in(&dir).unwrap();
+        assert_eq!(claimed(&second).len(), RECORDS_PER_SYNC);
+        assert!(claimed(&first).is_disjoint(&claimed(&second)));
+        let made = rooms(&dir);
+        assert_eq!(made.len(), 2 * RECORDS_PER_SYNC);
+        for path in &made {
+            assert_eq!(
+                std::fs::metadata(path).unwrap().len(),
+                RECORD_ROOM_BYTES as u64
+            );
+        }
+        // Once they ended (recording nothing: their syncs changed nothing), the next
+        // sync takes rooms already there, and makes none.
+        let (mut first, mut second) = (first, second);
+        first.recorded = true;
+        second.recorded = true;
+        drop((first, second));
+        let third = reserve_in(&dir).unwrap();
+        assert!(claimed(&third).is_subset(&made));
+        assert_eq!(rooms(&dir), made);
+    }
+
+    #[test]
+    fn a_sync_that_fails_leaves_the_room_as_it_found_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("room");
+        // The first sync fails before it records: it made three rooms, and removes them.
+        drop(reserve_in(&dir).unwrap());
+        assert!(rooms(&dir).is_empty());
+        // One that records keeps the rooms it did not use; a failing one after it
+        // leaves those and removes only what it made.
+        let mut kept = reserve_in(&dir).unwrap();
+        kept.recorded = true;
+        // One room became a record (renamed away).
+        let used = kept.rooms.pop().unwrap();
+        std::fs::rename(&used.path, tmp.path().join("record.json")).unwrap();
+        drop(kept);
+        let before = rooms(&dir);
+        assert_eq!(before.len(), RECORDS_PER_SYNC - 1);
+        drop(reserve_in(&dir).unwrap());
+        assert_eq!(rooms(&dir), before);
+    }
+
+    #[test]
+    fn a_room_left_written_or_cut_short_is_whole_again_when_claimed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("room");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A sync that died while writing its record into the room, and one that died
+        // while making a room.
+        std::fs::write(dir.join("room-written"), b"{\"database\": ").unwrap();
+        std::fs::write(dir.join("room-empty"), b"").unwrap();
+        let reserved = reserve_in(&dir).unwrap();
+        assert!(claimed(&reserved).contains(&dir.join("room-written")));
+        assert!(claimed(&reserved).contains(&dir.join("room-empty")));
+        use std::os::unix::fs::MetadataExt as _;
+        for path in claimed(&reserved) {
+            let m = std::fs::metadata(&path).unwrap();
+            assert_eq!(m.len(), RECORD_ROOM_BYTES as u64, "{}", path.display());
+            assert!(
+                m.blocks() * 512 >= RECORD_ROOM_BYTES as u64,
+                "{}",
+                path.display()
+            );
+        }
+        let text = std::fs::read(dir.join("room-written")).unwrap();
+        assert!(text.iter().all(|&b| b == 0), "the old bytes are gone");
     }
 }
