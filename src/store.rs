@@ -333,6 +333,21 @@ pub struct Store {
     fills_digest1: bool,
 }
 
+/// Whether this process runs one sync at a time ([`one_sync_at_a_time`]).
+static ONE_SYNC_AT_A_TIME: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Says this process runs one sync at a time and nothing else against a store meanwhile
+/// (a one-shot `sqlferry push`): [`Store::latest_sound`] may then read the replica file
+/// through SQLite's `readonly_shm`, writing nothing (docs/engine.md, "What it writes").
+/// Not for a process that may open a replica file for writing while such a look is
+/// under way (a daemon's units, a library's concurrent syncs): SQLite shares one handle
+/// on a file's `-shm` between all the connections of a process, so a writer opened
+/// then would find it read-only and fail.
+pub fn one_sync_at_a_time() {
+    ONE_SYNC_AT_A_TIME.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl Store {
     /// A store rooted at `root` (created on first push).
     pub fn new(root: impl Into<PathBuf>) -> Store {
@@ -446,9 +461,12 @@ impl Store {
 
     /// `replica`'s latest version, when the replica records no damaged stored page
     /// (which a push would resend); `None` otherwise or when it has no version. A
-    /// no-change push that reads nothing relies on it (docs/engine.md).
+    /// no-change push that reads nothing relies on it (docs/engine.md). In a process
+    /// that said it syncs one replica at a time ([`one_sync_at_a_time`]), read without
+    /// writing a byte.
     pub fn latest_sound(&self, replica: &ReplicaPath) -> Result<Option<VersionInfo>> {
-        list::latest_sound(&self.replica_file(replica), replica)
+        let peek = ONE_SYNC_AT_A_TIME.load(std::sync::atomic::Ordering::Relaxed);
+        list::latest_sound(&self.replica_file(replica), replica, peek)
     }
 
     /// Every version of `replica`, oldest first, each with its `stored_bytes` (the

@@ -243,10 +243,17 @@ impl PushArgs {
                 self.subscribe_many(&local, &dests, &key, global, shutdown)
                     .await
             }
-            ([dest], false) => Ok(ExitCode::from(
-                self.push_to(&local, dest, &key, global, shutdown).await?,
-            )),
-            (_, false) => self.push_many(&local, &dests, &key, global, shutdown).await,
+            ([dest], false) => {
+                crate::store::one_sync_at_a_time();
+                Ok(ExitCode::from(
+                    self.push_to(&local, dest, &key, global, shutdown).await?,
+                ))
+            }
+            (_, false) => {
+                // One destination after another.
+                crate::store::one_sync_at_a_time();
+                self.push_many(&local, &dests, &key, global, shutdown).await
+            }
         }
     }
 

@@ -8,11 +8,11 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::OptionalExtension;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::ReplicaPath;
 use super::replica::{
-    VERSION_COLUMNS, add_digest2, manifest_damage, open_existing, remove_leftovers, sql,
+    VERSION_COLUMNS, add_digest2, manifest_damage, open_existing, open_peek, remove_leftovers, sql,
     version_row,
 };
 use crate::store::VersionInfo;
@@ -116,26 +116,51 @@ pub(super) fn latest(file: &Path, replica: &ReplicaPath) -> Result<Option<Latest
 /// stored page (a push would resend those pages: [`super::replica`]'s `bad_pages`);
 /// `None` when it has no version or records one, or its manifest is damaged. A few
 /// small queries: the manifest's rows and its chunks' lengths, no chunk read.
-pub(super) fn latest_sound(file: &Path, replica: &ReplicaPath) -> Result<Option<VersionInfo>> {
-    let conn = match open_existing(file, replica) {
-        Ok(conn) => conn,
-        Err(Error::NotFound(_)) => return Ok(None),
-        Err(e) => return Err(e),
+///
+/// With `peek`, through [`open_peek`] first (which writes nothing), else as any reader.
+pub(super) fn latest_sound(
+    file: &Path,
+    replica: &ReplicaPath,
+    peek: bool,
+) -> Result<Option<VersionInfo>> {
+    let first = match peek {
+        true => open_peek(file, replica),
+        false => open_existing(file, replica),
     };
-    let damaged: bool = conn
+    match first.and_then(|conn| latest_sound_on(&conn, file)) {
+        Ok(latest) => Ok(latest),
+        Err(Error::NotFound(_)) => Ok(None),
+        Err(e) if !peek => Err(e),
+        Err(e) => {
+            // A WAL without its -shm (or none yet: a replica no connection read since
+            // it was made), say: the usual reader, which makes them.
+            tracing::debug!(file = %file.display(), error = %e, "a look that writes nothing failed; reading as usual");
+            match open_existing(file, replica) {
+                Ok(conn) => latest_sound_on(&conn, file),
+                Err(Error::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// [`latest_sound`] on an open connection, in one read transaction.
+fn latest_sound_on(conn: &Connection, file: &Path) -> Result<Option<VersionInfo>> {
+    let tx = conn.unchecked_transaction().map_err(sql(file))?;
+    let damaged: bool = tx
         .query_row(
             "SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'bad_pages')",
             [],
             |r| r.get(0),
         )
         .map_err(sql(file))?
-        && conn
+        && tx
             .query_row("SELECT EXISTS(SELECT 1 FROM bad_pages)", [], |r| r.get(0))
             .map_err(sql(file))?;
     if damaged {
         return Ok(None);
     }
-    let latest = conn
+    let latest = tx
         .query_row(
             &format!("SELECT {VERSION_COLUMNS} FROM versions ORDER BY number DESC LIMIT 1"),
             [],
@@ -146,9 +171,9 @@ pub(super) fn latest_sound(file: &Path, replica: &ReplicaPath) -> Result<Option<
     // A latest version whose manifest is damaged is not one to stand on either: the
     // next push makes a whole new one.
     match latest {
-        Some(v) if manifest_damage(&conn, file, v.number, v.page_count)?.is_some() => Ok(None),
+        Some(v) if manifest_damage(&tx, file, v.number, v.page_count)?.is_some() => Ok(None),
         Some(mut v) => {
-            add_digest2(&conn, file, &mut v)?;
+            add_digest2(&tx, file, &mut v)?;
             Ok(Some(v))
         }
         None => Ok(None),

@@ -129,6 +129,47 @@ pub(super) fn open_existing(file: &Path, replica: &ReplicaPath) -> Result<Connec
     Ok(conn)
 }
 
+/// Opens a replica file that must exist, read-only, for a quick look that writes
+/// nothing at all (the proof that a push would change nothing,
+/// [`super::list::latest_sound`]). SQLite's first connection to a WAL file truncates its
+/// `-shm` and writes it again (eight pages of 4 KiB), and a one-shot push is often the
+/// only process with the replica open; with `readonly_shm` it opens the `-shm`
+/// read-only instead: with a writer at work it reads through the writer's index as any
+/// reader, and with none it reads the WAL (kept small: `kept_wal`) into its own memory
+/// for each transaction, holding the read lock that keeps any checkpoint from
+/// overwriting what it reads. A WAL without its `-shm` cannot be read this way: the
+/// caller falls back to [`open_existing`] on any error. Only in a process that opens
+/// no writer of the file meanwhile (`store::one_sync_at_a_time`): SQLite shares one
+/// `-shm` handle between a process's connections to a file, and this one's is
+/// read-only.
+pub(super) fn open_peek(file: &Path, replica: &ReplicaPath) -> Result<Connection> {
+    if !file.exists() {
+        return Err(not_found(replica));
+    }
+    let abs = std::path::absolute(file).map_err(|e| Error::io(file, e))?;
+    let mut uri = String::from("file://");
+    for &b in abs.as_os_str().as_encoded_bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'.' | b'_' | b'-' | b'~' => {
+                uri.push(char::from(b))
+            }
+            _ => uri.push_str(&format!("%{b:02X}")),
+        }
+    }
+    uri.push_str("?mode=ro&readonly_shm=1");
+    let conn = Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
+    )
+    .map_err(sql(file))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
+    conn.pragma_update(None, "cache_size", READER_CACHE_KIB)
+        .map_err(sql(file))?;
+    Ok(conn)
+}
+
 /// The page cache of a connection that reads versions: 256 KiB (a negative
 /// `cache_size` is KiB).
 const READER_CACHE_KIB: i64 = -256;
