@@ -8,7 +8,10 @@
 //!   trip, the file copied over in place or renamed over with its old mtime, the
 //!   application closing and reopening, a pull into the database, seals that are
 //!   garbage, cut short or another database's, two databases of the same name sharing
-//!   one cache, and stale `-wal`/`-shm` files beside a symlink to the database.
+//!   one cache, and stale `-wal`/`-shm` files beside a symlink to the database. And
+//!   what it writes: only its line in the sync log (the store, the history and the
+//!   log's shared memory byte for byte as they were), yet it sees a version another
+//!   client left in the replica's WAL.
 //! - `apply` onto a database it cannot write, a changeset swapped while it is applied,
 //!   and how a conflict line reads.
 //! - `versions` of a replica with thousands of versions over a server: every version,
@@ -317,6 +320,138 @@ fn set_mtime(path: &Path, to: std::time::SystemTime) {
 /// Two databases of the same name in two directories share one cache and push to the
 /// same replica: each one's seal is its own, a write to either is pushed, and the
 /// other then meets a replica that moved (a conflict, never "no change").
+/// What a file is now: its inode, length, modification time and the SHA-256 of its
+/// bytes.
+type FileState = (u64, u64, std::time::SystemTime, String);
+
+fn file_state(path: &Path) -> Option<FileState> {
+    use sha2::Digest as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    let bytes = std::fs::read(path).ok()?;
+    let sum = sqlferry::digest::hex(&sha2::Sha256::digest(&bytes));
+    Some((m.ino(), m.len(), m.modified().ok()?, sum))
+}
+
+/// Every file under `dir`, with its state.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Option<FileState>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push((p.clone(), file_state(&p)));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The syncs the sync log of `dir`'s machine holds.
+fn logged_syncs(dir: &Path) -> i64 {
+    let log = dir.join(".home/state/sqlferry/syncs.sqlite");
+    util::open(&log)
+        .query_row("SELECT count(*) FROM syncs", [], |r| r.get(0))
+        .expect("count the syncs")
+}
+
+/// A push that changes nothing is logged, and writes nothing else: the replica file,
+/// its WAL and shared memory, the local history (its records and the room kept for
+/// them) and the sync log's shared memory are left byte for byte, with their times.
+/// And the look that proves it reads the replica's committed versions from its WAL,
+/// the only process with it open: a version another client pushed meanwhile, in the
+/// WAL and nowhere else, is seen, and the push is refused instead of proved.
+#[test]
+fn a_push_that_changes_nothing_is_logged_and_writes_nothing_else() {
+    let dir = TempDir::new().expect("tempdir");
+    let d = dir.path();
+    let origin = d.join("origin.db");
+    let conn = wal_db(&origin, 500);
+    assert_eq!(step(d, &origin, "first push"), (false, true));
+    conn.execute("UPDATE t SET v = 'two' WHERE id % 7 = 0", [])
+        .expect("write");
+    assert_eq!(step(d, &origin, "second version"), (false, true));
+    let replica_wal = d.join("store/replicas/t/origin.db.sqlferry-wal");
+    let wal_len = std::fs::metadata(&replica_wal)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(
+        wal_len > 0,
+        "version 2 is in the replica's WAL, not copied back"
+    );
+    assert_eq!(step(d, &origin, "nothing changed"), PROVED);
+    let logged = logged_syncs(d);
+
+    let store = files_under(&d.join("store"));
+    let state = files_under(&d.join(".home/state/sqlferry/history"));
+    let log_shm = file_state(&d.join(".home/state/sqlferry/syncs.sqlite-shm"));
+    assert!(
+        state
+            .iter()
+            .any(|(p, _)| p.extension().is_some_and(|x| x == "json"))
+    );
+    for round in 0..2 {
+        let (code, report, err) = store_push(d, &origin, &[]);
+        assert_eq!(code, 0, "round {round}: {err}");
+        assert_eq!(report["proved_unchanged"], true, "round {round}");
+        assert_eq!(report["version"], 2, "round {round}");
+        assert_eq!(
+            files_under(&d.join("store")),
+            store,
+            "round {round}: the store"
+        );
+        assert_eq!(
+            files_under(&d.join(".home/state/sqlferry/history")),
+            state,
+            "round {round}: the history"
+        );
+        assert_eq!(
+            file_state(&d.join(".home/state/sqlferry/syncs.sqlite-shm")),
+            log_shm,
+            "round {round}: the sync log's shared memory"
+        );
+        assert_eq!(logged_syncs(d), logged + 1 + round, "round {round}: logged");
+    }
+    pulled_equals(d, &origin, "after the no-change pushes");
+
+    // Another client pushes version 3 over it; version 3 is in the replica's WAL only
+    // and no process has the replica open. This database's next push, its state as
+    // it was sealed, must see version 3 and be refused, not proved unchanged.
+    let other = d.join("other.db");
+    std::fs::copy(&origin, &other).expect("copy");
+    let _ = std::fs::copy(
+        util::sidecar(&origin, "-wal"),
+        util::sidecar(&other, "-wal"),
+    );
+    let other_conn = util::open(&other);
+    other_conn
+        .execute("UPDATE t SET v = 'three' WHERE id % 5 = 0", [])
+        .expect("write other");
+    let (code, report, err) = store_push(d, &other, &["--force"]);
+    assert_eq!(code, 0, "the other client's push: {err}");
+    assert_eq!(report["version"], 3, "{report}");
+    assert!(
+        std::fs::metadata(&replica_wal)
+            .map(|m| m.len())
+            .unwrap_or(0)
+            > wal_len
+    );
+    let (code, report, err) = store_push(d, &origin, &[]);
+    assert_ne!(
+        code, 0,
+        "a push based on version 2 of a replica at 3: {report}"
+    );
+    assert!(
+        err.contains("VERSION_CONFLICT: t/origin.db is at version 3")
+            && err.contains("based on version 2"),
+        "{err}"
+    );
+}
+
 #[test]
 fn two_databases_of_one_name_sharing_a_cache_keep_their_own_seals() {
     let dir = TempDir::new().expect("tempdir");

@@ -28,8 +28,9 @@
 //! - `trust_client`: the client never loses what the user wrote: pulls over unpushed
 //!   changes refused, bases kept per replica, keys never lost, corrupt sources refused.
 //! - `hostile`: a hostile user against the no-change push that reads nothing (every
-//!   way to change a database while the facts it trusts stay put), `apply` onto
-//!   databases it cannot write, and `versions` of thousands of versions over a server.
+//!   way to change a database while the facts it trusts stay put; it writes only its
+//!   line in the sync log), `apply` onto databases it cannot write, and `versions` of
+//!   thousands of versions over a server.
 //! - `house`: one runtime (nothing below `cli` builds one), one signal handler.
 //! - `trust_store`: damaged stored pages found, refused and repaired; `scrub`; pushes that
 //!   already landed; hostile origins; files a killed first push left.
