@@ -175,6 +175,9 @@ pub struct Reserved {
     rooms: Vec<Room>,
     /// Whether the sync went as far as recording: then every room stays.
     recorded: bool,
+    /// The room directory, when room was reserved there: a sync that used some makes
+    /// as many again for the next ([`record_into`]).
+    dir: Option<PathBuf>,
 }
 
 /// One claimed room file: `file` holds its `flock` until it is dropped.
@@ -214,7 +217,11 @@ fn reserve_in(dir: &Path) -> crate::Result<Reserved> {
     let io = |e| crate::Error::io(dir, e);
     std::fs::create_dir_all(dir).map_err(io)?;
     // Dropped on an error: the rooms made so far go.
-    let mut reserved = Reserved::default();
+    let mut reserved = Reserved {
+        rooms: Vec::with_capacity(RECORDS_PER_SYNC),
+        recorded: false,
+        dir: Some(dir.to_owned()),
+    };
     for entry in std::fs::read_dir(dir).map_err(io)? {
         if reserved.rooms.len() == RECORDS_PER_SYNC {
             break;
@@ -367,6 +374,27 @@ pub fn record_into(sync: &LastSync, mut reserved: Reserved) {
         })();
         if let Err(e) = result {
             tracing::warn!(error = %e, path = %path.display(), "could not record the sync");
+        }
+    }
+    room_again(reserved);
+}
+
+/// The rooms a sync used, made again for the next sync (a push that changes nothing
+/// then makes none, even the first after this one): the sync wrote records anyway.
+/// Best effort: the next sync makes what is missing, or fails before it commits.
+fn room_again(mut reserved: Reserved) {
+    reserved.recorded = true;
+    let Some(dir) = reserved.dir.take() else {
+        return;
+    };
+    if reserved.rooms.len() == RECORDS_PER_SYNC {
+        return;
+    }
+    drop(reserved);
+    match reserve_in(&dir) {
+        Ok(mut again) => again.recorded = true,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not make the history's room for the next sync")
         }
     }
 }
@@ -770,6 +798,25 @@ mod tests {
         let third = reserve_in(&dir).unwrap();
         assert!(claimed(&third).is_subset(&made));
         assert_eq!(rooms(&dir), made);
+    }
+
+    #[test]
+    fn a_sync_that_recorded_leaves_three_rooms_for_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("room");
+        let mut reserved = reserve_in(&dir).unwrap();
+        // Two rooms became records (renamed away).
+        let used: Vec<PathBuf> = (0..2)
+            .map(|_| {
+                let room = reserved.rooms.pop().unwrap();
+                std::fs::remove_file(&room.path).unwrap();
+                room.path.clone()
+            })
+            .collect();
+        room_again(reserved);
+        let left = rooms(&dir);
+        assert_eq!(left.len(), RECORDS_PER_SYNC, "{left:?}");
+        assert!(used.iter().all(|p| !left.contains(p)));
     }
 
     #[test]
