@@ -2519,6 +2519,7 @@ impl VersionWriter {
                 std::fs::File::open(dir)
                     .and_then(|d| d.sync_all())
                     .map_err(|e| Error::io(dir, e))?;
+                leave_wal(&self.final_file);
                 Ok(None)
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -2537,6 +2538,22 @@ impl VersionWriter {
             }
             Err(e) => Err(Error::io(&self.final_file, e)),
         }
+    }
+}
+
+/// Leaves the replica file just linked into place with its (empty) WAL and `-shm`, as
+/// every later push leaves them ([`crate::page::kept_wal`]): one read through a
+/// connection that keeps its WAL. The next push's look that writes nothing
+/// ([`open_peek`]) cannot read a WAL file that is not there, and its fallback reader
+/// would make them then, in a push that changes nothing. Best effort.
+fn leave_wal(file: &Path) {
+    let made = Connection::open(file).and_then(|conn| {
+        crate::page::kept_wal::keep_wal_on_close(&conn)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+    });
+    if let Err(e) = made {
+        tracing::debug!(file = %file.display(), error = %e, "could not leave the new replica's WAL in place");
     }
 }
 

@@ -18,8 +18,9 @@
 //! - Pulls and pushes killed (SIGKILL) while the disk is full, at a few points: the
 //!   next plain pull or push, once there is room, succeeds and leaves nothing behind.
 //! - A push or pull whose local history is on a full disk (LOCAL and the store
-//!   elsewhere) is refused before it commits: with room again, the plain push after it
-//!   never conflicts with its own version, the plain pull never refuses LOCAL.
+//!   elsewhere) records into the room the syncs before it kept (`history/room/`); one
+//!   that finds no room is refused before it commits: with room again, the plain push
+//!   after it never conflicts with its own version, the plain pull never refuses LOCAL.
 
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
@@ -505,13 +506,38 @@ fn bookkeeping_on_a_full_disk(seal: Seal) {
     let copy = a.path("copy.db");
     let v1 = DbState::of(&copy);
 
-    // A push that could not record the version it makes does not make it.
+    // The room the syncs before kept for the next one's records (`history/room/`) is
+    // the disk's no longer: the first push on the full disk records its version in it.
     rewrite_all(&db, "version two");
+    disk.fill();
+    let pushed = ok(
+        &a,
+        &store,
+        &secret,
+        &["push", "app.db", REPLICA],
+        "version two",
+    );
+    assert_eq!(pushed.u64("version"), 2, "pushed into the room kept");
+    // It made its room again (with the space its records' old files left): a push
+    // that changes nothing, on that full disk, goes through.
+    let again = ok(
+        &a,
+        &store,
+        &secret,
+        &["push", "app.db", REPLICA],
+        "no change",
+    );
+    assert_eq!(again.u64("version"), 2, "no change");
+    // A machine whose disk filled before the room could be made again (here: the room
+    // removed and the disk filled again): a push that could not record the version it
+    // makes does not make it.
+    std::fs::remove_dir_all(history.join("room")).expect("remove the room");
     let filler = disk.fill();
+    rewrite_all(&db, "version three");
     let out = run(&a, &store, &secret, &["push", "app.db", REPLICA]);
     let line = assert_disk_full(&out, &history);
     assert!(line.contains("nothing was pushed"), "{line}");
-    assert_eq!(versions(&a, &store, &secret), vec![1], "no version 2");
+    assert_eq!(versions(&a, &store, &secret), vec![1, 2], "no version 3");
     let out = run(&a, &store, &secret, &["pull", REPLICA, "copy.db"]);
     let line = assert_disk_full(&out, &history);
     assert!(line.contains("copy.db is as it was"), "{line}");
@@ -519,8 +545,16 @@ fn bookkeeping_on_a_full_disk(seal: Seal) {
 
     // With room again, plain pushes follow one another, and plain pulls too.
     std::fs::remove_file(&filler).expect("free the disk");
-    for (n, tag) in [(2, "version two"), (3, "version three")] {
-        if n == 3 {
+    let pulled = ok(
+        &a,
+        &store,
+        &secret,
+        &["pull", REPLICA, "copy.db"],
+        "version two",
+    );
+    assert_eq!(pulled.u64("version"), 2, "version two");
+    for (n, tag) in [(3, "version three"), (4, "version four")] {
+        if n == 4 {
             rewrite_all(&db, tag);
         }
         let pushed = ok(&a, &store, &secret, &["push", "app.db", REPLICA], tag);
