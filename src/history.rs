@@ -328,7 +328,6 @@ pub fn record(sync: &LastSync) {
 /// lasts. A record that would change only its time is left as it is: a sync that left
 /// the database at the version it held writes nothing.
 pub fn record_into(sync: &LastSync, mut reserved: Reserved) {
-    reserved.recorded = true;
     let with = Some((sync.server.as_str(), sync.replica.as_str()));
     let id = sync.server_id.as_deref().map(id_key);
     let by_id = id

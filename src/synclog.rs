@@ -208,8 +208,8 @@ pub fn record(sync: &Sync) {
     static RECORDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let mut open = OPEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let cached = open.take().filter(|log| log.path == path);
-    let first = !RECORDED.swap(true, std::sync::atomic::Ordering::Relaxed);
-    if cached.is_none() && first {
+    // The first record: no log is cached yet.
+    if !RECORDED.swap(true, std::sync::atomic::Ordering::Relaxed) {
         match Log::open_alone(&path) {
             // Recorded, and closed at once: the file is this process's alone while
             // this connection lives.

@@ -231,6 +231,10 @@ impl PushArgs {
         let pass = self.encryption.passphrases(global.quiet || self.json)?;
         let key = (key, pass);
         let local = expand_tilde(&self.local);
+        if !self.subscribe {
+            // One destination after another, nothing else in this process.
+            crate::store::one_sync_at_a_time();
+        }
         match (dests.as_slice(), self.subscribe) {
             ([Dest::Replica(replica)], true) => {
                 let mut pusher = self.pusher(&local, replica.clone(), global).await?;
@@ -243,17 +247,10 @@ impl PushArgs {
                 self.subscribe_many(&local, &dests, &key, global, shutdown)
                     .await
             }
-            ([dest], false) => {
-                crate::store::one_sync_at_a_time();
-                Ok(ExitCode::from(
-                    self.push_to(&local, dest, &key, global, shutdown).await?,
-                ))
-            }
-            (_, false) => {
-                // One destination after another.
-                crate::store::one_sync_at_a_time();
-                self.push_many(&local, &dests, &key, global, shutdown).await
-            }
+            ([dest], false) => Ok(ExitCode::from(
+                self.push_to(&local, dest, &key, global, shutdown).await?,
+            )),
+            (_, false) => self.push_many(&local, &dests, &key, global, shutdown).await,
         }
     }
 

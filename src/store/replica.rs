@@ -113,12 +113,23 @@ fn not_found(replica: &ReplicaPath) -> Error {
 
 /// Opens a replica file that must exist, read-only.
 pub(super) fn open_existing(file: &Path, replica: &ReplicaPath) -> Result<Connection> {
+    open_reader(file, replica, file, OpenFlags::empty())
+}
+
+/// Opens `name` (`file`, or a URI naming it: `extra` holds `SQLITE_OPEN_URI` then),
+/// read-only, as a reader of replica files is set up; `file` must exist.
+fn open_reader(
+    file: &Path,
+    replica: &ReplicaPath,
+    name: impl AsRef<Path>,
+    extra: OpenFlags,
+) -> Result<Connection> {
     if !file.exists() {
         return Err(not_found(replica));
     }
     let conn = Connection::open_with_flags(
-        file,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        name,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | extra,
     )
     .map_err(sql(file))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
@@ -143,9 +154,6 @@ pub(super) fn open_existing(file: &Path, replica: &ReplicaPath) -> Result<Connec
 /// `-shm` handle between a process's connections to a file, and this one's is
 /// read-only.
 pub(super) fn open_peek(file: &Path, replica: &ReplicaPath) -> Result<Connection> {
-    if !file.exists() {
-        return Err(not_found(replica));
-    }
     let abs = std::path::absolute(file).map_err(|e| Error::io(file, e))?;
     let mut uri = String::from("file://");
     for &b in abs.as_os_str().as_encoded_bytes() {
@@ -157,17 +165,7 @@ pub(super) fn open_peek(file: &Path, replica: &ReplicaPath) -> Result<Connection
         }
     }
     uri.push_str("?mode=ro&readonly_shm=1");
-    let conn = Connection::open_with_flags(
-        &uri,
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI,
-    )
-    .map_err(sql(file))?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql(file))?;
-    conn.pragma_update(None, "cache_size", READER_CACHE_KIB)
-        .map_err(sql(file))?;
-    Ok(conn)
+    open_reader(file, replica, uri, OpenFlags::SQLITE_OPEN_URI)
 }
 
 /// The page cache of a connection that reads versions: 256 KiB (a negative
