@@ -418,6 +418,24 @@ impl Drop for TestServer {
             local.stop();
         }
         if let Some(mut child) = self.child.take() {
+            // A failing test gets the server's side of the story: whether it was still
+            // running (a crash looks like "the server closed the session" to clients),
+            // and the end of its log.
+            if std::thread::panicking() {
+                let state = match child.try_wait() {
+                    Ok(Some(status)) => format!("had exited: {status}"),
+                    Ok(None) => "was still running".to_owned(),
+                    Err(e) => format!("could not be asked: {e}"),
+                };
+                let log = read(&self.log);
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                eprintln!(
+                    "the test server {} {state}; the end of its log:\n{}",
+                    self.url,
+                    tail.join("\n")
+                );
+            }
             signal(&child, "TERM");
             if wait_for_exit(&mut child, STOP_TIMEOUT).is_none() {
                 let _ = child.kill();
