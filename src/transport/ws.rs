@@ -114,6 +114,9 @@ fn broken_protocol(e: &tungstenite::Error) -> Option<String> {
             "a message of {size} bytes exceeds the limit of {max_size} bytes"
         )),
         E::Capacity(c) => Some(c.to_string()),
+        // A peer that went away (killed, its connection reset) broke nothing: the
+        // connection was lost.
+        E::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => None,
         E::Protocol(p) => Some(format!("WebSocket protocol error: {p}")),
         _ => None,
     }
@@ -631,6 +634,19 @@ mod tests {
             Incoming::Frame(vec![1, 2])
         );
         assert_eq!(classify(None).expect("end"), Incoming::Closed);
+        let reset = tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        );
+        assert!(matches!(
+            classify(Some(Err(reset))),
+            Err(Error::Disconnected(_))
+        ));
+        let broken =
+            tungstenite::Error::Protocol(tungstenite::error::ProtocolError::NonZeroReservedBits);
+        assert!(matches!(
+            classify(Some(Err(broken))),
+            Err(Error::Protocol(_))
+        ));
         assert_eq!(
             classify(Some(Ok(Message::Close(None)))).expect("close"),
             Incoming::Closed
