@@ -390,7 +390,7 @@ impl From<tokio::task::JoinError> for Error {
 }
 
 /// Debug builds only: panics when the environment variable `SQLFERRY_DEBUG_PANIC`
-/// names `place` (`main`, `engine`), so tests can prove a panic is reported as a bug
+/// names `place` (`main`, `engine`, `answer`: a server's push session after its commit), so tests can prove a panic is reported as a bug
 /// (exit 1) and a server's panicking session as the server's error. Release builds
 /// never read it.
 pub(crate) fn debug_panic(place: &str) {
@@ -400,7 +400,7 @@ pub(crate) fn debug_panic(place: &str) {
 }
 
 /// Debug builds only: when the environment variable `SQLFERRY_DEBUG_PAUSE` names
-/// `place` (`merge`), creates the file `SQLFERRY_DEBUG_PAUSE_FILE` names and blocks the
+/// `place` (`merge`, `answer`), creates the file `SQLFERRY_DEBUG_PAUSE_FILE` names and blocks the
 /// calling thread until that file is removed (at most an hour), so a test can act at
 /// that very point (kill a server in the middle of a merge, or write a database while
 /// it merges) after waiting for the file. Release builds never read it.

@@ -872,7 +872,19 @@ impl Server {
                 stats.bytes_sent = wire.sent;
                 stats.bytes_received = wire.received;
                 let server_id = config.server_id;
-                let config = next_config(&mut ws, rest).await?;
+                let config = match next_config(&mut ws, rest).await {
+                    Ok(config) => config,
+                    // The server's DONE said the version is committed; only its answer
+                    // was lost. It is found by what it holds, or the error says so.
+                    Err(Error::Disconnected(why)) if merging.is_none() => {
+                        let key = request.key.as_deref();
+                        let keys_lost = request.new_keys || (request.key_request && new_replica);
+                        let found = (stats.digest.as_str(), chunked, keys_lost);
+                        self.committed_unanswered(replica, key, o, found, &why)
+                            .await?
+                    }
+                    Err(e) => return Err(e),
+                };
                 let merged = match config.merged {
                     Some(result) if result.refused.is_some() => {
                         return Err(crate::merge::refusal(replica, &result));
@@ -947,6 +959,54 @@ impl Server {
             .await?;
         }
         Ok(outcome)
+    }
+
+    /// The answer a push's session ended without: the server's DONE said the version
+    /// was committed, then the connection closed before the CONFIG naming it (a network
+    /// failure, a server killed in between). The version is looked up on a new
+    /// connection: the newest holding what was pushed (`digest`), made on this push's
+    /// base by this client (created), or the latest already holding it (not created).
+    /// Its new keys, if it asked for any, went with the answer. When the version cannot
+    /// be found, the error says the push was committed and how to go on.
+    async fn committed_unanswered(
+        &self,
+        replica: &ReplicaPath,
+        key: Option<&str>,
+        options: &PushOptions,
+        (digest, chunked, keys_lost): (&str, bool, bool),
+        why: &str,
+    ) -> Result<Config> {
+        let base = options.base.unwrap_or(0);
+        let found = match self.versions(replica, key).await {
+            Ok(list) => committed_version(&list, digest, base, &options.client_id),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the versions after a lost answer");
+                None
+            }
+        };
+        let Some((version, created)) = found else {
+            return Err(Error::Disconnected(format!(
+                "{why}, after the server had committed this push and before it named the \
+                 version: the version holding digest {digest} (`sqlferry versions {replica} \
+                 --json` shows each version's digests). If LOCAL is unchanged, the next push \
+                 confirms it; if LOCAL changed since, that push is refused as \
+                 VERSION_CONFLICT, and `push --force` is then safe when the latest version \
+                 holds that digest"
+            )));
+        };
+        tracing::warn!(%replica, version = version.number, "the server committed the push but its answer was lost; the version was found by its digest");
+        if keys_lost {
+            tracing::warn!(%replica, "the new PUSH and PULL keys the server made for this push were lost with its answer: push again with the admin key and --new-keys for new ones, and revoke the lost ones (`sqlferry keys list {replica}`, `sqlferry keys revoke`)");
+        }
+        Ok(Config {
+            version: version.number,
+            created: Some(created),
+            digest: chunked.then(|| match version.digest.is_empty() {
+                true => version.digest2.clone().unwrap_or_default(),
+                false => version.digest.clone(),
+            }),
+            ..Config::default()
+        })
     }
 
     /// Waits until `count` pull subscribers of `replica` report holding `version` or a
@@ -2113,6 +2173,23 @@ async fn open(
     Ok(config)
 }
 
+/// Which of `list` (oldest first) a push committed without an answer made: the newest
+/// version holding `digest`, when it was made on `base` by `client` (`true`: created),
+/// or is the latest and was there already (`false`).
+fn committed_version(
+    list: &[VersionInfo],
+    digest: &str,
+    base: u64,
+    client: &str,
+) -> Option<(VersionInfo, bool)> {
+    let newest = list.iter().rev().find(|v| v.has_digest(digest))?;
+    if newest.number > base && newest.base == base && newest.client_id == client {
+        return Some((newest.clone(), true));
+    }
+    let latest = list.last()?;
+    (latest.number == newest.number).then(|| (newest.clone(), false))
+}
+
 /// The next CONFIG from the server: from `pending` frames first, then the socket. An
 /// ERROR frame becomes the error it reports.
 async fn next_config(ws: &mut Socket, pending: Vec<Vec<u8>>) -> Result<Config> {
@@ -2190,6 +2267,40 @@ mod tests {
             size: 4096,
             ..VersionInfo::bare(number, 0)
         }
+    }
+
+    /// The version a push committed without an answer is the newest holding its
+    /// digest, made on its base by this client; or the latest, already holding it.
+    /// Another client's version, or an older one holding the digest, is not it.
+    #[test]
+    fn an_unanswered_push_is_matched_by_digest_base_and_client() {
+        let made = |number, base, client: &str, digest: &str| VersionInfo {
+            base,
+            client_id: client.into(),
+            digest: digest.into(),
+            digest2: Some(format!("c:{digest}")),
+            ..v(number)
+        };
+        let list = [made(1, 0, "me", "aa"), made(2, 1, "me", "bb")];
+        let found = |list: &[VersionInfo], digest, base| {
+            committed_version(list, digest, base, "me").map(|(v, created)| (v.number, created))
+        };
+        assert_eq!(found(&list, "bb", 1), Some((2, true)));
+        assert_eq!(found(&list, "c:bb", 1), Some((2, true)), "the chunked form");
+        // Already there: the latest holds it, made on another base.
+        assert_eq!(found(&list, "bb", 2), Some((2, false)));
+        // Not made on this base, and not the latest: not this push's.
+        assert_eq!(found(&list, "aa", 1), None);
+        assert_eq!(found(&list, "cc", 1), None);
+        // Another client's version on this base holding the digest, then another on
+        // top: not this push's.
+        let theirs = [
+            made(1, 0, "me", "aa"),
+            made(2, 1, "them", "bb"),
+            made(3, 2, "them", "cc"),
+        ];
+        assert_eq!(found(&theirs, "bb", 1), None);
+        assert_eq!(found(&[], "bb", 1), None);
     }
 
     #[test]

@@ -1070,6 +1070,10 @@ where
     c.keys = keys;
     // Only to a client that agreed on the chunked form: an older one sees today's CONFIG.
     c.digest = chunked.then(|| recorded_digest(&version));
+    // Tests end the session here, committed and unanswered, as a lost connection would
+    // (debug builds only; the pause blocks this worker until the test kills the server).
+    crate::error::debug_panic("answer");
+    crate::error::debug_pause("answer");
     send_control(ws, Control::Config(c)).await?;
     ws.flush()
         .await

@@ -11,6 +11,8 @@
 //! - A push subscriber whose last push failed does not exit 0.
 //! - `sync-now` and `pull --subscribe` of a replica that does not exist exit 8.
 //! - A push of a database that fails `PRAGMA quick_check` is refused (exit 7).
+//! - A push whose answer is lost after its commit finds its version, or says it was
+//!   committed, and its advice loses nothing.
 
 use std::path::Path;
 use std::process::Output;
@@ -659,4 +661,152 @@ fn a_damaged_database_pushed_to_a_server_is_refused_before_commit() {
         .output()
         .expect("push");
     assert_fails(&out, EXIT_VERIFY, "quick_check");
+}
+
+/// A server whose push session ends after its commit and before its answer (the
+/// connection lost at that moment): the client finds the version it made by its digest
+/// and succeeds as if answered; a first push's new keys, lost with the answer, are said
+/// so, and the advice (`--new-keys`) gets new ones. No version is made twice.
+#[test]
+fn a_push_whose_answer_is_lost_after_its_commit_finds_its_version() {
+    let dir = TempDir::new().unwrap();
+    let mut server = TestServer::start_env(dir.path(), &[("SQLFERRY_DEBUG_PANIC", "answer")]);
+    let m = Machine::new(dir.path(), "m");
+    let app = m.path("app.db");
+    writer_db(&app, 5);
+    let push = |extra: &[&str]| {
+        m.run_on(
+            &server,
+            ["push", "app.db", "acme/app.db", "--json"]
+                .iter()
+                .chain(extra.iter()),
+        )
+    };
+    let out = push(&["--key", &server.admin_key]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("\"version\":1"),
+        "{}",
+        util::stdout(&out)
+    );
+    let said = util::stderr(&out);
+    assert!(said.contains("answer was lost"), "{said}");
+    assert!(said.contains("--new-keys"), "{said}");
+    commit_rows(&app, 6..=8);
+    let out = push(&["--key", &server.admin_key]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("\"version\":2"),
+        "{}",
+        util::stdout(&out)
+    );
+
+    // The advice, on a server that answers again: new keys, then pushes without a key.
+    server.restart();
+    let out = m.run_on(
+        &server,
+        [
+            "push",
+            "app.db",
+            "acme/app.db",
+            "--key",
+            &server.admin_key,
+            "--new-keys",
+        ],
+    );
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(saved_push_key(&m, &app).starts_with("sfk_"));
+    commit_rows(&app, 9..=9);
+    let out = m.run_on(&server, ["push", "app.db", "acme/app.db"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert_eq!(server.version_numbers("acme/app.db"), vec![1, 2, 3]);
+    m.pull(&server, "acme/app.db", Some("copy.db"), &[]);
+    assert_eq!(max_id(&m.path("copy.db")), 9);
+    assert_eq!(util::integrity(&m.path("copy.db")), "ok");
+}
+
+/// A server killed after a push's commit and before its answer: the push cannot look
+/// its version up, and says it was committed, with its digest. Following the error's
+/// advice loses nothing: an unchanged LOCAL's next push confirms the version; a
+/// changed one is refused (VERSION_CONFLICT), and `versions` shows the latest holds
+/// the digest the error named, so `push --force` is safe, and the pulled copy has
+/// every row.
+#[test]
+fn a_push_whose_server_dies_after_its_commit_says_so_and_its_advice_holds() {
+    let dir = TempDir::new().unwrap();
+    let paused = dir.path().join("paused");
+    let pause = [
+        ("SQLFERRY_DEBUG_PAUSE", "answer"),
+        ("SQLFERRY_DEBUG_PAUSE_FILE", paused.to_str().expect("UTF-8")),
+    ];
+    let mut server = TestServer::start(dir.path());
+    let m = Machine::new(dir.path(), "m");
+    let app = m.path("app.db");
+    writer_db(&app, 5);
+    first_push(&server, &m, "app.db", "acme/app.db");
+    let killed_after_commit = |server: &mut TestServer, rows| {
+        server.restart_env(&pause);
+        commit_rows(&app, rows);
+        let push = m
+            .command()
+            .args(["push", "app.db", "acme/app.db", "--server", &server.url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the push");
+        assert!(
+            util::wait_until(
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_millis(20),
+                || paused.exists()
+            ),
+            "the server reached its answer"
+        );
+        server.sigkill();
+        let _ = std::fs::remove_file(&paused);
+        let out = push.wait_with_output().expect("the push ends");
+        let err = crate::server::assert_fails(&out, crate::server::EXIT_NETWORK, "committed");
+        server.restart();
+        err
+    };
+
+    let err = killed_after_commit(&mut server, 6..=7);
+    for advice in [
+        "sqlferry versions acme/app.db --json",
+        "--force",
+        "VERSION_CONFLICT",
+    ] {
+        assert!(err.contains(advice), "{advice}: {err}");
+    }
+    let out = m.run_on(&server, ["push", "app.db", "acme/app.db"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("already at version 2"),
+        "{}",
+        util::stdout(&out)
+    );
+
+    let err = killed_after_commit(&mut server, 8..=9);
+    let digest = err
+        .split("holding digest ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the error names the digest")
+        .to_owned();
+    commit_rows(&app, 10..=10);
+    let out = m.run_on(&server, ["push", "app.db", "acme/app.db"]);
+    assert_fails(&out, EXIT_CONFLICT, "VERSION_CONFLICT");
+    let latest = server
+        .versions("acme/app.db")
+        .expect("versions")
+        .pop()
+        .expect("a latest version");
+    assert_eq!(latest.number, 3);
+    assert!(latest.has_digest(&digest), "{digest}: {latest:?}");
+    let out = m.run_on(&server, ["push", "app.db", "acme/app.db", "--force"]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert_eq!(server.version_numbers("acme/app.db"), vec![1, 2, 3, 4]);
+    m.pull(&server, "acme/app.db", Some("copy.db"), &[]);
+    assert_eq!(max_id(&m.path("copy.db")), 10);
+    assert_eq!(util::integrity(&m.path("copy.db")), "ok");
 }
