@@ -755,6 +755,65 @@ pub fn remove_seal(database: &Path, server: &str, replica: &str) {
     }
 }
 
+/// A push the server committed whose answer was lost, and that could not be looked up
+/// then (the server was gone): its base and the digest it committed. The next push of
+/// `database` to the replica looks for the version holding that digest and, when it is
+/// there (made on this base by this client), takes it as its base: otherwise that push
+/// would be refused as VERSION_CONFLICT against its own version (an encrypted replica's
+/// conflict cannot even be forced). One file per (database, server, replica) in the
+/// history directory, written only on that failure.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Unanswered {
+    /// The server URL.
+    pub server: String,
+    /// The replica path.
+    pub replica: String,
+    /// The version the push was based on (0: none).
+    pub base: u64,
+    /// The digest the push committed, in the form the sync agreed on.
+    pub digest: String,
+}
+
+fn unanswered_path(database: &Path, server: &str, replica: &str) -> Option<PathBuf> {
+    keyed_path(
+        crate::config::state_dir()?.join("history"),
+        database,
+        Some((server, replica)),
+        ".unanswered",
+    )
+}
+
+/// Keeps `push` for `database` (atomically, and synced: it is what keeps the next push
+/// from a conflict with its own version). An error is returned: the caller says the
+/// push was committed either way.
+pub fn save_unanswered(database: &Path, push: &Unanswered) -> std::io::Result<()> {
+    let path = unanswered_path(database, &push.server, &push.replica)
+        .ok_or_else(|| std::io::Error::other("no state directory"))?;
+    let dir = path.parent().expect("the record path has a directory");
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, &serde_json::to_vec(push)?)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(&path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// The unanswered push of `database` to `replica` on `server`, if one is kept.
+pub fn load_unanswered(database: &Path, server: &str, replica: &str) -> Option<Unanswered> {
+    let text = std::fs::read_to_string(unanswered_path(database, server, replica)?).ok()?;
+    let push: Unanswered = serde_json::from_str(&text).ok()?;
+    (push.server == server && push.replica == replica).then_some(push)
+}
+
+/// Forgets the unanswered push of `database` to `replica` on `server`: its version was
+/// found (and a later push recorded), or it no longer names the database's base.
+pub fn remove_unanswered(database: &Path, server: &str, replica: &str) {
+    if let Some(path) = unanswered_path(database, server, replica) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -880,7 +880,8 @@ impl Server {
                         let key = request.key.as_deref();
                         let keys_lost = request.new_keys || (request.key_request && new_replica);
                         let found = (stats.digest.as_str(), chunked, keys_lost);
-                        self.committed_unanswered(replica, key, o, found, &why)
+                        let database = request.database.as_deref();
+                        self.committed_unanswered(replica, key, o, found, (&why, database))
                             .await?
                     }
                     Err(e) => return Err(e),
@@ -967,14 +968,16 @@ impl Server {
     /// connection: the newest holding what was pushed (`digest`), made on this push's
     /// base by this client (created), or the latest already holding it (not created).
     /// Its new keys, if it asked for any, went with the answer. When the version cannot
-    /// be found, the error says the push was committed and how to go on.
+    /// be found, the push is kept in the history of `database`
+    /// ([`history::Unanswered`]: the next push takes the version it made as its base),
+    /// and the error says the push was committed and how to go on.
     async fn committed_unanswered(
         &self,
         replica: &ReplicaPath,
         key: Option<&str>,
         options: &PushOptions,
         (digest, chunked, keys_lost): (&str, bool, bool),
-        why: &str,
+        (why, database): (&str, Option<&Path>),
     ) -> Result<Config> {
         let base = options.base.unwrap_or(0);
         let found = match self.versions(replica, key).await {
@@ -985,13 +988,40 @@ impl Server {
             }
         };
         let Some((version, created)) = found else {
+            let kept = match database {
+                Some(db) => {
+                    let (db, push) = (
+                        db.to_owned(),
+                        history::Unanswered {
+                            server: self.url(),
+                            replica: replica.to_string(),
+                            base,
+                            digest: digest.to_owned(),
+                        },
+                    );
+                    let kept = blocking(move || {
+                        history::save_unanswered(&db, &push).map_err(|e| Error::io(&db, e))
+                    })
+                    .await;
+                    if let Err(e) = &kept {
+                        tracing::warn!(error = %e, "the unanswered push could not be kept for the next push");
+                    }
+                    kept.is_ok()
+                }
+                None => false,
+            };
+            let next = match kept {
+                true => "The next push of this database finds that version and builds on it",
+                false => {
+                    "If LOCAL is unchanged, the next push confirms it; if LOCAL changed \
+                     since, that push is refused as VERSION_CONFLICT, and `push --force` is \
+                     then safe when the latest version holds that digest"
+                }
+            };
             return Err(Error::Disconnected(format!(
                 "{why}, after the server had committed this push and before it named the \
                  version: the version holding digest {digest} (`sqlferry versions {replica} \
-                 --json` shows each version's digests). If LOCAL is unchanged, the next push \
-                 confirms it; if LOCAL changed since, that push is refused as \
-                 VERSION_CONFLICT, and `push --force` is then safe when the latest version \
-                 holds that digest"
+                 --json` shows each version's digests). {next}"
             )));
         };
         tracing::warn!(%replica, version = version.number, "the server committed the push but its answer was lost; the version was found by its digest");
@@ -2176,7 +2206,7 @@ async fn open(
 /// Which of `list` (oldest first) a push committed without an answer made: the newest
 /// version holding `digest`, when it was made on `base` by `client` (`true`: created),
 /// or is the latest and was there already (`false`).
-fn committed_version(
+pub(crate) fn committed_version(
     list: &[VersionInfo],
     digest: &str,
     base: u64,

@@ -323,10 +323,17 @@ impl Pusher {
                     self.replica
                 ))
             })?;
+        // The version an unanswered push made, once found, is the base (see
+        // [`Pusher::unanswered_version`]).
+        let (adopted, unanswered) = self.unanswered_version().await?;
         let mut attempt = 0;
         let outcome = loop {
             attempt += 1;
-            let request = self.request_with_base(self.base_version().await?);
+            let base = match adopted {
+                Some(version) => Some(version),
+                None => self.base_version().await?,
+            };
+            let request = self.request_with_base(base);
             let merging = request.merge.is_some()
                 && request.options.base.is_some()
                 && !request.options.force
@@ -439,11 +446,73 @@ impl Pusher {
             self.saved_without_id = false;
             self.save_server_id(id.clone()).await;
         }
+        if unanswered {
+            let (database, url) = (self.database.clone(), self.server.url());
+            let replica = self.replica.to_string();
+            blocking(move || {
+                history::remove_unanswered(&database, &url, &replica);
+                Ok(())
+            })
+            .await?;
+        }
         Ok(PushReport {
             outcome,
             saved_keys,
             local_kept,
         })
+    }
+
+    /// The version an unanswered push of LOCAL made ([`history::Unanswered`]: the
+    /// server committed it, its answer was lost and it could not be looked up then),
+    /// if one is kept on this push's base: found by its digest, made on that base by
+    /// this client, or the latest already holding it. It is this push's base instead
+    /// of the history's, which names the version before it (so LOCAL's own version is
+    /// no VERSION_CONFLICT). `(None, true)`: a record is kept but its version is not
+    /// found yet (the server cannot be asked); it is forgotten once a push records, or
+    /// when the list shows no such version, or the history moved past its base.
+    async fn unanswered_version(&self) -> Result<(Option<u64>, bool)> {
+        let (database, url) = (self.database.clone(), self.server.url());
+        let replica = self.replica.to_string();
+        let kept =
+            blocking(move || Ok(history::load_unanswered(&database, &url, &replica))).await?;
+        let Some(push) = kept else {
+            return Ok((None, false));
+        };
+        let forget = || {
+            let (database, url) = (self.database.clone(), self.server.url());
+            let replica = self.replica.to_string();
+            blocking(move || {
+                history::remove_unanswered(&database, &url, &replica);
+                Ok(())
+            })
+        };
+        if Some(push.base) != self.base_version().await?.or(Some(0)) {
+            forget().await?;
+            return Ok((None, false));
+        }
+        let list = match self
+            .server
+            .versions(&self.replica, self.key.as_deref())
+            .await
+        {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot look for an unanswered push's version");
+                return Ok((None, true));
+            }
+        };
+        let client = crate::remote::client_id();
+        match crate::remote::committed_version(&list, &push.digest, push.base, &client) {
+            Some((version, _)) => {
+                tracing::info!(replica = %self.replica, version = version.number,
+                    "the version of a push whose answer was lost is this push's base");
+                Ok((Some(version.number), true))
+            }
+            None => {
+                forget().await?;
+                Ok((None, false))
+            }
+        }
     }
 
     /// A push refused for its encryption key (auth), told better where the replica

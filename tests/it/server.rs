@@ -668,6 +668,11 @@ impl Machine {
         self.home.join("config/sqlferry/secrets.json")
     }
 
+    /// Its `XDG_STATE_HOME` (the history and the sync log under `sqlferry/`).
+    pub fn state_home(&self) -> PathBuf {
+        self.home.join("state")
+    }
+
     /// Every file under the machine's XDG directories, with its bytes: what a command
     /// that changes nothing must leave as it was. The sync log is left out: it records
     /// every attempt, failures included, by design (`sqlferry status` reads them).

@@ -726,13 +726,23 @@ fn a_push_whose_answer_is_lost_after_its_commit_finds_its_version() {
 }
 
 /// A server killed after a push's commit and before its answer: the push cannot look
-/// its version up, and says it was committed, with its digest. Following the error's
-/// advice loses nothing: an unchanged LOCAL's next push confirms the version; a
-/// changed one is refused (VERSION_CONFLICT), and `versions` shows the latest holds
-/// the digest the error named, so `push --force` is safe, and the pulled copy has
-/// every row.
+/// its version up; it says it was committed, names the digest, and keeps the push in
+/// its history. The next push finds that version and builds on it: an unchanged LOCAL
+/// is already there, a changed one makes the next version (no VERSION_CONFLICT with
+/// its own version, no `--force`), and the pulled copy has every row.
 #[test]
-fn a_push_whose_server_dies_after_its_commit_says_so_and_its_advice_holds() {
+fn a_push_whose_server_dies_after_its_commit_is_built_on_by_the_next() {
+    built_on_by_the_next(false);
+}
+
+/// The same on an encrypted replica, which can be neither forced nor merged over: its
+/// conflict with its own version would have no way out but pulling into another file.
+#[test]
+fn an_encrypted_push_whose_server_dies_after_its_commit_is_built_on_by_the_next() {
+    built_on_by_the_next(true);
+}
+
+fn built_on_by_the_next(encrypted: bool) {
     let dir = TempDir::new().unwrap();
     let paused = dir.path().join("paused");
     let pause = [
@@ -743,13 +753,34 @@ fn a_push_whose_server_dies_after_its_commit_says_so_and_its_advice_holds() {
     let m = Machine::new(dir.path(), "m");
     let app = m.path("app.db");
     writer_db(&app, 5);
-    first_push(&server, &m, "app.db", "acme/app.db");
+    let key_file = encrypted.then(|| crate::encrypted::keygen(&m, "app.key"));
+    let enc: Vec<&str> = match &key_file {
+        Some(f) => vec!["--encryption-key-file", f.to_str().expect("UTF-8")],
+        None => Vec::new(),
+    };
+    let push = |server: &TestServer, extra: &[&str]| {
+        let args = ["push", "app.db", "acme/app.db"];
+        m.run_on(server, args.iter().chain(extra).chain(&enc))
+    };
+    let out = push(&server, &["--key", &server.admin_key]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    let kept = || {
+        let history = m.state_home().join("sqlferry/history");
+        std::fs::read_dir(history)
+            .expect("the history")
+            .filter(|e| {
+                let name = e.as_ref().expect("entry").file_name();
+                name.to_string_lossy().ends_with(".unanswered")
+            })
+            .count()
+    };
     let killed_after_commit = |server: &mut TestServer, rows| {
         server.restart_env(&pause);
         commit_rows(&app, rows);
         let push = m
             .command()
             .args(["push", "app.db", "acme/app.db", "--server", &server.url])
+            .args(&enc)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -771,20 +802,22 @@ fn a_push_whose_server_dies_after_its_commit_says_so_and_its_advice_holds() {
     };
 
     let err = killed_after_commit(&mut server, 6..=7);
-    for advice in [
+    for said in [
         "sqlferry versions acme/app.db --json",
-        "--force",
-        "VERSION_CONFLICT",
+        "holding digest ",
+        "The next push of this database finds that version and builds on it",
     ] {
-        assert!(err.contains(advice), "{advice}: {err}");
+        assert!(err.contains(said), "{said}: {err}");
     }
-    let out = m.run_on(&server, ["push", "app.db", "acme/app.db"]);
+    assert_eq!(kept(), 1, "the unanswered push is kept");
+    let out = push(&server, &[]);
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
     assert!(
         util::stdout(&out).contains("already at version 2"),
         "{}",
         util::stdout(&out)
     );
+    assert_eq!(kept(), 0, "forgotten once a push recorded");
 
     let err = killed_after_commit(&mut server, 8..=9);
     let digest = err
@@ -793,9 +826,6 @@ fn a_push_whose_server_dies_after_its_commit_says_so_and_its_advice_holds() {
         .and_then(|rest| rest.split_whitespace().next())
         .expect("the error names the digest")
         .to_owned();
-    commit_rows(&app, 10..=10);
-    let out = m.run_on(&server, ["push", "app.db", "acme/app.db"]);
-    assert_fails(&out, EXIT_CONFLICT, "VERSION_CONFLICT");
     let latest = server
         .versions("acme/app.db")
         .expect("versions")
@@ -803,10 +833,17 @@ fn a_push_whose_server_dies_after_its_commit_says_so_and_its_advice_holds() {
         .expect("a latest version");
     assert_eq!(latest.number, 3);
     assert!(latest.has_digest(&digest), "{digest}: {latest:?}");
-    let out = m.run_on(&server, ["push", "app.db", "acme/app.db", "--force"]);
+    commit_rows(&app, 10..=10);
+    let out = push(&server, &["--json"]);
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("\"version\":4"),
+        "{}",
+        util::stdout(&out)
+    );
+    assert_eq!(kept(), 0);
     assert_eq!(server.version_numbers("acme/app.db"), vec![1, 2, 3, 4]);
-    m.pull(&server, "acme/app.db", Some("copy.db"), &[]);
+    m.pull(&server, "acme/app.db", Some("copy.db"), &enc);
     assert_eq!(max_id(&m.path("copy.db")), 10);
     assert_eq!(util::integrity(&m.path("copy.db")), "ok");
 }
