@@ -610,8 +610,15 @@ impl FromEngine {
 // The WebSocket pump (`crate::transport::ws::run_engine`) drives a channel link
 // through these: the transport knows the engine only by them.
 impl crate::transport::ws::EngineInbox for ToEngine {
-    async fn deliver(&self, frames: Vec<Vec<u8>>) -> std::result::Result<(), Vec<Vec<u8>>> {
-        self.send(frames).await
+    async fn deliver(&self, held: &std::sync::Mutex<Vec<Vec<u8>>>) -> bool {
+        // Room first, then the frames: a pump stopped while waiting still holds them.
+        match self.0.reserve().await {
+            Ok(permit) => {
+                permit.send(crate::transport::ws::take_held(held));
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 

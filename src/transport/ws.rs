@@ -159,13 +159,27 @@ where
 
 /// The pump's way to hand frames from the network to the engine.
 pub trait EngineInbox: Send {
-    /// Hands frames to the engine, in order, as one batch (one wake-up of the engine
-    /// for all of them), waiting while its queue is full; gives them back if the engine
-    /// is gone.
-    fn deliver(
-        &self,
-        frames: Vec<Vec<u8>>,
-    ) -> impl Future<Output = std::result::Result<(), Vec<Vec<u8>>>> + Send;
+    /// Hands the frames `held` holds to the engine, in order, as one batch (one wake-up
+    /// of the engine for all of them), waiting while its queue is full; `false` if the
+    /// engine is gone. The frames are taken out of `held` only once the queue has room
+    /// for them (never across a wait), so a pump that stops waiting still has them.
+    fn deliver(&self, held: &std::sync::Mutex<Vec<Vec<u8>>>) -> impl Future<Output = bool> + Send;
+}
+
+/// Moves `batch`'s frames to the end of what `held` holds.
+fn hold(held: &std::sync::Mutex<Vec<Vec<u8>>>, batch: &mut Vec<Vec<u8>>) {
+    held.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .append(batch);
+}
+
+/// The frames `held` holds, taken out of it (for [`EngineInbox::deliver`]).
+pub fn take_held(held: &std::sync::Mutex<Vec<Vec<u8>>>) -> Vec<Vec<u8>> {
+    std::mem::take(
+        &mut *held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
 }
 
 /// The pump's way to take the engine's frames for the network.
@@ -404,9 +418,13 @@ where
             }
         })
         .collect();
-    if !first.is_empty() {
+    // Frames read from the socket and not yet in the engine's queue: outside the reader,
+    // so that what it held when it was stopped is handed back, not dropped with it.
+    let starts_with_frames = !first.is_empty();
+    let held = std::sync::Mutex::new(first);
+    if starts_with_frames {
         // The engine is not running yet; the queue holds this one batch.
-        let _ = inbox.deliver(first).await;
+        let _ = inbox.deliver(&held).await;
     }
     let handle = tokio::task::spawn_blocking(move || {
         crate::error::debug_panic("engine");
@@ -418,7 +436,7 @@ where
     let mut refused = None;
     let mut stalled = None;
     {
-        let (sent, received) = (&sent, &received);
+        let (sent, received, held) = (&sent, &received, &held);
         let reader = async move {
             // The frames the socket already holds go to the engine as one batch: one
             // wake-up of the engine thread for many pages, not one for each.
@@ -484,8 +502,9 @@ where
                 // then its close).
                 if !batch.is_empty() {
                     batch_bytes = 0;
-                    if let Err(b) = inbox.deliver(std::mem::take(&mut batch)).await {
-                        return ReaderEnd::EngineGone(b);
+                    hold(held, &mut batch);
+                    if !inbox.deliver(held).await {
+                        return ReaderEnd::EngineGone(take_held(held));
                     }
                 }
                 if let Some(end) = end {
@@ -578,6 +597,9 @@ where
             _ => {}
         }
     }
+    // What the reader held when it was stopped, waiting for room in the engine's
+    // queue: after the engine's leftovers (it came later), never dropped.
+    extra.extend(take_held(&held));
     if let Some(why) = &refused {
         let frame = Frame::Error {
             code: ErrorCode::Protocol as u16,
@@ -673,8 +695,14 @@ mod tests {
     struct Inbox(tokio::sync::mpsc::Sender<Vec<Vec<u8>>>);
 
     impl EngineInbox for Inbox {
-        async fn deliver(&self, frames: Vec<Vec<u8>>) -> std::result::Result<(), Vec<Vec<u8>>> {
-            self.0.send(frames).await.map_err(|e| e.0)
+        async fn deliver(&self, held: &std::sync::Mutex<Vec<Vec<u8>>>) -> bool {
+            match self.0.reserve().await {
+                Ok(permit) => {
+                    permit.send(take_held(held));
+                    true
+                }
+                Err(_) => false,
+            }
         }
     }
 
