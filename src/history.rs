@@ -773,6 +773,11 @@ pub struct Unanswered {
     pub base: u64,
     /// The digest the push committed, in the form the sync agreed on.
     pub digest: String,
+    /// The client it was pushed as (the version records it).
+    pub client: String,
+    /// Whether it was forced (`--force`): its version then records the latest version
+    /// of its commit as its base, not the push's.
+    pub forced: bool,
 }
 
 fn unanswered_path(database: &Path, server: &str, replica: &str) -> Option<PathBuf> {
@@ -796,7 +801,7 @@ pub fn save_unanswered(database: &Path, push: &Unanswered) -> std::io::Result<()
     std::io::Write::write_all(&mut tmp, &serde_json::to_vec(push)?)?;
     tmp.as_file().sync_all()?;
     tmp.persist(&path).map_err(|e| e.error)?;
-    Ok(())
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The unanswered push of `database` to `replica` on `server`, if one is kept.

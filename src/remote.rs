@@ -981,7 +981,7 @@ impl Server {
     ) -> Result<Config> {
         let base = options.base.unwrap_or(0);
         let found = match self.versions(replica, key).await {
-            Ok(list) => committed_version(&list, digest, base, &options.client_id),
+            Ok(list) => committed_version(&list, digest, (base, options.force), &options.client_id),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot list the versions after a lost answer");
                 None
@@ -997,6 +997,8 @@ impl Server {
                             replica: replica.to_string(),
                             base,
                             digest: digest.to_owned(),
+                            client: options.client_id.clone(),
+                            forced: options.force,
                         },
                     );
                     let kept = blocking(move || {
@@ -1010,9 +1012,18 @@ impl Server {
                 }
                 None => false,
             };
-            let next = match kept {
-                true => "The next push of this database finds that version and builds on it",
-                false => {
+            let next = match (kept, database.is_some(), options.encryption.is_some()) {
+                (true, _, _) => {
+                    "The next push of this database finds that version and builds on it"
+                }
+                // A rekey: no database of the user's was pushed.
+                (false, false, _) => "Check it before running this again",
+                (false, true, true) => {
+                    "If LOCAL is unchanged, the next push confirms it; if LOCAL changed \
+                     since, that push is refused as VERSION_CONFLICT (an encrypted replica \
+                     cannot be forced: its advice says what to do)"
+                }
+                (false, true, false) => {
                     "If LOCAL is unchanged, the next push confirms it; if LOCAL changed \
                      since, that push is refused as VERSION_CONFLICT, and `push --force` is \
                      then safe when the latest version holds that digest"
@@ -2204,16 +2215,18 @@ async fn open(
 }
 
 /// Which of `list` (oldest first) a push committed without an answer made: the newest
-/// version holding `digest`, when it was made on `base` by `client` (`true`: created),
-/// or is the latest and was there already (`false`).
+/// version holding `digest`, when it was made on `base` by `client` (`true`: created;
+/// a forced push's version records the latest of its commit as its base, so any base
+/// past `base` is its), or is the latest and was there already (`false`).
 pub(crate) fn committed_version(
     list: &[VersionInfo],
     digest: &str,
-    base: u64,
+    (base, forced): (u64, bool),
     client: &str,
 ) -> Option<(VersionInfo, bool)> {
     let newest = list.iter().rev().find(|v| v.has_digest(digest))?;
-    if newest.number > base && newest.base == base && newest.client_id == client {
+    let on_base = newest.base == base || (forced && newest.base >= base);
+    if newest.number > base && on_base && newest.client_id == client {
         return Some((newest.clone(), true));
     }
     let latest = list.last()?;
@@ -2313,7 +2326,8 @@ mod tests {
         };
         let list = [made(1, 0, "me", "aa"), made(2, 1, "me", "bb")];
         let found = |list: &[VersionInfo], digest, base| {
-            committed_version(list, digest, base, "me").map(|(v, created)| (v.number, created))
+            committed_version(list, digest, (base, false), "me")
+                .map(|(v, created)| (v.number, created))
         };
         assert_eq!(found(&list, "bb", 1), Some((2, true)));
         assert_eq!(found(&list, "c:bb", 1), Some((2, true)), "the chunked form");
@@ -2331,6 +2345,20 @@ mod tests {
         ];
         assert_eq!(found(&theirs, "bb", 1), None);
         assert_eq!(found(&[], "bb", 1), None);
+        // A forced push made on base 1 over another client's version 2: its version
+        // records 2 as its base.
+        let forced = [
+            made(1, 0, "me", "aa"),
+            made(2, 1, "them", "bb"),
+            made(3, 2, "me", "cc"),
+        ];
+        let created = committed_version(&forced, "cc", (1, true), "me").map(|(v, c)| (v.number, c));
+        assert_eq!(created, Some((3, true)));
+        assert_eq!(
+            found(&forced, "cc", 1),
+            Some((3, false)),
+            "unforced: only already there"
+        );
     }
 
     #[test]

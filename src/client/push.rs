@@ -464,8 +464,9 @@ impl Pusher {
 
     /// The version an unanswered push of LOCAL made ([`history::Unanswered`]: the
     /// server committed it, its answer was lost and it could not be looked up then),
-    /// if one is kept on this push's base: found by its digest, made on that base by
-    /// this client, or the latest already holding it. It is this push's base instead
+    /// if one is kept on this push's base (or on a version adopted so before): found by
+    /// its digest, made on that base by the client it was pushed as, or the latest
+    /// already holding it. It is this push's base instead
     /// of the history's, which names the version before it (so LOCAL's own version is
     /// no VERSION_CONFLICT). `(None, true)`: a record is kept but its version is not
     /// found yet (the server cannot be asked); it is forgotten once a push records, or
@@ -486,7 +487,9 @@ impl Pusher {
                 Ok(())
             })
         };
-        if Some(push.base) != self.base_version().await?.or(Some(0)) {
+        // A push built on an adopted version keeps that version as its base, past the
+        // history's: only a history that moved past the base makes the record stale.
+        if push.base < self.base_version().await?.unwrap_or(0) {
             forget().await?;
             return Ok((None, false));
         }
@@ -501,8 +504,8 @@ impl Pusher {
                 return Ok((None, true));
             }
         };
-        let client = crate::remote::client_id();
-        match crate::remote::committed_version(&list, &push.digest, push.base, &client) {
+        let on = (push.base, push.forced);
+        match crate::remote::committed_version(&list, &push.digest, on, &push.client) {
             Some((version, _)) => {
                 tracing::info!(replica = %self.replica, version = version.number,
                     "the version of a push whose answer was lost is this push's base");

@@ -810,16 +810,10 @@ fn built_on_by_the_next(encrypted: bool) {
         assert!(err.contains(said), "{said}: {err}");
     }
     assert_eq!(kept(), 1, "the unanswered push is kept");
-    let out = push(&server, &[]);
-    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
-    assert!(
-        util::stdout(&out).contains("already at version 2"),
-        "{}",
-        util::stdout(&out)
-    );
-    assert_eq!(kept(), 0, "forgotten once a push recorded");
-
+    // Twice in a row: the next push builds on version 2 and is killed after its
+    // commit too; its record names version 2, past the history's base.
     let err = killed_after_commit(&mut server, 8..=9);
+    assert_eq!(kept(), 1);
     let digest = err
         .split("holding digest ")
         .nth(1)
@@ -831,8 +825,9 @@ fn built_on_by_the_next(encrypted: bool) {
         .expect("versions")
         .pop()
         .expect("a latest version");
-    assert_eq!(latest.number, 3);
+    assert_eq!((latest.number, latest.base), (3, 2));
     assert!(latest.has_digest(&digest), "{digest}: {latest:?}");
+    // A database changed after the lost answers makes the next version.
     commit_rows(&app, 10..=10);
     let out = push(&server, &["--json"]);
     assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
@@ -841,9 +836,20 @@ fn built_on_by_the_next(encrypted: bool) {
         "{}",
         util::stdout(&out)
     );
+    assert_eq!(kept(), 0, "forgotten once a push recorded");
+
+    // An unchanged one finds its version already there.
+    killed_after_commit(&mut server, 11..=11);
+    let out = push(&server, &[]);
+    assert_eq!(util::code(&out), 0, "{}", util::stderr(&out));
+    assert!(
+        util::stdout(&out).contains("already at version 5"),
+        "{}",
+        util::stdout(&out)
+    );
     assert_eq!(kept(), 0);
-    assert_eq!(server.version_numbers("acme/app.db"), vec![1, 2, 3, 4]);
+    assert_eq!(server.version_numbers("acme/app.db"), vec![1, 2, 3, 4, 5]);
     m.pull(&server, "acme/app.db", Some("copy.db"), &enc);
-    assert_eq!(max_id(&m.path("copy.db")), 10);
+    assert_eq!(max_id(&m.path("copy.db")), 11);
     assert_eq!(util::integrity(&m.path("copy.db")), "ok");
 }
