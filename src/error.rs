@@ -390,9 +390,10 @@ impl From<tokio::task::JoinError> for Error {
 }
 
 /// Debug builds only: panics when the environment variable `SQLFERRY_DEBUG_PANIC`
-/// names `place` (`main`, `engine`, `answer`: a server's push session after its commit), so tests can prove a panic is reported as a bug
-/// (exit 1) and a server's panicking session as the server's error. Release builds
-/// never read it.
+/// names `place` (`main`, `engine`, `answer`: a server's push session after its
+/// commit), so tests can prove a panic is reported as a bug (exit 1), a server's
+/// panicking session as the server's error, and a push whose answer never came as
+/// committed. Release builds never read it.
 pub(crate) fn debug_panic(place: &str) {
     if cfg!(debug_assertions) && std::env::var("SQLFERRY_DEBUG_PANIC").is_ok_and(|p| p == place) {
         panic!("SQLFERRY_DEBUG_PANIC={place}");
@@ -400,10 +401,10 @@ pub(crate) fn debug_panic(place: &str) {
 }
 
 /// Debug builds only: when the environment variable `SQLFERRY_DEBUG_PAUSE` names
-/// `place` (`merge`, `answer`), creates the file `SQLFERRY_DEBUG_PAUSE_FILE` names and blocks the
-/// calling thread until that file is removed (at most an hour), so a test can act at
-/// that very point (kill a server in the middle of a merge, or write a database while
-/// it merges) after waiting for the file. Release builds never read it.
+/// `place` (`merge`, `answer`), creates the file `SQLFERRY_DEBUG_PAUSE_FILE` names and
+/// blocks the calling thread until that file is removed (at most an hour), so a test
+/// can act at that very point (kill a server in the middle of a merge or before its
+/// answer to a push, or write a database while it merges) after waiting for the file. Release builds never read it.
 pub(crate) fn debug_pause(place: &str) {
     if !cfg!(debug_assertions) || !std::env::var("SQLFERRY_DEBUG_PAUSE").is_ok_and(|p| p == place) {
         return;

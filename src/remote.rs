@@ -1042,10 +1042,7 @@ impl Server {
         Ok(Config {
             version: version.number,
             created: Some(created),
-            digest: chunked.then(|| match version.digest.is_empty() {
-                true => version.digest2.clone().unwrap_or_default(),
-                false => version.digest.clone(),
-            }),
+            digest: chunked.then(|| version.recorded_digest()),
             ..Config::default()
         })
     }

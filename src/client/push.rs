@@ -447,13 +447,7 @@ impl Pusher {
             self.save_server_id(id.clone()).await;
         }
         if unanswered {
-            let (database, url) = (self.database.clone(), self.server.url());
-            let replica = self.replica.to_string();
-            blocking(move || {
-                history::remove_unanswered(&database, &url, &replica);
-                Ok(())
-            })
-            .await?;
+            self.forget_unanswered().await?;
         }
         Ok(PushReport {
             outcome,
@@ -466,9 +460,8 @@ impl Pusher {
     /// server committed it, its answer was lost and it could not be looked up then),
     /// if one is kept on this push's base (or on a version adopted so before): found by
     /// its digest, made on that base by the client it was pushed as, or the latest
-    /// already holding it. It is this push's base instead
-    /// of the history's, which names the version before it (so LOCAL's own version is
-    /// no VERSION_CONFLICT). `(None, true)`: a record is kept but its version is not
+    /// already holding it. It is this push's base instead of the history's, which
+    /// names the version before it (so LOCAL's own version is no VERSION_CONFLICT). `(None, true)`: a record is kept but its version is not
     /// found yet (the server cannot be asked); it is forgotten once a push records, or
     /// when the list shows no such version, or the history moved past its base.
     async fn unanswered_version(&self) -> Result<(Option<u64>, bool)> {
@@ -479,18 +472,10 @@ impl Pusher {
         let Some(push) = kept else {
             return Ok((None, false));
         };
-        let forget = || {
-            let (database, url) = (self.database.clone(), self.server.url());
-            let replica = self.replica.to_string();
-            blocking(move || {
-                history::remove_unanswered(&database, &url, &replica);
-                Ok(())
-            })
-        };
         // A push built on an adopted version keeps that version as its base, past the
         // history's: only a history that moved past the base makes the record stale.
         if push.base < self.base_version().await?.unwrap_or(0) {
-            forget().await?;
+            self.forget_unanswered().await?;
             return Ok((None, false));
         }
         let list = match self
@@ -512,10 +497,21 @@ impl Pusher {
                 Ok((Some(version.number), true))
             }
             None => {
-                forget().await?;
+                self.forget_unanswered().await?;
                 Ok((None, false))
             }
         }
+    }
+
+    /// Forgets LOCAL's unanswered push to this replica ([`history::remove_unanswered`]).
+    async fn forget_unanswered(&self) -> Result<()> {
+        let (database, url) = (self.database.clone(), self.server.url());
+        let replica = self.replica.to_string();
+        blocking(move || {
+            history::remove_unanswered(&database, &url, &replica);
+            Ok(())
+        })
+        .await
     }
 
     /// A push refused for its encryption key (auth), told better where the replica

@@ -611,14 +611,7 @@ impl FromEngine {
 // through these: the transport knows the engine only by them.
 impl crate::transport::ws::EngineInbox for ToEngine {
     async fn deliver(&self, held: &std::sync::Mutex<Vec<Vec<u8>>>) -> bool {
-        // Room first, then the frames: a pump stopped while waiting still holds them.
-        match self.0.reserve().await {
-            Ok(permit) => {
-                permit.send(crate::transport::ws::take_held(held));
-                true
-            }
-            Err(_) => false,
-        }
+        crate::transport::ws::deliver_held(&self.0, held).await
     }
 }
 

@@ -688,6 +688,15 @@ pub struct VersionInfo {
 }
 
 impl VersionInfo {
+    /// The digest as the version recorded it: digest 1 (hex) where it has one, else its
+    /// chunked digest (`c:` and hex).
+    pub fn recorded_digest(&self) -> String {
+        match self.digest.is_empty() {
+            true => self.digest2.clone().unwrap_or_default(),
+            false => self.digest.clone(),
+        }
+    }
+
     /// A version of which nothing is known but its number and when it was made: what a
     /// removed version's tombstone still says. Every other field empty (no pages, no
     /// digest, no key).

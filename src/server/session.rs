@@ -1046,7 +1046,7 @@ where
         // Digest 1 where the version recorded it; a version made by chunks recorded only
         // its chunked digest (`c:…`, which says its form): subscribers act on the
         // number alone, and making digest 1 would read the chunks the push left alone.
-        let digest = recorded_digest(&version);
+        let digest = version.recorded_digest();
         state.published(
             NewVersion {
                 replica: replica.to_string(),
@@ -1069,7 +1069,7 @@ where
     c.repaired = (repaired > 0).then_some(repaired);
     c.keys = keys;
     // Only to a client that agreed on the chunked form: an older one sees today's CONFIG.
-    c.digest = chunked.then(|| recorded_digest(&version));
+    c.digest = chunked.then(|| version.recorded_digest());
     // Tests end the session here, committed and unanswered, as a lost connection would
     // (debug builds only; the pause blocks this worker until the test kills the server).
     crate::error::debug_panic("answer");
@@ -1089,15 +1089,6 @@ where
         .await?;
     }
     Ok(created)
-}
-
-/// A version's digest as it recorded it: digest 1 (hex) where it has one, else its
-/// chunked digest (`c:` and hex).
-fn recorded_digest(version: &VersionInfo) -> String {
-    match version.digest.is_empty() {
-        true => version.digest2.clone().unwrap_or_default(),
-        false => version.digest.clone(),
-    }
 }
 
 /// A push whose base is stale, merged (`push --merge`): the candidate is received into

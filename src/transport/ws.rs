@@ -173,8 +173,23 @@ fn hold(held: &std::sync::Mutex<Vec<Vec<u8>>>, batch: &mut Vec<Vec<u8>>) {
         .append(batch);
 }
 
-/// The frames `held` holds, taken out of it (for [`EngineInbox::deliver`]).
-pub fn take_held(held: &std::sync::Mutex<Vec<Vec<u8>>>) -> Vec<Vec<u8>> {
+/// [`EngineInbox::deliver`] over a bounded queue of batches: room first (`reserve`),
+/// then the frames, so a pump stopped while waiting for room still holds them.
+pub async fn deliver_held(
+    queue: &tokio::sync::mpsc::Sender<Vec<Vec<u8>>>,
+    held: &std::sync::Mutex<Vec<Vec<u8>>>,
+) -> bool {
+    match queue.reserve().await {
+        Ok(permit) => {
+            permit.send(take_held(held));
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// The frames `held` holds, taken out of it.
+fn take_held(held: &std::sync::Mutex<Vec<Vec<u8>>>) -> Vec<Vec<u8>> {
     std::mem::take(
         &mut *held
             .lock()
@@ -696,13 +711,7 @@ mod tests {
 
     impl EngineInbox for Inbox {
         async fn deliver(&self, held: &std::sync::Mutex<Vec<Vec<u8>>>) -> bool {
-            match self.0.reserve().await {
-                Ok(permit) => {
-                    permit.send(take_held(held));
-                    true
-                }
-                Err(_) => false,
-            }
+            deliver_held(&self.0, held).await
         }
     }
 
